@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   vLLM serving the default model with the monitor attached, real traffic,
+#               verdicts and metrics shown
+#   make test   lint + the whole test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: env demo test test-fast lint bundle bench proto clean
+
+env:
+	bash scripts/setup_env.sh $(VENV)
+
+demo: env
+	$(PY) -m monitor.demo
+
+test: env lint
+	$(PY) -m pytest -q -rs
+
+test-fast: env
+	$(PY) -m pytest -q -rs -m "not vllm and not slow"
+
+lint: env
+	$(PY) -m ruff check .
+
+bundle: env
+	$(PY) -m probes build-default --out bundles/default
+
+bench: env
+	$(PY) bench/bench_scorer.py
+	$(PY) bench/bench_ingest.py
+	$(PY) bench/bench_vllm.py
+
+proto: env
+	PATH=$(VENV)/bin:$$PATH bash scripts/gen_proto.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,227 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+
+class TokenKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_KIND_UNSPECIFIED: _ClassVar[TokenKind]
+    TOKEN_KIND_PROMPT: _ClassVar[TokenKind]
+    TOKEN_KIND_GENERATED: _ClassVar[TokenKind]
+
+class Severity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEVERITY_NONE: _ClassVar[Severity]
+    SEVERITY_WARN: _ClassVar[Severity]
+    SEVERITY_CRITICAL: _ClassVar[Severity]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+TOKEN_KIND_UNSPECIFIED: TokenKind
+TOKEN_KIND_PROMPT: TokenKind
+TOKEN_KIND_GENERATED: TokenKind
+SEVERITY_NONE: Severity
+SEVERITY_WARN: Severity
+SEVERITY_CRITICAL: Severity
+
+class RowSpan(_message.Message):
+    __slots__ = ("request_id", "n_rows", "start_position", "prompt_len")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    N_ROWS_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    n_rows: int
+    start_position: int
+    prompt_len: int
+    def __init__(self, request_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., start_position: _Optional[int] = ..., prompt_len: _Optional[int] = ...) -> None: ...
+
+class ActivationFrame(_message.Message):
+    __slots__ = ("seq", "model", "layer", "dtype", "shape", "data", "spans", "step")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    model: str
+    layer: int
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    spans: _containers.RepeatedCompositeFieldContainer[RowSpan]
+    step: int
+    def __init__(self, seq: _Optional[int] = ..., model: _Optional[str] = ..., layer: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., spans: _Optional[_Iterable[_Union[RowSpan, _Mapping]]] = ..., step: _Optional[int] = ...) -> None: ...
+
+class RequestFinished(_message.Message):
+    __slots__ = ("request_id", "reason", "n_prompt_tokens", "n_generated_tokens", "n_cached_prompt_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    N_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    N_GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    N_CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    reason: str
+    n_prompt_tokens: int
+    n_generated_tokens: int
+    n_cached_prompt_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ..., n_prompt_tokens: _Optional[int] = ..., n_generated_tokens: _Optional[int] = ..., n_cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class ClientStats(_message.Message):
+    __slots__ = ("dropped_frames", "dropped_rows", "dropped_bytes", "reconnects")
+    DROPPED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECONNECTS_FIELD_NUMBER: _ClassVar[int]
+    dropped_frames: int
+    dropped_rows: int
+    dropped_bytes: int
+    reconnects: int
+    def __init__(self, dropped_frames: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., dropped_bytes: _Optional[int] = ..., reconnects: _Optional[int] = ...) -> None: ...
+
+class ClientHello(_message.Message):
+    __slots__ = ("client_id", "model", "plan_id")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    model: str
+    plan_id: str
+    def __init__(self, client_id: _Optional[str] = ..., model: _Optional[str] = ..., plan_id: _Optional[str] = ...) -> None: ...
+
+class ClientMessage(_message.Message):
+    __slots__ = ("hello", "frame", "finished", "stats")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    hello: ClientHello
+    frame: ActivationFrame
+    finished: RequestFinished
+    stats: ClientStats
+    def __init__(self, hello: _Optional[_Union[ClientHello, _Mapping]] = ..., frame: _Optional[_Union[ActivationFrame, _Mapping]] = ..., finished: _Optional[_Union[RequestFinished, _Mapping]] = ..., stats: _Optional[_Union[ClientStats, _Mapping]] = ...) -> None: ...
+
+class Verdict(_message.Message):
+    __slots__ = ("request_id", "detector", "score", "severity", "threshold", "crossed_at_position", "final", "mode", "policy_version", "n_tokens_scored", "n_tokens_unscored", "peak_score")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CROSSED_AT_POSITION_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    N_TOKENS_SCORED_FIELD_NUMBER: _ClassVar[int]
+    N_TOKENS_UNSCORED_FIELD_NUMBER: _ClassVar[int]
+    PEAK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    detector: str
+    score: float
+    severity: Severity
+    threshold: float
+    crossed_at_position: int
+    final: bool
+    mode: str
+    policy_version: str
+    n_tokens_scored: int
+    n_tokens_unscored: int
+    peak_score: float
+    def __init__(self, request_id: _Optional[str] = ..., detector: _Optional[str] = ..., score: _Optional[float] = ..., severity: _Optional[_Union[Severity, str]] = ..., threshold: _Optional[float] = ..., crossed_at_position: _Optional[int] = ..., final: _Optional[bool] = ..., mode: _Optional[str] = ..., policy_version: _Optional[str] = ..., n_tokens_scored: _Optional[int] = ..., n_tokens_unscored: _Optional[int] = ..., peak_score: _Optional[float] = ...) -> None: ...
+
+class StreamError(_message.Message):
+    __slots__ = ("code", "reason", "message", "seq", "request_id")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    reason: str
+    message: str
+    seq: int
+    request_id: str
+    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., seq: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ServerMessage(_message.Message):
+    __slots__ = ("verdict", "error")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    verdict: Verdict
+    error: StreamError
+    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
+
+class GetCapturePlanRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CapturePlan(_message.Message):
+    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes")
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    D_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_KINDS_FIELD_NUMBER: _ClassVar[int]
+    HOOK_NAME_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    PREFERRED_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    plan_id: str
+    model: str
+    d_model: int
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    token_kinds: _containers.RepeatedScalarFieldContainer[TokenKind]
+    hook_name_template: str
+    preferred_dtype: DType
+    bundle_sha256: str
+    max_frame_bytes: int
+    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("frame",)
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    frame: ActivationFrame
+    def __init__(self, frame: _Optional[_Union[ActivationFrame, _Mapping]] = ...) -> None: ...
+
+class TokenScores(_message.Message):
+    __slots__ = ("detector", "scores")
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    detector: str
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, detector: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("detectors",)
+    DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    detectors: _containers.RepeatedCompositeFieldContainer[TokenScores]
+    def __init__(self, detectors: _Optional[_Iterable[_Union[TokenScores, _Mapping]]] = ...) -> None: ...
+
+class ReloadPolicyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadPolicyResponse(_message.Message):
+    __slots__ = ("ok", "policy_version", "message")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    policy_version: str
+    message: str
+    def __init__(self, ok: _Optional[bool] = ..., policy_version: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
