@@ -1,0 +1,609 @@
+"""The judging policy: per detector, thresholds, aggregation, scope and mode.
+
+A policy is a YAML file that safety teams edit (reference: ``policies/README.md``)::
+
+    version: "2025-06-01.1"          # required string, carried on every verdict
+    description: free text           # optional
+    defaults:                        # optional, applies to every detector
+      mode: observe                  # observe | alert | block
+      scope: both                    # prompt | generated | both
+      aggregation: {kind: max}       # max | mean | ema | window_max
+      min_tokens: 1                  # no severity before this many scored tokens
+      thresholds: {warn: 0.5, critical: 0.9}
+    detectors:                       # required mapping (may be empty)
+      harmful_intent:
+        scope: prompt
+        aggregation: {kind: ema, half_life_tokens: 4}
+        thresholds: {warn: 0.6, critical: 0.9}
+
+Merge rule: a detector field replaces the ``defaults`` field of the same name as a
+whole (``thresholds`` and ``aggregation`` are not merged key by key: parameters belong
+to one aggregation kind, and a half-specified threshold ladder is a trap). Fields set
+nowhere take the built-in defaults: ``mode: observe``, ``scope: both``,
+``aggregation: max``, ``min_tokens: 1``. ``thresholds`` has no built-in default.
+
+Every refusal is a :class:`PolicyError` naming file, line, field and reason. Parsing
+walks the ``yaml.compose`` node tree (SafeLoader) so that line numbers survive, and so
+that duplicate keys, which ``yaml.safe_load`` silently collapses, are caught.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TextIO
+
+import yaml
+
+__all__ = [
+    "AGGREGATION_KINDS",
+    "MAX_WINDOW_TOKENS",
+    "MODES",
+    "SCOPES",
+    "SEVERITIES",
+    "Aggregation",
+    "DetectorPolicy",
+    "Policy",
+    "PolicyDefaults",
+    "PolicyError",
+    "check_policy",
+    "default_policy",
+    "load_policy",
+    "parse_policy",
+    "run_check",
+]
+
+MODES: tuple[str, ...] = ("observe", "alert", "block")
+SCOPES: tuple[str, ...] = ("prompt", "generated", "both")
+AGGREGATION_KINDS: tuple[str, ...] = ("max", "mean", "ema", "window_max")
+#: Severities that carry a threshold, in ascending order (``none`` is below all).
+SEVERITIES: tuple[str, ...] = ("warn", "critical")
+#: Upper bound on ``window_tokens``: the tracker keeps ``window_tokens - 1`` floats per
+#: live request and detector, so the bound caps memory (8 bytes x 65535 x requests).
+MAX_WINDOW_TOKENS = 65536
+#: ``check_policy`` warns when a threshold lies more than this far below the bundle's
+#: calibrated ``fpr_0.01`` threshold (scores are probabilities, so this is absolute).
+CALIBRATION_SLACK = 0.05
+
+_PARAMS_BY_KIND: dict[str, tuple[str, ...]] = {
+    "max": (),
+    "mean": (),
+    "ema": ("half_life_tokens",),
+    "window_max": ("window_tokens",),
+}
+_VERSION_RE = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,99}$")
+
+
+class PolicyError(ValueError):
+    """A policy was refused.
+
+    ``str(err)`` reads ``"<file>:<line>: <field>: <reason>"``, e.g.
+    ``policy.yaml:12: detectors.harmful_intent.mode: expected one of observe, alert,
+    block; found 'blok'``. ``line`` is 1-based (0: no line applies, e.g. an unreadable
+    file or a refusal against the bundle); ``field`` is a dotted path ("" when the
+    problem is the whole document, e.g. a YAML syntax error).
+    """
+
+    def __init__(self, file: str, line: int, field: str, reason: str) -> None:
+        self.file = file
+        self.line = line
+        self.field = field
+        self.reason = reason
+        where = f"{file}:{line}: "
+        super().__init__(where + (f"{field}: {reason}" if field else reason))
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How per-token scores of one request become one running score.
+
+    With per-token scores ``s_1..s_t`` in scope, the aggregate after token ``t`` is
+
+    - ``max``:        ``a_t = max_{i<=t} s_i``
+    - ``mean``:       ``a_t = (1/t) Σ_{i<=t} s_i``
+    - ``ema``:        ``a_1 = s_1``, ``a_t = α a_{t-1} + (1-α) s_t``, ``α = 0.5**(1/h)``
+      with ``h = half_life_tokens`` (a token's weight halves every ``h`` tokens)
+    - ``window_max``: ``a_t = max_{max(1, t-N+1) <= i <= t} s_i`` with ``N = window_tokens``
+    """
+
+    kind: str
+    half_life_tokens: float | None = None
+    window_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in AGGREGATION_KINDS:
+            raise ValueError(f"aggregation kind {self.kind!r} not in {AGGREGATION_KINDS}")
+        if (self.kind == "ema") != (self.half_life_tokens is not None):
+            raise ValueError("half_life_tokens is required for ema and only for ema")
+        if (self.kind == "window_max") != (self.window_tokens is not None):
+            raise ValueError("window_tokens is required for window_max and only for it")
+        if self.half_life_tokens is not None and not (
+            math.isfinite(self.half_life_tokens) and self.half_life_tokens > 0
+        ):
+            raise ValueError("half_life_tokens must be finite and > 0")
+        if self.window_tokens is not None and not 1 <= self.window_tokens <= MAX_WINDOW_TOKENS:
+            raise ValueError(f"window_tokens must be in [1, {MAX_WINDOW_TOKENS}]")
+
+    def describe(self) -> str:
+        """Short human form for logs: ``max``, ``ema(half_life=8)``, ``window_max(N=16)``."""
+        if self.kind == "ema":
+            return f"ema(half_life={self.half_life_tokens:g})"
+        if self.kind == "window_max":
+            return f"window_max(N={self.window_tokens})"
+        return self.kind
+
+
+@dataclass(frozen=True)
+class DetectorPolicy:
+    """The judged form of one detector.
+
+    ``thresholds`` is ascending by severity and by value, e.g.
+    ``(("warn", 0.5), ("critical", 0.9))``; a detector may have only one of the two.
+    A severity is reached at the first scored token in scope, counted from the
+    ``min_tokens``-th on, where the running aggregate is ``>=`` its threshold.
+    """
+
+    name: str
+    mode: str
+    scope: str
+    aggregation: Aggregation
+    min_tokens: int
+    thresholds: tuple[tuple[str, float], ...]
+
+    def threshold(self, severity: str) -> float | None:
+        """The threshold of ``severity``, or None when this detector has none for it."""
+        for sev, value in self.thresholds:
+            if sev == severity:
+                return value
+        return None
+
+
+@dataclass(frozen=True)
+class PolicyDefaults:
+    """The ``defaults:`` block after applying built-ins (``thresholds`` may be empty)."""
+
+    mode: str = "observe"
+    scope: str = "both"
+    aggregation: Aggregation = field(default_factory=lambda: Aggregation("max"))
+    min_tokens: int = 1
+    thresholds: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. ``sha256`` is of the source text (UTF-8), ``source`` its origin
+    (a path or ``"<string>"``). ``detectors`` is read-only, keyed by detector name."""
+
+    version: str
+    sha256: str
+    source: str
+    detectors: Mapping[str, DetectorPolicy]
+    defaults: PolicyDefaults
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Parser:
+    """Walks a composed YAML node tree, raising PolicyError with line numbers."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self._loader = yaml.SafeLoader("")
+
+    def fail(self, node: yaml.Node | None, path: str, reason: str) -> PolicyError:
+        line = node.start_mark.line + 1 if node is not None else 1
+        return PolicyError(self.source, line, path, reason)
+
+    # -- primitives
+    def scalar(self, node: yaml.Node) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            return _Kind("a mapping" if isinstance(node, yaml.MappingNode) else "a list")
+        return self._loader.construct_object(node)
+
+    def mapping(
+        self, node: yaml.Node, path: str, allowed: Iterable[str] | None
+    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """Mapping node -> {key: (key_node, value_node)}; rejects dupes and unknown keys."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, path, f"expected a mapping; found {self.describe(node)}")
+        allowed_set = None if allowed is None else tuple(allowed)
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            key = self.scalar(key_node)
+            if not isinstance(key, str) or key == "":
+                raise self.fail(
+                    key_node, path, f"keys must be non-empty strings; found {key!r}"
+                )
+            sub = f"{path}.{key}" if path else key
+            if key in out:
+                first = out[key][0].start_mark.line + 1
+                raise self.fail(key_node, sub, f"duplicate key (first defined on line {first})")
+            if allowed_set is not None and key not in allowed_set:
+                raise self.fail(
+                    key_node,
+                    sub,
+                    f"unknown key; expected one of {', '.join(allowed_set)}",
+                )
+            out[key] = (key_node, value_node)
+        return out
+
+    def describe(self, node: yaml.Node) -> str:
+        value = self.scalar(node)
+        if isinstance(value, _Kind):
+            return value.what
+        return "null" if value is None else repr(value)
+
+    def choice(self, node: yaml.Node, path: str, options: tuple[str, ...]) -> str:
+        value = self.scalar(node)
+        if not isinstance(value, str) or value not in options:
+            raise self.fail(
+                node,
+                path,
+                f"expected one of {', '.join(options)}; found {self.describe(node)}",
+            )
+        return value
+
+    def number(self, node: yaml.Node, path: str) -> float:
+        value = self.scalar(node)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(node, path, f"expected a number; found {self.describe(node)}")
+        return float(value)
+
+    def integer(self, node: yaml.Node, path: str) -> int:
+        value = self.scalar(node)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(node, path, f"expected an integer; found {self.describe(node)}")
+        return value
+
+    # -- policy fields
+    def aggregation(self, node: yaml.Node, path: str) -> Aggregation:
+        if isinstance(node, yaml.ScalarNode):  # shorthand: `aggregation: max`
+            kind = self.choice(node, path, AGGREGATION_KINDS)
+            params: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+            kind_node = node
+        else:
+            entries = self.mapping(node, path, ("kind", "half_life_tokens", "window_tokens"))
+            if "kind" not in entries:
+                raise self.fail(
+                    node, f"{path}.kind", f"required; one of {', '.join(AGGREGATION_KINDS)}"
+                )
+            kind_node = entries["kind"][1]
+            kind = self.choice(kind_node, f"{path}.kind", AGGREGATION_KINDS)
+            params = {k: v for k, v in entries.items() if k != "kind"}
+        for name, (key_node, _) in params.items():
+            if name not in _PARAMS_BY_KIND[kind]:
+                owner = "ema" if name == "half_life_tokens" else "window_max"
+                raise self.fail(
+                    key_node,
+                    f"{path}.{name}",
+                    f"only applies to kind {owner}; this aggregation is kind {kind}",
+                )
+        for name in _PARAMS_BY_KIND[kind]:
+            if name not in params:
+                raise self.fail(kind_node, f"{path}.{name}", f"required for kind {kind}")
+        half_life = window = None
+        if "half_life_tokens" in params:
+            vnode = params["half_life_tokens"][1]
+            half_life = self.number(vnode, f"{path}.half_life_tokens")
+            if not (math.isfinite(half_life) and half_life > 0):
+                raise self.fail(
+                    vnode, f"{path}.half_life_tokens", f"expected > 0; found {half_life:g}"
+                )
+        if "window_tokens" in params:
+            vnode = params["window_tokens"][1]
+            window = self.integer(vnode, f"{path}.window_tokens")
+            if not 1 <= window <= MAX_WINDOW_TOKENS:
+                raise self.fail(
+                    vnode,
+                    f"{path}.window_tokens",
+                    f"expected an integer in [1, {MAX_WINDOW_TOKENS}]; found {window}",
+                )
+        return Aggregation(kind, half_life_tokens=half_life, window_tokens=window)
+
+    def thresholds(self, node: yaml.Node, path: str) -> tuple[tuple[str, float], ...]:
+        entries = self.mapping(node, path, SEVERITIES)
+        if not entries:
+            raise self.fail(node, path, f"expected at least one of {', '.join(SEVERITIES)}")
+        out: list[tuple[str, float]] = []
+        for sev in SEVERITIES:
+            if sev not in entries:
+                continue
+            vnode = entries[sev][1]
+            value = self.number(vnode, f"{path}.{sev}")
+            if not 0.0 < value < 1.0:
+                raise self.fail(
+                    vnode,
+                    f"{path}.{sev}",
+                    f"expected a score strictly between 0 and 1; found {value:g}",
+                )
+            out.append((sev, value))
+        if len(out) == 2 and not out[0][1] < out[1][1]:
+            raise self.fail(
+                entries["critical"][1],
+                f"{path}.critical",
+                f"expected warn < critical; found warn {out[0][1]:g} >= critical {out[1][1]:g}",
+            )
+        return tuple(out)
+
+    def fields(self, node: yaml.Node, path: str) -> dict[str, tuple[Any, yaml.Node]]:
+        """Parse the detector-level fields common to ``defaults`` and each detector."""
+        entries = self.mapping(
+            node, path, ("mode", "scope", "aggregation", "min_tokens", "thresholds")
+        )
+        out: dict[str, tuple[Any, yaml.Node]] = {}
+        for name, (key_node, vnode) in entries.items():
+            sub = f"{path}.{name}"
+            value: Any
+            if name == "mode":
+                value = self.choice(vnode, sub, MODES)
+            elif name == "scope":
+                value = self.choice(vnode, sub, SCOPES)
+            elif name == "aggregation":
+                value = self.aggregation(vnode, sub)
+            elif name == "min_tokens":
+                value = self.integer(vnode, sub)
+                if value < 0:
+                    raise self.fail(vnode, sub, f"expected an integer >= 0; found {value}")
+            else:
+                value = self.thresholds(vnode, sub)
+            out[name] = (value, key_node)
+        return out
+
+
+@dataclass(frozen=True)
+class _Kind:
+    what: str
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    """Parse and validate policy YAML ``text``; ``source`` names it in errors.
+
+    Raises :class:`PolicyError` on YAML syntax errors, unknown or duplicate keys, wrong
+    types, thresholds outside (0, 1), ``warn >= critical``, ``half_life_tokens <= 0``,
+    ``window_tokens < 1``, ``min_tokens < 0``, aggregation parameters that do not belong to
+    the kind, and a detector left without thresholds after merging ``defaults``.
+    """
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    p = _Parser(source)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        what = "; ".join(x for x in (e.context, e.problem) if x)
+        raise PolicyError(source, line, "", f"YAML syntax error: {what}") from None
+    except yaml.YAMLError as e:
+        raise PolicyError(source, 1, "", f"YAML error: {e}") from None
+    if root is None:
+        raise PolicyError(source, 1, "", "empty policy; expected a mapping with version")
+    top = p.mapping(root, "", ("version", "description", "defaults", "detectors"))
+
+    if "version" not in top:
+        raise p.fail(root, "version", "required (a string, e.g. \"2025-06-01.1\")")
+    vnode = top["version"][1]
+    version = p.scalar(vnode)
+    if not isinstance(version, str):
+        raise p.fail(
+            vnode, "version", f"expected a string (quote it); found {p.describe(vnode)}"
+        )
+    if not _VERSION_RE.match(version):
+        raise p.fail(
+            vnode, "version", "expected 1-100 printable ASCII characters, not starting blank"
+        )
+    if "description" in top:
+        dnode = top["description"][1]
+        if not isinstance(p.scalar(dnode), str):
+            raise p.fail(dnode, "description", f"expected a string; found {p.describe(dnode)}")
+
+    base = PolicyDefaults()
+    dflt: dict[str, tuple[Any, yaml.Node]] = {}
+    if "defaults" in top:
+        dflt = p.fields(top["defaults"][1], "defaults")
+        base = PolicyDefaults(
+            **{name: value for name, (value, _) in dflt.items()}
+        )
+
+    if "detectors" not in top:
+        raise p.fail(root, "detectors", "required (a mapping of detector name to settings)")
+    dnode = top["detectors"][1]
+    if isinstance(dnode, yaml.ScalarNode) and p.scalar(dnode) is None:
+        raise p.fail(dnode, "detectors", "expected a mapping; found null (use {} for none)")
+    detectors: dict[str, DetectorPolicy] = {}
+    for name, (key_node, body) in p.mapping(dnode, "detectors", None).items():
+        path = f"detectors.{name}"
+        if any(c.isspace() for c in name):
+            raise p.fail(key_node, path, "detector names must not contain whitespace")
+        if isinstance(body, yaml.ScalarNode) and p.scalar(body) is None:
+            own: dict[str, tuple[Any, yaml.Node]] = {}  # `name:` alone = all defaults
+        else:
+            own = p.fields(body, path)
+        thresholds = own["thresholds"][0] if "thresholds" in own else base.thresholds
+        if not thresholds:
+            raise p.fail(
+                key_node,
+                f"{path}.thresholds",
+                "required (set them on the detector or in defaults)",
+            )
+        detectors[name] = DetectorPolicy(
+            name=name,
+            mode=own["mode"][0] if "mode" in own else base.mode,
+            scope=own["scope"][0] if "scope" in own else base.scope,
+            aggregation=own["aggregation"][0] if "aggregation" in own else base.aggregation,
+            min_tokens=own["min_tokens"][0] if "min_tokens" in own else base.min_tokens,
+            thresholds=thresholds,
+        )
+    return Policy(
+        version=version,
+        sha256=sha,
+        source=source,
+        detectors=MappingProxyType(detectors),
+        defaults=base,
+    )
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and parse a policy file (UTF-8); errors name the path as given."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise PolicyError(source, 0, "", f"cannot read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PolicyError(source, line, "", "not valid UTF-8") from None
+    return parse_policy(text, source=source)
+
+
+# ------------------------------------------------------------------ bundle defaults
+
+
+def default_policy(detector_specs: Iterable[Any], version: str = "bundle-defaults") -> Policy:
+    """A policy built from a bundle's own detector defaults (used when none is given).
+
+    Per detector spec (duck-typed: ``.name``, ``.token_scope``, ``.default_thresholds``,
+    ``.calibration``):
+
+    - with ``default_thresholds``: ``mode: alert``, those thresholds, the bundle's
+      ``token_scope``. Why ``alert`` and not ``observe``: the bundle author calibrated
+      these thresholds as the detector's intended operating point, and ``alert`` only
+      emits verdicts, alerts and metrics; it never stops a generation (only ``block``
+      would). An operator who starts the sidecar without a policy expects it to alert;
+      running silently in ``observe`` would turn a forgotten policy into missed
+      incidents, whereas the cost of ``alert`` is noise that a real policy tunes away.
+    - without ``default_thresholds`` but with calibration ``fpr_0.01`` (and optionally
+      ``fpr_0.001``): ``mode: observe`` with warn = ``fpr_0.01``, critical =
+      ``fpr_0.001`` — the thresholds were measured, not chosen, so they are only
+      recorded (shadow) until a team adopts them.
+    - neither: the detector is not judged (``check_policy`` reports it).
+
+    Aggregation is ``max`` with ``min_tokens: 1``: a verdict reads "some token in scope
+    scored at least the threshold", the plain per-token meaning of the bundle's numbers.
+    """
+    detectors: dict[str, DetectorPolicy] = {}
+    for spec in detector_specs:
+        scope = getattr(spec, "token_scope", "both")
+        if scope not in SCOPES:
+            scope = "both"
+        given = dict(getattr(spec, "default_thresholds", None) or {})
+        cal = dict(getattr(spec, "calibration", None) or {})
+        mode = "alert"
+        if not given:
+            mode = "observe"
+            if isinstance(cal.get("fpr_0.01"), (int, float)):
+                given["warn"] = float(cal["fpr_0.01"])
+            if isinstance(cal.get("fpr_0.001"), (int, float)):
+                given["critical"] = float(cal["fpr_0.001"])
+        ladder = tuple(
+            (sev, float(given[sev]))
+            for sev in SEVERITIES
+            if sev in given and 0.0 < float(given[sev]) < 1.0
+        )
+        if len(ladder) == 2 and not ladder[0][1] < ladder[1][1]:
+            ladder = ladder[1:]  # inconsistent ladder: keep the critical one only
+        if not ladder:
+            continue
+        detectors[spec.name] = DetectorPolicy(
+            name=spec.name,
+            mode=mode,
+            scope=scope,
+            aggregation=Aggregation("max"),
+            min_tokens=1,
+            thresholds=ladder,
+        )
+    text = repr(sorted((d.name, d.mode, d.scope, d.thresholds) for d in detectors.values()))
+    return Policy(
+        version=version,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        source="<bundle defaults>",
+        detectors=MappingProxyType(detectors),
+        defaults=PolicyDefaults(),
+    )
+
+
+def check_policy(policy: Policy, bundle: Any) -> list[str]:
+    """Problems of ``policy`` against ``bundle`` (anything with ``.detectors`` specs).
+
+    Each line starts with ``error:``, ``warning:`` or ``note:``:
+
+    - error: a policy detector the bundle does not have (it would never be scored);
+    - note: a bundle detector the policy does not judge ("not judged");
+    - warning: a threshold more than ``CALIBRATION_SLACK`` below the bundle's calibrated
+      ``fpr_0.01`` threshold (expect more than 1 % of benign traffic to trip it);
+    - warning: a scope that differs from the bundle's ``token_scope`` (the probe was
+      trained on other tokens);
+    - note: ``mode: block`` (enforcement is reserved: until the server enforces, such a
+      detector is reported like ``alert``).
+    """
+    specs = {spec.name: spec for spec in bundle.detectors}
+    problems: list[str] = []
+    for name, det in policy.detectors.items():
+        if name not in specs:
+            known = ", ".join(sorted(specs)) or "none"
+            problems.append(
+                f"error: detectors.{name}: not in the bundle (bundle detectors: {known})"
+            )
+            continue
+        spec = specs[name]
+        fpr = (getattr(spec, "calibration", None) or {}).get("fpr_0.01")
+        if isinstance(fpr, (int, float)) and not isinstance(fpr, bool):
+            for sev, value in det.thresholds:
+                if value < fpr - CALIBRATION_SLACK:
+                    problems.append(
+                        f"warning: detectors.{name}.thresholds.{sev}: {value:g} is far below "
+                        f"the calibrated fpr_0.01 threshold {fpr:g}; expect more than 1% of "
+                        f"benign traffic to reach {sev}"
+                    )
+        bundle_scope = getattr(spec, "token_scope", None)
+        if bundle_scope in SCOPES and det.scope != bundle_scope:
+            problems.append(
+                f"warning: detectors.{name}.scope: {det.scope} differs from the bundle's "
+                f"token_scope {bundle_scope}"
+            )
+        if det.mode == "block":
+            problems.append(
+                f"note: detectors.{name}.mode: block is reserved for enforcement; until it "
+                "ships, verdicts are emitted as for alert"
+            )
+    for name in specs:
+        if name not in policy.detectors:
+            problems.append(f"note: bundle detector {name}: not judged (no policy entry)")
+    return problems
+
+
+def run_check(policy_path: str | Path, bundle_path: str | Path, out: TextIO = sys.stdout) -> int:
+    """The offline ``check`` command: validate a policy file against a bundle directory.
+
+    Prints one line per problem; returns 0 when there is no error (warnings and notes
+    allowed), 1 on a policy error or an ``error:`` problem, 2 when the bundle won't load.
+    """
+    try:
+        policy = load_policy(policy_path)
+    except PolicyError as e:
+        print(f"error: {e}", file=out)
+        return 1
+    try:
+        from monitor.score.bundle import load_bundle  # late: judge must not need torch
+
+        bundle = load_bundle(bundle_path)
+    except Exception as e:
+        print(f"error: bundle {bundle_path}: {e}", file=out)
+        return 2
+    problems = check_policy(policy, bundle)
+    for line in problems:
+        print(line, file=out)
+    n_err = sum(line.startswith("error:") for line in problems)
+    print(
+        f"policy {policy.version} ({policy.sha256[:12]}): {len(policy.detectors)} detectors, "
+        f"{n_err} errors, {len(problems) - n_err} warnings/notes",
+        file=out,
+    )
+    return 1 if n_err else 0

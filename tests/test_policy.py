@@ -1,0 +1,288 @@
+"""Policy parsing, refusals (file, line, reason), defaults merge, bundle defaults, check."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from monitor.judge.policy import (
+    Aggregation,
+    PolicyError,
+    check_policy,
+    default_policy,
+    load_policy,
+    parse_policy,
+    run_check,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = textwrap.dedent(
+    """\
+    version: "2025-06-01.1"
+    description: test policy
+    defaults:
+      mode: observe
+      scope: both
+      aggregation: {kind: mean}
+      min_tokens: 3
+      thresholds: {warn: 0.5, critical: 0.9}
+    detectors:
+      harmful_intent:
+        mode: alert
+        scope: prompt
+        aggregation:
+          kind: ema
+          half_life_tokens: 8
+        thresholds:
+          critical: 0.8
+      deception:
+        aggregation: {kind: window_max, window_tokens: 16}
+        min_tokens: 0
+      plain:
+    """
+)
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    token_scope: str = "both"
+    default_thresholds: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    layer: int = 0
+
+
+@dataclass(frozen=True)
+class FakeBundle:
+    detectors: tuple
+
+
+def test_happy_path_and_defaults_merge():
+    p = parse_policy(GOOD, source="policy.yaml")
+    assert p.version == "2025-06-01.1"
+    assert p.source == "policy.yaml"
+    assert p.sha256 == hashlib.sha256(GOOD.encode()).hexdigest()
+    assert list(p.detectors) == ["harmful_intent", "deception", "plain"]
+
+    h = p.detectors["harmful_intent"]
+    assert (h.mode, h.scope, h.min_tokens) == ("alert", "prompt", 3)
+    assert h.aggregation == Aggregation("ema", half_life_tokens=8.0)
+    # thresholds replace the defaults' ladder as a whole (no warn inherited)
+    assert h.thresholds == (("critical", 0.8),)
+    assert h.threshold("warn") is None and h.threshold("critical") == 0.8
+
+    d = p.detectors["deception"]
+    assert (d.mode, d.scope, d.min_tokens) == ("observe", "both", 0)
+    assert d.aggregation == Aggregation("window_max", window_tokens=16)
+    assert d.thresholds == (("warn", 0.5), ("critical", 0.9))
+
+    plain = p.detectors["plain"]
+    assert plain.aggregation == Aggregation("mean")
+    assert plain.thresholds == (("warn", 0.5), ("critical", 0.9))
+    with pytest.raises(TypeError):
+        p.detectors["x"] = h  # read-only mapping
+
+
+def test_builtin_defaults_and_shorthand():
+    p = parse_policy('version: "1"\ndetectors:\n  a:\n    aggregation: max\n'
+                     "    thresholds: {warn: 0.3}\n")
+    a = p.detectors["a"]
+    assert (a.mode, a.scope, a.min_tokens) == ("observe", "both", 1)
+    assert a.aggregation == Aggregation("max")
+    assert parse_policy('version: "1"\ndetectors: {}\n').detectors == {}
+
+
+def test_default_yaml_is_valid():
+    p = load_policy(REPO / "policies" / "default.yaml")
+    assert set(p.detectors) == {"harmful_intent", "deception"}
+    assert p.detectors["harmful_intent"].scope == "prompt"
+    assert p.detectors["deception"].scope == "generated"
+    assert p.detectors["deception"].aggregation.kind == "ema"
+
+
+def _refusal(text: str) -> PolicyError:
+    with pytest.raises(PolicyError) as ei:
+        parse_policy(textwrap.dedent(text), source="policy.yaml")
+    return ei.value
+
+
+BASE = 'version: "1"\ndetectors:\n  harmful_intent:\n    thresholds: {warn: 0.5, critical: 0.9}\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "fragment"),
+    [
+        (BASE + "    mode: blok\n", 5, "detectors.harmful_intent.mode",
+         "expected one of observe, alert, block; found 'blok'"),
+        (BASE + "    scope: response\n", 5, "detectors.harmful_intent.scope",
+         "expected one of prompt, generated, both"),
+        (BASE + "    threshold: 0.5\n", 5, "detectors.harmful_intent.threshold", "unknown key"),
+        (BASE.replace("0.9", "1.0"), 4, "detectors.harmful_intent.thresholds.critical",
+         "strictly between 0 and 1; found 1"),
+        (BASE.replace("0.5", "0"), 4, "detectors.harmful_intent.thresholds.warn",
+         "strictly between 0 and 1"),
+        (BASE.replace("0.5", "0.95"), 4, "detectors.harmful_intent.thresholds.critical",
+         "expected warn < critical"),
+        (BASE.replace("0.5", '"0.5"'), 4, "detectors.harmful_intent.thresholds.warn",
+         "expected a number; found '0.5'"),
+        (BASE.replace("0.5", "true"), 4, "detectors.harmful_intent.thresholds.warn",
+         "expected a number; found True"),
+        (BASE.replace("warn:", "info:"), 4, "detectors.harmful_intent.thresholds.info",
+         "unknown key; expected one of warn, critical"),
+        (BASE + "    thresholds: {critical: 0.9}\n", 5, "detectors.harmful_intent.thresholds",
+         "duplicate key (first defined on line 4)"),
+        (BASE + "    aggregation: {kind: ema, half_life_tokens: 0}\n", 5,
+         "detectors.harmful_intent.aggregation.half_life_tokens", "expected > 0; found 0"),
+        (BASE + "    aggregation: {kind: ema, half_life_tokens: -2.5}\n", 5,
+         "detectors.harmful_intent.aggregation.half_life_tokens", "expected > 0"),
+        (BASE + "    aggregation: {kind: window_max, window_tokens: 0}\n", 5,
+         "detectors.harmful_intent.aggregation.window_tokens", "found 0"),
+        (BASE + "    aggregation: {kind: window_max, window_tokens: 2.5}\n", 5,
+         "detectors.harmful_intent.aggregation.window_tokens", "expected an integer"),
+        (BASE + "    aggregation:\n      kind: max\n      half_life_tokens: 4\n", 7,
+         "detectors.harmful_intent.aggregation.half_life_tokens",
+         "only applies to kind ema; this aggregation is kind max"),
+        (BASE + "    aggregation: {kind: ema, window_tokens: 4}\n", 5,
+         "detectors.harmful_intent.aggregation.window_tokens", "only applies to kind window_max"),
+        (BASE + "    aggregation:\n      kind: ema\n", 6,
+         "detectors.harmful_intent.aggregation.half_life_tokens", "required for kind ema"),
+        (BASE + "    aggregation: {half_life_tokens: 4}\n", 5,
+         "detectors.harmful_intent.aggregation.kind", "required"),
+        (BASE + "    aggregation: median\n", 5, "detectors.harmful_intent.aggregation",
+         "expected one of max, mean, ema, window_max; found 'median'"),
+        (BASE + "    min_tokens: -1\n", 5, "detectors.harmful_intent.min_tokens",
+         "expected an integer >= 0; found -1"),
+        (BASE + "    min_tokens: [1]\n", 5, "detectors.harmful_intent.min_tokens",
+         "expected an integer; found a list"),
+        ('version: 3\ndetectors: {}\n', 1, "version", "expected a string (quote it); found 3"),
+        ('detectors: {}\n', 1, "version", "required"),
+        ('version: "1"\n', 1, "detectors", "required"),
+        ('version: "1"\ndetectors:\n', 2, "detectors", "found null"),
+        ('version: "1"\ndetectors: {}\nextra: 1\n', 3, "extra", "unknown key"),
+        ('version: "1"\nversion: "2"\ndetectors: {}\n', 2, "version", "duplicate key"),
+        ('version: "1"\ndetectors:\n  a:\n    mode: alert\n', 3, "detectors.a.thresholds",
+         "required (set them on the detector or in defaults)"),
+        ('version: "1"\ndefaults:\n  mode: loud\ndetectors: {}\n', 3, "defaults.mode",
+         "expected one of observe, alert, block; found 'loud'"),
+        ('version: "1"\ndefaults:\n  color: red\ndetectors: {}\n', 3, "defaults.color",
+         "unknown key"),
+        ('version: "1"\ndetectors:\n  a: [1, 2]\n', 3, "detectors.a",
+         "expected a mapping; found a list"),
+        ('- just\n- a list\n', 1, "", "expected a mapping; found a list"),
+        ('', 1, "", "empty policy"),
+    ],
+)
+def test_refusals_name_file_line_field_reason(text, line, field, fragment):
+    err = _refusal(text)
+    assert err.file == "policy.yaml"
+    assert err.line == line, str(err)
+    assert err.field == field, str(err)
+    assert fragment in err.reason, str(err)
+    assert str(err).startswith(f"policy.yaml:{line}: ")
+    assert isinstance(err, ValueError)
+
+
+def test_error_string_format_matches_spec():
+    err = _refusal(BASE + "    mode: blok\n")
+    assert str(err) == (
+        "policy.yaml:5: detectors.harmful_intent.mode: expected one of observe, alert, "
+        "block; found 'blok'"
+    )
+
+
+def test_yaml_syntax_error_has_line():
+    err = _refusal('version: "1"\ndetectors:\n  a:\n    thresholds: {warn: 0.5\n    mode: x\n')
+    assert err.field == ""
+    assert "YAML syntax error" in err.reason
+    assert err.line >= 4
+    err = _refusal('version: "1"\ndetectors:\n  a: b: c\n')
+    assert err.line == 3 and "YAML syntax error" in err.reason
+
+
+def test_load_policy_errors_name_the_path(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(BASE + "    mode: blok\n")
+    with pytest.raises(PolicyError) as ei:
+        load_policy(f)
+    assert ei.value.file == str(f) and ei.value.line == 5
+    f.write_bytes(b'version: "1"\ndetectors: {}\n# \xff\n')
+    with pytest.raises(PolicyError, match="UTF-8") as ei:
+        load_policy(f)
+    assert ei.value.line == 3
+    with pytest.raises(PolicyError, match="cannot read"):
+        load_policy(tmp_path / "missing.yaml")
+
+
+def test_default_policy_from_bundle_specs():
+    specs = [
+        Spec("harmful_intent", "prompt", {"warn": 0.5, "critical": 0.9}, {"fpr_0.01": 0.62}),
+        Spec("calibrated_only", "generated", {}, {"fpr_0.01": 0.4, "fpr_0.001": 0.7}),
+        Spec("nothing", "both"),
+    ]
+    p = default_policy(specs)
+    assert set(p.detectors) == {"harmful_intent", "calibrated_only"}
+    h = p.detectors["harmful_intent"]
+    assert (h.mode, h.scope, h.aggregation.kind) == ("alert", "prompt", "max")
+    assert h.thresholds == (("warn", 0.5), ("critical", 0.9))
+    c = p.detectors["calibrated_only"]
+    assert (c.mode, c.scope) == ("observe", "generated")
+    assert c.thresholds == (("warn", 0.4), ("critical", 0.7))
+    assert len(p.sha256) == 64
+
+
+def test_check_policy_reports_errors_not_judged_and_low_thresholds():
+    bundle = FakeBundle(
+        (
+            Spec("harmful_intent", "prompt", {"warn": 0.6}, {"fpr_0.01": 0.62}),
+            Spec("deception", "generated", {"warn": 0.5}, {"fpr_0.01": 0.3}),
+            Spec("unjudged", "both"),
+        )
+    )
+    p = parse_policy(
+        'version: "1"\ndetectors:\n'
+        "  harmful_intent: {scope: prompt, mode: block, thresholds: {warn: 0.3, critical: 0.6}}\n"
+        "  deception: {scope: both, thresholds: {warn: 0.3}}\n"
+        "  typo_detector: {thresholds: {warn: 0.5}}\n"
+    )
+    problems = check_policy(p, bundle)
+    errors = [x for x in problems if x.startswith("error:")]
+    assert len(errors) == 1 and "typo_detector" in errors[0] and "not in the bundle" in errors[0]
+    assert any("unjudged" in x and "not judged" in x for x in problems)
+    low = [x for x in problems if "far below" in x]
+    # warn 0.3 < 0.62 - 0.05 is flagged; critical 0.6 is within the slack; deception ok
+    assert len(low) == 1 and "harmful_intent.thresholds.warn" in low[0]
+    assert all(x.startswith("warning:") for x in low)
+    assert any("deception.scope" in x and x.startswith("warning:") for x in problems)
+    assert any("mode: block" in x for x in problems)
+    clean = check_policy(default_policy(bundle.detectors), bundle)
+    assert not [x for x in clean if x.startswith(("error:", "warning:"))]
+
+
+def test_run_check_exit_codes(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    bundle = FakeBundle((Spec("harmful_intent", "prompt", {"warn": 0.5}, {}),))
+    fake = types.ModuleType("monitor.score.bundle")
+    fake.load_bundle = lambda path: bundle
+    monkeypatch.setitem(sys.modules, "monitor.score.bundle", fake)
+    good = tmp_path / "good.yaml"
+    good.write_text('version: "1"\ndetectors:\n  harmful_intent: {scope: prompt, '
+                    "thresholds: {warn: 0.5}}\n")
+    out = io.StringIO()
+    assert run_check(good, "b", out=out) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('version: "1"\ndetectors:\n  other: {thresholds: {warn: 0.5}}\n')
+    out = io.StringIO()
+    assert run_check(bad, "b", out=out) == 1 and "other" in out.getvalue()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text('version: "1"\ndetectors:\n  other: {mode: x}\n')
+    out = io.StringIO()
+    assert run_check(broken, "b", out=out) == 1
+    assert f"{broken}:3: detectors.other.mode" in out.getvalue()
