@@ -1,0 +1,177 @@
+"""Fused scorer vs the naive path vs a bare GEMM of the same shape (CPU, fp32 and bf16).
+
+    python bench/bench_scorer.py --rows 256 --d-model 4096 --probes 8 --latents 512
+    python bench/bench_scorer.py ... --write bench/RESULTS.md   # replace its "## Scorer"
+
+Paths, all on the same random activations ``x [rows, d_model]``:
+
+* fused:  ``Scorer.score`` on a bundle with ``probes`` standardised linear probes (one
+  detector each) and ``latents`` selected jumprelu SAE latents (one detector reading all).
+* naive:  full SAE encode over ``d_sae`` latents (``(x − b_dec)·W_enc + b_enc``, jumprelu),
+  select the monitored latents, then each probe's ``predict`` on its own, then the
+  read-out and sigmoid: what a monitor without packing would do.
+* GEMM:   ``torch.mm`` of ``[rows, d_model] × [d_model, probes + latents]``, the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monitor.score import Scorer, write_bundle
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def timeit(fns: dict[str, tuple[Callable[[], object], int]]) -> dict[str, float]:
+    """Median wall time in ms of each ``name: (fn, repeats)``, after one warm-up call.
+
+    Calls are interleaved round-robin so that load from other processes on a shared
+    machine hits every path alike.
+    """
+    for fn, _ in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(max(n for _, n in fns.values())):
+        for name, (fn, n) in fns.items():
+            if r < n:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--d-model", type=int, default=4096)
+    ap.add_argument("--probes", type=int, default=8)
+    ap.add_argument("--latents", type=int, default=512)
+    ap.add_argument("--d-sae", type=int, default=65536)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--naive-repeats", type=int, default=3)
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    ap.add_argument("--write", type=Path, help="write the table under '## Scorer' in this file")
+    args = ap.parse_args(argv)
+    d, n_p, n_l, d_sae = args.d_model, args.probes, args.latents, args.d_sae
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.rows, d, generator=g)
+    W_full = torch.randn(d, d_sae, generator=g) / d**0.5
+    b_full = 0.1 * torch.randn(d_sae, generator=g)
+    th_full = 0.5 * torch.rand(d_sae, generator=g)
+    b_dec = 0.1 * torch.randn(d, generator=g)
+    ids = torch.randperm(d_sae, generator=g)[:n_l].sort().values
+    probes = [(torch.randn(d, generator=g) / d**0.5, 0.1 * torch.randn(d, generator=g),
+               0.5 + torch.rand(d, generator=g), float(torch.randn(1, generator=g)))
+              for _ in range(n_p)]
+    lw = torch.randn(n_l, generator=g) / n_l**0.5
+
+    tensors = {"sae.W_enc": W_full[:, ids], "sae.b_enc": b_full[ids],
+               "sae.threshold": th_full[ids], "sae.b_dec": b_dec}
+    comps, dets = [], []
+    for i, (w, m, s, b) in enumerate(probes):
+        tensors |= {f"p{i}.weight": w, f"p{i}.bias": torch.tensor(b), f"p{i}.mean": m,
+                    f"p{i}.std": s}
+        comps.append({"name": f"p{i}", "kind": "linear_probe", "layer": 0,
+                      "tensors": {r: f"p{i}.{r}" for r in ("weight", "bias", "mean", "std")}})
+        dets.append({"name": f"p{i}", "inputs": [{"component": f"p{i}", "weight": 1.0}],
+                     "token_scope": "both", "default_thresholds": {"critical": 0.9}})
+    comps.append({"name": "sae", "kind": "sae_latents", "layer": 0, "activation": "jumprelu",
+                  "latent_ids": ids.tolist(), "preprocessing": {"apply_b_dec_to_input": True},
+                  "tensors": {r: f"sae.{r}" for r in ("W_enc", "b_enc", "threshold", "b_dec")}})
+    dets.append({"name": "sae", "inputs": [{"component": "sae", "latent_weights": lw.tolist()}],
+                 "token_scope": "both", "default_thresholds": {"critical": 0.9}})
+    manifest = {"name": "bench", "model": {"name": "bench", "d_model": d, "n_layers": 1},
+                "components": comps, "detectors": dets}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = write_bundle(tmp, manifest, tensors)
+
+    rows = []
+    for name in args.dtypes.split(","):
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        xd = x.to(dt)
+        scorer = Scorer(bundle, compute_dtype=dt)
+        # F.linear layout ([out, in], read transposed) for all three: fastest for bf16 on CPU
+        Wd, b_decd = W_full.t().contiguous().to(dt), b_dec.to(dt)
+        probes_d = [(w.to(dt), m.to(dt), s.to(dt), b) for w, m, s, b in probes]
+        W_bare = torch.randn(n_p + n_l, d, generator=g).to(dt)
+
+        def naive(xd=xd, Wd=Wd, b_decd=b_decd, probes_d=probes_d) -> torch.Tensor:
+            pre = torch.mm(xd - b_decd, Wd.t()).float() + b_full   # [rows, d_sae]
+            z = torch.relu(pre) * (pre > th_full)
+            sel = z[:, ids]                                         # monitored latents
+            logits = [((xd - m) / s).float() @ w.float() + b for w, m, s, b in probes_d]
+            logits.append(sel @ lw)
+            return torch.sigmoid(torch.stack(logits, dim=1))
+
+        ms = timeit({
+            "fused": (lambda s=scorer, xd=xd: s.score(0, xd), args.repeats),
+            "naive": (naive, args.naive_repeats),
+            "bare": (lambda xd=xd, W=W_bare: torch.mm(xd, W.t()), args.repeats),
+        })
+        fused_ms, naive_ms, bare_ms = ms["fused"], ms["naive"], ms["bare"]
+        diff = float((torch.from_numpy(scorer.score(0, xd)) - naive()).abs().max())
+        for path, t in (("fused scorer", fused_ms), ("naive (full SAE + per-probe)", naive_ms),
+                        ("bare GEMM (same shape)", bare_ms)):
+            rows.append(f"| {path} | {name} | {t:.2f} | {args.rows / t * 1e3:,.0f} "
+                        f"| {t / fused_ms:.2f}× |")
+        rows.append(f"| (max abs score diff fused vs naive: {diff:.1e}) | {name} | | | |")
+        del Wd
+
+    header = [
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}.",
+        f"Shape: rows={args.rows}, d_model={d}, probes={n_p}, latents={n_l} "
+        f"(fused/bare columns {n_p + n_l}), naive d_sae={d_sae}. "
+        f"Median of {args.repeats} interleaved runs ({args.naive_repeats} for naive); "
+        f"load average at start {os.getloadavg()[0]:.1f} (shared machine).",
+        f"Command: `python bench/bench_scorer.py --rows {args.rows} --d-model {d} "
+        f"--probes {n_p} --latents {n_l} --d-sae {d_sae} --dtypes {args.dtypes}`",
+        "",
+        "| path | dtype | ms / call | rows / s | time vs fused |",
+        "|---|---|---:|---:|---:|",
+    ]
+    table = "\n".join(header + rows)
+    print(table)
+    if args.write:
+        write_section(args.write, "## Scorer", table)
+    return 0
+
+
+def write_section(path: Path, heading: str, body: str) -> None:
+    """Replace (or append) the ``heading`` section of a Markdown file, keeping the others."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    section = [heading, "", *body.splitlines(), ""]
+    if start is None:
+        lines = [*lines, "", *section] if lines and lines[-1] else [*lines, *section]
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        lines = lines[:start] + section + lines[end:]
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""The fused scorer: one GEMM per layer, a vectorised epilogue, a small read-out GEMM.
+
+For ``x [n_rows, d_model]`` on ``layer`` (see ``pack.py`` for how W, b, θ are built)::
+
+    P = x · W + b                          one torch.addmm (bf16: mm, then + b in fp32)
+    P[:, ln] = (x · W)[:, ln] · rsqrt(var(x) + ln_eps) + b[ln]   only if the layer has them
+    Z = P · [P > θ]                        identity θ = −inf, relu 0, jumprelu θ
+    S = sigmoid(Z · R + c)                 float32 [n_rows, n_detectors]
+
+A Scorer is immutable after construction: ``score`` allocates its outputs and touches no
+shared mutable state, so it may run on a worker thread while other threads read its
+attributes. It sets no global torch state (threads, dtypes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .bundle import Bundle
+from .pack import PackedLayer, pack_layer
+
+__all__ = ["INPUT_DTYPES", "Scorer"]
+
+#: Activation dtypes accepted by :meth:`Scorer.score`.
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass(frozen=True, eq=False)
+class _Kernel:
+    """What one layer's score needs, precomputed. Tensors are never written after init.
+
+    ``Wt [n_cols, d_model]`` (W transposed, contiguous) in the compute dtype: the GEMM
+    reads it as ``Wt.t()``, the ``F.linear`` layout, which oneDNN's bf16 kernels need to
+    be fast on CPU (row-major ``[d_model, n_cols]`` bf16 measured ~5× slower).
+    ``b_gemm [n_cols]`` (fp32 compute: b with layer_norm columns zeroed, added inside
+    addmm; bf16: None); ``b_post [n_cols]``
+    float32, added after the GEMM (bf16: all of b; fp32: b on layer_norm columns only,
+    None if there are none); ``ln_eps [1, n_cols]`` (None without layer_norm columns);
+    ``ln_cols [n_cols]`` bool.
+    """
+
+    packed: PackedLayer
+    Wt: torch.Tensor
+    b_gemm: torch.Tensor | None
+    b_post: torch.Tensor | None
+    ln_cols: torch.Tensor | None
+    ln_eps: torch.Tensor | None
+
+
+class Scorer:
+    """Scores activation rows of a bundle's layers with the packed fused kernel.
+
+    ``compute_dtype`` is the GEMM dtype: float32 (default) or bfloat16 (keeps a bf16 copy
+    of W; the GEMM result is upcast to float32 before bias, epilogue and read-out).
+    """
+
+    def __init__(self, bundle: Bundle, compute_dtype: torch.dtype = torch.float32) -> None:
+        if compute_dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, "
+                             f"got {compute_dtype}")
+        self.bundle = bundle
+        self.compute_dtype = compute_dtype
+        self.d_model = bundle.d_model
+        self.layers: tuple[int, ...] = bundle.layers
+        self._kernels: dict[int, _Kernel] = {
+            layer: self._build(pack_layer(bundle, layer)) for layer in self.layers
+        }
+
+    def _build(self, p: PackedLayer) -> _Kernel:
+        ln = p.ln_cols
+        fp32 = self.compute_dtype == torch.float32
+        if ln is None:
+            b_gemm, b_post = (p.b, None) if fp32 else (None, p.b)
+        elif fp32:
+            b_gemm, b_post = p.b.masked_fill(ln, 0.0), p.b.masked_fill(~ln, 0.0)
+        else:
+            b_gemm, b_post = None, p.b
+        return _Kernel(
+            packed=p,
+            Wt=p.W.t().to(self.compute_dtype).contiguous(),
+            b_gemm=b_gemm,
+            b_post=b_post,
+            ln_cols=ln,
+            ln_eps=None if p.ln_eps is None else p.ln_eps.unsqueeze(0),
+        )
+
+    # ----------------------------------------------------------------------- public
+
+    def packed(self, layer: int) -> PackedLayer:
+        """The float32 packed weights of ``layer`` (read-only)."""
+        return self._kernel(layer).packed
+
+    def detectors_on(self, layer: int) -> tuple[str, ...]:
+        """Detector names of ``layer``, in the column order of :meth:`score`."""
+        return self._kernel(layer).packed.detectors
+
+    def score_components(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Column values ``Z`` after the epilogue: float32 ``[n_rows, n_cols]``.
+
+        Column ``j`` is ``packed(layer).columns[j]``. ``x`` is not modified.
+        """
+        kern = self._kernel(layer)
+        self._check_input(x)
+        if x.shape[0] == 0:
+            return torch.zeros(0, kern.packed.n_cols)
+        xc = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
+        if kern.b_gemm is not None:
+            p = torch.addmm(kern.b_gemm, xc, kern.Wt.t())
+        else:
+            p = torch.mm(xc, kern.Wt.t()).float()
+        if kern.ln_cols is not None:
+            assert kern.ln_eps is not None
+            xf = x if x.dtype == torch.float32 else x.float()
+            var = torch.var(xf, dim=1, correction=0, keepdim=True)  # [n_rows, 1]
+            inv = torch.rsqrt(var + kern.ln_eps)  # [n_rows, n_cols]
+            p = torch.where(kern.ln_cols, p * inv, p)
+        if kern.b_post is not None:
+            p = p + kern.b_post
+        return p * (p > kern.packed.theta)
+
+    def score(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        """Detector scores in [0, 1]: float32 ``[n_rows, len(detectors_on(layer))]``.
+
+        ``x``: ``[n_rows, d_model]`` float32 / float16 / bfloat16 (e.g. a zero-copy view of
+        wire bytes; it is not modified). ``n_rows`` may be 0.
+        """
+        z = self.score_components(layer, x)
+        p = self._kernel(layer).packed
+        return torch.sigmoid(torch.addmm(p.c, z, p.R)).numpy()
+
+    # ----------------------------------------------------------------------- helpers
+
+    def _kernel(self, layer: int) -> _Kernel:
+        try:
+            return self._kernels[layer]
+        except KeyError:
+            raise KeyError(f"layer {layer} has no detectors in bundle "
+                           f"{self.bundle.name!r} (layers {list(self.layers)})") from None
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in INPUT_DTYPES:
+            raise ValueError(f"x dtype must be one of {INPUT_DTYPES}, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.d_model:
+            raise ValueError(f"x must have shape [n_rows, {self.d_model}], "
+                             f"got {list(x.shape)}")
