@@ -1,0 +1,151 @@
+{{/* Chart name. */}}
+{{- define "safety-monitor.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Fully qualified name: <release>-<chart> unless the release name contains it. */}}
+{{- define "safety-monitor.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "safety-monitor.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "safety-monitor.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "safety-monitor.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "safety-monitor.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: safety-monitor
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Labels that select the pods carrying the monitor (ours, or vLLM chart's). */}}
+{{- define "safety-monitor.podSelector" -}}
+{{- if and (not .Values.vllm.enabled) .Values.podSelector -}}
+{{ toYaml .Values.podSelector }}
+{{- else -}}
+{{ include "safety-monitor.selectorLabels" . }}
+{{- end -}}
+{{- end -}}
+
+{{- define "safety-monitor.policyConfigMap" -}}
+{{- default (printf "%s-policy" (include "safety-monitor.fullname" .)) .Values.policy.existingConfigMap -}}
+{{- end -}}
+
+{{- define "safety-monitor.bundleConfigMap" -}}
+{{- default (printf "%s-bundle" (include "safety-monitor.fullname" .)) .Values.bundle.configMap.name -}}
+{{- end -}}
+
+{{- define "safety-monitor.bundlePath" -}}
+{{- if eq .Values.bundle.source "image" -}}
+{{- .Values.bundle.imagePath -}}
+{{- else if or (eq .Values.bundle.source "configMap") (eq .Values.bundle.source "pvc") -}}
+{{- .Values.bundle.mountPath -}}
+{{- else -}}
+{{- fail (printf "bundle.source: expected image, configMap or pvc, found %q" .Values.bundle.source) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A probe with its gRPC port set to sidecar.grpcPort. */}}
+{{- define "safety-monitor.grpcProbe" -}}
+{{- $p := deepCopy .probe -}}
+{{- if hasKey $p "grpc" -}}
+{{- $_ := set $p.grpc "port" (int .port) -}}
+{{- end -}}
+{{ toYaml $p }}
+{{- end -}}
+
+{{/*
+The monitor container. Called with (dict "root" $ "native" bool): native adds
+restartPolicy: Always (a native sidecar in initContainers).
+*/}}
+{{- define "safety-monitor.monitorContainer" -}}
+{{- $v := .root.Values -}}
+{{- $s := $v.sidecar -}}
+- name: safety-monitor
+  image: {{ printf "%s:%s" $s.image.repository ($s.image.tag | default .root.Chart.AppVersion) | quote }}
+  imagePullPolicy: {{ $s.image.pullPolicy }}
+  {{- if .native }}
+  restartPolicy: Always
+  {{- end }}
+  command:
+    - safety-monitor
+    - --log-level={{ $s.logLevel }}
+    - serve
+    - --bundle={{ include "safety-monitor.bundlePath" .root }}
+    - --policy={{ $v.policy.mountPath }}/{{ $v.policy.policyKey }}
+    - --policy-watch-s={{ $v.policy.watchSeconds }}
+    - --host=0.0.0.0
+    - --port={{ $s.grpcPort }}
+    - --metrics-host=0.0.0.0
+    - --metrics-port={{ $s.metricsPort }}
+    - --grace-s={{ $s.graceSeconds }}
+    {{- if $s.auditLog.enabled }}
+    - --audit-log={{ $s.auditLog.path }}
+    {{- if $s.auditLog.finals }}
+    - --audit-finals
+    {{- end }}
+    {{- end }}
+    {{- range $s.extraArgs }}
+    - {{ . | quote }}
+    {{- end }}
+  ports:
+    - name: grpc
+      containerPort: {{ $s.grpcPort }}
+      protocol: TCP
+    - name: monitor-metrics
+      containerPort: {{ $s.metricsPort }}
+      protocol: TCP
+  env:
+    - name: HOME
+      value: /tmp
+    {{- with $s.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $s.startupProbe }}
+  startupProbe:
+    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort) | nindent 4 }}
+  {{- end }}
+  {{- with $s.readinessProbe }}
+  readinessProbe:
+    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort) | nindent 4 }}
+  {{- end }}
+  {{- with $s.livenessProbe }}
+  livenessProbe:
+    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort) | nindent 4 }}
+  {{- end }}
+  resources:
+    {{- toYaml $s.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml $s.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: policy
+      mountPath: {{ $v.policy.mountPath }}
+      readOnly: true
+    {{- if ne $v.bundle.source "image" }}
+    - name: bundle
+      mountPath: {{ $v.bundle.mountPath }}
+      readOnly: true
+      {{- if and (eq $v.bundle.source "pvc") $v.bundle.pvc.subPath }}
+      subPath: {{ $v.bundle.pvc.subPath }}
+      {{- end }}
+    {{- end }}
+    - name: monitor-state
+      mountPath: {{ dir $s.auditLog.path }}
+    - name: monitor-tmp
+      mountPath: /tmp
+{{- end -}}

@@ -1,0 +1,521 @@
+"""Deployment artefacts: Dockerfile (static), the Helm chart rendered by a real Helm engine
+(helm-python-sdk, Helm v4 in-process), the Grafana dashboard and the Prometheus rules
+(`promtool` when it is on PATH)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from monitor.judge.policy import parse_policy
+from monitor.report.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "safety-monitor"
+DASHBOARD = ROOT / "deploy" / "grafana" / "safety-monitor.json"
+RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+# The metrics the dashboard may query (exposition names).
+DASHBOARD_METRICS = frozenset({
+    "safety_monitor_alerts_total", "safety_monitor_frames_rejected_total",
+    "safety_monitor_rows_scored_total", "safety_monitor_client_dropped_frames_total",
+    "safety_monitor_rows_unscored_total", "safety_monitor_policy_reloads_total",
+    "safety_monitor_queue_depth_rows", "safety_monitor_queue_capacity_rows",
+    *(f"safety_monitor_{h}{s}" for h in ("scoring_latency_seconds", "request_score")
+      for s in ("_bucket", "_sum", "_count")),
+})
+
+
+def exposed_metric_names() -> set[str]:
+    """Every series name the server's registry can expose."""
+    names: set[str] = set()
+    for fam in Metrics(thresholds=(0.5,)).registry.collect():
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+                    "info": ("_info",)}.get(fam.type, ("",))
+        names.update(fam.name + s for s in suffixes)
+    return names
+
+
+# -- PromQL: metric names of an expression -------------------------------------------------
+
+_PROMQL_WORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right",
+                           "and", "or", "unless", "bool", "offset", "inf", "nan"})
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (functions, keywords, labels, Grafana variables
+    and durations removed)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    s = re.sub(r"\{[^}]*\}", " ", s)
+    s = re.sub(r"\[[^\]]*\]", " ", s)
+    s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    s = re.sub(r"\$\{?\w+\}?", " ", s)
+    out = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", s):
+        if m.start() and (s[m.start() - 1].isdigit() or s[m.start() - 1] == "."):
+            continue  # 1e3, 5m
+        if s[m.end():].lstrip().startswith("(") or m.group(0).lower() in _PROMQL_WORDS:
+            continue
+        out.add(m.group(0))
+    return out
+
+
+def test_promql_metrics_helper():
+    e = ('histogram_quantile(0.99, sum by (le, pod) (rate(x_bucket{a="b{c}", d=~"$pod"}'
+         '[$__rate_interval]))) / on(pod) group_left y > bool 1e3')
+    assert promql_metrics(e) == {"x_bucket", "y"}
+
+
+# -- Dockerfile ----------------------------------------------------------------------------
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def _final_stage(ins: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    last = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
+    return ins[last:]
+
+
+def _serve_flags() -> set[str]:
+    flags = set()
+    for argv in (["--help"], ["serve", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "monitor.cli", *argv], capture_output=True,
+                             text=True, cwd=ROOT, check=True, timeout=60).stdout
+        flags.update(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", out))
+    return flags
+
+
+@pytest.fixture(scope="module")
+def serve_flags() -> set[str]:
+    return _serve_flags()
+
+
+def test_dockerfile_base_images_pinned():
+    ins = _instructions(DOCKERFILE)
+    args = {}
+    for op, rest in ins:
+        if op == "ARG" and "=" in rest:
+            k, v = rest.split("=", 1)
+            args[k] = v
+    froms = [rest.split()[0] for op, rest in ins if op == "FROM"]
+    assert len(froms) >= 2, "multi-stage build expected"
+    stages = {rest.split()[-1] for op, rest in ins if op == "FROM" and " AS " in rest.upper()}
+    for image in froms:
+        image = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), image)
+        if image in stages:
+            continue
+        assert ":" in image and not image.endswith(":latest"), image
+    assert "python:3.11-slim" in args.get("PYTHON_IMAGE", "")
+    assert "latest" not in DOCKERFILE.read_text().replace("# ", "")
+
+
+def test_dockerfile_runtime_stage(serve_flags):
+    ins = _final_stage(_instructions(DOCKERFILE))
+    users = [rest for op, rest in ins if op == "USER"]
+    assert users and users[-1].split(":")[0] == "10001"
+    exposed = {p for op, rest in ins if op == "EXPOSE" for p in rest.split()}
+    assert {"50051", "9464"} <= exposed
+    copies = [rest for op, rest in ins if op == "COPY" and "--from" not in rest]
+    assert any(c.split()[0].rstrip("/") == "bundles/default" for c in copies)
+    assert any(c.split()[0].rstrip("/") == "policies" for c in copies)
+    entry = json.loads(next(rest for op, rest in ins if op == "ENTRYPOINT"))
+    assert entry[:2] == ["safety-monitor", "serve"]
+    flags = {a.split("=")[0] for a in entry if a.startswith("--")}
+    assert {"--bundle", "--policy", "--audit-log"} <= flags
+    assert flags <= serve_flags, flags - serve_flags
+    opts = dict(zip(entry[2::2], entry[3::2], strict=False))
+    assert opts["--audit-log"].startswith("/var/lib/safety-monitor/")
+    dests = [c.split()[-1].rstrip("/") for c in copies]
+    assert opts["--bundle"].rstrip("/") in dests
+    assert any(opts["--policy"].startswith(d + "/") for d in dests)
+    text = DOCKERFILE.read_text()
+    assert "download.pytorch.org/whl/cpu" in text and "[probes" not in text
+    assert "/var/lib/safety-monitor" in text
+
+
+def test_dockerignore_keeps_build_inputs():
+    pats = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+            if p.strip() and not p.startswith("#")]
+    for needed in (".venv", ".git", "runs", ".pytest_cache", ".ruff_cache"):
+        assert needed in pats, needed
+    ins = _instructions(DOCKERFILE)
+    sources = [s for op, rest in ins if op == "COPY" and "--from" not in rest
+               for s in rest.split()[:-1]]
+    for src in sources:
+        top = src.rstrip("/").split("/")[0]
+        assert top not in pats and src.rstrip("/") not in pats, f"{src} is dockerignored"
+
+
+# -- Grafana dashboard and Prometheus rules (static) ----------------------------------------
+
+def dashboard_queries(dash: dict) -> list[str]:
+    exprs = []
+
+    def walk(panels):
+        for p in panels:
+            exprs.extend(t["expr"] for t in p.get("targets") or [] if t.get("expr"))
+            walk(p.get("panels") or [])
+
+    walk(dash["panels"])
+    for var in dash.get("templating", {}).get("list", []):
+        q = var.get("query")
+        q = q.get("query") if isinstance(q, dict) else q
+        if var.get("type") == "query" and q:
+            m = re.fullmatch(r"\s*label_values\((.*),\s*\w+\)\s*", q)
+            exprs.append(m.group(1) if m else q)
+    return exprs
+
+
+def check_dashboard(dash: dict) -> None:
+    exprs = dashboard_queries(dash)
+    assert len(exprs) >= 10
+    exposed = exposed_metric_names()
+    for e in exprs:
+        names = promql_metrics(e)
+        assert names, e
+        for n in names:
+            assert n.startswith("safety_monitor_"), (n, e)
+            assert n in DASHBOARD_METRICS, (n, e)
+            assert n in exposed, (n, e)
+
+
+def test_dashboard_file():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["title"]
+    check_dashboard(dash)
+
+
+def _rules_doc() -> dict:
+    doc = yaml.safe_load(RULES.read_text())
+    assert doc["kind"] == "PrometheusRule" and doc["apiVersion"] == "monitoring.coreos.com/v1"
+    return doc
+
+
+def test_rules_reference_only_monitor_metrics():
+    exposed = exposed_metric_names()
+    rules = [r for g in _rules_doc()["spec"]["groups"] for r in g["rules"]]
+    assert len(rules) >= 6
+    names = set()
+    for r in rules:
+        assert r["alert"].startswith("SafetyMonitor")
+        assert r["labels"]["severity"] in {"critical", "warning", "info"}
+        assert r["annotations"]["summary"]
+        used = promql_metrics(r["expr"])
+        assert used, r["alert"]
+        for n in used:
+            assert n.startswith("safety_monitor_") and n in exposed, (r["alert"], n)
+        names.add(r["alert"])
+    assert len(names) == len(rules), "duplicate alert names"
+
+
+_PROMTOOL_TEST = """
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'safety_monitor_alerts_total{POD,detector="harmful_intent",CRIT,mode="alert"}'
+        values: '0 0 0 1 1 1 1 1 1 1 1 1 1 1 1'
+      - series: 'safety_monitor_alerts_total{POD,detector="deception",CRIT,mode="observe"}'
+        values: '0 5 10 15 20 25 30 35 40 45 50 55 60 65 70'
+      - series: 'safety_monitor_queue_capacity_rows{POD}'
+        values: '100x14'
+      - series: 'safety_monitor_queue_depth_rows{POD}'
+        values: '0 0 0 90 90 90 90 90 90 90 90 0 0 0 0'
+    alert_rule_test:
+      - eval_time: 4m
+        alertname: SafetyMonitorCriticalVerdict
+        exp_alerts:
+          - exp_labels: {severity: critical, category: safety, namespace: llm, pod: p,
+                         detector: harmful_intent}
+            exp_annotations:
+              summary: 'harmful_intent: critical verdicts on llm/p'
+              description: >-
+                1 requests reached severity critical for detector harmful_intent in
+                the last 5 minutes. Request ids, scores and thresholds are in the
+                monitor's audit log (JSONL) of that pod.
+      - eval_time: 14m
+        alertname: SafetyMonitorCriticalVerdict
+        exp_alerts: []
+      - eval_time: 5m
+        alertname: SafetyMonitorQueueSaturated
+        exp_alerts: []
+      - eval_time: 9m
+        alertname: SafetyMonitorQueueSaturated
+        exp_alerts:
+          - exp_labels: {severity: warning, category: capacity, namespace: llm, pod: p}
+            exp_annotations:
+              summary: 'Safety monitor scoring queue above 80% on llm/p'
+              description: >-
+                The scoring queue is 90% full; when full, rows are dropped (unscored,
+                reason queue_full).
+      - eval_time: 9m
+        alertname: SafetyMonitorAbsent
+        exp_alerts: []
+""".replace("POD", 'namespace="llm",pod="p"').replace("CRIT", 'severity="critical"')
+
+
+@pytest.fixture
+def promtool(tmp_path):
+    exe = shutil.which("promtool")
+    if not exe:
+        pytest.skip("promtool not on PATH")
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(_rules_doc()["spec"], sort_keys=False))
+    return exe
+
+
+def test_promtool_check_rules(promtool, tmp_path):
+    r = subprocess.run([promtool, "check", "rules", str(tmp_path / "rules.yml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_promtool_rule_unit_tests(promtool, tmp_path):
+    (tmp_path / "tests.yml").write_text(_PROMTOOL_TEST)
+    r = subprocess.run([promtool, "test", "rules", "tests.yml"], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- Helm chart (rendered by a real Helm engine) ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def helm():
+    return pytest.importorskip("helm_python", reason="helm-python-sdk not installed")
+
+
+@pytest.fixture(scope="module")
+def chart(helm):
+    helm.disable_logging()
+    return helm.Chart.load(str(CHART))
+
+
+def render(chart, values: dict | None = None) -> list[dict]:
+    out = chart.render(values or {}, name="guard", namespace="llm")
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith(".txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def kinds(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = kinds(docs, kind)
+    assert len(found) == 1, (kind, len(found))
+    return found[0]
+
+
+def pod_spec(docs: list[dict]) -> dict:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]
+
+
+def container(spec: dict, name: str, native: bool) -> dict:
+    where = spec.get("initContainers" if native else "containers") or []
+    found = [c for c in where if c["name"] == name]
+    assert len(found) == 1, (name, native)
+    return found[0]
+
+
+def test_chart_lint(helm):
+    rep = helm.lint(str(CHART), strict=True)
+    assert not rep["errors"], rep
+    assert not [m for m in rep["messages"] if m["severity"] >= 2], rep["messages"]
+
+
+def check_monitor_container(c: dict, serve_flags: set[str], port: int = 50051) -> None:
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == port, probe
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert c["command"][0] == "safety-monitor" and "serve" in c["command"]
+    flags = {a.split("=")[0] for a in c["command"] if a.startswith("--")}
+    assert flags <= serve_flags, flags - serve_flags
+    assert f"--port={port}" in c["command"] and "--host=0.0.0.0" in c["command"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"] == port
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+
+
+def _writable_mounts_ok(spec: dict, c: dict) -> None:
+    vols = {v["name"]: v for v in spec["volumes"]}
+    audit = next(a for a in c["command"] if a.startswith("--audit-log="))
+    audit_dir = str(Path(audit.split("=", 1)[1]).parent)
+    m = next(m for m in c["volumeMounts"] if m["mountPath"] == audit_dir)
+    assert "emptyDir" in vols[m["name"]]
+    pol = next(m for m in c["volumeMounts"] if m["name"] == "policy")
+    assert "subPath" not in pol, "subPath mounts never receive ConfigMap updates"
+    assert "configMap" in vols["policy"]
+    policy_arg = next(a for a in c["command"] if a.startswith("--policy="))
+    assert policy_arg.split("=", 1)[1].startswith(pol["mountPath"] + "/")
+
+
+def test_default_render_native_sidecar(chart, serve_flags):
+    docs = render(chart)
+    spec = pod_spec(docs)
+    mon = container(spec, "safety-monitor", native=True)
+    assert mon["restartPolicy"] == "Always"
+    assert [c["name"] for c in spec["containers"]] == ["vllm"]
+    check_monitor_container(mon, serve_flags)
+    _writable_mounts_ok(spec, mon)
+    vllm = spec["containers"][0]
+    env = {e["name"]: e.get("value") for e in vllm["env"]}
+    assert env["SAFETY_MONITOR_ADDR"] == "127.0.0.1:50051"
+    assert vllm["command"][:2] == ["vllm", "serve"]
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert spec["automountServiceAccountToken"] is False
+    # default: no prometheus-operator CRDs needed; dashboard ConfigMap on
+    for kind in ("PodMonitor", "ServiceMonitor", "PrometheusRule"):
+        assert not kinds(docs, kind)
+    assert one(docs, "Service")["spec"]["ports"]
+
+
+def test_plain_sidecar(chart, serve_flags):
+    spec = pod_spec(render(chart, {"sidecar": {"native": False}}))
+    assert not spec.get("initContainers")
+    mon = container(spec, "safety-monitor", native=False)
+    assert "restartPolicy" not in mon
+    check_monitor_container(mon, serve_flags)
+    _writable_mounts_ok(spec, mon)
+    vllm = container(spec, "vllm", native=False)
+    assert {"name": "SAFETY_MONITOR_ADDR", "value": "127.0.0.1:50051"} in vllm["env"]
+
+
+def test_grpc_port_is_one_setting(chart, serve_flags):
+    docs = render(chart, {"sidecar": {"grpcPort": 6000}})
+    spec = pod_spec(docs)
+    check_monitor_container(container(spec, "safety-monitor", True), serve_flags, port=6000)
+    env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
+    assert env["SAFETY_MONITOR_ADDR"] == "127.0.0.1:6000"
+
+
+def test_networkpolicy_keeps_grpc_port_closed(chart):
+    np_ = one(render(chart), "NetworkPolicy")
+    ports = {p["port"] for rule in np_["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {8000, 9464}
+
+
+def test_policy_configmap(chart):
+    cm = next(d for d in kinds(render(chart), "ConfigMap") if d["metadata"]["name"].endswith(
+        "-policy"))
+    text = cm["data"]["policy.yaml"]
+    pol = parse_policy(text, "configmap")
+    assert pol.detectors
+    assert text.strip() == (ROOT / "policies" / "default.yaml").read_text().strip()
+    custom = "version: custom-1\ndetectors:\n  x:\n    thresholds: {warn: 0.5, critical: 0.8}\n"
+    cm = next(d for d in kinds(render(chart, {"policy": {"content": custom}}), "ConfigMap")
+              if d["metadata"]["name"].endswith("-policy"))
+    parse_policy(cm["data"]["policy.yaml"], "configmap")
+    assert "custom-1" in cm["data"]["policy.yaml"]
+    docs = render(chart, {"policy": {"existingConfigMap": "mine"}})
+    assert not [d for d in kinds(docs, "ConfigMap") if d["metadata"]["name"].endswith("-policy")]
+    vols = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    assert vols["policy"]["configMap"]["name"] == "mine"
+
+
+def test_monitors_toggle_and_labels(chart):
+    vals = {"metrics": {"podMonitor": {"enabled": True, "labels": {"release": "kps"}},
+                        "serviceMonitor": {"enabled": True, "labels": {"release": "kps2"}}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "kps"}}}
+    docs = render(chart, vals)
+    pm, sm, pr = one(docs, "PodMonitor"), one(docs, "ServiceMonitor"), one(docs, "PrometheusRule")
+    assert pm["metadata"]["labels"]["release"] == "kps"
+    assert sm["metadata"]["labels"]["release"] == "kps2"
+    assert pr["metadata"]["labels"]["release"] == "kps"
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    spec = pod_spec(docs)
+    ports = {p["name"] for c in spec["containers"] + spec.get("initContainers", [])
+             for p in c.get("ports", [])}
+    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= ports
+    svc = one(docs, "Service")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
+    docs = render(chart, {"metrics": {"podMonitor": {"enabled": False}}})
+    assert not kinds(docs, "PodMonitor")
+
+
+def test_prometheus_rule_from_rules_file(chart):
+    src = _rules_doc()["spec"]["groups"]
+    docs = render(chart, {"prometheusRule": {"enabled": True}})
+    assert one(docs, "PrometheusRule")["spec"]["groups"] == src
+    docs = render(chart, {"prometheusRule": {
+        "enabled": True, "additionalRuleLabels": {"team": "safety"},
+        "disabledAlerts": ["SafetyMonitorAbsent"]}})
+    rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    assert "SafetyMonitorAbsent" not in {r["alert"] for r in rules}
+    assert len(rules) == sum(len(g["rules"]) for g in src) - 1
+    assert all(r["labels"]["team"] == "safety" and r["labels"]["severity"] for r in rules)
+
+
+def test_dashboard_configmap(chart):
+    docs = render(chart)
+    cm = next(d for d in kinds(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard"))
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dash = json.loads(cm["data"]["safety-monitor.json"])
+    assert dash == json.loads(DASHBOARD.read_text())
+    check_dashboard(dash)
+    docs = render(chart, {"dashboard": {"enabled": False}})
+    assert not [d for d in kinds(docs, "ConfigMap") if d["metadata"]["name"].endswith(
+        "-dashboard")]
+
+
+def test_vllm_chart_mode(chart):
+    sel = {"environment": "test", "release": "test"}
+    docs = render(chart, {"vllm": {"enabled": False}, "podSelector": sel,
+                          "metrics": {"podMonitor": {"enabled": True}}})
+    assert not kinds(docs, "Deployment") and not kinds(docs, "NetworkPolicy")
+    assert one(docs, "Service")["spec"]["selector"] == sel
+    assert one(docs, "PodMonitor")["spec"]["selector"]["matchLabels"] == sel
+
+
+def test_bundle_sources(chart, helm, tmp_path):
+    spec = pod_spec(render(chart, {"bundle": {"source": "pvc", "pvc": {"claimName": "b"}}}))
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["bundle"]["persistentVolumeClaim"] == {"claimName": "b", "readOnly": True}
+    mon = container(spec, "safety-monitor", True)
+    assert "--bundle=/etc/safety-monitor/bundle" in mon["command"]
+    spec = pod_spec(render(chart, {"bundle": {"source": "configMap",
+                                              "configMap": {"name": "my-bundle"}}}))
+    assert {v["name"]: v for v in spec["volumes"]}["bundle"]["configMap"]["name"] == "my-bundle"
+    with pytest.raises(helm.HelmError):
+        render(chart, {"bundle": {"source": "configMap"}})
+    with pytest.raises(helm.HelmError):
+        render(chart, {"bundle": {"source": "s3"}})
+    # a bundle shipped inside the chart becomes a binaryData ConfigMap
+    copy = tmp_path / "chart"
+    shutil.copytree(CHART, copy, symlinks=False)
+    (copy / "files" / "bundle" / "manifest.json").write_text('{"format": "x"}')
+    (copy / "files" / "bundle" / "weights.safetensors").write_bytes(b"\x00\x01\xff")
+    docs = render(helm.Chart.load(str(copy)), {"bundle": {"source": "configMap"}})
+    cm = next(d for d in kinds(docs, "ConfigMap") if d["metadata"]["name"].endswith("-bundle"))
+    assert set(cm["binaryData"]) == {"manifest.json", "weights.safetensors"}
+
+
+def test_chart_files_are_the_deploy_files():
+    for name, src in (("dashboard.json", DASHBOARD), ("rules.yaml", RULES),
+                      ("policy.yaml", ROOT / "policies" / "default.yaml")):
+        assert (CHART / "files" / name).read_bytes() == src.read_bytes(), name
