@@ -1,0 +1,188 @@
+"""`safety-monitor` command line: serve, check, plan, placeholder-bundle, replay.
+
+Startup problems (broken bundle or policy, unbindable address) print one line to stderr
+and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from google.protobuf import json_format
+
+__all__ = ["main"]
+
+log = logging.getLogger("monitor.cli")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _size(text: str) -> int:
+    """Parse a byte size: 1048576, 64KiB, 64MiB, 1GiB (also k/M/G as powers of 1024)."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(t[-1:], 1)
+    if mult != 1:
+        t = t[:-1]
+    try:
+        return int(float(t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a byte size like 65536 or 64MiB, "
+                                         f"found {text!r}") from None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from monitor.server.app import ServerConfig, StartupError, serve
+
+    cfg = ServerConfig(
+        bundle=args.bundle, policy=args.policy, host=args.host, port=args.port,
+        metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+        audit_log=args.audit_log, audit_finals=args.audit_finals, queue_rows=args.queue_rows,
+        max_batch_rows=args.max_batch_rows, max_frame_bytes=args.max_frame_bytes,
+        grpc_max_message_bytes=args.grpc_max_message_bytes, compute_dtype=args.compute_dtype,
+        max_requests=args.max_requests, policy_watch_s=args.policy_watch_s,
+        grace_s=args.grace_s, torch_threads=args.torch_threads,
+    )
+    try:
+        return serve(cfg)
+    except StartupError as e:
+        print(f"safety-monitor: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from monitor.judge import run_check
+
+    # pass the stream explicitly: run_check binds sys.stdout as a default at import time
+    rc = run_check(args.policy, args.bundle, out=sys.stdout)
+    return 1 if rc else 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from monitor.judge import PolicyError, default_policy, load_policy
+    from monitor.score import BundleError, Scorer, load_bundle
+    from monitor.server.app import capture_plan
+
+    try:
+        bundle = load_bundle(args.bundle)
+        policy = load_policy(args.policy) if args.policy else default_policy(bundle.detectors)
+    except (BundleError, PolicyError, OSError) as e:
+        print(f"safety-monitor: error: {e}", file=sys.stderr)
+        return 2
+    plan = capture_plan(model=bundle.model_name, d_model=bundle.d_model,
+                        bundle_sha256=bundle.sha256, policy=policy, scorer=Scorer(bundle),
+                        max_frame_bytes=args.max_frame_bytes)
+    doc = json_format.MessageToDict(plan, preserving_proto_field_name=True)
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def _cmd_placeholder(args: argparse.Namespace) -> int:
+    from monitor.score import build_placeholder_bundle
+
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    b = build_placeholder_bundle(args.out_dir, model_name=args.model, d_model=args.d_model,
+                                 n_layers=args.n_layers, layers=layers, seed=args.seed)
+    print(f"wrote PLACEHOLDER bundle {b.name} to {args.out_dir} (sha256 {b.sha256[:12]}, "
+          f"layers {list(b.layers)}, detectors {[d.name for d in b.detectors]}); "
+          "random directions, no safety meaning")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from monitor.replay import ReplayConfig, run_replay
+
+    cfg = ReplayConfig(target=args.target, n_requests=args.requests, prompt_len=args.prompt_len,
+                       gen_len=args.gen_len, push_fraction=args.push_fraction, seed=args.seed,
+                       dtype=args.dtype, concurrency=args.concurrency)
+    try:
+        result = run_replay(cfg, out=sys.stdout)
+    except Exception as e:  # connection refused, plan errors
+        print(f"safety-monitor replay: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if not result.errors else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `safety-monitor`."""
+    p = argparse.ArgumentParser(prog="safety-monitor", description=__doc__.splitlines()[0])
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the monitor sidecar (gRPC + /metrics)")
+    s.add_argument("--bundle", required=True, help="detector bundle directory")
+    s.add_argument("--policy", help="policy YAML (default: the bundle's thresholds)")
+    s.add_argument("--host", default="127.0.0.1", help="gRPC bind address")
+    s.add_argument("--port", type=int, default=50051, help="gRPC port")
+    s.add_argument("--metrics-host", default="127.0.0.1", help="/metrics bind address")
+    s.add_argument("--metrics-port", type=int, default=9464, help="/metrics port (-1: off)")
+    s.add_argument("--audit-log", help="JSONL audit log path (append)")
+    s.add_argument("--audit-finals", action="store_true",
+                   help="also write one audit line per final verdict")
+    s.add_argument("--queue-rows", type=int, default=65536, help="scoring queue capacity, rows")
+    s.add_argument("--max-batch-rows", type=int, default=4096, help="rows per scorer call")
+    s.add_argument("--max-frame-bytes", type=_size, default=64 << 20,
+                   help="largest frame payload accepted (bytes, e.g. 64MiB)")
+    s.add_argument("--grpc-max-message-bytes", type=_size, default=None,
+                   help="gRPC receive limit (default 2 x max-frame-bytes + 1MiB)")
+    s.add_argument("--compute-dtype", choices=("fp32", "bf16"), default="fp32")
+    s.add_argument("--max-requests", type=int, default=100_000, help="live requests kept")
+    s.add_argument("--policy-watch-s", type=float, default=1.0,
+                   help="policy file poll interval in seconds (0: off)")
+    s.add_argument("--grace-s", type=float, default=5.0, help="shutdown grace, seconds")
+    s.add_argument("--torch-threads", type=int, default=0,
+                   help="torch intra-op threads for scoring (0: torch default)")
+    s.set_defaults(func=_cmd_serve)
+
+    c = sub.add_parser("check", help="validate a policy against a bundle (exit 0/1)")
+    c.add_argument("--bundle", required=True)
+    c.add_argument("--policy", required=True)
+    c.set_defaults(func=_cmd_check)
+
+    pl = sub.add_parser("plan", help="print the capture plan JSON")
+    pl.add_argument("--bundle", required=True)
+    pl.add_argument("--policy")
+    pl.add_argument("--max-frame-bytes", type=_size, default=64 << 20)
+    pl.set_defaults(func=_cmd_plan)
+
+    b = sub.add_parser("placeholder-bundle", help="write a random PLACEHOLDER bundle")
+    b.add_argument("out_dir")
+    b.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    b.add_argument("--d-model", type=int, default=576)
+    b.add_argument("--n-layers", type=int, default=30)
+    b.add_argument("--layers", help="comma-separated layers (default n_layers//3, //2)")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=_cmd_placeholder)
+
+    r = sub.add_parser("replay", help="stream synthetic requests to a running server")
+    r.add_argument("--target", default="127.0.0.1:50051")
+    r.add_argument("--requests", type=int, default=8)
+    r.add_argument("--concurrency", type=int, default=4, help="requests per engine step")
+    r.add_argument("--prompt-len", type=int, default=24)
+    r.add_argument("--gen-len", type=int, default=16)
+    r.add_argument("--push-fraction", type=float, default=0.5,
+                   help="fraction of requests pushed along a detector direction")
+    r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="bf16")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=_cmd_replay)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `safety-monitor` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

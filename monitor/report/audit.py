@@ -1,0 +1,140 @@
+"""JSONL audit log of alert events (and optionally final verdicts).
+
+One JSON object per line, UTC ISO-8601 timestamps, never raw activations. Lines are
+written line-buffered (flushed per line) and the file is fsynced on close. A write
+never raises into the scoring loop: failures are logged (rate-limited) and counted.
+
+Alert line fields: ts, event ("alert" | "would_alert" | "final"), request_id, detector,
+severity, score, peak_score, threshold, position, mode, policy_version, bundle_name,
+bundle_sha256, model_name, n_tokens_scored, n_tokens_unscored.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+__all__ = ["AuditLog", "audit_record"]
+
+log = logging.getLogger(__name__)
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def audit_record(
+    update: Any, *, event: str, bundle_name: str, bundle_sha256: str, model_name: str,
+) -> dict[str, Any]:
+    """Build one audit record from a `VerdictUpdate`-like object (no activations)."""
+    return {
+        "ts": _utc_now(),
+        "event": event,
+        "request_id": update.request_id,
+        "detector": update.detector,
+        "severity": update.severity,
+        "score": float(update.score),
+        "peak_score": float(getattr(update, "peak_score", update.score)),
+        "threshold": (None if update.threshold is None else float(update.threshold)),
+        "position": int(update.crossed_at_position)
+        if update.crossed_at_position is not None else -1,
+        "mode": update.mode,
+        "policy_version": update.policy_version,
+        "bundle_name": bundle_name,
+        "bundle_sha256": bundle_sha256,
+        "model_name": model_name,
+        "n_tokens_scored": int(getattr(update, "n_tokens_scored", 0)),
+        "n_tokens_unscored": int(getattr(update, "n_tokens_unscored", 0)),
+    }
+
+
+class AuditLog:
+    """Append-only JSONL audit log.
+
+    Args:
+        path: file to append to (parent directories are created); None disables logging.
+        on_failure: called once per failed write (e.g. a metrics counter's `inc`).
+        include_finals: also write one "final" line per detector when a request finishes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        *,
+        on_failure: Callable[[], None] | None = None,
+        include_finals: bool = False,
+    ) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.include_finals = include_finals
+        self._on_failure = on_failure
+        self._lock = threading.Lock()
+        self._fh: TextIO | None = None
+        self._last_error_log = 0.0
+        self.lines_written = 0
+        self.failures = 0
+        if self.path is not None:
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+            # line-buffered text file in append mode; raises at startup if unwritable
+            self._fh = open(self.path, "a", buffering=1, encoding="utf-8")
+
+    @property
+    def enabled(self) -> bool:
+        """True when lines go to a file."""
+        return self._fh is not None
+
+    def write(self, record: dict[str, Any]) -> bool:
+        """Append one record as a JSON line; never raises. Returns True on success."""
+        if self._fh is None:
+            return False
+        try:
+            line = json.dumps(record, separators=(",", ":"), ensure_ascii=False,
+                              allow_nan=False)
+            with self._lock:
+                if self._fh is None:
+                    return False
+                self._fh.write(line + "\n")
+            self.lines_written += 1
+            return True
+        except Exception as exc:  # disk full, closed file, bad value: count, never raise
+            self.failures += 1
+            if self._on_failure is not None:
+                try:
+                    self._on_failure()
+                except Exception:  # pragma: no cover
+                    pass
+            now = time.monotonic()
+            if now - self._last_error_log > 10.0:
+                self._last_error_log = now
+                log.error("audit log %s: write failed (%d failures so far): %s",
+                          self.path, self.failures, exc)
+            return False
+
+    def flush(self) -> None:
+        """Flush and fsync; never raises."""
+        with self._lock:
+            if self._fh is None:
+                return
+            try:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            except OSError as exc:
+                log.error("audit log %s: flush failed: %s", self.path, exc)
+
+    def close(self) -> None:
+        """Flush, fsync and close; idempotent, never raises."""
+        self.flush()
+        with self._lock:
+            fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError as exc:  # pragma: no cover
+                log.error("audit log %s: close failed: %s", self.path, exc)

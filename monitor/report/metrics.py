@@ -1,0 +1,195 @@
+"""Prometheus metrics of the monitor sidecar.
+
+All metrics live in the `Metrics` object's own `CollectorRegistry` (never the global
+default one), share the prefix `safety_monitor_`, use base units (`_seconds`, `_bytes`)
+and end counters in `_total`. Labels are bounded: `model_name`, `layer`, `detector`,
+`severity`, `mode`, `reason`, `result` — never request ids or other unbounded values.
+
+The per-detector request-score histogram has bucket edges at the policy thresholds plus
+a coarse grid; it is recreated when a policy reload changes the thresholds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+    start_http_server,
+)
+
+__all__ = ["PREFIX", "SCORE_GRID", "Metrics", "score_buckets"]
+
+log = logging.getLogger(__name__)
+
+PREFIX = "safety_monitor_"
+
+#: Coarse grid of the request-score histogram (scores are probabilities in [0, 1]).
+SCORE_GRID: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)
+
+#: Bounded set of RequestFinished reasons used as a label (anything else is "other").
+FINISH_REASONS = frozenset({"stop", "length", "abort", "error", "stream_closed", "evicted"})
+
+
+def score_buckets(thresholds: Iterable[float]) -> tuple[float, ...]:
+    """Bucket upper bounds: the coarse grid plus every threshold in (0, 1], sorted, unique."""
+    edges = {round(float(v), 6) for v in SCORE_GRID}
+    edges.update(round(float(t), 6) for t in thresholds if 0.0 < float(t) <= 1.0)
+    edges.add(1.0)
+    return tuple(sorted(edges))
+
+
+class Metrics:
+    """All monitor metrics on one private registry.
+
+    Args:
+        model_name: the served model (the `model_name` label, joins with vLLM metrics).
+        thresholds: policy threshold values (bucket edges of `request_score`).
+    """
+
+    def __init__(self, model_name: str = "", thresholds: Iterable[float] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        r = self.registry
+        p = PREFIX
+        self.frames_received = Counter(p + "frames_received", "Activation frames received "
+                                       "(before validation).", ["model_name"], registry=r)
+        self.bytes_received = Counter(p + "received_bytes", "Activation payload bytes "
+                                      "received.", ["model_name"], registry=r)
+        self.rows_scored = Counter(p + "rows_scored", "Rows (tokens) scored.",
+                                   ["model_name", "layer"], registry=r)
+        self.requests_finished = Counter(p + "requests_finished", "Requests finished "
+                                         "(final verdicts emitted).", ["model_name", "reason"],
+                                         registry=r)
+        self.frames_rejected = Counter(p + "frames_rejected", "Client messages refused "
+                                       "with an in-stream error or RPC error.", ["reason"],
+                                       registry=r)
+        self.rows_unscored = Counter(p + "rows_unscored", "Rows that arrived but could "
+                                     "not be scored.", ["reason"], registry=r)
+        self.frames_missing = Counter(p + "frames_missing", "Frames missing according to "
+                                      "gaps in stream sequence numbers.", registry=r)
+        self.client_dropped_frames = Counter(p + "client_dropped_frames", "Frames the "
+                                             "client reports it dropped.", registry=r)
+        self.client_dropped_rows = Counter(p + "client_dropped_rows", "Rows the client "
+                                           "reports it dropped.", registry=r)
+        self.client_dropped_bytes = Counter(p + "client_dropped_bytes", "Bytes the client "
+                                            "reports it dropped.", registry=r)
+        self.client_reconnects = Counter(p + "client_reconnects", "Reconnects the client "
+                                         "reports.", registry=r)
+        self.duplicate_rows = Counter(p + "duplicate_rows", "Rows skipped because their "
+                                      "(request, layer, position) was already scored.",
+                                      registry=r)
+        self.alerts = Counter(p + "alerts", "Severity escalations (mode=observe: would-alert).",
+                              ["detector", "severity", "mode"], registry=r)
+        self.scoring_latency = Histogram(p + "scoring_latency_seconds", "Time of one scorer "
+                                         "call (one batch of one layer).", ["layer"],
+                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.frame_latency = Histogram(p + "frame_latency_seconds", "Frame receive to scored.",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram(p + "batch_rows", "Rows per scorer call.",
+                                    buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384, 65536),
+                                    registry=r)
+        self.queue_depth = Gauge(p + "queue_depth_rows", "Rows waiting in the scoring queue.",
+                                 registry=r)
+        self.queue_capacity = Gauge(p + "queue_capacity_rows", "Capacity of the scoring "
+                                    "queue in rows.", registry=r)
+        self.active_requests = Gauge(p + "active_requests", "Requests with live state.",
+                                     registry=r)
+        self.active_streams = Gauge(p + "active_streams", "Open Stream RPCs.", registry=r)
+        self.bundle_info = Gauge(p + "bundle_info", "Loaded detector bundle (value 1).",
+                                 ["bundle", "sha256", "model_name"], registry=r)
+        self.policy_info = Gauge(p + "policy_info", "Active policy (value 1).",
+                                 ["version", "sha256"], registry=r)
+        self.policy_reloads = Counter(p + "policy_reloads", "Policy reload attempts.",
+                                      ["result"], registry=r)
+        self.audit_write_failures = Counter(p + "audit_write_failures", "Audit log lines "
+                                            "that could not be written.", registry=r)
+        self.verdicts_dropped = Counter(p + "verdicts_dropped", "Server messages dropped "
+                                        "because a stream's outbound queue was full.",
+                                        registry=r)
+        self.build_info = Info(p + "build", "Monitor build.", registry=r)
+        for reason in ("ok", "refused"):
+            self.policy_reloads.labels(result=reason)
+        self._lock = threading.Lock()
+        self._score_buckets: tuple[float, ...] = ()
+        self.request_score: Histogram | None = None
+        self.set_score_thresholds(thresholds)
+
+    # -- request score histogram -------------------------------------------------------
+
+    def set_score_thresholds(self, thresholds: Iterable[float]) -> bool:
+        """(Re)create `request_score` when the bucket edges change; True if recreated."""
+        buckets = score_buckets(thresholds)
+        with self._lock:
+            if buckets == self._score_buckets and self.request_score is not None:
+                return False
+            if self.request_score is not None:
+                self.registry.unregister(self.request_score)
+            self.request_score = Histogram(
+                PREFIX + "request_score", "Final aggregated score per request and detector "
+                "(bucket edges at the policy thresholds).", ["detector"], buckets=buckets,
+                registry=self.registry,
+            )
+            self._score_buckets = buckets
+        log.info("request_score buckets: %s", ", ".join(f"{b:g}" for b in buckets))
+        return True
+
+    def observe_request_score(self, detector: str, score: float) -> None:
+        """Record a final aggregated request score in [0, 1]."""
+        with self._lock:
+            hist = self.request_score
+        if hist is not None:
+            hist.labels(detector=detector).observe(float(score))
+
+    # -- info gauges -------------------------------------------------------------------
+
+    def set_bundle(self, name: str, sha256: str, model_name: str) -> None:
+        """Publish the loaded bundle as `bundle_info` (one series, value 1)."""
+        self.bundle_info.clear()
+        self.bundle_info.labels(bundle=name, sha256=sha256, model_name=model_name).set(1)
+
+    def set_policy(self, version: str, sha256: str, thresholds: Iterable[float]) -> None:
+        """Publish the active policy and update the score-histogram bucket edges."""
+        self.policy_info.clear()
+        self.policy_info.labels(version=version, sha256=sha256).set(1)
+        self.set_score_thresholds(thresholds)
+
+    def finish_reason(self, reason: str) -> str:
+        """Map a free-text RequestFinished reason onto the bounded label set."""
+        return reason if reason in FINISH_REASONS else "other"
+
+    def exposition(self) -> bytes:
+        """Text exposition of the registry (what /metrics serves)."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> tuple[object, object] | None:
+        """Start the /metrics HTTP server on host:port (a negative port disables it).
+
+        Returns (server, thread) from `prometheus_client.start_http_server`.
+        """
+        if port < 0:
+            return None
+        return start_http_server(port, addr=host, registry=self.registry)
+
+
+def parse_exposition(text: str) -> Mapping[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Parse Prometheus text exposition into {(name, sorted labels): value} (tests, tools)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return out

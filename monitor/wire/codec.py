@@ -1,0 +1,366 @@
+"""Decode, validate and encode `monitor.v1.ActivationFrame` messages.
+
+Tensors travel as raw little-endian bytes plus dtype and shape (KServe OIP style).
+`decode_frame` views the bytes with `torch.frombuffer` (no copy of the payload) and
+validates every field; a bad frame raises `FrameError` with a stable `reason` label
+(see `REASONS`), the gRPC status code to report and a message that names the field,
+what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import torch
+
+from monitor.v1 import monitor_pb2
+
+__all__ = [
+    "DTYPE_ITEMSIZE",
+    "REASONS",
+    "DecodedFrame",
+    "FrameError",
+    "RowMeta",
+    "Span",
+    "decode_frame",
+    "encode_frame",
+    "non_finite_rows",
+    "parse_spans",
+]
+
+#: Stable frame / stream error reasons (the metric label `reason`).
+REASONS: tuple[str, ...] = (
+    "model_mismatch",
+    "unknown_layer",
+    "dtype_unspecified",
+    "bad_shape",
+    "d_model_mismatch",
+    "byte_length_mismatch",
+    "bad_spans",
+    "non_finite",
+    "oversized",
+    "out_of_order",
+    "unknown_request",
+    "queue_full",
+)
+
+_TORCH_DTYPE: dict[int, torch.dtype] = {
+    monitor_pb2.DTYPE_FLOAT32: torch.float32,
+    monitor_pb2.DTYPE_FLOAT16: torch.float16,
+    monitor_pb2.DTYPE_BFLOAT16: torch.bfloat16,
+}
+_WIRE_DTYPE: dict[torch.dtype, int] = {v: k for k, v in _TORCH_DTYPE.items()}
+
+#: Bytes per element for each wire dtype.
+DTYPE_ITEMSIZE: dict[int, int] = {
+    monitor_pb2.DTYPE_FLOAT32: 4,
+    monitor_pb2.DTYPE_FLOAT16: 2,
+    monitor_pb2.DTYPE_BFLOAT16: 2,
+}
+
+_LITTLE = sys.byteorder == "little"
+
+#: Per wire dtype: (little-endian unsigned int dtype of one element, exponent bit mask).
+#: An IEEE value is NaN or +-Inf exactly when all its exponent bits are set.
+_EXPONENT_BITS: dict[int, tuple[str, int]] = {
+    monitor_pb2.DTYPE_FLOAT32: ("<u4", 0x7F800000),
+    monitor_pb2.DTYPE_FLOAT16: ("<u2", 0x7C00),
+    monitor_pb2.DTYPE_BFLOAT16: ("<u2", 0x7F80),
+}
+
+
+def non_finite_rows(data: bytes, wire_dtype: int, n_rows: int, d: int) -> np.ndarray:
+    """Bool [n_rows]: rows holding a NaN or Inf, from the raw little-endian bytes.
+
+    Works on the exponent bits with numpy (one pass, no float conversion, no torch
+    thread pool): about 10x faster than `torch.isfinite(x).all(dim=1)` on CPU.
+    """
+    udt, mask = _EXPONENT_BITS[wire_dtype]
+    bits = np.frombuffer(data, dtype=udt).reshape(n_rows, d)
+    m = np.array(mask, dtype=udt)
+    return np.bitwise_and(bits, m).max(axis=1) == m
+
+
+class FrameError(Exception):
+    """A frame (or stream message) that the server refuses.
+
+    Attributes:
+        code: `grpc.StatusCode.INVALID_ARGUMENT` for bad content, `RESOURCE_EXHAUSTED`
+            for size / overload.
+        reason: stable label from `REASONS`.
+        message: which field, what was expected, what was found.
+        rows: row metadata when the spans were valid (so the rows can be accounted as
+            unscored), else None.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        rows: RowMeta | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.rows = rows
+
+
+@dataclass(frozen=True)
+class Span:
+    """A contiguous run of rows of one request (client-side helper for `encode_frame`)."""
+
+    request_id: str
+    n_rows: int
+    start_position: int = 0
+    prompt_len: int = 0
+
+
+@dataclass(frozen=True)
+class RowMeta:
+    """Per-row request metadata of a frame, derived from its spans."""
+
+    request_ids: tuple[str, ...]  # one per span, in row order (may repeat)
+    row_request: np.ndarray  # int32 [n_rows], index into request_ids
+    positions: np.ndarray  # int64 [n_rows], token position of each row
+    generated: np.ndarray  # bool [n_rows], True for generated tokens
+    span_bounds: tuple[tuple[int, int], ...] = field(default=())  # [start, end) per span
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    """A validated frame. `x` is a zero-copy view over the frame bytes (read-only)."""
+
+    seq: int
+    model: str
+    layer: int
+    step: int
+    x: torch.Tensor  # [n_rows, d_model] float32 | float16 | bfloat16
+    request_ids: tuple[str, ...]
+    row_request: np.ndarray  # int32 [n_rows]
+    positions: np.ndarray  # int64 [n_rows]
+    generated: np.ndarray  # bool [n_rows]
+    span_bounds: tuple[tuple[int, int], ...] = ()  # [start, end) rows of each span
+    nbytes: int = 0  # payload bytes
+
+    @property
+    def n_rows(self) -> int:
+        """Number of rows (tokens) in the frame."""
+        return int(self.x.shape[0])
+
+
+def _bad(reason: str, message: str, rows: RowMeta | None = None) -> FrameError:
+    return FrameError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, rows)
+
+
+def parse_spans(
+    spans: Sequence[monitor_pb2.RowSpan], n_rows: int, *, require: bool = True
+) -> RowMeta:
+    """Expand `RowSpan`s into per-row arrays; raises `FrameError('bad_spans')`.
+
+    With `require=False` an empty span list means one anonymous request (id "") whose
+    rows are prompt tokens at positions 0..n_rows-1 (used by the unary Score RPC).
+    """
+    if len(spans) == 0:
+        if require:
+            raise _bad("bad_spans", f"spans: expected at least one span for {n_rows} rows, "
+                                    "found none")
+        return RowMeta(
+            request_ids=("",),
+            row_request=np.zeros(n_rows, dtype=np.int32),
+            positions=np.arange(n_rows, dtype=np.int64),
+            generated=np.zeros(n_rows, dtype=bool),
+            span_bounds=((0, n_rows),),
+        )
+    counts = np.fromiter((s.n_rows for s in spans), dtype=np.int64, count=len(spans))
+    total = int(counts.sum())
+    if total != n_rows:
+        raise _bad("bad_spans", f"spans: expected n_rows to sum to shape[0]={n_rows}, "
+                                f"found {total}")
+    ids: list[str] = []
+    bounds: list[tuple[int, int]] = []
+    starts = np.empty(len(spans), dtype=np.int64)
+    plens = np.empty(len(spans), dtype=np.int64)
+    row = 0
+    for i, s in enumerate(spans):
+        if not s.request_id:
+            raise _bad("bad_spans", f"spans[{i}].request_id: expected a non-empty id, found ''")
+        if s.n_rows == 0:
+            raise _bad("bad_spans", f"spans[{i}].n_rows: expected > 0, found 0 "
+                                    f"(request {s.request_id!r})")
+        ids.append(s.request_id)
+        bounds.append((row, row + s.n_rows))
+        row += s.n_rows
+        starts[i] = s.start_position
+        plens[i] = s.prompt_len
+    row_request = np.repeat(np.arange(len(spans), dtype=np.int32), counts)
+    # position of row r in span i = start_i + (r - first_row_i)
+    first_rows = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    offsets = np.arange(n_rows, dtype=np.int64) - np.repeat(first_rows, counts)
+    positions = np.repeat(starts, counts) + offsets
+    generated = positions >= np.repeat(plens, counts)
+    return RowMeta(tuple(ids), row_request, positions, generated, tuple(bounds))
+
+
+def decode_frame(
+    frame: monitor_pb2.ActivationFrame,
+    *,
+    model: str,
+    d_model: int,
+    layers: frozenset[int] | Iterable[int],
+    max_frame_bytes: int,
+    require_spans: bool = True,
+    check_finite: bool = True,
+) -> DecodedFrame:
+    """Validate `frame` and view its payload as a `[n_rows, d_model]` tensor.
+
+    Args:
+        frame: the wire message.
+        model: expected model identity (exact string match).
+        d_model: expected hidden size (elements per row).
+        layers: decoder layers the server scores.
+        max_frame_bytes: largest accepted payload (`data`), in bytes.
+        require_spans: False lets a frame without spans be one anonymous request.
+        check_finite: reject frames with NaN/Inf rows (`non_finite`).
+
+    Raises:
+        FrameError: with `reason` one of `REASONS`.
+    """
+    nbytes = len(frame.data)
+    if nbytes > max_frame_bytes:
+        raise FrameError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized",
+            f"data: expected at most max_frame_bytes={max_frame_bytes} bytes, found {nbytes}",
+        )
+    if frame.model != model:
+        raise _bad("model_mismatch", f"model: expected {model!r}, found {frame.model!r}")
+    layer_set = layers if isinstance(layers, frozenset) else frozenset(layers)
+    if frame.layer not in layer_set:
+        raise _bad("unknown_layer", f"layer: expected one of {sorted(layer_set)}, "
+                                    f"found {frame.layer}")
+    tdtype = _TORCH_DTYPE.get(frame.dtype)
+    if tdtype is None:
+        try:
+            name = monitor_pb2.DType.Name(frame.dtype)
+        except ValueError:
+            name = str(frame.dtype)
+        raise _bad("dtype_unspecified", "dtype: expected DTYPE_FLOAT32, DTYPE_FLOAT16 or "
+                                        f"DTYPE_BFLOAT16, found {name}")
+    shape = list(frame.shape)
+    if len(shape) != 2:
+        raise _bad("bad_shape", f"shape: expected rank 2 [n_rows, d_model], found {shape}")
+    n_rows, d = shape
+    if n_rows <= 0:
+        raise _bad("bad_shape", f"shape[0]: expected n_rows > 0, found {n_rows}")
+    rows = parse_spans(frame.spans, n_rows, require=require_spans)
+    if d != d_model:
+        raise _bad("d_model_mismatch", f"shape[1]: expected d_model={d_model}, found {d}", rows)
+    itemsize = DTYPE_ITEMSIZE[frame.dtype]
+    expected = n_rows * d * itemsize
+    if nbytes != expected:
+        raise _bad(
+            "byte_length_mismatch",
+            f"data: expected {expected} bytes ({n_rows}x{d}x{itemsize}), found {nbytes}",
+            rows,
+        )
+    data = frame.data  # one bytes object; the tensor keeps a reference to it
+    with warnings.catch_warnings():
+        # bytes are read-only; the tensor is never written (scorer only reads it)
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.frombuffer(data, dtype=tdtype).view(n_rows, d)
+    if not _LITTLE:  # pragma: no cover - big-endian hosts only
+        x = x.view(torch.uint8).view(n_rows, d, itemsize).flip(-1).contiguous().view(tdtype)
+        x = x.view(n_rows, d)
+    if check_finite:
+        bad = non_finite_rows(data, frame.dtype, n_rows, d)
+        if bad.any():
+            bad_rows = np.flatnonzero(bad)
+            first = int(bad_rows[0])
+            raise _bad(
+                "non_finite",
+                f"data: expected finite values, found NaN/Inf in {bad_rows.size} of "
+                f"{n_rows} rows (first row {first}, request "
+                f"{rows.request_ids[int(rows.row_request[first])]!r}, "
+                f"position {int(rows.positions[first])})",
+                rows,
+            )
+    return DecodedFrame(
+        seq=int(frame.seq), model=frame.model, layer=int(frame.layer), step=int(frame.step),
+        x=x, request_ids=rows.request_ids, row_request=rows.row_request,
+        positions=rows.positions, generated=rows.generated, span_bounds=rows.span_bounds,
+        nbytes=nbytes,
+    )
+
+
+def _to_wire_bytes(x: torch.Tensor | np.ndarray) -> tuple[bytes, int, tuple[int, int]]:
+    """Return (little-endian bytes, wire dtype, shape) for a 2-D tensor or array."""
+    if isinstance(x, np.ndarray):
+        if x.ndim != 2:
+            raise ValueError(f"x: expected a 2-D array, found shape {x.shape}")
+        if x.dtype.kind == "f" and x.dtype.itemsize == 4:
+            wire = monitor_pb2.DTYPE_FLOAT32
+        elif x.dtype.kind == "f" and x.dtype.itemsize == 2:
+            wire = monitor_pb2.DTYPE_FLOAT16
+        elif x.dtype.name == "bfloat16":  # ml_dtypes
+            return _to_wire_bytes(torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16))
+        else:
+            raise ValueError(f"x: expected float32/float16/bfloat16, found {x.dtype}")
+        arr = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<"))
+        return arr.tobytes(), wire, (int(x.shape[0]), int(x.shape[1]))
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected torch.Tensor or numpy.ndarray, found {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor, found shape {tuple(x.shape)}")
+    wire = _WIRE_DTYPE.get(x.dtype)
+    if wire is None:
+        raise ValueError(f"x: expected float32/float16/bfloat16, found {x.dtype}")
+    t = x.detach().to("cpu").contiguous()
+    raw = t.view(torch.uint8) if t.numel() else t.reshape(-1).view(torch.uint8)
+    buf = raw.numpy()
+    if not _LITTLE:  # pragma: no cover
+        buf = buf.reshape(-1, t.element_size())[:, ::-1]
+    return buf.tobytes(), wire, (int(x.shape[0]), int(x.shape[1]))
+
+
+def encode_frame(
+    x: torch.Tensor | np.ndarray,
+    *,
+    seq: int,
+    model: str,
+    layer: int,
+    spans: Sequence[Span | monitor_pb2.RowSpan | tuple],
+    step: int = 0,
+) -> monitor_pb2.ActivationFrame:
+    """Build an `ActivationFrame` from a `[n_rows, d_model]` tensor or array.
+
+    Args:
+        x: float32 / float16 / bfloat16 torch tensor (any device) or numpy array.
+        seq: per-stream sequence number (strictly increasing, from 1).
+        model: model identity string.
+        layer: decoder layer index.
+        spans: `Span`, `RowSpan` or tuples `(request_id, n_rows, start_position, prompt_len)`
+            in row order.
+        step: engine step (informational).
+    """
+    data, wire, shape = _to_wire_bytes(x)
+    pb_spans = []
+    for s in spans:
+        if isinstance(s, monitor_pb2.RowSpan):
+            pb_spans.append(s)
+            continue
+        if isinstance(s, tuple):
+            s = Span(*s)
+        pb_spans.append(monitor_pb2.RowSpan(
+            request_id=s.request_id, n_rows=s.n_rows,
+            start_position=s.start_position, prompt_len=s.prompt_len,
+        ))
+    return monitor_pb2.ActivationFrame(
+        seq=seq, model=model, layer=layer, dtype=wire, shape=list(shape), data=data,
+        spans=pb_spans, step=step,
+    )

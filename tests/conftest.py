@@ -1,0 +1,180 @@
+"""Shared fixtures: free ports, a placeholder bundle, and the real server as a subprocess.
+
+`MonitorServer` runs `python -m monitor.cli serve ...` on free loopback ports and waits
+until gRPC health reports SERVING; tests talk to it over real sockets and scrape its
+/metrics over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "test/placeholder-model"
+D_MODEL = 64
+N_LAYERS = 6
+LAYERS = (2, 3)  # harmful_intent + sae_demo on 2, deception on 3
+
+POLICY_V1 = """\
+version: "test-v1"
+defaults:
+  aggregation: {kind: max}
+  min_tokens: 1
+detectors:
+  harmful_intent:
+    mode: alert
+    scope: prompt
+    thresholds: {warn: 0.5, critical: 0.9}
+  deception:
+    mode: observe
+    scope: generated
+    thresholds: {warn: 0.6, critical: 0.85}
+"""
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A placeholder bundle (d_model 64, layers 2 and 3) in a session tmp dir."""
+    from monitor.score import build_placeholder_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "placeholder"
+    build_placeholder_bundle(out, model_name=MODEL, d_model=D_MODEL, n_layers=N_LAYERS,
+                             layers=LAYERS, seed=0)
+    return out
+
+
+class MonitorServer:
+    """A `safety-monitor serve` subprocess on free ports."""
+
+    def __init__(self, workdir: Path, bundle: Path, policy_text: str | None = POLICY_V1,
+                 extra: list[str] | None = None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.audit_path = workdir / "audit.jsonl"
+        self.log_path = workdir / "server.log"
+        self.policy_path: Path | None = None
+        args = [sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(bundle),
+                "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+                "--audit-log", str(self.audit_path)]
+        if policy_text is not None:
+            self.policy_path = workdir / "policy.yaml"
+            self.policy_path.write_text(policy_text)
+            args += ["--policy", str(self.policy_path)]
+        args += extra or []
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        self.channel = grpc.insecure_channel(self.target)
+        self._wait_serving()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _wait_serving(self, timeout: float = 90.0) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not SERVING after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def metrics_text(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Scraped samples: {(name, sorted label items): value}."""
+        from monitor.report.metrics import parse_exposition
+
+        return dict(parse_exposition(self.metrics_text()))
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels` (0 if none)."""
+        total = 0.0
+        for (n, lab), v in self.metrics().items():
+            d = dict(lab)
+            if n == name and all(d.get(k) == val for k, val in labels.items()):
+                total += v
+        return total
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        import json
+
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line]
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path
+                 ) -> Iterator[Callable[..., MonitorServer]]:
+    """Factory: `start_server(policy_text=..., extra=[...])` -> a running MonitorServer.
+
+    Every server started is stopped (SIGTERM) at the end of the session.
+    """
+    started: list[MonitorServer] = []
+
+    def start(policy_text: str | None = POLICY_V1, extra: list[str] | None = None,
+              name: str = "server") -> MonitorServer:
+        srv = MonitorServer(tmp_path_factory.mktemp(name), bundle_dir, policy_text, extra)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()

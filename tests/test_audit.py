@@ -1,0 +1,77 @@
+"""Unit tests of monitor/report/audit.py: line format, never raising, fsync on close."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from monitor.judge import VerdictUpdate
+from monitor.report.audit import AuditLog, audit_record
+
+
+def _update(**kw) -> VerdictUpdate:
+    base = dict(request_id="r1", detector="harmful_intent", score=0.93, peak_score=0.95,
+                severity="critical", threshold=0.9, crossed_at_position=12, final=False,
+                mode="alert", policy_version="v1", n_tokens_scored=13, n_tokens_unscored=0,
+                escalated=True)
+    base.update(kw)
+    return VerdictUpdate(**base)
+
+
+FIELDS = {"ts", "event", "request_id", "detector", "severity", "score", "threshold",
+          "position", "mode", "policy_version", "bundle_name", "bundle_sha256", "model_name"}
+
+
+def test_alert_line(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "audit.jsonl"
+    log = AuditLog(path)
+    rec = audit_record(_update(), event="alert", bundle_name="b", bundle_sha256="s" * 64,
+                       model_name="org/m")
+    assert log.write(rec)
+    assert log.write(audit_record(_update(mode="observe"), event="would_alert",
+                                  bundle_name="b", bundle_sha256="s" * 64, model_name="org/m"))
+    # line-buffered: visible before close
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    log.close()
+    a = json.loads(lines[0])
+    assert FIELDS <= set(a)
+    assert a["event"] == "alert" and a["position"] == 12 and a["threshold"] == 0.9
+    ts = dt.datetime.fromisoformat(a["ts"].replace("Z", "+00:00"))
+    assert ts.utcoffset() == dt.timedelta(0)
+    assert json.loads(lines[1])["event"] == "would_alert"
+
+
+def test_write_never_raises(tmp_path: Path) -> None:
+    failures = []
+    log = AuditLog(tmp_path / "a.jsonl", on_failure=lambda: failures.append(1))
+    bad = audit_record(_update(score=float("nan")), event="alert", bundle_name="b",
+                       bundle_sha256="s", model_name="m")
+    assert log.write(bad) is False  # NaN is not valid JSON: refused, counted
+    assert log.write({"x": object()}) is False
+    assert failures == [1, 1] and log.failures == 2
+    log.close()
+    log.close()  # idempotent
+    assert log.write({"ok": 1}) is False  # after close: no raise
+
+
+def test_disabled_and_fsync_on_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert AuditLog(None).write({"a": 1}) is False
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    log = AuditLog(tmp_path / "a.jsonl", include_finals=True)
+    log.write({"a": 1})
+    log.close()
+    assert synced and log.include_finals
+
+
+def test_unwritable_path_fails_at_open(tmp_path: Path) -> None:
+    d = tmp_path / "dir"
+    d.mkdir()
+    with pytest.raises(OSError):
+        AuditLog(d)  # a directory

@@ -1,0 +1,156 @@
+"""Unit tests of monitor/wire/codec.py: round trips, zero copy, every refusal reason."""
+
+from __future__ import annotations
+
+import ctypes
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from monitor.wire import REASONS, FrameError, Span, decode_frame, encode_frame
+
+D = 16
+KW = dict(model="m", d_model=D, layers=frozenset({1, 4}), max_frame_bytes=1 << 20)
+
+
+def _frame(x, spans=None, **kw):
+    spans = spans if spans is not None else [Span("a", x.shape[0], 0, x.shape[0])]
+    return encode_frame(x, seq=kw.pop("seq", 1), model=kw.pop("model", "m"),
+                        layer=kw.pop("layer", 1), spans=spans, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_round_trip(dtype: torch.dtype) -> None:
+    x = torch.randn(5, D).to(dtype)
+    f = _frame(x, spans=[Span("a", 2, 7, 8), Span("b", 3, 0, 1)], step=42)
+    assert f.dtype == {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}[dtype]
+    assert len(f.data) == 5 * D * x.element_size()
+    d = decode_frame(f, **KW)
+    assert d.x.dtype == dtype and d.x.shape == (5, D)
+    assert torch.equal(d.x, x)
+    assert d.request_ids == ("a", "b") and d.step == 42 and d.seq == 1
+    np.testing.assert_array_equal(d.row_request, [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(d.positions, [7, 8, 0, 1, 2])
+    np.testing.assert_array_equal(d.generated, [False, True, False, True, True])
+    assert d.span_bounds == ((0, 2), (2, 5))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_numpy_round_trip_little_endian(dtype: type) -> None:
+    x = np.random.default_rng(0).standard_normal((3, D)).astype(dtype)
+    f = _frame(x)
+    assert f.data == x.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
+    big = x.astype(np.dtype(dtype).newbyteorder(">"))  # non-native input is normalised
+    assert _frame(big).data == f.data
+    d = decode_frame(f, **KW)
+    np.testing.assert_array_equal(d.x.numpy(), x)
+
+
+def test_bf16_wire_bytes_are_the_upper_half_of_fp32() -> None:
+    x = torch.tensor([[1.0, -2.5] + [0.0] * (D - 2)])
+    f = _frame(x.bfloat16())
+    hi = (np.frombuffer(_frame(x).data, dtype="<u4") >> 16).astype("<u2")
+    assert f.data == hi.tobytes()
+
+
+def test_decode_is_zero_copy() -> None:
+    from types import SimpleNamespace
+
+    f = _frame(torch.randn(4, D))
+    data = bytes(f.data)
+    view = SimpleNamespace(data=data, model=f.model, layer=f.layer, dtype=f.dtype,
+                           shape=list(f.shape), spans=list(f.spans), seq=f.seq, step=f.step)
+    d = decode_frame(view, **KW)  # duck-typed frame: we know the exact bytes object
+    addr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    assert d.x.data_ptr() == addr  # the tensor views the payload bytes, no copy
+
+
+def _err(frame, **kw) -> FrameError:
+    with pytest.raises(FrameError) as e:
+        decode_frame(frame, **{**KW, **kw})
+    assert e.value.reason in REASONS
+    return e.value
+
+
+def test_refusals_name_field_expected_found() -> None:
+    x = torch.randn(4, D)
+    f = _frame(x, model="other")
+    e = _err(f)
+    assert (e.code, e.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "model_mismatch")
+    assert "'m'" in e.message and "'other'" in e.message
+
+    e = _err(_frame(x, layer=2))
+    assert e.reason == "unknown_layer" and "[1, 4]" in e.message and "2" in e.message
+
+    f = _frame(x)
+    f.dtype = 0
+    assert _err(f).reason == "dtype_unspecified"
+    f.dtype = 12
+    assert _err(f).reason == "dtype_unspecified"
+
+    f = _frame(x)
+    f.shape[:] = [4, D, 1]
+    assert _err(f).reason == "bad_shape"
+    f.shape[:] = [0, D]
+    assert _err(f).reason == "bad_shape"
+
+    f = _frame(x)
+    f.shape[:] = [4, D + 1]
+    e = _err(f)
+    assert e.reason == "d_model_mismatch" and f"d_model={D}" in e.message
+    assert e.rows is not None  # spans were fine: rows can be accounted as unscored
+
+    f = _frame(x)
+    f.data = f.data + b"\0\0"
+    e = _err(f)
+    assert e.reason == "byte_length_mismatch" and str(4 * D * 4) in e.message
+
+
+def test_span_refusals() -> None:
+    x = torch.randn(4, D)
+    assert _err(_frame(x, spans=[])).reason == "bad_spans"
+    assert _err(_frame(x, spans=[Span("a", 3)])).reason == "bad_spans"
+    assert _err(_frame(x, spans=[Span("", 4)])).reason == "bad_spans"
+    assert _err(_frame(x, spans=[Span("a", 4), Span("b", 0)])).reason == "bad_spans"
+    # spans optional for the unary Score RPC: one anonymous request
+    d = decode_frame(_frame(x, spans=[]), **KW, require_spans=False)
+    assert d.request_ids == ("",) and d.positions.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_non_finite_rows(dtype: torch.dtype) -> None:
+    x = torch.randn(6, D)
+    x[2, 3] = float("nan")
+    x[4, 0] = float("-inf")
+    f = _frame(x.to(dtype), spans=[Span("a", 2, 0, 9), Span("b", 4, 10, 12)])
+    e = _err(f)
+    assert e.reason == "non_finite"
+    assert "2 of 6 rows (first row 2, request 'b', position 10)" in e.message
+    assert e.rows is not None and e.rows.request_ids == ("a", "b")
+    decode_frame(f, **KW, check_finite=False)  # the check can be disabled
+
+
+def test_oversized_is_resource_exhausted() -> None:
+    f = _frame(torch.randn(8, D))
+    e = _err(f, max_frame_bytes=8 * D * 4 - 1)
+    assert (e.code, e.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized")
+    decode_frame(f, **{**KW, "max_frame_bytes": 8 * D * 4})  # the limit itself is fine
+
+
+def test_encode_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        encode_frame(torch.randn(D), seq=1, model="m", layer=1, spans=[])
+    with pytest.raises(ValueError):
+        encode_frame(torch.randn(2, D).double(), seq=1, model="m", layer=1, spans=[])
+    with pytest.raises(TypeError):
+        encode_frame([[1.0]], seq=1, model="m", layer=1, spans=[])  # type: ignore[arg-type]
+
+
+def test_encode_accepts_non_contiguous_and_tuples() -> None:
+    x = torch.randn(D, 3).t()  # [3, D], non-contiguous
+    f = encode_frame(x, seq=9, model="m", layer=4, spans=[("r", 3, 5, 6)])
+    d = decode_frame(f, **KW)
+    assert torch.equal(d.x, x) and d.positions.tolist() == [5, 6, 7]
+    assert d.generated.tolist() == [False, True, True]
