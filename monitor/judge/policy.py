@@ -579,12 +579,16 @@ def check_policy(policy: Policy, bundle: Any) -> list[str]:
     return problems
 
 
-def run_check(policy_path: str | Path, bundle_path: str | Path, out: TextIO = sys.stdout) -> int:
+def run_check(policy_path: str | Path, bundle_path: str | Path,
+              out: TextIO | None = None) -> int:
     """The offline ``check`` command: validate a policy file against a bundle directory.
 
-    Prints one line per problem; returns 0 when there is no error (warnings and notes
-    allowed), 1 on a policy error or an ``error:`` problem, 2 when the bundle won't load.
+    Prints one line per problem to `out` (default: the current ``sys.stdout``); returns 0
+    when there is no error (warnings and notes allowed), 1 on a policy error or an
+    ``error:`` problem, 2 when the bundle won't load.
     """
+    if out is None:
+        out = sys.stdout
     try:
         policy = load_policy(policy_path)
     except PolicyError as e:
