@@ -1,0 +1,207 @@
+"""``safety-probes`` / ``python -m probes``: the probe toolkit's command line.
+
+Commands::
+
+    build-default --out bundles/default      the default bundle, one reproducible command
+    collect  --data X.jsonl --layers 9,12 --scope prompt --out acts.npz
+    train    --acts acts.npz --layer 9 --method logreg --C 0.01 --out probe.npz
+    calibrate --probe probe.npz --acts benign.npz --scope prompt --aggregation max
+    inspect  --bundle bundles/default          print detectors, calibration, suggested policy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+def _layers(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _agg(args: argparse.Namespace) -> dict:
+    if args.aggregation == "ema":
+        return {"kind": "ema", "half_life_tokens": float(args.half_life)}
+    if args.aggregation == "window_max":
+        return {"kind": "window_max", "window_tokens": int(args.window)}
+    return {"kind": args.aggregation}
+
+
+def _model_path(arg: str | None) -> tuple[Path, str]:
+    from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
+
+    if arg:
+        return Path(arg), str(arg)
+    return prepare_default_model(), DEFAULT_MODEL_NAME
+
+
+def cmd_build_default(args: argparse.Namespace) -> int:
+    from probes.recipes import build_default
+
+    results = build_default(Path(args.out), model_path=args.model, cache_dir=args.cache,
+                            n_harmless_train=args.n_harmless_train,
+                            detectors=args.detectors.split(","), progress=not args.quiet)
+    from probes.calibrate import policy_snippet
+
+    print(policy_snippet({r.name: {"scope": r.scope, "aggregation": r.aggregation,
+                                   "min_tokens": r.min_tokens, "thresholds": r.thresholds}
+                          for r in results}))
+    for r in results:
+        print(f"{r.name}: layer {r.probe.layer} {r.probe.method}", json.dumps(
+            {k: {kk: vv for kk, vv in v.items() if kk in ("auroc", "tpr@fpr0.01", "fpr@warn")}
+             for k, v in r.metrics.items() if isinstance(v, dict)}, default=float))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from probes.collect import TokenSelection, make_collector
+    from probes.datasets import load_jsonl
+
+    path, name = _model_path(args.model)
+    collector = make_collector(args.backend, path, name)
+    examples = [ex for f in args.data for ex in load_jsonl(f)]
+    acts = collector.collect(examples, _layers(args.layers),
+                             TokenSelection(args.scope, args.exclude_tail),
+                             cache_dir=Path(args.cache) if args.cache else None,
+                             progress=not args.quiet)
+    np.savez(args.out, labels=acts.labels, example=acts.example, position=acts.position,
+             generated=acts.generated, segment=acts.segment, from_end=acts.from_end,
+             layers=np.array(acts.layers), **{f"l{k}": v for k, v in acts.x.items()})
+    print(f"{acts.n_rows} rows from {acts.n_examples} examples -> {args.out}")
+    return 0
+
+
+def _load_acts(path: str):
+    from probes.collect import Activations
+
+    z = np.load(path)
+    layers = tuple(int(x) for x in z["layers"])
+    return Activations(layers, {k: z[f"l{k}"] for k in layers}, z["example"], z["position"],
+                       z["generated"].astype(bool), z["segment"], z["from_end"], z["labels"],
+                       int(z["labels"].shape[0]))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from probes.train import fit_probe
+
+    acts = _load_acts(args.acts)
+    y = acts.labels[acts.example]
+    probe = fit_probe(args.method, acts.x[args.layer], y, args.layer, args.C)
+    np.savez(args.out, weight=probe.weight, bias=probe.bias, mean=probe.mean, std=probe.std,
+             layer=probe.layer, method=probe.method)
+    print(f"trained {args.method} on layer {args.layer} ({acts.n_rows} rows) -> {args.out}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from probes.calibrate import calibrate, policy_snippet
+    from probes.train import LinearProbe, aggregate_requests
+
+    z = np.load(args.probe)
+    probe = LinearProbe(int(z["layer"]), z["weight"], float(z["bias"]), z["mean"], z["std"],
+                        str(z["method"]))
+    acts = _load_acts(args.acts)
+    scope = {"prompt": ~acts.generated, "generated": acts.generated, "both": None}[args.scope]
+    agg = _agg(args)
+    s = aggregate_requests(probe.scores(acts.x[probe.layer]), acts.example, acts.n_examples,
+                           agg, args.min_tokens, scope)
+    cal = calibrate(s[acts.labels == 0], benign_set=args.acts)
+    print(json.dumps(cal, indent=2))
+    print(policy_snippet({args.name: {"scope": args.scope, "aggregation": agg,
+                                      "min_tokens": args.min_tokens,
+                                      "thresholds": {"warn": cal["fpr_0.01"],
+                                                     "critical": cal["fpr_0.001"]}}}))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from monitor.score.bundle import load_bundle
+
+    b = load_bundle(args.bundle)
+    for d in b.detectors:
+        print(f"{d.name}: layer {d.layer}, scope {d.token_scope}, thresholds "
+              f"{d.default_thresholds}")
+        print("  calibration:", json.dumps(d.calibration))
+    pol = Path(args.bundle) / "policy.suggested.yaml"
+    if pol.is_file():
+        print(pol.read_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safety-probes", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build-default", help="build the default bundle (collect, train, "
+                       "calibrate, evaluate, export, report)")
+    b.add_argument("--out", default="bundles/default")
+    b.add_argument("--model", default=None, help="HF folder (default: prepared SmolLM2)")
+    b.add_argument("--cache", default=None, help="activation cache (default: "
+                   "$SAFETY_MONITOR_CACHE/probes)")
+    b.add_argument("--n-harmless-train", type=int, default=800)
+    b.add_argument("--detectors", default="harmful_intent,deception")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(fn=cmd_build_default)
+
+    c = sub.add_parser("collect", help="collect activations for JSONL examples")
+    c.add_argument("--data", nargs="+", required=True, help="JSONL files (prompt|messages, "
+                   "label, [completion, category])")
+    c.add_argument("--layers", required=True, help="comma-separated, e.g. 9,12")
+    c.add_argument("--scope", default="prompt", choices=["prompt", "response", "all", "last"])
+    c.add_argument("--exclude-tail", type=int, default=0)
+    c.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    c.add_argument("--model", default=None)
+    c.add_argument("--cache", default=None)
+    c.add_argument("--out", required=True)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=cmd_collect)
+
+    t = sub.add_parser("train", help="train a per-token probe on collected activations "
+                       "(row label = example label)")
+    t.add_argument("--acts", required=True)
+    t.add_argument("--layer", type=int, required=True)
+    t.add_argument("--method", default="logreg", choices=["logreg", "diffmean"])
+    t.add_argument("--C", type=float, default=0.01)
+    t.add_argument("--out", required=True)
+    t.set_defaults(fn=cmd_train)
+
+    k = sub.add_parser("calibrate", help="thresholds at 1%%/0.1%% FPR on benign examples, "
+                       "printed with a policy snippet")
+    k.add_argument("--probe", required=True)
+    k.add_argument("--acts", required=True)
+    k.add_argument("--name", default="detector")
+    k.add_argument("--scope", default="prompt", choices=["prompt", "generated", "both"])
+    k.add_argument("--aggregation", default="max",
+                   choices=["max", "mean", "ema", "window_max"])
+    k.add_argument("--half-life", type=float, default=4.0)
+    k.add_argument("--window", type=int, default=16)
+    k.add_argument("--min-tokens", type=int, default=1)
+    k.set_defaults(fn=cmd_calibrate)
+
+    i = sub.add_parser("inspect", help="show a bundle's detectors and suggested policy")
+    i.add_argument("--bundle", default="bundles/default")
+    i.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``safety-probes``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Export trained detectors as a bundle the sidecar loads unchanged (docs/BUNDLE.md).
+
+Each detector is one ``linear_probe`` component (``weight [d]``, ``bias []``, ``mean``,
+``std``; float32) read out with weight 1 and bias 0, so the served per-token score is
+
+    s(x) = sigmoid(((x − mean) / std) · w + b)
+
+exactly as :meth:`probes.train.LinearProbe.scores` computes it. The manifest is written
+by ``monitor.score.bundle.write_bundle`` (sha256 of the weights file, validated by
+``load_bundle``). Next to it: ``policy.suggested.yaml`` (policies/ format) with the
+chosen scope, aggregation, ``min_tokens`` and calibrated thresholds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from probes.calibrate import policy_snippet
+from probes.train import LinearProbe, aggregation_name
+
+__all__ = ["component_name", "export_bundle", "probe_tensors"]
+
+SUGGESTED_POLICY = "policy.suggested.yaml"
+
+
+class _Result(Protocol):
+    name: str
+    description: str
+    probe: LinearProbe
+    scope: str
+    aggregation: dict[str, Any]
+    min_tokens: int
+    calibration: dict[str, Any]
+    metrics: dict[str, Any]
+    selection: list[dict[str, Any]]
+    datasets: list[str]
+    token_labels: str
+
+    @property
+    def thresholds(self) -> dict[str, float]: ...
+
+
+def component_name(detector: str, probe: LinearProbe) -> str:
+    """E.g. ``harmful_intent_logreg_l9``."""
+    return f"{detector}_{probe.method}_l{probe.layer}"
+
+
+def probe_tensors(cname: str, probe: LinearProbe) -> dict[str, Any]:
+    """Tensors of one ``linear_probe`` component, named ``<component>.<role>``."""
+    import torch
+
+    return {
+        f"{cname}.weight": torch.from_numpy(np.ascontiguousarray(probe.weight, np.float32)),
+        f"{cname}.bias": torch.tensor(float(probe.bias), dtype=torch.float32),
+        f"{cname}.mean": torch.from_numpy(np.ascontiguousarray(probe.mean, np.float32)),
+        f"{cname}.std": torch.from_numpy(np.ascontiguousarray(probe.std, np.float32)),
+    }
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy (NaN -> None, numpy scalars -> Python)."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _slim_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics for the manifest: headline numbers, no long lists."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out[k] = {kk: vv for kk, vv in v.items()
+                      if not isinstance(vv, list) and kk != "per_category"}
+        else:
+            out[k] = v
+    return out
+
+
+def export_bundle(out: Path, results: Sequence[_Result], *, model_name: str, d_model: int,
+                  n_layers: int, name: str, description: str = "",
+                  policy_mode: str = "observe") -> Any:
+    """Write ``manifest.json`` + ``weights.safetensors`` (via ``write_bundle``) and
+    ``policy.suggested.yaml``; return the loaded :class:`monitor.score.bundle.Bundle`."""
+    from monitor.score.bundle import write_bundle
+
+    components: list[dict[str, Any]] = []
+    detectors: list[dict[str, Any]] = []
+    tensors: dict[str, Any] = {}
+    policy: dict[str, dict[str, Any]] = {}
+    for r in results:
+        p = r.probe
+        cname = component_name(r.name, p)
+        tensors.update(probe_tensors(cname, p))
+        components.append({
+            "name": cname, "kind": "linear_probe", "layer": int(p.layer),
+            "hook_name": f"blocks.{p.layer}.hook_resid_post",
+            "tensors": {role: f"{cname}.{role}" for role in ("weight", "bias", "mean", "std")},
+        })
+        thr = r.thresholds
+        detectors.append({
+            "name": r.name,
+            "description": r.description,
+            "inputs": [{"component": cname, "weight": 1.0}],
+            "bias": 0.0,
+            "token_scope": r.scope,
+            "default_thresholds": {"warn": float(thr["warn"]), "critical": float(thr["critical"])},
+            "calibration": _clean(r.calibration),
+            "provenance": _clean({
+                "method": p.method, "C": p.C, "layer": int(p.layer),
+                "aggregation": r.aggregation, "min_tokens": r.min_tokens,
+                "token_labels": r.token_labels,
+                "datasets": r.datasets,
+                "metrics": _slim_metrics(r.metrics),
+                "selection": "layer, method, C and aggregation chosen on validation data "
+                             "(top candidates in REPORT.md); refit on train+val",
+                "request_statistic": "max over t >= min_tokens of the running aggregate "
+                                     "(monitor.judge.aggregate)",
+                "toolkit": "probes (safety-probes)",
+            }),
+        })
+        policy[r.name] = {"scope": r.scope, "aggregation": r.aggregation,
+                          "min_tokens": r.min_tokens, "thresholds": thr,
+                          "note": f"layer {p.layer} {p.method}, "
+                                  f"{aggregation_name(r.aggregation)}; warn = 1% FPR, "
+                                  "critical = 0.1% FPR on benign traffic"}
+    manifest = {
+        "name": name, "description": description,
+        "model": {"name": model_name, "d_model": int(d_model), "n_layers": int(n_layers)},
+        "components": components, "detectors": detectors,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = write_bundle(out, manifest, tensors)
+    (out / SUGGESTED_POLICY).write_text(
+        "# Suggested by probes from this bundle's calibration; review before mode: alert.\n"
+        + policy_snippet(policy, version=f"{name}-suggested", mode=policy_mode),
+        encoding="utf-8")
+    return bundle

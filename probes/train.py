@@ -1,0 +1,260 @@
+"""Linear probes on residual activations, and their request-level aggregate.
+
+A probe is served per token as a bundle ``linear_probe`` component::
+
+    z(x) = ((x − μ) / σ) · w + b,      s(x) = sigmoid(z(x)) ∈ [0, 1]
+
+Methods:
+
+- ``logreg``: standardise with the training rows' mean ``μ`` and std ``σ``, then
+  L2-regularised logistic regression (scikit-learn, lbfgs, balanced class weights):
+  ``min_w,b  ½‖w‖² + C Σ_i c_{y_i} log(1 + exp(−(2y_i − 1) z(x_i)))``.
+- ``diffmean``: the direction ``u = (m₁ − m₀) / ‖m₁ − m₀‖`` between class means of the
+  standardised rows, then a 1-D logistic fit of ``a·(x̃·u) + b`` sets scale and bias
+  (so the score is a calibrated probability); ``w = a·u``.
+
+Request level (what the monitor alerts on): the per-token scores ``s_1..s_T`` of the
+tokens in the detector's scope, in position order, are aggregated with the policy's
+aggregation (``max``, ``mean``, ``ema`` half-life ``h``, ``window_max`` N; the math is
+``monitor.judge.aggregate``'s, which is used when importable) into ``a_t``; a severity
+is reached when ``a_t ≥ threshold`` for some ``t ≥ min_tokens``. The request statistic
+is therefore
+
+    S = max_{t ≥ min_tokens} a_t          (0 when T < min_tokens)
+
+and every metric and threshold in this toolkit is computed on ``S``. Pooled probes that
+hold up on long inputs are the max-style ones (``max``, short-half-life ``ema``): a
+harmful span inside a long benign context still drives ``S`` up, where ``mean`` dilutes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "LinearProbe",
+    "aggregate_requests",
+    "aggregation_name",
+    "fit_diff_of_means",
+    "fit_logreg",
+    "fit_probe",
+    "running_aggregate",
+]
+
+STD_FLOOR = 1e-4
+
+
+@dataclass
+class LinearProbe:
+    """``z = ((x − mean) / std) · weight + bias`` on one layer."""
+
+    layer: int
+    weight: np.ndarray  # float32 [d]
+    bias: float
+    mean: np.ndarray  # float32 [d]
+    std: np.ndarray  # float32 [d]
+    method: str = "logreg"
+    C: float | None = None
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """``z`` per row (float32), computed in float32 chunks like the scorer."""
+        out = np.empty(x.shape[0], dtype=np.float32)
+        for s in range(0, x.shape[0], 65536):
+            xs = x[s:s + 65536].astype(np.float32)
+            out[s:s + 65536] = ((xs - self.mean) / self.std) @ self.weight + self.bias
+        return out
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """``sigmoid(z)`` per row."""
+        return _sigmoid(self.logits(x))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
+
+
+def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    xf = x.astype(np.float32)
+    mean = xf.mean(axis=0, dtype=np.float64).astype(np.float32)
+    std = np.maximum(xf.std(axis=0, dtype=np.float64).astype(np.float32), STD_FLOOR)
+    return (xf - mean) / std, mean, std
+
+
+def fit_logreg(x: np.ndarray, y: np.ndarray, layer: int, C: float = 0.1,
+               sample_weight: np.ndarray | None = None, max_iter: int = 300) -> LinearProbe:
+    """Standardise, then L2 logistic regression with balanced class weights."""
+    from sklearn.linear_model import LogisticRegression
+
+    xs, mean, std = _standardise(x)
+    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=max_iter, tol=1e-4)
+    clf.fit(xs, y, sample_weight=sample_weight)
+    return LinearProbe(layer, clf.coef_[0].astype(np.float32), float(clf.intercept_[0]),
+                       mean, std, "logreg", C)
+
+
+def fit_diff_of_means(x: np.ndarray, y: np.ndarray, layer: int,
+                      sample_weight: np.ndarray | None = None) -> LinearProbe:
+    """Difference of class means in standardised space, scale/bias by a 1-D logistic
+    fit (balanced)."""
+    from sklearn.linear_model import LogisticRegression
+
+    xs, mean, std = _standardise(x)
+    y = np.asarray(y).astype(bool)
+    u = xs[y].mean(axis=0) - xs[~y].mean(axis=0)
+    u = (u / max(float(np.linalg.norm(u)), 1e-12)).astype(np.float32)
+    proj = (xs @ u)[:, None]
+    clf = LogisticRegression(C=1e4, class_weight="balanced", max_iter=500)
+    clf.fit(proj, y, sample_weight=sample_weight)
+    a = float(clf.coef_[0, 0])
+    return LinearProbe(layer, (a * u).astype(np.float32), float(clf.intercept_[0]),
+                       mean, std, "diffmean", None)
+
+
+def fit_probe(method: str, x: np.ndarray, y: np.ndarray, layer: int, C: float = 0.1,
+              sample_weight: np.ndarray | None = None) -> LinearProbe:
+    """Dispatch on ``method`` (``logreg`` | ``diffmean``)."""
+    if method == "logreg":
+        return fit_logreg(x, y, layer, C, sample_weight)
+    if method == "diffmean":
+        return fit_diff_of_means(x, y, layer, sample_weight)
+    raise ValueError(f"unknown method {method!r}")
+
+
+# ----------------------------------------------------------------------- aggregation
+def aggregation_name(agg: dict[str, Any]) -> str:
+    """``max``, ``mean``, ``ema(h=4)``, ``window_max(N=16)``."""
+    if agg["kind"] == "ema":
+        return f"ema(h={agg['half_life_tokens']:g})"
+    if agg["kind"] == "window_max":
+        return f"window_max(N={agg['window_tokens']})"
+    return str(agg["kind"])
+
+
+def _local_running(scores: np.ndarray, agg: dict[str, Any]) -> np.ndarray:
+    """Same math as ``monitor.judge.aggregate`` (fallback when it is not importable)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size == 0:
+        return s
+    kind = agg["kind"]
+    if kind == "max":
+        return np.maximum.accumulate(s)
+    if kind == "mean":
+        return np.cumsum(s) / np.arange(1, s.size + 1)
+    if kind == "ema":
+        from scipy.signal import lfilter
+
+        alpha = 0.5 ** (1.0 / float(agg["half_life_tokens"]))
+        out = np.empty_like(s)
+        out[0] = s[0]
+        if s.size > 1:
+            out[1:], _ = lfilter([1 - alpha], [1, -alpha], s[1:], zi=[alpha * s[0]])
+        return out
+    if kind == "window_max":
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        n = int(agg["window_tokens"])
+        padded = np.concatenate([np.full(n - 1, -np.inf), s])
+        return sliding_window_view(padded, n).max(axis=1)
+    raise ValueError(f"unknown aggregation {kind!r}")
+
+
+def running_aggregate(scores: np.ndarray, agg: dict[str, Any]) -> np.ndarray:
+    """``a_t`` after every token, via ``monitor.judge.aggregate`` when available."""
+    try:
+        from monitor.judge.aggregate import make_aggregator
+        from monitor.judge.policy import Aggregation
+    except ImportError:  # pragma: no cover - depends on the monitor package state
+        return _local_running(scores, agg)
+    a = make_aggregator(Aggregation(agg["kind"], agg.get("half_life_tokens"),
+                                    agg.get("window_tokens")))
+    return a.update(np.asarray(scores, dtype=np.float64))
+
+
+def aggregate_requests(scores: np.ndarray, example: np.ndarray, n_examples: int,
+                       agg: dict[str, Any], min_tokens: int = 1,
+                       in_scope: np.ndarray | None = None) -> np.ndarray:
+    """Request statistic ``S = max_{t ≥ min_tokens} a_t`` per example (rows must be in
+    position order within each example; ``in_scope`` masks rows out of the scope)."""
+    if in_scope is not None:
+        scores, example = scores[in_scope], example[in_scope]
+    out = np.zeros(n_examples, dtype=np.float64)
+    if example.size == 0:
+        return out
+    order = np.argsort(example, kind="stable")
+    ex, sc = example[order], scores[order]
+    bounds = np.flatnonzero(np.diff(ex)) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [ex.size]])
+    for s, e in zip(starts, ends, strict=True):
+        if e - s < min_tokens:
+            continue
+        a = running_aggregate(sc[s:e], agg)
+        out[ex[s]] = float(a[min_tokens - 1:].max())
+    return out
+
+
+def default_aggregations(kinds: Sequence[str] = ("max", "mean", "ema")) -> list[dict[str, Any]]:
+    """Candidate aggregations searched on validation data."""
+    out: list[dict[str, Any]] = []
+    if "max" in kinds:
+        out.append({"kind": "max"})
+    if "mean" in kinds:
+        out.append({"kind": "mean"})
+    if "ema" in kinds:
+        out += [{"kind": "ema", "half_life_tokens": h} for h in (2.0, 4.0, 8.0, 16.0)]
+    return out
+
+
+# ----------------------------------------------------------------------- model selection
+@dataclass
+class Candidate:
+    """One (layer, method, C, aggregation) point of the validation search."""
+
+    layer: int
+    method: str
+    C: float | None
+    aggregation: dict[str, Any]
+    metrics: dict[str, float]
+    criterion: float
+
+
+def grid_search(
+    fit_rows: dict[int, tuple[np.ndarray, np.ndarray]],
+    val_sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]],
+    *,
+    methods: Sequence[tuple[str, float | None]],
+    aggregations: Sequence[dict[str, Any]],
+    min_tokens: int,
+    criterion: Any,
+    progress: bool = True,
+) -> tuple[list[Candidate], dict[tuple[int, str, float | None], LinearProbe]]:
+    """Fit every (layer, method, C) on ``fit_rows[layer] = (x, y)`` and score every
+    aggregation on each validation set ``name -> (x_by_layer_rows, example, labels,
+    in_scope, n_examples)`` (``x`` there is a dict layer -> rows). ``criterion(metrics)``
+    maps ``{f"{set}.auroc", f"{set}.tpr@fpr0.01", ...}`` to a number to maximise.
+    Validation data only: test data never enters the search."""
+    from tqdm.auto import tqdm
+
+    from probes.evaluate import auroc, tpr_at_fpr
+
+    probes: dict[tuple[int, str, float | None], LinearProbe] = {}
+    out: list[Candidate] = []
+    jobs = [(lay, m, c) for lay in sorted(fit_rows) for m, c in methods]
+    for lay, m, c in tqdm(jobs, desc="fit", disable=not progress, leave=False):
+        x, y = fit_rows[lay]
+        probe = fit_probe(m, x, y, lay, c if c is not None else 1.0)
+        probes[(lay, m, c)] = probe
+        token_scores = {name: probe.scores(v[0][lay]) for name, v in val_sets.items()}
+        for agg in aggregations:
+            met: dict[str, float] = {}
+            for name, (_, ex, labels, scope, n) in val_sets.items():
+                s = aggregate_requests(token_scores[name], ex, n, agg, min_tokens, scope)
+                met[f"{name}.auroc"] = auroc(labels, s)
+                met[f"{name}.tpr@fpr0.01"] = tpr_at_fpr(labels, s, 0.01)
+            out.append(Candidate(lay, m, c, agg, met, float(criterion(met))))
+    out.sort(key=lambda cd: -cd.criterion)
+    return out, probes

@@ -1,0 +1,109 @@
+"""Synthetic-data tests for probes.train / calibrate / evaluate (fast, no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from probes.calibrate import calibrate, policy_snippet, threshold_at_fpr
+from probes.evaluate import auroc, evaluate_scores, roc_curve, tpr_at_fpr
+from probes.train import (
+    _local_running,
+    aggregate_requests,
+    fit_diff_of_means,
+    fit_logreg,
+    running_aggregate,
+)
+
+
+def _blobs(n: int = 600, d: int = 16, sep: float = 1.5, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    direction = rng.normal(size=d)
+    direction /= np.linalg.norm(direction)
+    scale = rng.uniform(0.5, 5.0, size=d)  # unequal feature scales: standardisation matters
+    x = (rng.normal(size=(n, d)) + sep * y[:, None] * direction) * scale + 3.0
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("fit", [lambda x, y: fit_logreg(x, y, 3, C=1.0),
+                                 lambda x, y: fit_diff_of_means(x, y, 3)])
+def test_probes_separate_heldout_blobs(fit) -> None:
+    x, y = _blobs(n=1200, seed=2)
+    xt, yt = x[800:], y[800:]
+    probe = fit(x[:800], y[:800])
+    s = probe.scores(xt)
+    assert s.dtype == np.float32 and ((s >= 0) & (s <= 1)).all()
+    assert auroc(yt, s) > 0.85
+    # served formula: sigmoid(((x - mean)/std) . w + b)
+    z = ((xt - probe.mean) / probe.std) @ probe.weight + probe.bias
+    np.testing.assert_allclose(s, 1 / (1 + np.exp(-z)), rtol=1e-5, atol=1e-6)
+
+
+def test_logreg_fails_on_random_labels() -> None:
+    x, _ = _blobs(n=1200, seed=3)
+    y = np.random.default_rng(4).integers(0, 2, 1200)
+    probe = fit_logreg(x[:800], y[:800], 0, C=0.01)
+    assert abs(auroc(y[800:], probe.scores(x[800:])) - 0.5) < 0.1
+
+
+def test_auroc_and_tpr_known_values() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.9, 0.8, 0.95])
+    assert auroc(y, s) == pytest.approx(7 / 8)
+    assert auroc(y, -s) == pytest.approx(1 / 8)
+    # 25% FPR allows one negative (0.9) above the threshold: t = just above 0.3
+    assert tpr_at_fpr(y, s, 0.25) == 1.0
+    # 0% FPR: t just above 0.9, only 0.95 passes
+    assert tpr_at_fpr(y, s, 0.0) == 0.5
+    fpr, tpr = roc_curve(y, s)
+    assert fpr[0] == 0 and tpr[-1] == 1 and fpr[-1] == 1
+    m = evaluate_scores(y, s, ["a", "a", "a", "a", "x", None], {"warn": 0.85})
+    assert m["tpr@warn"] == 0.5 and m["fpr@warn"] == 0.25
+    assert set(m["per_category"]) == {"x", "uncategorised"}
+
+
+def test_threshold_at_fpr_guarantees_rate() -> None:
+    rng = np.random.default_rng(0)
+    benign = rng.random(5000)
+    for a in (0.01, 0.001, 0.05):
+        t = threshold_at_fpr(benign, a)
+        assert (benign >= t).mean() <= a
+        # and it is the smallest such threshold: the next lower benign score would exceed
+        below = benign[benign < t].max()
+        assert (benign >= below).mean() > a
+    cal = calibrate(benign, benign_set="b")
+    assert cal["fpr_0.01"] < cal["fpr_0.001"] and cal["n_benign"] == 5000
+    snip = policy_snippet({"d": {"scope": "prompt", "aggregation": {"kind": "ema",
+                                                                    "half_life_tokens": 4.0},
+                                 "min_tokens": 4, "thresholds": {"warn": 0.5,
+                                                                 "critical": 0.9}}})
+    from monitor.judge.policy import parse_policy
+
+    pol = parse_policy(snip)
+    assert pol.detectors["d"].aggregation.half_life_tokens == 4.0
+    assert pol.detectors["d"].thresholds == (("warn", 0.5), ("critical", 0.9))
+
+
+@pytest.mark.parametrize("agg", [{"kind": "max"}, {"kind": "mean"},
+                                 {"kind": "ema", "half_life_tokens": 3.0},
+                                 {"kind": "window_max", "window_tokens": 4}])
+def test_local_aggregation_matches_monitor(agg) -> None:
+    s = np.random.default_rng(5).random(37)
+    np.testing.assert_allclose(_local_running(s, agg), running_aggregate(s, agg), rtol=1e-12)
+
+
+def test_request_statistic_respects_min_tokens_and_scope() -> None:
+    # request 0: spike at token 1 only; request 1: sustained high scores; request 2: 2 tokens
+    scores = np.array([0.1, 0.9, 0.1, 0.1, 0.1, 0.8, 0.8, 0.8, 0.8, 0.8, 0.99, 0.99])
+    example = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2])
+    s = aggregate_requests(scores, example, 3, {"kind": "max"}, min_tokens=1)
+    np.testing.assert_allclose(s, [0.9, 0.8, 0.99])
+    s = aggregate_requests(scores, example, 3, {"kind": "max"}, min_tokens=3)
+    np.testing.assert_allclose(s, [0.9, 0.8, 0.0])  # request 2 never reaches 3 tokens
+    e = aggregate_requests(scores, example, 3, {"kind": "ema", "half_life_tokens": 1.0})
+    assert e[1] > e[0]  # EMA smooths the one-token spike, keeps the sustained signal
+    m = aggregate_requests(scores, example, 3, {"kind": "mean"}, min_tokens=5)
+    assert m[0] == pytest.approx(max(np.cumsum(scores[:5])[4:] / 5))
+    scope = np.array([False] * 5 + [True] * 7)
+    assert aggregate_requests(scores, example, 3, {"kind": "max"}, 1, scope)[0] == 0.0
