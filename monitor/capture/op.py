@@ -1,0 +1,209 @@
+"""The capture custom op, the decoder-layer forward wrapper and the static buffers.
+
+Why a custom op: vLLM compiles the model's forward with torch.compile (Dynamo + Inductor)
+unless `enforce_eager=True`. A Python forward hook added after compilation is ignored and
+one added before it breaks tracing ("Attempted to call function marked as skipped").
+Instead, `wrap_decoder_layers` (called from the wrapped `load_model`, i.e. before any
+compilation) replaces each decoder layer's `forward` by a thin wrapper that calls the
+original forward and then `torch.ops.safety_monitor.capture_resid(hidden, residual,
+positions, meta, layer)`. Dynamo traces the wrapper and keeps the op as an opaque node:
+at run time the real implementation runs once per layer per forward, in both eager and
+compiled mode. The op declares `mutates_args=("meta",)` on a preallocated buffer so the
+compiler can neither drop nor reorder it, and has a fake (meta) impl for tracing.
+
+What the implementation does:
+
+- `meta[layer] += 1`: an op-written per-layer forward counter (int64 `[n_layers]`), the
+  graph-safe part (a device kernel on CUDA; it would replay inside a CUDA graph). It lets
+  the host tell a stale buffer from a fresh one when `execute_model` ran no forward.
+- CPU (this machine, no CUDA graphs): the Python impl runs eagerly on every call, so it
+  hands `hidden + residual` (the residual stream after the layer, `[num_tokens, d_model]`)
+  to the active `LayerSink` (the capture session), which copies the needed rows into a
+  host ring slot at once — before the next layer's fused add-RMSNorm updates the tensors
+  in place.
+- CUDA (not exercised here; roadmap item 3): a Python impl does not run on CUDA-graph
+  replay. The graph-safe design keeps the same op but passes static device buffers —
+  `hidden_buf [n_plan_layers, max_num_tokens, d_model]` and `pos_buf [max_num_tokens]` —
+  as mutated args, copies into them with device kernels only (no `.item()`, no host
+  indexing, no sync), and does the row bookkeeping on the host after `execute_model`
+  returns: `meta` tells whether this step's forward ran, `query_start_loc.cpu` /
+  `input_batch` give the spans, and a side stream copies the kept rows into the pinned
+  ring slot with an event the sender waits on. `StaticBuffers` below already carries
+  those tensors so the CUDA path only adds the copies.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+log = logging.getLogger("monitor.capture")
+
+OP_NAME = "safety_monitor::capture_resid"
+
+
+class LayerSink(Protocol):
+    """Receiver of the residual stream, called inside the forward pass (model thread)."""
+
+    def on_layer(
+        self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        """`hidden`, `residual`: `[num_tokens, d_model]`; `positions`: int64 `[num_tokens]`."""
+
+
+_sink: LayerSink | None = None
+_sink_errors = 0
+
+
+def set_sink(sink: LayerSink | None) -> None:
+    """Install the process-wide sink the op forwards to (None: op only bumps `meta`)."""
+    global _sink
+    _sink = sink
+
+
+def sink_errors() -> int:
+    """Exceptions raised by the sink and swallowed by the op (inference never fails)."""
+    return _sink_errors
+
+
+def _capture_resid_impl(
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    positions: torch.Tensor,
+    meta: torch.Tensor,
+    layer: int,
+) -> None:
+    global _sink_errors
+    meta[layer] += 1
+    sink = _sink
+    if sink is None:
+        return
+    try:
+        sink.on_layer(layer, hidden, residual, positions)
+    except Exception:  # capture must never fail inference
+        _sink_errors += 1
+        if _sink_errors == 1 or _sink_errors % 1000 == 0:
+            log.exception("safety monitor: capture failed at layer %d (%d errors so far); "
+                          "inference continues", layer, _sink_errors)
+
+
+def _register_op() -> Any:
+    """Register the op once per process (the module may be imported repeatedly)."""
+    ns, name = OP_NAME.split("::")
+    existing = getattr(getattr(torch.ops, ns), name, None) if hasattr(torch.ops, ns) else None
+    if existing is not None:
+        try:
+            existing.default  # noqa: B018 - resolves only when registered
+            return existing
+        except (AttributeError, RuntimeError):
+            pass
+
+    op = torch.library.custom_op(OP_NAME, mutates_args=("meta",))(_capture_resid_impl)
+
+    @op.register_fake
+    def _fake(
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        positions: torch.Tensor,
+        meta: torch.Tensor,
+        layer: int,
+    ) -> None:
+        return None
+
+    return op
+
+
+capture_resid = _register_op()
+
+
+class StaticBuffers:
+    """Preallocated, address-stable buffers the op mutates.
+
+    Attributes:
+        meta: int64 `[n_layers]` per-layer forward counter written by the op.
+        (CUDA design, allocated only when `device` is CUDA:)
+        hidden: `[n_plan_layers, max_num_tokens, d_model]` static copy target.
+        positions: int64 `[max_num_tokens]` static copy of the positions.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        *,
+        device: torch.device | str = "cpu",
+        n_plan_layers: int = 0,
+        max_num_tokens: int = 0,
+        d_model: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        device = torch.device(device)
+        self.meta = torch.zeros(n_layers, dtype=torch.int64, device=device)
+        self.hidden: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        if device.type == "cuda" and n_plan_layers and max_num_tokens:
+            self.hidden = torch.empty((n_plan_layers, max_num_tokens, d_model), dtype=dtype,
+                                      device=device)
+            self.positions = torch.empty(max_num_tokens, dtype=torch.int64, device=device)
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder layer list of a vLLM text model (`model.model.layers` and variants)."""
+    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers",
+                 "transformer.h", "layers"):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    return None
+
+
+_WRAPPED = "_safety_monitor_layer"
+
+
+def wrap_decoder_layers(
+    layers: nn.ModuleList, wanted: set[int] | None, meta: torch.Tensor
+) -> list[int]:
+    """Wrap the forward of the wanted decoder layers (all when None); idempotent.
+
+    The wrapper calls the original `forward(positions, hidden_states, residual, ...)` and,
+    when it returns `(hidden, residual)`, the capture op on them. Layers that are absent on
+    this pipeline stage (`PPMissingLayer`, no parameters) are skipped.
+
+    Returns:
+        Indices (model-global) of the layers wrapped by this or an earlier call.
+    """
+    done: list[int] = []
+    for i, layer in enumerate(layers):
+        if wanted is not None and i not in wanted:
+            continue
+        if type(layer).__name__ == "PPMissingLayer":
+            continue
+        if getattr(layer, _WRAPPED, None) is not None:
+            done.append(i)
+            continue
+        orig = layer.forward
+
+        def forward(
+            positions: torch.Tensor,
+            hidden_states: torch.Tensor,
+            residual: torch.Tensor | None,
+            *args: Any,
+            _orig: Any = orig,
+            _i: int = i,
+            **kwargs: Any,
+        ) -> Any:
+            out = _orig(positions, hidden_states, residual, *args, **kwargs)
+            if isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
+                torch.ops.safety_monitor.capture_resid(out[0], out[1], positions, meta, _i)
+            return out
+
+        layer.forward = forward
+        setattr(layer, _WRAPPED, i)
+        done.append(i)
+    return done

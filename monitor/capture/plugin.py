@@ -1,0 +1,389 @@
+"""vLLM general plugin: capture the residual stream and stream it to the monitor sidecar.
+
+Registered as the `vllm.general_plugins` entry point `safety_monitor_capture`. vLLM calls
+`register()` in every process it starts (frontend, EngineCore, workers), possibly several
+times; registration is idempotent and gated on `SAFETY_MONITOR_ADDR` (unset → nothing).
+
+The one seam: `register()` wraps `load_model` of vLLM's V1 model runners
+(`GPUModelRunner` and `CPUModelRunner`, whose `load_model` does not call `super()`).
+After the original `load_model` has built the model — before torch.compile traces it —
+the wrapper installs a `CaptureSession` on that runner: it fetches the capture plan,
+wraps the decoder layers' `forward` (see `monitor.capture.op`) and starts the sender.
+Nothing else in vLLM is patched.
+
+Capture happens on one rank only: tensor-parallel rank 0 of each pipeline stage (the
+hidden states after a decoder layer are all-reduced, so every TP rank holds the same
+rows); other ranks log that they do not send.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from monitor.capture.config import CaptureConfig
+from monitor.capture.op import (
+    StaticBuffers,
+    find_decoder_layers,
+    set_sink,
+    sink_errors,
+    wrap_decoder_layers,
+)
+from monitor.capture.steps import StepLayout, StepTracker
+from monitor.capture.transport import HostRing, Plan, StepRecord, Transport
+
+log = logging.getLogger("monitor.capture")
+
+_registered = False
+_MARK = "_safety_monitor_wrapped"
+
+
+@dataclass
+class _PlanState:
+    """A plan as installed in the session: ring and layer → ring-row index."""
+
+    plan: Plan
+    ring: HostRing
+    layer_slot: dict[int, int]
+    last_layer: int
+
+
+@dataclass
+class _OpenStep:
+    state: _PlanState
+    rec: StepRecord
+    layout: StepLayout
+    index: torch.Tensor | None  # int64 [n_rows] row indices when not contiguous
+
+
+class CaptureSession:
+    """Capture state of one model runner (one worker process).
+
+    Called by the op at every wrapped layer of every forward (`on_layer`). A step opens at
+    the first wrapped layer (layout from `StepTracker`, ring slot acquired), each plan layer
+    copies its kept rows (`hidden + residual`, cast to the plan dtype) into the slot, and
+    the step is submitted to the transport after the last plan layer.
+
+    Args:
+        runner: the vLLM model runner.
+        cfg: plugin configuration.
+        model_name: model identity sent to the sidecar.
+        d_model: hidden size; n_layers: decoder layers of the model.
+        max_rows: `max_num_batched_tokens` (rows of one forward at most).
+        wrapped: decoder layers whose forward calls the op.
+    """
+
+    def __init__(
+        self,
+        runner: Any,
+        cfg: CaptureConfig,
+        *,
+        model_name: str,
+        d_model: int,
+        n_layers: int,
+        max_rows: int,
+        max_model_len: int | None = None,
+    ) -> None:
+        self.runner = runner
+        self.cfg = cfg
+        self.model_name = model_name
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.max_rows = max_rows
+        self.wrapped: list[int] = []
+        self.first_wrapped = 0
+        self.tracker = StepTracker(runner, max_model_len)
+        self.transport = Transport(cfg, model_name, on_plan=self.set_plan)
+        self.buffers = StaticBuffers(n_layers)
+        self._state: _PlanState | None = None
+        self._open: _OpenStep | None = None
+        self.step = 0
+        self.steps_sent = 0
+        self.steps_no_plan = 0
+        self._stop = threading.Event()
+        self._janitor: threading.Thread | None = None
+        self._stats_path = os.environ.get("SAFETY_MONITOR_STATS_FILE", "").strip() or None
+
+    # ---------------------------------------------------------------- plan
+    def set_plan(self, plan: Plan) -> None:
+        """Validate and install a plan (called at start-up and on every (re)connect).
+
+        Raises ValueError (logged by the sender, which then retries) when the plan is for
+        another model or needs layers that are not captured.
+        """
+        if plan.model != self.model_name:
+            raise ValueError(
+                f"capture plan is for model {plan.model!r} but vLLM serves {self.model_name!r}; "
+                "set SAFETY_MONITOR_MODEL to the model identity the bundle was trained on")
+        if plan.d_model != self.d_model:
+            raise ValueError(f"capture plan d_model {plan.d_model} != model hidden size "
+                             f"{self.d_model}")
+        missing = [i for i in plan.layers if i not in self.wrapped]
+        if missing or not plan.layers:
+            raise ValueError(
+                f"capture plan needs layers {list(plan.layers)} but only {self.wrapped} are "
+                f"wrapped on this worker (model has {self.n_layers}); restart vLLM with "
+                "the sidecar up (or SAFETY_MONITOR_WRAP=all) to capture them")
+        cur = self._state
+        if (cur is not None and cur.plan.layers == plan.layers and cur.plan.dtype == plan.dtype):
+            ring = cur.ring
+        else:
+            ring = HostRing.sized(slots=self.cfg.ring_slots, budget_mb=self.cfg.ring_mb,
+                                  n_layers=len(plan.layers), max_rows=self.max_rows,
+                                  d_model=self.d_model, dtype=plan.dtype)
+        self._state = _PlanState(plan, ring, {layer: k for k, layer in enumerate(plan.layers)},
+                                 plan.layers[-1])
+        log.info("safety monitor: capture plan installed: %s; ring %d slots x [%d layers, %d "
+                 "rows, %d] = %.1f MiB", plan.describe(), ring.n_slots, ring.n_layers,
+                 ring.max_rows, ring.d_model, ring.nbytes / 2**20)
+
+    # ---------------------------------------------------------------- op callback
+    def on_layer(
+        self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        """Op callback (model thread). Shapes: `[num_tokens, d_model]`, positions `[num_tokens]`."""
+        if layer == self.first_wrapped:
+            self._open_step(hidden.shape[0], positions)
+        op = self._open
+        if op is None:
+            return
+        k = op.state.layer_slot.get(layer)
+        if k is None:
+            return
+        n = op.layout.n_rows
+        dst = op.rec.ring.view(op.rec.slot)[k, :n]
+        # copy then add in the ring's dtype (float32 by default: exact sum of bf16 inputs)
+        if op.index is None:
+            dst.copy_(hidden[:n])
+            dst.add_(residual[:n])
+        else:
+            dst.copy_(hidden.index_select(0, op.index))
+            dst.add_(residual.index_select(0, op.index))
+        if layer == op.state.last_layer:
+            self._open = None
+            if self.transport.submit_step(op.rec):
+                self.steps_sent += 1
+
+    def _open_step(self, n_tokens: int, positions: torch.Tensor) -> None:
+        if self._open is not None:  # previous forward never reached its last layer
+            self.transport.drop_record(self._open.rec, "incomplete forward")
+            self._open = None
+        self.step += 1
+        self._flush_finished()
+        st = self._state
+        pos = positions.numpy() if positions.device.type == "cpu" and positions.dim() == 1 \
+            else None
+        if st is None:
+            layout = self.tracker.layout(n_tokens, pos)
+            if layout is not None and layout.n_rows:
+                self.steps_no_plan += 1
+                self.transport.count_drop(1, layout.n_rows, 0, "no capture plan yet")
+            return
+        plan = st.plan
+        layout = self.tracker.layout(n_tokens, pos, prompt=plan.prompt, generated=plan.generated)
+        if layout is None or layout.n_rows == 0:
+            return
+        n_l = len(plan.layers)
+        row_bytes = self.d_model * st.ring.buf.element_size()
+        if not self.transport.connected:
+            self.transport.count_drop(n_l, layout.n_rows * n_l, layout.n_rows * n_l * row_bytes,
+                                      "sidecar not connected")
+            return
+        slot = st.ring.acquire()
+        if slot is None:
+            self.transport.count_drop(n_l, layout.n_rows * n_l, layout.n_rows * n_l * row_bytes,
+                                      "ring full (sidecar slow)")
+            return
+        rec = StepRecord(ring=st.ring, slot=slot, step=self.step, plan_id=plan.plan_id,
+                         model=self.model_name, layers=plan.layers, n_rows=layout.n_rows,
+                         spans=layout.spans, max_frame_bytes=plan.max_frame_bytes)
+        index = None
+        if not layout.contiguous:
+            index = torch.from_numpy(
+                np.concatenate([np.arange(a, b) for a, b in layout.ranges]).astype(np.int64))
+        self._open = _OpenStep(st, rec, layout, index)
+
+    # ---------------------------------------------------------------- lifecycle
+    def _flush_finished(self) -> None:
+        for msg in self.tracker.collect_finished():
+            self.transport.submit_finished(msg)
+
+    def start(self) -> None:
+        self.transport.start()
+        self._janitor = threading.Thread(target=self._janitor_loop,
+                                         name="safety-monitor-janitor", daemon=True)
+        self._janitor.start()
+
+    def stats(self) -> dict[str, Any]:
+        s: dict[str, Any] = dict(self.transport.stats())
+        s.update(steps=self.step, steps_sent=self.steps_sent, steps_no_plan=self.steps_no_plan,
+                 unmapped_steps=self.tracker.unmapped_steps, op_errors=sink_errors(),
+                 layer_calls=self.buffers.meta.tolist())
+        return s
+
+    def _janitor_loop(self) -> None:
+        """Report requests that finished while no forward ran; dump stats if configured."""
+        last_dump = 0.0
+        while not self._stop.wait(0.25):
+            try:
+                self._flush_finished()
+                now = time.monotonic()
+                if self._stats_path and now - last_dump > 1.0:
+                    last_dump = now
+                    tmp = f"{self._stats_path}.tmp{os.getpid()}"
+                    with open(tmp, "w") as f:
+                        json.dump(self.stats(), f)
+                    os.replace(tmp, self._stats_path)
+            except Exception:
+                log.exception("safety monitor: janitor error")
+
+
+# -------------------------------------------------------------------- installation
+def _mode(vllm_config: Any) -> str:
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "mode", None)
+    eager = bool(getattr(vllm_config.model_config, "enforce_eager", False))
+    name = getattr(mode, "name", str(mode))
+    return "eager" if eager or name == "NONE" else f"compiled ({name})"
+
+
+def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
+    """Install capture on a runner whose model was just loaded. Returns the session."""
+    if getattr(runner, "_safety_monitor_session", None) is not None:
+        return runner._safety_monitor_session
+    vc = runner.vllm_config
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        tp_rank = get_tensor_model_parallel_rank()
+    except Exception:
+        tp_rank = 0
+    if tp_rank != 0:
+        log.info("safety monitor: TP rank %d does not send (capture runs on TP rank 0)",
+                 tp_rank)
+        return None
+    if getattr(runner, "speculative_config", None) is not None:
+        log.error("safety monitor: speculative decoding is on: rejected draft tokens would be "
+                  "reported as real tokens; capture is NOT installed")
+        return None
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    layers = find_decoder_layers(model)
+    if layers is None:
+        log.error("safety monitor: cannot find the decoder layers of %s; capture is NOT "
+                  "installed (no hidden states will be sent)", type(model).__name__)
+        return None
+    mc = vc.model_config
+    name = cfg.model or (mc.served_model_name if isinstance(mc.served_model_name, str)
+                         else mc.served_model_name[0])
+    session = CaptureSession(
+        runner, cfg, model_name=name, d_model=int(mc.get_hidden_size()),
+        n_layers=len(layers), max_rows=int(runner.max_num_tokens),
+        max_model_len=int(mc.max_model_len),
+    )
+    plan = session.transport.fetch_plan(cfg.plan_timeout_s)
+    wrap_all = os.environ.get("SAFETY_MONITOR_WRAP", "").strip().lower() == "all"
+    wanted = None if (plan is None or wrap_all) else set(plan.layers)
+    session.wrapped = wrap_decoder_layers(layers, wanted, session.buffers.meta)
+    session.first_wrapped = min(session.wrapped) if session.wrapped else 0
+    mode = _mode(vc)
+    if plan is None:
+        log.warning(
+            "safety monitor: sidecar %s unreachable at start-up (waited %.0fs): all %d layers "
+            "wrapped, NOTHING is captured until a plan is fetched; every step until then is "
+            "dropped and counted. mode=%s", cfg.addr, cfg.plan_timeout_s, len(layers), mode)
+    else:
+        try:
+            session.set_plan(plan)
+        except ValueError as e:
+            log.error("safety monitor: capture plan refused, NOTHING is captured: %s", e)
+    runner._safety_monitor_session = session
+    set_sink(session)
+    session.start()
+    st = session._state
+    log.info(
+        "safety monitor: capture installed (model=%r, mode=%s, wrapped layers=%s, captured "
+        "layers=%s, kinds=%s, max rows/step=%d, sidecar=%s)",
+        name, mode, session.wrapped if len(session.wrapped) < len(layers) else "all",
+        list(st.plan.layers) if st else "none yet",
+        [k for k, on in (("prompt", st.plan.prompt), ("generated", st.plan.generated)) if on]
+        if st else "none yet", session.max_rows, cfg.addr)
+    return session
+
+
+def _wrap_load_model(cls: type, cfg: CaptureConfig) -> None:
+    orig = cls.__dict__.get("load_model")
+    if orig is None or getattr(orig, _MARK, False):
+        return
+
+    @functools.wraps(orig)
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = orig(self, *args, **kwargs)
+        try:
+            _install(self, cfg)
+        except Exception:
+            log.exception("safety monitor: capture NOT installed (inference is unaffected)")
+        return out
+
+    setattr(load_model, _MARK, True)
+    cls.load_model = load_model
+
+
+def _refuse_v2(cls: type) -> None:
+    orig = cls.__dict__.get("load_model")
+    if orig is None or getattr(orig, _MARK, False):
+        return
+
+    @functools.wraps(orig)
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        log.error("safety monitor: Model Runner V2 is not supported yet: NOTHING is captured. "
+                  "Set VLLM_USE_V2_MODEL_RUNNER=0 to capture.")
+        return orig(self, *args, **kwargs)
+
+    setattr(load_model, _MARK, True)
+    cls.load_model = load_model
+
+
+def register() -> None:
+    """vLLM general-plugin entry point (idempotent, gated on `SAFETY_MONITOR_ADDR`)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    try:
+        cfg = CaptureConfig.from_env()
+    except ValueError as e:
+        log.error("safety monitor: bad configuration, capture disabled: %s", e)
+        return
+    if cfg is None:
+        return
+    if not logging.getLogger("monitor").handlers and not logging.getLogger().handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))
+        logging.getLogger("monitor").addHandler(h)
+    if logging.getLogger("monitor").level == logging.NOTSET:
+        logging.getLogger("monitor").setLevel(
+            os.environ.get("SAFETY_MONITOR_LOG_LEVEL", "INFO").upper())
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _wrap_load_model(GPUModelRunner, cfg)
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        _wrap_load_model(CPUModelRunner, cfg)
+    except ImportError:
+        pass
+    for mod in ("vllm.v1.worker.gpu.model_runner", "vllm.v1.worker.cpu.model_runner"):
+        try:
+            _refuse_v2(__import__(mod, fromlist=["GPUModelRunner"]).__dict__.get(
+                "CPUModelRunner" if "cpu" in mod else "GPUModelRunner"))
+        except Exception:
+            pass
+    log.debug("safety monitor: plugin registered in pid %d (sidecar %s)", os.getpid(), cfg.addr)

@@ -1,0 +1,215 @@
+"""Per-step bookkeeping: which request and token position each forward-pass row is.
+
+vLLM's V1 model runner (`vllm/v1/worker/gpu_model_runner.py`, also the base of
+`CPUModelRunner`) flattens the scheduled tokens of all requests of a step into one
+`[num_tokens, d_model]` hidden-state tensor. During the forward pass:
+
+- `runner.input_batch.req_ids[:num_reqs]` names the requests in batch order,
+- `runner.query_start_loc.np[:num_reqs + 1]` (host copy) bounds their rows: request `i`
+  owns rows `[qsl[i], qsl[i+1])`; rows past `qsl[num_reqs]` are padding,
+- `runner.input_batch.num_computed_tokens_cpu[i]` is the position of request `i`'s first
+  row (`_prepare_inputs`: positions = num_computed_tokens[req] + offset in the chunk),
+- `runner.requests[req_id]` (`CachedRequestState`) holds the prompt length, the
+  `SamplingParams` (with `extra_args["correlation_id"]`) and the output token ids.
+
+`StepTracker.layout` turns that into the rows to keep (filtered by the plan's token
+kinds) and `(request_id, n_rows, start_position, prompt_len)` spans. The positions the
+model actually received (`positions` argument of the decoder layer, captured by the op)
+are checked against `num_computed_tokens`: a step whose layout does not match (e.g. a
+dummy / profiling run) is skipped and counted, never mislabeled.
+
+Finished requests are found by difference: a request the tracker has seen that is no
+longer in `runner.requests` has finished (vLLM pops it in `_update_states` when it is in
+`scheduler_output.finished_req_ids`, whatever the reason). The reason is inferred:
+"length" (max_tokens / max_model_len reached), "stop" (last token is a stop / EOS token),
+else "abort" (client abort — and stop *strings*, which the frontend turns into aborts).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from monitor.v1 import monitor_pb2
+
+CORRELATION_KEY = "correlation_id"
+
+
+@dataclass
+class RequestInfo:
+    """What the tracker remembers about one vLLM request."""
+
+    vllm_id: str
+    request_id: str  # correlation id from extra_args, else vLLM's id
+    prompt_len: int
+    n_cached: int  # prompt tokens already computed (prefix cache) at first sight
+    state: Any  # vLLM CachedRequestState (kept to read output_token_ids at finish)
+    rows_seen: int = 0
+
+
+@dataclass
+class StepLayout:
+    """Rows of one forward pass to keep and how they map to requests.
+
+    Attributes:
+        n_rows: number of kept rows (sum of span rows).
+        ranges: `(row_start, row_end)` ranges of the forward's rows to keep, in order.
+        spans: `(request_id, n_rows, start_position, prompt_len)` per kept range.
+        n_tokens: rows in the forward pass (including padding).
+    """
+
+    n_rows: int
+    ranges: list[tuple[int, int]]
+    spans: list[tuple[str, int, int, int]]
+    n_tokens: int
+    contiguous: bool = field(default=False)  # ranges == [(0, n_rows)]
+
+
+def correlation_id(state: Any) -> str | None:
+    """The caller's correlation id from `SamplingParams.extra_args`, if any."""
+    sp = getattr(state, "sampling_params", None)
+    extra = getattr(sp, "extra_args", None) if sp is not None else None
+    if isinstance(extra, dict):
+        cid = extra.get(CORRELATION_KEY)
+        if cid is not None and str(cid):
+            return str(cid)
+    return None
+
+
+class StepTracker:
+    """Maps forward-pass rows to requests/positions; tracks request lifetimes.
+
+    Args:
+        runner: vLLM V1 `GPUModelRunner` / `CPUModelRunner` (the object `load_model` ran on).
+        max_model_len: to tell "length" from "abort" at finish.
+    """
+
+    def __init__(self, runner: Any, max_model_len: int | None = None) -> None:
+        self.runner = runner
+        self.max_model_len = max_model_len
+        self.requests: dict[str, RequestInfo] = {}
+        self.unmapped_steps = 0
+        self._lock = threading.Lock()
+
+    def _info(self, rid: str, n_computed: int) -> RequestInfo | None:
+        info = self.requests.get(rid)
+        if info is not None:
+            return info
+        state = self.runner.requests.get(rid)
+        if state is None:
+            return None
+        plen = int(getattr(state, "num_prompt_tokens", 0) or len(state.prompt_token_ids or ()))
+        info = RequestInfo(
+            vllm_id=rid,
+            request_id=correlation_id(state) or rid,
+            prompt_len=plen,
+            n_cached=min(int(n_computed), plen),
+            state=state,
+        )
+        self.requests[rid] = info
+        return info
+
+    def layout(
+        self,
+        n_tokens: int,
+        positions: np.ndarray | None,
+        *,
+        prompt: bool = True,
+        generated: bool = True,
+    ) -> StepLayout | None:
+        """Layout of the current forward pass, or None when it maps to no request.
+
+        Args:
+            n_tokens: rows of the forward's hidden-state tensor (incl. padding).
+            positions: int64 `[n_tokens]` positions the model received (host), or None.
+            prompt / generated: keep rows of these token kinds.
+        """
+        r = self.runner
+        ib = r.input_batch
+        num_reqs = int(ib.num_reqs)
+        if num_reqs <= 0:
+            return None
+        qsl = r.query_start_loc.np[: num_reqs + 1]
+        total = int(qsl[-1])
+        if total <= 0 or total > n_tokens:
+            self.unmapped_steps += 1
+            return None
+        nct = ib.num_computed_tokens_cpu[:num_reqs]
+        starts = qsl[:-1]
+        if positions is not None:
+            nonempty = qsl[1:] > starts
+            if not np.array_equal(positions[starts[nonempty]], nct[nonempty]):
+                self.unmapped_steps += 1
+                return None
+        req_ids = ib.req_ids[:num_reqs]
+        ranges: list[tuple[int, int]] = []
+        spans: list[tuple[str, int, int, int]] = []
+        with self._lock:
+            for i in range(num_reqs):
+                a, b = int(qsl[i]), int(qsl[i + 1])
+                if b <= a:
+                    continue
+                info = self._info(req_ids[i], int(nct[i]))
+                if info is None:
+                    continue
+                start = int(nct[i])
+                lo, hi = start, start + (b - a)
+                plen = info.prompt_len
+                if not prompt:
+                    lo = max(lo, plen)
+                if not generated:
+                    hi = min(hi, plen)
+                if hi <= lo:
+                    continue
+                r0, r1 = a + (lo - start), a + (hi - start)
+                if ranges and ranges[-1][1] == r0:
+                    ranges[-1] = (ranges[-1][0], r1)
+                else:
+                    ranges.append((r0, r1))
+                spans.append((info.request_id, hi - lo, lo, plen))
+                info.rows_seen += hi - lo
+        n_rows = sum(s[1] for s in spans)
+        if n_rows == 0:
+            return StepLayout(0, [], [], n_tokens)
+        return StepLayout(n_rows, ranges, spans, n_tokens,
+                          contiguous=len(ranges) == 1 and ranges[0][0] == 0)
+
+    def collect_finished(self) -> list[monitor_pb2.RequestFinished]:
+        """RequestFinished for every tracked request vLLM has released since the last call.
+
+        Thread-safe; may be called from the model thread or a background thread.
+        """
+        live = self.runner.requests
+        out: list[monitor_pb2.RequestFinished] = []
+        with self._lock:
+            gone = [rid for rid in list(self.requests) if rid not in live]
+            for rid in gone:
+                info = self.requests.pop(rid)
+                out.append(self._finished_msg(info))
+        return out
+
+    def _finished_msg(self, info: RequestInfo) -> monitor_pb2.RequestFinished:
+        st = info.state
+        toks = [t for t in (getattr(st, "output_token_ids", None) or []) if t >= 0]
+        n_gen = len(toks)
+        sp = getattr(st, "sampling_params", None)
+        reason = "abort"
+        max_tokens = getattr(sp, "max_tokens", None)
+        stop_ids = set(getattr(sp, "_all_stop_token_ids", ()) or ())
+        stop_ids |= set(getattr(sp, "stop_token_ids", None) or ())
+        if max_tokens is not None and n_gen >= max_tokens:
+            reason = "length"
+        elif toks and toks[-1] in stop_ids:
+            reason = "stop"
+        elif self.max_model_len and info.prompt_len + n_gen >= self.max_model_len:
+            reason = "length"
+        return monitor_pb2.RequestFinished(
+            request_id=info.request_id,
+            reason=reason,
+            n_prompt_tokens=info.prompt_len,
+            n_generated_tokens=n_gen,
+            n_cached_prompt_tokens=info.n_cached,
+        )

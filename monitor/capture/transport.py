@@ -1,0 +1,539 @@
+"""Host ring, bounded send queue and the gRPC sender thread of the capture plugin.
+
+Data path (one engine step):
+
+1. The model thread (inside the forward pass) acquires one `HostRing` slot,
+   `[n_plan_layers, max_rows, d_model]` in the plan's dtype, preallocated from the plan and
+   vLLM's `max_num_batched_tokens`, and copies the selected rows of every plan layer into it.
+2. It hands a `StepRecord` to `Transport.submit_step`, a non-blocking `put_nowait` on a
+   bounded queue. No free slot or a full queue → the step is dropped and counted; the
+   model thread never waits on the network.
+3. The sender thread owns the connection: GetCapturePlan, then one `Stream` call whose
+   request iterator sends `ClientHello` first, then `ActivationFrame`s (one per layer,
+   split into chunks below the plan's `max_frame_bytes`), `RequestFinished` and periodic
+   `ClientStats`. Sequence numbers start at 1 on every stream and strictly increase.
+   The same thread reads the server's messages (verdicts at DEBUG, errors at WARNING).
+4. When the sidecar is down or the stream breaks: the queue is drained, every step in it
+   is dropped and counted (`dropped_frames`, `dropped_rows` — rows counted per layer
+   frame —, `dropped_bytes`), and the thread reconnects with exponential backoff
+   (`backoff_s` doubling up to `backoff_max_s`). After a reconnect the cumulative
+   `ClientStats` is sent right after the hello.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from monitor.capture.config import CaptureConfig
+from monitor.v1 import monitor_pb2, monitor_pb2_grpc
+
+log = logging.getLogger("monitor.capture")
+
+_TORCH_DTYPE = {
+    monitor_pb2.DTYPE_FLOAT32: torch.float32,
+    monitor_pb2.DTYPE_FLOAT16: torch.float16,
+    monitor_pb2.DTYPE_BFLOAT16: torch.bfloat16,
+}
+_DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
+_FRAME_OVERHEAD_BYTES = 64 * 1024  # proto framing + spans headroom under max_frame_bytes
+_GRPC_MAX_MSG = 256 * 1024 * 1024
+
+try:  # the codec is owned by monitor/wire; fall back to building the proto ourselves.
+    from monitor.wire.codec import encode_frame as _encode_frame
+except ImportError:  # pragma: no cover - only while monitor/wire is being written
+    _encode_frame = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated `CapturePlan` as the plugin uses it.
+
+    Attributes:
+        plan_id: the sidecar's plan id (sent back in `ClientHello`).
+        model: model identity the plan is for.
+        d_model: hidden size.
+        layers: decoder layers to capture, sorted, unique.
+        prompt / generated: which token kinds any detector reads.
+        dtype: dtype of the rows on the wire (`preferred_dtype`, else float32).
+        max_frame_bytes: frames are split by rows to stay below this (payload bytes).
+    """
+
+    plan_id: str
+    model: str
+    d_model: int
+    layers: tuple[int, ...]
+    prompt: bool
+    generated: bool
+    dtype: torch.dtype
+    max_frame_bytes: int
+
+    @classmethod
+    def from_proto(cls, p: monitor_pb2.CapturePlan) -> Plan:
+        kinds = set(p.token_kinds)
+        if not kinds or monitor_pb2.TOKEN_KIND_UNSPECIFIED in kinds:
+            kinds = {monitor_pb2.TOKEN_KIND_PROMPT, monitor_pb2.TOKEN_KIND_GENERATED}
+        return cls(
+            plan_id=p.plan_id,
+            model=p.model,
+            d_model=int(p.d_model),
+            layers=tuple(sorted(set(int(i) for i in p.layers))),
+            prompt=monitor_pb2.TOKEN_KIND_PROMPT in kinds,
+            generated=monitor_pb2.TOKEN_KIND_GENERATED in kinds,
+            dtype=_TORCH_DTYPE.get(p.preferred_dtype, torch.float32),
+            max_frame_bytes=int(p.max_frame_bytes) or _DEFAULT_MAX_FRAME_BYTES,
+        )
+
+    def describe(self) -> str:
+        kinds = [k for k, on in (("prompt", self.prompt), ("generated", self.generated)) if on]
+        return (
+            f"plan {self.plan_id!r} model={self.model!r} layers={list(self.layers)} "
+            f"kinds={kinds} dtype={str(self.dtype).removeprefix('torch.')}"
+        )
+
+
+class HostRing:
+    """Preallocated host staging buffers, one slot per engine step.
+
+    `buf` is `[n_slots, n_layers, max_rows, d_model]` (`dtype`, host memory; pinned when
+    `pin` so a CUDA side stream can copy into it asynchronously). Slots are handed out by
+    `acquire` (non-blocking) and returned by `release`; both are thread-safe.
+    """
+
+    def __init__(
+        self,
+        n_slots: int,
+        n_layers: int,
+        max_rows: int,
+        d_model: int,
+        dtype: torch.dtype,
+        *,
+        pin: bool = False,
+    ) -> None:
+        self.n_slots = n_slots
+        self.n_layers = n_layers
+        self.max_rows = max_rows
+        self.d_model = d_model
+        self.dtype = dtype
+        self.buf = torch.empty(
+            (n_slots, n_layers, max_rows, d_model), dtype=dtype, pin_memory=pin
+        )
+        self._free: collections.deque[int] = collections.deque(range(n_slots))
+        self._lock = threading.Lock()
+
+    @classmethod
+    def sized(
+        cls,
+        *,
+        slots: int,
+        budget_mb: int,
+        n_layers: int,
+        max_rows: int,
+        d_model: int,
+        dtype: torch.dtype,
+        pin: bool = False,
+    ) -> HostRing:
+        """A ring of up to `slots` slots, fewer if they would exceed `budget_mb` (min 1)."""
+        slot_bytes = n_layers * max_rows * d_model * torch.finfo(dtype).bits // 8
+        fit = max(1, (budget_mb * 1024 * 1024) // max(1, slot_bytes))
+        return cls(min(slots, fit), n_layers, max_rows, d_model, dtype, pin=pin)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.numel() * self.buf.element_size()
+
+    def acquire(self) -> int | None:
+        """A free slot index, or None when all slots are in flight (never blocks)."""
+        with self._lock:
+            return self._free.popleft() if self._free else None
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+    def view(self, slot: int) -> torch.Tensor:
+        """`[n_layers, max_rows, d_model]` view of one slot."""
+        return self.buf[slot]
+
+
+@dataclass
+class StepRecord:
+    """Rows captured in one engine step, waiting in a ring slot.
+
+    `ring.view(slot)[k, :n_rows]` holds layer `layers[k]`; `spans` are
+    `(request_id, n_rows, start_position, prompt_len)` in row order, summing to `n_rows`.
+    """
+
+    ring: HostRing
+    slot: int
+    step: int
+    plan_id: str
+    model: str
+    layers: tuple[int, ...]
+    n_rows: int
+    spans: list[tuple[str, int, int, int]]
+    max_frame_bytes: int = _DEFAULT_MAX_FRAME_BYTES
+    released: bool = field(default=False)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.ring.d_model * self.ring.buf.element_size()
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.ring.release(self.slot)
+
+
+def split_spans(
+    spans: list[tuple[str, int, int, int]], chunk_rows: int
+) -> list[tuple[int, int, list[tuple[str, int, int, int]]]]:
+    """Cut row-ordered spans into chunks of at most `chunk_rows` rows.
+
+    Returns `(row_start, row_end, spans_of_chunk)` per chunk; a span crossing a chunk
+    boundary is split and its second part's `start_position` advanced accordingly.
+    """
+    out: list[tuple[int, int, list[tuple[str, int, int, int]]]] = []
+    cur: list[tuple[str, int, int, int]] = []
+    row = start = 0
+    for rid, n, pos, plen in spans:
+        off = 0
+        while off < n:
+            room = chunk_rows - (row - start)
+            take = min(room, n - off)
+            cur.append((rid, take, pos + off, plen))
+            off += take
+            row += take
+            if row - start == chunk_rows:
+                out.append((start, row, cur))
+                cur, start = [], row
+    if cur:
+        out.append((start, row, cur))
+    return out
+
+
+def build_frame(
+    x: torch.Tensor,
+    *,
+    seq: int,
+    model: str,
+    layer: int,
+    spans: list[tuple[str, int, int, int]],
+    step: int,
+) -> monitor_pb2.ActivationFrame:
+    """One `ActivationFrame` from `x` `[n_rows, d_model]` (host tensor) and its spans."""
+    if _encode_frame is not None:
+        return _encode_frame(x, seq=seq, model=model, layer=layer, spans=spans, step=step)
+    dtypes = {v: k for k, v in _TORCH_DTYPE.items()}  # pragma: no cover
+    t = x.contiguous()  # pragma: no cover
+    return monitor_pb2.ActivationFrame(  # pragma: no cover
+        seq=seq, model=model, layer=layer, dtype=dtypes[t.dtype], shape=list(t.shape),
+        data=t.view(torch.uint8).numpy().tobytes(), step=step,
+        spans=[monitor_pb2.RowSpan(request_id=r, n_rows=n, start_position=p, prompt_len=pl)
+               for r, n, p, pl in spans],
+    )
+
+
+class Transport:
+    """Bounded queue + sender thread + reconnecting gRPC stream to the sidecar.
+
+    Thread-safety: `submit_step`, `submit_finished`, `count_drop` and `stats` may be
+    called from any thread; they never block on the network.
+
+    Args:
+        cfg: plugin configuration (address, queue size, backoff).
+        model: model identity for `ClientHello` (frames carry the record's own `model`).
+        on_plan: called in the sender thread with every plan fetched (at each connect),
+            before the stream starts; it may raise to refuse the plan (no stream then).
+    """
+
+    def __init__(
+        self,
+        cfg: CaptureConfig,
+        model: str,
+        *,
+        on_plan: Callable[[Plan], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.on_plan = on_plan
+        self.plan: Plan | None = None
+        self._q: queue.Queue[object] = queue.Queue(maxsize=cfg.queue_size)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connected = threading.Event()
+        self._ever_connected = False
+        self._last_gap_log = 0.0
+        # cumulative counters (monotonic)
+        self.dropped_frames = 0
+        self.dropped_rows = 0
+        self.dropped_bytes = 0
+        self.dropped_finished = 0
+        self.reconnects = 0
+        self.sent_frames = 0
+        self.sent_rows = 0
+        self.sent_bytes = 0
+        self.verdicts = 0
+        self.stream_errors = 0
+
+    # ---------------------------------------------------------------- producer side
+    def start(self) -> None:
+        """Start the sender thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="safety-monitor-sender", daemon=True
+            )
+            self._thread.start()
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def count_drop(self, frames: int, rows: int, nbytes: int, why: str = "") -> None:
+        """Account for data that will never be sent (thread-safe)."""
+        with self._lock:
+            self.dropped_frames += frames
+            self.dropped_rows += rows
+            self.dropped_bytes += nbytes
+        now = time.monotonic()
+        if now - self._last_gap_log > 10.0:
+            self._last_gap_log = now
+            log.warning(
+                "safety monitor: capture gap (%s): dropped so far frames=%d rows=%d bytes=%d "
+                "(sidecar %s at %s)",
+                why or "dropped", self.dropped_frames, self.dropped_rows, self.dropped_bytes,
+                "connected" if self.connected else "NOT connected", self.cfg.addr,
+            )
+
+    def drop_record(self, rec: StepRecord, why: str) -> None:
+        n_layers = len(rec.layers)
+        self.count_drop(n_layers, rec.n_rows * n_layers, rec.n_rows * n_layers * rec.row_bytes,
+                        why)
+        rec.release()
+
+    def submit_step(self, rec: StepRecord) -> bool:
+        """Queue a step for sending; False (and counted as dropped) when it cannot be."""
+        if not self.connected:
+            self.drop_record(rec, "sidecar not connected")
+            return False
+        try:
+            self._q.put_nowait(rec)
+            return True
+        except queue.Full:
+            self.drop_record(rec, "send queue full")
+            return False
+
+    def submit_finished(self, msg: monitor_pb2.RequestFinished) -> bool:
+        """Queue a RequestFinished; dropped (counted separately) when disconnected/full."""
+        if self.connected:
+            try:
+                self._q.put_nowait(msg)
+                return True
+            except queue.Full:
+                pass
+        with self._lock:
+            self.dropped_finished += 1
+        return False
+
+    def stats(self) -> dict[str, int | bool]:
+        with self._lock:
+            return {
+                "connected": self.connected,
+                "dropped_frames": self.dropped_frames,
+                "dropped_rows": self.dropped_rows,
+                "dropped_bytes": self.dropped_bytes,
+                "dropped_finished": self.dropped_finished,
+                "reconnects": self.reconnects,
+                "sent_frames": self.sent_frames,
+                "sent_rows": self.sent_rows,
+                "sent_bytes": self.sent_bytes,
+                "verdicts": self.verdicts,
+                "stream_errors": self.stream_errors,
+            }
+
+    def _client_stats(self) -> monitor_pb2.ClientStats:
+        with self._lock:
+            return monitor_pb2.ClientStats(
+                dropped_frames=self.dropped_frames, dropped_rows=self.dropped_rows,
+                dropped_bytes=self.dropped_bytes, reconnects=self.reconnects,
+            )
+
+    # ---------------------------------------------------------------- plan
+    def fetch_plan(self, timeout: float) -> Plan | None:
+        """GetCapturePlan once, waiting up to `timeout` s for the sidecar; None if down."""
+        channel = self._channel()
+        try:
+            grpc.channel_ready_future(channel).result(timeout=max(0.01, timeout))
+            stub = monitor_pb2_grpc.MonitorStub(channel)
+            p = stub.GetCapturePlan(monitor_pb2.GetCapturePlanRequest(), timeout=max(1.0, timeout))
+            return Plan.from_proto(p)
+        except (grpc.RpcError, grpc.FutureTimeoutError):
+            return None
+        finally:
+            channel.close()
+
+    def _channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(
+            self.cfg.addr,
+            options=[
+                ("grpc.max_send_message_length", _GRPC_MAX_MSG),
+                ("grpc.max_receive_message_length", _GRPC_MAX_MSG),
+                ("grpc.enable_retries", 0),
+            ],
+        )
+
+    # ---------------------------------------------------------------- sender thread
+    def _drain_dropping(self) -> None:
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, StepRecord):
+                self.drop_record(item, "sidecar not connected")
+            else:
+                with self._lock:
+                    self.dropped_finished += 1
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self._stop.is_set() and time.monotonic() < end:
+            self._drain_dropping()
+            self._stop.wait(min(0.05, max(0.0, end - time.monotonic())))
+
+    def _run(self) -> None:
+        backoff = self.cfg.backoff_s
+        failures = 0
+        refused = ""
+        while not self._stop.is_set():
+            channel = self._channel()
+            dead = threading.Event()
+            try:
+                grpc.channel_ready_future(channel).result(timeout=max(0.5, backoff))
+                stub = monitor_pb2_grpc.MonitorStub(channel)
+                plan = Plan.from_proto(
+                    stub.GetCapturePlan(monitor_pb2.GetCapturePlanRequest(), timeout=5.0)
+                )
+                if self.on_plan is not None:
+                    self.on_plan(plan)
+                self.plan = plan
+                if self._ever_connected:
+                    with self._lock:
+                        self.reconnects += 1
+                self._ever_connected = True
+                self._connected.set()
+                log.info("safety monitor: connected to sidecar %s (%s)", self.cfg.addr,
+                         plan.describe())
+                failures, backoff = 0, self.cfg.backoff_s
+                responses = stub.Stream(self._outbound(plan, dead))
+                for msg in responses:
+                    self._on_server_message(msg)
+                log.warning("safety monitor: sidecar %s closed the stream", self.cfg.addr)
+            except grpc.FutureTimeoutError:
+                failures += 1
+            except ValueError as e:  # plan refused by on_plan: say why, retry later
+                failures += 1
+                if str(e) != refused:
+                    refused = str(e)
+                    log.error("safety monitor: capture plan refused, NOTHING is captured: %s", e)
+            except grpc.RpcError as e:
+                failures += 1
+                if self.connected:
+                    log.warning("safety monitor: stream to %s broke: %s", self.cfg.addr,
+                                e.code() if hasattr(e, "code") else e)
+            except Exception:  # never let the sender die: log and retry
+                failures += 1
+                log.exception("safety monitor: sender error")
+            finally:
+                was = self.connected
+                self._connected.clear()
+                dead.set()
+                channel.close()
+                if was:
+                    log.warning("safety monitor: disconnected from %s; capture dropped and "
+                                "counted until reconnect", self.cfg.addr)
+            if failures == 1 or failures % 20 == 0:
+                log.warning("safety monitor: sidecar %s unreachable (attempt %d); retrying "
+                            "with backoff %.2fs", self.cfg.addr, failures, backoff)
+            self._sleep(backoff)
+            backoff = min(backoff * 2, self.cfg.backoff_max_s)
+
+    def _on_server_message(self, msg: monitor_pb2.ServerMessage) -> None:
+        which = msg.WhichOneof("body")
+        if which == "verdict":
+            with self._lock:
+                self.verdicts += 1
+            v = msg.verdict
+            log.debug("safety monitor verdict: request=%s detector=%s score=%.3f severity=%d "
+                      "final=%s", v.request_id, v.detector, v.score, v.severity, v.final)
+        elif which == "error":
+            with self._lock:
+                self.stream_errors += 1
+            e = msg.error
+            log.warning("safety monitor: sidecar refused a message: reason=%s seq=%d %s",
+                        e.reason, e.seq, e.message)
+
+    def _outbound(self, plan: Plan, dead: threading.Event) -> Iterator[monitor_pb2.ClientMessage]:
+        """Request iterator of one stream: hello, stats, then frames / finished / stats."""
+        seq = 0
+        yield monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
+            client_id=self.cfg.client_id, model=self.model, plan_id=plan.plan_id))
+        last_stats = self._client_stats()
+        if last_stats.dropped_frames or last_stats.reconnects:
+            yield monitor_pb2.ClientMessage(stats=last_stats)
+        next_stats = time.monotonic() + self.cfg.stats_period_s
+        while not self._stop.is_set() and not dead.is_set():
+            try:
+                item = self._q.get(timeout=0.05)
+            except queue.Empty:
+                item = None
+            if isinstance(item, StepRecord):
+                if item.plan_id != plan.plan_id:
+                    self.drop_record(item, "plan changed")
+                    continue
+                msgs = []
+                try:
+                    chunk_rows = max(1, (item.max_frame_bytes - _FRAME_OVERHEAD_BYTES)
+                                     // item.row_bytes)
+                    view = item.ring.view(item.slot)
+                    for k, layer in enumerate(item.layers):
+                        for r0, r1, spans in split_spans(item.spans, chunk_rows):
+                            seq += 1
+                            f = build_frame(view[k, r0:r1], seq=seq, model=item.model,
+                                            layer=layer, spans=spans, step=item.step)
+                            msgs.append(monitor_pb2.ClientMessage(frame=f))
+                finally:
+                    item.release()  # bytes are copied out: the slot is free again
+                nbytes = item.n_rows * len(item.layers) * item.row_bytes
+                with self._lock:
+                    self.sent_frames += len(msgs)
+                    self.sent_rows += item.n_rows * len(item.layers)
+                    self.sent_bytes += nbytes
+                yield from msgs
+            elif isinstance(item, monitor_pb2.RequestFinished):
+                yield monitor_pb2.ClientMessage(finished=item)
+            now = time.monotonic()
+            if now >= next_stats:
+                next_stats = now + self.cfg.stats_period_s
+                cur = self._client_stats()
+                if cur != last_stats:
+                    last_stats = cur
+                    yield monitor_pb2.ClientMessage(stats=cur)

@@ -1,0 +1,294 @@
+"""Unit tests of the capture plugin's transport, step bookkeeping and op (no vLLM needed).
+
+The sidecar is the real gRPC sink of `tests/capture_sink.py` in this process.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from capture_sink import CaptureSink
+
+from monitor.capture.config import CaptureConfig
+from monitor.capture.op import StaticBuffers, set_sink, wrap_decoder_layers
+from monitor.capture.steps import StepTracker
+from monitor.capture.transport import HostRing, StepRecord, Transport, split_spans
+from monitor.v1 import monitor_pb2
+
+D = 8
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(addr: str, **kw) -> CaptureConfig:
+    base = dict(addr=addr, model=MODEL, plan_timeout_s=1.0, queue_size=16, backoff_s=0.05,
+                backoff_max_s=0.2, stats_period_s=0.1, client_id="test-client")
+    base.update(kw)
+    return CaptureConfig(**base)
+
+
+def _wait(pred, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return bool(pred())
+
+
+def _record(ring: HostRing, step: int, layers=(3, 15), n_rows: int = 5,
+            plan_id: str = "test-plan-1", max_frame_bytes: int = 1 << 20) -> StepRecord | None:
+    slot = ring.acquire()
+    if slot is None:
+        return None
+    v = ring.view(slot)
+    for k in range(len(layers)):
+        v[k, :n_rows] = torch.arange(n_rows * D, dtype=torch.float32).view(n_rows, D) + 1000 * k \
+            + 10000 * step
+    spans = [("req-a", 2, 7, 9), ("req-b", n_rows - 2, 0, 100)]
+    return StepRecord(ring=ring, slot=slot, step=step, plan_id=plan_id, model=MODEL,
+                      layers=tuple(layers), n_rows=n_rows, spans=spans,
+                      max_frame_bytes=max_frame_bytes)
+
+
+@pytest.fixture
+def sink():
+    s = CaptureSink(port=_free_port(), d_model=D, layers=(3, 15)).start()
+    yield s
+    s.stop()
+
+
+def test_split_spans_cuts_and_advances_positions():
+    spans = [("a", 3, 10, 20), ("b", 4, 0, 2)]
+    got = split_spans(spans, 2)
+    assert got == [
+        (0, 2, [("a", 2, 10, 20)]),
+        (2, 4, [("a", 1, 12, 20), ("b", 1, 0, 2)]),
+        (4, 6, [("b", 2, 1, 2)]),
+        (6, 7, [("b", 1, 3, 2)]),
+    ]
+    assert split_spans(spans, 100) == [(0, 7, spans)]
+
+
+def test_drops_counted_when_sidecar_down():
+    t = Transport(_cfg(f"127.0.0.1:{_free_port()}"), MODEL)
+    t.start()
+    ring = HostRing(2, 2, 16, D, torch.float32)
+    try:
+        assert t.fetch_plan(0.2) is None
+        for step in range(1, 4):
+            rec = _record(ring, step)
+            assert rec is not None
+            assert t.submit_step(rec) is False
+        assert ring.free_slots() == 2, "dropped steps must give their slot back"
+        s = t.stats()
+        assert not s["connected"]
+        assert s["dropped_frames"] == 3 * 2
+        assert s["dropped_rows"] == 3 * 2 * 5
+        assert s["dropped_bytes"] == 3 * 2 * 5 * D * 4
+        assert t.submit_finished(monitor_pb2.RequestFinished(request_id="x")) is False
+        assert t.stats()["dropped_finished"] == 1
+    finally:
+        t.close()
+
+
+def test_hello_first_seq_and_frame_split(sink):
+    # plan max_frame_bytes small: 5 rows of 8 float32 = 160 B; force 2 rows per frame
+    sink.plan.max_frame_bytes = 64 * 1024 + 2 * D * 4
+    t = Transport(_cfg(sink.addr), MODEL)
+    t.start()
+    try:
+        assert _wait(lambda: t.connected)
+        ring = HostRing(4, 2, 16, D, torch.float32)
+        for step in (1, 2):
+            rec = _record(ring, step, max_frame_bytes=t.plan.max_frame_bytes)
+            assert t.submit_step(rec)
+        t.submit_finished(monitor_pb2.RequestFinished(request_id="req-a", reason="stop"))
+        assert _wait(lambda: "req-a" in sink.finished())
+        assert sink.log.hellos[0].client_id == "test-client"
+        assert sink.log.hellos[0].plan_id == "test-plan-1"
+        frames = sink.log.frames
+        assert [f.seq for f in frames] == list(range(1, len(frames) + 1))
+        assert len(frames) == 2 * 2 * 3  # steps x layers x chunks(2+2+1 rows)
+        assert all(f.x.shape[0] <= 2 for f in frames)
+        # reassemble rows by (request, position) and compare with what was written
+        rows = sink.rows_by_request(15)
+        want = torch.arange(5 * D, dtype=torch.float32).view(5, D) + 1000 + 20000
+        np.testing.assert_array_equal(rows["req-a"][7], want[0].numpy())
+        np.testing.assert_array_equal(rows["req-b"][2], want[4].numpy())
+        assert ring.free_slots() == 4
+        assert not sink.log.seq_errors
+    finally:
+        t.close()
+
+
+def test_reconnect_reports_client_stats_and_resumes(sink):
+    t = Transport(_cfg(sink.addr), MODEL)
+    t.start()
+    ring = HostRing(4, 2, 16, D, torch.float32)
+    try:
+        assert _wait(lambda: t.connected)
+        assert t.submit_step(_record(ring, 1))
+        assert _wait(lambda: sink.n_frames() == 2)
+        sink.stop()
+        assert _wait(lambda: not t.connected)
+        for step in range(2, 5):  # sidecar down: never blocks, drops and counts
+            t0 = time.monotonic()
+            assert t.submit_step(_record(ring, step)) is False
+            assert time.monotonic() - t0 < 0.05
+        assert t.stats()["dropped_frames"] == 6
+        sink.start()
+        assert _wait(lambda: t.connected)
+        assert t.stats()["reconnects"] == 1
+        assert _wait(lambda: len(sink.log.stats) >= 1)
+        st = sink.log.stats[0]
+        assert (st.dropped_frames, st.dropped_rows, st.reconnects) == (6, 30, 1)
+        assert t.submit_step(_record(ring, 5))
+        assert _wait(lambda: sink.n_frames() == 4)
+        new = [f for f in sink.log.frames if f.stream == 2]
+        assert [f.seq for f in new] == [1, 2], "seq restarts at 1 on a new stream"
+        assert len(sink.log.hellos) == 2
+        assert not sink.log.seq_errors
+    finally:
+        t.close()
+
+
+def test_ring_full_and_sizing():
+    ring = HostRing.sized(slots=8, budget_mb=1, n_layers=2, max_rows=1024, d_model=64,
+                          dtype=torch.float32)
+    assert ring.n_slots == 2  # 512 KiB per slot, 1 MiB budget
+    assert ring.acquire() == 0 and ring.acquire() == 1 and ring.acquire() is None
+    ring.release(1)
+    assert ring.acquire() == 1
+
+
+def _fake_runner():
+    class St(SimpleNamespace):
+        pass
+
+    sp = SimpleNamespace(max_tokens=3, extra_args={"correlation_id": "corr-A"},
+                         _all_stop_token_ids={2}, stop_token_ids=[])
+    reqs = {
+        "a": St(num_prompt_tokens=4, prompt_token_ids=[1] * 4, sampling_params=sp,
+                output_token_ids=[]),
+        "b": St(num_prompt_tokens=10, prompt_token_ids=[1] * 10,
+                sampling_params=SimpleNamespace(max_tokens=50, extra_args=None,
+                                                _all_stop_token_ids={2}, stop_token_ids=[]),
+                output_token_ids=[]),
+    }
+    ib = SimpleNamespace(num_reqs=2, req_ids=["a", "b"],
+                         num_computed_tokens_cpu=np.array([3, 6], dtype=np.int32))
+    return SimpleNamespace(input_batch=ib, requests=reqs,
+                           query_start_loc=SimpleNamespace(np=np.array([0, 2, 6], np.int32)))
+
+
+def test_step_tracker_maps_rows_and_filters_kinds():
+    r = _fake_runner()
+    tr = StepTracker(r, max_model_len=100)
+    pos = np.array([3, 4, 6, 7, 8, 9, 0, 0], dtype=np.int64)  # 2 padding rows
+    lay = tr.layout(8, pos)
+    assert lay.spans == [("corr-A", 2, 3, 4), ("b", 4, 6, 10)]
+    assert lay.contiguous and lay.n_rows == 6
+    gen = tr.layout(8, pos, prompt=False)
+    assert gen.spans == [("corr-A", 1, 4, 4)] and gen.ranges == [(1, 2)]
+    prm = tr.layout(8, pos, generated=False)
+    assert prm.spans == [("corr-A", 1, 3, 4), ("b", 4, 6, 10)]
+    assert prm.ranges == [(0, 1), (2, 6)]
+    # positions that do not match the batch (dummy run) → skipped, never mislabeled
+    assert tr.layout(8, np.zeros(8, np.int64)) is None and tr.unmapped_steps == 1
+    # finish: "a" hit max_tokens, "b" vanished early without a stop token → abort
+    r.requests["a"].output_token_ids = [5, 6, 7]
+    r.requests["b"].output_token_ids = [5]
+    fa, fb = r.requests.pop("a"), r.requests.pop("b")
+    assert fa and fb
+    fin = {f.request_id: f for f in tr.collect_finished()}
+    assert fin["corr-A"].reason == "length" and fin["corr-A"].n_generated_tokens == 3
+    assert fin["corr-A"].n_cached_prompt_tokens == 3
+    assert fin["b"].reason == "abort" and fin["b"].n_prompt_tokens == 10
+    assert tr.collect_finished() == []
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, positions, hidden_states, residual):
+        residual = hidden_states if residual is None else residual + hidden_states
+        return hidden_states * self.k, residual
+
+
+class _Model(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Layer(2.0), _Layer(3.0), _Layer(0.5)])
+
+    def forward(self, positions, x):
+        h, r = x, None
+        for layer in self.layers:
+            h, r = layer(positions, h, r)
+        return h + r
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_op_captures_residual_stream_eager_and_compiled(compiled):
+    got: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    class Sink:
+        def on_layer(self, layer, hidden, residual, positions):
+            got.append((layer, (hidden + residual).clone(), positions.clone()))
+
+    m = _Model()
+    bufs = StaticBuffers(3)
+    assert wrap_decoder_layers(m.layers, {0, 2}, bufs.meta) == [0, 2]
+    assert wrap_decoder_layers(m.layers, {0, 2}, bufs.meta) == [0, 2]  # idempotent
+    fn = torch.compile(m, backend="aot_eager", dynamic=True) if compiled else m
+    x = torch.randn(5, 4)
+    pos = torch.arange(5)
+    set_sink(Sink())
+    try:
+        out = fn(pos, x)
+        out2 = fn(pos[:3], x[:3])
+    finally:
+        set_sink(None)
+    # reference residual stream after layers 0 and 2
+    h0, r0 = x * 2, x
+    h1, r1 = h0 * 3, r0 + h0
+    h2, r2 = h1 * 0.5, r1 + h1
+    torch.testing.assert_close(out, h2 + r2)
+    assert [g[0] for g in got] == [0, 2, 0, 2]
+    torch.testing.assert_close(got[0][1], h0 + r0)
+    torch.testing.assert_close(got[1][1], h2 + r2)
+    assert got[2][1].shape == (3, 4) and out2.shape == (3, 4)
+    torch.testing.assert_close(got[1][2], pos)
+    assert bufs.meta.tolist() == [2, 0, 2]
+
+
+def test_refused_plan_never_streams(sink, caplog):
+    def refuse(plan):
+        raise ValueError(f"plan for {plan.model!r} refused")
+
+    t = Transport(_cfg(sink.addr), MODEL, on_plan=refuse)
+    with caplog.at_level("ERROR", logger="monitor.capture"):
+        t.start()
+        try:
+            time.sleep(0.8)
+            assert not t.connected and sink.n_streams == 0
+        finally:
+            t.close()
+    msgs = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(msgs) == 1, "a refused plan is logged once, clearly"

