@@ -15,6 +15,13 @@ harmful_intent (scope ``prompt``)
     random benign custom system prompt so the probe does not lean on the default one.
     Validation adds *long* requests (a harmful or benign task inside a list of benign
     ones) so the chosen aggregation is one that holds up on long inputs.
+    Dangerous-sounding benign requests (``benign_dangerous_train.jsonl`` 60% train / 20%
+    val / 20% calibration, and the ``hn-*`` rows of ``benign_extra.jsonl``) get a larger
+    sample weight (their rows together weigh ``DANGEROUS_BENIGN_WEIGHT`` times the
+    ordinary benign rows' total, see ``benign_weights``), a validation set of their own
+    (``val_hn``: harmful val vs dangerous-sounding benign val) enters the selection
+    criterion, and their calibration slice joins the calibration benign set, so the
+    thresholds reflect dangerous-sounding benign traffic.
 
 deception (scope ``generated``)
     Instructed honesty (Apollo Research / RepE): an honest or dishonest persona
@@ -185,9 +192,14 @@ def _request_scores(probe: LinearProbe, acts: Activations, agg: dict[str, Any],
 
 
 def _criterion(met: dict[str, float]) -> float:
-    """Mean over validation sets of ``(AUROC + TPR@1%FPR) / 2``."""
+    """Worst validation set's ``(AUROC + TPR@1%FPR) / 2``.
+
+    The minimum, not the mean: a probe that trades long requests for dangerous-sounding
+    short ones (or the reverse) is judged by the distribution it handles worst, which is
+    what held-out traffic of another style will probe.
+    """
     keys = {k.split(".")[0] for k in met}
-    return float(np.mean([(met[f"{k}.auroc"] + met[f"{k}.tpr@fpr0.01"]) / 2 for k in keys]))
+    return float(min((met[f"{k}.auroc"] + met[f"{k}.tpr@fpr0.01"]) / 2 for k in keys))
 
 
 def _selection_table(cands: Sequence[Any], top: int = 12) -> list[dict[str, Any]]:
@@ -198,6 +210,32 @@ def _selection_table(cands: Sequence[Any], top: int = 12) -> list[dict[str, Any]
 
 
 # ----------------------------------------------------------------------- harmful intent
+DANGEROUS_BENIGN_WEIGHT = 0.5
+"""Total training weight of the dangerous-sounding benign requests' rows relative to the
+ordinary benign requests' rows (before ``class_weight='balanced'``)."""
+
+
+def is_dangerous_benign(ex: ChatExample) -> bool:
+    """A benign request that merely sounds dangerous (training data only)."""
+    return ex.label == 0 and (ex.source == "benign_dangerous_train" or
+                              (ex.category or "").startswith("hn-"))
+
+
+def benign_weights(acts: Activations, examples: Sequence[ChatExample], keep: np.ndarray,
+                   ratio: float = DANGEROUS_BENIGN_WEIGHT) -> np.ndarray:
+    """Per-row sample weights: 1, except rows of dangerous-sounding benign requests,
+    which share ``ratio`` × the total weight of the other benign rows (kept rows only),
+    so a few hundred such requests are not drowned by ordinary benign traffic."""
+    dang = np.array([is_dangerous_benign(e) for e in examples], dtype=bool)[acts.example]
+    benign = acts.labels[acts.example] == 0
+    w = np.ones(acts.n_rows, dtype=np.float64)
+    n_d = float((keep & dang).sum())
+    n_o = float((keep & benign & ~dang).sum())
+    if n_d > 0 and n_o > 0:
+        w[dang] = max(1.0, ratio * n_o / n_d)
+    return w
+
+
 def harmful_labels(acts: Activations, keep_pre: float = 0.1, start_frac: float = 0.4,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Row mask and token labels for harmful-intent training (see module doc)."""
@@ -238,11 +276,13 @@ def harmful_intent_recipe(collector: TransformersCollector, cache_dir: Path | No
     test_neg_all = load_refusal_json("harmful_intent/harmless_val.json", 0)
     extra_pos = load_jsonl(DATA_DIR / "harmful_extra.jsonl")
     extra_neg = load_jsonl(DATA_DIR / "benign_extra.jsonl")
+    dang_neg = load_jsonl(DATA_DIR / "benign_dangerous_train.jsonl")
     hard = load_jsonl(DATA_DIR / "hard_negatives.jsonl")
 
     hp_tr, hp_va = split(harmful, [0.8, 0.2], seed)
     xp_tr, xp_va = split(extra_pos, [0.7, 0.3], seed)
     xn_tr, xn_va = split(extra_neg, [0.7, 0.3], seed)
+    dn_tr, dn_va, dn_cal = split(dang_neg, [0.6, 0.2, 0.2], seed)
     rng = random.Random(seed)
     order = list(range(len(harmless)))
     rng.shuffle(order)
@@ -253,11 +293,14 @@ def harmful_intent_recipe(collector: TransformersCollector, cache_dir: Path | No
     calib = [harmless[i] for i in order[b:c]]
     test_neg = split(test_neg_all, [1.0], seed + 1)[0][:n_test]
 
-    train = _with_systems(hp_tr + xp_tr + hn_tr + xn_tr, 0.25, seed)
-    val = _with_systems(hp_va + xp_va + hn_va + xn_va, 0.25, seed + 1)
+    train = _with_systems(hp_tr + xp_tr + hn_tr + xn_tr + dn_tr, 0.25, seed)
+    val = _with_systems(hp_va + xp_va + hn_va + xn_va + dn_va, 0.25, seed + 1)
     val_long = _long_examples(hp_va + xp_va, hn_va + xn_va, 40, seed, "long_val") + \
-        _long_examples(hn_va + xn_va, hn_va + xn_va, 120, seed + 7, "long_val")
-    calib_ex = _with_systems(calib, 0.25, seed + 2)
+        _long_examples(hn_va + xn_va + dn_va, hn_va + xn_va, 120, seed + 7, "long_val")
+    # harmful val vs dangerous-sounding benign val: the selection must separate them
+    val_hn = _with_systems(hp_va + xp_va + [e for e in xn_va if is_dangerous_benign(e)] +
+                           dn_va, 0.25, seed + 8)
+    calib_ex = _with_systems(calib + dn_cal, 0.25, seed + 2)
     test = test_pos + test_neg
     test_long = _long_examples(test_pos, test_neg, 39, seed + 3, "long_test") + \
         _long_examples(test_neg, test_neg, 150, seed + 4, "long_test")
@@ -270,12 +313,14 @@ def harmful_intent_recipe(collector: TransformersCollector, cache_dir: Path | No
                                  desc=f"harmful_intent/{desc}")
 
     a_train, a_val, a_long = get(train, "train"), get(val, "val"), get(val_long, "val_long")
+    a_vhn = get(val_hn, "val_hn")
     keep, y = harmful_labels(a_train, seed=seed)
-    fit_rows = {lay: (a_train.x[lay][keep], y[keep]) for lay in layers}
+    w = benign_weights(a_train, train, keep)
+    fit_rows = {lay: (a_train.x[lay][keep], y[keep], w[keep]) for lay in layers}
     val_sets = {
         name: ({lay: acts.x[lay] for lay in layers}, acts.example, acts.labels, None,
                acts.n_examples)
-        for name, acts in (("val", a_val), ("val_long", a_long))
+        for name, acts in (("val", a_val), ("val_long", a_long), ("val_hn", a_vhn))
     }
     methods = [("logreg", 0.001), ("logreg", 0.01), ("logreg", 0.1), ("diffmean", None)]
     aggs = default_aggregations()
@@ -288,9 +333,11 @@ def harmful_intent_recipe(collector: TransformersCollector, cache_dir: Path | No
 
     # refit the chosen configuration on train + val (short requests only)
     keep_v, y_v = harmful_labels(a_val, seed=seed + 1)
+    w_v = benign_weights(a_val, val, keep_v)
     x_all = np.concatenate([a_train.x[best.layer][keep], a_val.x[best.layer][keep_v]])
     y_all = np.concatenate([y[keep], y_v[keep_v]])
-    probe = fit_probe(best.method, x_all, y_all, best.layer, best.C or 1.0)
+    w_all = np.concatenate([w[keep], w_v[keep_v]])
+    probe = fit_probe(best.method, x_all, y_all, best.layer, best.C or 1.0, w_all)
     agg = best.aggregation
 
     def req(acts: Activations) -> np.ndarray:
@@ -303,8 +350,10 @@ def harmful_intent_recipe(collector: TransformersCollector, cache_dir: Path | No
                                  desc=f"harmful_intent/{desc}")
 
     s_cal = req(get1(calib_ex, "calib"))
-    cal = calibrate(s_cal, benign_set=f"harmless_train.json disjoint sample ({len(calib)}, "
-                    "25% with a custom system prompt)")
+    s_cal_dn = s_cal[len(calib):]
+    cal = calibrate(s_cal, benign_set=f"harmless_train.json disjoint sample ({len(calib)}) + "
+                    f"held-out 20% of benign_dangerous_train.jsonl ({len(dn_cal)}); 25% "
+                    "with a custom system prompt")
     thr = {"warn": cal[fpr_key(0.01)], "critical": cal[fpr_key(0.001)]}
     a_test = get1(test, "test")
     s_test = req(a_test)
@@ -325,6 +374,9 @@ def harmful_intent_recipe(collector: TransformersCollector, cache_dir: Path | No
                                                if s >= thr["warn"]]},
         "calibration_set": {"fpr@warn": float((s_cal >= thr["warn"]).mean()),
                             "fpr@critical": float((s_cal >= thr["critical"]).mean())},
+        "calibration_dangerous_benign": {
+            "n": len(dn_cal), "fpr@warn": float((s_cal_dn >= thr["warn"]).mean()),
+            "fpr@critical": float((s_cal_dn >= thr["critical"]).mean())},
         "validation": {k: round(v, 4) for k, v in best.metrics.items()},
     }
     cal.update({"aggregation": agg, "min_tokens": min_tokens, "scope": "prompt"})
@@ -338,6 +390,9 @@ def harmful_intent_recipe(collector: TransformersCollector, cache_dir: Path | No
                   f"{n_harmless_val} val, {n_calib} calibration; disjoint)",
                   "probes/data/harmful_extra.jsonl (70/30)",
                   "probes/data/benign_extra.jsonl (70/30)",
+                  "probes/data/benign_dangerous_train.jsonl (60% train, 20% val, 20% "
+                  "calibration); dangerous-sounding benign rows up-weighted to "
+                  f"{DANGEROUS_BENIGN_WEIGHT:g}x the other benign rows' total weight",
                   "test: harmful_val.json + harmless_val.json sample, "
                   "probes/data/hard_negatives.jsonl"],
         token_labels="template/system 0 (10% kept); benign user text 0; harmful user text "

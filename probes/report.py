@@ -110,7 +110,7 @@ def write_report(out: Path, results: Sequence[Any], model_name: str) -> Path:
                   "- data: " + "; ".join(r.datasets), ""]
         lines += _metric_rows(r.metrics)
         lines.append("")
-        for k in ("hard_negatives", "calibration_set"):
+        for k in ("hard_negatives", "calibration_set", "calibration_dangerous_benign"):
             if k in r.metrics:
                 m = r.metrics[k]
                 lines.append(f"- {k}: FPR@warn {_fmt(m['fpr@warn'])}, FPR@critical "

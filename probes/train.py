@@ -223,7 +223,7 @@ class Candidate:
 
 
 def grid_search(
-    fit_rows: dict[int, tuple[np.ndarray, np.ndarray]],
+    fit_rows: dict[int, tuple[np.ndarray, ...]],
     val_sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]],
     *,
     methods: Sequence[tuple[str, float | None]],
@@ -232,7 +232,8 @@ def grid_search(
     criterion: Any,
     progress: bool = True,
 ) -> tuple[list[Candidate], dict[tuple[int, str, float | None], LinearProbe]]:
-    """Fit every (layer, method, C) on ``fit_rows[layer] = (x, y)`` and score every
+    """Fit every (layer, method, C) on ``fit_rows[layer] = (x, y)`` or ``(x, y, w)``
+    (``w``: per-row sample weights) and score every
     aggregation on each validation set ``name -> (x_by_layer_rows, example, labels,
     in_scope, n_examples)`` (``x`` there is a dict layer -> rows). ``criterion(metrics)``
     maps ``{f"{set}.auroc", f"{set}.tpr@fpr0.01", ...}`` to a number to maximise.
@@ -245,8 +246,9 @@ def grid_search(
     out: list[Candidate] = []
     jobs = [(lay, m, c) for lay in sorted(fit_rows) for m, c in methods]
     for lay, m, c in tqdm(jobs, desc="fit", disable=not progress, leave=False):
-        x, y = fit_rows[lay]
-        probe = fit_probe(m, x, y, lay, c if c is not None else 1.0)
+        x, y, *rest = fit_rows[lay]
+        w = rest[0] if rest else None
+        probe = fit_probe(m, x, y, lay, c if c is not None else 1.0, w)
         probes[(lay, m, c)] = probe
         token_scores = {name: probe.scores(v[0][lay]) for name, v in val_sets.items()}
         for agg in aggregations:

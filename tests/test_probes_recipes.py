@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from probes.collect import SEG_GENERATED, SEG_POST, SEG_PRE, SEG_USER, Activations
-from probes.datasets import ChatExample
-from probes.recipes import _long_examples, deception_labels, harmful_labels
+from probes.datasets import DATA_DIR, ChatExample, load_jsonl
+from probes.recipes import (
+    _long_examples,
+    benign_weights,
+    deception_labels,
+    harmful_labels,
+    is_dangerous_benign,
+)
 
 
 def _acts(segments: list[list[int]], labels: list[int]) -> Activations:
@@ -51,3 +59,38 @@ def test_long_examples_embed_the_task() -> None:
     out = _long_examples(task, fill, 3, seed=0, source="s")
     assert all(e.label == 1 and "TASK" in e.user_text and e.user_text.count("\n") >= 5
                for e in out)
+
+
+def test_benign_weights_upweight_dangerous_sounding_negatives() -> None:
+    U = SEG_USER
+    mk = ChatExample.make
+    exs = [mk([{"role": "user", "content": "a"}], 1),
+           mk([{"role": "user", "content": "b"}], 0, source="harmless_train"),
+           mk([{"role": "user", "content": "c"}], 0, source="benign_dangerous_train")]
+    acts = _acts([[U] * 4, [U] * 40, [U] * 4], [1, 0, 0])
+    keep = np.ones(acts.n_rows, bool)
+    w = benign_weights(acts, exs, keep, ratio=0.5)
+    assert (w[:44] == 1).all()
+    assert w[44:].sum() == 0.5 * 40  # the group weighs half the ordinary benign rows
+    assert not is_dangerous_benign(exs[0]) and is_dangerous_benign(exs[2])
+
+
+def _grams(text: str, n: int = 5) -> set[tuple[str, ...]]:
+    t = re.findall(r"[a-z0-9']+", text.lower())
+    return {tuple(t[i:i + n]) for i in range(len(t) - n + 1)}
+
+
+def test_training_data_does_not_overlap_the_hard_negative_check_set() -> None:
+    """benign_dangerous_train.jsonl shares no 5-word sequence with the check set
+    hard_negatives.jsonl; no training file repeats a check-set prompt."""
+    hard_rows = load_jsonl(DATA_DIR / "hard_negatives.jsonl")
+    hard = set().union(*(_grams(e.user_text) for e in hard_rows))
+    dang = load_jsonl(DATA_DIR / "benign_dangerous_train.jsonl")
+    shared = [e.user_text for e in dang if _grams(e.user_text) & hard]
+    assert not shared, shared[:3]
+    texts = {e.user_text.strip().lower() for e in hard_rows}
+    for name in ("benign_dangerous_train", "benign_extra", "harmful_extra"):
+        rows = load_jsonl(DATA_DIR / f"{name}.jsonl")
+        assert rows and not [e for e in rows if e.user_text.strip().lower() in texts]
+    dang = load_jsonl(DATA_DIR / "benign_dangerous_train.jsonl")
+    assert len(dang) >= 200 and all(e.label == 0 for e in dang)
