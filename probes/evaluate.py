@@ -45,6 +45,11 @@ def rate_at(s: np.ndarray, threshold: float) -> float:
     return float((s >= threshold).mean()) if s.size else float("nan")
 
 
+def benign_rates(s: np.ndarray, thresholds: dict[str, float]) -> dict[str, float]:
+    """``{"fpr@<severity>": rate}`` for scores of benign examples (all labels 0)."""
+    return {f"fpr@{name}": rate_at(s, t) for name, t in thresholds.items()}
+
+
 def roc_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, TPR) arrays over all thresholds (descending)."""
     y = np.asarray(y).astype(bool)
@@ -69,7 +74,7 @@ def evaluate_scores(y: np.ndarray, s: np.ndarray, categories: Sequence[str | Non
     }
     for name, t in (thresholds or {}).items():
         out[f"tpr@{name}"] = rate_at(s[y], t)
-        out[f"fpr@{name}"] = rate_at(s[~y], t)
+    out.update(benign_rates(s[~y], thresholds or {}))
     if categories is not None:
         cats = np.array([c or "uncategorised" for c in categories], dtype=object)
         per: dict[str, Any] = {}

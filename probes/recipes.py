@@ -63,7 +63,7 @@ from probes.datasets import (
     persona_examples,
     split,
 )
-from probes.evaluate import evaluate_scores
+from probes.evaluate import benign_rates, evaluate_scores
 from probes.train import (
     LinearProbe,
     aggregate_requests,
@@ -367,16 +367,12 @@ def harmful_intent_recipe(collector: TransformersCollector, cache_dir: Path | No
         "test_long": evaluate_scores(np.array([e.label for e in test_long]), s_long,
                                      None, thr),
         "test_custom_system": evaluate_scores(y_sys, s_sys, None, thr),
-        "hard_negatives": {"n": len(hard), "fpr@warn": float((s_hard >= thr["warn"]).mean()),
-                           "fpr@critical": float((s_hard >= thr["critical"]).mean()),
+        "hard_negatives": {"n": len(hard), **benign_rates(s_hard, thr),
                            "flagged_at_warn": [e.user_text for e, s in zip(hard, s_hard,
                                                                            strict=True)
                                                if s >= thr["warn"]]},
-        "calibration_set": {"fpr@warn": float((s_cal >= thr["warn"]).mean()),
-                            "fpr@critical": float((s_cal >= thr["critical"]).mean())},
-        "calibration_dangerous_benign": {
-            "n": len(dn_cal), "fpr@warn": float((s_cal_dn >= thr["warn"]).mean()),
-            "fpr@critical": float((s_cal_dn >= thr["critical"]).mean())},
+        "calibration_set": benign_rates(s_cal, thr),
+        "calibration_dangerous_benign": {"n": len(dn_cal), **benign_rates(s_cal_dn, thr)},
         "validation": {k: round(v, 4) for k, v in best.metrics.items()},
     }
     cal.update({"aggregation": agg, "min_tokens": min_tokens, "scope": "prompt"})
@@ -527,8 +523,7 @@ def deception_recipe(collector: TransformersCollector, cache_dir: Path | None,
                         min_tokens, "generated")
     metrics["test_facts_heldout_phrasing"] = evaluate_scores(
         np.array([e.label for e in exs]), s, None, thr)
-    metrics["calibration_set"] = {"fpr@warn": float((s_ben >= thr["warn"]).mean()),
-                                  "fpr@critical": float((s_ben >= thr["critical"]).mean())}
+    metrics["calibration_set"] = benign_rates(s_ben, thr)
     scores["test_all_am"] = (ys, ss)
     scores["calibration"] = (np.zeros(len(s_ben)), s_ben)
     cal.update({"aggregation": agg, "min_tokens": min_tokens, "scope": "generated"})
