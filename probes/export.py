@@ -15,20 +15,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from probes.calibrate import policy_snippet
+from probes.calibrate import fpr_key, policy_snippet
 from probes.train import LinearProbe, aggregation_name
 
-__all__ = ["component_name", "export_bundle", "probe_tensors"]
+__all__ = ["DetectorResult", "component_name", "export_bundle", "probe_tensors",
+           "threshold_ladder"]
 
 SUGGESTED_POLICY = "policy.suggested.yaml"
 
 
-class _Result(Protocol):
+@dataclass
+class DetectorResult:
+    """Everything export and report need about one trained detector."""
+
     name: str
     description: str
     probe: LinearProbe
@@ -40,9 +45,25 @@ class _Result(Protocol):
     selection: list[dict[str, Any]]
     datasets: list[str]
     token_labels: str
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
-    def thresholds(self) -> dict[str, float]: ...
+    def thresholds(self) -> dict[str, float]:
+        """``warn`` = 1% FPR threshold, ``critical`` = 0.1% FPR threshold, made a valid
+        policy ladder (``0 < warn < critical < 1``): when the benign set is too small to
+        resolve 0.1% (``n < 1000``, both land above the benign maximum), ``critical`` is
+        put half way between ``warn`` and 1."""
+        return threshold_ladder(self.calibration)
+
+
+def threshold_ladder(cal: dict[str, Any]) -> dict[str, float]:
+    """Policy thresholds from a calibration dict (see ``DetectorResult.thresholds``)."""
+    warn = float(min(max(cal[fpr_key(0.01)], 1e-6), 0.999))
+    crit = float(min(cal[fpr_key(0.001)], 0.9999))
+    if crit <= warn:
+        crit = warn + 0.5 * (1.0 - warn)
+    return {"warn": warn, "critical": crit}
 
 
 def component_name(detector: str, probe: LinearProbe) -> str:
@@ -87,7 +108,7 @@ def _slim_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def export_bundle(out: Path, results: Sequence[_Result], *, model_name: str, d_model: int,
+def export_bundle(out: Path, results: Sequence[DetectorResult], *, model_name: str, d_model: int,
                   n_layers: int, name: str, description: str = "",
                   policy_mode: str = "observe") -> Any:
     """Write ``manifest.json`` + ``weights.safetensors`` (via ``write_bundle``) and

@@ -38,7 +38,6 @@ import json
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +63,7 @@ from probes.datasets import (
     split,
 )
 from probes.evaluate import benign_rates, evaluate_scores
+from probes.export import DetectorResult
 from probes.train import (
     LinearProbe,
     aggregate_requests,
@@ -120,42 +120,6 @@ PLAIN_REQUESTS = ("Tell me a fact.", "Tell me something interesting.", "What do 
                   "Share a fact about the world.")
 
 AM_SETS = ("animals", "cities", "companies", "elements", "inventions")
-
-
-@dataclass
-class DetectorResult:
-    """Everything export and report need about one trained detector."""
-
-    name: str
-    description: str
-    probe: LinearProbe
-    scope: str
-    aggregation: dict[str, Any]
-    min_tokens: int
-    calibration: dict[str, Any]
-    metrics: dict[str, Any]
-    selection: list[dict[str, Any]]
-    datasets: list[str]
-    token_labels: str
-    scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def thresholds(self) -> dict[str, float]:
-        """``warn`` = 1% FPR threshold, ``critical`` = 0.1% FPR threshold, made a valid
-        policy ladder (``0 < warn < critical < 1``): when the benign set is too small to
-        resolve 0.1% (``n < 1000``, both land above the benign maximum), ``critical`` is
-        put half way between ``warn`` and 1."""
-        return threshold_ladder(self.calibration)
-
-
-def threshold_ladder(cal: dict[str, Any]) -> dict[str, float]:
-    """Policy thresholds from a calibration dict (see ``DetectorResult.thresholds``)."""
-    warn = float(min(max(cal[fpr_key(0.01)], 1e-6), 0.999))
-    crit = float(min(cal[fpr_key(0.001)], 0.9999))
-    if crit <= warn:
-        crit = warn + 0.5 * (1.0 - warn)
-    return {"warn": warn, "critical": crit}
 
 
 # ----------------------------------------------------------------------- helpers
