@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from probes.calibrate import calibrate, fpr_key
+from probes.calibrate import calibrate
 from probes.collect import (
     SEG_GENERATED,
     SEG_POST,
@@ -63,7 +63,7 @@ from probes.datasets import (
     split,
 )
 from probes.evaluate import benign_rates, evaluate_scores
-from probes.export import DetectorResult
+from probes.export import DetectorResult, threshold_ladder
 from probes.train import (
     LinearProbe,
     aggregate_requests,
@@ -318,7 +318,7 @@ def harmful_intent_recipe(collector: TransformersCollector, cache_dir: Path | No
     cal = calibrate(s_cal, benign_set=f"harmless_train.json disjoint sample ({len(calib)}) + "
                     f"held-out 20% of benign_dangerous_train.jsonl ({len(dn_cal)}); 25% "
                     "with a custom system prompt")
-    thr = {"warn": cal[fpr_key(0.01)], "critical": cal[fpr_key(0.001)]}
+    thr = threshold_ladder(cal)  # the thresholds the bundle ships
     a_test = get1(test, "test")
     s_test = req(a_test)
     s_long = req(get1(test_long, "test_long"))
@@ -464,7 +464,7 @@ def deception_recipe(collector: TransformersCollector, cache_dir: Path | None,
     s_ben = _request_scores(probe, get(benign, "benign_answers", [best.layer]), agg,
                             min_tokens, "generated")
     cal = calibrate(s_ben, benign_set=benign_set)
-    thr = {"warn": cal[fpr_key(0.01)], "critical": cal[fpr_key(0.001)]}
+    thr = threshold_ladder(cal)  # the thresholds the bundle ships
     metrics: dict[str, Any] = {"validation": {k: round(v, 4) for k, v in best.metrics.items()}}
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in AM_SETS:
