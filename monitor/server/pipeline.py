@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -483,19 +483,3 @@ class Pipeline:
         with self._reg_lock:
             r = self._requests.get(request_id)
             return None if r is None else r.owner
-
-
-def noop_sink(name: str = "none") -> StreamSink:
-    """A sink that discards messages (requests whose stream is gone)."""
-
-    class _Null:
-        def __init__(self) -> None:
-            self.name = name
-
-        def post(self, msg: monitor_pb2.ServerMessage | None) -> None:
-            return None
-
-    return _Null()
-
-
-Callback = Callable[[Any], None]
