@@ -20,7 +20,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from monitor.models import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
+from monitor.report.metrics import parse_exposition
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = REPO / "bundles" / "default"
@@ -121,22 +121,18 @@ def read_finals(audit: Path) -> dict[str, dict[str, dict[str, object]]]:
     return finals
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
-
-
 def metrics_summary(text: str) -> list[str]:
-    """Pick the lines an operator looks at first from a Prometheus text exposition."""
+    """Pick the samples an operator looks at first from a Prometheus text exposition."""
     keep = ("rows_scored_total", "frames_received_total", "frames_rejected_total",
             "rows_unscored_total", "alerts_total", "requests_finished_total",
             "client_dropped_frames_total", "frames_missing_total", "duplicate_rows_total",
             "scoring_latency_seconds_sum", "scoring_latency_seconds_count",
             "queue_depth_rows", "bundle_info", "policy_info")
     out = []
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m and m.group(1).startswith("safety_monitor_") and any(
-                m.group(1).endswith(k) for k in keep):
-            out.append(line)
+    for (name, labels), value in parse_exposition(text).items():
+        if name.startswith("safety_monitor_") and name.endswith(keep):
+            shown = ",".join(f'{k}="{v}"' for k, v in labels)
+            out.append(f"{name}{{{shown}}} {value:g}" if shown else f"{name} {value:g}")
     return out
 
 
