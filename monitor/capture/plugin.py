@@ -193,15 +193,14 @@ class CaptureSession:
         if layout is None or layout.n_rows == 0:
             return
         n_l = len(plan.layers)
-        row_bytes = self.d_model * st.ring.buf.element_size()
+        rows = layout.n_rows * n_l  # one frame per plan layer
+        nbytes = rows * self.d_model * st.ring.buf.element_size()
         if not self.transport.connected:
-            self.transport.count_drop(n_l, layout.n_rows * n_l, layout.n_rows * n_l * row_bytes,
-                                      "sidecar not connected")
+            self.transport.count_drop(n_l, rows, nbytes, "sidecar not connected")
             return
         slot = st.ring.acquire()
         if slot is None:
-            self.transport.count_drop(n_l, layout.n_rows * n_l, layout.n_rows * n_l * row_bytes,
-                                      "ring full (sidecar slow)")
+            self.transport.count_drop(n_l, rows, nbytes, "ring full (sidecar slow)")
             return
         rec = StepRecord(ring=st.ring, slot=slot, step=self.step, plan_id=plan.plan_id,
                          model=self.model_name, layers=plan.layers, n_rows=layout.n_rows,
