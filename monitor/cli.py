@@ -51,6 +51,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         grpc_max_message_bytes=args.grpc_max_message_bytes, compute_dtype=args.compute_dtype,
         max_requests=args.max_requests, policy_watch_s=args.policy_watch_s,
         grace_s=args.grace_s, torch_threads=args.torch_threads,
+        orphan_grace_s=args.orphan_grace_s,
     )
     try:
         return serve(cfg)
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy-watch-s", type=float, default=1.0,
                    help="policy file poll interval in seconds (0: off)")
     s.add_argument("--grace-s", type=float, default=5.0, help="shutdown grace, seconds")
+    s.add_argument("--orphan-grace-s", type=float, default=30.0,
+                   help="seconds a broken stream's open requests wait for a reconnecting "
+                        "client before they are finished")
     s.add_argument("--torch-threads", type=int, default=0,
                    help="torch intra-op threads for scoring (0: torch default)")
     s.set_defaults(func=_cmd_serve)

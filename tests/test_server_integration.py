@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import grpc
@@ -272,6 +272,43 @@ def test_unfinished_requests_get_finals_when_stream_closes(server: MonitorServer
                          reason="stream_closed") - before == 1
 
 
+def _break_stream_after(srv: MonitorServer, msgs: list[monitor_pb2.ClientMessage],
+                        rows_on_layer_2: int) -> None:
+    """Send `msgs` on a stream, wait until the server scored them, then cancel the call
+    (the client vanishes without half-closing, as a killed or disconnected client does)."""
+    def gen() -> Iterator[monitor_pb2.ClientMessage]:
+        yield from msgs
+        time.sleep(10)  # never half-close: the call is cancelled before this returns
+
+    before = srv.metric("safety_monitor_rows_scored_total", layer="2", model_name=MODEL)
+    call = monitor_pb2_grpc.MonitorStub(srv.channel).Stream(gen(), timeout=60)
+    assert _wait(lambda: srv.metric("safety_monitor_rows_scored_total", layer="2",
+                                    model_name=MODEL) - before >= rows_on_layer_2)
+    call.cancel()
+
+
+def test_broken_stream_requests_are_carried_on_by_a_new_stream(server: MonitorServer,
+                                                                geometry: dict) -> None:
+    r = rid("reconnect")
+    closed0 = server.metric("safety_monitor_requests_finished_total", reason="stream_closed",
+                            model_name=MODEL)
+    again0 = server.metric("safety_monitor_requests_reattached_total")
+    _break_stream_after(server, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
+                                           [Span(r, 4, 0, 4)])], 4)
+    assert _wait(lambda: server.metric("safety_monitor_active_streams") == 0)
+    # the reconnected client carries the request on: seq restarts, positions continue
+    out = stream(server, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4, [2]),
+                                    [Span(r, 4, 4, 8)]), fin(r)])
+    assert errors(out) == []
+    final = {v.detector: v for v in verdicts(out, r, final=True)}
+    assert final["harmful_intent"].n_tokens_scored == 8  # nothing lost across the break
+    assert final["harmful_intent"].severity == monitor_pb2.SEVERITY_CRITICAL
+    assert final["harmful_intent"].crossed_at_position == 6
+    assert server.metric("safety_monitor_requests_reattached_total") - again0 == 1
+    assert server.metric("safety_monitor_requests_finished_total", reason="stream_closed",
+                         model_name=MODEL) == closed0
+
+
 # ------------------------------------------------------------------ bad inputs
 
 
@@ -416,8 +453,9 @@ def test_unknown_request(server: MonitorServer, geometry: dict) -> None:
 
 @pytest.fixture(scope="module")
 def aux(start_server: Callable[..., MonitorServer]) -> MonitorServer:
-    """A second server: 8-row queue, no policy file watcher."""
-    return start_server(extra=["--queue-rows", "8", "--policy-watch-s", "0"], name="aux")
+    """A second server: 8-row queue, no policy file watcher, 1 s orphan grace."""
+    return start_server(extra=["--queue-rows", "8", "--policy-watch-s", "0",
+                               "--orphan-grace-s", "1"], name="aux")
 
 
 def test_queue_full(aux: MonitorServer, geometry: dict) -> None:
@@ -434,6 +472,24 @@ def test_queue_full(aux: MonitorServer, geometry: dict) -> None:
     assert shed["harmful_intent"].n_tokens_scored == 0
     assert_stream_usable(out, ok_id)
     assert srv.metric("safety_monitor_queue_capacity_rows") == 8
+
+
+def test_orphans_nobody_adopts_are_finished_after_the_grace(aux: MonitorServer,
+                                                             geometry: dict) -> None:
+    srv = aux
+    r = rid("orphan")
+    before = srv.metric("safety_monitor_requests_finished_total", reason="orphaned",
+                        model_name=MODEL)
+    _break_stream_after(srv, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4, [1]),
+                                        [Span(r, 4, 0, 4)])], 4)
+    assert _wait(lambda: srv.metric("safety_monitor_requests_finished_total",
+                                    reason="orphaned", model_name=MODEL) - before == 1)
+    finals = [a for a in srv.audit_lines() if a["request_id"] == r]
+    assert [a["event"] for a in finals] == ["alert"]  # the alert was audited before the break
+    # once finished, a late frame for it is refused, not silently re-opened
+    out = stream(srv, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
+                                 [Span(r, 4, 4, 8)])])
+    assert [(e.reason, e.request_id) for e in errors(out)] == [("unknown_request", r)]
 
 
 # ------------------------------------------------------------------ unary Score

@@ -40,7 +40,8 @@ _LATENCY_BUCKETS = (
 )
 
 #: Bounded set of RequestFinished reasons used as a label (anything else is "other").
-FINISH_REASONS = frozenset({"stop", "length", "abort", "error", "stream_closed", "evicted"})
+FINISH_REASONS = frozenset({"stop", "length", "abort", "error", "stream_closed", "evicted",
+                            "orphaned"})
 
 
 def score_buckets(thresholds: Iterable[float]) -> tuple[float, ...]:
@@ -73,6 +74,9 @@ class Metrics:
         self.requests_finished = Counter(p + "requests_finished", "Requests finished "
                                          "(final verdicts emitted).", ["model_name", "reason"],
                                          registry=r)
+        self.requests_reattached = Counter(p + "requests_reattached", "Requests whose stream "
+                                           "broke and that a new stream carried on "
+                                           "(reconnecting client).", registry=r)
         self.frames_rejected = Counter(p + "frames_rejected", "Client messages refused "
                                        "with an in-stream error or RPC error.", ["reason"],
                                        registry=r)

@@ -71,6 +71,7 @@ class ServerConfig:
     policy_watch_s: float = 1.0  # 0 disables the file watcher
     grace_s: float = 5.0
     torch_threads: int = 0  # torch intra-op threads for the scorer; 0: torch's default
+    orphan_grace_s: float = 30.0  # a broken stream's requests wait this long to be adopted
 
     @property
     def grpc_limit(self) -> int:
@@ -262,7 +263,8 @@ def build_app(config: ServerConfig) -> MonitorApp:
     tracker = RequestTracker(policy, max_requests=config.max_requests)
     pipeline = Pipeline(scorer, tracker, policy, metrics, audit, bundle_name=bundle.name,
                         bundle_sha256=bundle.sha256, model_name=bundle.model_name,
-                        capacity_rows=config.queue_rows, max_batch_rows=config.max_batch_rows)
+                        capacity_rows=config.queue_rows, max_batch_rows=config.max_batch_rows,
+                        orphan_grace_s=config.orphan_grace_s)
     app = MonitorApp(config, bundle, scorer, policy, holder, metrics, audit, pipeline)
     app_ref.append(app)
     log.info("bundle %s (%s, sha256 %s): model %s, d_model %d, layers %s, detectors %s",

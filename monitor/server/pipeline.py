@@ -86,7 +86,7 @@ class _FrameItem:
 
 @dataclass
 class _FinishItem:
-    sink: StreamSink
+    sink: StreamSink | None  # None: the request's stream is gone (orphan), nobody to tell
     request_id: str
     reason: str
 
@@ -112,7 +112,8 @@ class _EndItem:
 
 @dataclass
 class _Req:
-    owner: StreamSink
+    owner: StreamSink | None  # None while orphaned (its stream broke; a new one may adopt it)
+    orphaned_at: float | None = None  # time.monotonic() when orphaned
     closing: bool = False  # RequestFinished accepted; the worker has not finished it yet
     hwm: dict[int, int] = field(default_factory=dict)  # layer -> highest position scored
 
@@ -130,6 +131,8 @@ class Pipeline:
         capacity_rows: queue capacity in rows (activation memory bound).
         max_batch_rows: most rows per scorer call.
         max_closed: how many finished request ids are remembered (late-frame detection).
+        orphan_grace_s: how long the requests of a broken stream wait for a reconnecting
+            client to carry them on before they are finished with reason "orphaned".
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class Pipeline:
         capacity_rows: int = 65536,
         max_batch_rows: int = 4096,
         max_closed: int = 100_000,
+        orphan_grace_s: float = 30.0,
     ) -> None:
         if capacity_rows < 1 or max_batch_rows < 1:
             raise ValueError("capacity_rows and max_batch_rows must be >= 1")
@@ -159,6 +163,7 @@ class Pipeline:
         self.capacity_rows = int(capacity_rows)
         self.max_batch_rows = int(max_batch_rows)
         self.max_closed = int(max_closed)
+        self.orphan_grace_s = float(orphan_grace_s)
         self._policy = policy
         self._judged = self._judged_map(policy)
         self._cond = threading.Condition()
@@ -182,7 +187,13 @@ class Pipeline:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Drain the queue and stop the worker; True if it finished within `timeout` s."""
+        """Finish orphans, drain the queue and stop the worker; True if it finished within
+        `timeout` s."""
+        with self._reg_lock:
+            orphans = [rid for rid, r in self._requests.items()
+                       if r.owner is None and not r.closing]
+        for rid in orphans:  # shutting down: nobody will reconnect to this process
+            self.submit_finish(None, rid, "orphaned")
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -218,10 +229,13 @@ class Pipeline:
             return "unknown"
 
     def register(self, request_id: str, sink: StreamSink) -> bool:
-        """Record `sink` as owner of `request_id` if new; False if the id is closed."""
+        """Record `sink` as owner of `request_id` if new or orphaned; False if it is closed."""
         with self._reg_lock:
             r = self._requests.get(request_id)
             if r is not None:
+                if r.owner is None and not r.closing:  # a reconnected client carries on
+                    r.owner, r.orphaned_at = sink, None
+                    self.metrics.requests_reattached.inc()
                 return not r.closing
             if request_id in self._closed:
                 return False
@@ -233,6 +247,25 @@ class Pipeline:
         with self._reg_lock:
             return [rid for rid, r in self._requests.items()
                     if r.owner is sink and not r.closing]
+
+    def orphan(self, sink: StreamSink) -> int:
+        """The stream of `sink` broke: keep its live requests for `orphan_grace_s` so a
+        reconnecting client can carry them on (`register` adopts them); return how many."""
+        now = time.monotonic()
+        with self._reg_lock:
+            owned = [r for r in self._requests.values() if r.owner is sink and not r.closing]
+            for r in owned:
+                r.owner, r.orphaned_at = None, now
+        return len(owned)
+
+    def _sweep_orphans(self) -> None:
+        """Finish orphans nobody adopted within the grace period (reason "orphaned")."""
+        cutoff = time.monotonic() - self.orphan_grace_s
+        with self._reg_lock:
+            expired = [rid for rid, r in self._requests.items() if r.owner is None
+                       and r.orphaned_at is not None and r.orphaned_at <= cutoff]
+        for rid in expired:
+            self.submit_finish(None, rid, "orphaned")
 
     def _close_id(self, request_id: str, *, drop: bool = True) -> None:
         # caller holds _reg_lock
@@ -262,7 +295,7 @@ class Pipeline:
         """Queue a validated frame; raises `QueueFull` when it does not fit."""
         self._put(_FrameItem(sink, frame, t_recv, frame.n_rows), rows=frame.n_rows)
 
-    def submit_finish(self, sink: StreamSink, request_id: str, reason: str) -> bool:
+    def submit_finish(self, sink: StreamSink | None, request_id: str, reason: str) -> bool:
         """Close `request_id` now (late frames are refused) and queue its final verdicts.
 
         Returns False (nothing queued) when the id is not live.
@@ -303,10 +336,12 @@ class Pipeline:
     def _take(self) -> list[Any] | None:
         """Block for the next unit of work: a run of frames or one control item."""
         with self._cond:
-            while not self._items:
+            if not self._items:
                 if self._stopping:
                     return None
                 self._cond.wait(0.5)
+                if not self._items:
+                    return []  # idle: the worker sweeps orphans
             head = self._items[0]
             if not isinstance(head, _FrameItem):
                 return [self._items.popleft()]
@@ -333,7 +368,9 @@ class Pipeline:
             if work is None:
                 break
             try:
-                if isinstance(work[0], _FrameItem):
+                if not work:
+                    self._sweep_orphans()
+                elif isinstance(work[0], _FrameItem):
                     try:
                         self._score_frames(work)
                     finally:
@@ -364,7 +401,7 @@ class Pipeline:
             item.sink.post(None)
 
     def _finish(self, item: _FinishItem) -> None:
-        owner = self._owner(item.request_id) or item.sink
+        owner = self._owner(item.request_id) or item.sink  # None: nobody left to tell
         with self._reg_lock:
             self._requests.pop(item.request_id, None)
         updates = self.tracker.finish(item.request_id)
@@ -376,7 +413,8 @@ class Pipeline:
                 self.audit.write(audit_record(
                     u, event="final", bundle_name=self.bundle_name,
                     bundle_sha256=self.bundle_sha256, model_name=self.model_name))
-            owner.post(verdict_message(u))
+            if owner is not None:
+                owner.post(verdict_message(u))
 
     def _sync_tracker_state(self) -> None:
         """Mirror tracker evictions into the registry; update the active-requests gauge."""

@@ -5,8 +5,11 @@ frames into the `Pipeline`; the handler itself is the writer, yielding verdicts
 (escalations and finals) and `StreamError`s from the stream's outbound queue. A bad
 message gets an in-stream error and the stream stays open. When the client half-closes,
 its unfinished requests are finished ("stream_closed"), their final verdicts are sent,
-then the call ends with OK. When the client goes away, the same happens without the
-sends.
+then the call ends with OK. When the stream breaks instead (client gone, transport
+error), its unfinished requests are orphaned, not finished: a reconnecting client that
+sends frames for them on a new stream carries them on (nothing scored so far is lost);
+requests nobody adopts within `orphan_grace_s` are finished with reason "orphaned"
+(final verdicts to the audit log and metrics).
 
 Size limits: frames whose payload exceeds `max_frame_bytes` get an in-stream
 "oversized" error; messages above the gRPC `max_receive_message_length` (set above
@@ -42,6 +45,8 @@ _FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]  # 9
 #: Frames with a payload above this are decoded off the event loop (a worker thread).
 _OFFLOAD_BYTES = 1 << 20
 _stream_ids = itertools.count(1)
+#: How long the end of a request stream waits for a racing cancellation (seconds).
+_CANCEL_SETTLE_S = 0.2
 
 
 class StreamHandle:
@@ -107,7 +112,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         app.metrics.active_streams.inc()
         app.streams.add(handle)
         log.info("%s: opened", handle.name)
-        reader = asyncio.create_task(self._read(request_iterator, handle), name=handle.name)
+        reader = asyncio.create_task(self._read(request_iterator, handle, context),
+                                     name=handle.name)
         try:
             while True:
                 msg = await handle.queue.get()
@@ -122,10 +128,17 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                     await reader
                 except (asyncio.CancelledError, Exception):
                     pass
-            self._release(handle, "stream_closed")
+            self._orphan(handle)  # no-op after a clean half-close (all released)
             app.streams.discard(handle)
             app.metrics.active_streams.dec()
             log.info("%s: closed", handle.name)
+
+    def _orphan(self, handle: StreamHandle) -> None:
+        """The stream broke: keep its open requests for a reconnecting client."""
+        n = self.app.pipeline.orphan(handle)
+        if n:
+            log.info("%s: broke with %d open requests; kept %.0f s for a reconnecting client",
+                     handle.name, n, self.app.pipeline.orphan_grace_s)
 
     def _release(self, handle: StreamHandle, reason: str) -> None:
         """Finish every live request the stream owns (final verdicts to audit/metrics)."""
@@ -136,7 +149,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             log.info("%s: finished %d open requests (%s)", handle.name, len(owned), reason)
 
     async def _read(self, it: AsyncIterator[monitor_pb2.ClientMessage],
-                    handle: StreamHandle) -> None:
+                    handle: StreamHandle, context: grpc.aio.ServicerContext) -> None:
         try:
             async for msg in it:
                 kind = msg.WhichOneof("body")
@@ -157,8 +170,17 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             raise
         except Exception as exc:  # transport error (e.g. message over the gRPC limit)
             log.warning("%s: read failed: %s", handle.name, exc)
-        # client half-closed (or the read failed): finish what it left open, then end
-        self._release(handle, "stream_closed")
+            self._orphan(handle)
+        else:
+            # End of the request stream: a half-close, or the first sign of a call the
+            # client cancelled or lost (grpc.aio ends the iterator, then cancels this
+            # handler a moment later). Give that cancellation time to arrive: if it does,
+            # this task is cancelled here and the handler orphans the requests instead.
+            await asyncio.sleep(_CANCEL_SETTLE_S)
+            if context.cancelled():  # the client vanished: its requests may come back
+                self._orphan(handle)
+            else:  # the client half-closed: finish what it left open
+                self._release(handle, "stream_closed")
         self.app.pipeline.submit_end(handle)
 
     def _reject(self, handle: StreamHandle, err: FrameError, seq: int,
