@@ -32,7 +32,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -429,6 +429,16 @@ def _check_files(root: Path, files: Any, ck: _Checker,
     return index
 
 
+def _unique_name(ck: _Checker, value: Any, where: str, taken: Container[str],
+                 among: str) -> str:
+    """`<where>.name`: a valid name not already in `taken` (names of earlier `among`)."""
+    name = ck.string(value, f"{where}.name", pattern=_NAME_RE,
+                     what=f"a name matching {_NAME_RE.pattern}")
+    if name in taken:
+        raise ck.fail(f"{where}.name", f"a name unique among {among}", f"duplicate {name!r}")
+    return name
+
+
 def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
                       d_model: int, n_layers: int) -> dict[str, Component]:
     ck.array(items, "components", nonempty=True)
@@ -436,11 +446,7 @@ def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
     for i, item in enumerate(items):
         where = f"components[{i}]"
         c = ck.obj(item, where, _COMPONENT_KEYS)
-        name = ck.string(c["name"], f"{where}.name", pattern=_NAME_RE,
-                         what=f"a name matching {_NAME_RE.pattern}")
-        if name in out:
-            raise ck.fail(f"{where}.name", "a name unique among components",
-                          f"duplicate {name!r}")
+        name = _unique_name(ck, c["name"], where, out, "components")
         kind = ck.choice(c["kind"], f"{where}.kind", KINDS)
         layer = ck.integer(c["layer"], f"{where}.layer", 0, n_layers)
         hook = f"blocks.{layer}.hook_resid_post"
@@ -579,11 +585,7 @@ def _check_detectors(items: Any, ck: _Checker,
     for i, item in enumerate(items):
         where = f"detectors[{i}]"
         d = ck.obj(item, where, _DETECTOR_KEYS)
-        name = ck.string(d["name"], f"{where}.name", pattern=_NAME_RE,
-                         what=f"a name matching {_NAME_RE.pattern}")
-        if name in seen:
-            raise ck.fail(f"{where}.name", "a name unique among detectors",
-                          f"duplicate {name!r}")
+        name = _unique_name(ck, d["name"], where, seen, "detectors")
         seen.add(name)
 
         inputs: list[DetectorInput] = []
