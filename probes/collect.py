@@ -212,7 +212,79 @@ class _ShardedCollector:
         return _stack(parts, layers, self.d_model, labels)
 
 
-class TransformersCollector(_ShardedCollector):
+def _model_identity(model_name: str, model_path: Path, dtype: str) -> str:
+    h = hashlib.sha256(model_name.encode())
+    cfg = model_path / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for f in sorted(model_path.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}".encode())
+    h.update(dtype.encode())
+    return h.hexdigest()
+
+
+def _example_rows(index: int, n_ids: int, prompt_len: int, seg: np.ndarray,
+                  selection: TokenSelection, layer_rows: dict[int, np.ndarray]
+                  ) -> dict[str, np.ndarray]:
+    """Stored rows of one example; ``layer_rows[layer]``: float ``[>= n_ids, d_model]``
+    indexed by position."""
+    s, e = selection.span(prompt_len, n_ids)
+    pos = np.arange(s, e, dtype=np.int32)
+    res = {f"l{x}": np.asarray(v[s:e]).astype(np.float16) for x, v in layer_rows.items()}
+    res["example"] = np.full(e - s, index, dtype=np.int32)
+    res["position"] = pos
+    res["generated"] = (pos >= prompt_len).astype(np.uint8)
+    res["segment"] = seg[s:e].astype(np.int8)
+    res["from_end"] = (e - 1 - pos).astype(np.int32)
+    return res
+
+
+def _concat_rows(results: dict[int, dict[str, np.ndarray]], n: int,
+                 layers: Sequence[int]) -> dict[str, np.ndarray]:
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in (*_META_KEYS,
+                                                         *(f"l{x}" for x in layers))}
+    for b in range(n):  # example order
+        for k in rows:
+            rows[k].append(results[b][k])
+    return {k: (np.concatenate(v) if v else np.zeros((0,), np.float32))
+            for k, v in rows.items()}
+
+
+class _ChatEncoder:
+    """Chat template + tokenisation shared by the backends (needs ``self.tokenizer``)."""
+
+    tokenizer: Any
+
+    def render_prompt(self, ex: ChatExample) -> str:
+        """The prompt text vLLM's chat endpoint builds for this request."""
+        return self.tokenizer.apply_chat_template(ex.chat, add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def encode(self, ex: ChatExample) -> tuple[list[int], int, np.ndarray]:
+        """Token ids (prompt + completion), prompt length and per-token segment."""
+        text = self.render_prompt(ex)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        seg = np.full(len(ids), SEG_PRE, dtype=np.int8)
+        user = ex.user_text
+        lo = text.rfind(user) if user else -1
+        if lo >= 0:
+            hi = lo + len(user)
+            for t, (a, b) in enumerate(enc["offset_mapping"]):
+                if a >= hi:
+                    seg[t] = SEG_POST
+                elif b > lo and a < hi:
+                    seg[t] = SEG_USER
+        prompt_len = len(ids)
+        if ex.completion:
+            comp = self.tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
+            ids += list(comp)
+            seg = np.concatenate([seg, np.full(len(comp), SEG_GENERATED, dtype=np.int8)])
+        return ids, prompt_len, seg
+
+
+class TransformersCollector(_ChatEncoder, _ShardedCollector):
     """Backend on Hugging Face transformers (CPU or CUDA), float32 by default.
 
     ``model_path``: a local HF folder (offline). ``max_batch_tokens`` bounds padded
@@ -240,43 +312,7 @@ class TransformersCollector(_ShardedCollector):
         self.n_layers = int(self.model.config.num_hidden_layers)
 
     def model_identity(self) -> str:
-        h = hashlib.sha256(self.model_name.encode())
-        cfg = self.model_path / "config.json"
-        if cfg.is_file():
-            h.update(cfg.read_bytes())
-        for f in sorted(self.model_path.glob("*.safetensors")):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}".encode())
-        h.update(self.dtype.encode())
-        return h.hexdigest()
-
-    # ----------------------------------------------------------------- tokenisation
-    def render_prompt(self, ex: ChatExample) -> str:
-        """The prompt text vLLM's chat endpoint builds for this request."""
-        return self.tokenizer.apply_chat_template(ex.chat, add_generation_prompt=True,
-                                                  tokenize=False)
-
-    def encode(self, ex: ChatExample) -> tuple[list[int], int, np.ndarray]:
-        """Token ids (prompt + completion), prompt length and per-token segment."""
-        text = self.render_prompt(ex)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        seg = np.full(len(ids), SEG_PRE, dtype=np.int8)
-        user = ex.user_text
-        lo = text.rfind(user) if user else -1
-        if lo >= 0:
-            hi = lo + len(user)
-            for t, (a, b) in enumerate(enc["offset_mapping"]):
-                if a >= hi:
-                    seg[t] = SEG_POST
-                elif b > lo and a < hi:
-                    seg[t] = SEG_USER
-        prompt_len = len(ids)
-        if ex.completion:
-            comp = self.tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
-            ids += list(comp)
-            seg = np.concatenate([seg, np.full(len(comp), SEG_GENERATED, dtype=np.int8)])
-        return ids, prompt_len, seg
+        return _model_identity(self.model_name, self.model_path, self.dtype)
 
     # ----------------------------------------------------------------- forward
     def hidden_states(self, batch_ids: list[list[int]], layers: Sequence[int]
@@ -325,8 +361,6 @@ class TransformersCollector(_ShardedCollector):
             raise ValueError(f"layers {bad} outside [0, {self.n_layers})")
         enc = [self.encode(ex) for ex in examples]
         order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
-        rows: dict[str, list[np.ndarray]] = {k: [] for k in (*_META_KEYS,
-                                                             *(f"l{x}" for x in layers))}
         results: dict[int, dict[str, np.ndarray]] = {}
         i = 0
         while i < len(order):
@@ -337,44 +371,311 @@ class TransformersCollector(_ShardedCollector):
             hs = self.hidden_states([enc[b][0] for b in batch], layers)
             for r, b in enumerate(batch):
                 ids, plen, seg = enc[b]
-                s, e = selection.span(plen, len(ids))
-                pos = np.arange(s, e, dtype=np.int32)
-                res = {f"l{x}": hs[x][r, s:e].astype(np.float16) for x in layers}
-                res["example"] = np.full(e - s, offset + b, dtype=np.int32)
-                res["position"] = pos
-                res["generated"] = (pos >= plen).astype(np.uint8)
-                res["segment"] = seg[s:e].astype(np.int8)
-                res["from_end"] = (e - 1 - pos).astype(np.int32)
-                results[b] = res
+                results[b] = _example_rows(offset + b, len(ids), plen, seg, selection,
+                                           {x: hs[x][r] for x in layers})
             i = j
-        for b in range(len(examples)):  # restore example order
-            for k in rows:
-                rows[k].append(results[b][k])
-        return {k: (np.concatenate(v) if v else np.zeros((0,), np.float32))
-                for k, v in rows.items()}
+        return _concat_rows(results, len(examples), layers)
 
 
-class VLLMCollector(_ShardedCollector):
-    """Backend on the production capture path (``monitor/capture/``, vLLM plugin).
+_WORKER_CMD = "from probes.collect import _vllm_worker_main; _vllm_worker_main()"
 
-    Not wired yet: the capture plugin is being written in parallel. The lead wires this
-    to the plugin so training reads the very bytes the sidecar scores.
+
+def _vllm_worker_main() -> None:
+    """Child process of :class:`VLLMCollector`: one offline vLLM ``LLM`` with the capture
+    plugin (enabled by ``SAFETY_MONITOR_ADDR`` in the environment).
+
+    argv: ``model_path engine_kwargs_json reply_fd``. Commands are JSON lines on stdin
+    (``{"op": "generate", "requests": [[correlation_id, token_ids], ...]}`` or
+    ``{"op": "exit"}``); one JSON line per command is written to ``reply_fd``
+    (``{"ready": true}`` once the engine is up, ``{"ok": ..., "n_prompt": [...]}`` /
+    ``{"error": "..."}`` per generate). Each request runs its ids as the prompt with
+    ``max_tokens=1``, so every position is one prefill row of the capture path.
+    """
+    import sys
+    import traceback
+
+    model, kw, fd = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    reply = os.fdopen(fd, "w", buffering=1)
+
+    def send(doc: dict[str, Any]) -> None:
+        reply.write(json.dumps(doc) + "\n")
+        reply.flush()
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, **kw)
+    send({"ready": True})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("op") != "generate":
+            break
+        try:
+            reqs = cmd["requests"]
+            sps = [SamplingParams(max_tokens=1, temperature=0,
+                                  extra_args={"correlation_id": cid}) for cid, _ in reqs]
+            outs = llm.generate([{"prompt_token_ids": ids} for _, ids in reqs], sps,
+                                use_tqdm=False)
+            send({"ok": True, "n_prompt": [len(o.prompt_token_ids) for o in outs],
+                  "same": [list(o.prompt_token_ids) == ids for o, (_, ids) in
+                           zip(outs, reqs, strict=True)]})
+        except Exception as e:  # report and keep serving
+            send({"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"})
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        os._exit(0)
+
+
+class VLLMCollector(_ChatEncoder, _ShardedCollector):
+    """Backend on the production capture path: vLLM + the capture plugin
+    (``monitor/capture/``), so training reads the rows the sidecar scores in serving.
+
+    A child process runs vLLM's offline ``LLM`` (``enforce_eager``, no prefix caching so
+    every position runs a forward pass) with ``SAFETY_MONITOR_ADDR`` pointing at a
+    recording gRPC server in this process (:class:`probes.capture_server.CaptureSink`)
+    whose capture plan names the requested layers. Each example is fed as token ids —
+    the same ids as the transformers backend (chat template + teacher-forced completion,
+    :meth:`encode`) — with ``max_tokens=1`` and ``extra_args={"correlation_id": ...}``;
+    its rows are mapped back by correlation id and position. ``generated``/``segment``
+    come from :meth:`encode`, exactly as in the transformers backend. Rows the plugin
+    dropped (it never blocks inference) are detected and those examples re-run.
+
+    The engine starts on first use and serves every shard; it is reused while the layer
+    set is unchanged (a new layer set restarts it). ``close()`` (also on garbage
+    collection / exit) stops it. ``engine_kwargs`` override the ``LLM`` arguments.
     """
 
     backend = "vllm"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "the vllm collector backend is not wired yet: it needs the vLLM capture plugin "
-            "(monitor/capture/, issue 'vLLM capture plugin') to hand captured rows to "
-            "probes.collect. Use --backend transformers (identical chat template, "
-            "tokenisation and layer convention) until then."
-        )
+    def __init__(self, model_path: str | Path, model_name: str | None = None, *,
+                 dtype: str = "float32", max_model_len: int = 4096,
+                 max_num_batched_tokens: int = 1024, max_num_seqs: int = 16,
+                 kv_cache_memory_bytes: int = 512 * 2**20,
+                 engine_kwargs: dict[str, Any] | None = None, shard_size: int = 256,
+                 start_timeout_s: float = 900.0, max_attempts: int = 3) -> None:
+        super().__init__(shard_size)
+        from transformers import AutoTokenizer
+
+        self.model_path = Path(model_path)
+        if not (self.model_path / "config.json").is_file():
+            raise FileNotFoundError(f"{self.model_path}: not a local HF model folder")
+        self.model_name = model_name or str(model_path)
+        self.dtype = dtype
+        cfg = json.loads((self.model_path / "config.json").read_text())
+        self.d_model = int(cfg["hidden_size"])
+        self.n_layers = int(cfg["num_hidden_layers"])
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.engine_kwargs: dict[str, Any] = dict(
+            max_model_len=int(max_model_len), max_num_batched_tokens=int(max_num_batched_tokens),
+            max_num_seqs=int(max_num_seqs), kv_cache_memory_bytes=int(kv_cache_memory_bytes),
+            dtype=dtype, enforce_eager=True, enable_prefix_caching=False, seed=0)
+        self.engine_kwargs.update(engine_kwargs or {})
+        if self.engine_kwargs.get("enable_prefix_caching"):
+            raise ValueError("prefix caching must stay off: cached tokens have no rows")
+        self.start_timeout_s = float(start_timeout_s)
+        self.max_attempts = int(max_attempts)
+        self._proc: Any = None
+        self._sink: Any = None
+        self._reply: Any = None
+        self._layers: tuple[int, ...] = ()
+        self._log_path: Path | None = None
+        self._n_batches = 0
+        self._finalizer: Any = None
+
+    def model_identity(self) -> str:
+        return _model_identity(self.model_name, self.model_path, self.dtype)
+
+    # ----------------------------------------------------------------- engine
+    def _start(self, layers: tuple[int, ...]) -> None:
+        import subprocess
+        import sys
+        import tempfile
+        import weakref
+
+        from monitor.v1 import monitor_pb2
+        from probes.capture_server import CaptureSink
+
+        self.close()
+        sink = CaptureSink(port=0, model=self.model_name, d_model=self.d_model,
+                           layers=layers, kinds=(monitor_pb2.TOKEN_KIND_PROMPT,
+                                                 monitor_pb2.TOKEN_KIND_GENERATED),
+                           dtype=monitor_pb2.DTYPE_FLOAT32,
+                           plan_id=f"probes-collect-{os.getpid()}").start()
+        env = dict(os.environ)
+        env.update({
+            "SAFETY_MONITOR_ADDR": sink.addr, "SAFETY_MONITOR_MODEL": self.model_name,
+            "SAFETY_MONITOR_PLAN_TIMEOUT_S": "60", "SAFETY_MONITOR_RING_SLOTS": "16",
+            "SAFETY_MONITOR_QUEUE": "1024", "SAFETY_MONITOR_BACKOFF_S": "0.1",
+            "SAFETY_MONITOR_BACKOFF_MAX_S": "1", "VLLM_USE_V2_MODEL_RUNNER": "0",
+        })
+        env.pop("SAFETY_MONITOR_WRAP", None)
+        fd, self._log_path = tempfile.mkstemp(prefix="probes-vllm-", suffix=".log")
+        r, w = os.pipe()
+        log.info("starting vLLM collector engine (layers %s, log %s)", list(layers),
+                 self._log_path)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_CMD, str(self.model_path),
+                 json.dumps(self.engine_kwargs), str(w)],
+                env=env, stdin=subprocess.PIPE, stdout=fd, stderr=subprocess.STDOUT,
+                pass_fds=(w,), start_new_session=True, text=True)
+        finally:
+            os.close(w)
+            os.close(fd)
+        self._proc, self._sink, self._layers = proc, sink, layers
+        self._reply = os.fdopen(r, "r")
+        self._finalizer = weakref.finalize(self, _stop_engine, proc, sink, self._reply)
+        self._read_reply(self.start_timeout_s, "engine start-up")
+        if not sink.wait_for(lambda: bool(sink.log.hellos), 60):
+            raise RuntimeError("the capture plugin did not connect to the recording server "
+                               f"(is the plugin installed?); vLLM log: {self._log_tail()}")
+
+    def _log_tail(self, n: int = 3000) -> str:
+        try:
+            return Path(self._log_path).read_text(errors="replace")[-n:]  # type: ignore[arg-type]
+        except OSError:
+            return "(no log)"
+
+    def _read_reply(self, timeout: float, what: str) -> dict[str, Any]:
+        import select
+        import time
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            ready, _, _ = select.select([self._reply], [], [], 1.0)
+            if ready:
+                line = self._reply.readline()
+                if line:
+                    doc = json.loads(line)
+                    if "error" in doc:
+                        raise RuntimeError(f"vLLM worker failed during {what}: {doc['error']}")
+                    return doc
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"vLLM worker exited ({self._proc.returncode}) during "
+                                   f"{what}; log:\n{self._log_tail()}")
+        raise TimeoutError(f"vLLM worker: no reply within {timeout:.0f}s during {what}")
+
+    def close(self) -> None:
+        """Stop the vLLM child process and the recording server (idempotent)."""
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        self._proc = self._sink = self._reply = None
+        self._layers = ()
+
+    def __enter__(self) -> VLLMCollector:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- collect
+    def _generate(self, reqs: list[tuple[str, list[int]]]) -> None:
+        self._proc.stdin.write(json.dumps({"op": "generate", "requests": reqs}) + "\n")
+        self._proc.stdin.flush()
+        n_tokens = sum(len(ids) for _, ids in reqs)
+        doc = self._read_reply(600.0 + n_tokens / 10.0, "generate")
+        if not all(doc["same"]):
+            bad = [cid for (cid, _), ok in zip(reqs, doc["same"], strict=True) if not ok]
+            raise RuntimeError(f"vLLM changed the prompt token ids of {bad[:5]}")
+
+    def _run(self, examples: Sequence[ChatExample], layers: Sequence[int],
+             selection: TokenSelection, offset: int) -> dict[str, np.ndarray]:
+        layers = tuple(sorted(set(int(x) for x in layers)))
+        bad = [x for x in layers if not 0 <= x < self.n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} outside [0, {self.n_layers})")
+        enc = [self.encode(ex) for ex in examples]
+        limit = int(self.engine_kwargs["max_model_len"]) - 1
+        long = [offset + b for b, (ids, _, _) in enumerate(enc) if len(ids) > limit]
+        if long:
+            raise ValueError(f"examples {long[:5]} exceed max_model_len - 1 = {limit} tokens")
+        if self._proc is None or self._layers != layers or self._proc.poll() is not None:
+            self._start(layers)
+        sink = self._sink
+        results: dict[int, dict[str, np.ndarray]] = {}
+        pending = [b for b in range(len(enc)) if enc[b][0]]
+        for b in range(len(enc)):
+            if not enc[b][0]:
+                results[b] = _example_rows(offset + b, 0, 0, enc[b][2], selection,
+                                           {x: np.zeros((0, self.d_model)) for x in layers})
+        attempt = 0
+        while pending:
+            attempt += 1
+            if attempt > self.max_attempts:
+                st = sink.log.stats[-1] if sink.log.stats else None
+                raise RuntimeError(
+                    f"capture rows still missing for examples "
+                    f"{[offset + b for b in pending][:10]} after {self.max_attempts} attempts "
+                    f"(plugin drops: {st})")
+            self._n_batches += 1
+            tag = f"probes-{os.getpid()}-{self._n_batches}"
+            cids = {b: f"{tag}-{offset + b}" for b in pending}
+            sink.reset()
+            self._generate([(cids[b], enc[b][0]) for b in pending])
+            want = set(cids.values())
+            if not sink.wait_for(lambda w=want: w <= set(sink.finished()), 60):
+                log.warning("RequestFinished missing for %d requests",
+                            len(want - set(sink.finished())))
+            by_layer = {x: sink.rows_by_request(x) for x in layers}
+            retry = []
+            for b in pending:
+                ids, plen, seg = enc[b]
+                s, e = selection.span(plen, len(ids))
+                got = {x: by_layer[x].get(cids[b], {}) for x in layers}
+                if any(not all(p in got[x] for p in range(s, e)) for x in layers):
+                    retry.append(b)
+                    continue
+                rows = {}
+                for x in layers:
+                    m = np.zeros((len(ids), self.d_model), dtype=np.float32)
+                    for p in range(s, e):
+                        m[p] = got[x][p]
+                    rows[x] = m
+                results[b] = _example_rows(offset + b, len(ids), plen, seg, selection, rows)
+            if retry:
+                log.warning("capture rows missing for %d examples (plugin drops); retrying",
+                            len(retry))
+            pending = retry
+            sink.reset()
+        return _concat_rows(results, len(examples), layers)
+
+
+def _stop_engine(proc: Any, sink: Any, reply: Any) -> None:
+    import signal
+    import subprocess
+
+    try:
+        if proc.poll() is None:
+            try:
+                proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                proc.stdin.flush()
+            except OSError:
+                pass
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    except ProcessLookupError:
+        pass
+    finally:
+        for f in (proc.stdin, reply):
+            try:
+                f.close()
+            except Exception:
+                pass
+        sink.stop()
 
 
 def make_collector(backend: str, model_path: str | Path, model_name: str | None = None,
                    **kwargs: Any) -> _ShardedCollector:
-    """``transformers`` or ``vllm`` (stub)."""
+    """``transformers`` or ``vllm`` (the production capture path, see
+    :class:`VLLMCollector`)."""
     if backend == "transformers":
         return TransformersCollector(model_path, model_name, **kwargs)
     if backend == "vllm":

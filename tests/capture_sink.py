@@ -1,10 +1,5 @@
-"""A real gRPC `monitor.v1.Monitor` server for tests: serves a capture plan, records all.
-
-`CaptureSink(port=0).start()` listens on 127.0.0.1 (a free port when 0), answers
-`GetCapturePlan` with the configured plan and records every message of every `Stream`:
-hellos, frames (decoded to float32 numpy arrays with their spans), `RequestFinished` and
-`ClientStats`. `stop()` kills the server (open streams break, like a crashed sidecar);
-`start()` again restarts it on the same port.
+"""Test entry point of the recording gRPC sink; the implementation lives in
+`probes/capture_server.py` (shared with the probe toolkit's vLLM collector backend).
 
 Run standalone (e.g. for the benchmark or `vllm serve` by hand):
     python tests/capture_sink.py --port 50051 --layers 3,15
@@ -12,183 +7,20 @@ Run standalone (e.g. for the benchmark or `vllm serve` by hand):
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import defaultdict
-from concurrent import futures
-from dataclasses import dataclass, field
+import sys
+from pathlib import Path
 
-import grpc
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from probes.capture_server import (
+    CaptureSink,
+    FrameRecord,
+    SinkLog,
+    _decode,
+    serve_forever,
+)
 
-_NP = {
-    monitor_pb2.DTYPE_FLOAT32: np.float32,
-    monitor_pb2.DTYPE_FLOAT16: np.float16,
-}
-
-
-@dataclass
-class FrameRecord:
-    """One received frame: `x` float32 `[n_rows, d_model]`, spans as tuples."""
-
-    stream: int
-    seq: int
-    layer: int
-    step: int
-    x: np.ndarray
-    spans: list[tuple[str, int, int, int]]
-
-
-@dataclass
-class SinkLog:
-    hellos: list[monitor_pb2.ClientHello] = field(default_factory=list)
-    frames: list[FrameRecord] = field(default_factory=list)
-    finished: list[monitor_pb2.RequestFinished] = field(default_factory=list)
-    stats: list[monitor_pb2.ClientStats] = field(default_factory=list)
-    seq_errors: list[str] = field(default_factory=list)
-
-
-def _decode(f: monitor_pb2.ActivationFrame) -> np.ndarray:
-    shape = tuple(int(s) for s in f.shape)
-    if f.dtype == monitor_pb2.DTYPE_BFLOAT16:
-        u = np.frombuffer(f.data, dtype="<u2").astype(np.uint32) << 16
-        return u.view(np.float32).reshape(shape)
-    return np.frombuffer(f.data, dtype=np.dtype(_NP[f.dtype]).newbyteorder("<")).astype(
-        np.float32).reshape(shape)
-
-
-class _Servicer(monitor_pb2_grpc.MonitorServicer):
-    def __init__(self, sink: CaptureSink) -> None:
-        self.sink = sink
-
-    def GetCapturePlan(self, request, context):
-        return self.sink.plan
-
-    def Score(self, request, context):
-        return monitor_pb2.ScoreResponse()
-
-    def Stream(self, request_iterator, context):
-        s = self.sink
-        with s.lock:
-            s.n_streams += 1
-            stream_id = s.n_streams
-        last_seq = 0
-        first = True
-        for msg in request_iterator:
-            which = msg.WhichOneof("body")
-            with s.lock:
-                if first and which != "hello":
-                    s.log.seq_errors.append(f"stream {stream_id}: first message is {which}")
-                first = False
-                if which == "hello":
-                    s.log.hellos.append(msg.hello)
-                elif which == "frame":
-                    f = msg.frame
-                    if f.seq <= last_seq:
-                        s.log.seq_errors.append(f"stream {stream_id}: seq {f.seq} after {last_seq}")
-                    last_seq = f.seq
-                    if s.slow_s:
-                        time.sleep(s.slow_s)
-                    s.log.frames.append(FrameRecord(
-                        stream_id, f.seq, f.layer, f.step, _decode(f),
-                        [(sp.request_id, sp.n_rows, sp.start_position, sp.prompt_len)
-                         for sp in f.spans]))
-                elif which == "finished":
-                    s.log.finished.append(msg.finished)
-                elif which == "stats":
-                    s.log.stats.append(msg.stats)
-        return iter(())
-
-
-class CaptureSink:
-    """In-process gRPC sink. Thread-safe accessors; see module docstring."""
-
-    def __init__(
-        self,
-        *,
-        port: int = 0,
-        model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
-        d_model: int = 576,
-        layers: tuple[int, ...] = (3, 15),
-        kinds: tuple[int, ...] = (monitor_pb2.TOKEN_KIND_PROMPT, monitor_pb2.TOKEN_KIND_GENERATED),
-        dtype: int = monitor_pb2.DTYPE_FLOAT32,
-        plan_id: str = "test-plan-1",
-        max_frame_bytes: int = 8 * 1024 * 1024,
-    ) -> None:
-        self.port = port
-        self.plan = monitor_pb2.CapturePlan(
-            plan_id=plan_id, model=model, d_model=d_model, layers=list(layers),
-            token_kinds=list(kinds), hook_name_template="blocks.{layer}.hook_resid_post",
-            preferred_dtype=dtype, max_frame_bytes=max_frame_bytes)
-        self.lock = threading.Lock()
-        self.log = SinkLog()
-        self.n_streams = 0
-        self.slow_s = 0.0
-        self._server: grpc.Server | None = None
-
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> CaptureSink:
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=8),
-            options=[("grpc.max_receive_message_length", 256 * 1024 * 1024),
-                     ("grpc.so_reuseport", 0)])
-        monitor_pb2_grpc.add_MonitorServicer_to_server(_Servicer(self), server)
-        self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
-        server.start()
-        self._server = server
-        return self
-
-    def stop(self, grace: float | None = None) -> None:
-        if self._server is not None:
-            self._server.stop(grace).wait()
-            self._server = None
-
-    def reset(self) -> None:
-        """Forget frames, finished and stats (hellos are kept: one per stream)."""
-        with self.lock:
-            self.log = SinkLog(hellos=self.log.hellos)
-
-    # ---------------------------------------------------------------- queries
-    def n_frames(self) -> int:
-        with self.lock:
-            return len(self.log.frames)
-
-    def rows_by_request(self, layer: int) -> dict[str, dict[int, np.ndarray]]:
-        """request_id → {position: float32 [d_model]} for one layer (last write wins)."""
-        out: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
-        with self.lock:
-            frames = list(self.log.frames)
-        for fr in frames:
-            if fr.layer != layer:
-                continue
-            r = 0
-            for rid, n, start, _plen in fr.spans:
-                for k in range(n):
-                    out[rid][start + k] = fr.x[r + k]
-                r += n
-        return out
-
-    def rows_received(self) -> int:
-        with self.lock:
-            return sum(fr.x.shape[0] for fr in self.log.frames)
-
-    def finished(self) -> dict[str, monitor_pb2.RequestFinished]:
-        with self.lock:
-            return {f.request_id: f for f in self.log.finished}
-
-    def wait_for(self, pred, timeout: float = 30.0, poll: float = 0.1) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if pred():
-                return True
-            time.sleep(poll)
-        return bool(pred())
-
+__all__ = ["CaptureSink", "FrameRecord", "SinkLog", "_decode"]
 
 if __name__ == "__main__":
     import argparse
@@ -197,11 +29,4 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, default=50051)
     ap.add_argument("--layers", default="3,15")
     a = ap.parse_args()
-    sink = CaptureSink(port=a.port, layers=tuple(int(x) for x in a.layers.split(","))).start()
-    print(f"sink on {sink.addr}", flush=True)
-    try:
-        while True:
-            time.sleep(5)
-            print(f"frames={sink.n_frames()} rows={sink.rows_received()}", flush=True)
-    except KeyboardInterrupt:
-        sink.stop()
+    serve_forever(a.port, tuple(int(x) for x in a.layers.split(",")))

@@ -15,7 +15,6 @@ from probes.collect import (
     SEG_PRE,
     SEG_USER,
     TokenSelection,
-    VLLMCollector,
     _ShardedCollector,
     make_collector,
 )
@@ -91,11 +90,9 @@ def test_cache_resumes_and_keys_on_inputs(tmp_path: Path) -> None:
     assert c3.calls == 9
 
 
-def test_vllm_backend_is_a_clear_stub() -> None:
-    with pytest.raises(NotImplementedError, match="capture plugin"):
-        VLLMCollector("x")
-    with pytest.raises(NotImplementedError):
-        make_collector("vllm", "x")
+def test_unknown_backend_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown backend 'onnx' \(transformers \| vllm\)"):
+        make_collector("onnx", "x")
 
 
 @pytest.fixture(scope="module")
