@@ -1,17 +1,23 @@
 """Benchmark: vLLM serving the default model with vs without the capture plugin.
 
-Both arms run the same prompts and engine settings, each in a fresh subprocess (so the
+Three arms run the same prompts and engine settings, each in a fresh subprocess (so the
 plugin is loaded only where `SAFETY_MONITOR_ADDR` is set), back to back in one run:
+no monitor (baseline); the plugin streaming to a recording sink; the plugin streaming to
+the real scoring sidecar (`python -m monitor.cli serve --bundle bundles/default --policy
+bundles/default/policy.suggested.yaml`, a subprocess on this same host, competing for its
+CPU as it would in a single-host deployment).
 
 - throughput: `--n-prompts` prompts submitted at once, `--max-tokens` generated each
   (`ignore_eos`), generated tokens / wall second and total (prompt + generated) tokens / s;
 - latency: `--n-latency` requests one at a time: wall time per request (mean, p50, p90)
   and per generated token.
 
-The monitor arm streams to a real gRPC server in this process (the test sink of
+The sink arm streams to a real gRPC server in this process (the test sink of
 `tests/capture_sink.py`, which decodes and keeps nothing but counts) capturing
-`--layers`. Coverage = rows received per captured layer / tokens that ran a forward pass
-(prefix caching is off, so that is prompt + generated - 1 per request).
+`--layers`. The sidecar arm captures what the sidecar's capture plan asks for (the
+bundle's layers). Coverage = rows received (sink) or rows scored per the sidecar's
+`safety_monitor_rows_scored_total` (sidecar), per captured layer / tokens that ran a
+forward pass (prefix caching is off, so that is prompt + generated - 1 per request).
 
 Results go to `bench/RESULTS.md` under "## vLLM" (other headings are kept).
 
@@ -82,6 +88,7 @@ _ARM = textwrap.dedent("""
 
 
 def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
+    """One engine process; returns its result JSON plus `end` (time.time() at exit)."""
     from monitor.models import DEFAULT_MODEL_NAME
 
     engine = dict(max_model_len=1024, max_num_batched_tokens=args.max_batched_tokens,
@@ -112,7 +119,88 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
         if addr and "capture installed" not in Path(log_file).read_text():
             raise RuntimeError("monitor arm: the capture plugin did not install")
         with open(res_file) as f:
-            return json.load(f)
+            return dict(json.load(f), end=time.time())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Sidecar:
+    """`python -m monitor.cli serve` with the default bundle + policy, on free ports."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port, self.metrics_port = _free_port(), _free_port()
+        bundle = ROOT / "bundles" / "default"
+        cmd = [sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(bundle),
+               "--policy", str(bundle / "policy.suggested.yaml"), "--port", str(self.port),
+               "--metrics-port", str(self.metrics_port)]
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited {self.proc.returncode}:\n"
+                                   f"{log_path.read_text()[-4000:]}")
+            with contextlib.suppress(OSError):
+                self.metrics()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("sidecar /metrics did not answer in 90 s")
+            time.sleep(0.5)
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        import urllib.request
+
+        from monitor.report.metrics import parse_exposition
+
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return dict(parse_exposition(r.read().decode()))
+
+    def total(self, name: str) -> float:
+        return sum(v for (n, _), v in self.metrics().items() if n == name)
+
+    def by_label(self, name: str, label: str) -> dict[str, float]:
+        return {dict(lab).get(label, ""): v for (n, lab), v in self.metrics().items()
+                if n == name}
+
+    def cpu_s(self) -> float:
+        f = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def wait_drained(self, quiet_s: float = 3.0, timeout_s: float = 120.0) -> None:
+        """Until rows scored + unscored stop moving for `quiet_s` (the backlog is done)."""
+        last, since = -1.0, time.monotonic()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            now = (self.total("safety_monitor_rows_scored_total")
+                   + self.total("safety_monitor_rows_unscored_total"))
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
 
 
 PROMPTS = [
@@ -153,25 +241,52 @@ def main() -> None:
 
     model = str(prepare_default_model())
     layers = tuple(int(x) for x in args.layers.split(","))
+    load0 = os.getloadavg()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     sink = CaptureSink(layers=layers).start()
     try:
         print("running baseline (no monitor)...", flush=True)
         base = run_arm(args, None, model)
-        print("running with monitor...", flush=True)
+        print("running with monitor -> recording sink...", flush=True)
         mon = run_arm(args, sink.addr, model)
         time.sleep(1.0)
         rows = sink.rows_received()
         stats = sink.log.stats[-1] if sink.log.stats else None
     finally:
         sink.stop()
+    print("running with monitor -> scoring sidecar...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        side = Sidecar(Path(tmp) / "sidecar.log")
+        try:
+            cpu0 = side.cpu_s()
+            sc = run_arm(args, side.addr, model)
+            side.wait_drained()
+            drain_s = time.time() - sc["end"]
+            cpu_sc = side.cpu_s() - cpu0
+            scored_by_layer = side.by_label("safety_monitor_rows_scored_total", "layer")
+            unscored = side.by_label("safety_monitor_rows_unscored_total", "reason")
+            rejected = side.by_label("safety_monitor_frames_rejected_total", "reason")
+            c_frames = side.total("safety_monitor_client_dropped_frames_total")
+            c_rows = side.total("safety_monitor_client_dropped_rows_total")
+            gaps = side.total("safety_monitor_frames_missing_total")
+        finally:
+            side.stop()
 
     def tput(r: dict) -> tuple[float, float]:
         return r["n_gen_tp"] / r["wall_s"], (r["n_gen_tp"] + r["n_prompt_tp"]) / r["wall_s"]
 
-    (bg, bt), (mg, mt) = tput(base), tput(mon)
-    bl, ml = base["lat_s"], mon["lat_s"]
+    def lat(r: dict) -> tuple[float, float]:
+        return statistics.mean(r["lat_s"]), statistics.median(r["lat_s"])
+
+    (bg, bt), (mg, mt), (sg, st) = tput(base), tput(mon), tput(sc)
+    (blm, blp), (mlm, mlp), (slm, slp) = lat(base), lat(mon), lat(sc)
     coverage = rows / len(layers) / mon["processed"]
+    sc_layers = sorted(int(x) for x in scored_by_layer)
+    sc_rows = int(sum(scored_by_layer.values()))
+    sc_cov = sc_rows / max(1, len(sc_layers)) / sc["processed"]
+    nz = lambda d: ", ".join(f"{k}={int(v)}" for k, v in d.items() if v) or "none"  # noqa: E731
     mode = "compiled (torch.compile)" if args.compiled else "eager (enforce_eager)"
+    cmdline = " ".join(["python bench/bench_vllm.py", *sys.argv[1:]])
     section = textwrap.dedent(f"""\
         ## vLLM
 
@@ -179,24 +294,37 @@ def main() -> None:
         {platform.processor() or platform.machine()} with {os.cpu_count()} cores, no GPU.
         {args.n_prompts} prompts x {args.max_tokens} tokens at once (throughput), then
         {args.n_latency} single requests x {args.lat_tokens} tokens (latency), each arm a fresh
-        engine process, run back to back on a host shared with other jobs (noisy);
-        max_num_batched_tokens={args.max_batched_tokens}, prefix caching off. Monitor arm:
-        capture plugin streaming layers {list(layers)} (all tokens, float32) over gRPC to an
-        in-process sink. Run: `python bench/bench_vllm.py{' --compiled' if args.compiled else ''}`
-        ({time.strftime('%Y-%m-%d')}).
+        engine process, run back to back (same prompts and settings) on a host shared with
+        other jobs (noisy; load average at start {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f});
+        max_num_batched_tokens={args.max_batched_tokens}, prefix caching off.
+        Arms: **none** = no plugin; **sink** = capture plugin streaming layers {list(layers)}
+        (all tokens, float32) over gRPC to an in-process recording sink (decodes, counts,
+        scores nothing); **sidecar** = capture plugin streaming to the real scoring sidecar
+        (`python -m monitor.cli serve --bundle bundles/default --policy
+        bundles/default/policy.suggested.yaml`, plan layers {sc_layers}) on the same 2 cores,
+        competing with vLLM for CPU, as a single-host deployment here would.
+        Run: `{cmdline}` (started {started}).
 
-        | metric | without monitor | with monitor | ratio (with / without) |
-        |---|---:|---:|---:|
-        | generated tok/s | {bg:.1f} | {mg:.1f} | {mg / bg:.3f} |
-        | total tok/s (prompt + generated) | {bt:.1f} | {mt:.1f} | {mt / bt:.3f} |
-        | latency per request, mean (s) | {statistics.mean(bl):.3f} | {statistics.mean(ml):.3f} | {statistics.mean(ml) / statistics.mean(bl):.3f} |
-        | latency per request, p50 (s) | {statistics.median(bl):.3f} | {statistics.median(ml):.3f} | {statistics.median(ml) / statistics.median(bl):.3f} |
-        | latency per generated token (ms) | {1e3 * statistics.mean(bl) / args.lat_tokens:.1f} | {1e3 * statistics.mean(ml) / args.lat_tokens:.1f} | |
-        | engine start-up (s) | {base['startup_s']:.1f} | {mon['startup_s']:.1f} | |
+        | metric | none | sink | sidecar | sink / none | sidecar / none |
+        |---|---:|---:|---:|---:|---:|
+        | generated tok/s | {bg:.1f} | {mg:.1f} | {sg:.1f} | {mg / bg:.3f} | {sg / bg:.3f} |
+        | total tok/s (prompt + generated) | {bt:.1f} | {mt:.1f} | {st:.1f} | {mt / bt:.3f} | {st / bt:.3f} |
+        | latency per request, mean (s) | {blm:.3f} | {mlm:.3f} | {slm:.3f} | {mlm / blm:.3f} | {slm / blm:.3f} |
+        | latency per request, p50 (s) | {blp:.3f} | {mlp:.3f} | {slp:.3f} | {mlp / blp:.3f} | {slp / blp:.3f} |
+        | latency per generated token (ms) | {1e3 * blm / args.lat_tokens:.1f} | {1e3 * mlm / args.lat_tokens:.1f} | {1e3 * slm / args.lat_tokens:.1f} | | |
+        | engine start-up (s) | {base['startup_s']:.1f} | {mon['startup_s']:.1f} | {sc['startup_s']:.1f} | | |
 
-        Coverage: {rows} rows received over {len(layers)} layers for {mon['processed']}
-        forward-pass tokens → **{coverage:.1%}** of tokens covered. Client drops reported:
+        Coverage, sink: {rows} rows received over {len(layers)} layers for {mon['processed']}
+        forward-pass tokens → **{coverage:.1%}**; client drops reported:
         {f'{stats.dropped_frames} frames / {stats.dropped_rows} rows' if stats else 'none (no ClientStats sent: nothing dropped)'}.
+
+        Coverage, sidecar: {sc_rows} rows scored (`safety_monitor_rows_scored_total`,
+        {nz(scored_by_layer)} by layer) over {len(sc_layers)} layers for {sc['processed']}
+        forward-pass tokens → **{sc_cov:.1%}**; rows unscored by reason: {nz(unscored)};
+        frames rejected: {nz(rejected)}; client-reported drops: {int(c_frames)} frames /
+        {int(c_rows)} rows; sequence gaps: {int(gaps)}. The sidecar used {cpu_sc:.1f} CPU-s
+        during its arm and had scored everything {drain_s:.1f} s after the engine exited
+        (includes the ≥3 s quiet period used to detect that).
         """)  # noqa: E501
     print(section)
     write_results(section, args.out)
