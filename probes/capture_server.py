@@ -6,8 +6,9 @@ training activations through the very capture path the monitor uses in productio
 
 `CaptureSink(port=0).start()` listens on 127.0.0.1 (a free port when 0), answers
 `GetCapturePlan` with the configured plan and records every message of every `Stream`:
-hellos, frames (decoded to float32 numpy arrays with their spans), `RequestFinished` and
-`ClientStats`. `stop()` kills the server (open streams break, like a crashed sidecar);
+hellos, frames (decoded to float32 numpy arrays with their spans and per-row
+`TokenRole`s, as the sidecar decodes them), `RequestFinished` and `ClientStats`.
+`stop()` kills the server (open streams break, like a crashed sidecar);
 `start()` again restarts it on the same port.
 
 Run standalone (e.g. for the benchmark or `vllm serve` by hand):
@@ -33,7 +34,8 @@ __all__ = ["CaptureSink", "FrameRecord", "SinkLog", "serve_forever"]
 
 @dataclass
 class FrameRecord:
-    """One received frame: `x` float32 `[n_rows, d_model]`, spans as tuples."""
+    """One received frame: `x` float32 `[n_rows, d_model]`, spans as tuples
+    `(request_id, n_rows, start_position, prompt_len)`, `roles` int8 `[n_rows]`."""
 
     stream: int
     seq: int
@@ -41,6 +43,7 @@ class FrameRecord:
     step: int
     x: np.ndarray
     spans: list[tuple[str, int, int, int]]
+    roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
 
 
 @dataclass
@@ -52,12 +55,13 @@ class SinkLog:
     seq_errors: list[str] = field(default_factory=list)
 
 
-def _decode(f: monitor_pb2.ActivationFrame) -> np.ndarray:
-    """The frame's rows as float32 `[n_rows, d_model]`, through the sidecar's own decoder
-    (so every recorded frame also passed the sidecar's validation)."""
+def _decode(f: monitor_pb2.ActivationFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The frame's rows as float32 `[n_rows, d_model]` and their int8 roles, through the
+    sidecar's own decoder (so every recorded frame also passed the sidecar's validation)."""
     decoded = decode_frame(f, model=f.model, d_model=int(f.shape[1]) if len(f.shape) == 2
                            else 0, layers=frozenset({f.layer}), max_frame_bytes=len(f.data))
-    return decoded.x.to(dtype=torch.float32, copy=True).numpy()  # own, writable copy
+    # own, writable copy
+    return decoded.x.to(dtype=torch.float32, copy=True).numpy(), decoded.roles
 
 
 class _Servicer(monitor_pb2_grpc.MonitorServicer):
@@ -92,10 +96,11 @@ class _Servicer(monitor_pb2_grpc.MonitorServicer):
                     last_seq = f.seq
                     if s.slow_s:
                         time.sleep(s.slow_s)
+                    x, roles = _decode(f)
                     s.log.frames.append(FrameRecord(
-                        stream_id, f.seq, f.layer, f.step, _decode(f),
+                        stream_id, f.seq, f.layer, f.step, x,
                         [(sp.request_id, sp.n_rows, sp.start_position, sp.prompt_len)
-                         for sp in f.spans]))
+                         for sp in f.spans], roles))
                 elif which == "finished":
                     s.log.finished.append(msg.finished)
                 elif which == "stats":
@@ -171,6 +176,21 @@ class CaptureSink:
             for rid, n, start, _plen in fr.spans:
                 for k in range(n):
                     out[rid][start + k] = fr.x[r + k]
+                r += n
+        return out
+
+    def roles_by_request(self, layer: int) -> dict[str, dict[int, int]]:
+        """request_id → {position: TokenRole value} for one layer (last write wins)."""
+        out: dict[str, dict[int, int]] = defaultdict(dict)
+        with self.lock:
+            frames = list(self.log.frames)
+        for fr in frames:
+            if fr.layer != layer:
+                continue
+            r = 0
+            for rid, n, start, _plen in fr.spans:
+                for k in range(n):
+                    out[rid][start + k] = int(fr.roles[r + k])
                 r += n
         return out
 

@@ -281,8 +281,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
 
     def _on_hello(self, hello: monitor_pb2.ClientHello, handle: StreamHandle) -> None:
         handle.client_id = hello.client_id
-        log.info("%s: hello from %r (model %r, plan %r)", handle.name, hello.client_id,
-                 hello.model, hello.plan_id)
+        log.info("%s: hello from %r (model %r, plan %r, wire_version %d)", handle.name,
+                 hello.client_id, hello.model, hello.plan_id, hello.wire_version)
         if hello.model and hello.model != self.app.model_name:
             self.app.metrics.frames_rejected.labels(reason="model_mismatch").inc()
             handle.error(_INVALID, "model_mismatch",
