@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-import torch
 
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import decode_frame
@@ -60,8 +59,7 @@ def _decode(f: monitor_pb2.ActivationFrame) -> tuple[np.ndarray, np.ndarray]:
     sidecar's own decoder (so every recorded frame also passed the sidecar's validation)."""
     decoded = decode_frame(f, model=f.model, d_model=int(f.shape[1]) if len(f.shape) == 2
                            else 0, layers=frozenset({f.layer}), max_frame_bytes=len(f.data))
-    # own, writable copy
-    return decoded.x.to(dtype=torch.float32, copy=True).numpy(), decoded.roles
+    return np.array(decoded.x, dtype=np.float32), decoded.roles  # own, writable copy
 
 
 class _Servicer(monitor_pb2_grpc.MonitorServicer):
