@@ -32,10 +32,10 @@ import pytest
 import torch
 import yaml
 from alert_receiver import Receiver
-from conftest import D_MODEL, MODEL, REPO, MonitorServer, free_port
+from conftest import D_MODEL, MODEL, POLICY_V1, REPO, MonitorServer, free_port
 
 from monitor.replay import ReplayConfig, run_replay
-from monitor.report.sinks.events import AlertContext, alert_event
+from monitor.report.sinks.events import idempotency_key
 from monitor.report.sinks.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import encode_frame
@@ -47,21 +47,8 @@ ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertman
 SECRET = "e2e-webhook-secret"
 POD, NS = "guard-0", "llm"
 
-POLICY = """\
-version: "e2e-v1"
-defaults:
-  aggregation: {kind: max}
-  min_tokens: 1
-detectors:
-  harmful_intent:
-    mode: alert
-    scope: prompt
-    thresholds: {warn: 0.5, critical: 0.9}
-  deception:
-    mode: block
-    scope: generated
-    thresholds: {warn: 0.6, critical: 0.85}
-"""
+# harmful_intent pages in mode alert, deception in mode block
+POLICY = POLICY_V1.replace('"test-v1"', '"e2e-v1"').replace("mode: observe", "mode: block")
 
 
 def get_json(url: str, timeout: float = 5.0) -> Any:
@@ -231,31 +218,11 @@ def malformed(srv: MonitorServer) -> None:
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@dataclass
-class _Upd:
-    request_id: str
-    detector: str
-    score: float
-    severity: str
-    threshold: float
-    crossed_at_position: int
-    mode: str
-    policy_version: str
-
-
 def expected_keys(srv: MonitorServer) -> list[str]:
     """Idempotency keys of the delivered escalations the audit log recorded, in order."""
-    out = []
-    ctx = AlertContext(model_name=MODEL, bundle_name="", bundle_sha256="")
-    for line in srv.audit_lines():
-        if line["event"] != "alert":
-            continue
-        u = _Upd(line["request_id"], line["detector"], line["score"], line["severity"],
-                 line["threshold"], line["position"], line["mode"], line["policy_version"])
-        ctx = AlertContext(model_name=MODEL, bundle_name=line["bundle_name"],
-                           bundle_sha256=line["bundle_sha256"])
-        out.append(alert_event(u, ctx, now=0.0).key)
-    return out
+    return [idempotency_key(x["bundle_sha256"], x["policy_version"], x["request_id"],
+                            x["detector"], x["severity"])
+            for x in srv.audit_lines() if x["event"] == "alert"]
 
 
 def test_alerts_end_to_end(stack: Stack) -> None:

@@ -238,6 +238,17 @@ def test_rules_reference_only_monitor_metrics():
     assert len(names) == len(rules), "duplicate alert names"
 
 
+_CRIT_ALERT = """\
+          - exp_labels: {severity: critical, category: safety, namespace: llm, pod: POD_NAME,
+                         detector: harmful_intent}
+            exp_annotations:
+              summary: 'harmful_intent: critical verdicts on llm/POD_NAME'
+              description: >-
+                N requests reached severity critical for detector harmful_intent in
+                the last 5 minutes. Request ids, scores and thresholds are in the
+                monitor's audit log (JSONL) of that pod.
+              runbook_url: RUNBOOKsafetymonitorcriticalverdict"""
+
 _PROMTOOL_TEST = """
 rule_files: [rules.yml]
 evaluation_interval: 1m
@@ -282,36 +293,12 @@ tests:
       - eval_time: 2m
         alertname: SafetyMonitorCriticalVerdict
         exp_alerts:
-          - exp_labels: {severity: critical, category: safety, namespace: llm, pod: p2,
-                         detector: harmful_intent}
-            exp_annotations:
-              summary: 'harmful_intent: critical verdicts on llm/p2'
-              description: >-
-                2 requests reached severity critical for detector harmful_intent in
-                the last 5 minutes. Request ids, scores and thresholds are in the
-                monitor's audit log (JSONL) of that pod.
-              runbook_url: RUNBOOKsafetymonitorcriticalverdict
+CRIT_P2
       - eval_time: 4m
         alertname: SafetyMonitorCriticalVerdict
         exp_alerts:
-          - exp_labels: {severity: critical, category: safety, namespace: llm, pod: p,
-                         detector: harmful_intent}
-            exp_annotations:
-              summary: 'harmful_intent: critical verdicts on llm/p'
-              description: >-
-                1 requests reached severity critical for detector harmful_intent in
-                the last 5 minutes. Request ids, scores and thresholds are in the
-                monitor's audit log (JSONL) of that pod.
-              runbook_url: RUNBOOKsafetymonitorcriticalverdict
-          - exp_labels: {severity: critical, category: safety, namespace: llm, pod: p2,
-                         detector: harmful_intent}
-            exp_annotations:
-              summary: 'harmful_intent: critical verdicts on llm/p2'
-              description: >-
-                2 requests reached severity critical for detector harmful_intent in
-                the last 5 minutes. Request ids, scores and thresholds are in the
-                monitor's audit log (JSONL) of that pod.
-              runbook_url: RUNBOOKsafetymonitorcriticalverdict
+CRIT_P1
+CRIT_P2
       - eval_time: 14m
         alertname: SafetyMonitorCriticalVerdict
         exp_alerts: []
@@ -384,7 +371,9 @@ tests:
                 3 alert events for sink webhook will never be
                 delivered (reason spool_full). The audit log still has them.
               runbook_url: RUNBOOKsafetymonitoralertsdropped
-""".replace("POD2", 'namespace="llm",pod="p2"').replace("POD", 'namespace="llm",pod="p"').replace(
+""".replace("CRIT_P2", _CRIT_ALERT.replace("POD_NAME", "p2").replace("N ", "2 ")).replace(
+    "CRIT_P1", _CRIT_ALERT.replace("POD_NAME", "p").replace("N ", "1 ")).replace(
+    "POD2", 'namespace="llm",pod="p2"').replace("POD", 'namespace="llm",pod="p"').replace(
     "CRIT", 'severity="critical"').replace("RUNBOOK", RUNBOOK)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = ["DELIVERED_MODES", "AlertContext", "AlertEvent", "EscalationLike", "alert_event",
-           "iso_utc"]
+           "idempotency_key", "iso_utc"]
 
 #: Policy modes whose escalations are delivered (observe = shadow mode, audit only).
 DELIVERED_MODES = frozenset({"alert", "block"})
@@ -149,13 +149,19 @@ class AlertEvent:
         return f"{self.runbook_url}#safetymonitorverdict"
 
 
+def idempotency_key(bundle_sha256: str, policy_version: str, request_id: str, detector: str,
+                    severity: str) -> str:
+    """The idempotency key of one escalation: 32 hex chars of a sha256 (see module doc)."""
+    src = "\x1f".join((bundle_sha256, policy_version, request_id, detector, severity))
+    return hashlib.sha256(src.encode()).hexdigest()[:32]
+
+
 def alert_event(update: EscalationLike, ctx: AlertContext, *, now: float,
                 correlation_id: str = "") -> AlertEvent:
     """The event for one escalation (caller checks `update.mode in DELIVERED_MODES`)."""
-    key_src = "\x1f".join((ctx.bundle_sha256, update.policy_version, update.request_id,
-                           update.detector, update.severity))
     return AlertEvent(
-        key=hashlib.sha256(key_src.encode()).hexdigest()[:32], created_at=float(now),
+        key=idempotency_key(ctx.bundle_sha256, update.policy_version, update.request_id,
+                            update.detector, update.severity), created_at=float(now),
         request_id=update.request_id, correlation_id=correlation_id,
         detector=update.detector, severity=update.severity, mode=update.mode,
         score=float(update.score), threshold=float(update.threshold),
