@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -162,9 +163,8 @@ class CaptureSink:
         with self.lock:
             return len(self.log.frames)
 
-    def rows_by_request(self, layer: int) -> dict[str, dict[int, np.ndarray]]:
-        """request_id → {position: float32 [d_model]} for one layer (last write wins)."""
-        out: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    def _by_position(self, layer: int) -> Iterator[tuple[str, int, FrameRecord, int]]:
+        """(request_id, position, frame, row) for every received row of one layer."""
         with self.lock:
             frames = list(self.log.frames)
         for fr in frames:
@@ -173,23 +173,21 @@ class CaptureSink:
             r = 0
             for rid, n, start, _plen in fr.spans:
                 for k in range(n):
-                    out[rid][start + k] = fr.x[r + k]
+                    yield rid, start + k, fr, r + k
                 r += n
+
+    def rows_by_request(self, layer: int) -> dict[str, dict[int, np.ndarray]]:
+        """request_id → {position: float32 [d_model]} for one layer (last write wins)."""
+        out: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+        for rid, pos, fr, row in self._by_position(layer):
+            out[rid][pos] = fr.x[row]
         return out
 
     def roles_by_request(self, layer: int) -> dict[str, dict[int, int]]:
         """request_id → {position: TokenRole value} for one layer (last write wins)."""
         out: dict[str, dict[int, int]] = defaultdict(dict)
-        with self.lock:
-            frames = list(self.log.frames)
-        for fr in frames:
-            if fr.layer != layer:
-                continue
-            r = 0
-            for rid, n, start, _plen in fr.spans:
-                for k in range(n):
-                    out[rid][start + k] = int(fr.roles[r + k])
-                r += n
+        for rid, pos, fr, row in self._by_position(layer):
+            out[rid][pos] = int(fr.roles[row])
         return out
 
     def rows_received(self) -> int:
