@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import torch
 
+from monitor.constants import Reason
 from monitor.v1 import monitor_pb2
 
 __all__ = [
@@ -33,21 +34,8 @@ __all__ = [
     "parse_spans",
 ]
 
-#: Stable frame / stream error reasons (the metric label `reason`).
-REASONS: tuple[str, ...] = (
-    "model_mismatch",
-    "unknown_layer",
-    "dtype_unspecified",
-    "bad_shape",
-    "d_model_mismatch",
-    "byte_length_mismatch",
-    "bad_spans",
-    "non_finite",
-    "oversized",
-    "out_of_order",
-    "unknown_request",
-    "queue_full",
-)
+#: Stable error reasons (the metric label `reason`): one enum for the whole sidecar.
+REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
 
 _TORCH_DTYPE: dict[int, torch.dtype] = {
     monitor_pb2.DTYPE_FLOAT32: torch.float32,
