@@ -1,4 +1,4 @@
-"""`safety-monitor` command line: serve, check, plan, placeholder-bundle, replay.
+"""`safety-monitor` command line: serve, export-onnx, check, plan, placeholder-bundle, replay.
 
 Startup problems (broken bundle or policy, unbindable address) print one line to stderr
 and exit with code 2, without a traceback.
@@ -51,6 +51,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except StartupError as e:
         print(f"safety-monitor: error: {e}", file=sys.stderr)
         return 2
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from monitor.score import BundleError
+    from monitor.score.onnx_export import export_onnx
+
+    try:
+        b = export_onnx(args.bundle)
+    except (BundleError, OSError) as e:
+        print(f"safety-monitor: error: {e}", file=sys.stderr)
+        return 2
+    assert b.onnx is not None
+    print(f"wrote {len(b.onnx.files)} ONNX graphs (opset {b.onnx.opset}) into {args.bundle}: "
+          f"{[p.name for p in b.onnx.files.values()]}; bundle sha256 {b.sha256[:12]}")
+    return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -117,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the monitor sidecar (gRPC + /metrics)")
     add_server_arguments(s)
     s.set_defaults(func=_cmd_serve)
+
+    e = sub.add_parser("export-onnx", help="write the bundle's packed layers as ONNX graphs "
+                       "beside it and pin them in its manifest")
+    e.add_argument("--bundle", required=True, help="detector bundle directory (rewritten)")
+    e.set_defaults(func=_cmd_export_onnx)
 
     c = sub.add_parser("check", help="validate a policy against a bundle (exit 0/1)")
     c.add_argument("--bundle", required=True)

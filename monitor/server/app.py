@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -38,8 +37,8 @@ from monitor.judge.tracker import RequestTracker
 from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
 from monitor.report.verdicts import Reporter
+from monitor.score.backend import FrameScorer
 from monitor.score.bundle import Bundle
-from monitor.score.scorer import Scorer
 from monitor.server.config import ServerConfig
 from monitor.server.pipeline import Pipeline
 from monitor.server.registry import RequestRegistry
@@ -60,7 +59,7 @@ class StartupError(Exception):
 
 
 def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy,
-                 scorer: Scorer, max_frame_bytes: int) -> monitor_pb2.CapturePlan:
+                 scorer: FrameScorer, max_frame_bytes: int) -> monitor_pb2.CapturePlan:
     """The capture plan: layers with a detector the policy judges, token kinds from scopes.
 
     `plan_id` is a short hash of everything a client's capture depends on.
@@ -127,7 +126,7 @@ class MonitorApp:
     frame-decoding pool or the event loop, and a reload that hangs cannot stop SIGTERM.
     """
 
-    def __init__(self, config: ServerConfig, bundle: Bundle, scorer: Scorer,
+    def __init__(self, config: ServerConfig, bundle: Bundle, scorer: FrameScorer,
                  policy: Policy, holder: PolicyHolder | None, metrics: Metrics,
                  audit: AuditLog, pipeline: Pipeline) -> None:
         self.config = config
@@ -223,6 +222,13 @@ class MonitorApp:
         return t
 
 
+def _backend_version(backend: str) -> str:
+    """The version of the scorer's library (already imported by the scorer)."""
+    import importlib
+
+    return str(importlib.import_module(backend).__version__)
+
+
 def _load_policy(config: ServerConfig, bundle: Bundle,
                  on_change: Callable[[Policy], None]) -> tuple[Policy, PolicyHolder | None]:
     from monitor.judge import PolicyError, check_policy, default_policy
@@ -247,7 +253,8 @@ def build_app(config: ServerConfig) -> MonitorApp:
     Raises:
         StartupError: one-line reason (bundle / policy / audit path / settings).
     """
-    from monitor.score import BundleError, load_bundle
+    from monitor.score import BundleError
+    from monitor.score.backend import load_scorer
 
     if config.max_frame_bytes < 1 or config.queue_rows < 1:
         raise StartupError("--max-frame-bytes and --queue-rows must be >= 1")
@@ -263,27 +270,24 @@ def build_app(config: ServerConfig) -> MonitorApp:
     except ValueError as e:
         raise StartupError(str(e)) from None
     try:
-        bundle = load_bundle(config.bundle)
+        loaded = load_scorer(config.bundle, config.backend,
+                             compute_dtype=config.compute_dtype, threads=config.torch_threads,
+                             onnx_threads=config.onnx_threads)
     except BundleError as e:
         raise StartupError(f"bundle refused: {e}") from None
     except OSError as e:
         raise StartupError(f"bundle {config.bundle}: {e}") from None
-    if config.torch_threads > 0:
-        torch.set_num_threads(config.torch_threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(config.compute_dtype)
-    if dtype is None:
-        raise StartupError(f"--compute-dtype: expected fp32 or bf16, found "
-                           f"{config.compute_dtype!r}")
-    try:
-        scorer = Scorer(bundle, dtype)
     except (ValueError, KeyError) as e:
         raise StartupError(f"bundle {config.bundle}: cannot build scorer: {e}") from None
+    bundle, scorer = loaded.bundle, loaded.scorer
+    log.info("scorer backend %s (%s)", loaded.backend, loaded.reason)
 
     app_ref: list[MonitorApp] = []
     policy, holder = _load_policy(config, bundle, lambda p: app_ref[0].apply_policy(p))
 
     metrics = Metrics(bundle.model_name, _thresholds(policy))
-    metrics.build_info.info({"version": monitor.__version__, "torch": torch.__version__,
+    metrics.build_info.info({"version": monitor.__version__, "backend": loaded.backend,
+                             "backend_version": _backend_version(loaded.backend),
                              "grpc": grpc.__version__})
     metrics.set_bundle(bundle.name, bundle.sha256, bundle.model_name)
     metrics.set_policy(policy.version, policy.sha256, _thresholds(policy), policy.detectors)

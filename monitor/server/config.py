@@ -82,6 +82,10 @@ class ServerConfig:
     grace_s: float = _opt(5.0, "shutdown grace in seconds: SIGTERM exits within it "
                           "(plus the time to drain the scoring queue, at most 30 s)")
     torch_threads: int = _opt(0, "torch intra-op threads for scoring (0: torch default)")
+    backend: str = _opt("torch", "scorer: torch, onnxruntime (the bundle's ONNX graphs; torch "
+                        "is not imported) or auto (start-up micro-benchmark on this CPU)",
+                        choices=("torch", "onnxruntime", "auto"))
+    onnx_threads: int = _opt(0, "onnxruntime intra-op threads per layer (0: its default)")
 
     @property
     def grpc_limit(self) -> int:

@@ -33,14 +33,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from monitor.constants import FinishReason, Reason, RequestKey
 from monitor.judge.policy import DetectorPolicy, Policy
 from monitor.judge.tracker import RequestTracker, VerdictUpdate
 from monitor.report.metrics import Metrics
 from monitor.report.verdicts import Reporter, verdict_message
-from monitor.score.scorer import Scorer
+from monitor.score.backend import FrameScorer
 from monitor.server.registry import Admission, Closing, RequestRegistry, StreamSink
 from monitor.v1 import monitor_pb2
 from monitor.wire.codec import DecodedFrame
@@ -99,7 +98,7 @@ class Pipeline:
     """The scoring queue + worker + registry sweeper.
 
     Args:
-        scorer: the bundle's `Scorer`.
+        scorer: the bundle's scorer (torch or onnxruntime backend).
         tracker: the `RequestTracker` (owned by the worker thread).
         registry: the `RequestRegistry` (request lifecycle).
         policy: the initial `Policy`.
@@ -113,7 +112,7 @@ class Pipeline:
 
     def __init__(
         self,
-        scorer: Scorer,
+        scorer: FrameScorer,
         tracker: RequestTracker,
         registry: RequestRegistry,
         policy: Policy,
@@ -370,13 +369,8 @@ class Pipeline:
         if not cols:
             return  # layer not in the current plan: nothing judges it
         xs = [it.frame.x for it in group]
-        if len(xs) == 1:
-            x = xs[0]
-        else:
-            dtypes = {t.dtype for t in xs}
-            if len(dtypes) > 1:
-                xs = [t.float() for t in xs]
-            x = torch.cat(xs, dim=0)
+        # float16 and float32 frames together: numpy promotes to float32 (exact)
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
         t0 = time.perf_counter()
         try:
             scores = np.asarray(self.scorer.score(layer, x), dtype=np.float32)

@@ -32,7 +32,7 @@ import numpy as np
 
 from monitor.constants import FinishReason, Reason, RequestKey
 from monitor.report.metrics import Metrics
-from monitor.score.scorer import Scorer
+from monitor.score.backend import FrameScorer
 from monitor.server.pipeline import Pipeline, QueueFull
 from monitor.server.registry import Admission
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
@@ -132,7 +132,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         max_hello_id_bytes: longest `ClientHello.client_id` accepted.
     """
 
-    def __init__(self, *, pipeline: Pipeline, scorer: Scorer, limits: FrameLimits,
+    def __init__(self, *, pipeline: Pipeline, scorer: FrameScorer, limits: FrameLimits,
                  plan: Callable[[], monitor_pb2.CapturePlan], metrics: Metrics,
                  max_hello_id_bytes: int = 256) -> None:
         self.pipeline = pipeline
