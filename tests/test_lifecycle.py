@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 import torch
-from conftest import MODEL, MonitorServer
+from conftest import MODEL, POLICY_V1, MonitorServer
 from test_server_integration import (
     _wait,
     errors,
@@ -32,17 +32,8 @@ from monitor.wire import Span
 
 pytestmark = pytest.mark.timeout(120)
 
-POLICY = """\
-version: "lifecycle"
-defaults:
-  aggregation: {kind: max}
-  min_tokens: 1
-detectors:
-  harmful_intent:
-    mode: alert
-    scope: prompt
-    thresholds: {warn: 0.5, critical: 0.9}
-"""
+#: POLICY_V1 without its deception detector: layer 3 is captured, nothing judges it.
+POLICY = POLICY_V1[:POLICY_V1.index("  deception:")].replace("test-v1", "lifecycle")
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
@@ -199,12 +190,16 @@ def test_max_requests_holds_for_unjudged_layers_and_evicted_requests_get_finals(
     assert len(late) >= 3
 
 
+def open_one(srv: MonitorServer, geometry: dict, client: str, r: str) -> Held:
+    """A held stream that opened request `r` with 4 benign prompt rows on layer 2."""
+    return Held(srv, [hello(client), frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
+                                               [Span(r, 4, 0, 4)])])
+
+
 def test_idle_requests_on_an_open_stream_expire(srv: MonitorServer, geometry: dict) -> None:
     r = rid("idle")
     before = srv.metric("safety_monitor_requests_finished_total", reason="idle")
-    held = Held(srv, [hello("tenant-idle"),
-                      frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
-                                [Span(r, 4, 0, 4)])])
+    held = open_one(srv, geometry, "tenant-idle", r)
     assert _wait(lambda: bool(finals(held.out, r)), timeout=30)  # no half-close needed
     assert srv.metric("safety_monitor_requests_finished_total", reason="idle") - before == 1
     assert finals(held.out, r)["harmful_intent"].n_tokens_scored == 4
@@ -214,9 +209,7 @@ def test_idle_requests_on_an_open_stream_expire(srv: MonitorServer, geometry: di
 def test_orphans_are_swept_while_traffic_flows(srv: MonitorServer, geometry: dict) -> None:
     r = rid("orphan")
     before = srv.metric("safety_monitor_requests_finished_total", reason="orphaned")
-    broken = Held(srv, [hello("tenant-gone"),
-                        frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
-                                  [Span(r, 4, 0, 4)])])
+    broken = open_one(srv, geometry, "tenant-gone", r)
     assert _wait(lambda: srv.metric("safety_monitor_active_requests") >= 1)
     broken.cancel()
     busy = Held(srv, [hello("tenant-busy")])
