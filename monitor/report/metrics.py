@@ -213,9 +213,9 @@ class Metrics:
         self.policy_info.clear()
         self.policy_info.labels(version=version, sha256=sha256).set(1)
         self.set_score_thresholds(thresholds)
-        self.set_detectors(detectors)
+        self.init_alert_series(detectors)
 
-    def set_detectors(self, detectors: Iterable[str]) -> None:
+    def init_alert_series(self, detectors: Iterable[str]) -> None:
         """Create `alerts{detector, severity, mode}` at 0 for every detector of the loaded
         policy (call again on reload: series of new detectors appear at 0, existing
         ones keep their counts)."""

@@ -3,8 +3,9 @@
 `verdict_message` converts a tracker `VerdictUpdate` into a `ServerMessage`; `Reporter`
 does the side effects of one update, so the pipeline only decides *when*:
 
-- an escalation (a newly reached severity) counts `alerts_total{detector,severity,mode}`
-  and writes an audit line (`alert`, or `would_alert` in observe mode);
+- an escalation (a newly reached severity) counts `alerts_total{detector,severity,mode}`,
+  writes an audit line (`alert`, or `would_alert` in observe mode) and is handed to
+  alert delivery (`monitor.report.sinks`, which delivers modes alert|block; never blocks);
 - a final verdict observes `request_score{detector}` and, with `--audit-finals`, writes
   a `final` audit line.
 
@@ -19,6 +20,7 @@ import logging
 from monitor.judge.tracker import VerdictUpdate
 from monitor.report.audit import AuditLog, audit_record
 from monitor.report.metrics import Metrics
+from monitor.report.sinks import AlertDispatcher
 from monitor.v1 import monitor_pb2
 
 __all__ = ["Reporter", "verdict_message"]
@@ -50,12 +52,15 @@ class Reporter:
         metrics: the server's `Metrics`.
         audit: the `AuditLog` (disabled when it has no path).
         bundle_name, bundle_sha256, model_name: carried into every audit line.
+        alerts: alert delivery (Alertmanager / webhook); None: no delivery.
     """
 
     def __init__(self, metrics: Metrics, audit: AuditLog, *, bundle_name: str,
-                 bundle_sha256: str, model_name: str) -> None:
+                 bundle_sha256: str, model_name: str,
+                 alerts: AlertDispatcher | None = None) -> None:
         self.metrics = metrics
         self.audit = audit
+        self.alerts = alerts
         self.bundle_name = bundle_name
         self.bundle_sha256 = bundle_sha256
         self.model_name = model_name
@@ -73,6 +78,8 @@ class Reporter:
         self.metrics.alerts.labels(detector=u.detector, severity=u.severity,
                                    mode=u.mode).inc()
         self._audit(u, event)
+        if self.alerts is not None:
+            self.alerts.escalation(u)
         log.info("%s: request=%s detector=%s severity=%s score=%.3f position=%d", event,
                  u.request_id, u.detector, u.severity, u.score, u.crossed_at_position)
 

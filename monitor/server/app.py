@@ -4,7 +4,12 @@
 a broken bundle or policy) and `run_server(app)` serves until SIGTERM/SIGINT, then
 drains: health goes NOT_SERVING, streams get `grace_s` to finish, the scoring queue is
 drained (queued frames are scored, open requests get final verdicts) and the audit log
-is flushed, fsynced and closed.
+is flushed, fsynced and closed; alert sinks deliver or spool what is queued.
+
+Exit code of `run_server`: 0 after a clean drain; 1 when the scoring queue did not drain
+within the grace; 3 when the service stops after unrecoverable audit or alert-delivery
+failures (audit lines not written, alert events lost other than by the configured
+bounds: spool write errors, undelivered events without a spool directory).
 
 gRPC message limit: `max_receive_message_length` is set deliberately above
 `max_frame_bytes` (default: 2 x max_frame_bytes + 1 MiB). A frame between the two gets
@@ -36,6 +41,7 @@ from monitor.judge.reload import PolicyHolder
 from monitor.judge.tracker import RequestTracker
 from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
+from monitor.report.sinks import AlertContext, AlertDispatcher, make_dispatcher
 from monitor.report.verdicts import Reporter
 from monitor.score.backend import FrameScorer
 from monitor.score.bundle import Bundle
@@ -128,8 +134,9 @@ class MonitorApp:
 
     def __init__(self, config: ServerConfig, bundle: Bundle, scorer: FrameScorer,
                  policy: Policy, holder: PolicyHolder | None, metrics: Metrics,
-                 audit: AuditLog, pipeline: Pipeline) -> None:
+                 audit: AuditLog, pipeline: Pipeline, alerts: AlertDispatcher) -> None:
         self.config = config
+        self.alerts = alerts
         self.bundle = bundle
         self.scorer = scorer
         self.holder = holder
@@ -293,18 +300,26 @@ def build_app(config: ServerConfig) -> MonitorApp:
     metrics.set_policy(policy.version, policy.sha256, _thresholds(policy), policy.detectors)
     try:
         audit = AuditLog(config.audit_log, on_failure=metrics.audit_write_failures.inc,
-                         include_finals=config.audit_finals)
+                         include_finals=config.audit_finals, stdout=config.audit_stdout)
     except OSError as e:
         raise StartupError(f"--audit-log {config.audit_log}: {e.strerror or e}") from None
+    ctx = AlertContext.from_env(model_name=bundle.model_name, bundle_name=bundle.name,
+                                bundle_sha256=bundle.sha256, runbook_url=config.runbook_url)
+    try:
+        alerts = make_dispatcher(config.alert_sinks(), ctx, metrics.registry)
+    except ValueError as e:
+        raise StartupError(f"alert delivery: {e}") from None
+    except OSError as e:
+        raise StartupError(f"alert delivery: {e.filename}: {e.strerror or e}") from None
     tracker = RequestTracker(policy)
     reporter = Reporter(metrics, audit, bundle_name=bundle.name, bundle_sha256=bundle.sha256,
-                        model_name=bundle.model_name)
+                        model_name=bundle.model_name, alerts=alerts)
     pipeline = Pipeline(scorer, tracker, registry, policy, metrics, reporter,
                         model_name=bundle.model_name, capacity_rows=config.queue_rows,
                         max_batch_rows=config.max_batch_rows,
                         sweep_interval_s=_sweep_interval(config))
     _export_counters(metrics, tracker, registry)
-    app = MonitorApp(config, bundle, scorer, policy, holder, metrics, audit, pipeline)
+    app = MonitorApp(config, bundle, scorer, policy, holder, metrics, audit, pipeline, alerts)
     app_ref.append(app)
     log.info("bundle %s (%s, sha256 %s): model %s, d_model %d, layers %s, detectors %s",
              bundle.name, config.bundle, bundle.sha256[:12], bundle.model_name, bundle.d_model,
@@ -373,6 +388,7 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
         except OSError as e:
             raise StartupError(f"cannot bind metrics {cfg.metrics_host}:{cfg.metrics_port}: "
                                f"{e.strerror or e}") from None
+    app.alerts.start()
     app.pipeline.start()
     stop_watch = threading.Event()
     app.watch_policy(stop_watch)
@@ -391,6 +407,9 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
             loop.add_signal_handler(signal.SIGHUP, lambda: app.submit_reload("sighup"))
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
+    for w in app.alerts.workers:
+        log.info("alert sink %s: %s (spool %s)", w.name, w.sink.target,
+                 "disk" if w.spool.durable else "memory")
     log.info("serving monitor.v1 on %s:%d (grpc limit %d bytes, max frame %d bytes); "
              "metrics on %s", cfg.host, port, limit, cfg.max_frame_bytes,
              f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics"
@@ -406,9 +425,14 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     app.service.end_streams()
     await server.stop(max(0.0, deadline - loop.time()) * 0.5)
     drained = await asyncio.to_thread(app.pipeline.stop, max(0.1, deadline - loop.time()))
+    await asyncio.to_thread(app.alerts.stop)
     app.audit.close()
     app.service.shutdown()
     log.info("stopped (%s)", "queue drained" if drained else "queue NOT drained")
+    if app.audit.failures or app.alerts.lost:
+        log.error("exiting with status 3: %d audit lines not written, %d alert events lost",
+                  app.audit.failures, app.alerts.lost)
+        return 3
     return 0 if drained else 1
 
 

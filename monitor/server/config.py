@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from monitor.report.sinks import AlertSinksConfig
+
 __all__ = ["LOG_LEVELS", "ServerConfig", "add_arguments", "from_args", "parse_size"]
 
 #: Accepted values of `--log-level`.
@@ -34,13 +36,28 @@ def parse_size(text: str) -> int:
                                          f"found {text!r}") from None
 
 
+_ALERTS = "alert delivery (escalations of mode alert|block detectors)"
+
+
 def _opt(default: Any, help: str, *, parse: Callable[[str], Any] | None = None,
-         choices: tuple[str, ...] | None = None, required: bool = False) -> Any:
+         choices: tuple[str, ...] | None = None, required: bool = False,
+         flag: str | None = None, append: bool = False, group: str | None = None,
+         metavar: str | None = None) -> Any:
+    """A config field: its default and how its flag reads (help, parser, choices; `flag`
+    overrides the name derived from the field; `append`: repeatable flag -> tuple)."""
     meta: dict[str, Any] = {"help": help}
     if parse is not None:
         meta["parse"] = parse
     if choices is not None:
         meta["choices"] = choices
+    if flag is not None:
+        meta["flag"] = flag
+    if append:
+        meta["append"] = True
+    if group is not None:
+        meta["group"] = group
+    if metavar is not None:
+        meta["metavar"] = metavar
     if required:
         return field(metadata={**meta, "required": True})
     return field(default=default, metadata=meta)
@@ -86,6 +103,38 @@ class ServerConfig:
                         "is not imported) or auto (start-up micro-benchmark on this CPU)",
                         choices=("torch", "onnxruntime", "auto"))
     onnx_threads: int = _opt(0, "onnxruntime intra-op threads per layer (0: its default)")
+    audit_stdout: bool = _opt(False, "also write audit lines to stdout as JSON lines (k8s log "
+                              "collectors)")
+    alertmanager_urls: tuple[str, ...] = _opt(
+        (), "Alertmanager base URL, e.g. http://alertmanager:9093 (repeatable: every "
+        "instance of an HA pair gets every alert)", flag="--alertmanager-url", append=True,
+        group=_ALERTS, metavar="URL")
+    webhook_url: str | None = _opt(None, "generic JSON webhook (signed when a secret is set)",
+                                   group=_ALERTS)
+    webhook_secret_file: str | None = _opt(
+        None, "file with the webhook HMAC key (a mounted Secret); default: env "
+        "SAFETY_MONITOR_WEBHOOK_SECRET", group=_ALERTS)
+    alert_spool_dir: str | None = _opt(
+        None, "durable spool of undelivered alerts (survives restarts); default: in memory, "
+        "lost at exit", group=_ALERTS)
+    alert_spool_max_bytes: int = _opt(64 << 20, "spool bound per sink (oldest evicted and "
+                                      "counted when full)", parse=parse_size, group=_ALERTS)
+    alert_timeout_s: float = _opt(5.0, "HTTP timeout", group=_ALERTS)
+    alert_resend_s: float = _opt(60.0, "re-send active Alertmanager alerts this often",
+                                 group=_ALERTS)
+    alert_resolve_s: float = _opt(300.0, "an Alertmanager alert resolves this long after its "
+                                  "last escalation", group=_ALERTS)
+    runbook_url: str = _opt("", "base URL of docs/RUNBOOK.md, put on every delivered alert",
+                            group=_ALERTS)
+
+    def alert_sinks(self) -> AlertSinksConfig:
+        """The alert-delivery part of the settings."""
+        return AlertSinksConfig(
+            alertmanager_urls=tuple(self.alertmanager_urls), webhook_url=self.webhook_url,
+            webhook_secret_file=self.webhook_secret_file, spool_dir=self.alert_spool_dir,
+            spool_max_bytes=self.alert_spool_max_bytes, timeout_s=self.alert_timeout_s,
+            resend_s=self.alert_resend_s, resolve_after_s=self.alert_resolve_s,
+            runbook_url=self.runbook_url)
 
     @property
     def grpc_limit(self) -> int:
@@ -98,13 +147,23 @@ class ServerConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one `--flag` per `ServerConfig` field (help, type, default from the field)."""
     hints = typing.get_type_hints(ServerConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(ServerConfig):
-        flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        target: argparse.ArgumentParser | argparse._ArgumentGroup = parser
+        if "group" in meta:
+            target = groups.get(meta["group"]) or groups.setdefault(
+                meta["group"], parser.add_argument_group(meta["group"]))
         kw: dict[str, Any] = {"help": meta["help"], "dest": f.name}
+        if "metavar" in meta:
+            kw["metavar"] = meta["metavar"]
         typ = hints[f.name]
         if typ is bool:
-            parser.add_argument(flag, action="store_true", **kw)
+            target.add_argument(flag, action="store_true", **kw)
+            continue
+        if meta.get("append"):
+            target.add_argument(flag, action="append", default=None, **kw)
             continue
         base = next((a for a in typing.get_args(typ) if a is not type(None)), typ)
         kw["type"] = meta.get("parse", base)
@@ -114,12 +173,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw["required"] = True
         else:
             kw["default"] = f.default
-            if f.default is not None:
+            if f.default not in (None, ""):
                 kw["help"] += f" (default: {f.default})"
-        parser.add_argument(flag, **kw)
+        target.add_argument(flag, **kw)
 
 
 def from_args(args: argparse.Namespace) -> ServerConfig:
     """The `ServerConfig` of parsed `serve` arguments."""
-    return ServerConfig(**{f.name: getattr(args, f.name)
-                           for f in dataclasses.fields(ServerConfig)})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
+    for f in dataclasses.fields(ServerConfig):
+        if f.metadata.get("append"):
+            values[f.name] = tuple(values[f.name] or ())
+    return ServerConfig(**values)
