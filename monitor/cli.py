@@ -51,7 +51,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         grpc_max_message_bytes=args.grpc_max_message_bytes, compute_dtype=args.compute_dtype,
         max_requests=args.max_requests, policy_watch_s=args.policy_watch_s,
         grace_s=args.grace_s, torch_threads=args.torch_threads,
-        orphan_grace_s=args.orphan_grace_s,
+        orphan_grace_s=args.orphan_grace_s, served_model=args.served_model,
     )
     try:
         return serve(cfg)
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--orphan-grace-s", type=float, default=30.0,
                    help="seconds a broken stream's open requests wait for a reconnecting "
                         "client before they are finished")
+    s.add_argument("--served-model", default=None,
+                   help="model folder vLLM serves (config.json): refuse to start when the "
+                        "bundle's d_model or layer count differs")
     s.add_argument("--torch-threads", type=int, default=0,
                    help="torch intra-op threads for scoring (0: torch default)")
     s.set_defaults(func=_cmd_serve)

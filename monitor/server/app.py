@@ -72,6 +72,7 @@ class ServerConfig:
     grace_s: float = 5.0
     torch_threads: int = 0  # torch intra-op threads for the scorer; 0: torch's default
     orphan_grace_s: float = 30.0  # a broken stream's requests wait this long to be adopted
+    served_model: str | None = None  # HF folder vLLM serves: refuse a bundle of another shape
 
     @property
     def grpc_limit(self) -> int:
@@ -236,6 +237,17 @@ def build_app(config: ServerConfig) -> MonitorApp:
         raise StartupError(f"bundle refused: {e}") from None
     except OSError as e:
         raise StartupError(f"bundle {config.bundle}: {e}") from None
+    if config.served_model:
+        from monitor.models import check_bundle_matches_model
+
+        try:
+            shape = check_bundle_matches_model(
+                bundle_model=bundle.model_name, bundle_d_model=int(bundle.d_model),
+                bundle_n_layers=int(bundle.n_layers), model_dir=config.served_model)
+        except ValueError as e:
+            raise StartupError(f"bundle refused for --served-model: {e}") from None
+        log.info("bundle matches the served model %s (%s, d_model %d, %d layers)",
+                 config.served_model, shape.architecture, shape.d_model, shape.n_layers)
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(config.compute_dtype)
