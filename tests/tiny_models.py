@@ -12,8 +12,8 @@ weight is perturbed (norm gains 1 ± 0.3; Gemma's zero-centred gains 0 ± 0.3) s
 capture that skipped a norm, a residual add or a post-norm would differ by far more than
 the test tolerance.
 
-    python -m probes.tiny_models --out /tmp/tiny            # all families
-    python -m probes.tiny_models --out /tmp/tiny qwen3 gemma2
+    python tests/tiny_models.py --out /tmp/tiny            # all families
+    python tests/tiny_models.py --out /tmp/tiny qwen3 gemma2
 """
 
 from __future__ import annotations
@@ -34,32 +34,11 @@ HEAD_DIM = 32
 D_MLP = 256
 MAX_POS = 2048
 
-# Family chat templates (the format each family's instruct models ship). The tiny models
-# use the default model's tokenizer, so family special tokens are plain text to it; the
-# template's structure (role markers, generation prompt) is the family's.
-_LLAMA3 = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
-    "<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-_CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-_GEMMA = (
-    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' "
-    "else m['role'] %}<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n"
-    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-_MISTRAL = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
-    "{{ m['content'] }} [/INST]{% elif m['role'] == 'assistant' %} {{ m['content'] }}"
-    "{{ eos_token }}{% else %}{{ m['content'] }}\n\n{% endif %}{% endfor %}"
-)
-_PHI3 = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}"
-)
+TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
+"""The families' own chat templates (as their instruct models ship them), shared with
+tests/test_roles.py. The tiny models use the default model's tokenizer, so family special
+tokens are plain text to it; the template's structure (role markers, generation prompt)
+is the family's."""
 
 
 def _common() -> dict[str, Any]:
@@ -133,18 +112,18 @@ class Family:
 
     name: str
     config: Callable[[], Any]
-    chat_template: str
+    chat_template: str  # file in TEMPLATES
     zero_centred_norms: bool = False  # Gemma: RMSNorm scales by (1 + w)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("llama", _llama, _LLAMA3),
-    Family("mistral", _mistral, _MISTRAL),
-    Family("qwen2", _qwen2, _CHATML),
-    Family("qwen3", _qwen3, _CHATML),
-    Family("phi3", _phi3, _PHI3),
-    Family("gemma2", _gemma2, _GEMMA, zero_centred_norms=True),
-    Family("gemma3", _gemma3, _GEMMA, zero_centred_norms=True),
+    Family("llama", _llama, "llama3.jinja"),
+    Family("mistral", _mistral, "mistral.jinja"),
+    Family("qwen2", _qwen2, "qwen2.jinja"),
+    Family("qwen3", _qwen3, "qwen2.jinja"),
+    Family("phi3", _phi3, "phi3.jinja"),
+    Family("gemma2", _gemma2, "gemma2.jinja", zero_centred_norms=True),
+    Family("gemma3", _gemma3, "gemma3.jinja", zero_centred_norms=True),
 )}
 
 
@@ -193,7 +172,7 @@ def build_tiny_model(family: str, out: Path, *, seed: int = 0) -> Path:
     tc = json.loads((tmp / "tokenizer_config.json").read_text())
     tc.pop("chat_template", None)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=1))
-    (tmp / "chat_template.jinja").write_text(fam.chat_template)
+    shutil.copy(TEMPLATES / fam.chat_template, tmp / "chat_template.jinja")
     (tmp / ".built").write_text(family + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -201,7 +180,7 @@ def build_tiny_model(family: str, out: Path, *, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m probes.tiny_models", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python tests/tiny_models.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="parent folder")
     ap.add_argument("families", nargs="*", default=sorted(FAMILIES))
