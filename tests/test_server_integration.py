@@ -408,6 +408,56 @@ def test_old_client_without_roles_is_served_like_a_role_client(server: MonitorSe
     assert f_old["harmful_intent"].n_tokens_scored == 6  # scope prompt
 
 
+ROLE_POLICY = """\
+version: "roles-v1"
+defaults:
+  aggregation: {kind: max}
+  min_tokens: 1
+detectors:
+  harmful_intent:
+    mode: alert
+    scope: user
+    thresholds: {warn: 0.5, critical: 0.9}
+  deception:
+    mode: observe
+    scope: generated
+    thresholds: {warn: 0.6, critical: 0.85}
+"""
+
+
+def test_role_scoped_policy_over_a_real_socket(start_server: Callable[..., MonitorServer],
+                                               geometry: dict) -> None:
+    """`scope: user` judges user rows only: a hot template row is ignored, a hot user row
+    is critical at its position; an old client's rows (no roles) are never user rows; the
+    plan asks for exactly the roles the policy reads."""
+    srv = start_server(policy_text=ROLE_POLICY, extra=["--policy-watch-s", "0"], name="roles")
+    R = TokenRole
+    plan = monitor_pb2_grpc.MonitorStub(srv.channel).GetCapturePlan(
+        monitor_pb2.GetCapturePlanRequest(), timeout=5)
+    assert sorted(plan.token_roles) == [R.USER, R.GENERATED]
+    assert set(plan.token_kinds) == {monitor_pb2.TOKEN_KIND_PROMPT,
+                                     monitor_pb2.TOKEN_KIND_GENERATED}
+
+    def spans(r: str) -> list[Span]:  # template 0-1, user 2-5, template 6-7
+        return [Span(r, 2, 0, 8, R.TEMPLATE), Span(r, 4, 2, 8, R.USER),
+                Span(r, 2, 6, 8, R.TEMPLATE)]
+
+    cold, hot, old = rid("tmpl-hot"), rid("user-hot"), rid("old")
+    out = stream(srv, [
+        frame_msg(1, 2, make_rows(geometry, "harmful_intent", 8, pushed=[1, 7]), spans(cold)),
+        frame_msg(2, 2, make_rows(geometry, "harmful_intent", 8, pushed=[4]), spans(hot)),
+        frame_msg(3, 2, make_rows(geometry, "harmful_intent", 8, pushed=[4]),
+                  [Span(old, 8, 0, 8)]),
+        fin(cold), fin(hot), fin(old)])
+    assert not errors(out), errors(out)
+    f = {r: {v.detector: v for v in verdicts(out, r, final=True)}["harmful_intent"]
+         for r in (cold, hot, old)}
+    assert (f[cold].severity, f[cold].n_tokens_scored) == (monitor_pb2.SEVERITY_NONE, 4)
+    assert (f[hot].severity, f[hot].crossed_at_position, f[hot].n_tokens_scored) == (
+        monitor_pb2.SEVERITY_CRITICAL, 4, 4)
+    assert (f[old].severity, f[old].n_tokens_scored) == (monitor_pb2.SEVERITY_NONE, 0)
+
+
 def test_oversized_frame_in_stream(server: MonitorServer, geometry: dict) -> None:
     n = MAX_FRAME // (D_MODEL * 4) + 8  # above max_frame_bytes, below the gRPC limit
     r, ok_id = rid("big"), rid("ok")

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
-from monitor.constants import SCOPES
+from monitor.roles import SCOPE_WORDS
 
 if TYPE_CHECKING:  # torch is imported where tensor values are read or written
     import torch
@@ -72,7 +72,9 @@ MANIFEST = "manifest.json"
 KINDS = ("linear_probe", "sae_latents")
 ACTIVATIONS = ("identity", "relu", "jumprelu")
 NORMALIZE = ("none", "layer_norm")
-TOKEN_SCOPES = SCOPES  # a detector's token scope is a policy scope
+#: A detector's token scope is one policy scope word (``monitor.roles.SCOPE_WORDS``):
+#: ``prompt``, ``generated``, ``both`` or a token role such as ``user``.
+TOKEN_SCOPES = SCOPE_WORDS
 THRESHOLD_KEYS = ("warn", "critical")
 
 #: safetensors dtypes accepted in a bundle (all upcast / cast to float32 on load).

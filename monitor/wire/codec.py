@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from monitor.constants import Reason
-from monitor.roles import TokenRole
+from monitor.roles import TokenRole, derive_roles
 from monitor.v1 import monitor_pb2
 from monitor.wire.hooks import parse_hook_name
 
@@ -51,7 +51,6 @@ WIRE_VERSION = 2
 
 _N_ROLES = max(TokenRole) + 1
 _OTHER = np.int8(TokenRole.OTHER)
-_GENERATED = np.int8(TokenRole.GENERATED)
 
 #: Stable error reasons (the metric label `reason`): one enum for the whole sidecar.
 REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
@@ -243,8 +242,7 @@ def parse_spans(
     generated = positions >= np.repeat(plens, counts)
     roles = np.repeat(span_roles.astype(np.int8), counts)
     if not span_roles.all():  # UNSPECIFIED spans (old clients): derive from prompt_len
-        derived = np.where(generated, _GENERATED, _OTHER)
-        roles = np.where(roles == 0, derived, roles).astype(np.int8)
+        roles = np.where(roles == 0, derive_roles(generated), roles).astype(np.int8)
     return RowMeta(tuple(ids), row_request, positions, generated, tuple(bounds), roles)
 
 
