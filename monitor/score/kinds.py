@@ -22,16 +22,19 @@ component kind here (and its full-width encoder in ``sae/registry.py``). This mo
 imports neither the bundle nor the packer (no cycles); the SAE kinds register when
 ``monitor.score.sae`` is imported, which ``bundle.py`` does.
 
-Thread rules: the registry is filled at import time and only read afterwards.
+Thread rules: the registry is filled at import time and only read afterwards. Importing
+this module (and the SAE kinds) does not import torch: the onnxruntime backend validates
+bundles without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+if TYPE_CHECKING:  # torch is imported only where tensors are folded (the ONNX path has none)
+    import torch
 
 __all__ = [
     "Component",
@@ -73,9 +76,10 @@ class Component:
     """One set of ``k`` columns on one layer (a probe's logits or selected SAE latents).
 
     ``tensors`` are float32 with the shapes its kind declares (main tensor
-    ``[d_model, k]``). ``activation`` selects the kind's epilogue (see the module
-    docstring). ``latent_ids`` (sae_latents only) are the latent indices in the source
-    SAE, one per column, for feature labels in alerts.
+    ``[d_model, k]``; empty when loaded with ``load_tensors=False``). ``k`` is the
+    number of columns (0: derived from ``tensors``). ``activation`` selects the kind's
+    epilogue (see the module docstring). ``latent_ids`` (sae_latents only) are the latent
+    indices in the source SAE, one per column, for feature labels in alerts.
     """
 
     name: str
@@ -86,11 +90,12 @@ class Component:
     activation: str = "identity"
     latent_ids: tuple[int, ...] | None = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    k: int = 0
 
-    @property
-    def k(self) -> int:
-        """Number of columns this component contributes."""
-        return int(self.tensors[get_kind(self.kind, self.activation).main].shape[1])
+    def __post_init__(self) -> None:
+        if self.k == 0:
+            main = get_kind(self.kind, self.activation).main
+            object.__setattr__(self, "k", int(self.tensors[main].shape[1]))
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,8 @@ def activations_of(kind: str) -> tuple[str, ...]:
 
 
 def _full(k: int, value: float) -> torch.Tensor:
+    import torch
+
     return torch.full((k,), value, dtype=torch.float32)
 
 

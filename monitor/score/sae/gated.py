@@ -12,14 +12,16 @@ component ``sae_latents`` / ``gated`` with ``b_enc`` = b_gate, ``b_mag``, ``r_ma
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from ..kinds import Epilogue, register_kind
-from .model import SAE
 from .registry import Architecture, SAELatentsKind, register_architecture
 from .standard import select_tensors
+
+if TYPE_CHECKING:  # torch only when encoding / folding (see registry.py)
+    import torch
+
+    from .model import SAE
 
 
 class GatedKind(SAELatentsKind):
@@ -31,7 +33,7 @@ class GatedKind(SAELatentsKind):
         k = int(tensors["W_enc"].shape[1])
         s = tensors["r_mag"].double().exp()
         t = tensors["b_mag"].double() - s * tensors["b_enc"].double()
-        zeros = torch.zeros(k, dtype=torch.float32)
+        zeros = tensors["W_enc"].new_zeros(k, dtype=s.dtype).float()
         return Epilogue(theta=zeros, floor=zeros, scale=s.float(), shift=t.float())
 
 
@@ -42,7 +44,7 @@ class Gated(Architecture):
 
     def encode_pre(self, sae: SAE, h: torch.Tensor) -> torch.Tensor:
         pi = h - sae.params["b_gate"]
-        mag = torch.relu(pi * sae.params["r_mag"].exp() + sae.params["b_mag"])
+        mag = (pi * sae.params["r_mag"].exp() + sae.params["b_mag"]).relu()
         return (h > 0).float() * mag
 
     def select(self, sae: SAE, ids: Sequence[int]) -> tuple[str, dict[str, torch.Tensor]]:

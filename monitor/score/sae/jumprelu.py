@@ -9,14 +9,16 @@ component ``sae_latents`` / ``jumprelu`` with a ``threshold [k]`` tensor.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from ..kinds import Epilogue, register_kind
-from .model import SAE
 from .registry import Architecture, SAELatentsKind, register_architecture, relu_epilogue
 from .standard import select_tensors
+
+if TYPE_CHECKING:  # torch only when encoding / folding (see registry.py)
+    import torch
+
+    from .model import SAE
 
 
 class JumpReluKind(SAELatentsKind):
@@ -33,7 +35,7 @@ class JumpRelu(Architecture):
     params = ("b_enc", "threshold")
 
     def encode_pre(self, sae: SAE, h: torch.Tensor) -> torch.Tensor:
-        return torch.relu(h) * (h > sae.params["threshold"])
+        return h.relu() * (h > sae.params["threshold"])
 
     def select(self, sae: SAE, ids: Sequence[int]) -> tuple[str, dict[str, torch.Tensor]]:
         return "jumprelu", select_tensors(sae, ids, ("W_enc", "b_enc", "threshold"))

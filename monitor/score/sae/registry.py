@@ -20,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
 from ..kinds import ComponentKind, Epilogue
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # no torch at import: bundle validation runs without it (onnxruntime)
+    import torch
+
     from .model import SAE
 
 __all__ = ["Architecture", "SAEError", "SAELatentsKind", "architectures", "get_architecture",
@@ -98,6 +98,8 @@ def architectures() -> tuple[str, ...]:
 
 def relu_epilogue(k: int, theta: torch.Tensor | None = None) -> Epilogue:
     """relu (``theta`` None) or jumprelu (``relu(p)·[p > θ] = p·[p > max(θ, 0)]``)."""
+    import torch
+
     zeros = torch.zeros(k, dtype=torch.float32)
     th = zeros if theta is None else theta.float().clamp(min=0.0)
     return Epilogue(theta=th, floor=zeros)

@@ -7,12 +7,15 @@ skip path only changes the decoder); bundle component ``sae_latents`` / ``relu``
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..kinds import Epilogue, register_kind
-from .model import SAE, gather
 from .registry import Architecture, SAELatentsKind, register_architecture, relu_epilogue
+
+if TYPE_CHECKING:  # torch only when encoding / folding (see registry.py)
+    import torch
+
+    from .model import SAE
 
 
 class ReluKind(SAELatentsKind):
@@ -27,7 +30,7 @@ class Standard(Architecture):
     params = ("b_enc",)
 
     def encode_pre(self, sae: SAE, h: torch.Tensor) -> torch.Tensor:
-        return torch.relu(h)
+        return h.relu()
 
     def select(self, sae: SAE, ids: Sequence[int]) -> tuple[str, dict[str, torch.Tensor]]:
         return "relu", select_tensors(sae, ids, ("W_enc", "b_enc"))
@@ -36,6 +39,8 @@ class Standard(Architecture):
 def select_tensors(sae: SAE, ids: Sequence[int],
                    names: Sequence[str]) -> dict[str, torch.Tensor]:
     """The gathered per-latent tensors, plus ``b_dec`` when the encoder subtracts it."""
+    from .model import gather
+
     out = gather(sae.params, ids, names)
     if sae.preprocessing.apply_b_dec_to_input:
         out["b_dec"] = sae.params["b_dec"].contiguous()

@@ -13,11 +13,14 @@ exact; see ``probes/sae_train.py``). There is no silent approximation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-
-from .model import SAE
 from .registry import Architecture, SAEError, register_architecture
+
+if TYPE_CHECKING:  # torch only when encoding / folding (see registry.py)
+    import torch
+
+    from .model import SAE
 
 
 class TopK(Architecture):
@@ -28,8 +31,8 @@ class TopK(Architecture):
         assert sae.k is not None
         if sae.rescale_acts_by_decoder_norm:
             h = h * sae.params["W_dec"].norm(dim=-1)
-        vals, idx = torch.topk(h, k=min(sae.k, h.shape[-1]), dim=-1, sorted=False)
-        return torch.zeros_like(h).scatter_(-1, idx, vals.relu())
+        vals, idx = h.topk(k=min(sae.k, h.shape[-1]), dim=-1, sorted=False)
+        return h.new_zeros(h.shape).scatter_(-1, idx, vals.relu())
 
     def select(self, sae: SAE, ids: Sequence[int]) -> tuple[str, dict[str, torch.Tensor]]:
         raise SAEError(sae.source, "architecture",
