@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
+from monitor.constants import SCOPES
+
 from . import sae as _sae  # noqa: F401  (registers the SAE component kinds; no torch)
 from .kinds import (
     NORMALIZE,
@@ -83,7 +85,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 KINDS = kind_names()  # ("linear_probe", "sae_latents"), see kinds.py
-TOKEN_SCOPES = ("prompt", "generated", "both")
+TOKEN_SCOPES = SCOPES  # a detector's token scope is a policy scope
 THRESHOLD_KEYS = ("warn", "critical")
 
 #: safetensors dtypes accepted in a bundle (all upcast / cast to float32 on load).
