@@ -466,7 +466,6 @@ class Pipeline:
             f = it.frame
             fs = scores[row0:row0 + f.n_rows]
             row0 += f.n_rows
-            self.metrics.frame_latency.observe(t1 - it.t_recv)
             for (a, b), rid in zip(f.span_bounds, f.request_ids, strict=True):
                 # rows at positions already scored on this layer are recomputes
                 # (preemption): skip them, count them
@@ -488,6 +487,8 @@ class Pipeline:
                     ups = self.tracker.observe(rid, det, pos, f.generated[a:b], fs[a:b, j])
                     for u in ups:
                         self._handle_update(u, it.sink)
+            # arrival -> scored, judged, verdicts posted and escalations handed to the sinks
+            self.metrics.frame_latency.observe(time.perf_counter() - it.t_recv)
         if n_dup:
             self.metrics.duplicate_rows.inc(n_dup)
 
