@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from monitor.constants import Reason
 from monitor.v1 import monitor_pb2
 
 if TYPE_CHECKING:  # the sidecar decodes without torch; encode_frame accepts tensors too
@@ -37,21 +38,8 @@ __all__ = [
     "parse_spans",
 ]
 
-#: Stable frame / stream error reasons (the metric label `reason`).
-REASONS: tuple[str, ...] = (
-    "model_mismatch",
-    "unknown_layer",
-    "dtype_unspecified",
-    "bad_shape",
-    "d_model_mismatch",
-    "byte_length_mismatch",
-    "bad_spans",
-    "non_finite",
-    "oversized",
-    "out_of_order",
-    "unknown_request",
-    "queue_full",
-)
+#: Stable error reasons (the metric label `reason`): one enum for the whole sidecar.
+REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
 
 #: Per wire dtype: the little-endian numpy dtype its bytes are viewed as (bfloat16: the
 #: raw 16-bit patterns, upcast to float32 by `bf16_bits_to_f32`).
