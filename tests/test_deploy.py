@@ -30,7 +30,12 @@ DASHBOARD_METRICS = frozenset({
     "safety_monitor_rows_scored_total", "safety_monitor_client_dropped_frames_total",
     "safety_monitor_rows_unscored_total", "safety_monitor_policy_reloads_total",
     "safety_monitor_queue_depth_rows", "safety_monitor_queue_capacity_rows",
-    *(f"safety_monitor_{h}{s}" for h in ("scoring_latency_seconds", "request_score")
+    "safety_monitor_bundle_info", "safety_monitor_alert_sink_up",
+    "safety_monitor_alert_events_delivered_total", "safety_monitor_alert_events_spooled_total",
+    "safety_monitor_alert_events_dropped_total", "safety_monitor_alert_spool_events",
+    "safety_monitor_alert_queue_events", "safety_monitor_alert_spool_bytes",
+    *(f"safety_monitor_{h}{s}" for h in ("scoring_latency_seconds", "request_score",
+                                          "frame_latency_seconds")
       for s in ("_bucket", "_sum", "_count")),
 })
 
@@ -236,6 +241,35 @@ def test_dashboard_file():
     dash = json.loads(DASHBOARD.read_text())
     assert dash["uid"] and dash["title"]
     check_dashboard(dash)
+
+
+def _panels(dash: dict) -> list[dict]:
+    out: list[dict] = []
+    for p in dash["panels"]:
+        out.append(p)
+        out.extend(p.get("panels") or [])
+    return out
+
+
+def test_dashboard_variables_and_panels():
+    dash = json.loads(DASHBOARD.read_text())
+    var = {v["name"]: v for v in dash["templating"]["list"]}
+    assert {"datasource", "namespace", "model_name", "pod", "detector"} <= set(var)
+    # pods of the chosen model(s); "All" expands to those pods, not to ".*"
+    assert "$model_name" in var["pod"]["definition"] and "allValue" not in var["pod"]
+    panels = _panels(dash)
+    for p in panels:
+        for t in p.get("targets") or []:
+            e = t["expr"]
+            assert 'pod=~"$pod"' in e, (p["title"], e)
+            if {"safety_monitor_alerts_total", "safety_monitor_request_score_bucket",
+                    "safety_monitor_request_score_count"} & promql_metrics(e):
+                assert 'detector=~"$detector"' in e, (p["title"], e)  # $detector everywhere
+            if p["type"] == "stat" and "sink_up" not in e:  # a number, never "No data"
+                assert re.search(r"or vector\([01]\)$", e), (p["title"], e)
+    titles = {p["title"] for p in panels}
+    assert {"Frame to verdict latency", "Alert sinks up", "Alert events / s by sink",
+            "Alert spool backlog"} <= titles
 
 
 def _rules_doc() -> dict:

@@ -55,7 +55,15 @@ def _init(name: str, a: np.ndarray) -> TensorProto:
 
 def build_layer_graph(p: PackedLayer, *, bundle_name: str, source_sha256: str
                       ) -> onnx.ModelProto:
-    """The ONNX model of one packed layer (see the module docstring for the graph)."""
+    """The ONNX model of one packed layer (see the module docstring for the graph).
+
+    Gated SAE columns (general epilogue) and layer_norm_std columns have no graph yet:
+    refused with ValueError rather than exported with a different answer.
+    """
+    if p.mag_scale is not None or p.ln_std is not None:
+        what = "gated SAE columns" if p.mag_scale is not None else "layer_norm_std columns"
+        raise ValueError(f"layer {p.layer}: ONNX export does not support {what} yet "
+                         "(use the torch backend)")
     W = p.W.numpy().astype(np.float32)
     b = p.b.numpy().astype(np.float32)
     n = p.n_cols
