@@ -408,21 +408,9 @@ def test_old_client_without_roles_is_served_like_a_role_client(server: MonitorSe
     assert f_old["harmful_intent"].n_tokens_scored == 6  # scope prompt
 
 
-ROLE_POLICY = """\
-version: "roles-v1"
-defaults:
-  aggregation: {kind: max}
-  min_tokens: 1
-detectors:
-  harmful_intent:
-    mode: alert
-    scope: user
-    thresholds: {warn: 0.5, critical: 0.9}
-  deception:
-    mode: observe
-    scope: generated
-    thresholds: {warn: 0.6, critical: 0.85}
-"""
+# POLICY_V1 with harmful_intent on the user's tokens only
+ROLE_POLICY = POLICY_V1.replace('"test-v1"', '"roles-v1"').replace("scope: prompt", "scope: user")
+assert "scope: user" in ROLE_POLICY
 
 
 def test_role_scoped_policy_over_a_real_socket(start_server: Callable[..., MonitorServer],
