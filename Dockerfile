@@ -60,7 +60,7 @@ EXPOSE 50051 9464
 # Later flags win (argparse), so `docker run IMAGE --policy /x.yaml` overrides a default.
 ENTRYPOINT ["safety-monitor", "serve", \
             "--bundle", "/opt/safety-monitor/bundles/default", \
-            "--policy", "/opt/safety-monitor/policies/default.yaml", \
+            "--policy", "/opt/safety-monitor/bundles/default/policy.suggested.yaml", \
             "--host", "0.0.0.0", "--port", "50051", \
             "--metrics-host", "0.0.0.0", "--metrics-port", "9464", \
             "--audit-log", "/var/lib/safety-monitor/audit.jsonl"]
