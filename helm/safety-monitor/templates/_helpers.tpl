@@ -94,6 +94,7 @@ restartPolicy: Always (a native sidecar in initContainers).
     - --metrics-host=0.0.0.0
     - --metrics-port={{ $s.metricsPort }}
     - --grace-s={{ $s.graceSeconds }}
+    - --backend={{ $s.backend }}
     {{- if $s.auditLog.enabled }}
     - --audit-log={{ $s.auditLog.path }}
     {{- if $s.auditLog.finals }}
