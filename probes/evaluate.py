@@ -16,7 +16,8 @@ from scipy.stats import rankdata
 
 from probes.calibrate import threshold_at_fpr
 
-__all__ = ["auroc", "auroc_ci", "evaluate_scores", "rate_at", "roc_curve", "tpr_at_fpr", "wilson_ci"]
+__all__ = ["auroc", "auroc_ci", "evaluate_scores", "rate_at", "roc_curve", "tpr_at_fpr",
+           "wilson_ci"]
 
 
 def auroc(y: np.ndarray, s: np.ndarray) -> float:
