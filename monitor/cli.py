@@ -1,4 +1,4 @@
-"""`safety-monitor` command line: serve, check, plan, placeholder-bundle, replay.
+"""`safety-monitor` command line: serve, export-onnx, check, plan, placeholder-bundle, replay.
 
 Startup problems (broken bundle or policy, unbindable address) print one line to stderr
 and exit with code 2, without a traceback.
@@ -51,13 +51,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         grpc_max_message_bytes=args.grpc_max_message_bytes, compute_dtype=args.compute_dtype,
         max_requests=args.max_requests, policy_watch_s=args.policy_watch_s,
         grace_s=args.grace_s, torch_threads=args.torch_threads,
-        orphan_grace_s=args.orphan_grace_s,
+        orphan_grace_s=args.orphan_grace_s, backend=args.backend,
+        onnx_threads=args.onnx_threads, audit_stdout=args.audit_stdout,
+        alertmanager_urls=tuple(args.alertmanager_url or ()), webhook_url=args.webhook_url,
+        webhook_secret_file=args.webhook_secret_file, alert_spool_dir=args.alert_spool_dir,
+        alert_spool_max_bytes=args.alert_spool_max_bytes, alert_timeout_s=args.alert_timeout_s,
+        alert_resend_s=args.alert_resend_s, alert_resolve_s=args.alert_resolve_s,
+        runbook_url=args.runbook_url,
     )
     try:
         return serve(cfg)
     except StartupError as e:
         print(f"safety-monitor: error: {e}", file=sys.stderr)
         return 2
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from monitor.score import BundleError
+    from monitor.score.onnx_export import export_onnx
+
+    try:
+        b = export_onnx(args.bundle)
+    except (BundleError, OSError) as e:
+        print(f"safety-monitor: error: {e}", file=sys.stderr)
+        return 2
+    assert b.onnx is not None
+    print(f"wrote {len(b.onnx.files)} ONNX graphs (opset {b.onnx.opset}) into {args.bundle}: "
+          f"{[p.name for p in b.onnx.files.values()]}; bundle sha256 {b.sha256[:12]}")
+    return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -143,9 +164,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--orphan-grace-s", type=float, default=30.0,
                    help="seconds a broken stream's open requests wait for a reconnecting "
                         "client before they are finished")
+    s.add_argument("--audit-stdout", action="store_true",
+                   help="also write audit lines to stdout as JSON lines (k8s log collectors)")
+    a = s.add_argument_group("alert delivery (escalations of mode alert|block detectors)")
+    a.add_argument("--alertmanager-url", action="append", metavar="URL",
+                   help="Alertmanager base URL, e.g. http://alertmanager:9093 (repeatable: "
+                        "every instance of an HA pair gets every alert)")
+    a.add_argument("--webhook-url", help="generic JSON webhook (signed when a secret is set)")
+    a.add_argument("--webhook-secret-file",
+                   help="file with the webhook HMAC key (a mounted Secret); default: env "
+                        "SAFETY_MONITOR_WEBHOOK_SECRET")
+    a.add_argument("--alert-spool-dir",
+                   help="durable spool of undelivered alerts (survives restarts); default: "
+                        "in memory, lost at exit")
+    a.add_argument("--alert-spool-max-bytes", type=_size, default=64 << 20,
+                   help="spool bound per sink (oldest evicted and counted when full)")
+    a.add_argument("--alert-timeout-s", type=float, default=5.0, help="HTTP timeout")
+    a.add_argument("--alert-resend-s", type=float, default=60.0,
+                   help="re-send active Alertmanager alerts this often")
+    a.add_argument("--alert-resolve-s", type=float, default=300.0,
+                   help="an Alertmanager alert resolves this long after its last escalation")
+    a.add_argument("--runbook-url", default="",
+                   help="base URL of docs/RUNBOOK.md, put on every delivered alert")
     s.add_argument("--torch-threads", type=int, default=0,
                    help="torch intra-op threads for scoring (0: torch default)")
+    s.add_argument("--backend", choices=("torch", "onnxruntime", "auto"), default="torch",
+                   help="scorer: torch, onnxruntime (the bundle's ONNX graphs; torch is not "
+                        "imported) or auto (start-up micro-benchmark on this CPU)")
+    s.add_argument("--onnx-threads", type=int, default=0,
+                   help="onnxruntime intra-op threads per layer (0: its default)")
     s.set_defaults(func=_cmd_serve)
+
+    e = sub.add_parser("export-onnx", help="write the bundle's packed layers as ONNX graphs "
+                       "beside it and pin them in its manifest")
+    e.add_argument("--bundle", required=True, help="detector bundle directory (rewritten)")
+    e.set_defaults(func=_cmd_export_onnx)
 
     c = sub.add_parser("check", help="validate a policy against a bundle (exit 0/1)")
     c.add_argument("--bundle", required=True)

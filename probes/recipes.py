@@ -101,12 +101,14 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   detectors: Sequence[str] = ("harmful_intent", "deception"),
                   scope: str = "user", progress: bool = True, seed: int = 0
                   ) -> list[DetectorResult]:
-    """Build the default bundle (+ REPORT.md, PNGs, policy.suggested.yaml) into ``out``.
+    """Build the default bundle (+ its ONNX graphs, REPORT.md, PNGs,
+    policy.suggested.yaml) into ``out``.
 
     ``scope``: the harmful-intent token scope, ``user`` (the user's message content, as
     ``monitor.roles`` labels it) or ``prompt`` (every prompt token)."""
     from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
     from monitor.models import cache_dir as monitor_cache
+    from monitor.score.onnx_export import export_onnx
     from probes.collect import TransformersCollector
     from probes.deception import deception_recipe
     from probes.export import export_bundle
@@ -127,6 +129,7 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   name="smollm2-135m-default",
                   description="default detectors for SmolLM2-135M-Instruct, built by "
                               "`python -m probes build-default`")
+    export_onnx(Path(out))  # the onnxruntime backend's graphs, pinned in the manifest
     extra = confusion(results, collector, cache_dir, scope, seed, progress)
     write_report(Path(out), results, model_name=DEFAULT_MODEL_NAME, appendix=extra)
     return results

@@ -4,7 +4,12 @@
 a broken bundle or policy) and `run_server(app)` serves until SIGTERM/SIGINT, then
 drains: health goes NOT_SERVING, streams get `grace_s` to finish, the scoring queue is
 drained (queued frames are scored, open requests get final verdicts) and the audit log
-is flushed, fsynced and closed.
+is flushed, fsynced and closed; alert sinks deliver or spool what is queued.
+
+Exit code of `run_server`: 0 after a clean drain; 1 when the scoring queue did not drain
+within the grace; 3 when the service stops after unrecoverable audit or alert-delivery
+failures (audit lines not written, alert events lost other than by the configured
+bounds: spool write errors, undelivered events without a spool directory).
 
 gRPC message limit: `max_receive_message_length` is set deliberately above
 `max_frame_bytes` (default: 2 x max_frame_bytes + 1 MiB). A frame between the two gets
@@ -25,13 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import monitor
 from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
+from monitor.report.sinks import AlertContext, AlertDispatcher, AlertSinksConfig, make_dispatcher
 from monitor.server.pipeline import Pipeline
 from monitor.server.service import AdminService, MonitorService, StreamHandle
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
@@ -71,7 +76,31 @@ class ServerConfig:
     policy_watch_s: float = 1.0  # 0 disables the file watcher
     grace_s: float = 5.0
     torch_threads: int = 0  # torch intra-op threads for the scorer; 0: torch's default
+    # scorer backend: "torch", "onnxruntime" (bundle's ONNX graphs; torch never imported)
+    # or "auto" (start-up micro-benchmark on this CPU; see monitor/score/backend.py)
+    backend: str = "torch"
+    onnx_threads: int = 0  # onnxruntime intra-op threads per layer session; 0: its default
     orphan_grace_s: float = 30.0  # a broken stream's requests wait this long to be adopted
+    audit_stdout: bool = False  # also write audit lines to stdout (k8s log collectors)
+    # alert delivery (monitor/report/sinks): see AlertSinksConfig for each setting
+    alertmanager_urls: tuple[str, ...] = ()
+    webhook_url: str | None = None
+    webhook_secret_file: str | None = None  # else env SAFETY_MONITOR_WEBHOOK_SECRET
+    alert_spool_dir: str | None = None  # durable spool; None: in memory (lost at exit)
+    alert_spool_max_bytes: int = 64 << 20
+    alert_timeout_s: float = 5.0
+    alert_resend_s: float = 60.0
+    alert_resolve_s: float = 300.0
+    runbook_url: str = ""
+
+    def alert_sinks(self) -> AlertSinksConfig:
+        """The alert-delivery part of the settings."""
+        return AlertSinksConfig(
+            alertmanager_urls=tuple(self.alertmanager_urls), webhook_url=self.webhook_url,
+            webhook_secret_file=self.webhook_secret_file, spool_dir=self.alert_spool_dir,
+            spool_max_bytes=self.alert_spool_max_bytes, timeout_s=self.alert_timeout_s,
+            resend_s=self.alert_resend_s, resolve_after_s=self.alert_resolve_s,
+            runbook_url=self.runbook_url)
 
     @property
     def grpc_limit(self) -> int:
@@ -118,8 +147,10 @@ class MonitorApp:
     """Everything the servicers share: bundle, scorer, policy, pipeline, metrics, audit."""
 
     def __init__(self, config: ServerConfig, bundle: Any, scorer: Any, policy: Any,
-                 holder: Any, metrics: Metrics, audit: AuditLog, pipeline: Pipeline) -> None:
+                 holder: Any, metrics: Metrics, audit: AuditLog, pipeline: Pipeline,
+                 alerts: AlertDispatcher) -> None:
         self.config = config
+        self.alerts = alerts
         self.bundle = bundle
         self.scorer = scorer
         self.holder = holder
@@ -160,6 +191,7 @@ class MonitorApp:
             self._plan = self._make_plan(policy)
             new = self._plan.plan_id
         self.metrics.set_policy(policy.version, policy.sha256, _thresholds(policy))
+        self.metrics.init_alert_series(policy.detectors)
         log.info("policy %s active (%d detectors); plan %s%s", policy.version,
                  len(policy.detectors), new, "" if new == old else f" (was {old})")
 
@@ -199,6 +231,13 @@ class MonitorApp:
         return t
 
 
+def _backend_version(backend: str) -> str:
+    """The version of the scorer's library (already imported by the scorer)."""
+    import importlib
+
+    return str(importlib.import_module(backend).__version__)
+
+
 def _load_policy(config: ServerConfig, bundle: Any, on_change: Any) -> tuple[Any, Any]:
     from monitor.judge import PolicyError, PolicyHolder, check_policy, default_policy
 
@@ -223,7 +262,8 @@ def build_app(config: ServerConfig) -> MonitorApp:
         StartupError: one-line reason (bundle / policy / audit path / settings).
     """
     from monitor.judge import RequestTracker
-    from monitor.score import BundleError, Scorer, load_bundle
+    from monitor.score import BundleError
+    from monitor.score.backend import load_scorer
 
     if config.max_frame_bytes < 1 or config.queue_rows < 1:
         raise StartupError("--max-frame-bytes and --queue-rows must be >= 1")
@@ -231,41 +271,47 @@ def build_app(config: ServerConfig) -> MonitorApp:
         raise StartupError(f"--grpc-max-message-bytes ({config.grpc_limit}) must exceed "
                            f"--max-frame-bytes ({config.max_frame_bytes})")
     try:
-        bundle = load_bundle(config.bundle)
+        loaded = load_scorer(config.bundle, config.backend,
+                             compute_dtype=config.compute_dtype, threads=config.torch_threads,
+                             onnx_threads=config.onnx_threads)
     except BundleError as e:
         raise StartupError(f"bundle refused: {e}") from None
     except OSError as e:
         raise StartupError(f"bundle {config.bundle}: {e}") from None
-    if config.torch_threads > 0:
-        torch.set_num_threads(config.torch_threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(config.compute_dtype)
-    if dtype is None:
-        raise StartupError(f"--compute-dtype: expected fp32 or bf16, found "
-                           f"{config.compute_dtype!r}")
-    try:
-        scorer = Scorer(bundle, dtype)
     except (ValueError, KeyError) as e:
         raise StartupError(f"bundle {config.bundle}: cannot build scorer: {e}") from None
+    bundle, scorer = loaded.bundle, loaded.scorer
+    log.info("scorer backend %s (%s)", loaded.backend, loaded.reason)
 
     app_ref: list[MonitorApp] = []
     policy, holder = _load_policy(config, bundle, lambda p: app_ref[0].apply_policy(p))
 
     metrics = Metrics(bundle.model_name, _thresholds(policy))
-    metrics.build_info.info({"version": monitor.__version__, "torch": torch.__version__,
+    metrics.build_info.info({"version": monitor.__version__, "backend": loaded.backend,
+                             "backend_version": _backend_version(loaded.backend),
                              "grpc": grpc.__version__})
     metrics.set_bundle(bundle.name, bundle.sha256, bundle.model_name)
     metrics.set_policy(policy.version, policy.sha256, _thresholds(policy))
+    metrics.init_alert_series(policy.detectors)
     try:
         audit = AuditLog(config.audit_log, on_failure=metrics.audit_write_failures.inc,
-                         include_finals=config.audit_finals)
+                         include_finals=config.audit_finals, stdout=config.audit_stdout)
     except OSError as e:
         raise StartupError(f"--audit-log {config.audit_log}: {e.strerror or e}") from None
+    ctx = AlertContext.from_env(model_name=bundle.model_name, bundle_name=bundle.name,
+                                bundle_sha256=bundle.sha256, runbook_url=config.runbook_url)
+    try:
+        alerts = make_dispatcher(config.alert_sinks(), ctx, metrics.registry)
+    except ValueError as e:
+        raise StartupError(f"alert delivery: {e}") from None
+    except OSError as e:
+        raise StartupError(f"alert delivery: {e.filename}: {e.strerror or e}") from None
     tracker = RequestTracker(policy, max_requests=config.max_requests)
     pipeline = Pipeline(scorer, tracker, policy, metrics, audit, bundle_name=bundle.name,
                         bundle_sha256=bundle.sha256, model_name=bundle.model_name,
                         capacity_rows=config.queue_rows, max_batch_rows=config.max_batch_rows,
-                        orphan_grace_s=config.orphan_grace_s)
-    app = MonitorApp(config, bundle, scorer, policy, holder, metrics, audit, pipeline)
+                        orphan_grace_s=config.orphan_grace_s, alerts=alerts)
+    app = MonitorApp(config, bundle, scorer, policy, holder, metrics, audit, pipeline, alerts)
     app_ref.append(app)
     log.info("bundle %s (%s, sha256 %s): model %s, d_model %d, layers %s, detectors %s",
              bundle.name, config.bundle, bundle.sha256[:12], bundle.model_name, bundle.d_model,
@@ -302,6 +348,7 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
         except OSError as e:
             raise StartupError(f"cannot bind metrics {cfg.metrics_host}:{cfg.metrics_port}: "
                                f"{e.strerror or e}") from None
+    app.alerts.start()
     app.pipeline.start()
     stop_watch = threading.Event()
     app.watch_policy(stop_watch)
@@ -321,6 +368,9 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
                 None, app.reload_policy, "sighup"))
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
+    for w in app.alerts.workers:
+        log.info("alert sink %s: %s (spool %s)", w.name, w.sink.target,
+                 "disk" if w.spool.durable else "memory")
     log.info("serving monitor.v1 on %s:%d (grpc limit %d bytes, max frame %d bytes); "
              "metrics on %s", cfg.host, port, limit, cfg.max_frame_bytes,
              f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics"
@@ -336,9 +386,14 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
         h.post(None)
     await server.stop(cfg.grace_s)
     drained = await asyncio.to_thread(app.pipeline.stop, max(cfg.grace_s, 30.0))
+    await asyncio.to_thread(app.alerts.stop)
     app.audit.close()
     app.score_executor.shutdown(wait=False)
     log.info("stopped (%s)", "queue drained" if drained else "queue NOT drained")
+    if app.audit.failures or app.alerts.lost:
+        log.error("exiting with status 3: %d audit lines not written, %d alert events lost",
+                  app.audit.failures, app.alerts.lost)
+        return 3
     return 0 if drained else 1
 
 
