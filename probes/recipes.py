@@ -124,6 +124,8 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                                              progress=progress))
     if "deception" in detectors:
         results.append(deception_recipe(collector, cache_dir, seed=seed, progress=progress))
+    for stale in Path(out).glob("layer*.onnx"):  # graphs of an earlier build's layers
+        stale.unlink()
     export_bundle(Path(out), results, model_name=DEFAULT_MODEL_NAME,
                   d_model=collector.d_model, n_layers=collector.n_layers,
                   name="smollm2-135m-default",
