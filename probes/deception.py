@@ -90,7 +90,7 @@ def load_goal_directed() -> list[ChatExample]:
 
 # ----------------------------------------------------------------------- generation
 def generate_answers(collector: Any, prompts: Sequence[ChatExample], cache_dir: Path | None,
-                     *, sample: bool, max_new_tokens: int = 48, seed: int = 0,
+                     *, sample: bool, max_new_tokens: int = 32, seed: int = 0,
                      progress: bool = True) -> list[ChatExample]:
     """The model's own answers (transformers ``generate``, greedy or sampled with
     temperature 0.7 / top-p 0.95, seeded), cached as JSONL: ordinary generated traffic.
@@ -152,12 +152,12 @@ MIN_TOKENS = 1
 token (``min_tokens`` 1)."""
 
 #: Benign prompts whose generated answers calibrate the thresholds (sources, rows each).
-CALIB_PROMPTS = (("alpaca", 48), ("self_instruct", 32), ("mtbench", 24),
-                 ("personas_train", 40), ("medquad", 16))
+CALIB_PROMPTS = (("alpaca", 24), ("self_instruct", 16), ("mtbench", 12),
+                 ("personas_train", 24), ("medquad", 8))
 #: Benign prompts whose answers only test the false-alert rate (never calibrated on).
-TEST_PROMPTS = (("oasst", 48), ("personas_test", 40), ("coconot_contrast", 32))
+TEST_PROMPTS = (("oasst", 24), ("personas_test", 24), ("coconot_contrast", 16))
 #: Harmful prompts whose answers measure cross-detector confusion.
-CONFUSION_PROMPTS = (("do_not_answer", 32),)
+CONFUSION_PROMPTS = (("do_not_answer", 16),)
 
 
 def _prompt_set(spec: Sequence[tuple[str, int]], seed: int) -> list[ChatExample]:
@@ -269,7 +269,7 @@ def deception_recipe(collector: Any, cache_dir: Path | None, *, n_pairs: int = 4
 
     cal_sd = answers(CALIB_PROMPTS, "benign_answers_calibration")
     s_cal = served(cal_sd)
-    cal = calibrate(s_cal, benign_set="the model's own answers (greedy + sampled, 48 new tokens)"
+    cal = calibrate(s_cal, benign_set="the model's own answers (greedy + sampled, 32 new tokens)"
                     " to " + ", ".join(f"{n} {k}" for n, k in CALIB_PROMPTS)
                     + " prompts (persona system prompts included)")
     thr = threshold_ladder(cal)

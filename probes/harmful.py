@@ -106,10 +106,13 @@ def pooled_features(acts: Activations, layer: int, mask: np.ndarray) -> np.ndarr
 
 
 def served_scores(probe: LinearProbe, acts: Activations, mask: np.ndarray,
-                  agg: dict[str, Any], min_tokens: int) -> np.ndarray:
-    """The request statistic the monitor alerts on (see module doc), per example."""
+                  agg: dict[str, Any], min_tokens: int,
+                  rows: np.ndarray | None = None) -> np.ndarray:
+    """The request statistic the monitor alerts on (see module doc), per example.
+    ``rows``: the masked rows of ``probe.layer`` as float32 when the caller has them."""
+    x = acts.x[probe.layer][mask] if rows is None else rows
     scores = np.zeros(acts.n_rows, dtype=np.float32)
-    scores[mask] = probe.scores(acts.x[probe.layer][mask])
+    scores[mask] = probe.scores(x)
     return aggregate_requests(scores, acts.example, acts.n_examples, agg, min_tokens, mask)
 
 
@@ -122,6 +125,7 @@ class SourceData:
     acts: Activations
     mask: np.ndarray
     feats: dict[int, np.ndarray] = field(default_factory=dict)
+    rows32: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -130,6 +134,17 @@ class SourceData:
     @property
     def labels(self) -> np.ndarray:
         return self.acts.labels.astype(np.int8)
+
+    def rows(self, layer: int) -> np.ndarray:
+        """The in-scope rows of ``layer`` as float32 (cached)."""
+        if layer not in self.rows32:
+            self.rows32[layer] = self.acts.x[layer][self.mask].astype(np.float32)
+        return self.rows32[layer]
+
+    def served(self, probe: LinearProbe, agg: dict[str, Any], min_tokens: int) -> np.ndarray:
+        """:func:`served_scores` of this source."""
+        return served_scores(probe, self.acts, self.mask, agg, min_tokens,
+                             self.rows(probe.layer))
 
     def features(self, layer: int) -> np.ndarray:
         if layer not in self.feats:
@@ -180,6 +195,7 @@ class Config:
     scary_weight: float
     aggregation: tuple[tuple[str, Any], ...]
     min_tokens: int
+    scale: float = 1.0
 
     @property
     def agg(self) -> dict[str, Any]:
@@ -189,7 +205,13 @@ class Config:
         from probes.train import aggregation_name
 
         return (f"L{self.layer} C={self.C:g} scary×{self.scary_weight:g} "
-                f"{aggregation_name(self.agg)} m={self.min_tokens}")
+                f"{aggregation_name(self.agg)} m={self.min_tokens} scale={self.scale:g}")
+
+
+def scaled(probe: LinearProbe, scale: float) -> LinearProbe:
+    """The probe with weight and bias multiplied by ``scale`` (same ranking of logits)."""
+    return LinearProbe(probe.layer, (probe.weight * scale).astype(np.float32),
+                       float(probe.bias * scale), probe.mean, probe.std, probe.method, probe.C)
 
 
 def kind_weights(scary_weight: float) -> dict[str, float]:
@@ -197,23 +219,73 @@ def kind_weights(scary_weight: float) -> dict[str, float]:
     return {"scary": scary_weight, "persona": scary_weight}
 
 
-def loso_scores(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray], layer: int,
-                C: float, scary_weight: float,
-                served: Sequence[tuple[dict[str, Any], int]]) -> dict[str, list[np.ndarray]]:
-    """Leave-one-source-out scores: for each training source, a probe fit on the other
-    sources' ``fit_idx`` rows scores ALL of that source's rows. Returns, per served
-    ``(aggregation, min_tokens)`` key ``"<i>"`` and ``"pooled"`` (sigmoid of the pooled
-    logit), a list of per-source score arrays in ``train`` order."""
-    out: dict[str, list[np.ndarray]] = {"pooled": [], **{str(i): [] for i in range(len(served))}}
+def _read_outs(p: LinearProbe, d: SourceData, layer: int,
+               served: Sequence[tuple[dict[str, Any], int, float]]) -> list[np.ndarray]:
+    """``[sigmoid(pooled logit), served statistic for each of served]`` for all of ``d``'s
+    examples."""
+    zp = ((d.features(layer) - p.mean) / p.std) @ p.weight + p.bias
+    out = [1.0 / (1.0 + np.exp(-zp))]
+    z = p.logits(d.rows(layer))
+    toks: dict[float, np.ndarray] = {}
+    for agg, m, scale in served:
+        if scale not in toks:
+            toks[scale] = np.zeros(d.acts.n_rows, dtype=np.float32)
+            toks[scale][d.mask] = 1.0 / (1.0 + np.exp(-scale * z))
+        out.append(aggregate_requests(toks[scale], d.acts.example, d.acts.n_examples, agg, m,
+                                      d.mask))
+    return out
+
+
+@dataclass
+class Fold:
+    """One leave-one-source-out fold: the held-out source's scores and the scores of the
+    fold's calibration rows (the held-back benign rows of the OTHER sources), per read-out
+    (index 0 = pooled logit, then one per served read-out)."""
+
+    held: SourceData
+    held_scores: list[np.ndarray]
+    cal_scores: list[np.ndarray]
+
+
+def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
+               cal_idx: dict[str, np.ndarray], layer: int, C: float, scary_weight: float,
+               served: Sequence[tuple[dict[str, Any], int, float]]) -> list[Fold]:
+    """For each training source, a probe fit on the other sources' ``fit_idx`` rows
+    scores ALL of that source's rows and the other sources' ``cal_idx`` rows."""
     kw = kind_weights(scary_weight)
+    folds = []
     for held in train:
         parts = [(d, fit_idx[d.name]) for d in train if d.name != held.name]
         p = fit_pooled(parts, layer, C, kw)
-        z = ((held.features(layer) - p.mean) / p.std) @ p.weight + p.bias
-        out["pooled"].append(1.0 / (1.0 + np.exp(-z)))
-        for i, (agg, m) in enumerate(served):
-            out[str(i)].append(served_scores(p, held.acts, held.mask, agg, m))
-    return out
+        cal = [_read_outs(p, d, layer, served) for d in train
+               if d.name != held.name and cal_idx[d.name].size]
+        idx = [cal_idx[d.name] for d in train if d.name != held.name and cal_idx[d.name].size]
+        cal_scores = [np.concatenate([c[k][i] for c, i in zip(cal, idx, strict=True)])
+                      for k in range(len(served) + 1)]
+        folds.append(Fold(held, _read_outs(p, held, layer, served), cal_scores))
+    return folds
+
+
+def fold_metrics(folds: Sequence[Fold], k: int) -> dict[str, float]:
+    """Deployment-style validation of read-out ``k``: each fold's thresholds come from its
+    own calibration rows (1% FPR); a held-out HARMFUL source gives AUROC against those rows
+    and its detection rate at the threshold, a held-out BENIGN source its false-alert rate.
+    ``criterion = (mean AUROC + mean TPR) / 2 − mean FPR``."""
+    from probes.calibrate import threshold_at_fpr
+
+    au, tp, fp = [], [], []
+    for f in folds:
+        s, c = f.held_scores[k], f.cal_scores[k]
+        t = threshold_at_fpr(c, 0.01)
+        if f.held.source.kind == "harmful":
+            au.append(auroc(np.r_[np.ones(s.size), np.zeros(c.size)], np.r_[s, c]))
+            tp.append(float((s >= t).mean()))
+        else:
+            fp.append(float((s >= t).mean()))
+    m = {"auroc": float(np.mean(au)), "tpr@cal1%": float(np.mean(tp)),
+         "fpr@cal1%": float(np.mean(fp)), "worst_fpr@cal1%": float(np.max(fp))}
+    m["criterion"] = (m["auroc"] + m["tpr@cal1%"]) / 2 - m["fpr@cal1%"]
+    return m
 
 
 # ----------------------------------------------------------------------- reporting helpers
@@ -269,14 +341,17 @@ LAYERS = (9, 12, 15, 18)
 """Layers collected and searched (of 30)."""
 CS = (1e-4, 1e-3, 1e-2)
 SCARY_WEIGHTS = (1.0, 3.0)
-SERVED: tuple[tuple[dict[str, Any], int], ...] = (
-    ({"kind": "mean"}, 2),
-    ({"kind": "mean"}, 4),
-    ({"kind": "ema", "half_life_tokens": 8.0}, 4),
-    ({"kind": "ema", "half_life_tokens": 16.0}, 4),
-)
-"""Served aggregations searched: running mean and EMA (a rolling mean whose maximum over
-the request is taken), with ``min_tokens``."""
+SERVED: tuple[tuple[dict[str, Any], int, float], ...] = tuple(
+    (agg, m, scale)
+    for agg, m in (({"kind": "mean"}, 2), ({"kind": "mean"}, 4),
+                   ({"kind": "ema", "half_life_tokens": 8.0}, 4),
+                   ({"kind": "ema", "half_life_tokens": 16.0}, 4))
+    for scale in (1.0, 0.05))
+"""Served read-outs searched: ``(aggregation, min_tokens, scale)``. Aggregations: running
+mean and EMA (a rolling mean whose maximum over the request is taken). ``scale``
+multiplies the probe's weight and bias: at a small scale ``sigmoid(scale·z) ≈ ½ +
+scale·z/4`` is nearly linear, so the served mean of per-token scores ranks requests like
+the trained mean logit (thresholds are calibrated on the served statistic either way)."""
 CALIB_FRAC = 0.3
 """Share of every benign training source held back from fitting, for the thresholds."""
 
@@ -362,101 +437,126 @@ def split_calibration(train: Sequence[SourceData], seed: int = 0
 
 
 def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
-           layers: Sequence[int] = LAYERS, Cs: Sequence[float] = CS,
-           scary_weights: Sequence[float] = SCARY_WEIGHTS,
-           served: Sequence[tuple[dict[str, Any], int]] = SERVED,
+           cal_idx: dict[str, np.ndarray], layers: Sequence[int] = LAYERS,
+           Cs: Sequence[float] = CS, scary_weights: Sequence[float] = SCARY_WEIGHTS,
+           served: Sequence[tuple[dict[str, Any], int, float]] = SERVED,
            progress: bool = True) -> tuple[Config, list[dict[str, Any]]]:
-    """Leave-one-source-out search; criterion = (AUROC + TPR@1%FPR) / 2 of the pooled
-    out-of-source scores of every training source (harmful vs benign rows). Returns the
-    best *servable* config and the whole table (``pooled`` rows are the request-level
-    sigmoid of the mean logit, a reference that the monitor cannot serve)."""
+    """Leave-one-source-out search (:func:`loso_folds`, :func:`fold_metrics`). Returns the
+    best *servable* config and the whole table (``pooled logit`` rows: the request-level
+    sigmoid of the mean logit, a reference the monitor cannot serve)."""
     from tqdm.auto import tqdm
 
     from probes.train import aggregation_name
 
-    y = np.concatenate([d.labels for d in train])
     table: list[dict[str, Any]] = []
     best: tuple[float, Config] | None = None
     jobs = [(lay, c, sw) for lay in layers for c in Cs for sw in scary_weights]
     for lay, c, sw in tqdm(jobs, desc="harmful_intent/select", disable=not progress,
                            leave=False):
-        oof = loso_scores(train, fit_idx, lay, c, sw, served)
-        for key, arrs in oof.items():
-            s = np.concatenate(arrs)
-            met = pooled_metrics(y, s)
-            crit = (met["auroc"] + met["tpr@fpr0.01"]) / 2
-            if key == "pooled":
+        folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served)
+        for k in range(len(served) + 1):
+            met = fold_metrics(folds, k)
+            if k == 0:
                 agg_name, m = "pooled logit (not servable)", 0
             else:
-                agg, m = served[int(key)]
-                agg_name = aggregation_name(agg)
-                cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m)
-                if best is None or crit > best[0]:
-                    best = (crit, cfg)
-            table.append({"layer": lay, "C": c, "scary_weight": sw, "aggregation": agg_name,
-                          "min_tokens": m, "criterion": round(crit, 4),
-                          "loso.auroc": round(met["auroc"], 4),
-                          "loso.tpr@fpr0.01": round(met["tpr@fpr0.01"], 4)})
+                agg, m, scale = served[k - 1]
+                agg_name = aggregation_name(agg) + (f" scale={scale:g}" if scale != 1 else "")
+                cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m, scale)
+                if best is None or met["criterion"] > best[0]:
+                    best = (met["criterion"], cfg)
+            table.append({"layer": lay, "C": c, "scary_weight": sw, "read-out": agg_name,
+                          "min_tokens": m, **{kk: round(v, 4) for kk, v in met.items()}})
     assert best is not None
     table.sort(key=lambda r: -r["criterion"])
     return best[1], table
 
 
-def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray], cfg: Config,
+def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
+            cal_idx: dict[str, np.ndarray], cfg: Config,
             layers: Sequence[int] = LAYERS) -> list[dict[str, Any]]:
-    """What richer read-outs buy, leave-one-source-out on the request-level pooled
-    statistic (none of these is servable as one ``linear_probe`` detector today):
-    the chosen single layer, all layers concatenated, an ensemble (mean logit of one
-    probe per layer) and a small MLP head on the chosen layer."""
+    """What richer read-outs buy, leave-one-source-out (:func:`fold_metrics`) on the
+    request-level pooled statistic (none of these is servable as one ``linear_probe``
+    detector today): the chosen single layer, all layers concatenated, an ensemble (mean
+    logit of one probe per layer) and a small MLP head on the chosen layer."""
+    from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
 
-    y = np.concatenate([d.labels for d in train])
     kw = kind_weights(cfg.scary_weight)
+    Parts = Sequence[tuple[SourceData, np.ndarray]]
+    Scorer = Any  # Callable[[SourceData], np.ndarray]
 
     def run(fit: Any) -> dict[str, float]:
-        s = np.concatenate([fit([(d, fit_idx[d.name]) for d in train if d.name != h.name], h)
-                            for h in train])
-        return pooled_metrics(y, s)
+        folds = []
+        for h in train:
+            others = [d for d in train if d.name != h.name]
+            score: Scorer = fit([(d, fit_idx[d.name]) for d in others])
+            cal = np.concatenate([score(d)[cal_idx[d.name]] for d in others
+                                  if cal_idx[d.name].size])
+            folds.append(Fold(h, [score(h)], [cal]))
+        return fold_metrics(folds, 0)
 
     def single(lay: int) -> Any:
-        def f(parts: Sequence[tuple[SourceData, np.ndarray]], h: SourceData) -> np.ndarray:
+        def f(parts: Parts) -> Scorer:
             p = fit_pooled(parts, lay, cfg.C, kw)
-            return ((h.features(lay) - p.mean) / p.std) @ p.weight + p.bias
+            return lambda d: ((d.features(lay) - p.mean) / p.std) @ p.weight + p.bias
         return f
 
-    def concat(parts: Sequence[tuple[SourceData, np.ndarray]], h: SourceData) -> np.ndarray:
-        from sklearn.linear_model import LogisticRegression
+    def feats(d: SourceData) -> np.ndarray:
+        return np.concatenate([d.features(lay) for lay in layers], 1)
 
-        x = np.concatenate([np.concatenate([d.features(lay)[i] for lay in layers], 1)
-                            for d, i in parts])
+    def concat(parts: Parts) -> Scorer:
+        x = np.concatenate([feats(d)[i] for d, i in parts])
         yy = np.concatenate([d.labels[i] for d, i in parts])
         mu, sd = x.mean(0), x.std(0) + 1e-4
         clf = LogisticRegression(C=cfg.C / len(layers), max_iter=500)
         clf.fit((x - mu) / sd, yy, sample_weight=source_weights(parts, kw))
-        xh = np.concatenate([h.features(lay) for lay in layers], 1)
-        return clf.decision_function((xh - mu) / sd)
+        return lambda d: clf.decision_function((feats(d) - mu) / sd)
 
-    def ensemble(parts: Sequence[tuple[SourceData, np.ndarray]], h: SourceData) -> np.ndarray:
-        return np.mean([single(lay)(parts, h) for lay in layers], axis=0)
+    def ensemble(parts: Parts) -> Scorer:
+        fs = [single(lay)(parts) for lay in layers]
+        return lambda d: np.mean([f(d) for f in fs], axis=0)
 
-    def mlp(parts: Sequence[tuple[SourceData, np.ndarray]], h: SourceData) -> np.ndarray:
+    def mlp(parts: Parts) -> Scorer:
         x = np.concatenate([d.features(cfg.layer)[i] for d, i in parts])
         yy = np.concatenate([d.labels[i] for d, i in parts])
         mu, sd = x.mean(0), x.std(0) + 1e-4
         clf = MLPClassifier((64,), alpha=1.0, max_iter=200, early_stopping=True,
                             random_state=0)
         clf.fit((x - mu) / sd, yy)
-        return clf.predict_proba((h.features(cfg.layer) - mu) / sd)[:, 1]
+        return lambda d: clf.predict_proba((d.features(cfg.layer) - mu) / sd)[:, 1]
 
     rows = []
     for name, f in ((f"linear, layer {cfg.layer} (chosen)", single(cfg.layer)),
                     (f"linear, layers {'+'.join(map(str, layers))} concatenated", concat),
-                    (f"ensemble: mean logit of per-layer probes {layers}", ensemble),
+                    (f"ensemble: mean logit of per-layer probes {tuple(layers)}", ensemble),
                     (f"MLP head (64 hidden, alpha=1), layer {cfg.layer}", mlp)):
         m = run(f)
-        rows.append({"read-out": name, "loso.auroc": round(m["auroc"], 4),
-                     "loso.tpr@fpr0.01": round(m["tpr@fpr0.01"], 4)})
+        rows.append({"read-out (pooled statistic)": name,
+                     **{k: round(v, 4) for k, v in m.items()}})
     return rows
+
+
+def fold_rows(folds: Sequence[Fold], k: int = 1) -> dict[str, dict[str, Any]]:
+    """Per held-out training source (validation): AUROC against the fold's calibration
+    rows (harmful sources) and the alert rate at the fold's own 1% / 0.1% thresholds."""
+    from probes.calibrate import threshold_at_fpr
+    from probes.evaluate import auroc_ci, wilson_ci
+
+    out: dict[str, dict[str, Any]] = {}
+    for f in folds:
+        s, c = f.held_scores[k], f.cal_scores[k]
+        row: dict[str, Any] = {"kind": f.held.source.kind, "role": "validation",
+                               "n": int(s.size)}
+        if f.held.source.kind == "harmful":
+            y = np.r_[np.ones(s.size), np.zeros(c.size)]
+            row["auroc"] = auroc(y, np.r_[s, c])
+            row["auroc_ci"] = auroc_ci(y, np.r_[s, c])
+        for sev, fpr in (("warn", 0.01), ("critical", 0.001)):
+            n_hit = int((s >= threshold_at_fpr(c, fpr)).sum())
+            row[f"rate@{sev}"] = n_hit / max(s.size, 1)
+            row[f"rate@{sev}_ci"] = wilson_ci(n_hit, int(s.size))
+        out[f.held.name] = row
+    return out
 
 
 def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
@@ -483,8 +583,8 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
             p = fit_logreg(x, yy, cfg.layer, cfg.C, max_iter=500)
         else:
             p = fit_pooled(parts, cfg.layer, cfg.C, kw)
-        s = np.concatenate([served_scores(p, d.acts, d.mask, cfg.agg, cfg.min_tokens)
-                            for d in test])
+        p = scaled(p, cfg.scale)
+        s = np.concatenate([d.served(p, cfg.agg, cfg.min_tokens) for d in test])
         m = pooled_metrics(y, s)
         rows.append({"train_fraction": fr if fr == "shuffled" else float(fr),
                      "n_train": int(sum(i.size for _, i in parts)),
@@ -497,7 +597,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
                           sources: Sequence[Source] | None = None,
                           layers: Sequence[int] = LAYERS, Cs: Sequence[float] = CS,
                           scary_weights: Sequence[float] = SCARY_WEIGHTS,
-                          served: Sequence[tuple[dict[str, Any], int]] = SERVED,
+                          served: Sequence[tuple[dict[str, Any], int, float]] = SERVED,
                           limit: int | None = None, explore_readouts: bool = True,
                           seed: int = 0, progress: bool = True) -> Any:
     """Collect → leave-one-source-out selection → fit on all training sources (minus the
@@ -512,14 +612,15 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     test = [d for d in data.values() if d.source.role == "test"]
     test += list(long_sources(data, collector, cache_dir, scope, layers, progress, seed).values())
     fit_idx, cal_idx = split_calibration(train, seed)
-    cfg, table = select(train, fit_idx, layers, Cs, scary_weights, served, progress)
+    cfg, table = select(train, fit_idx, cal_idx, layers, Cs, scary_weights, served,
+                        progress)
     log.info("harmful_intent: chose %s", cfg.label())
 
-    probe = fit_pooled([(d, fit_idx[d.name]) for d in train], cfg.layer, cfg.C,
-                       kind_weights(cfg.scary_weight))
+    probe = scaled(fit_pooled([(d, fit_idx[d.name]) for d in train], cfg.layer, cfg.C,
+                              kind_weights(cfg.scary_weight)), cfg.scale)
 
     def served_of(d: SourceData) -> np.ndarray:
-        return served_scores(probe, d.acts, d.mask, cfg.agg, cfg.min_tokens)
+        return d.served(probe, cfg.agg, cfg.min_tokens)
 
     cal_parts = [(d, served_of(d)[cal_idx[d.name]]) for d in train if cal_idx[d.name].size]
     s_cal = np.concatenate([s for _, s in cal_parts])
@@ -532,9 +633,8 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     ref_pos = np.concatenate([s for d, s in test_scores.values() if d.source.kind == "harmful"])
     ref_neg = np.concatenate([s for d, s in test_scores.values() if d.source.kind != "harmful"])
     # out-of-source scores of the training sources under the chosen config (validation)
-    oof = loso_scores(train, fit_idx, cfg.layer, cfg.C, cfg.scary_weight,
-                      [(cfg.agg, cfg.min_tokens)])["0"]
-    val_scores = {d.name: (d, s) for d, s in zip(train, oof, strict=True)}
+    folds = loso_folds(train, fit_idx, cal_idx, cfg.layer, cfg.C, cfg.scary_weight,
+                       [(cfg.agg, cfg.min_tokens, cfg.scale)])
     y_test = np.concatenate([np.full(s.size, d.source.kind == "harmful")
                              for d, s in test_scores.values()]).astype(np.int8)
     s_test = np.concatenate([s for _, s in test_scores.values()])
@@ -544,7 +644,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     pooled["auroc_ci"] = auroc_ci(y_test, s_test)
     metrics: dict[str, Any] = {
         "test_sources": source_rows(test_scores, thr, ref_pos, ref_neg),
-        "validation_sources": source_rows(val_scores, thr, ref_pos, ref_neg),
+        "validation_sources": fold_rows(folds),
         "test_pooled": pooled,
         "calibration_set": {"n": int(s_cal.size),
                             **{f"fpr@{k}": float((s_cal >= t).mean()) for k, t in thr.items()}},
@@ -552,7 +652,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
         "learning_curve": learning_curve(train, test, fit_idx, cfg, seed=seed),
     }
     if explore_readouts:
-        metrics["readouts"] = explore(train, fit_idx, cfg, layers)
+        metrics["readouts"] = explore(train, fit_idx, cal_idx, cfg, layers)
     cal.update({"aggregation": cfg.agg, "min_tokens": cfg.min_tokens, "scope": scope})
     scores = {"test (pooled)": (y_test, s_test)}
     for d, s in test_scores.values():

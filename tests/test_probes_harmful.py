@@ -146,7 +146,7 @@ def test_recipe_small_slice_end_to_end(tmp_path) -> None:
     srcs = [s for s in HARMFUL_SOURCES if s.name in names]
     col = TransformersCollector(path, DEFAULT_MODEL_NAME)
     r = harmful_intent_recipe(col, tmp_path, sources=srcs, layers=(12,), Cs=(1e-3,),
-                              scary_weights=(1.0,), served=(({"kind": "mean"}, 2),),
+                              scary_weights=(1.0,), served=(({"kind": "mean"}, 2, 1.0),),
                               limit=24, explore_readouts=False, progress=False)
     m = r.metrics
     assert set(m["test_sources"]) == {"do_not_answer", "oasst"}
