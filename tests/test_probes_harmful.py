@@ -154,3 +154,27 @@ def test_recipe_small_slice_end_to_end(tmp_path) -> None:
     assert 0 < r.thresholds["warn"] < r.thresholds["critical"] < 1
     assert r.selection and r.selection[0]["layer"] == 12
     assert m["calibration_set"]["n"] == sum(round(0.3 * 24) for _ in range(3))
+
+
+def test_fold_metrics_judge_each_fold_by_its_own_threshold() -> None:
+    from probes.harmful import Fold, fold_metrics, scaled
+
+    class _D:
+        def __init__(self, kind: str) -> None:
+            self.source = Source(kind, kind, "train", "v2", "f")
+
+    cal = np.linspace(0.0, 0.5, 200)  # fold's held-back benign rows; 1% threshold ~0.4975
+    folds = [Fold(_D("harmful"), [np.array([0.9, 0.8, 0.1, 0.7])], [cal]),
+             Fold(_D("benign"), [np.array([0.1, 0.6, 0.2, 0.3])], [cal]),
+             Fold(_D("scary"), [np.array([0.2, 0.2])], [cal + 0.5])]  # own, higher threshold
+    m = fold_metrics(folds, 0)
+    assert m["tpr@cal1%"] == pytest.approx(0.75)
+    assert m["fpr@cal1%"] == pytest.approx((0.25 + 0.0) / 2)
+    assert m["worst_fpr@cal1%"] == pytest.approx(0.25)
+    assert m["criterion"] == pytest.approx((m["auroc"] + 0.75) / 2 - 0.125)
+    p = LinearProbe(0, np.array([1.0, -2.0], np.float32), 0.5, np.zeros(2, np.float32),
+                    np.ones(2, np.float32))
+    x = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)
+    q = scaled(p, 0.05)
+    np.testing.assert_allclose(q.logits(x), 0.05 * p.logits(x), rtol=1e-5, atol=1e-6)
+    assert (np.argsort(q.scores(x)) == np.argsort(p.scores(x))).all()
