@@ -126,6 +126,8 @@ class SourceData:
     mask: np.ndarray
     feats: dict[int, np.ndarray] = field(default_factory=dict)
     rows32: dict[int, np.ndarray] = field(default_factory=dict)
+    prefix_cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -145,6 +147,32 @@ class SourceData:
         """:func:`served_scores` of this source."""
         return served_scores(probe, self.acts, self.mask, agg, min_tokens,
                              self.rows(probe.layer))
+
+    def prefix_features(self, layer: int, min_tokens: int, k: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Means of the first ``t`` in-scope rows for up to ``k`` prefix lengths ``t``
+        evenly spaced in ``[min_tokens, T]`` (always including ``T``) per example:
+        (float32 ``[n_prefixes, d]``, owning example ``[n_prefixes]``). The monitor judges
+        every such prefix (``S = max_{t ≥ m} a_t``), so benign prefixes are negatives."""
+        key = (layer, min_tokens, k)
+        if key in self.prefix_cache:
+            return self.prefix_cache[key]
+        rows = self.rows(layer)
+        ex = self.acts.example[self.mask]
+        feats, owner = [], []
+        if ex.size:
+            bounds = np.concatenate([[0], np.flatnonzero(np.diff(ex)) + 1, [ex.size]])
+            for a, b in itertools.pairwise(bounds):
+                n = int(b - a)
+                ts = np.unique(np.round(np.linspace(min(min_tokens, n), n, k)).astype(int))
+                cs = np.cumsum(rows[a:b], axis=0, dtype=np.float64)[ts - 1] / ts[:, None]
+                feats.append(cs.astype(np.float32))
+                owner.append(np.full(ts.size, ex[a], dtype=np.int64))
+        d = self.acts.x[layer].shape[1]
+        out = (np.concatenate(feats) if feats else np.zeros((0, d), np.float32),
+               np.concatenate(owner) if owner else np.zeros(0, np.int64))
+        self.prefix_cache[key] = out
+        return out
 
     def features(self, layer: int) -> np.ndarray:
         if layer not in self.feats:
@@ -171,11 +199,34 @@ def source_weights(parts: Sequence[tuple[SourceData, np.ndarray]],
 
 
 def fit_pooled(parts: Sequence[tuple[SourceData, np.ndarray]], layer: int, C: float,
-               kind_weight: dict[str, float]) -> LinearProbe:
-    """L2 logistic regression on pooled user-token features of the given rows."""
-    x = np.concatenate([sd.features(layer)[idx] for sd, idx in parts])
-    y = np.concatenate([sd.labels[idx] for sd, idx in parts])
-    w = source_weights(parts, kind_weight)
+               kind_weight: dict[str, float], prefixes: int = 0,
+               min_tokens: int = 2) -> LinearProbe:
+    """L2 logistic regression on pooled user-token features of the given rows.
+
+    ``prefixes > 0``: a benign example contributes the means of up to ``prefixes`` of its
+    prefixes (``SourceData.prefix_features``, its weight split evenly across them)
+    instead of only its full mean, so no prefix of a benign request — each of which the
+    monitor judges — is pushed over the threshold; harmful examples keep the full mean."""
+    w_ex = source_weights(parts, kind_weight)
+    xs, ys, ws = [], [], []
+    off = 0
+    for sd, idx in parts:
+        w_sd = w_ex[off:off + idx.size]
+        off += idx.size
+        if prefixes > 0 and sd.source.kind != "harmful":
+            f, owner = sd.prefix_features(layer, min_tokens, prefixes)
+            pos = np.full(sd.labels.size, -1, dtype=np.int64)
+            pos[idx] = np.arange(idx.size)
+            keep = pos[owner] >= 0
+            cnt = np.bincount(owner[keep], minlength=sd.labels.size).astype(np.float64)
+            xs.append(f[keep])
+            ys.append(sd.labels[owner[keep]])
+            ws.append(w_sd[pos[owner[keep]]] / cnt[owner[keep]])
+        else:
+            xs.append(sd.features(layer)[idx])
+            ys.append(sd.labels[idx])
+            ws.append(w_sd)
+    x, y, w = np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
     # class balance is already in w; fit_logreg's 'balanced' then only rescales slightly
     return fit_logreg(x, y, layer, C, w, max_iter=500)
 
@@ -196,6 +247,7 @@ class Config:
     aggregation: tuple[tuple[str, Any], ...]
     min_tokens: int
     scale: float = 1.0
+    prefixes: int = 0
 
     @property
     def agg(self) -> dict[str, Any]:
@@ -205,7 +257,8 @@ class Config:
         from probes.train import aggregation_name
 
         return (f"L{self.layer} C={self.C:g} scary×{self.scary_weight:g} "
-                f"{aggregation_name(self.agg)} m={self.min_tokens} scale={self.scale:g}")
+                f"{aggregation_name(self.agg)} m={self.min_tokens} scale={self.scale:g} "
+                f"prefix-negatives={self.prefixes}")
 
 
 def scaled(probe: LinearProbe, scale: float) -> LinearProbe:
@@ -249,14 +302,15 @@ class Fold:
 
 def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
                cal_idx: dict[str, np.ndarray], layer: int, C: float, scary_weight: float,
-               served: Sequence[tuple[dict[str, Any], int, float]]) -> list[Fold]:
+               served: Sequence[tuple[dict[str, Any], int, float]],
+               prefixes: int = 0) -> list[Fold]:
     """For each training source, a probe fit on the other sources' ``fit_idx`` rows
     scores ALL of that source's rows and the other sources' ``cal_idx`` rows."""
     kw = kind_weights(scary_weight)
     folds = []
     for held in train:
         parts = [(d, fit_idx[d.name]) for d in train if d.name != held.name]
-        p = fit_pooled(parts, layer, C, kw)
+        p = fit_pooled(parts, layer, C, kw, prefixes)
         cal = [_read_outs(p, d, layer, served) for d in train
                if d.name != held.name and cal_idx[d.name].size]
         idx = [cal_idx[d.name] for d in train if d.name != held.name and cal_idx[d.name].size]
@@ -338,14 +392,17 @@ def worst_examples(scores: dict[str, tuple[SourceData, np.ndarray]], k: int = 8
 
 # ----------------------------------------------------------------------- the recipe
 LAYERS = (9, 12, 15, 18)
-"""Layers collected and searched (of 30)."""
-CS = (1e-4, 1e-3, 1e-2)
+"""Layers collected (of 30)."""
+SEARCH_LAYERS = (12, 15, 18)
+"""Layers searched (the middle of the network; layer 9 is only in the read-out study)."""
+CS = (1e-3, 1e-2)
+PREFIXES = (0, 8)
+"""Benign prefix negatives searched (0 = full-request means only)."""
 SCARY_WEIGHTS = (1.0, 3.0)
 SERVED: tuple[tuple[dict[str, Any], int, float], ...] = tuple(
     (agg, m, scale)
     for agg, m in (({"kind": "mean"}, 2), ({"kind": "mean"}, 4),
-                   ({"kind": "ema", "half_life_tokens": 8.0}, 4),
-                   ({"kind": "ema", "half_life_tokens": 16.0}, 4))
+                   ({"kind": "ema", "half_life_tokens": 8.0}, 4))
     for scale in (1.0, 0.05))
 """Served read-outs searched: ``(aggregation, min_tokens, scale)``. Aggregations: running
 mean and EMA (a rolling mean whose maximum over the request is taken). ``scale``
@@ -437,10 +494,11 @@ def split_calibration(train: Sequence[SourceData], seed: int = 0
 
 
 def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
-           cal_idx: dict[str, np.ndarray], layers: Sequence[int] = LAYERS,
+           cal_idx: dict[str, np.ndarray], layers: Sequence[int] = SEARCH_LAYERS,
            Cs: Sequence[float] = CS, scary_weights: Sequence[float] = SCARY_WEIGHTS,
            served: Sequence[tuple[dict[str, Any], int, float]] = SERVED,
-           progress: bool = True) -> tuple[Config, list[dict[str, Any]]]:
+           prefixes: Sequence[int] = PREFIXES, progress: bool = True
+           ) -> tuple[Config, list[dict[str, Any]]]:
     """Leave-one-source-out search (:func:`loso_folds`, :func:`fold_metrics`). Returns the
     best *servable* config and the whole table (``pooled logit`` rows: the request-level
     sigmoid of the mean logit, a reference the monitor cannot serve)."""
@@ -450,10 +508,11 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
 
     table: list[dict[str, Any]] = []
     best: tuple[float, Config] | None = None
-    jobs = [(lay, c, sw) for lay in layers for c in Cs for sw in scary_weights]
-    for lay, c, sw in tqdm(jobs, desc="harmful_intent/select", disable=not progress,
+    jobs = [(lay, c, sw, pf) for lay in layers for c in Cs for sw in scary_weights
+            for pf in prefixes]
+    for lay, c, sw, pf in tqdm(jobs, desc="harmful_intent/select", disable=not progress,
                            leave=False):
-        folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served)
+        folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served, pf)
         for k in range(len(served) + 1):
             met = fold_metrics(folds, k)
             if k == 0:
@@ -461,10 +520,11 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
             else:
                 agg, m, scale = served[k - 1]
                 agg_name = aggregation_name(agg) + (f" scale={scale:g}" if scale != 1 else "")
-                cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m, scale)
+                cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m, scale, pf)
                 if best is None or met["criterion"] > best[0]:
                     best = (met["criterion"], cfg)
-            table.append({"layer": lay, "C": c, "scary_weight": sw, "read-out": agg_name,
+            table.append({"layer": lay, "C": c, "scary_weight": sw, "prefix_negatives": pf,
+                          "read-out": agg_name,
                           "min_tokens": m, **{kk: round(v, 4) for kk, v in met.items()}})
     assert best is not None
     table.sort(key=lambda r: -r["criterion"])
@@ -497,7 +557,7 @@ def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
 
     def single(lay: int) -> Any:
         def f(parts: Parts) -> Scorer:
-            p = fit_pooled(parts, lay, cfg.C, kw)
+            p = fit_pooled(parts, lay, cfg.C, kw, cfg.prefixes)
             return lambda d: ((d.features(lay) - p.mean) / p.std) @ p.weight + p.bias
         return f
 
@@ -582,7 +642,7 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
             yy = rng.permutation(np.concatenate([d.labels[i] for d, i in parts]))
             p = fit_logreg(x, yy, cfg.layer, cfg.C, max_iter=500)
         else:
-            p = fit_pooled(parts, cfg.layer, cfg.C, kw)
+            p = fit_pooled(parts, cfg.layer, cfg.C, kw, cfg.prefixes)
         p = scaled(p, cfg.scale)
         s = np.concatenate([d.served(p, cfg.agg, cfg.min_tokens) for d in test])
         m = pooled_metrics(y, s)
@@ -598,6 +658,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
                           layers: Sequence[int] = LAYERS, Cs: Sequence[float] = CS,
                           scary_weights: Sequence[float] = SCARY_WEIGHTS,
                           served: Sequence[tuple[dict[str, Any], int, float]] = SERVED,
+                          prefixes: Sequence[int] = PREFIXES,
                           limit: int | None = None, explore_readouts: bool = True,
                           seed: int = 0, progress: bool = True) -> Any:
     """Collect → leave-one-source-out selection → fit on all training sources (minus the
@@ -612,12 +673,13 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     test = [d for d in data.values() if d.source.role == "test"]
     test += list(long_sources(data, collector, cache_dir, scope, layers, progress, seed).values())
     fit_idx, cal_idx = split_calibration(train, seed)
-    cfg, table = select(train, fit_idx, cal_idx, layers, Cs, scary_weights, served,
+    search = [x for x in SEARCH_LAYERS if x in layers] or list(layers)
+    cfg, table = select(train, fit_idx, cal_idx, search, Cs, scary_weights, served, prefixes,
                         progress)
     log.info("harmful_intent: chose %s", cfg.label())
 
     probe = scaled(fit_pooled([(d, fit_idx[d.name]) for d in train], cfg.layer, cfg.C,
-                              kind_weights(cfg.scary_weight)), cfg.scale)
+                              kind_weights(cfg.scary_weight), cfg.prefixes), cfg.scale)
 
     def served_of(d: SourceData) -> np.ndarray:
         return d.served(probe, cfg.agg, cfg.min_tokens)
@@ -634,7 +696,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     ref_neg = np.concatenate([s for d, s in test_scores.values() if d.source.kind != "harmful"])
     # out-of-source scores of the training sources under the chosen config (validation)
     folds = loso_folds(train, fit_idx, cal_idx, cfg.layer, cfg.C, cfg.scary_weight,
-                       [(cfg.agg, cfg.min_tokens, cfg.scale)])
+                       [(cfg.agg, cfg.min_tokens, cfg.scale)], cfg.prefixes)
     y_test = np.concatenate([np.full(s.size, d.source.kind == "harmful")
                              for d, s in test_scores.values()]).astype(np.int8)
     s_test = np.concatenate([s for _, s in test_scores.values()])
