@@ -151,8 +151,9 @@ def export_bundle(out: Path, results: Sequence[DetectorResult], *, model_name: s
                 "token_labels": r.token_labels,
                 "datasets": r.datasets,
                 "metrics": _slim_metrics(r.metrics),
-                "selection": "layer, method, C and aggregation chosen on validation data "
-                             "(top candidates in REPORT.md); refit on train+val",
+                "selection": "chosen on validation data only (leave-one-source-out for "
+                             "harmful_intent; top candidates in REPORT.md); test sources "
+                             "never used for a choice or a threshold",
                 "request_statistic": "max over t >= min_tokens of the running aggregate "
                                      "(monitor.judge.aggregate)",
                 "toolkit": "probes (safety-probes)",
