@@ -671,7 +671,8 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     data = load_sources(collector, cache_dir, sources, scope, layers, progress, limit)
     train = [d for d in data.values() if d.source.role == "train"]
     test = [d for d in data.values() if d.source.role == "test"]
-    test += list(long_sources(data, collector, cache_dir, scope, layers, progress, seed).values())
+    test += list(long_sources(data, collector, cache_dir, scope, layers, progress, seed,
+                              60 if limit is None else max(4, limit // 4)).values())
     fit_idx, cal_idx = split_calibration(train, seed)
     search = [x for x in SEARCH_LAYERS if x in layers] or list(layers)
     cfg, table = select(train, fit_idx, cal_idx, search, Cs, scary_weights, served, prefixes,
