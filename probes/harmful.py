@@ -37,7 +37,7 @@ from probes.collect import Activations, _ChatEncoder
 from probes.datasets import ChatExample
 from probes.evaluate import auroc, tpr_at_fpr
 from probes.sources import Source
-from probes.train import LinearProbe, aggregate_requests, fit_logreg
+from probes.train import LinearProbe, _sigmoid, aggregate_requests, fit_logreg
 
 log = logging.getLogger("probes.harmful")
 
@@ -277,13 +277,13 @@ def _read_outs(p: LinearProbe, d: SourceData, layer: int,
     """``[sigmoid(pooled logit), served statistic for each of served]`` for all of ``d``'s
     examples."""
     zp = ((d.features(layer) - p.mean) / p.std) @ p.weight + p.bias
-    out = [1.0 / (1.0 + np.exp(-zp))]
+    out = [_sigmoid(zp)]
     z = p.logits(d.rows(layer))
     toks: dict[float, np.ndarray] = {}
     for agg, m, scale in served:
         if scale not in toks:
             toks[scale] = np.zeros(d.acts.n_rows, dtype=np.float32)
-            toks[scale][d.mask] = 1.0 / (1.0 + np.exp(-scale * z))
+            toks[scale][d.mask] = _sigmoid(scale * z)
         out.append(aggregate_requests(toks[scale], d.acts.example, d.acts.n_examples, agg, m,
                                       d.mask))
     return out

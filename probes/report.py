@@ -138,7 +138,9 @@ def _harmful_section(r: Any) -> list[str]:
               f"{_fmt(m['calibration_set']['fpr@warn'])}, FPR@critical "
               f"{_fmt(m['calibration_set']['fpr@critical'])}.", "",
               "Validation: every training source scored by a probe fit WITHOUT it "
-              "(leave-one-source-out, chosen configuration), at the shipped thresholds:", ""]
+              "(leave-one-source-out, chosen configuration), at that fold's own 1% / 0.1% "
+              "thresholds (from its held-back benign rows); harmful AUROC against those "
+              "rows:", ""]
     lines += _rate_rows(m["validation_sources"])
     lines += ["", "Selection (leave-one-source-out over the training sources; criterion = "
               "(AUROC + TPR@1%FPR)/2 of the pooled out-of-source scores; top rows):", ""]

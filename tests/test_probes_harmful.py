@@ -149,8 +149,9 @@ def test_recipe_small_slice_end_to_end(tmp_path) -> None:
                               scary_weights=(1.0,), served=(({"kind": "mean"}, 2, 1.0),),
                               limit=24, explore_readouts=False, progress=False)
     m = r.metrics
-    assert set(m["test_sources"]) == {"do_not_answer", "oasst"}
-    assert m["test_pooled"]["auroc"] > 0.8
+    assert set(m["test_sources"]) == {"do_not_answer", "oasst", "long_benign",
+                                      "long_with_harmful"}
+    assert m["test_pooled"]["auroc"] > 0.7  # chance is 0.5; the full build: REPORT.md
     assert 0 < r.thresholds["warn"] < r.thresholds["critical"] < 1
     assert r.selection and r.selection[0]["layer"] == 12
     assert m["calibration_set"]["n"] == sum(round(0.3 * 24) for _ in range(3))
