@@ -23,7 +23,6 @@ import torch
 from conftest import D_MODEL, MODEL, POLICY_V1, REPO, MonitorServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from safetensors.torch import load_file
 
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire import Span, encode_frame
@@ -42,17 +41,6 @@ def server(start_server: Callable[..., MonitorServer]) -> MonitorServer:
                                "--grpc-max-message-bytes", str(GRPC_LIMIT),
                                "--queue-rows", "4096", "--policy-watch-s", "0"],
                         name="main")
-
-
-@pytest.fixture(scope="module")
-def geometry(bundle_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per probe detector: (mean, u) with score(mean + a*u/|u|^2) = sigmoid(a - 3)."""
-    w = load_file(str(bundle_dir / "weights.safetensors"))
-    out = {}
-    for det in ("harmful_intent", "deception"):
-        u = w[f"{det}.weight"] / w[f"{det}.std"]
-        out[det] = (w[f"{det}.mean"].float(), u.float())
-    return out
 
 
 def rid(tag: str) -> str:

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from monitor.constants import Reason
 from monitor.v1 import monitor_pb2
+from monitor.wire.hooks import parse_hook_name
 
 if TYPE_CHECKING:  # the sidecar decodes without torch; encode_frame accepts tensors too
     import torch
@@ -37,21 +39,8 @@ __all__ = [
     "parse_spans",
 ]
 
-#: Stable frame / stream error reasons (the metric label `reason`).
-REASONS: tuple[str, ...] = (
-    "model_mismatch",
-    "unknown_layer",
-    "dtype_unspecified",
-    "bad_shape",
-    "d_model_mismatch",
-    "byte_length_mismatch",
-    "bad_spans",
-    "non_finite",
-    "oversized",
-    "out_of_order",
-    "unknown_request",
-    "queue_full",
-)
+#: Stable error reasons (the metric label `reason`): one enum for the whole sidecar.
+REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
 
 #: Per wire dtype: the little-endian numpy dtype its bytes are viewed as (bfloat16: the
 #: raw 16-bit patterns, upcast to float32 by `bf16_bits_to_f32`).
@@ -168,6 +157,8 @@ class DecodedFrame:
     span_bounds: tuple[tuple[int, int], ...] = ()  # [start, end) rows of each span
     nbytes: int = 0  # payload bytes
     wire_dtype: int = monitor_pb2.DTYPE_FLOAT32
+    hook_name: str = ""  # canonical hook point, e.g. "blocks.3.hook_resid_post" (never empty
+    # once decoded: a frame without one is resid_post of `layer`)
 
     @property
     def n_rows(self) -> int:
@@ -237,6 +228,7 @@ def decode_frame(
     max_frame_bytes: int,
     require_spans: bool = True,
     check_finite: bool = True,
+    hook_names: frozenset[str] | None = None,
 ) -> DecodedFrame:
     """Validate `frame` and view its payload as a `[n_rows, d_model]` tensor.
 
@@ -248,6 +240,9 @@ def decode_frame(
         max_frame_bytes: largest accepted payload (`data`), in bytes.
         require_spans: False lets a frame without spans be one anonymous request.
         check_finite: reject frames with NaN/Inf rows (`non_finite`).
+        hook_names: hook points the server scores (`monitor.wire.hooks` names). None: only
+            `blocks.{layer}.hook_resid_post` of `layers` (a server without hook points must
+            refuse e.g. resid_pre rows rather than score them as resid_post).
 
     Raises:
         FrameError: with `reason` one of `REASONS`.
@@ -264,6 +259,7 @@ def decode_frame(
     if frame.layer not in layer_set:
         raise _bad("unknown_layer", f"layer: expected one of {sorted(layer_set)}, "
                                     f"found {frame.layer}")
+    hook = _check_hook(frame, hook_names)
     vdtype = _VIEW_DTYPE.get(frame.dtype)
     if vdtype is None:
         try:
@@ -311,8 +307,36 @@ def decode_frame(
         seq=int(frame.seq), model=frame.model, layer=int(frame.layer), step=int(frame.step),
         x=x, request_ids=rows.request_ids, row_request=rows.row_request,
         positions=rows.positions, generated=rows.generated, span_bounds=rows.span_bounds,
-        nbytes=nbytes, wire_dtype=int(frame.dtype),
+        nbytes=nbytes, wire_dtype=int(frame.dtype), hook_name=hook,
     )
+
+
+def _check_hook(frame: monitor_pb2.ActivationFrame, hook_names: frozenset[str] | None) -> str:
+    """The frame's canonical hook name; FrameError('unknown_hook') if not accepted."""
+    layer = int(frame.layer)
+    raw = frame.hook_name
+    if raw:
+        try:
+            hp = parse_hook_name(raw)
+        except ValueError as e:
+            raise _bad("unknown_hook", str(e)) from None
+        if hp.layer != layer:
+            raise _bad("unknown_hook", f"hook_name: expected a hook point of layer {layer}, "
+                                       f"found {raw!r}")
+        if hook_names is None and hp.kind == "resid_post":
+            return raw
+        name = raw
+    else:
+        name = f"blocks.{layer}.hook_resid_post"
+        if hook_names is None:
+            return name
+    if hook_names is None:
+        raise _bad("unknown_hook", f"hook_name: expected 'blocks.{layer}.hook_resid_post' "
+                                   f"(this server scores resid_post only), found {raw!r}")
+    if name not in hook_names:
+        raise _bad("unknown_hook", f"hook_name: expected one of {sorted(hook_names)}, "
+                                   f"found {name!r}")
+    return name
 
 
 def _to_wire_bytes(x: torch.Tensor | np.ndarray) -> tuple[bytes, int, tuple[int, int]]:
@@ -358,6 +382,7 @@ def encode_frame(
     layer: int,
     spans: Sequence[Span | monitor_pb2.RowSpan | tuple],
     step: int = 0,
+    hook_name: str = "",
 ) -> monitor_pb2.ActivationFrame:
     """Build an `ActivationFrame` from a `[n_rows, d_model]` tensor or array.
 
@@ -369,6 +394,7 @@ def encode_frame(
         spans: `Span`, `RowSpan` or tuples `(request_id, n_rows, start_position, prompt_len)`
             in row order.
         step: engine step (informational).
+        hook_name: hook point of the rows (`monitor.wire.hooks`); empty = resid_post.
     """
     data, wire, shape = _to_wire_bytes(x)
     pb_spans = []
@@ -384,5 +410,5 @@ def encode_frame(
         ))
     return monitor_pb2.ActivationFrame(
         seq=seq, model=model, layer=layer, dtype=wire, shape=list(shape), data=data,
-        spans=pb_spans, step=step,
+        spans=pb_spans, step=step, hook_name=hook_name,
     )
