@@ -99,6 +99,10 @@ def _table(rows: Sequence[dict[str, Any]]) -> list[str]:
             + ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows])
 
 
+def _titled(title: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+    return ["", title, "", *_table(rows)]
+
+
 def _rate_rows(per: dict[str, dict[str, Any]], first: str = "source") -> list[str]:
     rows = [f"| {first} | kind | n | AUROC [95% CI] | TPR@1%FPR | rate@warn [95% CI] | "
             "rate@critical [95% CI] |", "|---|---|---|---|---|---|---|"]
@@ -142,16 +146,17 @@ def _harmful_section(r: Any) -> list[str]:
               "thresholds (from its held-back benign rows); harmful AUROC against those "
               "rows:", ""]
     lines += _rate_rows(m["validation_sources"])
-    lines += ["", "Selection (leave-one-source-out over the training sources; criterion = "
-              "(AUROC + TPR@1%FPR)/2 of the pooled out-of-source scores; top rows):", ""]
-    lines += _table(r.selection)
+    lines += _titled("Selection (leave-one-source-out over the training sources; each fold's "
+                     "threshold at 1% FPR on its held-back benign rows; criterion = (mean "
+                     "AUROC + mean TPR of held-out harmful sources)/2 − mean false-alert rate "
+                     "of held-out benign sources; top rows):", r.selection)
     if "readouts" in m:
-        lines += ["", "What richer read-outs buy (leave-one-source-out, request-level mean "
-                  "logit; not servable as one linear_probe detector):", ""]
-        lines += _table(m["readouts"])
-    lines += ["", "Learning curve (fraction of every training source fit on; pooled test, "
-              "served statistic) and a shuffled-label control:", ""]
-    lines += _table(m["learning_curve"])
+        lines += _titled("What richer read-outs buy (same folds and criterion, request-level "
+                         "mean logit; not servable as one linear_probe detector):",
+                         m["readouts"])
+    lines += _titled("Learning curve (fraction of every training source fit on; pooled "
+                     "test, served statistic) and a shuffled-label control:",
+                     m["learning_curve"])
     lines += [""]
     lines += _examples("Worst false positives on test (highest-scoring benign)",
                        m["worst_test"]["false_positives"])
@@ -175,14 +180,11 @@ def _deception_section(r: Any) -> list[str]:
     rows.update({f"{k} (answers to harmful prompts)": v
                  for k, v in m["harmful_prompt_answers"].items()})
     lines += _rate_rows(rows, "prompt source / decoding")
-    lines += ["", "Selection (leave-one-source-out over the training sources, served "
-              "statistic):", ""]
-    lines += _table(m["validation"])
-    lines += ["", "Per-layer AUROC on the unseen source (evidence only; the choice above "
-              "never saw it) with a shuffled-label control:", ""]
-    lines += _table(m["per_layer_test"])
-    lines += ["", "Learning curve (unseen source):", ""]
-    lines += _table(m["learning_curve"])
+    lines += _titled("Selection (leave-one-source-out over the training sources, served "
+                     "statistic):", m["validation"])
+    lines += _titled("Per-layer AUROC on the unseen source (evidence only; the choice above "
+                     "never saw it) with a shuffled-label control:", m["per_layer_test"])
+    lines += _titled("Learning curve (unseen source):", m["learning_curve"])
     return [*lines, ""]
 
 
