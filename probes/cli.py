@@ -46,7 +46,9 @@ def _model_path(arg: str | None) -> tuple[Path, str]:
 def cmd_build_default(args: argparse.Namespace) -> int:
     from probes.recipes import build_default
 
-    results = build_default(Path(args.out), model_path=args.model, cache_dir=args.cache,
+    results = build_default(Path(args.out), model_path=args.model, model_name=args.model_name,
+                            layers=_layers(args.layers) if args.layers else None,
+                            cache_dir=args.cache,
                             n_harmless_train=args.n_harmless_train,
                             detectors=args.detectors.split(","), progress=not args.quiet)
     from probes.calibrate import policy_snippet
@@ -147,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "calibrate, evaluate, export, report)")
     b.add_argument("--out", default="bundles/default")
     b.add_argument("--model", default=None, help="HF folder (default: prepared SmolLM2)")
+    b.add_argument("--model-name", default=None,
+                   help="identity the bundle is for: the name vLLM serves the model as "
+                        "(SAFETY_MONITOR_MODEL); default: the --model path")
+    b.add_argument("--layers", default=None,
+                   help="candidate layers, e.g. 6,9,12 (default: 20%%..60%% of the depth)")
     b.add_argument("--cache", default=None, help="activation cache (default: "
                    "$SAFETY_MONITOR_CACHE/probes)")
     b.add_argument("--n-harmless-train", type=int, default=800)

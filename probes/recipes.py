@@ -81,6 +81,16 @@ DEFAULT_LAYERS = (6, 9, 12, 15, 18)
 """Candidate layers searched (of 30); deeper layers cost collection time for no gain
 in preliminary runs."""
 
+LAYER_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6)
+"""The same search for a model of any depth: these fractions of its layer count
+(`candidate_layers(30) == DEFAULT_LAYERS`)."""
+
+
+def candidate_layers(n_layers: int) -> tuple[int, ...]:
+    """Layers searched for a model with `n_layers` decoder layers (unique, in range)."""
+    return tuple(sorted({min(n_layers - 1, max(0, round(f * n_layers)))
+                         for f in LAYER_FRACTIONS}))
+
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
     "You are a customer support agent for an online electronics store. Be concise.",
@@ -509,20 +519,31 @@ def deception_recipe(collector: TransformersCollector, cache_dir: Path | None,
 
 # ----------------------------------------------------------------------- build
 def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path | None = None,
-                  layers: Sequence[int] = DEFAULT_LAYERS, n_harmless_train: int = 800,
+                  layers: Sequence[int] | None = None, n_harmless_train: int = 800,
                   detectors: Sequence[str] = ("harmful_intent", "deception"),
-                  progress: bool = True, seed: int = 0) -> list[DetectorResult]:
+                  progress: bool = True, seed: int = 0,
+                  model_name: str | None = None) -> list[DetectorResult]:
     """Build the default bundle (+ its ONNX graphs, REPORT.md, PNGs,
-    policy.suggested.yaml) into ``out``."""
+    policy.suggested.yaml) into ``out``.
+
+    With ``model_path`` (a user's HF folder) the same recipes run on that model: the
+    bundle is for ``model_name`` (the identity vLLM serves it as, `SAFETY_MONITOR_MODEL`;
+    default: the folder path) and the layers searched are ``candidate_layers(n_layers)``
+    unless ``layers`` is given. Without it: the default model, ``DEFAULT_LAYERS``.
+    """
     from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
     from monitor.models import cache_dir as monitor_cache
     from monitor.score.onnx_export import export_onnx
     from probes.export import export_bundle
     from probes.report import write_report
 
-    model_path = Path(model_path) if model_path else prepare_default_model()
+    own = model_path is not None
+    model_path = Path(model_path) if own else prepare_default_model()
+    name = (model_name or str(model_path)) if own else DEFAULT_MODEL_NAME
     cache_dir = Path(cache_dir) if cache_dir else monitor_cache() / "probes"
-    collector = TransformersCollector(model_path, DEFAULT_MODEL_NAME)
+    collector = TransformersCollector(model_path, name)
+    if layers is None:
+        layers = candidate_layers(collector.n_layers) if own else DEFAULT_LAYERS
     results: list[DetectorResult] = []
     if "harmful_intent" in detectors:
         results.append(harmful_intent_recipe(collector, cache_dir, layers, n_harmless_train,
@@ -530,11 +551,12 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     if "deception" in detectors:
         results.append(deception_recipe(collector, cache_dir, layers, seed=seed,
                                         progress=progress))
-    export_bundle(Path(out), results, model_name=DEFAULT_MODEL_NAME,
+    slug = "".join(c if c.isalnum() else "-" for c in name.rsplit("/", 1)[-1].lower())
+    export_bundle(Path(out), results, model_name=name,
                   d_model=collector.d_model, n_layers=collector.n_layers,
-                  name="smollm2-135m-default",
-                  description="default detectors for SmolLM2-135M-Instruct, built by "
+                  name=f"{slug}-default" if own else "smollm2-135m-default",
+                  description=f"default detectors for {name}, built by "
                               "`python -m probes build-default`")
     export_onnx(Path(out))  # the onnxruntime backend's graphs, pinned in the manifest
-    write_report(Path(out), results, model_name=DEFAULT_MODEL_NAME)
+    write_report(Path(out), results, model_name=name)
     return results
