@@ -47,7 +47,8 @@ def main() -> None:
     import torch
 
     from probes.collect import TransformersCollector
-    from probes.recipes import candidate_layers
+    from probes.harmful import LAYERS
+    from probes.recipes import scaled_layers
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -60,7 +61,7 @@ def main() -> None:
     else:
         ap.error("--model or --tiny")
     col = TransformersCollector(path, str(path))
-    layers = candidate_layers(col.n_layers)
+    layers = scaled_layers(LAYERS, col.n_layers)
     params = sum(p.numel() for p in col.model.parameters())
     rng = np.random.default_rng(0)
     vocab = int(col.model.config.vocab_size)
