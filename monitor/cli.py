@@ -41,8 +41,20 @@ def _size(text: str) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from monitor.server.access import AccessConfig, AccessError
     from monitor.server.app import ServerConfig, StartupError, serve
+    from monitor.server.handlers import RpcLimits
 
+    try:
+        access = AccessConfig(tls_cert=args.tls_cert, tls_key=args.tls_key,
+                              client_ca=args.tls_client_ca, token_file=args.token_file,
+                              token_env=args.token_env, admin_host=args.admin_host,
+                              admin_port=args.admin_port)
+        limits = RpcLimits(max_streams=args.max_streams,
+                           max_score_inflight=args.max_score_inflight)
+    except (AccessError, ValueError) as e:
+        print(f"safety-monitor: error: {e}", file=sys.stderr)
+        return 2
     cfg = ServerConfig(
         bundle=args.bundle, policy=args.policy, host=args.host, port=args.port,
         metrics_host=args.metrics_host, metrics_port=args.metrics_port,
@@ -52,6 +64,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_requests=args.max_requests, policy_watch_s=args.policy_watch_s,
         grace_s=args.grace_s, torch_threads=args.torch_threads,
         orphan_grace_s=args.orphan_grace_s,
+        access=access, limits=limits,
     )
     try:
         return serve(cfg)
@@ -145,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "client before they are finished")
     s.add_argument("--torch-threads", type=int, default=0,
                    help="torch intra-op threads for scoring (0: torch default)")
+    a = s.add_argument_group("access (TLS, token, Admin; see monitor/server/access.py)")
+    a.add_argument("--tls-cert", help="PEM server certificate chain (with --tls-key: TLS only)")
+    a.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    a.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates (mTLS)")
+    a.add_argument("--token-file", help="file with the bearer token every call must carry")
+    a.add_argument("--token-env", help="environment variable with the bearer token")
+    a.add_argument("--admin-host", default="127.0.0.1", help="Admin service bind address")
+    a.add_argument("--admin-port", type=int, default=-1,
+                   help="Admin service (policy reload RPC) port; -1 (default): Admin off. "
+                        "Never served on the data port")
+    a.add_argument("--max-streams", type=int, default=1024,
+                   help="concurrent Stream calls; more are refused (RESOURCE_EXHAUSTED)")
+    a.add_argument("--max-score-inflight", type=int, default=2,
+                   help="concurrent unary Score calls; more are refused before their "
+                        "payload is read")
     s.set_defaults(func=_cmd_serve)
 
     c = sub.add_parser("check", help="validate a policy against a bundle (exit 0/1)")

@@ -178,3 +178,16 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path
     yield start
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def geometry(bundle_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """Per probe detector: (mean, u) tensors with score(mean + a*u/|u|^2) = sigmoid(a - 3)."""
+    from safetensors.torch import load_file
+
+    w = load_file(str(bundle_dir / "weights.safetensors"))
+    out = {}
+    for det in ("harmful_intent", "deception"):
+        u = w[f"{det}.weight"] / w[f"{det}.std"]
+        out[det] = (w[f"{det}.mean"].float(), u.float())
+    return out

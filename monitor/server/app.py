@@ -21,7 +21,7 @@ import hashlib
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -32,6 +32,15 @@ from grpc_reflection.v1alpha import reflection
 import monitor
 from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
+from monitor.server.access import (
+    AccessConfig,
+    AccessError,
+    TokenInterceptor,
+    bind,
+    load_token,
+    server_credentials,
+)
+from monitor.server.handlers import RpcLimits, add_monitor_service
 from monitor.server.pipeline import Pipeline
 from monitor.server.service import AdminService, MonitorService, StreamHandle
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
@@ -43,7 +52,6 @@ log = logging.getLogger(__name__)
 
 HOOK_NAME_TEMPLATE = "blocks.{layer}.hook_resid_post"
 MONITOR_SERVICE = monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name
-ADMIN_SERVICE = monitor_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 class StartupError(Exception):
@@ -72,6 +80,8 @@ class ServerConfig:
     grace_s: float = 5.0
     torch_threads: int = 0  # torch intra-op threads for the scorer; 0: torch's default
     orphan_grace_s: float = 30.0  # a broken stream's requests wait this long to be adopted
+    access: AccessConfig = field(default_factory=AccessConfig)  # TLS, token, Admin address
+    limits: RpcLimits = field(default_factory=RpcLimits)  # concurrent Stream / Score calls
 
     @property
     def grpc_limit(self) -> int:
@@ -273,29 +283,59 @@ def build_app(config: ServerConfig) -> MonitorApp:
     return app
 
 
+def _address(host: str, port: int) -> str:
+    """`host:port`, with brackets around an IPv6 host."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> int:
     """Serve until SIGTERM / SIGINT (or `app.stop_event`); then drain. Returns exit code."""
     cfg = app.config
     limit = cfg.grpc_limit
-    server = grpc.aio.server(options=[
+    options = [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", 16 << 20),
         ("grpc.so_reuseport", 0),
-    ])
-    monitor_pb2_grpc.add_MonitorServicer_to_server(MonitorService(app), server)
-    monitor_pb2_grpc.add_AdminServicer_to_server(
-        AdminService(app.reload_policy, lambda: app.policy.version), server)
+    ]
+    try:
+        token = load_token(cfg.access)
+        creds = server_credentials(cfg.access)
+    except AccessError as e:
+        raise StartupError(str(e)) from None
+
+    def refused(reason: str) -> None:
+        app.metrics.frames_rejected.labels(reason=reason).inc()
+
+    interceptors = ([TokenInterceptor(token, lambda: refused("unauthenticated"))]
+                    if token is not None else [])
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    svc = MonitorService(app)
+    add_monitor_service(server, stream=svc.Stream, score=svc.Score, plan=svc.GetCapturePlan,
+                        limits=cfg.limits, on_refused=refused)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (MONITOR_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
+        (MONITOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = _address(cfg.host, cfg.port)
     try:
-        port = server.add_insecure_port(address)
+        port = bind(server, address, creds)
     except RuntimeError as e:
         raise StartupError(f"cannot bind {address}: {e}") from None
     if port == 0:
         raise StartupError(f"cannot bind {address}")
+    admin: grpc.aio.Server | None = None
+    admin_port = -1
+    if cfg.access.admin_enabled:  # Admin only on its own address, never on the data port
+        admin = grpc.aio.server(options=options, interceptors=interceptors)
+        monitor_pb2_grpc.add_AdminServicer_to_server(
+            AdminService(app.reload_policy, lambda: app.policy.version), admin)
+        admin_address = _address(cfg.access.admin_host, cfg.access.admin_port)
+        try:
+            admin_port = bind(admin, admin_address, creds)
+        except RuntimeError as e:
+            raise StartupError(f"cannot bind admin {admin_address}: {e}") from None
+        if admin_port == 0:
+            raise StartupError(f"cannot bind admin {admin_address}")
     if cfg.metrics_port >= 0:
         try:
             app.metrics.serve(cfg.metrics_host, cfg.metrics_port)
@@ -306,8 +346,10 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     stop_watch = threading.Event()
     app.watch_policy(stop_watch)
     await server.start()
-    for svc in ("", MONITOR_SERVICE, ADMIN_SERVICE):
-        await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    if admin is not None:
+        await admin.start()
+    for name in ("", MONITOR_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -321,8 +363,12 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
                 None, app.reload_policy, "sighup"))
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
-    log.info("serving monitor.v1 on %s:%d (grpc limit %d bytes, max frame %d bytes); "
-             "metrics on %s", cfg.host, port, limit, cfg.max_frame_bytes,
+    log.info("serving monitor.v1 on %s:%d (%s, %s; grpc limit %d bytes, max frame %d "
+             "bytes); admin %s; metrics on %s", cfg.host, port,
+             ("mTLS" if cfg.access.client_ca else "TLS") if creds else "plaintext",
+             "bearer token required" if token is not None else "no token",
+             limit, cfg.max_frame_bytes,
+             f"on {cfg.access.admin_host}:{admin_port}" if admin is not None else "off",
              f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics"
              if cfg.metrics_port >= 0 else "off")
     if ready is not None:
@@ -334,6 +380,8 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     # end open streams: their readers finish open requests into the queue
     for h in list(app.streams):
         h.post(None)
+    if admin is not None:
+        await admin.stop(0)
     await server.stop(cfg.grace_s)
     drained = await asyncio.to_thread(app.pipeline.stop, max(cfg.grace_s, 30.0))
     app.audit.close()

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
+from monitor.server.handlers import Undecodable
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
-from monitor.wire.codec import FrameError, decode_frame
+from monitor.wire.codec import FrameError, check_request_id, check_seq, decode_frame
 
 if TYPE_CHECKING:
     from monitor.server.app import MonitorApp
@@ -45,6 +46,12 @@ _FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]  # 9
 #: Frames with a payload above this are decoded off the event loop (a worker thread).
 _OFFLOAD_BYTES = 1 << 20
 _stream_ids = itertools.count(1)
+#: Largest increase of a ClientStats counter accepted in one message: far above what a
+#: client drops between two stats messages (sent every few seconds), far below what
+#: would poison a Prometheus counter (2^64 - 1 in one message).
+_MAX_STATS_FRAMES = 1 << 24
+_MAX_STATS_ROWS = 1 << 32
+_MAX_STATS_BYTES = 1 << 44
 #: How long the end of a request stream waits for a racing cancellation (seconds).
 _CANCEL_SETTLE_S = 0.2
 
@@ -104,7 +111,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
     # -------------------------------------------------------------------- Stream
 
     async def Stream(
-        self, request_iterator: AsyncIterator[monitor_pb2.ClientMessage],
+        self, request_iterator: AsyncIterator[monitor_pb2.ClientMessage | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[monitor_pb2.ServerMessage]:
         app = self.app
@@ -148,10 +155,16 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         if owned:
             log.info("%s: finished %d open requests (%s)", handle.name, len(owned), reason)
 
-    async def _read(self, it: AsyncIterator[monitor_pb2.ClientMessage],
+    async def _read(self, it: AsyncIterator[monitor_pb2.ClientMessage | Undecodable],
                     handle: StreamHandle, context: grpc.aio.ServicerContext) -> None:
         try:
             async for msg in it:
+                if isinstance(msg, Undecodable):
+                    self.app.metrics.frames_rejected.labels(reason="undecodable").inc()
+                    handle.error(_INVALID, "undecodable",
+                                 f"ClientMessage: expected a monitor.v1.ClientMessage, found "
+                                 f"{msg.nbytes} bytes that do not parse ({msg.error})")
+                    continue
                 kind = msg.WhichOneof("body")
                 if kind == "frame":
                     await self._on_frame(msg.frame, handle)
@@ -195,14 +208,13 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         m = app.metrics
         m.frames_received.labels(model_name=app.model_name).inc()
         seq = int(frame.seq)
-        if seq <= handle.last_seq:
-            self._reject(handle, FrameError(
-                grpc.StatusCode.INVALID_ARGUMENT, "out_of_order",
-                f"seq: expected > {handle.last_seq} (strictly increasing per stream), "
-                f"found {seq}"), seq)
+        try:
+            missing = check_seq(handle.last_seq, seq)
+        except FrameError as err:  # out of order, or a gap no honest client produces
+            self._reject(handle, err, seq)
             return
-        if seq > handle.last_seq + 1:
-            m.frames_missing.inc(seq - handle.last_seq - 1)
+        if missing:
+            m.frames_missing.inc(missing)
         handle.last_seq = seq
         kwargs = dict(model=app.model_name, d_model=app.d_model, layers=app.layers,
                       max_frame_bytes=app.config.max_frame_bytes)
@@ -253,6 +265,11 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
 
     def _on_finished(self, fin: monitor_pb2.RequestFinished, handle: StreamHandle) -> None:
         rid = fin.request_id
+        try:
+            check_request_id(rid, "finished.request_id")
+        except FrameError as err:
+            self._reject(handle, err, 0)
+            return
         if not self.app.pipeline.submit_finish(handle, rid, fin.reason):
             state = self.app.pipeline.request_state(rid)
             what = "already finished" if state == "closed" else "never seen on this server"
@@ -267,14 +284,24 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
 
     def _on_stats(self, st: monitor_pb2.ClientStats, handle: StreamHandle) -> None:
         m = self.app.metrics
-        for name, value, counter in (
-            ("dropped_frames", st.dropped_frames, m.client_dropped_frames),
-            ("dropped_rows", st.dropped_rows, m.client_dropped_rows),
-            ("dropped_bytes", st.dropped_bytes, m.client_dropped_bytes),
-            ("reconnects", st.reconnects, m.client_reconnects),
-        ):
+        fields = (
+            ("dropped_frames", st.dropped_frames, m.client_dropped_frames, _MAX_STATS_FRAMES),
+            ("dropped_rows", st.dropped_rows, m.client_dropped_rows, _MAX_STATS_ROWS),
+            ("dropped_bytes", st.dropped_bytes, m.client_dropped_bytes, _MAX_STATS_BYTES),
+            ("reconnects", st.reconnects, m.client_reconnects, _MAX_STATS_FRAMES),
+        )
+        deltas = []
+        for name, value, _, cap in fields:
             prev = handle.stats.get(name, 0)
             delta = value - prev if value >= prev else value  # a smaller value: client reset
+            if delta > cap:  # one message must not poison a 64-bit counter
+                self.app.metrics.frames_rejected.labels(reason="bad_stats").inc()
+                handle.error(_INVALID, "bad_stats",
+                             f"stats.{name}: expected an increase of at most {cap} per "
+                             f"message, found {delta} (from {prev} to {value})")
+                return
+            deltas.append(delta)
+        for (name, value, counter, _), delta in zip(fields, deltas, strict=True):
             if delta > 0:
                 counter.inc(delta)
             handle.stats[name] = value
@@ -300,9 +327,16 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         return self.app.plan()
 
     async def Score(
-        self, request: monitor_pb2.ScoreRequest, context: grpc.aio.ServicerContext,
+        self, request: monitor_pb2.ScoreRequest | Undecodable,
+        context: grpc.aio.ServicerContext,
     ) -> monitor_pb2.ScoreResponse:
         app = self.app
+        if isinstance(request, Undecodable):
+            app.metrics.frames_rejected.labels(reason="undecodable").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"undecodable: ScoreRequest: {request.nbytes} bytes that do "
+                                f"not parse ({request.error})")
+            raise AssertionError("unreachable")
         try:
             f = decode_frame(request.frame, model=app.model_name, d_model=app.d_model,
                              layers=app.layers, max_frame_bytes=app.config.max_frame_bytes,

@@ -37,16 +37,18 @@ SEVERITY_WARN: Severity
 SEVERITY_CRITICAL: Severity
 
 class RowSpan(_message.Message):
-    __slots__ = ("request_id", "n_rows", "start_position", "prompt_len")
+    __slots__ = ("request_id", "n_rows", "start_position", "prompt_len", "correlation_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     N_ROWS_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     n_rows: int
     start_position: int
     prompt_len: int
-    def __init__(self, request_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., start_position: _Optional[int] = ..., prompt_len: _Optional[int] = ...) -> None: ...
+    correlation_id: str
+    def __init__(self, request_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., start_position: _Optional[int] = ..., prompt_len: _Optional[int] = ..., correlation_id: _Optional[str] = ...) -> None: ...
 
 class ActivationFrame(_message.Message):
     __slots__ = ("seq", "model", "layer", "dtype", "shape", "data", "spans", "step")
@@ -95,14 +97,16 @@ class ClientStats(_message.Message):
     def __init__(self, dropped_frames: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., dropped_bytes: _Optional[int] = ..., reconnects: _Optional[int] = ...) -> None: ...
 
 class ClientHello(_message.Message):
-    __slots__ = ("client_id", "model", "plan_id")
+    __slots__ = ("client_id", "model", "plan_id", "instance_id")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     model: str
     plan_id: str
-    def __init__(self, client_id: _Optional[str] = ..., model: _Optional[str] = ..., plan_id: _Optional[str] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, client_id: _Optional[str] = ..., model: _Optional[str] = ..., plan_id: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
     __slots__ = ("hello", "frame", "finished", "stats")
@@ -117,7 +121,7 @@ class ClientMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[ClientHello, _Mapping]] = ..., frame: _Optional[_Union[ActivationFrame, _Mapping]] = ..., finished: _Optional[_Union[RequestFinished, _Mapping]] = ..., stats: _Optional[_Union[ClientStats, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("request_id", "detector", "score", "severity", "threshold", "crossed_at_position", "final", "mode", "policy_version", "n_tokens_scored", "n_tokens_unscored", "peak_score")
+    __slots__ = ("request_id", "detector", "score", "severity", "threshold", "crossed_at_position", "final", "mode", "policy_version", "n_tokens_scored", "n_tokens_unscored", "peak_score", "correlation_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +134,7 @@ class Verdict(_message.Message):
     N_TOKENS_SCORED_FIELD_NUMBER: _ClassVar[int]
     N_TOKENS_UNSCORED_FIELD_NUMBER: _ClassVar[int]
     PEAK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     detector: str
     score: float
@@ -142,7 +147,8 @@ class Verdict(_message.Message):
     n_tokens_scored: int
     n_tokens_unscored: int
     peak_score: float
-    def __init__(self, request_id: _Optional[str] = ..., detector: _Optional[str] = ..., score: _Optional[float] = ..., severity: _Optional[_Union[Severity, str]] = ..., threshold: _Optional[float] = ..., crossed_at_position: _Optional[int] = ..., final: _Optional[bool] = ..., mode: _Optional[str] = ..., policy_version: _Optional[str] = ..., n_tokens_scored: _Optional[int] = ..., n_tokens_unscored: _Optional[int] = ..., peak_score: _Optional[float] = ...) -> None: ...
+    correlation_id: str
+    def __init__(self, request_id: _Optional[str] = ..., detector: _Optional[str] = ..., score: _Optional[float] = ..., severity: _Optional[_Union[Severity, str]] = ..., threshold: _Optional[float] = ..., crossed_at_position: _Optional[int] = ..., final: _Optional[bool] = ..., mode: _Optional[str] = ..., policy_version: _Optional[str] = ..., n_tokens_scored: _Optional[int] = ..., n_tokens_unscored: _Optional[int] = ..., peak_score: _Optional[float] = ..., correlation_id: _Optional[str] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "reason", "message", "seq", "request_id")
