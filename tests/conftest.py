@@ -66,7 +66,8 @@ class MonitorServer:
     """A `safety-monitor serve` subprocess on free ports."""
 
     def __init__(self, workdir: Path, bundle: Path, policy_text: str | None = POLICY_V1,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None,
+                 channel: Callable[[str], grpc.Channel] = grpc.insecure_channel) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -86,7 +87,7 @@ class MonitorServer:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(self.target)
+        self.channel = channel(self.target)  # e.g. a TLS channel (tests/test_access.py)
         self._wait_serving()
 
     @property
@@ -170,8 +171,10 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path
     started: list[MonitorServer] = []
 
     def start(policy_text: str | None = POLICY_V1, extra: list[str] | None = None,
-              name: str = "server") -> MonitorServer:
-        srv = MonitorServer(tmp_path_factory.mktemp(name), bundle_dir, policy_text, extra)
+              name: str = "server",
+              channel: Callable[[str], grpc.Channel] = grpc.insecure_channel) -> MonitorServer:
+        srv = MonitorServer(tmp_path_factory.mktemp(name), bundle_dir, policy_text, extra,
+                            channel)
         started.append(srv)
         return srv
 
