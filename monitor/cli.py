@@ -1,4 +1,4 @@
-"""`safety-monitor` command line: serve, check, plan, placeholder-bundle, replay.
+"""`safety-monitor` command line: serve, export-onnx, check, plan, placeholder-bundle, replay.
 
 Startup problems (broken bundle or policy, unbindable address) print one line to stderr
 and exit with code 2, without a traceback.
@@ -63,14 +63,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         grpc_max_message_bytes=args.grpc_max_message_bytes, compute_dtype=args.compute_dtype,
         max_requests=args.max_requests, policy_watch_s=args.policy_watch_s,
         grace_s=args.grace_s, torch_threads=args.torch_threads,
-        orphan_grace_s=args.orphan_grace_s,
-        access=access, limits=limits,
+        orphan_grace_s=args.orphan_grace_s, backend=args.backend,
+        onnx_threads=args.onnx_threads, access=access, limits=limits,
     )
     try:
         return serve(cfg)
     except StartupError as e:
         print(f"safety-monitor: error: {e}", file=sys.stderr)
         return 2
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from monitor.score import BundleError
+    from monitor.score.onnx_export import export_onnx
+
+    try:
+        b = export_onnx(args.bundle)
+    except (BundleError, OSError) as e:
+        print(f"safety-monitor: error: {e}", file=sys.stderr)
+        return 2
+    assert b.onnx is not None
+    print(f"wrote {len(b.onnx.files)} ONNX graphs (opset {b.onnx.opset}) into {args.bundle}: "
+          f"{[p.name for p in b.onnx.files.values()]}; bundle sha256 {b.sha256[:12]}")
+    return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -158,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "client before they are finished")
     s.add_argument("--torch-threads", type=int, default=0,
                    help="torch intra-op threads for scoring (0: torch default)")
+    s.add_argument("--backend", choices=("torch", "onnxruntime", "auto"), default="torch",
+                   help="scorer: torch, onnxruntime (the bundle's ONNX graphs; torch is not "
+                        "imported) or auto (start-up micro-benchmark on this CPU)")
+    s.add_argument("--onnx-threads", type=int, default=0,
+                   help="onnxruntime intra-op threads per layer (0: its default)")
     a = s.add_argument_group("access (TLS, token, Admin; see monitor/server/access.py)")
     a.add_argument("--tls-cert", help="PEM server certificate chain (with --tls-key: TLS only)")
     a.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -174,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent unary Score calls; more are refused before their "
                         "payload is read")
     s.set_defaults(func=_cmd_serve)
+
+    e = sub.add_parser("export-onnx", help="write the bundle's packed layers as ONNX graphs "
+                       "beside it and pin them in its manifest")
+    e.add_argument("--bundle", required=True, help="detector bundle directory (rewritten)")
+    e.set_defaults(func=_cmd_export_onnx)
 
     c = sub.add_parser("check", help="validate a policy against a bundle (exit 0/1)")
     c.add_argument("--bundle", required=True)

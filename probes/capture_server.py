@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-import torch
 
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import decode_frame
@@ -57,7 +56,7 @@ def _decode(f: monitor_pb2.ActivationFrame) -> np.ndarray:
     (so every recorded frame also passed the sidecar's validation)."""
     decoded = decode_frame(f, model=f.model, d_model=int(f.shape[1]) if len(f.shape) == 2
                            else 0, layers=frozenset({f.layer}), max_frame_bytes=len(f.data))
-    return decoded.x.to(dtype=torch.float32, copy=True).numpy()  # own, writable copy
+    return np.array(decoded.x, dtype=np.float32)  # own, writable copy
 
 
 class _Servicer(monitor_pb2_grpc.MonitorServicer):

@@ -512,9 +512,11 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   layers: Sequence[int] = DEFAULT_LAYERS, n_harmless_train: int = 800,
                   detectors: Sequence[str] = ("harmful_intent", "deception"),
                   progress: bool = True, seed: int = 0) -> list[DetectorResult]:
-    """Build the default bundle (+ REPORT.md, PNGs, policy.suggested.yaml) into ``out``."""
+    """Build the default bundle (+ its ONNX graphs, REPORT.md, PNGs,
+    policy.suggested.yaml) into ``out``."""
     from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
     from monitor.models import cache_dir as monitor_cache
+    from monitor.score.onnx_export import export_onnx
     from probes.export import export_bundle
     from probes.report import write_report
 
@@ -533,5 +535,6 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   name="smollm2-135m-default",
                   description="default detectors for SmolLM2-135M-Instruct, built by "
                               "`python -m probes build-default`")
+    export_onnx(Path(out))  # the onnxruntime backend's graphs, pinned in the manifest
     write_report(Path(out), results, model_name=DEFAULT_MODEL_NAME)
     return results

@@ -66,7 +66,7 @@ class MonitorServer:
     """A `safety-monitor serve` subprocess on free ports."""
 
     def __init__(self, workdir: Path, bundle: Path, policy_text: str | None = POLICY_V1,
-                 extra: list[str] | None = None,
+                 extra: list[str] | None = None, env: dict[str, str] | None = None,
                  channel: Callable[[str], grpc.Channel] = grpc.insecure_channel) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -83,9 +83,9 @@ class MonitorServer:
             self.policy_path.write_text(policy_text)
             args += ["--policy", str(self.policy_path)]
         args += extra or []
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._log,
+        self.proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         self.channel = channel(self.target)  # e.g. a TLS channel (tests/test_access.py)
         self._wait_serving()
@@ -174,7 +174,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path
               name: str = "server",
               channel: Callable[[str], grpc.Channel] = grpc.insecure_channel) -> MonitorServer:
         srv = MonitorServer(tmp_path_factory.mktemp(name), bundle_dir, policy_text, extra,
-                            channel)
+                            channel=channel)
         started.append(srv)
         return srv
 

@@ -28,8 +28,12 @@ def test_torch_round_trip(dtype: torch.dtype) -> None:
     assert f.dtype == {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}[dtype]
     assert len(f.data) == 5 * D * x.element_size()
     d = decode_frame(f, **KW)
-    assert d.x.dtype == dtype and d.x.shape == (5, D)
-    assert torch.equal(d.x, x)
+    # numpy: float32 / float16 as sent, bfloat16 upcast to float32 (exact)
+    want = np.float16 if dtype == torch.float16 else np.float32
+    assert d.x.dtype == want and d.x.shape == (5, D) and not d.x.flags.writeable
+    assert d.wire_dtype == f.dtype
+    up = torch.float16 if dtype == torch.float16 else torch.float32
+    assert torch.equal(torch.from_numpy(d.x.copy()), x.to(up))
     assert d.request_ids == ("a", "b") and d.step == 42 and d.seq == 1
     np.testing.assert_array_equal(d.row_request, [0, 0, 1, 1, 1])
     np.testing.assert_array_equal(d.positions, [7, 8, 0, 1, 2])
@@ -45,7 +49,20 @@ def test_numpy_round_trip_little_endian(dtype: type) -> None:
     big = x.astype(np.dtype(dtype).newbyteorder(">"))  # non-native input is normalised
     assert _frame(big).data == f.data
     d = decode_frame(f, **KW)
-    np.testing.assert_array_equal(d.x.numpy(), x)
+    np.testing.assert_array_equal(d.x, x)
+
+
+def test_bf16_decodes_to_exact_float32_values() -> None:
+    """Every bf16 bit pattern (NaN payloads aside) decodes to the value torch gives it."""
+    from monitor.wire.codec import bf16_bits_to_f32
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    got = bf16_bits_to_f32(bits)
+    want = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[finite], want[finite])
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got) & (got > 0), np.isinf(want) & (want > 0))
 
 
 def test_bf16_wire_bytes_are_the_upper_half_of_fp32() -> None:
@@ -64,7 +81,7 @@ def test_decode_is_zero_copy() -> None:
                            shape=list(f.shape), spans=list(f.spans), seq=f.seq, step=f.step)
     d = decode_frame(view, **KW)  # duck-typed frame: we know the exact bytes object
     addr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-    assert d.x.data_ptr() == addr  # the tensor views the payload bytes, no copy
+    assert d.x.ctypes.data == addr  # the array views the payload bytes, no copy
 
 
 def _err(frame, **kw) -> FrameError:
@@ -156,7 +173,7 @@ def test_encode_accepts_non_contiguous_and_tuples() -> None:
     x = torch.randn(D, 3).t()  # [3, D], non-contiguous
     f = encode_frame(x, seq=9, model="m", layer=4, spans=[("r", 3, 5, 6)])
     d = decode_frame(f, **KW)
-    assert torch.equal(d.x, x) and d.positions.tolist() == [5, 6, 7]
+    assert torch.equal(torch.from_numpy(d.x.copy()), x) and d.positions.tolist() == [5, 6, 7]
     assert d.generated.tolist() == [False, True, True]
 
 

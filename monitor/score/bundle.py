@@ -11,6 +11,12 @@ Nothing is ever unpickled: tensors are read with ``safetensors`` only, and each 
 header (names, dtypes, shapes) is checked against the manifest before any tensor is
 allocated.
 
+``load_bundle(path, load_tensors=False)`` checks everything but the tensor values and
+never imports torch: the onnxruntime backend (``onnx_scorer.py``) reads its numbers from
+the bundle's sha256-pinned ONNX graphs instead (manifest key ``onnx``, docs/BUNDLE.md),
+which ``export_onnx`` wrote from this bundle's validated tensors (``onnx.source_sha256``
+ties them to the manifest and every safetensors digest).
+
 Loaded tensors are float32 and have normalised shapes (``k`` = number of columns the
 component contributes to its layer's packed matrix, see ``pack.py``):
 
@@ -35,11 +41,12 @@ import re
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # torch is imported where tensor values are read or written
+    import torch
 
 __all__ = [
     "FORMAT",
@@ -49,8 +56,10 @@ __all__ = [
     "Component",
     "DetectorInput",
     "DetectorSpec",
+    "OnnxExport",
     "Preprocessing",
     "load_bundle",
+    "source_digest",
     "write_bundle",
 ]
 
@@ -75,11 +84,15 @@ MAX_COLUMNS = 1 << 20  # per component
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
 _FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\.safetensors")
+_ONNX_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\.onnx")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 # Keys of each manifest object: (required, optional).
 _TOP_KEYS = ({"format", "format_version", "name", "model", "files", "components",
-              "detectors"}, {"description"})
+              "detectors"}, {"description", "onnx"})
+_ONNX_KEYS = ({"opset", "input_dtype", "source_sha256", "layers"}, set())
+#: ONNX opsets the onnxruntime backend accepts (graphs use opset-17 operators only).
+ONNX_OPSETS = (17,)
 _MODEL_KEYS = ({"name", "d_model", "n_layers"}, set())
 _COMPONENT_KEYS = ({"name", "kind", "layer", "tensors"},
                    {"hook_name", "activation", "latent_ids", "preprocessing"})
@@ -125,10 +138,12 @@ class Preprocessing:
 class Component:
     """One set of ``k`` columns on one layer (a probe's logits or selected SAE latents).
 
-    ``tensors`` are float32 with the normalised shapes in the module docstring.
-    ``activation`` is the per-column epilogue: ``identity`` (probe logits), ``relu`` or
-    ``jumprelu`` (``z = p·[p > θ]``). ``latent_ids`` (sae_latents only) are the latent
-    indices in the source SAE, one per column, for feature labels in alerts.
+    ``tensors`` are float32 with the normalised shapes in the module docstring (empty when
+    loaded with ``load_tensors=False``). ``k`` is the number of columns this component
+    contributes (0: derived from ``tensors``). ``activation`` is the per-column epilogue:
+    ``identity`` (probe logits), ``relu`` or ``jumprelu`` (``z = p·[p > θ]``).
+    ``latent_ids`` (sae_latents only) are the latent indices in the source SAE, one per
+    column, for feature labels in alerts.
     """
 
     name: str
@@ -139,12 +154,26 @@ class Component:
     activation: str = "identity"
     latent_ids: tuple[int, ...] | None = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    k: int = 0
 
-    @property
-    def k(self) -> int:
-        """Number of columns this component contributes."""
-        main = "weight" if self.kind == "linear_probe" else "W_enc"
-        return int(self.tensors[main].shape[1])
+    def __post_init__(self) -> None:
+        if self.k == 0:
+            main = "weight" if self.kind == "linear_probe" else "W_enc"
+            object.__setattr__(self, "k", int(self.tensors[main].shape[1]))
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """The bundle's ONNX graphs (manifest key ``onnx``; written by ``export_onnx``).
+
+    ``files`` maps each detector layer to its graph (sha256-pinned in ``files``);
+    ``source_sha256`` is :func:`source_digest` of the manifest they were exported from.
+    """
+
+    opset: int
+    input_dtype: str
+    source_sha256: str
+    files: dict[int, Path]
 
 
 @dataclass(frozen=True)
@@ -191,6 +220,7 @@ class Bundle:
     detectors: tuple[DetectorSpec, ...]
     sha256: str
     manifest: dict[str, Any]
+    onnx: OnnxExport | None = None
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -333,10 +363,14 @@ def _fmt_shape(shape: tuple[int, ...] | list[int]) -> str:
 
 
 def load_bundle(path: str | os.PathLike[str], *,
-                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Bundle:
+                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                load_tensors: bool = True) -> Bundle:
     """Load and validate the bundle directory ``path``; raise :class:`BundleError` if invalid.
 
     Weights files larger than ``max_file_bytes`` are refused before they are read.
+    ``load_tensors=False``: names, dtypes, shapes (headers) and every file's sha256 are
+    checked, tensor values are not read (``Component.tensors`` is empty) and torch is not
+    imported; for the onnxruntime backend, which scores with the ONNX graphs.
     """
     root = Path(path)
     source = f"{root}/{MANIFEST}"
@@ -363,9 +397,12 @@ def load_bundle(path: str | os.PathLike[str], *,
     d_model = ck.integer(model["d_model"], "model.d_model", 1, MAX_D_MODEL + 1)
     n_layers = ck.integer(model["n_layers"], "model.n_layers", 1, MAX_LAYERS + 1)
 
-    index = _check_files(root, top["files"], ck, max_file_bytes)
-    components = _check_components(top["components"], ck, index, d_model, n_layers)
+    index, onnx_files = _check_files(root, top["files"], ck, max_file_bytes)
+    components = _check_components(top["components"], ck, index, d_model, n_layers,
+                                   load_tensors)
     detectors = _check_detectors(top["detectors"], ck, components)
+    layers = sorted({d.layer for d in detectors})
+    onnx = _check_onnx(top, ck, root, onnx_files, layers, n_layers)
 
     used = {i.component for d in detectors for i in d.inputs}
     for position, comp in enumerate(components.values()):
@@ -378,7 +415,61 @@ def load_bundle(path: str | os.PathLike[str], *,
         path=root, name=name, description=description, format_version=FORMAT_VERSION,
         model_name=model_name, d_model=d_model, n_layers=n_layers, components=components,
         detectors=detectors, sha256=hashlib.sha256(raw).hexdigest(), manifest=copy.deepcopy(doc),
+        onnx=onnx,
     )
+
+
+def source_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest without its ONNX part (key ``onnx``, ``.onnx`` files).
+
+    Canonical JSON (sorted keys, no spaces). It covers every component, detector and
+    safetensors digest: what an exported ONNX graph was computed from.
+    """
+    doc = {k: v for k, v in manifest.items() if k != "onnx"}
+    files = doc.get("files")
+    if isinstance(files, dict):
+        doc["files"] = {f: d for f, d in files.items() if not str(f).endswith(".onnx")}
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_onnx(top: dict[str, Any], ck: _Checker, root: Path, onnx_files: set[str],
+                layers: list[int], n_layers: int) -> OnnxExport | None:
+    """The optional ``onnx`` section: one pinned graph per detector layer, fresh digest."""
+    if "onnx" not in top:
+        if onnx_files:
+            raise ck.fail("onnx", f"a section naming the ONNX files {sorted(onnx_files)}",
+                          "nothing")
+        return None
+    sec = ck.obj(top["onnx"], "onnx", _ONNX_KEYS)
+    opset = sec["opset"]
+    if isinstance(opset, bool) or opset not in ONNX_OPSETS:
+        raise ck.fail("onnx.opset", f"one of {list(ONNX_OPSETS)}", _show(opset))
+    input_dtype = ck.choice(sec["input_dtype"], "onnx.input_dtype", ("float32",))
+    src = ck.string(sec["source_sha256"], "onnx.source_sha256", pattern=_SHA_RE,
+                    what="a sha256 hex digest")
+    actual = source_digest(top)
+    if src != actual:
+        raise ck.fail("onnx.source_sha256", f"{actual} (the digest of this manifest without "
+                      "its onnx part: re-run `safety-monitor export-onnx`)", src)
+    if not isinstance(sec["layers"], dict):
+        raise ck.fail("onnx.layers", "an object {layer: file name}", _show(sec["layers"]))
+    files: dict[int, Path] = {}
+    for key, fname in sec["layers"].items():
+        where = f"onnx.layers[{key!r}]"
+        if not (isinstance(key, str) and key.isdigit() and int(key) < n_layers):
+            raise ck.fail(where, f"a layer number in [0, {n_layers})", repr(key))
+        if not isinstance(fname, str) or fname not in onnx_files:
+            raise ck.fail(where, f"an .onnx file listed in files {sorted(onnx_files)}",
+                          _show(fname))
+        files[int(key)] = root / fname
+    if sorted(files) != layers:
+        raise ck.fail("onnx.layers", f"one graph for each detector layer {layers}",
+                      f"layers {sorted(files)}")
+    unused = onnx_files - {p.name for p in files.values()}
+    if unused:
+        raise ck.fail("files", "every .onnx file named in onnx.layers", f"{sorted(unused)}")
+    return OnnxExport(opset=opset, input_dtype=input_dtype, source_sha256=src, files=files)
 
 
 def _read_manifest_bytes(path: Path, ck: _Checker) -> bytes:
@@ -393,15 +484,22 @@ def _read_manifest_bytes(path: Path, ck: _Checker) -> bytes:
 
 
 def _check_files(root: Path, files: Any, ck: _Checker,
-                 max_file_bytes: int) -> dict[str, _TensorInfo]:
-    """Verify every listed weights file (name, size, sha256, header); index its tensors."""
+                 max_file_bytes: int) -> tuple[dict[str, _TensorInfo], set[str]]:
+    """Verify every listed file (name, size, sha256; safetensors header); index tensors.
+
+    Returns the tensor index and the names of the ``.onnx`` files (checked by name, size
+    and sha256 here; their content when a scorer loads them).
+    """
     if not isinstance(files, dict) or not files:
         raise ck.fail("files", "a non-empty object {file name: sha256}", _show(files))
     index: dict[str, _TensorInfo] = {}
+    onnx_files: set[str] = set()
     for fname, digest in files.items():
         where = f"files[{fname!r}]"
-        if not _FILE_RE.fullmatch(fname):
-            raise ck.fail(where, "a plain file name ending in .safetensors", repr(fname))
+        is_onnx = bool(_ONNX_FILE_RE.fullmatch(fname))
+        if not _FILE_RE.fullmatch(fname) and not is_onnx:
+            raise ck.fail(where, "a plain file name ending in .safetensors or .onnx",
+                          repr(fname))
         if not isinstance(digest, str) or not _SHA_RE.fullmatch(digest):
             raise ck.fail(where, "a sha256 hex digest (64 lowercase hex digits)", _show(digest))
         fpath = root / fname
@@ -413,8 +511,11 @@ def _check_files(root: Path, files: Any, ck: _Checker,
         actual = _sha256_file(fpath)
         if actual != digest:
             raise ck.fail(where, f"sha256 {digest}", f"sha256 {actual}")
+        if is_onnx:
+            onnx_files.add(fname)
+            continue
         try:
-            with safe_open(str(fpath), framework="pt") as f:
+            with safe_open(str(fpath), framework="numpy") as f:  # headers only
                 for tname in f.keys():
                     sl = f.get_slice(tname)
                     if tname in index:
@@ -426,7 +527,9 @@ def _check_files(root: Path, files: Any, ck: _Checker,
         except Exception as e:  # safetensors raises its own error types
             raise ck.fail(where, "a valid safetensors file", f"{type(e).__name__}: {e}") \
                 from None
-    return index
+    if not index:
+        raise ck.fail("files", "at least one .safetensors file", _show(sorted(files)))
+    return index, onnx_files
 
 
 def _unique_name(ck: _Checker, value: Any, where: str, taken: Container[str],
@@ -440,7 +543,7 @@ def _unique_name(ck: _Checker, value: Any, where: str, taken: Container[str],
 
 
 def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
-                      d_model: int, n_layers: int) -> dict[str, Component]:
+                      d_model: int, n_layers: int, load_tensors: bool) -> dict[str, Component]:
     ck.array(items, "components", nonempty=True)
     out: dict[str, Component] = {}
     for i, item in enumerate(items):
@@ -464,12 +567,11 @@ def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
                                    ("relu", "jumprelu"))
         pre = _check_preprocessing(c.get("preprocessing", {}), f"{where}.preprocessing", ck)
 
-        tensors = _check_tensors(c["tensors"], f"{where}.tensors", kind, activation, ck,
-                                 index, d_model)
-        if pre.apply_b_dec_to_input and "b_dec" not in tensors:
+        roles, k, tensors = _check_tensors(c["tensors"], f"{where}.tensors", kind,
+                                           activation, ck, index, d_model, load_tensors)
+        if pre.apply_b_dec_to_input and "b_dec" not in roles:
             raise ck.fail(f"{where}.preprocessing.apply_b_dec_to_input",
                           "false unless the component has a b_dec tensor", "true")
-        k = int(tensors["weight" if kind == "linear_probe" else "W_enc"].shape[1])
 
         latent_ids: tuple[int, ...] | None = None
         if kind == "sae_latents" and "latent_ids" not in c:
@@ -487,7 +589,7 @@ def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
 
         out[name] = Component(name=name, kind=kind, layer=layer, hook_name=hook,
                               tensors=tensors, activation=activation, latent_ids=latent_ids,
-                              preprocessing=pre)
+                              preprocessing=pre, k=k)
     return out
 
 
@@ -511,8 +613,12 @@ def _check_preprocessing(value: Any, where: str, ck: _Checker) -> Preprocessing:
 
 
 def _check_tensors(value: Any, where: str, kind: str, activation: str, ck: _Checker,
-                   index: dict[str, _TensorInfo], d_model: int) -> dict[str, torch.Tensor]:
-    """Check roles, dtypes and shapes from the headers, then load and check the values."""
+                   index: dict[str, _TensorInfo], d_model: int, load_tensors: bool
+                   ) -> tuple[set[str], int, dict[str, torch.Tensor]]:
+    """Check roles, dtypes and shapes from the headers, then load and check the values.
+
+    Returns (roles present, k, tensors); tensors are ``{}`` without ``load_tensors``.
+    """
     required, optional = _TENSOR_ROLES[kind]
     if kind == "sae_latents" and activation == "jumprelu":
         required, optional = required | {"threshold"}, optional - {"threshold"}
@@ -557,6 +663,10 @@ def _check_tensors(value: Any, where: str, kind: str, activation: str, ck: _Chec
             want = " or ".join(_fmt_shape(s) for s in expected_shapes[role])
             raise ck.fail(f"{where}.{role}", f"shape {want}", _fmt_shape(info.shape))
 
+    if not load_tensors:
+        return set(infos), k, {}
+    import torch
+
     # Values: load (float32), finite, std > 0.
     out: dict[str, torch.Tensor] = {}
     for role, info in infos.items():
@@ -574,7 +684,7 @@ def _check_tensors(value: Any, where: str, kind: str, activation: str, ck: _Chec
     out[main] = out[main].reshape(d_model, k)
     if "bias" in out:
         out["bias"] = out["bias"].reshape(k)
-    return out
+    return set(infos), k, out
 
 
 def _check_detectors(items: Any, ck: _Checker,
@@ -676,6 +786,8 @@ def write_bundle(path: str | os.PathLike[str], manifest: Mapping[str, Any],
 
     Raises :class:`BundleError` if the result does not validate.
     """
+    from safetensors.torch import save_file
+
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     if not _FILE_RE.fullmatch(filename):

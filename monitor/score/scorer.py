@@ -14,6 +14,7 @@ attributes. It sets no global torch state (threads, dtypes).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,12 +99,13 @@ class Scorer:
         """Detector names of ``layer``, in the column order of :meth:`score`."""
         return self._kernel(layer).packed.detectors
 
-    def score_components(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def score_components(self, layer: int, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Column values ``Z`` after the epilogue: float32 ``[n_rows, n_cols]``.
 
         Column ``j`` is ``packed(layer).columns[j]``. ``x`` is not modified.
         """
         kern = self._kernel(layer)
+        x = _as_tensor(x)
         self._check_input(x)
         if x.shape[0] == 0:
             return torch.zeros(0, kern.packed.n_cols)
@@ -122,11 +124,12 @@ class Scorer:
             p = p + kern.b_post
         return p * (p > kern.packed.theta)
 
-    def score(self, layer: int, x: torch.Tensor) -> np.ndarray:
+    def score(self, layer: int, x: torch.Tensor | np.ndarray) -> np.ndarray:
         """Detector scores in [0, 1]: float32 ``[n_rows, len(detectors_on(layer))]``.
 
-        ``x``: ``[n_rows, d_model]`` float32 / float16 / bfloat16 (e.g. a zero-copy view of
-        wire bytes; it is not modified). ``n_rows`` may be 0.
+        ``x``: ``[n_rows, d_model]`` float32 / float16 / bfloat16 tensor, or a float32 /
+        float16 numpy array (e.g. a zero-copy view of wire bytes, viewed as a tensor
+        without a copy; it is not modified). ``n_rows`` may be 0.
         """
         z = self.score_components(layer, x)
         p = self._kernel(layer).packed
@@ -149,3 +152,12 @@ class Scorer:
         if x.ndim != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"x must have shape [n_rows, {self.d_model}], "
                              f"got {list(x.shape)}")
+
+
+def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A numpy array as a tensor sharing its memory (read-only arrays: never written)."""
+    if not isinstance(x, np.ndarray):
+        return x
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # non-writable array: only read here
+        return torch.from_numpy(x)

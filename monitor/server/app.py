@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -79,6 +78,10 @@ class ServerConfig:
     policy_watch_s: float = 1.0  # 0 disables the file watcher
     grace_s: float = 5.0
     torch_threads: int = 0  # torch intra-op threads for the scorer; 0: torch's default
+    # scorer backend: "torch", "onnxruntime" (bundle's ONNX graphs; torch never imported)
+    # or "auto" (start-up micro-benchmark on this CPU; see monitor/score/backend.py)
+    backend: str = "torch"
+    onnx_threads: int = 0  # onnxruntime intra-op threads per layer session; 0: its default
     orphan_grace_s: float = 30.0  # a broken stream's requests wait this long to be adopted
     access: AccessConfig = field(default_factory=AccessConfig)  # TLS, token, Admin address
     limits: RpcLimits = field(default_factory=RpcLimits)  # concurrent Stream / Score calls
@@ -209,6 +212,13 @@ class MonitorApp:
         return t
 
 
+def _backend_version(backend: str) -> str:
+    """The version of the scorer's library (already imported by the scorer)."""
+    import importlib
+
+    return str(importlib.import_module(backend).__version__)
+
+
 def _load_policy(config: ServerConfig, bundle: Any, on_change: Any) -> tuple[Any, Any]:
     from monitor.judge import PolicyError, PolicyHolder, check_policy, default_policy
 
@@ -233,7 +243,8 @@ def build_app(config: ServerConfig) -> MonitorApp:
         StartupError: one-line reason (bundle / policy / audit path / settings).
     """
     from monitor.judge import RequestTracker
-    from monitor.score import BundleError, Scorer, load_bundle
+    from monitor.score import BundleError
+    from monitor.score.backend import load_scorer
 
     if config.max_frame_bytes < 1 or config.queue_rows < 1:
         raise StartupError("--max-frame-bytes and --queue-rows must be >= 1")
@@ -241,27 +252,24 @@ def build_app(config: ServerConfig) -> MonitorApp:
         raise StartupError(f"--grpc-max-message-bytes ({config.grpc_limit}) must exceed "
                            f"--max-frame-bytes ({config.max_frame_bytes})")
     try:
-        bundle = load_bundle(config.bundle)
+        loaded = load_scorer(config.bundle, config.backend,
+                             compute_dtype=config.compute_dtype, threads=config.torch_threads,
+                             onnx_threads=config.onnx_threads)
     except BundleError as e:
         raise StartupError(f"bundle refused: {e}") from None
     except OSError as e:
         raise StartupError(f"bundle {config.bundle}: {e}") from None
-    if config.torch_threads > 0:
-        torch.set_num_threads(config.torch_threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(config.compute_dtype)
-    if dtype is None:
-        raise StartupError(f"--compute-dtype: expected fp32 or bf16, found "
-                           f"{config.compute_dtype!r}")
-    try:
-        scorer = Scorer(bundle, dtype)
     except (ValueError, KeyError) as e:
         raise StartupError(f"bundle {config.bundle}: cannot build scorer: {e}") from None
+    bundle, scorer = loaded.bundle, loaded.scorer
+    log.info("scorer backend %s (%s)", loaded.backend, loaded.reason)
 
     app_ref: list[MonitorApp] = []
     policy, holder = _load_policy(config, bundle, lambda p: app_ref[0].apply_policy(p))
 
     metrics = Metrics(bundle.model_name, _thresholds(policy))
-    metrics.build_info.info({"version": monitor.__version__, "torch": torch.__version__,
+    metrics.build_info.info({"version": monitor.__version__, "backend": loaded.backend,
+                             "backend_version": _backend_version(loaded.backend),
                              "grpc": grpc.__version__})
     metrics.set_bundle(bundle.name, bundle.sha256, bundle.model_name)
     metrics.set_policy(policy.version, policy.sha256, _thresholds(policy))

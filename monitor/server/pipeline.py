@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from monitor.report.audit import AuditLog, audit_record
 from monitor.report.metrics import Metrics
@@ -441,13 +440,8 @@ class Pipeline:
         if not cols:
             return  # layer not in the current plan: nothing judges it
         xs = [it.frame.x for it in group]
-        if len(xs) == 1:
-            x = xs[0]
-        else:
-            dtypes = {t.dtype for t in xs}
-            if len(dtypes) > 1:
-                xs = [t.float() for t in xs]
-            x = torch.cat(xs, dim=0)
+        # float16 and float32 frames together: numpy promotes to float32 (exact)
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
         t0 = time.perf_counter()
         try:
             scores = np.asarray(self.scorer.score(layer, x), dtype=np.float32)

@@ -1,8 +1,9 @@
 """Decode, validate and encode `monitor.v1.ActivationFrame` messages.
 
 Tensors travel as raw little-endian bytes plus dtype and shape (KServe OIP style).
-`decode_frame` views the bytes with `torch.frombuffer` (no copy of the payload) and
-validates every field; a bad frame raises `FrameError` with a stable `reason` label
+`decode_frame` views the bytes as a numpy array (float32 / float16: no copy of the
+payload; bfloat16, which numpy lacks: upcast to float32 by a 16-bit left shift of the
+bits, exact) and validates every field; a bad frame raises `FrameError` with a stable `reason` label
 (see `REASONS`), the gRPC status code to report and a message that names the field,
 what was expected and what was found.
 """
@@ -10,15 +11,17 @@ what was expected and what was found.
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
-import torch
 
 from monitor.v1 import monitor_pb2
+
+if TYPE_CHECKING:  # the sidecar decodes without torch; encode_frame accepts tensors too
+    import torch
 
 __all__ = [
     "DTYPE_ITEMSIZE",
@@ -31,6 +34,7 @@ __all__ = [
     "FrameError",
     "RowMeta",
     "Span",
+    "bf16_bits_to_f32",
     "check_request_id",
     "check_seq",
     "decode_frame",
@@ -75,12 +79,13 @@ MAX_CORRELATION_ID_BYTES = 256
 #: `frames_missing_total`.
 MAX_SEQ_GAP = 1 << 20
 
-_TORCH_DTYPE: dict[int, torch.dtype] = {
-    monitor_pb2.DTYPE_FLOAT32: torch.float32,
-    monitor_pb2.DTYPE_FLOAT16: torch.float16,
-    monitor_pb2.DTYPE_BFLOAT16: torch.bfloat16,
+#: Per wire dtype: the little-endian numpy dtype its bytes are viewed as (bfloat16: the
+#: raw 16-bit patterns, upcast to float32 by `bf16_bits_to_f32`).
+_VIEW_DTYPE: dict[int, str] = {
+    monitor_pb2.DTYPE_FLOAT32: "<f4",
+    monitor_pb2.DTYPE_FLOAT16: "<f2",
+    monitor_pb2.DTYPE_BFLOAT16: "<u2",
 }
-_WIRE_DTYPE: dict[torch.dtype, int] = {v: k for k, v in _TORCH_DTYPE.items()}
 
 #: Bytes per element for each wire dtype.
 DTYPE_ITEMSIZE: dict[int, int] = {
@@ -98,6 +103,15 @@ _EXPONENT_BITS: dict[int, tuple[str, int]] = {
     monitor_pb2.DTYPE_FLOAT16: ("<u2", 0x7C00),
     monitor_pb2.DTYPE_BFLOAT16: ("<u2", 0x7F80),
 }
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """float32 array of the bfloat16 values whose 16-bit patterns are ``bits`` (uint16).
+
+    A bfloat16 is the top half of a float32, so ``bits << 16`` is the same value: exact,
+    NaN / Inf / subnormals included. Allocates the float32 result.
+    """
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def non_finite_rows(data: bytes, wire_dtype: int, n_rows: int, d: int) -> np.ndarray:
@@ -163,13 +177,18 @@ class RowMeta:
 
 @dataclass(frozen=True)
 class DecodedFrame:
-    """A validated frame. `x` is a zero-copy view over the frame bytes (read-only)."""
+    """A validated frame.
+
+    `x` is a read-only numpy array `[n_rows, d_model]`: float32 / float16 frames are
+    zero-copy views over the frame bytes; bfloat16 frames are upcast to float32 (exact).
+    `wire_dtype` is the frame's `monitor.v1.DType`.
+    """
 
     seq: int
     model: str
     layer: int
     step: int
-    x: torch.Tensor  # [n_rows, d_model] float32 | float16 | bfloat16
+    x: np.ndarray  # [n_rows, d_model] float32 | float16
     request_ids: tuple[str, ...]
     row_request: np.ndarray  # int32 [n_rows]
     positions: np.ndarray  # int64 [n_rows]
@@ -177,6 +196,7 @@ class DecodedFrame:
     span_bounds: tuple[tuple[int, int], ...] = ()  # [start, end) rows of each span
     nbytes: int = 0  # payload bytes
     correlation_ids: tuple[str, ...] = ()  # caller's label per span ("" = none), a label only
+    wire_dtype: int = monitor_pb2.DTYPE_FLOAT32
 
     @property
     def n_rows(self) -> int:
@@ -305,7 +325,7 @@ def decode_frame(
     max_request_id_bytes: int = MAX_REQUEST_ID_BYTES,
     max_correlation_id_bytes: int = MAX_CORRELATION_ID_BYTES,
 ) -> DecodedFrame:
-    """Validate `frame` and view its payload as a `[n_rows, d_model]` tensor.
+    """Validate `frame` and view its payload as a `[n_rows, d_model]` array.
 
     Validate before allocating: every size the client claims is checked against the
     bytes actually present before any array is built. The order is fixed:
@@ -343,8 +363,8 @@ def decode_frame(
     if frame.layer not in layer_set:
         raise _bad("unknown_layer", f"layer: expected one of {sorted(layer_set)}, "
                                     f"found {frame.layer}")
-    tdtype = _TORCH_DTYPE.get(frame.dtype)
-    if tdtype is None:
+    vdtype = _VIEW_DTYPE.get(frame.dtype)
+    if vdtype is None:
         try:
             name = monitor_pb2.DType.Name(frame.dtype)
         except ValueError:
@@ -372,14 +392,11 @@ def decode_frame(
                        max_correlation_id_bytes=max_correlation_id_bytes)
     if d != d_model:
         raise _bad("d_model_mismatch", f"shape[1]: expected d_model={d_model}, found {d}", rows)
-    data = frame.data  # one bytes object; the tensor keeps a reference to it
-    with warnings.catch_warnings():
-        # bytes are read-only; the tensor is never written (scorer only reads it)
-        warnings.simplefilter("ignore", UserWarning)
-        x = torch.frombuffer(data, dtype=tdtype).view(n_rows, d)
-    if not _LITTLE:  # pragma: no cover - big-endian hosts only
-        x = x.view(torch.uint8).view(n_rows, d, itemsize).flip(-1).contiguous().view(tdtype)
-        x = x.view(n_rows, d)
+    data = frame.data  # one bytes object; the array keeps a reference to it (read-only)
+    x = np.frombuffer(data, dtype=vdtype).reshape(n_rows, d)
+    if frame.dtype == monitor_pb2.DTYPE_BFLOAT16:
+        x = bf16_bits_to_f32(x)
+        x.flags.writeable = False
     if check_finite:
         bad = non_finite_rows(data, frame.dtype, n_rows, d)
         if bad.any():
@@ -397,7 +414,7 @@ def decode_frame(
         seq=int(frame.seq), model=frame.model, layer=int(frame.layer), step=int(frame.step),
         x=x, request_ids=rows.request_ids, row_request=rows.row_request,
         positions=rows.positions, generated=rows.generated, span_bounds=rows.span_bounds,
-        nbytes=nbytes, correlation_ids=rows.correlation_ids,
+        nbytes=nbytes, wire_dtype=int(frame.dtype), correlation_ids=rows.correlation_ids,
     )
 
 
@@ -411,16 +428,21 @@ def _to_wire_bytes(x: torch.Tensor | np.ndarray) -> tuple[bytes, int, tuple[int,
         elif x.dtype.kind == "f" and x.dtype.itemsize == 2:
             wire = monitor_pb2.DTYPE_FLOAT16
         elif x.dtype.name == "bfloat16":  # ml_dtypes
-            return _to_wire_bytes(torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16))
+            bits = np.ascontiguousarray(x).view(np.uint16).astype("<u2")
+            return bits.tobytes(), monitor_pb2.DTYPE_BFLOAT16, (int(x.shape[0]),
+                                                                 int(x.shape[1]))
         else:
             raise ValueError(f"x: expected float32/float16/bfloat16, found {x.dtype}")
         arr = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<"))
         return arr.tobytes(), wire, (int(x.shape[0]), int(x.shape[1]))
+    import torch  # a tensor was given, so torch is loaded already
+
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected torch.Tensor or numpy.ndarray, found {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D tensor, found shape {tuple(x.shape)}")
-    wire = _WIRE_DTYPE.get(x.dtype)
+    wire = {torch.float32: monitor_pb2.DTYPE_FLOAT32, torch.float16: monitor_pb2.DTYPE_FLOAT16,
+            torch.bfloat16: monitor_pb2.DTYPE_BFLOAT16}.get(x.dtype)
     if wire is None:
         raise ValueError(f"x: expected float32/float16/bfloat16, found {x.dtype}")
     t = x.detach().to("cpu").contiguous()
