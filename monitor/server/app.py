@@ -291,9 +291,17 @@ def build_app(config: ServerConfig) -> MonitorApp:
     return app
 
 
-def _address(host: str, port: int) -> str:
-    """`host:port`, with brackets around an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _bind(server: grpc.aio.Server, host: str, port: int, creds: grpc.ServerCredentials | None,
+          what: str) -> int:
+    """Bind `server` to host:port (TLS when `creds`); the port bound. Raises StartupError."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = bind(server, address, creds)
+    except RuntimeError as e:
+        raise StartupError(f"cannot bind {what}{address}: {e}") from None
+    if bound == 0:
+        raise StartupError(f"cannot bind {what}{address}")
+    return bound
 
 
 async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> int:
@@ -324,26 +332,14 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (MONITOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = _address(cfg.host, cfg.port)
-    try:
-        port = bind(server, address, creds)
-    except RuntimeError as e:
-        raise StartupError(f"cannot bind {address}: {e}") from None
-    if port == 0:
-        raise StartupError(f"cannot bind {address}")
+    port = _bind(server, cfg.host, cfg.port, creds, "")
     admin: grpc.aio.Server | None = None
     admin_port = -1
     if cfg.access.admin_enabled:  # Admin only on its own address, never on the data port
         admin = grpc.aio.server(options=options, interceptors=interceptors)
         monitor_pb2_grpc.add_AdminServicer_to_server(
             AdminService(app.reload_policy, lambda: app.policy.version), admin)
-        admin_address = _address(cfg.access.admin_host, cfg.access.admin_port)
-        try:
-            admin_port = bind(admin, admin_address, creds)
-        except RuntimeError as e:
-            raise StartupError(f"cannot bind admin {admin_address}: {e}") from None
-        if admin_port == 0:
-            raise StartupError(f"cannot bind admin {admin_address}")
+        admin_port = _bind(admin, cfg.access.admin_host, cfg.access.admin_port, creds, "admin ")
     if cfg.metrics_port >= 0:
         try:
             app.metrics.serve(cfg.metrics_host, cfg.metrics_port)
