@@ -65,6 +65,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         grace_s=args.grace_s, torch_threads=args.torch_threads,
         orphan_grace_s=args.orphan_grace_s, backend=args.backend,
         onnx_threads=args.onnx_threads, access=access, limits=limits,
+        audit_stdout=args.audit_stdout,
+        alertmanager_urls=tuple(args.alertmanager_url or ()), webhook_url=args.webhook_url,
+        webhook_secret_file=args.webhook_secret_file, alert_spool_dir=args.alert_spool_dir,
+        alert_spool_max_bytes=args.alert_spool_max_bytes, alert_timeout_s=args.alert_timeout_s,
+        alert_resend_s=args.alert_resend_s, alert_resolve_s=args.alert_resolve_s,
+        runbook_url=args.runbook_url,
     )
     try:
         return serve(cfg)
@@ -171,6 +177,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--orphan-grace-s", type=float, default=30.0,
                    help="seconds a broken stream's open requests wait for a reconnecting "
                         "client before they are finished")
+    s.add_argument("--audit-stdout", action="store_true",
+                   help="also write audit lines to stdout as JSON lines (k8s log collectors)")
+    a = s.add_argument_group("alert delivery (escalations of mode alert|block detectors)")
+    a.add_argument("--alertmanager-url", action="append", metavar="URL",
+                   help="Alertmanager base URL, e.g. http://alertmanager:9093 (repeatable: "
+                        "every instance of an HA pair gets every alert)")
+    a.add_argument("--webhook-url", help="generic JSON webhook (signed when a secret is set)")
+    a.add_argument("--webhook-secret-file",
+                   help="file with the webhook HMAC key (a mounted Secret); default: env "
+                        "SAFETY_MONITOR_WEBHOOK_SECRET")
+    a.add_argument("--alert-spool-dir",
+                   help="durable spool of undelivered alerts (survives restarts); default: "
+                        "in memory, lost at exit")
+    a.add_argument("--alert-spool-max-bytes", type=_size, default=64 << 20,
+                   help="spool bound per sink (oldest evicted and counted when full)")
+    a.add_argument("--alert-timeout-s", type=float, default=5.0, help="HTTP timeout")
+    a.add_argument("--alert-resend-s", type=float, default=60.0,
+                   help="re-send active Alertmanager alerts this often")
+    a.add_argument("--alert-resolve-s", type=float, default=300.0,
+                   help="an Alertmanager alert resolves this long after its last escalation")
+    a.add_argument("--runbook-url", default="",
+                   help="base URL of docs/RUNBOOK.md, put on every delivered alert")
     s.add_argument("--torch-threads", type=int, default=0,
                    help="torch intra-op threads for scoring (0: torch default)")
     s.add_argument("--backend", choices=("torch", "onnxruntime", "auto"), default="torch",

@@ -15,10 +15,14 @@ stamp="$venv/.installed-$(cat "$root/scripts/setup_env.sh" "$root/pyproject.toml
 if [ -f "$stamp" ]; then
   exit 0
 fi
-# promtool (Debian's prometheus package) checks the alerting rules in tests/test_deploy.py.
-if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus \
-     >/dev/null) || echo "setup: could not install prometheus (promtool tests will skip)"
+# promtool + prometheus (Debian's prometheus package) check the alerting rules in
+# tests/test_deploy.py; prometheus-alertmanager is the real Alertmanager of
+# tests/test_alerts_e2e.py (binary /usr/bin/prometheus-alertmanager).
+if { ! command -v promtool >/dev/null || ! command -v prometheus-alertmanager >/dev/null; } \
+    && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+     --no-install-recommends prometheus prometheus-alertmanager >/dev/null) \
+    || echo "setup: could not install prometheus / alertmanager (their tests will skip)"
 fi
 python3 -m venv "$venv"
 pip="$venv/bin/python -m pip"

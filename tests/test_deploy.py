@@ -16,6 +16,7 @@ import yaml
 
 from monitor.judge.policy import parse_policy
 from monitor.report.metrics import Metrics
+from monitor.report.sinks import SinkMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "safety-monitor"
@@ -37,7 +38,9 @@ DASHBOARD_METRICS = frozenset({
 def exposed_metric_names() -> set[str]:
     """Every series name the server's registry can expose."""
     names: set[str] = set()
-    for fam in Metrics(thresholds=(0.5,)).registry.collect():
+    m = Metrics(thresholds=(0.5,))
+    SinkMetrics(m.registry, ["webhook"])  # registered when an alert sink is configured
+    for fam in m.registry.collect():
         suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
                     "info": ("_info",)}.get(fam.type, ("",))
         names.update(fam.name + s for s in suffixes)
@@ -207,8 +210,15 @@ def _rules_doc() -> dict:
     return doc
 
 
+RUNBOOK = ("https://github.com/vllm-safety-monitor/vllm-safety-monitor/blob/main/docs/"
+           "RUNBOOK.md#")
+#: Metrics of other exporters the rules may use: scrape health and kube-state-metrics.
+RULES_EXTERNAL_METRICS = frozenset({"up", "kube_pod_info"})
+
+
 def test_rules_reference_only_monitor_metrics():
     exposed = exposed_metric_names()
+    runbook = (ROOT / "docs" / "RUNBOOK.md").read_text()
     rules = [r for g in _rules_doc()["spec"]["groups"] for r in g["rules"]]
     assert len(rules) >= 6
     names = set()
@@ -216,13 +226,28 @@ def test_rules_reference_only_monitor_metrics():
         assert r["alert"].startswith("SafetyMonitor")
         assert r["labels"]["severity"] in {"critical", "warning", "info"}
         assert r["annotations"]["summary"]
+        assert r["annotations"]["runbook_url"] == RUNBOOK + r["alert"].lower()
+        assert f"## {r['alert']}" in runbook, f"docs/RUNBOOK.md has no section {r['alert']}"
         used = promql_metrics(r["expr"])
         assert used, r["alert"]
-        for n in used:
+        for n in used - RULES_EXTERNAL_METRICS:
             assert n.startswith("safety_monitor_") and n in exposed, (r["alert"], n)
         names.add(r["alert"])
+        if "safety_monitor_alerts_total" in used:  # paging covers block mode too
+            assert 'mode=~"alert|block"' in r["expr"], r["alert"]
     assert len(names) == len(rules), "duplicate alert names"
 
+
+_CRIT_ALERT = """\
+          - exp_labels: {severity: critical, category: safety, namespace: llm, pod: POD_NAME,
+                         detector: harmful_intent}
+            exp_annotations:
+              summary: 'harmful_intent: critical verdicts on llm/POD_NAME'
+              description: >-
+                N requests reached severity critical for detector harmful_intent in
+                the last 5 minutes. Request ids, scores and thresholds are in the
+                monitor's audit log (JSONL) of that pod.
+              runbook_url: RUNBOOKsafetymonitorcriticalverdict"""
 
 _PROMTOOL_TEST = """
 rule_files: [rules.yml]
@@ -230,26 +255,50 @@ evaluation_interval: 1m
 tests:
   - interval: 1m
     input_series:
+      # pre-created at 0 on a fresh sidecar, the first critical at 3m
       - series: 'safety_monitor_alerts_total{POD,detector="harmful_intent",CRIT,mode="alert"}'
         values: '0 0 0 1 1 1 1 1 1 1 1 1 1 1 1'
+      # a counter that first appears at 1 (an old sidecar without pre-created series): the
+      # case a plain increase() misses; block mode pages like alert mode
+      - series: 'safety_monitor_alerts_total{POD2,detector="harmful_intent",CRIT,mode="block"}'
+        values: '_ _ 2 2 2 2 2 2 2 2 2 2 2 2 2'
       - series: 'safety_monitor_alerts_total{POD,detector="deception",CRIT,mode="observe"}'
         values: '0 5 10 15 20 25 30 35 40 45 50 55 60 65 70'
       - series: 'safety_monitor_queue_capacity_rows{POD}'
         values: '100x14'
       - series: 'safety_monitor_queue_depth_rows{POD}'
         values: '0 0 0 90 90 90 90 90 90 90 90 0 0 0 0'
+      # pod p2's sidecar: scraped, then its scrape fails from 4m on
+      - series: 'safety_monitor_queue_capacity_rows{POD2}'
+        values: '100x3 _x11'
+      - series: 'up{job="llm/guard-safety-monitor",POD2}'
+        values: '1 1 1 1 0 0 0 0 0 0 0 0 0 0 0'
+      - series: 'up{job="llm/guard-safety-monitor",POD}'
+        values: '1x14'
+      # two pods on different bundles / policies
+      - series: 'safety_monitor_bundle_info{POD,model_name="m",sha256="aaa",bundle="b"}'
+        values: '1x40'
+      - series: 'safety_monitor_bundle_info{POD2,model_name="m",sha256="bbb",bundle="b"}'
+        values: '1x40'
+      - series: 'safety_monitor_policy_info{POD,version="v1",sha256="p1"}'
+        values: '1x40'
+      - series: 'safety_monitor_policy_info{POD2,version="v1",sha256="p1"}'
+        values: '1x40'
+      # alert delivery: the webhook sink fails from 2m on
+      - series: 'safety_monitor_alert_sink_up{POD,sink="webhook"}'
+        values: '1 1 0x20'
+      - series: 'safety_monitor_alert_events_dropped_total{POD,sink="webhook",reason="spool_full"}'
+        values: '0 0 0 0 3 3 3 3 3 3 3 3 3 3 3'
     alert_rule_test:
+      - eval_time: 2m
+        alertname: SafetyMonitorCriticalVerdict
+        exp_alerts:
+CRIT_P2
       - eval_time: 4m
         alertname: SafetyMonitorCriticalVerdict
         exp_alerts:
-          - exp_labels: {severity: critical, category: safety, namespace: llm, pod: p,
-                         detector: harmful_intent}
-            exp_annotations:
-              summary: 'harmful_intent: critical verdicts on llm/p'
-              description: >-
-                1 requests reached severity critical for detector harmful_intent in
-                the last 5 minutes. Request ids, scores and thresholds are in the
-                monitor's audit log (JSONL) of that pod.
+CRIT_P1
+CRIT_P2
       - eval_time: 14m
         alertname: SafetyMonitorCriticalVerdict
         exp_alerts: []
@@ -265,10 +314,67 @@ tests:
               description: >-
                 The scoring queue is 90% full; when full, rows are dropped (unscored,
                 reason queue_full).
+              runbook_url: RUNBOOKsafetymonitorqueuesaturated
       - eval_time: 9m
         alertname: SafetyMonitorAbsent
         exp_alerts: []
-""".replace("POD", 'namespace="llm",pod="p"').replace("CRIT", 'severity="critical"')
+      - eval_time: 5m
+        alertname: SafetyMonitorSidecarDown
+        exp_alerts: []
+      - eval_time: 7m
+        alertname: SafetyMonitorSidecarDown
+        exp_alerts:
+          - exp_labels: {severity: critical, category: availability, namespace: llm, pod: p2}
+            exp_annotations:
+              summary: 'Safety monitor sidecar down or not scraped on llm/p2'
+              description: >-
+                The sidecar's /metrics scrape fails, or the pod still exists but its
+                safety_monitor_* series stopped: that pod's traffic is not being monitored
+                (or its monitoring is not visible).
+              runbook_url: RUNBOOKsafetymonitorsidecardown
+      - eval_time: 10m
+        alertname: SafetyMonitorPolicyVersionMismatch
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: SafetyMonitorBundleVersionMismatch
+        exp_alerts:
+          - exp_labels: {severity: warning, category: config, model_name: m}
+            exp_annotations:
+              summary: 'Pods serving m run 2 different detector bundles'
+              description: >-
+                Sidecars of the same model report different bundle sha256 for 15 minutes (a
+                stuck rollout?). Compare `safety_monitor_bundle_info` by pod.
+              runbook_url: RUNBOOKsafetymonitorbundleversionmismatch
+      - eval_time: 6m
+        alertname: SafetyMonitorAlertDeliveryFailing
+        exp_alerts: []
+      - eval_time: 13m
+        alertname: SafetyMonitorAlertDeliveryFailing
+        exp_alerts:
+          - exp_labels: {severity: warning, category: delivery, namespace: llm, pod: p,
+                         sink: webhook}
+            exp_annotations:
+              summary: 'Safety monitor cannot deliver alerts to webhook from llm/p'
+              description: >-
+                Every delivery to sink webhook failed for 10 minutes. Alerts are
+                spooled (safety_monitor_alert_spool_events) and delivered in order when the
+                sink answers again; the spool is bounded, so fix the sink before it fills.
+              runbook_url: RUNBOOKsafetymonitoralertdeliveryfailing
+      - eval_time: 5m
+        alertname: SafetyMonitorAlertsDropped
+        exp_alerts:
+          - exp_labels: {severity: critical, category: delivery, namespace: llm, pod: p,
+                         sink: webhook, reason: spool_full}
+            exp_annotations:
+              summary: 'Safety monitor dropped alert events (spool_full) on llm/p'
+              description: >-
+                3 alert events for sink webhook will never be
+                delivered (reason spool_full). The audit log still has them.
+              runbook_url: RUNBOOKsafetymonitoralertsdropped
+""".replace("CRIT_P2", _CRIT_ALERT.replace("POD_NAME", "p2").replace("N ", "2 ")).replace(
+    "CRIT_P1", _CRIT_ALERT.replace("POD_NAME", "p").replace("N ", "1 ")).replace(
+    "POD2", 'namespace="llm",pod="p2"').replace("POD", 'namespace="llm",pod="p"').replace(
+    "CRIT", 'severity="critical"').replace("RUNBOOK", RUNBOOK)
 
 
 @pytest.fixture

@@ -4,6 +4,12 @@ One JSON object per line, UTC ISO-8601 timestamps, never raw activations. Lines 
 written line-buffered (flushed per line) and the file is fsynced on close. A write
 never raises into the scoring loop: failures are logged (rate-limited) and counted.
 
+With `stdout=True` every line also goes to standard output (the Kubernetes log
+convention: collectors such as Fluent Bit / Vector / the OTel collector read container
+stdout). The server logs to stderr, so stdout carries only these JSON lines. A line
+counts as written when every configured destination took it; a failure on either is
+counted once.
+
 Alert line fields: ts, event ("alert" | "would_alert" | "final"), request_id, detector,
 severity, score, peak_score, threshold, position, mode, policy_version, bundle_name,
 bundle_sha256, model_name, n_tokens_scored, n_tokens_unscored.
@@ -15,6 +21,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -62,6 +69,7 @@ class AuditLog:
         path: file to append to (parent directories are created); None disables logging.
         on_failure: called once per failed write (e.g. a metrics counter's `inc`).
         include_finals: also write one "final" line per detector when a request finishes.
+        stdout: also write every line to standard output (container log collectors).
     """
 
     def __init__(
@@ -70,8 +78,10 @@ class AuditLog:
         *,
         on_failure: Callable[[], None] | None = None,
         include_finals: bool = False,
+        stdout: bool = False,
     ) -> None:
         self.path = None if path is None else os.fspath(path)
+        self._stdout: TextIO | None = sys.stdout if stdout else None
         self.include_finals = include_finals
         self._on_failure = on_failure
         self._lock = threading.Lock()
@@ -87,20 +97,24 @@ class AuditLog:
 
     @property
     def enabled(self) -> bool:
-        """True when lines go to a file."""
-        return self._fh is not None
+        """True when lines go to a file or to stdout."""
+        return self._fh is not None or self._stdout is not None
 
     def write(self, record: dict[str, Any]) -> bool:
         """Append one record as a JSON line; never raises. Returns True on success."""
-        if self._fh is None:
+        if not self.enabled:
             return False
         try:
             line = json.dumps(record, separators=(",", ":"), ensure_ascii=False,
                               allow_nan=False)
             with self._lock:
-                if self._fh is None:
+                if self._fh is None and self._stdout is None:
                     return False
-                self._fh.write(line + "\n")
+                if self._fh is not None:
+                    self._fh.write(line + "\n")
+                if self._stdout is not None:
+                    self._stdout.write(line + "\n")
+                    self._stdout.flush()
             self.lines_written += 1
             return True
         except Exception as exc:  # disk full, closed file, bad value: count, never raise
@@ -133,6 +147,7 @@ class AuditLog:
         self.flush()
         with self._lock:
             fh, self._fh = self._fh, None
+            self._stdout = None
         if fh is not None:
             try:
                 fh.close()

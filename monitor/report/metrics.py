@@ -170,6 +170,14 @@ class Metrics:
         self.policy_info.labels(version=version, sha256=sha256).set(1)
         self.set_score_thresholds(thresholds)
 
+    def init_alert_series(self, detectors: Iterable[str]) -> None:
+        """Create `alerts_total` at 0 for every detector x severity x mode, so rules using
+        `increase()` see the first escalation on a fresh sidecar (0 -> 1)."""
+        for d in detectors:
+            for severity in ("warn", "critical"):
+                for mode in ("observe", "alert", "block"):
+                    self.alerts.labels(detector=d, severity=severity, mode=mode)
+
     def finish_reason(self, reason: str) -> str:
         """Map a free-text RequestFinished reason onto the bounded label set."""
         return reason if reason in FINISH_REASONS else "other"

@@ -4,7 +4,12 @@
 a broken bundle or policy) and `run_server(app)` serves until SIGTERM/SIGINT, then
 drains: health goes NOT_SERVING, streams get `grace_s` to finish, the scoring queue is
 drained (queued frames are scored, open requests get final verdicts) and the audit log
-is flushed, fsynced and closed.
+is flushed, fsynced and closed; alert sinks deliver or spool what is queued.
+
+Exit code of `run_server`: 0 after a clean drain; 1 when the scoring queue did not drain
+within the grace; 3 when the service stops after unrecoverable audit or alert-delivery
+failures (audit lines not written, alert events lost other than by the configured
+bounds: spool write errors, undelivered events without a spool directory).
 
 gRPC message limit: `max_receive_message_length` is set deliberately above
 `max_frame_bytes` (default: 2 x max_frame_bytes + 1 MiB). A frame between the two gets
@@ -31,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 import monitor
 from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
+from monitor.report.sinks import AlertContext, AlertDispatcher, AlertSinksConfig, make_dispatcher
 from monitor.server.access import (
     AccessConfig,
     AccessError,
@@ -85,6 +91,26 @@ class ServerConfig:
     orphan_grace_s: float = 30.0  # a broken stream's requests wait this long to be adopted
     access: AccessConfig = field(default_factory=AccessConfig)  # TLS, token, Admin address
     limits: RpcLimits = field(default_factory=RpcLimits)  # concurrent Stream / Score calls
+    audit_stdout: bool = False  # also write audit lines to stdout (k8s log collectors)
+    # alert delivery (monitor/report/sinks): see AlertSinksConfig for each setting
+    alertmanager_urls: tuple[str, ...] = ()
+    webhook_url: str | None = None
+    webhook_secret_file: str | None = None  # else env SAFETY_MONITOR_WEBHOOK_SECRET
+    alert_spool_dir: str | None = None  # durable spool; None: in memory (lost at exit)
+    alert_spool_max_bytes: int = 64 << 20
+    alert_timeout_s: float = 5.0
+    alert_resend_s: float = 60.0
+    alert_resolve_s: float = 300.0
+    runbook_url: str = ""
+
+    def alert_sinks(self) -> AlertSinksConfig:
+        """The alert-delivery part of the settings."""
+        return AlertSinksConfig(
+            alertmanager_urls=tuple(self.alertmanager_urls), webhook_url=self.webhook_url,
+            webhook_secret_file=self.webhook_secret_file, spool_dir=self.alert_spool_dir,
+            spool_max_bytes=self.alert_spool_max_bytes, timeout_s=self.alert_timeout_s,
+            resend_s=self.alert_resend_s, resolve_after_s=self.alert_resolve_s,
+            runbook_url=self.runbook_url)
 
     @property
     def grpc_limit(self) -> int:
@@ -131,8 +157,10 @@ class MonitorApp:
     """Everything the servicers share: bundle, scorer, policy, pipeline, metrics, audit."""
 
     def __init__(self, config: ServerConfig, bundle: Any, scorer: Any, policy: Any,
-                 holder: Any, metrics: Metrics, audit: AuditLog, pipeline: Pipeline) -> None:
+                 holder: Any, metrics: Metrics, audit: AuditLog, pipeline: Pipeline,
+                 alerts: AlertDispatcher) -> None:
         self.config = config
+        self.alerts = alerts
         self.bundle = bundle
         self.scorer = scorer
         self.holder = holder
@@ -173,6 +201,7 @@ class MonitorApp:
             self._plan = self._make_plan(policy)
             new = self._plan.plan_id
         self.metrics.set_policy(policy.version, policy.sha256, _thresholds(policy))
+        self.metrics.init_alert_series(policy.detectors)
         log.info("policy %s active (%d detectors); plan %s%s", policy.version,
                  len(policy.detectors), new, "" if new == old else f" (was {old})")
 
@@ -273,17 +302,26 @@ def build_app(config: ServerConfig) -> MonitorApp:
                              "grpc": grpc.__version__})
     metrics.set_bundle(bundle.name, bundle.sha256, bundle.model_name)
     metrics.set_policy(policy.version, policy.sha256, _thresholds(policy))
+    metrics.init_alert_series(policy.detectors)
     try:
         audit = AuditLog(config.audit_log, on_failure=metrics.audit_write_failures.inc,
-                         include_finals=config.audit_finals)
+                         include_finals=config.audit_finals, stdout=config.audit_stdout)
     except OSError as e:
         raise StartupError(f"--audit-log {config.audit_log}: {e.strerror or e}") from None
+    ctx = AlertContext.from_env(model_name=bundle.model_name, bundle_name=bundle.name,
+                                bundle_sha256=bundle.sha256, runbook_url=config.runbook_url)
+    try:
+        alerts = make_dispatcher(config.alert_sinks(), ctx, metrics.registry)
+    except ValueError as e:
+        raise StartupError(f"alert delivery: {e}") from None
+    except OSError as e:
+        raise StartupError(f"alert delivery: {e.filename}: {e.strerror or e}") from None
     tracker = RequestTracker(policy, max_requests=config.max_requests)
     pipeline = Pipeline(scorer, tracker, policy, metrics, audit, bundle_name=bundle.name,
                         bundle_sha256=bundle.sha256, model_name=bundle.model_name,
                         capacity_rows=config.queue_rows, max_batch_rows=config.max_batch_rows,
-                        orphan_grace_s=config.orphan_grace_s)
-    app = MonitorApp(config, bundle, scorer, policy, holder, metrics, audit, pipeline)
+                        orphan_grace_s=config.orphan_grace_s, alerts=alerts)
+    app = MonitorApp(config, bundle, scorer, policy, holder, metrics, audit, pipeline, alerts)
     app_ref.append(app)
     log.info("bundle %s (%s, sha256 %s): model %s, d_model %d, layers %s, detectors %s",
              bundle.name, config.bundle, bundle.sha256[:12], bundle.model_name, bundle.d_model,
@@ -346,6 +384,7 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
         except OSError as e:
             raise StartupError(f"cannot bind metrics {cfg.metrics_host}:{cfg.metrics_port}: "
                                f"{e.strerror or e}") from None
+    app.alerts.start()
     app.pipeline.start()
     stop_watch = threading.Event()
     app.watch_policy(stop_watch)
@@ -367,6 +406,9 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
                 None, app.reload_policy, "sighup"))
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
+    for w in app.alerts.workers:
+        log.info("alert sink %s: %s (spool %s)", w.name, w.sink.target,
+                 "disk" if w.spool.durable else "memory")
     log.info("serving monitor.v1 on %s:%d (%s, %s; grpc limit %d bytes, max frame %d "
              "bytes); admin %s; metrics on %s", cfg.host, port,
              ("mTLS" if cfg.access.client_ca else "TLS") if creds else "plaintext",
@@ -388,9 +430,14 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
         await admin.stop(0)
     await server.stop(cfg.grace_s)
     drained = await asyncio.to_thread(app.pipeline.stop, max(cfg.grace_s, 30.0))
+    await asyncio.to_thread(app.alerts.stop)
     app.audit.close()
     app.score_executor.shutdown(wait=False)
     log.info("stopped (%s)", "queue drained" if drained else "queue NOT drained")
+    if app.audit.failures or app.alerts.lost:
+        log.error("exiting with status 3: %d audit lines not written, %d alert events lost",
+                  app.audit.failures, app.alerts.lost)
+        return 3
     return 0 if drained else 1
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from monitor.report.audit import AuditLog, audit_record
 from monitor.report.metrics import Metrics
+from monitor.report.sinks import AlertDispatcher
 from monitor.v1 import monitor_pb2
 from monitor.wire.codec import DecodedFrame
 
@@ -132,6 +133,8 @@ class Pipeline:
         max_closed: how many finished request ids are remembered (late-frame detection).
         orphan_grace_s: how long the requests of a broken stream wait for a reconnecting
             client to carry them on before they are finished with reason "orphaned".
+        alerts: alert delivery (Alertmanager / webhook); escalations are handed to it
+            without blocking. None: no delivery.
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class Pipeline:
         max_batch_rows: int = 4096,
         max_closed: int = 100_000,
         orphan_grace_s: float = 30.0,
+        alerts: AlertDispatcher | None = None,
     ) -> None:
         if capacity_rows < 1 or max_batch_rows < 1:
             raise ValueError("capacity_rows and max_batch_rows must be >= 1")
@@ -156,6 +160,7 @@ class Pipeline:
         self.tracker = tracker
         self.metrics = metrics
         self.audit = audit
+        self.alerts = alerts
         self.bundle_name = bundle_name
         self.bundle_sha256 = bundle_sha256
         self.model_name = model_name
@@ -505,6 +510,8 @@ class Pipeline:
             self.audit.write(audit_record(
                 u, event=event, bundle_name=self.bundle_name,
                 bundle_sha256=self.bundle_sha256, model_name=self.model_name))
+            if self.alerts is not None:
+                self.alerts.escalation(u, getattr(u, "correlation_id", ""))
             log.info("%s: request=%s detector=%s severity=%s score=%.3f position=%d",
                     event, u.request_id, u.detector, u.severity, u.score,
                     u.crossed_at_position)
