@@ -14,64 +14,38 @@ from collections.abc import Sequence
 
 from google.protobuf import json_format
 
+from monitor.server.config import LOG_LEVELS, parse_size
+from monitor.server.config import add_arguments as add_server_arguments
+
 __all__ = ["main"]
 
 log = logging.getLogger("monitor.cli")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per log line: ts, level, logger, message (and exc_info)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+               "level": record.levelname.lower(), "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            doc["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
 
 
-def _size(text: str) -> int:
-    """Parse a byte size: 1048576, 64KiB, 64MiB, 1GiB (also k/M/G as powers of 1024)."""
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(t[-1:], 1)
-    if mult != 1:
-        t = t[:-1]
-    try:
-        return int(float(t) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a byte size like 65536 or 64MiB, "
-                                         f"found {text!r}") from None
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from monitor.server.access import AccessConfig, AccessError
-    from monitor.server.app import ServerConfig, StartupError, serve
-    from monitor.server.handlers import RpcLimits
+    from monitor.server.app import StartupError, serve
+    from monitor.server.config import from_args
 
-    try:
-        access = AccessConfig(tls_cert=args.tls_cert, tls_key=args.tls_key,
-                              client_ca=args.tls_client_ca, token_file=args.token_file,
-                              token_env=args.token_env, admin_host=args.admin_host,
-                              admin_port=args.admin_port)
-        limits = RpcLimits(max_streams=args.max_streams,
-                           max_score_inflight=args.max_score_inflight)
-    except (AccessError, ValueError) as e:
-        print(f"safety-monitor: error: {e}", file=sys.stderr)
-        return 2
-    cfg = ServerConfig(
-        bundle=args.bundle, policy=args.policy, host=args.host, port=args.port,
-        metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-        audit_log=args.audit_log, audit_finals=args.audit_finals, queue_rows=args.queue_rows,
-        max_batch_rows=args.max_batch_rows, max_frame_bytes=args.max_frame_bytes,
-        grpc_max_message_bytes=args.grpc_max_message_bytes, compute_dtype=args.compute_dtype,
-        max_requests=args.max_requests, policy_watch_s=args.policy_watch_s,
-        grace_s=args.grace_s, torch_threads=args.torch_threads,
-        orphan_grace_s=args.orphan_grace_s, backend=args.backend,
-        onnx_threads=args.onnx_threads, access=access, limits=limits,
-        audit_stdout=args.audit_stdout,
-        alertmanager_urls=tuple(args.alertmanager_url or ()), webhook_url=args.webhook_url,
-        webhook_secret_file=args.webhook_secret_file, alert_spool_dir=args.alert_spool_dir,
-        alert_spool_max_bytes=args.alert_spool_max_bytes, alert_timeout_s=args.alert_timeout_s,
-        alert_resend_s=args.alert_resend_s, alert_resolve_s=args.alert_resolve_s,
-        runbook_url=args.runbook_url,
-    )
+    cfg = from_args(args)
     try:
         return serve(cfg)
     except StartupError as e:
@@ -150,77 +124,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `safety-monitor`."""
     p = argparse.ArgumentParser(prog="safety-monitor", description=__doc__.splitlines()[0])
-    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level")
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="text lines, or one JSON object per line")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the monitor sidecar (gRPC + /metrics)")
-    s.add_argument("--bundle", required=True, help="detector bundle directory")
-    s.add_argument("--policy", help="policy YAML (default: the bundle's thresholds)")
-    s.add_argument("--host", default="127.0.0.1", help="gRPC bind address")
-    s.add_argument("--port", type=int, default=50051, help="gRPC port")
-    s.add_argument("--metrics-host", default="127.0.0.1", help="/metrics bind address")
-    s.add_argument("--metrics-port", type=int, default=9464, help="/metrics port (-1: off)")
-    s.add_argument("--audit-log", help="JSONL audit log path (append)")
-    s.add_argument("--audit-finals", action="store_true",
-                   help="also write one audit line per final verdict")
-    s.add_argument("--queue-rows", type=int, default=65536, help="scoring queue capacity, rows")
-    s.add_argument("--max-batch-rows", type=int, default=4096, help="rows per scorer call")
-    s.add_argument("--max-frame-bytes", type=_size, default=64 << 20,
-                   help="largest frame payload accepted (bytes, e.g. 64MiB)")
-    s.add_argument("--grpc-max-message-bytes", type=_size, default=None,
-                   help="gRPC receive limit (default 2 x max-frame-bytes + 1MiB)")
-    s.add_argument("--compute-dtype", choices=("fp32", "bf16"), default="fp32")
-    s.add_argument("--max-requests", type=int, default=100_000, help="live requests kept")
-    s.add_argument("--policy-watch-s", type=float, default=1.0,
-                   help="policy file poll interval in seconds (0: off)")
-    s.add_argument("--grace-s", type=float, default=5.0, help="shutdown grace, seconds")
-    s.add_argument("--orphan-grace-s", type=float, default=30.0,
-                   help="seconds a broken stream's open requests wait for a reconnecting "
-                        "client before they are finished")
-    s.add_argument("--audit-stdout", action="store_true",
-                   help="also write audit lines to stdout as JSON lines (k8s log collectors)")
-    a = s.add_argument_group("alert delivery (escalations of mode alert|block detectors)")
-    a.add_argument("--alertmanager-url", action="append", metavar="URL",
-                   help="Alertmanager base URL, e.g. http://alertmanager:9093 (repeatable: "
-                        "every instance of an HA pair gets every alert)")
-    a.add_argument("--webhook-url", help="generic JSON webhook (signed when a secret is set)")
-    a.add_argument("--webhook-secret-file",
-                   help="file with the webhook HMAC key (a mounted Secret); default: env "
-                        "SAFETY_MONITOR_WEBHOOK_SECRET")
-    a.add_argument("--alert-spool-dir",
-                   help="durable spool of undelivered alerts (survives restarts); default: "
-                        "in memory, lost at exit")
-    a.add_argument("--alert-spool-max-bytes", type=_size, default=64 << 20,
-                   help="spool bound per sink (oldest evicted and counted when full)")
-    a.add_argument("--alert-timeout-s", type=float, default=5.0, help="HTTP timeout")
-    a.add_argument("--alert-resend-s", type=float, default=60.0,
-                   help="re-send active Alertmanager alerts this often")
-    a.add_argument("--alert-resolve-s", type=float, default=300.0,
-                   help="an Alertmanager alert resolves this long after its last escalation")
-    a.add_argument("--runbook-url", default="",
-                   help="base URL of docs/RUNBOOK.md, put on every delivered alert")
-    s.add_argument("--torch-threads", type=int, default=0,
-                   help="torch intra-op threads for scoring (0: torch default)")
-    s.add_argument("--backend", choices=("torch", "onnxruntime", "auto"), default="torch",
-                   help="scorer: torch, onnxruntime (the bundle's ONNX graphs; torch is not "
-                        "imported) or auto (start-up micro-benchmark on this CPU)")
-    s.add_argument("--onnx-threads", type=int, default=0,
-                   help="onnxruntime intra-op threads per layer (0: its default)")
-    a = s.add_argument_group("access (TLS, token, Admin; see monitor/server/access.py)")
-    a.add_argument("--tls-cert", help="PEM server certificate chain (with --tls-key: TLS only)")
-    a.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    a.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates (mTLS)")
-    a.add_argument("--token-file", help="file with the bearer token every call must carry")
-    a.add_argument("--token-env", help="environment variable with the bearer token")
-    a.add_argument("--admin-host", default="127.0.0.1", help="Admin service bind address")
-    a.add_argument("--admin-port", type=int, default=-1,
-                   help="Admin service (policy reload RPC) port; -1 (default): Admin off. "
-                        "Never served on the data port")
-    a.add_argument("--max-streams", type=int, default=1024,
-                   help="concurrent Stream calls; more are refused (RESOURCE_EXHAUSTED)")
-    a.add_argument("--max-score-inflight", type=int, default=2,
-                   help="concurrent unary Score calls; more are refused before their "
-                        "payload is read")
+    add_server_arguments(s)
     s.set_defaults(func=_cmd_serve)
 
     e = sub.add_parser("export-onnx", help="write the bundle's packed layers as ONNX graphs "
@@ -236,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print the capture plan JSON")
     pl.add_argument("--bundle", required=True)
     pl.add_argument("--policy")
-    pl.add_argument("--max-frame-bytes", type=_size, default=64 << 20)
+    pl.add_argument("--max-frame-bytes", type=parse_size, default=64 << 20)
     pl.set_defaults(func=_cmd_plan)
 
     b = sub.add_parser("placeholder-bundle", help="write a random PLACEHOLDER bundle")
@@ -265,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `safety-monitor` console script."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     return int(args.func(args) or 0)
 
 

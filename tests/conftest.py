@@ -16,10 +16,13 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "test/placeholder-model"
@@ -59,6 +62,19 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "placeholder"
     build_placeholder_bundle(out, model_name=MODEL, d_model=D_MODEL, n_layers=N_LAYERS,
                              layers=LAYERS, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def geometry(bundle_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per probe detector: (mean, u) with score(mean + a*u/|u|^2) = sigmoid(a - 3)."""
+    from safetensors.torch import load_file
+
+    w = load_file(str(bundle_dir / "weights.safetensors"))
+    out = {}
+    for det in ("harmful_intent", "deception"):
+        u = w[f"{det}.weight"] / w[f"{det}.std"]
+        out[det] = (w[f"{det}.mean"].float(), u.float())
     return out
 
 
@@ -181,16 +197,3 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path
     yield start
     for srv in started:
         srv.stop()
-
-
-@pytest.fixture(scope="session")
-def geometry(bundle_dir: Path) -> dict[str, tuple[Any, Any]]:
-    """Per probe detector: (mean, u) tensors with score(mean + a*u/|u|^2) = sigmoid(a - 3)."""
-    from safetensors.torch import load_file
-
-    w = load_file(str(bundle_dir / "weights.safetensors"))
-    out = {}
-    for det in ("harmful_intent", "deception"):
-        u = w[f"{det}.weight"] / w[f"{det}.std"]
-        out[det] = (w[f"{det}.mean"].float(), u.float())
-    return out

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from monitor.constants import RequestKey
 from monitor.judge import VerdictUpdate
 from monitor.report.audit import AuditLog, audit_record
 
 
 def _update(**kw) -> VerdictUpdate:
-    base = dict(request_id="r1", detector="harmful_intent", score=0.93, peak_score=0.95,
-                severity="critical", threshold=0.9, crossed_at_position=12, final=False,
-                mode="alert", policy_version="v1", n_tokens_scored=13, n_tokens_unscored=0,
-                escalated=True)
+    base = dict(key=RequestKey("client", "r1"), detector="harmful_intent", score=0.93,
+                peak_score=0.95, severity="critical", threshold=0.9, crossed_at_position=12,
+                final=False, mode="alert", policy_version="v1", n_tokens_scored=13,
+                n_tokens_unscored=0, escalated=True)
     base.update(kw)
     return VerdictUpdate(**base)
 

@@ -6,6 +6,7 @@ import urllib.request
 
 from prometheus_client import REGISTRY
 
+from monitor.constants import MODES, SEVERITIES, FinishReason, Reason
 from monitor.report.metrics import PREFIX, SCORE_GRID, Metrics, parse_exposition, score_buckets
 
 ALLOWED_LABELS = {"model_name", "layer", "detector", "severity", "mode", "reason", "result",
@@ -54,13 +55,49 @@ def test_request_score_recreated_on_threshold_change() -> None:
     assert ("safety_monitor_policy_info", (("sha256", "abc"), ("version", "v2"))) not in s
 
 
-def test_reload_counters_present_from_start_and_finish_reason_bounded() -> None:
+def test_labelled_counters_exist_from_start_at_zero() -> None:
     m = Metrics("m")
+    m.set_policy("v1", "abc", [0.5], ["harmful_intent", "deception"])
     s = parse_exposition(m.exposition().decode())
     assert s[("safety_monitor_policy_reloads_total", (("result", "ok"),))] == 0
     assert s[("safety_monitor_policy_reloads_total", (("result", "refused"),))] == 0
-    assert m.finish_reason("stop") == "stop"
-    assert m.finish_reason("anything-else-123") == "other"
+    for r in Reason:
+        assert s[("safety_monitor_frames_rejected_total", (("reason", r.value),))] == 0
+        assert s[("safety_monitor_rows_unscored_total", (("reason", r.value),))] == 0
+    for f in FinishReason:
+        key = (("model_name", "m"), ("reason", f.value))
+        assert s[("safety_monitor_requests_finished_total", key)] == 0
+    for det in ("harmful_intent", "deception"):
+        for sev in SEVERITIES:
+            for mode in MODES:
+                key = (("detector", det), ("mode", mode), ("severity", sev))
+                assert s[("safety_monitor_alerts_total", key)] == 0
+    # a reload adding a detector adds its series at 0 and keeps the others' counts
+    m.alerts.labels(detector="deception", severity="warn", mode="observe").inc()
+    m.set_policy("v2", "def", [0.5], ["deception", "new_one"])
+    s = parse_exposition(m.exposition().decode())
+    assert s[("safety_monitor_alerts_total", (("detector", "new_one"), ("mode", "block"),
+                                              ("severity", "critical")))] == 0
+    assert s[("safety_monitor_alerts_total", (("detector", "deception"), ("mode", "observe"),
+                                              ("severity", "warn")))] == 1
+
+
+def test_finish_reason_label_is_bounded() -> None:
+    assert FinishReason.label("stop") is FinishReason.STOP
+    assert FinishReason.label("anything-else-123") is FinishReason.OTHER
+
+
+def test_pull_sources_read_at_scrape() -> None:
+    m = Metrics("m")
+    box = {"n": 3}
+    m.add_pull("counter", "things", "Things.", lambda: box["n"])
+    m.add_pull("gauge", "level", "Level.", lambda: 1 / 0)  # broken source: skipped
+    s = parse_exposition(m.exposition().decode())
+    assert s[("safety_monitor_things_total", ())] == 3
+    box["n"] = 7
+    s = parse_exposition(m.exposition().decode())
+    assert s[("safety_monitor_things_total", ())] == 7
+    assert ("safety_monitor_level", ()) not in s
 
 
 def test_http_endpoint_serves_own_registry() -> None:

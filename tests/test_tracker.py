@@ -1,4 +1,4 @@
-"""RequestTracker (escalation, min_tokens, scope, dedup, sticky, finish, LRU, policy swap)
+"""RequestTracker (escalation, min_tokens, scope, dedup, sticky, finish, policy swap)
 and PolicyHolder hot reload (explicit, polling watcher, SIGHUP)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from monitor.constants import RequestKey
 from monitor.judge.aggregate import make_aggregator
 from monitor.judge.policy import parse_policy
 from monitor.judge.reload import PolicyHolder, install_sighup
@@ -36,6 +37,10 @@ detectors:
 """
 
 
+def K(request_id: str) -> RequestKey:
+    return RequestKey("client", request_id)
+
+
 def pol(text: str = POLICY):
     return parse_policy(text)
 
@@ -44,7 +49,7 @@ def obs(tr, rid, det, positions, scores, generated=None):
     positions = np.asarray(positions, dtype=np.int64)
     if generated is None:
         generated = np.zeros(positions.size, dtype=bool)
-    return tr.observe(rid, det, positions, np.asarray(generated, dtype=bool),
+    return tr.observe(K(rid), det, positions, np.asarray(generated, dtype=bool),
                       np.asarray(scores, dtype=np.float32))
 
 
@@ -105,7 +110,7 @@ def test_scope_filtering():
     assert ups[0].mode == "observe" and ups[0].action == "record"
     ups = obs(tr, "r", "d", positions, high_gen, gen)
     assert ups[0].crossed_at_position == 3 and ups[0].n_tokens_scored == 6
-    finals = {u.detector: u for u in tr.finish("r")}
+    finals = {u.detector: u for u in tr.finish(K("r"))}
     assert finals["p"].n_tokens_scored == 3 and finals["p"].severity == "none"
     assert finals["g"].n_tokens_scored == 3
 
@@ -119,7 +124,7 @@ def test_duplicate_positions_dropped_not_double_counted():
     # unsorted / repeated inside one chunk: only strictly increasing ones count
     assert obs(tr, "r", "d", [8, 7, 8, 9], [0.1, 0.99, 0.99, 0.1]) == []
     assert tr.duplicates_dropped == 5
-    (final,) = [u for u in tr.finish("r") if u.detector == "d"]
+    (final,) = [u for u in tr.finish(K("r")) if u.detector == "d"]
     assert final.n_tokens_scored == 9 and final.severity == "none"
     assert final.peak_score == pytest.approx(0.2)
 
@@ -129,7 +134,7 @@ def test_sticky_severity_and_final_verdicts():
     (u,) = obs(tr, "r", "g", [0, 1], [0.95, 0.95], [True, True])
     assert u.severity == "critical"
     assert obs(tr, "r", "g", list(range(2, 30)), [0.0] * 28, [True] * 28) == []
-    finals = tr.finish("r")
+    finals = tr.finish(K("r"))
     assert [f.detector for f in finals] == ["d", "p", "g"]
     assert all(f.final and not f.escalated for f in finals)
     g = finals[2]
@@ -142,22 +147,35 @@ def test_sticky_severity_and_final_verdicts():
     assert d.score == 0.0 and d.action == "none"
 
 
-def test_finish_releases_state_and_late_frames():
+def test_finish_releases_state():
     tr = RequestTracker(pol())
     obs(tr, "r", "d", [0], [0.1])
-    assert tr.n_live == 1 and not tr.is_finished("r")
-    assert len(tr.finish("r")) == 3
-    assert tr.n_live == 0 and tr.is_finished("r")
-    assert tr.finish("r") == [] and tr.unknown_finished == 1
-    assert tr.finish("never-seen") == [] and tr.unknown_finished == 2
-    # late frame after finish: dropped, no new state
-    assert obs(tr, "r", "d", [1, 2], [0.99, 0.99]) == []
-    assert tr.late_dropped == 2 and tr.n_live == 0
+    assert tr.n_live == 1 and tr.is_live(K("r"))
+    assert len(tr.finish(K("r"))) == 3
+    assert tr.n_live == 0 and not tr.is_live(K("r"))
+    assert tr.finish(K("r")) == [] and tr.unknown_finished == 1
+    assert tr.finish(K("never-seen")) == [] and tr.unknown_finished == 2
+    # a request the caller vouches for gets all-zero finals even without state
+    finals = tr.finish(K("vouched"), known=True)
+    assert [(u.detector, u.n_tokens_scored, u.severity) for u in finals] == [
+        ("d", 0, "none"), ("p", 0, "none"), ("g", 0, "none")]
+    assert tr.unknown_finished == 2 and tr.n_live == 0
     # a request that never got a token still gets final verdicts once it has state
-    tr.mark_unscored("q", None, np.array([0, 1]), np.array([False, True]))
-    finals = {u.detector: u for u in tr.finish("q")}
+    tr.mark_unscored(K("q"), None, np.array([0, 1]), np.array([False, True]))
+    finals = {u.detector: u for u in tr.finish(K("q"))}
     assert (finals["d"].n_tokens_unscored, finals["p"].n_tokens_unscored,
             finals["g"].n_tokens_unscored) == (2, 1, 1)
+
+
+def test_same_request_id_of_two_clients_is_two_requests():
+    tr = RequestTracker(pol())
+    a, b = RequestKey("a", "r"), RequestKey("b", "r")
+    tr.observe(a, "d", np.array([0]), np.zeros(1, bool), np.array([0.95]))
+    tr.observe(b, "d", np.array([0]), np.zeros(1, bool), np.array([0.1]))
+    fa = {u.detector: u for u in tr.finish(a)}
+    fb = {u.detector: u for u in tr.finish(b)}
+    assert fa["d"].severity == "critical" and fb["d"].severity == "none"
+    assert fa["d"].key == a and fb["d"].request_id == "r"
 
 
 def test_unknown_detector_ignored_and_length_mismatch():
@@ -165,34 +183,18 @@ def test_unknown_detector_ignored_and_length_mismatch():
     assert obs(tr, "r", "nope", [0], [0.99]) == []
     assert tr.n_live == 0
     with pytest.raises(ValueError):
-        tr.observe("r", "d", np.array([0, 1]), np.array([False]), np.array([0.1, 0.2]))
+        tr.observe(K("r"), "d", np.array([0, 1]), np.array([False]), np.array([0.1, 0.2]))
 
 
 def test_mark_unscored_and_nonfinite():
     tr = RequestTracker(pol())
     obs(tr, "r", "d", [0, 1, 2], [0.1, 0.1, 0.1])
-    tr.mark_unscored("r", "d", np.array([2, 3, 4]), np.zeros(3, bool))  # 2 already scored
+    tr.mark_unscored(K("r"), "d", np.array([2, 3, 4]), np.zeros(3, bool))  # 2 already scored
     assert obs(tr, "r", "d", [5, 6], [np.nan, 0.2]) == []
     assert tr.nonfinite_scores == 1
-    (d,) = [u for u in tr.finish("r") if u.detector == "d"]
+    (d,) = [u for u in tr.finish(K("r")) if u.detector == "d"]
     assert (d.n_tokens_scored, d.n_tokens_unscored) == (4, 3)
     assert np.isfinite(d.score) and d.peak_score == pytest.approx(0.2)
-
-
-def test_lru_eviction_is_bounded():
-    tr = RequestTracker(pol(), max_requests=3)
-    for rid in ["a", "b", "c"]:
-        obs(tr, rid, "d", [0], [0.1])
-    obs(tr, "a", "d", [1], [0.1])  # a is now most recent; b is the oldest
-    obs(tr, "x", "d", [0], [0.1])
-    assert tr.evicted == 1 and tr.n_live == 3
-    assert not tr.is_live("b") and tr.is_live("a") and tr.is_finished("b")
-    for i in range(1000):
-        obs(tr, f"n{i}", "d", [0], [0.1])
-        assert tr.n_live <= 3
-    assert tr.evicted == 1001
-    # the memory of closed ids is bounded too
-    assert len(tr._closed) <= tr.max_finished
 
 
 def test_crossings_match_reference_under_random_chunking():
@@ -227,7 +229,7 @@ detectors:
         assert got.get("critical") == expect.get("critical")
         if "warn" in got:
             assert got["warn"] == expect["warn"]
-        (final,) = tr.finish(f"t{trial}")
+        (final,) = tr.finish(K(f"t{trial}"))
         top = "critical" if "critical" in expect else ("warn" if expect else "none")
         assert final.severity == top
         assert final.crossed_at_position == expect.get(top, -1)
@@ -263,7 +265,7 @@ def test_single_token_path_equals_chunk_path(aggregation, scope):
         else:
             for i in range(n):
                 ups += obs(tr, "r", "d", positions[i : i + 1], scores[i : i + 1], gen[i : i + 1])
-        ups += tr.finish("r")
+        ups += tr.finish(K("r"))
         runs.append((ups, tr.duplicates_dropped, tr.nonfinite_scores))
     (chunk_ups, d1, nf1), (one_ups, d2, nf2) = runs
     assert (d1, nf1) == (d2, nf2) and d1 > 0
@@ -291,7 +293,7 @@ def test_set_policy_keeps_or_restarts_state():
     ups = obs(tr, "r", "d", [3], [0.5])
     assert ups[0].policy_version == "v2"
     assert obs(tr, "r", "p", [1], [0.99]) == []  # p is gone from the policy
-    finals = {u.detector: u for u in tr.finish("r")}
+    finals = {u.detector: u for u in tr.finish(K("r"))}
     assert set(finals) == {"d", "g"}
     assert finals["g"].score == pytest.approx(0.3) and finals["g"].n_tokens_scored == 3
     assert finals["d"].n_tokens_scored == 4

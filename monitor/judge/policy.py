@@ -41,6 +41,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from monitor.constants import MODES, SCOPES, SEVERITIES
+
 __all__ = [
     "AGGREGATION_KINDS",
     "MAX_WINDOW_TOKENS",
@@ -59,11 +61,7 @@ __all__ = [
     "run_check",
 ]
 
-MODES: tuple[str, ...] = ("observe", "alert", "block")
-SCOPES: tuple[str, ...] = ("prompt", "generated", "both")
 AGGREGATION_KINDS: tuple[str, ...] = ("max", "mean", "ema", "window_max")
-#: Severities that carry a threshold, in ascending order (``none`` is below all).
-SEVERITIES: tuple[str, ...] = ("warn", "critical")
 #: Upper bound on ``window_tokens``: the tracker keeps ``window_tokens - 1`` floats per
 #: live request and detector, so the bound caps memory (8 bytes x 65535 x requests).
 MAX_WINDOW_TOKENS = 65536

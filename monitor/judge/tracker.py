@@ -15,8 +15,10 @@ Positions: for one (request, detector), a token whose position is not greater th
 last position already scored is a duplicate (vLLM recomputes tokens after preemption)
 and is dropped and counted, never aggregated twice.
 
-Memory is bounded: at most ``max_requests`` live requests (least recently active ones
-are evicted and counted in ``evicted``), plus a bounded memory of recently closed ids.
+Memory: one state per live request key and detector. The tracker does not decide
+which requests are alive: the server's request registry (``monitor.server.registry``)
+does, and calls :meth:`RequestTracker.finish` for every request it closes (finished,
+orphaned, idle or evicted), which releases the state.
 
 Thread-safety: none. A tracker is owned by one thread (the server's scoring worker);
 policy swaps from other threads must be handed to that thread, which calls
@@ -31,18 +33,15 @@ frame's tokens.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from monitor.constants import SEVERITY_RANK, RequestKey
 from monitor.judge.aggregate import Aggregator, make_aggregator
 from monitor.judge.policy import DetectorPolicy, Policy
 
-__all__ = ["SEVERITY_RANK", "RequestTracker", "VerdictUpdate"]
-
-#: Severity order (matches the proto enum values).
-SEVERITY_RANK: dict[str, int] = {"none": 0, "warn": 1, "critical": 2}
+__all__ = ["SEVERITY_RANK", "RequestTracker", "TrackerCounters", "VerdictUpdate"]
 
 
 @dataclass(frozen=True)
@@ -54,9 +53,10 @@ class VerdictUpdate:
     threshold when it was reached (0.0 for none), ``crossed_at_position`` the token
     position where it was first reached (-1 for none). ``escalated`` is True when this
     update reports a newly reached severity (an alert event; never on final updates).
+    ``key`` is the request's registry key; ``request_id`` its engine request id.
     """
 
-    request_id: str
+    key: RequestKey
     detector: str
     score: float
     peak_score: float
@@ -69,6 +69,11 @@ class VerdictUpdate:
     n_tokens_scored: int
     n_tokens_unscored: int
     escalated: bool
+
+    @property
+    def request_id(self) -> str:
+        """The engine request id (``key.request_id``)."""
+        return self.key.request_id
 
     @property
     def action(self) -> str:
@@ -101,67 +106,50 @@ class _RequestState:
     detectors: dict[str, _DetectorState] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TrackerCounters:
+    """Monotonic counters of a tracker (exported to /metrics by the server)."""
+
+    duplicates_dropped: int
+    nonfinite_scores: int
+    unknown_finished: int
+
+
 class RequestTracker:
     """Aggregates scores per (request, detector) and reports severity crossings.
 
     Counters (monotonic, for metrics): ``duplicates_dropped`` (tokens at already-scored
-    positions), ``evicted`` (live requests dropped to stay under ``max_requests``),
-    ``unknown_finished`` (``finish`` for an id with no state), ``late_dropped`` (tokens
-    for a request already finished or evicted), ``nonfinite_scores`` (NaN/inf scores,
-    counted as unscored).
+    positions), ``unknown_finished`` (``finish`` for a key with no state),
+    ``nonfinite_scores`` (NaN/inf scores, counted as unscored).
     """
 
-    def __init__(
-        self, policy: Policy, max_requests: int = 100_000, max_finished: int | None = None
-    ) -> None:
-        if max_requests < 1:
-            raise ValueError("max_requests must be >= 1")
+    def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        self.max_requests = int(max_requests)
-        self.max_finished = int(max_finished if max_finished is not None else max_requests)
-        self._live: OrderedDict[str, _RequestState] = OrderedDict()
-        self._closed: OrderedDict[str, None] = OrderedDict()
+        self._live: dict[RequestKey, _RequestState] = {}
         self.duplicates_dropped = 0
-        self.evicted = 0
         self.unknown_finished = 0
-        self.late_dropped = 0
         self.nonfinite_scores = 0
 
     # ----------------------------------------------------------------- bookkeeping
     @property
     def n_live(self) -> int:
-        """Number of live (unfinished, not evicted) requests."""
+        """Number of requests with state."""
         return len(self._live)
 
-    def is_finished(self, request_id: str) -> bool:
-        """True for an id finished or evicted recently (bounded memory of the last
-        ``max_finished`` such ids): frames for it are late and should be refused."""
-        return request_id in self._closed
+    def is_live(self, key: RequestKey) -> bool:
+        """True while ``key`` has state (observed or marked, not finished)."""
+        return key in self._live
 
-    def is_live(self, request_id: str) -> bool:
-        return request_id in self._live
+    def counters(self) -> TrackerCounters:
+        """A snapshot of the counters."""
+        return TrackerCounters(self.duplicates_dropped, self.nonfinite_scores,
+                               self.unknown_finished)
 
-    def _close(self, request_id: str) -> None:
-        self._closed[request_id] = None
-        self._closed.move_to_end(request_id)
-        while len(self._closed) > self.max_finished:
-            self._closed.popitem(last=False)
-
-    def _request(self, request_id: str) -> _RequestState | None:
-        """Live state for ``request_id`` (created if new), marked most recently used;
-        None when the id was already closed."""
-        req = self._live.get(request_id)
-        if req is not None:
-            self._live.move_to_end(request_id)
-            return req
-        if request_id in self._closed:
-            return None
-        req = _RequestState()
-        self._live[request_id] = req
-        while len(self._live) > self.max_requests:
-            old_id, _ = self._live.popitem(last=False)
-            self.evicted += 1
-            self._close(old_id)
+    def _request(self, key: RequestKey) -> _RequestState:
+        """State for ``key``, created if new."""
+        req = self._live.get(key)
+        if req is None:
+            req = self._live[key] = _RequestState()
         return req
 
     def _state(self, req: _RequestState, detector: str) -> _DetectorState | None:
@@ -184,7 +172,7 @@ class RequestTracker:
     # --------------------------------------------------------------------- inputs
     def observe(
         self,
-        request_id: str,
+        key: RequestKey,
         detector: str,
         positions: np.ndarray,
         generated: np.ndarray,
@@ -197,7 +185,7 @@ class RequestTracker:
         greater than every earlier position of this (request, detector) are dropped as
         duplicates; non-finite scores count as unscored. Returns ``[]`` or a single
         update carrying the highest severity newly reached in this chunk (``escalated``).
-        Detectors absent from the policy and requests already closed return ``[]``.
+        Detectors absent from the policy return ``[]``.
         """
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         gen = np.asarray(generated, dtype=bool).reshape(-1)
@@ -209,15 +197,11 @@ class RequestTracker:
             )
         if detector not in self.policy.detectors:
             return []
-        req = self._request(request_id)
-        if req is None:
-            self.late_dropped += int(pos.size)
-            return []
-        st = self._state(req, detector)
+        st = self._state(self._request(key), detector)
         assert st is not None
         pol = st.policy
         if pos.size == 1:  # decode: one token per request per step
-            return self._observe_one(request_id, detector, st, int(pos[0]), bool(gen[0]),
+            return self._observe_one(key, detector, st, int(pos[0]), bool(gen[0]),
                                      float(sc[0]))
 
         mask = self._in_scope(pol.scope, gen)
@@ -264,10 +248,10 @@ class RequestTracker:
         if new_sev is None:
             return []
         st.severity, st.threshold, st.crossed_at = new_sev
-        return [self._update(request_id, detector, st, final=False, escalated=True)]
+        return [self._update(key, detector, st, final=False, escalated=True)]
 
     def _observe_one(
-        self, request_id: str, detector: str, st: _DetectorState, pos: int, gen: bool,
+        self, key: RequestKey, detector: str, st: _DetectorState, pos: int, gen: bool,
         score: float,
     ) -> list[VerdictUpdate]:
         """:meth:`observe` for a single token, in plain Python (same semantics)."""
@@ -296,11 +280,11 @@ class RequestTracker:
         if new_sev is None:
             return []
         st.severity, st.threshold, st.crossed_at = new_sev
-        return [self._update(request_id, detector, st, final=False, escalated=True)]
+        return [self._update(key, detector, st, final=False, escalated=True)]
 
     def mark_unscored(
         self,
-        request_id: str,
+        key: RequestKey,
         detector: str | None,
         positions: np.ndarray,
         generated: np.ndarray,
@@ -317,10 +301,7 @@ class RequestTracker:
         names = [n for n in names if n in self.policy.detectors]
         if not names:
             return
-        req = self._request(request_id)
-        if req is None:
-            self.late_dropped += int(pos.size)
-            return
+        req = self._request(key)
         for name in names:
             st = self._state(req, name)
             assert st is not None
@@ -328,20 +309,25 @@ class RequestTracker:
             p = pos if mask is None else pos[mask]
             st.n_unscored += int(np.count_nonzero(p > st.last_position))
 
-    def finish(self, request_id: str) -> list[VerdictUpdate]:
+    def finish(self, key: RequestKey, *, known: bool = False) -> list[VerdictUpdate]:
         """Final verdicts, one per policy detector (zero-token ones with severity none),
-        and release the request's state. Unknown ids return ``[]`` and are counted."""
-        req = self._live.pop(request_id, None)
+        and release the request's state.
+
+        A key without state returns ``[]`` and is counted in ``unknown_finished``,
+        unless ``known`` (the caller vouches the request existed, e.g. it had rows only on
+        layers the policy does not judge): then all-zero finals are returned."""
+        req = self._live.pop(key, None)
         if req is None:
-            self.unknown_finished += 1
-            return []
-        self._close(request_id)
+            if not known:
+                self.unknown_finished += 1
+                return []
+            req = _RequestState()
         out = []
         for name, pol in self.policy.detectors.items():
             st = req.detectors.get(name)
             if st is None:
                 st = _DetectorState(policy=pol, agg=make_aggregator(pol.aggregation))
-            out.append(self._update(request_id, name, st, final=True, escalated=False))
+            out.append(self._update(key, name, st, final=True, escalated=False))
         return out
 
     def set_policy(self, policy: Policy) -> None:
@@ -369,10 +355,10 @@ class RequestTracker:
 
     # -------------------------------------------------------------------- outputs
     def _update(
-        self, request_id: str, detector: str, st: _DetectorState, *, final: bool, escalated: bool
+        self, key: RequestKey, detector: str, st: _DetectorState, *, final: bool, escalated: bool
     ) -> VerdictUpdate:
         return VerdictUpdate(
-            request_id=request_id,
+            key=key,
             detector=detector,
             score=st.agg.value,
             peak_score=st.peak,

@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from monitor.judge.tracker import VerdictUpdate
+
 __all__ = ["AuditLog", "audit_record"]
 
 log = logging.getLogger(__name__)
@@ -38,9 +40,10 @@ def _utc_now() -> str:
 
 
 def audit_record(
-    update: Any, *, event: str, bundle_name: str, bundle_sha256: str, model_name: str,
+    update: VerdictUpdate, *, event: str, bundle_name: str, bundle_sha256: str,
+    model_name: str,
 ) -> dict[str, Any]:
-    """Build one audit record from a `VerdictUpdate`-like object (no activations)."""
+    """Build one audit record from a `VerdictUpdate` (no activations)."""
     return {
         "ts": _utc_now(),
         "event": event,
@@ -48,17 +51,16 @@ def audit_record(
         "detector": update.detector,
         "severity": update.severity,
         "score": float(update.score),
-        "peak_score": float(getattr(update, "peak_score", update.score)),
-        "threshold": (None if update.threshold is None else float(update.threshold)),
-        "position": int(update.crossed_at_position)
-        if update.crossed_at_position is not None else -1,
+        "peak_score": float(update.peak_score),
+        "threshold": float(update.threshold),
+        "position": int(update.crossed_at_position),
         "mode": update.mode,
         "policy_version": update.policy_version,
         "bundle_name": bundle_name,
         "bundle_sha256": bundle_sha256,
         "model_name": model_name,
-        "n_tokens_scored": int(getattr(update, "n_tokens_scored", 0)),
-        "n_tokens_unscored": int(getattr(update, "n_tokens_unscored", 0)),
+        "n_tokens_scored": int(update.n_tokens_scored),
+        "n_tokens_unscored": int(update.n_tokens_unscored),
     }
 
 

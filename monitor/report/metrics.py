@@ -7,13 +7,21 @@ and end counters in `_total`. Labels are bounded: `model_name`, `layer`, `detect
 
 The per-detector request-score histogram has bucket edges at the policy thresholds plus
 a coarse grid; it is recreated when a policy reload changes the thresholds.
+
+Every labelled counter exists from start-up at 0 for every label value it can take:
+each `Reason` (`frames_rejected`, `rows_unscored`), each `FinishReason`
+(`requests_finished`), and each detector x severity x mode of the loaded policy
+(`alerts`, re-created on reload), so `rate()` / `increase()` see the first event.
+
+Values other stages own (tracker and registry counters) are pulled at scrape time
+through `add_pull` callbacks, never copied: the callback reads the owner's counter.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,6 +32,10 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from monitor.constants import MODES, SEVERITIES, FinishReason, Reason
 
 __all__ = ["PREFIX", "SCORE_GRID", "Metrics", "score_buckets"]
 
@@ -39,9 +51,32 @@ _LATENCY_BUCKETS = (
     2.5, 5.0, 10.0,
 )
 
-#: Bounded set of RequestFinished reasons used as a label (anything else is "other").
-FINISH_REASONS = frozenset({"stop", "length", "abort", "error", "stream_closed", "evicted",
-                            "orphaned"})
+
+
+class _PullCollector(Collector):
+    """Unlabelled counters and gauges whose values are read from callbacks at scrape."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: list[tuple[str, str, str, Callable[[], float]]] = []
+
+    def add(self, kind: str, name: str, doc: str, fn: Callable[[], float]) -> None:
+        with self._lock:
+            self._items.append((kind, name, doc, fn))
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            items = list(self._items)
+        for kind, name, doc, fn in items:
+            try:
+                value = float(fn())
+            except Exception:  # a broken source must not break the whole scrape
+                log.exception("metrics: pull source %s failed", name)
+                continue
+            if kind == "counter":
+                yield CounterMetricFamily(name, doc, value=value)
+            else:
+                yield GaugeMetricFamily(name, doc, value=value)
 
 
 def score_buckets(thresholds: Iterable[float]) -> tuple[float, ...]:
@@ -124,8 +159,15 @@ class Metrics:
                                         "because a stream's outbound queue was full.",
                                         registry=r)
         self.build_info = Info(p + "build", "Monitor build.", registry=r)
-        for reason in ("ok", "refused"):
-            self.policy_reloads.labels(result=reason)
+        for result in ("ok", "refused"):
+            self.policy_reloads.labels(result=result)
+        for reason in Reason:
+            self.frames_rejected.labels(reason=reason.value)
+            self.rows_unscored.labels(reason=reason.value)
+        for fin in FinishReason:
+            self.requests_finished.labels(model_name=model_name, reason=fin.value)
+        self._pull = _PullCollector()
+        r.register(self._pull)
         self._lock = threading.Lock()
         self._score_buckets: tuple[float, ...] = ()
         self.request_score: Histogram | None = None
@@ -164,23 +206,34 @@ class Metrics:
         self.bundle_info.clear()
         self.bundle_info.labels(bundle=name, sha256=sha256, model_name=model_name).set(1)
 
-    def set_policy(self, version: str, sha256: str, thresholds: Iterable[float]) -> None:
-        """Publish the active policy and update the score-histogram bucket edges."""
+    def set_policy(self, version: str, sha256: str, thresholds: Iterable[float],
+                   detectors: Iterable[str] = ()) -> None:
+        """Publish the active policy, update the score-histogram bucket edges and
+        pre-create the alert series of its detectors."""
         self.policy_info.clear()
         self.policy_info.labels(version=version, sha256=sha256).set(1)
         self.set_score_thresholds(thresholds)
+        self.init_alert_series(detectors)
 
     def init_alert_series(self, detectors: Iterable[str]) -> None:
-        """Create `alerts_total` at 0 for every detector x severity x mode, so rules using
-        `increase()` see the first escalation on a fresh sidecar (0 -> 1)."""
-        for d in detectors:
-            for severity in ("warn", "critical"):
-                for mode in ("observe", "alert", "block"):
-                    self.alerts.labels(detector=d, severity=severity, mode=mode)
+        """Create `alerts{detector, severity, mode}` at 0 for every detector of the loaded
+        policy (call again on reload: series of new detectors appear at 0, existing
+        ones keep their counts)."""
+        for det in detectors:
+            for sev in SEVERITIES:
+                for mode in MODES:
+                    self.alerts.labels(detector=det, severity=sev, mode=mode)
 
-    def finish_reason(self, reason: str) -> str:
-        """Map a free-text RequestFinished reason onto the bounded label set."""
-        return reason if reason in FINISH_REASONS else "other"
+    def add_pull(self, kind: str, name: str, doc: str, fn: Callable[[], float]) -> None:
+        """Export a value another stage owns, read at scrape time.
+
+        `kind` is "counter" (`name` without `_total`; monotonic) or "gauge"; `name`
+        gets the `safety_monitor_` prefix. `fn` must be cheap and thread-safe to call
+        from the HTTP thread (reading an int attribute is).
+        """
+        if kind not in ("counter", "gauge"):
+            raise ValueError(f"kind: expected counter or gauge, found {kind!r}")
+        self._pull.add(kind, PREFIX + name, doc, fn)
 
     def exposition(self) -> bytes:
         """Text exposition of the registry (what /metrics serves)."""

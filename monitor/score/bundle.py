@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
+from monitor.constants import SCOPES
+
 if TYPE_CHECKING:  # torch is imported where tensor values are read or written
     import torch
 
@@ -70,7 +72,7 @@ MANIFEST = "manifest.json"
 KINDS = ("linear_probe", "sae_latents")
 ACTIVATIONS = ("identity", "relu", "jumprelu")
 NORMALIZE = ("none", "layer_norm")
-TOKEN_SCOPES = ("prompt", "generated", "both")
+TOKEN_SCOPES = SCOPES  # a detector's token scope is a policy scope
 THRESHOLD_KEYS = ("warn", "critical")
 
 #: safetensors dtypes accepted in a bundle (all upcast / cast to float32 on load).

@@ -1,28 +1,28 @@
-"""The sidecar server: gRPC service (`service.py`), scoring queue + worker (`pipeline.py`),
-process wiring, signals and shutdown (`app.py`)."""
+"""The sidecar server: request lifecycle (`registry.py`), gRPC service (`service.py`),
+scoring queue + worker (`pipeline.py`), settings (`config.py`), process wiring, signals,
+reload and shutdown (`app.py`)."""
 
 from monitor.server.app import (
-    HOOK_NAME_TEMPLATE,
     MonitorApp,
-    ServerConfig,
     StartupError,
     build_app,
     capture_plan,
     run_server,
     serve,
 )
-from monitor.server.pipeline import Pipeline, QueueFull, verdict_message
+from monitor.server.config import ServerConfig
+from monitor.server.pipeline import Pipeline, QueueFull
+from monitor.server.registry import RequestRegistry
 
 __all__ = [
-    "HOOK_NAME_TEMPLATE",
     "MonitorApp",
     "Pipeline",
     "QueueFull",
+    "RequestRegistry",
     "ServerConfig",
     "StartupError",
     "build_app",
     "capture_plan",
     "run_server",
     "serve",
-    "verdict_message",
 ]

@@ -24,9 +24,10 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import queue
 import signal
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -34,28 +35,35 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import monitor
+from monitor.constants import HOOK_NAME_TEMPLATE, Reason
+from monitor.judge.policy import Policy
+from monitor.judge.reload import PolicyHolder
+from monitor.judge.tracker import RequestTracker
 from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
-from monitor.report.sinks import AlertContext, AlertDispatcher, AlertSinksConfig, make_dispatcher
+from monitor.report.sinks import AlertContext, AlertDispatcher, make_dispatcher
+from monitor.report.verdicts import Reporter
+from monitor.score.backend import FrameScorer
+from monitor.score.bundle import Bundle
 from monitor.server.access import (
-    AccessConfig,
     AccessError,
     TokenInterceptor,
     bind,
     load_token,
     server_credentials,
 )
-from monitor.server.handlers import RpcLimits, add_monitor_service
+from monitor.server.config import ServerConfig
+from monitor.server.handlers import add_monitor_service
 from monitor.server.pipeline import Pipeline
-from monitor.server.service import AdminService, MonitorService, StreamHandle
+from monitor.server.registry import RequestRegistry
+from monitor.server.service import AdminService, FrameLimits, MonitorService
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 
-__all__ = ["HOOK_NAME_TEMPLATE", "MonitorApp", "ServerConfig", "StartupError", "build_app",
-           "capture_plan", "run_server"]
+__all__ = ["MonitorApp", "ServerConfig", "StartupError", "build_app", "capture_plan",
+           "run_server", "serve"]
 
 log = logging.getLogger(__name__)
 
-HOOK_NAME_TEMPLATE = "blocks.{layer}.hook_resid_post"
 MONITOR_SERVICE = monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name
 
 
@@ -63,71 +71,14 @@ class StartupError(Exception):
     """The server cannot start (broken bundle, policy, address...); one-line message."""
 
 
-@dataclass
-class ServerConfig:
-    """Server settings (CLI flags of `safety-monitor serve`). Sizes in bytes / rows."""
-
-    bundle: str
-    policy: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9464  # negative: no /metrics HTTP server
-    audit_log: str | None = None
-    audit_finals: bool = False
-    queue_rows: int = 65536
-    max_batch_rows: int = 4096
-    max_frame_bytes: int = 64 << 20
-    grpc_max_message_bytes: int | None = None  # default 2 * max_frame_bytes + 1 MiB
-    compute_dtype: str = "fp32"
-    max_requests: int = 100_000
-    policy_watch_s: float = 1.0  # 0 disables the file watcher
-    grace_s: float = 5.0
-    torch_threads: int = 0  # torch intra-op threads for the scorer; 0: torch's default
-    # scorer backend: "torch", "onnxruntime" (bundle's ONNX graphs; torch never imported)
-    # or "auto" (start-up micro-benchmark on this CPU; see monitor/score/backend.py)
-    backend: str = "torch"
-    onnx_threads: int = 0  # onnxruntime intra-op threads per layer session; 0: its default
-    orphan_grace_s: float = 30.0  # a broken stream's requests wait this long to be adopted
-    access: AccessConfig = field(default_factory=AccessConfig)  # TLS, token, Admin address
-    limits: RpcLimits = field(default_factory=RpcLimits)  # concurrent Stream / Score calls
-    audit_stdout: bool = False  # also write audit lines to stdout (k8s log collectors)
-    # alert delivery (monitor/report/sinks): see AlertSinksConfig for each setting
-    alertmanager_urls: tuple[str, ...] = ()
-    webhook_url: str | None = None
-    webhook_secret_file: str | None = None  # else env SAFETY_MONITOR_WEBHOOK_SECRET
-    alert_spool_dir: str | None = None  # durable spool; None: in memory (lost at exit)
-    alert_spool_max_bytes: int = 64 << 20
-    alert_timeout_s: float = 5.0
-    alert_resend_s: float = 60.0
-    alert_resolve_s: float = 300.0
-    runbook_url: str = ""
-
-    def alert_sinks(self) -> AlertSinksConfig:
-        """The alert-delivery part of the settings."""
-        return AlertSinksConfig(
-            alertmanager_urls=tuple(self.alertmanager_urls), webhook_url=self.webhook_url,
-            webhook_secret_file=self.webhook_secret_file, spool_dir=self.alert_spool_dir,
-            spool_max_bytes=self.alert_spool_max_bytes, timeout_s=self.alert_timeout_s,
-            resend_s=self.alert_resend_s, resolve_after_s=self.alert_resolve_s,
-            runbook_url=self.runbook_url)
-
-    @property
-    def grpc_limit(self) -> int:
-        """The gRPC max receive message length actually used, in bytes."""
-        if self.grpc_max_message_bytes is not None:
-            return int(self.grpc_max_message_bytes)
-        return min(2 * self.max_frame_bytes + (1 << 20), 2**31 - 1)
-
-
-def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Any, scorer: Any,
-                 max_frame_bytes: int) -> monitor_pb2.CapturePlan:
+def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy,
+                 scorer: FrameScorer, max_frame_bytes: int) -> monitor_pb2.CapturePlan:
     """The capture plan: layers with a detector the policy judges, token kinds from scopes.
 
     `plan_id` is a short hash of everything a client's capture depends on.
     """
     layers: list[int] = []
-    kinds: set[int] = set()
+    kinds: set[monitor_pb2.TokenKind.ValueType] = set()
     for layer in scorer.layers:
         judged = [d for d in scorer.detectors_on(layer) if d in policy.detectors]
         if not judged:
@@ -149,16 +100,48 @@ def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Any, s
     )
 
 
-def _thresholds(policy: Any) -> list[float]:
+def _thresholds(policy: Policy) -> list[float]:
     return [v for d in policy.detectors.values() for _, v in d.thresholds]
 
 
-class MonitorApp:
-    """Everything the servicers share: bundle, scorer, policy, pipeline, metrics, audit."""
+class _DaemonExecutor:
+    """A one-thread executor whose thread is a daemon: a task stuck forever (a reload
+    reading a FIFO, a hung filesystem) never keeps the process from exiting."""
 
-    def __init__(self, config: ServerConfig, bundle: Any, scorer: Any, policy: Any,
-                 holder: Any, metrics: Metrics, audit: AuditLog, pipeline: Pipeline,
-                 alerts: AlertDispatcher) -> None:
+    def __init__(self, name: str) -> None:
+        self._q: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
+        self._q = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fn, fut = self._q.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._q.put((fn, fut))
+        return fut
+
+
+class MonitorApp:
+    """The process: bundle, scorer, policy, pipeline, metrics, audit, the Monitor service
+    and the one policy-reload path.
+
+    Policy reload (file watch, SIGHUP, `Admin.ReloadPolicy`) always goes through
+    `reload_policy`, under one lock, on the `policy-reload` daemon thread: never on the
+    frame-decoding pool or the event loop, and a reload that hangs cannot stop SIGTERM.
+    """
+
+    def __init__(self, config: ServerConfig, bundle: Bundle, scorer: FrameScorer,
+                 policy: Policy, holder: PolicyHolder | None, metrics: Metrics,
+                 audit: AuditLog, pipeline: Pipeline, alerts: AlertDispatcher) -> None:
         self.config = config
         self.alerts = alerts
         self.bundle = bundle
@@ -168,22 +151,25 @@ class MonitorApp:
         self.audit = audit
         self.pipeline = pipeline
         self.model_name: str = bundle.model_name
-        self.d_model: int = int(bundle.d_model)
-        self.layers: frozenset[int] = frozenset(int(x) for x in scorer.layers)
-        self.streams: set[StreamHandle] = set()
-        self.score_executor = concurrent.futures.ThreadPoolExecutor(1, "score-rpc")
         self._policy = policy
         self._plan_lock = threading.Lock()
         self._plan = self._make_plan(policy)
         self._reload_lock = threading.Lock()
+        self._reload_executor = _DaemonExecutor("policy-reload")
+        self.service = MonitorService(
+            pipeline=pipeline, scorer=scorer,
+            limits=FrameLimits(model=bundle.model_name, d_model=int(bundle.d_model),
+                               layers=frozenset(int(x) for x in scorer.layers),
+                               max_frame_bytes=config.max_frame_bytes),
+            plan=self.plan, metrics=metrics, max_hello_id_bytes=config.max_request_id_bytes)
 
     @property
-    def policy(self) -> Any:
+    def policy(self) -> Policy:
         """The active policy."""
         return self._policy
 
-    def _make_plan(self, policy: Any) -> monitor_pb2.CapturePlan:
-        return capture_plan(model=self.model_name, d_model=self.d_model,
+    def _make_plan(self, policy: Policy) -> monitor_pb2.CapturePlan:
+        return capture_plan(model=self.model_name, d_model=int(self.bundle.d_model),
                             bundle_sha256=self.bundle.sha256, policy=policy,
                             scorer=self.scorer, max_frame_bytes=self.config.max_frame_bytes)
 
@@ -192,7 +178,7 @@ class MonitorApp:
         with self._plan_lock:
             return self._plan
 
-    def apply_policy(self, policy: Any) -> None:
+    def apply_policy(self, policy: Policy) -> None:
         """Install a validated policy: tracker (in queue order), plan, metrics."""
         self._policy = policy
         self.pipeline.set_policy(policy)
@@ -200,26 +186,38 @@ class MonitorApp:
             old = self._plan.plan_id
             self._plan = self._make_plan(policy)
             new = self._plan.plan_id
-        self.metrics.set_policy(policy.version, policy.sha256, _thresholds(policy))
-        self.metrics.init_alert_series(policy.detectors)
+        self.metrics.set_policy(policy.version, policy.sha256, _thresholds(policy),
+                                policy.detectors)
         log.info("policy %s active (%d detectors); plan %s%s", policy.version,
                  len(policy.detectors), new, "" if new == old else f" (was {old})")
 
-    def reload_policy(self, trigger: str) -> tuple[bool, str]:
-        """Reload the policy file (watcher, SIGHUP or Admin RPC); counted in metrics."""
+    def reload_policy(self, trigger: str, *, only_if_changed: bool = False
+                      ) -> tuple[bool, str] | None:
+        """The one reload path (file watch, SIGHUP, Admin RPC); counted in metrics.
+
+        `only_if_changed` (the watcher): do nothing and return None unless the file's
+        content differs from the last one attempted. Call it through `submit_reload`
+        from anywhere that must not block."""
         with self._reload_lock:
             if self.holder is None:
+                if only_if_changed:
+                    return None
                 msg = "no --policy file: the server judges with the bundle defaults"
                 self.metrics.policy_reloads.labels(result="refused").inc()
                 log.error("policy reload (%s) refused: %s", trigger, msg)
                 return False, msg
-            ok, msg = self.holder.reload()
-            self._count_reload(trigger, ok, msg)
-            return ok, msg
+            result = self.holder.poll() if only_if_changed else self.holder.reload()
+            if result is not None:
+                ok, msg = result
+                self.metrics.policy_reloads.labels(result="ok" if ok else "refused").inc()
+                (log.info if ok else log.error)("policy reload (%s): %s", trigger, msg)
+            return result
 
-    def _count_reload(self, trigger: str, ok: bool, msg: str) -> None:
-        self.metrics.policy_reloads.labels(result="ok" if ok else "refused").inc()
-        (log.info if ok else log.error)("policy reload (%s): %s", trigger, msg)
+    def submit_reload(self, trigger: str, *, only_if_changed: bool = False
+                      ) -> concurrent.futures.Future[tuple[bool, str] | None]:
+        """Run `reload_policy` on the policy-reload thread; returns its future."""
+        return self._reload_executor.submit(
+            lambda: self.reload_policy(trigger, only_if_changed=only_if_changed))
 
     def watch_policy(self, stop: threading.Event) -> threading.Thread | None:
         """Poll the policy file every `policy_watch_s` seconds (content hash)."""
@@ -229,10 +227,7 @@ class MonitorApp:
         def run() -> None:
             while not stop.wait(self.config.policy_watch_s):
                 try:
-                    with self._reload_lock:
-                        result = self.holder.poll()
-                        if result is not None:
-                            self._count_reload("file_watch", *result)
+                    self.submit_reload("file_watch", only_if_changed=True).result()
                 except Exception:
                     log.exception("policy watcher failed (continuing)")
 
@@ -248,8 +243,9 @@ def _backend_version(backend: str) -> str:
     return str(importlib.import_module(backend).__version__)
 
 
-def _load_policy(config: ServerConfig, bundle: Any, on_change: Any) -> tuple[Any, Any]:
-    from monitor.judge import PolicyError, PolicyHolder, check_policy, default_policy
+def _load_policy(config: ServerConfig, bundle: Bundle,
+                 on_change: Callable[[Policy], None]) -> tuple[Policy, PolicyHolder | None]:
+    from monitor.judge import PolicyError, check_policy, default_policy
 
     if config.policy is None:
         policy = default_policy(bundle.detectors)
@@ -266,12 +262,11 @@ def _load_policy(config: ServerConfig, bundle: Any, on_change: Any) -> tuple[Any
 
 
 def build_app(config: ServerConfig) -> MonitorApp:
-    """Load bundle, scorer, policy; create metrics, audit log and pipeline.
+    """Load bundle, scorer, policy; create metrics, audit log, registry and pipeline.
 
     Raises:
         StartupError: one-line reason (bundle / policy / audit path / settings).
     """
-    from monitor.judge import RequestTracker
     from monitor.score import BundleError
     from monitor.score.backend import load_scorer
 
@@ -280,6 +275,14 @@ def build_app(config: ServerConfig) -> MonitorApp:
     if config.grpc_limit <= config.max_frame_bytes:
         raise StartupError(f"--grpc-max-message-bytes ({config.grpc_limit}) must exceed "
                            f"--max-frame-bytes ({config.max_frame_bytes})")
+    try:
+        registry = RequestRegistry(
+            max_requests=config.max_requests,
+            max_request_id_bytes=config.max_request_id_bytes,
+            closed_ids_bytes=config.closed_ids_bytes, orphan_grace_s=config.orphan_grace_s,
+            idle_ttl_s=config.idle_ttl_s)
+    except ValueError as e:
+        raise StartupError(str(e)) from None
     try:
         loaded = load_scorer(config.bundle, config.backend,
                              compute_dtype=config.compute_dtype, threads=config.torch_threads,
@@ -301,8 +304,7 @@ def build_app(config: ServerConfig) -> MonitorApp:
                              "backend_version": _backend_version(loaded.backend),
                              "grpc": grpc.__version__})
     metrics.set_bundle(bundle.name, bundle.sha256, bundle.model_name)
-    metrics.set_policy(policy.version, policy.sha256, _thresholds(policy))
-    metrics.init_alert_series(policy.detectors)
+    metrics.set_policy(policy.version, policy.sha256, _thresholds(policy), policy.detectors)
     try:
         audit = AuditLog(config.audit_log, on_failure=metrics.audit_write_failures.inc,
                          include_finals=config.audit_finals, stdout=config.audit_stdout)
@@ -316,17 +318,52 @@ def build_app(config: ServerConfig) -> MonitorApp:
         raise StartupError(f"alert delivery: {e}") from None
     except OSError as e:
         raise StartupError(f"alert delivery: {e.filename}: {e.strerror or e}") from None
-    tracker = RequestTracker(policy, max_requests=config.max_requests)
-    pipeline = Pipeline(scorer, tracker, policy, metrics, audit, bundle_name=bundle.name,
-                        bundle_sha256=bundle.sha256, model_name=bundle.model_name,
-                        capacity_rows=config.queue_rows, max_batch_rows=config.max_batch_rows,
-                        orphan_grace_s=config.orphan_grace_s, alerts=alerts)
+    tracker = RequestTracker(policy)
+    reporter = Reporter(metrics, audit, bundle_name=bundle.name, bundle_sha256=bundle.sha256,
+                        model_name=bundle.model_name, alerts=alerts)
+    pipeline = Pipeline(scorer, tracker, registry, policy, metrics, reporter,
+                        model_name=bundle.model_name, capacity_rows=config.queue_rows,
+                        max_batch_rows=config.max_batch_rows,
+                        sweep_interval_s=_sweep_interval(config))
+    _export_counters(metrics, tracker, registry)
     app = MonitorApp(config, bundle, scorer, policy, holder, metrics, audit, pipeline, alerts)
     app_ref.append(app)
     log.info("bundle %s (%s, sha256 %s): model %s, d_model %d, layers %s, detectors %s",
              bundle.name, config.bundle, bundle.sha256[:12], bundle.model_name, bundle.d_model,
              list(scorer.layers), [d.name for d in bundle.detectors])
     return app
+
+
+def _sweep_interval(config: ServerConfig) -> float:
+    """Sweeper period: a quarter of the shortest timer, between 0.05 s and 1 s."""
+    timers = [t for t in (config.orphan_grace_s, config.idle_ttl_s) if t > 0]
+    return min(1.0, max(0.05, min(timers, default=4.0) / 4))
+
+
+def _export_counters(metrics: Metrics, tracker: RequestTracker,
+                     registry: RequestRegistry) -> None:
+    """Tracker and registry counters on /metrics, read from their owners at scrape."""
+    metrics.add_pull("counter", "tracker_duplicate_tokens",
+                     "Tokens the tracker dropped at already-judged positions (per detector).",
+                     lambda: tracker.duplicates_dropped)
+    metrics.add_pull("counter", "nonfinite_scores",
+                     "Scores that were NaN/inf (tokens counted as unscored).",
+                     lambda: tracker.nonfinite_scores)
+    metrics.add_pull("counter", "tracker_unknown_finished",
+                     "Finishes for requests the tracker had no state for.",
+                     lambda: tracker.unknown_finished)
+    metrics.add_pull("counter", "requests_evicted",
+                     "Live requests evicted to stay under --max-requests (finished with "
+                     "reason evicted).", lambda: registry.stats().evicted)
+    metrics.add_pull("gauge", "orphaned_requests",
+                     "Requests whose stream broke, waiting for a reconnecting client.",
+                     lambda: registry.stats().orphaned)
+    metrics.add_pull("gauge", "closed_ids",
+                     "Finished request ids remembered (late frames for them are refused).",
+                     lambda: registry.stats().closed_ids)
+    metrics.add_pull("gauge", "closed_ids_bytes",
+                     "Memory charged to the remembered finished request ids.",
+                     lambda: registry.stats().closed_ids_bytes)
 
 
 def _bind(server: grpc.aio.Server, host: str, port: int, creds: grpc.ServerCredentials | None,
@@ -352,20 +389,22 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
         ("grpc.so_reuseport", 0),
     ]
     try:
-        token = load_token(cfg.access)
-        creds = server_credentials(cfg.access)
-    except AccessError as e:
+        access = cfg.access()
+        token = load_token(access)
+        creds = server_credentials(access)
+        limits = cfg.rpc_limits()
+    except (AccessError, ValueError) as e:
         raise StartupError(str(e)) from None
 
     def refused(reason: str) -> None:
         app.metrics.frames_rejected.labels(reason=reason).inc()
 
-    interceptors = ([TokenInterceptor(token, lambda: refused("unauthenticated"))]
+    interceptors = ([TokenInterceptor(token, lambda: refused(Reason.UNAUTHENTICATED.value))]
                     if token is not None else [])
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    svc = MonitorService(app)
+    svc = app.service
     add_monitor_service(server, stream=svc.Stream, score=svc.Score, plan=svc.GetCapturePlan,
-                        limits=cfg.limits, on_refused=refused)
+                        limits=limits, on_refused=refused)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -373,11 +412,11 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     port = _bind(server, cfg.host, cfg.port, creds, "")
     admin: grpc.aio.Server | None = None
     admin_port = -1
-    if cfg.access.admin_enabled:  # Admin only on its own address, never on the data port
+    if access.admin_enabled:  # Admin only on its own address, never on the data port
         admin = grpc.aio.server(options=options, interceptors=interceptors)
         monitor_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(app.reload_policy, lambda: app.policy.version), admin)
-        admin_port = _bind(admin, cfg.access.admin_host, cfg.access.admin_port, creds, "admin ")
+            AdminService(app.submit_reload, lambda: app.policy.version), admin)
+        admin_port = _bind(admin, access.admin_host, access.admin_port, creds, "admin ")
     if cfg.metrics_port >= 0:
         try:
             app.metrics.serve(cfg.metrics_host, cfg.metrics_port)
@@ -402,8 +441,7 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
             pass
     if hasattr(signal, "SIGHUP"):
         try:
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(
-                None, app.reload_policy, "sighup"))
+            loop.add_signal_handler(signal.SIGHUP, lambda: app.submit_reload("sighup"))
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
     for w in app.alerts.workers:
@@ -411,28 +449,28 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
                  "disk" if w.spool.durable else "memory")
     log.info("serving monitor.v1 on %s:%d (%s, %s; grpc limit %d bytes, max frame %d "
              "bytes); admin %s; metrics on %s", cfg.host, port,
-             ("mTLS" if cfg.access.client_ca else "TLS") if creds else "plaintext",
+             ("mTLS" if access.client_ca else "TLS") if creds else "plaintext",
              "bearer token required" if token is not None else "no token",
              limit, cfg.max_frame_bytes,
-             f"on {cfg.access.admin_host}:{admin_port}" if admin is not None else "off",
+             f"on {access.admin_host}:{admin_port}" if admin is not None else "off",
              f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics"
              if cfg.metrics_port >= 0 else "off")
     if ready is not None:
         ready.set()
     await stop.wait()
     log.info("shutting down: draining (grace %.1f s)", cfg.grace_s)
+    deadline = loop.time() + cfg.grace_s
     await health_servicer.enter_graceful_shutdown()
     stop_watch.set()
     # end open streams: their readers finish open requests into the queue
-    for h in list(app.streams):
-        h.post(None)
+    app.service.end_streams()
     if admin is not None:
         await admin.stop(0)
-    await server.stop(cfg.grace_s)
-    drained = await asyncio.to_thread(app.pipeline.stop, max(cfg.grace_s, 30.0))
+    await server.stop(max(0.0, deadline - loop.time()) * 0.5)
+    drained = await asyncio.to_thread(app.pipeline.stop, max(0.1, deadline - loop.time()))
     await asyncio.to_thread(app.alerts.stop)
     app.audit.close()
-    app.score_executor.shutdown(wait=False)
+    app.service.shutdown()
     log.info("stopped (%s)", "queue drained" if drained else "queue NOT drained")
     if app.audit.failures or app.alerts.lost:
         log.error("exiting with status 3: %d audit lines not written, %d alert events lost",

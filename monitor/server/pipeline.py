@@ -1,21 +1,26 @@
-"""Bounded scoring queue and the single scoring worker thread.
+"""Bounded scoring queue, the single scoring worker thread and the registry sweeper.
 
-Stream readers (asyncio, one per gRPC stream) validate frames and `submit_frame` them;
-the worker thread takes a contiguous run of queued frames (up to `max_batch_rows`
-rows), groups them by layer, makes ONE `Scorer.score` call per layer, splits the
-scores back per request span and feeds the `RequestTracker`. VerdictUpdates go back
-to the stream that owns the request through `StreamSink.post` (thread-safe), escalations
-to the audit log and the alert counter, final scores to the score histogram.
+Stream readers (asyncio, one per gRPC stream) validate frames, admit their requests in
+the `RequestRegistry` and `submit_frame` them; the worker thread takes a contiguous
+run of queued frames (up to `max_batch_rows` rows), groups them by layer, makes ONE
+`Scorer.score` call per layer, splits the scores back per request span and feeds the
+`RequestTracker`. VerdictUpdates go back to the stream that owns the request through
+`StreamSink.post` (thread-safe); the `Reporter` counts and audits them.
 
-Ordering: everything a stream sends goes through the same FIFO queue, so a
-`RequestFinished` is processed after that request's frames, and a stream's end marker
-after all of its items. The tracker is touched only by the worker thread (it is not
-thread-safe): unscored-row accounting and policy swaps are queued as control items.
+Ordering: everything a stream sends goes through the same FIFO queue, so a request's
+finish is processed after its frames, and a stream's end marker after all of its items.
+
+Thread rules: the tracker is touched only by the worker thread (it is not
+thread-safe): unscored-row accounting, finals and policy swaps are queued as control
+items. The registry has its own lock (see `monitor.server.registry` for who calls
+what). The sweeper thread wakes every `sweep_interval_s`, independent of traffic, and
+queues the finals of orphans past their grace and of idle requests.
 
 Bounds: frames occupy `capacity_rows` rows of the queue until scored; a frame that does
 not fit is shed explicitly (`QueueFull`: the caller sends StreamError RESOURCE_EXHAUSTED
 "queue_full", counts it and its rows are recorded as unscored). Memory held by queued
 activations is at most `capacity_rows * d_model * itemsize` bytes (plus one frame).
+Control items are small and bounded by the registry (one finish per request).
 """
 
 from __future__ import annotations
@@ -23,54 +28,31 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import numpy as np
 
-from monitor.report.audit import AuditLog, audit_record
+from monitor.constants import FinishReason, Reason, RequestKey
+from monitor.judge.policy import DetectorPolicy, Policy
+from monitor.judge.tracker import RequestTracker, VerdictUpdate
 from monitor.report.metrics import Metrics
-from monitor.report.sinks import AlertDispatcher
+from monitor.report.verdicts import Reporter, verdict_message
+from monitor.score.backend import FrameScorer
+from monitor.server.registry import Admission, Closing, RequestRegistry, StreamSink
 from monitor.v1 import monitor_pb2
 from monitor.wire.codec import DecodedFrame
 
-__all__ = ["Pipeline", "QueueFull", "StreamSink", "verdict_message"]
+__all__ = ["Pipeline", "QueueFull", "StreamSink"]
 
 log = logging.getLogger(__name__)
 
-_SEVERITY_ENUM = {
-    "none": monitor_pb2.SEVERITY_NONE,
-    "warn": monitor_pb2.SEVERITY_WARN,
-    "critical": monitor_pb2.SEVERITY_CRITICAL,
-}
-
-
-class StreamSink(Protocol):
-    """The outbound side of one stream; `post` must be callable from any thread."""
-
-    name: str
-
-    def post(self, msg: monitor_pb2.ServerMessage | None) -> None:
-        """Queue a message for the client; None marks the end of the stream."""
+_INTERNAL = 13  # grpc.StatusCode.INTERNAL
 
 
 class QueueFull(Exception):
     """The scoring queue has no room for the frame (RESOURCE_EXHAUSTED, queue_full)."""
-
-
-def verdict_message(u: Any) -> monitor_pb2.ServerMessage:
-    """Convert a `VerdictUpdate` into a `ServerMessage(verdict=...)`."""
-    return monitor_pb2.ServerMessage(verdict=monitor_pb2.Verdict(
-        request_id=u.request_id, detector=u.detector, score=float(u.score),
-        severity=_SEVERITY_ENUM.get(u.severity, monitor_pb2.SEVERITY_NONE),
-        threshold=float(u.threshold or 0.0),
-        crossed_at_position=int(-1 if u.crossed_at_position is None else u.crossed_at_position),
-        final=bool(u.final), mode=u.mode, policy_version=u.policy_version,
-        n_tokens_scored=int(u.n_tokens_scored), n_tokens_unscored=int(u.n_tokens_unscored),
-        peak_score=float(u.peak_score),
-    ))
 
 
 # ---------------------------------------------------------------------- queue items
@@ -80,20 +62,19 @@ def verdict_message(u: Any) -> monitor_pb2.ServerMessage:
 class _FrameItem:
     sink: StreamSink
     frame: DecodedFrame
+    keys: tuple[RequestKey | None, ...]  # one per span; None: span refused, not judged
     t_recv: float  # time.perf_counter() at receive
     rows: int
 
 
 @dataclass
 class _FinishItem:
-    sink: StreamSink | None  # None: the request's stream is gone (orphan), nobody to tell
-    request_id: str
-    reason: str
+    closing: Closing
 
 
 @dataclass
 class _UnscoredItem:
-    request_id: str
+    key: RequestKey
     layer: int | None  # None: every detector
     positions: np.ndarray
     generated: np.ndarray
@@ -101,7 +82,7 @@ class _UnscoredItem:
 
 @dataclass
 class _PolicyItem:
-    policy: Any
+    policy: Policy
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -110,94 +91,78 @@ class _EndItem:
     sink: StreamSink
 
 
-@dataclass
-class _Req:
-    owner: StreamSink | None  # None while orphaned (its stream broke; a new one may adopt it)
-    orphaned_at: float | None = None  # time.monotonic() when orphaned
-    closing: bool = False  # RequestFinished accepted; the worker has not finished it yet
-    hwm: dict[int, int] = field(default_factory=dict)  # layer -> highest position scored
+_Item = _FrameItem | _FinishItem | _UnscoredItem | _PolicyItem | _EndItem
 
 
 class Pipeline:
-    """The scoring queue + worker.
+    """The scoring queue + worker + registry sweeper.
 
     Args:
-        scorer: `monitor.score.Scorer` (`.layers`, `.detectors_on(layer)`, `.score`).
-        tracker: `monitor.judge.RequestTracker` (owned by the worker thread).
+        scorer: the bundle's scorer (torch or onnxruntime backend).
+        tracker: the `RequestTracker` (owned by the worker thread).
+        registry: the `RequestRegistry` (request lifecycle).
         policy: the initial `Policy`.
         metrics: the `Metrics` object.
-        audit: the `AuditLog`.
-        bundle_name, bundle_sha256, model_name: carried into audit lines.
+        reporter: the `Reporter` (alert counter, audit lines, score histogram).
+        model_name: the `model_name` label.
         capacity_rows: queue capacity in rows (activation memory bound).
         max_batch_rows: most rows per scorer call.
-        max_closed: how many finished request ids are remembered (late-frame detection).
-        orphan_grace_s: how long the requests of a broken stream wait for a reconnecting
-            client to carry them on before they are finished with reason "orphaned".
-        alerts: alert delivery (Alertmanager / webhook); escalations are handed to it
-            without blocking. None: no delivery.
+        sweep_interval_s: how often the sweeper closes expired orphans / idle requests.
     """
 
     def __init__(
         self,
-        scorer: Any,
-        tracker: Any,
-        policy: Any,
+        scorer: FrameScorer,
+        tracker: RequestTracker,
+        registry: RequestRegistry,
+        policy: Policy,
         metrics: Metrics,
-        audit: AuditLog,
+        reporter: Reporter,
         *,
-        bundle_name: str,
-        bundle_sha256: str,
         model_name: str,
         capacity_rows: int = 65536,
         max_batch_rows: int = 4096,
-        max_closed: int = 100_000,
-        orphan_grace_s: float = 30.0,
-        alerts: AlertDispatcher | None = None,
+        sweep_interval_s: float = 0.5,
     ) -> None:
         if capacity_rows < 1 or max_batch_rows < 1:
             raise ValueError("capacity_rows and max_batch_rows must be >= 1")
         self.scorer = scorer
         self.tracker = tracker
+        self.registry = registry
         self.metrics = metrics
-        self.audit = audit
-        self.alerts = alerts
-        self.bundle_name = bundle_name
-        self.bundle_sha256 = bundle_sha256
+        self.reporter = reporter
         self.model_name = model_name
         self.capacity_rows = int(capacity_rows)
         self.max_batch_rows = int(max_batch_rows)
-        self.max_closed = int(max_closed)
-        self.orphan_grace_s = float(orphan_grace_s)
+        self.sweep_interval_s = float(sweep_interval_s)
         self._policy = policy
-        self._judged = self._judged_map(policy)
+        self._judged: dict[str, DetectorPolicy] = dict(policy.detectors)  # worker only
         self._cond = threading.Condition()
-        self._items: deque[Any] = deque()
+        self._items: deque[_Item] = deque()
         self._rows_queued = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # request registry (reader threads + worker): owner stream, closed ids
-        self._reg_lock = threading.Lock()
-        self._requests: dict[str, _Req] = {}
-        self._closed: OrderedDict[str, None] = OrderedDict()
-        self._tracker_evicted = 0
+        self._sweeper: threading.Thread | None = None
+        self._stop_sweeper = threading.Event()
         metrics.queue_capacity.set(self.capacity_rows)
         metrics.queue_depth.set(0)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the scoring worker thread."""
+        """Start the scoring worker and the sweeper threads."""
         self._thread = threading.Thread(target=self._run, name="scoring-worker", daemon=True)
         self._thread.start()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="registry-sweeper",
+                                         daemon=True)
+        self._sweeper.start()
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Finish orphans, drain the queue and stop the worker; True if it finished within
         `timeout` s."""
-        with self._reg_lock:
-            orphans = [rid for rid, r in self._requests.items()
-                       if r.owner is None and not r.closing]
-        for rid in orphans:  # shutting down: nobody will reconnect to this process
-            self.submit_finish(None, rid, "orphaned")
+        self._stop_sweeper.set()
+        # shutting down: nobody will reconnect to this process
+        self._queue_finals(self.registry.close_orphans())
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -216,73 +181,63 @@ class Pipeline:
         return self._rows_queued
 
     @property
-    def policy(self) -> Any:
+    def policy(self) -> Policy:
         """The policy the pipeline judges with (latest submitted)."""
         return self._policy
 
-    # ------------------------------------------------------------------ registry
+    # ------------------------------------------------------------------ requests
 
-    def request_state(self, request_id: str) -> str:
-        """'live', 'closed' (finished / evicted recently) or 'unknown'."""
-        with self._reg_lock:
-            r = self._requests.get(request_id)
-            if r is not None and not r.closing:
-                return "live"
-            if r is not None or request_id in self._closed:
-                return "closed"
-            return "unknown"
+    def admit(self, key: RequestKey, sink: StreamSink) -> Admission:
+        """Rows of `key` arrived on `sink`'s stream (see `RequestRegistry.admit`);
+        requests evicted to make room get their finals queued here."""
+        adm, evicted = self.registry.admit(key, sink)
+        if adm is Admission.ADOPTED:
+            self.metrics.requests_reattached.inc()
+        if evicted:
+            log.warning("%d request(s) evicted to stay under --max-requests %d",
+                        len(evicted), self.registry.max_requests)
+            self._queue_finals(evicted)
+        return adm
 
-    def register(self, request_id: str, sink: StreamSink) -> bool:
-        """Record `sink` as owner of `request_id` if new or orphaned; False if it is closed."""
-        with self._reg_lock:
-            r = self._requests.get(request_id)
-            if r is not None:
-                if r.owner is None and not r.closing:  # a reconnected client carries on
-                    r.owner, r.orphaned_at = sink, None
-                    self.metrics.requests_reattached.inc()
-                return not r.closing
-            if request_id in self._closed:
-                return False
-            self._requests[request_id] = _Req(owner=sink)
-            return True
+    def finish(self, key: RequestKey, sink: StreamSink | None, reason: FinishReason) -> bool:
+        """Close `key` (owned by `sink`) now and queue its finals; False if it is not
+        live on that stream (nothing queued)."""
+        closing = self.registry.finish(key, sink, reason)
+        if closing is None:
+            return False
+        self._queue_finals([closing])
+        return True
 
-    def owned_by(self, sink: StreamSink) -> list[str]:
-        """Live request ids owned by `sink`."""
-        with self._reg_lock:
-            return [rid for rid, r in self._requests.items()
-                    if r.owner is sink and not r.closing]
+    def release(self, sink: StreamSink, reason: FinishReason) -> int:
+        """Finish every live request `sink` owns; returns how many."""
+        keys = self.registry.owned_by(sink)
+        return sum(self.finish(k, sink, reason) for k in keys)
 
     def orphan(self, sink: StreamSink) -> int:
-        """The stream of `sink` broke: keep its live requests for `orphan_grace_s` so a
-        reconnecting client can carry them on (`register` adopts them); return how many."""
-        now = time.monotonic()
-        with self._reg_lock:
-            owned = [r for r in self._requests.values() if r.owner is sink and not r.closing]
-            for r in owned:
-                r.owner, r.orphaned_at = None, now
-        return len(owned)
+        """`sink`'s stream broke: keep its requests for adoption (`RequestRegistry.orphan`)."""
+        return self.registry.orphan(sink)
 
-    def _sweep_orphans(self) -> None:
-        """Finish orphans nobody adopted within the grace period (reason "orphaned")."""
-        cutoff = time.monotonic() - self.orphan_grace_s
-        with self._reg_lock:
-            expired = [rid for rid, r in self._requests.items() if r.owner is None
-                       and r.orphaned_at is not None and r.orphaned_at <= cutoff]
-        for rid in expired:
-            self.submit_finish(None, rid, "orphaned")
+    def _queue_finals(self, closings: Sequence[Closing]) -> None:
+        for c in closings:
+            self._put(_FinishItem(c))
 
-    def _close_id(self, request_id: str, *, drop: bool = True) -> None:
-        # caller holds _reg_lock
-        if drop:
-            self._requests.pop(request_id, None)
-        self._closed[request_id] = None
-        self._closed.move_to_end(request_id)
-        while len(self._closed) > self.max_closed:
-            self._closed.popitem(last=False)
+    def _sweep_loop(self) -> None:
+        while not self._stop_sweeper.wait(self.sweep_interval_s):
+            try:
+                closings = self.registry.sweep()
+                if closings:
+                    self._queue_finals(closings)
+                self._publish_registry()
+            except Exception:  # the sweeper must never die
+                log.exception("registry sweeper: unexpected error (continuing)")
+
+    def _publish_registry(self) -> None:
+        st = self.registry.stats()
+        self.metrics.active_requests.set(st.live)
 
     # ------------------------------------------------------------------ submission
 
-    def _put(self, item: Any, rows: int = 0) -> None:
+    def _put(self, item: _Item, rows: int = 0) -> None:
         with self._cond:
             if rows:
                 if self._rows_queued + rows > self.capacity_rows:
@@ -295,35 +250,27 @@ class Pipeline:
             self._items.append(item)
             self._cond.notify()
 
-    def submit_frame(self, sink: StreamSink, frame: DecodedFrame, t_recv: float) -> None:
-        """Queue a validated frame; raises `QueueFull` when it does not fit."""
-        self._put(_FrameItem(sink, frame, t_recv, frame.n_rows), rows=frame.n_rows)
-
-    def submit_finish(self, sink: StreamSink | None, request_id: str, reason: str) -> bool:
-        """Close `request_id` now (late frames are refused) and queue its final verdicts.
-
-        Returns False (nothing queued) when the id is not live.
-        """
-        with self._reg_lock:
-            r = self._requests.get(request_id)
-            if r is None or r.closing:
-                return False
-            r.closing = True
-            self._close_id(request_id, drop=False)
-        self._put(_FinishItem(sink, request_id, reason))
-        return True
+    def submit_frame(self, sink: StreamSink, frame: DecodedFrame,
+                     keys: tuple[RequestKey | None, ...], t_recv: float) -> None:
+        """Queue a validated frame; `keys` holds one admitted request key per span (None
+        for a refused span, whose rows are not judged). Raises `QueueFull` when it does
+        not fit."""
+        if len(keys) != len(frame.request_ids):
+            raise ValueError(f"keys: expected {len(frame.request_ids)} (one per span), "
+                             f"found {len(keys)}")
+        self._put(_FrameItem(sink, frame, keys, t_recv, frame.n_rows), rows=frame.n_rows)
 
     def submit_unscored(
-        self, request_id: str, layer: int | None, positions: np.ndarray, generated: np.ndarray,
+        self, key: RequestKey, layer: int | None, positions: np.ndarray, generated: np.ndarray,
     ) -> None:
-        """Record rows of a live request that arrived but will not be scored."""
-        self._put(_UnscoredItem(request_id, layer, positions, generated))
+        """Record rows of an admitted request that arrived but will not be scored."""
+        self._put(_UnscoredItem(key, layer, positions, generated))
 
     def submit_end(self, sink: StreamSink) -> None:
         """Queue the end marker of a stream: `sink.post(None)` after its last item."""
         self._put(_EndItem(sink))
 
-    def set_policy(self, policy: Any, wait: float | None = None) -> None:
+    def set_policy(self, policy: Policy, wait: float | None = None) -> None:
         """Swap the policy at this point of the queue (the worker applies it in order)."""
         item = _PolicyItem(policy)
         self._policy = policy
@@ -333,27 +280,21 @@ class Pipeline:
 
     # ------------------------------------------------------------------ worker
 
-    @staticmethod
-    def _judged_map(policy: Any) -> dict[str, Any]:
-        return dict(policy.detectors)
-
-    def _take(self) -> list[Any] | None:
+    def _take(self) -> list[_Item] | None:
         """Block for the next unit of work: a run of frames or one control item."""
         with self._cond:
-            if not self._items:
+            while not self._items:
                 if self._stopping:
                     return None
-                self._cond.wait(0.5)
-                if not self._items:
-                    return []  # idle: the worker sweeps orphans
+                self._cond.wait()
             head = self._items[0]
             if not isinstance(head, _FrameItem):
                 return [self._items.popleft()]
-            batch = [self._items.popleft()]
+            batch: list[_Item] = [self._items.popleft()]
             rows = head.rows
-            while self._items and isinstance(self._items[0], _FrameItem):
+            while self._items:
                 nxt = self._items[0]
-                if rows + nxt.rows > self.max_batch_rows:
+                if not isinstance(nxt, _FrameItem) or rows + nxt.rows > self.max_batch_rows:
                     break
                 batch.append(self._items.popleft())
                 rows += nxt.rows
@@ -371,66 +312,49 @@ class Pipeline:
             work = self._take()
             if work is None:
                 break
+            frames = [it for it in work if isinstance(it, _FrameItem)]
             try:
-                if not work:
-                    self._sweep_orphans()
-                elif isinstance(work[0], _FrameItem):
+                if frames:
                     try:
-                        self._score_frames(work)
+                        self._score_frames(frames)
                     finally:
-                        self._release(sum(it.rows for it in work))
+                        self._release(sum(it.rows for it in frames))
                 else:
                     self._control(work[0])
             except Exception:  # the worker must never die
                 log.exception("scoring worker: unexpected error (continuing)")
-            self._sync_tracker_state()
         log.info("scoring worker stopped")
 
-    def _control(self, item: Any) -> None:
+    def _control(self, item: _Item) -> None:
         if isinstance(item, _FinishItem):
-            self._finish(item)
+            self._finish(item.closing)
         elif isinstance(item, _UnscoredItem):
             dets: Sequence[str | None]
             if item.layer is None:
                 dets = [None]
             else:
                 dets = [d for d in self.scorer.detectors_on(item.layer) if d in self._judged]
+            if dets and not self.registry.is_open(item.key):
+                return  # closed before its unscored rows came up: the final was sent
             for d in dets:
-                self.tracker.mark_unscored(item.request_id, d, item.positions, item.generated)
+                self.tracker.mark_unscored(item.key, d, item.positions, item.generated)
         elif isinstance(item, _PolicyItem):
             self.tracker.set_policy(item.policy)
-            self._judged = self._judged_map(item.policy)
+            self._judged = dict(item.policy.detectors)
             item.done.set()
         elif isinstance(item, _EndItem):
             item.sink.post(None)
 
-    def _finish(self, item: _FinishItem) -> None:
-        owner = self._owner(item.request_id) or item.sink  # None: nobody left to tell
-        with self._reg_lock:
-            self._requests.pop(item.request_id, None)
-        updates = self.tracker.finish(item.request_id)
-        self.metrics.requests_finished.labels(
-            model_name=self.model_name, reason=self.metrics.finish_reason(item.reason)).inc()
+    def _finish(self, c: Closing) -> None:
+        updates = self.tracker.finish(c.key, known=True)
+        self.registry.retire(c.key)
+        self.metrics.requests_finished.labels(model_name=self.model_name,
+                                              reason=c.reason.value).inc()
         for u in updates:
-            self.metrics.observe_request_score(u.detector, u.score)
-            if self.audit.include_finals:
-                self.audit.write(audit_record(
-                    u, event="final", bundle_name=self.bundle_name,
-                    bundle_sha256=self.bundle_sha256, model_name=self.model_name))
-            if owner is not None:
-                owner.post(verdict_message(u))
-
-    def _sync_tracker_state(self) -> None:
-        """Mirror tracker evictions into the registry; update the active-requests gauge."""
-        evicted = getattr(self.tracker, "evicted", 0)
-        if evicted != self._tracker_evicted:
-            self._tracker_evicted = evicted
-            with self._reg_lock:
-                for rid in [r for r in self._requests if not self.tracker.is_live(r)
-                            and self.tracker.is_finished(r)]:
-                    self._close_id(rid)
-                    log.warning("request %s evicted from the tracker (max requests)", rid)
-        self.metrics.active_requests.set(len(self._requests))
+            self.reporter.final(u)
+            if c.owner is not None:
+                c.owner.post(verdict_message(u))
+        self._publish_registry()
 
     def _score_frames(self, items: list[_FrameItem]) -> None:
         by_layer: dict[int, list[_FrameItem]] = {}
@@ -453,7 +377,7 @@ class Pipeline:
         except Exception as exc:
             log.exception("scorer failed on layer %d (%d rows)", layer, x.shape[0])
             for it in group:
-                self._unscored_frame(it, "scorer_error", f"scorer failed: {exc}")
+                self._unscored_frame(it, cols, f"scorer failed: {exc}")
             return
         t1 = time.perf_counter()
         n = int(x.shape[0])
@@ -462,63 +386,47 @@ class Pipeline:
         self.metrics.rows_scored.labels(model_name=self.model_name, layer=str(layer)).inc(n)
         row0 = 0
         n_dup = 0
+        n_late = 0
         for it in group:
             f = it.frame
             fs = scores[row0:row0 + f.n_rows]
             row0 += f.n_rows
             self.metrics.frame_latency.observe(t1 - it.t_recv)
-            for (a, b), rid in zip(f.span_bounds, f.request_ids, strict=True):
+            for (a, b), key in zip(f.span_bounds, it.keys, strict=True):
+                if key is None:
+                    continue  # refused at admission (counted there)
+                if not self.registry.is_open(key):
+                    n_late += b - a  # evicted between admission and scoring
+                    continue
                 # rows at positions already scored on this layer are recomputes
                 # (preemption): skip them, count them
-                with self._reg_lock:
-                    req = self._requests.get(rid)
-                pos = f.positions[a:b]
-                if req is not None:
-                    hwm = req.hwm.get(layer, -1)
-                    if pos.size and int(pos[0]) <= hwm:
-                        # positions of a span are contiguous: the recomputed ones are a prefix
-                        d = min(int(pos.size), hwm - int(pos[0]) + 1)
-                        n_dup += d
-                        a += d
-                        if a >= b:
-                            continue
-                        pos = f.positions[a:b]
-                    req.hwm[layer] = max(hwm, int(pos[-1]))
+                d = self.registry.trim_recomputed(key, layer, f.positions[a:b])
+                n_dup += d
+                a += d
+                if a >= b:
+                    continue
                 for j, det in cols:
-                    ups = self.tracker.observe(rid, det, pos, f.generated[a:b], fs[a:b, j])
+                    ups = self.tracker.observe(key, det, f.positions[a:b], f.generated[a:b],
+                                               fs[a:b, j])
                     for u in ups:
                         self._handle_update(u, it.sink)
         if n_dup:
             self.metrics.duplicate_rows.inc(n_dup)
+        if n_late:
+            self.metrics.rows_unscored.labels(reason=Reason.UNKNOWN_REQUEST.value).inc(n_late)
 
-    def _unscored_frame(self, it: _FrameItem, reason: str, message: str) -> None:
+    def _unscored_frame(self, it: _FrameItem, cols: list[tuple[int, str]],
+                        message: str) -> None:
         f = it.frame
-        self.metrics.rows_unscored.labels(reason=reason).inc(f.n_rows)
-        for d in self.scorer.detectors_on(f.layer):
-            if d not in self._judged:
+        self.metrics.rows_unscored.labels(reason=Reason.SCORER_ERROR.value).inc(f.n_rows)
+        for (a, b), key in zip(f.span_bounds, it.keys, strict=True):
+            if key is None or not self.registry.is_open(key):
                 continue
-            for (a, b), rid in zip(f.span_bounds, f.request_ids, strict=True):
-                self.tracker.mark_unscored(rid, d, f.positions[a:b], f.generated[a:b])
+            for _, d in cols:
+                self.tracker.mark_unscored(key, d, f.positions[a:b], f.generated[a:b])
         it.sink.post(monitor_pb2.ServerMessage(error=monitor_pb2.StreamError(
-            code=13, reason=reason, message=message, seq=f.seq)))
+            code=_INTERNAL, reason=Reason.SCORER_ERROR.value, message=message, seq=f.seq)))
 
-    def _handle_update(self, u: Any, sink: StreamSink) -> None:
-        if u.escalated and u.severity != "none":
-            event = "would_alert" if u.mode == "observe" else "alert"
-            self.metrics.alerts.labels(detector=u.detector, severity=u.severity,
-                                       mode=u.mode).inc()
-            self.audit.write(audit_record(
-                u, event=event, bundle_name=self.bundle_name,
-                bundle_sha256=self.bundle_sha256, model_name=self.model_name))
-            if self.alerts is not None:
-                self.alerts.escalation(u, getattr(u, "correlation_id", ""))
-            log.info("%s: request=%s detector=%s severity=%s score=%.3f position=%d",
-                    event, u.request_id, u.detector, u.severity, u.score,
-                    u.crossed_at_position)
-        owner = self._owner(u.request_id) or sink
-        owner.post(verdict_message(u))
-
-    def _owner(self, request_id: str) -> StreamSink | None:
-        with self._reg_lock:
-            r = self._requests.get(request_id)
-            return None if r is None else r.owner
+    def _handle_update(self, u: VerdictUpdate, sink: StreamSink) -> None:
+        self.reporter.escalation(u)
+        sink.post(verdict_message(u))

@@ -20,30 +20,33 @@ RESOURCE_EXHAUSTED (gRPC's own behaviour, it cannot be answered in-stream).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
+from monitor.constants import FinishReason, Reason, RequestKey
+from monitor.report.metrics import Metrics
+from monitor.score.backend import FrameScorer
 from monitor.server.handlers import Undecodable
+from monitor.server.pipeline import Pipeline, QueueFull
+from monitor.server.registry import Admission
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
-from monitor.wire.codec import FrameError, check_request_id, check_seq, decode_frame
+from monitor.wire.codec import DecodedFrame, FrameError, check_seq, decode_frame
 
-if TYPE_CHECKING:
-    from monitor.server.app import MonitorApp
-
-__all__ = ["AdminService", "MonitorService", "StreamHandle"]
+__all__ = ["AdminService", "FrameLimits", "MonitorService", "StreamHandle"]
 
 log = logging.getLogger(__name__)
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]  # 3
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]  # 8
 _FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]  # 9
-#: Frames with a payload above this are decoded off the event loop (a worker thread).
+#: Frames with a payload above this are decoded off the event loop (the decode pool).
 _OFFLOAD_BYTES = 1 << 20
 _stream_ids = itertools.count(1)
 #: Largest increase of a ClientStats counter accepted in one message: far above what a
@@ -55,6 +58,23 @@ _MAX_STATS_BYTES = 1 << 44
 #: How long the end of a request stream waits for a racing cancellation (seconds).
 _CANCEL_SETTLE_S = 0.2
 
+#: Why a span was refused, per admission outcome.
+_REFUSED: dict[Admission, tuple[Reason, str]] = {
+    Admission.CLOSED: (Reason.UNKNOWN_REQUEST, "already finished"),
+    Admission.NOT_OWNER: (Reason.NOT_OWNER, "live on another stream of this client"),
+    Admission.TOO_LONG: (Reason.REQUEST_ID_TOO_LONG, "longer than the request id limit"),
+}
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """What every frame is validated against (`decode_frame` arguments)."""
+
+    model: str  # the served model name frames must carry
+    d_model: int  # row width
+    layers: frozenset[int]  # layers the bundle reads
+    max_frame_bytes: int  # largest payload answered in-stream ("oversized" above)
+
 
 class StreamHandle:
     """Outbound side of one Stream call; `post` is safe from any thread.
@@ -64,7 +84,7 @@ class StreamHandle:
     growing server memory.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Any, peer: str,
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics, peer: str,
                  max_pending: int = 65536) -> None:
         self.name = f"stream-{next(_stream_ids)}({peer})"
         self.loop = loop
@@ -72,8 +92,13 @@ class StreamHandle:
         self.queue: asyncio.Queue[monitor_pb2.ServerMessage | None] = asyncio.Queue(max_pending)
         self.closed = False
         self.last_seq = 0
-        self.client_id = ""
+        self.client_id = ""  # ClientHello.client_id: the client half of request keys
+        self.admitted = False  # a request was admitted: the client id is fixed
         self.stats: dict[str, int] = {}
+
+    def key(self, request_id: str) -> RequestKey:
+        """The registry key of `request_id` sent on this stream."""
+        return RequestKey(self.client_id, request_id)
 
     def post(self, msg: monitor_pb2.ServerMessage | None) -> None:
         """Queue `msg` for the client (None ends the call); drops if the stream is gone."""
@@ -103,10 +128,47 @@ class StreamHandle:
 
 
 class MonitorService(monitor_pb2_grpc.MonitorServicer):
-    """The `monitor.v1.Monitor` service over a `MonitorApp`."""
+    """The `monitor.v1.Monitor` service.
 
-    def __init__(self, app: MonitorApp) -> None:
-        self.app = app
+    Args:
+        pipeline: where admitted frames, finishes and coverage gaps go.
+        scorer: the bundle's scorer (the unary `Score` RPC).
+        limits: what frames are validated against.
+        plan: returns the current capture plan.
+        metrics: the server's metrics.
+        max_hello_id_bytes: longest `ClientHello.client_id` accepted.
+    """
+
+    def __init__(self, *, pipeline: Pipeline, scorer: FrameScorer, limits: FrameLimits,
+                 plan: Callable[[], monitor_pb2.CapturePlan], metrics: Metrics,
+                 max_hello_id_bytes: int = 256) -> None:
+        self.pipeline = pipeline
+        self.scorer = scorer
+        self.limits = limits
+        self.plan = plan
+        self.metrics = metrics
+        self.max_hello_id_bytes = int(max_hello_id_bytes)
+        self.streams: set[StreamHandle] = set()
+        #: decodes frames over `_OFFLOAD_BYTES`; nothing else runs here (issue 8 item 6)
+        self.decode_executor = concurrent.futures.ThreadPoolExecutor(2, "frame-decode")
+        self.score_executor = concurrent.futures.ThreadPoolExecutor(1, "score-rpc")
+
+    def end_streams(self) -> None:
+        """Shutdown: end every open stream (their readers finish open requests first)."""
+        for h in list(self.streams):
+            h.post(None)
+
+    def shutdown(self) -> None:
+        """Stop the executors (after the server stopped)."""
+        self.decode_executor.shutdown(wait=False, cancel_futures=True)
+        self.score_executor.shutdown(wait=False, cancel_futures=True)
+
+    def _refuse(self, handle: StreamHandle, code: int, reason: Reason, message: str, *,
+                seq: int = 0, request_id: str = "") -> None:
+        """Count a refusal and tell the client in-stream."""
+        self.metrics.frames_rejected.labels(reason=reason.value).inc()
+        handle.error(code, reason.value, message, seq=seq, request_id=request_id)
+        log.debug("%s: seq %d refused: %s: %s", handle.name, seq, reason.value, message)
 
     # -------------------------------------------------------------------- Stream
 
@@ -114,10 +176,9 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         self, request_iterator: AsyncIterator[monitor_pb2.ClientMessage | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[monitor_pb2.ServerMessage]:
-        app = self.app
-        handle = StreamHandle(asyncio.get_running_loop(), app.metrics, context.peer())
-        app.metrics.active_streams.inc()
-        app.streams.add(handle)
+        handle = StreamHandle(asyncio.get_running_loop(), self.metrics, context.peer())
+        self.metrics.active_streams.inc()
+        self.streams.add(handle)
         log.info("%s: opened", handle.name)
         reader = asyncio.create_task(self._read(request_iterator, handle, context),
                                      name=handle.name)
@@ -136,32 +197,23 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                 except (asyncio.CancelledError, Exception):
                     pass
             self._orphan(handle)  # no-op after a clean half-close (all released)
-            app.streams.discard(handle)
-            app.metrics.active_streams.dec()
+            self.streams.discard(handle)
+            self.metrics.active_streams.dec()
             log.info("%s: closed", handle.name)
 
     def _orphan(self, handle: StreamHandle) -> None:
         """The stream broke: keep its open requests for a reconnecting client."""
-        n = self.app.pipeline.orphan(handle)
+        n = self.pipeline.orphan(handle)
         if n:
             log.info("%s: broke with %d open requests; kept %.0f s for a reconnecting client",
-                     handle.name, n, self.app.pipeline.orphan_grace_s)
-
-    def _release(self, handle: StreamHandle, reason: str) -> None:
-        """Finish every live request the stream owns (final verdicts to audit/metrics)."""
-        owned = self.app.pipeline.owned_by(handle)
-        for rid in owned:
-            self.app.pipeline.submit_finish(handle, rid, reason)
-        if owned:
-            log.info("%s: finished %d open requests (%s)", handle.name, len(owned), reason)
+                     handle.name, n, self.pipeline.registry.orphan_grace_s)
 
     async def _read(self, it: AsyncIterator[monitor_pb2.ClientMessage | Undecodable],
                     handle: StreamHandle, context: grpc.aio.ServicerContext) -> None:
         try:
             async for msg in it:
                 if isinstance(msg, Undecodable):
-                    self.app.metrics.frames_rejected.labels(reason="undecodable").inc()
-                    handle.error(_INVALID, "undecodable",
+                    self._refuse(handle, _INVALID, Reason.UNDECODABLE,
                                  f"ClientMessage: expected a monitor.v1.ClientMessage, found "
                                  f"{msg.nbytes} bytes that do not parse ({msg.error})")
                     continue
@@ -175,8 +227,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                 elif kind == "hello":
                     self._on_hello(msg.hello, handle)
                 else:
-                    self.app.metrics.frames_rejected.labels(reason="empty_message").inc()
-                    handle.error(_INVALID, "empty_message",
+                    self._refuse(handle, _INVALID, Reason.EMPTY_MESSAGE,
                                  "ClientMessage.body: expected hello, frame, finished or "
                                  "stats, found none")
         except asyncio.CancelledError:
@@ -193,20 +244,19 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             if context.cancelled():  # the client vanished: its requests may come back
                 self._orphan(handle)
             else:  # the client half-closed: finish what it left open
-                self._release(handle, "stream_closed")
-        self.app.pipeline.submit_end(handle)
+                n = self.pipeline.release(handle, FinishReason.STREAM_CLOSED)
+                if n:
+                    log.info("%s: finished %d open requests (stream_closed)", handle.name, n)
+        self.pipeline.submit_end(handle)
 
-    def _reject(self, handle: StreamHandle, err: FrameError, seq: int,
-                request_id: str = "") -> None:
-        self.app.metrics.frames_rejected.labels(reason=err.reason).inc()
-        handle.error(err.code.value[0], err.reason, err.message, seq=seq, request_id=request_id)
-        log.debug("%s: seq %d refused: %s: %s", handle.name, seq, err.reason, err.message)
+    def _reject(self, handle: StreamHandle, err: FrameError, seq: int) -> None:
+        self._refuse(handle, err.code.value[0], Reason(err.reason), err.message, seq=seq)
 
     async def _on_frame(self, frame: monitor_pb2.ActivationFrame, handle: StreamHandle) -> None:
-        app = self.app
         t_recv = time.perf_counter()
-        m = app.metrics
-        m.frames_received.labels(model_name=app.model_name).inc()
+        m = self.metrics
+        lim = self.limits
+        m.frames_received.labels(model_name=lim.model).inc()
         seq = int(frame.seq)
         try:
             missing = check_seq(handle.last_seq, seq)
@@ -216,74 +266,97 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         if missing:
             m.frames_missing.inc(missing)
         handle.last_seq = seq
-        kwargs = dict(model=app.model_name, d_model=app.d_model, layers=app.layers,
-                      max_frame_bytes=app.config.max_frame_bytes)
         try:
             if len(frame.data) > _OFFLOAD_BYTES:
-                f = await asyncio.to_thread(decode_frame, frame, **kwargs)
+                f = await asyncio.get_running_loop().run_in_executor(
+                    self.decode_executor, self._decode, frame)
             else:
-                f = decode_frame(frame, **kwargs)
+                f = self._decode(frame)
         except FrameError as err:
             self._reject(handle, err, seq)
             if err.rows is not None:
                 self._unscored_rows(handle, frame.layer, err.rows.request_ids,
                                     err.rows.span_bounds, err.rows.positions,
-                                    err.rows.generated, err.reason)
+                                    err.rows.generated, Reason(err.reason))
             return
-        m.bytes_received.labels(model_name=app.model_name).inc(f.nbytes)
-        # late frames: any span of a finished request refuses the whole frame
-        late = [rid for rid in dict.fromkeys(f.request_ids)
-                if app.pipeline.request_state(rid) == "closed"]
-        if late:
-            err = FrameError(grpc.StatusCode.INVALID_ARGUMENT, "unknown_request",
-                             f"spans.request_id: {late[0]!r} already finished "
-                             f"({len(late)} finished request(s) in the frame)")
-            self._reject(handle, err, seq, request_id=late[0])
-            m.rows_unscored.labels(reason="unknown_request").inc(f.n_rows)
+        m.bytes_received.labels(model_name=lim.model).inc(f.nbytes)
+        keys = self._admit_spans(handle, f, seq)
+        if not any(k is not None for k in keys):
             return
-        for rid in dict.fromkeys(f.request_ids):
-            app.pipeline.register(rid, handle)
         try:
-            app.pipeline.submit_frame(handle, f, t_recv)
-        except Exception as exc:  # QueueFull
-            err = FrameError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue_full", str(exc))
-            self._reject(handle, err, seq)
-            self._unscored_rows(handle, f.layer, f.request_ids, f.span_bounds, f.positions,
-                                f.generated, "queue_full")
+            self.pipeline.submit_frame(handle, f, keys, t_recv)
+        except QueueFull as exc:
+            self._reject(handle, FrameError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                            Reason.QUEUE_FULL.value, str(exc)), seq)
+            m.rows_unscored.labels(reason=Reason.QUEUE_FULL.value).inc(f.n_rows)
+            for (a, b), key in zip(f.span_bounds, keys, strict=True):
+                if key is not None and f.layer in self.limits.layers:
+                    self.pipeline.submit_unscored(key, f.layer, f.positions[a:b],
+                                                  f.generated[a:b])
+
+    def _decode(self, frame: monitor_pb2.ActivationFrame) -> DecodedFrame:
+        lim = self.limits
+        return decode_frame(frame, model=lim.model, d_model=lim.d_model, layers=lim.layers,
+                            max_frame_bytes=lim.max_frame_bytes)
+
+    def _admit_spans(self, handle: StreamHandle, f: DecodedFrame, seq: int
+                     ) -> tuple[RequestKey | None, ...]:
+        """Admit each span's request; a refused span is answered and counted on its own
+        (its rows unscored), the other spans of the frame are still judged."""
+        admitted: dict[str, RequestKey | None] = {}
+        refused: dict[str, Reason] = {}
+        for rid in dict.fromkeys(f.request_ids):
+            key = handle.key(rid)
+            adm = self.pipeline.admit(key, handle)
+            if adm.accepted:
+                handle.admitted = True
+                admitted[rid] = key
+                continue
+            admitted[rid] = None
+            reason, what = _REFUSED[adm]
+            refused[rid] = reason
+            shown = rid if adm is not Admission.TOO_LONG else rid[:64] + "..."
+            self._refuse(handle, _INVALID, reason,
+                         f"spans.request_id: {shown!r} is {what}", seq=seq,
+                         request_id=shown)
+        if refused:
+            for (a, b), rid in zip(f.span_bounds, f.request_ids, strict=True):
+                if rid in refused:
+                    self.metrics.rows_unscored.labels(reason=refused[rid].value).inc(b - a)
+        return tuple(admitted[rid] for rid in f.request_ids)
 
     def _unscored_rows(self, handle: StreamHandle, layer: int, request_ids: tuple[str, ...],
                        bounds: tuple[tuple[int, int], ...], positions: np.ndarray,
-                       generated: np.ndarray, reason: str) -> None:
+                       generated: np.ndarray, reason: Reason) -> None:
         """Account rows that arrived but will not be scored (metric + tracker coverage)."""
-        self.app.metrics.rows_unscored.labels(reason=reason).inc(int(positions.size))
-        lay = layer if layer in self.app.layers else None
-        if lay is None:
+        self.metrics.rows_unscored.labels(reason=reason.value).inc(int(positions.size))
+        if layer not in self.limits.layers:
             return  # no detector reads this layer: nothing lost
         for (a, b), rid in zip(bounds, request_ids, strict=True):
-            if self.app.pipeline.register(rid, handle):
-                self.app.pipeline.submit_unscored(rid, lay, positions[a:b], generated[a:b])
+            key = handle.key(rid)
+            if self.pipeline.admit(key, handle).accepted:
+                handle.admitted = True
+                self.pipeline.submit_unscored(key, layer, positions[a:b], generated[a:b])
 
     def _on_finished(self, fin: monitor_pb2.RequestFinished, handle: StreamHandle) -> None:
         rid = fin.request_id
-        try:
-            check_request_id(rid, "finished.request_id")
-        except FrameError as err:
-            self._reject(handle, err, 0)
-            return
-        if not self.app.pipeline.submit_finish(handle, rid, fin.reason):
-            state = self.app.pipeline.request_state(rid)
-            what = "already finished" if state == "closed" else "never seen on this server"
-            self.app.metrics.frames_rejected.labels(reason="unknown_request").inc()
-            handle.error(_INVALID, "unknown_request",
-                         f"finished.request_id: {rid!r} is {what}", request_id=rid)
+        key = handle.key(rid)
+        if not self.pipeline.finish(key, handle, FinishReason.label(fin.reason)):
+            state = self.pipeline.registry.state(key)
+            what = {"closed": "already finished",
+                    "live": "live on another stream of this client"}.get(
+                        state, "never seen on this server")
+            reason = Reason.NOT_OWNER if state == "live" else Reason.UNKNOWN_REQUEST
+            self._refuse(handle, _INVALID, reason, f"finished.request_id: {rid!r} is {what}",
+                         request_id=rid)
             return
         if fin.n_cached_prompt_tokens:
             # prefix-cached prompt tokens ran no forward pass: explicit coverage gap
-            self.app.metrics.rows_unscored.labels(reason="prefix_cached").inc(
+            self.metrics.rows_unscored.labels(reason=Reason.PREFIX_CACHED.value).inc(
                 fin.n_cached_prompt_tokens)
 
     def _on_stats(self, st: monitor_pb2.ClientStats, handle: StreamHandle) -> None:
-        m = self.app.metrics
+        m = self.metrics
         fields = (
             ("dropped_frames", st.dropped_frames, m.client_dropped_frames, _MAX_STATS_FRAMES),
             ("dropped_rows", st.dropped_rows, m.client_dropped_rows, _MAX_STATS_ROWS),
@@ -295,8 +368,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             prev = handle.stats.get(name, 0)
             delta = value - prev if value >= prev else value  # a smaller value: client reset
             if delta > cap:  # one message must not poison a 64-bit counter
-                self.app.metrics.frames_rejected.labels(reason="bad_stats").inc()
-                handle.error(_INVALID, "bad_stats",
+                self._refuse(handle, _INVALID, Reason.BAD_STATS,
                              f"stats.{name}: expected an increase of at most {cap} per "
                              f"message, found {delta} (from {prev} to {value})")
                 return
@@ -307,16 +379,25 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             handle.stats[name] = value
 
     def _on_hello(self, hello: monitor_pb2.ClientHello, handle: StreamHandle) -> None:
-        handle.client_id = hello.client_id
-        log.info("%s: hello from %r (model %r, plan %r)", handle.name, hello.client_id,
-                 hello.model, hello.plan_id)
-        if hello.model and hello.model != self.app.model_name:
-            self.app.metrics.frames_rejected.labels(reason="model_mismatch").inc()
-            handle.error(_INVALID, "model_mismatch",
-                         f"hello.model: expected {self.app.model_name!r}, found {hello.model!r}")
-        elif hello.plan_id and hello.plan_id != self.app.plan().plan_id:
-            handle.error(_FAILED_PRECONDITION, "plan_changed",
-                         f"hello.plan_id: current plan is {self.app.plan().plan_id!r}, "
+        log.info("%s: hello from %r (model %r, plan %r)", handle.name, hello.client_id[:64],
+                 hello.model[:64], hello.plan_id[:64])
+        if len(hello.client_id.encode()) > self.max_hello_id_bytes:
+            self._refuse(handle, _INVALID, Reason.BAD_HELLO,
+                         f"hello.client_id: expected at most {self.max_hello_id_bytes} "
+                         f"bytes, found {len(hello.client_id.encode())}")
+        elif handle.admitted and hello.client_id != handle.client_id:
+            self._refuse(handle, _INVALID, Reason.BAD_HELLO,
+                         "hello.client_id: expected the hello before any frame (the client "
+                         "id names this stream's requests), found it after")
+        else:
+            handle.client_id = hello.client_id
+        if hello.model and hello.model != self.limits.model:
+            self._refuse(handle, _INVALID, Reason.MODEL_MISMATCH,
+                         f"hello.model: expected {self.limits.model!r}, found "
+                         f"{hello.model!r}")
+        elif hello.plan_id and hello.plan_id != self.plan().plan_id:
+            self._refuse(handle, _FAILED_PRECONDITION, Reason.PLAN_CHANGED,
+                         f"hello.plan_id: current plan is {self.plan().plan_id!r}, "
                          f"found {hello.plan_id!r}; call GetCapturePlan")
 
     # -------------------------------------------------------------------- unary
@@ -324,30 +405,30 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
     async def GetCapturePlan(
         self, request: monitor_pb2.GetCapturePlanRequest, context: grpc.aio.ServicerContext,
     ) -> monitor_pb2.CapturePlan:
-        return self.app.plan()
+        return self.plan()
 
     async def Score(
         self, request: monitor_pb2.ScoreRequest | Undecodable,
         context: grpc.aio.ServicerContext,
     ) -> monitor_pb2.ScoreResponse:
-        app = self.app
+        lim = self.limits
         if isinstance(request, Undecodable):
-            app.metrics.frames_rejected.labels(reason="undecodable").inc()
+            self.metrics.frames_rejected.labels(reason=Reason.UNDECODABLE.value).inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"undecodable: ScoreRequest: {request.nbytes} bytes that do "
                                 f"not parse ({request.error})")
             raise AssertionError("unreachable")
         try:
-            f = decode_frame(request.frame, model=app.model_name, d_model=app.d_model,
-                             layers=app.layers, max_frame_bytes=app.config.max_frame_bytes,
+            f = decode_frame(request.frame, model=lim.model, d_model=lim.d_model,
+                             layers=lim.layers, max_frame_bytes=lim.max_frame_bytes,
                              require_spans=False)
         except FrameError as err:
-            app.metrics.frames_rejected.labels(reason=err.reason).inc()
+            self.metrics.frames_rejected.labels(reason=err.reason).inc()
             await context.abort(err.code, f"{err.reason}: {err.message}")
             raise AssertionError("unreachable") from None
         scores = await asyncio.get_running_loop().run_in_executor(
-            app.score_executor, app.scorer.score, f.layer, f.x)
-        dets = app.scorer.detectors_on(f.layer)
+            self.score_executor, self.scorer.score, f.layer, f.x)
+        dets = self.scorer.detectors_on(f.layer)
         return monitor_pb2.ScoreResponse(detectors=[
             monitor_pb2.TokenScores(detector=d, scores=scores[:, j].tolist())
             for j, d in enumerate(dets)
@@ -355,15 +436,23 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
 
 
 class AdminService(monitor_pb2_grpc.AdminServicer):
-    """`monitor.v1.Admin`: policy reload on demand."""
+    """`monitor.v1.Admin`: policy reload on demand.
 
-    def __init__(self, reload: Callable[[str], tuple[bool, str]], version: Callable[[], str]):
+    Args:
+        reload: submits a reload (trigger name) to the app's reload thread; its future
+            yields `(ok, message)`.
+        version: returns the active policy version.
+    """
+
+    def __init__(self, reload: Callable[[str], concurrent.futures.Future[tuple[bool, str] | None]],
+                 version: Callable[[], str]) -> None:
         self._reload = reload
         self._version = version
 
     async def ReloadPolicy(
         self, request: monitor_pb2.ReloadPolicyRequest, context: grpc.aio.ServicerContext,
     ) -> monitor_pb2.ReloadPolicyResponse:
-        ok, message = await asyncio.to_thread(self._reload, "admin_rpc")
+        result = await asyncio.wrap_future(self._reload("admin_rpc"))
+        ok, message = result if result is not None else (True, "unchanged")
         return monitor_pb2.ReloadPolicyResponse(ok=ok, policy_version=self._version(),
                                                 message=message)

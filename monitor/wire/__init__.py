@@ -3,7 +3,6 @@
 from monitor.wire.codec import (
     DTYPE_ITEMSIZE,
     MAX_CORRELATION_ID_BYTES,
-    MAX_REQUEST_ID_BYTES,
     MAX_SEQ_GAP,
     MAX_SPANS_PER_FRAME,
     REASONS,
@@ -11,7 +10,6 @@ from monitor.wire.codec import (
     FrameError,
     RowMeta,
     Span,
-    check_request_id,
     check_seq,
     decode_frame,
     encode_frame,
@@ -21,7 +19,6 @@ from monitor.wire.codec import (
 __all__ = [
     "DTYPE_ITEMSIZE",
     "MAX_CORRELATION_ID_BYTES",
-    "MAX_REQUEST_ID_BYTES",
     "MAX_SEQ_GAP",
     "MAX_SPANS_PER_FRAME",
     "REASONS",
@@ -29,7 +26,6 @@ __all__ = [
     "FrameError",
     "RowMeta",
     "Span",
-    "check_request_id",
     "check_seq",
     "decode_frame",
     "encode_frame",

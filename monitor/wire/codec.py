@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from monitor.constants import Reason
 from monitor.v1 import monitor_pb2
 
 if TYPE_CHECKING:  # the sidecar decodes without torch; encode_frame accepts tensors too
@@ -26,7 +27,6 @@ if TYPE_CHECKING:  # the sidecar decodes without torch; encode_frame accepts ten
 __all__ = [
     "DTYPE_ITEMSIZE",
     "MAX_CORRELATION_ID_BYTES",
-    "MAX_REQUEST_ID_BYTES",
     "MAX_SEQ_GAP",
     "MAX_SPANS_PER_FRAME",
     "REASONS",
@@ -35,7 +35,6 @@ __all__ = [
     "RowMeta",
     "Span",
     "bf16_bits_to_f32",
-    "check_request_id",
     "check_seq",
     "decode_frame",
     "encode_frame",
@@ -43,34 +42,11 @@ __all__ = [
     "parse_spans",
 ]
 
-#: Stable frame / stream error reasons (the metric label `reason`).
-REASONS: tuple[str, ...] = (
-    "model_mismatch",
-    "unknown_layer",
-    "dtype_unspecified",
-    "bad_shape",
-    "d_model_mismatch",
-    "byte_length_mismatch",
-    "bad_spans",
-    "too_many_spans",
-    "request_id_too_long",
-    "non_finite",
-    "oversized",
-    "out_of_order",
-    "seq_gap_too_large",
-    "bad_stats",
-    "undecodable",
-    "too_many_streams",
-    "score_busy",
-    "unknown_request",
-    "queue_full",
-)
+#: Stable error reasons (the metric label `reason`): one enum for the whole sidecar.
+REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
 
 #: Default limits of `decode_frame` (the server passes its configured values).
 MAX_SPANS_PER_FRAME = 4096
-#: Longest accepted `RowSpan.request_id` / `RequestFinished.request_id`, in UTF-8 bytes.
-#: vLLM's engine ids are ~40 bytes ("chatcmpl-<uuid>-<n>"); 256 leaves room for prefixes.
-MAX_REQUEST_ID_BYTES = 256
 #: Longest accepted `RowSpan.correlation_id` (a label), in UTF-8 bytes.
 MAX_CORRELATION_ID_BYTES = 256
 #: Largest accepted jump of `ActivationFrame.seq` (frames the client says it skipped).
@@ -212,20 +188,9 @@ def _utf8_len(s: str) -> int:
     return len(s.encode("utf-8", "surrogatepass"))
 
 
-def check_request_id(request_id: str, field_name: str,
-                     max_bytes: int = MAX_REQUEST_ID_BYTES) -> None:
-    """Refuse an empty or over-long request id (`bad_spans` / `request_id_too_long`)."""
-    if not request_id:
-        raise _bad("bad_spans", f"{field_name}: expected a non-empty id, found ''")
-    n = _utf8_len(request_id)
-    if n > max_bytes:
-        raise _bad("request_id_too_long", f"{field_name}: expected at most {max_bytes} "
-                                          f"UTF-8 bytes, found {n}")
-
-
 def parse_spans(
     spans: Sequence[monitor_pb2.RowSpan], n_rows: int, *, require: bool = True,
-    max_spans: int = MAX_SPANS_PER_FRAME, max_request_id_bytes: int = MAX_REQUEST_ID_BYTES,
+    max_spans: int = MAX_SPANS_PER_FRAME,
     max_correlation_id_bytes: int = MAX_CORRELATION_ID_BYTES,
 ) -> RowMeta:
     """Expand `RowSpan`s into per-row arrays.
@@ -239,7 +204,8 @@ def parse_spans(
 
     Raises:
         FrameError: `bad_spans` (empty list, empty id, zero rows, sum != n_rows),
-            `too_many_spans`, `request_id_too_long`.
+            `too_many_spans`, `correlation_id_too_long`. Request-id length is a per-span
+            decision of the request registry (`request_id_too_long`), not a frame refusal.
     """
     if len(spans) == 0:
         if require:
@@ -264,10 +230,11 @@ def parse_spans(
     counts = np.empty(len(spans), dtype=np.int64)
     row = 0
     for i, s in enumerate(spans):
-        check_request_id(s.request_id, f"spans[{i}].request_id", max_request_id_bytes)
+        if not s.request_id:
+            raise _bad("bad_spans", f"spans[{i}].request_id: expected a non-empty id, found ''")
         n_label = _utf8_len(s.correlation_id)
         if n_label > max_correlation_id_bytes:
-            raise _bad("request_id_too_long",
+            raise _bad("correlation_id_too_long",
                        f"spans[{i}].correlation_id: expected at most "
                        f"{max_correlation_id_bytes} UTF-8 bytes, found {n_label}")
         if s.n_rows == 0:
@@ -322,7 +289,6 @@ def decode_frame(
     require_spans: bool = True,
     check_finite: bool = True,
     max_spans: int = MAX_SPANS_PER_FRAME,
-    max_request_id_bytes: int = MAX_REQUEST_ID_BYTES,
     max_correlation_id_bytes: int = MAX_CORRELATION_ID_BYTES,
 ) -> DecodedFrame:
     """Validate `frame` and view its payload as a `[n_rows, d_model]` array.
@@ -345,8 +311,8 @@ def decode_frame(
         require_spans: False lets a frame without spans be one anonymous request.
         check_finite: reject frames with NaN/Inf rows (`non_finite`).
         max_spans: most spans per frame (`too_many_spans`).
-        max_request_id_bytes: longest `RowSpan.request_id` (`request_id_too_long`).
-        max_correlation_id_bytes: longest `RowSpan.correlation_id` (`request_id_too_long`).
+        max_correlation_id_bytes: longest `RowSpan.correlation_id`
+            (`correlation_id_too_long`).
 
     Raises:
         FrameError: with `reason` one of `REASONS`.
@@ -388,7 +354,6 @@ def decode_frame(
         )
     # n_rows <= nbytes / itemsize <= max_frame_bytes / itemsize: safe to allocate per row
     rows = parse_spans(frame.spans, n_rows, require=require_spans, max_spans=max_spans,
-                       max_request_id_bytes=max_request_id_bytes,
                        max_correlation_id_bytes=max_correlation_id_bytes)
     if d != d_model:
         raise _bad("d_model_mismatch", f"shape[1]: expected d_model={d_model}, found {d}", rows)

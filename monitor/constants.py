@@ -1,0 +1,132 @@
+"""Vocabulary shared by every stage: scopes, severities, modes, hook names, reasons.
+
+One definition per word, imported everywhere (policy parser, bundle loader, tracker,
+pipeline, metrics, probes); no stage spells these strings on its own.
+
+- Scopes say which tokens a detector judges: ``prompt``, ``generated`` or ``both``.
+- Severities are ordered ``none < warn < critical`` (proto ``Severity`` values).
+- Modes: ``observe`` (record would-alert only), ``alert``, ``block`` (enforcement).
+- :class:`Reason` is the stable ``reason`` label of every refusal and every unscored
+  row (``frames_rejected_total``, ``rows_unscored_total``, in-stream ``StreamError``).
+- :class:`FinishReason` is the bounded label of ``requests_finished_total``: the
+  client's own ``RequestFinished.reason`` when it is one of vLLM's, otherwise what the
+  sidecar decided (``stream_closed``, ``orphaned``, ``idle``, ``evicted``) or ``other``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import NamedTuple
+
+__all__ = [
+    "CORRELATION_KEY",
+    "HOOK_NAME_TEMPLATE",
+    "MODES",
+    "SCOPES",
+    "SEVERITIES",
+    "SEVERITY_RANK",
+    "FinishReason",
+    "Reason",
+    "RequestKey",
+    "hook_name",
+]
+
+#: Token scopes of a detector (policy ``scope``, bundle ``token_scope``).
+SCOPES: tuple[str, ...] = ("prompt", "generated", "both")
+#: Policy modes.
+MODES: tuple[str, ...] = ("observe", "alert", "block")
+#: Severities a policy can set thresholds for, ascending (``none`` is below all).
+SEVERITIES: tuple[str, ...] = ("warn", "critical")
+#: Severity order, equal to the proto ``Severity`` enum values.
+SEVERITY_RANK: dict[str, int] = {"none": 0, "warn": 1, "critical": 2}
+
+#: TransformerLens name of the residual stream after decoder layer ``layer``.
+HOOK_NAME_TEMPLATE = "blocks.{layer}.hook_resid_post"
+
+#: Key of the caller's label in vLLM ``SamplingParams.extra_args`` (``vllm_xargs``).
+CORRELATION_KEY = "correlation_id"
+
+
+def hook_name(layer: int) -> str:
+    """``HOOK_NAME_TEMPLATE`` filled in for ``layer``."""
+    return HOOK_NAME_TEMPLATE.format(layer=int(layer))
+
+
+class Reason(str, Enum):
+    """Why a client message or its rows were refused or left unscored (metric label)."""
+
+    # frame validation (monitor.wire.codec)
+    MODEL_MISMATCH = "model_mismatch"
+    UNKNOWN_LAYER = "unknown_layer"
+    DTYPE_UNSPECIFIED = "dtype_unspecified"
+    BAD_SHAPE = "bad_shape"
+    D_MODEL_MISMATCH = "d_model_mismatch"
+    BYTE_LENGTH_MISMATCH = "byte_length_mismatch"
+    BAD_SPANS = "bad_spans"
+    NON_FINITE = "non_finite"
+    OVERSIZED = "oversized"
+    TOO_MANY_SPANS = "too_many_spans"
+    CORRELATION_ID_TOO_LONG = "correlation_id_too_long"
+    # stream protocol (monitor.server.service)
+    OUT_OF_ORDER = "out_of_order"
+    BAD_HELLO = "bad_hello"
+    EMPTY_MESSAGE = "empty_message"
+    PLAN_CHANGED = "plan_changed"
+    UNKNOWN_REQUEST = "unknown_request"
+    NOT_OWNER = "not_owner"
+    REQUEST_ID_TOO_LONG = "request_id_too_long"
+    SEQ_GAP_TOO_LARGE = "seq_gap_too_large"
+    BAD_STATS = "bad_stats"
+    UNDECODABLE = "undecodable"
+    # call admission (monitor.server.handlers, monitor.server.access)
+    TOO_MANY_STREAMS = "too_many_streams"
+    SCORE_BUSY = "score_busy"
+    UNAUTHENTICATED = "unauthenticated"
+    # scoring (monitor.server.pipeline)
+    QUEUE_FULL = "queue_full"
+    SCORER_ERROR = "scorer_error"
+    # coverage gaps reported by the client
+    PREFIX_CACHED = "prefix_cached"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FinishReason(str, Enum):
+    """Why a request was finished (label of ``requests_finished_total``)."""
+
+    # vLLM's finish reasons, forwarded by the capture plugin
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+    # decided by the sidecar
+    STREAM_CLOSED = "stream_closed"  # the owning stream half-closed with it open
+    ORPHANED = "orphaned"  # its stream broke and nobody adopted it within the grace
+    IDLE = "idle"  # no frame for it within the idle TTL on an open stream
+    EVICTED = "evicted"  # the oldest request, removed to stay under --max-requests
+    OTHER = "other"  # any other client-supplied text (the label set stays bounded)
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def label(cls, text: str) -> FinishReason:
+        """Map free text (a client's ``RequestFinished.reason``) onto the bounded set."""
+        try:
+            return cls(text)
+        except ValueError:
+            return cls.OTHER
+
+
+class RequestKey(NamedTuple):
+    """Identity of one request in the sidecar: who sent it and the engine's own id.
+
+    ``client`` is the identity of the stream's client (``ClientHello.client_id``; empty
+    for a client that sent no hello), ``request_id`` the id the client put in
+    ``RowSpan.request_id``. Two clients using the same request id never share state, and
+    only streams of the same client can carry a request on after its stream broke.
+    """
+
+    client: str
+    request_id: str

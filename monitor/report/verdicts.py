@@ -1,0 +1,90 @@
+"""Where verdicts go: the stream (proto `Verdict`), the audit log and the counters.
+
+`verdict_message` converts a tracker `VerdictUpdate` into a `ServerMessage`; `Reporter`
+does the side effects of one update, so the pipeline only decides *when*:
+
+- an escalation (a newly reached severity) counts `alerts_total{detector,severity,mode}`,
+  writes an audit line (`alert`, or `would_alert` in observe mode) and is handed to
+  alert delivery (`monitor.report.sinks`, which delivers modes alert|block; never blocks);
+- a final verdict observes `request_score{detector}` and, with `--audit-finals`, writes
+  a `final` audit line.
+
+Thread rules: `Reporter` is called by the scoring worker only; `Metrics` and `AuditLog`
+are themselves thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from monitor.judge.tracker import VerdictUpdate
+from monitor.report.audit import AuditLog, audit_record
+from monitor.report.metrics import Metrics
+from monitor.report.sinks import AlertDispatcher
+from monitor.v1 import monitor_pb2
+
+__all__ = ["Reporter", "verdict_message"]
+
+log = logging.getLogger(__name__)
+
+_SEVERITY_ENUM: dict[str, monitor_pb2.Severity.ValueType] = {
+    "none": monitor_pb2.SEVERITY_NONE,
+    "warn": monitor_pb2.SEVERITY_WARN,
+    "critical": monitor_pb2.SEVERITY_CRITICAL,
+}
+
+
+def verdict_message(u: VerdictUpdate) -> monitor_pb2.ServerMessage:
+    """Convert a `VerdictUpdate` into a `ServerMessage(verdict=...)`."""
+    return monitor_pb2.ServerMessage(verdict=monitor_pb2.Verdict(
+        request_id=u.request_id, detector=u.detector, score=float(u.score),
+        severity=_SEVERITY_ENUM[u.severity], threshold=float(u.threshold),
+        crossed_at_position=int(u.crossed_at_position), final=bool(u.final), mode=u.mode,
+        policy_version=u.policy_version, n_tokens_scored=int(u.n_tokens_scored),
+        n_tokens_unscored=int(u.n_tokens_unscored), peak_score=float(u.peak_score),
+    ))
+
+
+class Reporter:
+    """Side effects of verdict updates: alert counter, audit lines, score histogram.
+
+    Args:
+        metrics: the server's `Metrics`.
+        audit: the `AuditLog` (disabled when it has no path).
+        bundle_name, bundle_sha256, model_name: carried into every audit line.
+        alerts: alert delivery (Alertmanager / webhook); None: no delivery.
+    """
+
+    def __init__(self, metrics: Metrics, audit: AuditLog, *, bundle_name: str,
+                 bundle_sha256: str, model_name: str,
+                 alerts: AlertDispatcher | None = None) -> None:
+        self.metrics = metrics
+        self.audit = audit
+        self.alerts = alerts
+        self.bundle_name = bundle_name
+        self.bundle_sha256 = bundle_sha256
+        self.model_name = model_name
+
+    def _audit(self, u: VerdictUpdate, event: str) -> None:
+        self.audit.write(audit_record(u, event=event, bundle_name=self.bundle_name,
+                                      bundle_sha256=self.bundle_sha256,
+                                      model_name=self.model_name))
+
+    def escalation(self, u: VerdictUpdate) -> None:
+        """A newly reached severity: count it and audit it (no-op for other updates)."""
+        if not u.escalated or u.severity == "none":
+            return
+        event = "would_alert" if u.mode == "observe" else "alert"
+        self.metrics.alerts.labels(detector=u.detector, severity=u.severity,
+                                   mode=u.mode).inc()
+        self._audit(u, event)
+        if self.alerts is not None:
+            self.alerts.escalation(u)
+        log.info("%s: request=%s detector=%s severity=%s score=%.3f position=%d", event,
+                 u.request_id, u.detector, u.severity, u.score, u.crossed_at_position)
+
+    def final(self, u: VerdictUpdate) -> None:
+        """A final verdict: request-score histogram and (optionally) a `final` line."""
+        self.metrics.observe_request_score(u.detector, u.score)
+        if self.audit.include_finals:
+            self._audit(u, "final")
