@@ -47,6 +47,18 @@ detectors:
 """
 
 
+#: Reconnect quickly while a server starts: gRPC's default backoff grows to 120 s, so a
+#: slow start on a loaded machine could leave the channel waiting past the start timeout.
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100),
+                  ("grpc.min_reconnect_backoff_ms", 100),
+                  ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def plain_channel(target: str) -> grpc.Channel:
+    """An insecure channel to `target` that reconnects at least once a second."""
+    return grpc.insecure_channel(target, options=FAST_RECONNECT)
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -83,7 +95,7 @@ class MonitorServer:
 
     def __init__(self, workdir: Path, bundle: Path, policy_text: str | None = POLICY_V1,
                  extra: list[str] | None = None, env: dict[str, str] | None = None,
-                 channel: Callable[[str], grpc.Channel] = grpc.insecure_channel) -> None:
+                 channel: Callable[[str], grpc.Channel] = plain_channel) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -188,7 +200,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path
 
     def start(policy_text: str | None = POLICY_V1, extra: list[str] | None = None,
               name: str = "server",
-              channel: Callable[[str], grpc.Channel] = grpc.insecure_channel) -> MonitorServer:
+              channel: Callable[[str], grpc.Channel] = plain_channel) -> MonitorServer:
         srv = MonitorServer(tmp_path_factory.mktemp(name), bundle_dir, policy_text, extra,
                             channel=channel)
         started.append(srv)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import MODEL, REPO, MonitorServer, free_port
+from conftest import FAST_RECONNECT, MODEL, REPO, MonitorServer, free_port
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -98,7 +98,7 @@ def _tls(pki: Pki, client: str | None = "client") -> Callable[[str], grpc.Channe
             root_certificates=pki.read("ca.crt"),
             private_key=pki.read(f"{client}.key") if client else None,
             certificate_chain=pki.read(f"{client}.crt") if client else None)
-        return grpc.secure_channel(target, creds)
+        return grpc.secure_channel(target, creds, options=FAST_RECONNECT)
     return make
 
 

@@ -150,7 +150,7 @@ def test_request_id_and_span_limits(server: MonitorServer, geometry: dict) -> No
         *good_tail(geometry, 3, ok),
     ])
     assert [e.reason for e in errors(out)] == ["request_id_too_long", "request_id_too_long",
-                                               "too_many_spans"]
+                                               "too_many_spans"], errors(out)
     assert all(len(e.message) < 300 for e in errors(out))  # the id is not echoed back
     assert_stream_usable(out, ok)
 

@@ -340,6 +340,12 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
 
     def _on_finished(self, fin: monitor_pb2.RequestFinished, handle: StreamHandle) -> None:
         rid = fin.request_id
+        limit = self.pipeline.registry.max_request_id_bytes
+        if len(rid.encode("utf-8", "surrogatepass")) > limit:  # never echo a huge id back
+            self._refuse(handle, _INVALID, Reason.REQUEST_ID_TOO_LONG,
+                         f"finished.request_id: expected at most {limit} UTF-8 bytes, found "
+                         f"{len(rid.encode('utf-8', 'surrogatepass'))} ({rid[:64]!r}...)")
+            return
         key = handle.key(rid)
         if not self.pipeline.finish(key, handle, FinishReason.label(fin.reason)):
             state = self.pipeline.registry.state(key)
