@@ -58,6 +58,7 @@ class Reason(str, Enum):
     # frame validation (monitor.wire.codec)
     MODEL_MISMATCH = "model_mismatch"
     UNKNOWN_LAYER = "unknown_layer"
+    UNKNOWN_HOOK = "unknown_hook"  # hook point the server does not score (monitor.wire.hooks)
     DTYPE_UNSPECIFIED = "dtype_unspecified"
     BAD_SHAPE = "bad_shape"
     D_MODEL_MISMATCH = "d_model_mismatch"

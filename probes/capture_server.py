@@ -27,12 +27,14 @@ import numpy as np
 
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import decode_frame
+from monitor.wire.hooks import parse_hook_name
 
 __all__ = ["CaptureSink", "FrameRecord", "SinkLog", "serve_forever"]
 
 @dataclass
 class FrameRecord:
-    """One received frame: `x` float32 `[n_rows, d_model]`, spans as tuples."""
+    """One received frame: `x` float32 `[n_rows, d_model]`, spans as tuples, hook point kind
+    (`resid_post` for a frame without `hook_name`)."""
 
     stream: int
     seq: int
@@ -40,6 +42,7 @@ class FrameRecord:
     step: int
     x: np.ndarray
     spans: list[tuple[str, int, int, int]]
+    kind: str = "resid_post"
 
 
 @dataclass
@@ -54,8 +57,10 @@ class SinkLog:
 def _decode(f: monitor_pb2.ActivationFrame) -> np.ndarray:
     """The frame's rows as float32 `[n_rows, d_model]`, through the sidecar's own decoder
     (so every recorded frame also passed the sidecar's validation)."""
+    hooks = frozenset({f.hook_name or f"blocks.{f.layer}.hook_resid_post"})
     decoded = decode_frame(f, model=f.model, d_model=int(f.shape[1]) if len(f.shape) == 2
-                           else 0, layers=frozenset({f.layer}), max_frame_bytes=len(f.data))
+                           else 0, layers=frozenset({f.layer}), max_frame_bytes=len(f.data),
+                           hook_names=hooks)
     return np.array(decoded.x, dtype=np.float32)  # own, writable copy
 
 
@@ -94,7 +99,8 @@ class _Servicer(monitor_pb2_grpc.MonitorServicer):
                     s.log.frames.append(FrameRecord(
                         stream_id, f.seq, f.layer, f.step, _decode(f),
                         [(sp.request_id, sp.n_rows, sp.start_position, sp.prompt_len)
-                         for sp in f.spans]))
+                         for sp in f.spans],
+                        parse_hook_name(f.hook_name).kind if f.hook_name else "resid_post"))
                 elif which == "finished":
                     s.log.finished.append(msg.finished)
                 elif which == "stats":
@@ -116,12 +122,17 @@ class CaptureSink:
         dtype: int = monitor_pb2.DTYPE_FLOAT32,
         plan_id: str = "test-plan-1",
         max_frame_bytes: int = 8 * 1024 * 1024,
+        hook_names: tuple[str, ...] = (),
     ) -> None:
+        """`hook_names` (e.g. "blocks.1.hook_mlp_out"), when given, is the plan's hook point
+        list (`layers` is then derived from it); else resid_post of every `layers` entry."""
         self.port = port
+        if hook_names:
+            layers = tuple(sorted({parse_hook_name(h).layer for h in hook_names}))
         self.plan = monitor_pb2.CapturePlan(
             plan_id=plan_id, model=model, d_model=d_model, layers=list(layers),
             token_kinds=list(kinds), hook_name_template="blocks.{layer}.hook_resid_post",
-            preferred_dtype=dtype, max_frame_bytes=max_frame_bytes)
+            preferred_dtype=dtype, max_frame_bytes=max_frame_bytes, hook_names=list(hook_names))
         self.lock = threading.Lock()
         self.log = SinkLog()
         self.n_streams = 0
@@ -158,13 +169,15 @@ class CaptureSink:
         with self.lock:
             return len(self.log.frames)
 
-    def rows_by_request(self, layer: int) -> dict[str, dict[int, np.ndarray]]:
-        """request_id → {position: float32 [d_model]} for one layer (last write wins)."""
+    def rows_by_request(
+        self, layer: int, kind: str = "resid_post"
+    ) -> dict[str, dict[int, np.ndarray]]:
+        """request_id → {position: float32 [d_model]} for one hook point (last write wins)."""
         out: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
         with self.lock:
             frames = list(self.log.frames)
         for fr in frames:
-            if fr.layer != layer:
+            if fr.layer != layer or fr.kind != kind:
                 continue
             r = 0
             for rid, n, start, _plen in fr.spans:

@@ -276,7 +276,7 @@ FIELD_CASES = [
     (_set("components/0/activation", "relu"), "components[0].activation",
      ["one of ['identity']", '"relu"']),
     (_drop("components/1/activation"), "components[1].activation",
-     ["one of ['relu', 'jumprelu']", "found nothing"]),
+     ["one of ['gated', 'jumprelu', 'relu']", "found nothing"]),
     (_set("components/1/latent_ids", [1, 2]), "components[1].latent_ids",
      ["3 latent indices (one per column), found 2"]),
     (_set("components/1/latent_ids", [1, 2, 2]), "components[1].latent_ids",
@@ -296,7 +296,7 @@ FIELD_CASES = [
     (_set("components/1/preprocessing/scale", 0), "components[1].preprocessing.scale",
      ["a finite number > 0, found 0"]),
     (_set("components/1/preprocessing/normalize", "rms"), "components[1].preprocessing"
-     ".normalize", ["one of ['none', 'layer_norm']", '"rms"']),
+     ".normalize", ["one of ['none', 'layer_norm', 'layer_norm_std']", '"rms"']),
     (_set("components/0/preprocessing", {"apply_b_dec_to_input": True}),
      "components[0].preprocessing.apply_b_dec_to_input",
      ["false unless the component has a b_dec tensor", "found true"]),

@@ -19,10 +19,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from capture_sink import CaptureSink
 
 from monitor.capture.config import CaptureConfig
-from monitor.capture.op import StaticBuffers, set_sink, wrap_decoder_layers
+from monitor.capture.op import SITE_IN, SITE_OUT, StaticBuffers, set_sink, wrap_decoder_layers
 from monitor.capture.steps import StepTracker
 from monitor.capture.transport import HostRing, StepRecord, Transport, split_spans
 from monitor.v1 import monitor_pb2
+from monitor.wire.hooks import resid_post
 
 D = 8
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -61,7 +62,7 @@ def _record(ring: HostRing, step: int, layers=(3, 15), n_rows: int = 5,
             + 10000 * step
     spans = [("req-a", 2, 7, 9), ("req-b", n_rows - 2, 0, 100)]
     return StepRecord(ring=ring, slot=slot, step=step, plan_id=plan_id, model=MODEL,
-                      layers=tuple(layers), n_rows=n_rows, spans=spans,
+                      points=tuple(resid_post(i) for i in layers), n_rows=n_rows, spans=spans,
                       max_frame_bytes=max_frame_bytes)
 
 
@@ -247,15 +248,21 @@ class _Model(torch.nn.Module):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_op_captures_residual_stream_eager_and_compiled(compiled):
     got: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    pre: list[tuple[int, torch.Tensor]] = []
 
     class Sink:
-        def on_layer(self, layer, hidden, residual, positions):
-            got.append((layer, (hidden + residual).clone(), positions.clone()))
+        def on_layer(self, layer, site, hidden, residual, positions):
+            if site == SITE_OUT:
+                got.append((layer, (hidden + residual).clone(), positions.clone()))
+            else:
+                pre.append((layer, (hidden if residual is None else hidden + residual).clone()))
 
     m = _Model()
     bufs = StaticBuffers(3)
-    assert wrap_decoder_layers(m.layers, {0, 2}, bufs.meta) == [0, 2]
-    assert wrap_decoder_layers(m.layers, {0, 2}, bufs.meta) == [0, 2]  # idempotent
+    want = {0: frozenset({SITE_IN, SITE_OUT}), 2: frozenset({SITE_OUT})}
+    assert wrap_decoder_layers(m.layers, want, bufs.meta) == want
+    assert wrap_decoder_layers(m.layers, {0: frozenset({SITE_OUT})}, bufs.meta) == {
+        0: want[0]}  # idempotent: the first wrapping stays
     fn = torch.compile(m, backend="aot_eager", dynamic=True) if compiled else m
     x = torch.randn(5, 4)
     pos = torch.arange(5)
@@ -271,6 +278,8 @@ def test_op_captures_residual_stream_eager_and_compiled(compiled):
     h2, r2 = h1 * 0.5, r1 + h1
     torch.testing.assert_close(out, h2 + r2)
     assert [g[0] for g in got] == [0, 2, 0, 2]
+    assert [p[0] for p in pre] == [0, 0]
+    torch.testing.assert_close(pre[0][1], x)  # resid_pre of layer 0: residual None
     torch.testing.assert_close(got[0][1], h0 + r0)
     torch.testing.assert_close(got[1][1], h2 + r2)
     assert got[2][1].shape == (3, 4) and out2.shape == (3, 4)

@@ -78,7 +78,8 @@ def test_decode_is_zero_copy() -> None:
     f = _frame(torch.randn(4, D))
     data = bytes(f.data)
     view = SimpleNamespace(data=data, model=f.model, layer=f.layer, dtype=f.dtype,
-                           shape=list(f.shape), spans=list(f.spans), seq=f.seq, step=f.step)
+                           shape=list(f.shape), spans=list(f.spans), seq=f.seq, step=f.step,
+                           hook_name=f.hook_name)
     d = decode_frame(view, **KW)  # duck-typed frame: we know the exact bytes object
     addr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
     assert d.x.ctypes.data == addr  # the array views the payload bytes, no copy
@@ -265,3 +266,30 @@ def _seq_err(last: int, seq: int) -> FrameError:
 
 def test_reasons_are_unique() -> None:
     assert len(set(REASONS)) == len(REASONS)
+
+
+def test_hook_names() -> None:
+    """A frame's hook point: empty = resid_post of its layer; a server without hook points
+    refuses other kinds (never scores resid_pre rows as resid_post); a mismatched layer or
+    unparsable name is refused naming the field."""
+    x = torch.randn(3, D)
+    d = decode_frame(_frame(x), **KW)
+    assert d.hook_name == "blocks.1.hook_resid_post"
+    d = decode_frame(encode_frame(x, seq=1, model="m", layer=4, spans=[Span("r", 3)],
+                                  hook_name="blocks.4.hook_resid_post"), **KW)
+    assert d.hook_name == "blocks.4.hook_resid_post"
+    pre = encode_frame(x, seq=1, model="m", layer=4, spans=[Span("r", 3)],
+                       hook_name="blocks.4.hook_resid_pre")
+    with pytest.raises(FrameError, match="resid_post only") as e:
+        decode_frame(pre, **KW)
+    assert e.value.reason == "unknown_hook"
+    hooks = frozenset({"blocks.4.hook_resid_pre", "blocks.1.hook_mlp_out"})
+    assert decode_frame(pre, **KW, hook_names=hooks).hook_name == "blocks.4.hook_resid_pre"
+    with pytest.raises(FrameError, match=r"blocks\.1\.hook_resid_post"):
+        decode_frame(_frame(x), **KW, hook_names=hooks)  # resid_post of 1 is not scored
+    for name, msg in (("blocks.1.hook_resid_pre", "layer 4"), ("blocks.4.hook_attn_z", "kind"),
+                      ("resid_pre", "blocks.<layer>")):
+        f = encode_frame(x, seq=1, model="m", layer=4, spans=[Span("r", 3)], hook_name=name)
+        with pytest.raises(FrameError, match=msg) as e:
+            decode_frame(f, **KW, hook_names=hooks)
+        assert e.value.reason == "unknown_hook" and "hook_name" in e.value.message

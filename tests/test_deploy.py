@@ -30,7 +30,12 @@ DASHBOARD_METRICS = frozenset({
     "safety_monitor_rows_scored_total", "safety_monitor_client_dropped_frames_total",
     "safety_monitor_rows_unscored_total", "safety_monitor_policy_reloads_total",
     "safety_monitor_queue_depth_rows", "safety_monitor_queue_capacity_rows",
-    *(f"safety_monitor_{h}{s}" for h in ("scoring_latency_seconds", "request_score")
+    "safety_monitor_bundle_info", "safety_monitor_alert_sink_up",
+    "safety_monitor_alert_events_delivered_total", "safety_monitor_alert_events_spooled_total",
+    "safety_monitor_alert_events_dropped_total", "safety_monitor_alert_spool_events",
+    "safety_monitor_alert_queue_events", "safety_monitor_alert_spool_bytes",
+    *(f"safety_monitor_{h}{s}" for h in ("scoring_latency_seconds", "request_score",
+                                          "frame_latency_seconds")
       for s in ("_bucket", "_sum", "_count")),
 })
 
@@ -90,9 +95,22 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _stage(ins: list[tuple[str, str]], name: str | None = None) -> list[tuple[str, str]]:
+    """The instructions of stage ``name`` (None: the last, docker's default target),
+    preceded by those of the stages it is built FROM (``FROM runtime-base AS runtime``)."""
+    starts = [i for i, (op, _) in enumerate(ins) if op == "FROM"]
+    stages = {}
+    for a, b in zip(starts, [*starts[1:], len(ins)], strict=True):
+        words = ins[a][1].split()
+        stages[words[-1] if len(words) == 3 and words[1].upper() == "AS" else str(a)] = \
+            ins[a:b]
+    body = stages[name] if name is not None else ins[starts[-1]:]
+    base = body[0][1].split()[0]
+    return (_stage(ins, base) if base in stages else []) + body
+
+
 def _final_stage(ins: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    last = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
-    return ins[last:]
+    return _stage(ins)
 
 
 def _serve_flags() -> set[str]:
@@ -152,6 +170,27 @@ def test_dockerfile_runtime_stage(serve_flags):
     assert "/var/lib/safety-monitor" in text
 
 
+def test_dockerfile_slim_stage_has_no_torch():
+    """sidecar-slim: the runtime stage's user, ports and defaults, the torch-free venv."""
+    ins = _instructions(DOCKERFILE)
+    slim = _stage(ins, "sidecar-slim")
+    assert ("COPY", "--from=build-slim /opt/venv /opt/venv") in slim
+    assert not any("--from=build " in rest for _, rest in slim)
+    assert [rest for op, rest in slim if op == "USER"][-1].split(":")[0] == "10001"
+    entry = json.loads(next(rest for op, rest in reversed(slim) if op == "ENTRYPOINT"))
+    # auto takes the one backend installed: onnxruntime here, torch in `runtime`
+    assert entry[entry.index("--backend") + 1] == "auto"
+    build = " ".join(rest for op, rest in _stage(ins, "build-slim") if op == "RUN")
+    assert "torch" not in build.replace("'torch' not in sys.modules", "").replace(
+        '! python -c "import torch"', "")
+    assert "[onnx]" in build and "'torch' not in sys.modules" in build
+    runtime = _final_stage(ins)
+    assert ("COPY", "--from=build /opt/venv /opt/venv") in runtime
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    deps = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert "torch" not in deps, "torch in the base dependencies would enter the slim image"
+
+
 def test_dockerignore_keeps_build_inputs():
     pats = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
             if p.strip() and not p.startswith("#")]
@@ -202,6 +241,35 @@ def test_dashboard_file():
     dash = json.loads(DASHBOARD.read_text())
     assert dash["uid"] and dash["title"]
     check_dashboard(dash)
+
+
+def _panels(dash: dict) -> list[dict]:
+    out: list[dict] = []
+    for p in dash["panels"]:
+        out.append(p)
+        out.extend(p.get("panels") or [])
+    return out
+
+
+def test_dashboard_variables_and_panels():
+    dash = json.loads(DASHBOARD.read_text())
+    var = {v["name"]: v for v in dash["templating"]["list"]}
+    assert {"datasource", "namespace", "model_name", "pod", "detector"} <= set(var)
+    # pods of the chosen model(s); "All" expands to those pods, not to ".*"
+    assert "$model_name" in var["pod"]["definition"] and "allValue" not in var["pod"]
+    panels = _panels(dash)
+    for p in panels:
+        for t in p.get("targets") or []:
+            e = t["expr"]
+            assert 'pod=~"$pod"' in e, (p["title"], e)
+            if {"safety_monitor_alerts_total", "safety_monitor_request_score_bucket",
+                    "safety_monitor_request_score_count"} & promql_metrics(e):
+                assert 'detector=~"$detector"' in e, (p["title"], e)  # $detector everywhere
+            if p["type"] == "stat" and "sink_up" not in e:  # a number, never "No data"
+                assert re.search(r"or vector\([01]\)$", e), (p["title"], e)
+    titles = {p["title"] for p in panels}
+    assert {"Frame to verdict latency", "Alert sinks up", "Alert events / s by sink",
+            "Alert spool backlog"} <= titles
 
 
 def _rules_doc() -> dict:
@@ -508,6 +576,17 @@ def test_plain_sidecar(chart, serve_flags):
     _writable_mounts_ok(spec, mon)
     vllm = container(spec, "vllm", native=False)
     assert {"name": "SAFETY_MONITOR_ADDR", "value": "127.0.0.1:50051"} in vllm["env"]
+
+
+def test_slim_image_and_backend(chart, serve_flags):
+    default = container(pod_spec(render(chart)), "safety-monitor", True)
+    assert "--backend=auto" in default["command"]
+    spec = pod_spec(render(chart, {"sidecar": {"backend": "onnxruntime",
+                                               "image": {"tag": "0.1.0-slim"}}}))
+    mon = container(spec, "safety-monitor", True)
+    assert mon["image"] == "safety-monitor:0.1.0-slim"
+    assert "--backend=onnxruntime" in mon["command"]
+    check_monitor_container(mon, serve_flags)
 
 
 def test_grpc_port_is_one_setting(chart, serve_flags):

@@ -295,6 +295,17 @@ def build_app(config: ServerConfig) -> MonitorApp:
         raise StartupError(f"bundle {config.bundle}: cannot build scorer: {e}") from None
     bundle, scorer = loaded.bundle, loaded.scorer
     log.info("scorer backend %s (%s)", loaded.backend, loaded.reason)
+    if config.served_model:
+        from monitor.models import check_bundle_matches_model
+
+        try:
+            shape = check_bundle_matches_model(
+                bundle_model=bundle.model_name, bundle_d_model=int(bundle.d_model),
+                bundle_n_layers=int(bundle.n_layers), model_dir=config.served_model)
+        except ValueError as e:
+            raise StartupError(f"bundle refused for --served-model: {e}") from None
+        log.info("bundle matches the served model %s (%s, d_model %d, %d layers)",
+                 config.served_model, shape.architecture, shape.d_model, shape.n_layers)
 
     app_ref: list[MonitorApp] = []
     policy, holder = _load_policy(config, bundle, lambda p: app_ref[0].apply_policy(p))

@@ -391,7 +391,6 @@ class Pipeline:
             f = it.frame
             fs = scores[row0:row0 + f.n_rows]
             row0 += f.n_rows
-            self.metrics.frame_latency.observe(t1 - it.t_recv)
             for (a, b), key in zip(f.span_bounds, it.keys, strict=True):
                 if key is None:
                     continue  # refused at admission (counted there)
@@ -410,6 +409,8 @@ class Pipeline:
                                                fs[a:b, j])
                     for u in ups:
                         self._handle_update(u, it.sink)
+            # arrival -> scored, judged, verdicts posted and escalations handed to the sinks
+            self.metrics.frame_latency.observe(time.perf_counter() - it.t_recv)
         if n_dup:
             self.metrics.duplicate_rows.inc(n_dup)
         if n_late:

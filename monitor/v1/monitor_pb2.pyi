@@ -51,7 +51,7 @@ class RowSpan(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., start_position: _Optional[int] = ..., prompt_len: _Optional[int] = ..., correlation_id: _Optional[str] = ...) -> None: ...
 
 class ActivationFrame(_message.Message):
-    __slots__ = ("seq", "model", "layer", "dtype", "shape", "data", "spans", "step")
+    __slots__ = ("seq", "model", "layer", "dtype", "shape", "data", "spans", "step", "hook_name")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class ActivationFrame(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     SPANS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    HOOK_NAME_FIELD_NUMBER: _ClassVar[int]
     seq: int
     model: str
     layer: int
@@ -68,7 +69,8 @@ class ActivationFrame(_message.Message):
     data: bytes
     spans: _containers.RepeatedCompositeFieldContainer[RowSpan]
     step: int
-    def __init__(self, seq: _Optional[int] = ..., model: _Optional[str] = ..., layer: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., spans: _Optional[_Iterable[_Union[RowSpan, _Mapping]]] = ..., step: _Optional[int] = ...) -> None: ...
+    hook_name: str
+    def __init__(self, seq: _Optional[int] = ..., model: _Optional[str] = ..., layer: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., spans: _Optional[_Iterable[_Union[RowSpan, _Mapping]]] = ..., step: _Optional[int] = ..., hook_name: _Optional[str] = ...) -> None: ...
 
 class RequestFinished(_message.Message):
     __slots__ = ("request_id", "reason", "n_prompt_tokens", "n_generated_tokens", "n_cached_prompt_tokens")
@@ -177,7 +179,7 @@ class GetCapturePlanRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CapturePlan(_message.Message):
-    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes")
+    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes", "hook_names")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +189,7 @@ class CapturePlan(_message.Message):
     PREFERRED_DTYPE_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOOK_NAMES_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model: str
     d_model: int
@@ -196,7 +199,8 @@ class CapturePlan(_message.Message):
     preferred_dtype: DType
     bundle_sha256: str
     max_frame_bytes: int
-    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ...) -> None: ...
+    hook_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ..., hook_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("frame",)

@@ -20,6 +20,7 @@ import numpy as np
 
 from monitor.constants import Reason
 from monitor.v1 import monitor_pb2
+from monitor.wire.hooks import parse_hook_name
 
 if TYPE_CHECKING:  # the sidecar decodes without torch; encode_frame accepts tensors too
     import torch
@@ -173,6 +174,8 @@ class DecodedFrame:
     nbytes: int = 0  # payload bytes
     correlation_ids: tuple[str, ...] = ()  # caller's label per span ("" = none), a label only
     wire_dtype: int = monitor_pb2.DTYPE_FLOAT32
+    hook_name: str = ""  # canonical hook point, e.g. "blocks.3.hook_resid_post" (never empty
+    # once decoded: a frame without one is resid_post of `layer`)
 
     @property
     def n_rows(self) -> int:
@@ -290,6 +293,7 @@ def decode_frame(
     check_finite: bool = True,
     max_spans: int = MAX_SPANS_PER_FRAME,
     max_correlation_id_bytes: int = MAX_CORRELATION_ID_BYTES,
+    hook_names: frozenset[str] | None = None,
 ) -> DecodedFrame:
     """Validate `frame` and view its payload as a `[n_rows, d_model]` array.
 
@@ -313,6 +317,9 @@ def decode_frame(
         max_spans: most spans per frame (`too_many_spans`).
         max_correlation_id_bytes: longest `RowSpan.correlation_id`
             (`correlation_id_too_long`).
+        hook_names: hook points the server scores (`monitor.wire.hooks` names). None: only
+            `blocks.{layer}.hook_resid_post` of `layers` (a server without hook points must
+            refuse e.g. resid_pre rows rather than score them as resid_post).
 
     Raises:
         FrameError: with `reason` one of `REASONS`.
@@ -329,6 +336,7 @@ def decode_frame(
     if frame.layer not in layer_set:
         raise _bad("unknown_layer", f"layer: expected one of {sorted(layer_set)}, "
                                     f"found {frame.layer}")
+    hook = _check_hook(frame, hook_names)
     vdtype = _VIEW_DTYPE.get(frame.dtype)
     if vdtype is None:
         try:
@@ -379,8 +387,37 @@ def decode_frame(
         seq=int(frame.seq), model=frame.model, layer=int(frame.layer), step=int(frame.step),
         x=x, request_ids=rows.request_ids, row_request=rows.row_request,
         positions=rows.positions, generated=rows.generated, span_bounds=rows.span_bounds,
-        nbytes=nbytes, wire_dtype=int(frame.dtype), correlation_ids=rows.correlation_ids,
+        nbytes=nbytes, wire_dtype=int(frame.dtype), hook_name=hook,
+        correlation_ids=rows.correlation_ids,
     )
+
+
+def _check_hook(frame: monitor_pb2.ActivationFrame, hook_names: frozenset[str] | None) -> str:
+    """The frame's canonical hook name; FrameError('unknown_hook') if not accepted."""
+    layer = int(frame.layer)
+    raw = frame.hook_name
+    if raw:
+        try:
+            hp = parse_hook_name(raw)
+        except ValueError as e:
+            raise _bad("unknown_hook", str(e)) from None
+        if hp.layer != layer:
+            raise _bad("unknown_hook", f"hook_name: expected a hook point of layer {layer}, "
+                                       f"found {raw!r}")
+        if hook_names is None and hp.kind == "resid_post":
+            return raw
+        name = raw
+    else:
+        name = f"blocks.{layer}.hook_resid_post"
+        if hook_names is None:
+            return name
+    if hook_names is None:
+        raise _bad("unknown_hook", f"hook_name: expected 'blocks.{layer}.hook_resid_post' "
+                                   f"(this server scores resid_post only), found {raw!r}")
+    if name not in hook_names:
+        raise _bad("unknown_hook", f"hook_name: expected one of {sorted(hook_names)}, "
+                                   f"found {name!r}")
+    return name
 
 
 def _to_wire_bytes(x: torch.Tensor | np.ndarray) -> tuple[bytes, int, tuple[int, int]]:
@@ -426,6 +463,7 @@ def encode_frame(
     layer: int,
     spans: Sequence[Span | monitor_pb2.RowSpan | tuple],
     step: int = 0,
+    hook_name: str = "",
 ) -> monitor_pb2.ActivationFrame:
     """Build an `ActivationFrame` from a `[n_rows, d_model]` tensor or array.
 
@@ -437,6 +475,7 @@ def encode_frame(
         spans: `Span`, `RowSpan` or tuples `(request_id, n_rows, start_position, prompt_len)`
             in row order.
         step: engine step (informational).
+        hook_name: hook point of the rows (`monitor.wire.hooks`); empty = resid_post.
     """
     data, wire, shape = _to_wire_bytes(x)
     pb_spans = []
@@ -453,5 +492,5 @@ def encode_frame(
         ))
     return monitor_pb2.ActivationFrame(
         seq=seq, model=model, layer=layer, dtype=wire, shape=list(shape), data=data,
-        spans=pb_spans, step=step,
+        spans=pb_spans, step=step, hook_name=hook_name,
     )

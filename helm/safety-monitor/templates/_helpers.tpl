@@ -123,6 +123,7 @@ restartPolicy: Always (a native sidecar in initContainers).
     - --metrics-host=0.0.0.0
     - --metrics-port={{ $s.metricsPort }}
     - --grace-s={{ $s.graceSeconds }}
+    - --backend={{ $s.backend }}
     {{- if $s.tls.enabled }}
     - --tls-cert=/etc/safety-monitor/tls/tls.crt
     - --tls-key=/etc/safety-monitor/tls/tls.key
