@@ -82,7 +82,7 @@ EXPOSE 50051 9464
 # auto takes the one installed (the log line "scorer backend ..." says which and why).
 ENTRYPOINT ["safety-monitor", "serve", "--backend", "auto", \
             "--bundle", "/opt/safety-monitor/bundles/default", \
-            "--policy", "/opt/safety-monitor/policies/default.yaml", \
+            "--policy", "/opt/safety-monitor/bundles/default/policy.suggested.yaml", \
             "--host", "0.0.0.0", "--port", "50051", \
             "--metrics-host", "0.0.0.0", "--metrics-port", "9464", \
             "--audit-log", "/var/lib/safety-monitor/audit.jsonl"]

@@ -256,6 +256,23 @@ def test_unwritable_spool_counts_spool_error(receiver: Receiver, tmp_path: Path)
     w.stop()
 
 
+def test_urls_are_redacted_in_errors_and_logs(receiver: Receiver):
+    from monitor.report.sinks.http import DeliveryError, redact_url
+
+    assert redact_url("https://hooks.example/services/T0/B0/tok3n") == "https://hooks.example/…"
+    assert redact_url("http://user:pw@am:9093/") == "http://am:9093"
+    assert redact_url("http://[::1]:80/x?key=tok3n") == "http://[::1]:80/…"
+    receiver.status = 403
+    sink = WebhookSink(WebhookConfig(receiver.url + "/services/tok3n?k=tok3n"))
+    with pytest.raises(DeliveryError) as exc:
+        sink.deliver([ev(1)])
+    assert "403" in str(exc.value) and "tok3n" not in str(exc.value)
+    assert not exc.value.retryable and "tok3n" not in sink.target
+    with pytest.raises(ValueError, match="found scheme 'ftp'") as bad:
+        WebhookConfig("ftp://tok3n@x/")
+    assert "tok3n" not in str(bad.value)
+
+
 # -- Alertmanager ------------------------------------------------------------------------
 
 

@@ -237,7 +237,8 @@ def test_span_count_and_id_length_limits() -> None:
 
 def test_correlation_id_is_a_label_per_span() -> None:
     x = torch.randn(3, D)
-    f = _frame(x, spans=[Span("eng-1", 1, 0, 1, "ticket-42"), Span("eng-2", 2, 0, 1)])
+    f = _frame(x, spans=[Span("eng-1", 1, 0, 1, correlation_id="ticket-42"),
+                         Span("eng-2", 2, 0, 1)])
     d = decode_frame(f, **KW)
     assert d.request_ids == ("eng-1", "eng-2")
     assert d.correlation_ids == ("ticket-42", "")
@@ -293,3 +294,42 @@ def test_hook_names() -> None:
         with pytest.raises(FrameError, match=msg) as e:
             decode_frame(f, **KW, hook_names=hooks)
         assert e.value.reason == "unknown_hook" and "hook_name" in e.value.message
+
+
+def test_proto_token_role_enum_equals_monitor_roles() -> None:
+    from monitor.roles import TokenRole
+    from monitor.v1 import monitor_pb2
+
+    wire = {n.removeprefix("TOKEN_ROLE_"): v for n, v in monitor_pb2.TokenRole.items()}
+    assert wire == {r.name: int(r) for r in TokenRole}
+
+
+def test_roles_round_trip_and_derived_for_old_spans() -> None:
+    from monitor.roles import TokenRole as R
+
+    x = torch.randn(9, D)
+    spans = [Span("a", 2, 0, 6, R.TEMPLATE), Span("a", 3, 2, 6, R.USER),
+             Span("b", 2, 3, 4),  # old-style span: no role -> derived per row
+             Span("a", 1, 5, 6, R.TEMPLATE), Span("a", 1, 6, 6, R.GENERATED)]
+    d = decode_frame(_frame(x, spans=spans), **KW)
+    assert d.roles.dtype == np.int8
+    np.testing.assert_array_equal(
+        d.roles, [R.TEMPLATE, R.TEMPLATE, R.USER, R.USER, R.USER, R.OTHER, R.GENERATED,
+                  R.TEMPLATE, R.GENERATED])
+    np.testing.assert_array_equal(d.generated, d.roles == R.GENERATED)
+    # tuples with a fifth element carry the role too
+    d2 = decode_frame(_frame(x[:2], spans=[("c", 2, 0, 2, int(R.SYSTEM))]), **KW)
+    np.testing.assert_array_equal(d2.roles, [R.SYSTEM, R.SYSTEM])
+
+
+@pytest.mark.parametrize(("span", "needle"), [
+    (Span("a", 2, 0, 4, 99), "spans[0].role: expected a TokenRole in 1..7, found 99"),
+    (Span("a", 2, 3, 4, 4), "expected a GENERATED span to start at or after prompt_len=4, "
+                            "found start_position=3"),
+    (Span("a", 2, 3, 4, 2), "expected a USER span to end at or before prompt_len=4, found "
+                            "it ends at 5"),
+])
+def test_role_refusals_name_field_expected_found(span: Span, needle: str) -> None:
+    with pytest.raises(FrameError) as ei:
+        decode_frame(_frame(torch.randn(2, D), spans=[span]), **KW)
+    assert ei.value.reason == "bad_spans" and needle in ei.value.message

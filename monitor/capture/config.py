@@ -27,6 +27,9 @@ SAFETY_MONITOR_TLS_SERVER_NAME         (unset)     name to verify in the sidecar
                                                    (default: the host of SAFETY_MONITOR_ADDR)
 SAFETY_MONITOR_TOKEN_FILE              (unset)     file with the bearer token sent on every call
 SAFETY_MONITOR_TOKEN                   (unset)     the bearer token itself (if no _TOKEN_FILE)
+SAFETY_MONITOR_CHAT_TEMPLATE           (model's)   chat template file for token roles; set it
+                                                   to the file given to ``vllm serve
+                                                   --chat-template`` when that flag is used
 =====================================  ==========  =============================================
 
 The token is read once at start-up and never logged; `CaptureConfig.__repr__` hides it.
@@ -95,6 +98,8 @@ class CaptureConfig:
     backoff_max_s: float = 5.0
     stats_period_s: float = 2.0
     client_id: str = ""
+    #: Chat template file the token roles are derived from (None: the tokenizer's own).
+    chat_template: str | None = None
     tls_ca: str | None = None  # PEM CA of the sidecar's certificate: TLS when set
     tls_cert: str | None = None  # PEM client certificate (mutual TLS), with tls_key
     tls_key: str | None = None  # PEM private key of tls_cert
@@ -132,6 +137,7 @@ class CaptureConfig:
             tls_key=_path("SAFETY_MONITOR_TLS_KEY"),
             tls_server_name=os.environ.get("SAFETY_MONITOR_TLS_SERVER_NAME", "").strip() or None,
             token=_token(),
+            chat_template=os.environ.get("SAFETY_MONITOR_CHAT_TEMPLATE", "").strip() or None,
         )
 
 

@@ -49,8 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
-from monitor.constants import SCOPES
 from monitor.fileio import FileRefused, read_regular_file
+from monitor.roles import SCOPE_WORDS
 
 from . import sae as _sae  # noqa: F401  (registers the SAE component kinds; no torch)
 from .kinds import (
@@ -86,7 +86,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 KINDS = kind_names()  # ("linear_probe", "sae_latents"), see kinds.py
-TOKEN_SCOPES = SCOPES  # a detector's token scope is a policy scope
+#: A detector's token scope is one policy scope word (``monitor.roles.SCOPE_WORDS``):
+#: ``prompt``, ``generated``, ``both`` or a token role such as ``user``.
+TOKEN_SCOPES = SCOPE_WORDS
 THRESHOLD_KEYS = ("warn", "critical")
 
 #: safetensors dtypes accepted in a bundle (all upcast / cast to float32 on load).

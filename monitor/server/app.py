@@ -43,6 +43,7 @@ from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
 from monitor.report.sinks import AlertContext, AlertDispatcher, make_dispatcher
 from monitor.report.verdicts import Reporter
+from monitor.roles import TokenRole, scope_roles
 from monitor.score.backend import FrameScorer
 from monitor.score.bundle import Bundle
 from monitor.server.access import (
@@ -73,30 +74,35 @@ class StartupError(Exception):
 
 def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy,
                  scorer: FrameScorer, max_frame_bytes: int) -> monitor_pb2.CapturePlan:
-    """The capture plan: layers with a detector the policy judges, token kinds from scopes.
+    """The capture plan: layers with a detector the policy judges; token kinds and roles
+    from their scopes (`token_roles` empty when every role is read).
 
     `plan_id` is a short hash of everything a client's capture depends on.
     """
     layers: list[int] = []
-    kinds: set[monitor_pb2.TokenKind.ValueType] = set()
+    roles: set[TokenRole] = set()
     for layer in scorer.layers:
         judged = [d for d in scorer.detectors_on(layer) if d in policy.detectors]
         if not judged:
             continue
         layers.append(int(layer))
         for d in judged:
-            scope = policy.detectors[d].scope
-            if scope in ("prompt", "both"):
-                kinds.add(monitor_pb2.TOKEN_KIND_PROMPT)
-            if scope in ("generated", "both"):
-                kinds.add(monitor_pb2.TOKEN_KIND_GENERATED)
+            roles |= scope_roles(policy.detectors[d].scope)
+    kinds: set[monitor_pb2.TokenKind.ValueType] = set()
+    if roles - {TokenRole.GENERATED}:
+        kinds.add(monitor_pb2.TOKEN_KIND_PROMPT)
+    if TokenRole.GENERATED in roles:
+        kinds.add(monitor_pb2.TOKEN_KIND_GENERATED)
     token_kinds = sorted(kinds)
-    key = f"{model}|{d_model}|{layers}|{token_kinds}|{bundle_sha256}|{max_frame_bytes}"
+    token_roles = [] if roles >= scope_roles("both") else sorted(int(r) for r in roles)
+    key = (f"{model}|{d_model}|{layers}|{token_kinds}|{token_roles}|{bundle_sha256}|"
+           f"{max_frame_bytes}")
     return monitor_pb2.CapturePlan(
         plan_id=hashlib.sha256(key.encode()).hexdigest()[:16], model=model, d_model=d_model,
         layers=layers, token_kinds=token_kinds, hook_name_template=HOOK_NAME_TEMPLATE,
         preferred_dtype=monitor_pb2.DTYPE_BFLOAT16, bundle_sha256=bundle_sha256,
         max_frame_bytes=max_frame_bytes,
+        token_roles=token_roles,  # type: ignore[arg-type]
     )
 
 

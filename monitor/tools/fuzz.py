@@ -104,7 +104,7 @@ def seeds(target: str) -> list[bytes]:
 
     x = np.arange(3 * D_MODEL, dtype=np.float32).reshape(3, D_MODEL)
     frames = [encode_frame(x, seq=1, model=MODEL, layer=0,
-                           spans=[Span("a", 2, 0, 1, "c"), Span("b", 1, 5, 2)]),
+                           spans=[Span("a", 2, 0, 1, correlation_id="c"), Span("b", 1, 5, 2)]),
               encode_frame(x.astype(np.float16), seq=7, model=MODEL, layer=3, spans=[])]
     return [monitor_pb2.ClientMessage(frame=f).SerializeToString() for f in frames]
 

@@ -3,9 +3,14 @@
 Tensors travel as raw little-endian bytes plus dtype and shape (KServe OIP style).
 `decode_frame` views the bytes as a numpy array (float32 / float16: no copy of the
 payload; bfloat16, which numpy lacks: upcast to float32 by a 16-bit left shift of the
-bits, exact) and validates every field; a bad frame raises `FrameError` with a stable `reason` label
-(see `REASONS`), the gRPC status code to report and a message that names the field,
+bits, exact) and validates every field; a bad frame raises `FrameError` with a stable
+`reason` label (see `REASONS`), the gRPC status code to report and a message that names the field,
 what was expected and what was found.
+
+Token roles (`monitor.roles.TokenRole`, wire enum `TokenRole`, same values): each span
+carries one role (clients at `WIRE_VERSION` 2 split spans at role boundaries); a span
+without one (old clients) gets OTHER below `prompt_len` and GENERATED from it on, so
+`roles` is always defined per row and `generated == (roles == GENERATED)`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import grpc
 import numpy as np
 
 from monitor.constants import Reason
+from monitor.roles import TokenRole, derive_roles
 from monitor.v1 import monitor_pb2
 from monitor.wire.hooks import parse_hook_name
 
@@ -31,6 +37,7 @@ __all__ = [
     "MAX_SEQ_GAP",
     "MAX_SPANS_PER_FRAME",
     "REASONS",
+    "WIRE_VERSION",
     "DecodedFrame",
     "FrameError",
     "RowMeta",
@@ -42,6 +49,12 @@ __all__ = [
     "non_finite_rows",
     "parse_spans",
 ]
+
+#: `ClientHello.wire_version` of this codec: 2 = spans carry `TokenRole` (0/1: they do not).
+WIRE_VERSION = 2
+
+_N_ROLES = max(TokenRole) + 1
+_OTHER = np.int8(TokenRole.OTHER)
 
 #: Stable error reasons (the metric label `reason`): one enum for the whole sidecar.
 REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
@@ -137,6 +150,7 @@ class Span:
     n_rows: int
     start_position: int = 0
     prompt_len: int = 0
+    role: int = 0  # TokenRole; 0 = derive from prompt_len
     correlation_id: str = ""
 
 
@@ -150,6 +164,7 @@ class RowMeta:
     generated: np.ndarray  # bool [n_rows], True for generated tokens
     span_bounds: tuple[tuple[int, int], ...] = field(default=())  # [start, end) per span
     correlation_ids: tuple[str, ...] = ()  # caller's label per span ("" = none)
+    roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 [n_rows]
 
 
 @dataclass(frozen=True)
@@ -176,6 +191,7 @@ class DecodedFrame:
     wire_dtype: int = monitor_pb2.DTYPE_FLOAT32
     hook_name: str = ""  # canonical hook point, e.g. "blocks.3.hook_resid_post" (never empty
     # once decoded: a frame without one is resid_post of `layer`)
+    roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 [n_rows]
 
     @property
     def n_rows(self) -> int:
@@ -209,6 +225,9 @@ def parse_spans(
         FrameError: `bad_spans` (empty list, empty id, zero rows, sum != n_rows),
             `too_many_spans`, `correlation_id_too_long`. Request-id length is a per-span
             decision of the request registry (`request_id_too_long`), not a frame refusal.
+
+    Roles: a span's `role` must be a known `TokenRole`; GENERATED spans must start at or
+    after `prompt_len`, other roles must end at or before it; UNSPECIFIED is derived.
     """
     if len(spans) == 0:
         if require:
@@ -221,6 +240,7 @@ def parse_spans(
             generated=np.zeros(n_rows, dtype=bool),
             span_bounds=((0, n_rows),),
             correlation_ids=("",),
+            roles=np.full(n_rows, _OTHER, dtype=np.int8),
         )
     if len(spans) > max_spans:
         raise _bad("too_many_spans", f"spans: expected at most {max_spans} spans per frame, "
@@ -231,6 +251,7 @@ def parse_spans(
     starts = np.empty(len(spans), dtype=np.int64)
     plens = np.empty(len(spans), dtype=np.int64)
     counts = np.empty(len(spans), dtype=np.int64)
+    span_roles = np.empty(len(spans), dtype=np.int64)
     row = 0
     for i, s in enumerate(spans):
         if not s.request_id:
@@ -253,6 +274,9 @@ def parse_spans(
         counts[i] = s.n_rows
         starts[i] = s.start_position
         plens[i] = s.prompt_len
+        span_roles[i] = s.role
+        if s.role:
+            _check_role(i, s)
     if row != n_rows:
         raise _bad("bad_spans", f"spans: expected n_rows to sum to shape[0]={n_rows}, "
                                 f"found {row}")
@@ -262,7 +286,30 @@ def parse_spans(
     offsets = np.arange(n_rows, dtype=np.int64) - np.repeat(first_rows, counts)
     positions = np.repeat(starts, counts) + offsets
     generated = positions >= np.repeat(plens, counts)
-    return RowMeta(tuple(ids), row_request, positions, generated, tuple(bounds), tuple(labels))
+    roles = np.repeat(span_roles.astype(np.int8), counts)
+    if not span_roles.all():  # UNSPECIFIED spans (old clients): derive from prompt_len
+        roles = np.where(roles == 0, derive_roles(generated), roles).astype(np.int8)
+    return RowMeta(tuple(ids), row_request, positions, generated, tuple(bounds),
+                   tuple(labels), roles)
+
+
+def _check_role(i: int, s: monitor_pb2.RowSpan) -> None:
+    """Raise `bad_spans` unless span ``i``'s role is known and on the right side of
+    ``prompt_len``."""
+    role = int(s.role)
+    if not 0 < role < _N_ROLES:
+        raise _bad("bad_spans", f"spans[{i}].role: expected a TokenRole in 1..{_N_ROLES - 1}, "
+                                f"found {role} (request {s.request_id!r})")
+    end = s.start_position + s.n_rows
+    if role == TokenRole.GENERATED:
+        if s.start_position < s.prompt_len:
+            raise _bad("bad_spans", f"spans[{i}]: expected a GENERATED span to start at or "
+                                    f"after prompt_len={s.prompt_len}, found start_position="
+                                    f"{s.start_position} (request {s.request_id!r})")
+    elif end > s.prompt_len:
+        raise _bad("bad_spans", f"spans[{i}]: expected a {TokenRole(role).name} span to end "
+                                f"at or before prompt_len={s.prompt_len}, found it ends at "
+                                f"{end} (request {s.request_id!r})")
 
 
 def check_seq(last_seq: int, seq: int, max_gap: int = MAX_SEQ_GAP) -> int:
@@ -387,7 +434,7 @@ def decode_frame(
         seq=int(frame.seq), model=frame.model, layer=int(frame.layer), step=int(frame.step),
         x=x, request_ids=rows.request_ids, row_request=rows.row_request,
         positions=rows.positions, generated=rows.generated, span_bounds=rows.span_bounds,
-        nbytes=nbytes, wire_dtype=int(frame.dtype), hook_name=hook,
+        nbytes=nbytes, wire_dtype=int(frame.dtype), hook_name=hook, roles=rows.roles,
         correlation_ids=rows.correlation_ids,
     )
 
@@ -472,8 +519,8 @@ def encode_frame(
         seq: per-stream sequence number (strictly increasing, from 1).
         model: model identity string.
         layer: decoder layer index.
-        spans: `Span`, `RowSpan` or tuples `(request_id, n_rows, start_position, prompt_len)`
-            in row order.
+        spans: `Span`, `RowSpan` or tuples `(request_id, n_rows, start_position, prompt_len
+            [, role])` in row order.
         step: engine step (informational).
         hook_name: hook point of the rows (`monitor.wire.hooks`); empty = resid_post.
     """
@@ -487,7 +534,7 @@ def encode_frame(
             s = Span(*s)
         pb_spans.append(monitor_pb2.RowSpan(
             request_id=s.request_id, n_rows=s.n_rows,
-            start_position=s.start_position, prompt_len=s.prompt_len,
+            start_position=s.start_position, prompt_len=s.prompt_len, role=int(s.role),
             correlation_id=s.correlation_id,
         ))
     return monitor_pb2.ActivationFrame(
