@@ -653,9 +653,12 @@ def run_check(policy_path: str | Path, bundle_path: str | Path,
         print(f"error: {e}", file=out)
         return 1
     try:
-        from monitor.score.bundle import load_bundle  # late: judge must not need torch
+        from monitor.score.available import installed_backend  # late: judge needs no torch
+        from monitor.score.bundle import load_bundle
 
-        bundle = load_bundle(bundle_path)
+        # without torch (the slim image) the tensor values are not read: check needs
+        # names, layers and scopes, and the scorer reads the pinned ONNX graphs
+        bundle = load_bundle(bundle_path, load_tensors=installed_backend() == "torch")
     except Exception as e:
         print(f"error: bundle {bundle_path}: {e}", file=out)
         return 2

@@ -41,6 +41,7 @@ from monitor.judge.reload import PolicyHolder
 from monitor.judge.tracker import RequestTracker
 from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
+from monitor.report.otlp import OtlpAudit, otlp_configured
 from monitor.report.sinks import AlertContext, AlertDispatcher, make_dispatcher
 from monitor.report.verdicts import Reporter
 from monitor.roles import TokenRole, scope_roles
@@ -323,8 +324,13 @@ def build_app(config: ServerConfig) -> MonitorApp:
     metrics.set_bundle(bundle.name, bundle.sha256, bundle.model_name)
     metrics.set_policy(policy.version, policy.sha256, _thresholds(policy), policy.detectors)
     try:
+        otlp = OtlpAudit() if otlp_configured() else None
+    except RuntimeError as e:
+        raise StartupError(str(e)) from None
+    try:
         audit = AuditLog(config.audit_log, on_failure=metrics.audit_write_failures.inc,
-                         include_finals=config.audit_finals, stdout=config.audit_stdout)
+                         include_finals=config.audit_finals, stdout=config.audit_stdout,
+                         otlp=otlp)
     except OSError as e:
         raise StartupError(f"--audit-log {config.audit_log}: {e.strerror or e}") from None
     ctx = AlertContext.from_env(model_name=bundle.model_name, bundle_name=bundle.name,
