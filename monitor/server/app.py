@@ -323,6 +323,7 @@ def build_app(config: ServerConfig) -> MonitorApp:
                              "grpc": grpc.__version__})
     metrics.set_bundle(bundle.name, bundle.sha256, bundle.model_name)
     metrics.set_policy(policy.version, policy.sha256, _thresholds(policy), policy.detectors)
+    metrics.init_layer_series(scorer.layers)
     try:
         otlp = OtlpAudit() if otlp_configured() else None
     except RuntimeError as e:
