@@ -23,24 +23,22 @@ import statistics
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry
 
+from monitor.constants import RequestKey
+from monitor.judge.tracker import VerdictUpdate
 from monitor.report.sinks import AlertContext, AlertSinksConfig, make_dispatcher
 
 
-@dataclass
-class Upd:
-    request_id: str
-    detector: str = "harmful_intent"
-    score: float = 0.95
-    severity: str = "critical"
-    threshold: float = 0.9
-    crossed_at_position: int = 7
-    mode: str = "alert"
-    policy_version: str = "v1"
+def escalation(request_id: str) -> VerdictUpdate:
+    """A critical escalation of a mode-alert detector, as the tracker makes it."""
+    return VerdictUpdate(key=RequestKey("bench", request_id), detector="harmful_intent",
+                         score=0.95, peak_score=0.95, severity="critical", threshold=0.9,
+                         crossed_at_position=7, final=False, mode="alert",
+                         policy_version="v1", n_tokens_scored=8, n_tokens_unscored=0,
+                         escalated=True)
 
 
 class _Ok(BaseHTTPRequestHandler):
@@ -81,9 +79,9 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in arms}
     for i in range(args.n):
         for k, d in disp.items():  # interleaved
-            u = Upd(f"{k}-{i}")
+            u = escalation(f"{k}-{i}")
             t0 = time.perf_counter()
-            d.escalation(u)  # type: ignore[arg-type]
+            d.escalation(u)
             times[k].append(time.perf_counter() - t0)
     time.sleep(2.0)
     load = os.getloadavg()[0]
