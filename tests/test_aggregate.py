@@ -13,6 +13,7 @@ from monitor.judge.aggregate import (
     MeanAggregator,
     WindowMaxAggregator,
     make_aggregator,
+    span_end_rows,
 )
 from monitor.judge.policy import Aggregation
 
@@ -28,6 +29,10 @@ def naive(kind: str, scores: list[float], param: float | int | None = None) -> l
         elif kind == "mean":
             total += s
             state = total / (t + 1)
+        elif kind == "mean_logit":
+            q = min(max(s, 1e-6), 1 - 1e-6)
+            total += math.log(q) - math.log(1 - q)
+            state = 1 / (1 + math.exp(-total / (t + 1)))
         elif kind == "ema":
             alpha = 0.5 ** (1.0 / param)
             state = s if state is None else alpha * state + (1 - alpha) * s
@@ -47,6 +52,7 @@ def random_chunks(rng: np.random.Generator, x: np.ndarray) -> list[np.ndarray]:
 CASES = [
     Aggregation("max"),
     Aggregation("mean"),
+    Aggregation("mean_logit"),
     Aggregation("ema", half_life_tokens=0.5),
     Aggregation("ema", half_life_tokens=1.0),
     Aggregation("ema", half_life_tokens=7.3),
@@ -79,9 +85,11 @@ def test_matches_naive_reference_under_any_chunking(agg, seed):
             assert got.dtype == np.float64 and got.shape == chunk.shape
             outs.append(got)
         full = np.concatenate(outs)
-        np.testing.assert_allclose(full, ref, rtol=1e-12, atol=0)
+        # mean_logit: log1p vs log(1 - q) and the exp differ in the last bits
+        tol = 1e-9 if agg.kind == "mean_logit" else 1e-12
+        np.testing.assert_allclose(full, ref, rtol=tol, atol=0)
         assert a.n == n
-        assert a.value == pytest.approx(ref[-1], rel=1e-12)
+        assert a.value == pytest.approx(ref[-1], rel=tol)
         results.append(full)
     # chunking does not change a bit
     for r in results[1:]:
@@ -163,3 +171,26 @@ def test_long_stream_mean_is_accurate():
     for chunk in np.array_split(x, 977):
         last = a.update(chunk)
     assert math.isclose(last[-1], float(np.mean(x)), rel_tol=1e-12)
+
+
+def test_mean_logit_is_sigmoid_of_mean_logit_and_clips():
+    z = np.array([-3.0, 0.5, 2.0, 7.0])
+    p = 1 / (1 + np.exp(-z))
+    got = make_aggregator(Aggregation("mean_logit")).update(p)
+    want = 1 / (1 + np.exp(-np.cumsum(z) / np.arange(1, 5)))
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    # scores of exactly 0 and 1 (float32 saturation) stay finite: logit clipped to ±13.8
+    a = make_aggregator(Aggregation("mean_logit"))
+    out = a.update(np.array([1.0, 1.0, 0.0], dtype=np.float32))
+    assert np.all(np.isfinite(out))
+    edge = math.log((1 - 1e-6) / 1e-6)
+    assert out[0] == pytest.approx(1 / (1 + math.exp(-edge)), rel=1e-9)
+    assert out[2] == pytest.approx(1 / (1 + math.exp(-edge / 3)), rel=1e-6)
+    assert a.push(float("nan")) != a.push(0.5)  # NaN propagates, as for mean
+
+
+def test_span_end_rows_definition():
+    m = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1], dtype=bool)
+    assert span_end_rows(m).tolist() == [0, 0, 1, 0, 1, 0, 0, 0, 1]
+    assert span_end_rows(m, complete=False).tolist() == [0, 0, 1, 0, 1, 0, 0, 0, 0]
+    assert span_end_rows(np.zeros(0, bool)).size == 0

@@ -161,7 +161,12 @@ BASE = 'version: "1"\ndetectors:\n  harmful_intent:\n    thresholds: {warn: 0.5,
         (BASE + "    aggregation: {half_life_tokens: 4}\n", 5,
          "detectors.harmful_intent.aggregation.kind", "required"),
         (BASE + "    aggregation: median\n", 5, "detectors.harmful_intent.aggregation",
-         "expected one of max, mean, ema, window_max; found 'median'"),
+         "expected one of max, mean, mean_logit, ema, window_max; found 'median'"),
+        (BASE + "    judge_at: span_start\n", 5, "detectors.harmful_intent.judge_at",
+         "expected one of every_token, span_end; found 'span_start'"),
+        (BASE + "    aggregation: {kind: mean_logit, window_tokens: 4}\n", 5,
+         "detectors.harmful_intent.aggregation.window_tokens",
+         "only applies to kind window_max; this aggregation is kind mean_logit"),
         (BASE + "    min_tokens: -1\n", 5, "detectors.harmful_intent.min_tokens",
          "expected an integer >= 0; found -1"),
         (BASE + "    min_tokens: [1]\n", 5, "detectors.harmful_intent.min_tokens",
@@ -303,3 +308,16 @@ def test_run_check_exit_codes(tmp_path, monkeypatch):
     out = io.StringIO()
     assert run_check(broken, "b", out=out) == 1
     assert f"{broken}:3: detectors.other.mode" in out.getvalue()
+
+
+def test_judge_at_and_mean_logit_parse_and_merge():
+    p = parse_policy('version: "1"\ndefaults:\n  judge_at: span_end\n'
+                     "  thresholds: {warn: 0.5}\ndetectors:\n"
+                     "  a: {aggregation: mean_logit, scope: user}\n"
+                     "  b: {judge_at: every_token}\n  c:\n")
+    assert p.detectors["a"].judge_at == "span_end"
+    assert p.detectors["a"].aggregation.kind == "mean_logit"
+    assert p.detectors["b"].judge_at == "every_token"
+    assert p.detectors["c"].judge_at == "span_end"
+    assert parse_policy('version: "1"\ndetectors:\n  d: {thresholds: {warn: 0.5}}\n'
+                        ).detectors["d"].judge_at == "every_token"

@@ -282,15 +282,18 @@ detectors:
         assert final.score == pytest.approx(ref[-1], rel=1e-12)
 
 
+@pytest.mark.parametrize("judge_at", ["every_token", "span_end"])
 @pytest.mark.parametrize(
     "aggregation",
-    ["max", "mean", "{kind: ema, half_life_tokens: 1.5}", "{kind: window_max, window_tokens: 4}"],
+    ["max", "mean", "mean_logit", "{kind: ema, half_life_tokens: 1.5}",
+     "{kind: window_max, window_tokens: 4}"],
 )
 @pytest.mark.parametrize("scope", ["prompt", "generated", "both", "user", "[system, user]"])
-def test_single_token_path_equals_chunk_path(aggregation, scope):
+def test_single_token_path_equals_chunk_path(aggregation, scope, judge_at):
     text = (
         'version: "s"\ndetectors:\n  d:\n'
         f"    scope: {scope}\n    aggregation: {aggregation}\n    min_tokens: 3\n"
+        f"    judge_at: {judge_at}\n"
         "    thresholds: {warn: 0.6, critical: 0.8}\n"
     )
     rng = np.random.default_rng(11)
@@ -325,6 +328,114 @@ def test_single_token_path_equals_chunk_path(aggregation, scope):
     for u in chunk_ups:
         if u.escalated:
             assert crossings[u.severity] == u.crossed_at_position
+
+
+def span_end_reference(roles, scores, scope_roles, agg, min_tokens, thresholds):
+    """Plain loop: the aggregate over in-scope tokens, judged at the last token of each
+    run of in-scope rows (and at the last row); first position per severity."""
+    in_scope = [r in scope_roles for r in roles]
+    a = make_aggregator(agg)
+    first: dict[str, int] = {}
+    value = 0.0
+    for i, r in enumerate(roles):
+        if not in_scope[i]:
+            continue
+        if np.isfinite(scores[i]):
+            value = a.push(float(scores[i]))
+        end = i == len(roles) - 1 or not in_scope[i + 1]
+        if end and a.n >= max(1, min_tokens):
+            for sev, thr in thresholds:
+                if value >= thr and sev not in first:
+                    first[sev] = i
+    return first, a
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "mean_logit", "max"])
+def test_span_end_matches_reference_under_random_chunking(aggregation):
+    """judge_at: span_end judges only the last token of each user span (the next row is
+    out of scope, or the request finished), whatever the frame boundaries, in the chunk
+    path, the one-token path and mixed; finish judges a span still open."""
+    R = TokenRole
+    text = ('version: "s"\ndetectors:\n  u:\n    scope: user\n'
+            f"    aggregation: {aggregation}\n    min_tokens: 4\n    judge_at: span_end\n"
+            "    thresholds: {warn: 0.6, critical: 0.8}\n")
+    policy = pol(text)
+    det = policy.detectors["u"]
+    rng = np.random.default_rng(5)
+    n_checked_finish = n_prefix_would_cross = 0
+    for trial in range(60):
+        # system, then 1-3 user turns separated by template/assistant rows; maybe generated
+        parts = [np.full(int(rng.integers(0, 6)), R.SYSTEM)]
+        for _ in range(int(rng.integers(1, 4))):
+            parts += [np.full(int(rng.integers(1, 4)), R.TEMPLATE),
+                      np.full(int(rng.integers(1, 25)), R.USER)]
+            if rng.random() < 0.5:
+                parts.append(np.full(int(rng.integers(1, 6)), R.ASSISTANT))
+        if rng.random() < 0.7:
+            parts += [np.full(3, R.TEMPLATE), np.full(int(rng.integers(0, 8)), R.GENERATED)]
+        roles = np.concatenate(parts).astype(np.int8)
+        n = roles.size
+        level = rng.uniform(0.3, 0.9)  # some requests hot, some cold
+        scores = np.clip(rng.normal(level, 0.25, n), 0, 1).astype(np.float32)
+        scores[rng.random(n) < 0.02] = np.nan
+        gen = roles == R.GENERATED
+        positions = np.arange(n, dtype=np.int64)
+        expect, ref_agg = span_end_reference(roles.tolist(), scores, {R.USER},
+                                             det.aggregation, det.min_tokens, det.thresholds)
+        tr = RequestTracker(policy)
+        got: dict[str, int] = {}
+        cuts = np.sort(rng.integers(0, n + 1, int(rng.integers(0, 12))))
+        for sl in np.split(np.arange(n), cuts):
+            if sl.size and rng.random() < 0.3:  # this frame token by token
+                pieces = [sl[i:i + 1] for i in range(sl.size)]
+            else:
+                pieces = [sl]
+            for q in pieces:
+                for u in obs(tr, "r", "u", positions[q], scores[q], gen[q], roles[q]):
+                    got.setdefault(u.severity, u.crossed_at_position)
+        finals = tr.finish(K("r"))
+        for u in finals:
+            if u.escalated:
+                assert not u.final
+                n_checked_finish += 1
+                got.setdefault(u.severity, u.crossed_at_position)
+        (final,) = [u for u in finals if u.final]
+        assert got.get("critical") == expect.get("critical")
+        if "warn" in got:
+            assert got["warn"] == expect["warn"]
+        top = "critical" if "critical" in expect else ("warn" if expect else "none")
+        assert final.severity == top
+        assert final.crossed_at_position == expect.get(top, -1)
+        assert final.n_tokens_scored == ref_agg.n
+        for sev, p in expect.items():
+            assert roles[p] == R.USER and (p == n - 1 or roles[p + 1] != R.USER)
+        # every-token judging would have crossed on some prefix more often
+        a = make_aggregator(det.aggregation)
+        vals = [a.push(float(s)) for s, r in zip(scores, roles, strict=True)
+                if r == R.USER and np.isfinite(s)]
+        if any(v >= 0.6 for v in vals[det.min_tokens - 1:]) and "warn" not in expect \
+                and "critical" not in expect:
+            n_prefix_would_cross += 1
+    assert n_checked_finish > 0  # some requests ended inside a user span
+    if aggregation != "max":  # max never falls: judging prefixes changes nothing there
+        assert n_prefix_would_cross > 0  # the option changes what is judged
+
+
+def test_span_end_pending_survives_hot_reload_only_when_unchanged():
+    R = TokenRole
+    base = ('version: "{v}"\ndetectors:\n  u:\n    scope: user\n'
+            "    aggregation: mean\n    judge_at: {j}\n    thresholds: {{warn: 0.5}}\n")
+    tr = RequestTracker(pol(base.format(v="1", j="span_end")))
+    assert obs(tr, "r", "u", [0, 1, 2], [0.9, 0.9, 0.9], roles=[R.USER] * 3) == []
+    tr.set_policy(pol(base.format(v="2", j="span_end")))
+    (u,) = obs(tr, "r", "u", [3], [0.1], roles=[R.TEMPLATE])
+    assert u.severity == "warn" and u.crossed_at_position == 2
+    tr = RequestTracker(pol(base.format(v="1", j="span_end")))
+    obs(tr, "r", "u", [0, 1, 2], [0.9, 0.9, 0.9], roles=[R.USER] * 3)
+    tr.set_policy(pol(base.format(v="2", j="every_token")))
+    assert obs(tr, "r", "u", [3], [0.1], roles=[R.TEMPLATE]) == []  # pending dropped
+    (fin,) = tr.finish(K("r"))
+    assert fin.severity == "none"
 
 
 def test_set_policy_keeps_or_restarts_state():

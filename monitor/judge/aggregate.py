@@ -13,6 +13,13 @@ Python loop over random chunkings).
 - :class:`EmaAggregator`       ``a_1 = s_1``; ``a_t = α a_{t-1} + (1-α) s_t``,
   ``α = 0.5**(1/h)``                                               (``scipy.signal.lfilter``)
 - :class:`WindowMaxAggregator` ``a_t = max_{t-N < i <= t} s_i``    (van Herk/Gil-Werman)
+- :class:`MeanLogitAggregator` ``a_t = σ((1/t) Σ_{i<=t} logit(clip(s_i, ε, 1-ε)))``,
+  ``ε = LOGIT_EPS`` (the mean of the probe's logits: for a linear probe it is the logit
+  of the mean activation, the statistic a pooled probe is trained on)
+
+When a detector is judged (policy ``judge_at``) is defined here too, once, for the
+tracker and the probe toolkit: :func:`span_end_rows` (``every_token``: every token in
+scope; ``span_end``: the last token of each run of consecutive in-scope rows).
 
 No per-token Python loops: each chunk costs a few numpy calls, O(chunk) work (window_max:
 O(chunk + N)). State per aggregator is O(1), except window_max which keeps the last
@@ -29,13 +36,21 @@ from scipy.signal import lfilter
 from monitor.judge.policy import Aggregation
 
 __all__ = [
+    "LOGIT_EPS",
     "Aggregator",
     "EmaAggregator",
     "MaxAggregator",
     "MeanAggregator",
+    "MeanLogitAggregator",
     "WindowMaxAggregator",
     "make_aggregator",
+    "span_end_rows",
 ]
+
+#: Scores are clipped to ``[LOGIT_EPS, 1 - LOGIT_EPS]`` before ``logit`` in ``mean_logit``:
+#: a float32 sigmoid rounds to exactly 1.0 from ``z ≈ 16.6`` on, so ``logit`` of a served
+#: score is only trustworthy within ``±log((1-ε)/ε) = ±13.8`` (and must stay finite).
+LOGIT_EPS = 1e-6
 
 
 class Aggregator(Protocol):
@@ -231,12 +246,77 @@ class WindowMaxAggregator:
         return out
 
 
+class MeanLogitAggregator:
+    """``a_t = σ(L_t / t)`` with ``L_t = L_{t-1} + logit(clip(s_t, ε, 1-ε))`` summed
+    sequentially in float64 (``σ(x) = 1 / (1 + exp(-x))``, ``ε = LOGIT_EPS``).
+
+    The running sum is a :class:`MeanAggregator` over the clipped logits (``logit`` is
+    elementwise, so chunking cannot change a bit of the result; ``push`` uses the same
+    numpy ufuncs on a scalar). Scores are probabilities ``sigmoid(z_t)``, so for
+    ``|z_t| <= 13.8`` the aggregate is ``σ(mean_t z_t)``.
+    """
+
+    def __init__(self) -> None:
+        self._mean = MeanAggregator()
+        self.n = 0
+
+    @property
+    def value(self) -> float:
+        return float(_sigmoid(np.float64(self._mean.value))) if self.n else 0.0
+
+    def push(self, score: float) -> float:
+        self.n += 1
+        return float(_sigmoid(np.float64(self._mean.push(float(_logit(np.float64(score)))))))
+
+    def update(self, scores: np.ndarray) -> np.ndarray:
+        x = _as_chunk(scores)
+        if x.size == 0:
+            return x.copy()
+        self.n += x.size
+        return np.asarray(_sigmoid(self._mean.update(np.asarray(_logit(x)))))
+
+
+def _logit(p: np.ndarray | np.float64) -> np.ndarray:
+    """``log(q / (1 - q))`` with ``q = clip(p, ε, 1 - ε)`` (float64; NaN stays NaN)."""
+    q = np.clip(p, LOGIT_EPS, 1.0 - LOGIT_EPS)
+    return np.log(q) - np.log1p(-q)
+
+
+def _sigmoid(x: np.ndarray | np.float64) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` in float64 (``exp`` overflow to inf gives exactly 0)."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x))
+
+
+def span_end_rows(in_scope: np.ndarray, complete: bool = True) -> np.ndarray:
+    """Rows where a ``judge_at: span_end`` detector is judged: in-scope rows whose next
+    row (in row order) is out of scope, plus the last row when it is in scope and the
+    request is ``complete``.
+
+    ``in_scope`` bool [n]: the detector's scope mask over one request's rows in position
+    order (every row of the request, in scope or not: an out-of-scope row is what ends a
+    span). The tracker sees a request in chunks; it keeps a trailing in-scope row pending
+    until a later out-of-scope row arrives or the request finishes (then it is judged),
+    which selects exactly the rows this function selects on the whole request (tests
+    compare over random chunkings). Returns bool [n].
+    """
+    m = np.asarray(in_scope, dtype=bool).reshape(-1)
+    out = np.zeros(m.size, dtype=bool)
+    if m.size == 0:
+        return out
+    out[:-1] = m[:-1] & ~m[1:]
+    out[-1] = bool(m[-1]) and complete
+    return out
+
+
 def make_aggregator(agg: Aggregation) -> Aggregator:
     """A fresh aggregator for a policy :class:`~monitor.judge.policy.Aggregation`."""
     if agg.kind == "max":
         return MaxAggregator()
     if agg.kind == "mean":
         return MeanAggregator()
+    if agg.kind == "mean_logit":
+        return MeanLogitAggregator()
     if agg.kind == "ema":
         assert agg.half_life_tokens is not None
         return EmaAggregator(agg.half_life_tokens)

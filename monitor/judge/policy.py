@@ -7,8 +7,9 @@ A policy is a YAML file that safety teams edit (reference: ``policies/README.md`
     defaults:                        # optional, applies to every detector
       mode: observe                  # observe | alert | block
       scope: both                    # prompt | generated | both | role(s), see below
-      aggregation: {kind: max}       # max | mean | ema | window_max
+      aggregation: {kind: max}       # max | mean | mean_logit | ema | window_max
       min_tokens: 1                  # no severity before this many scored tokens
+      judge_at: every_token          # every_token | span_end (see below)
       thresholds: {warn: 0.5, critical: 0.9}
     detectors:                       # required mapping (may be empty)
       harmful_intent:
@@ -23,6 +24,14 @@ generation prompt), ``tool``, ``other`` (prompt tokens in no chat message, e.g. 
 completion prompts or clients that send no roles), e.g. ``scope: user`` or
 ``scope: [system, user]``. A list is stored sorted and joined by commas
 (``"system,user"``).
+
+``judge_at`` says when the running aggregate is compared with the thresholds:
+``every_token`` (built-in default) after every scored token in scope, i.e. every prefix
+of the scope is judged; ``span_end`` only at the last token of each run of consecutive
+in-scope tokens (``monitor.judge.aggregate.span_end_rows``): when a token out of scope
+follows (e.g. the chat template after the user's message) or the request finishes. With
+``scope: user`` and ``span_end`` a request is judged on the user's whole message, the
+statistic a pooled probe is trained on, not on its short prefixes.
 
 Merge rule: a detector field replaces the ``defaults`` field of the same name as a
 whole (``thresholds`` and ``aggregation`` are not merged key by key: parameters belong
@@ -55,6 +64,7 @@ from monitor.roles import SCOPE_WORDS, canonical_scope
 
 __all__ = [
     "AGGREGATION_KINDS",
+    "JUDGE_AT",
     "MAX_WINDOW_TOKENS",
     "MODES",
     "SCOPES",
@@ -71,7 +81,10 @@ __all__ = [
     "run_check",
 ]
 
-AGGREGATION_KINDS: tuple[str, ...] = ("max", "mean", "ema", "window_max")
+AGGREGATION_KINDS: tuple[str, ...] = ("max", "mean", "mean_logit", "ema", "window_max")
+#: When a detector's aggregate is judged (see the module doc): every token in scope, or
+#: only at the end of each span of in-scope tokens.
+JUDGE_AT: tuple[str, ...] = ("every_token", "span_end")
 #: Upper bound on ``window_tokens``: the tracker keeps ``window_tokens - 1`` floats per
 #: live request and detector, so the bound caps memory (8 bytes x 65535 x requests).
 MAX_WINDOW_TOKENS = 65536
@@ -87,6 +100,7 @@ CALIBRATION_SLACK = 0.05
 _PARAMS_BY_KIND: dict[str, tuple[str, ...]] = {
     "max": (),
     "mean": (),
+    "mean_logit": (),
     "ema": ("half_life_tokens",),
     "window_max": ("window_tokens",),
 }
@@ -120,6 +134,8 @@ class Aggregation:
 
     - ``max``:        ``a_t = max_{i<=t} s_i``
     - ``mean``:       ``a_t = (1/t) Σ_{i<=t} s_i``
+    - ``mean_logit``: ``a_t = σ((1/t) Σ_{i<=t} logit(clip(s_i, ε, 1-ε)))``, ``ε = 1e-6``
+      (``monitor.judge.aggregate.LOGIT_EPS``): the mean of the probe's logits
     - ``ema``:        ``a_1 = s_1``, ``a_t = α a_{t-1} + (1-α) s_t``, ``α = 0.5**(1/h)``
       with ``h = half_life_tokens`` (a token's weight halves every ``h`` tokens)
     - ``window_max``: ``a_t = max_{max(1, t-N+1) <= i <= t} s_i`` with ``N = window_tokens``
@@ -158,8 +174,10 @@ class DetectorPolicy:
 
     ``thresholds`` is ascending by severity and by value, e.g.
     ``(("warn", 0.5), ("critical", 0.9))``; a detector may have only one of the two.
-    A severity is reached at the first scored token in scope, counted from the
-    ``min_tokens``-th on, where the running aggregate is ``>=`` its threshold.
+    A severity is reached at the first judged token in scope, counted from the
+    ``min_tokens``-th scored one on, where the running aggregate is ``>=`` its threshold;
+    ``judge_at`` says which tokens are judged (``every_token``, or ``span_end``: the last
+    token of each run of in-scope tokens).
     """
 
     name: str
@@ -168,6 +186,7 @@ class DetectorPolicy:
     aggregation: Aggregation
     min_tokens: int
     thresholds: tuple[tuple[str, float], ...]
+    judge_at: str = "every_token"
 
     def threshold(self, severity: str) -> float | None:
         """The threshold of ``severity``, or None when this detector has none for it."""
@@ -186,6 +205,7 @@ class PolicyDefaults:
     aggregation: Aggregation = field(default_factory=lambda: Aggregation("max"))
     min_tokens: int = 1
     thresholds: tuple[tuple[str, float], ...] = ()
+    judge_at: str = "every_token"
 
 
 @dataclass(frozen=True)
@@ -364,7 +384,7 @@ class _Parser:
     def fields(self, node: yaml.Node, path: str) -> dict[str, tuple[Any, yaml.Node]]:
         """Parse the detector-level fields common to ``defaults`` and each detector."""
         entries = self.mapping(
-            node, path, ("mode", "scope", "aggregation", "min_tokens", "thresholds")
+            node, path, ("mode", "scope", "aggregation", "min_tokens", "judge_at", "thresholds")
         )
         out: dict[str, tuple[Any, yaml.Node]] = {}
         for name, (key_node, vnode) in entries.items():
@@ -372,6 +392,8 @@ class _Parser:
             value: Any
             if name == "mode":
                 value = self.choice(vnode, sub, MODES)
+            elif name == "judge_at":
+                value = self.choice(vnode, sub, JUDGE_AT)
             elif name == "scope":
                 value = self.scope(vnode, sub)
             elif name == "aggregation":
@@ -491,6 +513,7 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
             aggregation=own["aggregation"][0] if "aggregation" in own else base.aggregation,
             min_tokens=own["min_tokens"][0] if "min_tokens" in own else base.min_tokens,
             thresholds=thresholds,
+            judge_at=own["judge_at"][0] if "judge_at" in own else base.judge_at,
         )
     return Policy(
         version=version,

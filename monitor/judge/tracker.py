@@ -4,8 +4,16 @@ The tracker turns scored tokens into :class:`VerdictUpdate`\\ s. For one request
 detector of the policy it keeps a streaming aggregate (``monitor.judge.aggregate``) of
 the scores of tokens in the detector's scope and judges it against the thresholds:
 
-- a severity is reached at the first token ``t`` (counting tokens in scope since the
-  aggregator started, ``t >= min_tokens``) where ``a_t >= threshold``;
+- a severity is reached at the first judged token ``t`` (counting tokens in scope since
+  the aggregator started, ``t >= min_tokens``) where ``a_t >= threshold``. Judged tokens
+  (policy ``judge_at``): ``every_token``, every token in scope; ``span_end``, the last
+  token of each run of in-scope rows (``monitor.judge.aggregate.span_end_rows``). A
+  stream cannot know that an in-scope token ends its span until the next row arrives, so
+  the last in-scope token seen is kept *pending* (its position, aggregate and count)
+  until an out-of-scope row at a greater position arrives (in the same or a later
+  frame), which judges it, or the request finishes: ``finish`` judges it and, when that
+  reaches a severity, returns the escalation (``escalated=True``, not final) before the
+  finals. A crossing's position is the judged (span-end) token's;
 - severities are sticky: the verdict keeps the highest severity reached, with the
   position where it was first reached, even when the aggregate falls back later;
 - ``observe`` returns an update only on escalation (a new, higher severity: an alert
@@ -100,6 +108,11 @@ class _DetectorState:
     threshold: float = 0.0
     crossed_at: int = -1
     peak: float = 0.0
+    #: span_end: the last in-scope token seen, not yet known to end its span (-1: none),
+    #: with the aggregate and the aggregate's count after it.
+    pending_pos: int = -1
+    pending_value: float = 0.0
+    pending_n: int = 0
 
 
 @dataclass
@@ -221,20 +234,18 @@ class RequestTracker:
                                      float(sc[0]))
 
         mask = self._in_scope(pol.scope, rol)
+        if pol.judge_at == "span_end":
+            ends = np.sort(pos[~mask]) if mask is not None else np.empty(0, np.int64)
+            if mask is not None:
+                pos, sc = pos[mask], sc[mask]
+            return self._observe_span_end(key, detector, st, pos, sc, ends)
         if mask is not None:
             pos, sc = pos[mask], sc[mask]
         if pos.size == 0:
             return []
-        # Keep a token only when its position exceeds every position before it.
-        prev_max = np.maximum.accumulate(np.concatenate(([st.last_position], pos[:-1])))
-        fresh = pos > prev_max
-        n_dup = int(pos.size - np.count_nonzero(fresh))
-        if n_dup:
-            self.duplicates_dropped += n_dup
-            pos, sc = pos[fresh], sc[fresh]
+        pos, sc = self._fresh(st, pos, sc)
         if pos.size == 0:
             return []
-        st.last_position = int(pos[-1])
         finite = np.isfinite(sc)
         if not finite.all():
             n_bad = int(sc.size - np.count_nonzero(finite))
@@ -248,19 +259,83 @@ class RequestTracker:
         values = st.agg.update(sc)
         st.n_scored += int(sc.size)
         st.peak = max(st.peak, float(values.max()))
-
         # First token index eligible for judging (1-based count t >= min_tokens).
         start = max(0, pol.min_tokens - 1 - n_before)
+        return self._judge(key, detector, st, pos[start:], values[start:])
+
+    def _fresh(self, st: _DetectorState, pos: np.ndarray, sc: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Drop (and count) in-scope tokens at positions not above every earlier one."""
+        if pos.size == 0:
+            return pos, sc
+        prev_max = np.maximum.accumulate(np.concatenate(([st.last_position], pos[:-1])))
+        fresh = pos > prev_max
+        n_dup = int(pos.size - np.count_nonzero(fresh))
+        if n_dup:
+            self.duplicates_dropped += n_dup
+            pos, sc = pos[fresh], sc[fresh]
+        if pos.size:
+            st.last_position = int(pos[-1])
+        return pos, sc
+
+    def _observe_span_end(self, key: RequestKey, detector: str, st: _DetectorState,
+                          pos: np.ndarray, sc: np.ndarray, out_pos: np.ndarray
+                          ) -> list[VerdictUpdate]:
+        """:meth:`observe` for ``judge_at: span_end``. ``pos``/``sc``: the in-scope rows;
+        ``out_pos``: sorted positions of the out-of-scope rows of the same chunk.
+
+        Candidates are the pending token (if any) and the fresh in-scope tokens, in
+        position order; candidate ``j`` ends its span when some out-of-scope position lies
+        strictly between it and candidate ``j+1`` (or above it, for the last). Each
+        candidate carries the aggregate after it (a non-finite score leaves the aggregate
+        as it was) and the aggregate's count, judged when ``count >= max(1, min_tokens)``.
+        """
+        pol = st.policy
+        pos, sc = self._fresh(st, pos, sc)
+        n_before, v_before = st.agg.n, st.agg.value
+        finite = np.isfinite(sc)
+        n_bad = int(sc.size - np.count_nonzero(finite))
+        if n_bad:
+            self.nonfinite_scores += n_bad
+            st.n_unscored += n_bad
+        values = st.agg.update(sc[finite])
+        st.n_scored += int(values.size)
+        if values.size:
+            st.peak = max(st.peak, float(values.max()))
+        idx = np.cumsum(finite) - 1  # per fresh token: its last finite score in `values`
+        tok_val = np.concatenate(([v_before], values))[idx + 1]
+        tok_n = n_before + idx + 1
+        if st.pending_pos >= 0:
+            c_pos = np.concatenate(([st.pending_pos], pos))
+            c_val = np.concatenate(([st.pending_value], tok_val))
+            c_n = np.concatenate(([st.pending_n], tok_n))
+        else:
+            c_pos, c_val, c_n = pos, tok_val, tok_n
+        if c_pos.size == 0:
+            return []
+        nxt = np.concatenate((c_pos[1:], [np.iinfo(np.int64).max]))
+        ended = (np.searchsorted(out_pos, nxt, "left")
+                 - np.searchsorted(out_pos, c_pos, "right")) > 0
+        if ended[-1]:
+            st.pending_pos = -1
+        else:
+            st.pending_pos = int(c_pos[-1])
+            st.pending_value, st.pending_n = float(c_val[-1]), int(c_n[-1])
+        judged = ended & (c_n >= max(1, pol.min_tokens))
+        return self._judge(key, detector, st, c_pos[judged], c_val[judged])
+
+    def _judge(self, key: RequestKey, detector: str, st: _DetectorState,
+               pos: np.ndarray, values: np.ndarray) -> list[VerdictUpdate]:
+        """Judge aggregates ``values`` at tokens ``pos`` (in order): ``[]`` or one update
+        carrying the highest severity newly reached (at its first crossing)."""
         new_sev = None
         rank = SEVERITY_RANK[st.severity]
-        if start < values.size:
-            eligible = values[start:]
-            for sev, thr in pol.thresholds:  # ascending: the last hit is the highest
-                if SEVERITY_RANK[sev] <= rank:
-                    continue
-                hits = np.flatnonzero(eligible >= thr)
-                if hits.size:
-                    new_sev = (sev, thr, int(pos[start + hits[0]]))
+        for sev, thr in st.policy.thresholds:  # ascending: the last hit is the highest
+            if SEVERITY_RANK[sev] <= rank:
+                continue
+            hits = np.flatnonzero(values >= thr)
+            if hits.size:
+                new_sev = (sev, thr, int(pos[hits[0]]))
         if new_sev is None:
             return []
         st.severity, st.threshold, st.crossed_at = new_sev
@@ -272,7 +347,13 @@ class RequestTracker:
     ) -> list[VerdictUpdate]:
         """:meth:`observe` for a single token, in plain Python (same semantics)."""
         pol = st.policy
+        span_end = pol.judge_at == "span_end"
         if not scope_mask(pol.scope)[role]:
+            if span_end and 0 <= st.pending_pos < pos:  # the pending span ended
+                p, v, n = st.pending_pos, st.pending_value, st.pending_n
+                st.pending_pos = -1
+                if n >= max(1, pol.min_tokens):
+                    return self._judge(key, detector, st, np.array([p]), np.array([v]))
             return []
         if pos <= st.last_position:
             self.duplicates_dropped += 1
@@ -281,11 +362,16 @@ class RequestTracker:
         if not math.isfinite(score):
             self.nonfinite_scores += 1
             st.n_unscored += 1
+            if span_end:
+                st.pending_pos, st.pending_value, st.pending_n = pos, st.agg.value, st.agg.n
             return []
         value = st.agg.push(score)
         st.n_scored += 1
         if value > st.peak:
             st.peak = value
+        if span_end:
+            st.pending_pos, st.pending_value, st.pending_n = pos, value, st.agg.n
+            return []
         if st.agg.n < pol.min_tokens:
             return []
         rank = SEVERITY_RANK[st.severity]
@@ -330,7 +416,9 @@ class RequestTracker:
 
     def finish(self, key: RequestKey, *, known: bool = False) -> list[VerdictUpdate]:
         """Final verdicts, one per policy detector (zero-token ones with severity none),
-        and release the request's state.
+        and release the request's state. A ``span_end`` detector's pending span is judged
+        first; a severity it reaches comes as an escalation (``escalated=True``,
+        ``final=False``) before the finals.
 
         A key without state returns ``[]`` and is counted in ``unknown_finished``,
         unless ``known`` (the caller vouches the request existed, e.g. it had rows only on
@@ -342,6 +430,12 @@ class RequestTracker:
                 return []
             req = _RequestState()
         out = []
+        for name, st in req.detectors.items():
+            if st.pending_pos >= 0 and st.policy.judge_at == "span_end":
+                p, v, n = st.pending_pos, st.pending_value, st.pending_n
+                st.pending_pos = -1
+                if n >= max(1, st.policy.min_tokens):
+                    out += self._judge(key, name, st, np.array([p]), np.array([v]))
         for name, pol in self.policy.detectors.items():
             st = req.detectors.get(name)
             if st is None:
@@ -355,7 +449,8 @@ class RequestTracker:
         Per live (request, detector): a detector no longer in the policy loses its state;
         when its aggregation is unchanged the accumulated aggregate is kept; when it
         changed, the aggregator restarts empty (``min_tokens`` then counts from the
-        restart, since the new aggregate has seen nothing). Either way the counts,
+        restart, since the new aggregate has seen nothing, and a pending ``span_end`` token
+        is dropped). Either way the counts,
         peak, last position and the sticky severity already reached (with its
         threshold and position) are kept — alerts already sent are not taken back. New
         thresholds, scope, mode and ``min_tokens`` apply from the next token.
@@ -370,6 +465,9 @@ class RequestTracker:
                     continue
                 if pol.aggregation != st.policy.aggregation:
                     st.agg = make_aggregator(pol.aggregation)
+                    st.pending_pos = -1  # its aggregate belongs to the old aggregation
+                if pol.judge_at != "span_end":
+                    st.pending_pos = -1
                 st.policy = pol
 
     # -------------------------------------------------------------------- outputs

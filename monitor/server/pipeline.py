@@ -353,8 +353,11 @@ class Pipeline:
         self.registry.retire(c.key)
         self.metrics.requests_finished.labels(model_name=self.model_name,
                                               reason=c.reason.value).inc()
-        for u in updates:
-            self.reporter.final(u)
+        for u in updates:  # a span_end escalation judged at finish, then the finals
+            if u.final:
+                self.reporter.final(u)
+            else:
+                self.reporter.escalation(u)
             if c.owner is not None:
                 c.owner.post(verdict_message(u))
         self._publish_registry()
