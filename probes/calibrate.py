@@ -47,7 +47,8 @@ def calibrate(benign: np.ndarray, fprs: Sequence[float] = (0.01, 0.001),
 def policy_snippet(detectors: dict[str, dict[str, Any]], version: str = "probes-suggested",
                    mode: str = "observe") -> str:
     """A policy YAML (policies/ format) for detectors given as
-    ``{name: {scope, aggregation, min_tokens, thresholds: {warn, critical}, note}}``."""
+    ``{name: {scope, aggregation, min_tokens, judge_at (optional), thresholds: {warn,
+    critical}, note}}``."""
     lines = [f'version: "{version}"',
              "description: suggested by probes from the bundle's calibration "
              "(warn = 1% FPR, critical = 0.1% FPR on benign traffic)",
@@ -61,6 +62,7 @@ def policy_snippet(detectors: dict[str, dict[str, Any]], version: str = "probes-
         lines += [f"  {name}:", f"    scope: {d['scope']}",
                   f"    aggregation: {{kind: {agg['kind']}{params}}}",
                   f"    min_tokens: {int(d['min_tokens'])}",
+                  *([f"    judge_at: {d['judge_at']}"] if d.get("judge_at") else []),
                   "    thresholds:",
                   f"      warn: {d['thresholds']['warn']:.6g}",
                   f"      critical: {d['thresholds']['critical']:.6g}"]

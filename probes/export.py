@@ -47,6 +47,8 @@ class DetectorResult:
     token_labels: str
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: the policy ``judge_at`` the statistic was computed (and calibrated) with
+    judge_at: str = "every_token"
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -149,19 +151,23 @@ def export_bundle(out: Path, results: Sequence[DetectorResult], *, model_name: s
             "provenance": _clean({
                 "method": p.method, "C": p.C, "layer": int(p.layer),
                 "aggregation": r.aggregation, "min_tokens": r.min_tokens,
-                "token_labels": r.token_labels,
+                "judge_at": r.judge_at, "token_labels": r.token_labels,
                 "datasets": r.datasets,
                 "metrics": _slim_metrics(r.metrics),
                 "selection": "chosen on validation data only (leave-one-source-out for "
                              "harmful_intent; top candidates in REPORT.md); test sources "
                              "never used for a choice or a threshold",
-                "request_statistic": "max over t >= min_tokens of the running aggregate "
-                                     "(monitor.judge.aggregate)",
+                "request_statistic": "max over judged t >= min_tokens of the running "
+                                     "aggregate (monitor.judge.aggregate; judged: "
+                                     + ("every token" if r.judge_at == "every_token" else
+                                        "the last token of each span in scope") + ")",
                 "toolkit": "probes (safety-probes)",
             }),
         })
         policy[r.name] = {"scope": r.scope, "aggregation": r.aggregation,
-                          "min_tokens": r.min_tokens, "thresholds": thr,
+                          "min_tokens": r.min_tokens,
+                          **({"judge_at": r.judge_at} if r.judge_at != "every_token" else {}),
+                          "thresholds": thr,
                           "note": f"layer {p.layer} {p.method}, "
                                   f"{aggregation_name(r.aggregation)}; warn = 1% FPR, "
                                   "critical = 0.1% FPR on benign traffic"}

@@ -6,10 +6,14 @@ What is served and what is trained (they agree by construction):
   (:func:`token_roles`, :func:`scope_mask`: the segmenter the capture plugin runs).
 - **Per-token score** ``s_t = sigmoid(z_t)``, ``z_t = ((x_t − μ)/σ)·w + b`` at one layer
   (the bundle's ``linear_probe``).
-- **Request statistic** ``S = max_{t ≥ m} a_t`` with the policy aggregation ``a_t``
-  (``mean``: ``a_t = (1/t) Σ_{i≤t} s_i``; ``ema``) computed by ``monitor.judge.aggregate``
-  via :func:`probes.train.aggregate_requests`: exactly the tracker's rule "a severity is
-  reached at the first token ``t ≥ min_tokens`` where ``a_t ≥ threshold``".
+- **Request statistic** ``S = max_{t ≥ m, t judged} a_t`` with the policy aggregation
+  ``a_t`` (``mean``: ``a_t = (1/t) Σ_{i≤t} s_i``; ``mean_logit``: ``σ`` of the mean of
+  the clipped logits; ``ema``) and the policy's ``judge_at`` (``every_token``: every
+  prefix is judged; ``span_end``: only where the user's text ends), computed by
+  ``monitor.judge.aggregate`` via :func:`probes.train.aggregate_requests`: exactly the
+  tracker's rule "a severity is reached at the first judged token ``t ≥ min_tokens``
+  where ``a_t ≥ threshold``". With ``mean_logit`` at ``span_end`` over one user message,
+  ``S = σ(mean_t z_t) = σ(z(x̄))``: the served statistic IS the trained one.
 - **Training** fits ``w, b`` by L2 logistic regression on the request-level mean of the
   user-token activations, ``x̄ = (1/T) Σ_t x_t``. Because ``z`` is affine,
   ``z(x̄) = (1/T) Σ_t z_t``: the trained logit is the mean of the served per-token logits;
@@ -107,13 +111,15 @@ def pooled_features(acts: Activations, layer: int, mask: np.ndarray) -> np.ndarr
 
 def served_scores(probe: LinearProbe, acts: Activations, mask: np.ndarray,
                   agg: dict[str, Any], min_tokens: int,
-                  rows: np.ndarray | None = None) -> np.ndarray:
+                  rows: np.ndarray | None = None, judge_at: str = "every_token"
+                  ) -> np.ndarray:
     """The request statistic the monitor alerts on (see module doc), per example.
     ``rows``: the masked rows of ``probe.layer`` as float32 when the caller has them."""
     x = acts.x[probe.layer][mask] if rows is None else rows
     scores = np.zeros(acts.n_rows, dtype=np.float32)
     scores[mask] = probe.scores(x)
-    return aggregate_requests(scores, acts.example, acts.n_examples, agg, min_tokens, mask)
+    return aggregate_requests(scores, acts.example, acts.n_examples, agg, min_tokens, mask,
+                              judge_at)
 
 
 @dataclass
@@ -143,10 +149,11 @@ class SourceData:
             self.rows32[layer] = self.acts.x[layer][self.mask].astype(np.float32)
         return self.rows32[layer]
 
-    def served(self, probe: LinearProbe, agg: dict[str, Any], min_tokens: int) -> np.ndarray:
+    def served(self, probe: LinearProbe, agg: dict[str, Any], min_tokens: int,
+               judge_at: str = "every_token") -> np.ndarray:
         """:func:`served_scores` of this source."""
         return served_scores(probe, self.acts, self.mask, agg, min_tokens,
-                             self.rows(probe.layer))
+                             self.rows(probe.layer), judge_at)
 
     def prefix_features(self, layer: int, min_tokens: int, k: int
                         ) -> tuple[np.ndarray, np.ndarray]:
@@ -248,6 +255,7 @@ class Config:
     min_tokens: int
     scale: float = 1.0
     prefixes: int = 0
+    judge_at: str = "every_token"
 
     @property
     def agg(self) -> dict[str, Any]:
@@ -258,7 +266,7 @@ class Config:
 
         return (f"L{self.layer} C={self.C:g} scary×{self.scary_weight:g} "
                 f"{aggregation_name(self.agg)} m={self.min_tokens} scale={self.scale:g} "
-                f"prefix-negatives={self.prefixes}")
+                f"prefix-negatives={self.prefixes} judge_at={self.judge_at}")
 
 
 def scaled(probe: LinearProbe, scale: float) -> LinearProbe:
@@ -272,20 +280,24 @@ def kind_weights(scary_weight: float) -> dict[str, float]:
     return {"scary": scary_weight, "persona": scary_weight}
 
 
+Served = tuple[dict[str, Any], int, float, str]
+"""One served read-out: ``(aggregation, min_tokens, scale, judge_at)``."""
+
+
 def _read_outs(p: LinearProbe, d: SourceData, layer: int,
-               served: Sequence[tuple[dict[str, Any], int, float]]) -> list[np.ndarray]:
+               served: Sequence[Served]) -> list[np.ndarray]:
     """``[pooled logit, served statistic for each of served]`` for all of ``d``'s examples
     (the pooled logit unsquashed: float32 sigmoids of large logits would tie at 1.0)."""
     zp = ((d.features(layer) - p.mean) / p.std) @ p.weight + p.bias
     out = [zp.astype(np.float64)]
     z = p.logits(d.rows(layer))
     toks: dict[float, np.ndarray] = {}
-    for agg, m, scale in served:
+    for agg, m, scale, judge_at in served:
         if scale not in toks:
             toks[scale] = np.zeros(d.acts.n_rows, dtype=np.float32)
             toks[scale][d.mask] = _sigmoid(scale * z)
         out.append(aggregate_requests(toks[scale], d.acts.example, d.acts.n_examples, agg, m,
-                                      d.mask))
+                                      d.mask, judge_at))
     return out
 
 
@@ -302,7 +314,7 @@ class Fold:
 
 def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
                cal_idx: dict[str, np.ndarray], layer: int, C: float, scary_weight: float,
-               served: Sequence[tuple[dict[str, Any], int, float]],
+               served: Sequence[Served],
                prefixes: int = 0) -> list[Fold]:
     """For each training source, a probe fit on the other sources' ``fit_idx`` rows
     scores ALL of that source's rows and the other sources' ``cal_idx`` rows."""
@@ -399,16 +411,23 @@ CS = (1e-3, 1e-2)
 PREFIXES = (0, 8)
 """Benign prefix negatives searched (0 = full-request means only)."""
 SCARY_WEIGHTS = (1.0, 3.0)
-SERVED: tuple[tuple[dict[str, Any], int, float], ...] = tuple(
-    (agg, m, scale)
-    for agg, m in (({"kind": "mean"}, 2), ({"kind": "mean"}, 4),
-                   ({"kind": "ema", "half_life_tokens": 8.0}, 4))
-    for scale in (1.0, 0.05))
-"""Served read-outs searched: ``(aggregation, min_tokens, scale)``. Aggregations: running
-mean and EMA (a rolling mean whose maximum over the request is taken). ``scale``
-multiplies the probe's weight and bias: at a small scale ``sigmoid(scale·z) ≈ ½ +
-scale·z/4`` is nearly linear, so the served mean of per-token scores ranks requests like
-the trained mean logit (thresholds are calibrated on the served statistic either way)."""
+SERVED: tuple[Served, ...] = (
+    *((agg, m, scale, "every_token")
+      for agg, m in (({"kind": "mean"}, 2), ({"kind": "mean"}, 4),
+                     ({"kind": "ema", "half_life_tokens": 8.0}, 4))
+      for scale in (1.0, 0.05)),
+    ({"kind": "mean_logit"}, 4, 1.0, "every_token"),
+    ({"kind": "mean_logit"}, 1, 1.0, "span_end"),
+    ({"kind": "mean"}, 1, 1.0, "span_end"),
+)
+"""Served read-outs searched: ``(aggregation, min_tokens, scale, judge_at)``.
+Aggregations: running mean, EMA (a rolling mean whose maximum over the request is taken)
+and ``mean_logit`` (σ of the mean logit). ``scale`` multiplies the probe's weight and bias:
+at a small scale ``sigmoid(scale·z) ≈ ½ + scale·z/4`` is nearly linear, so the served mean
+of per-token scores ranks requests like the trained mean logit (thresholds are calibrated
+on the served statistic either way); ``mean_logit`` needs no such scaling. ``judge_at:
+span_end`` judges the aggregate only where the user's text ends (with ``mean_logit`` over
+one user message: exactly the trained pooled logit), ``every_token`` every prefix."""
 CALIB_FRAC = 0.3
 """Share of every benign training source held back from fitting, for the thresholds."""
 
@@ -496,7 +515,7 @@ def split_calibration(train: Sequence[SourceData], seed: int = 0
 def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
            cal_idx: dict[str, np.ndarray], layers: Sequence[int] = SEARCH_LAYERS,
            Cs: Sequence[float] = CS, scary_weights: Sequence[float] = SCARY_WEIGHTS,
-           served: Sequence[tuple[dict[str, Any], int, float]] = SERVED,
+           served: Sequence[Served] = SERVED,
            prefixes: Sequence[int] = PREFIXES, progress: bool = True
            ) -> tuple[Config, list[dict[str, Any]]]:
     """Leave-one-source-out search (:func:`loso_folds`, :func:`fold_metrics`). Returns the
@@ -518,9 +537,10 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
             if k == 0:
                 agg_name, m = "pooled logit (not servable)", 0
             else:
-                agg, m, scale = served[k - 1]
-                agg_name = aggregation_name(agg) + (f" scale={scale:g}" if scale != 1 else "")
-                cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m, scale, pf)
+                agg, m, scale, judge_at = served[k - 1]
+                agg_name = (aggregation_name(agg) + (f" scale={scale:g}" if scale != 1 else "")
+                            + (f" @{judge_at}" if judge_at != "every_token" else ""))
+                cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m, scale, pf, judge_at)
                 if best is None or met["criterion"] > best[0]:
                     best = (met["criterion"], cfg)
             table.append({"layer": lay, "C": c, "scary_weight": sw, "prefix_negatives": pf,
@@ -644,7 +664,7 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
         else:
             p = fit_pooled(parts, cfg.layer, cfg.C, kw, cfg.prefixes)
         p = scaled(p, cfg.scale)
-        s = np.concatenate([d.served(p, cfg.agg, cfg.min_tokens) for d in test])
+        s = np.concatenate([d.served(p, cfg.agg, cfg.min_tokens, cfg.judge_at) for d in test])
         m = pooled_metrics(y, s)
         rows.append({"train_fraction": fr if fr == "shuffled" else float(fr),
                      "n_train": int(sum(i.size for _, i in parts)),
@@ -657,7 +677,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
                           sources: Sequence[Source] | None = None,
                           layers: Sequence[int] = LAYERS, Cs: Sequence[float] = CS,
                           scary_weights: Sequence[float] = SCARY_WEIGHTS,
-                          served: Sequence[tuple[dict[str, Any], int, float]] = SERVED,
+                          served: Sequence[Served] = SERVED,
                           prefixes: Sequence[int] = PREFIXES,
                           limit: int | None = None, explore_readouts: bool = True,
                           seed: int = 0, progress: bool = True) -> Any:
@@ -683,7 +703,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
                               kind_weights(cfg.scary_weight), cfg.prefixes), cfg.scale)
 
     def served_of(d: SourceData) -> np.ndarray:
-        return d.served(probe, cfg.agg, cfg.min_tokens)
+        return d.served(probe, cfg.agg, cfg.min_tokens, cfg.judge_at)
 
     cal_parts = [(d, served_of(d)[cal_idx[d.name]]) for d in train if cal_idx[d.name].size]
     s_cal = np.concatenate([s for _, s in cal_parts])
@@ -697,7 +717,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     ref_neg = np.concatenate([s for d, s in test_scores.values() if d.source.kind != "harmful"])
     # out-of-source scores of the training sources under the chosen config (validation)
     folds = loso_folds(train, fit_idx, cal_idx, cfg.layer, cfg.C, cfg.scary_weight,
-                       [(cfg.agg, cfg.min_tokens, cfg.scale)], cfg.prefixes)
+                       [(cfg.agg, cfg.min_tokens, cfg.scale, cfg.judge_at)], cfg.prefixes)
     y_test = np.concatenate([np.full(s.size, d.source.kind == "harmful")
                              for d, s in test_scores.values()]).astype(np.int8)
     s_test = np.concatenate([s for _, s in test_scores.values()])
@@ -705,8 +725,8 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
 
     pooled = evaluate_scores(y_test, s_test, None, thr)
     pooled["auroc_ci"] = auroc_ci(y_test, s_test)
-    # the same probe read out as the request-level mean logit (not servable: the monitor
-    # judges every prefix), to show what the served statistic costs on the test sources
+    # the same probe read out as the request-level mean logit (servable as mean_logit at
+    # span_end), to show what the chosen served statistic costs on the test sources
     z_test = np.concatenate([((d.features(cfg.layer) - probe.mean) / probe.std) @ probe.weight
                              for d, _ in test_scores.values()])
     pooled["mean_logit.auroc"] = auroc(y_test, z_test)
@@ -722,7 +742,8 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     }
     if explore_readouts:
         metrics["readouts"] = explore(train, fit_idx, cal_idx, cfg, layers)
-    cal.update({"aggregation": cfg.agg, "min_tokens": cfg.min_tokens, "scope": scope})
+    cal.update({"aggregation": cfg.agg, "min_tokens": cfg.min_tokens, "scope": scope,
+                "judge_at": cfg.judge_at})
     scores = {"test (pooled)": (y_test, s_test)}
     for d, s in test_scores.values():
         scores[d.name] = (np.full(s.size, int(d.source.kind == "harmful")), s)
@@ -731,7 +752,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
         name="harmful_intent",
         description=f"the user asks for help causing serious harm ({scope} tokens)",
         probe=probe, scope=scope, aggregation=cfg.agg, min_tokens=cfg.min_tokens,
-        calibration=cal, metrics=metrics, selection=table[:16],
+        judge_at=cfg.judge_at, calibration=cal, metrics=metrics, selection=table[:16],
         datasets=[f"{d.name} ({d.source.kind}, {len(d.examples)}: "
                   f"{fit_idx[d.name].size} fit, {cal_idx[d.name].size} calibration)"
                   for d in train] +

@@ -67,7 +67,8 @@ def confusion(results: Sequence[DetectorResult], collector: Any, cache_dir: Path
                                          cache_dir=cache_dir, progress=progress,
                                          desc=name[:20])
                 mask = scope_mask(token_roles(acts, exs, collector), scope)
-            s = served_scores(r.probe, acts, mask, r.aggregation, r.min_tokens)
+            s = served_scores(r.probe, acts, mask, r.aggregation, r.min_tokens,
+                              judge_at=r.judge_at)
             lines.append(f"| harmful_intent | {name} | {s.size} | {rate(s, r.thresholds['warn'])}"
                          f" | {rate(s, r.thresholds['critical'])} |")
         ps = r.metrics["test_sources"].get("personas_test")

@@ -176,24 +176,40 @@ def running_aggregate(scores: np.ndarray, agg: dict[str, Any]) -> np.ndarray:
 
 def aggregate_requests(scores: np.ndarray, example: np.ndarray, n_examples: int,
                        agg: dict[str, Any], min_tokens: int = 1,
-                       in_scope: np.ndarray | None = None) -> np.ndarray:
-    """Request statistic ``S = max_{t ≥ min_tokens} a_t`` per example (rows must be in
-    position order within each example; ``in_scope`` masks rows out of the scope)."""
-    if in_scope is not None:
-        scores, example = scores[in_scope], example[in_scope]
+                       in_scope: np.ndarray | None = None,
+                       judge_at: str = "every_token") -> np.ndarray:
+    """Request statistic per example: ``S = max a_t`` over the judged tokens ``t`` with
+    ``t ≥ min_tokens`` (0 when there is none). Judged tokens, as the tracker's policy
+    ``judge_at``: ``every_token``, every in-scope token; ``span_end``, the last token of
+    each run of in-scope rows (``monitor.judge.aggregate.span_end_rows`` on the example's
+    rows; the example is complete). Rows must be in position order within each example
+    and hold every row of it (an out-of-scope row ends a span); ``in_scope`` masks rows
+    out of the scope (None: all in scope)."""
+    from monitor.judge.aggregate import span_end_rows
+
+    if judge_at not in ("every_token", "span_end"):
+        raise ValueError(f"judge_at: expected every_token or span_end; found {judge_at!r}")
+    if in_scope is None:
+        in_scope = np.ones(example.size, dtype=bool)
     out = np.zeros(n_examples, dtype=np.float64)
     if example.size == 0:
         return out
     order = np.argsort(example, kind="stable")
-    ex, sc = example[order], scores[order]
+    ex, sc, m = example[order], scores[order], np.asarray(in_scope, dtype=bool)[order]
     bounds = np.flatnonzero(np.diff(ex)) + 1
     starts = np.concatenate([[0], bounds])
     ends = np.concatenate([bounds, [ex.size]])
     for s, e in zip(starts, ends, strict=True):
-        if e - s < min_tokens:
+        mm = m[s:e]
+        n = int(np.count_nonzero(mm))
+        if n == 0 or n < min_tokens:
             continue
-        a = running_aggregate(sc[s:e], agg)
-        out[ex[s]] = float(a[min_tokens - 1:].max())
+        a = running_aggregate(sc[s:e][mm], agg)
+        judged = np.arange(1, n + 1) >= min_tokens
+        if judge_at == "span_end":
+            judged &= span_end_rows(mm)[mm]
+        if judged.any():
+            out[ex[s]] = float(a[judged].max())
     return out
 
 

@@ -31,6 +31,7 @@ class _Result:
     selection: list[dict[str, Any]] = field(default_factory=list)
     datasets: list[str] = field(default_factory=lambda: ["synthetic"])
     token_labels: str = "synthetic"
+    judge_at: str = "every_token"
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -50,7 +51,7 @@ def test_export_roundtrip_scores_match(tmp_path: Path) -> None:
     from probes.export import export_bundle
 
     d = 32
-    results = [_Result("harmful_intent", _probe(2, d, 0)),
+    results = [_Result("harmful_intent", _probe(2, d, 0), judge_at="span_end"),
                _Result("deception", _probe(3, d, 1), scope="generated",
                        aggregation={"kind": "mean"})]
     bundle = export_bundle(tmp_path, results, model_name="m", d_model=d, n_layers=6,
@@ -69,6 +70,9 @@ def test_export_roundtrip_scores_match(tmp_path: Path) -> None:
         np.testing.assert_allclose(out[:, col], r.probe.scores(x), rtol=1e-4, atol=1e-5)
     pol = load_policy(tmp_path / "policy.suggested.yaml")
     assert pol.detectors["harmful_intent"].aggregation.kind == "ema"
+    assert pol.detectors["harmful_intent"].judge_at == "span_end"
+    assert pol.detectors["deception"].judge_at == "every_token"
+    assert loaded.detectors[0].provenance["judge_at"] == "span_end"
     assert pol.detectors["deception"].scope == "generated"
     assert not [w for w in check_policy(pol, loaded) if "below" in w]
 

@@ -107,3 +107,56 @@ def test_request_statistic_respects_min_tokens_and_scope() -> None:
     assert m[0] == pytest.approx(max(np.cumsum(scores[:5])[4:] / 5))
     scope = np.array([False] * 5 + [True] * 7)
     assert aggregate_requests(scores, example, 3, {"kind": "max"}, 1, scope)[0] == 0.0
+
+
+def test_span_end_statistic_is_what_the_tracker_judges() -> None:
+    """The toolkit's request statistic under judge_at: span_end equals the aggregate the
+    tracker judges: random roles, several user spans, random frame chunking; the highest
+    judged aggregate crosses a threshold placed just below it (and one just above: not)."""
+    from monitor.constants import RequestKey
+    from monitor.judge.policy import parse_policy
+    from monitor.judge.tracker import RequestTracker
+    from monitor.roles import TokenRole as R
+
+    rng = np.random.default_rng(2)
+    for trial in range(40):
+        n = int(rng.integers(2, 80))
+        roles = rng.choice([R.SYSTEM, R.USER, R.USER, R.TEMPLATE], n).astype(np.int8)
+        scores = rng.random(n).astype(np.float32)
+        in_scope = roles == R.USER
+        for agg in ("mean", "mean_logit"):
+            s = float(aggregate_requests(scores, np.zeros(n, np.int64), 1, {"kind": agg}, 2,
+                                         in_scope, "span_end")[0])
+            every = aggregate_requests(scores, np.zeros(n, np.int64), 1, {"kind": agg}, 2,
+                                       in_scope)[0]
+            assert s <= every + 1e-12  # span ends are a subset of the prefixes
+            if s == 0.0 or not 1e-6 < s < 1 - 1e-6:
+                continue
+            for thr, crosses in ((s - 1e-9, True), (min(s + 1e-9, 1 - 1e-9), False)):
+                pol = parse_policy(f'version: "t"\ndetectors:\n  d:\n    scope: user\n'
+                                   f"    aggregation: {agg}\n    min_tokens: 2\n"
+                                   f"    judge_at: span_end\n    thresholds: {{warn: {thr!r}}}\n")
+                tr = RequestTracker(pol)
+                key = RequestKey("c", str(trial))
+                ups = []
+                for sl in np.array_split(np.arange(n), int(rng.integers(1, 6))):
+                    ups += tr.observe(key, "d", sl.astype(np.int64), np.zeros(sl.size, bool),
+                                      scores[sl], roles[sl])
+                ups += tr.finish(key)
+                assert (ups[-1].severity == "warn") == crosses, (trial, agg, s)
+
+
+def test_span_end_statistic_known_values() -> None:
+    # one request: user 0.9 0.9 | template | user 0.1 0.1 0.1 0.1  -> judged after each span
+    scores = np.array([0.9, 0.9, 0.5, 0.1, 0.1, 0.1, 0.1])
+    scope = np.array([1, 1, 0, 1, 1, 1, 1], bool)
+    ex = np.zeros(7, np.int64)
+    s = aggregate_requests(scores, ex, 1, {"kind": "mean"}, 1, scope, "span_end")
+    assert s[0] == pytest.approx(0.9)  # first span end: mean 0.9; second: 2.2/6
+    s = aggregate_requests(scores, ex, 1, {"kind": "mean"}, 3, scope, "span_end")
+    assert s[0] == pytest.approx(2.2 / 6)  # min_tokens 3: the first span end is too early
+    z = np.log(0.9 / 0.1)
+    s = aggregate_requests(scores, ex, 1, {"kind": "mean_logit"}, 1, scope, "span_end")
+    assert s[0] == pytest.approx(1 / (1 + np.exp(-z)))
+    with pytest.raises(ValueError, match="judge_at"):
+        aggregate_requests(scores, ex, 1, {"kind": "mean"}, 1, scope, "span_start")

@@ -337,7 +337,7 @@ def span_end_reference(roles, scores, scope_roles, agg, min_tokens, thresholds):
     a = make_aggregator(agg)
     first: dict[str, int] = {}
     value = 0.0
-    for i, r in enumerate(roles):
+    for i in range(len(roles)):
         if not in_scope[i]:
             continue
         if np.isfinite(scores[i]):
@@ -363,7 +363,7 @@ def test_span_end_matches_reference_under_random_chunking(aggregation):
     det = policy.detectors["u"]
     rng = np.random.default_rng(5)
     n_checked_finish = n_prefix_would_cross = 0
-    for trial in range(60):
+    for _ in range(60):
         # system, then 1-3 user turns separated by template/assistant rows; maybe generated
         parts = [np.full(int(rng.integers(0, 6)), R.SYSTEM)]
         for _ in range(int(rng.integers(1, 4))):
@@ -407,7 +407,7 @@ def test_span_end_matches_reference_under_random_chunking(aggregation):
         assert final.severity == top
         assert final.crossed_at_position == expect.get(top, -1)
         assert final.n_tokens_scored == ref_agg.n
-        for sev, p in expect.items():
+        for p in expect.values():
             assert roles[p] == R.USER and (p == n - 1 or roles[p + 1] != R.USER)
         # every-token judging would have crossed on some prefix more often
         a = make_aggregator(det.aggregation)
