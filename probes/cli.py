@@ -49,11 +49,13 @@ def cmd_build_default(args: argparse.Namespace) -> int:
     results = build_default(Path(args.out), model_path=args.model, cache_dir=args.cache,
                             detectors=args.detectors.split(","), scope=args.scope,
                             progress=not args.quiet, model_name=args.model_name,
-                            layers=_layers(args.layers) if args.layers else None)
+                            layers=_layers(args.layers) if args.layers else None,
+                            judge_at=args.judge_at)
     from probes.calibrate import policy_snippet
 
     print(policy_snippet({r.name: {"scope": r.scope, "aggregation": r.aggregation,
-                                   "min_tokens": r.min_tokens, "thresholds": r.thresholds}
+                                   "min_tokens": r.min_tokens, "judge_at": r.judge_at,
+                                   "thresholds": r.thresholds}
                           for r in results}))
     for r in results:
         print(f"{r.name}: layer {r.probe.layer} {r.probe.method}", json.dumps(
@@ -159,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "$SAFETY_MONITOR_CACHE/probes)")
     b.add_argument("--scope", default="user", choices=("user", "prompt"),
                    help="harmful_intent token scope (user: the user's message content)")
+    b.add_argument("--judge-at", default="span_end", choices=("span_end", "every_token", "any"),
+                   help="when harmful_intent is judged (policy judge_at): span_end (once, where "
+                        "the user's text ends: the statistic the probe is trained on), "
+                        "every_token (every prefix), any (searched on validation)")
     b.add_argument("--detectors", default="harmful_intent,deception")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_build_default)

@@ -428,6 +428,21 @@ of per-token scores ranks requests like the trained mean logit (thresholds are c
 on the served statistic either way); ``mean_logit`` needs no such scaling. ``judge_at:
 span_end`` judges the aggregate only where the user's text ends (with ``mean_logit`` over
 one user message: exactly the trained pooled logit), ``every_token`` every prefix."""
+
+
+def search_space(judge_at: str) -> tuple[tuple[Served, ...], tuple[int, ...]]:
+    """Served read-outs and prefix-negative counts searched for a ``judge_at`` choice:
+    ``any`` (all of :data:`SERVED`, :data:`PREFIXES`), ``every_token`` or ``span_end``
+    (only read-outs judged that way; ``span_end`` fits on full-request means only, since
+    no prefix of a span is judged)."""
+    if judge_at == "any":
+        return SERVED, PREFIXES
+    if judge_at not in ("every_token", "span_end"):
+        raise ValueError(f"judge_at: expected any, every_token or span_end; found {judge_at!r}")
+    served = tuple(s for s in SERVED if s[3] == judge_at)
+    return served, ((0,) if judge_at == "span_end" else PREFIXES)
+
+
 CALIB_FRAC = 0.3
 """Share of every benign training source held back from fitting, for the thresholds."""
 

@@ -108,12 +108,14 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   detectors: Sequence[str] = ("harmful_intent", "deception"),
                   scope: str = "user", progress: bool = True, seed: int = 0,
                   model_name: str | None = None, layers: Sequence[int] | None = None,
-                  ) -> list[DetectorResult]:
+                  judge_at: str = "span_end") -> list[DetectorResult]:
     """Build the default bundle (+ its ONNX graphs, REPORT.md, PNGs,
     policy.suggested.yaml) into ``out``.
 
     ``scope``: the harmful-intent token scope, ``user`` (the user's message content, as
-    ``monitor.roles`` labels it) or ``prompt`` (every prompt token).
+    ``monitor.roles`` labels it) or ``prompt`` (every prompt token). ``judge_at``: when
+    harmful_intent's aggregate is judged (policy ``judge_at``; ``any``: searched on
+    validation with the rest), see ``probes.harmful.search_space``.
 
     With ``model_path`` (a user's HF folder) the same recipes run on that model: the bundle
     is for ``model_name`` (the identity vLLM serves it as, ``SAFETY_MONITOR_MODEL``;
@@ -141,8 +143,10 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
 
     results: list[DetectorResult] = []
     if "harmful_intent" in detectors:
+        served, prefixes = harmful.search_space(judge_at)
         results.append(harmful.harmful_intent_recipe(collector, cache_dir, scope=scope,
                                                      seed=seed, progress=progress,
+                                                     served=served, prefixes=prefixes,
                                                      **lay(harmful.LAYERS)))
     if "deception" in detectors:
         results.append(deception.deception_recipe(collector, cache_dir, seed=seed,

@@ -456,6 +456,47 @@ def test_role_scoped_policy_over_a_real_socket(start_server: Callable[..., Monit
     assert got == {"user": 8, "template": 8, "other": 8, "system": 0}
 
 
+SPAN_END_POLICY = ROLE_POLICY.replace('"roles-v1"', '"span-end-v1"').replace(
+    "scope: user", "scope: user\n    judge_at: span_end")
+assert "judge_at: span_end" in SPAN_END_POLICY
+
+
+def test_span_end_policy_over_a_real_socket(start_server: Callable[..., MonitorServer],
+                                            geometry: dict) -> None:
+    """`judge_at: span_end` judges the user span once, at its last token: when the user
+    span ends in a later frame (template rows arrive) the alert comes with that frame;
+    when the request finishes inside the span, the escalation is sent (and counted as an
+    alert) just before the final verdict; positions are the span's last token."""
+    srv = start_server(policy_text=SPAN_END_POLICY, extra=["--policy-watch-s", "0"],
+                       name="spanend")
+    R = TokenRole
+    split, open_, cold = rid("split"), rid("open"), rid("cold")
+    x = make_rows(geometry, "harmful_intent", 6, pushed=[4])
+    out = stream(srv, [
+        # split: template 0-1, user 2-5 (hot at 4) | next frame: template 6-7
+        frame_msg(1, 2, x, [Span(split, 2, 0, 6, R.TEMPLATE), Span(split, 4, 2, 6, R.USER)]),
+        frame_msg(2, 2, make_rows(geometry, "harmful_intent", 2),
+                  [Span(split, 2, 6, 8, R.TEMPLATE)]),
+        # open: template 0-1, user 2-5 (hot at 4), then the request finishes
+        frame_msg(3, 2, x, [Span(open_, 2, 0, 6, R.TEMPLATE), Span(open_, 4, 2, 6, R.USER)]),
+        # cold: the whole user span is cold
+        frame_msg(4, 2, make_rows(geometry, "harmful_intent", 8),
+                  [Span(cold, 2, 0, 8, R.TEMPLATE), Span(cold, 4, 2, 8, R.USER),
+                   Span(cold, 2, 6, 8, R.TEMPLATE)]),
+        fin(split), fin(open_), fin(cold)])
+    assert not errors(out), errors(out)
+    for r in (split, open_):
+        (esc,) = [v for v in verdicts(out, r, final=False) if v.detector == "harmful_intent"]
+        (f,) = [v for v in verdicts(out, r, final=True) if v.detector == "harmful_intent"]
+        assert (esc.severity, esc.crossed_at_position) == (monitor_pb2.SEVERITY_CRITICAL, 5)
+        assert (f.severity, f.crossed_at_position, f.n_tokens_scored) == (
+            monitor_pb2.SEVERITY_CRITICAL, 5, 4)
+    (f,) = [v for v in verdicts(out, cold, final=True) if v.detector == "harmful_intent"]
+    assert f.severity == monitor_pb2.SEVERITY_NONE
+    assert srv.metric("safety_monitor_alerts_total", detector="harmful_intent",
+                      severity="critical", mode="alert") == 2
+
+
 def test_oversized_frame_in_stream(server: MonitorServer, geometry: dict) -> None:
     n = MAX_FRAME // (D_MODEL * 4) + 8  # above max_frame_bytes, below the gRPC limit
     r, ok_id = rid("big"), rid("ok")
