@@ -535,7 +535,8 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
            ) -> tuple[Config, list[dict[str, Any]]]:
     """Leave-one-source-out search (:func:`loso_folds`, :func:`fold_metrics`). Returns the
     best *servable* config and the whole table (``pooled logit`` rows: the request-level
-    sigmoid of the mean logit, a reference the monitor cannot serve)."""
+    sigmoid of the mean logit over all in-scope rows, the reference; ``mean_logit`` at
+    ``span_end`` serves it for single-message requests)."""
     from tqdm.auto import tqdm
 
     from probes.train import aggregation_name
@@ -550,7 +551,7 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
         for k in range(len(served) + 1):
             met = fold_metrics(folds, k)
             if k == 0:
-                agg_name, m = "pooled logit (not servable)", 0
+                agg_name, m = "pooled logit (reference)", 0
             else:
                 agg, m, scale, judge_at = served[k - 1]
                 agg_name = (aggregation_name(agg) + (f" scale={scale:g}" if scale != 1 else "")

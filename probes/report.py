@@ -138,7 +138,8 @@ def _harmful_section(r: Any) -> list[str]:
               f"{_fmt(pooled.get('tpr@warn', float('nan')))}, FPR@warn "
               f"{_fmt(pooled.get('fpr@warn', float('nan')))} (n pos {pooled['n_pos']}, "
               f"n neg {pooled['n_neg']}). The same probe read out as the request-level "
-              f"mean logit (not servable: the monitor judges every prefix): AUROC "
+              f"mean logit over all in-scope tokens (what `mean_logit` at `judge_at: "
+              f"span_end` serves for one user message): AUROC "
               f"{_fmt(pooled.get('mean_logit.auroc', float('nan')))}, TPR@1%FPR "
               f"{_fmt(pooled.get('mean_logit.tpr@fpr0.01', float('nan')))}.", "",
               f"Calibration hold-back: n = {m['calibration_set']['n']}, FPR@warn "
@@ -232,7 +233,9 @@ def write_report(out: Path, results: Sequence[Any], model_name: str,
              "Built by `python -m probes build-default --out bundles/default` "
              "(see docs/PROBES.md). All numbers are **request-level, as served**: per-token "
              "scores over the detector's scope, aggregated with the chosen aggregation, "
-             "request score `S = max_{t >= min_tokens} a_t`; thresholds `warn`/`critical` "
+             "request score `S = max a_t` over the judged tokens `t >= min_tokens` (policy "
+             "`judge_at`: every token, or the last token of each span in scope); thresholds "
+             "`warn`/`critical` "
              "= 1% / 0.1% FPR on the benign calibration set. Test sources were not used for "
              "any choice.", "", "## Summary (the README's quality table)", "",
              *summary_table(results), ""]
