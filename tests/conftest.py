@@ -47,6 +47,18 @@ detectors:
 """
 
 
+#: Reconnect quickly while a server starts: gRPC's default backoff grows to 120 s, so a
+#: slow start on a loaded machine could leave the channel waiting past the start timeout.
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100),
+                  ("grpc.min_reconnect_backoff_ms", 100),
+                  ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def plain_channel(target: str) -> grpc.Channel:
+    """An insecure channel to `target` that reconnects at least once a second."""
+    return grpc.insecure_channel(target, options=FAST_RECONNECT)
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -79,10 +91,16 @@ def geometry(bundle_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 class MonitorServer:
-    """A `safety-monitor serve` subprocess on free ports."""
+    """A `safety-monitor serve` subprocess on free ports.
+
+    By default it runs this checkout's code with the test interpreter; ``python`` runs
+    another interpreter's *installed* package instead (cwd = ``workdir``, no PYTHONPATH).
+    """
 
     def __init__(self, workdir: Path, bundle: Path, policy_text: str | None = POLICY_V1,
-                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 extra: list[str] | None = None, env: dict[str, str] | None = None,
+                 python: str | None = None,
+                 channel: Callable[[str], grpc.Channel] = plain_channel) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -90,7 +108,7 @@ class MonitorServer:
         self.audit_path = workdir / "audit.jsonl"
         self.log_path = workdir / "server.log"
         self.policy_path: Path | None = None
-        args = [sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(bundle),
+        args = [python or sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(bundle),
                 "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                 "--audit-log", str(self.audit_path)]
         if policy_text is not None:
@@ -99,10 +117,12 @@ class MonitorServer:
             args += ["--policy", str(self.policy_path)]
         args += extra or []
         full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
+        if python is not None:
+            full_env.pop("PYTHONPATH")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(self.target)
+        self.proc = subprocess.Popen(args, cwd=workdir if python else REPO, env=full_env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.channel = channel(self.target)  # e.g. a TLS channel (tests/test_access.py)
         self._wait_serving()
 
     @property
@@ -186,8 +206,10 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path
     started: list[MonitorServer] = []
 
     def start(policy_text: str | None = POLICY_V1, extra: list[str] | None = None,
-              name: str = "server") -> MonitorServer:
-        srv = MonitorServer(tmp_path_factory.mktemp(name), bundle_dir, policy_text, extra)
+              name: str = "server",
+              channel: Callable[[str], grpc.Channel] = plain_channel) -> MonitorServer:
+        srv = MonitorServer(tmp_path_factory.mktemp(name), bundle_dir, policy_text, extra,
+                            channel=channel)
         started.append(srv)
         return srv
 

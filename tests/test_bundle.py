@@ -321,7 +321,7 @@ FIELD_CASES = [
                                  {"component": "probe", "weight": 2.0}]),
      "detectors[0].inputs[1].component", ["each component at most once", "'probe' again"]),
     (_set("detectors/0/token_scope", "everything"), "detectors[0].token_scope",
-     ["one of ['prompt', 'generated', 'both']", '"everything"']),
+     ["one of ['prompt', 'generated', 'both', 'system', 'user'", '"everything"']),
     (_set("detectors/0/default_thresholds", {"warn": 0.9, "critical": 0.5}),
      "detectors[0].default_thresholds.warn", ["warn < critical (0.5), found 0.9"]),
     (_set("detectors/0/default_thresholds", {"warn": 0.5, "critical": 1.0}),

@@ -23,6 +23,7 @@ CHART = ROOT / "helm" / "safety-monitor"
 DASHBOARD = ROOT / "deploy" / "grafana" / "safety-monitor.json"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
+SUGGESTED_POLICY = ROOT / "bundles" / "default" / "policy.suggested.yaml"
 
 # The metrics the dashboard may query (exposition names).
 DASHBOARD_METRICS = frozenset({
@@ -95,9 +96,22 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _stage(ins: list[tuple[str, str]], name: str | None = None) -> list[tuple[str, str]]:
+    """The instructions of stage ``name`` (None: the last, docker's default target),
+    preceded by those of the stages it is built FROM (``FROM runtime-base AS runtime``)."""
+    starts = [i for i, (op, _) in enumerate(ins) if op == "FROM"]
+    stages = {}
+    for a, b in zip(starts, [*starts[1:], len(ins)], strict=True):
+        words = ins[a][1].split()
+        stages[words[-1] if len(words) == 3 and words[1].upper() == "AS" else str(a)] = \
+            ins[a:b]
+    body = stages[name] if name is not None else ins[starts[-1]:]
+    base = body[0][1].split()[0]
+    return (_stage(ins, base) if base in stages else []) + body
+
+
 def _final_stage(ins: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    last = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
-    return ins[last:]
+    return _stage(ins)
 
 
 def _serve_flags() -> set[str]:
@@ -155,6 +169,27 @@ def test_dockerfile_runtime_stage(serve_flags):
     text = DOCKERFILE.read_text()
     assert "download.pytorch.org/whl/cpu" in text and "[probes" not in text
     assert "/var/lib/safety-monitor" in text
+
+
+def test_dockerfile_slim_stage_has_no_torch():
+    """sidecar-slim: the runtime stage's user, ports and defaults, the torch-free venv."""
+    ins = _instructions(DOCKERFILE)
+    slim = _stage(ins, "sidecar-slim")
+    assert ("COPY", "--from=build-slim /opt/venv /opt/venv") in slim
+    assert not any("--from=build " in rest for _, rest in slim)
+    assert [rest for op, rest in slim if op == "USER"][-1].split(":")[0] == "10001"
+    entry = json.loads(next(rest for op, rest in reversed(slim) if op == "ENTRYPOINT"))
+    # auto takes the one backend installed: onnxruntime here, torch in `runtime`
+    assert entry[entry.index("--backend") + 1] == "auto"
+    build = " ".join(rest for op, rest in _stage(ins, "build-slim") if op == "RUN")
+    assert "torch" not in build.replace("'torch' not in sys.modules", "").replace(
+        '! python -c "import torch"', "")
+    assert "[onnx]" in build and "'torch' not in sys.modules" in build
+    runtime = _final_stage(ins)
+    assert ("COPY", "--from=build /opt/venv /opt/venv") in runtime
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    deps = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert "torch" not in deps, "torch in the base dependencies would enter the slim image"
 
 
 def test_dockerignore_keeps_build_inputs():
@@ -544,6 +579,17 @@ def test_plain_sidecar(chart, serve_flags):
     assert {"name": "SAFETY_MONITOR_ADDR", "value": "127.0.0.1:50051"} in vllm["env"]
 
 
+def test_slim_image_and_backend(chart, serve_flags):
+    default = container(pod_spec(render(chart)), "safety-monitor", True)
+    assert "--backend=auto" in default["command"]
+    spec = pod_spec(render(chart, {"sidecar": {"backend": "onnxruntime",
+                                               "image": {"tag": "0.1.0-slim"}}}))
+    mon = container(spec, "safety-monitor", True)
+    assert mon["image"] == "safety-monitor:0.1.0-slim"
+    assert "--backend=onnxruntime" in mon["command"]
+    check_monitor_container(mon, serve_flags)
+
+
 def test_grpc_port_is_one_setting(chart, serve_flags):
     docs = render(chart, {"sidecar": {"grpcPort": 6000}})
     spec = pod_spec(docs)
@@ -564,7 +610,8 @@ def test_policy_configmap(chart):
     text = cm["data"]["policy.yaml"]
     pol = parse_policy(text, "configmap")
     assert pol.detectors
-    assert text.strip() == (ROOT / "policies" / "default.yaml").read_text().strip()
+    # the bundle's calibrated policy, not the placeholder
+    assert text.strip() == SUGGESTED_POLICY.read_text().strip()
     custom = "version: custom-1\ndetectors:\n  x:\n    thresholds: {warn: 0.5, critical: 0.8}\n"
     cm = next(d for d in kinds(render(chart, {"policy": {"content": custom}}), "ConfigMap")
               if d["metadata"]["name"].endswith("-policy"))
@@ -629,7 +676,101 @@ def test_vllm_chart_mode(chart):
                           "metrics": {"podMonitor": {"enabled": True}}})
     assert not kinds(docs, "Deployment") and not kinds(docs, "NetworkPolicy")
     assert one(docs, "Service")["spec"]["selector"] == sel
-    assert one(docs, "PodMonitor")["spec"]["selector"]["matchLabels"] == sel
+    pm = one(docs, "PodMonitor")
+    assert pm["spec"]["selector"]["matchLabels"] == sel
+    # vLLM's chart names its container port "container-port": scrape that, not "http"
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["monitor-metrics",
+                                                                      "container-port"]
+    docs = render(chart, {"metrics": {"podMonitor": {"enabled": True}}})
+    assert [e["port"] for e in one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]] == [
+        "monitor-metrics", "http"]
+
+
+def test_values_schema_rejects_typos_and_wrong_types(chart, helm):
+    chart.validate_schema({})  # the defaults
+    for bad, where in (({"sidecar": {"nativ": True}}, "'nativ' not allowed"),
+                       ({"sidecar": {"grpcPort": "50051"}}, "want integer"),
+                       ({"alerts": {"alertmanager": {"urls": ["am:9093"]}}}, "pattern"),
+                       ({"alerts": {"resendSeconds": 0}}, "/alerts/resendSeconds"),
+                       ({"bundle": {"source": "s3"}}, "must be one of"),
+                       ({"prometheusRule": {"disabledAlert": []}}, "not allowed")):
+        with pytest.raises(helm.HelmValuesError, match=where):
+            chart.validate_schema(bad)
+        with pytest.raises(helm.HelmValuesError):
+            render(chart, bad)  # install / template refuse them too
+
+
+def render_on(chart, kube_version: str, values: dict | None = None) -> dict[str, str]:
+    """Render against a given cluster version (the SDK's native render takes
+    `kube_version`; its Python wrapper does not expose it yet)."""
+    from helm_python import _native
+
+    return json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values or {}),
+                                          json.dumps({"kube_version": kube_version})))
+
+
+def test_kube_version(chart, helm):
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert meta["kubeVersion"] == ">=1.25.0-0"
+    with pytest.raises(helm.HelmRenderError, match=r"needs Kubernetes >= 1.29"):
+        render_on(chart, "v1.28.0")  # native sidecars need 1.29
+    assert render_on(chart, "v1.28.0", {"sidecar": {"native": False}})  # the fallback mode
+    assert render_on(chart, "v1.29.0")
+    # (Chart.yaml's kubeVersion itself is enforced by `helm install`, not by rendering)
+
+
+def test_alert_delivery_settings_and_secrets(chart):
+    values = {"alerts": {"alertmanager": {"urls": ["http://am-0:9093", "http://am-1:9093"]},
+                         "webhook": {"urlSecret": {"name": "hook-url", "key": "url"},
+                                     "secret": {"existingSecret": "hook-hmac"}}}}
+    docs = render(chart, values)
+    spec = pod_spec(docs)
+    c = spec["initContainers"][0]
+    args = c["command"]
+    assert args.count("--alertmanager-url=http://am-0:9093") == 1
+    assert "--alertmanager-url=http://am-1:9093" in args
+    # the URL comes from the Secret through an env var; the HMAC key as a mounted file
+    assert "--webhook-url=$(SAFETY_MONITOR_WEBHOOK_URL)" in args
+    assert "--webhook-secret-file=/etc/safety-monitor/webhook/webhook-secret" in args
+    env = {e["name"]: e for e in c["env"]}
+    assert env["SAFETY_MONITOR_WEBHOOK_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "hook-url", "key": "url"}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert not any("value" in e and "hook" in str(e["value"]) for e in c["env"])
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["webhook-secret"]["secret"]["secretName"] == "hook-hmac"
+    assert "emptyDir" in vols["alert-spool"]
+    spool = next(a for a in args if a.startswith("--alert-spool-dir="))
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {spool.split("=", 1)[1]}
+    assert "--alert-spool-max-bytes=67108864" in args
+    assert not kinds(docs, "Secret")  # the chart never holds the secrets itself
+    # no sink configured: no alert flags, no spool volume
+    plain = pod_spec(render(chart))
+    assert not [a for a in plain["initContainers"][0]["command"] if "alert" in a]
+    assert "alert-spool" not in {v["name"] for v in plain["volumes"]}
+
+
+def test_helm_test_hook(chart):
+    docs = render(chart, {"alerts": {"webhook": {"url": "http://relay:8080/hook"}}})
+    (pod,) = [d for d in kinds(docs, "Pod")
+              if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    c = pod["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    svc = one(docs, "Service")["metadata"]["name"]
+    assert env["METRICS_URL"] == f"http://{svc}:9464/metrics"
+    assert env["EXPECT_SINKS"] == "true"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    compile(c["command"][2], "helm-test", "exec")  # the script is valid Python
+
+
+def test_rule_runbook_base_url(chart):
+    docs = render(chart, {"prometheusRule": {"enabled": True,
+                                             "runbookBaseUrl": "https://wiki.example/rb"}})
+    rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    assert all(r["annotations"]["runbook_url"] == "https://wiki.example/rb#"
+               + r["alert"].lower() for r in rules)
 
 
 def test_bundle_sources(chart, helm, tmp_path):
@@ -657,5 +798,53 @@ def test_bundle_sources(chart, helm, tmp_path):
 
 def test_chart_files_are_the_deploy_files():
     for name, src in (("dashboard.json", DASHBOARD), ("rules.yaml", RULES),
-                      ("policy.yaml", ROOT / "policies" / "default.yaml")):
+                      ("policy.yaml", SUGGESTED_POLICY)):
         assert (CHART / "files" / name).read_bytes() == src.read_bytes(), name
+
+
+def test_tls_and_token_from_secrets(chart, serve_flags):
+    vals = {"sidecar": {"tls": {"enabled": True, "secretName": "monitor-server-tls",
+                                "clientSecretName": "monitor-client-tls",
+                                "serverName": "safety-monitor.local"},
+                        "auth": {"tokenSecret": "monitor-token"}}}
+    spec = pod_spec(render(chart, vals))
+    mon = container(spec, "safety-monitor", native=True)
+    cmd = mon["command"]
+    flags = {a.split("=")[0] for a in cmd if a.startswith("--")}
+    assert flags <= serve_flags, flags - serve_flags
+    mounts = {m["name"]: m["mountPath"] for m in mon["volumeMounts"]}
+    assert f"--tls-cert={mounts['monitor-tls']}/tls.crt" in cmd
+    assert f"--tls-key={mounts['monitor-tls']}/tls.key" in cmd
+    assert f"--tls-client-ca={mounts['monitor-tls']}/ca.crt" in cmd  # mTLS by default
+    assert f"--token-file={mounts['monitor-token']}/token" in cmd
+    assert not [a for a in cmd if a.startswith("--admin-port")]  # Admin off by default
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["monitor-tls"]["secret"]["secretName"] == "monitor-server-tls"
+    assert vols["plugin-tls"]["secret"]["secretName"] == "monitor-client-tls"
+    assert vols["monitor-token"]["secret"]["secretName"] == "monitor-token"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # kubelet: no TLS gRPC
+        assert mon[probe]["tcpSocket"]["port"] == 50051 and "grpc" not in mon[probe]
+    vllm = spec["containers"][0]
+    env = {e["name"]: e for e in vllm["env"]}
+    vmounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}
+    assert env["SAFETY_MONITOR_TLS_CA"]["value"] == f"{vmounts['plugin-tls']}/ca.crt"
+    assert env["SAFETY_MONITOR_TLS_CERT"]["value"] == f"{vmounts['plugin-tls']}/tls.crt"
+    assert env["SAFETY_MONITOR_TLS_KEY"]["value"] == f"{vmounts['plugin-tls']}/tls.key"
+    assert env["SAFETY_MONITOR_TLS_SERVER_NAME"]["value"] == "safety-monitor.local"
+    assert env["SAFETY_MONITOR_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "monitor-token", "key": "token"}
+    # the env names the plugin reads are the ones CaptureConfig documents
+    from monitor.capture import config as capture_config
+
+    for name in env:
+        assert name in (capture_config.__doc__ or ""), name
+    # TLS without mTLS: no client CA flag, no client cert env
+    vals["sidecar"]["tls"]["mtls"] = False
+    spec = pod_spec(render(chart, vals))
+    cmd = container(spec, "safety-monitor", native=True)["command"]
+    assert not [a for a in cmd if a.startswith("--tls-client-ca")]
+    assert "SAFETY_MONITOR_TLS_CERT" not in {e["name"] for e in spec["containers"][0]["env"]}
+    # admin on loopback when asked for
+    cmd = container(pod_spec(render(chart, {"sidecar": {"adminPort": 50052}})),
+                    "safety-monitor", native=True)["command"]
+    assert "--admin-port=50052" in cmd and "--admin-host=127.0.0.1" in cmd

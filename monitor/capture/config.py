@@ -19,14 +19,28 @@ SAFETY_MONITOR_BACKOFF_S               0.2         first reconnect delay (s), do
 SAFETY_MONITOR_BACKOFF_MAX_S           5           reconnect delay cap (s)
 SAFETY_MONITOR_STATS_S                 2           ClientStats period while connected (s)
 SAFETY_MONITOR_CLIENT_ID               (auto)      ClientHello.client_id
+SAFETY_MONITOR_TLS_CA                  (unset)     PEM CA that signed the sidecar's certificate;
+                                                   set → TLS to the sidecar
+SAFETY_MONITOR_TLS_CERT                (unset)     PEM client certificate (mTLS; with _KEY)
+SAFETY_MONITOR_TLS_KEY                 (unset)     PEM private key of the client certificate
+SAFETY_MONITOR_TLS_SERVER_NAME         (unset)     name to verify in the sidecar's certificate
+                                                   (default: the host of SAFETY_MONITOR_ADDR)
+SAFETY_MONITOR_TOKEN_FILE              (unset)     file with the bearer token sent on every call
+SAFETY_MONITOR_TOKEN                   (unset)     the bearer token itself (if no _TOKEN_FILE)
+SAFETY_MONITOR_CHAT_TEMPLATE           (model's)   chat template file for token roles; set it
+                                                   to the file given to ``vllm serve
+                                                   --chat-template`` when that flag is used
 =====================================  ==========  =============================================
+
+The token is read once at start-up and never logged; `CaptureConfig.__repr__` hides it.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 ENV_ADDR = "SAFETY_MONITOR_ADDR"
 
@@ -51,6 +65,25 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"{name}: expected an integer, found {raw!r}") from e
 
 
+def _path(name: str) -> str | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not Path(raw).is_file():
+        raise ValueError(f"{name}: expected a readable regular file, found {raw!r}")
+    return raw
+
+
+def _token() -> str | None:
+    path = _path("SAFETY_MONITOR_TOKEN_FILE")
+    raw = Path(path).read_text()[:4097] if path else os.environ.get("SAFETY_MONITOR_TOKEN", "")
+    token = raw.strip()
+    if len(token) > 4096 or "\n" in token:
+        raise ValueError("SAFETY_MONITOR_TOKEN(_FILE): expected a one-line token of at most "
+                         "4096 characters")
+    return token or None
+
+
 @dataclass(frozen=True)
 class CaptureConfig:
     """Plugin settings (see the module docstring for the environment variables)."""
@@ -65,6 +98,21 @@ class CaptureConfig:
     backoff_max_s: float = 5.0
     stats_period_s: float = 2.0
     client_id: str = ""
+    #: Chat template file the token roles are derived from (None: the tokenizer's own).
+    chat_template: str | None = None
+    tls_ca: str | None = None  # PEM CA of the sidecar's certificate: TLS when set
+    tls_cert: str | None = None  # PEM client certificate (mutual TLS), with tls_key
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_server_name: str | None = None  # name checked in the sidecar's certificate
+    token: str | None = field(default=None, repr=False)  # bearer token (never logged)
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("SAFETY_MONITOR_TLS_CERT and SAFETY_MONITOR_TLS_KEY: expected "
+                             "both or neither, found one")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("SAFETY_MONITOR_TLS_CERT: expected SAFETY_MONITOR_TLS_CA as well "
+                             "(client certificates need TLS), found none")
 
     @classmethod
     def from_env(cls) -> CaptureConfig | None:
@@ -84,6 +132,12 @@ class CaptureConfig:
             stats_period_s=max(0.05, _float("SAFETY_MONITOR_STATS_S", 2.0)),
             client_id=os.environ.get("SAFETY_MONITOR_CLIENT_ID", "").strip()
             or f"vllm-worker-{os.getpid()}@{socket.gethostname()}",
+            tls_ca=_path("SAFETY_MONITOR_TLS_CA"),
+            tls_cert=_path("SAFETY_MONITOR_TLS_CERT"),
+            tls_key=_path("SAFETY_MONITOR_TLS_KEY"),
+            tls_server_name=os.environ.get("SAFETY_MONITOR_TLS_SERVER_NAME", "").strip() or None,
+            token=_token(),
+            chat_template=os.environ.get("SAFETY_MONITOR_CHAT_TEMPLATE", "").strip() or None,
         )
 
 

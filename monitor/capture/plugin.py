@@ -46,6 +46,7 @@ from monitor.capture.op import (
 )
 from monitor.capture.steps import StepLayout, StepTracker
 from monitor.capture.transport import HostRing, Plan, StepRecord, Transport
+from monitor.roles import ChatTemplateError, RoleSegmenter
 from monitor.wire.hooks import HookPoint
 
 log = logging.getLogger("monitor.capture")
@@ -101,6 +102,8 @@ class CaptureSession:
         d_model: hidden size; n_layers: decoder layers of the model.
         max_rows: `max_num_batched_tokens` (rows of one forward at most).
         wrapped: decoder layer → op sites its wrapped forward calls.
+        segmenter: token roles of each request's prompt (`load_segmenter`); None labels
+            every prompt token OTHER.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class CaptureSession:
         n_layers: int,
         max_rows: int,
         max_model_len: int | None = None,
+        segmenter: RoleSegmenter | None = None,
     ) -> None:
         self.runner = runner
         self.cfg = cfg
@@ -122,7 +126,9 @@ class CaptureSession:
         self.max_rows = max_rows
         self.wrapped: dict[int, frozenset[int]] = {}
         self.first_site = (0, SITE_IN)
-        self.tracker = StepTracker(runner, max_model_len)
+        self.segmenter = segmenter
+        self.tracker = StepTracker(runner, max_model_len,
+                                   segmenter.segment if segmenter is not None else None)
         self.transport = Transport(cfg, model_name, on_plan=self.set_plan)
         self.buffers = StaticBuffers(n_layers)
         self._state: _PlanState | None = None
@@ -233,7 +239,8 @@ class CaptureSession:
                 self.transport.count_drop(1, layout.n_rows, 0, "no capture plan yet")
             return
         plan = st.plan
-        layout = self.tracker.layout(n_tokens, pos, prompt=plan.prompt, generated=plan.generated)
+        layout = self.tracker.layout(n_tokens, pos, prompt=plan.prompt, generated=plan.generated,
+                                     roles=plan.roles)
         if layout is None or layout.n_rows == 0:
             return
         n_l = len(plan.points)
@@ -270,6 +277,8 @@ class CaptureSession:
         s: dict[str, Any] = dict(self.transport.stats())
         s.update(steps=self.step, steps_sent=self.steps_sent, steps_no_plan=self.steps_no_plan,
                  unmapped_steps=self.tracker.unmapped_steps, op_errors=sink_errors(),
+                 role_errors=self.tracker.role_errors,
+                 roles_fallback=bool(self.segmenter is None or not self.segmenter.headers),
                  layer_calls=self.buffers.meta.tolist())
         return s
 
@@ -296,6 +305,37 @@ def _mode(vllm_config: Any) -> str:
     eager = bool(getattr(vllm_config.model_config, "enforce_eager", False))
     name = getattr(mode, "name", str(mode))
     return "eager" if eager or name == "NONE" else f"compiled ({name})"
+
+
+def load_segmenter(model_config: Any, chat_template_file: str | None) -> RoleSegmenter:
+    """The token-role segmenter of the served model's chat template (never raises).
+
+    Uses the tokenizer vLLM serves (`model_config.tokenizer`) and its own chat template,
+    or `chat_template_file`. A template that cannot be analysed, or a tokenizer that
+    cannot be loaded, gives a fallback segmenter (every prompt token OTHER) and one
+    ERROR naming the template: detectors scoped to chat roles then see no prompt rows.
+    """
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(
+            model_config.tokenizer, revision=getattr(model_config, "tokenizer_revision", None),
+            trust_remote_code=bool(getattr(model_config, "trust_remote_code", False)))
+        tpl = None
+        if chat_template_file:
+            with open(chat_template_file, encoding="utf-8") as f:
+                tpl = f.read()
+        seg = RoleSegmenter.from_tokenizer(tok, tpl)
+    except ChatTemplateError as e:
+        log.error("safety monitor: token roles unavailable, every prompt token is labelled "
+                  "OTHER: %s", e)
+        return RoleSegmenter.fallback(e.template, e.message)
+    except Exception as e:
+        log.error("safety monitor: token roles unavailable (tokenizer %r), every prompt "
+                  "token is labelled OTHER: %s", getattr(model_config, "tokenizer", None), e)
+        return RoleSegmenter.fallback("<unloaded>", f"{type(e).__name__}: {e}")
+    log.info("safety monitor: token roles from chat template %s", seg.describe())
+    return seg
 
 
 def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
@@ -336,6 +376,7 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
         runner, cfg, model_name=name, d_model=int(mc.get_hidden_size()),
         n_layers=len(layers), max_rows=int(runner.max_num_tokens),
         max_model_len=int(mc.max_model_len),
+        segmenter=load_segmenter(mc, cfg.chat_template),
     )
     plan = session.transport.fetch_plan(cfg.plan_timeout_s)
     wrap_all = os.environ.get("SAFETY_MONITOR_WRAP", "").strip().lower() == "all"

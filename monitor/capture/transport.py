@@ -35,6 +35,7 @@ import grpc
 import torch
 
 from monitor.capture.config import CaptureConfig
+from monitor.capture.steps import SpanTuple
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.hooks import HookPoint, parse_hook_name, resid_post
 
@@ -50,9 +51,11 @@ _FRAME_OVERHEAD_BYTES = 64 * 1024  # proto framing + spans headroom under max_fr
 _GRPC_MAX_MSG = 256 * 1024 * 1024
 
 try:  # the codec is owned by monitor/wire; fall back to building the proto ourselves.
+    from monitor.wire.codec import WIRE_VERSION
     from monitor.wire.codec import encode_frame as _encode_frame
 except ImportError:  # pragma: no cover - only while monitor/wire is being written
     _encode_frame = None
+    WIRE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Plan:
             resid_post of every entry of `layers`).
         layers: decoder layers the points read, sorted, unique.
         prompt / generated: which token kinds any detector reads.
+        roles: which `TokenRole`s any detector reads (None: every role of the kinds).
         dtype: dtype of the rows on the wire (`preferred_dtype`, else float32).
         max_frame_bytes: frames are split by rows to stay below this (payload bytes).
     """
@@ -80,6 +84,7 @@ class Plan:
     generated: bool
     dtype: torch.dtype
     max_frame_bytes: int
+    roles: frozenset[int] | None = None
 
     @classmethod
     def from_proto(cls, p: monitor_pb2.CapturePlan) -> Plan:
@@ -102,14 +107,18 @@ class Plan:
             generated=monitor_pb2.TOKEN_KIND_GENERATED in kinds,
             dtype=_TORCH_DTYPE.get(p.preferred_dtype, torch.float32),
             max_frame_bytes=int(p.max_frame_bytes) or _DEFAULT_MAX_FRAME_BYTES,
+            roles=frozenset(int(r) for r in p.token_roles if r) or None,
         )
 
     def describe(self) -> str:
         kinds = [k for k, on in (("prompt", self.prompt), ("generated", self.generated)) if on]
+        roles = "all" if self.roles is None else sorted(
+            monitor_pb2.TokenRole.Name(r).removeprefix("TOKEN_ROLE_").lower()
+            for r in self.roles)
         return (
             f"plan {self.plan_id!r} model={self.model!r} "
             f"hooks={[hp.name for hp in self.points]} "
-            f"kinds={kinds} dtype={str(self.dtype).removeprefix('torch.')}"
+            f"kinds={kinds} roles={roles} dtype={str(self.dtype).removeprefix('torch.')}"
         )
 
 
@@ -196,7 +205,7 @@ class StepRecord:
     model: str
     points: tuple[HookPoint, ...]
     n_rows: int
-    spans: list[tuple[str, int, int, int]]
+    spans: list[SpanTuple]
     max_frame_bytes: int = _DEFAULT_MAX_FRAME_BYTES
     released: bool = field(default=False)
 
@@ -211,22 +220,22 @@ class StepRecord:
 
 
 def split_spans(
-    spans: list[tuple[str, int, int, int]], chunk_rows: int
-) -> list[tuple[int, int, list[tuple[str, int, int, int]]]]:
+    spans: list[SpanTuple], chunk_rows: int
+) -> list[tuple[int, int, list[SpanTuple]]]:
     """Cut row-ordered spans into chunks of at most `chunk_rows` rows.
 
     Returns `(row_start, row_end, spans_of_chunk)` per chunk; a span crossing a chunk
     boundary is split and its second part's `start_position` advanced accordingly.
     """
-    out: list[tuple[int, int, list[tuple[str, int, int, int]]]] = []
-    cur: list[tuple[str, int, int, int]] = []
+    out: list[tuple[int, int, list[SpanTuple]]] = []
+    cur: list[SpanTuple] = []
     row = start = 0
-    for rid, n, pos, plen in spans:
+    for rid, n, pos, plen, role in spans:
         off = 0
         while off < n:
             room = chunk_rows - (row - start)
             take = min(room, n - off)
-            cur.append((rid, take, pos + off, plen))
+            cur.append((rid, take, pos + off, plen, role))
             off += take
             row += take
             if row - start == chunk_rows:
@@ -243,7 +252,7 @@ def build_frame(
     seq: int,
     model: str,
     layer: int,
-    spans: list[tuple[str, int, int, int]],
+    spans: list[SpanTuple],
     step: int,
     hook_name: str = "",
 ) -> monitor_pb2.ActivationFrame:
@@ -256,9 +265,62 @@ def build_frame(
     return monitor_pb2.ActivationFrame(  # pragma: no cover
         seq=seq, model=model, layer=layer, dtype=dtypes[t.dtype], shape=list(t.shape),
         data=t.view(torch.uint8).numpy().tobytes(), step=step, hook_name=hook_name,
-        spans=[monitor_pb2.RowSpan(request_id=r, n_rows=n, start_position=p, prompt_len=pl)
-               for r, n, p, pl in spans],
+        spans=[monitor_pb2.RowSpan(request_id=r, n_rows=n, start_position=p, prompt_len=pl,
+                                   role=role)  # type: ignore[arg-type]
+               for r, n, p, pl, role in spans],
     )
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call (TLS or plaintext channels)."""
+
+    def __init__(self, token: str) -> None:
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        md = [*(details.metadata or ()), self._md]
+        return _CallDetails(details.method, details.timeout, md, details.credentials,
+                            getattr(details, "wait_for_ready", None),
+                            getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_stream(self, continuation, client_call_details,  # type: ignore[no-untyped-def]
+                                request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                         "compression")), grpc.ClientCallDetails):
+    pass
+
+
+def open_channel(cfg: CaptureConfig,
+                 options: list[tuple[str, int | str]] | None = None) -> grpc.Channel:
+    """A channel to `cfg.addr`: TLS when `cfg.tls_ca` (client certificate when
+    `cfg.tls_cert`), plaintext otherwise; the bearer token on every call when set."""
+    opts: list[tuple[str, int | str]] = list(options or [])
+    if cfg.tls_ca is not None:
+        with open(cfg.tls_ca, "rb") as f:
+            ca = f.read()
+        key = chain = None
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            with open(cfg.tls_cert, "rb") as f:
+                chain = f.read()
+            with open(cfg.tls_key, "rb") as f:
+                key = f.read()
+        if cfg.tls_server_name:
+            opts.append(("grpc.ssl_target_name_override", cfg.tls_server_name))
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                             certificate_chain=chain)
+        channel = grpc.secure_channel(cfg.addr, creds, options=opts)
+    else:
+        channel = grpc.insecure_channel(cfg.addr, options=opts)
+    if cfg.token:
+        channel = grpc.intercept_channel(channel, _BearerToken(cfg.token))
+    return channel
 
 
 class Transport:
@@ -409,14 +471,11 @@ class Transport:
             channel.close()
 
     def _channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(
-            self.cfg.addr,
-            options=[
-                ("grpc.max_send_message_length", _GRPC_MAX_MSG),
-                ("grpc.max_receive_message_length", _GRPC_MAX_MSG),
-                ("grpc.enable_retries", 0),
-            ],
-        )
+        return open_channel(self.cfg, [
+            ("grpc.max_send_message_length", _GRPC_MAX_MSG),
+            ("grpc.max_receive_message_length", _GRPC_MAX_MSG),
+            ("grpc.enable_retries", 0),
+        ])
 
     # ---------------------------------------------------------------- sender thread
     def _drain_dropping(self) -> None:
@@ -513,7 +572,8 @@ class Transport:
         """Request iterator of one stream: hello, stats, then frames / finished / stats."""
         seq = 0
         yield monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
-            client_id=self.cfg.client_id, model=self.model, plan_id=plan.plan_id))
+            client_id=self.cfg.client_id, model=self.model, plan_id=plan.plan_id,
+            wire_version=WIRE_VERSION))
         last_stats = self._client_stats()
         if last_stats.dropped_frames or last_stats.reconnects:
             yield monitor_pb2.ClientMessage(stats=last_stats)

@@ -6,7 +6,7 @@ A policy is a YAML file that safety teams edit (reference: ``policies/README.md`
     description: free text           # optional
     defaults:                        # optional, applies to every detector
       mode: observe                  # observe | alert | block
-      scope: both                    # prompt | generated | both
+      scope: both                    # prompt | generated | both | role(s), see below
       aggregation: {kind: max}       # max | mean | ema | window_max
       min_tokens: 1                  # no severity before this many scored tokens
       thresholds: {warn: 0.5, critical: 0.9}
@@ -15,6 +15,14 @@ A policy is a YAML file that safety teams edit (reference: ``policies/README.md`
         scope: prompt
         aggregation: {kind: ema, half_life_tokens: 4}
         thresholds: {warn: 0.6, critical: 0.9}
+
+``scope`` is one word or a list of words: ``prompt`` (every prompt token), ``generated``
+(the model's output), ``both``, or token roles (``monitor.roles``): ``system``, ``user``,
+``assistant`` (prior assistant turns in the prompt), ``template`` (role headers, BOS,
+generation prompt), ``tool``, ``other`` (prompt tokens in no chat message, e.g. raw
+completion prompts or clients that send no roles), e.g. ``scope: user`` or
+``scope: [system, user]``. A list is stored sorted and joined by commas
+(``"system,user"``).
 
 Merge rule: a detector field replaces the ``defaults`` field of the same name as a
 whole (``thresholds`` and ``aggregation`` are not merged key by key: parameters belong
@@ -42,6 +50,8 @@ from typing import Any, TextIO
 import yaml
 
 from monitor.constants import MODES, SCOPES, SEVERITIES
+from monitor.fileio import FileRefused, read_regular_file
+from monitor.roles import SCOPE_WORDS, canonical_scope
 
 __all__ = [
     "AGGREGATION_KINDS",
@@ -65,6 +75,11 @@ AGGREGATION_KINDS: tuple[str, ...] = ("max", "mean", "ema", "window_max")
 #: Upper bound on ``window_tokens``: the tracker keeps ``window_tokens - 1`` floats per
 #: live request and detector, so the bound caps memory (8 bytes x 65535 x requests).
 MAX_WINDOW_TOKENS = 65536
+#: Largest policy file read (a policy is a few KB; a 10 MB one cost 2 GB of RSS).
+MAX_POLICY_BYTES = 1 << 20
+#: Deepest nesting of YAML collections accepted (a policy needs 4); checked on the event
+#: stream before the (recursive) composer runs, so no RecursionError can escape.
+MAX_POLICY_DEPTH = 16
 #: ``check_policy`` warns when a threshold lies more than this far below the bundle's
 #: calibrated ``fpr_0.01`` threshold (scores are probabilities, so this is absolute).
 CALIBRATION_SLACK = 0.05
@@ -248,6 +263,22 @@ class _Parser:
             )
         return value
 
+    def scope(self, node: yaml.Node, path: str) -> str:
+        """A scope word or a list of them (``SCOPE_WORDS``), as `canonical_scope`."""
+        if isinstance(node, yaml.SequenceNode):
+            items = node.value
+            words = [self.scalar(n) for n in items]
+        else:
+            items, words = [node], [self.scalar(node)]
+        for n, w in zip(items, words, strict=True):
+            if not isinstance(w, str) or w not in SCOPE_WORDS:
+                raise self.fail(n, path, f"expected one of {', '.join(SCOPE_WORDS)} or a list "
+                                         f"of them; found {self.describe(n)}")
+        if not words:
+            raise self.fail(node, path, f"expected one of {', '.join(SCOPE_WORDS)} or a "
+                                        "non-empty list of them; found []")
+        return canonical_scope([str(w) for w in words])
+
     def number(self, node: yaml.Node, path: str) -> float:
         value = self.scalar(node)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -342,7 +373,7 @@ class _Parser:
             if name == "mode":
                 value = self.choice(vnode, sub, MODES)
             elif name == "scope":
-                value = self.choice(vnode, sub, SCOPES)
+                value = self.scope(vnode, sub)
             elif name == "aggregation":
                 value = self.aggregation(vnode, sub)
             elif name == "min_tokens":
@@ -360,6 +391,26 @@ class _Kind:
     what: str
 
 
+def _check_structure(text: str, source: str) -> None:
+    """Refuse nesting deeper than `MAX_POLICY_DEPTH` and anchors/aliases, from the
+    (iterative) event stream: the composer and the walker below recurse per level, and
+    aliases let a small file describe an exponentially large tree."""
+    depth = 0
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_POLICY_DEPTH:
+                line = ev.start_mark.line + 1 if ev.start_mark else 1
+                raise PolicyError(source, line, "", f"expected nesting of at most "
+                                                    f"{MAX_POLICY_DEPTH} levels, found deeper")
+        elif isinstance(ev, yaml.CollectionEndEvent):
+            depth -= 1
+        if isinstance(ev, yaml.AliasEvent) or getattr(ev, "anchor", None):
+            line = ev.start_mark.line + 1 if ev.start_mark else 1
+            raise PolicyError(source, line, "", "expected no YAML anchors or aliases "
+                                                "(use `defaults`), found one")
+
+
 def parse_policy(text: str, source: str = "<string>") -> Policy:
     """Parse and validate policy YAML ``text``; ``source`` names it in errors.
 
@@ -370,7 +421,11 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
     """
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     p = _Parser(source)
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyError(source, 0, "", f"expected at most {MAX_POLICY_BYTES} characters, "
+                                         f"found {len(text)}")
     try:
+        _check_structure(text, source)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -447,10 +502,15 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Read and parse a policy file (UTF-8); errors name the path as given."""
+    """Read and parse a policy file (UTF-8); errors name the path as given.
+
+    Only a regular file of at most `MAX_POLICY_BYTES` is read (a FIFO, device or
+    directory is refused without blocking)."""
     source = str(path)
     try:
-        data = Path(path).read_bytes()
+        data = read_regular_file(path, MAX_POLICY_BYTES)
+    except FileRefused as e:
+        raise PolicyError(source, 0, "", str(e)) from None
     except OSError as e:
         raise PolicyError(source, 0, "", f"cannot read: {e.strerror or e}") from None
     try:
@@ -489,7 +549,7 @@ def default_policy(detector_specs: Iterable[Any], version: str = "bundle-default
     detectors: dict[str, DetectorPolicy] = {}
     for spec in detector_specs:
         scope = getattr(spec, "token_scope", "both")
-        if scope not in SCOPES:
+        if scope not in SCOPE_WORDS:
             scope = "both"
         given = dict(getattr(spec, "default_thresholds", None) or {})
         cal = dict(getattr(spec, "calibration", None) or {})
@@ -561,7 +621,7 @@ def check_policy(policy: Policy, bundle: Any) -> list[str]:
                         f"benign traffic to reach {sev}"
                     )
         bundle_scope = getattr(spec, "token_scope", None)
-        if bundle_scope in SCOPES and det.scope != bundle_scope:
+        if bundle_scope in SCOPE_WORDS and det.scope != bundle_scope:
             problems.append(
                 f"warning: detectors.{name}.scope: {det.scope} differs from the bundle's "
                 f"token_scope {bundle_scope}"
@@ -593,9 +653,12 @@ def run_check(policy_path: str | Path, bundle_path: str | Path,
         print(f"error: {e}", file=out)
         return 1
     try:
-        from monitor.score.bundle import load_bundle  # late: judge must not need torch
+        from monitor.score.available import installed_backend  # late: judge needs no torch
+        from monitor.score.bundle import load_bundle
 
-        bundle = load_bundle(bundle_path)
+        # without torch (the slim image) the tensor values are not read: check needs
+        # names, layers and scopes, and the scorer reads the pinned ONNX graphs
+        bundle = load_bundle(bundle_path, load_tensors=installed_backend() == "torch")
     except Exception as e:
         print(f"error: bundle {bundle_path}: {e}", file=out)
         return 2

@@ -216,6 +216,17 @@ class Metrics:
         self.policy_info.labels(version=version, sha256=sha256).set(1)
         self.set_score_thresholds(thresholds)
         self.init_alert_series(detectors)
+        with self._lock:  # request_score at 0 per judged detector (the dashboard's heatmap)
+            if self.request_score is not None:
+                for det in detectors:
+                    self.request_score.labels(detector=det)
+
+    def init_layer_series(self, layers: Iterable[int]) -> None:
+        """Create `rows_scored{model_name, layer}` and `scoring_latency_seconds{layer}` at 0
+        for every bundle layer (dashboards show 0 rows/s, not "No data", on an idle pod)."""
+        for layer in layers:
+            self.rows_scored.labels(model_name=self.model_name, layer=str(layer))
+            self.scoring_latency.labels(layer=str(layer))
 
     def init_alert_series(self, detectors: Iterable[str]) -> None:
         """Create `alerts{detector, severity, mode}` at 0 for every detector of the loaded

@@ -14,7 +14,6 @@ Importing this module does not import torch (nor onnxruntime).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import time
@@ -23,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .available import installed
 from .bundle import Bundle, load_bundle
 
 __all__ = ["BACKENDS", "FrameScorer", "LoadedScorer", "load_scorer"]
@@ -63,10 +63,6 @@ class LoadedScorer:
     scorer: FrameScorer
     backend: str  # "torch" or "onnxruntime"
     reason: str
-
-
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def _cpu_name() -> str:
@@ -114,11 +110,14 @@ def _best_time(scorer: FrameScorer, xs: dict[int, list[np.ndarray]]) -> float:
 
 def _auto(path: str | os.PathLike[str], compute_dtype: str, threads: int,
           onnx_threads: int) -> LoadedScorer:
+    has_torch, has_ort = installed("torch"), installed("onnxruntime")
+    if not has_torch and compute_dtype != "fp32":
+        raise ValueError(f"compute_dtype: expected fp32 without torch (onnxruntime graphs "
+                         f"are float32), found {compute_dtype!r}")
     if compute_dtype != "fp32":
         bundle = load_bundle(path)
         return LoadedScorer(bundle, _torch_scorer(bundle, compute_dtype, threads), "torch",
                             f"auto: compute dtype {compute_dtype} is torch-only")
-    has_torch, has_ort = _installed("torch"), _installed("onnxruntime")
     if not has_torch:
         bundle = load_bundle(path, load_tensors=False)
         return LoadedScorer(bundle, _onnx_scorer(bundle, onnx_threads), "onnxruntime",

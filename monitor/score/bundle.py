@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
-from monitor.constants import SCOPES
+from monitor.fileio import FileRefused, read_regular_file
+from monitor.roles import SCOPE_WORDS
 
 from . import sae as _sae  # noqa: F401  (registers the SAE component kinds; no torch)
 from .kinds import (
@@ -85,7 +86,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 KINDS = kind_names()  # ("linear_probe", "sae_latents"), see kinds.py
-TOKEN_SCOPES = SCOPES  # a detector's token scope is a policy scope
+#: A detector's token scope is one policy scope word (``monitor.roles.SCOPE_WORDS``):
+#: ``prompt``, ``generated``, ``both`` or a token role such as ``user``.
+TOKEN_SCOPES = SCOPE_WORDS
 THRESHOLD_KEYS = ("warn", "critical")
 
 #: safetensors dtypes accepted in a bundle (all upcast / cast to float32 on load).
@@ -347,6 +350,9 @@ def load_bundle(path: str | os.PathLike[str], *,
                          parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise ck.fail("$", "a UTF-8 JSON document", f"invalid JSON ({e})") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise ck.fail("$", "a JSON document of ordinary nesting",
+                      "nesting deeper than the parser's recursion limit") from None
 
     top = ck.obj(doc, "", _TOP_KEYS)
     if top["format"] != FORMAT:
@@ -440,13 +446,12 @@ def _check_onnx(top: dict[str, Any], ck: _Checker, root: Path, onnx_files: set[s
 
 def _read_manifest_bytes(path: Path, ck: _Checker) -> bytes:
     try:
-        size = path.stat().st_size
+        return read_regular_file(path, MAX_MANIFEST_BYTES)
+    except FileRefused as e:
+        raise ck.fail("$", e.expected, e.found) from None
     except OSError as e:
         raise ck.fail("$", "a readable manifest file", f"{type(e).__name__}: {e.strerror}") \
             from None
-    if size > MAX_MANIFEST_BYTES:
-        raise ck.fail("$", f"at most {MAX_MANIFEST_BYTES} bytes", f"{size} bytes")
-    return path.read_bytes()
 
 
 def _check_files(root: Path, files: Any, ck: _Checker,

@@ -35,17 +35,27 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import monitor
-from monitor.constants import HOOK_NAME_TEMPLATE
+from monitor.constants import HOOK_NAME_TEMPLATE, Reason
 from monitor.judge.policy import Policy
 from monitor.judge.reload import PolicyHolder
 from monitor.judge.tracker import RequestTracker
 from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
+from monitor.report.otlp import OtlpAudit, otlp_configured
 from monitor.report.sinks import AlertContext, AlertDispatcher, make_dispatcher
 from monitor.report.verdicts import Reporter
+from monitor.roles import TokenRole, scope_roles
 from monitor.score.backend import FrameScorer
 from monitor.score.bundle import Bundle
+from monitor.server.access import (
+    AccessError,
+    TokenInterceptor,
+    bind,
+    load_token,
+    server_credentials,
+)
 from monitor.server.config import ServerConfig
+from monitor.server.handlers import add_monitor_service
 from monitor.server.pipeline import Pipeline
 from monitor.server.registry import RequestRegistry
 from monitor.server.service import AdminService, FrameLimits, MonitorService
@@ -57,7 +67,6 @@ __all__ = ["MonitorApp", "ServerConfig", "StartupError", "build_app", "capture_p
 log = logging.getLogger(__name__)
 
 MONITOR_SERVICE = monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name
-ADMIN_SERVICE = monitor_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 class StartupError(Exception):
@@ -66,30 +75,35 @@ class StartupError(Exception):
 
 def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy,
                  scorer: FrameScorer, max_frame_bytes: int) -> monitor_pb2.CapturePlan:
-    """The capture plan: layers with a detector the policy judges, token kinds from scopes.
+    """The capture plan: layers with a detector the policy judges; token kinds and roles
+    from their scopes (`token_roles` empty when every role is read).
 
     `plan_id` is a short hash of everything a client's capture depends on.
     """
     layers: list[int] = []
-    kinds: set[monitor_pb2.TokenKind.ValueType] = set()
+    roles: set[TokenRole] = set()
     for layer in scorer.layers:
         judged = [d for d in scorer.detectors_on(layer) if d in policy.detectors]
         if not judged:
             continue
         layers.append(int(layer))
         for d in judged:
-            scope = policy.detectors[d].scope
-            if scope in ("prompt", "both"):
-                kinds.add(monitor_pb2.TOKEN_KIND_PROMPT)
-            if scope in ("generated", "both"):
-                kinds.add(monitor_pb2.TOKEN_KIND_GENERATED)
+            roles |= scope_roles(policy.detectors[d].scope)
+    kinds: set[monitor_pb2.TokenKind.ValueType] = set()
+    if roles - {TokenRole.GENERATED}:
+        kinds.add(monitor_pb2.TOKEN_KIND_PROMPT)
+    if TokenRole.GENERATED in roles:
+        kinds.add(monitor_pb2.TOKEN_KIND_GENERATED)
     token_kinds = sorted(kinds)
-    key = f"{model}|{d_model}|{layers}|{token_kinds}|{bundle_sha256}|{max_frame_bytes}"
+    token_roles = [] if roles >= scope_roles("both") else sorted(int(r) for r in roles)
+    key = (f"{model}|{d_model}|{layers}|{token_kinds}|{token_roles}|{bundle_sha256}|"
+           f"{max_frame_bytes}")
     return monitor_pb2.CapturePlan(
         plan_id=hashlib.sha256(key.encode()).hexdigest()[:16], model=model, d_model=d_model,
         layers=layers, token_kinds=token_kinds, hook_name_template=HOOK_NAME_TEMPLATE,
         preferred_dtype=monitor_pb2.DTYPE_BFLOAT16, bundle_sha256=bundle_sha256,
         max_frame_bytes=max_frame_bytes,
+        token_roles=token_roles,  # type: ignore[arg-type]
     )
 
 
@@ -309,9 +323,15 @@ def build_app(config: ServerConfig) -> MonitorApp:
                              "grpc": grpc.__version__})
     metrics.set_bundle(bundle.name, bundle.sha256, bundle.model_name)
     metrics.set_policy(policy.version, policy.sha256, _thresholds(policy), policy.detectors)
+    metrics.init_layer_series(scorer.layers)
+    try:
+        otlp = OtlpAudit() if otlp_configured() else None
+    except RuntimeError as e:
+        raise StartupError(str(e)) from None
     try:
         audit = AuditLog(config.audit_log, on_failure=metrics.audit_write_failures.inc,
-                         include_finals=config.audit_finals, stdout=config.audit_stdout)
+                         include_finals=config.audit_finals, stdout=config.audit_stdout,
+                         otlp=otlp)
     except OSError as e:
         raise StartupError(f"--audit-log {config.audit_log}: {e.strerror or e}") from None
     ctx = AlertContext.from_env(model_name=bundle.model_name, bundle_name=bundle.name,
@@ -370,29 +390,57 @@ def _export_counters(metrics: Metrics, tracker: RequestTracker,
                      lambda: registry.stats().closed_ids_bytes)
 
 
+def _bind(server: grpc.aio.Server, host: str, port: int, creds: grpc.ServerCredentials | None,
+          what: str) -> int:
+    """Bind `server` to host:port (TLS when `creds`); the port bound. Raises StartupError."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = bind(server, address, creds)
+    except RuntimeError as e:
+        raise StartupError(f"cannot bind {what}{address}: {e}") from None
+    if bound == 0:
+        raise StartupError(f"cannot bind {what}{address}")
+    return bound
+
+
 async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> int:
     """Serve until SIGTERM / SIGINT (or `app.stop_event`); then drain. Returns exit code."""
     cfg = app.config
     limit = cfg.grpc_limit
-    server = grpc.aio.server(options=[
+    options = [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", 16 << 20),
         ("grpc.so_reuseport", 0),
-    ])
-    monitor_pb2_grpc.add_MonitorServicer_to_server(app.service, server)
-    monitor_pb2_grpc.add_AdminServicer_to_server(
-        AdminService(app.submit_reload, lambda: app.policy.version), server)
+    ]
+    try:
+        access = cfg.access()
+        token = load_token(access)
+        creds = server_credentials(access)
+        limits = cfg.rpc_limits()
+    except (AccessError, ValueError) as e:
+        raise StartupError(str(e)) from None
+
+    def refused(reason: str) -> None:
+        app.metrics.frames_rejected.labels(reason=reason).inc()
+
+    interceptors = ([TokenInterceptor(token, lambda: refused(Reason.UNAUTHENTICATED.value))]
+                    if token is not None else [])
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    svc = app.service
+    add_monitor_service(server, stream=svc.Stream, score=svc.Score, plan=svc.GetCapturePlan,
+                        limits=limits, on_refused=refused)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (MONITOR_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as e:
-        raise StartupError(f"cannot bind {address}: {e}") from None
-    if port == 0:
-        raise StartupError(f"cannot bind {address}")
+        (MONITOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = _bind(server, cfg.host, cfg.port, creds, "")
+    admin: grpc.aio.Server | None = None
+    admin_port = -1
+    if access.admin_enabled:  # Admin only on its own address, never on the data port
+        admin = grpc.aio.server(options=options, interceptors=interceptors)
+        monitor_pb2_grpc.add_AdminServicer_to_server(
+            AdminService(app.submit_reload, lambda: app.policy.version), admin)
+        admin_port = _bind(admin, access.admin_host, access.admin_port, creds, "admin ")
     if cfg.metrics_port >= 0:
         try:
             app.metrics.serve(cfg.metrics_host, cfg.metrics_port)
@@ -404,8 +452,10 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     stop_watch = threading.Event()
     app.watch_policy(stop_watch)
     await server.start()
-    for svc in ("", MONITOR_SERVICE, ADMIN_SERVICE):
-        await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    if admin is not None:
+        await admin.start()
+    for name in ("", MONITOR_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -421,8 +471,12 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     for w in app.alerts.workers:
         log.info("alert sink %s: %s (spool %s)", w.name, w.sink.target,
                  "disk" if w.spool.durable else "memory")
-    log.info("serving monitor.v1 on %s:%d (grpc limit %d bytes, max frame %d bytes); "
-             "metrics on %s", cfg.host, port, limit, cfg.max_frame_bytes,
+    log.info("serving monitor.v1 on %s:%d (%s, %s; grpc limit %d bytes, max frame %d "
+             "bytes); admin %s; metrics on %s", cfg.host, port,
+             ("mTLS" if access.client_ca else "TLS") if creds else "plaintext",
+             "bearer token required" if token is not None else "no token",
+             limit, cfg.max_frame_bytes,
+             f"on {access.admin_host}:{admin_port}" if admin is not None else "off",
              f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics"
              if cfg.metrics_port >= 0 else "off")
     if ready is not None:
@@ -434,6 +488,8 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     stop_watch.set()
     # end open streams: their readers finish open requests into the queue
     app.service.end_streams()
+    if admin is not None:
+        await admin.stop(0)
     await server.stop(max(0.0, deadline - loop.time()) * 0.5)
     drained = await asyncio.to_thread(app.pipeline.stop, max(0.1, deadline - loop.time()))
     await asyncio.to_thread(app.alerts.stop)

@@ -20,6 +20,17 @@ class TokenKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOKEN_KIND_PROMPT: _ClassVar[TokenKind]
     TOKEN_KIND_GENERATED: _ClassVar[TokenKind]
 
+class TokenRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_ROLE_UNSPECIFIED: _ClassVar[TokenRole]
+    TOKEN_ROLE_SYSTEM: _ClassVar[TokenRole]
+    TOKEN_ROLE_USER: _ClassVar[TokenRole]
+    TOKEN_ROLE_ASSISTANT: _ClassVar[TokenRole]
+    TOKEN_ROLE_GENERATED: _ClassVar[TokenRole]
+    TOKEN_ROLE_TEMPLATE: _ClassVar[TokenRole]
+    TOKEN_ROLE_TOOL: _ClassVar[TokenRole]
+    TOKEN_ROLE_OTHER: _ClassVar[TokenRole]
+
 class Severity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SEVERITY_NONE: _ClassVar[Severity]
@@ -32,21 +43,33 @@ DTYPE_BFLOAT16: DType
 TOKEN_KIND_UNSPECIFIED: TokenKind
 TOKEN_KIND_PROMPT: TokenKind
 TOKEN_KIND_GENERATED: TokenKind
+TOKEN_ROLE_UNSPECIFIED: TokenRole
+TOKEN_ROLE_SYSTEM: TokenRole
+TOKEN_ROLE_USER: TokenRole
+TOKEN_ROLE_ASSISTANT: TokenRole
+TOKEN_ROLE_GENERATED: TokenRole
+TOKEN_ROLE_TEMPLATE: TokenRole
+TOKEN_ROLE_TOOL: TokenRole
+TOKEN_ROLE_OTHER: TokenRole
 SEVERITY_NONE: Severity
 SEVERITY_WARN: Severity
 SEVERITY_CRITICAL: Severity
 
 class RowSpan(_message.Message):
-    __slots__ = ("request_id", "n_rows", "start_position", "prompt_len")
+    __slots__ = ("request_id", "n_rows", "start_position", "prompt_len", "correlation_id", "role")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     N_ROWS_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     n_rows: int
     start_position: int
     prompt_len: int
-    def __init__(self, request_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., start_position: _Optional[int] = ..., prompt_len: _Optional[int] = ...) -> None: ...
+    correlation_id: str
+    role: TokenRole
+    def __init__(self, request_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., start_position: _Optional[int] = ..., prompt_len: _Optional[int] = ..., correlation_id: _Optional[str] = ..., role: _Optional[_Union[TokenRole, str]] = ...) -> None: ...
 
 class ActivationFrame(_message.Message):
     __slots__ = ("seq", "model", "layer", "dtype", "shape", "data", "spans", "step", "hook_name")
@@ -97,14 +120,18 @@ class ClientStats(_message.Message):
     def __init__(self, dropped_frames: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., dropped_bytes: _Optional[int] = ..., reconnects: _Optional[int] = ...) -> None: ...
 
 class ClientHello(_message.Message):
-    __slots__ = ("client_id", "model", "plan_id")
+    __slots__ = ("client_id", "model", "plan_id", "instance_id", "wire_version")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     model: str
     plan_id: str
-    def __init__(self, client_id: _Optional[str] = ..., model: _Optional[str] = ..., plan_id: _Optional[str] = ...) -> None: ...
+    instance_id: str
+    wire_version: int
+    def __init__(self, client_id: _Optional[str] = ..., model: _Optional[str] = ..., plan_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., wire_version: _Optional[int] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
     __slots__ = ("hello", "frame", "finished", "stats")
@@ -119,7 +146,7 @@ class ClientMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[ClientHello, _Mapping]] = ..., frame: _Optional[_Union[ActivationFrame, _Mapping]] = ..., finished: _Optional[_Union[RequestFinished, _Mapping]] = ..., stats: _Optional[_Union[ClientStats, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("request_id", "detector", "score", "severity", "threshold", "crossed_at_position", "final", "mode", "policy_version", "n_tokens_scored", "n_tokens_unscored", "peak_score")
+    __slots__ = ("request_id", "detector", "score", "severity", "threshold", "crossed_at_position", "final", "mode", "policy_version", "n_tokens_scored", "n_tokens_unscored", "peak_score", "correlation_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +159,7 @@ class Verdict(_message.Message):
     N_TOKENS_SCORED_FIELD_NUMBER: _ClassVar[int]
     N_TOKENS_UNSCORED_FIELD_NUMBER: _ClassVar[int]
     PEAK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     detector: str
     score: float
@@ -144,7 +172,8 @@ class Verdict(_message.Message):
     n_tokens_scored: int
     n_tokens_unscored: int
     peak_score: float
-    def __init__(self, request_id: _Optional[str] = ..., detector: _Optional[str] = ..., score: _Optional[float] = ..., severity: _Optional[_Union[Severity, str]] = ..., threshold: _Optional[float] = ..., crossed_at_position: _Optional[int] = ..., final: _Optional[bool] = ..., mode: _Optional[str] = ..., policy_version: _Optional[str] = ..., n_tokens_scored: _Optional[int] = ..., n_tokens_unscored: _Optional[int] = ..., peak_score: _Optional[float] = ...) -> None: ...
+    correlation_id: str
+    def __init__(self, request_id: _Optional[str] = ..., detector: _Optional[str] = ..., score: _Optional[float] = ..., severity: _Optional[_Union[Severity, str]] = ..., threshold: _Optional[float] = ..., crossed_at_position: _Optional[int] = ..., final: _Optional[bool] = ..., mode: _Optional[str] = ..., policy_version: _Optional[str] = ..., n_tokens_scored: _Optional[int] = ..., n_tokens_unscored: _Optional[int] = ..., peak_score: _Optional[float] = ..., correlation_id: _Optional[str] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "reason", "message", "seq", "request_id")
@@ -173,7 +202,7 @@ class GetCapturePlanRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CapturePlan(_message.Message):
-    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes", "hook_names")
+    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes", "hook_names", "token_roles")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +213,7 @@ class CapturePlan(_message.Message):
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOOK_NAMES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ROLES_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model: str
     d_model: int
@@ -194,7 +224,8 @@ class CapturePlan(_message.Message):
     bundle_sha256: str
     max_frame_bytes: int
     hook_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ..., hook_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    token_roles: _containers.RepeatedScalarFieldContainer[TokenRole]
+    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ..., hook_names: _Optional[_Iterable[str]] = ..., token_roles: _Optional[_Iterable[_Union[TokenRole, str]]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("frame",)

@@ -3,9 +3,14 @@
 Tensors travel as raw little-endian bytes plus dtype and shape (KServe OIP style).
 `decode_frame` views the bytes as a numpy array (float32 / float16: no copy of the
 payload; bfloat16, which numpy lacks: upcast to float32 by a 16-bit left shift of the
-bits, exact) and validates every field; a bad frame raises `FrameError` with a stable `reason` label
-(see `REASONS`), the gRPC status code to report and a message that names the field,
+bits, exact) and validates every field; a bad frame raises `FrameError` with a stable
+`reason` label (see `REASONS`), the gRPC status code to report and a message that names the field,
 what was expected and what was found.
+
+Token roles (`monitor.roles.TokenRole`, wire enum `TokenRole`, same values): each span
+carries one role (clients at `WIRE_VERSION` 2 split spans at role boundaries); a span
+without one (old clients) gets OTHER below `prompt_len` and GENERATED from it on, so
+`roles` is always defined per row and `generated == (roles == GENERATED)`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import grpc
 import numpy as np
 
 from monitor.constants import Reason
+from monitor.roles import TokenRole, derive_roles
 from monitor.v1 import monitor_pb2
 from monitor.wire.hooks import parse_hook_name
 
@@ -27,20 +33,41 @@ if TYPE_CHECKING:  # the sidecar decodes without torch; encode_frame accepts ten
 
 __all__ = [
     "DTYPE_ITEMSIZE",
+    "MAX_CORRELATION_ID_BYTES",
+    "MAX_SEQ_GAP",
+    "MAX_SPANS_PER_FRAME",
     "REASONS",
+    "WIRE_VERSION",
     "DecodedFrame",
     "FrameError",
     "RowMeta",
     "Span",
     "bf16_bits_to_f32",
+    "check_seq",
     "decode_frame",
     "encode_frame",
     "non_finite_rows",
     "parse_spans",
 ]
 
+#: `ClientHello.wire_version` of this codec: 2 = spans carry `TokenRole` (0/1: they do not).
+WIRE_VERSION = 2
+
+_N_ROLES = max(TokenRole) + 1
+_OTHER = np.int8(TokenRole.OTHER)
+
 #: Stable error reasons (the metric label `reason`): one enum for the whole sidecar.
 REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
+
+#: Default limits of `decode_frame` (the server passes its configured values).
+MAX_SPANS_PER_FRAME = 4096
+#: Longest accepted `RowSpan.correlation_id` (a label), in UTF-8 bytes.
+MAX_CORRELATION_ID_BYTES = 256
+#: Largest accepted jump of `ActivationFrame.seq` (frames the client says it skipped).
+#: An honest client skips only frames it dropped from its bounded queue between two
+#: sends; a larger jump is refused so one message cannot add ~2^64 to
+#: `frames_missing_total`.
+MAX_SEQ_GAP = 1 << 20
 
 #: Per wire dtype: the little-endian numpy dtype its bytes are viewed as (bfloat16: the
 #: raw 16-bit patterns, upcast to float32 by `bf16_bits_to_f32`).
@@ -123,6 +150,8 @@ class Span:
     n_rows: int
     start_position: int = 0
     prompt_len: int = 0
+    role: int = 0  # TokenRole; 0 = derive from prompt_len
+    correlation_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,6 +163,8 @@ class RowMeta:
     positions: np.ndarray  # int64 [n_rows], token position of each row
     generated: np.ndarray  # bool [n_rows], True for generated tokens
     span_bounds: tuple[tuple[int, int], ...] = field(default=())  # [start, end) per span
+    correlation_ids: tuple[str, ...] = ()  # caller's label per span ("" = none)
+    roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 [n_rows]
 
 
 @dataclass(frozen=True)
@@ -156,9 +187,11 @@ class DecodedFrame:
     generated: np.ndarray  # bool [n_rows]
     span_bounds: tuple[tuple[int, int], ...] = ()  # [start, end) rows of each span
     nbytes: int = 0  # payload bytes
+    correlation_ids: tuple[str, ...] = ()  # caller's label per span ("" = none), a label only
     wire_dtype: int = monitor_pb2.DTYPE_FLOAT32
     hook_name: str = ""  # canonical hook point, e.g. "blocks.3.hook_resid_post" (never empty
     # once decoded: a frame without one is resid_post of `layer`)
+    roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 [n_rows]
 
     @property
     def n_rows(self) -> int:
@@ -170,13 +203,31 @@ def _bad(reason: str, message: str, rows: RowMeta | None = None) -> FrameError:
     return FrameError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, rows)
 
 
+def _utf8_len(s: str) -> int:
+    return len(s.encode("utf-8", "surrogatepass"))
+
+
 def parse_spans(
-    spans: Sequence[monitor_pb2.RowSpan], n_rows: int, *, require: bool = True
+    spans: Sequence[monitor_pb2.RowSpan], n_rows: int, *, require: bool = True,
+    max_spans: int = MAX_SPANS_PER_FRAME,
+    max_correlation_id_bytes: int = MAX_CORRELATION_ID_BYTES,
 ) -> RowMeta:
-    """Expand `RowSpan`s into per-row arrays; raises `FrameError('bad_spans')`.
+    """Expand `RowSpan`s into per-row arrays.
+
+    Every check runs over the span messages themselves (which exist in the received
+    bytes) before any per-row array is built, so the arrays are never larger than
+    `n_rows`, and the caller has checked `n_rows` against the payload bytes.
 
     With `require=False` an empty span list means one anonymous request (id "") whose
     rows are prompt tokens at positions 0..n_rows-1 (used by the unary Score RPC).
+
+    Raises:
+        FrameError: `bad_spans` (empty list, empty id, zero rows, sum != n_rows),
+            `too_many_spans`, `correlation_id_too_long`. Request-id length is a per-span
+            decision of the request registry (`request_id_too_long`), not a frame refusal.
+
+    Roles: a span's `role` must be a known `TokenRole`; GENERATED spans must start at or
+    after `prompt_len`, other roles must end at or before it; UNSPECIFIED is derived.
     """
     if len(spans) == 0:
         if require:
@@ -188,35 +239,94 @@ def parse_spans(
             positions=np.arange(n_rows, dtype=np.int64),
             generated=np.zeros(n_rows, dtype=bool),
             span_bounds=((0, n_rows),),
+            correlation_ids=("",),
+            roles=np.full(n_rows, _OTHER, dtype=np.int8),
         )
-    counts = np.fromiter((s.n_rows for s in spans), dtype=np.int64, count=len(spans))
-    total = int(counts.sum())
-    if total != n_rows:
-        raise _bad("bad_spans", f"spans: expected n_rows to sum to shape[0]={n_rows}, "
-                                f"found {total}")
+    if len(spans) > max_spans:
+        raise _bad("too_many_spans", f"spans: expected at most {max_spans} spans per frame, "
+                                     f"found {len(spans)}")
     ids: list[str] = []
+    labels: list[str] = []
     bounds: list[tuple[int, int]] = []
     starts = np.empty(len(spans), dtype=np.int64)
     plens = np.empty(len(spans), dtype=np.int64)
+    counts = np.empty(len(spans), dtype=np.int64)
+    span_roles = np.empty(len(spans), dtype=np.int64)
     row = 0
     for i, s in enumerate(spans):
         if not s.request_id:
             raise _bad("bad_spans", f"spans[{i}].request_id: expected a non-empty id, found ''")
+        n_label = _utf8_len(s.correlation_id)
+        if n_label > max_correlation_id_bytes:
+            raise _bad("correlation_id_too_long",
+                       f"spans[{i}].correlation_id: expected at most "
+                       f"{max_correlation_id_bytes} UTF-8 bytes, found {n_label}")
         if s.n_rows == 0:
             raise _bad("bad_spans", f"spans[{i}].n_rows: expected > 0, found 0 "
                                     f"(request {s.request_id!r})")
+        if row + s.n_rows > n_rows:  # checked as we go: no array ever exceeds n_rows
+            raise _bad("bad_spans", f"spans: expected n_rows to sum to shape[0]={n_rows}, "
+                                    f"found more by spans[{i}]")
         ids.append(s.request_id)
+        labels.append(s.correlation_id)
         bounds.append((row, row + s.n_rows))
         row += s.n_rows
+        counts[i] = s.n_rows
         starts[i] = s.start_position
         plens[i] = s.prompt_len
+        span_roles[i] = s.role
+        if s.role:
+            _check_role(i, s)
+    if row != n_rows:
+        raise _bad("bad_spans", f"spans: expected n_rows to sum to shape[0]={n_rows}, "
+                                f"found {row}")
     row_request = np.repeat(np.arange(len(spans), dtype=np.int32), counts)
     # position of row r in span i = start_i + (r - first_row_i)
     first_rows = np.concatenate(([0], np.cumsum(counts)[:-1]))
     offsets = np.arange(n_rows, dtype=np.int64) - np.repeat(first_rows, counts)
     positions = np.repeat(starts, counts) + offsets
     generated = positions >= np.repeat(plens, counts)
-    return RowMeta(tuple(ids), row_request, positions, generated, tuple(bounds))
+    roles = np.repeat(span_roles.astype(np.int8), counts)
+    if not span_roles.all():  # UNSPECIFIED spans (old clients): derive from prompt_len
+        roles = np.where(roles == 0, derive_roles(generated), roles).astype(np.int8)
+    return RowMeta(tuple(ids), row_request, positions, generated, tuple(bounds),
+                   tuple(labels), roles)
+
+
+def _check_role(i: int, s: monitor_pb2.RowSpan) -> None:
+    """Raise `bad_spans` unless span ``i``'s role is known and on the right side of
+    ``prompt_len``."""
+    role = int(s.role)
+    if not 0 < role < _N_ROLES:
+        raise _bad("bad_spans", f"spans[{i}].role: expected a TokenRole in 1..{_N_ROLES - 1}, "
+                                f"found {role} (request {s.request_id!r})")
+    end = s.start_position + s.n_rows
+    if role == TokenRole.GENERATED:
+        if s.start_position < s.prompt_len:
+            raise _bad("bad_spans", f"spans[{i}]: expected a GENERATED span to start at or "
+                                    f"after prompt_len={s.prompt_len}, found start_position="
+                                    f"{s.start_position} (request {s.request_id!r})")
+    elif end > s.prompt_len:
+        raise _bad("bad_spans", f"spans[{i}]: expected a {TokenRole(role).name} span to end "
+                                f"at or before prompt_len={s.prompt_len}, found it ends at "
+                                f"{end} (request {s.request_id!r})")
+
+
+def check_seq(last_seq: int, seq: int, max_gap: int = MAX_SEQ_GAP) -> int:
+    """Frames missing before `seq` on a stream whose last accepted frame was `last_seq`.
+
+    Raises:
+        FrameError: `out_of_order` when `seq <= last_seq`; `seq_gap_too_large` when more
+            than `max_gap` frames would be missing (the caller keeps `last_seq`).
+    """
+    if seq <= last_seq:
+        raise _bad("out_of_order", f"seq: expected > {last_seq} (strictly increasing per "
+                                   f"stream), found {seq}")
+    missing = seq - last_seq - 1
+    if missing > max_gap:
+        raise _bad("seq_gap_too_large", f"seq: expected at most {max_gap} frames skipped "
+                                        f"after {last_seq}, found {missing} (seq {seq})")
+    return missing
 
 
 def decode_frame(
@@ -228,9 +338,20 @@ def decode_frame(
     max_frame_bytes: int,
     require_spans: bool = True,
     check_finite: bool = True,
+    max_spans: int = MAX_SPANS_PER_FRAME,
+    max_correlation_id_bytes: int = MAX_CORRELATION_ID_BYTES,
     hook_names: frozenset[str] | None = None,
 ) -> DecodedFrame:
-    """Validate `frame` and view its payload as a `[n_rows, d_model]` tensor.
+    """Validate `frame` and view its payload as a `[n_rows, d_model]` array.
+
+    Validate before allocating: every size the client claims is checked against the
+    bytes actually present before any array is built. The order is fixed:
+    payload size, model, layer, dtype, shape (rank 2, both dims >= 1), then
+    `len(data) == shape[0] * shape[1] * itemsize`: from here on `shape[0]` is backed by
+    real bytes, and only then are spans expanded into per-row arrays (at most
+    `shape[0]` entries) and `d_model` compared. A frame whose byte length does not match
+    its shape carries no row metadata (`rows=None`): rows the bytes do not hold are never
+    counted as unscored, so a lying header cannot inflate `rows_unscored_total`.
 
     Args:
         frame: the wire message.
@@ -240,6 +361,9 @@ def decode_frame(
         max_frame_bytes: largest accepted payload (`data`), in bytes.
         require_spans: False lets a frame without spans be one anonymous request.
         check_finite: reject frames with NaN/Inf rows (`non_finite`).
+        max_spans: most spans per frame (`too_many_spans`).
+        max_correlation_id_bytes: longest `RowSpan.correlation_id`
+            (`correlation_id_too_long`).
         hook_names: hook points the server scores (`monitor.wire.hooks` names). None: only
             `blocks.{layer}.hook_resid_post` of `layers` (a server without hook points must
             refuse e.g. resid_pre rows rather than score them as resid_post).
@@ -274,17 +398,20 @@ def decode_frame(
     n_rows, d = shape
     if n_rows <= 0:
         raise _bad("bad_shape", f"shape[0]: expected n_rows > 0, found {n_rows}")
-    rows = parse_spans(frame.spans, n_rows, require=require_spans)
-    if d != d_model:
-        raise _bad("d_model_mismatch", f"shape[1]: expected d_model={d_model}, found {d}", rows)
+    if d <= 0:
+        raise _bad("bad_shape", f"shape[1]: expected d_model > 0, found {d}")
     itemsize = DTYPE_ITEMSIZE[frame.dtype]
-    expected = n_rows * d * itemsize
+    expected = n_rows * d * itemsize  # Python int: no overflow
     if nbytes != expected:
         raise _bad(
             "byte_length_mismatch",
             f"data: expected {expected} bytes ({n_rows}x{d}x{itemsize}), found {nbytes}",
-            rows,
         )
+    # n_rows <= nbytes / itemsize <= max_frame_bytes / itemsize: safe to allocate per row
+    rows = parse_spans(frame.spans, n_rows, require=require_spans, max_spans=max_spans,
+                       max_correlation_id_bytes=max_correlation_id_bytes)
+    if d != d_model:
+        raise _bad("d_model_mismatch", f"shape[1]: expected d_model={d_model}, found {d}", rows)
     data = frame.data  # one bytes object; the array keeps a reference to it (read-only)
     x = np.frombuffer(data, dtype=vdtype).reshape(n_rows, d)
     if frame.dtype == monitor_pb2.DTYPE_BFLOAT16:
@@ -307,7 +434,8 @@ def decode_frame(
         seq=int(frame.seq), model=frame.model, layer=int(frame.layer), step=int(frame.step),
         x=x, request_ids=rows.request_ids, row_request=rows.row_request,
         positions=rows.positions, generated=rows.generated, span_bounds=rows.span_bounds,
-        nbytes=nbytes, wire_dtype=int(frame.dtype), hook_name=hook,
+        nbytes=nbytes, wire_dtype=int(frame.dtype), hook_name=hook, roles=rows.roles,
+        correlation_ids=rows.correlation_ids,
     )
 
 
@@ -391,8 +519,8 @@ def encode_frame(
         seq: per-stream sequence number (strictly increasing, from 1).
         model: model identity string.
         layer: decoder layer index.
-        spans: `Span`, `RowSpan` or tuples `(request_id, n_rows, start_position, prompt_len)`
-            in row order.
+        spans: `Span`, `RowSpan` or tuples `(request_id, n_rows, start_position, prompt_len
+            [, role])` in row order.
         step: engine step (informational).
         hook_name: hook point of the rows (`monitor.wire.hooks`); empty = resid_post.
     """
@@ -406,7 +534,8 @@ def encode_frame(
             s = Span(*s)
         pb_spans.append(monitor_pb2.RowSpan(
             request_id=s.request_id, n_rows=s.n_rows,
-            start_position=s.start_position, prompt_len=s.prompt_len,
+            start_position=s.start_position, prompt_len=s.prompt_len, role=int(s.role),
+            correlation_id=s.correlation_id,
         ))
     return monitor_pb2.ActivationFrame(
         seq=seq, model=model, layer=layer, dtype=wire, shape=list(shape), data=data,

@@ -64,9 +64,38 @@ app.kubernetes.io/part-of: safety-monitor
 {{- define "safety-monitor.grpcProbe" -}}
 {{- $p := deepCopy .probe -}}
 {{- if hasKey $p "grpc" -}}
+{{- if .tls -}}
+{{- $_ := unset $p "grpc" -}}
+{{- $_ := set $p "tcpSocket" (dict "port" (int .port)) -}}
+{{- else -}}
 {{- $_ := set $p.grpc "port" (int .port) -}}
 {{- end -}}
+{{- end -}}
 {{ toYaml $p }}
+{{- end -}}
+
+{{/* The plugin's environment for TLS / token (vLLM container). */}}
+{{- define "safety-monitor.pluginAccessEnv" -}}
+{{- $s := .Values.sidecar -}}
+{{- if $s.tls.enabled }}
+- name: SAFETY_MONITOR_TLS_CA
+  value: /etc/safety-monitor/client-tls/ca.crt
+- name: SAFETY_MONITOR_TLS_SERVER_NAME
+  value: {{ $s.tls.serverName | quote }}
+{{- if $s.tls.mtls }}
+- name: SAFETY_MONITOR_TLS_CERT
+  value: /etc/safety-monitor/client-tls/tls.crt
+- name: SAFETY_MONITOR_TLS_KEY
+  value: /etc/safety-monitor/client-tls/tls.key
+{{- end }}
+{{- end }}
+{{- if $s.auth.tokenSecret }}
+- name: SAFETY_MONITOR_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s.auth.tokenSecret }}
+      key: {{ $s.auth.tokenKey }}
+{{- end }}
 {{- end -}}
 
 {{/*
@@ -94,12 +123,31 @@ restartPolicy: Always (a native sidecar in initContainers).
     - --metrics-host=0.0.0.0
     - --metrics-port={{ $s.metricsPort }}
     - --grace-s={{ $s.graceSeconds }}
+    - --backend={{ $s.backend }}
+    {{- if $s.tls.enabled }}
+    - --tls-cert=/etc/safety-monitor/tls/tls.crt
+    - --tls-key=/etc/safety-monitor/tls/tls.key
+    {{- if $s.tls.mtls }}
+    - --tls-client-ca=/etc/safety-monitor/tls/ca.crt
+    {{- end }}
+    {{- end }}
+    {{- if $s.auth.tokenSecret }}
+    - --token-file=/etc/safety-monitor/token/{{ $s.auth.tokenKey }}
+    {{- end }}
+    {{- if ge (int $s.adminPort) 0 }}
+    - --admin-host=127.0.0.1
+    - --admin-port={{ $s.adminPort }}
+    {{- end }}
     {{- if $s.auditLog.enabled }}
     - --audit-log={{ $s.auditLog.path }}
     {{- if $s.auditLog.finals }}
     - --audit-finals
     {{- end }}
     {{- end }}
+    {{- if $s.auditLog.stdout }}
+    - --audit-stdout
+    {{- end }}
+    {{- include "safety-monitor.alertArgs" .root | nindent 4 }}
     {{- range $s.extraArgs }}
     - {{ . | quote }}
     {{- end }}
@@ -113,20 +161,26 @@ restartPolicy: Always (a native sidecar in initContainers).
   env:
     - name: HOME
       value: /tmp
+    # downward API: the pod and namespace labels of the sidecar's own alerts
+    - name: POD_NAME
+      valueFrom: {fieldRef: {fieldPath: metadata.name}}
+    - name: POD_NAMESPACE
+      valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+    {{- include "safety-monitor.alertEnv" .root | nindent 4 }}
     {{- with $s.env }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
   {{- with $s.startupProbe }}
   startupProbe:
-    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort) | nindent 4 }}
+    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort "tls" $s.tls.enabled) | nindent 4 }}
   {{- end }}
   {{- with $s.readinessProbe }}
   readinessProbe:
-    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort) | nindent 4 }}
+    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort "tls" $s.tls.enabled) | nindent 4 }}
   {{- end }}
   {{- with $s.livenessProbe }}
   livenessProbe:
-    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort) | nindent 4 }}
+    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort "tls" $s.tls.enabled) | nindent 4 }}
   {{- end }}
   resources:
     {{- toYaml $s.resources | nindent 4 }}
@@ -148,4 +202,77 @@ restartPolicy: Always (a native sidecar in initContainers).
       mountPath: {{ dir $s.auditLog.path }}
     - name: monitor-tmp
       mountPath: /tmp
+    {{- if $s.tls.enabled }}
+    - name: monitor-tls
+      mountPath: /etc/safety-monitor/tls
+      readOnly: true
+    {{- end }}
+    {{- if $s.auth.tokenSecret }}
+    - name: monitor-token
+      mountPath: /etc/safety-monitor/token
+      readOnly: true
+    {{- end }}
+    {{- if and (include "safety-monitor.alertsEnabled" .root) $v.alerts.spool.enabled }}
+    - name: alert-spool
+      mountPath: {{ $v.alerts.spool.path }}
+    {{- end }}
+    {{- if and $v.alerts.webhook.secret.existingSecret $v.alerts.webhook.secret.key }}
+    - name: webhook-secret
+      mountPath: /etc/safety-monitor/webhook
+      readOnly: true
+    {{- end }}
+{{- end -}}
+
+{{/* "true" when the sidecar delivers alerts itself (Alertmanager or webhook). */}}
+{{- define "safety-monitor.alertsEnabled" -}}
+{{- if or .Values.alerts.alertmanager.urls .Values.alerts.webhook.url .Values.alerts.webhook.urlSecret.name -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Flags of the sidecar's alert delivery (monitor/report/sinks). Secrets never appear
+     here: the webhook URL from a Secret comes in through $(SAFETY_MONITOR_WEBHOOK_URL),
+     the HMAC key as a mounted file. */}}
+{{- define "safety-monitor.alertArgs" -}}
+{{- $a := .Values.alerts -}}
+{{- range $a.alertmanager.urls }}
+- --alertmanager-url={{ . }}
+{{- end }}
+{{- if $a.webhook.urlSecret.name }}
+- --webhook-url=$(SAFETY_MONITOR_WEBHOOK_URL)
+{{- else if $a.webhook.url }}
+- --webhook-url={{ $a.webhook.url }}
+{{- end }}
+{{- if and $a.webhook.secret.existingSecret $a.webhook.secret.key }}
+- --webhook-secret-file=/etc/safety-monitor/webhook/{{ $a.webhook.secret.key }}
+{{- end }}
+{{- if include "safety-monitor.alertsEnabled" . }}
+{{- if $a.spool.enabled }}
+- --alert-spool-dir={{ $a.spool.path }}
+- --alert-spool-max-bytes={{ int64 $a.spool.maxBytes }}
+{{- end }}
+- --alert-timeout-s={{ $a.timeoutSeconds }}
+- --alert-resend-s={{ $a.resendSeconds }}
+- --alert-resolve-s={{ $a.resolveSeconds }}
+- --runbook-url={{ $a.runbookUrl }}
+{{- end }}
+{{- end -}}
+
+{{- define "safety-monitor.alertEnv" -}}
+{{- with .Values.alerts.webhook.urlSecret.name }}
+- name: SAFETY_MONITOR_WEBHOOK_URL
+  valueFrom: {secretKeyRef: {name: {{ . }}, key: {{ $.Values.alerts.webhook.urlSecret.key }}}}
+{{- end }}
+{{- end -}}
+
+{{/* The vLLM container's metrics port name: this chart's "http", vLLM chart's
+     "container-port" (examples/online_serving/chart-helm), or metrics.vllmPortName. */}}
+{{- define "safety-monitor.vllmPortName" -}}
+{{- if .Values.metrics.vllmPortName -}}
+{{- .Values.metrics.vllmPortName -}}
+{{- else if .Values.vllm.enabled -}}
+http
+{{- else -}}
+container-port
+{{- end -}}
 {{- end -}}

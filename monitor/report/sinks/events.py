@@ -129,7 +129,8 @@ class AlertEvent:
         missing = sorted(set(fields) - set(obj))
         if missing:
             raise ValueError(f"alert event: missing fields {missing}")
-        types = {"str": str, "float": (int, float), "int": int}
+        types: dict[str, type | tuple[type, ...]] = {"str": str, "float": (int, float),
+                                                     "int": int}
         for name, typ in fields.items():
             if not isinstance(obj[name], types[str(typ)]) or isinstance(obj[name], bool):
                 raise ValueError(f"alert event field {name}: expected {typ}, found "
