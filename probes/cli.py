@@ -181,8 +181,11 @@ def cmd_sae_detector(args: argparse.Namespace) -> int:
                         progress=not args.quiet)
     corpus, acts = sets["corpus"]
     _test_ex, test = sets["test"]
-    det = fit_latent_detector(sae, acts, SAE_LAYER, args.n_heldout, args.n_latents)
     dense = load_bundle(args.dense)
+    cal = dense.detector(args.dense_detector).calibration
+    det = fit_latent_detector(sae, acts, SAE_LAYER, args.n_heldout, args.n_latents,
+                              agg=cal.get("aggregation"),
+                              min_tokens=int(cal.get("min_tokens", 2)))
     scorer = Scorer(dense)
     col = scorer.detectors_on(SAE_LAYER).index(args.dense_detector)
     import torch

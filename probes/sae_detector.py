@@ -2,16 +2,19 @@
 
 Recipe (all on ``blocks.18.hook_resid_post``, the dense probe's layer):
 
-1. Token labels exactly as the dense probe's (``recipes.harmful_labels``) on the SAE
-   corpus requests (``sae_data.sae_corpus``), minus its held-out tail.
+1. Token labels: every prompt token (position 0 excluded) carries its request's label,
+   on the SAE corpus requests (``sae_data.sae_corpus``) minus its held-out tail (the
+   dense probe is trained on the mean of the same prompt-token rows with the same
+   labels).
 2. Rank latents by effect size ``(mean z | harmful − mean z | benign) / std z`` over the
    labelled rows; keep the ``n_latents`` largest (latents that *indicate* harm).
 3. Sparse read-out: L2 logistic regression (``train.fit_logreg``, balanced) on those
    latents' activations; standardisation folded into ``latent_weights`` and ``bias`` so
    the bundle computes ``sigmoid(Σ_j w_j z_j + c)`` per token.
-4. Request score: the dense probe's aggregation (prompt scope, EMA half-life 2,
-   ``min_tokens`` 4). Calibration: thresholds at 1 % / 0.1 % FPR on the benign
-   requests of the corpus's held-out tail (small: its size is recorded).
+4. Request score: the dense probe's aggregation, read from its bundle's calibration
+   (today: prompt scope, running mean, ``min_tokens`` 2). Calibration: thresholds at
+   1 % / 0.1 % FPR on the benign requests of the corpus's held-out tail (small: its
+   size is recorded).
 5. Evaluation beside the dense probe on the *same* test rows (the dense probe's own
    short-request test set, ``sae_data.harmful_test``): AUROC and TPR at 1 % FPR.
 6. Labels: per selected latent, the top-activating tokens with ±6 tokens of context
@@ -37,13 +40,12 @@ from probes.calibrate import calibrate
 from probes.collect import Activations, TransformersCollector
 from probes.datasets import ChatExample
 from probes.evaluate import evaluate_scores
-from probes.recipes import harmful_labels
 from probes.train import aggregate_requests, fit_logreg
 
 __all__ = ["LatentDetector", "fit_latent_detector", "latent_labels", "sae_detector_parts"]
 
-AGG = {"kind": "ema", "half_life_tokens": 2.0}
-MIN_TOKENS = 4
+AGG: dict[str, Any] = {"kind": "mean"}  # overridden from the dense detector's calibration
+MIN_TOKENS = 2
 
 
 @dataclass
@@ -55,6 +57,8 @@ class LatentDetector:
     bias: float
     effect: np.ndarray  # effect sizes of the selected latents
     calibration: dict[str, Any]
+    aggregation: dict[str, Any]
+    min_tokens: int
 
     def token_scores(self, z_sel: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-np.clip(z_sel @ self.weights + self.bias, -60, 60)))
@@ -70,31 +74,34 @@ def _encode(sae: SAE, x: np.ndarray, ids: Sequence[int] | None = None,
     return np.concatenate(out) if out else np.zeros((0, sae.d_sae if ids is None else len(ids)))
 
 
-def request_scores(token_scores: np.ndarray, acts: Activations) -> np.ndarray:
+def request_scores(token_scores: np.ndarray, acts: Activations, agg: dict[str, Any],
+                   min_tokens: int) -> np.ndarray:
     """Per-request statistic with the dense probe's aggregation (prompt rows)."""
-    return aggregate_requests(token_scores, acts.example, acts.n_examples, AGG, MIN_TOKENS,
-                              in_scope=~acts.generated)
+    return aggregate_requests(token_scores, acts.example, acts.n_examples, agg, min_tokens,
+                              in_scope=~acts.generated.astype(bool))
 
 
 def fit_latent_detector(sae: SAE, acts: Activations, layer: int, n_heldout: int,
-                        n_latents: int = 16, C: float = 0.1, seed: int = 0) -> LatentDetector:
+                        n_latents: int = 16, C: float = 0.1, agg: dict[str, Any] | None = None,
+                        min_tokens: int = MIN_TOKENS) -> LatentDetector:
     """Steps 1–4 of the module docstring on the corpus activations ``acts``."""
-    keep, y = harmful_labels(acts, seed=seed)
+    agg = dict(agg or AGG)
     fit_ex = acts.example < acts.n_examples - n_heldout
-    rows = keep & fit_ex & (acts.position > 0)
+    rows = fit_ex & (acts.position > 0) & ~acts.generated.astype(bool)
     z = _encode(sae, acts.x[layer][rows])
-    yy = y[rows].astype(bool)
+    yy = acts.labels[acts.example[rows]].astype(bool)
     sd = z.std(0) + 1e-6
     effect = (z[yy].mean(0) - z[~yy].mean(0)) / sd
     ids = [int(i) for i in np.argsort(-effect)[:n_latents]]
     probe = fit_logreg(z[:, ids], yy.astype(np.int8), layer, C=C)
     w = probe.weight.astype(np.float64) / probe.std.astype(np.float64)
     b = float(probe.bias - np.sum(w * probe.mean.astype(np.float64)))
-    det = LatentDetector(ids, w, b, effect[ids], {})
+    det = LatentDetector(ids, w, b, effect[ids], {}, agg, min_tokens)
     # calibrate on the held-out benign requests of the corpus
     held = ~fit_ex
     sub = acts.subset_rows(held)
-    s_req = request_scores(det.token_scores(_encode(sae, sub.x[layer], ids)), sub)
+    s_req = request_scores(det.token_scores(_encode(sae, sub.x[layer], ids)), sub, agg,
+                           min_tokens)
     ex_held = np.unique(acts.example[held])
     benign = [e for e in ex_held if acts.labels[e] == 0]
     det.calibration = calibrate(s_req[benign], benign_set="sae corpus held-out benign "
@@ -107,8 +114,8 @@ def evaluate_beside_dense(det: LatentDetector, sae: SAE, test: Activations, laye
     """AUROC / TPR@FPR of the latent detector and the dense probe on the same rows."""
     y = test.labels.astype(bool)
     s_sae = request_scores(det.token_scores(_encode(sae, test.x[layer], det.latent_ids)),
-                           test)
-    s_dense = request_scores(dense_token_scores, test)
+                           test, det.aggregation, det.min_tokens)
+    s_dense = request_scores(dense_token_scores, test, det.aggregation, det.min_tokens)
     return {"sae_latents": evaluate_scores(y, s_sae), "dense_probe": evaluate_scores(y, s_dense)}
 
 
@@ -175,7 +182,7 @@ def sae_detector_parts(sae: SAE, det: LatentDetector, *, name: str = "harmful_in
         "default_thresholds": {"warn": warn, "critical": crit},
         "calibration": cal,
         "provenance": {"method": "sae_latents_logreg", "sae": sae.source,
-                       "aggregation": AGG, "min_tokens": MIN_TOKENS,
+                       "aggregation": det.aggregation, "min_tokens": det.min_tokens,
                        "metrics": metrics or {},
                        "latent_labels": {str(k): [p["context"] for p in v["top"][:3]]
                                          for k, v in (labels or {}).items()}},

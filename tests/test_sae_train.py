@@ -63,7 +63,7 @@ def test_detector_parts_score_the_sparse_read_out(tmp_path: Path) -> None:
                              hook_name="blocks.4.hook_resid_post", model_name="m")
     ids = [5, 1, 30]
     det = LatentDetector(ids, np.array([0.7, -0.2, 1.1]), -0.4, np.zeros(3),
-                         {"fpr_0.01": 0.6, "fpr_0.001": 0.8})
+                         {"fpr_0.01": 0.6, "fpr_0.001": 0.8}, {"kind": "mean"}, 2)
     comp, detector, tensors = sae_detector_parts(sae, det)
     bundle = write_bundle(tmp_path / "b", {
         "name": "t", "model": {"name": "m", "d_model": 32, "n_layers": 8},
