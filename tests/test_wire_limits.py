@@ -238,3 +238,40 @@ def test_concurrent_streams_are_capped(server: MonitorServer, geometry: dict) ->
     assert server.metric("safety_monitor_frames_rejected_total",
                          reason="too_many_streams") >= 1
     assert EXHAUSTED == 8
+
+
+# ------------------------------------------------------------------ identity (issue 8 item 1)
+
+
+def test_colliding_correlation_ids_are_judged_separately(server: MonitorServer,
+                                                         geometry: dict) -> None:
+    # issue 8 item 1: two requests with one correlation id merged and the harmful one's
+    # rows were dropped as duplicates. Keys are engine ids; the correlation id is a label.
+    harmful, benign, retry = rid("eng"), rid("eng"), rid("eng")
+    label = rid("ticket")
+    hi = make_rows(geometry, "harmful_intent", 4, pushed=[2])
+    lo = make_rows(geometry, "harmful_intent", 4)
+    spans_hi = [Span(harmful, 4, 0, 4, correlation_id=label)]
+    out = stream(server, [
+        frame_msg(1, 2, torch.cat([lo, hi]),
+                  [Span(benign, 4, 0, 4, correlation_id=label), *spans_hi]),
+        monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(request_id=harmful)),
+        monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(request_id=benign)),
+        # a retry that reuses the label: a new engine id, nothing refused
+        frame_msg(2, 2, lo, [Span(retry, 4, 0, 4, correlation_id=label)]),
+        monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(request_id=retry)),
+    ])
+    assert not errors(out), errors(out)
+    fin = {v.request_id: v for v in out_verdicts(out) if v.final and
+           v.detector == "harmful_intent"}
+    assert fin[harmful].severity == monitor_pb2.SEVERITY_CRITICAL
+    assert fin[benign].severity == monitor_pb2.SEVERITY_NONE
+    assert fin[retry].severity == monitor_pb2.SEVERITY_NONE
+    assert all(v.n_tokens_scored == 4 for v in fin.values())
+    assert {v.correlation_id for v in out_verdicts(out)} == {label}
+    audit = [a for a in server.audit_lines() if a["request_id"] == harmful]
+    assert audit and all(a["correlation_id"] == label for a in audit)
+
+
+def out_verdicts(out: list[monitor_pb2.ServerMessage]) -> list[monitor_pb2.Verdict]:
+    return [m.verdict for m in out if m.HasField("verdict")]
