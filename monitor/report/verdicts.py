@@ -82,7 +82,7 @@ class Reporter:
                                    mode=u.mode).inc()
         self._audit(u, event, correlation_id)
         if self.alerts is not None:
-            self.alerts.escalation(u)
+            self.alerts.escalation(u, correlation_id)
         log.info("%s: request=%s detector=%s severity=%s score=%.3f position=%d", event,
                  u.request_id, u.detector, u.severity, u.score, u.crossed_at_position)
 
