@@ -7,6 +7,7 @@ that the server and the stream keep working (a good request gets its finals).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -160,7 +161,7 @@ def _hold_call(srv: MonitorServer, method: str) -> tuple[threading.Event, thread
     release = threading.Event()
 
     def requests() -> Iterator[bytes]:
-        release.wait(60)
+        release.wait(120)
         return
         yield b""
 
@@ -170,7 +171,7 @@ def _hold_call(srv: MonitorServer, method: str) -> tuple[threading.Event, thread
         else:
             call = srv.channel.stream_stream(f"/monitor.v1.Monitor/{method}")
         try:
-            result = call(requests(), timeout=60)
+            result = call(requests(), timeout=150)
             if method != "Score":
                 list(result)
         except grpc.RpcError:
@@ -181,9 +182,7 @@ def _hold_call(srv: MonitorServer, method: str) -> tuple[threading.Event, thread
     return release, t
 
 
-def _until_refused(fn: Callable[[], object], timeout: float = 30.0) -> grpc.RpcError:
-    import time
-
+def _until_refused(fn: Callable[[], object], timeout: float = 60.0) -> grpc.RpcError:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -216,6 +215,10 @@ def test_concurrent_score_calls_are_capped(server: MonitorServer, geometry: dict
 def test_concurrent_streams_are_capped(server: MonitorServer, geometry: dict) -> None:
     holds = [_hold_call(server, "Stream") for _ in range(2)]  # --max-streams 2
     try:
+        deadline = time.monotonic() + 90  # both held calls are open on the server
+        while server.metric("safety_monitor_active_streams") < 2:
+            assert time.monotonic() < deadline, "held streams never opened"
+            time.sleep(0.2)
         err = _until_refused(lambda: stream(server, []))
         assert err.details().startswith("too_many_streams:")
     finally:
@@ -224,8 +227,6 @@ def test_concurrent_streams_are_capped(server: MonitorServer, geometry: dict) ->
         for _, t in holds:
             t.join(30)
     ok = rid("ok")
-    import time
-
     deadline = time.monotonic() + 30
     while True:  # the held streams end a moment after their clients half-close
         try:
