@@ -255,7 +255,8 @@ class CaptureSession:
             return
         rec = StepRecord(ring=st.ring, slot=slot, step=self.step, plan_id=plan.plan_id,
                          model=self.model_name, points=plan.points, n_rows=layout.n_rows,
-                         spans=layout.spans, max_frame_bytes=plan.max_frame_bytes)
+                         spans=layout.spans, max_frame_bytes=plan.max_frame_bytes,
+                         labels=layout.labels)
         index = None
         if not layout.contiguous:
             index = torch.from_numpy(
@@ -278,6 +279,7 @@ class CaptureSession:
         s.update(steps=self.step, steps_sent=self.steps_sent, steps_no_plan=self.steps_no_plan,
                  unmapped_steps=self.tracker.unmapped_steps, op_errors=sink_errors(),
                  role_errors=self.tracker.role_errors,
+                 requests_no_chat_roles=self.tracker.requests_no_chat_roles,
                  roles_fallback=bool(self.segmenter is None or not self.segmenter.headers),
                  layer_calls=self.buffers.meta.tolist())
         return s
