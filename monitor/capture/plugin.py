@@ -255,7 +255,8 @@ class CaptureSession:
             return
         rec = StepRecord(ring=st.ring, slot=slot, step=self.step, plan_id=plan.plan_id,
                          model=self.model_name, points=plan.points, n_rows=layout.n_rows,
-                         spans=layout.spans, max_frame_bytes=plan.max_frame_bytes)
+                         spans=layout.spans, max_frame_bytes=plan.max_frame_bytes,
+                         labels=layout.labels)
         index = None
         if not layout.contiguous:
             index = torch.from_numpy(

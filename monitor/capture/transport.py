@@ -28,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -56,6 +57,12 @@ try:  # the codec is owned by monitor/wire; fall back to building the proto ours
 except ImportError:  # pragma: no cover - only while monitor/wire is being written
     _encode_frame = None
     WIRE_VERSION = 2
+
+
+#: Random per plugin process (`ClientHello.instance_id`): with the client id it names this
+#: process's requests on the sidecar, so a reconnect of this process (and no other
+#: client) carries on the requests of a broken stream.
+INSTANCE_ID = uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,7 @@ class StepRecord:
     spans: list[SpanTuple]
     max_frame_bytes: int = _DEFAULT_MAX_FRAME_BYTES
     released: bool = field(default=False)
+    labels: dict[str, str] = field(default_factory=dict)  # request id -> correlation id
 
     @property
     def row_bytes(self) -> int:
@@ -255,19 +263,24 @@ def build_frame(
     spans: list[SpanTuple],
     step: int,
     hook_name: str = "",
+    labels: dict[str, str] | None = None,
 ) -> monitor_pb2.ActivationFrame:
-    """One `ActivationFrame` from `x` `[n_rows, d_model]` (host tensor) and its spans."""
+    """One `ActivationFrame` from `x` `[n_rows, d_model]` (host tensor) and its spans;
+    `labels` maps a request id to the caller's correlation id (`RowSpan.correlation_id`)."""
+    lab = labels or {}
+    pb_spans = [monitor_pb2.RowSpan(request_id=r, n_rows=n, start_position=p, prompt_len=pl,
+                                    role=role,  # type: ignore[arg-type]
+                                    correlation_id=lab.get(r, ""))
+                for r, n, p, pl, role in spans]
     if _encode_frame is not None:
-        return _encode_frame(x, seq=seq, model=model, layer=layer, spans=spans, step=step,
+        return _encode_frame(x, seq=seq, model=model, layer=layer, spans=pb_spans, step=step,
                              hook_name=hook_name)
     dtypes = {v: k for k, v in _TORCH_DTYPE.items()}  # pragma: no cover
     t = x.contiguous()  # pragma: no cover
     return monitor_pb2.ActivationFrame(  # pragma: no cover
         seq=seq, model=model, layer=layer, dtype=dtypes[t.dtype], shape=list(t.shape),
         data=t.view(torch.uint8).numpy().tobytes(), step=step, hook_name=hook_name,
-        spans=[monitor_pb2.RowSpan(request_id=r, n_rows=n, start_position=p, prompt_len=pl,
-                                   role=role)  # type: ignore[arg-type]
-               for r, n, p, pl, role in spans],
+        spans=pb_spans,
     )
 
 
@@ -573,7 +586,7 @@ class Transport:
         seq = 0
         yield monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
             client_id=self.cfg.client_id, model=self.model, plan_id=plan.plan_id,
-            wire_version=WIRE_VERSION))
+            wire_version=WIRE_VERSION, instance_id=INSTANCE_ID))
         last_stats = self._client_stats()
         if last_stats.dropped_frames or last_stats.reconnects:
             yield monitor_pb2.ClientMessage(stats=last_stats)
@@ -597,7 +610,7 @@ class Transport:
                             seq += 1
                             f = build_frame(view[k, r0:r1], seq=seq, model=item.model,
                                             layer=hp.layer, spans=spans, step=item.step,
-                                            hook_name=hp.name)
+                                            hook_name=hp.name, labels=item.labels)
                             msgs.append(monitor_pb2.ClientMessage(frame=f))
                 finally:
                     item.release()  # bytes are copied out: the slot is free again
