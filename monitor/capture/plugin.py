@@ -36,6 +36,8 @@ import torch
 from monitor.capture.archs import UnsupportedArchitecture, check_architecture
 from monitor.capture.config import CaptureConfig
 from monitor.capture.op import (
+    PROF,
+    PROFILE,
     SITE_IN,
     SITE_OUT,
     StaticBuffers,
@@ -282,6 +284,8 @@ class CaptureSession:
                  requests_no_chat_roles=self.tracker.requests_no_chat_roles,
                  roles_fallback=bool(self.segmenter is None or not self.segmenter.headers),
                  layer_calls=self.buffers.meta.tolist())
+        if PROFILE:
+            s["profile"] = PROF.as_dict()
         return s
 
     def _janitor_loop(self) -> None:

@@ -32,12 +32,14 @@ else "abort" (client abort — and stop *strings*, which the frontend turns into
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from monitor.capture import op
 from monitor.roles import TokenRole, role_runs
 from monitor.v1 import monitor_pb2
 from monitor.wire.codec import MAX_CORRELATION_ID_BYTES
@@ -194,12 +196,25 @@ class StepTracker:
     ) -> StepLayout | None:
         """Layout of the current forward pass, or None when it maps to no request.
 
+        Timed into `op.PROF.layout_*` when `op.PROFILE`.
+
         Args:
             n_tokens: rows of the forward's hidden-state tensor (incl. padding).
             positions: int64 `[n_tokens]` positions the model received (host), or None.
             prompt / generated: keep rows of these token kinds.
             roles: keep only rows of these `TokenRole`s (None: all roles).
         """
+        if not op.PROFILE:
+            return self._layout(n_tokens, positions, prompt, generated, roles)
+        t0 = time.perf_counter_ns()
+        try:
+            return self._layout(n_tokens, positions, prompt, generated, roles)
+        finally:
+            op.PROF.layout_calls += 1
+            op.PROF.layout_ns += time.perf_counter_ns() - t0
+
+    def _layout(self, n_tokens: int, positions: np.ndarray | None, prompt: bool,
+                generated: bool, roles: frozenset[int] | None) -> StepLayout | None:
         r = self.runner
         ib = r.input_batch
         num_reqs = int(ib.num_reqs)

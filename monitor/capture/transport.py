@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from monitor.capture import op
 from monitor.capture.config import CaptureConfig
 from monitor.capture.steps import SpanTuple
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
@@ -567,6 +568,15 @@ class Transport:
             backoff = min(backoff * 2, self.cfg.backoff_max_s)
 
     def _on_server_message(self, msg: monitor_pb2.ServerMessage) -> None:
+        if not op.PROFILE:
+            self._handle_server_message(msg)
+            return
+        t0 = time.perf_counter_ns()
+        self._handle_server_message(msg)
+        op.PROF.server_msgs += 1
+        op.PROF.server_ns += time.perf_counter_ns() - t0
+
+    def _handle_server_message(self, msg: monitor_pb2.ServerMessage) -> None:
         which = msg.WhichOneof("body")
         if which == "verdict":
             with self._lock:
@@ -601,6 +611,7 @@ class Transport:
                     self.drop_record(item, "plan changed")
                     continue
                 msgs = []
+                t0 = time.perf_counter_ns() if op.PROFILE else 0
                 try:
                     chunk_rows = max(1, (item.max_frame_bytes - _FRAME_OVERHEAD_BYTES)
                                      // item.row_bytes)
@@ -614,6 +625,10 @@ class Transport:
                             msgs.append(monitor_pb2.ClientMessage(frame=f))
                 finally:
                     item.release()  # bytes are copied out: the slot is free again
+                if op.PROFILE:
+                    op.PROF.encode_steps += 1
+                    op.PROF.encode_frames += len(msgs)
+                    op.PROF.encode_ns += time.perf_counter_ns() - t0
                 nbytes = item.n_rows * len(item.points) * item.row_bytes
                 with self._lock:
                     self.sent_frames += len(msgs)
