@@ -35,6 +35,7 @@ import torch
 
 from monitor.capture.archs import UnsupportedArchitecture, check_architecture
 from monitor.capture.config import CaptureConfig
+from monitor.capture.enforce import BlockBoard, BlockOrder, install_all, is_block, resolve
 from monitor.capture.op import (
     SITE_IN,
     SITE_OUT,
@@ -47,6 +48,7 @@ from monitor.capture.op import (
 from monitor.capture.steps import StepLayout, StepTracker
 from monitor.capture.transport import HostRing, Plan, StepRecord, Transport
 from monitor.roles import ChatTemplateError, RoleSegmenter
+from monitor.v1 import monitor_pb2
 from monitor.wire.hooks import HookPoint
 
 log = logging.getLogger("monitor.capture")
@@ -129,7 +131,9 @@ class CaptureSession:
         self.segmenter = segmenter
         self.tracker = StepTracker(runner, max_model_len,
                                    segmenter.segment if segmenter is not None else None)
-        self.transport = Transport(cfg, model_name, on_plan=self.set_plan)
+        self.transport = Transport(cfg, model_name, on_plan=self.set_plan,
+                                   on_verdict=self.on_verdict)
+        self.blocks = BlockBoard()
         self.buffers = StaticBuffers(n_layers)
         self._state: _PlanState | None = None
         self._open: _OpenStep | None = None
@@ -180,6 +184,33 @@ class CaptureSession:
         log.info("safety monitor: capture plan installed: %s; ring %d slots x [%d hooks, %d "
                  "rows, %d] = %.1f MiB", plan.describe(), ring.n_slots, ring.n_layers,
                  ring.max_rows, ring.d_model, ring.nbytes / 2**20)
+
+    # ---------------------------------------------------------------- enforcement
+    def on_verdict(self, v: monitor_pb2.Verdict) -> None:
+        """Sender thread: queue a block order for a block verdict (`monitor.capture.enforce`).
+
+        The verdict's `request_id` resolves to the engine request id served here (see
+        `enforce.resolve`); an unresolvable one (unknown, finished, or a label shared by
+        several requests) is counted and logged, never guessed.
+        """
+        if not is_block(v):
+            return
+        with self.tracker._lock:
+            infos = list(self.tracker.requests.values())
+        labels: dict[str, list[str]] = {}
+        for info in infos:
+            labels.setdefault(info.request_id, []).append(info.vllm_id)
+        rid = resolve(v.request_id, (i.vllm_id for i in infos), labels)
+        if rid is None:
+            self.blocks.count_unresolved()
+            log.warning("safety monitor: block verdict for %r (detector %s) names no single "
+                        "live request here; not applied", v.request_id, v.detector)
+            return
+        if self.blocks.put(BlockOrder(request_id=rid, label=v.request_id, detector=v.detector,
+                                      score=float(v.score),
+                                      crossed_at_position=int(v.crossed_at_position))):
+            log.info("safety monitor: block ordered for request %s (detector %s, score %.3f, "
+                     "crossed at %d)", rid, v.detector, v.score, v.crossed_at_position)
 
     # ---------------------------------------------------------------- op callback
     def on_layer(
@@ -264,8 +295,13 @@ class CaptureSession:
 
     # ---------------------------------------------------------------- lifecycle
     def _flush_finished(self) -> None:
-        for msg in self.tracker.collect_finished():
+        done = self.tracker.collect_finished()
+        for msg in done:
             self.transport.submit_finished(msg)
+        if done:
+            with self.tracker._lock:
+                live = set(self.tracker.requests)
+            self.blocks.retain(live)
 
     def start(self) -> None:
         self.transport.start()
@@ -275,6 +311,7 @@ class CaptureSession:
 
     def stats(self) -> dict[str, Any]:
         s: dict[str, Any] = dict(self.transport.stats())
+        s.update(self.blocks.stats())
         s.update(steps=self.step, steps_sent=self.steps_sent, steps_no_plan=self.steps_no_plan,
                  unmapped_steps=self.tracker.unmapped_steps, op_errors=sink_errors(),
                  role_errors=self.tracker.role_errors,
@@ -472,6 +509,7 @@ def register() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     _wrap_load_model(GPUModelRunner, cfg)
+    install_all()
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 

@@ -334,6 +334,8 @@ class Transport:
         model: model identity for `ClientHello` (frames carry the record's own `model`).
         on_plan: called in the sender thread with every plan fetched (at each connect),
             before the stream starts; it may raise to refuse the plan (no stream then).
+        on_verdict: called in the sender thread with every verdict received (must not
+            block; errors are logged, the stream goes on).
     """
 
     def __init__(
@@ -342,10 +344,12 @@ class Transport:
         model: str,
         *,
         on_plan: Callable[[Plan], None] | None = None,
+        on_verdict: Callable[[monitor_pb2.Verdict], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
         self.on_plan = on_plan
+        self.on_verdict = on_verdict
         self.plan: Plan | None = None
         self._q: queue.Queue[object] = queue.Queue(maxsize=cfg.queue_size)
         self._lock = threading.Lock()
@@ -561,6 +565,11 @@ class Transport:
             v = msg.verdict
             log.debug("safety monitor verdict: request=%s detector=%s score=%.3f severity=%d "
                       "final=%s", v.request_id, v.detector, v.score, v.severity, v.final)
+            if self.on_verdict is not None:
+                try:
+                    self.on_verdict(v)
+                except Exception:
+                    log.exception("safety monitor: verdict handler error")
         elif which == "error":
             with self._lock:
                 self.stream_errors += 1

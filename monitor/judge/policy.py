@@ -598,8 +598,8 @@ def check_policy(policy: Policy, bundle: Any) -> list[str]:
       ``fpr_0.01`` threshold (expect more than 1 % of benign traffic to trip it);
     - warning: a scope that differs from the bundle's ``token_scope`` (the probe was
       trained on other tokens);
-    - note: ``mode: block`` (enforcement is reserved: until the server enforces, such a
-      detector is reported like ``alert``).
+    - note: ``mode: block`` (at critical the capture plugin stops the generation; at warn
+      such a detector alerts).
     """
     specs = {spec.name: spec for spec in bundle.detectors}
     problems: list[str] = []
@@ -628,8 +628,8 @@ def check_policy(policy: Policy, bundle: Any) -> list[str]:
             )
         if det.mode == "block":
             problems.append(
-                f"note: detectors.{name}.mode: block is reserved for enforcement; until it "
-                "ships, verdicts are emitted as for alert"
+                f"note: detectors.{name}.mode: block stops the generation at critical "
+                "(finish_reason content_filter); at warn it alerts"
             )
     for name in specs:
         if name not in policy.detectors:
