@@ -32,6 +32,7 @@ bench: env
 	$(PY) bench/bench_scorer.py
 	$(PY) bench/bench_ingest.py
 	$(PY) bench/bench_vllm.py
+	$(PY) bench/bench_alerts.py
 
 FUZZ_SECONDS ?= 300
 fuzz: env  # coverage-guided (atheris) fuzzing of decode_frame and the policy parser

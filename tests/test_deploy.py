@@ -358,6 +358,10 @@ tests:
         values: '1 1 0x20'
       - series: 'safety_monitor_alert_events_dropped_total{POD,sink="webhook",reason="spool_full"}'
         values: '0 0 0 0 3 3 3 3 3 3 3 3 3 3 3'
+      - series: 'safety_monitor_alert_spool_bytes{POD,sink="webhook"}'
+        values: '0 0 100 300 600 700 800 900 1000 1000 1000 1000 1000 1000 1000'
+      - series: 'safety_monitor_alert_spool_capacity_bytes{POD,sink="webhook"}'
+        values: '1000x14'
     alert_rule_test:
       - eval_time: 2m
         alertname: SafetyMonitorCriticalVerdict
@@ -429,6 +433,20 @@ CRIT_P2
                 spooled (safety_monitor_alert_spool_events) and delivered in order when the
                 sink answers again; the spool is bounded, so fix the sink before it fills.
               runbook_url: RUNBOOKsafetymonitoralertdeliveryfailing
+      - eval_time: 8m
+        alertname: SafetyMonitorAlertSpoolFilling
+        exp_alerts: []
+      - eval_time: 9m
+        alertname: SafetyMonitorAlertSpoolFilling
+        exp_alerts:
+          - exp_labels: {severity: warning, category: delivery, namespace: llm, pod: p,
+                         sink: webhook}
+            exp_annotations:
+              summary: 'Alert spool of webhook over half full on llm/p'
+              description: >-
+                The spool of undelivered alerts is 100% full;
+                when full, the oldest alerts are evicted (SafetyMonitorAlertsDropped).
+              runbook_url: RUNBOOKsafetymonitoralertspoolfilling
       - eval_time: 5m
         alertname: SafetyMonitorAlertsDropped
         exp_alerts:

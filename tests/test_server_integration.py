@@ -450,6 +450,10 @@ def test_role_scoped_policy_over_a_real_socket(start_server: Callable[..., Monit
     assert (f[hot].severity, f[hot].crossed_at_position, f[hot].n_tokens_scored) == (
         monitor_pb2.SEVERITY_CRITICAL, 4, 4)
     assert (f[old].severity, f[old].n_tokens_scored) == (monitor_pb2.SEVERITY_NONE, 0)
+    # rows per role are visible: the old client's rows show as `other`
+    got = {r: srv.metric("safety_monitor_rows_received_total", model_name=MODEL, role=r)
+           for r in ("user", "template", "other", "system")}
+    assert got == {"user": 8, "template": 8, "other": 8, "system": 0}
 
 
 def test_oversized_frame_in_stream(server: MonitorServer, geometry: dict) -> None:

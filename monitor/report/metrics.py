@@ -36,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from monitor.constants import MODES, SEVERITIES, FinishReason, Reason
+from monitor.roles import ROLE_NAMES
 
 __all__ = ["PREFIX", "SCORE_GRID", "Metrics", "score_buckets"]
 
@@ -106,6 +107,9 @@ class Metrics:
                                       "received.", ["model_name"], registry=r)
         self.rows_scored = Counter(p + "rows_scored", "Rows (tokens) scored.",
                                    ["model_name", "layer"], registry=r)
+        self.rows_received = Counter(p + "rows_received", "Valid rows received, by token "
+                                     "role (monitor.roles; clients without roles: other / "
+                                     "generated).", ["model_name", "role"], registry=r)
         self.requests_finished = Counter(p + "requests_finished", "Requests finished "
                                          "(final verdicts emitted).", ["model_name", "reason"],
                                          registry=r)
@@ -169,6 +173,8 @@ class Metrics:
         for reason in Reason:
             self.frames_rejected.labels(reason=reason.value)
             self.rows_unscored.labels(reason=reason.value)
+        for role in ROLE_NAMES:
+            self.rows_received.labels(model_name=model_name, role=role)
         for fin in FinishReason:
             self.requests_finished.labels(model_name=model_name, reason=fin.value)
         self._pull = _PullCollector()

@@ -32,6 +32,7 @@ import numpy as np
 
 from monitor.constants import FinishReason, Reason, RequestKey
 from monitor.report.metrics import Metrics
+from monitor.roles import TokenRole
 from monitor.score.backend import FrameScorer
 from monitor.server.handlers import Undecodable
 from monitor.server.pipeline import Pipeline, QueueFull
@@ -280,6 +281,10 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                                     err.rows.generated, err.rows.roles, Reason(err.reason))
             return
         m.bytes_received.labels(model_name=lim.model).inc(f.nbytes)
+        for role, n in enumerate(np.bincount(f.roles, minlength=len(TokenRole)).tolist()):
+            if n and role:
+                m.rows_received.labels(model_name=lim.model, role=TokenRole(role).name.lower()
+                                       ).inc(n)
         keys = self._admit_spans(handle, f, seq)
         if not any(k is not None for k in keys):
             return
