@@ -17,7 +17,6 @@ Unit tests of the seams (`resolve`, `BlockBoard`, `PendingBlocks`) run without v
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import importlib.util
 import json
 import os
@@ -116,25 +115,13 @@ needs_vllm = pytest.mark.skipif(
     reason="vllm or the default model wheel is missing")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{url}: process exited {proc.returncode}:\n"
-                        f"{log.read_text(errors='replace')[-4000:]}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        time.sleep(0.5)
-    pytest.fail(f"{url} not up in {timeout_s} s:\n{log.read_text(errors='replace')[-4000:]}")
+    from monitor.demo import wait_http
+
+    try:
+        wait_http(url, timeout_s, proc, url)
+    except RuntimeError as e:
+        pytest.fail(f"{e}:\n{log.read_text(errors='replace')[-4000:]}")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -158,12 +145,13 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from monitor.demo import free_port
     from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
 
     d = tmp_path_factory.mktemp("enforce")
     policy = d / "policy.yaml"
     policy.write_text(POLICY)
-    grpc_port, metrics_port, http_port = _free_port(), _free_port(), _free_port()
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     audit, stats = d / "audit.jsonl", d / "plugin-stats.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     side_log = d / "sidecar.log"
