@@ -13,7 +13,7 @@ request (a prior exchange + the harmful ask) is blocked at its first generated t
 and ends with `finish_reason: content_filter` well before `max_tokens`; the benign one
 (one user message) completes.
 
-Unit tests of the seams (`resolve`, `BlockBoard`, `PendingBlocks`) run without vLLM.
+Unit tests of the seams (`BlockBoard`, `PendingBlocks`) run without vLLM.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from monitor.capture.enforce import (
     BlockBoard,
     BlockOrder,
     PendingBlocks,
-    resolve,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,14 +62,6 @@ detectors:
 def _order(rid: str, pos: int = 10) -> BlockOrder:
     return BlockOrder(request_id=rid, label=rid, detector="d", score=0.9,
                       crossed_at_position=pos)
-
-
-def test_resolve_engine_id_and_unique_label_only() -> None:
-    labels = {"shared": ["a", "b"], "mine": ["c"]}
-    assert resolve("a", ["a", "b", "c"], labels) == "a"
-    assert resolve("mine", ["a", "b", "c"], labels) == "c"
-    assert resolve("shared", ["a", "b", "c"], labels) is None  # never guess between two
-    assert resolve("nobody", ["a", "b", "c"], labels) is None
 
 
 def test_board_one_order_per_request_bounded_and_forgets_finished() -> None:

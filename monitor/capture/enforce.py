@@ -4,9 +4,10 @@ Path of one block (three processes of `vllm serve`, one seam in each, nothing ki
 
 1. **Worker** (the process that captures; `monitor.capture.plugin`): the sender thread
    receives a `Verdict` with `mode == "block"` and severity CRITICAL and not final
-   (`is_block`). `CaptureSession.on_verdict` resolves its `request_id` to the engine
-   request id the worker serves (`resolve`) and queues a `BlockOrder` on the session's
-   `BlockBoard` (thread-safe; the model thread never waits). The next `ModelRunnerOutput`
+   (`is_block`). `CaptureSession.on_verdict` checks that its `request_id` (the engine
+   request id, the key on the wire) is a live request of this worker and queues a
+   `BlockOrder` on the session's `BlockBoard` (thread-safe; the model thread never
+   waits). The next `ModelRunnerOutput`
    the worker returns to the engine core (`GPUModelRunner.execute_model` /
    `sample_tokens`, wrapped) carries the queued orders as attribute `ORDERS_ATTR`: the
    output is pickled to the engine core (multiproc executor) or handed over in process
@@ -40,7 +41,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +76,7 @@ class BlockOrder:
 
     Attributes:
         request_id: vLLM's engine request id (the key).
-        label: the verdict's request id as the sidecar named it (a label for logs).
+        label: the caller's correlation id (a label for logs only; "" if none).
         detector, score: the verdict's detector and aggregated score.
         crossed_at_position: token position where critical was first reached.
     """
@@ -85,21 +86,6 @@ class BlockOrder:
     detector: str
     score: float
     crossed_at_position: int
-
-
-def resolve(verdict_id: str, by_engine_id: Iterable[str],
-            labels: dict[str, list[str]]) -> str | None:
-    """The engine request id a verdict names, or None.
-
-    `verdict_id` is an engine request id when it is one of `by_engine_id`; otherwise it is
-    a caller's label (correlation id) and resolves only when exactly one live request
-    carries it (`labels`: label → engine ids). A label shared by several requests never
-    blocks any of them (a client must not be able to stop another's request by naming it).
-    """
-    if verdict_id in set(by_engine_id):
-        return verdict_id
-    ids = labels.get(verdict_id, [])
-    return ids[0] if len(ids) == 1 else None
 
 
 class BlockBoard:

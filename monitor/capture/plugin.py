@@ -35,7 +35,7 @@ import torch
 
 from monitor.capture.archs import UnsupportedArchitecture, check_architecture
 from monitor.capture.config import CaptureConfig
-from monitor.capture.enforce import BlockBoard, BlockOrder, install_all, is_block, resolve
+from monitor.capture.enforce import BlockBoard, BlockOrder, install_all, is_block
 from monitor.capture.op import (
     PROF,
     PROFILE,
@@ -191,24 +191,22 @@ class CaptureSession:
     def on_verdict(self, v: monitor_pb2.Verdict) -> None:
         """Sender thread: queue a block order for a block verdict (`monitor.capture.enforce`).
 
-        The verdict's `request_id` resolves to the engine request id served here (see
-        `enforce.resolve`); an unresolvable one (unknown, finished, or a label shared by
-        several requests) is counted and logged, never guessed.
+        The verdict's `request_id` is the engine request id (the key on the wire); one
+        that is not a live request of this worker (finished, or never seen here) is
+        counted (`blocks_unresolved`) and logged, never guessed. The correlation id is a
+        label for logs only.
         """
         if not is_block(v):
             return
         with self.tracker._lock:
-            infos = list(self.tracker.requests.values())
-        labels: dict[str, list[str]] = {}
-        for info in infos:
-            labels.setdefault(info.request_id, []).append(info.vllm_id)
-        rid = resolve(v.request_id, (i.vllm_id for i in infos), labels)
-        if rid is None:
+            live = v.request_id in self.tracker.requests
+        if not live:
             self.blocks.count_unresolved()
-            log.warning("safety monitor: block verdict for %r (detector %s) names no single "
+            log.warning("safety monitor: block verdict for request %r (detector %s) names no "
                         "live request here; not applied", v.request_id, v.detector)
             return
-        if self.blocks.put(BlockOrder(request_id=rid, label=v.request_id, detector=v.detector,
+        rid = v.request_id
+        if self.blocks.put(BlockOrder(request_id=rid, label=v.correlation_id, detector=v.detector,
                                       score=float(v.score),
                                       crossed_at_position=int(v.crossed_at_position))):
             log.info("safety monitor: block ordered for request %s (detector %s, score %.3f, "
