@@ -14,13 +14,14 @@ demo: env
 	$(PY) -m monitor.demo
 
 test: env lint
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --cov=monitor --cov=probes --cov-report=term
 
 test-fast: env
 	$(PY) -m pytest -q -rs -m "not vllm and not slow"
 
 lint: env
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bundle: env
 	$(PY) -m probes build-default --out bundles/default
@@ -34,4 +35,4 @@ proto: env
 	PATH=$(VENV)/bin:$$PATH bash scripts/gen_proto.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .coverage

@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from monitor.models import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
 from monitor.report.metrics import parse_exposition
@@ -90,7 +91,7 @@ def resolve_bundle(arg: str | None, workdir: Path) -> tuple[Path, Path | None, b
 
 
 def chat(base_url: str, idx: int, label: str, system: str | None, user: str,
-         max_tokens: int) -> dict[str, object]:
+         max_tokens: int) -> dict[str, Any]:
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user}]
     body = {
@@ -110,8 +111,8 @@ def chat(base_url: str, idx: int, label: str, system: str | None, user: str,
             "latency_s": time.monotonic() - t0}
 
 
-def read_finals(audit: Path) -> dict[str, dict[str, dict[str, object]]]:
-    finals: dict[str, dict[str, dict[str, object]]] = {}
+def read_finals(audit: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    finals: dict[str, dict[str, dict[str, Any]]] = {}
     if not audit.is_file():
         return finals
     for line in audit.read_text().splitlines():
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         base = f"http://127.0.0.1:{http_port}"
         with cf.ThreadPoolExecutor(4) as pool:
             results = list(pool.map(
-                lambda a: chat(base, a[0], *a[1], max_tokens=args.max_tokens),
+                lambda a: chat(base, a[0], a[1][0], a[1][1], a[1][2],
+                               max_tokens=args.max_tokens),
                 enumerate(TRAFFIC)))
 
         deadline = time.monotonic() + 30

@@ -198,7 +198,7 @@ class RoleSegmenter:
             return out if isinstance(out, str) else None
 
         def ws(tid: int) -> bool:
-            return tokenizer.decode([tid]).strip() == "" and tid not in added
+            return str(tokenizer.decode([tid])).strip() == "" and tid not in added
 
         gaps_before: dict[str, list[tuple[int, ...]]] = {}
         ends_after: dict[str, set[int]] = {}
@@ -211,7 +211,7 @@ class RoleSegmenter:
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids = [int(t) for t in enc["input_ids"]]
             offs = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
-            spans = []
+            spans: list[tuple[int, int] | None] = []
             cursor = 0
             for i, role in enumerate(roles):
                 s = _sentinel(i)

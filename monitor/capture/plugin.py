@@ -332,10 +332,12 @@ def _wrap_load_model(cls: type, cfg: CaptureConfig) -> None:
         return out
 
     setattr(load_model, _MARK, True)
-    cls.load_model = load_model
+    setattr(cls, "load_model", load_model)  # noqa: B010  (cls is any model-runner class)
 
 
-def _refuse_v2(cls: type) -> None:
+def _refuse_v2(cls: type | None) -> None:
+    if cls is None:
+        return
     orig = cls.__dict__.get("load_model")
     if orig is None or getattr(orig, _MARK, False):
         return
@@ -347,7 +349,7 @@ def _refuse_v2(cls: type) -> None:
         return orig(self, *args, **kwargs)
 
     setattr(load_model, _MARK, True)
-    cls.load_model = load_model
+    setattr(cls, "load_model", load_model)  # noqa: B010  (cls is any model-runner class)
 
 
 def register() -> None:

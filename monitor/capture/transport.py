@@ -35,6 +35,7 @@ import torch
 
 from monitor.capture.config import CaptureConfig
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from monitor.wire.codec import encode_frame
 
 log = logging.getLogger("monitor.capture")
 
@@ -47,10 +48,6 @@ _DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 _FRAME_OVERHEAD_BYTES = 64 * 1024  # proto framing + spans headroom under max_frame_bytes
 _GRPC_MAX_MSG = 256 * 1024 * 1024
 
-try:  # the codec is owned by monitor/wire; fall back to building the proto ourselves.
-    from monitor.wire.codec import encode_frame as _encode_frame
-except ImportError:  # pragma: no cover - only while monitor/wire is being written
-    _encode_frame = None
 
 
 @dataclass(frozen=True)
@@ -233,17 +230,9 @@ def build_frame(
     spans: list[tuple[str, int, int, int]],
     step: int,
 ) -> monitor_pb2.ActivationFrame:
-    """One `ActivationFrame` from `x` `[n_rows, d_model]` (host tensor) and its spans."""
-    if _encode_frame is not None:
-        return _encode_frame(x, seq=seq, model=model, layer=layer, spans=spans, step=step)
-    dtypes = {v: k for k, v in _TORCH_DTYPE.items()}  # pragma: no cover
-    t = x.contiguous()  # pragma: no cover
-    return monitor_pb2.ActivationFrame(  # pragma: no cover
-        seq=seq, model=model, layer=layer, dtype=dtypes[t.dtype], shape=list(t.shape),
-        data=t.view(torch.uint8).numpy().tobytes(), step=step,
-        spans=[monitor_pb2.RowSpan(request_id=r, n_rows=n, start_position=p, prompt_len=pl)
-               for r, n, p, pl in spans],
-    )
+    """One `ActivationFrame` from `x` `[n_rows, d_model]` (host tensor) and its spans
+    (`monitor.wire.codec.encode_frame`, the one encoder)."""
+    return encode_frame(x, seq=seq, model=model, layer=layer, spans=spans, step=step)
 
 
 class Transport:

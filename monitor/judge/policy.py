@@ -265,7 +265,7 @@ class _Parser:
         if isinstance(node, yaml.ScalarNode):  # shorthand: `aggregation: max`
             kind = self.choice(node, path, AGGREGATION_KINDS)
             params: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-            kind_node = node
+            kind_node: yaml.Node = node
         else:
             entries = self.mapping(node, path, ("kind", "half_life_tokens", "window_tokens"))
             if "kind" not in entries:

@@ -92,13 +92,14 @@ _SHA_RE = re.compile(r"[0-9a-f]{64}")
 # Keys of each manifest object: (required, optional).
 _TOP_KEYS = ({"format", "format_version", "name", "model", "files", "components",
               "detectors"}, {"description", "onnx"})
-_ONNX_KEYS = ({"opset", "input_dtype", "source_sha256", "layers"}, set())
+_ONNX_KEYS: tuple[set[str], set[str]] = ({"opset", "input_dtype", "source_sha256", "layers"}, set())
 #: ONNX opsets the onnxruntime backend accepts (graphs use opset-17 operators only).
 ONNX_OPSETS = (17,)
-_MODEL_KEYS = ({"name", "d_model", "n_layers"}, set())
+_MODEL_KEYS: tuple[set[str], set[str]] = ({"name", "d_model", "n_layers"}, set())
 _COMPONENT_KEYS = ({"name", "kind", "layer", "tensors"},
                    {"hook_name", "activation", "latent_ids", "preprocessing"})
-_PREPROCESSING_KEYS = (set(), {"scale", "normalize", "apply_b_dec_to_input", "layer_norm_eps"})
+_PREPROCESSING_KEYS: tuple[set[str], set[str]] = (
+    set(), {"scale", "normalize", "apply_b_dec_to_input", "layer_norm_eps"})
 _DETECTOR_KEYS = ({"name", "inputs", "token_scope", "default_thresholds"},
                   {"description", "bias", "calibration", "provenance"})
 _INPUT_KEYS = ({"component"}, {"weight", "latent_weights"})

@@ -71,7 +71,7 @@ def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy
     `plan_id` is a short hash of everything a client's capture depends on.
     """
     layers: list[int] = []
-    kinds: set[monitor_pb2.TokenKind.ValueType] = set()
+    kinds: set[monitor_pb2.TokenKind] = set()
     for layer in scorer.layers:
         judged = [d for d in scorer.detectors_on(layer) if d in policy.detectors]
         if not judged:

@@ -303,8 +303,10 @@ def decode_frame(
     )
 
 
-def _to_wire_bytes(x: torch.Tensor | np.ndarray) -> tuple[bytes, int, tuple[int, int]]:
+def _to_wire_bytes(x: torch.Tensor | np.ndarray
+                   ) -> tuple[bytes, monitor_pb2.DType, tuple[int, int]]:
     """Return (little-endian bytes, wire dtype, shape) for a 2-D tensor or array."""
+    wire: monitor_pb2.DType | None
     if isinstance(x, np.ndarray):
         if x.ndim != 2:
             raise ValueError(f"x: expected a 2-D array, found shape {x.shape}")
