@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from monitor.constants import CORRELATION_KEY
 from monitor.models import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
 from monitor.report.metrics import parse_exposition
 
@@ -99,7 +100,7 @@ def chat(base_url: str, idx: int, label: str, system: str | None, user: str,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0.0,
-        "vllm_xargs": {"correlation_id": f"demo-{idx:02d}"},
+        "vllm_xargs": {CORRELATION_KEY: f"demo-{idx:02d}"},
     }
     req = urllib.request.Request(f"{base_url}/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from monitor.constants import HOOK_NAME_TEMPLATE
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import decode_frame
 
@@ -120,7 +121,7 @@ class CaptureSink:
         self.port = port
         self.plan = monitor_pb2.CapturePlan(
             plan_id=plan_id, model=model, d_model=d_model, layers=list(layers),
-            token_kinds=list(kinds), hook_name_template="blocks.{layer}.hook_resid_post",
+            token_kinds=list(kinds), hook_name_template=HOOK_NAME_TEMPLATE,
             preferred_dtype=dtype, max_frame_bytes=max_frame_bytes)
         self.lock = threading.Lock()
         self.log = SinkLog()

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from probes.collect import SELECTION_SCOPES
+
 __all__ = ["main"]
 
 
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", nargs="+", required=True, help="JSONL files (prompt|messages, "
                    "label, [completion, category])")
     c.add_argument("--layers", required=True, help="comma-separated, e.g. 9,12")
-    c.add_argument("--scope", default="prompt", choices=["prompt", "response", "all", "last"])
+    c.add_argument("--scope", default="prompt", choices=SELECTION_SCOPES)
     c.add_argument("--exclude-tail", type=int, default=0)
     c.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     c.add_argument("--model", default=None)

@@ -426,7 +426,7 @@ def deception_recipe(collector: TransformersCollector, cache_dir: Path | None,
     val = persona_examples(f_va, HONEST_TRAIN, DISHONEST_TRAIN,
                            user_request=USER_REQUESTS_TRAIN, source="true_false_facts",
                            seed=seed + 1)
-    sel = TokenSelection("response")
+    sel = TokenSelection("generated")
 
     def get(exs: list[ChatExample], desc: str, lays: Sequence[int] = layers) -> Activations:
         return collector.collect(exs, lays, sel, cache_dir=cache_dir, progress=progress,

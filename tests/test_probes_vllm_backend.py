@@ -89,7 +89,7 @@ def _assert_same(a, b) -> None:
 
 def test_vllm_backend_matches_transformers(vllm_collector, hf_collector, tmp_path) -> None:
     exs = _examples()
-    sel = TokenSelection("all")
+    sel = TokenSelection("both")
     got = vllm_collector.collect(exs, LAYERS, sel, cache_dir=tmp_path, progress=False)
     want = hf_collector.collect(exs, LAYERS, sel, progress=False)
     _assert_same(got, want)
@@ -105,6 +105,6 @@ def test_vllm_backend_matches_transformers(vllm_collector, hf_collector, tmp_pat
 
 def test_vllm_backend_selections(vllm_collector, hf_collector) -> None:
     exs = _examples()
-    for sel in (TokenSelection("response", 2), TokenSelection("last")):
+    for sel in (TokenSelection("generated", 2), TokenSelection("last")):
         _assert_same(vllm_collector.collect(exs, LAYERS, sel, progress=False),
                      hf_collector.collect(exs, LAYERS, sel, progress=False))

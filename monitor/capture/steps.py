@@ -33,9 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from monitor.constants import CORRELATION_KEY
 from monitor.v1 import monitor_pb2
-
-CORRELATION_KEY = "correlation_id"
 
 
 @dataclass

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
-from monitor.constants import SCOPES
+from monitor.constants import SCOPES, hook_name
 
 if TYPE_CHECKING:  # torch is imported where tensor values are read or written
     import torch
@@ -555,7 +555,7 @@ def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
         name = _unique_name(ck, c["name"], where, out, "components")
         kind = ck.choice(c["kind"], f"{where}.kind", KINDS)
         layer = ck.integer(c["layer"], f"{where}.layer", 0, n_layers)
-        hook = f"blocks.{layer}.hook_resid_post"
+        hook = hook_name(layer)
         if c.get("hook_name", hook) != hook:
             raise ck.fail(f"{where}.hook_name", f"{hook!r} (residual stream after layer "
                           f"{layer})", _show(c["hook_name"]))
