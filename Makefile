@@ -11,7 +11,7 @@ env:
 	bash scripts/setup_env.sh $(VENV)
 
 demo: env
-	$(PY) -m monitor.demo
+	$(PY) -m monitor.tools.demo
 
 test: env lint
 	$(PY) -m pytest -q -rs --cov=monitor --cov=probes --cov-report=term

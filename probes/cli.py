@@ -38,7 +38,7 @@ def _agg(args: argparse.Namespace) -> dict:
 
 
 def _model_path(arg: str | None) -> tuple[Path, str]:
-    from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
+    from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
 
     if arg:
         return Path(arg), str(arg)

@@ -514,9 +514,9 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   progress: bool = True, seed: int = 0) -> list[DetectorResult]:
     """Build the default bundle (+ its ONNX graphs, REPORT.md, PNGs,
     policy.suggested.yaml) into ``out``."""
-    from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
-    from monitor.models import cache_dir as monitor_cache
     from monitor.score.onnx_export import export_onnx
+    from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
+    from monitor.tools.models import cache_dir as monitor_cache
     from probes.export import export_bundle
     from probes.report import write_report
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+
+from monitor.tools.net import free_port
 
 if TYPE_CHECKING:
     import torch
@@ -45,13 +46,6 @@ detectors:
     scope: generated
     thresholds: {warn: 0.6, critical: 0.85}
 """
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

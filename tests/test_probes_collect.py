@@ -99,7 +99,7 @@ def test_unknown_backend_is_refused_by_name() -> None:
 def collector():
     pytest.importorskip("transformers")
     try:
-        from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
+        from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
 
         path = prepare_default_model()
     except Exception as e:  # model wheel missing

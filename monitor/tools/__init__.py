@@ -1,0 +1,3 @@
+"""Tools around the runtime (not stages of the data path): the default model
+(`models.py`), the end-to-end demo (`demo.py`), the synthetic replay client
+(`replay.py`) and small helpers shared by tools, benchmarks and tests (`net.py`)."""
