@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: env demo test test-fast lint bundle bench proto clean
+.PHONY: env demo test test-fast test-archs lint bundle bench proto clean
 
 env:
 	bash scripts/setup_env.sh $(VENV)
@@ -18,6 +18,9 @@ test: env lint
 
 test-fast: env
 	$(PY) -m pytest -q -rs -m "not vllm and not slow"
+
+test-archs: env
+	SAFETY_MONITOR_ARCHS_ALL=1 $(PY) -m pytest -q -rs tests/test_archs.py
 
 lint: env
 	$(PY) -m ruff check .

@@ -2,6 +2,9 @@
 
     python bench/bench_scorer.py --rows 256 --d-model 4096 --probes 8 --latents 512
     python bench/bench_scorer.py ... --write bench/RESULTS.md   # replace its "## Scorer"
+    python bench/bench_scorer.py --backends [--write bench/RESULTS.md]
+        # torch vs onnxruntime vs bare GEMM, d_model 576 and 4096, rows 1..4096, plus the
+        # default bundle's cost per token and per 384-token prompt ("## Scorer backends")
 
 Paths, all on the same random activations ``x [rows, d_model]``:
 
@@ -29,7 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor.score import Scorer, write_bundle
+from monitor.score import Scorer, load_bundle, write_bundle
+from monitor.score.onnx_export import export_onnx
+from monitor.score.onnx_scorer import OnnxScorer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
@@ -60,6 +67,29 @@ def timeit(fns: dict[str, tuple[Callable[[], object], int]]) -> dict[str, float]
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def timeit_blocks(fns: dict[str, Callable[[], object]], reps: int,
+                  rounds: int = 3) -> dict[str, float]:
+    """Median wall time in ms of each path: ``rounds`` rounds, each path ``reps`` calls in
+    a row (after one warm-up call per round), path order rotated between rounds.
+
+    Blocks, not call-by-call interleaving: torch's OpenMP pool and onnxruntime's pool
+    both spin-wait after a call, so alternating them call by call makes each pay for the
+    other's spinning threads (measured: 10-100× slower small calls), which no sidecar sees
+    (it runs one backend).
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
+            fn()
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=256)
@@ -71,7 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-repeats", type=int, default=3)
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
     ap.add_argument("--write", type=Path, help="write the table under '## Scorer' in this file")
+    ap.add_argument("--backends", action="store_true",
+                    help="torch vs onnxruntime sweep (d_model 576, 4096; rows 1..4096)")
+    ap.add_argument("--sweep-rows", default="1,16,128,384,1024,4096")
+    ap.add_argument("--sweep-d-models", default="576,4096")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="--backends: intra-op threads for torch and onnxruntime alike "
+                         "(0: torch's default)")
     args = ap.parse_args(argv)
+    if args.backends:
+        return backends(args)
     d, n_p, n_l, d_sae = args.d_model, args.probes, args.latents, args.d_sae
 
     g = torch.Generator().manual_seed(0)
@@ -156,6 +195,114 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         write_section(args.write, "## Scorer", table)
     return 0
+
+
+def bench_bundle(path: Path, d: int, n_p: int, n_l: int, seed: int = 0) -> Path:
+    """``n_p`` standardised probes + ``n_l`` jumprelu SAE latents on layer 0, exported."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"sae.W_enc": torch.randn(d, n_l, generator=g) / d**0.5,
+               "sae.b_enc": 0.1 * torch.randn(n_l, generator=g),
+               "sae.threshold": 0.5 * torch.rand(n_l, generator=g),
+               "sae.b_dec": 0.1 * torch.randn(d, generator=g)}
+    comps: list[dict] = []
+    dets: list[dict] = []
+    for i in range(n_p):
+        tensors |= {f"p{i}.weight": torch.randn(d, generator=g) / d**0.5,
+                    f"p{i}.bias": torch.randn(1, generator=g)[0],
+                    f"p{i}.mean": 0.1 * torch.randn(d, generator=g),
+                    f"p{i}.std": 0.5 + torch.rand(d, generator=g)}
+        comps.append({"name": f"p{i}", "kind": "linear_probe", "layer": 0,
+                      "tensors": {r: f"p{i}.{r}" for r in ("weight", "bias", "mean", "std")}})
+        dets.append({"name": f"p{i}", "inputs": [{"component": f"p{i}", "weight": 1.0}],
+                     "token_scope": "both", "default_thresholds": {"critical": 0.9}})
+    comps.append({"name": "sae", "kind": "sae_latents", "layer": 0, "activation": "jumprelu",
+                  "latent_ids": list(range(n_l)), "preprocessing": {"apply_b_dec_to_input": True},
+                  "tensors": {r: f"sae.{r}" for r in ("W_enc", "b_enc", "threshold", "b_dec")}})
+    dets.append({"name": "sae", "inputs": [{"component": "sae",
+                                            "latent_weights": [1.0 / n_l] * n_l}],
+                 "token_scope": "both", "default_thresholds": {"critical": 0.9}})
+    write_bundle(path, {"name": "bench", "model": {"name": "bench", "d_model": d,
+                                                   "n_layers": 1},
+                        "components": comps, "detectors": dets}, tensors)
+    export_onnx(path)
+    return path
+
+
+def backends(args: argparse.Namespace) -> int:
+    """torch Scorer vs OnnxScorer vs bare torch.mm, same run, interleaved; fp32 input."""
+    import onnxruntime as ort
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()  # onnxruntime gets the same intra-op thread count
+    rows_list = [int(v) for v in args.sweep_rows.split(",")]
+    n_cols = args.probes + args.latents
+    lines = [
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}, {threads} intra-op threads each, Python "
+        f"{platform.python_version()}; load average at start {os.getloadavg()[0]:.1f} "
+        "(shared machine). fp32 activations; median of 3 rounds of back-to-back calls per "
+        "path (torch fused scorer, onnxruntime, bare `torch.mm` of the same "
+        "`[rows, d_model] × [d_model, cols]`).",
+        f"Command: `python bench/bench_scorer.py --backends --threads {threads} "
+        f"--probes {args.probes} "
+        f"--latents {args.latents} --sweep-rows {args.sweep_rows} "
+        f"--sweep-d-models {args.sweep_d_models}`",
+        "",
+        "| d_model | cols | rows | torch ms | onnxruntime ms | bare GEMM ms | "
+        "ort / torch | winner |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for d in (int(v) for v in args.sweep_d_models.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = load_bundle(bench_bundle(Path(tmp), d, args.probes, args.latents))
+            t_s, o_s = Scorer(bundle), OnnxScorer(bundle, threads)
+        W = torch.randn(n_cols, d)
+        for rows in rows_list:
+            x = torch.randn(rows, d)
+            xn = x.numpy()
+            reps = max(3, min(100, int(1e9 / (rows * d * n_cols + 1e6))))
+            ms = timeit_blocks({"torch": lambda x=x, s=t_s: s.score(0, x),
+                                "ort": lambda xn=xn, s=o_s: s.score(0, xn),
+                                "bare": lambda x=x, W=W: torch.mm(x, W.t())}, reps)
+            diff = float(abs(t_s.score(0, x) - o_s.score(0, xn)).max())
+            assert diff < 1e-4, f"backends disagree by {diff}"
+            ratio = ms["ort"] / ms["torch"]
+            win = "onnxruntime" if ratio < 1 else "torch"
+            lines.append(f"| {d} | {n_cols} | {rows} | {ms['torch']:.3f} | {ms['ort']:.3f} | "
+                         f"{ms['bare']:.3f} | {ratio:.2f} | {win} "
+                         f"({max(ratio, 1 / ratio):.2f}×) |")
+            print(lines[-1], flush=True)
+    lines += ["", *default_bundle_cost(threads)]
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        write_section(args.write, "## Scorer backends (torch vs onnxruntime)", table)
+    return 0
+
+
+def default_bundle_cost(threads: int, prompt: int = 384) -> list[str]:
+    """Per-request cost of bundles/default: a ``prompt``-token prompt on every layer."""
+    bundle = load_bundle(REPO / "bundles/default")
+    ts, os_ = Scorer(bundle), OnnxScorer(bundle, threads)
+    xs = {layer: torch.randn(prompt, bundle.d_model) for layer in bundle.layers}
+
+    def run_torch() -> None:
+        for layer, x in xs.items():
+            ts.score(layer, x)
+
+    def run_ort() -> None:
+        for layer, x in xs.items():
+            os_.score(layer, x.numpy())
+
+    ms = timeit_blocks({"torch": run_torch, "ort": run_ort}, 70)
+    out = [f"Default bundle ({bundle.name}: layers {list(bundle.layers)}, "
+           f"{len(bundle.detectors)} detectors, d_model {bundle.d_model}), one "
+           f"{prompt}-token prompt scored on every layer (median of 3 × 70):", "",
+           "| backend | ms / request | µs / token |", "|---|---:|---:|"]
+    for name, key in (("torch", "torch"), ("onnxruntime", "ort")):
+        out.append(f"| {name} | {ms[key]:.3f} | {ms[key] * 1e3 / prompt:.2f} |")
+    return out
 
 
 def write_section(path: Path, heading: str, body: str) -> None:

@@ -3,7 +3,8 @@
 One definition per word, imported everywhere (policy parser, bundle loader, tracker,
 pipeline, metrics, probes); no stage spells these strings on its own.
 
-- Scopes say which tokens a detector judges: ``prompt``, ``generated`` or ``both``.
+- Scopes say which tokens a detector judges: ``prompt``, ``generated`` or ``both``; a
+  policy may also name token roles (``monitor.roles.SCOPE_WORDS``, ``scope_roles``).
 - Severities are ordered ``none < warn < critical`` (proto ``Severity`` values).
 - Modes: ``observe`` (record would-alert only), ``alert``, ``block`` (enforcement).
 - :class:`Reason` is the stable ``reason`` label of every refusal and every unscored
@@ -58,6 +59,7 @@ class Reason(str, Enum):
     # frame validation (monitor.wire.codec)
     MODEL_MISMATCH = "model_mismatch"
     UNKNOWN_LAYER = "unknown_layer"
+    UNKNOWN_HOOK = "unknown_hook"  # hook point the server does not score (monitor.wire.hooks)
     DTYPE_UNSPECIFIED = "dtype_unspecified"
     BAD_SHAPE = "bad_shape"
     D_MODEL_MISMATCH = "d_model_mismatch"

@@ -59,6 +59,7 @@ its result and may be called from any thread.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import itertools
 from collections.abc import Mapping, Sequence
@@ -67,17 +68,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from monitor.constants import SCOPES
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "CHAT_ROLES",
     "ROLE_NAMES",
+    "SCOPE_WORDS",
     "ChatTemplateError",
     "RoleSegmenter",
     "TokenRole",
+    "canonical_scope",
+    "derive_roles",
     "role_runs",
     "roles_with_generated",
+    "scope_mask",
+    "scope_roles",
 ]
 
 
@@ -98,6 +106,56 @@ class TokenRole(enum.IntEnum):
 ROLE_NAMES: dict[str, TokenRole] = {
     r.name.lower(): r for r in TokenRole if r is not TokenRole.UNSPECIFIED
 }
+
+#: Words a policy ``scope`` may combine: the token kinds (``monitor.constants.SCOPES``:
+#: ``prompt`` = every role but GENERATED, ``generated``, ``both`` = all) and the role names.
+SCOPE_WORDS: tuple[str, ...] = (*SCOPES, *(n for n in ROLE_NAMES if n != "generated"))
+
+_ALL_ROLES = frozenset(ROLE_NAMES.values())
+_SCOPE_WORD_ROLES: dict[str, frozenset[TokenRole]] = {
+    "prompt": _ALL_ROLES - {TokenRole.GENERATED},
+    "both": _ALL_ROLES,
+    **{n: frozenset({r}) for n, r in ROLE_NAMES.items()},
+}
+
+
+def canonical_scope(words: Sequence[str]) -> str:
+    """One scope string for a list of scope words: sorted, unique, joined by ``,``
+    (a single word stays itself). Raises ValueError naming an unknown word."""
+    bad = [w for w in words if w not in _SCOPE_WORD_ROLES]
+    if bad or not words:
+        raise ValueError(f"expected one of {', '.join(SCOPE_WORDS)} or a list of them; "
+                         f"found {bad[0] if bad else 'an empty list'!r}")
+    return ",".join(sorted(set(words)))
+
+
+@functools.lru_cache(maxsize=256)
+def scope_roles(scope: str) -> frozenset[TokenRole]:
+    """Roles a canonical scope covers (``"prompt"``, ``"user"``, ``"system,user"``...)."""
+    out: frozenset[TokenRole] = frozenset()
+    for w in scope.split(","):
+        if w not in _SCOPE_WORD_ROLES:
+            raise ValueError(f"scope: expected one of {', '.join(SCOPE_WORDS)} or a list of "
+                             f"them; found {w!r}")
+        out |= _SCOPE_WORD_ROLES[w]
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def scope_mask(scope: str) -> np.ndarray:
+    """Read-only bool lookup table ``[len(TokenRole)]``: ``scope_mask(s)[roles]`` is the
+    in-scope mask of an int8 roles array (UNSPECIFIED is never in scope)."""
+    t = np.zeros(len(TokenRole), dtype=bool)
+    t[[int(r) for r in scope_roles(scope)]] = True
+    t.flags.writeable = False
+    return t
+
+
+def derive_roles(generated: np.ndarray) -> np.ndarray:
+    """Roles of rows known only by kind (clients before roles): OTHER / GENERATED, int8."""
+    return np.where(np.asarray(generated, dtype=bool), np.int8(TokenRole.GENERATED),
+                    np.int8(TokenRole.OTHER)).astype(np.int8)
+
 
 #: Chat message roles the segmenter looks for, with the token role of their content.
 CHAT_ROLES: dict[str, TokenRole] = {

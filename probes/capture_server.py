@@ -6,8 +6,9 @@ training activations through the very capture path the monitor uses in productio
 
 `CaptureSink(port=0).start()` listens on 127.0.0.1 (a free port when 0), answers
 `GetCapturePlan` with the configured plan and records every message of every `Stream`:
-hellos, frames (decoded to float32 numpy arrays with their spans), `RequestFinished` and
-`ClientStats`. `stop()` kills the server (open streams break, like a crashed sidecar);
+hellos, frames (decoded to float32 numpy arrays with their spans and per-row
+`TokenRole`s, as the sidecar decodes them), `RequestFinished` and `ClientStats`.
+`stop()` kills the server (open streams break, like a crashed sidecar);
 `start()` again restarts it on the same port.
 
 Run standalone (e.g. for the benchmark or `vllm serve` by hand):
@@ -19,21 +20,25 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from monitor.constants import HOOK_NAME_TEMPLATE
+from monitor.constants import HOOK_NAME_TEMPLATE, hook_name
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import decode_frame
+from monitor.wire.hooks import parse_hook_name
 
 __all__ = ["CaptureSink", "FrameRecord", "SinkLog", "serve_forever"]
 
 @dataclass
 class FrameRecord:
-    """One received frame: `x` float32 `[n_rows, d_model]`, spans as tuples."""
+    """One received frame: `x` float32 `[n_rows, d_model]`, spans as tuples
+    `(request_id, n_rows, start_position, prompt_len)`, hook point kind (`resid_post` for
+    a frame without `hook_name`), `roles` int8 `[n_rows]`."""
 
     stream: int
     seq: int
@@ -41,6 +46,8 @@ class FrameRecord:
     step: int
     x: np.ndarray
     spans: list[tuple[str, int, int, int]]
+    kind: str = "resid_post"
+    roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
 
 
 @dataclass
@@ -52,12 +59,14 @@ class SinkLog:
     seq_errors: list[str] = field(default_factory=list)
 
 
-def _decode(f: monitor_pb2.ActivationFrame) -> np.ndarray:
-    """The frame's rows as float32 `[n_rows, d_model]`, through the sidecar's own decoder
-    (so every recorded frame also passed the sidecar's validation)."""
+def _decode(f: monitor_pb2.ActivationFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The frame's rows as float32 `[n_rows, d_model]` and their int8 roles, through the
+    sidecar's own decoder (so every recorded frame also passed the sidecar's validation)."""
+    hooks = frozenset({f.hook_name or hook_name(f.layer)})
     decoded = decode_frame(f, model=f.model, d_model=int(f.shape[1]) if len(f.shape) == 2
-                           else 0, layers=frozenset({f.layer}), max_frame_bytes=len(f.data))
-    return np.array(decoded.x, dtype=np.float32)  # own, writable copy
+                           else 0, layers=frozenset({f.layer}), max_frame_bytes=len(f.data),
+                           hook_names=hooks)
+    return np.array(decoded.x, dtype=np.float32), decoded.roles  # own, writable copy
 
 
 class _Servicer(monitor_pb2_grpc.MonitorServicer):
@@ -92,10 +101,13 @@ class _Servicer(monitor_pb2_grpc.MonitorServicer):
                     last_seq = f.seq
                     if s.slow_s:
                         time.sleep(s.slow_s)
+                    x, roles = _decode(f)
                     s.log.frames.append(FrameRecord(
-                        stream_id, f.seq, f.layer, f.step, _decode(f),
+                        stream_id, f.seq, f.layer, f.step, x,
                         [(sp.request_id, sp.n_rows, sp.start_position, sp.prompt_len)
-                         for sp in f.spans]))
+                         for sp in f.spans],
+                        parse_hook_name(f.hook_name).kind if f.hook_name else "resid_post",
+                        roles))
                 elif which == "finished":
                     s.log.finished.append(msg.finished)
                 elif which == "stats":
@@ -117,12 +129,17 @@ class CaptureSink:
         dtype: int = monitor_pb2.DTYPE_FLOAT32,
         plan_id: str = "test-plan-1",
         max_frame_bytes: int = 8 * 1024 * 1024,
+        hook_names: tuple[str, ...] = (),
     ) -> None:
+        """`hook_names` (e.g. "blocks.1.hook_mlp_out"), when given, is the plan's hook point
+        list (`layers` is then derived from it); else resid_post of every `layers` entry."""
         self.port = port
+        if hook_names:
+            layers = tuple(sorted({parse_hook_name(h).layer for h in hook_names}))
         self.plan = monitor_pb2.CapturePlan(
             plan_id=plan_id, model=model, d_model=d_model, layers=list(layers),
             token_kinds=list(kinds), hook_name_template=HOOK_NAME_TEMPLATE,
-            preferred_dtype=dtype, max_frame_bytes=max_frame_bytes)
+            preferred_dtype=dtype, max_frame_bytes=max_frame_bytes, hook_names=list(hook_names))
         self.lock = threading.Lock()
         self.log = SinkLog()
         self.n_streams = 0
@@ -159,19 +176,36 @@ class CaptureSink:
         with self.lock:
             return len(self.log.frames)
 
-    def rows_by_request(self, layer: int) -> dict[str, dict[int, np.ndarray]]:
-        """request_id → {position: float32 [d_model]} for one layer (last write wins)."""
-        out: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    def _by_position(self, layer: int, kind: str
+                     ) -> Iterator[tuple[str, int, FrameRecord, int]]:
+        """(request_id, position, frame, row) for every received row of one hook point."""
         with self.lock:
             frames = list(self.log.frames)
         for fr in frames:
-            if fr.layer != layer:
+            if fr.layer != layer or fr.kind != kind:
                 continue
             r = 0
             for rid, n, start, _plen in fr.spans:
                 for k in range(n):
-                    out[rid][start + k] = fr.x[r + k]
+                    yield rid, start + k, fr, r + k
                 r += n
+
+    def rows_by_request(
+        self, layer: int, kind: str = "resid_post"
+    ) -> dict[str, dict[int, np.ndarray]]:
+        """request_id → {position: float32 [d_model]} for one hook point (last write wins)."""
+        out: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+        for rid, pos, fr, row in self._by_position(layer, kind):
+            out[rid][pos] = fr.x[row]
+        return out
+
+    def roles_by_request(
+        self, layer: int, kind: str = "resid_post"
+    ) -> dict[str, dict[int, int]]:
+        """request_id → {position: TokenRole value} for one hook point (last write wins)."""
+        out: dict[str, dict[int, int]] = defaultdict(dict)
+        for rid, pos, fr, row in self._by_position(layer, kind):
+            out[rid][pos] = int(fr.roles[row])
         return out
 
     def rows_received(self) -> int:

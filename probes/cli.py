@@ -49,8 +49,8 @@ def cmd_build_default(args: argparse.Namespace) -> int:
     from probes.recipes import build_default
 
     results = build_default(Path(args.out), model_path=args.model, cache_dir=args.cache,
-                            n_harmless_train=args.n_harmless_train,
-                            detectors=args.detectors.split(","), progress=not args.quiet)
+                            detectors=args.detectors.split(","), scope=args.scope,
+                            progress=not args.quiet)
     from probes.calibrate import policy_snippet
 
     print(policy_snippet({r.name: {"scope": r.scope, "aggregation": r.aggregation,
@@ -59,7 +59,8 @@ def cmd_build_default(args: argparse.Namespace) -> int:
     for r in results:
         print(f"{r.name}: layer {r.probe.layer} {r.probe.method}", json.dumps(
             {k: {kk: vv for kk, vv in v.items() if kk in ("auroc", "tpr@fpr0.01", "fpr@warn")}
-             for k, v in r.metrics.items() if isinstance(v, dict)}, default=float))
+             for k, v in r.metrics.items() if isinstance(v, dict) and "auroc" in v},
+            default=float))
     print(f"wrote {args.out}")
     return 0
 
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=None, help="HF folder (default: prepared SmolLM2)")
     b.add_argument("--cache", default=None, help="activation cache (default: "
                    "$SAFETY_MONITOR_CACHE/probes)")
-    b.add_argument("--n-harmless-train", type=int, default=800)
+    b.add_argument("--scope", default="user", choices=("user", "prompt"),
+                   help="harmful_intent token scope (user: the user's message content)")
     b.add_argument("--detectors", default="harmful_intent,deception")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_build_default)

@@ -16,7 +16,8 @@ from scipy.stats import rankdata
 
 from probes.calibrate import threshold_at_fpr
 
-__all__ = ["auroc", "evaluate_scores", "rate_at", "roc_curve", "tpr_at_fpr"]
+__all__ = ["auroc", "auroc_ci", "evaluate_scores", "rate_at", "roc_curve", "tpr_at_fpr",
+           "wilson_ci"]
 
 
 def auroc(y: np.ndarray, s: np.ndarray) -> float:
@@ -89,3 +90,31 @@ def evaluate_scores(y: np.ndarray, s: np.ndarray, categories: Sequence[str | Non
             per[str(c)] = row
         out["per_category"] = per
     return out
+
+
+def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate ``k / n`` (``(nan, nan)`` when ``n == 0``)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = k / n
+    den = 1.0 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return float(max(0.0, mid - half)), float(min(1.0, mid + half))
+
+
+def auroc_ci(y: np.ndarray, s: np.ndarray, n_boot: int = 200,
+             seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the AUROC, resampling positives and negatives
+    separately (stratified). ``(nan, nan)`` when a class is missing."""
+    y = np.asarray(y).astype(bool)
+    s = np.asarray(s, dtype=np.float64)
+    pos, neg = s[y], s[~y]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    lab = np.concatenate([np.ones(pos.size, bool), np.zeros(neg.size, bool)])
+    vals = [auroc(lab, np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)]))
+            for _ in range(n_boot)]
+    lo, hi = np.percentile(vals, [2.5, 97.5])
+    return float(lo), float(hi)

@@ -25,7 +25,7 @@ from monitor.constants import hook_name
 from probes.calibrate import fpr_key, policy_snippet
 from probes.train import LinearProbe, aggregation_name
 
-__all__ = ["DetectorResult", "component_name", "export_bundle", "probe_tensors",
+__all__ = ["DetectorResult", "bundle_scope", "component_name", "export_bundle", "probe_tensors",
            "threshold_ladder"]
 
 SUGGESTED_POLICY = "policy.suggested.yaml"
@@ -65,6 +65,14 @@ def threshold_ladder(cal: dict[str, Any]) -> dict[str, float]:
     if crit <= warn:
         crit = warn + 0.5 * (1.0 - warn)
     return {"warn": warn, "critical": crit}
+
+
+def bundle_scope(scope: str) -> str:
+    """The bundle's ``token_scope`` for a policy scope: a role scope of prompt tokens
+    (``user``, ``system``) is a ``prompt``-scope probe; the policy narrows it."""
+    from monitor.score.bundle import TOKEN_SCOPES
+
+    return scope if scope in TOKEN_SCOPES else "prompt"
 
 
 def component_name(detector: str, probe: LinearProbe) -> str:
@@ -135,7 +143,7 @@ def export_bundle(out: Path, results: Sequence[DetectorResult], *, model_name: s
             "description": r.description,
             "inputs": [{"component": cname, "weight": 1.0}],
             "bias": 0.0,
-            "token_scope": r.scope,
+            "token_scope": bundle_scope(r.scope),
             "default_thresholds": {"warn": float(thr["warn"]), "critical": float(thr["critical"])},
             "calibration": _clean(r.calibration),
             "provenance": _clean({
@@ -144,8 +152,9 @@ def export_bundle(out: Path, results: Sequence[DetectorResult], *, model_name: s
                 "token_labels": r.token_labels,
                 "datasets": r.datasets,
                 "metrics": _slim_metrics(r.metrics),
-                "selection": "layer, method, C and aggregation chosen on validation data "
-                             "(top candidates in REPORT.md); refit on train+val",
+                "selection": "chosen on validation data only (leave-one-source-out for "
+                             "harmful_intent; top candidates in REPORT.md); test sources "
+                             "never used for a choice or a threshold",
                 "request_statistic": "max over t >= min_tokens of the running aggregate "
                                      "(monitor.judge.aggregate)",
                 "toolkit": "probes (safety-probes)",

@@ -12,7 +12,7 @@ import numpy as np
 from probes.evaluate import roc_curve
 from probes.train import aggregation_name
 
-__all__ = ["plot_histograms", "plot_roc", "write_report"]
+__all__ = ["plot_histograms", "plot_roc", "summary_table", "write_report"]
 
 
 def _fmt(v: Any) -> str:
@@ -85,7 +85,144 @@ def _metric_rows(metrics: dict[str, Any]) -> list[str]:
     return rows
 
 
-def write_report(out: Path, results: Sequence[Any], model_name: str) -> Path:
+def _ci(v: Any) -> str:
+    if not isinstance(v, list | tuple) or len(v) != 2:
+        return ""
+    return f" [{_fmt(float(v[0]))}, {_fmt(float(v[1]))}]"
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    keys = list(rows[0])
+    return (["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            + ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows])
+
+
+def _titled(title: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+    return ["", title, "", *_table(rows)]
+
+
+def _rate_rows(per: dict[str, dict[str, Any]], first: str = "source") -> list[str]:
+    rows = [f"| {first} | kind | n | AUROC [95% CI] | TPR@1%FPR | rate@warn [95% CI] | "
+            "rate@critical [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for name, m in per.items():
+        rows.append(f"| {name} | {m.get('kind', '')} | {m['n']} | "
+                    + (f"{_fmt(m['auroc'])}{_ci(m.get('auroc_ci'))}" if "auroc" in m else "")
+                    + f" | {_fmt(m['tpr@fpr0.01']) if 'tpr@fpr0.01' in m else ''} | "
+                    f"{_fmt(m['rate@warn'])}{_ci(m.get('rate@warn_ci'))} | "
+                    f"{_fmt(m['rate@critical'])}{_ci(m.get('rate@critical_ci'))} |")
+    return rows
+
+
+def _examples(title: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+    out = [f"{title}:", ""]
+    for r in rows:
+        sys = f" [system: \"{r['system']}\"]" if r.get("system") else ""
+        text = str(r["text"]).replace("\n", " ").replace("|", "/")
+        out.append(f"- {r['score']:.3f} ({r['source']}){sys} \"{text}\"")
+    return [*out, ""]
+
+
+def _harmful_section(r: Any) -> list[str]:
+    m = r.metrics
+    pooled = m["test_pooled"]
+    lines = ["Held-out TEST sources (never fit on, never used for a choice or a threshold). "
+             "Harmful rows: AUROC against the pooled benign test sources, detection rate at "
+             "the thresholds; benign rows: false-alert rate at the thresholds, AUROC against "
+             "the pooled harmful test sources. CIs: AUROC stratified bootstrap (200), rates "
+             "Wilson.", ""]
+    lines += _rate_rows(m["test_sources"])
+    lines += ["", f"Pooled test: AUROC **{_fmt(pooled['auroc'])}**{_ci(pooled.get('auroc_ci'))}, "
+              f"TPR@1%FPR **{_fmt(pooled['tpr@fpr0.01'])}**, TPR@warn "
+              f"{_fmt(pooled.get('tpr@warn', float('nan')))}, FPR@warn "
+              f"{_fmt(pooled.get('fpr@warn', float('nan')))} (n pos {pooled['n_pos']}, "
+              f"n neg {pooled['n_neg']}).", "",
+              f"Calibration hold-back: n = {m['calibration_set']['n']}, FPR@warn "
+              f"{_fmt(m['calibration_set']['fpr@warn'])}, FPR@critical "
+              f"{_fmt(m['calibration_set']['fpr@critical'])}.", "",
+              "Validation: every training source scored by a probe fit WITHOUT it "
+              "(leave-one-source-out, chosen configuration), at that fold's own 1% / 0.1% "
+              "thresholds (from its held-back benign rows); harmful AUROC against those "
+              "rows:", ""]
+    lines += _rate_rows(m["validation_sources"])
+    lines += _titled("Selection (leave-one-source-out over the training sources; each fold's "
+                     "threshold at 1% FPR on its held-back benign rows; criterion = (mean "
+                     "AUROC + mean TPR of held-out harmful sources)/2 − mean false-alert rate "
+                     "of held-out benign sources; top rows):", r.selection)
+    if "readouts" in m:
+        lines += _titled("What richer read-outs buy (same folds and criterion, request-level "
+                         "mean logit; not servable as one linear_probe detector):",
+                         m["readouts"])
+    lines += _titled("Learning curve (fraction of every training source fit on; pooled "
+                     "test, served statistic) and a shuffled-label control:",
+                     m["learning_curve"])
+    lines += [""]
+    lines += _examples("Worst false positives on test (highest-scoring benign)",
+                       m["worst_test"]["false_positives"])
+    lines += _examples("Worst false negatives on test (lowest-scoring harmful)",
+                       m["worst_test"]["false_negatives"])
+    return lines
+
+
+def _deception_section(r: Any) -> list[str]:
+    m = r.metrics
+    gd = m["goal_directed"]
+    lines = [f"Unseen source **goal_directed** (LLM-LieDetector scenarios; n pos {gd['n_pos']}, "
+             f"n neg {gd['n_neg']}): AUROC **{_fmt(gd['auroc'])}**{_ci(gd.get('auroc_ci'))}, "
+             f"TPR@1%FPR {_fmt(gd['tpr@fpr0.01'])}, TPR@warn {_fmt(gd.get('tpr@warn', 0.0))}, "
+             f"FPR@warn {_fmt(gd.get('fpr@warn', 0.0))}; pre-written answers (same answer "
+             f"under both contexts) AUROC {_fmt(m['goal_directed_prewritten']['auroc'])}, "
+             f"rollouts AUROC {_fmt(m['goal_directed_rollout']['auroc'])}.", "",
+             "False-alert rate on the model's own answers (greedy and sampled):", ""]
+    rows = {f"{k} (calibration)": v for k, v in m["benign_answers_calibration"].items()}
+    rows.update({f"{k} (TEST)": v for k, v in m["benign_answers_test"].items()})
+    rows.update({f"{k} (answers to harmful prompts)": v
+                 for k, v in m["harmful_prompt_answers"].items()})
+    lines += _rate_rows(rows, "prompt source / decoding")
+    lines += _titled("Selection (leave-one-source-out over the training sources, served "
+                     "statistic):", m["validation"])
+    lines += _titled("Per-layer AUROC on the unseen source (evidence only; the choice above "
+                     "never saw it) with a shuffled-label control:", m["per_layer_test"])
+    lines += _titled("Learning curve (unseen source):", m["learning_curve"])
+    return [*lines, ""]
+
+
+def summary_table(results: Sequence[Any]) -> list[str]:
+    """The README's quality table: per detector, each held-out test source (n, AUROC with
+    95% CI, TPR@1%FPR, alert rate at warn / critical)."""
+    rows = ["| detector (layer, scope, aggregation) | held-out test source | n | AUROC [95% CI] "
+            "| TPR@1%FPR | alert rate at warn | at critical |",
+            "|---|---|---:|---|---:|---:|---:|"]
+    for r in results:
+        head = (f"{r.name} ({r.probe.layer}, {r.scope}, {aggregation_name(r.aggregation)}"
+                f", m={r.min_tokens})")
+        m = r.metrics
+        if "test_sources" in m:
+            pooled = m["test_pooled"]
+            rows.append(f"| {head} | **all test sources pooled** | {pooled['n_pos']} / "
+                        f"{pooled['n_neg']} | **{_fmt(pooled['auroc'])}**"
+                        f"{_ci(pooled.get('auroc_ci'))} | **{_fmt(pooled['tpr@fpr0.01'])}** "
+                        f"| {_fmt(pooled.get('tpr@warn', float('nan')))} (harmful) / "
+                        f"{_fmt(pooled.get('fpr@warn', float('nan')))} (benign) | |")
+            for name, v in m["test_sources"].items():
+                rows.append(f"| | {name} ({v['kind']}) | {v['n']} | {_fmt(v['auroc'])}"
+                            f"{_ci(v.get('auroc_ci'))} | {_fmt(v.get('tpr@fpr0.01', ''))} | "
+                            f"{_fmt(v['rate@warn'])} | {_fmt(v['rate@critical'])} |")
+        elif "goal_directed" in m:
+            gd = m["goal_directed"]
+            rows.append(f"| {head} | goal_directed scenarios (unseen) | {gd['n_pos']} / "
+                        f"{gd['n_neg']} | {_fmt(gd['auroc'])}{_ci(gd.get('auroc_ci'))} | "
+                        f"{_fmt(gd['tpr@fpr0.01'])} | {_fmt(gd.get('tpr@warn', 0.0))} (dec.) / "
+                        f"{_fmt(gd.get('fpr@warn', 0.0))} (honest) | |")
+            for name, v in m["benign_answers_test"].items():
+                rows.append(f"| | model's answers: {name} | {v['n']} | | | "
+                            f"{_fmt(v['rate@warn'])} | {_fmt(v['rate@critical'])} |")
+    return rows
+
+
+def write_report(out: Path, results: Sequence[Any], model_name: str,
+                 appendix: Sequence[str] = ()) -> Path:
     """Write ``out/REPORT.md`` and ``out/<detector>_{roc,hist}.png``."""
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Default detectors for {model_name}", "",
@@ -93,8 +230,9 @@ def write_report(out: Path, results: Sequence[Any], model_name: str) -> Path:
              "(see docs/PROBES.md). All numbers are **request-level, as served**: per-token "
              "scores over the detector's scope, aggregated with the chosen aggregation, "
              "request score `S = max_{t >= min_tokens} a_t`; thresholds `warn`/`critical` "
-             "= 1% / 0.1% FPR on the benign calibration set. Test sets were not used for "
-             "any choice.", ""]
+             "= 1% / 0.1% FPR on the benign calibration set. Test sources were not used for "
+             "any choice.", "", "## Summary (the README's quality table)", "",
+             *summary_table(results), ""]
     for r in results:
         p = r.probe
         thr = r.thresholds
@@ -105,49 +243,43 @@ def write_report(out: Path, results: Sequence[Any], model_name: str) -> Path:
                   f"min_tokens {r.min_tokens}",
                   f"- thresholds: warn **{thr['warn']:.4f}** (1% FPR), critical "
                   f"**{thr['critical']:.4f}** (0.1% FPR) on {r.calibration['benign_set']} "
-                  f"(n = {r.calibration['n_benign']})",
-                  f"- token labels: {r.token_labels}",
+                  f"(n = {r.calibration['n_benign']}; 0.1% of n = "
+                  f"{0.001 * r.calibration['n_benign']:.1f} samples above critical)",
+                  f"- training labels: {r.token_labels}",
                   "- data: " + "; ".join(r.datasets), ""]
-        lines += _metric_rows(r.metrics)
-        lines.append("")
-        for k in ("hard_negatives", "calibration_set", "calibration_dangerous_benign"):
-            if k in r.metrics:
-                m = r.metrics[k]
-                lines.append(f"- {k}: FPR@warn {_fmt(m['fpr@warn'])}, FPR@critical "
-                             f"{_fmt(m['fpr@critical'])}" + (f" (n = {m['n']})" if "n" in m
-                                                              else ""))
-        flagged = r.metrics.get("hard_negatives", {}).get("flagged_at_warn", [])
-        if flagged:
-            lines.append("- hard negatives flagged at warn: "
-                         + "; ".join(f"\"{t}\"" for t in flagged[:12]))
-        per = r.metrics.get("test", {}).get("per_category")
-        if per:
-            lines += ["", "Per category (test positives vs all test negatives):", "",
-                      "| category | n | AUROC | TPR@warn |", "|---|---|---|---|"]
-            lines += [f"| {c} | {v['n']} | {_fmt(v['auroc'])} | "
-                      f"{_fmt(v.get('tpr@warn', float('nan')))} |" for c, v in per.items()]
-        lines += ["", "Validation search (top candidates; criterion = mean over validation "
-                  "sets of (AUROC + TPR@1%FPR)/2):", ""]
-        if r.selection:
-            keys = list(r.selection[0])
-            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-            lines += ["| " + " | ".join(_fmt(row[k]) for k in keys) + " |"
-                      for row in r.selection]
+        if "test_sources" in r.metrics:
+            lines += _harmful_section(r)
+        elif "goal_directed" in r.metrics:
+            lines += _deception_section(r)
+        else:
+            lines += _metric_rows(r.metrics)
         curves = {k: v for k, v in r.scores.items() if k != "calibration"
                   and len(set(np.asarray(v[0]).tolist())) == 2}
-        plot_roc(out / f"{r.name}_roc.png", curves, f"{r.name}: request-level ROC")
+        # per-source ROC: each all-positive source against the pooled all-negative ones
+        neg_parts = [np.asarray(v[1]) for k, v in r.scores.items() if k != "calibration"
+                     and np.asarray(v[0]).size and (np.asarray(v[0]) == 0).all()]
+        negs = np.concatenate(neg_parts) if neg_parts else np.zeros(0)
+        for k, (y, s) in r.scores.items():
+            y = np.asarray(y)
+            if k != "calibration" and y.size and (y == 1).all() and negs.size:
+                curves[k] = (np.concatenate([y, np.zeros(negs.size)]),
+                             np.concatenate([s, negs]))
+        plot_roc(out / f"{r.name}_roc.png", curves, f"{r.name}: request-level ROC (test)")
         groups: dict[str, np.ndarray] = {}
-        main = "test" if "test" in r.scores else "test_all_am"
-        y, s = r.scores[main]
-        groups[f"{main} positive"] = s[np.asarray(y) == 1]
-        groups[f"{main} negative"] = s[np.asarray(y) == 0]
-        for k in ("hard_negatives", "calibration"):
-            if k in r.scores:
-                groups[k] = r.scores[k][1]
+        for k, (y, s) in r.scores.items():
+            y = np.asarray(y)
+            if k.startswith("test (pooled)"):
+                continue
+            if len(set(y.tolist())) == 2:
+                groups[f"{k} positive"] = np.asarray(s)[y == 1]
+                groups[f"{k} negative"] = np.asarray(s)[y == 0]
+            else:
+                groups[k] = np.asarray(s)
         plot_histograms(out / f"{r.name}_hist.png", groups, thr, f"{r.name}: request scores")
         lines += ["", f"![ROC]({r.name}_roc.png) ![histogram]({r.name}_hist.png)", ""]
         for n in getattr(r, "notes", []):
             lines.append(f"- note: {n}")
+    lines += ["", *appendix]
     path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

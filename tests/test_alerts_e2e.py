@@ -273,6 +273,29 @@ def test_alerts_end_to_end(stack: Stack) -> None:
                                 r.headers[SIGNATURE_HEADER])
     assert [r.json()["idempotency_key"] for r in got] == keys1  # type: ignore[index]
 
+    # every dashboard query returns data for this healthy pod (no "No data" panel)
+    dash = json.loads((REPO / "deploy/grafana/safety-monitor.json").read_text())
+    queries = [(panel["title"], t["refId"], t["expr"])
+               for p in dash["panels"] for panel in [p, *(p.get("panels") or [])]
+               for t in panel.get("targets") or []]
+
+    def empty_panels() -> list[tuple[str, str]]:
+        out = []
+        for title, ref, e in queries:
+            # a wide rate window: scrapes of a loaded CI machine are slower than 1 s
+            e = (e.replace("$__rate_interval", "1m").replace("$__range", "2m")
+                 .replace("$namespace", NS).replace("$pod", POD)
+                 .replace("$detector", ".*").replace("$model_name", ".*"))
+            if not stack.prom_query(e):
+                out.append((title, ref))
+        return out
+
+    try:
+        wait_for(lambda: not empty_panels(), 30, "data behind every dashboard query")
+    except AssertionError:
+        raise AssertionError(f"dashboard queries without data on a healthy pod: "
+                             f"{empty_panels()}") from None
+
     # -- webhook down; traffic; sidecar restarted; traffic; webhook back --------------
     stack.hook.stop()
     replay(srv1, seed=2)

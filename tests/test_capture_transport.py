@@ -18,11 +18,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from capture_sink import CaptureSink
 
 from monitor.capture.config import CaptureConfig
-from monitor.capture.op import StaticBuffers, set_sink, wrap_decoder_layers
+from monitor.capture.op import SITE_IN, SITE_OUT, StaticBuffers, set_sink, wrap_decoder_layers
 from monitor.capture.steps import StepTracker
 from monitor.capture.transport import HostRing, StepRecord, Transport, split_spans
+from monitor.roles import TokenRole
 from monitor.tools.net import free_port
 from monitor.v1 import monitor_pb2
+from monitor.wire.hooks import resid_post
+
+OTHER, GEN = int(TokenRole.OTHER), int(TokenRole.GENERATED)
 
 D = 8
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -53,9 +57,9 @@ def _record(ring: HostRing, step: int, layers=(3, 15), n_rows: int = 5,
     for k in range(len(layers)):
         v[k, :n_rows] = torch.arange(n_rows * D, dtype=torch.float32).view(n_rows, D) + 1000 * k \
             + 10000 * step
-    spans = [("req-a", 2, 7, 9), ("req-b", n_rows - 2, 0, 100)]
+    spans = [("req-a", 2, 7, 9, 2), ("req-b", n_rows - 2, 0, 100, 5)]
     return StepRecord(ring=ring, slot=slot, step=step, plan_id=plan_id, model=MODEL,
-                      layers=tuple(layers), n_rows=n_rows, spans=spans,
+                      points=tuple(resid_post(i) for i in layers), n_rows=n_rows, spans=spans,
                       max_frame_bytes=max_frame_bytes)
 
 
@@ -67,13 +71,13 @@ def sink():
 
 
 def test_split_spans_cuts_and_advances_positions():
-    spans = [("a", 3, 10, 20), ("b", 4, 0, 2)]
+    spans = [("a", 3, 10, 20, 2), ("b", 4, 0, 2, 4)]
     got = split_spans(spans, 2)
     assert got == [
-        (0, 2, [("a", 2, 10, 20)]),
-        (2, 4, [("a", 1, 12, 20), ("b", 1, 0, 2)]),
-        (4, 6, [("b", 2, 1, 2)]),
-        (6, 7, [("b", 1, 3, 2)]),
+        (0, 2, [("a", 2, 10, 20, 2)]),
+        (2, 4, [("a", 1, 12, 20, 2), ("b", 1, 0, 2, 4)]),
+        (4, 6, [("b", 2, 1, 2, 4)]),
+        (6, 7, [("b", 1, 3, 2, 4)]),
     ]
     assert split_spans(spans, 100) == [(0, 7, spans)]
 
@@ -190,17 +194,54 @@ def _fake_runner():
                            query_start_loc=SimpleNamespace(np=np.array([0, 2, 6], np.int32)))
 
 
+def test_step_tracker_splits_spans_at_role_boundaries_and_filters_roles():
+    T, U, S = int(TokenRole.TEMPLATE), int(TokenRole.USER), int(TokenRole.SYSTEM)
+    calls: list[int] = []
+
+    def segment(ids):
+        calls.append(len(ids))
+        n = len(ids)
+        r = np.full(n, T, np.int8)
+        r[1:n - 2] = U
+        if n > 4:
+            r[1] = S
+        return r
+
+    r = _fake_runner()
+    tr = StepTracker(r, max_model_len=100, segment=segment)
+    pos = np.array([3, 4, 6, 7, 8, 9, 0, 0], dtype=np.int64)
+    lay = tr.layout(8, pos)
+    # a: prompt 4 -> [T, U, T, T]; rows at 3 (T) and 4 (generated)
+    # b: prompt 10 -> [T, S, U x6, T, T]; rows at 6..9 -> U U T T
+    assert lay.spans == [("corr-A", 1, 3, 4, T), ("corr-A", 1, 4, 4, GEN),
+                         ("b", 2, 6, 10, U), ("b", 2, 8, 10, T)]
+    assert lay.ranges == [(0, 6)] and lay.n_rows == 6
+    only_user = tr.layout(8, pos, roles=frozenset({U, GEN}))
+    assert only_user.spans == [("corr-A", 1, 4, 4, GEN), ("b", 2, 6, 10, U)]
+    assert only_user.ranges == [(1, 4)]
+    assert sorted(calls) == [4, 10]  # once per request, not per step
+    # a prompt whose ids do not match its length, or a segmenter that raises -> OTHER
+    r.requests["c"] = SimpleNamespace(num_prompt_tokens=3, prompt_token_ids=None,
+                                      sampling_params=None, output_token_ids=[])
+    r.input_batch.req_ids = ["c", "b"]
+    r.input_batch.num_computed_tokens_cpu = np.array([0, 6], dtype=np.int32)
+    r.query_start_loc.np = np.array([0, 3, 5], np.int32)
+    lay = tr.layout(8, np.array([0, 1, 2, 6, 7, 0, 0, 0], np.int64))
+    assert lay.spans == [("c", 3, 0, 3, OTHER), ("b", 2, 6, 10, U)]
+
+
 def test_step_tracker_maps_rows_and_filters_kinds():
     r = _fake_runner()
     tr = StepTracker(r, max_model_len=100)
     pos = np.array([3, 4, 6, 7, 8, 9, 0, 0], dtype=np.int64)  # 2 padding rows
     lay = tr.layout(8, pos)
-    assert lay.spans == [("corr-A", 2, 3, 4), ("b", 4, 6, 10)]
+    assert lay.spans == [("corr-A", 1, 3, 4, OTHER), ("corr-A", 1, 4, 4, GEN),
+                         ("b", 4, 6, 10, OTHER)]
     assert lay.contiguous and lay.n_rows == 6
     gen = tr.layout(8, pos, prompt=False)
-    assert gen.spans == [("corr-A", 1, 4, 4)] and gen.ranges == [(1, 2)]
+    assert gen.spans == [("corr-A", 1, 4, 4, GEN)] and gen.ranges == [(1, 2)]
     prm = tr.layout(8, pos, generated=False)
-    assert prm.spans == [("corr-A", 1, 3, 4), ("b", 4, 6, 10)]
+    assert prm.spans == [("corr-A", 1, 3, 4, OTHER), ("b", 4, 6, 10, OTHER)]
     assert prm.ranges == [(0, 1), (2, 6)]
     # positions that do not match the batch (dummy run) → skipped, never mislabeled
     assert tr.layout(8, np.zeros(8, np.int64)) is None and tr.unmapped_steps == 1
@@ -241,15 +282,21 @@ class _Model(torch.nn.Module):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_op_captures_residual_stream_eager_and_compiled(compiled):
     got: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    pre: list[tuple[int, torch.Tensor]] = []
 
     class Sink:
-        def on_layer(self, layer, hidden, residual, positions):
-            got.append((layer, (hidden + residual).clone(), positions.clone()))
+        def on_layer(self, layer, site, hidden, residual, positions):
+            if site == SITE_OUT:
+                got.append((layer, (hidden + residual).clone(), positions.clone()))
+            else:
+                pre.append((layer, (hidden if residual is None else hidden + residual).clone()))
 
     m = _Model()
     bufs = StaticBuffers(3)
-    assert wrap_decoder_layers(m.layers, {0, 2}, bufs.meta) == [0, 2]
-    assert wrap_decoder_layers(m.layers, {0, 2}, bufs.meta) == [0, 2]  # idempotent
+    want = {0: frozenset({SITE_IN, SITE_OUT}), 2: frozenset({SITE_OUT})}
+    assert wrap_decoder_layers(m.layers, want, bufs.meta) == want
+    assert wrap_decoder_layers(m.layers, {0: frozenset({SITE_OUT})}, bufs.meta) == {
+        0: want[0]}  # idempotent: the first wrapping stays
     fn = torch.compile(m, backend="aot_eager", dynamic=True) if compiled else m
     x = torch.randn(5, 4)
     pos = torch.arange(5)
@@ -265,6 +312,8 @@ def test_op_captures_residual_stream_eager_and_compiled(compiled):
     h2, r2 = h1 * 0.5, r1 + h1
     torch.testing.assert_close(out, h2 + r2)
     assert [g[0] for g in got] == [0, 2, 0, 2]
+    assert [p[0] for p in pre] == [0, 0]
+    torch.testing.assert_close(pre[0][1], x)  # resid_pre of layer 0: residual None
     torch.testing.assert_close(got[0][1], h0 + r0)
     torch.testing.assert_close(got[1][1], h2 + r2)
     assert got[2][1].shape == (3, 4) and out2.shape == (3, 4)

@@ -78,7 +78,8 @@ def test_decode_is_zero_copy() -> None:
     f = _frame(torch.randn(4, D))
     data = bytes(f.data)
     view = SimpleNamespace(data=data, model=f.model, layer=f.layer, dtype=f.dtype,
-                           shape=list(f.shape), spans=list(f.spans), seq=f.seq, step=f.step)
+                           shape=list(f.shape), spans=list(f.spans), seq=f.seq, step=f.step,
+                           hook_name=f.hook_name)
     d = decode_frame(view, **KW)  # duck-typed frame: we know the exact bytes object
     addr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
     assert d.x.ctypes.data == addr  # the array views the payload bytes, no copy
@@ -171,3 +172,69 @@ def test_encode_accepts_non_contiguous_and_tuples() -> None:
     d = decode_frame(f, **KW)
     assert torch.equal(torch.from_numpy(d.x.copy()), x) and d.positions.tolist() == [5, 6, 7]
     assert d.generated.tolist() == [False, True, True]
+
+
+def test_hook_names() -> None:
+    """A frame's hook point: empty = resid_post of its layer; a server without hook points
+    refuses other kinds (never scores resid_pre rows as resid_post); a mismatched layer or
+    unparsable name is refused naming the field."""
+    x = torch.randn(3, D)
+    d = decode_frame(_frame(x), **KW)
+    assert d.hook_name == "blocks.1.hook_resid_post"
+    d = decode_frame(encode_frame(x, seq=1, model="m", layer=4, spans=[Span("r", 3)],
+                                  hook_name="blocks.4.hook_resid_post"), **KW)
+    assert d.hook_name == "blocks.4.hook_resid_post"
+    pre = encode_frame(x, seq=1, model="m", layer=4, spans=[Span("r", 3)],
+                       hook_name="blocks.4.hook_resid_pre")
+    with pytest.raises(FrameError, match="resid_post only") as e:
+        decode_frame(pre, **KW)
+    assert e.value.reason == "unknown_hook"
+    hooks = frozenset({"blocks.4.hook_resid_pre", "blocks.1.hook_mlp_out"})
+    assert decode_frame(pre, **KW, hook_names=hooks).hook_name == "blocks.4.hook_resid_pre"
+    with pytest.raises(FrameError, match=r"blocks\.1\.hook_resid_post"):
+        decode_frame(_frame(x), **KW, hook_names=hooks)  # resid_post of 1 is not scored
+    for name, msg in (("blocks.1.hook_resid_pre", "layer 4"), ("blocks.4.hook_attn_z", "kind"),
+                      ("resid_pre", "blocks.<layer>")):
+        f = encode_frame(x, seq=1, model="m", layer=4, spans=[Span("r", 3)], hook_name=name)
+        with pytest.raises(FrameError, match=msg) as e:
+            decode_frame(f, **KW, hook_names=hooks)
+        assert e.value.reason == "unknown_hook" and "hook_name" in e.value.message
+
+
+def test_proto_token_role_enum_equals_monitor_roles() -> None:
+    from monitor.roles import TokenRole
+    from monitor.v1 import monitor_pb2
+
+    wire = {n.removeprefix("TOKEN_ROLE_"): v for n, v in monitor_pb2.TokenRole.items()}
+    assert wire == {r.name: int(r) for r in TokenRole}
+
+
+def test_roles_round_trip_and_derived_for_old_spans() -> None:
+    from monitor.roles import TokenRole as R
+
+    x = torch.randn(9, D)
+    spans = [Span("a", 2, 0, 6, R.TEMPLATE), Span("a", 3, 2, 6, R.USER),
+             Span("b", 2, 3, 4),  # old-style span: no role -> derived per row
+             Span("a", 1, 5, 6, R.TEMPLATE), Span("a", 1, 6, 6, R.GENERATED)]
+    d = decode_frame(_frame(x, spans=spans), **KW)
+    assert d.roles.dtype == np.int8
+    np.testing.assert_array_equal(
+        d.roles, [R.TEMPLATE, R.TEMPLATE, R.USER, R.USER, R.USER, R.OTHER, R.GENERATED,
+                  R.TEMPLATE, R.GENERATED])
+    np.testing.assert_array_equal(d.generated, d.roles == R.GENERATED)
+    # tuples with a fifth element carry the role too
+    d2 = decode_frame(_frame(x[:2], spans=[("c", 2, 0, 2, int(R.SYSTEM))]), **KW)
+    np.testing.assert_array_equal(d2.roles, [R.SYSTEM, R.SYSTEM])
+
+
+@pytest.mark.parametrize(("span", "needle"), [
+    (Span("a", 2, 0, 4, 99), "spans[0].role: expected a TokenRole in 1..7, found 99"),
+    (Span("a", 2, 3, 4, 4), "expected a GENERATED span to start at or after prompt_len=4, "
+                            "found start_position=3"),
+    (Span("a", 2, 3, 4, 2), "expected a USER span to end at or before prompt_len=4, found "
+                            "it ends at 5"),
+])
+def test_role_refusals_name_field_expected_found(span: Span, needle: str) -> None:
+    with pytest.raises(FrameError) as ei:
+        decode_frame(_frame(torch.randn(2, D), spans=[span]), **KW)
+    assert ei.value.reason == "bad_spans" and needle in ei.value.message

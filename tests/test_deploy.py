@@ -23,6 +23,7 @@ CHART = ROOT / "helm" / "safety-monitor"
 DASHBOARD = ROOT / "deploy" / "grafana" / "safety-monitor.json"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
+SUGGESTED_POLICY = ROOT / "bundles" / "default" / "policy.suggested.yaml"
 
 # The metrics the dashboard may query (exposition names).
 DASHBOARD_METRICS = frozenset({
@@ -30,7 +31,12 @@ DASHBOARD_METRICS = frozenset({
     "safety_monitor_rows_scored_total", "safety_monitor_client_dropped_frames_total",
     "safety_monitor_rows_unscored_total", "safety_monitor_policy_reloads_total",
     "safety_monitor_queue_depth_rows", "safety_monitor_queue_capacity_rows",
-    *(f"safety_monitor_{h}{s}" for h in ("scoring_latency_seconds", "request_score")
+    "safety_monitor_bundle_info", "safety_monitor_alert_sink_up",
+    "safety_monitor_alert_events_delivered_total", "safety_monitor_alert_events_spooled_total",
+    "safety_monitor_alert_events_dropped_total", "safety_monitor_alert_spool_events",
+    "safety_monitor_alert_queue_events", "safety_monitor_alert_spool_bytes",
+    *(f"safety_monitor_{h}{s}" for h in ("scoring_latency_seconds", "request_score",
+                                          "frame_latency_seconds")
       for s in ("_bucket", "_sum", "_count")),
 })
 
@@ -90,9 +96,22 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _stage(ins: list[tuple[str, str]], name: str | None = None) -> list[tuple[str, str]]:
+    """The instructions of stage ``name`` (None: the last, docker's default target),
+    preceded by those of the stages it is built FROM (``FROM runtime-base AS runtime``)."""
+    starts = [i for i, (op, _) in enumerate(ins) if op == "FROM"]
+    stages = {}
+    for a, b in zip(starts, [*starts[1:], len(ins)], strict=True):
+        words = ins[a][1].split()
+        stages[words[-1] if len(words) == 3 and words[1].upper() == "AS" else str(a)] = \
+            ins[a:b]
+    body = stages[name] if name is not None else ins[starts[-1]:]
+    base = body[0][1].split()[0]
+    return (_stage(ins, base) if base in stages else []) + body
+
+
 def _final_stage(ins: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    last = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
-    return ins[last:]
+    return _stage(ins)
 
 
 def _serve_flags() -> set[str]:
@@ -152,6 +171,27 @@ def test_dockerfile_runtime_stage(serve_flags):
     assert "/var/lib/safety-monitor" in text
 
 
+def test_dockerfile_slim_stage_has_no_torch():
+    """sidecar-slim: the runtime stage's user, ports and defaults, the torch-free venv."""
+    ins = _instructions(DOCKERFILE)
+    slim = _stage(ins, "sidecar-slim")
+    assert ("COPY", "--from=build-slim /opt/venv /opt/venv") in slim
+    assert not any("--from=build " in rest for _, rest in slim)
+    assert [rest for op, rest in slim if op == "USER"][-1].split(":")[0] == "10001"
+    entry = json.loads(next(rest for op, rest in reversed(slim) if op == "ENTRYPOINT"))
+    # auto takes the one backend installed: onnxruntime here, torch in `runtime`
+    assert entry[entry.index("--backend") + 1] == "auto"
+    build = " ".join(rest for op, rest in _stage(ins, "build-slim") if op == "RUN")
+    assert "torch" not in build.replace("'torch' not in sys.modules", "").replace(
+        '! python -c "import torch"', "")
+    assert "[onnx]" in build and "'torch' not in sys.modules" in build
+    runtime = _final_stage(ins)
+    assert ("COPY", "--from=build /opt/venv /opt/venv") in runtime
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    deps = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert "torch" not in deps, "torch in the base dependencies would enter the slim image"
+
+
 def test_dockerignore_keeps_build_inputs():
     pats = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
             if p.strip() and not p.startswith("#")]
@@ -202,6 +242,35 @@ def test_dashboard_file():
     dash = json.loads(DASHBOARD.read_text())
     assert dash["uid"] and dash["title"]
     check_dashboard(dash)
+
+
+def _panels(dash: dict) -> list[dict]:
+    out: list[dict] = []
+    for p in dash["panels"]:
+        out.append(p)
+        out.extend(p.get("panels") or [])
+    return out
+
+
+def test_dashboard_variables_and_panels():
+    dash = json.loads(DASHBOARD.read_text())
+    var = {v["name"]: v for v in dash["templating"]["list"]}
+    assert {"datasource", "namespace", "model_name", "pod", "detector"} <= set(var)
+    # pods of the chosen model(s); "All" expands to those pods, not to ".*"
+    assert "$model_name" in var["pod"]["definition"] and "allValue" not in var["pod"]
+    panels = _panels(dash)
+    for p in panels:
+        for t in p.get("targets") or []:
+            e = t["expr"]
+            assert 'pod=~"$pod"' in e, (p["title"], e)
+            if {"safety_monitor_alerts_total", "safety_monitor_request_score_bucket",
+                    "safety_monitor_request_score_count"} & promql_metrics(e):
+                assert 'detector=~"$detector"' in e, (p["title"], e)  # $detector everywhere
+            if p["type"] == "stat" and "sink_up" not in e:  # a number, never "No data"
+                assert re.search(r"or vector\([01]\)$", e), (p["title"], e)
+    titles = {p["title"] for p in panels}
+    assert {"Frame to verdict latency", "Alert sinks up", "Alert events / s by sink",
+            "Alert spool backlog"} <= titles
 
 
 def _rules_doc() -> dict:
@@ -510,6 +579,17 @@ def test_plain_sidecar(chart, serve_flags):
     assert {"name": "SAFETY_MONITOR_ADDR", "value": "127.0.0.1:50051"} in vllm["env"]
 
 
+def test_slim_image_and_backend(chart, serve_flags):
+    default = container(pod_spec(render(chart)), "safety-monitor", True)
+    assert "--backend=auto" in default["command"]
+    spec = pod_spec(render(chart, {"sidecar": {"backend": "onnxruntime",
+                                               "image": {"tag": "0.1.0-slim"}}}))
+    mon = container(spec, "safety-monitor", True)
+    assert mon["image"] == "safety-monitor:0.1.0-slim"
+    assert "--backend=onnxruntime" in mon["command"]
+    check_monitor_container(mon, serve_flags)
+
+
 def test_grpc_port_is_one_setting(chart, serve_flags):
     docs = render(chart, {"sidecar": {"grpcPort": 6000}})
     spec = pod_spec(docs)
@@ -530,7 +610,8 @@ def test_policy_configmap(chart):
     text = cm["data"]["policy.yaml"]
     pol = parse_policy(text, "configmap")
     assert pol.detectors
-    assert text.strip() == (ROOT / "policies" / "default.yaml").read_text().strip()
+    # the bundle's calibrated policy, not the placeholder
+    assert text.strip() == SUGGESTED_POLICY.read_text().strip()
     custom = "version: custom-1\ndetectors:\n  x:\n    thresholds: {warn: 0.5, critical: 0.8}\n"
     cm = next(d for d in kinds(render(chart, {"policy": {"content": custom}}), "ConfigMap")
               if d["metadata"]["name"].endswith("-policy"))
@@ -595,7 +676,101 @@ def test_vllm_chart_mode(chart):
                           "metrics": {"podMonitor": {"enabled": True}}})
     assert not kinds(docs, "Deployment") and not kinds(docs, "NetworkPolicy")
     assert one(docs, "Service")["spec"]["selector"] == sel
-    assert one(docs, "PodMonitor")["spec"]["selector"]["matchLabels"] == sel
+    pm = one(docs, "PodMonitor")
+    assert pm["spec"]["selector"]["matchLabels"] == sel
+    # vLLM's chart names its container port "container-port": scrape that, not "http"
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["monitor-metrics",
+                                                                      "container-port"]
+    docs = render(chart, {"metrics": {"podMonitor": {"enabled": True}}})
+    assert [e["port"] for e in one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"]] == [
+        "monitor-metrics", "http"]
+
+
+def test_values_schema_rejects_typos_and_wrong_types(chart, helm):
+    chart.validate_schema({})  # the defaults
+    for bad, where in (({"sidecar": {"nativ": True}}, "'nativ' not allowed"),
+                       ({"sidecar": {"grpcPort": "50051"}}, "want integer"),
+                       ({"alerts": {"alertmanager": {"urls": ["am:9093"]}}}, "pattern"),
+                       ({"alerts": {"resendSeconds": 0}}, "/alerts/resendSeconds"),
+                       ({"bundle": {"source": "s3"}}, "must be one of"),
+                       ({"prometheusRule": {"disabledAlert": []}}, "not allowed")):
+        with pytest.raises(helm.HelmValuesError, match=where):
+            chart.validate_schema(bad)
+        with pytest.raises(helm.HelmValuesError):
+            render(chart, bad)  # install / template refuse them too
+
+
+def render_on(chart, kube_version: str, values: dict | None = None) -> dict[str, str]:
+    """Render against a given cluster version (the SDK's native render takes
+    `kube_version`; its Python wrapper does not expose it yet)."""
+    from helm_python import _native
+
+    return json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values or {}),
+                                          json.dumps({"kube_version": kube_version})))
+
+
+def test_kube_version(chart, helm):
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert meta["kubeVersion"] == ">=1.25.0-0"
+    with pytest.raises(helm.HelmRenderError, match=r"needs Kubernetes >= 1.29"):
+        render_on(chart, "v1.28.0")  # native sidecars need 1.29
+    assert render_on(chart, "v1.28.0", {"sidecar": {"native": False}})  # the fallback mode
+    assert render_on(chart, "v1.29.0")
+    # (Chart.yaml's kubeVersion itself is enforced by `helm install`, not by rendering)
+
+
+def test_alert_delivery_settings_and_secrets(chart):
+    values = {"alerts": {"alertmanager": {"urls": ["http://am-0:9093", "http://am-1:9093"]},
+                         "webhook": {"urlSecret": {"name": "hook-url", "key": "url"},
+                                     "secret": {"existingSecret": "hook-hmac"}}}}
+    docs = render(chart, values)
+    spec = pod_spec(docs)
+    c = spec["initContainers"][0]
+    args = c["command"]
+    assert args.count("--alertmanager-url=http://am-0:9093") == 1
+    assert "--alertmanager-url=http://am-1:9093" in args
+    # the URL comes from the Secret through an env var; the HMAC key as a mounted file
+    assert "--webhook-url=$(SAFETY_MONITOR_WEBHOOK_URL)" in args
+    assert "--webhook-secret-file=/etc/safety-monitor/webhook/webhook-secret" in args
+    env = {e["name"]: e for e in c["env"]}
+    assert env["SAFETY_MONITOR_WEBHOOK_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "hook-url", "key": "url"}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert not any("value" in e and "hook" in str(e["value"]) for e in c["env"])
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["webhook-secret"]["secret"]["secretName"] == "hook-hmac"
+    assert "emptyDir" in vols["alert-spool"]
+    spool = next(a for a in args if a.startswith("--alert-spool-dir="))
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {spool.split("=", 1)[1]}
+    assert "--alert-spool-max-bytes=67108864" in args
+    assert not kinds(docs, "Secret")  # the chart never holds the secrets itself
+    # no sink configured: no alert flags, no spool volume
+    plain = pod_spec(render(chart))
+    assert not [a for a in plain["initContainers"][0]["command"] if "alert" in a]
+    assert "alert-spool" not in {v["name"] for v in plain["volumes"]}
+
+
+def test_helm_test_hook(chart):
+    docs = render(chart, {"alerts": {"webhook": {"url": "http://relay:8080/hook"}}})
+    (pod,) = [d for d in kinds(docs, "Pod")
+              if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    c = pod["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    svc = one(docs, "Service")["metadata"]["name"]
+    assert env["METRICS_URL"] == f"http://{svc}:9464/metrics"
+    assert env["EXPECT_SINKS"] == "true"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    compile(c["command"][2], "helm-test", "exec")  # the script is valid Python
+
+
+def test_rule_runbook_base_url(chart):
+    docs = render(chart, {"prometheusRule": {"enabled": True,
+                                             "runbookBaseUrl": "https://wiki.example/rb"}})
+    rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    assert all(r["annotations"]["runbook_url"] == "https://wiki.example/rb#"
+               + r["alert"].lower() for r in rules)
 
 
 def test_bundle_sources(chart, helm, tmp_path):
@@ -623,5 +798,5 @@ def test_bundle_sources(chart, helm, tmp_path):
 
 def test_chart_files_are_the_deploy_files():
     for name, src in (("dashboard.json", DASHBOARD), ("rules.yaml", RULES),
-                      ("policy.yaml", ROOT / "policies" / "default.yaml")):
+                      ("policy.yaml", SUGGESTED_POLICY)):
         assert (CHART / "files" / name).read_bytes() == src.read_bytes(), name

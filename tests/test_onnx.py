@@ -121,6 +121,46 @@ def test_export_pins_graphs_and_reexport_replaces_them(tmp_path: Path) -> None:
         OnnxScorer(b2).score(1, np.zeros((1, 63), np.float32))
 
 
+def test_gated_and_layer_norm_std_columns_match_torch(tmp_path: Path) -> None:
+    """The general epilogue (gated SAE) and layer_norm_std, next to identity columns
+    (θ = floor = −inf) on one layer: equal to the torch scorer, which test_sae_formats
+    checks against sae_lens itself."""
+    g = torch.Generator().manual_seed(11)
+    d, k = 64, 12
+    tensors = {"g.W_enc": torch.randn(d, k, generator=g) / d**0.5,
+               "g.b_enc": 0.2 * torch.randn(k, generator=g),
+               "g.b_mag": 0.2 * torch.randn(k, generator=g),
+               "g.r_mag": 0.3 * torch.randn(k, generator=g),
+               "g.b_dec": 0.3 * torch.randn(d, generator=g)}
+    parts = [probe("p", 2, g), probe("p_std", 2, g, preprocessing={
+        "normalize": "layer_norm_std", "scale": 0.5, "layer_norm_eps": 0.01})]
+    for _, t in parts:
+        tensors |= t
+    comps = [c for c, _ in parts] + [{
+        "name": "g", "kind": "sae_latents", "layer": 2, "activation": "gated",
+        "latent_ids": list(range(k)),
+        "preprocessing": {"apply_b_dec_to_input": True, "normalize": "layer_norm_std",
+                          "scale": 2.0, "layer_norm_eps": 0.1},
+        "tensors": {r: f"g.{r}" for r in ("W_enc", "b_enc", "b_mag", "r_mag", "b_dec")}}]
+    dets = [detector("a", ("g", rand_w(g, k)), ("p", 0.5)), detector("b", ("p_std", 1.0))]
+    from monitor.score import write_bundle
+
+    write_bundle(tmp_path, {"name": "gated", "model": {"name": "test/model", "d_model": d,
+                                                       "n_layers": 6},
+                            "components": comps, "detectors": dets}, tensors)
+    full = export_onnx(tmp_path)
+    packed = Scorer(full).packed(2)
+    assert packed.mag_scale is not None and packed.ln_std is not None  # both paths built
+    x = activations(120, offset=5.0)
+    ort_s = OnnxScorer(load_bundle(tmp_path, load_tensors=False))
+    z_t = Scorer(full).score_components(2, x).numpy()
+    z_o = ort_s.score_components(2, x.numpy())
+    gated = packed.slices["g"]
+    assert 0.1 < (z_t[:, gated] > 0).mean() < 0.9, "degenerate test: gate always/never open"
+    np.testing.assert_allclose(z_o, z_t, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(ort_s.score(2, x.numpy()), Scorer(full).score(2, x), atol=1e-5)
+
+
 # --------------------------------------------------------------------------- refusals
 
 

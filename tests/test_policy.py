@@ -121,7 +121,13 @@ BASE = 'version: "1"\ndetectors:\n  harmful_intent:\n    thresholds: {warn: 0.5,
         (BASE + "    mode: blok\n", 5, "detectors.harmful_intent.mode",
          "expected one of observe, alert, block; found 'blok'"),
         (BASE + "    scope: response\n", 5, "detectors.harmful_intent.scope",
-         "expected one of prompt, generated, both"),
+         "expected one of prompt, generated, both, system, user, assistant, template, tool, "
+         "other or a list of them; found 'response'"),
+        (BASE + "    scope:\n      - user\n      - usr\n", 7, "detectors.harmful_intent.scope",
+         "found 'usr'"),
+        (BASE + "    scope: []\n", 5, "detectors.harmful_intent.scope", "non-empty list"),
+        (BASE + "    scope: {user: 1}\n", 5, "detectors.harmful_intent.scope",
+         "found a mapping"),
         (BASE + "    threshold: 0.5\n", 5, "detectors.harmful_intent.threshold", "unknown key"),
         (BASE.replace("0.9", "1.0"), 4, "detectors.harmful_intent.thresholds.critical",
          "strictly between 0 and 1; found 1"),
@@ -194,6 +200,17 @@ def test_error_string_format_matches_spec():
         "policy.yaml:5: detectors.harmful_intent.mode: expected one of observe, alert, "
         "block; found 'blok'"
     )
+
+
+def test_role_scopes() -> None:
+    """A scope is a word or a list of words; lists are stored sorted, comma-joined."""
+    text = ('version: "r"\ndefaults:\n  scope: [user, system, user]\n'
+            "  thresholds: {warn: 0.5, critical: 0.9}\n"
+            "detectors:\n  a:\n  b:\n    scope: user\n  c:\n    scope: [generated]\n"
+            "  d:\n    scope: [assistant, prompt]\n")
+    p = parse_policy(text)
+    assert {n: d.scope for n, d in p.detectors.items()} == {
+        "a": "system,user", "b": "user", "c": "generated", "d": "assistant,prompt"}
 
 
 def test_yaml_syntax_error_has_line():

@@ -24,6 +24,7 @@ from conftest import D_MODEL, MODEL, POLICY_V1, REPO, MonitorServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from monitor.roles import TokenRole
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire import Span, encode_frame
 
@@ -327,6 +328,11 @@ def _bad_frames() -> dict[str, tuple[Callable[[monitor_pb2.ActivationFrame], Non
     def empty_id(fr: monitor_pb2.ActivationFrame) -> None:
         fr.spans[0].request_id = ""
 
+    def set_role(role: int) -> Callable[[monitor_pb2.ActivationFrame], None]:
+        def f(fr: monitor_pb2.ActivationFrame) -> None:
+            fr.spans[0].role = role  # type: ignore[assignment]
+        return f
+
     def poison(value: float) -> Callable[[monitor_pb2.ActivationFrame], None]:
         def f(fr: monitor_pb2.ActivationFrame) -> None:
             x = np.frombuffer(fr.data, dtype="<f4").copy().reshape(4, D_MODEL)
@@ -344,6 +350,8 @@ def _bad_frames() -> dict[str, tuple[Callable[[monitor_pb2.ActivationFrame], Non
         "model": (model, INVALID, "model_mismatch"),
         "spans_sum": (spans, INVALID, "bad_spans"),
         "spans_empty_id": (empty_id, INVALID, "bad_spans"),
+        "role_unknown_value": (set_role(99), INVALID, "bad_spans"),
+        "role_generated_in_prompt": (set_role(TokenRole.GENERATED), INVALID, "bad_spans"),
         "nan": (poison(float("nan")), INVALID, "non_finite"),
         "inf": (poison(float("inf")), INVALID, "non_finite"),
     }
@@ -370,6 +378,72 @@ def test_bad_frame_in_stream(server: MonitorServer, geometry: dict, case: str) -
         bad_final = {v.detector: v for v in verdicts(out, bad_id, final=True)}
         assert bad_final["harmful_intent"].n_tokens_unscored == 4
         assert bad_final["harmful_intent"].n_tokens_scored == 0
+
+
+def test_old_client_without_roles_is_served_like_a_role_client(server: MonitorServer,
+                                                               geometry: dict) -> None:
+    """A wire_version 0 client (no hello version, spans without roles) and a wire_version
+    2 client sending the same rows split at role boundaries get the same verdicts."""
+    x = make_rows(geometry, "harmful_intent", 8, pushed=[3])
+    old, new = rid("old"), rid("new")
+    hello = monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(client_id="old",
+                                                                    model=MODEL))
+    out_old = stream(server, [hello, frame_msg(1, 2, x, [Span(old, 8, 0, 6)]), fin(old)])
+    R = TokenRole
+    hello2 = monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
+        client_id="new", model=MODEL, wire_version=2))
+    spans = [Span(new, 2, 0, 6, R.TEMPLATE), Span(new, 3, 2, 6, R.USER),
+             Span(new, 1, 5, 6, R.TEMPLATE), Span(new, 2, 6, 6, R.GENERATED)]
+    out_new = stream(server, [hello2, frame_msg(1, 2, x, spans), fin(new)])
+    assert not errors(out_old) and not errors(out_new)
+    f_old = {v.detector: v for v in verdicts(out_old, old, final=True)}
+    f_new = {v.detector: v for v in verdicts(out_new, new, final=True)}
+    assert set(f_old) == set(f_new) == {"harmful_intent", "deception"}
+    for det in f_old:
+        a, b = f_old[det], f_new[det]
+        assert (a.severity, a.n_tokens_scored, a.crossed_at_position) == (
+            b.severity, b.n_tokens_scored, b.crossed_at_position), det
+        assert a.score == pytest.approx(b.score)
+    assert f_old["harmful_intent"].severity == monitor_pb2.SEVERITY_CRITICAL
+    assert f_old["harmful_intent"].n_tokens_scored == 6  # scope prompt
+
+
+# POLICY_V1 with harmful_intent on the user's tokens only
+ROLE_POLICY = POLICY_V1.replace('"test-v1"', '"roles-v1"').replace("scope: prompt", "scope: user")
+assert "scope: user" in ROLE_POLICY
+
+
+def test_role_scoped_policy_over_a_real_socket(start_server: Callable[..., MonitorServer],
+                                               geometry: dict) -> None:
+    """`scope: user` judges user rows only: a hot template row is ignored, a hot user row
+    is critical at its position; an old client's rows (no roles) are never user rows; the
+    plan asks for exactly the roles the policy reads."""
+    srv = start_server(policy_text=ROLE_POLICY, extra=["--policy-watch-s", "0"], name="roles")
+    R = TokenRole
+    plan = monitor_pb2_grpc.MonitorStub(srv.channel).GetCapturePlan(
+        monitor_pb2.GetCapturePlanRequest(), timeout=5)
+    assert sorted(plan.token_roles) == [R.USER, R.GENERATED]
+    assert set(plan.token_kinds) == {monitor_pb2.TOKEN_KIND_PROMPT,
+                                     monitor_pb2.TOKEN_KIND_GENERATED}
+
+    def spans(r: str) -> list[Span]:  # template 0-1, user 2-5, template 6-7
+        return [Span(r, 2, 0, 8, R.TEMPLATE), Span(r, 4, 2, 8, R.USER),
+                Span(r, 2, 6, 8, R.TEMPLATE)]
+
+    cold, hot, old = rid("tmpl-hot"), rid("user-hot"), rid("old")
+    out = stream(srv, [
+        frame_msg(1, 2, make_rows(geometry, "harmful_intent", 8, pushed=[1, 7]), spans(cold)),
+        frame_msg(2, 2, make_rows(geometry, "harmful_intent", 8, pushed=[4]), spans(hot)),
+        frame_msg(3, 2, make_rows(geometry, "harmful_intent", 8, pushed=[4]),
+                  [Span(old, 8, 0, 8)]),
+        fin(cold), fin(hot), fin(old)])
+    assert not errors(out), errors(out)
+    f = {r: {v.detector: v for v in verdicts(out, r, final=True)}["harmful_intent"]
+         for r in (cold, hot, old)}
+    assert (f[cold].severity, f[cold].n_tokens_scored) == (monitor_pb2.SEVERITY_NONE, 4)
+    assert (f[hot].severity, f[hot].crossed_at_position, f[hot].n_tokens_scored) == (
+        monitor_pb2.SEVERITY_CRITICAL, 4, 4)
+    assert (f[old].severity, f[old].n_tokens_scored) == (monitor_pb2.SEVERITY_NONE, 0)
 
 
 def test_oversized_frame_in_stream(server: MonitorServer, geometry: dict) -> None:

@@ -15,6 +15,7 @@ from monitor.judge.aggregate import make_aggregator
 from monitor.judge.policy import parse_policy
 from monitor.judge.reload import PolicyHolder
 from monitor.judge.tracker import RequestTracker
+from monitor.roles import TokenRole
 
 POLICY = """\
 version: "v1"
@@ -43,12 +44,13 @@ def pol(text: str = POLICY):
     return parse_policy(text)
 
 
-def obs(tr, rid, det, positions, scores, generated=None):
+def obs(tr, rid, det, positions, scores, generated=None, roles=None):
     positions = np.asarray(positions, dtype=np.int64)
     if generated is None:
         generated = np.zeros(positions.size, dtype=bool)
     return tr.observe(K(rid), det, positions, np.asarray(generated, dtype=bool),
-                      np.asarray(scores, dtype=np.float32))
+                      np.asarray(scores, dtype=np.float32),
+                      None if roles is None else np.asarray(roles, dtype=np.int8))
 
 
 def test_escalation_positions_and_fields():
@@ -111,6 +113,50 @@ def test_scope_filtering():
     finals = {u.detector: u for u in tr.finish(K("r"))}
     assert finals["p"].n_tokens_scored == 3 and finals["p"].severity == "none"
     assert finals["g"].n_tokens_scored == 3
+
+
+def test_role_scopes_against_a_plain_reference():
+    """scope user / [system, user] / template aggregate exactly the rows of those roles
+    (max over them, reference: a plain loop); `prompt` keeps every non-generated role;
+    rows without roles (old clients) are OTHER: outside any chat-role scope."""
+    R = TokenRole
+    text = POLICY + "".join(
+        f"  {name}:\n    scope: {scope}\n    aggregation: max\n"
+        for name, scope in (("u", "user"), ("su", "[system, user]"), ("t", "template")))
+    rng = np.random.default_rng(3)
+    n = 200
+    roles = rng.choice([R.SYSTEM, R.USER, R.ASSISTANT, R.TEMPLATE, R.OTHER], n).astype(np.int8)
+    roles[150:] = R.GENERATED
+    gen = roles == R.GENERATED
+    scores = (rng.random(n) * 0.6).astype(np.float32)
+    for role in (R.USER, R.SYSTEM, R.TEMPLATE):  # one hot token of each
+        scores[np.flatnonzero(roles == role)[5]] = 0.95
+    tr = RequestTracker(pol(text))
+    for sl in np.array_split(np.arange(n), 9):
+        for det in ("u", "su", "t", "p"):
+            obs(tr, "r", det, np.arange(n)[sl], scores[sl], gen[sl], roles[sl])
+    finals = {u.detector: u for u in tr.finish(K("r"))}
+    for det, keep in (("u", {R.USER}), ("su", {R.SYSTEM, R.USER}), ("t", {R.TEMPLATE}),
+                      ("p", set(R) - {R.GENERATED})):
+        idx = [i for i in range(n) if roles[i] in keep]  # the plain reference
+        assert finals[det].n_tokens_scored == len(idx), det
+        assert finals[det].peak_score == pytest.approx(max(float(scores[i]) for i in idx))
+        crossed = [i for i in idx if scores[i] >= 0.9]
+        assert finals[det].crossed_at_position == (crossed[0] if crossed else -1), det
+    # an old client's rows (no roles): OTHER / GENERATED, so `user` scores nothing
+    tr = RequestTracker(pol(text))
+    obs(tr, "old", "u", np.arange(n), scores, gen)
+    obs(tr, "old", "p", np.arange(n), scores, gen)
+    finals = {u.detector: u for u in tr.finish(K("old"))}
+    assert finals["u"].n_tokens_scored == 0 and finals["p"].n_tokens_scored == 150
+    # unscored rows are counted per scope too
+    tr = RequestTracker(pol(text))
+    tr.mark_unscored(K("m"), None, np.arange(n), gen, roles)
+    finals = {u.detector: u for u in tr.finish(K("m"))}
+    assert finals["u"].n_tokens_unscored == int((roles == R.USER).sum())
+    assert finals["g"].n_tokens_unscored == 50
+    with pytest.raises(ValueError, match="roles and generated differ in length"):
+        obs(tr, "x", "u", [0, 1], [0.1, 0.1], [False, False], [R.USER])
 
 
 def test_duplicate_positions_dropped_not_double_counted():
@@ -238,7 +284,7 @@ detectors:
     "aggregation",
     ["max", "mean", "{kind: ema, half_life_tokens: 1.5}", "{kind: window_max, window_tokens: 4}"],
 )
-@pytest.mark.parametrize("scope", ["prompt", "generated", "both"])
+@pytest.mark.parametrize("scope", ["prompt", "generated", "both", "user", "[system, user]"])
 def test_single_token_path_equals_chunk_path(aggregation, scope):
     text = (
         'version: "s"\ndetectors:\n  d:\n'
@@ -251,6 +297,9 @@ def test_single_token_path_equals_chunk_path(aggregation, scope):
     positions[150:170] -= 10  # recomputes: duplicates in the middle
     positions[50:60] -= 5
     gen = np.arange(n) >= 100
+    roles = np.where(gen, TokenRole.GENERATED, rng.integers(1, 4, n)).astype(np.int8)
+    roles[rng.random(n) < 0.2] = TokenRole.TEMPLATE
+    roles[gen] = TokenRole.GENERATED
     scores = rng.random(n).astype(np.float32) * np.linspace(0.5, 1.0, n).astype(np.float32)
     scores[40] = np.nan
     runs = []
@@ -259,10 +308,11 @@ def test_single_token_path_equals_chunk_path(aggregation, scope):
         ups = []
         if chunked:
             for sl in np.array_split(np.arange(n), 7):
-                ups += obs(tr, "r", "d", positions[sl], scores[sl], gen[sl])
+                ups += obs(tr, "r", "d", positions[sl], scores[sl], gen[sl], roles[sl])
         else:
             for i in range(n):
-                ups += obs(tr, "r", "d", positions[i : i + 1], scores[i : i + 1], gen[i : i + 1])
+                ups += obs(tr, "r", "d", positions[i : i + 1], scores[i : i + 1], gen[i : i + 1],
+                           roles[i : i + 1])
         ups += tr.finish(K("r"))
         runs.append((ups, tr.duplicates_dropped, tr.nonfinite_scores))
     (chunk_ups, d1, nf1), (one_ups, d2, nf2) = runs

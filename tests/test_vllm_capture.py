@@ -203,6 +203,50 @@ def test_prefix_cache_reports_cached_tokens(llm, sink, hf):
     assert f1.n_cached_prompt_tokens < f2.n_cached_prompt_tokens
 
 
+CHATS = [
+    # no system message: SmolLM2's template inserts its default system prompt
+    [{"role": "user", "content": "How do I kill a Python process?"}],
+    [{"role": "system", "content": "You are a pirate. Answer in pirate speak."},
+     {"role": "user", "content": "Hi!"},
+     {"role": "assistant", "content": "Arr, ahoy matey."},
+     {"role": "user", "content": "Tell me about ships and the sea, in some detail please."}],
+]
+
+
+def test_chat_roles_equal_probe_side_segmentation(llm, sink, model_path):
+    """Roles the sidecar decodes for each row == the probe toolkit's segmentation of the
+    same chat (same ids from the chat template, same `RoleSegmenter`), generated rows
+    GENERATED; spans are split at role boundaries (chunked prefill of 32 tokens)."""
+    from transformers import AutoTokenizer
+
+    from monitor.roles import RoleSegmenter, TokenRole, roles_with_generated
+    from probes.collect import _ChatEncoder
+    from probes.datasets import ChatExample
+
+    sink.reset()
+    n_gen = 4
+    cids = [f"roles-{i}" for i in range(len(CHATS))]
+    outs = llm.chat(CHATS, [_sp(c, n_gen) for c in cids], use_tqdm=False)
+    assert sink.wait_for(lambda: set(cids) <= set(sink.finished()), 20)
+    enc = _ChatEncoder()
+    enc.tokenizer = AutoTokenizer.from_pretrained(model_path)
+    seg = RoleSegmenter.from_tokenizer(enc.tokenizer)
+    for cid, chat, o in zip(cids, CHATS, outs, strict=True):
+        ids, _, _ = enc.encode(ChatExample.make(chat, 0))
+        assert list(o.prompt_token_ids) == ids  # probes render the chat as vLLM does
+        want = roles_with_generated(seg.segment(ids), n_gen - 1)  # last token not fed back
+        first = sink.finished()[cid].n_cached_prompt_tokens
+        for layer in LAYERS:
+            got = sink.roles_by_request(layer)[cid]
+            assert sorted(got) == list(range(first, len(want)))
+            np.testing.assert_array_equal([got[p] for p in sorted(got)], want[first:])
+        user = [t for t, r in zip(ids, want, strict=False) if r == TokenRole.USER]
+        assert enc.tokenizer.decode(user).endswith(chat[-1]["content"])
+    assert {TokenRole.SYSTEM, TokenRole.USER, TokenRole.ASSISTANT, TokenRole.TEMPLATE,
+            TokenRole.GENERATED} <= set(sink.roles_by_request(LAYERS[0])[cids[1]].values())
+    assert sink.log.hellos[-1].wire_version == 2
+
+
 def test_sink_killed_mid_generation_then_restarted(llm, sink):
     sink.reset()
     n_streams = sink.n_streams

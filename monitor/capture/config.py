@@ -19,6 +19,9 @@ SAFETY_MONITOR_BACKOFF_S               0.2         first reconnect delay (s), do
 SAFETY_MONITOR_BACKOFF_MAX_S           5           reconnect delay cap (s)
 SAFETY_MONITOR_STATS_S                 2           ClientStats period while connected (s)
 SAFETY_MONITOR_CLIENT_ID               (auto)      ClientHello.client_id
+SAFETY_MONITOR_CHAT_TEMPLATE           (model's)   chat template file for token roles; set it
+                                                   to the file given to ``vllm serve
+                                                   --chat-template`` when that flag is used
 =====================================  ==========  =============================================
 """
 
@@ -65,6 +68,8 @@ class CaptureConfig:
     backoff_max_s: float = 5.0
     stats_period_s: float = 2.0
     client_id: str = ""
+    #: Chat template file the token roles are derived from (None: the tokenizer's own).
+    chat_template: str | None = None
 
     @classmethod
     def from_env(cls) -> CaptureConfig | None:
@@ -84,6 +89,7 @@ class CaptureConfig:
             stats_period_s=max(0.05, _float("SAFETY_MONITOR_STATS_S", 2.0)),
             client_id=os.environ.get("SAFETY_MONITOR_CLIENT_ID", "").strip()
             or f"vllm-worker-{os.getpid()}@{socket.gethostname()}",
+            chat_template=os.environ.get("SAFETY_MONITOR_CHAT_TEMPLATE", "").strip() or None,
         )
 
 

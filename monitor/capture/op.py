@@ -5,22 +5,26 @@ unless `enforce_eager=True`. A Python forward hook added after compilation is ig
 one added before it breaks tracing ("Attempted to call function marked as skipped").
 Instead, `wrap_decoder_layers` (called from the wrapped `load_model`, i.e. before any
 compilation) replaces each decoder layer's `forward` by a thin wrapper that calls the
-original forward and then `torch.ops.safety_monitor.capture_resid(hidden, residual,
-positions, meta, layer)`. Dynamo traces the wrapper and keeps the op as an opaque node:
+original forward and calls `torch.ops.safety_monitor.capture_resid(hidden, residual,
+positions, meta, layer, site)` on the layer's input pair (`site` = `SITE_IN`, before the
+original forward: the input pair is updated in place by the layer's fused add-RMSNorm)
+and on its output pair (`SITE_OUT`). What the pairs mean per architecture is in
+`monitor.capture.archs` (input sum = resid_pre; output = (mlp_out, resid_mid), sum =
+resid_post). Dynamo traces the wrapper and keeps the op as an opaque node:
 at run time the real implementation runs once per layer per forward, in both eager and
 compiled mode. The op declares `mutates_args=("meta",)` on a preallocated buffer so the
 compiler can neither drop nor reorder it, and has a fake (meta) impl for tracing.
 
 What the implementation does:
 
-- `meta[layer] += 1`: an op-written per-layer forward counter (int64 `[n_layers]`), the
-  graph-safe part (a device kernel on CUDA; it would replay inside a CUDA graph). It lets
-  the host tell a stale buffer from a fresh one when `execute_model` ran no forward.
+- `meta[layer] += 1` (output site only): an op-written per-layer forward counter (int64
+  `[n_layers]`), the graph-safe part (a device kernel on CUDA; it would replay inside a
+  CUDA graph). It lets the host tell a stale buffer from a fresh one when
+  `execute_model` ran no forward.
 - CPU (this machine, no CUDA graphs): the Python impl runs eagerly on every call, so it
-  hands `hidden + residual` (the residual stream after the layer, `[num_tokens, d_model]`)
-  to the active `LayerSink` (the capture session), which copies the needed rows into a
-  host ring slot at once — before the next layer's fused add-RMSNorm updates the tensors
-  in place.
+  hands the pair to the active `LayerSink` (the capture session), which copies the rows
+  of the hook points it needs into a host ring slot at once — before the next layer's
+  fused add-RMSNorm updates the tensors in place.
 - CUDA (not exercised here; roadmap item 3): a Python impl does not run on CUDA-graph
   replay. The graph-safe design keeps the same op but passes static device buffers —
   `hidden_buf [n_plan_layers, max_num_tokens, d_model]` and `pos_buf [max_num_tokens]` —
@@ -43,15 +47,25 @@ from torch import nn
 log = logging.getLogger("monitor.capture")
 
 OP_NAME = "safety_monitor::capture_resid"
+SITE_IN = 0
+"""Op site: the decoder layer's input `(hidden_states, residual)` (residual None at layer 0)."""
+SITE_OUT = 1
+"""Op site: the decoder layer's output `(hidden, residual)`."""
 
 
 class LayerSink(Protocol):
     """Receiver of the residual stream, called inside the forward pass (model thread)."""
 
     def on_layer(
-        self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor
+        self,
+        layer: int,
+        site: int,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
     ) -> None:
-        """`hidden`, `residual`: `[num_tokens, d_model]`; `positions`: int64 `[num_tokens]`."""
+        """`hidden`, `residual`: `[num_tokens, d_model]` (residual None only at `SITE_IN` of
+        layer 0); `site`: `SITE_IN` / `SITE_OUT`; `positions`: int64 `[num_tokens]`."""
 
 
 _sink: LayerSink | None = None
@@ -71,18 +85,20 @@ def sink_errors() -> int:
 
 def _capture_resid_impl(
     hidden: torch.Tensor,
-    residual: torch.Tensor,
+    residual: torch.Tensor | None,
     positions: torch.Tensor,
     meta: torch.Tensor,
     layer: int,
+    site: int,
 ) -> None:
     global _sink_errors
-    meta[layer] += 1
+    if site == SITE_OUT:
+        meta[layer] += 1
     sink = _sink
     if sink is None:
         return
     try:
-        sink.on_layer(layer, hidden, residual, positions)
+        sink.on_layer(layer, site, hidden, residual, positions)
     except Exception:  # capture must never fail inference
         _sink_errors += 1
         if _sink_errors == 1 or _sink_errors % 1000 == 0:
@@ -106,10 +122,11 @@ def _register_op() -> Any:
     @op.register_fake
     def _fake(
         hidden: torch.Tensor,
-        residual: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         meta: torch.Tensor,
         layer: int,
+        site: int,
     ) -> None:
         return None
 
@@ -166,28 +183,44 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList | None:
 _WRAPPED = "_safety_monitor_layer"
 
 
-def wrap_decoder_layers(
-    layers: nn.ModuleList, wanted: set[int] | None, meta: torch.Tensor
-) -> list[int]:
-    """Wrap the forward of the wanted decoder layers (all when None); idempotent.
+ALL_SITES = frozenset({SITE_IN, SITE_OUT})
 
-    The wrapper calls the original `forward(positions, hidden_states, residual, ...)` and,
-    when it returns `(hidden, residual)`, the capture op on them. Layers that are absent on
-    this pipeline stage (`PPMissingLayer`, no parameters) are skipped.
+
+def wrap_decoder_layers(
+    layers: nn.ModuleList,
+    wanted: dict[int, frozenset[int]] | None,
+    meta: torch.Tensor,
+) -> dict[int, frozenset[int]]:
+    """Wrap the forward of the wanted decoder layers; idempotent.
+
+    Args:
+        layers: the model's decoder layers (an architecture `monitor.capture.archs` knows).
+        wanted: layer index → op sites to call (`SITE_IN`, `SITE_OUT`); None: every layer,
+            both sites.
+        meta: the op's int64 `[n_layers]` counter.
+
+    The wrapper calls the op on the input pair (`SITE_IN`), then the original
+    `forward(positions, hidden_states, residual, ...)`, then the op on the returned
+    `(hidden, residual)` (`SITE_OUT`). A layer is wrapped once: a later call with other
+    sites keeps the first wrapping. Layers that are absent on this pipeline stage
+    (`PPMissingLayer`, no parameters) are skipped.
 
     Returns:
-        Indices (model-global) of the layers wrapped by this or an earlier call.
+        Layer index (model-global) → sites, for the layers wrapped by this or an earlier call.
     """
-    done: list[int] = []
+    done: dict[int, frozenset[int]] = {}
     for i, layer in enumerate(layers):
-        if wanted is not None and i not in wanted:
+        sites = ALL_SITES if wanted is None else wanted.get(i)
+        if not sites:
             continue
         if type(layer).__name__ == "PPMissingLayer":
             continue
-        if getattr(layer, _WRAPPED, None) is not None:
-            done.append(i)
+        prev = getattr(layer, _WRAPPED, None)
+        if prev is not None:
+            done[i] = prev
             continue
         orig = layer.forward
+        pre, post = SITE_IN in sites, SITE_OUT in sites
 
         def forward(
             positions: torch.Tensor,
@@ -196,14 +229,20 @@ def wrap_decoder_layers(
             *args: Any,
             _orig: Any = orig,
             _i: int = i,
+            _pre: bool = pre,
+            _post: bool = post,
             **kwargs: Any,
         ) -> Any:
+            if _pre:
+                torch.ops.safety_monitor.capture_resid(hidden_states, residual, positions, meta,
+                                                       _i, SITE_IN)
             out = _orig(positions, hidden_states, residual, *args, **kwargs)
-            if isinstance(out, tuple) and len(out) == 2 and out[1] is not None:
-                torch.ops.safety_monitor.capture_resid(out[0], out[1], positions, meta, _i)
+            if _post:
+                torch.ops.safety_monitor.capture_resid(out[0], out[1], positions, meta, _i,
+                                                       SITE_OUT)
             return out
 
         layer.forward = forward
-        setattr(layer, _WRAPPED, i)
-        done.append(i)
+        setattr(layer, _WRAPPED, frozenset(sites))
+        done[i] = frozenset(sites)
     return done

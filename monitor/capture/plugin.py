@@ -7,8 +7,11 @@ times; registration is idempotent and gated on `SAFETY_MONITOR_ADDR` (unset → 
 The one seam: `register()` wraps `load_model` of vLLM's V1 model runners
 (`GPUModelRunner` and `CPUModelRunner`, whose `load_model` does not call `super()`).
 After the original `load_model` has built the model — before torch.compile traces it —
-the wrapper installs a `CaptureSession` on that runner: it fetches the capture plan,
-wraps the decoder layers' `forward` (see `monitor.capture.op`) and starts the sender.
+the wrapper installs a `CaptureSession` on that runner: it checks that the model's
+architecture is one whose decoder-layer output it can map to hook points
+(`monitor.capture.archs`; any other is refused with an ERROR naming it), fetches the
+capture plan, wraps the decoder layers' `forward` (see `monitor.capture.op`) and starts
+the sender.
 Nothing else in vLLM is patched.
 
 Capture happens on one rank only: tensor-parallel rank 0 of each pipeline stage (the
@@ -30,8 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from monitor.capture.archs import UnsupportedArchitecture, check_architecture
 from monitor.capture.config import CaptureConfig
 from monitor.capture.op import (
+    SITE_IN,
+    SITE_OUT,
     StaticBuffers,
     find_decoder_layers,
     set_sink,
@@ -40,6 +46,8 @@ from monitor.capture.op import (
 )
 from monitor.capture.steps import StepLayout, StepTracker
 from monitor.capture.transport import HostRing, Plan, StepRecord, Transport
+from monitor.roles import ChatTemplateError, RoleSegmenter
+from monitor.wire.hooks import HookPoint
 
 log = logging.getLogger("monitor.capture")
 
@@ -47,14 +55,28 @@ _registered = False
 _MARK = "_safety_monitor_wrapped"
 
 
+# What each hook kind reads from the op's pair at its site (see monitor.capture.archs):
+# SITE_IN (hidden_states, residual) of layer L: resid_pre = hidden + residual;
+# SITE_OUT (hidden, residual) of layer L: mlp_out = hidden, resid_mid = residual,
+# resid_post = hidden + residual.
+_SITE_OF_KIND = {"resid_pre": SITE_IN, "resid_mid": SITE_OUT, "mlp_out": SITE_OUT,
+                 "resid_post": SITE_OUT}
+
+
+def site_of(hp: HookPoint) -> tuple[int, int]:
+    """`(layer, op site)` where hook point `hp` is read; orders as the forward pass runs."""
+    return hp.layer, _SITE_OF_KIND[hp.kind]
+
+
 @dataclass
 class _PlanState:
-    """A plan as installed in the session: ring and layer → ring-row index."""
+    """A plan as installed in the session: ring, and per op call the (ring index, kind)
+    of the hook points read there."""
 
     plan: Plan
     ring: HostRing
-    layer_slot: dict[int, int]
-    last_layer: int
+    at: dict[tuple[int, int], list[tuple[int, str]]]
+    last: tuple[int, int]
 
 
 @dataclass
@@ -68,10 +90,10 @@ class _OpenStep:
 class CaptureSession:
     """Capture state of one model runner (one worker process).
 
-    Called by the op at every wrapped layer of every forward (`on_layer`). A step opens at
-    the first wrapped layer (layout from `StepTracker`, ring slot acquired), each plan layer
-    copies its kept rows (`hidden + residual`, cast to the plan dtype) into the slot, and
-    the step is submitted to the transport after the last plan layer.
+    Called by the op at every wrapped site of every forward (`on_layer`). A step opens at
+    the first wrapped site (layout from `StepTracker`, ring slot acquired), each plan hook
+    point copies its kept rows (cast to the plan dtype) into its block of the slot, and the
+    step is submitted to the transport after the last plan hook point.
 
     Args:
         runner: the vLLM model runner.
@@ -79,7 +101,9 @@ class CaptureSession:
         model_name: model identity sent to the sidecar.
         d_model: hidden size; n_layers: decoder layers of the model.
         max_rows: `max_num_batched_tokens` (rows of one forward at most).
-        wrapped: decoder layers whose forward calls the op.
+        wrapped: decoder layer → op sites its wrapped forward calls.
+        segmenter: token roles of each request's prompt (`load_segmenter`); None labels
+            every prompt token OTHER.
     """
 
     def __init__(
@@ -92,6 +116,7 @@ class CaptureSession:
         n_layers: int,
         max_rows: int,
         max_model_len: int | None = None,
+        segmenter: RoleSegmenter | None = None,
     ) -> None:
         self.runner = runner
         self.cfg = cfg
@@ -99,9 +124,11 @@ class CaptureSession:
         self.d_model = d_model
         self.n_layers = n_layers
         self.max_rows = max_rows
-        self.wrapped: list[int] = []
-        self.first_wrapped = 0
-        self.tracker = StepTracker(runner, max_model_len)
+        self.wrapped: dict[int, frozenset[int]] = {}
+        self.first_site = (0, SITE_IN)
+        self.segmenter = segmenter
+        self.tracker = StepTracker(runner, max_model_len,
+                                   segmenter.segment if segmenter is not None else None)
         self.transport = Transport(cfg, model_name, on_plan=self.set_plan)
         self.buffers = StaticBuffers(n_layers)
         self._state: _PlanState | None = None
@@ -118,7 +145,7 @@ class CaptureSession:
         """Validate and install a plan (called at start-up and on every (re)connect).
 
         Raises ValueError (logged by the sender, which then retries) when the plan is for
-        another model or needs layers that are not captured.
+        another model or needs hook points whose layer / op site is not wrapped.
         """
         if plan.model != self.model_name:
             raise ValueError(
@@ -127,48 +154,71 @@ class CaptureSession:
         if plan.d_model != self.d_model:
             raise ValueError(f"capture plan d_model {plan.d_model} != model hidden size "
                              f"{self.d_model}")
-        missing = [i for i in plan.layers if i not in self.wrapped]
-        if missing or not plan.layers:
+        beyond = [hp.name for hp in plan.points if hp.layer >= self.n_layers]
+        if beyond:
+            raise ValueError(f"capture plan needs hook points {beyond} but the model has "
+                             f"{self.n_layers} layers (0..{self.n_layers - 1})")
+        missing = [hp.name for hp in plan.points
+                   if site_of(hp)[1] not in self.wrapped.get(hp.layer, ())]
+        if missing or not plan.points:
             raise ValueError(
-                f"capture plan needs layers {list(plan.layers)} but only {self.wrapped} are "
-                f"wrapped on this worker (model has {self.n_layers}); restart vLLM with "
-                "the sidecar up (or SAFETY_MONITOR_WRAP=all) to capture them")
+                f"capture plan needs hook points {missing or '(none)'} that are not wrapped on "
+                f"this worker (wrapped layers {sorted(self.wrapped)}, model has "
+                f"{self.n_layers}); restart vLLM with the sidecar up (or "
+                "SAFETY_MONITOR_WRAP=all) to capture them")
         cur = self._state
-        if (cur is not None and cur.plan.layers == plan.layers and cur.plan.dtype == plan.dtype):
+        if (cur is not None and cur.plan.points == plan.points and cur.plan.dtype == plan.dtype):
             ring = cur.ring
         else:
             ring = HostRing.sized(slots=self.cfg.ring_slots, budget_mb=self.cfg.ring_mb,
-                                  n_layers=len(plan.layers), max_rows=self.max_rows,
+                                  n_layers=len(plan.points), max_rows=self.max_rows,
                                   d_model=self.d_model, dtype=plan.dtype)
-        self._state = _PlanState(plan, ring, {layer: k for k, layer in enumerate(plan.layers)},
-                                 plan.layers[-1])
-        log.info("safety monitor: capture plan installed: %s; ring %d slots x [%d layers, %d "
+        at: dict[tuple[int, int], list[tuple[int, str]]] = {}
+        for k, hp in enumerate(plan.points):
+            at.setdefault(site_of(hp), []).append((k, hp.kind))
+        self._state = _PlanState(plan, ring, at, max(at))
+        log.info("safety monitor: capture plan installed: %s; ring %d slots x [%d hooks, %d "
                  "rows, %d] = %.1f MiB", plan.describe(), ring.n_slots, ring.n_layers,
                  ring.max_rows, ring.d_model, ring.nbytes / 2**20)
 
     # ---------------------------------------------------------------- op callback
     def on_layer(
-        self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor
+        self,
+        layer: int,
+        site: int,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
     ) -> None:
-        """Op callback (model thread). Shapes: `[num_tokens, d_model]`, positions `[num_tokens]`."""
-        if layer == self.first_wrapped:
+        """Op callback (model thread). Shapes: `[num_tokens, d_model]`, positions `[num_tokens]`;
+        `residual` is None only at the input of layer 0 (the stream is `hidden` then)."""
+        where = (layer, site)
+        if where == self.first_site:
             self._open_step(hidden.shape[0], positions)
         op = self._open
         if op is None:
             return
-        k = op.state.layer_slot.get(layer)
-        if k is None:
+        todo = op.state.at.get(where)
+        if todo is None:
             return
         n = op.layout.n_rows
-        dst = op.rec.ring.view(op.rec.slot)[k, :n]
-        # copy then add in the ring's dtype (float32 by default: exact sum of bf16 inputs)
-        if op.index is None:
-            dst.copy_(hidden[:n])
-            dst.add_(residual[:n])
-        else:
-            dst.copy_(hidden.index_select(0, op.index))
-            dst.add_(residual.index_select(0, op.index))
-        if layer == op.state.last_layer:
+        slot = op.rec.ring.view(op.rec.slot)
+        for k, kind in todo:
+            dst = slot[k, :n]
+            # copy, then add in the ring's dtype (float32 by default: exact sum of bf16 inputs)
+            first = residual if kind == "resid_mid" else hidden
+            second = residual if kind in ("resid_pre", "resid_post") else None
+            if first is None:  # resid_mid has a residual at every SITE_OUT; defensive
+                continue
+            if op.index is None:
+                dst.copy_(first[:n])
+                if second is not None:
+                    dst.add_(second[:n])
+            else:
+                dst.copy_(first.index_select(0, op.index))
+                if second is not None:
+                    dst.add_(second.index_select(0, op.index))
+        if where == op.state.last:
             self._open = None
             if self.transport.submit_step(op.rec):
                 self.steps_sent += 1
@@ -189,11 +239,12 @@ class CaptureSession:
                 self.transport.count_drop(1, layout.n_rows, 0, "no capture plan yet")
             return
         plan = st.plan
-        layout = self.tracker.layout(n_tokens, pos, prompt=plan.prompt, generated=plan.generated)
+        layout = self.tracker.layout(n_tokens, pos, prompt=plan.prompt, generated=plan.generated,
+                                     roles=plan.roles)
         if layout is None or layout.n_rows == 0:
             return
-        n_l = len(plan.layers)
-        rows = layout.n_rows * n_l  # one frame per plan layer
+        n_l = len(plan.points)
+        rows = layout.n_rows * n_l  # one frame per plan hook point
         nbytes = rows * self.d_model * st.ring.buf.element_size()
         if not self.transport.connected:
             self.transport.count_drop(n_l, rows, nbytes, "sidecar not connected")
@@ -203,7 +254,7 @@ class CaptureSession:
             self.transport.count_drop(n_l, rows, nbytes, "ring full (sidecar slow)")
             return
         rec = StepRecord(ring=st.ring, slot=slot, step=self.step, plan_id=plan.plan_id,
-                         model=self.model_name, layers=plan.layers, n_rows=layout.n_rows,
+                         model=self.model_name, points=plan.points, n_rows=layout.n_rows,
                          spans=layout.spans, max_frame_bytes=plan.max_frame_bytes)
         index = None
         if not layout.contiguous:
@@ -226,6 +277,8 @@ class CaptureSession:
         s: dict[str, Any] = dict(self.transport.stats())
         s.update(steps=self.step, steps_sent=self.steps_sent, steps_no_plan=self.steps_no_plan,
                  unmapped_steps=self.tracker.unmapped_steps, op_errors=sink_errors(),
+                 role_errors=self.tracker.role_errors,
+                 roles_fallback=bool(self.segmenter is None or not self.segmenter.headers),
                  layer_calls=self.buffers.meta.tolist())
         return s
 
@@ -254,6 +307,37 @@ def _mode(vllm_config: Any) -> str:
     return "eager" if eager or name == "NONE" else f"compiled ({name})"
 
 
+def load_segmenter(model_config: Any, chat_template_file: str | None) -> RoleSegmenter:
+    """The token-role segmenter of the served model's chat template (never raises).
+
+    Uses the tokenizer vLLM serves (`model_config.tokenizer`) and its own chat template,
+    or `chat_template_file`. A template that cannot be analysed, or a tokenizer that
+    cannot be loaded, gives a fallback segmenter (every prompt token OTHER) and one
+    ERROR naming the template: detectors scoped to chat roles then see no prompt rows.
+    """
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(
+            model_config.tokenizer, revision=getattr(model_config, "tokenizer_revision", None),
+            trust_remote_code=bool(getattr(model_config, "trust_remote_code", False)))
+        tpl = None
+        if chat_template_file:
+            with open(chat_template_file, encoding="utf-8") as f:
+                tpl = f.read()
+        seg = RoleSegmenter.from_tokenizer(tok, tpl)
+    except ChatTemplateError as e:
+        log.error("safety monitor: token roles unavailable, every prompt token is labelled "
+                  "OTHER: %s", e)
+        return RoleSegmenter.fallback(e.template, e.message)
+    except Exception as e:
+        log.error("safety monitor: token roles unavailable (tokenizer %r), every prompt "
+                  "token is labelled OTHER: %s", getattr(model_config, "tokenizer", None), e)
+        return RoleSegmenter.fallback("<unloaded>", f"{type(e).__name__}: {e}")
+    log.info("safety monitor: token roles from chat template %s", seg.describe())
+    return seg
+
+
 def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
     """Install capture on a runner whose model was just loaded. Returns the session."""
     if getattr(runner, "_safety_monitor_session", None) is not None:
@@ -279,6 +363,12 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
         log.error("safety monitor: cannot find the decoder layers of %s; capture is NOT "
                   "installed (no hidden states will be sent)", type(model).__name__)
         return None
+    try:
+        arch = check_architecture(model, layers)
+    except UnsupportedArchitecture as e:
+        log.error("safety monitor: unsupported architecture, capture is NOT installed (no "
+                  "hidden states will be sent): %s", e)
+        return None
     mc = vc.model_config
     name = cfg.model or (mc.served_model_name if isinstance(mc.served_model_name, str)
                          else mc.served_model_name[0])
@@ -286,12 +376,20 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
         runner, cfg, model_name=name, d_model=int(mc.get_hidden_size()),
         n_layers=len(layers), max_rows=int(runner.max_num_tokens),
         max_model_len=int(mc.max_model_len),
+        segmenter=load_segmenter(mc, cfg.chat_template),
     )
     plan = session.transport.fetch_plan(cfg.plan_timeout_s)
     wrap_all = os.environ.get("SAFETY_MONITOR_WRAP", "").strip().lower() == "all"
-    wanted = None if (plan is None or wrap_all) else set(plan.layers)
+    wanted: dict[int, frozenset[int]] | None = None
+    if plan is not None and not wrap_all:
+        sites: dict[int, set[int]] = {}
+        for hp in plan.points:
+            layer, site = site_of(hp)
+            sites.setdefault(layer, set()).add(site)
+        wanted = {k: frozenset(v) for k, v in sites.items()}
     session.wrapped = wrap_decoder_layers(layers, wanted, session.buffers.meta)
-    session.first_wrapped = min(session.wrapped) if session.wrapped else 0
+    session.first_site = min((i, min(s)) for i, s in session.wrapped.items()) \
+        if session.wrapped else (0, SITE_IN)
     mode = _mode(vc)
     if plan is None:
         log.warning(
@@ -308,10 +406,11 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
     session.start()
     st = session._state
     log.info(
-        "safety monitor: capture installed (model=%r, mode=%s, wrapped layers=%s, captured "
-        "layers=%s, kinds=%s, max rows/step=%d, sidecar=%s)",
-        name, mode, session.wrapped if len(session.wrapped) < len(layers) else "all",
-        list(st.plan.layers) if st else "none yet",
+        "safety monitor: capture installed (model=%r, arch=%s/%s, mode=%s, wrapped layers=%s, "
+        "captured hooks=%s, kinds=%s, max rows/step=%d, sidecar=%s)",
+        name, arch.family, arch.model_class, mode,
+        sorted(session.wrapped) if len(session.wrapped) < len(layers) else "all",
+        [hp.name for hp in st.plan.points] if st else "none yet",
         [k for k, on in (("prompt", st.plan.prompt), ("generated", st.plan.generated)) if on]
         if st else "none yet", session.max_rows, cfg.addr)
     return session

@@ -13,7 +13,11 @@ vLLM's V1 model runner (`vllm/v1/worker/gpu_model_runner.py`, also the base of
   `SamplingParams` (with `extra_args["correlation_id"]`) and the output token ids.
 
 `StepTracker.layout` turns that into the rows to keep (filtered by the plan's token
-kinds) and `(request_id, n_rows, start_position, prompt_len)` spans. The positions the
+kinds and roles) and `(request_id, n_rows, start_position, prompt_len, role)` spans, one
+per run of equal `TokenRole` (`monitor.roles`). A request's prompt roles are computed
+once, when the tracker first sees it, from `prompt_token_ids` with the session's
+`RoleSegmenter`, and kept as run boundaries (`run_starts`, `run_roles`): a step only
+looks up the runs its rows cover (`searchsorted`), no per-row Python. The positions the
 model actually received (`positions` argument of the decoder layer, captured by the op)
 are checked against `num_computed_tokens`: a step whose layout does not match (e.g. a
 dummy / profiling run) is skipped and counted, never mislabeled.
@@ -28,13 +32,20 @@ else "abort" (client abort — and stop *strings*, which the frontend turns into
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from monitor.constants import CORRELATION_KEY
+from monitor.roles import TokenRole, role_runs
 from monitor.v1 import monitor_pb2
+
+#: One kept run of rows: (request_id, n_rows, start_position, prompt_len, role).
+SpanTuple = tuple[str, int, int, int, int]
+_EMPTY_I64 = np.zeros(0, dtype=np.int64)
+_EMPTY_I8 = np.zeros(0, dtype=np.int8)
 
 
 @dataclass
@@ -47,6 +58,8 @@ class RequestInfo:
     n_cached: int  # prompt tokens already computed (prefix cache) at first sight
     state: Any  # vLLM CachedRequestState (kept to read output_token_ids at finish)
     rows_seen: int = 0
+    run_starts: np.ndarray = field(default_factory=lambda: _EMPTY_I64)  # int64 [n_runs]
+    run_roles: np.ndarray = field(default_factory=lambda: _EMPTY_I8)  # int8 [n_runs]
 
 
 @dataclass
@@ -56,13 +69,14 @@ class StepLayout:
     Attributes:
         n_rows: number of kept rows (sum of span rows).
         ranges: `(row_start, row_end)` ranges of the forward's rows to keep, in order.
-        spans: `(request_id, n_rows, start_position, prompt_len)` per kept range.
+        spans: `(request_id, n_rows, start_position, prompt_len, role)` in row order, one
+            per run of equal role (adjacent spans may share a range).
         n_tokens: rows in the forward pass (including padding).
     """
 
     n_rows: int
     ranges: list[tuple[int, int]]
-    spans: list[tuple[str, int, int, int]]
+    spans: list[SpanTuple]
     n_tokens: int
     contiguous: bool = field(default=False)  # ranges == [(0, n_rows)]
 
@@ -84,14 +98,56 @@ class StepTracker:
     Args:
         runner: vLLM V1 `GPUModelRunner` / `CPUModelRunner` (the object `load_model` ran on).
         max_model_len: to tell "length" from "abort" at finish.
+        segment: prompt token ids -> int8 roles (`RoleSegmenter.segment`); None labels
+            every prompt token OTHER.
     """
 
-    def __init__(self, runner: Any, max_model_len: int | None = None) -> None:
+    def __init__(self, runner: Any, max_model_len: int | None = None,
+                 segment: Callable[[Sequence[int] | np.ndarray], np.ndarray] | None = None,
+                 ) -> None:
         self.runner = runner
         self.max_model_len = max_model_len
+        self.segment = segment
         self.requests: dict[str, RequestInfo] = {}
         self.unmapped_steps = 0
+        self.role_errors = 0  # requests whose segmentation raised (labelled OTHER)
         self._lock = threading.Lock()
+
+    def _prompt_runs(self, state: Any, plen: int) -> tuple[np.ndarray, np.ndarray]:
+        """Run starts (int64) and roles (int8) of the prompt; once per request."""
+        if plen <= 0:
+            return _EMPTY_I64, _EMPTY_I8
+        ids = getattr(state, "prompt_token_ids", None)
+        roles = None
+        if self.segment is not None and ids is not None and len(ids) == plen:
+            try:
+                roles = self.segment(ids)
+            except Exception:
+                self.role_errors += 1
+                roles = None
+        if roles is None:
+            return np.zeros(1, np.int64), np.full(1, TokenRole.OTHER, np.int8)
+        runs = role_runs(roles)
+        return (np.fromiter((r[0] for r in runs), np.int64, len(runs)),
+                np.fromiter((r[2] for r in runs), np.int8, len(runs)))
+
+    @staticmethod
+    def _runs(info: RequestInfo, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """``(start, end, role)`` runs covering positions ``[lo, hi)`` of ``info``."""
+        plen = info.prompt_len
+        out: list[tuple[int, int, int]] = []
+        if lo < plen:
+            e = min(hi, plen)
+            starts, roles = info.run_starts, info.run_roles
+            k = int(np.searchsorted(starts, lo, side="right")) - 1
+            p = lo
+            while p < e:
+                q = min(int(starts[k + 1]) if k + 1 < starts.size else plen, e)
+                out.append((p, q, int(roles[k])))
+                p, k = q, k + 1
+        if hi > plen:
+            out.append((max(lo, plen), hi, int(TokenRole.GENERATED)))
+        return out
 
     def _info(self, rid: str, n_computed: int) -> RequestInfo | None:
         info = self.requests.get(rid)
@@ -101,12 +157,15 @@ class StepTracker:
         if state is None:
             return None
         plen = int(getattr(state, "num_prompt_tokens", 0) or len(state.prompt_token_ids or ()))
+        run_starts, run_roles = self._prompt_runs(state, plen)
         info = RequestInfo(
             vllm_id=rid,
             request_id=correlation_id(state) or rid,
             prompt_len=plen,
             n_cached=min(int(n_computed), plen),
             state=state,
+            run_starts=run_starts,
+            run_roles=run_roles,
         )
         self.requests[rid] = info
         return info
@@ -118,6 +177,7 @@ class StepTracker:
         *,
         prompt: bool = True,
         generated: bool = True,
+        roles: frozenset[int] | None = None,
     ) -> StepLayout | None:
         """Layout of the current forward pass, or None when it maps to no request.
 
@@ -125,6 +185,7 @@ class StepTracker:
             n_tokens: rows of the forward's hidden-state tensor (incl. padding).
             positions: int64 `[n_tokens]` positions the model received (host), or None.
             prompt / generated: keep rows of these token kinds.
+            roles: keep only rows of these `TokenRole`s (None: all roles).
         """
         r = self.runner
         ib = r.input_batch
@@ -145,7 +206,7 @@ class StepTracker:
                 return None
         req_ids = ib.req_ids[:num_reqs]
         ranges: list[tuple[int, int]] = []
-        spans: list[tuple[str, int, int, int]] = []
+        spans: list[SpanTuple] = []
         with self._lock:
             for i in range(num_reqs):
                 a, b = int(qsl[i]), int(qsl[i + 1])
@@ -163,13 +224,16 @@ class StepTracker:
                     hi = min(hi, plen)
                 if hi <= lo:
                     continue
-                r0, r1 = a + (lo - start), a + (hi - start)
-                if ranges and ranges[-1][1] == r0:
-                    ranges[-1] = (ranges[-1][0], r1)
-                else:
-                    ranges.append((r0, r1))
-                spans.append((info.request_id, hi - lo, lo, plen))
-                info.rows_seen += hi - lo
+                for s0, s1, role in self._runs(info, lo, hi):
+                    if roles is not None and role not in roles:
+                        continue
+                    r0, r1 = a + (s0 - start), a + (s1 - start)
+                    if ranges and ranges[-1][1] == r0:
+                        ranges[-1] = (ranges[-1][0], r1)
+                    else:
+                        ranges.append((r0, r1))
+                    spans.append((info.request_id, s1 - s0, s0, plen, role))
+                    info.rows_seen += s1 - s0
         n_rows = sum(s[1] for s in spans)
         if n_rows == 0:
             return StepLayout(0, [], [], n_tokens)

@@ -3,18 +3,19 @@
 Data path (one engine step):
 
 1. The model thread (inside the forward pass) acquires one `HostRing` slot,
-   `[n_plan_layers, max_rows, d_model]` in the plan's dtype, preallocated from the plan and
-   vLLM's `max_num_batched_tokens`, and copies the selected rows of every plan layer into it.
+   `[n_plan_points, max_rows, d_model]` in the plan's dtype, preallocated from the plan and
+   vLLM's `max_num_batched_tokens`, and copies the selected rows of every plan hook point
+   (`monitor.wire.hooks`: resid_pre / resid_mid / mlp_out / resid_post of a layer) into it.
 2. It hands a `StepRecord` to `Transport.submit_step`, a non-blocking `put_nowait` on a
    bounded queue. No free slot or a full queue → the step is dropped and counted; the
    model thread never waits on the network.
 3. The sender thread owns the connection: GetCapturePlan, then one `Stream` call whose
-   request iterator sends `ClientHello` first, then `ActivationFrame`s (one per layer,
+   request iterator sends `ClientHello` first, then `ActivationFrame`s (one per hook point,
    split into chunks below the plan's `max_frame_bytes`), `RequestFinished` and periodic
    `ClientStats`. Sequence numbers start at 1 on every stream and strictly increase.
    The same thread reads the server's messages (verdicts at DEBUG, errors at WARNING).
 4. When the sidecar is down or the stream breaks: the queue is drained, every step in it
-   is dropped and counted (`dropped_frames`, `dropped_rows` — rows counted per layer
+   is dropped and counted (`dropped_frames`, `dropped_rows` — rows counted per hook-point
    frame —, `dropped_bytes`), and the thread reconnects with exponential backoff
    (`backoff_s` doubling up to `backoff_max_s`). After a reconnect the cumulative
    `ClientStats` is sent right after the hello.
@@ -34,8 +35,10 @@ import grpc
 import torch
 
 from monitor.capture.config import CaptureConfig
+from monitor.capture.steps import SpanTuple
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
-from monitor.wire.codec import encode_frame
+from monitor.wire.codec import WIRE_VERSION, encode_frame
+from monitor.wire.hooks import HookPoint, parse_hook_name, resid_post
 
 log = logging.getLogger("monitor.capture")
 
@@ -58,8 +61,11 @@ class Plan:
         plan_id: the sidecar's plan id (sent back in `ClientHello`).
         model: model identity the plan is for.
         d_model: hidden size.
-        layers: decoder layers to capture, sorted, unique.
+        points: hook points to capture, in forward order (from `hook_names`, else
+            resid_post of every entry of `layers`).
+        layers: decoder layers the points read, sorted, unique.
         prompt / generated: which token kinds any detector reads.
+        roles: which `TokenRole`s any detector reads (None: every role of the kinds).
         dtype: dtype of the rows on the wire (`preferred_dtype`, else float32).
         max_frame_bytes: frames are split by rows to stay below this (payload bytes).
     """
@@ -67,14 +73,22 @@ class Plan:
     plan_id: str
     model: str
     d_model: int
+    points: tuple[HookPoint, ...]
     layers: tuple[int, ...]
     prompt: bool
     generated: bool
     dtype: torch.dtype
     max_frame_bytes: int
+    roles: frozenset[int] | None = None
 
     @classmethod
     def from_proto(cls, p: monitor_pb2.CapturePlan) -> Plan:
+        """Raises ValueError naming the field when a hook name does not parse."""
+        if p.hook_names:
+            points = tuple(sorted({parse_hook_name(h, field=f"CapturePlan.hook_names[{i}]")
+                                   for i, h in enumerate(p.hook_names)}))
+        else:
+            points = tuple(resid_post(int(i)) for i in sorted(set(p.layers)))
         kinds = set(p.token_kinds)
         if not kinds or monitor_pb2.TOKEN_KIND_UNSPECIFIED in kinds:
             kinds = {monitor_pb2.TOKEN_KIND_PROMPT, monitor_pb2.TOKEN_KIND_GENERATED}
@@ -82,18 +96,24 @@ class Plan:
             plan_id=p.plan_id,
             model=p.model,
             d_model=int(p.d_model),
-            layers=tuple(sorted(set(int(i) for i in p.layers))),
+            points=points,
+            layers=tuple(sorted({hp.layer for hp in points})),
             prompt=monitor_pb2.TOKEN_KIND_PROMPT in kinds,
             generated=monitor_pb2.TOKEN_KIND_GENERATED in kinds,
             dtype=_TORCH_DTYPE.get(p.preferred_dtype, torch.float32),
             max_frame_bytes=int(p.max_frame_bytes) or _DEFAULT_MAX_FRAME_BYTES,
+            roles=frozenset(int(r) for r in p.token_roles if r) or None,
         )
 
     def describe(self) -> str:
         kinds = [k for k, on in (("prompt", self.prompt), ("generated", self.generated)) if on]
+        roles = "all" if self.roles is None else sorted(
+            monitor_pb2.TokenRole.Name(r).removeprefix("TOKEN_ROLE_").lower()
+            for r in self.roles)
         return (
-            f"plan {self.plan_id!r} model={self.model!r} layers={list(self.layers)} "
-            f"kinds={kinds} dtype={str(self.dtype).removeprefix('torch.')}"
+            f"plan {self.plan_id!r} model={self.model!r} "
+            f"hooks={[hp.name for hp in self.points]} "
+            f"kinds={kinds} roles={roles} dtype={str(self.dtype).removeprefix('torch.')}"
         )
 
 
@@ -169,7 +189,7 @@ class HostRing:
 class StepRecord:
     """Rows captured in one engine step, waiting in a ring slot.
 
-    `ring.view(slot)[k, :n_rows]` holds layer `layers[k]`; `spans` are
+    `ring.view(slot)[k, :n_rows]` holds hook point `points[k]`; `spans` are
     `(request_id, n_rows, start_position, prompt_len)` in row order, summing to `n_rows`.
     """
 
@@ -178,9 +198,9 @@ class StepRecord:
     step: int
     plan_id: str
     model: str
-    layers: tuple[int, ...]
+    points: tuple[HookPoint, ...]
     n_rows: int
-    spans: list[tuple[str, int, int, int]]
+    spans: list[SpanTuple]
     max_frame_bytes: int = _DEFAULT_MAX_FRAME_BYTES
     released: bool = field(default=False)
 
@@ -195,22 +215,22 @@ class StepRecord:
 
 
 def split_spans(
-    spans: list[tuple[str, int, int, int]], chunk_rows: int
-) -> list[tuple[int, int, list[tuple[str, int, int, int]]]]:
+    spans: list[SpanTuple], chunk_rows: int
+) -> list[tuple[int, int, list[SpanTuple]]]:
     """Cut row-ordered spans into chunks of at most `chunk_rows` rows.
 
     Returns `(row_start, row_end, spans_of_chunk)` per chunk; a span crossing a chunk
     boundary is split and its second part's `start_position` advanced accordingly.
     """
-    out: list[tuple[int, int, list[tuple[str, int, int, int]]]] = []
-    cur: list[tuple[str, int, int, int]] = []
+    out: list[tuple[int, int, list[SpanTuple]]] = []
+    cur: list[SpanTuple] = []
     row = start = 0
-    for rid, n, pos, plen in spans:
+    for rid, n, pos, plen, role in spans:
         off = 0
         while off < n:
             room = chunk_rows - (row - start)
             take = min(room, n - off)
-            cur.append((rid, take, pos + off, plen))
+            cur.append((rid, take, pos + off, plen, role))
             off += take
             row += take
             if row - start == chunk_rows:
@@ -227,12 +247,14 @@ def build_frame(
     seq: int,
     model: str,
     layer: int,
-    spans: list[tuple[str, int, int, int]],
+    spans: list[SpanTuple],
     step: int,
+    hook_name: str = "",
 ) -> monitor_pb2.ActivationFrame:
     """One `ActivationFrame` from `x` `[n_rows, d_model]` (host tensor) and its spans
     (`monitor.wire.codec.encode_frame`, the one encoder)."""
-    return encode_frame(x, seq=seq, model=model, layer=layer, spans=spans, step=step)
+    return encode_frame(x, seq=seq, model=model, layer=layer, spans=spans, step=step,
+                        hook_name=hook_name)
 
 
 class Transport:
@@ -313,8 +335,8 @@ class Transport:
             )
 
     def drop_record(self, rec: StepRecord, why: str) -> None:
-        n_layers = len(rec.layers)
-        self.count_drop(n_layers, rec.n_rows * n_layers, rec.n_rows * n_layers * rec.row_bytes,
+        n_points = len(rec.points)
+        self.count_drop(n_points, rec.n_rows * n_points, rec.n_rows * n_points * rec.row_bytes,
                         why)
         rec.release()
 
@@ -375,6 +397,9 @@ class Transport:
             p = stub.GetCapturePlan(monitor_pb2.GetCapturePlanRequest(), timeout=max(1.0, timeout))
             return Plan.from_proto(p)
         except (grpc.RpcError, grpc.FutureTimeoutError):
+            return None
+        except ValueError as e:
+            log.error("safety monitor: capture plan refused, NOTHING is captured: %s", e)
             return None
         finally:
             channel.close()
@@ -484,7 +509,8 @@ class Transport:
         """Request iterator of one stream: hello, stats, then frames / finished / stats."""
         seq = 0
         yield monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
-            client_id=self.cfg.client_id, model=self.model, plan_id=plan.plan_id))
+            client_id=self.cfg.client_id, model=self.model, plan_id=plan.plan_id,
+            wire_version=WIRE_VERSION))
         last_stats = self._client_stats()
         if last_stats.dropped_frames or last_stats.reconnects:
             yield monitor_pb2.ClientMessage(stats=last_stats)
@@ -503,18 +529,19 @@ class Transport:
                     chunk_rows = max(1, (item.max_frame_bytes - _FRAME_OVERHEAD_BYTES)
                                      // item.row_bytes)
                     view = item.ring.view(item.slot)
-                    for k, layer in enumerate(item.layers):
+                    for k, hp in enumerate(item.points):
                         for r0, r1, spans in split_spans(item.spans, chunk_rows):
                             seq += 1
                             f = build_frame(view[k, r0:r1], seq=seq, model=item.model,
-                                            layer=layer, spans=spans, step=item.step)
+                                            layer=hp.layer, spans=spans, step=item.step,
+                                            hook_name=hp.name)
                             msgs.append(monitor_pb2.ClientMessage(frame=f))
                 finally:
                     item.release()  # bytes are copied out: the slot is free again
-                nbytes = item.n_rows * len(item.layers) * item.row_bytes
+                nbytes = item.n_rows * len(item.points) * item.row_bytes
                 with self._lock:
                     self.sent_frames += len(msgs)
-                    self.sent_rows += item.n_rows * len(item.layers)
+                    self.sent_rows += item.n_rows * len(item.points)
                     self.sent_bytes += nbytes
                 yield from msgs
             elif isinstance(item, monitor_pb2.RequestFinished):

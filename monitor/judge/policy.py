@@ -6,7 +6,7 @@ A policy is a YAML file that safety teams edit (reference: ``policies/README.md`
     description: free text           # optional
     defaults:                        # optional, applies to every detector
       mode: observe                  # observe | alert | block
-      scope: both                    # prompt | generated | both
+      scope: both                    # prompt | generated | both | role(s), see below
       aggregation: {kind: max}       # max | mean | ema | window_max
       min_tokens: 1                  # no severity before this many scored tokens
       thresholds: {warn: 0.5, critical: 0.9}
@@ -15,6 +15,14 @@ A policy is a YAML file that safety teams edit (reference: ``policies/README.md`
         scope: prompt
         aggregation: {kind: ema, half_life_tokens: 4}
         thresholds: {warn: 0.6, critical: 0.9}
+
+``scope`` is one word or a list of words: ``prompt`` (every prompt token), ``generated``
+(the model's output), ``both``, or token roles (``monitor.roles``): ``system``, ``user``,
+``assistant`` (prior assistant turns in the prompt), ``template`` (role headers, BOS,
+generation prompt), ``tool``, ``other`` (prompt tokens in no chat message, e.g. raw
+completion prompts or clients that send no roles), e.g. ``scope: user`` or
+``scope: [system, user]``. A list is stored sorted and joined by commas
+(``"system,user"``).
 
 Merge rule: a detector field replaces the ``defaults`` field of the same name as a
 whole (``thresholds`` and ``aggregation`` are not merged key by key: parameters belong
@@ -40,7 +48,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from monitor.constants import MODES, SCOPES, SEVERITIES
+from monitor.constants import MODES, SEVERITIES
 from monitor.judge.aggregate import (
     AGGREGATION_KINDS,
     AGGREGATIONS,
@@ -48,6 +56,7 @@ from monitor.judge.aggregate import (
     Aggregation,
     param_owner,
 )
+from monitor.roles import SCOPE_WORDS, canonical_scope
 
 __all__ = [
     "AGGREGATION_KINDS",
@@ -201,6 +210,22 @@ class _Parser:
             )
         return value
 
+    def scope(self, node: yaml.Node, path: str) -> str:
+        """A scope word or a list of them (``SCOPE_WORDS``), as `canonical_scope`."""
+        if isinstance(node, yaml.SequenceNode):
+            items = node.value
+            words = [self.scalar(n) for n in items]
+        else:
+            items, words = [node], [self.scalar(node)]
+        for n, w in zip(items, words, strict=True):
+            if not isinstance(w, str) or w not in SCOPE_WORDS:
+                raise self.fail(n, path, f"expected one of {', '.join(SCOPE_WORDS)} or a list "
+                                         f"of them; found {self.describe(n)}")
+        if not words:
+            raise self.fail(node, path, f"expected one of {', '.join(SCOPE_WORDS)} or a "
+                                        "non-empty list of them; found []")
+        return canonical_scope([str(w) for w in words])
+
     def number(self, node: yaml.Node, path: str) -> float:
         value = self.scalar(node)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -291,7 +316,7 @@ class _Parser:
             if name == "mode":
                 value = self.choice(vnode, sub, MODES)
             elif name == "scope":
-                value = self.choice(vnode, sub, SCOPES)
+                value = self.scope(vnode, sub)
             elif name == "aggregation":
                 value = self.aggregation(vnode, sub)
             elif name == "min_tokens":
@@ -438,7 +463,7 @@ def default_policy(detector_specs: Iterable[Any], version: str = "bundle-default
     detectors: dict[str, DetectorPolicy] = {}
     for spec in detector_specs:
         scope = getattr(spec, "token_scope", "both")
-        if scope not in SCOPES:
+        if scope not in SCOPE_WORDS:
             scope = "both"
         given = dict(getattr(spec, "default_thresholds", None) or {})
         cal = dict(getattr(spec, "calibration", None) or {})
@@ -510,7 +535,7 @@ def check_policy(policy: Policy, bundle: Any) -> list[str]:
                         f"benign traffic to reach {sev}"
                     )
         bundle_scope = getattr(spec, "token_scope", None)
-        if bundle_scope in SCOPES and det.scope != bundle_scope:
+        if bundle_scope in SCOPE_WORDS and det.scope != bundle_scope:
             problems.append(
                 f"warning: detectors.{name}.scope: {det.scope} differs from the bundle's "
                 f"token_scope {bundle_scope}"

@@ -40,6 +40,7 @@ import numpy as np
 from monitor.constants import SEVERITY_RANK, RequestKey
 from monitor.judge.aggregate import Aggregator, make_aggregator
 from monitor.judge.policy import DetectorPolicy, Policy
+from monitor.roles import derive_roles, scope_mask
 
 __all__ = ["SEVERITY_RANK", "RequestTracker", "TrackerCounters", "VerdictUpdate"]
 
@@ -163,11 +164,23 @@ class RequestTracker:
         return st
 
     @staticmethod
-    def _in_scope(scope: str, generated: np.ndarray) -> np.ndarray | None:
-        """Boolean mask of tokens in scope, or None for all of them."""
+    def _roles(generated: np.ndarray, roles: np.ndarray | None) -> np.ndarray:
+        """int8 roles of the rows: ``roles`` when given, else derived from ``generated``
+        (OTHER / GENERATED, as for clients that send no roles)."""
+        if roles is None:
+            return derive_roles(generated)
+        r = np.asarray(roles, dtype=np.int8).reshape(-1)
+        if r.size != generated.size:
+            raise ValueError(f"roles and generated differ in length: {r.size}, "
+                             f"{generated.size}")
+        return r
+
+    @staticmethod
+    def _in_scope(scope: str, roles: np.ndarray) -> np.ndarray | None:
+        """Boolean mask of tokens in scope (``scope_mask(scope)[roles]``), or None for all."""
         if scope == "both":
             return None
-        return generated if scope == "generated" else ~generated
+        return scope_mask(scope)[roles]
 
     # --------------------------------------------------------------------- inputs
     def observe(
@@ -177,11 +190,13 @@ class RequestTracker:
         positions: np.ndarray,
         generated: np.ndarray,
         scores: np.ndarray,
+        roles: np.ndarray | None = None,
     ) -> list[VerdictUpdate]:
         """Aggregate scored tokens of one request for one detector.
 
-        ``positions`` int64 [n], ``generated`` bool [n], ``scores`` float [n], in row
-        order. Tokens out of the detector's scope are ignored; tokens at positions not
+        ``positions`` int64 [n], ``generated`` bool [n], ``scores`` float [n], ``roles``
+        int8 [n] (`monitor.roles.TokenRole`; None: derived from ``generated``), in row
+        order. Tokens out of the detector's scope (its roles) are ignored; tokens at positions not
         greater than every earlier position of this (request, detector) are dropped as
         duplicates; non-finite scores count as unscored. Returns ``[]`` or a single
         update carrying the highest severity newly reached in this chunk (``escalated``).
@@ -200,11 +215,12 @@ class RequestTracker:
         st = self._state(self._request(key), detector)
         assert st is not None
         pol = st.policy
+        rol = self._roles(gen, roles)
         if pos.size == 1:  # decode: one token per request per step
-            return self._observe_one(key, detector, st, int(pos[0]), bool(gen[0]),
+            return self._observe_one(key, detector, st, int(pos[0]), int(rol[0]),
                                      float(sc[0]))
 
-        mask = self._in_scope(pol.scope, gen)
+        mask = self._in_scope(pol.scope, rol)
         if mask is not None:
             pos, sc = pos[mask], sc[mask]
         if pos.size == 0:
@@ -251,12 +267,12 @@ class RequestTracker:
         return [self._update(key, detector, st, final=False, escalated=True)]
 
     def _observe_one(
-        self, key: RequestKey, detector: str, st: _DetectorState, pos: int, gen: bool,
+        self, key: RequestKey, detector: str, st: _DetectorState, pos: int, role: int,
         score: float,
     ) -> list[VerdictUpdate]:
         """:meth:`observe` for a single token, in plain Python (same semantics)."""
         pol = st.policy
-        if (pol.scope == "prompt" and gen) or (pol.scope == "generated" and not gen):
+        if not scope_mask(pol.scope)[role]:
             return []
         if pos <= st.last_position:
             self.duplicates_dropped += 1
@@ -288,15 +304,18 @@ class RequestTracker:
         detector: str | None,
         positions: np.ndarray,
         generated: np.ndarray,
+        roles: np.ndarray | None = None,
     ) -> None:
         """Count tokens that arrived but could not be scored (dropped frame, scorer
         error) toward ``n_tokens_unscored`` of ``detector`` (None: every policy detector)
-        when in its scope. Positions already scored are not counted; ``last_position``
-        does not move, so a later recompute of these tokens can still be scored."""
+        when in its scope (``roles`` as in :meth:`observe`). Positions already scored are
+        not counted; ``last_position`` does not move, so a later recompute of these tokens
+        can still be scored."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         gen = np.asarray(generated, dtype=bool).reshape(-1)
         if pos.size != gen.size:
             raise ValueError("positions and generated differ in length")
+        rol = self._roles(gen, roles)
         names = list(self.policy.detectors) if detector is None else [detector]
         names = [n for n in names if n in self.policy.detectors]
         if not names:
@@ -305,7 +324,7 @@ class RequestTracker:
         for name in names:
             st = self._state(req, name)
             assert st is not None
-            mask = self._in_scope(st.policy.scope, gen)
+            mask = self._in_scope(st.policy.scope, rol)
             p = pos if mask is None else pos[mask]
             st.n_unscored += int(np.count_nonzero(p > st.last_position))
 

@@ -8,7 +8,8 @@ With `stdout=True` every line also goes to standard output (the Kubernetes log
 convention: collectors such as Fluent Bit / Vector / the OTel collector read container
 stdout). The server logs to stderr, so stdout carries only these JSON lines. A line
 counts as written when every configured destination took it; a failure on either is
-counted once.
+counted once. With an OTLP endpoint in the environment (`monitor/report/otlp.py`) every
+record is also exported as an OpenTelemetry log record.
 
 Alert line fields: ts, event ("alert" | "would_alert" | "final"), request_id, detector,
 severity, score, peak_score, threshold, position, mode, policy_version, bundle_name,
@@ -25,7 +26,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from monitor.report.otlp import OtlpAudit
 
 from monitor.judge.tracker import VerdictUpdate
 
@@ -72,6 +76,8 @@ class AuditLog:
         on_failure: called once per failed write (e.g. a metrics counter's `inc`).
         include_finals: also write one "final" line per detector when a request finishes.
         stdout: also write every line to standard output (container log collectors).
+        otlp: also export every record as an OpenTelemetry log record
+            (`monitor.report.otlp.OtlpAudit`, when an OTLP endpoint is configured).
     """
 
     def __init__(
@@ -81,7 +87,9 @@ class AuditLog:
         on_failure: Callable[[], None] | None = None,
         include_finals: bool = False,
         stdout: bool = False,
+        otlp: OtlpAudit | None = None,
     ) -> None:
+        self._otlp = otlp
         self.path = None if path is None else os.fspath(path)
         self._stdout: TextIO | None = sys.stdout if stdout else None
         self.include_finals = include_finals
@@ -99,8 +107,8 @@ class AuditLog:
 
     @property
     def enabled(self) -> bool:
-        """True when lines go to a file or to stdout."""
-        return self._fh is not None or self._stdout is not None
+        """True when records go to a file, stdout or OTLP."""
+        return self._fh is not None or self._stdout is not None or self._otlp is not None
 
     def write(self, record: dict[str, Any]) -> bool:
         """Append one record as a JSON line; never raises. Returns True on success."""
@@ -110,13 +118,15 @@ class AuditLog:
             line = json.dumps(record, separators=(",", ":"), ensure_ascii=False,
                               allow_nan=False)
             with self._lock:
-                if self._fh is None and self._stdout is None:
+                if not self.enabled:
                     return False
                 if self._fh is not None:
                     self._fh.write(line + "\n")
                 if self._stdout is not None:
                     self._stdout.write(line + "\n")
                     self._stdout.flush()
+                if self._otlp is not None:
+                    self._otlp.emit(record)
             self.lines_written += 1
             return True
         except Exception as exc:  # disk full, closed file, bad value: count, never raise
@@ -149,7 +159,13 @@ class AuditLog:
         self.flush()
         with self._lock:
             fh, self._fh = self._fh, None
+            otlp, self._otlp = self._otlp, None
             self._stdout = None
+        if otlp is not None:
+            try:
+                otlp.close()
+            except Exception as exc:  # pragma: no cover - the SDK logs its own errors
+                log.error("audit OTLP export: close failed: %s", exc)
         if fh is not None:
             try:
                 fh.close()

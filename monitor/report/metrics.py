@@ -135,7 +135,9 @@ class Metrics:
         self.scoring_latency = Histogram(p + "scoring_latency_seconds", "Time of one scorer "
                                          "call (one batch of one layer).", ["layer"],
                                          buckets=_LATENCY_BUCKETS, registry=r)
-        self.frame_latency = Histogram(p + "frame_latency_seconds", "Frame receive to scored.",
+        self.frame_latency = Histogram(p + "frame_latency_seconds", "Frame receive to its "
+                                       "rows scored and judged (verdicts posted, escalations "
+                                       "handed to audit and alert sinks).",
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_rows = Histogram(p + "batch_rows", "Rows per scorer call.",
                                     buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384, 65536),

@@ -66,7 +66,11 @@ class LoadedScorer:
 
 
 def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    """Importable as far as the import system says (a finder refusing it: not installed)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
 
 
 def _cpu_name() -> str:
@@ -114,11 +118,14 @@ def _best_time(scorer: FrameScorer, xs: dict[int, list[np.ndarray]]) -> float:
 
 def _auto(path: str | os.PathLike[str], compute_dtype: str, threads: int,
           onnx_threads: int) -> LoadedScorer:
+    has_torch, has_ort = _installed("torch"), _installed("onnxruntime")
+    if not has_torch and compute_dtype != "fp32":
+        raise ValueError(f"compute_dtype: expected fp32 without torch (onnxruntime graphs "
+                         f"are float32), found {compute_dtype!r}")
     if compute_dtype != "fp32":
         bundle = load_bundle(path)
         return LoadedScorer(bundle, _torch_scorer(bundle, compute_dtype, threads), "torch",
                             f"auto: compute dtype {compute_dtype} is torch-only")
-    has_torch, has_ort = _installed("torch"), _installed("onnxruntime")
     if not has_torch:
         bundle = load_bundle(path, load_tensors=False)
         return LoadedScorer(bundle, _onnx_scorer(bundle, onnx_threads), "onnxruntime",

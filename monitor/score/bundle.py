@@ -25,9 +25,13 @@ kind          ``Component.tensors``
 ============  ==========================================================================
 linear_probe  ``weight [d_model, k]``, ``bias [k]``, optional ``mean [d_model]``,
               ``std [d_model]`` (std > 0)
-sae_latents   ``W_enc [d_model, k]``, ``b_enc [k]``, ``threshold [k]`` (jumprelu only),
+sae_latents   ``W_enc [d_model, k]``, ``b_enc [k]``, ``threshold [k]`` (jumprelu),
+              ``b_mag [k]``, ``r_mag [k]`` (gated; ``b_enc`` is the gate bias),
               optional ``b_dec [d_model]``
 ============  ==========================================================================
+
+Kinds, their activations, tensor roles and shapes come from the one registry in
+``kinds.py`` (SAE architectures register theirs in ``monitor/score/sae/``).
 """
 
 from __future__ import annotations
@@ -39,13 +43,25 @@ import math
 import os
 import re
 from collections.abc import Container, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
-from monitor.constants import SCOPES, hook_name
+from monitor.constants import hook_name
+from monitor.roles import SCOPE_WORDS
+
+from . import sae as _sae  # noqa: F401  (registers the SAE component kinds; no torch)
+from .kinds import (
+    NORMALIZE,
+    Component,
+    ComponentKind,
+    Preprocessing,
+    activations_of,
+    get_kind,
+    kind_names,
+)
 
 if TYPE_CHECKING:  # torch is imported where tensor values are read or written
     import torch
@@ -69,10 +85,10 @@ FORMAT = "safety-monitor-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
-KINDS = ("linear_probe", "sae_latents")
-ACTIVATIONS = ("identity", "relu", "jumprelu")
-NORMALIZE = ("none", "layer_norm")
-TOKEN_SCOPES = SCOPES  # a detector's token scope is a policy scope
+KINDS = kind_names()  # ("linear_probe", "sae_latents"), see kinds.py
+#: A detector's token scope is one policy scope word (``monitor.roles.SCOPE_WORDS``):
+#: ``prompt``, ``generated``, ``both`` or a token role such as ``user``.
+TOKEN_SCOPES = SCOPE_WORDS
 THRESHOLD_KEYS = ("warn", "critical")
 
 #: safetensors dtypes accepted in a bundle (all upcast / cast to float32 on load).
@@ -92,7 +108,8 @@ _SHA_RE = re.compile(r"[0-9a-f]{64}")
 # Keys of each manifest object: (required, optional).
 _TOP_KEYS = ({"format", "format_version", "name", "model", "files", "components",
               "detectors"}, {"description", "onnx"})
-_ONNX_KEYS: tuple[set[str], set[str]] = ({"opset", "input_dtype", "source_sha256", "layers"}, set())
+_ONNX_KEYS: tuple[set[str], set[str]] = (
+    {"opset", "input_dtype", "source_sha256", "layers"}, set())
 #: ONNX opsets the onnxruntime backend accepts (graphs use opset-17 operators only).
 ONNX_OPSETS = (17,)
 _MODEL_KEYS: tuple[set[str], set[str]] = ({"name", "d_model", "n_layers"}, set())
@@ -103,11 +120,6 @@ _PREPROCESSING_KEYS: tuple[set[str], set[str]] = (
 _DETECTOR_KEYS = ({"name", "inputs", "token_scope", "default_thresholds"},
                   {"description", "bias", "calibration", "provenance"})
 _INPUT_KEYS = ({"component"}, {"weight", "latent_weights"})
-# Tensor roles per component kind: (required, optional).
-_TENSOR_ROLES = {
-    "linear_probe": ({"weight", "bias"}, {"mean", "std"}),
-    "sae_latents": ({"W_enc", "b_enc"}, {"threshold", "b_dec"}),
-}
 
 
 class BundleError(ValueError):
@@ -119,50 +131,6 @@ class BundleError(ValueError):
         self.expected = expected
         self.found = found
         super().__init__(f"{source}: {field}: expected {expected}, found {found}")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Input preprocessing of one component, applied to a row ``x [d_model]`` in this order.
-
-    1. ``x̃ = scale · x``                                   (a positive constant)
-    2. ``normalize == "layer_norm"``: ``x̃ = (x̃ − mean(x̃)) / sqrt(var(x̃) + layer_norm_eps)``
-       (population variance over the row, no affine)
-    3. ``apply_b_dec_to_input``: ``x̃ = x̃ − b_dec``           (sae_latents only)
-    """
-
-    scale: float = 1.0
-    normalize: str = "none"
-    apply_b_dec_to_input: bool = False
-    layer_norm_eps: float = 1e-5
-
-
-@dataclass(frozen=True, eq=False)
-class Component:
-    """One set of ``k`` columns on one layer (a probe's logits or selected SAE latents).
-
-    ``tensors`` are float32 with the normalised shapes in the module docstring (empty when
-    loaded with ``load_tensors=False``). ``k`` is the number of columns this component
-    contributes (0: derived from ``tensors``). ``activation`` is the per-column epilogue:
-    ``identity`` (probe logits), ``relu`` or ``jumprelu`` (``z = p·[p > θ]``).
-    ``latent_ids`` (sae_latents only) are the latent indices in the source SAE, one per
-    column, for feature labels in alerts.
-    """
-
-    name: str
-    kind: str
-    layer: int
-    hook_name: str
-    tensors: Mapping[str, torch.Tensor]
-    activation: str = "identity"
-    latent_ids: tuple[int, ...] | None = None
-    preprocessing: Preprocessing = field(default_factory=Preprocessing)
-    k: int = 0
-
-    def __post_init__(self) -> None:
-        if self.k == 0:
-            main = "weight" if self.kind == "linear_probe" else "W_enc"
-            object.__setattr__(self, "k", int(self.tensors[main].shape[1]))
 
 
 @dataclass(frozen=True)
@@ -560,18 +528,15 @@ def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
             raise ck.fail(f"{where}.hook_name", f"{hook!r} (residual stream after layer "
                           f"{layer})", _show(c["hook_name"]))
 
-        if kind == "linear_probe":
-            activation = ck.choice(c.get("activation", "identity"), f"{where}.activation",
-                                   ("identity",))
-        else:
-            if "activation" not in c:
-                raise ck.fail(f"{where}.activation", "one of ['relu', 'jumprelu']", "nothing")
-            activation = ck.choice(c["activation"], f"{where}.activation",
-                                   ("relu", "jumprelu"))
+        acts = activations_of(kind)
+        if "activation" not in c and len(acts) > 1:
+            raise ck.fail(f"{where}.activation", f"one of {list(acts)}", "nothing")
+        activation = ck.choice(c.get("activation", acts[0]), f"{where}.activation", acts)
+        spec = get_kind(kind, activation)
         pre = _check_preprocessing(c.get("preprocessing", {}), f"{where}.preprocessing", ck)
 
-        roles, k, tensors = _check_tensors(c["tensors"], f"{where}.tensors", kind,
-                                           activation, ck, index, d_model, load_tensors)
+        roles, k, tensors = _check_tensors(c["tensors"], f"{where}.tensors", spec, ck,
+                                           index, d_model, load_tensors)
         if pre.apply_b_dec_to_input and "b_dec" not in roles:
             raise ck.fail(f"{where}.preprocessing.apply_b_dec_to_input",
                           "false unless the component has a b_dec tensor", "true")
@@ -615,18 +580,16 @@ def _check_preprocessing(value: Any, where: str, ck: _Checker) -> Preprocessing:
     )
 
 
-def _check_tensors(value: Any, where: str, kind: str, activation: str, ck: _Checker,
+def _check_tensors(value: Any, where: str, spec: ComponentKind, ck: _Checker,
                    index: dict[str, _TensorInfo], d_model: int, load_tensors: bool
                    ) -> tuple[set[str], int, dict[str, torch.Tensor]]:
-    """Check roles, dtypes and shapes from the headers, then load and check the values.
+    """Check roles, dtypes and shapes (from the headers, against ``spec``: kinds.py), then
+    load and check the values.
 
     Returns (roles present, k, tensors); tensors are ``{}`` without ``load_tensors``.
     """
-    required, optional = _TENSOR_ROLES[kind]
-    if kind == "sae_latents" and activation == "jumprelu":
-        required, optional = required | {"threshold"}, optional - {"threshold"}
-    elif kind == "sae_latents":
-        optional = optional - {"threshold"}
+    required = set(spec.required) | {spec.main}
+    optional = (set(spec.roles) | {spec.main}) - required
     roles = ck.obj(value, where, (required, optional))
 
     infos: dict[str, _TensorInfo] = {}
@@ -642,9 +605,9 @@ def _check_tensors(value: Any, where: str, kind: str, activation: str, ck: _Chec
         infos[role] = info
 
     # Shapes, from the headers only.
-    main = "weight" if kind == "linear_probe" else "W_enc"
+    main = spec.main
     shape = infos[main].shape
-    if kind == "linear_probe" and len(shape) == 1:
+    if spec.vector_main and len(shape) == 1:
         if shape != (d_model,):
             raise ck.fail(f"{where}.{main}", f"shape [{d_model}] or [{d_model}, k]",
                           _fmt_shape(shape))
@@ -654,23 +617,22 @@ def _check_tensors(value: Any, where: str, kind: str, activation: str, ck: _Chec
                       _fmt_shape(shape))
     else:
         k = shape[1]
-    expected_shapes: dict[str, tuple[tuple[int, ...], ...]] = {
-        "bias": ((k,), ()) if k == 1 else ((k,),),
-        "b_enc": ((k,),), "threshold": ((k,),),
-        "mean": ((d_model,),), "std": ((d_model,),), "b_dec": ((d_model,),),
-    }
+    allowed: dict[str, tuple[tuple[int, ...], ...]] = {
+        "k": ((k,),), "d_model": ((d_model,),),
+        "k_or_scalar": ((k,), ()) if k == 1 else ((k,),)}
     for role, info in infos.items():
         if role == main:
             continue
-        if info.shape not in expected_shapes[role]:
-            want = " or ".join(_fmt_shape(s) for s in expected_shapes[role])
+        want_shapes = allowed[spec.roles[role]]
+        if info.shape not in want_shapes:
+            want = " or ".join(_fmt_shape(s) for s in want_shapes)
             raise ck.fail(f"{where}.{role}", f"shape {want}", _fmt_shape(info.shape))
 
     if not load_tensors:
         return set(infos), k, {}
     import torch
 
-    # Values: load (float32), finite, std > 0.
+    # Values: load (float32), finite, positive where the kind says so (probe std).
     out: dict[str, torch.Tensor] = {}
     for role, info in infos.items():
         with safe_open(str(info.file), framework="pt") as f:
@@ -680,13 +642,14 @@ def _check_tensors(value: Any, where: str, kind: str, activation: str, ck: _Chec
             first = tuple(int(v) for v in bad.nonzero()[0].tolist())
             raise ck.fail(f"{where}.{role}", "finite values (as float32)",
                           f"{int(bad.sum())} non-finite values, first at index {list(first)}")
-        if role == "std" and bool((t <= 0).any()):
+        if role in spec.positive and bool((t <= 0).any()):
             j = int(torch.argmin(t))
-            raise ck.fail(f"{where}.std", "all values > 0", f"{float(t[j])!r} at index {j}")
+            raise ck.fail(f"{where}.{role}", "all values > 0", f"{float(t[j])!r} at index {j}")
         out[role] = t
     out[main] = out[main].reshape(d_model, k)
-    if "bias" in out:
-        out["bias"] = out["bias"].reshape(k)
+    for role, shape_kind in spec.roles.items():
+        if shape_kind == "k_or_scalar" and role in out:
+            out[role] = out[role].reshape(k)
     return set(infos), k, out
 
 

@@ -7,9 +7,11 @@ a dependency). Input ``x`` float32 ``[n_rows, d_model]`` (``n_rows`` dynamic)::
     P  = Gemm(x, Wt, b_gemm, transB=1)          [n_rows, n_cols]   Wt = Wᵀ, as Scorer keeps it
     -- only if the layer has layer_norm columns (``ln``):
     v  = ReduceMean((x − ReduceMean(x))², axis 1)                  [n_rows, 1]
-    P  = Where(ln, P / Sqrt(v + ln_eps), P) + b_post               b_post: b on ln columns
+    sd = Sqrt(v + ln_eps)                       layer_norm_std columns: Sqrt(v·d/(d−1)) + ln_eps
+    P  = Where(ln, P / sd, P) + b_post                             b_post: b on ln columns
     --
     Z  = P · Cast(P > θ)                        [n_rows, n_cols]   output "z"
+      (a layer with gated columns: Z = Where(P > θ, Max(s·P + t, floor), 0))
     S  = Sigmoid(Gemm(Z, R, c))                 [n_rows, n_det]    output "scores"
 
 which is ``Scorer``'s fp32 path operation for operation (pack.py derives W, b, θ, R, c).
@@ -85,15 +87,38 @@ def build_layer_graph(p: PackedLayer, *, bundle_name: str, source_sha256: str
             helper.make_node("Mul", ["xc", "xc"], ["xc2"]),
             helper.make_node("ReduceMean", ["xc2"], ["var"], axes=[1], keepdims=1),
             helper.make_node("Add", ["var", "ln_eps"], ["var_eps"]),  # [n_rows, n_cols]
-            helper.make_node("Sqrt", ["var_eps"], ["sd"]),
+            helper.make_node("Sqrt", ["var_eps"], ["sd" if p.ln_std is None else "sd_ln"]),
+        ]
+        if p.ln_std is not None:  # (x − μ) / (unbiased std + ε) on these columns
+            d = p.d_model
+            inits += [_init("ln_std", p.ln_std.numpy().astype(np.bool_)),
+                      _init("bessel", np.array(d / max(d - 1, 1), dtype=np.float32))]
+            nodes += [
+                helper.make_node("Mul", ["var", "bessel"], ["var_u"]),
+                helper.make_node("Sqrt", ["var_u"], ["std_u"]),
+                helper.make_node("Add", ["std_u", "ln_eps"], ["sd_std"]),
+                helper.make_node("Where", ["ln_std", "sd_std", "sd_ln"], ["sd"]),
+            ]
+        nodes += [
             helper.make_node("Div", ["P0", "sd"], ["P_ln"]),
             helper.make_node("Where", ["ln_cols", "P_ln", "P0"], ["P1"]),
             helper.make_node("Add", ["P1", "b_post"], ["P"]),
         ]
+    nodes.append(helper.make_node("Greater", ["P", "theta"], ["on"]))
+    if p.mag_scale is None:
+        nodes += [helper.make_node("Cast", ["on"], ["on_f"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["P", "on_f"], ["z"])]
+    else:  # the general epilogue (gated columns): [P > θ] · max(s·P + t, floor)
+        assert p.mag_shift is not None and p.floor is not None
+        inits += [_init("mag_scale", p.mag_scale.numpy().astype(np.float32)),
+                  _init("mag_shift", p.mag_shift.numpy().astype(np.float32)),
+                  _init("floor", p.floor.numpy().astype(np.float32)),
+                  _init("zero", np.array(0.0, dtype=np.float32))]
+        nodes += [helper.make_node("Mul", ["P", "mag_scale"], ["sP"]),
+                  helper.make_node("Add", ["sP", "mag_shift"], ["mag0"]),
+                  helper.make_node("Max", ["mag0", "floor"], ["mag"]),
+                  helper.make_node("Where", ["on", "mag", "zero"], ["z"])]
     nodes += [
-        helper.make_node("Greater", ["P", "theta"], ["on"]),
-        helper.make_node("Cast", ["on"], ["on_f"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["P", "on_f"], ["z"]),
         helper.make_node("Gemm", ["z", "R", "c"], ["logits"]),
         helper.make_node("Sigmoid", ["logits"], ["scores"]),
     ]

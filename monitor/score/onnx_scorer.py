@@ -39,7 +39,9 @@ __all__ = ["OnnxScorer"]
 GRAPH_FORMAT = "safety-monitor-onnx"
 #: Operators an exported graph may contain (onnx_export builds from these only).
 OPS = frozenset({"Gemm", "ReduceMean", "Sub", "Mul", "Add", "Sqrt", "Div", "Where",
-                 "Greater", "Cast", "Sigmoid"})
+                 "Greater", "Cast", "Max", "Sigmoid"})
+#: Initializers that may hold −inf (identity columns: θ = −inf, floor = −inf).
+_NEG_INF_OK = frozenset({"theta", "floor"})
 _INPUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
@@ -116,11 +118,11 @@ class OnnxScorer:
             if a.dtype.kind != "f":
                 continue
             ok = np.isfinite(a)
-            if t.name == "theta":  # identity columns: θ = −inf
+            if t.name in _NEG_INF_OK:
                 ok |= np.isneginf(a)
             if not bool(ok.all()):
                 raise fail(f"initializer {t.name!r}", "finite values"
-                           + (" (or -inf)" if t.name == "theta" else ""),
+                           + (" (or -inf)" if t.name in _NEG_INF_OK else ""),
                            f"{int(a.size - np.count_nonzero(ok))} non-finite values")
         session = ort.InferenceSession(data, sess_options=opts,
                                        providers=["CPUExecutionProvider"])

@@ -5,7 +5,9 @@ detectors ``1..D``, the fused scorer computes, for a batch ``X [n_rows, d_model]
 
     P = X · W + b                                   [n_rows, n]   one GEMM
     P[:, ln] = (X · W)[:, ln] / sqrt(var(X) + ε) + b[:, ln]        layer_norm columns only
+    P[:, lns] = (X · W)[:, lns] / (sqrt(var(X)·d/(d−1)) + ε) + b[:, lns]   layer_norm_std
     Z = P · [P > θ]                                 [n_rows, n]   epilogue, per column
+    Z = [P > θ] · max(s·P + t, floor)               the general epilogue (gated columns)
     S = sigmoid(Z · R + c)                          [n_rows, D]   read-out
 
 Folding (per component; ``A`` is its stored weight ``[d_model, k]``). A component sees
@@ -17,34 +19,33 @@ Folding (per component; ``A`` is its stored weight ``[d_model, k]``). A componen
     =>  u · A' + a'
 
 * no layer_norm: ``u = scale · x``, so ``W = scale · A'``, ``b = a'``.
+* layer_norm_std: ``u = (scale·x − scale·μ) / (scale·std + ε) = (x − μ) / (std + ε/scale)``:
+  the same centred ``W``, ``ln_eps = ε / scale``, and the row factor uses the unbiased std.
 * layer_norm: ``u = (scale·x − scale·μ) / sqrt(scale²·var + ε) = (x − μ) / sqrt(var + ε/scale²)``.
   Centre the columns, ``W = A' − mean_d(A')``: then ``x · W = (x − μ) · A'`` exactly
   (``Σ_i W_ij = 0``), so no per-row mean is needed, only ``var(x)``; the column's
   ``ln_eps = ε / scale²``. (This replaces the ``x·W − μ·colsum(W)`` bookkeeping: same
   math, without the cancellation between two large terms.)
 
-Epilogue thresholds ``θ``: identity ``−inf``, relu ``0``, jumprelu ``max(θ_file, 0)``
-(``z·[z > max(θ, 0)] = relu(z)·[z > θ]``, the SAELens / Gemma Scope JumpReLU).
+Epilogues (``θ``, ``s``, ``t``, ``floor`` per column) come from the component's kind
+(``kinds.py``): identity ``θ = −inf``, relu ``0``, jumprelu ``max(θ_file, 0)``
+(``z·[z > max(θ, 0)] = relu(z)·[z > θ]``, the SAELens / Gemma Scope JumpReLU), gated
+``θ = 0`` with ``s = exp(r_mag)``, ``t = b_mag − s·b_gate``. ``s``/``t``/``floor`` are
+kept only when some column of the layer needs them (a gated column).
 
-Extending (not implemented): a *gated* SAE (SAELens ``b_gate``, ``b_mag``, ``r_mag``,
-magnitude weights ``W_enc · exp(r_mag)``) reuses the same GEMM column ``π = u·W_enc``:
-add per-column ``mag_scale = exp(r_mag)`` and ``mag_bias = b_mag`` to ``PackedLayer``
-and use the epilogue ``z = relu(mag_scale·π + mag_bias) · [π + b_gate > 0]``; identity /
-relu / jumprelu columns get ``mag_scale = 1, mag_bias = b, b_gate = −θ``. *TopK*
-(sparsify, OpenAI) is not column-separable: membership depends on all ``d_sae``
-pre-activations, so it needs its own full-width block (a second GEMM over the full
-encoder + ``topk``) or an explicit JumpReLU approximation with calibrated thresholds,
-registered as a new kind in ``_FOLDERS`` below.
+*TopK* (sparsify, OpenAI, SAELens topk) is not column-separable and has no kind:
+``monitor/score/sae/topk.py`` refuses a subset (a BatchTopK SAE converts exactly to
+jumprelu).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .bundle import Bundle, Component
+from .bundle import Bundle
+from .kinds import Component, get_kind
 
 __all__ = ["ColumnRef", "PackedLayer", "fold_component", "pack_bundle", "pack_layer"]
 
@@ -69,6 +70,10 @@ class FoldedBlock:
     b: torch.Tensor
     theta: torch.Tensor
     ln_eps: float | None
+    ln_std: bool
+    floor: torch.Tensor
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,10 +82,12 @@ class PackedLayer:
 
     ``W [d_model, n_cols]``, ``b [n_cols]``, ``theta [n_cols]`` (epilogue thresholds).
     ``ln_cols`` (bool ``[n_cols]``) and ``ln_eps`` (``[n_cols]``, 0 elsewhere) are None
-    when no column on the layer uses layer_norm. ``R [n_cols, n_detectors]``,
-    ``c [n_detectors]``; ``detectors`` names the read-out columns, ``columns`` maps each
-    packed column to its component and local index, ``slices`` maps a component name to
-    its columns.
+    when no column on the layer uses layer_norm; ``ln_std`` (bool ``[n_cols]``, None if
+    none) marks the layer_norm_std columns among them. ``mag_scale``, ``mag_shift``,
+    ``floor`` (``[n_cols]``) are None unless a column needs the general epilogue.
+    ``R [n_cols, n_detectors]``, ``c [n_detectors]``; ``detectors`` names the read-out
+    columns, ``columns`` maps each packed column to its component and local index,
+    ``slices`` maps a component name to its columns.
     """
 
     layer: int
@@ -94,6 +101,10 @@ class PackedLayer:
     detectors: tuple[str, ...]
     columns: tuple[ColumnRef, ...]
     slices: dict[str, slice]
+    ln_std: torch.Tensor | None = None
+    mag_scale: torch.Tensor | None = None
+    mag_shift: torch.Tensor | None = None
+    floor: torch.Tensor | None = None
 
     @property
     def d_model(self) -> int:
@@ -104,61 +115,30 @@ class PackedLayer:
         return int(self.W.shape[1])
 
 
-def _affine(comp: Component, A: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor,
-                                                                        torch.Tensor]:
-    """Fold the post-preprocessing affine map of ``u`` (probe std., SAE b_dec) into A, a.
-
-    Computed in float64 (A, a are float64 here) and rounded to float32 once, at the end.
-    """
-    t = {name: v.double() for name, v in comp.tensors.items()}
-    if comp.kind == "linear_probe":
-        std = t.get("std")
-        if std is not None:
-            A = A / std[:, None]
-        if "mean" in t:
-            a = a - t["mean"] @ A
-    if comp.preprocessing.apply_b_dec_to_input:
-        a = a - t["b_dec"] @ A
-    return A, a
-
-
-def _theta(comp: Component) -> torch.Tensor:
-    k = comp.k
-    if comp.activation == "identity":
-        return torch.full((k,), float("-inf"))
-    if comp.activation == "relu":
-        return torch.zeros(k)
-    return comp.tensors["threshold"].clamp(min=0.0)  # jumprelu
-
-
-def _fold_probe(comp: Component) -> tuple[torch.Tensor, torch.Tensor]:
-    return comp.tensors["weight"], comp.tensors["bias"]
-
-
-def _fold_sae(comp: Component) -> tuple[torch.Tensor, torch.Tensor]:
-    return comp.tensors["W_enc"], comp.tensors["b_enc"]
-
-
-#: kind -> (component -> stored weight [d_model, k], bias [k]). New kinds register here.
-_FOLDERS: dict[str, Callable[[Component], tuple[torch.Tensor, torch.Tensor]]] = {
-    "linear_probe": _fold_probe,
-    "sae_latents": _fold_sae,
-}
-
-
 def fold_component(comp: Component) -> FoldedBlock:
-    """Fold preprocessing, standardisation and ``b_dec`` into ``p = x·W + b`` (float32)."""
-    A, a = _FOLDERS[comp.kind](comp)
-    A, a = _affine(comp, A.double(), a.double())
+    """Fold preprocessing, the kind's affine map and ``b_dec`` into ``p = x·W + b``.
+
+    Computed in float64 and rounded to float32 once, at the end.
+    """
+    spec = get_kind(comp.kind, comp.activation)
+    A, a = spec.fold(comp.tensors)  # float64
     pre = comp.preprocessing
+    if pre.apply_b_dec_to_input:  # (u − b_dec)·A + a = u·A + (a − b_dec·A)
+        a = a - comp.tensors["b_dec"].double() @ A
+    ln_eps: float | None
     if pre.normalize == "layer_norm":
         W = A - A.mean(dim=0, keepdim=True)
-        ln_eps: float | None = pre.layer_norm_eps / pre.scale**2
+        ln_eps = pre.layer_norm_eps / pre.scale**2
+    elif pre.normalize == "layer_norm_std":
+        W = A - A.mean(dim=0, keepdim=True)
+        ln_eps = pre.layer_norm_eps / pre.scale
     else:
         W = pre.scale * A
         ln_eps = None
-    return FoldedBlock(W=W.float().contiguous(), b=a.float(), theta=_theta(comp),
-                       ln_eps=ln_eps)
+    epi = spec.epilogue(comp.tensors)
+    return FoldedBlock(W=W.float().contiguous(), b=a.float(), theta=epi.theta,
+                       ln_eps=ln_eps, ln_std=pre.normalize == "layer_norm_std",
+                       floor=epi.floor, scale=epi.scale, shift=epi.shift)
 
 
 def pack_layer(bundle: Bundle, layer: int) -> PackedLayer:
@@ -188,6 +168,9 @@ def pack_layer(bundle: Bundle, layer: int) -> PackedLayer:
         for inp in det.inputs:
             R[slices[inp.component], j] = torch.tensor(inp.weights, dtype=torch.float64)
 
+    ln_std = torch.cat([torch.full((blk.W.shape[1],), blk.ln_std) for blk in blocks])
+    general = any(blk.scale is not None for blk in blocks)
+    ones = [torch.ones(blk.W.shape[1]) for blk in blocks]
     has_ln = bool(ln_mask.any())
     return PackedLayer(
         layer=layer,
@@ -201,6 +184,12 @@ def pack_layer(bundle: Bundle, layer: int) -> PackedLayer:
         detectors=tuple(d.name for d in dets),
         columns=tuple(columns),
         slices=slices,
+        ln_std=ln_std if bool(ln_std.any()) else None,
+        mag_scale=torch.cat([blk.scale if blk.scale is not None else o
+                             for blk, o in zip(blocks, ones, strict=True)]) if general else None,
+        mag_shift=torch.cat([blk.shift if blk.shift is not None else 0 * o
+                             for blk, o in zip(blocks, ones, strict=True)]) if general else None,
+        floor=torch.cat([blk.floor for blk in blocks]) if general else None,
     )
 
 

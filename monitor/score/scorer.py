@@ -4,7 +4,9 @@ For ``x [n_rows, d_model]`` on ``layer`` (see ``pack.py`` for how W, b, θ are b
 
     P = x · W + b                          one torch.addmm (bf16: mm, then + b in fp32)
     P[:, ln] = (x · W)[:, ln] · rsqrt(var(x) + ln_eps) + b[ln]   only if the layer has them
+    (layer_norm_std columns: · 1 / (sqrt(var(x)·d/(d−1)) + ln_eps) instead)
     Z = P · [P > θ]                        identity θ = −inf, relu 0, jumprelu θ
+    Z = [P > θ] · max(s·P + t, floor)      instead, if the layer has gated columns
     S = sigmoid(Z · R + c)                 float32 [n_rows, n_detectors]
 
 A Scorer is immutable after construction: ``score`` allocates its outputs and touches no
@@ -119,10 +121,19 @@ class Scorer:
             xf = x if x.dtype == torch.float32 else x.float()
             var = torch.var(xf, dim=1, correction=0, keepdim=True)  # [n_rows, 1]
             inv = torch.rsqrt(var + kern.ln_eps)  # [n_rows, n_cols]
+            if kern.packed.ln_std is not None:
+                d = xf.shape[1]
+                std = torch.sqrt(var * (d / max(d - 1, 1)))
+                inv = torch.where(kern.packed.ln_std, 1.0 / (std + kern.ln_eps), inv)
             p = torch.where(kern.ln_cols, p * inv, p)
         if kern.b_post is not None:
             p = p + kern.b_post
-        return p * (p > kern.packed.theta)
+        pk = kern.packed
+        if pk.mag_scale is not None:
+            assert pk.mag_shift is not None and pk.floor is not None
+            mag = torch.maximum(p * pk.mag_scale + pk.mag_shift, pk.floor)
+            return torch.where(p > pk.theta, mag, 0.0)
+        return p * (p > pk.theta)
 
     def score(self, layer: int, x: torch.Tensor | np.ndarray) -> np.ndarray:
         """Detector scores in [0, 1]: float32 ``[n_rows, len(detectors_on(layer))]``.

@@ -41,8 +41,10 @@ from monitor.judge.reload import PolicyHolder
 from monitor.judge.tracker import RequestTracker
 from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
+from monitor.report.otlp import OtlpAudit, otlp_configured
 from monitor.report.sinks import AlertContext, AlertDispatcher, make_dispatcher
 from monitor.report.verdicts import Reporter
+from monitor.roles import TokenRole, scope_roles
 from monitor.score.backend import FrameScorer
 from monitor.score.bundle import Bundle
 from monitor.server.config import ServerConfig
@@ -66,30 +68,35 @@ class StartupError(Exception):
 
 def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy,
                  scorer: FrameScorer, max_frame_bytes: int) -> monitor_pb2.CapturePlan:
-    """The capture plan: layers with a detector the policy judges, token kinds from scopes.
+    """The capture plan: layers with a detector the policy judges; token kinds and roles
+    from their scopes (`token_roles` empty when every role is read).
 
     `plan_id` is a short hash of everything a client's capture depends on.
     """
     layers: list[int] = []
-    kinds: set[monitor_pb2.TokenKind] = set()
+    roles: set[TokenRole] = set()
     for layer in scorer.layers:
         judged = [d for d in scorer.detectors_on(layer) if d in policy.detectors]
         if not judged:
             continue
         layers.append(int(layer))
         for d in judged:
-            scope = policy.detectors[d].scope
-            if scope in ("prompt", "both"):
-                kinds.add(monitor_pb2.TOKEN_KIND_PROMPT)
-            if scope in ("generated", "both"):
-                kinds.add(monitor_pb2.TOKEN_KIND_GENERATED)
+            roles |= scope_roles(policy.detectors[d].scope)
+    kinds: set[monitor_pb2.TokenKind] = set()
+    if roles - {TokenRole.GENERATED}:
+        kinds.add(monitor_pb2.TOKEN_KIND_PROMPT)
+    if TokenRole.GENERATED in roles:
+        kinds.add(monitor_pb2.TOKEN_KIND_GENERATED)
     token_kinds = sorted(kinds)
-    key = f"{model}|{d_model}|{layers}|{token_kinds}|{bundle_sha256}|{max_frame_bytes}"
+    token_roles = [] if roles >= scope_roles("both") else sorted(int(r) for r in roles)
+    key = (f"{model}|{d_model}|{layers}|{token_kinds}|{token_roles}|{bundle_sha256}|"
+           f"{max_frame_bytes}")
     return monitor_pb2.CapturePlan(
         plan_id=hashlib.sha256(key.encode()).hexdigest()[:16], model=model, d_model=d_model,
         layers=layers, token_kinds=token_kinds, hook_name_template=HOOK_NAME_TEMPLATE,
         preferred_dtype=monitor_pb2.DTYPE_BFLOAT16, bundle_sha256=bundle_sha256,
         max_frame_bytes=max_frame_bytes,
+        token_roles=token_roles,  # type: ignore[arg-type]
     )
 
 
@@ -288,6 +295,17 @@ def build_app(config: ServerConfig) -> MonitorApp:
         raise StartupError(f"bundle {config.bundle}: cannot build scorer: {e}") from None
     bundle, scorer = loaded.bundle, loaded.scorer
     log.info("scorer backend %s (%s)", loaded.backend, loaded.reason)
+    if config.served_model:
+        from monitor.models import check_bundle_matches_model
+
+        try:
+            shape = check_bundle_matches_model(
+                bundle_model=bundle.model_name, bundle_d_model=int(bundle.d_model),
+                bundle_n_layers=int(bundle.n_layers), model_dir=config.served_model)
+        except ValueError as e:
+            raise StartupError(f"bundle refused for --served-model: {e}") from None
+        log.info("bundle matches the served model %s (%s, d_model %d, %d layers)",
+                 config.served_model, shape.architecture, shape.d_model, shape.n_layers)
 
     app_ref: list[MonitorApp] = []
     policy, holder = _load_policy(config, bundle, lambda p: app_ref[0].apply_policy(p))
@@ -299,8 +317,13 @@ def build_app(config: ServerConfig) -> MonitorApp:
     metrics.set_bundle(bundle.name, bundle.sha256, bundle.model_name)
     metrics.set_policy(policy.version, policy.sha256, _thresholds(policy), policy.detectors)
     try:
+        otlp = OtlpAudit() if otlp_configured() else None
+    except RuntimeError as e:
+        raise StartupError(str(e)) from None
+    try:
         audit = AuditLog(config.audit_log, on_failure=metrics.audit_write_failures.inc,
-                         include_finals=config.audit_finals, stdout=config.audit_stdout)
+                         include_finals=config.audit_finals, stdout=config.audit_stdout,
+                         otlp=otlp)
     except OSError as e:
         raise StartupError(f"--audit-log {config.audit_log}: {e.strerror or e}") from None
     ctx = AlertContext.from_env(model_name=bundle.model_name, bundle_name=bundle.name,

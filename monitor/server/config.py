@@ -98,6 +98,9 @@ class ServerConfig:
     policy_watch_s: float = _opt(1.0, "policy file poll interval in seconds (0: off)")
     grace_s: float = _opt(5.0, "shutdown grace in seconds: SIGTERM exits within it "
                           "(plus the time to drain the scoring queue, at most 30 s)")
+    served_model: str | None = _opt(None, "model folder vLLM serves (its config.json): refuse "
+                                    "to start when the bundle's d_model or layer count "
+                                    "differs")
     torch_threads: int = _opt(0, "torch intra-op threads for scoring (0: torch default)")
     backend: str = _opt("torch", "scorer: torch, onnxruntime (the bundle's ONNX graphs; torch "
                         "is not imported) or auto (start-up micro-benchmark on this CPU)",

@@ -78,6 +78,7 @@ class _UnscoredItem:
     layer: int | None  # None: every detector
     positions: np.ndarray
     generated: np.ndarray
+    roles: np.ndarray | None = None  # int8 TokenRole per row (None: derived from generated)
 
 
 @dataclass
@@ -262,9 +263,10 @@ class Pipeline:
 
     def submit_unscored(
         self, key: RequestKey, layer: int | None, positions: np.ndarray, generated: np.ndarray,
+        roles: np.ndarray | None = None,
     ) -> None:
         """Record rows of an admitted request that arrived but will not be scored."""
-        self._put(_UnscoredItem(key, layer, positions, generated))
+        self._put(_UnscoredItem(key, layer, positions, generated, roles))
 
     def submit_end(self, sink: StreamSink) -> None:
         """Queue the end marker of a stream: `sink.post(None)` after its last item."""
@@ -337,7 +339,8 @@ class Pipeline:
             if dets and not self.registry.is_open(item.key):
                 return  # closed before its unscored rows came up: the final was sent
             for d in dets:
-                self.tracker.mark_unscored(item.key, d, item.positions, item.generated)
+                self.tracker.mark_unscored(item.key, d, item.positions, item.generated,
+                                           item.roles)
         elif isinstance(item, _PolicyItem):
             self.tracker.set_policy(item.policy)
             self._judged = dict(item.policy.detectors)
@@ -391,7 +394,6 @@ class Pipeline:
             f = it.frame
             fs = scores[row0:row0 + f.n_rows]
             row0 += f.n_rows
-            self.metrics.frame_latency.observe(t1 - it.t_recv)
             for (a, b), key in zip(f.span_bounds, it.keys, strict=True):
                 if key is None:
                     continue  # refused at admission (counted there)
@@ -407,9 +409,11 @@ class Pipeline:
                     continue
                 for j, det in cols:
                     ups = self.tracker.observe(key, det, f.positions[a:b], f.generated[a:b],
-                                               fs[a:b, j])
+                                               fs[a:b, j], f.roles[a:b])
                     for u in ups:
                         self._handle_update(u, it.sink)
+            # arrival -> scored, judged, verdicts posted and escalations handed to the sinks
+            self.metrics.frame_latency.observe(time.perf_counter() - it.t_recv)
         if n_dup:
             self.metrics.duplicate_rows.inc(n_dup)
         if n_late:
@@ -423,7 +427,8 @@ class Pipeline:
             if key is None or not self.registry.is_open(key):
                 continue
             for _, d in cols:
-                self.tracker.mark_unscored(key, d, f.positions[a:b], f.generated[a:b])
+                self.tracker.mark_unscored(key, d, f.positions[a:b], f.generated[a:b],
+                                           f.roles[a:b])
         it.sink.post(monitor_pb2.ServerMessage(error=monitor_pb2.StreamError(
             code=_INTERNAL, reason=Reason.SCORER_ERROR.value, message=message, seq=f.seq)))
 

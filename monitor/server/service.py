@@ -265,7 +265,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             if err.rows is not None:
                 self._unscored_rows(handle, frame.layer, err.rows.request_ids,
                                     err.rows.span_bounds, err.rows.positions,
-                                    err.rows.generated, Reason(err.reason))
+                                    err.rows.generated, err.rows.roles, Reason(err.reason))
             return
         m.bytes_received.labels(model_name=lim.model).inc(f.nbytes)
         keys = self._admit_spans(handle, f, seq)
@@ -280,7 +280,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             for (a, b), key in zip(f.span_bounds, keys, strict=True):
                 if key is not None and f.layer in self.limits.layers:
                     self.pipeline.submit_unscored(key, f.layer, f.positions[a:b],
-                                                  f.generated[a:b])
+                                                  f.generated[a:b], f.roles[a:b])
 
     def _decode(self, frame: monitor_pb2.ActivationFrame) -> DecodedFrame:
         lim = self.limits
@@ -315,7 +315,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
 
     def _unscored_rows(self, handle: StreamHandle, layer: int, request_ids: tuple[str, ...],
                        bounds: tuple[tuple[int, int], ...], positions: np.ndarray,
-                       generated: np.ndarray, reason: Reason) -> None:
+                       generated: np.ndarray, roles: np.ndarray, reason: Reason) -> None:
         """Account rows that arrived but will not be scored (metric + tracker coverage)."""
         self.metrics.rows_unscored.labels(reason=reason.value).inc(int(positions.size))
         if layer not in self.limits.layers:
@@ -324,7 +324,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             key = handle.key(rid)
             if self.pipeline.admit(key, handle).accepted:
                 handle.admitted = True
-                self.pipeline.submit_unscored(key, layer, positions[a:b], generated[a:b])
+                self.pipeline.submit_unscored(key, layer, positions[a:b], generated[a:b],
+                                              roles[a:b])
 
     def _on_finished(self, fin: monitor_pb2.RequestFinished, handle: StreamHandle) -> None:
         rid = fin.request_id
@@ -358,8 +359,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             handle.stats[name] = value
 
     def _on_hello(self, hello: monitor_pb2.ClientHello, handle: StreamHandle) -> None:
-        log.info("%s: hello from %r (model %r, plan %r)", handle.name, hello.client_id[:64],
-                 hello.model[:64], hello.plan_id[:64])
+        log.info("%s: hello from %r (model %r, plan %r, wire_version %d)", handle.name,
+                 hello.client_id[:64], hello.model[:64], hello.plan_id[:64], hello.wire_version)
         if len(hello.client_id.encode()) > self.max_hello_id_bytes:
             self._refuse(handle, _INVALID, Reason.BAD_HELLO,
                          f"hello.client_id: expected at most {self.max_hello_id_bytes} "

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("monitor.tools.models")
@@ -104,6 +105,63 @@ def prepare_default_model(out_dir: Path | None = None, *, force: bool = False) -
     tmp.rename(out)
     log.info("default model ready at %s", out)
     return out
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a bundle must agree with, read from a Hugging Face folder's `config.json`.
+
+    Attributes:
+        architecture: first entry of `architectures` ("" if absent).
+        d_model: `hidden_size` (of `text_config` for multimodal configs).
+        n_layers: `num_hidden_layers` (idem).
+        name_or_path: `_name_or_path` if recorded ("" otherwise); informational.
+    """
+
+    architecture: str
+    d_model: int
+    n_layers: int
+    name_or_path: str = ""
+
+
+def read_model_shape(model_dir: str | Path) -> ModelShape:
+    """`ModelShape` of a model folder; ValueError naming the file and field when unusable."""
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: expected a Hugging Face config.json, found {e}") from None
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    out: dict[str, int] = {}
+    for key in ("hidden_size", "num_hidden_layers"):
+        v = text.get(key, cfg.get(key))
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{path}: {key}: expected a positive integer, found {v!r}")
+        out[key] = v
+    archs = cfg.get("architectures") or [""]
+    return ModelShape(architecture=str(archs[0]), d_model=out["hidden_size"],
+                      n_layers=out["num_hidden_layers"],
+                      name_or_path=str(cfg.get("_name_or_path", "") or ""))
+
+
+def check_bundle_matches_model(
+    *, bundle_model: str, bundle_d_model: int, bundle_n_layers: int, model_dir: str | Path
+) -> ModelShape:
+    """Refuse (ValueError naming field, expected, found) a bundle trained for another shape.
+
+    The model *identity* a bundle is for (`model.name`) is checked where the served name is
+    known: the plugin compares the capture plan's `model` with `SAFETY_MONITOR_MODEL` / the
+    served model name, and the sidecar refuses frames of another `model`.
+    """
+    shape = read_model_shape(model_dir)
+    if shape.d_model != bundle_d_model:
+        raise ValueError(f"bundle model.d_model: expected {shape.d_model} (hidden_size of "
+                         f"{model_dir}), found {bundle_d_model} (bundle for {bundle_model!r})")
+    if shape.n_layers != bundle_n_layers:
+        raise ValueError(f"bundle model.n_layers: expected {shape.n_layers} "
+                         f"(num_hidden_layers of {model_dir}), found {bundle_n_layers} "
+                         f"(bundle for {bundle_model!r})")
+    return shape
 
 
 if __name__ == "__main__":

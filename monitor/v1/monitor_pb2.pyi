@@ -20,6 +20,17 @@ class TokenKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOKEN_KIND_PROMPT: _ClassVar[TokenKind]
     TOKEN_KIND_GENERATED: _ClassVar[TokenKind]
 
+class TokenRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_ROLE_UNSPECIFIED: _ClassVar[TokenRole]
+    TOKEN_ROLE_SYSTEM: _ClassVar[TokenRole]
+    TOKEN_ROLE_USER: _ClassVar[TokenRole]
+    TOKEN_ROLE_ASSISTANT: _ClassVar[TokenRole]
+    TOKEN_ROLE_GENERATED: _ClassVar[TokenRole]
+    TOKEN_ROLE_TEMPLATE: _ClassVar[TokenRole]
+    TOKEN_ROLE_TOOL: _ClassVar[TokenRole]
+    TOKEN_ROLE_OTHER: _ClassVar[TokenRole]
+
 class Severity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SEVERITY_NONE: _ClassVar[Severity]
@@ -32,24 +43,34 @@ DTYPE_BFLOAT16: DType
 TOKEN_KIND_UNSPECIFIED: TokenKind
 TOKEN_KIND_PROMPT: TokenKind
 TOKEN_KIND_GENERATED: TokenKind
+TOKEN_ROLE_UNSPECIFIED: TokenRole
+TOKEN_ROLE_SYSTEM: TokenRole
+TOKEN_ROLE_USER: TokenRole
+TOKEN_ROLE_ASSISTANT: TokenRole
+TOKEN_ROLE_GENERATED: TokenRole
+TOKEN_ROLE_TEMPLATE: TokenRole
+TOKEN_ROLE_TOOL: TokenRole
+TOKEN_ROLE_OTHER: TokenRole
 SEVERITY_NONE: Severity
 SEVERITY_WARN: Severity
 SEVERITY_CRITICAL: Severity
 
 class RowSpan(_message.Message):
-    __slots__ = ("request_id", "n_rows", "start_position", "prompt_len")
+    __slots__ = ("request_id", "n_rows", "start_position", "prompt_len", "role")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     N_ROWS_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     n_rows: int
     start_position: int
     prompt_len: int
-    def __init__(self, request_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., start_position: _Optional[int] = ..., prompt_len: _Optional[int] = ...) -> None: ...
+    role: TokenRole
+    def __init__(self, request_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., start_position: _Optional[int] = ..., prompt_len: _Optional[int] = ..., role: _Optional[_Union[TokenRole, str]] = ...) -> None: ...
 
 class ActivationFrame(_message.Message):
-    __slots__ = ("seq", "model", "layer", "dtype", "shape", "data", "spans", "step")
+    __slots__ = ("seq", "model", "layer", "dtype", "shape", "data", "spans", "step", "hook_name")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +79,7 @@ class ActivationFrame(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     SPANS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    HOOK_NAME_FIELD_NUMBER: _ClassVar[int]
     seq: int
     model: str
     layer: int
@@ -66,7 +88,8 @@ class ActivationFrame(_message.Message):
     data: bytes
     spans: _containers.RepeatedCompositeFieldContainer[RowSpan]
     step: int
-    def __init__(self, seq: _Optional[int] = ..., model: _Optional[str] = ..., layer: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., spans: _Optional[_Iterable[_Union[RowSpan, _Mapping]]] = ..., step: _Optional[int] = ...) -> None: ...
+    hook_name: str
+    def __init__(self, seq: _Optional[int] = ..., model: _Optional[str] = ..., layer: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., spans: _Optional[_Iterable[_Union[RowSpan, _Mapping]]] = ..., step: _Optional[int] = ..., hook_name: _Optional[str] = ...) -> None: ...
 
 class RequestFinished(_message.Message):
     __slots__ = ("request_id", "reason", "n_prompt_tokens", "n_generated_tokens", "n_cached_prompt_tokens")
@@ -95,14 +118,16 @@ class ClientStats(_message.Message):
     def __init__(self, dropped_frames: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., dropped_bytes: _Optional[int] = ..., reconnects: _Optional[int] = ...) -> None: ...
 
 class ClientHello(_message.Message):
-    __slots__ = ("client_id", "model", "plan_id")
+    __slots__ = ("client_id", "model", "plan_id", "wire_version")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     model: str
     plan_id: str
-    def __init__(self, client_id: _Optional[str] = ..., model: _Optional[str] = ..., plan_id: _Optional[str] = ...) -> None: ...
+    wire_version: int
+    def __init__(self, client_id: _Optional[str] = ..., model: _Optional[str] = ..., plan_id: _Optional[str] = ..., wire_version: _Optional[int] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
     __slots__ = ("hello", "frame", "finished", "stats")
@@ -171,7 +196,7 @@ class GetCapturePlanRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CapturePlan(_message.Message):
-    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes")
+    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes", "hook_names", "token_roles")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +206,8 @@ class CapturePlan(_message.Message):
     PREFERRED_DTYPE_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOOK_NAMES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ROLES_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model: str
     d_model: int
@@ -190,7 +217,9 @@ class CapturePlan(_message.Message):
     preferred_dtype: DType
     bundle_sha256: str
     max_frame_bytes: int
-    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ...) -> None: ...
+    hook_names: _containers.RepeatedScalarFieldContainer[str]
+    token_roles: _containers.RepeatedScalarFieldContainer[TokenRole]
+    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ..., hook_names: _Optional[_Iterable[str]] = ..., token_roles: _Optional[_Iterable[_Union[TokenRole, str]]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("frame",)

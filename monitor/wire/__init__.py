@@ -3,6 +3,7 @@
 from monitor.wire.codec import (
     DTYPE_ITEMSIZE,
     REASONS,
+    WIRE_VERSION,
     DecodedFrame,
     FrameError,
     RowMeta,
@@ -15,6 +16,7 @@ from monitor.wire.codec import (
 __all__ = [
     "DTYPE_ITEMSIZE",
     "REASONS",
+    "WIRE_VERSION",
     "DecodedFrame",
     "FrameError",
     "RowMeta",

@@ -3,9 +3,14 @@
 Tensors travel as raw little-endian bytes plus dtype and shape (KServe OIP style).
 `decode_frame` views the bytes as a numpy array (float32 / float16: no copy of the
 payload; bfloat16, which numpy lacks: upcast to float32 by a 16-bit left shift of the
-bits, exact) and validates every field; a bad frame raises `FrameError` with a stable `reason` label
-(see `REASONS`), the gRPC status code to report and a message that names the field,
+bits, exact) and validates every field; a bad frame raises `FrameError` with a stable
+`reason` label (see `REASONS`), the gRPC status code to report and a message that names the field,
 what was expected and what was found.
+
+Token roles (`monitor.roles.TokenRole`, wire enum `TokenRole`, same values): each span
+carries one role (clients at `WIRE_VERSION` 2 split spans at role boundaries); a span
+without one (old clients) gets OTHER below `prompt_len` and GENERATED from it on, so
+`roles` is always defined per row and `generated == (roles == GENERATED)`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import grpc
 import numpy as np
 
 from monitor.constants import Reason
+from monitor.roles import TokenRole, derive_roles
 from monitor.v1 import monitor_pb2
+from monitor.wire.hooks import parse_hook_name
 
 if TYPE_CHECKING:  # the sidecar decodes without torch; encode_frame accepts tensors too
     import torch
@@ -27,6 +34,7 @@ if TYPE_CHECKING:  # the sidecar decodes without torch; encode_frame accepts ten
 __all__ = [
     "DTYPE_ITEMSIZE",
     "REASONS",
+    "WIRE_VERSION",
     "DecodedFrame",
     "FrameError",
     "RowMeta",
@@ -37,6 +45,12 @@ __all__ = [
     "non_finite_rows",
     "parse_spans",
 ]
+
+#: `ClientHello.wire_version` of this codec: 2 = spans carry `TokenRole` (0/1: they do not).
+WIRE_VERSION = 2
+
+_N_ROLES = max(TokenRole) + 1
+_OTHER = np.int8(TokenRole.OTHER)
 
 #: Stable error reasons (the metric label `reason`): one enum for the whole sidecar.
 REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
@@ -122,6 +136,7 @@ class Span:
     n_rows: int
     start_position: int = 0
     prompt_len: int = 0
+    role: int = 0  # TokenRole; 0 = derive from prompt_len
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,7 @@ class RowMeta:
     positions: np.ndarray  # int64 [n_rows], token position of each row
     generated: np.ndarray  # bool [n_rows], True for generated tokens
     span_bounds: tuple[tuple[int, int], ...] = field(default=())  # [start, end) per span
+    roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 [n_rows]
 
 
 @dataclass(frozen=True)
@@ -156,6 +172,9 @@ class DecodedFrame:
     span_bounds: tuple[tuple[int, int], ...] = ()  # [start, end) rows of each span
     nbytes: int = 0  # payload bytes
     wire_dtype: int = monitor_pb2.DTYPE_FLOAT32
+    hook_name: str = ""  # canonical hook point, e.g. "blocks.3.hook_resid_post" (never empty
+    # once decoded: a frame without one is resid_post of `layer`)
+    roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 [n_rows]
 
     @property
     def n_rows(self) -> int:
@@ -174,6 +193,9 @@ def parse_spans(
 
     With `require=False` an empty span list means one anonymous request (id "") whose
     rows are prompt tokens at positions 0..n_rows-1 (used by the unary Score RPC).
+
+    Roles: a span's `role` must be a known `TokenRole`; GENERATED spans must start at or
+    after `prompt_len`, other roles must end at or before it; UNSPECIFIED is derived.
     """
     if len(spans) == 0:
         if require:
@@ -185,6 +207,7 @@ def parse_spans(
             positions=np.arange(n_rows, dtype=np.int64),
             generated=np.zeros(n_rows, dtype=bool),
             span_bounds=((0, n_rows),),
+            roles=np.full(n_rows, _OTHER, dtype=np.int8),
         )
     counts = np.fromiter((s.n_rows for s in spans), dtype=np.int64, count=len(spans))
     total = int(counts.sum())
@@ -195,6 +218,7 @@ def parse_spans(
     bounds: list[tuple[int, int]] = []
     starts = np.empty(len(spans), dtype=np.int64)
     plens = np.empty(len(spans), dtype=np.int64)
+    span_roles = np.empty(len(spans), dtype=np.int64)
     row = 0
     for i, s in enumerate(spans):
         if not s.request_id:
@@ -207,13 +231,38 @@ def parse_spans(
         row += s.n_rows
         starts[i] = s.start_position
         plens[i] = s.prompt_len
+        span_roles[i] = s.role
+        if s.role:
+            _check_role(i, s)
     row_request = np.repeat(np.arange(len(spans), dtype=np.int32), counts)
     # position of row r in span i = start_i + (r - first_row_i)
     first_rows = np.concatenate(([0], np.cumsum(counts)[:-1]))
     offsets = np.arange(n_rows, dtype=np.int64) - np.repeat(first_rows, counts)
     positions = np.repeat(starts, counts) + offsets
     generated = positions >= np.repeat(plens, counts)
-    return RowMeta(tuple(ids), row_request, positions, generated, tuple(bounds))
+    roles = np.repeat(span_roles.astype(np.int8), counts)
+    if not span_roles.all():  # UNSPECIFIED spans (old clients): derive from prompt_len
+        roles = np.where(roles == 0, derive_roles(generated), roles).astype(np.int8)
+    return RowMeta(tuple(ids), row_request, positions, generated, tuple(bounds), roles)
+
+
+def _check_role(i: int, s: monitor_pb2.RowSpan) -> None:
+    """Raise `bad_spans` unless span ``i``'s role is known and on the right side of
+    ``prompt_len``."""
+    role = int(s.role)
+    if not 0 < role < _N_ROLES:
+        raise _bad("bad_spans", f"spans[{i}].role: expected a TokenRole in 1..{_N_ROLES - 1}, "
+                                f"found {role} (request {s.request_id!r})")
+    end = s.start_position + s.n_rows
+    if role == TokenRole.GENERATED:
+        if s.start_position < s.prompt_len:
+            raise _bad("bad_spans", f"spans[{i}]: expected a GENERATED span to start at or "
+                                    f"after prompt_len={s.prompt_len}, found start_position="
+                                    f"{s.start_position} (request {s.request_id!r})")
+    elif end > s.prompt_len:
+        raise _bad("bad_spans", f"spans[{i}]: expected a {TokenRole(role).name} span to end "
+                                f"at or before prompt_len={s.prompt_len}, found it ends at "
+                                f"{end} (request {s.request_id!r})")
 
 
 def decode_frame(
@@ -225,6 +274,7 @@ def decode_frame(
     max_frame_bytes: int,
     require_spans: bool = True,
     check_finite: bool = True,
+    hook_names: frozenset[str] | None = None,
 ) -> DecodedFrame:
     """Validate `frame` and view its payload as a `[n_rows, d_model]` tensor.
 
@@ -236,6 +286,9 @@ def decode_frame(
         max_frame_bytes: largest accepted payload (`data`), in bytes.
         require_spans: False lets a frame without spans be one anonymous request.
         check_finite: reject frames with NaN/Inf rows (`non_finite`).
+        hook_names: hook points the server scores (`monitor.wire.hooks` names). None: only
+            `blocks.{layer}.hook_resid_post` of `layers` (a server without hook points must
+            refuse e.g. resid_pre rows rather than score them as resid_post).
 
     Raises:
         FrameError: with `reason` one of `REASONS`.
@@ -252,6 +305,7 @@ def decode_frame(
     if frame.layer not in layer_set:
         raise _bad("unknown_layer", f"layer: expected one of {sorted(layer_set)}, "
                                     f"found {frame.layer}")
+    hook = _check_hook(frame, hook_names)
     vdtype = _VIEW_DTYPE.get(frame.dtype)
     if vdtype is None:
         try:
@@ -299,8 +353,36 @@ def decode_frame(
         seq=int(frame.seq), model=frame.model, layer=int(frame.layer), step=int(frame.step),
         x=x, request_ids=rows.request_ids, row_request=rows.row_request,
         positions=rows.positions, generated=rows.generated, span_bounds=rows.span_bounds,
-        nbytes=nbytes, wire_dtype=int(frame.dtype),
+        nbytes=nbytes, wire_dtype=int(frame.dtype), hook_name=hook, roles=rows.roles,
     )
+
+
+def _check_hook(frame: monitor_pb2.ActivationFrame, hook_names: frozenset[str] | None) -> str:
+    """The frame's canonical hook name; FrameError('unknown_hook') if not accepted."""
+    layer = int(frame.layer)
+    raw = frame.hook_name
+    if raw:
+        try:
+            hp = parse_hook_name(raw)
+        except ValueError as e:
+            raise _bad("unknown_hook", str(e)) from None
+        if hp.layer != layer:
+            raise _bad("unknown_hook", f"hook_name: expected a hook point of layer {layer}, "
+                                       f"found {raw!r}")
+        if hook_names is None and hp.kind == "resid_post":
+            return raw
+        name = raw
+    else:
+        name = f"blocks.{layer}.hook_resid_post"
+        if hook_names is None:
+            return name
+    if hook_names is None:
+        raise _bad("unknown_hook", f"hook_name: expected 'blocks.{layer}.hook_resid_post' "
+                                   f"(this server scores resid_post only), found {raw!r}")
+    if name not in hook_names:
+        raise _bad("unknown_hook", f"hook_name: expected one of {sorted(hook_names)}, "
+                                   f"found {name!r}")
+    return name
 
 
 def _to_wire_bytes(x: torch.Tensor | np.ndarray
@@ -348,6 +430,7 @@ def encode_frame(
     layer: int,
     spans: Sequence[Span | monitor_pb2.RowSpan | tuple],
     step: int = 0,
+    hook_name: str = "",
 ) -> monitor_pb2.ActivationFrame:
     """Build an `ActivationFrame` from a `[n_rows, d_model]` tensor or array.
 
@@ -356,9 +439,10 @@ def encode_frame(
         seq: per-stream sequence number (strictly increasing, from 1).
         model: model identity string.
         layer: decoder layer index.
-        spans: `Span`, `RowSpan` or tuples `(request_id, n_rows, start_position, prompt_len)`
-            in row order.
+        spans: `Span`, `RowSpan` or tuples `(request_id, n_rows, start_position, prompt_len
+            [, role])` in row order.
         step: engine step (informational).
+        hook_name: hook point of the rows (`monitor.wire.hooks`); empty = resid_post.
     """
     data, wire, shape = _to_wire_bytes(x)
     pb_spans = []
@@ -371,8 +455,9 @@ def encode_frame(
         pb_spans.append(monitor_pb2.RowSpan(
             request_id=s.request_id, n_rows=s.n_rows,
             start_position=s.start_position, prompt_len=s.prompt_len,
+            role=monitor_pb2.TokenRole(int(s.role)),
         ))
     return monitor_pb2.ActivationFrame(
         seq=seq, model=model, layer=layer, dtype=wire, shape=list(shape), data=data,
-        spans=pb_spans, step=step,
+        spans=pb_spans, step=step, hook_name=hook_name,
     )

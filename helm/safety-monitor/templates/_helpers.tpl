@@ -94,12 +94,17 @@ restartPolicy: Always (a native sidecar in initContainers).
     - --metrics-host=0.0.0.0
     - --metrics-port={{ $s.metricsPort }}
     - --grace-s={{ $s.graceSeconds }}
+    - --backend={{ $s.backend }}
     {{- if $s.auditLog.enabled }}
     - --audit-log={{ $s.auditLog.path }}
     {{- if $s.auditLog.finals }}
     - --audit-finals
     {{- end }}
     {{- end }}
+    {{- if $s.auditLog.stdout }}
+    - --audit-stdout
+    {{- end }}
+    {{- include "safety-monitor.alertArgs" .root | nindent 4 }}
     {{- range $s.extraArgs }}
     - {{ . | quote }}
     {{- end }}
@@ -113,6 +118,12 @@ restartPolicy: Always (a native sidecar in initContainers).
   env:
     - name: HOME
       value: /tmp
+    # downward API: the pod and namespace labels of the sidecar's own alerts
+    - name: POD_NAME
+      valueFrom: {fieldRef: {fieldPath: metadata.name}}
+    - name: POD_NAMESPACE
+      valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+    {{- include "safety-monitor.alertEnv" .root | nindent 4 }}
     {{- with $s.env }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -148,4 +159,67 @@ restartPolicy: Always (a native sidecar in initContainers).
       mountPath: {{ dir $s.auditLog.path }}
     - name: monitor-tmp
       mountPath: /tmp
+    {{- if and (include "safety-monitor.alertsEnabled" .root) $v.alerts.spool.enabled }}
+    - name: alert-spool
+      mountPath: {{ $v.alerts.spool.path }}
+    {{- end }}
+    {{- if and $v.alerts.webhook.secret.existingSecret $v.alerts.webhook.secret.key }}
+    - name: webhook-secret
+      mountPath: /etc/safety-monitor/webhook
+      readOnly: true
+    {{- end }}
+{{- end -}}
+
+{{/* "true" when the sidecar delivers alerts itself (Alertmanager or webhook). */}}
+{{- define "safety-monitor.alertsEnabled" -}}
+{{- if or .Values.alerts.alertmanager.urls .Values.alerts.webhook.url .Values.alerts.webhook.urlSecret.name -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Flags of the sidecar's alert delivery (monitor/report/sinks). Secrets never appear
+     here: the webhook URL from a Secret comes in through $(SAFETY_MONITOR_WEBHOOK_URL),
+     the HMAC key as a mounted file. */}}
+{{- define "safety-monitor.alertArgs" -}}
+{{- $a := .Values.alerts -}}
+{{- range $a.alertmanager.urls }}
+- --alertmanager-url={{ . }}
+{{- end }}
+{{- if $a.webhook.urlSecret.name }}
+- --webhook-url=$(SAFETY_MONITOR_WEBHOOK_URL)
+{{- else if $a.webhook.url }}
+- --webhook-url={{ $a.webhook.url }}
+{{- end }}
+{{- if and $a.webhook.secret.existingSecret $a.webhook.secret.key }}
+- --webhook-secret-file=/etc/safety-monitor/webhook/{{ $a.webhook.secret.key }}
+{{- end }}
+{{- if include "safety-monitor.alertsEnabled" . }}
+{{- if $a.spool.enabled }}
+- --alert-spool-dir={{ $a.spool.path }}
+- --alert-spool-max-bytes={{ int64 $a.spool.maxBytes }}
+{{- end }}
+- --alert-timeout-s={{ $a.timeoutSeconds }}
+- --alert-resend-s={{ $a.resendSeconds }}
+- --alert-resolve-s={{ $a.resolveSeconds }}
+- --runbook-url={{ $a.runbookUrl }}
+{{- end }}
+{{- end -}}
+
+{{- define "safety-monitor.alertEnv" -}}
+{{- with .Values.alerts.webhook.urlSecret.name }}
+- name: SAFETY_MONITOR_WEBHOOK_URL
+  valueFrom: {secretKeyRef: {name: {{ . }}, key: {{ $.Values.alerts.webhook.urlSecret.key }}}}
+{{- end }}
+{{- end -}}
+
+{{/* The vLLM container's metrics port name: this chart's "http", vLLM chart's
+     "container-port" (examples/online_serving/chart-helm), or metrics.vllmPortName. */}}
+{{- define "safety-monitor.vllmPortName" -}}
+{{- if .Values.metrics.vllmPortName -}}
+{{- .Values.metrics.vllmPortName -}}
+{{- else if .Values.vllm.enabled -}}
+http
+{{- else -}}
+container-port
+{{- end -}}
 {{- end -}}

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from monitor.report.sinks.events import AlertEvent, iso_utc
-from monitor.report.sinks.http import post_json
+from monitor.report.sinks.http import post_json, redact_url
 
 __all__ = ["ALERTNAME", "AlertmanagerConfig", "AlertmanagerSink", "am_alert"]
 
@@ -55,8 +55,8 @@ class AlertmanagerConfig:
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"alertmanager url: expected http(s)://host:port, found "
-                             f"{self.url!r}")
+            raise ValueError(f"alertmanager url: expected http(s)://host:port, found scheme "
+                             f"{self.url.split(':', 1)[0]!r}")
         for name in ("timeout_s", "resend_s", "resolve_after_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"alertmanager {name}: expected > 0, found "
@@ -108,7 +108,7 @@ class AlertmanagerSink:
         self.name = name
         self.timeout_s = config.timeout_s
         self.endpoint = config.url.rstrip("/") + "/api/v2/alerts"
-        self.target = self.endpoint
+        self.target = redact_url(self.endpoint)
         self._active: dict[tuple[tuple[str, str], ...], _Active] = {}
         self._last_send = 0.0
 

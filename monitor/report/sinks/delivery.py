@@ -69,7 +69,7 @@ class Sink(Protocol):
     """A delivery target. Called only from its worker thread."""
 
     name: str
-    target: str  # the URL posted to (for logs; never carries secrets)
+    target: str  # the URL posted to, redacted for logs (`http.redact_url`)
     max_batch: int  # most events per `deliver` call
     timeout_s: float  # HTTP timeout of one request (bounds how long a call may take)
 

@@ -13,10 +13,11 @@ Result classes (what the sink worker does with them):
 from __future__ import annotations
 
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 
-__all__ = ["DeliveryError", "post_json"]
+__all__ = ["DeliveryError", "post_json", "redact_url"]
 
 _RETRYABLE = frozenset({408, 425, 429})
 
@@ -29,12 +30,24 @@ class DeliveryError(Exception):
         self.retryable = retryable
 
 
+def redact_url(url: str) -> str:
+    """`scheme://host:port/…` for logs and errors: webhook URLs often carry a token in
+    the path or query (Slack, PagerDuty relays) and user:password may sit in the netloc."""
+    u = urllib.parse.urlsplit(url)
+    host = u.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{u.port}" if u.port else ""
+    tail = "/…" if (u.path not in ("", "/") or u.query) else ""
+    return f"{u.scheme}://{host}{port}{tail}"
+
+
 def post_json(url: str, body: bytes, *, timeout_s: float,
               headers: Mapping[str, str] | None = None) -> int:
     """POST `body` (JSON) to `url`; return the 2xx status or raise `DeliveryError`.
 
-    The message of the error names the URL and status, never the headers (they may carry
-    secrets or signatures).
+    The message of the error names the redacted URL and the status, never the headers or
+    the URL's path and query (they may carry secrets or signatures).
     """
     req = urllib.request.Request(url, data=body, method="POST")
     req.add_header("Content-Type", "application/json")
@@ -47,7 +60,7 @@ def post_json(url: str, body: bytes, *, timeout_s: float,
     except urllib.error.HTTPError as e:
         status = int(e.code)
         retry = status in _RETRYABLE or status >= 500
-        raise DeliveryError(f"POST {url}: HTTP {status}", retryable=retry) from None
+        raise DeliveryError(f"POST {redact_url(url)}: HTTP {status}", retryable=retry) from None
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
-        raise DeliveryError(f"POST {url}: {reason}", retryable=True) from None
+        raise DeliveryError(f"POST {redact_url(url)}: {reason}", retryable=True) from None

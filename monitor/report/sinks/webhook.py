@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from monitor.report.sinks.events import AlertEvent
-from monitor.report.sinks.http import post_json
+from monitor.report.sinks.http import post_json, redact_url
 
 __all__ = ["KEY_HEADER", "SIGNATURE_HEADER", "TIMESTAMP_HEADER", "WebhookConfig",
            "WebhookSink", "sign", "verify_signature", "webhook_body"]
@@ -55,7 +55,8 @@ class WebhookConfig:
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"webhook url: expected http(s)://..., found {self.url!r}")
+            raise ValueError(f"webhook url: expected http(s)://..., found scheme "
+                             f"{self.url.split(':', 1)[0]!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"webhook timeout_s: expected > 0, found {self.timeout_s}")
 
@@ -92,7 +93,7 @@ class WebhookSink:
         self.config = config
         self.name = name
         self.timeout_s = config.timeout_s
-        self.target = config.url
+        self.target = redact_url(config.url)
 
     def deliver(self, events: Sequence[AlertEvent]) -> None:
         """POST each event in order; raises `DeliveryError` at the first failure."""

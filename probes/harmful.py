@@ -1,0 +1,736 @@
+"""The ``harmful_intent`` recipe: diverse sources, user-token pooling, leave-one-source-out.
+
+What is served and what is trained (they agree by construction):
+
+- **Tokens in scope** = the user's message content as ``monitor.roles`` labels it
+  (:func:`token_roles`, :func:`scope_mask`: the segmenter the capture plugin runs).
+- **Per-token score** ``s_t = sigmoid(z_t)``, ``z_t = ((x_t − μ)/σ)·w + b`` at one layer
+  (the bundle's ``linear_probe``).
+- **Request statistic** ``S = max_{t ≥ m} a_t`` with the policy aggregation ``a_t``
+  (``mean``: ``a_t = (1/t) Σ_{i≤t} s_i``; ``ema``) computed by ``monitor.judge.aggregate``
+  via :func:`probes.train.aggregate_requests`: exactly the tracker's rule "a severity is
+  reached at the first token ``t ≥ min_tokens`` where ``a_t ≥ threshold``".
+- **Training** fits ``w, b`` by L2 logistic regression on the request-level mean of the
+  user-token activations, ``x̄ = (1/T) Σ_t x_t``. Because ``z`` is affine,
+  ``z(x̄) = (1/T) Σ_t z_t``: the trained logit is the mean of the served per-token logits;
+  the served statistic averages ``sigmoid(z_t)`` instead and is what every number
+  (selection, thresholds, report) is computed on.
+
+Rows: float16 activations ``[n_rows, d_model]`` per layer, in position order within
+each example (``probes.collect``). Pooled features: float32 ``[n_examples, d_model]``.
+Sample weights: every source gets the same total weight within its class (so 400
+red-team rewrites do not outvote 100 physical-safety contrasts), times a per-kind
+multiplier for benign-but-scary and persona sources (chosen on validation).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from probes.collect import Activations, _ChatEncoder
+from probes.datasets import ChatExample
+from probes.evaluate import auroc, tpr_at_fpr
+from probes.sources import Source
+from probes.train import LinearProbe, _sigmoid, aggregate_requests, fit_logreg
+
+log = logging.getLogger("probes.harmful")
+
+__all__ = [
+    "SourceData",
+    "fit_pooled",
+    "harmful_intent_recipe",
+    "pooled_features",
+    "scope_mask",
+    "served_scores",
+    "source_weights",
+    "token_roles",
+]
+
+
+def token_roles(acts: Activations, examples: Sequence[ChatExample],
+                encoder: _ChatEncoder) -> np.ndarray:
+    """Role of every stored row (int8 ``[n_rows]``, ``monitor.roles.TokenRole`` values):
+    the prompt's token ids (``encoder.encode``, the served tokenisation) segmented by the
+    shared ``monitor.roles.RoleSegmenter`` (the one the capture plugin runs in vLLM);
+    rows at or after the prompt are GENERATED."""
+    from monitor.roles import RoleSegmenter, TokenRole
+
+    seg = RoleSegmenter.from_tokenizer(encoder.tokenizer)
+    out = np.full(acts.n_rows, int(TokenRole.GENERATED), dtype=np.int8)
+    prompt = ~acts.generated.astype(bool)
+    rows = np.flatnonzero(prompt)
+    ex = acts.example[rows]
+    if rows.size:
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(ex)) + 1, [rows.size]])
+        for a, b in itertools.pairwise(bounds):
+            ids, plen, _ = encoder.encode(examples[int(ex[a])])
+            out[rows[a:b]] = seg.segment(ids[:plen])[acts.position[rows[a:b]]]
+    return out
+
+
+def scope_mask(roles: np.ndarray, scope: str) -> np.ndarray:
+    """Rows in a policy ``scope`` (bool ``[n_rows]``): ``user`` (user message content) or
+    ``prompt`` (every prompt token). The one switch point between training and serving
+    scopes."""
+    from monitor.roles import TokenRole
+
+    if scope == "user":
+        return roles == int(TokenRole.USER)
+    if scope == "prompt":
+        return roles != int(TokenRole.GENERATED)
+    raise ValueError(f"scope: expected user|prompt, found {scope!r}")
+
+
+def pooled_features(acts: Activations, layer: int, mask: np.ndarray) -> np.ndarray:
+    """Mean of the masked rows per example: float32 ``[n_examples, d_model]`` (zeros for
+    an example without masked rows). Rows must be grouped by example (collect order)."""
+    x = acts.x[layer][mask].astype(np.float32)
+    ex = acts.example[mask]
+    d = acts.x[layer].shape[1]
+    out = np.zeros((acts.n_examples, d), dtype=np.float32)
+    if ex.size == 0:
+        return out
+    if np.any(np.diff(ex) < 0):
+        raise ValueError("pooled_features: rows must be grouped by example in ascending order")
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(ex)) + 1])
+    sums = np.add.reduceat(x, starts, axis=0)
+    counts = np.diff(np.concatenate([starts, [ex.size]])).astype(np.float32)
+    out[ex[starts]] = sums / counts[:, None]
+    return out
+
+
+def served_scores(probe: LinearProbe, acts: Activations, mask: np.ndarray,
+                  agg: dict[str, Any], min_tokens: int,
+                  rows: np.ndarray | None = None) -> np.ndarray:
+    """The request statistic the monitor alerts on (see module doc), per example.
+    ``rows``: the masked rows of ``probe.layer`` as float32 when the caller has them."""
+    x = acts.x[probe.layer][mask] if rows is None else rows
+    scores = np.zeros(acts.n_rows, dtype=np.float32)
+    scores[mask] = probe.scores(x)
+    return aggregate_requests(scores, acts.example, acts.n_examples, agg, min_tokens, mask)
+
+
+@dataclass
+class SourceData:
+    """One source's examples, activations and per-layer pooled user-token features."""
+
+    source: Source
+    examples: list[ChatExample]
+    acts: Activations
+    mask: np.ndarray
+    feats: dict[int, np.ndarray] = field(default_factory=dict)
+    rows32: dict[int, np.ndarray] = field(default_factory=dict)
+    prefix_cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.acts.labels.astype(np.int8)
+
+    def rows(self, layer: int) -> np.ndarray:
+        """The in-scope rows of ``layer`` as float32 (cached)."""
+        if layer not in self.rows32:
+            self.rows32[layer] = self.acts.x[layer][self.mask].astype(np.float32)
+        return self.rows32[layer]
+
+    def served(self, probe: LinearProbe, agg: dict[str, Any], min_tokens: int) -> np.ndarray:
+        """:func:`served_scores` of this source."""
+        return served_scores(probe, self.acts, self.mask, agg, min_tokens,
+                             self.rows(probe.layer))
+
+    def prefix_features(self, layer: int, min_tokens: int, k: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Means of the first ``t`` in-scope rows for up to ``k`` prefix lengths ``t``
+        evenly spaced in ``[min_tokens, T]`` (always including ``T``) per example:
+        (float32 ``[n_prefixes, d]``, owning example ``[n_prefixes]``). The monitor judges
+        every such prefix (``S = max_{t ≥ m} a_t``), so benign prefixes are negatives."""
+        key = (layer, min_tokens, k)
+        if key in self.prefix_cache:
+            return self.prefix_cache[key]
+        rows = self.rows(layer)
+        ex = self.acts.example[self.mask]
+        feats, owner = [], []
+        if ex.size:
+            bounds = np.concatenate([[0], np.flatnonzero(np.diff(ex)) + 1, [ex.size]])
+            for a, b in itertools.pairwise(bounds):
+                n = int(b - a)
+                ts = np.unique(np.round(np.linspace(min(min_tokens, n), n, k)).astype(int))
+                cs = np.cumsum(rows[a:b], axis=0, dtype=np.float64)[ts - 1] / ts[:, None]
+                feats.append(cs.astype(np.float32))
+                owner.append(np.full(ts.size, ex[a], dtype=np.int64))
+        d = self.acts.x[layer].shape[1]
+        out = (np.concatenate(feats) if feats else np.zeros((0, d), np.float32),
+               np.concatenate(owner) if owner else np.zeros(0, np.int64))
+        self.prefix_cache[key] = out
+        return out
+
+    def features(self, layer: int) -> np.ndarray:
+        if layer not in self.feats:
+            self.feats[layer] = pooled_features(self.acts, layer, self.mask)
+        return self.feats[layer]
+
+
+def source_weights(parts: Sequence[tuple[SourceData, np.ndarray]],
+                   kind_weight: dict[str, float]) -> np.ndarray:
+    """Per-example weights for the rows ``idx`` of each source: each source's rows sum to
+    ``kind_weight.get(kind, 1)``, then each class is rescaled to total 1 (balanced)."""
+    ws, ys = [], []
+    for sd, idx in parts:
+        n = max(len(idx), 1)
+        ws.append(np.full(len(idx), kind_weight.get(sd.source.kind, 1.0) / n))
+        ys.append(sd.labels[idx])
+    w = np.concatenate(ws)
+    y = np.concatenate(ys)
+    for c in (0, 1):
+        tot = w[y == c].sum()
+        if tot > 0:
+            w[y == c] *= 1.0 / tot
+    return w * len(w) / 2.0
+
+
+def fit_pooled(parts: Sequence[tuple[SourceData, np.ndarray]], layer: int, C: float,
+               kind_weight: dict[str, float], prefixes: int = 0,
+               min_tokens: int = 2) -> LinearProbe:
+    """L2 logistic regression on pooled user-token features of the given rows.
+
+    ``prefixes > 0``: a benign example contributes the means of up to ``prefixes`` of its
+    prefixes (``SourceData.prefix_features``, its weight split evenly across them)
+    instead of only its full mean, so no prefix of a benign request — each of which the
+    monitor judges — is pushed over the threshold; harmful examples keep the full mean."""
+    w_ex = source_weights(parts, kind_weight)
+    xs, ys, ws = [], [], []
+    off = 0
+    for sd, idx in parts:
+        w_sd = w_ex[off:off + idx.size]
+        off += idx.size
+        if prefixes > 0 and sd.source.kind != "harmful":
+            f, owner = sd.prefix_features(layer, min_tokens, prefixes)
+            pos = np.full(sd.labels.size, -1, dtype=np.int64)
+            pos[idx] = np.arange(idx.size)
+            keep = pos[owner] >= 0
+            cnt = np.bincount(owner[keep], minlength=sd.labels.size).astype(np.float64)
+            xs.append(f[keep])
+            ys.append(sd.labels[owner[keep]])
+            ws.append(w_sd[pos[owner[keep]]] / cnt[owner[keep]])
+        else:
+            xs.append(sd.features(layer)[idx])
+            ys.append(sd.labels[idx])
+            ws.append(w_sd)
+    x, y, w = np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
+    # class balance is already in w; fit_logreg's 'balanced' then only rescales slightly
+    return fit_logreg(x, y, layer, C, w, max_iter=500)
+
+
+def pooled_metrics(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
+    """AUROC and TPR@1%FPR of request scores."""
+    return {"auroc": auroc(y, s), "tpr@fpr0.01": tpr_at_fpr(y, s, 0.01)}
+
+
+# ----------------------------------------------------------------------- selection
+@dataclass(frozen=True)
+class Config:
+    """One point of the validation search."""
+
+    layer: int
+    C: float
+    scary_weight: float
+    aggregation: tuple[tuple[str, Any], ...]
+    min_tokens: int
+    scale: float = 1.0
+    prefixes: int = 0
+
+    @property
+    def agg(self) -> dict[str, Any]:
+        return dict(self.aggregation)
+
+    def label(self) -> str:
+        from probes.train import aggregation_name
+
+        return (f"L{self.layer} C={self.C:g} scary×{self.scary_weight:g} "
+                f"{aggregation_name(self.agg)} m={self.min_tokens} scale={self.scale:g} "
+                f"prefix-negatives={self.prefixes}")
+
+
+def scaled(probe: LinearProbe, scale: float) -> LinearProbe:
+    """The probe with weight and bias multiplied by ``scale`` (same ranking of logits)."""
+    return LinearProbe(probe.layer, (probe.weight * scale).astype(np.float32),
+                       float(probe.bias * scale), probe.mean, probe.std, probe.method, probe.C)
+
+
+def kind_weights(scary_weight: float) -> dict[str, float]:
+    """Per-kind source weight multipliers (benign-but-scary and persona sources)."""
+    return {"scary": scary_weight, "persona": scary_weight}
+
+
+def _read_outs(p: LinearProbe, d: SourceData, layer: int,
+               served: Sequence[tuple[dict[str, Any], int, float]]) -> list[np.ndarray]:
+    """``[sigmoid(pooled logit), served statistic for each of served]`` for all of ``d``'s
+    examples."""
+    zp = ((d.features(layer) - p.mean) / p.std) @ p.weight + p.bias
+    out = [_sigmoid(zp)]
+    z = p.logits(d.rows(layer))
+    toks: dict[float, np.ndarray] = {}
+    for agg, m, scale in served:
+        if scale not in toks:
+            toks[scale] = np.zeros(d.acts.n_rows, dtype=np.float32)
+            toks[scale][d.mask] = _sigmoid(scale * z)
+        out.append(aggregate_requests(toks[scale], d.acts.example, d.acts.n_examples, agg, m,
+                                      d.mask))
+    return out
+
+
+@dataclass
+class Fold:
+    """One leave-one-source-out fold: the held-out source's scores and the scores of the
+    fold's calibration rows (the held-back benign rows of the OTHER sources), per read-out
+    (index 0 = pooled logit, then one per served read-out)."""
+
+    held: SourceData
+    held_scores: list[np.ndarray]
+    cal_scores: list[np.ndarray]
+
+
+def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
+               cal_idx: dict[str, np.ndarray], layer: int, C: float, scary_weight: float,
+               served: Sequence[tuple[dict[str, Any], int, float]],
+               prefixes: int = 0) -> list[Fold]:
+    """For each training source, a probe fit on the other sources' ``fit_idx`` rows
+    scores ALL of that source's rows and the other sources' ``cal_idx`` rows."""
+    kw = kind_weights(scary_weight)
+    folds = []
+    for held in train:
+        parts = [(d, fit_idx[d.name]) for d in train if d.name != held.name]
+        p = fit_pooled(parts, layer, C, kw, prefixes)
+        cal = [_read_outs(p, d, layer, served) for d in train
+               if d.name != held.name and cal_idx[d.name].size]
+        idx = [cal_idx[d.name] for d in train if d.name != held.name and cal_idx[d.name].size]
+        cal_scores = [np.concatenate([c[k][i] for c, i in zip(cal, idx, strict=True)])
+                      for k in range(len(served) + 1)]
+        folds.append(Fold(held, _read_outs(p, held, layer, served), cal_scores))
+    return folds
+
+
+def fold_metrics(folds: Sequence[Fold], k: int) -> dict[str, float]:
+    """Deployment-style validation of read-out ``k``: each fold's thresholds come from its
+    own calibration rows (1% FPR); a held-out HARMFUL source gives AUROC against those rows
+    and its detection rate at the threshold, a held-out BENIGN source its false-alert rate.
+    ``criterion = (mean AUROC + mean TPR) / 2 − mean FPR``."""
+    from probes.calibrate import threshold_at_fpr
+
+    au, tp, fp = [], [], []
+    for f in folds:
+        s, c = f.held_scores[k], f.cal_scores[k]
+        t = threshold_at_fpr(c, 0.01)
+        if f.held.source.kind == "harmful":
+            au.append(auroc(np.r_[np.ones(s.size), np.zeros(c.size)], np.r_[s, c]))
+            tp.append(float((s >= t).mean()))
+        else:
+            fp.append(float((s >= t).mean()))
+    m = {"auroc": float(np.mean(au)), "tpr@cal1%": float(np.mean(tp)),
+         "fpr@cal1%": float(np.mean(fp)), "worst_fpr@cal1%": float(np.max(fp))}
+    m["criterion"] = (m["auroc"] + m["tpr@cal1%"]) / 2 - m["fpr@cal1%"]
+    return m
+
+
+# ----------------------------------------------------------------------- reporting helpers
+def source_rows(scores: dict[str, tuple[SourceData, np.ndarray]], thr: dict[str, float],
+                ref_pos: np.ndarray, ref_neg: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per-source metrics at the shipped thresholds ``thr``.
+
+    Harmful source: AUROC (bootstrap 95% CI) and TPR@1%FPR against ``ref_neg`` (the
+    pooled benign test sources), detection rate at warn / critical (Wilson 95% CI).
+    Benign source: alert rate at warn / critical (Wilson CI), AUROC against ``ref_pos``
+    (the pooled harmful test sources)."""
+    from probes.evaluate import auroc_ci, wilson_ci
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, (sd, s) in scores.items():
+        harmful = sd.source.kind == "harmful"
+        other = ref_neg if harmful else ref_pos
+        y = np.concatenate([np.full(s.size, harmful), np.full(other.size, not harmful)])
+        both = np.concatenate([s, other])
+        row: dict[str, Any] = {"kind": sd.source.kind, "role": sd.source.role, "n": int(s.size),
+                               "auroc": auroc(y, both), "auroc_ci": auroc_ci(y, both)}
+        if harmful:
+            row["tpr@fpr0.01"] = tpr_at_fpr(y, both, 0.01)
+        for sev, t in thr.items():
+            k = int((s >= t).sum())
+            row[f"rate@{sev}"] = k / max(s.size, 1)
+            row[f"rate@{sev}_ci"] = wilson_ci(k, int(s.size))
+        out[name] = row
+    return out
+
+
+def worst_examples(scores: dict[str, tuple[SourceData, np.ndarray]], k: int = 8
+                   ) -> dict[str, list[dict[str, Any]]]:
+    """Highest-scoring benign and lowest-scoring harmful requests (with text)."""
+    rows = []
+    for name, (sd, s) in scores.items():
+        for i, v in enumerate(s):
+            ex = sd.examples[i]
+            sys = next((m["content"] for m in ex.chat if m["role"] == "system"), "")
+            rows.append((float(v), name, sd.source.kind == "harmful", ex.user_text, sys))
+    fp = sorted([r for r in rows if not r[2]], key=lambda r: -r[0])[:k]
+    fn = sorted([r for r in rows if r[2]], key=lambda r: r[0])[:k]
+
+    def fmt(r: tuple[float, str, bool, str, str]) -> dict[str, Any]:
+        return {"score": round(r[0], 4), "source": r[1], "text": r[3][:300],
+                "system": r[4][:200]}
+
+    return {"false_positives": [fmt(r) for r in fp], "false_negatives": [fmt(r) for r in fn]}
+
+
+# ----------------------------------------------------------------------- the recipe
+LAYERS = (9, 12, 15, 18)
+"""Layers collected (of 30)."""
+SEARCH_LAYERS = (12, 15, 18)
+"""Layers searched (the middle of the network; layer 9 is only in the read-out study)."""
+CS = (1e-3, 1e-2)
+PREFIXES = (0, 8)
+"""Benign prefix negatives searched (0 = full-request means only)."""
+SCARY_WEIGHTS = (1.0, 3.0)
+SERVED: tuple[tuple[dict[str, Any], int, float], ...] = tuple(
+    (agg, m, scale)
+    for agg, m in (({"kind": "mean"}, 2), ({"kind": "mean"}, 4),
+                   ({"kind": "ema", "half_life_tokens": 8.0}, 4))
+    for scale in (1.0, 0.05))
+"""Served read-outs searched: ``(aggregation, min_tokens, scale)``. Aggregations: running
+mean and EMA (a rolling mean whose maximum over the request is taken). ``scale``
+multiplies the probe's weight and bias: at a small scale ``sigmoid(scale·z) ≈ ½ +
+scale·z/4`` is nearly linear, so the served mean of per-token scores ranks requests like
+the trained mean logit (thresholds are calibrated on the served statistic either way)."""
+CALIB_FRAC = 0.3
+"""Share of every benign training source held back from fitting, for the thresholds."""
+
+
+def load_sources(collector: Any, cache_dir: Any, sources: Sequence[Source], scope: str,
+                 layers: Sequence[int] = LAYERS, progress: bool = True,
+                 limit: int | None = None) -> dict[str, SourceData]:
+    """Collect (cached per source) and segment every source that is available."""
+    from probes.collect import TokenSelection
+    from probes.sources import load_source
+
+    out: dict[str, SourceData] = {}
+    for src in sources:
+        ex = load_source(src)
+        if limit is not None:
+            ex = ex[:limit]
+        acts = collector.collect(ex, layers, TokenSelection("prompt"), cache_dir=cache_dir,
+                                 progress=progress, desc=f"harmful_intent/{src.name}")
+        roles = token_roles(acts, ex, collector)
+        out[src.name] = SourceData(src, ex, acts, scope_mask(roles, scope))
+    return out
+
+
+def long_requests(tasks: Sequence[ChatExample], fillers: Sequence[ChatExample], n: int,
+                  seed: int, source: str, with_task: bool) -> list[ChatExample]:
+    """``n`` long requests: a numbered list of 4–7 requests from ``fillers``, with one of
+    ``tasks`` at a random place when ``with_task`` (label = the task's, else 0)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = rng.randint(4, 7)
+        items = [rng.choice(fillers).user_text for _ in range(k)]
+        label = 0
+        if with_task:
+            t = tasks[i % len(tasks)]
+            items.insert(rng.randint(0, k), t.user_text)
+            label = t.label
+        body = "I have a few things I need help with today:\n" + "\n".join(
+            f"{j + 1}. {x}" for j, x in enumerate(items)) + "\nThanks!"
+        out.append(ChatExample.make([{"role": "user", "content": body}], label, source=source))
+    return out
+
+
+def long_sources(data: dict[str, SourceData], collector: Any, cache_dir: Any, scope: str,
+                 layers: Sequence[int], progress: bool, seed: int = 0,
+                 n: int = 60) -> dict[str, SourceData]:
+    """Test-only long requests built from TEST sources: lists of ordinary-chat and
+    benign-but-scary requests (``long_benign``) and the same with one Do-Not-Answer
+    question inside (``long_with_harmful``)."""
+    from probes.collect import TokenSelection
+
+    fill = [e for k in ("oasst", "coconot_contrast") if k in data for e in data[k].examples
+            if len(e.user_text) < 400]
+    tasks = data["do_not_answer"].examples if "do_not_answer" in data else []
+    if not fill or not tasks:
+        return {}
+    out = {}
+    for name, kind, with_task in (("long_benign", "benign", False),
+                                  ("long_with_harmful", "harmful", True)):
+        exs = long_requests(tasks, fill, n, seed + (7 if with_task else 3), name, with_task)
+        acts = collector.collect(exs, layers, TokenSelection("prompt"), cache_dir=cache_dir,
+                                 progress=progress, desc=f"harmful_intent/{name}")
+        out[name] = SourceData(Source(name, kind, "test", "derived", name), exs, acts,
+                               scope_mask(token_roles(acts, exs, collector), scope))
+    return out
+
+
+def split_calibration(train: Sequence[SourceData], seed: int = 0
+                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per training source: rows to fit on, rows held back for calibration (benign only)."""
+    fit_idx, cal_idx = {}, {}
+    for i, d in enumerate(train):
+        n = len(d.examples)
+        if d.source.kind == "harmful":
+            fit_idx[d.name], cal_idx[d.name] = np.arange(n), np.arange(0)
+            continue
+        perm = np.random.default_rng(seed + 101 * i).permutation(n)
+        k = round(CALIB_FRAC * n)
+        cal_idx[d.name], fit_idx[d.name] = np.sort(perm[:k]), np.sort(perm[k:])
+    return fit_idx, cal_idx
+
+
+def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
+           cal_idx: dict[str, np.ndarray], layers: Sequence[int] = SEARCH_LAYERS,
+           Cs: Sequence[float] = CS, scary_weights: Sequence[float] = SCARY_WEIGHTS,
+           served: Sequence[tuple[dict[str, Any], int, float]] = SERVED,
+           prefixes: Sequence[int] = PREFIXES, progress: bool = True
+           ) -> tuple[Config, list[dict[str, Any]]]:
+    """Leave-one-source-out search (:func:`loso_folds`, :func:`fold_metrics`). Returns the
+    best *servable* config and the whole table (``pooled logit`` rows: the request-level
+    sigmoid of the mean logit, a reference the monitor cannot serve)."""
+    from tqdm.auto import tqdm
+
+    from probes.train import aggregation_name
+
+    table: list[dict[str, Any]] = []
+    best: tuple[float, Config] | None = None
+    jobs = [(lay, c, sw, pf) for lay in layers for c in Cs for sw in scary_weights
+            for pf in prefixes]
+    for lay, c, sw, pf in tqdm(jobs, desc="harmful_intent/select", disable=not progress,
+                           leave=False):
+        folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served, pf)
+        for k in range(len(served) + 1):
+            met = fold_metrics(folds, k)
+            if k == 0:
+                agg_name, m = "pooled logit (not servable)", 0
+            else:
+                agg, m, scale = served[k - 1]
+                agg_name = aggregation_name(agg) + (f" scale={scale:g}" if scale != 1 else "")
+                cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m, scale, pf)
+                if best is None or met["criterion"] > best[0]:
+                    best = (met["criterion"], cfg)
+            table.append({"layer": lay, "C": c, "scary_weight": sw, "prefix_negatives": pf,
+                          "read-out": agg_name,
+                          "min_tokens": m, **{kk: round(v, 4) for kk, v in met.items()}})
+    assert best is not None
+    table.sort(key=lambda r: -r["criterion"])
+    return best[1], table
+
+
+def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
+            cal_idx: dict[str, np.ndarray], cfg: Config,
+            layers: Sequence[int] = LAYERS) -> list[dict[str, Any]]:
+    """What richer read-outs buy, leave-one-source-out (:func:`fold_metrics`) on the
+    request-level pooled statistic (none of these is servable as one ``linear_probe``
+    detector today): the chosen single layer, all layers concatenated, an ensemble (mean
+    logit of one probe per layer) and a small MLP head on the chosen layer."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+
+    kw = kind_weights(cfg.scary_weight)
+    Parts = Sequence[tuple[SourceData, np.ndarray]]
+    Scorer = Any  # Callable[[SourceData], np.ndarray]
+
+    def run(fit: Any) -> dict[str, float]:
+        folds = []
+        for h in train:
+            others = [d for d in train if d.name != h.name]
+            score: Scorer = fit([(d, fit_idx[d.name]) for d in others])
+            cal = np.concatenate([score(d)[cal_idx[d.name]] for d in others
+                                  if cal_idx[d.name].size])
+            folds.append(Fold(h, [score(h)], [cal]))
+        return fold_metrics(folds, 0)
+
+    def single(lay: int) -> Any:
+        def f(parts: Parts) -> Scorer:
+            p = fit_pooled(parts, lay, cfg.C, kw, cfg.prefixes)
+            return lambda d: ((d.features(lay) - p.mean) / p.std) @ p.weight + p.bias
+        return f
+
+    def feats(d: SourceData) -> np.ndarray:
+        return np.concatenate([d.features(lay) for lay in layers], 1)
+
+    def concat(parts: Parts) -> Scorer:
+        x = np.concatenate([feats(d)[i] for d, i in parts])
+        yy = np.concatenate([d.labels[i] for d, i in parts])
+        mu, sd = x.mean(0), x.std(0) + 1e-4
+        clf = LogisticRegression(C=cfg.C / len(layers), max_iter=500)
+        clf.fit((x - mu) / sd, yy, sample_weight=source_weights(parts, kw))
+        return lambda d: clf.decision_function((feats(d) - mu) / sd)
+
+    def ensemble(parts: Parts) -> Scorer:
+        fs = [single(lay)(parts) for lay in layers]
+        return lambda d: np.mean([f(d) for f in fs], axis=0)
+
+    def mlp(parts: Parts) -> Scorer:
+        x = np.concatenate([d.features(cfg.layer)[i] for d, i in parts])
+        yy = np.concatenate([d.labels[i] for d, i in parts])
+        mu, sd = x.mean(0), x.std(0) + 1e-4
+        clf = MLPClassifier((64,), alpha=1.0, max_iter=200, early_stopping=True,
+                            random_state=0)
+        clf.fit((x - mu) / sd, yy)
+        return lambda d: clf.predict_proba((d.features(cfg.layer) - mu) / sd)[:, 1]
+
+    rows = []
+    for name, f in ((f"linear, layer {cfg.layer} (chosen)", single(cfg.layer)),
+                    (f"linear, layers {'+'.join(map(str, layers))} concatenated", concat),
+                    (f"ensemble: mean logit of per-layer probes {tuple(layers)}", ensemble),
+                    (f"MLP head (64 hidden, alpha=1), layer {cfg.layer}", mlp)):
+        m = run(f)
+        rows.append({"read-out (pooled statistic)": name,
+                     **{k: round(v, 4) for k, v in m.items()}})
+    return rows
+
+
+def fold_rows(folds: Sequence[Fold], k: int = 1) -> dict[str, dict[str, Any]]:
+    """Per held-out training source (validation): AUROC against the fold's calibration
+    rows (harmful sources) and the alert rate at the fold's own 1% / 0.1% thresholds."""
+    from probes.calibrate import threshold_at_fpr
+    from probes.evaluate import auroc_ci, wilson_ci
+
+    out: dict[str, dict[str, Any]] = {}
+    for f in folds:
+        s, c = f.held_scores[k], f.cal_scores[k]
+        row: dict[str, Any] = {"kind": f.held.source.kind, "role": "validation",
+                               "n": int(s.size)}
+        if f.held.source.kind == "harmful":
+            y = np.r_[np.ones(s.size), np.zeros(c.size)]
+            row["auroc"] = auroc(y, np.r_[s, c])
+            row["auroc_ci"] = auroc_ci(y, np.r_[s, c])
+        for sev, fpr in (("warn", 0.01), ("critical", 0.001)):
+            n_hit = int((s >= threshold_at_fpr(c, fpr)).sum())
+            row[f"rate@{sev}"] = n_hit / max(s.size, 1)
+            row[f"rate@{sev}_ci"] = wilson_ci(n_hit, int(s.size))
+        out[f.held.name] = row
+    return out
+
+
+def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
+                   fit_idx: dict[str, np.ndarray], cfg: Config,
+                   fractions: Sequence[float] = (0.05, 0.1, 0.25, 0.5, 1.0),
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """Pooled test AUROC / TPR@1%FPR (served statistic) vs the fraction of every training
+    source's rows fit on, plus a control: all rows with shuffled labels."""
+    y = np.concatenate([d.labels for d in test])
+    kw = kind_weights(cfg.scary_weight)
+    rows = []
+    rng = np.random.default_rng(seed)
+    for fr in (*fractions, "shuffled"):
+        parts = []
+        for d in train:
+            idx = fit_idx[d.name]
+            if fr != "shuffled":
+                k = max(1, round(float(fr) * idx.size))
+                idx = np.sort(rng.permutation(idx)[:k])
+            parts.append((d, idx))
+        if fr == "shuffled":
+            x = np.concatenate([d.features(cfg.layer)[i] for d, i in parts])
+            yy = rng.permutation(np.concatenate([d.labels[i] for d, i in parts]))
+            p = fit_logreg(x, yy, cfg.layer, cfg.C, max_iter=500)
+        else:
+            p = fit_pooled(parts, cfg.layer, cfg.C, kw, cfg.prefixes)
+        p = scaled(p, cfg.scale)
+        s = np.concatenate([d.served(p, cfg.agg, cfg.min_tokens) for d in test])
+        m = pooled_metrics(y, s)
+        rows.append({"train_fraction": fr if fr == "shuffled" else float(fr),
+                     "n_train": int(sum(i.size for _, i in parts)),
+                     "test.auroc": round(m["auroc"], 4),
+                     "test.tpr@fpr0.01": round(m["tpr@fpr0.01"], 4)})
+    return rows
+
+
+def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user",
+                          sources: Sequence[Source] | None = None,
+                          layers: Sequence[int] = LAYERS, Cs: Sequence[float] = CS,
+                          scary_weights: Sequence[float] = SCARY_WEIGHTS,
+                          served: Sequence[tuple[dict[str, Any], int, float]] = SERVED,
+                          prefixes: Sequence[int] = PREFIXES,
+                          limit: int | None = None, explore_readouts: bool = True,
+                          seed: int = 0, progress: bool = True) -> Any:
+    """Collect → leave-one-source-out selection → fit on all training sources (minus the
+    calibration hold-back) → thresholds on the hold-back → evaluate the test sources."""
+    from probes.calibrate import calibrate
+    from probes.export import DetectorResult, threshold_ladder
+    from probes.sources import HARMFUL_SOURCES
+
+    sources = HARMFUL_SOURCES if sources is None else sources
+    data = load_sources(collector, cache_dir, sources, scope, layers, progress, limit)
+    train = [d for d in data.values() if d.source.role == "train"]
+    test = [d for d in data.values() if d.source.role == "test"]
+    test += list(long_sources(data, collector, cache_dir, scope, layers, progress, seed,
+                              60 if limit is None else max(4, limit // 4)).values())
+    fit_idx, cal_idx = split_calibration(train, seed)
+    search = [x for x in SEARCH_LAYERS if x in layers] or list(layers)
+    cfg, table = select(train, fit_idx, cal_idx, search, Cs, scary_weights, served, prefixes,
+                        progress)
+    log.info("harmful_intent: chose %s", cfg.label())
+
+    probe = scaled(fit_pooled([(d, fit_idx[d.name]) for d in train], cfg.layer, cfg.C,
+                              kind_weights(cfg.scary_weight), cfg.prefixes), cfg.scale)
+
+    def served_of(d: SourceData) -> np.ndarray:
+        return d.served(probe, cfg.agg, cfg.min_tokens)
+
+    cal_parts = [(d, served_of(d)[cal_idx[d.name]]) for d in train if cal_idx[d.name].size]
+    s_cal = np.concatenate([s for _, s in cal_parts])
+    cal_desc = ("held-back 30% of every benign training source ("
+                + ", ".join(f"{d.name} {s.size}" for d, s in cal_parts) + "), never fit on")
+    cal = calibrate(s_cal, benign_set=cal_desc)
+    thr = threshold_ladder(cal)
+
+    test_scores = {d.name: (d, served_of(d)) for d in test}
+    ref_pos = np.concatenate([s for d, s in test_scores.values() if d.source.kind == "harmful"])
+    ref_neg = np.concatenate([s for d, s in test_scores.values() if d.source.kind != "harmful"])
+    # out-of-source scores of the training sources under the chosen config (validation)
+    folds = loso_folds(train, fit_idx, cal_idx, cfg.layer, cfg.C, cfg.scary_weight,
+                       [(cfg.agg, cfg.min_tokens, cfg.scale)], cfg.prefixes)
+    y_test = np.concatenate([np.full(s.size, d.source.kind == "harmful")
+                             for d, s in test_scores.values()]).astype(np.int8)
+    s_test = np.concatenate([s for _, s in test_scores.values()])
+    from probes.evaluate import auroc_ci, evaluate_scores
+
+    pooled = evaluate_scores(y_test, s_test, None, thr)
+    pooled["auroc_ci"] = auroc_ci(y_test, s_test)
+    metrics: dict[str, Any] = {
+        "test_sources": source_rows(test_scores, thr, ref_pos, ref_neg),
+        "validation_sources": fold_rows(folds),
+        "test_pooled": pooled,
+        "calibration_set": {"n": int(s_cal.size),
+                            **{f"fpr@{k}": float((s_cal >= t).mean()) for k, t in thr.items()}},
+        "worst_test": worst_examples(test_scores),
+        "learning_curve": learning_curve(train, test, fit_idx, cfg, seed=seed),
+    }
+    if explore_readouts:
+        metrics["readouts"] = explore(train, fit_idx, cal_idx, cfg, layers)
+    cal.update({"aggregation": cfg.agg, "min_tokens": cfg.min_tokens, "scope": scope})
+    scores = {"test (pooled)": (y_test, s_test)}
+    for d, s in test_scores.values():
+        scores[d.name] = (np.full(s.size, int(d.source.kind == "harmful")), s)
+    scores["calibration"] = (np.zeros(s_cal.size), s_cal)
+    return DetectorResult(
+        name="harmful_intent",
+        description=f"the user asks for help causing serious harm ({scope} tokens)",
+        probe=probe, scope=scope, aggregation=cfg.agg, min_tokens=cfg.min_tokens,
+        calibration=cal, metrics=metrics, selection=table[:16],
+        datasets=[f"{d.name} ({d.source.kind}, {len(d.examples)}: "
+                  f"{fit_idx[d.name].size} fit, {cal_idx[d.name].size} calibration)"
+                  for d in train] +
+                 [f"TEST {d.name} ({d.source.kind}, {len(d.examples)})" for d in test],
+        token_labels=f"request label on the mean of the {scope}-token activations "
+                     "(each source the same total weight within its class)",
+        scores=scores,
+    )

@@ -1,0 +1,181 @@
+"""The harmful-intent recipe's pieces against plain references, and a small slice of the
+recipe end to end (skips without ../shared datasets or the default model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from probes.collect import SEG_GENERATED, SEG_USER, Activations
+from probes.evaluate import auroc, auroc_ci, wilson_ci
+from probes.harmful import Config, pooled_features, served_scores, source_weights
+from probes.sources import HARMFUL_SOURCES, Source, sources_available
+from probes.train import LinearProbe
+
+
+def _acts(lengths: list[int], labels: list[int], d: int = 6, seed: int = 0) -> Activations:
+    rng = np.random.default_rng(seed)
+    ex = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lengths)])
+    pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+    n = ex.size
+    x = rng.normal(size=(n, d)).astype(np.float16)
+    return Activations((3,), {3: x}, ex, pos, np.zeros(n, bool), np.full(n, SEG_USER, np.int8),
+                       np.zeros(n, np.int32), np.array(labels, np.int8), len(lengths))
+
+
+def test_pooled_features_is_the_mean_of_masked_rows() -> None:
+    acts = _acts([3, 1, 5], [1, 0, 1])
+    mask = np.ones(acts.n_rows, bool)
+    mask[[0, 6]] = False
+    got = pooled_features(acts, 3, mask)
+    for i in range(3):
+        rows = acts.x[3][(acts.example == i) & mask].astype(np.float32)
+        np.testing.assert_allclose(got[i], rows.mean(0), rtol=1e-6)
+    mask[3] = False  # example 1 loses its only row: zeros
+    assert not pooled_features(acts, 3, mask)[1].any()
+
+
+def test_served_scores_is_max_over_t_of_the_running_mean() -> None:
+    acts = _acts([7, 2, 4], [1, 0, 0], seed=1)
+    probe = LinearProbe(3, np.arange(6, dtype=np.float32) - 2.5, 0.3,
+                        np.zeros(6, np.float32), np.ones(6, np.float32))
+    mask = np.ones(acts.n_rows, bool)
+    mask[1] = False
+    got = served_scores(probe, acts, mask, {"kind": "mean"}, 3)
+    for i in range(3):
+        rows = acts.x[3][(acts.example == i) & mask].astype(np.float32)
+        s = 1 / (1 + np.exp(-(rows @ probe.weight + probe.bias)))
+        if len(s) < 3:  # fewer tokens in scope than min_tokens: never alerts
+            assert got[i] == 0.0
+            continue
+        running = np.cumsum(s) / np.arange(1, len(s) + 1)
+        assert got[i] == pytest.approx(running[2:].max(), rel=1e-5)
+
+
+def test_source_weights_give_every_source_the_same_class_share() -> None:
+    class _S:
+        def __init__(self, kind: str, labels: list[int]) -> None:
+            self.source = Source("s", kind, "train", "v2", "f")
+            self.labels = np.array(labels, np.int8)
+
+    a, b, c = _S("harmful", [1] * 10), _S("harmful", [1] * 2), _S("scary", [0] * 4)
+    d = _S("benign", [0] * 8)
+    parts = [(a, np.arange(10)), (b, np.arange(2)), (c, np.arange(4)), (d, np.arange(8))]
+    w = source_weights(parts, {"scary": 3.0})
+    assert w[:10].sum() == pytest.approx(w[10:12].sum())  # harmful sources equal
+    assert w[12:16].sum() == pytest.approx(3 * w[16:].sum())  # scary × 3
+    assert w[:12].sum() == pytest.approx(w[12:].sum())  # classes balanced
+
+
+def test_intervals_cover_the_estimate() -> None:
+    lo, hi = wilson_ci(3, 100)
+    assert 0 < lo < 0.03 < hi < 0.1
+    assert wilson_ci(0, 50)[0] == 0.0 and wilson_ci(0, 50)[1] > 0.0
+    y = np.r_[np.ones(50), np.zeros(50)]
+    s = np.r_[np.linspace(0.3, 1, 50), np.linspace(0, 0.7, 50)]
+    lo, hi = auroc_ci(y, s)
+    assert lo <= auroc(y, s) <= hi and hi - lo < 0.2
+
+
+def test_test_sources_cover_each_required_style() -> None:
+    test = {s.name: s for s in HARMFUL_SOURCES if s.role == "test"}
+    assert {"do_not_answer", "oasst", "coconot_contrast", "personas_test"} <= set(test)
+    train = {s.name for s in HARMFUL_SOURCES if s.role == "train"}
+    assert not train & set(test)
+    assert Config(12, 1e-3, 1.0, (("kind", "mean"),), 2).agg == {"kind": "mean"}
+
+
+def test_token_roles_match_the_shared_segmenter_on_user_text() -> None:
+    try:
+        from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
+
+        path = prepare_default_model()
+    except Exception as e:  # pragma: no cover - depends on the machine
+        pytest.skip(f"default model unavailable: {e}")
+    from transformers import AutoTokenizer
+
+    from monitor.roles import TokenRole
+    from probes.collect import _ChatEncoder
+    from probes.datasets import ChatExample
+    from probes.harmful import scope_mask, token_roles
+
+    enc = _ChatEncoder()
+    enc.tokenizer = AutoTokenizer.from_pretrained(path)
+    exs = [ChatExample.make([{"role": "user", "content": "How do I kill a Python process?"}], 0),
+           ChatExample.make([{"role": "system", "content": "You are a pirate."},
+                             {"role": "user", "content": "Hello there"}], 0, completion="Arr")]
+    ex, pos, gen = [], [], []
+    for i, e in enumerate(exs):
+        ids, plen, _ = enc.encode(e)
+        ex += [i] * len(ids)
+        pos += list(range(len(ids)))
+        gen += [p >= plen for p in range(len(ids))]
+    n = len(ex)
+    acts = Activations((0,), {0: np.zeros((n, 2), np.float16)}, np.array(ex, np.int32),
+                       np.array(pos, np.int32), np.array(gen), np.zeros(n, np.int8),
+                       np.zeros(n, np.int32), np.zeros(2, np.int8), 2)
+    roles = token_roles(acts, exs, enc)
+    user = scope_mask(roles, "user")
+    text = [enc.tokenizer.decode(
+        [enc.encode(exs[i])[0][p] for p in acts.position[user & (acts.example == i)]])
+        for i in range(2)]
+    assert text == ["How do I kill a Python process?", "Hello there"], DEFAULT_MODEL_NAME
+    assert (roles[np.array(gen)] == int(TokenRole.GENERATED)).all()
+    assert (roles == int(TokenRole.SYSTEM)).any()  # pirate and SmolLM2's default prompt
+    assert scope_mask(roles, "prompt").sum() == (~np.array(gen)).sum()
+    assert SEG_GENERATED == 3
+
+
+@pytest.mark.slow
+def test_recipe_small_slice_end_to_end(tmp_path) -> None:
+    """A few rows per source through collection, leave-one-source-out selection, fit,
+    calibration and per-source evaluation: a working probe comes out."""
+    if not sources_available():
+        pytest.skip("../shared/datasets or ../shared/datasets-v2 absent")
+    try:
+        from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
+
+        path = prepare_default_model()
+    except Exception as e:  # pragma: no cover
+        pytest.skip(f"default model unavailable: {e}")
+    from probes.collect import TransformersCollector
+    from probes.harmful import harmful_intent_recipe
+
+    names = {"catqa", "stl_harmful", "alpaca", "project_scary", "do_not_answer", "oasst",
+             "mtbench", "refusal_harmful"}
+    srcs = [s for s in HARMFUL_SOURCES if s.name in names]
+    col = TransformersCollector(path, DEFAULT_MODEL_NAME)
+    r = harmful_intent_recipe(col, tmp_path, sources=srcs, layers=(12,), Cs=(1e-3,),
+                              scary_weights=(1.0,), served=(({"kind": "mean"}, 2, 1.0),),
+                              limit=24, explore_readouts=False, progress=False)
+    m = r.metrics
+    assert set(m["test_sources"]) == {"do_not_answer", "oasst", "long_benign",
+                                      "long_with_harmful"}
+    assert m["test_pooled"]["auroc"] > 0.7  # chance is 0.5; the full build: REPORT.md
+    assert 0 < r.thresholds["warn"] < r.thresholds["critical"] < 1
+    assert r.selection and r.selection[0]["layer"] == 12
+    assert m["calibration_set"]["n"] == sum(round(0.3 * 24) for _ in range(3))
+
+
+def test_fold_metrics_judge_each_fold_by_its_own_threshold() -> None:
+    from probes.harmful import Fold, fold_metrics, scaled
+
+    class _D:
+        def __init__(self, kind: str) -> None:
+            self.source = Source(kind, kind, "train", "v2", "f")
+
+    cal = np.linspace(0.0, 0.5, 200)  # fold's held-back benign rows; 1% threshold ~0.4975
+    folds = [Fold(_D("harmful"), [np.array([0.9, 0.8, 0.1, 0.7])], [cal]),
+             Fold(_D("benign"), [np.array([0.1, 0.6, 0.2, 0.3])], [cal]),
+             Fold(_D("scary"), [np.array([0.2, 0.2])], [cal + 0.5])]  # own, higher threshold
+    m = fold_metrics(folds, 0)
+    assert m["tpr@cal1%"] == pytest.approx(0.75)
+    assert m["fpr@cal1%"] == pytest.approx((0.25 + 0.0) / 2)
+    assert m["worst_fpr@cal1%"] == pytest.approx(0.25)
+    assert m["criterion"] == pytest.approx((m["auroc"] + 0.75) / 2 - 0.125)
+    p = LinearProbe(0, np.array([1.0, -2.0], np.float32), 0.5, np.zeros(2, np.float32),
+                    np.ones(2, np.float32))
+    x = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)
+    q = scaled(p, 0.05)
+    np.testing.assert_allclose(q.logits(x), 0.05 * p.logits(x), rtol=1e-5, atol=1e-6)
+    assert (np.argsort(q.scores(x)) == np.argsort(p.scores(x))).all()

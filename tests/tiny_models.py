@@ -1,0 +1,193 @@
+"""Tiny random-weight models of the major decoder families, written locally (no download).
+
+Each model is a real Hugging Face folder — `config.json` from transformers' own config
+class, `model.safetensors` (float32), the tokenizer of the default model and a chat
+template in the family's own format — that both transformers and vLLM load. They are for
+proving that capture returns the right tensor on each architecture (tests/test_archs.py)
+and for sizing runs (README), never for quality.
+
+Shapes: d_model 128, 3 decoder layers, 4 query heads / 2 KV heads of 32 dims, MLP 256,
+the default model's vocabulary (49152 ids). Weights are drawn N(0, 0.15²) and every norm
+weight is perturbed (norm gains 1 ± 0.3; Gemma's zero-centred gains 0 ± 0.3) so that a
+capture that skipped a norm, a residual add or a post-norm would differ by far more than
+the test tolerance.
+
+    python tests/tiny_models.py --out /tmp/tiny            # all families
+    python tests/tiny_models.py --out /tmp/tiny qwen3 gemma2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+D_MODEL = 128
+N_LAYERS = 3
+N_HEADS = 4
+N_KV_HEADS = 2
+HEAD_DIM = 32
+D_MLP = 256
+MAX_POS = 2048
+
+TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
+"""The families' own chat templates (as their instruct models ship them), shared with
+tests/test_roles.py. The tiny models use the default model's tokenizer, so family special
+tokens are plain text to it; the template's structure (role markers, generation prompt)
+is the family's."""
+
+
+def _common() -> dict[str, Any]:
+    return dict(vocab_size=49152, hidden_size=D_MODEL, intermediate_size=D_MLP,
+                num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
+                num_key_value_heads=N_KV_HEADS, head_dim=HEAD_DIM,
+                max_position_embeddings=MAX_POS, bos_token_id=1, eos_token_id=2,
+                pad_token_id=2, tie_word_embeddings=False)
+
+
+def _llama() -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_common(), architectures=["LlamaForCausalLM"])
+
+
+def _mistral() -> Any:
+    from transformers import MistralConfig
+
+    return MistralConfig(**_common(), sliding_window=None, architectures=["MistralForCausalLM"])
+
+
+def _qwen2() -> Any:
+    from transformers import Qwen2Config
+
+    kw = _common()
+    kw.pop("head_dim")
+    return Qwen2Config(**kw, architectures=["Qwen2ForCausalLM"])
+
+
+def _qwen3() -> Any:
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**_common(), architectures=["Qwen3ForCausalLM"])
+
+
+def _phi3() -> Any:
+    from transformers import Phi3Config
+
+    kw = _common()
+    kw.pop("head_dim")
+    return Phi3Config(**kw, architectures=["Phi3ForCausalLM"])
+
+
+def _gemma2() -> Any:
+    from transformers import Gemma2Config
+
+    kw = _common()
+    kw["tie_word_embeddings"] = True
+    return Gemma2Config(**kw, query_pre_attn_scalar=HEAD_DIM, sliding_window=MAX_POS,
+                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                        hidden_activation="gelu_pytorch_tanh",
+                        architectures=["Gemma2ForCausalLM"])
+
+
+def _gemma3() -> Any:
+    from transformers import Gemma3TextConfig
+
+    kw = _common()
+    kw["tie_word_embeddings"] = True
+    return Gemma3TextConfig(**kw, query_pre_attn_scalar=HEAD_DIM, sliding_window=MAX_POS,
+                            layer_types=["sliding_attention", "sliding_attention",
+                                         "full_attention"],
+                            hidden_activation="gelu_pytorch_tanh",
+                            architectures=["Gemma3ForCausalLM"])
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its config factory and chat template."""
+
+    name: str
+    config: Callable[[], Any]
+    chat_template: str  # file in TEMPLATES
+    zero_centred_norms: bool = False  # Gemma: RMSNorm scales by (1 + w)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("llama", _llama, "llama3.jinja"),
+    Family("mistral", _mistral, "mistral.jinja"),
+    Family("qwen2", _qwen2, "qwen2.jinja"),
+    Family("qwen3", _qwen3, "qwen2.jinja"),
+    Family("phi3", _phi3, "phi3.jinja"),
+    Family("gemma2", _gemma2, "gemma2.jinja", zero_centred_norms=True),
+    Family("gemma3", _gemma3, "gemma3.jinja", zero_centred_norms=True),
+)}
+
+
+def tokenizer_source() -> Path:
+    """Folder whose tokenizer the tiny models reuse (the default model's)."""
+    from monitor.models import prepare_default_model
+
+    return prepare_default_model()
+
+
+def build_tiny_model(family: str, out: Path, *, seed: int = 0) -> Path:
+    """Write the tiny `family` model to `out` (idempotent: reuses a finished folder).
+
+    Returns:
+        `out`, a folder with config.json, model.safetensors, tokenizer files and
+        `chat_template.jinja` in the family's format.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    fam = FAMILIES.get(family)
+    if fam is None:
+        raise ValueError(f"family: expected one of {sorted(FAMILIES)}, found {family!r}")
+    out = Path(out)
+    if (out / ".built").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = fam.config()
+    cfg.dtype = "float32"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name:
+                p.copy_((0.0 if fam.zero_centred_norms else 1.0) + 0.3 * noise)
+            else:
+                p.copy_(0.15 * noise)
+    model.save_pretrained(tmp, safe_serialization=True)
+    src = tokenizer_source()
+    for fn in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / fn, tmp / fn)
+    tc = json.loads((tmp / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=1))
+    shutil.copy(TEMPLATES / fam.chat_template, tmp / "chat_template.jinja")
+    (tmp / ".built").write_text(family + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python tests/tiny_models.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="parent folder")
+    ap.add_argument("families", nargs="*", default=sorted(FAMILIES))
+    a = ap.parse_args(argv)
+    for fam in a.families:
+        print(build_tiny_model(fam, a.out / fam))
+
+
+if __name__ == "__main__":
+    main()
