@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
 import numpy as np
@@ -455,7 +455,7 @@ def encode_frame(
         pb_spans.append(monitor_pb2.RowSpan(
             request_id=s.request_id, n_rows=s.n_rows,
             start_position=s.start_position, prompt_len=s.prompt_len,
-            role=monitor_pb2.TokenRole(int(s.role)),
+            role=cast("monitor_pb2.TokenRole", int(s.role)),  # the proto enum is an int
         ))
     return monitor_pb2.ActivationFrame(
         seq=seq, model=model, layer=layer, dtype=wire, shape=list(shape), data=data,
