@@ -1,96 +1,124 @@
 """Configuration of the vLLM capture plugin, read from the environment.
 
 The plugin is enabled by one variable: `SAFETY_MONITOR_ADDR` (``host:port`` of the
-sidecar's gRPC server). Absent or empty, the plugin does nothing at all. Every other
-variable has a default:
-
-=====================================  ==========  =============================================
-variable                               default     meaning
-=====================================  ==========  =============================================
-SAFETY_MONITOR_ADDR                    (unset)     sidecar address; unset → plugin disabled
-SAFETY_MONITOR_MODEL                   (served)    model identity sent in frames / checked
-                                                   against the plan (default: vLLM's
-                                                   served model name)
-SAFETY_MONITOR_PLAN_TIMEOUT_S          10          how long start-up waits for the capture plan
-SAFETY_MONITOR_RING_SLOTS              4           host ring slots (one slot = one engine step)
-SAFETY_MONITOR_RING_MB                 512         cap on the ring's total size (MiB)
-SAFETY_MONITOR_QUEUE                   256         bounded send queue (messages)
-SAFETY_MONITOR_BACKOFF_S               0.2         first reconnect delay (s), doubles per failure
-SAFETY_MONITOR_BACKOFF_MAX_S           5           reconnect delay cap (s)
-SAFETY_MONITOR_STATS_S                 2           ClientStats period while connected (s)
-SAFETY_MONITOR_CLIENT_ID               (auto)      ClientHello.client_id
-SAFETY_MONITOR_CHAT_TEMPLATE           (model's)   chat template file for token roles; set it
-                                                   to the file given to ``vllm serve
-                                                   --chat-template`` when that flag is used
-=====================================  ==========  =============================================
+sidecar's gRPC server). Absent or empty, the plugin does nothing at all. Every variable
+is one field of `CaptureConfig` (its name, default, parser and meaning live in the
+field's metadata); `env_table()` renders them as the table in docs/CAPTURE.md (a test
+keeps the two equal). Nothing else in the plugin reads the environment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ENV_ADDR", "CaptureConfig", "enabled", "env_table"]
 
 ENV_ADDR = "SAFETY_MONITOR_ADDR"
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _float(name: str, raw: str) -> float:
     try:
         return float(raw)
     except ValueError as e:
         raise ValueError(f"{name}: expected a number, found {raw!r}") from e
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
+def _int(name: str, raw: str) -> int:
     try:
         return int(raw)
     except ValueError as e:
         raise ValueError(f"{name}: expected an integer, found {raw!r}") from e
 
 
+def _env(var: str, default: Any, doc: str, *, parse: Callable[[str, str], Any] = _text,
+         low: float | None = None, shown: str | None = None) -> Any:
+    """A field read from `var` (empty or unset: `default`; numbers clamped to `low`)."""
+    return field(default=default, metadata={"env": var, "doc": doc, "parse": parse,
+                                            "low": low, "shown": shown})
+
+
 @dataclass(frozen=True)
 class CaptureConfig:
-    """Plugin settings (see the module docstring for the environment variables)."""
+    """Plugin settings, one per environment variable (see `env_table()`)."""
 
-    addr: str
-    model: str | None = None
-    plan_timeout_s: float = 10.0
-    ring_slots: int = 4
-    ring_mb: int = 512
-    queue_size: int = 256
-    backoff_s: float = 0.2
-    backoff_max_s: float = 5.0
-    stats_period_s: float = 2.0
-    client_id: str = ""
-    #: Chat template file the token roles are derived from (None: the tokenizer's own).
-    chat_template: str | None = None
+    addr: str = _env(ENV_ADDR, "", "sidecar `host:port`; unset → the plugin does nothing",
+                     shown="unset")
+    model: str | None = _env("SAFETY_MONITOR_MODEL", None, "model identity sent in frames; "
+                             "must equal the plan's `model`", shown="served model name")
+    plan_timeout_s: float = _env("SAFETY_MONITOR_PLAN_TIMEOUT_S", 10.0,
+                                 "start-up wait for `GetCapturePlan` (s)", parse=_float)
+    ring_slots: int = _env("SAFETY_MONITOR_RING_SLOTS", 4, "host ring slots (one per engine "
+                           "step)", parse=_int, low=1)
+    ring_mb: int = _env("SAFETY_MONITOR_RING_MB", 512, "cap on the ring's total size (MiB)",
+                        parse=_int, low=1)
+    queue_size: int = _env("SAFETY_MONITOR_QUEUE", 256, "bounded send queue (messages)",
+                           parse=_int, low=1)
+    backoff_s: float = _env("SAFETY_MONITOR_BACKOFF_S", 0.2, "first reconnect delay (s), "
+                            "doubles per failure", parse=_float, low=0.01)
+    backoff_max_s: float = _env("SAFETY_MONITOR_BACKOFF_MAX_S", 5.0, "reconnect delay cap (s)",
+                                parse=_float, low=0.01)
+    stats_period_s: float = _env("SAFETY_MONITOR_STATS_S", 2.0, "`ClientStats` period while "
+                                 "connected (s)", parse=_float, low=0.05)
+    client_id: str = _env("SAFETY_MONITOR_CLIENT_ID", "", "`ClientHello.client_id`: the "
+                          "client half of request keys (reconnects of this client adopt its "
+                          "orphaned requests)", shown="vllm-worker-PID@HOST")
+    chat_template: str | None = _env(
+        "SAFETY_MONITOR_CHAT_TEMPLATE", None, "chat template file the token roles are derived "
+        "from; set it to the file passed to `vllm serve --chat-template` when that flag is "
+        "used", shown="model's")
+    wrap: str = _env("SAFETY_MONITOR_WRAP", "plan", "`all`: wrap every decoder layer (a plan "
+                     "may later change layers); otherwise only the plan's layers",
+                     shown="plan layers")
+    stats_file: str | None = _env("SAFETY_MONITOR_STATS_FILE", None, "the worker writes its "
+                                  "counters there as JSON every second", shown="unset")
+    log_level: str = _env("SAFETY_MONITOR_LOG_LEVEL", "INFO", "level of the `monitor` logger "
+                          "(verdicts are DEBUG)")
+
+    @property
+    def wrap_all(self) -> bool:
+        """True when every decoder layer is wrapped (`SAFETY_MONITOR_WRAP=all`)."""
+        return self.wrap.lower() == "all"
 
     @classmethod
-    def from_env(cls) -> CaptureConfig | None:
-        """Return the configuration, or None when `SAFETY_MONITOR_ADDR` is unset (disabled)."""
-        addr = os.environ.get(ENV_ADDR, "").strip()
-        if not addr:
+    def from_env(cls, env: dict[str, str] | None = None) -> CaptureConfig | None:
+        """The configuration from `env` (default `os.environ`); None when
+        `SAFETY_MONITOR_ADDR` is unset or empty (the plugin is disabled). Raises
+        ValueError naming the variable for a value that does not parse."""
+        e = os.environ if env is None else env
+        if not e.get(ENV_ADDR, "").strip():
             return None
-        return cls(
-            addr=addr,
-            model=os.environ.get("SAFETY_MONITOR_MODEL", "").strip() or None,
-            plan_timeout_s=_float("SAFETY_MONITOR_PLAN_TIMEOUT_S", 10.0),
-            ring_slots=max(1, _int("SAFETY_MONITOR_RING_SLOTS", 4)),
-            ring_mb=max(1, _int("SAFETY_MONITOR_RING_MB", 512)),
-            queue_size=max(1, _int("SAFETY_MONITOR_QUEUE", 256)),
-            backoff_s=max(0.01, _float("SAFETY_MONITOR_BACKOFF_S", 0.2)),
-            backoff_max_s=max(0.01, _float("SAFETY_MONITOR_BACKOFF_MAX_S", 5.0)),
-            stats_period_s=max(0.05, _float("SAFETY_MONITOR_STATS_S", 2.0)),
-            client_id=os.environ.get("SAFETY_MONITOR_CLIENT_ID", "").strip()
-            or f"vllm-worker-{os.getpid()}@{socket.gethostname()}",
-            chat_template=os.environ.get("SAFETY_MONITOR_CHAT_TEMPLATE", "").strip() or None,
-        )
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            raw = e.get(m["env"], "").strip()
+            if not raw:
+                continue  # the field's default
+            value = m["parse"](m["env"], raw)
+            if m["low"] is not None:
+                value = max(type(value)(m["low"]), value)
+            values[f.name] = value
+        values.setdefault("client_id", f"vllm-worker-{os.getpid()}@{socket.gethostname()}")
+        return cls(**values)
+
+
+def env_table() -> str:
+    """The environment variables as a Markdown table (docs/CAPTURE.md holds this text)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(CaptureConfig):
+        m = f.metadata
+        shown = m["shown"] if m["shown"] is not None else f"{f.default:g}" \
+            if isinstance(f.default, float) else str(f.default)
+        rows.append(f"| `{m['env']}` | {shown} | {m['doc']} |")
+    return "\n".join(rows)
 
 
 def enabled() -> bool:
