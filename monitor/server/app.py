@@ -219,6 +219,14 @@ class MonitorApp:
         return self._reload_executor.submit(
             lambda: self.reload_policy(trigger, only_if_changed=only_if_changed))
 
+    def on_sighup(self) -> None:
+        """SIGHUP (logrotate's `postrotate`, an operator): reopen the audit file and
+        reload the policy, on the policy-reload thread (never in the signal handler)."""
+        def run() -> None:
+            self.audit.reopen()
+            self.reload_policy("sighup")
+        self._reload_executor.submit(run)
+
     def watch_policy(self, stop: threading.Event) -> threading.Thread | None:
         """Poll the policy file every `policy_watch_s` seconds (content hash)."""
         if self.holder is None or self.config.policy_watch_s <= 0:
@@ -427,7 +435,7 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
             pass
     if hasattr(signal, "SIGHUP"):
         try:
-            loop.add_signal_handler(signal.SIGHUP, lambda: app.submit_reload("sighup"))
+            loop.add_signal_handler(signal.SIGHUP, app.on_sighup)
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
     for w in app.alerts.workers:
