@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: env demo test test-fast test-archs lint bundle bench proto clean
+.PHONY: env demo test test-fast test-archs lint bundle bench proto fuzz clean
 
 env:
 	bash scripts/setup_env.sh $(VENV)
@@ -33,6 +33,11 @@ bench: env
 	$(PY) bench/bench_scorer.py
 	$(PY) bench/bench_ingest.py
 	$(PY) bench/bench_vllm.py
+	$(PY) bench/bench_alerts.py
+
+FUZZ_SECONDS ?= 300
+fuzz: env  # coverage-guided (atheris) fuzzing of decode_frame and the policy parser
+	$(PY) -m monitor.tools.fuzz --seconds $(FUZZ_SECONDS)
 
 proto: env
 	PATH=$(VENV)/bin:$$PATH bash scripts/gen_proto.sh

@@ -78,17 +78,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from monitor.judge import PolicyError, default_policy, load_policy
-    from monitor.score import BundleError, Scorer, load_bundle
+    from monitor.score import BundleError
+    from monitor.score.available import installed_backend
+    from monitor.score.backend import load_scorer
     from monitor.server.app import capture_plan
 
-    try:
-        bundle = load_bundle(args.bundle)
+    try:  # torch where installed, else the bundle's ONNX graphs (the slim image)
+        loaded = load_scorer(args.bundle, installed_backend())
+        bundle = loaded.bundle
         policy = load_policy(args.policy) if args.policy else default_policy(bundle.detectors)
-    except (BundleError, PolicyError, OSError) as e:
+    except (BundleError, PolicyError, OSError, ValueError) as e:
         print(f"safety-monitor: error: {e}", file=sys.stderr)
         return 2
     plan = capture_plan(model=bundle.model_name, d_model=bundle.d_model,
-                        bundle_sha256=bundle.sha256, policy=policy, scorer=Scorer(bundle),
+                        bundle_sha256=bundle.sha256, policy=policy, scorer=loaded.scorer,
                         max_frame_bytes=args.max_frame_bytes)
     doc = json_format.MessageToDict(plan, preserving_proto_field_name=True)
     print(json.dumps(doc, indent=2))

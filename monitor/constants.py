@@ -67,6 +67,8 @@ class Reason(str, Enum):
     BAD_SPANS = "bad_spans"
     NON_FINITE = "non_finite"
     OVERSIZED = "oversized"
+    TOO_MANY_SPANS = "too_many_spans"
+    CORRELATION_ID_TOO_LONG = "correlation_id_too_long"
     # stream protocol (monitor.server.service)
     OUT_OF_ORDER = "out_of_order"
     BAD_HELLO = "bad_hello"
@@ -75,6 +77,13 @@ class Reason(str, Enum):
     UNKNOWN_REQUEST = "unknown_request"
     NOT_OWNER = "not_owner"
     REQUEST_ID_TOO_LONG = "request_id_too_long"
+    SEQ_GAP_TOO_LARGE = "seq_gap_too_large"
+    BAD_STATS = "bad_stats"
+    UNDECODABLE = "undecodable"
+    # call admission (monitor.server.handlers, monitor.server.access)
+    TOO_MANY_STREAMS = "too_many_streams"
+    SCORE_BUSY = "score_busy"
+    UNAUTHENTICATED = "unauthenticated"
     # scoring (monitor.server.pipeline)
     QUEUE_FULL = "queue_full"
     SCORER_ERROR = "scorer_error"

@@ -50,7 +50,8 @@ def cmd_build_default(args: argparse.Namespace) -> int:
 
     results = build_default(Path(args.out), model_path=args.model, cache_dir=args.cache,
                             detectors=args.detectors.split(","), scope=args.scope,
-                            progress=not args.quiet)
+                            progress=not args.quiet, model_name=args.model_name,
+                            layers=_layers(args.layers) if args.layers else None)
     from probes.calibrate import policy_snippet
 
     print(policy_snippet({r.name: {"scope": r.scope, "aggregation": r.aggregation,
@@ -150,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "calibrate, evaluate, export, report)")
     b.add_argument("--out", default="bundles/default")
     b.add_argument("--model", default=None, help="HF folder (default: prepared SmolLM2)")
+    b.add_argument("--model-name", default=None,
+                   help="identity the bundle is for: the name vLLM serves the model as "
+                        "(SAFETY_MONITOR_MODEL); default: the --model path")
+    b.add_argument("--layers", default=None,
+                   help="layers to collect, e.g. 8,12,16 (default with --model: the default "
+                        "recipes' layers at the same relative depths)")
     b.add_argument("--cache", default=None, help="activation cache (default: "
                    "$SAFETY_MONITOR_CACHE/probes)")
     b.add_argument("--scope", default="user", choices=("user", "prompt"),

@@ -68,8 +68,9 @@ def threshold_ladder(cal: dict[str, Any]) -> dict[str, float]:
 
 
 def bundle_scope(scope: str) -> str:
-    """The bundle's ``token_scope`` for a policy scope: a role scope of prompt tokens
-    (``user``, ``system``) is a ``prompt``-scope probe; the policy narrows it."""
+    """The bundle's ``token_scope`` for a policy scope: the scope itself where the bundle
+    format knows it (``prompt``, ``generated``, ``both``, role words such as ``user``),
+    else ``prompt`` (a probe of prompt tokens)."""
     from monitor.score.bundle import TOKEN_SCOPES
 
     return scope if scope in TOKEN_SCOPES else "prompt"

@@ -274,10 +274,10 @@ def kind_weights(scary_weight: float) -> dict[str, float]:
 
 def _read_outs(p: LinearProbe, d: SourceData, layer: int,
                served: Sequence[tuple[dict[str, Any], int, float]]) -> list[np.ndarray]:
-    """``[sigmoid(pooled logit), served statistic for each of served]`` for all of ``d``'s
-    examples."""
+    """``[pooled logit, served statistic for each of served]`` for all of ``d``'s examples
+    (the pooled logit unsquashed: float32 sigmoids of large logits would tie at 1.0)."""
     zp = ((d.features(layer) - p.mean) / p.std) @ p.weight + p.bias
-    out = [_sigmoid(zp)]
+    out = [zp.astype(np.float64)]
     z = p.logits(d.rows(layer))
     toks: dict[float, np.ndarray] = {}
     for agg, m, scale in served:
@@ -705,6 +705,12 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
 
     pooled = evaluate_scores(y_test, s_test, None, thr)
     pooled["auroc_ci"] = auroc_ci(y_test, s_test)
+    # the same probe read out as the request-level mean logit (not servable: the monitor
+    # judges every prefix), to show what the served statistic costs on the test sources
+    z_test = np.concatenate([((d.features(cfg.layer) - probe.mean) / probe.std) @ probe.weight
+                             for d, _ in test_scores.values()])
+    pooled["mean_logit.auroc"] = auroc(y_test, z_test)
+    pooled["mean_logit.tpr@fpr0.01"] = tpr_at_fpr(y_test, z_test, 0.01)
     metrics: dict[str, Any] = {
         "test_sources": source_rows(test_scores, thr, ref_pos, ref_neg),
         "validation_sources": fold_rows(folds),

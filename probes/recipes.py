@@ -97,41 +97,65 @@ def confusion(results: Sequence[DetectorResult], collector: Any, cache_dir: Path
     return [*head, *lines, ""]
 
 
+def scaled_layers(layers: Sequence[int], n_layers: int, of: int = 30) -> tuple[int, ...]:
+    """``layers`` chosen for a model with ``of`` decoder layers, moved to the same relative
+    depths of a model with ``n_layers`` (rounded, unique, in ``[0, n_layers)``)."""
+    return tuple(sorted({min(n_layers - 1, max(0, round(x * n_layers / of))) for x in layers}))
+
+
 def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path | None = None,
                   detectors: Sequence[str] = ("harmful_intent", "deception"),
-                  scope: str = "user", progress: bool = True, seed: int = 0
+                  scope: str = "user", progress: bool = True, seed: int = 0,
+                  model_name: str | None = None, layers: Sequence[int] | None = None,
                   ) -> list[DetectorResult]:
     """Build the default bundle (+ its ONNX graphs, REPORT.md, PNGs,
     policy.suggested.yaml) into ``out``.
 
     ``scope``: the harmful-intent token scope, ``user`` (the user's message content, as
-    ``monitor.roles`` labels it) or ``prompt`` (every prompt token)."""
+    ``monitor.roles`` labels it) or ``prompt`` (every prompt token).
+
+    With ``model_path`` (a user's HF folder) the same recipes run on that model: the bundle
+    is for ``model_name`` (the identity vLLM serves it as, ``SAFETY_MONITOR_MODEL``;
+    default: the folder path), and each recipe collects ``layers`` or, when None, its own
+    layers moved to the same relative depths (``scaled_layers``). Without it: the default
+    model and the recipes' own layers."""
     from monitor.score.onnx_export import export_onnx
     from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
     from monitor.tools.models import cache_dir as monitor_cache
+    from probes import deception, harmful
     from probes.collect import TransformersCollector
-    from probes.deception import deception_recipe
     from probes.export import export_bundle
-    from probes.harmful import harmful_intent_recipe
     from probes.report import write_report
 
-    model_path = Path(model_path) if model_path else prepare_default_model()
+    own = model_path is not None
+    model_path = Path(model_path) if own else prepare_default_model()
+    name = (model_name or str(model_path)) if own else DEFAULT_MODEL_NAME
     cache_dir = Path(cache_dir) if cache_dir else monitor_cache() / "probes"
-    collector = TransformersCollector(model_path, DEFAULT_MODEL_NAME)
+    collector = TransformersCollector(model_path, name)
+
+    def lay(recipe_layers: Sequence[int]) -> dict[str, Any]:
+        if layers is not None:
+            return {"layers": tuple(layers)}
+        return {"layers": scaled_layers(recipe_layers, collector.n_layers)} if own else {}
+
     results: list[DetectorResult] = []
     if "harmful_intent" in detectors:
-        results.append(harmful_intent_recipe(collector, cache_dir, scope=scope, seed=seed,
-                                             progress=progress))
+        results.append(harmful.harmful_intent_recipe(collector, cache_dir, scope=scope,
+                                                     seed=seed, progress=progress,
+                                                     **lay(harmful.LAYERS)))
     if "deception" in detectors:
-        results.append(deception_recipe(collector, cache_dir, seed=seed, progress=progress))
+        results.append(deception.deception_recipe(collector, cache_dir, seed=seed,
+                                                  progress=progress,
+                                                  **lay(deception.LAYERS)))
     for stale in Path(out).glob("layer*.onnx"):  # graphs of an earlier build's layers
         stale.unlink()
-    export_bundle(Path(out), results, model_name=DEFAULT_MODEL_NAME,
+    slug = "".join(c if c.isalnum() else "-" for c in name.rsplit("/", 1)[-1].lower())
+    export_bundle(Path(out), results, model_name=name,
                   d_model=collector.d_model, n_layers=collector.n_layers,
-                  name="smollm2-135m-default",
-                  description="default detectors for SmolLM2-135M-Instruct, built by "
+                  name=f"{slug}-default" if own else "smollm2-135m-default",
+                  description=f"default detectors for {name}, built by "
                               "`python -m probes build-default`")
     export_onnx(Path(out))  # the onnxruntime backend's graphs, pinned in the manifest
     extra = confusion(results, collector, cache_dir, scope, seed, progress)
-    write_report(Path(out), results, model_name=DEFAULT_MODEL_NAME, appendix=extra)
+    write_report(Path(out), results, model_name=name, appendix=extra)
     return results

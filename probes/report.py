@@ -137,7 +137,10 @@ def _harmful_section(r: Any) -> list[str]:
               f"TPR@1%FPR **{_fmt(pooled['tpr@fpr0.01'])}**, TPR@warn "
               f"{_fmt(pooled.get('tpr@warn', float('nan')))}, FPR@warn "
               f"{_fmt(pooled.get('fpr@warn', float('nan')))} (n pos {pooled['n_pos']}, "
-              f"n neg {pooled['n_neg']}).", "",
+              f"n neg {pooled['n_neg']}). The same probe read out as the request-level "
+              f"mean logit (not servable: the monitor judges every prefix): AUROC "
+              f"{_fmt(pooled.get('mean_logit.auroc', float('nan')))}, TPR@1%FPR "
+              f"{_fmt(pooled.get('mean_logit.tpr@fpr0.01', float('nan')))}.", "",
               f"Calibration hold-back: n = {m['calibration_set']['n']}, FPR@warn "
               f"{_fmt(m['calibration_set']['fpr@warn'])}, FPR@critical "
               f"{_fmt(m['calibration_set']['fpr@critical'])}.", "",

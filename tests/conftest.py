@@ -48,6 +48,18 @@ detectors:
 """
 
 
+#: Reconnect quickly while a server starts: gRPC's default backoff grows to 120 s, so a
+#: slow start on a loaded machine could leave the channel waiting past the start timeout.
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100),
+                  ("grpc.min_reconnect_backoff_ms", 100),
+                  ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def plain_channel(target: str) -> grpc.Channel:
+    """An insecure channel to `target` that reconnects at least once a second."""
+    return grpc.insecure_channel(target, options=FAST_RECONNECT)
+
+
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A placeholder bundle (d_model 64, layers 2 and 3) in a session tmp dir."""
@@ -81,7 +93,8 @@ class MonitorServer:
 
     def __init__(self, workdir: Path, bundle: Path, policy_text: str | None = POLICY_V1,
                  extra: list[str] | None = None, env: dict[str, str] | None = None,
-                 python: str | None = None) -> None:
+                 python: str | None = None,
+                 channel: Callable[[str], grpc.Channel] = plain_channel) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -103,7 +116,7 @@ class MonitorServer:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, cwd=workdir if python else REPO, env=full_env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(self.target)
+        self.channel = channel(self.target)  # e.g. a TLS channel (tests/test_access.py)
         self._wait_serving()
 
     @property
@@ -187,8 +200,10 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path
     started: list[MonitorServer] = []
 
     def start(policy_text: str | None = POLICY_V1, extra: list[str] | None = None,
-              name: str = "server") -> MonitorServer:
-        srv = MonitorServer(tmp_path_factory.mktemp(name), bundle_dir, policy_text, extra)
+              name: str = "server",
+              channel: Callable[[str], grpc.Channel] = plain_channel) -> MonitorServer:
+        srv = MonitorServer(tmp_path_factory.mktemp(name), bundle_dir, policy_text, extra,
+                            channel=channel)
         started.append(srv)
         return srv
 

@@ -151,6 +151,7 @@ def test_webhook_signed_post_and_metrics_from_zero(receiver: Receiver):
     for reason in DROP_REASONS:  # every series exists before anything happened
         assert ("safety_monitor_alert_events_dropped_total",
                 (("reason", reason), ("sink", "webhook"))) in samples(reg)
+    assert val(reg, "safety_monitor_alert_spool_capacity_bytes", sink="webhook") == 1 << 20
     w.start()
     e = ev(1)
     assert w.submit(e)

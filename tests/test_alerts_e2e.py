@@ -225,6 +225,30 @@ def expected_keys(srv: MonitorServer) -> list[str]:
             for x in srv.audit_lines() if x["event"] == "alert"]
 
 
+def dashboard_empty_panels(stack: Stack) -> list[tuple[str, str]]:
+    """Dashboard queries (variables filled in for this pod) that return nothing."""
+    dash = json.loads((REPO / "deploy/grafana/safety-monitor.json").read_text())
+    out = []
+    for p in dash["panels"]:
+        for panel in [p, *(p.get("panels") or [])]:
+            for t in panel.get("targets") or []:
+                # a wide rate window: scrapes of a loaded CI machine are slower than 1 s
+                e = (t["expr"].replace("$__rate_interval", "1m").replace("$__range", "2m")
+                     .replace("$namespace", NS).replace("$pod", POD)
+                     .replace("$detector", ".*").replace("$model_name", ".*"))
+                if not stack.prom_query(e):
+                    out.append((panel["title"], t["refId"]))
+    return out
+
+
+def check_dashboard_has_data(stack: Stack, when: str) -> None:
+    try:
+        wait_for(lambda: not dashboard_empty_panels(stack), 30, "data behind every panel")
+    except AssertionError:
+        raise AssertionError(f"dashboard queries without data on a healthy pod ({when}): "
+                             f"{dashboard_empty_panels(stack)}") from None
+
+
 def test_alerts_end_to_end(stack: Stack) -> None:
     t0 = time.monotonic()
     srv1 = stack.sidecar("sidecar-1")
@@ -234,6 +258,8 @@ def test_alerts_end_to_end(stack: Stack) -> None:
     wait_for(lambda: [r for r in stack.prom_query(crit) if r["value"][1] == "0"], 30,
              "the critical counter scraped at 0")
     assert not stack.prom_alerts("SafetyMonitorCriticalVerdict")
+    # no "No data" panel on a fresh, idle, healthy pod (every series exists at 0)
+    check_dashboard_has_data(stack, "idle")
 
     # -- harmful + malformed traffic; the webhook and Alertmanager are up ---------------
     replay(srv1, seed=1)
@@ -273,28 +299,7 @@ def test_alerts_end_to_end(stack: Stack) -> None:
                                 r.headers[SIGNATURE_HEADER])
     assert [r.json()["idempotency_key"] for r in got] == keys1  # type: ignore[index]
 
-    # every dashboard query returns data for this healthy pod (no "No data" panel)
-    dash = json.loads((REPO / "deploy/grafana/safety-monitor.json").read_text())
-    queries = [(panel["title"], t["refId"], t["expr"])
-               for p in dash["panels"] for panel in [p, *(p.get("panels") or [])]
-               for t in panel.get("targets") or []]
-
-    def empty_panels() -> list[tuple[str, str]]:
-        out = []
-        for title, ref, e in queries:
-            # a wide rate window: scrapes of a loaded CI machine are slower than 1 s
-            e = (e.replace("$__rate_interval", "1m").replace("$__range", "2m")
-                 .replace("$namespace", NS).replace("$pod", POD)
-                 .replace("$detector", ".*").replace("$model_name", ".*"))
-            if not stack.prom_query(e):
-                out.append((title, ref))
-        return out
-
-    try:
-        wait_for(lambda: not empty_panels(), 30, "data behind every dashboard query")
-    except AssertionError:
-        raise AssertionError(f"dashboard queries without data on a healthy pod: "
-                             f"{empty_panels()}") from None
+    check_dashboard_has_data(stack, "after traffic")
 
     # -- webhook down; traffic; sidecar restarted; traffic; webhook back --------------
     stack.hook.stop()

@@ -228,6 +228,7 @@ def test_step_tracker_splits_spans_at_role_boundaries_and_filters_roles():
     r.query_start_loc.np = np.array([0, 3, 5], np.int32)
     lay = tr.layout(8, np.array([0, 1, 2, 6, 7, 0, 0, 0], np.int64))
     assert lay.spans == [("c", 3, 0, 3, OTHER), ("b", 2, 6, 10, U)]
+    assert tr.requests_no_chat_roles == 1
 
 
 def test_step_tracker_maps_rows_and_filters_kinds():

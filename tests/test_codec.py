@@ -114,11 +114,15 @@ def test_refusals_name_field_expected_found() -> None:
     f.shape[:] = [0, D]
     assert _err(f).reason == "bad_shape"
 
-    f = _frame(x)
-    f.shape[:] = [4, D + 1]
+    f = _frame(torch.randn(4, D + 1))  # bytes match its own shape: the rows are real
     e = _err(f)
     assert e.reason == "d_model_mismatch" and f"d_model={D}" in e.message
     assert e.rows is not None  # spans were fine: rows can be accounted as unscored
+
+    f = _frame(x)
+    f.shape[:] = [4, D + 1]  # a shape the bytes do not back
+    e = _err(f)
+    assert e.reason == "byte_length_mismatch" and e.rows is None
 
     f = _frame(x)
     f.data = f.data + b"\0\0"
@@ -172,6 +176,97 @@ def test_encode_accepts_non_contiguous_and_tuples() -> None:
     d = decode_frame(f, **KW)
     assert torch.equal(torch.from_numpy(d.x.copy()), x) and d.positions.tolist() == [5, 6, 7]
     assert d.generated.tolist() == [False, True, True]
+
+
+def _peak_alloc(fn) -> int:
+    """Peak bytes allocated (Python + numpy, both traced by tracemalloc) while `fn` runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("require_spans", [True, False])
+def test_claimed_rows_are_checked_against_bytes_before_allocating(require_spans: bool) -> None:
+    # issue 8 item 2: a ~90-byte frame claiming 2^26 rows with one span and 4 data bytes
+    # built 2^26-row span arrays (~1.3 GB) before the byte-length check
+    f = _frame(torch.randn(1, D), spans=[Span("a", 1 << 26)] if require_spans else [])
+    f.shape[:] = [1 << 26, 1]
+    f.data = b"\0" * 4
+    assert f.ByteSize() < 100
+    errs: list[FrameError] = []
+
+    def run() -> None:
+        with pytest.raises(FrameError) as ei:
+            decode_frame(f, **KW, require_spans=require_spans)
+        errs.append(ei.value)
+
+    assert _peak_alloc(run) < 1 << 20
+    assert errs[0].reason == "byte_length_mismatch"
+    assert errs[0].rows is None  # claimed rows are not counted as unscored
+    # a zero width cannot make any row count "backed" by zero bytes
+    f.shape[:] = [1 << 40, 0]
+    f.data = b""
+    assert _err(f).reason == "bad_shape"
+
+
+def test_span_sum_checked_while_expanding() -> None:
+    x = torch.randn(4, D)
+    f = _frame(x, spans=[Span("a", 3), Span("b", (1 << 32) - 1)])
+    e = _err(f)
+    assert e.reason == "bad_spans" and "spans[1]" in e.message
+
+
+def test_span_count_and_id_length_limits() -> None:
+    x = torch.randn(8, D)
+    spans = [Span(f"r{i}", 1) for i in range(8)]
+    decode_frame(_frame(x, spans=spans), **KW, max_spans=8)
+    e = _err(_frame(x, spans=spans), max_spans=7)
+    assert e.reason == "too_many_spans" and "at most 7" in e.message and "found 8" in e.message
+
+    # request-id length is the registry's per-span decision, not a frame refusal
+    decode_frame(_frame(x, spans=[Span("é" * 1000, 8)]), **KW)
+    e = _err(_frame(x, spans=[Span("r", 8, correlation_id="c" * 300)]))
+    assert e.reason == "correlation_id_too_long" and "256" in e.message and "300" in e.message
+
+
+def test_correlation_id_is_a_label_per_span() -> None:
+    x = torch.randn(3, D)
+    f = _frame(x, spans=[Span("eng-1", 1, 0, 1, correlation_id="ticket-42"),
+                         Span("eng-2", 2, 0, 1)])
+    d = decode_frame(f, **KW)
+    assert d.request_ids == ("eng-1", "eng-2")
+    assert d.correlation_ids == ("ticket-42", "")
+
+
+def test_check_seq() -> None:
+    from monitor.wire import MAX_SEQ_GAP, check_seq
+
+    assert check_seq(0, 1) == 0
+    assert check_seq(5, 9) == 3
+    assert check_seq(5, 6 + MAX_SEQ_GAP) == MAX_SEQ_GAP
+    e = _seq_err(5, 5)
+    assert e.reason == "out_of_order" and "> 5" in e.message
+    # issue 8 item 5: one huge seq number poisoned frames_missing_total by ~1.8e19
+    e = _seq_err(5, 2**64 - 1)
+    assert e.reason == "seq_gap_too_large" and str(MAX_SEQ_GAP) in e.message
+
+
+def _seq_err(last: int, seq: int) -> FrameError:
+    from monitor.wire import check_seq
+
+    with pytest.raises(FrameError) as ei:
+        check_seq(last, seq)
+    return ei.value
+
+
+def test_reasons_are_unique() -> None:
+    assert len(set(REASONS)) == len(REASONS)
 
 
 def test_hook_names() -> None:

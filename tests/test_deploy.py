@@ -358,6 +358,10 @@ tests:
         values: '1 1 0x20'
       - series: 'safety_monitor_alert_events_dropped_total{POD,sink="webhook",reason="spool_full"}'
         values: '0 0 0 0 3 3 3 3 3 3 3 3 3 3 3'
+      - series: 'safety_monitor_alert_spool_bytes{POD,sink="webhook"}'
+        values: '0 0 100 300 600 700 800 900 1000 1000 1000 1000 1000 1000 1000'
+      - series: 'safety_monitor_alert_spool_capacity_bytes{POD,sink="webhook"}'
+        values: '1000x14'
     alert_rule_test:
       - eval_time: 2m
         alertname: SafetyMonitorCriticalVerdict
@@ -429,6 +433,20 @@ CRIT_P2
                 spooled (safety_monitor_alert_spool_events) and delivered in order when the
                 sink answers again; the spool is bounded, so fix the sink before it fills.
               runbook_url: RUNBOOKsafetymonitoralertdeliveryfailing
+      - eval_time: 8m
+        alertname: SafetyMonitorAlertSpoolFilling
+        exp_alerts: []
+      - eval_time: 9m
+        alertname: SafetyMonitorAlertSpoolFilling
+        exp_alerts:
+          - exp_labels: {severity: warning, category: delivery, namespace: llm, pod: p,
+                         sink: webhook}
+            exp_annotations:
+              summary: 'Alert spool of webhook over half full on llm/p'
+              description: >-
+                The spool of undelivered alerts is 100% full;
+                when full, the oldest alerts are evicted (SafetyMonitorAlertsDropped).
+              runbook_url: RUNBOOKsafetymonitoralertspoolfilling
       - eval_time: 5m
         alertname: SafetyMonitorAlertsDropped
         exp_alerts:
@@ -800,3 +818,51 @@ def test_chart_files_are_the_deploy_files():
     for name, src in (("dashboard.json", DASHBOARD), ("rules.yaml", RULES),
                       ("policy.yaml", SUGGESTED_POLICY)):
         assert (CHART / "files" / name).read_bytes() == src.read_bytes(), name
+
+
+def test_tls_and_token_from_secrets(chart, serve_flags):
+    vals = {"sidecar": {"tls": {"enabled": True, "secretName": "monitor-server-tls",
+                                "clientSecretName": "monitor-client-tls",
+                                "serverName": "safety-monitor.local"},
+                        "auth": {"tokenSecret": "monitor-token"}}}
+    spec = pod_spec(render(chart, vals))
+    mon = container(spec, "safety-monitor", native=True)
+    cmd = mon["command"]
+    flags = {a.split("=")[0] for a in cmd if a.startswith("--")}
+    assert flags <= serve_flags, flags - serve_flags
+    mounts = {m["name"]: m["mountPath"] for m in mon["volumeMounts"]}
+    assert f"--tls-cert={mounts['monitor-tls']}/tls.crt" in cmd
+    assert f"--tls-key={mounts['monitor-tls']}/tls.key" in cmd
+    assert f"--tls-client-ca={mounts['monitor-tls']}/ca.crt" in cmd  # mTLS by default
+    assert f"--token-file={mounts['monitor-token']}/token" in cmd
+    assert not [a for a in cmd if a.startswith("--admin-port")]  # Admin off by default
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["monitor-tls"]["secret"]["secretName"] == "monitor-server-tls"
+    assert vols["plugin-tls"]["secret"]["secretName"] == "monitor-client-tls"
+    assert vols["monitor-token"]["secret"]["secretName"] == "monitor-token"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # kubelet: no TLS gRPC
+        assert mon[probe]["tcpSocket"]["port"] == 50051 and "grpc" not in mon[probe]
+    vllm = spec["containers"][0]
+    env = {e["name"]: e for e in vllm["env"]}
+    vmounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}
+    assert env["SAFETY_MONITOR_TLS_CA"]["value"] == f"{vmounts['plugin-tls']}/ca.crt"
+    assert env["SAFETY_MONITOR_TLS_CERT"]["value"] == f"{vmounts['plugin-tls']}/tls.crt"
+    assert env["SAFETY_MONITOR_TLS_KEY"]["value"] == f"{vmounts['plugin-tls']}/tls.key"
+    assert env["SAFETY_MONITOR_TLS_SERVER_NAME"]["value"] == "safety-monitor.local"
+    assert env["SAFETY_MONITOR_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "monitor-token", "key": "token"}
+    # the env names the plugin reads are the ones CaptureConfig documents
+    from monitor.capture import config as capture_config
+
+    for name in env:
+        assert name in (capture_config.__doc__ or ""), name
+    # TLS without mTLS: no client CA flag, no client cert env
+    vals["sidecar"]["tls"]["mtls"] = False
+    spec = pod_spec(render(chart, vals))
+    cmd = container(spec, "safety-monitor", native=True)["command"]
+    assert not [a for a in cmd if a.startswith("--tls-client-ca")]
+    assert "SAFETY_MONITOR_TLS_CERT" not in {e["name"] for e in spec["containers"][0]["env"]}
+    # admin on loopback when asked for
+    cmd = container(pod_spec(render(chart, {"sidecar": {"adminPort": 50052}})),
+                    "safety-monitor", native=True)["command"]
+    assert "--admin-port=50052" in cmd and "--admin-host=127.0.0.1" in cmd

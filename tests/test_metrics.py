@@ -10,7 +10,8 @@ from monitor.constants import MODES, SEVERITIES, FinishReason, Reason
 from monitor.report.metrics import PREFIX, SCORE_GRID, Metrics, parse_exposition, score_buckets
 
 ALLOWED_LABELS = {"model_name", "layer", "detector", "severity", "mode", "reason", "result",
-                  "bundle", "sha256", "version", "le", "torch", "grpc"}
+                  "bundle", "sha256", "version", "le", "torch", "grpc",
+                  "role"}  # role: the 7 monitor.roles.ROLE_NAMES
 
 
 def test_names_units_and_labels() -> None:

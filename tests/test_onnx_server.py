@@ -146,6 +146,30 @@ def test_stream_verdicts_without_torch(ort_server: MonitorServer, geometry: dict
     assert ort_server.metric("safety_monitor_build_info", backend="onnxruntime") == 1
 
 
+def test_plan_and_check_without_torch(onnx_bundle: Path, no_torch: tuple[Path, Path],
+                                      tmp_path: Path) -> None:
+    """The slim image's other commands: `plan` and `check` work with torch blocked."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {"PYTHONPATH": f"{no_torch[0]}:{REPO}", "PATH": "/usr/bin:/bin"}
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY_V1)
+    plan = subprocess.run([sys.executable, "-m", "monitor.cli", "plan", "--bundle",
+                           str(onnx_bundle), "--policy", str(policy)], capture_output=True,
+                          text=True, timeout=60, cwd=REPO, env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["layers"] == [2, 3]
+    check = subprocess.run([sys.executable, "-m", "monitor.cli", "check", "--bundle",
+                            str(onnx_bundle), "--policy", str(policy)], capture_output=True,
+                           text=True, timeout=60, cwd=REPO, env=env)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "Traceback" not in check.stderr + plan.stderr
+
+
 def test_missing_graphs_refused_at_startup(tmp_path: Path, no_torch: tuple[Path, Path],
                                            bundle_dir: Path) -> None:
     """--backend onnxruntime on a bundle without graphs: exit 2, one line, no traceback."""

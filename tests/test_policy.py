@@ -287,7 +287,7 @@ def test_run_check_exit_codes(tmp_path, monkeypatch):
 
     bundle = FakeBundle((Spec("harmful_intent", "prompt", {"warn": 0.5}, {}),))
     fake = types.ModuleType("monitor.score.bundle")
-    fake.load_bundle = lambda path: bundle
+    fake.load_bundle = lambda path, **kw: bundle
     monkeypatch.setitem(sys.modules, "monitor.score.bundle", fake)
     good = tmp_path / "good.yaml"
     good.write_text('version: "1"\ndetectors:\n  harmful_intent: {scope: prompt, '

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from monitor.models import check_bundle_matches_model, read_model_shape
+
+from monitor.tools.models import check_bundle_matches_model, read_model_shape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,3 +56,14 @@ def test_serve_refuses_mismatched_bundle_at_start(tmp_path, bundle_dir):
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "model.n_layers: expected 30" in proc.stderr and "found 6" in proc.stderr
+
+
+def test_recipe_layers_scale_with_depth():
+    """`build-default --model` collects the recipes' layers at the same relative depths."""
+    from probes.harmful import LAYERS
+    from probes.recipes import scaled_layers
+
+    assert scaled_layers(LAYERS, 30) == tuple(LAYERS)
+    assert scaled_layers((9, 12, 15, 18), 28) == (8, 11, 14, 17)  # e.g. Qwen2.5-1.5B
+    assert scaled_layers((9, 12, 15, 18), 3) == (1, 2)  # tiny test models: unique, in range
+    assert all(0 <= x < n for n in range(1, 80) for x in scaled_layers((0, 9, 29), n))

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import D_MODEL, MODEL, POLICY_V1, REPO, MonitorServer
+from conftest import D_MODEL, MODEL, POLICY_V1, REPO, MonitorServer, free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -104,16 +104,21 @@ def assert_stream_usable(out: list[monitor_pb2.ServerMessage], request_id: str) 
 
 def test_health_and_reflection(server: MonitorServer) -> None:
     health = health_pb2_grpc.HealthStub(server.channel)
-    for svc in ("", "monitor.v1.Monitor", "monitor.v1.Admin"):
+    for svc in ("", "monitor.v1.Monitor"):
         r = health.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5)
         assert r.status == health_pb2.HealthCheckResponse.SERVING
+    # Admin is off by default and never on the data port (tests/test_access.py)
+    with pytest.raises(grpc.RpcError) as exc:
+        health.Check(health_pb2.HealthCheckRequest(service="monitor.v1.Admin"), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
     refl = reflection_pb2_grpc.ServerReflectionStub(server.channel)
     resp = list(refl.ServerReflectionInfo(iter([
         reflection_pb2.ServerReflectionRequest(list_services=""),
         reflection_pb2.ServerReflectionRequest(file_containing_symbol="monitor.v1.Monitor"),
     ]), timeout=5))
     names = {s.name for s in resp[0].list_services_response.service}
-    assert {"monitor.v1.Monitor", "monitor.v1.Admin", "grpc.health.v1.Health"} <= names
+    assert {"monitor.v1.Monitor", "grpc.health.v1.Health"} <= names
+    assert "monitor.v1.Admin" not in names
     assert resp[1].file_descriptor_response.file_descriptor_proto
 
 
@@ -310,8 +315,9 @@ def _bad_frames() -> dict[str, tuple[Callable[[monitor_pb2.ActivationFrame], Non
     def truncate(fr: monitor_pb2.ActivationFrame) -> None:
         fr.data = fr.data[:-4]
 
-    def narrow(fr: monitor_pb2.ActivationFrame) -> None:
+    def narrow(fr: monitor_pb2.ActivationFrame) -> None:  # 4 real rows of another width
         fr.shape[:] = [4, 32]
+        fr.data = fr.data[: 4 * 32 * 4]
 
     def rank1(fr: monitor_pb2.ActivationFrame) -> None:
         fr.shape[:] = [4 * D_MODEL]
@@ -444,6 +450,10 @@ def test_role_scoped_policy_over_a_real_socket(start_server: Callable[..., Monit
     assert (f[hot].severity, f[hot].crossed_at_position, f[hot].n_tokens_scored) == (
         monitor_pb2.SEVERITY_CRITICAL, 4, 4)
     assert (f[old].severity, f[old].n_tokens_scored) == (monitor_pb2.SEVERITY_NONE, 0)
+    # rows per role are visible: the old client's rows show as `other`
+    got = {r: srv.metric("safety_monitor_rows_received_total", model_name=MODEL, role=r)
+           for r in ("user", "template", "other", "system")}
+    assert got == {"user": 8, "template": 8, "other": 8, "system": 0}
 
 
 def test_oversized_frame_in_stream(server: MonitorServer, geometry: dict) -> None:
@@ -617,7 +627,9 @@ def _plan(srv: MonitorServer) -> monitor_pb2.CapturePlan:
 
 
 def test_policy_hot_reload(start_server: Callable[..., MonitorServer], geometry: dict) -> None:
-    srv = start_server(extra=["--policy-watch-s", "0.2"], name="reload")
+    admin_port = free_port()  # Admin is off unless given its own address
+    srv = start_server(extra=["--policy-watch-s", "0.2", "--admin-port", str(admin_port)],
+                       name="reload")
     assert srv.policy_path is not None
     plan1 = _plan(srv)
     assert list(plan1.layers) == [2, 3]
@@ -646,7 +658,8 @@ def test_policy_hot_reload(start_server: Callable[..., MonitorServer], geometry:
     assert "refused" in srv.log()
 
     # 3. a detector the bundle lacks is refused too (check_policy error)
-    admin = monitor_pb2_grpc.AdminStub(srv.channel)
+    admin_channel = grpc.insecure_channel(f"127.0.0.1:{admin_port}")
+    admin = monitor_pb2_grpc.AdminStub(admin_channel)
     srv.policy_path.write_text(POLICY_V2.replace("harmful_intent", "no_such_detector"))
     resp = admin.ReloadPolicy(monitor_pb2.ReloadPolicyRequest(), timeout=10)
     assert not resp.ok and resp.policy_version == "test-v2"
@@ -657,6 +670,7 @@ def test_policy_hot_reload(start_server: Callable[..., MonitorServer], geometry:
     resp = admin.ReloadPolicy(monitor_pb2.ReloadPolicyRequest(), timeout=10)
     assert resp.ok and resp.policy_version == "test-v1", resp.message
     assert list(_plan(srv).layers) == [2, 3]
+    admin_channel.close()
 
     # 5. SIGHUP reload (the watcher would also see it; either way it must land)
     srv.policy_path.write_text(POLICY_V2.replace("test-v2", "test-v3"))

@@ -5,6 +5,8 @@ sidecar's gRPC server). Absent or empty, the plugin does nothing at all. Every v
 is one field of `CaptureConfig` (its name, default, parser and meaning live in the
 field's metadata); `env_table()` renders them as the table in docs/CAPTURE.md (a test
 keeps the two equal). Nothing else in the plugin reads the environment.
+
+The token is read once at start-up and never logged; `CaptureConfig.__repr__` hides it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = ["ENV_ADDR", "CaptureConfig", "enabled", "env_table"]
@@ -39,11 +42,24 @@ def _int(name: str, raw: str) -> int:
         raise ValueError(f"{name}: expected an integer, found {raw!r}") from e
 
 
+def _path(name: str, raw: str) -> str:
+    if not Path(raw).is_file():
+        raise ValueError(f"{name}: expected a readable regular file, found {raw!r}")
+    return raw
+
+
+def _one_line_token(name: str, raw: str) -> str:
+    token = raw.strip()
+    if len(token) > 4096 or "\n" in token:
+        raise ValueError(f"{name}: expected a one-line token of at most 4096 characters")
+    return token
+
+
 def _env(var: str, default: Any, doc: str, *, parse: Callable[[str, str], Any] = _text,
-         low: float | None = None, shown: str | None = None) -> Any:
+         low: float | None = None, shown: str | None = None, repr: bool = True) -> Any:
     """A field read from `var` (empty or unset: `default`; numbers clamped to `low`)."""
-    return field(default=default, metadata={"env": var, "doc": doc, "parse": parse,
-                                            "low": low, "shown": shown})
+    return field(default=default, repr=repr, metadata={"env": var, "doc": doc, "parse": parse,
+                                                       "low": low, "shown": shown})
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,20 @@ class CaptureConfig:
         "SAFETY_MONITOR_CHAT_TEMPLATE", None, "chat template file the token roles are derived "
         "from; set it to the file passed to `vllm serve --chat-template` when that flag is "
         "used", shown="model's")
+    tls_ca: str | None = _env("SAFETY_MONITOR_TLS_CA", None, "PEM CA that signed the "
+                              "sidecar's certificate; set → TLS to the sidecar", parse=_path,
+                              shown="unset")
+    tls_cert: str | None = _env("SAFETY_MONITOR_TLS_CERT", None, "PEM client certificate "
+                                "(mutual TLS; with `_TLS_KEY`)", parse=_path, shown="unset")
+    tls_key: str | None = _env("SAFETY_MONITOR_TLS_KEY", None, "PEM private key of the client "
+                               "certificate", parse=_path, shown="unset")
+    tls_server_name: str | None = _env("SAFETY_MONITOR_TLS_SERVER_NAME", None, "name to verify "
+                                       "in the sidecar's certificate", shown="host of ADDR")
+    token_file: str | None = _env("SAFETY_MONITOR_TOKEN_FILE", None, "file with the bearer "
+                                  "token sent on every call", parse=_path, shown="unset")
+    token: str | None = _env("SAFETY_MONITOR_TOKEN", None, "the bearer token itself (if no "
+                             "`_TOKEN_FILE`); never logged", parse=_one_line_token,
+                             shown="unset", repr=False)
     wrap: str = _env("SAFETY_MONITOR_WRAP", "plan", "`all`: wrap every decoder layer (a plan "
                      "may later change layers); otherwise only the plan's layers",
                      shown="plan layers")
@@ -82,6 +112,14 @@ class CaptureConfig:
                                   "counters there as JSON every second", shown="unset")
     log_level: str = _env("SAFETY_MONITOR_LOG_LEVEL", "INFO", "level of the `monitor` logger "
                           "(verdicts are DEBUG)")
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("SAFETY_MONITOR_TLS_CERT and SAFETY_MONITOR_TLS_KEY: expected "
+                             "both or neither, found one")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("SAFETY_MONITOR_TLS_CERT: expected SAFETY_MONITOR_TLS_CA as well "
+                             "(client certificates need TLS), found none")
 
     @property
     def wrap_all(self) -> bool:
@@ -107,6 +145,9 @@ class CaptureConfig:
                 value = max(type(value)(m["low"]), value)
             values[f.name] = value
         values.setdefault("client_id", f"vllm-worker-{os.getpid()}@{socket.gethostname()}")
+        if values.get("token_file"):
+            values["token"] = _one_line_token(
+                "SAFETY_MONITOR_TOKEN_FILE", Path(values["token_file"]).read_text()[:4097]) or None
         return cls(**values)
 
 

@@ -111,6 +111,7 @@ class StepTracker:
         self.requests: dict[str, RequestInfo] = {}
         self.unmapped_steps = 0
         self.role_errors = 0  # requests whose segmentation raised (labelled OTHER)
+        self.requests_no_chat_roles = 0  # requests whose whole prompt is OTHER
         self._lock = threading.Lock()
 
     def _prompt_runs(self, state: Any, plen: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,8 +127,10 @@ class StepTracker:
                 self.role_errors += 1
                 roles = None
         if roles is None:
-            return np.zeros(1, np.int64), np.full(1, TokenRole.OTHER, np.int8)
+            roles = np.full(plen, TokenRole.OTHER, np.int8)
         runs = role_runs(roles)
+        if len(runs) == 1 and runs[0][2] == TokenRole.OTHER:
+            self.requests_no_chat_roles += 1
         return (np.fromiter((r[0] for r in runs), np.int64, len(runs)),
                 np.fromiter((r[2] for r in runs), np.int8, len(runs)))
 

@@ -257,6 +257,58 @@ def build_frame(
                         hook_name=hook_name)
 
 
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call (TLS or plaintext channels)."""
+
+    def __init__(self, token: str) -> None:
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        md = [*(details.metadata or ()), self._md]
+        return _CallDetails(details.method, details.timeout, md, details.credentials,
+                            getattr(details, "wait_for_ready", None),
+                            getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_stream(self, continuation, client_call_details,
+                                request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                         "compression")), grpc.ClientCallDetails):
+    pass
+
+
+def open_channel(cfg: CaptureConfig,
+                 options: list[tuple[str, int | str]] | None = None) -> grpc.Channel:
+    """A channel to `cfg.addr`: TLS when `cfg.tls_ca` (client certificate when
+    `cfg.tls_cert`), plaintext otherwise; the bearer token on every call when set."""
+    opts: list[tuple[str, int | str]] = list(options or [])
+    if cfg.tls_ca is not None:
+        with open(cfg.tls_ca, "rb") as f:
+            ca = f.read()
+        key = chain = None
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            with open(cfg.tls_cert, "rb") as f:
+                chain = f.read()
+            with open(cfg.tls_key, "rb") as f:
+                key = f.read()
+        if cfg.tls_server_name:
+            opts.append(("grpc.ssl_target_name_override", cfg.tls_server_name))
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                             certificate_chain=chain)
+        channel = grpc.secure_channel(cfg.addr, creds, options=opts)
+    else:
+        channel = grpc.insecure_channel(cfg.addr, options=opts)
+    if cfg.token:
+        channel = grpc.intercept_channel(channel, _BearerToken(cfg.token))
+    return channel
+
+
 class Transport:
     """Bounded queue + sender thread + reconnecting gRPC stream to the sidecar.
 
@@ -405,14 +457,11 @@ class Transport:
             channel.close()
 
     def _channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(
-            self.cfg.addr,
-            options=[
-                ("grpc.max_send_message_length", _GRPC_MAX_MSG),
-                ("grpc.max_receive_message_length", _GRPC_MAX_MSG),
-                ("grpc.enable_retries", 0),
-            ],
-        )
+        return open_channel(self.cfg, [
+            ("grpc.max_send_message_length", _GRPC_MAX_MSG),
+            ("grpc.max_receive_message_length", _GRPC_MAX_MSG),
+            ("grpc.enable_retries", 0),
+        ])
 
     # ---------------------------------------------------------------- sender thread
     def _drain_dropping(self) -> None:

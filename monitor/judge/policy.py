@@ -49,6 +49,7 @@ from typing import Any, TextIO
 import yaml
 
 from monitor.constants import MODES, SEVERITIES
+from monitor.fileio import FileRefused, read_regular_file
 from monitor.judge.aggregate import (
     AGGREGATION_KINDS,
     AGGREGATIONS,
@@ -73,6 +74,11 @@ __all__ = [
     "run_check",
 ]
 
+#: Largest policy file read (a policy is a few KB; a 10 MB one cost 2 GB of RSS).
+MAX_POLICY_BYTES = 1 << 20
+#: Deepest nesting of YAML collections accepted (a policy needs 4); checked on the event
+#: stream before the (recursive) composer runs, so no RecursionError can escape.
+MAX_POLICY_DEPTH = 16
 #: ``check_policy`` warns when a threshold lies more than this far below the bundle's
 #: calibrated ``fpr_0.01`` threshold (scores are probabilities, so this is absolute).
 CALIBRATION_SLACK = 0.05
@@ -334,6 +340,26 @@ class _Kind:
     what: str
 
 
+def _check_structure(text: str, source: str) -> None:
+    """Refuse nesting deeper than `MAX_POLICY_DEPTH` and anchors/aliases, from the
+    (iterative) event stream: the composer and the walker below recurse per level, and
+    aliases let a small file describe an exponentially large tree."""
+    depth = 0
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_POLICY_DEPTH:
+                line = ev.start_mark.line + 1 if ev.start_mark else 1
+                raise PolicyError(source, line, "", f"expected nesting of at most "
+                                                    f"{MAX_POLICY_DEPTH} levels, found deeper")
+        elif isinstance(ev, yaml.CollectionEndEvent):
+            depth -= 1
+        if isinstance(ev, yaml.AliasEvent) or getattr(ev, "anchor", None):
+            line = ev.start_mark.line + 1 if ev.start_mark else 1
+            raise PolicyError(source, line, "", "expected no YAML anchors or aliases "
+                                                "(use `defaults`), found one")
+
+
 def parse_policy(text: str, source: str = "<string>") -> Policy:
     """Parse and validate policy YAML ``text``; ``source`` names it in errors.
 
@@ -344,7 +370,11 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
     """
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     p = _Parser(source)
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyError(source, 0, "", f"expected at most {MAX_POLICY_BYTES} characters, "
+                                         f"found {len(text)}")
     try:
+        _check_structure(text, source)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -421,10 +451,15 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Read and parse a policy file (UTF-8); errors name the path as given."""
+    """Read and parse a policy file (UTF-8); errors name the path as given.
+
+    Only a regular file of at most `MAX_POLICY_BYTES` is read (a FIFO, device or
+    directory is refused without blocking)."""
     source = str(path)
     try:
-        data = Path(path).read_bytes()
+        data = read_regular_file(path, MAX_POLICY_BYTES)
+    except FileRefused as e:
+        raise PolicyError(source, 0, "", str(e)) from None
     except OSError as e:
         raise PolicyError(source, 0, "", f"cannot read: {e.strerror or e}") from None
     try:
@@ -567,9 +602,12 @@ def run_check(policy_path: str | Path, bundle_path: str | Path,
         print(f"error: {e}", file=out)
         return 1
     try:
-        from monitor.score.bundle import load_bundle  # late: judge must not need torch
+        from monitor.score.available import installed_backend  # late: judge needs no torch
+        from monitor.score.bundle import load_bundle
 
-        bundle = load_bundle(bundle_path)
+        # without torch (the slim image) the tensor values are not read: check needs
+        # names, layers and scopes, and the scorer reads the pinned ONNX graphs
+        bundle = load_bundle(bundle_path, load_tensors=installed_backend() == "torch")
     except Exception as e:
         print(f"error: bundle {bundle_path}: {e}", file=out)
         return 2

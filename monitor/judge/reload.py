@@ -19,7 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from monitor.judge.policy import Policy, PolicyError, check_policy, load_policy
+from monitor.fileio import FileRefused, read_regular_file
+from monitor.judge.policy import (
+    MAX_POLICY_BYTES,
+    Policy,
+    PolicyError,
+    check_policy,
+    load_policy,
+)
 
 __all__ = ["PolicyHolder"]
 
@@ -110,7 +117,9 @@ class PolicyHolder:
 
     def _file_sha(self) -> str | None:
         try:
-            return hashlib.sha256(self.path.read_bytes()).hexdigest()
+            return hashlib.sha256(read_regular_file(self.path, MAX_POLICY_BYTES)).hexdigest()
+        except FileRefused as e:  # not a regular file / too large: one counted refusal
+            return f"refused: {e}"
         except OSError:
             return None
 

@@ -36,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from monitor.constants import MODES, SEVERITIES, FinishReason, Reason
+from monitor.roles import ROLE_NAMES
 
 __all__ = ["PREFIX", "SCORE_GRID", "Metrics", "score_buckets"]
 
@@ -106,6 +107,9 @@ class Metrics:
                                       "received.", ["model_name"], registry=r)
         self.rows_scored = Counter(p + "rows_scored", "Rows (tokens) scored.",
                                    ["model_name", "layer"], registry=r)
+        self.rows_received = Counter(p + "rows_received", "Valid rows received, by token "
+                                     "role (monitor.roles; clients without roles: other / "
+                                     "generated).", ["model_name", "role"], registry=r)
         self.requests_finished = Counter(p + "requests_finished", "Requests finished "
                                          "(final verdicts emitted).", ["model_name", "reason"],
                                          registry=r)
@@ -166,6 +170,8 @@ class Metrics:
         for reason in Reason:
             self.frames_rejected.labels(reason=reason.value)
             self.rows_unscored.labels(reason=reason.value)
+        for role in ROLE_NAMES:
+            self.rows_received.labels(model_name=model_name, role=role)
         for fin in FinishReason:
             self.requests_finished.labels(model_name=model_name, reason=fin.value)
         self._pull = _PullCollector()
@@ -216,6 +222,17 @@ class Metrics:
         self.policy_info.labels(version=version, sha256=sha256).set(1)
         self.set_score_thresholds(thresholds)
         self.init_alert_series(detectors)
+        with self._lock:  # request_score at 0 per judged detector (the dashboard's heatmap)
+            if self.request_score is not None:
+                for det in detectors:
+                    self.request_score.labels(detector=det)
+
+    def init_layer_series(self, layers: Iterable[int]) -> None:
+        """Create `rows_scored{model_name, layer}` and `scoring_latency_seconds{layer}` at 0
+        for every bundle layer (dashboards show 0 rows/s, not "No data", on an idle pod)."""
+        for layer in layers:
+            self.rows_scored.labels(model_name=self.model_name, layer=str(layer))
+            self.scoring_latency.labels(layer=str(layer))
 
     def init_alert_series(self, detectors: Iterable[str]) -> None:
         """Create `alerts{detector, severity, mode}` at 0 for every detector of the loaded

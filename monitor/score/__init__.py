@@ -6,6 +6,7 @@
     onnx_export.py  export_onnx: each packed layer as an ONNX graph beside the bundle
     onnx_scorer.py  OnnxScorer: the same scores with onnxruntime, without torch
     backend.py      load_scorer: --backend torch | onnxruntime | auto (start-up benchmark)
+    available.py    which of torch / onnxruntime is installed (without importing them)
     placeholder.py  a clearly labelled random bundle for tests and demos
 
 Importing this package (and bundle, onnx_scorer, backend) does not import torch; the

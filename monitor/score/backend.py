@@ -14,7 +14,6 @@ Importing this module does not import torch (nor onnxruntime).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import time
@@ -23,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .available import installed
 from .bundle import Bundle, load_bundle
 
 __all__ = ["BACKENDS", "FrameScorer", "LoadedScorer", "load_scorer"]
@@ -63,14 +63,6 @@ class LoadedScorer:
     scorer: FrameScorer
     backend: str  # "torch" or "onnxruntime"
     reason: str
-
-
-def _installed(module: str) -> bool:
-    """Importable as far as the import system says (a finder refusing it: not installed)."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:
-        return False
 
 
 def _cpu_name() -> str:
@@ -118,7 +110,7 @@ def _best_time(scorer: FrameScorer, xs: dict[int, list[np.ndarray]]) -> float:
 
 def _auto(path: str | os.PathLike[str], compute_dtype: str, threads: int,
           onnx_threads: int) -> LoadedScorer:
-    has_torch, has_ort = _installed("torch"), _installed("onnxruntime")
+    has_torch, has_ort = installed("torch"), installed("onnxruntime")
     if not has_torch and compute_dtype != "fp32":
         raise ValueError(f"compute_dtype: expected fp32 without torch (onnxruntime graphs "
                          f"are float32), found {compute_dtype!r}")

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import safe_open
 
 from monitor.constants import hook_name
+from monitor.fileio import FileRefused, read_regular_file
 from monitor.roles import SCOPE_WORDS
 
 from . import sae as _sae  # noqa: F401  (registers the SAE component kinds; no torch)
@@ -352,6 +353,9 @@ def load_bundle(path: str | os.PathLike[str], *,
                          parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise ck.fail("$", "a UTF-8 JSON document", f"invalid JSON ({e})") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise ck.fail("$", "a JSON document of ordinary nesting",
+                      "nesting deeper than the parser's recursion limit") from None
 
     top = ck.obj(doc, "", _TOP_KEYS)
     if top["format"] != FORMAT:
@@ -445,13 +449,12 @@ def _check_onnx(top: dict[str, Any], ck: _Checker, root: Path, onnx_files: set[s
 
 def _read_manifest_bytes(path: Path, ck: _Checker) -> bytes:
     try:
-        size = path.stat().st_size
+        return read_regular_file(path, MAX_MANIFEST_BYTES)
+    except FileRefused as e:
+        raise ck.fail("$", e.expected, e.found) from None
     except OSError as e:
         raise ck.fail("$", "a readable manifest file", f"{type(e).__name__}: {e.strerror}") \
             from None
-    if size > MAX_MANIFEST_BYTES:
-        raise ck.fail("$", f"at most {MAX_MANIFEST_BYTES} bytes", f"{size} bytes")
-    return path.read_bytes()
 
 
 def _check_files(root: Path, files: Any, ck: _Checker,

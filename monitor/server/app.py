@@ -35,7 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import monitor
-from monitor.constants import HOOK_NAME_TEMPLATE
+from monitor.constants import HOOK_NAME_TEMPLATE, Reason
 from monitor.judge.policy import Policy
 from monitor.judge.reload import PolicyHolder
 from monitor.judge.tracker import RequestTracker
@@ -47,7 +47,15 @@ from monitor.report.verdicts import Reporter
 from monitor.roles import TokenRole, scope_roles
 from monitor.score.backend import FrameScorer
 from monitor.score.bundle import Bundle
+from monitor.server.access import (
+    AccessError,
+    TokenInterceptor,
+    bind,
+    load_token,
+    server_credentials,
+)
 from monitor.server.config import ServerConfig
+from monitor.server.handlers import add_monitor_service
 from monitor.server.pipeline import Pipeline
 from monitor.server.registry import RequestRegistry
 from monitor.server.service import AdminService, FrameLimits, MonitorService
@@ -59,7 +67,6 @@ __all__ = ["MonitorApp", "ServerConfig", "StartupError", "build_app", "capture_p
 log = logging.getLogger(__name__)
 
 MONITOR_SERVICE = monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name
-ADMIN_SERVICE = monitor_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 class StartupError(Exception):
@@ -304,7 +311,7 @@ def build_app(config: ServerConfig) -> MonitorApp:
     bundle, scorer = loaded.bundle, loaded.scorer
     log.info("scorer backend %s (%s)", loaded.backend, loaded.reason)
     if config.served_model:
-        from monitor.models import check_bundle_matches_model
+        from monitor.tools.models import check_bundle_matches_model
 
         try:
             shape = check_bundle_matches_model(
@@ -324,6 +331,7 @@ def build_app(config: ServerConfig) -> MonitorApp:
                              "grpc": grpc.__version__})
     metrics.set_bundle(bundle.name, bundle.sha256, bundle.model_name)
     metrics.set_policy(policy.version, policy.sha256, _thresholds(policy), policy.detectors)
+    metrics.init_layer_series(scorer.layers)
     try:
         otlp = OtlpAudit() if otlp_configured() else None
     except RuntimeError as e:
@@ -390,29 +398,57 @@ def _export_counters(metrics: Metrics, tracker: RequestTracker,
                      lambda: registry.stats().closed_ids_bytes)
 
 
+def _bind(server: grpc.aio.Server, host: str, port: int, creds: grpc.ServerCredentials | None,
+          what: str) -> int:
+    """Bind `server` to host:port (TLS when `creds`); the port bound. Raises StartupError."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = bind(server, address, creds)
+    except RuntimeError as e:
+        raise StartupError(f"cannot bind {what}{address}: {e}") from None
+    if bound == 0:
+        raise StartupError(f"cannot bind {what}{address}")
+    return bound
+
+
 async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> int:
     """Serve until SIGTERM / SIGINT (or `app.stop_event`); then drain. Returns exit code."""
     cfg = app.config
     limit = cfg.grpc_limit
-    server = grpc.aio.server(options=[
+    options = [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", 16 << 20),
         ("grpc.so_reuseport", 0),
-    ])
-    monitor_pb2_grpc.add_MonitorServicer_to_server(app.service, server)
-    monitor_pb2_grpc.add_AdminServicer_to_server(
-        AdminService(app.submit_reload, lambda: app.policy.version), server)
+    ]
+    try:
+        access = cfg.access()
+        token = load_token(access)
+        creds = server_credentials(access)
+        limits = cfg.rpc_limits()
+    except (AccessError, ValueError) as e:
+        raise StartupError(str(e)) from None
+
+    def refused(reason: str) -> None:
+        app.metrics.frames_rejected.labels(reason=reason).inc()
+
+    interceptors = ([TokenInterceptor(token, lambda: refused(Reason.UNAUTHENTICATED.value))]
+                    if token is not None else [])
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    svc = app.service
+    add_monitor_service(server, stream=svc.Stream, score=svc.Score, plan=svc.GetCapturePlan,
+                        limits=limits, on_refused=refused)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (MONITOR_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as e:
-        raise StartupError(f"cannot bind {address}: {e}") from None
-    if port == 0:
-        raise StartupError(f"cannot bind {address}")
+        (MONITOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = _bind(server, cfg.host, cfg.port, creds, "")
+    admin: grpc.aio.Server | None = None
+    admin_port = -1
+    if access.admin_enabled:  # Admin only on its own address, never on the data port
+        admin = grpc.aio.server(options=options, interceptors=interceptors)
+        monitor_pb2_grpc.add_AdminServicer_to_server(
+            AdminService(app.submit_reload, lambda: app.policy.version), admin)
+        admin_port = _bind(admin, access.admin_host, access.admin_port, creds, "admin ")
     if cfg.metrics_port >= 0:
         try:
             app.metrics.serve(cfg.metrics_host, cfg.metrics_port)
@@ -424,8 +460,10 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     stop_watch = threading.Event()
     app.watch_policy(stop_watch)
     await server.start()
-    for svc in ("", MONITOR_SERVICE, ADMIN_SERVICE):
-        await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    if admin is not None:
+        await admin.start()
+    for name in ("", MONITOR_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -441,8 +479,12 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     for w in app.alerts.workers:
         log.info("alert sink %s: %s (spool %s)", w.name, w.sink.target,
                  "disk" if w.spool.durable else "memory")
-    log.info("serving monitor.v1 on %s:%d (grpc limit %d bytes, max frame %d bytes); "
-             "metrics on %s", cfg.host, port, limit, cfg.max_frame_bytes,
+    log.info("serving monitor.v1 on %s:%d (%s, %s; grpc limit %d bytes, max frame %d "
+             "bytes); admin %s; metrics on %s", cfg.host, port,
+             ("mTLS" if access.client_ca else "TLS") if creds else "plaintext",
+             "bearer token required" if token is not None else "no token",
+             limit, cfg.max_frame_bytes,
+             f"on {access.admin_host}:{admin_port}" if admin is not None else "off",
              f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics"
              if cfg.metrics_port >= 0 else "off")
     if ready is not None:
@@ -454,6 +496,8 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     stop_watch.set()
     # end open streams: their readers finish open requests into the queue
     app.service.end_streams()
+    if admin is not None:
+        await admin.stop(0)
     await server.stop(max(0.0, deadline - loop.time()) * 0.5)
     drained = await asyncio.to_thread(app.pipeline.stop, max(0.1, deadline - loop.time()))
     await asyncio.to_thread(app.alerts.stop)

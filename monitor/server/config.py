@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.report.sinks import AlertSinksConfig
+from monitor.server.access import AccessConfig
+from monitor.server.handlers import RpcLimits
 
 __all__ = ["LOG_LEVELS", "ServerConfig", "add_arguments", "from_args", "parse_size"]
 
@@ -37,6 +39,7 @@ def parse_size(text: str) -> int:
 
 
 _ALERTS = "alert delivery (escalations of mode alert|block detectors)"
+_ACCESS = "access (TLS, token, Admin, call limits; see monitor/server/access.py)"
 
 
 def _opt(default: Any, help: str, *, parse: Callable[[str], Any] | None = None,
@@ -129,6 +132,36 @@ class ServerConfig:
                                   "last escalation", group=_ALERTS)
     runbook_url: str = _opt("", "base URL of docs/RUNBOOK.md, put on every delivered alert",
                             group=_ALERTS)
+
+    tls_cert: str | None = _opt(None, "PEM server certificate chain (with --tls-key: the gRPC "
+                                "ports speak TLS only)", group=_ACCESS)
+    tls_key: str | None = _opt(None, "PEM private key of --tls-cert", group=_ACCESS)
+    tls_client_ca: str | None = _opt(None, "PEM CA bundle: require client certificates it "
+                                     "signed (mutual TLS)", group=_ACCESS)
+    token_file: str | None = _opt(None, "file with the bearer token every call (except "
+                                  "health) must carry", group=_ACCESS)
+    token_env: str | None = _opt(None, "environment variable with the bearer token",
+                                 group=_ACCESS)
+    admin_host: str = _opt("127.0.0.1", "Admin service (policy reload RPC) bind address",
+                           group=_ACCESS)
+    admin_port: int = _opt(-1, "Admin service port; -1: Admin off. Never served on the data "
+                           "port", group=_ACCESS)
+    max_streams: int = _opt(1024, "concurrent Stream calls; more are refused "
+                            "(RESOURCE_EXHAUSTED too_many_streams)", group=_ACCESS)
+    max_score_inflight: int = _opt(2, "concurrent unary Score calls; more are refused "
+                                   "before their payload is read (score_busy)", group=_ACCESS)
+
+    def access(self) -> AccessConfig:
+        """The access part of the settings (raises `AccessError` when inconsistent)."""
+        return AccessConfig(tls_cert=self.tls_cert, tls_key=self.tls_key,
+                            client_ca=self.tls_client_ca, token_file=self.token_file,
+                            token_env=self.token_env, admin_host=self.admin_host,
+                            admin_port=self.admin_port)
+
+    def rpc_limits(self) -> RpcLimits:
+        """Per-server call limits (raises `ValueError` when out of range)."""
+        return RpcLimits(max_streams=self.max_streams,
+                         max_score_inflight=self.max_score_inflight)
 
     def alert_sinks(self) -> AlertSinksConfig:
         """The alert-delivery part of the settings."""

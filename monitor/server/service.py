@@ -32,11 +32,13 @@ import numpy as np
 
 from monitor.constants import FinishReason, Reason, RequestKey
 from monitor.report.metrics import Metrics
+from monitor.roles import TokenRole
 from monitor.score.backend import FrameScorer
+from monitor.server.handlers import Undecodable
 from monitor.server.pipeline import Pipeline, QueueFull
 from monitor.server.registry import Admission
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
-from monitor.wire.codec import DecodedFrame, FrameError, decode_frame
+from monitor.wire.codec import DecodedFrame, FrameError, check_seq, decode_frame
 
 __all__ = ["AdminService", "FrameLimits", "MonitorService", "StreamHandle"]
 
@@ -48,6 +50,12 @@ _FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]  # 9
 #: Frames with a payload above this are decoded off the event loop (the decode pool).
 _OFFLOAD_BYTES = 1 << 20
 _stream_ids = itertools.count(1)
+#: Largest increase of a ClientStats counter accepted in one message: far above what a
+#: client drops between two stats messages (sent every few seconds), far below what
+#: would poison a Prometheus counter (2^64 - 1 in one message).
+_MAX_STATS_FRAMES = 1 << 24
+_MAX_STATS_ROWS = 1 << 32
+_MAX_STATS_BYTES = 1 << 44
 #: How long the end of a request stream waits for a racing cancellation (seconds).
 _CANCEL_SETTLE_S = 0.2
 
@@ -166,7 +174,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
     # -------------------------------------------------------------------- Stream
 
     async def Stream(
-        self, request_iterator: AsyncIterator[monitor_pb2.ClientMessage],
+        self, request_iterator: AsyncIterator[monitor_pb2.ClientMessage | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[monitor_pb2.ServerMessage]:
         handle = StreamHandle(asyncio.get_running_loop(), self.metrics, context.peer())
@@ -201,10 +209,15 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             log.info("%s: broke with %d open requests; kept %.0f s for a reconnecting client",
                      handle.name, n, self.pipeline.registry.orphan_grace_s)
 
-    async def _read(self, it: AsyncIterator[monitor_pb2.ClientMessage],
+    async def _read(self, it: AsyncIterator[monitor_pb2.ClientMessage | Undecodable],
                     handle: StreamHandle, context: grpc.aio.ServicerContext) -> None:
         try:
             async for msg in it:
+                if isinstance(msg, Undecodable):
+                    self._refuse(handle, _INVALID, Reason.UNDECODABLE,
+                                 f"ClientMessage: expected a monitor.v1.ClientMessage, found "
+                                 f"{msg.nbytes} bytes that do not parse ({msg.error})")
+                    continue
                 kind = msg.WhichOneof("body")
                 if kind == "frame":
                     await self._on_frame(msg.frame, handle)
@@ -246,13 +259,13 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         lim = self.limits
         m.frames_received.labels(model_name=lim.model).inc()
         seq = int(frame.seq)
-        if seq <= handle.last_seq:
-            self._refuse(handle, _INVALID, Reason.OUT_OF_ORDER,
-                         f"seq: expected > {handle.last_seq} (strictly increasing per "
-                         f"stream), found {seq}", seq=seq)
+        try:
+            missing = check_seq(handle.last_seq, seq)
+        except FrameError as err:  # out of order, or a gap no honest client produces
+            self._reject(handle, err, seq)
             return
-        if seq > handle.last_seq + 1:
-            m.frames_missing.inc(seq - handle.last_seq - 1)
+        if missing:
+            m.frames_missing.inc(missing)
         handle.last_seq = seq
         try:
             if len(frame.data) > _OFFLOAD_BYTES:
@@ -268,6 +281,10 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                                     err.rows.generated, err.rows.roles, Reason(err.reason))
             return
         m.bytes_received.labels(model_name=lim.model).inc(f.nbytes)
+        for role, n in enumerate(np.bincount(f.roles, minlength=len(TokenRole)).tolist()):
+            if n and role:
+                m.rows_received.labels(model_name=lim.model, role=TokenRole(role).name.lower()
+                                       ).inc(n)
         keys = self._admit_spans(handle, f, seq)
         if not any(k is not None for k in keys):
             return
@@ -329,6 +346,12 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
 
     def _on_finished(self, fin: monitor_pb2.RequestFinished, handle: StreamHandle) -> None:
         rid = fin.request_id
+        limit = self.pipeline.registry.max_request_id_bytes
+        if len(rid.encode("utf-8", "surrogatepass")) > limit:  # never echo a huge id back
+            self._refuse(handle, _INVALID, Reason.REQUEST_ID_TOO_LONG,
+                         f"finished.request_id: expected at most {limit} UTF-8 bytes, found "
+                         f"{len(rid.encode('utf-8', 'surrogatepass'))} ({rid[:64]!r}...)")
+            return
         key = handle.key(rid)
         if not self.pipeline.finish(key, handle, FinishReason.label(fin.reason)):
             state = self.pipeline.registry.state(key)
@@ -346,14 +369,23 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
 
     def _on_stats(self, st: monitor_pb2.ClientStats, handle: StreamHandle) -> None:
         m = self.metrics
-        for name, value, counter in (
-            ("dropped_frames", st.dropped_frames, m.client_dropped_frames),
-            ("dropped_rows", st.dropped_rows, m.client_dropped_rows),
-            ("dropped_bytes", st.dropped_bytes, m.client_dropped_bytes),
-            ("reconnects", st.reconnects, m.client_reconnects),
-        ):
+        fields = (
+            ("dropped_frames", st.dropped_frames, m.client_dropped_frames, _MAX_STATS_FRAMES),
+            ("dropped_rows", st.dropped_rows, m.client_dropped_rows, _MAX_STATS_ROWS),
+            ("dropped_bytes", st.dropped_bytes, m.client_dropped_bytes, _MAX_STATS_BYTES),
+            ("reconnects", st.reconnects, m.client_reconnects, _MAX_STATS_FRAMES),
+        )
+        deltas = []
+        for name, value, _, cap in fields:
             prev = handle.stats.get(name, 0)
             delta = value - prev if value >= prev else value  # a smaller value: client reset
+            if delta > cap:  # one message must not poison a 64-bit counter
+                self._refuse(handle, _INVALID, Reason.BAD_STATS,
+                             f"stats.{name}: expected an increase of at most {cap} per "
+                             f"message, found {delta} (from {prev} to {value})")
+                return
+            deltas.append(delta)
+        for (name, value, counter, _), delta in zip(fields, deltas, strict=True):
             if delta > 0:
                 counter.inc(delta)
             handle.stats[name] = value
@@ -388,9 +420,16 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         return self.plan()
 
     async def Score(
-        self, request: monitor_pb2.ScoreRequest, context: grpc.aio.ServicerContext,
+        self, request: monitor_pb2.ScoreRequest | Undecodable,
+        context: grpc.aio.ServicerContext,
     ) -> monitor_pb2.ScoreResponse:
         lim = self.limits
+        if isinstance(request, Undecodable):
+            self.metrics.frames_rejected.labels(reason=Reason.UNDECODABLE.value).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"undecodable: ScoreRequest: {request.nbytes} bytes that do "
+                                f"not parse ({request.error})")
+            raise AssertionError("unreachable")
         try:
             f = decode_frame(request.frame, model=lim.model, d_model=lim.d_model,
                              layers=lim.layers, max_frame_bytes=lim.max_frame_bytes,

@@ -2,12 +2,16 @@
 
 from monitor.wire.codec import (
     DTYPE_ITEMSIZE,
+    MAX_CORRELATION_ID_BYTES,
+    MAX_SEQ_GAP,
+    MAX_SPANS_PER_FRAME,
     REASONS,
     WIRE_VERSION,
     DecodedFrame,
     FrameError,
     RowMeta,
     Span,
+    check_seq,
     decode_frame,
     encode_frame,
     parse_spans,
@@ -15,12 +19,16 @@ from monitor.wire.codec import (
 
 __all__ = [
     "DTYPE_ITEMSIZE",
+    "MAX_CORRELATION_ID_BYTES",
+    "MAX_SEQ_GAP",
+    "MAX_SPANS_PER_FRAME",
     "REASONS",
     "WIRE_VERSION",
     "DecodedFrame",
     "FrameError",
     "RowMeta",
     "Span",
+    "check_seq",
     "decode_frame",
     "encode_frame",
     "parse_spans",

@@ -33,6 +33,9 @@ if TYPE_CHECKING:  # the sidecar decodes without torch; encode_frame accepts ten
 
 __all__ = [
     "DTYPE_ITEMSIZE",
+    "MAX_CORRELATION_ID_BYTES",
+    "MAX_SEQ_GAP",
+    "MAX_SPANS_PER_FRAME",
     "REASONS",
     "WIRE_VERSION",
     "DecodedFrame",
@@ -40,6 +43,7 @@ __all__ = [
     "RowMeta",
     "Span",
     "bf16_bits_to_f32",
+    "check_seq",
     "decode_frame",
     "encode_frame",
     "non_finite_rows",
@@ -54,6 +58,16 @@ _OTHER = np.int8(TokenRole.OTHER)
 
 #: Stable error reasons (the metric label `reason`): one enum for the whole sidecar.
 REASONS: tuple[str, ...] = tuple(r.value for r in Reason)
+
+#: Default limits of `decode_frame` (the server passes its configured values).
+MAX_SPANS_PER_FRAME = 4096
+#: Longest accepted `RowSpan.correlation_id` (a label), in UTF-8 bytes.
+MAX_CORRELATION_ID_BYTES = 256
+#: Largest accepted jump of `ActivationFrame.seq` (frames the client says it skipped).
+#: An honest client skips only frames it dropped from its bounded queue between two
+#: sends; a larger jump is refused so one message cannot add ~2^64 to
+#: `frames_missing_total`.
+MAX_SEQ_GAP = 1 << 20
 
 #: Per wire dtype: the little-endian numpy dtype its bytes are viewed as (bfloat16: the
 #: raw 16-bit patterns, upcast to float32 by `bf16_bits_to_f32`).
@@ -137,6 +151,7 @@ class Span:
     start_position: int = 0
     prompt_len: int = 0
     role: int = 0  # TokenRole; 0 = derive from prompt_len
+    correlation_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,6 +163,7 @@ class RowMeta:
     positions: np.ndarray  # int64 [n_rows], token position of each row
     generated: np.ndarray  # bool [n_rows], True for generated tokens
     span_bounds: tuple[tuple[int, int], ...] = field(default=())  # [start, end) per span
+    correlation_ids: tuple[str, ...] = ()  # caller's label per span ("" = none)
     roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 [n_rows]
 
 
@@ -171,6 +187,7 @@ class DecodedFrame:
     generated: np.ndarray  # bool [n_rows]
     span_bounds: tuple[tuple[int, int], ...] = ()  # [start, end) rows of each span
     nbytes: int = 0  # payload bytes
+    correlation_ids: tuple[str, ...] = ()  # caller's label per span ("" = none), a label only
     wire_dtype: int = monitor_pb2.DTYPE_FLOAT32
     hook_name: str = ""  # canonical hook point, e.g. "blocks.3.hook_resid_post" (never empty
     # once decoded: a frame without one is resid_post of `layer`)
@@ -186,13 +203,28 @@ def _bad(reason: str, message: str, rows: RowMeta | None = None) -> FrameError:
     return FrameError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, rows)
 
 
+def _utf8_len(s: str) -> int:
+    return len(s.encode("utf-8", "surrogatepass"))
+
+
 def parse_spans(
-    spans: Sequence[monitor_pb2.RowSpan], n_rows: int, *, require: bool = True
+    spans: Sequence[monitor_pb2.RowSpan], n_rows: int, *, require: bool = True,
+    max_spans: int = MAX_SPANS_PER_FRAME,
+    max_correlation_id_bytes: int = MAX_CORRELATION_ID_BYTES,
 ) -> RowMeta:
-    """Expand `RowSpan`s into per-row arrays; raises `FrameError('bad_spans')`.
+    """Expand `RowSpan`s into per-row arrays.
+
+    Every check runs over the span messages themselves (which exist in the received
+    bytes) before any per-row array is built, so the arrays are never larger than
+    `n_rows`, and the caller has checked `n_rows` against the payload bytes.
 
     With `require=False` an empty span list means one anonymous request (id "") whose
     rows are prompt tokens at positions 0..n_rows-1 (used by the unary Score RPC).
+
+    Raises:
+        FrameError: `bad_spans` (empty list, empty id, zero rows, sum != n_rows),
+            `too_many_spans`, `correlation_id_too_long`. Request-id length is a per-span
+            decision of the request registry (`request_id_too_long`), not a frame refusal.
 
     Roles: a span's `role` must be a known `TokenRole`; GENERATED spans must start at or
     after `prompt_len`, other roles must end at or before it; UNSPECIFIED is derived.
@@ -207,33 +239,47 @@ def parse_spans(
             positions=np.arange(n_rows, dtype=np.int64),
             generated=np.zeros(n_rows, dtype=bool),
             span_bounds=((0, n_rows),),
+            correlation_ids=("",),
             roles=np.full(n_rows, _OTHER, dtype=np.int8),
         )
-    counts = np.fromiter((s.n_rows for s in spans), dtype=np.int64, count=len(spans))
-    total = int(counts.sum())
-    if total != n_rows:
-        raise _bad("bad_spans", f"spans: expected n_rows to sum to shape[0]={n_rows}, "
-                                f"found {total}")
+    if len(spans) > max_spans:
+        raise _bad("too_many_spans", f"spans: expected at most {max_spans} spans per frame, "
+                                     f"found {len(spans)}")
     ids: list[str] = []
+    labels: list[str] = []
     bounds: list[tuple[int, int]] = []
     starts = np.empty(len(spans), dtype=np.int64)
     plens = np.empty(len(spans), dtype=np.int64)
+    counts = np.empty(len(spans), dtype=np.int64)
     span_roles = np.empty(len(spans), dtype=np.int64)
     row = 0
     for i, s in enumerate(spans):
         if not s.request_id:
             raise _bad("bad_spans", f"spans[{i}].request_id: expected a non-empty id, found ''")
+        n_label = _utf8_len(s.correlation_id)
+        if n_label > max_correlation_id_bytes:
+            raise _bad("correlation_id_too_long",
+                       f"spans[{i}].correlation_id: expected at most "
+                       f"{max_correlation_id_bytes} UTF-8 bytes, found {n_label}")
         if s.n_rows == 0:
             raise _bad("bad_spans", f"spans[{i}].n_rows: expected > 0, found 0 "
                                     f"(request {s.request_id!r})")
+        if row + s.n_rows > n_rows:  # checked as we go: no array ever exceeds n_rows
+            raise _bad("bad_spans", f"spans: expected n_rows to sum to shape[0]={n_rows}, "
+                                    f"found more by spans[{i}]")
         ids.append(s.request_id)
+        labels.append(s.correlation_id)
         bounds.append((row, row + s.n_rows))
         row += s.n_rows
+        counts[i] = s.n_rows
         starts[i] = s.start_position
         plens[i] = s.prompt_len
         span_roles[i] = s.role
         if s.role:
             _check_role(i, s)
+    if row != n_rows:
+        raise _bad("bad_spans", f"spans: expected n_rows to sum to shape[0]={n_rows}, "
+                                f"found {row}")
     row_request = np.repeat(np.arange(len(spans), dtype=np.int32), counts)
     # position of row r in span i = start_i + (r - first_row_i)
     first_rows = np.concatenate(([0], np.cumsum(counts)[:-1]))
@@ -243,7 +289,8 @@ def parse_spans(
     roles = np.repeat(span_roles.astype(np.int8), counts)
     if not span_roles.all():  # UNSPECIFIED spans (old clients): derive from prompt_len
         roles = np.where(roles == 0, derive_roles(generated), roles).astype(np.int8)
-    return RowMeta(tuple(ids), row_request, positions, generated, tuple(bounds), roles)
+    return RowMeta(tuple(ids), row_request, positions, generated, tuple(bounds),
+                   tuple(labels), roles)
 
 
 def _check_role(i: int, s: monitor_pb2.RowSpan) -> None:
@@ -265,6 +312,23 @@ def _check_role(i: int, s: monitor_pb2.RowSpan) -> None:
                                 f"{end} (request {s.request_id!r})")
 
 
+def check_seq(last_seq: int, seq: int, max_gap: int = MAX_SEQ_GAP) -> int:
+    """Frames missing before `seq` on a stream whose last accepted frame was `last_seq`.
+
+    Raises:
+        FrameError: `out_of_order` when `seq <= last_seq`; `seq_gap_too_large` when more
+            than `max_gap` frames would be missing (the caller keeps `last_seq`).
+    """
+    if seq <= last_seq:
+        raise _bad("out_of_order", f"seq: expected > {last_seq} (strictly increasing per "
+                                   f"stream), found {seq}")
+    missing = seq - last_seq - 1
+    if missing > max_gap:
+        raise _bad("seq_gap_too_large", f"seq: expected at most {max_gap} frames skipped "
+                                        f"after {last_seq}, found {missing} (seq {seq})")
+    return missing
+
+
 def decode_frame(
     frame: monitor_pb2.ActivationFrame,
     *,
@@ -274,9 +338,20 @@ def decode_frame(
     max_frame_bytes: int,
     require_spans: bool = True,
     check_finite: bool = True,
+    max_spans: int = MAX_SPANS_PER_FRAME,
+    max_correlation_id_bytes: int = MAX_CORRELATION_ID_BYTES,
     hook_names: frozenset[str] | None = None,
 ) -> DecodedFrame:
-    """Validate `frame` and view its payload as a `[n_rows, d_model]` tensor.
+    """Validate `frame` and view its payload as a `[n_rows, d_model]` array.
+
+    Validate before allocating: every size the client claims is checked against the
+    bytes actually present before any array is built. The order is fixed:
+    payload size, model, layer, dtype, shape (rank 2, both dims >= 1), then
+    `len(data) == shape[0] * shape[1] * itemsize`: from here on `shape[0]` is backed by
+    real bytes, and only then are spans expanded into per-row arrays (at most
+    `shape[0]` entries) and `d_model` compared. A frame whose byte length does not match
+    its shape carries no row metadata (`rows=None`): rows the bytes do not hold are never
+    counted as unscored, so a lying header cannot inflate `rows_unscored_total`.
 
     Args:
         frame: the wire message.
@@ -286,6 +361,9 @@ def decode_frame(
         max_frame_bytes: largest accepted payload (`data`), in bytes.
         require_spans: False lets a frame without spans be one anonymous request.
         check_finite: reject frames with NaN/Inf rows (`non_finite`).
+        max_spans: most spans per frame (`too_many_spans`).
+        max_correlation_id_bytes: longest `RowSpan.correlation_id`
+            (`correlation_id_too_long`).
         hook_names: hook points the server scores (`monitor.wire.hooks` names). None: only
             `blocks.{layer}.hook_resid_post` of `layers` (a server without hook points must
             refuse e.g. resid_pre rows rather than score them as resid_post).
@@ -320,17 +398,20 @@ def decode_frame(
     n_rows, d = shape
     if n_rows <= 0:
         raise _bad("bad_shape", f"shape[0]: expected n_rows > 0, found {n_rows}")
-    rows = parse_spans(frame.spans, n_rows, require=require_spans)
-    if d != d_model:
-        raise _bad("d_model_mismatch", f"shape[1]: expected d_model={d_model}, found {d}", rows)
+    if d <= 0:
+        raise _bad("bad_shape", f"shape[1]: expected d_model > 0, found {d}")
     itemsize = DTYPE_ITEMSIZE[frame.dtype]
-    expected = n_rows * d * itemsize
+    expected = n_rows * d * itemsize  # Python int: no overflow
     if nbytes != expected:
         raise _bad(
             "byte_length_mismatch",
             f"data: expected {expected} bytes ({n_rows}x{d}x{itemsize}), found {nbytes}",
-            rows,
         )
+    # n_rows <= nbytes / itemsize <= max_frame_bytes / itemsize: safe to allocate per row
+    rows = parse_spans(frame.spans, n_rows, require=require_spans, max_spans=max_spans,
+                       max_correlation_id_bytes=max_correlation_id_bytes)
+    if d != d_model:
+        raise _bad("d_model_mismatch", f"shape[1]: expected d_model={d_model}, found {d}", rows)
     data = frame.data  # one bytes object; the array keeps a reference to it (read-only)
     x = np.frombuffer(data, dtype=vdtype).reshape(n_rows, d)
     if frame.dtype == monitor_pb2.DTYPE_BFLOAT16:
@@ -354,6 +435,7 @@ def decode_frame(
         x=x, request_ids=rows.request_ids, row_request=rows.row_request,
         positions=rows.positions, generated=rows.generated, span_bounds=rows.span_bounds,
         nbytes=nbytes, wire_dtype=int(frame.dtype), hook_name=hook, roles=rows.roles,
+        correlation_ids=rows.correlation_ids,
     )
 
 
@@ -456,6 +538,7 @@ def encode_frame(
             request_id=s.request_id, n_rows=s.n_rows,
             start_position=s.start_position, prompt_len=s.prompt_len,
             role=cast("monitor_pb2.TokenRole", int(s.role)),  # the proto enum is an int
+            correlation_id=s.correlation_id,
         ))
     return monitor_pb2.ActivationFrame(
         seq=seq, model=model, layer=layer, dtype=wire, shape=list(shape), data=data,

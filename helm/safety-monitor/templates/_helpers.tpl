@@ -64,9 +64,38 @@ app.kubernetes.io/part-of: safety-monitor
 {{- define "safety-monitor.grpcProbe" -}}
 {{- $p := deepCopy .probe -}}
 {{- if hasKey $p "grpc" -}}
+{{- if .tls -}}
+{{- $_ := unset $p "grpc" -}}
+{{- $_ := set $p "tcpSocket" (dict "port" (int .port)) -}}
+{{- else -}}
 {{- $_ := set $p.grpc "port" (int .port) -}}
 {{- end -}}
+{{- end -}}
 {{ toYaml $p }}
+{{- end -}}
+
+{{/* The plugin's environment for TLS / token (vLLM container). */}}
+{{- define "safety-monitor.pluginAccessEnv" -}}
+{{- $s := .Values.sidecar -}}
+{{- if $s.tls.enabled }}
+- name: SAFETY_MONITOR_TLS_CA
+  value: /etc/safety-monitor/client-tls/ca.crt
+- name: SAFETY_MONITOR_TLS_SERVER_NAME
+  value: {{ $s.tls.serverName | quote }}
+{{- if $s.tls.mtls }}
+- name: SAFETY_MONITOR_TLS_CERT
+  value: /etc/safety-monitor/client-tls/tls.crt
+- name: SAFETY_MONITOR_TLS_KEY
+  value: /etc/safety-monitor/client-tls/tls.key
+{{- end }}
+{{- end }}
+{{- if $s.auth.tokenSecret }}
+- name: SAFETY_MONITOR_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s.auth.tokenSecret }}
+      key: {{ $s.auth.tokenKey }}
+{{- end }}
 {{- end -}}
 
 {{/*
@@ -95,6 +124,20 @@ restartPolicy: Always (a native sidecar in initContainers).
     - --metrics-port={{ $s.metricsPort }}
     - --grace-s={{ $s.graceSeconds }}
     - --backend={{ $s.backend }}
+    {{- if $s.tls.enabled }}
+    - --tls-cert=/etc/safety-monitor/tls/tls.crt
+    - --tls-key=/etc/safety-monitor/tls/tls.key
+    {{- if $s.tls.mtls }}
+    - --tls-client-ca=/etc/safety-monitor/tls/ca.crt
+    {{- end }}
+    {{- end }}
+    {{- if $s.auth.tokenSecret }}
+    - --token-file=/etc/safety-monitor/token/{{ $s.auth.tokenKey }}
+    {{- end }}
+    {{- if ge (int $s.adminPort) 0 }}
+    - --admin-host=127.0.0.1
+    - --admin-port={{ $s.adminPort }}
+    {{- end }}
     {{- if $s.auditLog.enabled }}
     - --audit-log={{ $s.auditLog.path }}
     {{- if $s.auditLog.finals }}
@@ -129,15 +172,15 @@ restartPolicy: Always (a native sidecar in initContainers).
     {{- end }}
   {{- with $s.startupProbe }}
   startupProbe:
-    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort) | nindent 4 }}
+    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort "tls" $s.tls.enabled) | nindent 4 }}
   {{- end }}
   {{- with $s.readinessProbe }}
   readinessProbe:
-    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort) | nindent 4 }}
+    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort "tls" $s.tls.enabled) | nindent 4 }}
   {{- end }}
   {{- with $s.livenessProbe }}
   livenessProbe:
-    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort) | nindent 4 }}
+    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort "tls" $s.tls.enabled) | nindent 4 }}
   {{- end }}
   resources:
     {{- toYaml $s.resources | nindent 4 }}
@@ -159,6 +202,16 @@ restartPolicy: Always (a native sidecar in initContainers).
       mountPath: {{ dir $s.auditLog.path }}
     - name: monitor-tmp
       mountPath: /tmp
+    {{- if $s.tls.enabled }}
+    - name: monitor-tls
+      mountPath: /etc/safety-monitor/tls
+      readOnly: true
+    {{- end }}
+    {{- if $s.auth.tokenSecret }}
+    - name: monitor-token
+      mountPath: /etc/safety-monitor/token
+      readOnly: true
+    {{- end }}
     {{- if and (include "safety-monitor.alertsEnabled" .root) $v.alerts.spool.enabled }}
     - name: alert-spool
       mountPath: {{ $v.alerts.spool.path }}

@@ -129,6 +129,9 @@ class SinkMetrics:
                                   ["sink"], registry=r)
         self.spool_bytes = Gauge(p + "spool_bytes", "Bytes in the spool now.", ["sink"],
                                  registry=r)
+        self.spool_capacity = Gauge(p + "spool_capacity_bytes", "Bound of the spool "
+                                    "(beyond it the oldest events are evicted).", ["sink"],
+                                    registry=r)
         self.queue_events = Gauge(p + "queue_events", "Alert events waiting in memory.",
                                   ["sink"], registry=r)
         self.up = Gauge(p + "sink_up", "1 when the last delivery attempt succeeded (or none "
@@ -167,6 +170,7 @@ class SinkWorker:
         self._last_error_log = 0.0
         self.lost = 0  # events lost for reasons other than the configured bounds
         self.delivered = 0
+        metrics.spool_capacity.labels(sink=self.name).set(spool.max_bytes)
         self._sync_gauges()
         if spool.events:
             log.info("alert sink %s: %d events (%d bytes) left in the spool by an earlier "

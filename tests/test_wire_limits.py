@@ -1,0 +1,240 @@
+"""Issue 8 regressions over a real socket: claimed sizes, undecodable messages, counter
+poisoning and per-server call limits. Each sends the hostile message to a real
+`safety-monitor serve` subprocess, checks the specific refusal and its counter, and
+that the server and the stream keep working (a good request gets its finals).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+import torch
+from conftest import MODEL, MonitorServer
+from test_server_integration import (  # helpers shared with the integration suite
+    EXHAUSTED,
+    INVALID,
+    assert_stream_usable,
+    errors,
+    frame_msg,
+    good_tail,
+    make_rows,
+    rid,
+    stream,
+)
+
+from monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from monitor.wire import MAX_SEQ_GAP, Span, encode_frame
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def server(start_server: Callable[..., MonitorServer]) -> MonitorServer:
+    return start_server(extra=["--policy-watch-s", "0", "--max-streams", "2",
+                               "--max-score-inflight", "1"], name="limits")
+
+
+def _rss_kib(srv: MonitorServer) -> int:
+    with open(f"/proc/{srv.proc.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _tiny_frame_claiming_many_rows(spans: list[Span]) -> monitor_pb2.ActivationFrame:
+    f = encode_frame(torch.zeros(1, 1), seq=1, model=MODEL, layer=2, spans=spans)
+    f.shape[:] = [1 << 26, 1]  # 2^26 rows claimed, 4 data bytes present
+    return f
+
+
+def test_tiny_frame_claiming_2_26_rows(server: MonitorServer, geometry: dict) -> None:
+    # issue 8 item 2: < 90 bytes built 2^26-row arrays (OOM) and inflated rows_unscored
+    r, ok = rid("liar"), rid("ok")
+    frame = _tiny_frame_claiming_many_rows([Span(r, 1 << 26)])
+    assert frame.ByteSize() < 90
+    unscored = server.metric("safety_monitor_rows_unscored_total")
+    rss = _rss_kib(server)
+    out = stream(server, [monitor_pb2.ClientMessage(frame=frame), *good_tail(geometry, 2, ok)])
+    assert [(e.code, e.reason, e.seq) for e in errors(out)] == [
+        (INVALID, "byte_length_mismatch", 1)]
+    assert_stream_usable(out, ok)
+    assert server.metric("safety_monitor_frames_rejected_total",
+                         reason="byte_length_mismatch") >= 1
+    assert server.metric("safety_monitor_rows_unscored_total") == unscored  # nothing claimed
+    assert _rss_kib(server) - rss < 200 * 1024  # 2^26 int64 rows alone would be 512 MiB
+
+
+def test_score_with_60_bytes_claiming_many_rows(server: MonitorServer) -> None:
+    frame = _tiny_frame_claiming_many_rows([])
+    req = monitor_pb2.ScoreRequest(frame=frame)
+    assert req.ByteSize() <= 60
+    stub = monitor_pb2_grpc.MonitorStub(server.channel)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.Score(req, timeout=20)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details().startswith("byte_length_mismatch:")
+    assert server.alive()
+
+
+def _raw_stream(srv: MonitorServer, payloads: list[bytes]) -> list[monitor_pb2.ServerMessage]:
+    call = srv.channel.stream_stream("/monitor.v1.Monitor/Stream",
+                                     response_deserializer=monitor_pb2.ServerMessage.FromString)
+    return list(call(iter(payloads), timeout=60))
+
+
+def test_undecodable_message_is_answered_and_counted(server: MonitorServer,
+                                                     geometry: dict) -> None:
+    # issue 8 item 5: corrupt bytes ended the call with status OK, counted nowhere
+    ok = rid("ok")
+    corrupt = b"\x12\xff\xff\xff\xff\x0f"  # field 2 (frame), a length far past the end
+    before = server.metric("safety_monitor_frames_rejected_total", reason="undecodable")
+    out = _raw_stream(server, [corrupt, *(m.SerializeToString()
+                                          for m in good_tail(geometry, 1, ok))])
+    errs = errors(out)
+    assert [(e.code, e.reason) for e in errs] == [(INVALID, "undecodable")]
+    assert "6 bytes" in errs[0].message
+    assert_stream_usable(out, ok)  # the stream stayed open
+    assert server.metric("safety_monitor_frames_rejected_total",
+                         reason="undecodable") == before + 1
+
+    unary = server.channel.unary_unary("/monitor.v1.Monitor/Score")
+    with pytest.raises(grpc.RpcError) as exc:
+        unary(b"\x0a\xff\xff\xff\xff\x0f", timeout=10)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details().startswith("undecodable:")
+
+
+def test_huge_seq_number_cannot_poison_frames_missing(server: MonitorServer,
+                                                      geometry: dict) -> None:
+    # issue 8 item 5: one seq of ~2^64 added ~1.8e19 to frames_missing_total
+    r, ok = rid("seq"), rid("ok")
+    missing = server.metric("safety_monitor_frames_missing_total")
+    x = make_rows(geometry, "harmful_intent", 2)
+    out = stream(server, [
+        frame_msg(2**64 - 1, 2, x, [Span(r, 2, 0, 2)]),
+        frame_msg(3, 2, x, [Span(r, 2, 0, 2)]),  # 1 frame missing (seq 2): counted
+        *good_tail(geometry, 4, ok),
+    ])
+    assert [(e.reason, e.seq) for e in errors(out)] == [("seq_gap_too_large", 2**64 - 1)]
+    assert str(MAX_SEQ_GAP) in errors(out)[0].message
+    assert_stream_usable(out, ok)
+    assert server.metric("safety_monitor_frames_missing_total") == missing + 2
+
+
+def test_client_stats_cannot_poison_counters(server: MonitorServer, geometry: dict) -> None:
+    ok = rid("ok")
+    before = server.metric("safety_monitor_client_dropped_frames_total")
+    out = stream(server, [
+        monitor_pb2.ClientMessage(stats=monitor_pb2.ClientStats(dropped_frames=5)),
+        monitor_pb2.ClientMessage(stats=monitor_pb2.ClientStats(dropped_frames=2**64 - 1)),
+        *good_tail(geometry, 1, ok),
+    ])
+    assert [e.reason for e in errors(out)] == ["bad_stats"]
+    assert_stream_usable(out, ok)
+    assert server.metric("safety_monitor_client_dropped_frames_total") == before + 5
+
+
+def test_request_id_and_span_limits(server: MonitorServer, geometry: dict) -> None:
+    ok = rid("ok")
+    x = make_rows(geometry, "harmful_intent", 2)
+    many = make_rows(geometry, "harmful_intent", 4097)
+    out = stream(server, [
+        frame_msg(1, 2, x, [Span("r" * 20_000, 2, 0, 2)]),  # 20 KB ids kept 1.6 GB
+        monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
+            request_id="f" * 20_000)),
+        frame_msg(2, 2, many, [Span(f"s{i}", 1, 0, 1) for i in range(4097)]),
+        *good_tail(geometry, 3, ok),
+    ])
+    assert [e.reason for e in errors(out)] == ["request_id_too_long", "request_id_too_long",
+                                               "too_many_spans"], errors(out)
+    assert all(len(e.message) < 300 for e in errors(out))  # the id is not echoed back
+    assert_stream_usable(out, ok)
+
+
+def _hold_call(srv: MonitorServer, method: str) -> tuple[threading.Event, threading.Thread]:
+    """Open a streaming-request call that sends nothing until the event is set."""
+    release = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        release.wait(60)
+        return
+        yield b""
+
+    def run() -> None:
+        if method == "Score":
+            call = srv.channel.stream_unary(f"/monitor.v1.Monitor/{method}")
+        else:
+            call = srv.channel.stream_stream(f"/monitor.v1.Monitor/{method}")
+        try:
+            result = call(requests(), timeout=60)
+            if method != "Score":
+                list(result)
+        except grpc.RpcError:
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return release, t
+
+
+def _until_refused(fn: Callable[[], object], timeout: float = 30.0) -> grpc.RpcError:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fn()
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return e
+        time.sleep(0.05)
+    raise AssertionError("never refused")
+
+
+def test_concurrent_score_calls_are_capped(server: MonitorServer, geometry: dict) -> None:
+    # issue 8 item 4: 16 concurrent 64 MiB Score calls OOM-killed a 2 GiB pod
+    stub = monitor_pb2_grpc.MonitorStub(server.channel)
+    req = monitor_pb2.ScoreRequest(frame=encode_frame(
+        make_rows(geometry, "harmful_intent", 2), seq=1, model=MODEL, layer=2, spans=[]))
+    before = server.metric("safety_monitor_frames_rejected_total", reason="score_busy")
+    release, t = _hold_call(server, "Score")  # --max-score-inflight 1: holds the slot
+    try:
+        err = _until_refused(lambda: stub.Score(req, timeout=10))
+        assert err.details().startswith("score_busy:")
+    finally:
+        release.set()
+        t.join(30)
+    assert server.metric("safety_monitor_frames_rejected_total",
+                         reason="score_busy") > before
+    assert stub.Score(req, timeout=10).detectors  # the slot is free again
+
+
+def test_concurrent_streams_are_capped(server: MonitorServer, geometry: dict) -> None:
+    holds = [_hold_call(server, "Stream") for _ in range(2)]  # --max-streams 2
+    try:
+        err = _until_refused(lambda: stream(server, []))
+        assert err.details().startswith("too_many_streams:")
+    finally:
+        for release, _ in holds:
+            release.set()
+        for _, t in holds:
+            t.join(30)
+    ok = rid("ok")
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:  # the held streams end a moment after their clients half-close
+        try:
+            out = stream(server, good_tail(geometry, 1, ok))
+            break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+            time.sleep(0.1)
+    assert_stream_usable(out, ok)
+    assert server.metric("safety_monitor_frames_rejected_total",
+                         reason="too_many_streams") >= 1
+    assert EXHAUSTED == 8
