@@ -31,6 +31,7 @@ bundle: env
 
 bench: env
 	$(PY) bench/bench_scorer.py
+	$(PY) bench/bench_sae.py
 	$(PY) bench/bench_ingest.py
 	$(PY) bench/bench_vllm.py
 	$(PY) bench/bench_alerts.py

@@ -101,11 +101,14 @@ class _Servicer(monitor_pb2_grpc.MonitorServicer):
                     last_seq = f.seq
                     if s.slow_s:
                         time.sleep(s.slow_s)
+                    for sp in f.spans:  # the plugin keys by engine id, labels by corr. id
+                        if sp.correlation_id:
+                            s.labels[sp.request_id] = sp.correlation_id
                     x, roles = _decode(f)
                     s.log.frames.append(FrameRecord(
                         stream_id, f.seq, f.layer, f.step, x,
-                        [(sp.request_id, sp.n_rows, sp.start_position, sp.prompt_len)
-                         for sp in f.spans],
+                        [(sp.correlation_id or sp.request_id, sp.n_rows, sp.start_position,
+                          sp.prompt_len) for sp in f.spans],
                         parse_hook_name(f.hook_name).kind if f.hook_name else "resid_post",
                         roles))
                 elif which == "finished":
@@ -142,6 +145,7 @@ class CaptureSink:
             preferred_dtype=dtype, max_frame_bytes=max_frame_bytes, hook_names=list(hook_names))
         self.lock = threading.Lock()
         self.log = SinkLog()
+        self.labels: dict[str, str] = {}  # engine request id -> correlation id
         self.n_streams = 0
         self.slow_s = 0.0
         self._server: grpc.Server | None = None
@@ -213,8 +217,9 @@ class CaptureSink:
             return sum(fr.x.shape[0] for fr in self.log.frames)
 
     def finished(self) -> dict[str, monitor_pb2.RequestFinished]:
+        """Finished requests by correlation id (engine id when the request had none)."""
         with self.lock:
-            return {f.request_id: f for f in self.log.finished}
+            return {self.labels.get(f.request_id, f.request_id): f for f in self.log.finished}
 
     def wait_for(self, pred, timeout: float = 30.0, poll: float = 0.1) -> bool:
         end = time.monotonic() + timeout

@@ -7,6 +7,8 @@ Commands::
     train    --acts acts.npz --layer 9 --method logreg --C 0.01 --out probe.npz
     calibrate --probe probe.npz --acts benign.npz --scope prompt --aggregation max
     inspect  --bundle bundles/default          print detectors, calibration, suggested policy
+    train-sae --out bundles/sae/smollm2-135m-l18   the default model's SAE (docs/SAE.md)
+    sae-detector --sae bundles/sae/smollm2-135m-l18 --out bundles/sae-detector
 """
 
 from __future__ import annotations
@@ -141,6 +143,80 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_sae(args: argparse.Namespace) -> int:
+    from probes.collect import TokenSelection, TransformersCollector
+    from probes.sae_data import DEFAULT_CACHE, SAE_LAYER, sae_corpus
+    from probes.sae_train import TrainConfig, train_default_sae
+
+    path, name = _model_path(args.model)
+    collector = TransformersCollector(path, name)
+    corpus = sae_corpus(n_examples=args.n_examples, seed=args.seed)
+    cache = Path(args.cache) if args.cache else DEFAULT_CACHE
+    acts = collector.collect(corpus, [SAE_LAYER], TokenSelection("all"), cache_dir=cache,
+                             progress=not args.quiet, desc="sae/corpus")
+    cfg = TrainConfig(d_sae=args.d_sae, k=args.k, epochs=args.epochs, seed=args.seed)
+    metrics = train_default_sae(Path(args.out), collector, corpus, acts, SAE_LAYER, cfg,
+                                n_heldout=args.n_heldout, progress=not args.quiet)
+    print(json.dumps({k: metrics[k] for k in ("heldout", "dead_fraction", "spliced")},
+                     indent=2, default=float))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_sae_detector(args: argparse.Namespace) -> int:
+    from monitor.score import Scorer, load_bundle, write_bundle
+    from monitor.score.sae import load_saelens
+    from probes.collect import TransformersCollector
+    from probes.sae_data import DEFAULT_CACHE, SAE_LAYER, collect_sets
+    from probes.sae_detector import (
+        evaluate_beside_dense,
+        fit_latent_detector,
+        latent_labels,
+        report_markdown,
+        sae_detector_parts,
+    )
+
+    path, name = _model_path(args.model)
+    collector = TransformersCollector(path, name)
+    sae = load_saelens(args.sae, d_model=collector.d_model)
+    sets = collect_sets(collector, Path(args.cache) if args.cache else DEFAULT_CACHE,
+                        progress=not args.quiet)
+    corpus, acts = sets["corpus"]
+    _test_ex, test = sets["test"]
+    dense = load_bundle(args.dense)
+    cal = dense.detector(args.dense_detector).calibration
+    det = fit_latent_detector(sae, acts, SAE_LAYER, args.n_heldout, args.n_latents,
+                              agg=cal.get("aggregation"),
+                              min_tokens=int(cal.get("min_tokens", 2)))
+    scorer = Scorer(dense)
+    col = scorer.detectors_on(SAE_LAYER).index(args.dense_detector)
+    import torch
+
+    dense_tok = scorer.score(SAE_LAYER, torch.from_numpy(test.x[SAE_LAYER].astype(
+        np.float32)))[:, col]
+    evaluation = evaluate_beside_dense(det, sae, test, SAE_LAYER, dense_tok)
+    labels = latent_labels(sae, acts, corpus, collector, SAE_LAYER, det.latent_ids)
+    metrics_path = Path(args.sae) / "metrics.json"
+    sae_metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    comp, detector, tensors = sae_detector_parts(
+        sae, det, metrics={k: {kk: v[kk] for kk in ("auroc", "tpr@fpr0.01")}
+                           for k, v in evaluation.items()}, labels=labels)
+    out = Path(args.out)
+    write_bundle(out, {"name": "smollm2-135m-sae-detector",
+                       "description": "harmful_intent from 16 SAE latents (observe mode), "
+                       "built by `python -m probes sae-detector`",
+                       "model": {"name": dense.model_name, "d_model": dense.d_model,
+                                 "n_layers": dense.n_layers},
+                       "components": [comp], "detectors": [detector]}, tensors)
+    (out / "REPORT.md").write_text(report_markdown(sae_metrics, det, evaluation, labels))
+    (out / "labels.json").write_text(json.dumps({str(k): v for k, v in labels.items()},
+                                                indent=2, ensure_ascii=False) + "\n")
+    print(json.dumps({k: {kk: v[kk] for kk in ("auroc", "tpr@fpr0.01")}
+                      for k, v in evaluation.items()}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safety-probes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,6 +279,34 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show a bundle's detectors and suggested policy")
     i.add_argument("--bundle", default="bundles/default")
     i.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("train-sae", help="train the default model's SAE on this CPU "
+                       "(BatchTopK -> JumpReLU, SAELens layout; docs/SAE.md)")
+    s.add_argument("--out", default="bundles/sae/smollm2-135m-l18")
+    s.add_argument("--model", default=None, help="HF folder (default: prepared SmolLM2)")
+    s.add_argument("--cache", default=None, help="activation cache (default: "
+                   "~/.cache/safety-monitor/sae)")
+    s.add_argument("--n-examples", type=int, default=1024)
+    s.add_argument("--n-heldout", type=int, default=128)
+    s.add_argument("--d-sae", type=int, default=2048)
+    s.add_argument("--k", type=int, default=32)
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_train_sae)
+
+    sd = sub.add_parser("sae-detector", help="harmful-intent detector over SAE latents, "
+                        "evaluated beside the dense probe, with latent labels")
+    sd.add_argument("--sae", default="bundles/sae/smollm2-135m-l18")
+    sd.add_argument("--out", default="bundles/sae-detector")
+    sd.add_argument("--dense", default="bundles/default", help="bundle with the dense probe")
+    sd.add_argument("--dense-detector", default="harmful_intent")
+    sd.add_argument("--model", default=None)
+    sd.add_argument("--cache", default=None)
+    sd.add_argument("--n-heldout", type=int, default=128)
+    sd.add_argument("--n-latents", type=int, default=16)
+    sd.add_argument("--quiet", action="store_true")
+    sd.set_defaults(fn=cmd_sae_detector)
     return p
 
 

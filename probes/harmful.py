@@ -75,16 +75,12 @@ def token_roles(acts: Activations, examples: Sequence[ChatExample],
 
 
 def scope_mask(roles: np.ndarray, scope: str) -> np.ndarray:
-    """Rows in a policy ``scope`` (bool ``[n_rows]``): ``user`` (user message content) or
-    ``prompt`` (every prompt token). The one switch point between training and serving
-    scopes."""
-    from monitor.roles import TokenRole
+    """Rows in a policy ``scope`` (bool ``[n_rows]``), e.g. ``user`` (user message content)
+    or ``prompt`` (every prompt token): the sidecar tracker's own mapping
+    (``monitor.roles.scope_mask``), so training and serving scopes cannot differ."""
+    from monitor.roles import scope_mask as role_table
 
-    if scope == "user":
-        return roles == int(TokenRole.USER)
-    if scope == "prompt":
-        return roles != int(TokenRole.GENERATED)
-    raise ValueError(f"scope: expected user|prompt, found {scope!r}")
+    return role_table(scope)[np.asarray(roles, dtype=np.int8)]
 
 
 def pooled_features(acts: Activations, layer: int, mask: np.ndarray) -> np.ndarray:

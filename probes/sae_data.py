@@ -1,15 +1,15 @@
 """Example sets for the default model's SAE and its harmful-intent latent detector.
 
-Three disjoint sets of single-turn chat requests (chat-templated exactly as served, see
-``probes/collect.py``), all deterministic in ``seed``:
+Two disjoint sets of single-turn chat requests (chat-templated exactly as served, see
+``probes/collect.py``), deterministic in ``seed``:
 
 - ``sae_corpus``: what the SAE is trained on (unsupervised) and what the latent
-  detector is fitted on (its labels): ``harmful_train`` + a shuffled slice of
+  detector is fitted on (its labels): a shuffle of ``harmful_train`` + a slice of
   ``harmless_train`` (../shared/datasets) + the hand-written ``probes/data`` sets +
   up to ``per_v2_file`` rows of every ``../shared/datasets-v2/harmful_intent`` file
-  (harmful and benign sources, so the dictionary sees both).
-- ``sae_heldout``: a few hundred other ``harmless_train`` requests, never trained on,
-  for reconstruction metrics (FVU, L0, dead latents, spliced loss).
+  (harmful and benign sources, so the dictionary sees both), cut to ``n_examples``
+  (the CPU budget: ~45 token rows per request, ~150 rows/s on a shared 2-core box).
+  Its last examples are held out of SAE training (``probes/sae_train.py``).
 - ``harmful_test``: exactly the dense harmful_intent probe's short-request test set
   (``probes/recipes.py``: ``harmful_val`` + 600 of ``harmless_val``), so the latent
   detector and the dense probe are compared on the same rows.
@@ -33,7 +33,7 @@ from probes.datasets import (
     split,
 )
 
-__all__ = ["SAE_LAYER", "collect_sets", "harmful_test", "sae_corpus", "sae_heldout"]
+__all__ = ["SAE_LAYER", "collect_sets", "harmful_test", "sae_corpus"]
 
 
 def _harmless_order(seed: int) -> list[ChatExample]:
@@ -49,8 +49,8 @@ def _v2_dir() -> Path | None:
     return v2 if v2 is not None and v2.is_dir() else None
 
 
-def sae_corpus(n_harmless: int = 1400, per_v2_file: int = 50, seed: int = 0
-               ) -> list[ChatExample]:
+def sae_corpus(n_examples: int = 1024, n_harmless: int = 1400, per_v2_file: int = 50,
+               seed: int = 0) -> list[ChatExample]:
     """The SAE / latent-detector training requests (labels: 1 harmful, 0 not)."""
     out = load_refusal_json("harmful_intent/harmful_train.json", 1)
     out += _harmless_order(seed)[:n_harmless]
@@ -61,12 +61,7 @@ def sae_corpus(n_harmless: int = 1400, per_v2_file: int = 50, seed: int = 0
         for f in sorted(v2.glob("*.jsonl")):
             rows = [e for e in load_jsonl(f) if len(e.messages) == 1]
             out += split(rows, [1.0], seed)[0][:per_v2_file]
-    return split(out, [1.0], seed)[0]
-
-
-def sae_heldout(n: int = 300, n_harmless: int = 1400, seed: int = 0) -> list[ChatExample]:
-    """Held-out benign requests for reconstruction metrics (disjoint from sae_corpus)."""
-    return _harmless_order(seed)[n_harmless:n_harmless + n]
+    return split(out, [1.0], seed)[0][:n_examples]
 
 
 def harmful_test(n_test: int = 600, seed: int = 0) -> list[ChatExample]:
@@ -84,10 +79,9 @@ DEFAULT_CACHE = Path.home() / ".cache" / "safety-monitor" / "sae"
 def collect_sets(collector: Collector, cache_dir: Path | None = DEFAULT_CACHE,
                  layer: int = SAE_LAYER, progress: bool = True,
                  seed: int = 0) -> dict[str, tuple[list[ChatExample], Activations]]:
-    """Activations (cached per shard under ``cache_dir``) of the three sets at ``layer``:
-    ``{"corpus" | "heldout" | "test": (examples, activations)}`` (every token row)."""
-    sets = {"corpus": sae_corpus(seed=seed), "heldout": sae_heldout(seed=seed),
-            "test": harmful_test(seed=seed)}
+    """Activations (cached per shard under ``cache_dir``) of both sets at ``layer``:
+    ``{"corpus" | "test": (examples, activations)}`` (every token row)."""
+    sets = {"corpus": sae_corpus(seed=seed), "test": harmful_test(seed=seed)}
     out = {}
     for name, exs in sets.items():
         out[name] = (exs, collector.collect(exs, [layer], TokenSelection("both"),

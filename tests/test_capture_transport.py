@@ -213,11 +213,11 @@ def test_step_tracker_splits_spans_at_role_boundaries_and_filters_roles():
     lay = tr.layout(8, pos)
     # a: prompt 4 -> [T, U, T, T]; rows at 3 (T) and 4 (generated)
     # b: prompt 10 -> [T, S, U x6, T, T]; rows at 6..9 -> U U T T
-    assert lay.spans == [("corr-A", 1, 3, 4, T), ("corr-A", 1, 4, 4, GEN),
+    assert lay.spans == [("a", 1, 3, 4, T), ("a", 1, 4, 4, GEN),
                          ("b", 2, 6, 10, U), ("b", 2, 8, 10, T)]
     assert lay.ranges == [(0, 6)] and lay.n_rows == 6
     only_user = tr.layout(8, pos, roles=frozenset({U, GEN}))
-    assert only_user.spans == [("corr-A", 1, 4, 4, GEN), ("b", 2, 6, 10, U)]
+    assert only_user.spans == [("a", 1, 4, 4, GEN), ("b", 2, 6, 10, U)]
     assert only_user.ranges == [(1, 4)]
     assert sorted(calls) == [4, 10]  # once per request, not per step
     # a prompt whose ids do not match its length, or a segmenter that raises -> OTHER
@@ -236,13 +236,14 @@ def test_step_tracker_maps_rows_and_filters_kinds():
     tr = StepTracker(r, max_model_len=100)
     pos = np.array([3, 4, 6, 7, 8, 9, 0, 0], dtype=np.int64)  # 2 padding rows
     lay = tr.layout(8, pos)
-    assert lay.spans == [("corr-A", 1, 3, 4, OTHER), ("corr-A", 1, 4, 4, GEN),
+    assert lay.spans == [("a", 1, 3, 4, OTHER), ("a", 1, 4, 4, GEN),
                          ("b", 4, 6, 10, OTHER)]
+    assert lay.labels == {"a": "corr-A"}  # engine ids key; the correlation id is a label
     assert lay.contiguous and lay.n_rows == 6
     gen = tr.layout(8, pos, prompt=False)
-    assert gen.spans == [("corr-A", 1, 4, 4, GEN)] and gen.ranges == [(1, 2)]
+    assert gen.spans == [("a", 1, 4, 4, GEN)] and gen.ranges == [(1, 2)]
     prm = tr.layout(8, pos, generated=False)
-    assert prm.spans == [("corr-A", 1, 3, 4, OTHER), ("b", 4, 6, 10, OTHER)]
+    assert prm.spans == [("a", 1, 3, 4, OTHER), ("b", 4, 6, 10, OTHER)]
     assert prm.ranges == [(0, 1), (2, 6)]
     # positions that do not match the batch (dummy run) → skipped, never mislabeled
     assert tr.layout(8, np.zeros(8, np.int64)) is None and tr.unmapped_steps == 1
@@ -252,8 +253,8 @@ def test_step_tracker_maps_rows_and_filters_kinds():
     fa, fb = r.requests.pop("a"), r.requests.pop("b")
     assert fa and fb
     fin = {f.request_id: f for f in tr.collect_finished()}
-    assert fin["corr-A"].reason == "length" and fin["corr-A"].n_generated_tokens == 3
-    assert fin["corr-A"].n_cached_prompt_tokens == 3
+    assert fin["a"].reason == "length" and fin["a"].n_generated_tokens == 3
+    assert fin["a"].n_cached_prompt_tokens == 3
     assert fin["b"].reason == "abort" and fin["b"].n_prompt_tokens == 10
     assert tr.collect_finished() == []
 

@@ -86,7 +86,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     for line in (workdir / "audit.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec.get("event") == "final":
-            finals.setdefault(rec["request_id"], {})[rec["detector"]] = rec
+            key = rec.get("correlation_id") or rec["request_id"]  # demo ids are labels
+            finals.setdefault(key, {})[rec["detector"]] = rec
     expected = {f"demo-{i:02d}" for i in range(len(TRAFFIC))}
     assert expected <= set(finals), f"no final verdict for {sorted(expected - set(finals))}"
     for rid in sorted(expected):

@@ -185,6 +185,19 @@ def test_correlation_id_and_default_request_id(llm, sink):
     assert outs[1].request_id in next(iter(others))
 
 
+def test_colliding_correlation_ids_stay_two_requests(llm, sink):
+    # issue 8: requests were keyed by the caller's correlation id, so two requests using
+    # one id merged. The plugin now keys by vLLM's engine id and sends the id as a label.
+    sink.reset()
+    llm.generate(PROMPTS[:2], [_sp("same-ticket", 3), _sp("same-ticket", 4)], use_tqdm=False)
+    assert sink.wait_for(lambda: len(sink.log.finished) >= 2, 20)
+    engine_ids = {rid for rid, label in sink.labels.items() if label == "same-ticket"}
+    assert len(engine_ids) == 2
+    fin = {f.request_id: f for f in sink.log.finished}
+    assert engine_ids <= set(fin)
+    assert sorted(fin[r].n_generated_tokens for r in engine_ids) == [3, 4]
+
+
 def test_prefix_cache_reports_cached_tokens(llm, sink, hf):
     sink.reset()
     p1 = SHARED_PREFIX + " Question one: what is kindness?"

@@ -7,6 +7,7 @@ that the server and the stream keep working (a good request gets its finals).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -160,7 +161,7 @@ def _hold_call(srv: MonitorServer, method: str) -> tuple[threading.Event, thread
     release = threading.Event()
 
     def requests() -> Iterator[bytes]:
-        release.wait(60)
+        release.wait(120)
         return
         yield b""
 
@@ -170,7 +171,7 @@ def _hold_call(srv: MonitorServer, method: str) -> tuple[threading.Event, thread
         else:
             call = srv.channel.stream_stream(f"/monitor.v1.Monitor/{method}")
         try:
-            result = call(requests(), timeout=60)
+            result = call(requests(), timeout=150)
             if method != "Score":
                 list(result)
         except grpc.RpcError:
@@ -181,9 +182,7 @@ def _hold_call(srv: MonitorServer, method: str) -> tuple[threading.Event, thread
     return release, t
 
 
-def _until_refused(fn: Callable[[], object], timeout: float = 30.0) -> grpc.RpcError:
-    import time
-
+def _until_refused(fn: Callable[[], object], timeout: float = 60.0) -> grpc.RpcError:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -216,6 +215,10 @@ def test_concurrent_score_calls_are_capped(server: MonitorServer, geometry: dict
 def test_concurrent_streams_are_capped(server: MonitorServer, geometry: dict) -> None:
     holds = [_hold_call(server, "Stream") for _ in range(2)]  # --max-streams 2
     try:
+        deadline = time.monotonic() + 90  # both held calls are open on the server
+        while server.metric("safety_monitor_active_streams") < 2:
+            assert time.monotonic() < deadline, "held streams never opened"
+            time.sleep(0.2)
         err = _until_refused(lambda: stream(server, []))
         assert err.details().startswith("too_many_streams:")
     finally:
@@ -224,8 +227,6 @@ def test_concurrent_streams_are_capped(server: MonitorServer, geometry: dict) ->
         for _, t in holds:
             t.join(30)
     ok = rid("ok")
-    import time
-
     deadline = time.monotonic() + 30
     while True:  # the held streams end a moment after their clients half-close
         try:
@@ -238,3 +239,40 @@ def test_concurrent_streams_are_capped(server: MonitorServer, geometry: dict) ->
     assert server.metric("safety_monitor_frames_rejected_total",
                          reason="too_many_streams") >= 1
     assert EXHAUSTED == 8
+
+
+# ------------------------------------------------------------------ identity (issue 8 item 1)
+
+
+def test_colliding_correlation_ids_are_judged_separately(server: MonitorServer,
+                                                         geometry: dict) -> None:
+    # issue 8 item 1: two requests with one correlation id merged and the harmful one's
+    # rows were dropped as duplicates. Keys are engine ids; the correlation id is a label.
+    harmful, benign, retry = rid("eng"), rid("eng"), rid("eng")
+    label = rid("ticket")
+    hi = make_rows(geometry, "harmful_intent", 4, pushed=[2])
+    lo = make_rows(geometry, "harmful_intent", 4)
+    spans_hi = [Span(harmful, 4, 0, 4, correlation_id=label)]
+    out = stream(server, [
+        frame_msg(1, 2, torch.cat([lo, hi]),
+                  [Span(benign, 4, 0, 4, correlation_id=label), *spans_hi]),
+        monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(request_id=harmful)),
+        monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(request_id=benign)),
+        # a retry that reuses the label: a new engine id, nothing refused
+        frame_msg(2, 2, lo, [Span(retry, 4, 0, 4, correlation_id=label)]),
+        monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(request_id=retry)),
+    ])
+    assert not errors(out), errors(out)
+    fin = {v.request_id: v for v in out_verdicts(out) if v.final and
+           v.detector == "harmful_intent"}
+    assert fin[harmful].severity == monitor_pb2.SEVERITY_CRITICAL
+    assert fin[benign].severity == monitor_pb2.SEVERITY_NONE
+    assert fin[retry].severity == monitor_pb2.SEVERITY_NONE
+    assert all(v.n_tokens_scored == 4 for v in fin.values())
+    assert {v.correlation_id for v in out_verdicts(out)} == {label}
+    audit = [a for a in server.audit_lines() if a["request_id"] == harmful]
+    assert audit and all(a["correlation_id"] == label for a in audit)
+
+
+def out_verdicts(out: list[monitor_pb2.ServerMessage]) -> list[monitor_pb2.Verdict]:
+    return [m.verdict for m in out if m.HasField("verdict")]

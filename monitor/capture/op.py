@@ -39,6 +39,9 @@ What the implementation does:
 from __future__ import annotations
 
 import logging
+import os
+import time
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import torch
@@ -68,6 +71,53 @@ class LayerSink(Protocol):
         layer 0); `site`: `SITE_IN` / `SITE_OUT`; `positions`: int64 `[num_tokens]`."""
 
 
+PROFILE = os.environ.get("SAFETY_MONITOR_PROFILE", "").strip() not in ("", "0")
+"""`SAFETY_MONITOR_PROFILE=1`: time each capture stage (two `perf_counter_ns` per timed
+call, ~0.1 us) into `PROF`, reported in the plugin's stats (`profile`)."""
+
+
+@dataclass
+class Profile:
+    """Cumulative host time per capture stage, in ns, with call counts (when `PROFILE`).
+
+    Thread rule: each field has one writer — `op_*` and `layout_*` the model thread
+    (inside the forward pass), `encode_*` and `server_*` the sender thread; readers may
+    see a slightly stale value (ints under the GIL, never torn).
+
+    Attributes:
+        op_calls / op_ns: op implementation calls and wall time (meta bump + the sink's
+            copies + opening the step, i.e. everything the capture adds on the model thread).
+        op_cpu_ns: the same calls' CPU time of the model thread (`thread_time_ns`);
+            `op_ns - op_cpu_ns` is time the model thread waited inside the op (for the GIL
+            held by the sender / gRPC threads, or preempted by other processes).
+        layout_calls / layout_ns: `StepTracker.layout` (row selection, once per step;
+            included in op_ns).
+        encode_steps / encode_frames / encode_ns: sender thread, ring slot -> protobuf.
+        server_msgs / server_ns: sender thread, verdicts and errors coming back.
+    """
+
+    op_calls: int = 0
+    op_ns: int = 0
+    op_cpu_ns: int = 0
+    layout_calls: int = 0
+    layout_ns: int = 0
+    encode_steps: int = 0
+    encode_frames: int = 0
+    encode_ns: int = 0
+    server_msgs: int = 0
+    server_ns: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def reset(self) -> None:
+        for k in asdict(self):
+            setattr(self, k, 0)
+
+
+PROF = Profile()
+"""The process-wide profile (written only when `PROFILE`)."""
+
 _sink: LayerSink | None = None
 _sink_errors = 0
 
@@ -92,18 +142,23 @@ def _capture_resid_impl(
     site: int,
 ) -> None:
     global _sink_errors
+    t0 = time.perf_counter_ns() if PROFILE else 0
+    c0 = time.thread_time_ns() if PROFILE else 0
     if site == SITE_OUT:
         meta[layer] += 1
     sink = _sink
-    if sink is None:
-        return
-    try:
-        sink.on_layer(layer, site, hidden, residual, positions)
-    except Exception:  # capture must never fail inference
-        _sink_errors += 1
-        if _sink_errors == 1 or _sink_errors % 1000 == 0:
-            log.exception("safety monitor: capture failed at layer %d (%d errors so far); "
-                          "inference continues", layer, _sink_errors)
+    if sink is not None:
+        try:
+            sink.on_layer(layer, site, hidden, residual, positions)
+        except Exception:  # capture must never fail inference
+            _sink_errors += 1
+            if _sink_errors == 1 or _sink_errors % 1000 == 0:
+                log.exception("safety monitor: capture failed at layer %d (%d errors so far); "
+                              "inference continues", layer, _sink_errors)
+    if PROFILE:
+        PROF.op_calls += 1
+        PROF.op_cpu_ns += time.thread_time_ns() - c0
+        PROF.op_ns += time.perf_counter_ns() - t0
 
 
 def _register_op() -> Any:

@@ -36,6 +36,8 @@ import torch
 from monitor.capture.archs import UnsupportedArchitecture, check_architecture
 from monitor.capture.config import CaptureConfig
 from monitor.capture.op import (
+    PROF,
+    PROFILE,
     SITE_IN,
     SITE_OUT,
     StaticBuffers,
@@ -255,7 +257,8 @@ class CaptureSession:
             return
         rec = StepRecord(ring=st.ring, slot=slot, step=self.step, plan_id=plan.plan_id,
                          model=self.model_name, points=plan.points, n_rows=layout.n_rows,
-                         spans=layout.spans, max_frame_bytes=plan.max_frame_bytes)
+                         spans=layout.spans, max_frame_bytes=plan.max_frame_bytes,
+                         labels=layout.labels)
         index = None
         if not layout.contiguous:
             index = torch.from_numpy(
@@ -281,6 +284,8 @@ class CaptureSession:
                  requests_no_chat_roles=self.tracker.requests_no_chat_roles,
                  roles_fallback=bool(self.segmenter is None or not self.segmenter.headers),
                  layer_calls=self.buffers.meta.tolist())
+        if PROFILE:
+            s["profile"] = PROF.as_dict()
         return s
 
     def _janitor_loop(self) -> None:

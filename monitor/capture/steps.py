@@ -32,15 +32,18 @@ else "abort" (client abort — and stop *strings*, which the frontend turns into
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from monitor.capture import op
 from monitor.constants import CORRELATION_KEY
 from monitor.roles import TokenRole, role_runs
 from monitor.v1 import monitor_pb2
+from monitor.wire.codec import MAX_CORRELATION_ID_BYTES
 
 #: One kept run of rows: (request_id, n_rows, start_position, prompt_len, role).
 SpanTuple = tuple[str, int, int, int, int]
@@ -53,13 +56,14 @@ class RequestInfo:
     """What the tracker remembers about one vLLM request."""
 
     vllm_id: str
-    request_id: str  # correlation id from extra_args, else vLLM's id
+    request_id: str  # vLLM's engine request id: the key on the wire (RowSpan.request_id)
     prompt_len: int
     n_cached: int  # prompt tokens already computed (prefix cache) at first sight
     state: Any  # vLLM CachedRequestState (kept to read output_token_ids at finish)
     rows_seen: int = 0
     run_starts: np.ndarray = field(default_factory=lambda: _EMPTY_I64)  # int64 [n_runs]
     run_roles: np.ndarray = field(default_factory=lambda: _EMPTY_I8)  # int8 [n_runs]
+    correlation_id: str = ""  # the caller's label (extra_args), never a key; "" if none
 
 
 @dataclass
@@ -72,6 +76,7 @@ class StepLayout:
         spans: `(request_id, n_rows, start_position, prompt_len, role)` in row order, one
             per run of equal role (adjacent spans may share a range).
         n_tokens: rows in the forward pass (including padding).
+        labels: request id -> caller's correlation id, for requests that have one.
     """
 
     n_rows: int
@@ -79,16 +84,21 @@ class StepLayout:
     spans: list[SpanTuple]
     n_tokens: int
     contiguous: bool = field(default=False)  # ranges == [(0, n_rows)]
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def correlation_id(state: Any) -> str | None:
-    """The caller's correlation id from `SamplingParams.extra_args`, if any."""
+    """The caller's correlation id from `SamplingParams.extra_args`, if any.
+
+    A label only: cut to `MAX_CORRELATION_ID_BYTES` UTF-8 bytes (at a character
+    boundary) so a caller's long id never gets a frame refused."""
     sp = getattr(state, "sampling_params", None)
     extra = getattr(sp, "extra_args", None) if sp is not None else None
     if isinstance(extra, dict):
         cid = extra.get(CORRELATION_KEY)
         if cid is not None and str(cid):
-            return str(cid)
+            raw = str(cid).encode("utf-8", "replace")[:MAX_CORRELATION_ID_BYTES]
+            return raw.decode("utf-8", "ignore")
     return None
 
 
@@ -163,7 +173,8 @@ class StepTracker:
         run_starts, run_roles = self._prompt_runs(state, plen)
         info = RequestInfo(
             vllm_id=rid,
-            request_id=correlation_id(state) or rid,
+            request_id=rid,
+            correlation_id=correlation_id(state) or "",
             prompt_len=plen,
             n_cached=min(int(n_computed), plen),
             state=state,
@@ -184,12 +195,25 @@ class StepTracker:
     ) -> StepLayout | None:
         """Layout of the current forward pass, or None when it maps to no request.
 
+        Timed into `op.PROF.layout_*` when `op.PROFILE`.
+
         Args:
             n_tokens: rows of the forward's hidden-state tensor (incl. padding).
             positions: int64 `[n_tokens]` positions the model received (host), or None.
             prompt / generated: keep rows of these token kinds.
             roles: keep only rows of these `TokenRole`s (None: all roles).
         """
+        if not op.PROFILE:
+            return self._layout(n_tokens, positions, prompt, generated, roles)
+        t0 = time.perf_counter_ns()
+        try:
+            return self._layout(n_tokens, positions, prompt, generated, roles)
+        finally:
+            op.PROF.layout_calls += 1
+            op.PROF.layout_ns += time.perf_counter_ns() - t0
+
+    def _layout(self, n_tokens: int, positions: np.ndarray | None, prompt: bool,
+                generated: bool, roles: frozenset[int] | None) -> StepLayout | None:
         r = self.runner
         ib = r.input_batch
         num_reqs = int(ib.num_reqs)
@@ -210,6 +234,7 @@ class StepTracker:
         req_ids = ib.req_ids[:num_reqs]
         ranges: list[tuple[int, int]] = []
         spans: list[SpanTuple] = []
+        labels: dict[str, str] = {}
         with self._lock:
             for i in range(num_reqs):
                 a, b = int(qsl[i]), int(qsl[i + 1])
@@ -237,11 +262,13 @@ class StepTracker:
                         ranges.append((r0, r1))
                     spans.append((info.request_id, s1 - s0, s0, plen, role))
                     info.rows_seen += s1 - s0
+                    if info.correlation_id:
+                        labels[info.request_id] = info.correlation_id
         n_rows = sum(s[1] for s in spans)
         if n_rows == 0:
             return StepLayout(0, [], [], n_tokens)
         return StepLayout(n_rows, ranges, spans, n_tokens,
-                          contiguous=len(ranges) == 1 and ranges[0][0] == 0)
+                          contiguous=len(ranges) == 1 and ranges[0][0] == 0, labels=labels)
 
     def collect_finished(self) -> list[monitor_pb2.RequestFinished]:
         """RequestFinished for every tracked request vLLM has released since the last call.

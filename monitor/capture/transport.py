@@ -28,12 +28,14 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
+from monitor.capture import op
 from monitor.capture.config import CaptureConfig
 from monitor.capture.steps import SpanTuple
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
@@ -51,6 +53,12 @@ _DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 _FRAME_OVERHEAD_BYTES = 64 * 1024  # proto framing + spans headroom under max_frame_bytes
 _GRPC_MAX_MSG = 256 * 1024 * 1024
 
+
+
+#: Random per plugin process (`ClientHello.instance_id`): with the client id it names this
+#: process's requests on the sidecar, so a reconnect of this process (and no other
+#: client) carries on the requests of a broken stream.
+INSTANCE_ID = uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,7 @@ class StepRecord:
     spans: list[SpanTuple]
     max_frame_bytes: int = _DEFAULT_MAX_FRAME_BYTES
     released: bool = field(default=False)
+    labels: dict[str, str] = field(default_factory=dict)  # request id -> correlation id
 
     @property
     def row_bytes(self) -> int:
@@ -250,10 +259,17 @@ def build_frame(
     spans: list[SpanTuple],
     step: int,
     hook_name: str = "",
+    labels: dict[str, str] | None = None,
 ) -> monitor_pb2.ActivationFrame:
     """One `ActivationFrame` from `x` `[n_rows, d_model]` (host tensor) and its spans
-    (`monitor.wire.codec.encode_frame`, the one encoder)."""
-    return encode_frame(x, seq=seq, model=model, layer=layer, spans=spans, step=step,
+    (`monitor.wire.codec.encode_frame`, the one encoder); `labels` maps a request id to the
+    caller's correlation id (`RowSpan.correlation_id`)."""
+    lab = labels or {}
+    pb_spans = [monitor_pb2.RowSpan(request_id=r, n_rows=n, start_position=p, prompt_len=pl,
+                                    role=role,  # type: ignore[arg-type]
+                                    correlation_id=lab.get(r, ""))
+                for r, n, p, pl, role in spans]
+    return encode_frame(x, seq=seq, model=model, layer=layer, spans=pb_spans, step=step,
                         hook_name=hook_name)
 
 
@@ -540,6 +556,15 @@ class Transport:
             backoff = min(backoff * 2, self.cfg.backoff_max_s)
 
     def _on_server_message(self, msg: monitor_pb2.ServerMessage) -> None:
+        if not op.PROFILE:
+            self._handle_server_message(msg)
+            return
+        t0 = time.perf_counter_ns()
+        self._handle_server_message(msg)
+        op.PROF.server_msgs += 1
+        op.PROF.server_ns += time.perf_counter_ns() - t0
+
+    def _handle_server_message(self, msg: monitor_pb2.ServerMessage) -> None:
         which = msg.WhichOneof("body")
         if which == "verdict":
             with self._lock:
@@ -559,7 +584,7 @@ class Transport:
         seq = 0
         yield monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
             client_id=self.cfg.client_id, model=self.model, plan_id=plan.plan_id,
-            wire_version=WIRE_VERSION))
+            wire_version=WIRE_VERSION, instance_id=INSTANCE_ID))
         last_stats = self._client_stats()
         if last_stats.dropped_frames or last_stats.reconnects:
             yield monitor_pb2.ClientMessage(stats=last_stats)
@@ -574,6 +599,7 @@ class Transport:
                     self.drop_record(item, "plan changed")
                     continue
                 msgs = []
+                t0 = time.perf_counter_ns() if op.PROFILE else 0
                 try:
                     chunk_rows = max(1, (item.max_frame_bytes - _FRAME_OVERHEAD_BYTES)
                                      // item.row_bytes)
@@ -583,10 +609,14 @@ class Transport:
                             seq += 1
                             f = build_frame(view[k, r0:r1], seq=seq, model=item.model,
                                             layer=hp.layer, spans=spans, step=item.step,
-                                            hook_name=hp.name)
+                                            hook_name=hp.name, labels=item.labels)
                             msgs.append(monitor_pb2.ClientMessage(frame=f))
                 finally:
                     item.release()  # bytes are copied out: the slot is free again
+                if op.PROFILE:
+                    op.PROF.encode_steps += 1
+                    op.PROF.encode_frames += len(msgs)
+                    op.PROF.encode_ns += time.perf_counter_ns() - t0
                 nbytes = item.n_rows * len(item.points) * item.row_bytes
                 with self._lock:
                     self.sent_frames += len(msgs)

@@ -11,9 +11,10 @@ counts as written when every configured destination took it; a failure on either
 counted once. With an OTLP endpoint in the environment (`monitor/report/otlp.py`) every
 record is also exported as an OpenTelemetry log record.
 
-Alert line fields: ts, event ("alert" | "would_alert" | "final"), request_id, detector,
-severity, score, peak_score, threshold, position, mode, policy_version, bundle_name,
-bundle_sha256, model_name, n_tokens_scored, n_tokens_unscored.
+Alert line fields: ts, event ("alert" | "would_alert" | "final"), request_id (the
+engine's id), correlation_id (the caller's label, "" if none), detector, severity, score,
+peak_score, threshold, position, mode, policy_version, bundle_name, bundle_sha256,
+model_name, n_tokens_scored, n_tokens_unscored.
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ def _utc_now() -> str:
 
 def audit_record(
     update: VerdictUpdate, *, event: str, bundle_name: str, bundle_sha256: str,
-    model_name: str,
+    model_name: str, correlation_id: str = "",
 ) -> dict[str, Any]:
-    """Build one audit record from a `VerdictUpdate` (no activations)."""
+    """Build one audit record from a `VerdictUpdate` (no activations). `request_id` is
+    the engine's id (the key), `correlation_id` the caller's label ("" when none)."""
     return {
         "ts": _utc_now(),
         "event": event,
         "request_id": update.request_id,
+        "correlation_id": correlation_id,
         "detector": update.detector,
         "severity": update.severity,
         "score": float(update.score),

@@ -34,9 +34,11 @@ _SEVERITY_ENUM: dict[str, monitor_pb2.Severity] = {
 }
 
 
-def verdict_message(u: VerdictUpdate) -> monitor_pb2.ServerMessage:
-    """Convert a `VerdictUpdate` into a `ServerMessage(verdict=...)`."""
+def verdict_message(u: VerdictUpdate, correlation_id: str = "") -> monitor_pb2.ServerMessage:
+    """Convert a `VerdictUpdate` into a `ServerMessage(verdict=...)`; `correlation_id` is
+    the caller's label of the request."""
     return monitor_pb2.ServerMessage(verdict=monitor_pb2.Verdict(
+        correlation_id=correlation_id,
         request_id=u.request_id, detector=u.detector, score=float(u.score),
         severity=_SEVERITY_ENUM[u.severity], threshold=float(u.threshold),
         crossed_at_position=int(u.crossed_at_position), final=bool(u.final), mode=u.mode,
@@ -65,26 +67,27 @@ class Reporter:
         self.bundle_sha256 = bundle_sha256
         self.model_name = model_name
 
-    def _audit(self, u: VerdictUpdate, event: str) -> None:
+    def _audit(self, u: VerdictUpdate, event: str, correlation_id: str) -> None:
         self.audit.write(audit_record(u, event=event, bundle_name=self.bundle_name,
                                       bundle_sha256=self.bundle_sha256,
-                                      model_name=self.model_name))
+                                      model_name=self.model_name,
+                                      correlation_id=correlation_id))
 
-    def escalation(self, u: VerdictUpdate) -> None:
+    def escalation(self, u: VerdictUpdate, correlation_id: str = "") -> None:
         """A newly reached severity: count it and audit it (no-op for other updates)."""
         if not u.escalated or u.severity == "none":
             return
         event = "would_alert" if u.mode == "observe" else "alert"
         self.metrics.alerts.labels(detector=u.detector, severity=u.severity,
                                    mode=u.mode).inc()
-        self._audit(u, event)
+        self._audit(u, event, correlation_id)
         if self.alerts is not None:
-            self.alerts.escalation(u)
+            self.alerts.escalation(u, correlation_id)
         log.info("%s: request=%s detector=%s severity=%s score=%.3f position=%d", event,
                  u.request_id, u.detector, u.severity, u.score, u.crossed_at_position)
 
-    def final(self, u: VerdictUpdate) -> None:
+    def final(self, u: VerdictUpdate, correlation_id: str = "") -> None:
         """A final verdict: request-score histogram and (optionally) a `final` line."""
         self.metrics.observe_request_score(u.detector, u.score)
         if self.audit.include_finals:
-            self._audit(u, "final")
+            self._audit(u, "final", correlation_id)

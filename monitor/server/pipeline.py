@@ -188,10 +188,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ requests
 
-    def admit(self, key: RequestKey, sink: StreamSink) -> Admission:
-        """Rows of `key` arrived on `sink`'s stream (see `RequestRegistry.admit`);
-        requests evicted to make room get their finals queued here."""
-        adm, evicted = self.registry.admit(key, sink)
+    def admit(self, key: RequestKey, sink: StreamSink, label: str = "") -> Admission:
+        """Rows of `key` arrived on `sink`'s stream (see `RequestRegistry.admit`; `label`
+        is the caller's correlation id); requests evicted to make room get their finals
+        queued here."""
+        adm, evicted = self.registry.admit(key, sink, label)
         if adm is Admission.ADOPTED:
             self.metrics.requests_reattached.inc()
         if evicted:
@@ -350,13 +351,14 @@ class Pipeline:
 
     def _finish(self, c: Closing) -> None:
         updates = self.tracker.finish(c.key, known=True)
+        label = self.registry.label(c.key)
         self.registry.retire(c.key)
         self.metrics.requests_finished.labels(model_name=self.model_name,
                                               reason=c.reason.value).inc()
         for u in updates:
-            self.reporter.final(u)
+            self.reporter.final(u, label)
             if c.owner is not None:
-                c.owner.post(verdict_message(u))
+                c.owner.post(verdict_message(u, label))
         self._publish_registry()
 
     def _score_frames(self, items: list[_FrameItem]) -> None:
@@ -433,5 +435,6 @@ class Pipeline:
             code=_INTERNAL, reason=Reason.SCORER_ERROR.value, message=message, seq=f.seq)))
 
     def _handle_update(self, u: VerdictUpdate, sink: StreamSink) -> None:
-        self.reporter.escalation(u)
-        sink.post(verdict_message(u))
+        label = self.registry.label(u.key)
+        self.reporter.escalation(u, label)
+        sink.post(verdict_message(u, label))

@@ -95,6 +95,7 @@ class _Entry:
     orphaned_at: float | None = None
     closing: bool = False
     hwm: dict[int, int] = field(default_factory=dict)  # layer -> highest position scored
+    label: str = ""  # the caller's correlation id (first one sent); a label, never a key
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,8 @@ class RequestRegistry:
 
     # ---------------------------------------------------------------- writers
 
-    def admit(self, key: RequestKey, owner: StreamSink) -> tuple[Admission, list[Closing]]:
+    def admit(self, key: RequestKey, owner: StreamSink, label: str = ""
+              ) -> tuple[Admission, list[Closing]]:
         """Rows of `key` arrived on `owner`'s stream: open, continue or adopt the request.
 
         Returns the admission and the requests evicted to make room (their finals must
@@ -203,6 +205,7 @@ class RequestRegistry:
             e = self._live.get(key)
             if e is not None:
                 if e.owner is owner:
+                    e.label = e.label or label
                     e.last_active = now
                     self._live.move_to_end(key)
                     return Admission.OPEN, []
@@ -222,7 +225,7 @@ class RequestRegistry:
                 old_key = next(iter(self._live))
                 evicted.append(self._close(old_key, FinishReason.EVICTED))
                 self._evicted += 1
-            self._live[key] = _Entry(owner=owner, last_active=now)
+            self._live[key] = _Entry(owner=owner, last_active=now, label=label)
             self._by_owner.setdefault(id(owner), set()).add(key)
             return Admission.OPEN, evicted
 
@@ -303,6 +306,12 @@ class RequestRegistry:
         """True while `key` has an entry (live or closing): its rows may be judged."""
         with self._lock:
             return key in self._live or key in self._closing
+
+    def label(self, key: RequestKey) -> str:
+        """The caller's correlation id of `key` while it has an entry, else ""."""
+        with self._lock:
+            e = self._live.get(key) or self._closing.get(key)
+            return e.label if e is not None else ""
 
     def retire(self, key: RequestKey) -> None:
         """Scoring worker only: the finals of `key` are written; release its entry."""

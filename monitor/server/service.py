@@ -310,9 +310,13 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         (its rows unscored), the other spans of the frame are still judged."""
         admitted: dict[str, RequestKey | None] = {}
         refused: dict[str, Reason] = {}
+        labels: dict[str, str] = {}
+        for rid, label in zip(f.request_ids, f.correlation_ids, strict=True):
+            if label:
+                labels.setdefault(rid, label)
         for rid in dict.fromkeys(f.request_ids):
             key = handle.key(rid)
-            adm = self.pipeline.admit(key, handle)
+            adm = self.pipeline.admit(key, handle, labels.get(rid, ""))
             if adm.accepted:
                 handle.admitted = True
                 admitted[rid] = key
@@ -393,16 +397,23 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
     def _on_hello(self, hello: monitor_pb2.ClientHello, handle: StreamHandle) -> None:
         log.info("%s: hello from %r (model %r, plan %r, wire_version %d)", handle.name,
                  hello.client_id[:64], hello.model[:64], hello.plan_id[:64], hello.wire_version)
-        if len(hello.client_id.encode()) > self.max_hello_id_bytes:
+        # the client half of request keys: client_id plus the random per-process
+        # instance_id, so only the same plugin process (not another client that copies
+        # its readable client_id) can carry a broken stream's requests on
+        identity = (f"{hello.client_id}#{hello.instance_id}" if hello.instance_id
+                    else hello.client_id)
+        if len(hello.client_id.encode()) > self.max_hello_id_bytes or \
+                len(hello.instance_id.encode()) > self.max_hello_id_bytes:
             self._refuse(handle, _INVALID, Reason.BAD_HELLO,
-                         f"hello.client_id: expected at most {self.max_hello_id_bytes} "
-                         f"bytes, found {len(hello.client_id.encode())}")
-        elif handle.admitted and hello.client_id != handle.client_id:
+                         f"hello.client_id/instance_id: expected at most "
+                         f"{self.max_hello_id_bytes} bytes each, found "
+                         f"{len(hello.client_id.encode())}/{len(hello.instance_id.encode())}")
+        elif handle.admitted and identity != handle.client_id:
             self._refuse(handle, _INVALID, Reason.BAD_HELLO,
                          "hello.client_id: expected the hello before any frame (the client "
                          "id names this stream's requests), found it after")
         else:
-            handle.client_id = hello.client_id
+            handle.client_id = identity
         if hello.model and hello.model != self.limits.model:
             self._refuse(handle, _INVALID, Reason.MODEL_MISMATCH,
                          f"hello.model: expected {self.limits.model!r}, found "

@@ -129,7 +129,8 @@ def read_finals(audit: Path) -> dict[str, dict[str, dict[str, Any]]]:
     for line in audit.read_text().splitlines():
         rec = json.loads(line)
         if rec.get("event") == "final":
-            finals.setdefault(str(rec["request_id"]), {})[str(rec["detector"])] = rec
+            key = rec.get("correlation_id") or rec["request_id"]  # the demo's own ids
+            finals.setdefault(str(key), {})[str(rec["detector"])] = rec
     return finals
 
 

@@ -1,0 +1,189 @@
+"""Benchmark: what the capture plugin costs per decode step, eager and torch.compile.
+
+No vLLM: the synthetic decoder of `tests/synthetic_decoder.py` (vLLM's decoder-layer
+calling convention, SmolLM2-135M's widths) runs decode steps of `--batch` requests (one
+row each) in three arms, interleaved rep by rep in one process:
+
+- base: the decoder as is;
+- op: plan layers wrapped with the capture op, no sink (the op's dispatch + `meta` bump);
+- capture: the real `CaptureSession` (StepTracker layout over a stand-in runner that
+  carries vLLM's per-step fields, ring copies, `Transport` sender thread) streaming over
+  real loopback gRPC to the recording sink of `tests/capture_sink.py` in this process
+  (its decode competes for the GIL, as the sink arm of `bench_vllm.py` does).
+
+Each arm is run eagerly and under `torch.compile` (inductor). With
+`SAFETY_MONITOR_PROFILE=1` (set here) the capture arm also reports where the host time
+goes (`monitor.capture.op.PROF`): op time on the model thread, of which row selection
+(`layout`), and the sender thread's encoding. Results: `bench/RESULTS.md`, "## Capture op".
+
+    python bench/bench_capture_op.py                 # eager + compiled
+    python bench/bench_capture_op.py --modes eager --batch 1 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("SAFETY_MONITOR_PROFILE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from capture_sink import CaptureSink  # noqa: E402
+from synthetic_decoder import SyntheticDecoder  # noqa: E402
+
+from monitor.capture import op  # noqa: E402
+from monitor.capture.config import CaptureConfig  # noqa: E402
+from monitor.capture.plugin import CaptureSession, site_of  # noqa: E402
+from monitor.capture.transport import Plan  # noqa: E402
+
+MODEL = "synthetic"
+PROMPT = 16
+
+
+def runner(batch: int) -> SimpleNamespace:
+    """Stand-in for vLLM's model runner: the fields `StepTracker` reads, decode layout."""
+    reqs = {f"r{i}": SimpleNamespace(num_prompt_tokens=PROMPT, prompt_token_ids=None,
+                                     sampling_params=None, output_token_ids=[])
+            for i in range(batch)}
+    ib = SimpleNamespace(num_reqs=batch, req_ids=list(reqs),
+                         num_computed_tokens_cpu=np.full(batch, PROMPT, np.int64))
+    return SimpleNamespace(input_batch=ib, requests=reqs,
+                           query_start_loc=SimpleNamespace(np=np.arange(batch + 1, dtype=np.int32)))
+
+
+def make_session(m: SyntheticDecoder, sink: CaptureSink, batch: int, d: int
+                 ) -> tuple[CaptureSession, SimpleNamespace]:
+    r = runner(batch)
+    layers = m.model.layers
+    cfg = CaptureConfig(addr=sink.addr, model=MODEL, ring_slots=8, queue_size=256)
+    s = CaptureSession(r, cfg, model_name=MODEL, d_model=d, n_layers=len(layers),
+                       max_rows=max(64, batch))
+    plan = s.transport.fetch_plan(30.0)
+    assert plan is not None, "sink unreachable"
+    wanted: dict[int, set[int]] = {}
+    for hp in plan.points:
+        layer, site = site_of(hp)
+        wanted.setdefault(layer, set()).add(site)
+    s.wrapped = op.wrap_decoder_layers(layers, {k: frozenset(v) for k, v in wanted.items()},
+                                       s.buffers.meta)
+    s.first_site = min((i, min(v)) for i, v in s.wrapped.items())
+    s.set_plan(plan)
+    s.start()
+    t = time.monotonic()
+    while not s.transport.connected and time.monotonic() - t < 60:
+        time.sleep(0.05)
+    return s, r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--modes", nargs="+", default=["eager", "compiled"])
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--plan-layers", type=int, nargs="+", default=[3, 15])
+    ap.add_argument("--d-model", type=int, default=576)
+    ap.add_argument("--d-ff", type=int, default=1536)
+    ap.add_argument("--steps", type=int, default=50, help="decode steps per rep")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    d = args.d_model
+    sink = CaptureSink(model=MODEL, d_model=d, layers=tuple(args.plan_layers)).start()
+    Plan.from_proto(sink.plan)
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cpus, torch {torch.__version__}, threads={args.threads}, "
+          f"load {os.getloadavg()[0]:.1f} at start")
+    rows_out = []
+    for mode in args.modes:
+        for batch in args.batch:
+            torch._dynamo.reset()
+            base = SyntheticDecoder(d, args.d_ff, args.layers)
+            wrapped = SyntheticDecoder(d, args.d_ff, args.layers)
+            captured = SyntheticDecoder(d, args.d_ff, args.layers)
+            meta = op.StaticBuffers(args.layers).meta
+            op.wrap_decoder_layers(wrapped.model.layers,
+                                   {k: frozenset({op.SITE_OUT}) for k in args.plan_layers}, meta)
+            sess, r = make_session(captured, sink, batch, d)
+            fns = {"base": base, "op": wrapped, "capture": captured}
+            if mode == "compiled":
+                fns = {k: torch.compile(v) for k, v in fns.items()}
+            x = torch.randn(batch, d)
+            ib = r.input_batch
+
+            def step(arm: str, fns: dict = fns, sess: CaptureSession = sess,
+                     ib: SimpleNamespace = ib, x: torch.Tensor = x) -> None:
+                pos = torch.from_numpy(ib.num_computed_tokens_cpu.copy())
+                op.set_sink(sess if arm == "capture" else None)
+                fns[arm](pos, x)
+                op.set_sink(None)
+                if arm == "capture":
+                    ib.num_computed_tokens_cpu += 1
+
+            t_c = time.perf_counter()
+            with torch.no_grad():
+                for arm in fns:  # warm-up (and compile)
+                    for _ in range(3):
+                        step(arm)
+            compile_s = time.perf_counter() - t_c
+            per: dict[str, list[float]] = {k: [] for k in fns}
+            prof = {k: 0 for k in op.PROF.as_dict()}  # capture arm only
+            sent0 = sess.transport.sent_rows
+            with torch.no_grad():
+                for _ in range(args.reps):
+                    for arm in fns:
+                        op.PROF.reset()
+                        t = time.perf_counter()
+                        for _ in range(args.steps):
+                            step(arm)
+                        per[arm].append((time.perf_counter() - t) / args.steps)
+                        if arm == "capture":
+                            for k, v in op.PROF.as_dict().items():
+                                prof[k] += v
+            t = time.monotonic()
+            want = args.reps * args.steps * batch * len(args.plan_layers)
+            while sess.transport.sent_rows - sent0 < want and time.monotonic() - t < 60:
+                time.sleep(0.05)
+            p = prof  # encode_* of the sender may trail: waited for all rows above
+            for k in ("encode_steps", "encode_frames", "encode_ns"):
+                p[k] = max(p[k], getattr(op.PROF, k))
+            st = sess.transport.stats()
+            sess._stop.set()
+            sess.transport.close()
+            sink.reset()
+            med = {k: statistics.median(v) for k, v in per.items()}
+            n_steps = args.reps * args.steps
+            row = dict(
+                mode=mode, batch=batch, compile_s=compile_s,
+                base_ms=med["base"] * 1e3, op_ms=med["op"] * 1e3, cap_ms=med["capture"] * 1e3,
+                op_us_step=p["op_ns"] / 1e3 / max(1, n_steps),
+                op_cpu_us_step=p["op_cpu_ns"] / 1e3 / max(1, n_steps),
+                layout_us_step=p["layout_ns"] / 1e3 / max(1, p["layout_calls"]),
+                encode_us_step=p["encode_ns"] / 1e3 / max(1, p["encode_steps"]),
+                sent_rows=st["sent_rows"] - sent0, want_rows=want, dropped=st["dropped_rows"],
+                load=os.getloadavg()[0])
+            rows_out.append(row)
+            print(f"{mode:8s} batch={batch:3d}: base {row['base_ms']:.2f} ms/step, op "
+                  f"{row['op_ms']:.2f} ({row['op_ms'] / row['base_ms']:.3f}x), capture "
+                  f"{row['cap_ms']:.2f} ({row['cap_ms'] / row['base_ms']:.3f}x); capture host "
+                  f"time on the model thread {row['op_us_step']:.0f} us/step (CPU "
+                  f"{row['op_cpu_us_step']:.0f}, layout "
+                  f"{row['layout_us_step']:.0f}), sender encode {row['encode_us_step']:.0f} "
+                  f"us/step; rows sent {row['sent_rows']}/{want}, dropped {row['dropped']}; "
+                  f"load {row['load']:.1f}; warm-up+compile {compile_s:.0f}s", flush=True)
+    sink.stop()
+
+
+if __name__ == "__main__":
+    main()

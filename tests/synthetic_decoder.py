@@ -1,0 +1,52 @@
+"""A small decoder with vLLM's decoder-layer calling convention, for the capture op's
+compile tests and `bench/bench_capture_op.py` (no vLLM needed).
+
+Each layer has the signature of vLLM's Llama decoder layer,
+`forward(positions, hidden_states, residual) -> (hidden, residual)`, with the fused
+add-RMSNorm semantics (`residual <- hidden + residual`, normalized copy to the block) and a
+SwiGLU MLP in place of attention + MLP (attention needs vLLM's metadata; the op only sees
+the layer boundary, which is the same). Shapes: hidden/residual `[num_tokens, d_model]`,
+positions int64 `[num_tokens]`. Defaults are SmolLM2-135M's sizes (576, 1536, 30 layers).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SyntheticLayer(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(d_model, eps=1e-5)
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = hidden_states if residual is None else hidden_states + residual
+        g, u = self.gate_up(self.norm(residual)).chunk(2, dim=-1)
+        return self.down(nn.functional.silu(g) * u), residual
+
+
+class SyntheticDecoder(nn.Module):
+    """`forward(positions, x) -> [num_tokens, d_model]`; layers at `.model.layers`
+    (where `monitor.capture.op.find_decoder_layers` looks)."""
+
+    def __init__(self, d_model: int = 576, d_ff: int = 1536, n_layers: int = 30,
+                 seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(SyntheticLayer(d_model, d_ff) for _ in range(n_layers))
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        residual: torch.Tensor | None = None
+        for layer in self.model.layers:
+            x, residual = layer(positions, x, residual)
+        assert residual is not None
+        return x + residual
