@@ -20,14 +20,18 @@ qwen3 in CI, for all seven with `SAFETY_MONITOR_ARCHS_ALL=1` (`make test-archs`)
 engine start dominates (~20 s eager, ~60 s compiled on 2 cores). Chunked prefill
 (`max_num_batched_tokens=32` with a 40+ token prompt) and two concurrent requests are
 part of every run. The models carry their family's chat template; one prompt is built
-with it.
+with it. A tiny GPT-2 (served by vLLM, not mappable by the plugin) checks the start-up
+refusal.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -144,8 +148,9 @@ def test_capture_matches_transformers(models, family, mode):
     sink = CaptureSink(port=0, model=f"tiny/{family}", d_model=128, hook_names=HOOKS).start()
     try:
         seqs = _run_engine(model_dir, sink, mode, [PROMPT, chat])
-        assert sink.wait_for(lambda: {"r0", "r1"} <= set(sink.finished()), 30), \
-            "RequestFinished missing"
+        assert sink.wait_for(lambda: {"r0", "r1"} <= set(sink.finished()), 120), (
+            f"RequestFinished missing: finished={sorted(sink.finished())}, "
+            f"frames={sink.n_frames()}, streams={sink.n_streams}")
         assert not sink.log.seq_errors
         # chunked prefill happened: the first prompt is longer than one step's budget
         assert len(seqs[0]) - 5 > ENGINE_KW["max_num_batched_tokens"]
@@ -163,5 +168,43 @@ def test_capture_matches_transformers(models, family, mode):
                 err = float(np.abs(got - want).max())
                 assert err <= 1e-3 * scale + 1e-4, \
                     f"{family}/{mode} {hook} r{r}: max err {err:.3g} (scale {scale:.3g})"
+    finally:
+        sink.stop()
+
+
+_REFUSE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    if __name__ == "__main__":
+        from vllm import LLM, SamplingParams
+        llm = LLM(model=sys.argv[1], **json.loads(sys.argv[2]))
+        out = llm.generate(["Hello there"], SamplingParams(max_tokens=4, ignore_eos=True),
+                           use_tqdm=False)
+        print("GENERATED", len(out[0].outputs[0].token_ids), flush=True)
+        llm.llm_engine.engine_core.shutdown()
+""")
+
+
+def test_unsupported_architecture_is_refused_at_start(tmp_path):
+    """A model vLLM serves but whose layer output the plugin cannot map (GPT-2: its blocks
+    return the finished stream) gets no capture: an ERROR naming the class at start-up,
+    no stream to the sidecar, and inference unaffected."""
+    from tiny_models import build_tiny_model
+
+    model_dir = build_tiny_model("gpt2", tmp_path / "gpt2")
+    sink = CaptureSink(port=0, model="tiny/gpt2", d_model=128, layers=(0,)).start()
+    try:
+        script = tmp_path / "refuse.py"
+        script.write_text(_REFUSE_SCRIPT)
+        env = dict(os.environ, **ENV, SAFETY_MONITOR_ADDR=sink.addr,
+                   SAFETY_MONITOR_MODEL="tiny/gpt2")
+        kw = dict(ENGINE_KW, enforce_eager=True)
+        proc = subprocess.run([sys.executable, str(script), str(model_dir), json.dumps(kw)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "GENERATED 4" in log, log[-4000:]
+        assert "unsupported architecture, capture is NOT installed" in log, log[-4000:]
+        assert "'GPT2LMHeadModel'" in log
+        assert "capture installed" not in log
+        assert sink.n_streams == 0 and not sink.log.frames
     finally:
         sink.stop()

@@ -282,13 +282,11 @@ def test_check_policy_reports_errors_not_judged_and_low_thresholds():
 
 
 def test_run_check_exit_codes(tmp_path, monkeypatch):
-    import sys
-    import types
+    import monitor.score.bundle as bundle_module
 
     bundle = FakeBundle((Spec("harmful_intent", "prompt", {"warn": 0.5}, {}),))
-    fake = types.ModuleType("monitor.score.bundle")
-    fake.load_bundle = lambda path, **kw: bundle
-    monkeypatch.setitem(sys.modules, "monitor.score.bundle", fake)
+    # run_check imports load_bundle at call time, so patching the attribute is enough
+    monkeypatch.setattr(bundle_module, "load_bundle", lambda path, **kw: bundle)
     good = tmp_path / "good.yaml"
     good.write_text('version: "1"\ndetectors:\n  harmful_intent: {scope: prompt, '
                     "thresholds: {warn: 0.5}}\n")

@@ -130,6 +130,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
+def _gpt2() -> Any:
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=49152, n_positions=MAX_POS, n_embd=D_MODEL, n_layer=2,
+                      n_head=N_HEADS, bos_token_id=1, eos_token_id=2,
+                      architectures=["GPT2LMHeadModel"])
+
+
+UNSUPPORTED: dict[str, Family] = {"gpt2": Family("gpt2", _gpt2, "qwen2.jinja")}
+"""Models vLLM serves but the capture plugin must refuse (their layers return a finished
+stream, not the `(hidden, residual)` pair; see monitor/capture/archs.py)."""
+
+
 def tokenizer_source() -> Path:
     """Folder whose tokenizer the tiny models reuse (the default model's)."""
     from monitor.tools.models import prepare_default_model
@@ -147,9 +160,10 @@ def build_tiny_model(family: str, out: Path, *, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    fam = FAMILIES.get(family)
+    fam = FAMILIES.get(family) or UNSUPPORTED.get(family)
     if fam is None:
-        raise ValueError(f"family: expected one of {sorted(FAMILIES)}, found {family!r}")
+        raise ValueError(f"family: expected one of {sorted(FAMILIES | UNSUPPORTED)}, found "
+                         f"{family!r}")
     out = Path(out)
     if (out / ".built").is_file():
         return out
