@@ -103,9 +103,11 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
                 lat_tokens=args.lat_tokens, prompts=PROMPTS)
     env = dict(os.environ, VLLM_USE_V2_MODEL_RUNNER="0")
     env.pop("SAFETY_MONITOR_ADDR", None)
-    if addr:
-        env.update(SAFETY_MONITOR_ADDR=addr, SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME)
     with tempfile.TemporaryDirectory() as tmp:
+        stats_file = os.path.join(tmp, "capture-stats.json")
+        if addr:  # per-stage capture profile (monitor.capture.op.PROF) via the stats file
+            env.update(SAFETY_MONITOR_ADDR=addr, SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME,
+                       SAFETY_MONITOR_PROFILE="1", SAFETY_MONITOR_STATS_FILE=stats_file)
         spec["result_file"] = res_file = os.path.join(tmp, "result.json")
         log_file = os.path.join(tmp, "arm.log")
         with open(log_file, "w") as lf:  # a file, not a pipe: no hang on orphaned children
@@ -121,7 +123,11 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
         if addr and "capture installed" not in Path(log_file).read_text():
             raise RuntimeError("monitor arm: the capture plugin did not install")
         with open(res_file) as f:
-            return dict(json.load(f), end=time.time())
+            out = dict(json.load(f), end=time.time())
+        if os.path.exists(stats_file):  # last dump, <= 1 s before the engine exited
+            with open(stats_file) as f:
+                out["capture_stats"] = json.load(f)
+        return out
 
 
 class Sidecar:
@@ -319,9 +325,26 @@ def main() -> None:
         {int(c_rows)} rows; sequence gaps: {int(gaps)}. The sidecar used {cpu_sc:.1f} CPU-s
         during its arm and had scored everything {drain_s:.1f} s after the engine exited
         (includes the ≥3 s quiet period used to detect that).
+
+        Capture profile (`SAFETY_MONITOR_PROFILE=1`, from the plugin's last stats dump), per
+        forward step of the arm: sink: {profile_line(mon)}; sidecar: {profile_line(sc)}.
         """)  # noqa: E501
     print(section)
     write_results(section, args.out)
+
+
+def profile_line(r: dict) -> str:
+    """Per-step capture host time of one monitored arm from its `capture_stats`."""
+    st = r.get("capture_stats") or {}
+    p, steps = st.get("profile"), int(st.get("steps") or 0)
+    if not p or not steps:
+        return "not recorded"
+    us = lambda ns, n: ns / 1e3 / max(1, n)  # noqa: E731
+    return (f"{steps} steps, model thread in the op {us(p['op_ns'], steps):.0f} us/step wall, "
+            f"{us(p['op_cpu_ns'], steps):.0f} us/step CPU ({p['op_calls'] / steps:.1f} op calls"
+            f"/step), row selection {us(p['layout_ns'], p['layout_calls']):.0f} us/step; sender"
+            f" encode {us(p['encode_ns'], p['encode_steps']):.0f} us/step, server messages "
+            f"{us(p['server_ns'], p['server_msgs']):.0f} us each ({p['server_msgs']})")
 
 
 def _vllm_version() -> str:
