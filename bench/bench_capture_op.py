@@ -138,16 +138,20 @@ def main() -> None:
                         step(arm)
             compile_s = time.perf_counter() - t_c
             per: dict[str, list[float]] = {k: [] for k in fns}
+            cpu: dict[str, list[float]] = {k: [] for k in fns}  # model thread CPU s/step
+            pcpu: dict[str, list[float]] = {k: [] for k in fns}  # process CPU s/step
             prof = {k: 0 for k in op.PROF.as_dict()}  # capture arm only
             sent0 = sess.transport.sent_rows
             with torch.no_grad():
                 for _ in range(args.reps):
                     for arm in fns:
                         op.PROF.reset()
-                        t = time.perf_counter()
+                        t, c, pc = time.perf_counter(), time.thread_time(), time.process_time()
                         for _ in range(args.steps):
                             step(arm)
                         per[arm].append((time.perf_counter() - t) / args.steps)
+                        cpu[arm].append((time.thread_time() - c) / args.steps)
+                        pcpu[arm].append((time.process_time() - pc) / args.steps)
                         if arm == "capture":
                             for k, v in op.PROF.as_dict().items():
                                 prof[k] += v
@@ -163,10 +167,15 @@ def main() -> None:
             sess.transport.close()
             sink.reset()
             med = {k: statistics.median(v) for k, v in per.items()}
+            mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+            mpcpu = {k: statistics.median(v) for k, v in pcpu.items()}
             n_steps = args.reps * args.steps
             row = dict(
                 mode=mode, batch=batch, compile_s=compile_s,
                 base_ms=med["base"] * 1e3, op_ms=med["op"] * 1e3, cap_ms=med["capture"] * 1e3,
+                base_cpu_ms=mcpu["base"] * 1e3, op_cpu_ms=mcpu["op"] * 1e3,
+                cap_cpu_ms=mcpu["capture"] * 1e3, base_pcpu_ms=mpcpu["base"] * 1e3,
+                cap_pcpu_ms=mpcpu["capture"] * 1e3,
                 op_us_step=p["op_ns"] / 1e3 / max(1, n_steps),
                 op_cpu_us_step=p["op_cpu_ns"] / 1e3 / max(1, n_steps),
                 layout_us_step=p["layout_ns"] / 1e3 / max(1, p["layout_calls"]),
@@ -176,7 +185,13 @@ def main() -> None:
             rows_out.append(row)
             print(f"{mode:8s} batch={batch:3d}: base {row['base_ms']:.2f} ms/step, op "
                   f"{row['op_ms']:.2f} ({row['op_ms'] / row['base_ms']:.3f}x), capture "
-                  f"{row['cap_ms']:.2f} ({row['cap_ms'] / row['base_ms']:.3f}x); capture host "
+                  f"{row['cap_ms']:.2f} ({row['cap_ms'] / row['base_ms']:.3f}x); model-thread CPU"
+                  f" ms/step base {row['base_cpu_ms']:.2f}, op {row['op_cpu_ms']:.2f} "
+                  f"({row['op_cpu_ms'] / row['base_cpu_ms']:.3f}x), capture "
+                  f"{row['cap_cpu_ms']:.2f} ({row['cap_cpu_ms'] / row['base_cpu_ms']:.3f}x); "
+                  f"process CPU base {row['base_pcpu_ms']:.2f}, capture "
+                  f"{row['cap_pcpu_ms']:.2f} ({row['cap_pcpu_ms'] / row['base_pcpu_ms']:.3f}x)"
+                  f"; capture host "
                   f"time on the model thread {row['op_us_step']:.0f} us/step (CPU "
                   f"{row['op_cpu_us_step']:.0f}, layout "
                   f"{row['layout_us_step']:.0f}), sender encode {row['encode_us_step']:.0f} "

@@ -31,8 +31,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from monitor.demo import TRAFFIC, free_port, stop, wait_http  # noqa: E402
-from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model  # noqa: E402
+from monitor.tools.demo import TRAFFIC, stop, wait_http  # noqa: E402
+from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model  # noqa: E402
+from monitor.tools.net import free_port  # noqa: E402
 
 POLICY = """\
 version: "bench-block"

@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from monitor.tools.net import free_port  # noqa: E402
+
 _ARM = textwrap.dedent("""
     import json, os, sys, time
     if __name__ == "__main__":
@@ -89,7 +91,7 @@ _ARM = textwrap.dedent("""
 
 def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
     """One engine process; returns its result JSON plus `end` (time.time() at exit)."""
-    from monitor.models import DEFAULT_MODEL_NAME
+    from monitor.tools.models import DEFAULT_MODEL_NAME
 
     engine = dict(max_model_len=1024, max_num_batched_tokens=args.max_batched_tokens,
                   max_num_seqs=args.n_prompts, enable_prefix_caching=False, seed=0,
@@ -101,9 +103,11 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
                 lat_tokens=args.lat_tokens, prompts=PROMPTS)
     env = dict(os.environ, VLLM_USE_V2_MODEL_RUNNER="0")
     env.pop("SAFETY_MONITOR_ADDR", None)
-    if addr:
-        env.update(SAFETY_MONITOR_ADDR=addr, SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME)
     with tempfile.TemporaryDirectory() as tmp:
+        stats_file = os.path.join(tmp, "capture-stats.json")
+        if addr:  # per-stage capture profile (monitor.capture.op.PROF) via the stats file
+            env.update(SAFETY_MONITOR_ADDR=addr, SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME,
+                       SAFETY_MONITOR_PROFILE="1", SAFETY_MONITOR_STATS_FILE=stats_file)
         spec["result_file"] = res_file = os.path.join(tmp, "result.json")
         log_file = os.path.join(tmp, "arm.log")
         with open(log_file, "w") as lf:  # a file, not a pipe: no hang on orphaned children
@@ -119,22 +123,18 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
         if addr and "capture installed" not in Path(log_file).read_text():
             raise RuntimeError("monitor arm: the capture plugin did not install")
         with open(res_file) as f:
-            return dict(json.load(f), end=time.time())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+            out = dict(json.load(f), end=time.time())
+        if os.path.exists(stats_file):  # last dump, <= 1 s before the engine exited
+            with open(stats_file) as f:
+                out["capture_stats"] = json.load(f)
+        return out
 
 
 class Sidecar:
     """`python -m monitor.cli serve` with the default bundle + policy, on free ports."""
 
     def __init__(self, log_path: Path) -> None:
-        self.port, self.metrics_port = _free_port(), _free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         bundle = ROOT / "bundles" / "default"
         cmd = [sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(bundle),
                "--policy", str(bundle / "policy.suggested.yaml"), "--port", str(self.port),
@@ -237,7 +237,7 @@ def main() -> None:
 
     from capture_sink import CaptureSink
 
-    from monitor.models import prepare_default_model
+    from monitor.tools.models import prepare_default_model
 
     model = str(prepare_default_model())
     layers = tuple(int(x) for x in args.layers.split(","))
@@ -325,9 +325,26 @@ def main() -> None:
         {int(c_rows)} rows; sequence gaps: {int(gaps)}. The sidecar used {cpu_sc:.1f} CPU-s
         during its arm and had scored everything {drain_s:.1f} s after the engine exited
         (includes the ≥3 s quiet period used to detect that).
+
+        Capture profile (`SAFETY_MONITOR_PROFILE=1`, from the plugin's last stats dump), per
+        forward step of the arm: sink: {profile_line(mon)}; sidecar: {profile_line(sc)}.
         """)  # noqa: E501
     print(section)
     write_results(section, args.out)
+
+
+def profile_line(r: dict) -> str:
+    """Per-step capture host time of one monitored arm from its `capture_stats`."""
+    st = r.get("capture_stats") or {}
+    p, steps = st.get("profile"), int(st.get("steps") or 0)
+    if not p or not steps:
+        return "not recorded"
+    us = lambda ns, n: ns / 1e3 / max(1, n)  # noqa: E731
+    return (f"{steps} steps, model thread in the op {us(p['op_ns'], steps):.0f} us/step wall, "
+            f"{us(p['op_cpu_ns'], steps):.0f} us/step CPU ({p['op_calls'] / steps:.1f} op calls"
+            f"/step), row selection {us(p['layout_ns'], p['layout_calls']):.0f} us/step; sender"
+            f" encode {us(p['encode_ns'], p['encode_steps']):.0f} us/step, server messages "
+            f"{us(p['server_ns'], p['server_msgs']):.0f} us each ({p['server_msgs']})")
 
 
 def _vllm_version() -> str:

@@ -111,7 +111,7 @@ needs_vllm = pytest.mark.skipif(
 
 
 def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], log: Path) -> None:
-    from monitor.demo import wait_http
+    from monitor.tools.demo import wait_http
 
     try:
         wait_http(url, timeout_s, proc, url)
@@ -130,8 +130,9 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from monitor.demo import free_port, stop
-    from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
+    from monitor.tools.demo import stop
+    from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
+    from monitor.tools.net import free_port
 
     d = tmp_path_factory.mktemp("enforce")
     policy = d / "policy.yaml"
@@ -168,7 +169,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def _body(user: str, max_tokens: int, stream: bool) -> bytes:
-    from monitor.models import DEFAULT_MODEL_NAME
+    from monitor.tools.models import DEFAULT_MODEL_NAME
 
     prior = PRIOR if user == HARMFUL else []
     return json.dumps({"model": DEFAULT_MODEL_NAME, "max_tokens": max_tokens,

@@ -21,7 +21,8 @@ import pytest
 
 from monitor.capture import gate as gate_mod
 from monitor.capture.gate import SidecarGate, fail_mode
-from monitor.demo import free_port, stop, wait_http
+from monitor.tools.demo import stop, wait_http
+from monitor.tools.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
