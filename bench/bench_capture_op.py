@@ -18,6 +18,7 @@ goes (`monitor.capture.op.PROF`): op time on the model thread, of which row sele
 
     python bench/bench_capture_op.py                 # eager + compiled
     python bench/bench_capture_op.py --modes eager --batch 1 16 64
+    python bench/bench_capture_op.py --layout-only   # row selection alone, CPU us/step
 """
 
 from __future__ import annotations
@@ -86,6 +87,25 @@ def make_session(m: SyntheticDecoder, sink: CaptureSink, batch: int, d: int
     return s, r
 
 
+def bench_layout(batches: list[int], n: int = 2000) -> None:
+    """CPU time of `StepTracker.layout` for a decode step of `batch` requests (model thread)."""
+    from monitor.capture.steps import StepTracker
+
+    for batch in batches:
+        r = runner(batch)
+        r.input_batch.num_computed_tokens_cpu += 4  # past the prompt: decode rows
+        tracker = StepTracker(r)
+        pos = r.input_batch.num_computed_tokens_cpu.copy()
+        for _ in range(50):
+            out = tracker.layout(batch, pos)
+        assert out is not None and out.n_rows == batch
+        c = time.thread_time()
+        for _ in range(n):
+            tracker.layout(batch, pos)
+        print(f"layout decode batch={batch:3d}: {(time.thread_time() - c) / n * 1e6:.1f} us CPU "
+              f"per step (load {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"])
@@ -97,7 +117,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="decode steps per rep")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--layout-only", action="store_true",
+                    help="time StepTracker.layout alone (decode, batch 1/16/64)")
     args = ap.parse_args()
+    if args.layout_only:
+        bench_layout([1, 16, 64])
+        return
     torch.set_num_threads(args.threads)
     d = args.d_model
     sink = CaptureSink(model=MODEL, d_model=d, layers=tuple(args.plan_layers)).start()
