@@ -111,7 +111,7 @@ def _cmd_placeholder(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from monitor.replay import ReplayConfig, run_replay
+    from monitor.tools.replay import ReplayConfig, run_replay
 
     cfg = ReplayConfig(target=args.target, n_requests=args.requests, prompt_len=args.prompt_len,
                        gen_len=args.gen_len, push_fraction=args.push_fraction, seed=args.seed,

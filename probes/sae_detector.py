@@ -6,7 +6,12 @@ Recipe (all on ``blocks.18.hook_resid_post``, the dense probe's layer):
    on the SAE corpus requests (``sae_data.sae_corpus``) minus its held-out tail (the
    dense probe is trained on the mean of the same prompt-token rows with the same
    labels).
-2. Rank latents by effect size ``(mean z | harmful − mean z | benign) / std z`` over the
+2. Drop the latents that fire on position 0: that row (SmolLM2's ``<|im_start|>``) is
+   the same in every request, ~100× the norm of the others and outside the SAE's
+   training data, and ~half the latents fire on it; the monitor scores it too, so a
+   selected latent firing there would give every request the same head start (with
+   mean aggregation: the same request score). Then rank latents by effect size
+   ``(mean z | harmful − mean z | benign) / std z`` over the
    labelled rows; keep the ``n_latents`` largest (latents that *indicate* harm).
 3. Sparse read-out: L2 logistic regression (``train.fit_logreg``, balanced) on those
    latents' activations; standardisation folded into ``latent_weights`` and ``bias`` so
@@ -92,6 +97,8 @@ def fit_latent_detector(sae: SAE, acts: Activations, layer: int, n_heldout: int,
     yy = acts.labels[acts.example[rows]].astype(bool)
     sd = z.std(0) + 1e-6
     effect = (z[yy].mean(0) - z[~yy].mean(0)) / sd
+    z0 = _encode(sae, acts.x[layer][acts.position == 0])
+    effect[(z0 > 0).any(0)] = -np.inf  # fires on position 0 (see the module docstring)
     ids = [int(i) for i in np.argsort(-effect)[:n_latents]]
     probe = fit_logreg(z[:, ids], yy.astype(np.int8), layer, C=C)
     w = probe.weight.astype(np.float64) / probe.std.astype(np.float64)

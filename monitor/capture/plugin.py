@@ -140,7 +140,7 @@ class CaptureSession:
         self.steps_no_plan = 0
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
-        self._stats_path = os.environ.get("SAFETY_MONITOR_STATS_FILE", "").strip() or None
+        self._stats_path = cfg.stats_file
 
     # ---------------------------------------------------------------- plan
     def set_plan(self, plan: Plan) -> None:
@@ -385,7 +385,7 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
         segmenter=load_segmenter(mc, cfg.chat_template),
     )
     plan = session.transport.fetch_plan(cfg.plan_timeout_s)
-    wrap_all = os.environ.get("SAFETY_MONITOR_WRAP", "").strip().lower() == "all"
+    wrap_all = cfg.wrap_all
     wanted: dict[int, frozenset[int]] | None = None
     if plan is not None and not wrap_all:
         sites: dict[int, set[int]] = {}
@@ -437,10 +437,12 @@ def _wrap_load_model(cls: type, cfg: CaptureConfig) -> None:
         return out
 
     setattr(load_model, _MARK, True)
-    cls.load_model = load_model
+    setattr(cls, "load_model", load_model)  # noqa: B010  (cls is any model-runner class)
 
 
-def _refuse_v2(cls: type) -> None:
+def _refuse_v2(cls: type | None) -> None:
+    if cls is None:
+        return
     orig = cls.__dict__.get("load_model")
     if orig is None or getattr(orig, _MARK, False):
         return
@@ -452,7 +454,7 @@ def _refuse_v2(cls: type) -> None:
         return orig(self, *args, **kwargs)
 
     setattr(load_model, _MARK, True)
-    cls.load_model = load_model
+    setattr(cls, "load_model", load_model)  # noqa: B010  (cls is any model-runner class)
 
 
 def register() -> None:
@@ -473,8 +475,7 @@ def register() -> None:
         h.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))
         logging.getLogger("monitor").addHandler(h)
     if logging.getLogger("monitor").level == logging.NOTSET:
-        logging.getLogger("monitor").setLevel(
-            os.environ.get("SAFETY_MONITOR_LOG_LEVEL", "INFO").upper())
+        logging.getLogger("monitor").setLevel(cfg.log_level.upper())
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     _wrap_load_model(GPUModelRunner, cfg)

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from monitor.capture import op
+from monitor.constants import CORRELATION_KEY
 from monitor.roles import TokenRole, role_runs
 from monitor.v1 import monitor_pb2
 from monitor.wire.codec import MAX_CORRELATION_ID_BYTES
@@ -49,7 +50,6 @@ SpanTuple = tuple[str, int, int, int, int]
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 _EMPTY_I8 = np.zeros(0, dtype=np.int8)
 
-CORRELATION_KEY = "correlation_id"
 _GENERATED = int(TokenRole.GENERATED)
 
 

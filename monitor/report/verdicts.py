@@ -27,7 +27,7 @@ __all__ = ["Reporter", "verdict_message"]
 
 log = logging.getLogger(__name__)
 
-_SEVERITY_ENUM: dict[str, monitor_pb2.Severity.ValueType] = {
+_SEVERITY_ENUM: dict[str, monitor_pb2.Severity] = {
     "none": monitor_pb2.SEVERITY_NONE,
     "warn": monitor_pb2.SEVERITY_WARN,
     "critical": monitor_pb2.SEVERITY_CRITICAL,
