@@ -38,10 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from capture_sink import CaptureSink  # noqa: E402
-from synthetic_decoder import SyntheticDecoder  # noqa: E402
+from synthetic_decoder import SyntheticDecoder, fake_runner  # noqa: E402
 
 from monitor.capture import op  # noqa: E402
 from monitor.capture.config import CaptureConfig  # noqa: E402
@@ -53,14 +52,8 @@ PROMPT = 16
 
 
 def runner(batch: int) -> SimpleNamespace:
-    """Stand-in for vLLM's model runner: the fields `StepTracker` reads, decode layout."""
-    reqs = {f"r{i}": SimpleNamespace(num_prompt_tokens=PROMPT, prompt_token_ids=None,
-                                     sampling_params=None, output_token_ids=[])
-            for i in range(batch)}
-    ib = SimpleNamespace(num_reqs=batch, req_ids=list(reqs),
-                         num_computed_tokens_cpu=np.full(batch, PROMPT, np.int64))
-    return SimpleNamespace(input_batch=ib, requests=reqs,
-                           query_start_loc=SimpleNamespace(np=np.arange(batch + 1, dtype=np.int32)))
+    """A decode-ready stand-in runner: `batch` requests at the end of a PROMPT-token prompt."""
+    return fake_runner([PROMPT] * batch, [PROMPT] * batch, [1] * batch)
 
 
 def make_session(m: SyntheticDecoder, sink: CaptureSink, batch: int, d: int

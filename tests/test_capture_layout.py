@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import itertools
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from synthetic_decoder import fake_runner
 
 from monitor.capture.steps import StepTracker
 from monitor.roles import TokenRole
 
 OTHER, GEN = int(TokenRole.OTHER), int(TokenRole.GENERATED)
-
-
-def _runner(plens: list[int], computed: list[int], rows: list[int]) -> SimpleNamespace:
-    reqs = {f"r{i}": SimpleNamespace(num_prompt_tokens=p, prompt_token_ids=None,
-                                     sampling_params=None, output_token_ids=[])
-            for i, p in enumerate(plens)}
-    qsl = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
-    ib = SimpleNamespace(num_reqs=len(plens), req_ids=list(reqs),
-                         num_computed_tokens_cpu=np.array(computed, np.int32))
-    return SimpleNamespace(input_batch=ib, requests=reqs,
-                           query_start_loc=SimpleNamespace(np=qsl))
 
 
 def _reference(plens, computed, rows, prompt, generated, roles):
@@ -63,7 +52,7 @@ def test_layout_matches_per_row_reference(seed):
     n_tokens = sum(rows) + rng.randint(0, 3)  # padding rows
     for prompt, generated, roles in itertools.product(
             (True, False), (True, False), (None, frozenset({GEN}), frozenset({OTHER}))):
-        t = StepTracker(_runner(plens, computed, rows))
+        t = StepTracker(fake_runner(plens, computed, rows))
         pos = np.zeros(n_tokens, np.int64)
         row = 0
         for c, k in zip(computed, rows, strict=True):
