@@ -11,10 +11,10 @@ env:
 	bash scripts/setup_env.sh $(VENV)
 
 demo: env
-	$(PY) -m monitor.demo
+	$(PY) -m monitor.tools.demo
 
 test: env lint
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --cov=monitor --cov=probes --cov-report=term
 
 test-fast: env
 	$(PY) -m pytest -q -rs -m "not vllm and not slow"
@@ -24,6 +24,7 @@ test-archs: env
 
 lint: env
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bundle: env
 	$(PY) -m probes build-default --out bundles/default
@@ -43,4 +44,4 @@ proto: env
 	PATH=$(VENV)/bin:$$PATH bash scripts/gen_proto.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .coverage

@@ -18,6 +18,7 @@ goes (`monitor.capture.op.PROF`): op time on the model thread, of which row sele
 
     python bench/bench_capture_op.py                 # eager + compiled
     python bench/bench_capture_op.py --modes eager --batch 1 16 64
+    python bench/bench_capture_op.py --layout-only   # row selection alone, CPU us/step
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from capture_sink import CaptureSink  # noqa: E402
-from synthetic_decoder import SyntheticDecoder  # noqa: E402
+from synthetic_decoder import SyntheticDecoder, fake_runner  # noqa: E402
 
 from monitor.capture import op  # noqa: E402
 from monitor.capture.config import CaptureConfig  # noqa: E402
@@ -52,14 +52,8 @@ PROMPT = 16
 
 
 def runner(batch: int) -> SimpleNamespace:
-    """Stand-in for vLLM's model runner: the fields `StepTracker` reads, decode layout."""
-    reqs = {f"r{i}": SimpleNamespace(num_prompt_tokens=PROMPT, prompt_token_ids=None,
-                                     sampling_params=None, output_token_ids=[])
-            for i in range(batch)}
-    ib = SimpleNamespace(num_reqs=batch, req_ids=list(reqs),
-                         num_computed_tokens_cpu=np.full(batch, PROMPT, np.int64))
-    return SimpleNamespace(input_batch=ib, requests=reqs,
-                           query_start_loc=SimpleNamespace(np=np.arange(batch + 1, dtype=np.int32)))
+    """A decode-ready stand-in runner: `batch` requests at the end of a PROMPT-token prompt."""
+    return fake_runner([PROMPT] * batch, [PROMPT] * batch, [1] * batch)
 
 
 def make_session(m: SyntheticDecoder, sink: CaptureSink, batch: int, d: int
@@ -86,6 +80,25 @@ def make_session(m: SyntheticDecoder, sink: CaptureSink, batch: int, d: int
     return s, r
 
 
+def bench_layout(batches: list[int], n: int = 2000) -> None:
+    """CPU time of `StepTracker.layout` for a decode step of `batch` requests (model thread)."""
+    from monitor.capture.steps import StepTracker
+
+    for batch in batches:
+        r = runner(batch)
+        r.input_batch.num_computed_tokens_cpu += 4  # past the prompt: decode rows
+        tracker = StepTracker(r)
+        pos = r.input_batch.num_computed_tokens_cpu.copy()
+        for _ in range(50):
+            out = tracker.layout(batch, pos)
+        assert out is not None and out.n_rows == batch
+        c = time.thread_time()
+        for _ in range(n):
+            tracker.layout(batch, pos)
+        print(f"layout decode batch={batch:3d}: {(time.thread_time() - c) / n * 1e6:.1f} us CPU "
+              f"per step (load {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"])
@@ -97,7 +110,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="decode steps per rep")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--layout-only", action="store_true",
+                    help="time StepTracker.layout alone (decode, batch 1/16/64)")
     args = ap.parse_args()
+    if args.layout_only:
+        bench_layout([1, 16, 64])
+        return
     torch.set_num_threads(args.threads)
     d = args.d_model
     sink = CaptureSink(model=MODEL, d_model=d, layers=tuple(args.plan_layers)).start()

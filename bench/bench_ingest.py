@@ -20,7 +20,6 @@ import argparse
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,17 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from monitor.score import build_placeholder_bundle  # noqa: E402
+from monitor.tools.net import free_port  # noqa: E402
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc  # noqa: E402
 from monitor.wire import Span, decode_frame, encode_frame  # noqa: E402
 
 MODEL = "bench/model"
 DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _frames(n: int, rows: int, d: int, dtype: torch.dtype, layers: list[int],
@@ -94,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, float | str]:
     dtype = DT[args.dtype]
     msgs = _frames(args.frames, args.rows, args.d_model, dtype, layers)
     frame_bytes = len(msgs[0].frame.data)
-    port = _port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
         [sys.executable, "-m", "monitor.cli", "--log-level", "warning", "serve", "--bundle",

@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from monitor.capture.steps import StepTracker
-from monitor.models import prepare_default_model
 from monitor.roles import RoleSegmenter
+from monitor.tools.models import prepare_default_model
 
 
 def chat_ids(tok, n_tokens: int) -> list[int]:

@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from monitor.tools.net import free_port  # noqa: E402
+
 _ARM = textwrap.dedent("""
     import json, os, sys, time
     if __name__ == "__main__":
@@ -89,7 +91,7 @@ _ARM = textwrap.dedent("""
 
 def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
     """One engine process; returns its result JSON plus `end` (time.time() at exit)."""
-    from monitor.models import DEFAULT_MODEL_NAME
+    from monitor.tools.models import DEFAULT_MODEL_NAME
 
     engine = dict(max_model_len=1024, max_num_batched_tokens=args.max_batched_tokens,
                   max_num_seqs=args.n_prompts, enable_prefix_caching=False, seed=0,
@@ -128,19 +130,11 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
         return out
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Sidecar:
     """`python -m monitor.cli serve` with the default bundle + policy, on free ports."""
 
     def __init__(self, log_path: Path) -> None:
-        self.port, self.metrics_port = _free_port(), _free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         bundle = ROOT / "bundles" / "default"
         cmd = [sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(bundle),
                "--policy", str(bundle / "policy.suggested.yaml"), "--port", str(self.port),
@@ -243,7 +237,7 @@ def main() -> None:
 
     from capture_sink import CaptureSink
 
-    from monitor.models import prepare_default_model
+    from monitor.tools.models import prepare_default_model
 
     model = str(prepare_default_model())
     layers = tuple(int(x) for x in args.layers.split(","))

@@ -1,4 +1,5 @@
-"""`safety-monitor` command line: serve, export-onnx, check, plan, placeholder-bundle, replay.
+"""`safety-monitor` command line: serve, export-onnx, check, plan, placeholder-bundle, replay,
+report.
 
 Startup problems (broken bundle or policy, unbindable address) print one line to stderr
 and exit with code 2, without a traceback.
@@ -76,6 +77,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if rc else 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from monitor.report.summary import format_summary, parse_since, summarise
+
+    try:
+        since = parse_since(args.since)
+        lines: list[str] = []
+        for path in args.audit_log:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines.extend(f)
+    except (ValueError, OSError) as e:
+        print(f"safety-monitor report: error: {e}", file=sys.stderr)
+        return 2
+    format_summary(summarise(lines, since), sys.stdout, as_json=args.json)
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from monitor.judge import PolicyError, default_policy, load_policy
     from monitor.score import BundleError
@@ -111,7 +128,7 @@ def _cmd_placeholder(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from monitor.replay import ReplayConfig, run_replay
+    from monitor.tools.replay import ReplayConfig, run_replay
 
     cfg = ReplayConfig(target=args.target, n_requests=args.requests, prompt_len=args.prompt_len,
                        gen_len=args.gen_len, push_fraction=args.push_fraction, seed=args.seed,
@@ -160,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", help="comma-separated layers (default n_layers//3, //2)")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=_cmd_placeholder)
+
+    rp = sub.add_parser("report", help="would-alert / would-block / alert / block counts and "
+                        "rates per detector and severity from the audit log")
+    rp.add_argument("--audit-log", action="append", required=True,
+                    help="audit JSONL file (repeatable: rotated files)")
+    rp.add_argument("--since", default="24h", help="window: a number and s|m|h|d")
+    rp.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    rp.set_defaults(func=_cmd_report)
 
     r = sub.add_parser("replay", help="stream synthetic requests to a running server")
     r.add_argument("--target", default="127.0.0.1:50051")

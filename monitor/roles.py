@@ -68,6 +68,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from monitor.constants import SCOPES
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -107,8 +109,7 @@ ROLE_NAMES: dict[str, TokenRole] = {
 
 #: Words a policy ``scope`` may combine: the token kinds (``monitor.constants.SCOPES``:
 #: ``prompt`` = every role but GENERATED, ``generated``, ``both`` = all) and the role names.
-SCOPE_WORDS: tuple[str, ...] = ("prompt", "generated", "both",
-                                *(n for n in ROLE_NAMES if n != "generated"))
+SCOPE_WORDS: tuple[str, ...] = (*SCOPES, *(n for n in ROLE_NAMES if n != "generated"))
 
 _ALL_ROLES = frozenset(ROLE_NAMES.values())
 _SCOPE_WORD_ROLES: dict[str, frozenset[TokenRole]] = {
@@ -255,7 +256,7 @@ class RoleSegmenter:
             return out if isinstance(out, str) else None
 
         def ws(tid: int) -> bool:
-            return tokenizer.decode([tid]).strip() == "" and tid not in added
+            return str(tokenizer.decode([tid])).strip() == "" and tid not in added
 
         gaps_before: dict[str, list[tuple[int, ...]]] = {}
         ends_after: dict[str, set[int]] = {}
@@ -268,7 +269,7 @@ class RoleSegmenter:
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids = [int(t) for t in enc["input_ids"]]
             offs = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
-            spans = []
+            spans: list[tuple[int, int] | None] = []
             cursor = 0
             for i, role in enumerate(roles):
                 s = _sentinel(i)

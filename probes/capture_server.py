@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from monitor.constants import HOOK_NAME_TEMPLATE, hook_name
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import decode_frame
 from monitor.wire.hooks import parse_hook_name
@@ -61,7 +62,7 @@ class SinkLog:
 def _decode(f: monitor_pb2.ActivationFrame) -> tuple[np.ndarray, np.ndarray]:
     """The frame's rows as float32 `[n_rows, d_model]` and their int8 roles, through the
     sidecar's own decoder (so every recorded frame also passed the sidecar's validation)."""
-    hooks = frozenset({f.hook_name or f"blocks.{f.layer}.hook_resid_post"})
+    hooks = frozenset({f.hook_name or hook_name(f.layer)})
     decoded = decode_frame(f, model=f.model, d_model=int(f.shape[1]) if len(f.shape) == 2
                            else 0, layers=frozenset({f.layer}), max_frame_bytes=len(f.data),
                            hook_names=hooks)
@@ -140,7 +141,7 @@ class CaptureSink:
             layers = tuple(sorted({parse_hook_name(h).layer for h in hook_names}))
         self.plan = monitor_pb2.CapturePlan(
             plan_id=plan_id, model=model, d_model=d_model, layers=list(layers),
-            token_kinds=list(kinds), hook_name_template="blocks.{layer}.hook_resid_post",
+            token_kinds=list(kinds), hook_name_template=HOOK_NAME_TEMPLATE,
             preferred_dtype=dtype, max_frame_bytes=max_frame_bytes, hook_names=list(hook_names))
         self.lock = threading.Lock()
         self.log = SinkLog()

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from probes.collect import SELECTION_SCOPES
+
 __all__ = ["main"]
 
 
@@ -38,7 +40,7 @@ def _agg(args: argparse.Namespace) -> dict:
 
 
 def _model_path(arg: str | None) -> tuple[Path, str]:
-    from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
+    from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
 
     if arg:
         return Path(arg), str(arg)
@@ -249,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", nargs="+", required=True, help="JSONL files (prompt|messages, "
                    "label, [completion, category])")
     c.add_argument("--layers", required=True, help="comma-separated, e.g. 9,12")
-    c.add_argument("--scope", default="prompt", choices=["prompt", "response", "all", "last"])
+    c.add_argument("--scope", default="prompt", choices=SELECTION_SCOPES)
     c.add_argument("--exclude-tail", type=int, default=0)
     c.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     c.add_argument("--model", default=None)

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from monitor.constants import CORRELATION_KEY, SCOPES
 from probes.datasets import ChatExample, dataset_fingerprint
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "SEG_POST",
     "SEG_PRE",
     "SEG_USER",
+    "SELECTION_SCOPES",
     "Activations",
     "Collector",
     "TokenSelection",
@@ -59,22 +61,27 @@ COLLECT_VERSION = 1
 _META_KEYS = ("example", "position", "generated", "segment", "from_end")
 
 
+#: Token selections of the collector: the serving scopes plus ``last``.
+SELECTION_SCOPES: tuple[str, ...] = (*SCOPES, "last")
+
+
 @dataclass(frozen=True)
 class TokenSelection:
     """Which rows of each example are kept.
 
-    ``scope``: ``prompt`` (positions < prompt_len), ``response`` (generated tokens),
-    ``all``, or ``last`` (the last token of the sequence). ``exclude_tail``: drop the
-    last ``n`` tokens of the selected span (e.g. the end of a fact whose last tokens
-    already "know" the statement is complete).
+    ``scope``: a serving scope (``monitor.constants.SCOPES``: ``prompt``, positions <
+    prompt_len; ``generated``; ``both``) or ``last`` (the last token of the sequence).
+    ``exclude_tail``: drop the last ``n`` tokens of the selected span (e.g. the end of a
+    fact whose last tokens already "know" the statement is complete).
     """
 
     scope: str = "prompt"
     exclude_tail: int = 0
 
     def __post_init__(self) -> None:
-        if self.scope not in ("prompt", "response", "all", "last"):
-            raise ValueError(f"scope must be prompt|response|all|last, got {self.scope!r}")
+        if self.scope not in SELECTION_SCOPES:
+            raise ValueError(f"scope: expected one of {'|'.join(SELECTION_SCOPES)}, found "
+                             f"{self.scope!r}")
         if self.exclude_tail < 0:
             raise ValueError("exclude_tail must be >= 0")
 
@@ -82,9 +89,9 @@ class TokenSelection:
         """Half-open row range ``[start, end)`` selected in a sequence."""
         if self.scope == "prompt":
             start, end = 0, prompt_len
-        elif self.scope == "response":
+        elif self.scope == "generated":
             start, end = prompt_len, total_len
-        elif self.scope == "all":
+        elif self.scope == "both":
             start, end = 0, total_len
         else:
             start, end = total_len - 1 - self.exclude_tail, total_len - self.exclude_tail
@@ -412,7 +419,7 @@ def _vllm_worker_main() -> None:
         try:
             reqs = cmd["requests"]
             sps = [SamplingParams(max_tokens=1, temperature=0,
-                                  extra_args={"correlation_id": cid}) for cid, _ in reqs]
+                                  extra_args={CORRELATION_KEY: cid}) for cid, _ in reqs]
             outs = llm.generate([{"prompt_token_ids": ids} for _, ids in reqs], sps,
                                 use_tqdm=False)
             send({"ok": True, "n_prompt": [len(o.prompt_token_ids) for o in outs],

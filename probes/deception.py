@@ -13,7 +13,7 @@ only in the assistant's answer, so a probe on the answer tokens can only use the
   pre-written answer under both contexts, or text-davinci-003 rollouts); label 1 = the
   answer deceives the user.
 
-Every example's completion is scored as generated tokens (``TokenSelection("response")``).
+Every example's completion is scored as generated tokens (``TokenSelection("generated")``).
 Splits are by ``pair_id`` (never inside a pair).
 """
 
@@ -185,7 +185,7 @@ def deception_recipe(collector: Any, cache_dir: Path | None, *, n_pairs: int = 4
     from probes.sources import Source
     from probes.train import fit_logreg
 
-    sel = TokenSelection("response")
+    sel = TokenSelection("generated")
 
     def sd(name: str, exs: list[ChatExample], role: str) -> SourceData:
         acts = collector.collect(exs, layers, sel, cache_dir=cache_dir, progress=progress,

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from monitor.constants import hook_name
 from probes.calibrate import fpr_key, policy_snippet
 from probes.train import LinearProbe, aggregation_name
 
@@ -136,7 +137,7 @@ def export_bundle(out: Path, results: Sequence[DetectorResult], *, model_name: s
         tensors.update(probe_tensors(cname, p))
         components.append({
             "name": cname, "kind": "linear_probe", "layer": int(p.layer),
-            "hook_name": f"blocks.{p.layer}.hook_resid_post",
+            "hook_name": hook_name(p.layer),
             "tensors": {role: f"{cname}.{role}" for role in ("weight", "bias", "mean", "std")},
         })
         thr = r.thresholds

@@ -59,7 +59,7 @@ def confusion(results: Sequence[DetectorResult], collector: Any, cache_dir: Path
                 "deception scenarios (goal_directed, system prompt with an incentive)":
                 load_goal_directed()}
         for name, exs in sets.items():
-            acts = collector.collect(exs, LAYERS, TokenSelection("response"),
+            acts = collector.collect(exs, LAYERS, TokenSelection("generated"),
                                      cache_dir=cache_dir, progress=progress, desc=name[:20])
             mask = scope_mask(token_roles(acts, exs, collector), scope)
             if not mask.any():  # response-scope rows hold no prompt tokens: re-collect
@@ -85,7 +85,7 @@ def confusion(results: Sequence[DetectorResult], collector: Any, cache_dir: Path
                                     progress=progress)
                    + generate_answers(collector, prompts, cache_dir, sample=True, seed=seed,
                                       progress=progress))
-            acts = collector.collect(exs, LAYERS, TokenSelection("response"),
+            acts = collector.collect(exs, LAYERS, TokenSelection("generated"),
                                      cache_dir=cache_dir, progress=progress, desc="confusion")
             s = served_scores(r.probe, acts, acts.generated.astype(bool), r.aggregation,
                               r.min_tokens)
@@ -122,9 +122,9 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     default: the folder path), and each recipe collects ``layers`` or, when None, its own
     layers moved to the same relative depths (``scaled_layers``). Without it: the default
     model and the recipes' own layers."""
-    from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
-    from monitor.models import cache_dir as monitor_cache
     from monitor.score.onnx_export import export_onnx
+    from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
+    from monitor.tools.models import cache_dir as monitor_cache
     from probes import deception, harmful
     from probes.collect import TransformersCollector
     from probes.export import export_bundle

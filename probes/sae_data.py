@@ -84,7 +84,7 @@ def collect_sets(collector: Collector, cache_dir: Path | None = DEFAULT_CACHE,
     sets = {"corpus": sae_corpus(seed=seed), "test": harmful_test(seed=seed)}
     out = {}
     for name, exs in sets.items():
-        out[name] = (exs, collector.collect(exs, [layer], TokenSelection("all"),
+        out[name] = (exs, collector.collect(exs, [layer], TokenSelection("both"),
                                             cache_dir=cache_dir, progress=progress,
                                             desc=f"sae/{name}"))
     return out

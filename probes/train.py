@@ -16,7 +16,7 @@ Methods:
 Request level (what the monitor alerts on): the per-token scores ``s_1..s_T`` of the
 tokens in the detector's scope, in position order, are aggregated with the policy's
 aggregation (``max``, ``mean``, ``ema`` half-life ``h``, ``window_max`` N; the math is
-``monitor.judge.aggregate``'s, which is used when importable) into ``a_t``; a severity
+``monitor.judge.aggregate``'s: the serving aggregators themselves) into ``a_t``; a severity
 is reached when ``a_t ≥ threshold`` for some ``t ≥ min_tokens``. The request statistic
 is therefore
 
@@ -35,10 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from monitor.judge.aggregate import Aggregation, make_aggregator
+
 __all__ = [
     "LinearProbe",
     "aggregate_requests",
     "aggregation_name",
+    "as_aggregation",
     "fit_diff_of_means",
     "fit_logreg",
     "fit_probe",
@@ -125,53 +128,20 @@ def fit_probe(method: str, x: np.ndarray, y: np.ndarray, layer: int, C: float = 
 
 
 # ----------------------------------------------------------------------- aggregation
+def as_aggregation(agg: dict[str, Any]) -> Aggregation:
+    """The policy `Aggregation` of a candidate (``{"kind": ..., <its parameters>}``);
+    raises ValueError naming the field for unknown kinds or parameters."""
+    return Aggregation(agg["kind"], agg.get("half_life_tokens"), agg.get("window_tokens"))
+
+
 def aggregation_name(agg: dict[str, Any]) -> str:
-    """``max``, ``mean``, ``ema(h=4)``, ``window_max(N=16)``."""
-    if agg["kind"] == "ema":
-        return f"ema(h={agg['half_life_tokens']:g})"
-    if agg["kind"] == "window_max":
-        return f"window_max(N={agg['window_tokens']})"
-    return str(agg["kind"])
-
-
-def _local_running(scores: np.ndarray, agg: dict[str, Any]) -> np.ndarray:
-    """Same math as ``monitor.judge.aggregate`` (fallback when it is not importable)."""
-    s = np.asarray(scores, dtype=np.float64)
-    if s.size == 0:
-        return s
-    kind = agg["kind"]
-    if kind == "max":
-        return np.maximum.accumulate(s)
-    if kind == "mean":
-        return np.cumsum(s) / np.arange(1, s.size + 1)
-    if kind == "ema":
-        from scipy.signal import lfilter
-
-        alpha = 0.5 ** (1.0 / float(agg["half_life_tokens"]))
-        out = np.empty_like(s)
-        out[0] = s[0]
-        if s.size > 1:
-            out[1:], _ = lfilter([1 - alpha], [1, -alpha], s[1:], zi=[alpha * s[0]])
-        return out
-    if kind == "window_max":
-        from numpy.lib.stride_tricks import sliding_window_view
-
-        n = int(agg["window_tokens"])
-        padded = np.concatenate([np.full(n - 1, -np.inf), s])
-        return sliding_window_view(padded, n).max(axis=1)
-    raise ValueError(f"unknown aggregation {kind!r}")
+    """``max``, ``mean``, ``ema(h=4)``, ``window_max(N=16)`` (`Aggregation.describe`)."""
+    return as_aggregation(agg).describe()
 
 
 def running_aggregate(scores: np.ndarray, agg: dict[str, Any]) -> np.ndarray:
-    """``a_t`` after every token, via ``monitor.judge.aggregate`` when available."""
-    try:
-        from monitor.judge.aggregate import make_aggregator
-        from monitor.judge.policy import Aggregation
-    except ImportError:  # pragma: no cover - depends on the monitor package state
-        return _local_running(scores, agg)
-    a = make_aggregator(Aggregation(agg["kind"], agg.get("half_life_tokens"),
-                                    agg.get("window_tokens")))
-    return a.update(np.asarray(scores, dtype=np.float64))
+    """``a_t`` after every token: the serving aggregator (``monitor.judge.aggregate``)."""
+    return make_aggregator(as_aggregation(agg)).update(np.asarray(scores, dtype=np.float64))
 
 
 def aggregate_requests(scores: np.ndarray, example: np.ndarray, n_examples: int,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+
+from monitor.tools.net import free_port
 
 if TYPE_CHECKING:
     import torch
@@ -57,13 +58,6 @@ FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100),
 def plain_channel(target: str) -> grpc.Channel:
     """An insecure channel to `target` that reconnects at least once a second."""
     return grpc.insecure_channel(target, options=FAST_RECONNECT)
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""A small decoder with vLLM's decoder-layer calling convention, for the capture op's
-compile tests and `bench/bench_capture_op.py` (no vLLM needed).
+"""Stand-ins for vLLM's model side, for the capture tests and `bench/bench_capture_op.py`
+(no vLLM needed): a small decoder with vLLM's decoder-layer calling convention, and a
+model runner carrying the per-step fields `StepTracker` reads (`fake_runner`).
 
 Each layer has the signature of vLLM's Llama decoder layer,
 `forward(positions, hidden_states, residual) -> (hidden, residual)`, with the fused
@@ -11,8 +12,24 @@ positions int64 `[num_tokens]`. Defaults are SmolLM2-135M's sizes (576, 1536, 30
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 from torch import nn
+
+
+def fake_runner(plens: list[int], computed: list[int], rows: list[int]) -> SimpleNamespace:
+    """A V1 model runner's step state: request `r{i}` has prompt length `plens[i]`,
+    `computed[i]` tokens already computed and `rows[i]` rows in this step's forward."""
+    reqs = {f"r{i}": SimpleNamespace(num_prompt_tokens=p, prompt_token_ids=None,
+                                     sampling_params=None, output_token_ids=[])
+            for i, p in enumerate(plens)}
+    qsl = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
+    ib = SimpleNamespace(num_reqs=len(plens), req_ids=list(reqs),
+                         num_computed_tokens_cpu=np.array(computed, np.int64))
+    return SimpleNamespace(input_batch=ib, requests=reqs,
+                           query_start_loc=SimpleNamespace(np=qsl))
 
 
 class SyntheticLayer(nn.Module):

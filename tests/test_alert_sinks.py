@@ -332,7 +332,7 @@ def test_server_audit_stdout_and_exit_status_3_after_lost_alerts(start_server, t
     counted, and the process exits with status 3; audit lines also went to stdout."""
     from conftest import free_port
 
-    from monitor.replay import ReplayConfig, run_replay
+    from monitor.tools.replay import ReplayConfig, run_replay
 
     dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
     srv = start_server(extra=["--webhook-url", dead, "--audit-stdout", "--alert-timeout-s",

@@ -34,9 +34,9 @@ import yaml
 from alert_receiver import Receiver
 from conftest import D_MODEL, MODEL, POLICY_V1, REPO, MonitorServer, free_port
 
-from monitor.replay import ReplayConfig, run_replay
 from monitor.report.sinks.events import idempotency_key
 from monitor.report.sinks.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from monitor.tools.replay import ReplayConfig, run_replay
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import encode_frame
 

@@ -76,3 +76,37 @@ def test_unwritable_path_fails_at_open(tmp_path: Path) -> None:
     d.mkdir()
     with pytest.raises(OSError):
         AuditLog(d)  # a directory
+
+
+def _lines(p: Path) -> list[str]:
+    return [json.loads(x)["request_id"] for x in p.read_text().splitlines()] if p.exists() \
+        else []
+
+
+def test_rotation_is_detected_and_reopen_follows_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    failures: list[int] = []
+    log = AuditLog(path, rotation_check_s=0, on_failure=lambda: failures.append(1))
+    rec = audit_record(_update(), event="alert", bundle_name="b", bundle_sha256="s" * 64,
+                       model_name="m")
+    assert log.write({**rec, "request_id": "a"})
+    path.rename(tmp_path / "audit.jsonl.1")  # logrotate without copytruncate
+    assert log.write({**rec, "request_id": "b"})  # noticed: goes to a fresh file at path
+    assert _lines(tmp_path / "audit.jsonl.1") == ["a"] and _lines(path) == ["b"]
+    path.rename(tmp_path / "audit.jsonl.2")
+    assert log.reopen() and log.reopens == 2  # what SIGHUP does
+    assert log.write({**rec, "request_id": "c"})
+    assert _lines(path) == ["c"] and _lines(tmp_path / "audit.jsonl.2") == ["b"]
+    # the directory disappears: every record is a counted failure, then it recovers
+    path.unlink()
+    os.rename(tmp_path, tmp_path.with_name(tmp_path.name + "-gone"))
+    try:
+        assert not log.write({**rec, "request_id": "d"})
+        assert not log.write({**rec, "request_id": "e"})
+        assert log.failures == 2 and len(failures) == 2
+    finally:
+        os.rename(tmp_path.with_name(tmp_path.name + "-gone"), tmp_path)
+    assert log.write({**rec, "request_id": "f"})
+    assert _lines(path)[-1] == "f" and log.failures == 2
+    log.close()
+    assert not log.write({**rec, "request_id": "g"}) and log.failures == 2

@@ -5,7 +5,6 @@ The sidecar is the real gRPC sink of `tests/capture_sink.py` in this process.
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from monitor.capture.op import SITE_IN, SITE_OUT, StaticBuffers, set_sink, wrap_
 from monitor.capture.steps import StepTracker
 from monitor.capture.transport import HostRing, StepRecord, Transport, split_spans
 from monitor.roles import TokenRole
+from monitor.tools.net import free_port
 from monitor.v1 import monitor_pb2
 from monitor.wire.hooks import resid_post
 
@@ -30,12 +30,6 @@ OTHER, GEN = int(TokenRole.OTHER), int(TokenRole.GENERATED)
 
 D = 8
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(addr: str, **kw) -> CaptureConfig:
@@ -71,7 +65,7 @@ def _record(ring: HostRing, step: int, layers=(3, 15), n_rows: int = 5,
 
 @pytest.fixture
 def sink():
-    s = CaptureSink(port=_free_port(), d_model=D, layers=(3, 15)).start()
+    s = CaptureSink(port=free_port(), d_model=D, layers=(3, 15)).start()
     yield s
     s.stop()
 
@@ -89,7 +83,7 @@ def test_split_spans_cuts_and_advances_positions():
 
 
 def test_drops_counted_when_sidecar_down():
-    t = Transport(_cfg(f"127.0.0.1:{_free_port()}"), MODEL)
+    t = Transport(_cfg(f"127.0.0.1:{free_port()}"), MODEL)
     t.start()
     ring = HostRing(2, 2, 16, D, torch.float32)
     try:

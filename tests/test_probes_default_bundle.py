@@ -50,7 +50,7 @@ def test_default_bundle_calibration_on_shared_slice() -> None:
     if not (BUNDLE / "manifest.json").is_file():
         pytest.skip("bundles/default not built")
     try:
-        from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
+        from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
 
         path = prepare_default_model()
     except Exception as e:

@@ -87,7 +87,7 @@ def test_test_sources_cover_each_required_style() -> None:
 
 def test_token_roles_match_the_shared_segmenter_on_user_text() -> None:
     try:
-        from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
+        from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
 
         path = prepare_default_model()
     except Exception as e:  # pragma: no cover - depends on the machine
@@ -133,7 +133,7 @@ def test_recipe_small_slice_end_to_end(tmp_path) -> None:
     if not sources_available():
         pytest.skip("../shared/datasets or ../shared/datasets-v2 absent")
     try:
-        from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model
+        from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
 
         path = prepare_default_model()
     except Exception as e:  # pragma: no cover

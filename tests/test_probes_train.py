@@ -8,7 +8,6 @@ import pytest
 from probes.calibrate import calibrate, policy_snippet, threshold_at_fpr
 from probes.evaluate import auroc, evaluate_scores, roc_curve, tpr_at_fpr
 from probes.train import (
-    _local_running,
     aggregate_requests,
     fit_diff_of_means,
     fit_logreg,
@@ -88,9 +87,28 @@ def test_threshold_at_fpr_guarantees_rate() -> None:
 @pytest.mark.parametrize("agg", [{"kind": "max"}, {"kind": "mean"},
                                  {"kind": "ema", "half_life_tokens": 3.0},
                                  {"kind": "window_max", "window_tokens": 4}])
-def test_local_aggregation_matches_monitor(agg) -> None:
+def test_running_aggregate_matches_the_per_token_definition(agg) -> None:
     s = np.random.default_rng(5).random(37)
-    np.testing.assert_allclose(_local_running(s, agg), running_aggregate(s, agg), rtol=1e-12)
+    ref, a = [], 0.0
+    for t, x in enumerate(s):
+        if agg["kind"] == "max":
+            a = max(a, x) if t else x
+        elif agg["kind"] == "mean":
+            a = float(np.mean(s[:t + 1]))
+        elif agg["kind"] == "ema":
+            alpha = 0.5 ** (1 / agg["half_life_tokens"])
+            a = x if t == 0 else alpha * a + (1 - alpha) * x
+        else:
+            a = float(s[max(0, t - agg["window_tokens"] + 1):t + 1].max())
+        ref.append(a)
+    np.testing.assert_allclose(running_aggregate(s, agg), ref, rtol=1e-12)
+
+
+def test_unknown_aggregation_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="aggregation kind: expected one of"):
+        running_aggregate(np.zeros(3), {"kind": "median"})
+    with pytest.raises(ValueError, match="half_life_tokens: required for kind ema"):
+        running_aggregate(np.zeros(3), {"kind": "ema"})
 
 
 def test_request_statistic_respects_min_tokens_and_scope() -> None:

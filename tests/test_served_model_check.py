@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.models import check_bundle_matches_model, read_model_shape
+from monitor.tools.models import check_bundle_matches_model, read_model_shape
 
 REPO = Path(__file__).resolve().parents[1]
 

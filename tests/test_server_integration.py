@@ -777,7 +777,7 @@ def test_cli_check_and_plan(tmp_path: Path, bundle_dir: Path,
 
 
 def test_replay_client_fires_alerts(server: MonitorServer) -> None:
-    from monitor.replay import ReplayConfig, run_replay
+    from monitor.tools.replay import ReplayConfig, run_replay
 
     res = run_replay(ReplayConfig(target=server.target, n_requests=4, prompt_len=12,
                                   gen_len=4, push_fraction=1.0, seed=3, dtype="fp32",

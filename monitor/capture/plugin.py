@@ -35,6 +35,7 @@ import torch
 
 from monitor.capture.archs import UnsupportedArchitecture, check_architecture
 from monitor.capture.config import CaptureConfig
+from monitor.capture.enforce import BlockBoard, BlockOrder, install_all, is_block
 from monitor.capture.op import (
     PROF,
     PROFILE,
@@ -49,6 +50,7 @@ from monitor.capture.op import (
 from monitor.capture.steps import StepLayout, StepTracker
 from monitor.capture.transport import HostRing, Plan, StepRecord, Transport
 from monitor.roles import ChatTemplateError, RoleSegmenter
+from monitor.v1 import monitor_pb2
 from monitor.wire.hooks import HookPoint
 
 log = logging.getLogger("monitor.capture")
@@ -131,7 +133,9 @@ class CaptureSession:
         self.segmenter = segmenter
         self.tracker = StepTracker(runner, max_model_len,
                                    segmenter.segment if segmenter is not None else None)
-        self.transport = Transport(cfg, model_name, on_plan=self.set_plan)
+        self.transport = Transport(cfg, model_name, on_plan=self.set_plan,
+                                   on_verdict=self.on_verdict)
+        self.blocks = BlockBoard()
         self.buffers = StaticBuffers(n_layers)
         self._state: _PlanState | None = None
         self._open: _OpenStep | None = None
@@ -140,7 +144,7 @@ class CaptureSession:
         self.steps_no_plan = 0
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
-        self._stats_path = os.environ.get("SAFETY_MONITOR_STATS_FILE", "").strip() or None
+        self._stats_path = cfg.stats_file
 
     # ---------------------------------------------------------------- plan
     def set_plan(self, plan: Plan) -> None:
@@ -182,6 +186,31 @@ class CaptureSession:
         log.info("safety monitor: capture plan installed: %s; ring %d slots x [%d hooks, %d "
                  "rows, %d] = %.1f MiB", plan.describe(), ring.n_slots, ring.n_layers,
                  ring.max_rows, ring.d_model, ring.nbytes / 2**20)
+
+    # ---------------------------------------------------------------- enforcement
+    def on_verdict(self, v: monitor_pb2.Verdict) -> None:
+        """Sender thread: queue a block order for a block verdict (`monitor.capture.enforce`).
+
+        The verdict's `request_id` is the engine request id (the key on the wire); one
+        that is not a live request of this worker (finished, or never seen here) is
+        counted (`blocks_unresolved`) and logged, never guessed. The correlation id is a
+        label for logs only.
+        """
+        if not is_block(v):
+            return
+        with self.tracker._lock:
+            live = v.request_id in self.tracker.requests
+        if not live:
+            self.blocks.count_unresolved()
+            log.warning("safety monitor: block verdict for request %r (detector %s) names no "
+                        "live request here; not applied", v.request_id, v.detector)
+            return
+        rid = v.request_id
+        if self.blocks.put(BlockOrder(request_id=rid, label=v.correlation_id, detector=v.detector,
+                                      score=float(v.score),
+                                      crossed_at_position=int(v.crossed_at_position))):
+            log.info("safety monitor: block ordered for request %s (detector %s, score %.3f, "
+                     "crossed at %d)", rid, v.detector, v.score, v.crossed_at_position)
 
     # ---------------------------------------------------------------- op callback
     def on_layer(
@@ -267,8 +296,13 @@ class CaptureSession:
 
     # ---------------------------------------------------------------- lifecycle
     def _flush_finished(self) -> None:
-        for msg in self.tracker.collect_finished():
+        done = self.tracker.collect_finished()
+        for msg in done:
             self.transport.submit_finished(msg)
+        if done:
+            with self.tracker._lock:
+                live = set(self.tracker.requests)
+            self.blocks.retain(live)
 
     def start(self) -> None:
         self.transport.start()
@@ -278,6 +312,7 @@ class CaptureSession:
 
     def stats(self) -> dict[str, Any]:
         s: dict[str, Any] = dict(self.transport.stats())
+        s.update(self.blocks.stats())
         s.update(steps=self.step, steps_sent=self.steps_sent, steps_no_plan=self.steps_no_plan,
                  unmapped_steps=self.tracker.unmapped_steps, op_errors=sink_errors(),
                  role_errors=self.tracker.role_errors,
@@ -385,7 +420,7 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
         segmenter=load_segmenter(mc, cfg.chat_template),
     )
     plan = session.transport.fetch_plan(cfg.plan_timeout_s)
-    wrap_all = os.environ.get("SAFETY_MONITOR_WRAP", "").strip().lower() == "all"
+    wrap_all = cfg.wrap_all
     wanted: dict[int, frozenset[int]] | None = None
     if plan is not None and not wrap_all:
         sites: dict[int, set[int]] = {}
@@ -437,10 +472,12 @@ def _wrap_load_model(cls: type, cfg: CaptureConfig) -> None:
         return out
 
     setattr(load_model, _MARK, True)
-    cls.load_model = load_model
+    setattr(cls, "load_model", load_model)  # noqa: B010  (cls is any model-runner class)
 
 
-def _refuse_v2(cls: type) -> None:
+def _refuse_v2(cls: type | None) -> None:
+    if cls is None:
+        return
     orig = cls.__dict__.get("load_model")
     if orig is None or getattr(orig, _MARK, False):
         return
@@ -452,7 +489,7 @@ def _refuse_v2(cls: type) -> None:
         return orig(self, *args, **kwargs)
 
     setattr(load_model, _MARK, True)
-    cls.load_model = load_model
+    setattr(cls, "load_model", load_model)  # noqa: B010  (cls is any model-runner class)
 
 
 def register() -> None:
@@ -473,11 +510,11 @@ def register() -> None:
         h.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))
         logging.getLogger("monitor").addHandler(h)
     if logging.getLogger("monitor").level == logging.NOTSET:
-        logging.getLogger("monitor").setLevel(
-            os.environ.get("SAFETY_MONITOR_LOG_LEVEL", "INFO").upper())
+        logging.getLogger("monitor").setLevel(cfg.log_level.upper())
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     _wrap_load_model(GPUModelRunner, cfg)
+    install_all()
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 

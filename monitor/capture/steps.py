@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from monitor.capture import op
+from monitor.constants import CORRELATION_KEY
 from monitor.roles import TokenRole, role_runs
 from monitor.v1 import monitor_pb2
 from monitor.wire.codec import MAX_CORRELATION_ID_BYTES
@@ -49,7 +50,7 @@ SpanTuple = tuple[str, int, int, int, int]
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 _EMPTY_I8 = np.zeros(0, dtype=np.int8)
 
-CORRELATION_KEY = "correlation_id"
+_GENERATED = int(TokenRole.GENERATED)
 
 
 @dataclass
@@ -236,17 +237,34 @@ class StepTracker:
         ranges: list[tuple[int, int]] = []
         spans: list[SpanTuple] = []
         labels: dict[str, str] = {}
+        # one host conversion per step, Python ints below (no numpy scalar per request)
+        qsl_l: list[int] = qsl.tolist()
+        nct_l: list[int] = nct.tolist()
+        gen_kept = roles is None or _GENERATED in roles
+        requests = self.requests
         with self._lock:
             for i in range(num_reqs):
-                a, b = int(qsl[i]), int(qsl[i + 1])
+                a, b = qsl_l[i], qsl_l[i + 1]
                 if b <= a:
                     continue
-                info = self._info(req_ids[i], int(nct[i]))
+                start = nct_l[i]
+                info = requests.get(req_ids[i]) or self._info(req_ids[i], start)
                 if info is None:
                     continue
-                start = int(nct[i])
                 lo, hi = start, start + (b - a)
                 plen = info.prompt_len
+                if lo >= plen:  # decode fast path: every row generated, one run
+                    if not (generated and gen_kept):
+                        continue
+                    if ranges and ranges[-1][1] == a:
+                        ranges[-1] = (ranges[-1][0], b)
+                    else:
+                        ranges.append((a, b))
+                    spans.append((info.request_id, b - a, lo, plen, _GENERATED))
+                    info.rows_seen += b - a
+                    if info.correlation_id:
+                        labels[info.request_id] = info.correlation_id
+                    continue
                 if not prompt:
                     lo = max(lo, plen)
                 if not generated:

@@ -39,6 +39,7 @@ from monitor.capture import op
 from monitor.capture.config import CaptureConfig
 from monitor.capture.steps import SpanTuple
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from monitor.wire.codec import WIRE_VERSION, encode_frame
 from monitor.wire.hooks import HookPoint, parse_hook_name, resid_post
 
 log = logging.getLogger("monitor.capture")
@@ -52,12 +53,6 @@ _DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 _FRAME_OVERHEAD_BYTES = 64 * 1024  # proto framing + spans headroom under max_frame_bytes
 _GRPC_MAX_MSG = 256 * 1024 * 1024
 
-try:  # the codec is owned by monitor/wire; fall back to building the proto ourselves.
-    from monitor.wire.codec import WIRE_VERSION
-    from monitor.wire.codec import encode_frame as _encode_frame
-except ImportError:  # pragma: no cover - only while monitor/wire is being written
-    _encode_frame = None
-    WIRE_VERSION = 2
 
 
 #: Random per plugin process (`ClientHello.instance_id`): with the client id it names this
@@ -266,23 +261,16 @@ def build_frame(
     hook_name: str = "",
     labels: dict[str, str] | None = None,
 ) -> monitor_pb2.ActivationFrame:
-    """One `ActivationFrame` from `x` `[n_rows, d_model]` (host tensor) and its spans;
-    `labels` maps a request id to the caller's correlation id (`RowSpan.correlation_id`)."""
+    """One `ActivationFrame` from `x` `[n_rows, d_model]` (host tensor) and its spans
+    (`monitor.wire.codec.encode_frame`, the one encoder); `labels` maps a request id to the
+    caller's correlation id (`RowSpan.correlation_id`)."""
     lab = labels or {}
     pb_spans = [monitor_pb2.RowSpan(request_id=r, n_rows=n, start_position=p, prompt_len=pl,
                                     role=role,  # type: ignore[arg-type]
                                     correlation_id=lab.get(r, ""))
                 for r, n, p, pl, role in spans]
-    if _encode_frame is not None:
-        return _encode_frame(x, seq=seq, model=model, layer=layer, spans=pb_spans, step=step,
-                             hook_name=hook_name)
-    dtypes = {v: k for k, v in _TORCH_DTYPE.items()}  # pragma: no cover
-    t = x.contiguous()  # pragma: no cover
-    return monitor_pb2.ActivationFrame(  # pragma: no cover
-        seq=seq, model=model, layer=layer, dtype=dtypes[t.dtype], shape=list(t.shape),
-        data=t.view(torch.uint8).numpy().tobytes(), step=step, hook_name=hook_name,
-        spans=pb_spans,
-    )
+    return encode_frame(x, seq=seq, model=model, layer=layer, spans=pb_spans, step=step,
+                        hook_name=hook_name)
 
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
@@ -297,10 +285,10 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInte
                             getattr(details, "wait_for_ready", None),
                             getattr(details, "compression", None))
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+    def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._details(client_call_details), request)
 
-    def intercept_stream_stream(self, continuation, client_call_details,  # type: ignore[no-untyped-def]
+    def intercept_stream_stream(self, continuation, client_call_details,
                                 request_iterator):
         return continuation(self._details(client_call_details), request_iterator)
 
@@ -348,6 +336,8 @@ class Transport:
         model: model identity for `ClientHello` (frames carry the record's own `model`).
         on_plan: called in the sender thread with every plan fetched (at each connect),
             before the stream starts; it may raise to refuse the plan (no stream then).
+        on_verdict: called in the sender thread with every verdict received (must not
+            block; errors are logged, the stream goes on).
     """
 
     def __init__(
@@ -356,10 +346,12 @@ class Transport:
         model: str,
         *,
         on_plan: Callable[[Plan], None] | None = None,
+        on_verdict: Callable[[monitor_pb2.Verdict], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
         self.on_plan = on_plan
+        self.on_verdict = on_verdict
         self.plan: Plan | None = None
         self._q: queue.Queue[object] = queue.Queue(maxsize=cfg.queue_size)
         self._lock = threading.Lock()
@@ -584,6 +576,11 @@ class Transport:
             v = msg.verdict
             log.debug("safety monitor verdict: request=%s detector=%s score=%.3f severity=%d "
                       "final=%s", v.request_id, v.detector, v.score, v.severity, v.final)
+            if self.on_verdict is not None:
+                try:
+                    self.on_verdict(v)
+                except Exception:
+                    log.exception("safety monitor: verdict handler error")
         elif which == "error":
             with self._lock:
                 self.stream_errors += 1

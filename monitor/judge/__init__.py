@@ -21,7 +21,7 @@ from monitor.judge.policy import (
     parse_policy,
     run_check,
 )
-from monitor.judge.reload import PolicyHolder, install_sighup
+from monitor.judge.reload import PolicyHolder
 from monitor.judge.tracker import RequestTracker, VerdictUpdate
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
     "VerdictUpdate",
     "check_policy",
     "default_policy",
-    "install_sighup",
     "load_policy",
     "make_aggregator",
     "parse_policy",

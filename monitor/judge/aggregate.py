@@ -10,33 +10,40 @@ Python loop over random chunkings).
 
 - :class:`MaxAggregator`       ``a_t = max_{i<=t} s_i``            (``np.maximum.accumulate``)
 - :class:`MeanAggregator`      ``a_t = (Σ_{i<=t} s_i) / t``        (``np.cumsum``, sequential)
-- :class:`EmaAggregator`       ``a_1 = s_1``; ``a_t = α a_{t-1} + (1-α) s_t``,
-  ``α = 0.5**(1/h)``                                               (``scipy.signal.lfilter``)
-- :class:`WindowMaxAggregator` ``a_t = max_{t-N < i <= t} s_i``    (van Herk/Gil-Werman)
 - :class:`MeanLogitAggregator` ``a_t = σ((1/t) Σ_{i<=t} logit(clip(s_i, ε, 1-ε)))``,
   ``ε = LOGIT_EPS`` (the mean of the probe's logits: for a linear probe it is the logit
   of the mean activation, the statistic a pooled probe is trained on)
-
-When a detector is judged (policy ``judge_at``) is defined here too, once, for the
-tracker and the probe toolkit: :func:`span_end_rows` (``every_token``: every token in
-scope; ``span_end``: the last token of each run of consecutive in-scope rows).
+- :class:`EmaAggregator`       ``a_1 = s_1``; ``a_t = α a_{t-1} + (1-α) s_t``,
+  ``α = 0.5**(1/h)``                                               (``scipy.signal.lfilter``)
+- :class:`WindowMaxAggregator` ``a_t = max_{t-N < i <= t} s_i``    (van Herk/Gil-Werman)
 
 No per-token Python loops: each chunk costs a few numpy calls, O(chunk) work (window_max:
 O(chunk + N)). State per aggregator is O(1), except window_max which keeps the last
 ``N - 1`` scores.
+
+When a detector is judged (policy ``judge_at``) is defined here too, once, for the
+tracker and the probe toolkit: :func:`span_end_rows` (``every_token``: every token in
+scope; ``span_end``: the last token of each run of consecutive in-scope rows).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 from scipy.signal import lfilter
 
-from monitor.judge.policy import Aggregation
-
 __all__ = [
+    "AGGREGATIONS",
+    "AGGREGATION_KINDS",
     "LOGIT_EPS",
+    "MAX_WINDOW_TOKENS",
+    "AggParam",
+    "Aggregation",
+    "AggregationKind",
     "Aggregator",
     "EmaAggregator",
     "MaxAggregator",
@@ -44,6 +51,7 @@ __all__ = [
     "MeanLogitAggregator",
     "WindowMaxAggregator",
     "make_aggregator",
+    "param_owner",
     "span_end_rows",
 ]
 
@@ -51,6 +59,10 @@ __all__ = [
 #: a float32 sigmoid rounds to exactly 1.0 from ``z ≈ 16.6`` on, so ``logit`` of a served
 #: score is only trustworthy within ``±log((1-ε)/ε) = ±13.8`` (and must stay finite).
 LOGIT_EPS = 1e-6
+
+#: Upper bound on ``window_tokens``: the tracker keeps ``window_tokens - 1`` floats per
+#: live request and detector, so the bound caps memory (8 bytes x 65535 x requests).
+MAX_WINDOW_TOKENS = 65536
 
 
 class Aggregator(Protocol):
@@ -309,18 +321,122 @@ def span_end_rows(in_scope: np.ndarray, complete: bool = True) -> np.ndarray:
     return out
 
 
+# ------------------------------------------------------------------ the registry
+
+
+@dataclass(frozen=True)
+class AggParam:
+    """One parameter of an aggregation kind: a number (``integer``: an int) in
+    ``(low, high]`` (``low_inclusive``: ``[low, high]``)."""
+
+    name: str
+    integer: bool
+    low: float
+    high: float
+    low_inclusive: bool
+    doc: str
+
+    def check(self, value: float) -> str | None:
+        """None when `value` is valid, else the reason (``expected ...; found ...``)."""
+        if self.integer:
+            if not (isinstance(value, int) and self.low <= value <= self.high):
+                return f"expected an integer in [{self.low:g}, {self.high:g}]; found {value}"
+            return None
+        ok = math.isfinite(value) and (value >= self.low if self.low_inclusive
+                                       else value > self.low) and value <= self.high
+        if not ok:
+            return f"expected {'>=' if self.low_inclusive else '>'} {self.low:g}; found {value:g}"
+        return None
+
+
+@dataclass(frozen=True)
+class AggregationKind:
+    """Everything about one aggregation kind, defined once: its parameters (what the
+    policy accepts and validates), the math, how it is shown, and its aggregator."""
+
+    name: str
+    params: tuple[AggParam, ...]
+    math: str
+    factory: Callable[[Aggregation], Aggregator]
+    short: Callable[[Aggregation], str]
+
+    def param(self, name: str) -> AggParam | None:
+        """The parameter called `name`, or None when this kind has none of that name."""
+        return next((p for p in self.params if p.name == name), None)
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How per-token scores of one request become one running score: a kind of
+    `AGGREGATIONS` and exactly that kind's parameters (validated on construction)."""
+
+    kind: str
+    half_life_tokens: float | None = None
+    window_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        spec = AGGREGATIONS.get(self.kind)
+        if spec is None:
+            raise ValueError(f"aggregation kind: expected one of {AGGREGATION_KINDS}, found "
+                             f"{self.kind!r}")
+        for name in ("half_life_tokens", "window_tokens"):
+            p = spec.param(name)
+            value = getattr(self, name)
+            if p is None and value is not None:
+                raise ValueError(f"{name}: only applies to kind {param_owner(name)}; this "
+                                 f"aggregation is kind {self.kind}")
+            if p is not None:
+                if value is None:
+                    raise ValueError(f"{name}: required for kind {self.kind}")
+                problem = p.check(value)
+                if problem is not None:
+                    raise ValueError(f"{name}: {problem}")
+
+    def describe(self) -> str:
+        """Short human form for logs and reports: ``max``, ``ema(h=8)``,
+        ``window_max(N=16)``."""
+        return AGGREGATIONS[self.kind].short(self)
+
+    def params(self) -> dict[str, float | int]:
+        """The kind's parameters and their values (the policy / bundle form)."""
+        return {p.name: getattr(self, p.name) for p in AGGREGATIONS[self.kind].params}
+
+
+def _req(value: float | int | None) -> float:
+    assert value is not None  # Aggregation.__post_init__ guarantees it
+    return value
+
+
+_HALF_LIFE = AggParam("half_life_tokens", integer=False, low=0.0, high=math.inf,
+                      low_inclusive=False, doc="tokens after which a score's weight halves")
+_WINDOW = AggParam("window_tokens", integer=True, low=1, high=MAX_WINDOW_TOKENS,
+                   low_inclusive=True, doc="tokens in the sliding window")
+
+#: The aggregation kinds, by name (one definition: policy parser, tracker, probes).
+AGGREGATIONS: dict[str, AggregationKind] = {k.name: k for k in (
+    AggregationKind("max", (), "a_t = max_{i<=t} s_i", lambda a: MaxAggregator(),
+                    lambda a: "max"),
+    AggregationKind("mean", (), "a_t = (1/t) sum_{i<=t} s_i", lambda a: MeanAggregator(),
+                    lambda a: "mean"),
+    AggregationKind("mean_logit", (),
+                    "a_t = sigmoid((1/t) sum_{i<=t} logit(clip(s_i, 1e-6, 1-1e-6)))",
+                    lambda a: MeanLogitAggregator(), lambda a: "mean_logit"),
+    AggregationKind("ema", (_HALF_LIFE,),
+                    "a_1 = s_1, a_t = alpha a_{t-1} + (1-alpha) s_t, alpha = 0.5**(1/h)",
+                    lambda a: EmaAggregator(_req(a.half_life_tokens)),
+                    lambda a: f"ema(h={_req(a.half_life_tokens):g})"),
+    AggregationKind("window_max", (_WINDOW,), "a_t = max_{max(1,t-N+1)<=i<=t} s_i",
+                    lambda a: WindowMaxAggregator(int(_req(a.window_tokens))),
+                    lambda a: f"window_max(N={a.window_tokens})"),
+)}
+AGGREGATION_KINDS: tuple[str, ...] = tuple(AGGREGATIONS)
+
+
+def param_owner(name: str) -> str:
+    """The kind(s) a parameter belongs to (for "only applies to kind ..." messages)."""
+    return " or ".join(k.name for k in AGGREGATIONS.values() if k.param(name)) or "none"
+
+
 def make_aggregator(agg: Aggregation) -> Aggregator:
-    """A fresh aggregator for a policy :class:`~monitor.judge.policy.Aggregation`."""
-    if agg.kind == "max":
-        return MaxAggregator()
-    if agg.kind == "mean":
-        return MeanAggregator()
-    if agg.kind == "mean_logit":
-        return MeanLogitAggregator()
-    if agg.kind == "ema":
-        assert agg.half_life_tokens is not None
-        return EmaAggregator(agg.half_life_tokens)
-    if agg.kind == "window_max":
-        assert agg.window_tokens is not None
-        return WindowMaxAggregator(agg.window_tokens)
-    raise ValueError(f"unknown aggregation kind {agg.kind!r}")
+    """A fresh aggregator for `agg` (its kind's factory in `AGGREGATIONS`)."""
+    return AGGREGATIONS[agg.kind].factory(agg)

@@ -47,7 +47,6 @@ that duplicate keys, which ``yaml.safe_load`` silently collapses, are caught.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -58,17 +57,21 @@ from typing import Any, TextIO
 
 import yaml
 
-from monitor.constants import MODES, SCOPES, SEVERITIES
+from monitor.constants import MODES, SEVERITIES
 from monitor.fileio import FileRefused, read_regular_file
+from monitor.judge.aggregate import (
+    AGGREGATION_KINDS,
+    AGGREGATIONS,
+    MAX_WINDOW_TOKENS,
+    Aggregation,
+    param_owner,
+)
 from monitor.roles import SCOPE_WORDS, canonical_scope
 
 __all__ = [
     "AGGREGATION_KINDS",
     "JUDGE_AT",
     "MAX_WINDOW_TOKENS",
-    "MODES",
-    "SCOPES",
-    "SEVERITIES",
     "Aggregation",
     "DetectorPolicy",
     "Policy",
@@ -81,13 +84,9 @@ __all__ = [
     "run_check",
 ]
 
-AGGREGATION_KINDS: tuple[str, ...] = ("max", "mean", "mean_logit", "ema", "window_max")
 #: When a detector's aggregate is judged (see the module doc): every token in scope, or
 #: only at the end of each span of in-scope tokens.
 JUDGE_AT: tuple[str, ...] = ("every_token", "span_end")
-#: Upper bound on ``window_tokens``: the tracker keeps ``window_tokens - 1`` floats per
-#: live request and detector, so the bound caps memory (8 bytes x 65535 x requests).
-MAX_WINDOW_TOKENS = 65536
 #: Largest policy file read (a policy is a few KB; a 10 MB one cost 2 GB of RSS).
 MAX_POLICY_BYTES = 1 << 20
 #: Deepest nesting of YAML collections accepted (a policy needs 4); checked on the event
@@ -97,13 +96,6 @@ MAX_POLICY_DEPTH = 16
 #: calibrated ``fpr_0.01`` threshold (scores are probabilities, so this is absolute).
 CALIBRATION_SLACK = 0.05
 
-_PARAMS_BY_KIND: dict[str, tuple[str, ...]] = {
-    "max": (),
-    "mean": (),
-    "mean_logit": (),
-    "ema": ("half_life_tokens",),
-    "window_max": ("window_tokens",),
-}
 _VERSION_RE = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,99}$")
 
 
@@ -124,48 +116,6 @@ class PolicyError(ValueError):
         self.reason = reason
         where = f"{file}:{line}: "
         super().__init__(where + (f"{field}: {reason}" if field else reason))
-
-
-@dataclass(frozen=True)
-class Aggregation:
-    """How per-token scores of one request become one running score.
-
-    With per-token scores ``s_1..s_t`` in scope, the aggregate after token ``t`` is
-
-    - ``max``:        ``a_t = max_{i<=t} s_i``
-    - ``mean``:       ``a_t = (1/t) Σ_{i<=t} s_i``
-    - ``mean_logit``: ``a_t = σ((1/t) Σ_{i<=t} logit(clip(s_i, ε, 1-ε)))``, ``ε = 1e-6``
-      (``monitor.judge.aggregate.LOGIT_EPS``): the mean of the probe's logits
-    - ``ema``:        ``a_1 = s_1``, ``a_t = α a_{t-1} + (1-α) s_t``, ``α = 0.5**(1/h)``
-      with ``h = half_life_tokens`` (a token's weight halves every ``h`` tokens)
-    - ``window_max``: ``a_t = max_{max(1, t-N+1) <= i <= t} s_i`` with ``N = window_tokens``
-    """
-
-    kind: str
-    half_life_tokens: float | None = None
-    window_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in AGGREGATION_KINDS:
-            raise ValueError(f"aggregation kind {self.kind!r} not in {AGGREGATION_KINDS}")
-        if (self.kind == "ema") != (self.half_life_tokens is not None):
-            raise ValueError("half_life_tokens is required for ema and only for ema")
-        if (self.kind == "window_max") != (self.window_tokens is not None):
-            raise ValueError("window_tokens is required for window_max and only for it")
-        if self.half_life_tokens is not None and not (
-            math.isfinite(self.half_life_tokens) and self.half_life_tokens > 0
-        ):
-            raise ValueError("half_life_tokens must be finite and > 0")
-        if self.window_tokens is not None and not 1 <= self.window_tokens <= MAX_WINDOW_TOKENS:
-            raise ValueError(f"window_tokens must be in [1, {MAX_WINDOW_TOKENS}]")
-
-    def describe(self) -> str:
-        """Short human form for logs: ``max``, ``ema(half_life=8)``, ``window_max(N=16)``."""
-        if self.kind == "ema":
-            return f"ema(half_life={self.half_life_tokens:g})"
-        if self.kind == "window_max":
-            return f"window_max(N={self.window_tokens})"
-        return self.kind
 
 
 @dataclass(frozen=True)
@@ -313,12 +263,14 @@ class _Parser:
 
     # -- policy fields
     def aggregation(self, node: yaml.Node, path: str) -> Aggregation:
+        """An aggregation from its kind and the parameters `AGGREGATIONS` defines."""
         if isinstance(node, yaml.ScalarNode):  # shorthand: `aggregation: max`
             kind = self.choice(node, path, AGGREGATION_KINDS)
             params: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-            kind_node = node
+            kind_node: yaml.Node = node
         else:
-            entries = self.mapping(node, path, ("kind", "half_life_tokens", "window_tokens"))
+            allowed = ("kind", *(p.name for k in AGGREGATIONS.values() for p in k.params))
+            entries = self.mapping(node, path, allowed)
             if "kind" not in entries:
                 raise self.fail(
                     node, f"{path}.kind", f"required; one of {', '.join(AGGREGATION_KINDS)}"
@@ -326,35 +278,29 @@ class _Parser:
             kind_node = entries["kind"][1]
             kind = self.choice(kind_node, f"{path}.kind", AGGREGATION_KINDS)
             params = {k: v for k, v in entries.items() if k != "kind"}
+        spec = AGGREGATIONS[kind]
         for name, (key_node, _) in params.items():
-            if name not in _PARAMS_BY_KIND[kind]:
-                owner = "ema" if name == "half_life_tokens" else "window_max"
+            if spec.param(name) is None:
                 raise self.fail(
                     key_node,
                     f"{path}.{name}",
-                    f"only applies to kind {owner}; this aggregation is kind {kind}",
+                    f"only applies to kind {param_owner(name)}; this aggregation is kind {kind}",
                 )
-        for name in _PARAMS_BY_KIND[kind]:
-            if name not in params:
-                raise self.fail(kind_node, f"{path}.{name}", f"required for kind {kind}")
-        half_life = window = None
-        if "half_life_tokens" in params:
-            vnode = params["half_life_tokens"][1]
-            half_life = self.number(vnode, f"{path}.half_life_tokens")
-            if not (math.isfinite(half_life) and half_life > 0):
-                raise self.fail(
-                    vnode, f"{path}.half_life_tokens", f"expected > 0; found {half_life:g}"
-                )
-        if "window_tokens" in params:
-            vnode = params["window_tokens"][1]
-            window = self.integer(vnode, f"{path}.window_tokens")
-            if not 1 <= window <= MAX_WINDOW_TOKENS:
-                raise self.fail(
-                    vnode,
-                    f"{path}.window_tokens",
-                    f"expected an integer in [1, {MAX_WINDOW_TOKENS}]; found {window}",
-                )
-        return Aggregation(kind, half_life_tokens=half_life, window_tokens=window)
+        values: dict[str, float | int] = {}
+        for p in spec.params:
+            if p.name not in params:
+                raise self.fail(kind_node, f"{path}.{p.name}", f"required for kind {kind}")
+            vnode = params[p.name][1]
+            value: float | int = (self.integer(vnode, f"{path}.{p.name}") if p.integer
+                                  else self.number(vnode, f"{path}.{p.name}"))
+            problem = p.check(value)
+            if problem is not None:
+                raise self.fail(vnode, f"{path}.{p.name}", problem)
+            values[p.name] = value
+        half_life = values.get("half_life_tokens")
+        window = values.get("window_tokens")
+        return Aggregation(kind, half_life_tokens=None if half_life is None else float(half_life),
+                           window_tokens=None if window is None else int(window))
 
     def thresholds(self, node: yaml.Node, path: str) -> tuple[tuple[str, float], ...]:
         entries = self.mapping(node, path, SEVERITIES)
@@ -621,8 +567,8 @@ def check_policy(policy: Policy, bundle: Any) -> list[str]:
       ``fpr_0.01`` threshold (expect more than 1 % of benign traffic to trip it);
     - warning: a scope that differs from the bundle's ``token_scope`` (the probe was
       trained on other tokens);
-    - note: ``mode: block`` (enforcement is reserved: until the server enforces, such a
-      detector is reported like ``alert``).
+    - note: ``mode: block`` (at critical the capture plugin stops the generation; at warn
+      such a detector alerts).
     """
     specs = {spec.name: spec for spec in bundle.detectors}
     problems: list[str] = []
@@ -651,8 +597,8 @@ def check_policy(policy: Policy, bundle: Any) -> list[str]:
             )
         if det.mode == "block":
             problems.append(
-                f"note: detectors.{name}.mode: block is reserved for enforcement; until it "
-                "ships, verdicts are emitted as for alert"
+                f"note: detectors.{name}.mode: block stops the generation at critical "
+                "(finish_reason content_filter); at warn it alerts"
             )
     for name in specs:
         if name not in policy.detectors:

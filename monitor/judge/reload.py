@@ -1,4 +1,7 @@
-"""Hot reload of the policy file: poll, SIGHUP, or an explicit call (admin RPC).
+"""Hot reload of the policy file: `PolicyHolder.reload` (explicit) and `poll` (one
+watcher step). The server drives both from one place (`MonitorApp.reload_policy`: file
+watch, SIGHUP and the admin RPC, one lock, its own thread); this module starts no
+threads and installs no signal handlers.
 
 A valid new policy replaces the current one atomically (one reference assignment; a
 reader sees the old or the new :class:`~monitor.judge.policy.Policy`, never a mix). An
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +28,7 @@ from monitor.judge.policy import (
     load_policy,
 )
 
-__all__ = ["PolicyHolder", "install_sighup"]
+__all__ = ["PolicyHolder"]
 
 log = logging.getLogger("monitor.judge")
 
@@ -59,8 +61,6 @@ class PolicyHolder:
         self.reloads_refused = 0
         self.reloads_unchanged = 0
         self.last_error: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         policy = load_policy(self.path)
         self._refuse_if_unfit(policy)
         self._policy = policy
@@ -134,54 +134,3 @@ class PolicyHolder:
         result = self.reload()
         self._last_seen_sha = sha
         return result
-
-    def watch(self, interval_s: float = 1.0) -> threading.Thread:
-        """Start a daemon thread calling :meth:`poll` every ``interval_s`` seconds.
-
-        The file is hashed on every poll (policies are small), rather than trusting
-        mtime: ConfigMap updates swap symlinks and mtimes can have 1 s granularity.
-        """
-        if self._thread is not None and self._thread.is_alive():
-            return self._thread
-        self._stop.clear()
-
-        def run() -> None:
-            while not self._stop.wait(interval_s):
-                try:
-                    self.poll()
-                except Exception:  # the watcher must survive anything
-                    log.exception("policy watcher poll failed")
-
-        self._thread = threading.Thread(target=run, name="policy-watch", daemon=True)
-        self._thread.start()
-        return self._thread
-
-    def stop(self, timeout_s: float | None = 5.0) -> None:
-        """Stop the watcher thread (if any) and wait for it."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
-
-
-def install_sighup(holder: PolicyHolder) -> bool:
-    """Reload ``holder`` on SIGHUP. Only possible from the main thread (a Python rule);
-    returns False (and installs nothing) elsewhere or where SIGHUP does not exist.
-
-    The handler itself only starts a short-lived thread that calls ``holder.reload()``:
-    parsing inside a signal handler could deadlock on the holder's lock if the signal
-    interrupts a reload running on the main thread. (Under asyncio the server may prefer
-    ``loop.add_signal_handler(signal.SIGHUP, ...)``; either way reload runs off-handler.)
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    sighup = getattr(signal, "SIGHUP", None)
-    if sighup is None:
-        return False
-
-    def handler(signum: int, frame: object) -> None:
-        log.info("SIGHUP: reloading policy from %s", holder.path)
-        threading.Thread(target=holder.reload, name="policy-sighup", daemon=True).start()
-
-    signal.signal(sighup, handler)
-    return True

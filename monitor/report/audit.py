@@ -81,6 +81,14 @@ class AuditLog:
         stdout: also write every line to standard output (container log collectors).
         otlp: also export every record as an OpenTelemetry log record
             (`monitor.report.otlp.OtlpAudit`, when an OTLP endpoint is configured).
+        rotation_check_s: how often a write checks whether `path` still names the open
+            file (logrotate renamed or removed it); if not, the file is reopened at
+            `path` before writing. 0: on every write.
+
+    Rotation: `reopen()` (the server calls it on SIGHUP, logrotate's `postrotate`) and
+    the check above both reopen `path`. While the file cannot be opened every record is
+    a counted failure (`failures`, `on_failure`), retried on the next write; nothing is
+    lost silently.
     """
 
     def __init__(
@@ -91,6 +99,7 @@ class AuditLog:
         include_finals: bool = False,
         stdout: bool = False,
         otlp: OtlpAudit | None = None,
+        rotation_check_s: float = 1.0,
     ) -> None:
         self._otlp = otlp
         self.path = None if path is None else os.fspath(path)
@@ -102,16 +111,68 @@ class AuditLog:
         self._last_error_log = 0.0
         self.lines_written = 0
         self.failures = 0
+        self.reopens = 0
+        self.rotation_check_s = float(rotation_check_s)
+        self._next_check = 0.0
+        self._closed = False
         if self.path is not None:
             parent = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(parent, exist_ok=True)
             # line-buffered text file in append mode; raises at startup if unwritable
-            self._fh = open(self.path, "a", buffering=1, encoding="utf-8")
+            self._fh = self._open()
+
+    def _open(self) -> TextIO:
+        assert self.path is not None
+        return open(self.path, "a", buffering=1, encoding="utf-8")
 
     @property
     def enabled(self) -> bool:
-        """True when records go to a file, stdout or OTLP."""
-        return self._fh is not None or self._stdout is not None or self._otlp is not None
+        """True when records go to a file, stdout or OTLP (until `close`)."""
+        return not self._closed and (self.path is not None or self._stdout is not None
+                                     or self._otlp is not None)
+
+    def reopen(self) -> bool:
+        """Close and reopen the file at `path` (after rotation); never raises. True when
+        the file is open afterwards (a failure is logged; later writes retry)."""
+        with self._lock:
+            return self._reopen_locked("reopen requested")
+
+    def _reopen_locked(self, why: str) -> bool:
+        if self.path is None or self._closed:
+            return False
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError as exc:
+                log.error("audit log %s: close before reopen failed: %s", self.path, exc)
+        try:
+            self._fh = self._open()
+        except OSError as exc:
+            log.error("audit log %s: reopen failed (%s): %s", self.path, why, exc)
+            return False
+        self.reopens += 1
+        log.info("audit log %s: reopened (%s)", self.path, why)
+        return True
+
+    def _check_rotation_locked(self) -> None:
+        """Reopen when `path` no longer names the open file (or it is not open)."""
+        now = time.monotonic()
+        if self._fh is not None and now < self._next_check:
+            return
+        self._next_check = now + self.rotation_check_s
+        if self._fh is None:
+            self._reopen_locked("retry after a failed open")
+            return
+        assert self.path is not None
+        try:
+            st = os.stat(self.path)
+            cur = os.fstat(self._fh.fileno())
+            moved = (st.st_dev, st.st_ino) != (cur.st_dev, cur.st_ino)
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            self._reopen_locked("the file was rotated away")
 
     def write(self, record: dict[str, Any]) -> bool:
         """Append one record as a JSON line; never raises. Returns True on success."""
@@ -123,7 +184,10 @@ class AuditLog:
             with self._lock:
                 if not self.enabled:
                     return False
-                if self._fh is not None:
+                if self.path is not None:
+                    self._check_rotation_locked()
+                    if self._fh is None:
+                        raise OSError(f"cannot open {self.path}")
                     self._fh.write(line + "\n")
                 if self._stdout is not None:
                     self._stdout.write(line + "\n")
@@ -161,6 +225,7 @@ class AuditLog:
         """Flush, fsync and close; idempotent, never raises."""
         self.flush()
         with self._lock:
+            self._closed = True
             fh, self._fh = self._fh, None
             otlp, self._otlp = self._otlp, None
             self._stdout = None

@@ -136,6 +136,9 @@ class Metrics:
                                       registry=r)
         self.alerts = Counter(p + "alerts", "Severity escalations (mode=observe: would-alert).",
                               ["detector", "severity", "mode"], registry=r)
+        self.blocks = Counter(p + "blocks", "Block orders sent to the capture plugin (mode "
+                              "block at critical); the plugin stops that request.",
+                              ["detector"], registry=r)
         self.scoring_latency = Histogram(p + "scoring_latency_seconds", "Time of one scorer "
                                          "call (one batch of one layer).", ["layer"],
                                          buckets=_LATENCY_BUCKETS, registry=r)

@@ -4,8 +4,11 @@
 does the side effects of one update, so the pipeline only decides *when*:
 
 - an escalation (a newly reached severity) counts `alerts_total{detector,severity,mode}`,
-  writes an audit line (`alert`, or `would_alert` in observe mode) and is handed to
-  alert delivery (`monitor.report.sinks`, which delivers modes alert|block; never blocks);
+  writes an audit line (`alert`, `would_alert` in observe mode, or `block` when it orders
+  a block: mode block at critical, also counted in `blocks_total{detector}`; the verdict
+  sent on the stream makes the capture plugin stop the request, `monitor.capture.enforce`)
+  and is handed to alert delivery (`monitor.report.sinks`, modes alert|block; never
+  blocks);
 - a final verdict observes `request_score{detector}` and, with `--audit-finals`, writes
   a `final` audit line.
 
@@ -27,7 +30,7 @@ __all__ = ["Reporter", "verdict_message"]
 
 log = logging.getLogger(__name__)
 
-_SEVERITY_ENUM: dict[str, monitor_pb2.Severity.ValueType] = {
+_SEVERITY_ENUM: dict[str, monitor_pb2.Severity] = {
     "none": monitor_pb2.SEVERITY_NONE,
     "warn": monitor_pb2.SEVERITY_WARN,
     "critical": monitor_pb2.SEVERITY_CRITICAL,
@@ -77,7 +80,10 @@ class Reporter:
         """A newly reached severity: count it and audit it (no-op for other updates)."""
         if not u.escalated or u.severity == "none":
             return
-        event = "would_alert" if u.mode == "observe" else "alert"
+        action = u.action
+        event = {"record": "would_alert", "block": "block"}.get(action, "alert")
+        if action == "block":
+            self.metrics.blocks.labels(detector=u.detector).inc()
         self.metrics.alerts.labels(detector=u.detector, severity=u.severity,
                                    mode=u.mode).inc()
         self._audit(u, event, correlation_id)

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
+from monitor.constants import hook_name
 from monitor.fileio import FileRefused, read_regular_file
 from monitor.roles import SCOPE_WORDS
 
@@ -108,13 +109,15 @@ _SHA_RE = re.compile(r"[0-9a-f]{64}")
 # Keys of each manifest object: (required, optional).
 _TOP_KEYS = ({"format", "format_version", "name", "model", "files", "components",
               "detectors"}, {"description", "onnx"})
-_ONNX_KEYS = ({"opset", "input_dtype", "source_sha256", "layers"}, set())
+_ONNX_KEYS: tuple[set[str], set[str]] = (
+    {"opset", "input_dtype", "source_sha256", "layers"}, set())
 #: ONNX opsets the onnxruntime backend accepts (graphs use opset-17 operators only).
 ONNX_OPSETS = (17,)
-_MODEL_KEYS = ({"name", "d_model", "n_layers"}, set())
+_MODEL_KEYS: tuple[set[str], set[str]] = ({"name", "d_model", "n_layers"}, set())
 _COMPONENT_KEYS = ({"name", "kind", "layer", "tensors"},
                    {"hook_name", "activation", "latent_ids", "preprocessing"})
-_PREPROCESSING_KEYS = (set(), {"scale", "normalize", "apply_b_dec_to_input", "layer_norm_eps"})
+_PREPROCESSING_KEYS: tuple[set[str], set[str]] = (
+    set(), {"scale", "normalize", "apply_b_dec_to_input", "layer_norm_eps"})
 _DETECTOR_KEYS = ({"name", "inputs", "token_scope", "default_thresholds"},
                   {"description", "bias", "calibration", "provenance"})
 _INPUT_KEYS = ({"component"}, {"weight", "latent_weights"})
@@ -523,7 +526,7 @@ def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
         name = _unique_name(ck, c["name"], where, out, "components")
         kind = ck.choice(c["kind"], f"{where}.kind", KINDS)
         layer = ck.integer(c["layer"], f"{where}.layer", 0, n_layers)
-        hook = f"blocks.{layer}.hook_resid_post"
+        hook = hook_name(layer)
         if c.get("hook_name", hook) != hook:
             raise ck.fail(f"{where}.hook_name", f"{hook!r} (residual stream after layer "
                           f"{layer})", _show(c["hook_name"]))

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from monitor.constants import hook_name
+
 from .bundle import Bundle, write_bundle
 
 __all__ = ["PLACEHOLDER_WARNING", "build_placeholder_bundle"]
@@ -70,7 +72,7 @@ def build_placeholder_bundle(out_dir: str | os.PathLike[str], *, model_name: str
     def probe(name: str, layer: int) -> dict[str, object]:
         return {
             "name": name, "kind": "linear_probe", "layer": layer,
-            "hook_name": f"blocks.{layer}.hook_resid_post",
+            "hook_name": hook_name(layer),
             "tensors": {r: f"{name}.{r}" for r in ("weight", "bias", "mean", "std")},
         }
 
@@ -96,7 +98,7 @@ def build_placeholder_bundle(out_dir: str | os.PathLike[str], *, model_name: str
             probe("deception", last),
             {
                 "name": "sae_demo", "kind": "sae_latents", "layer": first,
-                "hook_name": f"blocks.{first}.hook_resid_post",
+                "hook_name": hook_name(first),
                 "activation": "jumprelu",
                 "latent_ids": [int(i) for i in torch.randperm(16384, generator=g)[:k]],
                 "preprocessing": {"apply_b_dec_to_input": True, "scale": 1.0,

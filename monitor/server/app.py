@@ -89,7 +89,7 @@ def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy
         layers.append(int(layer))
         for d in judged:
             roles |= scope_roles(policy.detectors[d].scope)
-    kinds: set[monitor_pb2.TokenKind.ValueType] = set()
+    kinds: set[monitor_pb2.TokenKind] = set()
     if roles - {TokenRole.GENERATED}:
         kinds.add(monitor_pb2.TOKEN_KIND_PROMPT)
     if TokenRole.GENERATED in roles:
@@ -226,6 +226,14 @@ class MonitorApp:
         return self._reload_executor.submit(
             lambda: self.reload_policy(trigger, only_if_changed=only_if_changed))
 
+    def on_sighup(self) -> None:
+        """SIGHUP (logrotate's `postrotate`, an operator): reopen the audit file and
+        reload the policy, on the policy-reload thread (never in the signal handler)."""
+        def run() -> None:
+            self.audit.reopen()
+            self.reload_policy("sighup")
+        self._reload_executor.submit(run)
+
     def watch_policy(self, stop: threading.Event) -> threading.Thread | None:
         """Poll the policy file every `policy_watch_s` seconds (content hash)."""
         if self.holder is None or self.config.policy_watch_s <= 0:
@@ -303,7 +311,7 @@ def build_app(config: ServerConfig) -> MonitorApp:
     bundle, scorer = loaded.bundle, loaded.scorer
     log.info("scorer backend %s (%s)", loaded.backend, loaded.reason)
     if config.served_model:
-        from monitor.models import check_bundle_matches_model
+        from monitor.tools.models import check_bundle_matches_model
 
         try:
             shape = check_bundle_matches_model(
@@ -465,7 +473,7 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
             pass
     if hasattr(signal, "SIGHUP"):
         try:
-            loop.add_signal_handler(signal.SIGHUP, lambda: app.submit_reload("sighup"))
+            loop.add_signal_handler(signal.SIGHUP, app.on_sighup)
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
     for w in app.alerts.workers:

@@ -1,1 +1,4 @@
-"""Developer and operator tools that are not part of the serving path (fuzzing, soak)."""
+"""Tools around the runtime (not stages of the data path): the default model
+(`models.py`), the end-to-end demo (`demo.py`), the synthetic replay client
+(`replay.py`), fuzzing and soak, and small helpers shared by tools, benchmarks and tests
+(`net.py`)."""

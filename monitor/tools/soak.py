@@ -28,6 +28,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TextIO
 
 import grpc
 import numpy as np
@@ -156,7 +157,7 @@ def _client(cfg: SoakConfig, plan: monitor_pb2.CapturePlan, idx: int, stop: thre
     channel.close()
 
 
-def run_soak(cfg: SoakConfig, out: object = sys.stdout) -> list[Sample]:
+def run_soak(cfg: SoakConfig, out: TextIO | None = sys.stdout) -> list[Sample]:
     """Run the soak; print one line per sample to `out` (None: quiet). Returns samples."""
     with grpc.insecure_channel(cfg.target) as ch:
         plan = monitor_pb2_grpc.MonitorStub(ch).GetCapturePlan(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
 import numpy as np
@@ -467,8 +467,10 @@ def _check_hook(frame: monitor_pb2.ActivationFrame, hook_names: frozenset[str] |
     return name
 
 
-def _to_wire_bytes(x: torch.Tensor | np.ndarray) -> tuple[bytes, int, tuple[int, int]]:
+def _to_wire_bytes(x: torch.Tensor | np.ndarray
+                   ) -> tuple[bytes, monitor_pb2.DType, tuple[int, int]]:
     """Return (little-endian bytes, wire dtype, shape) for a 2-D tensor or array."""
+    wire: monitor_pb2.DType | None
     if isinstance(x, np.ndarray):
         if x.ndim != 2:
             raise ValueError(f"x: expected a 2-D array, found shape {x.shape}")
@@ -534,7 +536,8 @@ def encode_frame(
             s = Span(*s)
         pb_spans.append(monitor_pb2.RowSpan(
             request_id=s.request_id, n_rows=s.n_rows,
-            start_position=s.start_position, prompt_len=s.prompt_len, role=int(s.role),
+            start_position=s.start_position, prompt_len=s.prompt_len,
+            role=cast("monitor_pb2.TokenRole", int(s.role)),  # the proto enum is an int
             correlation_id=s.correlation_id,
         ))
     return monitor_pb2.ActivationFrame(

@@ -38,16 +38,25 @@ def iso_utc(t: float) -> str:
 
 
 class EscalationLike(Protocol):
-    """The fields of `monitor.judge.tracker.VerdictUpdate` an alert is made from."""
+    """The fields of `monitor.judge.tracker.VerdictUpdate` an alert is made from
+    (read-only: a frozen dataclass or properties satisfy it)."""
 
-    request_id: str
-    detector: str
-    score: float
-    severity: str
-    threshold: float
-    crossed_at_position: int
-    mode: str
-    policy_version: str
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def detector(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def severity(self) -> str: ...
+    @property
+    def threshold(self) -> float: ...
+    @property
+    def crossed_at_position(self) -> int: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def policy_version(self) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,8 @@ def load_saelens(path: str | os.PathLike[str], *, norm_scaling_factor: float | N
     cfg_path = root / SAELENS_CFG
     src = str(cfg_path)
     cfg = _read_json(cfg_path)
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    raw_meta = cfg.get("metadata")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     arch_name = cfg.get("architecture")
     if arch_name is None:  # SAELens < 4 configs: activation_fn_str
         act = cfg.get("activation_fn_str", cfg.get("activation_fn", "relu"))
@@ -195,8 +196,8 @@ def load_saelens(path: str | os.PathLike[str], *, norm_scaling_factor: float | N
     k: int | None = None
     rescale = False
     if arch == "topk":
-        kw = cfg.get("activation_fn_kwargs") if isinstance(cfg.get("activation_fn_kwargs"),
-                                                           dict) else {}
+        raw_kw = cfg.get("activation_fn_kwargs")
+        kw: dict[str, Any] = raw_kw if isinstance(raw_kw, dict) else {}
         k = _int({"k": cfg.get("k", kw.get("k"))}, "k", src, 1, d_sae + 1)
         rescale = bool(cfg.get("rescale_acts_by_decoder_norm", False))
 

