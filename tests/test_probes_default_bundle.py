@@ -27,7 +27,9 @@ def test_default_bundle_loads_and_has_calibration() -> None:
         cal = d.calibration
         assert 0 < cal["fpr_0.01"] <= cal["fpr_0.001"] <= 1
         assert d.default_thresholds["warn"] == pytest.approx(cal["fpr_0.01"])
-        assert cal["aggregation"]["kind"] in ("max", "mean", "ema", "window_max")
+        from monitor.judge.aggregate import AGGREGATION_KINDS
+
+        assert cal["aggregation"]["kind"] in AGGREGATION_KINDS
         assert d.provenance["metrics"]
     from monitor.judge.policy import check_policy, load_policy
 
@@ -35,6 +37,8 @@ def test_default_bundle_loads_and_has_calibration() -> None:
     assert set(pol.detectors) == set(names)
     for name, d in names.items():  # the suggested policy judges the tokens it was trained on
         assert pol.detectors[name].scope == d.token_scope
+        # and is judged where the calibration was measured (every token or span end)
+        assert pol.detectors[name].judge_at == d.calibration.get("judge_at", "every_token")
     assert not [w for w in check_policy(pol, b) if "below" in w]
 
 
