@@ -242,7 +242,7 @@ def install_engine_core_hooks() -> None:
         return orig_update(self, scheduler_output, model_runner_output)
 
     setattr(update_from_output, _MARK, True)
-    cls.update_from_output = update_from_output
+    cls.update_from_output = update_from_output  # type: ignore[method-assign]  # the patch
 
 
 # -------------------------------------------------------------------- worker side
@@ -294,7 +294,7 @@ def install_frontend_hooks() -> None:
         return out
 
     setattr(_new_completion_output, _MARK, True)
-    RequestState._new_completion_output = _new_completion_output
+    RequestState._new_completion_output = _new_completion_output  # type: ignore[method-assign]
 
 
 def install_all() -> None:

@@ -437,10 +437,10 @@ class RequestTracker:
                 if n >= max(1, st.policy.min_tokens):
                     out += self._judge(key, name, st, np.array([p]), np.array([v]))
         for name, pol in self.policy.detectors.items():
-            st = req.detectors.get(name)
-            if st is None:
-                st = _DetectorState(policy=pol, agg=make_aggregator(pol.aggregation))
-            out.append(self._update(key, name, st, final=True, escalated=False))
+            state = req.detectors.get(name)
+            if state is None:
+                state = _DetectorState(policy=pol, agg=make_aggregator(pol.aggregation))
+            out.append(self._update(key, name, state, final=True, escalated=False))
         return out
 
     def set_policy(self, policy: Policy) -> None:

@@ -117,7 +117,7 @@ def format_summary(s: Summary, out: TextIO, as_json: bool = False) -> None:
     out.write(f"{'detector':<24} {'severity':<9} {'requests':>8} " +
               " ".join(f"{k:>16}" for k in cols) + "\n")
     for r in rows:
-        n = int(r["requests"])
+        n = int(str(r["requests"]))
 
         def cell(k: str, n: int = n, r: dict[str, object] = r) -> str:
             v = int(str(r[k]))
