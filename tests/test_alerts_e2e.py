@@ -219,10 +219,27 @@ def malformed(srv: MonitorServer) -> None:
 
 
 def expected_keys(srv: MonitorServer) -> list[str]:
-    """Idempotency keys of the delivered escalations the audit log recorded, in order."""
+    """Idempotency keys of the delivered escalations the audit log recorded, in order
+    (`alert` in alert mode; a block-mode critical is audited as `block` and delivered too)."""
     return [idempotency_key(x["bundle_sha256"], x["policy_version"], x["request_id"],
                             x["detector"], x["severity"])
-            for x in srv.audit_lines() if x["event"] == "alert"]
+            for x in srv.audit_lines() if x["event"] in ("alert", "block")]
+
+
+def settled_keys(srv: MonitorServer) -> list[str]:
+    """`expected_keys` once the sidecar has judged everything sent so far: no live request,
+    an empty scoring queue, and the same keys on two reads 0.5 s apart. (The replay client
+    returns when its stream is closed; the server finishes those requests, and writes any
+    alert that `judge_at: span_end` raises at the finish, a moment later.)"""
+    def stable() -> list[list[str]] | None:
+        if (srv.metric("safety_monitor_active_requests")
+                or srv.metric("safety_monitor_queue_depth_rows")):
+            return None
+        a = expected_keys(srv)
+        time.sleep(0.5)
+        return [a] if a == expected_keys(srv) else None
+
+    return wait_for(stable, 30, "the sidecar judged all traffic")[0]
 
 
 def dashboard_empty_panels(stack: Stack) -> list[tuple[str, str]]:
@@ -264,7 +281,7 @@ def test_alerts_end_to_end(stack: Stack) -> None:
     # -- harmful + malformed traffic; the webhook and Alertmanager are up ---------------
     replay(srv1, seed=1)
     malformed(srv1)
-    keys1 = expected_keys(srv1)
+    keys1 = settled_keys(srv1)
     assert keys1, srv1.log()
     # the Prometheus rule fires for the first criticals of a fresh sidecar
     fired = wait_for(lambda: [a for a in stack.prom_alerts("SafetyMonitorCriticalVerdict")
@@ -304,7 +321,7 @@ def test_alerts_end_to_end(stack: Stack) -> None:
     # -- webhook down; traffic; sidecar restarted; traffic; webhook back --------------
     stack.hook.stop()
     replay(srv1, seed=2)
-    keys2 = expected_keys(srv1)[len(keys1):]
+    keys2 = settled_keys(srv1)[len(keys1):]
     assert keys2
     wait_for(lambda: srv1.metric("safety_monitor_alert_spool_events", sink="webhook")
              >= len(keys2), 30, "events spooled while the webhook is down")
@@ -312,7 +329,7 @@ def test_alerts_end_to_end(stack: Stack) -> None:
     assert srv1.stop() == 0  # spooled on disk: nothing lost, clean exit
     srv2 = stack.sidecar("sidecar-2")
     replay(srv2, seed=3)
-    keys3 = expected_keys(srv2)
+    keys3 = settled_keys(srv2)
     assert keys3
     time.sleep(2)  # "a while" down, across the restart
     stack.hook.start()

@@ -101,7 +101,9 @@ def test_builtin_defaults_and_shorthand():
 def test_default_yaml_is_valid():
     p = load_policy(REPO / "policies" / "default.yaml")
     assert set(p.detectors) == {"harmful_intent", "deception"}
-    assert p.detectors["harmful_intent"].scope == "prompt"
+    hi = p.detectors["harmful_intent"]
+    # the user's message, judged once where it ends, on the trained statistic
+    assert (hi.scope, hi.aggregation.kind, hi.judge_at) == ("user", "mean_logit", "span_end")
     assert p.detectors["deception"].scope == "generated"
     assert p.detectors["deception"].aggregation.kind == "ema"
 

@@ -145,9 +145,10 @@ def test_recipe_small_slice_end_to_end(tmp_path) -> None:
              "mtbench", "refusal_harmful"}
     srcs = [s for s in HARMFUL_SOURCES if s.name in names]
     col = TransformersCollector(path, DEFAULT_MODEL_NAME)
+    served = (({"kind": "mean"}, 2, 1.0, "every_token"),)
     r = harmful_intent_recipe(col, tmp_path, sources=srcs, layers=(12,), Cs=(1e-3,),
-                              scary_weights=(1.0,), served=(({"kind": "mean"}, 2, 1.0),),
-                              limit=24, explore_readouts=False, progress=False)
+                              scary_weights=(1.0,), served=served, limit=24,
+                              explore_readouts=False, progress=False)
     m = r.metrics
     assert set(m["test_sources"]) == {"do_not_answer", "oasst", "long_benign",
                                       "long_with_harmful"}
