@@ -58,6 +58,7 @@ from .kinds import (
     NORMALIZE,
     Component,
     ComponentKind,
+    FieldError,
     Preprocessing,
     activations_of,
     get_kind,
@@ -123,15 +124,8 @@ _DETECTOR_KEYS = ({"name", "inputs", "token_scope", "default_thresholds"},
 _INPUT_KEYS = ({"component"}, {"weight", "latent_weights"})
 
 
-class BundleError(ValueError):
+class BundleError(FieldError):
     """A bundle was refused. ``str(e)`` is ``"<source>: <field>: expected <...>, found <...>"``."""
-
-    def __init__(self, source: str, field: str, expected: str, found: str) -> None:
-        self.source = source
-        self.field = field
-        self.expected = expected
-        self.found = found
-        super().__init__(f"{source}: {field}: expected {expected}, found {found}")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+
+class FieldError(ValueError):
+    """A refusal that names its field. ``str(e)`` is
+    ``"<source>: <field>: expected <...>, found <...>"``; base of `BundleError` and `SAEError`."""
+
+    def __init__(self, source: str, field: str, expected: str, found: str) -> None:
+        self.source = source
+        self.field = field
+        self.expected = expected
+        self.found = found
+        super().__init__(f"{source}: {field}: expected {expected}, found {found}")
+
+
 if TYPE_CHECKING:  # torch is imported only where tensors are folded (the ONNX path has none)
     import torch
 

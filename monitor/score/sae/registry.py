@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-from ..kinds import ComponentKind, Epilogue
+from ..kinds import ComponentKind, Epilogue, FieldError
 
 if TYPE_CHECKING:  # no torch at import: bundle validation runs without it (onnxruntime)
     import torch
@@ -31,15 +31,8 @@ __all__ = ["Architecture", "SAEError", "SAELatentsKind", "architectures", "get_a
            "register_architecture"]
 
 
-class SAEError(ValueError):
+class SAEError(FieldError):
     """An SAE was refused. ``str(e)`` is ``"<source>: <field>: expected <...>, found <...>"``."""
-
-    def __init__(self, source: str, field: str, expected: str, found: str) -> None:
-        self.source = source
-        self.field = field
-        self.expected = expected
-        self.found = found
-        super().__init__(f"{source}: {field}: expected {expected}, found {found}")
 
 
 class SAELatentsKind(ComponentKind):
