@@ -73,10 +73,14 @@ class StartupError(Exception):
     """The server cannot start (broken bundle, policy, address...); one-line message."""
 
 
-def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy,
-                 scorer: FrameScorer, max_frame_bytes: int) -> monitor_pb2.CapturePlan:
+def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
+                 policy: Policy, scorer: FrameScorer,
+                 max_frame_bytes: int) -> monitor_pb2.CapturePlan:
     """The capture plan: layers with a detector the policy judges; token kinds and roles
-    from their scopes (`token_roles` empty when every role is read).
+    from their scopes (`token_roles` empty when every role is read). `model`, `d_model`
+    and `n_layers` (the bundle's `model.n_layers`) state the model the bundle was trained
+    on: the plugin refuses a plan whose identity, hidden size or depth differ from what vLLM
+    serves.
 
     `plan_id` is a short hash of everything a client's capture depends on.
     """
@@ -96,7 +100,7 @@ def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy
         kinds.add(monitor_pb2.TOKEN_KIND_GENERATED)
     token_kinds = sorted(kinds)
     token_roles = [] if roles >= scope_roles("both") else sorted(int(r) for r in roles)
-    key = (f"{model}|{d_model}|{layers}|{token_kinds}|{token_roles}|{bundle_sha256}|"
+    key = (f"{model}|{d_model}|{n_layers}|{layers}|{token_kinds}|{token_roles}|{bundle_sha256}|"
            f"{max_frame_bytes}")
     return monitor_pb2.CapturePlan(
         plan_id=hashlib.sha256(key.encode()).hexdigest()[:16], model=model, d_model=d_model,
@@ -104,6 +108,7 @@ def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy
         preferred_dtype=monitor_pb2.DTYPE_BFLOAT16, bundle_sha256=bundle_sha256,
         max_frame_bytes=max_frame_bytes,
         token_roles=token_roles,  # type: ignore[arg-type]
+        model_n_layers=n_layers,
     )
 
 
@@ -177,6 +182,7 @@ class MonitorApp:
 
     def _make_plan(self, policy: Policy) -> monitor_pb2.CapturePlan:
         return capture_plan(model=self.model_name, d_model=int(self.bundle.d_model),
+                            n_layers=int(self.bundle.n_layers),
                             bundle_sha256=self.bundle.sha256, policy=policy,
                             scorer=self.scorer, max_frame_bytes=self.config.max_frame_bytes)
 
