@@ -74,13 +74,16 @@ class StartupError(Exception):
     """The server cannot start (broken bundle, policy, address...); one-line message."""
 
 
-def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy,
-                 scorer: FrameScorer, max_frame_bytes: int) -> monitor_pb2.CapturePlan:
+def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
+                 policy: Policy, scorer: FrameScorer,
+                 max_frame_bytes: int) -> monitor_pb2.CapturePlan:
     """The capture plan: hook points with a detector the policy judges (`hook_names`, in
     forward order; `layers` their layers, for clients that predate hook points: they
     capture resid_post of each, and the server refuses such frames when the bundle reads
     another hook point); token kinds and roles from their scopes (`token_roles` empty
-    when every role is read).
+    when every role is read). `model`, `d_model` and `n_layers` (the bundle's
+    `model.n_layers`) state the model the bundle was trained on: the plugin refuses a plan
+    whose identity, hidden size or depth differ from what vLLM serves.
 
     `plan_id` is a short hash of everything a client's capture depends on.
     """
@@ -101,7 +104,7 @@ def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy
     token_kinds = sorted(kinds)
     token_roles = [] if roles >= scope_roles("both") else sorted(int(r) for r in roles)
     layers = sorted({parse_hook_name(h).layer for h in hooks})
-    key = (f"{model}|{d_model}|{hooks}|{token_kinds}|{token_roles}|{bundle_sha256}|"
+    key = (f"{model}|{d_model}|{n_layers}|{hooks}|{token_kinds}|{token_roles}|{bundle_sha256}|"
            f"{max_frame_bytes}")
     return monitor_pb2.CapturePlan(
         plan_id=hashlib.sha256(key.encode()).hexdigest()[:16], model=model, d_model=d_model,
@@ -109,6 +112,7 @@ def capture_plan(*, model: str, d_model: int, bundle_sha256: str, policy: Policy
         preferred_dtype=monitor_pb2.DTYPE_BFLOAT16, bundle_sha256=bundle_sha256,
         max_frame_bytes=max_frame_bytes, hook_names=hooks,
         token_roles=token_roles,  # type: ignore[arg-type]
+        model_n_layers=n_layers,
     )
 
 
@@ -183,6 +187,7 @@ class MonitorApp:
 
     def _make_plan(self, policy: Policy) -> monitor_pb2.CapturePlan:
         return capture_plan(model=self.model_name, d_model=int(self.bundle.d_model),
+                            n_layers=int(self.bundle.n_layers),
                             bundle_sha256=self.bundle.sha256, policy=policy,
                             scorer=self.scorer, max_frame_bytes=self.config.max_frame_bytes)
 
