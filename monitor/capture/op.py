@@ -163,9 +163,9 @@ def _capture_resid_impl(
         PROF.op_ns += time.perf_counter_ns() - t0
 
 
-def _register_op() -> Any:
-    """Register the op once per process (the module may be imported repeatedly)."""
-    ns, name = OP_NAME.split("::")
+def _registered(qualname: str) -> Any:
+    """The op `ns::name` if this process registered it already, else None."""
+    ns, name = qualname.split("::")
     existing = getattr(getattr(torch.ops, ns), name, None) if hasattr(torch.ops, ns) else None
     if existing is not None:
         try:
@@ -173,6 +173,14 @@ def _register_op() -> Any:
             return existing
         except (AttributeError, RuntimeError):
             pass
+    return None
+
+
+def _register_op() -> Any:
+    """Register the op once per process (the module may be imported repeatedly)."""
+    existing = _registered(OP_NAME)
+    if existing is not None:
+        return existing
 
     op = torch.library.custom_op(OP_NAME, mutates_args=("meta",))(_capture_resid_impl)
 
@@ -230,14 +238,9 @@ def _capture_static_impl(
 
 
 def _register_static_op() -> Any:
-    ns, name = STATIC_OP_NAME.split("::")
-    existing = getattr(getattr(torch.ops, ns), name, None) if hasattr(torch.ops, ns) else None
+    existing = _registered(STATIC_OP_NAME)
     if existing is not None:
-        try:
-            existing.default  # noqa: B018 - resolves only when registered
-            return existing
-        except (AttributeError, RuntimeError):
-            pass
+        return existing
     op = torch.library.custom_op(STATIC_OP_NAME,
                                  mutates_args=("buf", "pos_buf", "meta"))(_capture_static_impl)
 
