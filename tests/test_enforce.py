@@ -142,10 +142,11 @@ def test_registry_extent_tracks_first_generated_and_highest() -> None:
     owner = object()
     r.admit(k, owner)  # type: ignore[arg-type]
     assert r.extent(k) == (-1, -1)
-    r.trim_recomputed(k, 3, np.arange(0, 6), np.zeros(6, bool))
+    a, b = "blocks.3.hook_resid_post", "blocks.5.hook_resid_post"
+    r.trim_recomputed(k, a, np.arange(0, 6), np.zeros(6, bool))
     assert r.extent(k) == (-1, 5)
-    r.trim_recomputed(k, 3, np.arange(6, 8), np.ones(2, bool))
-    r.trim_recomputed(k, 5, np.arange(0, 9), np.arange(9) >= 6)
+    r.trim_recomputed(k, a, np.arange(6, 8), np.ones(2, bool))
+    r.trim_recomputed(k, b, np.arange(0, 9), np.arange(9) >= 6)
     assert r.extent(k) == (6, 8)
     assert r.extent(RequestKey("c", "other")) == (-1, -1)
 
