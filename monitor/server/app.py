@@ -168,7 +168,8 @@ class MonitorApp:
             limits=FrameLimits(model=bundle.model_name, d_model=int(bundle.d_model),
                                layers=frozenset(int(x) for x in scorer.layers),
                                max_frame_bytes=config.max_frame_bytes),
-            plan=self.plan, metrics=metrics, max_hello_id_bytes=config.max_request_id_bytes)
+            plan=self.plan, metrics=metrics, max_hello_id_bytes=config.max_request_id_bytes,
+            max_outbound_bytes=config.stream_outbound_bytes)
 
     @property
     def policy(self) -> Policy:
