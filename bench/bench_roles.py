@@ -27,6 +27,9 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from synthetic_decoder import fake_runner
 
 from monitor.capture.steps import StepTracker
 from monitor.roles import RoleSegmenter
@@ -46,14 +49,7 @@ def chat_ids(tok, n_tokens: int) -> list[int]:
 
 
 def runner(prompts: list[list[int]], computed: list[int], rows: list[int]) -> SimpleNamespace:
-    reqs = {f"r{i}": SimpleNamespace(num_prompt_tokens=len(p), prompt_token_ids=p,
-                                     sampling_params=None, output_token_ids=[])
-            for i, p in enumerate(prompts)}
-    qsl = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
-    ib = SimpleNamespace(num_reqs=len(prompts), req_ids=list(reqs),
-                         num_computed_tokens_cpu=np.asarray(computed, np.int32))
-    return SimpleNamespace(input_batch=ib, requests=reqs,
-                           query_start_loc=SimpleNamespace(np=qsl))
+    return fake_runner([len(p) for p in prompts], computed, rows, prompts)
 
 
 def median_us(fn, repeats: int) -> float:

@@ -108,7 +108,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"safety-monitor: error: {e}", file=sys.stderr)
         return 2
     plan = capture_plan(model=bundle.model_name, d_model=bundle.d_model,
-                        bundle_sha256=bundle.sha256, policy=policy, scorer=loaded.scorer,
+                        n_layers=int(bundle.n_layers), bundle_sha256=bundle.sha256,
+                        policy=policy, scorer=loaded.scorer,
                         max_frame_bytes=args.max_frame_bytes)
     doc = json_format.MessageToDict(plan, preserving_proto_field_name=True)
     print(json.dumps(doc, indent=2))

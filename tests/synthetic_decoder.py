@@ -19,10 +19,17 @@ import torch
 from torch import nn
 
 
-def fake_runner(plens: list[int], computed: list[int], rows: list[int]) -> SimpleNamespace:
+def fake_runner(plens: list[int], computed: list[int], rows: list[int],
+                prompts: list[list[int]] | None = None) -> SimpleNamespace:
     """A V1 model runner's step state: request `r{i}` has prompt length `plens[i]`,
-    `computed[i]` tokens already computed and `rows[i]` rows in this step's forward."""
-    reqs = {f"r{i}": SimpleNamespace(num_prompt_tokens=p, prompt_token_ids=None,
+    `computed[i]` tokens already computed and `rows[i]` rows in this step's forward.
+    `prompts[i]`, when given, is request i's prompt token ids (role segmentation reads
+    them); `len(prompts[i])` must equal `plens[i]`."""
+    if prompts is not None and [len(p) for p in prompts] != list(plens):
+        raise ValueError(f"fake_runner: prompt lengths {[len(p) for p in prompts]} "
+                         f"!= plens {list(plens)}")
+    reqs = {f"r{i}": SimpleNamespace(num_prompt_tokens=p,
+                                     prompt_token_ids=None if prompts is None else prompts[i],
                                      sampling_params=None, output_token_ids=[])
             for i, p in enumerate(plens)}
     qsl = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)

@@ -265,7 +265,7 @@ def test_multiple_layers(tmp_path: Path) -> None:
     assert s.detectors_on(5) == ("late", "late2")
     assert s.detectors_on(0) == ("early",)
     assert_matches(b, activations(64))
-    with pytest.raises(KeyError, match="layer 1 has no detectors"):
+    with pytest.raises(KeyError, match=r"blocks\.1\.hook_resid_post has no detectors"):
         s.score(1, activations(2))
 
 

@@ -67,3 +67,70 @@ def test_recipe_layers_scale_with_depth():
     assert scaled_layers((9, 12, 15, 18), 28) == (8, 11, 14, 17)  # e.g. Qwen2.5-1.5B
     assert scaled_layers((9, 12, 15, 18), 3) == (1, 2)  # tiny test models: unique, in range
     assert all(0 <= x < n for n in range(1, 80) for x in scaled_layers((0, 9, 29), n))
+
+
+# ------------------------------------------------------------------ plugin side, real socket
+def _session(addr: str):
+    """A capture session as `_install` builds it for a 16-layer, d_model 8 model with layers
+    3 and 15 wrapped (no vLLM: the runner is only read by forwards, none run here)."""
+    from types import SimpleNamespace
+
+    from monitor.capture.config import CaptureConfig
+    from monitor.capture.op import SITE_OUT
+    from monitor.capture.plugin import CaptureSession
+
+    cfg = CaptureConfig(addr=addr, model="m", plan_timeout_s=1.0, queue_size=16,
+                        backoff_s=0.05, backoff_max_s=0.2, stats_period_s=0.1)
+    s = CaptureSession(SimpleNamespace(), cfg, model_name="m", d_model=8, n_layers=16,
+                       max_rows=32)
+    s.wrapped = {3: frozenset({SITE_OUT}), 15: frozenset({SITE_OUT})}
+    return s
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model_n_layers", 30, "model_n_layers: expected 16 (decoder layers of the served model), "
+                           "found 30"),
+    ("d_model", 576, "d_model: expected 8 (hidden size of the served model), found 576"),
+    ("model", "other/model", "capture plan is for model 'other/model' but vLLM serves 'm'"),
+])
+def test_plugin_refuses_plan_of_another_model(field, value, message, caplog):
+    """A plan for another model identity, hidden size or depth is refused over a real gRPC
+    socket: logged once with field, expected and found, counted in `plans_refused` at every
+    refetch, no stream opened (vLLM keeps serving, unmonitored); once the sidecar serves a
+    matching plan the same session connects and installs it."""
+    from capture_sink import CaptureSink
+    from test_capture_transport import _wait
+
+    from monitor.capture.transport import Plan
+
+    sink = CaptureSink(port=0, model="m", d_model=8, layers=(3, 15)).start()
+    sink.plan.model_n_layers = 16
+    setattr(sink.plan, field, value)
+    s = _session(sink.addr)
+    try:
+        with caplog.at_level("ERROR", logger="monitor.capture"):
+            plan = s.transport.fetch_plan(5.0)  # as `_install` does at start-up
+            assert plan is not None
+            with pytest.raises(ValueError) as e:
+                s.set_plan(plan)
+            assert message in str(e.value)
+            s.transport.start()
+            assert _wait(lambda: s.transport.stats()["plans_refused"] >= 3, 20.0)
+            assert not s.transport.connected and sink.n_streams == 0 and s._state is None
+        logged = [r.getMessage() for r in caplog.records if "plan refused" in r.getMessage()]
+        assert len(logged) == 1 and message in logged[0] and "unmonitored" in logged[0]
+
+        setattr(sink.plan, field, {"model_n_layers": 16, "d_model": 8, "model": "m"}[field])
+        assert _wait(lambda: s.transport.connected and s._state is not None, 20.0)
+        assert [hp.name for hp in s._state.plan.points] == [
+            "blocks.3.hook_resid_post", "blocks.15.hook_resid_post"]
+        assert s.stats()["plans_refused"] >= 3
+    finally:
+        s.transport.close()
+        sink.stop()
+    # a server that does not state the depth (0, before the field) is not refused for it
+    old = _session("127.0.0.1:1")
+    p = Plan.from_proto(sink.plan)
+    assert p.n_layers == 16
+    old.set_plan(Plan.from_proto(type(sink.plan)(plan_id="x", model="m", d_model=8,
+                                                 layers=[3])))

@@ -128,6 +128,8 @@ def test_capture_plan(server: MonitorServer, bundle_dir: Path) -> None:
     manifest_sha = __import__("hashlib").sha256(
         (bundle_dir / "manifest.json").read_bytes()).hexdigest()
     assert plan.model == MODEL and plan.d_model == D_MODEL
+    assert plan.model_n_layers == json.loads(
+        (bundle_dir / "manifest.json").read_text())["model"]["n_layers"] > 0
     assert list(plan.layers) == [2, 3]
     assert set(plan.token_kinds) == {monitor_pb2.TOKEN_KIND_PROMPT,
                                      monitor_pb2.TOKEN_KIND_GENERATED}

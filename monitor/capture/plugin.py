@@ -150,16 +150,22 @@ class CaptureSession:
     def set_plan(self, plan: Plan) -> None:
         """Validate and install a plan (called at start-up and on every (re)connect).
 
-        Raises ValueError (logged by the sender, which then retries) when the plan is for
-        another model or needs hook points whose layer / op site is not wrapped.
+        Raises ValueError (logged once by the sender, counted in `plans_refused`, retried
+        at every reconnect; vLLM keeps serving, unmonitored) when the plan is for another
+        model identity, hidden size or depth (`Plan.n_layers`, when the server states it),
+        or needs hook points whose layer / op site is not wrapped.
         """
         if plan.model != self.model_name:
             raise ValueError(
                 f"capture plan is for model {plan.model!r} but vLLM serves {self.model_name!r}; "
                 "set SAFETY_MONITOR_MODEL to the model identity the bundle was trained on")
         if plan.d_model != self.d_model:
-            raise ValueError(f"capture plan d_model {plan.d_model} != model hidden size "
-                             f"{self.d_model}")
+            raise ValueError(f"capture plan d_model: expected {self.d_model} (hidden size of "
+                             f"the served model), found {plan.d_model}")
+        if plan.n_layers and plan.n_layers != self.n_layers:
+            raise ValueError(f"capture plan model_n_layers: expected {self.n_layers} (decoder "
+                             f"layers of the served model), found {plan.n_layers} (the bundle "
+                             f"was trained on a model of another depth)")
         beyond = [hp.name for hp in plan.points if hp.layer >= self.n_layers]
         if beyond:
             raise ValueError(f"capture plan needs hook points {beyond} but the model has "
@@ -441,7 +447,7 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
         try:
             session.set_plan(plan)
         except ValueError as e:
-            log.error("safety monitor: capture plan refused, NOTHING is captured: %s", e)
+            session.transport.refuse_plan(e)
     runner._safety_monitor_session = session
     set_sink(session)
     session.start()

@@ -69,6 +69,8 @@ class Plan:
         plan_id: the sidecar's plan id (sent back in `ClientHello`).
         model: model identity the plan is for.
         d_model: hidden size.
+        n_layers: decoder layers of the model the bundle was trained on (0: the server did
+            not say, as before `CapturePlan.model_n_layers`).
         points: hook points to capture, in forward order (from `hook_names`, else
             resid_post of every entry of `layers`).
         layers: decoder layers the points read, sorted, unique.
@@ -88,6 +90,7 @@ class Plan:
     dtype: torch.dtype
     max_frame_bytes: int
     roles: frozenset[int] | None = None
+    n_layers: int = 0
 
     @classmethod
     def from_proto(cls, p: monitor_pb2.CapturePlan) -> Plan:
@@ -111,6 +114,7 @@ class Plan:
             dtype=_TORCH_DTYPE.get(p.preferred_dtype, torch.float32),
             max_frame_bytes=int(p.max_frame_bytes) or _DEFAULT_MAX_FRAME_BYTES,
             roles=frozenset(int(r) for r in p.token_roles if r) or None,
+            n_layers=max(0, int(p.model_n_layers)),
         )
 
     def describe(self) -> str:
@@ -371,6 +375,8 @@ class Transport:
         self.sent_bytes = 0
         self.verdicts = 0
         self.stream_errors = 0
+        self.plans_refused = 0  # plans refused (`refuse_plan`; each fetch counts once)
+        self._last_refusal = ""
 
     # ---------------------------------------------------------------- producer side
     def start(self) -> None:
@@ -450,7 +456,19 @@ class Transport:
                 "sent_bytes": self.sent_bytes,
                 "verdicts": self.verdicts,
                 "stream_errors": self.stream_errors,
+                "plans_refused": self.plans_refused,
             }
+
+    def refuse_plan(self, e: ValueError) -> None:
+        """Count a refused capture plan and log why (ERROR; once per distinct reason, as
+        the sender refetches it at every reconnect). Thread-safe."""
+        with self._lock:
+            self.plans_refused += 1
+            if str(e) == self._last_refusal:
+                return
+            self._last_refusal = str(e)
+        log.error("safety monitor: capture plan refused, NOTHING is captured (vLLM keeps "
+                  "serving, unmonitored): %s", e)
 
     def _client_stats(self) -> monitor_pb2.ClientStats:
         with self._lock:
@@ -471,7 +489,7 @@ class Transport:
         except (grpc.RpcError, grpc.FutureTimeoutError):
             return None
         except ValueError as e:
-            log.error("safety monitor: capture plan refused, NOTHING is captured: %s", e)
+            self.refuse_plan(e)
             return None
         finally:
             channel.close()
@@ -505,7 +523,6 @@ class Transport:
     def _run(self) -> None:
         backoff = self.cfg.backoff_s
         failures = 0
-        refused = ""
         while not self._stop.is_set():
             channel = self._channel()
             dead = threading.Event()
@@ -518,6 +535,8 @@ class Transport:
                 if self.on_plan is not None:
                     self.on_plan(plan)
                 self.plan = plan
+                with self._lock:
+                    self._last_refusal = ""
                 if self._ever_connected:
                     with self._lock:
                         self.reconnects += 1
@@ -534,9 +553,7 @@ class Transport:
                 failures += 1
             except ValueError as e:  # plan refused by on_plan: say why, retry later
                 failures += 1
-                if str(e) != refused:
-                    refused = str(e)
-                    log.error("safety monitor: capture plan refused, NOTHING is captured: %s", e)
+                self.refuse_plan(e)
             except grpc.RpcError as e:
                 failures += 1
                 if self.connected:

@@ -1,6 +1,9 @@
-"""The fused scorer: one GEMM per layer, a vectorised epilogue, a small read-out GEMM.
+"""The fused scorer: one GEMM per hook point, a vectorised epilogue, a small read-out GEMM.
 
-For ``x [n_rows, d_model]`` on ``layer`` (see ``pack.py`` for how W, b, θ are built)::
+Kernels are keyed by hook point name (``blocks.L.hook_<kind>``, ``monitor.wire.hooks``);
+every method taking ``layer`` also takes a bare int ``L``, meaning
+``blocks.L.hook_resid_post``. For ``x [n_rows, d_model]`` read at that hook point (see
+``pack.py`` for how W, b, θ are built)::
 
     P = x · W + b                          one torch.addmm (bf16: mm, then + b in fp32)
     P[:, ln] = (x · W)[:, ln] · rsqrt(var(x) + ln_eps) + b[ln]   only if the layer has them
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from monitor.wire.hooks import hook_key
 
 from .bundle import Bundle
 from .pack import PackedLayer, pack_layer
@@ -68,9 +73,11 @@ class Scorer:
         self.bundle = bundle
         self.compute_dtype = compute_dtype
         self.d_model = bundle.d_model
+        #: hook points with a detector, forward order; ``layers``: their layers, ascending
+        self.hooks: tuple[str, ...] = bundle.hook_names
         self.layers: tuple[int, ...] = bundle.layers
-        self._kernels: dict[int, _Kernel] = {
-            layer: self._build(pack_layer(bundle, layer)) for layer in self.layers
+        self._kernels: dict[str, _Kernel] = {
+            hook: self._build(pack_layer(bundle, hook)) for hook in self.hooks
         }
 
     def _build(self, p: PackedLayer) -> _Kernel:
@@ -93,15 +100,15 @@ class Scorer:
 
     # ----------------------------------------------------------------------- public
 
-    def packed(self, layer: int) -> PackedLayer:
+    def packed(self, layer: int | str) -> PackedLayer:
         """The float32 packed weights of ``layer`` (read-only)."""
         return self._kernel(layer).packed
 
-    def detectors_on(self, layer: int) -> tuple[str, ...]:
+    def detectors_on(self, layer: int | str) -> tuple[str, ...]:
         """Detector names of ``layer``, in the column order of :meth:`score`."""
         return self._kernel(layer).packed.detectors
 
-    def score_components(self, layer: int, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def score_components(self, layer: int | str, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Column values ``Z`` after the epilogue: float32 ``[n_rows, n_cols]``.
 
         Column ``j`` is ``packed(layer).columns[j]``. ``x`` is not modified.
@@ -135,7 +142,7 @@ class Scorer:
             return torch.where(p > pk.theta, mag, 0.0)
         return p * (p > pk.theta)
 
-    def score(self, layer: int, x: torch.Tensor | np.ndarray) -> np.ndarray:
+    def score(self, layer: int | str, x: torch.Tensor | np.ndarray) -> np.ndarray:
         """Detector scores in [0, 1]: float32 ``[n_rows, len(detectors_on(layer))]``.
 
         ``x``: ``[n_rows, d_model]`` float32 / float16 / bfloat16 tensor, or a float32 /
@@ -148,12 +155,13 @@ class Scorer:
 
     # ----------------------------------------------------------------------- helpers
 
-    def _kernel(self, layer: int) -> _Kernel:
+    def _kernel(self, layer: int | str) -> _Kernel:
+        hook = hook_key(layer)
         try:
-            return self._kernels[layer]
+            return self._kernels[hook]
         except KeyError:
-            raise KeyError(f"layer {layer} has no detectors in bundle "
-                           f"{self.bundle.name!r} (layers {list(self.layers)})") from None
+            raise KeyError(f"{hook} has no detectors in bundle {self.bundle.name!r} "
+                           f"(hook points {list(self.hooks)})") from None
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

@@ -75,7 +75,7 @@ class _FinishItem:
 @dataclass
 class _UnscoredItem:
     key: RequestKey
-    layer: int | None  # None: every detector
+    layer: int | str | None  # hook point (bare int: its resid_post); None: every detector
     positions: np.ndarray
     generated: np.ndarray
     roles: np.ndarray | None = None  # int8 TokenRole per row (None: derived from generated)
@@ -263,7 +263,8 @@ class Pipeline:
         self._put(_FrameItem(sink, frame, keys, t_recv, frame.n_rows), rows=frame.n_rows)
 
     def submit_unscored(
-        self, key: RequestKey, layer: int | None, positions: np.ndarray, generated: np.ndarray,
+        self, key: RequestKey, layer: int | str | None, positions: np.ndarray,
+        generated: np.ndarray,
         roles: np.ndarray | None = None,
     ) -> None:
         """Record rows of an admitted request that arrived but will not be scored."""
@@ -365,14 +366,16 @@ class Pipeline:
         self._publish_registry()
 
     def _score_frames(self, items: list[_FrameItem]) -> None:
-        by_layer: dict[int, list[_FrameItem]] = {}
+        by_hook: dict[str, list[_FrameItem]] = {}
         for it in items:
-            by_layer.setdefault(it.frame.layer, []).append(it)
-        for layer, group in by_layer.items():
-            self._score_layer(layer, group)
+            by_hook.setdefault(it.frame.hook_name, []).append(it)
+        for hook, group in by_hook.items():
+            self._score_layer(hook, group)
 
-    def _score_layer(self, layer: int, group: list[_FrameItem]) -> None:
-        dets = self.scorer.detectors_on(layer)
+    def _score_layer(self, hook: str, group: list[_FrameItem]) -> None:
+        """Score the frames of one hook point (`DecodedFrame.hook_name`, canonical)."""
+        layer = group[0].frame.layer
+        dets = self.scorer.detectors_on(hook)
         cols = [(j, d) for j, d in enumerate(dets) if d in self._judged]
         if not cols:
             return  # layer not in the current plan: nothing judges it
@@ -381,9 +384,9 @@ class Pipeline:
         x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
         t0 = time.perf_counter()
         try:
-            scores = np.asarray(self.scorer.score(layer, x), dtype=np.float32)
+            scores = np.asarray(self.scorer.score(hook, x), dtype=np.float32)
         except Exception as exc:
-            log.exception("scorer failed on layer %d (%d rows)", layer, x.shape[0])
+            log.exception("scorer failed on %s (%d rows)", hook, x.shape[0])
             for it in group:
                 self._unscored_frame(it, cols, f"scorer failed: {exc}")
             return
@@ -407,7 +410,7 @@ class Pipeline:
                     continue
                 # rows at positions already scored on this layer are recomputes
                 # (preemption): skip them, count them
-                d = self.registry.trim_recomputed(key, layer, f.positions[a:b])
+                d = self.registry.trim_recomputed(key, hook, f.positions[a:b])
                 n_dup += d
                 a += d
                 if a >= b:

@@ -94,7 +94,7 @@ class _Entry:
     last_active: float  # clock() of the last admit
     orphaned_at: float | None = None
     closing: bool = False
-    hwm: dict[int, int] = field(default_factory=dict)  # layer -> highest position scored
+    hwm: dict[str, int] = field(default_factory=dict)  # hook point -> highest position scored
     label: str = ""  # the caller's correlation id (first one sent); a label, never a key
 
 
@@ -286,9 +286,10 @@ class RequestRegistry:
                     self._idle_closed += 1
         return out
 
-    def trim_recomputed(self, key: RequestKey, layer: int, positions: np.ndarray) -> int:
-        """Scoring worker only. `positions` (contiguous, ascending) of a span of `key` on
-        `layer` are about to be scored: return how many leading ones were scored
+    def trim_recomputed(self, key: RequestKey, hook: str, positions: np.ndarray) -> int:
+        """Scoring worker only. `positions` (contiguous, ascending) of a span of `key` at
+        hook point `hook` (a `monitor.wire.hooks` name: two hook points of one layer are
+        tracked apart) are about to be scored: return how many leading ones were scored
         already (recomputes to skip) and record the new highest position."""
         if positions.size == 0:
             return 0
@@ -296,10 +297,10 @@ class RequestRegistry:
             e = self._live.get(key) or self._closing.get(key)
             if e is None:
                 return 0
-            hwm = e.hwm.get(layer, -1)
+            hwm = e.hwm.get(hook, -1)
             first = int(positions[0])
             n_dup = 0 if first > hwm else min(int(positions.size), hwm - first + 1)
-            e.hwm[layer] = max(hwm, int(positions[-1]))
+            e.hwm[hook] = max(hwm, int(positions[-1]))
             return n_dup
 
     def is_open(self, key: RequestKey) -> bool:

@@ -39,6 +39,7 @@ from monitor.server.pipeline import Pipeline, QueueFull
 from monitor.server.registry import Admission
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import DecodedFrame, FrameError, check_seq, decode_frame
+from monitor.wire.hooks import hook_key, parse_hook_name
 
 __all__ = ["AdminService", "FrameLimits", "MonitorService", "StreamHandle"]
 
@@ -75,6 +76,9 @@ class FrameLimits:
     d_model: int  # row width
     layers: frozenset[int]  # layers the bundle reads
     max_frame_bytes: int  # largest payload answered in-stream ("oversized" above)
+    #: hook points the bundle reads (`monitor.wire.hooks` names); None: resid_post of
+    #: `layers` only (a frame naming another hook point is refused as unknown_hook)
+    hook_names: frozenset[str] | None = None
 
 
 class StreamHandle:
@@ -325,7 +329,9 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         except FrameError as err:
             self._reject(handle, err, seq)
             if err.rows is not None:
-                self._unscored_rows(handle, frame.layer, err.rows.request_ids,
+                # rows are parsed after the hook check: the frame's hook name is valid
+                self._unscored_rows(handle, hook_key(frame.hook_name or frame.layer),
+                                    err.rows.request_ids,
                                     err.rows.span_bounds, err.rows.positions,
                                     err.rows.generated, err.rows.roles, Reason(err.reason))
             return
@@ -344,14 +350,22 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                                             Reason.QUEUE_FULL.value, str(exc)), seq)
             m.rows_unscored.labels(reason=Reason.QUEUE_FULL.value).inc(f.n_rows)
             for (a, b), key in zip(f.span_bounds, keys, strict=True):
-                if key is not None and f.layer in self.limits.layers:
-                    self.pipeline.submit_unscored(key, f.layer, f.positions[a:b],
+                if key is not None and self._scored_hook(f.hook_name):
+                    self.pipeline.submit_unscored(key, f.hook_name, f.positions[a:b],
                                                   f.generated[a:b], f.roles[a:b])
 
     def _decode(self, frame: monitor_pb2.ActivationFrame) -> DecodedFrame:
         lim = self.limits
         return decode_frame(frame, model=lim.model, d_model=lim.d_model, layers=lim.layers,
-                            max_frame_bytes=lim.max_frame_bytes)
+                            max_frame_bytes=lim.max_frame_bytes, hook_names=lim.hook_names)
+
+    def _scored_hook(self, hook: str) -> bool:
+        """True if some detector reads hook point `hook` (a canonical name)."""
+        lim = self.limits
+        if lim.hook_names is not None:
+            return hook in lim.hook_names
+        hp = parse_hook_name(hook)
+        return hp.kind == "resid_post" and hp.layer in lim.layers
 
     def _admit_spans(self, handle: StreamHandle, f: DecodedFrame, seq: int
                      ) -> tuple[RequestKey | None, ...]:
@@ -383,18 +397,18 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                     self.metrics.rows_unscored.labels(reason=refused[rid].value).inc(b - a)
         return tuple(admitted[rid] for rid in f.request_ids)
 
-    def _unscored_rows(self, handle: StreamHandle, layer: int, request_ids: tuple[str, ...],
+    def _unscored_rows(self, handle: StreamHandle, hook: str, request_ids: tuple[str, ...],
                        bounds: tuple[tuple[int, int], ...], positions: np.ndarray,
                        generated: np.ndarray, roles: np.ndarray, reason: Reason) -> None:
         """Account rows that arrived but will not be scored (metric + tracker coverage)."""
         self.metrics.rows_unscored.labels(reason=reason.value).inc(int(positions.size))
-        if layer not in self.limits.layers:
-            return  # no detector reads this layer: nothing lost
+        if not self._scored_hook(hook):
+            return  # no detector reads this hook point: nothing lost
         for (a, b), rid in zip(bounds, request_ids, strict=True):
             key = handle.key(rid)
             if self.pipeline.admit(key, handle).accepted:
                 handle.admitted = True
-                self.pipeline.submit_unscored(key, layer, positions[a:b], generated[a:b],
+                self.pipeline.submit_unscored(key, hook, positions[a:b], generated[a:b],
                                               roles[a:b])
 
     def _on_finished(self, fin: monitor_pb2.RequestFinished, handle: StreamHandle) -> None:
@@ -493,14 +507,14 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         try:
             f = decode_frame(request.frame, model=lim.model, d_model=lim.d_model,
                              layers=lim.layers, max_frame_bytes=lim.max_frame_bytes,
-                             require_spans=False)
+                             require_spans=False, hook_names=lim.hook_names)
         except FrameError as err:
             self.metrics.frames_rejected.labels(reason=err.reason).inc()
             await context.abort(err.code, f"{err.reason}: {err.message}")
             raise AssertionError("unreachable") from None
         scores = await asyncio.get_running_loop().run_in_executor(
-            self.score_executor, self.scorer.score, f.layer, f.x)
-        dets = self.scorer.detectors_on(f.layer)
+            self.score_executor, self.scorer.score, f.hook_name, f.x)
+        dets = self.scorer.detectors_on(f.hook_name)
         return monitor_pb2.ScoreResponse(detectors=[
             monitor_pb2.TokenScores(detector=d, scores=scores[:, j].tolist())
             for j, d in enumerate(dets)

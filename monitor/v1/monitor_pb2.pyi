@@ -202,7 +202,7 @@ class GetCapturePlanRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CapturePlan(_message.Message):
-    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes", "hook_names", "token_roles")
+    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes", "hook_names", "token_roles", "model_n_layers")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,7 @@ class CapturePlan(_message.Message):
     MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOOK_NAMES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ROLES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_N_LAYERS_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model: str
     d_model: int
@@ -225,7 +226,8 @@ class CapturePlan(_message.Message):
     max_frame_bytes: int
     hook_names: _containers.RepeatedScalarFieldContainer[str]
     token_roles: _containers.RepeatedScalarFieldContainer[TokenRole]
-    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ..., hook_names: _Optional[_Iterable[str]] = ..., token_roles: _Optional[_Iterable[_Union[TokenRole, str]]] = ...) -> None: ...
+    model_n_layers: int
+    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ..., hook_names: _Optional[_Iterable[str]] = ..., token_roles: _Optional[_Iterable[_Union[TokenRole, str]]] = ..., model_n_layers: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("frame",)
