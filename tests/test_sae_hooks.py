@@ -1,6 +1,8 @@
 """Hook points end to end: a bundle with an SAE on `blocks.2.hook_resid_pre` and a probe on
 `blocks.2.hook_resid_post` is planned, decoded and scored per hook point by a real sidecar
-(subprocess, real gRPC socket), against a plain-torch reference of each detector.
+(subprocess, real gRPC socket), against a plain-torch reference of each detector; the SAE
+detector's verdicts and audit lines carry the latents that fired, with their labels, as a
+plain reference ranks them.
 
 The two hook points share a layer and the same token positions: a server keyed by layer
 would either score the SAE on the probe's tensor or drop the second frame as a recompute.
@@ -37,7 +39,7 @@ detectors:
   sae_det:
     mode: observe
     scope: prompt
-    thresholds: {warn: 0.5, critical: 0.9}
+    thresholds: {warn: 0.01, critical: 0.02}
 """
 
 
@@ -66,6 +68,7 @@ def hook_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
              "tensors": {"weight": "probe.weight", "bias": "probe.bias"}},
             {"name": "sae", "kind": "sae_latents", "layer": 2, "hook_name": PRE,
              "activation": "jumprelu", "latent_ids": list(range(100, 100 + K)),
+             "latent_labels": [f"label {j}" for j in range(K)],
              "preprocessing": {"apply_b_dec_to_input": True},
              "tensors": {"W_enc": "sae.W_enc", "b_enc": "sae.b_enc",
                          "threshold": "sae.threshold", "b_dec": "sae.b_dec"}},
@@ -89,12 +92,24 @@ def ref_probe(x: torch.Tensor) -> np.ndarray:
                          + float(w["probe.bias"])).numpy()
 
 
-def ref_sae(x: torch.Tensor) -> np.ndarray:
-    """JumpReLU encode of the selected latents, then the sparse read-out (float64)."""
+def ref_z(x: torch.Tensor) -> torch.Tensor:
+    """JumpReLU encode of the selected latents (float64 [n, K])."""
     w = {k: v.double() for k, v in _weights().items()}
     h = (x.double() - w["sae.b_dec"]) @ w["sae.W_enc"] + w["sae.b_enc"]
-    z = torch.relu(h) * (h > w["sae.threshold"])
-    return torch.sigmoid(z @ torch.tensor(READOUT, dtype=torch.float64) - 1.0).numpy()
+    return torch.relu(h) * (h > w["sae.threshold"])
+
+
+def ref_sae(x: torch.Tensor) -> np.ndarray:
+    """The sparse read-out over ``ref_z``."""
+    return torch.sigmoid(ref_z(x) @ torch.tensor(READOUT, dtype=torch.float64) - 1.0).numpy()
+
+
+def ref_latents(x: torch.Tensor) -> list[tuple[int, float, str]]:
+    """Fired latents over the rows: (index, peak, label), by weight x peak, at most 8."""
+    peak = ref_z(x).max(dim=0).values.numpy()
+    fired = [j for j in range(K) if peak[j] > 0]
+    fired.sort(key=lambda j: -READOUT[j] * peak[j])
+    return [(100 + j, float(peak[j]), f"label {j}") for j in fired[:8]]
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +167,23 @@ def test_stream_scores_each_hook_point_from_its_own_tensor(server: MonitorServer
     assert finals["sae_det"].n_tokens_scored == 5 and finals["probe_det"].n_tokens_scored == 5
     assert finals["sae_det"].peak_score == pytest.approx(ref_sae(xa).max(), rel=1e-5)
     assert finals["probe_det"].peak_score == pytest.approx(ref_probe(xb).max(), rel=1e-5)
+    # fired latents with labels: on the SAE detector's verdicts only, as the reference ranks
+    want = ref_latents(xa)
+    assert want, "the test rows should fire some latent"
+    got = [(h.index, h.value, h.label) for h in finals["sae_det"].latents]
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert [g[2] for g in got] == [w[2] for w in want]
+    np.testing.assert_allclose([g[1] for g in got], [w[1] for w in want], rtol=1e-4)
+    assert {h.name for h in finals["sae_det"].latents} == {"sae"}
+    assert not finals["probe_det"].latents
+    esc = [m.verdict for m in out if m.HasField("verdict") and not m.verdict.final
+           and m.verdict.request_id == r and m.verdict.detector == "sae_det"]
+    assert esc and esc[0].latents  # the escalation (observe: would_alert) names them too
+    audit = [a for a in server.audit_lines()
+             if a["request_id"] == r and a["detector"] == "sae_det"]
+    assert audit and audit[0]["event"] == "would_alert"
+    assert [x["index"] for x in audit[0]["latents"]] == [h.index for h in esc[0].latents]
+    assert all(x["label"].startswith("label ") for x in audit[0]["latents"])
     # the references differ on the two tensors: scoring the wrong one would fail above
     assert abs(ref_sae(xa).max() - ref_sae(xb).max()) > 1e-3
     assert server.metric("safety_monitor_frames_rejected_total", reason="unknown_hook") == 1

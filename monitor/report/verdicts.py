@@ -47,6 +47,8 @@ def verdict_message(u: VerdictUpdate, correlation_id: str = "") -> monitor_pb2.S
         crossed_at_position=int(u.crossed_at_position), final=bool(u.final), mode=u.mode,
         policy_version=u.policy_version, n_tokens_scored=int(u.n_tokens_scored),
         n_tokens_unscored=int(u.n_tokens_unscored), peak_score=float(u.peak_score),
+        latents=[monitor_pb2.LatentHit(name=h.name, index=h.index, value=h.value,
+                                       label=h.label) for h in u.latents],
     ))
 
 

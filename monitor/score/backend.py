@@ -56,6 +56,12 @@ class FrameScorer(Protocol):
         """float32 ``[n_rows, n_detectors]`` in [0, 1] for ``x [n_rows, d_model]``."""
         ...
 
+    def score_and_columns(self, point: int | str, x: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """``score`` and the packed column values ``[n_rows, n_cols]`` (float32) of the
+        same rows (``monitor.score.pack`` column order)."""
+        ...
+
 
 @dataclass(frozen=True, eq=False)
 class LoadedScorer:

@@ -116,7 +116,10 @@ _ONNX_KEYS: tuple[set[str], set[str]] = (
 ONNX_OPSETS = (17,)
 _MODEL_KEYS: tuple[set[str], set[str]] = ({"name", "d_model", "n_layers"}, set())
 _COMPONENT_KEYS = ({"name", "kind", "layer", "tensors"},
-                   {"hook_name", "activation", "latent_ids", "preprocessing"})
+                   {"hook_name", "activation", "latent_ids", "latent_labels",
+                    "preprocessing"})
+#: Longest `latent_labels` entry, in characters (a label travels on verdicts and alerts).
+MAX_LATENT_LABEL_CHARS = 120
 _PREPROCESSING_KEYS: tuple[set[str], set[str]] = (
     set(), {"scale", "normalize", "apply_b_dec_to_input", "layer_norm_eps"})
 _DETECTOR_KEYS = ({"name", "inputs", "token_scope", "default_thresholds"},
@@ -586,9 +589,26 @@ def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
                 raise ck.fail(f"{where}.latent_ids", "distinct latent indices",
                               _show(list(latent_ids)))
 
+        labels: tuple[str, ...] | None = None
+        if "latent_labels" in c:
+            if latent_ids is None:
+                raise ck.fail(f"{where}.latent_labels", "no labels without latent_ids",
+                              "labels")
+            raw_labels = ck.array(c["latent_labels"], f"{where}.latent_labels")
+            if len(raw_labels) != k:
+                raise ck.fail(f"{where}.latent_labels", f"{k} labels (one per column)",
+                              f"{len(raw_labels)}")
+            labels = tuple(ck.string(v, f"{where}.latent_labels[{j}]") for j, v in
+                           enumerate(raw_labels))
+            for j, text in enumerate(labels):
+                if len(text) > MAX_LATENT_LABEL_CHARS:
+                    raise ck.fail(f"{where}.latent_labels[{j}]",
+                                  f"at most {MAX_LATENT_LABEL_CHARS} characters",
+                                  f"{len(text)}")
+
         out[name] = Component(name=name, kind=kind, layer=layer, hook_name=hook,
                               tensors=tensors, activation=activation, latent_ids=latent_ids,
-                              preprocessing=pre, k=k)
+                              preprocessing=pre, k=k, latent_labels=labels)
     return out
 
 

@@ -149,9 +149,19 @@ class OnnxScorer:
         """
         return self._run(layer, x, "scores")
 
+    def score_and_columns(self, layer: int | str, x: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """``(score(layer, x), score_components(layer, x))`` from one session run."""
+        scores, z = self._run_many(layer, x, ("scores", "z"))
+        return scores, z
+
     # ----------------------------------------------------------------------- helpers
 
     def _run(self, layer: int | str, x: np.ndarray, output: str) -> np.ndarray:
+        return self._run_many(layer, x, (output,))[0]
+
+    def _run_many(self, layer: int | str, x: np.ndarray, outputs: tuple[str, ...]
+                  ) -> list[np.ndarray]:
         lay = self._layer(layer)
         if not isinstance(x, np.ndarray):
             raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
@@ -161,12 +171,12 @@ class OnnxScorer:
         if x.ndim != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"x must have shape [n_rows, {self.d_model}], "
                              f"got {list(x.shape)}")
-        width = len(lay.detectors) if output == "scores" else lay.n_cols
         if x.shape[0] == 0:
-            return np.zeros((0, width), dtype=np.float32)
+            return [np.zeros((0, len(lay.detectors) if o == "scores" else lay.n_cols),
+                             dtype=np.float32) for o in outputs]
         xf = np.ascontiguousarray(x, dtype=np.float32)
-        (out,) = lay.session.run([output], {"x": xf})
-        return np.asarray(out, dtype=np.float32)
+        outs = lay.session.run(list(outputs), {"x": xf})
+        return [np.asarray(o, dtype=np.float32) for o in outs]
 
     def _layer(self, point: int | str) -> _Layer:
         layer = point if isinstance(point, int) else _resid_post_layer(point)

@@ -149,9 +149,16 @@ class Scorer:
         float16 numpy array (e.g. a zero-copy view of wire bytes, viewed as a tensor
         without a copy; it is not modified). ``n_rows`` may be 0.
         """
+        return self.score_and_columns(layer, x)[0]
+
+    def score_and_columns(self, layer: int | str, x: torch.Tensor | np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """``(score(layer, x), score_components(layer, x))`` as float32 numpy arrays
+        ``[n_rows, n_detectors]``, ``[n_rows, n_cols]``, from one GEMM (the column
+        values feed the fired-latent report, ``monitor.judge.latents``)."""
         z = self.score_components(layer, x)
         p = self._kernel(layer).packed
-        return torch.sigmoid(torch.addmm(p.c, z, p.R)).numpy()
+        return torch.sigmoid(torch.addmm(p.c, z, p.R)).numpy(), z.numpy()
 
     # ----------------------------------------------------------------------- helpers
 

@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 
 import monitor
 from monitor.constants import HOOK_NAME_TEMPLATE, Reason
+from monitor.judge.latents import LatentTracker, latent_map
 from monitor.judge.policy import Policy
 from monitor.judge.reload import PolicyHolder
 from monitor.judge.tracker import RequestTracker
@@ -368,7 +369,8 @@ def build_app(config: ServerConfig) -> MonitorApp:
     pipeline = Pipeline(scorer, tracker, registry, policy, metrics, reporter,
                         model_name=bundle.model_name, capacity_rows=config.queue_rows,
                         max_batch_rows=config.max_batch_rows,
-                        sweep_interval_s=_sweep_interval(config))
+                        sweep_interval_s=_sweep_interval(config),
+                        latents=LatentTracker(latent_map(bundle)))
     _export_counters(metrics, tracker, registry)
     app = MonitorApp(config, bundle, scorer, policy, holder, metrics, audit, pipeline, alerts)
     app_ref.append(app)

@@ -25,6 +25,7 @@ Control items are small and bounded by the registry (one finish per request).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from monitor.constants import FinishReason, Reason, RequestKey
+from monitor.judge.latents import LatentTracker
 from monitor.judge.policy import DetectorPolicy, Policy
 from monitor.judge.tracker import RequestTracker, VerdictUpdate
 from monitor.report.metrics import Metrics
@@ -124,6 +126,7 @@ class Pipeline:
         capacity_rows: int = 65536,
         max_batch_rows: int = 4096,
         sweep_interval_s: float = 0.5,
+        latents: LatentTracker | None = None,
     ) -> None:
         if capacity_rows < 1 or max_batch_rows < 1:
             raise ValueError("capacity_rows and max_batch_rows must be >= 1")
@@ -138,6 +141,8 @@ class Pipeline:
         self.sweep_interval_s = float(sweep_interval_s)
         self._policy = policy
         self._judged: dict[str, DetectorPolicy] = dict(policy.detectors)  # worker only
+        #: fired SAE latents per (request, detector); worker only
+        self.latents = latents if latents is not None else LatentTracker({})
         self._cond = threading.Condition()
         self._items: deque[_Item] = deque()
         self._rows_queued = 0
@@ -351,7 +356,8 @@ class Pipeline:
             item.sink.post(None)
 
     def _finish(self, c: Closing) -> None:
-        updates = self.tracker.finish(c.key, known=True)
+        updates = [self._with_latents(u) for u in self.tracker.finish(c.key, known=True)]
+        self.latents.drop(c.key)
         label = self.registry.label(c.key)
         self.registry.retire(c.key)
         self.metrics.requests_finished.labels(model_name=self.model_name,
@@ -384,7 +390,12 @@ class Pipeline:
         x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
         t0 = time.perf_counter()
         try:
-            scores = np.asarray(self.scorer.score(hook, x), dtype=np.float32)
+            lat = [d for _, d in cols if d in self.latents]
+            z: np.ndarray | None = None
+            if lat:  # column values too, for the fired-latent report (one GEMM)
+                scores, z = self.scorer.score_and_columns(hook, x)
+            else:
+                scores = np.asarray(self.scorer.score(hook, x), dtype=np.float32)
         except Exception as exc:
             log.exception("scorer failed on %s (%d rows)", hook, x.shape[0])
             for it in group:
@@ -401,6 +412,7 @@ class Pipeline:
         for it in group:
             f = it.frame
             fs = scores[row0:row0 + f.n_rows]
+            fz = z[row0:row0 + f.n_rows] if z is not None else None
             row0 += f.n_rows
             for (a, b), key in zip(f.span_bounds, it.keys, strict=True):
                 if key is None:
@@ -415,6 +427,10 @@ class Pipeline:
                 a += d
                 if a >= b:
                     continue
+                if fz is not None:
+                    for det in lat:
+                        self.latents.observe(key, det, self._judged[det].scope, fz[a:b],
+                                             f.roles[a:b])
                 for j, det in cols:
                     ups = self.tracker.observe(key, det, f.positions[a:b], f.generated[a:b],
                                                fs[a:b, j], f.roles[a:b])
@@ -440,7 +456,13 @@ class Pipeline:
         it.sink.post(monitor_pb2.ServerMessage(error=monitor_pb2.StreamError(
             code=_INTERNAL, reason=Reason.SCORER_ERROR.value, message=message, seq=f.seq)))
 
+    def _with_latents(self, u: VerdictUpdate) -> VerdictUpdate:
+        """``u`` with the SAE latents that fired for it so far (unchanged if none)."""
+        hits = self.latents.hits(u.key, u.detector)
+        return dataclasses.replace(u, latents=hits) if hits else u
+
     def _handle_update(self, u: VerdictUpdate, sink: StreamSink) -> None:
+        u = self._with_latents(u)
         label = self.registry.label(u.key)
         self.reporter.escalation(u, label)
         sink.post(verdict_message(u, label))

@@ -146,7 +146,7 @@ class ClientMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[ClientHello, _Mapping]] = ..., frame: _Optional[_Union[ActivationFrame, _Mapping]] = ..., finished: _Optional[_Union[RequestFinished, _Mapping]] = ..., stats: _Optional[_Union[ClientStats, _Mapping]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("request_id", "detector", "score", "severity", "threshold", "crossed_at_position", "final", "mode", "policy_version", "n_tokens_scored", "n_tokens_unscored", "peak_score", "correlation_id")
+    __slots__ = ("request_id", "detector", "score", "severity", "threshold", "crossed_at_position", "final", "mode", "policy_version", "n_tokens_scored", "n_tokens_unscored", "peak_score", "correlation_id", "latents")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class Verdict(_message.Message):
     N_TOKENS_UNSCORED_FIELD_NUMBER: _ClassVar[int]
     PEAK_SCORE_FIELD_NUMBER: _ClassVar[int]
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     detector: str
     score: float
@@ -173,7 +174,20 @@ class Verdict(_message.Message):
     n_tokens_unscored: int
     peak_score: float
     correlation_id: str
-    def __init__(self, request_id: _Optional[str] = ..., detector: _Optional[str] = ..., score: _Optional[float] = ..., severity: _Optional[_Union[Severity, str]] = ..., threshold: _Optional[float] = ..., crossed_at_position: _Optional[int] = ..., final: _Optional[bool] = ..., mode: _Optional[str] = ..., policy_version: _Optional[str] = ..., n_tokens_scored: _Optional[int] = ..., n_tokens_unscored: _Optional[int] = ..., peak_score: _Optional[float] = ..., correlation_id: _Optional[str] = ...) -> None: ...
+    latents: _containers.RepeatedCompositeFieldContainer[LatentHit]
+    def __init__(self, request_id: _Optional[str] = ..., detector: _Optional[str] = ..., score: _Optional[float] = ..., severity: _Optional[_Union[Severity, str]] = ..., threshold: _Optional[float] = ..., crossed_at_position: _Optional[int] = ..., final: _Optional[bool] = ..., mode: _Optional[str] = ..., policy_version: _Optional[str] = ..., n_tokens_scored: _Optional[int] = ..., n_tokens_unscored: _Optional[int] = ..., peak_score: _Optional[float] = ..., correlation_id: _Optional[str] = ..., latents: _Optional[_Iterable[_Union[LatentHit, _Mapping]]] = ...) -> None: ...
+
+class LatentHit(_message.Message):
+    __slots__ = ("name", "index", "value", "label")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    index: int
+    value: float
+    label: str
+    def __init__(self, name: _Optional[str] = ..., index: _Optional[int] = ..., value: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "reason", "message", "seq", "request_id")
