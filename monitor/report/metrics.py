@@ -169,9 +169,13 @@ class Metrics:
                                       ["result"], registry=r)
         self.audit_write_failures = Counter(p + "audit_write_failures", "Audit log lines "
                                             "that could not be written.", registry=r)
-        self.verdicts_dropped = Counter(p + "verdicts_dropped", "Server messages dropped "
-                                        "because a stream's outbound queue was full.",
-                                        registry=r)
+        self.verdicts_dropped = Counter(p + "verdicts_dropped", "Server messages not "
+                                        "delivered because their stream had ended (the audit "
+                                        "log has them).", registry=r)
+        self.stream_read_pauses = Counter(p + "stream_read_pauses", "Times a stream's reads "
+                                          "paused because its client left more than "
+                                          "--stream-outbound-bytes of verdicts unread.",
+                                          registry=r)
         self.build_info = Info(p + "build", "Monitor build.", registry=r)
         for result in ("ok", "refused"):
             self.policy_reloads.labels(result=result)

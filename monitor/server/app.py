@@ -183,7 +183,8 @@ class MonitorApp:
                                layers=frozenset(int(x) for x in scorer.layers),
                                max_frame_bytes=config.max_frame_bytes,
                                hook_names=frozenset(scorer.hooks)),
-            plan=self.plan, metrics=metrics, max_hello_id_bytes=config.max_request_id_bytes)
+            plan=self.plan, metrics=metrics, max_hello_id_bytes=config.max_request_id_bytes,
+            max_outbound_bytes=config.stream_outbound_bytes)
 
     @property
     def policy(self) -> Policy:
