@@ -87,7 +87,8 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
     `model.n_layers`) state the model the bundle was trained on: the plugin refuses a plan
     whose identity, hidden size or depth differ from what vLLM serves.
 
-    `plan_id` is a short hash of everything a client's capture depends on.
+    `plan_id` is a short hash of everything a client's capture depends on (not the
+    policy's `enforcement`, which the API-server gate reads from every plan it fetches).
     """
     hooks: list[str] = []
     roles: set[TokenRole] = set()
@@ -115,6 +116,9 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
         max_frame_bytes=max_frame_bytes, hook_names=hooks,
         token_roles=token_roles,  # type: ignore[arg-type]
         model_n_layers=n_layers,
+        enforcement=monitor_pb2.Enforcement(
+            fail_mode=policy.enforcement.fail_mode,
+            max_behind_frames=policy.enforcement.max_behind_frames),
     )
 
 
@@ -180,7 +184,8 @@ class MonitorApp:
                                layers=frozenset(int(x) for x in scorer.layers),
                                max_frame_bytes=config.max_frame_bytes,
                                hook_names=frozenset(scorer.hooks)),
-            plan=self.plan, metrics=metrics, max_hello_id_bytes=config.max_request_id_bytes)
+            plan=self.plan, metrics=metrics, max_hello_id_bytes=config.max_request_id_bytes,
+            max_outbound_bytes=config.stream_outbound_bytes)
 
     @property
     def policy(self) -> Policy:

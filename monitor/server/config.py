@@ -97,6 +97,10 @@ class ServerConfig:
         parse=_trace_tokens, metavar="N")
     queue_rows: int = _opt(65536, "scoring queue capacity, rows (bounds activation memory)")
     max_batch_rows: int = _opt(4096, "most rows per scorer call")
+    stream_outbound_bytes: int = _opt(
+        1 << 20, "per stream: unread verdict bytes above which the server stops reading that "
+        "stream's frames until its client catches up (flow control; verdicts are never "
+        "dropped while the stream lives)", parse=parse_size)
     max_frame_bytes: int = _opt(64 << 20, "largest frame payload accepted (e.g. 64MiB); "
                                 "larger frames get an in-stream 'oversized' error",
                                 parse=parse_size)

@@ -41,7 +41,8 @@ from monitor.judge.policy import DetectorPolicy, Policy
 from monitor.judge.trace import TokenTrace
 from monitor.judge.tracker import RequestTracker, VerdictUpdate
 from monitor.report.metrics import Metrics
-from monitor.report.verdicts import Reporter, verdict_message
+from monitor.report.verdicts import Reporter, tokens_after_crossing, verdict_message
+from monitor.roles import TokenRole, scope_roles
 from monitor.score.backend import FrameScorer
 from monitor.server.registry import Admission, Closing, RequestRegistry, StreamSink
 from monitor.v1 import monitor_pb2
@@ -52,6 +53,9 @@ __all__ = ["Pipeline", "QueueFull", "StreamSink"]
 log = logging.getLogger(__name__)
 
 _INTERNAL = 13  # grpc.StatusCode.INTERNAL
+#: finish reasons vLLM reported (the request ended inside the engine, after sampling a
+#: last token that is never fed back, so never captured)
+_ENGINE_REASONS = frozenset({FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT})
 
 
 class QueueFull(Exception):
@@ -364,12 +368,21 @@ class Pipeline:
         self.latents.drop(c.key)
         self.trace.drop(c.key)
         label = self.registry.label(c.key)
+        first_gen, highest = self.registry.extent(c.key)
         self.registry.retire(c.key)
         self.metrics.requests_finished.labels(model_name=self.model_name,
                                               reason=c.reason.value).inc()
         for u in updates:  # a span_end escalation judged at finish, then the finals
             if u.final:
                 self.reporter.final(u, label)
+                if u.action == "block":
+                    # generated rows reach the sidecar only when a judged scope reads them
+                    seen = any(TokenRole.GENERATED in scope_roles(d.scope)
+                               for d in self._judged.values())
+                    after = tokens_after_crossing(
+                        u.crossed_at_position, first_gen, highest,
+                        ended_in_engine=c.reason in _ENGINE_REASONS) if seen else None
+                    self.reporter.block_end(u, label, after, c.reason.value)
             else:
                 self.reporter.escalation(u, label)
             if c.owner is not None:
@@ -427,7 +440,8 @@ class Pipeline:
                     continue
                 # rows at positions already scored on this layer are recomputes
                 # (preemption): skip them, count them
-                d = self.registry.trim_recomputed(key, hook, f.positions[a:b])
+                d = self.registry.trim_recomputed(key, hook, f.positions[a:b],
+                                                  f.generated[a:b])
                 n_dup += d
                 a += d
                 if a >= b:

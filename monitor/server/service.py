@@ -84,17 +84,35 @@ class FrameLimits:
 class StreamHandle:
     """Outbound side of one Stream call; `post` is safe from any thread.
 
-    The outbound queue is bounded (`max_pending` messages): a client that does not read
-    its verdicts loses messages (counted in `verdicts_dropped_total`) rather than
-    growing server memory.
+    Flow control, not dropping: the outbound queue holds every message posted while the
+    stream lives (finals are never dropped). Its size in bytes (`pending_bytes`, the
+    serialized size of the queued messages) is bounded by back-pressure instead: when it
+    exceeds `max_pending_bytes` the stream's reader stops taking client messages
+    (`paused`, counted in `stream_read_pauses_total`) until the writer has drained it to
+    half the bound. A client that does not read its verdicts thus fills the HTTP/2
+    window of its own requests: its sends block and the plugin's bounded sender drops
+    and counts on its side. What the queue can hold beyond the bound is what was already
+    admitted: the scoring queue's rows of this stream and the finals of its live
+    requests (both bounded). Messages posted after the stream ended are counted in
+    `verdicts_dropped_total` (the audit log and metrics have them).
+
+    Thread rules: `post` from any thread; everything else on the event loop.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics, peer: str,
-                 max_pending: int = 65536) -> None:
+                 max_pending_bytes: int = 1 << 20) -> None:
+        if max_pending_bytes < 1:
+            raise ValueError(f"max_pending_bytes: expected >= 1, found {max_pending_bytes}")
         self.name = f"stream-{next(_stream_ids)}({peer})"
         self.loop = loop
         self.metrics = metrics
-        self.queue: asyncio.Queue[monitor_pb2.ServerMessage | None] = asyncio.Queue(max_pending)
+        #: (message, its serialized size); None ends the call
+        self.queue: asyncio.Queue[tuple[monitor_pb2.ServerMessage | None, int]] = (
+            asyncio.Queue())
+        self.max_pending_bytes = int(max_pending_bytes)
+        self.pending_bytes = 0
+        self.writable = asyncio.Event()  # clear = reads paused until the writer drains
+        self.writable.set()
         self.closed = False
         self.last_seq = 0
         self.client_id = ""  # ClientHello.client_id: the client half of request keys
@@ -106,8 +124,11 @@ class StreamHandle:
         return RequestKey(self.client_id, request_id)
 
     def post(self, msg: monitor_pb2.ServerMessage | None) -> None:
-        """Queue `msg` for the client (None ends the call); drops if the stream is gone."""
+        """Queue `msg` for the client (None ends the call); counted as dropped if the
+        stream is gone."""
         if self.closed:
+            if msg is not None:
+                self.metrics.verdicts_dropped.inc()
             return
         try:
             self.loop.call_soon_threadsafe(self._put, msg)
@@ -116,14 +137,36 @@ class StreamHandle:
 
     def _put(self, msg: monitor_pb2.ServerMessage | None) -> None:
         if self.closed:
+            if msg is not None:
+                self.metrics.verdicts_dropped.inc()
             return
-        try:
-            self.queue.put_nowait(msg)
-        except asyncio.QueueFull:
-            if msg is None:  # the end marker must get through: make room
-                self.queue.get_nowait()
-                self.queue.put_nowait(None)
-            self.metrics.verdicts_dropped.inc()
+        n = msg.ByteSize() if msg is not None else 0
+        self.queue.put_nowait((msg, n))
+        self.pending_bytes += n
+        if self.pending_bytes > self.max_pending_bytes and self.writable.is_set():
+            self.writable.clear()  # the reader stops taking client messages
+            self.metrics.stream_read_pauses.inc()
+            log.debug("%s: %d bytes of verdicts unread by the client; reads paused",
+                      self.name, self.pending_bytes)
+
+    async def next(self) -> monitor_pb2.ServerMessage | None:
+        """The next message to send (None: end the call); resumes paused reads once the
+        queue has drained to half its bound."""
+        msg, n = await self.queue.get()
+        self.pending_bytes -= n
+        if not self.writable.is_set() and self.pending_bytes <= self.max_pending_bytes // 2:
+            self.writable.set()
+        return msg
+
+    def close(self) -> None:
+        """The call ended: count what was queued and never sent."""
+        self.closed = True
+        lost = 0
+        while not self.queue.empty():
+            lost += self.queue.get_nowait()[0] is not None
+        if lost:
+            self.metrics.verdicts_dropped.inc(lost)
+        self.writable.set()  # never leave the reader waiting
 
     def error(self, code: int, reason: str, message: str, *, seq: int = 0,
               request_id: str = "") -> None:
@@ -142,17 +185,20 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         plan: returns the current capture plan.
         metrics: the server's metrics.
         max_hello_id_bytes: longest `ClientHello.client_id` accepted.
+        max_outbound_bytes: per stream, unread verdict bytes above which the stream's
+            reads pause (`StreamHandle`).
     """
 
     def __init__(self, *, pipeline: Pipeline, scorer: FrameScorer, limits: FrameLimits,
                  plan: Callable[[], monitor_pb2.CapturePlan], metrics: Metrics,
-                 max_hello_id_bytes: int = 256) -> None:
+                 max_hello_id_bytes: int = 256, max_outbound_bytes: int = 1 << 20) -> None:
         self.pipeline = pipeline
         self.scorer = scorer
         self.limits = limits
         self.plan = plan
         self.metrics = metrics
         self.max_hello_id_bytes = int(max_hello_id_bytes)
+        self.max_outbound_bytes = int(max_outbound_bytes)
         self.streams: set[StreamHandle] = set()
         #: decodes frames over `_OFFLOAD_BYTES`; nothing else runs here (issue 8 item 6)
         self.decode_executor = concurrent.futures.ThreadPoolExecutor(2, "frame-decode")
@@ -181,7 +227,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         self, request_iterator: AsyncIterator[monitor_pb2.ClientMessage | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[monitor_pb2.ServerMessage]:
-        handle = StreamHandle(asyncio.get_running_loop(), self.metrics, context.peer())
+        handle = StreamHandle(asyncio.get_running_loop(), self.metrics, context.peer(),
+                              self.max_outbound_bytes)
         self.metrics.active_streams.inc()
         self.streams.add(handle)
         log.info("%s: opened", handle.name)
@@ -189,12 +236,12 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                                      name=handle.name)
         try:
             while True:
-                msg = await handle.queue.get()
+                msg = await handle.next()
                 if msg is None:
                     break
                 yield msg
         finally:
-            handle.closed = True
+            handle.close()
             if not reader.done():
                 reader.cancel()
                 try:
@@ -235,6 +282,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                     self._refuse(handle, _INVALID, Reason.EMPTY_MESSAGE,
                                  "ClientMessage.body: expected hello, frame, finished or "
                                  "stats, found none")
+                if not handle.writable.is_set():  # flow control: the client is not reading
+                    await handle.writable.wait()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # transport error (e.g. message over the gRPC limit)
