@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from monitor.report.summary import audit_records
+
 __all__ = ["Explanation", "explain", "format_explanation"]
 
 _BAR = 24  # characters of the longest score bar
@@ -55,15 +57,8 @@ def _last(recs: list[dict[str, Any]], key: str) -> list[Any]:
 def explain(lines: Iterable[str], request: str) -> Explanation:
     """Collect the records of ``request`` (engine request id or correlation id)."""
     ex = Explanation(request=request)
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            ex.skipped += 1
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("detector"), str):
+    for rec in audit_records(lines):
+        if rec is None or not isinstance(rec.get("detector"), str):
             ex.skipped += 1
             continue
         if request not in (rec.get("request_id"), rec.get("correlation_id")):
