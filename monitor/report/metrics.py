@@ -139,6 +139,11 @@ class Metrics:
         self.blocks = Counter(p + "blocks", "Block orders sent to the capture plugin (mode "
                               "block at critical); the plugin stops that request.",
                               ["detector"], registry=r)
+        self.block_tokens_after = Histogram(
+            p + "block_tokens_after_crossing", "Tokens a blocked request generated after "
+            "its crossing token, counted by the sidecar when the request finished "
+            "(`monitor.report.verdicts.tokens_after_crossing`).", ["detector"],
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.scoring_latency = Histogram(p + "scoring_latency_seconds", "Time of one scorer "
                                          "call (one batch of one layer).", ["layer"],
                                          buckets=_LATENCY_BUCKETS, registry=r)

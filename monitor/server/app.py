@@ -39,6 +39,7 @@ from monitor.constants import HOOK_NAME_TEMPLATE, Reason
 from monitor.judge.latents import LatentTracker, latent_map
 from monitor.judge.policy import Policy
 from monitor.judge.reload import PolicyHolder
+from monitor.judge.trace import TokenTrace
 from monitor.judge.tracker import RequestTracker
 from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
@@ -86,7 +87,8 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
     `model.n_layers`) state the model the bundle was trained on: the plugin refuses a plan
     whose identity, hidden size or depth differ from what vLLM serves.
 
-    `plan_id` is a short hash of everything a client's capture depends on.
+    `plan_id` is a short hash of everything a client's capture depends on (not the
+    policy's `enforcement`, which the API-server gate reads from every plan it fetches).
     """
     hooks: list[str] = []
     roles: set[TokenRole] = set()
@@ -114,6 +116,9 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
         max_frame_bytes=max_frame_bytes, hook_names=hooks,
         token_roles=token_roles,  # type: ignore[arg-type]
         model_n_layers=n_layers,
+        enforcement=monitor_pb2.Enforcement(
+            fail_mode=policy.enforcement.fail_mode,
+            max_behind_frames=policy.enforcement.max_behind_frames),
     )
 
 
@@ -370,7 +375,8 @@ def build_app(config: ServerConfig) -> MonitorApp:
                         model_name=bundle.model_name, capacity_rows=config.queue_rows,
                         max_batch_rows=config.max_batch_rows,
                         sweep_interval_s=_sweep_interval(config),
-                        latents=LatentTracker(latent_map(bundle)))
+                        latents=LatentTracker(latent_map(bundle)),
+                        trace=TokenTrace(config.audit_token_trace))
     _export_counters(metrics, tracker, registry)
     app = MonitorApp(config, bundle, scorer, policy, holder, metrics, audit, pipeline, alerts)
     app_ref.append(app)

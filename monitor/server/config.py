@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from monitor.judge.trace import MAX_TRACE_TOKENS
 from monitor.report.sinks import AlertSinksConfig
 from monitor.server.access import AccessConfig
 from monitor.server.handlers import RpcLimits
@@ -40,6 +41,18 @@ def parse_size(text: str) -> int:
 
 _ALERTS = "alert delivery (escalations of mode alert|block detectors)"
 _ACCESS = "access (TLS, token, Admin, call limits; see monitor/server/access.py)"
+
+
+def _trace_tokens(text: str) -> int:
+    """`--audit-token-trace`: an integer in [0, MAX_TRACE_TOKENS]."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_TRACE_TOKENS:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {MAX_TRACE_TOKENS}], "
+                                         f"found {text!r}")
+    return n
 
 
 def _opt(default: Any, help: str, *, parse: Callable[[str], Any] | None = None,
@@ -78,6 +91,10 @@ class ServerConfig:
     metrics_port: int = _opt(9464, "/metrics port (-1: no /metrics HTTP server)")
     audit_log: str | None = _opt(None, "JSONL audit log path (append)")
     audit_finals: bool = _opt(False, "also write one audit line per final verdict")
+    audit_token_trace: int = _opt(
+        64, "per audit line, the detector's last N in-scope [position, token score] pairs "
+        f"(for `safety-monitor explain`; 0: none; at most {MAX_TRACE_TOKENS})",
+        parse=_trace_tokens, metavar="N")
     queue_rows: int = _opt(65536, "scoring queue capacity, rows (bounds activation memory)")
     max_batch_rows: int = _opt(4096, "most rows per scorer call")
     stream_outbound_bytes: int = _opt(

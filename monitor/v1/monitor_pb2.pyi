@@ -215,8 +215,16 @@ class GetCapturePlanRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Enforcement(_message.Message):
+    __slots__ = ("fail_mode", "max_behind_frames")
+    FAIL_MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BEHIND_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    fail_mode: str
+    max_behind_frames: int
+    def __init__(self, fail_mode: _Optional[str] = ..., max_behind_frames: _Optional[int] = ...) -> None: ...
+
 class CapturePlan(_message.Message):
-    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes", "hook_names", "token_roles", "model_n_layers")
+    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes", "hook_names", "token_roles", "model_n_layers", "enforcement")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +237,7 @@ class CapturePlan(_message.Message):
     HOOK_NAMES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ROLES_FIELD_NUMBER: _ClassVar[int]
     MODEL_N_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ENFORCEMENT_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model: str
     d_model: int
@@ -241,7 +250,8 @@ class CapturePlan(_message.Message):
     hook_names: _containers.RepeatedScalarFieldContainer[str]
     token_roles: _containers.RepeatedScalarFieldContainer[TokenRole]
     model_n_layers: int
-    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ..., hook_names: _Optional[_Iterable[str]] = ..., token_roles: _Optional[_Iterable[_Union[TokenRole, str]]] = ..., model_n_layers: _Optional[int] = ...) -> None: ...
+    enforcement: Enforcement
+    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ..., hook_names: _Optional[_Iterable[str]] = ..., token_roles: _Optional[_Iterable[_Union[TokenRole, str]]] = ..., model_n_layers: _Optional[int] = ..., enforcement: _Optional[_Union[Enforcement, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("frame",)
