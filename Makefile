@@ -28,6 +28,7 @@ lint: env
 
 bundle: env
 	$(PY) -m probes build-default --out bundles/default
+	$(PY) -m probes add-sae-detector --bundle bundles/default
 
 bench: env
 	$(PY) bench/bench_scorer.py

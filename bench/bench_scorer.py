@@ -108,9 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="--backends: intra-op threads for torch and onnxruntime alike "
                          "(0: torch's default)")
+    ap.add_argument("--targets", action="store_true",
+                    help="fused Scorer.score vs bare GEMM of the same shape (issue 9 targets: "
+                         ">= 0.85 at d_model 576, >= 0.90 at 4096), --sweep-rows x "
+                         "--sweep-d-models, interleaved call by call, --repeats calls each")
     args = ap.parse_args(argv)
     if args.backends:
         return backends(args)
+    if args.targets:
+        return targets(args)
     d, n_p, n_l, d_sae = args.d_model, args.probes, args.latents, args.d_sae
 
     g = torch.Generator().manual_seed(0)
@@ -226,6 +232,47 @@ def bench_bundle(path: Path, d: int, n_p: int, n_l: int, seed: int = 0) -> Path:
                         "components": comps, "detectors": dets}, tensors)
     export_onnx(path)
     return path
+
+
+def targets(args: argparse.Namespace) -> int:
+    """Fused scorer (GEMM + bias + epilogue + read-out + sigmoid, numpy out) vs a bare
+    ``torch.mm`` into a preallocated output of the same ``[rows, d] x [d, cols]``, same
+    process, calls interleaved (load hits both alike). Ratio = GEMM time / fused time."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    goal = {576: 0.85, 4096: 0.90}
+    cols = args.probes + args.latents
+    lines = [
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} intra-op threads, Python {platform.python_version()}; "
+        f"load average at start {os.getloadavg()[0]:.1f}. fp32; median of {args.repeats} "
+        "interleaved calls per path.",
+        f"Command: `python bench/bench_scorer.py --targets --threads {args.threads} "
+        f"--repeats {args.repeats} --sweep-rows {args.sweep_rows} "
+        f"--sweep-d-models {args.sweep_d_models}`", "",
+        "| d_model | cols | rows | fused ms | bare GEMM ms | GEMM / fused | target |",
+        "|---:|---:|---:|---:|---:|---:|---|"]
+    g = torch.Generator().manual_seed(1)
+    for d in (int(v) for v in args.sweep_d_models.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            scorer = Scorer(load_bundle(bench_bundle(Path(tmp) / "b", d, args.probes,
+                                                     args.latents)))
+        hook = scorer.hooks[0]
+        Wt = scorer._kernel(hook).Wt
+        for rows in (int(v) for v in args.sweep_rows.split(",")):
+            x = torch.randn(rows, d, generator=g)
+            out = torch.empty(rows, cols)
+            t = timeit({"fused": (lambda x=x, sc=scorer, h=hook: sc.score(h, x), args.repeats),
+                        "gemm": (lambda x=x, out=out, w=Wt: torch.mm(x, w.t(), out=out),
+                                 args.repeats)})
+            r = t["gemm"] / t["fused"]
+            tgt = goal.get(d)
+            mark = "-" if tgt is None else (f">= {tgt}: {'met' if r >= tgt else 'not met'}")
+            lines.append(f"| {d} | {cols} | {rows} | {t['fused']:.3f} | {t['gemm']:.3f} | "
+                         f"{r:.3f} | {mark} |")
+    lines.append(f"\nLoad average at end {os.getloadavg()[0]:.1f}.")
+    print("\n".join(lines))
+    return 0
 
 
 def backends(args: argparse.Namespace) -> int:

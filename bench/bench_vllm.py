@@ -17,7 +17,10 @@ The sink arm streams to a real gRPC server in this process (the test sink of
 `--layers`. The sidecar arm captures what the sidecar's capture plan asks for (the
 bundle's layers). Coverage = rows received (sink) or rows scored per the sidecar's
 `safety_monitor_rows_scored_total` (sidecar), per captured layer / tokens that ran a
-forward pass (prefix caching is off, so that is prompt + generated - 1 per request).
+forward pass (prefix caching is off, so that is prompt + generated - 1 per request); for
+the sidecar also rows scored / rows its plan asked for (the plugin's rows sent + dropped:
+the default policy's role filter asks for only some tokens, so rows / tokens is < 100%
+by design).
 
 Results go to `bench/RESULTS.md` under "## vLLM" (other headings are kept).
 
@@ -233,6 +236,8 @@ def main() -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=256)
     ap.add_argument("--layers", default="3,15")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="also write the key numbers (ratios, coverage, drops) as JSON here")
     args = ap.parse_args()
 
     from capture_sink import CaptureSink
@@ -284,6 +289,24 @@ def main() -> None:
     sc_layers = sorted(int(x) for x in scored_by_layer)
     sc_rows = int(sum(scored_by_layer.values()))
     sc_cov = sc_rows / max(1, len(sc_layers)) / sc["processed"]
+    # what the plan asked for: the sidecar's plan filters rows (roles, token kinds), so the
+    # plugin's rows sent + dropped (counted per hook point, from its last stats dump, taken
+    # after the sender drained) is the denominator, not every forward-pass token
+    cst = sc.get("capture_stats") or {}
+    asked = int(cst.get("sent_rows", 0)) + int(cst.get("dropped_rows", 0))
+    plan_cov = sc_rows / asked if asked else float("nan")
+    if args.json:
+        args.json.write_text(json.dumps(dict(
+            n_prompts=args.n_prompts, compiled=args.compiled, load_start=load0,
+            load_end=os.getloadavg(), gen_tps=dict(none=bg, sink=mg, sidecar=sg),
+            lat_mean_s=dict(none=blm, sink=mlm, sidecar=slm), sink_coverage=coverage,
+            sink_drops=dict(frames=stats.dropped_frames, rows=stats.dropped_rows) if stats
+            else None, sidecar_rows_scored=sc_rows, sidecar_rows_asked=asked,
+            sidecar_plan_coverage=plan_cov, sidecar_token_coverage=sc_cov,
+            sidecar_unscored={k: v for k, v in unscored.items() if v},
+            sidecar_rejected={k: v for k, v in rejected.items() if v},
+            sidecar_client_drops=dict(frames=c_frames, rows=c_rows), sidecar_gaps=gaps,
+            sidecar_cpu_s=cpu_sc), indent=1))
     nz = lambda d: ", ".join(f"{k}={int(v)}" for k, v in d.items() if v) or "none"  # noqa: E731
     mode = "compiled (torch.compile)" if args.compiled else "eager (enforce_eager)"
     cmdline = " ".join(["python bench/bench_vllm.py", *sys.argv[1:]])
@@ -320,7 +343,9 @@ def main() -> None:
 
         Coverage, sidecar: {sc_rows} rows scored (`safety_monitor_rows_scored_total`,
         {nz(scored_by_layer)} by layer) over {len(sc_layers)} layers for {sc['processed']}
-        forward-pass tokens → **{sc_cov:.1%}**; rows unscored by reason: {nz(unscored)};
+        forward-pass tokens → {sc_cov:.1%} of all tokens; the plan asked for {asked} rows
+        (plugin rows sent + dropped, per hook point: the policy's role filter keeps only some
+        tokens) → **{plan_cov:.1%}** of the rows asked for; rows unscored by reason: {nz(unscored)};
         frames rejected: {nz(rejected)}; client-reported drops: {int(c_frames)} frames /
         {int(c_rows)} rows; sequence gaps: {int(gaps)}. The sidecar used {cpu_sc:.1f} CPU-s
         during its arm and had scored everything {drain_s:.1f} s after the engine exited

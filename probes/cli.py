@@ -9,6 +9,7 @@ Commands::
     inspect  --bundle bundles/default          print detectors, calibration, suggested policy
     train-sae --out bundles/sae/smollm2-135m-l18   the default model's SAE (docs/SAE.md)
     sae-detector --sae bundles/sae/smollm2-135m-l18 --out bundles/sae-detector
+    add-sae-detector --bundle bundles/default      merge it into a bundle (observe mode)
 """
 
 from __future__ import annotations
@@ -219,6 +220,15 @@ def cmd_sae_detector(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_sae_detector(args: argparse.Namespace) -> int:
+    from probes.sae_detector import add_sae_detector
+
+    b = add_sae_detector(Path(args.bundle), Path(args.source))
+    print(f"{args.bundle}: detectors {[d.name for d in b.detectors]}, hook points "
+          f"{list(b.hook_names)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safety-probes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -318,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--n-latents", type=int, default=16)
     sd.add_argument("--quiet", action="store_true")
     sd.set_defaults(fn=cmd_sae_detector)
+
+    ad = sub.add_parser("add-sae-detector", help="merge the SAE detector bundle into a bundle "
+                        "(observe mode; a step of `make bundle`)")
+    ad.add_argument("--bundle", default="bundles/default")
+    ad.add_argument("--source", default="bundles/sae-detector")
+    ad.set_defaults(fn=cmd_add_sae_detector)
     return p
 
 

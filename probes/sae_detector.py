@@ -33,8 +33,10 @@ the dense probe, which is what we measured; see docs/SAE.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +49,8 @@ from probes.datasets import ChatExample
 from probes.evaluate import evaluate_scores
 from probes.train import aggregate_requests, fit_logreg
 
-__all__ = ["LatentDetector", "fit_latent_detector", "latent_labels", "sae_detector_parts"]
+__all__ = ["LatentDetector", "add_sae_detector", "fit_latent_detector", "latent_labels",
+           "sae_detector_parts", "short_label"]
 
 AGG: dict[str, Any] = {"kind": "mean"}  # overridden from the dense detector's calibration
 MIN_TOKENS = 2
@@ -234,3 +237,143 @@ def report_markdown(sae_metrics: dict[str, Any] | None, det: LatentDetector,
                          f"{p['request_label']})")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- default bundle
+
+#: Marks the section ``add_sae_detector`` owns in the target bundle's REPORT.md.
+_REPORT_BEGIN = "<!-- sae-detector: begin (python -m probes add-sae-detector) -->"
+_REPORT_END = "<!-- sae-detector: end -->"
+
+
+def short_label(info: Mapping[str, Any], n: int = 3) -> str:
+    """``top tokens: ")", " file", "yl"`` from a ``labels.json`` entry: the latent's
+    highest-activating tokens in the corpus (no interpretation is invented)."""
+    from monitor.score.bundle import MAX_LATENT_LABEL_CHARS
+
+    toks: list[str] = []
+    for p in info.get("top", []):
+        t = json.dumps(str(p["token"]), ensure_ascii=False)
+        if t not in toks:
+            toks.append(t)
+        if len(toks) == n:
+            break
+    text = ("top tokens: " + ", ".join(toks)) if toks else "fired on no corpus token"
+    return text[:MAX_LATENT_LABEL_CHARS]
+
+
+def add_sae_detector(bundle: Path, source: Path) -> Any:
+    """Merge the detector bundle ``source`` (``python -m probes sae-detector``) into
+    ``bundle``, in observe mode. Idempotent: components and detectors of ``source``'s
+    names are replaced. Steps: components get ``latent_labels`` from ``labels.json``;
+    detectors get ``aggregation``/``min_tokens``/``scope`` in their calibration (the
+    request statistic their thresholds were measured with); one weights file is
+    rewritten with both bundles' tensors; the ONNX graphs are re-exported if the bundle
+    had them; ``policy.suggested.yaml`` gains each detector with ``mode: observe``;
+    REPORT.md gains (or refreshes) a section with both detectors' numbers side by side.
+    Returns the reloaded (validated) bundle.
+    """
+    from safetensors.torch import load_file
+
+    from monitor.score.bundle import MANIFEST, BundleError, load_bundle, write_bundle
+    from monitor.score.onnx_export import export_onnx
+
+    src, dst = load_bundle(source), load_bundle(bundle)
+    for field_, a, b in (("model.name", src.model_name, dst.model_name),
+                         ("model.d_model", src.d_model, dst.d_model),
+                         ("model.n_layers", src.n_layers, dst.n_layers)):
+        if a != b:
+            raise BundleError(f"{source}/{MANIFEST}", field_, f"{b!r} (as in {bundle})",
+                              repr(a))
+    src_doc = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
+    dst_doc = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
+    labels_path = source / "labels.json"
+    labels = json.loads(labels_path.read_text(encoding="utf-8")) if labels_path.is_file() \
+        else {}
+    comps = []
+    for c in src_doc["components"]:
+        c = dict(c)
+        if "latent_ids" in c and labels:
+            c["latent_labels"] = [short_label(labels.get(str(i), {})) for i in c["latent_ids"]]
+        comps.append(c)
+    dets = []
+    for d in src_doc["detectors"]:
+        d = dict(d)
+        prov = d.get("provenance", {})
+        d["calibration"] = {**d.get("calibration", {}),
+                            "aggregation": prov.get("aggregation", AGG),
+                            "min_tokens": int(prov.get("min_tokens", MIN_TOKENS)),
+                            "scope": d["token_scope"]}
+        dets.append(d)
+    new_c, new_d = {c["name"] for c in comps}, {d["name"] for d in dets}
+    doc = {k: v for k, v in dst_doc.items() if k not in ("files", "onnx")}
+    doc["components"] = [c for c in dst_doc["components"] if c["name"] not in new_c] + comps
+    doc["detectors"] = [d for d in dst_doc["detectors"] if d["name"] not in new_d] + dets
+    tensors: dict[str, torch.Tensor] = {}
+    for root, d_ in ((bundle, dst_doc), (source, src_doc)):
+        for fname in d_["files"]:
+            if fname.endswith(".safetensors"):
+                tensors.update(load_file(str(root / fname)))
+    wanted = {t for c in doc["components"] for t in c["tensors"].values()}
+    tensors = {k: v for k, v in tensors.items() if k in wanted}
+    for fname in dst_doc["files"]:  # weights go to one file; graphs are re-exported
+        if fname != "weights.safetensors":
+            (bundle / fname).unlink(missing_ok=True)
+    out = write_bundle(bundle, doc, tensors)
+    if "onnx" in dst_doc:
+        out = export_onnx(bundle)
+    _add_to_policy(bundle / "policy.suggested.yaml", dets)
+    _add_to_report(bundle / "REPORT.md", dets, comps, source)
+    return out
+
+
+def _add_to_policy(path: Path, dets: Sequence[Mapping[str, Any]]) -> None:
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for d in dets:  # drop an earlier block of the same detector (idempotent)
+        head = f"  {d['name']}:"
+        if head in lines:
+            i = lines.index(head)
+            j = i + 1
+            while j < len(lines) and (lines[j].startswith("    ") or not lines[j].strip()):
+                j += 1
+            if i > 0 and lines[i - 1].startswith(f"  # {d['name']}:"):
+                i -= 1
+            del lines[i:j]
+    for d in dets:
+        cal, thr = d["calibration"], d["default_thresholds"]
+        lines += [f"  # {d['name']}: SAE latents, observe only (weaker than the dense probe: "
+                  "REPORT.md); warn = 1% FPR on the SAE corpus' held-out benign requests",
+                  f"  {d['name']}:", "    mode: observe", f"    scope: {d['token_scope']}",
+                  f"    aggregation: {json.dumps(cal['aggregation'])}",
+                  f"    min_tokens: {cal['min_tokens']}", "    thresholds:"]
+        lines += [f"      {k}: {float(v)!r}" for k, v in thr.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _add_to_report(path: Path, dets: Sequence[Mapping[str, Any]],
+                   comps: Sequence[Mapping[str, Any]], source: Path) -> None:
+    layer_of = {c["name"]: c["layer"] for c in comps}
+    layers = {d["name"]: layer_of[d["inputs"][0]["component"]] for d in dets}
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if _REPORT_BEGIN in text:
+        text = text[:text.index(_REPORT_BEGIN)].rstrip() + "\n" + \
+            text[text.index(_REPORT_END) + len(_REPORT_END):].lstrip("\n")
+    sec = [_REPORT_BEGIN, "", "## SAE latent detector (observe mode)", "",
+           f"Added by `python -m probes add-sae-detector` from `{source.name}` (its REPORT.md "
+           "has the SAE's quality, the recipe and every latent's top contexts). Same test "
+           "requests, same aggregation, for both rows:", "",
+           "| detector | AUROC | TPR@1%FPR |", "|---|---|---|"]
+    for d in dets:
+        m = d.get("provenance", {}).get("metrics", {})
+        for who, label in (("sae_latents", f"{d['name']} (SAE latents)"),
+                           ("dense_probe", f"dense probe on layer {layers[d['name']]}, "
+                                           "same test set")):
+            if who in m:
+                sec.append(f"| {label} | {m[who]['auroc']:.3f} | {m[who]['tpr@fpr0.01']:.3f} |")
+    sec += ["", "The SAE detector is weaker than the dense probe, so it ships in observe mode: "
+            "it is scored and audited, and its verdicts carry the latents that fired with "
+            "their labels, but it never alerts or blocks by default.", "", _REPORT_END, ""]
+    path.write_text(text.rstrip() + "\n\n" + "\n".join(sec), encoding="utf-8")

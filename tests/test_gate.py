@@ -1,8 +1,9 @@
 """Fail-open / fail-closed gate (`monitor.capture.gate`) against a real sidecar process.
 
 The sidecar (`safety-monitor serve`, gRPC on loopback) is started, killed and started
-again on the same port; the gate's ASGI callable is driven directly (the HTTP server in
-front of it is vLLM's, exercised by its `--middleware` flag, not here).
+again on the same port with policies that choose the fail mode (`enforcement:`, sent in
+the capture plan); the gate's ASGI callable is driven directly. The same gate inside a
+real `vllm serve --middleware` is tested in tests/test_enforce.py.
 """
 
 from __future__ import annotations
@@ -13,24 +14,34 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from monitor.capture import gate as gate_mod
-from monitor.capture.gate import SidecarGate, fail_mode
+from monitor.capture.gate import SidecarGate, fail_mode, max_behind_frames
 from monitor.tools.demo import stop, wait_http
 from monitor.tools.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _sidecar(port: int, mport: int, log: Path) -> subprocess.Popen[bytes]:
+def _policy(d: Path, mode: str, behind: int = 0) -> Path:
+    p = d / f"policy-{mode}-{behind}.yaml"
+    p.write_text(f"""version: "gate-{mode}"
+detectors:
+  harmful_intent: {{mode: observe, thresholds: {{warn: 0.5, critical: 0.9}}}}
+enforcement: {{fail_mode: {mode}, max_behind_frames: {behind}}}
+""")
+    return p
+
+
+def _sidecar(port: int, mport: int, log: Path, policy: Path) -> subprocess.Popen[bytes]:
     p = subprocess.Popen(
         [sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(ROOT / "bundles/default"),
-         "--port", str(port), "--metrics-port", str(mport)],
+         "--port", str(port), "--metrics-port", str(mport), "--policy", str(policy)],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT,
         env=dict(os.environ, PYTHONPATH=str(ROOT)))
     wait_http(f"http://127.0.0.1:{mport}/metrics", 90, p, "the sidecar")
@@ -62,49 +73,101 @@ def _until(pred: Callable[[], bool], timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-def test_fail_mode_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_overrides_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SAFETY_MONITOR_FAIL_MODE", raising=False)
-    assert fail_mode() == "open"
+    monkeypatch.delenv("SAFETY_MONITOR_MAX_BEHIND_FRAMES", raising=False)
+    assert fail_mode() is None and max_behind_frames() is None
     monkeypatch.setenv("SAFETY_MONITOR_FAIL_MODE", "Closed")
     assert fail_mode() == "closed"
     monkeypatch.setenv("SAFETY_MONITOR_FAIL_MODE", "shut")
     with pytest.raises(ValueError, match="SAFETY_MONITOR_FAIL_MODE: expected one of open, "
                                          "closed, found 'shut'"):
         fail_mode()
+    monkeypatch.setenv("SAFETY_MONITOR_MAX_BEHIND_FRAMES", "7")
+    assert max_behind_frames() == 7
+    monkeypatch.setenv("SAFETY_MONITOR_MAX_BEHIND_FRAMES", "-1")
+    with pytest.raises(ValueError, match="SAFETY_MONITOR_MAX_BEHIND_FRAMES: expected an "
+                                         "integer >= 0, found '-1'"):
+        max_behind_frames()
 
 
-def test_gate_closed_refuses_while_down_and_recovers_open_serves(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def gate_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, int]]:
     port, mport = free_port(), free_port()
     monkeypatch.setenv("SAFETY_MONITOR_ADDR", f"127.0.0.1:{port}")
     monkeypatch.setenv("SAFETY_MONITOR_GATE_PERIOD_S", "0.2")
-    monkeypatch.setenv("SAFETY_MONITOR_FAIL_MODE", "closed")
+    monkeypatch.setenv("SAFETY_MONITOR_STATS_FILE", str(tmp_path / "stats.json"))
+    monkeypatch.delenv("SAFETY_MONITOR_FAIL_MODE", raising=False)
+    monkeypatch.delenv("SAFETY_MONITOR_MAX_BEHIND_FRAMES", raising=False)
     monkeypatch.setattr(gate_mod, "_watch", None)
+    yield port, mport
+    if gate_mod._watch is not None:
+        gate_mod._watch.close()
+        gate_mod._watch = None
+
+
+def _mode_is(g: SidecarGate, ok: bool, mode: str) -> Callable[[], bool]:
+    return lambda: g.watch is not None and g.watch.state.ok == ok \
+        and g.watch.state.fail_mode == mode
+
+
+def test_policy_fail_mode_closed_refuses_then_open_serves_and_counts(
+        tmp_path: Path, gate_env: tuple[int, int]) -> None:
+    port, mport = gate_env
     log = tmp_path / "sidecar.log"
-    side = _sidecar(port, mport, log)
+    side = _sidecar(port, mport, log, _policy(tmp_path, "closed"))
     try:
         g = SidecarGate(lambda *a: None)  # type: ignore[arg-type,return-value]
-        assert g.watch is not None
-        _until(lambda: g.watch is not None and g.watch.up)
+        _until(_mode_is(g, True, "closed"))
         assert _call(g) == (200, b"served")
-        refused0 = g.refused._value.get()
+        refused0, unmon0 = g.refused._value.get(), g.unmonitored._value.get()
         stop(side, "the sidecar")
-        _until(lambda: g.watch is not None and not g.watch.up)
+        _until(_mode_is(g, False, "closed"))  # the last plan's mode stays in force
         status, body = _call(g)
         assert status == 503
-        assert "fail-closed" in json.loads(body)["error"]["message"]
+        msg = json.loads(body)["error"]["message"]
+        assert "unreachable" in msg and "fail-closed" in msg, msg
         assert _call(g, "/v1/models") == (200, b"served")  # not a generation endpoint
         assert g.refused._value.get() == refused0 + 1
-        monkeypatch.setenv("SAFETY_MONITOR_FAIL_MODE", "open")
-        g_open = SidecarGate(lambda *a: None)  # type: ignore[arg-type,return-value]
-        unmon0 = g_open.unmonitored._value.get()
-        assert _call(g_open) == (200, b"served")
-        assert g_open.unmonitored._value.get() == unmon0 + 1
-        side = _sidecar(port, mport, log)  # back on the same port: recovers
-        _until(lambda: g.watch is not None and g.watch.up)
+        # back on the same port with a fail-open policy: recovers, then serves when down
+        side = _sidecar(port, mport, log, _policy(tmp_path, "open"))
+        _until(_mode_is(g, True, "open"))
         assert _call(g) == (200, b"served")
+        stop(side, "the sidecar")
+        _until(_mode_is(g, False, "open"))
+        assert _call(g) == (200, b"served")
+        assert g.unmonitored._value.get() == unmon0 + 1
+        assert g.refused._value.get() == refused0 + 1
     finally:
         stop(side, "the sidecar")
-        if gate_mod._watch is not None:
-            gate_mod._watch.close()
-            gate_mod._watch = None
+
+
+def test_behind_bound_and_env_override(tmp_path: Path, gate_env: tuple[int, int],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    port, mport = gate_env
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"queued": 3}))
+    side = _sidecar(port, mport, tmp_path / "sidecar.log", _policy(tmp_path, "closed", 10))
+    try:
+        g = SidecarGate(lambda *a: None)  # type: ignore[arg-type,return-value]
+        _until(_mode_is(g, True, "closed"))
+        assert g.watch is not None and g.watch.state.max_behind_frames == 10
+        stats.write_text(json.dumps({"queued": 11}))  # the plugin's queue over the bound
+        _until(_mode_is(g, False, "closed"))
+        status, body = _call(g)
+        assert status == 503
+        assert "behind: 11 messages queued" in json.loads(body)["error"]["message"]
+        stats.write_text(json.dumps({"queued": 10}))
+        _until(_mode_is(g, True, "closed"))
+        assert _call(g) == (200, b"served")
+        # env overrides the policy: fail-open whatever the plan says
+        g.watch.close()
+        monkeypatch.setenv("SAFETY_MONITOR_FAIL_MODE", "open")
+        monkeypatch.setattr(gate_mod, "_watch", None)
+        g2 = SidecarGate(lambda *a: None)  # type: ignore[arg-type,return-value]
+        _until(_mode_is(g2, True, "open"))
+        stats.write_text(json.dumps({"queued": 99}))
+        _until(_mode_is(g2, False, "open"))
+        assert _call(g2) == (200, b"served")
+    finally:
+        stop(side, "the sidecar")

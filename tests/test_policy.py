@@ -189,6 +189,12 @@ BASE = 'version: "1"\ndetectors:\n  harmful_intent:\n    thresholds: {warn: 0.5,
          "expected a mapping; found a list"),
         ('- just\n- a list\n', 1, "", "expected a mapping; found a list"),
         ('', 1, "", "empty policy"),
+        ('version: "1"\ndetectors: {}\nenforcement: {fail_mode: ajar}\n', 3,
+         "enforcement.fail_mode", "expected one of open, closed; found 'ajar'"),
+        ('version: "1"\ndetectors: {}\nenforcement:\n  max_behind_frames: -3\n', 4,
+         "enforcement.max_behind_frames", "expected an integer >= 0; found -3"),
+        ('version: "1"\ndetectors: {}\nenforcement: {fail: open}\n', 3,
+         "enforcement.fail", "unknown key"),
     ],
 )
 def test_refusals_name_file_line_field_reason(text, line, field, fragment):
@@ -321,3 +327,11 @@ def test_judge_at_and_mean_logit_parse_and_merge():
     assert p.detectors["c"].judge_at == "span_end"
     assert parse_policy('version: "1"\ndetectors:\n  d: {thresholds: {warn: 0.5}}\n'
                         ).detectors["d"].judge_at == "every_token"
+
+
+def test_enforcement_block_parses_with_builtin_defaults() -> None:
+    p = parse_policy('version: "1"\ndetectors: {}\n')
+    assert (p.enforcement.fail_mode, p.enforcement.max_behind_frames) == ("open", 0)
+    p = parse_policy('version: "1"\ndetectors: {}\n'
+                     'enforcement: {fail_mode: closed, max_behind_frames: 64}\n')
+    assert (p.enforcement.fail_mode, p.enforcement.max_behind_frames) == ("closed", 64)

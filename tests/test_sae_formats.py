@@ -119,14 +119,14 @@ def test_saelens_encode_matches_sae_lens(tmp_path: Path, arch: str, extra: dict[
     assert torch.equal(z > 0, fired)
 
 
-def test_saelens_resid_pre_maps_to_previous_resid_post(tmp_path: Path) -> None:
+def test_saelens_component_keeps_its_hook_point(tmp_path: Path) -> None:
     cfg = {"architecture": "jumprelu", "d_in": D, "d_sae": M, "dtype": "float32",
            "metadata": {"hook_name": "blocks.5.hook_resid_pre"}}
     theirs = sae_lens.SAE.from_dict(cfg)
     _randomise(theirs, 3)
     theirs.save_model(tmp_path / "sae")
     comp = load_saelens(tmp_path / "sae").component("c", [1, 2])
-    assert (comp.layer, comp.hook_name) == (4, "blocks.4.hook_resid_post")
+    assert (comp.layer, comp.hook_name) == (5, "blocks.5.hook_resid_pre")
 
 
 # --------------------------------------------------------------------------- other formats
@@ -295,8 +295,8 @@ REFUSALS = [
      ["one of [", '"matryoshka"']),
     (lambda t: load_saelens(_saelens_folder(t, normalize_activations="expected_average_only_in")),
      "normalize_activations", ["norm_scaling_factor given"]),
-    (lambda t: load_saelens(_saelens_folder(t, metadata={"hook_name": "blocks.3.hook_mlp_out"}))
-     .component("c", [1]), "hook_name", ["blocks.L.hook_resid_post", "'blocks.3.hook_mlp_out'"]),
+    (lambda t: load_saelens(_saelens_folder(t, metadata={"hook_name": "blocks.3.attn.hook_z"}))
+     .component("c", [1]), "hook_name", ["blocks.L.hook_<kind>", "'blocks.3.attn.hook_z'"]),
     (lambda t: load_saelens(_saelens_folder(t)).component("c", [1, 40]), "latent_ids",
      ["indices in [0, 40)", "[40]"]),
     (lambda t: load_saelens(_saelens_folder(t)).component("c", [1, 1]), "latent_ids",

@@ -137,6 +137,8 @@ def test_capture_plan(server: MonitorServer, bundle_dir: Path) -> None:
     assert plan.bundle_sha256 == manifest_sha
     assert plan.max_frame_bytes == MAX_FRAME
     assert len(plan.plan_id) == 16
+    # the policy's enforcement block (built-in defaults here) rides on the plan
+    assert (plan.enforcement.fail_mode, plan.enforcement.max_behind_frames) == ("open", 0)
 
 
 # ------------------------------------------------------------------ the happy path

@@ -1,24 +1,40 @@
-"""Fail-open / fail-closed: what vLLM's OpenAI server does while the sidecar is unreachable.
+"""Fail-open / fail-closed: what vLLM's OpenAI server does while the sidecar cannot judge.
 
 An ASGI middleware for vLLM's own `--middleware` flag (no vLLM file or function patched)::
 
-    SAFETY_MONITOR_ADDR=127.0.0.1:50051 SAFETY_MONITOR_FAIL_MODE=closed \\
+    SAFETY_MONITOR_ADDR=127.0.0.1:50051 \\
       vllm serve MODEL --middleware monitor.capture.gate.SidecarGate
 
 A watcher thread (one per API-server process) keeps a gRPC channel to
-`SAFETY_MONITOR_ADDR` and checks every `SAFETY_MONITOR_GATE_PERIOD_S` (default 1 s)
-that the sidecar answers `GetCapturePlan` (same TLS / token settings as the plugin).
-For each new generation request (POST to a path in `GATED_PATHS`) while it does not:
+`SAFETY_MONITOR_ADDR` and every `SAFETY_MONITOR_GATE_PERIOD_S` (default 1 s) fetches
+the capture plan (`GetCapturePlan`, same TLS / token settings as the plugin). The plan
+carries the policy's `enforcement:` block (`CapturePlan.enforcement`, policy
+`monitor.judge.policy.EnforcementPolicy`); the last one fetched stays in force while the
+sidecar is gone. Env vars override it: `SAFETY_MONITOR_FAIL_MODE` (open | closed) and
+`SAFETY_MONITOR_MAX_BEHIND_FRAMES` (int >= 0). With neither: fail-open, no behind bound.
 
-- ``open`` (default): the request is served, unmonitored; counted in
+The sidecar *cannot judge* when
+
+- it does not answer `GetCapturePlan` (unreachable), or
+- it is *behind*: `max_behind_frames > 0` and the capture plugin's send queue (the
+  worker's stats file, `SAFETY_MONITOR_STATS_FILE`, rewritten every second; field
+  `queued`) holds more messages than that. Without a stats file this check is off
+  (logged once at start).
+
+For each new generation request (POST to a path in `GATED_PATHS`) while it cannot:
+
+- ``open``: the request is served, unmonitored; counted in
   `safety_monitor_gate_unmonitored_total` and logged (WARNING, once per outage);
-- ``closed``: refused with HTTP 503 and an OpenAI-style error body naming the reason;
-  counted in `safety_monitor_gate_refused_total`.
+- ``closed``: refused with HTTP 503, `Retry-After: 1` and an OpenAI-style error body
+  naming the reason (unreachable / behind by N messages); counted in
+  `safety_monitor_gate_refused_total`.
 
 The counters live in prometheus_client's default registry, which vLLM's `/metrics`
 serves. Requests already running are not touched (their capture is dropped and counted by
-the plugin, `monitor.capture.transport`). The mode is a deployment setting of the plugin
-(the policy file lives in the sidecar, which is exactly what is unreachable here).
+the plugin, `monitor.capture.transport`).
+
+Thread rules: the watcher thread writes `SidecarWatch.state` (one tuple, replaced
+whole); the event loop reads it.
 """
 
 from __future__ import annotations
@@ -28,6 +44,7 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -46,22 +63,73 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def fail_mode() -> str:
-    """`SAFETY_MONITOR_FAIL_MODE` (open | closed; default open). Raises ValueError."""
-    raw = os.environ.get("SAFETY_MONITOR_FAIL_MODE", "").strip().lower() or "open"
+def fail_mode() -> str | None:
+    """`SAFETY_MONITOR_FAIL_MODE` (open | closed), None when unset. Raises ValueError."""
+    raw = os.environ.get("SAFETY_MONITOR_FAIL_MODE", "").strip().lower()
+    if not raw:
+        return None
     if raw not in FAIL_MODES:
         raise ValueError(f"SAFETY_MONITOR_FAIL_MODE: expected one of open, closed, found "
                          f"{raw!r}")
     return raw
 
 
+def max_behind_frames() -> int | None:
+    """`SAFETY_MONITOR_MAX_BEHIND_FRAMES` (int >= 0), None when unset. Raises ValueError."""
+    raw = os.environ.get("SAFETY_MONITOR_MAX_BEHIND_FRAMES", "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"SAFETY_MONITOR_MAX_BEHIND_FRAMES: expected an integer >= 0, "
+                         f"found {raw!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class GateState:
+    """One check's outcome.
+
+    Attributes:
+        ok: the sidecar can judge (reachable and not behind).
+        reason: why not ("" when ok), shown to refused clients and in the log.
+        fail_mode: mode in force (env override, else the last plan's, else "open").
+        max_behind_frames: behind bound in force (0: off).
+        checked: False until the first check finished.
+    """
+
+    ok: bool = False
+    reason: str = "not checked yet"
+    fail_mode: str = "open"
+    max_behind_frames: int = 0
+    checked: bool = False
+
+
+def _queued(stats_file: str | None) -> int | None:
+    """`queued` of the worker's stats file (None when absent or unreadable)."""
+    if not stats_file:
+        return None
+    try:
+        with open(stats_file) as f:
+            q = json.load(f).get("queued")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(q) if isinstance(q, int) else None
+
+
 class SidecarWatch:
-    """Background reachability check of the sidecar (thread-safe `up`)."""
+    """Background check of the sidecar: reachable, enforcement settings, behind."""
 
     def __init__(self, cfg: CaptureConfig, period_s: float) -> None:
         self.cfg = cfg
         self.period_s = period_s
-        self._up = threading.Event()
+        self.env_mode = fail_mode()
+        self.env_behind = max_behind_frames()
+        self.state = GateState(fail_mode=self.env_mode or "open",
+                               max_behind_frames=self.env_behind or 0)
         self._checked = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="safety-monitor-gate",
@@ -70,7 +138,7 @@ class SidecarWatch:
 
     @property
     def up(self) -> bool:
-        return self._up.is_set()
+        return self.state.ok
 
     def wait_first(self, timeout: float) -> None:
         self._checked.wait(timeout)
@@ -79,27 +147,52 @@ class SidecarWatch:
         self._stop.set()
         self._thread.join(5)
 
+    def _check(self, stub: Any) -> GateState:
+        from monitor.v1 import monitor_pb2
+
+        prev = self.state
+        try:
+            plan = stub.GetCapturePlan(monitor_pb2.GetCapturePlanRequest(),
+                                       timeout=max(0.5, self.period_s))
+        except grpc.RpcError:
+            return replace(prev, ok=False, checked=True,
+                           reason=f"the safety monitor at {self.cfg.addr} is unreachable")
+        e = plan.enforcement
+        mode = self.env_mode or (e.fail_mode if e.fail_mode in FAIL_MODES else "open")
+        bound = self.env_behind if self.env_behind is not None else int(e.max_behind_frames)
+        st = GateState(ok=True, reason="", fail_mode=mode, max_behind_frames=bound,
+                       checked=True)
+        if bound > 0:
+            q = _queued(self.cfg.stats_file)
+            if q is not None and q > bound:
+                return replace(st, ok=False, reason=f"the safety monitor is behind: {q} "
+                               f"messages queued in the capture plugin (bound {bound})")
+        return st
+
     def _run(self) -> None:
         from monitor.capture.transport import open_channel
-        from monitor.v1 import monitor_pb2, monitor_pb2_grpc
+        from monitor.v1 import monitor_pb2_grpc
 
         channel = open_channel(self.cfg)
         stub = monitor_pb2_grpc.MonitorStub(channel)
         try:
             while not self._stop.is_set():
-                try:
-                    stub.GetCapturePlan(monitor_pb2.GetCapturePlanRequest(),
-                                        timeout=max(0.5, self.period_s))
-                    ok = True
-                except grpc.RpcError:
-                    ok = False
-                if ok != self.up or not self._checked.is_set():
-                    if ok:
-                        log.info("safety monitor gate: sidecar %s reachable", self.cfg.addr)
+                st = self._check(stub)
+                prev, self.state = self.state, st
+                if (st.ok, st.reason, st.fail_mode) != (prev.ok, prev.reason, prev.fail_mode) \
+                        or not prev.checked:
+                    if st.ok:
+                        log.info("safety monitor gate: sidecar %s can judge (fail mode %s, "
+                                 "max behind %d)", self.cfg.addr, st.fail_mode,
+                                 st.max_behind_frames)
                     else:
-                        log.warning("safety monitor gate: sidecar %s UNREACHABLE (fail mode "
-                                    "%s)", self.cfg.addr, fail_mode())
-                (self._up.set if ok else self._up.clear)()
+                        log.warning("safety monitor gate: %s (fail mode %s)", st.reason,
+                                    st.fail_mode)
+                if st.max_behind_frames > 0 and not self.cfg.stats_file \
+                        and prev.max_behind_frames != st.max_behind_frames:
+                    log.warning("safety monitor gate: max_behind_frames %d is set but "
+                                "SAFETY_MONITOR_STATS_FILE is not: the behind check is OFF",
+                                st.max_behind_frames)
                 self._checked.set()
                 self._stop.wait(self.period_s)
         finally:
@@ -134,7 +227,7 @@ def _counters() -> tuple[Any, Any]:
 
 
 class SidecarGate:
-    """ASGI middleware: fail-open or fail-closed while the sidecar is unreachable.
+    """ASGI middleware: fail-open or fail-closed while the sidecar cannot judge.
 
     Disabled (passes everything) when `SAFETY_MONITOR_ADDR` is unset.
     """
@@ -142,12 +235,12 @@ class SidecarGate:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         cfg = CaptureConfig.from_env()
-        self.mode = fail_mode()
         self.watch = _get_watch(cfg) if cfg is not None else None
         self.refused, self.unmonitored = _counters()
         self._outage_logged = False
-        log.info("safety monitor gate: fail mode %s for %s (sidecar %s)", self.mode,
-                 sorted(GATED_PATHS), cfg.addr if cfg else "unset: gate off")
+        log.info("safety monitor gate on %s (sidecar %s; fail mode %s)", sorted(GATED_PATHS),
+                 cfg.addr if cfg else "unset: gate off",
+                 self.watch.state.fail_mode if self.watch else "-")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         w = self.watch
@@ -155,23 +248,24 @@ class SidecarGate:
                 or scope.get("path") not in GATED_PATHS):
             await self.app(scope, receive, send)
             return
-        if w.up:
+        st = w.state
+        if st.ok:
             self._outage_logged = False
             await self.app(scope, receive, send)
             return
-        if self.mode == "open":
+        if st.fail_mode == "open":
             self.unmonitored.inc()
             if not self._outage_logged:
                 self._outage_logged = True
-                log.warning("safety monitor gate: sidecar unreachable, serving requests "
-                            "UNMONITORED (fail-open; counted in "
-                            "safety_monitor_gate_unmonitored_total)")
+                log.warning("safety monitor gate: %s; serving requests UNMONITORED "
+                            "(fail-open; counted in safety_monitor_gate_unmonitored_total)",
+                            st.reason)
             await self.app(scope, receive, send)
             return
         self.refused.inc()
         body = json.dumps({"error": {
-            "message": "the safety monitor is unreachable and the policy is fail-closed: "
-                       "request refused, retry later",
+            "message": f"{st.reason} and the policy is fail-closed: request refused, "
+                       "retry later",
             "type": "ServiceUnavailable", "code": 503}}).encode()
         await send({"type": "http.response.start", "status": 503,
                     "headers": [(b"content-type", b"application/json"),

@@ -32,8 +32,10 @@ What the implementation does:
   indexing, no sync), and does the row bookkeeping on the host after `execute_model`
   returns: `meta` tells whether this step's forward ran, `query_start_loc.cpu` /
   `input_batch` give the spans, and a side stream copies the kept rows into the pinned
-  ring slot with an event the sender waits on. `StaticBuffers` below already carries
-  those tensors so the CUDA path only adds the copies.
+  ring slot with an event the sender waits on. `StaticBuffers` carries those tensors and
+  `capture_static` below is that op (`wrap_decoder_layers(..., static=buffers)`); the
+  plugin does not use it yet (no CUDA here). `bench/bench_gpu_capture.py` checks it on a
+  GPU: rows under torch.compile and CUDA-graph replay equal eager.
 """
 
 from __future__ import annotations
@@ -161,9 +163,9 @@ def _capture_resid_impl(
         PROF.op_ns += time.perf_counter_ns() - t0
 
 
-def _register_op() -> Any:
-    """Register the op once per process (the module may be imported repeatedly)."""
-    ns, name = OP_NAME.split("::")
+def _registered(qualname: str) -> Any:
+    """The op `ns::name` if this process registered it already, else None."""
+    ns, name = qualname.split("::")
     existing = getattr(getattr(torch.ops, ns), name, None) if hasattr(torch.ops, ns) else None
     if existing is not None:
         try:
@@ -171,6 +173,14 @@ def _register_op() -> Any:
             return existing
         except (AttributeError, RuntimeError):
             pass
+    return None
+
+
+def _register_op() -> Any:
+    """Register the op once per process (the module may be imported repeatedly)."""
+    existing = _registered(OP_NAME)
+    if existing is not None:
+        return existing
 
     op = torch.library.custom_op(OP_NAME, mutates_args=("meta",))(_capture_resid_impl)
 
@@ -190,15 +200,81 @@ def _register_op() -> Any:
 
 capture_resid = _register_op()
 
+STATIC_OP_NAME = "safety_monitor::capture_static"
+
+
+def _capture_static_impl(
+    hidden: torch.Tensor,
+    residual: torch.Tensor | None,
+    positions: torch.Tensor,
+    buf: torch.Tensor,
+    pos_buf: torch.Tensor,
+    meta: torch.Tensor,
+    layer: int,
+    site: int,
+    slot: int,
+) -> None:
+    """Graph-safe capture (the CUDA design): device kernels only, no host work, no sync.
+
+    `buf[slot, :n] = hidden (+ residual)` (`n = hidden.shape[0]`, written in place with
+    `torch.add(out=)`: no allocation), `pos_buf[:n] = positions`, `meta[layer] += 1` at
+    `SITE_OUT` (as `capture_resid`).
+    Shapes: `buf [n_slots, max_num_tokens, d_model]` (any float dtype; the sum is computed
+    in the inputs' dtype), `pos_buf` int64 `[max_num_tokens]`, `meta` int64 `[n_layers]`.
+    Because every effect is a kernel on tensors whose addresses never change, the op
+    replays inside a CUDA graph; the host reads `buf`/`pos_buf` after the step (after
+    `meta` says the forward ran) with an asynchronous copy into a pinned ring slot.
+    """
+    n = hidden.shape[0]
+    if n > buf.shape[1]:  # static shapes: a graph never sees this; eager callers are told
+        raise ValueError(f"capture_static: num_tokens {n} > buffer rows {buf.shape[1]}")
+    if residual is None:
+        buf[slot, :n].copy_(hidden)
+    else:
+        torch.add(hidden, residual, out=buf[slot, :n])
+    pos_buf[:n].copy_(positions)
+    if site == SITE_OUT:
+        meta[layer] += 1
+
+
+def _register_static_op() -> Any:
+    existing = _registered(STATIC_OP_NAME)
+    if existing is not None:
+        return existing
+    op = torch.library.custom_op(STATIC_OP_NAME,
+                                 mutates_args=("buf", "pos_buf", "meta"))(_capture_static_impl)
+
+    @op.register_fake
+    def _fake(
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        buf: torch.Tensor,
+        pos_buf: torch.Tensor,
+        meta: torch.Tensor,
+        layer: int,
+        site: int,
+        slot: int,
+    ) -> None:
+        return None
+
+    return op
+
+
+capture_static = _register_static_op()
+
 
 class StaticBuffers:
     """Preallocated, address-stable buffers the op mutates.
 
     Attributes:
         meta: int64 `[n_layers]` per-layer forward counter written by the op.
-        (CUDA design, allocated only when `device` is CUDA:)
-        hidden: `[n_plan_layers, max_num_tokens, d_model]` static copy target.
+        (CUDA design, allocated when `n_plan_layers` and `max_num_tokens` are given —
+        on CUDA, or on CPU for tests and benchmarks of the graph-safe op:)
+        hidden: `[n_plan_layers, max_num_tokens, d_model]` static copy target, one slot
+            per captured (layer, site) (`slots`, filled by `wrap_decoder_layers`).
         positions: int64 `[max_num_tokens]` static copy of the positions.
+        slots: (layer, site) → slot index in `hidden`.
     """
 
     def __init__(
@@ -215,7 +291,8 @@ class StaticBuffers:
         self.meta = torch.zeros(n_layers, dtype=torch.int64, device=device)
         self.hidden: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
-        if device.type == "cuda" and n_plan_layers and max_num_tokens:
+        self.slots: dict[tuple[int, int], int] = {}
+        if n_plan_layers and max_num_tokens:
             self.hidden = torch.empty((n_plan_layers, max_num_tokens, d_model), dtype=dtype,
                                       device=device)
             self.positions = torch.empty(max_num_tokens, dtype=torch.int64, device=device)
@@ -245,6 +322,7 @@ def wrap_decoder_layers(
     layers: nn.ModuleList,
     wanted: dict[int, frozenset[int]] | None,
     meta: torch.Tensor,
+    static: StaticBuffers | None = None,
 ) -> dict[int, frozenset[int]]:
     """Wrap the forward of the wanted decoder layers; idempotent.
 
@@ -253,6 +331,11 @@ def wrap_decoder_layers(
         wanted: layer index → op sites to call (`SITE_IN`, `SITE_OUT`); None: every layer,
             both sites.
         meta: the op's int64 `[n_layers]` counter.
+        static: None: call `capture_resid` (the host sink copies the rows; the CPU path).
+            Given (with `hidden` allocated): call the graph-safe `capture_static` instead,
+            which copies each (layer, site) into its own slot of `static.hidden` (slots
+            assigned in (layer, site) order, recorded in `static.slots`); raises
+            ValueError when the wanted sites need more slots than `static.hidden` has.
 
     The wrapper calls the op on the input pair (`SITE_IN`), then the original
     `forward(positions, hidden_states, residual, ...)`, then the op on the returned
@@ -264,6 +347,30 @@ def wrap_decoder_layers(
         Layer index (model-global) → sites, for the layers wrapped by this or an earlier call.
     """
     done: dict[int, frozenset[int]] = {}
+    hbuf: torch.Tensor | None = None
+    pbuf: torch.Tensor | None = None
+    slots: dict[tuple[int, int], int] = {}
+    if static is not None:
+        if static.hidden is None or static.positions is None:
+            raise ValueError("wrap_decoder_layers: static buffers have no hidden/positions "
+                             "(give n_plan_layers and max_num_tokens)")
+        want_sites = sorted((i, s) for i in range(len(layers))
+                            for s in (ALL_SITES if wanted is None else wanted.get(i, ())))
+        need = len(set(want_sites) | set(static.slots))
+        if need > static.hidden.shape[0]:
+            raise ValueError(f"wrap_decoder_layers: static slots: expected >= {need}, "
+                             f"found {static.hidden.shape[0]}")
+        for key in want_sites:
+            static.slots.setdefault(key, len(static.slots))
+        hbuf, pbuf, slots = static.hidden, static.positions, static.slots
+    def _call(h: torch.Tensor, r: torch.Tensor | None, pos: torch.Tensor, i: int,
+              site: int) -> None:
+        if static is None:
+            torch.ops.safety_monitor.capture_resid(h, r, pos, meta, i, site)
+        else:
+            torch.ops.safety_monitor.capture_static(h, r, pos, hbuf, pbuf, meta, i, site,
+                                                    slots[(i, site)])
+
     for i, layer in enumerate(layers):
         sites = ALL_SITES if wanted is None else wanted.get(i)
         if not sites:
@@ -289,12 +396,10 @@ def wrap_decoder_layers(
             **kwargs: Any,
         ) -> Any:
             if _pre:
-                torch.ops.safety_monitor.capture_resid(hidden_states, residual, positions, meta,
-                                                       _i, SITE_IN)
+                _call(hidden_states, residual, positions, _i, SITE_IN)
             out = _orig(positions, hidden_states, residual, *args, **kwargs)
             if _post:
-                torch.ops.safety_monitor.capture_resid(out[0], out[1], positions, meta, _i,
-                                                       SITE_OUT)
+                _call(out[0], out[1], positions, _i, SITE_OUT)
             return out
 
         layer.forward = forward

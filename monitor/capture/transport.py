@@ -457,6 +457,7 @@ class Transport:
                 "verdicts": self.verdicts,
                 "stream_errors": self.stream_errors,
                 "plans_refused": self.plans_refused,
+                "queued": self._q.qsize(),  # read by the API-server gate (behind bound)
             }
 
     def refuse_plan(self, e: ValueError) -> None:

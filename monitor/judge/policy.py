@@ -16,6 +16,11 @@ A policy is a YAML file that safety teams edit (reference: ``policies/README.md`
         scope: prompt
         aggregation: {kind: ema, half_life_tokens: 4}
         thresholds: {warn: 0.6, critical: 0.9}
+    enforcement:                     # optional (``EnforcementPolicy``)
+      fail_mode: open                # open | closed: new requests while the sidecar
+                                     # cannot judge are served (counted) or refused (503)
+      max_behind_frames: 0           # > 0: "cannot judge" also when the plugin's send
+                                     # queue holds more messages than this
 
 ``scope`` is one word or a list of words: ``prompt`` (every prompt token), ``generated``
 (the model's output), ``both``, or token roles (``monitor.roles``): ``system``, ``user``,
@@ -158,16 +163,39 @@ class PolicyDefaults:
     judge_at: str = "every_token"
 
 
+#: ``enforcement.fail_mode`` values
+FAIL_MODES = ("open", "closed")
+
+
+@dataclass(frozen=True)
+class EnforcementPolicy:
+    """The ``enforcement:`` block: what vLLM's API server does while the sidecar cannot
+    judge (sent in the capture plan, applied by ``monitor.capture.gate``).
+
+    Attributes:
+        fail_mode: ``open`` (built-in default): serve new generation requests
+            unmonitored and count them; ``closed``: refuse them (HTTP 503) and count them.
+        max_behind_frames: the sidecar also counts as unable to judge while the capture
+            plugin's send queue holds more than this many messages (it is behind);
+            0 (default): only an unreachable sidecar counts.
+    """
+
+    fail_mode: str = "open"
+    max_behind_frames: int = 0
+
+
 @dataclass(frozen=True)
 class Policy:
     """A validated policy. ``sha256`` is of the source text (UTF-8), ``source`` its origin
-    (a path or ``"<string>"``). ``detectors`` is read-only, keyed by detector name."""
+    (a path or ``"<string>"``). ``detectors`` is read-only, keyed by detector name;
+    ``enforcement`` the fail-open/closed settings."""
 
     version: str
     sha256: str
     source: str
     detectors: Mapping[str, DetectorPolicy]
     defaults: PolicyDefaults
+    enforcement: EnforcementPolicy = field(default_factory=EnforcementPolicy)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -404,7 +432,8 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         raise PolicyError(source, 1, "", f"YAML error: {e}") from None
     if root is None:
         raise PolicyError(source, 1, "", "empty policy; expected a mapping with version")
-    top = p.mapping(root, "", ("version", "description", "defaults", "detectors"))
+    top = p.mapping(root, "", ("version", "description", "defaults", "detectors",
+                               "enforcement"))
 
     if "version" not in top:
         raise p.fail(root, "version", "required (a string, e.g. \"2025-06-01.1\")")
@@ -461,12 +490,26 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
             thresholds=thresholds,
             judge_at=own["judge_at"][0] if "judge_at" in own else base.judge_at,
         )
+    enforcement = EnforcementPolicy()
+    if "enforcement" in top:
+        ents = p.mapping(top["enforcement"][1], "enforcement",
+                         ("fail_mode", "max_behind_frames"))
+        fm = (p.choice(ents["fail_mode"][1], "enforcement.fail_mode", FAIL_MODES)
+              if "fail_mode" in ents else enforcement.fail_mode)
+        mb = enforcement.max_behind_frames
+        if "max_behind_frames" in ents:
+            mb = p.integer(ents["max_behind_frames"][1], "enforcement.max_behind_frames")
+            if mb < 0:
+                raise p.fail(ents["max_behind_frames"][1], "enforcement.max_behind_frames",
+                             f"expected an integer >= 0; found {mb}")
+        enforcement = EnforcementPolicy(fail_mode=fm, max_behind_frames=mb)
     return Policy(
         version=version,
         sha256=sha,
         source=source,
         detectors=MappingProxyType(detectors),
         defaults=base,
+        enforcement=enforcement,
     )
 
 

@@ -47,6 +47,7 @@ import numpy as np
 
 from monitor.constants import SEVERITY_RANK, RequestKey
 from monitor.judge.aggregate import Aggregator, make_aggregator
+from monitor.judge.latents import LatentHit
 from monitor.judge.policy import DetectorPolicy, Policy
 from monitor.roles import derive_roles, scope_mask
 
@@ -78,6 +79,11 @@ class VerdictUpdate:
     n_tokens_scored: int
     n_tokens_unscored: int
     escalated: bool
+    #: SAE latents that fired (``monitor.judge.latents``; the pipeline fills them in)
+    latents: tuple[LatentHit, ...] = ()
+    #: the request's last in-scope (position, token score) pairs (``monitor.judge.trace``;
+    #: the pipeline fills them in for audit lines)
+    tokens: tuple[tuple[int, float], ...] = ()
 
     @property
     def request_id(self) -> str:

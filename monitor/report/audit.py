@@ -49,8 +49,12 @@ def audit_record(
     model_name: str, correlation_id: str = "",
 ) -> dict[str, Any]:
     """Build one audit record from a `VerdictUpdate` (no activations). `request_id` is
-    the engine's id (the key), `correlation_id` the caller's label ("" when none)."""
-    return {
+    the engine's id (the key), `correlation_id` the caller's label ("" when none).
+    `latents` (only when some SAE latent of the detector fired, at most
+    `monitor.judge.latents.MAX_LATENTS`): `[{name, index, value, label}]`; `tokens`
+    (only when the server keeps a token trace, `--audit-token-trace`): the detector's
+    last in-scope `[position, token score]` pairs, oldest first."""
+    rec: dict[str, Any] = {
         "ts": _utc_now(),
         "event": event,
         "request_id": update.request_id,
@@ -69,6 +73,12 @@ def audit_record(
         "n_tokens_scored": int(update.n_tokens_scored),
         "n_tokens_unscored": int(update.n_tokens_unscored),
     }
+    if update.latents:
+        rec["latents"] = [{"name": h.name, "index": h.index, "value": round(h.value, 4),
+                           "label": h.label} for h in update.latents]
+    if update.tokens:
+        rec["tokens"] = [[int(p), round(float(s), 4)] for p, s in update.tokens]
+    return rec
 
 
 class AuditLog:

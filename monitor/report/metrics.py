@@ -139,6 +139,11 @@ class Metrics:
         self.blocks = Counter(p + "blocks", "Block orders sent to the capture plugin (mode "
                               "block at critical); the plugin stops that request.",
                               ["detector"], registry=r)
+        self.block_tokens_after = Histogram(
+            p + "block_tokens_after_crossing", "Tokens a blocked request generated after "
+            "its crossing token, counted by the sidecar when the request finished "
+            "(`monitor.report.verdicts.tokens_after_crossing`).", ["detector"],
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.scoring_latency = Histogram(p + "scoring_latency_seconds", "Time of one scorer "
                                          "call (one batch of one layer).", ["layer"],
                                          buckets=_LATENCY_BUCKETS, registry=r)
@@ -164,9 +169,13 @@ class Metrics:
                                       ["result"], registry=r)
         self.audit_write_failures = Counter(p + "audit_write_failures", "Audit log lines "
                                             "that could not be written.", registry=r)
-        self.verdicts_dropped = Counter(p + "verdicts_dropped", "Server messages dropped "
-                                        "because a stream's outbound queue was full.",
-                                        registry=r)
+        self.verdicts_dropped = Counter(p + "verdicts_dropped", "Server messages not "
+                                        "delivered because their stream had ended (the audit "
+                                        "log has them).", registry=r)
+        self.stream_read_pauses = Counter(p + "stream_read_pauses", "Times a stream's reads "
+                                          "paused because its client left more than "
+                                          "--stream-outbound-bytes of verdicts unread.",
+                                          registry=r)
         self.build_info = Info(p + "build", "Monitor build.", registry=r)
         for result in ("ok", "refused"):
             self.policy_reloads.labels(result=result)

@@ -43,15 +43,23 @@ class FrameScorer(Protocol):
     the same time: implementations are immutable after construction.
     """
 
-    layers: tuple[int, ...]
+    layers: tuple[int, ...]  # layers of ``hooks``, ascending
+    hooks: tuple[str, ...]  # hook points with a detector, forward order (monitor.wire.hooks)
     d_model: int
 
-    def detectors_on(self, layer: int) -> tuple[str, ...]:
-        """Detector names of ``layer`` in the column order of ``score``."""
+    def detectors_on(self, point: int | str) -> tuple[str, ...]:
+        """Detector names of hook point ``point`` (a name, or a bare layer ``L`` =
+        ``blocks.L.hook_resid_post``) in the column order of ``score``."""
         ...
 
-    def score(self, layer: int, x: np.ndarray) -> np.ndarray:
+    def score(self, point: int | str, x: np.ndarray) -> np.ndarray:
         """float32 ``[n_rows, n_detectors]`` in [0, 1] for ``x [n_rows, d_model]``."""
+        ...
+
+    def score_and_columns(self, point: int | str, x: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """``score`` and the packed column values ``[n_rows, n_cols]`` (float32) of the
+        same rows (``monitor.score.pack`` column order)."""
         ...
 
 

@@ -49,9 +49,9 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
-from monitor.constants import hook_name
 from monitor.fileio import FileRefused, read_regular_file
 from monitor.roles import SCOPE_WORDS
+from monitor.wire.hooks import hook_key, parse_hook_name
 
 from . import sae as _sae  # noqa: F401  (registers the SAE component kinds; no torch)
 from .kinds import (
@@ -116,7 +116,10 @@ _ONNX_KEYS: tuple[set[str], set[str]] = (
 ONNX_OPSETS = (17,)
 _MODEL_KEYS: tuple[set[str], set[str]] = ({"name", "d_model", "n_layers"}, set())
 _COMPONENT_KEYS = ({"name", "kind", "layer", "tensors"},
-                   {"hook_name", "activation", "latent_ids", "preprocessing"})
+                   {"hook_name", "activation", "latent_ids", "latent_labels",
+                    "preprocessing"})
+#: Longest `latent_labels` entry, in characters (a label travels on verdicts and alerts).
+MAX_LATENT_LABEL_CHARS = 120
 _PREPROCESSING_KEYS: tuple[set[str], set[str]] = (
     set(), {"scale", "normalize", "apply_b_dec_to_input", "layer_norm_eps"})
 _DETECTOR_KEYS = ({"name", "inputs", "token_scope", "default_thresholds"},
@@ -163,6 +166,11 @@ class DetectorSpec:
     default_thresholds: dict[str, float]
     calibration: dict[str, Any]
     provenance: dict[str, Any]
+    hook_name: str = ""  # the hook point all its inputs read; "" = resid_post of ``layer``
+
+    def __post_init__(self) -> None:
+        if not self.hook_name:
+            object.__setattr__(self, "hook_name", hook_key(self.layer))
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,13 +207,28 @@ class Bundle:
                 return d
         raise KeyError(name)
 
-    def detectors_on(self, layer: int) -> tuple[DetectorSpec, ...]:
-        """Detectors on ``layer``, in manifest order."""
-        return tuple(d for d in self.detectors if d.layer == layer)
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        """Hook points read by at least one detector, in forward order (layer, then
+        resid_pre < resid_mid < mlp_out < resid_post; ``monitor.wire.hooks``)."""
+        return tuple(h.name for h in sorted({parse_hook_name(d.hook_name)
+                                             for d in self.detectors}))
 
-    def components_on(self, layer: int) -> tuple[Component, ...]:
-        """Components on ``layer``, in manifest order."""
-        return tuple(c for c in self.components.values() if c.layer == layer)
+    @property
+    def resid_post_only(self) -> bool:
+        """Every detector reads ``blocks.L.hook_resid_post`` (what ONNX export supports)."""
+        return all(d.hook_name == hook_key(d.layer) for d in self.detectors)
+
+    def detectors_on(self, point: int | str) -> tuple[DetectorSpec, ...]:
+        """Detectors reading hook point ``point`` (a name, or a bare layer ``L`` =
+        ``blocks.L.hook_resid_post``), in manifest order."""
+        hook = hook_key(point)
+        return tuple(d for d in self.detectors if d.hook_name == hook)
+
+    def components_on(self, point: int | str) -> tuple[Component, ...]:
+        """Components on hook point ``point`` (as in :meth:`detectors_on`), manifest order."""
+        hook = hook_key(point)
+        return tuple(c for c in self.components.values() if c.hook_name == hook)
 
 
 # --------------------------------------------------------------------------- validation
@@ -372,6 +395,11 @@ def load_bundle(path: str | os.PathLike[str], *,
     detectors = _check_detectors(top["detectors"], ck, components)
     layers = sorted({d.layer for d in detectors})
     onnx = _check_onnx(top, ck, root, onnx_files, layers, n_layers)
+    if onnx is not None:
+        for d in detectors:
+            if d.hook_name != hook_key(d.layer):
+                raise ck.fail("onnx", f"no onnx section (graphs read resid_post only; "
+                              f"detector {d.name!r} reads {d.hook_name})", "a section")
 
     used = {i.component for d in detectors for i in d.inputs}
     for position, comp in enumerate(components.values()):
@@ -520,10 +548,19 @@ def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
         name = _unique_name(ck, c["name"], where, out, "components")
         kind = ck.choice(c["kind"], f"{where}.kind", KINDS)
         layer = ck.integer(c["layer"], f"{where}.layer", 0, n_layers)
-        hook = hook_name(layer)
-        if c.get("hook_name", hook) != hook:
-            raise ck.fail(f"{where}.hook_name", f"{hook!r} (residual stream after layer "
-                          f"{layer})", _show(c["hook_name"]))
+        hook = hook_key(layer)
+        if "hook_name" in c:
+            raw = ck.string(c["hook_name"], f"{where}.hook_name", what="a hook point name")
+            try:
+                hp = parse_hook_name(raw, field=f"{where}.hook_name")
+            except ValueError:
+                raise ck.fail(f"{where}.hook_name", "'blocks.<layer>.hook_<kind>' with kind "
+                              "in resid_pre, resid_mid, mlp_out, resid_post",
+                              _show(raw)) from None
+            if hp.layer != layer:
+                raise ck.fail(f"{where}.hook_name", f"a hook point of layer {layer}",
+                              _show(raw))
+            hook = hp.name
 
         acts = activations_of(kind)
         if "activation" not in c and len(acts) > 1:
@@ -552,9 +589,26 @@ def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
                 raise ck.fail(f"{where}.latent_ids", "distinct latent indices",
                               _show(list(latent_ids)))
 
+        labels: tuple[str, ...] | None = None
+        if "latent_labels" in c:
+            if latent_ids is None:
+                raise ck.fail(f"{where}.latent_labels", "no labels without latent_ids",
+                              "labels")
+            raw_labels = ck.array(c["latent_labels"], f"{where}.latent_labels")
+            if len(raw_labels) != k:
+                raise ck.fail(f"{where}.latent_labels", f"{k} labels (one per column)",
+                              f"{len(raw_labels)}")
+            labels = tuple(ck.string(v, f"{where}.latent_labels[{j}]") for j, v in
+                           enumerate(raw_labels))
+            for j, text in enumerate(labels):
+                if len(text) > MAX_LATENT_LABEL_CHARS:
+                    raise ck.fail(f"{where}.latent_labels[{j}]",
+                                  f"at most {MAX_LATENT_LABEL_CHARS} characters",
+                                  f"{len(text)}")
+
         out[name] = Component(name=name, kind=kind, layer=layer, hook_name=hook,
                               tensors=tensors, activation=activation, latent_ids=latent_ids,
-                              preprocessing=pre, k=k)
+                              preprocessing=pre, k=k, latent_labels=labels)
     return out
 
 
@@ -663,6 +717,7 @@ def _check_detectors(items: Any, ck: _Checker,
 
         inputs: list[DetectorInput] = []
         layer: int | None = None
+        hook: str | None = None
         for j, raw in enumerate(ck.array(d["inputs"], f"{where}.inputs", nonempty=True)):
             iw = f"{where}.inputs[{j}]"
             inp = ck.obj(raw, iw, _INPUT_KEYS)
@@ -675,13 +730,17 @@ def _check_detectors(items: Any, ck: _Checker,
                               f"{cname!r} again")
             comp = components[cname]
             if layer is None:
-                layer = comp.layer
+                layer, hook = comp.layer, comp.hook_name
             elif comp.layer != layer:
                 raise ck.fail(f"{iw}.component", f"a component on layer {layer} (all inputs "
                               "of a detector share one layer)",
                               f"{cname!r} on layer {comp.layer}")
+            elif comp.hook_name != hook:
+                raise ck.fail(f"{iw}.component", f"a component on {hook} (all inputs of a "
+                              "detector share one hook point)",
+                              f"{cname!r} on {comp.hook_name}")
             inputs.append(DetectorInput(cname, _check_input_weights(inp, iw, comp, ck)))
-        assert layer is not None
+        assert layer is not None and hook is not None
 
         out.append(DetectorSpec(
             name=name,
@@ -694,6 +753,7 @@ def _check_detectors(items: Any, ck: _Checker,
                                                  f"{where}.default_thresholds", ck),
             calibration=ck.free_obj(d.get("calibration", {}), f"{where}.calibration"),
             provenance=ck.free_obj(d.get("provenance", {}), f"{where}.provenance"),
+            hook_name=hook,
         ))
     return tuple(out)
 

@@ -92,7 +92,10 @@ class Component:
     ``[d_model, k]``; empty when loaded with ``load_tensors=False``). ``k`` is the
     number of columns (0: derived from ``tensors``). ``activation`` selects the kind's
     epilogue (see the module docstring). ``latent_ids`` (sae_latents only) are the latent
-    indices in the source SAE, one per column, for feature labels in alerts.
+    indices in the source SAE, one per column, for feature labels in alerts;
+    ``latent_labels`` (optional, only with ``latent_ids``) a short human label per column
+    (at most ``bundle.MAX_LATENT_LABEL_CHARS``), carried with fired latents into verdicts,
+    the audit log and alerts.
     """
 
     name: str
@@ -104,6 +107,7 @@ class Component:
     latent_ids: tuple[int, ...] | None = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     k: int = 0
+    latent_labels: tuple[str, ...] | None = None  # one short label per latent (alerts)
 
     def __post_init__(self) -> None:
         if self.k == 0:

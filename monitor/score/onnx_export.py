@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .bundle import MANIFEST, Bundle, _sha256_file, load_bundle, source_digest
+from .bundle import MANIFEST, Bundle, BundleError, _sha256_file, load_bundle, source_digest
 from .onnx_scorer import GRAPH_FORMAT
 from .pack import PackedLayer, pack_layer
 
@@ -152,6 +152,10 @@ def export_onnx(path: str | os.PathLike[str]) -> Bundle:
     """
     root = Path(path)
     bundle = load_bundle(root)
+    if not bundle.resid_post_only:
+        raise BundleError(str(root / MANIFEST), "detectors[].hook_name",
+                          "resid_post hook points only (an ONNX graph is keyed by layer)",
+                          f"{list(bundle.hook_names)}")
     doc: dict[str, Any] = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     old = [f for f in doc.get("files", {}) if f.endswith(".onnx")]
     src = source_digest(doc)

@@ -31,6 +31,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from monitor.wire.hooks import parse_hook_name
+
 from .bundle import Bundle, BundleError
 
 __all__ = ["OnnxScorer"]
@@ -66,6 +68,7 @@ class OnnxScorer:
         self.bundle = bundle
         self.d_model = bundle.d_model
         self.layers: tuple[int, ...] = bundle.layers
+        self.hooks: tuple[str, ...] = bundle.hook_names
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(threads, 0)
         opts.inter_op_num_threads = 1
@@ -130,15 +133,15 @@ class OnnxScorer:
 
     # ----------------------------------------------------------------------- public
 
-    def detectors_on(self, layer: int) -> tuple[str, ...]:
+    def detectors_on(self, layer: int | str) -> tuple[str, ...]:
         """Detector names of ``layer``, in the column order of :meth:`score`."""
         return self._layer(layer).detectors
 
-    def score_components(self, layer: int, x: np.ndarray) -> np.ndarray:
+    def score_components(self, layer: int | str, x: np.ndarray) -> np.ndarray:
         """Column values ``Z`` after the epilogue: float32 ``[n_rows, n_cols]``."""
         return self._run(layer, x, "z")
 
-    def score(self, layer: int, x: np.ndarray) -> np.ndarray:
+    def score(self, layer: int | str, x: np.ndarray) -> np.ndarray:
         """Detector scores in [0, 1]: float32 ``[n_rows, len(detectors_on(layer))]``.
 
         ``x``: ``[n_rows, d_model]`` float32 / float16 numpy array (not modified; float16
@@ -146,9 +149,19 @@ class OnnxScorer:
         """
         return self._run(layer, x, "scores")
 
+    def score_and_columns(self, layer: int | str, x: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """``(score(layer, x), score_components(layer, x))`` from one session run."""
+        scores, z = self._run_many(layer, x, ("scores", "z"))
+        return scores, z
+
     # ----------------------------------------------------------------------- helpers
 
-    def _run(self, layer: int, x: np.ndarray, output: str) -> np.ndarray:
+    def _run(self, layer: int | str, x: np.ndarray, output: str) -> np.ndarray:
+        return self._run_many(layer, x, (output,))[0]
+
+    def _run_many(self, layer: int | str, x: np.ndarray, outputs: tuple[str, ...]
+                  ) -> list[np.ndarray]:
         lay = self._layer(layer)
         if not isinstance(x, np.ndarray):
             raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
@@ -158,14 +171,15 @@ class OnnxScorer:
         if x.ndim != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"x must have shape [n_rows, {self.d_model}], "
                              f"got {list(x.shape)}")
-        width = len(lay.detectors) if output == "scores" else lay.n_cols
         if x.shape[0] == 0:
-            return np.zeros((0, width), dtype=np.float32)
+            return [np.zeros((0, len(lay.detectors) if o == "scores" else lay.n_cols),
+                             dtype=np.float32) for o in outputs]
         xf = np.ascontiguousarray(x, dtype=np.float32)
-        (out,) = lay.session.run([output], {"x": xf})
-        return np.asarray(out, dtype=np.float32)
+        outs = lay.session.run(list(outputs), {"x": xf})
+        return [np.asarray(o, dtype=np.float32) for o in outs]
 
-    def _layer(self, layer: int) -> _Layer:
+    def _layer(self, point: int | str) -> _Layer:
+        layer = point if isinstance(point, int) else _resid_post_layer(point)
         try:
             return self._layers[layer]
         except KeyError:
@@ -185,3 +199,10 @@ def _check_io(values: Any, want: list[tuple[str, int]], field: str, fail: Any) -
                 or not isinstance(dims[0], str) or dims[1] != width:
             raise fail(f"{field}[{name!r}]", f"float32 [n_rows, {width}]",
                        f"elem_type {tt.elem_type} shape {dims}")
+
+
+def _resid_post_layer(name: str) -> int:
+    """The layer of ``blocks.L.hook_resid_post`` (-1 for another hook: not scored here;
+    a bundle with one has no onnx section)."""
+    hp = parse_hook_name(name)
+    return hp.layer if hp.kind == "resid_post" else -1

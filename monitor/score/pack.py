@@ -1,4 +1,9 @@
-"""Pack every component of one layer into one matrix, and every detector into one read-out.
+"""Pack every component of one hook point into one matrix, every detector into one read-out.
+
+A "layer" below is one hook point (``blocks.L.hook_<kind>``, ``monitor.wire.hooks``): the
+components and detectors that read the same tensor. A bare layer number ``L`` means
+``blocks.L.hook_resid_post`` (bundles without ``hook_name``); e.g. an SAE trained on
+``blocks.9.hook_resid_pre`` packs apart from a probe on ``blocks.9.hook_resid_post``.
 
 For a layer with components ``c = 1..C`` (``k_c`` columns each, ``n = Σ k_c``) and
 detectors ``1..D``, the fused scorer computes, for a batch ``X [n_rows, d_model]``::
@@ -44,6 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
+from monitor.wire.hooks import hook_key
+
 from .bundle import Bundle
 from .kinds import Component, get_kind
 
@@ -87,7 +94,8 @@ class PackedLayer:
     ``floor`` (``[n_cols]``) are None unless a column needs the general epilogue.
     ``R [n_cols, n_detectors]``, ``c [n_detectors]``; ``detectors`` names the read-out
     columns, ``columns`` maps each packed column to its component and local index,
-    ``slices`` maps a component name to its columns.
+    ``slices`` maps a component name to its columns. ``hook_name`` is the hook point all
+    of them read (``layer`` is its layer).
     """
 
     layer: int
@@ -105,6 +113,7 @@ class PackedLayer:
     mag_scale: torch.Tensor | None = None
     mag_shift: torch.Tensor | None = None
     floor: torch.Tensor | None = None
+    hook_name: str = ""
 
     @property
     def d_model(self) -> int:
@@ -141,12 +150,16 @@ def fold_component(comp: Component) -> FoldedBlock:
                        floor=epi.floor, scale=epi.scale, shift=epi.shift)
 
 
-def pack_layer(bundle: Bundle, layer: int) -> PackedLayer:
-    """Pack the components and detectors of ``layer`` (manifest order) into a PackedLayer."""
-    comps = bundle.components_on(layer)
-    dets = bundle.detectors_on(layer)
+def pack_layer(bundle: Bundle, point: int | str) -> PackedLayer:
+    """Pack the components and detectors of hook point ``point`` (a name, or a bare layer
+    ``L`` = ``blocks.L.hook_resid_post``; manifest order) into a PackedLayer."""
+    hook = hook_key(point)
+    comps = bundle.components_on(hook)
+    dets = bundle.detectors_on(hook)
     if not dets:
-        raise KeyError(f"bundle {bundle.name!r} has no detector on layer {layer}")
+        raise KeyError(f"bundle {bundle.name!r} has no detector on {hook} "
+                       f"(hook points {list(bundle.hook_names)})")
+    layer = dets[0].layer
     blocks = [fold_component(c) for c in comps]
 
     slices: dict[str, slice] = {}
@@ -174,6 +187,7 @@ def pack_layer(bundle: Bundle, layer: int) -> PackedLayer:
     has_ln = bool(ln_mask.any())
     return PackedLayer(
         layer=layer,
+        hook_name=hook,
         W=torch.cat([blk.W for blk in blocks], dim=1).contiguous(),
         b=torch.cat([blk.b for blk in blocks]),
         theta=torch.cat([blk.theta for blk in blocks]),
@@ -193,6 +207,6 @@ def pack_layer(bundle: Bundle, layer: int) -> PackedLayer:
     )
 
 
-def pack_bundle(bundle: Bundle) -> dict[int, PackedLayer]:
-    """``{layer: PackedLayer}`` for every layer with a detector."""
-    return {layer: pack_layer(bundle, layer) for layer in bundle.layers}
+def pack_bundle(bundle: Bundle) -> dict[str, PackedLayer]:
+    """``{hook name: PackedLayer}`` for every hook point with a detector."""
+    return {hook: pack_layer(bundle, hook) for hook in bundle.hook_names}

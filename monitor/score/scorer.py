@@ -1,13 +1,16 @@
-"""The fused scorer: one GEMM per layer, a vectorised epilogue, a small read-out GEMM.
+"""The fused scorer: one GEMM per hook point, a vectorised epilogue, a small read-out GEMM.
 
-For ``x [n_rows, d_model]`` on ``layer`` (see ``pack.py`` for how W, b, θ are built)::
+Kernels are keyed by hook point name (``blocks.L.hook_<kind>``, ``monitor.wire.hooks``);
+every method taking ``layer`` also takes a bare int ``L``, meaning
+``blocks.L.hook_resid_post``. For ``x [n_rows, d_model]`` read at that hook point (see
+``pack.py`` for how W, b, θ are built)::
 
     P = x · W + b                          one torch.addmm (bf16: mm, then + b in fp32)
     P[:, ln] = (x · W)[:, ln] · rsqrt(var(x) + ln_eps) + b[ln]   only if the layer has them
     (layer_norm_std columns: · 1 / (sqrt(var(x)·d/(d−1)) + ln_eps) instead)
     Z = P · [P > θ]                        identity θ = −inf, relu 0, jumprelu θ
     Z = [P > θ] · max(s·P + t, floor)      instead, if the layer has gated columns
-    S = sigmoid(Z · R + c)                 float32 [n_rows, n_detectors]
+    S = sigmoid(Z · R + c)                 float32 [n_rows, n_detectors]  (F.linear, R^T kept)
 
 A Scorer is immutable after construction: ``score`` allocates its outputs and touches no
 shared mutable state, so it may run on a worker thread while other threads read its
@@ -21,6 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from monitor.wire.hooks import hook_key
 
 from .bundle import Bundle
 from .pack import PackedLayer, pack_layer
@@ -43,7 +49,9 @@ class _Kernel:
     addmm; bf16: None); ``b_post [n_cols]``
     float32, added after the GEMM (bf16: all of b; fp32: b on layer_norm columns only,
     None if there are none); ``ln_eps [1, n_cols]`` (None without layer_norm columns);
-    ``ln_cols [n_cols]`` bool.
+    ``ln_cols [n_cols]`` bool. ``Rt [n_detectors, n_cols]``: the read-out ``R``
+    transposed, contiguous, for ``F.linear`` (a skinny ``[rows, n_cols] × [n_cols, D]``
+    addmm with row-major ``R`` measured ~5× slower on CPU: 7.5 vs 1.4 ms at 4096 × 520 × 9).
     """
 
     packed: PackedLayer
@@ -52,6 +60,7 @@ class _Kernel:
     b_post: torch.Tensor | None
     ln_cols: torch.Tensor | None
     ln_eps: torch.Tensor | None
+    Rt: torch.Tensor
 
 
 class Scorer:
@@ -68,9 +77,11 @@ class Scorer:
         self.bundle = bundle
         self.compute_dtype = compute_dtype
         self.d_model = bundle.d_model
+        #: hook points with a detector, forward order; ``layers``: their layers, ascending
+        self.hooks: tuple[str, ...] = bundle.hook_names
         self.layers: tuple[int, ...] = bundle.layers
-        self._kernels: dict[int, _Kernel] = {
-            layer: self._build(pack_layer(bundle, layer)) for layer in self.layers
+        self._kernels: dict[str, _Kernel] = {
+            hook: self._build(pack_layer(bundle, hook)) for hook in self.hooks
         }
 
     def _build(self, p: PackedLayer) -> _Kernel:
@@ -89,19 +100,20 @@ class Scorer:
             b_post=b_post,
             ln_cols=ln,
             ln_eps=None if p.ln_eps is None else p.ln_eps.unsqueeze(0),
+            Rt=p.R.t().contiguous(),
         )
 
     # ----------------------------------------------------------------------- public
 
-    def packed(self, layer: int) -> PackedLayer:
+    def packed(self, layer: int | str) -> PackedLayer:
         """The float32 packed weights of ``layer`` (read-only)."""
         return self._kernel(layer).packed
 
-    def detectors_on(self, layer: int) -> tuple[str, ...]:
+    def detectors_on(self, layer: int | str) -> tuple[str, ...]:
         """Detector names of ``layer``, in the column order of :meth:`score`."""
         return self._kernel(layer).packed.detectors
 
-    def score_components(self, layer: int, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def score_components(self, layer: int | str, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Column values ``Z`` after the epilogue: float32 ``[n_rows, n_cols]``.
 
         Column ``j`` is ``packed(layer).columns[j]``. ``x`` is not modified.
@@ -116,13 +128,55 @@ class Scorer:
             p = torch.addmm(kern.b_gemm, xc, kern.Wt.t())
         else:
             p = torch.mm(xc, kern.Wt.t()).float()
+        var = None
         if kern.ln_cols is not None:
-            assert kern.ln_eps is not None
             xf = x if x.dtype == torch.float32 else x.float()
             var = torch.var(xf, dim=1, correction=0, keepdim=True)  # [n_rows, 1]
+        return self._finish(kern, p, var)
+
+    def projection(self, layer: int | str) -> tuple[torch.Tensor, bool]:
+        """What a worker needs to project rows itself (in-worker projection, docs/CAPTURE.md):
+        ``(W, needs_var)``. ``W`` float32 ``[d_model, n_cols]`` (read-only; the packed
+        matrix, layer_norm columns already centred). ``needs_var``: the layer has
+        layer_norm columns, so the worker also sends each row's population variance
+        ``var(x)``. Every packed layer is projectable: each kind is affine before a
+        per-column epilogue (TopK, the one kind that is not, is refused at load)."""
+        kern = self._kernel(layer)
+        return kern.packed.W, kern.ln_cols is not None
+
+    def score_projected(self, layer: int | str, xw: torch.Tensor,
+                        var: torch.Tensor | None = None) -> np.ndarray:
+        """:meth:`score` from a worker's projection: ``xw = x · W`` float32 / bf16
+        ``[n_rows, n_cols]`` (``W`` from :meth:`projection`, no bias) and, when
+        ``needs_var``, ``var`` ``[n_rows]`` = ``var(x, correction=0)``. Equals ``score(layer,
+        x)`` up to the GEMM's rounding (tests/test_scorer.py)."""
+        kern = self._kernel(layer)
+        n_cols = kern.packed.n_cols
+        if xw.ndim != 2 or xw.shape[1] != n_cols:
+            raise ValueError(f"xw must have shape [n_rows, {n_cols}], got {list(xw.shape)}")
+        if xw.dtype not in INPUT_DTYPES:
+            raise ValueError(f"xw dtype must be one of {INPUT_DTYPES}, got {xw.dtype}")
+        if kern.ln_cols is not None:
+            if var is None or var.shape != (xw.shape[0],):
+                raise ValueError(f"var: expected [{xw.shape[0]}] (the layer has layer_norm "
+                                 f"columns), found {None if var is None else list(var.shape)}")
+            var = var.float().unsqueeze(1)
+        p = xw.float() if xw.dtype != torch.float32 else xw.clone()
+        if kern.b_gemm is not None:
+            p.add_(kern.b_gemm)
+        z = self._finish(kern, p, var)
+        return torch.sigmoid(F.linear(z, kern.Rt, kern.packed.c)).numpy()
+
+    def _finish(self, kern: _Kernel, p: torch.Tensor, var: torch.Tensor | None
+                ) -> torch.Tensor:
+        """Everything after the GEMM: layer-norm factor (``var [n_rows, 1]``, given iff the
+        layer has layer_norm columns), post-GEMM bias, epilogue. ``p`` (float32, this
+        call's own) is overwritten."""
+        if kern.ln_cols is not None:
+            assert kern.ln_eps is not None and var is not None
             inv = torch.rsqrt(var + kern.ln_eps)  # [n_rows, n_cols]
             if kern.packed.ln_std is not None:
-                d = xf.shape[1]
+                d = self.d_model
                 std = torch.sqrt(var * (d / max(d - 1, 1)))
                 inv = torch.where(kern.packed.ln_std, 1.0 / (std + kern.ln_eps), inv)
             p = torch.where(kern.ln_cols, p * inv, p)
@@ -133,27 +187,37 @@ class Scorer:
             assert pk.mag_shift is not None and pk.floor is not None
             mag = torch.maximum(p * pk.mag_scale + pk.mag_shift, pk.floor)
             return torch.where(p > pk.theta, mag, 0.0)
-        return p * (p > pk.theta)
+        # p is this call's own tensor: in place, with a float mask (a bool-mask multiply
+        # promotes per element and measured ~1.5x slower on CPU)
+        return p.mul_((p > pk.theta).to(p.dtype))
 
-    def score(self, layer: int, x: torch.Tensor | np.ndarray) -> np.ndarray:
+    def score(self, layer: int | str, x: torch.Tensor | np.ndarray) -> np.ndarray:
         """Detector scores in [0, 1]: float32 ``[n_rows, len(detectors_on(layer))]``.
 
         ``x``: ``[n_rows, d_model]`` float32 / float16 / bfloat16 tensor, or a float32 /
         float16 numpy array (e.g. a zero-copy view of wire bytes, viewed as a tensor
         without a copy; it is not modified). ``n_rows`` may be 0.
         """
+        return self.score_and_columns(layer, x)[0]
+
+    def score_and_columns(self, layer: int | str, x: torch.Tensor | np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """``(score(layer, x), score_components(layer, x))`` as float32 numpy arrays
+        ``[n_rows, n_detectors]``, ``[n_rows, n_cols]``, from one GEMM (the column
+        values feed the fired-latent report, ``monitor.judge.latents``)."""
         z = self.score_components(layer, x)
-        p = self._kernel(layer).packed
-        return torch.sigmoid(torch.addmm(p.c, z, p.R)).numpy()
+        kern = self._kernel(layer)
+        return torch.sigmoid(F.linear(z, kern.Rt, kern.packed.c)).numpy(), z.numpy()
 
     # ----------------------------------------------------------------------- helpers
 
-    def _kernel(self, layer: int) -> _Kernel:
+    def _kernel(self, layer: int | str) -> _Kernel:
+        hook = hook_key(layer)
         try:
-            return self._kernels[layer]
+            return self._kernels[hook]
         except KeyError:
-            raise KeyError(f"layer {layer} has no detectors in bundle "
-                           f"{self.bundle.name!r} (layers {list(self.layers)})") from None
+            raise KeyError(f"{hook} has no detectors in bundle {self.bundle.name!r} "
+                           f"(hook points {list(self.hooks)})") from None
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

@@ -36,8 +36,10 @@ from grpc_reflection.v1alpha import reflection
 
 import monitor
 from monitor.constants import HOOK_NAME_TEMPLATE, Reason
+from monitor.judge.latents import LatentTracker, latent_map
 from monitor.judge.policy import Policy
 from monitor.judge.reload import PolicyHolder
+from monitor.judge.trace import TokenTrace
 from monitor.judge.tracker import RequestTracker
 from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
@@ -60,6 +62,7 @@ from monitor.server.pipeline import Pipeline
 from monitor.server.registry import RequestRegistry
 from monitor.server.service import AdminService, FrameLimits, MonitorService
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from monitor.wire.hooks import parse_hook_name
 
 __all__ = ["MonitorApp", "ServerConfig", "StartupError", "build_app", "capture_plan",
            "run_server", "serve"]
@@ -76,21 +79,24 @@ class StartupError(Exception):
 def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
                  policy: Policy, scorer: FrameScorer,
                  max_frame_bytes: int) -> monitor_pb2.CapturePlan:
-    """The capture plan: layers with a detector the policy judges; token kinds and roles
-    from their scopes (`token_roles` empty when every role is read). `model`, `d_model`
-    and `n_layers` (the bundle's `model.n_layers`) state the model the bundle was trained
-    on: the plugin refuses a plan whose identity, hidden size or depth differ from what vLLM
-    serves.
+    """The capture plan: hook points with a detector the policy judges (`hook_names`, in
+    forward order; `layers` their layers, for clients that predate hook points: they
+    capture resid_post of each, and the server refuses such frames when the bundle reads
+    another hook point); token kinds and roles from their scopes (`token_roles` empty
+    when every role is read). `model`, `d_model` and `n_layers` (the bundle's
+    `model.n_layers`) state the model the bundle was trained on: the plugin refuses a plan
+    whose identity, hidden size or depth differ from what vLLM serves.
 
-    `plan_id` is a short hash of everything a client's capture depends on.
+    `plan_id` is a short hash of everything a client's capture depends on (not the
+    policy's `enforcement`, which the API-server gate reads from every plan it fetches).
     """
-    layers: list[int] = []
+    hooks: list[str] = []
     roles: set[TokenRole] = set()
-    for layer in scorer.layers:
-        judged = [d for d in scorer.detectors_on(layer) if d in policy.detectors]
+    for hook in scorer.hooks:
+        judged = [d for d in scorer.detectors_on(hook) if d in policy.detectors]
         if not judged:
             continue
-        layers.append(int(layer))
+        hooks.append(hook)
         for d in judged:
             roles |= scope_roles(policy.detectors[d].scope)
     kinds: set[monitor_pb2.TokenKind] = set()
@@ -100,15 +106,19 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
         kinds.add(monitor_pb2.TOKEN_KIND_GENERATED)
     token_kinds = sorted(kinds)
     token_roles = [] if roles >= scope_roles("both") else sorted(int(r) for r in roles)
-    key = (f"{model}|{d_model}|{n_layers}|{layers}|{token_kinds}|{token_roles}|{bundle_sha256}|"
+    layers = sorted({parse_hook_name(h).layer for h in hooks})
+    key = (f"{model}|{d_model}|{n_layers}|{hooks}|{token_kinds}|{token_roles}|{bundle_sha256}|"
            f"{max_frame_bytes}")
     return monitor_pb2.CapturePlan(
         plan_id=hashlib.sha256(key.encode()).hexdigest()[:16], model=model, d_model=d_model,
         layers=layers, token_kinds=token_kinds, hook_name_template=HOOK_NAME_TEMPLATE,
         preferred_dtype=monitor_pb2.DTYPE_BFLOAT16, bundle_sha256=bundle_sha256,
-        max_frame_bytes=max_frame_bytes,
+        max_frame_bytes=max_frame_bytes, hook_names=hooks,
         token_roles=token_roles,  # type: ignore[arg-type]
         model_n_layers=n_layers,
+        enforcement=monitor_pb2.Enforcement(
+            fail_mode=policy.enforcement.fail_mode,
+            max_behind_frames=policy.enforcement.max_behind_frames),
     )
 
 
@@ -172,8 +182,10 @@ class MonitorApp:
             pipeline=pipeline, scorer=scorer,
             limits=FrameLimits(model=bundle.model_name, d_model=int(bundle.d_model),
                                layers=frozenset(int(x) for x in scorer.layers),
-                               max_frame_bytes=config.max_frame_bytes),
-            plan=self.plan, metrics=metrics, max_hello_id_bytes=config.max_request_id_bytes)
+                               max_frame_bytes=config.max_frame_bytes,
+                               hook_names=frozenset(scorer.hooks)),
+            plan=self.plan, metrics=metrics, max_hello_id_bytes=config.max_request_id_bytes,
+            max_outbound_bytes=config.stream_outbound_bytes)
 
     @property
     def policy(self) -> Policy:
@@ -362,7 +374,9 @@ def build_app(config: ServerConfig) -> MonitorApp:
     pipeline = Pipeline(scorer, tracker, registry, policy, metrics, reporter,
                         model_name=bundle.model_name, capacity_rows=config.queue_rows,
                         max_batch_rows=config.max_batch_rows,
-                        sweep_interval_s=_sweep_interval(config))
+                        sweep_interval_s=_sweep_interval(config),
+                        latents=LatentTracker(latent_map(bundle)),
+                        trace=TokenTrace(config.audit_token_trace))
     _export_counters(metrics, tracker, registry)
     app = MonitorApp(config, bundle, scorer, policy, holder, metrics, audit, pipeline, alerts)
     app_ref.append(app)

@@ -25,6 +25,7 @@ Control items are small and bounded by the registry (one finish per request).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -35,10 +36,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from monitor.constants import FinishReason, Reason, RequestKey
+from monitor.judge.latents import LatentTracker
 from monitor.judge.policy import DetectorPolicy, Policy
+from monitor.judge.trace import TokenTrace
 from monitor.judge.tracker import RequestTracker, VerdictUpdate
 from monitor.report.metrics import Metrics
-from monitor.report.verdicts import Reporter, verdict_message
+from monitor.report.verdicts import Reporter, tokens_after_crossing, verdict_message
+from monitor.roles import TokenRole, scope_roles
 from monitor.score.backend import FrameScorer
 from monitor.server.registry import Admission, Closing, RequestRegistry, StreamSink
 from monitor.v1 import monitor_pb2
@@ -49,6 +53,9 @@ __all__ = ["Pipeline", "QueueFull", "StreamSink"]
 log = logging.getLogger(__name__)
 
 _INTERNAL = 13  # grpc.StatusCode.INTERNAL
+#: finish reasons vLLM reported (the request ended inside the engine, after sampling a
+#: last token that is never fed back, so never captured)
+_ENGINE_REASONS = frozenset({FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT})
 
 
 class QueueFull(Exception):
@@ -75,7 +82,7 @@ class _FinishItem:
 @dataclass
 class _UnscoredItem:
     key: RequestKey
-    layer: int | None  # None: every detector
+    layer: int | str | None  # hook point (bare int: its resid_post); None: every detector
     positions: np.ndarray
     generated: np.ndarray
     roles: np.ndarray | None = None  # int8 TokenRole per row (None: derived from generated)
@@ -124,6 +131,8 @@ class Pipeline:
         capacity_rows: int = 65536,
         max_batch_rows: int = 4096,
         sweep_interval_s: float = 0.5,
+        latents: LatentTracker | None = None,
+        trace: TokenTrace | None = None,
     ) -> None:
         if capacity_rows < 1 or max_batch_rows < 1:
             raise ValueError("capacity_rows and max_batch_rows must be >= 1")
@@ -138,6 +147,10 @@ class Pipeline:
         self.sweep_interval_s = float(sweep_interval_s)
         self._policy = policy
         self._judged: dict[str, DetectorPolicy] = dict(policy.detectors)  # worker only
+        #: fired SAE latents per (request, detector); worker only
+        self.latents = latents if latents is not None else LatentTracker({})
+        #: per-token score trace per (request, detector) for audit lines; worker only
+        self.trace = trace if trace is not None else TokenTrace(0)
         self._cond = threading.Condition()
         self._items: deque[_Item] = deque()
         self._rows_queued = 0
@@ -263,7 +276,8 @@ class Pipeline:
         self._put(_FrameItem(sink, frame, keys, t_recv, frame.n_rows), rows=frame.n_rows)
 
     def submit_unscored(
-        self, key: RequestKey, layer: int | None, positions: np.ndarray, generated: np.ndarray,
+        self, key: RequestKey, layer: int | str | None, positions: np.ndarray,
+        generated: np.ndarray,
         roles: np.ndarray | None = None,
     ) -> None:
         """Record rows of an admitted request that arrived but will not be scored."""
@@ -350,14 +364,25 @@ class Pipeline:
             item.sink.post(None)
 
     def _finish(self, c: Closing) -> None:
-        updates = self.tracker.finish(c.key, known=True)
+        updates = [self._annotate(u) for u in self.tracker.finish(c.key, known=True)]
+        self.latents.drop(c.key)
+        self.trace.drop(c.key)
         label = self.registry.label(c.key)
+        first_gen, highest = self.registry.extent(c.key)
         self.registry.retire(c.key)
         self.metrics.requests_finished.labels(model_name=self.model_name,
                                               reason=c.reason.value).inc()
         for u in updates:  # a span_end escalation judged at finish, then the finals
             if u.final:
                 self.reporter.final(u, label)
+                if u.action == "block":
+                    # generated rows reach the sidecar only when a judged scope reads them
+                    seen = any(TokenRole.GENERATED in scope_roles(d.scope)
+                               for d in self._judged.values())
+                    after = tokens_after_crossing(
+                        u.crossed_at_position, first_gen, highest,
+                        ended_in_engine=c.reason in _ENGINE_REASONS) if seen else None
+                    self.reporter.block_end(u, label, after, c.reason.value)
             else:
                 self.reporter.escalation(u, label)
             if c.owner is not None:
@@ -365,14 +390,16 @@ class Pipeline:
         self._publish_registry()
 
     def _score_frames(self, items: list[_FrameItem]) -> None:
-        by_layer: dict[int, list[_FrameItem]] = {}
+        by_hook: dict[str, list[_FrameItem]] = {}
         for it in items:
-            by_layer.setdefault(it.frame.layer, []).append(it)
-        for layer, group in by_layer.items():
-            self._score_layer(layer, group)
+            by_hook.setdefault(it.frame.hook_name, []).append(it)
+        for hook, group in by_hook.items():
+            self._score_layer(hook, group)
 
-    def _score_layer(self, layer: int, group: list[_FrameItem]) -> None:
-        dets = self.scorer.detectors_on(layer)
+    def _score_layer(self, hook: str, group: list[_FrameItem]) -> None:
+        """Score the frames of one hook point (`DecodedFrame.hook_name`, canonical)."""
+        layer = group[0].frame.layer
+        dets = self.scorer.detectors_on(hook)
         cols = [(j, d) for j, d in enumerate(dets) if d in self._judged]
         if not cols:
             return  # layer not in the current plan: nothing judges it
@@ -381,9 +408,14 @@ class Pipeline:
         x = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
         t0 = time.perf_counter()
         try:
-            scores = np.asarray(self.scorer.score(layer, x), dtype=np.float32)
+            lat = [d for _, d in cols if d in self.latents]
+            z: np.ndarray | None = None
+            if lat:  # column values too, for the fired-latent report (one GEMM)
+                scores, z = self.scorer.score_and_columns(hook, x)
+            else:
+                scores = np.asarray(self.scorer.score(hook, x), dtype=np.float32)
         except Exception as exc:
-            log.exception("scorer failed on layer %d (%d rows)", layer, x.shape[0])
+            log.exception("scorer failed on %s (%d rows)", hook, x.shape[0])
             for it in group:
                 self._unscored_frame(it, cols, f"scorer failed: {exc}")
             return
@@ -398,6 +430,7 @@ class Pipeline:
         for it in group:
             f = it.frame
             fs = scores[row0:row0 + f.n_rows]
+            fz = z[row0:row0 + f.n_rows] if z is not None else None
             row0 += f.n_rows
             for (a, b), key in zip(f.span_bounds, it.keys, strict=True):
                 if key is None:
@@ -407,12 +440,19 @@ class Pipeline:
                     continue
                 # rows at positions already scored on this layer are recomputes
                 # (preemption): skip them, count them
-                d = self.registry.trim_recomputed(key, layer, f.positions[a:b])
+                d = self.registry.trim_recomputed(key, hook, f.positions[a:b],
+                                                  f.generated[a:b])
                 n_dup += d
                 a += d
                 if a >= b:
                     continue
+                if fz is not None:
+                    for det in lat:
+                        self.latents.observe(key, det, self._judged[det].scope, fz[a:b],
+                                             f.roles[a:b])
                 for j, det in cols:
+                    self.trace.observe(key, det, self._judged[det].scope, f.positions[a:b],
+                                       fs[a:b, j], f.roles[a:b])
                     ups = self.tracker.observe(key, det, f.positions[a:b], f.generated[a:b],
                                                fs[a:b, j], f.roles[a:b])
                     for u in ups:
@@ -437,7 +477,15 @@ class Pipeline:
         it.sink.post(monitor_pb2.ServerMessage(error=monitor_pb2.StreamError(
             code=_INTERNAL, reason=Reason.SCORER_ERROR.value, message=message, seq=f.seq)))
 
+    def _annotate(self, u: VerdictUpdate) -> VerdictUpdate:
+        """``u`` with the SAE latents that fired for it so far and its token trace
+        (unchanged if it has neither)."""
+        hits = self.latents.hits(u.key, u.detector)
+        tokens = self.trace.tokens(u.key, u.detector)
+        return dataclasses.replace(u, latents=hits, tokens=tokens) if hits or tokens else u
+
     def _handle_update(self, u: VerdictUpdate, sink: StreamSink) -> None:
+        u = self._annotate(u)
         label = self.registry.label(u.key)
         self.reporter.escalation(u, label)
         sink.post(verdict_message(u, label))

@@ -94,7 +94,8 @@ class _Entry:
     last_active: float  # clock() of the last admit
     orphaned_at: float | None = None
     closing: bool = False
-    hwm: dict[int, int] = field(default_factory=dict)  # layer -> highest position scored
+    hwm: dict[str, int] = field(default_factory=dict)  # hook point -> highest position scored
+    first_generated: int = -1  # lowest position of a generated row seen (-1: none yet)
     label: str = ""  # the caller's correlation id (first one sent); a label, never a key
 
 
@@ -286,26 +287,43 @@ class RequestRegistry:
                     self._idle_closed += 1
         return out
 
-    def trim_recomputed(self, key: RequestKey, layer: int, positions: np.ndarray) -> int:
-        """Scoring worker only. `positions` (contiguous, ascending) of a span of `key` on
-        `layer` are about to be scored: return how many leading ones were scored
-        already (recomputes to skip) and record the new highest position."""
+    def trim_recomputed(self, key: RequestKey, hook: str, positions: np.ndarray,
+                        generated: np.ndarray | None = None) -> int:
+        """Scoring worker only. `positions` (contiguous, ascending) of a span of `key` at
+        hook point `hook` (a `monitor.wire.hooks` name: two hook points of one layer are
+        tracked apart) are about to be scored: return how many leading ones were scored
+        already (recomputes to skip) and record the new highest position. `generated`
+        (bool, same length) marks generated rows: the lowest such position is kept
+        (`extent`)."""
         if positions.size == 0:
             return 0
         with self._lock:
             e = self._live.get(key) or self._closing.get(key)
             if e is None:
                 return 0
-            hwm = e.hwm.get(layer, -1)
+            if generated is not None and generated.any():
+                g = int(positions[int(np.argmax(generated))])
+                if e.first_generated < 0 or g < e.first_generated:
+                    e.first_generated = g
+            hwm = e.hwm.get(hook, -1)
             first = int(positions[0])
             n_dup = 0 if first > hwm else min(int(positions.size), hwm - first + 1)
-            e.hwm[layer] = max(hwm, int(positions[-1]))
+            e.hwm[hook] = max(hwm, int(positions[-1]))
             return n_dup
 
     def is_open(self, key: RequestKey) -> bool:
         """True while `key` has an entry (live or closing): its rows may be judged."""
         with self._lock:
             return key in self._live or key in self._closing
+
+    def extent(self, key: RequestKey) -> tuple[int, int]:
+        """``(first_generated, highest)`` positions of `key` seen so far at any hook point
+        (-1 for none) while it has an entry, else ``(-1, -1)``."""
+        with self._lock:
+            e = self._live.get(key) or self._closing.get(key)
+            if e is None:
+                return -1, -1
+            return e.first_generated, max(e.hwm.values(), default=-1)
 
     def label(self, key: RequestKey) -> str:
         """The caller's correlation id of `key` while it has an entry, else ""."""

@@ -39,6 +39,7 @@ from monitor.server.pipeline import Pipeline, QueueFull
 from monitor.server.registry import Admission
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import DecodedFrame, FrameError, check_seq, decode_frame
+from monitor.wire.hooks import hook_key, parse_hook_name
 
 __all__ = ["AdminService", "FrameLimits", "MonitorService", "StreamHandle"]
 
@@ -75,22 +76,43 @@ class FrameLimits:
     d_model: int  # row width
     layers: frozenset[int]  # layers the bundle reads
     max_frame_bytes: int  # largest payload answered in-stream ("oversized" above)
+    #: hook points the bundle reads (`monitor.wire.hooks` names); None: resid_post of
+    #: `layers` only (a frame naming another hook point is refused as unknown_hook)
+    hook_names: frozenset[str] | None = None
 
 
 class StreamHandle:
     """Outbound side of one Stream call; `post` is safe from any thread.
 
-    The outbound queue is bounded (`max_pending` messages): a client that does not read
-    its verdicts loses messages (counted in `verdicts_dropped_total`) rather than
-    growing server memory.
+    Flow control, not dropping: the outbound queue holds every message posted while the
+    stream lives (finals are never dropped). Its size in bytes (`pending_bytes`, the
+    serialized size of the queued messages) is bounded by back-pressure instead: when it
+    exceeds `max_pending_bytes` the stream's reader stops taking client messages
+    (`paused`, counted in `stream_read_pauses_total`) until the writer has drained it to
+    half the bound. A client that does not read its verdicts thus fills the HTTP/2
+    window of its own requests: its sends block and the plugin's bounded sender drops
+    and counts on its side. What the queue can hold beyond the bound is what was already
+    admitted: the scoring queue's rows of this stream and the finals of its live
+    requests (both bounded). Messages posted after the stream ended are counted in
+    `verdicts_dropped_total` (the audit log and metrics have them).
+
+    Thread rules: `post` from any thread; everything else on the event loop.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics, peer: str,
-                 max_pending: int = 65536) -> None:
+                 max_pending_bytes: int = 1 << 20) -> None:
+        if max_pending_bytes < 1:
+            raise ValueError(f"max_pending_bytes: expected >= 1, found {max_pending_bytes}")
         self.name = f"stream-{next(_stream_ids)}({peer})"
         self.loop = loop
         self.metrics = metrics
-        self.queue: asyncio.Queue[monitor_pb2.ServerMessage | None] = asyncio.Queue(max_pending)
+        #: (message, its serialized size); None ends the call
+        self.queue: asyncio.Queue[tuple[monitor_pb2.ServerMessage | None, int]] = (
+            asyncio.Queue())
+        self.max_pending_bytes = int(max_pending_bytes)
+        self.pending_bytes = 0
+        self.writable = asyncio.Event()  # clear = reads paused until the writer drains
+        self.writable.set()
         self.closed = False
         self.last_seq = 0
         self.client_id = ""  # ClientHello.client_id: the client half of request keys
@@ -102,8 +124,11 @@ class StreamHandle:
         return RequestKey(self.client_id, request_id)
 
     def post(self, msg: monitor_pb2.ServerMessage | None) -> None:
-        """Queue `msg` for the client (None ends the call); drops if the stream is gone."""
+        """Queue `msg` for the client (None ends the call); counted as dropped if the
+        stream is gone."""
         if self.closed:
+            if msg is not None:
+                self.metrics.verdicts_dropped.inc()
             return
         try:
             self.loop.call_soon_threadsafe(self._put, msg)
@@ -112,14 +137,36 @@ class StreamHandle:
 
     def _put(self, msg: monitor_pb2.ServerMessage | None) -> None:
         if self.closed:
+            if msg is not None:
+                self.metrics.verdicts_dropped.inc()
             return
-        try:
-            self.queue.put_nowait(msg)
-        except asyncio.QueueFull:
-            if msg is None:  # the end marker must get through: make room
-                self.queue.get_nowait()
-                self.queue.put_nowait(None)
-            self.metrics.verdicts_dropped.inc()
+        n = msg.ByteSize() if msg is not None else 0
+        self.queue.put_nowait((msg, n))
+        self.pending_bytes += n
+        if self.pending_bytes > self.max_pending_bytes and self.writable.is_set():
+            self.writable.clear()  # the reader stops taking client messages
+            self.metrics.stream_read_pauses.inc()
+            log.debug("%s: %d bytes of verdicts unread by the client; reads paused",
+                      self.name, self.pending_bytes)
+
+    async def next(self) -> monitor_pb2.ServerMessage | None:
+        """The next message to send (None: end the call); resumes paused reads once the
+        queue has drained to half its bound."""
+        msg, n = await self.queue.get()
+        self.pending_bytes -= n
+        if not self.writable.is_set() and self.pending_bytes <= self.max_pending_bytes // 2:
+            self.writable.set()
+        return msg
+
+    def close(self) -> None:
+        """The call ended: count what was queued and never sent."""
+        self.closed = True
+        lost = 0
+        while not self.queue.empty():
+            lost += self.queue.get_nowait()[0] is not None
+        if lost:
+            self.metrics.verdicts_dropped.inc(lost)
+        self.writable.set()  # never leave the reader waiting
 
     def error(self, code: int, reason: str, message: str, *, seq: int = 0,
               request_id: str = "") -> None:
@@ -138,17 +185,20 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         plan: returns the current capture plan.
         metrics: the server's metrics.
         max_hello_id_bytes: longest `ClientHello.client_id` accepted.
+        max_outbound_bytes: per stream, unread verdict bytes above which the stream's
+            reads pause (`StreamHandle`).
     """
 
     def __init__(self, *, pipeline: Pipeline, scorer: FrameScorer, limits: FrameLimits,
                  plan: Callable[[], monitor_pb2.CapturePlan], metrics: Metrics,
-                 max_hello_id_bytes: int = 256) -> None:
+                 max_hello_id_bytes: int = 256, max_outbound_bytes: int = 1 << 20) -> None:
         self.pipeline = pipeline
         self.scorer = scorer
         self.limits = limits
         self.plan = plan
         self.metrics = metrics
         self.max_hello_id_bytes = int(max_hello_id_bytes)
+        self.max_outbound_bytes = int(max_outbound_bytes)
         self.streams: set[StreamHandle] = set()
         #: decodes frames over `_OFFLOAD_BYTES`; nothing else runs here (issue 8 item 6)
         self.decode_executor = concurrent.futures.ThreadPoolExecutor(2, "frame-decode")
@@ -177,7 +227,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         self, request_iterator: AsyncIterator[monitor_pb2.ClientMessage | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[monitor_pb2.ServerMessage]:
-        handle = StreamHandle(asyncio.get_running_loop(), self.metrics, context.peer())
+        handle = StreamHandle(asyncio.get_running_loop(), self.metrics, context.peer(),
+                              self.max_outbound_bytes)
         self.metrics.active_streams.inc()
         self.streams.add(handle)
         log.info("%s: opened", handle.name)
@@ -185,12 +236,12 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                                      name=handle.name)
         try:
             while True:
-                msg = await handle.queue.get()
+                msg = await handle.next()
                 if msg is None:
                     break
                 yield msg
         finally:
-            handle.closed = True
+            handle.close()
             if not reader.done():
                 reader.cancel()
                 try:
@@ -231,6 +282,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                     self._refuse(handle, _INVALID, Reason.EMPTY_MESSAGE,
                                  "ClientMessage.body: expected hello, frame, finished or "
                                  "stats, found none")
+                if not handle.writable.is_set():  # flow control: the client is not reading
+                    await handle.writable.wait()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # transport error (e.g. message over the gRPC limit)
@@ -276,7 +329,9 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         except FrameError as err:
             self._reject(handle, err, seq)
             if err.rows is not None:
-                self._unscored_rows(handle, frame.layer, err.rows.request_ids,
+                # rows are parsed after the hook check: the frame's hook name is valid
+                self._unscored_rows(handle, hook_key(frame.hook_name or frame.layer),
+                                    err.rows.request_ids,
                                     err.rows.span_bounds, err.rows.positions,
                                     err.rows.generated, err.rows.roles, Reason(err.reason))
             return
@@ -285,7 +340,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             if n and role:
                 m.rows_received.labels(model_name=lim.model, role=TokenRole(role).name.lower()
                                        ).inc(n)
-        keys = self._admit_spans(handle, f, seq)
+        refused = self._refuse_spans(handle, f, seq) if f.refused else frozenset()
+        keys = self._admit_spans(handle, f, seq, refused)
         if not any(k is not None for k in keys):
             return
         try:
@@ -295,26 +351,64 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                                             Reason.QUEUE_FULL.value, str(exc)), seq)
             m.rows_unscored.labels(reason=Reason.QUEUE_FULL.value).inc(f.n_rows)
             for (a, b), key in zip(f.span_bounds, keys, strict=True):
-                if key is not None and f.layer in self.limits.layers:
-                    self.pipeline.submit_unscored(key, f.layer, f.positions[a:b],
+                if key is not None and self._scored_hook(f.hook_name):
+                    self.pipeline.submit_unscored(key, f.hook_name, f.positions[a:b],
                                                   f.generated[a:b], f.roles[a:b])
 
     def _decode(self, frame: monitor_pb2.ActivationFrame) -> DecodedFrame:
         lim = self.limits
         return decode_frame(frame, model=lim.model, d_model=lim.d_model, layers=lim.layers,
-                            max_frame_bytes=lim.max_frame_bytes)
+                            max_frame_bytes=lim.max_frame_bytes, hook_names=lim.hook_names)
 
-    def _admit_spans(self, handle: StreamHandle, f: DecodedFrame, seq: int
-                     ) -> tuple[RequestKey | None, ...]:
-        """Admit each span's request; a refused span is answered and counted on its own
-        (its rows unscored), the other spans of the frame are still judged."""
+    def _scored_hook(self, hook: str) -> bool:
+        """True if some detector reads hook point `hook` (a canonical name)."""
+        lim = self.limits
+        if lim.hook_names is not None:
+            return hook in lim.hook_names
+        hp = parse_hook_name(hook)
+        return hp.kind == "resid_post" and hp.layer in lim.layers
+
+    def _refuse_spans(self, handle: StreamHandle, f: DecodedFrame, seq: int
+                      ) -> frozenset[int]:
+        """Answer the spans the codec refused on their own: one in-stream error per
+        reason per frame (naming the first such span and how many), each refused span
+        counted in `frames_rejected_total{reason}`, its rows in `rows_unscored_total` and,
+        when it names a request, in that request's final (`n_tokens_unscored`). Returns
+        the refused span indices (their rows are not judged)."""
+        first: dict[str, str] = {}
+        n_spans: dict[str, int] = {}
+        for r in f.refused:
+            first.setdefault(r.reason, r.message)
+            n_spans[r.reason] = n_spans.get(r.reason, 0) + r.n_spans
+            a, b = f.span_bounds[r.span]
+            rid = f.request_ids[r.span]
+            self.metrics.rows_unscored.labels(reason=r.reason).inc(b - a)
+            if rid and b > a and f.layer in self.limits.layers:
+                key = handle.key(rid)
+                if self.pipeline.admit(key, handle).accepted:
+                    handle.admitted = True
+                    self.pipeline.submit_unscored(key, f.layer, f.positions[a:b],
+                                                  f.generated[a:b], f.roles[a:b])
+        for reason, message in first.items():
+            self.metrics.frames_rejected.labels(reason=reason).inc(n_spans[reason])
+            more = (f" ({n_spans[reason]} spans refused for this reason, the frame's other "
+                    "spans judged)")
+            handle.error(_INVALID, reason, message + more, seq=seq)
+            log.debug("%s: seq %d: %s", handle.name, seq, message)
+        return frozenset(r.span for r in f.refused)
+
+    def _admit_spans(self, handle: StreamHandle, f: DecodedFrame, seq: int,
+                     skip: frozenset[int] = frozenset()) -> tuple[RequestKey | None, ...]:
+        """Admit each span's request (except the spans in `skip`, already refused); a
+        refused span is answered and counted on its own (its rows unscored), the other
+        spans of the frame are still judged."""
         admitted: dict[str, RequestKey | None] = {}
         refused: dict[str, Reason] = {}
         labels: dict[str, str] = {}
-        for rid, label in zip(f.request_ids, f.correlation_ids, strict=True):
-            if label:
+        for i, (rid, label) in enumerate(zip(f.request_ids, f.correlation_ids, strict=True)):
+            if label and i not in skip:
                 labels.setdefault(rid, label)
-        for rid in dict.fromkeys(f.request_ids):
+        for rid in dict.fromkeys(rid for i, rid in enumerate(f.request_ids) if i not in skip):
             key = handle.key(rid)
             adm = self.pipeline.admit(key, handle, labels.get(rid, ""))
             if adm.accepted:
@@ -329,23 +423,24 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                          f"spans.request_id: {shown!r} is {what}", seq=seq,
                          request_id=shown)
         if refused:
-            for (a, b), rid in zip(f.span_bounds, f.request_ids, strict=True):
-                if rid in refused:
+            for i, ((a, b), rid) in enumerate(zip(f.span_bounds, f.request_ids, strict=True)):
+                if rid in refused and i not in skip:
                     self.metrics.rows_unscored.labels(reason=refused[rid].value).inc(b - a)
-        return tuple(admitted[rid] for rid in f.request_ids)
+        return tuple(None if i in skip else admitted[rid]
+                     for i, rid in enumerate(f.request_ids))
 
-    def _unscored_rows(self, handle: StreamHandle, layer: int, request_ids: tuple[str, ...],
+    def _unscored_rows(self, handle: StreamHandle, hook: str, request_ids: tuple[str, ...],
                        bounds: tuple[tuple[int, int], ...], positions: np.ndarray,
                        generated: np.ndarray, roles: np.ndarray, reason: Reason) -> None:
         """Account rows that arrived but will not be scored (metric + tracker coverage)."""
         self.metrics.rows_unscored.labels(reason=reason.value).inc(int(positions.size))
-        if layer not in self.limits.layers:
-            return  # no detector reads this layer: nothing lost
+        if not self._scored_hook(hook):
+            return  # no detector reads this hook point: nothing lost
         for (a, b), rid in zip(bounds, request_ids, strict=True):
             key = handle.key(rid)
             if self.pipeline.admit(key, handle).accepted:
                 handle.admitted = True
-                self.pipeline.submit_unscored(key, layer, positions[a:b], generated[a:b],
+                self.pipeline.submit_unscored(key, hook, positions[a:b], generated[a:b],
                                               roles[a:b])
 
     def _on_finished(self, fin: monitor_pb2.RequestFinished, handle: StreamHandle) -> None:
@@ -444,14 +539,19 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         try:
             f = decode_frame(request.frame, model=lim.model, d_model=lim.d_model,
                              layers=lim.layers, max_frame_bytes=lim.max_frame_bytes,
-                             require_spans=False)
+                             require_spans=False, hook_names=lim.hook_names)
         except FrameError as err:
             self.metrics.frames_rejected.labels(reason=err.reason).inc()
             await context.abort(err.code, f"{err.reason}: {err.message}")
             raise AssertionError("unreachable") from None
+        if f.refused:  # one caller, one answer: any bad span refuses the call
+            r = f.refused[0]
+            self.metrics.frames_rejected.labels(reason=r.reason).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{r.reason}: {r.message}")
+            raise AssertionError("unreachable")
         scores = await asyncio.get_running_loop().run_in_executor(
-            self.score_executor, self.scorer.score, f.layer, f.x)
-        dets = self.scorer.detectors_on(f.layer)
+            self.score_executor, self.scorer.score, f.hook_name, f.x)
+        dets = self.scorer.detectors_on(f.hook_name)
         return monitor_pb2.ScoreResponse(detectors=[
             monitor_pb2.TokenScores(detector=d, scores=scores[:, j].tolist())
             for j, d in enumerate(dets)

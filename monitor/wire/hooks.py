@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["HOOK_KINDS", "HookPoint", "parse_hook_name", "resid_post"]
+__all__ = ["HOOK_KINDS", "HookPoint", "hook_key", "parse_hook_name", "resid_post"]
 
 #: Hook kinds the capture plugin can produce, in forward order within one layer.
 HOOK_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "mlp_out", "resid_post")
@@ -76,3 +76,15 @@ def parse_hook_name(name: str, *, field: str = "hook_name") -> HookPoint:
         raise ValueError(f"{field}: expected a hook kind in {list(HOOK_KINDS)}, found "
                          f"{kind!r} in {name!r}")
     return HookPoint(int(m.group(1)), HOOK_KINDS.index(kind))
+
+
+def hook_key(point: int | str, *, field: str = "hook") -> str:
+    """The canonical name of a hook point given as a bare layer or a name.
+
+    An int ``L`` is ``blocks.L.hook_resid_post`` (what a bare ``layers`` entry means on the
+    wire and in bundles without ``hook_name``); a str must parse (ValueError naming
+    ``field`` otherwise) and is returned as given (names have one spelling).
+    """
+    if isinstance(point, str):
+        return parse_hook_name(point, field=field).name
+    return resid_post(int(point)).name

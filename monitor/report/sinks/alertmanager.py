@@ -8,7 +8,8 @@ Each event becomes one Alertmanager alert:
   `bundle_version` (sha256[:12]), `policy_version`, `source` ("safety-monitor").
   Empty values are left out (Alertmanager treats an empty label as absent anyway).
 - annotations: `summary`, `description`, `request_id`, `correlation_id`, `score`,
-  `threshold`, `position`, `idempotency_key`, `runbook_url`.
+  `threshold`, `position`, `idempotency_key`, `runbook_url`, `latents` (the SAE latents
+  that fired, with their labels, when the detector reads an SAE; bounded text).
 - `startsAt` = when the escalation was judged, `endsAt` = startsAt + `resolve_after_s`.
 
 Several requests escalating the same detector on the same pod are ONE alert (same labels):
@@ -82,7 +83,7 @@ def am_alert(ev: AlertEvent, ends_at: float) -> dict[str, object]:
         "request_id": ev.request_id, "correlation_id": ev.correlation_id,
         "score": f"{ev.score:.4f}", "threshold": f"{ev.threshold:.4f}",
         "position": str(ev.position), "idempotency_key": ev.key,
-        "runbook_url": ev.runbook,
+        "runbook_url": ev.runbook, "latents": ev.latents,
     }
     return {
         "labels": {k: v for k, v in labels.items() if v},

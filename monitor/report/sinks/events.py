@@ -21,11 +21,14 @@ import datetime as _dt
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from monitor.judge.latents import LatentHit
+
 __all__ = ["DELIVERED_MODES", "AlertContext", "AlertEvent", "EscalationLike", "alert_event",
-           "idempotency_key", "iso_utc"]
+           "idempotency_key", "iso_utc", "latents_text"]
 
 #: Policy modes whose escalations are delivered (observe = shadow mode, audit only).
 DELIVERED_MODES = frozenset({"alert", "block"})
@@ -57,6 +60,20 @@ class EscalationLike(Protocol):
     def mode(self) -> str: ...
     @property
     def policy_version(self) -> str: ...
+    @property
+    def latents(self) -> Sequence[LatentHit]: ...
+
+
+#: Longest `AlertEvent.latents` text, in characters (an annotation, not a label).
+MAX_LATENTS_TEXT = 1024
+
+
+def latents_text(hits: Sequence[LatentHit]) -> str:
+    """``"sae_l18#1938 (3.67) top tokens: \")\"; ..."``: the fired latents of an
+    escalation as one line, at most `MAX_LATENTS_TEXT` characters."""
+    text = "; ".join(f"{h.name}#{h.index} ({h.value:.3g})" + (f" {h.label}" if h.label else "")
+                     for h in hits)
+    return text if len(text) <= MAX_LATENTS_TEXT else text[:MAX_LATENTS_TEXT - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,7 @@ class AlertEvent:
         position: token position where it was crossed.
         policy_version: active policy version.
         model_name, bundle_name, bundle_sha256, pod, namespace, runbook_url: `AlertContext`.
+        latents: the SAE latents that fired, with labels (`latents_text`; "" if none).
     """
 
     key: str
@@ -122,6 +140,7 @@ class AlertEvent:
     pod: str
     namespace: str
     runbook_url: str
+    latents: str = ""
 
     def to_json(self) -> bytes:
         """Compact UTF-8 JSON (one spool record)."""
@@ -135,16 +154,20 @@ class AlertEvent:
         if not isinstance(obj, dict):
             raise ValueError(f"alert event: expected a JSON object, found {type(obj).__name__}")
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        missing = sorted(set(fields) - set(obj))
+        optional = {f.name for f in dataclasses.fields(cls)
+                    if f.default is not dataclasses.MISSING}  # absent in older spools
+        missing = sorted(set(fields) - set(obj) - optional)
         if missing:
             raise ValueError(f"alert event: missing fields {missing}")
         types: dict[str, type | tuple[type, ...]] = {"str": str, "float": (int, float),
                                                      "int": int}
         for name, typ in fields.items():
+            if name not in obj:
+                continue
             if not isinstance(obj[name], types[str(typ)]) or isinstance(obj[name], bool):
                 raise ValueError(f"alert event field {name}: expected {typ}, found "
                                  f"{type(obj[name]).__name__}")
-        return cls(**{k: obj[k] for k in fields})
+        return cls(**{k: obj[k] for k in fields if k in obj})
 
     @property
     def bundle_version(self) -> str:
@@ -178,5 +201,5 @@ def alert_event(update: EscalationLike, ctx: AlertContext, *, now: float,
         position=int(update.crossed_at_position), policy_version=update.policy_version,
         model_name=ctx.model_name, bundle_name=ctx.bundle_name,
         bundle_sha256=ctx.bundle_sha256, pod=ctx.pod, namespace=ctx.namespace,
-        runbook_url=ctx.runbook_url,
+        runbook_url=ctx.runbook_url, latents=latents_text(update.latents),
     )

@@ -12,11 +12,12 @@ Encode (the common part; the architecture does the rest, see ``registry.py``)::
     h  = u' · W_enc + gate_bias     [n, d_sae]
     z  = architecture.encode_pre(h)
 
-Hook points use TransformerLens names. A component is keyed by the residual stream
-after decoder layer ``L`` (``blocks.L.hook_resid_post``); ``blocks.L.hook_resid_pre``
-for ``L ≥ 1`` is the same tensor as ``blocks.{L−1}.hook_resid_post`` and is mapped to
-it. Other hook points (``hook_mlp_out``, attention outputs) load and encode, but
-:meth:`SAE.component` refuses them until the capture plan carries them.
+Hook points use TransformerLens names. A component keeps the SAE's own hook point
+(``blocks.L.hook_resid_pre`` / ``hook_resid_mid`` / ``hook_mlp_out`` / ``hook_resid_post``,
+``monitor.wire.hooks``): the sidecar's capture plan asks the plugin for exactly those
+tensors and scores each frame with the components of its hook point. Attention outputs
+(``blocks.L.attn.hook_z`` and the like) load and encode, but :meth:`SAE.component`
+refuses them: the plugin does not capture them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from monitor.wire.hooks import HOOK_KINDS, HookPoint, parse_hook_name
 
 from ..kinds import Component, Preprocessing
 from .registry import SAEError, get_architecture
@@ -109,15 +112,19 @@ class SAE:
         return out / self.preprocessing.scale
 
     # ------------------------------------------------------------------ selection
-    def layer(self) -> int:
-        """The bundle layer this SAE reads (see the module docstring), or SAEError."""
-        layer = resid_post_layer(self.hook_name)
-        if layer is None:
+    def hook_point(self) -> HookPoint:
+        """The hook point this SAE reads, as the capture plan names it, or SAEError."""
+        try:
+            return parse_hook_name(self.hook_name)
+        except ValueError:
             raise SAEError(self.source, "hook_name",
-                           "blocks.L.hook_resid_post or blocks.L.hook_resid_pre with L >= 1 "
-                           "(the residual stream points the capture plan carries)",
-                           repr(self.hook_name))
-        return layer
+                           f"blocks.L.hook_<kind> with kind in {list(HOOK_KINDS)} (the hook "
+                           "points the capture plugin produces)",
+                           repr(self.hook_name)) from None
+
+    def layer(self) -> int:
+        """The decoder layer of :meth:`hook_point`."""
+        return self.hook_point().layer
 
     def component(self, name: str, latent_ids: Sequence[int], *,
                   d_model: int | None = None) -> Component:
@@ -139,10 +146,10 @@ class SAE:
         if d_model is not None and d_model != self.d_in:
             raise SAEError(self.source, "d_in", f"the model's d_model {d_model}",
                            str(self.d_in))
-        layer = self.layer()
+        hp = self.hook_point()
         activation, tensors = get_architecture(self.architecture).select(self, ids)
-        return Component(name=name, kind="sae_latents", layer=layer,
-                         hook_name=f"blocks.{layer}.hook_resid_post", tensors=tensors,
+        return Component(name=name, kind="sae_latents", layer=hp.layer,
+                         hook_name=hp.name, tensors=tensors,
                          activation=activation, latent_ids=tuple(ids),
                          preprocessing=self.preprocessing)
 
