@@ -13,7 +13,6 @@ thread (`OMP_NUM_THREADS=1`): on this shared 2-core host two threads thrash (mea
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -26,7 +25,7 @@ import pytest
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 sys.path.insert(0, str(Path(__file__).parent))
-from capture_sink import skip_unless_vllm  # noqa: E402
+from capture_sink import shutdown_llm, skip_unless_vllm  # noqa: E402
 
 skip_unless_vllm()  # the tiny model reuses the default model's tokenizer
 from conftest import REPO, MonitorServer  # noqa: E402
@@ -111,13 +110,7 @@ def test_sidecar_and_vllm_serve_own_model_with_verdicts(built, tmp_path):
         assert got[("own-0", "harmful_intent")]["n_tokens_scored"] < len(ids)
         assert srv.metric("safety_monitor_frames_rejected_total") == 0
     finally:
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:
-                pass
-            del llm
-            gc.collect()
+        shutdown_llm(llm)
         os.environ.clear()
         os.environ.update(saved)
         srv.stop()
