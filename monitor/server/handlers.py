@@ -160,23 +160,31 @@ def add_monitor_service(server: grpc.aio.Server, *, stream: StreamFn, score: Sco
     client_streams = _ClientSlots(limits.max_streams_per_client)
     client_scores = _ClientSlots(limits.max_score_inflight_per_client)
 
+    async def admit(context: grpc.aio.ServicerContext, per_client: _ClientSlots,
+                    per_server: _Slots, what: str) -> str:
+        """Take a per-client then a per-server slot for a `what` call (returns the
+        client), or refuse the call (RESOURCE_EXHAUSTED, counted) holding neither."""
+        client = client_of(context)
+        reason, detail = "", ""
+        if not per_client.take(client):
+            reason = "client_too_many_streams" if what == "Stream" else "client_score_busy"
+            detail = (f"expected at most {per_client.cap} concurrent {what} calls per "
+                      f"client, found one more from {client}")
+        elif not per_server.take():
+            per_client.give(client)
+            reason = "too_many_streams" if what == "Stream" else "score_busy"
+            detail = f"expected at most {per_server.cap} concurrent {what} calls on this server"
+        if reason:
+            on_refused(reason)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{reason}: {detail}; retry later")
+        return client
+
     async def stream_handler(
         it: AsyncIterator[monitor_pb2.ClientMessage | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[monitor_pb2.ServerMessage]:
-        client = client_of(context)
-        if not client_streams.take(client):
-            on_refused("client_too_many_streams")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                "client_too_many_streams: expected at most "
-                                f"{limits.max_streams_per_client} concurrent Stream calls "
-                                f"per client, found one more from {client}; retry later")
-        if not streams.take():
-            client_streams.give(client)
-            on_refused("too_many_streams")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"too_many_streams: expected at most {limits.max_streams} "
-                                "concurrent Stream calls on this server; retry later")
+        client = await admit(context, client_streams, streams, "Stream")
         try:
             async for msg in stream(it, context):
                 yield msg
@@ -188,19 +196,8 @@ def add_monitor_service(server: grpc.aio.Server, *, stream: StreamFn, score: Sco
         it: AsyncIterator[monitor_pb2.ScoreRequest | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> monitor_pb2.ScoreResponse:
-        client = client_of(context)
-        if not client_scores.take(client):  # refused before the request payload is read
-            on_refused("client_score_busy")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                "client_score_busy: expected at most "
-                                f"{limits.max_score_inflight_per_client} concurrent Score "
-                                f"calls per client, found one more from {client}; retry later")
-        if not scores.take():
-            client_scores.give(client)
-            on_refused("score_busy")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"score_busy: expected at most {limits.max_score_inflight} "
-                                "concurrent Score calls on this server; retry later")
+        # refused before the request payload is read
+        client = await admit(context, client_scores, scores, "Score")
         try:
             request: monitor_pb2.ScoreRequest | Undecodable | None = None
             async for msg in it:
