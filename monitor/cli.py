@@ -1,5 +1,5 @@
 """`safety-monitor` command line: serve, export-onnx, check, plan, placeholder-bundle, replay,
-report.
+report, explain.
 
 Startup problems (broken bundle or policy, unbindable address) print one line to stderr
 and exit with code 2, without a traceback.
@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from google.protobuf import json_format
 
@@ -91,6 +91,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 2
     format_summary(summarise(lines, since), sys.stdout, as_json=args.json)
     return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from monitor.report.explain import explain, format_explanation
+
+    def lines() -> Iterator[str]:
+        for path in args.audit_log:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield from f
+
+    try:
+        ex = explain(lines(), args.request_id)
+    except OSError as e:
+        print(f"safety-monitor explain: error: {e}", file=sys.stderr)
+        return 2
+    format_explanation(ex, sys.stdout, as_json=args.json)
+    return 0 if ex.detectors else 1
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -186,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--since", default="24h", help="window: a number and s|m|h|d")
     rp.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     rp.set_defaults(func=_cmd_report)
+
+    ex = sub.add_parser("explain", help="one request from the audit log: events, per-token "
+                        "scores and the SAE latents that fired, with labels")
+    ex.add_argument("request_id", help="engine request id or the caller's correlation id")
+    ex.add_argument("--audit-log", action="append", required=True,
+                    help="audit JSONL file (repeatable: rotated files)")
+    ex.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    ex.set_defaults(func=_cmd_explain)
 
     r = sub.add_parser("replay", help="stream synthetic requests to a running server")
     r.add_argument("--target", default="127.0.0.1:50051")

@@ -608,6 +608,16 @@ def test_slim_image_and_backend(chart, serve_flags):
     check_monitor_container(mon, serve_flags)
 
 
+def test_scorer_thread_budget(chart, helm):
+    default = container(pod_spec(render(chart)), "safety-monitor", True)["command"]
+    assert "--torch-threads=1" in default and "--onnx-threads=1" in default
+    mon = container(pod_spec(render(chart, {"sidecar": {"scorerThreads": 3}})),
+                    "safety-monitor", True)["command"]
+    assert "--torch-threads=3" in mon and "--onnx-threads=3" in mon
+    with pytest.raises(helm.HelmValuesError, match="scorerThreads"):
+        render(chart, {"sidecar": {"scorerThreads": -1}})
+
+
 def test_grpc_port_is_one_setting(chart, serve_flags):
     docs = render(chart, {"sidecar": {"grpcPort": 6000}})
     spec = pod_spec(docs)

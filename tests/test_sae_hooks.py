@@ -10,13 +10,17 @@ would either score the SAE on the probe's tensor or drop the second frame as a r
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL, MonitorServer
+from conftest import MODEL, REPO, MonitorServer
 
 from monitor.score import write_bundle
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
@@ -184,6 +188,31 @@ def test_stream_scores_each_hook_point_from_its_own_tensor(server: MonitorServer
     assert audit and audit[0]["event"] == "would_alert"
     assert [x["index"] for x in audit[0]["latents"]] == [h.index for h in esc[0].latents]
     assert all(x["label"].startswith("label ") for x in audit[0]["latents"])
+    # the token trace on the audit line: every in-scope token's own score, as the reference
+    np.testing.assert_allclose([t[1] for t in audit[0]["tokens"]], ref_sae(xa), atol=1e-4)
+    assert [t[0] for t in audit[0]["tokens"]] == list(range(5))
     # the references differ on the two tensors: scoring the wrong one would fail above
     assert abs(ref_sae(xa).max() - ref_sae(xb).max()) > 1e-3
     assert server.metric("safety_monitor_frames_rejected_total", reason="unknown_hook") == 1
+    explain_request(server, r, ref_sae(xa), want)
+
+
+def explain_request(server: MonitorServer, r: str, scores: np.ndarray,
+                    want: list[tuple[int, float, str]]) -> None:
+    """`safety-monitor explain` on the server's audit log shows the same evidence."""
+    base = [sys.executable, "-m", "monitor.cli", "explain", r, "--audit-log",
+            str(server.audit_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    doc = json.loads(subprocess.run([*base, "--json"], capture_output=True, text=True,
+                                    check=True, env=env, timeout=60).stdout)
+    det = doc["detectors"]["sae_det"]
+    assert [(e["event"], e["severity"]) for e in det["events"]] == [("would_alert", "critical")]
+    np.testing.assert_allclose([t[1] for t in det["tokens"]], scores, atol=1e-4)
+    assert [h["index"] for h in det["latents"]] == [w[0] for w in want]
+    text = subprocess.run(base, capture_output=True, text=True, check=True, env=env,
+                          timeout=60).stdout
+    assert "SAE latents that fired" in text and f"sae#{want[0][0]}" in text
+    assert want[0][2] in text and "token scores (last 5 in scope)" in text
+    missing = subprocess.run([*base[:4], "nope", *base[5:]], capture_output=True, text=True,
+                             env=env, timeout=60)
+    assert missing.returncode == 1 and "no audit lines" in missing.stdout

@@ -105,3 +105,33 @@ def test_alert_event_carries_bounded_latents() -> None:
     del old["latents"]  # spooled by a sidecar before latents existed
     assert AlertEvent.from_json(json.dumps(old).encode()).latents == ""
     assert latents_text(()) == ""
+
+
+def test_token_trace_bounded_in_scope_and_deduped() -> None:
+    import pytest
+
+    from monitor.judge.trace import MAX_TRACE_TOKENS, TokenTrace
+    from monitor.server.config import _trace_tokens
+
+    tr = TokenTrace(4)
+    key = RequestKey("c", "r")
+    pos = np.arange(6, dtype=np.int64)
+    sc = np.array([0.1, 0.2, np.nan, 0.4, 0.5, 0.6])
+    roles = np.array([TokenRole.USER] * 5 + [TokenRole.GENERATED], dtype=np.int8)
+    tr.observe(key, "d", "prompt", pos[:3], sc[:3], roles[:3])
+    assert tr.tokens(key, "d") == ((0, 0.1), (1, 0.2))  # NaN skipped
+    tr.observe(key, "d", "prompt", pos[1:], sc[1:], roles[1:])  # recompute of 1..2 skipped
+    assert tr.tokens(key, "d") == ((0, 0.1), (1, 0.2), (3, 0.4), (4, 0.5))  # 5 out of scope
+    tr.observe(key, "d", "both", pos + 10, sc, roles)
+    assert len(tr.tokens(key, "d")) == 4 and tr.tokens(key, "d")[-1] == (15, 0.6)
+    tr.drop(key)
+    assert tr.n_live == 0 and tr.tokens(key, "d") == ()
+    off = TokenTrace(0)
+    off.observe(key, "d", "both", pos, sc, roles)
+    assert off.n_live == 0
+    with pytest.raises(ValueError, match="max_tokens"):
+        TokenTrace(MAX_TRACE_TOKENS + 1)
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match=r"\[0, 4096\], found '-1'"):
+        _trace_tokens("-1")

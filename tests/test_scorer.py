@@ -356,3 +356,32 @@ def test_jumprelu_is_off_exactly_at_threshold(tmp_path: Path) -> None:
     b = build(tmp_path, [(comp, tensors)], [detector("d", ("s", [1.0] * 4))])
     z = Scorer(b).score_components(0, activations(3))
     np.testing.assert_array_equal(z.numpy(), np.tile([0.0, 0.0, float(b_enc[2]), 0.0], (3, 1)))
+
+
+def test_score_projected_equals_score(tmp_path: Path) -> None:
+    """In-worker projection, sidecar half: scores from a worker's `x · W` (and `var(x)` for
+    layer_norm columns) equal the sidecar-only path; missing or misshaped inputs are refused."""
+    g = torch.Generator().manual_seed(11)
+    parts = [probe("p1", 1, g), probe("p3", 1, g, k=3),
+             sae("relu_sae", 1, g, activation="relu", k=12),
+             sae("jr_ln", 1, g, normalize="layer_norm", scale=2.0, k=10),
+             probe("q", 2, g)]
+    dets = [detector("a", ("p1", 1.5), bias=-0.2),
+            detector("b", ("p3", rand_w(g, 3)), ("relu_sae", rand_w(g, 12))),
+            detector("c", ("jr_ln", rand_w(g, 10)), ("p1", -0.7), bias=0.4),
+            detector("d", ("q", 1.0))]
+    sc = Scorer(build(tmp_path, parts, dets))
+    x = activations(150)
+    W, needs_var = sc.projection(1)
+    assert needs_var and tuple(W.shape) == (D, 1 + 3 + 12 + 10)
+    var = torch.var(x, dim=1, correction=0)
+    np.testing.assert_allclose(sc.score_projected(1, x @ W, var), sc.score(1, x),
+                               rtol=1e-5, atol=1e-6)
+    W2, needs_var2 = sc.projection(2)
+    assert not needs_var2 and tuple(W2.shape) == (D, 1)
+    np.testing.assert_allclose(sc.score_projected(2, x @ W2), sc.score(2, x),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"var: expected \[150\]"):
+        sc.score_projected(1, x @ W)
+    with pytest.raises(ValueError, match=r"xw must have shape \[n_rows, 26\]"):
+        sc.score_projected(1, x, var)

@@ -81,6 +81,9 @@ class VerdictUpdate:
     escalated: bool
     #: SAE latents that fired (``monitor.judge.latents``; the pipeline fills them in)
     latents: tuple[LatentHit, ...] = ()
+    #: the request's last in-scope (position, token score) pairs (``monitor.judge.trace``;
+    #: the pipeline fills them in for audit lines)
+    tokens: tuple[tuple[int, float], ...] = ()
 
     @property
     def request_id(self) -> str:

@@ -51,7 +51,9 @@ def audit_record(
     """Build one audit record from a `VerdictUpdate` (no activations). `request_id` is
     the engine's id (the key), `correlation_id` the caller's label ("" when none).
     `latents` (only when some SAE latent of the detector fired, at most
-    `monitor.judge.latents.MAX_LATENTS`): `[{name, index, value, label}]`."""
+    `monitor.judge.latents.MAX_LATENTS`): `[{name, index, value, label}]`; `tokens`
+    (only when the server keeps a token trace, `--audit-token-trace`): the detector's
+    last in-scope `[position, token score]` pairs, oldest first."""
     rec: dict[str, Any] = {
         "ts": _utc_now(),
         "event": event,
@@ -74,6 +76,8 @@ def audit_record(
     if update.latents:
         rec["latents"] = [{"name": h.name, "index": h.index, "value": round(h.value, 4),
                            "label": h.label} for h in update.latents]
+    if update.tokens:
+        rec["tokens"] = [[int(p), round(float(s), 4)] for p, s in update.tokens]
     return rec
 
 

@@ -20,11 +20,25 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
-__all__ = ["Summary", "format_summary", "parse_since", "summarise"]
+__all__ = ["Summary", "audit_records", "format_summary", "parse_since", "summarise"]
+
+
+def audit_records(lines: Iterable[str]) -> Iterator[dict[str, Any] | None]:
+    """Each non-blank line of an audit log as a JSON object, or None for a line that is
+    not one (the callers count those as skipped)."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            yield None
+            continue
+        yield rec if isinstance(rec, dict) else None
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SEVERITIES = ("warn", "critical")
@@ -65,15 +79,8 @@ def summarise(lines: Iterable[str], since: _dt.timedelta,
     """Summary of audit `lines` with `ts` in ``[now - since, now]``."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
     s = Summary(since=now - since)
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            s.skipped += 1
-            continue
-        if not isinstance(rec, dict):
+    for rec in audit_records(lines):
+        if rec is None:
             s.skipped += 1
             continue
         t = _ts(rec.get("ts"))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from monitor.wire.hooks import hook_key
 
 from .bundle import Bundle
-from .pack import PackedLayer, pack_layer
+from .pack import PackedLayer, TopKBlock, pack_layer
 
 __all__ = ["INPUT_DTYPES", "Scorer"]
 
@@ -61,6 +61,8 @@ class _Kernel:
     ln_cols: torch.Tensor | None
     ln_eps: torch.Tensor | None
     Rt: torch.Tensor
+    #: TopK components: ``(Wt_full [m, d_model]`` compute dtype, ``block)`` (pack.TopKBlock)
+    topk: tuple[tuple[torch.Tensor, TopKBlock], ...] = ()
 
 
 class Scorer:
@@ -101,6 +103,8 @@ class Scorer:
             ln_cols=ln,
             ln_eps=None if p.ln_eps is None else p.ln_eps.unsqueeze(0),
             Rt=p.R.t().contiguous(),
+            topk=tuple((blk.W.t().to(self.compute_dtype).contiguous(), blk)
+                       for blk in p.topk),
         )
 
     # ----------------------------------------------------------------------- public
@@ -128,13 +132,67 @@ class Scorer:
             p = torch.addmm(kern.b_gemm, xc, kern.Wt.t())
         else:
             p = torch.mm(xc, kern.Wt.t()).float()
+        var = None
         if kern.ln_cols is not None:
-            assert kern.ln_eps is not None
             xf = x if x.dtype == torch.float32 else x.float()
             var = torch.var(xf, dim=1, correction=0, keepdim=True)  # [n_rows, 1]
+        z = self._finish(kern, p, var)
+        for Wt_full, blk in kern.topk:  # full-width TopK: keep a row's k largest latents
+            r = torch.mm(xc, Wt_full.t()).float().add_(blk.b)  # [n_rows, m] rank values
+            tau = r.topk(blk.k, dim=1).values[:, -1:]  # the k-th largest, [n_rows, 1]
+            z[:, blk.cols] *= (r[:, blk.ids] >= tau).to(z.dtype)
+        return z
+
+    def projection(self, layer: int | str) -> tuple[torch.Tensor, bool]:
+        """What a worker needs to project rows itself (in-worker projection, docs/CAPTURE.md):
+        ``(W, needs_var)``. ``W`` float32 ``[d_model, n_cols]`` (read-only; the packed
+        matrix, layer_norm columns already centred). ``needs_var``: the layer has
+        layer_norm columns, so the worker also sends each row's population variance
+        ``var(x)``. Every packed layer is projectable: each kind is affine before a
+        per-column epilogue, except TopK (its row mask needs the full-width GEMM of ``x``):
+        a layer with a TopK component raises ValueError (score it from ``x``)."""
+        kern = self._kernel(layer)
+        if kern.topk:
+            raise ValueError(f"{kern.packed.hook_name}: a TopK component needs x (its "
+                             "full-width block), not a projection")
+        return kern.packed.W, kern.ln_cols is not None
+
+    def score_projected(self, layer: int | str, xw: torch.Tensor,
+                        var: torch.Tensor | None = None) -> np.ndarray:
+        """:meth:`score` from a worker's projection: ``xw = x · W`` float32 / bf16
+        ``[n_rows, n_cols]`` (``W`` from :meth:`projection`, no bias) and, when
+        ``needs_var``, ``var`` ``[n_rows]`` = ``var(x, correction=0)``. Equals ``score(layer,
+        x)`` up to the GEMM's rounding (tests/test_scorer.py)."""
+        kern = self._kernel(layer)
+        if kern.topk:
+            raise ValueError(f"{kern.packed.hook_name}: a TopK component needs x (its "
+                             "full-width block), not a projection")
+        n_cols = kern.packed.n_cols
+        if xw.ndim != 2 or xw.shape[1] != n_cols:
+            raise ValueError(f"xw must have shape [n_rows, {n_cols}], got {list(xw.shape)}")
+        if xw.dtype not in INPUT_DTYPES:
+            raise ValueError(f"xw dtype must be one of {INPUT_DTYPES}, got {xw.dtype}")
+        if kern.ln_cols is not None:
+            if var is None or var.shape != (xw.shape[0],):
+                raise ValueError(f"var: expected [{xw.shape[0]}] (the layer has layer_norm "
+                                 f"columns), found {None if var is None else list(var.shape)}")
+            var = var.float().unsqueeze(1)
+        p = xw.float() if xw.dtype != torch.float32 else xw.clone()
+        if kern.b_gemm is not None:
+            p.add_(kern.b_gemm)
+        z = self._finish(kern, p, var)
+        return torch.sigmoid(F.linear(z, kern.Rt, kern.packed.c)).numpy()
+
+    def _finish(self, kern: _Kernel, p: torch.Tensor, var: torch.Tensor | None
+                ) -> torch.Tensor:
+        """Everything after the GEMM: layer-norm factor (``var [n_rows, 1]``, given iff the
+        layer has layer_norm columns), post-GEMM bias, epilogue. ``p`` (float32, this
+        call's own) is overwritten."""
+        if kern.ln_cols is not None:
+            assert kern.ln_eps is not None and var is not None
             inv = torch.rsqrt(var + kern.ln_eps)  # [n_rows, n_cols]
             if kern.packed.ln_std is not None:
-                d = xf.shape[1]
+                d = self.d_model
                 std = torch.sqrt(var * (d / max(d - 1, 1)))
                 inv = torch.where(kern.packed.ln_std, 1.0 / (std + kern.ln_eps), inv)
             p = torch.where(kern.ln_cols, p * inv, p)

@@ -39,6 +39,7 @@ from monitor.constants import HOOK_NAME_TEMPLATE, Reason
 from monitor.judge.latents import LatentTracker, latent_map
 from monitor.judge.policy import Policy
 from monitor.judge.reload import PolicyHolder
+from monitor.judge.trace import TokenTrace
 from monitor.judge.tracker import RequestTracker
 from monitor.report.audit import AuditLog
 from monitor.report.metrics import Metrics
@@ -374,7 +375,8 @@ def build_app(config: ServerConfig) -> MonitorApp:
                         model_name=bundle.model_name, capacity_rows=config.queue_rows,
                         max_batch_rows=config.max_batch_rows,
                         sweep_interval_s=_sweep_interval(config),
-                        latents=LatentTracker(latent_map(bundle)))
+                        latents=LatentTracker(latent_map(bundle)),
+                        trace=TokenTrace(config.audit_token_trace))
     _export_counters(metrics, tracker, registry)
     app = MonitorApp(config, bundle, scorer, policy, holder, metrics, audit, pipeline, alerts)
     app_ref.append(app)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from monitor.judge.trace import MAX_TRACE_TOKENS
 from monitor.report.sinks import AlertSinksConfig
 from monitor.server.access import AccessConfig
 from monitor.server.handlers import RpcLimits
@@ -40,6 +41,18 @@ def parse_size(text: str) -> int:
 
 _ALERTS = "alert delivery (escalations of mode alert|block detectors)"
 _ACCESS = "access (TLS, token, Admin, call limits; see monitor/server/access.py)"
+
+
+def _trace_tokens(text: str) -> int:
+    """`--audit-token-trace`: an integer in [0, MAX_TRACE_TOKENS]."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_TRACE_TOKENS:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {MAX_TRACE_TOKENS}], "
+                                         f"found {text!r}")
+    return n
 
 
 def _opt(default: Any, help: str, *, parse: Callable[[str], Any] | None = None,
@@ -78,6 +91,10 @@ class ServerConfig:
     metrics_port: int = _opt(9464, "/metrics port (-1: no /metrics HTTP server)")
     audit_log: str | None = _opt(None, "JSONL audit log path (append)")
     audit_finals: bool = _opt(False, "also write one audit line per final verdict")
+    audit_token_trace: int = _opt(
+        64, "per audit line, the detector's last N in-scope [position, token score] pairs "
+        f"(for `safety-monitor explain`; 0: none; at most {MAX_TRACE_TOKENS})",
+        parse=_trace_tokens, metavar="N")
     queue_rows: int = _opt(65536, "scoring queue capacity, rows (bounds activation memory)")
     max_batch_rows: int = _opt(4096, "most rows per scorer call")
     stream_outbound_bytes: int = _opt(
@@ -154,6 +171,11 @@ class ServerConfig:
                             "(RESOURCE_EXHAUSTED too_many_streams)", group=_ACCESS)
     max_score_inflight: int = _opt(2, "concurrent unary Score calls; more are refused "
                                    "before their payload is read (score_busy)", group=_ACCESS)
+    max_streams_per_client: int = _opt(64, "concurrent Stream calls of one client (mTLS "
+                                       "certificate identity, else peer IP); more are refused "
+                                       "(client_too_many_streams)", group=_ACCESS)
+    max_score_inflight_per_client: int = _opt(1, "concurrent Score calls of one client; more "
+                                              "are refused (client_score_busy)", group=_ACCESS)
 
     def access(self) -> AccessConfig:
         """The access part of the settings (raises `AccessError` when inconsistent)."""
@@ -163,9 +185,12 @@ class ServerConfig:
                             admin_port=self.admin_port)
 
     def rpc_limits(self) -> RpcLimits:
-        """Per-server call limits (raises `ValueError` when out of range)."""
+        """Per-server and per-client call limits (raises `ValueError` when out of
+        range)."""
         return RpcLimits(max_streams=self.max_streams,
-                         max_score_inflight=self.max_score_inflight)
+                         max_score_inflight=self.max_score_inflight,
+                         max_streams_per_client=self.max_streams_per_client,
+                         max_score_inflight_per_client=self.max_score_inflight_per_client)
 
     def alert_sinks(self) -> AlertSinksConfig:
         """The alert-delivery part of the settings."""

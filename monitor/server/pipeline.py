@@ -38,6 +38,7 @@ import numpy as np
 from monitor.constants import FinishReason, Reason, RequestKey
 from monitor.judge.latents import LatentTracker
 from monitor.judge.policy import DetectorPolicy, Policy
+from monitor.judge.trace import TokenTrace
 from monitor.judge.tracker import RequestTracker, VerdictUpdate
 from monitor.report.metrics import Metrics
 from monitor.report.verdicts import Reporter, tokens_after_crossing, verdict_message
@@ -131,6 +132,7 @@ class Pipeline:
         max_batch_rows: int = 4096,
         sweep_interval_s: float = 0.5,
         latents: LatentTracker | None = None,
+        trace: TokenTrace | None = None,
     ) -> None:
         if capacity_rows < 1 or max_batch_rows < 1:
             raise ValueError("capacity_rows and max_batch_rows must be >= 1")
@@ -147,6 +149,8 @@ class Pipeline:
         self._judged: dict[str, DetectorPolicy] = dict(policy.detectors)  # worker only
         #: fired SAE latents per (request, detector); worker only
         self.latents = latents if latents is not None else LatentTracker({})
+        #: per-token score trace per (request, detector) for audit lines; worker only
+        self.trace = trace if trace is not None else TokenTrace(0)
         self._cond = threading.Condition()
         self._items: deque[_Item] = deque()
         self._rows_queued = 0
@@ -360,8 +364,9 @@ class Pipeline:
             item.sink.post(None)
 
     def _finish(self, c: Closing) -> None:
-        updates = [self._with_latents(u) for u in self.tracker.finish(c.key, known=True)]
+        updates = [self._annotate(u) for u in self.tracker.finish(c.key, known=True)]
         self.latents.drop(c.key)
+        self.trace.drop(c.key)
         label = self.registry.label(c.key)
         first_gen, highest = self.registry.extent(c.key)
         self.registry.retire(c.key)
@@ -446,6 +451,8 @@ class Pipeline:
                         self.latents.observe(key, det, self._judged[det].scope, fz[a:b],
                                              f.roles[a:b])
                 for j, det in cols:
+                    self.trace.observe(key, det, self._judged[det].scope, f.positions[a:b],
+                                       fs[a:b, j], f.roles[a:b])
                     ups = self.tracker.observe(key, det, f.positions[a:b], f.generated[a:b],
                                                fs[a:b, j], f.roles[a:b])
                     for u in ups:
@@ -470,13 +477,15 @@ class Pipeline:
         it.sink.post(monitor_pb2.ServerMessage(error=monitor_pb2.StreamError(
             code=_INTERNAL, reason=Reason.SCORER_ERROR.value, message=message, seq=f.seq)))
 
-    def _with_latents(self, u: VerdictUpdate) -> VerdictUpdate:
-        """``u`` with the SAE latents that fired for it so far (unchanged if none)."""
+    def _annotate(self, u: VerdictUpdate) -> VerdictUpdate:
+        """``u`` with the SAE latents that fired for it so far and its token trace
+        (unchanged if it has neither)."""
         hits = self.latents.hits(u.key, u.detector)
-        return dataclasses.replace(u, latents=hits) if hits else u
+        tokens = self.trace.tokens(u.key, u.detector)
+        return dataclasses.replace(u, latents=hits, tokens=tokens) if hits or tokens else u
 
     def _handle_update(self, u: VerdictUpdate, sink: StreamSink) -> None:
-        u = self._with_latents(u)
+        u = self._annotate(u)
         label = self.registry.label(u.key)
         self.reporter.escalation(u, label)
         sink.post(verdict_message(u, label))

@@ -124,6 +124,8 @@ restartPolicy: Always (a native sidecar in initContainers).
     - --metrics-port={{ $s.metricsPort }}
     - --grace-s={{ $s.graceSeconds }}
     - --backend={{ $s.backend }}
+    - --torch-threads={{ $s.scorerThreads }}
+    - --onnx-threads={{ $s.scorerThreads }}
     {{- if $s.tls.enabled }}
     - --tls-cert=/etc/safety-monitor/tls/tls.crt
     - --tls-key=/etc/safety-monitor/tls/tls.key
