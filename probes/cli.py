@@ -55,7 +55,7 @@ def cmd_build_default(args: argparse.Namespace) -> int:
                             detectors=args.detectors.split(","), scope=args.scope,
                             progress=not args.quiet, model_name=args.model_name,
                             layers=_layers(args.layers) if args.layers else None,
-                            judge_at=args.judge_at)
+                            judge_at=args.judge_at, limit=args.limit, device=args.device)
     from probes.calibrate import policy_snippet
 
     print(policy_snippet({r.name: {"scope": r.scope, "aggregation": r.aggregation,
@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the user's text ends: the statistic the probe is trained on), "
                         "every_token (every prefix), any (searched on validation)")
     b.add_argument("--detectors", default="harmful_intent,deception")
+    b.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="data budget: at most N examples per source / prompt set (smoke runs "
+                        "and sizing; the bundle loads and serves, its numbers mean nothing)")
+    b.add_argument("--device", default="cpu", help="torch device of the collection forward "
+                                                   "passes and generation (e.g. cuda)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_build_default)
 
