@@ -83,6 +83,8 @@ class Reason(str, Enum):
     # call admission (monitor.server.handlers, monitor.server.access)
     TOO_MANY_STREAMS = "too_many_streams"
     SCORE_BUSY = "score_busy"
+    CLIENT_TOO_MANY_STREAMS = "client_too_many_streams"
+    CLIENT_SCORE_BUSY = "client_score_busy"
     UNAUTHENTICATED = "unauthenticated"
     # scoring (monitor.server.pipeline)
     QUEUE_FULL = "queue_full"

@@ -55,7 +55,7 @@ def cmd_build_default(args: argparse.Namespace) -> int:
                             detectors=args.detectors.split(","), scope=args.scope,
                             progress=not args.quiet, model_name=args.model_name,
                             layers=_layers(args.layers) if args.layers else None,
-                            judge_at=args.judge_at)
+                            judge_at=args.judge_at, limit=args.limit, device=args.device)
     from probes.calibrate import policy_snippet
 
     print(policy_snippet({r.name: {"scope": r.scope, "aggregation": r.aggregation,
@@ -179,6 +179,14 @@ def cmd_sae_detector(args: argparse.Namespace) -> int:
         sae_detector_parts,
     )
 
+    dense = load_bundle(args.dense)
+    spec = dense.detector(args.dense_detector)
+    if spec.hook_name != f"blocks.{SAE_LAYER}.hook_resid_post":
+        print(f"sae-detector: --dense {args.dense} --dense-detector {args.dense_detector}: "
+              f"expected a probe on blocks.{SAE_LAYER}.hook_resid_post (the SAE's hook "
+              f"point, for the side-by-side evaluation), found {spec.hook_name}",
+              file=sys.stderr)
+        return 2
     path, name = _model_path(args.model)
     collector = TransformersCollector(path, name)
     sae = load_saelens(args.sae, d_model=collector.d_model)
@@ -186,8 +194,7 @@ def cmd_sae_detector(args: argparse.Namespace) -> int:
                         progress=not args.quiet)
     corpus, acts = sets["corpus"]
     _test_ex, test = sets["test"]
-    dense = load_bundle(args.dense)
-    cal = dense.detector(args.dense_detector).calibration
+    cal = spec.calibration
     det = fit_latent_detector(sae, acts, SAE_LAYER, args.n_heldout, args.n_latents,
                               agg=cal.get("aggregation"),
                               min_tokens=int(cal.get("min_tokens", 2)))
@@ -254,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the user's text ends: the statistic the probe is trained on), "
                         "every_token (every prefix), any (searched on validation)")
     b.add_argument("--detectors", default="harmful_intent,deception")
+    b.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="data budget: at most N examples per source / prompt set (smoke runs "
+                        "and sizing; the bundle loads and serves, its numbers mean nothing)")
+    b.add_argument("--device", default="cpu", help="torch device of the collection forward "
+                                                   "passes and generation (e.g. cuda)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_build_default)
 

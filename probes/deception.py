@@ -110,6 +110,9 @@ def generate_answers(collector: Any, prompts: Sequence[ChatExample], cache_dir: 
     else:
         tok, model = collector.tokenizer, collector.model
         tok.padding_side = "left"
+        no_pad = tok.pad_token is None  # e.g. Llama 3: pad the batch with eos (masked out)
+        if no_pad:
+            tok.pad_token = tok.eos_token
         torch.manual_seed(seed)
         rows = []
         bs = 16
@@ -118,7 +121,7 @@ def generate_answers(collector: Any, prompts: Sequence[ChatExample], cache_dir: 
                           leave=False):
                 batch = prompts[s:s + bs]
                 enc = tok([collector.render_prompt(e) for e in batch], add_special_tokens=False,
-                          return_tensors="pt", padding=True)
+                          return_tensors="pt", padding=True).to(getattr(collector, "device", "cpu"))
                 kw: dict[str, Any] = {"do_sample": True, "temperature": 0.7, "top_p": 0.95} \
                     if sample else {"do_sample": False}
                 with torch.inference_mode():
@@ -129,6 +132,8 @@ def generate_answers(collector: Any, prompts: Sequence[ChatExample], cache_dir: 
                         o, skip_special_tokens=True).strip()})
         finally:
             tok.padding_side = "right"
+            if no_pad:
+                tok.pad_token = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -160,6 +165,11 @@ TEST_PROMPTS = (("oasst", 24), ("personas_test", 24), ("coconot_contrast", 16))
 CONFUSION_PROMPTS = (("do_not_answer", 16),)
 
 
+def budget(spec: Sequence[tuple[str, int]], limit: int | None) -> tuple[tuple[str, int], ...]:
+    """A prompt-set spec with every count capped at ``limit`` (None: unchanged)."""
+    return tuple((name, n if limit is None else min(n, limit)) for name, n in spec)
+
+
 def _prompt_set(spec: Sequence[tuple[str, int]], seed: int) -> list[ChatExample]:
     from probes.sources import HARMFUL_SOURCES, load_source
 
@@ -174,9 +184,13 @@ def _prompt_set(spec: Sequence[tuple[str, int]], seed: int) -> list[ChatExample]
 
 def deception_recipe(collector: Any, cache_dir: Path | None, *, n_pairs: int = 400,
                      layers: Sequence[int] = LAYERS, Cs: Sequence[float] = CS,
-                     seed: int = 0, progress: bool = True) -> Any:
+                     seed: int = 0, progress: bool = True, limit: int | None = None) -> Any:
     """Same-instruction contrasts → leave-one-source-out choice of layer / C → fit →
-    thresholds on the model's own benign answers → unseen goal-directed scenarios."""
+    thresholds on the model's own benign answers → unseen goal-directed scenarios.
+
+    ``limit`` (a data budget for smoke runs and sizing; None: the full recipe) caps every
+    training source, prompt set and the goal-directed pairs at that many examples (pairs).
+    """
     from probes.calibrate import calibrate
     from probes.collect import TokenSelection
     from probes.evaluate import auroc, auroc_ci, evaluate_scores, wilson_ci
@@ -193,12 +207,16 @@ def deception_recipe(collector: Any, cache_dir: Path | None, *, n_pairs: int = 4
         return SourceData(Source(name, "deception", role, "v2", name), exs, acts,
                           acts.generated.astype(bool))
 
-    train = [sd("instructed_qa", [e for p in load_instructed_qa(n_pairs, seed) for e in p],
-                "train"),
-             sd("truth_cities", load_truth_set("cities", 400, seed), "train"),
-             sd("truth_sp_en_trans", load_truth_set("sp_en_trans", 300, seed), "train"),
-             sd("truth_larger_than", load_truth_set("larger_than", 300, seed), "train")]
-    test = sd("goal_directed", load_goal_directed(), "test")
+    def cap(n: int) -> int:
+        return n if limit is None else min(n, limit)
+
+    train = [sd("instructed_qa", [e for p in load_instructed_qa(cap(n_pairs), seed)
+                                  for e in p], "train"),
+             sd("truth_cities", load_truth_set("cities", cap(400), seed), "train"),
+             sd("truth_sp_en_trans", load_truth_set("sp_en_trans", cap(300), seed), "train"),
+             sd("truth_larger_than", load_truth_set("larger_than", cap(300), seed), "train")]
+    goal = load_goal_directed()  # honest / deceptive pairs, in order
+    test = sd("goal_directed", goal if limit is None else goal[:2 * limit], "test")
     y_tr = np.concatenate([d.labels for d in train])
 
     def fit(parts: Sequence[SourceData], layer: int, C: float,
@@ -261,7 +279,7 @@ def deception_recipe(collector: Any, cache_dir: Path | None, *, n_pairs: int = 4
 
     # calibration on the model's own answers (greedy + sampled), then held-out benign answers
     def answers(spec: Sequence[tuple[str, int]], tag: str) -> SourceData:
-        prompts = _prompt_set(spec, seed)
+        prompts = _prompt_set(budget(spec, limit), seed)
         exs = (generate_answers(collector, prompts, cache_dir, sample=False, progress=progress)
                + generate_answers(collector, prompts, cache_dir, sample=True, seed=seed,
                                   progress=progress))
@@ -270,7 +288,7 @@ def deception_recipe(collector: Any, cache_dir: Path | None, *, n_pairs: int = 4
     cal_sd = answers(CALIB_PROMPTS, "benign_answers_calibration")
     s_cal = served(cal_sd)
     cal = calibrate(s_cal, benign_set="the model's own answers (greedy + sampled, 32 new tokens)"
-                    " to " + ", ".join(f"{n} {k}" for n, k in CALIB_PROMPTS)
+                    " to " + ", ".join(f"{n} {k}" for n, k in budget(CALIB_PROMPTS, limit))
                     + " prompts (persona system prompts included)")
     thr = threshold_ladder(cal)
     test_sd = answers(TEST_PROMPTS, "benign_answers_test")

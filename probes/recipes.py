@@ -29,20 +29,26 @@ log = logging.getLogger("probes.recipes")
 
 
 def confusion(results: Sequence[DetectorResult], collector: Any, cache_dir: Path | None,
-              scope: str, seed: int = 0, progress: bool = True) -> list[str]:
+              scope: str, seed: int = 0, progress: bool = True,
+              limit: int | None = None, layers: Sequence[int] | None = None) -> list[str]:
     """How often each detector fires on the other's positives and on persona /
-    scenario system prompts, at its shipped thresholds (report lines)."""
+    scenario system prompts, at its shipped thresholds (report lines). Rows are collected
+    at ``layers`` (the recipes' layers, default ``harmful.LAYERS``; they hold each
+    detector's layer); ``limit`` caps every set (see `build_default`)."""
     from probes.collect import TokenSelection
     from probes.deception import (
         CONFUSION_PROMPTS,
         TEST_PROMPTS,
         _prompt_set,
+        budget,
         generate_answers,
         load_goal_directed,
         load_instructed_qa,
     )
     from probes.evaluate import wilson_ci
     from probes.harmful import LAYERS, scope_mask, served_scores, token_roles
+
+    layers = tuple(LAYERS if layers is None else layers)
 
     by = {r.name: r for r in results}
     lines: list[str] = []
@@ -55,15 +61,16 @@ def confusion(results: Sequence[DetectorResult], collector: Any, cache_dir: Path
     if "harmful_intent" in by:
         r = by["harmful_intent"]
         sets = {"deception pairs (instructed_qa, both labels)":
-                [e for p in load_instructed_qa(100, seed) for e in p],
+                [e for p in load_instructed_qa(100 if limit is None else min(100, limit), seed)
+                 for e in p],
                 "deception scenarios (goal_directed, system prompt with an incentive)":
-                load_goal_directed()}
+                load_goal_directed()[:None if limit is None else 2 * limit]}
         for name, exs in sets.items():
-            acts = collector.collect(exs, LAYERS, TokenSelection("generated"),
+            acts = collector.collect(exs, layers, TokenSelection("generated"),
                                      cache_dir=cache_dir, progress=progress, desc=name[:20])
             mask = scope_mask(token_roles(acts, exs, collector), scope)
             if not mask.any():  # response-scope rows hold no prompt tokens: re-collect
-                acts = collector.collect(exs, LAYERS, TokenSelection("prompt"),
+                acts = collector.collect(exs, layers, TokenSelection("prompt"),
                                          cache_dir=cache_dir, progress=progress,
                                          desc=name[:20])
                 mask = scope_mask(token_roles(acts, exs, collector), scope)
@@ -80,12 +87,12 @@ def confusion(results: Sequence[DetectorResult], collector: Any, cache_dir: Path
         for spec, name in ((CONFUSION_PROMPTS, "answers to harmful prompts (do_not_answer)"),
                            (TEST_PROMPTS[1:2], "answers under persona / scenario system "
                                                "prompts (personas_test)")):
-            prompts = _prompt_set(spec, seed)
+            prompts = _prompt_set(budget(spec, limit), seed)
             exs = (generate_answers(collector, prompts, cache_dir, sample=False,
                                     progress=progress)
                    + generate_answers(collector, prompts, cache_dir, sample=True, seed=seed,
                                       progress=progress))
-            acts = collector.collect(exs, LAYERS, TokenSelection("generated"),
+            acts = collector.collect(exs, layers, TokenSelection("generated"),
                                      cache_dir=cache_dir, progress=progress, desc="confusion")
             s = served_scores(r.probe, acts, acts.generated.astype(bool), r.aggregation,
                               r.min_tokens)
@@ -108,7 +115,8 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   detectors: Sequence[str] = ("harmful_intent", "deception"),
                   scope: str = "user", progress: bool = True, seed: int = 0,
                   model_name: str | None = None, layers: Sequence[int] | None = None,
-                  judge_at: str = "span_end") -> list[DetectorResult]:
+                  judge_at: str = "span_end", limit: int | None = None,
+                  device: str = "cpu") -> list[DetectorResult]:
     """Build the default bundle (+ its ONNX graphs, REPORT.md, PNGs,
     policy.suggested.yaml) into ``out``.
 
@@ -121,7 +129,12 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     is for ``model_name`` (the identity vLLM serves it as, ``SAFETY_MONITOR_MODEL``;
     default: the folder path), and each recipe collects ``layers`` or, when None, its own
     layers moved to the same relative depths (``scaled_layers``). Without it: the default
-    model and the recipes' own layers."""
+    model and the recipes' own layers.
+
+    ``limit``: a data budget — at most that many examples per source, prompt set and test
+    set (None: the full recipes). For smoke runs and sizing only: the bundle is complete
+    and loads, its numbers are not meaningful. ``device``: where the model's forward and
+    generation run (``cuda`` on a GPU; the bundle is the same)."""
     from monitor.score.onnx_export import export_onnx
     from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
     from monitor.tools.models import cache_dir as monitor_cache
@@ -134,7 +147,7 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     model_path = Path(model_path) if own else prepare_default_model()
     name = (model_name or str(model_path)) if own else DEFAULT_MODEL_NAME
     cache_dir = Path(cache_dir) if cache_dir else monitor_cache() / "probes"
-    collector = TransformersCollector(model_path, name)
+    collector = TransformersCollector(model_path, name, device=device)
 
     def lay(recipe_layers: Sequence[int]) -> dict[str, Any]:
         if layers is not None:
@@ -147,10 +160,10 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
         results.append(harmful.harmful_intent_recipe(collector, cache_dir, scope=scope,
                                                      seed=seed, progress=progress,
                                                      served=served, prefixes=prefixes,
-                                                     **lay(harmful.LAYERS)))
+                                                     limit=limit, **lay(harmful.LAYERS)))
     if "deception" in detectors:
         results.append(deception.deception_recipe(collector, cache_dir, seed=seed,
-                                                  progress=progress,
+                                                  progress=progress, limit=limit,
                                                   **lay(deception.LAYERS)))
     for stale in Path(out).glob("layer*.onnx"):  # graphs of an earlier build's layers
         stale.unlink()
@@ -161,6 +174,7 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   description=f"default detectors for {name}, built by "
                               "`python -m probes build-default`")
     export_onnx(Path(out))  # the onnxruntime backend's graphs, pinned in the manifest
-    extra = confusion(results, collector, cache_dir, scope, seed, progress)
+    extra = confusion(results, collector, cache_dir, scope, seed, progress, limit,
+                      lay(harmful.LAYERS).get("layers", harmful.LAYERS))
     write_report(Path(out), results, model_name=name, appendix=extra)
     return results

@@ -20,7 +20,22 @@ from probes.capture_server import (
     serve_forever,
 )
 
-__all__ = ["CaptureSink", "FrameRecord", "SinkLog", "_decode", "skip_unless_vllm"]
+__all__ = ["CaptureSink", "FrameRecord", "SinkLog", "_decode", "shutdown_llm",
+           "skip_unless_vllm"]
+
+
+def shutdown_llm(llm: object | None) -> None:
+    """Stop an in-process `vllm.LLM`'s engine core (and its workers) now, not at exit."""
+    import gc
+
+    if llm is None:
+        return
+    try:
+        llm.llm_engine.engine_core.shutdown()  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    del llm
+    gc.collect()
 
 
 def skip_unless_vllm() -> None:

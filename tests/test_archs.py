@@ -26,7 +26,6 @@ refusal.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -40,7 +39,7 @@ import pytest
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 sys.path.insert(0, str(Path(__file__).parent))
-from capture_sink import CaptureSink, skip_unless_vllm  # noqa: E402
+from capture_sink import CaptureSink, shutdown_llm, skip_unless_vllm  # noqa: E402
 
 skip_unless_vllm()  # the tiny models use the default model's tokenizer
 from tiny_models import FAMILIES, N_LAYERS, build_tiny_model  # noqa: E402
@@ -126,13 +125,7 @@ def _run_engine(model_dir: Path, sink: CaptureSink, mode: str, prompts: list) ->
         outs = llm.generate(prompts, sps, use_tqdm=False)
         return [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
     finally:
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:
-                pass
-            del llm
-            gc.collect()
+        shutdown_llm(llm)
         os.environ.clear()
         os.environ.update(saved)
 

@@ -278,7 +278,7 @@ FIELD_CASES = [
     (_set("components/0/activation", "relu"), "components[0].activation",
      ["one of ['identity']", '"relu"']),
     (_drop("components/1/activation"), "components[1].activation",
-     ["one of ['gated', 'jumprelu', 'relu']", "found nothing"]),
+     ["one of ['gated', 'jumprelu', 'relu', 'topk']", "found nothing"]),
     (_set("components/1/latent_ids", [1, 2]), "components[1].latent_ids",
      ["3 latent indices (one per column), found 2"]),
     (_set("components/1/latent_ids", [1, 2, 2]), "components[1].latent_ids",

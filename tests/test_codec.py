@@ -134,8 +134,15 @@ def test_span_refusals() -> None:
     x = torch.randn(4, D)
     assert _err(_frame(x, spans=[])).reason == "bad_spans"
     assert _err(_frame(x, spans=[Span("a", 3)])).reason == "bad_spans"
-    assert _err(_frame(x, spans=[Span("", 4)])).reason == "bad_spans"
-    assert _err(_frame(x, spans=[Span("a", 4), Span("b", 0)])).reason == "bad_spans"
+    # a span bad on its own is refused alone (its rows kept for accounting), not the frame
+    d = decode_frame(_frame(x, spans=[Span("a", 2, 0, 4), Span("", 2, 2, 4)]), **KW)
+    assert [(r.span, r.reason) for r in d.refused] == [(1, "bad_spans")]
+    assert "spans[1].request_id: expected a non-empty id, found ''" in d.refused[0].message
+    assert d.span_bounds == ((0, 2), (2, 4)) and d.positions.tolist() == [0, 1, 2, 3]
+    d = decode_frame(_frame(x, spans=[Span("a", 4), Span("b", 0)]), **KW)
+    assert [(r.span, r.reason, r.n_spans) for r in d.refused] == [(1, "bad_spans", 1)]
+    assert "spans[1].n_rows: expected > 0, found 0" in d.refused[0].message
+    assert not decode_frame(_frame(x), **KW).refused
     # spans optional for the unary Score RPC: one anonymous request
     d = decode_frame(_frame(x, spans=[]), **KW, require_spans=False)
     assert d.request_ids == ("",) and d.positions.tolist() == [0, 1, 2, 3]
@@ -225,14 +232,25 @@ def test_span_sum_checked_while_expanding() -> None:
 def test_span_count_and_id_length_limits() -> None:
     x = torch.randn(8, D)
     spans = [Span(f"r{i}", 1) for i in range(8)]
-    decode_frame(_frame(x, spans=spans), **KW, max_spans=8)
-    e = _err(_frame(x, spans=spans), max_spans=7)
-    assert e.reason == "too_many_spans" and "at most 7" in e.message and "found 8" in e.message
+    assert not decode_frame(_frame(x, spans=spans), **KW, max_spans=8).refused
+    # spans past the cap: one refusal, their rows one anonymous pseudo-span (no request)
+    d = decode_frame(_frame(x, spans=spans), **KW, max_spans=5)
+    [r] = d.refused
+    assert (r.span, r.reason, r.n_spans) == (5, "too_many_spans", 3)
+    assert "at most 5" in r.message and "found 8" in r.message and "3 rows" in r.message
+    assert d.request_ids == ("r0", "r1", "r2", "r3", "r4", "")
+    assert d.span_bounds[-1] == (5, 8) and d.row_request.tolist() == [0, 1, 2, 3, 4, 5, 5, 5]
+    # the sum is still checked over every span, also those past the cap
+    assert _err(_frame(x, spans=[*spans, Span("x", 1)]), max_spans=5).reason == "bad_spans"
 
     # request-id length is the registry's per-span decision, not a frame refusal
-    decode_frame(_frame(x, spans=[Span("é" * 1000, 8)]), **KW)
-    e = _err(_frame(x, spans=[Span("r", 8, correlation_id="c" * 300)]))
-    assert e.reason == "correlation_id_too_long" and "256" in e.message and "300" in e.message
+    assert not decode_frame(_frame(x, spans=[Span("é" * 1000, 8)]), **KW).refused
+    d = decode_frame(_frame(x, spans=[Span("r", 4, correlation_id="c" * 300),
+                                      Span("s", 4, correlation_id="ok")]), **KW)
+    [r] = d.refused
+    assert (r.span, r.reason) == (0, "correlation_id_too_long")
+    assert "256" in r.message and "300" in r.message
+    assert d.correlation_ids == ("", "ok")  # the over-long label is not kept
 
 
 def test_correlation_id_is_a_label_per_span() -> None:
@@ -330,6 +348,6 @@ def test_roles_round_trip_and_derived_for_old_spans() -> None:
                             "it ends at 5"),
 ])
 def test_role_refusals_name_field_expected_found(span: Span, needle: str) -> None:
-    with pytest.raises(FrameError) as ei:
-        decode_frame(_frame(torch.randn(2, D), spans=[span]), **KW)
-    assert ei.value.reason == "bad_spans" and needle in ei.value.message
+    d = decode_frame(_frame(torch.randn(2, D), spans=[span]), **KW)
+    [r] = d.refused
+    assert r.reason == "bad_spans" and needle in r.message

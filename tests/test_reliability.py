@@ -11,11 +11,23 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from conftest import MonitorServer
-from test_server_integration import fin, frame_msg, make_rows, rid
+from conftest import MODEL, MonitorServer
+from test_server_integration import (
+    assert_stream_usable,
+    errors,
+    fin,
+    frame_msg,
+    good_tail,
+    make_rows,
+    rid,
+    stream,
+    verdicts,
+)
+from test_wire_limits import _hold_call, _until_refused
 
+from monitor.roles import TokenRole
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
-from monitor.wire import Span
+from monitor.wire import Span, encode_frame
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -85,3 +97,81 @@ def test_client_that_stops_reading_is_flow_controlled_not_dropped(
     assert set(finals) == set(ids)  # every request's finals, none dropped
     assert set(finals.values()) == {2}  # one per detector (harmful_intent, deception)
     assert server.metric("safety_monitor_verdicts_dropped_total") == dropped
+
+
+def test_bad_spans_cost_only_their_own_rows(server: MonitorServer, geometry: dict) -> None:
+    # issue 8 item 1: an empty id, an over-long correlation id or a bad role in one span
+    # refused the whole batched frame, so other users' rows were lost uncounted
+    a, b, c, d = (rid(t) for t in ("a", "b", "c", "d"))
+    x = make_rows(geometry, "harmful_intent", 13, pushed=[11])  # d's second row harmful
+    spans = [Span(a, 4, 0, 4), Span("", 2, 0, 2), Span(b, 3, 0, 3, correlation_id="c" * 300),
+             Span(c, 2, 0, 4, TokenRole.GENERATED),  # a GENERATED span in the prompt
+             Span(d, 2, 0, 2)]
+    m = server.metric
+    before = {(n, r): m(n, reason=r) for n in ("safety_monitor_frames_rejected_total",
+                                               "safety_monitor_rows_unscored_total")
+              for r in ("bad_spans", "correlation_id_too_long")}
+    out = stream(server, [frame_msg(1, 2, x, spans), *(fin(r) for r in (a, b, c, d))])
+    errs = sorted((e.reason, e.seq) for e in errors(out))
+    assert errs == [("bad_spans", 1), ("correlation_id_too_long", 1)], errors(out)
+    assert "2 spans refused" in next(e.message for e in errors(out) if e.reason == "bad_spans")
+
+    def final(r: str) -> monitor_pb2.Verdict:
+        return {v.detector: v for v in verdicts(out, r, final=True)}["harmful_intent"]
+
+    assert (final(a).n_tokens_scored, final(a).n_tokens_unscored) == (4, 0)
+    assert final(a).severity == monitor_pb2.SEVERITY_NONE
+    assert (final(b).n_tokens_scored, final(b).n_tokens_unscored) == (0, 3)
+    assert (final(c).n_tokens_scored, final(c).n_tokens_unscored) == (0, 2)
+    assert (final(d).n_tokens_scored, final(d).n_tokens_unscored) == (2, 0)
+    assert final(d).severity != monitor_pb2.SEVERITY_NONE  # judged, not lost
+    delta = {k: m(k[0], reason=k[1]) - v for k, v in before.items()}
+    assert delta == {("safety_monitor_frames_rejected_total", "bad_spans"): 2,
+                     ("safety_monitor_frames_rejected_total", "correlation_id_too_long"): 1,
+                     ("safety_monitor_rows_unscored_total", "bad_spans"): 4,
+                     ("safety_monitor_rows_unscored_total", "correlation_id_too_long"): 3}
+
+
+def test_call_limits_are_per_client(start_server: Callable[..., MonitorServer],
+                                    geometry: dict) -> None:
+    # issue 8 item 4: the caps were per server, so one client could hold every slot.
+    # The server listens on localhost (127.0.0.1 and ::1): two peers, two clients.
+    srv = start_server(extra=["--policy-watch-s", "0", "--host", "localhost",
+                              "--max-streams", "8", "--max-streams-per-client", "1",
+                              "--max-score-inflight", "4",
+                              "--max-score-inflight-per-client", "1"], name="perclient")
+    other = grpc.insecure_channel(f"[::1]:{srv.port}")  # the second client (IPv6 peer)
+    m = srv.metric
+    req = monitor_pb2.ScoreRequest(frame=encode_frame(
+        make_rows(geometry, "harmful_intent", 2), seq=1, model=MODEL, layer=2, spans=[]))
+    release, t = _hold_call(srv, "Stream")  # client 127.0.0.1 holds its one stream
+    try:
+        _wait(lambda: m("safety_monitor_active_streams") == 1, what="the held stream")
+        err = _until_refused(lambda: stream(srv, []))
+        assert err.details().startswith("client_too_many_streams:"), err.details()
+        assert "ipv4:127.0.0.1" in err.details()
+        ok = rid("ok")  # the other client is served: the server has slots left
+        out = list(monitor_pb2_grpc.MonitorStub(other).Stream(
+            iter(good_tail(geometry, 1, ok)), timeout=60))
+        assert_stream_usable(out, ok)
+    finally:
+        release.set()
+        t.join(30)
+    assert m("safety_monitor_frames_rejected_total", reason="client_too_many_streams") >= 1
+    assert m("safety_monitor_frames_rejected_total", reason="too_many_streams") == 0
+
+    release, t = _hold_call(srv, "Score")  # client 127.0.0.1 holds its one Score call
+    try:
+        stub = monitor_pb2_grpc.MonitorStub(srv.channel)
+        err = _until_refused(lambda: stub.Score(req, timeout=10))
+        assert err.details().startswith("client_score_busy:"), err.details()
+        assert monitor_pb2_grpc.MonitorStub(other).Score(req, timeout=20).detectors
+    finally:
+        release.set()
+        t.join(30)
+    assert m("safety_monitor_frames_rejected_total", reason="client_score_busy") >= 1
+    assert m("safety_monitor_frames_rejected_total", reason="score_busy") == 0
+    # the slots are given back: the first client is served again
+    ok = rid("ok")
+    assert_stream_usable(stream(srv, good_tail(geometry, 1, ok)), ok)
+    other.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_models
 
 from monitor.roles import (
     ROLE_NAMES,
@@ -38,20 +39,15 @@ except Exception as e:  # pragma: no cover - the wheel is not installed
     pytest.skip(f"the default model is unavailable: {e}", allow_module_level=True)
 TEMPLATES = Path(__file__).parent / "chat_templates"
 
-# family -> (added special tokens, bos, eos, default system prompt the template inserts,
-#            roles the template merges into another role's turn)
-FAMILIES: dict[str, tuple[list[str], str | None, str | None, str | None, dict[str, str]]] = {
-    "smollm2": ([], None, "<|im_end|>",
-                "You are a helpful AI assistant named SmolLM, trained by Hugging Face", {}),
-    "qwen2": ([], None, "<|im_end|>", "You are a helpful assistant.", {}),
-    "llama3": (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", None, {}),
-    "gemma2": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>",
-               None, {}),
-    "gemma3": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>",
-               None, {"system": "user"}),
-    "phi3": (["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-             "<s>", "<|endoftext|>", None, {}),
+# family -> (default system prompt the template inserts, roles the template merges into
+#            another role's turn); added special tokens / bos / eos: tiny_models.TEMPLATE_TOKENS
+FAMILIES: dict[str, tuple[str | None, dict[str, str]]] = {
+    "smollm2": ("You are a helpful AI assistant named SmolLM, trained by Hugging Face", {}),
+    "qwen2": ("You are a helpful assistant.", {}),
+    "llama3": (None, {}),
+    "gemma2": (None, {}),
+    "gemma3": (None, {"system": "user"}),
+    "phi3": (None, {}),
 }
 
 CONTENTS = [
@@ -64,14 +60,9 @@ CONTENTS = [
 
 
 def family_tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
-    special, bos, eos, _, _ = FAMILIES[family]
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizers.Tokenizer.from_file(str(MODEL / "tokenizer.json")),
-        bos_token=bos, eos_token=eos, additional_special_tokens=special)
-    name = "smollm2" if family == "smollm2" else family
-    path = MODEL / "chat_template.jinja" if name == "smollm2" else TEMPLATES / f"{name}.jinja"
-    tok.chat_template = path.read_text()
-    return tok
+    if family == "smollm2":  # ChatML markers as SmolLM2 ships them, its own template
+        return tiny_models.family_tokenizer("qwen2", (MODEL / "chat_template.jinja").read_text())
+    return tiny_models.family_tokenizer(family)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -141,7 +132,7 @@ def random_chat(rng: random.Random, family: str) -> list[dict[str, str]]:
 
 def test_segmenter_matches_reference_on_random_chats(family) -> None:
     name, tok, seg = family
-    _, _, _, default_system, merged = FAMILIES[name]
+    default_system, merged = FAMILIES[name]
     assert dict(seg.merged) == merged, seg.describe()
     rng = random.Random(hash(name) % 1000)
     n_checked = 0
@@ -200,7 +191,7 @@ def test_default_system_prompt_is_system() -> None:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     roles = seg.segment(ids)
     sys_ids = [i for i, r in zip(ids, roles, strict=True) if r == TokenRole.SYSTEM]
-    assert tok.decode(sys_ids) == FAMILIES["smollm2"][3]
+    assert tok.decode(sys_ids) == FAMILIES["smollm2"][0]
 
 
 def test_real_default_model_tokenizer() -> None:

@@ -35,7 +35,10 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def server(start_server: Callable[..., MonitorServer]) -> MonitorServer:
     return start_server(extra=["--policy-watch-s", "0", "--max-streams", "2",
-                               "--max-score-inflight", "1"], name="limits")
+                               "--max-score-inflight", "1",  # per-server caps (the
+                               # per-client caps above them: tests/test_reliability.py)
+                               "--max-streams-per-client", "4",
+                               "--max-score-inflight-per-client", "2"], name="limits")
 
 
 def _rss_kib(srv: MonitorServer) -> int:

@@ -7,7 +7,10 @@ proving that capture returns the right tensor on each architecture (tests/test_a
 and for sizing runs (README), never for quality.
 
 Shapes: d_model 128, 3 decoder layers, 4 query heads / 2 KV heads of 32 dims, MLP 256,
-the default model's vocabulary (49152 ids). Weights are drawn N(0, 0.15²) and every norm
+the default model's BPE vocabulary (49152 ids) plus the family's added special tokens
+(`TEMPLATE_TOKENS`, as its instruct tokenizer declares them, so its chat template's role
+markers are single special tokens and the serving role segmenter reads them), vocabulary
+`VOCAB` ids. Weights are drawn N(0, 0.15²) and every norm
 weight is perturbed (norm gains 1 ± 0.3; Gemma's zero-centred gains 0 ± 0.3) so that a
 capture that skipped a norm, a residual add or a post-norm would differ by far more than
 the test tolerance.
@@ -19,7 +22,6 @@ the test tolerance.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ N_KV_HEADS = 2
 HEAD_DIM = 32
 D_MLP = 256
 MAX_POS = 2048
+VOCAB = 49152 + 64  # BPE + room for the families' added special tokens
 
 TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
 """The families' own chat templates (as their instruct models ship them), shared with
@@ -40,9 +43,37 @@ tests/test_roles.py. The tiny models use the default model's tokenizer, so famil
 tokens are plain text to it; the template's structure (role markers, generation prompt)
 is the family's."""
 
+TEMPLATE_TOKENS: dict[str, tuple[tuple[str, ...], str | None, str | None]] = {
+    "qwen2": ((), None, "<|im_end|>"),  # ChatML: the default tokenizer has its markers
+    "llama3": (("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>"), "<|begin_of_text|>", "<|eot_id|>"),
+    "gemma2": (("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>"),
+    "gemma3": (("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>"),
+    "phi3": (("<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+             "<s>", "<|endoftext|>"),
+    "mistral": (("<s>", "</s>"), "<s>", "</s>"),  # v0.1: [INST] is plain text
+}
+"""Template (file stem in `TEMPLATES`) → (added special tokens, bos, eos), transcribed
+from the families' published `tokenizer_config.json`."""
+
+
+def family_tokenizer(template: str, chat_template: str | None = None) -> Any:
+    """The default model's BPE with `template`'s added special tokens, bos / eos and chat
+    template (`chat_template` text overrides the file): a `PreTrainedTokenizerFast`."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special, bos, eos = TEMPLATE_TOKENS[template]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer.from_file(
+            str(tokenizer_source() / "tokenizer.json")),
+        bos_token=bos, eos_token=eos, additional_special_tokens=list(special))
+    tok.chat_template = chat_template or (TEMPLATES / f"{template}.jinja").read_text()
+    return tok
+
 
 def _common() -> dict[str, Any]:
-    return dict(vocab_size=49152, hidden_size=D_MODEL, intermediate_size=D_MLP,
+    return dict(vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_MLP,
                 num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
                 num_key_value_heads=N_KV_HEADS, head_dim=HEAD_DIM,
                 max_position_embeddings=MAX_POS, bos_token_id=1, eos_token_id=2,
@@ -133,7 +164,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 def _gpt2() -> Any:
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=49152, n_positions=MAX_POS, n_embd=D_MODEL, n_layer=2,
+    return GPT2Config(vocab_size=VOCAB, n_positions=MAX_POS, n_embd=D_MODEL, n_layer=2,
                       n_head=N_HEADS, bos_token_id=1, eos_token_id=2,
                       architectures=["GPT2LMHeadModel"])
 
@@ -170,8 +201,12 @@ def build_tiny_model(family: str, out: Path, *, seed: int = 0) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    tok = family_tokenizer(fam.chat_template.removesuffix(".jinja"))
+    assert len(tok) <= VOCAB, (len(tok), VOCAB)
     cfg = fam.config()
     cfg.dtype = "float32"
+    cfg.bos_token_id = tok.bos_token_id if tok.bos_token_id is not None else 1
+    cfg.eos_token_id = tok.eos_token_id
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
@@ -182,14 +217,10 @@ def build_tiny_model(family: str, out: Path, *, seed: int = 0) -> Path:
                 p.copy_((0.0 if fam.zero_centred_norms else 1.0) + 0.3 * noise)
             else:
                 p.copy_(0.15 * noise)
+    model.generation_config.bos_token_id = cfg.bos_token_id
+    model.generation_config.eos_token_id = cfg.eos_token_id
     model.save_pretrained(tmp, safe_serialization=True)
-    src = tokenizer_source()
-    for fn in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / fn, tmp / fn)
-    tc = json.loads((tmp / "tokenizer_config.json").read_text())
-    tc.pop("chat_template", None)
-    (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=1))
-    shutil.copy(TEMPLATES / fam.chat_template, tmp / "chat_template.jinja")
+    tok.save_pretrained(tmp)  # tokenizer.json with the added tokens, chat_template.jinja
     (tmp / ".built").write_text(family + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

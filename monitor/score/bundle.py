@@ -101,6 +101,7 @@ DEFAULT_MAX_FILE_BYTES = 64 << 30
 MAX_D_MODEL = 1 << 16
 MAX_LAYERS = 1 << 12
 MAX_COLUMNS = 1 << 20  # per component
+MAX_FULL = 1 << 22  # full width of a full-width component (TopK: the SAE's d_sae)
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
 _FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\.safetensors")
@@ -396,6 +397,10 @@ def load_bundle(path: str | os.PathLike[str], *,
     layers = sorted({d.layer for d in detectors})
     onnx = _check_onnx(top, ck, root, onnx_files, layers, n_layers)
     if onnx is not None:
+        for cname, comp in components.items():
+            if get_kind(comp.kind, comp.activation).full_width:
+                raise ck.fail("onnx", f"no onnx section (component {cname!r} is "
+                              f"{comp.activation}: no ONNX graph)", "a section")
         for d in detectors:
             if d.hook_name != hook_key(d.layer):
                 raise ck.fail("onnx", f"no onnx section (graphs read resid_post only; "
@@ -589,6 +594,9 @@ def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
                 raise ck.fail(f"{where}.latent_ids", "distinct latent indices",
                               _show(list(latent_ids)))
 
+        if spec.full_width:
+            _check_full_width(ck, where, pre, latent_ids, tensors)
+
         labels: tuple[str, ...] | None = None
         if "latent_labels" in c:
             if latent_ids is None:
@@ -610,6 +618,38 @@ def _check_components(items: Any, ck: _Checker, index: dict[str, _TensorInfo],
                               tensors=tensors, activation=activation, latent_ids=latent_ids,
                               preprocessing=pre, k=k, latent_labels=labels)
     return out
+
+
+def _check_full_width(ck: _Checker, where: str, pre: Preprocessing,
+                      latent_ids: tuple[int, ...] | None,
+                      tensors: Mapping[str, torch.Tensor]) -> None:
+    """A TopK component: normalize none; ``latent_ids`` index the full width and the
+    selected tensors equal the full ones there; ``topk_k`` an integer in [1, m]."""
+    if pre.normalize != "none":
+        raise ck.fail(f"{where}.preprocessing.normalize", "'none' for a topk component",
+                      repr(pre.normalize))
+    if not tensors or latent_ids is None:
+        return  # shapes only (load_tensors=False), or refused elsewhere
+    m = int(tensors["W_enc_full"].shape[1])
+    if max(latent_ids) >= m:
+        raise ck.fail(f"{where}.latent_ids", f"indices in [0, {m}) (the full width)",
+                      str(max(latent_ids)))
+    kk = float(tensors["topk_k"])
+    if kk != int(kk) or not 1 <= kk <= m:
+        raise ck.fail(f"{where}.tensors.topk_k", f"an integer in [1, {m}]", repr(kk))
+    import torch
+
+    idx = torch.tensor(list(latent_ids))
+    for sel, full in (("W_enc", "W_enc_full"), ("b_enc", "b_enc_full"),
+                      ("rank_scale", "rank_scale_full")):
+        if (sel in tensors) != (full in tensors):
+            raise ck.fail(f"{where}.tensors.{sel}", f"present exactly when {full} is",
+                          "one of them")
+        if sel in tensors:
+            want = tensors[full][..., idx] if sel == "W_enc" else tensors[full][idx]
+            if not torch.equal(tensors[sel], want):
+                raise ck.fail(f"{where}.tensors.{sel}", f"{full} at latent_ids",
+                              "different values")
 
 
 def _check_preprocessing(value: Any, where: str, ck: _Checker) -> Preprocessing:
@@ -668,9 +708,18 @@ def _check_tensors(value: Any, where: str, spec: ComponentKind, ck: _Checker,
                       _fmt_shape(shape))
     else:
         k = shape[1]
+    m = k
+    for role, info in infos.items():  # the full width of a full-width kind (TopK)
+        if spec.roles.get(role) == "d_model_m":
+            shape_m = info.shape
+            if len(shape_m) != 2 or shape_m[0] != d_model or not k <= shape_m[1] <= MAX_FULL:
+                raise ck.fail(f"{where}.{role}", f"shape [{d_model}, m] with {k} <= m <= "
+                              f"{MAX_FULL}", _fmt_shape(shape_m))
+            m = shape_m[1]
     allowed: dict[str, tuple[tuple[int, ...], ...]] = {
         "k": ((k,),), "d_model": ((d_model,),),
-        "k_or_scalar": ((k,), ()) if k == 1 else ((k,),)}
+        "k_or_scalar": ((k,), ()) if k == 1 else ((k,),),
+        "d_model_m": ((d_model, m),), "m": ((m,),), "scalar": ((),)}
     for role, info in infos.items():
         if role == main:
             continue

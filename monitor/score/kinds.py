@@ -132,7 +132,9 @@ class ComponentKind:
     """Base of a component kind. Subclasses set the class attributes and ``fold``.
 
     ``roles``: ``{role: shape}`` for every tensor role but ``main``, where shape is
-    ``"k"``, ``"d_model"`` or ``"k_or_scalar"`` (a ``[]`` tensor allowed when k = 1).
+    ``"k"``, ``"d_model"`` or ``"k_or_scalar"`` (a ``[]`` tensor allowed when k = 1);
+    full-width kinds also ``"d_model_m"`` (``[d_model, m]``, m the full width, k ≤ m),
+    ``"m"`` and ``"scalar"`` (``[]``).
     ``required``: the roles that must be present (``main`` always is).
     ``vector_main``: a main tensor of shape ``[d_model]`` is accepted as ``k = 1``.
     ``positive``: roles whose values must all be > 0.
@@ -146,6 +148,13 @@ class ComponentKind:
     vector_main: bool = False
     positive: frozenset[str] = frozenset()
     has_b_dec: bool = False  # "b_dec" is a role: apply_b_dec_to_input is allowed
+    #: the kind also needs a full-width block at score time (TopK: ``fold_full``)
+    full_width: bool = False
+
+    def fold_full(self, tensors: Mapping[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Full-width kinds only: ``(A_full [d_model, m], a_full [m], k)`` float64."""
+        raise NotImplementedError
 
     def fold(self, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A [d_model, k], a [k])`` float64 with ``p = u · A + a`` for the

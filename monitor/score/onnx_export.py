@@ -152,6 +152,11 @@ def export_onnx(path: str | os.PathLike[str]) -> Bundle:
     """
     root = Path(path)
     bundle = load_bundle(root)
+    full = [c.name for c in bundle.components.values() if c.activation == "topk"]
+    if full:
+        raise BundleError(str(root / MANIFEST), "components[].activation",
+                          "no topk components (their full-width block has no ONNX graph; "
+                          "use the torch backend)", f"topk in {full}")
     if not bundle.resid_post_only:
         raise BundleError(str(root / MANIFEST), "detectors[].hook_name",
                           "resid_post hook points only (an ONNX graph is keyed by layer)",

@@ -84,6 +84,23 @@ class FoldedBlock:
 
 
 @dataclass(frozen=True, eq=False)
+class TopKBlock:
+    """A full-width TopK component's row mask (``monitor/score/sae/topk.py``), float32.
+
+    ``W [d_model, m]``, ``b [m]``: the full encoder folded like the packed columns
+    (``r = x · W + b`` is the rank value of every latent); ``k``: how many latents of a
+    row stay active; ``cols``: the component's packed columns; ``ids`` int64 ``[len(cols)]``
+    its latent indices into ``r``.
+    """
+
+    W: torch.Tensor
+    b: torch.Tensor
+    k: int
+    cols: slice
+    ids: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
 class PackedLayer:
     """All detectors of one layer as one matrix plus a read-out. All tensors float32, CPU.
 
@@ -114,6 +131,8 @@ class PackedLayer:
     mag_shift: torch.Tensor | None = None
     floor: torch.Tensor | None = None
     hook_name: str = ""
+    #: TopK components: their columns are also masked by the row's top-k (scorer)
+    topk: tuple[TopKBlock, ...] = ()
 
     @property
     def d_model(self) -> int:
@@ -130,24 +149,34 @@ def fold_component(comp: Component) -> FoldedBlock:
     Computed in float64 and rounded to float32 once, at the end.
     """
     spec = get_kind(comp.kind, comp.activation)
-    A, a = spec.fold(comp.tensors)  # float64
-    pre = comp.preprocessing
-    if pre.apply_b_dec_to_input:  # (u − b_dec)·A + a = u·A + (a − b_dec·A)
-        a = a - comp.tensors["b_dec"].double() @ A
-    ln_eps: float | None
-    if pre.normalize == "layer_norm":
-        W = A - A.mean(dim=0, keepdim=True)
-        ln_eps = pre.layer_norm_eps / pre.scale**2
-    elif pre.normalize == "layer_norm_std":
-        W = A - A.mean(dim=0, keepdim=True)
-        ln_eps = pre.layer_norm_eps / pre.scale
-    else:
-        W = pre.scale * A
-        ln_eps = None
+    W, a, ln_eps = _fold_pre(comp, *spec.fold(comp.tensors))
     epi = spec.epilogue(comp.tensors)
+    pre = comp.preprocessing
     return FoldedBlock(W=W.float().contiguous(), b=a.float(), theta=epi.theta,
                        ln_eps=ln_eps, ln_std=pre.normalize == "layer_norm_std",
                        floor=epi.floor, scale=epi.scale, shift=epi.shift)
+
+
+def _fold_pre(comp: Component, A: torch.Tensor, a: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """Fold ``comp``'s preprocessing into ``u · A + a`` (float64): ``(W, b, ln_eps)``."""
+    pre = comp.preprocessing
+    if pre.apply_b_dec_to_input:  # (u − b_dec)·A + a = u·A + (a − b_dec·A)
+        a = a - comp.tensors["b_dec"].double() @ A
+    if pre.normalize == "layer_norm":
+        return A - A.mean(dim=0, keepdim=True), a, pre.layer_norm_eps / pre.scale**2
+    if pre.normalize == "layer_norm_std":
+        return A - A.mean(dim=0, keepdim=True), a, pre.layer_norm_eps / pre.scale
+    return pre.scale * A, a, None
+
+
+def fold_topk(comp: Component, cols: slice) -> TopKBlock:
+    """The full-width block of a TopK component (normalize none: the bundle checks)."""
+    A, a, k = get_kind(comp.kind, comp.activation).fold_full(comp.tensors)
+    W, b, ln_eps = _fold_pre(comp, A, a)
+    assert ln_eps is None and comp.latent_ids is not None
+    return TopKBlock(W=W.float().contiguous(), b=b.float(), k=k, cols=cols,
+                     ids=torch.tensor(comp.latent_ids, dtype=torch.long))
 
 
 def pack_layer(bundle: Bundle, point: int | str) -> PackedLayer:
@@ -204,6 +233,8 @@ def pack_layer(bundle: Bundle, point: int | str) -> PackedLayer:
         mag_shift=torch.cat([blk.shift if blk.shift is not None else 0 * o
                              for blk, o in zip(blocks, ones, strict=True)]) if general else None,
         floor=torch.cat([blk.floor for blk in blocks]) if general else None,
+        topk=tuple(fold_topk(c, slices[c.name]) for c in comps
+                   if get_kind(c.kind, c.activation).full_width),
     )
 
 

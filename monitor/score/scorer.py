@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from monitor.wire.hooks import hook_key
 
 from .bundle import Bundle
-from .pack import PackedLayer, pack_layer
+from .pack import PackedLayer, TopKBlock, pack_layer
 
 __all__ = ["INPUT_DTYPES", "Scorer"]
 
@@ -61,6 +61,8 @@ class _Kernel:
     ln_cols: torch.Tensor | None
     ln_eps: torch.Tensor | None
     Rt: torch.Tensor
+    #: TopK components: ``(Wt_full [m, d_model]`` compute dtype, ``block)`` (pack.TopKBlock)
+    topk: tuple[tuple[torch.Tensor, TopKBlock], ...] = ()
 
 
 class Scorer:
@@ -101,6 +103,8 @@ class Scorer:
             ln_cols=ln,
             ln_eps=None if p.ln_eps is None else p.ln_eps.unsqueeze(0),
             Rt=p.R.t().contiguous(),
+            topk=tuple((blk.W.t().to(self.compute_dtype).contiguous(), blk)
+                       for blk in p.topk),
         )
 
     # ----------------------------------------------------------------------- public
@@ -132,7 +136,12 @@ class Scorer:
         if kern.ln_cols is not None:
             xf = x if x.dtype == torch.float32 else x.float()
             var = torch.var(xf, dim=1, correction=0, keepdim=True)  # [n_rows, 1]
-        return self._finish(kern, p, var)
+        z = self._finish(kern, p, var)
+        for Wt_full, blk in kern.topk:  # full-width TopK: keep a row's k largest latents
+            r = torch.mm(xc, Wt_full.t()).float().add_(blk.b)  # [n_rows, m] rank values
+            tau = r.topk(blk.k, dim=1).values[:, -1:]  # the k-th largest, [n_rows, 1]
+            z[:, blk.cols] *= (r[:, blk.ids] >= tau).to(z.dtype)
+        return z
 
     def projection(self, layer: int | str) -> tuple[torch.Tensor, bool]:
         """What a worker needs to project rows itself (in-worker projection, docs/CAPTURE.md):
@@ -140,8 +149,12 @@ class Scorer:
         matrix, layer_norm columns already centred). ``needs_var``: the layer has
         layer_norm columns, so the worker also sends each row's population variance
         ``var(x)``. Every packed layer is projectable: each kind is affine before a
-        per-column epilogue (TopK, the one kind that is not, is refused at load)."""
+        per-column epilogue, except TopK (its row mask needs the full-width GEMM of ``x``):
+        a layer with a TopK component raises ValueError (score it from ``x``)."""
         kern = self._kernel(layer)
+        if kern.topk:
+            raise ValueError(f"{kern.packed.hook_name}: a TopK component needs x (its "
+                             "full-width block), not a projection")
         return kern.packed.W, kern.ln_cols is not None
 
     def score_projected(self, layer: int | str, xw: torch.Tensor,
@@ -151,6 +164,9 @@ class Scorer:
         ``needs_var``, ``var`` ``[n_rows]`` = ``var(x, correction=0)``. Equals ``score(layer,
         x)`` up to the GEMM's rounding (tests/test_scorer.py)."""
         kern = self._kernel(layer)
+        if kern.topk:
+            raise ValueError(f"{kern.packed.hook_name}: a TopK component needs x (its "
+                             "full-width block), not a projection")
         n_cols = kern.packed.n_cols
         if xw.ndim != 2 or xw.shape[1] != n_cols:
             raise ValueError(f"xw must have shape [n_rows, {n_cols}], got {list(xw.shape)}")

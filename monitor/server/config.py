@@ -171,6 +171,11 @@ class ServerConfig:
                             "(RESOURCE_EXHAUSTED too_many_streams)", group=_ACCESS)
     max_score_inflight: int = _opt(2, "concurrent unary Score calls; more are refused "
                                    "before their payload is read (score_busy)", group=_ACCESS)
+    max_streams_per_client: int = _opt(64, "concurrent Stream calls of one client (mTLS "
+                                       "certificate identity, else peer IP); more are refused "
+                                       "(client_too_many_streams)", group=_ACCESS)
+    max_score_inflight_per_client: int = _opt(1, "concurrent Score calls of one client; more "
+                                              "are refused (client_score_busy)", group=_ACCESS)
 
     def access(self) -> AccessConfig:
         """The access part of the settings (raises `AccessError` when inconsistent)."""
@@ -180,9 +185,12 @@ class ServerConfig:
                             admin_port=self.admin_port)
 
     def rpc_limits(self) -> RpcLimits:
-        """Per-server call limits (raises `ValueError` when out of range)."""
+        """Per-server and per-client call limits (raises `ValueError` when out of
+        range)."""
         return RpcLimits(max_streams=self.max_streams,
-                         max_score_inflight=self.max_score_inflight)
+                         max_score_inflight=self.max_score_inflight,
+                         max_streams_per_client=self.max_streams_per_client,
+                         max_score_inflight_per_client=self.max_score_inflight_per_client)
 
     def alert_sinks(self) -> AlertSinksConfig:
         """The alert-delivery part of the settings."""

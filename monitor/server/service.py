@@ -340,7 +340,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             if n and role:
                 m.rows_received.labels(model_name=lim.model, role=TokenRole(role).name.lower()
                                        ).inc(n)
-        keys = self._admit_spans(handle, f, seq)
+        refused = self._refuse_spans(handle, f, seq) if f.refused else frozenset()
+        keys = self._admit_spans(handle, f, seq, refused)
         if not any(k is not None for k in keys):
             return
         try:
@@ -367,17 +368,47 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         hp = parse_hook_name(hook)
         return hp.kind == "resid_post" and hp.layer in lim.layers
 
-    def _admit_spans(self, handle: StreamHandle, f: DecodedFrame, seq: int
-                     ) -> tuple[RequestKey | None, ...]:
-        """Admit each span's request; a refused span is answered and counted on its own
-        (its rows unscored), the other spans of the frame are still judged."""
+    def _refuse_spans(self, handle: StreamHandle, f: DecodedFrame, seq: int
+                      ) -> frozenset[int]:
+        """Answer the spans the codec refused on their own: one in-stream error per
+        reason per frame (naming the first such span and how many), each refused span
+        counted in `frames_rejected_total{reason}`, its rows in `rows_unscored_total` and,
+        when it names a request, in that request's final (`n_tokens_unscored`). Returns
+        the refused span indices (their rows are not judged)."""
+        first: dict[str, str] = {}
+        n_spans: dict[str, int] = {}
+        for r in f.refused:
+            first.setdefault(r.reason, r.message)
+            n_spans[r.reason] = n_spans.get(r.reason, 0) + r.n_spans
+            a, b = f.span_bounds[r.span]
+            rid = f.request_ids[r.span]
+            self.metrics.rows_unscored.labels(reason=r.reason).inc(b - a)
+            if rid and b > a and f.layer in self.limits.layers:
+                key = handle.key(rid)
+                if self.pipeline.admit(key, handle).accepted:
+                    handle.admitted = True
+                    self.pipeline.submit_unscored(key, f.layer, f.positions[a:b],
+                                                  f.generated[a:b], f.roles[a:b])
+        for reason, message in first.items():
+            self.metrics.frames_rejected.labels(reason=reason).inc(n_spans[reason])
+            more = (f" ({n_spans[reason]} spans refused for this reason, the frame's other "
+                    "spans judged)")
+            handle.error(_INVALID, reason, message + more, seq=seq)
+            log.debug("%s: seq %d: %s", handle.name, seq, message)
+        return frozenset(r.span for r in f.refused)
+
+    def _admit_spans(self, handle: StreamHandle, f: DecodedFrame, seq: int,
+                     skip: frozenset[int] = frozenset()) -> tuple[RequestKey | None, ...]:
+        """Admit each span's request (except the spans in `skip`, already refused); a
+        refused span is answered and counted on its own (its rows unscored), the other
+        spans of the frame are still judged."""
         admitted: dict[str, RequestKey | None] = {}
         refused: dict[str, Reason] = {}
         labels: dict[str, str] = {}
-        for rid, label in zip(f.request_ids, f.correlation_ids, strict=True):
-            if label:
+        for i, (rid, label) in enumerate(zip(f.request_ids, f.correlation_ids, strict=True)):
+            if label and i not in skip:
                 labels.setdefault(rid, label)
-        for rid in dict.fromkeys(f.request_ids):
+        for rid in dict.fromkeys(rid for i, rid in enumerate(f.request_ids) if i not in skip):
             key = handle.key(rid)
             adm = self.pipeline.admit(key, handle, labels.get(rid, ""))
             if adm.accepted:
@@ -392,10 +423,11 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                          f"spans.request_id: {shown!r} is {what}", seq=seq,
                          request_id=shown)
         if refused:
-            for (a, b), rid in zip(f.span_bounds, f.request_ids, strict=True):
-                if rid in refused:
+            for i, ((a, b), rid) in enumerate(zip(f.span_bounds, f.request_ids, strict=True)):
+                if rid in refused and i not in skip:
                     self.metrics.rows_unscored.labels(reason=refused[rid].value).inc(b - a)
-        return tuple(admitted[rid] for rid in f.request_ids)
+        return tuple(None if i in skip else admitted[rid]
+                     for i, rid in enumerate(f.request_ids))
 
     def _unscored_rows(self, handle: StreamHandle, hook: str, request_ids: tuple[str, ...],
                        bounds: tuple[tuple[int, int], ...], positions: np.ndarray,
@@ -512,6 +544,11 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             self.metrics.frames_rejected.labels(reason=err.reason).inc()
             await context.abort(err.code, f"{err.reason}: {err.message}")
             raise AssertionError("unreachable") from None
+        if f.refused:  # one caller, one answer: any bad span refuses the call
+            r = f.refused[0]
+            self.metrics.frames_rejected.labels(reason=r.reason).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{r.reason}: {r.message}")
+            raise AssertionError("unreachable")
         scores = await asyncio.get_running_loop().run_in_executor(
             self.score_executor, self.scorer.score, f.hook_name, f.x)
         dets = self.scorer.detectors_on(f.hook_name)

@@ -42,6 +42,7 @@ __all__ = [
     "FrameError",
     "RowMeta",
     "Span",
+    "SpanRefusal",
     "bf16_bits_to_f32",
     "check_seq",
     "decode_frame",
@@ -155,6 +156,17 @@ class Span:
 
 
 @dataclass(frozen=True)
+class SpanRefusal:
+    """One span refused on its own: its rows are not judged (the caller counts them as
+    unscored for the span's request), the frame's other spans are."""
+
+    span: int  # index into the frame's spans (the first of them when n_spans > 1)
+    reason: str  # stable label from `REASONS` (`bad_spans`, `too_many_spans`, ...)
+    message: str  # which field, what was expected, what was found
+    n_spans: int = 1  # spans refused together (the spans beyond `max_spans`)
+
+
+@dataclass(frozen=True)
 class RowMeta:
     """Per-row request metadata of a frame, derived from its spans."""
 
@@ -165,6 +177,7 @@ class RowMeta:
     span_bounds: tuple[tuple[int, int], ...] = field(default=())  # [start, end) per span
     correlation_ids: tuple[str, ...] = ()  # caller's label per span ("" = none)
     roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 [n_rows]
+    refused: tuple[SpanRefusal, ...] = ()  # spans refused on their own, in span order
 
 
 @dataclass(frozen=True)
@@ -192,6 +205,7 @@ class DecodedFrame:
     hook_name: str = ""  # canonical hook point, e.g. "blocks.3.hook_resid_post" (never empty
     # once decoded: a frame without one is resid_post of `layer`)
     roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 [n_rows]
+    refused: tuple[SpanRefusal, ...] = ()  # spans refused on their own (rows not judged)
 
     @property
     def n_rows(self) -> int:
@@ -221,10 +235,20 @@ def parse_spans(
     With `require=False` an empty span list means one anonymous request (id "") whose
     rows are prompt tokens at positions 0..n_rows-1 (used by the unary Score RPC).
 
+    Per span, not per frame: a span that is bad on its own (empty request id, zero
+    rows, an unknown role or one on the wrong side of `prompt_len`, a correlation id over
+    `max_correlation_id_bytes`) is listed in `RowMeta.refused` with its reason
+    (`bad_spans`, `correlation_id_too_long`); its rows stay in the arrays (so they can be
+    counted as unscored for its request) and the other spans are judged. The spans
+    beyond the first `max_spans` are one refusal (`too_many_spans`): their rows become one
+    pseudo-span of request id "" (counted, attributed to no request, so one frame cannot
+    open more than `max_spans` requests), and no per-span object is built for them. Only
+    row counts that do not sum to `n_rows` refuse the whole frame.
+
     Raises:
-        FrameError: `bad_spans` (empty list, empty id, zero rows, sum != n_rows),
-            `too_many_spans`, `correlation_id_too_long`. Request-id length is a per-span
-            decision of the request registry (`request_id_too_long`), not a frame refusal.
+        FrameError: `bad_spans` for an empty span list (when `require`) or span row
+            counts that do not sum to `n_rows`. Request-id length is a per-span decision
+            of the request registry (`request_id_too_long`), not a frame refusal.
 
     Roles: a span's `role` must be a known `TokenRole`; GENERATED spans must start at or
     after `prompt_len`, other roles must end at or before it; UNSPECIFIED is derived.
@@ -242,45 +266,53 @@ def parse_spans(
             correlation_ids=("",),
             roles=np.full(n_rows, _OTHER, dtype=np.int8),
         )
-    if len(spans) > max_spans:
-        raise _bad("too_many_spans", f"spans: expected at most {max_spans} spans per frame, "
-                                     f"found {len(spans)}")
+    n_kept = min(len(spans), max_spans)
+    n_excess = len(spans) - n_kept
+    n_entries = n_kept + (n_excess > 0)
     ids: list[str] = []
     labels: list[str] = []
     bounds: list[tuple[int, int]] = []
-    starts = np.empty(len(spans), dtype=np.int64)
-    plens = np.empty(len(spans), dtype=np.int64)
-    counts = np.empty(len(spans), dtype=np.int64)
-    span_roles = np.empty(len(spans), dtype=np.int64)
+    refused: list[SpanRefusal] = []
+    starts = np.zeros(n_entries, dtype=np.int64)
+    plens = np.zeros(n_entries, dtype=np.int64)
+    counts = np.empty(n_entries, dtype=np.int64)
+    span_roles = np.zeros(n_entries, dtype=np.int64)
     row = 0
     for i, s in enumerate(spans):
-        if not s.request_id:
-            raise _bad("bad_spans", f"spans[{i}].request_id: expected a non-empty id, found ''")
-        n_label = _utf8_len(s.correlation_id)
-        if n_label > max_correlation_id_bytes:
-            raise _bad("correlation_id_too_long",
-                       f"spans[{i}].correlation_id: expected at most "
-                       f"{max_correlation_id_bytes} UTF-8 bytes, found {n_label}")
-        if s.n_rows == 0:
-            raise _bad("bad_spans", f"spans[{i}].n_rows: expected > 0, found 0 "
-                                    f"(request {s.request_id!r})")
         if row + s.n_rows > n_rows:  # checked as we go: no array ever exceeds n_rows
             raise _bad("bad_spans", f"spans: expected n_rows to sum to shape[0]={n_rows}, "
                                     f"found more by spans[{i}]")
+        if i >= max_spans:  # counted only: their rows join one pseudo-span below
+            row += s.n_rows
+            continue
+        label = s.correlation_id
+        why = _span_refusal(i, s, max_correlation_id_bytes)
+        if why is not None:
+            refused.append(SpanRefusal(i, *why))
+            if why[0] == "correlation_id_too_long":
+                label = ""  # never keep (or echo) an over-long label
         ids.append(s.request_id)
-        labels.append(s.correlation_id)
+        labels.append(label)
         bounds.append((row, row + s.n_rows))
         row += s.n_rows
         counts[i] = s.n_rows
         starts[i] = s.start_position
         plens[i] = s.prompt_len
-        span_roles[i] = s.role
-        if s.role:
-            _check_role(i, s)
+        span_roles[i] = s.role if why is None else 0  # a refused span's role: derived
     if row != n_rows:
         raise _bad("bad_spans", f"spans: expected n_rows to sum to shape[0]={n_rows}, "
                                 f"found {row}")
-    row_request = np.repeat(np.arange(len(spans), dtype=np.int32), counts)
+    if n_excess:
+        first = bounds[-1][1]
+        refused.append(SpanRefusal(
+            max_spans, "too_many_spans",
+            f"spans: expected at most {max_spans} spans per frame, found {len(spans)}; the "
+            f"last {n_excess} ({n_rows - first} rows) are not judged", n_excess))
+        ids.append("")
+        labels.append("")
+        bounds.append((first, n_rows))
+        counts[n_kept] = n_rows - first
+    row_request = np.repeat(np.arange(n_entries, dtype=np.int32), counts)
     # position of row r in span i = start_i + (r - first_row_i)
     first_rows = np.concatenate(([0], np.cumsum(counts)[:-1]))
     offsets = np.arange(n_rows, dtype=np.int64) - np.repeat(first_rows, counts)
@@ -290,26 +322,46 @@ def parse_spans(
     if not span_roles.all():  # UNSPECIFIED spans (old clients): derive from prompt_len
         roles = np.where(roles == 0, derive_roles(generated), roles).astype(np.int8)
     return RowMeta(tuple(ids), row_request, positions, generated, tuple(bounds),
-                   tuple(labels), roles)
+                   tuple(labels), roles, tuple(refused))
 
 
-def _check_role(i: int, s: monitor_pb2.RowSpan) -> None:
-    """Raise `bad_spans` unless span ``i``'s role is known and on the right side of
+def _span_refusal(i: int, s: monitor_pb2.RowSpan, max_correlation_id_bytes: int
+                  ) -> tuple[str, str] | None:
+    """(reason, message) when span ``i`` is refused on its own, else None."""
+    rid = s.request_id[:64]  # shown in messages; never a huge id echoed back
+    if not s.request_id:
+        return ("bad_spans", f"spans[{i}].request_id: expected a non-empty id, found ''")
+    n_label = _utf8_len(s.correlation_id)
+    if n_label > max_correlation_id_bytes:
+        return ("correlation_id_too_long",
+                f"spans[{i}].correlation_id: expected at most {max_correlation_id_bytes} "
+                f"UTF-8 bytes, found {n_label} (request {rid!r})")
+    if s.n_rows == 0:
+        return ("bad_spans", f"spans[{i}].n_rows: expected > 0, found 0 (request {rid!r})")
+    if s.role:
+        return _role_refusal(i, s)
+    return None
+
+
+def _role_refusal(i: int, s: monitor_pb2.RowSpan) -> tuple[str, str] | None:
+    """`bad_spans` unless span ``i``'s role is known and on the right side of
     ``prompt_len``."""
     role = int(s.role)
+    rid = s.request_id[:64]
     if not 0 < role < _N_ROLES:
-        raise _bad("bad_spans", f"spans[{i}].role: expected a TokenRole in 1..{_N_ROLES - 1}, "
-                                f"found {role} (request {s.request_id!r})")
+        return ("bad_spans", f"spans[{i}].role: expected a TokenRole in 1..{_N_ROLES - 1}, "
+                             f"found {role} (request {rid!r})")
     end = s.start_position + s.n_rows
     if role == TokenRole.GENERATED:
         if s.start_position < s.prompt_len:
-            raise _bad("bad_spans", f"spans[{i}]: expected a GENERATED span to start at or "
-                                    f"after prompt_len={s.prompt_len}, found start_position="
-                                    f"{s.start_position} (request {s.request_id!r})")
+            return ("bad_spans", f"spans[{i}]: expected a GENERATED span to start at or "
+                                 f"after prompt_len={s.prompt_len}, found start_position="
+                                 f"{s.start_position} (request {rid!r})")
     elif end > s.prompt_len:
-        raise _bad("bad_spans", f"spans[{i}]: expected a {TokenRole(role).name} span to end "
-                                f"at or before prompt_len={s.prompt_len}, found it ends at "
-                                f"{end} (request {s.request_id!r})")
+        return ("bad_spans", f"spans[{i}]: expected a {TokenRole(role).name} span to end "
+                             f"at or before prompt_len={s.prompt_len}, found it ends at "
+                             f"{end} (request {rid!r})")
+    return None
 
 
 def check_seq(last_seq: int, seq: int, max_gap: int = MAX_SEQ_GAP) -> int:
@@ -435,7 +487,7 @@ def decode_frame(
         x=x, request_ids=rows.request_ids, row_request=rows.row_request,
         positions=rows.positions, generated=rows.generated, span_bounds=rows.span_bounds,
         nbytes=nbytes, wire_dtype=int(frame.dtype), hook_name=hook, roles=rows.roles,
-        correlation_ids=rows.correlation_ids,
+        correlation_ids=rows.correlation_ids, refused=rows.refused,
     )
 
 
