@@ -5,8 +5,10 @@ plugin) with a policy whose detector surely crosses *during decoding*: `deceptio
 `generated`, `min_tokens` M and thresholds near 0, so critical is reached at the M-th
 generated token of every request. Sends `--requests` chat requests, `--concurrency` at a
 time, then reads each `BLOCKED request ... tokens_after_crossing=N` line the EngineCore
-logged (`monitor.capture.enforce.PendingBlocks.apply`) and prints p50 / p99 / max, the
-finish reasons the clients saw, the machine and its load average.
+logged (`monitor.capture.enforce.PendingBlocks.apply`) and the `tokens_after_crossing`
+of each `block_end` line of the sidecar's audit log (`monitor.report.verdicts`), and
+prints p50 / p99 / max of both, the finish reasons the clients saw, the machine and its
+load average.
 
 Usage: python bench/bench_enforce.py [--requests 32] [--concurrency 4] [--min-tokens 8]
 """
@@ -98,6 +100,17 @@ def main() -> int:
         time.sleep(1.0)
         after = [int(m) for m in re.findall(r"BLOCKED request .*?tokens_after_crossing=(\d+)",
                                             vlog.read_text(errors="replace"))]
+        audit_path = work / "audit.jsonl"
+        side_after: list[int] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # block_end lines come when requests finish
+            side_after = [int(r["tokens_after_crossing"]) for r in
+                          (json.loads(x) for x in audit_path.read_text().splitlines())
+                          if r.get("event") == "block_end"
+                          and r.get("tokens_after_crossing") is not None]
+            if len(side_after) >= len(after):
+                break
+            time.sleep(0.5)
     finally:
         stop(vllm, "vLLM")
         stop(sidecar, "the sidecar")
@@ -111,8 +124,13 @@ def main() -> int:
     print(f"blocks applied: {len(after)}; tokens generated after the crossing token: "
           f"p50 {np.percentile(a, 50):.0f}, p99 {np.percentile(a, 99):.0f}, max {a.max()}, "
           f"mean {a.mean():.2f}")
+    sa = np.array(side_after or [-1])
+    print(f"sidecar audit block_end lines: {len(side_after)}; tokens_after_crossing p50 "
+          f"{np.percentile(sa, 50):.0f}, p99 {np.percentile(sa, 99):.0f}, max {sa.max()}, "
+          f"mean {sa.mean():.2f}")
     print(f"logs in {work}")
-    return 0 if after and len(after) == args.requests else 1
+    # every block the engine applied has its block_end line in the sidecar's audit
+    return 0 if after and len(side_after) == len(after) else 1
 
 
 if __name__ == "__main__":
