@@ -102,13 +102,24 @@ def thresholds(draw: st.DrawFn) -> tuple[float, float]:
        st.sampled_from(["max", "mean", "ema", "window_max"]))
 def test_generated_policy_round_trips(dets: dict[str, tuple[float, float]], kind: str) -> None:
     params = {"ema": ", half_life_tokens: 3", "window_max": ", window_tokens: 5"}.get(kind, "")
-    body = "".join(f"  {name}:\n    aggregation: {{kind: {kind}{params}}}\n"
+    # Names are quoted: YAML 1.1 reads bare `no`, `on`, `y` ... as booleans, which the
+    # parser refuses (test_policy_refuses_yaml_boolean_detector_name).
+    body = "".join(f"  \"{name}\":\n    aggregation: {{kind: {kind}{params}}}\n"
                    f"    thresholds: {{warn: {w}, critical: {c}}}\n"
                    for name, (w, c) in dets.items())
     pol = parse_policy(f'version: "gen-1"\ndetectors:\n{body}', "gen.yaml")
     assert set(pol.detectors) == set(dets)
     for name, (w, c) in dets.items():
         assert dict(pol.detectors[name].thresholds) == {"warn": w, "critical": c}
+
+
+@pytest.mark.parametrize("word", ["no", "yes", "on", "off", "true", "null"])
+def test_policy_refuses_yaml_boolean_detector_name(word: str) -> None:
+    """A bare YAML 1.1 boolean/null as a detector name is refused naming the field, never
+    silently turned into a detector called `False`."""
+    doc = f'version: "v"\ndetectors:\n  {word}:\n    thresholds: {{warn: 0.5, critical: 0.9}}\n'
+    with pytest.raises(PolicyError, match="detectors: keys must be non-empty strings"):
+        parse_policy(doc, "g.yaml")
 
 
 @pytest.fixture(scope="module")
