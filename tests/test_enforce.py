@@ -39,8 +39,13 @@ import pytest
 
 from monitor.capture.enforce import (
     BLOCK_MARKER,
+    HELD_MARKER,
+    HOLD_TIMEOUT,
+    PENDING,
     BlockBoard,
     BlockOrder,
+    FirstTokenHolds,
+    HoldSettings,
     PendingBlocks,
 )
 from monitor.report.verdicts import tokens_after_crossing
@@ -64,8 +69,11 @@ detectors:
     mode: observe
     scope: generated
     thresholds: {warn: 0.9999, critical: 0.99999}
-enforcement: {fail_mode: closed}
+enforcement: {fail_mode: closed, prompt_hold_ms: 0}
 """
+# prompt-time blocking: the first generated token waits until the prompt is judged (a
+# generous bound: the benign request must never time out on a loaded CI machine)
+HOLD_POLICY = POLICY.replace("prompt_hold_ms: 0", "prompt_hold_ms: 20000")
 
 
 # ---------------------------------------------------------------- unit: the seams
@@ -80,8 +88,9 @@ def test_board_one_order_per_request_bounded_and_forgets_finished() -> None:
     assert b.put(_order("b")) and not b.put(_order("c"))
     assert b.stats() == {"blocks_ordered": 2, "blocks_refused_full": 1,
                          "blocks_unresolved": 0, "blocks_duplicate": 1}
-    assert sorted(o.request_id for o in b.take()) == ["a", "b"]
-    assert b.take() == []
+    notes = b.take()
+    assert notes is not None and sorted(o.request_id for o in notes.orders) == ["a", "b"]
+    assert b.take() is None
     b.retain({"b"})  # a finished: may be ordered again under a reused id
     assert b.put(_order("a")) and not b.put(_order("b"))
 
@@ -149,6 +158,144 @@ def test_registry_extent_tracks_first_generated_and_highest() -> None:
     r.trim_recomputed(k, b, np.arange(0, 9), np.arange(9) >= 6)
     assert r.extent(k) == (6, 8)
     assert r.extent(RequestKey("c", "other")) == (-1, -1)
+
+
+def test_board_carries_judged_positions_and_changed_hold_settings_once() -> None:
+    b = BlockBoard(max_pending=2)
+    b.set_hold(HoldSettings())  # unchanged from what the engine core assumes: not sent
+    assert b.take() is None
+    b.set_hold(HoldSettings(hold_ms=500, fail_mode="closed"))
+    b.judged("a", 3)
+    b.judged("a", 7)
+    b.judged("a", 5)  # never goes back
+    b.judged("b", 1)
+    b.judged("c", 1)  # bounded: refused and counted
+    notes = b.take()
+    assert notes is not None and notes.orders == []
+    assert notes.judged == {"a": 7, "b": 1} and notes.hold == HoldSettings(500, "closed")
+    assert b.stats()["blocks_refused_full"] == 1
+    assert b.take() is None  # settings are sent once
+    b.set_hold(HoldSettings(hold_ms=500, fail_mode="closed"))
+    assert b.take() is None
+
+
+@dataclass
+class _SReq:
+    num_prompt_tokens: int
+    finished: bool = False
+
+    def is_finished(self) -> bool:
+        return self.finished
+
+
+class _Sched:
+    """The two things `FirstTokenHolds` uses of vLLM's `Scheduler`."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, _SReq] = {}
+        self.finished: list[str] = []
+
+    def finish_requests(self, rid: str, status: Any) -> None:
+        self.finished.append(rid)
+        self.requests[rid].finished = True
+
+
+def _step(holds: FirstTokenHolds, sched: _Sched, *outs: tuple[str, list[int], bool],
+          judged: dict[str, int] | None = None) -> list[Any]:
+    """One `update_from_output`: outputs (request id, new tokens, finished) in, what the
+    frontend gets out (EngineCoreOutput list)."""
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+
+    holds.note(judged, None)
+    eco = EngineCoreOutputs(outputs=[EngineCoreOutput(
+        request_id=r, new_token_ids=t, finish_reason=FinishReason.LENGTH if f else None)
+        for r, t, f in outs])
+    return list(holds.process(sched, {0: eco})[0].outputs)
+
+
+def test_holds_release_when_prompt_judged_in_order() -> None:
+    pytest.importorskip("vllm")
+    h, s = FirstTokenHolds(), _Sched()
+    h.note(None, HoldSettings(hold_ms=60_000))
+    s.requests.update(a=_SReq(5), b=_SReq(3))
+    assert _step(h, s, ("a", [11], False), ("b", [21], False), judged={"a": 2}) == []
+    # b judged through its last prompt position (2): released; a (4 needed) still held
+    got = _step(h, s, ("a", [12], False), ("b", [22], False), judged={"b": 2})
+    assert [(o.request_id, o.new_token_ids) for o in got] == [("b", [21]), ("b", [22])]
+    got = _step(h, s, ("a", [13], False), ("b", [23], False), judged={"a": 4})
+    assert [(o.request_id, o.new_token_ids) for o in got] == [
+        ("b", [23]), ("a", [11]), ("a", [12]), ("a", [13])]
+    assert _step(h, s, ("a", [14], True))[0].new_token_ids == [14]  # passes from now on
+    assert h.stats() == {"held": 2, "holding": 0, "released_judged": 2, "released_open": 0,
+                         "ended_blocked": 0, "ended_closed": 0}
+    assert h.passed == {"b"}  # a finished: forgotten
+
+
+def test_holds_block_while_held_delivers_no_token() -> None:
+    pytest.importorskip("vllm")
+    h, s = FirstTokenHolds(), _Sched()
+    h.note(None, HoldSettings(hold_ms=60_000))
+    s.requests.update(x=_SReq(4))
+    assert _step(h, s, ("x", [5], False)) == []
+    PENDING.file([_order("x", pos=2)], live=lambda r: True)
+    [end] = _step(h, s, ("x", [6], False), judged={"x": 3})  # judged, but a block is pending
+    assert end.request_id == "x" and end.new_token_ids == [5] and end.finish_reason is not None
+    assert str(end.stop_reason) == f"{HELD_MARKER} detector=d" and "x" not in PENDING.orders
+    assert s.finished == ["x"] and h.ended_blocked == 1
+    # a block the stop check already applied (final output carries the marker)
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+
+    s.requests.update(y=_SReq(4))
+    assert _step(h, s, ("y", [5], False)) == []
+    eco = EngineCoreOutputs(outputs=[EngineCoreOutput(
+        request_id="y", new_token_ids=[6], finish_reason=FinishReason.ABORT,
+        stop_reason=f"{BLOCK_MARKER} detector=d")])
+    [end] = h.process(s, {0: eco})[0].outputs
+    assert end.new_token_ids == [5] and h.ended_blocked == 2
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_holds_expiry_follows_the_fail_mode(mode: str) -> None:
+    pytest.importorskip("vllm")
+    h, s = FirstTokenHolds(), _Sched()
+    h.note(None, HoldSettings(hold_ms=1, fail_mode=mode))
+    s.requests.update(r=_SReq(9), gone=_SReq(9))
+    assert _step(h, s, ("r", [1], False), ("gone", [1], False), judged={"r": 3}) == []
+    time.sleep(0.01)
+    del s.requests["gone"]  # aborted by its client while held: dropped, nothing sent
+    got = _step(h, s, ("r", [2], False))
+    if mode == "open":
+        assert [o.new_token_ids for o in got] == [[1], [2]] and h.released_open == 1
+        assert s.finished == []
+    else:
+        [end] = got
+        assert end.new_token_ids == [1] and end.stop_reason == \
+            f"{HELD_MARKER} detector={HOLD_TIMEOUT}"
+        assert s.finished == ["r"] and h.ended_closed == 1
+    assert not h.held
+
+
+def test_holds_cost_nothing_without_a_hold() -> None:
+    pytest.importorskip("vllm")
+    h, s = FirstTokenHolds(), _Sched()
+    s.requests.update(r=_SReq(9))
+    assert [o.new_token_ids for o in _step(h, s, ("r", [1], False))] == [[1]]
+    assert h.n_held == 0 and not h.judged
+
+
+def test_holding_detectors_need_block_mode_on_prompt_scope() -> None:
+    from monitor.judge.policy import effective_prompt_hold_ms, holding_detectors, parse_policy
+
+    assert effective_prompt_hold_ms(parse_policy(POLICY)) == 0  # prompt_hold_ms: 0
+    p = parse_policy(POLICY.replace(", prompt_hold_ms: 0", ""))  # the built-in bound
+    assert holding_detectors(p) == {"harmful_intent"} and effective_prompt_hold_ms(p) == 1000
+    gen = parse_policy(POLICY.replace("scope: assistant", "scope: generated"))
+    assert holding_detectors(gen) == frozenset() and effective_prompt_hold_ms(gen) == 0
+    alert = parse_policy(POLICY.replace("mode: block", "mode: alert"))
+    assert effective_prompt_hold_ms(alert) == 0
+    p250 = parse_policy(POLICY.replace("closed, prompt_hold_ms: 0", "open, "
+                                       "prompt_hold_ms: 250"))
+    assert p250.enforcement.prompt_hold_ms == 250 and effective_prompt_hold_ms(p250) == 250
 
 
 # ---------------------------------------------------------------- end to end
@@ -325,6 +472,50 @@ def test_block_streamed_final_chunk_and_counted(stack: Stack) -> None:
         in text
 
 
+def _content(chunks: list[dict[str, Any]]) -> str:
+    return "".join(c["choices"][0].get("delta", {}).get("content") or ""
+                   for c in chunks if c.get("choices"))
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_prompt_time_block_streams_no_generated_content(stack: Stack) -> None:
+    """A block-mode detector on prompt tokens with `enforcement.prompt_hold_ms`: the first
+    generated token is held until the sidecar judged the whole prompt, so a harmful
+    prompt ends with `content_filter` and ZERO generated content (streamed and not); a
+    benign one is released when judged and gives the same text as without the hold."""
+    alone = _chat(stack.base, BENIGN, 16)["choices"][0]["message"]["content"]
+    stack.kill_sidecar()
+    stack.restart_sidecar(HOLD_POLICY)
+
+    def holding() -> bool:  # the reconnected plugin sent the new plan's hold to the core
+        _post(stack.base, BENIGN)  # 503 (fail closed) until the gate sees the sidecar
+        return "prompt hold 20000 ms" in stack.vllm_log.read_text(errors="replace")
+
+    assert _eventually(holding, 120), stack.vllm_log.read_text(errors="replace")[-3000:]
+    chunks = _chat_stream(stack.base, HARMFUL, 64)
+    reasons = [c["choices"][0].get("finish_reason") for c in chunks if c.get("choices")]
+    assert reasons and reasons[-1] == "content_filter", chunks
+    assert _content(chunks) == "", chunks
+    harmful = _chat(stack.base, HARMFUL, 64)
+    h = harmful["choices"][0]
+    assert h["finish_reason"] == "content_filter" and h["stop_reason"] == MESSAGE, harmful
+    assert not h["message"]["content"], harmful
+    # one token was sampled before the verdict (billed, never shown)
+    assert harmful["usage"]["completion_tokens"] <= 1, harmful["usage"]
+    bchunks = _chat_stream(stack.base, BENIGN, 16)
+    assert _content(bchunks) == alone
+    assert [c["choices"][0].get("finish_reason") for c in bchunks if c.get("choices")][-1] \
+        in ("stop", "length")
+    log = stack.vllm_log.read_text(errors="replace")
+    assert log.count("before its first token") >= 2, log[-3000:]
+    text = urllib.request.urlopen(stack.metrics, timeout=5).read().decode()
+    sent = [float(x.split()[-1]) for x in text.splitlines()
+            if x.startswith("safety_monitor_judged_through_total ")]
+    assert sent and sent[0] >= 1, sent
+
+
 def _post(base: str, user: str) -> tuple[int, str]:
     req = urllib.request.Request(f"{base}/v1/chat/completions", data=_body(user, 4, False),
                                  headers={"Content-Type": "application/json"})
@@ -389,7 +580,7 @@ def test_gate_in_vllm_serve_fail_closed_then_open_from_the_policy(stack: Stack) 
 
 
 OBSERVE = POLICY.replace("mode: block", "mode: alert").replace(
-    "enforcement: {fail_mode: closed}\n", "")
+    "enforcement: {fail_mode: closed, prompt_hold_ms: 0}\n", "")
 
 
 def _audit(path: Path) -> list[dict[str, Any]]:

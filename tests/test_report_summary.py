@@ -57,6 +57,34 @@ def test_summary_counts_rates_window_and_skips() -> None:
                  "would_block": 0, "alert": 1, "block": 0}
 
 
+def test_summary_block_ends_tokens_after_crossing() -> None:
+    """`block_end` lines: blocked requests that ended per detector and the tokens they
+    generated after the crossing (nearest-rank percentiles); null counts as unknown; they
+    add nothing to the escalation counts."""
+    def end(det: str, n: object, hours_ago: float = 1) -> str:
+        rec = json.loads(_rec("block_end", det, "critical", "r", hours_ago))
+        return json.dumps({**rec, "tokens_after_crossing": n})
+
+    lines = [end("h", n) for n in (1, 1, 2, 1, 9)] + [end("h", None), end("h", True),
+                                                       end("g", None), end("h", 50, 30)]
+    s = summarise(lines, parse_since("24h"), now=NOW)
+    assert s.block_ends == {"h": [1, 1, 2, 1, 9, None, None], "g": [None]}
+    assert s.counts == {}
+    out = io.StringIO()
+    format_summary(s, out, as_json=True)
+    doc = json.loads(out.getvalue())
+    assert doc["block_ends"] == [
+        {"detector": "g", "ended": 1, "unknown": 1},
+        {"detector": "h", "ended": 7, "unknown": 2,
+         "tokens_after_crossing": {"p50": 1, "p99": 9, "max": 9, "mean": 2.8}}]
+    out = io.StringIO()
+    format_summary(s, out)
+    text = out.getvalue()
+    assert "blocked requests ended" in text
+    assert next(x for x in text.splitlines() if x.startswith("h ") and "unknown" in x).split() \
+        == ["h", "7", "1", "/", "9", "/", "9", "/", "2.80;", "2", "unknown"]
+
+
 def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     now = dt.datetime.now(dt.timezone.utc)
     p = tmp_path / "audit.jsonl"

@@ -51,8 +51,18 @@ log = logging.getLogger("monitor.capture")
 
 #: Prefix of `Request.stop_reason` of a blocked request (engine core → frontend).
 BLOCK_MARKER = "safety_monitor:block"
+#: Prefix of the `stop_reason` of a request blocked while its first token was held: the
+#: frontend also blanks the text (vLLM's chat stream drops a final chunk with no token,
+#: so the final output carries the first sampled token's id, never its text).
+HELD_MARKER = BLOCK_MARKER + ":before_first_token"
 #: Attribute of a `ModelRunnerOutput` carrying block orders (worker → engine core).
 ORDERS_ATTR = "_safety_monitor_blocks"
+#: ... carrying `{engine request id: position judged through}` (prompt-time blocking).
+JUDGED_ATTR = "_safety_monitor_judged"
+#: ... carrying the plan's `HoldSettings` when they changed.
+HOLD_ATTR = "_safety_monitor_hold"
+#: `BlockOrder.detector` of a request ended because its prompt hold expired (fail closed).
+HOLD_TIMEOUT = "prompt_hold_timeout"
 #: The OpenAI finish reason of a blocked response.
 CONTENT_FILTER = "content_filter"
 #: Default `stop_reason` text shown to the client (SAFETY_MONITOR_BLOCK_MESSAGE).
@@ -88,8 +98,33 @@ class BlockOrder:
     crossed_at_position: int
 
 
+@dataclass(frozen=True)
+class HoldSettings:
+    """Prompt-time blocking settings, from the plan (picklable, worker → engine core).
+
+    Attributes:
+        hold_ms: how long the first generated token of a request may wait for its prompt
+            to be judged (`Enforcement.prompt_hold_ms`; 0: no hold).
+        fail_mode: on expiry, "open" releases the token, "closed" ends the request with
+            finish_reason content_filter (env SAFETY_MONITOR_FAIL_MODE overrides the plan).
+    """
+
+    hold_ms: int = 0
+    fail_mode: str = "open"
+
+
+@dataclass
+class StepNotes:
+    """What one step output carries from the worker to the engine core."""
+
+    orders: list[BlockOrder]
+    judged: dict[str, int]
+    hold: HoldSettings | None
+
+
 class BlockBoard:
-    """Block orders waiting in the worker for the next step output (thread-safe).
+    """Block orders and judged-through positions waiting in the worker for the next
+    step output (thread-safe).
 
     Args:
         max_pending: orders held at most; more are refused and counted (`refused_full`).
@@ -105,6 +140,22 @@ class BlockBoard:
         self.unresolved = 0
         self.duplicates = 0
         self.last_order_t = 0.0
+        self._judged: dict[str, int] = {}  # engine id -> highest position judged through
+        self._hold: HoldSettings | None = None  # to send (changed since last sent)
+        self._hold_sent = HoldSettings()
+
+    def set_hold(self, hold: HoldSettings) -> None:
+        """Settings of a new plan; sent with the next step output when they changed."""
+        with self._lock:
+            self._hold = hold if hold != self._hold_sent else None
+
+    def judged(self, request_id: str, position: int) -> None:
+        """The sidecar judged `request_id` through `position` (sender thread)."""
+        with self._lock:
+            if len(self._judged) < self.max_pending or request_id in self._judged:
+                self._judged[request_id] = max(position, self._judged.get(request_id, -1))
+            else:
+                self.refused_full += 1
 
     def put(self, order: BlockOrder) -> bool:
         with self._lock:
@@ -128,17 +179,23 @@ class BlockBoard:
         """Forget requests not in `live` (finished): bounded memory."""
         with self._lock:
             self._done &= live
+            for rid in [r for r in self._judged if r not in live]:
+                del self._judged[rid]
             for rid in [r for r in self._orders if r not in live]:
                 del self._orders[rid]
 
-    def take(self) -> list[BlockOrder]:
-        """All queued orders (empty list fast when none)."""
-        if not self._orders:
-            return []
+    def take(self) -> StepNotes | None:
+        """All queued orders, judged positions and changed settings (None fast when none)."""
+        if not self._orders and not self._judged and self._hold is None:
+            return None
         with self._lock:
-            out = list(self._orders.values())
+            notes = StepNotes(list(self._orders.values()), self._judged, self._hold)
             self._orders.clear()
-            return out
+            self._judged = {}
+            if self._hold is not None:
+                self._hold_sent = self._hold
+                self._hold = None
+            return notes
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -147,14 +204,22 @@ class BlockBoard:
                     "blocks_duplicate": self.duplicates}
 
 
-def attach(output: Any, orders: list[BlockOrder]) -> Any:
-    """`output` carrying `orders` (a copy when it is vLLM's shared empty output)."""
+def attach(output: Any, notes: StepNotes) -> Any:
+    """`output` carrying `notes` (a copy when it is vLLM's shared empty output)."""
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
     if output is EMPTY_MODEL_RUNNER_OUTPUT:
         output = copy.copy(output)
-    prior = getattr(output, ORDERS_ATTR, None) or []
-    setattr(output, ORDERS_ATTR, [*prior, *orders])
+    if notes.orders:
+        prior = getattr(output, ORDERS_ATTR, None) or []
+        setattr(output, ORDERS_ATTR, [*prior, *notes.orders])
+    if notes.judged:
+        judged = dict(getattr(output, JUDGED_ATTR, None) or {})
+        for rid, pos in notes.judged.items():
+            judged[rid] = max(pos, judged.get(rid, -1))
+        setattr(output, JUDGED_ATTR, judged)
+    if notes.hold is not None:
+        setattr(output, HOLD_ATTR, notes.hold)
     return output
 
 
@@ -208,6 +273,171 @@ class PendingBlocks:
 PENDING = PendingBlocks()
 
 
+@dataclass
+class _Held:
+    """Outputs of one request withheld from the frontend until its prompt is judged."""
+
+    t0: float  # monotonic time its first output was withheld
+    last_prompt_pos: int  # position of its last prompt token
+    client: int  # EngineCoreOutputs client index
+    outputs: list[Any]  # EngineCoreOutput, in step order
+
+
+class FirstTokenHolds:
+    """Prompt-time blocking in the engine core: a request's outputs (its first generated
+    token, and the tokens decoded meanwhile) are withheld from the frontend until the
+    sidecar has judged its prompt through the last prompt position (`JudgedThrough`,
+    carried on the step outputs like block orders), at most `HoldSettings.hold_ms`.
+
+    Then, per request: a block pending (or applied) for it → it ends with no generated
+    token at all (`finish_reason` content_filter at the frontend); judged → its outputs go
+    out merged in order; expired → fail open releases them (`released_open`), fail closed
+    ends it like a block (`ended_closed`, detector `prompt_hold_timeout`). Requests keep
+    decoding while held (the batch never waits); the engine core's busy loop keeps
+    stepping while anything is held (`Scheduler.has_requests`, wrapped) so a held request
+    that already finished is still released or ended within the bound.
+
+    Scheduler thread only. Counters are monotonic; `hold_ms` keeps the last `keep` hold
+    durations (ms) of requests released because judged.
+    """
+
+    def __init__(self, keep: int = 4096) -> None:
+        self.settings = HoldSettings()
+        self.judged: dict[str, int] = {}
+        self.held: dict[str, _Held] = {}
+        self.passed: set[str] = set()  # released, not finished yet: their outputs pass
+        self.n_held = 0
+        self.released_judged = 0
+        self.released_open = 0
+        self.ended_blocked = 0
+        self.ended_closed = 0
+        self.hold_ms: collections.deque[float] = collections.deque(maxlen=keep)
+
+    def note(self, judged: dict[str, int] | None, hold: HoldSettings | None) -> None:
+        if hold is not None and hold != self.settings:
+            self.settings = hold
+            log.info("safety monitor: prompt hold %d ms (fail %s)", hold.hold_ms,
+                     hold.fail_mode)
+        if judged and self.settings.hold_ms > 0:
+            for rid, pos in judged.items():
+                self.judged[rid] = max(pos, self.judged.get(rid, -1))
+
+    def process(self, sched: Any, outs: dict[int, Any]) -> dict[int, Any]:
+        """Withhold / release outputs of `outs` (`update_from_output`'s result)."""
+        if self.settings.hold_ms <= 0 and not self.held and not self.passed:
+            return outs
+        now = time.monotonic()
+        for ci, eco in outs.items():
+            keep = []
+            for o in eco.outputs:
+                rid = o.request_id
+                if rid in self.passed:
+                    keep.append(o)
+                    if o.finish_reason is not None:
+                        self.passed.discard(rid)
+                    continue
+                h = self.held.get(rid)
+                if h is None:
+                    if self.settings.hold_ms <= 0:
+                        keep.append(o)
+                        continue
+                    req = sched.requests.get(rid)
+                    n_prompt = int(req.num_prompt_tokens) if req is not None else 0
+                    h = self.held[rid] = _Held(now, n_prompt - 1, ci, [])
+                    self.n_held += 1
+                h.outputs.append(o)
+            eco.outputs = keep
+        for rid, h in list(self.held.items()):
+            self._decide(sched, outs, rid, h, now)
+        if len(self.judged) > 1024 or len(self.passed) > 1024:
+            self.judged = {r: p for r, p in self.judged.items() if r in sched.requests}
+            self.passed &= set(sched.requests)
+        return outs
+
+    def _decide(self, sched: Any, outs: dict[int, Any], rid: str, h: _Held, now: float) -> None:
+        last = h.outputs[-1]
+        finished = last.finish_reason is not None
+        if not finished and rid not in sched.requests:
+            del self.held[rid]  # aborted by its client meanwhile: nothing to deliver
+            self.judged.pop(rid, None)
+            return
+        marker = None
+        if finished and isinstance(last.stop_reason, str) and \
+                last.stop_reason.startswith(BLOCK_MARKER):
+            marker = HELD_MARKER + last.stop_reason.removeprefix(BLOCK_MARKER)
+        elif rid in PENDING.orders:
+            marker = f"{HELD_MARKER} detector={PENDING.orders.pop(rid).detector}"
+        if marker is not None:
+            self.ended_blocked += 1
+            self._end(sched, outs, rid, h, marker, "blocked while held")
+            return
+        judged = self.judged.get(rid, -1)
+        if judged >= h.last_prompt_pos:
+            self.released_judged += 1
+            self.hold_ms.append((now - h.t0) * 1e3)
+            self._release(outs, rid, h)
+            return
+        if now - h.t0 < self.settings.hold_ms / 1e3:
+            return
+        if self.settings.fail_mode == "closed":
+            self.ended_closed += 1
+            self._end(sched, outs, rid, h, f"{HELD_MARKER} detector={HOLD_TIMEOUT}",
+                      f"prompt not judged within {self.settings.hold_ms} ms (judged through "
+                      f"{judged} of {h.last_prompt_pos}), fail closed")
+        else:
+            self.released_open += 1
+            log.warning("safety monitor: request %s released UNJUDGED: prompt not judged "
+                        "within %d ms (judged through %d of %d), fail open; released_open=%d",
+                        rid, self.settings.hold_ms, judged, h.last_prompt_pos,
+                        self.released_open)
+            self._release(outs, rid, h)
+
+    def _release(self, outs: dict[int, Any], rid: str, h: _Held) -> None:
+        del self.held[rid]
+        self.judged.pop(rid, None)
+        if h.outputs[-1].finish_reason is None:
+            self.passed.add(rid)
+        self._outputs(outs, h.client).extend(h.outputs)
+
+    def _end(self, sched: Any, outs: dict[int, Any], rid: str, h: _Held, marker: str,
+             why: str) -> None:
+        """End `rid` with no generated text delivered: its held outputs are dropped; the
+        final output carries the first sampled token's id only (see `HELD_MARKER`)."""
+        from vllm.v1.engine import EngineCoreOutput, FinishReason
+        from vllm.v1.request import RequestStatus
+
+        del self.held[rid]
+        self.judged.pop(rid, None)
+        req = sched.requests.get(rid)
+        if req is not None and not req.is_finished():
+            sched.finish_requests(rid, RequestStatus.FINISHED_ABORTED)
+        n = sum(len(o.new_token_ids) for o in h.outputs)
+        log.warning("safety monitor: BLOCKED request %s before its first token (%s; %s); "
+                    "tokens withheld=%d tokens_delivered=0 ended_blocked=%d ended_closed=%d",
+                    rid, marker, why, n, self.ended_blocked, self.ended_closed)
+        self._outputs(outs, h.client).append(EngineCoreOutput(
+            request_id=rid, new_token_ids=list(h.outputs[0].new_token_ids[:1]),
+            finish_reason=FinishReason.ABORT,
+            stop_reason=marker))
+
+    @staticmethod
+    def _outputs(outs: dict[int, Any], client: int) -> list[Any]:
+        from vllm.v1.engine import EngineCoreOutputs
+
+        eco = outs.get(client)
+        if eco is None:
+            eco = outs[client] = EngineCoreOutputs()
+        return eco.outputs
+
+    def stats(self) -> dict[str, int]:
+        return {"held": self.n_held, "holding": len(self.held),
+                "released_judged": self.released_judged, "released_open": self.released_open,
+                "ended_blocked": self.ended_blocked, "ended_closed": self.ended_closed}
+
+
+HOLDS = FirstTokenHolds()
+
+
 def install_engine_core_hooks() -> None:
     """Wrap `Scheduler.update_from_output` and the scheduler's `check_stop` (idempotent)."""
     import vllm.v1.core.sched.scheduler as sched_mod
@@ -239,10 +469,22 @@ def install_engine_core_hooks() -> None:
                 return r is not None and not r.is_finished()
 
             PENDING.file(orders, live)
-        return orig_update(self, scheduler_output, model_runner_output)
+        HOLDS.note(getattr(model_runner_output, JUDGED_ATTR, None),
+                   getattr(model_runner_output, HOLD_ATTR, None))
+        return HOLDS.process(self, orig_update(self, scheduler_output, model_runner_output))
 
     setattr(update_from_output, _MARK, True)
     cls.update_from_output = update_from_output  # type: ignore[method-assign]  # the patch
+
+    orig_has = cls.__dict__.get("has_requests")
+    if orig_has is not None and not getattr(orig_has, _MARK, False):
+        @functools.wraps(orig_has)
+        def has_requests(self: Any) -> bool:
+            # keep stepping while outputs are held, so they are released within the bound
+            return bool(orig_has(self)) or bool(HOLDS.held)
+
+        setattr(has_requests, _MARK, True)
+        cls.has_requests = has_requests  # type: ignore[method-assign]  # the patch
 
 
 # -------------------------------------------------------------------- worker side
@@ -264,8 +506,8 @@ def install_worker_hooks() -> None:
                 session = getattr(self, "_safety_monitor_session", None)
                 if session is None or not isinstance(out, ModelRunnerOutput):
                     return out
-                orders = session.blocks.take()
-                return attach(out, orders) if orders else out
+                notes = session.blocks.take()
+                return attach(out, notes) if notes is not None else out
 
             setattr(wrapper, _MARK, True)
             return wrapper
@@ -291,6 +533,8 @@ def install_frontend_hooks() -> None:
                 and stop_reason.startswith(BLOCK_MARKER)):
             out.finish_reason = CONTENT_FILTER
             out.stop_reason = message
+            if stop_reason.startswith(HELD_MARKER):
+                out.text = ""  # blocked before its first token: nothing generated is shown
         return out
 
     setattr(_new_completion_output, _MARK, True)

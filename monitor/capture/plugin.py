@@ -35,7 +35,8 @@ import torch
 
 from monitor.capture.archs import UnsupportedArchitecture, check_architecture
 from monitor.capture.config import CaptureConfig
-from monitor.capture.enforce import BlockBoard, BlockOrder, install_all, is_block
+from monitor.capture.enforce import BlockBoard, BlockOrder, HoldSettings, install_all, is_block
+from monitor.capture.gate import fail_mode
 from monitor.capture.op import (
     PROF,
     PROFILE,
@@ -134,7 +135,8 @@ class CaptureSession:
         self.tracker = StepTracker(runner, max_model_len,
                                    segmenter.segment if segmenter is not None else None)
         self.transport = Transport(cfg, model_name, on_plan=self.set_plan,
-                                   on_verdict=self.on_verdict)
+                                   on_verdict=self.on_verdict,
+                                   on_judged_through=self.on_judged_through)
         self.blocks = BlockBoard()
         self.buffers = StaticBuffers(n_layers)
         self._state: _PlanState | None = None
@@ -189,6 +191,12 @@ class CaptureSession:
         for k, hp in enumerate(plan.points):
             at.setdefault(site_of(hp), []).append((k, hp.kind))
         self._state = _PlanState(plan, ring, at, max(at))
+        try:
+            mode = fail_mode() or plan.fail_mode
+        except ValueError as e:
+            log.error("safety monitor: %s; the plan's fail mode %s applies", e, plan.fail_mode)
+            mode = plan.fail_mode
+        self.blocks.set_hold(HoldSettings(hold_ms=plan.prompt_hold_ms, fail_mode=mode))
         log.info("safety monitor: capture plan installed: %s; ring %d slots x [%d hooks, %d "
                  "rows, %d] = %.1f MiB", plan.describe(), ring.n_slots, ring.n_layers,
                  ring.max_rows, ring.d_model, ring.nbytes / 2**20)
@@ -217,6 +225,11 @@ class CaptureSession:
                                       crossed_at_position=int(v.crossed_at_position))):
             log.info("safety monitor: block ordered for request %s (detector %s, score %.3f, "
                      "crossed at %d)", rid, v.detector, v.score, v.crossed_at_position)
+
+    def on_judged_through(self, m: monitor_pb2.JudgedThrough) -> None:
+        """Sender thread: the sidecar judged request `m.request_id` through `m.position`
+        (prompt-time blocking); carried to the engine core with the next step output."""
+        self.blocks.judged(m.request_id, int(m.position))
 
     # ---------------------------------------------------------------- op callback
     def on_layer(

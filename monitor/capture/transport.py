@@ -79,6 +79,8 @@ class Plan:
         roles: which `TokenRole`s any detector reads (None: every role of the kinds).
         dtype: dtype of the rows on the wire (`preferred_dtype`, else float32).
         max_frame_bytes: frames are split by rows to stay below this (payload bytes).
+        prompt_hold_ms: `Enforcement.prompt_hold_ms` (0: no first-token hold).
+        fail_mode: `Enforcement.fail_mode` ("open" when unset or unknown).
     """
 
     plan_id: str
@@ -92,6 +94,8 @@ class Plan:
     max_frame_bytes: int
     roles: frozenset[int] | None = None
     n_layers: int = 0
+    prompt_hold_ms: int = 0
+    fail_mode: str = "open"
     #: in-worker projection per hook point name (`CapturePlan.projections`, each validated;
     #: one that fails validation or names a hook point outside `points` is left out and
     #: logged: its rows go raw)
@@ -120,6 +124,8 @@ class Plan:
             max_frame_bytes=int(p.max_frame_bytes) or _DEFAULT_MAX_FRAME_BYTES,
             roles=frozenset(int(r) for r in p.token_roles if r) or None,
             n_layers=max(0, int(p.model_n_layers)),
+            prompt_hold_ms=int(p.enforcement.prompt_hold_ms),
+            fail_mode="closed" if p.enforcement.fail_mode == "closed" else "open",
             projections=_projections(p, {hp.name for hp in points}),
         )
 
@@ -369,6 +375,7 @@ class Transport:
             before the stream starts; it may raise to refuse the plan (no stream then).
         on_verdict: called in the sender thread with every verdict received (must not
             block; errors are logged, the stream goes on).
+        on_judged_through: likewise with every `JudgedThrough` progress message.
     """
 
     def __init__(
@@ -378,11 +385,13 @@ class Transport:
         *,
         on_plan: Callable[[Plan], None] | None = None,
         on_verdict: Callable[[monitor_pb2.Verdict], None] | None = None,
+        on_judged_through: Callable[[monitor_pb2.JudgedThrough], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
         self.on_plan = on_plan
         self.on_verdict = on_verdict
+        self.on_judged_through = on_judged_through
         self.plan: Plan | None = None
         self._q: queue.Queue[object] = queue.Queue(maxsize=cfg.queue_size)
         self._lock = threading.Lock()
@@ -626,6 +635,12 @@ class Transport:
                     self.on_verdict(v)
                 except Exception:
                     log.exception("safety monitor: verdict handler error")
+        elif which == "judged_through":
+            if self.on_judged_through is not None:
+                try:
+                    self.on_judged_through(msg.judged_through)
+                except Exception:
+                    log.exception("safety monitor: judged_through handler error")
         elif which == "error":
             with self._lock:
                 self.stream_errors += 1

@@ -21,6 +21,9 @@ A policy is a YAML file that safety teams edit (reference: ``policies/README.md`
                                      # cannot judge are served (counted) or refused (503)
       max_behind_frames: 0           # > 0: "cannot judge" also when the plugin's send
                                      # queue holds more messages than this
+      prompt_hold_ms: 1000           # with a block-mode detector on prompt tokens: the
+                                     # first generated token waits (at most this long)
+                                     # until the prompt is judged; 0: no hold
 
 ``scope`` is one word or a list of words: ``prompt`` (every prompt token), ``generated``
 (the model's output), ``both``, or token roles (``monitor.roles``): ``system``, ``user``,
@@ -71,7 +74,7 @@ from monitor.judge.aggregate import (
     Aggregation,
     param_owner,
 )
-from monitor.roles import SCOPE_WORDS, canonical_scope
+from monitor.roles import SCOPE_WORDS, TokenRole, canonical_scope, scope_roles
 
 __all__ = [
     "AGGREGATION_KINDS",
@@ -167,6 +170,10 @@ class PolicyDefaults:
 FAIL_MODES = ("open", "closed")
 
 
+#: upper bound of ``enforcement.prompt_hold_ms`` (a held request keeps its KV blocks)
+MAX_PROMPT_HOLD_MS = 60_000
+
+
 @dataclass(frozen=True)
 class EnforcementPolicy:
     """The ``enforcement:`` block: what vLLM's API server does while the sidecar cannot
@@ -178,10 +185,16 @@ class EnforcementPolicy:
         max_behind_frames: the sidecar also counts as unable to judge while the capture
             plugin's send queue holds more than this many messages (it is behind);
             0 (default): only an unreachable sidecar counts.
+        prompt_hold_ms: bound (ms) on how long vLLM holds a request's first generated
+            token until the sidecar has judged the whole prompt (prompt-time blocking);
+            it takes effect only when a detector with ``mode: block`` reads prompt tokens
+            (`prompt_hold_ms`); on expiry ``fail_mode`` decides (open: release, closed:
+            end the request with ``content_filter``), counted either way. 0: no hold.
     """
 
     fail_mode: str = "open"
     max_behind_frames: int = 0
+    prompt_hold_ms: int = 1000
 
 
 @dataclass(frozen=True)
@@ -493,7 +506,7 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
     enforcement = EnforcementPolicy()
     if "enforcement" in top:
         ents = p.mapping(top["enforcement"][1], "enforcement",
-                         ("fail_mode", "max_behind_frames"))
+                         ("fail_mode", "max_behind_frames", "prompt_hold_ms"))
         fm = (p.choice(ents["fail_mode"][1], "enforcement.fail_mode", FAIL_MODES)
               if "fail_mode" in ents else enforcement.fail_mode)
         mb = enforcement.max_behind_frames
@@ -502,7 +515,13 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
             if mb < 0:
                 raise p.fail(ents["max_behind_frames"][1], "enforcement.max_behind_frames",
                              f"expected an integer >= 0; found {mb}")
-        enforcement = EnforcementPolicy(fail_mode=fm, max_behind_frames=mb)
+        hold = enforcement.prompt_hold_ms
+        if "prompt_hold_ms" in ents:
+            hold = p.integer(ents["prompt_hold_ms"][1], "enforcement.prompt_hold_ms")
+            if not 0 <= hold <= MAX_PROMPT_HOLD_MS:
+                raise p.fail(ents["prompt_hold_ms"][1], "enforcement.prompt_hold_ms",
+                             f"expected an integer in [0, {MAX_PROMPT_HOLD_MS}]; found {hold}")
+        enforcement = EnforcementPolicy(fail_mode=fm, max_behind_frames=mb, prompt_hold_ms=hold)
     return Policy(
         version=version,
         sha256=sha,
@@ -511,6 +530,22 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         defaults=base,
         enforcement=enforcement,
     )
+
+
+def holding_detectors(policy: Policy) -> frozenset[str]:
+    """Detectors that hold a request's first generated token (prompt-time blocking):
+    ``mode: block`` with a scope that reads any prompt token (every role but
+    ``generated``); empty when ``enforcement.prompt_hold_ms`` is 0."""
+    if policy.enforcement.prompt_hold_ms <= 0:
+        return frozenset()
+    return frozenset(n for n, d in policy.detectors.items()
+                     if d.mode == "block" and scope_roles(d.scope) - {TokenRole.GENERATED})
+
+
+def effective_prompt_hold_ms(policy: Policy) -> int:
+    """``enforcement.prompt_hold_ms`` when some detector holds (`holding_detectors`),
+    else 0: a policy without a prompt-scope block detector costs no latency."""
+    return policy.enforcement.prompt_hold_ms if holding_detectors(policy) else 0
 
 
 def load_policy(path: str | Path) -> Policy:

@@ -139,6 +139,10 @@ class Metrics:
         self.blocks = Counter(p + "blocks", "Block orders sent to the capture plugin (mode "
                               "block at critical); the plugin stops that request.",
                               ["detector"], registry=r)
+        self.judged_through_sent = Counter(
+            p + "judged_through", "JudgedThrough progress messages sent (prompt-time "
+            "blocking: the plugin releases a request's first token once its prompt is "
+            "judged).", registry=r)
         self.block_tokens_after = Histogram(
             p + "block_tokens_after_crossing", "Tokens a blocked request generated after "
             "its crossing token, counted by the sidecar when the request finished "

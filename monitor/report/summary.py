@@ -9,7 +9,11 @@ and summarises, per detector and severity, over the records whose `ts` is within
   have stopped;
 - ``alert`` / ``block``: escalations that alerted / stopped a generation;
 - ``requests``: distinct requests with a ``final`` record for the detector (written with
-  `--audit-finals`); rates are per such request, ``-`` when the log has no finals.
+  `--audit-finals`); rates are per such request, ``-`` when the log has no finals;
+- per detector, blocked requests that ended (``block_end`` records): how many, and the
+  tokens generated after the crossing token (p50 / p99 / max / mean over the records
+  that state it; ``unknown``: records with ``tokens_after_crossing: null``, i.e. no judged
+  detector read generated tokens).
 
 Lines that are not JSON objects with the fields used are counted as ``skipped`` and never
 stop the report (an audit log may be rotated or truncated mid-line).
@@ -72,6 +76,8 @@ class Summary:
     requests: dict[str, set[str]] = field(default_factory=dict)
     records: int = 0
     skipped: int = 0
+    #: per detector: `tokens_after_crossing` of each ``block_end`` record (None: unknown)
+    block_ends: dict[str, list[int | None]] = field(default_factory=dict)
 
 
 def summarise(lines: Iterable[str], since: _dt.timedelta,
@@ -94,6 +100,11 @@ def summarise(lines: Iterable[str], since: _dt.timedelta,
         if event == "final":
             s.requests.setdefault(det, set()).add(str(rec.get("request_id")))
             continue
+        if event == "block_end":
+            n = rec.get("tokens_after_crossing")
+            ok = isinstance(n, int) and not isinstance(n, bool) and n >= 0
+            s.block_ends.setdefault(det, []).append(n if ok else None)
+            continue
         if sev not in _SEVERITIES:
             continue
         c = s.counts.setdefault((det, str(sev)), {})
@@ -101,6 +112,25 @@ def summarise(lines: Iterable[str], since: _dt.timedelta,
         if event == "would_alert" and sev == "critical":
             c["would_block"] = c.get("would_block", 0) + 1
     return s
+
+
+def _block_rows(s: Summary) -> list[dict[str, Any]]:
+    """One row per detector with ``block_end`` records: ended, tokens after crossing."""
+    rows = []
+    for det in sorted(s.block_ends):
+        vals = s.block_ends[det]
+        known = sorted(v for v in vals if v is not None)
+        row: dict[str, Any] = {"detector": det, "ended": len(vals),
+                               "unknown": len(vals) - len(known)}
+        if known:
+            def pct(q: float, k: list[int] = known) -> int:  # nearest rank
+                return k[max(0, -(-len(k) * q // 100) - 1)] if q else k[0]
+
+            row["tokens_after_crossing"] = {"p50": pct(50), "p99": pct(99),
+                                            "max": known[-1],
+                                            "mean": round(sum(known) / len(known), 2)}
+        rows.append(row)
+    return rows
 
 
 def format_summary(s: Summary, out: TextIO, as_json: bool = False) -> None:
@@ -116,7 +146,7 @@ def format_summary(s: Summary, out: TextIO, as_json: bool = False) -> None:
                          **{k: c.get(k, 0) for k in cols}})
     if as_json:
         json.dump({"since": s.since.isoformat(), "records": s.records, "skipped": s.skipped,
-                   "rows": rows}, out)
+                   "rows": rows, "block_ends": _block_rows(s)}, out)
         out.write("\n")
         return
     out.write(f"audit records since {s.since.isoformat(timespec='seconds')}: {s.records} "
@@ -134,3 +164,11 @@ def format_summary(s: Summary, out: TextIO, as_json: bool = False) -> None:
                   " ".join(f"{cell(k):>16}" for k in cols) + "\n")
     if not rows:
         out.write("(no verdict events in this window)\n")
+    blocks = _block_rows(s)
+    if blocks:
+        out.write(f"\n{'blocked requests ended':<24} {'ended':>6}  tokens after crossing "
+                  "(p50 / p99 / max / mean; unknown)\n")
+    for b in blocks:
+        t = b.get("tokens_after_crossing")
+        stat = (f"{t['p50']} / {t['p99']} / {t['max']} / {t['mean']:.2f}" if t else "-")
+        out.write(f"{b['detector']:<24} {b['ended']:>6}  {stat}; {b['unknown']} unknown\n")

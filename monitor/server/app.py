@@ -38,7 +38,7 @@ from grpc_reflection.v1alpha import reflection
 import monitor
 from monitor.constants import HOOK_NAME_TEMPLATE, Reason
 from monitor.judge.latents import LatentTracker, latent_map
-from monitor.judge.policy import Policy
+from monitor.judge.policy import Policy, effective_prompt_hold_ms
 from monitor.judge.reload import PolicyHolder
 from monitor.judge.trace import TokenTrace
 from monitor.judge.tracker import RequestTracker
@@ -127,8 +127,13 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
     `projections` (from `worker_projections`): those of the judged hook points go into the
     plan (in-worker projection).
 
-    `plan_id` is a short hash of everything a client's capture depends on (not the
-    policy's `enforcement`, which the API-server gate reads from every plan it fetches).
+    `enforcement.prompt_hold_ms` is the policy's bound when a detector holds the first
+    token (`monitor.judge.policy.effective_prompt_hold_ms`), else 0; with a hold every
+    prompt role is captured.
+
+    `plan_id` is a short hash of everything a client's capture depends on (with the
+    effective prompt hold; not the rest of the policy's `enforcement`, which the
+    API-server gate reads from every plan it fetches).
     """
     hooks: list[str] = []
     roles: set[TokenRole] = set()
@@ -139,6 +144,10 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
         hooks.append(hook)
         for d in judged:
             roles |= scope_roles(policy.detectors[d].scope)
+    if effective_prompt_hold_ms(policy):
+        # prompt-time blocking: the sidecar must see the prompt up to its last token to say
+        # it is judged through (`JudgedThrough`), so every prompt role is captured
+        roles |= scope_roles("prompt")
     kinds: set[monitor_pb2.TokenKind] = set()
     if roles - {TokenRole.GENERATED}:
         kinds.add(monitor_pb2.TOKEN_KIND_PROMPT)
@@ -149,7 +158,7 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
     layers = sorted({parse_hook_name(h).layer for h in hooks})
     projs = [projections[h] for h in hooks if projections and h in projections]
     key = (f"{model}|{d_model}|{n_layers}|{hooks}|{token_kinds}|{token_roles}|{bundle_sha256}|"
-           f"{max_frame_bytes}|{[p.version for p in projs]}")
+           f"{max_frame_bytes}|{[p.version for p in projs]}|{effective_prompt_hold_ms(policy)}")
     return monitor_pb2.CapturePlan(
         plan_id=hashlib.sha256(key.encode()).hexdigest()[:16], model=model, d_model=d_model,
         layers=layers, token_kinds=token_kinds, hook_name_template=HOOK_NAME_TEMPLATE,
@@ -159,7 +168,8 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
         model_n_layers=n_layers,
         enforcement=monitor_pb2.Enforcement(
             fail_mode=policy.enforcement.fail_mode,
-            max_behind_frames=policy.enforcement.max_behind_frames),
+            max_behind_frames=policy.enforcement.max_behind_frames,
+            prompt_hold_ms=effective_prompt_hold_ms(policy)),
         projections=projs,
     )
 

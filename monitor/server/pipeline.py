@@ -37,7 +37,7 @@ import numpy as np
 
 from monitor.constants import FinishReason, Reason, RequestKey
 from monitor.judge.latents import LatentTracker
-from monitor.judge.policy import DetectorPolicy, Policy
+from monitor.judge.policy import DetectorPolicy, Policy, holding_detectors
 from monitor.judge.trace import TokenTrace
 from monitor.judge.tracker import RequestTracker, VerdictUpdate
 from monitor.report.metrics import Metrics
@@ -147,6 +147,10 @@ class Pipeline:
         self.sweep_interval_s = float(sweep_interval_s)
         self._policy = policy
         self._judged: dict[str, DetectorPolicy] = dict(policy.detectors)  # worker only
+        #: prompt-time blocking (worker only): hook points of the detectors that hold the
+        #: first token, and per open request the highest position judged on each of them
+        self._hold_hooks = self._holding_hooks(policy)
+        self._judged_at: dict[RequestKey, dict[str, int]] = {}
         #: fired SAE latents per (request, detector); worker only
         self.latents = latents if latents is not None else LatentTracker({})
         #: per-token score trace per (request, detector) for audit lines; worker only
@@ -359,11 +363,35 @@ class Pipeline:
         elif isinstance(item, _PolicyItem):
             self.tracker.set_policy(item.policy)
             self._judged = dict(item.policy.detectors)
+            self._hold_hooks = self._holding_hooks(item.policy)
+            self._judged_at.clear()
             item.done.set()
         elif isinstance(item, _EndItem):
             item.sink.post(None)
 
+    def _holding_hooks(self, policy: Policy) -> frozenset[str]:
+        """Hook points read by a detector that holds the first token (empty: no hold)."""
+        dets = holding_detectors(policy)
+        return frozenset(h for h in self.scorer.hooks if set(self.scorer.detectors_on(h)) & dets)
+
+    def _judged_through(self, hook: str, key: RequestKey, sink: StreamSink,
+                        positions: np.ndarray, generated: np.ndarray) -> None:
+        """After the rows of ``key`` on ``hook`` were judged: when they held prompt rows,
+        post `JudgedThrough` with the highest position judged on every holding hook point
+        (once all of them have judged some), so the plugin can release the first token."""
+        prompt = positions[~generated.astype(bool)]
+        if prompt.size == 0:
+            return
+        at = self._judged_at.setdefault(key, {})
+        at[hook] = max(at.get(hook, -1), int(prompt.max()))
+        if len(at) < len(self._hold_hooks):
+            return
+        self.metrics.judged_through_sent.inc()
+        sink.post(monitor_pb2.ServerMessage(judged_through=monitor_pb2.JudgedThrough(
+            request_id=key.request_id, position=min(at.values()))))
+
     def _finish(self, c: Closing) -> None:
+        self._judged_at.pop(c.key, None)
         updates = [self._annotate(u) for u in self.tracker.finish(c.key, known=True)]
         self.latents.drop(c.key)
         self.trace.drop(c.key)
@@ -479,6 +507,8 @@ class Pipeline:
                                                fs[a:b, j], f.roles[a:b])
                     for u in ups:
                         self._handle_update(u, it.sink)
+                if hook in self._hold_hooks:
+                    self._judged_through(hook, key, it.sink, f.positions[a:b], f.generated[a:b])
             # arrival -> scored, judged, verdicts posted and escalations handed to the sinks
             self.metrics.frame_latency.observe(time.perf_counter() - it.t_recv)
         if n_dup:

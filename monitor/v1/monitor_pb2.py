@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18monitor/v1/monitor.proto\x12\nmonitor.v1\"\x96\x01\n\x07RowSpan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06n_rows\x18\x02 \x01(\r\x12\x16\n\x0estart_position\x18\x03 \x01(\r\x12\x12\n\nprompt_len\x18\x04 \x01(\r\x12\x16\n\x0e\x63orrelation_id\x18\x05 \x01(\t\x12#\n\x04role\x18\x06 \x01(\x0e\x32\x15.monitor.v1.TokenRole\"\xd4\x01\n\x0f\x41\x63tivationFrame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\x05\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.monitor.v1.DType\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\"\n\x05spans\x18\x07 \x03(\x0b\x32\x13.monitor.v1.RowSpan\x12\x0c\n\x04step\x18\x08 \x01(\x04\x12\x11\n\thook_name\x18\t \x01(\t\x12\x12\n\nprojection\x18\n \x01(\t\"\x8a\x01\n\x0fRequestFinished\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fn_prompt_tokens\x18\x03 \x01(\r\x12\x1a\n\x12n_generated_tokens\x18\x04 \x01(\r\x12\x1e\n\x16n_cached_prompt_tokens\x18\x05 \x01(\r\"f\n\x0b\x43lientStats\x12\x16\n\x0e\x64ropped_frames\x18\x01 \x01(\x04\x12\x14\n\x0c\x64ropped_rows\x18\x02 \x01(\x04\x12\x15\n\rdropped_bytes\x18\x03 \x01(\x04\x12\x12\n\nreconnects\x18\x04 \x01(\x04\"k\n\x0b\x43lientHello\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07plan_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x14\n\x0cwire_version\x18\x04 \x01(\r\"\xca\x01\n\rClientMessage\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.monitor.v1.ClientHelloH\x00\x12,\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1b.monitor.v1.ActivationFrameH\x00\x12/\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1b.monitor.v1.RequestFinishedH\x00\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x17.monitor.v1.ClientStatsH\x00\x42\x06\n\x04\x62ody\"\xd3\x02\n\x07Verdict\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12&\n\x08severity\x18\x04 \x01(\x0e\x32\x14.monitor.v1.Severity\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x1b\n\x13\x63rossed_at_position\x18\x06 \x01(\x03\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x12\x0c\n\x04mode\x18\x08 \x01(\t\x12\x16\n\x0epolicy_version\x18\t \x01(\t\x12\x17\n\x0fn_tokens_scored\x18\n \x01(\x04\x12\x19\n\x11n_tokens_unscored\x18\x0b \x01(\x04\x12\x12\n\npeak_score\x18\x0c \x01(\x01\x12\x16\n\x0e\x63orrelation_id\x18\r \x01(\t\x12&\n\x07latents\x18\x0e \x03(\x0b\x32\x15.monitor.v1.LatentHit\"F\n\tLatentHit\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05value\x18\x03 \x01(\x02\x12\r\n\x05label\x18\x04 \x01(\t\"]\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"i\n\rServerMessage\x12&\n\x07verdict\x18\x01 \x01(\x0b\x32\x13.monitor.v1.VerdictH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.monitor.v1.StreamErrorH\x00\x42\x06\n\x04\x62ody\"\x17\n\x15GetCapturePlanRequest\";\n\x0b\x45nforcement\x12\x11\n\tfail_mode\x18\x01 \x01(\t\x12\x19\n\x11max_behind_frames\x18\x02 \x01(\r\"\xa9\x03\n\x0b\x43\x61pturePlan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x64_model\x18\x03 \x01(\x05\x12\x0e\n\x06layers\x18\x04 \x03(\x05\x12*\n\x0btoken_kinds\x18\x05 \x03(\x0e\x32\x15.monitor.v1.TokenKind\x12\x1a\n\x12hook_name_template\x18\x06 \x01(\t\x12*\n\x0fpreferred_dtype\x18\x07 \x01(\x0e\x32\x11.monitor.v1.DType\x12\x15\n\rbundle_sha256\x18\x08 \x01(\t\x12\x17\n\x0fmax_frame_bytes\x18\t \x01(\x04\x12\x12\n\nhook_names\x18\n \x03(\t\x12*\n\x0btoken_roles\x18\x0b \x03(\x0e\x32\x15.monitor.v1.TokenRole\x12\x16\n\x0emodel_n_layers\x18\r \x01(\x05\x12,\n\x0b\x65nforcement\x18\x0f \x01(\x0b\x32\x17.monitor.v1.Enforcement\x12/\n\x0bprojections\x18\x0c \x03(\x0b\x32\x1a.monitor.v1.HookProjection\"s\n\x0eHookProjection\x12\x11\n\thook_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x64_model\x18\x03 \x01(\x05\x12\x0e\n\x06n_cols\x18\x04 \x01(\x05\x12\t\n\x01w\x18\x05 \x01(\x0c\x12\x11\n\tneeds_var\x18\x06 \x01(\x08\":\n\x0cScoreRequest\x12*\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x1b.monitor.v1.ActivationFrame\"/\n\x0bTokenScores\x12\x10\n\x08\x64\x65tector\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\";\n\rScoreResponse\x12*\n\tdetectors\x18\x01 \x03(\x0b\x32\x17.monitor.v1.TokenScores\"\x15\n\x13ReloadPolicyRequest\"K\n\x14ReloadPolicyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*X\n\tTokenKind\x12\x1a\n\x16TOKEN_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TOKEN_KIND_PROMPT\x10\x01\x12\x18\n\x14TOKEN_KIND_GENERATED\x10\x02*\xcb\x01\n\tTokenRole\x12\x1a\n\x16TOKEN_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11TOKEN_ROLE_SYSTEM\x10\x01\x12\x13\n\x0fTOKEN_ROLE_USER\x10\x02\x12\x18\n\x14TOKEN_ROLE_ASSISTANT\x10\x03\x12\x18\n\x14TOKEN_ROLE_GENERATED\x10\x04\x12\x17\n\x13TOKEN_ROLE_TEMPLATE\x10\x05\x12\x13\n\x0fTOKEN_ROLE_TOOL\x10\x06\x12\x14\n\x10TOKEN_ROLE_OTHER\x10\x07*G\n\x08Severity\x12\x11\n\rSEVERITY_NONE\x10\x00\x12\x11\n\rSEVERITY_WARN\x10\x01\x12\x15\n\x11SEVERITY_CRITICAL\x10\x02\x32\xd9\x01\n\x07Monitor\x12\x42\n\x06Stream\x12\x19.monitor.v1.ClientMessage\x1a\x19.monitor.v1.ServerMessage(\x01\x30\x01\x12L\n\x0eGetCapturePlan\x12!.monitor.v1.GetCapturePlanRequest\x1a\x17.monitor.v1.CapturePlan\x12<\n\x05Score\x12\x18.monitor.v1.ScoreRequest\x1a\x19.monitor.v1.ScoreResponse2Z\n\x05\x41\x64min\x12Q\n\x0cReloadPolicy\x12\x1f.monitor.v1.ReloadPolicyRequest\x1a .monitor.v1.ReloadPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18monitor/v1/monitor.proto\x12\nmonitor.v1\"\x96\x01\n\x07RowSpan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06n_rows\x18\x02 \x01(\r\x12\x16\n\x0estart_position\x18\x03 \x01(\r\x12\x12\n\nprompt_len\x18\x04 \x01(\r\x12\x16\n\x0e\x63orrelation_id\x18\x05 \x01(\t\x12#\n\x04role\x18\x06 \x01(\x0e\x32\x15.monitor.v1.TokenRole\"\xd4\x01\n\x0f\x41\x63tivationFrame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\x05\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.monitor.v1.DType\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\"\n\x05spans\x18\x07 \x03(\x0b\x32\x13.monitor.v1.RowSpan\x12\x0c\n\x04step\x18\x08 \x01(\x04\x12\x11\n\thook_name\x18\t \x01(\t\x12\x12\n\nprojection\x18\n \x01(\t\"\x8a\x01\n\x0fRequestFinished\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fn_prompt_tokens\x18\x03 \x01(\r\x12\x1a\n\x12n_generated_tokens\x18\x04 \x01(\r\x12\x1e\n\x16n_cached_prompt_tokens\x18\x05 \x01(\r\"f\n\x0b\x43lientStats\x12\x16\n\x0e\x64ropped_frames\x18\x01 \x01(\x04\x12\x14\n\x0c\x64ropped_rows\x18\x02 \x01(\x04\x12\x15\n\rdropped_bytes\x18\x03 \x01(\x04\x12\x12\n\nreconnects\x18\x04 \x01(\x04\"k\n\x0b\x43lientHello\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07plan_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x14\n\x0cwire_version\x18\x04 \x01(\r\"\xca\x01\n\rClientMessage\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.monitor.v1.ClientHelloH\x00\x12,\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1b.monitor.v1.ActivationFrameH\x00\x12/\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1b.monitor.v1.RequestFinishedH\x00\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x17.monitor.v1.ClientStatsH\x00\x42\x06\n\x04\x62ody\"\xd3\x02\n\x07Verdict\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12&\n\x08severity\x18\x04 \x01(\x0e\x32\x14.monitor.v1.Severity\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x1b\n\x13\x63rossed_at_position\x18\x06 \x01(\x03\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x12\x0c\n\x04mode\x18\x08 \x01(\t\x12\x16\n\x0epolicy_version\x18\t \x01(\t\x12\x17\n\x0fn_tokens_scored\x18\n \x01(\x04\x12\x19\n\x11n_tokens_unscored\x18\x0b \x01(\x04\x12\x12\n\npeak_score\x18\x0c \x01(\x01\x12\x16\n\x0e\x63orrelation_id\x18\r \x01(\t\x12&\n\x07latents\x18\x0e \x03(\x0b\x32\x15.monitor.v1.LatentHit\"F\n\tLatentHit\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05value\x18\x03 \x01(\x02\x12\r\n\x05label\x18\x04 \x01(\t\"]\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x9e\x01\n\rServerMessage\x12&\n\x07verdict\x18\x01 \x01(\x0b\x32\x13.monitor.v1.VerdictH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.monitor.v1.StreamErrorH\x00\x12\x33\n\x0ejudged_through\x18\x03 \x01(\x0b\x32\x19.monitor.v1.JudgedThroughH\x00\x42\x06\n\x04\x62ody\"5\n\rJudgedThrough\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\"\x17\n\x15GetCapturePlanRequest\"S\n\x0b\x45nforcement\x12\x11\n\tfail_mode\x18\x01 \x01(\t\x12\x19\n\x11max_behind_frames\x18\x02 \x01(\r\x12\x16\n\x0eprompt_hold_ms\x18\x03 \x01(\r\"\xa9\x03\n\x0b\x43\x61pturePlan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x64_model\x18\x03 \x01(\x05\x12\x0e\n\x06layers\x18\x04 \x03(\x05\x12*\n\x0btoken_kinds\x18\x05 \x03(\x0e\x32\x15.monitor.v1.TokenKind\x12\x1a\n\x12hook_name_template\x18\x06 \x01(\t\x12*\n\x0fpreferred_dtype\x18\x07 \x01(\x0e\x32\x11.monitor.v1.DType\x12\x15\n\rbundle_sha256\x18\x08 \x01(\t\x12\x17\n\x0fmax_frame_bytes\x18\t \x01(\x04\x12\x12\n\nhook_names\x18\n \x03(\t\x12*\n\x0btoken_roles\x18\x0b \x03(\x0e\x32\x15.monitor.v1.TokenRole\x12\x16\n\x0emodel_n_layers\x18\r \x01(\x05\x12,\n\x0b\x65nforcement\x18\x0f \x01(\x0b\x32\x17.monitor.v1.Enforcement\x12/\n\x0bprojections\x18\x0c \x03(\x0b\x32\x1a.monitor.v1.HookProjection\"s\n\x0eHookProjection\x12\x11\n\thook_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x64_model\x18\x03 \x01(\x05\x12\x0e\n\x06n_cols\x18\x04 \x01(\x05\x12\t\n\x01w\x18\x05 \x01(\x0c\x12\x11\n\tneeds_var\x18\x06 \x01(\x08\":\n\x0cScoreRequest\x12*\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x1b.monitor.v1.ActivationFrame\"/\n\x0bTokenScores\x12\x10\n\x08\x64\x65tector\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\";\n\rScoreResponse\x12*\n\tdetectors\x18\x01 \x03(\x0b\x32\x17.monitor.v1.TokenScores\"\x15\n\x13ReloadPolicyRequest\"K\n\x14ReloadPolicyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*X\n\tTokenKind\x12\x1a\n\x16TOKEN_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TOKEN_KIND_PROMPT\x10\x01\x12\x18\n\x14TOKEN_KIND_GENERATED\x10\x02*\xcb\x01\n\tTokenRole\x12\x1a\n\x16TOKEN_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11TOKEN_ROLE_SYSTEM\x10\x01\x12\x13\n\x0fTOKEN_ROLE_USER\x10\x02\x12\x18\n\x14TOKEN_ROLE_ASSISTANT\x10\x03\x12\x18\n\x14TOKEN_ROLE_GENERATED\x10\x04\x12\x17\n\x13TOKEN_ROLE_TEMPLATE\x10\x05\x12\x13\n\x0fTOKEN_ROLE_TOOL\x10\x06\x12\x14\n\x10TOKEN_ROLE_OTHER\x10\x07*G\n\x08Severity\x12\x11\n\rSEVERITY_NONE\x10\x00\x12\x11\n\rSEVERITY_WARN\x10\x01\x12\x15\n\x11SEVERITY_CRITICAL\x10\x02\x32\xd9\x01\n\x07Monitor\x12\x42\n\x06Stream\x12\x19.monitor.v1.ClientMessage\x1a\x19.monitor.v1.ServerMessage(\x01\x30\x01\x12L\n\x0eGetCapturePlan\x12!.monitor.v1.GetCapturePlanRequest\x1a\x17.monitor.v1.CapturePlan\x12<\n\x05Score\x12\x18.monitor.v1.ScoreRequest\x1a\x19.monitor.v1.ScoreResponse2Z\n\x05\x41\x64min\x12Q\n\x0cReloadPolicy\x12\x1f.monitor.v1.ReloadPolicyRequest\x1a .monitor.v1.ReloadPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'monitor.v1.monitor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2484
-  _globals['_DTYPE']._serialized_end=2572
-  _globals['_TOKENKIND']._serialized_start=2574
-  _globals['_TOKENKIND']._serialized_end=2662
-  _globals['_TOKENROLE']._serialized_start=2665
-  _globals['_TOKENROLE']._serialized_end=2868
-  _globals['_SEVERITY']._serialized_start=2870
-  _globals['_SEVERITY']._serialized_end=2941
+  _globals['_DTYPE']._serialized_start=2617
+  _globals['_DTYPE']._serialized_end=2705
+  _globals['_TOKENKIND']._serialized_start=2707
+  _globals['_TOKENKIND']._serialized_end=2795
+  _globals['_TOKENROLE']._serialized_start=2798
+  _globals['_TOKENROLE']._serialized_end=3001
+  _globals['_SEVERITY']._serialized_start=3003
+  _globals['_SEVERITY']._serialized_end=3074
   _globals['_ROWSPAN']._serialized_start=41
   _globals['_ROWSPAN']._serialized_end=191
   _globals['_ACTIVATIONFRAME']._serialized_start=194
@@ -57,28 +57,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LATENTHIT']._serialized_end=1379
   _globals['_STREAMERROR']._serialized_start=1381
   _globals['_STREAMERROR']._serialized_end=1474
-  _globals['_SERVERMESSAGE']._serialized_start=1476
-  _globals['_SERVERMESSAGE']._serialized_end=1581
-  _globals['_GETCAPTUREPLANREQUEST']._serialized_start=1583
-  _globals['_GETCAPTUREPLANREQUEST']._serialized_end=1606
-  _globals['_ENFORCEMENT']._serialized_start=1608
-  _globals['_ENFORCEMENT']._serialized_end=1667
-  _globals['_CAPTUREPLAN']._serialized_start=1670
-  _globals['_CAPTUREPLAN']._serialized_end=2095
-  _globals['_HOOKPROJECTION']._serialized_start=2097
-  _globals['_HOOKPROJECTION']._serialized_end=2212
-  _globals['_SCOREREQUEST']._serialized_start=2214
-  _globals['_SCOREREQUEST']._serialized_end=2272
-  _globals['_TOKENSCORES']._serialized_start=2274
-  _globals['_TOKENSCORES']._serialized_end=2321
-  _globals['_SCORERESPONSE']._serialized_start=2323
-  _globals['_SCORERESPONSE']._serialized_end=2382
-  _globals['_RELOADPOLICYREQUEST']._serialized_start=2384
-  _globals['_RELOADPOLICYREQUEST']._serialized_end=2405
-  _globals['_RELOADPOLICYRESPONSE']._serialized_start=2407
-  _globals['_RELOADPOLICYRESPONSE']._serialized_end=2482
-  _globals['_MONITOR']._serialized_start=2944
-  _globals['_MONITOR']._serialized_end=3161
-  _globals['_ADMIN']._serialized_start=3163
-  _globals['_ADMIN']._serialized_end=3253
+  _globals['_SERVERMESSAGE']._serialized_start=1477
+  _globals['_SERVERMESSAGE']._serialized_end=1635
+  _globals['_JUDGEDTHROUGH']._serialized_start=1637
+  _globals['_JUDGEDTHROUGH']._serialized_end=1690
+  _globals['_GETCAPTUREPLANREQUEST']._serialized_start=1692
+  _globals['_GETCAPTUREPLANREQUEST']._serialized_end=1715
+  _globals['_ENFORCEMENT']._serialized_start=1717
+  _globals['_ENFORCEMENT']._serialized_end=1800
+  _globals['_CAPTUREPLAN']._serialized_start=1803
+  _globals['_CAPTUREPLAN']._serialized_end=2228
+  _globals['_HOOKPROJECTION']._serialized_start=2230
+  _globals['_HOOKPROJECTION']._serialized_end=2345
+  _globals['_SCOREREQUEST']._serialized_start=2347
+  _globals['_SCOREREQUEST']._serialized_end=2405
+  _globals['_TOKENSCORES']._serialized_start=2407
+  _globals['_TOKENSCORES']._serialized_end=2454
+  _globals['_SCORERESPONSE']._serialized_start=2456
+  _globals['_SCORERESPONSE']._serialized_end=2515
+  _globals['_RELOADPOLICYREQUEST']._serialized_start=2517
+  _globals['_RELOADPOLICYREQUEST']._serialized_end=2538
+  _globals['_RELOADPOLICYRESPONSE']._serialized_start=2540
+  _globals['_RELOADPOLICYRESPONSE']._serialized_end=2615
+  _globals['_MONITOR']._serialized_start=3077
+  _globals['_MONITOR']._serialized_end=3294
+  _globals['_ADMIN']._serialized_start=3296
+  _globals['_ADMIN']._serialized_end=3386
 # @@protoc_insertion_point(module_scope)

@@ -206,24 +206,36 @@ class StreamError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., seq: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("verdict", "error")
+    __slots__ = ("verdict", "error", "judged_through")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    JUDGED_THROUGH_FIELD_NUMBER: _ClassVar[int]
     verdict: Verdict
     error: StreamError
-    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
+    judged_through: JudgedThrough
+    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., judged_through: _Optional[_Union[JudgedThrough, _Mapping]] = ...) -> None: ...
+
+class JudgedThrough(_message.Message):
+    __slots__ = ("request_id", "position")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    position: int
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
 
 class GetCapturePlanRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Enforcement(_message.Message):
-    __slots__ = ("fail_mode", "max_behind_frames")
+    __slots__ = ("fail_mode", "max_behind_frames", "prompt_hold_ms")
     FAIL_MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_BEHIND_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_HOLD_MS_FIELD_NUMBER: _ClassVar[int]
     fail_mode: str
     max_behind_frames: int
-    def __init__(self, fail_mode: _Optional[str] = ..., max_behind_frames: _Optional[int] = ...) -> None: ...
+    prompt_hold_ms: int
+    def __init__(self, fail_mode: _Optional[str] = ..., max_behind_frames: _Optional[int] = ..., prompt_hold_ms: _Optional[int] = ...) -> None: ...
 
 class CapturePlan(_message.Message):
     __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes", "hook_names", "token_roles", "model_n_layers", "enforcement", "projections")
