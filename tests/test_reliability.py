@@ -175,3 +175,65 @@ def test_call_limits_are_per_client(start_server: Callable[..., MonitorServer],
     ok = rid("ok")
     assert_stream_usable(stream(srv, good_tail(geometry, 1, ok)), ok)
     other.close()
+
+
+def test_gap_across_a_sidecar_restart_is_counted_in_the_final(
+        start_server: Callable[..., MonitorServer], server: MonitorServer,
+        geometry: dict) -> None:
+    # issue 8: the prompt rows of a request went to a sidecar that was then SIGKILLed and
+    # the client's queue dropped one decode row; the sidecar that finishes it (a new
+    # process, as after a restart) counts every missing in-scope position as unscored,
+    # from what it received, and audits the request as incomplete
+    import signal
+
+    dead = start_server(extra=["--policy-watch-s", "0"], name="reliab-dead")
+    r = rid("gap")
+    release = threading.Event()
+
+    def first() -> Iterator[monitor_pb2.ClientMessage]:
+        yield frame_msg(1, 2, make_rows(geometry, "harmful_intent", 8), [Span(r, 8, 0, 8)])
+        yield frame_msg(2, 3, make_rows(geometry, "deception", 8), [Span(r, 8, 0, 8)])
+        release.wait(60)
+
+    call = monitor_pb2_grpc.MonitorStub(dead.channel).Stream(first(), timeout=60)
+    _wait(lambda: dead.metric("safety_monitor_rows_scored_total", model_name=MODEL,
+                              layer="3") == 8, what="the first sidecar to score the prompt")
+    dead.signal(signal.SIGKILL)
+    with pytest.raises(grpc.RpcError):
+        list(call)
+    release.set()
+    missing0 = server.metric("safety_monitor_rows_unscored_total", reason="missing")
+    msgs = []
+    for seq, p in enumerate((8, 9, 10, 11)):  # decode rows 8..11; row 10 of layer 3 dropped
+        msgs.append(frame_msg(2 * seq + 1, 2, make_rows(geometry, "harmful_intent", 1),
+                              [Span(r, 1, p, 8)]))
+        if p != 10:
+            msgs.append(frame_msg(2 * seq + 2, 3, make_rows(geometry, "deception", 1),
+                                  [Span(r, 1, p, 8)]))
+    # 5 tokens sampled (the last never fed back: 4 generated rows ran), prompt of 8
+    msgs.append(monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
+        request_id=r, reason="stop", n_prompt_tokens=8, n_generated_tokens=5)))
+    out = stream(server, msgs)
+    assert not errors(out), errors(out)
+    got = {v.detector: (v.n_tokens_scored, v.n_tokens_unscored)
+           for v in verdicts(out, r, final=True)}
+    assert got == {"harmful_intent": (0, 8), "deception": (3, 1)}
+    assert server.metric("safety_monitor_rows_unscored_total", reason="missing") \
+        == missing0 + 8
+    # on record without --audit-finals: the incomplete request's finals, with the gap
+    _wait(lambda: len([a for a in server.audit_lines() if a["request_id"] == r]) == 2,
+          what="the incomplete request's audit lines")
+    lines = {a["detector"]: a for a in server.audit_lines() if a["request_id"] == r}
+    assert {d: (a["event"], a["incomplete"], a["n_tokens_missing"])
+            for d, a in lines.items()} == {"harmful_intent": ("final", True, 8),
+                                           "deception": ("final", True, 1)}
+    # a complete request stays off the audit log (finals not audited) and counts no gap
+    c = rid("whole")
+    out = stream(server, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
+                                    [Span(c, 4, 0, 4)]),
+                          monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
+                              request_id=c, reason="stop", n_prompt_tokens=4,
+                              n_generated_tokens=1))])
+    assert {v.detector: v.n_tokens_unscored for v in verdicts(out, c, final=True)} == {
+        "harmful_intent": 0, "deception": 0}
+    assert not [a for a in server.audit_lines() if a["request_id"] == c]
