@@ -47,6 +47,11 @@ everything else ``-> TEMPLATE``. A header at the very end with no content is the
 generation prompt (TEMPLATE). Trailing whitespace tokens of a header that merged with
 the content's first characters (BPE) count as content.
 
+Refused: a template whose text between two messages is non-space plain text with no
+added token (Mistral v0.1: ``[INST] user [/INST]assistant</s>``, ``[INST]`` not a special
+token) raises `ChatTemplateError` saying so: such markers tokenize like user text, so a
+role boundary cannot be told from a user typing the marker.
+
 Merged roles: when the template renders a role *inside* another role's turn with no
 tokens of its own (Gemma 3 prepends the system text to the first user turn; Gemma 2
 and Mistral refuse system messages), that role cannot be told apart from token ids and
@@ -201,6 +206,16 @@ def _sentinel(i: int) -> str:
     return f"Qzx{'abcdefghijklmnopqrstuvwxyz'[i]}sentinel"
 
 
+def _plain_text_markers(prev: str, role: str, between: str) -> str:
+    """The refusal for a template whose turns are delimited by plain text (no added token)."""
+    return (f"expected the template text between a {prev!r} and a {role!r} message to "
+            f"contain an added (special) token, found only plain text {between!r}: role "
+            "markers written as ordinary text (Mistral v0.1's '[INST] ... [/INST]', no "
+            "system role) tokenize exactly like user text, so a user can forge them and "
+            "roles cannot be derived from token ids (the capture plugin then labels every "
+            "prompt token OTHER)")
+
+
 @dataclass(frozen=True)
 class _Header:
     role: TokenRole
@@ -245,6 +260,9 @@ class RoleSegmenter:
                                     f"tokenizer, found {type(tpl).__name__}")
         name = template_name(tpl)
         added = frozenset(int(i) for i in tokenizer.added_tokens_decoder)
+        # text between two messages that holds non-space text must contain an added token
+        markers = {str(getattr(t, "content", t)) for t in tokenizer.added_tokens_decoder.values()}
+        markers.discard("")
 
         def render(roles: Sequence[str], gen: bool) -> str | None:
             msgs = [{"role": r, "content": _sentinel(i)} for i, r in enumerate(roles)]
@@ -269,16 +287,27 @@ class RoleSegmenter:
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids = [int(t) for t in enc["input_ids"]]
             offs = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
-            spans: list[tuple[int, int] | None] = []
+            found: list[tuple[int, int] | None] = []  # content chars per message
             cursor = 0
+            prev: str | None = None
             for i, role in enumerate(roles):
                 s = _sentinel(i)
                 lo = text.find(s, cursor)
                 if lo < 0:  # the template dropped this message (unsupported role)
+                    found.append(None)
+                    continue
+                between = text[cursor:lo]
+                if prev is not None and between.strip() and not any(
+                        m in between for m in markers):
+                    raise ChatTemplateError(name, _plain_text_markers(prev, role, between))
+                cursor, prev = lo + len(s), role
+                found.append((lo, cursor))
+            spans: list[tuple[int, int] | None] = []
+            for role, chars in zip(roles, found, strict=True):
+                if chars is None:
                     spans.append(None)
                     continue
-                hi = lo + len(s)
-                cursor = hi
+                lo, hi = chars
                 t0 = next((t for t, (a, b) in enumerate(offs) if b > lo), None)
                 t1 = next((t for t, (a, b) in enumerate(offs) if a >= hi), len(ids))
                 if t0 is None or offs[t0][0] != lo or (t1 > 0 and offs[t1 - 1][1] != hi):

@@ -75,7 +75,9 @@ def hf_hooks(model_dir: Path, family: str, token_ids: list[int]) -> dict[str, np
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # eager attention: the plain reference (its sdpa path skips Gemma 2's logit softcap)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                              attn_implementation="eager").eval()
     gemma = FAMILIES[family].zero_centred_norms
     got: dict[str, torch.Tensor] = {}
 

@@ -205,13 +205,22 @@ def test_real_default_model_tokenizer() -> None:
     np.testing.assert_array_equal(seg.segment(ids), want)
 
 
-def test_unanalysable_template_is_refused_by_name() -> None:
-    tok = family_tokenizer("gemma2")
-    mistral = (TEMPLATES / "mistral.jinja").read_text()
+def test_plain_text_markers_are_refused_by_name() -> None:
+    """Mistral v0.1: ``<s>[INST] user [/INST]assistant</s>``, `[INST]` plain text (its
+    tokenizer declares only <s> / </s>), system refused by the template. The refusal names
+    the template, the plain-text marker it found and the family's marker style."""
+    tok = tiny_models.family_tokenizer("mistral")
     with pytest.raises(ChatTemplateError) as ei:
-        RoleSegmenter.from_tokenizer(tok, chat_template=mistral)
+        RoleSegmenter.from_tokenizer(tok)
     assert ei.value.template.startswith("sha256:")
     assert ei.value.template in str(ei.value)
+    assert "found only plain text ' [/INST]'" in ei.value.message
+    assert "between a 'user' and a 'assistant' message" in ei.value.message
+    assert "Mistral v0.1" in ei.value.message
+    # a template whose markers are special tokens is not refused for plain text
+    gemma = family_tokenizer("gemma2")
+    assert RoleSegmenter.from_tokenizer(gemma).headers
+    tok = family_tokenizer("gemma2")
     tok.chat_template = None
     with pytest.raises(ChatTemplateError, match="expected a chat template"):
         RoleSegmenter.from_tokenizer(tok)
