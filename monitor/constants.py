@@ -69,6 +69,9 @@ class Reason(str, Enum):
     OVERSIZED = "oversized"
     TOO_MANY_SPANS = "too_many_spans"
     CORRELATION_ID_TOO_LONG = "correlation_id_too_long"
+    #: a projected frame naming a projection the server does not offer now (another bundle,
+    #: a server without --worker-projection, a hook point it does not project)
+    STALE_PROJECTION = "stale_projection"
     # stream protocol (monitor.server.service)
     OUT_OF_ORDER = "out_of_order"
     BAD_HELLO = "bad_hello"

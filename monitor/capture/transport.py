@@ -37,6 +37,7 @@ import torch
 
 from monitor.capture import op
 from monitor.capture.config import CaptureConfig
+from monitor.capture.projection import WorkerProjection
 from monitor.capture.steps import SpanTuple
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import WIRE_VERSION, encode_frame
@@ -91,6 +92,10 @@ class Plan:
     max_frame_bytes: int
     roles: frozenset[int] | None = None
     n_layers: int = 0
+    #: in-worker projection per hook point name (`CapturePlan.projections`, each validated;
+    #: one that fails validation or names a hook point outside `points` is left out and
+    #: logged: its rows go raw)
+    projections: dict[str, WorkerProjection] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_proto(cls, p: monitor_pb2.CapturePlan) -> Plan:
@@ -115,9 +120,11 @@ class Plan:
             max_frame_bytes=int(p.max_frame_bytes) or _DEFAULT_MAX_FRAME_BYTES,
             roles=frozenset(int(r) for r in p.token_roles if r) or None,
             n_layers=max(0, int(p.model_n_layers)),
+            projections=_projections(p, {hp.name for hp in points}),
         )
 
     def describe(self) -> str:
+        proj = (f" projected={sorted(self.projections)}" if self.projections else "")
         kinds = [k for k, on in (("prompt", self.prompt), ("generated", self.generated)) if on]
         roles = "all" if self.roles is None else sorted(
             monitor_pb2.TokenRole.Name(r).removeprefix("TOKEN_ROLE_").lower()
@@ -126,7 +133,25 @@ class Plan:
             f"plan {self.plan_id!r} model={self.model!r} "
             f"hooks={[hp.name for hp in self.points]} "
             f"kinds={kinds} roles={roles} dtype={str(self.dtype).removeprefix('torch.')}"
+            f"{proj}"
         )
+
+
+def _projections(p: monitor_pb2.CapturePlan, points: set[str]) -> dict[str, WorkerProjection]:
+    """The plan's valid projections by hook point; invalid ones are logged and left out
+    (those hook points are sent as hidden states, which the server always accepts)."""
+    out: dict[str, WorkerProjection] = {}
+    for i, hp in enumerate(p.projections):
+        try:
+            wp = WorkerProjection.from_proto(hp, int(p.d_model), f"CapturePlan.projections[{i}]")
+            if wp.hook_name not in points:
+                raise ValueError(f"CapturePlan.projections[{i}].hook_name: expected one of "
+                                 f"{sorted(points)}, found {wp.hook_name!r}")
+        except ValueError as e:
+            log.warning("safety monitor: projection refused, sending hidden states: %s", e)
+            continue
+        out[wp.hook_name] = wp
+    return out
 
 
 class HostRing:
@@ -264,17 +289,19 @@ def build_frame(
     step: int,
     hook_name: str = "",
     labels: dict[str, str] | None = None,
+    projection: str = "",
 ) -> monitor_pb2.ActivationFrame:
     """One `ActivationFrame` from `x` `[n_rows, d_model]` (host tensor) and its spans
     (`monitor.wire.codec.encode_frame`, the one encoder); `labels` maps a request id to the
-    caller's correlation id (`RowSpan.correlation_id`)."""
+    caller's correlation id (`RowSpan.correlation_id`); `projection` names the projection
+    version when `x` holds projected rows."""
     lab = labels or {}
     pb_spans = [monitor_pb2.RowSpan(request_id=r, n_rows=n, start_position=p, prompt_len=pl,
                                     role=role,  # type: ignore[arg-type]
                                     correlation_id=lab.get(r, ""))
                 for r, n, p, pl, role in spans]
     return encode_frame(x, seq=seq, model=model, layer=layer, spans=pb_spans, step=step,
-                        hook_name=hook_name)
+                        hook_name=hook_name, projection=projection)
 
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
@@ -626,17 +653,27 @@ class Transport:
                     self.drop_record(item, "plan changed")
                     continue
                 msgs = []
+                nbytes = 0  # payload bytes sent (projected frames are smaller)
                 t0 = time.perf_counter_ns() if op.PROFILE else 0
                 try:
                     chunk_rows = max(1, (item.max_frame_bytes - _FRAME_OVERHEAD_BYTES)
                                      // item.row_bytes)
                     view = item.ring.view(item.slot)
                     for k, hp in enumerate(item.points):
-                        for r0, r1, spans in split_spans(item.spans, chunk_rows):
+                        wp = plan.projections.get(hp.name)
+                        rows = view[k, :item.n_rows]
+                        n_chunk = chunk_rows
+                        if wp is not None:  # float32 [n_rows, width]: its own chunking
+                            rows = wp.project(rows)
+                            n_chunk = max(1, (item.max_frame_bytes - _FRAME_OVERHEAD_BYTES)
+                                          // (4 * wp.width))
+                        for r0, r1, spans in split_spans(item.spans, n_chunk):
                             seq += 1
-                            f = build_frame(view[k, r0:r1], seq=seq, model=item.model,
+                            f = build_frame(rows[r0:r1], seq=seq, model=item.model,
                                             layer=hp.layer, spans=spans, step=item.step,
-                                            hook_name=hp.name, labels=item.labels)
+                                            hook_name=hp.name, labels=item.labels,
+                                            projection="" if wp is None else wp.version)
+                            nbytes += len(f.data)
                             msgs.append(monitor_pb2.ClientMessage(frame=f))
                 finally:
                     item.release()  # bytes are copied out: the slot is free again
@@ -644,7 +681,6 @@ class Transport:
                     op.PROF.encode_steps += 1
                     op.PROF.encode_frames += len(msgs)
                     op.PROF.encode_ns += time.perf_counter_ns() - t0
-                nbytes = item.n_rows * len(item.points) * item.row_bytes
                 with self._lock:
                     self.sent_frames += len(msgs)
                     self.sent_rows += item.n_rows * len(item.points)

@@ -163,6 +163,14 @@ class Scorer:
         ``[n_rows, n_cols]`` (``W`` from :meth:`projection`, no bias) and, when
         ``needs_var``, ``var`` ``[n_rows]`` = ``var(x, correction=0)``. Equals ``score(layer,
         x)`` up to the GEMM's rounding (tests/test_scorer.py)."""
+        return self.projected_and_columns(layer, xw, var)[0]
+
+    def projected_and_columns(self, layer: int | str, xw: torch.Tensor,
+                              var: torch.Tensor | None = None
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`score_and_columns` from a worker's projection (arguments as
+        :meth:`score_projected`): float32 ``[n_rows, n_detectors]`` scores and
+        ``[n_rows, n_cols]`` column values."""
         kern = self._kernel(layer)
         if kern.topk:
             raise ValueError(f"{kern.packed.hook_name}: a TopK component needs x (its "
@@ -181,7 +189,7 @@ class Scorer:
         if kern.b_gemm is not None:
             p.add_(kern.b_gemm)
         z = self._finish(kern, p, var)
-        return torch.sigmoid(F.linear(z, kern.Rt, kern.packed.c)).numpy()
+        return torch.sigmoid(F.linear(z, kern.Rt, kern.packed.c)).numpy(), z.numpy()
 
     def _finish(self, kern: _Kernel, p: torch.Tensor, var: torch.Tensor | None
                 ) -> torch.Tensor:

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import queue
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,7 @@ from monitor.server.pipeline import Pipeline
 from monitor.server.registry import RequestRegistry
 from monitor.server.service import AdminService, FrameLimits, MonitorService
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from monitor.wire.codec import ProjectionSpec
 from monitor.wire.hooks import parse_hook_name
 
 __all__ = ["MonitorApp", "ServerConfig", "StartupError", "build_app", "capture_plan",
@@ -76,9 +78,44 @@ class StartupError(Exception):
     """The server cannot start (broken bundle, policy, address...); one-line message."""
 
 
+def worker_projections(scorer: FrameScorer, bundle_sha256: str
+                       ) -> dict[str, monitor_pb2.HookProjection]:
+    """In-worker projection (docs/CAPTURE.md): per hook point whose score is exact from
+    ``x · W`` (``Scorer.projection``), the packed float32 ``W [d_model, n_cols]`` as a
+    `HookProjection`, versioned by bundle sha256 and hook point. Hook points where it is
+    not exact (a TopK component) and non-torch backends are left out and logged: their
+    workers send raw rows."""
+    mod = sys.modules.get("monitor.score.scorer")  # not loaded: not the torch backend
+    if mod is None or not isinstance(scorer, mod.Scorer):
+        log.warning("--worker-projection: backend %s cannot score projected rows; workers "
+                    "send hidden states", type(scorer).__name__)
+        return {}
+    out: dict[str, monitor_pb2.HookProjection] = {}
+    for hook in scorer.hooks:
+        try:
+            w, needs_var = scorer.projection(hook)
+        except ValueError as e:
+            log.warning("--worker-projection: %s stays raw rows (%s)", hook, e)
+            continue
+        d, k = (int(n) for n in w.shape)
+        out[hook] = monitor_pb2.HookProjection(
+            hook_name=hook, version=f"{bundle_sha256[:16]}:{hook}", d_model=d, n_cols=k,
+            w=w.numpy().astype("<f4", copy=False).tobytes(), needs_var=needs_var)
+    return out
+
+
+def projection_specs(projections: dict[str, monitor_pb2.HookProjection]
+                     ) -> dict[str, ProjectionSpec]:
+    """What the codec checks projected frames against (per hook point)."""
+    return {h: ProjectionSpec(p.version, int(p.n_cols), bool(p.needs_var))
+            for h, p in projections.items()}
+
+
 def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
                  policy: Policy, scorer: FrameScorer,
-                 max_frame_bytes: int) -> monitor_pb2.CapturePlan:
+                 max_frame_bytes: int,
+                 projections: dict[str, monitor_pb2.HookProjection] | None = None,
+                 ) -> monitor_pb2.CapturePlan:
     """The capture plan: hook points with a detector the policy judges (`hook_names`, in
     forward order; `layers` their layers, for clients that predate hook points: they
     capture resid_post of each, and the server refuses such frames when the bundle reads
@@ -86,6 +123,9 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
     when every role is read). `model`, `d_model` and `n_layers` (the bundle's
     `model.n_layers`) state the model the bundle was trained on: the plugin refuses a plan
     whose identity, hidden size or depth differ from what vLLM serves.
+
+    `projections` (from `worker_projections`): those of the judged hook points go into the
+    plan (in-worker projection).
 
     `plan_id` is a short hash of everything a client's capture depends on (not the
     policy's `enforcement`, which the API-server gate reads from every plan it fetches).
@@ -107,8 +147,9 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
     token_kinds = sorted(kinds)
     token_roles = [] if roles >= scope_roles("both") else sorted(int(r) for r in roles)
     layers = sorted({parse_hook_name(h).layer for h in hooks})
+    projs = [projections[h] for h in hooks if projections and h in projections]
     key = (f"{model}|{d_model}|{n_layers}|{hooks}|{token_kinds}|{token_roles}|{bundle_sha256}|"
-           f"{max_frame_bytes}")
+           f"{max_frame_bytes}|{[p.version for p in projs]}")
     return monitor_pb2.CapturePlan(
         plan_id=hashlib.sha256(key.encode()).hexdigest()[:16], model=model, d_model=d_model,
         layers=layers, token_kinds=token_kinds, hook_name_template=HOOK_NAME_TEMPLATE,
@@ -119,6 +160,7 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
         enforcement=monitor_pb2.Enforcement(
             fail_mode=policy.enforcement.fail_mode,
             max_behind_frames=policy.enforcement.max_behind_frames),
+        projections=projs,
     )
 
 
@@ -175,6 +217,8 @@ class MonitorApp:
         self.model_name: str = bundle.model_name
         self._policy = policy
         self._plan_lock = threading.Lock()
+        self._projections = (worker_projections(scorer, bundle.sha256)
+                             if config.worker_projection else {})
         self._plan = self._make_plan(policy)
         self._reload_lock = threading.Lock()
         self._reload_executor = _DaemonExecutor("policy-reload")
@@ -183,7 +227,8 @@ class MonitorApp:
             limits=FrameLimits(model=bundle.model_name, d_model=int(bundle.d_model),
                                layers=frozenset(int(x) for x in scorer.layers),
                                max_frame_bytes=config.max_frame_bytes,
-                               hook_names=frozenset(scorer.hooks)),
+                               hook_names=frozenset(scorer.hooks),
+                               projections=projection_specs(self._projections)),
             plan=self.plan, metrics=metrics, max_hello_id_bytes=config.max_request_id_bytes,
             max_outbound_bytes=config.stream_outbound_bytes)
 
@@ -196,7 +241,8 @@ class MonitorApp:
         return capture_plan(model=self.model_name, d_model=int(self.bundle.d_model),
                             n_layers=int(self.bundle.n_layers),
                             bundle_sha256=self.bundle.sha256, policy=policy,
-                            scorer=self.scorer, max_frame_bytes=self.config.max_frame_bytes)
+                            scorer=self.scorer, max_frame_bytes=self.config.max_frame_bytes,
+                            projections=self._projections)
 
     def plan(self) -> monitor_pb2.CapturePlan:
         """The current capture plan (changes with the policy)."""

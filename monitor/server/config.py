@@ -125,6 +125,11 @@ class ServerConfig:
     served_model: str | None = _opt(None, "model folder vLLM serves (its config.json): refuse "
                                     "to start when the bundle's d_model or layer count "
                                     "differs")
+    worker_projection: bool = _opt(
+        False, "in-worker projection: the capture plan carries each judged hook point's packed "
+        "first-GEMM weights and workers send k pre-activations per row instead of d_model "
+        "values (docs/CAPTURE.md; torch backend only; hook points where it is not exact, "
+        "e.g. TopK, stay raw rows, logged)")
     torch_threads: int = _opt(0, "torch intra-op threads for scoring (0: torch default)")
     backend: str = _opt("torch", "scorer: torch, onnxruntime (the bundle's ONNX graphs; torch "
                         "is not imported) or auto (start-up micro-benchmark on this CPU)",

@@ -390,14 +390,39 @@ class Pipeline:
         self._publish_registry()
 
     def _score_frames(self, items: list[_FrameItem]) -> None:
-        by_hook: dict[str, list[_FrameItem]] = {}
+        # hidden-state and projected frames of one hook point are scored apart
+        by_hook: dict[tuple[str, str], list[_FrameItem]] = {}
         for it in items:
-            by_hook.setdefault(it.frame.hook_name, []).append(it)
-        for hook, group in by_hook.items():
+            by_hook.setdefault((it.frame.hook_name, it.frame.projection), []).append(it)
+        for (hook, _), group in by_hook.items():
             self._score_layer(hook, group)
 
+    def _scores(self, hook: str, x: np.ndarray, projected: bool, columns: bool
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 scores ``[n_rows, n_detectors]`` and (``columns``) column values of
+        ``x``: hidden states ``[n_rows, d_model]``, or (``projected``) a worker's
+        ``x · W`` ``[n_rows, n_cols]`` with var(x) as one more last column when the hook
+        point's projection needs it (the codec checked the width)."""
+        if not projected:
+            if columns:
+                return self.scorer.score_and_columns(hook, x)
+            return np.asarray(self.scorer.score(hook, x), dtype=np.float32), None
+        import torch  # projections are offered by the torch backend only
+
+        from monitor.score.scorer import Scorer
+
+        if not isinstance(self.scorer, Scorer):
+            raise TypeError(f"{type(self.scorer).__name__} cannot score projected rows")
+        w, needs_var = self.scorer.projection(hook)
+        k = int(w.shape[1])
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        var = xt[:, k].contiguous() if needs_var else None
+        scores, z = self.scorer.projected_and_columns(hook, xt[:, :k], var)
+        return scores, (z if columns else None)
+
     def _score_layer(self, hook: str, group: list[_FrameItem]) -> None:
-        """Score the frames of one hook point (`DecodedFrame.hook_name`, canonical)."""
+        """Score the frames of one hook point (`DecodedFrame.hook_name`, canonical), all
+        hidden states or all projected (`DecodedFrame.projection`)."""
         layer = group[0].frame.layer
         dets = self.scorer.detectors_on(hook)
         cols = [(j, d) for j, d in enumerate(dets) if d in self._judged]
@@ -409,11 +434,8 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             lat = [d for _, d in cols if d in self.latents]
-            z: np.ndarray | None = None
-            if lat:  # column values too, for the fired-latent report (one GEMM)
-                scores, z = self.scorer.score_and_columns(hook, x)
-            else:
-                scores = np.asarray(self.scorer.score(hook, x), dtype=np.float32)
+            # column values too when a detector reports fired latents (one GEMM)
+            scores, z = self._scores(hook, x, bool(group[0].frame.projection), bool(lat))
         except Exception as exc:
             log.exception("scorer failed on %s (%d rows)", hook, x.shape[0])
             for it in group:

@@ -24,8 +24,8 @@ import concurrent.futures
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -38,7 +38,13 @@ from monitor.server.handlers import Undecodable
 from monitor.server.pipeline import Pipeline, QueueFull
 from monitor.server.registry import Admission
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
-from monitor.wire.codec import DecodedFrame, FrameError, check_seq, decode_frame
+from monitor.wire.codec import (
+    DecodedFrame,
+    FrameError,
+    ProjectionSpec,
+    check_seq,
+    decode_frame,
+)
 from monitor.wire.hooks import hook_key, parse_hook_name
 
 __all__ = ["AdminService", "FrameLimits", "MonitorService", "StreamHandle"]
@@ -79,6 +85,9 @@ class FrameLimits:
     #: hook points the bundle reads (`monitor.wire.hooks` names); None: resid_post of
     #: `layers` only (a frame naming another hook point is refused as unknown_hook)
     hook_names: frozenset[str] | None = None
+    #: in-worker projection: per hook point, what a projected frame must name and its width
+    #: (empty: projected frames are refused as stale_projection)
+    projections: Mapping[str, ProjectionSpec] = field(default_factory=dict)
 
 
 class StreamHandle:
@@ -358,7 +367,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
     def _decode(self, frame: monitor_pb2.ActivationFrame) -> DecodedFrame:
         lim = self.limits
         return decode_frame(frame, model=lim.model, d_model=lim.d_model, layers=lim.layers,
-                            max_frame_bytes=lim.max_frame_bytes, hook_names=lim.hook_names)
+                            max_frame_bytes=lim.max_frame_bytes, hook_names=lim.hook_names,
+                            projections=lim.projections)
 
     def _scored_hook(self, hook: str) -> bool:
         """True if some detector reads hook point `hook` (a canonical name)."""

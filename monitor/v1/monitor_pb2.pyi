@@ -72,7 +72,7 @@ class RowSpan(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., start_position: _Optional[int] = ..., prompt_len: _Optional[int] = ..., correlation_id: _Optional[str] = ..., role: _Optional[_Union[TokenRole, str]] = ...) -> None: ...
 
 class ActivationFrame(_message.Message):
-    __slots__ = ("seq", "model", "layer", "dtype", "shape", "data", "spans", "step", "hook_name")
+    __slots__ = ("seq", "model", "layer", "dtype", "shape", "data", "spans", "step", "hook_name", "projection")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class ActivationFrame(_message.Message):
     SPANS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     HOOK_NAME_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
     seq: int
     model: str
     layer: int
@@ -91,7 +92,8 @@ class ActivationFrame(_message.Message):
     spans: _containers.RepeatedCompositeFieldContainer[RowSpan]
     step: int
     hook_name: str
-    def __init__(self, seq: _Optional[int] = ..., model: _Optional[str] = ..., layer: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., spans: _Optional[_Iterable[_Union[RowSpan, _Mapping]]] = ..., step: _Optional[int] = ..., hook_name: _Optional[str] = ...) -> None: ...
+    projection: str
+    def __init__(self, seq: _Optional[int] = ..., model: _Optional[str] = ..., layer: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., spans: _Optional[_Iterable[_Union[RowSpan, _Mapping]]] = ..., step: _Optional[int] = ..., hook_name: _Optional[str] = ..., projection: _Optional[str] = ...) -> None: ...
 
 class RequestFinished(_message.Message):
     __slots__ = ("request_id", "reason", "n_prompt_tokens", "n_generated_tokens", "n_cached_prompt_tokens")
@@ -224,7 +226,7 @@ class Enforcement(_message.Message):
     def __init__(self, fail_mode: _Optional[str] = ..., max_behind_frames: _Optional[int] = ...) -> None: ...
 
 class CapturePlan(_message.Message):
-    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes", "hook_names", "token_roles", "model_n_layers", "enforcement")
+    __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes", "hook_names", "token_roles", "model_n_layers", "enforcement", "projections")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +240,7 @@ class CapturePlan(_message.Message):
     TOKEN_ROLES_FIELD_NUMBER: _ClassVar[int]
     MODEL_N_LAYERS_FIELD_NUMBER: _ClassVar[int]
     ENFORCEMENT_FIELD_NUMBER: _ClassVar[int]
+    PROJECTIONS_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
     model: str
     d_model: int
@@ -251,7 +254,24 @@ class CapturePlan(_message.Message):
     token_roles: _containers.RepeatedScalarFieldContainer[TokenRole]
     model_n_layers: int
     enforcement: Enforcement
-    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ..., hook_names: _Optional[_Iterable[str]] = ..., token_roles: _Optional[_Iterable[_Union[TokenRole, str]]] = ..., model_n_layers: _Optional[int] = ..., enforcement: _Optional[_Union[Enforcement, _Mapping]] = ...) -> None: ...
+    projections: _containers.RepeatedCompositeFieldContainer[HookProjection]
+    def __init__(self, plan_id: _Optional[str] = ..., model: _Optional[str] = ..., d_model: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., token_kinds: _Optional[_Iterable[_Union[TokenKind, str]]] = ..., hook_name_template: _Optional[str] = ..., preferred_dtype: _Optional[_Union[DType, str]] = ..., bundle_sha256: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ..., hook_names: _Optional[_Iterable[str]] = ..., token_roles: _Optional[_Iterable[_Union[TokenRole, str]]] = ..., model_n_layers: _Optional[int] = ..., enforcement: _Optional[_Union[Enforcement, _Mapping]] = ..., projections: _Optional[_Iterable[_Union[HookProjection, _Mapping]]] = ...) -> None: ...
+
+class HookProjection(_message.Message):
+    __slots__ = ("hook_name", "version", "d_model", "n_cols", "w", "needs_var")
+    HOOK_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    D_MODEL_FIELD_NUMBER: _ClassVar[int]
+    N_COLS_FIELD_NUMBER: _ClassVar[int]
+    W_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_VAR_FIELD_NUMBER: _ClassVar[int]
+    hook_name: str
+    version: str
+    d_model: int
+    n_cols: int
+    w: bytes
+    needs_var: bool
+    def __init__(self, hook_name: _Optional[str] = ..., version: _Optional[str] = ..., d_model: _Optional[int] = ..., n_cols: _Optional[int] = ..., w: _Optional[bytes] = ..., needs_var: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("frame",)

@@ -16,7 +16,7 @@ without one (old clients) gets OTHER below `prompt_len` and GENERATED from it on
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -40,6 +40,7 @@ __all__ = [
     "WIRE_VERSION",
     "DecodedFrame",
     "FrameError",
+    "ProjectionSpec",
     "RowMeta",
     "Span",
     "SpanRefusal",
@@ -206,11 +207,29 @@ class DecodedFrame:
     # once decoded: a frame without one is resid_post of `layer`)
     roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 [n_rows]
     refused: tuple[SpanRefusal, ...] = ()  # spans refused on their own (rows not judged)
+    #: non-empty: `x` is `[n_rows, ProjectionSpec.width]` pre-activations of this
+    #: projection version (in-worker projection), not hidden states
+    projection: str = ""
 
     @property
     def n_rows(self) -> int:
         """Number of rows (tokens) in the frame."""
         return int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """What a projected frame of one hook point must look like (in-worker projection).
+
+    `width` = `n_cols` (+1 when `needs_var`: the last column is var(x))."""
+
+    version: str  # `HookProjection.version` the frame must name
+    n_cols: int  # pre-activations per row (columns of W)
+    needs_var: bool  # one more column: the row's population variance
+
+    @property
+    def width(self) -> int:
+        return self.n_cols + int(self.needs_var)
 
 
 def _bad(reason: str, message: str, rows: RowMeta | None = None) -> FrameError:
@@ -393,6 +412,7 @@ def decode_frame(
     max_spans: int = MAX_SPANS_PER_FRAME,
     max_correlation_id_bytes: int = MAX_CORRELATION_ID_BYTES,
     hook_names: frozenset[str] | None = None,
+    projections: Mapping[str, ProjectionSpec] | None = None,
 ) -> DecodedFrame:
     """Validate `frame` and view its payload as a `[n_rows, d_model]` array.
 
@@ -419,6 +439,10 @@ def decode_frame(
         hook_names: hook points the server scores (`monitor.wire.hooks` names). None: only
             `blocks.{layer}.hook_resid_post` of `layers` (a server without hook points must
             refuse e.g. resid_pre rows rather than score them as resid_post).
+        projections: per canonical hook point, the projection a projected frame
+            (`ActivationFrame.projection` set) must name and its row width; a frame naming
+            another version, or a hook point not in it, is refused as `stale_projection`;
+            a wrong width as `d_model_mismatch`. None: no projected frame is accepted.
 
     Raises:
         FrameError: with `reason` one of `REASONS`.
@@ -462,7 +486,19 @@ def decode_frame(
     # n_rows <= nbytes / itemsize <= max_frame_bytes / itemsize: safe to allocate per row
     rows = parse_spans(frame.spans, n_rows, require=require_spans, max_spans=max_spans,
                        max_correlation_id_bytes=max_correlation_id_bytes)
-    if d != d_model:
+    width = d_model
+    if frame.projection:
+        spec = (projections or {}).get(hook)
+        if spec is None or spec.version != frame.projection:
+            offered = "none" if spec is None else repr(spec.version)
+            raise _bad("stale_projection", f"projection: expected {offered} for {hook}, "
+                                           f"found {frame.projection!r}", rows)
+        width = spec.width
+        if d != width:
+            raise _bad("d_model_mismatch", f"shape[1]: expected projection width={width} "
+                                           f"(n_cols={spec.n_cols}, var column="
+                                           f"{spec.needs_var}), found {d}", rows)
+    if d != width:
         raise _bad("d_model_mismatch", f"shape[1]: expected d_model={d_model}, found {d}", rows)
     data = frame.data  # one bytes object; the array keeps a reference to it (read-only)
     x = np.frombuffer(data, dtype=vdtype).reshape(n_rows, d)
@@ -488,6 +524,7 @@ def decode_frame(
         positions=rows.positions, generated=rows.generated, span_bounds=rows.span_bounds,
         nbytes=nbytes, wire_dtype=int(frame.dtype), hook_name=hook, roles=rows.roles,
         correlation_ids=rows.correlation_ids, refused=rows.refused,
+        projection=frame.projection,
     )
 
 
@@ -565,6 +602,7 @@ def encode_frame(
     spans: Sequence[Span | monitor_pb2.RowSpan | tuple],
     step: int = 0,
     hook_name: str = "",
+    projection: str = "",
 ) -> monitor_pb2.ActivationFrame:
     """Build an `ActivationFrame` from a `[n_rows, d_model]` tensor or array.
 
@@ -577,6 +615,8 @@ def encode_frame(
             [, role])` in row order.
         step: engine step (informational).
         hook_name: hook point of the rows (`monitor.wire.hooks`); empty = resid_post.
+        projection: `HookProjection.version` when `x` holds projected rows
+            (`[n_rows, ProjectionSpec.width]`), else empty.
     """
     data, wire, shape = _to_wire_bytes(x)
     pb_spans = []
@@ -594,5 +634,5 @@ def encode_frame(
         ))
     return monitor_pb2.ActivationFrame(
         seq=seq, model=model, layer=layer, dtype=wire, shape=list(shape), data=data,
-        spans=pb_spans, step=step, hook_name=hook_name,
+        spans=pb_spans, step=step, hook_name=hook_name, projection=projection,
     )
