@@ -381,3 +381,29 @@ def test_blocking_policy_path_stalls_neither_large_frames_nor_shutdown(
     assert (final.n_tokens_scored, final.n_tokens_unscored) == (n, 0)
     assert srv.metric("safety_monitor_policy_info", version="test-v1") == 1  # kept
     assert srv.stop(timeout=30) == 0  # graceful SIGTERM exit, not killed after 30 s
+
+
+def test_a_finished_id_in_a_batched_frame_costs_only_its_own_rows(
+        server: MonitorServer, geometry: dict) -> None:
+    # issue 8 item 1: a retry that reused a finished engine id made the server refuse the
+    # whole batched frame, so the other requests' rows were lost with finals saying
+    # nothing was unscored. Now only that span is refused (counted); the others are judged.
+    import torch
+
+    done, other = rid("done"), rid("other")
+    x = torch.cat([make_rows(geometry, "harmful_intent", 3),
+                   make_rows(geometry, "harmful_intent", 4, pushed=[2])])
+    before = server.metric("safety_monitor_rows_unscored_total", reason="unknown_request")
+    out = stream(server, [
+        frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4), [Span(done, 4, 0, 4)]),
+        fin(done),
+        frame_msg(2, 2, x, [Span(done, 3, 4, 4), Span(other, 4, 0, 4)]),  # batched
+        fin(other)])
+    assert [(e.reason, e.request_id, e.seq) for e in errors(out)] == [
+        ("unknown_request", done, 2)]
+    assert server.metric("safety_monitor_rows_unscored_total", reason="unknown_request") \
+        - before == 3
+    assert len(verdicts(out, done, final=True)) == 2  # its finals were sent once
+    f = {v.detector: v for v in verdicts(out, other, final=True)}["harmful_intent"]
+    assert (f.n_tokens_scored, f.n_tokens_unscored) == (4, 0)
+    assert f.severity == monitor_pb2.SEVERITY_CRITICAL
