@@ -360,7 +360,8 @@ def test_blocking_policy_path_stalls_neither_large_frames_nor_shutdown(
     # issue 8 item 6, over a real socket: a reload shared the pool that decodes frames
     # over 1 MiB and a blocking read (the policy path swapped for a FIFO nobody writes)
     # stalled them (31 s, or forever) and SIGTERM no longer stopped the process. Now the
-    # FIFO is refused and counted, a 1.1 MiB frame is judged, SIGTERM exits 0.
+    # FIFO (and an oversized or deeply nested policy) is refused and counted, a 1.1 MiB
+    # frame is judged, SIGTERM exits 0.
     import os
     import signal
 
@@ -372,6 +373,19 @@ def test_blocking_policy_path_stalls_neither_large_frames_nor_shutdown(
     srv.signal(signal.SIGHUP)
     _wait(lambda: srv.metric("safety_monitor_policy_reloads_total", result="refused")
           == refused0 + 1, what="the FIFO policy to be refused")
+    # a 1 MiB+ policy (was 2 GB RSS) and a deeply nested one (was an uncounted
+    # RecursionError): each refused and counted, the process and its policy unharmed
+    from monitor.judge.policy import MAX_POLICY_BYTES
+
+    for i, text in enumerate(("#" * (MAX_POLICY_BYTES + 1) + "\n", "x: " + "[" * 100_000)):
+        srv.policy_path.unlink()
+        srv.policy_path.write_text(text)
+        srv.signal(signal.SIGHUP)
+        _wait(lambda i=i: srv.metric("safety_monitor_policy_reloads_total",
+                                     result="refused") == refused0 + 2 + i,
+              what="the policy to be refused")
+    srv.policy_path.unlink()
+    os.mkfifo(srv.policy_path)
     r = rid("big")
     n = 4400  # 4400 rows x 64 x float32 = 1.07 MiB
     out = stream(srv, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", n),
