@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench_ingest import replace_section  # noqa: E402
 
 from monitor.capture.projection import WorkerProjection  # noqa: E402
 from monitor.score import build_placeholder_bundle  # noqa: E402
@@ -174,14 +175,7 @@ def write_results(rows: list[dict[str, float | str]], args: argparse.Namespace,
             f"| {r['bundle']} | {r['d_model']} | {r['hooks']} | {r['cols']} | {r['arm']} | "
             f"{r['bytes_per_token']:.0f} | {r['client_us']:.0f} | {r['tokens_s']:.0f} | "
             f"{r['wall_s']:.2f} |")
-    section = "\n".join(lines) + "\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pat = re.compile(r"^## In-worker projection.*?(?=^## |\Z)", re.S | re.M)
-    if pat.search(text):
-        text = pat.sub(lambda _: section + "\n", text).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
+    replace_section(path, r"^## In-worker projection", "\n".join(lines) + "\n")
 
 
 def main() -> int:
