@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 __all__ = [
     "CORRELATION_KEY",
+    "ENGINE_REASONS",
     "HOOK_NAME_TEMPLATE",
     "MODES",
     "SCOPES",
@@ -94,6 +95,9 @@ class Reason(str, Enum):
     SCORER_ERROR = "scorer_error"
     # coverage gaps reported by the client
     PREFIX_CACHED = "prefix_cached"
+    # positions of a finished request that never reached the server (dead sidecar,
+    # client-side drops), derived from the client's RequestFinished counts
+    MISSING = "missing"
 
     def __str__(self) -> str:
         return self.value
@@ -137,3 +141,9 @@ class RequestKey(NamedTuple):
 
     client: str
     request_id: str
+
+
+#: finish reasons vLLM reports (the request ended inside the engine, after sampling a
+#: last token that is never fed back, so never captured)
+ENGINE_REASONS: frozenset[FinishReason] = frozenset(
+    {FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT})

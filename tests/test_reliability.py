@@ -175,3 +175,249 @@ def test_call_limits_are_per_client(start_server: Callable[..., MonitorServer],
     ok = rid("ok")
     assert_stream_usable(stream(srv, good_tail(geometry, 1, ok)), ok)
     other.close()
+
+
+def test_gap_across_a_sidecar_restart_is_counted_in_the_final(
+        start_server: Callable[..., MonitorServer], server: MonitorServer,
+        geometry: dict) -> None:
+    # issue 8: the prompt rows of a request went to a sidecar that was then SIGKILLed and
+    # the client's queue dropped one decode row; the sidecar that finishes it (a new
+    # process, as after a restart) counts every missing in-scope position as unscored,
+    # from what it received, and audits the request as incomplete
+    import signal
+
+    dead = start_server(extra=["--policy-watch-s", "0"], name="reliab-dead")
+    r = rid("gap")
+    release = threading.Event()
+
+    def first() -> Iterator[monitor_pb2.ClientMessage]:
+        yield frame_msg(1, 2, make_rows(geometry, "harmful_intent", 8), [Span(r, 8, 0, 8)])
+        yield frame_msg(2, 3, make_rows(geometry, "deception", 8), [Span(r, 8, 0, 8)])
+        release.wait(60)
+
+    call = monitor_pb2_grpc.MonitorStub(dead.channel).Stream(first(), timeout=60)
+    _wait(lambda: dead.metric("safety_monitor_rows_scored_total", model_name=MODEL,
+                              layer="3") == 8, what="the first sidecar to score the prompt")
+    dead.signal(signal.SIGKILL)
+    with pytest.raises(grpc.RpcError):
+        list(call)
+    release.set()
+    missing0 = server.metric("safety_monitor_rows_unscored_total", reason="missing")
+    msgs = []
+    for seq, p in enumerate((8, 9, 10, 11)):  # decode rows 8..11; row 10 of layer 3 dropped
+        msgs.append(frame_msg(2 * seq + 1, 2, make_rows(geometry, "harmful_intent", 1),
+                              [Span(r, 1, p, 8)]))
+        if p != 10:
+            msgs.append(frame_msg(2 * seq + 2, 3, make_rows(geometry, "deception", 1),
+                                  [Span(r, 1, p, 8)]))
+    # 5 tokens sampled (the last never fed back: 4 generated rows ran), prompt of 8
+    msgs.append(monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
+        request_id=r, reason="stop", n_prompt_tokens=8, n_generated_tokens=5)))
+    out = stream(server, msgs)
+    assert not errors(out), errors(out)
+    got = {v.detector: (v.n_tokens_scored, v.n_tokens_unscored)
+           for v in verdicts(out, r, final=True)}
+    assert got == {"harmful_intent": (0, 8), "deception": (3, 1)}
+    assert server.metric("safety_monitor_rows_unscored_total", reason="missing") \
+        == missing0 + 8
+    # on record without --audit-finals: the incomplete request's finals, with the gap
+    _wait(lambda: len([a for a in server.audit_lines() if a["request_id"] == r]) == 2,
+          what="the incomplete request's audit lines")
+    lines = {a["detector"]: a for a in server.audit_lines() if a["request_id"] == r}
+    assert {d: (a["event"], a["incomplete"], a["n_tokens_missing"])
+            for d, a in lines.items()} == {"harmful_intent": ("final", True, 8),
+                                           "deception": ("final", True, 1)}
+    # a complete request stays off the audit log (finals not audited) and counts no gap
+    c = rid("whole")
+    out = stream(server, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
+                                    [Span(c, 4, 0, 4)]),
+                          monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
+                              request_id=c, reason="stop", n_prompt_tokens=4,
+                              n_generated_tokens=1))])
+    assert {v.detector: v.n_tokens_unscored for v in verdicts(out, c, final=True)} == {
+        "harmful_intent": 0, "deception": 0}
+    assert not [a for a in server.audit_lines() if a["request_id"] == c]
+
+
+def test_plugin_sender_drops_and_counts_while_its_stream_is_paused(
+        server: MonitorServer) -> None:
+    # issue 8: the real plugin sender (`monitor.capture.transport.Transport`) against a
+    # sidecar that stops reading its stream: the plugin's verdict consumer is stuck, so
+    # verdicts back up past --stream-outbound-bytes and the server pauses reading (flow
+    # control). The "model thread" (this loop) never waits: a step that finds no ring
+    # slot or no queue room is dropped and counted; memory stays the ring's and the
+    # queue's; after the consumer recovers, every finished request's final counts its own
+    # dropped rows. Each request's 16-row prompt comes in two steps (chunked prefill), so
+    # a request can lose one half.
+    import torch
+
+    from monitor.capture.config import CaptureConfig
+    from monitor.capture.transport import HostRing, StepRecord, Transport, open_channel
+
+    class SmallWindows(Transport):
+        """The real sender; no BDP probing, so HTTP/2 windows stay small and the
+        backlog that makes the server pause builds within seconds (as in the test above)."""
+
+        def _channel(self) -> grpc.Channel:
+            return open_channel(self.cfg, [("grpc.http2.bdp_probe", 0),
+                                           ("grpc.enable_retries", 0)])
+
+    stuck = threading.Event()
+    stuck.set()
+    finals: dict[str, dict[str, int]] = {}
+
+    def on_verdict(v: monitor_pb2.Verdict) -> None:  # a consumer that stops reading
+        if v.final:
+            finals.setdefault(v.request_id, {})[v.detector] = v.n_tokens_unscored
+        while stuck.is_set():
+            time.sleep(0.01)
+
+    cfg = CaptureConfig(addr=server.target, model=MODEL, queue_size=8, backoff_s=0.05,
+                        backoff_max_s=0.2, stats_period_s=0.2, client_id="reliab-plugin")
+    t = SmallWindows(cfg, MODEL, on_verdict=on_verdict)
+    pauses0 = server.metric("safety_monitor_stream_read_pauses_total")
+    client_rows0 = server.metric("safety_monitor_client_dropped_rows_total")
+    t.start()
+    try:
+        _wait(lambda: t.connected, what="the plugin to connect")
+        plan = t.plan
+        assert plan is not None
+        half = 8
+        n_points = len(plan.points)
+        ring = HostRing(4, n_points, 2 * half, plan.d_model, plan.dtype)
+        ring.buf.copy_(0.01 * torch.randn(ring.buf.shape))
+        kept: dict[str, list[bool]] = {}  # request id -> per half: its step was queued
+        finished: list[str] = []
+        prev = ""
+        paused_at = 0
+        step = 0
+        while not paused_at or step < paused_at + 400:  # the model thread
+            step += 1
+            assert step < 30000, ("the server never paused the stream", t.stats())
+            r = f"plug-{step}"
+            spans = [(prev, half, half, 2 * half, 0)] if prev else []
+            spans.append((r, half, 0, 2 * half, 0))
+            n_rows = half * len(spans)
+            slot = ring.acquire()  # as the plugin's capture op does
+            if slot is None:
+                t.count_drop(n_points, n_rows * n_points,
+                             n_rows * n_points * plan.d_model * ring.buf.element_size(),
+                             "ring full (sidecar slow)")
+                ok = False
+            else:
+                ok = t.submit_step(StepRecord(
+                    ring=ring, slot=slot, step=step, plan_id=plan.plan_id, model=MODEL,
+                    points=plan.points, n_rows=n_rows, spans=spans,
+                    max_frame_bytes=plan.max_frame_bytes))
+            kept[r] = [ok]
+            if prev:
+                kept[prev].append(ok)
+                if t.submit_finished(monitor_pb2.RequestFinished(
+                        request_id=prev, reason="stop", n_prompt_tokens=2 * half,
+                        n_generated_tokens=1)):
+                    finished.append(prev)
+            prev = r
+            if not paused_at and step % 100 == 0 and server.metric(
+                    "safety_monitor_stream_read_pauses_total") > pauses0:
+                paused_at = step
+            time.sleep(0.0005)
+        st = t.stats()
+        # bounded: what is in flight sits in the ring (4 slots) and the queue (8 items)
+        assert st["queued"] <= cfg.queue_size
+        n_lost_steps = sum(not ok[0] for ok in kept.values())
+        assert n_lost_steps >= 20, st  # the paused stream made the plugin drop
+        assert st["dropped_rows"] >= n_lost_steps * half * n_points
+        stuck.clear()  # the consumer recovers: the server resumes reading this stream
+        _wait(lambda: server.metric("safety_monitor_client_dropped_rows_total")
+              - client_rows0 >= st["dropped_rows"],
+              what="the plugin's ClientStats to report its drops")
+        # requests the server saw (at least one half arrived) and whose finish was sent
+        judged = [r for r in finished if any(kept[r])]
+        partial = [r for r in judged if not all(kept[r])]
+        assert partial, "some request lost one half of its prompt"
+        _wait(lambda: all(len(finals.get(r, {})) == 2 for r in judged), timeout=120,
+              what="the finals of every finished request")
+        # harmful_intent reads the prompt: each lost half is 8 positions missing from the
+        # request's final (audited incomplete); rows that arrived but found the server's
+        # scoring queue full (the burst after the pause) are unscored too, not missing
+        _wait(lambda: {a["request_id"] for a in server.audit_lines()
+                       if a.get("incomplete")} >= set(partial),
+              what="the incomplete requests' audit lines")
+        missing = {a["request_id"]: a["n_tokens_missing"] for a in server.audit_lines()
+                   if a.get("incomplete") and a["detector"] == "harmful_intent"}
+        for r in judged:
+            lost = half * kept[r].count(False)
+            assert missing.get(r, 0) == lost, (r, kept[r], missing.get(r))
+            assert lost <= finals[r]["harmful_intent"] <= 2 * half, (r, finals[r])
+            assert finals[r]["deception"] == 0, (r, finals[r])
+    finally:
+        stuck.clear()
+        t.close()
+
+
+def test_blocking_policy_path_stalls_neither_large_frames_nor_shutdown(
+        start_server: Callable[..., MonitorServer], geometry: dict) -> None:
+    # issue 8 item 6, over a real socket: a reload shared the pool that decodes frames
+    # over 1 MiB and a blocking read (the policy path swapped for a FIFO nobody writes)
+    # stalled them (31 s, or forever) and SIGTERM no longer stopped the process. Now the
+    # FIFO (and an oversized or deeply nested policy) is refused and counted, a 1.1 MiB
+    # frame is judged, SIGTERM exits 0.
+    import os
+    import signal
+
+    srv = start_server(extra=["--policy-watch-s", "0"], name="reliab-fifo")
+    assert srv.policy_path is not None
+    refused0 = srv.metric("safety_monitor_policy_reloads_total", result="refused")
+    srv.policy_path.unlink()
+    os.mkfifo(srv.policy_path)
+    srv.signal(signal.SIGHUP)
+    _wait(lambda: srv.metric("safety_monitor_policy_reloads_total", result="refused")
+          == refused0 + 1, what="the FIFO policy to be refused")
+    # a 1 MiB+ policy (was 2 GB RSS) and a deeply nested one (was an uncounted
+    # RecursionError): each refused and counted, the process and its policy unharmed
+    from monitor.judge.policy import MAX_POLICY_BYTES
+
+    for i, text in enumerate(("#" * (MAX_POLICY_BYTES + 1) + "\n", "x: " + "[" * 100_000)):
+        srv.policy_path.unlink()
+        srv.policy_path.write_text(text)
+        srv.signal(signal.SIGHUP)
+        _wait(lambda i=i: srv.metric("safety_monitor_policy_reloads_total",
+                                     result="refused") == refused0 + 2 + i,
+              what="the policy to be refused")
+    srv.policy_path.unlink()
+    os.mkfifo(srv.policy_path)
+    r = rid("big")
+    n = 4400  # 4400 rows x 64 x float32 = 1.07 MiB
+    out = stream(srv, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", n),
+                                 [Span(r, n, 0, n)]), fin(r)])
+    assert not errors(out), errors(out)
+    final = {v.detector: v for v in verdicts(out, r, final=True)}["harmful_intent"]
+    assert (final.n_tokens_scored, final.n_tokens_unscored) == (n, 0)
+    assert srv.metric("safety_monitor_policy_info", version="test-v1") == 1  # kept
+    assert srv.stop(timeout=30) == 0  # graceful SIGTERM exit, not killed after 30 s
+
+
+def test_a_finished_id_in_a_batched_frame_costs_only_its_own_rows(
+        server: MonitorServer, geometry: dict) -> None:
+    # issue 8 item 1: a retry that reused a finished engine id made the server refuse the
+    # whole batched frame, so the other requests' rows were lost with finals saying
+    # nothing was unscored. Now only that span is refused (counted); the others are judged.
+    import torch
+
+    done, other = rid("done"), rid("other")
+    x = torch.cat([make_rows(geometry, "harmful_intent", 3),
+                   make_rows(geometry, "harmful_intent", 4, pushed=[2])])
+    before = server.metric("safety_monitor_rows_unscored_total", reason="unknown_request")
+    out = stream(server, [
+        frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4), [Span(done, 4, 0, 4)]),
+        fin(done),
+        frame_msg(2, 2, x, [Span(done, 3, 4, 4), Span(other, 4, 0, 4)]),  # batched
+        fin(other)])
+    assert [(e.reason, e.request_id, e.seq) for e in errors(out)] == [
+        ("unknown_request", done, 2)]
+    assert server.metric("safety_monitor_rows_unscored_total", reason="unknown_request") \
+        - before == 3
+    assert len(verdicts(out, done, final=True)) == 2  # its finals were sent once
+    f = {v.detector: v for v in verdicts(out, other, final=True)}["harmful_intent"]
+    assert (f.n_tokens_scored, f.n_tokens_unscored) == (4, 0)
+    assert f.severity == monitor_pb2.SEVERITY_CRITICAL

@@ -549,3 +549,46 @@ def test_poll_reloads_changed_content_and_refuses_a_broken_file_once(tmp_path):
     assert holder.reloads_refused == 1 and holder.policy.version == "v2"
     f.write_text(V1)
     assert holder.poll() == (True, "policy v1 loaded") and holder.reloads_ok == 2
+
+
+def test_finish_counts_positions_that_never_arrived_per_scope():
+    # issue 8: rows lost before the server (dead sidecar, client queue drops) must show in
+    # the request's final, derived from what arrived (a client cannot hide them)
+    from monitor.judge.tracker import Expected
+
+    tr = RequestTracker(pol(POLICY + """\
+  u:
+    scope: user
+    aggregation: max
+"""))
+    user = int(TokenRole.USER)
+    # prompt 0..9 (positions 3..5 lost), generated 10..14 (12 lost), each row seen by
+    # every detector (out-of-scope rows count as arrived)
+    for det in ("d", "p", "g", "u"):
+        obs(tr, "r", det, [0, 1, 2], [0.1] * 3, roles=[user] * 3)
+        obs(tr, "r", det, [6, 7, 8, 9], [0.1] * 4, roles=[user] * 4)
+        for p in (10, 11, 13, 14):
+            obs(tr, "r", det, [p], [0.1], generated=[True],
+                roles=[int(TokenRole.GENERATED)])
+        obs(tr, "r", det, [8], [0.1], roles=[user])  # a recompute: not counted twice
+    # vLLM sampled 6 tokens; the last is never fed back: 5 generated rows expected
+    exp = Expected.from_finished(10, 6, 0, ended_in_engine=True)
+    assert exp == Expected(prompt=10, generated=5)
+    fin = {u.detector: u for u in tr.finish(K("r"), expected=exp)}
+    got = {d: (u.n_tokens_scored, u.n_tokens_unscored, u.n_tokens_missing)
+           for d, u in fin.items()}
+    assert got == {"d": (11, 4, 4), "p": (7, 3, 3), "g": (4, 1, 1),
+                   # role-filtered prompt scope: prompt gaps not derivable, none claimed
+                   "u": (7, 0, 0)}
+    # a request that never sent a row: everything expected is missing
+    tr.mark_unscored(K("s"), "p", np.array([0, 1]), np.zeros(2, bool))
+    fin = {u.detector: u for u in tr.finish(K("s"), expected=Expected(4, 2))}
+    assert (fin["p"].n_tokens_unscored, fin["p"].n_tokens_missing) == (4, 2)
+    assert (fin["g"].n_tokens_unscored, fin["g"].n_tokens_missing) == (2, 2)
+    # no expectation (closed by the server) or counts below what arrived: no gap
+    obs(tr, "t", "d", [0, 1, 2], [0.1] * 3)
+    assert [u.n_tokens_missing for u in tr.finish(K("t"))] == [0, 0, 0, 0]
+    obs(tr, "v", "d", [0, 1, 2], [0.1] * 3)
+    fin = {u.detector: u for u in tr.finish(K("v"), expected=Expected(1, 0))}
+    assert fin["d"].n_tokens_missing == 0
+    assert fin["p"].n_tokens_missing == 1  # its layer's rows never came

@@ -32,6 +32,20 @@ Thread-safety: none. A tracker is owned by one thread (the server's scoring work
 policy swaps from other threads must be handed to that thread, which calls
 :meth:`RequestTracker.set_policy`.
 
+Coverage gaps: a request's rows can go missing before they reach this tracker (rows sent
+to a sidecar that died, frames the plugin's bounded queue dropped, a stream that broke).
+Per (request, detector) the tracker counts the distinct positions that reached it
+(scored, unscored or out of scope; ``seen_prompt`` / ``seen_generated``, by the row's
+generated flag; a position not above the highest already counted is not counted again).
+:meth:`finish` with an :class:`Expected` (from the client's ``RequestFinished``) adds
+the positions that never arrived to ``n_tokens_unscored`` and reports them as
+``n_tokens_missing``: generated positions when the detector's scope reads generated
+tokens, prompt positions when its scope reads every prompt role (a scope of some prompt
+roles only is captured role-filtered, so the server cannot know how many of the missing
+prompt positions it would have read: those are not derived). The count comes from what
+the server received, so a client cannot hide a gap; a client claiming more tokens than
+it ran inflates only its own requests' unscored counts.
+
 Enforcement (roadmap): ``VerdictUpdate.action`` already says what a verdict asks for;
 ``"block"`` is returned only for ``mode: block`` at ``critical``, on the observe call
 of the frame where it was crossed, so an enforcer can stop the generation within the
@@ -49,9 +63,33 @@ from monitor.constants import SEVERITY_RANK, RequestKey
 from monitor.judge.aggregate import Aggregator, make_aggregator
 from monitor.judge.latents import LatentHit
 from monitor.judge.policy import DetectorPolicy, Policy
-from monitor.roles import derive_roles, scope_mask
+from monitor.roles import TokenRole, derive_roles, scope_mask, scope_roles
 
-__all__ = ["SEVERITY_RANK", "RequestTracker", "TrackerCounters", "VerdictUpdate"]
+__all__ = ["SEVERITY_RANK", "Expected", "RequestTracker", "TrackerCounters", "VerdictUpdate"]
+
+#: the prompt roles; a scope reading all of them gets prompt-side gaps derived
+_PROMPT_ROLES = scope_roles("both") - {TokenRole.GENERATED}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """How many rows of a finished request the client's capture should have produced.
+
+    ``prompt``: prompt rows (``n_prompt_tokens - n_cached_prompt_tokens``: prefix-cached
+    tokens run no forward pass); ``generated``: generated rows (``n_generated_tokens - 1``
+    for a request that ended inside vLLM: its last sampled token is never fed back).
+    Both >= 0.
+    """
+
+    prompt: int
+    generated: int
+
+    @classmethod
+    def from_finished(cls, n_prompt: int, n_generated: int, n_cached: int, *,
+                      ended_in_engine: bool) -> Expected:
+        """From ``RequestFinished`` counts (clamped at 0)."""
+        gen = n_generated - 1 if ended_in_engine else n_generated
+        return cls(max(0, n_prompt - n_cached), max(0, gen))
 
 
 @dataclass(frozen=True)
@@ -79,6 +117,9 @@ class VerdictUpdate:
     n_tokens_scored: int
     n_tokens_unscored: int
     escalated: bool
+    #: positions of the request that never reached the server, in this detector's scope
+    #: (already included in ``n_tokens_unscored``; finals only, see "Coverage gaps")
+    n_tokens_missing: int = 0
     #: SAE latents that fired (``monitor.judge.latents``; the pipeline fills them in)
     latents: tuple[LatentHit, ...] = ()
     #: the request's last in-scope (position, token score) pairs (``monitor.judge.trace``;
@@ -119,6 +160,11 @@ class _DetectorState:
     pending_pos: int = -1
     pending_value: float = 0.0
     pending_n: int = 0
+    #: coverage: highest position counted, distinct prompt / generated positions seen
+    cov_pos: int = -1
+    seen_prompt: int = 0
+    seen_generated: int = 0
+    n_missing: int = 0
 
 
 @dataclass
@@ -235,6 +281,7 @@ class RequestTracker:
         assert st is not None
         pol = st.policy
         rol = self._roles(gen, roles)
+        self._cover(st, pos, gen)
         if pos.size == 1:  # decode: one token per request per step
             return self._observe_one(key, detector, st, int(pos[0]), int(rol[0]),
                                      float(sc[0]))
@@ -268,6 +315,27 @@ class RequestTracker:
         # First token index eligible for judging (1-based count t >= min_tokens).
         start = max(0, pol.min_tokens - 1 - n_before)
         return self._judge(key, detector, st, pos[start:], values[start:])
+
+    @staticmethod
+    def _cover(st: _DetectorState, pos: np.ndarray, gen: np.ndarray) -> None:
+        """Count the rows at positions above every earlier counted one (coverage)."""
+        if pos.size == 1:
+            p = int(pos[0])
+            if p > st.cov_pos:
+                st.cov_pos = p
+                if gen[0]:
+                    st.seen_generated += 1
+                else:
+                    st.seen_prompt += 1
+            return
+        if pos.size == 0:
+            return
+        prev_max = np.maximum.accumulate(np.concatenate(([st.cov_pos], pos[:-1])))
+        fresh = pos > prev_max
+        n_gen = int(np.count_nonzero(fresh & gen))
+        st.seen_generated += n_gen
+        st.seen_prompt += int(np.count_nonzero(fresh)) - n_gen
+        st.cov_pos = max(st.cov_pos, int(pos.max()))
 
     def _fresh(self, st: _DetectorState, pos: np.ndarray, sc: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -417,10 +485,24 @@ class RequestTracker:
             st = self._state(req, name)
             assert st is not None
             mask = self._in_scope(st.policy.scope, rol)
+            self._cover(st, pos, gen)
             p = pos if mask is None else pos[mask]
             st.n_unscored += int(np.count_nonzero(p > st.last_position))
 
-    def finish(self, key: RequestKey, *, known: bool = False) -> list[VerdictUpdate]:
+    @staticmethod
+    def _missing(st: _DetectorState, expected: Expected) -> int:
+        """Positions of ``expected`` that never reached ``st``, in its scope (see
+        "Coverage gaps")."""
+        roles = scope_roles(st.policy.scope)
+        n = 0
+        if TokenRole.GENERATED in roles:
+            n += max(0, expected.generated - st.seen_generated)
+        if roles >= _PROMPT_ROLES:
+            n += max(0, expected.prompt - st.seen_prompt)
+        return n
+
+    def finish(self, key: RequestKey, *, known: bool = False,
+               expected: Expected | None = None) -> list[VerdictUpdate]:
         """Final verdicts, one per policy detector (zero-token ones with severity none),
         and release the request's state. A ``span_end`` detector's pending span is judged
         first; a severity it reaches comes as an escalation (``escalated=True``,
@@ -428,7 +510,11 @@ class RequestTracker:
 
         A key without state returns ``[]`` and is counted in ``unknown_finished``,
         unless ``known`` (the caller vouches the request existed, e.g. it had rows only on
-        layers the policy does not judge): then all-zero finals are returned."""
+        layers the policy does not judge): then all-zero finals are returned.
+
+        ``expected`` (the client's finished counts): positions that never arrived count as
+        unscored (``n_tokens_missing``, see "Coverage gaps"); None: no gap is derived
+        (a request closed by the server: orphaned, idle, evicted)."""
         req = self._live.pop(key, None)
         if req is None:
             if not known:
@@ -446,6 +532,9 @@ class RequestTracker:
             state = req.detectors.get(name)
             if state is None:
                 state = _DetectorState(policy=pol, agg=make_aggregator(pol.aggregation))
+            if expected is not None:
+                state.n_missing = self._missing(state, expected)
+                state.n_unscored += state.n_missing
             out.append(self._update(key, name, state, final=True, escalated=False))
         return out
 
@@ -494,4 +583,5 @@ class RequestTracker:
             n_tokens_scored=st.n_scored,
             n_tokens_unscored=st.n_unscored,
             escalated=escalated,
+            n_tokens_missing=st.n_missing,
         )

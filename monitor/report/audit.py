@@ -14,7 +14,8 @@ record is also exported as an OpenTelemetry log record.
 Alert line fields: ts, event ("alert" | "would_alert" | "final"), request_id (the
 engine's id), correlation_id (the caller's label, "" if none), detector, severity, score,
 peak_score, threshold, position, mode, policy_version, bundle_name, bundle_sha256,
-model_name, n_tokens_scored, n_tokens_unscored.
+model_name, n_tokens_scored, n_tokens_unscored; final lines also n_tokens_missing and
+incomplete (written even without --audit-finals when incomplete is true).
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def audit_record(
     `latents` (only when some SAE latent of the detector fired, at most
     `monitor.judge.latents.MAX_LATENTS`): `[{name, index, value, label}]`; `tokens`
     (only when the server keeps a token trace, `--audit-token-trace`): the detector's
-    last in-scope `[position, token score]` pairs, oldest first."""
+    last in-scope `[position, token score]` pairs, oldest first. Final lines also carry
+    `n_tokens_missing` (in-scope positions that never reached the server, part of
+    `n_tokens_unscored`) and `incomplete` (some did)."""
     rec: dict[str, Any] = {
         "ts": _utc_now(),
         "event": event,
@@ -73,6 +76,9 @@ def audit_record(
         "n_tokens_scored": int(update.n_tokens_scored),
         "n_tokens_unscored": int(update.n_tokens_unscored),
     }
+    if update.final:  # coverage of the finished request (monitor.judge.tracker)
+        rec["n_tokens_missing"] = int(update.n_tokens_missing)
+        rec["incomplete"] = update.n_tokens_missing > 0
     if update.latents:
         rec["latents"] = [{"name": h.name, "index": h.index, "value": round(h.value, 4),
                            "label": h.label} for h in update.latents]

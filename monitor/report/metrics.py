@@ -120,7 +120,8 @@ class Metrics:
                                        "with an in-stream error or RPC error.", ["reason"],
                                        registry=r)
         self.rows_unscored = Counter(p + "rows_unscored", "Rows that arrived but could "
-                                     "not be scored.", ["reason"], registry=r)
+                                     "not be scored; reason=missing: in-scope positions of a "
+                                     "finished request that never arrived.", ["reason"], registry=r)
         self.frames_missing = Counter(p + "frames_missing", "Frames missing according to "
                                       "gaps in stream sequence numbers.", registry=r)
         self.client_dropped_frames = Counter(p + "client_dropped_frames", "Frames the "

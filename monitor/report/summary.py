@@ -123,8 +123,8 @@ def _block_rows(s: Summary) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"detector": det, "ended": len(vals),
                                "unknown": len(vals) - len(known)}
         if known:
-            def pct(q: float, k: list[int] = known) -> int:  # nearest rank
-                return k[max(0, -(-len(k) * q // 100) - 1)] if q else k[0]
+            def pct(q: int, k: list[int] = known) -> int:  # nearest rank: ceil(q% of n)
+                return k[max(0, -(-len(k) * q // 100) - 1)]
 
             row["tokens_after_crossing"] = {"p50": pct(50), "p99": pct(99),
                                             "max": known[-1],

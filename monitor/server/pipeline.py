@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from monitor.constants import FinishReason, Reason, RequestKey
+from monitor.constants import ENGINE_REASONS, FinishReason, Reason, RequestKey
 from monitor.judge.latents import LatentTracker
 from monitor.judge.policy import DetectorPolicy, Policy, holding_detectors
 from monitor.judge.trace import TokenTrace
-from monitor.judge.tracker import RequestTracker, VerdictUpdate
+from monitor.judge.tracker import Expected, RequestTracker, VerdictUpdate
 from monitor.report.metrics import Metrics
 from monitor.report.verdicts import Reporter, tokens_after_crossing, verdict_message
 from monitor.roles import TokenRole, scope_roles
@@ -53,9 +53,6 @@ __all__ = ["Pipeline", "QueueFull", "StreamSink"]
 log = logging.getLogger(__name__)
 
 _INTERNAL = 13  # grpc.StatusCode.INTERNAL
-#: finish reasons vLLM reported (the request ended inside the engine, after sampling a
-#: last token that is never fed back, so never captured)
-_ENGINE_REASONS = frozenset({FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT})
 
 
 class QueueFull(Exception):
@@ -77,6 +74,7 @@ class _FrameItem:
 @dataclass
 class _FinishItem:
     closing: Closing
+    expected: Expected | None = None  # the client's finished counts (gap derivation)
 
 
 @dataclass
@@ -218,13 +216,16 @@ class Pipeline:
             self._queue_finals(evicted)
         return adm
 
-    def finish(self, key: RequestKey, sink: StreamSink | None, reason: FinishReason) -> bool:
+    def finish(self, key: RequestKey, sink: StreamSink | None, reason: FinishReason,
+               expected: Expected | None = None) -> bool:
         """Close `key` (owned by `sink`) now and queue its finals; False if it is not
-        live on that stream (nothing queued)."""
+        live on that stream (nothing queued). `expected`: the rows the client says its
+        capture produced (positions that never arrived count as unscored, see
+        `RequestTracker.finish`)."""
         closing = self.registry.finish(key, sink, reason)
         if closing is None:
             return False
-        self._queue_finals([closing])
+        self._put(_FinishItem(closing, expected))
         return True
 
     def release(self, sink: StreamSink, reason: FinishReason) -> int:
@@ -348,7 +349,7 @@ class Pipeline:
 
     def _control(self, item: _Item) -> None:
         if isinstance(item, _FinishItem):
-            self._finish(item.closing)
+            self._finish(item.closing, item.expected)
         elif isinstance(item, _UnscoredItem):
             dets: Sequence[str | None]
             if item.layer is None:
@@ -390,9 +391,15 @@ class Pipeline:
         sink.post(monitor_pb2.ServerMessage(judged_through=monitor_pb2.JudgedThrough(
             request_id=key.request_id, position=min(at.values()))))
 
-    def _finish(self, c: Closing) -> None:
+    def _finish(self, c: Closing, expected: Expected | None = None) -> None:
         self._judged_at.pop(c.key, None)
-        updates = [self._annotate(u) for u in self.tracker.finish(c.key, known=True)]
+        updates = [self._annotate(u)
+                   for u in self.tracker.finish(c.key, known=True, expected=expected)]
+        missing = max((u.n_tokens_missing for u in updates if u.final), default=0)
+        if missing:  # rows that never arrived (most of any detector): visible, per request
+            self.metrics.rows_unscored.labels(reason=Reason.MISSING.value).inc(missing)
+            log.info("request %s finished with %d position(s) never received",
+                     c.key.request_id, missing)
         self.latents.drop(c.key)
         self.trace.drop(c.key)
         label = self.registry.label(c.key)
@@ -409,7 +416,7 @@ class Pipeline:
                                for d in self._judged.values())
                     after = tokens_after_crossing(
                         u.crossed_at_position, first_gen, highest,
-                        ended_in_engine=c.reason in _ENGINE_REASONS) if seen else None
+                        ended_in_engine=c.reason in ENGINE_REASONS) if seen else None
                     self.reporter.block_end(u, label, after, c.reason.value)
             else:
                 self.reporter.escalation(u, label)

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from monitor.constants import FinishReason, Reason, RequestKey
+from monitor.constants import ENGINE_REASONS, FinishReason, Reason, RequestKey
+from monitor.judge.tracker import Expected
 from monitor.report.metrics import Metrics
 from monitor.roles import TokenRole
 from monitor.score.backend import FrameScorer
@@ -462,7 +463,11 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                          f"{len(rid.encode('utf-8', 'surrogatepass'))} ({rid[:64]!r}...)")
             return
         key = handle.key(rid)
-        if not self.pipeline.finish(key, handle, FinishReason.label(fin.reason)):
+        why = FinishReason.label(fin.reason)
+        expected = Expected.from_finished(
+            fin.n_prompt_tokens, fin.n_generated_tokens, fin.n_cached_prompt_tokens,
+            ended_in_engine=why in ENGINE_REASONS)
+        if not self.pipeline.finish(key, handle, why, expected):
             state = self.pipeline.registry.state(key)
             what = {"closed": "already finished",
                     "live": "live on another stream of this client"}.get(
