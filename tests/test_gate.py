@@ -171,3 +171,20 @@ def test_behind_bound_and_env_override(tmp_path: Path, gate_env: tuple[int, int]
         assert _call(g2) == (200, b"served")
     finally:
         stop(side, "the sidecar")
+
+
+def test_behind_check_reads_every_capturing_workers_stats_file(tmp_path: Path) -> None:
+    """Pipeline parallelism: stage 0 writes the stats file, stage k writes `.pp<k>`; the
+    gate sees the most queued of them (a torn or foreign file is skipped)."""
+    from monitor.capture.gate import _queued
+
+    path = tmp_path / "stats.json"
+    assert _queued(str(path)) is None
+    path.write_text(json.dumps({"queued": 3}))
+    assert _queued(str(path)) == 3
+    (tmp_path / "stats.json.pp1").write_text(json.dumps({"queued": 40}))
+    (tmp_path / "stats.json.pp2").write_text("{torn")
+    (tmp_path / "stats.json.tmp123").write_text(json.dumps({"queued": 999}))  # a write
+    assert _queued(str(path)) == 40
+    path.unlink()
+    assert _queued(str(path)) == 40

@@ -39,6 +39,7 @@ whole); the event loop reads it.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -109,15 +110,23 @@ class GateState:
 
 
 def _queued(stats_file: str | None) -> int | None:
-    """`queued` of the worker's stats file (None when absent or unreadable)."""
+    """Most `queued` over the capturing workers' stats files (None when none is readable).
+
+    Only TP rank 0 of each pipeline stage captures (and writes a stats file): stage 0
+    writes `stats_file`, stage k > 0 writes `stats_file.pp<k>` (`monitor.capture.plugin`),
+    so the sidecar is behind when any stage's send queue is."""
     if not stats_file:
         return None
-    try:
-        with open(stats_file) as f:
-            q = json.load(f).get("queued")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return int(q) if isinstance(q, int) else None
+    out: int | None = None
+    for path in [stats_file, *sorted(glob.glob(glob.escape(stats_file) + ".pp[0-9]*"))]:
+        try:
+            with open(path) as f:
+                q = json.load(f).get("queued")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(q, int) and not isinstance(q, bool):
+            out = q if out is None else max(out, q)
+    return out
 
 
 class SidecarWatch:

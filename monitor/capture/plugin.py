@@ -438,6 +438,14 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
         max_model_len=int(mc.max_model_len),
         segmenter=load_segmenter(mc, cfg.chat_template),
     )
+    try:
+        from vllm.distributed import get_pp_group
+
+        pp_rank = int(get_pp_group().rank_in_group)
+    except Exception:
+        pp_rank = 0
+    if pp_rank and cfg.stats_file:  # one stats file per capturing worker (gate: the max)
+        session._stats_path = f"{cfg.stats_file}.pp{pp_rank}"
     plan = session.transport.fetch_plan(cfg.plan_timeout_s)
     wrap_all = cfg.wrap_all
     wanted: dict[int, frozenset[int]] | None = None
