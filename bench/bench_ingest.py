@@ -159,9 +159,14 @@ def write_results(rows: list[dict[str, float | str]], path: Path) -> None:
             f"| {r['frame']} | {r['compute_dtype']} ({r['threads']}) | {r['grpc_mb_s']:.0f} | "
             f"{r['grpc_rows_s']:.0f} | {r['grpc_frames_s']:.0f} | {r['shed']} | "
             f"{r['decode_us']:.0f} | {r['decode_mb_s']:.0f} | {r['encode_mb_s']:.0f} |")
-    section = "\n".join(lines) + "\n"
+    replace_section(path, r"^## Ingest\n", "\n".join(lines) + "\n")
+
+
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """Replace the `## ...` section of `path` whose heading matches regex `heading` (up
+    to the next `## `) with `section`, or append it; other sections are kept."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pat = re.compile(r"^## Ingest\n.*?(?=^## |\Z)", re.S | re.M)
+    pat = re.compile(heading + r".*?(?=^## |\Z)", re.S | re.M)
     if pat.search(text):
         text = pat.sub(lambda _: section + "\n", text).rstrip() + "\n"
     else:

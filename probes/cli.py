@@ -49,7 +49,12 @@ def _model_path(arg: str | None) -> tuple[Path, str]:
 
 
 def cmd_build_default(args: argparse.Namespace) -> int:
-    from probes.recipes import build_default
+    from probes.recipes import MIN_LIMIT, build_default
+
+    if args.limit is not None and args.limit < MIN_LIMIT:
+        print(f"build-default: --limit: expected >= {MIN_LIMIT} (with fewer a source's "
+              f"calibration split is empty), found {args.limit}", file=sys.stderr)
+        return 2
 
     results = build_default(Path(args.out), model_path=args.model, cache_dir=args.cache,
                             detectors=args.detectors.split(","), scope=args.scope,
@@ -296,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every_token (every prefix), any (searched on validation)")
     b.add_argument("--detectors", default="harmful_intent,deception")
     b.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="data budget: at most N examples per source / prompt set (smoke runs "
-                        "and sizing; the bundle loads and serves, its numbers mean nothing)")
+                   help="data budget: at most N (>= 2) examples per source / prompt set "
+                        "(smoke runs and sizing; the bundle loads and serves, its numbers "
+                        "mean nothing)")
     b.add_argument("--device", default="cpu", help="torch device of the collection forward "
                                                    "passes and generation (e.g. cuda)")
     b.add_argument("--quiet", action="store_true")

@@ -111,6 +111,11 @@ def scaled_layers(layers: Sequence[int], n_layers: int, of: int = 30) -> tuple[i
     return tuple(sorted({min(n_layers - 1, max(0, round(x * n_layers / of))) for x in layers}))
 
 
+#: Smallest ``limit`` (data budget) `build_default` accepts: one example per source
+#: leaves the calibration split empty.
+MIN_LIMIT = 2
+
+
 def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path | None = None,
                   detectors: Sequence[str] = ("harmful_intent", "deception"),
                   scope: str = "user", progress: bool = True, seed: int = 0,
@@ -135,6 +140,9 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     set (None: the full recipes). For smoke runs and sizing only: the bundle is complete
     and loads, its numbers are not meaningful. ``device``: where the model's forward and
     generation run (``cuda`` on a GPU; the bundle is the same)."""
+    if limit is not None and limit < MIN_LIMIT:
+        raise ValueError(f"limit: expected None or >= {MIN_LIMIT} examples per source (with "
+                         f"fewer a source's calibration split is empty), found {limit}")
     from monitor.score.onnx_export import export_onnx
     from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
     from monitor.tools.models import cache_dir as monitor_cache

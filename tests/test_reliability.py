@@ -360,7 +360,8 @@ def test_blocking_policy_path_stalls_neither_large_frames_nor_shutdown(
     # issue 8 item 6, over a real socket: a reload shared the pool that decodes frames
     # over 1 MiB and a blocking read (the policy path swapped for a FIFO nobody writes)
     # stalled them (31 s, or forever) and SIGTERM no longer stopped the process. Now the
-    # FIFO is refused and counted, a 1.1 MiB frame is judged, SIGTERM exits 0.
+    # FIFO (and an oversized or deeply nested policy) is refused and counted, a 1.1 MiB
+    # frame is judged, SIGTERM exits 0.
     import os
     import signal
 
@@ -372,6 +373,19 @@ def test_blocking_policy_path_stalls_neither_large_frames_nor_shutdown(
     srv.signal(signal.SIGHUP)
     _wait(lambda: srv.metric("safety_monitor_policy_reloads_total", result="refused")
           == refused0 + 1, what="the FIFO policy to be refused")
+    # a 1 MiB+ policy (was 2 GB RSS) and a deeply nested one (was an uncounted
+    # RecursionError): each refused and counted, the process and its policy unharmed
+    from monitor.judge.policy import MAX_POLICY_BYTES
+
+    for i, text in enumerate(("#" * (MAX_POLICY_BYTES + 1) + "\n", "x: " + "[" * 100_000)):
+        srv.policy_path.unlink()
+        srv.policy_path.write_text(text)
+        srv.signal(signal.SIGHUP)
+        _wait(lambda i=i: srv.metric("safety_monitor_policy_reloads_total",
+                                     result="refused") == refused0 + 2 + i,
+              what="the policy to be refused")
+    srv.policy_path.unlink()
+    os.mkfifo(srv.policy_path)
     r = rid("big")
     n = 4400  # 4400 rows x 64 x float32 = 1.07 MiB
     out = stream(srv, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", n),
@@ -381,3 +395,29 @@ def test_blocking_policy_path_stalls_neither_large_frames_nor_shutdown(
     assert (final.n_tokens_scored, final.n_tokens_unscored) == (n, 0)
     assert srv.metric("safety_monitor_policy_info", version="test-v1") == 1  # kept
     assert srv.stop(timeout=30) == 0  # graceful SIGTERM exit, not killed after 30 s
+
+
+def test_a_finished_id_in_a_batched_frame_costs_only_its_own_rows(
+        server: MonitorServer, geometry: dict) -> None:
+    # issue 8 item 1: a retry that reused a finished engine id made the server refuse the
+    # whole batched frame, so the other requests' rows were lost with finals saying
+    # nothing was unscored. Now only that span is refused (counted); the others are judged.
+    import torch
+
+    done, other = rid("done"), rid("other")
+    x = torch.cat([make_rows(geometry, "harmful_intent", 3),
+                   make_rows(geometry, "harmful_intent", 4, pushed=[2])])
+    before = server.metric("safety_monitor_rows_unscored_total", reason="unknown_request")
+    out = stream(server, [
+        frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4), [Span(done, 4, 0, 4)]),
+        fin(done),
+        frame_msg(2, 2, x, [Span(done, 3, 4, 4), Span(other, 4, 0, 4)]),  # batched
+        fin(other)])
+    assert [(e.reason, e.request_id, e.seq) for e in errors(out)] == [
+        ("unknown_request", done, 2)]
+    assert server.metric("safety_monitor_rows_unscored_total", reason="unknown_request") \
+        - before == 3
+    assert len(verdicts(out, done, final=True)) == 2  # its finals were sent once
+    f = {v.detector: v for v in verdicts(out, other, final=True)}["harmful_intent"]
+    assert (f.n_tokens_scored, f.n_tokens_unscored) == (4, 0)
+    assert f.severity == monitor_pb2.SEVERITY_CRITICAL

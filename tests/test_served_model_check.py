@@ -134,3 +134,17 @@ def test_plugin_refuses_plan_of_another_model(field, value, message, caplog):
     assert p.n_layers == 16
     old.set_plan(Plan.from_proto(type(sink.plan)(plan_id="x", model="m", d_model=8,
                                                  layers=[3])))
+
+
+def test_build_default_refuses_a_limit_below_two(tmp_path):
+    """`--limit 1` leaves a calibration split empty: refused up front with field, expected
+    and found (it used to fail deep in calibration with a numpy error)."""
+    from probes.cli import main
+    from probes.recipes import MIN_LIMIT, build_default
+
+    assert MIN_LIMIT == 2
+    with pytest.raises(ValueError, match=r"limit: expected None or >= 2 .*found 1"):
+        build_default(tmp_path / "out", model_path=tmp_path / "absent", limit=1)
+    assert main(["build-default", "--model", str(tmp_path / "absent"), "--out",
+                 str(tmp_path / "out"), "--limit", "1"]) == 2
+    assert not (tmp_path / "out").exists()

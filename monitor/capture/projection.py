@@ -77,5 +77,7 @@ class WorkerProjection:
         xw = torch.mm(xf, self.w)
         if not self.needs_var:
             return xw
-        var = torch.var(xf, dim=1, correction=0, keepdim=True)
+        # numpy's two-pass var: ~1 ms for 256 x 4096 on one core, where torch.var measured
+        # 10x slower on this CPU (bench/RESULTS.md "In-worker projection")
+        var = torch.from_numpy(xf.numpy().var(axis=1, dtype=np.float32)).unsqueeze(1)
         return torch.cat([xw, var], dim=1)
