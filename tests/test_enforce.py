@@ -421,7 +421,8 @@ def test_sidecar_restart_colliding_ids_and_a_hostile_client(stack: Stack) -> Non
     stack.restart_sidecar(OBSERVE)
     # 1. kill -9 + restart during live traffic: every inference request completes
     with cf.ThreadPoolExecutor(4) as pool:
-        futs = [pool.submit(_chat, stack.base, q, 48) for q in (BENIGN, HARMFUL) * 2]
+        futs = [pool.submit(_chat, stack.base, q, 48, f"restart-{i}")
+                for i, q in enumerate((BENIGN, HARMFUL) * 2)]
         time.sleep(1.0)
         stack.kill_sidecar()
         stack.restart_sidecar(OBSERVE)
@@ -489,5 +490,16 @@ def test_sidecar_restart_colliding_ids_and_a_hostile_client(stack: Stack) -> Non
     assert (gen["n_tokens_scored"], gen["n_tokens_unscored"]) == (
         harmful["usage"]["completion_tokens"] - 1, 0)
     [other] = set(by_id) - {target}
+    # 1, per request: a request that ran across the restart has its rows split between
+    # the killed sidecar, the plugin's drops and the new sidecar; whichever sidecar wrote
+    # its final accounts for every generated token that ran a forward pass (all but the
+    # last), scored or counted unscored (missing), never silently fewer
+    for i, o in enumerate(outs):
+        for a in _audit(stack.audit):
+            if (a["event"], a["detector"], a["correlation_id"]) == (
+                    "final", "deception", f"restart-{i}"):
+                assert a["n_tokens_scored"] + a["n_tokens_unscored"] == \
+                    o["usage"]["completion_tokens"] - 1, (a, o["usage"])
+                assert a["incomplete"] == (a["n_tokens_missing"] > 0), a
     assert by_id[other]["severity"] == "none"  # same correlation id, judged on its own
     assert target in finals("harmful_intent", "")  # the hostile rows: its own request
