@@ -241,6 +241,40 @@ def cmd_add_sae_detector(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study_loso(args: argparse.Namespace) -> int:
+    """Leave-one-source-out over every harmful_intent source (probes/study.py)."""
+    from monitor.tools.models import cache_dir as monitor_cache
+    from probes import harmful, study
+    from probes.collect import TransformersCollector
+    from probes.sources import HARMFUL_SOURCES
+
+    model_path, name = _model_path(args.model)
+    cache = Path(args.cache) if args.cache else monitor_cache() / "probes"
+    collector = TransformersCollector(model_path, name)
+    data = harmful.load_sources(collector, cache, HARMFUL_SOURCES, "user", harmful.LAYERS,
+                                progress=not args.quiet)
+    rows = []
+    for readout in args.readouts.split(","):
+        if readout == "user":
+            sds = list(data.values())
+        else:
+            sds = []
+            for d in data.values():
+                roles = harmful.token_roles(d.acts, d.examples, collector)
+                m = study.readout_mask(roles, d.acts.example, d.acts.generated, readout)
+                sds.append(harmful.SourceData(d.source, d.examples, d.acts, m))
+        for layer in _layers(args.layers):
+            for c in (float(x) for x in args.C.split(",")):
+                rows.append(study.study_table(sds, readout, layer, c))
+                if not args.quiet:
+                    print(study.markdown(rows[-1:]).splitlines()[2], flush=True)
+    text = study.markdown(rows)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safety-probes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -347,6 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--bundle", default="bundles/default")
     ad.add_argument("--source", default="bundles/sae-detector")
     ad.set_defaults(fn=cmd_add_sae_detector)
+
+    st = sub.add_parser("study-loso", help="harmful_intent generalisation study: leave one "
+                        "source out over EVERY source (train and test roles), per read-out, "
+                        "layer and C (docs/PROBES.md)")
+    st.add_argument("--readouts", default="user,post,prompt",
+                    help="comma list of user | post | prompt (probes/study.py)")
+    st.add_argument("--layers", default="15")
+    st.add_argument("--C", default="0.001")
+    st.add_argument("--model", default=None)
+    st.add_argument("--cache", default=None)
+    st.add_argument("--out", default=None, help="write the markdown tables here")
+    st.add_argument("--quiet", action="store_true")
+    st.set_defaults(fn=cmd_study_loso)
     return p
 
 
