@@ -283,6 +283,35 @@ def test_holds_cost_nothing_without_a_hold() -> None:
     assert h.n_held == 0 and not h.judged
 
 
+def test_holds_strict_streaming_never_runs_more_than_n_ahead() -> None:
+    """Strict streaming, N = 2, prompt of 4 tokens (positions 0..3): generated token k is
+    at position 4 + k; an output at position q goes out once q - 2 <= judged (q - 3 for
+    the final one, its last token is never judged); a block mid-stream drops what is held
+    and ends with an empty final output."""
+    pytest.importorskip("vllm")
+    h, s = FirstTokenHolds(), _Sched()
+    h.note(None, HoldSettings(hold_ms=60_000, prompt_hold=False, holdback=2))
+    s.requests.update(r=_SReq(4), x=_SReq(4))
+
+    def toks(got: list[Any]) -> list[list[int]]:
+        return [o.new_token_ids for o in got]
+
+    assert _step(h, s, ("r", [10], False)) == []  # position 4: 4 - 2 > -1
+    assert toks(_step(h, s, ("r", [11], False), judged={"r": 2})) == [[10]]
+    assert toks(_step(h, s, ("r", [12], False), judged={"r": 3})) == [[11]]
+    assert toks(_step(h, s, ("r", [13], False), judged={"r": 5})) == [[12], [13]]
+    # the final output at 8: its last token is never judged, so 8 - 1 - 2 <= 5 suffices
+    assert toks(_step(h, s, ("r", [14], True))) == [[14]] and "r" not in h.held
+    # a block while text is held back: what is held is dropped, the final is empty
+    assert toks(_step(h, s, ("x", [20], False), judged={"x": 3})) == [[20]]
+    assert toks(_step(h, s, ("x", [21], False))) == [[21]]
+    assert _step(h, s, ("x", [22], False)) == []  # position 6: 6 - 2 > 3
+    PENDING.file([_order("x", pos=5)], live=lambda r: True)
+    [end] = _step(h, s, ("x", [23], False))
+    assert end.new_token_ids == [] and end.stop_reason == f"{BLOCK_MARKER} detector=d"
+    assert s.finished == ["x"] and h.ended_blocked == 1
+
+
 def test_holding_detectors_need_block_mode_on_prompt_scope() -> None:
     from monitor.judge.policy import effective_prompt_hold_ms, holding_detectors, parse_policy
 
@@ -296,6 +325,14 @@ def test_holding_detectors_need_block_mode_on_prompt_scope() -> None:
     p250 = parse_policy(POLICY.replace("closed, prompt_hold_ms: 0", "open, "
                                        "prompt_hold_ms: 250"))
     assert p250.enforcement.prompt_hold_ms == 250 and effective_prompt_hold_ms(p250) == 250
+    # strict streaming takes effect only with a block-mode detector on generated tokens
+    from monitor.judge.policy import effective_holdback
+
+    strict = parse_policy(STRICT_POLICY)
+    assert strict.enforcement.holdback_tokens == 0 and effective_holdback(strict) == 0
+    assert effective_holdback(parse_policy(STRICT_POLICY.replace(
+        "mode: block", "mode: alert"))) is None
+    assert effective_holdback(p) is None  # no holdback_tokens: off
 
 
 # ---------------------------------------------------------------- end to end
@@ -514,6 +551,69 @@ def test_prompt_time_block_streams_no_generated_content(stack: Stack) -> None:
     sent = [float(x.split()[-1]) for x in text.splitlines()
             if x.startswith("safety_monitor_judged_through_total ")]
     assert sent and sent[0] >= 1, sent
+
+
+STRICT_POLICY = """\
+version: "test-strict"
+detectors:
+  harmful_intent:
+    mode: observe
+    scope: prompt
+    thresholds: {warn: 0.9999998, critical: 0.9999999}
+  deception:  # critical at the 6th generated token of every request
+    mode: block
+    scope: generated
+    aggregation: {kind: max}
+    min_tokens: 6
+    thresholds: {warn: 0.000001, critical: 0.000002}
+enforcement: {fail_mode: closed, prompt_hold_ms: 20000, holdback_tokens: 0}
+"""
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_strict_streaming_never_streams_past_the_crossing(stack: Stack) -> None:
+    """`holdback_tokens: 0`: streamed text never runs ahead of the judged position, so a
+    request blocked at its 6th generated token (the crossing) got at most the 5 before it
+    — none at or past the crossing (without the window the crossing token and the next
+    one are streamed: tokens_after_crossing p50 = 1, bench/RESULTS.md)."""
+    stack.kill_sidecar()
+    stack.restart_sidecar(STRICT_POLICY)
+
+    def strict() -> bool:
+        _post(stack.base, BENIGN)  # 503 (fail closed) until the gate sees the sidecar
+        return "holdback 0)" in stack.vllm_log.read_text(errors="replace")
+
+    assert _eventually(strict, 120), stack.vllm_log.read_text(errors="replace")[-3000:]
+    seen = len(_audit(stack.audit))
+    from monitor.tools.models import DEFAULT_MODEL_NAME
+
+    body = json.dumps({"model": DEFAULT_MODEL_NAME, "max_tokens": 48, "temperature": 0.0,
+                       "stream": True, "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": BENIGN + " Explain."}]})
+    req = urllib.request.Request(f"{stack.base}/v1/chat/completions", data=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+    chunks = []
+    with urllib.request.urlopen(req, timeout=240) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    reasons = [c["choices"][0].get("finish_reason") for c in chunks if c.get("choices")]
+    assert reasons[-1] == "content_filter", chunks
+    usage = next(c["usage"] for c in chunks if c.get("usage"))
+    delivered = int(usage["completion_tokens"])  # tokens the frontend got (and streamed)
+    assert _eventually(lambda: any(a["event"] == "block" and a["detector"] == "deception"
+                                   for a in _audit(stack.audit)[seen:]), 30)
+    block = next(a for a in _audit(stack.audit)[seen:]
+                 if a["event"] == "block" and a["detector"] == "deception")
+    crossed = int(block["position"])
+    last_streamed = int(usage["prompt_tokens"]) + delivered - 1  # position of the last one
+    assert last_streamed < crossed, (usage, block)
+    assert 1 <= delivered <= 5, usage
+    log = stack.vllm_log.read_text(errors="replace")
+    assert "while its output was held back" in log or "before its first token" in log
 
 
 def _post(base: str, user: str) -> tuple[int, str]:

@@ -42,7 +42,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.v1 import monitor_pb2
@@ -103,14 +103,22 @@ class HoldSettings:
     """Prompt-time blocking settings, from the plan (picklable, worker → engine core).
 
     Attributes:
-        hold_ms: how long the first generated token of a request may wait for its prompt
-            to be judged (`Enforcement.prompt_hold_ms`; 0: no hold).
+        hold_ms: how long any output may be withheld (`Enforcement.prompt_hold_ms`, else
+            `hold_bound_ms` with strict streaming; 0: no hold).
         fail_mode: on expiry, "open" releases the token, "closed" ends the request with
             finish_reason content_filter (env SAFETY_MONITOR_FAIL_MODE overrides the plan).
+        prompt_hold: the first token waits until the whole prompt is judged.
+        holdback: strict streaming window N (`Enforcement.holdback_tokens`; -1: off).
     """
 
     hold_ms: int = 0
     fail_mode: str = "open"
+    prompt_hold: bool = True
+    holdback: int = -1
+
+    @property
+    def active(self) -> bool:
+        return self.hold_ms > 0 and (self.prompt_hold or self.holdback >= 0)
 
 
 @dataclass
@@ -275,30 +283,44 @@ PENDING = PendingBlocks()
 
 @dataclass
 class _Held:
-    """Outputs of one request withheld from the frontend until its prompt is judged."""
+    """Outputs of one request withheld from the frontend (`FirstTokenHolds`)."""
 
-    t0: float  # monotonic time its first output was withheld
     last_prompt_pos: int  # position of its last prompt token
     client: int  # EngineCoreOutputs client index
-    outputs: list[Any]  # EngineCoreOutput, in step order
+    #: withheld (monotonic time withheld, position of its last token, EngineCoreOutput)
+    queue: list[tuple[float, int, Any]] = field(default_factory=list)
+    n_seen: int = 0  # generated tokens in its outputs so far (withheld or delivered)
+    n_delivered: int = 0  # of them delivered to the frontend
+    t_first: float = 0.0  # when its first output was withheld
 
 
 class FirstTokenHolds:
-    """Prompt-time blocking in the engine core: a request's outputs (its first generated
-    token, and the tokens decoded meanwhile) are withheld from the frontend until the
-    sidecar has judged its prompt through the last prompt position (`JudgedThrough`,
-    carried on the step outputs like block orders), at most `HoldSettings.hold_ms`.
+    """Prompt-time blocking and strict streaming in the engine core.
 
-    Then, per request: a block pending (or applied) for it → it ends with no generated
-    token at all (`finish_reason` content_filter at the frontend); judged → its outputs go
-    out merged in order; expired → fail open releases them (`released_open`), fail closed
-    ends it like a block (`ended_closed`, detector `prompt_hold_timeout`). Requests keep
-    decoding while held (the batch never waits); the engine core's busy loop keeps
-    stepping while anything is held (`Scheduler.has_requests`, wrapped) so a held request
-    that already finished is still released or ended within the bound.
+    A request's outputs are withheld from the frontend until the sidecar has judged far
+    enough (`JudgedThrough` positions, carried on the step outputs like block orders),
+    each at most `HoldSettings.hold_ms`. Generated token k (0-based) of a request with
+    P prompt tokens is at position P + k. An output whose last token is at position q is
+    released once the judged position j satisfies
 
-    Scheduler thread only. Counters are monotonic; `hold_ms` keeps the last `keep` hold
-    durations (ms) of requests released because judged.
+    - prompt hold (`HoldSettings.prompt_hold`): j >= P - 1 (the whole prompt judged); the
+      request then passes freely unless strict streaming is on;
+    - strict streaming (`HoldSettings.holdback` = N >= 0): also q - N <= j, or
+      q - 1 - N <= j for the final output (its last token is never fed back through the
+      model, so it is never judged): delivered text never runs more than N tokens
+      ahead of the judged position (N + 1 for the last token of a finished response).
+
+    Per request: a block pending (or applied) → it ends at once, its withheld outputs
+    dropped (`finish_reason` content_filter at the frontend; no generated text when none
+    was delivered yet); an output withheld longer than `hold_ms` → fail open releases it
+    (`released_open`, WARNING), fail closed ends the request like a block (`ended_closed`,
+    detector `prompt_hold_timeout`). Requests keep decoding while held (the batch never
+    waits); the busy loop keeps stepping while anything is held
+    (`Scheduler.has_requests`, wrapped) so a request that finished while held is still
+    released or ended within the bound.
+
+    Scheduler thread only. Counters are monotonic; `hold_ms` keeps the last `keep`
+    first-token hold durations (ms) of requests released because judged.
     """
 
     def __init__(self, keep: int = 4096) -> None:
@@ -316,15 +338,15 @@ class FirstTokenHolds:
     def note(self, judged: dict[str, int] | None, hold: HoldSettings | None) -> None:
         if hold is not None and hold != self.settings:
             self.settings = hold
-            log.info("safety monitor: prompt hold %d ms (fail %s)", hold.hold_ms,
-                     hold.fail_mode)
-        if judged and self.settings.hold_ms > 0:
+            log.info("safety monitor: prompt hold %d ms (fail %s, prompt %s, holdback %d)",
+                     hold.hold_ms, hold.fail_mode, hold.prompt_hold, hold.holdback)
+        if judged and self.settings.active:
             for rid, pos in judged.items():
                 self.judged[rid] = max(pos, self.judged.get(rid, -1))
 
     def process(self, sched: Any, outs: dict[int, Any]) -> dict[int, Any]:
         """Withhold / release outputs of `outs` (`update_from_output`'s result)."""
-        if self.settings.hold_ms <= 0 and not self.held and not self.passed:
+        if not self.settings.active and not self.held and not self.passed:
             return outs
         now = time.monotonic()
         for ci, eco in outs.items():
@@ -338,14 +360,15 @@ class FirstTokenHolds:
                     continue
                 h = self.held.get(rid)
                 if h is None:
-                    if self.settings.hold_ms <= 0:
+                    if not self.settings.active:
                         keep.append(o)
                         continue
                     req = sched.requests.get(rid)
                     n_prompt = int(req.num_prompt_tokens) if req is not None else 0
-                    h = self.held[rid] = _Held(now, n_prompt - 1, ci, [])
+                    h = self.held[rid] = _Held(n_prompt - 1, ci, t_first=now)
                     self.n_held += 1
-                h.outputs.append(o)
+                h.n_seen += len(o.new_token_ids)
+                h.queue.append((now, h.last_prompt_pos + h.n_seen, o))
             eco.outputs = keep
         for rid, h in list(self.held.items()):
             self._decide(sched, outs, rid, h, now)
@@ -354,55 +377,71 @@ class FirstTokenHolds:
             self.passed &= set(sched.requests)
         return outs
 
+    def _releasable(self, h: _Held, last_pos: int, finished: bool, judged: int) -> bool:
+        st = self.settings
+        if st.prompt_hold and judged < h.last_prompt_pos:
+            return False
+        return st.holdback < 0 or last_pos - int(finished) - st.holdback <= judged
+
     def _decide(self, sched: Any, outs: dict[int, Any], rid: str, h: _Held, now: float) -> None:
-        last = h.outputs[-1]
-        finished = last.finish_reason is not None
+        last: Any = h.queue[-1][2] if h.queue else None
+        finished = last is not None and last.finish_reason is not None
         if not finished and rid not in sched.requests:
             del self.held[rid]  # aborted by its client meanwhile: nothing to deliver
             self.judged.pop(rid, None)
             return
-        marker = None
+        detector = None
         if finished and isinstance(last.stop_reason, str) and \
                 last.stop_reason.startswith(BLOCK_MARKER):
-            marker = HELD_MARKER + last.stop_reason.removeprefix(BLOCK_MARKER)
+            detector = last.stop_reason.rsplit("detector=", 1)[-1]
         elif rid in PENDING.orders:
-            marker = f"{HELD_MARKER} detector={PENDING.orders.pop(rid).detector}"
-        if marker is not None:
+            detector = PENDING.orders.pop(rid).detector
+        if detector is not None:
             self.ended_blocked += 1
-            self._end(sched, outs, rid, h, marker, "blocked while held")
+            self._end(sched, outs, rid, h, detector, "blocked while held")
             return
         judged = self.judged.get(rid, -1)
-        if judged >= h.last_prompt_pos:
-            self.released_judged += 1
-            self.hold_ms.append((now - h.t0) * 1e3)
-            self._release(outs, rid, h)
-            return
-        if now - h.t0 < self.settings.hold_ms / 1e3:
-            return
-        if self.settings.fail_mode == "closed":
-            self.ended_closed += 1
-            self._end(sched, outs, rid, h, f"{HELD_MARKER} detector={HOLD_TIMEOUT}",
-                      f"prompt not judged within {self.settings.hold_ms} ms (judged through "
-                      f"{judged} of {h.last_prompt_pos}), fail closed")
-        else:
-            self.released_open += 1
-            log.warning("safety monitor: request %s released UNJUDGED: prompt not judged "
-                        "within %d ms (judged through %d of %d), fail open; released_open=%d",
-                        rid, self.settings.hold_ms, judged, h.last_prompt_pos,
-                        self.released_open)
-            self._release(outs, rid, h)
-
-    def _release(self, outs: dict[int, Any], rid: str, h: _Held) -> None:
-        del self.held[rid]
-        self.judged.pop(rid, None)
-        if h.outputs[-1].finish_reason is None:
+        out = self._outputs(outs, h.client) if h.queue else []
+        force = False  # fail open under a prompt hold only: everything goes
+        while h.queue:
+            t, last_pos, o = h.queue[0]
+            done = o.finish_reason is not None
+            ok = self._releasable(h, last_pos, done, judged)
+            if not ok and not force:
+                if now - t < self.settings.hold_ms / 1e3:
+                    return
+                if self.settings.fail_mode == "closed":
+                    self.ended_closed += 1
+                    self._end(sched, outs, rid, h, HOLD_TIMEOUT,
+                              f"not judged within {self.settings.hold_ms} ms (judged through "
+                              f"{judged}, needed for position {last_pos}), fail closed")
+                    return
+                self.released_open += 1
+                log.warning("safety monitor: request %s output released UNJUDGED: not judged "
+                            "within %d ms (judged through %d, needed for position %d), fail "
+                            "open; released_open=%d", rid, self.settings.hold_ms, judged,
+                            last_pos, self.released_open)
+                force = self.settings.holdback < 0
+            if h.n_delivered == 0 and ok:
+                self.released_judged += 1
+                self.hold_ms.append((now - h.t_first) * 1e3)
+            h.queue.pop(0)
+            h.n_delivered += len(o.new_token_ids)
+            out.append(o)
+            if done:
+                del self.held[rid]
+                self.judged.pop(rid, None)
+                return
+        if self.settings.holdback < 0:  # prompt hold only: judged, passes from now on
+            del self.held[rid]
+            self.judged.pop(rid, None)
             self.passed.add(rid)
-        self._outputs(outs, h.client).extend(h.outputs)
 
-    def _end(self, sched: Any, outs: dict[int, Any], rid: str, h: _Held, marker: str,
+    def _end(self, sched: Any, outs: dict[int, Any], rid: str, h: _Held, detector: str,
              why: str) -> None:
-        """End `rid` with no generated text delivered: its held outputs are dropped; the
-        final output carries the first sampled token's id only (see `HELD_MARKER`)."""
+        """End `rid`, its withheld outputs dropped. With nothing delivered yet no generated
+        text is shown: the final output carries the first sampled token's id only (see
+        `HELD_MARKER`)."""
         from vllm.v1.engine import EngineCoreOutput, FinishReason
         from vllm.v1.request import RequestStatus
 
@@ -411,13 +450,20 @@ class FirstTokenHolds:
         req = sched.requests.get(rid)
         if req is not None and not req.is_finished():
             sched.finish_requests(rid, RequestStatus.FINISHED_ABORTED)
-        n = sum(len(o.new_token_ids) for o in h.outputs)
-        log.warning("safety monitor: BLOCKED request %s before its first token (%s; %s); "
-                    "tokens withheld=%d tokens_delivered=0 ended_blocked=%d ended_closed=%d",
-                    rid, marker, why, n, self.ended_blocked, self.ended_closed)
+        n = sum(len(o.new_token_ids) for _, _, o in h.queue)
+        if h.n_delivered == 0:
+            first = h.queue[0][2].new_token_ids[:1] if h.queue else []
+            tokens, marker = list(first), f"{HELD_MARKER} detector={detector}"
+            where = "before its first token"
+        else:
+            tokens, marker = [], f"{BLOCK_MARKER} detector={detector}"
+            where = "while its output was held back"
+        log.warning("safety monitor: BLOCKED request %s %s (detector=%s; %s); tokens "
+                    "withheld=%d tokens_delivered=%d ended_blocked=%d ended_closed=%d",
+                    rid, where, detector, why, n, h.n_delivered, self.ended_blocked,
+                    self.ended_closed)
         self._outputs(outs, h.client).append(EngineCoreOutput(
-            request_id=rid, new_token_ids=list(h.outputs[0].new_token_ids[:1]),
-            finish_reason=FinishReason.ABORT,
+            request_id=rid, new_token_ids=tokens, finish_reason=FinishReason.ABORT,
             stop_reason=marker))
 
     @staticmethod

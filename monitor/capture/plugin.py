@@ -196,7 +196,9 @@ class CaptureSession:
         except ValueError as e:
             log.error("safety monitor: %s; the plan's fail mode %s applies", e, plan.fail_mode)
             mode = plan.fail_mode
-        self.blocks.set_hold(HoldSettings(hold_ms=plan.prompt_hold_ms, fail_mode=mode))
+        self.blocks.set_hold(HoldSettings(
+            hold_ms=plan.prompt_hold_ms or (plan.hold_bound_ms if plan.holdback >= 0 else 0),
+            fail_mode=mode, prompt_hold=plan.prompt_hold_ms > 0, holdback=plan.holdback))
         log.info("safety monitor: capture plan installed: %s; ring %d slots x [%d hooks, %d "
                  "rows, %d] = %.1f MiB", plan.describe(), ring.n_slots, ring.n_layers,
                  ring.max_rows, ring.d_model, ring.nbytes / 2**20)

@@ -80,6 +80,8 @@ class Plan:
         dtype: dtype of the rows on the wire (`preferred_dtype`, else float32).
         max_frame_bytes: frames are split by rows to stay below this (payload bytes).
         prompt_hold_ms: `Enforcement.prompt_hold_ms` (0: no first-token hold).
+        holdback: `Enforcement.holdback_tokens` under strict streaming, else -1 (off).
+        hold_bound_ms: `Enforcement.hold_bound_ms` (the bound under strict streaming).
         fail_mode: `Enforcement.fail_mode` ("open" when unset or unknown).
     """
 
@@ -96,6 +98,8 @@ class Plan:
     n_layers: int = 0
     prompt_hold_ms: int = 0
     fail_mode: str = "open"
+    holdback: int = -1
+    hold_bound_ms: int = 0
     #: in-worker projection per hook point name (`CapturePlan.projections`, each validated;
     #: one that fails validation or names a hook point outside `points` is left out and
     #: logged: its rows go raw)
@@ -125,6 +129,9 @@ class Plan:
             roles=frozenset(int(r) for r in p.token_roles if r) or None,
             n_layers=max(0, int(p.model_n_layers)),
             prompt_hold_ms=int(p.enforcement.prompt_hold_ms),
+            holdback=(int(p.enforcement.holdback_tokens) if p.enforcement.strict_streaming
+                      else -1),
+            hold_bound_ms=int(p.enforcement.hold_bound_ms),
             fail_mode="closed" if p.enforcement.fail_mode == "closed" else "open",
             projections=_projections(p, {hp.name for hp in points}),
         )

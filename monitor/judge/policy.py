@@ -24,6 +24,9 @@ A policy is a YAML file that safety teams edit (reference: ``policies/README.md`
       prompt_hold_ms: 1000           # with a block-mode detector on prompt tokens: the
                                      # first generated token waits (at most this long)
                                      # until the prompt is judged; 0: no hold
+      holdback_tokens: 4             # optional, strict streaming: with a block-mode
+                                     # detector on generated tokens, streamed text never
+                                     # runs more than 4 tokens ahead of the judged one
 
 ``scope`` is one word or a list of words: ``prompt`` (every prompt token), ``generated``
 (the model's output), ``both``, or token roles (``monitor.roles``): ``system``, ``user``,
@@ -170,6 +173,8 @@ class PolicyDefaults:
 FAIL_MODES = ("open", "closed")
 
 
+#: upper bound of ``enforcement.holdback_tokens``
+MAX_HOLDBACK_TOKENS = 4096
 #: upper bound of ``enforcement.prompt_hold_ms`` (a held request keeps its KV blocks)
 MAX_PROMPT_HOLD_MS = 60_000
 
@@ -190,11 +195,17 @@ class EnforcementPolicy:
             it takes effect only when a detector with ``mode: block`` reads prompt tokens
             (`prompt_hold_ms`); on expiry ``fail_mode`` decides (open: release, closed:
             end the request with ``content_filter``), counted either way. 0: no hold.
+            Also the bound of each hold-back wait under strict streaming.
+        holdback_tokens: strict streaming (None: off): streamed text never runs more
+            than this many tokens ahead of the position the sidecar has judged; takes
+            effect only when a detector with ``mode: block`` reads generated tokens
+            (`effective_holdback`); needs ``prompt_hold_ms > 0`` (the bound).
     """
 
     fail_mode: str = "open"
     max_behind_frames: int = 0
     prompt_hold_ms: int = 1000
+    holdback_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -506,7 +517,8 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
     enforcement = EnforcementPolicy()
     if "enforcement" in top:
         ents = p.mapping(top["enforcement"][1], "enforcement",
-                         ("fail_mode", "max_behind_frames", "prompt_hold_ms"))
+                         ("fail_mode", "max_behind_frames", "prompt_hold_ms",
+                          "holdback_tokens"))
         fm = (p.choice(ents["fail_mode"][1], "enforcement.fail_mode", FAIL_MODES)
               if "fail_mode" in ents else enforcement.fail_mode)
         mb = enforcement.max_behind_frames
@@ -521,7 +533,18 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
             if not 0 <= hold <= MAX_PROMPT_HOLD_MS:
                 raise p.fail(ents["prompt_hold_ms"][1], "enforcement.prompt_hold_ms",
                              f"expected an integer in [0, {MAX_PROMPT_HOLD_MS}]; found {hold}")
-        enforcement = EnforcementPolicy(fail_mode=fm, max_behind_frames=mb, prompt_hold_ms=hold)
+        holdback = None
+        if "holdback_tokens" in ents:
+            node = ents["holdback_tokens"][1]
+            holdback = p.integer(node, "enforcement.holdback_tokens")
+            if not 0 <= holdback <= MAX_HOLDBACK_TOKENS:
+                raise p.fail(node, "enforcement.holdback_tokens", f"expected an integer in "
+                             f"[0, {MAX_HOLDBACK_TOKENS}]; found {holdback}")
+            if hold == 0:
+                raise p.fail(node, "enforcement.holdback_tokens", "needs prompt_hold_ms > 0 "
+                             "(the bound of every hold); found prompt_hold_ms: 0")
+        enforcement = EnforcementPolicy(fail_mode=fm, max_behind_frames=mb, prompt_hold_ms=hold,
+                                        holdback_tokens=holdback)
     return Policy(
         version=version,
         sha256=sha,
@@ -546,6 +569,17 @@ def effective_prompt_hold_ms(policy: Policy) -> int:
     """``enforcement.prompt_hold_ms`` when some detector holds (`holding_detectors`),
     else 0: a policy without a prompt-scope block detector costs no latency."""
     return policy.enforcement.prompt_hold_ms if holding_detectors(policy) else 0
+
+
+def effective_holdback(policy: Policy) -> int | None:
+    """``enforcement.holdback_tokens`` when a ``mode: block`` detector reads generated
+    tokens (strict streaming has something to wait for), else None (off)."""
+    n = policy.enforcement.holdback_tokens
+    if n is None or policy.enforcement.prompt_hold_ms <= 0:
+        return None
+    blocks_generated = any(d.mode == "block" and TokenRole.GENERATED in scope_roles(d.scope)
+                           for d in policy.detectors.values())
+    return n if blocks_generated else None
 
 
 def load_policy(path: str | Path) -> Policy:

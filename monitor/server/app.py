@@ -38,7 +38,7 @@ from grpc_reflection.v1alpha import reflection
 import monitor
 from monitor.constants import HOOK_NAME_TEMPLATE, Reason
 from monitor.judge.latents import LatentTracker, latent_map
-from monitor.judge.policy import Policy, effective_prompt_hold_ms
+from monitor.judge.policy import Policy, effective_holdback, effective_prompt_hold_ms
 from monitor.judge.reload import PolicyHolder
 from monitor.judge.trace import TokenTrace
 from monitor.judge.tracker import RequestTracker
@@ -144,6 +144,7 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
         hooks.append(hook)
         for d in judged:
             roles |= scope_roles(policy.detectors[d].scope)
+    holdback = effective_holdback(policy)
     if effective_prompt_hold_ms(policy):
         # prompt-time blocking: the sidecar must see the prompt up to its last token to say
         # it is judged through (`JudgedThrough`), so every prompt role is captured
@@ -158,7 +159,8 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
     layers = sorted({parse_hook_name(h).layer for h in hooks})
     projs = [projections[h] for h in hooks if projections and h in projections]
     key = (f"{model}|{d_model}|{n_layers}|{hooks}|{token_kinds}|{token_roles}|{bundle_sha256}|"
-           f"{max_frame_bytes}|{[p.version for p in projs]}|{effective_prompt_hold_ms(policy)}")
+           f"{max_frame_bytes}|{[p.version for p in projs]}|"
+           f"{effective_prompt_hold_ms(policy)}|{holdback}")
     return monitor_pb2.CapturePlan(
         plan_id=hashlib.sha256(key.encode()).hexdigest()[:16], model=model, d_model=d_model,
         layers=layers, token_kinds=token_kinds, hook_name_template=HOOK_NAME_TEMPLATE,
@@ -169,7 +171,9 @@ def capture_plan(*, model: str, d_model: int, n_layers: int, bundle_sha256: str,
         enforcement=monitor_pb2.Enforcement(
             fail_mode=policy.enforcement.fail_mode,
             max_behind_frames=policy.enforcement.max_behind_frames,
-            prompt_hold_ms=effective_prompt_hold_ms(policy)),
+            prompt_hold_ms=effective_prompt_hold_ms(policy),
+            strict_streaming=holdback is not None, holdback_tokens=holdback or 0,
+            hold_bound_ms=policy.enforcement.prompt_hold_ms if holdback is not None else 0),
         projections=projs,
     )
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from monitor.constants import ENGINE_REASONS, FinishReason, Reason, RequestKey
 from monitor.judge.latents import LatentTracker
-from monitor.judge.policy import DetectorPolicy, Policy, holding_detectors
+from monitor.judge.policy import DetectorPolicy, Policy, effective_holdback, holding_detectors
 from monitor.judge.trace import TokenTrace
 from monitor.judge.tracker import Expected, RequestTracker, VerdictUpdate
 from monitor.report.metrics import Metrics
@@ -147,6 +147,7 @@ class Pipeline:
         self._judged: dict[str, DetectorPolicy] = dict(policy.detectors)  # worker only
         #: prompt-time blocking (worker only): hook points of the detectors that hold the
         #: first token, and per open request the highest position judged on each of them
+        self._hold_generated = False
         self._hold_hooks = self._holding_hooks(policy)
         self._judged_at: dict[RequestKey, dict[str, int]] = {}
         #: fired SAE latents per (request, detector); worker only
@@ -371,16 +372,24 @@ class Pipeline:
             item.sink.post(None)
 
     def _holding_hooks(self, policy: Policy) -> frozenset[str]:
-        """Hook points read by a detector that holds the first token (empty: no hold)."""
-        dets = holding_detectors(policy)
+        """Hook points read by a detector that holds output (empty: no hold): block-mode
+        on prompt tokens (first-token hold), and under strict streaming every block-mode
+        detector reading generated tokens. Sets `_hold_generated` (progress for
+        generated rows too)."""
+        dets = set(holding_detectors(policy))
+        self._hold_generated = effective_holdback(policy) is not None
+        if self._hold_generated:
+            dets |= {n for n, d in policy.detectors.items()
+                     if d.mode == "block" and TokenRole.GENERATED in scope_roles(d.scope)}
         return frozenset(h for h in self.scorer.hooks if set(self.scorer.detectors_on(h)) & dets)
 
     def _judged_through(self, hook: str, key: RequestKey, sink: StreamSink,
                         positions: np.ndarray, generated: np.ndarray) -> None:
-        """After the rows of ``key`` on ``hook`` were judged: when they held prompt rows,
-        post `JudgedThrough` with the highest position judged on every holding hook point
-        (once all of them have judged some), so the plugin can release the first token."""
-        prompt = positions[~generated.astype(bool)]
+        """After the rows of ``key`` on ``hook`` were judged: when they held prompt rows
+        (or any rows under strict streaming), post `JudgedThrough` with the highest
+        position judged on every holding hook point (once all of them have judged some),
+        so the plugin can release the output held for it."""
+        prompt = positions if self._hold_generated else positions[~generated.astype(bool)]
         if prompt.size == 0:
             return
         at = self._judged_at.setdefault(key, {})

@@ -228,14 +228,20 @@ class GetCapturePlanRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Enforcement(_message.Message):
-    __slots__ = ("fail_mode", "max_behind_frames", "prompt_hold_ms")
+    __slots__ = ("fail_mode", "max_behind_frames", "prompt_hold_ms", "strict_streaming", "holdback_tokens", "hold_bound_ms")
     FAIL_MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_BEHIND_FRAMES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_HOLD_MS_FIELD_NUMBER: _ClassVar[int]
+    STRICT_STREAMING_FIELD_NUMBER: _ClassVar[int]
+    HOLDBACK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HOLD_BOUND_MS_FIELD_NUMBER: _ClassVar[int]
     fail_mode: str
     max_behind_frames: int
     prompt_hold_ms: int
-    def __init__(self, fail_mode: _Optional[str] = ..., max_behind_frames: _Optional[int] = ..., prompt_hold_ms: _Optional[int] = ...) -> None: ...
+    strict_streaming: bool
+    holdback_tokens: int
+    hold_bound_ms: int
+    def __init__(self, fail_mode: _Optional[str] = ..., max_behind_frames: _Optional[int] = ..., prompt_hold_ms: _Optional[int] = ..., strict_streaming: _Optional[bool] = ..., holdback_tokens: _Optional[int] = ..., hold_bound_ms: _Optional[int] = ...) -> None: ...
 
 class CapturePlan(_message.Message):
     __slots__ = ("plan_id", "model", "d_model", "layers", "token_kinds", "hook_name_template", "preferred_dtype", "bundle_sha256", "max_frame_bytes", "hook_names", "token_roles", "model_n_layers", "enforcement", "projections")
