@@ -432,9 +432,12 @@ def _chat(base: str, user: str, max_tokens: int, correlation_id: str = "") -> di
         return dict(json.load(r))
 
 
-def _chat_stream(base: str, user: str, max_tokens: int) -> list[dict[str, Any]]:
-    req = urllib.request.Request(f"{base}/v1/chat/completions", data=_body(user, max_tokens,
-                                 True), headers={"Content-Type": "application/json"})
+def _chat_stream(base: str, user: str, max_tokens: int,
+                 body: bytes | None = None) -> list[dict[str, Any]]:
+    """The streamed chunks of one chat request (`body`: the JSON to send, else `_body`)."""
+    req = urllib.request.Request(f"{base}/v1/chat/completions",
+                                 data=body or _body(user, max_tokens, True),
+                                 headers={"Content-Type": "application/json"})
     chunks = []
     with urllib.request.urlopen(req, timeout=240) as r:
         for raw in r:
@@ -592,14 +595,7 @@ def test_strict_streaming_never_streams_past_the_crossing(stack: Stack) -> None:
     body = json.dumps({"model": DEFAULT_MODEL_NAME, "max_tokens": 48, "temperature": 0.0,
                        "stream": True, "stream_options": {"include_usage": True},
                        "messages": [{"role": "user", "content": BENIGN + " Explain."}]})
-    req = urllib.request.Request(f"{stack.base}/v1/chat/completions", data=body.encode(),
-                                 headers={"Content-Type": "application/json"})
-    chunks = []
-    with urllib.request.urlopen(req, timeout=240) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[6:]))
+    chunks = _chat_stream(stack.base, "", 0, body.encode())
     reasons = [c["choices"][0].get("finish_reason") for c in chunks if c.get("choices")]
     assert reasons[-1] == "content_filter", chunks
     usage = next(c["usage"] for c in chunks if c.get("usage"))
