@@ -530,8 +530,8 @@ def test_prompt_time_block_streams_no_generated_content(stack: Stack) -> None:
     stack.restart_sidecar(HOLD_POLICY)
 
     def holding() -> bool:  # the reconnected plugin sent the new plan's hold to the core
-        _post(stack.base, BENIGN)  # 503 (fail closed) until the gate sees the sidecar
-        return "prompt hold 20000 ms" in stack.vllm_log.read_text(errors="replace")
+        ok = _post(stack.base, BENIGN)[0] == 200  # 503 (fail closed) until the gate sees it
+        return ok and "prompt hold 20000 ms" in stack.vllm_log.read_text(errors="replace")
 
     assert _eventually(holding, 120), stack.vllm_log.read_text(errors="replace")[-3000:]
     chunks = _chat_stream(stack.base, HARMFUL, 64)
@@ -585,8 +585,8 @@ def test_strict_streaming_never_streams_past_the_crossing(stack: Stack) -> None:
     stack.restart_sidecar(STRICT_POLICY)
 
     def strict() -> bool:
-        _post(stack.base, BENIGN)  # 503 (fail closed) until the gate sees the sidecar
-        return "holdback 0)" in stack.vllm_log.read_text(errors="replace")
+        ok = _post(stack.base, BENIGN)[0] == 200  # 503 (fail closed) until the gate sees it
+        return ok and "holdback 0)" in stack.vllm_log.read_text(errors="replace")
 
     assert _eventually(strict, 120), stack.vllm_log.read_text(errors="replace")[-3000:]
     seen = len(_audit(stack.audit))
