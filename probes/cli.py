@@ -261,7 +261,7 @@ def cmd_study_loso(args: argparse.Namespace) -> int:
             sds = []
             for d in data.values():
                 roles = harmful.token_roles(d.acts, d.examples, collector)
-                m = study.readout_mask(roles, d.acts.example, d.acts.generated, readout)
+                m = study.readout_mask(roles, d.acts.example, readout)
                 sds.append(harmful.SourceData(d.source, d.examples, d.acts, m))
         for layer in _layers(args.layers):
             for c in (float(x) for x in args.C.split(",")):

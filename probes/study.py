@@ -49,29 +49,26 @@ def ecdf_scores(cal: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.searchsorted(c, np.asarray(s, dtype=np.float64), side="left") / c.size
 
 
-def readout_mask(roles: np.ndarray, example: np.ndarray, generated: np.ndarray,
-                 readout: str) -> np.ndarray:
+def readout_mask(roles: np.ndarray, example: np.ndarray, readout: str) -> np.ndarray:
     """Rows of a read-out (bool ``[n_rows]``); rows grouped by example (collect order).
 
-    ``user``: USER rows; ``prompt``: every prompt row; ``post``: prompt rows after the
-    example's last USER row (none for an example without user rows)."""
-    from monitor.roles import TokenRole
+    ``user`` and ``prompt``: the served scopes of those names (``monitor.roles.scope_mask``,
+    the tracker's own table); ``post``: prompt rows after the example's last USER row
+    (none for an example without user rows)."""
+    from monitor.roles import TokenRole, scope_mask
 
-    roles = np.asarray(roles)
-    prompt = ~np.asarray(generated).astype(bool)
-    user = roles == int(TokenRole.USER)
-    if readout == "user":
-        return user
-    if readout == "prompt":
-        return prompt
+    roles = np.asarray(roles, dtype=np.int8)
+    if readout in ("user", "prompt"):
+        return scope_mask(readout)[roles]
     if readout != "post":
         raise ValueError(f"readout: expected user, post or prompt; found {readout!r}")
+    user = roles == int(TokenRole.USER)
     idx = np.arange(roles.size)
     n_ex = int(example.max()) + 1 if example.size else 0
     last_user = np.full(n_ex, -1, dtype=np.int64)
     np.maximum.at(last_user, example[user], idx[user])
     lu = last_user[example]
-    return prompt & (lu >= 0) & (idx > lu)
+    return scope_mask("prompt")[roles] & (lu >= 0) & (idx > lu)
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ def test_readout_masks_match_a_plain_loop() -> None:
     roles = np.array([T, S, T, U, U, T, T, G, G, T, T, U, T, U, T])
     example = np.array([0] * 9 + [1] * 2 + [2] * 4)
     generated = roles == G
-    assert readout_mask(roles, example, generated, "user").tolist() == (roles == U).tolist()
-    assert readout_mask(roles, example, generated, "prompt").tolist() == (~generated).tolist()
-    post = readout_mask(roles, example, generated, "post")
+    assert readout_mask(roles, example, "user").tolist() == (roles == U).tolist()
+    assert readout_mask(roles, example, "prompt").tolist() == (~generated).tolist()
+    post = readout_mask(roles, example, "post")
     want = []
     for i in range(roles.size):
         ex = example[i]
@@ -39,7 +39,7 @@ def test_readout_masks_match_a_plain_loop() -> None:
         want.append(bool(users) and i > max(users) and not generated[i])
     assert post.tolist() == want
     with pytest.raises(ValueError, match="readout"):
-        readout_mask(roles, example, generated, "last")
+        readout_mask(roles, example, "last")
 
 
 def _source(name: str, kind: str, n: int, shift: float, rng: np.random.Generator,
