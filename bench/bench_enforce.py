@@ -59,6 +59,34 @@ def chat(base: str, user: str, max_tokens: int) -> str:
         return str(json.load(r)["choices"][0]["finish_reason"])
 
 
+def start_sidecar(work: Path, policy: Path, grpc_port: int, metrics_port: int,
+                  env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
+    """The sidecar on the default bundle (log appended to ``work/sidecar.log``), ready."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monitor.cli", "serve", "--bundle",
+         str(ROOT / "bundles/default"), "--policy", str(policy), "--port", str(grpc_port),
+         "--metrics-port", str(metrics_port), *extra],
+        stdout=open(work / "sidecar.log", "ab"), stderr=subprocess.STDOUT, env=env)
+    wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 60, proc, "the sidecar")
+    return proc
+
+
+def start_vllm(work: Path, http_port: int, grpc_port: int,
+               env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """vLLM's OpenAI server (eager, default model) with the plugin pointed at the sidecar
+    on ``grpc_port`` (log in ``work/vllm.log``), ready."""
+    venv = dict(env, SAFETY_MONITOR_ADDR=f"127.0.0.1:{grpc_port}",
+                SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME, VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+         str(prepare_default_model()), "--served-model-name", DEFAULT_MODEL_NAME,
+         "--host", "127.0.0.1", "--port", str(http_port), "--max-model-len", "1024",
+         "--dtype", "float32", "--enforce-eager"],
+        stdout=open(work / "vllm.log", "wb"), stderr=subprocess.STDOUT, env=venv)
+    wait_http(f"http://127.0.0.1:{http_port}/health", 400, proc, "vLLM")
+    return proc
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=32)
@@ -75,22 +103,10 @@ def main() -> int:
     sidecar = vllm = None
     load0 = os.getloadavg()[0]
     try:
-        sidecar = subprocess.Popen(
-            [sys.executable, "-m", "monitor.cli", "serve", "--bundle",
-             str(ROOT / "bundles/default"), "--policy", str(policy), "--port", str(grpc_port),
-             "--metrics-port", str(metrics_port), "--audit-log", str(work / "audit.jsonl")],
-            stdout=open(work / "sidecar.log", "wb"), stderr=subprocess.STDOUT, env=env)
-        wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 60, sidecar, "the sidecar")
-        venv = dict(env, SAFETY_MONITOR_ADDR=f"127.0.0.1:{grpc_port}",
-                    SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME, VLLM_CPU_KVCACHE_SPACE="1")
+        sidecar = start_sidecar(work, policy, grpc_port, metrics_port, env,
+                                "--audit-log", str(work / "audit.jsonl"))
         vlog = work / "vllm.log"
-        vllm = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-             str(prepare_default_model()), "--served-model-name", DEFAULT_MODEL_NAME,
-             "--host", "127.0.0.1", "--port", str(http_port), "--max-model-len", "1024",
-             "--dtype", "float32", "--enforce-eager"],
-            stdout=open(vlog, "wb"), stderr=subprocess.STDOUT, env=venv)
-        wait_http(f"http://127.0.0.1:{http_port}/health", 400, vllm, "vLLM")
+        vllm = start_vllm(work, http_port, grpc_port, env)
         base = f"http://127.0.0.1:{http_port}"
         prompts = [TRAFFIC[i % len(TRAFFIC)][2] for i in range(args.requests)]
         t0 = time.monotonic()

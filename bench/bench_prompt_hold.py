@@ -40,8 +40,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from monitor.tools.demo import TRAFFIC, stop, wait_http  # noqa: E402
-from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model  # noqa: E402
+from bench_enforce import start_sidecar, start_vllm  # noqa: E402
+
+from monitor.tools.demo import TRAFFIC, stop  # noqa: E402
+from monitor.tools.models import DEFAULT_MODEL_NAME  # noqa: E402
 from monitor.tools.net import free_port  # noqa: E402
 
 POLICY = """\
@@ -120,27 +122,13 @@ def main() -> int:
         stop(procs["sidecar"], "the sidecar")
         policy = work / f"policy-{len(name)}-{time.monotonic_ns()}.yaml"
         policy.write_text(settings[name][0])
-        procs["sidecar"] = subprocess.Popen(
-            [sys.executable, "-m", "monitor.cli", "serve", "--bundle",
-             str(ROOT / "bundles/default"), "--policy", str(policy), "--port", str(grpc_port),
-             "--metrics-port", str(metrics_port)],
-            stdout=open(work / "sidecar.log", "ab"), stderr=subprocess.STDOUT, env=env)
-        wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 60, procs["sidecar"],
-                  "the sidecar")
+        procs["sidecar"] = start_sidecar(work, policy, grpc_port, metrics_port, env)
 
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in settings}
     prompts = [TRAFFIC[i % len(TRAFFIC)][2] for i in range(args.requests)]
     try:
         sidecar(next(iter(settings)))
-        venv = dict(env, SAFETY_MONITOR_ADDR=f"127.0.0.1:{grpc_port}",
-                    SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME, VLLM_CPU_KVCACHE_SPACE="1")
-        procs["vllm"] = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-             str(prepare_default_model()), "--served-model-name", DEFAULT_MODEL_NAME,
-             "--host", "127.0.0.1", "--port", str(http_port), "--max-model-len", "1024",
-             "--dtype", "float32", "--enforce-eager"],
-            stdout=open(vlog, "wb"), stderr=subprocess.STDOUT, env=venv)
-        wait_http(f"http://127.0.0.1:{http_port}/health", 400, procs["vllm"], "vLLM")
+        procs["vllm"] = start_vllm(work, http_port, grpc_port, env)
         base = f"http://127.0.0.1:{http_port}"
         for _ in range(3):  # warm-up; the plugin connects
             ttft(base, "Hi.", 2)
