@@ -306,12 +306,16 @@ def pca_logreg(layer: int, k: int, C: float) -> Fitter:
     return fit
 
 
-def class_balanced(layer: int, C: float) -> Fitter:
-    """The linear probe WITHOUT per-source balancing: every request the same weight within
-    its class (what per-source weights buy)."""
+def class_balanced(layer: int, C: float, kind_weight: dict[str, float] | None = None
+                   ) -> Fitter:
+    """The linear probe WITHOUT per-source balancing: every request of a class the same
+    weight (times its source's ``kind_weight`` multiplier), what per-source weights buy."""
+    kw = kind_weights(1.0) if kind_weight is None else kind_weight
+
     def fit(parts: Parts) -> Scorer:
         x, y = _xy(parts, [layer])
-        p = fit_logreg(x, y, layer, C, max_iter=500)
+        p = fit_logreg(x, y, layer, C, source_weights(parts, kw, per_source=False),
+                       max_iter=500)
         return lambda d: (((d.features(layer) - p.mean) / p.std) @ p.weight
                           + p.bias).astype(np.float64)
     return fit
@@ -501,6 +505,8 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
                 linear(lay, C, kind_weights(3.0))),
         Variant("5 negatives", f"scary+persona+coconot_noncompliance x3, L{lay}", one,
                 linear(lay, C, hard)),
+        Variant("5 negatives", f"no per-source balance, scary+persona+coconot_noncompliance"
+                f" x3, L{lay}", one, class_balanced(lay, C, hard)),
         Variant("5 negatives", f"length-debiased linear L{lay} (- a log n_user)",
                 "no: needs a token-count term", length_debiased(linear(lay, C))),
     ]

@@ -154,6 +154,12 @@ def test_source_weights_name_overrides_kind() -> None:
     for c in (0, 1):
         raw[y == c] /= raw[y == c].sum()
     np.testing.assert_allclose(w, raw * y.size / 2)
+    # per_source=False: every ROW weighs its multiplier, then the same class rescaling
+    w2 = source_weights(parts, {"scary": 2.0, "oasst": 4.0}, per_source=False)
+    raw2 = np.concatenate([np.full(d.labels.size, float(mult[d.name])) for d in data])
+    for c in (0, 1):
+        raw2[y == c] /= raw2[y == c].sum()
+    np.testing.assert_allclose(w2, raw2 * y.size / 2)
 
 
 def test_ensemble_is_the_mean_of_per_layer_probes() -> None:
