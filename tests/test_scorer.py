@@ -410,8 +410,16 @@ def test_epilogue_paths_match_reference(tmp_path: Path, parts: str, epilogue: st
             for (c, _), k in made]
     b = build(tmp_path, [part for part, _ in made], dets)
     scorer = Scorer(b, compute)
-    assert scorer._kernel(0).epilogue == epilogue
-    assert_matches(b, activations(200), compute)
+    kern = scorer._kernel(0)
+    assert kern.epilogue == epilogue
+    assert (kern.fold is not None) == (epilogue == "none")  # read-out folded into the GEMM
+    x = activations(200)
+    assert_matches(b, x, compute)  # score(): the folded path where there is one
+    # the folded scores equal the ones read out from the formed columns
+    s_cols, _ = scorer.score_and_columns(0, x)
+    np.testing.assert_allclose(scorer.score(0, x), s_cols, rtol=0,
+                               atol=1e-6 if compute == torch.float32 else 2e-2)
+    assert scorer.score(0, x[:0]).shape == (0, len(dets))
 
 
 def test_mask_epilogue_is_the_formula_bit_for_bit(tmp_path: Path) -> None:

@@ -24,6 +24,10 @@ once per layer at construction (``_Kernel.epilogue``):
 * ``general`` gated columns (and layer_norm columns): the general formulas above.
 
 The read-out is one addmm into a fresh ``[n_rows, n_detectors]`` tensor, sigmoid in place.
+On a layer whose epilogue is ``none`` the read-out is linear too, so :meth:`Scorer.score`
+folds it into the GEMM at construction: ``S = sigmoid(x · (W·R) + (b·R + c))``, one addmm
+of ``n_detectors`` columns (the columns ``Z`` are not formed; ``score_and_columns`` still
+forms them, and its scores equal the folded ones to float32 rounding, ~1e-7).
 Input checks are O(1) (dtype, shape); a hook point given as a name or a bare layer is
 looked up in one dict of both spellings, built at construction.
 
@@ -84,6 +88,10 @@ class _Kernel:
     Rt: torch.Tensor
     RtT: torch.Tensor
     epilogue: Epilogue
+    #: epilogue ``none`` (and no TopK): the read-out folded into the GEMM, ``(WRt
+    #: [n_detectors, d_model]`` compute dtype, ``cR [n_detectors]`` float32): ``S =
+    #: sigmoid(x · WRt.t() + cR)``; None otherwise
+    fold: tuple[torch.Tensor, torch.Tensor] | None
     #: TopK components: ``(Wt_full [m, d_model]`` compute dtype, ``block)`` (pack.TopKBlock)
     topk: tuple[tuple[torch.Tensor, TopKBlock], ...] = ()
 
@@ -137,6 +145,12 @@ class Scorer:
             b_gemm, b_post = None, p.b
         Wt = p.W.t().to(self.compute_dtype).contiguous()
         Rt = p.R.t().contiguous()
+        epilogue = _epilogue(p)
+        fold = None
+        if epilogue == "none" and not p.topk:  # Z = P: S = sigmoid((x·W + b)·R + c)
+            R = p.R.double()
+            WRt = (p.W.double() @ R).t().to(self.compute_dtype).contiguous()
+            fold = (WRt, (p.b.double() @ R + p.c.double()).float())
         return _Kernel(
             packed=p,
             Wt=Wt,
@@ -147,7 +161,8 @@ class Scorer:
             ln_eps=None if p.ln_eps is None else p.ln_eps.unsqueeze(0),
             Rt=Rt,
             RtT=Rt.t(),
-            epilogue=_epilogue(p),
+            epilogue=epilogue,
+            fold=fold,
             topk=tuple((blk.W.t().to(self.compute_dtype).contiguous(), blk)
                        for blk in p.topk),
         )
@@ -225,7 +240,15 @@ class Scorer:
         without a copy; it is not modified). ``n_rows`` may be 0.
         """
         kern = self._kernel(layer)
-        return self._readout(kern, self._columns(kern, x)).numpy()
+        if kern.fold is None:
+            return self._readout(kern, self._columns(kern, x)).numpy()
+        WRt, cR = kern.fold  # read-out folded into the GEMM (module doc)
+        xc = self._input(x)
+        if self.compute_dtype == torch.float32:
+            s = torch.addmm(cR, xc, WRt.t())
+        else:
+            s = torch.mm(xc, WRt.t()).float().add_(cR)
+        return s.sigmoid_().numpy()
 
     def score_and_columns(self, layer: int | str, x: torch.Tensor | np.ndarray
                           ) -> tuple[np.ndarray, np.ndarray]:
@@ -240,18 +263,17 @@ class Scorer:
 
     def _columns(self, kern: _Kernel, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """``Z`` float32 ``[n_rows, n_cols]`` of ``x`` (checked here), a new tensor."""
-        x = _as_tensor(x)
-        self._check_input(x)
-        if x.shape[0] == 0:
+        xc = self._input(x)
+        if xc.shape[0] == 0:
             return torch.zeros(0, kern.packed.n_cols)
-        xc = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
         if kern.b_gemm is not None:
             p = torch.addmm(kern.b_gemm, xc, kern.WtT)
         else:
             p = torch.mm(xc, kern.WtT).float()
         var = None
         if kern.ln_cols is not None:
-            xf = x if x.dtype == torch.float32 else x.float()
+            xf = _as_tensor(x)  # x itself, not xc: var from the unrounded input
+            xf = xf if xf.dtype == torch.float32 else xf.float()
             var = torch.var(xf, dim=1, correction=0, keepdim=True)  # [n_rows, 1]
         z = self._finish(kern, p, var)
         for Wt_full, blk in kern.topk:  # full-width TopK: keep a row's k largest latents
@@ -309,6 +331,13 @@ class Scorer:
         except KeyError:
             raise KeyError(f"{hook} has no detectors in bundle {self.bundle.name!r} "
                            f"(hook points {list(self.hooks)})") from None
+
+    def _input(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """``x`` checked (O(1): type, dtype, shape) and in the compute dtype (no copy
+        when it already is)."""
+        t = _as_tensor(x)
+        self._check_input(t)
+        return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
