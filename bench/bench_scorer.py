@@ -333,7 +333,9 @@ def targets(args: argparse.Namespace) -> int:
             scorer = Scorer(bundle)
             before = old(bundle) if old else None
             kern = scorer._kernel(hook)
-            Wt, cols, d = kern.Wt, kern.packed.n_cols, bundle.d_model
+            # the GEMM gets its own copy of the weights: sharing the scorer's would find them
+            # in cache right after the fused call read them (a memory-bound GEMV at 1 row)
+            Wt, cols, d = kern.Wt.clone(), kern.packed.n_cols, bundle.d_model
             for rows in (int(v) for v in args.sweep_rows.split(",")):
                 x = torch.randn(rows, d, generator=g)
                 out = torch.empty(rows, cols)
