@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_scorer import cpu_model, timeit, write_section
+from bench_scorer import cpu_model, timeit, write_section  # (bench/ is sys.path[0])
+
 from monitor.score import Scorer, write_bundle
 from monitor.score.sae import SAE, load_saelens
 from monitor.score.sae.model import gather

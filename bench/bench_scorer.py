@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -170,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             return torch.sigmoid(torch.stack(logits, dim=1))
 
         ms = timeit({
-            "fused": (lambda s=scorer, xd=xd: s.score(0, xd), args.repeats),
+            "fused": (partial(scorer.score, 0, xd), args.repeats),
             "naive": (naive, args.naive_repeats),
-            "bare": (lambda xd=xd, W=W_bare: torch.mm(xd, W.t()), args.repeats),
+            "bare": (partial(torch.mm, xd, W_bare.t()), args.repeats),
         })
         fused_ms, naive_ms, bare_ms = ms["fused"], ms["naive"], ms["bare"]
         diff = float((torch.from_numpy(scorer.score(0, xd)) - naive()).abs().max())
@@ -262,9 +263,8 @@ def targets(args: argparse.Namespace) -> int:
         for rows in (int(v) for v in args.sweep_rows.split(",")):
             x = torch.randn(rows, d, generator=g)
             out = torch.empty(rows, cols)
-            t = timeit({"fused": (lambda x=x, sc=scorer, h=hook: sc.score(h, x), args.repeats),
-                        "gemm": (lambda x=x, out=out, w=Wt: torch.mm(x, w.t(), out=out),
-                                 args.repeats)})
+            t = timeit({"fused": (partial(scorer.score, hook, x), args.repeats),
+                        "gemm": (partial(torch.mm, x, Wt.t(), out=out), args.repeats)})
             r = t["gemm"] / t["fused"]
             tgt = goal.get(d)
             mark = "-" if tgt is None else (f">= {tgt}: {'met' if r >= tgt else 'not met'}")
@@ -309,9 +309,9 @@ def backends(args: argparse.Namespace) -> int:
             x = torch.randn(rows, d)
             xn = x.numpy()
             reps = max(3, min(100, int(1e9 / (rows * d * n_cols + 1e6))))
-            ms = timeit_blocks({"torch": lambda x=x, s=t_s: s.score(0, x),
-                                "ort": lambda xn=xn, s=o_s: s.score(0, xn),
-                                "bare": lambda x=x, W=W: torch.mm(x, W.t())}, reps)
+            ms = timeit_blocks({"torch": partial(t_s.score, 0, x),
+                                "ort": partial(o_s.score, 0, xn),
+                                "bare": partial(torch.mm, x, W.t())}, reps)
             diff = float(abs(t_s.score(0, x) - o_s.score(0, xn)).max())
             assert diff < 1e-4, f"backends disagree by {diff}"
             ratio = ms["ort"] / ms["torch"]
