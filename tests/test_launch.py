@@ -50,6 +50,8 @@ def test_sidecar_argv(tmp_path: Path) -> None:
     full = SidecarServer(bundle=tmp_path / "b", port=1, metrics_port=2, log=tmp_path / "s.log",
                          policy=tmp_path / "p.yaml", audit_log=tmp_path / "a.jsonl",
                          audit_finals=True, extra_args=("--x",)).argv()
+    assert SidecarServer(bundle=tmp_path / "b", port=1, metrics_port=2, log=tmp_path / "s.log",
+                         python="/other/python").argv()[0] == "/other/python"
     assert full[-6:] == ["--policy", str(tmp_path / "p.yaml"), "--audit-log",
                          str(tmp_path / "a.jsonl"), "--audit-finals", "--x"]
 

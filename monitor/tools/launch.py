@@ -144,11 +144,15 @@ class SidecarServer:
     """Further ``serve`` arguments, appended last."""
     env: Mapping[str, str] | None = None
     """Environment; None: this process's ``os.environ``."""
+    python: str | None = None
+    """Interpreter running ``monitor.cli`` (e.g. another virtualenv's, to test an installed
+    package); None: this one (``sys.executable``)."""
     ready_timeout_s: float = 60.0
     """How long to wait for ``/metrics``."""
 
     def argv(self) -> list[str]:
-        cmd = [sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(self.bundle),
+        cmd = [self.python or sys.executable, "-m", "monitor.cli", "serve", "--bundle",
+               str(self.bundle),
                "--port", str(self.port), "--metrics-port", str(self.metrics_port)]
         if self.policy is not None:
             cmd += ["--policy", str(self.policy)]
