@@ -25,11 +25,11 @@ import conftest
 import numpy as np
 import pytest
 import torch
-from conftest import D_MODEL, MODEL, MonitorServer
-from test_server_integration import errors, fin, make_rows, rid, stream, verdicts
+from conftest import D_MODEL, MODEL, MonitorServer, submit_rows
+from test_server_integration import _wait, errors, fin, make_rows, rid, stream, verdicts
 
 from monitor.capture.config import CaptureConfig
-from monitor.capture.transport import HostRing, StepRecord, Transport
+from monitor.capture.transport import Transport
 from monitor.roles import TokenRole
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire import Span, encode_frame
@@ -338,29 +338,8 @@ def _transport(srv: MonitorServer, shm_dir: Path, **over: object) -> Transport:
     return t
 
 
-def _wait(cond: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
-
 def _submit(t: Transport, rows: dict[int, torch.Tensor], request_id: str, step: int) -> None:
-    plan = t.plan
-    assert plan is not None
-    ring = HostRing(1, len(plan.points), 16, D_MODEL, torch.float32)
-    slot = ring.acquire()
-    assert slot is not None
-    v = ring.view(slot)
-    for k, hp in enumerate(plan.points):
-        v[k, :8] = rows[parse_hook_name(hp.name).layer]
-    spans = [(request_id, 4, 0, 4, int(TokenRole.OTHER)),
-             (request_id, 4, 4, 4, int(TokenRole.GENERATED))]
-    assert t.submit_step(StepRecord(ring=ring, slot=slot, step=step, plan_id=plan.plan_id,
-                                    model=MODEL, points=plan.points, n_rows=8, spans=spans,
-                                    max_frame_bytes=plan.max_frame_bytes))
+    submit_rows(t, rows, request_id, step)
     t.submit_finished(monitor_pb2.RequestFinished(request_id=request_id, reason="stop",
                                                   n_prompt_tokens=4, n_generated_tokens=5))
 
