@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 
+from monitor.tools.launch import SidecarServer
 from monitor.tools.net import free_port
 
 if TYPE_CHECKING:
@@ -46,6 +46,32 @@ detectors:
     scope: generated
     thresholds: {warn: 0.6, critical: 0.85}
 """
+
+
+def submit_rows(t: Any, rows: dict[int, torch.Tensor], request_id: str, step: int = 1) -> Any:
+    """Hand the plugin's `Transport` `t` one engine step of 8 rows of `request_id` (4 prompt
+    rows, then 4 generated; `rows[layer]` per plan hook point, `[8, D_MODEL]`), written into
+    a one-slot host ring as the capture op would; returns that `HostRing`."""
+    import torch
+
+    from monitor.capture.transport import HostRing, StepRecord
+    from monitor.roles import TokenRole
+    from monitor.wire.hooks import parse_hook_name
+
+    plan = t.plan
+    assert plan is not None
+    ring = HostRing(1, len(plan.points), 16, D_MODEL, torch.float32)
+    slot = ring.acquire()
+    assert slot is not None
+    v = ring.view(slot)
+    for k, hp in enumerate(plan.points):
+        v[k, :8] = rows[parse_hook_name(hp.name).layer]
+    spans = [(request_id, 4, 0, 4, int(TokenRole.OTHER)),
+             (request_id, 4, 4, 4, int(TokenRole.GENERATED))]
+    assert t.submit_step(StepRecord(ring=ring, slot=slot, step=step, plan_id=plan.plan_id,
+                                    model=plan.model, points=plan.points, n_rows=8,
+                                    spans=spans, max_frame_bytes=plan.max_frame_bytes))
+    return ring
 
 
 #: Reconnect quickly while a server starts: gRPC's default backoff grows to 120 s, so a
@@ -102,14 +128,13 @@ class MonitorServer:
         self.audit_path = workdir / "audit.jsonl"
         self.log_path = workdir / "server.log"
         self.policy_path: Path | None = None
-        args = [python or sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(bundle),
-                "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-                "--audit-log", str(self.audit_path)]
         if policy_text is not None:
             self.policy_path = workdir / "policy.yaml"
             self.policy_path.write_text(policy_text)
-            args += ["--policy", str(self.policy_path)]
-        args += extra or []
+        args = SidecarServer(bundle=bundle, port=self.port, metrics_port=self.metrics_port,
+                             log=self.log_path, policy=self.policy_path,
+                             audit_log=self.audit_path, extra_args=tuple(extra or []),
+                             python=python).argv()
         full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
         if python is not None:
             full_env.pop("PYTHONPATH")
