@@ -881,8 +881,12 @@ def test_gate_in_vllm_serve_fail_closed_then_open_from_the_policy(stack: Stack) 
     got.clear()
     assert _eventually(lambda: got.append(_post(stack.base, BENIGN)) or got[-1][0] == 200), \
         got[-3:]
-    # the gate logs each change of state: wait until it fetched the fail-open plan
+    # the gate logs each change of state: wait until it fetched the fail-open plan, and
+    # until the plugin has it too (the EngineCore's hold settings: no hold, fail open; an
+    # earlier test's prompt hold under fail closed would end the request below)
     assert _eventually(lambda: "can judge (fail mode open" in stack.vllm_log.read_text(
+        errors="replace")), stack.vllm_log.read_text(errors="replace")[-3000:]
+    assert _eventually(lambda: "prompt hold 0 ms (fail open" in stack.vllm_log.read_text(
         errors="replace")), stack.vllm_log.read_text(errors="replace")[-3000:]
     stack.kill_sidecar()
     assert _eventually(lambda: "(fail mode open)" in stack.vllm_log.read_text(
