@@ -468,6 +468,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     d = tmp_path_factory.mktemp("enforce")
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     audit, stats = d / "audit.jsonl", d / "plugin-stats.json"
+    engine_stats = d / "engine-stats"
+    engine_stats.mkdir()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs: dict[str, subprocess.Popen[bytes] | None] = {"sidecar": None, "vllm": None}
 
@@ -497,7 +499,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             middleware=("monitor.capture.gate.SidecarGate",), extra_args=("--max-num-seqs", "8"),
             extra_env={"SAFETY_MONITOR_BLOCK_MESSAGE": MESSAGE,
                        "SAFETY_MONITOR_STATS_FILE": str(stats),
-                       "SAFETY_MONITOR_GATE_PERIOD_S": "0.5"},
+                       "SAFETY_MONITOR_GATE_PERIOD_S": "0.5",
+                       # hold/block counters of this server's EngineCore only
+                       "SAFETY_MONITOR_ENGINE_STATS_DIR": str(engine_stats)},
             ready_timeout_s=300))
         yield Stack(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics",
                     audit, stats, vllm_log, start_sidecar_, kill_sidecar,

@@ -31,7 +31,9 @@ Metrics (vLLM's `/metrics`; one count per request):
   request; `safety_monitor_engine_blocks_late_total`: block orders that arrived after
   their request had finished.
 
-Limits: with `--api-server-count > 1` vLLM serves a multiprocess registry only, so these
+Limits: the variable is inherited by every child process, so a process that loaded the
+plugin and then starts several vLLM servers (a test harness) should give each its own
+directory. With `--api-server-count > 1` vLLM serves a multiprocess registry only, so these
 are not on its `/metrics` (the EngineCore log lines still carry running counts). A file
 that cannot be read at scrape time (mid-rename, removed) is skipped for that scrape.
 
