@@ -116,11 +116,27 @@ def test_pending_applies_once_and_counts_tokens_after_crossing() -> None:
     req = _Req("x", 25, 5)  # positions 0..24; crossing at 20 -> 4 tokens after it
     assert p.apply(req)
     assert req.status == RequestStatus.FINISHED_ABORTED
-    assert str(req.stop_reason).startswith(BLOCK_MARKER)
+    assert str(req.stop_reason) == f"{BLOCK_MARKER} detector=d crossed_at=20"
     assert list(p.after) == [4] and not p.apply(req)
     # crossing in the prompt: only generated tokens count
     p.file([_order("z", pos=3)], live=lambda r: True)
     assert p.apply(_Req("z", 30, 2)) and list(p.after) == [4, 2]
+
+
+def test_markers_carry_the_crossing_and_delivered_tokens_after_it() -> None:
+    """The stop_reason marker carries detector and crossing (engine core -> frontend);
+    the frontend counts what the client received after the crossing."""
+    from monitor.capture.enforce import block_marker, delivered_after_crossing, parse_marker
+
+    assert parse_marker(block_marker(BLOCK_MARKER, "harm_x", 17)) == ("harm_x", 17)
+    assert parse_marker(block_marker(HELD_MARKER, "d")) == ("d", -1)
+    assert parse_marker(f"{BLOCK_MARKER} detector=d crossed_at=x") == ("d", -1)
+    assert parse_marker("other") == ("", -1)
+    # prompt 10 (positions 0..9), 5 delivered (10..14): crossing at 12 -> 13, 14 after it
+    assert delivered_after_crossing(10, 5, 12) == 2
+    assert delivered_after_crossing(10, 5, 14) == 0
+    assert delivered_after_crossing(10, 5, 3) == 5  # crossing in the prompt: all of them
+    assert delivered_after_crossing(10, 0, 3) == 0  # blocked before its first token
 
 
 def test_sidecar_tokens_after_crossing_matches_engine_count() -> None:
@@ -242,7 +258,8 @@ def test_holds_block_while_held_delivers_no_token() -> None:
     [end] = _step(h, s, ("x", [6], False), judged={"x": 3})  # judged, but a block is pending
     # never the sampled token (5): the request's EOS id as a placeholder
     assert end.request_id == "x" and end.new_token_ids == [99] and end.finish_reason is not None
-    assert str(end.stop_reason) == f"{HELD_MARKER} detector=d" and "x" not in PENDING.orders
+    assert str(end.stop_reason) == f"{HELD_MARKER} detector=d crossed_at=2"
+    assert "x" not in PENDING.orders
     assert s.finished == ["x"] and h.ended_blocked == 1
     # a block the stop check already applied (final output carries the marker)
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
@@ -363,7 +380,7 @@ def test_holds_strict_streaming_never_runs_more_than_n_ahead() -> None:
     assert _step(h, s, ("x", [22], False)) == []  # position 6: 6 - 2 > 3
     PENDING.file([_order("x", pos=5)], live=lambda r: True)
     [end] = _step(h, s, ("x", [23], False))
-    assert end.new_token_ids == [] and end.stop_reason == f"{BLOCK_MARKER} detector=d"
+    assert end.new_token_ids == [] and end.stop_reason == f"{BLOCK_MARKER} detector=d crossed_at=5"
     assert s.finished == ["x"] and h.ended_blocked == 1
 
 
@@ -608,6 +625,14 @@ def test_block_streamed_final_chunk_and_counted(stack: Stack) -> None:
     text = urllib.request.urlopen(stack.metrics, timeout=5).read().decode()
     assert 'safety_monitor_block_tokens_after_crossing_count{detector="harmful_intent"}' \
         in text
+    # what the clients received after the crossing (vLLM's frontend): never more than
+    # the engine generated after it
+    got = [int(x.rsplit("tokens_delivered_after_crossing=", 1)[1]) for x in log.splitlines()
+           if "tokens_delivered_after_crossing=" in x]
+    assert len(got) >= 2 and all(0 <= g <= max(e["tokens_after_crossing"] for e in ends)
+                                 for g in got), got
+    assert _vllm_counter(stack.base, 'safety_monitor_block_tokens_delivered_after_crossing_count'
+                         '{detector="harmful_intent"}') >= 2
 
 
 def _content(chunks: list[dict[str, Any]]) -> str:
@@ -819,13 +844,7 @@ def test_prompt_hold_timeout_fail_open_and_closed_on_metrics(stack: Stack) -> No
 
 
 def _post(base: str, user: str) -> tuple[int, str]:
-    req = urllib.request.Request(f"{base}/v1/chat/completions", data=_body(user, 4, False),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=240) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    return _post_body(base, json.loads(_body(user, 4, False)))
 
 
 def _vllm_counter(base: str, name: str) -> float:

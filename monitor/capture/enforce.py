@@ -78,6 +78,23 @@ _MARK = "_safety_monitor_enforce"
 HOLD_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+def block_marker(prefix: str, detector: str, crossed_at: int = -1) -> str:
+    """`stop_reason` of a blocked request: `prefix` (`BLOCK_MARKER` / `HELD_MARKER`), the
+    detector and, when known (>= 0), the crossing position (`parse_marker` reads it)."""
+    tail = f" crossed_at={crossed_at}" if crossed_at >= 0 else ""
+    return f"{prefix} detector={detector}{tail}"
+
+
+def parse_marker(stop_reason: str) -> tuple[str, int]:
+    """(detector, crossing position or -1) of a `block_marker` string."""
+    rest = stop_reason.split("detector=", 1)[-1] if "detector=" in stop_reason else ""
+    det, _, pos = rest.partition(" crossed_at=")
+    try:
+        return det, int(pos) if pos else -1
+    except ValueError:
+        return det, -1
+
+
 def block_message() -> str:
     """The client-facing message (env SAFETY_MONITOR_BLOCK_MESSAGE, else the default)."""
     return os.environ.get("SAFETY_MONITOR_BLOCK_MESSAGE", "").strip() or DEFAULT_MESSAGE
@@ -273,7 +290,7 @@ class PendingBlocks:
         from vllm.v1.request import RequestStatus
 
         request.status = RequestStatus.FINISHED_ABORTED
-        request.stop_reason = f"{BLOCK_MARKER} detector={o.detector}"
+        request.stop_reason = block_marker(BLOCK_MARKER, o.detector, o.crossed_at_position)
         n_out = int(request.num_output_tokens)
         last = int(request.num_tokens) - 1
         after = max(0, min(n_out, last - o.crossed_at_position))
@@ -410,15 +427,16 @@ class FirstTokenHolds:
             del self.held[rid]  # aborted by its client meanwhile: nothing to deliver
             self.judged.pop(rid, None)
             return
-        detector = None
+        detector, crossed = None, -1
         if finished and isinstance(last.stop_reason, str) and \
                 last.stop_reason.startswith(BLOCK_MARKER):
-            detector = last.stop_reason.rsplit("detector=", 1)[-1]
+            detector, crossed = parse_marker(last.stop_reason)
         elif rid in PENDING.orders:
-            detector = PENDING.orders.pop(rid).detector
+            o = PENDING.orders.pop(rid)
+            detector, crossed = o.detector, o.crossed_at_position
         if detector is not None:
             self.ended_blocked += 1
-            self._end(sched, outs, rid, h, detector, "blocked while held")
+            self._end(sched, outs, rid, h, detector, "blocked while held", crossed)
             return
         judged = self.judged.get(rid, -1)
         out = self._outputs(outs, h.client) if h.queue else []
@@ -463,7 +481,7 @@ class FirstTokenHolds:
             self.passed.add(rid)
 
     def _end(self, sched: Any, outs: dict[int, Any], rid: str, h: _Held, detector: str,
-             why: str) -> None:
+             why: str, crossed: int = -1) -> None:
         """End `rid`, its withheld outputs dropped. With nothing delivered yet no generated
         text is shown: the final output carries one placeholder token id (see
         `HELD_MARKER`)."""
@@ -480,10 +498,10 @@ class FirstTokenHolds:
             # a placeholder id (the request's EOS, else 0), never the sampled token: its
             # id would reach clients asking for token ids or logprobs
             tokens = [h.placeholder]
-            marker = f"{HELD_MARKER} detector={detector}"
+            marker = block_marker(HELD_MARKER, detector, crossed)
             where = "before its first token"
         else:
-            tokens, marker = [], f"{BLOCK_MARKER} detector={detector}"
+            tokens, marker = [], block_marker(BLOCK_MARKER, detector, crossed)
             where = "while its output was held back"
         log.warning("safety monitor: BLOCKED request %s %s (detector=%s; %s); tokens "
                     "withheld=%d tokens_delivered=%d ended_blocked=%d ended_closed=%d",
@@ -670,6 +688,7 @@ def install_frontend_hooks() -> None:
     if orig is None or getattr(orig, _MARK, False):
         return
     message = block_message()
+    delivered_hist = _delivered_histogram()
 
     @functools.wraps(orig)
     def _new_completion_output(self: Any, token_ids: list[int], finish_reason: Any,
@@ -679,7 +698,9 @@ def install_frontend_hooks() -> None:
                 and stop_reason.startswith(BLOCK_MARKER)):
             out.finish_reason = CONTENT_FILTER
             out.stop_reason = message
-            if stop_reason.startswith(HELD_MARKER):
+            held = stop_reason.startswith(HELD_MARKER)
+            _count_delivered(self, stop_reason, held, delivered_hist)
+            if held:
                 # blocked before its first token: nothing generated is shown. Its one
                 # token is `FirstTokenHolds._end`'s placeholder, which has no logprob: give
                 # it an empty one (vLLM's OpenAI server indexes one entry per token)
@@ -693,6 +714,46 @@ def install_frontend_hooks() -> None:
 
     setattr(_new_completion_output, _MARK, True)
     RequestState._new_completion_output = _new_completion_output  # type: ignore[method-assign]
+
+
+def delivered_after_crossing(prompt_len: int, n_delivered: int, crossed_at: int) -> int:
+    """Generated tokens the client received at positions after the crossing one: the
+    last delivered token is at position prompt_len + n_delivered - 1; a crossing in the
+    prompt counts every delivered token."""
+    return min(n_delivered, max(0, prompt_len + n_delivered - 1 - crossed_at))
+
+
+def _delivered_histogram() -> Any:
+    """`safety_monitor_block_tokens_delivered_after_crossing{detector}` in the default
+    registry (vLLM's `/metrics` in the API server), created once."""
+    from prometheus_client import REGISTRY, Histogram
+
+    name = "safety_monitor_block_tokens_delivered_after_crossing"
+    existing = getattr(REGISTRY, "_names_to_collectors", {})
+    if name in existing:
+        return existing[name]
+    return Histogram(name, "Generated tokens a blocked request's client RECEIVED after the "
+                     "crossing token (vLLM's frontend; the sidecar's "
+                     "safety_monitor_block_tokens_after_crossing counts generated ones).",
+                     ["detector"], buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64))
+
+
+def _count_delivered(state: Any, stop_reason: str, held: bool, hist: Any) -> None:
+    """Log and observe what the client of a blocked request received after the crossing
+    (frontend: `state` is vLLM's `RequestState`; nothing when the crossing is unknown, e.g.
+    a hold that expired under fail closed)."""
+    detector, crossed = parse_marker(stop_reason)
+    if crossed < 0:
+        return
+    try:
+        n = 0 if held else int(state.detokenizer.num_output_tokens())
+        after = delivered_after_crossing(int(state.prompt_len), n, crossed)
+    except (AttributeError, TypeError, ValueError):
+        return  # another vLLM's RequestState: the finish reason still applies
+    hist.labels(detector=detector).observe(after)
+    log.info("safety monitor: request %s ended content_filter (detector=%s crossed_at=%d): "
+             "tokens_delivered=%d tokens_delivered_after_crossing=%d", state.request_id,
+             detector, crossed, n, after)
 
 
 def install_all() -> None:
