@@ -24,10 +24,11 @@ Data path (one engine step):
    sender copies each frame's rows into a free ring slot (this thread, never the model
    thread) and the frame carries `ShmRef(slot, sequence, byte_length)` instead of the
    bytes. The server acknowledges every slot it is done with (`ShmAck.slots`); a frame
-   finding no free slot is dropped and counted like a full queue (`dropped_frames`,
-   `dropped_rows`, `dropped_bytes`, plus `shm_full`), its requests' finals then show the
-   gap. A new stream frees every slot. Refused (server without `--shm`, another host) or
-   unanswered (old server): frames carry their bytes.
+   finding no free slot is sent with its bytes in `data` instead (counted `shm_full`), so
+   a full ring loses nothing: drops happen where they always did, at the bounded queue
+   (counted `dropped_*`, per request through the finals). A new stream frees every slot.
+   Refused (server without `--shm`, another host) or unanswered (old server): frames carry
+   their bytes.
 """
 
 from __future__ import annotations
@@ -440,7 +441,7 @@ class Transport:
         #: set while the current stream's server accepted the ring
         self._shm_on = threading.Event()
         self.shm_frames = 0  # frames sent through the ring
-        self.shm_full = 0  # frames dropped for want of a free slot (also in dropped_*)
+        self.shm_full = 0  # frames sent as bytes for want of a free slot
         self.shm_refused = 0  # ring offers the server refused (reason logged)
 
     # ---------------------------------------------------------------- producer side
@@ -730,13 +731,13 @@ class Transport:
 
     def _to_ring(self, ring: ShmRingWriter, rows: torch.Tensor) -> monitor_pb2.ShmRef | None:
         """Copy `rows` (host, `[n, width]`, at most `slot_bytes`) into a free ring slot; None
-        (the frame dropped and counted, `shm_full`) when every slot awaits its ack."""
+        (counted `shm_full`; the frame then carries its bytes) when every slot awaits its
+        ack."""
         n_bytes = rows.shape[0] * rows.shape[1] * rows.element_size()
         slot = ring.acquire()
         if slot is None:
             with self._lock:
                 self.shm_full += 1
-            self.count_drop(1, int(rows.shape[0]), n_bytes, "shared-memory ring full")
             return None
         payload = rows.contiguous().view(torch.uint8).numpy()
         seq = ring.write(slot, payload)
@@ -788,9 +789,7 @@ class Transport:
                             ref = None
                             if shm is not None:
                                 ref = self._to_ring(shm, rows[r0:r1])
-                                if ref is None:  # ring full: dropped and counted
-                                    continue
-                                n_shm += 1
+                                n_shm += ref is not None  # None: ring full, bytes in data
                             seq += 1
                             f = build_frame(rows[r0:r1], seq=seq, model=item.model,
                                             layer=hp.layer, spans=spans, step=item.step,
