@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_scorer import cpu_model, timeit, write_section
-from monitor.score import Scorer, write_bundle
+from monitor.score import Bundle, Scorer, write_bundle
 from monitor.score.sae import SAE, load_saelens
 from monitor.score.sae.model import gather
 
@@ -54,12 +54,13 @@ def synthetic_sae(d: int, m: int, seed: int) -> SAE:
                preprocessing=Preprocessing(apply_b_dec_to_input=True))
 
 
-def case(sae: SAE, ids: list[int], rows: int, reps: int, tmp: Path) -> dict[str, float]:
-    import sae_lens
-
+def subset_bundle(sae: SAE, ids: list[int], tmp: Path, seed: int = 1
+                  ) -> tuple[Bundle, int, torch.Tensor, torch.Tensor]:
+    """A bundle with ``sae``'s latents ``ids`` (one jumprelu component, one read-out
+    detector) and one dense probe on the same layer: ``(bundle, layer, probe_w [d],
+    lw [len(ids)])``."""
     d = sae.d_in
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(rows, d, generator=g)
+    g = torch.Generator().manual_seed(seed)
     comp = sae.component("sae", ids, d_model=d)
     tensors = sae.component_tensors(comp)
     probe_w = torch.randn(d, generator=g) / d**0.5
@@ -80,7 +81,16 @@ def case(sae: SAE, ids: list[int], rows: int, reps: int, tmp: Path) -> dict[str,
             {"name": "s", "inputs": [{"component": "sae", "latent_weights": lw.tolist()}],
              "token_scope": "both", "default_thresholds": {"warn": 0.5}}],
     }
-    scorer = Scorer(write_bundle(tmp, manifest, tensors))
+    return write_bundle(tmp, manifest, tensors), comp.layer, probe_w, lw
+
+
+def case(sae: SAE, ids: list[int], rows: int, reps: int, tmp: Path) -> dict[str, float]:
+    import sae_lens
+
+    d = sae.d_in
+    bundle, layer, probe_w, lw = subset_bundle(sae, ids, tmp)
+    x = torch.randn(rows, d, generator=torch.Generator().manual_seed(2))
+    scorer = Scorer(bundle)
     theirs = sae_lens.SAE.from_dict({"architecture": "jumprelu", "d_in": d,
                                      "d_sae": sae.d_sae, "dtype": "float32",
                                      "apply_b_dec_to_input": True})
@@ -88,7 +98,9 @@ def case(sae: SAE, ids: list[int], rows: int, reps: int, tmp: Path) -> dict[str,
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             getattr(theirs, name).copy_(sae.params[name])
     idx = torch.tensor(ids)
-    Wf = torch.cat([probe_w[:, None], gather(sae.params, ids, ["W_enc"])["W_enc"]], 1)
+    # the fused shape in the scorer's layout ([cols, d], read transposed)
+    Wft = torch.cat([probe_w[:, None], gather(sae.params, ids, ["W_enc"])["W_enc"]],
+                    1).t().contiguous()
 
     def naive() -> torch.Tensor:
         with torch.no_grad():
@@ -97,11 +109,11 @@ def case(sae: SAE, ids: list[int], rows: int, reps: int, tmp: Path) -> dict[str,
 
     # same answer first
     ref = naive().numpy()
-    got = scorer.score(comp.layer, x)
+    got = scorer.score(layer, x)
     assert abs(ref - got).max() < 1e-3, abs(ref - got).max()
-    t = timeit({"fused": (lambda: scorer.score(comp.layer, x), reps),
+    t = timeit({"fused": (lambda: scorer.score(layer, x), reps),
                 "sae_lens": (naive, max(2, reps // 4)),
-                "gemm": (lambda: torch.mm(x, Wf), reps)})
+                "gemm": (lambda: torch.mm(x, Wft.t()), reps)})
     return {k: rows / (v / 1e3) for k, v in t.items()}  # rows/s
 
 
@@ -111,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--sae", type=Path, default=DEFAULT_SAE)
     ap.add_argument("--write", type=Path)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default; 1 on a loaded shared "
+                         "CPU avoids a busy pool's spin-wait contention)")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results = []
@@ -134,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                             case(sae, ids, args.rows, max(4, args.reps // 2),
                                  Path(tmp) / f"s{m}")))
             del sae
-    lines = [f"Run: `python bench/bench_sae.py --rows {args.rows} --reps {args.reps}` "
+    lines = [f"Run: `python bench/bench_sae.py --rows {args.rows} --reps {args.reps} "
+             f"--threads {args.threads}` "
              f"(started {started}; {cpu_model()}, {os.cpu_count()} CPUs, torch "
              f"{torch.__version__}, {torch.get_num_threads()} threads, load average at start "
              f"{load0:.1f}, shared machine). Throughput in rows/s, fp32, median of "

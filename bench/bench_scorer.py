@@ -22,17 +22,20 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor.score import Scorer, load_bundle, write_bundle
+from monitor.score import Bundle, Scorer, load_bundle, write_bundle
 from monitor.score.onnx_export import export_onnx
 from monitor.score.onnx_scorer import OnnxScorer
 
@@ -108,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="--backends: intra-op threads for torch and onnxruntime alike "
                          "(0: torch's default)")
+    ap.add_argument("--baseline", default="",
+                    help="--targets: also time the scorer of this git revision (the 'before' "
+                         "of an A/B, same run)")
+    ap.add_argument("--budget-ms", type=float, default=300.0,
+                    help="--targets: ~GEMM milliseconds per path and shape (small shapes get "
+                         "more calls)")
+    ap.add_argument("--no-real", action="store_true",
+                    help="--targets: synthetic shapes only (no default bundle / SAE)")
     ap.add_argument("--targets", action="store_true",
                     help="fused Scorer.score vs bare GEMM of the same shape (issue 9 targets: "
                          ">= 0.85 at d_model 576, >= 0.90 at 4096), --sweep-rows x "
@@ -234,45 +245,121 @@ def bench_bundle(path: Path, d: int, n_p: int, n_l: int, seed: int = 0) -> Path:
     return path
 
 
+def baseline_scorer(rev: str) -> type[Scorer]:
+    """The ``Scorer`` class of ``monitor/score/scorer.py`` at git revision ``rev``, imported
+    beside today's (same package, same pack.py/bundle.py): the "before" of an A/B in one
+    process."""
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:monitor/score/scorer.py"],
+                         check=True, capture_output=True, text=True).stdout
+    name = f"monitor.score._scorer_at_{rev.replace('~', '_').replace('^', '_')}"
+    mod = types.ModuleType(name)
+    mod.__package__ = "monitor.score"
+    mod.__file__ = f"<{rev}:monitor/score/scorer.py>"
+    sys.modules[name] = mod  # dataclasses look their module up
+    exec(compile(src, mod.__file__, "exec"), mod.__dict__)
+    cls: type[Scorer] = mod.Scorer
+    return cls
+
+
+def target_cases(args: argparse.Namespace, tmp: Path) -> list[tuple[str, Bundle, str]]:
+    """``(label, bundle, hook)`` per shape: at each ``--sweep-d-models``, ``--probes``
+    probes + ``--latents`` synthetic latents; at 576 also the default bundle's hook points
+    and the default SAE's 512-latent subset + one probe (``bench_sae.subset_bundle``)."""
+    from bench.bench_sae import DEFAULT_SAE, subset_bundle
+    from monitor.score.sae import load_saelens
+
+    cases: list[tuple[str, Bundle, str]] = []
+    for d in (int(v) for v in args.sweep_d_models.split(",")):
+        b = load_bundle(bench_bundle(tmp / f"syn{d}", d, args.probes, args.latents))
+        cases.append((f"synthetic {args.probes} probes + {args.latents} latents", b,
+                      b.hook_names[0]))
+        if d != 576 or args.no_real:
+            continue
+        default = load_bundle(REPO / "bundles/default")
+        for hook in default.hook_names:
+            kinds = sorted({c.kind for c in default.components_on(hook)})
+            cases.append((f"default bundle {hook.split('.')[1]} ({', '.join(kinds)})",
+                          default, hook))
+        if (DEFAULT_SAE / "cfg.json").is_file():
+            sae = load_saelens(DEFAULT_SAE)
+            b, _, _, _ = subset_bundle(sae, list(range(0, sae.d_sae, 4))[:512],
+                                           tmp / "sae512")
+            cases.append(("default SAE 512 latents + 1 probe", b, b.hook_names[0]))
+    return cases
+
+
 def targets(args: argparse.Namespace) -> int:
-    """Fused scorer (GEMM + bias + epilogue + read-out + sigmoid, numpy out) vs a bare
-    ``torch.mm`` into a preallocated output of the same ``[rows, d] x [d, cols]``, same
-    process, calls interleaved (load hits both alike). Ratio = GEMM time / fused time."""
+    """Fused scorer (``Scorer.score``: GEMM + bias + epilogue + read-out + sigmoid, numpy
+    out) vs a bare ``torch.mm`` into a preallocated output of the same ``[rows, d] x [d,
+    cols]`` in the scorer's weight layout, and (``--baseline REV``) the scorer as it was at
+    ``REV``; same process, calls interleaved (load hits every path alike), median.
+    Ratio = GEMM time / fused time."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     goal = {576: 0.85, 4096: 0.90}
-    cols = args.probes + args.latents
+    old = baseline_scorer(args.baseline) if args.baseline else None
+    load0 = os.getloadavg()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    base_cols = " before ms | GEMM / before |" if old else ""
     lines = [
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} intra-op threads, Python {platform.python_version()}; "
-        f"load average at start {os.getloadavg()[0]:.1f}. fp32; median of {args.repeats} "
-        "interleaved calls per path.",
+        f"started {started}, load average at start {load0[0]:.1f} / {load0[1]:.1f} / "
+        f"{load0[2]:.1f} (1 / 5 / 15 min). fp32; median of interleaved calls per path "
+        f"(at least {args.repeats}, more for small shapes: ~{args.budget_ms:.0f} ms of GEMM "
+        "per path and shape).",
         f"Command: `python bench/bench_scorer.py --targets --threads {args.threads} "
         f"--repeats {args.repeats} --sweep-rows {args.sweep_rows} "
-        f"--sweep-d-models {args.sweep_d_models}`", "",
-        "| d_model | cols | rows | fused ms | bare GEMM ms | GEMM / fused | target |",
-        "|---:|---:|---:|---:|---:|---:|---|"]
+        f"--sweep-d-models {args.sweep_d_models}"
+        + (f" --baseline {args.baseline}`" if old else "`")
+        + (f" (baseline `{args.baseline}` = "
+           f"{_rev(args.baseline)})" if old else ""), "",
+        f"| d_model | shape | cols | rows | fused ms | bare GEMM ms | GEMM / fused |{base_cols}"
+        " target |",
+        "|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if old else "") + "---|"]
     g = torch.Generator().manual_seed(1)
-    for d in (int(v) for v in args.sweep_d_models.split(",")):
-        with tempfile.TemporaryDirectory() as tmp:
-            scorer = Scorer(load_bundle(bench_bundle(Path(tmp) / "b", d, args.probes,
-                                                     args.latents)))
-        hook = scorer.hooks[0]
-        Wt = scorer._kernel(hook).Wt
-        for rows in (int(v) for v in args.sweep_rows.split(",")):
-            x = torch.randn(rows, d, generator=g)
-            out = torch.empty(rows, cols)
-            t = timeit({"fused": (lambda x=x, sc=scorer, h=hook: sc.score(h, x), args.repeats),
-                        "gemm": (lambda x=x, out=out, w=Wt: torch.mm(x, w.t(), out=out),
-                                 args.repeats)})
-            r = t["gemm"] / t["fused"]
-            tgt = goal.get(d)
-            mark = "-" if tgt is None else (f">= {tgt}: {'met' if r >= tgt else 'not met'}")
-            lines.append(f"| {d} | {cols} | {rows} | {t['fused']:.3f} | {t['gemm']:.3f} | "
-                         f"{r:.3f} | {mark} |")
-    lines.append(f"\nLoad average at end {os.getloadavg()[0]:.1f}.")
-    print("\n".join(lines))
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, bundle, hook in target_cases(args, Path(tmp)):
+            scorer = Scorer(bundle)
+            before = old(bundle) if old else None
+            kern = scorer._kernel(hook)
+            Wt, cols, d = kern.Wt, kern.packed.n_cols, bundle.d_model
+            for rows in (int(v) for v in args.sweep_rows.split(",")):
+                x = torch.randn(rows, d, generator=g)
+                out = torch.empty(rows, cols)
+                fns: dict[str, tuple[Callable[[], object], int]] = {}
+                # enough calls for a stable median on small shapes: ~budget_ms per path
+                est_ms = 2 * rows * d * cols / 50e9 * 1e3 + 0.02  # ~50 GFLOP/s + fixed
+                n = max(args.repeats, min(2000, int(args.budget_ms / est_ms)))
+                fns["fused"] = (lambda x=x, sc=scorer, h=hook: sc.score(h, x), n)
+                fns["gemm"] = (lambda x=x, out=out, w=Wt: torch.mm(x, w.t(), out=out), n)
+                if before is not None:
+                    np.testing.assert_allclose(before.score(hook, x), scorer.score(hook, x),
+                                               rtol=1e-5, atol=1e-6)
+                    fns["before"] = (lambda x=x, sc=before, h=hook: sc.score(h, x), n)
+                t = timeit(fns)
+                r = t["gemm"] / t["fused"]
+                tgt = goal.get(d)
+                mark = "-" if tgt is None else (f">= {tgt}: {'met' if r >= tgt else 'not met'}")
+                extra = (f" {t['before']:.3f} | {t['gemm'] / t['before']:.3f} |"
+                         if before is not None else "")
+                lines.append(f"| {d} | {label} | {cols} | {rows} | {t['fused']:.3f} | "
+                             f"{t['gemm']:.3f} | {r:.3f} |{extra} {mark} |")
+                print(lines[-1], flush=True)
+    load1 = os.getloadavg()
+    lines.append(f"\nLoad average at end {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f}.")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        write_section(args.write, "## Scorer vs bare GEMM", table)
     return 0
+
+
+def _rev(rev: str) -> str:
+    """``rev`` as a short hash and subject line, for the record."""
+    out = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s", rev],
+                         capture_output=True, text=True)
+    return out.stdout.strip()[:100] or rev
 
 
 def backends(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -385,3 +386,102 @@ def test_score_projected_equals_score(tmp_path: Path) -> None:
         sc.score_projected(1, x @ W)
     with pytest.raises(ValueError, match=r"xw must have shape \[n_rows, 26\]"):
         sc.score_projected(1, x, var)
+
+
+# ------------------------------------------------------------- per-call fast paths
+
+
+@pytest.mark.parametrize("compute", COMPUTE_DTYPES, ids=["c-fp32", "c-bf16"])
+@pytest.mark.parametrize("parts,epilogue", [
+    ("probes", "none"), ("relu", "relu"), ("probe+jumprelu", "mask"),
+    ("probe+relu", "mask"), ("jumprelu+ln", "general")])
+def test_epilogue_paths_match_reference(tmp_path: Path, parts: str, epilogue: str,
+                                        compute: torch.dtype) -> None:
+    """Each epilogue the scorer picks per layer (none / relu / mask / general) equals the
+    unfused reference; the layer compositions below select each one."""
+    g = torch.Generator().manual_seed(12)
+    made = {"probes": [(probe("p1", 0, g), 1), (probe("p3", 0, g, k=3), 3)],
+            "relu": [(sae("s", 0, g, activation="relu", k=20), 20)],
+            "probe+jumprelu": [(probe("p1", 0, g), 1), (sae("s", 0, g, k=20), 20)],
+            "probe+relu": [(probe("p1", 0, g), 1),
+                           (sae("s", 0, g, activation="relu", k=20), 20)],
+            "jumprelu+ln": [(sae("s", 0, g, k=20, normalize="layer_norm"), 20)]}[parts]
+    dets = [detector(f"d_{c['name']}", (c["name"], rand_w(g, k) if k > 1 else 1.0))
+            for (c, _), k in made]
+    b = build(tmp_path, [part for part, _ in made], dets)
+    scorer = Scorer(b, compute)
+    kern = scorer._kernel(0)
+    assert kern.epilogue == epilogue
+    assert (kern.fold is not None) == (epilogue == "none")  # read-out folded into the GEMM
+    x = activations(200)
+    assert_matches(b, x, compute)  # score(): the folded path where there is one
+    # the folded scores equal the ones read out from the formed columns
+    s_cols, _ = scorer.score_and_columns(0, x)
+    np.testing.assert_allclose(scorer.score(0, x), s_cols, rtol=0,
+                               atol=1e-6 if compute == torch.float32 else 2e-2)
+    assert scorer.score(0, x[:0]).shape == (0, len(dets))
+
+
+def test_mask_epilogue_is_the_formula_bit_for_bit(tmp_path: Path) -> None:
+    """``Z = P · [P > θ]`` with P from the same addmm: the float-mask epilogue is exact."""
+    g = torch.Generator().manual_seed(13)
+    b = build(tmp_path, [probe("p", 0, g), sae("s", 0, g, k=32)],
+              [detector("a", ("p", 1.0)), detector("b", ("s", rand_w(g, 32)))])
+    scorer = Scorer(b)
+    kern = scorer._kernel(0)
+    x = activations(257)
+    p = torch.addmm(kern.packed.b, x, kern.packed.W)
+    want = p * (p > kern.packed.theta)
+    got = scorer.score_components(0, x)
+    assert torch.equal(got, want)
+    assert (got[:, 1:] == 0).float().mean() > 0.2 and (got[:, 0] < 0).any()
+
+
+def test_read_only_array_scores_without_warning_or_copy(tmp_path: Path) -> None:
+    """A read-only numpy view of wire bytes is scored as is: no warning (torch's one
+    warning is consumed at import, never by a per-call filter), not modified."""
+    b = build_placeholder_bundle(tmp_path, model_name="m", d_model=D, n_layers=N_LAYERS,
+                                 layers=(1,))
+    s = Scorer(b)
+    x = activations(40)
+    wire = x.numpy().tobytes()
+    view = np.frombuffer(wire, dtype=np.float32).reshape(40, D)
+    assert not view.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, z = s.score_and_columns(1, view)
+    np.testing.assert_array_equal(got, s.score(1, x))
+    np.testing.assert_array_equal(z, s.score_components(1, x).numpy())
+    assert view.tobytes() == wire
+
+
+def test_outputs_are_the_callers_own(tmp_path: Path) -> None:
+    """No buffer is reused between calls: arrays returned earlier keep their values."""
+    b = build_placeholder_bundle(tmp_path, model_name="m", d_model=D, n_layers=N_LAYERS,
+                                 layers=(1,))
+    s = Scorer(b)
+    x1, x2 = activations(30, seed=1), activations(30, seed=2)
+    s1, z1 = s.score_and_columns(1, x1)
+    keep_s, keep_z = s1.copy(), z1.copy()
+    s2, z2 = s.score_and_columns(1, x2)
+    s3 = s.score(1, x2)
+    assert not np.shares_memory(s1, s2) and not np.shares_memory(z1, z2)
+    assert not np.shares_memory(s2, s3)
+    np.testing.assert_array_equal(s1, keep_s)
+    np.testing.assert_array_equal(z1, keep_z)
+    assert not np.array_equal(s1, s2)
+
+
+def test_hook_point_spellings(tmp_path: Path) -> None:
+    """A bare layer (int or numpy int) and the hook name reach the same kernel."""
+    b = build_placeholder_bundle(tmp_path, model_name="m", d_model=D, n_layers=N_LAYERS,
+                                 layers=(1, 3))
+    s = Scorer(b)
+    x = activations(10)
+    want = s.score(3, x)
+    np.testing.assert_array_equal(s.score("blocks.3.hook_resid_post", x), want)
+    np.testing.assert_array_equal(s.score(np.int64(3), x), want)
+    with pytest.raises(KeyError, match=r"blocks\.3\.hook_mlp_out has no detectors"):
+        s.score("blocks.3.hook_mlp_out", x)
+    with pytest.raises(ValueError):
+        s.score("not a hook", x)

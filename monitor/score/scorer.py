@@ -10,21 +10,42 @@ every method taking ``layer`` also takes a bare int ``L``, meaning
     (layer_norm_std columns: · 1 / (sqrt(var(x)·d/(d−1)) + ln_eps) instead)
     Z = P · [P > θ]                        identity θ = −inf, relu 0, jumprelu θ
     Z = [P > θ] · max(s·P + t, floor)      instead, if the layer has gated columns
-    S = sigmoid(Z · R + c)                 float32 [n_rows, n_detectors]  (F.linear, R^T kept)
+    S = sigmoid(Z · R + c)                 float32 [n_rows, n_detectors]  (addmm, R^T kept)
 
-A Scorer is immutable after construction: ``score`` allocates its outputs and touches no
-shared mutable state, so it may run on a worker thread while other threads read its
-attributes. It sets no global torch state (threads, dtypes).
+Per-call cost (CPU; measured in bench/RESULTS.md, "## Scorer vs bare GEMM"): every step
+after the GEMM works in place on the GEMM's own output ``P``, and the epilogue is chosen
+once per layer at construction (``_Kernel.epilogue``):
+
+* ``none``   every θ is −inf (probes only): ``Z = P``, nothing to do;
+* ``relu``   every θ is 0: ``P.relu_()`` (equal to ``P · [P > 0]``; NaN stays NaN);
+* ``mask``   per-column θ: ``M = gt(P, θ)`` written straight into a float32 buffer
+  (a bool mask plus a cast measured ~5× slower: 2.3 ms vs 0.46 ms at 4096 × 513), then
+  ``P *= M`` — bit-for-bit the ``P · [P > θ]`` of the formula;
+* ``general`` gated columns (and layer_norm columns): the general formulas above.
+
+The read-out is one addmm into a fresh ``[n_rows, n_detectors]`` tensor, sigmoid in place.
+On a layer whose epilogue is ``none`` the read-out is linear too, so :meth:`Scorer.score`
+folds it into the GEMM at construction: ``S = sigmoid(x · (W·R) + (b·R + c))``, one addmm
+of ``n_detectors`` columns (the columns ``Z`` are not formed; ``score_and_columns`` still
+forms them, and its scores equal the folded ones to float32 rounding, ~1e-7).
+Input checks are O(1) (dtype, shape); a hook point given as a name or a bare layer is
+looked up in one dict of both spellings, built at construction.
+
+Thread rules: a Scorer is immutable after construction. ``score`` and every other method
+allocate their own outputs and scratch per call (no buffer is cached or shared between
+calls: fresh vs reused output buffers measured within 1 % of the GEMM at 64–4096 rows), so
+any number of threads may score at once, and the arrays returned are the caller's to
+keep. It sets no global torch state (threads, dtypes).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from monitor.wire.hooks import hook_key
 
@@ -37,32 +58,52 @@ __all__ = ["INPUT_DTYPES", "Scorer"]
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 
+Epilogue = Literal["none", "relu", "mask", "general"]
+
 
 @dataclass(frozen=True, eq=False)
 class _Kernel:
     """What one layer's score needs, precomputed. Tensors are never written after init.
 
     ``Wt [n_cols, d_model]`` (W transposed, contiguous) in the compute dtype: the GEMM
-    reads it as ``Wt.t()``, the ``F.linear`` layout, which oneDNN's bf16 kernels need to
-    be fast on CPU (row-major ``[d_model, n_cols]`` bf16 measured ~5× slower).
-    ``b_gemm [n_cols]`` (fp32 compute: b with layer_norm columns zeroed, added inside
-    addmm; bf16: None); ``b_post [n_cols]``
-    float32, added after the GEMM (bf16: all of b; fp32: b on layer_norm columns only,
-    None if there are none); ``ln_eps [1, n_cols]`` (None without layer_norm columns);
-    ``ln_cols [n_cols]`` bool. ``Rt [n_detectors, n_cols]``: the read-out ``R``
-    transposed, contiguous, for ``F.linear`` (a skinny ``[rows, n_cols] × [n_cols, D]``
-    addmm with row-major ``R`` measured ~5× slower on CPU: 7.5 vs 1.4 ms at 4096 × 520 × 9).
+    reads it as ``WtT = Wt.t()`` (kept as a view), the ``F.linear`` layout, which oneDNN's
+    bf16 kernels need to be fast on CPU (row-major ``[d_model, n_cols]`` bf16 measured ~5×
+    slower). ``b_gemm [n_cols]`` (fp32 compute: b with layer_norm columns zeroed, added
+    inside addmm; bf16: None); ``b_post [n_cols]`` float32, added after the GEMM (bf16: all
+    of b; fp32: b on layer_norm columns only, None if there are none); ``ln_eps [1,
+    n_cols]`` (None without layer_norm columns); ``ln_cols [n_cols]`` bool. ``Rt
+    [n_detectors, n_cols]``: the read-out ``R`` transposed, contiguous, read as ``RtT =
+    Rt.t()`` (a skinny ``[rows, n_cols] × [n_cols, D]`` addmm with row-major ``R``
+    measured ~5× slower on CPU: 7.5 vs 1.4 ms at 4096 × 520 × 9). ``epilogue``: which
+    epilogue the layer needs (module doc).
     """
 
     packed: PackedLayer
     Wt: torch.Tensor
+    WtT: torch.Tensor
     b_gemm: torch.Tensor | None
     b_post: torch.Tensor | None
     ln_cols: torch.Tensor | None
     ln_eps: torch.Tensor | None
     Rt: torch.Tensor
+    RtT: torch.Tensor
+    epilogue: Epilogue
+    #: epilogue ``none`` (and no TopK): the read-out folded into the GEMM, ``(WRt
+    #: [n_detectors, d_model]`` compute dtype, ``cR [n_detectors]`` float32): ``S =
+    #: sigmoid(x · WRt.t() + cR)``; None otherwise
+    fold: tuple[torch.Tensor, torch.Tensor] | None
     #: TopK components: ``(Wt_full [m, d_model]`` compute dtype, ``block)`` (pack.TopKBlock)
     topk: tuple[tuple[torch.Tensor, TopKBlock], ...] = ()
+
+
+def _epilogue(p: PackedLayer) -> Epilogue:
+    if p.mag_scale is not None or p.ln_cols is not None:
+        return "general"
+    if bool(torch.isneginf(p.theta).all()):
+        return "none"
+    if bool((p.theta == 0).all()):
+        return "relu"
+    return "mask"
 
 
 class Scorer:
@@ -85,6 +126,13 @@ class Scorer:
         self._kernels: dict[str, _Kernel] = {
             hook: self._build(pack_layer(bundle, hook)) for hook in self.hooks
         }
+        # every spelling a caller may use for a kernel, so a call costs one dict lookup:
+        # the hook name, and the bare layer int for blocks.L.hook_resid_post
+        self._by_key: dict[int | str, _Kernel] = {}
+        for hook, kern in self._kernels.items():
+            self._by_key[hook] = kern
+            if hook == hook_key(kern.packed.layer):
+                self._by_key[kern.packed.layer] = kern
 
     def _build(self, p: PackedLayer) -> _Kernel:
         ln = p.ln_cols
@@ -95,14 +143,26 @@ class Scorer:
             b_gemm, b_post = p.b.masked_fill(ln, 0.0), p.b.masked_fill(~ln, 0.0)
         else:
             b_gemm, b_post = None, p.b
+        Wt = p.W.t().to(self.compute_dtype).contiguous()
+        Rt = p.R.t().contiguous()
+        epilogue = _epilogue(p)
+        fold = None
+        if epilogue == "none" and not p.topk:  # Z = P: S = sigmoid((x·W + b)·R + c)
+            R = p.R.double()
+            WRt = (p.W.double() @ R).t().to(self.compute_dtype).contiguous()
+            fold = (WRt, (p.b.double() @ R + p.c.double()).float())
         return _Kernel(
             packed=p,
-            Wt=p.W.t().to(self.compute_dtype).contiguous(),
+            Wt=Wt,
+            WtT=Wt.t(),
             b_gemm=b_gemm,
             b_post=b_post,
             ln_cols=ln,
             ln_eps=None if p.ln_eps is None else p.ln_eps.unsqueeze(0),
-            Rt=p.R.t().contiguous(),
+            Rt=Rt,
+            RtT=Rt.t(),
+            epilogue=epilogue,
+            fold=fold,
             topk=tuple((blk.W.t().to(self.compute_dtype).contiguous(), blk)
                        for blk in p.topk),
         )
@@ -122,26 +182,7 @@ class Scorer:
 
         Column ``j`` is ``packed(layer).columns[j]``. ``x`` is not modified.
         """
-        kern = self._kernel(layer)
-        x = _as_tensor(x)
-        self._check_input(x)
-        if x.shape[0] == 0:
-            return torch.zeros(0, kern.packed.n_cols)
-        xc = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
-        if kern.b_gemm is not None:
-            p = torch.addmm(kern.b_gemm, xc, kern.Wt.t())
-        else:
-            p = torch.mm(xc, kern.Wt.t()).float()
-        var = None
-        if kern.ln_cols is not None:
-            xf = x if x.dtype == torch.float32 else x.float()
-            var = torch.var(xf, dim=1, correction=0, keepdim=True)  # [n_rows, 1]
-        z = self._finish(kern, p, var)
-        for Wt_full, blk in kern.topk:  # full-width TopK: keep a row's k largest latents
-            r = torch.mm(xc, Wt_full.t()).float().add_(blk.b)  # [n_rows, m] rank values
-            tau = r.topk(blk.k, dim=1).values[:, -1:]  # the k-th largest, [n_rows, 1]
-            z[:, blk.cols] *= (r[:, blk.ids] >= tau).to(z.dtype)
-        return z
+        return self._columns(self._kernel(layer), x)
 
     def projection(self, layer: int | str) -> tuple[torch.Tensor, bool]:
         """What a worker needs to project rows itself (in-worker projection, docs/CAPTURE.md):
@@ -189,31 +230,7 @@ class Scorer:
         if kern.b_gemm is not None:
             p.add_(kern.b_gemm)
         z = self._finish(kern, p, var)
-        return torch.sigmoid(F.linear(z, kern.Rt, kern.packed.c)).numpy(), z.numpy()
-
-    def _finish(self, kern: _Kernel, p: torch.Tensor, var: torch.Tensor | None
-                ) -> torch.Tensor:
-        """Everything after the GEMM: layer-norm factor (``var [n_rows, 1]``, given iff the
-        layer has layer_norm columns), post-GEMM bias, epilogue. ``p`` (float32, this
-        call's own) is overwritten."""
-        if kern.ln_cols is not None:
-            assert kern.ln_eps is not None and var is not None
-            inv = torch.rsqrt(var + kern.ln_eps)  # [n_rows, n_cols]
-            if kern.packed.ln_std is not None:
-                d = self.d_model
-                std = torch.sqrt(var * (d / max(d - 1, 1)))
-                inv = torch.where(kern.packed.ln_std, 1.0 / (std + kern.ln_eps), inv)
-            p = torch.where(kern.ln_cols, p * inv, p)
-        if kern.b_post is not None:
-            p = p + kern.b_post
-        pk = kern.packed
-        if pk.mag_scale is not None:
-            assert pk.mag_shift is not None and pk.floor is not None
-            mag = torch.maximum(p * pk.mag_scale + pk.mag_shift, pk.floor)
-            return torch.where(p > pk.theta, mag, 0.0)
-        # p is this call's own tensor: in place, with a float mask (a bool-mask multiply
-        # promotes per element and measured ~1.5x slower on CPU)
-        return p.mul_((p > pk.theta).to(p.dtype))
+        return self._readout(kern, z).numpy(), z.numpy()
 
     def score(self, layer: int | str, x: torch.Tensor | np.ndarray) -> np.ndarray:
         """Detector scores in [0, 1]: float32 ``[n_rows, len(detectors_on(layer))]``.
@@ -222,26 +239,105 @@ class Scorer:
         float16 numpy array (e.g. a zero-copy view of wire bytes, viewed as a tensor
         without a copy; it is not modified). ``n_rows`` may be 0.
         """
-        return self.score_and_columns(layer, x)[0]
+        kern = self._kernel(layer)
+        if kern.fold is None:
+            return self._readout(kern, self._columns(kern, x)).numpy()
+        WRt, cR = kern.fold  # read-out folded into the GEMM (module doc)
+        xc = self._input(x)
+        if self.compute_dtype == torch.float32:
+            s = torch.addmm(cR, xc, WRt.t())
+        else:
+            s = torch.mm(xc, WRt.t()).float().add_(cR)
+        return s.sigmoid_().numpy()
 
     def score_and_columns(self, layer: int | str, x: torch.Tensor | np.ndarray
                           ) -> tuple[np.ndarray, np.ndarray]:
         """``(score(layer, x), score_components(layer, x))`` as float32 numpy arrays
         ``[n_rows, n_detectors]``, ``[n_rows, n_cols]``, from one GEMM (the column
         values feed the fired-latent report, ``monitor.judge.latents``)."""
-        z = self.score_components(layer, x)
         kern = self._kernel(layer)
-        return torch.sigmoid(F.linear(z, kern.Rt, kern.packed.c)).numpy(), z.numpy()
+        z = self._columns(kern, x)
+        return self._readout(kern, z).numpy(), z.numpy()
+
+    # ----------------------------------------------------------------------- kernels
+
+    def _columns(self, kern: _Kernel, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """``Z`` float32 ``[n_rows, n_cols]`` of ``x`` (checked here), a new tensor."""
+        xc = self._input(x)
+        if xc.shape[0] == 0:
+            return torch.zeros(0, kern.packed.n_cols)
+        if kern.b_gemm is not None:
+            p = torch.addmm(kern.b_gemm, xc, kern.WtT)
+        else:
+            p = torch.mm(xc, kern.WtT).float()
+        var = None
+        if kern.ln_cols is not None:
+            xf = _as_tensor(x)  # x itself, not xc: var from the unrounded input
+            xf = xf if xf.dtype == torch.float32 else xf.float()
+            var = torch.var(xf, dim=1, correction=0, keepdim=True)  # [n_rows, 1]
+        z = self._finish(kern, p, var)
+        for Wt_full, blk in kern.topk:  # full-width TopK: keep a row's k largest latents
+            r = torch.mm(xc, Wt_full.t()).float().add_(blk.b)  # [n_rows, m] rank values
+            tau = r.topk(blk.k, dim=1).values[:, -1:]  # the k-th largest, [n_rows, 1]
+            z[:, blk.cols] *= (r[:, blk.ids] >= tau).to(z.dtype)
+        return z
+
+    def _finish(self, kern: _Kernel, p: torch.Tensor, var: torch.Tensor | None
+                ) -> torch.Tensor:
+        """Everything after the GEMM: layer-norm factor (``var [n_rows, 1]``, given iff the
+        layer has layer_norm columns), post-GEMM bias, epilogue. ``p`` (float32, this
+        call's own) is overwritten; the result may be ``p`` itself."""
+        pk = kern.packed
+        if kern.b_post is not None and kern.ln_cols is None:
+            p.add_(kern.b_post)  # bf16 compute: the whole bias after the GEMM
+        epi = kern.epilogue
+        if epi == "none":
+            return p
+        if epi == "relu":
+            return p.relu_()
+        if epi == "mask":
+            # gt written into a float32 buffer: 1.0 / 0.0, no bool tensor and cast
+            return p.mul_(torch.gt(p, pk.theta, out=torch.empty_like(p)))
+        if kern.ln_cols is not None:
+            assert kern.ln_eps is not None and var is not None
+            inv = torch.rsqrt(var + kern.ln_eps)  # [n_rows, n_cols]
+            if pk.ln_std is not None:
+                d = self.d_model
+                std = torch.sqrt(var * (d / max(d - 1, 1)))
+                inv = torch.where(pk.ln_std, 1.0 / (std + kern.ln_eps), inv)
+            p = torch.where(kern.ln_cols, p * inv, p)
+            if kern.b_post is not None:
+                p.add_(kern.b_post)
+        if pk.mag_scale is not None:
+            assert pk.mag_shift is not None and pk.floor is not None
+            mag = torch.maximum(p * pk.mag_scale + pk.mag_shift, pk.floor)
+            return torch.where(p > pk.theta, mag, 0.0)
+        return p.mul_(torch.gt(p, pk.theta, out=torch.empty_like(p)))
+
+    @staticmethod
+    def _readout(kern: _Kernel, z: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(Z · R + c)`` float32 ``[n_rows, n_detectors]``, a new tensor."""
+        return torch.addmm(kern.packed.c, z, kern.RtT).sigmoid_()
 
     # ----------------------------------------------------------------------- helpers
 
     def _kernel(self, layer: int | str) -> _Kernel:
-        hook = hook_key(layer)
+        kern = self._by_key.get(layer)
+        if kern is not None:
+            return kern
+        hook = hook_key(layer)  # another spelling, or no such hook point
         try:
             return self._kernels[hook]
         except KeyError:
             raise KeyError(f"{hook} has no detectors in bundle {self.bundle.name!r} "
                            f"(hook points {list(self.hooks)})") from None
+
+    def _input(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """``x`` checked (O(1): type, dtype, shape) and in the compute dtype (no copy
+        when it already is)."""
+        t = _as_tensor(x)
+        self._check_input(t)
+        return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -255,8 +351,20 @@ class Scorer:
 
 def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     """A numpy array as a tensor sharing its memory (read-only arrays: never written)."""
-    if not isinstance(x, np.ndarray):
-        return x
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
+def _consume_readonly_warning() -> None:
+    """torch warns once per process (a C++ warn-once) that the tensor of a read-only numpy
+    array is writable; the scorer only reads such arrays (wire frames). The one warning is
+    raised and dropped here, at import (under the import lock), so that scoring never
+    touches the process-global warnings filters from its threads (``catch_warnings`` is
+    not thread-safe and cost ~2 µs a call)."""
+    a = np.zeros(1, dtype=np.float32)
+    a.flags.writeable = False
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # non-writable array: only read here
-        return torch.from_numpy(x)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.from_numpy(a)
+
+
+_consume_readonly_warning()
