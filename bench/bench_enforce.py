@@ -33,7 +33,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from monitor.tools.demo import TRAFFIC, stop, wait_http  # noqa: E402
+from monitor.tools import launch  # noqa: E402
+from monitor.tools.demo import TRAFFIC  # noqa: E402
+from monitor.tools.launch import stop  # noqa: E402
 from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model  # noqa: E402
 from monitor.tools.net import free_port  # noqa: E402
 
@@ -62,29 +64,18 @@ def chat(base: str, user: str, max_tokens: int) -> str:
 def start_sidecar(work: Path, policy: Path, grpc_port: int, metrics_port: int,
                   env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
     """The sidecar on the default bundle (log appended to ``work/sidecar.log``), ready."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "monitor.cli", "serve", "--bundle",
-         str(ROOT / "bundles/default"), "--policy", str(policy), "--port", str(grpc_port),
-         "--metrics-port", str(metrics_port), *extra],
-        stdout=open(work / "sidecar.log", "ab"), stderr=subprocess.STDOUT, env=env)
-    wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 60, proc, "the sidecar")
-    return proc
+    return launch.start_sidecar(launch.SidecarServer(
+        bundle=ROOT / "bundles/default", port=grpc_port, metrics_port=metrics_port,
+        log=work / "sidecar.log", append_log=True, policy=policy, extra_args=extra, env=env))
 
 
 def start_vllm(work: Path, http_port: int, grpc_port: int,
                env: dict[str, str]) -> subprocess.Popen[bytes]:
     """vLLM's OpenAI server (eager, default model) with the plugin pointed at the sidecar
     on ``grpc_port`` (log in ``work/vllm.log``), ready."""
-    venv = dict(env, SAFETY_MONITOR_ADDR=f"127.0.0.1:{grpc_port}",
-                SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME, VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-         str(prepare_default_model()), "--served-model-name", DEFAULT_MODEL_NAME,
-         "--host", "127.0.0.1", "--port", str(http_port), "--max-model-len", "1024",
-         "--dtype", "float32", "--enforce-eager"],
-        stdout=open(work / "vllm.log", "wb"), stderr=subprocess.STDOUT, env=venv)
-    wait_http(f"http://127.0.0.1:{http_port}/health", 400, proc, "vLLM")
-    return proc
+    return launch.start_vllm(launch.VllmServer(
+        model=prepare_default_model(), port=http_port, log=work / "vllm.log", env=env,
+        sidecar_addr=f"127.0.0.1:{grpc_port}"))
 
 
 def main() -> int:

@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,7 @@ def part_rows(args: argparse.Namespace, dev: torch.device, wanted: dict[int, fro
                                 else float("nan"))
             first_s = time.perf_counter() - t0
             xi = xs[0]
-            ms = bench(lambda f=f, xi=xi: f(pos, xi), dev, args.reps)
+            ms = bench(partial(f, pos, xi), dev, args.reps)
         set_sink(None)
         row: dict[str, Any] = {"ms_per_forward": round(ms, 4),
                                "first_3_calls_s": round(first_s, 2),
@@ -302,7 +303,7 @@ def part_projection(args: argparse.Namespace, dev: torch.device) -> dict[str, An
         for rows in args.rows:
             x = torch.randn(rows, d, generator=g)
             ref = x.double() @ w.double()
-            cpu_ms = bench(lambda x=x, w=w: x @ w, torch.device("cpu"), args.reps)
+            cpu_ms = bench(partial(torch.matmul, x, w), torch.device("cpu"), args.reps)
             row: dict[str, Any] = {"d_model": d, "k": k, "rows": rows,
                                    "cpu_fp32_ms": round(cpu_ms, 4),
                                    "cpu_fp32_max_err": max_err(x @ w, ref)}
@@ -310,8 +311,7 @@ def part_projection(args: argparse.Namespace, dev: torch.device) -> dict[str, An
                 for dt, name_dt in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
                     xd, wd = x.to(dev, dt), w.to(dev, dt)
                     out = torch.empty(rows, k, device=dev, dtype=dt)  # preallocated output
-                    ms = bench(lambda xd=xd, wd=wd, out=out: torch.mm(xd, wd, out=out), dev,
-                               args.reps)
+                    ms = bench(partial(torch.mm, xd, wd, out=out), dev, args.reps)
                     torch.mm(xd, wd, out=out)
                     row[f"cuda_{name_dt}_ms"] = round(ms, 4)
                     # error relative to the output scale (bf16 inputs are rounded first)

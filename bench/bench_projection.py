@@ -34,8 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_ingest import replace_section  # noqa: E402
-
+from bench.bench_ingest import replace_section  # noqa: E402
 from monitor.capture.projection import WorkerProjection  # noqa: E402
 from monitor.score import build_placeholder_bundle  # noqa: E402
 from monitor.tools.net import free_port  # noqa: E402

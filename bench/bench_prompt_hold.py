@@ -40,9 +40,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_enforce import start_sidecar, start_vllm  # noqa: E402
-
-from monitor.tools.demo import TRAFFIC, stop  # noqa: E402
+from bench.bench_enforce import start_sidecar, start_vllm  # noqa: E402
+from monitor.tools.demo import TRAFFIC  # noqa: E402
+from monitor.tools.launch import stop  # noqa: E402
 from monitor.tools.models import DEFAULT_MODEL_NAME  # noqa: E402
 from monitor.tools.net import free_port  # noqa: E402
 

@@ -37,7 +37,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,7 @@ def sae_lens_fn(c: dict[str, Any], device: torch.device
     return run
 
 
-def timed(fns: dict[str, Callable[[], object]], reps: int, device: torch.device
+def timed(fns: Mapping[str, Callable[[], object]], reps: int, device: torch.device
           ) -> dict[str, float]:
     """Median milliseconds per call, repeats interleaved across ``fns``."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -224,13 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                     naive = naive_fn(c, device, torch_dtype[dt])
                     Wt = fused.Wt
                     xd = x.to(torch_dtype[dt])
-                    fns: dict[str, Callable[[], object]] = {
-                        "fused": lambda f=fused, xx=x: f(xx),
-                        "naive": lambda f=naive, xx=x: f(xx),
-                        "gemm": lambda w=Wt, xx=xd: torch.mm(xx, w.t())}
+                    fns: dict[str, Callable[[], torch.Tensor]] = {
+                        "fused": partial(fused, x), "naive": partial(naive, x),
+                        "gemm": partial(torch.mm, xd, Wt.t())}
                     sl = sae_lens_fn(c, device) if dt == "fp32" else None
                     if sl is not None:
-                        fns["sae_lens"] = lambda f=sl, xx=x: f(xx)
+                        fns["sae_lens"] = partial(sl, x)
                     with torch.no_grad():
                         outs = {k: f() for k, f in fns.items() if k != "gemm"}
                         tol = 2e-3 if dt == "fp32" else 3e-2
@@ -270,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ms = r["ms"]
-        sl = f"{ms['sae_lens']:.3f}" if "sae_lens" in ms else "—"
+        sl_ms = f"{ms['sae_lens']:.3f}" if "sae_lens" in ms else "—"
         lines.append(f"| {r['d_model']} | {r['d_sae']} | {r['selected']} | {r['dtype']} | "
-                     f"{ms['fused']:.3f} | {ms['naive']:.3f} | {sl} | {ms['gemm']:.3f} | "
+                     f"{ms['fused']:.3f} | {ms['naive']:.3f} | {sl_ms} | {ms['gemm']:.3f} | "
                      f"{r['fused_over_naive']:.1f}× | {r['fused_over_gemm']:.2f} |")
     (args.out / "sae_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -28,6 +28,7 @@ import tempfile
 import time
 import types
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -181,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             return torch.sigmoid(torch.stack(logits, dim=1))
 
         ms = timeit({
-            "fused": (lambda s=scorer, xd=xd: s.score(0, xd), args.repeats),
+            "fused": (partial(scorer.score, 0, xd), args.repeats),
             "naive": (naive, args.naive_repeats),
-            "bare": (lambda xd=xd, W=W_bare: torch.mm(xd, W.t()), args.repeats),
+            "bare": (partial(torch.mm, xd, W_bare.t()), args.repeats),
         })
         fused_ms, naive_ms, bare_ms = ms["fused"], ms["naive"], ms["bare"]
         diff = float((torch.from_numpy(scorer.score(0, xd)) - naive()).abs().max())
@@ -331,12 +332,12 @@ def targets(args: argparse.Namespace) -> int:
                 # enough calls for a stable median on small shapes: ~budget_ms per path
                 est_ms = 2 * rows * d * cols / 50e9 * 1e3 + 0.02  # ~50 GFLOP/s + fixed
                 n = max(args.repeats, min(2000, int(args.budget_ms / est_ms)))
-                fns["fused"] = (lambda x=x, sc=scorer, h=hook: sc.score(h, x), n)
-                fns["gemm"] = (lambda x=x, out=out, w=Wt: torch.mm(x, w.t(), out=out), n)
+                fns["fused"] = (partial(scorer.score, hook, x), n)
+                fns["gemm"] = (partial(torch.mm, x, Wt.t(), out=out), n)
                 if before is not None:
                     np.testing.assert_allclose(before.score(hook, x), scorer.score(hook, x),
                                                rtol=1e-5, atol=1e-6)
-                    fns["before"] = (lambda x=x, sc=before, h=hook: sc.score(h, x), n)
+                    fns["before"] = (partial(before.score, hook, x), n)
                 t = timeit(fns)
                 r = t["gemm"] / t["fused"]
                 tgt = goal.get(d)
@@ -396,9 +397,9 @@ def backends(args: argparse.Namespace) -> int:
             x = torch.randn(rows, d)
             xn = x.numpy()
             reps = max(3, min(100, int(1e9 / (rows * d * n_cols + 1e6))))
-            ms = timeit_blocks({"torch": lambda x=x, s=t_s: s.score(0, x),
-                                "ort": lambda xn=xn, s=o_s: s.score(0, xn),
-                                "bare": lambda x=x, W=W: torch.mm(x, W.t())}, reps)
+            ms = timeit_blocks({"torch": partial(t_s.score, 0, x),
+                                "ort": partial(o_s.score, 0, xn),
+                                "bare": partial(torch.mm, x, W.t())}, reps)
             diff = float(abs(t_s.score(0, x) - o_s.score(0, xn)).max())
             assert diff < 1e-4, f"backends disagree by {diff}"
             ratio = ms["ort"] / ms["torch"]

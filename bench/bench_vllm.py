@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from monitor.tools.launch import SidecarServer  # noqa: E402
 from monitor.tools.net import free_port  # noqa: E402
 
 _ARM = textwrap.dedent("""
@@ -139,9 +140,8 @@ class Sidecar:
     def __init__(self, log_path: Path) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         bundle = ROOT / "bundles" / "default"
-        cmd = [sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(bundle),
-               "--policy", str(bundle / "policy.suggested.yaml"), "--port", str(self.port),
-               "--metrics-port", str(self.metrics_port)]
+        cmd = SidecarServer(bundle=bundle, port=self.port, metrics_port=self.metrics_port,
+                            log=log_path, policy=bundle / "policy.suggested.yaml").argv()
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log,

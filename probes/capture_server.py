@@ -128,8 +128,9 @@ class CaptureSink:
         model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
         d_model: int = 576,
         layers: tuple[int, ...] = (3, 15),
-        kinds: tuple[int, ...] = (monitor_pb2.TOKEN_KIND_PROMPT, monitor_pb2.TOKEN_KIND_GENERATED),
-        dtype: int = monitor_pb2.DTYPE_FLOAT32,
+        kinds: tuple[monitor_pb2.TokenKind, ...] = (monitor_pb2.TOKEN_KIND_PROMPT,
+                                                    monitor_pb2.TOKEN_KIND_GENERATED),
+        dtype: monitor_pb2.DType = monitor_pb2.DTYPE_FLOAT32,
         plan_id: str = "test-plan-1",
         max_frame_bytes: int = 8 * 1024 * 1024,
         hook_names: tuple[str, ...] = (),
@@ -242,11 +243,16 @@ def serve_forever(port: int = 50051, layers: tuple[int, ...] = (3, 15)) -> None:
         sink.stop()
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """``--port`` (default 50051) and ``--layers`` (comma list, default 3,15): serve_forever."""
     import argparse
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=50051)
     ap.add_argument("--layers", default="3,15")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     serve_forever(a.port, tuple(int(x) for x in a.layers.split(",")))
+
+
+if __name__ == "__main__":
+    main()

@@ -89,7 +89,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
                              progress=not args.quiet)
     np.savez(args.out, labels=acts.labels, example=acts.example, position=acts.position,
              generated=acts.generated, segment=acts.segment, from_end=acts.from_end,
-             layers=np.array(acts.layers), **{f"l{k}": v for k, v in acts.x.items()})
+             layers=np.array(acts.layers), allow_pickle=False,
+             **{f"l{k}": v for k, v in acts.x.items()})
     print(f"{acts.n_rows} rows from {acts.n_examples} examples -> {args.out}")
     return 0
 

@@ -33,7 +33,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -238,7 +238,8 @@ def _example_rows(index: int, n_ids: int, prompt_len: int, seg: np.ndarray,
     indexed by position."""
     s, e = selection.span(prompt_len, n_ids)
     pos = np.arange(s, e, dtype=np.int32)
-    res = {f"l{x}": np.asarray(v[s:e]).astype(np.float16) for x, v in layer_rows.items()}
+    res: dict[str, np.ndarray] = {f"l{x}": np.asarray(v[s:e]).astype(np.float16)
+                                  for x, v in layer_rows.items()}
     res["example"] = np.full(e - s, index, dtype=np.int32)
     res["position"] = pos
     res["generated"] = (pos >= prompt_len).astype(np.uint8)
@@ -313,8 +314,9 @@ class TransformersCollector(_ChatEncoder, _ShardedCollector):
         self.device = device
         self.max_batch_tokens = int(max_batch_tokens)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_path, dtype=getattr(torch, dtype)).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, dtype))
+        # (transformers' stubs type `PreTrainedModel.to` as an unbound wrapper: call nn.Module's)
+        self.model = torch.nn.Module.to(model, device).eval()
         self.d_model = int(self.model.config.hidden_size)
         self.n_layers = int(self.model.config.num_hidden_layers)
 
@@ -409,6 +411,7 @@ def _vllm_worker_main() -> None:
         reply.flush()
 
     from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
     llm = LLM(model=model, **kw)
     send({"ready": True})
@@ -420,10 +423,12 @@ def _vllm_worker_main() -> None:
             reqs = cmd["requests"]
             sps = [SamplingParams(max_tokens=1, temperature=0,
                                   extra_args={CORRELATION_KEY: cid}) for cid, _ in reqs]
-            outs = llm.generate([{"prompt_token_ids": ids} for _, ids in reqs], sps,
-                                use_tqdm=False)
-            send({"ok": True, "n_prompt": [len(o.prompt_token_ids) for o in outs],
-                  "same": [list(o.prompt_token_ids) == ids for o, (_, ids) in
+            # (vLLM marks TokensPrompt's optional keys with typing.NotRequired, which mypy's
+            # python_version 3.10 does not know: it would call them all required)
+            prompts = cast("list[TokensPrompt]", [{"prompt_token_ids": ids} for _, ids in reqs])
+            outs = llm.generate(prompts, sps, use_tqdm=False)
+            send({"ok": True, "n_prompt": [len(o.prompt_token_ids or []) for o in outs],
+                  "same": [list(o.prompt_token_ids or []) == ids for o, (_, ids) in
                            zip(outs, reqs, strict=True)]})
         except Exception as e:  # report and keep serving
             send({"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"})
@@ -516,7 +521,8 @@ class VLLMCollector(_ChatEncoder, _ShardedCollector):
             "SAFETY_MONITOR_BACKOFF_MAX_S": "1", "VLLM_USE_V2_MODEL_RUNNER": "0",
         })
         env.pop("SAFETY_MONITOR_WRAP", None)
-        fd, self._log_path = tempfile.mkstemp(prefix="probes-vllm-", suffix=".log")
+        fd, log_path = tempfile.mkstemp(prefix="probes-vllm-", suffix=".log")
+        self._log_path = Path(log_path)
         r, w = os.pipe()
         log.info("starting vLLM collector engine (layers %s, log %s)", list(layers),
                  self._log_path)
@@ -538,8 +544,10 @@ class VLLMCollector(_ChatEncoder, _ShardedCollector):
                                f"(is the plugin installed?); vLLM log: {self._log_tail()}")
 
     def _log_tail(self, n: int = 3000) -> str:
+        if self._log_path is None:
+            return "(no log)"
         try:
-            return Path(self._log_path).read_text(errors="replace")[-n:]  # type: ignore[arg-type]
+            return self._log_path.read_text(errors="replace")[-n:]
         except OSError:
             return "(no log)"
 

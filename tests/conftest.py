@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 
+from monitor.tools.launch import SidecarServer
 from monitor.tools.net import free_port
 
 if TYPE_CHECKING:
@@ -102,14 +102,13 @@ class MonitorServer:
         self.audit_path = workdir / "audit.jsonl"
         self.log_path = workdir / "server.log"
         self.policy_path: Path | None = None
-        args = [python or sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(bundle),
-                "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-                "--audit-log", str(self.audit_path)]
         if policy_text is not None:
             self.policy_path = workdir / "policy.yaml"
             self.policy_path.write_text(policy_text)
-            args += ["--policy", str(self.policy_path)]
-        args += extra or []
+        args = SidecarServer(bundle=bundle, port=self.port, metrics_port=self.metrics_port,
+                             log=self.log_path, policy=self.policy_path,
+                             audit_log=self.audit_path, extra_args=tuple(extra or []),
+                             python=python).argv()
         full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
         if python is not None:
             full_env.pop("PYTHONPATH")

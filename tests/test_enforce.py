@@ -26,7 +26,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -341,15 +340,6 @@ needs_vllm = pytest.mark.skipif(
     reason="vllm or the default model wheel is missing")
 
 
-def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], log: Path) -> None:
-    from monitor.tools.demo import wait_http
-
-    try:
-        wait_http(url, timeout_s, proc, url)
-    except RuntimeError as e:
-        pytest.fail(f"{e}:\n{log.read_text(errors='replace')[-4000:]}")
-
-
 @dataclass
 class Stack:
     base: str
@@ -364,27 +354,23 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    from monitor.tools.demo import stop
-    from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
+    from monitor.tools.launch import SidecarServer, VllmServer, start_sidecar, start_vllm, stop
+    from monitor.tools.models import prepare_default_model
     from monitor.tools.net import free_port
 
     d = tmp_path_factory.mktemp("enforce")
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     audit, stats = d / "audit.jsonl", d / "plugin-stats.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    side_log = d / "sidecar.log"
     procs: dict[str, subprocess.Popen[bytes] | None] = {"sidecar": None, "vllm": None}
 
-    def start_sidecar(policy_text: str) -> None:
+    def start_sidecar_(policy_text: str) -> None:
         policy = d / f"policy-{time.monotonic_ns()}.yaml"
         policy.write_text(policy_text)
-        procs["sidecar"] = subprocess.Popen(
-            [sys.executable, "-m", "monitor.cli", "serve", "--bundle",
-             str(ROOT / "bundles/default"), "--policy", str(policy), "--port", str(grpc_port),
-             "--metrics-port", str(metrics_port), "--audit-log", str(audit),
-             "--audit-finals"],
-            stdout=open(side_log, "ab"), stderr=subprocess.STDOUT, env=env)
-        _wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 60, procs["sidecar"], side_log)
+        procs["sidecar"] = start_sidecar(SidecarServer(
+            bundle=ROOT / "bundles/default", port=grpc_port, metrics_port=metrics_port,
+            log=d / "sidecar.log", append_log=True, policy=policy, audit_log=audit,
+            audit_finals=True, env=env))
 
     def kill_sidecar() -> None:
         stop(procs["sidecar"], "the sidecar")
@@ -392,21 +378,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
     vllm_log = d / "vllm.log"
     try:
-        start_sidecar(POLICY)
-        venv = dict(env, SAFETY_MONITOR_ADDR=f"127.0.0.1:{grpc_port}",
-                    SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME, VLLM_CPU_KVCACHE_SPACE="1",
-                    SAFETY_MONITOR_BLOCK_MESSAGE=MESSAGE, SAFETY_MONITOR_STATS_FILE=str(stats),
-                    SAFETY_MONITOR_GATE_PERIOD_S="0.5")
-        procs["vllm"] = subprocess.Popen(
-            ["nice", "-n", "5", sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-             "--model", str(prepare_default_model()), "--served-model-name",
-             DEFAULT_MODEL_NAME, "--host", "127.0.0.1", "--port", str(http_port),
-             "--max-model-len", "1024", "--dtype", "float32", "--enforce-eager",
-             "--max-num-seqs", "8", "--middleware", "monitor.capture.gate.SidecarGate"],
-            stdout=open(vllm_log, "wb"), stderr=subprocess.STDOUT, env=venv)
-        _wait_http(f"http://127.0.0.1:{http_port}/health", 300, procs["vllm"], vllm_log)
+        start_sidecar_(POLICY)
+        procs["vllm"] = start_vllm(VllmServer(
+            model=prepare_default_model(), port=http_port, log=vllm_log, env=env,
+            sidecar_addr=f"127.0.0.1:{grpc_port}", nice=5,
+            middleware=("monitor.capture.gate.SidecarGate",), extra_args=("--max-num-seqs", "8"),
+            extra_env={"SAFETY_MONITOR_BLOCK_MESSAGE": MESSAGE,
+                       "SAFETY_MONITOR_STATS_FILE": str(stats),
+                       "SAFETY_MONITOR_GATE_PERIOD_S": "0.5"},
+            ready_timeout_s=300))
         yield Stack(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics",
-                    audit, stats, vllm_log, start_sidecar, kill_sidecar,
+                    audit, stats, vllm_log, start_sidecar_, kill_sidecar,
                     f"127.0.0.1:{grpc_port}")
     finally:
         stop(procs["vllm"], "vLLM")

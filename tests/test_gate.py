@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 
 from monitor.capture import gate as gate_mod
 from monitor.capture.gate import SidecarGate, fail_mode, max_behind_frames
-from monitor.tools.demo import stop, wait_http
+from monitor.tools.launch import SidecarServer, start_sidecar, stop
 from monitor.tools.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,13 +38,10 @@ enforcement: {{fail_mode: {mode}, max_behind_frames: {behind}}}
 
 
 def _sidecar(port: int, mport: int, log: Path, policy: Path) -> subprocess.Popen[bytes]:
-    p = subprocess.Popen(
-        [sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(ROOT / "bundles/default"),
-         "--port", str(port), "--metrics-port", str(mport), "--policy", str(policy)],
-        stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    wait_http(f"http://127.0.0.1:{mport}/metrics", 90, p, "the sidecar")
-    return p
+    return start_sidecar(SidecarServer(
+        bundle=ROOT / "bundles/default", port=port, metrics_port=mport, log=log,
+        append_log=True, policy=policy, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        ready_timeout_s=90))
 
 
 def _call(g: SidecarGate, path: str = "/v1/chat/completions") -> tuple[int, bytes]:

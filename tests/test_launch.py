@@ -1,0 +1,69 @@
+"""monitor.tools.launch: the one launch line of vLLM's OpenAI server and the sidecar.
+
+The launches themselves run in tests/test_enforce.py, tests/test_vllm_capture.py,
+tests/test_gate.py and the demo; here the command lines and environments built from each
+config field, and a failed start (real sidecar process on a missing bundle)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from monitor.tools.launch import VLLM_SERVER_MODULE, SidecarServer, VllmServer, start_sidecar
+from monitor.tools.net import free_port
+
+
+def test_vllm_argv_and_env_follow_the_config(tmp_path: Path) -> None:
+    base = VllmServer(model=tmp_path / "m", port=1234, log=tmp_path / "v.log",
+                      env={"KEEP": "1", "SAFETY_MONITOR_ADDR": "old:1"})
+    argv = base.argv()
+    assert argv[:3] == [sys.executable, "-m", VLLM_SERVER_MODULE]
+    assert argv[argv.index("--model") + 1] == str(tmp_path / "m")
+    assert argv[argv.index("--port") + 1] == "1234"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert "--enforce-eager" in argv and "--middleware" not in argv
+    env = base.environ()
+    assert env["KEEP"] == "1" and env["SAFETY_MONITOR_ADDR"] == "old:1"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert base.base_url == "http://127.0.0.1:1234"
+
+    cfg = VllmServer(model=tmp_path / "m", port=1234, log=tmp_path / "v.log", compiled=True,
+                     nice=5, middleware=("a.B", "c.D"), extra_args=("--max-num-seqs", "8"),
+                     sidecar_addr="127.0.0.1:9", kv_cache_space_gib=None, monitor_model=None,
+                     env={"SAFETY_MONITOR_MODEL": "x"}, extra_env={"SAFETY_MONITOR_ADDR": "e:2"})
+    argv = cfg.argv()
+    assert argv[:3] == ["nice", "-n", "5"] and "--enforce-eager" not in argv
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--middleware"] == ["a.B", "c.D"]
+    assert argv[-2:] == ["--max-num-seqs", "8"]
+    env = cfg.environ()
+    assert env["SAFETY_MONITOR_ADDR"] == "e:2"  # extra_env applies last
+    assert env["SAFETY_MONITOR_MODEL"] == "x" and "VLLM_CPU_KVCACHE_SPACE" not in env
+
+
+def test_sidecar_argv(tmp_path: Path) -> None:
+    cfg = SidecarServer(bundle=tmp_path / "b", port=1, metrics_port=2, log=tmp_path / "s.log")
+    assert cfg.argv()[1:] == ["-m", "monitor.cli", "serve", "--bundle", str(tmp_path / "b"),
+                              "--port", "1", "--metrics-port", "2"]
+    full = SidecarServer(bundle=tmp_path / "b", port=1, metrics_port=2, log=tmp_path / "s.log",
+                         policy=tmp_path / "p.yaml", audit_log=tmp_path / "a.jsonl",
+                         audit_finals=True, extra_args=("--x",)).argv()
+    assert SidecarServer(bundle=tmp_path / "b", port=1, metrics_port=2, log=tmp_path / "s.log",
+                         python="/other/python").argv()[0] == "/other/python"
+    assert full[-6:] == ["--policy", str(tmp_path / "p.yaml"), "--audit-log",
+                         str(tmp_path / "a.jsonl"), "--audit-finals", "--x"]
+
+
+def test_failed_start_names_the_process_and_quotes_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "s.log"
+    log.write_text("EARLIER RUN\n")
+    cfg = SidecarServer(bundle=tmp_path / "no-such-bundle", port=free_port(),
+                        metrics_port=free_port(), log=log, append_log=True,
+                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    with pytest.raises(RuntimeError) as e:
+        start_sidecar(cfg)
+    msg = str(e.value)
+    assert "the sidecar exited with code" in msg and str(log) in msg
+    assert "EARLIER RUN" in msg and "no-such-bundle" in msg  # appended, then quoted
