@@ -105,9 +105,11 @@ class Fused:
         self.dtype = dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        p = torch.mm(x.to(self.dtype), self.Wt.t()).float() + self.b
-        z = p * (p > self.theta)
-        return torch.sigmoid(torch.addmm(self.c, z, self.R))
+        # the scorer's "mask" epilogue (monitor/score/scorer.py): in place on the GEMM
+        # output, the comparison written straight into a float buffer
+        p = torch.mm(x.to(self.dtype), self.Wt.t()).float().add_(self.b)
+        p.mul_(torch.gt(p, self.theta, out=torch.empty_like(p)))
+        return torch.addmm(self.c, p, self.R).sigmoid_()
 
 
 def naive_fn(c: dict[str, Any], device: torch.device, dtype: torch.dtype

@@ -5,7 +5,11 @@ plugin is loaded only where `SAFETY_MONITOR_ADDR` is set), back to back in one r
 no monitor (baseline); the plugin streaming to a recording sink; the plugin streaming to
 the real scoring sidecar (`python -m monitor.cli serve --bundle bundles/default --policy
 bundles/default/policy.suggested.yaml`, a subprocess on this same host, competing for its
-CPU as it would in a single-host deployment).
+CPU as it would in a single-host deployment); optionally (`--arms ...,projection`) that
+sidecar with `serve --worker-projection` (the worker sends x·W instead of the rows).
+`--rounds N` repeats the arm sequence N times: on a shared host one run's ratios move by
+±5-10 %, so ratios are taken per round against that round's own baseline and reported as
+the median over rounds (each round's ratios are listed too).
 
 - throughput: `--n-prompts` prompts submitted at once, `--max-tokens` generated each
   (`ignore_eos`), generated tokens / wall second and total (prompt + generated) tokens / s;
@@ -26,6 +30,7 @@ Results go to `bench/RESULTS.md` under "## vLLM" (other headings are kept).
 
     python bench/bench_vllm.py            # eager (enforce_eager)
     python bench/bench_vllm.py --compiled # torch.compile (default vLLM mode, slower start)
+    python bench/bench_vllm.py --compiled --rounds 3 --arms none,sidecar,projection
 """
 
 from __future__ import annotations
@@ -137,11 +142,12 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
 class Sidecar:
     """`python -m monitor.cli serve` with the default bundle + policy, on free ports."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         bundle = ROOT / "bundles" / "default"
         cmd = SidecarServer(bundle=bundle, port=self.port, metrics_port=self.metrics_port,
-                            log=log_path, policy=bundle / "policy.suggested.yaml").argv()
+                            log=log_path, policy=bundle / "policy.suggested.yaml",
+                            extra_args=extra_args).argv()
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log,
@@ -226,6 +232,32 @@ def write_results(section: str, path: Path) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
+ARMS = ("none", "sink", "sidecar", "projection")
+
+
+def run_sidecar_arm(args: argparse.Namespace, model: str, projection: bool) -> dict:
+    """One engine process streaming to a fresh scoring sidecar; the arm's result plus the
+    sidecar's counters (`side`), read after its backlog drained."""
+    with tempfile.TemporaryDirectory() as tmp:
+        side = Sidecar(Path(tmp) / "sidecar.log",
+                       ("--worker-projection",) if projection else ())
+        try:
+            cpu0 = side.cpu_s()
+            r = run_arm(args, side.addr, model)
+            side.wait_drained()
+            r["side"] = dict(
+                drain_s=time.time() - r["end"], cpu_s=side.cpu_s() - cpu0,
+                scored=side.by_label("safety_monitor_rows_scored_total", "layer"),
+                unscored=side.by_label("safety_monitor_rows_unscored_total", "reason"),
+                rejected=side.by_label("safety_monitor_frames_rejected_total", "reason"),
+                c_frames=side.total("safety_monitor_client_dropped_frames_total"),
+                c_rows=side.total("safety_monitor_client_dropped_rows_total"),
+                gaps=side.total("safety_monitor_frames_missing_total"))
+        finally:
+            side.stop()
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--compiled", action="store_true", help="torch.compile instead of eager")
@@ -234,11 +266,23 @@ def main() -> None:
     ap.add_argument("--n-latency", type=int, default=4)
     ap.add_argument("--lat-tokens", type=int, default=32)
     ap.add_argument("--max-batched-tokens", type=int, default=256)
-    ap.add_argument("--layers", default="3,15")
+    ap.add_argument("--layers", default="3,15", help="layers the sink arm captures")
+    ap.add_argument("--arms", default="none,sink,sidecar",
+                    help=f"comma-separated, run in this order each round, from {ARMS}; "
+                         "`none` is required (the baseline); `projection` = the sidecar with "
+                         "`serve --worker-projection`")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the arm sequence; ratios are taken per round against that "
+                         "round's baseline and reported as the median over rounds")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     ap.add_argument("--json", type=Path, default=None,
                     help="also write the key numbers (ratios, coverage, drops) as JSON here")
     args = ap.parse_args()
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if "none" not in arms or any(a not in ARMS for a in arms) or len(set(arms)) != len(arms):
+        ap.error(f"--arms: expected distinct names from {ARMS} including 'none', found {arms}")
+    if args.rounds < 1:
+        ap.error(f"--rounds: expected >= 1, found {args.rounds}")
 
     from capture_sink import CaptureSink
 
@@ -248,68 +292,136 @@ def main() -> None:
     layers = tuple(int(x) for x in args.layers.split(","))
     load0 = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    sink = CaptureSink(layers=layers).start()
+    rounds: list[dict[str, dict]] = []
+    sink = CaptureSink(layers=layers).start() if "sink" in arms else None
     try:
-        print("running baseline (no monitor)...", flush=True)
-        base = run_arm(args, None, model)
-        print("running with monitor -> recording sink...", flush=True)
-        mon = run_arm(args, sink.addr, model)
-        time.sleep(1.0)
-        rows = sink.rows_received()
-        stats = sink.log.stats[-1] if sink.log.stats else None
+        for i in range(args.rounds):
+            res: dict[str, dict] = {}
+            for arm in arms:
+                print(f"round {i + 1}/{args.rounds}: arm {arm}...", flush=True)
+                if arm == "none":
+                    res[arm] = run_arm(args, None, model)
+                elif arm == "sink":
+                    assert sink is not None
+                    before = sink.rows_received()
+                    res[arm] = run_arm(args, sink.addr, model)
+                    time.sleep(1.0)
+                    res[arm]["rows"] = sink.rows_received() - before
+                    res[arm]["stats"] = sink.log.stats[-1] if sink.log.stats else None
+                else:
+                    res[arm] = run_sidecar_arm(args, model, projection=arm == "projection")
+            rounds.append(res)
     finally:
-        sink.stop()
-    print("running with monitor -> scoring sidecar...", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        side = Sidecar(Path(tmp) / "sidecar.log")
-        try:
-            cpu0 = side.cpu_s()
-            sc = run_arm(args, side.addr, model)
-            side.wait_drained()
-            drain_s = time.time() - sc["end"]
-            cpu_sc = side.cpu_s() - cpu0
-            scored_by_layer = side.by_label("safety_monitor_rows_scored_total", "layer")
-            unscored = side.by_label("safety_monitor_rows_unscored_total", "reason")
-            rejected = side.by_label("safety_monitor_frames_rejected_total", "reason")
-            c_frames = side.total("safety_monitor_client_dropped_frames_total")
-            c_rows = side.total("safety_monitor_client_dropped_rows_total")
-            gaps = side.total("safety_monitor_frames_missing_total")
-        finally:
-            side.stop()
+        if sink is not None:
+            sink.stop()
 
-    def tput(r: dict) -> tuple[float, float]:
-        return r["n_gen_tp"] / r["wall_s"], (r["n_gen_tp"] + r["n_prompt_tp"]) / r["wall_s"]
+    def gen_tps(r: dict) -> float:
+        return r["n_gen_tp"] / r["wall_s"]
 
-    def lat(r: dict) -> tuple[float, float]:
-        return statistics.mean(r["lat_s"]), statistics.median(r["lat_s"])
+    def tot_tps(r: dict) -> float:
+        return (r["n_gen_tp"] + r["n_prompt_tp"]) / r["wall_s"]
 
-    (bg, bt), (mg, mt), (sg, st) = tput(base), tput(mon), tput(sc)
-    (blm, blp), (mlm, mlp), (slm, slp) = lat(base), lat(mon), lat(sc)
-    coverage = rows / len(layers) / mon["processed"]
-    sc_layers = sorted(int(x) for x in scored_by_layer)
-    sc_rows = int(sum(scored_by_layer.values()))
-    sc_cov = sc_rows / max(1, len(sc_layers)) / sc["processed"]
-    # what the plan asked for: the sidecar's plan filters rows (roles, token kinds), so the
-    # plugin's rows sent + dropped (counted per hook point, from its last stats dump, taken
-    # after the sender drained) is the denominator, not every forward-pass token
-    cst = sc.get("capture_stats") or {}
-    asked = int(cst.get("sent_rows", 0)) + int(cst.get("dropped_rows", 0))
-    plan_cov = sc_rows / asked if asked else float("nan")
+    def lat_mean(r: dict) -> float:
+        return statistics.mean(r["lat_s"])
+
+    def lat_p50(r: dict) -> float:
+        return statistics.median(r["lat_s"])
+
+    med = statistics.median
+    metrics = [("generated tok/s", gen_tps, "{:.1f}"), ("total tok/s (prompt + generated)",
+               tot_tps, "{:.1f}"), ("latency per request, mean (s)", lat_mean, "{:.3f}"),
+               ("latency per request, p50 (s)", lat_p50, "{:.3f}")]
+    mon = [a for a in arms if a != "none"]
+    # per-round ratio against the same round's baseline, then the median over rounds
+    ratio = {a: {name: [f(rd[a]) / f(rd["none"]) for rd in rounds] for name, f, _ in metrics}
+             for a in mon}
+    head = "| metric | " + " | ".join(arms) + " | " + " | ".join(f"{a} / none" for a in mon)
+    lines = [head + " |", "|---|" + "---:|" * (len(arms) + len(mon))]
+    for name, f, fmt in metrics:
+        cells = [fmt.format(med([f(rd[a]) for rd in rounds])) for a in arms]
+        cells += [f"{med(ratio[a][name]):.3f}" for a in mon]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| latency per generated token (ms) | " + " | ".join(
+        f"{1e3 * med([lat_mean(rd[a]) for rd in rounds]) / args.lat_tokens:.1f}"
+        for a in arms) + " |" + " |" * len(mon))
+    lines.append("| engine start-up (s) | " + " | ".join(
+        f"{med([rd[a]['startup_s'] for rd in rounds]):.1f}" for a in arms) + " |" + " |" * len(mon))
+    table = "\n".join(lines)
+    per_round = "; ".join(
+        f"{a}: throughput " + ", ".join(f"{x:.3f}" for x in ratio[a]["generated tok/s"])
+        + " / latency " + ", ".join(f"{x:.3f}" for x in ratio[a]["latency per request, mean (s)"])
+        for a in mon)
+
+    nz = lambda d: ", ".join(f"{k}={int(v)}" for k, v in d.items() if v) or "none"  # noqa: E731
+    cover: list[str] = []
+    summary: dict[str, dict] = {}
+    if "sink" in arms:
+        rows = sum(rd["sink"]["rows"] for rd in rounds)
+        processed = sum(rd["sink"]["processed"] for rd in rounds)
+        stats = rounds[-1]["sink"]["stats"]
+        coverage = rows / len(layers) / processed
+        summary["sink"] = dict(coverage=coverage, drops=dict(
+            frames=stats.dropped_frames, rows=stats.dropped_rows) if stats else None)
+        cover.append(
+            f"Coverage, sink (all rounds): {rows} rows received over {len(layers)} layers "
+            f"{list(layers)} for {processed} forward-pass tokens → **{coverage:.1%}**; client "
+            "drops reported (last round): " + (f"{stats.dropped_frames} frames / "
+            f"{stats.dropped_rows} rows" if stats else "none (no ClientStats sent: nothing "
+            "dropped)") + f". Profile: {profile_line(rounds[-1]['sink'])}.")
+    for a in (x for x in mon if x in ("sidecar", "projection")):
+        sd = [rd[a]["side"] for rd in rounds]
+        scored: dict[str, float] = {}
+        for s in sd:
+            for k, v in s["scored"].items():
+                scored[k] = scored.get(k, 0.0) + v
+        unscored = {k: sum(s["unscored"].get(k, 0.0) for s in sd)
+                    for k in {k for s in sd for k in s["unscored"]}}
+        rejected = {k: sum(s["rejected"].get(k, 0.0) for s in sd)
+                    for k in {k for s in sd for k in s["rejected"]}}
+        sc_rows = int(sum(scored.values()))
+        n_layers = max(1, len(scored))
+        processed = sum(rd[a]["processed"] for rd in rounds)
+        # what the plan asked for: the plugin's rows sent + dropped per hook point (its last
+        # stats dump, taken after the sender drained): the role filter asks only some tokens
+        asked = sum(int((rd[a].get("capture_stats") or {}).get("sent_rows", 0))
+                    + int((rd[a].get("capture_stats") or {}).get("dropped_rows", 0))
+                    for rd in rounds)
+        plan_cov = sc_rows / asked if asked else float("nan")
+        cpu_list = ", ".join(f"{s['cpu_s']:.1f}" for s in sd)
+        c_frames = sum(s["c_frames"] for s in sd)
+        c_rows = sum(s["c_rows"] for s in sd)
+        gaps = sum(s["gaps"] for s in sd)
+        summary[a] = dict(rows_scored=sc_rows, rows_asked=asked, plan_coverage=plan_cov,
+                          token_coverage=sc_rows / n_layers / processed,
+                          unscored={k: v for k, v in unscored.items() if v},
+                          rejected={k: v for k, v in rejected.items() if v},
+                          client_drops=dict(frames=c_frames, rows=c_rows), gaps=gaps,
+                          cpu_s=[s["cpu_s"] for s in sd])
+        cover.append(
+            f"Coverage, {a} (all rounds): {sc_rows} rows scored "
+            f"(`safety_monitor_rows_scored_total`, {nz(scored)} by layer) for {processed} "
+            f"forward-pass tokens → {sc_rows / n_layers / processed:.1%} of all tokens per "
+            f"layer; the plan asked for {asked} rows (plugin rows sent + dropped) → "
+            f"**{plan_cov:.1%}** of the rows asked for; rows unscored by reason: "
+            f"{nz(unscored)}; frames rejected: {nz(rejected)}; client-reported drops: "
+            f"{int(c_frames)} frames / {int(c_rows)} rows; sequence gaps: {int(gaps)}. "
+            f"Sidecar CPU-s per round: {cpu_list}; "
+            f"scored everything {med([s['drain_s'] for s in sd]):.1f} s (median) after the "
+            f"engine exited (includes the ≥3 s quiet period used to detect that). "
+            f"Profile (last round): {profile_line(rounds[-1][a])}.")
+    load1 = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(dict(
-            n_prompts=args.n_prompts, compiled=args.compiled, load_start=load0,
-            load_end=os.getloadavg(), gen_tps=dict(none=bg, sink=mg, sidecar=sg),
-            lat_mean_s=dict(none=blm, sink=mlm, sidecar=slm), sink_coverage=coverage,
-            sink_drops=dict(frames=stats.dropped_frames, rows=stats.dropped_rows) if stats
-            else None, sidecar_rows_scored=sc_rows, sidecar_rows_asked=asked,
-            sidecar_plan_coverage=plan_cov, sidecar_token_coverage=sc_cov,
-            sidecar_unscored={k: v for k, v in unscored.items() if v},
-            sidecar_rejected={k: v for k, v in rejected.items() if v},
-            sidecar_client_drops=dict(frames=c_frames, rows=c_rows), sidecar_gaps=gaps,
-            sidecar_cpu_s=cpu_sc), indent=1))
-    nz = lambda d: ", ".join(f"{k}={int(v)}" for k, v in d.items() if v) or "none"  # noqa: E731
+            n_prompts=args.n_prompts, compiled=args.compiled, rounds=args.rounds, arms=arms,
+            load_start=load0, load_end=load1,
+            gen_tps={a: med([gen_tps(rd[a]) for rd in rounds]) for a in arms},
+            lat_mean_s={a: med([lat_mean(rd[a]) for rd in rounds]) for a in arms},
+            ratio_gen_tps={a: med(ratio[a]["generated tok/s"]) for a in mon},
+            ratio_lat_mean={a: med(ratio[a]["latency per request, mean (s)"]) for a in mon},
+            per_round={a: ratio[a] for a in mon}, coverage=summary), indent=1))
     mode = "compiled (torch.compile)" if args.compiled else "eager (enforce_eager)"
     cmdline = " ".join(["python bench/bench_vllm.py", *sys.argv[1:]])
+    cover_text = "\n\n".join(textwrap.fill(c, 92) for c in cover)
     section = textwrap.dedent(f"""\
         ## vLLM
 
@@ -317,43 +429,21 @@ def main() -> None:
         {platform.processor() or platform.machine()} with {os.cpu_count()} cores, no GPU.
         {args.n_prompts} prompts x {args.max_tokens} tokens at once (throughput), then
         {args.n_latency} single requests x {args.lat_tokens} tokens (latency), each arm a fresh
-        engine process, run back to back (same prompts and settings) on a host shared with
-        other jobs (noisy; load average at start {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f});
+        engine process; arms {arms} run back to back, {args.rounds} round(s), same prompts and
+        settings, on a host shared with other jobs (load average at start
+        {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}, at end {load1[0]:.2f});
         max_num_batched_tokens={args.max_batched_tokens}, prefix caching off.
         Arms: **none** = no plugin; **sink** = capture plugin streaming layers {list(layers)}
         (all tokens, float32) over gRPC to an in-process recording sink (decodes, counts,
         scores nothing); **sidecar** = capture plugin streaming to the real scoring sidecar
         (`python -m monitor.cli serve --bundle bundles/default --policy
-        bundles/default/policy.suggested.yaml`, plan layers {sc_layers}) on the same 2 cores,
-        competing with vLLM for CPU, as a single-host deployment here would.
-        Run: `{cmdline}` (started {started}).
+        bundles/default/policy.suggested.yaml`) on the same 2 cores, competing with vLLM for
+        CPU, as a single-host deployment here would; **projection** = the same sidecar with
+        `--worker-projection` (the worker's sender thread sends x·W, not the rows).
+        Values: median over rounds; ratios: median of per-round ratios to that round's
+        baseline. Run: `{cmdline}` (started {started}).
 
-        | metric | none | sink | sidecar | sink / none | sidecar / none |
-        |---|---:|---:|---:|---:|---:|
-        | generated tok/s | {bg:.1f} | {mg:.1f} | {sg:.1f} | {mg / bg:.3f} | {sg / bg:.3f} |
-        | total tok/s (prompt + generated) | {bt:.1f} | {mt:.1f} | {st:.1f} | {mt / bt:.3f} | {st / bt:.3f} |
-        | latency per request, mean (s) | {blm:.3f} | {mlm:.3f} | {slm:.3f} | {mlm / blm:.3f} | {slm / blm:.3f} |
-        | latency per request, p50 (s) | {blp:.3f} | {mlp:.3f} | {slp:.3f} | {mlp / blp:.3f} | {slp / blp:.3f} |
-        | latency per generated token (ms) | {1e3 * blm / args.lat_tokens:.1f} | {1e3 * mlm / args.lat_tokens:.1f} | {1e3 * slm / args.lat_tokens:.1f} | | |
-        | engine start-up (s) | {base['startup_s']:.1f} | {mon['startup_s']:.1f} | {sc['startup_s']:.1f} | | |
-
-        Coverage, sink: {rows} rows received over {len(layers)} layers for {mon['processed']}
-        forward-pass tokens → **{coverage:.1%}**; client drops reported:
-        {f'{stats.dropped_frames} frames / {stats.dropped_rows} rows' if stats else 'none (no ClientStats sent: nothing dropped)'}.
-
-        Coverage, sidecar: {sc_rows} rows scored (`safety_monitor_rows_scored_total`,
-        {nz(scored_by_layer)} by layer) over {len(sc_layers)} layers for {sc['processed']}
-        forward-pass tokens → {sc_cov:.1%} of all tokens; the plan asked for {asked} rows
-        (plugin rows sent + dropped, per hook point: the policy's role filter keeps only some
-        tokens) → **{plan_cov:.1%}** of the rows asked for; rows unscored by reason: {nz(unscored)};
-        frames rejected: {nz(rejected)}; client-reported drops: {int(c_frames)} frames /
-        {int(c_rows)} rows; sequence gaps: {int(gaps)}. The sidecar used {cpu_sc:.1f} CPU-s
-        during its arm and had scored everything {drain_s:.1f} s after the engine exited
-        (includes the ≥3 s quiet period used to detect that).
-
-        Capture profile (`SAFETY_MONITOR_PROFILE=1`, from the plugin's last stats dump), per
-        forward step of the arm: sink: {profile_line(mon)}; sidecar: {profile_line(sc)}.
-        """)  # noqa: E501
+        """) + table + f"\n\nPer-round ratios to none: {per_round}.\n\n" + cover_text + "\n"
     print(section)
     write_results(section, args.out)
 

@@ -78,6 +78,19 @@ class Reason(str, Enum):
     #: a projected frame naming a projection the server does not offer now (another bundle,
     #: a server without --worker-projection, a hook point it does not project)
     STALE_PROJECTION = "stale_projection"
+    #: shared-memory ring (monitor.wire.shm): a frame naming a ring slot on a stream whose
+    #: hello offered no accepted ring (or on the unary Score RPC)
+    SHM_NOT_NEGOTIATED = "shm_not_negotiated"
+    #: a ring reference outside the ring: slot >= n_slots, byte_length > slot_bytes, bytes
+    #: in `data` as well, or a file that no longer holds the slot (truncated)
+    SHM_BAD_REF = "shm_bad_ref"
+    #: the slot's write sequence is not the one the frame claims (overwritten or never
+    #: written): a counted drop of the frame's rows
+    SHM_STALE = "shm_stale"
+    #: the slot's sequence changed while the server read it (torn): a counted drop
+    SHM_TORN = "shm_torn"
+    #: the hello's ring was refused (server without --shm, not the same host, bad header)
+    SHM_RING_REFUSED = "shm_ring_refused"
     # stream protocol (monitor.server.service)
     OUT_OF_ORDER = "out_of_order"
     BAD_HELLO = "bad_hello"

@@ -48,6 +48,32 @@ detectors:
 """
 
 
+def submit_rows(t: Any, rows: dict[int, torch.Tensor], request_id: str, step: int = 1) -> Any:
+    """Hand the plugin's `Transport` `t` one engine step of 8 rows of `request_id` (4 prompt
+    rows, then 4 generated; `rows[layer]` per plan hook point, `[8, D_MODEL]`), written into
+    a one-slot host ring as the capture op would; returns that `HostRing`."""
+    import torch
+
+    from monitor.capture.transport import HostRing, StepRecord
+    from monitor.roles import TokenRole
+    from monitor.wire.hooks import parse_hook_name
+
+    plan = t.plan
+    assert plan is not None
+    ring = HostRing(1, len(plan.points), 16, D_MODEL, torch.float32)
+    slot = ring.acquire()
+    assert slot is not None
+    v = ring.view(slot)
+    for k, hp in enumerate(plan.points):
+        v[k, :8] = rows[parse_hook_name(hp.name).layer]
+    spans = [(request_id, 4, 0, 4, int(TokenRole.OTHER)),
+             (request_id, 4, 4, 4, int(TokenRole.GENERATED))]
+    assert t.submit_step(StepRecord(ring=ring, slot=slot, step=step, plan_id=plan.plan_id,
+                                    model=plan.model, points=plan.points, n_rows=8,
+                                    spans=spans, max_frame_bytes=plan.max_frame_bytes))
+    return ring
+
+
 #: Reconnect quickly while a server starts: gRPC's default backoff grows to 120 s, so a
 #: slow start on a loaded machine could leave the channel waiting past the start timeout.
 FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100),

@@ -79,7 +79,8 @@ def test_decode_is_zero_copy() -> None:
     data = bytes(f.data)
     view = SimpleNamespace(data=data, model=f.model, layer=f.layer, dtype=f.dtype,
                            shape=list(f.shape), spans=list(f.spans), seq=f.seq, step=f.step,
-                           hook_name=f.hook_name, projection=f.projection)
+                           hook_name=f.hook_name, projection=f.projection,
+                           HasField=lambda name: False)
     d = decode_frame(view, **KW)  # duck-typed frame: we know the exact bytes object
     addr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
     assert d.x.ctypes.data == addr  # the array views the payload bytes, no copy

@@ -618,6 +618,30 @@ def test_scorer_thread_budget(chart, helm):
         render(chart, {"sidecar": {"scorerThreads": -1}})
 
 
+def test_shm_ring_toggle(chart, serve_flags, helm):
+    """shm.enabled: the plugin offers its ring (mode 640 for the pod's fsGroup), the sidecar
+    accepts it and reads the same memory-backed /dev/shm (read-only); off by default."""
+    spec = pod_spec(render(chart))
+    mon = container(spec, "safety-monitor", True)
+    assert "--shm" not in mon["command"]
+    assert "/dev/shm" not in [m["mountPath"] for m in mon["volumeMounts"]]
+    assert "SAFETY_MONITOR_SHM" not in {e["name"] for e in container(spec, "vllm", False)["env"]}
+    spec = pod_spec(render(chart, {"shm": {"enabled": True, "slots": 8}}))
+    mon = container(spec, "safety-monitor", True)
+    check_monitor_container(mon, serve_flags)
+    assert "--shm" in mon["command"] and "--shm-dir=/dev/shm" in mon["command"]
+    assert {"name": "dshm", "mountPath": "/dev/shm", "readOnly": True} in mon["volumeMounts"]
+    env = {e["name"]: e.get("value") for e in container(spec, "vllm", False)["env"]}
+    assert (env["SAFETY_MONITOR_SHM"], env["SAFETY_MONITOR_SHM_MODE"],
+            env["SAFETY_MONITOR_SHM_SLOTS"], env["SAFETY_MONITOR_SHM_SLOT_MB"]) == (
+        "1", "640", "8", "4")
+    dshm = [v for v in spec["volumes"] if v["name"] == "dshm"]
+    assert dshm[0]["emptyDir"]["medium"] == "Memory"
+    assert spec["securityContext"]["fsGroup"] == 10001  # the ring file's group
+    with pytest.raises(helm.HelmValuesError, match="shm"):
+        render(chart, {"shm": {"enable": True}})
+
+
 def test_grpc_port_is_one_setting(chart, serve_flags):
     docs = render(chart, {"sidecar": {"grpcPort": 6000}})
     spec = pod_spec(docs)

@@ -14,16 +14,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import D_MODEL, MODEL, MonitorServer
+from conftest import D_MODEL, MODEL, MonitorServer, submit_rows
 from test_server_integration import INVALID, errors, fin, make_rows, rid, stream, verdicts
 
 from monitor.capture.config import CaptureConfig
 from monitor.capture.projection import WorkerProjection
-from monitor.capture.transport import HostRing, Plan, StepRecord, Transport
-from monitor.roles import TokenRole
+from monitor.capture.transport import Plan, Transport
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire import Span, encode_frame
-from monitor.wire.hooks import parse_hook_name
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -190,17 +188,7 @@ def test_transport_projects_on_its_sender_thread(server: MonitorServer, geometry
         assert t.connected and t.plan is not None
         plan = t.plan
         assert set(plan.projections) == {hp.name for hp in plan.points}
-        ring = HostRing(2, len(plan.points), 16, D_MODEL, torch.float32)
-        slot = ring.acquire()
-        assert slot is not None
-        v = ring.view(slot)
-        for k, hp in enumerate(plan.points):
-            v[k, :8] = rows[parse_hook_name(hp.name).layer]
-        roles = [int(TokenRole.OTHER)] * 4 + [int(TokenRole.GENERATED)] * 4
-        spans = [(proj_id, 4, 0, 4, roles[0]), (proj_id, 4, 4, 4, roles[-1])]
-        assert t.submit_step(StepRecord(ring=ring, slot=slot, step=1, plan_id=plan.plan_id,
-                                        model=MODEL, points=plan.points, n_rows=8, spans=spans,
-                                        max_frame_bytes=plan.max_frame_bytes))
+        ring = submit_rows(t, rows, proj_id)
         t.submit_finished(monitor_pb2.RequestFinished(request_id=proj_id, reason="stop"))
         deadline = time.monotonic() + 30
         finals: dict[str, dict] = {}
@@ -216,6 +204,6 @@ def test_transport_projects_on_its_sender_thread(server: MonitorServer, geometry
             assert finals[det]["peak_score"] == pytest.approx(w.peak_score, abs=1e-4)
         width = sum(wp.width for wp in plan.projections.values())
         assert t.stats()["sent_bytes"] == 8 * width * 4  # vs 8 * 2 * D_MODEL * 4 raw
-        assert ring.free_slots() == 2
+        assert ring.free_slots() == 1  # the sender released the host ring slot
     finally:
         t.close()

@@ -42,6 +42,26 @@ def _int(name: str, raw: str) -> int:
         raise ValueError(f"{name}: expected an integer, found {raw!r}") from e
 
 
+def _flag(name: str, raw: str) -> bool:
+    low = raw.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}: expected 1/0 (true/false, yes/no, on/off), found {raw!r}")
+
+
+def _octal(name: str, raw: str) -> int:
+    try:
+        mode = int(raw, 8)
+    except ValueError as e:
+        raise ValueError(f"{name}: expected octal permission bits (e.g. 600), found "
+                         f"{raw!r}") from e
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"{name}: expected octal permission bits 0..777, found {raw!r}")
+    return mode
+
+
 def _path(name: str, raw: str) -> str:
     if not Path(raw).is_file():
         raise ValueError(f"{name}: expected a readable regular file, found {raw!r}")
@@ -116,6 +136,20 @@ class CaptureConfig:
                                   "counters there as JSON every second", shown="unset")
     log_level: str = _env("SAFETY_MONITOR_LOG_LEVEL", "INFO", "level of the `monitor` logger "
                           "(verdicts are DEBUG)")
+    shm: bool = _env("SAFETY_MONITOR_SHM", False, "`1`: offer the sidecar a same-pod "
+                     "shared-memory ring (frame bytes in `/dev/shm`, gRPC carries metadata; "
+                     "bytes in frames when the sidecar refuses or runs without `--shm`)",
+                     parse=_flag, shown="0")
+    shm_dir: str = _env("SAFETY_MONITOR_SHM_DIR", "/dev/shm", "directory of the ring file "
+                        "(the sidecar's `--shm-dir`, shared with it)")
+    shm_mode: int = _env("SAFETY_MONITOR_SHM_MODE", 0o600, "permission bits of the ring "
+                         "file, octal (`640` with a shared group when the sidecar runs as "
+                         "another user, as in the helm chart)", parse=_octal, shown="600")
+    shm_slots: int = _env("SAFETY_MONITOR_SHM_SLOTS", 16, "ring slots (one frame each, "
+                          "reused once the sidecar acknowledges it)", parse=_int, low=1)
+    shm_slot_mb: int = _env("SAFETY_MONITOR_SHM_SLOT_MB", 4, "bytes per slot (MiB; at most "
+                            "the plan's `max_frame_bytes`; frames are split to fit)",
+                            parse=_int, low=1)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

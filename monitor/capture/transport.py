@@ -19,7 +19,16 @@ Data path (one engine step):
    frame —, `dropped_bytes`), and the thread reconnects with exponential backoff
    (`backoff_s` doubling up to `backoff_max_s`). After a reconnect the cumulative
    `ClientStats` is sent right after the hello.
-5. `RequestFinished` messages are not dropped with the steps: one that cannot be queued
+5. Same-pod shared-memory ring (`SAFETY_MONITOR_SHM=1`, `monitor.wire.shm`): the hello
+   offers the worker's ring file; once the server answers `ShmAck.ring.accepted`, the
+   sender copies each frame's rows into a free ring slot (this thread, never the model
+   thread) and the frame carries `ShmRef(slot, sequence, byte_length)` instead of the
+   bytes. The server acknowledges every slot it is done with (`ShmAck.slots`); a frame
+   finding no free slot is dropped and counted like a full queue (`dropped_frames`,
+   `dropped_rows`, `dropped_bytes`, plus `shm_full`), its requests' finals then show the
+   gap. A new stream frees every slot. Refused (server without `--shm`, another host) or
+   unanswered (old server): frames carry their bytes.
+6. `RequestFinished` messages are not dropped with the steps: one that cannot be queued
    (disconnected, queue full) or is still queued when the stream breaks waits in a
    bounded backlog (`finished_backlog`, `SAFETY_MONITOR_FINISHED_BACKLOG`); a full backlog
    drops the new one and counts it (`dropped_finished`). The backlog is sent right after
@@ -30,6 +39,7 @@ Data path (one engine step):
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import queue
@@ -49,6 +59,7 @@ from monitor.capture.steps import SpanTuple
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import WIRE_VERSION, encode_frame
 from monitor.wire.hooks import HookPoint, parse_hook_name, resid_post
+from monitor.wire.shm import ShmRingWriter
 
 log = logging.getLogger("monitor.capture")
 
@@ -310,18 +321,20 @@ def build_frame(
     hook_name: str = "",
     labels: dict[str, str] | None = None,
     projection: str = "",
+    shm: monitor_pb2.ShmRef | None = None,
 ) -> monitor_pb2.ActivationFrame:
     """One `ActivationFrame` from `x` `[n_rows, d_model]` (host tensor) and its spans
     (`monitor.wire.codec.encode_frame`, the one encoder); `labels` maps a request id to the
     caller's correlation id (`RowSpan.correlation_id`); `projection` names the projection
-    version when `x` holds projected rows."""
+    version when `x` holds projected rows; `shm`: `x`'s bytes are in that ring slot (the
+    frame carries no data)."""
     lab = labels or {}
     pb_spans = [monitor_pb2.RowSpan(request_id=r, n_rows=n, start_position=p, prompt_len=pl,
                                     role=role,  # type: ignore[arg-type]
                                     correlation_id=lab.get(r, ""))
                 for r, n, p, pl, role in spans]
     return encode_frame(x, seq=seq, model=model, layer=layer, spans=pb_spans, step=step,
-                        hook_name=hook_name, projection=projection)
+                        hook_name=hook_name, projection=projection, shm=shm)
 
 
 class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
@@ -429,6 +442,15 @@ class Transport:
         self.stream_errors = 0
         self.plans_refused = 0  # plans refused (`refuse_plan`; each fetch counts once)
         self._last_refusal = ""
+        #: the shared-memory ring (cfg.shm; created at the first plan, None when off or
+        #: when it could not be created)
+        self.shm: ShmRingWriter | None = None
+        self._shm_failed = False
+        #: set while the current stream's server accepted the ring
+        self._shm_on = threading.Event()
+        self.shm_frames = 0  # frames sent through the ring
+        self.shm_full = 0  # frames dropped for want of a free slot (also in dropped_*)
+        self.shm_refused = 0  # ring offers the server refused (reason logged)
 
     # ---------------------------------------------------------------- producer side
     def start(self) -> None:
@@ -443,6 +465,8 @@ class Transport:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.shm is not None:
+            self.shm.close()
 
     @property
     def connected(self) -> bool:
@@ -528,6 +552,9 @@ class Transport:
                 "verdicts": self.verdicts,
                 "stream_errors": self.stream_errors,
                 "plans_refused": self.plans_refused,
+                "shm_frames": self.shm_frames,
+                "shm_full": self.shm_full,
+                "shm_refused": self.shm_refused,
                 "queued": self._q.qsize(),  # read by the API-server gate (behind bound)
             }
 
@@ -606,6 +633,7 @@ class Transport:
                 if self.on_plan is not None:
                     self.on_plan(plan)
                 self.plan = plan
+                self._ensure_shm(plan)
                 with self._lock:
                     self._last_refusal = ""
                 if self._ever_connected:
@@ -616,6 +644,9 @@ class Transport:
                 log.info("safety monitor: connected to sidecar %s (%s)", self.cfg.addr,
                          plan.describe())
                 failures, backoff = 0, self.cfg.backoff_s
+                self._shm_on.clear()
+                if self.shm is not None:
+                    self.shm.reset()  # the old stream's frames are gone: every slot free
                 responses = stub.Stream(self._outbound(plan, dead))
                 for msg in responses:
                     self._on_server_message(msg)
@@ -636,6 +667,7 @@ class Transport:
             finally:
                 was = self.connected
                 self._connected.clear()
+                self._shm_on.clear()
                 dead.set()
                 channel.close()
                 if was:
@@ -646,6 +678,45 @@ class Transport:
                             "with backoff %.2fs", self.cfg.addr, failures, backoff)
             self._sleep(backoff)
             backoff = min(backoff * 2, self.cfg.backoff_max_s)
+
+    def _ensure_shm(self, plan: Plan) -> None:
+        """Create the ring once (cfg.shm), with slots of at most the plan's frame size; a
+        plan with a smaller `max_frame_bytes` gets a new ring. Failure: logged once, bytes
+        in frames."""
+        if not self.cfg.shm or self._shm_failed:
+            return
+        slot_bytes = min(self.cfg.shm_slot_mb << 20, plan.max_frame_bytes)
+        if self.shm is not None:
+            if self.shm.slot_bytes <= slot_bytes:
+                return
+            self.shm.close()
+        try:
+            self.shm = ShmRingWriter(self.cfg.shm_dir, self.cfg.shm_slots, slot_bytes,
+                                     mode=self.cfg.shm_mode)
+        except OSError as e:
+            self._shm_failed = True
+            self.shm = None
+            log.warning("safety monitor: shared-memory ring not created in %s (%s); frames "
+                        "carry their bytes", self.cfg.shm_dir, e)
+            return
+        atexit.register(self.shm.close)
+        log.info("safety monitor: shared-memory ring %s (%d slots x %d bytes)",
+                 self.shm.path, self.shm.n_slots, self.shm.slot_bytes)
+
+    def _on_shm_ack(self, ack: monitor_pb2.ShmAck) -> None:
+        ring = self.shm
+        if ack.HasField("ring"):
+            if ack.ring.accepted and ring is not None:
+                self._shm_on.set()
+                log.info("safety monitor: sidecar reads frames from the shared-memory ring")
+            else:
+                with self._lock:
+                    self.shm_refused += 1
+                log.warning("safety monitor: sidecar refused the shared-memory ring, frames "
+                            "carry their bytes: %s", ack.ring.reason)
+        if ring is not None:
+            for slot, sequence in zip(ack.slots, ack.sequences, strict=False):
+                ring.release(int(slot), int(sequence))
 
     def _on_server_message(self, msg: monitor_pb2.ServerMessage) -> None:
         if not op.PROFILE:
@@ -669,6 +740,8 @@ class Transport:
                     self.on_verdict(v)
                 except Exception:
                     log.exception("safety monitor: verdict handler error")
+        elif which == "shm_ack":
+            self._on_shm_ack(msg.shm_ack)
         elif which == "judged_through":
             if self.on_judged_through is not None:
                 try:
@@ -682,12 +755,28 @@ class Transport:
             log.warning("safety monitor: sidecar refused a message: reason=%s seq=%d %s",
                         e.reason, e.seq, e.message)
 
+    def _to_ring(self, ring: ShmRingWriter, rows: torch.Tensor) -> monitor_pb2.ShmRef | None:
+        """Copy `rows` (host, `[n, width]`, at most `slot_bytes`) into a free ring slot; None
+        (the frame dropped and counted, `shm_full`) when every slot awaits its ack."""
+        n_bytes = rows.shape[0] * rows.shape[1] * rows.element_size()
+        slot = ring.acquire()
+        if slot is None:
+            with self._lock:
+                self.shm_full += 1
+            self.count_drop(1, int(rows.shape[0]), n_bytes, "shared-memory ring full")
+            return None
+        payload = rows.contiguous().view(torch.uint8).numpy()
+        seq = ring.write(slot, payload)
+        return monitor_pb2.ShmRef(slot=slot, sequence=seq, byte_length=n_bytes)
+
     def _outbound(self, plan: Plan, dead: threading.Event) -> Iterator[monitor_pb2.ClientMessage]:
         """Request iterator of one stream: hello, stats, then frames / finished / stats."""
         seq = 0
+        ring = self.shm
         yield monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
             client_id=self.cfg.client_id, model=self.model, plan_id=plan.plan_id,
-            wire_version=WIRE_VERSION, instance_id=INSTANCE_ID))
+            wire_version=WIRE_VERSION, instance_id=INSTANCE_ID,
+            shm_ring=ring.hello() if ring is not None else None))
         last_stats = self._client_stats()
         if last_stats.dropped_frames or last_stats.reconnects:
             yield monitor_pb2.ClientMessage(stats=last_stats)
@@ -712,6 +801,7 @@ class Transport:
                     continue
                 msgs = []
                 nbytes = 0  # payload bytes sent (projected frames are smaller)
+                sent_rows = n_shm = 0
                 t0 = time.perf_counter_ns() if op.PROFILE else 0
                 try:
                     chunk_rows = max(1, (item.max_frame_bytes - _FRAME_OVERHEAD_BYTES)
@@ -725,13 +815,26 @@ class Transport:
                             rows = wp.project(rows)
                             n_chunk = max(1, (item.max_frame_bytes - _FRAME_OVERHEAD_BYTES)
                                           // (4 * wp.width))
+                        row_bytes = rows.shape[1] * rows.element_size()
+                        shm = (ring if ring is not None and self._shm_on.is_set()
+                               and row_bytes <= ring.slot_bytes else None)
+                        if shm is not None:
+                            n_chunk = min(n_chunk, shm.slot_bytes // row_bytes)
                         for r0, r1, spans in split_spans(item.spans, n_chunk):
+                            ref = None
+                            if shm is not None:
+                                ref = self._to_ring(shm, rows[r0:r1])
+                                if ref is None:  # ring full: dropped and counted
+                                    continue
+                                n_shm += 1
                             seq += 1
                             f = build_frame(rows[r0:r1], seq=seq, model=item.model,
                                             layer=hp.layer, spans=spans, step=item.step,
                                             hook_name=hp.name, labels=item.labels,
-                                            projection="" if wp is None else wp.version)
-                            nbytes += len(f.data)
+                                            projection="" if wp is None else wp.version,
+                                            shm=ref)
+                            nbytes += len(f.data) if ref is None else int(ref.byte_length)
+                            sent_rows += r1 - r0
                             msgs.append(monitor_pb2.ClientMessage(frame=f))
                 finally:
                     item.release()  # bytes are copied out: the slot is free again
@@ -741,8 +844,9 @@ class Transport:
                     op.PROF.encode_ns += time.perf_counter_ns() - t0
                 with self._lock:
                     self.sent_frames += len(msgs)
-                    self.sent_rows += item.n_rows * len(item.points)
+                    self.sent_rows += sent_rows
                     self.sent_bytes += nbytes
+                    self.shm_frames += n_shm
                 yield from msgs
             elif isinstance(item, monitor_pb2.RequestFinished):
                 yield monitor_pb2.ClientMessage(finished=item)

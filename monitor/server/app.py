@@ -244,7 +244,8 @@ class MonitorApp:
                                hook_names=frozenset(scorer.hooks),
                                projections=projection_specs(self._projections)),
             plan=self.plan, metrics=metrics, max_hello_id_bytes=config.max_request_id_bytes,
-            max_outbound_bytes=config.stream_outbound_bytes)
+            max_outbound_bytes=config.stream_outbound_bytes,
+            shm_dir=config.shm_dir if config.shm else None)
 
     @property
     def policy(self) -> Policy:

@@ -130,6 +130,13 @@ class ServerConfig:
         "first-GEMM weights and workers send k pre-activations per row instead of d_model "
         "values (docs/CAPTURE.md; torch backend only; hook points where it is not exact, "
         "e.g. TopK, stay raw rows, logged)")
+    shm: bool = _opt(
+        False, "accept a same-pod shared-memory ring from workers that offer one "
+        "(SAFETY_MONITOR_SHM=1): frame bytes are read from the worker's ring file in "
+        "--shm-dir, gRPC carries only metadata (docs/CAPTURE.md; off: every frame carries "
+        "its bytes)")
+    shm_dir: str = _opt("/dev/shm", "directory the workers' ring files are in (shared with "
+                        "the vLLM container; with --shm)")
     torch_threads: int = _opt(0, "torch intra-op threads for scoring (0: torch default)")
     backend: str = _opt("torch", "scorer: torch, onnxruntime (the bundle's ONNX graphs; torch "
                         "is not imported) or auto (start-up micro-benchmark on this CPU)",

@@ -48,6 +48,7 @@ from monitor.wire.codec import (
     decode_frame,
 )
 from monitor.wire.hooks import hook_key, parse_hook_name
+from monitor.wire.shm import ShmRingReader
 
 __all__ = ["AdminService", "FrameLimits", "MonitorService", "StreamHandle"]
 
@@ -129,6 +130,8 @@ class StreamHandle:
         self.client_id = ""  # ClientHello.client_id: the client half of request keys
         self.admitted = False  # a request was admitted: the client id is fixed
         self.stats: dict[str, int] = {}
+        #: the client's shared-memory ring, when its hello offered one and it was accepted
+        self.shm: ShmRingReader | None = None
 
     def key(self, request_id: str) -> RequestKey:
         """The registry key of `request_id` sent on this stream."""
@@ -198,11 +201,14 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         max_hello_id_bytes: longest `ClientHello.client_id` accepted.
         max_outbound_bytes: per stream, unread verdict bytes above which the stream's
             reads pause (`StreamHandle`).
+        shm_dir: where workers' shared-memory rings are (`--shm-dir`); None: rings offered
+            in a hello are refused (`shm_ring_refused`) and the client sends bytes.
     """
 
     def __init__(self, *, pipeline: Pipeline, scorer: FrameScorer, limits: FrameLimits,
                  plan: Callable[[], monitor_pb2.CapturePlan], metrics: Metrics,
-                 max_hello_id_bytes: int = 256, max_outbound_bytes: int = 1 << 20) -> None:
+                 max_hello_id_bytes: int = 256, max_outbound_bytes: int = 1 << 20,
+                 shm_dir: str | None = None) -> None:
         self.pipeline = pipeline
         self.scorer = scorer
         self.limits = limits
@@ -210,6 +216,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         self.metrics = metrics
         self.max_hello_id_bytes = int(max_hello_id_bytes)
         self.max_outbound_bytes = int(max_outbound_bytes)
+        self.shm_dir = shm_dir
         self.streams: set[StreamHandle] = set()
         #: decodes frames over `_OFFLOAD_BYTES`; nothing else runs here (issue 8 item 6)
         self.decode_executor = concurrent.futures.ThreadPoolExecutor(2, "frame-decode")
@@ -253,6 +260,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                 yield msg
         finally:
             handle.close()
+            if handle.shm is not None:
+                handle.shm.close()
             if not reader.done():
                 reader.cancel()
                 try:
@@ -331,13 +340,17 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         if missing:
             m.frames_missing.inc(missing)
         handle.last_seq = seq
+        ring = handle.shm if frame.HasField("shm") else None
         try:
-            if len(frame.data) > _OFFLOAD_BYTES:
+            nbytes = frame.shm.byte_length if ring is not None else len(frame.data)
+            if nbytes > _OFFLOAD_BYTES:
                 f = await asyncio.get_running_loop().run_in_executor(
-                    self.decode_executor, self._decode, frame)
+                    self.decode_executor, self._decode, frame, ring)
             else:
-                f = self._decode(frame)
+                f = self._decode(frame, ring)
         except FrameError as err:
+            if ring is not None:
+                self._ack_slot(handle, frame.shm)
             self._reject(handle, err, seq)
             if err.rows is not None:
                 # rows are parsed after the hook check: the frame's hook name is valid
@@ -346,6 +359,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                                     err.rows.span_bounds, err.rows.positions,
                                     err.rows.generated, err.rows.roles, Reason(err.reason))
             return
+        if ring is not None:
+            self._ack_slot(handle, frame.shm)  # copied out: the worker may reuse the slot
         m.bytes_received.labels(model_name=lim.model).inc(f.nbytes)
         for role, n in enumerate(np.bincount(f.roles, minlength=len(TokenRole)).tolist()):
             if n and role:
@@ -366,11 +381,45 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                     self.pipeline.submit_unscored(key, f.hook_name, f.positions[a:b],
                                                   f.generated[a:b], f.roles[a:b])
 
-    def _decode(self, frame: monitor_pb2.ActivationFrame) -> DecodedFrame:
+    def _decode(self, frame: monitor_pb2.ActivationFrame,
+                ring: ShmRingReader | None = None) -> DecodedFrame:
         lim = self.limits
         return decode_frame(frame, model=lim.model, d_model=lim.d_model, layers=lim.layers,
                             max_frame_bytes=lim.max_frame_bytes, hook_names=lim.hook_names,
-                            projections=lim.projections)
+                            projections=lim.projections, shm=ring)
+
+    @staticmethod
+    def _ack_slot(handle: StreamHandle, ref: monitor_pb2.ShmRef) -> None:
+        """Tell the worker the server is done with the slot (read, or refused): it may
+        write it again. Sent for every frame naming a slot of an accepted ring; a client
+        frees a slot only when the acknowledged sequence is the one in flight there."""
+        handle.post(monitor_pb2.ServerMessage(shm_ack=monitor_pb2.ShmAck(
+            slots=[ref.slot], sequences=[ref.sequence])))
+
+    def _on_shm_ring(self, offer: monitor_pb2.ShmRing, handle: StreamHandle) -> None:
+        """Answer a hello's ring offer: open it (read-only, checked against the offer) or
+        refuse it (counted `shm_ring_refused`; the client keeps sending bytes)."""
+        if handle.shm is not None:  # a second hello: the new offer replaces the ring
+            handle.shm.close()
+            handle.shm = None
+        if self.shm_dir is None:
+            why = "shm_ring: expected no ring (this server runs without --shm), found one"
+        else:
+            try:
+                handle.shm = ShmRingReader.open(self.shm_dir, offer,
+                                                max_slot_bytes=self.limits.max_frame_bytes)
+                why = ""
+            except ValueError as e:
+                why = str(e)
+        if why:
+            self.metrics.frames_rejected.labels(reason=Reason.SHM_RING_REFUSED.value).inc()
+            log.info("%s: shared-memory ring refused (frames carry bytes): %s",
+                     handle.name, why)
+        else:
+            log.info("%s: shared-memory ring %s accepted (%d slots x %d bytes)", handle.name,
+                     offer.name, offer.n_slots, offer.slot_bytes)
+        handle.post(monitor_pb2.ServerMessage(shm_ack=monitor_pb2.ShmAck(
+            ring=monitor_pb2.ShmRingAnswer(accepted=not why, reason=why))))
 
     def _scored_hook(self, hook: str) -> bool:
         """True if some detector reads hook point `hook` (a canonical name)."""
@@ -555,6 +604,8 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             self._refuse(handle, _FAILED_PRECONDITION, Reason.PLAN_CHANGED,
                          f"hello.plan_id: current plan is {self.plan().plan_id!r}, "
                          f"found {hello.plan_id!r}; call GetCapturePlan")
+        if hello.HasField("shm_ring"):
+            self._on_shm_ring(hello.shm_ring, handle)
 
     # -------------------------------------------------------------------- unary
 

@@ -72,7 +72,7 @@ class RowSpan(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., n_rows: _Optional[int] = ..., start_position: _Optional[int] = ..., prompt_len: _Optional[int] = ..., correlation_id: _Optional[str] = ..., role: _Optional[_Union[TokenRole, str]] = ...) -> None: ...
 
 class ActivationFrame(_message.Message):
-    __slots__ = ("seq", "model", "layer", "dtype", "shape", "data", "spans", "step", "hook_name", "projection")
+    __slots__ = ("seq", "model", "layer", "dtype", "shape", "data", "spans", "step", "hook_name", "projection", "shm")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class ActivationFrame(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     HOOK_NAME_FIELD_NUMBER: _ClassVar[int]
     PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     seq: int
     model: str
     layer: int
@@ -93,7 +94,30 @@ class ActivationFrame(_message.Message):
     step: int
     hook_name: str
     projection: str
-    def __init__(self, seq: _Optional[int] = ..., model: _Optional[str] = ..., layer: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., spans: _Optional[_Iterable[_Union[RowSpan, _Mapping]]] = ..., step: _Optional[int] = ..., hook_name: _Optional[str] = ..., projection: _Optional[str] = ...) -> None: ...
+    shm: ShmRef
+    def __init__(self, seq: _Optional[int] = ..., model: _Optional[str] = ..., layer: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., spans: _Optional[_Iterable[_Union[RowSpan, _Mapping]]] = ..., step: _Optional[int] = ..., hook_name: _Optional[str] = ..., projection: _Optional[str] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ...) -> None: ...
+
+class ShmRef(_message.Message):
+    __slots__ = ("slot", "sequence", "byte_length")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    slot: int
+    sequence: int
+    byte_length: int
+    def __init__(self, slot: _Optional[int] = ..., sequence: _Optional[int] = ..., byte_length: _Optional[int] = ...) -> None: ...
+
+class ShmRing(_message.Message):
+    __slots__ = ("name", "n_slots", "slot_bytes", "token")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    N_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    n_slots: int
+    slot_bytes: int
+    token: bytes
+    def __init__(self, name: _Optional[str] = ..., n_slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class RequestFinished(_message.Message):
     __slots__ = ("request_id", "reason", "n_prompt_tokens", "n_generated_tokens", "n_cached_prompt_tokens", "correlation_id")
@@ -124,18 +148,20 @@ class ClientStats(_message.Message):
     def __init__(self, dropped_frames: _Optional[int] = ..., dropped_rows: _Optional[int] = ..., dropped_bytes: _Optional[int] = ..., reconnects: _Optional[int] = ...) -> None: ...
 
 class ClientHello(_message.Message):
-    __slots__ = ("client_id", "model", "plan_id", "instance_id", "wire_version")
+    __slots__ = ("client_id", "model", "plan_id", "instance_id", "wire_version", "shm_ring")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     WIRE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHM_RING_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     model: str
     plan_id: str
     instance_id: str
     wire_version: int
-    def __init__(self, client_id: _Optional[str] = ..., model: _Optional[str] = ..., plan_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., wire_version: _Optional[int] = ...) -> None: ...
+    shm_ring: ShmRing
+    def __init__(self, client_id: _Optional[str] = ..., model: _Optional[str] = ..., plan_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., wire_version: _Optional[int] = ..., shm_ring: _Optional[_Union[ShmRing, _Mapping]] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
     __slots__ = ("hello", "frame", "finished", "stats")
@@ -208,14 +234,34 @@ class StreamError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., seq: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("verdict", "error", "judged_through")
+    __slots__ = ("verdict", "error", "judged_through", "shm_ack")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     JUDGED_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    SHM_ACK_FIELD_NUMBER: _ClassVar[int]
     verdict: Verdict
     error: StreamError
     judged_through: JudgedThrough
-    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., judged_through: _Optional[_Union[JudgedThrough, _Mapping]] = ...) -> None: ...
+    shm_ack: ShmAck
+    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., judged_through: _Optional[_Union[JudgedThrough, _Mapping]] = ..., shm_ack: _Optional[_Union[ShmAck, _Mapping]] = ...) -> None: ...
+
+class ShmAck(_message.Message):
+    __slots__ = ("ring", "slots", "sequences")
+    RING_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    ring: ShmRingAnswer
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    sequences: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ring: _Optional[_Union[ShmRingAnswer, _Mapping]] = ..., slots: _Optional[_Iterable[int]] = ..., sequences: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ShmRingAnswer(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class JudgedThrough(_message.Message):
     __slots__ = ("request_id", "position")

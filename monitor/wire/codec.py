@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import grpc
 import numpy as np
@@ -42,6 +42,7 @@ __all__ = [
     "FrameError",
     "ProjectionSpec",
     "RowMeta",
+    "ShmSource",
     "Span",
     "SpanRefusal",
     "bf16_bits_to_f32",
@@ -232,6 +233,14 @@ class ProjectionSpec:
         return self.n_cols + int(self.needs_var)
 
 
+class ShmSource(Protocol):
+    """Where a frame carrying `ActivationFrame.shm` has its payload (the stream's ring,
+    `monitor.wire.shm.ShmRingReader`). `read` returns exactly `ref.byte_length` bytes or
+    raises an exception with `reason` and `message` attributes (`shm.ShmMiss`)."""
+
+    def read(self, ref: monitor_pb2.ShmRef) -> bytes: ...
+
+
 def _bad(reason: str, message: str, rows: RowMeta | None = None) -> FrameError:
     return FrameError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, rows)
 
@@ -413,6 +422,7 @@ def decode_frame(
     max_correlation_id_bytes: int = MAX_CORRELATION_ID_BYTES,
     hook_names: frozenset[str] | None = None,
     projections: Mapping[str, ProjectionSpec] | None = None,
+    shm: ShmSource | None = None,
 ) -> DecodedFrame:
     """Validate `frame` and view its payload as a `[n_rows, d_model]` array.
 
@@ -443,11 +453,22 @@ def decode_frame(
             (`ActivationFrame.projection` set) must name and its row width; a frame naming
             another version, or a hook point not in it, is refused as `stale_projection`;
             a wrong width as `d_model_mismatch`. None: no projected frame is accepted.
+        shm: the stream's shared-memory ring. A frame with `shm` set has its payload there:
+            every check above runs on `shm.byte_length` (the claim) exactly as on
+            `len(data)`, then the ring checks the slot and length against its geometry
+            and the slot's sequence before and after copying (`shm_bad_ref`,
+            `shm_stale`, `shm_torn`, with the rows for per-request accounting). None: such
+            a frame is refused (`shm_not_negotiated`); bytes in `data` as well:
+            `shm_bad_ref`.
 
     Raises:
         FrameError: with `reason` one of `REASONS`.
     """
-    nbytes = len(frame.data)
+    use_shm = frame.HasField("shm")
+    if use_shm and frame.data:
+        raise _bad("shm_bad_ref", f"data: expected no bytes in a frame naming ring slot "
+                                  f"{frame.shm.slot}, found {len(frame.data)}")
+    nbytes = int(frame.shm.byte_length) if use_shm else len(frame.data)
     if nbytes > max_frame_bytes:
         raise FrameError(
             grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized",
@@ -500,7 +521,8 @@ def decode_frame(
                                            f"{spec.needs_var}), found {d}", rows)
     if d != width:
         raise _bad("d_model_mismatch", f"shape[1]: expected d_model={d_model}, found {d}", rows)
-    data = frame.data  # one bytes object; the array keeps a reference to it (read-only)
+    # one bytes object; the array keeps a reference to it (read-only)
+    data = _read_shm(frame.shm, shm, rows) if use_shm else frame.data
     x = np.frombuffer(data, dtype=vdtype).reshape(n_rows, d)
     if frame.dtype == monitor_pb2.DTYPE_BFLOAT16:
         x = bf16_bits_to_f32(x)
@@ -526,6 +548,20 @@ def decode_frame(
         correlation_ids=rows.correlation_ids, refused=rows.refused,
         projection=frame.projection,
     )
+
+
+def _read_shm(ref: monitor_pb2.ShmRef, shm: ShmSource | None, rows: RowMeta) -> bytes:
+    """The payload of a frame naming a ring slot (its size already checked against the
+    frame's shape and `max_frame_bytes`); FrameError with the rows when it cannot be read."""
+    if shm is None:
+        raise _bad("shm_not_negotiated", f"shm: expected bytes in data (no shared-memory "
+                                         f"ring was accepted on this stream), found ring "
+                                         f"slot {ref.slot}", rows)
+    try:
+        return shm.read(ref)
+    except Exception as e:  # ShmMiss (reason, message); anything else is a bad reference
+        reason = getattr(e, "reason", "shm_bad_ref")
+        raise _bad(reason, getattr(e, "message", f"shm: {e}"), rows) from None
 
 
 def _check_hook(frame: monitor_pb2.ActivationFrame, hook_names: frozenset[str] | None) -> str:
@@ -554,6 +590,17 @@ def _check_hook(frame: monitor_pb2.ActivationFrame, hook_names: frozenset[str] |
         raise _bad("unknown_hook", f"hook_name: expected one of {sorted(hook_names)}, "
                                    f"found {name!r}")
     return name
+
+
+def _wire_meta(x: torch.Tensor | np.ndarray) -> tuple[monitor_pb2.DType, tuple[int, int]]:
+    """(wire dtype, shape) of a 2-D tensor or array, without touching its bytes."""
+    name = str(x.dtype).removeprefix("torch.")
+    wire = {"float32": monitor_pb2.DTYPE_FLOAT32, "float16": monitor_pb2.DTYPE_FLOAT16,
+            "bfloat16": monitor_pb2.DTYPE_BFLOAT16}.get(name)
+    if wire is None or len(x.shape) != 2:
+        raise ValueError(f"x: expected a 2-D float32/float16/bfloat16 array, found "
+                         f"{x.dtype} {tuple(x.shape)}")
+    return wire, (int(x.shape[0]), int(x.shape[1]))
 
 
 def _to_wire_bytes(x: torch.Tensor | np.ndarray
@@ -603,6 +650,7 @@ def encode_frame(
     step: int = 0,
     hook_name: str = "",
     projection: str = "",
+    shm: monitor_pb2.ShmRef | None = None,
 ) -> monitor_pb2.ActivationFrame:
     """Build an `ActivationFrame` from a `[n_rows, d_model]` tensor or array.
 
@@ -617,8 +665,13 @@ def encode_frame(
         hook_name: hook point of the rows (`monitor.wire.hooks`); empty = resid_post.
         projection: `HookProjection.version` when `x` holds projected rows
             (`[n_rows, ProjectionSpec.width]`), else empty.
+        shm: where the caller wrote `x`'s bytes in its shared-memory ring; the frame then
+            carries the reference and no `data` (only `x`'s dtype and shape are read).
     """
-    data, wire, shape = _to_wire_bytes(x)
+    if shm is None:
+        data, wire, shape = _to_wire_bytes(x)
+    else:
+        data, (wire, shape) = b"", _wire_meta(x)
     pb_spans = []
     for s in spans:
         if isinstance(s, monitor_pb2.RowSpan):
@@ -634,5 +687,5 @@ def encode_frame(
         ))
     return monitor_pb2.ActivationFrame(
         seq=seq, model=model, layer=layer, dtype=wire, shape=list(shape), data=data,
-        spans=pb_spans, step=step, hook_name=hook_name, projection=projection,
+        spans=pb_spans, step=step, hook_name=hook_name, projection=projection, shm=shm,
     )

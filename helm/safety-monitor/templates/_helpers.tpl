@@ -150,6 +150,10 @@ restartPolicy: Always (a native sidecar in initContainers).
     - --audit-stdout
     {{- end }}
     {{- include "safety-monitor.alertArgs" .root | nindent 4 }}
+    {{- if $v.shm.enabled }}
+    - --shm
+    - --shm-dir=/dev/shm
+    {{- end }}
     {{- range $s.extraArgs }}
     - {{ . | quote }}
     {{- end }}
@@ -204,6 +208,11 @@ restartPolicy: Always (a native sidecar in initContainers).
       mountPath: {{ dir $s.auditLog.path }}
     - name: monitor-tmp
       mountPath: /tmp
+    {{- if $v.shm.enabled }}
+    - name: dshm
+      mountPath: /dev/shm
+      readOnly: true
+    {{- end }}
     {{- if $s.tls.enabled }}
     - name: monitor-tls
       mountPath: /etc/safety-monitor/tls
