@@ -438,9 +438,10 @@ def test_finals_the_server_closes_or_never_saw_are_incomplete_with_a_reason(
     import signal
 
     import torch
+    from conftest import LAYERS, submit_rows
 
     from monitor.capture.config import CaptureConfig
-    from monitor.capture.transport import INSTANCE_ID, HostRing, StepRecord, Transport
+    from monitor.capture.transport import INSTANCE_ID, Transport
 
     gen = int(TokenRole.GENERATED)
     finals: dict[str, dict[str, tuple[int, int]]] = {}
@@ -459,17 +460,11 @@ def test_finals_the_server_closes_or_never_saw_are_incomplete_with_a_reason(
         _wait(lambda: t.connected, what="the plugin to connect")
         plan = t.plan
         assert plan is not None
-        ring = HostRing(4, len(plan.points), 8, plan.d_model, plan.dtype)
-        ring.buf.copy_(0.01 * torch.randn(ring.buf.shape))
 
         def step(n: int, spans: list[tuple[str, int, int, int, int]]) -> None:
-            slot = ring.acquire()
-            assert slot is not None
-            assert t.submit_step(StepRecord(
-                ring=ring, slot=slot, step=n, plan_id=plan.plan_id, model=MODEL,
-                points=plan.points, n_rows=sum(s[1] for s in spans), spans=spans,
-                max_frame_bytes=plan.max_frame_bytes,
-                labels={s[0]: f"ticket-{s[0]}" for s in spans}))
+            rows = sum(s[1] for s in spans)
+            submit_rows(t, {layer: 0.01 * torch.randn(rows, plan.d_model) for layer in LAYERS},
+                        "", n, spans=spans, labels={s[0]: f"ticket-{s[0]}" for s in spans})
 
         a, b = "req-across-A", "req-across-B"
         step(1, [(a, 4, 0, 4, 0), (b, 4, 0, 4, 0)])  # both prompts, to the first sidecar
