@@ -76,6 +76,17 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _errors(arm: str, wall: float, out: list[monitor_pb2.ServerMessage]
+            ) -> tuple[float, int, int]:
+    """(wall, frames shed as queue_full, other stream errors) of one arm; errors printed."""
+    errs = [m.error for m in out if m.HasField("error")]
+    if errs:
+        print(f"{arm} stream errors:", sorted({f"{e.reason}: {e.message}" for e in errs})[:5],
+              file=sys.stderr)
+    shed = sum(1 for e in errs if e.reason == "queue_full")
+    return wall, shed, len(errs) - shed
+
+
 def shm_stream(stub: monitor_pb2_grpc.MonitorStub, shm_dir: Path,
                msgs: list[monitor_pb2.ClientMessage], payload: torch.Tensor,
                n_slots: int = 16) -> tuple[float, list[monitor_pb2.ServerMessage]]:
@@ -181,28 +192,16 @@ def run(args: argparse.Namespace) -> dict[str, float | str]:
         warm = _frames(8, args.rows, args.d_model, dtype, layers, prefix="warm")
         list(stub.Stream(iter(warm), timeout=120))  # warm the scorer
 
-        def grpc_arm() -> tuple[float, int, int]:
+        def grpc_arm() -> tuple[float, list[monitor_pb2.ServerMessage]]:
             t0 = time.perf_counter()
             out = list(stub.Stream(iter(msgs), timeout=600))
-            wall = time.perf_counter() - t0
-            errs = [m.error for m in out if m.HasField("error")]
-            if errs:
-                print("stream errors:", sorted({f"{e.reason}: {e.message}"
-                                                for e in errs})[:5], file=sys.stderr)
-            shed = sum(1 for e in errs if e.reason == "queue_full")
-            return wall, shed, len(errs) - shed
+            return time.perf_counter() - t0, out
 
-        def shm_arm() -> tuple[float, int, int]:
+        def shm_arm() -> tuple[float, list[monitor_pb2.ServerMessage]]:
             shm_msgs = _frames(args.frames, args.rows, args.d_model, dtype, layers,
                                prefix="s", shm=True)
             payload = torch.randn(args.rows, args.d_model).to(dtype)
-            wall, out = shm_stream(stub, shm_dir, shm_msgs, payload)
-            errs = [m.error for m in out if m.HasField("error")]
-            if errs:
-                print("shm stream errors:", sorted({f"{e.reason}: {e.message}"
-                                                    for e in errs})[:5], file=sys.stderr)
-            shed = sum(1 for e in errs if e.reason == "queue_full")
-            return wall, shed, len(errs) - shed
+            return shm_stream(stub, shm_dir, shm_msgs, payload)
 
         # the arms run in the order --transport names them (gRPC always runs); CPU seconds
         # of the server process and of this client process (all threads) per arm
@@ -211,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, float | str]:
         cpu: dict[str, tuple[float, float]] = {}
         for arm in order:
             s0, c0 = _proc_cpu_s(proc.pid), time.process_time()
-            res[arm] = (grpc_arm if arm == "grpc" else shm_arm)()
+            res[arm] = _errors(arm, *(grpc_arm if arm == "grpc" else shm_arm)())
             cpu[arm] = (_proc_cpu_s(proc.pid) - s0, time.process_time() - c0)
         wall, shed, other = res["grpc"]
         shm_wall, shm_shed, shm_other = res.get("shm", (0.0, 0, 0))
