@@ -5,10 +5,11 @@ plugin) with a policy whose detector surely crosses *during decoding*: `deceptio
 `generated`, `min_tokens` M and thresholds near 0, so critical is reached at the M-th
 generated token of every request. Sends `--requests` chat requests, `--concurrency` at a
 time, then reads each `BLOCKED request ... tokens_after_crossing=N` line the EngineCore
-logged (`monitor.capture.enforce.PendingBlocks.apply`) and the `tokens_after_crossing`
-of each `block_end` line of the sidecar's audit log (`monitor.report.verdicts`), and
-prints p50 / p99 / max of both, the finish reasons the clients saw, the machine and its
-load average.
+logged (`monitor.capture.enforce.PendingBlocks.apply`), the `tokens_after_crossing`
+of each `block_end` line of the sidecar's audit log (`monitor.report.verdicts`) and the
+`tokens_delivered_after_crossing` vLLM's frontend logged (what the clients received,
+`monitor.capture.enforce._count_delivered`), and prints p50 / p99 / max of each, the
+finish reasons the clients saw, the machine and its load average.
 
 Usage: python bench/bench_enforce.py [--requests 32] [--concurrency 4] [--min-tokens 8]
 """
@@ -107,6 +108,8 @@ def main() -> int:
         time.sleep(1.0)
         after = [int(m) for m in re.findall(r"BLOCKED request .*?tokens_after_crossing=(\d+)",
                                             vlog.read_text(errors="replace"))]
+        delivered = [int(m) for m in re.findall(r"tokens_delivered_after_crossing=(\d+)",
+                                                vlog.read_text(errors="replace"))]
         audit_path = work / "audit.jsonl"
         side_after: list[int] = []
         deadline = time.monotonic() + 60
@@ -135,6 +138,10 @@ def main() -> int:
     print(f"sidecar audit block_end lines: {len(side_after)}; tokens_after_crossing p50 "
           f"{np.percentile(sa, 50):.0f}, p99 {np.percentile(sa, 99):.0f}, max {sa.max()}, "
           f"mean {sa.mean():.2f}")
+    da = np.array(delivered or [-1])
+    print(f"client side (vLLM frontend) blocked responses: {len(delivered)}; tokens "
+          f"delivered after the crossing token: p50 {np.percentile(da, 50):.0f}, p99 "
+          f"{np.percentile(da, 99):.0f}, max {da.max()}, mean {da.mean():.2f}")
     print(f"logs in {work}")
     # every block the engine applied has its block_end line in the sidecar's audit
     return 0 if after and len(side_after) == len(after) else 1

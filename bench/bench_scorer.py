@@ -5,6 +5,10 @@
     python bench/bench_scorer.py --backends [--write bench/RESULTS.md]
         # torch vs onnxruntime vs bare GEMM, d_model 576 and 4096, rows 1..4096, plus the
         # default bundle's cost per token and per 384-token prompt ("## Scorer backends")
+    python bench/bench_scorer.py --targets --threads 1 --baseline REV [--write bench/RESULTS.md]
+        # Scorer.score vs a bare GEMM of its shape (and the scorer at git REV), d_model 576
+        # (synthetic, the default bundle's layers, the default SAE's 512 latents) and 4096
+        # ("## Scorer vs bare GEMM")
 
 Paths, all on the same random activations ``x [rows, d_model]``:
 

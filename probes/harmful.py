@@ -184,13 +184,16 @@ class SourceData:
 
 
 def source_weights(parts: Sequence[tuple[SourceData, np.ndarray]],
-                   kind_weight: dict[str, float]) -> np.ndarray:
+                   kind_weight: dict[str, float], per_source: bool = True) -> np.ndarray:
     """Per-example weights for the rows ``idx`` of each source: each source's rows sum to
-    ``kind_weight.get(kind, 1)``, then each class is rescaled to total 1 (balanced)."""
+    ``kind_weight.get(name, kind_weight.get(kind, 1))`` (a source's name overrides its
+    kind; ``per_source=False``: each ROW weighs that much instead), then each class is
+    rescaled to total ``n/2`` (balanced)."""
     ws, ys = [], []
     for sd, idx in parts:
-        n = max(len(idx), 1)
-        ws.append(np.full(len(idx), kind_weight.get(sd.source.kind, 1.0) / n))
+        n = max(len(idx), 1) if per_source else 1
+        mult = kind_weight.get(sd.source.name, kind_weight.get(sd.source.kind, 1.0))
+        ws.append(np.full(len(idx), mult / n))
         ys.append(sd.labels[idx])
     w = np.concatenate(ws)
     y = np.concatenate(ys)

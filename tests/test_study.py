@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from monitor.roles import TokenRole
+from probes import study
 from probes.collect import Activations
-from probes.harmful import SourceData
+from probes.evaluate import auroc
+from probes.harmful import SourceData, source_weights, split_calibration
 from probes.sources import Source
 from probes.study import ecdf_scores, readout_mask, study_table
 
@@ -60,11 +62,214 @@ def test_study_separable_sources_and_an_unseen_style() -> None:
     data = [_source("h1", "harmful", 120, 5.0, rng), _source("h2", "harmful", 120, 5.0, rng),
             _source("oasst", "benign", 200, 0.0, rng), _source("alpaca", "benign", 200, 0.0, rng),
             _source("scary", "scary", 200, 0.0, rng)]
-    row = study_table(data, "user", 15, 1.0)
+    row = study_table(data, "user", 15, 1.0).summary
     assert row.auroc_ordinary > 0.97 and row.tpr_warn > 0.8
     assert row.per_source["oasst"][1] == 200 and row.per_source["h1"][0] == "harmful"
     # a benign style that looks harmful on the probe's direction is caught only when unseen
     data.append(_source("lookalike", "scary", 150, 5.0, rng))
-    row2 = study_table(data, "user", 15, 1.0)
+    row2 = study_table(data, "user", 15, 1.0).summary
     assert row2.per_source["lookalike"][2] > 0.5
     assert row2.fpr_warn_ordinary < 0.1
+
+
+# ----------------------------------------------------------------------- the variant study
+def _multi(name: str, kind: str, n: int, rng: np.random.Generator, shift: dict[int, float],
+           d: int = 6, max_tokens: int = 4) -> SourceData:
+    """``n`` examples of 1..max_tokens user rows at layers 12 and 15; feature 0 of layer
+    ``l`` is shifted by ``shift[l]`` for harmful examples."""
+    label = 1 if kind == "harmful" else 0
+    counts = rng.integers(1, max_tokens + 1, size=n)
+    example = np.repeat(np.arange(n), counts)
+    rows = example.size
+    x = {}
+    for lay in (12, 15):
+        v = rng.normal(size=(rows, d))
+        v[:, 0] += shift.get(lay, 0.0) * label
+        x[lay] = v.astype(np.float16)
+    acts = Activations((12, 15), x, example, np.zeros(rows, np.int64), np.zeros(rows, bool),
+                       np.zeros(rows, np.int64), np.zeros(rows, np.int64),
+                       np.full(n, label, np.int8), n)
+    return SourceData(Source(name, kind, "train", "project", f"{name}.jsonl"),
+                      [None] * n, acts, np.ones(rows, bool))  # type: ignore[list-item]
+
+
+def _world(rng: np.random.Generator, shift: dict[int, float]) -> list[SourceData]:
+    return [_multi("h1", "harmful", 60, rng, shift), _multi("h2", "harmful", 60, rng, shift),
+            _multi("oasst", "benign", 80, rng, shift), _multi("alpaca", "benign", 80, rng, shift),
+            _multi("scary", "scary", 60, rng, shift), _multi("persona", "persona", 40, rng, shift)]
+
+
+def _feature(layer: int, j: int) -> study.Fitter:
+    """A fitter that learns nothing: score = pooled feature ``j`` of ``layer``."""
+    return lambda parts: (lambda d: d.features(layer)[:, j].astype(np.float64))
+
+
+def test_loso_scores_match_a_plain_loop() -> None:
+    data = _world(np.random.default_rng(2), {15: 3.0})
+    u, raw = study.loso_scores(data, _feature(15, 0))
+    _, cal_idx = split_calibration(data)
+    for held in data:
+        cal = [float(v) for d in data if d.name != held.name
+               for v in d.features(15)[cal_idx[d.name], 0]]
+        s = held.features(15)[:, 0]
+        np.testing.assert_allclose(raw[held.name], s)
+        want = [sum(c < v for c in cal) / len(cal) for v in s]
+        np.testing.assert_allclose(u[held.name], want)
+    with pytest.raises(ValueError, match="no calibration rows"):
+        study.loso_scores([data[0], data[1], data[2]], _feature(15, 0))
+
+
+def test_summarise_matches_plain_counts() -> None:
+    rng = np.random.default_rng(3)
+    u = {"h": rng.uniform(0.5, 1.0, 40), "oasst": rng.uniform(0.0, 1.0, 30),
+         "s": rng.uniform(0.9, 1.0, 20), "p": rng.uniform(0.0, 0.5, 10)}
+    kind = {"h": "harmful", "oasst": "benign", "s": "scary", "p": "persona"}
+    m = study.summarise(u, kind, n_boot=50)
+    pairs = [(a > b) + 0.5 * (a == b) for a in u["h"] for b in u["oasst"]]
+    assert m.auroc_ordinary == pytest.approx(float(np.mean(pairs)))
+    neg = np.r_[u["oasst"], u["s"], u["p"]]
+    pairs = [(a > b) + 0.5 * (a == b) for a in u["h"] for b in neg]
+    assert m.auroc_all_benign == pytest.approx(float(np.mean(pairs)))
+    assert m.tpr_warn == sum(v >= 0.99 for v in u["h"]) / 40
+    assert m.fpr_warn_scary == sum(v >= 0.99 for v in u["s"]) / 20
+    assert m.fpr_warn_persona == 0.0
+    assert m.n == {"harmful": 40, "ordinary": 30, "scary": 20, "persona": 10}
+    lo, hi = m.auroc_ordinary_ci
+    assert lo <= m.auroc_ordinary <= hi
+    lo, hi = m.rate_ci["harmful"]
+    assert lo <= m.tpr_warn <= hi
+    with pytest.raises(ValueError, match="harmful and ordinary"):
+        study.summarise({"s": u["s"]}, kind)
+
+
+def test_source_weights_name_overrides_kind() -> None:
+    rng = np.random.default_rng(4)
+    data = _world(rng, {15: 3.0})
+    parts = [(d, np.arange(d.labels.size)) for d in data]
+    w = source_weights(parts, {"scary": 2.0, "oasst": 4.0})
+    # plain: per source total = multiplier, then each class scaled to total n/2
+    mult = {"h1": 1, "h2": 1, "oasst": 4, "alpaca": 1, "scary": 2, "persona": 1}
+    raw = np.concatenate([np.full(d.labels.size, mult[d.name] / d.labels.size) for d in data])
+    y = np.concatenate([d.labels for d in data])
+    for c in (0, 1):
+        raw[y == c] /= raw[y == c].sum()
+    np.testing.assert_allclose(w, raw * y.size / 2)
+    # per_source=False: every ROW weighs its multiplier, then the same class rescaling
+    w2 = source_weights(parts, {"scary": 2.0, "oasst": 4.0}, per_source=False)
+    raw2 = np.concatenate([np.full(d.labels.size, float(mult[d.name])) for d in data])
+    for c in (0, 1):
+        raw2[y == c] /= raw2[y == c].sum()
+    np.testing.assert_allclose(w2, raw2 * y.size / 2)
+
+
+def test_ensemble_is_the_mean_of_per_layer_probes() -> None:
+    data = _world(np.random.default_rng(5), {12: 2.0, 15: 2.0})
+    parts = [(d, np.arange(d.labels.size)) for d in data]
+    f = study.ensemble([12, 15], 1.0)(parts)
+    a, b = study.linear(12, 1.0)(parts), study.linear(15, 1.0)(parts)
+    for d in data:
+        np.testing.assert_allclose(f(d), (a(d) + b(d)) / 2)
+
+
+def test_concat_and_heads_find_a_signal_only_in_another_layer() -> None:
+    """Harmful rows differ only at layer 12: the single layer-15 probe is at chance,
+    the layer-12+15 heads are not."""
+    data = _world(np.random.default_rng(6), {12: 3.0})
+    kind = {d.name: d.source.kind for d in data}
+    for fitter, lo, hi in ((study.linear(15, 1.0), 0.0, 0.7),
+                           (study.concat([12, 15], 1.0), 0.95, 1.0),
+                           (study.mlp([12, 15], 16, 1e-2), 0.85, 1.0)):
+        m = study.summarise(study.loso_scores(data, fitter)[0], kind, n_boot=10)
+        assert lo <= m.auroc_ordinary <= hi, m.auroc_ordinary
+
+
+def test_lda_whitens_a_correlated_nuisance() -> None:
+    """Feature 1 carries a large nuisance shared with feature 0; harmful rows add a small
+    shift to feature 0 only. The mean difference points along feature 0, which the
+    nuisance swamps; the whitened discriminant subtracts feature 1 and separates."""
+    rng = np.random.default_rng(7)
+    data = _world(rng, {15: 3.0})
+    for d in data:
+        x = d.acts.x[15].astype(np.float32)
+        nuis = rng.normal(scale=6.0, size=x.shape[0]).astype(np.float32)
+        x[:, 0] += nuis
+        x[:, 1] = nuis + rng.normal(scale=0.05, size=x.shape[0])
+        d.acts.x[15] = x.astype(np.float16)
+    parts = [(d, np.arange(d.labels.size)) for d in data]
+    y = np.concatenate([d.labels for d in data])
+    s = np.concatenate([study.lda_shrunk(15)(parts)(d) for d in data])
+    plain = np.concatenate([d.features(15)[:, 0] for d in data])
+    assert auroc(y, s) > 0.95 > auroc(y, plain) + 0.1
+
+
+def test_knn_matches_a_plain_neighbour_vote() -> None:
+    data = _world(np.random.default_rng(8), {15: 2.0})
+    parts = [(d, np.arange(d.labels.size)) for d in data]
+    k = 5
+    s = study.knn(15, k=k, n_pca=4)(parts)(data[0])[:6]
+    # plain reference with the same embedding (PCA of the standardised features)
+    from sklearn.decomposition import PCA
+
+    x = np.concatenate([d.features(15) for d in data])
+    y = np.concatenate([d.labels for d in data])
+    w = source_weights(parts, {"scary": 1.0, "persona": 1.0})
+    mu, sd = x.mean(0), x.std(0) + 1e-4
+    pca = PCA(4, random_state=0).fit((x - mu) / sd)
+    e = pca.transform((x - mu) / sd)
+    e /= np.linalg.norm(e, axis=1, keepdims=True) + 1e-9
+    for i in range(6):
+        sim = e @ e[i]
+        nb = np.argsort(-sim, kind="stable")[:k]
+        share = sum(w[j] for j in nb if y[j] == 1) / sum(w[j] for j in nb)
+        tie = (sum(sim[j] for j in nb if y[j] == 1) - sum(sim[j] for j in nb if y[j] == 0)) / k
+        assert s[i] == pytest.approx(share + 1e-3 * tie, abs=1e-6)
+
+
+def test_cascade_matches_a_plain_rule() -> None:
+    data = _world(np.random.default_rng(9), {15: 2.0})
+    parts = [(d, np.arange(d.labels.size)) for d in data]
+    band = (0.5, 0.9)
+    f = study.cascade(_feature(15, 0), _feature(15, 1), band)(parts)
+    neg0 = np.concatenate([d.features(15)[d.labels == 0, 0] for d in data])
+    neg1 = np.concatenate([d.features(15)[d.labels == 0, 1] for d in data])
+    lo, hi = np.quantile(neg0, band[0]), np.quantile(neg0, band[1])
+    for d in data:
+        got = f(d)
+        for v0, v1, g in zip(d.features(15)[:, 0], d.features(15)[:, 1], got, strict=True):
+            u0 = float(np.mean(neg0 < v0))
+            want = (u0 if v0 < lo else 2 + u0 if v0 > hi
+                    else 1 + float(np.mean(neg1 < v1)))
+            assert g == pytest.approx(want)
+    raw = {d.name: f(d) for d in data}
+    share = study.stage2_share(raw)
+    allv = np.concatenate([d.features(15)[:, 0] for d in data])
+    assert share == pytest.approx(float(np.mean((allv >= lo) & (allv <= hi))))
+
+
+def test_length_debiased_removes_the_benign_length_slope() -> None:
+    data = _world(np.random.default_rng(10), {15: 2.0})
+    parts = [(d, np.arange(d.labels.size)) for d in data]
+
+    def by_length(parts: study.Parts) -> study.Scorer:
+        return lambda d: 2.0 * np.log(study.user_tokens(d)) + d.features(15)[:, 0]
+
+    f = study.length_debiased(by_length)(parts)
+    n = np.concatenate([study.user_tokens(d) for d in data])
+    assert n.tolist() == [int(np.sum(d.acts.example == i)) for d in data
+                          for i in range(d.acts.n_examples)]
+    y = np.concatenate([d.labels for d in data])
+    s = np.concatenate([f(d) for d in data])
+    slope = np.polyfit(np.log(n[y == 0]), s[y == 0], 1)[0]
+    assert abs(slope) < 1e-6
+
+
+def test_variant_table_renders_every_variant() -> None:
+    data = _world(np.random.default_rng(11), {15: 3.0})
+    vs = [study.Variant("baseline", "feature 0", "yes", _feature(15, 0)),
+          study.Variant("4 cascade", "c", "no", study.cascade(_feature(15, 0), _feature(15, 1)))]
+    rows = study.run_variants(data, vs)
+    assert rows[1].stage2_share is not None and rows[0].stage2_share is None
+    md = study.variants_markdown(rows)
+    assert "| baseline | feature 0 | yes |" in md and "| 4 cascade | c | no |" in md
+    assert "harmful 120, ordinary 160, scary 60, persona 40" in md
+    assert len(study.variants()) >= 15

@@ -592,3 +592,46 @@ def test_finish_counts_positions_that_never_arrived_per_scope():
     fin = {u.detector: u for u in tr.finish(K("v"), expected=Expected(1, 0))}
     assert fin["d"].n_tokens_missing == 0
     assert fin["p"].n_tokens_missing == 1  # its layer's rows never came
+
+
+@pytest.mark.parametrize("one_by_one", [False, True])
+def test_span_ends_judge_a_both_scope_span_at_the_prompts_end(one_by_one):
+    """`span_ends` (the server passes the prompt's last token under a prompt hold): a
+    `scope: both`, `judge_at: span_end` detector, whose span otherwise runs on into the
+    generated tokens and is judged only at the finish, is judged at the prompt's last
+    token with the prompt's aggregate; the generated tokens then form a span of their own
+    (judged at the finish). Without `span_ends` nothing is judged before the finish."""
+    text = ('version: "s"\ndetectors:\n  b:\n    scope: both\n    mode: block\n'
+            "    aggregation: mean\n    min_tokens: 2\n    judge_at: span_end\n"
+            "    thresholds: {warn: 0.5, critical: 0.8}\n")
+    P = 5
+    prompt = np.array([0.9, 0.95, 0.85, 0.9, 0.9])  # mean 0.9: critical
+    pos = np.arange(P, dtype=np.int64)
+    for ends in (None, np.array([P - 1], np.int64)):
+        tr = RequestTracker(pol(text))
+        key = K("r")
+        got = []
+        chunks = [pos[i:i + 1] for i in range(P)] if one_by_one else [pos[:3], pos[3:]]
+        for q in chunks:
+            got += tr.observe(key, "b", q, np.zeros(q.size, bool), prompt[q], None,
+                              ends)
+        if ends is None:
+            assert got == []  # pending: the span goes on into the generated tokens
+        else:
+            [u] = got
+            assert (u.severity, u.crossed_at_position, u.action) == ("critical", P - 1,
+                                                                      "block")
+            assert u.score == pytest.approx(prompt.mean())
+        # generated tokens (cold): with the prompt ended, a span of their own
+        g = np.arange(P, P + 3, dtype=np.int64)
+        for p in g:
+            tr.observe(key, "b", np.array([p]), np.array([True]), np.array([0.0]), None,
+                       ends)
+        finals = tr.finish(key)
+        [final] = [u for u in finals if u.final]
+        if ends is None:  # one span judged at the finish, diluted by the cold answer
+            assert [u.escalated for u in finals if not u.final] == [True]
+            assert (final.severity, final.crossed_at_position) == ("warn", P + 2)
+        else:  # the generated span (mean 0) stays below: critical from the prompt stands
+            assert [u for u in finals if not u.final] == []
+            assert (final.severity, final.crossed_at_position) == ("critical", P - 1)

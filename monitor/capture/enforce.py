@@ -34,9 +34,11 @@ thread (lock). `PendingBlocks` is used by the scheduler thread only.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import copy
 import functools
+import json
 import logging
 import os
 import threading
@@ -53,7 +55,8 @@ log = logging.getLogger("monitor.capture")
 BLOCK_MARKER = "safety_monitor:block"
 #: Prefix of the `stop_reason` of a request blocked while its first token was held: the
 #: frontend also blanks the text (vLLM's chat stream drops a final chunk with no token,
-#: so the final output carries the first sampled token's id, never its text).
+#: so the final output carries one placeholder token: the request's EOS id, never the
+#: sampled token's id, text or logprob).
 HELD_MARKER = BLOCK_MARKER + ":before_first_token"
 #: Attribute of a `ModelRunnerOutput` carrying block orders (worker → engine core).
 ORDERS_ATTR = "_safety_monitor_blocks"
@@ -63,11 +66,33 @@ JUDGED_ATTR = "_safety_monitor_judged"
 HOLD_ATTR = "_safety_monitor_hold"
 #: `BlockOrder.detector` of a request ended because its prompt hold expired (fail closed).
 HOLD_TIMEOUT = "prompt_hold_timeout"
+#: Logprob shown for the placeholder token of a request blocked before its first token
+#: (vLLM's OpenAI server floors logprobs at this value: "no probability").
+PLACEHOLDER_LOGPROB = -9999.0
 #: The OpenAI finish reason of a blocked response.
 CONTENT_FILTER = "content_filter"
 #: Default `stop_reason` text shown to the client (SAFETY_MONITOR_BLOCK_MESSAGE).
 DEFAULT_MESSAGE = "The response was stopped by the safety monitor."
 _MARK = "_safety_monitor_enforce"
+#: Upper bounds (s) of the first-token hold-time histogram (`safety_monitor_hold_seconds`).
+HOLD_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def block_marker(prefix: str, detector: str, crossed_at: int = -1) -> str:
+    """`stop_reason` of a blocked request: `prefix` (`BLOCK_MARKER` / `HELD_MARKER`), the
+    detector and, when known (>= 0), the crossing position (`parse_marker` reads it)."""
+    tail = f" crossed_at={crossed_at}" if crossed_at >= 0 else ""
+    return f"{prefix} detector={detector}{tail}"
+
+
+def parse_marker(stop_reason: str) -> tuple[str, int]:
+    """(detector, crossing position or -1) of a `block_marker` string."""
+    rest = stop_reason.split("detector=", 1)[-1] if "detector=" in stop_reason else ""
+    det, _, pos = rest.partition(" crossed_at=")
+    try:
+        return det, int(pos) if pos else -1
+    except ValueError:
+        return det, -1
 
 
 def block_message() -> str:
@@ -265,7 +290,7 @@ class PendingBlocks:
         from vllm.v1.request import RequestStatus
 
         request.status = RequestStatus.FINISHED_ABORTED
-        request.stop_reason = f"{BLOCK_MARKER} detector={o.detector}"
+        request.stop_reason = block_marker(BLOCK_MARKER, o.detector, o.crossed_at_position)
         n_out = int(request.num_output_tokens)
         last = int(request.num_tokens) - 1
         after = max(0, min(n_out, last - o.crossed_at_position))
@@ -292,6 +317,8 @@ class _Held:
     n_seen: int = 0  # generated tokens in its outputs so far (withheld or delivered)
     n_delivered: int = 0  # of them delivered to the frontend
     t_first: float = 0.0  # when its first output was withheld
+    released_open: bool = False  # an output of it went out unjudged (fail open)
+    placeholder: int = 0  # token id an ended request shows instead of its first token
 
 
 class FirstTokenHolds:
@@ -319,8 +346,14 @@ class FirstTokenHolds:
     (`Scheduler.has_requests`, wrapped) so a request that finished while held is still
     released or ended within the bound.
 
-    Scheduler thread only. Counters are monotonic; `hold_ms` keeps the last `keep`
-    first-token hold durations (ms) of requests released because judged.
+    Scheduler thread only. Counters are monotonic, one count per request:
+    `n_held` (requests whose output was withheld), `released_judged` (first output released
+    because judged), `released_open` (an output released unjudged under fail open),
+    `ended_blocked` (blocked while held), `ended_closed` (hold expired under fail closed).
+    `hold_ms` keeps the last `keep` first-token hold durations (ms) of requests released
+    because judged; `hold_buckets` / `hold_sum_s` count all of them (upper bounds
+    `HOLD_BUCKETS_S`, not cumulative; the last slot is +Inf). They reach vLLM's `/metrics`
+    through `EngineStats` (module docstring of `monitor.capture.engine_metrics`).
     """
 
     def __init__(self, keep: int = 4096) -> None:
@@ -334,6 +367,8 @@ class FirstTokenHolds:
         self.ended_blocked = 0
         self.ended_closed = 0
         self.hold_ms: collections.deque[float] = collections.deque(maxlen=keep)
+        self.hold_buckets = [0] * (len(HOLD_BUCKETS_S) + 1)
+        self.hold_sum_s = 0.0
 
     def note(self, judged: dict[str, int] | None, hold: HoldSettings | None) -> None:
         if hold is not None and hold != self.settings:
@@ -365,7 +400,9 @@ class FirstTokenHolds:
                         continue
                     req = sched.requests.get(rid)
                     n_prompt = int(req.num_prompt_tokens) if req is not None else 0
-                    h = self.held[rid] = _Held(n_prompt - 1, ci, t_first=now)
+                    eos = getattr(req, "eos_token_id", None)
+                    h = self.held[rid] = _Held(n_prompt - 1, ci, t_first=now, placeholder=(
+                        int(eos) if isinstance(eos, int) else 0))
                     self.n_held += 1
                 h.n_seen += len(o.new_token_ids)
                 h.queue.append((now, h.last_prompt_pos + h.n_seen, o))
@@ -390,15 +427,16 @@ class FirstTokenHolds:
             del self.held[rid]  # aborted by its client meanwhile: nothing to deliver
             self.judged.pop(rid, None)
             return
-        detector = None
+        detector, crossed = None, -1
         if finished and isinstance(last.stop_reason, str) and \
                 last.stop_reason.startswith(BLOCK_MARKER):
-            detector = last.stop_reason.rsplit("detector=", 1)[-1]
+            detector, crossed = parse_marker(last.stop_reason)
         elif rid in PENDING.orders:
-            detector = PENDING.orders.pop(rid).detector
+            o = PENDING.orders.pop(rid)
+            detector, crossed = o.detector, o.crossed_at_position
         if detector is not None:
             self.ended_blocked += 1
-            self._end(sched, outs, rid, h, detector, "blocked while held")
+            self._end(sched, outs, rid, h, detector, "blocked while held", crossed)
             return
         judged = self.judged.get(rid, -1)
         out = self._outputs(outs, h.client) if h.queue else []
@@ -416,7 +454,9 @@ class FirstTokenHolds:
                               f"not judged within {self.settings.hold_ms} ms (judged through "
                               f"{judged}, needed for position {last_pos}), fail closed")
                     return
-                self.released_open += 1
+                if not h.released_open:
+                    h.released_open = True
+                    self.released_open += 1
                 log.warning("safety monitor: request %s output released UNJUDGED: not judged "
                             "within %d ms (judged through %d, needed for position %d), fail "
                             "open; released_open=%d", rid, self.settings.hold_ms, judged,
@@ -424,7 +464,10 @@ class FirstTokenHolds:
                 force = self.settings.holdback < 0
             if h.n_delivered == 0 and ok:
                 self.released_judged += 1
-                self.hold_ms.append((now - h.t_first) * 1e3)
+                waited = now - h.t_first
+                self.hold_ms.append(waited * 1e3)
+                self.hold_buckets[bisect.bisect_left(HOLD_BUCKETS_S, waited)] += 1
+                self.hold_sum_s += waited
             h.queue.pop(0)
             h.n_delivered += len(o.new_token_ids)
             out.append(o)
@@ -438,9 +481,9 @@ class FirstTokenHolds:
             self.passed.add(rid)
 
     def _end(self, sched: Any, outs: dict[int, Any], rid: str, h: _Held, detector: str,
-             why: str) -> None:
+             why: str, crossed: int = -1) -> None:
         """End `rid`, its withheld outputs dropped. With nothing delivered yet no generated
-        text is shown: the final output carries the first sampled token's id only (see
+        text is shown: the final output carries one placeholder token id (see
         `HELD_MARKER`)."""
         from vllm.v1.engine import EngineCoreOutput, FinishReason
         from vllm.v1.request import RequestStatus
@@ -452,11 +495,13 @@ class FirstTokenHolds:
             sched.finish_requests(rid, RequestStatus.FINISHED_ABORTED)
         n = sum(len(o.new_token_ids) for _, _, o in h.queue)
         if h.n_delivered == 0:
-            first = h.queue[0][2].new_token_ids[:1] if h.queue else []
-            tokens, marker = list(first), f"{HELD_MARKER} detector={detector}"
+            # a placeholder id (the request's EOS, else 0), never the sampled token: its
+            # id would reach clients asking for token ids or logprobs
+            tokens = [h.placeholder]
+            marker = block_marker(HELD_MARKER, detector, crossed)
             where = "before its first token"
         else:
-            tokens, marker = [], f"{BLOCK_MARKER} detector={detector}"
+            tokens, marker = [], block_marker(BLOCK_MARKER, detector, crossed)
             where = "while its output was held back"
         log.warning("safety monitor: BLOCKED request %s %s (detector=%s; %s); tokens "
                     "withheld=%d tokens_delivered=%d ended_blocked=%d ended_closed=%d",
@@ -480,8 +525,79 @@ class FirstTokenHolds:
                 "released_judged": self.released_judged, "released_open": self.released_open,
                 "ended_blocked": self.ended_blocked, "ended_closed": self.ended_closed}
 
+    def histogram(self) -> tuple[list[int], float]:
+        """Per-bucket counts (`HOLD_BUCKETS_S`, then +Inf) and the sum (s) of the first-token
+        hold times of requests released because judged."""
+        return list(self.hold_buckets), self.hold_sum_s
+
 
 HOLDS = FirstTokenHolds()
+
+#: Env var naming the directory where each EngineCore process writes its counters
+#: (`EngineStatsFile`); set by the first process that loads the plugin
+#: (`monitor.capture.engine_metrics.ensure_stats_dir`), inherited by the EngineCore.
+ENGINE_STATS_ENV = "SAFETY_MONITOR_ENGINE_STATS_DIR"
+
+
+class EngineStatsFile:
+    """The EngineCore's enforcement counters (`HOLDS`, `PENDING`), written as JSON to
+    `$SAFETY_MONITOR_ENGINE_STATS_DIR/engine-<pid>.json` for the API server's `/metrics`
+    (`monitor.capture.engine_metrics.EngineCollector` reads and sums the files).
+
+    Written (atomically: temp file + rename) after a step that changed a counter, at most
+    every `min_interval_s` while anything is held (the busy loop keeps stepping then, so
+    the last change is written once nothing is held), at once otherwise. Without the env
+    var nothing is written. Scheduler thread only.
+    """
+
+    def __init__(self, holds: FirstTokenHolds, pending: PendingBlocks,
+                 min_interval_s: float = 0.25) -> None:
+        self.holds, self.pending = holds, pending
+        self.min_interval_s = min_interval_s
+        self._last: tuple[int, ...] = ()
+        self._t = 0.0
+        self._path: str | None = None
+        self._failed = False
+
+    def _key(self) -> tuple[int, ...]:
+        h, p = self.holds, self.pending
+        return (h.n_held, len(h.held), h.released_judged, h.released_open, h.ended_blocked,
+                h.ended_closed, p.applied, p.gone)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as written (keys read by `engine_metrics.read_totals`)."""
+        buckets, total = self.holds.histogram()
+        return {**self.holds.stats(), "blocks_applied": self.pending.applied,
+                "blocks_late": self.pending.gone, "hold_buckets": buckets,
+                "hold_sum_s": total}
+
+    def publish(self, now: float) -> None:
+        """Write the counters if they changed (see the class docstring)."""
+        key = self._key()
+        if key == self._last or self._failed:
+            return
+        if self.holds.held and now - self._t < self.min_interval_s:
+            return
+        if self._path is None:
+            d = os.environ.get(ENGINE_STATS_ENV, "")
+            if not d:
+                self._failed = True
+                return
+            self._path = os.path.join(d, f"engine-{os.getpid()}.json")
+        tmp = f"{self._path}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.snapshot(), f)
+            os.replace(tmp, self._path)
+        except OSError as e:
+            self._failed = True  # one ERROR, not one per step
+            log.error("safety monitor: cannot write the engine counters to %s (%s): hold "
+                      "and block outcomes are NOT on /metrics", self._path, e)
+            return
+        self._last, self._t = key, now
+
+
+ENGINE_STATS = EngineStatsFile(HOLDS, PENDING)
 
 
 def install_engine_core_hooks() -> None:
@@ -517,7 +633,9 @@ def install_engine_core_hooks() -> None:
             PENDING.file(orders, live)
         HOLDS.note(getattr(model_runner_output, JUDGED_ATTR, None),
                    getattr(model_runner_output, HOLD_ATTR, None))
-        return HOLDS.process(self, orig_update(self, scheduler_output, model_runner_output))
+        outs = HOLDS.process(self, orig_update(self, scheduler_output, model_runner_output))
+        ENGINE_STATS.publish(time.monotonic())
+        return outs
 
     setattr(update_from_output, _MARK, True)
     cls.update_from_output = update_from_output  # type: ignore[method-assign]  # the patch
@@ -570,6 +688,7 @@ def install_frontend_hooks() -> None:
     if orig is None or getattr(orig, _MARK, False):
         return
     message = block_message()
+    delivered_hist = _delivered_histogram()
 
     @functools.wraps(orig)
     def _new_completion_output(self: Any, token_ids: list[int], finish_reason: Any,
@@ -579,12 +698,62 @@ def install_frontend_hooks() -> None:
                 and stop_reason.startswith(BLOCK_MARKER)):
             out.finish_reason = CONTENT_FILTER
             out.stop_reason = message
-            if stop_reason.startswith(HELD_MARKER):
-                out.text = ""  # blocked before its first token: nothing generated is shown
+            held = stop_reason.startswith(HELD_MARKER)
+            _count_delivered(self, stop_reason, held, delivered_hist)
+            if held:
+                # blocked before its first token: nothing generated is shown. Its one
+                # token is `FirstTokenHolds._end`'s placeholder, which has no logprob: give
+                # it an empty one (vLLM's OpenAI server indexes one entry per token)
+                out.text = ""
+                if out.logprobs is not None:
+                    from vllm.logprobs import Logprob
+
+                    out.logprobs = [{t: Logprob(logprob=PLACEHOLDER_LOGPROB, decoded_token="")}
+                                    for t in out.token_ids]
         return out
 
     setattr(_new_completion_output, _MARK, True)
     RequestState._new_completion_output = _new_completion_output  # type: ignore[method-assign]
+
+
+def delivered_after_crossing(prompt_len: int, n_delivered: int, crossed_at: int) -> int:
+    """Generated tokens the client received at positions after the crossing one: the
+    last delivered token is at position prompt_len + n_delivered - 1; a crossing in the
+    prompt counts every delivered token."""
+    return min(n_delivered, max(0, prompt_len + n_delivered - 1 - crossed_at))
+
+
+def _delivered_histogram() -> Any:
+    """`safety_monitor_block_tokens_delivered_after_crossing{detector}` in the default
+    registry (vLLM's `/metrics` in the API server), created once."""
+    from prometheus_client import REGISTRY, Histogram
+
+    name = "safety_monitor_block_tokens_delivered_after_crossing"
+    existing = getattr(REGISTRY, "_names_to_collectors", {})
+    if name in existing:
+        return existing[name]
+    return Histogram(name, "Generated tokens a blocked request's client RECEIVED after the "
+                     "crossing token (vLLM's frontend; the sidecar's "
+                     "safety_monitor_block_tokens_after_crossing counts generated ones).",
+                     ["detector"], buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64))
+
+
+def _count_delivered(state: Any, stop_reason: str, held: bool, hist: Any) -> None:
+    """Log and observe what the client of a blocked request received after the crossing
+    (frontend: `state` is vLLM's `RequestState`; nothing when the crossing is unknown, e.g.
+    a hold that expired under fail closed)."""
+    detector, crossed = parse_marker(stop_reason)
+    if crossed < 0:
+        return
+    try:
+        n = 0 if held else int(state.detokenizer.num_output_tokens())
+        after = delivered_after_crossing(int(state.prompt_len), n, crossed)
+    except (AttributeError, TypeError, ValueError):
+        return  # another vLLM's RequestState: the finish reason still applies
+    hist.labels(detector=detector).observe(after)
+    log.info("safety monitor: request %s ended content_filter (detector=%s crossed_at=%d): "
+             "tokens_delivered=%d tokens_delivered_after_crossing=%d", state.request_id,
+             detector, crossed, n, after)
 
 
 def install_all() -> None:

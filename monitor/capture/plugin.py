@@ -544,6 +544,12 @@ def register() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     _wrap_load_model(GPUModelRunner, cfg)
+    try:  # before vLLM starts the EngineCore: it inherits the directory's env var
+        from monitor.capture.engine_metrics import register_collector
+
+        register_collector()
+    except Exception:
+        log.exception("safety monitor: hold/block outcomes will NOT be on /metrics")
     install_all()
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner

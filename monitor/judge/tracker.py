@@ -265,6 +265,7 @@ class RequestTracker:
         generated: np.ndarray,
         scores: np.ndarray,
         roles: np.ndarray | None = None,
+        span_ends: np.ndarray | None = None,
     ) -> list[VerdictUpdate]:
         """Aggregate scored tokens of one request for one detector.
 
@@ -275,6 +276,13 @@ class RequestTracker:
         duplicates; non-finite scores count as unscored. Returns ``[]`` or a single
         update carrying the highest severity newly reached in this chunk (``escalated``).
         Detectors absent from the policy return ``[]``.
+
+        ``span_ends`` (int64 positions; ``judge_at: span_end`` only): in-scope tokens at
+        these positions end their span whatever follows, so they are judged now instead
+        of when the next out-of-scope row or the finish arrives. The server passes the
+        prompt's last token under a prompt hold (`monitor.server.pipeline`): a held
+        request's prompt is judged before its first token is released, also for a
+        scope that runs on into the generated tokens (``both``).
         """
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         gen = np.asarray(generated, dtype=bool).reshape(-1)
@@ -292,15 +300,16 @@ class RequestTracker:
         rol = self._roles(gen, roles)
         self._cover(st, pos, gen)
         if pos.size == 1:  # decode: one token per request per step
-            return self._observe_one(key, detector, st, int(pos[0]), int(rol[0]),
-                                     float(sc[0]))
+            p0 = int(pos[0])
+            return self._observe_one(key, detector, st, p0, int(rol[0]), float(sc[0]),
+                                     span_ends is not None and bool(np.any(span_ends == p0)))
 
         mask = self._in_scope(pol.scope, rol)
         if pol.judge_at == "span_end":
             ends = np.sort(pos[~mask]) if mask is not None else np.empty(0, np.int64)
             if mask is not None:
                 pos, sc = pos[mask], sc[mask]
-            return self._observe_span_end(key, detector, st, pos, sc, ends)
+            return self._observe_span_end(key, detector, st, pos, sc, ends, span_ends)
         if mask is not None:
             pos, sc = pos[mask], sc[mask]
         if pos.size == 0:
@@ -362,8 +371,8 @@ class RequestTracker:
         return pos, sc
 
     def _observe_span_end(self, key: RequestKey, detector: str, st: _DetectorState,
-                          pos: np.ndarray, sc: np.ndarray, out_pos: np.ndarray
-                          ) -> list[VerdictUpdate]:
+                          pos: np.ndarray, sc: np.ndarray, out_pos: np.ndarray,
+                          forced: np.ndarray | None = None) -> list[VerdictUpdate]:
         """:meth:`observe` for ``judge_at: span_end``. ``pos``/``sc``: the in-scope rows;
         ``out_pos``: sorted positions of the out-of-scope rows of the same chunk.
 
@@ -372,6 +381,8 @@ class RequestTracker:
         strictly between it and candidate ``j+1`` (or above it, for the last). Each
         candidate carries the aggregate after it (a non-finite score leaves the aggregate
         as it was) and the aggregate's count, judged when ``count >= max(1, min_tokens)``.
+        A candidate at a ``forced`` position (``span_ends`` of :meth:`observe`) also ends
+        its span.
         """
         pol = st.policy
         pos, sc = self._fresh(st, pos, sc)
@@ -399,6 +410,8 @@ class RequestTracker:
         nxt = np.concatenate((c_pos[1:], [np.iinfo(np.int64).max]))
         ended = (np.searchsorted(out_pos, nxt, "left")
                  - np.searchsorted(out_pos, c_pos, "right")) > 0
+        if forced is not None and forced.size:
+            ended |= np.isin(c_pos, forced)
         if ended[-1]:
             st.pending_pos = -1
         else:
@@ -426,9 +439,10 @@ class RequestTracker:
 
     def _observe_one(
         self, key: RequestKey, detector: str, st: _DetectorState, pos: int, role: int,
-        score: float,
+        score: float, forced_end: bool = False,
     ) -> list[VerdictUpdate]:
-        """:meth:`observe` for a single token, in plain Python (same semantics)."""
+        """:meth:`observe` for a single token, in plain Python (same semantics;
+        ``forced_end``: the token is in ``span_ends``)."""
         pol = st.policy
         span_end = pol.judge_at == "span_end"
         if not scope_mask(pol.scope)[role]:
@@ -445,7 +459,12 @@ class RequestTracker:
         if not math.isfinite(score):
             self.nonfinite_scores += 1
             st.n_unscored += 1
-            if span_end:
+            if span_end and forced_end:  # ends its span: judged now on the aggregate so far
+                st.pending_pos = -1
+                if st.agg.n >= max(1, pol.min_tokens):
+                    return self._judge(key, detector, st, np.array([pos]),
+                                       np.array([st.agg.value]))
+            elif span_end:
                 st.pending_pos, st.pending_value, st.pending_n = pos, st.agg.value, st.agg.n
             return []
         value = st.agg.push(score)
@@ -453,6 +472,11 @@ class RequestTracker:
         if value > st.peak:
             st.peak = value
         if span_end:
+            if forced_end:  # ends its span here: judged now
+                st.pending_pos = -1
+                if st.agg.n >= max(1, pol.min_tokens):
+                    return self._judge(key, detector, st, np.array([pos]), np.array([value]))
+                return []
             st.pending_pos, st.pending_value, st.pending_n = pos, value, st.agg.n
             return []
         if st.agg.n < pol.min_tokens:

@@ -172,6 +172,8 @@ class Pipeline:
         #: prompt-time blocking (worker only): hook points of the detectors that hold the
         #: first token, and per open request the highest position judged on each of them
         self._hold_generated = False
+        #: holding detectors judged at `span_end`: the prompt's last token ends their span
+        self._prompt_span_end: frozenset[str] = frozenset()
         self._hold_hooks = self._holding_hooks(policy)
         self._judged_at: dict[RequestKey, dict[str, int]] = {}
         #: fired SAE latents per (request, detector); worker only
@@ -413,8 +415,12 @@ class Pipeline:
         """Hook points read by a detector that holds output (empty: no hold): block-mode
         on prompt tokens (first-token hold), and under strict streaming every block-mode
         detector reading generated tokens. Sets `_hold_generated` (progress for
-        generated rows too)."""
+        generated rows too) and `_prompt_span_end`."""
         dets = set(holding_detectors(policy))
+        # judged at the prompt's end, not when the span would end (for scope `both` only
+        # at the finish): the first token is released once the prompt is judged
+        self._prompt_span_end = frozenset(d for d in dets
+                                          if policy.detectors[d].judge_at == "span_end")
         self._hold_generated = effective_holdback(policy) is not None
         if self._hold_generated:
             dets |= {n for n, d in policy.detectors.items()
@@ -563,11 +569,16 @@ class Pipeline:
                     for det in lat:
                         self.latents.observe(key, det, self._judged[det].scope, fz[a:b],
                                              f.roles[a:b])
+                ends = None  # the prompt's last token, when a holding span_end reads it
+                if self._prompt_span_end and f.prompt_end.size == f.n_rows:
+                    pe = f.prompt_end[a:b]
+                    ends = f.positions[a:b][pe] if pe.any() else None
                 for j, det in cols:
                     self.trace.observe(key, det, self._judged[det].scope, f.positions[a:b],
                                        fs[a:b, j], f.roles[a:b])
-                    ups = self.tracker.observe(key, det, f.positions[a:b], f.generated[a:b],
-                                               fs[a:b, j], f.roles[a:b])
+                    ups = self.tracker.observe(
+                        key, det, f.positions[a:b], f.generated[a:b], fs[a:b, j], f.roles[a:b],
+                        ends if det in self._prompt_span_end else None)
                     for u in ups:
                         self._handle_update(u, it.sink)
                 if hook in self._hold_hooks:

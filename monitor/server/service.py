@@ -11,6 +11,14 @@ sends frames for them on a new stream carries them on (nothing scored so far is 
 requests nobody adopts within `orphan_grace_s` are finished with reason "orphaned"
 (final verdicts to the audit log and metrics).
 
+Shared-memory ring (`--shm`, `monitor.wire.shm`): a hello offering a ring is answered with
+`ShmAck.ring` (accepted: the stream's `StreamHandle.shm` reader; refused: the reason, counted
+`shm_ring_refused`, the client keeps sending bytes). A frame naming a ring slot is decoded
+like any other with its payload copied from the ring (`decode_frame(shm=...)`, on the decode
+pool above `_OFFLOAD_BYTES` claimed), and its slot is acknowledged (`ShmAck.slots`) as soon
+as the copy is done or the frame refused, before scoring. The reader is closed when the call
+ends.
+
 Size limits: frames whose payload exceeds `max_frame_bytes` get an in-stream
 "oversized" error; messages above the gRPC `max_receive_message_length` (set above
 `max_frame_bytes`) are refused by the transport, which ends the whole call with

@@ -180,6 +180,8 @@ class RowMeta:
     correlation_ids: tuple[str, ...] = ()  # caller's label per span ("" = none)
     roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 [n_rows]
     refused: tuple[SpanRefusal, ...] = ()  # spans refused on their own, in span order
+    #: bool [n_rows]: the row is its request's last prompt token (position prompt_len - 1)
+    prompt_end: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,9 @@ class DecodedFrame:
     # once decoded: a frame without one is resid_post of `layer`)
     roles: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # int8 [n_rows]
     refused: tuple[SpanRefusal, ...] = ()  # spans refused on their own (rows not judged)
+    #: bool [n_rows]: the row is its request's last prompt token (position prompt_len - 1;
+    #: prompt-time blocking ends a `span_end` span there, `monitor.server.pipeline`)
+    prompt_end: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     #: non-empty: `x` is `[n_rows, ProjectionSpec.width]` pre-activations of this
     #: projection version (in-worker projection), not hidden states
     projection: str = ""
@@ -290,6 +295,7 @@ def parse_spans(
             row_request=np.zeros(n_rows, dtype=np.int32),
             positions=np.arange(n_rows, dtype=np.int64),
             generated=np.zeros(n_rows, dtype=bool),
+            prompt_end=np.zeros(n_rows, dtype=bool),
             span_bounds=((0, n_rows),),
             correlation_ids=("",),
             roles=np.full(n_rows, _OTHER, dtype=np.int8),
@@ -345,12 +351,14 @@ def parse_spans(
     first_rows = np.concatenate(([0], np.cumsum(counts)[:-1]))
     offsets = np.arange(n_rows, dtype=np.int64) - np.repeat(first_rows, counts)
     positions = np.repeat(starts, counts) + offsets
-    generated = positions >= np.repeat(plens, counts)
+    row_plen = np.repeat(plens, counts)
+    generated = positions >= row_plen
+    prompt_end = positions == row_plen - 1
     roles = np.repeat(span_roles.astype(np.int8), counts)
     if not span_roles.all():  # UNSPECIFIED spans (old clients): derive from prompt_len
         roles = np.where(roles == 0, derive_roles(generated), roles).astype(np.int8)
     return RowMeta(tuple(ids), row_request, positions, generated, tuple(bounds),
-                   tuple(labels), roles, tuple(refused))
+                   tuple(labels), roles, tuple(refused), prompt_end)
 
 
 def _span_refusal(i: int, s: monitor_pb2.RowSpan, max_correlation_id_bytes: int
@@ -546,7 +554,7 @@ def decode_frame(
         positions=rows.positions, generated=rows.generated, span_bounds=rows.span_bounds,
         nbytes=nbytes, wire_dtype=int(frame.dtype), hook_name=hook, roles=rows.roles,
         correlation_ids=rows.correlation_ids, refused=rows.refused,
-        projection=frame.projection,
+        projection=frame.projection, prompt_end=rows.prompt_end,
     )
 
 
