@@ -155,7 +155,7 @@ def test_finish_of_an_orphan_adopts_it_and_unseen_finishes_are_bounded() -> None
     r.orphan(old)
     # the reconnected client (same key: same client instance) finishes its orphan
     c = r.finish(k, new, FinishReason.STOP, "ticket")
-    assert c is not None and (c.owner, c.reason) == (new, FinishReason.STOP)
+    assert c is not None and (c.owner, c.reason, c.adopted) == (new, FinishReason.STOP, True)
     assert r.label(k) == "ticket" and r.stats().adopted == 1 and r.stats().orphaned == 0
     # a request no row of which ever arrived: closing at once, then remembered as closed
     u1, u2, u3 = (RequestKey("c#i", f"u{i}") for i in (1, 2, 3))

@@ -307,6 +307,25 @@ def test_broken_stream_requests_are_carried_on_by_a_new_stream(server: MonitorSe
                          model_name=MODEL) == closed0
 
 
+def test_a_reconnected_clients_finish_closes_its_orphan(server: MonitorServer,
+                                                        geometry: dict) -> None:
+    # the request's rows all went out before the stream broke; the reconnected client (same
+    # client identity) only has the finish left: it adopts and closes the orphan, with the
+    # rows scored before the break and the client's counts (was refused as not_owner)
+    r = rid("finish-orphan")
+    again0 = server.metric("safety_monitor_requests_reattached_total")
+    _break_stream_after(server, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
+                                           [Span(r, 4, 0, 4)])], 4)
+    assert _wait(lambda: server.metric("safety_monitor_active_streams") == 0)
+    out = stream(server, [monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
+        request_id=r, reason="stop", n_prompt_tokens=6, n_generated_tokens=1))])
+    assert errors(out) == []
+    final = {v.detector: (v.n_tokens_scored, v.n_tokens_unscored)
+             for v in verdicts(out, r, final=True)}
+    assert final == {"harmful_intent": (4, 2), "deception": (0, 0)}  # positions 4, 5 missing
+    assert server.metric("safety_monitor_requests_reattached_total") - again0 == 1
+
+
 # ------------------------------------------------------------------ bad inputs
 
 

@@ -254,6 +254,8 @@ class Pipeline:
         closing = self.registry.finish(key, sink, reason, label)
         if closing is None:
             return False
+        if closing.adopted:
+            self.metrics.requests_reattached.inc()
         self._put(_FinishItem(closing, expected))
         return True
 

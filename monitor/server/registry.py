@@ -90,6 +90,7 @@ class Closing:
     key: RequestKey
     owner: StreamSink | None  # None: its stream is gone, nobody to tell
     reason: FinishReason
+    adopted: bool = False  # an orphan its reconnected client finished (`finish`)
 
 
 @dataclass
@@ -247,12 +248,14 @@ class RequestRegistry:
             if e is None or (owner is not None and e.owner is not None
                              and e.owner is not owner):
                 return None
-            if owner is not None and e.owner is None:
+            adopted = owner is not None and e.owner is None
+            if adopted:
                 self._adopted += 1
                 e.owner, e.orphaned_at = owner, None
                 self._orphans.pop(key, None)
             e.label = e.label or label
-            return self._close(key, reason)
+            c = self._close(key, reason)
+            return Closing(c.key, c.owner, c.reason, adopted=True) if adopted else c
 
     def close_unseen(self, key: RequestKey, owner: StreamSink, reason: FinishReason,
                      label: str = "") -> Closing | None:
