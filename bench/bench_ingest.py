@@ -9,7 +9,16 @@ validate + queue + score + judge. Baselines measured in the same run, same proce
 `decode_frame` alone (validation + zero-copy view + finiteness check) and
 `encode_frame` + `SerializeToString` (client-side cost).
 
-Usage: python bench/bench_ingest.py [--rows 256 --d-model 576 --frames 400 --dtype bf16]
+`--transport grpc shm` adds the same-pod shared-memory ring arm against the same server
+process (started with `--shm`), right after the gRPC arm: the client offers a ring in
+`/dev/shm` (`monitor.wire.shm.ShmRingWriter`, 16 slots of one frame each), waits for the
+server's accept, then per frame copies the rows into a free slot (waiting for the
+server's slot acks when all 16 are in flight, as the plugin would drop instead) and sends
+the frame's metadata with `ShmRef`; the time includes that copy (the gRPC arm's frames are
+encoded before its clock starts).
+
+Usage: python bench/bench_ingest.py [--rows 256 --d-model 576 --frames 400 --dtype bf16
+                                     --transport grpc shm]
 Results are printed and written under "## Ingest" in bench/RESULTS.md (other headings
 are kept).
 """
@@ -23,7 +32,9 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -36,13 +47,16 @@ from monitor.score import build_placeholder_bundle  # noqa: E402
 from monitor.tools.net import free_port  # noqa: E402
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc  # noqa: E402
 from monitor.wire import Span, decode_frame, encode_frame  # noqa: E402
+from monitor.wire.shm import ShmRingWriter  # noqa: E402
 
 MODEL = "bench/model"
 DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _frames(n: int, rows: int, d: int, dtype: torch.dtype, layers: list[int],
-            prefix: str = "r") -> list[monitor_pb2.ClientMessage]:
+            prefix: str = "r", shm: bool = False) -> list[monitor_pb2.ClientMessage]:
+    """`n` frames of the same random rows; `shm`: metadata only (empty `data`, an `ShmRef`
+    the sender fills in)."""
     base = torch.randn(rows, d).to(dtype)
     per = max(1, rows // 8)
     out = []
@@ -51,8 +65,73 @@ def _frames(n: int, rows: int, d: int, dtype: torch.dtype, layers: list[int],
                       (i // len(layers)) * per, 0)
                  for k in range((rows + per - 1) // per)]
         out.append(monitor_pb2.ClientMessage(frame=encode_frame(
-            base, seq=i + 1, model=MODEL, layer=layers[i % len(layers)], spans=spans)))
+            base, seq=i + 1, model=MODEL, layer=layers[i % len(layers)], spans=spans,
+            shm=monitor_pb2.ShmRef() if shm else None)))
     return out
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (all its threads; Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _errors(arm: str, wall: float, out: list[monitor_pb2.ServerMessage]
+            ) -> tuple[float, int, int]:
+    """(wall, frames shed as queue_full, other stream errors) of one arm; errors printed."""
+    errs = [m.error for m in out if m.HasField("error")]
+    if errs:
+        print(f"{arm} stream errors:", sorted({f"{e.reason}: {e.message}" for e in errs})[:5],
+              file=sys.stderr)
+    shed = sum(1 for e in errs if e.reason == "queue_full")
+    return wall, shed, len(errs) - shed
+
+
+def shm_stream(stub: monitor_pb2_grpc.MonitorStub, shm_dir: Path,
+               msgs: list[monitor_pb2.ClientMessage], payload: torch.Tensor,
+               n_slots: int = 16) -> tuple[float, list[monitor_pb2.ServerMessage]]:
+    """One Stream whose frames' bytes go through a ring: (seconds from the accept to the
+    end of the call, server messages). `payload` is every frame's rows."""
+    data = payload.contiguous().view(torch.uint8).numpy().reshape(-1)
+    ring = ShmRingWriter(shm_dir, n_slots, data.nbytes)
+    accepted = threading.Event()
+    freed = threading.Condition()
+    t0 = [0.0]
+
+    def outbound() -> Iterator[monitor_pb2.ClientMessage]:
+        yield monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
+            client_id="bench-shm", model=MODEL, wire_version=2, shm_ring=ring.hello()))
+        if not accepted.wait(60):
+            raise RuntimeError("the server did not accept the ring")
+        t0[0] = time.perf_counter()
+        for m in msgs:
+            slot = ring.acquire()
+            while slot is None:
+                with freed:
+                    freed.wait(0.01)
+                slot = ring.acquire()
+            seq = ring.write(slot, data)
+            m.frame.shm.slot, m.frame.shm.sequence = slot, seq
+            m.frame.shm.byte_length = data.nbytes
+            yield m
+
+    out = []
+    try:
+        for r in stub.Stream(outbound(), timeout=600):
+            if r.HasField("shm_ack"):
+                if r.shm_ack.HasField("ring"):
+                    if not r.shm_ack.ring.accepted:
+                        raise RuntimeError(f"ring refused: {r.shm_ack.ring.reason}")
+                    accepted.set()
+                for slot, seq in zip(r.shm_ack.slots, r.shm_ack.sequences, strict=True):
+                    ring.release(slot, seq)
+                with freed:
+                    freed.notify()
+                continue
+            out.append(r)
+        return time.perf_counter() - t0[0], out
+    finally:
+        ring.close()
 
 
 def bench_decode(msgs: list[monitor_pb2.ClientMessage], d: int, layers: list[int]) -> float:
@@ -90,11 +169,15 @@ def run(args: argparse.Namespace) -> dict[str, float | str]:
     frame_bytes = len(msgs[0].frame.data)
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    shm_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-shm-",
+                                    dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    use_shm = "shm" in args.transport
     proc = subprocess.Popen(
         [sys.executable, "-m", "monitor.cli", "--log-level", "warning", "serve", "--bundle",
          str(tmp / "bundle"), "--port", str(port), "--metrics-port", "-1", "--queue-rows",
          str(args.queue_rows), "--compute-dtype", args.compute_dtype,
-         "--torch-threads", str(args.torch_threads)], env=env, cwd=REPO)
+         "--torch-threads", str(args.torch_threads),
+         *(["--shm", "--shm-dir", str(shm_dir)] if use_shm else [])], env=env, cwd=REPO)
     try:
         ch = grpc.insecure_channel(f"127.0.0.1:{port}",
                                    options=[("grpc.max_send_message_length", 1 << 30)])
@@ -108,23 +191,47 @@ def run(args: argparse.Namespace) -> dict[str, float | str]:
                 time.sleep(0.2)
         warm = _frames(8, args.rows, args.d_model, dtype, layers, prefix="warm")
         list(stub.Stream(iter(warm), timeout=120))  # warm the scorer
-        t0 = time.perf_counter()
-        out = list(stub.Stream(iter(msgs), timeout=600))
-        wall = time.perf_counter() - t0
-        shed = sum(1 for m in out if m.HasField("error") and m.error.reason == "queue_full")
-        other = sum(1 for m in out if m.HasField("error")) - shed
-        reasons = sorted({f"{m.error.reason}: {m.error.message}" for m in out
-                          if m.HasField("error")})
-        if reasons:
-            print("stream errors:", reasons[:5], file=sys.stderr)
+
+        def grpc_arm() -> tuple[float, list[monitor_pb2.ServerMessage]]:
+            t0 = time.perf_counter()
+            out = list(stub.Stream(iter(msgs), timeout=600))
+            return time.perf_counter() - t0, out
+
+        def shm_arm() -> tuple[float, list[monitor_pb2.ServerMessage]]:
+            shm_msgs = _frames(args.frames, args.rows, args.d_model, dtype, layers,
+                               prefix="s", shm=True)
+            payload = torch.randn(args.rows, args.d_model).to(dtype)
+            return shm_stream(stub, shm_dir, shm_msgs, payload)
+
+        # the arms run in the order --transport names them (gRPC always runs); CPU seconds
+        # of the server process and of this client process (all threads) per arm
+        order = list(dict.fromkeys([*args.transport, "grpc"]))
+        res = {}
+        cpu: dict[str, tuple[float, float]] = {}
+        for arm in order:
+            s0, c0 = _proc_cpu_s(proc.pid), time.process_time()
+            res[arm] = _errors(arm, *(grpc_arm if arm == "grpc" else shm_arm)())
+            cpu[arm] = (_proc_cpu_s(proc.pid) - s0, time.process_time() - c0)
+        wall, shed, other = res["grpc"]
+        shm_wall, shm_shed, shm_other = res.get("shm", (0.0, 0, 0))
         ch.close()
     finally:
         proc.terminate()
         proc.wait(30)
+        for f in shm_dir.iterdir():
+            f.unlink()
+        shm_dir.rmdir()
     dec = bench_decode(msgs, args.d_model, layers)
     enc = bench_encode(args.rows, args.d_model, dtype)
     n_ok = args.frames - shed
     mb = frame_bytes / 1e6
+    shm: dict[str, float | str] = {}
+    if use_shm:
+        n_shm = args.frames - shm_shed
+        shm = {"shm_shed": shm_shed, "shm_errors": shm_other, "shm_wall_s": shm_wall,
+               "shm_mb_s": n_shm * mb / shm_wall, "shm_rows_s": n_shm * args.rows / shm_wall,
+               "shm_frames_s": n_shm / shm_wall,
+               "shm_server_cpu_s": cpu["shm"][0], "shm_client_cpu_s": cpu["shm"][1]}
     return {
         "frame": f"{args.rows} x {args.d_model} {args.dtype} ({frame_bytes / 1024:.0f} KiB)",
         "frames": args.frames, "shed": shed, "errors": other, "wall_s": wall,
@@ -134,6 +241,8 @@ def run(args: argparse.Namespace) -> dict[str, float | str]:
         "encode_us": enc * 1e6, "encode_mb_s": mb / enc,
         "compute_dtype": args.compute_dtype,
         "threads": str(args.torch_threads or "default"),
+        "grpc_server_cpu_s": cpu["grpc"][0], "grpc_client_cpu_s": cpu["grpc"][1],
+        **shm,
     }
 
 
@@ -186,6 +295,9 @@ def main() -> int:
     p.add_argument("--torch-threads", type=int, nargs="+", default=[1, 0],
                    help="server scorer torch threads to try (0: torch default)")
     p.add_argument("--queue-rows", type=int, default=1 << 20)
+    p.add_argument("--transport", nargs="+", choices=("grpc", "shm"), default=["grpc"],
+                   help="arms: grpc (bytes in frames) always; shm adds the shared-memory "
+                        "ring arm on the same server")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()

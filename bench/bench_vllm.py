@@ -6,7 +6,9 @@ no monitor (baseline); the plugin streaming to a recording sink; the plugin stre
 the real scoring sidecar (`python -m monitor.cli serve --bundle bundles/default --policy
 bundles/default/policy.suggested.yaml`, a subprocess on this same host, competing for its
 CPU as it would in a single-host deployment); optionally (`--arms ...,projection`) that
-sidecar with `serve --worker-projection` (the worker sends x·W instead of the rows).
+sidecar with `serve --worker-projection` (the worker sends x·W instead of the rows), and
+(`--arms ...,shm`) that sidecar with `serve --shm` and the plugin's `SAFETY_MONITOR_SHM=1`
+(frame bytes through the same-pod shared-memory ring, gRPC carries metadata).
 `--rounds N` repeats the arm sequence N times: on a shared host one run's ratios move by
 ±5-10 %, so ratios are taken per round against that round's own baseline and reported as
 the median over rounds (each round's ratios are listed too).
@@ -98,7 +100,8 @@ _ARM = textwrap.dedent("""
 """)
 
 
-def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
+def run_arm(args: argparse.Namespace, addr: str | None, model: str,
+            extra_env: dict[str, str] | None = None) -> dict:
     """One engine process; returns its result JSON plus `end` (time.time() at exit)."""
     from monitor.tools.models import DEFAULT_MODEL_NAME
 
@@ -116,7 +119,8 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str) -> dict:
         stats_file = os.path.join(tmp, "capture-stats.json")
         if addr:  # per-stage capture profile (monitor.capture.op.PROF) via the stats file
             env.update(SAFETY_MONITOR_ADDR=addr, SAFETY_MONITOR_MODEL=DEFAULT_MODEL_NAME,
-                       SAFETY_MONITOR_PROFILE="1", SAFETY_MONITOR_STATS_FILE=stats_file)
+                       SAFETY_MONITOR_PROFILE="1", SAFETY_MONITOR_STATS_FILE=stats_file,
+                       **(extra_env or {}))
         spec["result_file"] = res_file = os.path.join(tmp, "result.json")
         log_file = os.path.join(tmp, "arm.log")
         with open(log_file, "w") as lf:  # a file, not a pipe: no hang on orphaned children
@@ -232,18 +236,20 @@ def write_results(section: str, path: Path) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
-ARMS = ("none", "sink", "sidecar", "projection")
+ARMS = ("none", "sink", "sidecar", "projection", "shm")
 
 
-def run_sidecar_arm(args: argparse.Namespace, model: str, projection: bool) -> dict:
-    """One engine process streaming to a fresh scoring sidecar; the arm's result plus the
-    sidecar's counters (`side`), read after its backlog drained."""
+def run_sidecar_arm(args: argparse.Namespace, model: str, arm: str) -> dict:
+    """One engine process streaming to a fresh scoring sidecar (`arm`: sidecar, projection
+    or shm); the arm's result plus the sidecar's counters (`side`), read after its backlog
+    drained."""
+    extra = {"projection": ("--worker-projection",), "shm": ("--shm",)}.get(arm, ())
     with tempfile.TemporaryDirectory() as tmp:
-        side = Sidecar(Path(tmp) / "sidecar.log",
-                       ("--worker-projection",) if projection else ())
+        side = Sidecar(Path(tmp) / "sidecar.log", extra)
         try:
             cpu0 = side.cpu_s()
-            r = run_arm(args, side.addr, model)
+            r = run_arm(args, side.addr, model,
+                        {"SAFETY_MONITOR_SHM": "1"} if arm == "shm" else None)
             side.wait_drained()
             r["side"] = dict(
                 drain_s=time.time() - r["end"], cpu_s=side.cpu_s() - cpu0,
@@ -270,7 +276,8 @@ def main() -> None:
     ap.add_argument("--arms", default="none,sink,sidecar",
                     help=f"comma-separated, run in this order each round, from {ARMS}; "
                          "`none` is required (the baseline); `projection` = the sidecar with "
-                         "`serve --worker-projection`")
+                         "`serve --worker-projection`; `shm` = the sidecar with `serve --shm` "
+                         "and SAFETY_MONITOR_SHM=1")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat the arm sequence; ratios are taken per round against that "
                          "round's baseline and reported as the median over rounds")
@@ -309,7 +316,7 @@ def main() -> None:
                     res[arm]["rows"] = sink.rows_received() - before
                     res[arm]["stats"] = sink.log.stats[-1] if sink.log.stats else None
                 else:
-                    res[arm] = run_sidecar_arm(args, model, projection=arm == "projection")
+                    res[arm] = run_sidecar_arm(args, model, arm)
             rounds.append(res)
     finally:
         if sink is not None:
@@ -368,7 +375,7 @@ def main() -> None:
             "drops reported (last round): " + (f"{stats.dropped_frames} frames / "
             f"{stats.dropped_rows} rows" if stats else "none (no ClientStats sent: nothing "
             "dropped)") + f". Profile: {profile_line(rounds[-1]['sink'])}.")
-    for a in (x for x in mon if x in ("sidecar", "projection")):
+    for a in (x for x in mon if x in ("sidecar", "projection", "shm")):
         sd = [rd[a]["side"] for rd in rounds]
         scored: dict[str, float] = {}
         for s in sd:
@@ -439,7 +446,9 @@ def main() -> None:
         (`python -m monitor.cli serve --bundle bundles/default --policy
         bundles/default/policy.suggested.yaml`) on the same 2 cores, competing with vLLM for
         CPU, as a single-host deployment here would; **projection** = the same sidecar with
-        `--worker-projection` (the worker's sender thread sends x·W, not the rows).
+        `--worker-projection` (the worker's sender thread sends x·W, not the rows); **shm** =
+        the same sidecar with `--shm` and `SAFETY_MONITOR_SHM=1` (frame bytes through the
+        shared-memory ring).
         Values: median over rounds; ratios: median of per-round ratios to that round's
         baseline. Run: `{cmdline}` (started {started}).
 

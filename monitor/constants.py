@@ -11,7 +11,10 @@ pipeline, metrics, probes); no stage spells these strings on its own.
   row (``frames_rejected_total``, ``rows_unscored_total``, in-stream ``StreamError``).
 - :class:`FinishReason` is the bounded label of ``requests_finished_total``: the
   client's own ``RequestFinished.reason`` when it is one of vLLM's, otherwise what the
-  sidecar decided (``stream_closed``, ``orphaned``, ``idle``, ``evicted``) or ``other``.
+  sidecar decided (``stream_closed``, ``orphaned``, ``idle``, ``evicted``,
+  ``shutdown``: :data:`SERVER_REASONS`) or ``other``.
+- :class:`Incomplete` is why a final verdict is incomplete (audit ``incomplete_reason``,
+  label of ``requests_incomplete_total``).
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ __all__ = [
     "HOOK_NAME_TEMPLATE",
     "MODES",
     "SCOPES",
+    "SERVER_REASONS",
     "SEVERITIES",
     "SEVERITY_RANK",
     "FinishReason",
+    "Incomplete",
     "Reason",
     "RequestKey",
     "hook_name",
@@ -129,6 +134,7 @@ class FinishReason(str, Enum):
     ORPHANED = "orphaned"  # its stream broke and nobody adopted it within the grace
     IDLE = "idle"  # no frame for it within the idle TTL on an open stream
     EVICTED = "evicted"  # the oldest request, removed to stay under --max-requests
+    SHUTDOWN = "shutdown"  # open when the sidecar stopped (SIGTERM / SIGINT)
     OTHER = "other"  # any other client-supplied text (the label set stays bounded)
 
     def __str__(self) -> str:
@@ -141,6 +147,38 @@ class FinishReason(str, Enum):
             return cls(text)
         except ValueError:
             return cls.OTHER
+
+    @classmethod
+    def from_client(cls, text: str) -> FinishReason:
+        """A client's ``RequestFinished.reason``: as `label`, but a reason only the sidecar
+        decides (:data:`SERVER_REASONS`) is ``other`` (a client cannot pass its finish off
+        as the server's)."""
+        why = cls.label(text)
+        return cls.OTHER if why in SERVER_REASONS else why
+
+
+class Incomplete(str, Enum):
+    """Why a request's final verdict is incomplete: some of its in-scope positions may not
+    have been judged (audit ``incomplete_reason``, ``requests_incomplete_total{reason}``).
+
+    With the client's ``RequestFinished`` counts the server knows the gap exactly
+    (``n_tokens_missing``): ``missing`` (some positions never arrived), ``no_rows`` (none of
+    the request's rows reached this sidecar, e.g. it ran while the sidecar restarted).
+    Without them the sidecar closed the request itself and cannot know what it did not
+    receive: the :class:`FinishReason` it closed it with (``stream_closed``,
+    ``orphaned``, ``idle``, ``evicted``, ``shutdown``).
+    """
+
+    MISSING = "missing"
+    NO_ROWS = "no_rows"
+    STREAM_CLOSED = "stream_closed"
+    ORPHANED = "orphaned"
+    IDLE = "idle"
+    EVICTED = "evicted"
+    SHUTDOWN = "shutdown"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class RequestKey(NamedTuple):
@@ -160,3 +198,8 @@ class RequestKey(NamedTuple):
 #: last token that is never fed back, so never captured)
 ENGINE_REASONS: frozenset[FinishReason] = frozenset(
     {FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT})
+#: finish reasons only the sidecar decides (it closed the request without the client's
+#: counts: the final is incomplete with this reason, `Incomplete`)
+SERVER_REASONS: frozenset[FinishReason] = frozenset(
+    {FinishReason.STREAM_CLOSED, FinishReason.ORPHANED, FinishReason.IDLE,
+     FinishReason.EVICTED, FinishReason.SHUTDOWN})

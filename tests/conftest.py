@@ -48,10 +48,15 @@ detectors:
 """
 
 
-def submit_rows(t: Any, rows: dict[int, torch.Tensor], request_id: str, step: int = 1) -> Any:
+def submit_rows(t: Any, rows: dict[int, torch.Tensor], request_id: str, step: int = 1, *,
+                spans: list[tuple[str, int, int, int, int]] | None = None,
+                labels: dict[str, str] | None = None) -> Any:
     """Hand the plugin's `Transport` `t` one engine step of 8 rows of `request_id` (4 prompt
     rows, then 4 generated; `rows[layer]` per plan hook point, `[8, D_MODEL]`), written into
-    a one-slot host ring as the capture op would; returns that `HostRing`."""
+    a one-slot host ring as the capture op would; returns that `HostRing`. `spans`
+    (`(request_id, n_rows, start_position, prompt_len, role)`, at most 16 rows in all;
+    `rows[layer]` has that many) replace those 8 rows; `labels`: request id -> correlation
+    id."""
     import torch
 
     from monitor.capture.transport import HostRing, StepRecord
@@ -63,14 +68,17 @@ def submit_rows(t: Any, rows: dict[int, torch.Tensor], request_id: str, step: in
     ring = HostRing(1, len(plan.points), 16, D_MODEL, torch.float32)
     slot = ring.acquire()
     assert slot is not None
+    if spans is None:
+        spans = [(request_id, 4, 0, 4, int(TokenRole.OTHER)),
+                 (request_id, 4, 4, 4, int(TokenRole.GENERATED))]
+    n = sum(s[1] for s in spans)
     v = ring.view(slot)
     for k, hp in enumerate(plan.points):
-        v[k, :8] = rows[parse_hook_name(hp.name).layer]
-    spans = [(request_id, 4, 0, 4, int(TokenRole.OTHER)),
-             (request_id, 4, 4, 4, int(TokenRole.GENERATED))]
+        v[k, :n] = rows[parse_hook_name(hp.name).layer]
     assert t.submit_step(StepRecord(ring=ring, slot=slot, step=step, plan_id=plan.plan_id,
-                                    model=plan.model, points=plan.points, n_rows=8,
-                                    spans=spans, max_frame_bytes=plan.max_frame_bytes))
+                                    model=plan.model, points=plan.points, n_rows=n,
+                                    spans=spans, max_frame_bytes=plan.max_frame_bytes,
+                                    labels=labels or {}))
     return ring
 
 

@@ -98,8 +98,38 @@ def test_drops_counted_when_sidecar_down():
         assert s["dropped_frames"] == 3 * 2
         assert s["dropped_rows"] == 3 * 2 * 5
         assert s["dropped_bytes"] == 3 * 2 * 5 * D * 4
-        assert t.submit_finished(monitor_pb2.RequestFinished(request_id="x")) is False
-        assert t.stats()["dropped_finished"] == 1
+        # finishes are kept for the next stream (bounded), not dropped with the frames
+        assert t.submit_finished(monitor_pb2.RequestFinished(request_id="x")) is True
+        assert (t.stats()["finished_backlog"], t.stats()["dropped_finished"]) == (1, 0)
+    finally:
+        t.close()
+
+
+def test_finished_kept_while_down_sent_after_reconnect_bounded(sink):
+    # a request that finished while the sidecar was down: its RequestFinished (counts and
+    # correlation id) reaches the sidecar after the reconnect, so a restarted sidecar can
+    # write its final; the backlog is bounded and what it cannot keep is counted
+    t = Transport(_cfg(sink.addr, finished_backlog=2), MODEL)
+    t.start()
+    try:
+        assert _wait(lambda: t.connected)
+        assert t.submit_finished(monitor_pb2.RequestFinished(request_id="before"))
+        assert _wait(lambda: len(sink.log.finished) == 1)
+        sink.stop()
+        assert _wait(lambda: not t.connected)
+        for r in ("down-1", "down-2"):
+            assert t.submit_finished(monitor_pb2.RequestFinished(
+                request_id=r, n_generated_tokens=5, correlation_id=f"ticket-{r}")) is True
+        assert t.submit_finished(monitor_pb2.RequestFinished(request_id="down-3")) is False
+        assert (t.stats()["finished_backlog"], t.stats()["dropped_finished"]) == (2, 1)
+        sink.start()
+        assert _wait(lambda: len(sink.log.finished) == 3)
+        got = [(f.request_id, f.n_generated_tokens, f.correlation_id)
+               for f in sink.log.finished]
+        assert got == [("before", 0, ""), ("down-1", 5, "ticket-down-1"),
+                       ("down-2", 5, "ticket-down-2")]
+        assert (t.stats()["finished_backlog"], t.stats()["dropped_finished"]) == (0, 1)
+        assert len(sink.log.hellos) == 2
     finally:
         t.close()
 
@@ -249,13 +279,17 @@ def test_step_tracker_maps_rows_and_filters_kinds():
     assert tr.layout(8, np.zeros(8, np.int64)) is None and tr.unmapped_steps == 1
     # finish: "a" hit max_tokens, "b" vanished early without a stop token → abort
     r.requests["a"].output_token_ids = [5, 6, 7]
-    r.requests["b"].output_token_ids = [5]
+    # "b" ran its last prompt position (9), so it sampled a token, but output_token_ids
+    # holds only a placeholder (-1, not filled in yet): the count sent is what ran
+    r.requests["b"].output_token_ids = [-1]
     fa, fb = r.requests.pop("a"), r.requests.pop("b")
     assert fa and fb
     fin = {f.request_id: f for f in tr.collect_finished()}
     assert fin["a"].reason == "length" and fin["a"].n_generated_tokens == 3
     assert fin["a"].n_cached_prompt_tokens == 3
+    assert (fin["a"].correlation_id, fin["b"].correlation_id) == ("corr-A", "")
     assert fin["b"].reason == "abort" and fin["b"].n_prompt_tokens == 10
+    assert fin["b"].n_generated_tokens == 1 and tr.generated_count_raised == 1
     assert tr.collect_finished() == []
 
 

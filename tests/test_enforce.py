@@ -935,7 +935,9 @@ def test_sidecar_restart_colliding_ids_and_a_hostile_client(stack: Stack) -> Non
 
     stack.kill_sidecar()
     stack.restart_sidecar(OBSERVE)
-    # 1. kill -9 + restart during live traffic: every inference request completes
+    # the gate admits again once the plugin is back (a fail-closed plan before this one)
+    assert _eventually(lambda: _post(stack.base, BENIGN)[0] == 200, 120)
+    # 1. stop (SIGTERM) + restart during live traffic: every inference request completes
     with cf.ThreadPoolExecutor(4) as pool:
         futs = [pool.submit(_chat, stack.base, q, 48, f"restart-{i}")
                 for i, q in enumerate((BENIGN, HARMFUL) * 2)]
@@ -1009,23 +1011,24 @@ def test_sidecar_restart_colliding_ids_and_a_hostile_client(stack: Stack) -> Non
     assert by_id[other]["severity"] == "none"  # same correlation id, judged on its own
     assert target in finals("harmful_intent", "")  # the hostile rows: its own request
     # 1, per request: a request that ran across the restart has its rows split between
-    # the killed sidecar, the plugin's drops and the new sidecar; whichever sidecar wrote
-    # its final should account for every generated token that ran a forward pass (all but
-    # the last), scored or counted unscored (missing), never silently fewer.
-    # KNOWN GAP (issue 8, open): a fresh-clone CI run saw a final with 8 scored, 0
-    # unscored for 48 generated tokens (RequestFinished's generated count from the worker's
-    # request state, or a final the server closed itself without client counts). Reported
-    # as xfail, after every other assertion of this test has run, until it is fixed.
-    short = []
+    # the stopped sidecar, the plugin's drops and the new sidecar. The stopping sidecar
+    # closes what it holds without the client's counts: those finals are incomplete, with
+    # the reason it closed them (`shutdown`), never complete-looking. The one final written
+    # from the client's RequestFinished (kept by the plugin across the outage and sent
+    # after the reconnect, also for a request no row of which reached the new sidecar:
+    # `no_rows`) accounts for every generated token that ran a forward pass (all but the
+    # last): scored, or counted unscored (missing), never silently fewer.
+    server_closed = {"shutdown", "orphaned", "idle", "evicted", "stream_closed"}
     for i, o in enumerate(outs):
-        for a in _audit(stack.audit):
-            if (a["event"], a["detector"], a["correlation_id"]) == (
-                    "final", "deception", f"restart-{i}"):
-                assert a.get("incomplete", False) == (a.get("n_tokens_missing", 0) > 0), a
-                if a["n_tokens_scored"] + a["n_tokens_unscored"] != \
-                        o["usage"]["completion_tokens"] - 1:
-                    short.append((a["n_tokens_scored"], a["n_tokens_unscored"],
-                                  o["usage"]["completion_tokens"]))
-    if short:
-        pytest.xfail(f"per-request gap across a real-vLLM restart under-counted "
-                     f"(scored, unscored, completion_tokens): {short}")
+        mine = [a for a in _audit(stack.audit) if (a["event"], a["detector"],
+                a["correlation_id"]) == ("final", "deception", f"restart-{i}")]
+        counted = [a for a in mine if a["incomplete_reason"] not in server_closed]
+        assert len(counted) == 1, mine
+        [a] = counted
+        assert a["n_tokens_scored"] + a["n_tokens_unscored"] == \
+            o["usage"]["completion_tokens"] - 1, mine
+        assert a["incomplete"] == (a["n_tokens_missing"] > 0), a
+        assert a["incomplete_reason"] in ({"", "missing", "no_rows"} if a["incomplete"]
+                                          else {""}), a
+        assert all(x["incomplete"] and x["n_tokens_missing"] == 0 for x in mine
+                   if x is not a), mine

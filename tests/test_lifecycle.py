@@ -158,9 +158,12 @@ def test_another_stream_cannot_add_to_or_finish_a_live_request(srv: MonitorServe
     assert [(e.code, e.reason, e.request_id) for e in errors(out)] == [
         (INVALID, "not_owner", r), (INVALID, "not_owner", r)]
     assert verdicts(out, r) == []
-    # another client finishing the same id only names its own (unknown) request
+    # another client finishing the same id only names its own request (never seen: its
+    # final, empty and complete, goes to that client; r is untouched)
     out = stream(srv, [hello("tenant-z"), fin(r)])
-    assert [(e.reason, e.request_id) for e in errors(out)] == [("unknown_request", r)]
+    assert errors(out) == []
+    assert {(v.n_tokens_scored, v.severity) for v in finals(out, r).values()} == {
+        (0, monitor_pb2.SEVERITY_NONE)}
     a.send(fin(r))
     f = finals(a.close(), r)["harmful_intent"]
     assert f.n_tokens_scored == 4 and f.severity == monitor_pb2.SEVERITY_CRITICAL
@@ -171,6 +174,8 @@ def test_max_requests_holds_for_unjudged_layers_and_evicted_requests_get_finals(
         srv: MonitorServer, geometry: dict) -> None:
     ev0 = srv.metric("safety_monitor_requests_evicted_total")
     fin0 = srv.metric("safety_monitor_requests_finished_total", reason="evicted")
+    inc0 = {why: srv.metric("safety_monitor_requests_incomplete_total", model_name=MODEL,
+                            reason=why) for why in ("evicted", "stream_closed")}
     ids = [rid(f"ev{i}") for i in range(7)]
     x = make_rows(geometry, "harmful_intent", 2)
     held = Held(srv, [hello("tenant-ev")])
@@ -188,6 +193,10 @@ def test_max_requests_holds_for_unjudged_layers_and_evicted_requests_get_finals(
     assert [(e.reason, e.request_id) for e in errors(out)] == [("unknown_request", ids[0])]
     assert all(finals(out, r) for r in ids[3:])  # the rest finished at half-close
     assert len(late) >= 3
+    # closed by the server without the client's counts: incomplete, with the reason
+    assert {why: srv.metric("safety_monitor_requests_incomplete_total", model_name=MODEL,
+                            reason=why) - n for why, n in inc0.items()} == {
+        "evicted": 3, "stream_closed": 4}
 
 
 def open_one(srv: MonitorServer, geometry: dict, client: str, r: str) -> Held:
@@ -199,9 +208,13 @@ def open_one(srv: MonitorServer, geometry: dict, client: str, r: str) -> Held:
 def test_idle_requests_on_an_open_stream_expire(srv: MonitorServer, geometry: dict) -> None:
     r = rid("idle")
     before = srv.metric("safety_monitor_requests_finished_total", reason="idle")
+    inc0 = srv.metric("safety_monitor_requests_incomplete_total", model_name=MODEL,
+                      reason="idle")
     held = open_one(srv, geometry, "tenant-idle", r)
     assert _wait(lambda: bool(finals(held.out, r)), timeout=30)  # no half-close needed
     assert srv.metric("safety_monitor_requests_finished_total", reason="idle") - before == 1
+    assert srv.metric("safety_monitor_requests_incomplete_total", model_name=MODEL,
+                      reason="idle") - inc0 == 1
     assert finals(held.out, r)["harmful_intent"].n_tokens_scored == 4
     held.close()
 

@@ -145,3 +145,41 @@ def test_trim_recomputed_per_layer() -> None:
 def test_bad_settings_name_the_field() -> None:
     with pytest.raises(ValueError, match="max_requests: expected >= 1, found 0"):
         RequestRegistry(max_requests=0)
+
+
+def test_finish_of_an_orphan_adopts_it_and_unseen_finishes_are_bounded() -> None:
+    r, _ = reg(max_requests=2, orphan_grace_s=30.0, idle_ttl_s=0)
+    old, new, other = Sink("old"), Sink("new"), Sink("other-stream")
+    k = RequestKey("c#i", "1")
+    r.admit(k, old)
+    r.orphan(old)
+    # the reconnected client (same key: same client instance) finishes its orphan
+    c = r.finish(k, new, FinishReason.STOP, "ticket")
+    assert c is not None and (c.owner, c.reason, c.adopted) == (new, FinishReason.STOP, True)
+    assert r.label(k) == "ticket" and r.stats().adopted == 1 and r.stats().orphaned == 0
+    # a request no row of which ever arrived: closing at once, then remembered as closed
+    u1, u2, u3 = (RequestKey("c#i", f"u{i}") for i in (1, 2, 3))
+    c1 = r.close_unseen(u1, new, FinishReason.LENGTH, "t1")
+    assert c1 is not None and (c1.key, c1.owner, c1.reason) == (u1, new, FinishReason.LENGTH)
+    assert r.state(u1) == "closed" and r.label(u1) == "t1" and r.is_open(u1)
+    assert r.close_unseen(u1, new, FinishReason.STOP) is None  # finished twice
+    assert r.admit(u1, new)[0] is Admission.CLOSED  # late rows refused
+    r.admit(RequestKey("c#i", "live"), other)
+    assert r.close_unseen(RequestKey("c#i", "live"), new, FinishReason.STOP) is None
+    # k and u1 still wait for their finals: max_requests (2) finals waiting is the bound
+    assert r.close_unseen(u2, new, FinishReason.STOP) is None and r.state(u2) == "unknown"
+    r.retire(k)
+    assert r.close_unseen(u2, new, FinishReason.STOP) is not None
+    r.retire(u1)
+    r.retire(u2)
+    assert r.close_unseen(u3, new, FinishReason.STOP) is not None
+    assert r.stats().closing == 1
+
+
+def test_shutdown_closes_orphans_with_reason_shutdown() -> None:
+    r, _ = reg(orphan_grace_s=30.0, idle_ttl_s=0)
+    s = Sink("s")
+    r.admit(RequestKey("c", "1"), s)
+    r.orphan(s)
+    (c,) = r.close_orphans()
+    assert (c.key, c.owner, c.reason) == (RequestKey("c", "1"), None, FinishReason.SHUTDOWN)

@@ -421,3 +421,117 @@ def test_a_finished_id_in_a_batched_frame_costs_only_its_own_rows(
     f = {v.detector: v for v in verdicts(out, other, final=True)}["harmful_intent"]
     assert (f.n_tokens_scored, f.n_tokens_unscored) == (4, 0)
     assert f.severity == monitor_pb2.SEVERITY_CRITICAL
+
+
+def test_finals_the_server_closes_or_never_saw_are_incomplete_with_a_reason(
+        start_server: Callable[..., MonitorServer]) -> None:
+    # issue 8, the gap a real-vLLM restart showed: the real plugin sender
+    # (`monitor.capture.transport.Transport`) across a graceful sidecar restart. The
+    # stopping sidecar closes its open requests itself (no client counts): their finals
+    # are incomplete, reason `shutdown`, never complete-looking. A request that finishes
+    # while the sidecar is down keeps its RequestFinished in the plugin's backlog; the new
+    # sidecar (a new process on another port: the plugin is pointed at it, as a restarted
+    # sidecar behind the same address) never saw it and writes its final with every
+    # in-scope position missing (`no_rows`), under its correlation id. A stream of the
+    # same client identity cannot finish a request live on another stream (`not_owner`).
+    import dataclasses
+    import signal
+
+    import torch
+    from conftest import LAYERS, submit_rows
+
+    from monitor.capture.config import CaptureConfig
+    from monitor.capture.transport import INSTANCE_ID, Transport
+
+    gen = int(TokenRole.GENERATED)
+    finals: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def on_verdict(v: monitor_pb2.Verdict) -> None:
+        if v.final:
+            finals.setdefault(v.request_id, {})[v.detector] = (v.n_tokens_scored,
+                                                                v.n_tokens_unscored)
+
+    first = start_server(extra=["--policy-watch-s", "0"], name="reliab-first")
+    cfg = CaptureConfig(addr=first.target, model=MODEL, backoff_s=0.05, backoff_max_s=0.2,
+                        stats_period_s=0.2, client_id="reliab-restart")
+    t = Transport(cfg, MODEL, on_verdict=on_verdict)
+    t.start()
+    try:
+        _wait(lambda: t.connected, what="the plugin to connect")
+        plan = t.plan
+        assert plan is not None
+
+        def step(n: int, spans: list[tuple[str, int, int, int, int]]) -> None:
+            rows = sum(s[1] for s in spans)
+            submit_rows(t, {layer: 0.01 * torch.randn(rows, plan.d_model) for layer in LAYERS},
+                        "", n, spans=spans, labels={s[0]: f"ticket-{s[0]}" for s in spans})
+
+        a, b = "req-across-A", "req-across-B"
+        step(1, [(a, 4, 0, 4, 0), (b, 4, 0, 4, 0)])  # both prompts, to the first sidecar
+        _wait(lambda: first.metric("safety_monitor_rows_scored_total", model_name=MODEL,
+                                   layer="2") == 8, what="the first sidecar to score")
+        first.signal(signal.SIGTERM)
+        assert first.proc.wait(30) == 0
+        _wait(lambda: not t.connected, what="the plugin to see the sidecar gone")
+        down = {(x["request_id"], x["detector"]): (x["incomplete"], x["incomplete_reason"],
+                                                   x["n_tokens_scored"], x["correlation_id"])
+                for x in first.audit_lines() if x["event"] == "final"}
+        assert down == {(r, d): (True, "shutdown", 4 if d == "harmful_intent" else 0,
+                                 f"ticket-{r}")
+                        for r in (a, b) for d in ("harmful_intent", "deception")}
+        # a finishes while no sidecar runs (3 tokens sampled: 2 generated rows ran)
+        assert t.submit_finished(monitor_pb2.RequestFinished(
+            request_id=a, reason="stop", n_prompt_tokens=4, n_generated_tokens=3,
+            correlation_id=f"ticket-{a}"))
+        assert t.stats()["finished_backlog"] == 1
+
+        second = start_server(extra=["--policy-watch-s", "0"], name="reliab-second")
+        t.cfg = dataclasses.replace(cfg, addr=second.target)
+        _wait(lambda: t.connected, what="the plugin to reconnect")
+        c = "req-live-C"
+        step(2, [(b, 2, 4, 4, gen), (c, 4, 0, 4, 0)])  # b decodes on; c starts
+        assert t.submit_finished(monitor_pb2.RequestFinished(
+            request_id=b, reason="stop", n_prompt_tokens=4, n_generated_tokens=3,
+            correlation_id=f"ticket-{b}"))
+        _wait(lambda: a in finals and b in finals, what="the finals of a and b")
+        assert t.stats()["finished_backlog"] == 0 and t.stats()["dropped_finished"] == 0
+        # a: no row reached this sidecar, every in-scope position is missing (prompt 4 for
+        # harmful_intent, generated 2 for deception); b: its prompt went to the first one
+        assert finals[a] == {"harmful_intent": (0, 4), "deception": (0, 2)}
+        assert finals[b] == {"harmful_intent": (0, 4), "deception": (2, 0)}
+        _wait(lambda: len([x for x in second.audit_lines() if x["event"] == "final"]) == 3,
+              what="the incomplete finals on record")
+        up = {(x["request_id"], x["detector"]): (x["incomplete_reason"],
+                                                 x["n_tokens_missing"], x["correlation_id"])
+              for x in second.audit_lines() if x["event"] == "final"}
+        assert up == {(a, "harmful_intent"): ("no_rows", 4, f"ticket-{a}"),
+                      (a, "deception"): ("no_rows", 2, f"ticket-{a}"),
+                      (b, "harmful_intent"): ("missing", 4, f"ticket-{b}")}
+        assert second.metric("safety_monitor_requests_incomplete_total", model_name=MODEL,
+                             reason="no_rows") == 1
+        assert second.metric("safety_monitor_requests_incomplete_total", model_name=MODEL,
+                             reason="missing") == 1
+        # identity: another stream of the same client instance cannot finish c (live on
+        # the plugin's stream); a client copying the readable client id alone finishes
+        # only its own request of that id (never seen: a complete, empty final)
+        nb0 = second.metric("safety_monitor_frames_rejected_total", reason="not_owner")
+        same = [monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
+            client_id="reliab-restart", model=MODEL, instance_id=INSTANCE_ID)),
+            fin(c)]
+        assert [(e.reason, e.request_id) for e in errors(stream(second, same))] == [
+            ("not_owner", c)]
+        assert second.metric("safety_monitor_frames_rejected_total", reason="not_owner") \
+            == nb0 + 1
+        copy = [monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
+            client_id="reliab-restart", model=MODEL)), fin(c)]
+        out = stream(second, copy)
+        assert not errors(out)
+        assert {(v.n_tokens_scored, v.n_tokens_unscored)
+                for v in verdicts(out, c, final=True)} == {(0, 0)}
+        assert c not in finals  # the plugin's c is untouched, still live
+        assert t.submit_finished(monitor_pb2.RequestFinished(
+            request_id=c, reason="stop", n_prompt_tokens=4, n_generated_tokens=1))
+        _wait(lambda: c in finals, what="c's finals")
+        assert finals[c] == {"harmful_intent": (4, 0), "deception": (0, 0)}
+    finally:
+        t.close()

@@ -307,6 +307,25 @@ def test_broken_stream_requests_are_carried_on_by_a_new_stream(server: MonitorSe
                          model_name=MODEL) == closed0
 
 
+def test_a_reconnected_clients_finish_closes_its_orphan(server: MonitorServer,
+                                                        geometry: dict) -> None:
+    # the request's rows all went out before the stream broke; the reconnected client (same
+    # client identity) only has the finish left: it adopts and closes the orphan, with the
+    # rows scored before the break and the client's counts (was refused as not_owner)
+    r = rid("finish-orphan")
+    again0 = server.metric("safety_monitor_requests_reattached_total")
+    _break_stream_after(server, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
+                                           [Span(r, 4, 0, 4)])], 4)
+    assert _wait(lambda: server.metric("safety_monitor_active_streams") == 0)
+    out = stream(server, [monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
+        request_id=r, reason="stop", n_prompt_tokens=6, n_generated_tokens=1))])
+    assert errors(out) == []
+    final = {v.detector: (v.n_tokens_scored, v.n_tokens_unscored)
+             for v in verdicts(out, r, final=True)}
+    assert final == {"harmful_intent": (4, 2), "deception": (0, 0)}  # positions 4, 5 missing
+    assert server.metric("safety_monitor_requests_reattached_total") - again0 == 1
+
+
 # ------------------------------------------------------------------ bad inputs
 
 
@@ -550,21 +569,28 @@ def test_unknown_request(server: MonitorServer, geometry: dict) -> None:
     x = make_rows(geometry, "harmful_intent", 4)
     before = server.metric("safety_monitor_frames_rejected_total", reason="unknown_request")
     out = stream(server, [
-        fin(ghost),  # never seen
+        # never seen on this server (its rows went elsewhere): a final with every in-scope
+        # position missing, not a refusal (3 prompt rows; 2 tokens sampled, 1 ran)
+        monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
+            request_id=ghost, reason="stop", n_prompt_tokens=3, n_generated_tokens=2)),
         frame_msg(1, 2, x, [Span(r, 4, 0, 4)]),
         fin(r),
         frame_msg(2, 2, x, [Span(r, 4, 4, 4)]),  # late: r already finished
         fin(r),  # finished twice
+        fin(ghost),  # the ghost too
         *good_tail(geometry, 3, ok_id),
     ])
     errs = errors(out)
     assert [(e.code, e.reason, e.request_id) for e in errs] == [
-        (INVALID, "unknown_request", ghost), (INVALID, "unknown_request", r),
-        (INVALID, "unknown_request", r)]
-    assert errs[1].seq == 2
+        (INVALID, "unknown_request", r), (INVALID, "unknown_request", r),
+        (INVALID, "unknown_request", ghost)]
+    assert errs[0].seq == 2
     assert server.metric("safety_monitor_frames_rejected_total", reason="unknown_request") \
         - before == 3
     assert len(verdicts(out, r, final=True)) == 2  # exactly one set of finals
+    assert {v.detector: (v.n_tokens_scored, v.n_tokens_unscored)
+            for v in verdicts(out, ghost, final=True)} == {"harmful_intent": (0, 3),
+                                                           "deception": (0, 1)}
     assert_stream_usable(out, ok_id)
 
 
@@ -601,8 +627,12 @@ def test_orphans_nobody_adopts_are_finished_after_the_grace(aux: MonitorServer,
                                         [Span(r, 4, 0, 4)])], 4)
     assert _wait(lambda: srv.metric("safety_monitor_requests_finished_total",
                                     reason="orphaned", model_name=MODEL) - before == 1)
-    finals = [a for a in srv.audit_lines() if a["request_id"] == r]
-    assert [a["event"] for a in finals] == ["alert"]  # the alert was audited before the break
+    # the alert was audited before the break; the finals (closed by the server, without
+    # the client's counts) are on record as incomplete, reason orphaned
+    assert _wait(lambda: len([a for a in srv.audit_lines() if a["request_id"] == r]) == 3)
+    lines = [a for a in srv.audit_lines() if a["request_id"] == r]
+    assert [(a["event"], a.get("incomplete_reason")) for a in lines] == [
+        ("alert", None), ("final", "orphaned"), ("final", "orphaned")]
     # once finished, a late frame for it is refused, not silently re-opened
     out = stream(srv, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
                                  [Span(r, 4, 4, 8)])])

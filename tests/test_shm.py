@@ -7,10 +7,11 @@ hostile references (slot outside the ring, length beyond the slot, a huge claime
 stale sequence, bytes as well, a truncated file, no ring negotiated) are refused in-stream,
 counted, charged to their request, and never crash the server or allocate the claimed size;
 hostile ring offers (path tricks, symlink, wrong token, short file) are refused and the
-stream keeps working with bytes; a torn read (slot rewritten while read) is detected; a full
-ring drops and counts per request; the transport falls back to bytes against a server
-without `--shm` and re-offers the ring after a reconnect. The ring directory is a fresh
-folder under /dev/shm (a tmp folder where there is none): the same file operations.
+stream keeps working with bytes; a torn read (slot rewritten while read) is detected; a
+frame finding the ring full goes as bytes (nothing lost); the transport falls back to bytes
+against a server without `--shm` and re-offers the ring after a reconnect. The ring
+directory is a fresh folder under /dev/shm (a tmp folder where there is none): the same
+file operations.
 """
 
 from __future__ import annotations
@@ -379,12 +380,12 @@ def test_transport_sends_through_the_ring(server: MonitorServer, shm_dir: Path,
     assert not path.exists()
 
 
-def test_ring_full_drops_counted_per_request(server: MonitorServer, shm_dir: Path,
-                                             geometry: dict,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ring_full_sends_bytes_and_loses_nothing(server: MonitorServer, shm_dir: Path,
+                                                 geometry: dict,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """One slot and no acknowledgements: the first frame of the step takes the slot, the
-    second finds the ring full and is dropped, counted (dropped_* and shm_full) and shows
-    in that request's final as unscored (missing) rows of its detector."""
+    second finds the ring full and goes with its bytes in `data` (counted `shm_full`),
+    nothing dropped: both detectors score their rows, the finals are complete."""
     rows = _rows(geometry, 8)
     t = _transport(server, shm_dir, shm_slots=1)
     try:
@@ -395,17 +396,13 @@ def test_ring_full_drops_counted_per_request(server: MonitorServer, shm_dir: Pat
         _submit(t, rows, r, 1)
         finals = _audit_finals(server, r)
         st = t.stats()
-        assert (st["shm_full"], st["dropped_frames"], st["dropped_rows"], st["shm_frames"]) == (
-            1, 1, 8, 1)
-        assert st["dropped_bytes"] == 8 * D_MODEL * 4
-        first, second = (parse_hook_name(hp.name).layer for hp in t.plan.points)
-        assert (first, second) == (2, 3)
-        # layer 2 (harmful_intent, prompt scope) went through; layer 3's frame was dropped:
-        # deception (generated scope) has its generated rows unscored, none scored
-        assert finals["harmful_intent"]["n_tokens_scored"] == 4
-        assert finals["deception"]["n_tokens_scored"] == 0
-        d = finals["deception"]
-        assert (d["n_tokens_unscored"], d["n_tokens_missing"], d["incomplete"]) == (4, 4, True)
+        assert (st["shm_full"], st["shm_frames"], st["sent_frames"], st["dropped_frames"]) == (
+            1, 1, 2, 0)
+        assert st["sent_bytes"] == 2 * 8 * D_MODEL * 4
+        assert [parse_hook_name(hp.name).layer for hp in t.plan.points] == [2, 3]
+        assert finals["harmful_intent"]["n_tokens_scored"] == 4  # layer 2, through the ring
+        d = finals["deception"]  # layer 3, as bytes
+        assert (d["n_tokens_scored"], d["n_tokens_unscored"], d["incomplete"]) == (4, 0, False)
     finally:
         t.close()
 

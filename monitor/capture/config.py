@@ -98,6 +98,10 @@ class CaptureConfig:
                         parse=_int, low=1)
     queue_size: int = _env("SAFETY_MONITOR_QUEUE", 256, "bounded send queue (messages)",
                            parse=_int, low=1)
+    finished_backlog: int = _env("SAFETY_MONITOR_FINISHED_BACKLOG", 4096, "`RequestFinished` "
+                                 "messages kept while the sidecar is unreachable or the queue "
+                                 "is full, sent after reconnect (more: dropped, counted)",
+                                 parse=_int, low=1)
     backoff_s: float = _env("SAFETY_MONITOR_BACKOFF_S", 0.2, "first reconnect delay (s), "
                             "doubles per failure", parse=_float, low=0.01)
     backoff_max_s: float = _env("SAFETY_MONITOR_BACKOFF_MAX_S", 5.0, "reconnect delay cap (s)",

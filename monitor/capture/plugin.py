@@ -337,6 +337,7 @@ class CaptureSession:
         s.update(steps=self.step, steps_sent=self.steps_sent, steps_no_plan=self.steps_no_plan,
                  unmapped_steps=self.tracker.unmapped_steps, op_errors=sink_errors(),
                  role_errors=self.tracker.role_errors,
+                 generated_count_raised=self.tracker.generated_count_raised,
                  requests_no_chat_roles=self.tracker.requests_no_chat_roles,
                  roles_fallback=bool(self.segmenter is None or not self.segmenter.headers),
                  layer_calls=self.buffers.meta.tolist())

@@ -66,6 +66,9 @@ class RequestInfo:
     run_starts: np.ndarray = field(default_factory=lambda: _EMPTY_I64)  # int64 [n_runs]
     run_roles: np.ndarray = field(default_factory=lambda: _EMPTY_I8)  # int8 [n_runs]
     correlation_id: str = ""  # the caller's label (extra_args), never a key; "" if none
+    #: highest position + 1 that a mapped forward pass ran for this request (kept rows or
+    #: not): a lower bound on what ran, checked against `output_token_ids` at finish
+    ran_to: int = 0
 
 
 @dataclass
@@ -124,6 +127,9 @@ class StepTracker:
         self.unmapped_steps = 0
         self.role_errors = 0  # requests whose segmentation raised (labelled OTHER)
         self.requests_no_chat_roles = 0  # requests whose whole prompt is OTHER
+        #: finishes whose `output_token_ids` held fewer tokens than the forward passes ran
+        #: (the count sent was raised to what ran, `_finished_msg`)
+        self.generated_count_raised = 0
         self._lock = threading.Lock()
 
     def _prompt_runs(self, state: Any, plen: int) -> tuple[np.ndarray, np.ndarray]:
@@ -252,6 +258,8 @@ class StepTracker:
                 if info is None:
                     continue
                 lo, hi = start, start + (b - a)
+                if hi > info.ran_to:
+                    info.ran_to = hi
                 plen = info.prompt_len
                 if lo >= plen:  # decode fast path: every row generated, one run
                     if not (generated and gen_kept):
@@ -304,9 +312,22 @@ class StepTracker:
         return out
 
     def _finished_msg(self, info: RequestInfo) -> monitor_pb2.RequestFinished:
+        """The request's RequestFinished: its counts let the sidecar derive the positions
+        that never reached it. `n_generated_tokens` is the sampled tokens
+        (`output_token_ids`, placeholders -1 left out), but never fewer than the forward
+        passes this tracker saw imply: a forward at generated position p ran on a sampled
+        token and sampled the next, so a request that ran to position `ran_to` - 1 (past its
+        prompt) sampled at least `ran_to - prompt_len + 1` tokens. A lower count (e.g.
+        placeholders of async scheduling not yet filled in) is raised to that and counted
+        (`generated_count_raised`): the sidecar must never expect fewer rows than ran."""
         st = info.state
         toks = [t for t in (getattr(st, "output_token_ids", None) or []) if t >= 0]
         n_gen = len(toks)
+        if info.prompt_len and info.ran_to >= info.prompt_len:
+            ran = info.ran_to - info.prompt_len + 1
+            if ran > n_gen:
+                self.generated_count_raised += 1
+                n_gen = ran
         sp = getattr(st, "sampling_params", None)
         reason = "abort"
         max_tokens = getattr(sp, "max_tokens", None)
@@ -324,4 +345,5 @@ class StepTracker:
             n_prompt_tokens=info.prompt_len,
             n_generated_tokens=n_gen,
             n_cached_prompt_tokens=info.n_cached,
+            correlation_id=info.correlation_id,
         )

@@ -24,10 +24,18 @@ Data path (one engine step):
    sender copies each frame's rows into a free ring slot (this thread, never the model
    thread) and the frame carries `ShmRef(slot, sequence, byte_length)` instead of the
    bytes. The server acknowledges every slot it is done with (`ShmAck.slots`); a frame
-   finding no free slot is dropped and counted like a full queue (`dropped_frames`,
-   `dropped_rows`, `dropped_bytes`, plus `shm_full`), its requests' finals then show the
-   gap. A new stream frees every slot. Refused (server without `--shm`, another host) or
-   unanswered (old server): frames carry their bytes.
+   finding no free slot is sent with its bytes in `data` instead (counted `shm_full`), so
+   a full ring loses nothing: drops happen where they always did, at the bounded queue
+   (counted `dropped_*`, per request through the finals). A new stream frees every slot.
+   Refused (server without `--shm`, another host) or unanswered (old server): frames carry
+   their bytes.
+6. `RequestFinished` messages are not dropped with the steps: one that cannot be queued
+   (disconnected, queue full) or is still queued when the stream breaks waits in a
+   bounded backlog (`finished_backlog`, `SAFETY_MONITOR_FINISHED_BACKLOG`); a full backlog
+   drops the new one and counts it (`dropped_finished`). The backlog is sent right after
+   the hello of the next stream (the sidecar, even a restarted one, then writes those
+   requests' finals with their missing positions counted), and while connected whenever
+   the queue runs empty: every frame queued before a finish is sent before it.
 """
 
 from __future__ import annotations
@@ -420,6 +428,8 @@ class Transport:
         self._connected = threading.Event()
         self._ever_connected = False
         self._last_gap_log = 0.0
+        #: RequestFinished not sent yet (oldest first, at most cfg.finished_backlog); lock
+        self._backlog: collections.deque[monitor_pb2.RequestFinished] = collections.deque()
         # cumulative counters (monotonic)
         self.dropped_frames = 0
         self.dropped_rows = 0
@@ -440,7 +450,7 @@ class Transport:
         #: set while the current stream's server accepted the ring
         self._shm_on = threading.Event()
         self.shm_frames = 0  # frames sent through the ring
-        self.shm_full = 0  # frames dropped for want of a free slot (also in dropped_*)
+        self.shm_full = 0  # frames sent as bytes for want of a free slot
         self.shm_refused = 0  # ring offers the server refused (reason logged)
 
     # ---------------------------------------------------------------- producer side
@@ -498,16 +508,34 @@ class Transport:
             return False
 
     def submit_finished(self, msg: monitor_pb2.RequestFinished) -> bool:
-        """Queue a RequestFinished; dropped (counted separately) when disconnected/full."""
+        """Queue a RequestFinished, or keep it in the backlog when disconnected or the
+        queue is full (sent later, see the module docstring). False only when the
+        backlog is full too: dropped and counted (`dropped_finished`). Thread-safe."""
         if self.connected:
-            try:
-                self._q.put_nowait(msg)
-                return True
-            except queue.Full:
-                pass
+            with self._lock:
+                # behind a backlog, a finish waits its turn (finishes stay in order)
+                direct = not self._backlog
+            if direct:
+                try:
+                    self._q.put_nowait(msg)
+                    return True
+                except queue.Full:
+                    pass
+        return self._keep_finished(msg)
+
+    def _keep_finished(self, msg: monitor_pb2.RequestFinished) -> bool:
         with self._lock:
-            self.dropped_finished += 1
-        return False
+            if len(self._backlog) >= self.cfg.finished_backlog:
+                self.dropped_finished += 1
+                return False
+            self._backlog.append(msg)
+            return True
+
+    def _take_backlog(self) -> list[monitor_pb2.RequestFinished]:
+        with self._lock:
+            out = list(self._backlog)
+            self._backlog.clear()
+            return out
 
     def stats(self) -> dict[str, int | bool]:
         with self._lock:
@@ -517,6 +545,7 @@ class Transport:
                 "dropped_rows": self.dropped_rows,
                 "dropped_bytes": self.dropped_bytes,
                 "dropped_finished": self.dropped_finished,
+                "finished_backlog": len(self._backlog),
                 "reconnects": self.reconnects,
                 "sent_frames": self.sent_frames,
                 "sent_rows": self.sent_rows,
@@ -581,9 +610,8 @@ class Transport:
                 return
             if isinstance(item, StepRecord):
                 self.drop_record(item, "sidecar not connected")
-            else:
-                with self._lock:
-                    self.dropped_finished += 1
+            elif isinstance(item, monitor_pb2.RequestFinished):
+                self._keep_finished(item)  # sent after the reconnect
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -730,13 +758,13 @@ class Transport:
 
     def _to_ring(self, ring: ShmRingWriter, rows: torch.Tensor) -> monitor_pb2.ShmRef | None:
         """Copy `rows` (host, `[n, width]`, at most `slot_bytes`) into a free ring slot; None
-        (the frame dropped and counted, `shm_full`) when every slot awaits its ack."""
+        (counted `shm_full`; the frame then carries its bytes) when every slot awaits its
+        ack."""
         n_bytes = rows.shape[0] * rows.shape[1] * rows.element_size()
         slot = ring.acquire()
         if slot is None:
             with self._lock:
                 self.shm_full += 1
-            self.count_drop(1, int(rows.shape[0]), n_bytes, "shared-memory ring full")
             return None
         payload = rows.contiguous().view(torch.uint8).numpy()
         seq = ring.write(slot, payload)
@@ -753,12 +781,21 @@ class Transport:
         last_stats = self._client_stats()
         if last_stats.dropped_frames or last_stats.reconnects:
             yield monitor_pb2.ClientMessage(stats=last_stats)
+        # finishes kept while disconnected: their frames were dropped, nothing precedes them
+        for fin in self._take_backlog():
+            yield monitor_pb2.ClientMessage(finished=fin)
         next_stats = time.monotonic() + self.cfg.stats_period_s
         while not self._stop.is_set() and not dead.is_set():
             try:
-                item = self._q.get(timeout=0.05)
+                item = self._q.get_nowait()
             except queue.Empty:
-                item = None
+                # the queue ran empty: every frame queued before a kept finish is sent
+                for fin in self._take_backlog():
+                    yield monitor_pb2.ClientMessage(finished=fin)
+                try:
+                    item = self._q.get(timeout=0.05)
+                except queue.Empty:
+                    item = None
             if isinstance(item, StepRecord):
                 if item.plan_id != plan.plan_id:
                     self.drop_record(item, "plan changed")
@@ -788,9 +825,7 @@ class Transport:
                             ref = None
                             if shm is not None:
                                 ref = self._to_ring(shm, rows[r0:r1])
-                                if ref is None:  # ring full: dropped and counted
-                                    continue
-                                n_shm += 1
+                                n_shm += ref is not None  # None: ring full, bytes in data
                             seq += 1
                             f = build_frame(rows[r0:r1], seq=seq, model=item.model,
                                             layer=hp.layer, spans=spans, step=item.step,

@@ -120,6 +120,9 @@ class VerdictUpdate:
     #: positions of the request that never reached the server, in this detector's scope
     #: (already included in ``n_tokens_unscored``; finals only, see "Coverage gaps")
     n_tokens_missing: int = 0
+    #: finals only: why the request's verdict is incomplete (a `monitor.constants.Incomplete`
+    #: value; "" when complete or not decided yet: the pipeline fills it in at finish)
+    incomplete_reason: str = ""
     #: SAE latents that fired (``monitor.judge.latents``; the pipeline fills them in)
     latents: tuple[LatentHit, ...] = ()
     #: the request's last in-scope (position, token score) pairs (``monitor.judge.trace``;
@@ -130,6 +133,12 @@ class VerdictUpdate:
     def request_id(self) -> str:
         """The engine request id (``key.request_id``)."""
         return self.key.request_id
+
+    @property
+    def incomplete(self) -> bool:
+        """True when some in-scope positions may not have been judged (a reason is set, or
+        positions are known missing)."""
+        return bool(self.incomplete_reason) or self.n_tokens_missing > 0
 
     @property
     def action(self) -> str:

@@ -14,8 +14,9 @@ record is also exported as an OpenTelemetry log record.
 Alert line fields: ts, event ("alert" | "would_alert" | "final"), request_id (the
 engine's id), correlation_id (the caller's label, "" if none), detector, severity, score,
 peak_score, threshold, position, mode, policy_version, bundle_name, bundle_sha256,
-model_name, n_tokens_scored, n_tokens_unscored; final lines also n_tokens_missing and
-incomplete (written even without --audit-finals when incomplete is true).
+model_name, n_tokens_scored, n_tokens_unscored; final lines also n_tokens_missing,
+incomplete and incomplete_reason (written even without --audit-finals when incomplete is
+true; reasons: `monitor.constants.Incomplete`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from monitor.report.otlp import OtlpAudit
 
+from monitor.constants import Incomplete
 from monitor.judge.tracker import VerdictUpdate
 
 __all__ = ["AuditLog", "audit_record"]
@@ -56,7 +58,9 @@ def audit_record(
     (only when the server keeps a token trace, `--audit-token-trace`): the detector's
     last in-scope `[position, token score]` pairs, oldest first. Final lines also carry
     `n_tokens_missing` (in-scope positions that never reached the server, part of
-    `n_tokens_unscored`) and `incomplete` (some did)."""
+    `n_tokens_unscored`), `incomplete` (some in-scope positions may not have been judged)
+    and `incomplete_reason` (why: a `monitor.constants.Incomplete` value, "" when
+    complete)."""
     rec: dict[str, Any] = {
         "ts": _utc_now(),
         "event": event,
@@ -78,7 +82,9 @@ def audit_record(
     }
     if update.final:  # coverage of the finished request (monitor.judge.tracker)
         rec["n_tokens_missing"] = int(update.n_tokens_missing)
-        rec["incomplete"] = update.n_tokens_missing > 0
+        rec["incomplete"] = update.incomplete
+        rec["incomplete_reason"] = update.incomplete_reason or (
+            Incomplete.MISSING.value if update.n_tokens_missing else "")
     if update.latents:
         rec["latents"] = [{"name": h.name, "index": h.index, "value": round(h.value, 4),
                            "label": h.label} for h in update.latents]

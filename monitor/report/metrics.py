@@ -10,8 +10,9 @@ a coarse grid; it is recreated when a policy reload changes the thresholds.
 
 Every labelled counter exists from start-up at 0 for every label value it can take:
 each `Reason` (`frames_rejected`, `rows_unscored`), each `FinishReason`
-(`requests_finished`), and each detector x severity x mode of the loaded policy
-(`alerts`, re-created on reload), so `rate()` / `increase()` see the first event.
+(`requests_finished`), each `Incomplete` (`requests_incomplete`), and each detector x
+severity x mode of the loaded policy (`alerts`, re-created on reload), so `rate()` /
+`increase()` see the first event.
 
 Values other stages own (tracker and registry counters) are pulled at scrape time
 through `add_pull` callbacks, never copied: the callback reads the owner's counter.
@@ -35,7 +36,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from monitor.constants import MODES, SEVERITIES, FinishReason, Reason
+from monitor.constants import MODES, SEVERITIES, FinishReason, Incomplete, Reason
 from monitor.roles import ROLE_NAMES
 
 __all__ = ["PREFIX", "SCORE_GRID", "Metrics", "score_buckets"]
@@ -113,6 +114,11 @@ class Metrics:
         self.requests_finished = Counter(p + "requests_finished", "Requests finished "
                                          "(final verdicts emitted).", ["model_name", "reason"],
                                          registry=r)
+        self.requests_incomplete = Counter(p + "requests_incomplete", "Requests whose final "
+                                           "verdict is incomplete (some in-scope positions "
+                                           "may not have been judged), by why "
+                                           "(monitor.constants.Incomplete).",
+                                           ["model_name", "reason"], registry=r)
         self.requests_reattached = Counter(p + "requests_reattached", "Requests whose stream "
                                            "broke and that a new stream carried on "
                                            "(reconnecting client).", registry=r)
@@ -191,6 +197,8 @@ class Metrics:
             self.rows_received.labels(model_name=model_name, role=role)
         for fin in FinishReason:
             self.requests_finished.labels(model_name=model_name, reason=fin.value)
+        for why in Incomplete:
+            self.requests_incomplete.labels(model_name=model_name, reason=why.value)
         self._pull = _PullCollector()
         r.register(self._pull)
         self._lock = threading.Lock()

@@ -138,8 +138,9 @@ class Reporter:
 
     def final(self, u: VerdictUpdate, correlation_id: str = "") -> None:
         """A final verdict: request-score histogram and a `final` line when finals are
-        audited, or always when the request is incomplete (`n_tokens_missing > 0`: some of
-        its in-scope positions never reached the server), so every gap is on record."""
+        audited, or always when the request is incomplete (`u.incomplete`: some of its
+        in-scope positions never reached the server, or the server closed it without the
+        client's counts), so every gap is on record."""
         self.metrics.observe_request_score(u.detector, u.score)
-        if self.audit.include_finals or u.n_tokens_missing:
+        if self.audit.include_finals or u.incomplete:
             self._audit(u, "final", correlation_id)

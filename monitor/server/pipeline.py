@@ -35,7 +35,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from monitor.constants import ENGINE_REASONS, FinishReason, Reason, RequestKey
+from monitor.constants import (
+    ENGINE_REASONS,
+    SERVER_REASONS,
+    FinishReason,
+    Incomplete,
+    Reason,
+    RequestKey,
+)
 from monitor.judge.latents import LatentTracker
 from monitor.judge.policy import DetectorPolicy, Policy, effective_holdback, holding_detectors
 from monitor.judge.trace import TokenTrace
@@ -59,6 +66,22 @@ class QueueFull(Exception):
     """The scoring queue has no room for the frame (RESOURCE_EXHAUSTED, queue_full)."""
 
 
+def _incomplete(reason: FinishReason, expected: Expected | None, missing: int,
+                unseen: bool) -> Incomplete | None:
+    """Why a closing request's final is incomplete, None when it is complete.
+
+    Without the client's counts (`expected` None) the server closed the request itself
+    (`SERVER_REASONS`) and cannot know what it never received: always incomplete, with
+    that reason, on every final. With them the gap is known: incomplete when positions
+    are `missing` (``no_rows`` when none of its rows reached this server), on the finals
+    of the detectors missing some (`VerdictUpdate.n_tokens_missing`)."""
+    if expected is None:
+        return Incomplete(reason.value) if reason in SERVER_REASONS else Incomplete.MISSING
+    if missing:
+        return Incomplete.NO_ROWS if unseen else Incomplete.MISSING
+    return None
+
+
 # ---------------------------------------------------------------------- queue items
 
 
@@ -75,6 +98,7 @@ class _FrameItem:
 class _FinishItem:
     closing: Closing
     expected: Expected | None = None  # the client's finished counts (gap derivation)
+    unseen: bool = False  # no row of the request reached this server (`finish_unseen`)
 
 
 @dataclass
@@ -220,15 +244,31 @@ class Pipeline:
         return adm
 
     def finish(self, key: RequestKey, sink: StreamSink | None, reason: FinishReason,
-               expected: Expected | None = None) -> bool:
-        """Close `key` (owned by `sink`) now and queue its finals; False if it is not
-        live on that stream (nothing queued). `expected`: the rows the client says its
-        capture produced (positions that never arrived count as unscored, see
-        `RequestTracker.finish`)."""
-        closing = self.registry.finish(key, sink, reason)
+               expected: Expected | None = None, label: str = "") -> bool:
+        """Close `key` (owned by `sink`, or orphaned: `RequestRegistry.finish`) now and
+        queue its finals; False if it is not live or lives on another stream (nothing
+        queued). `expected`: the rows the client says its capture produced (positions
+        that never arrived count as unscored, see `RequestTracker.finish`); None: the
+        server closes it on its own (the final is incomplete, reason `reason`).
+        `label`: the caller's correlation id, if the request has none yet."""
+        closing = self.registry.finish(key, sink, reason, label)
         if closing is None:
             return False
+        if closing.adopted:
+            self.metrics.requests_reattached.inc()
         self._put(_FinishItem(closing, expected))
+        return True
+
+    def finish_unseen(self, key: RequestKey, sink: StreamSink, reason: FinishReason,
+                      expected: Expected, label: str = "") -> bool:
+        """`sink`'s client finished `key`, of which no row reached this server: queue its
+        finals with every in-scope position of `expected` missing (incomplete,
+        ``no_rows``). False (nothing queued) when `key` is known or the registry's bound
+        on waiting finals is reached (`RequestRegistry.close_unseen`)."""
+        closing = self.registry.close_unseen(key, sink, reason, label)
+        if closing is None:
+            return False
+        self._put(_FinishItem(closing, expected, unseen=True))
         return True
 
     def release(self, sink: StreamSink, reason: FinishReason) -> int:
@@ -352,7 +392,7 @@ class Pipeline:
 
     def _control(self, item: _Item) -> None:
         if isinstance(item, _FinishItem):
-            self._finish(item.closing, item.expected)
+            self._finish(item.closing, item.expected, item.unseen)
         elif isinstance(item, _UnscoredItem):
             dets: Sequence[str | None]
             if item.layer is None:
@@ -406,15 +446,24 @@ class Pipeline:
         sink.post(monitor_pb2.ServerMessage(judged_through=monitor_pb2.JudgedThrough(
             request_id=key.request_id, position=min(at.values()))))
 
-    def _finish(self, c: Closing, expected: Expected | None = None) -> None:
+    def _finish(self, c: Closing, expected: Expected | None = None,
+                unseen: bool = False) -> None:
         self._judged_at.pop(c.key, None)
         updates = [self._annotate(u)
                    for u in self.tracker.finish(c.key, known=True, expected=expected)]
         missing = max((u.n_tokens_missing for u in updates if u.final), default=0)
         if missing:  # rows that never arrived (most of any detector): visible, per request
             self.metrics.rows_unscored.labels(reason=Reason.MISSING.value).inc(missing)
-            log.info("request %s finished with %d position(s) never received",
-                     c.key.request_id, missing)
+            log.info("request %s finished with %d position(s) never received%s",
+                     c.key.request_id, missing, " (no row of it reached this sidecar)"
+                     if unseen else "")
+        why = _incomplete(c.reason, expected, missing, unseen)
+        if why is not None:  # counted once per request; marked on each final it concerns
+            self.metrics.requests_incomplete.labels(model_name=self.model_name,
+                                                    reason=why.value).inc()
+            updates = [dataclasses.replace(u, incomplete_reason=why.value)
+                       if u.final and (expected is None or u.n_tokens_missing) else u
+                       for u in updates]
         self.latents.drop(c.key)
         self.trace.drop(c.key)
         label = self.registry.label(c.key)

@@ -7,17 +7,21 @@ never by a caller-chosen string alone. Its life:
   admit (first frame) ──► live ──► closing ──► retired (state released)
                           │  ▲        ▲            + key kept in closed-id memory
             stream broke  ▼  │ adopt  │ finish: client RequestFinished, stream half-closed,
-                        orphaned ─────┘ orphan grace over, idle TTL over, evicted
+                        orphaned ─────┘ orphan grace over, idle TTL over, evicted, shutdown
+
+  never seen ── client RequestFinished (close_unseen) ──► closing (final: all missing)
 ```
 
 - **Owner.** Every live request belongs to one open stream (a `StreamSink`). Only that
   stream adds rows to it or finishes it; a stream of the same client adopts it only
   while it is orphaned (its stream broke). Another stream of the same client gets
-  ``not_owner``; another client's id with the same text is a different request.
+  ``not_owner``; another client's id with the same text is a different request. A
+  finish for an orphaned request from a stream of the same client adopts and closes it.
 - **Bounds.** At most ``max_requests`` live requests (orphans included): admitting one
   more evicts the least recently active one (finished with reason ``evicted``, counted).
-  Request ids longer than ``max_request_id_bytes`` are refused. The memory of closed
-  keys (late frames for them are refused, not re-opened) is bounded in bytes
+  At most ``max_requests`` finals of never-seen requests wait to be written
+  (`close_unseen`). Request ids longer than ``max_request_id_bytes`` are refused. The
+  memory of closed keys (late frames for them are refused, not re-opened) is bounded in bytes
   (``closed_ids_bytes``, each key costing its string sizes plus a fixed overhead).
 - **Timers.** :meth:`sweep` (called on a timer, independent of traffic) closes orphans
   older than ``orphan_grace_s`` and requests of open streams idle for ``idle_ttl_s``.
@@ -86,6 +90,7 @@ class Closing:
     key: RequestKey
     owner: StreamSink | None  # None: its stream is gone, nobody to tell
     reason: FinishReason
+    adopted: bool = False  # an orphan its reconnected client finished (`finish`)
 
 
 @dataclass
@@ -231,15 +236,45 @@ class RequestRegistry:
             return Admission.OPEN, evicted
 
     def finish(self, key: RequestKey, owner: StreamSink | None,
-               reason: FinishReason) -> Closing | None:
+               reason: FinishReason, label: str = "") -> Closing | None:
         """Close a live request on behalf of `owner` (None: the server itself, e.g. at
-        shutdown). Returns None (nothing closed) when `key` is not live or is owned by
-        another stream."""
+        shutdown). An orphaned request is adopted by `owner` and closed (its client
+        reconnected and says it finished: the key carries the client's identity, so only
+        the same client instance gets here). Returns None (nothing closed) when `key` is
+        not live or is owned by another open stream. `label`: the caller's correlation id,
+        kept when the request has none yet."""
         with self._lock:
             e = self._live.get(key)
-            if e is None or (owner is not None and e.owner is not owner):
+            if e is None or (owner is not None and e.owner is not None
+                             and e.owner is not owner):
                 return None
-            return self._close(key, reason)
+            adopted = owner is not None and e.owner is None
+            if adopted:
+                self._adopted += 1
+                e.owner, e.orphaned_at = owner, None
+                self._orphans.pop(key, None)
+            e.label = e.label or label
+            c = self._close(key, reason)
+            return Closing(c.key, c.owner, c.reason, adopted=True) if adopted else c
+
+    def close_unseen(self, key: RequestKey, owner: StreamSink, reason: FinishReason,
+                     label: str = "") -> Closing | None:
+        """`owner`'s client finished `key` but no row of it ever reached this server (it
+        ran while the sidecar restarted, or the plugin dropped every row): enter it as
+        closing at once so its final (every in-scope position missing) is written, and
+        remember it as closed (a second finish or late rows are refused). Returns None
+        when `key` is known (live, closing or recently closed: see `state`) or when
+        ``max_requests`` finals are already waiting to be written (a client cannot grow
+        the closing set without bound)."""
+        with self._lock:
+            if key in self._live or key in self._closing or key in self._closed:
+                return None
+            if len(self._closing) >= self.max_requests:
+                return None
+            self._closing[key] = _Entry(owner=owner, last_active=self._clock(),
+                                        closing=True, label=label)
+            self._remember_closed(key)
+            return Closing(key, owner, reason)
 
     def orphan(self, owner: StreamSink) -> int:
         """`owner`'s stream broke: its live requests wait ``orphan_grace_s`` for a
@@ -254,11 +289,12 @@ class RequestRegistry:
             return len(keys)
 
     def close_orphans(self) -> list[Closing]:
-        """Close every orphan now (shutdown: nobody will reconnect to this process)."""
+        """Close every orphan now, reason ``shutdown`` (the server is stopping: nobody
+        will reconnect to this process)."""
         with self._lock:
             keys = list(self._orphans)
             self._orphans_closed += len(keys)
-            return [self._close(k, FinishReason.ORPHANED) for k in keys]
+            return [self._close(k, FinishReason.SHUTDOWN) for k in keys]
 
     def sweep(self) -> list[Closing]:
         """Close orphans past their grace and idle requests past the TTL."""

@@ -11,6 +11,14 @@ sends frames for them on a new stream carries them on (nothing scored so far is 
 requests nobody adopts within `orphan_grace_s` are finished with reason "orphaned"
 (final verdicts to the audit log and metrics).
 
+Shared-memory ring (`--shm`, `monitor.wire.shm`): a hello offering a ring is answered with
+`ShmAck.ring` (accepted: the stream's `StreamHandle.shm` reader; refused: the reason, counted
+`shm_ring_refused`, the client keeps sending bytes). A frame naming a ring slot is decoded
+like any other with its payload copied from the ring (`decode_frame(shm=...)`, on the decode
+pool above `_OFFLOAD_BYTES` claimed), and its slot is acknowledged (`ShmAck.slots`) as soon
+as the copy is done or the frame refused, before scoring. The reader is closed when the call
+ends.
+
 Size limits: frames whose payload exceeds `max_frame_bytes` get an in-stream
 "oversized" error; messages above the gRPC `max_receive_message_length` (set above
 `max_frame_bytes`) are refused by the transport, which ends the whole call with
@@ -40,6 +48,7 @@ from monitor.server.pipeline import Pipeline, QueueFull
 from monitor.server.registry import Admission
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import (
+    MAX_CORRELATION_ID_BYTES,
     DecodedFrame,
     FrameError,
     ProjectionSpec,
@@ -511,24 +520,46 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                          f"finished.request_id: expected at most {limit} UTF-8 bytes, found "
                          f"{len(rid.encode('utf-8', 'surrogatepass'))} ({rid[:64]!r}...)")
             return
+        label = fin.correlation_id
+        if len(label.encode("utf-8", "surrogatepass")) > MAX_CORRELATION_ID_BYTES:
+            self._refuse(handle, _INVALID, Reason.CORRELATION_ID_TOO_LONG,
+                         f"finished.correlation_id: expected at most "
+                         f"{MAX_CORRELATION_ID_BYTES} UTF-8 bytes, found "
+                         f"{len(label.encode('utf-8', 'surrogatepass'))}", request_id=rid)
+            return
         key = handle.key(rid)
-        why = FinishReason.label(fin.reason)
+        why = FinishReason.from_client(fin.reason)
         expected = Expected.from_finished(
             fin.n_prompt_tokens, fin.n_generated_tokens, fin.n_cached_prompt_tokens,
             ended_in_engine=why in ENGINE_REASONS)
-        if not self.pipeline.finish(key, handle, why, expected):
-            state = self.pipeline.registry.state(key)
-            what = {"closed": "already finished",
-                    "live": "live on another stream of this client"}.get(
-                        state, "never seen on this server")
-            reason = Reason.NOT_OWNER if state == "live" else Reason.UNKNOWN_REQUEST
-            self._refuse(handle, _INVALID, reason, f"finished.request_id: {rid!r} is {what}",
-                         request_id=rid)
-            return
+        if not self.pipeline.finish(key, handle, why, expected, label):
+            # never seen from this client instance (the key carries its identity): no row
+            # of it reached this server, e.g. it ran while the sidecar restarted. Its final
+            # counts every in-scope position as missing, never a silent refusal.
+            if not (self.pipeline.registry.state(key) == "unknown"
+                    and self.pipeline.finish_unseen(key, handle, why, expected, label)):
+                self._refuse_finish(handle, rid, key)
+                return
+            handle.admitted = True  # the client id is fixed from here (as for a frame)
         if fin.n_cached_prompt_tokens:
             # prefix-cached prompt tokens ran no forward pass: explicit coverage gap
             self.metrics.rows_unscored.labels(reason=Reason.PREFIX_CACHED.value).inc(
                 fin.n_cached_prompt_tokens)
+
+    def _refuse_finish(self, handle: StreamHandle, rid: str, key: RequestKey) -> None:
+        """Answer a RequestFinished that closed nothing: the request lives on another
+        open stream (``not_owner``), is already finished (``unknown_request``), or was
+        never seen and too many finals wait to be written (``queue_full``)."""
+        registry = self.pipeline.registry
+        state = registry.state(key)
+        what = {"closed": "already finished",
+                "live": "live on another stream of this client"}.get(
+                    state, f"never seen on this server and {registry.max_requests} finals "
+                    "are waiting to be written")
+        reason = {"live": Reason.NOT_OWNER, "closed": Reason.UNKNOWN_REQUEST}.get(
+            state, Reason.QUEUE_FULL)
+        self._refuse(handle, _EXHAUSTED if reason is Reason.QUEUE_FULL else _INVALID, reason,
+                     f"finished.request_id: {rid!r} is {what}", request_id=rid)
 
     def _on_stats(self, st: monitor_pb2.ClientStats, handle: StreamHandle) -> None:
         m = self.metrics

@@ -120,18 +120,20 @@ class ShmRing(_message.Message):
     def __init__(self, name: _Optional[str] = ..., n_slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class RequestFinished(_message.Message):
-    __slots__ = ("request_id", "reason", "n_prompt_tokens", "n_generated_tokens", "n_cached_prompt_tokens")
+    __slots__ = ("request_id", "reason", "n_prompt_tokens", "n_generated_tokens", "n_cached_prompt_tokens", "correlation_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     N_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     N_GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     N_CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     reason: str
     n_prompt_tokens: int
     n_generated_tokens: int
     n_cached_prompt_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ..., n_prompt_tokens: _Optional[int] = ..., n_generated_tokens: _Optional[int] = ..., n_cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+    correlation_id: str
+    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ..., n_prompt_tokens: _Optional[int] = ..., n_generated_tokens: _Optional[int] = ..., n_cached_prompt_tokens: _Optional[int] = ..., correlation_id: _Optional[str] = ...) -> None: ...
 
 class ClientStats(_message.Message):
     __slots__ = ("dropped_frames", "dropped_rows", "dropped_bytes", "reconnects")
