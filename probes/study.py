@@ -398,7 +398,8 @@ def cascade(first: Fitter, second: Fitter, band: tuple[float, float] = (0.9, 0.9
     """Two stages: ``first`` decides confident requests; a request whose first-stage score
     lies in the band between the ``band`` quantiles of the first stage's scores on the
     benign TRAINING rows goes to ``second``. Score (ordered by stage): below the band
-    ``F₁(s₁)`` ∈ [0, 1), in the band ``1 + F₂(s₂)``, above it ``2 + F₁(s₁)``, with ``F``
+    ``F₁(s₁)`` ∈ [0, 1), in the band ``1 + F₂(s₂)/2`` ∈ [1, 1.5] (so a stage-2 score above
+    every benign one stays inside the band's range), above it ``2 + F₁(s₁)``, with ``F``
     each stage's empirical CDF on the benign training rows. In the band ⇔ ``1 ≤ score < 2``
     (:func:`stage2_share`)."""
     def fit(parts: Parts) -> Scorer:
@@ -414,7 +415,7 @@ def cascade(first: Fitter, second: Fitter, band: tuple[float, float] = (0.9, 0.9
             mid = (s1 >= lo) & (s1 <= hi)
             out = np.where(s1 > hi, 2.0 + u1, u1)
             if mid.any():
-                out[mid] = 1.0 + ecdf_scores(n2, f2(d)[mid])
+                out[mid] = 1.0 + 0.5 * ecdf_scores(n2, f2(d)[mid])
             return out
         return score
     return fit

@@ -238,7 +238,7 @@ def test_cascade_matches_a_plain_rule() -> None:
         for v0, v1, g in zip(d.features(15)[:, 0], d.features(15)[:, 1], got, strict=True):
             u0 = float(np.mean(neg0 < v0))
             want = (u0 if v0 < lo else 2 + u0 if v0 > hi
-                    else 1 + float(np.mean(neg1 < v1)))
+                    else 1 + 0.5 * float(np.mean(neg1 < v1)))
             assert g == pytest.approx(want)
     raw = {d.name: f(d) for d in data}
     share = study.stage2_share(raw)
