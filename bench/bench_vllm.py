@@ -377,14 +377,8 @@ def main() -> None:
             "dropped)") + f". Profile: {profile_line(rounds[-1]['sink'])}.")
     for a in (x for x in mon if x in ("sidecar", "projection", "shm")):
         sd = [rd[a]["side"] for rd in rounds]
-        scored: dict[str, float] = {}
-        for s in sd:
-            for k, v in s["scored"].items():
-                scored[k] = scored.get(k, 0.0) + v
-        unscored = {k: sum(s["unscored"].get(k, 0.0) for s in sd)
-                    for k in {k for s in sd for k in s["unscored"]}}
-        rejected = {k: sum(s["rejected"].get(k, 0.0) for s in sd)
-                    for k in {k for s in sd for k in s["rejected"]}}
+        scored, unscored, rejected = (_sum_by_label([s[name] for s in sd])
+                                      for name in ("scored", "unscored", "rejected"))
         sc_rows = int(sum(scored.values()))
         n_layers = max(1, len(scored))
         processed = sum(rd[a]["processed"] for rd in rounds)
@@ -455,6 +449,15 @@ def main() -> None:
         """) + table + f"\n\nPer-round ratios to none: {per_round}.\n\n" + cover_text + "\n"
     print(section)
     write_results(section, args.out)
+
+
+def _sum_by_label(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Per-label sums of one counter over rounds, labels in first-seen order."""
+    out: dict[str, float] = {}
+    for d in rounds:
+        for k, v in d.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
 
 
 def profile_line(r: dict) -> str:
