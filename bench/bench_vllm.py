@@ -42,14 +42,17 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -100,6 +103,39 @@ _ARM = textwrap.dedent("""
 """)
 
 
+def _sample_worker_threads(stats_file: str, out: dict[str, float],
+                           stop: threading.Event) -> None:
+    """While an arm runs: CPU seconds of the worker's threads (the process whose pid the
+    plugin's stats file names), by where they may run. Keeps the last sample in `out`:
+    `model_s` the model (main) thread, `on_model_cores_s` every other thread allowed on a
+    core of the model thread (vLLM's and, unless placed elsewhere, the plugin's and
+    gRPC's), `elsewhere_s` the threads allowed only on other cores."""
+    from monitor.capture.threads import parse_cpus
+
+    tick = os.sysconf("SC_CLK_TCK")
+    pid = 0
+    while not stop.wait(0.5):
+        try:
+            if not pid:
+                with open(stats_file) as f:
+                    pid = int(json.load(f)["pid"])
+            rows = []
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    mask = re.search(r"^Cpus_allowed_list:\s*(\S+)",
+                                     (task / "status").read_text(), re.M)
+                    if mask:
+                        rows.append((int(task.name), (int(fields[11]) + int(fields[12])) / tick,
+                                     parse_cpus(mask.group(1)).cpus))
+        except (OSError, ValueError, KeyError):
+            continue  # no stats file yet, or the worker is gone: keep the last sample
+        model = next((m for t, _, m in rows if t == pid), frozenset())
+        out.update(model_s=sum(c for t, c, _ in rows if t == pid),
+                   on_model_cores_s=sum(c for t, c, m in rows if t != pid and m & model),
+                   elsewhere_s=sum(c for t, c, m in rows if t != pid and not m & model))
+
+
 def run_arm(args: argparse.Namespace, addr: str | None, model: str,
             extra_env: dict[str, str] | None = None) -> dict:
     """One engine process; returns its result JSON plus `end` (time.time() at exit)."""
@@ -123,12 +159,21 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str,
                        **(extra_env or {}))
         spec["result_file"] = res_file = os.path.join(tmp, "result.json")
         log_file = os.path.join(tmp, "arm.log")
+        threads_cpu: dict[str, float] = {}
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample_worker_threads,
+                                   args=(stats_file, threads_cpu, stop), daemon=True)
         with open(log_file, "w") as lf:  # a file, not a pipe: no hang on orphaned children
             p = subprocess.Popen([sys.executable, "-c", _ARM, json.dumps(spec)], env=env,
                                  stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+            if addr:
+                sampler.start()
             try:
                 rc = p.wait(timeout=1200)
             finally:
+                stop.set()
+                if addr:
+                    sampler.join()
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)  # EngineCore / worker leftovers
         if rc != 0 or not os.path.exists(res_file):
@@ -137,6 +182,8 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str,
             raise RuntimeError("monitor arm: the capture plugin did not install")
         with open(res_file) as f:
             out = dict(json.load(f), end=time.time())
+        if threads_cpu:
+            out["threads_cpu"] = threads_cpu
         if os.path.exists(stats_file):  # last dump, <= 1 s before the engine exited
             with open(stats_file) as f:
                 out["capture_stats"] = json.load(f)
@@ -484,7 +531,7 @@ def _sum_by_label(rounds: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def profile_numbers(r: dict) -> dict[str, float] | None:
+def profile_numbers(r: dict) -> dict[str, Any] | None:
     """Per-step capture host time (us) of one monitored arm from its `capture_stats`:
     op wall / CPU, the model thread's whole step wall / CPU (step opening to the next),
     the sender's encode; plus where the plugin's threads ran. None: not recorded."""
@@ -500,7 +547,8 @@ def profile_numbers(r: dict) -> dict[str, float] | None:
                 step_cpu_us=us(p.get("step_cpu_ns", 0), p.get("step_calls", 0)),
                 encode_us=us(p["encode_ns"], p["encode_steps"]),
                 server_us=us(p["server_ns"], p["server_msgs"]), server_msgs=p["server_msgs"],
-                model_cpus=st.get("model_cpus"), thread_cpus=st.get("thread_cpus"))
+                model_cpus=st.get("model_cpus"), thread_cpus=st.get("thread_cpus"),
+                **{f"worker_{k}": v for k, v in (r.get("threads_cpu") or {}).items()})
 
 
 def profile_line(r: dict) -> str:
@@ -514,7 +562,10 @@ def profile_line(r: dict) -> str:
             f"{n['step_wall_us']:.0f} us wall / {n['step_cpu_us']:.0f} us CPU; sender encode "
             f"{n['encode_us']:.0f} us/step, server messages {n['server_us']:.0f} us each "
             f"({n['server_msgs']}); model thread cpus {n['model_cpus']}, plugin threads "
-            f"{n['thread_cpus'] if n['thread_cpus'] is not None else 'not moved'}")
+            f"{n['thread_cpus'] if n['thread_cpus'] is not None else 'not moved'}"
+            + (f"; worker CPU-s: model thread {n['worker_model_s']:.1f}, other threads on its "
+               f"cores {n['worker_on_model_cores_s']:.1f}, elsewhere "
+               f"{n['worker_elsewhere_s']:.1f}" if "worker_model_s" in n else ""))
 
 
 def _vllm_version() -> str:

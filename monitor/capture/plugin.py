@@ -361,7 +361,7 @@ class CaptureSession:
                  generated_count_raised=self.tracker.generated_count_raised,
                  requests_no_chat_roles=self.tracker.requests_no_chat_roles,
                  roles_fallback=bool(self.segmenter is None or not self.segmenter.headers),
-                 config_fallbacks=config_fallbacks(),
+                 config_fallbacks=config_fallbacks(), pid=os.getpid(),
                  model_cpus=sorted(self.placement.model_cpus) if self.placement else [],
                  thread_cpus=sorted(self.transport.thread_cpus)
                  if self.transport.thread_cpus is not None else None,
