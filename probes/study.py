@@ -38,7 +38,7 @@ from probes.harmful import (
     source_weights,
     split_calibration,
 )
-from probes.train import fit_logreg
+from probes.train import fit_length_slope, fit_logreg
 
 __all__ = ["ORDINARY", "StudyRow", "Summary", "Variant", "VariantRow", "ecdf_scores",
            "loso_all", "loso_scores", "readout_mask", "run_variants", "study_table",
@@ -438,9 +438,8 @@ def length_debiased(base: Fitter) -> Fitter:
     def fit(parts: Parts) -> Scorer:
         f = base(parts)
         s = np.concatenate([f(d)[i[d.labels[i] == 0]] for d, i in parts])
-        ln = np.concatenate([np.log(np.maximum(user_tokens(d)[i[d.labels[i] == 0]], 1))
-                             for d, i in parts])
-        a = float(np.polyfit(ln, s, 1)[0])
+        n = np.concatenate([user_tokens(d)[i[d.labels[i] == 0]] for d, i in parts])
+        a = fit_length_slope(s, n)
         return lambda d: f(d) - a * np.log(np.maximum(user_tokens(d), 1))
     return fit
 

@@ -43,6 +43,7 @@ __all__ = [
     "aggregation_name",
     "as_aggregation",
     "fit_diff_of_means",
+    "fit_length_slope",
     "fit_logreg",
     "fit_probe",
     "running_aggregate",
@@ -131,7 +132,8 @@ def fit_probe(method: str, x: np.ndarray, y: np.ndarray, layer: int, C: float = 
 def as_aggregation(agg: dict[str, Any]) -> Aggregation:
     """The policy `Aggregation` of a candidate (``{"kind": ..., <its parameters>}``);
     raises ValueError naming the field for unknown kinds or parameters."""
-    return Aggregation(agg["kind"], agg.get("half_life_tokens"), agg.get("window_tokens"))
+    return Aggregation(agg["kind"], agg.get("half_life_tokens"), agg.get("window_tokens"),
+                       agg.get("length_slope"))
 
 
 def aggregation_name(agg: dict[str, Any]) -> str:
@@ -181,6 +183,29 @@ def aggregate_requests(scores: np.ndarray, example: np.ndarray, n_examples: int,
         if judged.any():
             out[ex[s]] = float(a[judged].max())
     return out
+
+
+def fit_length_slope(scores: np.ndarray, n_tokens: np.ndarray) -> float:
+    """Least-squares slope ``a`` of request scores on ``log(max(n, 1))``: the length
+    drift a length-debiased probe removes (``s' = s − a·log n``; served as the
+    ``mean_logit`` aggregation's ``length_slope``, ``monitor.judge.aggregate``).
+
+    ``scores``: float ``[n_requests]`` on the logit scale (the request's mean in-scope
+    logit); ``n_tokens``: int ``[n_requests]``, the request's in-scope tokens (``t`` of
+    the served aggregate at the request's last judged token; a request with none counts
+    as 1). Fit it on BENIGN TRAINING requests only (never calibration or test rows): it
+    says how fast ordinary requests drift up with length, not how harmful ones differ.
+    Needs at least two distinct lengths."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    n = np.asarray(n_tokens).reshape(-1)
+    if s.size != n.size:
+        raise ValueError(f"fit_length_slope: scores and n_tokens must have the same length; "
+                         f"found {s.size} and {n.size}")
+    ln = np.log(np.maximum(n, 1).astype(np.float64))
+    if s.size < 2 or np.ptp(ln) == 0.0:
+        raise ValueError("fit_length_slope: expected requests of at least two distinct "
+                         f"lengths; found {np.unique(ln).size} over {s.size} requests")
+    return float(np.polyfit(ln, s, 1)[0])
 
 
 def default_aggregations(kinds: Sequence[str] = ("max", "mean", "ema")) -> list[dict[str, Any]]:

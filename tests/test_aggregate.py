@@ -19,6 +19,7 @@ from monitor.judge.policy import Aggregation
 
 
 def naive(kind: str, scores: list[float], param: float | int | None = None) -> list[float]:
+    # param: ema half-life, window_max N, mean_logit length_slope (a)
     """Per-token definitions, written as plainly as possible."""
     out: list[float] = []
     state = None
@@ -32,7 +33,7 @@ def naive(kind: str, scores: list[float], param: float | int | None = None) -> l
         elif kind == "mean_logit":
             q = min(max(s, 1e-6), 1 - 1e-6)
             total += math.log(q) - math.log(1 - q)
-            state = 1 / (1 + math.exp(-total / (t + 1)))
+            state = 1 / (1 + math.exp(-(total / (t + 1) - (param or 0.0) * math.log(t + 1))))
         elif kind == "ema":
             alpha = 0.5 ** (1.0 / param)
             state = s if state is None else alpha * state + (1 - alpha) * s
@@ -53,6 +54,8 @@ CASES = [
     Aggregation("max"),
     Aggregation("mean"),
     Aggregation("mean_logit"),
+    Aggregation("mean_logit", length_slope=0.42),
+    Aggregation("mean_logit", length_slope=-1.5),
     Aggregation("ema", half_life_tokens=0.5),
     Aggregation("ema", half_life_tokens=1.0),
     Aggregation("ema", half_life_tokens=7.3),
@@ -73,7 +76,8 @@ def test_matches_naive_reference_under_any_chunking(agg, seed):
     # float32 scores like the scorer's, with plateaus and spikes
     x = rng.random(n).astype(np.float32)
     x[rng.random(n) < 0.05] = 1.0
-    param = agg.half_life_tokens if agg.kind == "ema" else agg.window_tokens
+    param = {"ema": agg.half_life_tokens, "window_max": agg.window_tokens,
+             "mean_logit": agg.length_slope}.get(agg.kind)
     ref = np.array(naive(agg.kind, [float(v) for v in x], param))
 
     results = []
@@ -187,6 +191,33 @@ def test_mean_logit_is_sigmoid_of_mean_logit_and_clips():
     assert out[0] == pytest.approx(1 / (1 + math.exp(-edge)), rel=1e-9)
     assert out[2] == pytest.approx(1 / (1 + math.exp(-edge / 3)), rel=1e-6)
     assert a.push(float("nan")) != a.push(0.5)  # NaN propagates, as for mean
+
+
+def test_length_slope_zero_is_the_plain_mean_logit_bit_for_bit():
+    rng = np.random.default_rng(5)
+    x = rng.random(300).astype(np.float32)
+    plain = make_aggregator(Aggregation("mean_logit")).update(x)
+    assert Aggregation("mean_logit") == Aggregation("mean_logit", length_slope=0.0)
+    assert np.array_equal(make_aggregator(Aggregation("mean_logit", length_slope=0.0))
+                          .update(x), plain)
+    # a > 0 lowers every a_t with t > 1 by exactly a·ln t in logit space (t = 1: ln 1 = 0)
+    a = 0.37
+    deb = make_aggregator(Aggregation("mean_logit", length_slope=a)).update(x)
+    logit = np.log(deb) - np.log1p(-deb)
+    plain_logit = np.log(plain) - np.log1p(-plain)
+    np.testing.assert_allclose(plain_logit - logit, a * np.log(np.arange(1, 301)), atol=1e-7)
+    assert deb[0] == plain[0] and np.all(deb[1:] < plain[1:])
+
+
+def test_length_slope_params_describe_and_refusals():
+    agg = Aggregation("mean_logit", length_slope=0.25)
+    assert agg.describe() == "mean_logit(a=0.25)" and agg.params() == {"length_slope": 0.25}
+    assert Aggregation("mean_logit").describe() == "mean_logit"
+    assert Aggregation("mean_logit").params() == {}  # the default is left out
+    with pytest.raises(ValueError, match="length_slope: expected a finite number; found nan"):
+        Aggregation("mean_logit", length_slope=float("nan"))
+    with pytest.raises(ValueError, match="length_slope: only applies to kind mean_logit"):
+        Aggregation("mean", length_slope=0.1)
 
 
 def test_span_end_rows_definition():

@@ -169,6 +169,14 @@ BASE = 'version: "1"\ndetectors:\n  harmful_intent:\n    thresholds: {warn: 0.5,
         (BASE + "    aggregation: {kind: mean_logit, window_tokens: 4}\n", 5,
          "detectors.harmful_intent.aggregation.window_tokens",
          "only applies to kind window_max; this aggregation is kind mean_logit"),
+        (BASE + "    aggregation: {kind: mean_logit, length_slope: .nan}\n", 5,
+         "detectors.harmful_intent.aggregation.length_slope",
+         "expected a finite number; found nan"),
+        (BASE + "    aggregation: {kind: mean_logit, length_slope: fast}\n", 5,
+         "detectors.harmful_intent.aggregation.length_slope", "expected a number; found 'fast'"),
+        (BASE + "    aggregation: {kind: ema, half_life_tokens: 4, length_slope: 0.3}\n", 5,
+         "detectors.harmful_intent.aggregation.length_slope",
+         "only applies to kind mean_logit; this aggregation is kind ema"),
         (BASE + "    min_tokens: -1\n", 5, "detectors.harmful_intent.min_tokens",
          "expected an integer >= 0; found -1"),
         (BASE + "    min_tokens: [1]\n", 5, "detectors.harmful_intent.min_tokens",
@@ -333,6 +341,17 @@ def test_judge_at_and_mean_logit_parse_and_merge():
     assert p.detectors["c"].judge_at == "span_end"
     assert parse_policy('version: "1"\ndetectors:\n  d: {thresholds: {warn: 0.5}}\n'
                         ).detectors["d"].judge_at == "every_token"
+
+
+def test_mean_logit_length_slope_is_optional_and_parsed():
+    p = parse_policy('version: "1"\ndefaults:\n  thresholds: {warn: 0.5}\ndetectors:\n'
+                     "  a: {aggregation: {kind: mean_logit, length_slope: 0.4231}}\n"
+                     "  b: {aggregation: {kind: mean_logit, length_slope: -2}}\n"
+                     "  c: {aggregation: {kind: mean_logit}}\n")
+    assert p.detectors["a"].aggregation == Aggregation("mean_logit", length_slope=0.4231)
+    assert p.detectors["b"].aggregation.length_slope == -2.0
+    assert p.detectors["c"].aggregation == Aggregation("mean_logit")
+    assert p.detectors["c"].aggregation.length_slope == 0.0
 
 
 def test_enforcement_block_parses_with_builtin_defaults() -> None:

@@ -178,3 +178,21 @@ def test_span_end_statistic_known_values() -> None:
     assert s[0] == pytest.approx(1 / (1 + np.exp(-z)))
     with pytest.raises(ValueError, match="judge_at"):
         aggregate_requests(scores, ex, 1, {"kind": "mean"}, 1, scope, "span_start")
+
+
+def test_fit_length_slope_is_the_least_squares_slope_on_log_n():
+    from probes.train import fit_length_slope
+
+    rng = np.random.default_rng(0)
+    n = rng.integers(1, 400, 200)
+    s = 0.8 * np.log(n) - 1.0 + rng.normal(0, 0.3, n.size)
+    ln = np.log(n)
+    ref = np.sum((ln - ln.mean()) * (s - s.mean())) / np.sum((ln - ln.mean()) ** 2)
+    assert fit_length_slope(s, n) == pytest.approx(ref, rel=1e-9)
+    assert abs(fit_length_slope(s, n) - 0.8) < 0.1
+    # a request without in-scope tokens counts as one token (log 1 = 0)
+    assert fit_length_slope(np.array([0.0, 2.0]), np.array([0, np.e ** 2])) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least two distinct lengths"):
+        fit_length_slope(np.array([1.0, 2.0]), np.array([5, 5]))
+    with pytest.raises(ValueError, match="same length"):
+        fit_length_slope(np.array([1.0, 2.0]), np.array([5]))

@@ -10,9 +10,11 @@ Python loop over random chunkings).
 
 - :class:`MaxAggregator`       ``a_t = max_{i<=t} s_i``            (``np.maximum.accumulate``)
 - :class:`MeanAggregator`      ``a_t = (Σ_{i<=t} s_i) / t``        (``np.cumsum``, sequential)
-- :class:`MeanLogitAggregator` ``a_t = σ((1/t) Σ_{i<=t} logit(clip(s_i, ε, 1-ε)))``,
+- :class:`MeanLogitAggregator` ``a_t = σ((1/t) Σ_{i<=t} logit(clip(s_i, ε, 1-ε)) − a·log t)``,
   ``ε = LOGIT_EPS`` (the mean of the probe's logits: for a linear probe it is the logit
-  of the mean activation, the statistic a pooled probe is trained on)
+  of the mean activation, the statistic a pooled probe is trained on), ``a`` the
+  ``length_slope`` (default 0: no length term; a length-debiased probe subtracts the
+  drift of its benign training scores with ``log`` of the in-scope token count)
 - :class:`EmaAggregator`       ``a_1 = s_1``; ``a_t = α a_{t-1} + (1-α) s_t``,
   ``α = 0.5**(1/h)``                                               (``scipy.signal.lfilter``)
 - :class:`WindowMaxAggregator` ``a_t = max_{t-N < i <= t} s_i``    (van Herk/Gil-Werman)
@@ -259,33 +261,57 @@ class WindowMaxAggregator:
 
 
 class MeanLogitAggregator:
-    """``a_t = σ(L_t / t)`` with ``L_t = L_{t-1} + logit(clip(s_t, ε, 1-ε))`` summed
-    sequentially in float64 (``σ(x) = 1 / (1 + exp(-x))``, ``ε = LOGIT_EPS``).
+    """``a_t = σ(L_t / t − a·log t)`` with ``L_t = L_{t-1} + logit(clip(s_t, ε, 1-ε))``
+    summed sequentially in float64 (``σ(x) = 1 / (1 + exp(-x))``, ``ε = LOGIT_EPS``,
+    ``a = length_slope``).
 
     The running sum is a :class:`MeanAggregator` over the clipped logits (``logit`` is
     elementwise, so chunking cannot change a bit of the result; ``push`` uses the same
     numpy ufuncs on a scalar). Scores are probabilities ``sigmoid(z_t)``, so for
-    ``|z_t| <= 13.8`` the aggregate is ``σ(mean_t z_t)``.
+    ``|z_t| <= 13.8`` the aggregate is ``σ(mean_t z_t − a·log t)``.
+
+    ``t`` is the number of scores this aggregator has seen: for a tracker, the request's
+    in-scope tokens so far, counted across every span in scope (e.g. ``scope: user`` over
+    a multi-turn chat: all user tokens up to here, not only the current message's). At
+    the last span end it is the request's whole in-scope count, the ``n`` a
+    length-debiased probe is trained with (``probes.train.fit_length_slope``); earlier
+    judged span ends see their prefix count. ``length_slope = 0`` skips the term: the
+    arithmetic is exactly that of the plain mean logit, bit for bit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, length_slope: float = 0.0) -> None:
+        if not math.isfinite(length_slope):
+            raise ValueError(f"length_slope: expected a finite number; found {length_slope}")
+        self.length_slope = float(length_slope)
         self._mean = MeanAggregator()
         self.n = 0
 
+    def _debias(self, mean: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """``mean − a·log(t)`` (float64; ``mean`` unchanged when ``a == 0``)."""
+        if self.length_slope == 0.0:
+            return mean
+        return mean - self.length_slope * np.log(t)
+
     @property
     def value(self) -> float:
-        return float(_sigmoid(np.float64(self._mean.value))) if self.n else 0.0
+        if not self.n:
+            return 0.0
+        m = self._debias(np.float64(self._mean.value), np.float64(self.n))
+        return float(_sigmoid(m))
 
     def push(self, score: float) -> float:
         self.n += 1
-        return float(_sigmoid(np.float64(self._mean.push(float(_logit(np.float64(score)))))))
+        m = np.float64(self._mean.push(float(_logit(np.float64(score)))))
+        return float(_sigmoid(self._debias(m, np.float64(self.n))))
 
     def update(self, scores: np.ndarray) -> np.ndarray:
         x = _as_chunk(scores)
         if x.size == 0:
             return x.copy()
+        t = np.arange(self.n + 1, self.n + 1 + x.size, dtype=np.float64)
         self.n += x.size
-        return np.asarray(_sigmoid(self._mean.update(np.asarray(_logit(x)))))
+        means = self._mean.update(np.asarray(_logit(x)))
+        return np.asarray(_sigmoid(self._debias(means, t)))
 
 
 def _logit(p: np.ndarray | np.float64) -> np.ndarray:
@@ -327,7 +353,8 @@ def span_end_rows(in_scope: np.ndarray, complete: bool = True) -> np.ndarray:
 @dataclass(frozen=True)
 class AggParam:
     """One parameter of an aggregation kind: a number (``integer``: an int) in
-    ``(low, high]`` (``low_inclusive``: ``[low, high]``)."""
+    ``(low, high]`` (``low_inclusive``: ``[low, high]``; both bounds infinite: any finite
+    number). ``default``: the value when a policy leaves it out (None: required)."""
 
     name: str
     integer: bool
@@ -335,6 +362,7 @@ class AggParam:
     high: float
     low_inclusive: bool
     doc: str
+    default: float | None = None
 
     def check(self, value: float) -> str | None:
         """None when `value` is valid, else the reason (``expected ...; found ...``)."""
@@ -342,6 +370,8 @@ class AggParam:
             if not (isinstance(value, int) and self.low <= value <= self.high):
                 return f"expected an integer in [{self.low:g}, {self.high:g}]; found {value}"
             return None
+        if math.isinf(self.low) and math.isinf(self.high):
+            return None if math.isfinite(value) else f"expected a finite number; found {value:g}"
         ok = math.isfinite(value) and (value >= self.low if self.low_inclusive
                                        else value > self.low) and value <= self.high
         if not ok:
@@ -373,19 +403,26 @@ class Aggregation:
     kind: str
     half_life_tokens: float | None = None
     window_tokens: int | None = None
+    #: ``mean_logit`` only: ``a`` of the length term ``− a·log t`` (optional, default 0:
+    #: filled in on construction, so ``Aggregation("mean_logit")`` equals
+    #: ``Aggregation("mean_logit", length_slope=0.0)``).
+    length_slope: float | None = None
 
     def __post_init__(self) -> None:
         spec = AGGREGATIONS.get(self.kind)
         if spec is None:
             raise ValueError(f"aggregation kind: expected one of {AGGREGATION_KINDS}, found "
                              f"{self.kind!r}")
-        for name in ("half_life_tokens", "window_tokens"):
+        for name in _PARAM_FIELDS:
             p = spec.param(name)
             value = getattr(self, name)
             if p is None and value is not None:
                 raise ValueError(f"{name}: only applies to kind {param_owner(name)}; this "
                                  f"aggregation is kind {self.kind}")
             if p is not None:
+                if value is None and p.default is not None:
+                    value = p.default
+                    object.__setattr__(self, name, value)
                 if value is None:
                     raise ValueError(f"{name}: required for kind {self.kind}")
                 problem = p.check(value)
@@ -398,8 +435,10 @@ class Aggregation:
         return AGGREGATIONS[self.kind].short(self)
 
     def params(self) -> dict[str, float | int]:
-        """The kind's parameters and their values (the policy / bundle form)."""
-        return {p.name: getattr(self, p.name) for p in AGGREGATIONS[self.kind].params}
+        """The kind's parameters and their values (the policy / bundle form); an optional
+        parameter at its default is left out, as a policy would leave it out."""
+        return {p.name: getattr(self, p.name) for p in AGGREGATIONS[self.kind].params
+                if p.default is None or getattr(self, p.name) != p.default}
 
 
 def _req(value: float | int | None) -> float:
@@ -411,6 +450,12 @@ _HALF_LIFE = AggParam("half_life_tokens", integer=False, low=0.0, high=math.inf,
                       low_inclusive=False, doc="tokens after which a score's weight halves")
 _WINDOW = AggParam("window_tokens", integer=True, low=1, high=MAX_WINDOW_TOKENS,
                    low_inclusive=True, doc="tokens in the sliding window")
+_LENGTH_SLOPE = AggParam("length_slope", integer=False, low=-math.inf, high=math.inf,
+                         low_inclusive=True, default=0.0,
+                         doc="a of the length term: a_t = sigmoid(mean logit - a*log t)")
+
+#: The `Aggregation` fields that hold kind parameters (each is some kind's `AggParam`).
+_PARAM_FIELDS = ("half_life_tokens", "window_tokens", "length_slope")
 
 #: The aggregation kinds, by name (one definition: policy parser, tracker, probes).
 AGGREGATIONS: dict[str, AggregationKind] = {k.name: k for k in (
@@ -418,9 +463,12 @@ AGGREGATIONS: dict[str, AggregationKind] = {k.name: k for k in (
                     lambda a: "max"),
     AggregationKind("mean", (), "a_t = (1/t) sum_{i<=t} s_i", lambda a: MeanAggregator(),
                     lambda a: "mean"),
-    AggregationKind("mean_logit", (),
-                    "a_t = sigmoid((1/t) sum_{i<=t} logit(clip(s_i, 1e-6, 1-1e-6)))",
-                    lambda a: MeanLogitAggregator(), lambda a: "mean_logit"),
+    AggregationKind("mean_logit", (_LENGTH_SLOPE,),
+                    "a_t = sigmoid((1/t) sum_{i<=t} logit(clip(s_i, 1e-6, 1-1e-6))"
+                    " - a log t), a = length_slope (default 0)",
+                    lambda a: MeanLogitAggregator(_req(a.length_slope)),
+                    lambda a: "mean_logit" if not a.length_slope
+                    else f"mean_logit(a={_req(a.length_slope):g})"),
     AggregationKind("ema", (_HALF_LIFE,),
                     "a_1 = s_1, a_t = alpha a_{t-1} + (1-alpha) s_t, alpha = 0.5**(1/h)",
                     lambda a: EmaAggregator(_req(a.half_life_tokens)),

@@ -8,6 +8,7 @@ A policy is a YAML file that safety teams edit (reference: ``policies/README.md`
       mode: observe                  # observe | alert | block
       scope: both                    # prompt | generated | both | role(s), see below
       aggregation: {kind: max}       # max | mean | mean_logit | ema | window_max
+                                     # (mean_logit takes an optional length_slope)
       min_tokens: 1                  # no severity before this many scored tokens
       judge_at: every_token          # every_token | span_end (see below)
       thresholds: {warn: 0.5, critical: 0.9}
@@ -341,6 +342,8 @@ class _Parser:
         values: dict[str, float | int] = {}
         for p in spec.params:
             if p.name not in params:
+                if p.default is not None:  # optional: Aggregation fills in the default
+                    continue
                 raise self.fail(kind_node, f"{path}.{p.name}", f"required for kind {kind}")
             vnode = params[p.name][1]
             value: float | int = (self.integer(vnode, f"{path}.{p.name}") if p.integer
@@ -351,8 +354,10 @@ class _Parser:
             values[p.name] = value
         half_life = values.get("half_life_tokens")
         window = values.get("window_tokens")
+        slope = values.get("length_slope")
         return Aggregation(kind, half_life_tokens=None if half_life is None else float(half_life),
-                           window_tokens=None if window is None else int(window))
+                           window_tokens=None if window is None else int(window),
+                           length_slope=None if slope is None else float(slope))
 
     def thresholds(self, node: yaml.Node, path: str) -> tuple[tuple[str, float], ...]:
         entries = self.mapping(node, path, SEVERITIES)
@@ -436,8 +441,9 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 
     Raises :class:`PolicyError` on YAML syntax errors, unknown or duplicate keys, wrong
     types, thresholds outside (0, 1), ``warn >= critical``, ``half_life_tokens <= 0``,
-    ``window_tokens < 1``, ``min_tokens < 0``, aggregation parameters that do not belong to
-    the kind, and a detector left without thresholds after merging ``defaults``.
+    ``window_tokens < 1``, a non-finite ``length_slope``, ``min_tokens < 0``, aggregation
+    parameters that do not belong to the kind, and a detector left without thresholds
+    after merging ``defaults``.
     """
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     p = _Parser(source)
