@@ -113,7 +113,7 @@ def test_policy_fail_mode_closed_refuses_then_open_serves_and_counts(
     log = tmp_path / "sidecar.log"
     side = _sidecar(port, mport, log, _policy(tmp_path, "closed"))
     try:
-        g = SidecarGate(lambda *a: None)  # type: ignore[arg-type,return-value]
+        g = SidecarGate(lambda *a: None)  # type: ignore[arg-type]
         _until(_mode_is(g, True, "closed"))
         assert _call(g) == (200, b"served")
         refused0, unmon0 = g.refused._value.get(), g.unmonitored._value.get()
@@ -145,7 +145,7 @@ def test_behind_bound_and_env_override(tmp_path: Path, gate_env: tuple[int, int]
     stats.write_text(json.dumps({"queued": 3}))
     side = _sidecar(port, mport, tmp_path / "sidecar.log", _policy(tmp_path, "closed", 10))
     try:
-        g = SidecarGate(lambda *a: None)  # type: ignore[arg-type,return-value]
+        g = SidecarGate(lambda *a: None)  # type: ignore[arg-type]
         _until(_mode_is(g, True, "closed"))
         assert g.watch is not None and g.watch.state.max_behind_frames == 10
         stats.write_text(json.dumps({"queued": 11}))  # the plugin's queue over the bound
@@ -160,7 +160,7 @@ def test_behind_bound_and_env_override(tmp_path: Path, gate_env: tuple[int, int]
         g.watch.close()
         monkeypatch.setenv("SAFETY_MONITOR_FAIL_MODE", "open")
         monkeypatch.setattr(gate_mod, "_watch", None)
-        g2 = SidecarGate(lambda *a: None)  # type: ignore[arg-type,return-value]
+        g2 = SidecarGate(lambda *a: None)  # type: ignore[arg-type]
         _until(_mode_is(g2, True, "open"))
         stats.write_text(json.dumps({"queued": 99}))
         _until(_mode_is(g2, False, "open"))

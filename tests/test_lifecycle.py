@@ -119,8 +119,8 @@ def test_counters_exist_from_start_up(srv: MonitorServer) -> None:
         assert ("safety_monitor_frames_rejected_total", (("reason", r.value),)) in samples
         assert ("safety_monitor_rows_unscored_total", (("reason", r.value),)) in samples
     for f in FinishReason:
-        key = (("model_name", MODEL), ("reason", f.value))
-        assert ("safety_monitor_requests_finished_total", key) in samples
+        labels = (("model_name", MODEL), ("reason", f.value))
+        assert ("safety_monitor_requests_finished_total", labels) in samples
     for name in ("safety_monitor_nonfinite_scores_total", "safety_monitor_requests_evicted_total",
                  "safety_monitor_tracker_duplicate_tokens_total",
                  "safety_monitor_orphaned_requests", "safety_monitor_closed_ids"):

@@ -5,6 +5,7 @@ limits. Each test talks to a real `safety-monitor serve` subprocess.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +47,11 @@ def _wait(cond: Callable[[], bool], timeout: float = 60.0, what: str = "") -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def _refused_reaches(srv: MonitorServer, n: float) -> bool:
+    """Has `srv` refused `n` policy reloads (counter)?"""
+    return srv.metric("safety_monitor_policy_reloads_total", result="refused") == n
 
 
 def test_client_that_stops_reading_is_flow_controlled_not_dropped(
@@ -381,8 +387,7 @@ def test_blocking_policy_path_stalls_neither_large_frames_nor_shutdown(
         srv.policy_path.unlink()
         srv.policy_path.write_text(text)
         srv.signal(signal.SIGHUP)
-        _wait(lambda i=i: srv.metric("safety_monitor_policy_reloads_total",
-                                     result="refused") == refused0 + 2 + i,
+        _wait(functools.partial(_refused_reaches, srv, refused0 + 2 + i),
               what="the policy to be refused")
     srv.policy_path.unlink()
     os.mkfifo(srv.policy_path)

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import numpy as np
@@ -332,7 +333,7 @@ def test_a_reconnected_clients_finish_closes_its_orphan(server: MonitorServer,
 def _bad_frames() -> dict[str, tuple[Callable[[monitor_pb2.ActivationFrame], None], int, str]]:
     def set_dtype(v: int) -> Callable[[monitor_pb2.ActivationFrame], None]:
         def f(fr: monitor_pb2.ActivationFrame) -> None:
-            fr.dtype = v
+            fr.dtype = cast(monitor_pb2.DType, v)  # raw wire value: may be out of the enum
         return f
 
     def truncate(fr: monitor_pb2.ActivationFrame) -> None:

@@ -399,6 +399,7 @@ def test_ring_full_sends_bytes_and_loses_nothing(server: MonitorServer, shm_dir:
         assert (st["shm_full"], st["shm_frames"], st["sent_frames"], st["dropped_frames"]) == (
             1, 1, 2, 0)
         assert st["sent_bytes"] == 2 * 8 * D_MODEL * 4
+        assert t.plan is not None
         assert [parse_hook_name(hp.name).layer for hp in t.plan.points] == [2, 3]
         assert finals["harmful_intent"]["n_tokens_scored"] == 4  # layer 2, through the ring
         d = finals["deception"]  # layer 3, as bytes

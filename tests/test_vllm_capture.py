@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -58,7 +59,8 @@ ENV_COMMON = {
     "SAFETY_MONITOR_PLAN_TIMEOUT_S": "5",
     "VLLM_USE_V2_MODEL_RUNNER": "0",
 }
-ENGINE_KW = dict(max_model_len=1024, max_num_batched_tokens=32, max_num_seqs=8,
+#: `vllm.LLM` keyword arguments (checked by vLLM; Any: the values differ in type)
+ENGINE_KW: dict[str, Any] = dict(max_model_len=1024, max_num_batched_tokens=32, max_num_seqs=8,
                  kv_cache_memory_bytes=256 * 2**20, dtype="float32", seed=0)
 
 
