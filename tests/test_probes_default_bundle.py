@@ -99,20 +99,33 @@ def test_default_bundle_calibration_on_shared_slice() -> None:
     np.testing.assert_allclose(s, served_scores(probe, acts, mask, agg, pol.min_tokens,
                                                 judge_at=pol.judge_at), atol=2e-5)
     if pol.aggregation.kind == "mean_logit" and pol.judge_at == "span_end":
-        from monitor.judge.aggregate import span_end_rows
+        from monitor.judge.aggregate import LOGIT_EPS, span_end_rows
         from probes.harmful import pooled_features
 
-        # the trained (offline) statistic: the probe on the mean in-scope activation, minus
-        # the bundle's length term, on requests with one span in scope (one judged token)
         a = float(pol.aggregation.length_slope or 0.0)
         assert a == det.calibration.get("length_slope", 0.0)
         n = np.bincount(acts.example[mask], minlength=acts.n_examples)
         one = np.array([span_end_rows(mask[acts.example == i]).sum() == 1
                         for i in range(acts.n_examples)])
         assert one.sum() >= 0.9 * acts.n_examples
+        # plain reference of the served statistic on requests with one span in scope (one
+        # judged token): σ(mean of the clipped logits of the sidecar's token scores − a·ln n)
+        q = np.clip(np.asarray(tok, np.float64), LOGIT_EPS, 1 - LOGIT_EPS)
+        lg = np.log(q) - np.log1p(-q)
+        mean_lg = np.bincount(acts.example[mask], lg[mask], acts.n_examples) / np.maximum(n, 1)
+        ref = 1 / (1 + np.exp(-(mean_lg - a * np.log(np.maximum(n, 1)))))
+        np.testing.assert_allclose(s[one], ref[one], rtol=1e-9)
+        # = the trained statistic σ(z(x̄) − a·ln n) (the probe on the mean activation) where
+        # no token's logit saturates the float32 score (|z_t| > 13.8 is clipped, as served)
+        zt = ((acts.x[det.layer].astype(np.float32) - probe.mean) / probe.std) @ probe.weight
+        zt = zt + probe.bias
+        sat = np.bincount(acts.example[mask & (np.abs(zt) > 13.0)],
+                          minlength=acts.n_examples) > 0
         z = (pooled_features(acts, det.layer, mask) - probe.mean) / probe.std @ probe.weight
         z = z + probe.bias - a * np.log(np.maximum(n, 1))
-        np.testing.assert_allclose(s[one], 1 / (1 + np.exp(-z[one])), atol=1e-4)
+        ok = one & ~sat
+        assert ok.sum() >= 0.5 * acts.n_examples
+        np.testing.assert_allclose(s[ok], 1 / (1 + np.exp(-z[ok])), atol=1e-3)
         # the length term lowers a long benign request's score by exactly a·ln n in logit
         plain = aggregate_requests(np.asarray(tok), acts.example, acts.n_examples,
                                    {"kind": "mean_logit"}, pol.min_tokens, mask, pol.judge_at)
