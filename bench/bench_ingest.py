@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from monitor.score import build_placeholder_bundle  # noqa: E402
+from monitor.tools.launch import SidecarServer, start_sidecar, stop  # noqa: E402
 from monitor.tools.net import free_port  # noqa: E402
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc  # noqa: E402
 from monitor.wire import Span, decode_frame, encode_frame  # noqa: E402
@@ -167,28 +168,22 @@ def run(args: argparse.Namespace) -> dict[str, float | str]:
     dtype = DT[args.dtype]
     msgs = _frames(args.frames, args.rows, args.d_model, dtype, layers)
     frame_bytes = len(msgs[0].frame.data)
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     shm_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-shm-",
                                     dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     use_shm = "shm" in args.transport
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "monitor.cli", "--log-level", "warning", "serve", "--bundle",
-         str(tmp / "bundle"), "--port", str(port), "--metrics-port", "-1", "--queue-rows",
-         str(args.queue_rows), "--compute-dtype", args.compute_dtype,
-         "--torch-threads", str(args.torch_threads),
-         *(["--shm", "--shm-dir", str(shm_dir)] if use_shm else [])], env=env, cwd=REPO)
+    cfg = SidecarServer(
+        bundle=tmp / "bundle", port=free_port(), metrics_port=-1, log=tmp / "sidecar.log",
+        log_level="warning", cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+        ready_timeout_s=120.0,
+        extra_args=("--queue-rows", str(args.queue_rows), "--compute-dtype",
+                    args.compute_dtype, "--torch-threads", str(args.torch_threads),
+                    *(["--shm", "--shm-dir", str(shm_dir)] if use_shm else [])))
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        ch = grpc.insecure_channel(f"127.0.0.1:{port}",
+        proc = start_sidecar(cfg)  # gRPC health SERVING
+        ch = grpc.insecure_channel(cfg.target,
                                    options=[("grpc.max_send_message_length", 1 << 30)])
-        grpc.channel_ready_future(ch).result(timeout=120)
         stub = monitor_pb2_grpc.MonitorStub(ch)
-        for _ in range(50):  # warm-up: the server is up once a plan comes back
-            try:
-                stub.GetCapturePlan(monitor_pb2.GetCapturePlanRequest(), timeout=5)
-                break
-            except grpc.RpcError:
-                time.sleep(0.2)
         warm = _frames(8, args.rows, args.d_model, dtype, layers, prefix="warm")
         list(stub.Stream(iter(warm), timeout=120))  # warm the scorer
 
@@ -216,8 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, float | str]:
         shm_wall, shm_shed, shm_other = res.get("shm", (0.0, 0, 0))
         ch.close()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc, "the sidecar")
         for f in shm_dir.iterdir():
             f.unlink()
         shm_dir.rmdir()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from bench.bench_ingest import replace_section  # noqa: E402
 from monitor.capture.projection import WorkerProjection  # noqa: E402
 from monitor.score import build_placeholder_bundle  # noqa: E402
+from monitor.tools.launch import SidecarServer, start_sidecar, stop  # noqa: E402
 from monitor.tools.net import free_port  # noqa: E402
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc  # noqa: E402
 from monitor.wire import Span, encode_frame  # noqa: E402
@@ -79,30 +79,22 @@ def _client_us(x: torch.Tensor, plan: monitor_pb2.CapturePlan,
     return (time.perf_counter() - t0) / reps * 1e6
 
 
-def run(bundle: Path, policy: Path | None, label: str, args: argparse.Namespace
+def run(bundle: Path, policy: Path | None, label: str, args: argparse.Namespace, work: Path
         ) -> list[dict[str, float | str]]:
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "monitor.cli", "--log-level", "warning", "serve", "--bundle",
-           str(bundle), "--port", str(port), "--metrics-port", "-1", "--queue-rows",
-           str(1 << 22), "--torch-threads", str(args.torch_threads), "--worker-projection"]
-    if policy is not None:
-        cmd += ["--policy", str(policy)]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+    """Both arms against one sidecar on ``bundle`` (its log appended to work/sidecar.log)."""
+    cfg = SidecarServer(
+        bundle=bundle, port=free_port(), metrics_port=-1, log=work / "sidecar.log",
+        append_log=True, log_level="warning", policy=policy, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), ready_timeout_s=120.0,
+        extra_args=("--queue-rows", str(1 << 22), "--torch-threads", str(args.torch_threads),
+                    "--worker-projection"))
+    proc = start_sidecar(cfg)  # gRPC health SERVING
     try:
-        ch = grpc.insecure_channel(f"127.0.0.1:{port}",
+        ch = grpc.insecure_channel(cfg.target,
                                    options=[("grpc.max_send_message_length", 1 << 30),
                                             ("grpc.max_receive_message_length", 1 << 30)])
-        grpc.channel_ready_future(ch).result(timeout=120)
         stub = monitor_pb2_grpc.MonitorStub(ch)
-        plan = None
-        for _ in range(100):
-            try:
-                plan = stub.GetCapturePlan(monitor_pb2.GetCapturePlanRequest(), timeout=5)
-                break
-            except grpc.RpcError:
-                time.sleep(0.2)
-        assert plan is not None
+        plan = stub.GetCapturePlan(monitor_pb2.GetCapturePlanRequest(), timeout=30)
         proj = {p.hook_name: WorkerProjection.from_proto(p, plan.d_model, "plan")
                 for p in plan.projections}
         missing = set(plan.hook_names) - set(proj)
@@ -129,8 +121,7 @@ def run(bundle: Path, policy: Path | None, label: str, args: argparse.Namespace
                 best[arm] = min(best.get(arm, float("inf")), wall)
         ch.close()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc, "the sidecar")
     n_hooks = len(plan.hook_names)
     n_tokens = args.frames * args.rows / n_hooks  # tokens: one row per plan hook point
     widths = {h: wp.width for h, wp in proj.items()}
@@ -198,7 +189,7 @@ def main() -> int:
             (tmp / "synthetic", None, f"synthetic placeholder d={d}")]
     results: list[dict[str, float | str]] = []
     for bundle, policy, label in runs:
-        for r in run(bundle, policy if policy and policy.exists() else None, label, args):
+        for r in run(bundle, policy if policy and policy.exists() else None, label, args, tmp):
             print(", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in r.items()), flush=True)
             results.append(r)

@@ -1,16 +1,13 @@
 """Shared fixtures: free ports, a placeholder bundle, and the real server as a subprocess.
 
-`MonitorServer` runs `python -m monitor.cli serve ...` on free loopback ports and waits
-until gRPC health reports SERVING; tests talk to it over real sockets and scrape its
-/metrics over HTTP.
+`MonitorServer` runs `python -m monitor.cli serve ...` on free loopback ports through
+`monitor.tools.launch.start_sidecar` (ready once gRPC health reports SERVING); tests talk
+to it over real sockets and scrape its /metrics over HTTP.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 
-from monitor.tools.launch import SidecarServer
+from monitor.tools.launch import FAST_RECONNECT, SidecarServer, start_sidecar, stop
 from monitor.tools.net import free_port
 
 if TYPE_CHECKING:
@@ -82,13 +79,6 @@ def submit_rows(t: Any, rows: dict[int, torch.Tensor], request_id: str, step: in
     return ring
 
 
-#: Reconnect quickly while a server starts: gRPC's default backoff grows to 120 s, so a
-#: slow start on a loaded machine could leave the channel waiting past the start timeout.
-FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100),
-                  ("grpc.min_reconnect_backoff_ms", 100),
-                  ("grpc.max_reconnect_backoff_ms", 1000)]
-
-
 def plain_channel(target: str) -> grpc.Channel:
     """An insecure channel to `target` that reconnects at least once a second."""
     return grpc.insecure_channel(target, options=FAST_RECONNECT)
@@ -139,42 +129,22 @@ class MonitorServer:
         if policy_text is not None:
             self.policy_path = workdir / "policy.yaml"
             self.policy_path.write_text(policy_text)
-        args = SidecarServer(bundle=bundle, port=self.port, metrics_port=self.metrics_port,
-                             log=self.log_path, policy=self.policy_path,
-                             audit_log=self.audit_path, extra_args=tuple(extra or []),
-                             python=python).argv()
         full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
         if python is not None:
             full_env.pop("PYTHONPATH")
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, cwd=workdir if python else REPO, env=full_env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        cfg = SidecarServer(bundle=bundle, port=self.port, metrics_port=self.metrics_port,
+                            log=self.log_path, policy=self.policy_path,
+                            audit_log=self.audit_path, extra_args=tuple(extra or []),
+                            env=full_env, cwd=workdir if python else REPO, python=python,
+                            ready_timeout_s=90.0)
         self.channel = channel(self.target)  # e.g. a TLS channel (tests/test_access.py)
-        self._wait_serving()
+        self.proc = start_sidecar(cfg, channel=self.channel)  # gRPC health SERVING
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _wait_serving(self, timeout: float = 90.0) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        stub = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not SERVING after {timeout} s:\n{self.log()}")
-
     def log(self) -> str:
-        self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def alive(self) -> bool:
@@ -211,15 +181,9 @@ class MonitorServer:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, ``timeout`` s, then SIGKILL; the exit code."""
         self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        stop(self.proc, "the sidecar", timeout_s=timeout)
         return int(self.proc.returncode)
 
 

