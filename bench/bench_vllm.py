@@ -42,14 +42,17 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -100,6 +103,39 @@ _ARM = textwrap.dedent("""
 """)
 
 
+def _sample_worker_threads(stats_file: str, out: dict[str, float],
+                           stop: threading.Event) -> None:
+    """While an arm runs: CPU seconds of the worker's threads (the process whose pid the
+    plugin's stats file names), by where they may run. Keeps the last sample in `out`:
+    `model_s` the model (main) thread, `on_model_cores_s` every other thread allowed on a
+    core of the model thread (vLLM's and, unless placed elsewhere, the plugin's and
+    gRPC's), `elsewhere_s` the threads allowed only on other cores."""
+    from monitor.capture.threads import parse_cpus
+
+    tick = os.sysconf("SC_CLK_TCK")
+    pid = 0
+    while not stop.wait(0.5):
+        try:
+            if not pid:
+                with open(stats_file) as f:
+                    pid = int(json.load(f)["pid"])
+            rows = []
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    mask = re.search(r"^Cpus_allowed_list:\s*(\S+)",
+                                     (task / "status").read_text(), re.M)
+                    if mask:
+                        rows.append((int(task.name), (int(fields[11]) + int(fields[12])) / tick,
+                                     parse_cpus(mask.group(1)).cpus))
+        except (OSError, ValueError, KeyError):
+            continue  # no stats file yet, or the worker is gone: keep the last sample
+        model = next((m for t, _, m in rows if t == pid), frozenset())
+        out.update(model_s=sum(c for t, c, _ in rows if t == pid),
+                   on_model_cores_s=sum(c for t, c, m in rows if t != pid and m & model),
+                   elsewhere_s=sum(c for t, c, m in rows if t != pid and not m & model))
+
+
 def run_arm(args: argparse.Namespace, addr: str | None, model: str,
             extra_env: dict[str, str] | None = None) -> dict:
     """One engine process; returns its result JSON plus `end` (time.time() at exit)."""
@@ -123,12 +159,21 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str,
                        **(extra_env or {}))
         spec["result_file"] = res_file = os.path.join(tmp, "result.json")
         log_file = os.path.join(tmp, "arm.log")
+        threads_cpu: dict[str, float] = {}
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample_worker_threads,
+                                   args=(stats_file, threads_cpu, stop), daemon=True)
         with open(log_file, "w") as lf:  # a file, not a pipe: no hang on orphaned children
             p = subprocess.Popen([sys.executable, "-c", _ARM, json.dumps(spec)], env=env,
                                  stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+            if addr:
+                sampler.start()
             try:
                 rc = p.wait(timeout=1200)
             finally:
+                stop.set()
+                if addr:
+                    sampler.join()
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)  # EngineCore / worker leftovers
         if rc != 0 or not os.path.exists(res_file):
@@ -137,6 +182,8 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str,
             raise RuntimeError("monitor arm: the capture plugin did not install")
         with open(res_file) as f:
             out = dict(json.load(f), end=time.time())
+        if threads_cpu:
+            out["threads_cpu"] = threads_cpu
         if os.path.exists(stats_file):  # last dump, <= 1 s before the engine exited
             with open(stats_file) as f:
                 out["capture_stats"] = json.load(f)
@@ -236,7 +283,20 @@ def write_results(section: str, path: Path) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
-ARMS = ("none", "sink", "sidecar", "projection", "shm")
+ARMS = ("none", "sink", "sink-inherit", "sink-switch", "sidecar", "projection", "shm")
+SINK_ARMS = ("sink", "sink-inherit", "sink-switch")
+
+
+def sink_env(arm: str, args: argparse.Namespace) -> dict[str, str] | None:
+    """Plugin settings of a sink arm: `sink` the defaults; `sink-inherit` the plugin's
+    threads left on the model thread's cores (the placement before
+    `SAFETY_MONITOR_THREAD_CPUS`); `sink-switch` the interpreter's switch interval set to
+    `--switch-ms` in the worker."""
+    if arm == "sink-inherit":
+        return {"SAFETY_MONITOR_THREAD_CPUS": "inherit"}
+    if arm == "sink-switch":
+        return {"SAFETY_MONITOR_SWITCH_INTERVAL_MS": f"{args.switch_ms:g}"}
+    return None
 
 
 def run_sidecar_arm(args: argparse.Namespace, model: str, arm: str) -> dict:
@@ -277,7 +337,13 @@ def main() -> None:
                     help=f"comma-separated, run in this order each round, from {ARMS}; "
                          "`none` is required (the baseline); `projection` = the sidecar with "
                          "`serve --worker-projection`; `shm` = the sidecar with `serve --shm` "
-                         "and SAFETY_MONITOR_SHM=1")
+                         "and SAFETY_MONITOR_SHM=1; `sink-inherit` = the sink with the "
+                         "plugin's threads on the model thread's cores "
+                         "(SAFETY_MONITOR_THREAD_CPUS=inherit, the old placement); "
+                         "`sink-switch` = the sink with SAFETY_MONITOR_SWITCH_INTERVAL_MS="
+                         "--switch-ms")
+    ap.add_argument("--switch-ms", type=float, default=0.5,
+                    help="SAFETY_MONITOR_SWITCH_INTERVAL_MS of the sink-switch arm")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat the arm sequence; ratios are taken per round against that "
                          "round's baseline and reported as the median over rounds")
@@ -300,7 +366,7 @@ def main() -> None:
     load0 = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rounds: list[dict[str, dict]] = []
-    sink = CaptureSink(layers=layers).start() if "sink" in arms else None
+    sink = CaptureSink(layers=layers).start() if set(arms) & set(SINK_ARMS) else None
     try:
         for i in range(args.rounds):
             res: dict[str, dict] = {}
@@ -308,10 +374,10 @@ def main() -> None:
                 print(f"round {i + 1}/{args.rounds}: arm {arm}...", flush=True)
                 if arm == "none":
                     res[arm] = run_arm(args, None, model)
-                elif arm == "sink":
+                elif arm in SINK_ARMS:
                     assert sink is not None
                     before = sink.rows_received()
-                    res[arm] = run_arm(args, sink.addr, model)
+                    res[arm] = run_arm(args, sink.addr, model, sink_env(arm, args))
                     time.sleep(1.0)
                     res[arm]["rows"] = sink.rows_received() - before
                     res[arm]["stats"] = sink.log.stats[-1] if sink.log.stats else None
@@ -362,19 +428,20 @@ def main() -> None:
     nz = lambda d: ", ".join(f"{k}={int(v)}" for k, v in d.items() if v) or "none"  # noqa: E731
     cover: list[str] = []
     summary: dict[str, dict] = {}
-    if "sink" in arms:
-        rows = sum(rd["sink"]["rows"] for rd in rounds)
-        processed = sum(rd["sink"]["processed"] for rd in rounds)
-        stats = rounds[-1]["sink"]["stats"]
+    for a in (x for x in mon if x in SINK_ARMS):
+        rows = sum(rd[a]["rows"] for rd in rounds)
+        processed = sum(rd[a]["processed"] for rd in rounds)
+        stats = rounds[-1][a]["stats"]
         coverage = rows / len(layers) / processed
-        summary["sink"] = dict(coverage=coverage, drops=dict(
-            frames=stats.dropped_frames, rows=stats.dropped_rows) if stats else None)
+        summary[a] = dict(coverage=coverage, drops=dict(
+            frames=stats.dropped_frames, rows=stats.dropped_rows) if stats else None,
+            profile=[profile_numbers(rd[a]) for rd in rounds])
         cover.append(
-            f"Coverage, sink (all rounds): {rows} rows received over {len(layers)} layers "
+            f"Coverage, {a} (all rounds): {rows} rows received over {len(layers)} layers "
             f"{list(layers)} for {processed} forward-pass tokens → **{coverage:.1%}**; client "
             "drops reported (last round): " + (f"{stats.dropped_frames} frames / "
             f"{stats.dropped_rows} rows" if stats else "none (no ClientStats sent: nothing "
-            "dropped)") + f". Profile: {profile_line(rounds[-1]['sink'])}.")
+            "dropped)") + f". Profile (last round): {profile_line(rounds[-1][a])}.")
     for a in (x for x in mon if x in ("sidecar", "projection", "shm")):
         sd = [rd[a]["side"] for rd in rounds]
         scored, unscored, rejected = (_sum_by_label([s[name] for s in sd])
@@ -397,7 +464,8 @@ def main() -> None:
                           unscored={k: v for k, v in unscored.items() if v},
                           rejected={k: v for k, v in rejected.items() if v},
                           client_drops=dict(frames=c_frames, rows=c_rows), gaps=gaps,
-                          cpu_s=[s["cpu_s"] for s in sd])
+                          cpu_s=[s["cpu_s"] for s in sd],
+                          profile=[profile_numbers(rd[a]) for rd in rounds])
         cover.append(
             f"Coverage, {a} (all rounds): {sc_rows} rows scored "
             f"(`safety_monitor_rows_scored_total`, {nz(scored)} by layer) for {processed} "
@@ -442,7 +510,10 @@ def main() -> None:
         CPU, as a single-host deployment here would; **projection** = the same sidecar with
         `--worker-projection` (the worker's sender thread sends x·W, not the rows); **shm** =
         the same sidecar with `--shm` and `SAFETY_MONITOR_SHM=1` (frame bytes through the
-        shared-memory ring).
+        shared-memory ring); **sink-inherit** = the sink arm with the plugin's threads left
+        on the model thread's cores (`SAFETY_MONITOR_THREAD_CPUS=inherit`, the placement
+        before it existed); **sink-switch** = the sink arm with
+        `SAFETY_MONITOR_SWITCH_INTERVAL_MS={args.switch_ms:g}`.
         Values: median over rounds; ratios: median of per-round ratios to that round's
         baseline. Run: `{cmdline}` (started {started}).
 
@@ -460,18 +531,41 @@ def _sum_by_label(rounds: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def profile_line(r: dict) -> str:
-    """Per-step capture host time of one monitored arm from its `capture_stats`."""
+def profile_numbers(r: dict) -> dict[str, Any] | None:
+    """Per-step capture host time (us) of one monitored arm from its `capture_stats`:
+    op wall / CPU, the model thread's whole step wall / CPU (step opening to the next),
+    the sender's encode; plus where the plugin's threads ran. None: not recorded."""
     st = r.get("capture_stats") or {}
     p, steps = st.get("profile"), int(st.get("steps") or 0)
     if not p or not steps:
-        return "not recorded"
+        return None
     us = lambda ns, n: ns / 1e3 / max(1, n)  # noqa: E731
-    return (f"{steps} steps, model thread in the op {us(p['op_ns'], steps):.0f} us/step wall, "
-            f"{us(p['op_cpu_ns'], steps):.0f} us/step CPU ({p['op_calls'] / steps:.1f} op calls"
-            f"/step), row selection {us(p['layout_ns'], p['layout_calls']):.0f} us/step; sender"
-            f" encode {us(p['encode_ns'], p['encode_steps']):.0f} us/step, server messages "
-            f"{us(p['server_ns'], p['server_msgs']):.0f} us each ({p['server_msgs']})")
+    return dict(steps=steps, op_wall_us=us(p["op_ns"], steps), op_cpu_us=us(p["op_cpu_ns"], steps),
+                op_calls_per_step=p["op_calls"] / steps,
+                layout_us=us(p["layout_ns"], p["layout_calls"]),
+                step_wall_us=us(p.get("step_ns", 0), p.get("step_calls", 0)),
+                step_cpu_us=us(p.get("step_cpu_ns", 0), p.get("step_calls", 0)),
+                encode_us=us(p["encode_ns"], p["encode_steps"]),
+                server_us=us(p["server_ns"], p["server_msgs"]), server_msgs=p["server_msgs"],
+                model_cpus=st.get("model_cpus"), thread_cpus=st.get("thread_cpus"),
+                **{f"worker_{k}": v for k, v in (r.get("threads_cpu") or {}).items()})
+
+
+def profile_line(r: dict) -> str:
+    """Per-step capture host time of one monitored arm from its `capture_stats`."""
+    n = profile_numbers(r)
+    if n is None:
+        return "not recorded"
+    return (f"{n['steps']} steps, model thread in the op {n['op_wall_us']:.0f} us/step wall, "
+            f"{n['op_cpu_us']:.0f} us/step CPU ({n['op_calls_per_step']:.1f} op calls/step), "
+            f"row selection {n['layout_us']:.0f} us/step; model thread per step "
+            f"{n['step_wall_us']:.0f} us wall / {n['step_cpu_us']:.0f} us CPU; sender encode "
+            f"{n['encode_us']:.0f} us/step, server messages {n['server_us']:.0f} us each "
+            f"({n['server_msgs']}); model thread cpus {n['model_cpus']}, plugin threads "
+            f"{n['thread_cpus'] if n['thread_cpus'] is not None else 'not moved'}"
+            + (f"; worker CPU-s: model thread {n['worker_model_s']:.1f}, other threads on its "
+               f"cores {n['worker_on_model_cores_s']:.1f}, elsewhere "
+               f"{n['worker_elsewhere_s']:.1f}" if "worker_model_s" in n else ""))
 
 
 def _vllm_version() -> str:

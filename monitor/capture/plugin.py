@@ -49,6 +49,13 @@ from monitor.capture.op import (
     wrap_decoder_layers,
 )
 from monitor.capture.steps import StepLayout, StepTracker
+from monitor.capture.threads import (
+    Placement,
+    apply_switch_interval,
+    config_fallbacks,
+    place_current_thread,
+    run_placed,
+)
 from monitor.capture.transport import HostRing, Plan, StepRecord, Transport
 from monitor.roles import ChatTemplateError, RoleSegmenter
 from monitor.v1 import monitor_pb2
@@ -109,6 +116,8 @@ class CaptureSession:
         wrapped: decoder layer → op sites its wrapped forward calls.
         segmenter: token roles of each request's prompt (`load_segmenter`); None labels
             every prompt token OTHER.
+        placement: where the plugin's threads run (`monitor.capture.threads`); None:
+            where they start.
     """
 
     def __init__(
@@ -122,8 +131,10 @@ class CaptureSession:
         max_rows: int,
         max_model_len: int | None = None,
         segmenter: RoleSegmenter | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.runner = runner
+        self.placement = placement
         self.cfg = cfg
         self.model_name = model_name
         self.d_model = d_model
@@ -136,7 +147,8 @@ class CaptureSession:
                                    segmenter.segment if segmenter is not None else None)
         self.transport = Transport(cfg, model_name, on_plan=self.set_plan,
                                    on_verdict=self.on_verdict,
-                                   on_judged_through=self.on_judged_through)
+                                   on_judged_through=self.on_judged_through,
+                                   placement=placement)
         self.blocks = BlockBoard()
         self.buffers = StaticBuffers(n_layers)
         self._state: _PlanState | None = None
@@ -147,6 +159,8 @@ class CaptureSession:
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
         self._stats_path = cfg.stats_file
+        # model-thread clocks at the previous step's opening (profile: step_*)
+        self._step_t = self._step_c = 0
 
     # ---------------------------------------------------------------- plan
     def set_plan(self, plan: Plan) -> None:
@@ -279,6 +293,13 @@ class CaptureSession:
         if self._open is not None:  # previous forward never reached its last layer
             self.transport.drop_record(self._open.rec, "incomplete forward")
             self._open = None
+        if PROFILE:  # the model thread's wall / CPU from one step's opening to the next
+            t, c = time.perf_counter_ns(), time.thread_time_ns()
+            if self._step_t:
+                PROF.step_calls += 1
+                PROF.step_ns += t - self._step_t
+                PROF.step_cpu_ns += c - self._step_c
+            self._step_t, self._step_c = t, c
         self.step += 1
         self._flush_finished()
         st = self._state
@@ -340,6 +361,10 @@ class CaptureSession:
                  generated_count_raised=self.tracker.generated_count_raised,
                  requests_no_chat_roles=self.tracker.requests_no_chat_roles,
                  roles_fallback=bool(self.segmenter is None or not self.segmenter.headers),
+                 config_fallbacks=config_fallbacks(), pid=os.getpid(),
+                 model_cpus=sorted(self.placement.model_cpus) if self.placement else [],
+                 thread_cpus=sorted(self.transport.thread_cpus)
+                 if self.transport.thread_cpus is not None else None,
                  layer_calls=self.buffers.meta.tolist())
         if PROFILE:
             s["profile"] = PROF.as_dict()
@@ -347,6 +372,7 @@ class CaptureSession:
 
     def _janitor_loop(self) -> None:
         """Report requests that finished while no forward ran; dump stats if configured."""
+        place_current_thread(self.placement, "safety-monitor-janitor")
         last_dump = 0.0
         while not self._stop.wait(0.25):
             try:
@@ -433,13 +459,17 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
                   "hidden states will be sent): %s", e)
         return None
     mc = vc.model_config
+    # on the model thread, after vLLM bound it: where the plugin's threads go, and the
+    # interpreter's switch interval (monitor.capture.threads; bad values fall back, counted)
+    placement = Placement.plan(cfg.thread_cpus)
+    switch_s = apply_switch_interval(cfg.switch_interval_ms)
     name = cfg.model or (mc.served_model_name if isinstance(mc.served_model_name, str)
                          else mc.served_model_name[0])
     session = CaptureSession(
         runner, cfg, model_name=name, d_model=int(mc.get_hidden_size()),
         n_layers=len(layers), max_rows=int(runner.max_num_tokens),
         max_model_len=int(mc.max_model_len),
-        segmenter=load_segmenter(mc, cfg.chat_template),
+        segmenter=load_segmenter(mc, cfg.chat_template), placement=placement,
     )
     try:
         from vllm.distributed import get_pp_group
@@ -449,7 +479,10 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
         pp_rank = 0
     if pp_rank and cfg.stats_file:  # one stats file per capturing worker (gate: the max)
         session._stats_path = f"{cfg.stats_file}.pp{pp_rank}"
-    plan = session.transport.fetch_plan(cfg.plan_timeout_s)
+    # the first gRPC channel starts gRPC's C-core threads: open it from a placed thread so
+    # that they inherit the placed mask, not the model thread's
+    plan = run_placed(placement, "safety-monitor-plan",
+                      lambda: session.transport.fetch_plan(cfg.plan_timeout_s))
     wrap_all = cfg.wrap_all
     wanted: dict[int, frozenset[int]] | None = None
     if plan is not None and not wrap_all:
@@ -478,12 +511,15 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
     st = session._state
     log.info(
         "safety monitor: capture installed (model=%r, arch=%s/%s, mode=%s, wrapped layers=%s, "
-        "captured hooks=%s, kinds=%s, max rows/step=%d, sidecar=%s)",
+        "captured hooks=%s, kinds=%s, max rows/step=%d, sidecar=%s, model thread cpus=%s, "
+        "plugin thread placement=%s, switch interval=%s)",
         name, arch.family, arch.model_class, mode,
         sorted(session.wrapped) if len(session.wrapped) < len(layers) else "all",
         [hp.name for hp in st.plan.points] if st else "none yet",
         [k for k, on in (("prompt", st.plan.prompt), ("generated", st.plan.generated)) if on]
-        if st else "none yet", session.max_rows, cfg.addr)
+        if st else "none yet", session.max_rows, cfg.addr, sorted(placement.model_cpus),
+        placement.spec.mode if placement.spec.mode != "list" else sorted(placement.spec.cpus),
+        f"{switch_s * 1e3:g} ms" if switch_s is not None else "Python's default")
     return session
 
 

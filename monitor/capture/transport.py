@@ -57,6 +57,7 @@ from monitor.capture import op
 from monitor.capture.config import CaptureConfig
 from monitor.capture.projection import WorkerProjection
 from monitor.capture.steps import SpanTuple
+from monitor.capture.threads import Placement, place_current_thread
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import WIRE_VERSION, encode_frame
 from monitor.wire.hooks import HookPoint, parse_hook_name, resid_post
@@ -404,6 +405,8 @@ class Transport:
         on_verdict: called in the sender thread with every verdict received (must not
             block; errors are logged, the stream goes on).
         on_judged_through: likewise with every `JudgedThrough` progress message.
+        placement: where the sender thread (and the gRPC threads it starts) runs
+            (`monitor.capture.threads`); None: where it starts.
     """
 
     def __init__(
@@ -414,12 +417,16 @@ class Transport:
         on_plan: Callable[[Plan], None] | None = None,
         on_verdict: Callable[[monitor_pb2.Verdict], None] | None = None,
         on_judged_through: Callable[[monitor_pb2.JudgedThrough], None] | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
         self.on_plan = on_plan
         self.on_verdict = on_verdict
         self.on_judged_through = on_judged_through
+        self.placement = placement
+        #: the sender thread's CPUs once it moved (`placement`); None: not moved
+        self.thread_cpus: frozenset[int] | None = None
         self.plan: Plan | None = None
         self._q: queue.Queue[object] = queue.Queue(maxsize=cfg.queue_size)
         self._lock = threading.Lock()
@@ -620,6 +627,7 @@ class Transport:
             self._stop.wait(min(0.05, max(0.0, end - time.monotonic())))
 
     def _run(self) -> None:
+        self.thread_cpus = place_current_thread(self.placement, "safety-monitor-sender")
         backoff = self.cfg.backoff_s
         failures = 0
         while not self._stop.is_set():
