@@ -3,7 +3,7 @@ recipe end to end (skips without ../shared datasets or the default model)."""
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pytest
@@ -13,6 +13,9 @@ from probes.evaluate import auroc, auroc_ci, wilson_ci
 from probes.harmful import Config, SourceData, pooled_features, served_scores, source_weights
 from probes.sources import HARMFUL_SOURCES, Source, sources_available
 from probes.train import LinearProbe
+
+if TYPE_CHECKING:
+    from probes.datasets import ChatExample
 
 
 def _acts(lengths: list[int], labels: list[int], d: int = 6, seed: int = 0) -> Activations:
@@ -200,21 +203,23 @@ def test_length_slope_is_fit_on_benign_fit_rows_and_served_by_mean_logit() -> No
     harm.x[3][:, 0] += np.float16(2.0)
     mask_b, mask_h = np.ones(ben.n_rows, bool), np.ones(harm.n_rows, bool)
     mask_b[ben.example % 7 == 0] = False  # some requests have no in-scope tokens (n -> 1)
-    sb = SourceData(Source("b", "benign", "train", "v2", "f"), [None] * 40, ben, mask_b)
-    sh = SourceData(Source("h", "harmful", "train", "v2", "f"), [None] * 20, harm, mask_h)
+    no_text = cast("list[ChatExample]", [None] * 40)  # the fit reads activations only
+    sb = SourceData(Source("b", "benign", "train", "v2", "f"), no_text, ben, mask_b)
+    sh = SourceData(Source("h", "harmful", "train", "v2", "f"), no_text[:20], harm, mask_h)
     probe = LinearProbe(3, np.array([1.0, 0.2, 0, 0, 0, -0.3], np.float32), -0.5,
                         np.zeros(6, np.float32), np.ones(6, np.float32))
     fit_rows = np.arange(0, 40, 2)  # calibration rows (odd) must not enter the fit
     parts = [(sb, fit_rows), (sh, np.arange(20))]
     # plain reference: per benign fit request, the probe's logit of its mean in-scope row
-    z, n = [], []
-    for i in fit_rows:
-        rows = ben.x[3][(ben.example == i) & mask_b].astype(np.float32)
+    z: list[float] = []
+    n_rows: list[int] = []
+    for req in fit_rows:
+        rows = ben.x[3][(ben.example == req) & mask_b].astype(np.float32)
         xm = rows.mean(0) if rows.size else np.zeros(6, np.float32)
         z.append(float(xm @ probe.weight + probe.bias))
-        n.append(max(len(rows), 1))
+        n_rows.append(max(len(rows), 1))
     a = length_slope(probe, parts)
-    assert a == round(fit_length_slope(np.array(z), np.array(n)), 4) and a > 0.3
+    assert a == round(fit_length_slope(np.array(z), np.array(n_rows)), 4) and a > 0.3
     sh.acts.x[3][:] = 0  # harmful rows do not enter the fit
     sh.feats.clear()
     assert length_slope(probe, parts) == a

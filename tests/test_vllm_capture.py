@@ -186,8 +186,9 @@ def _thread_masks(pid: int) -> dict[int, tuple[str, frozenset[int]]]:
             status = (task / "status").read_text()
         except OSError:  # the thread ended meanwhile
             continue
-        cpus = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M).group(1)
-        out[int(task.name)] = (comm, parse_cpus(cpus).cpus)
+        m = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M)
+        assert m is not None, f"no Cpus_allowed_list in {task}/status"
+        out[int(task.name)] = (comm, parse_cpus(m.group(1)).cpus)
     return out
 
 
