@@ -472,7 +472,11 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
     lay, C = BASE
     mid = [x for x in (12, 15, 18) if x in layers]
     one = "yes: one linear probe"
+    # a detector's inputs are a logit sum (monitor/score/bundle.py DetectorSpec), but every
+    # input of one detector must read the same layer: several layers are not servable
     multi = "no: needs a multi-layer logit sum"
+    # the served mean_logit aggregation's length_slope (monitor.judge.aggregate)
+    lterm = "yes: one linear probe + mean_logit length_slope"
     head = "no: non-linear head"
     hard = {"scary": 3.0, "persona": 3.0, "coconot_noncompliance": 3.0}
     return [
@@ -507,8 +511,13 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
                 linear(lay, C, hard)),
         Variant("5 negatives", f"no per-source balance, scary+persona+coconot_noncompliance"
                 f" x3, L{lay}", one, class_balanced(lay, C, hard)),
-        Variant("5 negatives", f"length-debiased linear L{lay} (- a log n_user)",
-                "no: needs a token-count term", length_debiased(linear(lay, C))),
+        Variant("5 negatives", f"length-debiased linear L{lay} (- a log n_user)", lterm,
+                length_debiased(linear(lay, C))),
+        *(Variant("6 length term", f"length-debiased linear L{la} C={c:g}", lterm,
+                  length_debiased(linear(la, c)))
+          for la, c in ((lay, 3e-3), (lay, 1e-2), (18, 3e-3)) if la in layers),
+        *(Variant("6 length term", f"length-debiased, no per-source balance, L{lay} C={c:g}",
+                  lterm, length_debiased(class_balanced(lay, c))) for c in (1e-3, 3e-3)),
     ]
 
 
