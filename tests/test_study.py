@@ -184,6 +184,29 @@ def test_concat_and_heads_find_a_signal_only_in_another_layer() -> None:
         assert lo <= m.auroc_ordinary <= hi, m.auroc_ordinary
 
 
+def test_recipe_explore_runs_the_shared_fitters() -> None:
+    """The recipe's read-out exploration (probes.harmful.explore) is the shared fitters
+    through the shared fold runner: its rows equal fold_metrics of pooled.fitter_folds,
+    and on a signal only at layer 12 the chosen layer-15 probe is near chance while the
+    concatenated layers find it."""
+    from probes.harmful import Config, explore, fold_metrics
+
+    data = _world(np.random.default_rng(11), {12: 3.0})
+    fit_idx, cal_idx = split_calibration(data)
+    cfg = Config(15, 1.0, 1.0, (("kind", "mean_logit"),), 1)
+    rows = explore(data, fit_idx, cal_idx, cfg, layers=(12, 15))
+    assert [r["read-out (pooled statistic)"] for r in rows] == [
+        "linear, layer 15 (chosen)", "linear, layers 12+15 concatenated",
+        "ensemble: mean logit of per-layer probes (12, 15)",
+        "MLP head (64 hidden, alpha=1), layer 15"]
+    kw = pooled.kind_weights(1.0)
+    for row, f in zip(rows, (pooled.linear(15, 1.0, kw), pooled.concat([12, 15], 0.5, kw)),
+                      strict=False):
+        want = fold_metrics(pooled.fitter_folds(data, fit_idx, cal_idx, f), 0)
+        assert row["auroc"] == pytest.approx(round(want["auroc"], 4))
+    assert rows[0]["auroc"] < 0.7 < 0.95 < rows[1]["auroc"]
+
+
 def test_lda_whitens_a_correlated_nuisance() -> None:
     """Feature 1 carries a large nuisance shared with feature 0; harmful rows add a small
     shift to feature 0 only. The mean difference points along feature 0, which the
