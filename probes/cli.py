@@ -61,7 +61,8 @@ def cmd_build_default(args: argparse.Namespace) -> int:
                             detectors=args.detectors.split(","), scope=args.scope,
                             progress=not args.quiet, model_name=args.model_name,
                             layers=_layers(args.layers) if args.layers else None,
-                            judge_at=args.judge_at, limit=args.limit, device=args.device)
+                            judge_at=args.judge_at, limit=args.limit, device=args.device,
+                            length_debias=args.length_debias)
     from probes.calibrate import policy_snippet
 
     print(policy_snippet({r.name: {"scope": r.scope, "aggregation": r.aggregation,
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean nothing)")
     b.add_argument("--device", default="cpu", help="torch device of the collection forward "
                                                    "passes and generation (e.g. cuda)")
+    b.add_argument("--no-length-debias", dest="length_debias", action="store_false",
+                   help="harmful_intent without the length term (mean_logit length_slope "
+                        "0): the session-5 recipe")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_build_default)
 

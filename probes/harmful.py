@@ -14,6 +14,13 @@ What is served and what is trained (they agree by construction):
   tracker's rule "a severity is reached at the first judged token ``t ≥ min_tokens``
   where ``a_t ≥ threshold``". With ``mean_logit`` at ``span_end`` over one user message,
   ``S = σ(mean_t z_t) = σ(z(x̄))``: the served statistic IS the trained one.
+- **Length debiasing** (``length_debias``, on by default): long benign requests drift up
+  in ``z(x̄)``; the recipe fits ``a`` = least-squares slope of ``z(x̄)`` on ``log n`` over
+  the BENIGN FIT rows (``n`` = the request's in-scope tokens; :func:`length_slope`,
+  ``probes.train.fit_length_slope``) and serves ``mean_logit`` with ``length_slope: a``:
+  ``S = σ(z(x̄) − a·log n)``. Every fold of the selection, every learning-curve point and
+  the shipped probe fit their own ``a`` on their own fit rows; thresholds and every
+  reported number are computed on the debiased served statistic.
 - **Training** fits ``w, b`` by L2 logistic regression on the request-level mean of the
   user-token activations, ``x̄ = (1/T) Σ_t x_t``. Because ``z`` is affine,
   ``z(x̄) = (1/T) Σ_t z_t``: the trained logit is the mean of the served per-token logits;
@@ -49,6 +56,7 @@ from probes.pooled import (
     fit_pooled,
     fitter_folds,
     kind_weights,
+    length_debiased,
     linear,
     mlp,
     pooled_features,
@@ -65,6 +73,7 @@ __all__ = [  # SourceData … source_weights live in probes.pooled (re-exported 
     "fit_pooled",
     "harmful_intent_recipe",
     "kind_weights",
+    "length_slope",
     "pooled_features",
     "scope_mask",
     "served_scores",
@@ -103,6 +112,33 @@ def scope_mask(roles: np.ndarray, scope: str) -> np.ndarray:
     return role_table(scope)[np.asarray(roles, dtype=np.int8)]
 
 
+def length_slope(probe: LinearProbe, parts: Sequence[tuple[SourceData, np.ndarray]]
+                 ) -> float:
+    """``a`` of the served ``mean_logit`` length term for ``probe``: the least-squares
+    slope (``probes.train.fit_length_slope``) of its pooled logit ``z(x̄)`` (the mean of
+    the per-token logits the served aggregate averages) on ``log n_in_scope`` over the
+    BENIGN rows among ``parts`` (pass the fit rows: never calibration or test rows).
+    Rounded to 4 decimals, so the policy text serves exactly the slope every threshold
+    and number was computed with."""
+    from probes.train import fit_length_slope
+
+    z, n = [], []
+    for d, idx in parts:
+        b = idx[d.labels[idx] == 0]
+        z.append(((d.features(probe.layer)[b] - probe.mean) / probe.std) @ probe.weight
+                 + probe.bias)
+        n.append(d.in_scope_tokens()[b])
+    return round(fit_length_slope(np.concatenate(z), np.concatenate(n)), 4)
+
+
+def with_slope(agg: dict[str, Any], slope: float) -> dict[str, Any]:
+    """``agg`` with ``length_slope: slope`` when it is a ``mean_logit`` aggregation and
+    ``slope != 0`` (other kinds have no length term: returned unchanged)."""
+    if agg["kind"] != "mean_logit" or slope == 0.0:
+        return agg
+    return {**agg, "length_slope": slope}
+
+
 def pooled_metrics(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
     """AUROC and TPR@1%FPR of request scores."""
     return {"auroc": auroc(y, s), "tpr@fpr0.01": tpr_at_fpr(y, s, 0.01)}
@@ -121,6 +157,9 @@ class Config:
     scale: float = 1.0
     prefixes: int = 0
     judge_at: str = "every_token"
+    #: ``mean_logit`` with a length term whose slope is fit per probe on its benign fit
+    #: rows (:func:`length_slope`); ``agg`` holds no slope (it depends on the fit).
+    length_debias: bool = False
 
     @property
     def agg(self) -> dict[str, Any]:
@@ -130,8 +169,19 @@ class Config:
         from probes.train import aggregation_name
 
         return (f"L{self.layer} C={self.C:g} scary×{self.scary_weight:g} "
-                f"{aggregation_name(self.agg)} m={self.min_tokens} scale={self.scale:g} "
+                f"{aggregation_name(self.agg)}{' − a·log t' if self.length_debias else ''} "
+                f"m={self.min_tokens} scale={self.scale:g} "
                 f"prefix-negatives={self.prefixes} judge_at={self.judge_at}")
+
+    def fit(self, parts: Sequence[tuple[SourceData, np.ndarray]]
+            ) -> tuple[LinearProbe, dict[str, Any]]:
+        """The probe of this config fit on ``parts`` and the aggregation it is served
+        with (``length_debias``: its own slope, :func:`length_slope` on ``parts``)."""
+        p = scaled(fit_pooled(parts, self.layer, self.C, kind_weights(self.scary_weight),
+                              self.prefixes), self.scale)
+        if not (self.length_debias and self.agg["kind"] == "mean_logit"):
+            return p, self.agg
+        return p, with_slope(self.agg, length_slope(p, parts))
 
 
 def scaled(probe: LinearProbe, scale: float) -> LinearProbe:
@@ -145,10 +195,14 @@ Served = tuple[dict[str, Any], int, float, str]
 
 
 def _read_outs(p: LinearProbe, d: SourceData, layer: int,
-               served: Sequence[Served]) -> list[np.ndarray]:
+               served: Sequence[Served], slope: float = 0.0) -> list[np.ndarray]:
     """``[pooled logit, served statistic for each of served]`` for all of ``d``'s examples
-    (the pooled logit unsquashed: float32 sigmoids of large logits would tie at 1.0)."""
+    (the pooled logit unsquashed: float32 sigmoids of large logits would tie at 1.0).
+    ``slope``: the length term ``a`` (:func:`length_slope`): subtracted from the pooled
+    logit as ``a·log n`` and served by every ``mean_logit`` read-out (:func:`with_slope`)."""
     zp = ((d.features(layer) - p.mean) / p.std) @ p.weight + p.bias
+    if slope:
+        zp = zp - slope * np.log(np.maximum(d.in_scope_tokens(), 1))
     out = [zp.astype(np.float64)]
     z = p.logits(d.rows(layer))
     toks: dict[float, np.ndarray] = {}
@@ -156,28 +210,32 @@ def _read_outs(p: LinearProbe, d: SourceData, layer: int,
         if scale not in toks:
             toks[scale] = np.zeros(d.acts.n_rows, dtype=np.float32)
             toks[scale][d.mask] = _sigmoid(scale * z)
-        out.append(aggregate_requests(toks[scale], d.acts.example, d.acts.n_examples, agg, m,
-                                      d.mask, judge_at))
+        out.append(aggregate_requests(toks[scale], d.acts.example, d.acts.n_examples,
+                                      with_slope(agg, slope), m, d.mask, judge_at))
     return out
 
 
 def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
                cal_idx: dict[str, np.ndarray], layer: int, C: float, scary_weight: float,
                served: Sequence[Served],
-               prefixes: int = 0) -> list[Fold]:
+               prefixes: int = 0, length_debias: bool = False) -> list[Fold]:
     """For each training source, a probe fit on the other sources' ``fit_idx`` rows
-    scores ALL of that source's rows and the other sources' ``cal_idx`` rows."""
+    scores ALL of that source's rows and the other sources' ``cal_idx`` rows.
+    ``length_debias``: the fold's probe gets its own length slope (:func:`length_slope`
+    on the fold's fit rows), applied to the pooled logit and the ``mean_logit``
+    read-outs."""
     kw = kind_weights(scary_weight)
     folds = []
     for held in train:
         parts = [(d, fit_idx[d.name]) for d in train if d.name != held.name]
         p = fit_pooled(parts, layer, C, kw, prefixes)
-        cal = [_read_outs(p, d, layer, served) for d in train
+        a = length_slope(p, parts) if length_debias else 0.0
+        cal = [_read_outs(p, d, layer, served, a) for d in train
                if d.name != held.name and cal_idx[d.name].size]
         idx = [cal_idx[d.name] for d in train if d.name != held.name and cal_idx[d.name].size]
         cal_scores = [np.concatenate([c[k][i] for c, i in zip(cal, idx, strict=True)])
                       for k in range(len(served) + 1)]
-        folds.append(Fold(held, _read_outs(p, held, layer, served), cal_scores))
+        folds.append(Fold(held, _read_outs(p, held, layer, served, a), cal_scores))
     return folds
 
 
@@ -380,12 +438,13 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
            cal_idx: dict[str, np.ndarray], layers: Sequence[int] = SEARCH_LAYERS,
            Cs: Sequence[float] = CS, scary_weights: Sequence[float] = SCARY_WEIGHTS,
            served: Sequence[Served] = SERVED,
-           prefixes: Sequence[int] = PREFIXES, progress: bool = True
-           ) -> tuple[Config, list[dict[str, Any]]]:
+           prefixes: Sequence[int] = PREFIXES, progress: bool = True,
+           length_debias: bool = False) -> tuple[Config, list[dict[str, Any]]]:
     """Leave-one-source-out search (:func:`loso_folds`, :func:`fold_metrics`). Returns the
     best *servable* config and the whole table (``pooled logit`` rows: the request-level
     sigmoid of the mean logit over all in-scope rows, the reference; ``mean_logit`` at
-    ``span_end`` serves it for single-message requests)."""
+    ``span_end`` serves it for single-message requests). ``length_debias``: the pooled
+    logit and every ``mean_logit`` read-out carry each fold's own length term."""
     from tqdm.auto import tqdm
 
     from probes.train import aggregation_name
@@ -396,16 +455,21 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
             for pf in prefixes]
     for lay, c, sw, pf in tqdm(jobs, desc="harmful_intent/select", disable=not progress,
                            leave=False):
-        folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served, pf)
+        folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served, pf, length_debias)
         for k in range(len(served) + 1):
             met = fold_metrics(folds, k)
             if k == 0:
                 agg_name, m = "pooled logit (reference)", 0
+                if length_debias:
+                    agg_name = "pooled logit − a·log n (reference)"
             else:
                 agg, m, scale, judge_at = served[k - 1]
-                agg_name = (aggregation_name(agg) + (f" scale={scale:g}" if scale != 1 else "")
+                deb = length_debias and agg["kind"] == "mean_logit"
+                agg_name = (aggregation_name(agg) + (" − a·log t" if deb else "")
+                            + (f" scale={scale:g}" if scale != 1 else "")
                             + (f" @{judge_at}" if judge_at != "every_token" else ""))
-                cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m, scale, pf, judge_at)
+                cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m, scale, pf, judge_at,
+                             deb)
                 if best is None or met["criterion"] > best[0]:
                     best = (met["criterion"], cfg)
             table.append({"layer": lay, "C": c, "scary_weight": sw, "prefix_negatives": pf,
@@ -425,7 +489,8 @@ def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
     concatenated, an ensemble (mean logit of one probe per layer) and a small MLP head on
     the chosen layer — the fitters of ``probes.pooled`` that the variant study
     (``safety-probes study-variants``) compares, with the chosen config's C, weights and
-    prefix negatives."""
+    prefix negatives, and (``cfg.length_debias``) each minus its own length term
+    (:func:`probes.pooled.length_debiased`, fit on each fold's benign fit rows)."""
     kw = kind_weights(cfg.scary_weight)
     fitters: tuple[tuple[str, Fitter], ...] = (
         (f"linear, layer {cfg.layer} (chosen)", linear(cfg.layer, cfg.C, kw, cfg.prefixes)),
@@ -436,6 +501,8 @@ def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
         (f"MLP head (64 hidden, alpha=1), layer {cfg.layer}", mlp([cfg.layer])))
     rows = []
     for name, f in fitters:
+        if cfg.length_debias:
+            name, f = f"{name} − a·log n", length_debiased(f)
         m = fold_metrics(fitter_folds(train, fit_idx, cal_idx, f), 0)
         rows.append({"read-out (pooled statistic)": name,
                      **{k: round(v, 4) for k, v in m.items()}})
@@ -472,7 +539,6 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
     """Pooled test AUROC / TPR@1%FPR (served statistic) vs the fraction of every training
     source's rows fit on, plus a control: all rows with shuffled labels."""
     y = np.concatenate([d.labels for d in test])
-    kw = kind_weights(cfg.scary_weight)
     rows = []
     rng = np.random.default_rng(seed)
     runs: list[float | str] = [*fractions, "shuffled"]
@@ -487,11 +553,11 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
         if fr == "shuffled":
             x = np.concatenate([d.features(cfg.layer)[i] for d, i in parts])
             yy = rng.permutation(np.concatenate([d.labels[i] for d, i in parts]))
-            p = fit_logreg(x, yy, cfg.layer, cfg.C, max_iter=500)
+            p = scaled(fit_logreg(x, yy, cfg.layer, cfg.C, max_iter=500), cfg.scale)
+            agg = cfg.agg
         else:
-            p = fit_pooled(parts, cfg.layer, cfg.C, kw, cfg.prefixes)
-        p = scaled(p, cfg.scale)
-        s = np.concatenate([d.served(p, cfg.agg, cfg.min_tokens, cfg.judge_at) for d in test])
+            p, agg = cfg.fit(parts)
+        s = np.concatenate([d.served(p, agg, cfg.min_tokens, cfg.judge_at) for d in test])
         m = pooled_metrics(y, s)
         rows.append({"train_fraction": fr if fr == "shuffled" else float(fr),
                      "n_train": int(sum(i.size for _, i in parts)),
@@ -507,9 +573,14 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
                           served: Sequence[Served] = SERVED,
                           prefixes: Sequence[int] = PREFIXES,
                           limit: int | None = None, explore_readouts: bool = True,
-                          seed: int = 0, progress: bool = True) -> Any:
+                          seed: int = 0, progress: bool = True,
+                          length_debias: bool = True) -> Any:
     """Collect → leave-one-source-out selection → fit on all training sources (minus the
-    calibration hold-back) → thresholds on the hold-back → evaluate the test sources."""
+    calibration hold-back) → thresholds on the hold-back → evaluate the test sources.
+
+    ``length_debias`` (default on): ``mean_logit`` read-outs carry a length term whose
+    slope each probe fits on its own benign fit rows (module doc); off reproduces the
+    session-5 recipe (no length term)."""
     from probes.calibrate import calibrate
     from probes.export import DetectorResult, threshold_ladder
     from probes.sources import HARMFUL_SOURCES
@@ -523,14 +594,15 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     fit_idx, cal_idx = split_calibration(train, seed)
     search = [x for x in SEARCH_LAYERS if x in layers] or list(layers)
     cfg, table = select(train, fit_idx, cal_idx, search, Cs, scary_weights, served, prefixes,
-                        progress)
+                        progress, length_debias)
     log.info("harmful_intent: chose %s", cfg.label())
 
-    probe = scaled(fit_pooled([(d, fit_idx[d.name]) for d in train], cfg.layer, cfg.C,
-                              kind_weights(cfg.scary_weight), cfg.prefixes), cfg.scale)
+    fit_parts = [(d, fit_idx[d.name]) for d in train]
+    probe, agg = cfg.fit(fit_parts)
+    slope = float(agg.get("length_slope", 0.0))
 
     def served_of(d: SourceData) -> np.ndarray:
-        return d.served(probe, cfg.agg, cfg.min_tokens, cfg.judge_at)
+        return d.served(probe, agg, cfg.min_tokens, cfg.judge_at)
 
     cal_parts = [(d, served_of(d)[cal_idx[d.name]]) for d in train if cal_idx[d.name].size]
     s_cal = np.concatenate([s for _, s in cal_parts])
@@ -544,7 +616,8 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     ref_neg = np.concatenate([s for d, s in test_scores.values() if d.source.kind != "harmful"])
     # out-of-source scores of the training sources under the chosen config (validation)
     folds = loso_folds(train, fit_idx, cal_idx, cfg.layer, cfg.C, cfg.scary_weight,
-                       [(cfg.agg, cfg.min_tokens, cfg.scale, cfg.judge_at)], cfg.prefixes)
+                       [(cfg.agg, cfg.min_tokens, cfg.scale, cfg.judge_at)], cfg.prefixes,
+                       cfg.length_debias)
     y_test = np.concatenate([np.full(s.size, d.source.kind == "harmful")
                              for d, s in test_scores.values()]).astype(np.int8)
     s_test = np.concatenate([s for _, s in test_scores.values()])
@@ -553,8 +626,10 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     pooled = evaluate_scores(y_test, s_test, None, thr)
     pooled["auroc_ci"] = auroc_ci(y_test, s_test)
     # the same probe read out as the request-level mean logit (servable as mean_logit at
-    # span_end), to show what the chosen served statistic costs on the test sources
+    # span_end; minus the same length term), to show what the chosen served statistic
+    # costs on the test sources
     z_test = np.concatenate([((d.features(cfg.layer) - probe.mean) / probe.std) @ probe.weight
+                             - slope * np.log(np.maximum(d.in_scope_tokens(), 1))
                              for d, _ in test_scores.values()])
     pooled["mean_logit.auroc"] = auroc(y_test, z_test)
     pooled["mean_logit.tpr@fpr0.01"] = tpr_at_fpr(y_test, z_test, 0.01)
@@ -569,8 +644,15 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     }
     if explore_readouts:
         metrics["readouts"] = explore(train, fit_idx, cal_idx, cfg, layers)
-    cal.update({"aggregation": cfg.agg, "min_tokens": cfg.min_tokens, "scope": scope,
+    cal.update({"aggregation": agg, "min_tokens": cfg.min_tokens, "scope": scope,
                 "judge_at": cfg.judge_at})
+    if cfg.length_debias:
+        n_fit = sum(int((d.labels[i] == 0).sum()) for d, i in fit_parts)
+        cal["length_slope"] = slope
+        cal["length_slope_fit"] = (
+            f"least-squares slope of the pooled {scope}-token logit on log(in-scope tokens) "
+            f"over the {n_fit} benign FIT requests (never the calibration or test rows); "
+            "served as mean_logit length_slope, thresholds calibrated with it")
     scores = {"test (pooled)": (y_test, s_test)}
     for d, s in test_scores.values():
         scores[d.name] = (np.full(s.size, int(d.source.kind == "harmful")), s)
@@ -578,7 +660,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     return DetectorResult(
         name="harmful_intent",
         description=f"the user asks for help causing serious harm ({scope} tokens)",
-        probe=probe, scope=scope, aggregation=cfg.agg, min_tokens=cfg.min_tokens,
+        probe=probe, scope=scope, aggregation=agg, min_tokens=cfg.min_tokens,
         judge_at=cfg.judge_at, calibration=cal, metrics=metrics, selection=table[:16],
         datasets=[f"{d.name} ({d.source.kind}, {len(d.examples)}: "
                   f"{fit_idx[d.name].size} fit, {cal_idx[d.name].size} calibration)"

@@ -37,7 +37,7 @@ __all__ = [
     "Fitter", "Fold", "Parts", "Scorer", "SourceData", "cascade", "class_balanced", "concat",
     "ecdf_scores", "ensemble", "fit_pooled", "fitter_folds", "gbt_pca", "kind_weights",
     "knn", "lda_shrunk", "length_debiased", "linear", "mlp", "pca_logreg",
-    "pooled_features", "served_scores", "source_weights", "stage2_share", "user_tokens",
+    "pooled_features", "served_scores", "source_weights", "stage2_share",
 ]
 
 
@@ -94,6 +94,12 @@ class SourceData:
     @property
     def labels(self) -> np.ndarray:
         return self.acts.labels.astype(np.int8)
+
+    def in_scope_tokens(self) -> np.ndarray:
+        """In-scope rows per example: int64 ``[n_examples]`` (``t`` of the served
+        aggregate at the example's last in-scope token)."""
+        return np.bincount(self.acts.example[self.mask],
+                           minlength=self.acts.n_examples).astype(np.int64)
 
     def rows(self, layer: int) -> np.ndarray:
         """The in-scope rows of ``layer`` as float32 (cached)."""
@@ -469,18 +475,15 @@ def stage2_share(raw: dict[str, np.ndarray]) -> float:
     return float(np.mean((r >= 1.0) & (r < 2.0)))
 
 
-def user_tokens(d: SourceData) -> np.ndarray:
-    """In-scope (user) tokens per example: int64 ``[n_examples]``."""
-    return np.bincount(d.acts.example[d.mask], minlength=d.acts.n_examples).astype(np.int64)
-
-
 def length_debiased(base: Fitter) -> Fitter:
-    """``base``'s score minus its least-squares slope on ``log(n_user_tokens)`` over the
-    benign training rows: ``s' = s − a·log(max(n, 1))``."""
+    """``base``'s score minus its least-squares slope (``probes.train.fit_length_slope``)
+    on ``log n`` over the benign training rows, ``n`` = the request's in-scope tokens
+    (:meth:`SourceData.in_scope_tokens`): ``s' = s − a·log(max(n, 1))``; for a linear
+    ``base`` what ``mean_logit`` with ``length_slope: a`` serves at ``span_end``."""
     def fit(parts: Parts) -> Scorer:
         f = base(parts)
         s = np.concatenate([f(d)[i[d.labels[i] == 0]] for d, i in parts])
-        n = np.concatenate([user_tokens(d)[i[d.labels[i] == 0]] for d, i in parts])
+        n = np.concatenate([d.in_scope_tokens()[i[d.labels[i] == 0]] for d, i in parts])
         a = fit_length_slope(s, n)
-        return lambda d: f(d) - a * np.log(np.maximum(user_tokens(d), 1))
+        return lambda d: f(d) - a * np.log(np.maximum(d.in_scope_tokens(), 1))
     return fit

@@ -180,3 +180,51 @@ def test_fold_metrics_judge_each_fold_by_its_own_threshold() -> None:
     q = scaled(p, 0.05)
     np.testing.assert_allclose(q.logits(x), 0.05 * p.logits(x), rtol=1e-5, atol=1e-6)
     assert (np.argsort(q.scores(x)) == np.argsort(p.scores(x))).all()
+
+
+def test_length_slope_is_fit_on_benign_fit_rows_and_served_by_mean_logit() -> None:
+    from probes.harmful import SourceData, length_slope, served_scores, with_slope
+    from probes.train import fit_length_slope
+
+    rng = np.random.default_rng(4)
+    lens = [int(v) for v in rng.integers(2, 90, 40)]
+    ben = _acts(lens, [0] * 40, seed=5)
+    for i, n in enumerate(lens):  # benign requests drift up with log(length) on feature 0
+        ben.x[3][ben.example == i, 0] += np.float16(0.5 * np.log(n))
+    harm = _acts(lens[:20], [1] * 20, seed=6)
+    harm.x[3][:, 0] += np.float16(2.0)
+    mask_b, mask_h = np.ones(ben.n_rows, bool), np.ones(harm.n_rows, bool)
+    mask_b[ben.example % 7 == 0] = False  # some requests have no in-scope tokens (n -> 1)
+    sb = SourceData(Source("b", "benign", "train", "v2", "f"), [None] * 40, ben, mask_b)
+    sh = SourceData(Source("h", "harmful", "train", "v2", "f"), [None] * 20, harm, mask_h)
+    probe = LinearProbe(3, np.array([1.0, 0.2, 0, 0, 0, -0.3], np.float32), -0.5,
+                        np.zeros(6, np.float32), np.ones(6, np.float32))
+    fit_rows = np.arange(0, 40, 2)  # calibration rows (odd) must not enter the fit
+    parts = [(sb, fit_rows), (sh, np.arange(20))]
+    # plain reference: per benign fit request, the probe's logit of its mean in-scope row
+    z, n = [], []
+    for i in fit_rows:
+        rows = ben.x[3][(ben.example == i) & mask_b].astype(np.float32)
+        xm = rows.mean(0) if rows.size else np.zeros(6, np.float32)
+        z.append(float(xm @ probe.weight + probe.bias))
+        n.append(max(len(rows), 1))
+    a = length_slope(probe, parts)
+    assert a == round(fit_length_slope(np.array(z), np.array(n)), 4) and a > 0.3
+    sh.acts.x[3][:] = 0  # harmful rows do not enter the fit
+    sh.feats.clear()
+    assert length_slope(probe, parts) == a
+    sb.acts.x[3][sb.acts.example == 1] += np.float16(5.0)  # nor do held-back benign rows
+    sb.feats.clear()
+    assert length_slope(probe, parts) == a
+    assert with_slope({"kind": "mean"}, a) == {"kind": "mean"}
+    agg = with_slope({"kind": "mean_logit"}, a)
+    assert agg == {"kind": "mean_logit", "length_slope": a}
+    # served (span_end, one span per request) = σ(z(x̄) − a·log n) on every request
+    s = served_scores(probe, ben, mask_b, agg, 1, judge_at="span_end")
+    for i in range(0, 40, 3):
+        rows = ben.x[3][(ben.example == i) & mask_b].astype(np.float32)
+        if not rows.size:
+            assert s[i] == 0.0  # nothing in scope: never judged
+            continue
+        zi = float(rows.mean(0) @ probe.weight + probe.bias) - a * np.log(len(rows))
+        assert s[i] == pytest.approx(1 / (1 + np.exp(-zi)), rel=1e-5)

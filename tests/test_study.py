@@ -205,6 +205,14 @@ def test_recipe_explore_runs_the_shared_fitters() -> None:
         want = fold_metrics(pooled.fitter_folds(data, fit_idx, cal_idx, f), 0)
         assert row["auroc"] == pytest.approx(round(want["auroc"], 4))
     assert rows[0]["auroc"] < 0.7 < 0.95 < rows[1]["auroc"]
+    # with the recipe's length term every read-out carries its own benign length slope
+    deb = explore(data, fit_idx, cal_idx, Config(15, 1.0, 1.0, (("kind", "mean_logit"),), 1,
+                                                 length_debias=True), layers=(12, 15))
+    assert deb[0]["read-out (pooled statistic)"] == "linear, layer 15 (chosen) − a·log n"
+    want = fold_metrics(pooled.fitter_folds(
+        data, fit_idx, cal_idx, pooled.length_debiased(pooled.linear(15, 1.0, kw))), 0)
+    assert deb[0]["fpr@cal1%"] == pytest.approx(round(want["fpr@cal1%"], 4))
+    assert deb[0]["auroc"] == pytest.approx(round(want["auroc"], 4))
 
 
 def test_lda_whitens_a_correlated_nuisance() -> None:
@@ -275,10 +283,10 @@ def test_length_debiased_removes_the_benign_length_slope() -> None:
     parts = [(d, np.arange(d.labels.size)) for d in data]
 
     def by_length(parts: pooled.Parts) -> pooled.Scorer:
-        return lambda d: 2.0 * np.log(pooled.user_tokens(d)) + d.features(15)[:, 0]
+        return lambda d: 2.0 * np.log(d.in_scope_tokens()) + d.features(15)[:, 0]
 
     f = pooled.length_debiased(by_length)(parts)
-    n = np.concatenate([pooled.user_tokens(d) for d in data])
+    n = np.concatenate([d.in_scope_tokens() for d in data])
     assert n.tolist() == [int(np.sum(d.acts.example == i)) for d in data
                           for i in range(d.acts.n_examples)]
     y = np.concatenate([d.labels for d in data])
