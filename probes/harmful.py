@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,15 +47,32 @@ import numpy as np
 from probes.collect import Activations, _ChatEncoder
 from probes.datasets import ChatExample
 from probes.evaluate import auroc, tpr_at_fpr
+from probes.pooled import (
+    Fitter,
+    Fold,
+    SourceData,
+    concat,
+    ensemble,
+    fit_pooled,
+    fitter_folds,
+    kind_weights,
+    length_debiased,
+    linear,
+    mlp,
+    pooled_features,
+    served_scores,
+    source_weights,
+)
 from probes.sources import Source
 from probes.train import LinearProbe, _sigmoid, aggregate_requests, fit_logreg
 
 log = logging.getLogger("probes.harmful")
 
-__all__ = [
+__all__ = [  # SourceData … source_weights live in probes.pooled (re-exported here)
     "SourceData",
     "fit_pooled",
     "harmful_intent_recipe",
+    "kind_weights",
     "length_slope",
     "pooled_features",
     "scope_mask",
@@ -93,162 +110,6 @@ def scope_mask(roles: np.ndarray, scope: str) -> np.ndarray:
     from monitor.roles import scope_mask as role_table
 
     return role_table(scope)[np.asarray(roles, dtype=np.int8)]
-
-
-def pooled_features(acts: Activations, layer: int, mask: np.ndarray) -> np.ndarray:
-    """Mean of the masked rows per example: float32 ``[n_examples, d_model]`` (zeros for
-    an example without masked rows). Rows must be grouped by example (collect order)."""
-    x = acts.x[layer][mask].astype(np.float32)
-    ex = acts.example[mask]
-    d = acts.x[layer].shape[1]
-    out = np.zeros((acts.n_examples, d), dtype=np.float32)
-    if ex.size == 0:
-        return out
-    if np.any(np.diff(ex) < 0):
-        raise ValueError("pooled_features: rows must be grouped by example in ascending order")
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(ex)) + 1])
-    sums = np.add.reduceat(x, starts, axis=0)
-    counts = np.diff(np.concatenate([starts, [ex.size]])).astype(np.float32)
-    out[ex[starts]] = sums / counts[:, None]
-    return out
-
-
-def served_scores(probe: LinearProbe, acts: Activations, mask: np.ndarray,
-                  agg: dict[str, Any], min_tokens: int,
-                  rows: np.ndarray | None = None, judge_at: str = "every_token"
-                  ) -> np.ndarray:
-    """The request statistic the monitor alerts on (see module doc), per example.
-    ``rows``: the masked rows of ``probe.layer`` as float32 when the caller has them."""
-    x = acts.x[probe.layer][mask] if rows is None else rows
-    scores = np.zeros(acts.n_rows, dtype=np.float32)
-    scores[mask] = probe.scores(x)
-    return aggregate_requests(scores, acts.example, acts.n_examples, agg, min_tokens, mask,
-                              judge_at)
-
-
-@dataclass
-class SourceData:
-    """One source's examples, activations and per-layer pooled user-token features."""
-
-    source: Source
-    examples: list[ChatExample]
-    acts: Activations
-    mask: np.ndarray
-    feats: dict[int, np.ndarray] = field(default_factory=dict)
-    rows32: dict[int, np.ndarray] = field(default_factory=dict)
-    prefix_cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = field(
-        default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.acts.labels.astype(np.int8)
-
-    def rows(self, layer: int) -> np.ndarray:
-        """The in-scope rows of ``layer`` as float32 (cached)."""
-        if layer not in self.rows32:
-            self.rows32[layer] = self.acts.x[layer][self.mask].astype(np.float32)
-        return self.rows32[layer]
-
-    def served(self, probe: LinearProbe, agg: dict[str, Any], min_tokens: int,
-               judge_at: str = "every_token") -> np.ndarray:
-        """:func:`served_scores` of this source."""
-        return served_scores(probe, self.acts, self.mask, agg, min_tokens,
-                             self.rows(probe.layer), judge_at)
-
-    def prefix_features(self, layer: int, min_tokens: int, k: int
-                        ) -> tuple[np.ndarray, np.ndarray]:
-        """Means of the first ``t`` in-scope rows for up to ``k`` prefix lengths ``t``
-        evenly spaced in ``[min_tokens, T]`` (always including ``T``) per example:
-        (float32 ``[n_prefixes, d]``, owning example ``[n_prefixes]``). The monitor judges
-        every such prefix (``S = max_{t ≥ m} a_t``), so benign prefixes are negatives."""
-        key = (layer, min_tokens, k)
-        if key in self.prefix_cache:
-            return self.prefix_cache[key]
-        rows = self.rows(layer)
-        ex = self.acts.example[self.mask]
-        feats, owner = [], []
-        if ex.size:
-            bounds = np.concatenate([[0], np.flatnonzero(np.diff(ex)) + 1, [ex.size]])
-            for a, b in itertools.pairwise(bounds):
-                n = int(b - a)
-                ts = np.unique(np.round(np.linspace(min(min_tokens, n), n, k)).astype(int))
-                cs = np.cumsum(rows[a:b], axis=0, dtype=np.float64)[ts - 1] / ts[:, None]
-                feats.append(cs.astype(np.float32))
-                owner.append(np.full(ts.size, ex[a], dtype=np.int64))
-        d = self.acts.x[layer].shape[1]
-        out = (np.concatenate(feats) if feats else np.zeros((0, d), np.float32),
-               np.concatenate(owner) if owner else np.zeros(0, np.int64))
-        self.prefix_cache[key] = out
-        return out
-
-    def in_scope_tokens(self) -> np.ndarray:
-        """In-scope rows per example: int64 ``[n_examples]`` (``t`` of the served
-        aggregate at the example's last in-scope token)."""
-        return np.bincount(self.acts.example[self.mask],
-                           minlength=self.acts.n_examples).astype(np.int64)
-
-    def features(self, layer: int) -> np.ndarray:
-        if layer not in self.feats:
-            self.feats[layer] = pooled_features(self.acts, layer, self.mask)
-        return self.feats[layer]
-
-
-def source_weights(parts: Sequence[tuple[SourceData, np.ndarray]],
-                   kind_weight: dict[str, float], per_source: bool = True) -> np.ndarray:
-    """Per-example weights for the rows ``idx`` of each source: each source's rows sum to
-    ``kind_weight.get(name, kind_weight.get(kind, 1))`` (a source's name overrides its
-    kind; ``per_source=False``: each ROW weighs that much instead), then each class is
-    rescaled to total ``n/2`` (balanced)."""
-    ws, ys = [], []
-    for sd, idx in parts:
-        n = max(len(idx), 1) if per_source else 1
-        mult = kind_weight.get(sd.source.name, kind_weight.get(sd.source.kind, 1.0))
-        ws.append(np.full(len(idx), mult / n))
-        ys.append(sd.labels[idx])
-    w = np.concatenate(ws)
-    y = np.concatenate(ys)
-    for c in (0, 1):
-        tot = w[y == c].sum()
-        if tot > 0:
-            w[y == c] *= 1.0 / tot
-    return w * len(w) / 2.0
-
-
-def fit_pooled(parts: Sequence[tuple[SourceData, np.ndarray]], layer: int, C: float,
-               kind_weight: dict[str, float], prefixes: int = 0,
-               min_tokens: int = 2) -> LinearProbe:
-    """L2 logistic regression on pooled user-token features of the given rows.
-
-    ``prefixes > 0``: a benign example contributes the means of up to ``prefixes`` of its
-    prefixes (``SourceData.prefix_features``, its weight split evenly across them)
-    instead of only its full mean, so no prefix of a benign request — each of which the
-    monitor judges — is pushed over the threshold; harmful examples keep the full mean."""
-    w_ex = source_weights(parts, kind_weight)
-    xs, ys, ws = [], [], []
-    off = 0
-    for sd, idx in parts:
-        w_sd = w_ex[off:off + idx.size]
-        off += idx.size
-        if prefixes > 0 and sd.source.kind != "harmful":
-            f, owner = sd.prefix_features(layer, min_tokens, prefixes)
-            pos = np.full(sd.labels.size, -1, dtype=np.int64)
-            pos[idx] = np.arange(idx.size)
-            keep = pos[owner] >= 0
-            cnt = np.bincount(owner[keep], minlength=sd.labels.size).astype(np.float64)
-            xs.append(f[keep])
-            ys.append(sd.labels[owner[keep]])
-            ws.append(w_sd[pos[owner[keep]]] / cnt[owner[keep]])
-        else:
-            xs.append(sd.features(layer)[idx])
-            ys.append(sd.labels[idx])
-            ws.append(w_sd)
-    x, y, w = np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
-    # class balance is already in w; fit_logreg's 'balanced' then only rescales slightly
-    return fit_logreg(x, y, layer, C, w, max_iter=500)
 
 
 def length_slope(probe: LinearProbe, parts: Sequence[tuple[SourceData, np.ndarray]]
@@ -329,11 +190,6 @@ def scaled(probe: LinearProbe, scale: float) -> LinearProbe:
                        float(probe.bias * scale), probe.mean, probe.std, probe.method, probe.C)
 
 
-def kind_weights(scary_weight: float) -> dict[str, float]:
-    """Per-kind source weight multipliers (benign-but-scary and persona sources)."""
-    return {"scary": scary_weight, "persona": scary_weight}
-
-
 Served = tuple[dict[str, Any], int, float, str]
 """One served read-out: ``(aggregation, min_tokens, scale, judge_at)``."""
 
@@ -357,17 +213,6 @@ def _read_outs(p: LinearProbe, d: SourceData, layer: int,
         out.append(aggregate_requests(toks[scale], d.acts.example, d.acts.n_examples,
                                       with_slope(agg, slope), m, d.mask, judge_at))
     return out
-
-
-@dataclass
-class Fold:
-    """One leave-one-source-out fold: the held-out source's scores and the scores of the
-    fold's calibration rows (the held-back benign rows of the OTHER sources), per read-out
-    (index 0 = pooled logit, then one per served read-out)."""
-
-    held: SourceData
-    held_scores: list[np.ndarray]
-    cal_scores: list[np.ndarray]
 
 
 def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
@@ -638,63 +483,27 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
 def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
             cal_idx: dict[str, np.ndarray], cfg: Config,
             layers: Sequence[int] = LAYERS) -> list[dict[str, Any]]:
-    """What richer read-outs buy, leave-one-source-out (:func:`fold_metrics`) on the
-    request-level pooled statistic (none of these is servable as one ``linear_probe``
-    detector today): the chosen single layer, all layers concatenated, an ensemble (mean
-    logit of one probe per layer) and a small MLP head on the chosen layer."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neural_network import MLPClassifier
-
+    """What richer read-outs buy, leave-one-source-out (:func:`probes.pooled.fitter_folds`,
+    :func:`fold_metrics`) on the request-level pooled statistic (none but the first is
+    servable as one ``linear_probe`` detector today): the chosen single layer, all layers
+    concatenated, an ensemble (mean logit of one probe per layer) and a small MLP head on
+    the chosen layer — the fitters of ``probes.pooled`` that the variant study
+    (``safety-probes study-variants``) compares, with the chosen config's C, weights and
+    prefix negatives, and (``cfg.length_debias``) each minus its own length term
+    (:func:`probes.pooled.length_debiased`, fit on each fold's benign fit rows)."""
     kw = kind_weights(cfg.scary_weight)
-    Parts = Sequence[tuple[SourceData, np.ndarray]]
-    Scorer = Callable[[SourceData], np.ndarray]
-
-    def run(fit: Any) -> dict[str, float]:
-        folds = []
-        for h in train:
-            others = [d for d in train if d.name != h.name]
-            score: Scorer = fit([(d, fit_idx[d.name]) for d in others])
-            cal = np.concatenate([score(d)[cal_idx[d.name]] for d in others
-                                  if cal_idx[d.name].size])
-            folds.append(Fold(h, [score(h)], [cal]))
-        return fold_metrics(folds, 0)
-
-    def single(lay: int) -> Any:
-        def f(parts: Parts) -> Scorer:
-            p = fit_pooled(parts, lay, cfg.C, kw, cfg.prefixes)
-            return lambda d: ((d.features(lay) - p.mean) / p.std) @ p.weight + p.bias
-        return f
-
-    def feats(d: SourceData) -> np.ndarray:
-        return np.concatenate([d.features(lay) for lay in layers], 1)
-
-    def concat(parts: Parts) -> Scorer:
-        x = np.concatenate([feats(d)[i] for d, i in parts])
-        yy = np.concatenate([d.labels[i] for d, i in parts])
-        mu, sd = x.mean(0), x.std(0) + 1e-4
-        clf = LogisticRegression(C=cfg.C / len(layers), max_iter=500)
-        clf.fit((x - mu) / sd, yy, sample_weight=source_weights(parts, kw))
-        return lambda d: clf.decision_function((feats(d) - mu) / sd)
-
-    def ensemble(parts: Parts) -> Scorer:
-        fs = [single(lay)(parts) for lay in layers]
-        return lambda d: np.mean([f(d) for f in fs], axis=0)
-
-    def mlp(parts: Parts) -> Scorer:
-        x = np.concatenate([d.features(cfg.layer)[i] for d, i in parts])
-        yy = np.concatenate([d.labels[i] for d, i in parts])
-        mu, sd = x.mean(0), x.std(0) + 1e-4
-        clf = MLPClassifier((64,), alpha=1.0, max_iter=200, early_stopping=True,
-                            random_state=0)
-        clf.fit((x - mu) / sd, yy)
-        return lambda d: clf.predict_proba((d.features(cfg.layer) - mu) / sd)[:, 1]
-
+    fitters: tuple[tuple[str, Fitter], ...] = (
+        (f"linear, layer {cfg.layer} (chosen)", linear(cfg.layer, cfg.C, kw, cfg.prefixes)),
+        (f"linear, layers {'+'.join(map(str, layers))} concatenated",
+         concat(layers, cfg.C / len(layers), kw)),
+        (f"ensemble: mean logit of per-layer probes {tuple(layers)}",
+         ensemble(layers, cfg.C, kw, cfg.prefixes)),
+        (f"MLP head (64 hidden, alpha=1), layer {cfg.layer}", mlp([cfg.layer])))
     rows = []
-    for name, f in ((f"linear, layer {cfg.layer} (chosen)", single(cfg.layer)),
-                    (f"linear, layers {'+'.join(map(str, layers))} concatenated", concat),
-                    (f"ensemble: mean logit of per-layer probes {tuple(layers)}", ensemble),
-                    (f"MLP head (64 hidden, alpha=1), layer {cfg.layer}", mlp)):
-        m = run(f)
+    for name, f in fitters:
+        if cfg.length_debias:
+            name, f = f"{name} − a·log n", length_debiased(f)
+        m = fold_metrics(fitter_folds(train, fit_idx, cal_idx, f), 0)
         rows.append({"read-out (pooled statistic)": name,
                      **{k: round(v, 4) for k, v in m.items()}})
     return rows
