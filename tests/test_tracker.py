@@ -5,7 +5,6 @@ watch, SIGHUP and admin RPC are in test_server_integration.py)."""
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import pytest
@@ -473,15 +472,6 @@ def test_action_for_block_mode():
 V1 = 'version: "v1"\ndetectors:\n  d: {thresholds: {warn: 0.5}}\n'
 V2 = 'version: "v2"\ndetectors:\n  d: {thresholds: {warn: 0.4}}\n  e: {thresholds: {warn: 0.4}}\n'
 BAD = 'version: "v3"\ndetectors:\n  d: {mode: blok, thresholds: {warn: 0.5}}\n'
-
-
-def wait_for(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 def test_reload_swaps_and_refuses(tmp_path, caplog):
