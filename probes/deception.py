@@ -195,7 +195,8 @@ def deception_recipe(collector: Any, cache_dir: Path | None, *, n_pairs: int = 4
     from probes.collect import TokenSelection
     from probes.evaluate import auroc, auroc_ci, evaluate_scores, wilson_ci
     from probes.export import DetectorResult, threshold_ladder
-    from probes.harmful import SourceData, pooled_metrics, served_scores
+    from probes.harmful import pooled_metrics
+    from probes.pooled import SourceData, served_scores
     from probes.sources import Source
     from probes.train import fit_logreg
 

@@ -14,6 +14,13 @@ What is served and what is trained (they agree by construction):
   tracker's rule "a severity is reached at the first judged token ``t ≥ min_tokens``
   where ``a_t ≥ threshold``". With ``mean_logit`` at ``span_end`` over one user message,
   ``S = σ(mean_t z_t) = σ(z(x̄))``: the served statistic IS the trained one.
+- **Length debiasing** (``length_debias``, on by default): long benign requests drift up
+  in ``z(x̄)``; the recipe fits ``a`` = least-squares slope of ``z(x̄)`` on ``log n`` over
+  the BENIGN FIT rows (``n`` = the request's in-scope tokens; :func:`length_slope`,
+  ``probes.train.fit_length_slope``) and serves ``mean_logit`` with ``length_slope: a``:
+  ``S = σ(z(x̄) − a·log n)``. Every fold of the selection, every learning-curve point and
+  the shipped probe fit their own ``a`` on their own fit rows; thresholds and every
+  reported number are computed on the debiased served statistic.
 - **Training** fits ``w, b`` by L2 logistic regression on the request-level mean of the
   user-token activations, ``x̄ = (1/T) Σ_t x_t``. Because ``z`` is affine,
   ``z(x̄) = (1/T) Σ_t z_t``: the trained logit is the mean of the served per-token logits;
@@ -31,8 +38,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,15 +47,33 @@ import numpy as np
 from probes.collect import Activations, _ChatEncoder
 from probes.datasets import ChatExample
 from probes.evaluate import auroc, tpr_at_fpr
+from probes.pooled import (
+    Fitter,
+    Fold,
+    SourceData,
+    concat,
+    ensemble,
+    fit_pooled,
+    fitter_folds,
+    kind_weights,
+    length_debiased,
+    linear,
+    mlp,
+    pooled_features,
+    served_scores,
+    source_weights,
+)
 from probes.sources import Source
 from probes.train import LinearProbe, _sigmoid, aggregate_requests, fit_logreg
 
 log = logging.getLogger("probes.harmful")
 
-__all__ = [
+__all__ = [  # SourceData … source_weights live in probes.pooled (re-exported here)
     "SourceData",
     "fit_pooled",
     "harmful_intent_recipe",
+    "kind_weights",
+    "length_slope",
     "pooled_features",
     "scope_mask",
     "served_scores",
@@ -87,154 +112,31 @@ def scope_mask(roles: np.ndarray, scope: str) -> np.ndarray:
     return role_table(scope)[np.asarray(roles, dtype=np.int8)]
 
 
-def pooled_features(acts: Activations, layer: int, mask: np.ndarray) -> np.ndarray:
-    """Mean of the masked rows per example: float32 ``[n_examples, d_model]`` (zeros for
-    an example without masked rows). Rows must be grouped by example (collect order)."""
-    x = acts.x[layer][mask].astype(np.float32)
-    ex = acts.example[mask]
-    d = acts.x[layer].shape[1]
-    out = np.zeros((acts.n_examples, d), dtype=np.float32)
-    if ex.size == 0:
-        return out
-    if np.any(np.diff(ex) < 0):
-        raise ValueError("pooled_features: rows must be grouped by example in ascending order")
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(ex)) + 1])
-    sums = np.add.reduceat(x, starts, axis=0)
-    counts = np.diff(np.concatenate([starts, [ex.size]])).astype(np.float32)
-    out[ex[starts]] = sums / counts[:, None]
-    return out
+def length_slope(probe: LinearProbe, parts: Sequence[tuple[SourceData, np.ndarray]]
+                 ) -> float:
+    """``a`` of the served ``mean_logit`` length term for ``probe``: the least-squares
+    slope (``probes.train.fit_length_slope``) of its pooled logit ``z(x̄)`` (the mean of
+    the per-token logits the served aggregate averages) on ``log n_in_scope`` over the
+    BENIGN rows among ``parts`` (pass the fit rows: never calibration or test rows).
+    Rounded to 4 decimals, so the policy text serves exactly the slope every threshold
+    and number was computed with."""
+    from probes.train import fit_length_slope
+
+    z, n = [], []
+    for d, idx in parts:
+        b = idx[d.labels[idx] == 0]
+        z.append(((d.features(probe.layer)[b] - probe.mean) / probe.std) @ probe.weight
+                 + probe.bias)
+        n.append(d.in_scope_tokens()[b])
+    return round(fit_length_slope(np.concatenate(z), np.concatenate(n)), 4)
 
 
-def served_scores(probe: LinearProbe, acts: Activations, mask: np.ndarray,
-                  agg: dict[str, Any], min_tokens: int,
-                  rows: np.ndarray | None = None, judge_at: str = "every_token"
-                  ) -> np.ndarray:
-    """The request statistic the monitor alerts on (see module doc), per example.
-    ``rows``: the masked rows of ``probe.layer`` as float32 when the caller has them."""
-    x = acts.x[probe.layer][mask] if rows is None else rows
-    scores = np.zeros(acts.n_rows, dtype=np.float32)
-    scores[mask] = probe.scores(x)
-    return aggregate_requests(scores, acts.example, acts.n_examples, agg, min_tokens, mask,
-                              judge_at)
-
-
-@dataclass
-class SourceData:
-    """One source's examples, activations and per-layer pooled user-token features."""
-
-    source: Source
-    examples: list[ChatExample]
-    acts: Activations
-    mask: np.ndarray
-    feats: dict[int, np.ndarray] = field(default_factory=dict)
-    rows32: dict[int, np.ndarray] = field(default_factory=dict)
-    prefix_cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = field(
-        default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.acts.labels.astype(np.int8)
-
-    def rows(self, layer: int) -> np.ndarray:
-        """The in-scope rows of ``layer`` as float32 (cached)."""
-        if layer not in self.rows32:
-            self.rows32[layer] = self.acts.x[layer][self.mask].astype(np.float32)
-        return self.rows32[layer]
-
-    def served(self, probe: LinearProbe, agg: dict[str, Any], min_tokens: int,
-               judge_at: str = "every_token") -> np.ndarray:
-        """:func:`served_scores` of this source."""
-        return served_scores(probe, self.acts, self.mask, agg, min_tokens,
-                             self.rows(probe.layer), judge_at)
-
-    def prefix_features(self, layer: int, min_tokens: int, k: int
-                        ) -> tuple[np.ndarray, np.ndarray]:
-        """Means of the first ``t`` in-scope rows for up to ``k`` prefix lengths ``t``
-        evenly spaced in ``[min_tokens, T]`` (always including ``T``) per example:
-        (float32 ``[n_prefixes, d]``, owning example ``[n_prefixes]``). The monitor judges
-        every such prefix (``S = max_{t ≥ m} a_t``), so benign prefixes are negatives."""
-        key = (layer, min_tokens, k)
-        if key in self.prefix_cache:
-            return self.prefix_cache[key]
-        rows = self.rows(layer)
-        ex = self.acts.example[self.mask]
-        feats, owner = [], []
-        if ex.size:
-            bounds = np.concatenate([[0], np.flatnonzero(np.diff(ex)) + 1, [ex.size]])
-            for a, b in itertools.pairwise(bounds):
-                n = int(b - a)
-                ts = np.unique(np.round(np.linspace(min(min_tokens, n), n, k)).astype(int))
-                cs = np.cumsum(rows[a:b], axis=0, dtype=np.float64)[ts - 1] / ts[:, None]
-                feats.append(cs.astype(np.float32))
-                owner.append(np.full(ts.size, ex[a], dtype=np.int64))
-        d = self.acts.x[layer].shape[1]
-        out = (np.concatenate(feats) if feats else np.zeros((0, d), np.float32),
-               np.concatenate(owner) if owner else np.zeros(0, np.int64))
-        self.prefix_cache[key] = out
-        return out
-
-    def features(self, layer: int) -> np.ndarray:
-        if layer not in self.feats:
-            self.feats[layer] = pooled_features(self.acts, layer, self.mask)
-        return self.feats[layer]
-
-
-def source_weights(parts: Sequence[tuple[SourceData, np.ndarray]],
-                   kind_weight: dict[str, float], per_source: bool = True) -> np.ndarray:
-    """Per-example weights for the rows ``idx`` of each source: each source's rows sum to
-    ``kind_weight.get(name, kind_weight.get(kind, 1))`` (a source's name overrides its
-    kind; ``per_source=False``: each ROW weighs that much instead), then each class is
-    rescaled to total ``n/2`` (balanced)."""
-    ws, ys = [], []
-    for sd, idx in parts:
-        n = max(len(idx), 1) if per_source else 1
-        mult = kind_weight.get(sd.source.name, kind_weight.get(sd.source.kind, 1.0))
-        ws.append(np.full(len(idx), mult / n))
-        ys.append(sd.labels[idx])
-    w = np.concatenate(ws)
-    y = np.concatenate(ys)
-    for c in (0, 1):
-        tot = w[y == c].sum()
-        if tot > 0:
-            w[y == c] *= 1.0 / tot
-    return w * len(w) / 2.0
-
-
-def fit_pooled(parts: Sequence[tuple[SourceData, np.ndarray]], layer: int, C: float,
-               kind_weight: dict[str, float], prefixes: int = 0,
-               min_tokens: int = 2) -> LinearProbe:
-    """L2 logistic regression on pooled user-token features of the given rows.
-
-    ``prefixes > 0``: a benign example contributes the means of up to ``prefixes`` of its
-    prefixes (``SourceData.prefix_features``, its weight split evenly across them)
-    instead of only its full mean, so no prefix of a benign request — each of which the
-    monitor judges — is pushed over the threshold; harmful examples keep the full mean."""
-    w_ex = source_weights(parts, kind_weight)
-    xs, ys, ws = [], [], []
-    off = 0
-    for sd, idx in parts:
-        w_sd = w_ex[off:off + idx.size]
-        off += idx.size
-        if prefixes > 0 and sd.source.kind != "harmful":
-            f, owner = sd.prefix_features(layer, min_tokens, prefixes)
-            pos = np.full(sd.labels.size, -1, dtype=np.int64)
-            pos[idx] = np.arange(idx.size)
-            keep = pos[owner] >= 0
-            cnt = np.bincount(owner[keep], minlength=sd.labels.size).astype(np.float64)
-            xs.append(f[keep])
-            ys.append(sd.labels[owner[keep]])
-            ws.append(w_sd[pos[owner[keep]]] / cnt[owner[keep]])
-        else:
-            xs.append(sd.features(layer)[idx])
-            ys.append(sd.labels[idx])
-            ws.append(w_sd)
-    x, y, w = np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
-    # class balance is already in w; fit_logreg's 'balanced' then only rescales slightly
-    return fit_logreg(x, y, layer, C, w, max_iter=500)
+def with_slope(agg: dict[str, Any], slope: float) -> dict[str, Any]:
+    """``agg`` with ``length_slope: slope`` when it is a ``mean_logit`` aggregation and
+    ``slope != 0`` (other kinds have no length term: returned unchanged)."""
+    if agg["kind"] != "mean_logit" or slope == 0.0:
+        return agg
+    return {**agg, "length_slope": slope}
 
 
 def pooled_metrics(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
@@ -255,6 +157,9 @@ class Config:
     scale: float = 1.0
     prefixes: int = 0
     judge_at: str = "every_token"
+    #: ``mean_logit`` with a length term whose slope is fit per probe on its benign fit
+    #: rows (:func:`length_slope`); ``agg`` holds no slope (it depends on the fit).
+    length_debias: bool = False
 
     @property
     def agg(self) -> dict[str, Any]:
@@ -264,8 +169,19 @@ class Config:
         from probes.train import aggregation_name
 
         return (f"L{self.layer} C={self.C:g} scary×{self.scary_weight:g} "
-                f"{aggregation_name(self.agg)} m={self.min_tokens} scale={self.scale:g} "
+                f"{aggregation_name(self.agg)}{' − a·log t' if self.length_debias else ''} "
+                f"m={self.min_tokens} scale={self.scale:g} "
                 f"prefix-negatives={self.prefixes} judge_at={self.judge_at}")
+
+    def fit(self, parts: Sequence[tuple[SourceData, np.ndarray]]
+            ) -> tuple[LinearProbe, dict[str, Any]]:
+        """The probe of this config fit on ``parts`` and the aggregation it is served
+        with (``length_debias``: its own slope, :func:`length_slope` on ``parts``)."""
+        p = scaled(fit_pooled(parts, self.layer, self.C, kind_weights(self.scary_weight),
+                              self.prefixes), self.scale)
+        if not (self.length_debias and self.agg["kind"] == "mean_logit"):
+            return p, self.agg
+        return p, with_slope(self.agg, length_slope(p, parts))
 
 
 def scaled(probe: LinearProbe, scale: float) -> LinearProbe:
@@ -274,20 +190,19 @@ def scaled(probe: LinearProbe, scale: float) -> LinearProbe:
                        float(probe.bias * scale), probe.mean, probe.std, probe.method, probe.C)
 
 
-def kind_weights(scary_weight: float) -> dict[str, float]:
-    """Per-kind source weight multipliers (benign-but-scary and persona sources)."""
-    return {"scary": scary_weight, "persona": scary_weight}
-
-
 Served = tuple[dict[str, Any], int, float, str]
 """One served read-out: ``(aggregation, min_tokens, scale, judge_at)``."""
 
 
 def _read_outs(p: LinearProbe, d: SourceData, layer: int,
-               served: Sequence[Served]) -> list[np.ndarray]:
+               served: Sequence[Served], slope: float = 0.0) -> list[np.ndarray]:
     """``[pooled logit, served statistic for each of served]`` for all of ``d``'s examples
-    (the pooled logit unsquashed: float32 sigmoids of large logits would tie at 1.0)."""
+    (the pooled logit unsquashed: float32 sigmoids of large logits would tie at 1.0).
+    ``slope``: the length term ``a`` (:func:`length_slope`): subtracted from the pooled
+    logit as ``a·log n`` and served by every ``mean_logit`` read-out (:func:`with_slope`)."""
     zp = ((d.features(layer) - p.mean) / p.std) @ p.weight + p.bias
+    if slope:
+        zp = zp - slope * np.log(np.maximum(d.in_scope_tokens(), 1))
     out = [zp.astype(np.float64)]
     z = p.logits(d.rows(layer))
     toks: dict[float, np.ndarray] = {}
@@ -295,39 +210,32 @@ def _read_outs(p: LinearProbe, d: SourceData, layer: int,
         if scale not in toks:
             toks[scale] = np.zeros(d.acts.n_rows, dtype=np.float32)
             toks[scale][d.mask] = _sigmoid(scale * z)
-        out.append(aggregate_requests(toks[scale], d.acts.example, d.acts.n_examples, agg, m,
-                                      d.mask, judge_at))
+        out.append(aggregate_requests(toks[scale], d.acts.example, d.acts.n_examples,
+                                      with_slope(agg, slope), m, d.mask, judge_at))
     return out
-
-
-@dataclass
-class Fold:
-    """One leave-one-source-out fold: the held-out source's scores and the scores of the
-    fold's calibration rows (the held-back benign rows of the OTHER sources), per read-out
-    (index 0 = pooled logit, then one per served read-out)."""
-
-    held: SourceData
-    held_scores: list[np.ndarray]
-    cal_scores: list[np.ndarray]
 
 
 def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
                cal_idx: dict[str, np.ndarray], layer: int, C: float, scary_weight: float,
                served: Sequence[Served],
-               prefixes: int = 0) -> list[Fold]:
+               prefixes: int = 0, length_debias: bool = False) -> list[Fold]:
     """For each training source, a probe fit on the other sources' ``fit_idx`` rows
-    scores ALL of that source's rows and the other sources' ``cal_idx`` rows."""
+    scores ALL of that source's rows and the other sources' ``cal_idx`` rows.
+    ``length_debias``: the fold's probe gets its own length slope (:func:`length_slope`
+    on the fold's fit rows), applied to the pooled logit and the ``mean_logit``
+    read-outs."""
     kw = kind_weights(scary_weight)
     folds = []
     for held in train:
         parts = [(d, fit_idx[d.name]) for d in train if d.name != held.name]
         p = fit_pooled(parts, layer, C, kw, prefixes)
-        cal = [_read_outs(p, d, layer, served) for d in train
+        a = length_slope(p, parts) if length_debias else 0.0
+        cal = [_read_outs(p, d, layer, served, a) for d in train
                if d.name != held.name and cal_idx[d.name].size]
         idx = [cal_idx[d.name] for d in train if d.name != held.name and cal_idx[d.name].size]
         cal_scores = [np.concatenate([c[k][i] for c, i in zip(cal, idx, strict=True)])
                       for k in range(len(served) + 1)]
-        folds.append(Fold(held, _read_outs(p, held, layer, served), cal_scores))
+        folds.append(Fold(held, _read_outs(p, held, layer, served, a), cal_scores))
     return folds
 
 
@@ -410,6 +318,15 @@ CS = (1e-3, 1e-2)
 PREFIXES = (0, 8)
 """Benign prefix negatives searched (0 = full-request means only)."""
 SCARY_WEIGHTS = (1.0, 3.0)
+PINNED: dict[str, tuple[float, ...]] = {"layers": (15,), "Cs": (3e-3,),
+                                        "scary_weights": (1.0,)}
+"""The length-debiased recipe's probe (``length_debias=True``, the default): layer 15,
+C = 0.003, per-source balance with benign-but-scary / persona sources ×1, chosen by the
+variant study on leave-one-source-out folds over the TRAINING sources only (every
+length-term layer × C × balance; docs/experiments/loso_variants_validation.md), the
+recipe's test sources neither fit nor scored there. Only the served read-out is still
+searched. ``length_debias=False`` searches the session-5 grid (:data:`SEARCH_LAYERS` ×
+:data:`CS` × :data:`SCARY_WEIGHTS`)."""
 SERVED: tuple[Served, ...] = (
     *((agg, m, scale, "every_token")
       for agg, m in (({"kind": "mean"}, 2), ({"kind": "mean"}, 4),
@@ -530,12 +447,13 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
            cal_idx: dict[str, np.ndarray], layers: Sequence[int] = SEARCH_LAYERS,
            Cs: Sequence[float] = CS, scary_weights: Sequence[float] = SCARY_WEIGHTS,
            served: Sequence[Served] = SERVED,
-           prefixes: Sequence[int] = PREFIXES, progress: bool = True
-           ) -> tuple[Config, list[dict[str, Any]]]:
+           prefixes: Sequence[int] = PREFIXES, progress: bool = True,
+           length_debias: bool = False) -> tuple[Config, list[dict[str, Any]]]:
     """Leave-one-source-out search (:func:`loso_folds`, :func:`fold_metrics`). Returns the
     best *servable* config and the whole table (``pooled logit`` rows: the request-level
     sigmoid of the mean logit over all in-scope rows, the reference; ``mean_logit`` at
-    ``span_end`` serves it for single-message requests)."""
+    ``span_end`` serves it for single-message requests). ``length_debias``: the pooled
+    logit and every ``mean_logit`` read-out carry each fold's own length term."""
     from tqdm.auto import tqdm
 
     from probes.train import aggregation_name
@@ -546,16 +464,21 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
             for pf in prefixes]
     for lay, c, sw, pf in tqdm(jobs, desc="harmful_intent/select", disable=not progress,
                            leave=False):
-        folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served, pf)
+        folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served, pf, length_debias)
         for k in range(len(served) + 1):
             met = fold_metrics(folds, k)
             if k == 0:
                 agg_name, m = "pooled logit (reference)", 0
+                if length_debias:
+                    agg_name = "pooled logit − a·log n (reference)"
             else:
                 agg, m, scale, judge_at = served[k - 1]
-                agg_name = (aggregation_name(agg) + (f" scale={scale:g}" if scale != 1 else "")
+                deb = length_debias and agg["kind"] == "mean_logit"
+                agg_name = (aggregation_name(agg) + (" − a·log t" if deb else "")
+                            + (f" scale={scale:g}" if scale != 1 else "")
                             + (f" @{judge_at}" if judge_at != "every_token" else ""))
-                cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m, scale, pf, judge_at)
+                cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m, scale, pf, judge_at,
+                             deb)
                 if best is None or met["criterion"] > best[0]:
                     best = (met["criterion"], cfg)
             table.append({"layer": lay, "C": c, "scary_weight": sw, "prefix_negatives": pf,
@@ -569,63 +492,27 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
 def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
             cal_idx: dict[str, np.ndarray], cfg: Config,
             layers: Sequence[int] = LAYERS) -> list[dict[str, Any]]:
-    """What richer read-outs buy, leave-one-source-out (:func:`fold_metrics`) on the
-    request-level pooled statistic (none of these is servable as one ``linear_probe``
-    detector today): the chosen single layer, all layers concatenated, an ensemble (mean
-    logit of one probe per layer) and a small MLP head on the chosen layer."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neural_network import MLPClassifier
-
+    """What richer read-outs buy, leave-one-source-out (:func:`probes.pooled.fitter_folds`,
+    :func:`fold_metrics`) on the request-level pooled statistic (none but the first is
+    servable as one ``linear_probe`` detector today): the chosen single layer, all layers
+    concatenated, an ensemble (mean logit of one probe per layer) and a small MLP head on
+    the chosen layer — the fitters of ``probes.pooled`` that the variant study
+    (``safety-probes study-variants``) compares, with the chosen config's C, weights and
+    prefix negatives, and (``cfg.length_debias``) each minus its own length term
+    (:func:`probes.pooled.length_debiased`, fit on each fold's benign fit rows)."""
     kw = kind_weights(cfg.scary_weight)
-    Parts = Sequence[tuple[SourceData, np.ndarray]]
-    Scorer = Callable[[SourceData], np.ndarray]
-
-    def run(fit: Any) -> dict[str, float]:
-        folds = []
-        for h in train:
-            others = [d for d in train if d.name != h.name]
-            score: Scorer = fit([(d, fit_idx[d.name]) for d in others])
-            cal = np.concatenate([score(d)[cal_idx[d.name]] for d in others
-                                  if cal_idx[d.name].size])
-            folds.append(Fold(h, [score(h)], [cal]))
-        return fold_metrics(folds, 0)
-
-    def single(lay: int) -> Any:
-        def f(parts: Parts) -> Scorer:
-            p = fit_pooled(parts, lay, cfg.C, kw, cfg.prefixes)
-            return lambda d: ((d.features(lay) - p.mean) / p.std) @ p.weight + p.bias
-        return f
-
-    def feats(d: SourceData) -> np.ndarray:
-        return np.concatenate([d.features(lay) for lay in layers], 1)
-
-    def concat(parts: Parts) -> Scorer:
-        x = np.concatenate([feats(d)[i] for d, i in parts])
-        yy = np.concatenate([d.labels[i] for d, i in parts])
-        mu, sd = x.mean(0), x.std(0) + 1e-4
-        clf = LogisticRegression(C=cfg.C / len(layers), max_iter=500)
-        clf.fit((x - mu) / sd, yy, sample_weight=source_weights(parts, kw))
-        return lambda d: clf.decision_function((feats(d) - mu) / sd)
-
-    def ensemble(parts: Parts) -> Scorer:
-        fs = [single(lay)(parts) for lay in layers]
-        return lambda d: np.mean([f(d) for f in fs], axis=0)
-
-    def mlp(parts: Parts) -> Scorer:
-        x = np.concatenate([d.features(cfg.layer)[i] for d, i in parts])
-        yy = np.concatenate([d.labels[i] for d, i in parts])
-        mu, sd = x.mean(0), x.std(0) + 1e-4
-        clf = MLPClassifier((64,), alpha=1.0, max_iter=200, early_stopping=True,
-                            random_state=0)
-        clf.fit((x - mu) / sd, yy)
-        return lambda d: clf.predict_proba((d.features(cfg.layer) - mu) / sd)[:, 1]
-
+    fitters: tuple[tuple[str, Fitter], ...] = (
+        (f"linear, layer {cfg.layer} (chosen)", linear(cfg.layer, cfg.C, kw, cfg.prefixes)),
+        (f"linear, layers {'+'.join(map(str, layers))} concatenated",
+         concat(layers, cfg.C / len(layers), kw)),
+        (f"ensemble: mean logit of per-layer probes {tuple(layers)}",
+         ensemble(layers, cfg.C, kw, cfg.prefixes)),
+        (f"MLP head (64 hidden, alpha=1), layer {cfg.layer}", mlp([cfg.layer])))
     rows = []
-    for name, f in ((f"linear, layer {cfg.layer} (chosen)", single(cfg.layer)),
-                    (f"linear, layers {'+'.join(map(str, layers))} concatenated", concat),
-                    (f"ensemble: mean logit of per-layer probes {tuple(layers)}", ensemble),
-                    (f"MLP head (64 hidden, alpha=1), layer {cfg.layer}", mlp)):
-        m = run(f)
+    for name, f in fitters:
+        if cfg.length_debias:
+            name, f = f"{name} − a·log n", length_debiased(f)
+        m = fold_metrics(fitter_folds(train, fit_idx, cal_idx, f), 0)
         rows.append({"read-out (pooled statistic)": name,
                      **{k: round(v, 4) for k, v in m.items()}})
     return rows
@@ -661,7 +548,6 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
     """Pooled test AUROC / TPR@1%FPR (served statistic) vs the fraction of every training
     source's rows fit on, plus a control: all rows with shuffled labels."""
     y = np.concatenate([d.labels for d in test])
-    kw = kind_weights(cfg.scary_weight)
     rows = []
     rng = np.random.default_rng(seed)
     runs: list[float | str] = [*fractions, "shuffled"]
@@ -676,11 +562,11 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
         if fr == "shuffled":
             x = np.concatenate([d.features(cfg.layer)[i] for d, i in parts])
             yy = rng.permutation(np.concatenate([d.labels[i] for d, i in parts]))
-            p = fit_logreg(x, yy, cfg.layer, cfg.C, max_iter=500)
+            p = scaled(fit_logreg(x, yy, cfg.layer, cfg.C, max_iter=500), cfg.scale)
+            agg = cfg.agg
         else:
-            p = fit_pooled(parts, cfg.layer, cfg.C, kw, cfg.prefixes)
-        p = scaled(p, cfg.scale)
-        s = np.concatenate([d.served(p, cfg.agg, cfg.min_tokens, cfg.judge_at) for d in test])
+            p, agg = cfg.fit(parts)
+        s = np.concatenate([d.served(p, agg, cfg.min_tokens, cfg.judge_at) for d in test])
         m = pooled_metrics(y, s)
         rows.append({"train_fraction": fr if fr == "shuffled" else float(fr),
                      "n_train": int(sum(i.size for _, i in parts)),
@@ -691,14 +577,23 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
 
 def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user",
                           sources: Sequence[Source] | None = None,
-                          layers: Sequence[int] = LAYERS, Cs: Sequence[float] = CS,
-                          scary_weights: Sequence[float] = SCARY_WEIGHTS,
+                          layers: Sequence[int] = LAYERS, Cs: Sequence[float] | None = None,
+                          scary_weights: Sequence[float] | None = None,
+                          search_layers: Sequence[int] | None = None,
                           served: Sequence[Served] = SERVED,
                           prefixes: Sequence[int] = PREFIXES,
                           limit: int | None = None, explore_readouts: bool = True,
-                          seed: int = 0, progress: bool = True) -> Any:
+                          seed: int = 0, progress: bool = True,
+                          length_debias: bool = True) -> Any:
     """Collect → leave-one-source-out selection → fit on all training sources (minus the
-    calibration hold-back) → thresholds on the hold-back → evaluate the test sources."""
+    calibration hold-back) → thresholds on the hold-back → evaluate the test sources.
+
+    ``length_debias`` (default on): ``mean_logit`` read-outs carry a length term whose
+    slope each probe fits on its own benign fit rows (module doc), and the probe is
+    :data:`PINNED`; off reproduces the session-5 recipe (no length term, its grid).
+    ``search_layers`` / ``Cs`` / ``scary_weights``: the probe grid searched (None: as the
+    flag says); search layers not among ``layers`` are dropped (none left: all of
+    ``layers``, e.g. for another model's scaled layers)."""
     from probes.calibrate import calibrate
     from probes.export import DetectorResult, threshold_ladder
     from probes.sources import HARMFUL_SOURCES
@@ -710,16 +605,22 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     test += list(long_sources(data, collector, cache_dir, scope, layers, progress, seed,
                               60 if limit is None else max(4, limit // 4)).values())
     fit_idx, cal_idx = split_calibration(train, seed)
-    search = [x for x in SEARCH_LAYERS if x in layers] or list(layers)
+    grid = PINNED if length_debias else {"layers": SEARCH_LAYERS, "Cs": CS,
+                                         "scary_weights": SCARY_WEIGHTS}
+    search_layers = [int(x) for x in grid["layers"]] if search_layers is None else search_layers
+    Cs = grid["Cs"] if Cs is None else Cs
+    scary_weights = grid["scary_weights"] if scary_weights is None else scary_weights
+    search = [x for x in search_layers if x in layers] or list(layers)
     cfg, table = select(train, fit_idx, cal_idx, search, Cs, scary_weights, served, prefixes,
-                        progress)
+                        progress, length_debias)
     log.info("harmful_intent: chose %s", cfg.label())
 
-    probe = scaled(fit_pooled([(d, fit_idx[d.name]) for d in train], cfg.layer, cfg.C,
-                              kind_weights(cfg.scary_weight), cfg.prefixes), cfg.scale)
+    fit_parts = [(d, fit_idx[d.name]) for d in train]
+    probe, agg = cfg.fit(fit_parts)
+    slope = float(agg.get("length_slope", 0.0))
 
     def served_of(d: SourceData) -> np.ndarray:
-        return d.served(probe, cfg.agg, cfg.min_tokens, cfg.judge_at)
+        return d.served(probe, agg, cfg.min_tokens, cfg.judge_at)
 
     cal_parts = [(d, served_of(d)[cal_idx[d.name]]) for d in train if cal_idx[d.name].size]
     s_cal = np.concatenate([s for _, s in cal_parts])
@@ -733,7 +634,8 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     ref_neg = np.concatenate([s for d, s in test_scores.values() if d.source.kind != "harmful"])
     # out-of-source scores of the training sources under the chosen config (validation)
     folds = loso_folds(train, fit_idx, cal_idx, cfg.layer, cfg.C, cfg.scary_weight,
-                       [(cfg.agg, cfg.min_tokens, cfg.scale, cfg.judge_at)], cfg.prefixes)
+                       [(cfg.agg, cfg.min_tokens, cfg.scale, cfg.judge_at)], cfg.prefixes,
+                       cfg.length_debias)
     y_test = np.concatenate([np.full(s.size, d.source.kind == "harmful")
                              for d, s in test_scores.values()]).astype(np.int8)
     s_test = np.concatenate([s for _, s in test_scores.values()])
@@ -742,8 +644,10 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     pooled = evaluate_scores(y_test, s_test, None, thr)
     pooled["auroc_ci"] = auroc_ci(y_test, s_test)
     # the same probe read out as the request-level mean logit (servable as mean_logit at
-    # span_end), to show what the chosen served statistic costs on the test sources
+    # span_end; minus the same length term), to show what the chosen served statistic
+    # costs on the test sources
     z_test = np.concatenate([((d.features(cfg.layer) - probe.mean) / probe.std) @ probe.weight
+                             - slope * np.log(np.maximum(d.in_scope_tokens(), 1))
                              for d, _ in test_scores.values()])
     pooled["mean_logit.auroc"] = auroc(y_test, z_test)
     pooled["mean_logit.tpr@fpr0.01"] = tpr_at_fpr(y_test, z_test, 0.01)
@@ -758,8 +662,15 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     }
     if explore_readouts:
         metrics["readouts"] = explore(train, fit_idx, cal_idx, cfg, layers)
-    cal.update({"aggregation": cfg.agg, "min_tokens": cfg.min_tokens, "scope": scope,
+    cal.update({"aggregation": agg, "min_tokens": cfg.min_tokens, "scope": scope,
                 "judge_at": cfg.judge_at})
+    if cfg.length_debias:
+        n_fit = sum(int((d.labels[i] == 0).sum()) for d, i in fit_parts)
+        cal["length_slope"] = slope
+        cal["length_slope_fit"] = (
+            f"least-squares slope of the pooled {scope}-token logit on log(in-scope tokens) "
+            f"over the {n_fit} benign FIT requests (never the calibration or test rows); "
+            "served as mean_logit length_slope, thresholds calibrated with it")
     scores = {"test (pooled)": (y_test, s_test)}
     for d, s in test_scores.values():
         scores[d.name] = (np.full(s.size, int(d.source.kind == "harmful")), s)
@@ -767,7 +678,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     return DetectorResult(
         name="harmful_intent",
         description=f"the user asks for help causing serious harm ({scope} tokens)",
-        probe=probe, scope=scope, aggregation=cfg.agg, min_tokens=cfg.min_tokens,
+        probe=probe, scope=scope, aggregation=agg, min_tokens=cfg.min_tokens,
         judge_at=cfg.judge_at, calibration=cal, metrics=metrics, selection=table[:16],
         datasets=[f"{d.name} ({d.source.kind}, {len(d.examples)}: "
                   f"{fit_idx[d.name].size} fit, {cal_idx[d.name].size} calibration)"

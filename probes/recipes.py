@@ -5,7 +5,8 @@ bundle (``probes.export``) and writes ``REPORT.md`` + PNGs (``probes.report``).
 
 - ``harmful_intent`` (``probes.harmful``): diverse public sources + project-written
   data, request-level mean over the user's tokens, layer / C / weighting / aggregation
-  chosen leave-one-source-out, thresholds on held-back benign rows, whole test sources
+  chosen leave-one-source-out, a length term ``− a·log n`` fit on the benign training
+  rows (``length_debias``), thresholds on held-back benign rows, whole test sources
   (``probes.sources.HARMFUL_SOURCES`` role ``test``) evaluated once at the end.
 - ``deception`` (``probes.deception``): same-prompt honest / false answer contrasts,
   tested on an unseen scenario source, calibrated on the model's own answers.
@@ -121,7 +122,7 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   scope: str = "user", progress: bool = True, seed: int = 0,
                   model_name: str | None = None, layers: Sequence[int] | None = None,
                   judge_at: str = "span_end", limit: int | None = None,
-                  device: str = "cpu") -> list[DetectorResult]:
+                  device: str = "cpu", length_debias: bool = True) -> list[DetectorResult]:
     """Build the default bundle (+ its ONNX graphs, REPORT.md, PNGs,
     policy.suggested.yaml) into ``out``.
 
@@ -139,7 +140,9 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     ``limit``: a data budget — at most that many examples per source, prompt set and test
     set (None: the full recipes). For smoke runs and sizing only: the bundle is complete
     and loads, its numbers are not meaningful. ``device``: where the model's forward and
-    generation run (``cuda`` on a GPU; the bundle is the same)."""
+    generation run (``cuda`` on a GPU; the bundle is the same). ``length_debias``:
+    harmful_intent's ``mean_logit`` carries a length term fit on its benign training
+    rows (``probes.harmful`` module doc); False reproduces the session-5 recipe."""
     if limit is not None and limit < MIN_LIMIT:
         raise ValueError(f"limit: expected None or >= {MIN_LIMIT} examples per source (with "
                          f"fewer a source's calibration split is empty), found {limit}")
@@ -168,7 +171,8 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
         results.append(harmful.harmful_intent_recipe(collector, cache_dir, scope=scope,
                                                      seed=seed, progress=progress,
                                                      served=served, prefixes=prefixes,
-                                                     limit=limit, **lay(harmful.LAYERS)))
+                                                     limit=limit, length_debias=length_debias,
+                                                     **lay(harmful.LAYERS)))
     if "deception" in detectors:
         results.append(deception.deception_recipe(collector, cache_dir, seed=seed,
                                                   progress=progress, limit=limit,

@@ -156,8 +156,10 @@ def _harmful_section(r: Any) -> list[str]:
                      "of held-out benign sources; top rows):", r.selection)
     if "readouts" in m:
         lines += _titled("What richer read-outs buy (same folds and criterion, request-level "
-                         "mean logit; not servable as one linear_probe detector):",
-                         m["readouts"])
+                         "mean logit"
+                         + (", each minus its own length term a·log n fit on its fold's "
+                            "benign fit rows" if "length_slope" in r.calibration else "")
+                         + "; not servable as one linear_probe detector):", m["readouts"])
     lines += _titled("Learning curve (fraction of every training source fit on; pooled "
                      "test, served statistic) and a shuffled-label control:",
                      m["learning_curve"])
@@ -247,6 +249,10 @@ def write_report(out: Path, results: Sequence[Any], model_name: str,
                   + (f", C = {p.C:g}" if p.C else "")
                   + f"; scope **{r.scope}**; aggregation **{aggregation_name(r.aggregation)}**, "
                   f"min_tokens {r.min_tokens}",
+                  *([f"- length term: served `a_t = σ(mean logit − a·ln t)`, `t` = in-scope "
+                     f"tokens so far, a = **{r.calibration['length_slope']:g}** "
+                     f"(`length_slope`): {r.calibration.get('length_slope_fit', '')}"]
+                    if "length_slope" in r.calibration else []),
                   f"- thresholds: warn **{thr['warn']:.4f}** (1% FPR), critical "
                   f"**{thr['critical']:.4f}** (0.1% FPR) on {r.calibration['benign_set']} "
                   f"(n = {r.calibration['n_benign']}; 0.1% of n = "

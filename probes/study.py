@@ -5,7 +5,7 @@ selects on leave-one-source-out (LOSO) folds of the training sources. This study
 different question — *how well does the recipe do on a style of request it has never
 seen?* — by holding out each source in turn, train and test roles alike:
 
-- fold ``S``: a probe is fit (:func:`probes.harmful.fit_pooled`, the recipe's own fit) on
+- fold ``S``: a probe is fit (:func:`probes.pooled.fit_pooled`, the recipe's own fit) on
   the fit rows of every other source; thresholds come from the held-back benign rows of
   the other sources (``split_calibration``, 30% per benign source); ``S`` is scored whole.
   This is :func:`probes.harmful.loso_folds` run over all sources.
@@ -31,31 +31,34 @@ from dataclasses import dataclass
 import numpy as np
 
 from probes.evaluate import auroc
-from probes.harmful import (
+from probes.harmful import split_calibration
+from probes.pooled import (
+    Fitter,
     SourceData,
-    fit_pooled,
+    cascade,
+    class_balanced,
+    concat,
+    ecdf_scores,
+    ensemble,
+    fitter_folds,
+    gbt_pca,
     kind_weights,
-    source_weights,
-    split_calibration,
+    knn,
+    lda_shrunk,
+    length_debiased,
+    linear,
+    mlp,
+    pca_logreg,
+    stage2_share,
 )
-from probes.train import fit_length_slope, fit_logreg
 
-__all__ = ["ORDINARY", "StudyRow", "Summary", "Variant", "VariantRow", "ecdf_scores",
-           "loso_all", "loso_scores", "readout_mask", "run_variants", "study_table",
-           "summarise", "variants", "variants_markdown"]
+__all__ = ["ORDINARY", "StudyRow", "Summary", "Variant", "VariantRow", "loso_all",
+           "loso_scores", "readout_mask", "run_variants", "study_table", "summarise",
+           "variants", "variants_markdown"]
 
 ORDINARY = frozenset({"alpaca", "self_instruct", "mtbench", "oasst",
                       "coconot_noncompliance", "project_benign"})
 """Ordinary-chat sources (benign, not scary): the false-alert rate users feel most."""
-
-
-def ecdf_scores(cal: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``u_i = |{c ∈ cal : c < s_i}| / |cal|`` (float64 ``[n]``): a fold's scores on the
-    scale shared by all folds (the empirical CDF of its calibration rows)."""
-    c = np.sort(np.asarray(cal, dtype=np.float64))
-    if c.size == 0:
-        raise ValueError("ecdf_scores: cal must not be empty (a fold without calibration rows)")
-    return np.searchsorted(c, np.asarray(s, dtype=np.float64), side="left") / c.size
 
 
 def readout_mask(roles: np.ndarray, example: np.ndarray, readout: str) -> np.ndarray:
@@ -81,39 +84,24 @@ def readout_mask(roles: np.ndarray, example: np.ndarray, readout: str) -> np.nda
 
 
 # ----------------------------------------------------------------------- LOSO machinery
-Parts = Sequence[tuple[SourceData, np.ndarray]]
-"""Training rows: ``(source, row indices into that source)`` per source."""
-Scorer = Callable[[SourceData], np.ndarray]
-"""Scores every example of a source: float64 ``[n_examples]`` (higher = more harmful)."""
-Fitter = Callable[[Parts], Scorer]
-"""Fits a detector on the given rows and returns its scorer."""
-
-
 def loso_scores(data: Sequence[SourceData], fit: Fitter, seed: int = 0
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every source scored by a detector fit without it (leave one source out over every
-    source): fold ``S`` fits on the fit rows (``split_calibration``) of every other source
-    and scores all of ``S`` and the other sources' held-back benign rows. Returns
-    ``(u, raw)`` per source: ``u`` on the scale shared by all folds (:func:`ecdf_scores`
-    of the fold's calibration rows), ``raw`` the detector's own scores."""
+    source, :func:`probes.pooled.fitter_folds`): fold ``S`` fits on the fit rows
+    (``split_calibration``) of every other source and scores all of ``S`` and the other
+    sources' held-back benign rows. Returns ``(u, raw)`` per source: ``u`` on the scale
+    shared by all folds (:func:`probes.pooled.ecdf_scores` of the fold's calibration
+    rows), ``raw`` the detector's own scores."""
     fit_idx, cal_idx = split_calibration(data, seed)
-    u, raw = {}, {}
-    for held in data:
-        others = [d for d in data if d.name != held.name]
-        score = fit([(d, fit_idx[d.name]) for d in others])
-        cal = [score(d)[cal_idx[d.name]] for d in others if cal_idx[d.name].size]
-        if not cal:
-            raise ValueError(f"loso_scores: fold {held.name!r} has no calibration rows "
-                             "(expected at least one other benign source)")
-        raw[held.name] = np.asarray(score(held), dtype=np.float64)
-        u[held.name] = ecdf_scores(np.concatenate(cal), raw[held.name])
-    return u, raw
+    folds = fitter_folds(data, fit_idx, cal_idx, fit)
+    raw = {f.held.name: f.held_scores[0] for f in folds}
+    return {f.held.name: ecdf_scores(f.cal_scores[0], raw[f.held.name]) for f in folds}, raw
 
 
 def loso_all(data: Sequence[SourceData], layer: int, C: float, scary_weight: float = 1.0
              ) -> dict[str, np.ndarray]:
     """Every source scored by the recipe's linear probe (:func:`linear`) fit without it,
-    as ``u`` (:func:`ecdf_scores`)."""
+    as ``u`` (:func:`probes.pooled.ecdf_scores`)."""
     return loso_scores(data, linear(layer, C, kind_weights(scary_weight)))[0]
 
 
@@ -211,239 +199,6 @@ def markdown(rows: Sequence[StudyRow]) -> str:
     return "\n".join(out) + "\n"
 
 
-# ----------------------------------------------------------------------- detectors (fitters)
-def _xy(parts: Parts, layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled features of ``layers`` concatenated (float32 ``[n, d·len(layers)]``) and
-    labels (int8 ``[n]``) of the given rows."""
-    x = np.concatenate([np.concatenate([d.features(lay)[i] for lay in layers], 1)
-                        for d, i in parts])
-    return x, np.concatenate([d.labels[i] for d, i in parts])
-
-
-def _feats(d: SourceData, layers: Sequence[int]) -> np.ndarray:
-    return np.concatenate([d.features(lay) for lay in layers], 1)
-
-
-def _standardiser(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    mu, sd = x.mean(0), x.std(0) + 1e-4
-    return lambda z: (z - mu) / sd
-
-
-def linear(layer: int, C: float, kind_weight: dict[str, float] | None = None) -> Fitter:
-    """The recipe's probe (:func:`probes.harmful.fit_pooled`: standardised L2 logistic
-    regression, every source the same total weight within its class, times
-    ``kind_weight``); score = the pooled logit ``((x̄ − μ)/σ)·w + b`` (what ``mean_logit``
-    at ``span_end`` serves)."""
-    kw = kind_weights(1.0) if kind_weight is None else kind_weight
-
-    def fit(parts: Parts) -> Scorer:
-        p = fit_pooled(parts, layer, C, kw)
-        return lambda d: (((d.features(layer) - p.mean) / p.std) @ p.weight
-                          + p.bias).astype(np.float64)
-    return fit
-
-
-def concat(layers: Sequence[int], C: float) -> Fitter:
-    """One logistic regression on the user means of several layers concatenated
-    (standardised, source-balanced weights). Served it would be a sum of per-layer mean
-    logits: ``z = Σ_l ((x̄_l − μ_l)/σ_l)·w_l + b``."""
-    def fit(parts: Parts) -> Scorer:
-        from sklearn.linear_model import LogisticRegression
-
-        x, y = _xy(parts, layers)
-        st = _standardiser(x)
-        clf = LogisticRegression(C=C, class_weight="balanced", max_iter=500)
-        clf.fit(st(x), y, sample_weight=source_weights(parts, kind_weights(1.0)))
-        return lambda d: clf.decision_function(st(_feats(d, layers))).astype(np.float64)
-    return fit
-
-
-def ensemble(layers: Sequence[int], C: float) -> Fitter:
-    """Mean of the pooled logits of one :func:`linear` probe per layer."""
-    def fit(parts: Parts) -> Scorer:
-        fs = [linear(lay, C)(parts) for lay in layers]
-        return lambda d: np.mean([f(d) for f in fs], axis=0)
-    return fit
-
-
-def lda_shrunk(layer: int) -> Fitter:
-    """Whitened linear: Fisher's discriminant with a Ledoit-Wolf shrunk within-class
-    covariance on standardised features, ``w = Σ⁻¹(μ₁ − μ₀)`` (class means weighted by the
-    source-balanced weights), score ``(x − (μ₁ + μ₀)/2)·w``. One linear probe."""
-    def fit(parts: Parts) -> Scorer:
-        from sklearn.covariance import ledoit_wolf
-
-        x, y = _xy(parts, [layer])
-        st = _standardiser(x)
-        xs = st(x).astype(np.float64)
-        w = source_weights(parts, kind_weights(1.0))
-        m1 = np.average(xs[y == 1], axis=0, weights=w[y == 1])
-        m0 = np.average(xs[y == 0], axis=0, weights=w[y == 0])
-        resid = xs - np.where((y == 1)[:, None], m1, m0)
-        cov, _ = ledoit_wolf(resid, assume_centered=True)
-        wv = np.linalg.solve(cov, m1 - m0)
-        mid = (m1 + m0) / 2
-        return lambda d: (st(d.features(layer)).astype(np.float64) - mid) @ wv
-    return fit
-
-
-def pca_logreg(layer: int, k: int, C: float) -> Fitter:
-    """PCA (``k`` components of the standardised training features) then logistic
-    regression (source-balanced weights). Linear overall: one linear probe."""
-    def fit(parts: Parts) -> Scorer:
-        from sklearn.decomposition import PCA
-        from sklearn.linear_model import LogisticRegression
-
-        x, y = _xy(parts, [layer])
-        st = _standardiser(x)
-        pca = PCA(k, random_state=0).fit(st(x))
-        z = pca.transform(st(x))
-        zs = _standardiser(z)
-        clf = LogisticRegression(C=C, class_weight="balanced", max_iter=500)
-        clf.fit(zs(z), y, sample_weight=source_weights(parts, kind_weights(1.0)))
-        return lambda d: clf.decision_function(
-            zs(pca.transform(st(d.features(layer))))).astype(np.float64)
-    return fit
-
-
-def class_balanced(layer: int, C: float, kind_weight: dict[str, float] | None = None
-                   ) -> Fitter:
-    """The linear probe WITHOUT per-source balancing: every request of a class the same
-    weight (times its source's ``kind_weight`` multiplier), what per-source weights buy."""
-    kw = kind_weights(1.0) if kind_weight is None else kind_weight
-
-    def fit(parts: Parts) -> Scorer:
-        x, y = _xy(parts, [layer])
-        p = fit_logreg(x, y, layer, C, source_weights(parts, kw, per_source=False),
-                       max_iter=500)
-        return lambda d: (((d.features(layer) - p.mean) / p.std) @ p.weight
-                          + p.bias).astype(np.float64)
-    return fit
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
-    return np.log(p) - np.log1p(-p)
-
-
-def mlp(layers: Sequence[int], hidden: int = 64, alpha: float = 1.0) -> Fitter:
-    """A small MLP head (sklearn, ReLU, early stopping on 10% of the rows) on standardised
-    pooled features; sklearn's MLP takes no sample weights, so harmful rows are
-    oversampled to balance the classes. Score: log-odds."""
-    def fit(parts: Parts) -> Scorer:
-        from sklearn.neural_network import MLPClassifier
-
-        x, y = _xy(parts, layers)
-        st = _standardiser(x)
-        rng = np.random.default_rng(0)
-        pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-        small, big = (pos, neg) if pos.size < neg.size else (neg, pos)
-        idx = np.r_[big, small, rng.choice(small, big.size - small.size)]
-        clf = MLPClassifier((hidden,), alpha=alpha, max_iter=200, early_stopping=True,
-                            random_state=0)
-        clf.fit(st(x)[idx], y[idx])
-        return lambda d: _logit(clf.predict_proba(st(_feats(d, layers)))[:, 1])
-    return fit
-
-
-def gbt_pca(layer: int, k: int = 32) -> Fitter:
-    """Gradient-boosted trees (sklearn ``HistGradientBoostingClassifier``, early stopping)
-    on ``k`` PCA components of the standardised features, source-balanced weights."""
-    def fit(parts: Parts) -> Scorer:
-        from sklearn.decomposition import PCA
-        from sklearn.ensemble import HistGradientBoostingClassifier
-
-        x, y = _xy(parts, [layer])
-        st = _standardiser(x)
-        pca = PCA(k, random_state=0).fit(st(x))
-        clf = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05,
-                                             early_stopping=True, random_state=0)
-        clf.fit(pca.transform(st(x)), y, sample_weight=source_weights(parts, kind_weights(1.0)))
-        return lambda d: clf.decision_function(
-            pca.transform(st(d.features(layer)))).astype(np.float64)
-    return fit
-
-
-def knn(layer: int, k: int = 25, n_pca: int = 64) -> Fitter:
-    """k nearest neighbours (cosine, on ``n_pca`` PCA components of the standardised
-    features): score = the source-balanced weight share of harmful neighbours, plus a
-    1e-3 tie-break by the mean cosine similarity to harmful minus benign neighbours."""
-    def fit(parts: Parts) -> Scorer:
-        from sklearn.decomposition import PCA
-
-        x, y = _xy(parts, [layer])
-        st = _standardiser(x)
-        pca = PCA(n_pca, random_state=0).fit(st(x))
-
-        def emb(f: np.ndarray) -> np.ndarray:
-            z = pca.transform(st(f))
-            return z / (np.linalg.norm(z, axis=1, keepdims=True) + 1e-9)
-
-        ref, w = emb(x), source_weights(parts, kind_weights(1.0))
-
-        def score(d: SourceData) -> np.ndarray:
-            sim = emb(d.features(layer)) @ ref.T
-            nb = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-            wn, yn = w[nb], y[nb] == 1
-            sn = np.take_along_axis(sim, nb, 1)
-            share = (wn * yn).sum(1) / wn.sum(1)
-            tie = (np.where(yn, sn, 0).sum(1) - np.where(yn, 0, sn).sum(1)) / k
-            return share + 1e-3 * tie
-        return score
-    return fit
-
-
-def cascade(first: Fitter, second: Fitter, band: tuple[float, float] = (0.9, 0.999)
-            ) -> Fitter:
-    """Two stages: ``first`` decides confident requests; a request whose first-stage score
-    lies in the band between the ``band`` quantiles of the first stage's scores on the
-    benign TRAINING rows goes to ``second``. Score (ordered by stage): below the band
-    ``F₁(s₁)`` ∈ [0, 1), in the band ``1 + F₂(s₂)/2`` ∈ [1, 1.5] (so a stage-2 score above
-    every benign one stays inside the band's range), above it ``2 + F₁(s₁)``, with ``F``
-    each stage's empirical CDF on the benign training rows. In the band ⇔ ``1 ≤ score < 2``
-    (:func:`stage2_share`)."""
-    def fit(parts: Parts) -> Scorer:
-        f1, f2 = first(parts), second(parts)
-        neg = [(d, i[d.labels[i] == 0]) for d, i in parts]
-        n1 = np.sort(np.concatenate([f1(d)[i] for d, i in neg]))
-        n2 = np.sort(np.concatenate([f2(d)[i] for d, i in neg]))
-        lo, hi = np.quantile(n1, band[0]), np.quantile(n1, band[1])
-
-        def score(d: SourceData) -> np.ndarray:
-            s1 = f1(d)
-            u1 = ecdf_scores(n1, s1)
-            mid = (s1 >= lo) & (s1 <= hi)
-            out = np.where(s1 > hi, 2.0 + u1, u1)
-            if mid.any():
-                out[mid] = 1.0 + 0.5 * ecdf_scores(n2, f2(d)[mid])
-            return out
-        return score
-    return fit
-
-
-def stage2_share(raw: dict[str, np.ndarray]) -> float:
-    """Share of all requests a :func:`cascade` sent to its second stage."""
-    r = np.concatenate(list(raw.values()))
-    return float(np.mean((r >= 1.0) & (r < 2.0)))
-
-
-def user_tokens(d: SourceData) -> np.ndarray:
-    """In-scope (user) tokens per example: int64 ``[n_examples]``."""
-    return np.bincount(d.acts.example[d.mask], minlength=d.acts.n_examples).astype(np.int64)
-
-
-def length_debiased(base: Fitter) -> Fitter:
-    """``base``'s score minus its least-squares slope on ``log(n_user_tokens)`` over the
-    benign training rows: ``s' = s − a·log(max(n, 1))``."""
-    def fit(parts: Parts) -> Scorer:
-        f = base(parts)
-        s = np.concatenate([f(d)[i[d.labels[i] == 0]] for d, i in parts])
-        n = np.concatenate([user_tokens(d)[i[d.labels[i] == 0]] for d, i in parts])
-        a = fit_length_slope(s, n)
-        return lambda d: f(d) - a * np.log(np.maximum(user_tokens(d), 1))
-    return fit
-
-
 # ----------------------------------------------------------------------- the variant study
 @dataclass(frozen=True)
 class Variant:
@@ -472,7 +227,11 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
     lay, C = BASE
     mid = [x for x in (12, 15, 18) if x in layers]
     one = "yes: one linear probe"
+    # a detector's inputs are a logit sum (monitor/score/bundle.py DetectorSpec), but every
+    # input of one detector must read the same layer: several layers are not servable
     multi = "no: needs a multi-layer logit sum"
+    # the served mean_logit aggregation's length_slope (monitor.judge.aggregate)
+    lterm = "yes: one linear probe + mean_logit length_slope"
     head = "no: non-linear head"
     hard = {"scary": 3.0, "persona": 3.0, "coconot_noncompliance": 3.0}
     return [
@@ -507,8 +266,13 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
                 linear(lay, C, hard)),
         Variant("5 negatives", f"no per-source balance, scary+persona+coconot_noncompliance"
                 f" x3, L{lay}", one, class_balanced(lay, C, hard)),
-        Variant("5 negatives", f"length-debiased linear L{lay} (- a log n_user)",
-                "no: needs a token-count term", length_debiased(linear(lay, C))),
+        Variant("5 negatives", f"length-debiased linear L{lay} (- a log n_user)", lterm,
+                length_debiased(linear(lay, C))),
+        *(Variant("6 length term", f"length-debiased linear L{la} C={c:g}", lterm,
+                  length_debiased(linear(la, c)))
+          for la, c in ((lay, 3e-3), (lay, 1e-2), (18, 3e-3)) if la in layers),
+        *(Variant("6 length term", f"length-debiased, no per-source balance, L{lay} C={c:g}",
+                  lterm, length_debiased(class_balanced(lay, c))) for c in (1e-3, 3e-3)),
     ]
 
 

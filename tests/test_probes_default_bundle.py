@@ -40,13 +40,22 @@ def test_default_bundle_loads_and_has_calibration() -> None:
         # and is judged where the calibration was measured (every token or span end)
         assert pol.detectors[name].judge_at == d.calibration.get("judge_at", "every_token")
     assert not [w for w in check_policy(pol, b) if "below" in w]
+    # policies/default.yaml judges harmful_intent the way the bundle was calibrated
+    hi = names["harmful_intent"].calibration
+    default = load_policy(REPO / "policies" / "default.yaml").detectors["harmful_intent"]
+    assert default.aggregation == pol.detectors["harmful_intent"].aggregation
+    assert default.aggregation.length_slope == hi.get("length_slope", 0.0)
+    assert dict(default.thresholds) == pytest.approx(
+        {"warn": hi["fpr_0.01"], "critical": hi["fpr_0.001"]}, abs=1e-6)
 
 
 @pytest.mark.slow
 def test_default_bundle_calibration_on_shared_slice() -> None:
     """Harmful-intent served exactly like the sidecar (the bundle's Scorer on captured
-    rows, the policy's scope and aggregation via monitor.judge.aggregate): held-out
-    Do-Not-Answer questions mostly alert, held-out OpenAssistant chat mostly does not."""
+    rows, the policy's scope, aggregation and judge_at via monitor.judge.aggregate):
+    held-out Do-Not-Answer questions mostly alert, held-out OpenAssistant chat mostly does
+    not; the served statistic (length term included) is the trained one,
+    ``σ(z(x̄) − a·log n)``, on these real rows."""
     from probes.sources import HARMFUL_SOURCES, load_source, sources_available
 
     if not sources_available():
@@ -81,11 +90,10 @@ def test_default_bundle_calibration_on_shared_slice() -> None:
     scorer = Scorer(b)
     tok = scorer.score(det.layer, torch.from_numpy(acts.x[det.layer].astype(np.float32)))
     tok = tok[:, scorer.detectors_on(det.layer).index("harmful_intent")]
-    agg = {"kind": pol.aggregation.kind, "half_life_tokens": pol.aggregation.half_life_tokens,
-           "window_tokens": pol.aggregation.window_tokens}
+    agg = {"kind": pol.aggregation.kind, **pol.aggregation.params()}
     mask = scope_mask(token_roles(acts, exs, col), str(pol.scope))
     s = aggregate_requests(np.asarray(tok), acts.example, acts.n_examples, agg,
-                           pol.min_tokens, mask)
+                           pol.min_tokens, mask, pol.judge_at)
     y = acts.labels.astype(bool)
     warn = dict(pol.thresholds)["warn"]
     # the bundle as served == the recipe's read-out of the same tensors (export is exact)
@@ -95,8 +103,46 @@ def test_default_bundle_calibration_on_shared_slice() -> None:
     comp = b.components[f"harmful_intent_logreg_l{det.layer}"]
     t = {k: v.numpy() for k, v in comp.tensors.items()}
     probe = LinearProbe(det.layer, t["weight"][:, 0], float(t["bias"][0]), t["mean"], t["std"])
-    np.testing.assert_allclose(s, served_scores(probe, acts, mask, agg, pol.min_tokens),
-                               atol=2e-5)
+    np.testing.assert_allclose(s, served_scores(probe, acts, mask, agg, pol.min_tokens,
+                                                judge_at=pol.judge_at), atol=2e-5)
+    if pol.aggregation.kind == "mean_logit" and pol.judge_at == "span_end":
+        from monitor.judge.aggregate import LOGIT_EPS, span_end_rows
+        from probes.harmful import pooled_features
+
+        a = float(pol.aggregation.length_slope or 0.0)
+        assert a == det.calibration.get("length_slope", 0.0)
+        n = np.bincount(acts.example[mask], minlength=acts.n_examples)
+        one = np.array([span_end_rows(mask[acts.example == i]).sum() == 1
+                        for i in range(acts.n_examples)])
+        assert one.sum() >= 0.9 * acts.n_examples
+        # plain reference of the served statistic on requests with one span in scope (one
+        # judged token): σ(mean of the clipped logits of the sidecar's token scores − a·ln n)
+        q = np.clip(np.asarray(tok, np.float64), LOGIT_EPS, 1 - LOGIT_EPS)
+        lg = np.log(q) - np.log1p(-q)
+        mean_lg = np.bincount(acts.example[mask], lg[mask], acts.n_examples) / np.maximum(n, 1)
+        ref = 1 / (1 + np.exp(-(mean_lg - a * np.log(np.maximum(n, 1)))))
+        np.testing.assert_allclose(s[one], ref[one], rtol=1e-9)
+        # = the trained statistic σ(z(x̄) − a·ln n) (the probe on the mean activation) where
+        # no token's logit saturates the float32 score (|z_t| > 13.8 is clipped, as served)
+        zt = ((acts.x[det.layer].astype(np.float32) - probe.mean) / probe.std) @ probe.weight
+        zt = zt + probe.bias
+        sat = np.bincount(acts.example[mask & (np.abs(zt) > 13.0)],
+                          minlength=acts.n_examples) > 0
+        z = (pooled_features(acts, det.layer, mask) - probe.mean) / probe.std @ probe.weight
+        z = z + probe.bias - a * np.log(np.maximum(n, 1))
+        ok = one & ~sat
+        assert ok.sum() >= 0.5 * acts.n_examples
+        np.testing.assert_allclose(s[ok], 1 / (1 + np.exp(-z[ok])), atol=1e-3)
+        # the length term lowers a long benign request's score by exactly a·ln n in logit
+        plain = aggregate_requests(np.asarray(tok), acts.example, acts.n_examples,
+                                   {"kind": "mean_logit"}, pol.min_tokens, mask, pol.judge_at)
+        i = int(np.flatnonzero(one & ~y)[np.argmax(n[one & ~y])])
+
+        def logit(p: float) -> float:
+            return float(np.log(p) - np.log1p(-p))
+
+        assert logit(plain[i]) - logit(s[i]) == pytest.approx(a * np.log(n[i]), rel=1e-6)
+        assert n[i] > 50 and (s[i] < plain[i]) == (a > 0)
     # quality on this slice, loosely (REPORT.md has the whole sources with CIs)
     assert auroc(y, s) > 0.7
     assert (s[~y] >= warn).mean() <= 0.2

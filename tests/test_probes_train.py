@@ -142,17 +142,19 @@ def test_span_end_statistic_is_what_the_tracker_judges() -> None:
         roles = rng.choice([R.SYSTEM, R.USER, R.USER, R.TEMPLATE], n).astype(np.int8)
         scores = rng.random(n).astype(np.float32)
         in_scope = roles == R.USER
-        for agg in ("mean", "mean_logit"):
-            s = float(aggregate_requests(scores, np.zeros(n, np.int64), 1, {"kind": agg}, 2,
+        for agg, text in (({"kind": "mean"}, "mean"), ({"kind": "mean_logit"}, "mean_logit"),
+                          ({"kind": "mean_logit", "length_slope": 0.6},
+                           "{kind: mean_logit, length_slope: 0.6}")):
+            s = float(aggregate_requests(scores, np.zeros(n, np.int64), 1, agg, 2,
                                          in_scope, "span_end")[0])
-            every = aggregate_requests(scores, np.zeros(n, np.int64), 1, {"kind": agg}, 2,
+            every = aggregate_requests(scores, np.zeros(n, np.int64), 1, agg, 2,
                                        in_scope)[0]
             assert s <= every + 1e-12  # span ends are a subset of the prefixes
             if s == 0.0 or not 1e-6 < s < 1 - 1e-6:
                 continue
             for thr, crosses in ((s - 1e-9, True), (min(s + 1e-9, 1 - 1e-9), False)):
                 pol = parse_policy(f'version: "t"\ndetectors:\n  d:\n    scope: user\n'
-                                   f"    aggregation: {agg}\n    min_tokens: 2\n"
+                                   f"    aggregation: {text}\n    min_tokens: 2\n"
                                    f"    judge_at: span_end\n    thresholds: {{warn: {thr!r}}}\n")
                 tr = RequestTracker(pol)
                 key = RequestKey("c", str(trial))

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from monitor.roles import TokenRole
-from probes import study
+from probes import pooled, study
 from probes.collect import Activations
 from probes.evaluate import auroc
-from probes.harmful import SourceData, source_weights, split_calibration
+from probes.harmful import split_calibration
+from probes.pooled import SourceData, ecdf_scores, source_weights
 from probes.sources import Source
-from probes.study import ecdf_scores, readout_mask, study_table
+from probes.study import readout_mask, study_table
 
 
 def test_ecdf_scores_matches_a_plain_count() -> None:
@@ -99,7 +100,7 @@ def _world(rng: np.random.Generator, shift: dict[int, float]) -> list[SourceData
             _multi("scary", "scary", 60, rng, shift), _multi("persona", "persona", 40, rng, shift)]
 
 
-def _feature(layer: int, j: int) -> study.Fitter:
+def _feature(layer: int, j: int) -> pooled.Fitter:
     """A fitter that learns nothing: score = pooled feature ``j`` of ``layer``."""
     return lambda parts: (lambda d: d.features(layer)[:, j].astype(np.float64))
 
@@ -165,8 +166,8 @@ def test_source_weights_name_overrides_kind() -> None:
 def test_ensemble_is_the_mean_of_per_layer_probes() -> None:
     data = _world(np.random.default_rng(5), {12: 2.0, 15: 2.0})
     parts = [(d, np.arange(d.labels.size)) for d in data]
-    f = study.ensemble([12, 15], 1.0)(parts)
-    a, b = study.linear(12, 1.0)(parts), study.linear(15, 1.0)(parts)
+    f = pooled.ensemble([12, 15], 1.0)(parts)
+    a, b = pooled.linear(12, 1.0)(parts), pooled.linear(15, 1.0)(parts)
     for d in data:
         np.testing.assert_allclose(f(d), (a(d) + b(d)) / 2)
 
@@ -176,11 +177,42 @@ def test_concat_and_heads_find_a_signal_only_in_another_layer() -> None:
     the layer-12+15 heads are not."""
     data = _world(np.random.default_rng(6), {12: 3.0})
     kind = {d.name: d.source.kind for d in data}
-    for fitter, lo, hi in ((study.linear(15, 1.0), 0.0, 0.7),
-                           (study.concat([12, 15], 1.0), 0.95, 1.0),
-                           (study.mlp([12, 15], 16, 1e-2), 0.85, 1.0)):
+    for fitter, lo, hi in ((pooled.linear(15, 1.0), 0.0, 0.7),
+                           (pooled.concat([12, 15], 1.0), 0.95, 1.0),
+                           (pooled.mlp([12, 15], 16, 1e-2), 0.85, 1.0)):
         m = study.summarise(study.loso_scores(data, fitter)[0], kind, n_boot=10)
         assert lo <= m.auroc_ordinary <= hi, m.auroc_ordinary
+
+
+def test_recipe_explore_runs_the_shared_fitters() -> None:
+    """The recipe's read-out exploration (probes.harmful.explore) is the shared fitters
+    through the shared fold runner: its rows equal fold_metrics of pooled.fitter_folds,
+    and on a signal only at layer 12 the chosen layer-15 probe is near chance while the
+    concatenated layers find it."""
+    from probes.harmful import Config, explore, fold_metrics
+
+    data = _world(np.random.default_rng(11), {12: 3.0})
+    fit_idx, cal_idx = split_calibration(data)
+    cfg = Config(15, 1.0, 1.0, (("kind", "mean_logit"),), 1)
+    rows = explore(data, fit_idx, cal_idx, cfg, layers=(12, 15))
+    assert [r["read-out (pooled statistic)"] for r in rows] == [
+        "linear, layer 15 (chosen)", "linear, layers 12+15 concatenated",
+        "ensemble: mean logit of per-layer probes (12, 15)",
+        "MLP head (64 hidden, alpha=1), layer 15"]
+    kw = pooled.kind_weights(1.0)
+    for row, f in zip(rows, (pooled.linear(15, 1.0, kw), pooled.concat([12, 15], 0.5, kw)),
+                      strict=False):
+        want = fold_metrics(pooled.fitter_folds(data, fit_idx, cal_idx, f), 0)
+        assert row["auroc"] == pytest.approx(round(want["auroc"], 4))
+    assert rows[0]["auroc"] < 0.7 < 0.95 < rows[1]["auroc"]
+    # with the recipe's length term every read-out carries its own benign length slope
+    deb = explore(data, fit_idx, cal_idx, Config(15, 1.0, 1.0, (("kind", "mean_logit"),), 1,
+                                                 length_debias=True), layers=(12, 15))
+    assert deb[0]["read-out (pooled statistic)"] == "linear, layer 15 (chosen) − a·log n"
+    want = fold_metrics(pooled.fitter_folds(
+        data, fit_idx, cal_idx, pooled.length_debiased(pooled.linear(15, 1.0, kw))), 0)
+    assert deb[0]["fpr@cal1%"] == pytest.approx(round(want["fpr@cal1%"], 4))
+    assert deb[0]["auroc"] == pytest.approx(round(want["auroc"], 4))
 
 
 def test_lda_whitens_a_correlated_nuisance() -> None:
@@ -191,13 +223,13 @@ def test_lda_whitens_a_correlated_nuisance() -> None:
     data = _world(rng, {15: 3.0})
     for d in data:
         x = d.acts.x[15].astype(np.float32)
-        nuis = rng.normal(scale=6.0, size=x.shape[0]).astype(np.float32)
+        nuis = np.asarray(rng.normal(scale=6.0, size=x.shape[0]), np.float32)
         x[:, 0] += nuis
         x[:, 1] = nuis + rng.normal(scale=0.05, size=x.shape[0])
         d.acts.x[15] = x.astype(np.float16)
     parts = [(d, np.arange(d.labels.size)) for d in data]
     y = np.concatenate([d.labels for d in data])
-    s = np.concatenate([study.lda_shrunk(15)(parts)(d) for d in data])
+    s = np.concatenate([pooled.lda_shrunk(15)(parts)(d) for d in data])
     plain = np.concatenate([d.features(15)[:, 0] for d in data])
     assert auroc(y, s) > 0.95 > auroc(y, plain) + 0.1
 
@@ -206,7 +238,7 @@ def test_knn_matches_a_plain_neighbour_vote() -> None:
     data = _world(np.random.default_rng(8), {15: 2.0})
     parts = [(d, np.arange(d.labels.size)) for d in data]
     k = 5
-    s = study.knn(15, k=k, n_pca=4)(parts)(data[0])[:6]
+    s = pooled.knn(15, k=k, n_pca=4)(parts)(data[0])[:6]
     # plain reference with the same embedding (PCA of the standardised features)
     from sklearn.decomposition import PCA
 
@@ -229,7 +261,7 @@ def test_cascade_matches_a_plain_rule() -> None:
     data = _world(np.random.default_rng(9), {15: 2.0})
     parts = [(d, np.arange(d.labels.size)) for d in data]
     band = (0.5, 0.9)
-    f = study.cascade(_feature(15, 0), _feature(15, 1), band)(parts)
+    f = pooled.cascade(_feature(15, 0), _feature(15, 1), band)(parts)
     neg0 = np.concatenate([d.features(15)[d.labels == 0, 0] for d in data])
     neg1 = np.concatenate([d.features(15)[d.labels == 0, 1] for d in data])
     lo, hi = np.quantile(neg0, band[0]), np.quantile(neg0, band[1])
@@ -241,7 +273,7 @@ def test_cascade_matches_a_plain_rule() -> None:
                     else 1 + 0.5 * float(np.mean(neg1 < v1)))
             assert g == pytest.approx(want)
     raw = {d.name: f(d) for d in data}
-    share = study.stage2_share(raw)
+    share = pooled.stage2_share(raw)
     allv = np.concatenate([d.features(15)[:, 0] for d in data])
     assert share == pytest.approx(float(np.mean((allv >= lo) & (allv <= hi))))
 
@@ -250,11 +282,11 @@ def test_length_debiased_removes_the_benign_length_slope() -> None:
     data = _world(np.random.default_rng(10), {15: 2.0})
     parts = [(d, np.arange(d.labels.size)) for d in data]
 
-    def by_length(parts: study.Parts) -> study.Scorer:
-        return lambda d: 2.0 * np.log(study.user_tokens(d)) + d.features(15)[:, 0]
+    def by_length(parts: pooled.Parts) -> pooled.Scorer:
+        return lambda d: 2.0 * np.log(d.in_scope_tokens()) + d.features(15)[:, 0]
 
-    f = study.length_debiased(by_length)(parts)
-    n = np.concatenate([study.user_tokens(d) for d in data])
+    f = pooled.length_debiased(by_length)(parts)
+    n = np.concatenate([d.in_scope_tokens() for d in data])
     assert n.tolist() == [int(np.sum(d.acts.example == i)) for d in data
                           for i in range(d.acts.n_examples)]
     y = np.concatenate([d.labels for d in data])
@@ -266,7 +298,7 @@ def test_length_debiased_removes_the_benign_length_slope() -> None:
 def test_variant_table_renders_every_variant() -> None:
     data = _world(np.random.default_rng(11), {15: 3.0})
     vs = [study.Variant("baseline", "feature 0", "yes", _feature(15, 0)),
-          study.Variant("4 cascade", "c", "no", study.cascade(_feature(15, 0), _feature(15, 1)))]
+          study.Variant("4 cascade", "c", "no", pooled.cascade(_feature(15, 0), _feature(15, 1)))]
     rows = study.run_variants(data, vs)
     assert rows[1].stage2_share is not None and rows[0].stage2_share is None
     md = study.variants_markdown(rows)
