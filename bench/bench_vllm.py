@@ -106,34 +106,38 @@ _ARM = textwrap.dedent("""
 def _sample_worker_threads(stats_file: str, out: dict[str, float],
                            stop: threading.Event) -> None:
     """While an arm runs: CPU seconds of the worker's threads (the process whose pid the
-    plugin's stats file names), by where they may run. Keeps the last sample in `out`:
-    `model_s` the model (main) thread, `on_model_cores_s` every other thread allowed on a
-    core of the model thread (vLLM's and, unless placed elsewhere, the plugin's and
-    gRPC's), `elsewhere_s` the threads allowed only on other cores."""
+    plugin's stats file names), by where they may run: `model_s` the model (main) thread,
+    `on_model_cores_s` every other thread allowed on a core of the model thread (vLLM's
+    and, unless placed elsewhere, the plugin's and gRPC's), `elsewhere_s` the threads
+    allowed only on other cores. Each thread keeps its last sampled value (threads that
+    end before the worker, and the worker's own exit, lose nothing)."""
     from monitor.capture.threads import parse_cpus
 
     tick = os.sysconf("SC_CLK_TCK")
     pid = 0
+    seen: dict[int, tuple[float, frozenset[int]]] = {}  # tid -> (CPU s, allowed CPUs)
     while not stop.wait(0.5):
         try:
             if not pid:
                 with open(stats_file) as f:
                     pid = int(json.load(f)["pid"])
-            rows = []
             for task in Path(f"/proc/{pid}/task").iterdir():
                 with contextlib.suppress(OSError):
                     fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
                     mask = re.search(r"^Cpus_allowed_list:\s*(\S+)",
                                      (task / "status").read_text(), re.M)
                     if mask:
-                        rows.append((int(task.name), (int(fields[11]) + int(fields[12])) / tick,
-                                     parse_cpus(mask.group(1)).cpus))
+                        seen[int(task.name)] = ((int(fields[11]) + int(fields[12])) / tick,
+                                                parse_cpus(mask.group(1)).cpus)
         except (OSError, ValueError, KeyError):
-            continue  # no stats file yet, or the worker is gone: keep the last sample
-        model = next((m for t, _, m in rows if t == pid), frozenset())
-        out.update(model_s=sum(c for t, c, _ in rows if t == pid),
-                   on_model_cores_s=sum(c for t, c, m in rows if t != pid and m & model),
-                   elsewhere_s=sum(c for t, c, m in rows if t != pid and not m & model))
+            continue  # no stats file yet, or the worker is gone
+        if pid not in seen:
+            continue
+        model = seen[pid][1]
+        others = [(c, m) for t, (c, m) in seen.items() if t != pid]
+        out.update(model_s=seen[pid][0],
+                   on_model_cores_s=float(sum(c for c, m in others if m & model)),
+                   elsewhere_s=float(sum(c for c, m in others if not m & model)))
 
 
 def run_arm(args: argparse.Namespace, addr: str | None, model: str,

@@ -318,6 +318,15 @@ CS = (1e-3, 1e-2)
 PREFIXES = (0, 8)
 """Benign prefix negatives searched (0 = full-request means only)."""
 SCARY_WEIGHTS = (1.0, 3.0)
+PINNED: dict[str, tuple[float, ...]] = {"layers": (15,), "Cs": (3e-3,),
+                                        "scary_weights": (1.0,)}
+"""The length-debiased recipe's probe (``length_debias=True``, the default): layer 15,
+C = 0.003, per-source balance with benign-but-scary / persona sources ×1, chosen by the
+variant study on leave-one-source-out folds over the TRAINING sources only (every
+length-term layer × C × balance; docs/experiments/loso_variants_validation.md), the
+recipe's test sources neither fit nor scored there. Only the served read-out is still
+searched. ``length_debias=False`` searches the session-5 grid (:data:`SEARCH_LAYERS` ×
+:data:`CS` × :data:`SCARY_WEIGHTS`)."""
 SERVED: tuple[Served, ...] = (
     *((agg, m, scale, "every_token")
       for agg, m in (({"kind": "mean"}, 2), ({"kind": "mean"}, 4),
@@ -568,8 +577,9 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
 
 def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user",
                           sources: Sequence[Source] | None = None,
-                          layers: Sequence[int] = LAYERS, Cs: Sequence[float] = CS,
-                          scary_weights: Sequence[float] = SCARY_WEIGHTS,
+                          layers: Sequence[int] = LAYERS, Cs: Sequence[float] | None = None,
+                          scary_weights: Sequence[float] | None = None,
+                          search_layers: Sequence[int] | None = None,
                           served: Sequence[Served] = SERVED,
                           prefixes: Sequence[int] = PREFIXES,
                           limit: int | None = None, explore_readouts: bool = True,
@@ -579,8 +589,11 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     calibration hold-back) → thresholds on the hold-back → evaluate the test sources.
 
     ``length_debias`` (default on): ``mean_logit`` read-outs carry a length term whose
-    slope each probe fits on its own benign fit rows (module doc); off reproduces the
-    session-5 recipe (no length term)."""
+    slope each probe fits on its own benign fit rows (module doc), and the probe is
+    :data:`PINNED`; off reproduces the session-5 recipe (no length term, its grid).
+    ``search_layers`` / ``Cs`` / ``scary_weights``: the probe grid searched (None: as the
+    flag says); search layers not among ``layers`` are dropped (none left: all of
+    ``layers``, e.g. for another model's scaled layers)."""
     from probes.calibrate import calibrate
     from probes.export import DetectorResult, threshold_ladder
     from probes.sources import HARMFUL_SOURCES
@@ -592,7 +605,12 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     test += list(long_sources(data, collector, cache_dir, scope, layers, progress, seed,
                               60 if limit is None else max(4, limit // 4)).values())
     fit_idx, cal_idx = split_calibration(train, seed)
-    search = [x for x in SEARCH_LAYERS if x in layers] or list(layers)
+    grid = PINNED if length_debias else {"layers": SEARCH_LAYERS, "Cs": CS,
+                                         "scary_weights": SCARY_WEIGHTS}
+    search_layers = [int(x) for x in grid["layers"]] if search_layers is None else search_layers
+    Cs = grid["Cs"] if Cs is None else Cs
+    scary_weights = grid["scary_weights"] if scary_weights is None else scary_weights
+    search = [x for x in search_layers if x in layers] or list(layers)
     cfg, table = select(train, fit_idx, cal_idx, search, Cs, scary_weights, served, prefixes,
                         progress, length_debias)
     log.info("harmful_intent: chose %s", cfg.label())

@@ -157,8 +157,8 @@ def _harmful_section(r: Any) -> list[str]:
     if "readouts" in m:
         lines += _titled("What richer read-outs buy (same folds and criterion, request-level "
                          "mean logit"
-                         + (" WITHOUT the length term" if "length_slope" in r.calibration
-                            else "")
+                         + (", each minus its own length term a·log n fit on its fold's "
+                            "benign fit rows" if "length_slope" in r.calibration else "")
                          + "; not servable as one linear_probe detector):", m["readouts"])
     lines += _titled("Learning curve (fraction of every training source fit on; pooled "
                      "test, served statistic) and a shuffled-label control:",

@@ -8,6 +8,7 @@ to it over real sockets and scrape its /metrics over HTTP.
 from __future__ import annotations
 
 import os
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,6 +78,25 @@ def submit_rows(t: Any, rows: dict[int, torch.Tensor], request_id: str, step: in
                                     spans=spans, max_frame_bytes=plan.max_frame_bytes,
                                     labels=labels or {}))
     return ring
+
+
+def eventually(pred: Callable[[], object], timeout: float = 60.0, poll_s: float = 0.05) -> bool:
+    """Poll ``pred`` every ``poll_s`` s until it is truthy: True; False once ``timeout`` s
+    passed and one last check failed. THE condition wait of the tests (no timing assertions:
+    timeouts are generous upper bounds, a passing test returns as soon as it holds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(poll_s)
+    return bool(pred())
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 60.0, what: str = "condition",
+               poll_s: float = 0.05) -> None:
+    """`eventually`, or AssertionError naming ``what`` and the time waited."""
+    if not eventually(pred, timeout, poll_s):
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def plain_channel(target: str) -> grpc.Channel:

@@ -53,6 +53,14 @@ class SyntheticLayer(nn.Module):
         return self.down(nn.functional.silu(g) * u), residual
 
 
+class _Body(nn.Module):
+    """Holds the decoder layers as ``.layers`` (vLLM's ``model.model.layers``)."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        super().__init__()
+        self.layers = layers
+
+
 class SyntheticDecoder(nn.Module):
     """`forward(positions, x) -> [num_tokens, d_model]`; layers at `.model.layers`
     (where `monitor.capture.op.find_decoder_layers` looks)."""
@@ -61,8 +69,8 @@ class SyntheticDecoder(nn.Module):
                  seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.model = nn.Module()
-        self.model.layers = nn.ModuleList(SyntheticLayer(d_model, d_ff) for _ in range(n_layers))
+        self.model = _Body(nn.ModuleList(SyntheticLayer(d_model, d_ff)
+                                         for _ in range(n_layers)))
         with torch.no_grad():
             for p in self.parameters():
                 if p.dim() == 2:

@@ -7,6 +7,7 @@ trusts and a stranger), so nothing secret lives in the repository.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import subprocess
 import sys
@@ -155,7 +156,7 @@ def test_bad_token_is_unauthenticated_and_counted(server: MonitorServer) -> None
     before = server.metric("safety_monitor_frames_rejected_total", reason="unauthenticated")
     stub = monitor_pb2_grpc.MonitorStub(server.channel)
     for token in (None, "wrong", TOKEN + "x", ""):
-        assert _code(lambda t=token: _plan(server.channel, t)) == \
+        assert _code(functools.partial(_plan, server.channel, token)) == \
             grpc.StatusCode.UNAUTHENTICATED
     # streaming calls are refused before any message is read
     call = stub.Stream(iter([monitor_pb2.ClientMessage(

@@ -35,10 +35,13 @@ def naive(kind: str, scores: list[float], param: float | int | None = None) -> l
             total += math.log(q) - math.log(1 - q)
             state = 1 / (1 + math.exp(-(total / (t + 1) - (param or 0.0) * math.log(t + 1))))
         elif kind == "ema":
+            assert param is not None, "ema needs a half-life"
             alpha = 0.5 ** (1.0 / param)
             state = s if state is None else alpha * state + (1 - alpha) * s
         elif kind == "window_max":
+            assert param is not None, "window_max needs N"
             state = max(scores[max(0, t - int(param) + 1) : t + 1])
+        assert state is not None, f"unknown kind {kind!r}"
         out.append(state)
     return out
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from alert_receiver import Receiver
+from conftest import wait_until
 from prometheus_client import CollectorRegistry
 
 from monitor.report.metrics import parse_exposition
@@ -61,15 +62,6 @@ def samples(reg: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ..
 
 def val(reg: CollectorRegistry, name: str, **labels: str) -> float:
     return samples(reg).get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def wait(pred, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture()
@@ -178,13 +170,13 @@ def test_webhook_down_spools_in_order_then_delivers_once(receiver: Receiver, tmp
     w.start()
     for i in range(5):
         w.submit(ev(i))
-    wait(lambda: w.spool.events == 5, what="5 events spooled")
+    wait_until(lambda: w.spool.events == 5, what="5 events spooled")
     assert val(reg, "safety_monitor_alert_sink_up", sink="webhook") == 0
     assert val(reg, "safety_monitor_alert_events_spooled_total", sink="webhook") == 5
     receiver.start()
     got = receiver.wait_for(lambda r: len(r) >= 5, what="5 posts after recovery")
     assert [r.json()["event"]["request_id"] for r in got] == [f"req-{i}" for i in range(5)]
-    wait(lambda: w.spool.events == 0, what="spool empty")
+    wait_until(lambda: w.spool.events == 0, what="spool empty")
     assert w.stop() and w.lost == 0
     assert val(reg, "safety_monitor_alert_sink_up", sink="webhook") == 1
     assert val(reg, "safety_monitor_alert_spool_bytes", sink="webhook") == 0
@@ -214,7 +206,7 @@ def test_rejected_4xx_is_dropped_and_counted_not_retried(receiver: Receiver):
     w, reg = worker(WebhookSink(WebhookConfig(receiver.url)), MemorySpool(1 << 20))
     w.start()
     w.submit(ev(1))
-    wait(lambda: val(reg, "safety_monitor_alert_events_dropped_total", sink="webhook",
+    wait_until(lambda: val(reg, "safety_monitor_alert_events_dropped_total", sink="webhook",
                      reason="rejected") == 1, what="rejected counted")
     receiver.status = 200
     w.submit(ev(2))  # the next one is not blocked behind the bad one
@@ -252,7 +244,7 @@ def test_unwritable_spool_counts_spool_error(receiver: Receiver, tmp_path: Path)
     d.write_text("not a directory")
     w.start()
     w.submit(ev(1))
-    wait(lambda: w.lost == 1, what="spool_error counted")
+    wait_until(lambda: w.lost == 1, what="spool_error counted")
     assert val(reg, "safety_monitor_alert_events_dropped_total", sink="webhook",
                reason="spool_error") == 1
     w.stop()
@@ -300,7 +292,7 @@ def test_alertmanager_payload_resend_and_resolve(receiver: Receiver):
     assert "request_id" not in a["labels"]  # identities are annotations, never labels
     # re-sent while active, then sent once more with endsAt in the past (resolved)
     got = receiver.wait_for(lambda r: len(r) >= 3, what="re-sends")
-    wait(lambda: sink.active == 0, timeout=10, what="resolved")
+    wait_until(lambda: sink.active == 0, timeout=10, what="resolved")
     last = receiver.snapshot()[-1].json()[0]
     assert last["endsAt"] == a["endsAt"]
     n = len(receiver.snapshot())
@@ -343,7 +335,7 @@ def test_server_audit_stdout_and_exit_status_3_after_lost_alerts(start_server, t
     assert not res.errors
     audit = [x for x in srv.audit_lines() if x["event"] == "alert"]
     assert audit  # harmful_intent is mode alert in POLICY_V1
-    wait(lambda: srv.metric("safety_monitor_alert_events_spooled_total", sink="webhook")
+    wait_until(lambda: srv.metric("safety_monitor_alert_events_spooled_total", sink="webhook")
          >= len(audit), what="alerts spooled in memory")
     assert srv.stop() == 3
     stdout_json = [json.loads(line) for line in srv.log_path.read_text().splitlines()

@@ -298,7 +298,7 @@ def test_alerts_end_to_end(stack: Stack) -> None:
     for r in got:
         assert verify_signature(SECRET.encode(), r.headers[TIMESTAMP_HEADER], r.body,
                                 r.headers[SIGNATURE_HEADER])
-    assert [r.json()["idempotency_key"] for r in got] == keys1  # type: ignore[index]
+    assert [r.json()["idempotency_key"] for r in got] == keys1
 
     check_dashboard_has_data(stack, "after traffic")
 

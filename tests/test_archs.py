@@ -32,6 +32,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,7 +60,8 @@ ENV = {
     "SAFETY_MONITOR_PLAN_TIMEOUT_S": "10",
     "VLLM_USE_V2_MODEL_RUNNER": "0",
 }
-ENGINE_KW = dict(max_model_len=512, max_num_batched_tokens=32, max_num_seqs=4,
+#: `vllm.LLM` keyword arguments (checked by vLLM; Any: the values differ in type)
+ENGINE_KW: dict[str, Any] = dict(max_model_len=512, max_num_batched_tokens=32, max_num_seqs=4,
                  kv_cache_memory_bytes=64 * 2**20, dtype="float32", seed=0,
                  enable_prefix_caching=False)
 
@@ -131,7 +133,7 @@ def _run_engine(model_dir: Path, sink: CaptureSink, mode: str, prompts: list,
                               extra_args={"correlation_id": f"r{i}"})
                for i in range(len(prompts))]
         outs = llm.generate(prompts, sps, use_tqdm=False)
-        return [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
+        return [list(o.prompt_token_ids or ()) + list(o.outputs[0].token_ids) for o in outs]
     finally:
         shutdown_llm(llm)
         os.environ.clear()

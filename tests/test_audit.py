@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,8 +15,9 @@ from monitor.judge import VerdictUpdate
 from monitor.report.audit import AuditLog, audit_record
 
 
-def _update(**kw) -> VerdictUpdate:
-    base = dict(key=RequestKey("client", "r1"), detector="harmful_intent", score=0.93,
+def _update(**kw: Any) -> VerdictUpdate:
+    base: dict[str, Any] = dict(
+                key=RequestKey("client", "r1"), detector="harmful_intent", score=0.93,
                 peak_score=0.95, severity="critical", threshold=0.9, crossed_at_position=12,
                 final=False, mode="alert", policy_version="v1", n_tokens_scored=13,
                 n_tokens_unscored=0, escalated=True)
@@ -62,9 +64,14 @@ def test_write_never_raises(tmp_path: Path) -> None:
 
 def test_disabled_and_fsync_on_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert AuditLog(None).write({"a": 1}) is False
-    synced = []
+    synced: list[int] = []
     real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     log = AuditLog(tmp_path / "a.jsonl", include_finals=True)
     log.write({"a": 1})
     log.close()

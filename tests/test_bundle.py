@@ -233,7 +233,7 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any], dict[str, torch.Ten
     """An edit that sets ``manifest[a][b]...`` (ints index lists) to ``value``."""
     keys = [int(k) if k.isdigit() else k for k in path.split("/")]
 
-    def edit(m: dict[str, Any], _t: dict[str, torch.Tensor]) -> None:
+    def edit(m: Any, _t: dict[str, torch.Tensor]) -> None:  # dicts and lists (JSON)
         for k in keys[:-1]:
             m = m[k]
         m[keys[-1]] = value
@@ -244,7 +244,7 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any], dict[str, torch.Ten
 def _drop(path: str) -> Callable[[dict[str, Any], dict[str, torch.Tensor]], None]:
     keys = [int(k) if k.isdigit() else k for k in path.split("/")]
 
-    def edit(m: dict[str, Any], _t: dict[str, torch.Tensor]) -> None:
+    def edit(m: Any, _t: dict[str, torch.Tensor]) -> None:  # dicts and lists (JSON)
         for k in keys[:-1]:
             m = m[k]
         del m[keys[-1]]

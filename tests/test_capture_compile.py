@@ -9,6 +9,8 @@ the graph structure the op produces is the same (the op sits between decoder lay
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from synthetic_decoder import SyntheticDecoder
@@ -49,7 +51,7 @@ def _inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(autouse=True)
-def _clean() -> None:
+def _clean() -> Iterator[None]:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     yield
@@ -121,20 +123,22 @@ def test_static_op_graph_safe_rows_in_slots_eager_and_inductor():
         torch._dynamo.reset()
         bufs = StaticBuffers(L, n_plan_layers=3, max_num_tokens=8, d_model=D)
         wrap_decoder_layers(m.model.layers, wanted, bufs.meta, bufs)
+        hidden, positions = bufs.hidden, bufs.positions  # allocated: d_model given
+        assert hidden is not None and positions is not None
         assert bufs.slots == {(0, SITE_IN): 0, (2, SITE_IN): 1, (2, SITE_OUT): 2}
         m(pos, x)
-        eager = bufs.hidden.clone()
+        eager = hidden.clone()
         assert bufs.meta.tolist() == [0, 0, 1, 0]
         frames, ops, breaks = _graph_count(m)
         assert (frames, breaks) == (1, 0) and ops == base[1] + 3
         torch._dynamo.reset()
-        bufs.hidden.zero_()
+        hidden.zero_()
         f = torch.compile(m, backend="inductor", fullgraph=True)
         f(pos, x)
     for key, slot in bufs.slots.items():
         torch.testing.assert_close(eager[slot, :6], ref[key], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(bufs.hidden[slot, :6], ref[key], rtol=1e-4, atol=1e-4)
-    assert bool((bufs.positions[:6] == pos).all())
+        torch.testing.assert_close(hidden[slot, :6], ref[key], rtol=1e-4, atol=1e-4)
+    assert bool((positions[:6] == pos).all())
     small = StaticBuffers(L, n_plan_layers=1, max_num_tokens=8, d_model=D)
     with pytest.raises(ValueError, match="static slots: expected >= 3, found 1"):
         wrap_decoder_layers(SyntheticDecoder(D, FF, L).model.layers, wanted, small.meta, small)

@@ -53,23 +53,26 @@ def test_plan_from_proto_hook_names_and_legacy_layers():
             plan_id="p", model="m", d_model=8, hook_names=["blocks.1.hook_mlp_out", "oops"]))
 
 
-def _model(model_cls: str, layer_cls: str, n: int = 2) -> nn.Module:
+def _model(model_cls: str, layer_cls: str, n: int = 2) -> tuple[nn.Module, nn.ModuleList]:
+    """A model of class name `model_cls` with `n` layers of class name `layer_cls` at
+    `.model.layers`; (model, layers)."""
     layer_t = type(layer_cls, (nn.Module,), {})
+    layers = nn.ModuleList([layer_t() for _ in range(n)])
     inner = nn.Module()
-    inner.layers = nn.ModuleList([layer_t() for _ in range(n)])
+    inner.layers = layers
     m = type(model_cls, (nn.Module,), {})()
     m.model = inner
-    return m
+    return m, layers
 
 
 def test_architecture_table():
     for name, spec in SUPPORTED.items():
-        m = _model(name, spec.layer_classes[0])
-        assert check_architecture(m, m.model.layers) is spec
-    m = _model("GPT2LMHeadModel", "GPT2Block")
+        m, layers = _model(name, spec.layer_classes[0])
+        assert check_architecture(m, layers) is spec
+    m, layers = _model("GPT2LMHeadModel", "GPT2Block")
     with pytest.raises(UnsupportedArchitecture, match=r"'GPT2LMHeadModel'.*refused"):
-        check_architecture(m, m.model.layers)
+        check_architecture(m, layers)
     # a known model class holding unexpected layers (e.g. a subclass swapping them)
-    m = _model("LlamaForCausalLM", "FancyDecoderLayer")
+    m, layers = _model("LlamaForCausalLM", "FancyDecoderLayer")
     with pytest.raises(UnsupportedArchitecture, match="FancyDecoderLayer"):
-        check_architecture(m, m.model.layers)
+        check_architecture(m, layers)

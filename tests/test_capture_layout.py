@@ -27,7 +27,8 @@ def _reference(plens, computed, rows, prompt, generated, roles):
             if ok:
                 kept.append((row, f"r{i}", pos, p, role))
             row += 1
-    spans, ranges = [], []
+    spans: list[tuple[str, int, int, int, int]] = []
+    ranges: list[tuple[int, int]] = []
     for k, (r, rid, pos, p, role) in enumerate(kept):
         prev = kept[k - 1] if k else None
         if prev and prev[1] == rid and prev[4] == role and prev[0] == r - 1:

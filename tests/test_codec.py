@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import ctypes
+from typing import Any, cast
 
 import grpc
 import numpy as np
 import pytest
 import torch
 
+from monitor.v1 import monitor_pb2
 from monitor.wire import REASONS, FrameError, Span, decode_frame, encode_frame
 
 D = 16
-KW = dict(model="m", d_model=D, layers=frozenset({1, 4}), max_frame_bytes=1 << 20)
+#: decode_frame's keyword arguments (checked there; Any: the values differ in type)
+KW: dict[str, Any] = dict(model="m", d_model=D, layers=frozenset({1, 4}), max_frame_bytes=1 << 20)
 
 
 def _frame(x, spans=None, **kw):
@@ -43,7 +46,7 @@ def test_torch_round_trip(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_numpy_round_trip_little_endian(dtype: type) -> None:
-    x = np.random.default_rng(0).standard_normal((3, D)).astype(dtype)
+    x: np.ndarray = np.random.default_rng(0).standard_normal((3, D)).astype(dtype)
     f = _frame(x)
     assert f.data == x.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
     big = x.astype(np.dtype(dtype).newbyteorder(">"))  # non-native input is normalised
@@ -81,7 +84,8 @@ def test_decode_is_zero_copy() -> None:
                            shape=list(f.shape), spans=list(f.spans), seq=f.seq, step=f.step,
                            hook_name=f.hook_name, projection=f.projection,
                            HasField=lambda name: False)
-    d = decode_frame(view, **KW)  # duck-typed frame: we know the exact bytes object
+    # duck-typed frame: we know the exact bytes object
+    d = decode_frame(cast(monitor_pb2.ActivationFrame, view), **KW)
     addr = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
     assert d.x.ctypes.data == addr  # the array views the payload bytes, no copy
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -208,7 +209,7 @@ def test_dockerignore_keeps_build_inputs():
 # -- Grafana dashboard and Prometheus rules (static) ----------------------------------------
 
 def dashboard_queries(dash: dict) -> list[str]:
-    exprs = []
+    exprs: list[str] = []
 
     def walk(panels):
         for p in panels:
@@ -501,7 +502,7 @@ def chart(helm):
 
 def render(chart, values: dict | None = None) -> list[dict]:
     out = chart.render(values or {}, name="guard", namespace="llm")
-    docs = []
+    docs: list[dict[str, Any]] = []
     for path, text in sorted(out.items()):
         if path.endswith(".txt"):
             continue
@@ -855,10 +856,11 @@ def test_chart_files_are_the_deploy_files():
 
 
 def test_tls_and_token_from_secrets(chart, serve_flags):
-    vals = {"sidecar": {"tls": {"enabled": True, "secretName": "monitor-server-tls",
-                                "clientSecretName": "monitor-client-tls",
-                                "serverName": "safety-monitor.local"},
-                        "auth": {"tokenSecret": "monitor-token"}}}
+    vals: dict[str, Any] = {
+        "sidecar": {"tls": {"enabled": True, "secretName": "monitor-server-tls",
+                            "clientSecretName": "monitor-client-tls",
+                            "serverName": "safety-monitor.local"},
+                    "auth": {"tokenSecret": "monitor-token"}}}
     spec = pod_spec(render(chart, vals))
     mon = container(spec, "safety-monitor", native=True)
     cmd = mon["command"]

@@ -12,12 +12,12 @@ import asyncio
 import json
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from monitor.capture import gate as gate_mod
 from monitor.capture.gate import SidecarGate, fail_mode, max_behind_frames
@@ -60,13 +60,6 @@ def _call(g: SidecarGate, path: str = "/v1/chat/completions") -> tuple[int, byte
     g.app = inner
     asyncio.run(g({"type": "http", "method": "POST", "path": path}, receive, send))
     return int(sent[0]["status"]), bytes(sent[1]["body"])
-
-
-def _until(pred: Callable[[], bool], timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.1)
 
 
 def test_env_overrides_parse(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,12 +106,12 @@ def test_policy_fail_mode_closed_refuses_then_open_serves_and_counts(
     log = tmp_path / "sidecar.log"
     side = _sidecar(port, mport, log, _policy(tmp_path, "closed"))
     try:
-        g = SidecarGate(lambda *a: None)  # type: ignore[arg-type,return-value]
-        _until(_mode_is(g, True, "closed"))
+        g = SidecarGate(lambda *a: None)  # type: ignore[arg-type]
+        wait_until(_mode_is(g, True, "closed"))
         assert _call(g) == (200, b"served")
         refused0, unmon0 = g.refused._value.get(), g.unmonitored._value.get()
         stop(side, "the sidecar")
-        _until(_mode_is(g, False, "closed"))  # the last plan's mode stays in force
+        wait_until(_mode_is(g, False, "closed"))  # the last plan's mode stays in force
         status, body = _call(g)
         assert status == 503
         msg = json.loads(body)["error"]["message"]
@@ -127,10 +120,10 @@ def test_policy_fail_mode_closed_refuses_then_open_serves_and_counts(
         assert g.refused._value.get() == refused0 + 1
         # back on the same port with a fail-open policy: recovers, then serves when down
         side = _sidecar(port, mport, log, _policy(tmp_path, "open"))
-        _until(_mode_is(g, True, "open"))
+        wait_until(_mode_is(g, True, "open"))
         assert _call(g) == (200, b"served")
         stop(side, "the sidecar")
-        _until(_mode_is(g, False, "open"))
+        wait_until(_mode_is(g, False, "open"))
         assert _call(g) == (200, b"served")
         assert g.unmonitored._value.get() == unmon0 + 1
         assert g.refused._value.get() == refused0 + 1
@@ -145,25 +138,25 @@ def test_behind_bound_and_env_override(tmp_path: Path, gate_env: tuple[int, int]
     stats.write_text(json.dumps({"queued": 3}))
     side = _sidecar(port, mport, tmp_path / "sidecar.log", _policy(tmp_path, "closed", 10))
     try:
-        g = SidecarGate(lambda *a: None)  # type: ignore[arg-type,return-value]
-        _until(_mode_is(g, True, "closed"))
+        g = SidecarGate(lambda *a: None)  # type: ignore[arg-type]
+        wait_until(_mode_is(g, True, "closed"))
         assert g.watch is not None and g.watch.state.max_behind_frames == 10
         stats.write_text(json.dumps({"queued": 11}))  # the plugin's queue over the bound
-        _until(_mode_is(g, False, "closed"))
+        wait_until(_mode_is(g, False, "closed"))
         status, body = _call(g)
         assert status == 503
         assert "behind: 11 messages queued" in json.loads(body)["error"]["message"]
         stats.write_text(json.dumps({"queued": 10}))
-        _until(_mode_is(g, True, "closed"))
+        wait_until(_mode_is(g, True, "closed"))
         assert _call(g) == (200, b"served")
         # env overrides the policy: fail-open whatever the plan says
         g.watch.close()
         monkeypatch.setenv("SAFETY_MONITOR_FAIL_MODE", "open")
         monkeypatch.setattr(gate_mod, "_watch", None)
-        g2 = SidecarGate(lambda *a: None)  # type: ignore[arg-type,return-value]
-        _until(_mode_is(g2, True, "open"))
+        g2 = SidecarGate(lambda *a: None)  # type: ignore[arg-type]
+        wait_until(_mode_is(g2, True, "open"))
         stats.write_text(json.dumps({"queued": 99}))
-        _until(_mode_is(g2, False, "open"))
+        wait_until(_mode_is(g2, False, "open"))
         assert _call(g2) == (200, b"served")
     finally:
         stop(side, "the sidecar")

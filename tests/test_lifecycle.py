@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 import torch
-from conftest import MODEL, POLICY_V1, MonitorServer
+from conftest import MODEL, POLICY_V1, MonitorServer, eventually
 from test_server_integration import (
-    _wait,
     errors,
     fin,
     frame_msg,
@@ -119,8 +118,8 @@ def test_counters_exist_from_start_up(srv: MonitorServer) -> None:
         assert ("safety_monitor_frames_rejected_total", (("reason", r.value),)) in samples
         assert ("safety_monitor_rows_unscored_total", (("reason", r.value),)) in samples
     for f in FinishReason:
-        key = (("model_name", MODEL), ("reason", f.value))
-        assert ("safety_monitor_requests_finished_total", key) in samples
+        labels = (("model_name", MODEL), ("reason", f.value))
+        assert ("safety_monitor_requests_finished_total", labels) in samples
     for name in ("safety_monitor_nonfinite_scores_total", "safety_monitor_requests_evicted_total",
                  "safety_monitor_tracker_duplicate_tokens_total",
                  "safety_monitor_orphaned_requests", "safety_monitor_closed_ids"):
@@ -150,7 +149,7 @@ def test_another_stream_cannot_add_to_or_finish_a_live_request(srv: MonitorServe
     before = srv.metric("safety_monitor_frames_rejected_total", reason="not_owner")
     a = Held(srv, [hello("tenant-a"), frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4,
                                                                 [0]), [Span(r, 4, 0, 4)])])
-    assert _wait(lambda: len(verdicts(a.out, r)) >= 1)  # the escalation arrived: r is live
+    assert eventually(lambda: len(verdicts(a.out, r)) >= 1)  # the escalation arrived: r is live
     # same client id on a second stream (e.g. a forged one): may neither blind nor finish r
     out = stream(srv, [hello("tenant-a"),
                        frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
@@ -181,12 +180,12 @@ def test_max_requests_holds_for_unjudged_layers_and_evicted_requests_get_finals(
     held = Held(srv, [hello("tenant-ev")])
     # layer 3 is captured but judged by no detector of the policy: still bounded
     held.send(*[frame_msg(i + 1, 3, x, [Span(r, 2, 0, 2)]) for i, r in enumerate(ids)])
-    assert _wait(lambda: srv.metric("safety_monitor_requests_evicted_total") - ev0 == 3)
-    assert _wait(lambda: srv.metric("safety_monitor_requests_finished_total",
+    assert eventually(lambda: srv.metric("safety_monitor_requests_evicted_total") - ev0 == 3)
+    assert eventually(lambda: srv.metric("safety_monitor_requests_finished_total",
                                     reason="evicted") - fin0 == 3)
     assert srv.metric("safety_monitor_active_requests") <= 4
     # the evicted ones were told: one final per policy detector, on their own stream
-    assert _wait(lambda: all(finals(held.out, r) for r in ids[:3]))
+    assert eventually(lambda: all(finals(held.out, r) for r in ids[:3]))
     late = held.out[:]
     held.send(frame_msg(100, 3, x, [Span(ids[0], 2, 2, 4)]))  # late for an evicted id
     out = held.close()
@@ -211,7 +210,7 @@ def test_idle_requests_on_an_open_stream_expire(srv: MonitorServer, geometry: di
     inc0 = srv.metric("safety_monitor_requests_incomplete_total", model_name=MODEL,
                       reason="idle")
     held = open_one(srv, geometry, "tenant-idle", r)
-    assert _wait(lambda: bool(finals(held.out, r)), timeout=30)  # no half-close needed
+    assert eventually(lambda: bool(finals(held.out, r)), timeout=30)  # no half-close needed
     assert srv.metric("safety_monitor_requests_finished_total", reason="idle") - before == 1
     assert srv.metric("safety_monitor_requests_incomplete_total", model_name=MODEL,
                       reason="idle") - inc0 == 1
@@ -223,7 +222,7 @@ def test_orphans_are_swept_while_traffic_flows(srv: MonitorServer, geometry: dic
     r = rid("orphan")
     before = srv.metric("safety_monitor_requests_finished_total", reason="orphaned")
     broken = open_one(srv, geometry, "tenant-gone", r)
-    assert _wait(lambda: srv.metric("safety_monitor_active_requests") >= 1)
+    assert eventually(lambda: srv.metric("safety_monitor_active_requests") >= 1)
     broken.cancel()
     busy = Held(srv, [hello("tenant-busy")])
     t0 = time.monotonic()
@@ -267,12 +266,12 @@ def test_audit_file_reopens_on_sighup_after_rotation(srv: MonitorServer,
     rotated = srv.audit_path.with_name("audit.jsonl.1")
     srv.audit_path.rename(rotated)
     srv.signal(signal.SIGHUP)  # logrotate's postrotate
-    assert _wait(lambda: "reopened (reopen requested)" in srv.log())
+    assert eventually(lambda: "reopened (reopen requested)" in srv.log())
     r = rid("rotated")
     out = stream(srv, [hello("tenant-rot"), frame_msg(1, 2, make_rows(
         geometry, "harmful_intent", 4, [1]), [Span(r, 4, 0, 4)]), fin(r)])
     assert finals(out, r)["harmful_intent"].severity == monitor_pb2.SEVERITY_CRITICAL
-    assert _wait(lambda: [a["event"] for a in srv.audit_lines() if a["request_id"] == r]
+    assert eventually(lambda: [a["event"] for a in srv.audit_lines() if a["request_id"] == r]
                  == ["alert"])
     assert r not in rotated.read_text()
     assert srv.metric("safety_monitor_audit_write_failures_total") == 0

@@ -95,12 +95,14 @@ def test_policy_holder_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
     holder = PolicyHolder(path)
     path.unlink()
     os.mkfifo(path)
-    out: list[object] = []
+    out: list[tuple[bool, str] | None] = []
     t = threading.Thread(target=lambda: out.append(holder.poll()), daemon=True)
     t.start()
     t.join(20)
     assert not t.is_alive(), "poll blocked on a FIFO"
-    ok, msg = out[0]  # type: ignore[misc]
+    res = out[0]
+    assert res is not None
+    ok, msg = res
     assert not ok and "a FIFO" in msg  # refused once (counted by the server)
     assert holder.poll() is None  # and not again on every poll
     assert holder.policy.version == "v1"  # the old policy stays

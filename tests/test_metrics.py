@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import urllib.request
+from http.server import ThreadingHTTPServer
+from typing import cast
 
 from prometheus_client import REGISTRY
 
@@ -47,7 +49,7 @@ def test_request_score_recreated_on_threshold_change() -> None:
     text = m.exposition().decode()
     assert 'safety_monitor_request_score_bucket{detector="d",le="0.5"} 0.0' in text
     assert m.set_score_thresholds([0.5, 0.62]) is False  # unchanged: same histogram
-    assert m.set_policy("v2", "abc", [0.42, 0.77]) is None
+    m.set_policy("v2", "abc", [0.42, 0.77])
     m.observe_request_score("d", 0.6)
     s = parse_exposition(m.exposition().decode())
     assert s[("safety_monitor_request_score_bucket", (("detector", "d"), ("le", "0.42")))] == 0
@@ -69,8 +71,8 @@ def test_labelled_counters_exist_from_start_at_zero() -> None:
         assert s[("safety_monitor_frames_rejected_total", (("reason", r.value),))] == 0
         assert s[("safety_monitor_rows_unscored_total", (("reason", r.value),))] == 0
     for f in FinishReason:
-        key = (("model_name", "m"), ("reason", f.value))
-        assert s[("safety_monitor_requests_finished_total", key)] == 0
+        labels = (("model_name", "m"), ("reason", f.value))
+        assert s[("safety_monitor_requests_finished_total", labels)] == 0
     for det in ("harmful_intent", "deception"):
         for sev in SEVERITIES:
             for mode in MODES:
@@ -110,12 +112,14 @@ def test_http_endpoint_serves_own_registry() -> None:
     port = free_port()
     m = Metrics("m")
     m.queue_capacity.set(123)
-    server, _thread = m.serve("127.0.0.1", port)  # type: ignore[misc]
+    served = m.serve("127.0.0.1", port)
+    assert served is not None
+    server = cast(ThreadingHTTPServer, served[0])
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
         assert "safety_monitor_queue_capacity_rows 123.0" in text
         assert "python_gc_objects_collected_total" not in text  # not the default registry
     finally:
-        server.shutdown()  # type: ignore[attr-defined]
+        server.shutdown()
     assert m.serve("127.0.0.1", -1) is None

@@ -170,7 +170,10 @@ def _rewrite(root: Path, edit) -> None:
     (root / "manifest.json").write_text(json.dumps(doc))
 
 
-def _repin(root: Path, fname: str) -> None:
+def _repin(root: Path, fname: str, copy_from: Path | None = None) -> None:
+    """Pin `fname`'s sha256 in the manifest (after copying `copy_from` over it, if given)."""
+    if copy_from is not None:
+        shutil.copy(copy_from, root / fname)
     _rewrite(root, lambda d: d["files"].__setitem__(fname, _sha256_file(root / fname)))
 
 
@@ -225,8 +228,8 @@ LOAD_CASES = {
               "onnx.opset: expected one of [17]"),
 }
 SCORER_CASES = {
-    "swapped_layers": (lambda r: (shutil.copy(r / "layer3.onnx", r / "layer1.onnx"),
-                                  _repin(r, "layer1.onnx")),
+    "swapped_layers": (lambda r: _repin(r, "layer1.onnx",
+                                        copy_from=r / "layer3.onnx"),
                        "metadata_props['layer']: expected '1', found '3'"),
     "wrong_digest": (lambda r: _replace_graph(r, "layer1.onnx", _set_meta("source_sha256",
                                                                          "0" * 64)),

@@ -73,9 +73,9 @@ def test_sidecar_and_vllm_serve_own_model_with_verdicts(built, tmp_path):
                         policy_text=(out / "policy.suggested.yaml").read_text(),
                         extra=["--served-model", str(model), "--audit-finals"])
     tok = AutoTokenizer.from_pretrained(model)
-    prompts = [tok.apply_chat_template(
+    prompts = [str(tok.apply_chat_template(
         [{"role": "system", "content": "You are terse."},
-         {"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+         {"role": "user", "content": text}], add_generation_prompt=True, tokenize=False))
         for text in ("How do I bake bread?", "Name three rivers in Europe.")]
     assert "<|start_header_id|>user<|end_header_id|>" in prompts[0]  # Llama 3's template
     saved = dict(os.environ)

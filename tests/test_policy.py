@@ -86,7 +86,7 @@ def test_happy_path_and_defaults_merge():
     assert plain.aggregation == Aggregation("mean")
     assert plain.thresholds == (("warn", 0.5), ("critical", 0.9))
     with pytest.raises(TypeError):
-        p.detectors["x"] = h  # read-only mapping
+        p.detectors["x"] = h  # type: ignore[index]  # read-only mapping: refused at run time
 
 
 def test_builtin_defaults_and_shorthand():

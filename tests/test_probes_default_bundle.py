@@ -40,6 +40,13 @@ def test_default_bundle_loads_and_has_calibration() -> None:
         # and is judged where the calibration was measured (every token or span end)
         assert pol.detectors[name].judge_at == d.calibration.get("judge_at", "every_token")
     assert not [w for w in check_policy(pol, b) if "below" in w]
+    # policies/default.yaml judges harmful_intent the way the bundle was calibrated
+    hi = names["harmful_intent"].calibration
+    default = load_policy(REPO / "policies" / "default.yaml").detectors["harmful_intent"]
+    assert default.aggregation == pol.detectors["harmful_intent"].aggregation
+    assert default.aggregation.length_slope == hi.get("length_slope", 0.0)
+    assert dict(default.thresholds) == pytest.approx(
+        {"warn": hi["fpr_0.01"], "critical": hi["fpr_0.001"]}, abs=1e-6)
 
 
 @pytest.mark.slow

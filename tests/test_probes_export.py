@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pytest
@@ -14,9 +14,14 @@ from probes.train import LinearProbe
 
 bundle_mod = pytest.importorskip("monitor.score.bundle")
 
+if TYPE_CHECKING:
+    from probes.export import DetectorResult
+
 
 @dataclass
 class _Result:
+    """The fields of `probes.export.DetectorResult` that export reads (duck-typed)."""
+
     name: str
     probe: LinearProbe
     scope: str = "prompt"
@@ -54,8 +59,8 @@ def test_export_roundtrip_scores_match(tmp_path: Path) -> None:
     results = [_Result("harmful_intent", _probe(2, d, 0), judge_at="span_end"),
                _Result("deception", _probe(3, d, 1), scope="generated",
                        aggregation={"kind": "mean"})]
-    bundle = export_bundle(tmp_path, results, model_name="m", d_model=d, n_layers=6,
-                           name="t")
+    bundle = export_bundle(tmp_path, cast("list[DetectorResult]", results), model_name="m",
+                           d_model=d, n_layers=6, name="t")
     loaded = bundle_mod.load_bundle(tmp_path)
     assert [x.name for x in loaded.detectors] == ["harmful_intent", "deception"]
     spec = loaded.detectors[0]
@@ -81,5 +86,6 @@ def test_export_rejects_wrong_dimension(tmp_path: Path) -> None:
     from probes.export import export_bundle
 
     with pytest.raises(bundle_mod.BundleError):
-        export_bundle(tmp_path, [_Result("x", _probe(2, 16, 0))], model_name="m",
+        export_bundle(tmp_path, [cast("DetectorResult", _Result("x", _probe(2, 16, 0)))],
+                      model_name="m",
                       d_model=32, n_layers=6, name="t")

@@ -3,14 +3,19 @@ recipe end to end (skips without ../shared datasets or the default model)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import numpy as np
 import pytest
 
 from probes.collect import SEG_GENERATED, SEG_USER, Activations
 from probes.evaluate import auroc, auroc_ci, wilson_ci
-from probes.harmful import Config, pooled_features, served_scores, source_weights
+from probes.harmful import Config, SourceData, pooled_features, served_scores, source_weights
 from probes.sources import HARMFUL_SOURCES, Source, sources_available
 from probes.train import LinearProbe
+
+if TYPE_CHECKING:
+    from probes.datasets import ChatExample
 
 
 def _acts(lengths: list[int], labels: list[int], d: int = 6, seed: int = 0) -> Activations:
@@ -61,7 +66,7 @@ def test_source_weights_give_every_source_the_same_class_share() -> None:
     a, b, c = _S("harmful", [1] * 10), _S("harmful", [1] * 2), _S("scary", [0] * 4)
     d = _S("benign", [0] * 8)
     parts = [(a, np.arange(10)), (b, np.arange(2)), (c, np.arange(4)), (d, np.arange(8))]
-    w = source_weights(parts, {"scary": 3.0})
+    w = source_weights(cast("list[tuple[SourceData, np.ndarray]]", parts), {"scary": 3.0})
     assert w[:10].sum() == pytest.approx(w[10:12].sum())  # harmful sources equal
     assert w[12:16].sum() == pytest.approx(3 * w[16:].sum())  # scary × 3
     assert w[:12].sum() == pytest.approx(w[12:].sum())  # classes balanced
@@ -105,8 +110,8 @@ def test_token_roles_match_the_shared_segmenter_on_user_text() -> None:
            ChatExample.make([{"role": "system", "content": "You are a pirate."},
                              {"role": "user", "content": "Hello there"}], 0, completion="Arr")]
     ex, pos, gen = [], [], []
-    for i, e in enumerate(exs):
-        ids, plen, _ = enc.encode(e)
+    for i, example in enumerate(exs):
+        ids, plen, _ = enc.encode(example)
         ex += [i] * len(ids)
         pos += list(range(len(ids)))
         gen += [p >= plen for p in range(len(ids))]
@@ -166,9 +171,12 @@ def test_fold_metrics_judge_each_fold_by_its_own_threshold() -> None:
             self.source = Source(kind, kind, "train", "v2", "f")
 
     cal = np.linspace(0.0, 0.5, 200)  # fold's held-back benign rows; 1% threshold ~0.4975
-    folds = [Fold(_D("harmful"), [np.array([0.9, 0.8, 0.1, 0.7])], [cal]),
-             Fold(_D("benign"), [np.array([0.1, 0.6, 0.2, 0.3])], [cal]),
-             Fold(_D("scary"), [np.array([0.2, 0.2])], [cal + 0.5])]  # own, higher threshold
+    def d(kind: str) -> SourceData:  # duck-typed: fold_metrics reads only .source
+        return cast(SourceData, _D(kind))
+
+    folds = [Fold(d("harmful"), [np.array([0.9, 0.8, 0.1, 0.7])], [cal]),
+             Fold(d("benign"), [np.array([0.1, 0.6, 0.2, 0.3])], [cal]),
+             Fold(d("scary"), [np.array([0.2, 0.2])], [cal + 0.5])]  # own, higher threshold
     m = fold_metrics(folds, 0)
     assert m["tpr@cal1%"] == pytest.approx(0.75)
     assert m["fpr@cal1%"] == pytest.approx((0.25 + 0.0) / 2)
@@ -195,21 +203,23 @@ def test_length_slope_is_fit_on_benign_fit_rows_and_served_by_mean_logit() -> No
     harm.x[3][:, 0] += np.float16(2.0)
     mask_b, mask_h = np.ones(ben.n_rows, bool), np.ones(harm.n_rows, bool)
     mask_b[ben.example % 7 == 0] = False  # some requests have no in-scope tokens (n -> 1)
-    sb = SourceData(Source("b", "benign", "train", "v2", "f"), [None] * 40, ben, mask_b)
-    sh = SourceData(Source("h", "harmful", "train", "v2", "f"), [None] * 20, harm, mask_h)
+    no_text = cast("list[ChatExample]", [None] * 40)  # the fit reads activations only
+    sb = SourceData(Source("b", "benign", "train", "v2", "f"), no_text, ben, mask_b)
+    sh = SourceData(Source("h", "harmful", "train", "v2", "f"), no_text[:20], harm, mask_h)
     probe = LinearProbe(3, np.array([1.0, 0.2, 0, 0, 0, -0.3], np.float32), -0.5,
                         np.zeros(6, np.float32), np.ones(6, np.float32))
     fit_rows = np.arange(0, 40, 2)  # calibration rows (odd) must not enter the fit
     parts = [(sb, fit_rows), (sh, np.arange(20))]
     # plain reference: per benign fit request, the probe's logit of its mean in-scope row
-    z, n = [], []
-    for i in fit_rows:
-        rows = ben.x[3][(ben.example == i) & mask_b].astype(np.float32)
+    z: list[float] = []
+    n_rows: list[int] = []
+    for req in fit_rows:
+        rows = ben.x[3][(ben.example == req) & mask_b].astype(np.float32)
         xm = rows.mean(0) if rows.size else np.zeros(6, np.float32)
         z.append(float(xm @ probe.weight + probe.bias))
-        n.append(max(len(rows), 1))
+        n_rows.append(max(len(rows), 1))
     a = length_slope(probe, parts)
-    assert a == round(fit_length_slope(np.array(z), np.array(n)), 4) and a > 0.3
+    assert a == round(fit_length_slope(np.array(z), np.array(n_rows)), 4) and a > 0.3
     sh.acts.x[3][:] = 0  # harmful rows do not enter the fit
     sh.feats.clear()
     assert length_slope(probe, parts) == a

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -24,7 +25,8 @@ from monitor.v1 import monitor_pb2
 from monitor.wire import DTYPE_ITEMSIZE, REASONS, FrameError, decode_frame
 
 D = 4
-KW = dict(model="m", d_model=D, layers=frozenset({1}), max_frame_bytes=4096)
+#: decode_frame's keyword arguments (Any: the values differ in type)
+KW: dict[str, Any] = dict(model="m", d_model=D, layers=frozenset({1}), max_frame_bytes=4096)
 FAST = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -47,8 +49,8 @@ def frames(draw: st.DrawFn) -> monitor_pb2.ActivationFrame:
     data = draw(st.binary(min_size=nbytes, max_size=nbytes))
     return monitor_pb2.ActivationFrame(
         seq=draw(st.integers(0, 2**64 - 1)), model=draw(st.sampled_from(["m", "other"])),
-        layer=draw(st.sampled_from([1, 2])), dtype=dtype, shape=shape, data=data,
-        spans=draw(spans))
+        layer=draw(st.sampled_from([1, 2])), dtype=cast(monitor_pb2.DType, dtype), shape=shape,
+        data=data, spans=draw(spans))
 
 
 @FAST

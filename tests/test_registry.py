@@ -10,6 +10,7 @@ import pytest
 from monitor.constants import FinishReason, RequestKey
 from monitor.server.registry import Admission, RequestRegistry
 from monitor.v1 import monitor_pb2
+from monitor.wire.hooks import resid_post
 
 
 class Sink:
@@ -132,10 +133,11 @@ def test_trim_recomputed_per_layer() -> None:
     r, _ = reg()
     s, k = Sink("s"), RequestKey("c", "r")
     r.admit(k, s)
-    assert r.trim_recomputed(k, 2, np.arange(0, 8)) == 0
-    assert r.trim_recomputed(k, 2, np.arange(4, 12)) == 4  # 4..7 recomputed
-    assert r.trim_recomputed(k, 3, np.arange(4, 12)) == 0  # other layer: own mark
-    assert r.trim_recomputed(k, 2, np.arange(0, 5)) == 5
+    h2, h3 = resid_post(2).name, resid_post(3).name  # the hook names the scorer passes
+    assert r.trim_recomputed(k, h2, np.arange(0, 8)) == 0
+    assert r.trim_recomputed(k, h2, np.arange(4, 12)) == 4  # 4..7 recomputed
+    assert r.trim_recomputed(k, h3, np.arange(4, 12)) == 0  # other layer: own mark
+    assert r.trim_recomputed(k, h2, np.arange(0, 5)) == 5
     c = r.finish(k, s, FinishReason.STOP)
     assert c is not None and r.is_open(k)  # closing: queued rows may still be judged
     r.retire(k)

@@ -5,13 +5,14 @@ limits. Each test talks to a real `safety-monitor serve` subprocess.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from conftest import MODEL, MonitorServer
+from conftest import MODEL, MonitorServer, wait_until
 from test_server_integration import (
     assert_stream_usable,
     errors,
@@ -40,12 +41,9 @@ def server(start_server: Callable[..., MonitorServer]) -> MonitorServer:
                                str(OUTBOUND)], name="reliab")
 
 
-def _wait(cond: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+def _refused_reaches(srv: MonitorServer, n: float) -> bool:
+    """Has `srv` refused `n` policy reloads (counter)?"""
+    return srv.metric("safety_monitor_policy_reloads_total", result="refused") == n
 
 
 def test_client_that_stops_reading_is_flow_controlled_not_dropped(
@@ -68,7 +66,7 @@ def test_client_that_stops_reading_is_flow_controlled_not_dropped(
     def gen() -> Iterator[monitor_pb2.ClientMessage]:
         for i, r in enumerate(ids):
             if i == n1:
-                _wait(paused, what="the server to pause reading a stream whose client "
+                wait_until(paused, what="the server to pause reading a stream whose client "
                                    "does not read its verdicts")
             yield frame_msg(i + 1, 2, x, [Span(r, 16, 0, 16)])
             yield fin(r)
@@ -78,7 +76,7 @@ def test_client_that_stops_reading_is_flow_controlled_not_dropped(
     channel = grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0)])
     stub = monitor_pb2_grpc.MonitorStub(channel)
     call = stub.Stream(gen(), timeout=150)  # nobody reads the responses yet
-    _wait(lambda: sent[0] > n1, what="the client to send after the pause")
+    wait_until(lambda: sent[0] > n1, what="the client to send after the pause")
     # paused: the server takes no more of this stream's frames, so the client's sends
     # block once the HTTP/2 window is full (the sender, not the server, holds the rest)
     time.sleep(1.0)
@@ -146,7 +144,7 @@ def test_call_limits_are_per_client(start_server: Callable[..., MonitorServer],
         make_rows(geometry, "harmful_intent", 2), seq=1, model=MODEL, layer=2, spans=[]))
     release, t = _hold_call(srv, "Stream")  # client 127.0.0.1 holds its one stream
     try:
-        _wait(lambda: m("safety_monitor_active_streams") == 1, what="the held stream")
+        wait_until(lambda: m("safety_monitor_active_streams") == 1, what="the held stream")
         err = _until_refused(lambda: stream(srv, []))
         assert err.details().startswith("client_too_many_streams:"), err.details()
         assert "ipv4:127.0.0.1" in err.details()
@@ -196,7 +194,7 @@ def test_gap_across_a_sidecar_restart_is_counted_in_the_final(
         release.wait(60)
 
     call = monitor_pb2_grpc.MonitorStub(dead.channel).Stream(first(), timeout=60)
-    _wait(lambda: dead.metric("safety_monitor_rows_scored_total", model_name=MODEL,
+    wait_until(lambda: dead.metric("safety_monitor_rows_scored_total", model_name=MODEL,
                               layer="3") == 8, what="the first sidecar to score the prompt")
     dead.signal(signal.SIGKILL)
     with pytest.raises(grpc.RpcError):
@@ -221,7 +219,7 @@ def test_gap_across_a_sidecar_restart_is_counted_in_the_final(
     assert server.metric("safety_monitor_rows_unscored_total", reason="missing") \
         == missing0 + 8
     # on record without --audit-finals: the incomplete request's finals, with the gap
-    _wait(lambda: len([a for a in server.audit_lines() if a["request_id"] == r]) == 2,
+    wait_until(lambda: len([a for a in server.audit_lines() if a["request_id"] == r]) == 2,
           what="the incomplete request's audit lines")
     lines = {a["detector"]: a for a in server.audit_lines() if a["request_id"] == r}
     assert {d: (a["event"], a["incomplete"], a["n_tokens_missing"])
@@ -279,7 +277,7 @@ def test_plugin_sender_drops_and_counts_while_its_stream_is_paused(
     client_rows0 = server.metric("safety_monitor_client_dropped_rows_total")
     t.start()
     try:
-        _wait(lambda: t.connected, what="the plugin to connect")
+        wait_until(lambda: t.connected, what="the plugin to connect")
         plan = t.plan
         assert plan is not None
         half = 8
@@ -328,19 +326,19 @@ def test_plugin_sender_drops_and_counts_while_its_stream_is_paused(
         assert n_lost_steps >= 20, st  # the paused stream made the plugin drop
         assert st["dropped_rows"] >= n_lost_steps * half * n_points
         stuck.clear()  # the consumer recovers: the server resumes reading this stream
-        _wait(lambda: server.metric("safety_monitor_client_dropped_rows_total")
+        wait_until(lambda: server.metric("safety_monitor_client_dropped_rows_total")
               - client_rows0 >= st["dropped_rows"],
               what="the plugin's ClientStats to report its drops")
         # requests the server saw (at least one half arrived) and whose finish was sent
         judged = [r for r in finished if any(kept[r])]
         partial = [r for r in judged if not all(kept[r])]
         assert partial, "some request lost one half of its prompt"
-        _wait(lambda: all(len(finals.get(r, {})) == 2 for r in judged), timeout=120,
+        wait_until(lambda: all(len(finals.get(r, {})) == 2 for r in judged), timeout=120,
               what="the finals of every finished request")
         # harmful_intent reads the prompt: each lost half is 8 positions missing from the
         # request's final (audited incomplete); rows that arrived but found the server's
         # scoring queue full (the burst after the pause) are unscored too, not missing
-        _wait(lambda: {a["request_id"] for a in server.audit_lines()
+        wait_until(lambda: {a["request_id"] for a in server.audit_lines()
                        if a.get("incomplete")} >= set(partial),
               what="the incomplete requests' audit lines")
         missing = {a["request_id"]: a["n_tokens_missing"] for a in server.audit_lines()
@@ -371,7 +369,7 @@ def test_blocking_policy_path_stalls_neither_large_frames_nor_shutdown(
     srv.policy_path.unlink()
     os.mkfifo(srv.policy_path)
     srv.signal(signal.SIGHUP)
-    _wait(lambda: srv.metric("safety_monitor_policy_reloads_total", result="refused")
+    wait_until(lambda: srv.metric("safety_monitor_policy_reloads_total", result="refused")
           == refused0 + 1, what="the FIFO policy to be refused")
     # a 1 MiB+ policy (was 2 GB RSS) and a deeply nested one (was an uncounted
     # RecursionError): each refused and counted, the process and its policy unharmed
@@ -381,8 +379,7 @@ def test_blocking_policy_path_stalls_neither_large_frames_nor_shutdown(
         srv.policy_path.unlink()
         srv.policy_path.write_text(text)
         srv.signal(signal.SIGHUP)
-        _wait(lambda i=i: srv.metric("safety_monitor_policy_reloads_total",
-                                     result="refused") == refused0 + 2 + i,
+        wait_until(functools.partial(_refused_reaches, srv, refused0 + 2 + i),
               what="the policy to be refused")
     srv.policy_path.unlink()
     os.mkfifo(srv.policy_path)
@@ -457,7 +454,7 @@ def test_finals_the_server_closes_or_never_saw_are_incomplete_with_a_reason(
     t = Transport(cfg, MODEL, on_verdict=on_verdict)
     t.start()
     try:
-        _wait(lambda: t.connected, what="the plugin to connect")
+        wait_until(lambda: t.connected, what="the plugin to connect")
         plan = t.plan
         assert plan is not None
 
@@ -468,11 +465,11 @@ def test_finals_the_server_closes_or_never_saw_are_incomplete_with_a_reason(
 
         a, b = "req-across-A", "req-across-B"
         step(1, [(a, 4, 0, 4, 0), (b, 4, 0, 4, 0)])  # both prompts, to the first sidecar
-        _wait(lambda: first.metric("safety_monitor_rows_scored_total", model_name=MODEL,
+        wait_until(lambda: first.metric("safety_monitor_rows_scored_total", model_name=MODEL,
                                    layer="2") == 8, what="the first sidecar to score")
         first.signal(signal.SIGTERM)
         assert first.proc.wait(30) == 0
-        _wait(lambda: not t.connected, what="the plugin to see the sidecar gone")
+        wait_until(lambda: not t.connected, what="the plugin to see the sidecar gone")
         down = {(x["request_id"], x["detector"]): (x["incomplete"], x["incomplete_reason"],
                                                    x["n_tokens_scored"], x["correlation_id"])
                 for x in first.audit_lines() if x["event"] == "final"}
@@ -487,19 +484,19 @@ def test_finals_the_server_closes_or_never_saw_are_incomplete_with_a_reason(
 
         second = start_server(extra=["--policy-watch-s", "0"], name="reliab-second")
         t.cfg = dataclasses.replace(cfg, addr=second.target)
-        _wait(lambda: t.connected, what="the plugin to reconnect")
+        wait_until(lambda: t.connected, what="the plugin to reconnect")
         c = "req-live-C"
         step(2, [(b, 2, 4, 4, gen), (c, 4, 0, 4, 0)])  # b decodes on; c starts
         assert t.submit_finished(monitor_pb2.RequestFinished(
             request_id=b, reason="stop", n_prompt_tokens=4, n_generated_tokens=3,
             correlation_id=f"ticket-{b}"))
-        _wait(lambda: a in finals and b in finals, what="the finals of a and b")
+        wait_until(lambda: a in finals and b in finals, what="the finals of a and b")
         assert t.stats()["finished_backlog"] == 0 and t.stats()["dropped_finished"] == 0
         # a: no row reached this sidecar, every in-scope position is missing (prompt 4 for
         # harmful_intent, generated 2 for deception); b: its prompt went to the first one
         assert finals[a] == {"harmful_intent": (0, 4), "deception": (0, 2)}
         assert finals[b] == {"harmful_intent": (0, 4), "deception": (2, 0)}
-        _wait(lambda: len([x for x in second.audit_lines() if x["event"] == "final"]) == 3,
+        wait_until(lambda: len([x for x in second.audit_lines() if x["event"] == "final"]) == 3,
               what="the incomplete finals on record")
         up = {(x["request_id"], x["detector"]): (x["incomplete_reason"],
                                                  x["n_tokens_missing"], x["correlation_id"])
@@ -531,7 +528,7 @@ def test_finals_the_server_closes_or_never_saw_are_incomplete_with_a_reason(
         assert c not in finals  # the plugin's c is untouched, still live
         assert t.submit_finished(monitor_pb2.RequestFinished(
             request_id=c, reason="stop", n_prompt_tokens=4, n_generated_tokens=1))
-        _wait(lambda: c in finals, what="c's finals")
+        wait_until(lambda: c in finals, what="c's finals")
         assert finals[c] == {"harmful_intent": (4, 0), "deception": (0, 0)}
     finally:
         t.close()

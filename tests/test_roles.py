@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -29,6 +30,9 @@ from monitor.roles import (
     roles_with_generated,
 )
 from monitor.tools.models import prepare_default_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
@@ -59,7 +63,7 @@ CONTENTS = [
 ]
 
 
-def family_tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
+def family_tokenizer(family: str) -> PreTrainedTokenizerFast:
     if family == "smollm2":  # ChatML markers as SmolLM2 ships them, its own template
         return tiny_models.family_tokenizer("qwen2", (MODEL / "chat_template.jinja").read_text())
     return tiny_models.family_tokenizer(family)
@@ -67,20 +71,27 @@ def family_tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request: pytest.FixtureRequest
-           ) -> tuple[str, transformers.PreTrainedTokenizerFast, RoleSegmenter]:
+           ) -> tuple[str, PreTrainedTokenizerFast, RoleSegmenter]:
     tok = family_tokenizer(request.param)
     return request.param, tok, RoleSegmenter.from_tokenizer(tok)
 
 
-def reference_roles(tok: transformers.PreTrainedTokenizerFast, messages: list[dict[str, str]],
+def _render(tok: PreTrainedTokenizerFast, messages: list[dict[str, str]], gen: bool) -> str:
+    """The chat as the template renders it (text, not token ids)."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    assert isinstance(text, str), type(text)
+    return text
+
+
+def reference_roles(tok: PreTrainedTokenizerFast, messages: list[dict[str, str]],
                     gen: bool, default_system: str | None, merged: dict[str, str]
                     ) -> tuple[list[int], np.ndarray]:
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    text = _render(tok, messages, gen)
     # The same chat with placeholder contents splits the text into fixed template pieces.
     marks = [f"\x00{i}\x00" for i in range(len(messages))]
-    skeleton = tok.apply_chat_template(
-        [{"role": m["role"], "content": k} for m, k in zip(messages, marks, strict=True)],
-        tokenize=False, add_generation_prompt=gen)
+    skeleton = _render(
+        tok, [{"role": m["role"], "content": k} for m, k in zip(messages, marks, strict=True)],
+        gen)
     char_role = np.full(len(text), TokenRole.TEMPLATE, dtype=np.int8)
     pieces: list[str] = []
     rest = skeleton

@@ -4,11 +4,13 @@ detector's scope, ranking and bounds hold; alerts carry the fired latents as bou
 from __future__ import annotations
 
 import json
+from typing import cast
 
 import numpy as np
 import torch
 
 from monitor.constants import RequestKey
+from monitor.judge import VerdictUpdate
 from monitor.judge.latents import MAX_LATENTS, LatentHit, LatentTracker, latent_map
 from monitor.report.sinks.alertmanager import am_alert
 from monitor.report.sinks.events import (
@@ -25,7 +27,7 @@ from monitor.score.pack import pack_layer
 D = 16
 
 
-def _bundle(tmp_path, k: int = 12):  # type: ignore[no-untyped-def]
+def _bundle(tmp_path, k: int = 12):
     g = torch.Generator().manual_seed(0)
     t = {"p.weight": torch.randn(D, 2, generator=g), "p.bias": torch.zeros(2),
          "s.W_enc": torch.randn(D, k, generator=g), "s.b_enc": torch.zeros(k),
@@ -50,7 +52,7 @@ def _bundle(tmp_path, k: int = 12):  # type: ignore[no-untyped-def]
     return write_bundle(tmp_path / "b", manifest, t), lw
 
 
-def test_map_matches_packing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_map_matches_packing(tmp_path) -> None:
     b, _ = _bundle(tmp_path)
     m = latent_map(b)
     assert set(m) == {"mix"}  # the probe-only detector has no latents
@@ -64,7 +66,7 @@ def test_map_matches_packing(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert dl.labels[:2] == ("L0", "L1") and set(dl.names) == {"s"}
 
 
-def test_peaks_scope_ranking_bound_and_drop(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_peaks_scope_ranking_bound_and_drop(tmp_path) -> None:
     b, lw = _bundle(tmp_path)
     tr = LatentTracker(latent_map(b))
     key = RequestKey("c", "r1")
@@ -97,7 +99,7 @@ def test_alert_event_carries_bounded_latents() -> None:
         latents = tuple(LatentHit("sae", i, 1.5, "x" * 120) for i in range(8))
 
     ctx = AlertContext(model_name="m", bundle_name="b", bundle_sha256="0" * 64)
-    ev = alert_event(U(), ctx, now=1.0)  # type: ignore[arg-type]
+    ev = alert_event(cast(VerdictUpdate, U()), ctx, now=1.0)  # duck-typed update
     assert ev.latents.startswith("sae#0 (1.5) xxx") and len(ev.latents) == MAX_LATENTS_TEXT
     assert am_alert(ev, 2.0)["annotations"]["latents"] == ev.latents  # type: ignore[index]
     assert AlertEvent.from_json(ev.to_json()) == ev

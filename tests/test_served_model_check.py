@@ -7,10 +7,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from monitor.tools.models import check_bundle_matches_model, read_model_shape
+
+if TYPE_CHECKING:
+    from monitor.capture.plugin import CaptureSession
+    from monitor.wire.hooks import HookPoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +92,12 @@ def _session(addr: str):
     return s
 
 
+def _plan_points(s: CaptureSession) -> tuple[HookPoint, ...]:
+    """The hook points of the plan the session runs (it must run one)."""
+    assert s._state is not None, "no plan in effect"
+    return s._state.plan.points
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("model_n_layers", 30, "model_n_layers: expected 16 (decoder layers of the served model), "
                            "found 30"),
@@ -99,7 +110,7 @@ def test_plugin_refuses_plan_of_another_model(field, value, message, caplog):
     refetch, no stream opened (vLLM keeps serving, unmonitored); once the sidecar serves a
     matching plan the same session connects and installs it."""
     from capture_sink import CaptureSink
-    from test_capture_transport import _wait
+    from conftest import eventually
 
     from monitor.capture.transport import Plan
 
@@ -115,14 +126,14 @@ def test_plugin_refuses_plan_of_another_model(field, value, message, caplog):
                 s.set_plan(plan)
             assert message in str(e.value)
             s.transport.start()
-            assert _wait(lambda: s.transport.stats()["plans_refused"] >= 3, 20.0)
+            assert eventually(lambda: s.transport.stats()["plans_refused"] >= 3, 20.0)
             assert not s.transport.connected and sink.n_streams == 0 and s._state is None
         logged = [r.getMessage() for r in caplog.records if "plan refused" in r.getMessage()]
         assert len(logged) == 1 and message in logged[0] and "unmonitored" in logged[0]
 
         setattr(sink.plan, field, {"model_n_layers": 16, "d_model": 8, "model": "m"}[field])
-        assert _wait(lambda: s.transport.connected and s._state is not None, 20.0)
-        assert [hp.name for hp in s._state.plan.points] == [
+        assert eventually(lambda: s.transport.connected and s._state is not None, 20.0)
+        assert [hp.name for hp in _plan_points(s)] == [
             "blocks.3.hook_resid_post", "blocks.15.hook_resid_post"]
         assert s.stats()["plans_refused"] >= 3
     finally:

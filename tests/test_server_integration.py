@@ -15,12 +15,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import D_MODEL, MODEL, POLICY_V1, REPO, MonitorServer, free_port
+from conftest import D_MODEL, MODEL, POLICY_V1, REPO, MonitorServer, eventually, free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -280,7 +281,7 @@ def _break_stream_after(srv: MonitorServer, msgs: list[monitor_pb2.ClientMessage
 
     before = srv.metric("safety_monitor_rows_scored_total", layer="2", model_name=MODEL)
     call = monitor_pb2_grpc.MonitorStub(srv.channel).Stream(gen(), timeout=60)
-    assert _wait(lambda: srv.metric("safety_monitor_rows_scored_total", layer="2",
+    assert eventually(lambda: srv.metric("safety_monitor_rows_scored_total", layer="2",
                                     model_name=MODEL) - before >= rows_on_layer_2)
     call.cancel()
 
@@ -293,7 +294,7 @@ def test_broken_stream_requests_are_carried_on_by_a_new_stream(server: MonitorSe
     again0 = server.metric("safety_monitor_requests_reattached_total")
     _break_stream_after(server, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
                                            [Span(r, 4, 0, 4)])], 4)
-    assert _wait(lambda: server.metric("safety_monitor_active_streams") == 0)
+    assert eventually(lambda: server.metric("safety_monitor_active_streams") == 0)
     # the reconnected client carries the request on: seq restarts, positions continue
     out = stream(server, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4, [2]),
                                     [Span(r, 4, 4, 8)]), fin(r)])
@@ -316,7 +317,7 @@ def test_a_reconnected_clients_finish_closes_its_orphan(server: MonitorServer,
     again0 = server.metric("safety_monitor_requests_reattached_total")
     _break_stream_after(server, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
                                            [Span(r, 4, 0, 4)])], 4)
-    assert _wait(lambda: server.metric("safety_monitor_active_streams") == 0)
+    assert eventually(lambda: server.metric("safety_monitor_active_streams") == 0)
     out = stream(server, [monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
         request_id=r, reason="stop", n_prompt_tokens=6, n_generated_tokens=1))])
     assert errors(out) == []
@@ -332,7 +333,7 @@ def test_a_reconnected_clients_finish_closes_its_orphan(server: MonitorServer,
 def _bad_frames() -> dict[str, tuple[Callable[[monitor_pb2.ActivationFrame], None], int, str]]:
     def set_dtype(v: int) -> Callable[[monitor_pb2.ActivationFrame], None]:
         def f(fr: monitor_pb2.ActivationFrame) -> None:
-            fr.dtype = v
+            fr.dtype = cast(monitor_pb2.DType, v)  # raw wire value: may be out of the enum
         return f
 
     def truncate(fr: monitor_pb2.ActivationFrame) -> None:
@@ -625,11 +626,11 @@ def test_orphans_nobody_adopts_are_finished_after_the_grace(aux: MonitorServer,
                         model_name=MODEL)
     _break_stream_after(srv, [frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4, [1]),
                                         [Span(r, 4, 0, 4)])], 4)
-    assert _wait(lambda: srv.metric("safety_monitor_requests_finished_total",
+    assert eventually(lambda: srv.metric("safety_monitor_requests_finished_total",
                                     reason="orphaned", model_name=MODEL) - before == 1)
     # the alert was audited before the break; the finals (closed by the server, without
     # the client's counts) are on record as incomplete, reason orphaned
-    assert _wait(lambda: len([a for a in srv.audit_lines() if a["request_id"] == r]) == 3)
+    assert eventually(lambda: len([a for a in srv.audit_lines() if a["request_id"] == r]) == 3)
     lines = [a for a in srv.audit_lines() if a["request_id"] == r]
     assert [(a["event"], a.get("incomplete_reason")) for a in lines] == [
         ("alert", None), ("final", "orphaned"), ("final", "orphaned")]
@@ -687,15 +688,6 @@ detectors:
 """
 
 
-def _wait(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return cond()
-
-
 def _plan(srv: MonitorServer) -> monitor_pb2.CapturePlan:
     return monitor_pb2_grpc.MonitorStub(srv.channel).GetCapturePlan(
         monitor_pb2.GetCapturePlanRequest(), timeout=5)
@@ -711,7 +703,7 @@ def test_policy_hot_reload(start_server: Callable[..., MonitorServer], geometry:
 
     # 1. file watch: a valid new policy is picked up; plan and metrics follow
     srv.policy_path.write_text(POLICY_V2)
-    assert _wait(lambda: srv.metric("safety_monitor_policy_info", version="test-v2") == 1)
+    assert eventually(lambda: srv.metric("safety_monitor_policy_info", version="test-v2") == 1)
     plan2 = _plan(srv)
     assert list(plan2.layers) == [2] and plan2.plan_id != plan1.plan_id
     assert list(plan2.token_kinds) == [monitor_pb2.TOKEN_KIND_PROMPT]
@@ -726,7 +718,7 @@ def test_policy_hot_reload(start_server: Callable[..., MonitorServer], geometry:
     # 2. an invalid file is refused: old policy stays, refusal counted and logged
     srv.policy_path.write_text("version: \"broken\"\ndetectors:\n  harmful_intent:\n"
                                "    thresholds: {warn: 0.9, critical: 0.5}\n")
-    assert _wait(lambda: srv.metric("safety_monitor_policy_reloads_total",
+    assert eventually(lambda: srv.metric("safety_monitor_policy_reloads_total",
                                     result="refused") == 1)
     assert srv.metric("safety_monitor_policy_info", version="test-v2") == 1
     assert list(_plan(srv).layers) == [2]
@@ -750,7 +742,7 @@ def test_policy_hot_reload(start_server: Callable[..., MonitorServer], geometry:
     # 5. SIGHUP reload (the watcher would also see it; either way it must land)
     srv.policy_path.write_text(POLICY_V2.replace("test-v2", "test-v3"))
     srv.signal(signal.SIGHUP)
-    assert _wait(lambda: srv.metric("safety_monitor_policy_info", version="test-v3") == 1)
+    assert eventually(lambda: srv.metric("safety_monitor_policy_info", version="test-v3") == 1)
     assert srv.alive()
 
 
@@ -761,7 +753,7 @@ def test_sighup_reload_without_watcher(aux: MonitorServer) -> None:
     time.sleep(0.3)
     assert srv.metric("safety_monitor_policy_info", version="test-v1") == 1  # no watcher
     srv.signal(signal.SIGHUP)
-    assert _wait(lambda: srv.metric("safety_monitor_policy_info", version="test-v2") == 1)
+    assert eventually(lambda: srv.metric("safety_monitor_policy_info", version="test-v2") == 1)
     assert srv.metric("safety_monitor_policy_reloads_total", result="ok") == 1
     assert list(_plan(srv).layers) == [2]
     assert srv.stop() == 0  # graceful SIGTERM: drained, exit 0

@@ -26,8 +26,8 @@ import conftest
 import numpy as np
 import pytest
 import torch
-from conftest import D_MODEL, MODEL, MonitorServer, submit_rows
-from test_server_integration import _wait, errors, fin, make_rows, rid, stream, verdicts
+from conftest import D_MODEL, MODEL, MonitorServer, eventually, submit_rows
+from test_server_integration import errors, fin, make_rows, rid, stream, verdicts
 
 from monitor.capture.config import CaptureConfig
 from monitor.capture.transport import Transport
@@ -347,7 +347,7 @@ def _submit(t: Transport, rows: dict[int, torch.Tensor], request_id: str, step: 
 
 def _audit_finals(srv: MonitorServer, request_id: str) -> dict[str, dict]:
     finals: dict[str, dict] = {}
-    _wait(lambda: len(finals.update({a["detector"]: a for a in srv.audit_lines()
+    eventually(lambda: len(finals.update({a["detector"]: a for a in srv.audit_lines()
                                      if a["request_id"] == request_id
                                      and a["event"] == "final"}) or finals) >= 2)
     return finals
@@ -361,7 +361,7 @@ def test_transport_sends_through_the_ring(server: MonitorServer, shm_dir: Path,
                                    fin(want_id)]), want_id)
     t = _transport(server, shm_dir)
     try:
-        assert _wait(lambda: t.connected and t._shm_on.is_set()), server.log()[-2000:]
+        assert eventually(lambda: t.connected and t._shm_on.is_set()), server.log()[-2000:]
         assert t.shm is not None and t.shm.path.exists()
         r = rid("tring")
         _submit(t, rows, r, 1)
@@ -373,7 +373,7 @@ def test_transport_sends_through_the_ring(server: MonitorServer, shm_dir: Path,
         st = t.stats()
         assert st["shm_frames"] == 2 and st["sent_frames"] == 2 and st["dropped_frames"] == 0
         assert st["sent_bytes"] == 2 * 8 * D_MODEL * 4
-        assert _wait(lambda: t.shm is not None and t.shm.free_slots() == t.shm.n_slots)
+        assert eventually(lambda: t.shm is not None and t.shm.free_slots() == t.shm.n_slots)
         path = t.shm.path
     finally:
         t.close()
@@ -389,7 +389,7 @@ def test_ring_full_sends_bytes_and_loses_nothing(server: MonitorServer, shm_dir:
     rows = _rows(geometry, 8)
     t = _transport(server, shm_dir, shm_slots=1)
     try:
-        assert _wait(lambda: t.connected and t._shm_on.is_set())
+        assert eventually(lambda: t.connected and t._shm_on.is_set())
         assert t.shm is not None
         monkeypatch.setattr(t.shm, "release", lambda slot, sequence: False)  # acks withheld
         r = rid("full")
@@ -399,6 +399,7 @@ def test_ring_full_sends_bytes_and_loses_nothing(server: MonitorServer, shm_dir:
         assert (st["shm_full"], st["shm_frames"], st["sent_frames"], st["dropped_frames"]) == (
             1, 1, 2, 0)
         assert st["sent_bytes"] == 2 * 8 * D_MODEL * 4
+        assert t.plan is not None
         assert [parse_hook_name(hp.name).layer for hp in t.plan.points] == [2, 3]
         assert finals["harmful_intent"]["n_tokens_scored"] == 4  # layer 2, through the ring
         d = finals["deception"]  # layer 3, as bytes
@@ -413,7 +414,7 @@ def test_transport_falls_back_to_bytes_and_reoffers_after_reconnect(
     rows = _rows(geometry, 8)
     t = _transport(plain, shm_dir)
     try:
-        assert _wait(lambda: t.connected and t.stats()["shm_refused"] == 1)
+        assert eventually(lambda: t.connected and t.stats()["shm_refused"] == 1)
         r = rid("fallback")
         _submit(t, rows, r, 1)
         assert _audit_finals(plain, r)["harmful_intent"]["n_tokens_scored"] == 4
@@ -429,7 +430,7 @@ def test_transport_falls_back_to_bytes_and_reoffers_after_reconnect(
     port_holder["port"] = srv1.port
     t = _transport(srv1, shm_dir, shm_slots=2)
     try:
-        assert _wait(lambda: t.connected and t._shm_on.is_set())
+        assert eventually(lambda: t.connected and t._shm_on.is_set())
         assert t.shm is not None
         monkeypatch.setattr(t.shm, "release", lambda slot, sequence: False)  # slots stay used
         r1 = rid("before")
@@ -438,14 +439,14 @@ def test_transport_falls_back_to_bytes_and_reoffers_after_reconnect(
         assert t.shm.free_slots() == 0
         monkeypatch.undo()
         srv1.stop()
-        assert _wait(lambda: not t.connected)
+        assert eventually(lambda: not t.connected)
         real_free_port = conftest.free_port
         monkeypatch.setattr(conftest, "free_port",
                             lambda: port_holder.pop("port", None) or real_free_port())
         srv2 = start_server(extra=["--policy-watch-s", "0", "--shm", "--shm-dir",
                                    str(shm_dir), "--audit-finals"], name="shm-restart2")
         assert srv2.port == srv1.port
-        assert _wait(lambda: t.connected and t._shm_on.is_set(), 60), srv2.log()[-2000:]
+        assert eventually(lambda: t.connected and t._shm_on.is_set(), 60), srv2.log()[-2000:]
         assert t.shm.free_slots() == 2 and t.stats()["reconnects"] >= 1
         r2 = rid("after")
         _submit(t, rows, r2, 2)

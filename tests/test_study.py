@@ -223,7 +223,7 @@ def test_lda_whitens_a_correlated_nuisance() -> None:
     data = _world(rng, {15: 3.0})
     for d in data:
         x = d.acts.x[15].astype(np.float32)
-        nuis = rng.normal(scale=6.0, size=x.shape[0]).astype(np.float32)
+        nuis = np.asarray(rng.normal(scale=6.0, size=x.shape[0]), np.float32)
         x[:, 0] += nuis
         x[:, 1] = nuis + rng.normal(scale=0.05, size=x.shape[0])
         d.acts.x[15] = x.astype(np.float16)

@@ -5,14 +5,13 @@ watch, SIGHUP and admin RPC are in test_server_integration.py)."""
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import pytest
 
 from monitor.constants import RequestKey
 from monitor.judge.aggregate import make_aggregator
-from monitor.judge.policy import parse_policy
+from monitor.judge.policy import Policy, parse_policy
 from monitor.judge.reload import PolicyHolder
 from monitor.judge.tracker import RequestTracker
 from monitor.roles import TokenRole
@@ -206,9 +205,9 @@ def test_finish_releases_state():
     assert tr.unknown_finished == 2 and tr.n_live == 0
     # a request that never got a token still gets final verdicts once it has state
     tr.mark_unscored(K("q"), None, np.array([0, 1]), np.array([False, True]))
-    finals = {u.detector: u for u in tr.finish(K("q"))}
-    assert (finals["d"].n_tokens_unscored, finals["p"].n_tokens_unscored,
-            finals["g"].n_tokens_unscored) == (2, 1, 1)
+    by_det = {u.detector: u for u in tr.finish(K("q"))}
+    assert (by_det["d"].n_tokens_unscored, by_det["p"].n_tokens_unscored,
+            by_det["g"].n_tokens_unscored) == (2, 1, 1)
 
 
 def test_same_request_id_of_two_clients_is_two_requests():
@@ -475,21 +474,17 @@ V2 = 'version: "v2"\ndetectors:\n  d: {thresholds: {warn: 0.4}}\n  e: {threshold
 BAD = 'version: "v3"\ndetectors:\n  d: {mode: blok, thresholds: {warn: 0.5}}\n'
 
 
-def wait_for(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
-
-
 def test_reload_swaps_and_refuses(tmp_path, caplog):
     f = tmp_path / "policy.yaml"
     f.write_text(V1)
-    seen = []
+    seen: list[str] = []
     tr = RequestTracker(parse_policy(V1))
-    holder = PolicyHolder(f, on_change=lambda p: (seen.append(p.version), tr.set_policy(p)))
+
+    def on_change(p: Policy) -> None:
+        seen.append(p.version)
+        tr.set_policy(p)
+
+    holder = PolicyHolder(f, on_change=on_change)
     assert holder.policy.version == "v1"
     assert holder.reload() == (True, "policy v1 unchanged")
     assert holder.reloads_unchanged == 1 and seen == []
@@ -542,8 +537,8 @@ def test_poll_reloads_changed_content_and_refuses_a_broken_file_once(tmp_path):
     f.write_text(V2)
     assert holder.poll() == (True, "policy v2 loaded") and holder.policy.version == "v2"
     f.write_text(BAD)
-    ok, _ = holder.poll()
-    assert not ok and holder.reloads_refused == 1
+    res = holder.poll()
+    assert res is not None and not res[0] and holder.reloads_refused == 1
     for _ in range(3):  # the same broken content is refused once, not on every poll
         assert holder.poll() is None
     assert holder.reloads_refused == 1 and holder.policy.version == "v2"

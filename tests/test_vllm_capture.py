@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -58,7 +59,8 @@ ENV_COMMON = {
     "SAFETY_MONITOR_PLAN_TIMEOUT_S": "5",
     "VLLM_USE_V2_MODEL_RUNNER": "0",
 }
-ENGINE_KW = dict(max_model_len=1024, max_num_batched_tokens=32, max_num_seqs=8,
+#: `vllm.LLM` keyword arguments (checked by vLLM; Any: the values differ in type)
+ENGINE_KW: dict[str, Any] = dict(max_model_len=1024, max_num_batched_tokens=32, max_num_seqs=8,
                  kv_cache_memory_bytes=256 * 2**20, dtype="float32", seed=0)
 
 
@@ -184,8 +186,9 @@ def _thread_masks(pid: int) -> dict[int, tuple[str, frozenset[int]]]:
             status = (task / "status").read_text()
         except OSError:  # the thread ended meanwhile
             continue
-        cpus = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M).group(1)
-        out[int(task.name)] = (comm, parse_cpus(cpus).cpus)
+        m = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M)
+        assert m is not None, f"no Cpus_allowed_list in {task}/status"
+        out[int(task.name)] = (comm, parse_cpus(m.group(1)).cpus)
     return out
 
 
