@@ -249,6 +249,20 @@ def test_yaml_syntax_error_has_line():
     assert err.line == 3 and "YAML syntax error" in err.reason
 
 
+@pytest.mark.parametrize("text,line,field,fragment", [
+    ("!foo bar\n", 1, "", "tag '!foo'"),  # the fuzzer's find: an unknown tag, root not a mapping
+    ('version: "v"\ndetectors:\n  !weird k: 1\n', 3, "detectors", "tag '!weird'"),
+    ("version: !!timestamp 2020-13-45\ndetectors: {}\n", 1, "", "month must be in 1..12"),
+])
+def test_unconstructible_scalars_are_policy_errors(text, line, field, fragment):
+    """A scalar SafeLoader cannot construct is a PolicyError at its line, not a raw yaml
+    / ValueError escaping the parser (tests/fuzz_corpus/policy/ keeps the fuzzer's input)."""
+    with pytest.raises(PolicyError) as ei:
+        parse_policy(text, "p.yaml")
+    assert (ei.value.line, ei.value.field) == (line, field)
+    assert "unreadable value" in ei.value.reason and fragment in ei.value.reason
+
+
 def test_load_policy_errors_name_the_path(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text(BASE + "    mode: blok\n")

@@ -238,21 +238,30 @@ class _Parser:
         return PolicyError(self.source, line, path, reason)
 
     # -- primitives
-    def scalar(self, node: yaml.Node) -> Any:
+    def scalar(self, node: yaml.Node, path: str = "") -> Any:
+        """A scalar node's value (SafeLoader's types); a mapping or list -> its `_Kind`.
+
+        A scalar SafeLoader cannot construct (an unknown ``!tag``, a malformed
+        ``!!timestamp`` ...) is refused as a PolicyError at its line, never a raw
+        ``yaml`` exception (found by the fuzzer: ``!aggregl:o requests``)."""
         if not isinstance(node, yaml.ScalarNode):
             return _Kind("a mapping" if isinstance(node, yaml.MappingNode) else "a list")
-        return self._loader.construct_object(node)
+        try:
+            return self._loader.construct_object(node)
+        except (yaml.YAMLError, ValueError) as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise self.fail(node, path, f"unreadable value: {problem}") from None
 
     def mapping(
         self, node: yaml.Node, path: str, allowed: Iterable[str] | None
     ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
         """Mapping node -> {key: (key_node, value_node)}; rejects dupes and unknown keys."""
         if not isinstance(node, yaml.MappingNode):
-            raise self.fail(node, path, f"expected a mapping; found {self.describe(node)}")
+            raise self.fail(node, path, f"expected a mapping; found {self.describe(node, path)}")
         allowed_set = None if allowed is None else tuple(allowed)
         out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         for key_node, value_node in node.value:
-            key = self.scalar(key_node)
+            key = self.scalar(key_node, path)
             if not isinstance(key, str) or key == "":
                 raise self.fail(
                     key_node, path, f"keys must be non-empty strings; found {key!r}"
@@ -270,8 +279,8 @@ class _Parser:
             out[key] = (key_node, value_node)
         return out
 
-    def describe(self, node: yaml.Node) -> str:
-        value = self.scalar(node)
+    def describe(self, node: yaml.Node, path: str = "") -> str:
+        value = self.scalar(node, path)
         if isinstance(value, _Kind):
             return value.what
         return "null" if value is None else repr(value)
