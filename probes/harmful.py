@@ -64,7 +64,7 @@ from probes.pooled import (
     source_weights,
 )
 from probes.sources import Source
-from probes.train import LinearProbe, _sigmoid, aggregate_requests, fit_logreg
+from probes.train import LinearProbe, _sigmoid, aggregate_requests, fit_logreg, log_tokens
 
 log = logging.getLogger("probes.harmful")
 
@@ -125,8 +125,7 @@ def length_slope(probe: LinearProbe, parts: Sequence[tuple[SourceData, np.ndarra
     z, n = [], []
     for d, idx in parts:
         b = idx[d.labels[idx] == 0]
-        z.append(((d.features(probe.layer)[b] - probe.mean) / probe.std) @ probe.weight
-                 + probe.bias)
+        z.append(probe.logits(d.features(probe.layer)[b]))
         n.append(d.in_scope_tokens()[b])
     return round(fit_length_slope(np.concatenate(z), np.concatenate(n)), 4)
 
@@ -200,9 +199,9 @@ def _read_outs(p: LinearProbe, d: SourceData, layer: int,
     (the pooled logit unsquashed: float32 sigmoids of large logits would tie at 1.0).
     ``slope``: the length term ``a`` (:func:`length_slope`): subtracted from the pooled
     logit as ``a·log n`` and served by every ``mean_logit`` read-out (:func:`with_slope`)."""
-    zp = ((d.features(layer) - p.mean) / p.std) @ p.weight + p.bias
+    zp = p.logits(d.features(layer))
     if slope:
-        zp = zp - slope * np.log(np.maximum(d.in_scope_tokens(), 1))
+        zp = zp - slope * log_tokens(d.in_scope_tokens())
     out = [zp.astype(np.float64)]
     z = p.logits(d.rows(layer))
     toks: dict[float, np.ndarray] = {}
@@ -646,8 +645,8 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     # the same probe read out as the request-level mean logit (servable as mean_logit at
     # span_end; minus the same length term), to show what the chosen served statistic
     # costs on the test sources
-    z_test = np.concatenate([((d.features(cfg.layer) - probe.mean) / probe.std) @ probe.weight
-                             - slope * np.log(np.maximum(d.in_scope_tokens(), 1))
+    z_test = np.concatenate([probe.logits(d.features(cfg.layer))
+                             - slope * log_tokens(d.in_scope_tokens())
                              for d, _ in test_scores.values()])
     pooled["mean_logit.auroc"] = auroc(y_test, z_test)
     pooled["mean_logit.tpr@fpr0.01"] = tpr_at_fpr(y_test, z_test, 0.01)

@@ -31,7 +31,13 @@ import numpy as np
 from probes.collect import Activations
 from probes.datasets import ChatExample
 from probes.sources import Source
-from probes.train import LinearProbe, aggregate_requests, fit_length_slope, fit_logreg
+from probes.train import (
+    LinearProbe,
+    aggregate_requests,
+    fit_length_slope,
+    fit_logreg,
+    log_tokens,
+)
 
 __all__ = [
     "Fitter", "Fold", "Parts", "Scorer", "SourceData", "cascade", "class_balanced", "concat",
@@ -281,8 +287,7 @@ def linear(layer: int, C: float, kind_weight: dict[str, float] | None = None,
 
     def fit(parts: Parts) -> Scorer:
         p = fit_pooled(parts, layer, C, kw, prefixes)
-        return lambda d: (((d.features(layer) - p.mean) / p.std) @ p.weight
-                          + p.bias).astype(np.float64)
+        return lambda d: p.logits(d.features(layer)).astype(np.float64)
     return fit
 
 
@@ -364,8 +369,7 @@ def class_balanced(layer: int, C: float, kind_weight: dict[str, float] | None = 
         x, y = _xy(parts, [layer])
         p = fit_logreg(x, y, layer, C, source_weights(parts, kw, per_source=False),
                        max_iter=500)
-        return lambda d: (((d.features(layer) - p.mean) / p.std) @ p.weight
-                          + p.bias).astype(np.float64)
+        return lambda d: p.logits(d.features(layer)).astype(np.float64)
     return fit
 
 
@@ -485,5 +489,5 @@ def length_debiased(base: Fitter) -> Fitter:
         s = np.concatenate([f(d)[i[d.labels[i] == 0]] for d, i in parts])
         n = np.concatenate([d.in_scope_tokens()[i[d.labels[i] == 0]] for d, i in parts])
         a = fit_length_slope(s, n)
-        return lambda d: f(d) - a * np.log(np.maximum(d.in_scope_tokens(), 1))
+        return lambda d: f(d) - a * log_tokens(d.in_scope_tokens())
     return fit

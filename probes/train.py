@@ -46,6 +46,7 @@ __all__ = [
     "fit_length_slope",
     "fit_logreg",
     "fit_probe",
+    "log_tokens",
     "running_aggregate",
 ]
 
@@ -185,6 +186,13 @@ def aggregate_requests(scores: np.ndarray, example: np.ndarray, n_examples: int,
     return out
 
 
+def log_tokens(n_tokens: np.ndarray) -> np.ndarray:
+    """``log(max(n, 1))`` (float64, same shape): the ``log t`` the served ``mean_logit``
+    length term multiplies (``monitor.judge.aggregate``), a request with no in-scope
+    token counting as one."""
+    return np.log(np.maximum(np.asarray(n_tokens), 1).astype(np.float64))
+
+
 def fit_length_slope(scores: np.ndarray, n_tokens: np.ndarray) -> float:
     """Least-squares slope ``a`` of request scores on ``log(max(n, 1))``: the length
     drift a length-debiased probe removes (``s' = s − a·log n``; served as the
@@ -201,7 +209,7 @@ def fit_length_slope(scores: np.ndarray, n_tokens: np.ndarray) -> float:
     if s.size != n.size:
         raise ValueError(f"fit_length_slope: scores and n_tokens must have the same length; "
                          f"found {s.size} and {n.size}")
-    ln = np.log(np.maximum(n, 1).astype(np.float64))
+    ln = log_tokens(n)
     if s.size < 2 or np.ptp(ln) == 0.0:
         raise ValueError("fit_length_slope: expected requests of at least two distinct "
                          f"lengths; found {np.unique(ln).size} over {s.size} requests")
