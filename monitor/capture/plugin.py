@@ -518,7 +518,7 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
         [hp.name for hp in st.plan.points] if st else "none yet",
         [k for k, on in (("prompt", st.plan.prompt), ("generated", st.plan.generated)) if on]
         if st else "none yet", session.max_rows, cfg.addr, sorted(placement.model_cpus),
-        placement.spec.mode if placement.spec.mode != "list" else sorted(placement.spec.cpus),
+        placement.spec,
         f"{switch_s * 1e3:g} ms" if switch_s is not None else "Python's default")
     return session
 

@@ -80,6 +80,10 @@ class CpuSpec:
     mode: str
     cpus: frozenset[int] = frozenset()
 
+    def __str__(self) -> str:
+        """The setting as written: ``auto``, ``inherit`` or the sorted CPU list (``1,3``)."""
+        return self.mode if self.mode != "list" else ",".join(map(str, sorted(self.cpus)))
+
 
 AUTO = CpuSpec("auto")
 
@@ -203,9 +207,7 @@ def place_current_thread(placement: Placement | None, name: str) -> frozenset[in
         first, _logged = not _logged, True
     if first:
         log.info("safety monitor: plugin threads run on cpus %s (model thread on %s; %s=%s)",
-                 sorted(now), sorted(placement.model_cpus), ENV_CPUS,
-                 placement.spec.mode if placement.spec.mode != "list"
-                 else ",".join(map(str, sorted(placement.spec.cpus))))
+                 sorted(now), sorted(placement.model_cpus), ENV_CPUS, placement.spec)
     return now
 
 
