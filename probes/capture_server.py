@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -28,6 +28,7 @@ import grpc
 import numpy as np
 
 from monitor.constants import HOOK_NAME_TEMPLATE, hook_name
+from monitor.tools.launch import eventually
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire.codec import decode_frame
 from monitor.wire.hooks import parse_hook_name
@@ -222,13 +223,10 @@ class CaptureSink:
         with self.lock:
             return {self.labels.get(f.request_id, f.request_id): f for f in self.log.finished}
 
-    def wait_for(self, pred, timeout: float = 30.0, poll: float = 0.1) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if pred():
-                return True
-            time.sleep(poll)
-        return bool(pred())
+    def wait_for(self, pred: Callable[[], object], timeout: float = 30.0, poll: float = 0.1
+                 ) -> bool:
+        """``monitor.tools.launch.eventually`` (polls every ``poll`` s)."""
+        return eventually(pred, timeout, poll)
 
 
 def serve_forever(port: int = 50051, layers: tuple[int, ...] = (3, 15)) -> None:

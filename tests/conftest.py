@@ -8,7 +8,6 @@ to it over real sockets and scrape its /metrics over HTTP.
 from __future__ import annotations
 
 import os
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 
-from monitor.tools.launch import FAST_RECONNECT, SidecarServer, start_sidecar, stop
+from monitor.tools.launch import FAST_RECONNECT, SidecarServer, eventually, start_sidecar, stop
 from monitor.tools.net import free_port
 
 if TYPE_CHECKING:
@@ -78,18 +77,6 @@ def submit_rows(t: Any, rows: dict[int, torch.Tensor], request_id: str, step: in
                                     spans=spans, max_frame_bytes=plan.max_frame_bytes,
                                     labels=labels or {}))
     return ring
-
-
-def eventually(pred: Callable[[], object], timeout: float = 60.0, poll_s: float = 0.05) -> bool:
-    """Poll ``pred`` every ``poll_s`` s until it is truthy: True; False once ``timeout`` s
-    passed and one last check failed. THE condition wait of the tests (no timing assertions:
-    timeouts are generous upper bounds, a passing test returns as soon as it holds)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(poll_s)
-    return bool(pred())
 
 
 def wait_until(pred: Callable[[], object], timeout: float = 60.0, what: str = "condition",

@@ -36,8 +36,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from monitor.tools.models import DEFAULT_MODEL_NAME
 
-__all__ = ["FAST_RECONNECT", "SidecarServer", "VllmServer", "log_tail", "start_process",
-           "start_sidecar", "start_vllm", "stop", "wait_grpc_serving", "wait_http"]
+__all__ = ["FAST_RECONNECT", "SidecarServer", "VllmServer", "eventually", "log_tail",
+           "start_process", "start_sidecar", "start_vllm", "stop", "wait_grpc_serving",
+           "wait_http"]
 
 #: The module `vllm serve` runs (see the module docstring for why not the console script).
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -187,6 +188,19 @@ class SidecarServer:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+
+def eventually(pred: Callable[[], object], timeout: float = 60.0, poll_s: float = 0.05) -> bool:
+    """Poll ``pred`` every ``poll_s`` s until it is truthy: True; False once ``timeout`` s
+    passed and one last check failed. The one condition wait of the tests
+    (``tests/conftest.py``) and of the probes' capture sink (no timing assertions:
+    timeouts are generous upper bounds, a caller returns as soon as ``pred`` holds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(poll_s)
+    return bool(pred())
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], what: str) -> None:
