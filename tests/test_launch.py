@@ -20,6 +20,7 @@ from monitor.tools.launch import (
     SidecarServer,
     VllmServer,
     log_tail,
+    placement_prefix,
     start_sidecar,
     stop,
 )
@@ -82,6 +83,34 @@ def test_sidecar_without_metrics_is_ready_when_grpc_serves(tmp_path: Path,
         with grpc.insecure_channel(cfg.target) as ch:
             r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert r.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        stop(proc, "the sidecar")
+    assert proc.returncode == 0, log_tail(cfg.log)
+
+
+def test_placement_prefix_order(tmp_path: Path) -> None:
+    assert placement_prefix(0, None) == []
+    assert placement_prefix(10, "1,3") == ["taskset", "-c", "1,3", "nice", "-n", "10"]
+    cfg = SidecarServer(bundle=tmp_path / "b", port=1, metrics_port=2, log=tmp_path / "s.log",
+                        nice=7, cpus="0")
+    assert cfg.argv()[:6] == ["taskset", "-c", "0", "nice", "-n", "7"]
+    assert cfg.argv()[7:9] == ["-m", "monitor.cli"]
+
+
+def test_placed_sidecar_runs_on_its_cpus_at_its_niceness(tmp_path: Path,
+                                                          bundle_dir: Path) -> None:
+    """`cpus` / `nice` reach the real server process: the pid Popen returns is the Python
+    server itself (taskset and nice exec it), with that CPU mask and niceness."""
+    cpu = min(os.sched_getaffinity(0))
+    cfg = SidecarServer(bundle=bundle_dir, port=free_port(), metrics_port=-1,
+                        log=tmp_path / "s.log", log_level="warning", nice=5, cpus=str(cpu),
+                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    proc = start_sidecar(cfg)
+    try:
+        assert "monitor.cli" in Path(f"/proc/{proc.pid}/cmdline").read_text()
+        assert os.sched_getaffinity(proc.pid) == {cpu}
+        own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == min(19, own_nice + 5)
     finally:
         stop(proc, "the sidecar")
     assert proc.returncode == 0, log_tail(cfg.log)
