@@ -8,6 +8,7 @@ sidecar process on a missing bundle)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from monitor.tools.launch import (
     placement_prefix,
     start_sidecar,
     stop,
+    wait_grpc_serving,
+    wait_http,
 )
 from monitor.tools.net import free_port
 
@@ -127,3 +130,22 @@ def test_failed_start_names_the_process_and_quotes_its_log(tmp_path: Path) -> No
     msg = str(e.value)
     assert "the sidecar exited with code" in msg and str(log) in msg
     assert "EARLIER RUN" in msg and "no-such-bundle" in msg  # appended, then quoted
+
+
+def test_readiness_waits_name_a_timeout_and_an_early_exit(tmp_path: Path) -> None:
+    """Both waits stop at their deadline while the process lives, and at once when it exits."""
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        with pytest.raises(RuntimeError, match=r"^vLLM did not answer http://127\.0\.0\.1:\d+/"
+                                               r"health within 1 s$"):
+            wait_http(f"http://127.0.0.1:{free_port()}/health", 1, alive, "vLLM")
+        with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as ch, pytest.raises(
+                RuntimeError, match=r"^the sidecar did not report gRPC health SERVING within 1 s$"):
+            wait_grpc_serving(ch, 1, alive, "the sidecar")
+    finally:
+        alive.kill()
+        alive.wait()
+    gone = subprocess.Popen(["sh", "-c", "exit 3"])
+    gone.wait()
+    with pytest.raises(RuntimeError, match=r"^vLLM exited with code 3 during start-up$"):
+        wait_http(f"http://127.0.0.1:{free_port()}/health", 600, gone, "vLLM")

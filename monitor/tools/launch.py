@@ -217,21 +217,30 @@ def eventually(pred: Callable[[], object], timeout: float = 60.0, poll_s: float 
     return bool(pred())
 
 
+def _until_ready(probe: Callable[[], bool], timeout_s: float, poll_s: float,
+                 proc: subprocess.Popen[bytes], what: str, awaited: str) -> None:
+    """``eventually(probe)`` that also watches ``proc``: RuntimeError as soon as it exits
+    (naming ``what`` and its exit code) or once ``timeout_s`` passed (naming ``awaited``)."""
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
+        return probe()
+
+    if not eventually(ready, timeout=timeout_s, poll_s=poll_s):
+        raise RuntimeError(f"{what} did not {awaited} within {timeout_s:.0f} s")
+
+
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], what: str) -> None:
     """Return once ``url`` answers 200; RuntimeError if ``proc`` exits first or ``timeout_s``
     passes (the message names ``what``, the exit code or the time waited)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
+    def answers() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
+                return bool(r.status == 200)
         except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} did not answer {url} within {timeout_s:.0f} s")
+            return False
+
+    _until_ready(answers, timeout_s, 0.5, proc, what, f"answer {url}")
 
 
 def wait_grpc_serving(channel: grpc.Channel, timeout_s: float, proc: subprocess.Popen[bytes],
@@ -240,18 +249,15 @@ def wait_grpc_serving(channel: grpc.Channel, timeout_s: float, proc: subprocess.
     ``proc`` exits first or ``timeout_s`` passes (the message names ``what``, the exit code
     or the time waited). ``channel`` decides the transport (insecure, TLS)."""
     stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
+
+    def serving() -> bool:
         try:
             r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-            if r.status == health_pb2.HealthCheckResponse.SERVING:
-                return
         except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not report gRPC health SERVING within {timeout_s:.0f} s")
+            return False
+        return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+
+    _until_ready(serving, timeout_s, 0.1, proc, what, "report gRPC health SERVING")
 
 
 def stop(proc: subprocess.Popen[bytes] | None, what: str, timeout_s: float = 30,
