@@ -43,7 +43,8 @@ __all__ = [
     "Fitter", "Fold", "Parts", "Scorer", "SourceData", "cascade", "class_balanced", "concat",
     "ecdf_scores", "ensemble", "fit_pooled", "fitter_folds", "gbt_pca", "kind_weights",
     "knn", "lda_shrunk", "length_debiased", "linear", "mlp", "pca_logreg",
-    "pooled_features", "served_scores", "source_weights", "stage2_share",
+    "pooled_features", "served_scores", "source_weights", "stage2_share", "style_directions",
+    "style_removed",
 ]
 
 
@@ -356,6 +357,53 @@ def lda_shrunk(layer: int) -> Fitter:
         wv = np.linalg.solve(cov, m1 - m0)
         mid = (m1 + m0) / 2
         return lambda d: (st(d.features(layer)).astype(np.float64) - mid) @ wv
+    return fit
+
+
+def style_directions(parts: Parts, layer: int, mean: np.ndarray, std: np.ndarray,
+                     kinds: str = "benign") -> np.ndarray:
+    """Orthonormal rows (float64 ``[r, d]``) spanning the differences between the
+    standardised mean features of the training sources of one class: ``kinds`` =
+    ``benign`` (every non-harmful source) or ``both`` (that, plus the same for the
+    harmful sources). ``r`` ≤ sources − 1 per class (singular values ≤ 1e-6 × the
+    largest dropped). A direction along which benign sources differ from each other is
+    style or topic, not evidence of harm (that is the idea tried; the study judges it)."""
+    if kinds not in ("benign", "both"):
+        raise ValueError(f"style_directions kinds: expected benign or both; found {kinds!r}")
+    blocks = []
+    for harmful in ((False, True) if kinds == "both" else (False,)):
+        m = [((d.features(layer)[i].astype(np.float64) - mean) / std).mean(0)
+             for d, i in parts if (d.source.kind == "harmful") == harmful and i.size]
+        if len(m) > 1:
+            blocks.append(np.stack(m) - np.mean(m, axis=0))
+    if not blocks:
+        return np.zeros((0, mean.size))
+    _, sv, vt = np.linalg.svd(np.concatenate(blocks), full_matrices=False)
+    return vt[sv > 1e-6 * sv[0]] if sv.size and sv[0] > 0 else np.zeros((0, mean.size))
+
+
+def style_removed(layer: int, C: float, kinds: str = "benign") -> Fitter:
+    """The recipe's linear probe (source-balanced L2 logistic regression on standardised
+    pooled features) fit after projecting out :func:`style_directions` of the training
+    sources: ``x̃ = z − (z Vᵀ) V`` with ``z = (x̄ − μ)/σ``. Still one linear probe on
+    ``x̄``: ``w' = (I − VᵀV) w``, so every training source of the class has the same mean
+    logit; servable as it is (``LinearProbe(μ, σ, w', b)``)."""
+    def fit(parts: Parts) -> Scorer:
+        from sklearn.linear_model import LogisticRegression
+
+        x, y = _xy(parts, [layer])
+        mean = x.mean(0, dtype=np.float64)
+        std = x.std(0, dtype=np.float64) + 1e-4
+        v = style_directions(parts, layer, mean, std, kinds)
+        z = (x - mean) / std
+        z -= (z @ v.T) @ v
+        clf = LogisticRegression(C=C, class_weight="balanced", max_iter=500)
+        clf.fit(z, y, sample_weight=source_weights(parts, kind_weights(1.0)))
+        w = clf.coef_[0].astype(np.float64)
+        w -= v.T @ (v @ w)
+        p = LinearProbe(layer, w.astype(np.float32), float(clf.intercept_[0]),
+                        mean.astype(np.float32), std.astype(np.float32), "logreg", C)
+        return lambda d: p.logits(d.features(layer)).astype(np.float64)
     return fit
 
 

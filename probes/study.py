@@ -50,6 +50,7 @@ from probes.pooled import (
     mlp,
     pca_logreg,
     stage2_share,
+    style_removed,
 )
 from probes.sources import Source, kept_rows
 
@@ -361,6 +362,11 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
           for la, c in ((lay, 3e-3), (lay, 1e-2), (18, 3e-3)) if la in layers),
         *(Variant("6 length term", f"length-debiased, no per-source balance, L{lay} C={c:g}",
                   lterm, length_debiased(class_balanced(lay, c))) for c in (1e-3, 3e-3)),
+        *(Variant("7 style", f"length-debiased linear L{lay} C=0.003, {what} style "
+                  "directions projected out", lterm,
+                  length_debiased(style_removed(lay, 3e-3, kinds)))
+          for kinds, what in (("benign", "benign sources'"), ("both", "benign and harmful "
+                                                                "sources'"))),
     ]
 
 

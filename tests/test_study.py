@@ -417,3 +417,35 @@ def test_arms_score_the_same_requests_and_the_full_arm_is_a_plain_run() -> None:
     md = study.variants_markdown([r_half, r_full])
     assert "| lin; half | yes |" in md and "Data-size arms" in md
     assert f"all: {r_full.n_fit} fit rows, thresholds on {r_full.n_cal}" in md
+
+
+def test_style_removed_gives_every_source_of_a_class_the_same_mean_logit() -> None:
+    rng = np.random.default_rng(41)
+    data = _world(rng, {15: 2.0})
+    # give every source its own style offset on features 1..3 (both classes)
+    for d in data:
+        off = rng.normal(scale=2.0, size=3)
+        d.feats[15] = d.features(15).copy()
+        d.feats[15][:, 1:4] += off
+    parts = [(d, np.arange(d.acts.n_examples)) for d in data]
+    x = np.concatenate([d.features(15) for d in data]).astype(np.float64)
+    mean, std = x.mean(0), x.std(0) + 1e-4
+    v = pooled.style_directions(parts, 15, mean, std, "benign")
+    assert v.shape[0] == 3  # 4 benign sources -> rank 3
+    np.testing.assert_allclose(v @ v.T, np.eye(3), atol=1e-9)
+    for kinds, want_equal in (("benign", ("benign",)), ("both", ("benign", "harmful"))):
+        score = pooled.style_removed(15, 1.0, kinds)(parts)
+        for cls in want_equal:
+            means = [float(score(d).mean()) for d in data
+                     if (d.source.kind == "harmful") == (cls == "harmful")]
+            assert max(means) - min(means) < 1e-3, (kinds, cls, means)
+        # still a harmful-vs-benign detector
+        s = np.concatenate([score(d) for d in data])
+        y = np.concatenate([d.labels for d in data])
+        assert auroc(y, s) > 0.9
+    # the plain probe does NOT give equal means (the offsets are real)
+    plain = pooled.linear(15, 1.0)(parts)
+    means = [float(plain(d).mean()) for d in data if d.source.kind != "harmful"]
+    assert max(means) - min(means) > 1e-2
+    with pytest.raises(ValueError, match="benign or both"):
+        pooled.style_directions(parts, 15, mean, std, "scary")
