@@ -62,7 +62,7 @@ def cmd_build_default(args: argparse.Namespace) -> int:
                             progress=not args.quiet, model_name=args.model_name,
                             layers=_layers(args.layers) if args.layers else None,
                             judge_at=args.judge_at, limit=args.limit, device=args.device,
-                            length_debias=args.length_debias)
+                            length_debias=args.length_debias, style=args.style_projection)
     from probes.calibrate import policy_snippet
 
     print(policy_snippet({r.name: {"scope": r.scope, "aggregation": r.aggregation,
@@ -301,15 +301,19 @@ def cmd_study_variants(args: argparse.Namespace) -> int:
                                      progress=not args.quiet).values())
     arms = [study.Arm(sz, {d.name: study.arm_rows(d.source, sz) for d in data})
             for sz in sizes]
-    vs = study.variants(harmful.LAYERS)
+    all_vs = study.variants(harmful.LAYERS)
+    vs = all_vs
     if args.only:
         keep = {int(i) for i in args.only.split(",")}
-        vs = [v for i, v in enumerate(vs) if i in keep or i == 0]
+        if args.paired_to is not None:
+            keep.add(args.paired_to)
+        vs = [v for i, v in enumerate(all_vs) if i in keep or i == 0]
     rows = study.run_variants(data, vs, None if args.quiet else
                               lambda r: print(study.variant_line(r), flush=True), arms)
     cmd = ("safety-probes study-variants" + (" --validation" if args.validation else "")
            + (f" --only {args.only}" if args.only else "")
            + (f" --data-sizes {args.data_sizes}" if args.data_sizes else "")
+           + (f" --paired-to {args.paired_to}" if args.paired_to is not None else "")
            + (f" --out {args.out}" if args.out else ""))
     over = ("every training source; validation: the bundle's test sources are neither fit "
             "on nor scored" if args.validation else "every source")
@@ -322,7 +326,8 @@ def cmd_study_variants(args: argparse.Namespace) -> int:
             "it; rates at each fold's warn threshold (1% FPR on the fold's held-back benign "
             "rows). CIs: AUROC 95% stratified bootstrap over requests (200), rates 95% "
             "Wilson. See docs/PROBES.md.\n\n")
-    text = head + study.variants_markdown(rows)
+    ref = all_vs[args.paired_to] if args.paired_to is not None else None
+    text = head + study.variants_markdown(rows, ref)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
     print(text)
@@ -360,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean nothing)")
     b.add_argument("--device", default="cpu", help="torch device of the collection forward "
                                                    "passes and generation (e.g. cuda)")
+    b.add_argument("--style-projection", default="benign", choices=["benign", "both", ""],
+                   help="harmful_intent: project the training sources' style directions "
+                   "out before the fit (benign: the benign sources'; both: also the harmful "
+                   "sources'; '': off, the session-6 recipe); with the length term only")
     b.add_argument("--no-length-debias", dest="length_debias", action="store_false",
                    help="harmful_intent without the length term (mean_logit length_slope "
                         "0): the session-5 recipe")
@@ -467,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "shipped (the caps in probes/sources.py), session6 (the session-6 caps) "
                     "or N (every training source: all its rows up to N); every arm is "
                     "scored on the same requests (those all arms keep)")
+    sv.add_argument("--paired-to", type=int, default=None,
+                    help="variant index every other variant's AUROC is compared with, "
+                    "paired on the same requests (default: the baseline, 0)")
     sv.add_argument("--model", default=None)
     sv.add_argument("--cache", default=None)
     sv.add_argument("--out", default=None, help="write the markdown tables here")

@@ -159,6 +159,9 @@ class Config:
     #: ``mean_logit`` with a length term whose slope is fit per probe on its benign fit
     #: rows (:func:`length_slope`); ``agg`` holds no slope (it depends on the fit).
     length_debias: bool = False
+    #: project the training sources' style directions out before the fit
+    #: (``probes.pooled.fit_pooled`` ``style``: ``benign`` | ``both``; "" off)
+    style: str = ""
 
     @property
     def agg(self) -> dict[str, Any]:
@@ -170,14 +173,15 @@ class Config:
         return (f"L{self.layer} C={self.C:g} scary×{self.scary_weight:g} "
                 f"{aggregation_name(self.agg)}{' − a·log t' if self.length_debias else ''} "
                 f"m={self.min_tokens} scale={self.scale:g} "
-                f"prefix-negatives={self.prefixes} judge_at={self.judge_at}")
+                f"prefix-negatives={self.prefixes} judge_at={self.judge_at}"
+                + (f" style-projection={self.style}" if self.style else ""))
 
     def fit(self, parts: Sequence[tuple[SourceData, np.ndarray]]
             ) -> tuple[LinearProbe, dict[str, Any]]:
         """The probe of this config fit on ``parts`` and the aggregation it is served
         with (``length_debias``: its own slope, :func:`length_slope` on ``parts``)."""
         p = scaled(fit_pooled(parts, self.layer, self.C, kind_weights(self.scary_weight),
-                              self.prefixes), self.scale)
+                              self.prefixes, style=self.style), self.scale)
         if not (self.length_debias and self.agg["kind"] == "mean_logit"):
             return p, self.agg
         return p, with_slope(self.agg, length_slope(p, parts))
@@ -217,7 +221,8 @@ def _read_outs(p: LinearProbe, d: SourceData, layer: int,
 def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
                cal_idx: dict[str, np.ndarray], layer: int, C: float, scary_weight: float,
                served: Sequence[Served],
-               prefixes: int = 0, length_debias: bool = False) -> list[Fold]:
+               prefixes: int = 0, length_debias: bool = False, style: str = ""
+               ) -> list[Fold]:
     """For each training source, a probe fit on the other sources' ``fit_idx`` rows
     scores ALL of that source's rows and the other sources' ``cal_idx`` rows.
     ``length_debias``: the fold's probe gets its own length slope (:func:`length_slope`
@@ -227,7 +232,7 @@ def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
     folds = []
     for held in train:
         parts = [(d, fit_idx[d.name]) for d in train if d.name != held.name]
-        p = fit_pooled(parts, layer, C, kw, prefixes)
+        p = fit_pooled(parts, layer, C, kw, prefixes, style=style)
         a = length_slope(p, parts) if length_debias else 0.0
         cal = [_read_outs(p, d, layer, served, a) for d in train
                if d.name != held.name and cal_idx[d.name].size]
@@ -447,7 +452,8 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
            Cs: Sequence[float] = CS, scary_weights: Sequence[float] = SCARY_WEIGHTS,
            served: Sequence[Served] = SERVED,
            prefixes: Sequence[int] = PREFIXES, progress: bool = True,
-           length_debias: bool = False) -> tuple[Config, list[dict[str, Any]]]:
+           length_debias: bool = False, style: str = ""
+           ) -> tuple[Config, list[dict[str, Any]]]:
     """Leave-one-source-out search (:func:`loso_folds`, :func:`fold_metrics`). Returns the
     best *servable* config and the whole table (``pooled logit`` rows: the request-level
     sigmoid of the mean logit over all in-scope rows, the reference; ``mean_logit`` at
@@ -463,7 +469,8 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
             for pf in prefixes]
     for lay, c, sw, pf in tqdm(jobs, desc="harmful_intent/select", disable=not progress,
                            leave=False):
-        folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served, pf, length_debias)
+        folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served, pf, length_debias,
+                           style)
         for k in range(len(served) + 1):
             met = fold_metrics(folds, k)
             if k == 0:
@@ -477,7 +484,7 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
                             + (f" scale={scale:g}" if scale != 1 else "")
                             + (f" @{judge_at}" if judge_at != "every_token" else ""))
                 cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m, scale, pf, judge_at,
-                             deb)
+                             deb, style)
                 if best is None or met["criterion"] > best[0]:
                     best = (met["criterion"], cfg)
             table.append({"layer": lay, "C": c, "scary_weight": sw, "prefix_negatives": pf,
@@ -583,13 +590,16 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
                           prefixes: Sequence[int] = PREFIXES,
                           limit: int | None = None, explore_readouts: bool = True,
                           seed: int = 0, progress: bool = True,
-                          length_debias: bool = True) -> Any:
+                          length_debias: bool = True, style: str = "benign") -> Any:
     """Collect → leave-one-source-out selection → fit on all training sources (minus the
     calibration hold-back) → thresholds on the hold-back → evaluate the test sources.
 
     ``length_debias`` (default on): ``mean_logit`` read-outs carry a length term whose
     slope each probe fits on its own benign fit rows (module doc), and the probe is
     :data:`PINNED`; off reproduces the session-5 recipe (no length term, its grid).
+    ``style`` (with the length term only; default ``benign``): the probe is fit with the
+    training sources' style directions projected out (``probes.pooled.fit_pooled``; the
+    variant study's group 7, chosen on validation folds); "" is the session-6 recipe.
     ``search_layers`` / ``Cs`` / ``scary_weights``: the probe grid searched (None: as the
     flag says); search layers not among ``layers`` are dropped (none left: all of
     ``layers``, e.g. for another model's scaled layers)."""
@@ -611,7 +621,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     scary_weights = grid["scary_weights"] if scary_weights is None else scary_weights
     search = [x for x in search_layers if x in layers] or list(layers)
     cfg, table = select(train, fit_idx, cal_idx, search, Cs, scary_weights, served, prefixes,
-                        progress, length_debias)
+                        progress, length_debias, style if length_debias else "")
     log.info("harmful_intent: chose %s", cfg.label())
 
     fit_parts = [(d, fit_idx[d.name]) for d in train]
@@ -634,7 +644,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     # out-of-source scores of the training sources under the chosen config (validation)
     folds = loso_folds(train, fit_idx, cal_idx, cfg.layer, cfg.C, cfg.scary_weight,
                        [(cfg.agg, cfg.min_tokens, cfg.scale, cfg.judge_at)], cfg.prefixes,
-                       cfg.length_debias)
+                       cfg.length_debias, cfg.style)
     y_test = np.concatenate([np.full(s.size, d.source.kind == "harmful")
                              for d, s in test_scores.values()]).astype(np.int8)
     s_test = np.concatenate([s for _, s in test_scores.values()])
@@ -663,6 +673,11 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
         metrics["readouts"] = explore(train, fit_idx, cal_idx, cfg, layers)
     cal.update({"aggregation": agg, "min_tokens": cfg.min_tokens, "scope": scope,
                 "judge_at": cfg.judge_at})
+    if cfg.style:
+        cal["style_projection"] = (
+            f"the {cfg.style} training sources' style directions (the span of their "
+            "standardised mean features minus their class mean) projected out of the "
+            "weight before serving: every such source has the same mean logit")
     if cfg.length_debias:
         n_fit = sum(int((d.labels[i] == 0).sum()) for d, i in fit_parts)
         cal["length_slope"] = slope

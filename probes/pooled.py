@@ -37,6 +37,7 @@ from probes.train import (
     fit_length_slope,
     fit_logreg,
     log_tokens,
+    standardise,
 )
 
 __all__ = [
@@ -194,13 +195,17 @@ def source_weights(parts: Sequence[tuple[SourceData, np.ndarray]],
 
 def fit_pooled(parts: Sequence[tuple[SourceData, np.ndarray]], layer: int, C: float,
                kind_weight: dict[str, float], prefixes: int = 0,
-               min_tokens: int = 2) -> LinearProbe:
+               min_tokens: int = 2, style: str = "") -> LinearProbe:
     """L2 logistic regression on pooled user-token features of the given rows.
 
     ``prefixes > 0``: a benign example contributes the means of up to ``prefixes`` of its
     prefixes (``SourceData.prefix_features``, its weight split evenly across them)
     instead of only its full mean, so no prefix of a benign request — each of which the
-    monitor judges — is pushed over the threshold; harmful examples keep the full mean."""
+    monitor judges — is pushed over the threshold; harmful examples keep the full mean.
+    ``style`` (``benign`` | ``both``; "" off): the standardised rows are projected off
+    :func:`style_directions` of ``parts`` before the fit, ``z̃ = z − (z Vᵀ) V``, and the
+    weight returned is ``(I − VᵀV) w``: one linear probe on the raw features whose
+    logit is the same function of ``z̃``."""
     w_ex = source_weights(parts, kind_weight)
     xs, ys, ws = [], [], []
     off = 0
@@ -222,7 +227,19 @@ def fit_pooled(parts: Sequence[tuple[SourceData, np.ndarray]], layer: int, C: fl
             ws.append(w_sd)
     x, y, w = np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
     # class balance is already in w; fit_logreg's 'balanced' then only rescales slightly
-    return fit_logreg(x, y, layer, C, w, max_iter=500)
+    if not style:
+        return fit_logreg(x, y, layer, C, w, max_iter=500)
+    from sklearn.linear_model import LogisticRegression
+
+    z, mean, std = standardise(x)
+    v = style_directions(parts, layer, mean.astype(np.float64), std.astype(np.float64), style)
+    z = (z - (z @ v.T) @ v).astype(np.float32)
+    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=500, tol=1e-4)
+    clf.fit(z, y, sample_weight=w)
+    coef = clf.coef_[0].astype(np.float64)
+    coef -= v.T @ (v @ coef)
+    return LinearProbe(layer, coef.astype(np.float32), float(clf.intercept_[0]), mean, std,
+                       "logreg", C)
 
 
 def kind_weights(scary_weight: float) -> dict[str, float]:
@@ -383,26 +400,12 @@ def style_directions(parts: Parts, layer: int, mean: np.ndarray, std: np.ndarray
 
 
 def style_removed(layer: int, C: float, kinds: str = "benign") -> Fitter:
-    """The recipe's linear probe (source-balanced L2 logistic regression on standardised
-    pooled features) fit after projecting out :func:`style_directions` of the training
-    sources: ``x̃ = z − (z Vᵀ) V`` with ``z = (x̄ − μ)/σ``. Still one linear probe on
-    ``x̄``: ``w' = (I − VᵀV) w``, so every training source of the class has the same mean
-    logit; servable as it is (``LinearProbe(μ, σ, w', b)``)."""
+    """The recipe's linear probe (:func:`fit_pooled`, source-balanced) fit after
+    projecting out :func:`style_directions` of the training sources (``style=kinds``):
+    still one linear probe on ``x̄``, ``w' = (I − VᵀV) w``, so every training source of
+    the class has the same mean logit; servable as it is."""
     def fit(parts: Parts) -> Scorer:
-        from sklearn.linear_model import LogisticRegression
-
-        x, y = _xy(parts, [layer])
-        mean = x.mean(0, dtype=np.float64)
-        std = x.std(0, dtype=np.float64) + 1e-4
-        v = style_directions(parts, layer, mean, std, kinds)
-        z = (x - mean) / std
-        z -= (z @ v.T) @ v
-        clf = LogisticRegression(C=C, class_weight="balanced", max_iter=500)
-        clf.fit(z, y, sample_weight=source_weights(parts, kind_weights(1.0)))
-        w = clf.coef_[0].astype(np.float64)
-        w -= v.T @ (v @ w)
-        p = LinearProbe(layer, w.astype(np.float32), float(clf.intercept_[0]),
-                        mean.astype(np.float32), std.astype(np.float32), "logreg", C)
+        p = fit_pooled(parts, layer, C, kind_weights(1.0), style=kinds)
         return lambda d: p.logits(d.features(layer)).astype(np.float64)
     return fit
 

@@ -122,7 +122,8 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   scope: str = "user", progress: bool = True, seed: int = 0,
                   model_name: str | None = None, layers: Sequence[int] | None = None,
                   judge_at: str = "span_end", limit: int | None = None,
-                  device: str = "cpu", length_debias: bool = True) -> list[DetectorResult]:
+                  device: str = "cpu", length_debias: bool = True,
+                  style: str = "benign") -> list[DetectorResult]:
     """Build the default bundle (+ its ONNX graphs, REPORT.md, PNGs,
     policy.suggested.yaml) into ``out``.
 
@@ -142,7 +143,9 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     and loads, its numbers are not meaningful. ``device``: where the model's forward and
     generation run (``cuda`` on a GPU; the bundle is the same). ``length_debias``:
     harmful_intent's ``mean_logit`` carries a length term fit on its benign training
-    rows (``probes.harmful`` module doc); False reproduces the session-5 recipe."""
+    rows (``probes.harmful`` module doc); False reproduces the session-5 recipe. ``style``:
+    harmful_intent's probe is fit with the training sources' style directions projected
+    out (``harmful_intent_recipe``); "" reproduces the session-6 recipe."""
     if limit is not None and limit < MIN_LIMIT:
         raise ValueError(f"limit: expected None or >= {MIN_LIMIT} examples per source (with "
                          f"fewer a source's calibration split is empty), found {limit}")
@@ -172,6 +175,7 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                                                      seed=seed, progress=progress,
                                                      served=served, prefixes=prefixes,
                                                      limit=limit, length_debias=length_debias,
+                                                     style=style,
                                                      **lay(harmful.LAYERS)))
     if "deception" in detectors:
         results.append(deception.deception_recipe(collector, cache_dir, seed=seed,

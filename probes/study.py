@@ -56,8 +56,8 @@ from probes.sources import Source, kept_rows
 
 __all__ = ["ORDINARY", "SESSION6_LIMITS", "Arm", "DataSize", "StudyRow", "Summary", "Variant",
            "VariantRow", "arm_rows", "data_size", "loaded_sources", "loso_all", "loso_scores",
-           "readout_mask", "run_variants", "study_table", "summarise", "variants",
-           "variants_markdown"]
+           "paired_auroc_diff", "readout_mask", "run_variants", "study_table", "summarise",
+           "variants", "variants_markdown"]
 
 ORDINARY = frozenset({"alpaca", "self_instruct", "mtbench", "oasst",
                       "coconot_noncompliance", "project_benign"})
@@ -305,10 +305,13 @@ class VariantRow:
     arm: str = ""
     n_fit: int = 0
     n_cal: int = 0
+    u: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    """Per source, the ``u`` scores summarised (for :func:`paired_auroc_diff`)."""
 
 
 BASE = 15, 1e-3
-"""The shipped recipe's layer and C (user scope, pooled mean logit at span_end)."""
+"""The session-5 recipe's layer and C (user scope, pooled mean logit at span_end; the
+shipped recipe since session 6 is variant 19, the length term at C 0.003)."""
 
 
 def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
@@ -324,7 +327,7 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
     head = "no: non-linear head"
     hard = {"scary": 3.0, "persona": 3.0, "coconot_noncompliance": 3.0}
     return [
-        Variant("baseline", f"linear L{lay} C={C:g} (shipped recipe)", one, linear(lay, C)),
+        Variant("baseline", f"linear L{lay} C={C:g} (session-5 recipe)", one, linear(lay, C)),
         Variant("1 layers", f"concat L{'+'.join(map(str, mid))} C={C / len(mid):g}", multi,
                 concat(mid, C / len(mid))),
         Variant("1 layers", f"concat L{'+'.join(map(str, mid))} C={C:g}", multi,
@@ -399,10 +402,36 @@ def run_variants(data: Sequence[SourceData], vs: Sequence[Variant],
             share = stage2_share(raw) if v.group.endswith("cascade") else None
             rows.append(VariantRow(v, summarise(u, kind), share, time.perf_counter() - t0, arm,
                                    sum(i.size for i in fit_idx.values()),
-                                   sum(i.size for i in cal_idx.values())))
+                                   sum(i.size for i in cal_idx.values()), u))
             if progress is not None:
                 progress(rows[-1])
     return rows
+
+
+def paired_auroc_diff(ua: Mapping[str, np.ndarray], ub: Mapping[str, np.ndarray],
+                      kind: Mapping[str, str], n_boot: int = 1000, seed: int = 0
+                      ) -> tuple[float, tuple[float, float]]:
+    """AUROC vs ordinary chat (harmful sources pooled against :data:`ORDINARY`) of ``ub``
+    minus that of ``ua``, two detectors' ``u`` scores of the SAME requests, with a 95%
+    percentile-bootstrap interval that resamples requests once for both (stratified by
+    class): far narrower than comparing two unpaired intervals."""
+    h = [n for n in ua if kind[n] == "harmful"]
+    o = [n for n in ua if n in ORDINARY]
+    ha, hb = (np.concatenate([u[n] for n in h]) for u in (ua, ub))
+    oa, ob = (np.concatenate([u[n] for n in o]) for u in (ua, ub))
+    if ha.size != hb.size or oa.size != ob.size:
+        raise ValueError(f"paired_auroc_diff: expected the same requests; found harmful "
+                         f"{ha.size} vs {hb.size}, ordinary {oa.size} vs {ob.size}")
+    lab = np.r_[np.ones(ha.size), np.zeros(oa.size)]
+
+    def diff(i: np.ndarray, j: np.ndarray) -> float:
+        return auroc(lab, np.r_[hb[i], ob[j]]) - auroc(lab, np.r_[ha[i], oa[j]])
+
+    rng = np.random.default_rng(seed)
+    d = [diff(rng.integers(0, ha.size, ha.size), rng.integers(0, oa.size, oa.size))
+         for _ in range(n_boot)]
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    return diff(np.arange(ha.size), np.arange(oa.size)), (float(lo), float(hi))
 
 
 def _ci(r: tuple[float, float]) -> str:
@@ -421,9 +450,11 @@ def variant_line(r: VariantRow) -> str:
             f"{share} | {r.seconds:.0f} |")
 
 
-def variants_markdown(rows: Sequence[VariantRow]) -> str:
+def variants_markdown(rows: Sequence[VariantRow], reference: Variant | None = None) -> str:
     """The variant table, then per-source rates at warn of the baseline and the variant
-    with the best pooled AUROC vs ordinary chat."""
+    with the best pooled AUROC vs ordinary chat, then every variant's AUROC difference to
+    ``reference`` (default the first row's variant) on the same arm, paired
+    (:func:`paired_auroc_diff`)."""
     out = ["| group | variant | servable today | AUROC vs ordinary chat [95% CI] | "
            "AUROC vs all benign | detection at warn [CI] | false alerts: ordinary [CI] | "
            "scary [CI] | persona | stage-2 share | s |",
@@ -446,6 +477,24 @@ def variants_markdown(rows: Sequence[VariantRow]) -> str:
 
     def label(r: VariantRow) -> str:
         return f"{r.variant.name}; {r.arm}" if r.arm else r.variant.name
+
+    kind = {n: k for n, (k, _, _) in base.summary.per_source.items()}
+    ref = rows[0].variant if reference is None else reference
+    pairs = [(a, b) for a in rows for b in rows if b.u and a.u and b is not a
+             and a.variant is ref and a.arm == b.arm]
+    first_arm = rows[0].arm
+    # every arm scores the same requests, so arms pair too: each arm minus the first one
+    pairs += [(a, b) for a in rows for b in rows if b.u and a.u and b is not a
+              and a.variant is b.variant and a.arm == first_arm and b.arm != first_arm]
+    if pairs:
+        out += ["", f"AUROC vs ordinary chat on the same requests: each variant minus {ref.name}"
+                " on the same arm, then each arm minus "
+                f"{first_arm or 'the first'} for the same variant (95% paired bootstrap over "
+                "requests, 1000):", "",
+                "| variant | minus | difference [95% paired CI] |", "|---|---|---|"]
+        for a, b in pairs:
+            dd, (lo, hi) = paired_auroc_diff(a.u, b.u, kind)
+            out.append(f"| {label(b)} | {label(a)} | {dd:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
 
     out += ["", f"Per source, rate at warn: baseline ({label(base)}) and best pooled "
             f"AUROC vs ordinary chat ({label(best)}); each source scored unseen:", "",

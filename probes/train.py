@@ -48,6 +48,7 @@ __all__ = [
     "fit_probe",
     "log_tokens",
     "running_aggregate",
+    "standardise",
 ]
 
 STD_FLOOR = 1e-4
@@ -82,7 +83,8 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
 
 
-def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``((x − mean) / std, mean, std)`` float32, std floored at :data:`STD_FLOOR`."""
     xf = x.astype(np.float32)
     mean = xf.mean(axis=0, dtype=np.float64).astype(np.float32)
     std = np.maximum(xf.std(axis=0, dtype=np.float64).astype(np.float32), STD_FLOOR)
@@ -94,7 +96,7 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, layer: int, C: float = 0.1,
     """Standardise, then L2 logistic regression with balanced class weights."""
     from sklearn.linear_model import LogisticRegression
 
-    xs, mean, std = _standardise(x)
+    xs, mean, std = standardise(x)
     clf = LogisticRegression(C=C, class_weight="balanced", max_iter=max_iter, tol=1e-4)
     clf.fit(xs, y, sample_weight=sample_weight)
     return LinearProbe(layer, clf.coef_[0].astype(np.float32), float(clf.intercept_[0]),
@@ -107,7 +109,7 @@ def fit_diff_of_means(x: np.ndarray, y: np.ndarray, layer: int,
     fit (balanced)."""
     from sklearn.linear_model import LogisticRegression
 
-    xs, mean, std = _standardise(x)
+    xs, mean, std = standardise(x)
     y = np.asarray(y).astype(bool)
     u = xs[y].mean(axis=0) - xs[~y].mean(axis=0)
     u = (u / max(float(np.linalg.norm(u)), 1e-12)).astype(np.float32)

@@ -449,3 +449,26 @@ def test_style_removed_gives_every_source_of_a_class_the_same_mean_logit() -> No
     assert max(means) - min(means) > 1e-2
     with pytest.raises(ValueError, match="benign or both"):
         pooled.style_directions(parts, 15, mean, std, "scary")
+
+
+def test_paired_auroc_diff_against_plain_aurocs() -> None:
+    rng = np.random.default_rng(51)
+    kind = {"h": "harmful", "oasst": "benign", "s": "scary"}
+    ua = {"h": rng.uniform(0.3, 1.0, 60), "oasst": rng.uniform(0.0, 0.8, 40),
+          "s": rng.uniform(size=10)}
+    ub = {"h": np.clip(ua["h"] + 0.1, 0, 1), "oasst": ua["oasst"], "s": ua["s"]}
+    d, (lo, hi) = study.paired_auroc_diff(ua, ub, kind, n_boot=200)
+    lab = np.r_[np.ones(60), np.zeros(40)]
+    want = auroc(lab, np.r_[ub["h"], ub["oasst"]]) - auroc(lab, np.r_[ua["h"], ua["oasst"]])
+    assert d == pytest.approx(want) and d > 0 and 0 <= lo <= d <= hi
+    assert study.paired_auroc_diff(ua, ua, kind, n_boot=50) == (0.0, (0.0, 0.0))
+    with pytest.raises(ValueError, match="same requests"):
+        study.paired_auroc_diff(ua, {**ub, "h": ub["h"][:5]}, kind)
+    data = _world(np.random.default_rng(52), {15: 2.0})
+    vs = [study.Variant("baseline", "f0", "yes", _feature(15, 0)),
+          study.Variant("x", "f1", "yes", _feature(15, 1))]
+    rows = study.run_variants(data, vs)
+    md = study.variants_markdown(rows, vs[1])
+    d01, _ = study.paired_auroc_diff(rows[1].u, rows[0].u,
+                                     {d.name: d.source.kind for d in data}, n_boot=10)
+    assert "each variant minus f1" in md and f"| f0 | f1 | {d01:+.3f} [" in md
