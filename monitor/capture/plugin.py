@@ -80,14 +80,22 @@ def site_of(hp: HookPoint) -> tuple[int, int]:
     return hp.layer, _SITE_OF_KIND[hp.kind]
 
 
+#: One hook point read at an op site: (ring index k, first operand is the residual (else
+#: hidden), add the residual to it). resid_pre / resid_post = hidden + residual,
+#: mlp_out = hidden, resid_mid = residual.
+_Read = tuple[int, bool, bool]
+_READ_OF_KIND = {"resid_pre": (False, True), "resid_post": (False, True),
+                 "mlp_out": (False, False), "resid_mid": (True, False)}
+
+
 @dataclass
 class _PlanState:
-    """A plan as installed in the session: ring, and per op call the (ring index, kind)
-    of the hook points read there."""
+    """A plan as installed in the session: ring, and per op call the hook points read
+    there (`_Read`)."""
 
     plan: Plan
     ring: HostRing
-    at: dict[tuple[int, int], list[tuple[int, str]]]
+    at: dict[tuple[int, int], list[_Read]]
     last: tuple[int, int]
 
 
@@ -97,6 +105,24 @@ class _OpenStep:
     rec: StepRecord
     layout: StepLayout
     index: torch.Tensor | None  # int64 [n_rows] row indices when not contiguous
+    rows: list[torch.Tensor]  # the slot's [max_rows, d_model] view per hook point
+
+
+def copy_rows(dst: torch.Tensor, first: torch.Tensor, second: torch.Tensor | None) -> None:
+    """`dst = first (+ second)`, the sum computed in `dst`'s dtype.
+
+    Shapes: all `[n, d_model]`. One tensor call when every dtype equals `dst`'s
+    (`torch.add(out=)`: the same rounded opmath sum as copy-then-add, bit for bit);
+    otherwise copy then add in place, so that bf16 inputs summed into a float32 `dst`
+    are widened exactly first and added in float32 (never rounded to bf16 on the way).
+    """
+    if second is None:
+        dst.copy_(first)
+    elif first.dtype == dst.dtype and second.dtype == dst.dtype:
+        torch.add(first, second, out=dst)
+    else:
+        dst.copy_(first)
+        dst.add_(second)
 
 
 class CaptureSession:
@@ -201,9 +227,9 @@ class CaptureSession:
             ring = HostRing.sized(slots=self.cfg.ring_slots, budget_mb=self.cfg.ring_mb,
                                   n_layers=len(plan.points), max_rows=self.max_rows,
                                   d_model=self.d_model, dtype=plan.dtype)
-        at: dict[tuple[int, int], list[tuple[int, str]]] = {}
+        at: dict[tuple[int, int], list[_Read]] = {}
         for k, hp in enumerate(plan.points):
-            at.setdefault(site_of(hp), []).append((k, hp.kind))
+            at.setdefault(site_of(hp), []).append((k, *_READ_OF_KIND[hp.kind]))
         self._state = _PlanState(plan, ring, at, max(at))
         try:
             mode = fail_mode() or plan.fail_mode
@@ -267,23 +293,23 @@ class CaptureSession:
         todo = op.state.at.get(where)
         if todo is None:
             return
+        # the kept rows, with the fewest tensor calls (each costs µs on a cold cache): a
+        # decode step keeps rows [0, n) of an unpadded forward, i.e. the tensors as they are
         n = op.layout.n_rows
-        slot = op.rec.ring.view(op.rec.slot)
-        for k, kind in todo:
-            dst = slot[k, :n]
-            # copy, then add in the ring's dtype (float32 by default: exact sum of bf16 inputs)
-            first = residual if kind == "resid_mid" else hidden
-            second = residual if kind in ("resid_pre", "resid_post") else None
+        index = op.index
+        for k, from_residual, plus_residual in todo:
+            first = residual if from_residual else hidden
             if first is None:  # resid_mid has a residual at every SITE_OUT; defensive
                 continue
-            if op.index is None:
-                dst.copy_(first[:n])
-                if second is not None:
-                    dst.add_(second[:n])
-            else:
-                dst.copy_(first.index_select(0, op.index))
-                if second is not None:
-                    dst.add_(second.index_select(0, op.index))
+            second = residual if plus_residual else None
+            if index is not None:
+                first = first.index_select(0, index)
+                second = second.index_select(0, index) if second is not None else None
+            elif first.shape[0] != n:
+                first = first.narrow(0, 0, n)
+                second = second.narrow(0, 0, n) if second is not None else None
+            dst = op.rows[k]
+            copy_rows(dst if dst.shape[0] == n else dst.narrow(0, 0, n), first, second)
         if where == op.state.last:
             self._open = None
             if self.transport.submit_step(op.rec):
@@ -334,7 +360,7 @@ class CaptureSession:
         if not layout.contiguous:
             index = torch.from_numpy(
                 np.concatenate([np.arange(a, b) for a, b in layout.ranges]).astype(np.int64))
-        self._open = _OpenStep(st, rec, layout, index)
+        self._open = _OpenStep(st, rec, layout, index, st.ring.rows[slot])
 
     # ---------------------------------------------------------------- lifecycle
     def _flush_finished(self) -> None:

@@ -193,6 +193,8 @@ class HostRing:
     `buf` is `[n_slots, n_layers, max_rows, d_model]` (`dtype`, host memory; pinned when
     `pin` so a CUDA side stream can copy into it asynchronously). Slots are handed out by
     `acquire` (non-blocking) and returned by `release`; both are thread-safe.
+    `rows[slot][k]` is the `[max_rows, d_model]` view of hook point `k` in `slot`, made
+    once here so the model thread takes no view per copy.
     """
 
     def __init__(
@@ -213,6 +215,8 @@ class HostRing:
         self.buf = torch.empty(
             (n_slots, n_layers, max_rows, d_model), dtype=dtype, pin_memory=pin
         )
+        self.rows: list[list[torch.Tensor]] = [list(self.buf[i].unbind(0))
+                                               for i in range(n_slots)]
         self._free: collections.deque[int] = collections.deque(range(n_slots))
         self._lock = threading.Lock()
 
