@@ -402,7 +402,11 @@ def test_session_copies_every_kind_bit_equal(in_dtype, ring_dtype, case, monkeyp
                     prompt=False, generated=True, dtype=ring_dtype, max_frame_bytes=1 << 20))
     s.transport._connected.set()  # never started: nothing reads the queue; records kept below
     recs: list[StepRecord] = []
-    monkeypatch.setattr(s.transport, "submit_step", lambda rec: recs.append(rec) or True)
+    def submit(rec: StepRecord) -> bool:
+        recs.append(rec)
+        return True
+
+    monkeypatch.setattr(s.transport, "submit_step", submit)
     g = torch.Generator().manual_seed(7)
     t = [(torch.randn(n_tokens, d, generator=g) * 8).to(in_dtype) for _ in range(5)]
     h0, h1, r1, h2, r2 = t
