@@ -48,7 +48,7 @@ from monitor.capture.op import (
     sink_errors,
     wrap_decoder_layers,
 )
-from monitor.capture.steps import StepLayout, StepTracker
+from monitor.capture.steps import StepTracker
 from monitor.capture.threads import (
     Placement,
     apply_switch_interval,
@@ -101,11 +101,15 @@ class _PlanState:
 
 @dataclass
 class _OpenStep:
+    """One step between its first wrapped site and its last plan hook point; what each op
+    call needs is decided here once (every site of a forward has the same row count)."""
+
     state: _PlanState
     rec: StepRecord
-    layout: StepLayout
-    index: torch.Tensor | None  # int64 [n_rows] row indices when not contiguous
-    rows: list[torch.Tensor]  # the slot's [max_rows, d_model] view per hook point
+    n: int  # kept rows
+    index: torch.Tensor | None  # int64 [n] row indices when not rows [0, n)
+    narrow: bool  # the forward has more rows than the kept prefix [0, n)
+    dst: list[torch.Tensor]  # per hook point, the slot's [n, d_model] destination
 
 
 def copy_rows(dst: torch.Tensor, first: torch.Tensor, second: torch.Tensor | None) -> None:
@@ -293,10 +297,9 @@ class CaptureSession:
         todo = op.state.at.get(where)
         if todo is None:
             return
-        # the kept rows, with the fewest tensor calls (each costs µs on a cold cache): a
+        # the kept rows with the fewest tensor calls (each costs µs on a cold cache): a
         # decode step keeps rows [0, n) of an unpadded forward, i.e. the tensors as they are
-        n = op.layout.n_rows
-        index = op.index
+        n, index, narrow, dst = op.n, op.index, op.narrow, op.dst
         for k, from_residual, plus_residual in todo:
             first = residual if from_residual else hidden
             if first is None:  # resid_mid has a residual at every SITE_OUT; defensive
@@ -305,11 +308,10 @@ class CaptureSession:
             if index is not None:
                 first = first.index_select(0, index)
                 second = second.index_select(0, index) if second is not None else None
-            elif first.shape[0] != n:
+            elif narrow:
                 first = first.narrow(0, 0, n)
                 second = second.narrow(0, 0, n) if second is not None else None
-            dst = op.rows[k]
-            copy_rows(dst if dst.shape[0] == n else dst.narrow(0, 0, n), first, second)
+            copy_rows(dst[k], first, second)
         if where == op.state.last:
             self._open = None
             if self.transport.submit_step(op.rec):
@@ -329,8 +331,9 @@ class CaptureSession:
         self.step += 1
         self._flush_finished()
         st = self._state
-        pos = positions.numpy() if positions.device.type == "cpu" and positions.dim() == 1 \
-            else None
+        pos = positions.numpy() if positions.is_cpu else None
+        if pos is not None and pos.ndim != 1:
+            pos = None
         if st is None:
             layout = self.tracker.layout(n_tokens, pos)
             if layout is not None and layout.n_rows:
@@ -342,25 +345,28 @@ class CaptureSession:
                                      roles=plan.roles)
         if layout is None or layout.n_rows == 0:
             return
-        n_l = len(plan.points)
-        rows = layout.n_rows * n_l  # one frame per plan hook point
-        nbytes = rows * self.d_model * st.ring.buf.element_size()
-        if not self.transport.connected:
-            self.transport.count_drop(n_l, rows, nbytes, "sidecar not connected")
-            return
-        slot = st.ring.acquire()
+        connected = self.transport.connected
+        slot = st.ring.acquire() if connected else None
         if slot is None:
-            self.transport.count_drop(n_l, rows, nbytes, "ring full (sidecar slow)")
+            n_l = len(plan.points)
+            rows = layout.n_rows * n_l  # one frame per plan hook point
+            self.transport.count_drop(n_l, rows, rows * self.d_model * st.ring.itemsize,
+                                      "ring full (sidecar slow)" if connected
+                                      else "sidecar not connected")
             return
         rec = StepRecord(ring=st.ring, slot=slot, step=self.step, plan_id=plan.plan_id,
                          model=self.model_name, points=plan.points, n_rows=layout.n_rows,
                          spans=layout.spans, max_frame_bytes=plan.max_frame_bytes,
                          labels=layout.labels)
+        n = layout.n_rows
         index = None
         if not layout.contiguous:
             index = torch.from_numpy(
                 np.concatenate([np.arange(a, b) for a, b in layout.ranges]).astype(np.int64))
-        self._open = _OpenStep(st, rec, layout, index, st.ring.rows[slot])
+        views = st.ring.rows[slot]
+        self._open = _OpenStep(st, rec, n, index, index is None and n != n_tokens,
+                               views if n == st.ring.max_rows
+                               else [v.narrow(0, 0, n) for v in views])
 
     # ---------------------------------------------------------------- lifecycle
     def _flush_finished(self) -> None:

@@ -215,6 +215,7 @@ class HostRing:
         self.buf = torch.empty(
             (n_slots, n_layers, max_rows, d_model), dtype=dtype, pin_memory=pin
         )
+        self.itemsize = self.buf.element_size()
         self.rows: list[list[torch.Tensor]] = [list(self.buf[i].unbind(0))
                                                for i in range(n_slots)]
         self._free: collections.deque[int] = collections.deque(range(n_slots))
