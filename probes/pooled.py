@@ -101,6 +101,25 @@ class SourceData:
     def labels(self) -> np.ndarray:
         return self.acts.labels.astype(np.int8)
 
+    def take(self, idx: np.ndarray) -> SourceData:
+        """The examples ``idx`` (int, strictly increasing) as a source of their own:
+        their rows in the same order, examples renumbered ``0..len(idx)-1``; pooled
+        features already computed are carried over (``features(l)[idx]``)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        n = self.acts.n_examples
+        if idx.ndim != 1 or (idx.size and (idx[0] < 0 or idx[-1] >= n
+                                           or np.any(np.diff(idx) <= 0))):
+            raise ValueError(f"take({self.name}): expected strictly increasing indices in "
+                             f"[0, {n}); found {idx.size} indices")
+        new = np.full(n, -1, dtype=np.int64)
+        new[idx] = np.arange(idx.size)
+        keep = new[self.acts.example] >= 0
+        a = self.acts.subset_rows(keep)
+        acts = Activations(a.layers, a.x, new[a.example], a.position, a.generated, a.segment,
+                           a.from_end, self.acts.labels[idx], int(idx.size))
+        return SourceData(self.source, [self.examples[i] for i in idx], acts, self.mask[keep],
+                          {lay: f[idx] for lay, f in self.feats.items()})
+
     def in_scope_tokens(self) -> np.ndarray:
         """In-scope rows per example: int64 ``[n_examples]`` (``t`` of the served
         aggregate at the example's last in-scope token)."""

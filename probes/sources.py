@@ -26,9 +26,11 @@ from probes.datasets import DATA_DIR, REPO_ROOT, ChatExample, load_jsonl, load_r
 __all__ = [
     "HARMFUL_SOURCES",
     "Source",
+    "kept_rows",
     "load_source",
     "shared_v2_dir",
     "sources_available",
+    "subsample",
 ]
 
 
@@ -119,10 +121,20 @@ def _load_v2(file: str, name: str) -> list[ChatExample]:
     return out
 
 
-def load_source(src: Source, seed: int = 0) -> list[ChatExample]:
-    """The source's examples, in file order (after the seeded ``limit`` subsample)."""
+def subsample(n: int, limit: int | None, seed: int = 0) -> list[int]:
+    """File indices (sorted) a source of ``n`` rows keeps: all of them when ``limit`` is
+    None or ``n <= limit``, else the first ``limit`` picks of
+    ``random.Random(seed).sample(range(n), limit)``. Raising ``limit`` keeps the smaller
+    sample's rows only where :func:`random.sample` takes its set-selection path for both
+    sizes (or the larger takes every row); :func:`kept_rows` callers check."""
     import random
 
+    if limit is None or n <= limit:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+
+def _load_all(src: Source) -> list[ChatExample]:
     if src.where == "v2":
         rows = _load_v2(src.file, src.name)
     elif src.where == "v1":
@@ -138,7 +150,15 @@ def load_source(src: Source, seed: int = 0) -> list[ChatExample]:
     if bad:
         raise ValueError(f"source {src.name}: expected label {want} on every row, found "
                          f"{len(bad)} rows with another label (first: row {bad[0]})")
-    if src.limit is not None and len(rows) > src.limit:
-        idx = sorted(random.Random(seed).sample(range(len(rows)), src.limit))
-        rows = [rows[i] for i in idx]
     return rows
+
+
+def kept_rows(src: Source, seed: int = 0) -> list[int]:
+    """The file indices :func:`load_source` keeps, in its order (reads the file)."""
+    return subsample(len(_load_all(src)), src.limit, seed)
+
+
+def load_source(src: Source, seed: int = 0) -> list[ChatExample]:
+    """The source's examples, in file order (after the seeded ``limit`` subsample)."""
+    rows = _load_all(src)
+    return [rows[i] for i in subsample(len(rows), src.limit, seed)]

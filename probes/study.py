@@ -25,8 +25,8 @@ Nothing here is served or shipped: it produces the evidence table in docs/PROBES
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -51,10 +51,12 @@ from probes.pooled import (
     pca_logreg,
     stage2_share,
 )
+from probes.sources import Source, kept_rows
 
-__all__ = ["ORDINARY", "StudyRow", "Summary", "Variant", "VariantRow", "loso_all",
-           "loso_scores", "readout_mask", "run_variants", "study_table", "summarise",
-           "variants", "variants_markdown"]
+__all__ = ["ORDINARY", "SESSION6_LIMITS", "Arm", "DataSize", "StudyRow", "Summary", "Variant",
+           "VariantRow", "arm_rows", "data_size", "loaded_sources", "loso_all", "loso_scores",
+           "readout_mask", "run_variants", "study_table", "summarise", "variants",
+           "variants_markdown"]
 
 ORDINARY = frozenset({"alpaca", "self_instruct", "mtbench", "oasst",
                       "coconot_noncompliance", "project_benign"})
@@ -84,18 +86,24 @@ def readout_mask(roles: np.ndarray, example: np.ndarray, readout: str) -> np.nda
 
 
 # ----------------------------------------------------------------------- LOSO machinery
-def loso_scores(data: Sequence[SourceData], fit: Fitter, seed: int = 0
+def loso_scores(data: Sequence[SourceData], fit: Fitter, seed: int = 0,
+                scored: Mapping[str, np.ndarray] | None = None
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every source scored by a detector fit without it (leave one source out over every
     source, :func:`probes.pooled.fitter_folds`): fold ``S`` fits on the fit rows
     (``split_calibration``) of every other source and scores all of ``S`` and the other
     sources' held-back benign rows. Returns ``(u, raw)`` per source: ``u`` on the scale
     shared by all folds (:func:`probes.pooled.ecdf_scores` of the fold's calibration
-    rows), ``raw`` the detector's own scores."""
+    rows), ``raw`` the detector's own scores. ``scored``: per source, the example indices
+    whose scores are returned (default all; data-size arms score the same rows)."""
     fit_idx, cal_idx = split_calibration(data, seed)
     folds = fitter_folds(data, fit_idx, cal_idx, fit)
     raw = {f.held.name: f.held_scores[0] for f in folds}
-    return {f.held.name: ecdf_scores(f.cal_scores[0], raw[f.held.name]) for f in folds}, raw
+    u = {f.held.name: ecdf_scores(f.cal_scores[0], raw[f.held.name]) for f in folds}
+    if scored is not None:
+        u = {n: v[scored[n]] for n, v in u.items()}
+        raw = {n: v[scored[n]] for n, v in raw.items()}
+    return u, raw
 
 
 def loso_all(data: Sequence[SourceData], layer: int, C: float, scary_weight: float = 1.0
@@ -199,6 +207,78 @@ def markdown(rows: Sequence[StudyRow]) -> str:
     return "\n".join(out) + "\n"
 
 
+# ----------------------------------------------------------------------- data-size axis
+SESSION6_LIMITS: dict[str, int | None] = {
+    "harmbench": 300, "stl_redteam": 250, "cyberseceval_malicious": 120, "alpaca": 300,
+    "self_instruct": 150, "coconot_noncompliance": 200, "cyberseceval_frr": 150,
+    "medquad": 200}
+"""Row caps of the training sources in the session-6 bundle (probes/sources.py then)."""
+
+
+@dataclass(frozen=True)
+class DataSize:
+    """One arm of the data-size axis: the ``limit`` (:func:`probes.sources.subsample`)
+    each named source is loaded with; sources not named keep their own."""
+
+    name: str
+    limits: Mapping[str, int | None] = field(default_factory=dict)
+
+    def source(self, src: Source) -> Source:
+        return replace(src, limit=self.limits[src.name]) if src.name in self.limits else src
+
+
+def data_size(spec: str, sources: Sequence[Source]) -> DataSize:
+    """``shipped`` (the caps in probes/sources.py), ``session6`` (:data:`SESSION6_LIMITS`)
+    or an integer ``N``: every training source keeps all its rows up to ``N``."""
+    if spec == "shipped":
+        return DataSize("shipped caps")
+    if spec == "session6":
+        return DataSize("session-6 caps", SESSION6_LIMITS)
+    try:
+        n = int(spec)
+    except ValueError:
+        raise ValueError(f"data size: expected shipped, session6 or a row count; found "
+                         f"{spec!r}") from None
+    if n < 1:
+        raise ValueError(f"data size: expected a row count >= 1; found {n}")
+    return DataSize(f"rows up to {n}", {s.name: n for s in sources if s.role == "train"})
+
+
+def loaded_sources(sources: Sequence[Source], sizes: Sequence[DataSize]) -> list[Source]:
+    """Each source with the smallest limit that covers every arm (None if any arm keeps
+    all rows): what to load once so every arm is a subset (:func:`arm_rows`)."""
+    out = []
+    for src in sources:
+        lims = [sz.source(src).limit for sz in sizes] or [src.limit]
+        out.append(replace(src, limit=None if None in lims else max(x for x in lims
+                                                                     if x is not None)))
+    return out
+
+
+def arm_rows(loaded: Source, size: DataSize, seed: int = 0) -> np.ndarray:
+    """Indices into the rows ``loaded`` keeps of the rows ``size`` keeps of that source
+    (int64, increasing); ValueError if ``size``'s rows are not all loaded (the seeded
+    subsamples of two limits need not nest: :func:`probes.sources.subsample`)."""
+    have = np.asarray(kept_rows(loaded, seed), dtype=np.int64)
+    want = np.asarray(kept_rows(size.source(loaded), seed), dtype=np.int64)
+    pos = np.searchsorted(have, want)
+    ok = (pos < have.size) & (have[np.minimum(pos, have.size - 1)] == want)
+    if not ok.all():
+        raise ValueError(f"data size {size.name!r}, source {loaded.name}: expected its "
+                         f"{want.size} rows among the {have.size} loaded; found "
+                         f"{int((~ok).sum())} missing (the two subsamples do not nest)")
+    return pos.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A data-size arm over loaded data: its :class:`DataSize` and, per source, the
+    example indices into the loaded source that the arm keeps (:func:`arm_rows`)."""
+
+    size: DataSize
+    rows: Mapping[str, np.ndarray]
+
+
 # ----------------------------------------------------------------------- the variant study
 @dataclass(frozen=True)
 class Variant:
@@ -212,10 +292,18 @@ class Variant:
 
 @dataclass(frozen=True)
 class VariantRow:
+    """One variant on one data-size arm (``arm`` "" without the axis); ``n_fit`` /
+    ``n_cal``: fit and held-back calibration rows over ALL sources of the arm (what a
+    bundle built from it fits on and sets its thresholds with; each fold uses those of
+    the other sources)."""
+
     variant: Variant
     summary: Summary
     stage2_share: float | None
     seconds: float
+    arm: str = ""
+    n_fit: int = 0
+    n_cal: int = 0
 
 
 BASE = 15, 1e-3
@@ -277,19 +365,37 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
 
 
 def run_variants(data: Sequence[SourceData], vs: Sequence[Variant],
-                 progress: Callable[[VariantRow], None] | None = None) -> list[VariantRow]:
-    """Each variant through :func:`loso_scores` and :func:`summarise`."""
+                 progress: Callable[[VariantRow], None] | None = None,
+                 arms: Sequence[Arm] = ()) -> list[VariantRow]:
+    """Each variant through :func:`loso_scores` and :func:`summarise`, once per data-size
+    arm (none: once on all of ``data``). Every arm's folds are scored on the same
+    requests, those every arm keeps (the smallest arm's rows when they nest), so arms
+    differ only in the rows fit on and calibrated with."""
     import time
 
     kind = {d.name: d.source.kind for d in data}
+    runs: list[tuple[str, list[SourceData], dict[str, np.ndarray] | None]] = []
+    if not arms:
+        runs.append(("", list(data), None))
+    else:
+        common = {d.name: np.arange(d.acts.n_examples) for d in data}
+        for a in arms:
+            common = {n: np.intersect1d(v, a.rows[n]) for n, v in common.items()}
+        for a in arms:
+            runs.append((a.size.name, [d.take(a.rows[d.name]) for d in data],
+                         {n: np.searchsorted(a.rows[n], c) for n, c in common.items()}))
     rows = []
     for v in vs:
-        t0 = time.perf_counter()
-        u, raw = loso_scores(data, v.fit)
-        share = stage2_share(raw) if v.group.endswith("cascade") else None
-        rows.append(VariantRow(v, summarise(u, kind), share, time.perf_counter() - t0))
-        if progress is not None:
-            progress(rows[-1])
+        for arm, sds, scored in runs:
+            fit_idx, cal_idx = split_calibration(sds)
+            t0 = time.perf_counter()
+            u, raw = loso_scores(sds, v.fit, scored=scored)
+            share = stage2_share(raw) if v.group.endswith("cascade") else None
+            rows.append(VariantRow(v, summarise(u, kind), share, time.perf_counter() - t0, arm,
+                                   sum(i.size for i in fit_idx.values()),
+                                   sum(i.size for i in cal_idx.values())))
+            if progress is not None:
+                progress(rows[-1])
     return rows
 
 
@@ -300,7 +406,8 @@ def _ci(r: tuple[float, float]) -> str:
 def variant_line(r: VariantRow) -> str:
     m = r.summary
     share = "" if r.stage2_share is None else f"{r.stage2_share:.3f}"
-    return (f"| {r.variant.group} | {r.variant.name} | {r.variant.servable} | "
+    name = f"{r.variant.name}; {r.arm}" if r.arm else r.variant.name
+    return (f"| {r.variant.group} | {name} | {r.variant.servable} | "
             f"{m.auroc_ordinary:.3f} {_ci(m.auroc_ordinary_ci)} | {m.auroc_all_benign:.3f} | "
             f"{m.tpr_warn:.3f} {_ci(m.rate_ci['harmful'])} | "
             f"{m.fpr_warn_ordinary:.3f} {_ci(m.rate_ci['ordinary'])} | "
@@ -321,10 +428,21 @@ def variants_markdown(rows: Sequence[VariantRow]) -> str:
     n = rows[0].summary.n
     out += ["", "Requests per group (every variant): "
             + ", ".join(f"{g} {k}" for g, k in n.items()) + "."]
+    arms = {r.arm: r for r in rows if r.arm}
+    if arms:
+        out += ["", "Data-size arms (rows over all training sources; each fold fits on and "
+                "calibrates with those of the other sources; every arm is scored on the "
+                "same requests): " + "; ".join(
+                    f"{a}: {r.n_fit} fit rows, thresholds on {r.n_cal} held-back benign rows"
+                    for a, r in arms.items()) + "."]
     base = rows[0]
     best = max(rows, key=lambda r: r.summary.auroc_ordinary)
-    out += ["", f"Per source, rate at warn: baseline ({base.variant.name}) and best pooled "
-            f"AUROC vs ordinary chat ({best.variant.name}); each source scored unseen:", "",
+
+    def label(r: VariantRow) -> str:
+        return f"{r.variant.name}; {r.arm}" if r.arm else r.variant.name
+
+    out += ["", f"Per source, rate at warn: baseline ({label(base)}) and best pooled "
+            f"AUROC vs ordinary chat ({label(best)}); each source scored unseen:", "",
             "| source | kind | n | baseline | best |", "|---|---|---:|---:|---:|"]
     for s, (k, cnt, rate) in sorted(base.summary.per_source.items(),
                                     key=lambda t: (t[1][0], t[0])):

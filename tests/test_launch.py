@@ -8,6 +8,7 @@ sidecar process on a missing bundle)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,8 +21,11 @@ from monitor.tools.launch import (
     SidecarServer,
     VllmServer,
     log_tail,
+    placement_prefix,
     start_sidecar,
     stop,
+    wait_grpc_serving,
+    wait_http,
 )
 from monitor.tools.net import free_port
 
@@ -87,6 +91,34 @@ def test_sidecar_without_metrics_is_ready_when_grpc_serves(tmp_path: Path,
     assert proc.returncode == 0, log_tail(cfg.log)
 
 
+def test_placement_prefix_order(tmp_path: Path) -> None:
+    assert placement_prefix(0, None) == []
+    assert placement_prefix(10, "1,3") == ["taskset", "-c", "1,3", "nice", "-n", "10"]
+    cfg = SidecarServer(bundle=tmp_path / "b", port=1, metrics_port=2, log=tmp_path / "s.log",
+                        nice=7, cpus="0")
+    assert cfg.argv()[:6] == ["taskset", "-c", "0", "nice", "-n", "7"]
+    assert cfg.argv()[7:9] == ["-m", "monitor.cli"]
+
+
+def test_placed_sidecar_runs_on_its_cpus_at_its_niceness(tmp_path: Path,
+                                                          bundle_dir: Path) -> None:
+    """`cpus` / `nice` reach the real server process: the pid Popen returns is the Python
+    server itself (taskset and nice exec it), with that CPU mask and niceness."""
+    cpu = min(os.sched_getaffinity(0))
+    cfg = SidecarServer(bundle=bundle_dir, port=free_port(), metrics_port=-1,
+                        log=tmp_path / "s.log", log_level="warning", nice=5, cpus=str(cpu),
+                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+    proc = start_sidecar(cfg)
+    try:
+        assert "monitor.cli" in Path(f"/proc/{proc.pid}/cmdline").read_text()
+        assert os.sched_getaffinity(proc.pid) == {cpu}
+        own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == min(19, own_nice + 5)
+    finally:
+        stop(proc, "the sidecar")
+    assert proc.returncode == 0, log_tail(cfg.log)
+
+
 def test_failed_start_names_the_process_and_quotes_its_log(tmp_path: Path) -> None:
     log = tmp_path / "s.log"
     log.write_text("EARLIER RUN\n")
@@ -98,3 +130,22 @@ def test_failed_start_names_the_process_and_quotes_its_log(tmp_path: Path) -> No
     msg = str(e.value)
     assert "the sidecar exited with code" in msg and str(log) in msg
     assert "EARLIER RUN" in msg and "no-such-bundle" in msg  # appended, then quoted
+
+
+def test_readiness_waits_name_a_timeout_and_an_early_exit(tmp_path: Path) -> None:
+    """Both waits stop at their deadline while the process lives, and at once when it exits."""
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        with pytest.raises(RuntimeError, match=r"^vLLM did not answer http://127\.0\.0\.1:\d+/"
+                                               r"health within 1 s$"):
+            wait_http(f"http://127.0.0.1:{free_port()}/health", 1, alive, "vLLM")
+        with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as ch, pytest.raises(
+                RuntimeError, match=r"^the sidecar did not report gRPC health SERVING within 1 s$"):
+            wait_grpc_serving(ch, 1, alive, "the sidecar")
+    finally:
+        alive.kill()
+        alive.wait()
+    gone = subprocess.Popen(["sh", "-c", "exit 3"])
+    gone.wait()
+    with pytest.raises(RuntimeError, match=r"^vLLM exited with code 3 during start-up$"):
+        wait_http(f"http://127.0.0.1:{free_port()}/health", 600, gone, "vLLM")

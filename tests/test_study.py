@@ -305,3 +305,115 @@ def test_variant_table_renders_every_variant() -> None:
     assert "| baseline | feature 0 | yes |" in md and "| 4 cascade | c | no |" in md
     assert "harmful 120, ordinary 160, scary 60, persona 40" in md
     assert len(study.variants()) >= 15
+
+
+# ----------------------------------------------------------------------- data-size axis
+def test_subsample_keeps_the_old_rows_and_nests_where_sampling_does() -> None:
+    import random
+
+    from probes.sources import subsample
+
+    # the pre-refactor expression of load_source, kept here as the plain reference
+    def old(n: int, limit: int | None) -> list[int]:
+        if limit is None or n <= limit:
+            return list(range(n))
+        return sorted(random.Random(0).sample(range(n), limit))
+
+    for n, lim in ((18793, 300), (2413, 250), (100, None), (50, 80), (553, 300)):
+        assert subsample(n, lim) == old(n, lim)
+    # set-selection path for both sizes (alpaca 300 -> 2500) and "all rows" nest
+    assert set(subsample(18793, 300)) <= set(subsample(18793, 2500))
+    assert set(subsample(2413, 250)) <= set(subsample(2413, 2500))
+    # pool path for the larger size (2413 rows, 1000 kept): not a superset
+    assert not set(subsample(2413, 250)) <= set(subsample(2413, 1000))
+
+
+def test_take_is_the_examples_as_a_source_of_their_own() -> None:
+    rng = np.random.default_rng(21)
+    d = _multi("h1", "harmful", 12, rng, {15: 2.0})
+    f_before = d.features(15).copy()
+    idx = np.array([1, 4, 5, 11])
+    t = d.take(idx)
+    assert t.acts.n_examples == 4 and t.labels.tolist() == d.labels[idx].tolist()
+    np.testing.assert_array_equal(t.features(15), f_before[idx])       # carried over
+    t.feats.clear()
+    np.testing.assert_allclose(t.features(15), f_before[idx], rtol=1e-6)  # recomputed
+    np.testing.assert_array_equal(t.in_scope_tokens(), d.in_scope_tokens()[idx])
+    for j, i in enumerate(idx):  # every row of example i, in order, as example j
+        np.testing.assert_array_equal(t.acts.x[12][t.acts.example == j],
+                                      d.acts.x[12][d.acts.example == i])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        d.take(np.array([3, 2]))
+    with pytest.raises(ValueError, match=r"in \[0, 12\)"):
+        d.take(np.array([0, 12]))
+
+
+def test_data_sizes_parse_and_cover_every_arm() -> None:
+    srcs = [Source("a", "benign", "train", "v2", "a", 300),
+            Source("t", "benign", "test", "v2", "t", 250),
+            Source("p", "harmful", "train", "project", "p")]
+    big = study.data_size("2500", srcs)
+    assert big.limits == {"a": 2500, "p": 2500} and big.name == "rows up to 2500"
+    assert study.data_size("shipped", srcs).source(srcs[0]) == srcs[0]
+    assert study.data_size("session6", srcs).limits == study.SESSION6_LIMITS
+    loaded = study.loaded_sources(srcs, [study.data_size("shipped", srcs), big])
+    assert [s.limit for s in loaded] == [2500, 250, None]  # None: an arm keeps all rows
+    with pytest.raises(ValueError, match="shipped, session6 or a row count"):
+        study.data_size("all", srcs)
+
+
+def test_arm_rows_point_at_the_arms_rows_and_refuse_non_nesting(tmp_path, monkeypatch) -> None:
+    import json
+
+    from probes import sources
+
+    monkeypatch.setenv("SAFETY_PROBES_DATASETS_V2", str(tmp_path))
+    (tmp_path / "harmful_intent").mkdir()
+    (tmp_path / "harmful_intent" / "f.jsonl").write_text("".join(
+        json.dumps({"prompt": f"q{i}", "label": 0}) + "\n" for i in range(2413)))
+    src = Source("s", "benign", "train", "v2", "f", 250)
+    loaded = replace_limit(src, 2500)
+    small = study.DataSize("small", {"s": 250})
+    pos = study.arm_rows(loaded, small)
+    all_rows = sources.load_source(loaded)
+    assert [all_rows[i].user_text for i in pos] == [
+        e.user_text for e in sources.load_source(src)]
+    with pytest.raises(ValueError, match="do not nest"):
+        study.arm_rows(replace_limit(src, 1000), small)
+
+
+def replace_limit(src: Source, limit: int | None) -> Source:
+    from dataclasses import replace
+
+    return replace(src, limit=limit)
+
+
+def test_arms_score_the_same_requests_and_the_full_arm_is_a_plain_run() -> None:
+    data = _world(np.random.default_rng(31), {15: 1.5})
+    full = study.DataSize("all")
+    half = study.DataSize("half")
+    rows_half = {d.name: np.arange(0, d.acts.n_examples, 2) for d in data}
+    arms = [study.Arm(half, rows_half),
+            study.Arm(full, {d.name: np.arange(d.acts.n_examples) for d in data})]
+    fitter = pooled.linear(15, 1.0)
+    v = [study.Variant("baseline", "lin", "yes", fitter)]
+    r_half, r_full = study.run_variants(data, v, arms=arms)
+    assert (r_half.arm, r_full.arm) == ("half", "all")
+    # both arms scored on the half arm's requests
+    assert r_half.summary.n == r_full.summary.n
+    assert r_full.summary.n["harmful"] == sum(rows_half[n].size for n in ("h1", "h2"))
+    # the full arm = a plain run on all rows, read on the common requests
+    u, _ = study.loso_scores(data, fitter)
+    kind = {d.name: d.source.kind for d in data}
+    want = study.summarise({n: x[rows_half[n]] for n, x in u.items()}, kind)
+    assert r_full.summary.auroc_ordinary == pytest.approx(want.auroc_ordinary)
+    assert r_full.summary.per_source == want.per_source
+    # the half arm = a plain run on the half data (its own split and thresholds)
+    u2, _ = study.loso_scores([d.take(rows_half[d.name]) for d in data], fitter)
+    assert r_half.summary.per_source == study.summarise(u2, kind).per_source
+    fit_idx, cal_idx = split_calibration(data)
+    assert r_full.n_cal == sum(i.size for i in cal_idx.values())
+    assert r_full.n_fit == sum(i.size for i in fit_idx.values())
+    md = study.variants_markdown([r_half, r_full])
+    assert "| lin; half | yes |" in md and "Data-size arms" in md
+    assert f"all: {r_full.n_fit} fit rows, thresholds on {r_full.n_cal}" in md

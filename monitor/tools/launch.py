@@ -37,8 +37,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from monitor.tools.models import DEFAULT_MODEL_NAME
 
 __all__ = ["FAST_RECONNECT", "SidecarServer", "VllmServer", "eventually", "log_tail",
-           "start_process", "start_sidecar", "start_vllm", "stop", "wait_grpc_serving",
-           "wait_http"]
+           "placement_prefix", "start_process", "start_sidecar", "start_vllm", "stop",
+           "wait_grpc_serving", "wait_http"]
 
 #: The module `vllm serve` runs (see the module docstring for why not the console script).
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -50,6 +50,13 @@ LOG_TAIL_CHARS = 4000
 FAST_RECONNECT: list[tuple[str, int]] = [("grpc.initial_reconnect_backoff_ms", 100),
                                          ("grpc.min_reconnect_backoff_ms", 100),
                                          ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def placement_prefix(nice: int, cpus: str | None) -> list[str]:
+    """The command prefix placing a server on a shared host: ``taskset -c cpus`` (when given)
+    then ``nice -n nice`` (when > 0). Both exec the server, so its pid is the Popen's."""
+    return ((["taskset", "-c", cpus] if cpus else [])
+            + (["nice", "-n", str(nice)] if nice > 0 else []))
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ class VllmServer:
         for m in self.middleware:
             cmd += ["--middleware", m]
         cmd += self.extra_args
-        return (["nice", "-n", str(self.nice)] if self.nice > 0 else []) + cmd
+        return placement_prefix(self.nice, None) + cmd
 
     def environ(self) -> dict[str, str]:
         """The process environment: ``env`` (or ours), the plugin settings, ``extra_env``."""
@@ -165,9 +172,16 @@ class SidecarServer:
     package); None: this one (``sys.executable``)."""
     ready_timeout_s: float = 60.0
     """How long to wait for gRPC health SERVING."""
+    nice: int = 0
+    """> 0: run under ``nice -n`` this value, so that on a shared host vLLM's threads win
+    every contended core (docs/CAPTURE.md, "Thread budget")."""
+    cpus: str | None = None
+    """CPU list for ``taskset -c`` (e.g. ``"1"``, ``"2-7"``): keep the sidecar off the cores
+    vLLM's model threads are bound to; None: not bound (inherits this process's mask)."""
 
     def argv(self) -> list[str]:
-        cmd = [self.python or sys.executable, "-m", "monitor.cli"]
+        cmd = placement_prefix(self.nice, self.cpus)
+        cmd += [self.python or sys.executable, "-m", "monitor.cli"]
         if self.log_level is not None:
             cmd += ["--log-level", self.log_level]
         cmd += ["serve", "--bundle", str(self.bundle), "--port", str(self.port),
@@ -203,21 +217,30 @@ def eventually(pred: Callable[[], object], timeout: float = 60.0, poll_s: float 
     return bool(pred())
 
 
+def _until_ready(probe: Callable[[], bool], timeout_s: float, poll_s: float,
+                 proc: subprocess.Popen[bytes], what: str, awaited: str) -> None:
+    """``eventually(probe)`` that also watches ``proc``: RuntimeError as soon as it exits
+    (naming ``what`` and its exit code) or once ``timeout_s`` passed (naming ``awaited``)."""
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
+        return probe()
+
+    if not eventually(ready, timeout=timeout_s, poll_s=poll_s):
+        raise RuntimeError(f"{what} did not {awaited} within {timeout_s:.0f} s")
+
+
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes], what: str) -> None:
     """Return once ``url`` answers 200; RuntimeError if ``proc`` exits first or ``timeout_s``
     passes (the message names ``what``, the exit code or the time waited)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
+    def answers() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
+                return bool(r.status == 200)
         except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} did not answer {url} within {timeout_s:.0f} s")
+            return False
+
+    _until_ready(answers, timeout_s, 0.5, proc, what, f"answer {url}")
 
 
 def wait_grpc_serving(channel: grpc.Channel, timeout_s: float, proc: subprocess.Popen[bytes],
@@ -226,18 +249,15 @@ def wait_grpc_serving(channel: grpc.Channel, timeout_s: float, proc: subprocess.
     ``proc`` exits first or ``timeout_s`` passes (the message names ``what``, the exit code
     or the time waited). ``channel`` decides the transport (insecure, TLS)."""
     stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up")
+
+    def serving() -> bool:
         try:
             r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-            if r.status == health_pb2.HealthCheckResponse.SERVING:
-                return
         except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not report gRPC health SERVING within {timeout_s:.0f} s")
+            return False
+        return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+
+    _until_ready(serving, timeout_s, 0.1, proc, what, "report gRPC health SERVING")
 
 
 def stop(proc: subprocess.Popen[bytes] | None, what: str, timeout_s: float = 30,
