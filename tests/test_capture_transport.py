@@ -97,6 +97,21 @@ def test_drops_counted_when_sidecar_down():
         t.close()
 
 
+
+def test_send_queue_bound_drops_and_counts_steps_keeps_finishes():
+    """The send queue holds at most `queue_size` items: a step past it is dropped and
+    counted (slot given back), a finish past it goes to the backlog; nothing blocks."""
+    t = Transport(_cfg(f"127.0.0.1:{free_port()}", queue_size=2), MODEL)  # never started
+    t._connected.set()  # connected as far as the model thread can tell; nobody drains
+    ring = HostRing(4, 2, 16, D, torch.float32)
+    assert t.submit_step(_record(ring, 1)) and t.submit_step(_record(ring, 2))
+    assert t.submit_step(_record(ring, 3)) is False
+    s = t.stats()
+    assert (s["queued"], s["dropped_frames"], s["dropped_rows"]) == (2, 2, 2 * 5)
+    assert ring.free_slots() == 2, "the dropped step gives its slot back"
+    assert t.submit_finished(monitor_pb2.RequestFinished(request_id="x")) is True
+    assert (t.stats()["queued"], t.stats()["finished_backlog"]) == (2, 1)
+
 def test_finished_kept_while_down_sent_after_reconnect_bounded(sink):
     # a request that finished while the sidecar was down: its RequestFinished (counts and
     # correlation id) reaches the sidecar after the reconnect, so a restarted sidecar can
