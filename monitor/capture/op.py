@@ -15,7 +15,7 @@ at run time the real implementation runs once per layer per forward, in both eag
 compiled mode. The op's schema marks a preallocated buffer as mutated (`Tensor(a!) meta`)
 so the compiler can neither drop nor reorder it, and it has a fake (meta) impl for
 tracing. It is a plain `torch.library.Library` op with one Python kernel, not a
-`torch.library.custom_op` (whose per-call wrappers cost ~8x the call: `_define`).
+`torch.library.custom_op` (whose per-call wrappers cost ~10x the kernel: `_define`).
 
 What the implementation does:
 
