@@ -19,6 +19,7 @@ goes (`monitor.capture.op.PROF`): op time on the model thread, of which row sele
     python bench/bench_capture_op.py                 # eager + compiled
     python bench/bench_capture_op.py --modes eager --batch 1 16 64
     python bench/bench_capture_op.py --layout-only   # row selection alone, CPU us/step
+    python bench/bench_capture_op.py --op-only       # the op's own call, CPU us/call
 """
 
 from __future__ import annotations
@@ -99,6 +100,41 @@ def bench_layout(batches: list[int], n: int = 2000) -> None:
               f"per step (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
+def _noop(hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+          meta: torch.Tensor, layer: int, site: int) -> None:
+    """A plain Python function with the op's arguments (the floor of any Python kernel)."""
+
+
+def bench_op_call(n: int = 20000, rounds: int = 5) -> None:
+    """Model-thread CPU per call of the op itself, no sink, against a plain Python call and
+    against nothing (eager dispatch, as the compiled graph's wrapper code calls it too)."""
+    h, r = torch.randn(16, 576), torch.randn(16, 576)
+    pos = torch.arange(16)
+    meta = op.StaticBuffers(30).meta
+    op.set_sink(None)
+    arms = {
+        "nothing": lambda: None,
+        "python function call": lambda: _noop(h, r, pos, meta, 3, op.SITE_OUT),
+        "op implementation, direct": lambda: op._capture_resid_impl(h, r, pos, meta, 3,
+                                                                    op.SITE_OUT),
+        "op via torch.ops (dispatcher)": lambda: torch.ops.safety_monitor.capture_resid.default(
+            h, r, pos, meta, 3, op.SITE_OUT),
+    }
+    best = dict.fromkeys(arms, float("inf"))
+    with torch.no_grad():
+        for _ in range(rounds):  # interleaved; the minimum over rounds is the least disturbed
+            for name, fn in arms.items():
+                for _ in range(200):
+                    fn()
+                c = time.thread_time()
+                for _ in range(n):
+                    fn()
+                best[name] = min(best[name], (time.thread_time() - c) / n)
+    for name, v in best.items():
+        print(f"op call: {name:32s} {v * 1e6:6.2f} us CPU per call (min of {rounds} rounds of "
+              f"{n}; load {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"])
@@ -112,9 +148,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--layout-only", action="store_true",
                     help="time StepTracker.layout alone (decode, batch 1/16/64)")
+    ap.add_argument("--op-only", action="store_true",
+                    help="CPU per call of the op alone (no sink) vs a Python call vs nothing")
     args = ap.parse_args()
     if args.layout_only:
         bench_layout([1, 16, 64])
+        return
+    if args.op_only:
+        torch.set_num_threads(args.threads)
+        bench_op_call()
         return
     torch.set_num_threads(args.threads)
     d = args.d_model

@@ -9,9 +9,10 @@ CPU as it would in a single-host deployment); optionally (`--arms ...,projection
 sidecar with `serve --worker-projection` (the worker sends x·W instead of the rows), and
 (`--arms ...,shm`) that sidecar with `serve --shm` and the plugin's `SAFETY_MONITOR_SHM=1`
 (frame bytes through the same-pod shared-memory ring, gRPC carries metadata).
-`--rounds N` repeats the arm sequence N times: on a shared host one run's ratios move by
-±5-10 %, so ratios are taken per round against that round's own baseline and reported as
-the median over rounds (each round's ratios are listed too).
+`--rounds N` repeats the arm sequence N times, rotated by one arm each round (round i
+starts with arm i, so the baseline does not always run first): on a shared host one
+run's ratios move by ±5-10 %, so ratios are taken per round against that round's own
+baseline and reported as the median over rounds (each round's ratios are listed too).
 
 - throughput: `--n-prompts` prompts submitted at once, `--max-tokens` generated each
   (`ignore_eos`), generated tokens / wall second and total (prompt + generated) tokens / s;
@@ -354,7 +355,8 @@ def main() -> None:
     ap.add_argument("--switch-ms", type=float, default=0.5,
                     help="SAFETY_MONITOR_SWITCH_INTERVAL_MS of the sink-switch arm")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="repeat the arm sequence; ratios are taken per round against that "
+                    help="repeat the arm sequence, rotated by one arm each round (round i "
+                         "starts with arm i); ratios are taken per round against that "
                          "round's baseline and reported as the median over rounds")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     ap.add_argument("--json", type=Path, default=None,
@@ -379,7 +381,10 @@ def main() -> None:
     try:
         for i in range(args.rounds):
             res: dict[str, dict] = {}
-            for arm in arms:
+            # rotated each round, so no arm always runs first (start-up of the round, the
+            # host's drift within a round): round i runs arms[i:] + arms[:i]
+            k = i % len(arms)
+            for arm in arms[k:] + arms[:k]:
                 print(f"round {i + 1}/{args.rounds}: arm {arm}...", flush=True)
                 if arm == "none":
                     res[arm] = run_arm(args, None, model)
@@ -507,7 +512,8 @@ def main() -> None:
         {platform.processor() or platform.machine()} with {os.cpu_count()} cores, no GPU.
         {args.n_prompts} prompts x {args.max_tokens} tokens at once (throughput), then
         {args.n_latency} single requests x {args.lat_tokens} tokens (latency), each arm a fresh
-        engine process; arms {arms} run back to back, {args.rounds} round(s), same prompts and
+        engine process; arms {arms} run back to back, {args.rounds} round(s) (round i starts
+        with arm i: the order rotates), same prompts and
         settings, on a host shared with other jobs (load average at start
         {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}, at end {load1[0]:.2f});
         max_num_batched_tokens={args.max_batched_tokens}, prefix caching off.

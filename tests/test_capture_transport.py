@@ -97,6 +97,21 @@ def test_drops_counted_when_sidecar_down():
         t.close()
 
 
+
+def test_send_queue_bound_drops_and_counts_steps_keeps_finishes():
+    """The send queue holds at most `queue_size` items: a step past it is dropped and
+    counted (slot given back), a finish past it goes to the backlog; nothing blocks."""
+    t = Transport(_cfg(f"127.0.0.1:{free_port()}", queue_size=2), MODEL)  # never started
+    t._connected.set()  # connected as far as the model thread can tell; nobody drains
+    ring = HostRing(4, 2, 16, D, torch.float32)
+    assert t.submit_step(_record(ring, 1)) and t.submit_step(_record(ring, 2))
+    assert t.submit_step(_record(ring, 3)) is False
+    s = t.stats()
+    assert (s["queued"], s["dropped_frames"], s["dropped_rows"]) == (2, 2, 2 * 5)
+    assert ring.free_slots() == 2, "the dropped step gives its slot back"
+    assert t.submit_finished(monitor_pb2.RequestFinished(request_id="x")) is True
+    assert (t.stats()["queued"], t.stats()["finished_backlog"]) == (2, 1)
+
 def test_finished_kept_while_down_sent_after_reconnect_bounded(sink):
     # a request that finished while the sidecar was down: its RequestFinished (counts and
     # correlation id) reaches the sidecar after the reconnect, so a restarted sidecar can
@@ -369,3 +384,77 @@ def test_refused_plan_never_streams(sink, caplog):
             t.close()
     msgs = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(msgs) == 1, "a refused plan is logged once, clearly"
+
+
+@pytest.mark.parametrize(("in_dtype", "ring_dtype"), [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("case", ["decode", "padded", "indexed"])
+def test_session_copies_every_kind_bit_equal(in_dtype, ring_dtype, case, monkeypatch):
+    """`CaptureSession.on_layer` writes each hook kind's kept rows into the ring slot equal,
+    bit for bit, to `first.to(ring) + second.to(ring)` (bf16 pairs into a float32 ring are
+    widened before the add, never summed in bf16), for an unpadded decode step, a padded
+    forward and a step whose kept rows are not a prefix (gathered)."""
+    from synthetic_decoder import fake_runner
+
+    from monitor.capture.plugin import CaptureSession
+    from monitor.capture.transport import Plan
+    from monitor.wire.hooks import HookPoint
+
+    d, n_layers = 16, 2
+    if case == "indexed":  # r0 prefills 5 prompt rows (not kept), r1 decodes one row
+        runner, keep, n_tokens = fake_runner([5, 3], [0, 3], [5, 1]), [5], 6
+    else:
+        n_tokens = 4 if case == "padded" else 2
+        runner, keep = fake_runner([4, 4], [4, 6], [1, 1]), [0, 1]
+    points = tuple(HookPoint.of(layer, kind) for layer, kind in (
+        (0, "resid_pre"), (1, "resid_pre"), (1, "resid_mid"), (1, "mlp_out"), (1, "resid_post")))
+    s = CaptureSession(runner, _cfg("127.0.0.1:1"), model_name=MODEL, d_model=d,
+                       n_layers=n_layers, max_rows=8)
+    s.wrapped = {0: frozenset({SITE_IN}), 1: frozenset({SITE_IN, SITE_OUT})}
+    s.first_site = (0, SITE_IN)
+    s.set_plan(Plan(plan_id="p", model=MODEL, d_model=d, points=points, layers=(0, 1),
+                    prompt=False, generated=True, dtype=ring_dtype, max_frame_bytes=1 << 20))
+    s.transport._connected.set()  # never started: nothing reads the queue; records kept below
+    recs: list[StepRecord] = []
+    def submit(rec: StepRecord) -> bool:
+        recs.append(rec)
+        return True
+
+    monkeypatch.setattr(s.transport, "submit_step", submit)
+    g = torch.Generator().manual_seed(7)
+    t = [(torch.randn(n_tokens, d, generator=g) * 8).to(in_dtype) for _ in range(5)]
+    h0, h1, r1, h2, r2 = t
+    nct = runner.input_batch.num_computed_tokens_cpu
+    qsl = runner.query_start_loc.np
+    pos = torch.from_numpy(np.concatenate(
+        [np.arange(c, c + (b - a)) for c, a, b in zip(nct, qsl[:-1], qsl[1:], strict=True)]
+        + [np.zeros(n_tokens - int(qsl[-1]), np.int64)]).astype(np.int64))
+    s.on_layer(0, SITE_IN, h0, None, pos)
+    s.on_layer(1, SITE_IN, h1, r1, pos)
+    s.on_layer(1, SITE_OUT, h2, r2, pos)
+    assert len(recs) == 1 and recs[0].n_rows == len(keep)
+    got = recs[0].ring.view(recs[0].slot)[:, :len(keep)]
+    rows = torch.tensor(keep)
+    want = [h0[rows].to(ring_dtype), (h1[rows].to(ring_dtype) + r1[rows].to(ring_dtype)),
+            r2[rows].to(ring_dtype), h2[rows].to(ring_dtype),
+            (h2[rows].to(ring_dtype) + r2[rows].to(ring_dtype))]
+    for k, w in enumerate(want):
+        assert torch.equal(got[k], w), (points[k].name, in_dtype, ring_dtype, case)
+    if (in_dtype, ring_dtype) == (torch.bfloat16, torch.float32):  # the test can tell
+        assert not torch.equal((h2[rows] + r2[rows]).to(ring_dtype), want[4])
+
+
+def test_step_tracker_position_check_skips_empty_requests():
+    """The first-row position check compares only requests with rows in this forward: an
+    empty request whose start is past the last row is neither an error nor a mismatch;
+    any non-empty request whose first row is not at num_computed_tokens unmaps the step."""
+    from synthetic_decoder import fake_runner
+
+    r = fake_runner([4, 4, 4], [4, 6, 2], [1, 1, 0])  # r2 has no rows; its start is row 2
+    tr = StepTracker(r)
+    lay = tr.layout(2, np.array([4, 6], np.int64))
+    assert lay is not None and lay.n_rows == 2 and tr.unmapped_steps == 0
+    assert [s[0] for s in lay.spans] == ["r0", "r1"]
+    assert tr.layout(2, np.array([4, 7], np.int64)) is None and tr.unmapped_steps == 1
+    assert tr.layout(2, np.array([5, 6], np.int64)) is None and tr.unmapped_steps == 2

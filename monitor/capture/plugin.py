@@ -48,7 +48,7 @@ from monitor.capture.op import (
     sink_errors,
     wrap_decoder_layers,
 )
-from monitor.capture.steps import StepLayout, StepTracker
+from monitor.capture.steps import StepTracker
 from monitor.capture.threads import (
     Placement,
     apply_switch_interval,
@@ -80,23 +80,53 @@ def site_of(hp: HookPoint) -> tuple[int, int]:
     return hp.layer, _SITE_OF_KIND[hp.kind]
 
 
+#: One hook point read at an op site: (ring index k, first operand is the residual (else
+#: hidden), add the residual to it). resid_pre / resid_post = hidden + residual,
+#: mlp_out = hidden, resid_mid = residual.
+_Read = tuple[int, bool, bool]
+_READ_OF_KIND = {"resid_pre": (False, True), "resid_post": (False, True),
+                 "mlp_out": (False, False), "resid_mid": (True, False)}
+
+
 @dataclass
 class _PlanState:
-    """A plan as installed in the session: ring, and per op call the (ring index, kind)
-    of the hook points read there."""
+    """A plan as installed in the session: ring, and per op call the hook points read
+    there (`_Read`)."""
 
     plan: Plan
     ring: HostRing
-    at: dict[tuple[int, int], list[tuple[int, str]]]
+    at: dict[tuple[int, int], list[_Read]]
     last: tuple[int, int]
 
 
 @dataclass
 class _OpenStep:
+    """One step between its first wrapped site and its last plan hook point; what each op
+    call needs is decided here once (every site of a forward has the same row count)."""
+
     state: _PlanState
     rec: StepRecord
-    layout: StepLayout
-    index: torch.Tensor | None  # int64 [n_rows] row indices when not contiguous
+    n: int  # kept rows
+    index: torch.Tensor | None  # int64 [n] row indices when not rows [0, n)
+    narrow: bool  # the forward has more rows than the kept prefix [0, n)
+    dst: list[torch.Tensor]  # per hook point, the slot's [n, d_model] destination
+
+
+def copy_rows(dst: torch.Tensor, first: torch.Tensor, second: torch.Tensor | None) -> None:
+    """`dst = first (+ second)`, the sum computed in `dst`'s dtype.
+
+    Shapes: all `[n, d_model]`. One tensor call when every dtype equals `dst`'s
+    (`torch.add(out=)`: the same rounded opmath sum as copy-then-add, bit for bit);
+    otherwise copy then add in place, so that bf16 inputs summed into a float32 `dst`
+    are widened exactly first and added in float32 (never rounded to bf16 on the way).
+    """
+    if second is None:
+        dst.copy_(first)
+    elif first.dtype == dst.dtype and second.dtype == dst.dtype:
+        torch.add(first, second, out=dst)
+    else:
+        dst.copy_(first)
+        dst.add_(second)
 
 
 class CaptureSession:
@@ -201,9 +231,9 @@ class CaptureSession:
             ring = HostRing.sized(slots=self.cfg.ring_slots, budget_mb=self.cfg.ring_mb,
                                   n_layers=len(plan.points), max_rows=self.max_rows,
                                   d_model=self.d_model, dtype=plan.dtype)
-        at: dict[tuple[int, int], list[tuple[int, str]]] = {}
+        at: dict[tuple[int, int], list[_Read]] = {}
         for k, hp in enumerate(plan.points):
-            at.setdefault(site_of(hp), []).append((k, hp.kind))
+            at.setdefault(site_of(hp), []).append((k, *_READ_OF_KIND[hp.kind]))
         self._state = _PlanState(plan, ring, at, max(at))
         try:
             mode = fail_mode() or plan.fail_mode
@@ -267,23 +297,21 @@ class CaptureSession:
         todo = op.state.at.get(where)
         if todo is None:
             return
-        n = op.layout.n_rows
-        slot = op.rec.ring.view(op.rec.slot)
-        for k, kind in todo:
-            dst = slot[k, :n]
-            # copy, then add in the ring's dtype (float32 by default: exact sum of bf16 inputs)
-            first = residual if kind == "resid_mid" else hidden
-            second = residual if kind in ("resid_pre", "resid_post") else None
+        # the kept rows with the fewest tensor calls (each costs µs on a cold cache): a
+        # decode step keeps rows [0, n) of an unpadded forward, i.e. the tensors as they are
+        n, index, narrow, dst = op.n, op.index, op.narrow, op.dst
+        for k, from_residual, plus_residual in todo:
+            first = residual if from_residual else hidden
             if first is None:  # resid_mid has a residual at every SITE_OUT; defensive
                 continue
-            if op.index is None:
-                dst.copy_(first[:n])
-                if second is not None:
-                    dst.add_(second[:n])
-            else:
-                dst.copy_(first.index_select(0, op.index))
-                if second is not None:
-                    dst.add_(second.index_select(0, op.index))
+            second = residual if plus_residual else None
+            if index is not None:
+                first = first.index_select(0, index)
+                second = second.index_select(0, index) if second is not None else None
+            elif narrow:
+                first = first.narrow(0, 0, n)
+                second = second.narrow(0, 0, n) if second is not None else None
+            copy_rows(dst[k], first, second)
         if where == op.state.last:
             self._open = None
             if self.transport.submit_step(op.rec):
@@ -303,8 +331,9 @@ class CaptureSession:
         self.step += 1
         self._flush_finished()
         st = self._state
-        pos = positions.numpy() if positions.device.type == "cpu" and positions.dim() == 1 \
-            else None
+        pos = positions.numpy() if positions.is_cpu else None
+        if pos is not None and pos.ndim != 1:
+            pos = None
         if st is None:
             layout = self.tracker.layout(n_tokens, pos)
             if layout is not None and layout.n_rows:
@@ -316,25 +345,28 @@ class CaptureSession:
                                      roles=plan.roles)
         if layout is None or layout.n_rows == 0:
             return
-        n_l = len(plan.points)
-        rows = layout.n_rows * n_l  # one frame per plan hook point
-        nbytes = rows * self.d_model * st.ring.buf.element_size()
-        if not self.transport.connected:
-            self.transport.count_drop(n_l, rows, nbytes, "sidecar not connected")
-            return
-        slot = st.ring.acquire()
+        connected = self.transport.connected
+        slot = st.ring.acquire() if connected else None
         if slot is None:
-            self.transport.count_drop(n_l, rows, nbytes, "ring full (sidecar slow)")
+            n_l = len(plan.points)
+            rows = layout.n_rows * n_l  # one frame per plan hook point
+            self.transport.count_drop(n_l, rows, rows * self.d_model * st.ring.itemsize,
+                                      "ring full (sidecar slow)" if connected
+                                      else "sidecar not connected")
             return
         rec = StepRecord(ring=st.ring, slot=slot, step=self.step, plan_id=plan.plan_id,
                          model=self.model_name, points=plan.points, n_rows=layout.n_rows,
                          spans=layout.spans, max_frame_bytes=plan.max_frame_bytes,
                          labels=layout.labels)
+        n = layout.n_rows
         index = None
         if not layout.contiguous:
             index = torch.from_numpy(
                 np.concatenate([np.arange(a, b) for a, b in layout.ranges]).astype(np.int64))
-        self._open = _OpenStep(st, rec, layout, index)
+        views = st.ring.rows[slot]
+        self._open = _OpenStep(st, rec, n, index, index is None and n != n_tokens,
+                               views if n == st.ring.max_rows
+                               else [v.narrow(0, 0, n) for v in views])
 
     # ---------------------------------------------------------------- lifecycle
     def _flush_finished(self) -> None:

@@ -228,24 +228,27 @@ class StepTracker:
         if num_reqs <= 0:
             return None
         qsl = r.query_start_loc.np[: num_reqs + 1]
-        total = int(qsl[-1])
+        # one host conversion per step, Python ints below (no numpy scalar per request)
+        qsl_l: list[int] = qsl.tolist()
+        total = qsl_l[-1]
         if total <= 0 or total > n_tokens:
             self.unmapped_steps += 1
             return None
-        nct = ib.num_computed_tokens_cpu[:num_reqs]
-        starts = qsl[:-1]
+        nct_l: list[int] = ib.num_computed_tokens_cpu[:num_reqs].tolist()
         if positions is not None:
-            nonempty = qsl[1:] > starts
-            if not np.array_equal(positions[starts[nonempty]], nct[nonempty]):
+            # position of each request's first row (clipped: an empty request's start may
+            # be n_tokens); must be num_computed_tokens for every non-empty request
+            first: list[int] = positions.take(qsl[:-1], mode="clip").tolist()
+            if first != nct_l and any(f != c and qsl_l[i + 1] > qsl_l[i]
+                                      for i, (f, c) in enumerate(zip(first, nct_l,
+                                                                     strict=True))):
                 self.unmapped_steps += 1
                 return None
         req_ids = ib.req_ids[:num_reqs]
         ranges: list[tuple[int, int]] = []
         spans: list[SpanTuple] = []
         labels: dict[str, str] = {}
-        # one host conversion per step, Python ints below (no numpy scalar per request)
-        qsl_l: list[int] = qsl.tolist()
-        nct_l: list[int] = nct.tolist()
+        n_rows = 0
         gen_kept = roles is None or _GENERATED in roles
         requests = self.requests
         with self._lock:
@@ -270,6 +273,7 @@ class StepTracker:
                         ranges.append((a, b))
                     spans.append((info.request_id, b - a, lo, plen, _GENERATED))
                     info.rows_seen += b - a
+                    n_rows += b - a
                     if info.correlation_id:
                         labels[info.request_id] = info.correlation_id
                     continue
@@ -289,9 +293,9 @@ class StepTracker:
                         ranges.append((r0, r1))
                     spans.append((info.request_id, s1 - s0, s0, plen, role))
                     info.rows_seen += s1 - s0
+                    n_rows += s1 - s0
                     if info.correlation_id:
                         labels[info.request_id] = info.correlation_id
-        n_rows = sum(s[1] for s in spans)
         if n_rows == 0:
             return StepLayout(0, [], [], n_tokens)
         return StepLayout(n_rows, ranges, spans, n_tokens,
@@ -303,6 +307,8 @@ class StepTracker:
         Thread-safe; may be called from the model thread or a background thread.
         """
         live = self.runner.requests
+        if live.keys() >= self.requests.keys():  # none gone: one C-level check (atomic
+            return []                            # under the GIL), no per-request Python
         out: list[monitor_pb2.RequestFinished] = []
         with self._lock:
             gone = [rid for rid in list(self.requests) if rid not in live]

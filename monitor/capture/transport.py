@@ -193,6 +193,8 @@ class HostRing:
     `buf` is `[n_slots, n_layers, max_rows, d_model]` (`dtype`, host memory; pinned when
     `pin` so a CUDA side stream can copy into it asynchronously). Slots are handed out by
     `acquire` (non-blocking) and returned by `release`; both are thread-safe.
+    `rows[slot][k]` is the `[max_rows, d_model]` view of hook point `k` in `slot`, made
+    once here so the model thread takes no view per copy.
     """
 
     def __init__(
@@ -213,6 +215,9 @@ class HostRing:
         self.buf = torch.empty(
             (n_slots, n_layers, max_rows, d_model), dtype=dtype, pin_memory=pin
         )
+        self.itemsize = self.buf.element_size()
+        self.rows: list[list[torch.Tensor]] = [list(self.buf[i].unbind(0))
+                                               for i in range(n_slots)]
         self._free: collections.deque[int] = collections.deque(range(n_slots))
         self._lock = threading.Lock()
 
@@ -428,7 +433,11 @@ class Transport:
         #: the sender thread's CPUs once it moved (`placement`); None: not moved
         self.thread_cpus: frozenset[int] | None = None
         self.plan: Plan | None = None
-        self._q: queue.Queue[object] = queue.Queue(maxsize=cfg.queue_size)
+        #: steps and finishes for the sender, at most cfg.queue_size (`_put`): a C-level
+        #: SimpleQueue, one call per put on the model thread (queue.Queue's put runs ~30
+        #: lines of Python under a Condition)
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._put_lock = threading.Lock()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -507,12 +516,18 @@ class Transport:
         if not self.connected:
             self.drop_record(rec, "sidecar not connected")
             return False
-        try:
-            self._q.put_nowait(rec)
+        if self._put(rec):
             return True
-        except queue.Full:
-            self.drop_record(rec, "send queue full")
-            return False
+        self.drop_record(rec, "send queue full")
+        return False
+
+    def _put(self, item: object) -> bool:
+        """Queue `item` unless `cfg.queue_size` items wait already; never blocks."""
+        with self._put_lock:
+            if self._q.qsize() >= self.cfg.queue_size:
+                return False
+            self._q.put(item)
+            return True
 
     def submit_finished(self, msg: monitor_pb2.RequestFinished) -> bool:
         """Queue a RequestFinished, or keep it in the backlog when disconnected or the
@@ -522,12 +537,8 @@ class Transport:
             with self._lock:
                 # behind a backlog, a finish waits its turn (finishes stay in order)
                 direct = not self._backlog
-            if direct:
-                try:
-                    self._q.put_nowait(msg)
-                    return True
-                except queue.Full:
-                    pass
+            if direct and self._put(msg):
+                return True
         return self._keep_finished(msg)
 
     def _keep_finished(self, msg: monitor_pb2.RequestFinished) -> bool:
