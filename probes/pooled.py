@@ -37,7 +37,6 @@ from probes.train import (
     fit_length_slope,
     fit_logreg,
     log_tokens,
-    standardise,
 )
 
 __all__ = [
@@ -45,7 +44,6 @@ __all__ = [
     "ecdf_scores", "ensemble", "fit_pooled", "fitter_folds", "gbt_pca", "kind_weights",
     "knn", "lda_shrunk", "length_debiased", "linear", "mlp", "pca_logreg",
     "pooled_features", "served_scores", "source_weights", "stage2_share", "style_directions",
-    "style_removed",
 ]
 
 
@@ -227,19 +225,9 @@ def fit_pooled(parts: Sequence[tuple[SourceData, np.ndarray]], layer: int, C: fl
             ws.append(w_sd)
     x, y, w = np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
     # class balance is already in w; fit_logreg's 'balanced' then only rescales slightly
-    if not style:
-        return fit_logreg(x, y, layer, C, w, max_iter=500)
-    from sklearn.linear_model import LogisticRegression
-
-    z, mean, std = standardise(x)
-    v = style_directions(parts, layer, mean.astype(np.float64), std.astype(np.float64), style)
-    z = (z - (z @ v.T) @ v).astype(np.float32)
-    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=500, tol=1e-4)
-    clf.fit(z, y, sample_weight=w)
-    coef = clf.coef_[0].astype(np.float64)
-    coef -= v.T @ (v @ coef)
-    return LinearProbe(layer, coef.astype(np.float32), float(clf.intercept_[0]), mean, std,
-                       "logreg", C)
+    project = (None if not style else
+               lambda mean, std: style_directions(parts, layer, mean, std, style))
+    return fit_logreg(x, y, layer, C, w, max_iter=500, project_out=project)
 
 
 def kind_weights(scary_weight: float) -> dict[str, float]:
@@ -315,15 +303,17 @@ def _standardiser(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def linear(layer: int, C: float, kind_weight: dict[str, float] | None = None,
-           prefixes: int = 0) -> Fitter:
+           prefixes: int = 0, style: str = "") -> Fitter:
     """The recipe's probe (:func:`fit_pooled`: standardised L2 logistic regression, every
     source the same total weight within its class, times ``kind_weight``, default 1;
-    ``prefixes``: benign prefix negatives); score = the pooled logit
+    ``prefixes``: benign prefix negatives; ``style``: :func:`style_directions` of the
+    training sources projected out, still one linear probe, ``w' = (I − VᵀV) w``, so every
+    training source of the class has the same mean logit); score = the pooled logit
     ``((x̄ − μ)/σ)·w + b`` (what ``mean_logit`` at ``span_end`` serves)."""
     kw = kind_weights(1.0) if kind_weight is None else kind_weight
 
     def fit(parts: Parts) -> Scorer:
-        p = fit_pooled(parts, layer, C, kw, prefixes)
+        p = fit_pooled(parts, layer, C, kw, prefixes, style=style)
         return lambda d: p.logits(d.features(layer)).astype(np.float64)
     return fit
 
@@ -397,17 +387,6 @@ def style_directions(parts: Parts, layer: int, mean: np.ndarray, std: np.ndarray
         return np.zeros((0, mean.size))
     _, sv, vt = np.linalg.svd(np.concatenate(blocks), full_matrices=False)
     return vt[sv > 1e-6 * sv[0]] if sv.size and sv[0] > 0 else np.zeros((0, mean.size))
-
-
-def style_removed(layer: int, C: float, kinds: str = "benign") -> Fitter:
-    """The recipe's linear probe (:func:`fit_pooled`, source-balanced) fit after
-    projecting out :func:`style_directions` of the training sources (``style=kinds``):
-    still one linear probe on ``x̄``, ``w' = (I − VᵀV) w``, so every training source of
-    the class has the same mean logit; servable as it is."""
-    def fit(parts: Parts) -> Scorer:
-        p = fit_pooled(parts, layer, C, kind_weights(1.0), style=kinds)
-        return lambda d: p.logits(d.features(layer)).astype(np.float64)
-    return fit
 
 
 def pca_logreg(layer: int, k: int, C: float) -> Fitter:

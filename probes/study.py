@@ -50,7 +50,6 @@ from probes.pooled import (
     mlp,
     pca_logreg,
     stage2_share,
-    style_removed,
 )
 from probes.sources import Source, kept_rows
 
@@ -367,7 +366,7 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
                   lterm, length_debiased(class_balanced(lay, c))) for c in (1e-3, 3e-3)),
         *(Variant("7 style", f"length-debiased linear L{lay} C=0.003, {what} style "
                   "directions projected out", lterm,
-                  length_debiased(style_removed(lay, 3e-3, kinds)))
+                  length_debiased(linear(lay, 3e-3, style=kinds)))
           for kinds, what in (("benign", "benign sources'"), ("both", "benign and harmful "
                                                                 "sources'"))),
     ]

@@ -29,7 +29,7 @@ harmful span inside a long benign context still drives ``S`` up, where ``mean`` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,14 +92,29 @@ def standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def fit_logreg(x: np.ndarray, y: np.ndarray, layer: int, C: float = 0.1,
-               sample_weight: np.ndarray | None = None, max_iter: int = 300) -> LinearProbe:
-    """Standardise, then L2 logistic regression with balanced class weights."""
+               sample_weight: np.ndarray | None = None, max_iter: int = 300,
+               project_out: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+               ) -> LinearProbe:
+    """Standardise, then L2 logistic regression with balanced class weights.
+
+    ``project_out(mean, std)`` (float64 ``[d]`` each) → orthonormal rows ``V`` (float64
+    ``[r, d]``): the standardised rows are fit as ``z − (z Vᵀ) V`` and the weight returned
+    is ``(I − VᵀV) w``, one linear probe on the raw features whose logit is the same
+    function of the projected rows (``probes.pooled.fit_pooled`` ``style``)."""
     from sklearn.linear_model import LogisticRegression
 
     xs, mean, std = standardise(x)
+    v = None if project_out is None else project_out(mean.astype(np.float64),
+                                                     std.astype(np.float64))
+    if v is not None:
+        xs = (xs - (xs @ v.T) @ v).astype(np.float32)
     clf = LogisticRegression(C=C, class_weight="balanced", max_iter=max_iter, tol=1e-4)
     clf.fit(xs, y, sample_weight=sample_weight)
-    return LinearProbe(layer, clf.coef_[0].astype(np.float32), float(clf.intercept_[0]),
+    coef = clf.coef_[0]
+    if v is not None:
+        coef = coef.astype(np.float64)
+        coef -= v.T @ (v @ coef)
+    return LinearProbe(layer, coef.astype(np.float32), float(clf.intercept_[0]),
                        mean, std, "logreg", C)
 
 

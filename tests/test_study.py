@@ -419,7 +419,7 @@ def test_arms_score_the_same_requests_and_the_full_arm_is_a_plain_run() -> None:
     assert f"all: {r_full.n_fit} fit rows, thresholds on {r_full.n_cal}" in md
 
 
-def test_style_removed_gives_every_source_of_a_class_the_same_mean_logit() -> None:
+def test_style_projection_gives_every_source_of_a_class_the_same_mean_logit() -> None:
     rng = np.random.default_rng(41)
     data = _world(rng, {15: 2.0})
     # give every source its own style offset on features 1..3 (both classes)
@@ -434,7 +434,7 @@ def test_style_removed_gives_every_source_of_a_class_the_same_mean_logit() -> No
     assert v.shape[0] == 3  # 4 benign sources -> rank 3
     np.testing.assert_allclose(v @ v.T, np.eye(3), atol=1e-9)
     for kinds, want_equal in (("benign", ("benign",)), ("both", ("benign", "harmful"))):
-        score = pooled.style_removed(15, 1.0, kinds)(parts)
+        score = pooled.linear(15, 1.0, style=kinds)(parts)
         for cls in want_equal:
             means = [float(score(d).mean()) for d in data
                      if (d.source.kind == "harmful") == (cls == "harmful")]
