@@ -392,16 +392,21 @@ def run_variants(data: Sequence[SourceData], vs: Sequence[Variant],
         for a in arms:
             runs.append((a.size.name, [d.take(a.rows[d.name]) for d in data],
                          {n: np.searchsorted(a.rows[n], c) for n, c in common.items()}))
+    # fit / held-back row counts per arm (the split loso_scores makes; the same for every
+    # variant): computed once, not once per variant
+    counts = []
+    for _, sds, _ in runs:
+        fit_idx, cal_idx = split_calibration(sds)
+        counts.append((sum(i.size for i in fit_idx.values()),
+                       sum(i.size for i in cal_idx.values())))
     rows = []
     for v in vs:
-        for arm, sds, scored in runs:
-            fit_idx, cal_idx = split_calibration(sds)
+        for (arm, sds, scored), (n_fit, n_cal) in zip(runs, counts, strict=True):
             t0 = time.perf_counter()
             u, raw = loso_scores(sds, v.fit, scored=scored)
             share = stage2_share(raw) if v.group.endswith("cascade") else None
             rows.append(VariantRow(v, summarise(u, kind), share, time.perf_counter() - t0, arm,
-                                   sum(i.size for i in fit_idx.values()),
-                                   sum(i.size for i in cal_idx.values()), u))
+                                   n_fit, n_cal, u))
             if progress is not None:
                 progress(rows[-1])
     return rows
