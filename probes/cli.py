@@ -473,9 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "variants may be made on (probes/sources.py roles)")
     sv.add_argument("--data-sizes", default=None,
                     help="comma list of training-data arms, each variant run on each: "
-                    "shipped (the caps in probes/sources.py), session6 (the session-6 caps) "
-                    "or N (every training source: all its rows up to N); every arm is "
-                    "scored on the same requests (those all arms keep)")
+                    "shipped (the caps in probes/sources.py), session6 (the session-6 caps), "
+                    "N (every training source: all its rows up to N) or without:A+B (the "
+                    "shipped caps minus sources A and B); every arm is scored on the same "
+                    "requests (those all arms keep)")
     sv.add_argument("--paired-to", type=int, default=None,
                     help="variant index every other variant's AUROC is compared with, "
                     "paired on the same requests (default: the baseline, 0)")

@@ -84,11 +84,19 @@ HARMFUL_SOURCES: tuple[Source, ...] = (
     # persona / scenario system prompts (project-written)
     Source("personas_train", "persona", "train", "project", "personas_train.jsonl"),
     Source("personas_test", "persona", "test", "project", "personas_test.jsonl"),
+    # project-written, session 8: the styles the leave-one-source-out study found missing
+    # (short direct harmful questions; the same topics asked benignly; long ordinary chat).
+    # Appended LAST: split_calibration seeds each source's held-back split by its position,
+    # so the other sources keep their split.
+    Source("project_harmful_direct", "harmful", "train", "project", "harmful_direct.jsonl"),
+    Source("project_benign_direct", "scary", "train", "project", "benign_direct.jsonl"),
+    Source("project_benign_long", "benign", "train", "project", "benign_long.jsonl"),
 )
 """Sources of ``harmful_intent``. Test sources cover each style: short direct harmful
 questions (Do-Not-Answer), real-world safety-concern requests (CoCoNot), ordinary chat
 (OpenAssistant), the CoCoNot benign-but-scary contrast set, the project's hard-negative
-check set and held-out persona / scenario system prompts."""
+check set and held-out persona / scenario system prompts. The project-written training
+files are described in ``probes/data/README.md``."""
 
 
 def shared_v2_dir() -> Path | None:

@@ -59,7 +59,7 @@ __all__ = ["ORDINARY", "SESSION6_LIMITS", "Arm", "DataSize", "StudyRow", "Summar
            "variants", "variants_markdown"]
 
 ORDINARY = frozenset({"alpaca", "self_instruct", "mtbench", "oasst",
-                      "coconot_noncompliance", "project_benign"})
+                      "coconot_noncompliance", "project_benign", "project_benign_long"})
 """Ordinary-chat sources (benign, not scary): the false-alert rate users feel most."""
 
 
@@ -228,17 +228,27 @@ class DataSize:
 
 
 def data_size(spec: str, sources: Sequence[Source]) -> DataSize:
-    """``shipped`` (the caps in probes/sources.py), ``session6`` (:data:`SESSION6_LIMITS`)
-    or an integer ``N``: every training source keeps all its rows up to ``N``."""
+    """``shipped`` (the caps in probes/sources.py), ``session6`` (:data:`SESSION6_LIMITS`),
+    an integer ``N`` (every training source keeps all its rows up to ``N``) or
+    ``without:A+B`` (the shipped caps with sources ``A`` and ``B`` kept at 0 rows: neither
+    fit on, calibrated with nor scored in that arm)."""
     if spec == "shipped":
         return DataSize("shipped caps")
     if spec == "session6":
         return DataSize("session-6 caps", SESSION6_LIMITS)
+    if spec.startswith("without:"):
+        names = [x for x in spec[len("without:"):].split("+") if x]
+        known = {s.name for s in sources}
+        bad = [x for x in names if x not in known]
+        if not names or bad:
+            raise ValueError(f"data size {spec!r}: expected without:NAME[+NAME...] naming "
+                             f"loaded sources; found unknown {bad or 'nothing'}")
+        return DataSize("without " + ", ".join(names), dict.fromkeys(names, 0))
     try:
         n = int(spec)
     except ValueError:
-        raise ValueError(f"data size: expected shipped, session6 or a row count; found "
-                         f"{spec!r}") from None
+        raise ValueError(f"data size: expected shipped, session6, without:NAME[+NAME...] or "
+                         f"a row count; found {spec!r}") from None
     if n < 1:
         raise ValueError(f"data size: expected a row count >= 1; found {n}")
     return DataSize(f"rows up to {n}", {s.name: n for s in sources if s.role == "train"})
@@ -246,12 +256,14 @@ def data_size(spec: str, sources: Sequence[Source]) -> DataSize:
 
 def loaded_sources(sources: Sequence[Source], sizes: Sequence[DataSize]) -> list[Source]:
     """Each source with the smallest limit that covers every arm (None if any arm keeps
-    all rows): what to load once so every arm is a subset (:func:`arm_rows`)."""
+    all rows): what to load once so every arm is a subset (:func:`arm_rows`). A source
+    every arm keeps at 0 rows is not loaded."""
     out = []
     for src in sources:
         lims = [sz.source(src).limit for sz in sizes] or [src.limit]
-        out.append(replace(src, limit=None if None in lims else max(x for x in lims
-                                                                     if x is not None)))
+        lim = None if None in lims else max(x for x in lims if x is not None)
+        if lim != 0:
+            out.append(replace(src, limit=lim))
     return out
 
 
@@ -378,7 +390,10 @@ def run_variants(data: Sequence[SourceData], vs: Sequence[Variant],
     """Each variant through :func:`loso_scores` and :func:`summarise`, once per data-size
     arm (none: once on all of ``data``). Every arm's folds are scored on the same
     requests, those every arm keeps (the smallest arm's rows when they nest), so arms
-    differ only in the rows fit on and calibrated with."""
+    differ only in the rows fit on and calibrated with. A source an arm keeps at 0 rows
+    (``without:`` arms, :func:`data_size`) is left out of that arm entirely (no fold,
+    not fit on, not calibrated with); being in no arm's common rows, it is scored in
+    none."""
     import time
 
     kind = {d.name: d.source.kind for d in data}
@@ -390,7 +405,8 @@ def run_variants(data: Sequence[SourceData], vs: Sequence[Variant],
         for a in arms:
             common = {n: np.intersect1d(v, a.rows[n]) for n, v in common.items()}
         for a in arms:
-            runs.append((a.size.name, [d.take(a.rows[d.name]) for d in data],
+            runs.append((a.size.name, [d.take(a.rows[d.name]) for d in data
+                                       if a.rows[d.name].size],
                          {n: np.searchsorted(a.rows[n], c) for n, c in common.items()}))
     # fit / held-back row counts per arm (the split loso_scores makes; the same for every
     # variant): computed once, not once per variant
@@ -404,6 +420,9 @@ def run_variants(data: Sequence[SourceData], vs: Sequence[Variant],
         for (arm, sds, scored), (n_fit, n_cal) in zip(runs, counts, strict=True):
             t0 = time.perf_counter()
             u, raw = loso_scores(sds, v.fit, scored=scored)
+            if scored is not None:  # sources with no common requests are scored in no arm
+                u = {n: x for n, x in u.items() if scored[n].size}
+                raw = {n: x for n, x in raw.items() if scored[n].size}
             share = stage2_share(raw) if v.group.endswith("cascade") else None
             rows.append(VariantRow(v, summarise(u, kind), share, time.perf_counter() - t0, arm,
                                    n_fit, n_cal, u))

@@ -358,8 +358,18 @@ def test_data_sizes_parse_and_cover_every_arm() -> None:
     assert study.data_size("session6", srcs).limits == study.SESSION6_LIMITS
     loaded = study.loaded_sources(srcs, [study.data_size("shipped", srcs), big])
     assert [s.limit for s in loaded] == [2500, 250, None]  # None: an arm keeps all rows
-    with pytest.raises(ValueError, match="shipped, session6 or a row count"):
+    with pytest.raises(ValueError, match="shipped, session6, without:NAME"):
         study.data_size("all", srcs)
+    minus = study.data_size("without:a+p", srcs)
+    assert minus.limits == {"a": 0, "p": 0} and minus.name == "without a, p"
+    assert minus.source(srcs[1]) == srcs[1]
+    with pytest.raises(ValueError, match="unknown"):
+        study.data_size("without:a+zz", srcs)
+    with pytest.raises(ValueError, match="unknown nothing"):
+        study.data_size("without:", srcs)
+    # a source no arm keeps is not loaded; one another arm keeps is loaded for it
+    assert [s.name for s in study.loaded_sources(srcs, [minus])] == ["t"]
+    assert [s.limit for s in study.loaded_sources(srcs, [minus, big])] == [2500, 250, 2500]
 
 
 def test_arm_rows_point_at_the_arms_rows_and_refuse_non_nesting(tmp_path, monkeypatch) -> None:
@@ -417,6 +427,32 @@ def test_arms_score_the_same_requests_and_the_full_arm_is_a_plain_run() -> None:
     md = study.variants_markdown([r_half, r_full])
     assert "| lin; half | yes |" in md and "Data-size arms" in md
     assert f"all: {r_full.n_fit} fit rows, thresholds on {r_full.n_cal}" in md
+
+
+def test_an_arm_without_a_source_is_a_plain_run_without_it_on_the_same_requests() -> None:
+    """``without:`` arms: the dropped source gets no fold and is neither fit on nor
+    calibrated with; both arms are scored on the requests of the other sources only, and
+    the arm that keeps every source is the plain run read on those requests."""
+    data = _world(np.random.default_rng(37), {15: 1.5})
+    data.append(_multi("extra", "benign", 50, np.random.default_rng(38), {15: 1.5}))
+    every = {d.name: np.arange(d.acts.n_examples) for d in data}
+    drop = study.DataSize("without extra", {"extra": 0})
+    arms = [study.Arm(drop, {**every, "extra": np.arange(0)}),
+            study.Arm(study.DataSize("all"), every)]
+    fitter = pooled.linear(15, 1.0)
+    r_without, r_with = study.run_variants(
+        data, [study.Variant("baseline", "lin", "yes", fitter)], arms=arms)
+    kind = {d.name: d.source.kind for d in data}
+    assert set(r_without.u) == set(r_with.u) == {d.name for d in data[:-1]}
+    assert r_without.summary.n == r_with.summary.n
+    u0, _ = study.loso_scores(data[:-1], fitter)  # never saw "extra"
+    assert r_without.summary.per_source == study.summarise(u0, kind).per_source
+    u1, _ = study.loso_scores(data, fitter)
+    want = study.summarise({n: x for n, x in u1.items() if n != "extra"}, kind)
+    assert r_with.summary.per_source == want.per_source
+    assert any(not np.array_equal(r_with.u[n], r_without.u[n]) for n in r_with.u)  # it mattered
+    assert r_with.n_cal - r_without.n_cal == round(0.3 * 50)
+    assert "without extra" in study.variants_markdown([r_without, r_with])
 
 
 def test_style_projection_gives_every_source_of_a_class_the_same_mean_logit() -> None:
