@@ -100,12 +100,14 @@ _ARM = textwrap.dedent("""
         n_gen = sum(len(o.outputs[0].token_ids) for o in outs)
         lat = []
         lsp = SamplingParams(max_tokens=a["lat_tokens"], temperature=0, ignore_eos=True)
+        lsched0, lt0 = model_sched(), time.perf_counter()
         for i in range(a["n_latency"]):
             t = time.perf_counter()
             o = llm.generate([base[i % len(base)] + f" (single {i})"], lsp, use_tqdm=False)[0]
             lat.append(time.perf_counter() - t)
             n_prompt += len(o.prompt_token_ids)
             n_gen += len(o.outputs[0].token_ids)
+        lwall, lsched1 = time.perf_counter() - lt0, model_sched()
         # forward-pass tokens of everything run: prompt + gen - 1 per request
         n_prompt += sum(len(o.prompt_token_ids) for o in warm)
         n_gen += sum(len(o.outputs[0].token_ids) for o in warm)
@@ -116,6 +118,9 @@ _ARM = textwrap.dedent("""
         if sched0 and sched1:  # the throughput phase, on the model thread
             res["model_sched"] = dict(cpu_s=(sched1[0] - sched0[0]) / 1e9,
                                       runq_wait_s=(sched1[1] - sched0[1]) / 1e9)
+        if lsched0 and lsched1:  # the latency phase (single requests one after another)
+            res["lat_sched"] = dict(wall_s=lwall, cpu_s=(lsched1[0] - lsched0[0]) / 1e9,
+                                    runq_wait_s=(lsched1[1] - lsched0[1]) / 1e9)
         with open(a["result_file"], "w") as f:
             json.dump(res, f)
         time.sleep(2.0)  # let the sender drain
@@ -460,14 +465,17 @@ def main() -> None:
     lines.append("| latency per generated token (ms) | " + " | ".join(
         f"{1e3 * med([lat_mean(rd[a]) for rd in rounds]) / args.lat_tokens:.1f}"
         for a in arms) + " |" + " |" * len(mon))
-    def sched(a: str, k: str) -> str:  # the model thread, throughput phase (model_sched)
-        v = [rd[a]["model_sched"][k] / rd[a]["wall_s"] for rd in rounds if "model_sched" in rd[a]]
+    def sched(a: str, phase: str, k: str) -> str:  # the model thread, % of the phase's wall
+        v = [rd[a][phase][k] / (rd[a]["wall_s"] if phase == "model_sched"
+                                else rd[a][phase]["wall_s"]) for rd in rounds if phase in rd[a]]
         return f"{100 * med(v):.1f}" if v else "n/a"
 
-    lines.append("| model thread CPU, % of the throughput phase | " + " | ".join(
-        sched(a, "cpu_s") for a in arms) + " |" + " |" * len(mon))
-    lines.append("| model thread runnable but waiting for a CPU, % | " + " | ".join(
-        sched(a, "runq_wait_s") for a in arms) + " |" + " |" * len(mon))
+    for phase, what in (("model_sched", "throughput"), ("lat_sched", "latency")):
+        lines.append(f"| model thread CPU, % of the {what} phase | " + " | ".join(
+            sched(a, phase, "cpu_s") for a in arms) + " |" + " |" * len(mon))
+        lines.append(f"| model thread runnable, waiting for a CPU, % of the {what} phase | "
+                     + " | ".join(sched(a, phase, "runq_wait_s") for a in arms) + " |"
+                     + " |" * len(mon))
     lines.append("| engine start-up (s) | " + " | ".join(
         f"{med([rd[a]['startup_s'] for rd in rounds]):.1f}" for a in arms) + " |" + " |" * len(mon))
     table = "\n".join(lines)
@@ -539,7 +547,8 @@ def main() -> None:
             ratio_gen_tps={a: med(ratio[a]["generated tok/s"]) for a in mon},
             ratio_lat_mean={a: med(ratio[a]["latency per request, mean (s)"]) for a in mon},
             per_round={a: ratio[a] for a in mon}, coverage=summary,
-            model_sched={a: [rd[a].get("model_sched") for rd in rounds] for a in arms}),
+            model_sched={a: [rd[a].get("model_sched") for rd in rounds] for a in arms},
+            lat_sched={a: [rd[a].get("lat_sched") for rd in rounds] for a in arms}),
             indent=1))
     mode = "compiled (torch.compile)" if args.compiled else "eager (enforce_eager)"
     cmdline = " ".join(["python bench/bench_vllm.py", *sys.argv[1:]])
