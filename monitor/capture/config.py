@@ -157,11 +157,6 @@ class CaptureConfig:
                             "(`1`, `2-3`); a bad value is logged, counted "
                             "(`config_fallbacks`) and means `auto` "
                             "(`monitor.capture.threads`)")
-    thread_nice: str = _env("SAFETY_MONITOR_THREAD_NICE", "0", "niceness added to the "
-                            "plugin's threads (sender, janitor, gRPC's; 0-19, per thread: "
-                            "vLLM's threads are unchanged), so they yield the cores to vLLM's "
-                            "scheduler and frontend; a bad value is logged, counted "
-                            "(`config_fallbacks`) and means 0 (`monitor.capture.threads`)")
     switch_interval_ms: str | None = _env(
         "SAFETY_MONITOR_SWITCH_INTERVAL_MS", None, "`sys.setswitchinterval` in the worker "
         "(ms, in (0, 100]; process-wide: vLLM's threads too); a bad value is logged, counted "

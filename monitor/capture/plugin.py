@@ -493,7 +493,7 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
     mc = vc.model_config
     # on the model thread, after vLLM bound it: where the plugin's threads go, and the
     # interpreter's switch interval (monitor.capture.threads; bad values fall back, counted)
-    placement = Placement.plan(cfg.thread_cpus, cfg.thread_nice)
+    placement = Placement.plan(cfg.thread_cpus)
     switch_s = apply_switch_interval(cfg.switch_interval_ms)
     name = cfg.model or (mc.served_model_name if isinstance(mc.served_model_name, str)
                          else mc.served_model_name[0])

@@ -23,15 +23,6 @@ A value that does not parse, or a list with no allowed CPU, falls back to `auto`
 WARNING naming the variable, expected and found, and `config_fallbacks` in the stats
 counts it. The model thread's own mask is never changed.
 
-Niceness (`SAFETY_MONITOR_THREAD_NICE`, `n` in 0..19, default 0 = unchanged): every
-placed thread runs at the model thread's niceness + `n` (capped at 19; Linux niceness
-is per thread, and threads inherit their creator's, so gRPC's threads follow). On a
-host where vLLM's scheduler and frontend share cores with the plugin's threads, those
-threads then take CPU only when vLLM's do not want it, and the kernel's load balancer
-weighs them lightly (a nice-10 thread weighs ~1/10 of a nice-0 one), so it has less
-reason to move vLLM's threads onto the model thread's core. Raising niceness needs no
-privilege; an OS error is logged and counted, and the thread keeps its niceness.
-
 Switch interval (`SAFETY_MONITOR_SWITCH_INTERVAL_MS`, unset: Python's default, 5 ms):
 a thread that wants the GIL waits up to this long before it asks the holder to drop it.
 Eager mode re-takes the GIL after every torch op; `sys.setswitchinterval` is
@@ -39,8 +30,7 @@ process-wide (vLLM's own Python threads are affected too). A value that does not
 or lies outside (0, 100] ms, is logged and counted and Python's value is kept.
 
 Thread rule: `place_current_thread` acts on the calling thread only
-(`sched_setaffinity(0, ...)` and `setpriority(PRIO_PROCESS, tid, ...)` are per thread on
-Linux); the counters are guarded by a lock.
+(`sched_setaffinity(0, ...)` is per thread on Linux); the counters are guarded by a lock.
 """
 
 from __future__ import annotations
@@ -57,7 +47,6 @@ log = logging.getLogger("monitor.capture")
 
 ENV_CPUS = "SAFETY_MONITOR_THREAD_CPUS"
 ENV_SWITCH = "SAFETY_MONITOR_SWITCH_INTERVAL_MS"
-ENV_NICE = "SAFETY_MONITOR_THREAD_NICE"
 
 _lock = threading.Lock()
 _fallbacks = 0
@@ -137,26 +126,6 @@ def parse_switch_interval_ms(raw: str, var: str = ENV_SWITCH) -> float | None:
     return ms
 
 
-def parse_nice(raw: str, var: str = ENV_NICE) -> int:
-    """An integer in [0, 19] (empty: 0); raises ValueError naming `var`, expected and
-    found otherwise."""
-    text = raw.strip()
-    if not text:
-        return 0
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 19:
-        raise ValueError(f"{var}: expected an integer niceness in [0, 19], found {raw!r}")
-    return n
-
-
-def _nice_supported() -> bool:
-    return (hasattr(os, "getpriority") and hasattr(os, "setpriority")
-            and hasattr(threading, "get_native_id") and sys.platform.startswith("linux"))
-
-
 def _affinity_supported() -> bool:
     return hasattr(os, "sched_getaffinity") and hasattr(os, "sched_setaffinity")
 
@@ -168,35 +137,22 @@ class Placement:
     Attributes:
         spec: the parsed setting.
         model_cpus: the model thread's CPU mask when planned (empty: not supported here).
-        nice: niceness each placed thread runs at (the model thread's + the setting,
-            capped at 19); None: niceness is left alone (setting 0, or not supported).
     """
 
     spec: CpuSpec
     model_cpus: frozenset[int]
-    nice: int | None = None
 
     @classmethod
-    def plan(cls, raw: str | None, nice_raw: str | None = None) -> Placement:
-        """Parse `raw` (bad → counted fallback to auto) and `nice_raw` (bad → counted
-        fallback to 0) and read the calling (model) thread's mask and niceness. Call on
-        the model thread, after vLLM bound it."""
+    def plan(cls, raw: str | None) -> Placement:
+        """Parse `raw` (bad → counted fallback to auto) and read the calling (model)
+        thread's mask. Call on the model thread, after vLLM bound it."""
         try:
             spec = parse_cpus(raw or "")
         except ValueError as e:
             _fallback(f"{e}; using auto")
             spec = AUTO
-        try:
-            add = parse_nice(nice_raw or "")
-        except ValueError as e:
-            _fallback(f"{e}; using 0")
-            add = 0
-        nice = None
-        if add and _nice_supported():
-            base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-            nice = min(19, base + add)
         model = frozenset(os.sched_getaffinity(0)) if _affinity_supported() else frozenset()
-        return cls(spec, model, nice)
+        return cls(spec, model)
 
     def target(self, allowed: frozenset[int]) -> frozenset[int] | None:
         """The mask for a plugin thread given the CPUs the process may use; None: leave
@@ -225,23 +181,9 @@ def _allowed_cpus() -> frozenset[int]:
     return frozenset(os.sched_getaffinity(0))
 
 
-def _renice_current_thread(nice: int, name: str) -> None:
-    """Set the calling thread's niceness to `nice` (idempotent); an OS error (e.g. lowering
-    niceness without privilege) is logged and counted."""
-    tid = threading.get_native_id()
-    try:
-        if os.getpriority(os.PRIO_PROCESS, tid) != nice:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-    except OSError as e:
-        _fallback(f"{ENV_NICE}: could not set thread {name} to niceness {nice} ({e})")
-
-
 def place_current_thread(placement: Placement | None, name: str) -> frozenset[int] | None:
-    """Move the calling (plugin) thread per `placement` (CPU mask, then niceness); returns
-    its new mask, or None when the mask was left alone. Never raises: an OS error is
-    logged and counted."""
-    if placement is not None and placement.nice is not None:
-        _renice_current_thread(placement.nice, name)
+    """Move the calling (plugin) thread per `placement`; returns its new mask, or None
+    when it was left alone. Never raises: an OS error is logged and counted."""
     if placement is None or placement.spec.mode == "inherit" or not _affinity_supported():
         return None
     before = frozenset(os.sched_getaffinity(0))
@@ -264,9 +206,8 @@ def place_current_thread(placement: Placement | None, name: str) -> frozenset[in
     with _lock:
         first, _logged = not _logged, True
     if first:
-        log.info("safety monitor: plugin threads run on cpus %s (model thread on %s; %s=%s), "
-                 "niceness %s", sorted(now), sorted(placement.model_cpus), ENV_CPUS,
-                 placement.spec, "unchanged" if placement.nice is None else placement.nice)
+        log.info("safety monitor: plugin threads run on cpus %s (model thread on %s; %s=%s)",
+                 sorted(now), sorted(placement.model_cpus), ENV_CPUS, placement.spec)
     return now
 
 
