@@ -67,8 +67,9 @@ _ARM = textwrap.dedent("""
     import json, os, sys, time
     def model_sched():
         # the model thread = the main thread of the process in this session whose main
-        # thread vLLM bound to a strict subset of the CPUs; its /proc schedstat:
-        # (CPU ns, ns runnable but waiting for a CPU, timeslices); None when not found
+        # thread vLLM bound to a strict subset of the CPUs: [CPU ns, ns runnable but
+        # waiting for a CPU, timeslices (/proc schedstat), user s, system s (stat),
+        # voluntary and involuntary context switches (status)]; None when not found
         me, allowed, best = os.getpid(), os.sched_getaffinity(0), None
         for d in os.listdir("/proc"):
             if not d.isdigit() or int(d) == me:
@@ -79,7 +80,16 @@ _ARM = textwrap.dedent("""
                 cpus = os.sched_getaffinity(int(d))
                 if cpus < allowed and (best is None or len(cpus) < len(best[1])):
                     with open(f"/proc/{d}/schedstat") as f:
-                        best = ([int(v) for v in f.read().split()], cpus)
+                        v = [int(x) for x in f.read().split()]
+                    with open(f"/proc/{d}/stat") as f:
+                        st = f.read().rsplit(")", 1)[1].split()
+                    tick = os.sysconf("SC_CLK_TCK")
+                    v += [int(st[11]) / tick, int(st[12]) / tick]
+                    with open(f"/proc/{d}/status") as f:
+                        for line in f:
+                            if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")):
+                                v.append(int(line.split()[1]))
+                    best = (v, cpus)
             except (OSError, ValueError):
                 continue
         return None if best is None else best[0]
@@ -115,12 +125,14 @@ _ARM = textwrap.dedent("""
         res = dict(startup_s=startup, wall_s=wall, n_prompt_tp=sum(len(o.prompt_token_ids)
                    for o in outs), n_gen_tp=sum(len(o.outputs[0].token_ids) for o in outs),
                    lat_s=lat, processed=n_prompt + n_gen - n_req)
+        def delta(s0, s1, wall):
+            d = [b - a for a, b in zip(s0, s1)]
+            return dict(wall_s=wall, cpu_s=d[0] / 1e9, runq_wait_s=d[1] / 1e9, user_s=d[3],
+                        system_s=d[4], voluntary_cs=d[5], involuntary_cs=d[6])
         if sched0 and sched1:  # the throughput phase, on the model thread
-            res["model_sched"] = dict(cpu_s=(sched1[0] - sched0[0]) / 1e9,
-                                      runq_wait_s=(sched1[1] - sched0[1]) / 1e9)
+            res["model_sched"] = delta(sched0, sched1, wall)
         if lsched0 and lsched1:  # the latency phase (single requests one after another)
-            res["lat_sched"] = dict(wall_s=lwall, cpu_s=(lsched1[0] - lsched0[0]) / 1e9,
-                                    runq_wait_s=(lsched1[1] - lsched0[1]) / 1e9)
+            res["lat_sched"] = delta(lsched0, lsched1, lwall)
         with open(a["result_file"], "w") as f:
             json.dump(res, f)
         time.sleep(2.0)  # let the sender drain
@@ -465,7 +477,7 @@ def main() -> None:
         for rd in rounds:
             if phase in rd[a]:
                 s = rd[a][phase]
-                wall = rd[a]["wall_s"] if phase == "model_sched" else s["wall_s"]
+                wall = s["wall_s"]
                 x = wall - s["cpu_s"] - s["runq_wait_s"] if k == "blocked" else s[k]
                 v.append(x / wall)
         return f"{100 * med(v):.1f}" if v else "n/a"
@@ -479,6 +491,14 @@ def main() -> None:
         lines.append(f"| model thread blocked (GIL, other waits), % of the {what} phase | "
                      + " | ".join(sched(a, phase, "blocked") for a in arms) + " |"
                      + " |" * len(mon))
+        lines.append(f"| model thread CPU s: user / system; context switches: voluntary / "
+                     f"involuntary ({what} phase) | " + " | ".join(
+                         " / ".join(f"{med([rd[a][phase][k] for rd in rounds]):{f}}"
+                                    for k, f in (("user_s", ".2f"), ("system_s", ".2f"),
+                                                 ("voluntary_cs", ".0f"),
+                                                 ("involuntary_cs", ".0f")))
+                         if all(phase in rd[a] for rd in rounds) else "n/a" for a in arms)
+                     + " |" + " |" * len(mon))
     lines.append("| engine start-up (s) | " + " | ".join(
         f"{med([rd[a]['startup_s'] for rd in rounds]):.1f}" for a in arms) + " |" + " |" * len(mon))
     table = "\n".join(lines)
