@@ -102,13 +102,18 @@ def test_ties_are_never_split_and_a_rate_equal_to_alpha_is_allowed() -> None:
     assert abs(w[s3 >= 0.9].sum() - 0.01) < RATE_TOL
 
 
+def _sources(rng: np.random.Generator, lo: int, hi: int) -> np.ndarray:
+    """Source labels of 1-4 sources with ``lo..hi-1`` rows each."""
+    sizes = rng.integers(lo, hi, size=int(rng.integers(1, 5)))
+    return np.concatenate([np.full(k, f"s{i}") for i, k in enumerate(sizes)])
+
+
 @pytest.mark.parametrize("weighting", ["row", "source", "worst"])
 def test_every_weighting_matches_the_exact_plain_rule(weighting: str) -> None:
     rng = np.random.default_rng(2)
     for trial in range(30):
-        sizes = rng.integers(1, 40, size=int(rng.integers(1, 5)))
-        g = np.concatenate([np.full(k, f"s{i}") for i, k in enumerate(sizes)])
-        s = np.concatenate([rng.beta(1 + i, 3, k) for i, k in enumerate(sizes)])
+        g = _sources(rng, 1, 40)
+        s = rng.beta(1 + np.unique(g, return_inverse=True)[1], 3)  # levels differ by source
         s[rng.random(s.size) < 0.3] = 0.5                  # many ties
         for a in (0.0, 0.01, 0.05, 0.1, 0.25):
             assert threshold_at_fpr(s, a, g, weighting) == _plain(s, g, a, weighting), \
@@ -129,8 +134,7 @@ def test_the_study_scale_agrees_with_the_threshold(weighting: str) -> None:
     """``u ≥ 1 − α − RATE_TOL`` ⇔ ``s ≥ t`` (the study's warn flag is the threshold's)."""
     rng = np.random.default_rng(4)
     for _ in range(20):
-        sizes = rng.integers(5, 120, size=int(rng.integers(1, 5)))
-        g = np.concatenate([np.full(k, f"s{i}") for i, k in enumerate(sizes)])
+        g = _sources(rng, 5, 120)
         cal = np.round(rng.random(g.size) * 0.9, 2)      # ties; below 1 (no clip)
         s = np.r_[np.round(rng.random(300) * 0.9, 2), cal]
         for a in (0.01, 0.05, 0.2):
@@ -169,7 +173,7 @@ def test_weights_kish_n_and_the_recorded_calibration_block() -> None:
 
 def test_refusals_name_what_was_expected() -> None:
     s = np.array([0.1, 0.2])
-    with pytest.raises(ValueError, match="expected one of .*row.*found 'rows'"):
+    with pytest.raises(ValueError, match=r"expected one of .*row.*found 'rows'"):
         threshold_at_fpr(s, 0.01, None, "rows")
     with pytest.raises(ValueError, match=r"one source label per score \(2\); found shape"):
         threshold_at_fpr(s, 0.01, np.array(["a"]), "source")
