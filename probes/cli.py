@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from probes.calibrate import WEIGHTINGS
 from probes.collect import SELECTION_SCOPES
 
 __all__ = ["main"]
@@ -62,7 +63,8 @@ def cmd_build_default(args: argparse.Namespace) -> int:
                             progress=not args.quiet, model_name=args.model_name,
                             layers=_layers(args.layers) if args.layers else None,
                             judge_at=args.judge_at, limit=args.limit, device=args.device,
-                            length_debias=args.length_debias, style=args.style_projection)
+                            length_debias=args.length_debias, style=args.style_projection,
+                            calibration=args.calibration_weighting)
     from probes.calibrate import policy_snippet
 
     print(policy_snippet({r.name: {"scope": r.scope, "aggregation": r.aggregation,
@@ -308,12 +310,21 @@ def cmd_study_variants(args: argparse.Namespace) -> int:
         if args.paired_to is not None:
             keep.add(args.paired_to)
         vs = [v for i, v in enumerate(all_vs) if i in keep or i == 0]
+    weightings = [w for w in args.calibration_weighting.split(",") if w]
+    bad = [w for w in weightings if w not in WEIGHTINGS]
+    if bad or not weightings:
+        print(f"study-variants: --calibration-weighting: expected a comma list of "
+              f"{list(WEIGHTINGS)}; found {args.calibration_weighting!r}", file=sys.stderr)
+        return 2
     rows = study.run_variants(data, vs, None if args.quiet else
-                              lambda r: print(study.variant_line(r), flush=True), arms)
+                              lambda r: print(study.variant_line(r), flush=True), arms,
+                              weightings)
     cmd = ("safety-probes study-variants" + (" --validation" if args.validation else "")
            + (f" --only {args.only}" if args.only else "")
            + (f" --data-sizes {args.data_sizes}" if args.data_sizes else "")
            + (f" --paired-to {args.paired_to}" if args.paired_to is not None else "")
+           + (f" --calibration-weighting {args.calibration_weighting}"
+              if weightings != ["row"] else "")
            + (f" --out {args.out}" if args.out else ""))
     over = ("every training source; validation: the bundle's test sources are neither fit "
             "on nor scored" if args.validation else "every source")
@@ -324,8 +335,9 @@ def cmd_study_variants(args: argparse.Namespace) -> int:
             f"({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; the s column is wall "
             "time per variant, all folds). Every source is scored by a detector fit without "
             "it; rates at each fold's warn threshold (1% FPR on the fold's held-back benign "
-            "rows). CIs: AUROC 95% stratified bootstrap over requests (200), rates 95% "
-            "Wilson. See docs/PROBES.md.\n\n")
+            "rows, weighted per row unless a row names its calibration weighting: "
+            "probes/calibrate.py). CIs: AUROC 95% stratified bootstrap over requests "
+            "(200), rates 95% Wilson. See docs/PROBES.md.\n\n")
     ref = all_vs[args.paired_to] if args.paired_to is not None else None
     text = head + study.variants_markdown(rows, ref)
     if args.out:
@@ -369,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="harmful_intent: project the training sources' style directions "
                    "out before the fit (benign: the benign sources'; both: also the harmful "
                    "sources'; '': off, the session-6 recipe); with the length term only")
+    b.add_argument("--calibration-weighting", default="row", choices=list(WEIGHTINGS),
+                   help="harmful_intent's thresholds: every held-back benign row the same "
+                   "weight (row), every benign source the same total weight (source), or "
+                   "every source's own rate <= the target (worst); probes/calibrate.py")
     b.add_argument("--no-length-debias", dest="length_debias", action="store_false",
                    help="harmful_intent without the length term (mean_logit length_slope "
                         "0): the session-5 recipe")
@@ -480,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--paired-to", type=int, default=None,
                     help="variant index every other variant's AUROC is compared with, "
                     "paired on the same requests (default: the baseline, 0)")
+    sv.add_argument("--calibration-weighting", default="row",
+                    help="comma list of calibration weightings (probes/calibrate.py: row, "
+                    "source, worst), each variant read out under each (the same fits; "
+                    "only each fold's thresholds differ) and paired to the first")
     sv.add_argument("--model", default=None)
     sv.add_argument("--cache", default=None)
     sv.add_argument("--out", default=None, help="write the markdown tables here")

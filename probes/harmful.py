@@ -236,24 +236,28 @@ def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
         a = length_slope(p, parts) if length_debias else 0.0
         cal = [_read_outs(p, d, layer, served, a) for d in train
                if d.name != held.name and cal_idx[d.name].size]
-        idx = [cal_idx[d.name] for d in train if d.name != held.name and cal_idx[d.name].size]
+        cal_src = [d for d in train if d.name != held.name and cal_idx[d.name].size]
+        idx = [cal_idx[d.name] for d in cal_src]
         cal_scores = [np.concatenate([c[k][i] for c, i in zip(cal, idx, strict=True)])
                       for k in range(len(served) + 1)]
-        folds.append(Fold(held, _read_outs(p, held, layer, served, a), cal_scores))
+        groups = np.concatenate([np.full(i.size, d.name) for d, i in zip(cal_src, idx,
+                                                                         strict=True)])
+        folds.append(Fold(held, _read_outs(p, held, layer, served, a), cal_scores, groups))
     return folds
 
 
-def fold_metrics(folds: Sequence[Fold], k: int) -> dict[str, float]:
+def fold_metrics(folds: Sequence[Fold], k: int, weighting: str = "row") -> dict[str, float]:
     """Deployment-style validation of read-out ``k``: each fold's thresholds come from its
-    own calibration rows (1% FPR); a held-out HARMFUL source gives AUROC against those rows
-    and its detection rate at the threshold, a held-out BENIGN source its false-alert rate.
+    own calibration rows (1% FPR, ``weighting``: ``probes.calibrate``); a held-out HARMFUL
+    source gives AUROC against those rows and its detection rate at the threshold, a
+    held-out BENIGN source its false-alert rate.
     ``criterion = (mean AUROC + mean TPR) / 2 − mean FPR``."""
     from probes.calibrate import threshold_at_fpr
 
     au, tp, fp = [], [], []
     for f in folds:
         s, c = f.held_scores[k], f.cal_scores[k]
-        t = threshold_at_fpr(c, 0.01)
+        t = threshold_at_fpr(c, 0.01, f.cal_groups, weighting)
         if f.held.source.kind == "harmful":
             au.append(auroc(np.r_[np.ones(s.size), np.zeros(c.size)], np.r_[s, c]))
             tp.append(float((s >= t).mean()))
@@ -452,13 +456,14 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
            Cs: Sequence[float] = CS, scary_weights: Sequence[float] = SCARY_WEIGHTS,
            served: Sequence[Served] = SERVED,
            prefixes: Sequence[int] = PREFIXES, progress: bool = True,
-           length_debias: bool = False, style: str = ""
+           length_debias: bool = False, style: str = "", weighting: str = "row"
            ) -> tuple[Config, list[dict[str, Any]]]:
     """Leave-one-source-out search (:func:`loso_folds`, :func:`fold_metrics`). Returns the
     best *servable* config and the whole table (``pooled logit`` rows: the request-level
     sigmoid of the mean logit over all in-scope rows, the reference; ``mean_logit`` at
     ``span_end`` serves it for single-message requests). ``length_debias``: the pooled
-    logit and every ``mean_logit`` read-out carry each fold's own length term."""
+    logit and every ``mean_logit`` read-out carry each fold's own length term.
+    ``weighting``: each fold's thresholds (``probes.calibrate``)."""
     from tqdm.auto import tqdm
 
     from probes.train import aggregation_name
@@ -472,7 +477,7 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
         folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served, pf, length_debias,
                            style)
         for k in range(len(served) + 1):
-            met = fold_metrics(folds, k)
+            met = fold_metrics(folds, k, weighting)
             if k == 0:
                 agg_name, m = "pooled logit (reference)", 0
                 if length_debias:
@@ -497,7 +502,7 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
 
 def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
             cal_idx: dict[str, np.ndarray], cfg: Config,
-            layers: Sequence[int] = LAYERS) -> list[dict[str, Any]]:
+            layers: Sequence[int] = LAYERS, weighting: str = "row") -> list[dict[str, Any]]:
     """What richer read-outs buy, leave-one-source-out (:func:`probes.pooled.fitter_folds`,
     :func:`fold_metrics`) on the request-level pooled statistic (none but the first is
     servable as one ``linear_probe`` detector today): the chosen single layer, all layers
@@ -505,7 +510,8 @@ def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
     the chosen layer — the fitters of ``probes.pooled`` that the variant study
     (``safety-probes study-variants``) compares, with the chosen config's C, weights and
     prefix negatives, and (``cfg.length_debias``) each minus its own length term
-    (:func:`probes.pooled.length_debiased`, fit on each fold's benign fit rows)."""
+    (:func:`probes.pooled.length_debiased`, fit on each fold's benign fit rows);
+    ``weighting``: each fold's thresholds (``probes.calibrate``)."""
     kw = kind_weights(cfg.scary_weight)
     fitters: tuple[tuple[str, Fitter], ...] = (
         (f"linear, layer {cfg.layer} (chosen)", linear(cfg.layer, cfg.C, kw, cfg.prefixes)),
@@ -518,15 +524,17 @@ def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
     for name, f in fitters:
         if cfg.length_debias:
             name, f = f"{name} − a·log n", length_debiased(f)
-        m = fold_metrics(fitter_folds(train, fit_idx, cal_idx, f), 0)
+        m = fold_metrics(fitter_folds(train, fit_idx, cal_idx, f), 0, weighting)
         rows.append({"read-out (pooled statistic)": name,
                      **{k: round(v, 4) for k, v in m.items()}})
     return rows
 
 
-def fold_rows(folds: Sequence[Fold], k: int = 1) -> dict[str, dict[str, Any]]:
+def fold_rows(folds: Sequence[Fold], k: int = 1, weighting: str = "row"
+              ) -> dict[str, dict[str, Any]]:
     """Per held-out training source (validation): AUROC against the fold's calibration
-    rows (harmful sources) and the alert rate at the fold's own 1% / 0.1% thresholds."""
+    rows (harmful sources) and the alert rate at the fold's own 1% / 0.1% thresholds
+    (``weighting``: ``probes.calibrate``)."""
     from probes.calibrate import threshold_at_fpr
     from probes.evaluate import auroc_ci, wilson_ci
 
@@ -540,10 +548,29 @@ def fold_rows(folds: Sequence[Fold], k: int = 1) -> dict[str, dict[str, Any]]:
             row["auroc"] = auroc(y, np.r_[s, c])
             row["auroc_ci"] = auroc_ci(y, np.r_[s, c])
         for sev, fpr in (("warn", 0.01), ("critical", 0.001)):
-            n_hit = int((s >= threshold_at_fpr(c, fpr)).sum())
+            n_hit = int((s >= threshold_at_fpr(c, fpr, f.cal_groups, weighting)).sum())
             row[f"rate@{sev}"] = n_hit / max(s.size, 1)
             row[f"rate@{sev}_ci"] = wilson_ci(n_hit, int(s.size))
         out[f.held.name] = row
+    return out
+
+
+def calibration_rates(s_cal: np.ndarray, groups: np.ndarray, thr: dict[str, float]
+                      ) -> dict[str, Any]:
+    """The calibration rows' alert rates at the shipped thresholds: pooled by row
+    (``fpr@warn``), as the mean of the per-source rates (``source_fpr@warn``, what the
+    ``source`` weighting holds at ``≤ α``), the largest per-source rate
+    (``worst_fpr@warn``) and, per source, its rows and rate (``per_source``)."""
+    names = list(dict.fromkeys(groups.tolist()))
+    per = {g: {"n": int((groups == g).sum()),
+               **{f"fpr@{k}": float((s_cal[groups == g] >= t).mean()) for k, t in thr.items()}}
+           for g in names}
+    out: dict[str, Any] = {"n": int(s_cal.size)}
+    for k, t in thr.items():
+        out[f"fpr@{k}"] = float((s_cal >= t).mean())
+        out[f"source_fpr@{k}"] = float(np.mean([p[f"fpr@{k}"] for p in per.values()]))
+        out[f"worst_fpr@{k}"] = float(max(p[f"fpr@{k}"] for p in per.values()))
+    out["per_source"] = per
     return out
 
 
@@ -590,7 +617,8 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
                           prefixes: Sequence[int] = PREFIXES,
                           limit: int | None = None, explore_readouts: bool = True,
                           seed: int = 0, progress: bool = True,
-                          length_debias: bool = True, style: str = "benign") -> Any:
+                          length_debias: bool = True, style: str = "benign",
+                          calibration: str = "row") -> Any:
     """Collect → leave-one-source-out selection → fit on all training sources (minus the
     calibration hold-back) → thresholds on the hold-back → evaluate the test sources.
 
@@ -600,6 +628,9 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     ``style`` (with the length term only; default ``benign``): the probe is fit with the
     training sources' style directions projected out (``probes.pooled.fit_pooled``; the
     variant study's group 7, chosen on validation folds); "" is the session-6 recipe.
+    ``calibration``: the weighting of the held-back benign rows behind every threshold
+    (``probes.calibrate`` ``row`` | ``source`` | ``worst``): the shipped thresholds, the
+    selection folds' and the validation table's.
     ``search_layers`` / ``Cs`` / ``scary_weights``: the probe grid searched (None: as the
     flag says); search layers not among ``layers`` are dropped (none left: all of
     ``layers``, e.g. for another model's scaled layers)."""
@@ -621,7 +652,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     scary_weights = grid["scary_weights"] if scary_weights is None else scary_weights
     search = [x for x in search_layers if x in layers] or list(layers)
     cfg, table = select(train, fit_idx, cal_idx, search, Cs, scary_weights, served, prefixes,
-                        progress, length_debias, style if length_debias else "")
+                        progress, length_debias, style if length_debias else "", calibration)
     log.info("harmful_intent: chose %s", cfg.label())
 
     fit_parts = [(d, fit_idx[d.name]) for d in train]
@@ -633,9 +664,10 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
 
     cal_parts = [(d, served_of(d)[cal_idx[d.name]]) for d in train if cal_idx[d.name].size]
     s_cal = np.concatenate([s for _, s in cal_parts])
+    g_cal = np.concatenate([np.full(s.size, d.name) for d, s in cal_parts])
     cal_desc = ("held-back 30% of every benign training source ("
                 + ", ".join(f"{d.name} {s.size}" for d, s in cal_parts) + "), never fit on")
-    cal = calibrate(s_cal, benign_set=cal_desc)
+    cal = calibrate(s_cal, benign_set=cal_desc, groups=g_cal, weighting=calibration)
     thr = threshold_ladder(cal)
 
     test_scores = {d.name: (d, served_of(d)) for d in test}
@@ -662,15 +694,14 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     pooled["mean_logit.tpr@fpr0.01"] = tpr_at_fpr(y_test, z_test, 0.01)
     metrics: dict[str, Any] = {
         "test_sources": source_rows(test_scores, thr, ref_pos, ref_neg),
-        "validation_sources": fold_rows(folds),
+        "validation_sources": fold_rows(folds, 1, calibration),
         "test_pooled": pooled,
-        "calibration_set": {"n": int(s_cal.size),
-                            **{f"fpr@{k}": float((s_cal >= t).mean()) for k, t in thr.items()}},
+        "calibration_set": calibration_rates(s_cal, g_cal, thr),
         "worst_test": worst_examples(test_scores),
         "learning_curve": learning_curve(train, test, fit_idx, cfg, seed=seed),
     }
     if explore_readouts:
-        metrics["readouts"] = explore(train, fit_idx, cal_idx, cfg, layers)
+        metrics["readouts"] = explore(train, fit_idx, cal_idx, cfg, layers, calibration)
     cal.update({"aggregation": agg, "min_tokens": cfg.min_tokens, "scope": scope,
                 "judge_at": cfg.judge_at})
     if cfg.style:

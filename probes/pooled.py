@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from probes.calibrate import ecdf_scores
 from probes.collect import Activations
 from probes.datasets import ChatExample
 from probes.sources import Source
@@ -244,6 +245,10 @@ class Fold:
     held: SourceData
     held_scores: list[np.ndarray]
     cal_scores: list[np.ndarray]
+    cal_groups: np.ndarray | None = None
+    """The source name of each calibration row (``[n_cal]``, the order of ``cal_scores``;
+    for the ``source`` / ``worst`` calibration weightings, ``probes.calibrate``); None:
+    one source."""
 
 
 Parts = Sequence[tuple[SourceData, np.ndarray]]
@@ -255,32 +260,24 @@ Fitter = Callable[[Parts], Scorer]
 
 
 # ----------------------------------------------------------------------- folds
-def ecdf_scores(cal: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``u_i = |{c ∈ cal : c < s_i}| / |cal|`` (float64 ``[n]``): a fold's scores on the
-    scale shared by all folds (the empirical CDF of its calibration rows)."""
-    c = np.sort(np.asarray(cal, dtype=np.float64))
-    if c.size == 0:
-        raise ValueError("ecdf_scores: cal must not be empty (a fold without calibration rows)")
-    return np.searchsorted(c, np.asarray(s, dtype=np.float64), side="left") / c.size
-
-
 def fitter_folds(data: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
                  cal_idx: dict[str, np.ndarray], fit: Fitter) -> list[Fold]:
     """Leave one source out with any :data:`Fitter`: for each source ``S`` of ``data``,
     a detector fit on the ``fit_idx`` rows of every other source scores all of ``S``
     (``held_scores[0]``) and the other sources' ``cal_idx`` rows (``cal_scores[0]``,
-    concatenated in ``data`` order)."""
+    concatenated in ``data`` order; ``cal_groups`` their source names)."""
     folds = []
     for held in data:
         others = [d for d in data if d.name != held.name]
         score = fit([(d, fit_idx[d.name]) for d in others])
-        cal = [np.asarray(score(d), dtype=np.float64)[cal_idx[d.name]] for d in others
-               if cal_idx[d.name].size]
-        if not cal:
+        cal_src = [d for d in others if cal_idx[d.name].size]
+        if not cal_src:
             raise ValueError(f"fitter_folds: fold {held.name!r} has no calibration rows "
                              "(expected at least one other benign source)")
+        cal = [np.asarray(score(d), dtype=np.float64)[cal_idx[d.name]] for d in cal_src]
+        groups = np.concatenate([np.full(cal_idx[d.name].size, d.name) for d in cal_src])
         folds.append(Fold(held, [np.asarray(score(held), dtype=np.float64)],
-                          [np.concatenate(cal)]))
+                          [np.concatenate(cal)], groups))
     return folds
 
 

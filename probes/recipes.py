@@ -123,7 +123,7 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   model_name: str | None = None, layers: Sequence[int] | None = None,
                   judge_at: str = "span_end", limit: int | None = None,
                   device: str = "cpu", length_debias: bool = True,
-                  style: str = "benign") -> list[DetectorResult]:
+                  style: str = "benign", calibration: str = "row") -> list[DetectorResult]:
     """Build the default bundle (+ its ONNX graphs, REPORT.md, PNGs,
     policy.suggested.yaml) into ``out``.
 
@@ -145,7 +145,9 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     harmful_intent's ``mean_logit`` carries a length term fit on its benign training
     rows (``probes.harmful`` module doc); False reproduces the session-5 recipe. ``style``:
     harmful_intent's probe is fit with the training sources' style directions projected
-    out (``harmful_intent_recipe``); "" reproduces the session-6 recipe."""
+    out (``harmful_intent_recipe``); "" reproduces the session-6 recipe. ``calibration``:
+    how harmful_intent's held-back benign rows are weighted for its thresholds
+    (``probes.calibrate``: ``row``, ``source`` or ``worst``)."""
     if limit is not None and limit < MIN_LIMIT:
         raise ValueError(f"limit: expected None or >= {MIN_LIMIT} examples per source (with "
                          f"fewer a source's calibration split is empty), found {limit}")
@@ -175,7 +177,7 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                                                      seed=seed, progress=progress,
                                                      served=served, prefixes=prefixes,
                                                      limit=limit, length_debias=length_debias,
-                                                     style=style,
+                                                     style=style, calibration=calibration,
                                                      **lay(harmful.LAYERS)))
     if "deception" in detectors:
         results.append(deception.deception_recipe(collector, cache_dir, seed=seed,

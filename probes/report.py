@@ -124,6 +124,22 @@ def _examples(title: str, rows: Sequence[dict[str, Any]]) -> list[str]:
     return [*out, ""]
 
 
+def _calibration_lines(c: dict[str, Any]) -> list[str]:
+    """The calibration hold-back's rates at the shipped thresholds (pooled by row, mean of
+    the per-source rates, per source)."""
+    head = (f"Calibration hold-back: n = {c['n']}, FPR@warn {_fmt(c['fpr@warn'])}, "
+            f"FPR@critical {_fmt(c['fpr@critical'])} (pooled by row)")
+    if "per_source" not in c:
+        return [head + "."]
+    head += (f"; mean of the per-source rates {_fmt(c['source_fpr@warn'])} / "
+             f"{_fmt(c['source_fpr@critical'])}, largest per-source rate "
+             f"{_fmt(c['worst_fpr@warn'])} / {_fmt(c['worst_fpr@critical'])}. Per source "
+             "(n, rate at warn / critical): "
+             + "; ".join(f"{g} {p['n']} {_fmt(p['fpr@warn'])} / {_fmt(p['fpr@critical'])}"
+                         for g, p in c["per_source"].items()) + ".")
+    return [head]
+
+
 def _harmful_section(r: Any) -> list[str]:
     m = r.metrics
     pooled = m["test_pooled"]
@@ -142,9 +158,7 @@ def _harmful_section(r: Any) -> list[str]:
               f"span_end` serves for one user message): AUROC "
               f"{_fmt(pooled.get('mean_logit.auroc', float('nan')))}, TPR@1%FPR "
               f"{_fmt(pooled.get('mean_logit.tpr@fpr0.01', float('nan')))}.", "",
-              f"Calibration hold-back: n = {m['calibration_set']['n']}, FPR@warn "
-              f"{_fmt(m['calibration_set']['fpr@warn'])}, FPR@critical "
-              f"{_fmt(m['calibration_set']['fpr@critical'])}.", "",
+              *_calibration_lines(m["calibration_set"]), "",
               "Validation: every training source scored by a probe fit WITHOUT it "
               "(leave-one-source-out, chosen configuration), at that fold's own 1% / 0.1% "
               "thresholds (from its held-back benign rows); harmful AUROC against those "
@@ -257,6 +271,12 @@ def write_report(out: Path, results: Sequence[Any], model_name: str,
                   f"**{thr['critical']:.4f}** (0.1% FPR) on {r.calibration['benign_set']} "
                   f"(n = {r.calibration['n_benign']}; 0.1% of n = "
                   f"{0.001 * r.calibration['n_benign']:.1f} samples above critical)",
+                  *([f"- calibration weighting **{r.calibration['weighting']}**: "
+                     f"{r.calibration.get('weighting_rule', '')}; Kish effective n = "
+                     f"{r.calibration['n_eff']:g}"
+                     + (f" (n = {r.calibration['n_benign']} rows)"
+                        if r.calibration['weighting'] != "worst" else "")]
+                    if "weighting" in r.calibration else []),
                   f"- training labels: {r.token_labels}",
                   "- data: " + "; ".join(r.datasets), ""]
         if "test_sources" in r.metrics:

@@ -11,8 +11,11 @@ seen?* — by holding out each source in turn, train and test roles alike:
   This is :func:`probes.harmful.loso_folds` run over all sources.
 - scores of different folds live on different scales, so they are pooled through each
   fold's own calibration rows: ``u = F_cal(s)``, the share of the fold's calibration
-  logits strictly below ``s`` (the empirical CDF; ``u ≥ 0.99`` ⇔ above the fold's warn
-  threshold at 1% FPR, up to ties). Pooled AUROC is computed on ``u``.
+  logits strictly below ``s`` (the empirical CDF; ``u ≥ 0.99`` ⇔ at or above the fold's
+  warn threshold at 1% FPR). Pooled AUROC is computed on ``u``. With a calibration
+  weighting (``probes.calibrate``: ``source``, ``worst``) ``F_cal`` is the weighted CDF
+  (the mean, or the minimum, of the per-source CDFs) and the warn threshold the
+  weighted one: the ``weightings`` axis of :func:`run_variants`.
 
 Read-outs compared (request level, one feature vector per request, float32 ``[n, d]``):
 ``user``: mean over the user's message tokens (what is served); ``post``: mean over the
@@ -30,10 +33,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from probes.calibrate import RATE_TOL
 from probes.evaluate import auroc
 from probes.harmful import split_calibration
 from probes.pooled import (
     Fitter,
+    Fold,
     SourceData,
     cascade,
     class_balanced,
@@ -87,19 +92,27 @@ def readout_mask(roles: np.ndarray, example: np.ndarray, readout: str) -> np.nda
 
 # ----------------------------------------------------------------------- LOSO machinery
 def loso_scores(data: Sequence[SourceData], fit: Fitter, seed: int = 0,
-                scored: Mapping[str, np.ndarray] | None = None
+                scored: Mapping[str, np.ndarray] | None = None, weighting: str = "row"
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every source scored by a detector fit without it (leave one source out over every
     source, :func:`probes.pooled.fitter_folds`): fold ``S`` fits on the fit rows
     (``split_calibration``) of every other source and scores all of ``S`` and the other
     sources' held-back benign rows. Returns ``(u, raw)`` per source: ``u`` on the scale
     shared by all folds (:func:`probes.pooled.ecdf_scores` of the fold's calibration
-    rows), ``raw`` the detector's own scores. ``scored``: per source, the example indices
-    whose scores are returned (default all; data-size arms score the same rows)."""
+    rows, weighted by ``weighting``: ``probes.calibrate``), ``raw`` the detector's own
+    scores. ``scored``: per source, the example indices whose scores are returned
+    (default all; data-size arms score the same rows)."""
     fit_idx, cal_idx = split_calibration(data, seed)
-    folds = fitter_folds(data, fit_idx, cal_idx, fit)
+    return fold_scores(fitter_folds(data, fit_idx, cal_idx, fit), weighting, scored)
+
+
+def fold_scores(folds: Sequence[Fold], weighting: str = "row",
+                scored: Mapping[str, np.ndarray] | None = None
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(u, raw)`` of :func:`loso_scores` from its folds (one fit, any weighting)."""
     raw = {f.held.name: f.held_scores[0] for f in folds}
-    u = {f.held.name: ecdf_scores(f.cal_scores[0], raw[f.held.name]) for f in folds}
+    u = {f.held.name: ecdf_scores(f.cal_scores[0], raw[f.held.name], f.cal_groups, weighting)
+         for f in folds}
     if scored is not None:
         u = {n: v[scored[n]] for n, v in u.items()}
         raw = {n: v[scored[n]] for n, v in raw.items()}
@@ -114,7 +127,13 @@ def loso_all(data: Sequence[SourceData], layer: int, C: float, scary_weight: flo
 
 
 WARN_U = 0.99
-"""``u ≥ WARN_U`` ⇔ at or above the fold's warn threshold (1% FPR on its calibration rows)."""
+"""``u ≥ WARN_U − RATE_TOL`` ⇔ at or above the fold's warn threshold (1% FPR on its
+calibration rows: ``probes.calibrate.threshold_at_fpr`` with its tolerance)."""
+
+
+def at_warn(u: np.ndarray) -> np.ndarray:
+    """bool ``[n]``: ``u`` at or above its fold's warn threshold (:data:`WARN_U`)."""
+    return np.asarray(u) >= WARN_U - RATE_TOL
 
 
 @dataclass(frozen=True)
@@ -160,14 +179,14 @@ def summarise(u: dict[str, np.ndarray], kind: dict[str, str], n_boot: int = 200)
         b = np.concatenate([u[n] for n in names])
         return np.r_[np.ones(h.size), np.zeros(b.size)], np.r_[h, b]
 
-    hits = {g: (int(sum(int(np.sum(u[n] >= WARN_U)) for n in ns)),
+    hits = {g: (int(sum(int(np.sum(at_warn(u[n]))) for n in ns)),
                 int(sum(u[n].size for n in ns))) for g, ns in groups.items()}
     rate = {g: k / m if m else float("nan") for g, (k, m) in hits.items()}
     return Summary(
         auroc(*both(groups["ordinary"])), auroc_ci(*both(groups["ordinary"]), n_boot=n_boot),
         auroc(*both(neg)), rate["harmful"], rate["ordinary"], rate["scary"], rate["persona"],
         {g: wilson_ci(k, m) for g, (k, m) in hits.items()}, {g: m for g, (_, m) in hits.items()},
-        {n: (kind[n], int(u[n].size), float(np.mean(u[n] >= WARN_U))) for n in u})
+        {n: (kind[n], int(u[n].size), float(np.mean(at_warn(u[n])))) for n in u})
 
 
 @dataclass(frozen=True)
@@ -304,10 +323,10 @@ class Variant:
 
 @dataclass(frozen=True)
 class VariantRow:
-    """One variant on one data-size arm (``arm`` "" without the axis); ``n_fit`` /
-    ``n_cal``: fit and held-back calibration rows over ALL sources of the arm (what a
-    bundle built from it fits on and sets its thresholds with; each fold uses those of
-    the other sources)."""
+    """One variant on one data-size arm (``arm`` "" without the axis) under one
+    calibration weighting (``probes.calibrate``); ``n_fit`` / ``n_cal``: fit and
+    held-back calibration rows over ALL sources of the arm (what a bundle built from it
+    fits on and sets its thresholds with; each fold uses those of the other sources)."""
 
     variant: Variant
     summary: Summary
@@ -318,6 +337,13 @@ class VariantRow:
     n_cal: int = 0
     u: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
     """Per source, the ``u`` scores summarised (for :func:`paired_auroc_diff`)."""
+    weighting: str = "row"
+
+    def label(self) -> str:
+        """Variant name, then the arm and the weighting where they are not the default."""
+        return "; ".join([self.variant.name, *([self.arm] if self.arm else []),
+                          *([f"{self.weighting}-weighted calibration"]
+                            if self.weighting != "row" else [])])
 
 
 BASE = 15, 1e-3
@@ -386,14 +412,17 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
 
 def run_variants(data: Sequence[SourceData], vs: Sequence[Variant],
                  progress: Callable[[VariantRow], None] | None = None,
-                 arms: Sequence[Arm] = ()) -> list[VariantRow]:
+                 arms: Sequence[Arm] = (), weightings: Sequence[str] = ("row",)
+                 ) -> list[VariantRow]:
     """Each variant through :func:`loso_scores` and :func:`summarise`, once per data-size
-    arm (none: once on all of ``data``). Every arm's folds are scored on the same
-    requests, those every arm keeps (the smallest arm's rows when they nest), so arms
-    differ only in the rows fit on and calibrated with. A source an arm keeps at 0 rows
-    (``without:`` arms, :func:`data_size`) is left out of that arm entirely (no fold,
-    not fit on, not calibrated with); being in no arm's common rows, it is scored in
-    none."""
+    arm (none: once on all of ``data``) and calibration weighting (``probes.calibrate``;
+    one fit per variant and arm, every weighting read from its folds). Every arm's folds
+    are scored on the same requests, those every arm keeps (the smallest arm's rows when
+    they nest), so arms differ only in the rows fit on and calibrated with; weightings
+    differ only in each fold's thresholds (the ``u`` scale). A source an arm keeps at 0
+    rows (``without:`` arms, :func:`data_size`) is left out of that arm entirely (no
+    fold, not fit on, not calibrated with); being in no arm's common rows, it is scored
+    in none."""
     import time
 
     kind = {d.name: d.source.kind for d in data}
@@ -419,15 +448,18 @@ def run_variants(data: Sequence[SourceData], vs: Sequence[Variant],
     for v in vs:
         for (arm, sds, scored), (n_fit, n_cal) in zip(runs, counts, strict=True):
             t0 = time.perf_counter()
-            u, raw = loso_scores(sds, v.fit, scored=scored)
-            if scored is not None:  # sources with no common requests are scored in no arm
-                u = {n: x for n, x in u.items() if scored[n].size}
-                raw = {n: x for n, x in raw.items() if scored[n].size}
-            share = stage2_share(raw) if v.group.endswith("cascade") else None
-            rows.append(VariantRow(v, summarise(u, kind), share, time.perf_counter() - t0, arm,
-                                   n_fit, n_cal, u))
-            if progress is not None:
-                progress(rows[-1])
+            fit_idx, cal_idx = split_calibration(sds)
+            folds = fitter_folds(sds, fit_idx, cal_idx, v.fit)
+            for w in weightings:
+                u, raw = fold_scores(folds, w, scored)
+                if scored is not None:  # sources with no common requests: scored in no arm
+                    u = {n: x for n, x in u.items() if scored[n].size}
+                    raw = {n: x for n, x in raw.items() if scored[n].size}
+                share = stage2_share(raw) if v.group.endswith("cascade") else None
+                rows.append(VariantRow(v, summarise(u, kind), share,
+                                       time.perf_counter() - t0, arm, n_fit, n_cal, u, w))
+                if progress is not None:
+                    progress(rows[-1])
     return rows
 
 
@@ -464,8 +496,7 @@ def _ci(r: tuple[float, float]) -> str:
 def variant_line(r: VariantRow) -> str:
     m = r.summary
     share = "" if r.stage2_share is None else f"{r.stage2_share:.3f}"
-    name = f"{r.variant.name}; {r.arm}" if r.arm else r.variant.name
-    return (f"| {r.variant.group} | {name} | {r.variant.servable} | "
+    return (f"| {r.variant.group} | {r.label()} | {r.variant.servable} | "
             f"{m.auroc_ordinary:.3f} {_ci(m.auroc_ordinary_ci)} | {m.auroc_all_benign:.3f} | "
             f"{m.tpr_warn:.3f} {_ci(m.rate_ci['harmful'])} | "
             f"{m.fpr_warn_ordinary:.3f} {_ci(m.rate_ci['ordinary'])} | "
@@ -475,8 +506,10 @@ def variant_line(r: VariantRow) -> str:
 
 def variants_markdown(rows: Sequence[VariantRow], reference: Variant | None = None) -> str:
     """The variant table, then per-source rates at warn of the baseline and the variant
-    with the best pooled AUROC vs ordinary chat, then every variant's AUROC difference to
-    ``reference`` (default the first row's variant) on the same arm, paired
+    with the best pooled AUROC vs ordinary chat (and, with several calibration
+    weightings, of ``reference`` under each), then every variant's AUROC difference to
+    ``reference`` (default the first row's variant) on the same arm and weighting, each
+    arm minus the first arm and each weighting minus the first weighting, paired
     (:func:`paired_auroc_diff`)."""
     out = ["| group | variant | servable today | AUROC vs ordinary chat [95% CI] | "
            "AUROC vs all benign | detection at warn [CI] | false alerts: ordinary [CI] | "
@@ -497,33 +530,40 @@ def variants_markdown(rows: Sequence[VariantRow], reference: Variant | None = No
                     for a, r in arms.items()) + "."]
     base = rows[0]
     best = max(rows, key=lambda r: r.summary.auroc_ordinary)
-
-    def label(r: VariantRow) -> str:
-        return f"{r.variant.name}; {r.arm}" if r.arm else r.variant.name
-
     kind = {n: k for n, (k, _, _) in base.summary.per_source.items()}
     ref = rows[0].variant if reference is None else reference
-    pairs = [(a, b) for a in rows for b in rows if b.u and a.u and b is not a
-             and a.variant is ref and a.arm == b.arm]
-    first_arm = rows[0].arm
+    first_arm, first_w = rows[0].arm, rows[0].weighting
+    live = [r for r in rows if r.u]
+    pairs = [(a, b) for a in live for b in live if b is not a and a.variant is ref
+             and b.variant is not ref and a.arm == b.arm and a.weighting == b.weighting]
     # every arm scores the same requests, so arms pair too: each arm minus the first one
-    pairs += [(a, b) for a in rows for b in rows if b.u and a.u and b is not a
-              and a.variant is b.variant and a.arm == first_arm and b.arm != first_arm]
+    pairs += [(a, b) for a in live for b in live if a.variant is b.variant
+              and a.weighting == b.weighting and a.arm == first_arm and b.arm != first_arm]
+    # and so do weightings (the same fits, other thresholds): each minus the first one
+    pairs += [(a, b) for a in live for b in live if a.variant is b.variant
+              and a.arm == b.arm and a.weighting == first_w and b.weighting != first_w]
     if pairs:
         out += ["", f"AUROC vs ordinary chat on the same requests: each variant minus {ref.name}"
-                " on the same arm, then each arm minus "
-                f"{first_arm or 'the first'} for the same variant (95% paired bootstrap over "
-                "requests, 1000):", "",
-                "| variant | minus | difference [95% paired CI] |", "|---|---|---|"]
+                " on the same arm and weighting, each arm minus "
+                f"{first_arm or 'the first'} and each calibration weighting minus "
+                f"{first_w} for the same variant (95% paired bootstrap over requests, 1000):",
+                "", "| variant | minus | difference [95% paired CI] |", "|---|---|---|"]
         for a, b in pairs:
             dd, (lo, hi) = paired_auroc_diff(a.u, b.u, kind)
-            out.append(f"| {label(b)} | {label(a)} | {dd:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+            out.append(f"| {b.label()} | {a.label()} | {dd:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
 
-    out += ["", f"Per source, rate at warn: baseline ({label(base)}) and best pooled "
-            f"AUROC vs ordinary chat ({label(best)}); each source scored unseen:", "",
-            "| source | kind | n | baseline | best |", "|---|---|---:|---:|---:|"]
-    for s, (k, cnt, rate) in sorted(base.summary.per_source.items(),
-                                    key=lambda t: (t[1][0], t[0])):
-        out.append(f"| {s} | {k} | {cnt} | {rate:.3f} | "
-                   f"{best.summary.per_source[s][2]:.3f} |")
+    cols = [("baseline", base), ("best", best)]
+    if len({r.weighting for r in rows}) > 1:
+        cols += [(f"{r.weighting}-weighted", r) for r in rows
+                 if r.variant is ref and r.arm == first_arm]
+    out += ["", f"Per source, rate at warn: baseline ({base.label()}), best pooled AUROC vs "
+            f"ordinary chat ({best.label()})"
+            + (f" and {ref.name} under each calibration weighting" if len(cols) > 2 else "")
+            + "; each source scored unseen:", "",
+            "| source | kind | n | " + " | ".join(c for c, _ in cols) + " |",
+            "|---|---|---:|" + "---:|" * len(cols)]
+    for s, (k, cnt, _) in sorted(base.summary.per_source.items(),
+                                 key=lambda t: (t[1][0], t[0])):
+        out.append(f"| {s} | {k} | {cnt} | "
+                   + " | ".join(f"{r.summary.per_source[s][2]:.3f}" for _, r in cols) + " |")
     return "\n".join(out) + "\n"

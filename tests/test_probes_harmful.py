@@ -182,6 +182,17 @@ def test_fold_metrics_judge_each_fold_by_its_own_threshold() -> None:
     assert m["fpr@cal1%"] == pytest.approx((0.25 + 0.0) / 2)
     assert m["worst_fpr@cal1%"] == pytest.approx(0.25)
     assert m["criterion"] == pytest.approx((m["auroc"] + 0.75) / 2 - 0.125)
+    # source weighting: the fold's calibration rows are two sources, 190 low rows and 10
+    # high ones; by row 2 rows may lie above 1% (t above the 3rd highest), weighted per
+    # source the high source alone is 50% of the weight: t goes above all of it
+    cal2 = np.r_[np.linspace(0.0, 0.5, 190), np.linspace(0.6, 0.69, 10)]
+    grp = np.r_[np.full(190, "low"), np.full(10, "high")]
+    f2 = [Fold(d("harmful"), [np.array([0.68, 0.695, 0.1])], [cal2], grp),
+          Fold(d("benign"), [np.array([0.685, 0.1])], [cal2], grp)]
+    assert fold_metrics(f2, 0)["tpr@cal1%"] == pytest.approx(2 / 3)
+    assert fold_metrics(f2, 0)["fpr@cal1%"] == pytest.approx(0.5)
+    assert fold_metrics(f2, 0, "source")["tpr@cal1%"] == pytest.approx(1 / 3)
+    assert fold_metrics(f2, 0, "source")["fpr@cal1%"] == 0.0
     p = LinearProbe(0, np.array([1.0, -2.0], np.float32), 0.5, np.zeros(2, np.float32),
                     np.ones(2, np.float32))
     x = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)

@@ -120,6 +120,41 @@ def test_loso_scores_match_a_plain_loop() -> None:
         study.loso_scores([data[0], data[1], data[2]], _feature(15, 0))
 
 
+def test_calibration_weightings_reweight_each_folds_scale_only() -> None:
+    """``source`` / ``worst``: per held-out source, u = the mean / min over the other
+    benign sources of each one's own CDF; the fits (raw scores) are shared, and
+    run_variants reads every weighting from one fit per variant, paired to the first."""
+    data = _world(np.random.default_rng(5), {15: 2.0})
+    _, cal_idx = split_calibration(data)
+    for w, comb in (("source", np.mean), ("worst", np.min)):
+        u, raw = study.loso_scores(data, _feature(15, 0), weighting=w)
+        for held in data:
+            s = held.features(15)[:, 0]
+            per = [[sum(c < v for c in d.features(15)[cal_idx[d.name], 0]) / cal_idx[d.name].size
+                    for v in s] for d in data if d.name != held.name and cal_idx[d.name].size]
+            np.testing.assert_allclose(u[held.name], comb(per, axis=0))
+            np.testing.assert_allclose(raw[held.name], s)
+    calls = []
+
+    def counting(parts: pooled.Parts) -> pooled.Scorer:
+        calls.append(1)
+        return _feature(15, 0)(parts)
+
+    v = [study.Variant("baseline", "feature 0", "yes", counting)]
+    rows = study.run_variants(data, v, weightings=("row", "source", "worst"))
+    assert [r.weighting for r in rows] == ["row", "source", "worst"]
+    assert len(calls) == len(data)                    # one fit per fold, not per weighting
+    kind = {d.name: d.source.kind for d in data}
+    for r in rows:
+        u, _ = study.loso_scores(data, _feature(15, 0), weighting=r.weighting)
+        assert r.summary.per_source == study.summarise(u, kind).per_source
+    assert rows[0].summary.per_source == study.run_variants(data, v)[0].summary.per_source
+    md = study.variants_markdown(rows)
+    assert "| feature 0; source-weighted calibration | yes |" in md
+    assert "| feature 0; worst-weighted calibration | feature 0 | " in md  # paired to row
+    assert "| source | kind | n | baseline | best | row-weighted | source-weighted |" in md
+
+
 def test_summarise_matches_plain_counts() -> None:
     rng = np.random.default_rng(3)
     u = {"h": rng.uniform(0.5, 1.0, 40), "oasst": rng.uniform(0.0, 1.0, 30),
