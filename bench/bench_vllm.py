@@ -414,8 +414,8 @@ def main() -> None:
     ap.add_argument("--keep-cores-awake", action="store_true",
                     help="run one SCHED_IDLE busy loop per allowed CPU for the whole run, so "
                          "an idle CPU never halts: on a VM without guest halt-polling "
-                         "(this sandbox: haltpoll.guest_halt_poll_ns=0) every GIL wait of the "
-                         "model thread otherwise halts its vCPU (bench/RESULTS.md, 'Eager "
+                         "(this sandbox: haltpoll.guest_halt_poll_ns=0) a GIL wait of the "
+                         "model thread may halt its vCPU (a diagnostic: bench/RESULTS.md, 'Eager "
                          "mode on a quiet host'); the loops yield to every other thread")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     ap.add_argument("--json", type=Path, default=None,
