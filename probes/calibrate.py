@@ -54,17 +54,18 @@ def fpr_key(fpr: float) -> str:
 
 
 def _groups(n: int, groups: np.ndarray | Sequence[Any] | None
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Source code per row (int64 ``[n]``, ``0..G-1`` in sorted label order) and rows per
-    source (int64 ``[G]``); ``None``: one source."""
+            ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Source labels (sorted, ``[G]``), source code per row (int64 ``[n]``, ``0..G-1``
+    indexing the labels) and rows per source (int64 ``[G]``); ``None``: one source
+    (labelled ``all``)."""
     if groups is None:
-        return np.zeros(n, dtype=np.int64), np.array([n], dtype=np.int64)
+        return ["all"], np.zeros(n, dtype=np.int64), np.array([n], dtype=np.int64)
     g = np.asarray(groups)
     if g.shape != (n,):
         raise ValueError(f"groups: expected one source label per score ({n}); found shape "
                          f"{g.shape}")
-    _, code, counts = np.unique(g, return_inverse=True, return_counts=True)
-    return code.astype(np.int64), counts.astype(np.int64)
+    labels, code, counts = np.unique(g, return_inverse=True, return_counts=True)
+    return [str(x) for x in labels], code.astype(np.int64), counts.astype(np.int64)
 
 
 def _check(weighting: str) -> None:
@@ -81,7 +82,7 @@ def calibration_weights(n: int, groups: np.ndarray | Sequence[Any] | None = None
     _check(weighting)
     if n == 0:
         raise ValueError("no benign scores to calibrate on")
-    code, counts = _groups(n, groups)
+    _, code, counts = _groups(n, groups)
     if weighting == "row":
         return np.full(n, 1.0 / n)
     per = 1.0 / counts if weighting == "worst" else 1.0 / (counts.size * counts)
@@ -106,6 +107,14 @@ def _weighted_threshold(s: np.ndarray, w: np.ndarray, fpr: float) -> float:
     return float(np.nextafter(vals[j], np.inf))
 
 
+def _source_thresholds(s: np.ndarray, code: np.ndarray, counts: np.ndarray,
+                       fpr: float) -> list[float]:
+    """Each source's own ``row`` threshold (unclipped, ``[G]``; ``code`` / ``counts`` as
+    :func:`_groups` gives them): the ``worst`` rule is their maximum."""
+    return [_weighted_threshold(s[code == g], np.full(int(n), 1.0 / n), fpr)
+            for g, n in enumerate(counts)]
+
+
 def threshold_at_fpr(benign: np.ndarray, fpr: float,
                      groups: np.ndarray | Sequence[Any] | None = None,
                      weighting: str = "row") -> float:
@@ -117,13 +126,11 @@ def threshold_at_fpr(benign: np.ndarray, fpr: float,
         raise ValueError("no benign scores to calibrate on")
     if not 0 <= fpr < 1:
         raise ValueError("fpr must be in [0, 1)")
-    w = calibration_weights(s.size, groups, weighting)
     if weighting == "worst":
-        code, counts = _groups(s.size, groups)
-        t = max(_weighted_threshold(s[code == g], w[code == g], fpr)
-                for g in range(counts.size))
+        _, code, counts = _groups(s.size, groups)
+        t = max(_source_thresholds(s, code, counts, fpr))
     else:
-        t = _weighted_threshold(s, w, fpr)
+        t = _weighted_threshold(s, calibration_weights(s.size, groups, weighting), fpr)
     return float(min(max(t, 0.0), 1.0))
 
 
@@ -142,7 +149,7 @@ def ecdf_scores(cal: np.ndarray, s: np.ndarray,
     x = np.asarray(s, dtype=np.float64)
     if weighting == "row" or groups is None:
         return np.searchsorted(np.sort(c), x, side="left") / c.size
-    code, counts = _groups(c.size, groups)
+    _, code, counts = _groups(c.size, groups)
     per = [np.searchsorted(np.sort(c[code == g]), x, side="left") / counts[g]
            for g in range(counts.size)]
     return np.mean(per, axis=0) if weighting == "source" else np.min(per, axis=0)
@@ -162,22 +169,16 @@ def calibrate(benign: np.ndarray, fprs: Sequence[float] = (0.01, 0.001),
     out["n_benign"] = int(s.size)
     out["weighting"] = weighting
     out["weighting_rule"] = _RULES[weighting]
-    w = calibration_weights(s.size, groups, weighting)
+    names, code, counts = _groups(s.size, groups)
     if groups is not None:
-        labels, counts = np.unique(np.asarray(groups), return_counts=True)
-        out["n_per_source"] = {str(k): int(c) for k, c in zip(labels, counts, strict=True)}
+        out["n_per_source"] = {k: int(c) for k, c in zip(names, counts, strict=True)}
     if weighting == "worst":
-        code, counts = _groups(s.size, groups)
-        names = [str(x) for x in np.unique(np.asarray(groups))] if groups is not None \
-            else ["all"]
         out["n_eff"] = int(counts.min())
-        out["binding_source"] = {}
-        for a in fprs:
-            ts = [_weighted_threshold(s[code == g], w[code == g], a)
-                  for g in range(counts.size)]
-            out["binding_source"][fpr_key(a)] = names[int(np.argmax(ts))]
+        out["binding_source"] = {
+            fpr_key(a): names[int(np.argmax(_source_thresholds(s, code, counts, a)))]
+            for a in fprs}
     else:
-        out["n_eff"] = round(kish_n(w), 1)
+        out["n_eff"] = round(kish_n(calibration_weights(s.size, groups, weighting)), 1)
     return out
 
 

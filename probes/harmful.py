@@ -234,9 +234,8 @@ def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
         parts = [(d, fit_idx[d.name]) for d in train if d.name != held.name]
         p = fit_pooled(parts, layer, C, kw, prefixes, style=style)
         a = length_slope(p, parts) if length_debias else 0.0
-        cal = [_read_outs(p, d, layer, served, a) for d in train
-               if d.name != held.name and cal_idx[d.name].size]
         cal_src = [d for d in train if d.name != held.name and cal_idx[d.name].size]
+        cal = [_read_outs(p, d, layer, served, a) for d in cal_src]
         idx = [cal_idx[d.name] for d in cal_src]
         cal_scores = [np.concatenate([c[k][i] for c, i in zip(cal, idx, strict=True)])
                       for k in range(len(served) + 1)]

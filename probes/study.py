@@ -437,18 +437,15 @@ def run_variants(data: Sequence[SourceData], vs: Sequence[Variant],
             runs.append((a.size.name, [d.take(a.rows[d.name]) for d in data
                                        if a.rows[d.name].size],
                          {n: np.searchsorted(a.rows[n], c) for n, c in common.items()}))
-    # fit / held-back row counts per arm (the split loso_scores makes; the same for every
-    # variant): computed once, not once per variant
-    counts = []
-    for _, sds, _ in runs:
-        fit_idx, cal_idx = split_calibration(sds)
-        counts.append((sum(i.size for i in fit_idx.values()),
-                       sum(i.size for i in cal_idx.values())))
+    # the fit / held-back split per arm (the one loso_scores makes; the same for every
+    # variant): made once, not once per variant
+    splits = [split_calibration(sds) for _, sds, _ in runs]
     rows = []
     for v in vs:
-        for (arm, sds, scored), (n_fit, n_cal) in zip(runs, counts, strict=True):
+        for (arm, sds, scored), (fit_idx, cal_idx) in zip(runs, splits, strict=True):
+            n_fit = sum(i.size for i in fit_idx.values())
+            n_cal = sum(i.size for i in cal_idx.values())
             t0 = time.perf_counter()
-            fit_idx, cal_idx = split_calibration(sds)
             folds = fitter_folds(sds, fit_idx, cal_idx, v.fit)
             for w in weightings:
                 u, raw = fold_scores(folds, w, scored)
