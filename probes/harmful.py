@@ -390,16 +390,23 @@ def load_sources(collector: Any, cache_dir: Any, sources: Sequence[Source], scop
 
 
 def long_requests(tasks: Sequence[ChatExample], fillers: Sequence[ChatExample], n: int,
-                  seed: int, source: str, with_task: bool) -> list[ChatExample]:
+                  seed: int, source: str, with_task: bool,
+                  picked: list[list[int]] | None = None) -> list[ChatExample]:
     """``n`` long requests: a numbered list of 4–7 requests from ``fillers``, with one of
-    ``tasks`` at a random place when ``with_task`` (label = the task's, else 0)."""
+    ``tasks`` at a random place when ``with_task`` (label = the task's, else 0).
+    ``picked``: if given, the indices into ``fillers`` of each request's items are
+    appended to it (one list per request; the requests are the same either way)."""
     import random
 
     rng = random.Random(seed)
     out = []
     for i in range(n):
         k = rng.randint(4, 7)
-        items = [rng.choice(fillers).user_text for _ in range(k)]
+        # choice over the indices draws exactly as choice over fillers (one _randbelow)
+        idx = [rng.choice(range(len(fillers))) for _ in range(k)]
+        if picked is not None:
+            picked.append(idx)
+        items = [fillers[j].user_text for j in idx]
         label = 0
         if with_task:
             t = tasks[i % len(tasks)]
