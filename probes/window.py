@@ -13,7 +13,10 @@ sources, leave one source out), what a second read-out of the same logits buys:
   (``min_tokens``: ``1`` judges every prefix, so a request shorter than ``N`` reads the
   maximum of its running means; ``N`` judges full windows only, so a request shorter
   than ``N`` reads 0 and only ``A`` judges it). No length term: every full window has the
-  same length. ``z_i`` is clipped to ``±ZCLIP`` as the served ``mean_logit`` does.
+  same length. ``z_i`` is clipped to ``±ZCLIP`` as the served ``mean_logit`` does. Served,
+  ``B`` is the tracker's statistic for the aggregation ``window_mean_logit`` with
+  ``window_tokens: N``, ``min_tokens: m`` and ``judge_at: every_token``
+  (``monitor.judge.aggregate.WindowMeanLogitAggregator``; tests compare the two).
 - **union**: alert if ``A ≥ T_a`` or ``B ≥ T_b`` (:func:`union_thresholds`): ``T_a`` at
   false-alert rate ``α_a`` on the calibration set, then ``T_b`` the smallest threshold at
   which the union's rate on the same set is ``≤ α`` (the calibration rule of

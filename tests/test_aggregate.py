@@ -41,6 +41,11 @@ def naive(kind: str, scores: list[float], param: float | int | None = None) -> l
         elif kind == "window_max":
             assert param is not None, "window_max needs N"
             state = max(scores[max(0, t - int(param) + 1) : t + 1])
+        elif kind == "window_mean_logit":
+            assert param is not None, "window_mean_logit needs N"
+            win = [min(max(v, 1e-6), 1 - 1e-6) for v in scores[max(0, t - int(param) + 1) : t + 1]]
+            mean = sum(math.log(q) - math.log(1 - q) for q in win) / len(win)
+            state = 1 / (1 + math.exp(-mean))
         assert state is not None, f"unknown kind {kind!r}"
         out.append(state)
     return out
@@ -68,6 +73,11 @@ CASES = [
     Aggregation("window_max", window_tokens=5),
     Aggregation("window_max", window_tokens=64),
     Aggregation("window_max", window_tokens=1000),
+    Aggregation("window_mean_logit", window_tokens=1),
+    Aggregation("window_mean_logit", window_tokens=2),
+    Aggregation("window_mean_logit", window_tokens=8),
+    Aggregation("window_mean_logit", window_tokens=64),
+    Aggregation("window_mean_logit", window_tokens=1024),
 ]
 
 
@@ -80,6 +90,7 @@ def test_matches_naive_reference_under_any_chunking(agg, seed):
     x = rng.random(n).astype(np.float32)
     x[rng.random(n) < 0.05] = 1.0
     param = {"ema": agg.half_life_tokens, "window_max": agg.window_tokens,
+             "window_mean_logit": agg.window_tokens,
              "mean_logit": agg.length_slope}.get(agg.kind)
     ref = np.array(naive(agg.kind, [float(v) for v in x], param))
 
@@ -93,7 +104,7 @@ def test_matches_naive_reference_under_any_chunking(agg, seed):
             outs.append(got)
         full = np.concatenate(outs)
         # mean_logit: log1p vs log(1 - q) and the exp differ in the last bits
-        tol = 1e-9 if agg.kind == "mean_logit" else 1e-12
+        tol = 1e-9 if "mean_logit" in agg.kind else 1e-12
         np.testing.assert_allclose(full, ref, rtol=tol, atol=0)
         assert a.n == n
         assert a.value == pytest.approx(ref[-1], rel=tol)
@@ -228,3 +239,19 @@ def test_span_end_rows_definition():
     assert span_end_rows(m).tolist() == [0, 0, 1, 0, 1, 0, 0, 0, 1]
     assert span_end_rows(m, complete=False).tolist() == [0, 0, 1, 0, 1, 0, 0, 0, 0]
     assert span_end_rows(np.zeros(0, bool)).size == 0
+
+
+def test_window_mean_logit_reads_the_last_n_logits_only():
+    lo, hi = 1 / (1 + math.exp(2.0)), 1 / (1 + math.exp(-2.0))   # logits -2 and +2
+    w = make_aggregator(Aggregation("window_mean_logit", window_tokens=4))
+    out = w.update(np.array([lo] * 10 + [hi] * 4 + [lo] * 4))
+    # a hot stretch of N tokens after 10 cold ones: the window reads it whole (logit +2)
+    # while a mean over the request would read (−20 + 8) / 14
+    assert out[13] == pytest.approx(hi, rel=1e-9)
+    assert out[9] == pytest.approx(lo, rel=1e-9) and out[17] == pytest.approx(lo, rel=1e-9)
+    assert out[11] == pytest.approx(0.5, abs=1e-12)                # two of each
+    # before N tokens: the mean so far
+    first = make_aggregator(Aggregation("window_mean_logit", window_tokens=4))
+    assert first.update(np.array([hi, lo]))[1] == pytest.approx(0.5, abs=1e-12)
+    with pytest.raises(ValueError, match="window_tokens: expected an integer in"):
+        Aggregation("window_mean_logit", window_tokens=1025)

@@ -283,7 +283,7 @@ detectors:
 @pytest.mark.parametrize(
     "aggregation",
     ["max", "mean", "mean_logit", "{kind: ema, half_life_tokens: 1.5}",
-     "{kind: window_max, window_tokens: 4}"],
+     "{kind: window_max, window_tokens: 4}", "{kind: window_mean_logit, window_tokens: 4}"],
 )
 @pytest.mark.parametrize("scope", ["prompt", "generated", "both", "user", "[system, user]"])
 def test_single_token_path_equals_chunk_path(aggregation, scope, judge_at):

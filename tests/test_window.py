@@ -229,3 +229,23 @@ def test_run_window_study_catches_a_diluted_item_and_scores_each_list_once() -> 
                for s in seen)
     text = window.window_markdown(rows)
     assert "Rule's choice" in text and "lists with a h1 task" in text
+
+
+def test_the_study_reads_what_the_served_aggregation_serves() -> None:
+    """Read-out B of the study = the tracker's statistic for ``window_mean_logit`` with
+    ``judge_at: every_token`` (``max_{t ≥ min_tokens} a_t``, 0 when never judged), and
+    read-out A = ``mean_logit`` with ``length_slope`` at ``span_end``."""
+    from probes.train import aggregate_requests
+
+    rng = np.random.default_rng(5)
+    z, ex, _ = _grouped(rng, 25, 40)
+    s = 1.0 / (1.0 + np.exp(-z))                     # float64 scores: the same math exactly
+    for n, m in ((8, 1), (8, 8), (3, 3), (64, 1)):
+        served = aggregate_requests(s, ex, 25, {"kind": "window_mean_logit",
+                                                "window_tokens": n}, m)
+        study = 1.0 / (1.0 + np.exp(-window_max_logit(z, ex, 25, n, m)))
+        np.testing.assert_allclose(study, served, rtol=1e-9, atol=1e-12)
+    served = aggregate_requests(s, ex, 25, {"kind": "mean_logit", "length_slope": 0.3}, 1,
+                                judge_at="span_end")
+    study = 1.0 / (1.0 + np.exp(-mean_logit(z, ex, 25, 0.3)))
+    np.testing.assert_allclose(study, served, rtol=1e-9, atol=1e-12)

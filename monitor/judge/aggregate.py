@@ -18,10 +18,16 @@ Python loop over random chunkings).
 - :class:`EmaAggregator`       ``a_1 = s_1``; ``a_t = α a_{t-1} + (1-α) s_t``,
   ``α = 0.5**(1/h)``                                               (``scipy.signal.lfilter``)
 - :class:`WindowMaxAggregator` ``a_t = max_{t-N < i <= t} s_i``    (van Herk/Gil-Werman)
+- :class:`WindowMeanLogitAggregator` ``a_t = σ((1/k) Σ_{t-k < i <= t} logit(clip(s_i, ε, 1-ε)))``,
+  ``k = min(t, N)``: the mean logit of the last ``N`` scores (the mean so far while
+  ``t < N``); with the tracker's "reached at the first judged ``t ≥ min_tokens``" rule it
+  alerts on ``max_t a_t``: a short stretch of hot tokens that a mean over the whole
+  request dilutes (``probes.window``)
 
 No per-token Python loops: each chunk costs a few numpy calls, O(chunk) work (window_max:
-O(chunk + N)). State per aggregator is O(1), except window_max which keeps the last
-``N - 1`` scores.
+O(chunk + N); window_mean_logit: N vector adds of the chunk's length, O(chunk·N), so its
+``N`` is capped lower, :data:`MAX_MEAN_WINDOW_TOKENS`). State per aggregator is O(1),
+except the window kinds, which keep the last ``N - 1`` scores (or logits).
 
 When a detector is judged (policy ``judge_at``) is defined here too, once, for the
 tracker and the probe toolkit: :func:`span_end_rows` (``every_token``: every token in
@@ -42,6 +48,7 @@ __all__ = [
     "AGGREGATIONS",
     "AGGREGATION_KINDS",
     "LOGIT_EPS",
+    "MAX_MEAN_WINDOW_TOKENS",
     "MAX_WINDOW_TOKENS",
     "AggParam",
     "Aggregation",
@@ -52,6 +59,7 @@ __all__ = [
     "MeanAggregator",
     "MeanLogitAggregator",
     "WindowMaxAggregator",
+    "WindowMeanLogitAggregator",
     "make_aggregator",
     "param_owner",
     "span_end_rows",
@@ -65,6 +73,11 @@ LOGIT_EPS = 1e-6
 #: Upper bound on ``window_tokens``: the tracker keeps ``window_tokens - 1`` floats per
 #: live request and detector, so the bound caps memory (8 bytes x 65535 x requests).
 MAX_WINDOW_TOKENS = 65536
+
+#: Upper bound on ``window_tokens`` of ``window_mean_logit``: a chunk of ``m`` scores costs
+#: ``N`` vector adds of length ``m`` (each window summed in one fixed order, so chunking
+#: cannot change a bit), and the tracker keeps ``N - 1`` floats per request and detector.
+MAX_MEAN_WINDOW_TOKENS = 1024
 
 
 class Aggregator(Protocol):
@@ -314,6 +327,58 @@ class MeanLogitAggregator:
         return np.asarray(_sigmoid(self._debias(means, t)))
 
 
+class WindowMeanLogitAggregator:
+    """``a_t = σ(W_t / k_t)``, ``W_t = Σ_{t-k_t < i <= t} ℓ_i``, ``k_t = min(t, N)``,
+    ``ℓ_i = logit(clip(s_i, ε, 1-ε))`` (``ε = LOGIT_EPS``), ``N = window_tokens``.
+
+    Each window is summed in float64 in ONE order whatever the chunking: per chunk of
+    ``m`` scores, over ``seq = [0]*(N-1-len(tail)) + tail + ℓ(chunk)`` (the ``N - 1``
+    logits before the chunk, zeros before the request's first token), ``acc = 0;
+    acc += seq[j : j + m]`` for ``j = 0..N-1``: oldest to newest, leading zeros adding
+    exactly nothing. So the result is bit-identical under any chunking and ``push``
+    (the same code on a one-score chunk). Work O(m·N) (``N ≤ MAX_MEAN_WINDOW_TOKENS``);
+    state: the last ``N - 1`` logits.
+
+    Judged with ``min_tokens = N`` (a policy field), only full windows count: a request
+    shorter than ``N`` never reaches a severity through this detector; with
+    ``min_tokens = 1`` every prefix's running mean is judged too.
+    """
+
+    def __init__(self, window_tokens: int) -> None:
+        if not 1 <= window_tokens <= MAX_MEAN_WINDOW_TOKENS:
+            raise ValueError(f"window_tokens: expected an integer in [1, "
+                             f"{MAX_MEAN_WINDOW_TOKENS}]; found {window_tokens}")
+        self.window = int(window_tokens)
+        self.n = 0
+        self._tail = np.empty(0, dtype=np.float64)
+        self._value = 0.0
+
+    @property
+    def value(self) -> float:
+        return self._value if self.n else 0.0
+
+    def push(self, score: float) -> float:
+        return float(self.update(np.array([score], dtype=np.float64))[0])
+
+    def update(self, scores: np.ndarray) -> np.ndarray:
+        x = _as_chunk(scores)
+        if x.size == 0:
+            return x.copy()
+        w, m = self.window, x.size
+        seq = np.concatenate((np.zeros(w - 1 - self._tail.size), self._tail,
+                              np.asarray(_logit(x), dtype=np.float64)))  # len w - 1 + m
+        acc = np.zeros(m, dtype=np.float64)
+        for j in range(w):
+            acc += seq[j : j + m]
+        k = np.minimum(np.arange(self.n + 1, self.n + 1 + m, dtype=np.float64), float(w))
+        out = np.asarray(_sigmoid(acc / k))
+        keep = min(w - 1, self._tail.size + m)
+        self._tail = seq[seq.size - keep :].copy() if keep else np.empty(0, dtype=np.float64)
+        self._value = float(out[-1])
+        self.n += m
+        return out
+
+
 def _logit(p: np.ndarray | np.float64) -> np.ndarray:
     """``log(q / (1 - q))`` with ``q = clip(p, ε, 1 - ε)`` (float64; NaN stays NaN)."""
     q = np.clip(p, LOGIT_EPS, 1.0 - LOGIT_EPS)
@@ -450,6 +515,8 @@ _HALF_LIFE = AggParam("half_life_tokens", integer=False, low=0.0, high=math.inf,
                       low_inclusive=False, doc="tokens after which a score's weight halves")
 _WINDOW = AggParam("window_tokens", integer=True, low=1, high=MAX_WINDOW_TOKENS,
                    low_inclusive=True, doc="tokens in the sliding window")
+_MEAN_WINDOW = AggParam("window_tokens", integer=True, low=1, high=MAX_MEAN_WINDOW_TOKENS,
+                        low_inclusive=True, doc="tokens in the sliding window")
 _LENGTH_SLOPE = AggParam("length_slope", integer=False, low=-math.inf, high=math.inf,
                          low_inclusive=True, default=0.0,
                          doc="a of the length term: a_t = sigmoid(mean logit - a*log t)")
@@ -476,6 +543,11 @@ AGGREGATIONS: dict[str, AggregationKind] = {k.name: k for k in (
     AggregationKind("window_max", (_WINDOW,), "a_t = max_{max(1,t-N+1)<=i<=t} s_i",
                     lambda a: WindowMaxAggregator(int(_req(a.window_tokens))),
                     lambda a: f"window_max(N={a.window_tokens})"),
+    AggregationKind("window_mean_logit", (_MEAN_WINDOW,),
+                    "a_t = sigmoid((1/k) sum_{t-k<i<=t} logit(clip(s_i, 1e-6, 1-1e-6))),"
+                    " k = min(t, N)",
+                    lambda a: WindowMeanLogitAggregator(int(_req(a.window_tokens))),
+                    lambda a: f"window_mean_logit(N={a.window_tokens})"),
 )}
 AGGREGATION_KINDS: tuple[str, ...] = tuple(AGGREGATIONS)
 

@@ -7,8 +7,9 @@ A policy is a YAML file that safety teams edit (reference: ``policies/README.md`
     defaults:                        # optional, applies to every detector
       mode: observe                  # observe | alert | block
       scope: both                    # prompt | generated | both | role(s), see below
-      aggregation: {kind: max}       # max | mean | mean_logit | ema | window_max
-                                     # (mean_logit takes an optional length_slope)
+      aggregation: {kind: max}       # max | mean | mean_logit | ema | window_max |
+                                     # window_mean_logit (mean_logit takes an optional
+                                     # length_slope)
       min_tokens: 1                  # no severity before this many scored tokens
       judge_at: every_token          # every_token | span_end (see below)
       thresholds: {warn: 0.5, critical: 0.9}
