@@ -217,7 +217,40 @@ class EmaAggregator:
         return out
 
 
-class WindowMaxAggregator:
+class _Windowed:
+    """State of the window kinds: ``N`` (``window``), tokens seen (``n``), the last
+    ``min(N - 1, n)`` values as a float64 tail and the last ``a_t``."""
+
+    def __init__(self, window_tokens: int, high: int) -> None:
+        if not 1 <= window_tokens <= high:
+            raise ValueError(f"window_tokens: expected an integer in [1, {high}]; found "
+                             f"{window_tokens}")
+        self.window = int(window_tokens)
+        self.n = 0
+        self._tail = np.empty(0, dtype=np.float64)
+        self._value = 0.0
+
+    @property
+    def value(self) -> float:
+        return self._value if self.n else 0.0
+
+    def _seq(self, x: np.ndarray, before: float) -> np.ndarray:
+        """``[before]*(N-1-len(tail)) + tail + x`` (float64, length ``N - 1 + len(x)``):
+        the ``N - 1`` values preceding each of ``x``'s, ``before`` standing in for those
+        before the request's first token."""
+        return np.concatenate((np.full(self.window - 1 - self._tail.size, before),
+                               self._tail, x))
+
+    def _advance(self, seq: np.ndarray, m: int, out: np.ndarray) -> None:
+        """After a chunk of ``m`` values (``seq`` from :meth:`_seq`, ``out`` its ``a_t``):
+        keep the last ``N - 1`` real values, the last ``a_t`` and the count."""
+        keep = min(self.window - 1, self._tail.size + m)
+        self._tail = seq[seq.size - keep :].copy() if keep else np.empty(0, dtype=np.float64)
+        self._value = float(out[-1])
+        self.n += m
+
+
+class WindowMaxAggregator(_Windowed):
     """``a_t = max(s_{t-N+1}, ..., s_t)`` (fewer terms while ``t < N``).
 
     Keeps the last ``N-1`` scores as a tail across chunks. Per chunk, the sequence
@@ -228,16 +261,7 @@ class WindowMaxAggregator:
     """
 
     def __init__(self, window_tokens: int) -> None:
-        if window_tokens < 1:
-            raise ValueError("window_tokens must be >= 1")
-        self.window = int(window_tokens)
-        self.n = 0
-        self._tail = np.empty(0, dtype=np.float64)
-        self._value = 0.0
-
-    @property
-    def value(self) -> float:
-        return self._value if self.n else 0.0
+        super().__init__(window_tokens, MAX_WINDOW_TOKENS)
 
     def push(self, score: float) -> float:
         s = float(score)
@@ -256,8 +280,7 @@ class WindowMaxAggregator:
         if x.size == 0:
             return x.copy()
         w = self.window
-        pad = w - 1 - self._tail.size
-        seq = np.concatenate((np.full(pad, -np.inf), self._tail, x))  # len = w - 1 + m
+        seq = self._seq(x, -np.inf)  # len = w - 1 + m
         m = x.size
         total = -(-seq.size // w) * w
         padded = np.full(total, -np.inf)
@@ -266,10 +289,7 @@ class WindowMaxAggregator:
         g = np.maximum.accumulate(blocks, axis=1).ravel()
         h = np.maximum.accumulate(blocks[:, ::-1], axis=1)[:, ::-1].ravel()
         out = np.maximum(h[:m], g[w - 1 : w - 1 + m])
-        keep = min(w - 1, self._tail.size + m)
-        self._tail = seq[seq.size - keep :].copy() if keep else np.empty(0, dtype=np.float64)
-        self._value = float(out[-1])
-        self.n += m
+        self._advance(seq, m, out)
         return out
 
 
@@ -327,7 +347,7 @@ class MeanLogitAggregator:
         return np.asarray(_sigmoid(self._debias(means, t)))
 
 
-class WindowMeanLogitAggregator:
+class WindowMeanLogitAggregator(_Windowed):
     """``a_t = σ(W_t / k_t)``, ``W_t = Σ_{t-k_t < i <= t} ℓ_i``, ``k_t = min(t, N)``,
     ``ℓ_i = logit(clip(s_i, ε, 1-ε))`` (``ε = LOGIT_EPS``), ``N = window_tokens``.
 
@@ -345,17 +365,7 @@ class WindowMeanLogitAggregator:
     """
 
     def __init__(self, window_tokens: int) -> None:
-        if not 1 <= window_tokens <= MAX_MEAN_WINDOW_TOKENS:
-            raise ValueError(f"window_tokens: expected an integer in [1, "
-                             f"{MAX_MEAN_WINDOW_TOKENS}]; found {window_tokens}")
-        self.window = int(window_tokens)
-        self.n = 0
-        self._tail = np.empty(0, dtype=np.float64)
-        self._value = 0.0
-
-    @property
-    def value(self) -> float:
-        return self._value if self.n else 0.0
+        super().__init__(window_tokens, MAX_MEAN_WINDOW_TOKENS)
 
     def push(self, score: float) -> float:
         return float(self.update(np.array([score], dtype=np.float64))[0])
@@ -365,17 +375,13 @@ class WindowMeanLogitAggregator:
         if x.size == 0:
             return x.copy()
         w, m = self.window, x.size
-        seq = np.concatenate((np.zeros(w - 1 - self._tail.size), self._tail,
-                              np.asarray(_logit(x), dtype=np.float64)))  # len w - 1 + m
+        seq = self._seq(np.asarray(_logit(x), dtype=np.float64), 0.0)  # len w - 1 + m
         acc = np.zeros(m, dtype=np.float64)
         for j in range(w):
             acc += seq[j : j + m]
         k = np.minimum(np.arange(self.n + 1, self.n + 1 + m, dtype=np.float64), float(w))
         out = np.asarray(_sigmoid(acc / k))
-        keep = min(w - 1, self._tail.size + m)
-        self._tail = seq[seq.size - keep :].copy() if keep else np.empty(0, dtype=np.float64)
-        self._value = float(out[-1])
-        self.n += m
+        self._advance(seq, m, out)
         return out
 
 
