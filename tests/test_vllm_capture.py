@@ -332,8 +332,9 @@ _GEN_SCRIPT = textwrap.dedent("""
         kw = json.loads(sys.argv[2])
         llm = LLM(model=sys.argv[1], **kw)
         prompts = json.loads(sys.argv[3])
+        label = sys.argv[5] if len(sys.argv) > 5 else "comp"
         sps = [SamplingParams(max_tokens=6 + 3 * i, temperature=0, ignore_eos=True,
-                              extra_args={"correlation_id": f"comp-{i}"})
+                              extra_args={"correlation_id": f"{label}-{i}"})
                for i in range(len(prompts))]
         outs = llm.generate(prompts, sps, use_tqdm=False)
         res = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
@@ -361,6 +362,46 @@ def test_compiled_mode_matches_hf(sink, hf, model_path, tmp_path):
     assert sink.wait_for(lambda: len(sink.finished()) >= 3, 20)
     for i, ids in enumerate(seqs):
         assert_matches_hf(sink, hf, f"comp-{i}", ids)
+
+
+def test_static_capture_path_sends_the_host_paths_rows(llm, sink, model_path, tmp_path):
+    """`SAFETY_MONITOR_CAPTURE_PATH=static` in a real vLLM (CPU, eager; a subprocess
+    engine with the module engine's settings): the graph-safe op and the gather after
+    `execute_model` deliver, for the same prompts and sampling, the same positions and
+    rows as the host path (the module's engine), nothing dropped."""
+    prompts = ["Static path check: the lighthouse keeper wrote in his log that",
+               "A recipe for bread starts with flour, water and",
+               "Static path check three: list the planets in order, beginning with"]
+    sink.reset()
+    sps = [_sp(f"host-{i}", 6 + 3 * i) for i in range(len(prompts))]
+    outs = llm.generate(prompts, sps, use_tqdm=False)
+    script = tmp_path / "gen.py"
+    script.write_text(_GEN_SCRIPT)
+    out, stats = tmp_path / "ids.json", tmp_path / "stats.json"
+    env = dict(os.environ, **ENV_COMMON, SAFETY_MONITOR_ADDR=sink.addr,
+               SAFETY_MONITOR_CAPTURE_PATH="static", SAFETY_MONITOR_STATS_FILE=str(stats))
+    kw = dict(ENGINE_KW, enforce_eager=True, enable_prefix_caching=True)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(model_path), json.dumps(kw), json.dumps(prompts),
+         str(out), "static"], env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "path=static" in log and "static capture buffers on cpu" in log, log[-4000:]
+    seqs = json.loads(out.read_text())
+    assert sink.wait_for(lambda: all(f"{p}-{i}" in sink.finished() for p in ("host", "static")
+                                     for i in range(len(prompts))), 20)
+    for i, o in enumerate(outs):
+        assert seqs[i] == list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+        for layer in LAYERS:
+            rows = sink.rows_by_request(layer)
+            host, static = rows[f"host-{i}"], rows[f"static-{i}"]
+            assert sorted(host) == sorted(static) == list(range(len(seqs[i]) - 1))
+            err = max(float(np.abs(host[p] - static[p]).max()) for p in host)
+            assert err <= 1e-4, f"request {i} layer {layer}: max err {err}"
+    st = json.loads(stats.read_text())
+    assert st["capture_path"] == "static" and st["installed"] is True
+    assert (st["dropped_frames"], st["hook_errors"], st["op_errors"]) == (0, 0, 0)
+    assert not sink.log.seq_errors
 
 
 # ------------------------------------------------------------------ vllm serve

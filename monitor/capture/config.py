@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_ADDR", "CaptureConfig", "enabled", "env_table"]
+__all__ = ["CAPTURE_PATHS", "ENV_ADDR", "CaptureConfig", "enabled", "env_table"]
 
 ENV_ADDR = "SAFETY_MONITOR_ADDR"
 
@@ -73,6 +73,16 @@ def _one_line_token(name: str, raw: str) -> str:
     if len(token) > 4096 or "\n" in token:
         raise ValueError(f"{name}: expected a one-line token of at most 4096 characters")
     return token
+
+
+CAPTURE_PATHS = ("auto", "host", "static")
+
+
+def _capture_path(name: str, raw: str) -> str:
+    low = raw.lower()
+    if low not in CAPTURE_PATHS:
+        raise ValueError(f"{name}: expected one of {', '.join(CAPTURE_PATHS)}, found {raw!r}")
+    return low
 
 
 def _env(var: str, default: Any, doc: str, *, parse: Callable[[str, str], Any] = _text,
@@ -157,6 +167,13 @@ class CaptureConfig:
                             "(`1`, `2-3`); a bad value is logged, counted "
                             "(`config_fallbacks`) and means `auto` "
                             "(`monitor.capture.threads`)")
+    capture_path: str = _env(
+        "SAFETY_MONITOR_CAPTURE_PATH", "auto", "how rows leave the forward pass: `host` = "
+        "the op's Python kernel copies them into the host ring (eager CPU/CUDA only: it does "
+        "not run on CUDA-graph replay, so a CUDA model with CUDA graphs on is refused); "
+        "`static` = the graph-safe op copies them into device buffers and the host gathers "
+        "the kept rows after `execute_model` (resid_pre / resid_post hook points only); "
+        "`auto` = `static` on a CUDA model, `host` otherwise", parse=_capture_path)
     switch_interval_ms: str | None = _env(
         "SAFETY_MONITOR_SWITCH_INTERVAL_MS", None, "`sys.setswitchinterval` in the worker "
         "(ms, in (0, 100]; process-wide: vLLM's threads too); a bad value is logged, counted "

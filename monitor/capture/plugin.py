@@ -21,17 +21,20 @@ rows); other ranks log that they do not send.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from monitor.capture.archs import UnsupportedArchitecture, check_architecture
 from monitor.capture.config import CaptureConfig
@@ -48,7 +51,7 @@ from monitor.capture.op import (
     sink_errors,
     wrap_decoder_layers,
 )
-from monitor.capture.steps import StepTracker
+from monitor.capture.steps import SpanTuple, StepLayout, StepTracker
 from monitor.capture.threads import (
     Placement,
     apply_switch_interval,
@@ -97,6 +100,25 @@ class _PlanState:
     ring: HostRing
     at: dict[tuple[int, int], list[_Read]]
     last: tuple[int, int]
+    static: _StaticPlan | None = None
+
+
+@dataclass
+class _StaticPlan:
+    """What the static capture path needs per plan (see `CaptureSession.after_step`).
+
+    Attributes:
+        slots: per plan hook point k, its slot in `StaticBuffers.hidden`.
+        ran_dev: int64 `[ring slots, n_layers]` on the model's device: per ring slot, how
+            much `meta` grew during that step's `execute_model` (written on the side stream).
+        ran_host: the same on the host (pinned on CUDA), read by the sender thread.
+        pos_host: int64 `[ring slots, max_rows]` host copy of the kept rows' positions.
+    """
+
+    slots: list[int]
+    ran_dev: torch.Tensor
+    ran_host: torch.Tensor
+    pos_host: torch.Tensor
 
 
 @dataclass
@@ -129,6 +151,57 @@ def copy_rows(dst: torch.Tensor, first: torch.Tensor, second: torch.Tensor | Non
         dst.add_(second)
 
 
+def _row_index(layout: StepLayout) -> torch.Tensor | None:
+    """int64 `[n_rows]` indices of the kept rows of a forward, None when they are rows
+    `[0, n_rows)` (`layout.contiguous`: a narrow, no gather)."""
+    if layout.contiguous:
+        return None
+    return torch.from_numpy(
+        np.concatenate([np.arange(a, b) for a, b in layout.ranges]).astype(np.int64))
+
+
+def _static_check(ran: torch.Tensor, pos: torch.Tensor, spans: list[SpanTuple]) -> str | None:
+    """Sender thread, static path, once the slot's copies are done: why the step must be
+    dropped, or None. `ran`: int64 `[n_layers]` growth of `meta` during the step's
+    `execute_model` (all zero: no forward ran, the buffers hold an older step's rows);
+    `pos`: int64 positions of the kept rows, which must be each span's
+    `start_position + [0, n_rows)` (else the rows are not this step's layout's)."""
+    if not bool(ran.any()):
+        return "no forward ran in the step"
+    want = np.concatenate([np.arange(s[2], s[2] + s[1], dtype=np.int64) for s in spans])
+    if not np.array_equal(pos[: want.size].numpy(), want):
+        return "positions in the static buffer do not match the step layout"
+    return None
+
+
+def wrap_execute_model(runner: Any, session: CaptureSession) -> None:
+    """Static path: wrap this runner's `execute_model` (an instance attribute over the
+    class's, which `monitor.capture.enforce` may have wrapped: both run) so that
+    `session.before_step` runs before it and `session.after_step` after it returns, on
+    the model thread. An exception in either is logged (first, then every 1000th),
+    counted (`hook_errors`) and swallowed: inference never fails for capture."""
+    orig = runner.execute_model
+
+    def _guarded(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            session.hook_errors += 1
+            if session.hook_errors == 1 or session.hook_errors % 1000 == 0:
+                log.exception("safety monitor: static capture step hook failed (%d errors "
+                              "so far); inference continues", session.hook_errors)
+
+    @functools.wraps(orig)
+    def execute_model(*args: Any, **kwargs: Any) -> Any:
+        _guarded(session.before_step)
+        out = orig(*args, **kwargs)
+        _guarded(session.after_step)
+        return out
+
+    setattr(execute_model, _MARK, True)
+    runner.execute_model = execute_model
+
+
 class CaptureSession:
     """Capture state of one model runner (one worker process).
 
@@ -148,6 +221,22 @@ class CaptureSession:
             every prompt token OTHER.
         placement: where the plugin's threads run (`monitor.capture.threads`); None:
             where they start.
+        static: the static capture path (`SAFETY_MONITOR_CAPTURE_PATH`): the layers are
+            wrapped with the graph-safe op `capture_static` (`wrap_layers`) and the rows
+            are gathered after each `execute_model` (`before_step` / `after_step`, called by
+            the wrapper `wrap_execute_model` installs) instead of by `on_layer`.
+
+    Static path, per step (model thread, no host sync; CUDA: `side` stream):
+    `before_step`: the current stream waits for the previous step's copies (they read the
+    static buffers the forward overwrites), `meta_before = meta`. `after_step`: layout and
+    ring slot as `on_layer`'s first site does; on the side stream, after the current
+    stream's work: `ran_dev[slot] = meta - meta_before`, the kept rows of each plan point
+    (`narrow` or `index_select` of `hidden[plan slot]`, cast to the plan dtype) and their
+    positions copied (`non_blocking`) into the pinned ring slot, `ran_host[slot]`,
+    `pos_host[slot]`; an event recorded in the `StepRecord`. The sender thread waits on
+    it, then drops (counted) a step in which no forward ran (`ran` all zero) or whose
+    positions are not the layout's (`_static_check`), else sends it as `on_layer` would.
+    On CPU the copies are synchronous and the event is None.
     """
 
     def __init__(
@@ -162,8 +251,10 @@ class CaptureSession:
         max_model_len: int | None = None,
         segmenter: RoleSegmenter | None = None,
         placement: Placement | None = None,
+        static: bool = False,
     ) -> None:
         self.runner = runner
+        self.static = static
         self.placement = placement
         self.cfg = cfg
         self.model_name = model_name
@@ -181,6 +272,11 @@ class CaptureSession:
                                    placement=placement)
         self.blocks = BlockBoard()
         self.buffers = StaticBuffers(n_layers)
+        self.device = torch.device("cpu")
+        self._meta_before: torch.Tensor | None = None  # static path: meta at step entry
+        self._side: torch.cuda.Stream | None = None  # static path on CUDA: copy stream
+        self._last_copy: torch.cuda.Event | None = None  # its event of the last step
+        self.hook_errors = 0  # static path: exceptions in before_step / after_step
         self._state: _PlanState | None = None
         self._open: _OpenStep | None = None
         self.step = 0
@@ -224,17 +320,40 @@ class CaptureSession:
                 f"this worker (wrapped layers {sorted(self.wrapped)}, model has "
                 f"{self.n_layers}); restart vLLM with the sidecar up (or "
                 "SAFETY_MONITOR_WRAP=all) to capture them")
+        if self.static:
+            sums = [hp.name for hp in plan.points if hp.kind not in ("resid_pre", "resid_post")]
+            if sums:
+                raise ValueError(
+                    f"capture plan needs hook points {sums} that the static capture path does "
+                    "not capture (it keeps hidden + residual sums: resid_pre, resid_post); "
+                    "set SAFETY_MONITOR_CAPTURE_PATH=host (with vLLM --enforce-eager on a "
+                    "GPU) to capture them")
         cur = self._state
         if (cur is not None and cur.plan.points == plan.points and cur.plan.dtype == plan.dtype):
             ring = cur.ring
         else:
             ring = HostRing.sized(slots=self.cfg.ring_slots, budget_mb=self.cfg.ring_mb,
                                   n_layers=len(plan.points), max_rows=self.max_rows,
-                                  d_model=self.d_model, dtype=plan.dtype)
+                                  d_model=self.d_model, dtype=plan.dtype,
+                                  pin=self.device.type == "cuda")
         at: dict[tuple[int, int], list[_Read]] = {}
         for k, hp in enumerate(plan.points):
             at.setdefault(site_of(hp), []).append((k, *_READ_OF_KIND[hp.kind]))
-        self._state = _PlanState(plan, ring, at, max(at))
+        static = None
+        if self.static:
+            if cur is not None and cur.ring is ring and cur.static is not None:
+                static = cur.static
+            else:
+                pin = self.device.type == "cuda"
+                static = _StaticPlan(
+                    slots=[self.buffers.slots[site_of(hp)] for hp in plan.points],
+                    ran_dev=torch.zeros((ring.n_slots, self.n_layers), dtype=torch.int64,
+                                        device=self.device),
+                    ran_host=torch.zeros((ring.n_slots, self.n_layers), dtype=torch.int64,
+                                         pin_memory=pin),
+                    pos_host=torch.zeros((ring.n_slots, self.max_rows), dtype=torch.int64,
+                                         pin_memory=pin))
+        self._state = _PlanState(plan, ring, at, max(at), static)
         try:
             mode = fail_mode() or plan.fail_mode
         except ValueError as e:
@@ -328,23 +447,44 @@ class CaptureSession:
                 PROF.step_ns += t - self._step_t
                 PROF.step_cpu_ns += c - self._step_c
             self._step_t, self._step_c = t, c
-        self.step += 1
-        self._flush_finished()
-        st = self._state
         pos = positions.numpy() if positions.is_cpu else None
         if pos is not None and pos.ndim != 1:
             pos = None
+        got = self._begin_step(n_tokens, pos)
+        if got is None:
+            return
+        st, layout, rec = got
+        n = layout.n_rows
+        index = _row_index(layout)
+        views = st.ring.rows[rec.slot]
+        self._open = _OpenStep(st, rec, n, index, index is None and n != n_tokens,
+                               views if n == st.ring.max_rows
+                               else [v.narrow(0, 0, n) for v in views])
+
+    def _begin_step(self, n_tokens: int, pos: np.ndarray | None
+                    ) -> tuple[_PlanState, StepLayout, StepRecord] | None:
+        """Model thread, once per step: count it, report finished requests, lay out its
+        rows and take a ring slot for them. None (counted when rows are lost) when there
+        is nothing to capture: no plan yet, no kept rows, no free slot, not connected.
+
+        Args:
+            n_tokens: rows of the forward (padding included; static path: buffer rows).
+            pos: int64 `[n_tokens]` positions the forward received (host), or None.
+        """
+        self.step += 1
+        self._flush_finished()
+        st = self._state
         if st is None:
             layout = self.tracker.layout(n_tokens, pos)
             if layout is not None and layout.n_rows:
                 self.steps_no_plan += 1
                 self.transport.count_drop(1, layout.n_rows, 0, "no capture plan yet")
-            return
+            return None
         plan = st.plan
         layout = self.tracker.layout(n_tokens, pos, prompt=plan.prompt, generated=plan.generated,
                                      roles=plan.roles)
         if layout is None or layout.n_rows == 0:
-            return
+            return None
         connected = self.transport.connected
         slot = st.ring.acquire() if connected else None
         if slot is None:
@@ -353,20 +493,95 @@ class CaptureSession:
             self.transport.count_drop(n_l, rows, rows * self.d_model * st.ring.itemsize,
                                       "ring full (sidecar slow)" if connected
                                       else "sidecar not connected")
-            return
+            return None
         rec = StepRecord(ring=st.ring, slot=slot, step=self.step, plan_id=plan.plan_id,
                          model=self.model_name, points=plan.points, n_rows=layout.n_rows,
                          spans=layout.spans, max_frame_bytes=plan.max_frame_bytes,
                          labels=layout.labels)
-        n = layout.n_rows
-        index = None
-        if not layout.contiguous:
-            index = torch.from_numpy(
-                np.concatenate([np.arange(a, b) for a, b in layout.ranges]).astype(np.int64))
-        views = st.ring.rows[slot]
-        self._open = _OpenStep(st, rec, n, index, index is None and n != n_tokens,
-                               views if n == st.ring.max_rows
-                               else [v.narrow(0, 0, n) for v in views])
+        return st, layout, rec
+
+    # ---------------------------------------------------------------- static path
+    def wrap_layers(self, layers: nn.ModuleList, wanted: dict[int, frozenset[int]] | None,
+                    *, device: torch.device, dtype: torch.dtype) -> None:
+        """Wrap the decoder layers (`wanted`: layer -> op sites, None: all) with this
+        session's op: `capture_resid` (host path) or, when `static`, `capture_static`
+        over new `StaticBuffers` on `device` (`[wrapped sites, max_rows, d_model]` of
+        `dtype`, the model's). Static: a plan without any output site also wraps the
+        output of its last layer (`meta` is bumped there: it tells that a forward ran)."""
+        self.device = torch.device(device)
+        if not self.static:
+            self.wrapped = wrap_decoder_layers(layers, wanted, self.buffers.meta)
+        else:
+            if wanted is not None and wanted and not any(SITE_OUT in v for v in wanted.values()):
+                last = max(wanted)
+                wanted = {**wanted, last: wanted[last] | {SITE_OUT}}
+            n_sites = 2 * len(layers) if wanted is None else sum(len(v) for v in wanted.values())
+            self.buffers = StaticBuffers(self.n_layers, device=self.device, n_plan_layers=n_sites,
+                                         max_num_tokens=self.max_rows, d_model=self.d_model,
+                                         dtype=dtype)
+            self._meta_before = torch.zeros_like(self.buffers.meta)
+            if self.device.type == "cuda":
+                self._side = torch.cuda.Stream(self.device)
+            self.wrapped = wrap_decoder_layers(layers, wanted, self.buffers.meta, self.buffers)
+            hidden = self.buffers.hidden
+            log.info("safety monitor: static capture buffers on %s: [%d sites, %d rows, %d] %s "
+                     "= %.1f MiB", self.device, n_sites, self.max_rows, self.d_model, dtype,
+                     0 if hidden is None else hidden.numel() * hidden.element_size() / 2**20)
+        self.first_site = min((i, min(v)) for i, v in self.wrapped.items()) \
+            if self.wrapped else (0, SITE_IN)
+
+    def before_step(self) -> None:
+        """Static path, model thread, before `execute_model`: the forward may overwrite
+        the static buffers only once the previous step's copies read them (the current
+        stream waits on their event: no host sync); `meta_before = meta`."""
+        before = self._meta_before
+        if before is None:
+            return
+        if self._last_copy is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._last_copy)
+        before.copy_(self.buffers.meta)
+
+    def after_step(self) -> None:
+        """Static path, model thread, after `execute_model` returned (the runner's step
+        state — `input_batch`, `query_start_loc` — is still this step's): queue the copy
+        of this step's kept rows into a ring slot and submit the step (class docstring)."""
+        before, hidden, positions = self._meta_before, self.buffers.hidden, \
+            self.buffers.positions
+        if before is None or hidden is None or positions is None:
+            return
+        got = self._begin_step(self.max_rows, None)
+        if got is None:
+            return
+        st, layout, rec = got
+        sp = st.static
+        if sp is None:  # set_plan gives every plan one on the static path
+            self.transport.drop_record(rec, "no static plan state")
+            return
+        n, slot = layout.n_rows, rec.slot
+        index = _row_index(layout)
+        dst = st.ring.buf[slot]
+        side = self._side
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            idx = index.to(self.device, non_blocking=True) if index is not None else None
+            torch.sub(self.buffers.meta, before, out=sp.ran_dev[slot])
+            sp.ran_host[slot].copy_(sp.ran_dev[slot], non_blocking=True)
+            for k, b in enumerate(sp.slots):
+                rows = hidden[b].narrow(0, 0, n) if idx is None else hidden[b].index_select(0, idx)
+                if rows.dtype != dst.dtype:
+                    rows = rows.to(dst.dtype)
+                dst[k, :n].copy_(rows, non_blocking=True)
+            pos = positions.narrow(0, 0, n) if idx is None else positions.index_select(0, idx)
+            sp.pos_host[slot, :n].copy_(pos, non_blocking=True)
+            if side is not None:
+                ev = torch.cuda.Event()
+                ev.record(side)
+                rec.ready = self._last_copy = ev
+        rec.check = functools.partial(_static_check, sp.ran_host[slot], sp.pos_host[slot],
+                                      layout.spans)
+        if self.transport.submit_step(rec):
+            self.steps_sent += 1
 
     # ---------------------------------------------------------------- lifecycle
     def _flush_finished(self) -> None:
@@ -398,7 +613,10 @@ class CaptureSession:
                  model_cpus=sorted(self.placement.model_cpus) if self.placement else [],
                  thread_cpus=sorted(self.transport.thread_cpus)
                  if self.transport.thread_cpus is not None else None,
-                 layer_calls=self.buffers.meta.tolist())
+                 capture_path="static" if self.static else "host",
+                 hook_errors=self.hook_errors,
+                 # a device counter is not read here (a sync every second): CPU only
+                 layer_calls=self.buffers.meta.tolist() if self.buffers.meta.is_cpu else None)
         if PROFILE:
             s["profile"] = PROF.as_dict()
         return s
@@ -460,6 +678,17 @@ def load_segmenter(model_config: Any, chat_template_file: str | None) -> RoleSeg
     return seg
 
 
+def select_path(setting: str, model: Any, vllm_config: Any) -> tuple[str, str | None]:
+    """`("static" | "host", why capture must not be installed or None)` for
+    `SAFETY_MONITOR_CAPTURE_PATH=setting` (`auto` | `host` | `static`): `auto` is static on
+    a CUDA model, host otherwise; the host path is refused under CUDA graphs
+    (`graph_refusal`)."""
+    if setting == "static" or (setting == "auto" and _model_device(model).type == "cuda"):
+        return "static", None
+    why = graph_refusal(model, vllm_config)
+    return "host", None if why is None else f"{why} (SAFETY_MONITOR_CAPTURE_PATH={setting})"
+
+
 def cuda_graphs(vllm_config: Any) -> str | None:
     """How vLLM will run the forward as CUDA graphs (e.g. "cudagraph_mode
     FULL_AND_PIECEWISE"), or None when it will not.
@@ -488,8 +717,14 @@ def graph_refusal(model: Any, vllm_config: Any) -> str | None:
         return None
     return (f"CUDA graphs are on ({graphs}): the host-sink capture op runs only while a "
             "graph is recorded, never on replay, so decode steps would not be captured; "
-            "restart vLLM with --enforce-eager to capture (the graph-safe static capture "
-            "path is not selected by the plugin yet)")
+            "restart vLLM with --enforce-eager, or use the graph-safe static capture path "
+            "(SAFETY_MONITOR_CAPTURE_PATH=auto or static)")
+
+
+def _model_dtype(model: Any) -> torch.dtype:
+    """Floating dtype of the model's first parameter (float32 when it has none)."""
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None and p.dtype.is_floating_point else torch.float32
 
 
 def _model_device(model: Any) -> torch.device:
@@ -561,10 +796,12 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
     except UnsupportedArchitecture as e:
         _refuse(cfg, f"unsupported architecture: {e}")
         return None
-    refusal = graph_refusal(model, vc)
+    device = _model_device(model)
+    path, refusal = select_path(cfg.capture_path, model, vc)
     if refusal is not None:
         _refuse(cfg, refusal)
         return None
+    static = path == "static"
     mc = vc.model_config
     # on the model thread, after vLLM bound it: where the plugin's threads go, and the
     # interpreter's switch interval (monitor.capture.threads; bad values fall back, counted)
@@ -576,7 +813,7 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
         runner, cfg, model_name=name, d_model=int(mc.get_hidden_size()),
         n_layers=len(layers), max_rows=int(runner.max_num_tokens),
         max_model_len=int(mc.max_model_len),
-        segmenter=load_segmenter(mc, cfg.chat_template), placement=placement,
+        segmenter=load_segmenter(mc, cfg.chat_template), placement=placement, static=static,
     )
     session._stats_path = _stats_path(cfg)
     # the first gRPC channel starts gRPC's C-core threads: open it from a placed thread so
@@ -591,9 +828,7 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
             layer, site = site_of(hp)
             sites.setdefault(layer, set()).add(site)
         wanted = {k: frozenset(v) for k, v in sites.items()}
-    session.wrapped = wrap_decoder_layers(layers, wanted, session.buffers.meta)
-    session.first_site = min((i, min(s)) for i, s in session.wrapped.items()) \
-        if session.wrapped else (0, SITE_IN)
+    session.wrap_layers(layers, wanted, device=device, dtype=_model_dtype(model))
     mode = _mode(vc)
     if plan is None:
         log.warning(
@@ -606,14 +841,18 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
         except ValueError as e:
             session.transport.refuse_plan(e)
     runner._safety_monitor_session = session
-    set_sink(session)
+    if static:
+        wrap_execute_model(runner, session)
+    else:
+        set_sink(session)
     session.start()
     st = session._state
     log.info(
-        "safety monitor: capture installed (model=%r, arch=%s/%s, mode=%s, wrapped layers=%s, "
+        "safety monitor: capture installed (model=%r, arch=%s/%s, mode=%s, path=%s, "
+        "wrapped layers=%s, "
         "captured hooks=%s, kinds=%s, max rows/step=%d, sidecar=%s, model thread cpus=%s, "
         "plugin thread placement=%s, switch interval=%s)",
-        name, arch.family, arch.model_class, mode,
+        name, arch.family, arch.model_class, mode, "static" if static else "host",
         sorted(session.wrapped) if len(session.wrapped) < len(layers) else "all",
         [hp.name for hp in st.plan.points] if st else "none yet",
         [k for k, on in (("prompt", st.plan.prompt), ("generated", st.plan.generated)) if on]

@@ -279,6 +279,19 @@ class StepRecord:
     max_frame_bytes: int = _DEFAULT_MAX_FRAME_BYTES
     released: bool = field(default=False)
     labels: dict[str, str] = field(default_factory=dict)  # request id -> correlation id
+    #: static capture path on CUDA: the side-stream event after which the slot holds the
+    #: rows (None: the rows were copied synchronously, as on CPU)
+    ready: torch.cuda.Event | None = None
+    #: static capture path: run after `ready`, a reason to drop the step (e.g. no forward
+    #: ran) or None; reads only the slot's host copies
+    check: Callable[[], str | None] | None = None
+
+    def settle(self) -> str | None:
+        """Sender thread: wait until the slot holds this step's rows (`ready`), then a
+        reason to drop the step (`check`), or None to send it."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.check() if self.check is not None else None
 
     @property
     def row_bytes(self) -> int:
@@ -818,6 +831,10 @@ class Transport:
             if isinstance(item, StepRecord):
                 if item.plan_id != plan.plan_id:
                     self.drop_record(item, "plan changed")
+                    continue
+                why = item.settle()
+                if why is not None:
+                    self.drop_record(item, why)
                     continue
                 msgs = []
                 nbytes = 0  # payload bytes sent (projected frames are smaller)
