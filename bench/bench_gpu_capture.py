@@ -4,7 +4,7 @@
     python3 bench/bench_gpu_capture.py --device cpu --out /tmp/g --small   # smoke test here
 
 No vLLM (the synthetic decoder of `tests/synthetic_decoder.py`, vLLM's decoder-layer
-calling convention). Four parts, each recorded in `DIR/results.json` and `DIR/results.md`:
+calling convention). Five parts, each recorded in `DIR/results.json` and `DIR/results.md`:
 
 1. graphs: graph count, FX nodes and graph breaks of `torch.compile` (counting backend)
    for the bare decoder, with the host-sink op `capture_resid` and with the graph-safe
@@ -21,6 +21,15 @@ calling convention). Four parts, each recorded in `DIR/results.json` and `DIR/re
 4. d2h: copying captured rows from a static device buffer to the host: blocking
    `.cpu()` into pageable memory vs `copy_(non_blocking=True)` into a pinned buffer on a
    side stream with an event; host time the calling thread spends, end-to-end time, equality.
+5. plugin: the plugin's static capture path end to end — `CaptureSession(static=True)`
+   (layers wrapped with `capture_static`, `execute_model` wrapped: rows gathered after
+   each step on a side stream into the pinned ring, the sender waiting on the event) over
+   a stand-in runner (`fake_runner`: prefill, mixed, decode steps and one step without a
+   forward), streaming over loopback gRPC to the recording sink of `tests/capture_sink.py`;
+   on CUDA each forward is a replay of one `torch.cuda.CUDAGraph` captured at a fixed
+   padded token count (as vLLM's). Checks that the sink received, per step and hook point,
+   exactly the kept rows of an eager reference (positions, spans, values), and that the
+   no-forward step was dropped and counted. Needs grpcio, not vLLM nor grpc_health.
 """
 
 from __future__ import annotations
@@ -374,18 +383,148 @@ def part_d2h(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     return res
 
 
+def part_plugin(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    from capture_sink import CaptureSink
+    from synthetic_decoder import fake_runner
+
+    from monitor.capture.config import CaptureConfig
+    from monitor.capture.plugin import CaptureSession, site_of, wrap_execute_model
+    from monitor.tools.launch import eventually
+
+    n_pad, d, n_layers = args.tokens, args.d_model, args.layers
+    mid, late = n_layers // 3, (2 * n_layers) // 3
+    hooks = (f"blocks.{mid}.hook_resid_pre", f"blocks.{late}.hook_resid_post")
+    plens = [5, 3, 4]
+    # per step: (computed, rows) of r0..r2 (None: not scheduled), whether a forward runs
+    steps: list[tuple[list[tuple[int, int] | None], bool]] = [
+        ([(0, 3), (0, 3), None], True),     # prefill (r0 chunked)
+        ([(3, 2), (3, 1), (0, 4)], True),   # mixed
+        ([(5, 1), (4, 1), (4, 1)], False),  # no forward: dropped, counted
+        ([(5, 1), (4, 1), (4, 1)], True),   # decode of three
+        ([(6, 1), None, (5, 1)], True),     # r1 finished
+    ]
+    assert all(sum(cr[1] for cr in s if cr) <= n_pad for s, _ in steps), "--tokens too small"
+    base = SyntheticDecoder(d, args.d_ff, n_layers).to(dev)
+    m = SyntheticDecoder(d, args.d_ff, n_layers).to(dev)
+    m.load_state_dict(base.state_dict())
+    sink = CaptureSink(port=0, model="synthetic", d_model=d, hook_names=hooks).start()
+    runner: Any = fake_runner([1], [0], [1])
+    states: dict[str, Any] = {}
+    cfg = CaptureConfig(addr=sink.addr, model="synthetic", ring_slots=len(steps),
+                        queue_size=64, capture_path="static")
+    s = CaptureSession(runner, cfg, model_name="synthetic", d_model=d, n_layers=n_layers,
+                       max_rows=n_pad, static=True)
+    g = torch.Generator().manual_seed(5)
+    out: dict[str, Any] = {"hooks": list(hooks), "padded_tokens": n_pad}
+    try:
+        plan = s.transport.fetch_plan(20.0)
+        assert plan is not None, "sink unreachable"
+        wanted: dict[int, set[int]] = {}
+        for hp in plan.points:
+            layer, site = site_of(hp)
+            wanted.setdefault(layer, set()).add(site)
+        s.wrap_layers(m.model.layers, {k: frozenset(v) for k, v in wanted.items()},
+                      device=dev, dtype=torch.float32)
+        s.start()  # the sender validates the plan, the model thread's first step installs it
+        assert eventually(lambda: s.transport.connected, 30.0), "not connected"
+        out["plan_deferred_to_model_thread"] = s._state is None and s._pending_plan is not None
+        pos_in = torch.zeros(n_pad, dtype=torch.int64, device=dev)
+        x_in = torch.zeros(n_pad, d, device=dev)
+        graph = None
+        if dev.type == "cuda":  # capture one padded forward, replayed at every step
+            with torch.no_grad():
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        m(pos_in, x_in)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    m(pos_in, x_in)
+        runs = [False]
+
+        def execute_model() -> None:  # the runner's forward for this step (or none)
+            if not runs[0]:
+                return
+            if graph is not None:
+                graph.replay()
+            else:
+                with torch.no_grad():
+                    m(pos_in, x_in)
+
+        runner.execute_model = execute_model
+        wrap_execute_model(runner, s)
+        expect: dict[tuple[str, int, str, int], torch.Tensor] = {}  # (rid, pos, kind, layer)
+        t0 = time.perf_counter()
+        for sched, ok in steps:
+            live = [(i, cr) for i, cr in enumerate(sched) if cr is not None]
+            st = fake_runner([plens[i] for i, _ in live], [c for _, (c, _) in live],
+                             [n for _, (_, n) in live])
+            ids = [f"r{i}" for i, _ in live]
+            st.input_batch.req_ids = ids
+            runner.input_batch, runner.query_start_loc = st.input_batch, st.query_start_loc
+            runner.requests = {rid: states.setdefault(rid, v)
+                               for rid, v in zip(ids, st.requests.values(), strict=True)}
+            pos = torch.cat([torch.arange(c, c + n) for _, (c, n) in live])
+            n = int(pos.numel())
+            x = torch.randn(n_pad, d, generator=g)
+            pos_p = torch.cat([pos, torch.zeros(n_pad - n, dtype=torch.int64)])
+            runs[0] = ok
+            if ok:
+                with torch.no_grad():
+                    ref = reference(base, pos_p.to(dev), x.to(dev))
+                row = 0
+                for rid, (_, (c, k)) in zip(ids, live, strict=True):
+                    for j in range(k):
+                        expect[(rid, c + j, "resid_pre", mid)] = ref[(mid, SITE_IN)][row + j]
+                        expect[(rid, c + j, "resid_post", late)] = ref[(late, SITE_OUT)][row + j]
+                    row += k
+            pos_in.copy_(pos_p)
+            x_in.copy_(x)
+            runner.execute_model()
+        want = len(expect)
+        got_all = eventually(lambda: sink.rows_received() >= want, 30.0)
+        eventually(lambda: s.transport.stats()["dropped_frames"] >= len(hooks), 10.0)
+        out["steps_s"] = round(time.perf_counter() - t0, 3)
+        recv: dict[tuple[str, int, str, int], Any] = {}
+        for layer, kind in ((mid, "resid_pre"), (late, "resid_post")):
+            for rid, rows in sink.rows_by_request(layer, kind).items():
+                for p, v in rows.items():
+                    recv[(rid, p, kind, layer)] = v
+        errs = [max_err(torch.from_numpy(recv[k]), v) for k, v in expect.items() if k in recv]
+        st_ = s.stats()
+        tol = 1e-3 if dev.type == "cuda" else 1e-5  # TF32 may be on for cuda matmuls
+        out.update(
+            rows_expected=want, rows_received=sink.rows_received(), all_arrived=got_all,
+            missing=len(set(expect) - set(recv)), unexpected=len(set(recv) - set(expect)),
+            max_err=max(errs) if errs else None,
+            dropped_frames=st_["dropped_frames"], dropped_rows=st_["dropped_rows"],
+            hook_errors=st_["hook_errors"], op_errors=st_["op_errors"],
+            graph_replays=dev.type == "cuda")
+        out["rows_equal_eager"] = bool(
+            got_all and not out["missing"] and not out["unexpected"] and errs
+            and max(errs) <= tol and st_["dropped_frames"] == len(hooks)
+            and st_["dropped_rows"] == 3 * len(hooks) and not st_["hook_errors"])
+    finally:
+        s._stop.set()
+        s.transport.close()
+        sink.stop()
+    return out
+
+
 def to_markdown(r: dict[str, Any]) -> str:
     lines = [f"# bench_gpu_capture on {r['device_name']}", "",
              f"torch {r['torch']}, d_model {r['args']['d_model']}, layers {r['args']['layers']}, "
              f"tokens {r['args']['tokens']}, wall {r['wall_s']} s", "",
              "## Graphs (torch.compile, counting backend)", "",
              "| arm | graphs | FX nodes | breaks |", "|---|---|---|---|"]
-    for arm, g in r["graphs"].items():
+    for arm, g in r.get("graphs", {}).items():
         lines.append(f"| {arm} | {g['graphs']} | {g['fx_nodes']} | {g['graph_breaks']} |")
     lines += ["", "## Rows captured vs eager reference", "",
               "| path | ms/forward | rows equal | max err | sink calls | cudagraph skips |",
               "|---|---|---|---|---|---|"]
-    for k, v in r["rows"].items():
+    for k, v in r.get("rows", {}).items():
         if isinstance(v, dict) and "error" in v:
             lines.append(f"| {k} | failed: {v['error'][:160]} | | | | |")
             continue
@@ -395,7 +534,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {k} | {v['ms_per_forward']} | {v.get('rows_equal_eager', '-')} | "
                      f"{max(errs) if errs else '-'} | {v.get('sink_calls', '-')} | "
                      f"{v.get('cudagraph_skips') or '-'} |")
-    for arm, v in r["rows"].get("manual_cudagraph", {}).items():
+    for arm, v in r.get("rows", {}).get("manual_cudagraph", {}).items():
         if not isinstance(v, dict):
             lines.append(f"| manual CUDAGraph | failed: {str(v)[:160]} | | | | |")
             continue
@@ -405,20 +544,25 @@ def to_markdown(r: dict[str, Any]) -> str:
     lines += ["", "## Projection GEMM X·W", "",
               "| shape | CPU fp32 ms | CUDA fp32 ms | CUDA bf16 ms | CUDA bf16 rel err |",
               "|---|---|---|---|---|"]
-    for k, v in r["projection"].items():
+    for k, v in r.get("projection", {}).items():
         lines.append(f"| {k} ({v['d_model']}x{v['k']}) | {v['cpu_fp32_ms']} | "
                      f"{v.get('cuda_fp32_ms', '-')} | {v.get('cuda_bf16_ms', '-')} | "
                      f"{v.get('cuda_bf16_rel_err', '-')} |")
     lines += ["", "## Device-to-host copy of captured rows (bf16, 2 slots)", ""]
-    if "skipped" in r["d2h"]:
-        lines.append(f"skipped: {r['d2h']['skipped']}")
+    d2h = r.get("d2h", {"skipped": "not run"})
+    if "skipped" in d2h:
+        lines.append(f"skipped: {d2h['skipped']}")
     else:
         lines += ["| size | bytes | blocking .cpu() ms | async host ms | async e2e ms | GB/s "
                   "| equal |", "|---|---|---|---|---|---|---|"]
-        for k, v in r["d2h"].items():
+        for k, v in d2h.items():
             lines.append(f"| {k} | {v['bytes']} | {v['blocking_pageable_ms']} | "
                          f"{v['async_pinned_host_ms']} | {v['async_pinned_e2e_ms']} | "
                          f"{v['async_pinned_GBps']} | {v['equal']} |")
+    p = r.get("plugin", {})
+    lines += ["", "## Plugin static capture path (CaptureSession, fake runner, loopback gRPC)",
+              ""]
+    lines.append(", ".join(f"{k} {v}" for k, v in p.items()))
     return "\n".join(lines) + "\n"
 
 
@@ -435,6 +579,8 @@ def main() -> int:
     ap.add_argument("--big-k", type=int, default=520)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 256, 4096])
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--parts", nargs="+", default=["graphs", "rows", "projection", "d2h",
+                                                   "plugin"])
     args = ap.parse_args()
     if args.small:
         args.d_model, args.d_ff, args.layers, args.tokens = 64, 128, 4, 8
@@ -460,7 +606,9 @@ def main() -> int:
         ("rows", lambda: part_rows(args, dev, wanted)),
         ("projection", lambda: part_projection(args, dev)),
         ("d2h", lambda: part_d2h(args, dev)),
+        ("plugin", lambda: part_plugin(args, dev)),
     ]
+    parts = [(name, fn) for name, fn in parts if name in args.parts]
     for name, fn in parts:
         t = time.perf_counter()
         try:

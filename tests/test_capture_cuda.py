@@ -205,9 +205,11 @@ def _run(static: bool, compiled: bool, generated_only: bool
             wanted.setdefault(layer, set()).add(site)
         s.wrap_layers(m.model.layers, {k: frozenset(v) for k, v in wanted.items()},
                       device=torch.device("cpu"), dtype=torch.float32)
-        s.set_plan(plan)
+        if not static:  # static: the sender validates it, the first step installs it
+            s.set_plan(plan)
         s.start()
         assert eventually(lambda: s.transport.connected, 20.0)
+        assert (s._state is None) == static and (s._pending_plan is not None) == static
         fwd = torch.compile(m, dynamic=False) if compiled else m
         step_input: list[tuple[torch.Tensor, torch.Tensor] | None] = [None]
 

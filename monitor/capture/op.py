@@ -27,17 +27,18 @@ What the implementation does:
   hands the pair to the active `LayerSink` (the capture session), which copies the rows
   of the hook points it needs into a host ring slot at once — before the next layer's
   fused add-RMSNorm updates the tensors in place.
-- CUDA (not exercised here; roadmap item 3): a Python impl does not run on CUDA-graph
-  replay. The graph-safe design keeps the same op but passes static device buffers —
+- CUDA: a Python impl does not run on CUDA-graph replay. The graph-safe design keeps the
+  same op but passes static device buffers —
   `hidden_buf [n_plan_layers, max_num_tokens, d_model]` and `pos_buf [max_num_tokens]` —
   as mutated args, copies into them with device kernels only (no `.item()`, no host
   indexing, no sync), and does the row bookkeeping on the host after `execute_model`
-  returns: `meta` tells whether this step's forward ran, `query_start_loc.cpu` /
+  returns: `meta` tells whether this step's forward ran, `query_start_loc` /
   `input_batch` give the spans, and a side stream copies the kept rows into the pinned
   ring slot with an event the sender waits on. `StaticBuffers` carries those tensors and
   `capture_static` below is that op (`wrap_decoder_layers(..., static=buffers)`); the
-  plugin does not use it yet (no CUDA here). `bench/bench_gpu_capture.py` checks it on a
-  GPU: rows under torch.compile and CUDA-graph replay equal eager.
+  plugin's static capture path (`CaptureSession(static=True)`, `SAFETY_MONITOR_CAPTURE_PATH`)
+  uses it. `bench/bench_gpu_capture.py` checks it on a GPU: rows under torch.compile and
+  CUDA-graph replay equal eager (part `plugin`: the whole static path).
 """
 
 from __future__ import annotations

@@ -227,15 +227,17 @@ class CaptureSession:
             the wrapper `wrap_execute_model` installs) instead of by `on_layer`.
 
     Static path, per step (model thread, no host sync; CUDA: `side` stream):
-    `before_step`: the current stream waits for the previous step's copies (they read the
-    static buffers the forward overwrites), `meta_before = meta`. `after_step`: layout and
-    ring slot as `on_layer`'s first site does; on the side stream, after the current
-    stream's work: `ran_dev[slot] = meta - meta_before`, the kept rows of each plan point
-    (`narrow` or `index_select` of `hidden[plan slot]`, cast to the plan dtype) and their
-    positions copied (`non_blocking`) into the pinned ring slot, `ran_host[slot]`,
-    `pos_host[slot]`; an event recorded in the `StepRecord`. The sender thread waits on
-    it, then drops (counted) a step in which no forward ran (`ran` all zero) or whose
-    positions are not the layout's (`_static_check`), else sends it as `on_layer` would.
+    `before_step`: a plan the sender validated (`set_plan` off the model thread with new
+    buffers to allocate) is installed; the current stream waits for the previous step's
+    copies (they read the static buffers the forward overwrites); `meta_before = meta`.
+    `after_step`: layout and ring slot as `on_layer`'s first site does; on the side
+    stream, after the current stream's work: `ran_dev[slot] = meta - meta_before`, the
+    kept rows of each plan point (`narrow` or `index_select` of `hidden[plan slot]`, cast
+    to the plan dtype) and their positions copied (`non_blocking`) into the pinned ring
+    slot, `ran_host[slot]`, `pos_host[slot]`; an event recorded in the `StepRecord`. The
+    sender thread waits on it, then drops (counted) a step in which no forward ran (`ran`
+    all zero) or whose positions are not the layout's (`_static_check`), else sends it as
+    `on_layer` would.
     On CPU the copies are synchronous and the event is None.
     """
 
@@ -277,6 +279,8 @@ class CaptureSession:
         self._side: torch.cuda.Stream | None = None  # static path on CUDA: copy stream
         self._last_copy: torch.cuda.Event | None = None  # its event of the last step
         self.hook_errors = 0  # static path: exceptions in before_step / after_step
+        self._model_thread: int | None = None  # static path: `threading.get_ident()`
+        self._pending_plan: Plan | None = None  # static path: validated, to install
         self._state: _PlanState | None = None
         self._open: _OpenStep | None = None
         self.step = 0
@@ -329,7 +333,17 @@ class CaptureSession:
                     "set SAFETY_MONITOR_CAPTURE_PATH=host (with vLLM --enforce-eager on a "
                     "GPU) to capture them")
         cur = self._state
-        if (cur is not None and cur.plan.points == plan.points and cur.plan.dtype == plan.dtype):
+        reuse = cur is not None and cur.plan.points == plan.points \
+            and cur.plan.dtype == plan.dtype
+        if self.static and not reuse and threading.get_ident() != self._model_thread:
+            # new pinned / device buffers: allocated by the model thread only (`before_step`),
+            # never while vLLM may be recording CUDA graphs on it (an allocation from
+            # another thread during a capture fails it)
+            self._pending_plan = plan
+            log.info("safety monitor: capture plan %s validated; installed by the model "
+                     "thread at its next step", plan.plan_id)
+            return
+        if reuse and cur is not None:
             ring = cur.ring
         else:
             ring = HostRing.sized(slots=self.cfg.ring_slots, budget_mb=self.cfg.ring_mb,
@@ -509,6 +523,7 @@ class CaptureSession:
         `dtype`, the model's). Static: a plan without any output site also wraps the
         output of its last layer (`meta` is bumped there: it tells that a forward ran)."""
         self.device = torch.device(device)
+        self._model_thread = threading.get_ident()
         if not self.static:
             self.wrapped = wrap_decoder_layers(layers, wanted, self.buffers.meta)
         else:
@@ -537,6 +552,9 @@ class CaptureSession:
         before = self._meta_before
         if before is None:
             return
+        pending, self._pending_plan = self._pending_plan, None
+        if pending is not None:
+            self.set_plan(pending)
         if self._last_copy is not None:
             torch.cuda.current_stream(self.device).wait_event(self._last_copy)
         before.copy_(self.buffers.meta)

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from monitor.tools.models import DEFAULT_MODEL_NAME
 
@@ -248,6 +247,10 @@ def wait_grpc_serving(channel: grpc.Channel, timeout_s: float, proc: subprocess.
     """Return once gRPC health (service "") on ``channel`` reports SERVING; RuntimeError if
     ``proc`` exits first or ``timeout_s`` passes (the message names ``what``, the exit code
     or the time waited). ``channel`` decides the transport (insecure, TLS)."""
+    # imported here, not at module level: the capture sink (tests/capture_sink.py) imports
+    # this module where grpcio-health-checking may be absent (the GPU bench machine)
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     stub = health_pb2_grpc.HealthStub(channel)
 
     def serving() -> bool:
