@@ -288,16 +288,30 @@ def main(argv: list[str] | None = None) -> int:
         str(prepare_default_model()), torch_dtype=getattr(torch, args.dtype)).eval()
     ids = torch.randint(0, model.config.vocab_size, (args.batch, 1))
 
-    def cell() -> tuple[float, float]:
+    def schedstat() -> tuple[int, int]:
+        """This thread's (CPU ns, ns runnable but waiting for a CPU) from the scheduler."""
+        cpu_ns, wait_ns = Path("/proc/thread-self/schedstat").read_text().split()[:2]
+        return int(cpu_ns), int(wait_ns)
+
+    def cell() -> tuple[float, float, float, float]:
+        """(median wall ms, median thread-CPU ms, mean run-queue wait ms, mean blocked ms)
+        per forward; blocked = wall - CPU - run-queue wait (the GIL, other waits)."""
         wall, cpu = [], []
         with torch.inference_mode():
             model(input_ids=ids, use_cache=False)  # warm caches after the switch
+            s0, t_all = schedstat(), time.perf_counter()
             for _ in range(args.forwards):
                 t0, c0 = time.perf_counter(), time.thread_time()
                 model(input_ids=ids, use_cache=False)
                 wall.append(time.perf_counter() - t0)
                 cpu.append(time.thread_time() - c0)
-        return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+            t_all = time.perf_counter() - t_all
+            s1 = schedstat()
+        n = args.forwards
+        wait_ms = (s1[1] - s0[1]) / 1e6 / n
+        blocked_ms = max(0.0, t_all * 1e3 / n - (s1[0] - s0[0]) / 1e6 / n - wait_ms)
+        return (statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3, wait_ms,
+                blocked_ms)
 
     cell()  # warm-up
     step_ms = args.step_ms or cell()[0]
@@ -305,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         if {"monitor", "monitor-inproc"} & set(conds) else None
     load0 = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    res: dict[str, list[tuple[float, float]]] = {c: [] for c in conds}
+    res: dict[str, list[tuple[float, float, float, float]]] = {c: [] for c in conds}
     sidecar_cpu, rows = 0.0, 0.0
     try:
         for r in range(args.rounds):
@@ -330,26 +344,28 @@ def main(argv: list[str] | None = None) -> int:
     load1 = os.getloadavg()
 
     med = statistics.median
-    base_w = med(w for w, _ in res["none"])
-    base_c = med(c for _, c in res["none"])
+    base_w = med(r[0] for r in res["none"])
+    base_c = med(r[1] for r in res["none"])
     lines = [
         f"`python bench/bench_corunner.py --rounds {args.rounds} --forwards {args.forwards} "
         f"--batch {args.batch} --dtype {args.dtype} --stream-mib {args.stream_mib}`; "
         f"{platform.machine()}, {os.cpu_count()} CPUs, model thread on CPU {model_cpu}, "
         f"co-runner on {other} at nice 10; torch {torch.__version__}; started {started}, "
         f"load average {load0[0]:.1f} -> {load1[0]:.1f}. Cells: median over rounds of the "
-        "per-round median forward."
+        "per-round median forward (wall, thread CPU) or per-round mean (run-queue wait, "
+        "blocked = wall - CPU - run-queue wait)."
         + (f" monitor: 3 frames of {args.batch} rows every {step_ms:.1f} ms; the sidecar "
            f"used {sidecar_cpu:.1f} CPU-s and scored {rows:.0f} rows in all."
            if mon is not None else ""), "",
-        "| co-runner | forward wall ms | forward CPU ms | wall / none | CPU / none | "
-        "per-round wall / none (min-max) |",
-        "|---|---:|---:|---:|---:|---|"]
+        "| co-runner | forward wall ms | forward CPU ms | run-queue wait ms | blocked ms | "
+        "wall / none | CPU / none | per-round wall / none (min-max) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|"]
     for c in conds:
-        w, cp = med(x for x, _ in res[c]), med(y for _, y in res[c])
-        per = [x / b for (x, _), (b, _) in zip(res[c], res["none"], strict=True)]
-        lines.append(f"| {c} | {w:.2f} | {cp:.2f} | {w / base_w:.3f} | {cp / base_c:.3f} | "
-                     f"{min(per):.3f}-{max(per):.3f} |")
+        w, cp = med(r[0] for r in res[c]), med(r[1] for r in res[c])
+        wq, bl = med(r[2] for r in res[c]), med(r[3] for r in res[c])
+        per = [x[0] / b[0] for x, b in zip(res[c], res["none"], strict=True)]
+        lines.append(f"| {c} | {w:.2f} | {cp:.2f} | {wq:.2f} | {bl:.2f} | {w / base_w:.3f} | "
+                     f"{cp / base_c:.3f} | {min(per):.3f}-{max(per):.3f} |")
     text = "\n".join(lines)
     print(text)
     if args.out is not None:

@@ -149,6 +149,15 @@ def test_behind_bound_and_env_override(tmp_path: Path, gate_env: tuple[int, int]
         stats.write_text(json.dumps({"queued": 10}))
         wait_until(_mode_is(g, True, "closed"))
         assert _call(g) == (200, b"served")
+        # a worker that refused to install capture (e.g. CUDA graphs on): nothing is judged
+        stats.write_text(json.dumps({"installed": False, "pid": 1,
+                                     "not_installed": "CUDA graphs are on (...)"}))
+        wait_until(_mode_is(g, False, "closed"))
+        status, body = _call(g)
+        msg = json.loads(body)["error"]["message"]
+        assert status == 503 and "capture is not installed" in msg and "CUDA graphs" in msg
+        stats.write_text(json.dumps({"installed": True, "queued": 0}))
+        wait_until(_mode_is(g, True, "closed"))
         # env overrides the policy: fail-open whatever the plan says
         g.watch.close()
         monkeypatch.setenv("SAFETY_MONITOR_FAIL_MODE", "open")

@@ -16,6 +16,9 @@ sidecar is gone. Env vars override it: `SAFETY_MONITOR_FAIL_MODE` (open | closed
 The sidecar *cannot judge* when
 
 - it does not answer `GetCapturePlan` (unreachable), or
+- the capture plugin refused to install in a worker (its stats file says
+  `"installed": false` with the reason, e.g. CUDA graphs on without the static capture
+  path, or speculative decoding; needs `SAFETY_MONITOR_STATS_FILE`), or
 - it is *behind*: `max_behind_frames > 0` and the capture plugin's send queue (the
   worker's stats file, `SAFETY_MONITOR_STATS_FILE`, rewritten every second; field
   `queued`) holds more messages than that. Without a stats file this check is off
@@ -109,24 +112,36 @@ class GateState:
     checked: bool = False
 
 
-def _queued(stats_file: str | None) -> int | None:
-    """Most `queued` over the capturing workers' stats files (None when none is readable).
+def _worker_stats(stats_file: str | None) -> tuple[int | None, list[str]]:
+    """(most `queued`, reasons capture is not installed) over the capturing workers'
+    stats files (`queued` None when no file is readable).
 
     Only TP rank 0 of each pipeline stage captures (and writes a stats file): stage 0
     writes `stats_file`, stage k > 0 writes `stats_file.pp<k>` (`monitor.capture.plugin`),
-    so the sidecar is behind when any stage's send queue is."""
+    so the sidecar is behind when any stage's send queue is. A worker that refused to
+    install capture (e.g. CUDA graphs on, speculative decoding) writes
+    `{"installed": false, "not_installed": why}` instead: nothing it serves is judged."""
     if not stats_file:
-        return None
+        return None, []
     out: int | None = None
+    refused: list[str] = []
     for path in [stats_file, *sorted(glob.glob(glob.escape(stats_file) + ".pp[0-9]*"))]:
         try:
             with open(path) as f:
-                q = json.load(f).get("queued")
+                st = json.load(f)
+            q = st.get("queued")
+            if st.get("installed") is False:
+                refused.append(str(st.get("not_installed") or "reason not stated")[:300])
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(q, int) and not isinstance(q, bool):
             out = q if out is None else max(out, q)
-    return out
+    return out, refused
+
+
+def _queued(stats_file: str | None) -> int | None:
+    """Most `queued` over the capturing workers' stats files (`_worker_stats`)."""
+    return _worker_stats(stats_file)[0]
 
 
 class SidecarWatch:
@@ -171,8 +186,11 @@ class SidecarWatch:
         bound = self.env_behind if self.env_behind is not None else int(e.max_behind_frames)
         st = GateState(ok=True, reason="", fail_mode=mode, max_behind_frames=bound,
                        checked=True)
+        q, refused = _worker_stats(self.cfg.stats_file)
+        if refused:
+            return replace(st, ok=False, reason="the safety monitor's capture is not "
+                           f"installed in the vLLM worker: {refused[0]}")
         if bound > 0:
-            q = _queued(self.cfg.stats_file)
             if q is not None and q > bound:
                 return replace(st, ok=False, reason=f"the safety monitor is behind: {q} "
                                f"messages queued in the capture plugin (bound {bound})")

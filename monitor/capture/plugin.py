@@ -387,7 +387,8 @@ class CaptureSession:
     def stats(self) -> dict[str, Any]:
         s: dict[str, Any] = dict(self.transport.stats())
         s.update(self.blocks.stats())
-        s.update(steps=self.step, steps_sent=self.steps_sent, steps_no_plan=self.steps_no_plan,
+        s.update(installed=True, steps=self.step, steps_sent=self.steps_sent,
+                 steps_no_plan=self.steps_no_plan,
                  unmapped_steps=self.tracker.unmapped_steps, op_errors=sink_errors(),
                  role_errors=self.tracker.role_errors,
                  generated_count_raised=self.tracker.generated_count_raised,
@@ -459,6 +460,78 @@ def load_segmenter(model_config: Any, chat_template_file: str | None) -> RoleSeg
     return seg
 
 
+def cuda_graphs(vllm_config: Any) -> str | None:
+    """How vLLM will run the forward as CUDA graphs (e.g. "cudagraph_mode
+    FULL_AND_PIECEWISE"), or None when it will not.
+
+    vLLM 0.32: `model_config.enforce_eager` forces `compilation_config.cudagraph_mode` to
+    `CUDAGraphMode.NONE` (`VllmConfig.__post_init__`); any other mode records and replays
+    graphs on CUDA. A config without the field (or with it unset) counts as on: vLLM's
+    default on CUDA. Only attributes are read (stand-in configs in tests)."""
+    if bool(getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False)):
+        return None
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    if mode is None:
+        return "cudagraph_mode unset: vLLM's default on CUDA"
+    name = str(getattr(mode, "name", mode)).upper()
+    return None if name == "NONE" else f"cudagraph_mode {name}"
+
+
+def graph_refusal(model: Any, vllm_config: Any) -> str | None:
+    """Why the host-sink capture must not be installed on this model, or None.
+
+    On a CUDA device with CUDA graphs on (`cuda_graphs`), `capture_resid`'s Python kernel
+    runs only while vLLM records a graph, never when it replays one: decode steps would
+    silently not be captured (measured, bench/RESULTS.md "GPU rerun at session 9")."""
+    graphs = cuda_graphs(vllm_config)
+    if graphs is None or _model_device(model).type != "cuda":
+        return None
+    return (f"CUDA graphs are on ({graphs}): the host-sink capture op runs only while a "
+            "graph is recorded, never on replay, so decode steps would not be captured; "
+            "restart vLLM with --enforce-eager to capture (the graph-safe static capture "
+            "path is not selected by the plugin yet)")
+
+
+def _model_device(model: Any) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
+    params = model.parameters() if hasattr(model, "parameters") else iter(())
+    p = next(params, None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _stats_path(cfg: CaptureConfig) -> str | None:
+    """This worker's stats file: `cfg.stats_file` on pipeline stage 0, `.pp<k>` on stage k
+    (one per capturing worker; the gate reads them all)."""
+    if not cfg.stats_file:
+        return None
+    try:
+        from vllm.distributed import get_pp_group
+
+        pp_rank = int(get_pp_group().rank_in_group)
+    except Exception:
+        pp_rank = 0
+    return f"{cfg.stats_file}.pp{pp_rank}" if pp_rank else cfg.stats_file
+
+
+def _refuse(cfg: CaptureConfig, why: str) -> None:
+    """Capture is NOT installed on this worker: one ERROR naming `why`, and the stats file
+    (when configured) says so — `{"installed": false, "not_installed": why, "pid": ...}` —
+    so the API-server gate (`monitor.capture.gate`) reports the worker as unmonitored.
+    vLLM keeps serving."""
+    log.error("safety monitor: capture is NOT installed (no hidden states will be sent; vLLM "
+              "keeps serving, unmonitored): %s", why)
+    path = _stats_path(cfg)
+    if not path:
+        return
+    try:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"installed": False, "not_installed": why, "pid": os.getpid()}, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.error("safety monitor: cannot write the stats file %s: %s", path, e)
+
+
 def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
     """Install capture on a runner whose model was just loaded. Returns the session."""
     if getattr(runner, "_safety_monitor_session", None) is not None:
@@ -475,20 +548,22 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
                  tp_rank)
         return None
     if getattr(runner, "speculative_config", None) is not None:
-        log.error("safety monitor: speculative decoding is on: rejected draft tokens would be "
-                  "reported as real tokens; capture is NOT installed")
+        _refuse(cfg, "speculative decoding is on: rejected draft tokens would be reported as "
+                "real tokens")
         return None
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     layers = find_decoder_layers(model)
     if layers is None:
-        log.error("safety monitor: cannot find the decoder layers of %s; capture is NOT "
-                  "installed (no hidden states will be sent)", type(model).__name__)
+        _refuse(cfg, f"cannot find the decoder layers of {type(model).__name__}")
         return None
     try:
         arch = check_architecture(model, layers)
     except UnsupportedArchitecture as e:
-        log.error("safety monitor: unsupported architecture, capture is NOT installed (no "
-                  "hidden states will be sent): %s", e)
+        _refuse(cfg, f"unsupported architecture: {e}")
+        return None
+    refusal = graph_refusal(model, vc)
+    if refusal is not None:
+        _refuse(cfg, refusal)
         return None
     mc = vc.model_config
     # on the model thread, after vLLM bound it: where the plugin's threads go, and the
@@ -503,14 +578,7 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
         max_model_len=int(mc.max_model_len),
         segmenter=load_segmenter(mc, cfg.chat_template), placement=placement,
     )
-    try:
-        from vllm.distributed import get_pp_group
-
-        pp_rank = int(get_pp_group().rank_in_group)
-    except Exception:
-        pp_rank = 0
-    if pp_rank and cfg.stats_file:  # one stats file per capturing worker (gate: the max)
-        session._stats_path = f"{cfg.stats_file}.pp{pp_rank}"
+    session._stats_path = _stats_path(cfg)
     # the first gRPC channel starts gRPC's C-core threads: open it from a placed thread so
     # that they inherit the placed mask, not the model thread's
     plan = run_placed(placement, "safety-monitor-plan",
