@@ -50,7 +50,8 @@ from probes.pooled import SourceData, fit_pooled, kind_weights
 from probes.study import ORDINARY
 
 __all__ = ["SHORT_CHARS", "ZCLIP", "Lists", "Logits", "Readout", "WindowRow", "choose",
-           "mean_logit", "readouts", "recipe_fit", "run_window_study", "union_thresholds",
+           "mean_logit", "readouts", "recipe_fit", "run_window_study", "second_threshold",
+           "split_thresholds", "union_thresholds",
            "validation_lists", "window_markdown", "window_max_logit"]
 
 ZCLIP = math.log((1 - 1e-6) / 1e-6)
@@ -139,10 +140,34 @@ def union_thresholds(a: np.ndarray, b: np.ndarray, fpr: float, fpr_a: float
         raise ValueError(f"union_thresholds: expected 0 <= fpr_a <= fpr < 1; found "
                          f"fpr_a={fpr_a}, fpr={fpr}")
     ta = threshold_at_fpr(a, fpr_a)
+    return ta, second_threshold(a, b, ta, fpr)
+
+
+def second_threshold(a: np.ndarray, b: np.ndarray, ta: float, fpr: float) -> float:
+    """``T_b`` given ``T_a``: the smallest threshold with ``#{a ≥ T_a or b ≥ T_b} ≤
+    ⌊fpr·n⌋`` on benign scores ``a``, ``b`` (float ``[n]``; the rows ``a`` already alerts
+    on are moved below every score, then :func:`probes.calibrate.threshold_at_fpr` of
+    ``b`` at the rate left)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"second_threshold: expected two equal non-empty [n] arrays; "
+                         f"found {a.shape} and {b.shape}")
     hit = a >= ta
     left = max(fpr - float(hit.mean()), 0.0)
-    tb = threshold_at_fpr(np.where(hit, -1.0, b), left)
-    return ta, tb
+    return threshold_at_fpr(np.where(hit, -1.0, b), left)
+
+
+def split_thresholds(rows_a: np.ndarray, rows_b: np.ndarray, lists_a: np.ndarray,
+                     lists_b: np.ndarray, fpr: float, fpr_a: float) -> tuple[float, float]:
+    """``(T_a, T_b)`` with each calibration population bounded on its own: ``T_a`` at
+    ``fpr_a`` on the short calibration ROWS only (``rows_a``; the benign lists never move
+    the mean read-out's threshold), then ``T_b`` the larger of :func:`second_threshold`
+    on the rows and on the calibration LISTS (``lists_a``, ``lists_b``), so the union's
+    false-alert rate is ``≤ fpr`` on each population separately."""
+    ta = threshold_at_fpr(np.asarray(rows_a, dtype=np.float64), fpr_a)
+    return ta, max(second_threshold(rows_a, rows_b, ta, fpr),
+                   second_threshold(lists_a, lists_b, ta, fpr))
 
 
 # ----------------------------------------------------------------------- lists
@@ -232,19 +257,25 @@ class Readout:
     fpr_a: float = 0.01
     b_only: bool = False
     lists_in_calibration: bool = True
+    split: bool = False
+    """Union only: :func:`split_thresholds` (``T_a`` on the calibration rows alone, ``T_b``
+    bounding the rows and the calibration lists each), instead of one pooled set."""
 
 
-def readouts(windows: Sequence[int] = (8, 16, 32, 64), fpr_a: float = 0.005
-             ) -> list[Readout]:
+def readouts(windows: Sequence[int] = (8, 16, 32, 64), fpr_a: float = 0.005,
+             split: bool = False) -> list[Readout]:
     """Today's read-out (thresholds on the calibration rows only, as shipped), the same
     with the calibration lists added to its calibration set, then for each window ``N``
-    the union judged from the first token and from the ``N``-th, and ``B`` alone."""
+    the union judged from the first token and from the ``N``-th (``split``: thresholds by
+    :func:`split_thresholds`), and ``B`` alone."""
     out = [Readout("(a) mean logit − a·ln n at span end (today; calibration rows only)",
                    lists_in_calibration=False),
            Readout("(a) mean logit − a·ln n, calibration rows + calibration lists")]
+    how = ", split calibration" if split else ""
     for n in windows:
         for m, what in ((1, "every prefix judged"), (n, "full windows only")):
-            out.append(Readout(f"(c) union: (a) ∪ window-{n} max, {what}", n, m, fpr_a))
+            out.append(Readout(f"(c) union: (a) ∪ window-{n} max, {what}{how}", n, m, fpr_a,
+                               split=split))
     for n in windows:
         out.append(Readout(f"(b) window-{n} max alone, every prefix judged", n, 1, 0.0,
                            True))
@@ -359,6 +390,9 @@ def run_window_study(train: Sequence[SourceData], lists: SourceData, meta: Lists
                                                 else []))
                 if r.b_only:
                     ta, tb = math.inf, threshold_at_fpr(cal_b, fpr)
+                elif r.split:
+                    ta, tb = split_thresholds(np.concatenate(ca), np.concatenate(cb[k]),
+                                              la[keep], lb[k][keep], fpr, r.fpr_a)
                 else:
                     ta, tb = union_thresholds(cal_a, cal_b, fpr, r.fpr_a)
                 hit_l = (la >= ta) | (lb[k] >= tb)

@@ -23,6 +23,7 @@ from probes.window import (
     choose,
     mean_logit,
     run_window_study,
+    split_thresholds,
     union_thresholds,
     validation_lists,
     window_max_logit,
@@ -102,6 +103,32 @@ def test_union_thresholds_hold_the_budget_and_are_the_smallest() -> None:
         union_thresholds(a, b, 0.01, 0.02)
     with pytest.raises(ValueError, match="equal non-empty"):
         union_thresholds(a, b[:5], 0.01, 0.005)
+
+
+def test_split_thresholds_bound_each_population_and_are_the_smallest() -> None:
+    # T_a on the rows alone; T_b the smallest that keeps the union within budget on the
+    # rows AND on the lists (brute force over every candidate threshold)
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        n, m = int(rng.integers(100, 500)), int(rng.integers(100, 1500))
+        ra, rb = rng.random(n), rng.random(n)
+        la = 0.8 * rng.random(m)  # the lists' mean read-out is diluted
+        # hot windows, ties sometimes; inside (0, 1) like any sigmoid (thresholds clip to 1)
+        lb = 0.001 + 0.998 * np.round(rng.random(m) ** 0.5, 2 if trial % 2 else 12)
+        ta, tb = split_thresholds(ra, rb, la, lb, 0.01, 0.008)
+        assert ta == threshold_at_fpr(ra, 0.008)  # the lists never move T_a
+
+        def fits(t: float) -> bool:
+            return (((ra >= ta) | (rb >= t)).sum() <= math.floor(0.01 * n + 1e-9)
+                    and ((la >= ta) | (lb >= t)).sum() <= math.floor(0.01 * m + 1e-9))
+
+        assert fits(tb)
+        lower = np.unique(np.concatenate([rb, lb]))
+        lower = lower[lower < tb]
+        if lower.size:
+            assert not fits(lower[-1])
+    with pytest.raises(ValueError, match="equal non-empty"):
+        split_thresholds(ra, rb, la, lb[:3], 0.01, 0.008)
 
 
 def _src(name: str, kind: str, lens: list[int], hot: float, rng: np.random.Generator,
