@@ -45,7 +45,7 @@ from synthetic_decoder import SyntheticDecoder, fake_runner  # noqa: E402
 
 from monitor.capture import op  # noqa: E402
 from monitor.capture.config import CaptureConfig  # noqa: E402
-from monitor.capture.plugin import CaptureSession, site_of  # noqa: E402
+from monitor.capture.plugin import CaptureSession, plan_sites  # noqa: E402
 from monitor.capture.transport import Plan  # noqa: E402
 
 MODEL = "synthetic"
@@ -66,12 +66,7 @@ def make_session(m: SyntheticDecoder, sink: CaptureSink, batch: int, d: int
                        max_rows=max(64, batch))
     plan = s.transport.fetch_plan(30.0)
     assert plan is not None, "sink unreachable"
-    wanted: dict[int, set[int]] = {}
-    for hp in plan.points:
-        layer, site = site_of(hp)
-        wanted.setdefault(layer, set()).add(site)
-    s.wrapped = op.wrap_decoder_layers(layers, {k: frozenset(v) for k, v in wanted.items()},
-                                       s.buffers.meta)
+    s.wrapped = op.wrap_decoder_layers(layers, plan_sites(plan.points), s.buffers.meta)
     s.first_site = min((i, min(v)) for i, v in s.wrapped.items())
     s.set_plan(plan)
     s.start()

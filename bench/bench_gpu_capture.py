@@ -244,6 +244,22 @@ def part_rows(args: argparse.Namespace, dev: torch.device, wanted: dict[int, fro
     return out
 
 
+def cuda_graph(m: SyntheticDecoder, pos: torch.Tensor, x: torch.Tensor, dev: torch.device
+               ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`m(pos, x)` captured in a `torch.cuda.CUDAGraph` (after two warm-up calls on a side
+    stream) and its static output; replaying it reads `pos` / `x` as they are then."""
+    s = torch.cuda.Stream(dev)
+    s.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            m(pos, x)
+    torch.cuda.current_stream(dev).wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = m(pos, x)
+    return graph, y
+
+
 def manual_graph(args: argparse.Namespace, dev: torch.device, wanted: dict[int, frozenset[int]],
                  fresh: Callable[[], SyntheticDecoder], xs: list[torch.Tensor],
                  refs: list[dict[Key, torch.Tensor]],
@@ -262,15 +278,7 @@ def manual_graph(args: argparse.Namespace, dev: torch.device, wanted: dict[int, 
         pos = torch.arange(n, device=dev)
         x_in = torch.zeros(n, d, device=dev)
         with torch.no_grad():
-            s = torch.cuda.Stream(dev)
-            s.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    m(pos, x_in)
-            torch.cuda.current_stream(dev).wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                y = m(pos, x_in)
+            graph, y = cuda_graph(m, pos, x_in, dev)
             meta0 = b.meta.clone()
             errs = []
             for i, x in enumerate(xs):
@@ -388,7 +396,7 @@ def part_plugin(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     from synthetic_decoder import fake_runner
 
     from monitor.capture.config import CaptureConfig
-    from monitor.capture.plugin import CaptureSession, site_of, wrap_execute_model
+    from monitor.capture.plugin import CaptureSession, plan_sites, wrap_execute_model
     from monitor.tools.launch import eventually
 
     n_pad, d, n_layers = args.tokens, args.d_model, args.layers
@@ -419,12 +427,7 @@ def part_plugin(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     try:
         plan = s.transport.fetch_plan(20.0)
         assert plan is not None, "sink unreachable"
-        wanted: dict[int, set[int]] = {}
-        for hp in plan.points:
-            layer, site = site_of(hp)
-            wanted.setdefault(layer, set()).add(site)
-        s.wrap_layers(m.model.layers, {k: frozenset(v) for k, v in wanted.items()},
-                      device=dev, dtype=torch.float32)
+        s.wrap_layers(m.model.layers, plan_sites(plan.points), device=dev, dtype=torch.float32)
         s.start()  # the sender validates the plan, the model thread's first step installs it
         assert eventually(lambda: s.transport.connected, 30.0), "not connected"
         out["plan_deferred_to_model_thread"] = s._state is None and s._pending_plan is not None
@@ -433,15 +436,7 @@ def part_plugin(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
         graph = None
         if dev.type == "cuda":  # capture one padded forward, replayed at every step
             with torch.no_grad():
-                side = torch.cuda.Stream(dev)
-                side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        m(pos_in, x_in)
-                torch.cuda.current_stream(dev).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    m(pos_in, x_in)
+                graph = cuda_graph(m, pos_in, x_in, dev)[0]
         runs = [False]
 
         def execute_model() -> None:  # the runner's forward for this step (or none)

@@ -181,7 +181,7 @@ def _run(static: bool, compiled: bool, generated_only: bool
     from capture_sink import CaptureSink
     from synthetic_decoder import SyntheticDecoder
 
-    from monitor.capture.plugin import CaptureSession, site_of, wrap_execute_model
+    from monitor.capture.plugin import CaptureSession, plan_sites, wrap_execute_model
     from monitor.tools.launch import eventually
     from monitor.v1 import monitor_pb2
 
@@ -199,12 +199,8 @@ def _run(static: bool, compiled: bool, generated_only: bool
     try:
         plan = s.transport.fetch_plan(10.0)
         assert plan is not None
-        wanted: dict[int, set[int]] = {}
-        for hp in plan.points:
-            layer, site = site_of(hp)
-            wanted.setdefault(layer, set()).add(site)
-        s.wrap_layers(m.model.layers, {k: frozenset(v) for k, v in wanted.items()},
-                      device=torch.device("cpu"), dtype=torch.float32)
+        s.wrap_layers(m.model.layers, plan_sites(plan.points), device=torch.device("cpu"),
+                      dtype=torch.float32)
         if not static:  # static: the sender validates it, the first step installs it
             s.set_plan(plan)
         s.start()

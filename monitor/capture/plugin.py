@@ -83,6 +83,15 @@ def site_of(hp: HookPoint) -> tuple[int, int]:
     return hp.layer, _SITE_OF_KIND[hp.kind]
 
 
+def plan_sites(points: tuple[HookPoint, ...]) -> dict[int, frozenset[int]]:
+    """Layer -> op sites the hook points `points` are read at (what to wrap)."""
+    sites: dict[int, set[int]] = {}
+    for hp in points:
+        layer, site = site_of(hp)
+        sites.setdefault(layer, set()).add(site)
+    return {k: frozenset(v) for k, v in sites.items()}
+
+
 #: One hook point read at an op site: (ring index k, first operand is the residual (else
 #: hidden), add the residual to it). resid_pre / resid_post = hidden + residual,
 #: mlp_out = hidden, resid_mid = residual.
@@ -841,11 +850,7 @@ def _install(runner: Any, cfg: CaptureConfig) -> CaptureSession | None:
     wrap_all = cfg.wrap_all
     wanted: dict[int, frozenset[int]] | None = None
     if plan is not None and not wrap_all:
-        sites: dict[int, set[int]] = {}
-        for hp in plan.points:
-            layer, site = site_of(hp)
-            sites.setdefault(layer, set()).add(site)
-        wanted = {k: frozenset(v) for k, v in sites.items()}
+        wanted = plan_sites(plan.points)
     session.wrap_layers(layers, wanted, device=device, dtype=_model_dtype(model))
     mode = _mode(vc)
     if plan is None:
