@@ -105,6 +105,13 @@ def test_union_thresholds_hold_the_budget_and_are_the_smallest() -> None:
         union_thresholds(a, b[:5], 0.01, 0.005)
 
 
+def _fits(tb: float, ta: float, ra: np.ndarray, rb: np.ndarray, la: np.ndarray,
+          lb: np.ndarray) -> bool:
+    """The union (a >= ta or b >= tb) keeps 1% on the rows and on the lists, each."""
+    return bool((((ra >= ta) | (rb >= tb)).sum() <= math.floor(0.01 * ra.size + 1e-9))
+                and (((la >= ta) | (lb >= tb)).sum() <= math.floor(0.01 * la.size + 1e-9)))
+
+
 def test_split_thresholds_bound_each_population_and_are_the_smallest() -> None:
     # T_a on the rows alone; T_b the smallest that keeps the union within budget on the
     # rows AND on the lists (brute force over every candidate threshold)
@@ -118,15 +125,11 @@ def test_split_thresholds_bound_each_population_and_are_the_smallest() -> None:
         ta, tb = split_thresholds(ra, rb, la, lb, 0.01, 0.008)
         assert ta == threshold_at_fpr(ra, 0.008)  # the lists never move T_a
 
-        def fits(t: float) -> bool:
-            return (((ra >= ta) | (rb >= t)).sum() <= math.floor(0.01 * n + 1e-9)
-                    and ((la >= ta) | (lb >= t)).sum() <= math.floor(0.01 * m + 1e-9))
-
-        assert fits(tb)
+        assert _fits(tb, ta, ra, rb, la, lb)
         lower = np.unique(np.concatenate([rb, lb]))
         lower = lower[lower < tb]
         if lower.size:
-            assert not fits(lower[-1])
+            assert not _fits(lower[-1], ta, ra, rb, la, lb)
     with pytest.raises(ValueError, match="equal non-empty"):
         split_thresholds(ra, rb, la, lb[:3], 0.01, 0.008)
 
