@@ -230,7 +230,8 @@ def test_unsupported_architecture_is_refused_at_start(tmp_path):
                               env=env, capture_output=True, text=True, timeout=600)
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0 and "GENERATED 4" in log, log[-4000:]
-        assert "unsupported architecture, capture is NOT installed" in log, log[-4000:]
+        assert "capture is NOT installed" in log, log[-4000:]
+        assert "unsupported architecture: model class 'GPT2LMHeadModel'" in log, log[-4000:]
         assert "'GPT2LMHeadModel'" in log
         assert "capture installed" not in log
         assert sink.n_streams == 0 and not sink.log.frames
