@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from monitor.tools.launch import process_cpu_s  # noqa: E402
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc  # noqa: E402
 
 CONDITIONS = ("none", "spin", "stream", "sidecar-like", "monitor", "monitor-inproc")
@@ -183,7 +184,7 @@ class Monitor:
             os.setpriority(os.PRIO_PROCESS, 0, 0)
             os.sched_setaffinity(0, keep)
         self.gate = start_inproc_client(cfg.target, batch, step_ms, cpus)
-        self.sidecar_cpu0 = _proc_cpu_s(self.sidecar.pid)
+        self.sidecar_cpu0 = process_cpu_s(self.sidecar.pid)
         self.pause()
 
     def resume(self, kind: str) -> None:
@@ -217,19 +218,13 @@ class Monitor:
         os.kill(self.sidecar.pid, signal.SIGCONT)
         time.sleep(1.0)
         rows = self.rows_scored()
-        cpu = _proc_cpu_s(self.sidecar.pid) - self.sidecar_cpu0
+        cpu = process_cpu_s(self.sidecar.pid) - self.sidecar_cpu0
         for p in (self.client, self.sidecar):
             assert p is not None
             os.kill(p.pid, signal.SIGCONT)
             p.kill()
             p.wait(timeout=10)
         return cpu, rows
-
-
-def _proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` (all its threads; Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_corunner(kind: str, cpus: list[int], mib: int) -> subprocess.Popen[str] | None:

@@ -44,7 +44,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from monitor.score import build_placeholder_bundle  # noqa: E402
-from monitor.tools.launch import SidecarServer, start_sidecar, stop  # noqa: E402
+from monitor.tools.launch import (  # noqa: E402
+    SidecarServer,
+    process_cpu_s,
+    start_sidecar,
+    stop,
+)
 from monitor.tools.net import free_port  # noqa: E402
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc  # noqa: E402
 from monitor.wire import Span, decode_frame, encode_frame  # noqa: E402
@@ -69,12 +74,6 @@ def _frames(n: int, rows: int, d: int, dtype: torch.dtype, layers: list[int],
             base, seq=i + 1, model=MODEL, layer=layers[i % len(layers)], spans=spans,
             shm=monitor_pb2.ShmRef() if shm else None)))
     return out
-
-
-def _proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far (all its threads; Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _errors(arm: str, wall: float, out: list[monitor_pb2.ServerMessage]
@@ -204,9 +203,9 @@ def run(args: argparse.Namespace) -> dict[str, float | str]:
         res = {}
         cpu: dict[str, tuple[float, float]] = {}
         for arm in order:
-            s0, c0 = _proc_cpu_s(proc.pid), time.process_time()
+            s0, c0 = process_cpu_s(proc.pid), time.process_time()
             res[arm] = _errors(arm, *(grpc_arm if arm == "grpc" else shm_arm)())
-            cpu[arm] = (_proc_cpu_s(proc.pid) - s0, time.process_time() - c0)
+            cpu[arm] = (process_cpu_s(proc.pid) - s0, time.process_time() - c0)
         wall, shed, other = res["grpc"]
         shm_wall, shm_shed, shm_other = res.get("shm", (0.0, 0, 0))
         ch.close()

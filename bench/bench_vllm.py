@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from monitor.tools.launch import SidecarServer, start_sidecar  # noqa: E402
+from monitor.tools.launch import SidecarServer, process_cpu_s, start_sidecar  # noqa: E402
 from monitor.tools.launch import stop as stop_process  # noqa: E402
 from monitor.tools.net import free_port  # noqa: E402
 
@@ -270,8 +270,7 @@ class Sidecar:
                 if n == name}
 
     def cpu_s(self) -> float:
-        f = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return process_cpu_s(self.proc.pid)
 
     def wait_drained(self, quiet_s: float = 3.0, timeout_s: float = 120.0) -> None:
         """Until rows scored + unscored stop moving for `quiet_s` (the backlog is done)."""

@@ -36,8 +36,8 @@ import grpc
 from monitor.tools.models import DEFAULT_MODEL_NAME
 
 __all__ = ["FAST_RECONNECT", "SidecarServer", "VllmServer", "eventually", "log_tail",
-           "placement_prefix", "start_process", "start_sidecar", "start_vllm", "stop",
-           "wait_grpc_serving", "wait_http"]
+           "placement_prefix", "process_cpu_s", "start_process", "start_sidecar", "start_vllm",
+           "stop", "wait_grpc_serving", "wait_http"]
 
 #: The module `vllm serve` runs (see the module docstring for why not the console script).
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -288,6 +288,14 @@ def stop(proc: subprocess.Popen[bytes] | None, what: str, timeout_s: float = 30,
         print(f"  {what} did not stop in {timeout_s:.0f} s; killing it")
         signal_(signal.SIGKILL)
         proc.wait()
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all its threads (``utime`` +
+    ``stime`` of ``/proc/<pid>/stat``; Linux). The command name may hold spaces and
+    parentheses, so the fields are split after its closing parenthesis."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def log_tail(path: Path, n: int = LOG_TAIL_CHARS) -> str:
