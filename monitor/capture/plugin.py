@@ -658,10 +658,7 @@ class CaptureSession:
                 now = time.monotonic()
                 if self._stats_path and now - last_dump > 1.0:
                     last_dump = now
-                    tmp = f"{self._stats_path}.tmp{os.getpid()}"
-                    with open(tmp, "w") as f:
-                        json.dump(self.stats(), f)
-                    os.replace(tmp, self._stats_path)
+                    _write_stats(self._stats_path, self.stats())
             except Exception:
                 log.exception("safety monitor: janitor error")
 
@@ -775,6 +772,15 @@ def _stats_path(cfg: CaptureConfig) -> str | None:
     return f"{cfg.stats_file}.pp{pp_rank}" if pp_rank else cfg.stats_file
 
 
+def _write_stats(path: str, doc: dict[str, Any]) -> None:
+    """Replace the stats file `path` with `doc` as JSON atomically (a temporary file of this
+    process, then `os.replace`): the gate never reads a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
 def _refuse(cfg: CaptureConfig, why: str) -> None:
     """Capture is NOT installed on this worker: one ERROR naming `why`, and the stats file
     (when configured) says so — `{"installed": false, "not_installed": why, "pid": ...}` —
@@ -786,10 +792,7 @@ def _refuse(cfg: CaptureConfig, why: str) -> None:
     if not path:
         return
     try:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"installed": False, "not_installed": why, "pid": os.getpid()}, f)
-        os.replace(tmp, path)
+        _write_stats(path, {"installed": False, "not_installed": why, "pid": os.getpid()})
     except OSError as e:
         log.error("safety monitor: cannot write the stats file %s: %s", path, e)
 
