@@ -319,7 +319,7 @@ def _unlinked_file() -> int:
 _COUNTERS = ("dropped_frames", "dropped_rows", "dropped_bytes", "dropped_finished",
              "finished_backlog", "reconnects", "sent_frames", "sent_rows", "sent_bytes",
              "verdicts", "stream_errors", "plans_refused", "shm_frames", "shm_full",
-             "shm_refused", "queued")
+             "shm_refused", "queued", "bad_records")
 
 
 class ProcessTransport(Transport):

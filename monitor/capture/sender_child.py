@@ -155,8 +155,11 @@ class Child:
                     raise FrameError(f"RING: expected one descriptor, found {len(fds)}")
                 doc = json.loads(payload)
                 ring = SharedHostRing.attach(doc, fds[0])
-                # steps of older rings are dropped (a new plan brought this one)
-                self.rings = {ring.gen: (ring, self._points)}
+                # a new plan brought it: steps still in flight on the previous ring are
+                # delivered (or dropped and counted by the Transport's plan check)
+                last = max(self.rings, default=None)
+                self.rings = {g: r for g, r in self.rings.items() if g == last}
+                self.rings[ring.gen] = (ring, self._points)
             elif mtype == M_PLAN_REPLY:
                 self._why = payload[1:].decode() if payload[:1] != b"\x01" else ""
                 self._reply.set()
@@ -173,6 +176,7 @@ class Child:
             self.bad_records += 1
             if got is not None and 0 <= slot < got[0].n_slots:
                 got[0].release(slot)
+            self.transport.count_drop(1, n_rows, 0, "step names no ring of this process")
             log.warning("safety monitor sender: step %d names ring %d slot %d rows %d, "
                         "which this process does not hold; dropped", step, gen, slot, n_rows)
             return
@@ -201,7 +205,10 @@ def main(argv: list[str]) -> None:
         sys.exit("usage: python -m monitor.capture.sender_child FD PARENT_PID")
     fd, parent = int(argv[0]), int(argv[1])
     _die_with_parent(parent)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    def _term(*_: object) -> None:  # the main thread unwinds: Transport.close runs
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _term)
     sock = socket.socket(fileno=fd)
     asm = Reassembler()
     got = None
