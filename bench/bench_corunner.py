@@ -22,7 +22,15 @@ other CPU(s) at niceness 10 (where the placed sidecar runs):
   processes, so the model's process holds no monitor thread and never waits for the GIL;
 - `monitor-inproc`: the same sidecar, the same frames sent from a thread of the model's
   own process (on the other CPU, nice 10): the plugin's arrangement in vLLM's worker,
-  where the sender shares the model thread's GIL.
+  where the sender shares the model thread's GIL;
+- `plugin-thread` / `plugin-process`: the plugin's own sender (`monitor.capture`'s
+  `Transport`, `SAFETY_MONITOR_SENDER=thread`, or `ProcessTransport`, `=process`) to the
+  same sidecar, fed as the plugin's model thread feeds it: after every forward the model
+  thread copies the step's rows (one bf16 `[batch, 576]` block per plan hook point) into a
+  ring slot and submits one record (timed with the forward: the model thread pays it);
+  requests finish and restart every 48 steps. The sender's threads (and the child) run
+  on the other CPU(s) as `SAFETY_MONITOR_THREAD_CPUS=auto` places them, not niced (as in
+  vLLM). The two arms differ only in where frames are encoded and sent.
 
 One decode step is stood in for by `model(input_ids[batch, 1])` without a KV cache (each
 forward reads every weight once, as a decode step of `batch` requests does). Rounds rotate
@@ -47,7 +55,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +66,9 @@ import grpc  # noqa: E402
 from monitor.tools.launch import process_cpu_s  # noqa: E402
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc  # noqa: E402
 
-CONDITIONS = ("none", "spin", "stream", "sidecar-like", "monitor", "monitor-inproc")
+CONDITIONS = ("none", "spin", "stream", "sidecar-like", "monitor", "monitor-inproc",
+              "plugin-thread", "plugin-process")
+PLUGIN_ARMS = ("plugin-thread", "plugin-process")
 PLAN_LAYERS = (9, 15, 18)
 
 _CORUNNER = """\
@@ -149,6 +159,66 @@ def start_inproc_client(target: str, batch: int, step_ms: float, cpus: list[int]
     return gate
 
 
+class PluginFeed:
+    """One plugin sender (`Transport` or `ProcessTransport`) connected to `target`, and the
+    model thread's per-step work that feeds it (`step`)."""
+
+    def __init__(self, target: str, sender: str, batch: int) -> None:
+        import torch
+
+        from monitor.capture.config import CaptureConfig
+        from monitor.capture.sender import ProcessTransport
+        from monitor.capture.threads import Placement
+        from monitor.capture.transport import Transport
+        from monitor.roles import TokenRole
+        from monitor.tools.launch import eventually
+
+        self.model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        cfg = CaptureConfig(addr=target, model=self.model, sender=sender, ring_slots=8,
+                            client_id=f"corunner-{sender}")
+        kind = ProcessTransport if sender == "process" else Transport
+        self.t = kind(cfg, self.model, placement=Placement.plan("auto"))
+        plan = self.t.fetch_plan(60.0)
+        if plan is None:
+            raise RuntimeError(f"plugin-{sender}: no capture plan from {target}")
+        self.plan = plan
+        self.ring = self.t.make_ring(slots=8, budget_mb=256, n_layers=len(plan.points),
+                                     max_rows=batch, d_model=plan.d_model, dtype=plan.dtype)
+        self.t.start()
+        if not eventually(lambda: self.t.connected, 60.0):
+            raise RuntimeError(f"plugin-{sender}: not connected to {target}")
+        self.batch, self.n, self.gen = batch, 0, 0
+        self.x = torch.randn(batch, plan.d_model).to(plan.dtype)
+        self.role = int(TokenRole.GENERATED)
+
+    def step(self) -> None:
+        """Model thread, once per forward: the plugin's per-step work (rows into a ring
+        slot, one record submitted; every 48 steps the batch's requests finish)."""
+        from monitor.capture.transport import StepRecord
+        from monitor.v1 import monitor_pb2
+
+        prompt, life = 16, 48
+        if self.n and self.n % life == 0:
+            for k in range(self.batch):
+                self.t.submit_finished(monitor_pb2.RequestFinished(
+                    request_id=f"g{self.gen}-{k}", reason="stop"))
+            self.gen += 1
+        pos = prompt + self.n % life
+        self.n += 1
+        slot = self.ring.acquire()
+        if slot is None:
+            n_p = len(self.plan.points)
+            self.t.count_drop(n_p, n_p * self.batch, 0, "ring full")
+            return
+        for dst in self.ring.rows[slot]:
+            dst[: self.batch].copy_(self.x)
+        spans = [(f"g{self.gen}-{k}", 1, pos, prompt, self.role) for k in range(self.batch)]
+        self.t.submit_step(StepRecord(
+            ring=self.ring, slot=slot, step=self.n, plan_id=self.plan.plan_id,
+            model=self.model, points=self.plan.points, n_rows=self.batch, spans=spans,
+            max_frame_bytes=self.plan.max_frame_bytes))
+
+
 class Monitor:
     """The `monitor` / `monitor-inproc` co-runners: one sidecar (started once for the run,
     its start-up not timed) and two paced clients, a separate process and a thread of this
@@ -156,7 +226,8 @@ class Monitor:
     (SIGCONT, the thread's gate); `pause()` stops all (SIGSTOP), so the other conditions
     run without them."""
 
-    def __init__(self, cpus: list[int], batch: int, step_ms: float, tmp: Path) -> None:
+    def __init__(self, cpus: list[int], batch: int, step_ms: float, tmp: Path,
+                 plugin_arms: tuple[str, ...] = ()) -> None:
         from monitor.tools.launch import SidecarServer, start_sidecar
         from monitor.tools.net import free_port
 
@@ -184,6 +255,9 @@ class Monitor:
             os.setpriority(os.PRIO_PROCESS, 0, 0)
             os.sched_setaffinity(0, keep)
         self.gate = start_inproc_client(cfg.target, batch, step_ms, cpus)
+        #: the plugin arms' senders (started here, on this thread = the model thread)
+        self.feeds = {arm: PluginFeed(cfg.target, arm.removeprefix("plugin-"), batch)
+                      for arm in plugin_arms}
         self.sidecar_cpu0 = process_cpu_s(self.sidecar.pid)
         self.pause()
 
@@ -192,7 +266,7 @@ class Monitor:
         if kind == "monitor":
             assert self.client is not None
             os.kill(self.client.pid, signal.SIGCONT)
-        else:
+        elif kind == "monitor-inproc":
             self.gate.set()
         time.sleep(0.5)  # the client resumes its pace
 
@@ -218,6 +292,8 @@ class Monitor:
         os.kill(self.sidecar.pid, signal.SIGCONT)
         time.sleep(1.0)
         rows = self.rows_scored()
+        for feed in self.feeds.values():
+            feed.t.close()
         cpu = process_cpu_s(self.sidecar.pid) - self.sidecar_cpu0
         for p in (self.client, self.sidecar):
             assert p is not None
@@ -228,7 +304,7 @@ class Monitor:
 
 
 def start_corunner(kind: str, cpus: list[int], mib: int) -> subprocess.Popen[str] | None:
-    if kind in ("none", "monitor"):
+    if kind in ("none", "monitor", "monitor-inproc", *PLUGIN_ARMS):
         return None
     p = subprocess.Popen([sys.executable, "-c", _CORUNNER, ",".join(map(str, cpus)), kind,
                           str(mib)], stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -288,9 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu_ns, wait_ns = Path("/proc/thread-self/schedstat").read_text().split()[:2]
         return int(cpu_ns), int(wait_ns)
 
-    def cell() -> tuple[float, float, float, float]:
+    def cell(per_step: Callable[[], None] | None = None) -> tuple[float, float, float, float]:
         """(median wall ms, median thread-CPU ms, mean run-queue wait ms, mean blocked ms)
-        per forward; blocked = wall - CPU - run-queue wait (the GIL, other waits)."""
+        per forward (+ `per_step` after it, timed with it: the plugin arms' model-thread
+        work); blocked = wall - CPU - run-queue wait (the GIL, other waits)."""
         wall, cpu = [], []
         with torch.inference_mode():
             model(input_ids=ids, use_cache=False)  # warm caches after the switch
@@ -298,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.forwards):
                 t0, c0 = time.perf_counter(), time.thread_time()
                 model(input_ids=ids, use_cache=False)
+                if per_step is not None:
+                    per_step()
                 wall.append(time.perf_counter() - t0)
                 cpu.append(time.thread_time() - c0)
             t_all = time.perf_counter() - t_all
@@ -310,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cell()  # warm-up
     step_ms = args.step_ms or cell()[0]
-    mon = Monitor(other, args.batch, step_ms, Path(tempfile.mkdtemp(prefix="corunner-"))) \
-        if {"monitor", "monitor-inproc"} & set(conds) else None
+    arms = tuple(c for c in conds if c in PLUGIN_ARMS)
+    mon = Monitor(other, args.batch, step_ms, Path(tempfile.mkdtemp(prefix="corunner-")),
+                  arms) if {"monitor", "monitor-inproc", *PLUGIN_ARMS} & set(conds) else None
     load0 = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     res: dict[str, list[tuple[float, float, float, float]]] = {c: [] for c in conds}
@@ -321,20 +401,23 @@ def main(argv: list[str] | None = None) -> int:
             k = r % len(conds)
             for c in conds[k:] + conds[:k]:
                 p = start_corunner(c, other, args.stream_mib)
-                if c.startswith("monitor"):
+                if c.startswith(("monitor", "plugin")):
                     assert mon is not None
                     mon.resume(c)
                 try:
-                    res[c].append(cell())
+                    res[c].append(cell(mon.feeds[c].step if mon is not None
+                                       and c in mon.feeds else None))
                 finally:
                     stop_corunner(p)
-                    if c.startswith("monitor"):
+                    if c.startswith(("monitor", "plugin")):
                         assert mon is not None
                         mon.pause()
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{c} {res[c][-1][0]:.2f} ms" for c in conds), flush=True)
     finally:
+        sent = {}
         if mon is not None:
+            sent = {arm: f.t.stats() for arm, f in mon.feeds.items()}
             sidecar_cpu, rows = mon.close()
     load1 = os.getloadavg()
 
@@ -351,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         "blocked = wall - CPU - run-queue wait)."
         + (f" monitor: 3 frames of {args.batch} rows every {step_ms:.1f} ms; the sidecar "
            f"used {sidecar_cpu:.1f} CPU-s and scored {rows:.0f} rows in all."
-           if mon is not None else ""), "",
+           if mon is not None else "")
+        + "".join(f" {arm}: {st['sent_frames']} frames sent, {st['dropped_frames']} dropped."
+                  for arm, st in sent.items()), "",
         "| co-runner | forward wall ms | forward CPU ms | run-queue wait ms | blocked ms | "
         "wall / none | CPU / none | per-round wall / none (min-max) |",
         "|---|---:|---:|---:|---:|---:|---:|---|"]

@@ -116,7 +116,9 @@ class _Servicer(monitor_pb2_grpc.MonitorServicer):
                     s.log.finished.append(msg.finished)
                 elif which == "stats":
                     s.log.stats.append(msg.stats)
-        return iter(())
+                replies = s.replies
+            if replies is not None:
+                yield from replies(msg)
 
 
 class CaptureSink:
@@ -150,6 +152,9 @@ class CaptureSink:
         self.labels: dict[str, str] = {}  # engine request id -> correlation id
         self.n_streams = 0
         self.slow_s = 0.0
+        #: messages to answer each client message with (e.g. a verdict); None: none
+        self.replies: Callable[[monitor_pb2.ClientMessage],
+                               list[monitor_pb2.ServerMessage]] | None = None
         self._server: grpc.Server | None = None
 
     @property

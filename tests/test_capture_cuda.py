@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -173,11 +175,15 @@ def _step_state(runner: SimpleNamespace, step: int) -> tuple[torch.Tensor, int]:
     return pos, int(pos.numel())
 
 
-def _run(static: bool, compiled: bool, generated_only: bool
-         ) -> tuple[list[tuple], dict[str, int]]:
-    """Frames (hook, spans, rows) the sink received for STEPS, and the session's stats.
+def _run(static: bool, compiled: bool, generated_only: bool, sender: str = "thread",
+         replies: Callable[[Any], list[Any]] | None = None
+         ) -> tuple[list[tuple], dict[str, int], list[tuple]]:
+    """Frames (hook, spans, rows) the sink received for STEPS, the session's stats and the
+    RequestFinished received (request, prompt / generated counts, reason).
     `generated_only`: the plan keeps generated rows only (the mixed step's kept rows are
-    then gathered, not a prefix of the forward)."""
+    then gathered, not a prefix of the forward); `sender`: `SAFETY_MONITOR_SENDER`;
+    `replies`: the sink's answers to each client message (`CaptureSink.replies`): the run
+    then waits for one block order and a judged position of r0 (stats `judged_r0`)."""
     from capture_sink import CaptureSink
     from synthetic_decoder import SyntheticDecoder
 
@@ -189,10 +195,12 @@ def _run(static: bool, compiled: bool, generated_only: bool
     kinds = ((monitor_pb2.TOKEN_KIND_GENERATED,) if generated_only else
              (monitor_pb2.TOKEN_KIND_PROMPT, monitor_pb2.TOKEN_KIND_GENERATED))
     sink = CaptureSink(port=0, model="m", d_model=D, hook_names=HOOKS, kinds=kinds).start()
+    sink.replies = replies
     m = SyntheticDecoder(D, FF, L, seed=3)
     runner = SimpleNamespace(states={})
     cfg = CaptureConfig(addr=sink.addr, model="m", ring_slots=len(STEPS), queue_size=64,
-                        stats_period_s=0.1, capture_path="static" if static else "host")
+                        stats_period_s=0.1, capture_path="static" if static else "host",
+                        sender=sender)
     s = CaptureSession(runner, cfg, model_name="m", d_model=D, n_layers=L, max_rows=MAX_ROWS,
                        static=static)
     g = torch.Generator().manual_seed(7)
@@ -234,11 +242,23 @@ def _run(static: bool, compiled: bool, generated_only: bool
                     c, n = cr
                     want += n if not generated_only else max(0, c + n - max(c, PLENS[k]))
         assert eventually(lambda: sink.rows_received() >= want * len(HOOKS), 20.0)
+        # a process sender's counters reach the worker with its next report (0.25 s)
+        assert eventually(lambda: s.transport.stats()["sent_rows"] >= want * len(HOOKS), 20.0)
         assert eventually(lambda: s.transport.stats()["dropped_frames"] >= (
             len(HOOKS) if static else 0), 20.0)
+        if replies is not None:
+            assert eventually(lambda: s.blocks.stats()["blocks_ordered"] >= 1
+                              and "r0" in s.blocks._judged
+                              and s.stats()["verdicts"] >= 2, 20.0)
+        s._flush_finished()  # r1 left the batch at the last step
+        assert eventually(lambda: len(sink.log.finished) >= 1, 20.0)
         with sink.lock:
             frames = [(fr.layer, fr.kind, fr.spans, fr.x.copy()) for fr in sink.log.frames]
-        return frames, {k: v for k, v in s.stats().items() if isinstance(v, int)}
+            fins = [(f.request_id, f.n_prompt_tokens, f.n_generated_tokens, f.reason)
+                    for f in sink.log.finished]
+        st = {k: v for k, v in s.stats().items() if isinstance(v, int)}
+        st["judged_r0"] = s.blocks._judged.get("r0", -1)
+        return frames, st, fins
     finally:
         op.set_sink(None)
         s._stop.set()
@@ -255,8 +275,8 @@ def test_static_path_sends_exactly_the_host_paths_rows(compiled: bool,
     points, spans and rows; float32 sums computed alike, so bit-equal eager), kept rows a
     prefix (narrow) or gathered (index_select); the no-forward step is dropped and counted
     on the static path (the host path never opens it)."""
-    host, hs = _run(False, compiled, generated_only)
-    static, ss = _run(True, compiled, generated_only)
+    host, hs, _ = _run(False, compiled, generated_only)
+    static, ss, _ = _run(True, compiled, generated_only)
     n_steps = 3 if generated_only else 4  # steps with kept rows whose forward ran
     assert len(host) == len(static) == n_steps * len(HOOKS)
     for h, s in zip(host, static, strict=True):

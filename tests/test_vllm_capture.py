@@ -346,11 +346,15 @@ _GEN_SCRIPT = textwrap.dedent("""
 
 
 def test_compiled_mode_matches_hf(sink, hf, model_path, tmp_path):
+    """vLLM's default compiled mode captures the rows HF computes; this engine also runs
+    the sender in a child process (`SAFETY_MONITOR_SENDER=process`, no extra engine start:
+    the module's eager engine covers the thread sender), which must deliver them all."""
     sink.reset()
     script = tmp_path / "gen.py"
     script.write_text(_GEN_SCRIPT)
-    out = tmp_path / "ids.json"
-    env = dict(os.environ, **ENV_COMMON, SAFETY_MONITOR_ADDR=sink.addr)
+    out, stats = tmp_path / "ids.json", tmp_path / "stats.json"
+    env = dict(os.environ, **ENV_COMMON, SAFETY_MONITOR_ADDR=sink.addr,
+               SAFETY_MONITOR_SENDER="process", SAFETY_MONITOR_STATS_FILE=str(stats))
     kw = dict(ENGINE_KW, max_num_batched_tokens=64, enable_prefix_caching=False)
     proc = subprocess.run(
         [sys.executable, str(script), str(model_path), json.dumps(kw), json.dumps(PROMPTS[:3]),
@@ -362,6 +366,10 @@ def test_compiled_mode_matches_hf(sink, hf, model_path, tmp_path):
     assert sink.wait_for(lambda: len(sink.finished()) >= 3, 20)
     for i, ids in enumerate(seqs):
         assert_matches_hf(sink, hf, f"comp-{i}", ids)
+    st = json.loads(stats.read_text())  # the last dump before the worker exited
+    assert st["sender"] == "process" and st["sender_starts"] == 1, st
+    assert (st["sender_deaths"], st["dropped_frames"], st["pipe_full"]) == (0, 0, 0), st
+    assert "sender process pid" in log and not sink.log.seq_errors
 
 
 def test_static_capture_path_sends_the_host_paths_rows(llm, sink, model_path, tmp_path):

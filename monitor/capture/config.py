@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CAPTURE_PATHS", "ENV_ADDR", "CaptureConfig", "enabled", "env_table"]
+__all__ = ["CAPTURE_PATHS", "ENV_ADDR", "SENDERS", "CaptureConfig", "enabled", "env_table"]
 
 ENV_ADDR = "SAFETY_MONITOR_ADDR"
 
@@ -76,6 +76,14 @@ def _one_line_token(name: str, raw: str) -> str:
 
 
 CAPTURE_PATHS = ("auto", "host", "static")
+SENDERS = ("thread", "process")
+
+
+def _sender(name: str, raw: str) -> str:
+    low = raw.lower()
+    if low not in SENDERS:
+        raise ValueError(f"{name}: expected one of {', '.join(SENDERS)}, found {raw!r}")
+    return low
 
 
 def _capture_path(name: str, raw: str) -> str:
@@ -174,6 +182,12 @@ class CaptureConfig:
         "`static` = the graph-safe op copies them into device buffers and the host gathers "
         "the kept rows after `execute_model` (resid_pre / resid_post hook points only); "
         "`auto` = `static` on a CUDA model, `host` otherwise", parse=_capture_path)
+    sender: str = _env(
+        "SAFETY_MONITOR_SENDER", "thread", "where frames are encoded and sent: `thread` = a "
+        "thread of the vLLM worker (shares the model thread's GIL); `process` = a child "
+        "process fed through a shared-memory ring and a socket (`monitor.capture.sender`; "
+        "host capture path only: with `static` the thread sender is used and that is "
+        "logged)", parse=_sender)
     switch_interval_ms: str | None = _env(
         "SAFETY_MONITOR_SWITCH_INTERVAL_MS", None, "`sys.setswitchinterval` in the worker "
         "(ms, in (0, 100]; process-wide: vLLM's threads too); a bad value is logged, counted "

@@ -51,6 +51,7 @@ from monitor.capture.op import (
     sink_errors,
     wrap_decoder_layers,
 )
+from monitor.capture.sender import ProcessTransport
 from monitor.capture.steps import SpanTuple, StepLayout, StepTracker
 from monitor.capture.threads import (
     Placement,
@@ -277,10 +278,16 @@ class CaptureSession:
         self.segmenter = segmenter
         self.tracker = StepTracker(runner, max_model_len,
                                    segmenter.segment if segmenter is not None else None)
-        self.transport = Transport(cfg, model_name, on_plan=self.set_plan,
-                                   on_verdict=self.on_verdict,
-                                   on_judged_through=self.on_judged_through,
-                                   placement=placement)
+        kind: type[Transport] = Transport
+        if cfg.sender == "process" and not static:
+            kind = ProcessTransport
+        elif cfg.sender == "process":
+            log.warning("safety monitor: SAFETY_MONITOR_SENDER=process supports the host "
+                        "capture path only; the static path sends from a worker thread")
+        self.sender = "process" if kind is ProcessTransport else "thread"
+        self.transport = kind(cfg, model_name, on_plan=self.set_plan,
+                              on_verdict=self.on_verdict,
+                              on_judged_through=self.on_judged_through, placement=placement)
         self.blocks = BlockBoard()
         self.buffers = StaticBuffers(n_layers)
         self.device = torch.device("cpu")
@@ -355,7 +362,7 @@ class CaptureSession:
         if reuse and cur is not None:
             ring = cur.ring
         else:
-            ring = HostRing.sized(slots=self.cfg.ring_slots, budget_mb=self.cfg.ring_mb,
+            ring = self.transport.make_ring(slots=self.cfg.ring_slots, budget_mb=self.cfg.ring_mb,
                                   n_layers=len(plan.points), max_rows=self.max_rows,
                                   d_model=self.d_model, dtype=plan.dtype,
                                   pin=self.device.type == "cuda")
@@ -640,7 +647,7 @@ class CaptureSession:
                  model_cpus=sorted(self.placement.model_cpus) if self.placement else [],
                  thread_cpus=sorted(self.transport.thread_cpus)
                  if self.transport.thread_cpus is not None else None,
-                 capture_path="static" if self.static else "host",
+                 capture_path="static" if self.static else "host", sender=self.sender,
                  hook_errors=self.hook_errors,
                  # a device counter is not read here (a sync every second): CPU only
                  layer_calls=self.buffers.meta.tolist() if self.buffers.meta.is_cpu else None)

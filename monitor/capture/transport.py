@@ -49,6 +49,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import torch
@@ -124,6 +125,9 @@ class Plan:
     #: one that fails validation or names a hook point outside `points` is left out and
     #: logged: its rows go raw)
     projections: dict[str, WorkerProjection] = field(default_factory=dict, compare=False)
+    #: the `CapturePlan` as serialized by the server (the process sender hands it to the
+    #: worker, `monitor.capture.sender`); b"" for a plan built in code
+    proto: bytes = field(default=b"", compare=False, repr=False)
 
     @classmethod
     def from_proto(cls, p: monitor_pb2.CapturePlan) -> Plan:
@@ -154,6 +158,7 @@ class Plan:
             hold_bound_ms=int(p.enforcement.hold_bound_ms),
             fail_mode="closed" if p.enforcement.fail_mode == "closed" else "open",
             projections=_projections(p, {hp.name for hp in points}),
+            proto=p.SerializeToString(),
         )
 
     def describe(self) -> str:
@@ -187,6 +192,9 @@ def _projections(p: monitor_pb2.CapturePlan, points: set[str]) -> dict[str, Work
     return out
 
 
+_Ring = TypeVar("_Ring", bound="HostRing")
+
+
 class HostRing:
     """Preallocated host staging buffers, one slot per engine step.
 
@@ -195,6 +203,8 @@ class HostRing:
     `acquire` (non-blocking) and returned by `release`; both are thread-safe.
     `rows[slot][k]` is the `[max_rows, d_model]` view of hook point `k` in `slot`, made
     once here so the model thread takes no view per copy.
+    `buf`, when given, is that storage already allocated (a shared mapping:
+    `monitor.capture.sender.SharedHostRing`); its shape and dtype are checked.
     """
 
     def __init__(
@@ -206,15 +216,18 @@ class HostRing:
         dtype: torch.dtype,
         *,
         pin: bool = False,
+        buf: torch.Tensor | None = None,
     ) -> None:
         self.n_slots = n_slots
         self.n_layers = n_layers
         self.max_rows = max_rows
         self.d_model = d_model
         self.dtype = dtype
-        self.buf = torch.empty(
-            (n_slots, n_layers, max_rows, d_model), dtype=dtype, pin_memory=pin
-        )
+        shape = (n_slots, n_layers, max_rows, d_model)
+        if buf is not None and (tuple(buf.shape) != shape or buf.dtype != dtype):
+            raise ValueError(f"HostRing buf: expected {shape} {dtype}, found "
+                             f"{tuple(buf.shape)} {buf.dtype}")
+        self.buf = buf if buf is not None else torch.empty(shape, dtype=dtype, pin_memory=pin)
         self.itemsize = self.buf.element_size()
         self.rows: list[list[torch.Tensor]] = [list(self.buf[i].unbind(0))
                                                for i in range(n_slots)]
@@ -223,7 +236,7 @@ class HostRing:
 
     @classmethod
     def sized(
-        cls,
+        cls: type[_Ring],
         *,
         slots: int,
         budget_mb: int,
@@ -232,7 +245,7 @@ class HostRing:
         d_model: int,
         dtype: torch.dtype,
         pin: bool = False,
-    ) -> HostRing:
+    ) -> _Ring:
         """A ring of up to `slots` slots, fewer if they would exceed `budget_mb` (min 1)."""
         slot_bytes = n_layers * max_rows * d_model * torch.finfo(dtype).bits // 8
         fit = max(1, (budget_mb * 1024 * 1024) // max(1, slot_bytes))
@@ -423,6 +436,8 @@ class Transport:
         on_verdict: called in the sender thread with every verdict received (must not
             block; errors are logged, the stream goes on).
         on_judged_through: likewise with every `JudgedThrough` progress message.
+        on_state: called in the sender thread with True when a stream starts and False
+            when it ends (the process sender tells the worker, `monitor.capture.sender`).
         placement: where the sender thread (and the gRPC threads it starts) runs
             (`monitor.capture.threads`); None: where it starts.
     """
@@ -435,9 +450,13 @@ class Transport:
         on_plan: Callable[[Plan], None] | None = None,
         on_verdict: Callable[[monitor_pb2.Verdict], None] | None = None,
         on_judged_through: Callable[[monitor_pb2.JudgedThrough], None] | None = None,
+        on_state: Callable[[bool], None] | None = None,
         placement: Placement | None = None,
     ) -> None:
         self.cfg = cfg
+        self.on_state = on_state
+        #: `ClientHello.instance_id` (a process sender carries its worker's across restarts)
+        self.instance_id = INSTANCE_ID
         self.model = model
         self.on_plan = on_plan
         self.on_verdict = on_verdict
@@ -481,6 +500,9 @@ class Transport:
         self.shm_frames = 0  # frames sent through the ring
         self.shm_full = 0  # frames sent as bytes for want of a free slot
         self.shm_refused = 0  # ring offers the server refused (reason logged)
+        #: drops counted by the worker of a process sender (`add_worker_drops`): reported
+        #: to the sidecar in `ClientStats`, kept out of `stats()` (the worker counts them)
+        self._worker_drops = (0, 0, 0)
 
     # ---------------------------------------------------------------- producer side
     def start(self) -> None:
@@ -601,11 +623,26 @@ class Transport:
         log.error("safety monitor: capture plan refused, NOTHING is captured (vLLM keeps "
                   "serving, unmonitored): %s", e)
 
+    def add_worker_drops(self, frames: int, rows: int, nbytes: int) -> None:
+        """Process sender, child side: drops the worker counted (ring full, socket full,
+        sender down), added to the `ClientStats` sent to the sidecar. Thread-safe."""
+        with self._lock:
+            f, r, b = self._worker_drops
+            self._worker_drops = (f + frames, r + rows, b + nbytes)
+
+    def make_ring(self, *, slots: int, budget_mb: int, n_layers: int, max_rows: int,
+                  d_model: int, dtype: torch.dtype, pin: bool = False) -> HostRing:
+        """The host ring for a plan (`HostRing.sized`); the process sender's lives in
+        memory its child maps (`monitor.capture.sender`)."""
+        return HostRing.sized(slots=slots, budget_mb=budget_mb, n_layers=n_layers,
+                              max_rows=max_rows, d_model=d_model, dtype=dtype, pin=pin)
+
     def _client_stats(self) -> monitor_pb2.ClientStats:
         with self._lock:
+            wf, wr, wb = self._worker_drops
             return monitor_pb2.ClientStats(
-                dropped_frames=self.dropped_frames, dropped_rows=self.dropped_rows,
-                dropped_bytes=self.dropped_bytes, reconnects=self.reconnects,
+                dropped_frames=self.dropped_frames + wf, dropped_rows=self.dropped_rows + wr,
+                dropped_bytes=self.dropped_bytes + wb, reconnects=self.reconnects,
             )
 
     # ---------------------------------------------------------------- plan
@@ -674,6 +711,8 @@ class Transport:
                         self.reconnects += 1
                 self._ever_connected = True
                 self._connected.set()
+                if self.on_state is not None:
+                    self.on_state(True)
                 log.info("safety monitor: connected to sidecar %s (%s)", self.cfg.addr,
                          plan.describe())
                 failures, backoff = 0, self.cfg.backoff_s
@@ -700,6 +739,8 @@ class Transport:
             finally:
                 was = self.connected
                 self._connected.clear()
+                if was and self.on_state is not None:
+                    self.on_state(False)
                 self._shm_on.clear()
                 dead.set()
                 channel.close()
@@ -768,25 +809,29 @@ class Transport:
             v = msg.verdict
             log.debug("safety monitor verdict: request=%s detector=%s score=%.3f severity=%d "
                       "final=%s", v.request_id, v.detector, v.score, v.severity, v.final)
-            if self.on_verdict is not None:
-                try:
-                    self.on_verdict(v)
-                except Exception:
-                    log.exception("safety monitor: verdict handler error")
+            self.deliver(msg)
         elif which == "shm_ack":
             self._on_shm_ack(msg.shm_ack)
         elif which == "judged_through":
-            if self.on_judged_through is not None:
-                try:
-                    self.on_judged_through(msg.judged_through)
-                except Exception:
-                    log.exception("safety monitor: judged_through handler error")
+            self.deliver(msg)
         elif which == "error":
             with self._lock:
                 self.stream_errors += 1
             e = msg.error
             log.warning("safety monitor: sidecar refused a message: reason=%s seq=%d %s",
                         e.reason, e.seq, e.message)
+
+    def deliver(self, msg: monitor_pb2.ServerMessage) -> None:
+        """Hand a verdict to `on_verdict` or a `JudgedThrough` to `on_judged_through`
+        (nothing is counted here; an error in the handler is logged, never raised)."""
+        which = msg.WhichOneof("body")
+        try:
+            if which == "verdict" and self.on_verdict is not None:
+                self.on_verdict(msg.verdict)
+            elif which == "judged_through" and self.on_judged_through is not None:
+                self.on_judged_through(msg.judged_through)
+        except Exception:
+            log.exception("safety monitor: %s handler error", which)
 
     def _to_ring(self, ring: ShmRingWriter, rows: torch.Tensor) -> monitor_pb2.ShmRef | None:
         """Copy `rows` (host, `[n, width]`, at most `slot_bytes`) into a free ring slot; None
@@ -808,7 +853,7 @@ class Transport:
         ring = self.shm
         yield monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
             client_id=self.cfg.client_id, model=self.model, plan_id=plan.plan_id,
-            wire_version=WIRE_VERSION, instance_id=INSTANCE_ID,
+            wire_version=WIRE_VERSION, instance_id=self.instance_id,
             shm_ring=ring.hello() if ring is not None else None))
         last_stats = self._client_stats()
         if last_stats.dropped_frames or last_stats.reconnects:

@@ -1,0 +1,157 @@
+"""The capture plugin's sender in a child process (`SAFETY_MONITOR_SENDER=process`).
+
+Real processes and sockets: the worker side (`monitor.capture.sender.ProcessTransport`)
+starts `python -m monitor.capture.sender_child`, which streams over loopback gRPC to the
+recording sink of `tests/capture_sink.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from capture_sink import CaptureSink
+from conftest import eventually
+from test_capture_cuda import HOOKS, _run
+
+from monitor.capture.config import CaptureConfig
+from monitor.capture.sender import ProcessTransport
+from monitor.capture.transport import HostRing, StepRecord
+from monitor.tools.net import free_port
+from monitor.v1 import monitor_pb2
+from monitor.wire.hooks import resid_post
+
+D = 8
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("generated_only", [False, True], ids=["all_rows", "generated"])
+def test_process_sender_sends_exactly_the_thread_senders_frames(generated_only: bool) -> None:
+    """Prefill (chunked), mixed, decode and padded forwards and a finished request through
+    a CaptureSession over the stand-in runner: the process sender delivers the same frames
+    (hook, spans, rows bit for bit) and the same RequestFinished as the thread sender, and
+    its stats (worker + child merged) count them alike."""
+    th, ts, tf = _run(False, False, generated_only, sender="thread")
+    pr, ps, pf = _run(False, False, generated_only, sender="process")
+    assert len(th) == len(pr) and len(pr) >= 3 * len(HOOKS)
+    for a, b in zip(th, pr, strict=True):
+        assert a[:3] == b[:3]
+        assert np.array_equal(a[3], b[3])
+    assert tf == pf and len(pf) >= 1
+    for k in ("sent_frames", "sent_rows", "sent_bytes", "steps_sent", "dropped_frames"):
+        assert ts[k] == ps[k], k
+    assert ps["sender_starts"] == 1 and ps["sender_deaths"] == 0 and ps["pipe_full"] == 0
+
+
+def _verdicts(msg: monitor_pb2.ClientMessage) -> list[monitor_pb2.ServerMessage]:
+    """The sink's answer to the first frame of r0: a block, a plain verdict, a progress."""
+    if msg.WhichOneof("body") != "frame" or msg.frame.seq != 1:
+        return []
+    def verdict(mode: str, severity: monitor_pb2.Severity) -> monitor_pb2.ServerMessage:
+        return monitor_pb2.ServerMessage(verdict=monitor_pb2.Verdict(
+            request_id="r0", detector="harmful_intent", score=0.99, mode=mode,
+            severity=severity))
+
+    return [verdict("block", monitor_pb2.SEVERITY_CRITICAL),
+            verdict("alert", monitor_pb2.SEVERITY_WARN),
+            monitor_pb2.ServerMessage(judged_through=monitor_pb2.JudgedThrough(
+                request_id="r0", position=2))]
+
+
+def test_process_sender_brings_block_verdicts_and_progress_to_the_session() -> None:
+    """A block verdict from the sidecar reaches `CaptureSession.on_verdict` in the worker
+    (one block order for r0) and `JudgedThrough` reaches the block board, as with the
+    thread sender; only those cross back (the child counts every verdict)."""
+    _, ts, _ = _run(False, False, False, sender="thread", replies=_verdicts)
+    _, ps, _ = _run(False, False, False, sender="process", replies=_verdicts)
+    for st in (ts, ps):
+        assert (st["blocks_ordered"], st["blocks_unresolved"], st["judged_r0"]) == (1, 0, 2)
+        assert st["verdicts"] == 2
+
+
+def _step(ring: HostRing, step: int) -> StepRecord | None:
+    """A two-point step of 5 rows (values tell step and point apart), or None: no slot."""
+    slot = ring.acquire()
+    if slot is None:
+        return None
+    v = ring.view(slot)
+    for k in range(2):
+        v[k, :5] = torch.arange(5 * D, dtype=torch.float32).view(5, D) + 1000 * k + 10000 * step
+    return StepRecord(ring=ring, slot=slot, step=step, plan_id="test-plan-1", model=MODEL,
+                      points=(resid_post(3), resid_post(15)), n_rows=5,
+                      spans=[("req-a", 2, 7, 9, 2), ("req-b", 3, 0, 100, 5)],
+                      labels={"req-a": "ticket-a"})
+
+
+def test_process_sender_survives_sidecar_down_and_a_killed_child() -> None:
+    """Sidecar stopped: steps are dropped and counted in the worker, never queued; the
+    sidecar back: frames flow, and its ClientStats include the worker's drops. The child
+    SIGKILLed: the death is counted, the steps it held are counted as dropped, every slot
+    is free again, steps meanwhile are dropped and counted; a new child starts, reconnects
+    and sends again."""
+    sink = CaptureSink(port=free_port(), d_model=D, layers=(3, 15)).start()
+    cfg = CaptureConfig(addr=sink.addr, model=MODEL, plan_timeout_s=5.0, backoff_s=0.05,
+                        backoff_max_s=0.2, stats_period_s=0.1, client_id="test-client",
+                        sender="process")
+    t = ProcessTransport(cfg, MODEL)
+    step = 0
+
+    def send(n: int) -> list[bool]:
+        nonlocal step
+        out = []
+        for _ in range(n):
+            step += 1
+            rec = _step(ring, step)
+            out.append(rec is not None and t.submit_step(rec))
+        return out
+
+    try:
+        assert t.fetch_plan(10.0) is not None
+        ring = t.make_ring(slots=4, budget_mb=16, n_layers=2, max_rows=8, d_model=D,
+                           dtype=torch.float32)
+        t.start()
+        assert eventually(lambda: t.connected, 20.0)
+        assert all(send(2))
+        assert eventually(lambda: sink.n_frames() == 4, 20.0)
+        with sink.lock:
+            fr = sink.log.frames[0]
+        assert fr.spans == [("ticket-a", 2, 7, 9), ("req-b", 3, 0, 100)]
+        assert np.array_equal(fr.x, (torch.arange(5 * D).view(5, D) + 10000).numpy())
+        # sidecar down
+        sink.stop()
+        assert eventually(lambda: not t.connected, 20.0)
+        assert send(3) == [False] * 3
+        st = t.stats()
+        assert (st["dropped_frames"], st["dropped_rows"]) == (6, 30)
+        assert ring.free_slots() == ring.n_slots
+        sink.start()
+        assert eventually(lambda: t.connected, 20.0)
+        assert all(send(1))
+        assert eventually(lambda: sink.n_frames() == 6, 20.0)
+        assert eventually(lambda: any(s.dropped_frames >= 6 for s in sink.log.stats), 20.0)
+        # the child killed (after its report of the 6 frames: a killed child's last
+        # 0.25 s of counts die with it)
+        assert eventually(lambda: t.stats()["sent_frames"] == 6, 20.0)
+        pid = t.proc.pid if t.proc is not None else 0
+        os.kill(pid, signal.SIGKILL)
+        assert eventually(lambda: t.stats()["sender_deaths"] == 1, 20.0)
+        assert send(2) == [False, False] or t.connected  # restarted already: both fine
+        assert ring.free_slots() == ring.n_slots
+        assert eventually(lambda: t.connected and t.stats()["sender_starts"] == 2, 20.0)
+        before = sink.n_frames()
+        assert all(send(2))
+        assert eventually(lambda: sink.n_frames() == before + 4, 20.0)
+        st = t.stats()
+        assert st["sender_alive"] and st["sender_pid"] != pid
+        assert eventually(lambda: t.stats()["sent_frames"] == 10, 20.0)  # 6 + the new 4
+    finally:
+        t.close()
+        sink.stop()
+    assert t.proc is not None and t.proc.poll() is not None, "the child exits on close"
