@@ -25,7 +25,9 @@ Paths (same run, same device, same rows, interleaved repeats, median):
 * ``triton``: the same packed layer through the one fused Triton kernel
   (``monitor/score/triton_fused.py``: GEMM, mask epilogue, read-out, sigmoid in one launch,
   ``P`` never stored; IEEE fp32 unless torch allows TF32, bf16 with fp32 accumulation), at
-  its default blocks; ``--triton-blocks`` adds more block shapes as ``triton[BMxBNxBK]``.
+  its default blocks and column split (``pick_split``: a second tiny launch sums the
+  partials when few rows would leave SMs idle); ``triton[split1]``: the same, forced to one
+  launch; ``--triton-blocks`` adds more block shapes as ``triton[BMxBNxBK]``.
   Only where triton imports and runs (CUDA, or CPU with ``TRITON_INTERPRET=1``); the
   reason is printed otherwise.
 * ``gemm``: a bare ``torch.mm`` of the fused shape ``[rows, d] × [d, 513]``, the floor.
@@ -139,7 +141,9 @@ def triton_fns(p: PackedLayer, device: torch.device, dtype: torch.dtype,
     R = p.R.to(device)
     fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "triton": partial(tf.fused_score, Wt=Wt, b=b, theta=theta, R=R, c=c,
-                          epilogue="mask")}
+                          epilogue="mask"),
+        "triton[split1]": partial(tf.fused_score, Wt=Wt, b=b, theta=theta, R=R, c=c,
+                                  epilogue="mask", split=1)}
     for bl in extra_blocks:
         fns["triton[{}x{}x{}]".format(*bl)] = partial(
             tf.fused_score, Wt=Wt, b=b, theta=theta, R=R, c=c, epilogue="mask", blocks=bl)
