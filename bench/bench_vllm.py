@@ -310,8 +310,8 @@ def write_results(section: str, path: Path) -> None:
 
 
 ARMS = ("none", "sink", "sink-inherit", "sink-switch", "sidecar", "sidecar-placed", "projection",
-        "shm")
-SIDECAR_ARMS = ("sidecar", "sidecar-placed", "projection", "shm")
+        "shm", "placed-process")
+SIDECAR_ARMS = ("sidecar", "sidecar-placed", "projection", "shm", "placed-process")
 SINK_ARMS = ("sink", "sink-inherit", "sink-switch")
 
 
@@ -354,11 +354,12 @@ def sidecar_cpus(spec: str) -> str | None:
 
 def run_sidecar_arm(args: argparse.Namespace, model: str, arm: str) -> dict:
     """One engine process streaming to a fresh scoring sidecar (`arm`: sidecar,
-    sidecar-placed, projection or shm); the arm's result plus the sidecar's counters
-    (`side`), read after its backlog drained."""
+    sidecar-placed, projection, shm or placed-process); the arm's result plus the sidecar's
+    counters (`side`), read after its backlog drained."""
     extra = {"projection": ("--worker-projection",), "shm": ("--shm",)}.get(arm, ())
-    placed = arm == "sidecar-placed"
-    env = {"SAFETY_MONITOR_SHM": "1"} if arm == "shm" else None
+    placed = arm in ("sidecar-placed", "placed-process")
+    env = {"SAFETY_MONITOR_SHM": "1"} if arm == "shm" else \
+        {"SAFETY_MONITOR_SENDER": "process"} if arm == "placed-process" else None
     with tempfile.TemporaryDirectory() as tmp:
         side = Sidecar(Path(tmp) / "sidecar.log", extra,
                        nice=args.sidecar_nice if placed else 0,
@@ -622,7 +623,8 @@ def main() -> None:
         CPU, as a single-host deployment here would; **sidecar-placed** = that sidecar
         under `taskset -c {sidecar_cpus(args.sidecar_cpus)}` and `nice -n {args.sidecar_nice}`
         (off the model thread's core, below vLLM's priority: docs/CAPTURE.md, "Thread
-        budget"); **projection** = the same sidecar with
+        budget"); **placed-process** = sidecar-placed with the plugin's sender in a child
+        process (`SAFETY_MONITOR_SENDER=process`); **projection** = the same sidecar with
         `--worker-projection` (the worker's sender thread sends x·W, not the rows); **shm** =
         the same sidecar with `--shm` and `SAFETY_MONITOR_SHM=1` (frame bytes through the
         shared-memory ring); **sink-inherit** = the sink arm with the plugin's threads left

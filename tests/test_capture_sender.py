@@ -155,3 +155,54 @@ def test_process_sender_survives_sidecar_down_and_a_killed_child() -> None:
         t.close()
         sink.stop()
     assert t.proc is not None and t.proc.poll() is not None, "the child exits on close"
+
+
+def test_step_record_framing_round_trip_and_refusals() -> None:
+    """`encode_step` / `decode_step` carry slot, step, rows, plan id, spans (unicode ids,
+    correlation ids only where set) exactly; a truncated or padded payload, ids that do
+    not split into one per span, rows that do not add up, an oversized or mistyped
+    datagram are refused naming what is wrong; long messages reassemble from parts."""
+    from monitor.capture.sender import (
+        _HEAD,
+        M_STATS,
+        FrameError,
+        Reassembler,
+        decode_step,
+        encode_step,
+        packets,
+    )
+
+    ring = HostRing(2, 2, 8, D, torch.float32)
+    spans = [("req-ä", 2, 7, 9, 2), ("req-b", 3, 0, 100, 5), ("c", 0, 4, 4, 1)]
+    rec = StepRecord(ring=ring, slot=1, step=42, plan_id="plan-x", model=MODEL,
+                     points=(resid_post(3), resid_post(15)), n_rows=5, spans=spans,
+                     max_frame_bytes=1 << 20, labels={"req-b": "ticket-é"})
+    b = encode_step(7, rec)
+    got = Reassembler().feed(b)
+    assert got is not None and got[0] == 3
+    payload = got[1]
+    assert decode_step(payload) == (7, 1, 42, 5, 1 << 20, "plan-x", spans,
+                                    {"req-b": "ticket-é"})
+    rec.labels = {}
+    assert decode_step(encode_step(7, rec)[_HEAD.size:])[7] == {}
+    for bad, what in ((payload[:-1], "STEP: expected"), (payload + b"x", "STEP: expected"),
+                      (payload[:10], "at least")):
+        with pytest.raises(FrameError, match=what):
+            decode_step(bad)
+    rec.spans = [("a\0b", 5, 0, 0, 1)]
+    with pytest.raises(ValueError, match="NUL"):
+        encode_step(7, rec)
+    rec.spans, rec.n_rows = spans, 6
+    with pytest.raises(FrameError, match="summing to n_rows 6"):
+        decode_step(encode_step(7, rec)[_HEAD.size:])
+    with pytest.raises(FrameError, match="datagram length"):
+        Reassembler().feed(_HEAD.pack(10, 3, 0) + b"abc")
+    big = bytes(range(256)) * 1000  # 256 kB: five parts
+    asm = Reassembler()
+    parts = packets(M_STATS, big)
+    assert len(parts) > 1 and [asm.feed(p) for p in parts[:-1]] == [None] * (len(parts) - 1)
+    assert asm.feed(parts[-1]) == (M_STATS, big)
+    with pytest.raises(FrameError, match="message type"):
+        asm2 = Reassembler()
+        asm2.feed(parts[0])
+        asm2.feed(packets(3, b"x")[0])

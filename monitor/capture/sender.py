@@ -81,8 +81,8 @@ M_PLAN, M_STATE, M_STATS, M_SERVER = 10, 11, 12, 13
 _HEAD = struct.Struct("<IBB")  # payload bytes, type, more parts follow
 _PART = 60_000  # payload bytes per datagram (below the socket's default send buffer)
 _MAX_MESSAGE = 256 << 20  # the gRPC message cap: nothing larger is ever legitimate
-_STEP = struct.Struct("<IIqIIIH")  # ring gen, slot, step, n_rows, max_frame_bytes, spans, plan id
-_SPAN = struct.Struct("<IqqiHH")  # n_rows, start_position, prompt_len, role, id / label bytes
+# ring gen, slot, step, n_rows, max_frame_bytes, spans, bytes of plan id / request ids / labels
+_STEP = struct.Struct("<IIqIIIHII")
 _DROP = struct.Struct("<QQQ")
 _RING_ALIGN = 64  # slot-state bytes rounded up so the rows start aligned
 
@@ -162,56 +162,55 @@ def send_all(sock: socket.socket, mtype: int, payload: bytes, *, timeout: float,
 
 
 def encode_step(gen: int, rec: StepRecord) -> bytes:
-    """One `STEP` message (model thread): ring generation, slot, step, rows, frame size,
-    plan id, then per span `_SPAN` + request id + correlation id (UTF-8)."""
+    """One `STEP` message (model thread, a few C calls for any number of spans):
+    `_STEP` head (ring generation, slot, step, rows, frame size, spans `n`, plan id bytes,
+    request id bytes, correlation id bytes), the plan id, the span columns as one
+    `struct` pack (`n` u32 rows, `n` i64 start positions, `n` i64 prompt lengths, `n` i32
+    roles), then the request ids and the correlation ids, each UTF-8 joined by NUL ("" for a
+    request without one). Raises ValueError when an id holds a NUL (the step is dropped)."""
     pid = rec.plan_id.encode()
-    parts = [_STEP.pack(gen, rec.slot, rec.step, rec.n_rows, rec.max_frame_bytes,
-                        len(rec.spans), len(pid)), pid]
+    rids, ns, poss, plens, roles = zip(*rec.spans, strict=True) if rec.spans else ((),) * 5
+    n = len(rids)
+    ids = "\0".join(rids).encode()
     labels = rec.labels
-    for rid, n, pos, plen, role in rec.spans:
-        r = rid.encode()
-        lab = labels.get(rid, "").encode() if labels else b""
-        parts.append(_SPAN.pack(n, pos, plen, role, len(r), len(lab)))
-        parts.append(r)
-        parts.append(lab)
-    payload = b"".join(parts)
+    labs = "\0".join([labels.get(r, "") for r in rids]).encode() if labels else b""
+    if n and (ids.count(0) != n - 1 or (labs and labs.count(0) != n - 1)):
+        raise ValueError("span ids: expected no NUL in request / correlation ids")
+    payload = b"".join((
+        _STEP.pack(gen, rec.slot, rec.step, rec.n_rows, rec.max_frame_bytes, n, len(pid),
+                   len(ids), len(labs)),
+        pid, struct.pack(f"<{n}I{n}q{n}q{n}i", *ns, *poss, *plens, *roles), ids, labs))
     return _HEAD.pack(len(payload), M_STEP, 0) + payload
 
 
 def decode_step(b: bytes) -> tuple[int, int, int, int, int, str, list[SpanTuple],
                                    dict[str, str]]:
     """`(gen, slot, step, n_rows, max_frame_bytes, plan_id, spans, labels)` of a `STEP`
-    payload; FrameError when a length runs past the payload or rows do not add up."""
+    payload; FrameError when the lengths do not add up to the payload, the id lists do
+    not hold `n` ids, or the spans' rows do not sum to `n_rows`."""
     if len(b) < _STEP.size:
         raise FrameError(f"STEP: expected at least {_STEP.size} bytes, found {len(b)}")
-    gen, slot, step, n_rows, mfb, n_spans, n_pid = _STEP.unpack_from(b)
+    gen, slot, step, n_rows, mfb, n, n_pid, n_ids, n_labs = _STEP.unpack_from(b)
+    want = _STEP.size + n_pid + 24 * n + n_ids + n_labs
+    if want != len(b):
+        raise FrameError(f"STEP: expected {want} bytes for {n} spans, found {len(b)}")
     off = _STEP.size
-    if off + n_pid > len(b):
-        raise FrameError(f"STEP plan id: expected {n_pid} bytes, found {len(b) - off}")
     plan_id = b[off:off + n_pid].decode()
     off += n_pid
-    spans: list[SpanTuple] = []
-    labels: dict[str, str] = {}
-    for i in range(n_spans):
-        if off + _SPAN.size > len(b):
-            raise FrameError(f"STEP span {i}: expected {_SPAN.size} bytes, found "
-                             f"{len(b) - off}")
-        n, pos, plen, role, nr, nl = _SPAN.unpack_from(b, off)
-        off += _SPAN.size
-        if off + nr + nl > len(b):
-            raise FrameError(f"STEP span {i} ids: expected {nr + nl} bytes, found "
-                             f"{len(b) - off}")
-        rid = b[off:off + nr].decode()
-        off += nr
-        if nl:
-            labels[rid] = b[off:off + nl].decode()
-            off += nl
-        spans.append((rid, n, pos, plen, role))
-    if off != len(b):
-        raise FrameError(f"STEP: expected {off} bytes, found {len(b)}")
-    if sum(s[1] for s in spans) != n_rows:
+    cols = struct.unpack_from(f"<{n}I{n}q{n}q{n}i", b, off)
+    off += 24 * n
+    rids = b[off:off + n_ids].decode().split("\0") if n else []
+    off += n_ids
+    labs = b[off:off + n_labs].decode().split("\0") if n_labs else []
+    if len(rids) != n or (labs and len(labs) != n):
+        raise FrameError(f"STEP ids: expected {n} request ids and 0 or {n} correlation ids, "
+                         f"found {len(rids)} and {len(labs)}")
+    spans: list[SpanTuple] = list(zip(rids, cols[:n], cols[n:2 * n], cols[2 * n:3 * n],
+                                      cols[3 * n:], strict=True))
+    if sum(cols[:n]) != n_rows:
         raise FrameError(f"STEP spans: expected rows summing to n_rows {n_rows}, found "
-                         f"{sum(s[1] for s in spans)}")
+                         f"{sum(cols[:n])}")
+    labels = {r: lab for r, lab in zip(rids, labs, strict=True) if lab} if labs else {}
     return gen, slot, step, n_rows, mfb, plan_id, spans, labels
 
 
@@ -425,6 +424,9 @@ class ProcessTransport(Transport):
         ring.sent[rec.slot] = (n_p, rec.n_rows * n_p, rec.n_rows * n_p * rec.row_bytes)
         try:
             sock.send(encode_step(ring.gen, rec), socket.MSG_DONTWAIT)
+        except ValueError as e:  # a NUL in an id: never sent, counted
+            self.drop_record(rec, str(e))
+            return False
         except BlockingIOError:
             with self._lock:
                 self.pipe_full += 1

@@ -32,6 +32,7 @@ from monitor.capture.config import CaptureConfig
 from monitor.capture.enforce import is_block
 from monitor.capture.sender import (
     _DROP,
+    _STEP,
     M_CONFIG,
     M_DROP,
     M_FIN,
@@ -169,7 +170,17 @@ class Child:
                                  f"{mtype}")
 
     def _on_step(self, payload: bytes) -> None:
-        gen, slot, step, n_rows, mfb, plan_id, spans, labels = decode_step(payload)
+        try:
+            gen, slot, step, n_rows, mfb, plan_id, spans, labels = decode_step(payload)
+        except ValueError as e:  # FrameError, bad UTF-8: counted, logged; the stream goes on
+            self.bad_records += 1
+            log.warning("safety monitor sender: malformed step record dropped: %s", e)
+            if len(payload) >= _STEP.size:  # give its slot back when the head names one
+                gen, slot = _STEP.unpack_from(payload)[:2]
+                got = self.rings.get(gen)
+                if got is not None and 0 <= slot < got[0].n_slots:
+                    got[0].release(slot)
+            return
         got = self.rings.get(gen)
         if got is None or not 0 <= slot < got[0].n_slots or n_rows > got[0].max_rows \
                 or len(got[1]) != got[0].n_layers:
