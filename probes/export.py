@@ -70,8 +70,11 @@ def threshold_ladder(cal: dict[str, Any]) -> dict[str, float]:
     detector served in a union takes a share of the budget, ``probes.window``), else
     ``fpr_0.01`` / ``fpr_0.001``."""
     keys = cal.get("thresholds_from") or {"warn": fpr_key(0.01), "critical": fpr_key(0.001)}
-    warn = float(min(max(cal[keys["warn"]], 1e-6), 0.999))
-    crit = float(min(cal[keys["critical"]], 0.9999))
+    # clipped into (0, 1) with room for critical above warn; 0.9999 / 0.99999 stay below
+    # the window detector's calibrated values (~0.9991 / 0.9997: a clip there would serve
+    # a lower threshold than the one calibrated) and survive the policy's 6 digits
+    warn = float(min(max(cal[keys["warn"]], 1e-6), 0.9999))
+    crit = float(min(cal[keys["critical"]], 0.99999))
     if crit <= warn:
         crit = warn + 0.5 * (1.0 - warn)
     return {"warn": warn, "critical": crit}

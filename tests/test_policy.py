@@ -100,10 +100,15 @@ def test_builtin_defaults_and_shorthand():
 
 def test_default_yaml_is_valid():
     p = load_policy(REPO / "policies" / "default.yaml")
-    assert set(p.detectors) == {"harmful_intent", "deception"}
+    assert set(p.detectors) == {"harmful_intent", "harmful_intent_window", "deception"}
     hi = p.detectors["harmful_intent"]
     # the user's message, judged once where it ends, on the trained statistic
     assert (hi.scope, hi.aggregation.kind, hi.judge_at) == ("user", "mean_logit", "span_end")
+    # beside it the same probe over the last 8 user tokens, every prefix judged
+    hw = p.detectors["harmful_intent_window"]
+    assert (hw.scope, hw.aggregation.kind, hw.judge_at, hw.min_tokens) == (
+        "user", "window_mean_logit", "every_token", 1)
+    assert hw.aggregation.window_tokens == 8
     assert p.detectors["deception"].scope == "generated"
     assert p.detectors["deception"].aggregation.kind == "ema"
 

@@ -25,8 +25,11 @@ def test_default_bundle_loads_and_has_calibration() -> None:
     assert names["deception"].token_scope == "generated"
     for d in b.detectors:
         cal = d.calibration
-        assert 0 < cal["fpr_0.01"] <= cal["fpr_0.001"] <= 1
-        assert d.default_thresholds["warn"] == pytest.approx(cal["fpr_0.01"])
+        # the calibration keys behind the ladder (a detector served in a union takes a
+        # share of the budget: probes.window), else the 1% / 0.1% ones
+        keys = cal.get("thresholds_from", {"warn": "fpr_0.01", "critical": "fpr_0.001"})
+        assert 0 < cal[keys["warn"]] <= cal[keys["critical"]] <= 1
+        assert d.default_thresholds["warn"] == pytest.approx(cal[keys["warn"]])
         from monitor.judge.aggregate import AGGREGATION_KINDS
 
         assert cal["aggregation"]["kind"] in AGGREGATION_KINDS
@@ -40,13 +43,31 @@ def test_default_bundle_loads_and_has_calibration() -> None:
         # and is judged where the calibration was measured (every token or span end)
         assert pol.detectors[name].judge_at == d.calibration.get("judge_at", "every_token")
     assert not [w for w in check_policy(pol, b) if "below" in w]
-    # policies/default.yaml judges harmful_intent the way the bundle was calibrated
+    # the window read-out reads harmful_intent's probe (one component), judged every
+    # token, and the two thresholds are the union's (split calibration)
+    win = names["harmful_intent_window"]
+    assert [i.component for i in win.inputs] == [i.component
+                                                  for i in names["harmful_intent"].inputs]
+    assert pol.detectors["harmful_intent_window"].judge_at == "every_token"
+    assert pol.detectors["harmful_intent_window"].aggregation.kind == "window_mean_logit"
+    union = win.calibration["union"]
+    for sev in ("warn", "critical"):
+        assert union[sev]["harmful_intent"] == pytest.approx(
+            names["harmful_intent"].default_thresholds[sev])
+        assert union[sev]["harmful_intent_window"] == pytest.approx(
+            win.default_thresholds[sev])
+    # policies/default.yaml judges both the way the bundle was calibrated
+    pols = load_policy(REPO / "policies" / "default.yaml").detectors
+    for name in ("harmful_intent", "harmful_intent_window"):
+        default = pols[name]
+        assert default.aggregation == pol.detectors[name].aggregation
+        assert default.judge_at == pol.detectors[name].judge_at
+        assert default.scope == pol.detectors[name].scope
+        assert default.min_tokens == pol.detectors[name].min_tokens
+        assert dict(default.thresholds) == pytest.approx(
+            dict(names[name].default_thresholds), abs=1e-6)
     hi = names["harmful_intent"].calibration
-    default = load_policy(REPO / "policies" / "default.yaml").detectors["harmful_intent"]
-    assert default.aggregation == pol.detectors["harmful_intent"].aggregation
-    assert default.aggregation.length_slope == hi.get("length_slope", 0.0)
-    assert dict(default.thresholds) == pytest.approx(
-        {"warn": hi["fpr_0.01"], "critical": hi["fpr_0.001"]}, abs=1e-6)
+    assert pols["harmful_intent"].aggregation.length_slope == hi.get("length_slope", 0.0)
 
 
 @pytest.mark.slow
