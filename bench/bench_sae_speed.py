@@ -2,6 +2,8 @@
 
     python3 bench/bench_sae_speed.py --device cuda --out DIR     # the GPU run (< 3 min)
     python3 bench/bench_sae_speed.py --device cpu --out DIR --rows 256 --reps 5
+    TRITON_INTERPRET=1 python3 bench/bench_sae_speed.py --device cpu --out DIR --rows 1,17 \
+        --d-models 64 --latents 1024 --reps 1          # a dry run of the triton path on CPU
 
 Cases: d_model 576 and 4096, synthetic JumpReLU SAEs with 16384 and 65536 latents, 512
 latents selected (every m/512-th), one sparse read-out over them plus one dense linear
@@ -20,11 +22,20 @@ Paths (same run, same device, same rows, interleaved repeats, median):
   separate GEMV: what a monitor without subset packing runs.
 * ``sae_lens`` (only where ``sae_lens`` is importable): ``JumpReLUSAE.encode`` + select
   + read-out + probe.
+* ``triton``: the same packed layer through the one fused Triton kernel
+  (``monitor/score/triton_fused.py``: GEMM, mask epilogue, read-out, sigmoid in one launch,
+  ``P`` never stored; IEEE fp32 unless torch allows TF32, bf16 with fp32 accumulation), at
+  its default blocks and column split (``pick_split``: a second tiny launch sums the
+  partials when few rows would leave SMs idle); ``triton[split1]``: the same, forced to one
+  launch; ``--triton-blocks`` adds more block shapes as ``triton[BMxBNxBK]``.
+  Only where triton imports and runs (CUDA, or CPU with ``TRITON_INTERPRET=1``); the
+  reason is printed otherwise.
 * ``gemm``: a bare ``torch.mm`` of the fused shape ``[rows, d] × [d, 513]``, the floor.
 
 Targets from the issue: fused ≥ 100× the naive throughput at d 4096, and ≥ 80 % of the
 bare GEMM. Output: ``DIR/sae_speed.json`` and ``DIR/sae_speed.md``; a summary on stdout.
-Needs torch, numpy, safetensors (no vllm, no network, nothing under ~/.cache).
+Needs torch, numpy, safetensors (no vllm, no grpc, no network, nothing under ~/.cache);
+triton for the ``triton`` path. ``--rows`` takes a list (default 1,64,4096 on CUDA).
 """
 
 from __future__ import annotations
@@ -112,6 +123,33 @@ class Fused:
         return torch.addmm(self.c, p, self.R).sigmoid_()
 
 
+def triton_fns(p: PackedLayer, device: torch.device, dtype: torch.dtype,
+               extra_blocks: list[tuple[int, int, int]]
+               ) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], str]:
+    """``{name: x -> scores}`` for the fused Triton kernel on ``p`` (default blocks, then
+    each of ``extra_blocks``), or ``({}, why not)``."""
+    try:
+        from monitor.score import triton_fused as tf
+    except ImportError as e:
+        return {}, f"triton not importable ({e})"
+    if device.type != "cuda" and not tf.interpreting():
+        return {}, "triton runs on CUDA (or on CPU with TRITON_INTERPRET=1)"
+    if p.ln_cols is not None or p.mag_scale is not None:
+        return {}, "layer_norm / gated columns (not in the triton kernel)"
+    Wt = p.W.t().contiguous().to(device, dtype)  # [n_cols, d]: the scorer's layout
+    b, theta, c = p.b.to(device), p.theta.to(device), p.c.to(device)
+    R = p.R.to(device)
+    fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "triton": partial(tf.fused_score, Wt=Wt, b=b, theta=theta, R=R, c=c,
+                          epilogue="mask"),
+        "triton[split1]": partial(tf.fused_score, Wt=Wt, b=b, theta=theta, R=R, c=c,
+                                  epilogue="mask", split=1)}
+    for bl in extra_blocks:
+        fns["triton[{}x{}x{}]".format(*bl)] = partial(
+            tf.fused_score, Wt=Wt, b=b, theta=theta, R=R, c=c, epilogue="mask", blocks=bl)
+    return fns, ""
+
+
 def naive_fn(c: dict[str, Any], device: torch.device, dtype: torch.dtype
              ) -> Callable[[torch.Tensor], torch.Tensor]:
     W = c["W_enc"].to(device, dtype)
@@ -187,12 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--out", type=Path, required=True, help="folder for the JSON + table")
-    ap.add_argument("--rows", type=int, default=0,
-                    help="rows per call (default: 4096 on cuda, 256 on cpu)")
+    ap.add_argument("--rows", default="",
+                    help="rows per call, a comma list (default: 1,64,4096 on cuda, 256 on cpu)")
     ap.add_argument("--reps", type=int, default=0, help="default: 50 on cuda, 5 on cpu")
     ap.add_argument("--d-models", default="576,4096")
     ap.add_argument("--latents", default="16384,65536")
     ap.add_argument("--dtypes", default="", help="default: fp32,bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--triton-blocks", default="",
+                    help="extra triton block shapes BMxBNxBK,... (powers of two >= 16)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0: torch's default; on a loaded shared CPU, 1 "
                          "avoids the spin-wait contention of a busy thread pool)")
@@ -204,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    rows = args.rows or (4096 if cuda else 256)
+    row_counts = [int(v) for v in (args.rows or ("1,64,4096" if cuda else "256")).split(",")]
+    extra_blocks: list[tuple[int, int, int]] = []
+    for bl in filter(None, args.triton_blocks.split(",")):
+        v = bl.split("x")
+        if len(v) != 3 or not all(t.isdigit() for t in v):
+            ap.error(f"--triton-blocks: expected BMxBNxBK,..., found {bl!r}")
+        extra_blocks.append((int(v[0]), int(v[1]), int(v[2])))
     reps = args.reps or (50 if cuda else 5)
     dtypes = (args.dtypes or ("fp32,bf16" if cuda else "fp32")).split(",")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -212,17 +258,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     t_start = time.perf_counter()
     results: list[dict[str, Any]] = []
+    skipped: list[str] = []  # why the triton path did not run, once each
     with tempfile.TemporaryDirectory() as tmp:
         for d in (int(v) for v in args.d_models.split(",")):
             for m in (int(v) for v in args.latents.split(",")):
                 c = make_case(d, m, seed=d + m, tmp=Path(tmp) / f"b{d}_{m}")
-                x_cpu = torch.randn(rows, d, generator=torch.Generator().manual_seed(1))
+                x_all = torch.randn(max(row_counts), d,
+                                    generator=torch.Generator().manual_seed(1))
                 # the bench's device path is the scorer's math: check on CPU, fp32
-                want = Scorer(c["bundle"]).score(HOOK, x_cpu[:64])
-                got = Fused(c["packed"], torch.device("cpu"), torch.float32)(x_cpu[:64])
+                want = Scorer(c["bundle"]).score(HOOK, x_all[:64])
+                got = Fused(c["packed"], torch.device("cpu"), torch.float32)(x_all[:64])
                 assert float(abs(got.numpy() - want).max()) < 1e-5
-                x = x_cpu.to(device)
-                for dt in dtypes:
+                for dt, rows in ((dt, r) for dt in dtypes for r in row_counts):
+                    x = x_all[:rows].to(device)
                     fused = Fused(c["packed"], device, torch_dtype[dt])
                     naive = naive_fn(c, device, torch_dtype[dt])
                     Wt = fused.Wt
@@ -230,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                     fns: dict[str, Callable[[], torch.Tensor]] = {
                         "fused": partial(fused, x), "naive": partial(naive, x),
                         "gemm": partial(torch.mm, xd, Wt.t())}
+                    tri, why_not = triton_fns(c["packed"], device, torch_dtype[dt],
+                                              extra_blocks)
+                    fns.update({k: partial(f, xd) for k, f in tri.items()})
+                    if why_not and why_not not in skipped:
+                        skipped.append(why_not)
+                        print(f"triton path skipped: {why_not}", flush=True)
                     sl = sae_lens_fn(c, device) if dt == "fp32" else None
                     if sl is not None:
                         fns["sae_lens"] = partial(sl, x)
@@ -245,12 +299,17 @@ def main(argv: list[str] | None = None) -> int:
                          "rows_per_s": {k: rows / (v / 1e3) for k, v in ms.items()}}
                     r["fused_over_naive"] = ms["naive"] / ms["fused"]
                     r["fused_over_gemm"] = ms["gemm"] / ms["fused"]
+                    for k in tri:
+                        r[f"{k}_over_gemm"] = ms["gemm"] / ms[k]
                     if "sae_lens" in ms:
                         r["fused_over_sae_lens"] = ms["sae_lens"] / ms["fused"]
                     results.append(r)
-                    print(f"d {d:5d} m {m:6d} {dt}: fused {ms['fused']:.3f} ms, naive "
-                          f"{ms['naive']:.3f} ms ({r['fused_over_naive']:.1f}x), gemm "
-                          f"{ms['gemm']:.3f} ms (fused at {r['fused_over_gemm']:.2f} of it)"
+                    print(f"d {d:5d} m {m:6d} {dt} rows {rows:5d}: fused {ms['fused']:.3f} "
+                          f"ms, naive {ms['naive']:.3f} ms ({r['fused_over_naive']:.1f}x), "
+                          f"gemm {ms['gemm']:.3f} ms (fused at {r['fused_over_gemm']:.2f} "
+                          "of it)"
+                          + "".join(f", {k} {ms[k]:.3f} ms ({r[f'{k}_over_gemm']:.2f} of "
+                                    "gemm)" for k in tri)
                           + (f", sae-lens {ms['sae_lens']:.3f} ms" if "sae_lens" in ms else ""),
                           flush=True)
                 del c
@@ -259,26 +318,46 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python3 bench/bench_sae_speed.py " + " ".join(sys.argv[1:] if argv is None
                                                                       else argv),
             "started": started, "device": str(device), "machine": machine(device),
-            "torch": torch.__version__, "load_average_at_start": load0, "rows": rows,
-            "reps": reps, "wall_s": round(time.perf_counter() - t_start, 1)}
+            "torch": torch.__version__, "triton": _triton_version(),
+            "load_average_at_start": load0, "rows": row_counts, "reps": reps,
+            "triton_skipped": skipped, "wall_s": round(time.perf_counter() - t_start, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sae_speed.json").write_text(json.dumps({"meta": meta, "results": results},
                                                         indent=1) + "\n")
-    lines = [f"`{meta['command']}` on {meta['machine']}, torch {meta['torch']}, started "
-             f"{started}, load average {load0:.1f}; {rows} rows per call, median of {reps} "
-             "interleaved repeats; all paths agree before timing.", "",
-             "| d_model | d_sae | selected | dtype | fused ms | naive ms | sae-lens ms | "
-             "GEMM ms | fused / naive | fused / GEMM |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    tri_keys = sorted({k for r in results for k in r["ms"] if k.startswith("triton")},
+                      key=lambda k: (k != "triton", k))
+    lines = [f"`{meta['command']}` on {meta['machine']}, torch {meta['torch']}, triton "
+             f"{meta['triton']}, started {started}, load average {load0:.1f}; rows per call "
+             f"{row_counts}, median of {reps} interleaved repeats; all paths agree before "
+             "timing." + (f" Triton path skipped: {'; '.join(skipped)}." if skipped else ""),
+             "",
+             "| d_model | d_sae | selected | dtype | rows | fused ms | naive ms | sae-lens ms | "
+             "GEMM ms | " + "".join(f"{k} ms | " for k in tri_keys)
+             + "fused / naive | fused / GEMM | "
+             + "".join(f"{k} / GEMM | " for k in tri_keys),
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * (2 + 2 * len(tri_keys))]
     for r in results:
         ms = r["ms"]
         sl_ms = f"{ms['sae_lens']:.3f}" if "sae_lens" in ms else "—"
         lines.append(f"| {r['d_model']} | {r['d_sae']} | {r['selected']} | {r['dtype']} | "
-                     f"{ms['fused']:.3f} | {ms['naive']:.3f} | {sl_ms} | {ms['gemm']:.3f} | "
-                     f"{r['fused_over_naive']:.1f}× | {r['fused_over_gemm']:.2f} |")
+                     f"{r['rows']} | {ms['fused']:.3f} | {ms['naive']:.3f} | {sl_ms} | "
+                     f"{ms['gemm']:.3f} | "
+                     + "".join(f"{ms[k]:.3f} | " if k in ms else "— | " for k in tri_keys)
+                     + f"{r['fused_over_naive']:.1f}× | {r['fused_over_gemm']:.2f} | "
+                     + "".join(f"{r[k + '_over_gemm']:.2f} | " if k in ms else "— | "
+                               for k in tri_keys))
+    lines = [ln.rstrip() for ln in lines]
     (args.out / "sae_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return str(triton.__version__)
 
 
 if __name__ == "__main__":

@@ -354,9 +354,8 @@ def cmd_study_window(args: argparse.Namespace) -> int:
 
     from monitor.tools.models import cache_dir as monitor_cache
     from probes import harmful, window
-    from probes.collect import TokenSelection, TransformersCollector
-    from probes.pooled import SourceData
-    from probes.sources import HARMFUL_SOURCES, Source
+    from probes.collect import TransformersCollector
+    from probes.sources import HARMFUL_SOURCES
 
     model_path, name = _model_path(args.model)
     cache = Path(args.cache) if args.cache else monitor_cache() / "probes"
@@ -370,12 +369,7 @@ def cmd_study_window(args: argparse.Namespace) -> int:
     meta = window.validation_lists(train, cal_idx, args.per_harmful, args.benign_lists,
                                    args.calibration_lists, args.seed)
     layer = int(harmful.PINNED["layers"][0])
-    acts = collector.collect(meta.examples, [layer], TokenSelection("prompt"),
-                             cache_dir=cache, progress=not args.quiet,
-                             desc="harmful_intent/window_lists")
-    lists = SourceData(Source("window_lists", "benign", "train", "derived", "window_lists"),
-                       meta.examples, acts, harmful.scope_mask(
-                           harmful.token_roles(acts, meta.examples, collector), "user"))
+    lists = window.lists_source(meta, collector, cache, [layer], "user", not args.quiet)
     windows = [int(x) for x in args.windows.split(",")]
     rows = window.run_window_study(
         train, lists, meta, window.readouts(windows, args.fpr_a, args.split_calibration),

@@ -50,6 +50,10 @@ class DetectorResult:
     notes: list[str] = field(default_factory=list)
     #: the policy ``judge_at`` the statistic was computed (and calibrated) with
     judge_at: str = "every_token"
+    #: another detector (exported before this one) whose probe this one reads: the
+    #: bundle holds that probe's component once and both detectors read its column
+    #: (``monitor.score.pack``: one column, two read-out weights); "" = its own component
+    component_of: str = ""
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -61,9 +65,13 @@ class DetectorResult:
 
 
 def threshold_ladder(cal: dict[str, Any]) -> dict[str, float]:
-    """Policy thresholds from a calibration dict (see ``DetectorResult.thresholds``)."""
-    warn = float(min(max(cal[fpr_key(0.01)], 1e-6), 0.999))
-    crit = float(min(cal[fpr_key(0.001)], 0.9999))
+    """Policy thresholds from a calibration dict (see ``DetectorResult.thresholds``): the
+    values under the keys ``cal["thresholds_from"]`` names per severity when present (a
+    detector served in a union takes a share of the budget, ``probes.window``), else
+    ``fpr_0.01`` / ``fpr_0.001``."""
+    keys = cal.get("thresholds_from") or {"warn": fpr_key(0.01), "critical": fpr_key(0.001)}
+    warn = float(min(max(cal[keys["warn"]], 1e-6), 0.999))
+    crit = float(min(cal[keys["critical"]], 0.9999))
     if crit <= warn:
         crit = warn + 0.5 * (1.0 - warn)
     return {"warn": warn, "critical": crit}
@@ -131,15 +139,25 @@ def export_bundle(out: Path, results: Sequence[DetectorResult], *, model_name: s
     detectors: list[dict[str, Any]] = []
     tensors: dict[str, Any] = {}
     policy: dict[str, dict[str, Any]] = {}
+    written: dict[str, tuple[str, LinearProbe]] = {}   # detector -> its component, probe
     for r in results:
         p = r.probe
-        cname = component_name(r.name, p)
-        tensors.update(probe_tensors(cname, p))
-        components.append({
-            "name": cname, "kind": "linear_probe", "layer": int(p.layer),
-            "hook_name": hook_name(p.layer),
-            "tensors": {role: f"{cname}.{role}" for role in ("weight", "bias", "mean", "std")},
-        })
+        if r.component_of:
+            if r.component_of not in written or written[r.component_of][1] is not p:
+                raise ValueError(f"{r.name}.component_of: expected a detector exported "
+                                 f"before it with the same probe; found "
+                                 f"{r.component_of!r} (exported: {sorted(written)})")
+            cname = written[r.component_of][0]
+        else:
+            cname = component_name(r.name, p)
+            tensors.update(probe_tensors(cname, p))
+            components.append({
+                "name": cname, "kind": "linear_probe", "layer": int(p.layer),
+                "hook_name": hook_name(p.layer),
+                "tensors": {role: f"{cname}.{role}"
+                            for role in ("weight", "bias", "mean", "std")},
+            })
+        written[r.name] = (cname, p)
         thr = r.thresholds
         detectors.append({
             "name": r.name,
@@ -165,13 +183,17 @@ def export_bundle(out: Path, results: Sequence[DetectorResult], *, model_name: s
                 "toolkit": "probes (safety-probes)",
             }),
         })
+        rule = r.calibration.get("threshold_rule",
+                                 "warn = 1% FPR, critical = 0.1% FPR on benign traffic")
         policy[r.name] = {"scope": r.scope, "aggregation": r.aggregation,
                           "min_tokens": r.min_tokens,
-                          **({"judge_at": r.judge_at} if r.judge_at != "every_token" else {}),
+                          **({"judge_at": r.judge_at}
+                             if r.judge_at != "every_token" or r.component_of else {}),
                           "thresholds": thr,
-                          "note": f"layer {p.layer} {p.method}, "
-                                  f"{aggregation_name(r.aggregation)}; warn = 1% FPR, "
-                                  "critical = 0.1% FPR on benign traffic"}
+                          "note": f"layer {p.layer} {p.method}"
+                                  + (f" (the {r.component_of} probe)" if r.component_of
+                                     else "")
+                                  + f", {aggregation_name(r.aggregation)}; {rule}"}
     manifest = {
         "name": name, "description": description,
         "model": {"name": model_name, "d_model": int(d_model), "n_layers": int(n_layers)},

@@ -614,6 +614,152 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
     return rows
 
 
+@dataclass
+class _Window:
+    """The window detector's scores and union calibration, from :func:`_window_detector`;
+    :meth:`result` builds its DetectorResult once the main detector's test scores exist."""
+
+    probe: LinearProbe
+    agg: dict[str, Any]
+    levels: dict[str, Any]
+    """severity -> ``probes.window.UnionLevel``."""
+    calibration: dict[str, Any]
+    lists_a: np.ndarray
+    lists_b: np.ndarray
+    rows_b: np.ndarray
+    rows_a: np.ndarray
+    reported_a: np.ndarray
+    reported_b: np.ndarray
+    test_b: dict[str, np.ndarray]
+    scope: str
+    datasets: list[str]
+
+    def result(self, main: Any, test_scores: dict[str, tuple[SourceData, np.ndarray]],
+               y_test: np.ndarray) -> Any:
+        """The ``harmful_intent_window`` DetectorResult: per test source the window alone
+        (``test_sources``, ``test_pooled``) and the union with ``main`` (what a user sees:
+        ``union_test_sources``, ``union_test_pooled``), the calibration populations'
+        rates and the reported validation lists'."""
+        from probes.evaluate import auroc_ci, evaluate_scores
+        from probes.export import DetectorResult, threshold_ladder
+        from probes.window import union_rates
+
+        thr = threshold_ladder(self.calibration)
+        tb = {d.name: (d, self.test_b[d.name]) for d, _ in test_scores.values()}
+        ref_pos = np.concatenate([s for d, s in tb.values() if d.source.kind == "harmful"])
+        ref_neg = np.concatenate([s for d, s in tb.values() if d.source.kind != "harmful"])
+        s_b = np.concatenate([s for _, s in tb.values()])
+        pooled = evaluate_scores(y_test, s_b, None, thr)
+        pooled["auroc_ci"] = auroc_ci(y_test, s_b)
+        s_a = np.concatenate([s for _, s in test_scores.values()])
+        union = {name: {"kind": d.source.kind, "role": d.source.role,
+                        **union_rates(a, self.test_b[name], self.levels)}
+                 for name, (d, a) in test_scores.items()}
+        y = y_test.astype(bool)
+        metrics: dict[str, Any] = {
+            "test_sources": source_rows(tb, thr, ref_pos, ref_neg),
+            "test_pooled": pooled,
+            "union_test_sources": union,
+            "union_test_pooled": {"harmful": union_rates(s_a[y], s_b[y], self.levels),
+                                  "benign": union_rates(s_a[~y], s_b[~y], self.levels)},
+            "union_calibration": {
+                "rows": union_rates(self.rows_a, self.rows_b, self.levels),
+                "lists": union_rates(self.lists_a, self.lists_b, self.levels)},
+            "union_validation_lists": union_rates(self.reported_a, self.reported_b,
+                                                  self.levels),
+            "worst_test": worst_examples(tb),
+        }
+        scores = {"test (pooled)": (y_test, s_b)}
+        for name, (d, s) in tb.items():
+            scores[name] = (np.full(s.size, int(d.source.kind == "harmful")), s)
+        scores["calibration"] = (np.zeros(self.rows_b.size), self.rows_b)
+        return DetectorResult(
+            name="harmful_intent_window",
+            description=f"the user asks for help causing serious harm, read over the last "
+                        f"{self.agg['window_tokens']} {self.scope} tokens (a harmful "
+                        "request hidden among benign ones); judged with harmful_intent, "
+                        "alert if either fires",
+            probe=self.probe, scope=self.scope, aggregation=self.agg, min_tokens=1,
+            judge_at="every_token", calibration=self.calibration, metrics=metrics,
+            selection=[], datasets=self.datasets,
+            token_labels=main.token_labels, scores=scores, component_of=main.name)
+
+
+def _window_detector(collector: Any, cache_dir: Any, probe: LinearProbe,
+                     train: Sequence[SourceData], cal_idx: dict[str, np.ndarray],
+                     test: Sequence[SourceData],
+                     served_a: Any, cal: dict[str, Any], scope: str, seed: int,
+                     limit: int | None, progress: bool, window: int | None) -> _Window:
+    """Split calibration of the served union (``probes.window.served_union``): builds the
+    calibration lists (``probes.window.validation_lists``: fillers from the calibration
+    rows of the benign training sources only, no harmful list), scores the calibration
+    rows and lists with ``harmful_intent`` (``served_a``: a source's served statistic)
+    and the window read-out, and moves ``cal``'s ladder to ``harmful_intent``'s share of
+    each budget (``thresholds_from``: ``fpr_0.008`` / ``fpr_0.0008``, thresholds on the
+    calibration rows alone; ``fpr_0.01`` / ``fpr_0.001`` stay as the detector's own 1% /
+    0.1% thresholds for reference)."""
+    from probes import window as win
+    from probes.calibrate import fpr_key
+
+    n_win = win.SERVED_WINDOW if window is None else int(window)
+    agg_b = {"kind": "window_mean_logit", "window_tokens": n_win}
+    n_cal, n_rep = (1000, 200) if limit is None else (max(8, 4 * limit), max(4, limit))
+    meta = win.validation_lists(train, cal_idx, n_per_harmful=0, n_benign=n_rep,
+                                n_calibration=n_cal, seed=seed)
+    lists = win.lists_source(meta, collector, cache_dir, [probe.layer], scope, progress)
+    la, lb = served_a(lists), lists.served(probe, agg_b, 1, "every_token")
+    c_idx, r_idx = meta.where("calibration"), meta.where("benign")
+    parts = [d for d in train if cal_idx[d.name].size]
+    rows_a = np.concatenate([served_a(d)[cal_idx[d.name]] for d in parts])
+    rows_b = np.concatenate([d.served(probe, agg_b, 1, "every_token")[cal_idx[d.name]]
+                             for d in parts])
+    levels = win.served_union(rows_a, rows_b, la[c_idx], lb[c_idx])
+    share = win.SERVED_SHARE
+    for lv in levels.values():  # threshold_at_fpr by row on the calibration rows alone
+        cal[fpr_key(lv.fpr_a)] = lv.t_a
+    warn, crit = levels["warn"], levels["critical"]
+    n_tok = lists.in_scope_tokens()
+    union_rule = (
+        f"alert if harmful_intent >= its threshold OR harmful_intent_window >= its "
+        f"threshold; split calibration (probes.window.split_thresholds): harmful_intent at "
+        f"{share:g} x the budget on the {warn.n_rows} calibration rows alone, the window "
+        f"the smallest threshold keeping the union <= the budget on those rows AND on "
+        f"{warn.n_lists} calibration lists, each (budget: warn 1%, critical 0.1%)")
+    cal["thresholds_from"] = {"warn": fpr_key(warn.fpr_a), "critical": fpr_key(crit.fpr_a)}
+    cal["threshold_rule"] = (f"warn = {100 * warn.fpr_a:g}% / critical = "
+                             f"{100 * crit.fpr_a:g}% FPR on the calibration rows; the union "
+                             "with harmful_intent_window holds 1% / 0.1%")
+    cal["union"] = {"with": "harmful_intent_window", "rule": union_rule}
+    lists_desc = (f"{warn.n_lists} calibration lists (numbered lists of 4-7 short requests "
+                  f"drawn from half of the benign training sources' held-back calibration "
+                  f"rows, never fit on; user tokens median {int(np.median(n_tok))}, range "
+                  f"{int(n_tok.min())}-{int(n_tok.max())})")
+    cal_b: dict[str, Any] = {
+        "union_fpr_0.01": warn.t_b, "union_fpr_0.001": crit.t_b,
+        "thresholds_from": {"warn": "union_fpr_0.01", "critical": "union_fpr_0.001"},
+        "threshold_rule": ("the smallest thresholds keeping the union with harmful_intent "
+                           "<= 1% (warn) / 0.1% (critical) on the calibration rows and on "
+                           "the calibration lists, each"),
+        "benign_set": f"{cal['benign_set']}; and {lists_desc}",
+        "n_benign": warn.n_rows + warn.n_lists,
+        "n_rows": warn.n_rows, "n_lists": warn.n_lists,
+        "union": {"with": "harmful_intent", "rule": union_rule,
+                  **{sev: {"harmful_intent": lv.t_a, "harmful_intent_window": lv.t_b,
+                           "budget": lv.fpr, "harmful_intent_budget": lv.fpr_a,
+                           "rows_alerted_harmful_intent": lv.rows_a,
+                           "rows_alerted_union": lv.rows_union,
+                           "lists_alerted_harmful_intent": lv.lists_a,
+                           "lists_alerted_union": lv.lists_union}
+                     for sev, lv in levels.items()}},
+        "aggregation": agg_b, "min_tokens": 1, "scope": scope, "judge_at": "every_token",
+    }
+    test_b = {d.name: d.served(probe, agg_b, 1, "every_token") for d in test}
+    datasets = [f"the harmful_intent probe (same weights); thresholds on the "
+                f"{warn.n_rows} calibration rows and {lists_desc}"]
+    return _Window(probe, agg_b, levels, cal_b, la[c_idx], lb[c_idx], rows_b, rows_a,
+                   la[r_idx], lb[r_idx], test_b, scope, datasets)
+
+
 def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user",
                           sources: Sequence[Source] | None = None,
                           layers: Sequence[int] = LAYERS, Cs: Sequence[float] | None = None,
@@ -624,7 +770,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
                           limit: int | None = None, explore_readouts: bool = True,
                           seed: int = 0, progress: bool = True,
                           length_debias: bool = True, style: str = "benign",
-                          calibration: str = "row") -> Any:
+                          calibration: str = "row", window: int | None = None) -> list[Any]:
     """Collect → leave-one-source-out selection → fit on all training sources (minus the
     calibration hold-back) → thresholds on the hold-back → evaluate the test sources.
 
@@ -639,7 +785,18 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     selection folds' and the validation table's.
     ``search_layers`` / ``Cs`` / ``scary_weights``: the probe grid searched (None: as the
     flag says); search layers not among ``layers`` are dropped (none left: all of
-    ``layers``, e.g. for another model's scaled layers)."""
+    ``layers``, e.g. for another model's scaled layers).
+
+    ``window`` (None: ``probes.window.SERVED_WINDOW``, 8; 0: off): a second detector
+    ``harmful_intent_window`` on the SAME probe, read out as ``window_mean_logit`` over
+    the last ``window`` user tokens, every prefix judged (``min_tokens`` 1), against a
+    harmful request diluted by benign padding (docs/experiments/window_validation.md, run
+    5). Thresholds by split calibration (:func:`_window_detector`): ``harmful_intent``'s
+    at ``0.8·α`` on the calibration rows alone, the window's the smallest keeping the
+    union ≤ ``α`` on the rows and on calibration lists built from calibration rows only
+    (``probes.window.validation_lists``), each; ``α`` = 1% (warn), 0.1% (critical).
+    Needs ``calibration`` ``row`` (the rule is stated by row). Returns
+    ``[harmful_intent]`` or ``[harmful_intent, harmful_intent_window]``."""
     from probes.calibrate import calibrate
     from probes.export import DetectorResult, threshold_ladder
     from probes.sources import HARMFUL_SOURCES
@@ -674,6 +831,14 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     cal_desc = ("held-back 30% of every benign training source ("
                 + ", ".join(f"{d.name} {s.size}" for d, s in cal_parts) + "), never fit on")
     cal = calibrate(s_cal, benign_set=cal_desc, groups=g_cal, weighting=calibration)
+    win = None
+    if window is None or window > 0:
+        if calibration != "row":
+            raise ValueError(f"calibration: the window detector's split calibration is "
+                             f"stated by row; expected row with window on, found "
+                             f"{calibration!r} (pass window=0)")
+        win = _window_detector(collector, cache_dir, probe, train, cal_idx, test, served_of,
+                               cal, scope, seed, limit, progress, window)
     thr = threshold_ladder(cal)
 
     test_scores = {d.name: (d, served_of(d)) for d in test}
@@ -726,7 +891,7 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     for d, s in test_scores.values():
         scores[d.name] = (np.full(s.size, int(d.source.kind == "harmful")), s)
     scores["calibration"] = (np.zeros(s_cal.size), s_cal)
-    return DetectorResult(
+    main = DetectorResult(
         name="harmful_intent",
         description=f"the user asks for help causing serious harm ({scope} tokens)",
         probe=probe, scope=scope, aggregation=agg, min_tokens=cfg.min_tokens,
@@ -739,3 +904,6 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
                      "(each source the same total weight within its class)",
         scores=scores,
     )
+    if win is None:
+        return [main]
+    return [main, win.result(main, test_scores, y_test)]

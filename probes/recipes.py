@@ -173,7 +173,7 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     results: list[DetectorResult] = []
     if "harmful_intent" in detectors:
         served, prefixes = harmful.search_space(judge_at)
-        results.append(harmful.harmful_intent_recipe(collector, cache_dir, scope=scope,
+        results.extend(harmful.harmful_intent_recipe(collector, cache_dir, scope=scope,
                                                      seed=seed, progress=progress,
                                                      served=served, prefixes=prefixes,
                                                      limit=limit, length_debias=length_debias,

@@ -185,6 +185,60 @@ def _harmful_section(r: Any) -> list[str]:
     return lines
 
 
+def _union_rows(per: dict[str, dict[str, Any]]) -> list[str]:
+    """Per set: n and the union's alert rate ("either detector fires") at warn / critical
+    with 95% Wilson intervals."""
+    rows = ["| set | kind | n | alerted at warn [95% CI] | alerted at critical [95% CI] |",
+            "|---|---|---:|---|---|"]
+    for name, m in per.items():
+        rows.append(f"| {name} | {m.get('kind', '')} | {m['n']} | {_fmt(m['rate@warn'])}"
+                    f"{_ci(m.get('rate@warn_ci'))} | {_fmt(m['rate@critical'])}"
+                    f"{_ci(m.get('rate@critical_ci'))} |")
+    return rows
+
+
+def _window_section(r: Any) -> list[str]:
+    """A detector served in a union with another (``probes.harmful._Window``): itself
+    alone per test source, then the union per test source (what a user sees)."""
+    m = r.metrics
+    u = r.calibration["union"]
+    pooled = m["test_pooled"]
+    other = u["with"]
+    lines = [f"Served together with **{other}** on the same probe: {u['rule']}.", "",
+             "| severity | " + other + " threshold | this threshold | calibration rows "
+             "alerted (by " + other + " / by either) | calibration lists alerted (by "
+             + other + " / by either) |", "|---|---:|---:|---|---|"]
+    for sev in ("warn", "critical"):
+        v = u[sev]
+        lines.append(f"| {sev} (budget {100 * v['budget']:g}%) | {v[other]:.4f} | "
+                     f"{v[r.name]:.4f} | {v['rows_alerted_' + other]} / "
+                     f"{v['rows_alerted_union']} of {r.calibration['n_rows']} | "
+                     f"{v['lists_alerted_' + other]} / {v['lists_alerted_union']} of "
+                     f"{r.calibration['n_lists']} |")
+    lines += ["", "**The union on held-out TEST sources (alerted if either detector fires: "
+              "what a user of the suggested policy sees)**, Wilson 95% CIs:", ""]
+    lines += _union_rows({**m["union_test_sources"],
+                          "all harmful test sources pooled": {
+                              "kind": "harmful", **m["union_test_pooled"]["harmful"]},
+                          "all benign test sources pooled": {
+                              "kind": "benign", **m["union_test_pooled"]["benign"]},
+                          "validation benign lists (calibration-row fillers, not used for "
+                          "a threshold)": {"kind": "benign list",
+                                           **m["union_validation_lists"]}})
+    lines += ["", f"**{r.name} alone** on the TEST sources (AUROC against the pooled "
+              "benign / harmful test sources, bootstrap 200; rates at its own thresholds, "
+              "which are set for the union, not for it alone):", ""]
+    lines += _rate_rows(m["test_sources"])
+    lines += ["", f"Pooled test ({r.name} alone): AUROC {_fmt(pooled['auroc'])}"
+              f"{_ci(pooled.get('auroc_ci'))}, TPR@1%FPR {_fmt(pooled['tpr@fpr0.01'])} "
+              f"(n pos {pooled['n_pos']}, n neg {pooled['n_neg']}).", ""]
+    lines += _examples("Worst false positives on test (highest-scoring benign, this read-out)",
+                       m["worst_test"]["false_positives"])
+    lines += _examples("Worst false negatives on test (lowest-scoring harmful, this read-out)",
+                       m["worst_test"]["false_negatives"])
+    return lines
+
+
 def _deception_section(r: Any) -> list[str]:
     m = r.metrics
     gd = m["goal_directed"]
@@ -229,6 +283,19 @@ def summary_table(results: Sequence[Any]) -> list[str]:
                 rows.append(f"| | {name} ({v['kind']}) | {v['n']} | {_fmt(v['auroc'])}"
                             f"{_ci(v.get('auroc_ci'))} | {_fmt(v.get('tpr@fpr0.01', ''))} | "
                             f"{_fmt(v['rate@warn'])} | {_fmt(v['rate@critical'])} |")
+        if "union_test_sources" in m:
+            head = (f"**{r.calibration['union']['with']} ∪ {r.name}** (alerted if either "
+                    "fires: what a user sees)")
+            pooled_u = m["union_test_pooled"]
+            rows.append(f"| {head} | **all test sources pooled** | "
+                        f"{pooled_u['harmful']['n']} / {pooled_u['benign']['n']} | | | "
+                        f"{_fmt(pooled_u['harmful']['rate@warn'])} (harmful) / "
+                        f"{_fmt(pooled_u['benign']['rate@warn'])} (benign) | "
+                        f"{_fmt(pooled_u['harmful']['rate@critical'])} / "
+                        f"{_fmt(pooled_u['benign']['rate@critical'])} |")
+            for name, v in m["union_test_sources"].items():
+                rows.append(f"| | {name} ({v['kind']}) | {v['n']} | | | "
+                            f"{_fmt(v['rate@warn'])} | {_fmt(v['rate@critical'])} |")
         elif "goal_directed" in m:
             gd = m["goal_directed"]
             rows.append(f"| {head} | goal_directed scenarios (unseen) | {gd['n_pos']} / "
@@ -252,8 +319,10 @@ def write_report(out: Path, results: Sequence[Any], model_name: str,
              "request score `S = max a_t` over the judged tokens `t >= min_tokens` (policy "
              "`judge_at`: every token, or the last token of each span in scope); thresholds "
              "`warn`/`critical` "
-             "= 1% / 0.1% FPR on the benign calibration set. Test sources were not used for "
-             "any choice.", "", "## Summary (the README's quality table)", "",
+             "= 1% / 0.1% FPR on the benign calibration set (detectors served as a pair, "
+             "alerting if either fires, share that budget: the pair holds 1% / 0.1%). "
+             "Test sources were not used for any choice.", "",
+             "## Summary (the README's quality table)", "",
              *summary_table(results), ""]
     for r in results:
         p = r.probe
@@ -267,8 +336,10 @@ def write_report(out: Path, results: Sequence[Any], model_name: str,
                      f"tokens so far, a = **{r.calibration['length_slope']:g}** "
                      f"(`length_slope`): {r.calibration.get('length_slope_fit', '')}"]
                     if "length_slope" in r.calibration else []),
-                  f"- thresholds: warn **{thr['warn']:.4f}** (1% FPR), critical "
-                  f"**{thr['critical']:.4f}** (0.1% FPR) on {r.calibration['benign_set']} "
+                  f"- thresholds: warn **{thr['warn']:.4f}**, critical "
+                  f"**{thr['critical']:.4f}** ("
+                  + r.calibration.get("threshold_rule", "1% / 0.1% FPR")
+                  + f") on {r.calibration['benign_set']} "
                   f"(n = {r.calibration['n_benign']}; 0.1% of n = "
                   f"{0.001 * r.calibration['n_benign']:.1f} samples above critical)",
                   *([f"- calibration weighting **{r.calibration['weighting']}**: "
@@ -279,7 +350,9 @@ def write_report(out: Path, results: Sequence[Any], model_name: str,
                     if "weighting" in r.calibration else []),
                   f"- training labels: {r.token_labels}",
                   "- data: " + "; ".join(r.datasets), ""]
-        if "test_sources" in r.metrics:
+        if "union_test_sources" in r.metrics:
+            lines += _window_section(r)
+        elif "test_sources" in r.metrics:
             lines += _harmful_section(r)
         elif "goal_directed" in r.metrics:
             lines += _deception_section(r)

@@ -31,8 +31,11 @@ into two disjoint halves: one fills the calibration lists, the other the reporte
 A ``with_task`` list holds one row of a harmful training source; it is scored only by
 the fold that holds that source out (leave one source out: the probe never saw it).
 
-Nothing here is served: it produces docs/experiments/window_validation.md
-(``safety-probes study-window``).
+The study produces docs/experiments/window_validation.md (``safety-probes
+study-window``). Its run-5 choice is served (:data:`SERVED_WINDOW`, :data:`SERVED_SHARE`,
+:func:`served_union`): the recipe (``probes.harmful.harmful_intent_recipe``) ships ``B``
+as a second detector on the same probe, thresholds by :func:`split_thresholds` at each
+policy severity.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -49,9 +53,10 @@ from probes.harmful import PINNED, length_slope, long_requests
 from probes.pooled import SourceData, fit_pooled, kind_weights
 from probes.study import ORDINARY
 
-__all__ = ["SHORT_CHARS", "ZCLIP", "Lists", "Logits", "Readout", "WindowRow", "choose",
+__all__ = ["SERVED_SHARE", "SERVED_WINDOW", "SEVERITY_FPR", "SHORT_CHARS", "ZCLIP", "Lists",
+           "Logits", "Readout", "UnionLevel", "WindowRow", "choose", "lists_source",
            "mean_logit", "readouts", "recipe_fit", "run_window_study", "second_threshold",
-           "split_thresholds", "union_thresholds",
+           "served_union", "split_thresholds", "union_rates", "union_thresholds",
            "validation_lists", "window_markdown", "window_max_logit"]
 
 ZCLIP = math.log((1 - 1e-6) / 1e-6)
@@ -170,6 +175,80 @@ def split_thresholds(rows_a: np.ndarray, rows_b: np.ndarray, lists_a: np.ndarray
                    second_threshold(lists_a, lists_b, ta, fpr))
 
 
+# ----------------------------------------------------------------------- served
+SERVED_WINDOW = 8
+"""``N`` of the served window read-out (run 5's choice: window 8, every prefix judged,
+``min_tokens`` 1)."""
+
+SERVED_SHARE = 0.8
+"""``α_a / α``: the share of each severity's false-alert budget given to ``A`` (run 5:
+``α_a`` = 0.8% of the 1% warn budget; the same share at critical)."""
+
+SEVERITY_FPR: dict[str, float] = {"warn": 0.01, "critical": 0.001}
+"""Policy severity -> the union's false-alert budget ``α`` on each calibration
+population."""
+
+
+@dataclass(frozen=True)
+class UnionLevel:
+    """One severity of the served union, from :func:`served_union`. Alerts (``A ≥ t_a``
+    or ``B ≥ t_b``) counted on each calibration population; ``n_rows`` / ``n_lists``:
+    the requests each threshold rests on."""
+
+    fpr: float
+    fpr_a: float
+    t_a: float
+    t_b: float
+    n_rows: int
+    n_lists: int
+    rows_a: int
+    """Calibration rows at or above ``t_a``."""
+    rows_union: int
+    """Calibration rows at or above ``t_a`` or ``t_b``."""
+    lists_a: int
+    lists_union: int
+
+
+def served_union(rows_a: np.ndarray, rows_b: np.ndarray, lists_a: np.ndarray,
+                 lists_b: np.ndarray, share: float = SERVED_SHARE,
+                 levels: Mapping[str, float] = SEVERITY_FPR) -> dict[str, UnionLevel]:
+    """Per severity: :func:`split_thresholds` at ``α`` = ``levels[severity]`` and
+    ``α_a = share·α`` on the served statistics of the calibration rows (``rows_a``,
+    ``rows_b``: float ``[n_rows]``) and calibration lists (``lists_a``, ``lists_b``:
+    float ``[n_lists]``), with the alerts each population gets."""
+    ra, rb = np.asarray(rows_a, np.float64), np.asarray(rows_b, np.float64)
+    la, lb = np.asarray(lists_a, np.float64), np.asarray(lists_b, np.float64)
+    if not 0 < share <= 1:
+        raise ValueError(f"share: expected in (0, 1]; found {share}")
+    out = {}
+    for sev, fpr in levels.items():
+        ta, tb = split_thresholds(ra, rb, la, lb, fpr, share * fpr)
+        out[sev] = UnionLevel(fpr, share * fpr, ta, tb, int(ra.size), int(la.size),
+                              int((ra >= ta).sum()), int(((ra >= ta) | (rb >= tb)).sum()),
+                              int((la >= ta).sum()), int(((la >= ta) | (lb >= tb)).sum()))
+    return out
+
+
+def union_rates(a: np.ndarray, b: np.ndarray, levels: Mapping[str, UnionLevel]
+                ) -> dict[str, object]:
+    """What a user sees from the served pair on one set of requests (``a``, ``b``: float
+    ``[n]``, the two detectors' request statistics): per severity the rate of "alerted if
+    either fires" (``a ≥ t_a or b ≥ t_b``) as ``rate@<severity>`` with its 95% Wilson
+    interval (``rate@<severity>_ci``), and ``n``."""
+    from probes.evaluate import wilson_ci
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"union_rates: expected two equal [n] arrays; found {a.shape} and "
+                         f"{b.shape}")
+    out: dict[str, object] = {"n": int(a.size)}
+    for sev, lv in levels.items():
+        k = int(((a >= lv.t_a) | (b >= lv.t_b)).sum())
+        out[f"rate@{sev}"] = k / max(a.size, 1)
+        out[f"rate@{sev}_ci"] = wilson_ci(k, int(a.size))
+    return out
+
+
 # ----------------------------------------------------------------------- lists
 @dataclass(frozen=True)
 class Lists:
@@ -241,6 +320,22 @@ def validation_lists(train: Sequence[SourceData], cal_idx: Mapping[str, np.ndarr
                             False, picked)
         add(got, picked, part, "", r)
     return Lists(exs, tasks_of, fill, role)
+
+
+def lists_source(meta: Lists, collector: Any, cache_dir: Any, layers: Sequence[int],
+                 scope: str = "user", progress: bool = True) -> SourceData:
+    """The lists of ``meta`` collected (prompt rows of ``layers``, cached per shard) and
+    segmented to ``scope``, as one benign TRAINING-derived source ``window_lists``."""
+    from probes.collect import TokenSelection
+    from probes.harmful import scope_mask, token_roles
+    from probes.sources import Source
+
+    acts = collector.collect(meta.examples, list(layers), TokenSelection("prompt"),
+                             cache_dir=cache_dir, progress=progress,
+                             desc="harmful_intent/window_lists")
+    return SourceData(Source("window_lists", "benign", "train", "derived", "window_lists"),
+                      meta.examples, acts,
+                      scope_mask(token_roles(acts, meta.examples, collector), scope))
 
 
 # ----------------------------------------------------------------------- the study

@@ -37,10 +37,13 @@ class _Result:
     datasets: list[str] = field(default_factory=lambda: ["synthetic"])
     token_labels: str = "synthetic"
     judge_at: str = "every_token"
+    component_of: str = ""
 
     @property
     def thresholds(self) -> dict[str, float]:
-        return {"warn": self.calibration["fpr_0.01"], "critical": self.calibration["fpr_0.001"]}
+        from probes.export import threshold_ladder
+
+        return threshold_ladder(self.calibration)
 
 
 def _probe(layer: int, d: int, seed: int) -> LinearProbe:
@@ -80,6 +83,74 @@ def test_export_roundtrip_scores_match(tmp_path: Path) -> None:
     assert loaded.detectors[0].provenance["judge_at"] == "span_end"
     assert pol.detectors["deception"].scope == "generated"
     assert not [w for w in check_policy(pol, loaded) if "below" in w]
+
+
+def test_two_detectors_on_one_probe_share_its_column_and_both_are_judged(
+        tmp_path: Path) -> None:
+    """harmful_intent and harmful_intent_window (``component_of``): the bundle holds the
+    probe once, the sidecar's scorer gives both detectors its score, the suggested policy
+    judges both (the window every token, ``thresholds_from`` its union keys), and on a
+    request whose 8 hot tokens sit among 32 cool ones the tracker alerts the window
+    detector while the span-end mean stays quiet."""
+    from monitor.constants import RequestKey
+    from monitor.judge.policy import check_policy, load_policy
+    from monitor.judge.tracker import RequestTracker
+    from monitor.roles import TokenRole
+    from monitor.score.pack import pack_layer
+    from monitor.score.scorer import Scorer
+    from probes.export import export_bundle
+
+    d = 16
+    p = _probe(2, d, 3)
+    base = _Result("harmful_intent", p, scope="user", judge_at="span_end",
+                   aggregation={"kind": "mean_logit", "length_slope": 0.1},
+                   min_tokens=1, calibration={"fpr_0.01": 0.55, "fpr_0.001": 0.8,
+                                              "fpr_0.008": 0.6, "fpr_0.0008": 0.85,
+                                              "thresholds_from": {"warn": "fpr_0.008",
+                                                                  "critical": "fpr_0.0008"},
+                                              "threshold_rule": "share of the union",
+                                              "benign_set": "s", "n_benign": 10})
+    win = _Result("harmful_intent_window", p, scope="user",
+                  aggregation={"kind": "window_mean_logit", "window_tokens": 8},
+                  min_tokens=1, component_of="harmful_intent",
+                  calibration={"union_fpr_0.01": 0.7, "union_fpr_0.001": 0.9,
+                               "thresholds_from": {"warn": "union_fpr_0.01",
+                                                   "critical": "union_fpr_0.001"},
+                               "benign_set": "s", "n_benign": 10})
+    bundle = export_bundle(tmp_path, cast("list[DetectorResult]", [base, win]),
+                           model_name="m", d_model=d, n_layers=6, name="t")
+    loaded = bundle_mod.load_bundle(tmp_path)
+    assert list(loaded.components) == ["harmful_intent_logreg_l2"]
+    assert [x.name for x in loaded.detectors] == ["harmful_intent", "harmful_intent_window"]
+    assert {x.name: x.default_thresholds for x in loaded.detectors} == {
+        "harmful_intent": {"warn": 0.6, "critical": 0.85},
+        "harmful_intent_window": {"warn": 0.7, "critical": 0.9}}
+    assert pack_layer(loaded, 2).W.shape[1] == 1  # one column, read out twice
+    # rows whose probe logit is -3 (32 of them) with 8 consecutive at +5
+    unit = p.weight / float(p.weight @ p.weight)
+    z = np.r_[np.full(12, -3.0), np.full(8, 5.0), np.full(20, -3.0)]
+    x = (p.mean + p.std * np.outer(z - p.bias, unit)).astype(np.float32)
+    np.testing.assert_allclose(p.logits(x), z, atol=1e-3)
+    out = Scorer(bundle).score(2, torch.from_numpy(x))
+    np.testing.assert_allclose(out[:, 0], out[:, 1])
+    np.testing.assert_allclose(out[:, 0], p.scores(x), rtol=1e-4, atol=1e-5)
+    pol = load_policy(tmp_path / "policy.suggested.yaml")
+    assert pol.detectors["harmful_intent_window"].judge_at == "every_token"
+    assert pol.detectors["harmful_intent_window"].aggregation.kind == "window_mean_logit"
+    assert pol.detectors["harmful_intent"].judge_at == "span_end"
+    assert not [w for w in check_policy(pol, loaded) if w.startswith(("error", "warning"))]
+    tr = RequestTracker(pol)
+    key = RequestKey("c", "r")
+    pos, gen = np.arange(40, dtype=np.int64), np.zeros(40, bool)
+    roles = np.full(40, int(TokenRole.USER), np.int8)
+    ups = []
+    for j, name in enumerate(("harmful_intent", "harmful_intent_window")):
+        ups += tr.observe(key, name, pos, gen, np.asarray(out[:, j], np.float64), roles)
+    finals = {u.detector: u for u in ups + tr.finish(key) if u.final}
+    assert finals["harmful_intent"].severity == "none"      # σ(-1.4 - 0.1 ln 40) < 0.6
+    assert finals["harmful_intent_window"].severity == "critical"  # σ(5) > 0.9
+    # first window over critical: rows 10..17, 6 of them hot: mean logit 3, σ = 0.953
+    assert finals["harmful_intent_window"].crossed_at_position == 17
 
 
 def test_export_rejects_wrong_dimension(tmp_path: Path) -> None:

@@ -151,9 +151,9 @@ def test_recipe_small_slice_end_to_end(tmp_path) -> None:
     srcs = [s for s in HARMFUL_SOURCES if s.name in names]
     col = TransformersCollector(path, DEFAULT_MODEL_NAME)
     served = (({"kind": "mean"}, 2, 1.0, "every_token"),)
-    r = harmful_intent_recipe(col, tmp_path, sources=srcs, layers=(12,), Cs=(1e-3,),
-                              scary_weights=(1.0,), served=served, limit=24,
-                              explore_readouts=False, progress=False)
+    r, w = harmful_intent_recipe(col, tmp_path, sources=srcs, layers=(12,), Cs=(1e-3,),
+                                 scary_weights=(1.0,), served=served, limit=24,
+                                 explore_readouts=False, progress=False)
     m = r.metrics
     assert set(m["test_sources"]) == {"do_not_answer", "oasst", "long_benign",
                                       "long_with_harmful"}
@@ -161,6 +161,20 @@ def test_recipe_small_slice_end_to_end(tmp_path) -> None:
     assert 0 < r.thresholds["warn"] < r.thresholds["critical"] < 1
     assert r.selection and r.selection[0]["layer"] == 12
     assert m["calibration_set"]["n"] == sum(round(0.3 * 24) for _ in range(3))
+    # the window detector: same probe, its own read-out, thresholds by split calibration
+    # (harmful_intent at 0.8% of the rows; the union <= 1% on rows and on lists, each)
+    assert w.name == "harmful_intent_window" and w.probe is r.probe
+    assert w.component_of == "harmful_intent" and w.judge_at == "every_token"
+    assert w.aggregation == {"kind": "window_mean_logit", "window_tokens": 8}
+    u = w.calibration["union"]["warn"]
+    assert u["harmful_intent"] == r.thresholds["warn"]
+    assert u["harmful_intent_window"] == w.thresholds["warn"]
+    n_rows, n_lists = w.calibration["n_rows"], w.calibration["n_lists"]
+    assert n_rows == m["calibration_set"]["n"] and n_lists == 4 * 24
+    assert u["rows_alerted_union"] <= int(0.01 * n_rows)
+    assert u["lists_alerted_union"] <= int(0.01 * n_lists)
+    assert u["rows_alerted_harmful_intent"] <= int(0.008 * n_rows)
+    assert set(w.metrics["union_test_sources"]) == set(m["test_sources"])
 
 
 def test_fold_metrics_judge_each_fold_by_its_own_threshold() -> None:

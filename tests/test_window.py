@@ -134,6 +134,32 @@ def test_split_thresholds_bound_each_population_and_are_the_smallest() -> None:
         split_thresholds(ra, rb, la, lb[:3], 0.01, 0.008)
 
 
+def test_served_union_is_split_thresholds_per_severity_with_its_counts() -> None:
+    """The served pair (window.served_union): per severity, split_thresholds at the
+    budget with SERVED_SHARE of it to A; the counts it records are the alerts on each
+    calibration population, within budget; union_rates counts "either fires"."""
+    from probes.evaluate import wilson_ci
+
+    rng = np.random.default_rng(11)
+    ra, rb = rng.random(1600), rng.random(1600)
+    la, lb = 0.7 * rng.random(1000), rng.random(1000) ** 0.5
+    lv = window.served_union(ra, rb, la, lb)
+    assert set(lv) == {"warn", "critical"} and window.SERVED_SHARE == 0.8
+    for sev, fpr in (("warn", 0.01), ("critical", 0.001)):
+        v = lv[sev]
+        assert (v.t_a, v.t_b) == split_thresholds(ra, rb, la, lb, fpr, 0.8 * fpr)
+        assert (v.n_rows, v.n_lists) == (1600, 1000)
+        assert v.rows_a == int((ra >= v.t_a).sum()) <= int(0.8 * fpr * 1600)
+        assert v.rows_union == int(((ra >= v.t_a) | (rb >= v.t_b)).sum()) <= int(fpr * 1600)
+        assert v.lists_union == int(((la >= v.t_a) | (lb >= v.t_b)).sum()) <= int(fpr * 1000)
+    assert lv["warn"].t_a <= lv["critical"].t_a and lv["warn"].t_b <= lv["critical"].t_b
+    a, b = np.array([0.0, 1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0, 0.0])
+    got = window.union_rates(a, b, lv)
+    assert got["n"] == 4 and got["rate@warn"] == 0.5 and got["rate@warn_ci"] == wilson_ci(2, 4)
+    with pytest.raises(ValueError, match="share"):
+        window.served_union(ra, rb, la, lb, share=0.0)
+
+
 def _src(name: str, kind: str, lens: list[int], hot: float, rng: np.random.Generator,
          texts: list[str] | None = None) -> SourceData:
     """Examples of the given token counts; feature 0 of every row ~ N(0, 1) + ``hot``."""

@@ -3,6 +3,7 @@
     bundle.py       load_bundle / write_bundle: manifest.json + safetensors, validated
     pack.py         fold every component of a layer into one W, b, θ and a read-out R, c
     scorer.py       Scorer.score(layer, x): one GEMM, vectorised epilogue, sigmoid read-out
+    triton_fused.py the same score as one Triton kernel on CUDA (Scorer(kernel="triton"))
     onnx_export.py  export_onnx: each packed layer as an ONNX graph beside the bundle
     onnx_scorer.py  OnnxScorer: the same scores with onnxruntime, without torch
     backend.py      load_scorer: --backend torch | onnxruntime | auto (start-up benchmark)

@@ -31,6 +31,19 @@ forms them, and its scores equal the folded ones to float32 rounding, ~1e-7).
 Input checks are O(1) (dtype, shape); a hook point given as a name or a bare layer is
 looked up in one dict of both spellings, built at construction.
 
+Devices and kernels. ``Scorer(bundle, device="cuda")`` keeps every kernel tensor on that
+device and scores tensors there (numpy / CPU inputs are copied to it; scores come back as
+numpy, a ``[n_rows, n_detectors]`` copy). ``kernel="triton"`` scores a ``relu`` / ``mask``
+layer's :meth:`Scorer.score` with one Triton kernel (``monitor/score/triton_fused.py``:
+GEMM, epilogue and read-out fused, ``P`` never stored); it needs CUDA (or Triton's CPU
+interpreter, ``TRITON_INTERPRET=1``, for tests). Every other layer keeps the torch path
+with the reason in :attr:`Scorer.kernel_paths` (logged once at construction): ``none``
+layers (the folded read-out above is already one GEMM of ``n_detectors`` columns),
+``general`` (gated / layer_norm) and TopK layers, more than ``MAX_DETECTORS`` detectors,
+no CUDA, no triton. The torch path is the reference and the default.
+``score_components``, ``score_and_columns`` and the projected entry points always use torch
+(they return ``Z``).
+
 Thread rules: a Scorer is immutable after construction. ``score`` and every other method
 allocate their own outputs and scratch per call (no buffer is cached or shared between
 calls: fresh vs reused output buffers measured within 1 % of the GEMM at 64–4096 rows), so
@@ -40,8 +53,9 @@ keep. It sets no global torch state (threads, dtypes).
 
 from __future__ import annotations
 
+import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -52,13 +66,18 @@ from monitor.wire.hooks import hook_key
 from .bundle import Bundle
 from .pack import PackedLayer, TopKBlock, pack_layer
 
-__all__ = ["INPUT_DTYPES", "Scorer"]
+__all__ = ["INPUT_DTYPES", "KERNELS", "Scorer"]
+
+log = logging.getLogger(__name__)
 
 #: Activation dtypes accepted by :meth:`Scorer.score`.
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
 
 Epilogue = Literal["none", "relu", "mask", "general"]
+KernelChoice = Literal["torch", "triton"]
+#: ``kernel=`` choices of :class:`Scorer` (module doc, "Devices and kernels").
+KERNELS: tuple[KernelChoice, ...] = ("torch", "triton")
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,10 +94,13 @@ class _Kernel:
     [n_detectors, n_cols]``: the read-out ``R`` transposed, contiguous, read as ``RtT =
     Rt.t()`` (a skinny ``[rows, n_cols] × [n_cols, D]`` addmm with row-major ``R``
     measured ~5× slower on CPU: 7.5 vs 1.4 ms at 4096 × 520 × 9). ``epilogue``: which
-    epilogue the layer needs (module doc).
+    epilogue the layer needs (module doc). Every tensor here is on the scorer's device
+    except ``packed`` (CPU, the public copy); ``dev`` is ``packed`` on the device (the
+    same object on CPU).
     """
 
     packed: PackedLayer
+    dev: PackedLayer
     Wt: torch.Tensor
     WtT: torch.Tensor
     b_gemm: torch.Tensor | None
@@ -94,6 +116,8 @@ class _Kernel:
     fold: tuple[torch.Tensor, torch.Tensor] | None
     #: TopK components: ``(Wt_full [m, d_model]`` compute dtype, ``block)`` (pack.TopKBlock)
     topk: tuple[tuple[torch.Tensor, TopKBlock], ...] = ()
+    #: "triton" when :meth:`Scorer.score` runs the fused Triton kernel, else "torch: <why>"
+    path: str = "torch"
 
 
 def _epilogue(p: PackedLayer) -> Epilogue:
@@ -111,14 +135,23 @@ class Scorer:
 
     ``compute_dtype`` is the GEMM dtype: float32 (default) or bfloat16 (keeps a bf16 copy
     of W; the GEMM result is upcast to float32 before bias, epilogue and read-out).
+    ``device``: where the kernels run (default CPU); ``kernel``: ``torch`` (default) or
+    ``triton`` (module doc, "Devices and kernels"; :attr:`kernel_paths` says which layer
+    got which).
     """
 
-    def __init__(self, bundle: Bundle, compute_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, bundle: Bundle, compute_dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", kernel: KernelChoice = "torch") -> None:
         if compute_dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, "
                              f"got {compute_dtype}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.bundle = bundle
         self.compute_dtype = compute_dtype
+        self.device = torch.device(device)
+        self.kernel = kernel
+        self._no_triton = _triton_unusable(self.device) if kernel == "triton" else None
         self.d_model = bundle.d_model
         #: hook points with a detector, forward order; ``layers``: their layers, ascending
         self.hooks: tuple[str, ...] = bundle.hook_names
@@ -133,38 +166,67 @@ class Scorer:
             self._by_key[hook] = kern
             if hook == hook_key(kern.packed.layer):
                 self._by_key[kern.packed.layer] = kern
+        #: hook point -> "triton" or "torch: <why not triton>" (what :meth:`score` runs)
+        self.kernel_paths: dict[str, str] = {h: k.path for h, k in self._kernels.items()}
+        if kernel != "torch":
+            log.info("scorer kernels (%s, %s): %s", self.device, compute_dtype,
+                     "; ".join(f"{h}: {p}" for h, p in self.kernel_paths.items()))
+
+    def _path(self, p: PackedLayer, epilogue: Epilogue) -> str:
+        """``"triton"`` or ``"torch: <why>"`` for layer ``p`` (module doc)."""
+        if self.kernel == "torch":
+            return "torch"
+        if self._no_triton is not None:
+            return f"torch: {self._no_triton}"
+        if p.topk:
+            return "torch: TopK component (row top-k mask; triton covers relu/mask layers)"
+        if epilogue == "none":
+            return "torch: epilogue none (read-out folded into one GEMM of n_detectors columns)"
+        if epilogue == "general":
+            return ("torch: gated or layer_norm columns (general epilogue; triton covers "
+                    "relu/mask layers)")
+        from .triton_fused import MAX_DETECTORS
+        if p.R.shape[1] > MAX_DETECTORS:
+            return f"torch: {p.R.shape[1]} detectors (triton kernel: at most {MAX_DETECTORS})"
+        return "triton"
 
     def _build(self, p: PackedLayer) -> _Kernel:
-        ln = p.ln_cols
-        fp32 = self.compute_dtype == torch.float32
-        if ln is None:
-            b_gemm, b_post = (p.b, None) if fp32 else (None, p.b)
-        elif fp32:
-            b_gemm, b_post = p.b.masked_fill(ln, 0.0), p.b.masked_fill(~ln, 0.0)
-        else:
-            b_gemm, b_post = None, p.b
-        Wt = p.W.t().to(self.compute_dtype).contiguous()
-        Rt = p.R.t().contiguous()
+        dev = self.device
         epilogue = _epilogue(p)
+        path = self._path(p, epilogue)
+        on_dev = p if dev.type == "cpu" else _packed_to(p, dev)
+        ln = on_dev.ln_cols
+        fp32 = self.compute_dtype == torch.float32
+        b = on_dev.b
+        if ln is None:
+            b_gemm, b_post = (b, None) if fp32 else (None, b)
+        elif fp32:
+            b_gemm, b_post = b.masked_fill(ln, 0.0), b.masked_fill(~ln, 0.0)
+        else:
+            b_gemm, b_post = None, b
+        Wt = p.W.t().to(dev, self.compute_dtype).contiguous()
+        Rt = on_dev.R.t().contiguous()
         fold = None
         if epilogue == "none" and not p.topk:  # Z = P: S = sigmoid((x·W + b)·R + c)
             R = p.R.double()
-            WRt = (p.W.double() @ R).t().to(self.compute_dtype).contiguous()
-            fold = (WRt, (p.b.double() @ R + p.c.double()).float())
+            WRt = (p.W.double() @ R).t().to(dev, self.compute_dtype).contiguous()
+            fold = (WRt, (p.b.double() @ R + p.c.double()).float().to(dev))
         return _Kernel(
             packed=p,
+            dev=on_dev,
             Wt=Wt,
             WtT=Wt.t(),
             b_gemm=b_gemm,
             b_post=b_post,
             ln_cols=ln,
-            ln_eps=None if p.ln_eps is None else p.ln_eps.unsqueeze(0),
+            ln_eps=None if on_dev.ln_eps is None else on_dev.ln_eps.unsqueeze(0),
             Rt=Rt,
             RtT=Rt.t(),
             epilogue=epilogue,
             fold=fold,
-            topk=tuple((blk.W.t().to(self.compute_dtype).contiguous(), blk)
-                       for blk in p.topk),
+            topk=tuple((blk.W.t().to(dev, self.compute_dtype).contiguous(), blk)
+                       for blk in on_dev.topk),
+            path=path,
         )
 
     # ----------------------------------------------------------------------- public
@@ -225,12 +287,14 @@ class Scorer:
             if var is None or var.shape != (xw.shape[0],):
                 raise ValueError(f"var: expected [{xw.shape[0]}] (the layer has layer_norm "
                                  f"columns), found {None if var is None else list(var.shape)}")
-            var = var.float().unsqueeze(1)
-        p = xw.float() if xw.dtype != torch.float32 else xw.clone()
+            var = var.to(self.device, torch.float32).unsqueeze(1)
+        p = xw.to(self.device, torch.float32)
+        if p is xw:
+            p = xw.clone()
         if kern.b_gemm is not None:
             p.add_(kern.b_gemm)
         z = self._finish(kern, p, var)
-        return self._readout(kern, z).numpy(), z.numpy()
+        return _host(self._readout(kern, z)), _host(z)
 
     def score(self, layer: int | str, x: torch.Tensor | np.ndarray) -> np.ndarray:
         """Detector scores in [0, 1]: float32 ``[n_rows, len(detectors_on(layer))]``.
@@ -240,15 +304,20 @@ class Scorer:
         without a copy; it is not modified). ``n_rows`` may be 0.
         """
         kern = self._kernel(layer)
+        if kern.path == "triton":  # GEMM, epilogue, read-out in one kernel (module doc)
+            from .triton_fused import fused_score
+            assert kern.epilogue in ("relu", "mask")
+            return _host(fused_score(self._input(x), kern.Wt, kern.dev.b, kern.dev.theta,
+                                     kern.RtT, kern.dev.c, kern.epilogue))
         if kern.fold is None:
-            return self._readout(kern, self._columns(kern, x)).numpy()
+            return _host(self._readout(kern, self._columns(kern, x)))
         WRt, cR = kern.fold  # read-out folded into the GEMM (module doc)
         xc = self._input(x)
         if self.compute_dtype == torch.float32:
             s = torch.addmm(cR, xc, WRt.t())
         else:
             s = torch.mm(xc, WRt.t()).float().add_(cR)
-        return s.sigmoid_().numpy()
+        return _host(s.sigmoid_())
 
     def score_and_columns(self, layer: int | str, x: torch.Tensor | np.ndarray
                           ) -> tuple[np.ndarray, np.ndarray]:
@@ -257,7 +326,7 @@ class Scorer:
         values feed the fired-latent report, ``monitor.judge.latents``)."""
         kern = self._kernel(layer)
         z = self._columns(kern, x)
-        return self._readout(kern, z).numpy(), z.numpy()
+        return _host(self._readout(kern, z)), _host(z)
 
     # ----------------------------------------------------------------------- kernels
 
@@ -265,15 +334,14 @@ class Scorer:
         """``Z`` float32 ``[n_rows, n_cols]`` of ``x`` (checked here), a new tensor."""
         xc = self._input(x)
         if xc.shape[0] == 0:
-            return torch.zeros(0, kern.packed.n_cols)
+            return torch.zeros(0, kern.packed.n_cols, device=self.device)
         if kern.b_gemm is not None:
             p = torch.addmm(kern.b_gemm, xc, kern.WtT)
         else:
             p = torch.mm(xc, kern.WtT).float()
         var = None
         if kern.ln_cols is not None:
-            xf = _as_tensor(x)  # x itself, not xc: var from the unrounded input
-            xf = xf if xf.dtype == torch.float32 else xf.float()
+            xf = _as_tensor(x).to(self.device, torch.float32)  # not xc: var unrounded
             var = torch.var(xf, dim=1, correction=0, keepdim=True)  # [n_rows, 1]
         z = self._finish(kern, p, var)
         for Wt_full, blk in kern.topk:  # full-width TopK: keep a row's k largest latents
@@ -287,7 +355,7 @@ class Scorer:
         """Everything after the GEMM: layer-norm factor (``var [n_rows, 1]``, given iff the
         layer has layer_norm columns), post-GEMM bias, epilogue. ``p`` (float32, this
         call's own) is overwritten; the result may be ``p`` itself."""
-        pk = kern.packed
+        pk = kern.dev
         if kern.b_post is not None and kern.ln_cols is None:
             p.add_(kern.b_post)  # bf16 compute: the whole bias after the GEMM
         epi = kern.epilogue
@@ -317,7 +385,7 @@ class Scorer:
     @staticmethod
     def _readout(kern: _Kernel, z: torch.Tensor) -> torch.Tensor:
         """``sigmoid(Z · R + c)`` float32 ``[n_rows, n_detectors]``, a new tensor."""
-        return torch.addmm(kern.packed.c, z, kern.RtT).sigmoid_()
+        return torch.addmm(kern.dev.c, z, kern.RtT).sigmoid_()
 
     # ----------------------------------------------------------------------- helpers
 
@@ -333,11 +401,11 @@ class Scorer:
                            f"(hook points {list(self.hooks)})") from None
 
     def _input(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """``x`` checked (O(1): type, dtype, shape) and in the compute dtype (no copy
-        when it already is)."""
+        """``x`` checked (O(1): type, dtype, shape), on the scorer's device and in the
+        compute dtype (no copy when it already is)."""
         t = _as_tensor(x)
         self._check_input(t)
-        return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
+        return t.to(self.device, self.compute_dtype)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -347,6 +415,35 @@ class Scorer:
         if x.ndim != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"x must have shape [n_rows, {self.d_model}], "
                              f"got {list(x.shape)}")
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a numpy array: a view on CPU, a copy from any other device."""
+    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+
+
+def _packed_to(p: PackedLayer, device: torch.device) -> PackedLayer:
+    """``p`` with every tensor (TopK blocks included) on ``device``."""
+    def to(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    topk = tuple(replace(t, W=t.W.to(device), b=t.b.to(device), ids=t.ids.to(device))
+                 for t in p.topk)
+    return replace(p, W=p.W.to(device), b=p.b.to(device), theta=p.theta.to(device),
+                   R=p.R.to(device), c=p.c.to(device), ln_cols=to(p.ln_cols),
+                   ln_eps=to(p.ln_eps), ln_std=to(p.ln_std), mag_scale=to(p.mag_scale),
+                   mag_shift=to(p.mag_shift), floor=to(p.floor), topk=topk)
+
+
+def _triton_unusable(device: torch.device) -> str | None:
+    """Why ``kernel="triton"`` cannot run on ``device`` here, or None when it can."""
+    try:
+        from . import triton_fused
+    except ImportError as e:  # triton not installed (or too old for the kernel)
+        return f"triton not importable ({e})"
+    if device.type == "cuda" or (device.type == "cpu" and triton_fused.interpreting()):
+        return None
+    return f"triton runs on CUDA (or on CPU with TRITON_INTERPRET=1), not on {device}"
 
 
 def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
