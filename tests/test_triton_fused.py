@@ -333,8 +333,16 @@ def test_cuda_kernel_exact_cases(dtype: torch.dtype) -> None:
         x, Wt, b, theta, R, c = (t.cuda() for t in exact_case(rows, d, 513, 2))
         for epi in EPILOGUES:
             want = reference(x, Wt, b, theta, R, c, epi)
+            # P is exact, but Z = P·R + c is an fp32 sum over n_cols = 513 random terms
+            # whose order differs between the GPU kernel and float64 torch: bound its error
+            # by 8·eps32·max_i Σ_j |P_ij R_j| (a few roundings of the largest partial sum),
+            # times σ' <= 1/4. Measured on an H100 (session 10): at most 2.6e-6 at
+            # d_model 4096 (Σ|PR| 159, bound 4.8e-6), 1.4e-6 at 576 (Σ|PR| 61, bound 2.5e-6).
+            p = x.double() @ Wt.double().t() + b.double()
+            mag = float((p.abs() @ R.double().abs()).max())
+            tol = 1e-6 + 0.25 * 8 * torch.finfo(torch.float32).eps * mag
             for sp in (None, 1):
                 got = triton_fused.fused_score(x.to(dtype), Wt.to(dtype), b, theta, R, c,
                                                epi, split=sp)
                 err = float((got.double() - want).abs().max())
-                assert err < 2e-6, f"{epi} {dtype} rows {rows} d {d} split {sp}: {err}"
+                assert err < tol, f"{epi} {dtype} rows {rows} d {d} split {sp}: {err} >= {tol}"
