@@ -796,7 +796,9 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     union ≤ ``α`` on the rows and on calibration lists built from calibration rows only
     (``probes.window.validation_lists``), each; ``α`` = 1% (warn), 0.1% (critical).
     Needs ``calibration`` ``row`` (the rule is stated by row). Returns
-    ``[harmful_intent]`` or ``[harmful_intent, harmful_intent_window]``."""
+    ``[harmful_intent]`` or ``[harmful_intent, harmful_intent_window]``; a ``limit`` smoke build
+    too small to build calibration lists from, window left at None, goes without the window
+    (logged); any other build refuses (``probes.window.NoFillerRows``)."""
     from probes.calibrate import calibrate
     from probes.export import DetectorResult, threshold_ladder
     from probes.sources import HARMFUL_SOURCES
@@ -837,8 +839,18 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
             raise ValueError(f"calibration: the window detector's split calibration is "
                              f"stated by row; expected row with window on, found "
                              f"{calibration!r} (pass window=0)")
-        win = _window_detector(collector, cache_dir, probe, train, cal_idx, test, served_of,
-                               cal, scope, seed, limit, progress, window)
+        from probes.window import NoFillerRows
+        try:
+            win = _window_detector(collector, cache_dir, probe, train, cal_idx, test,
+                                   served_of, cal, scope, seed, limit, progress, window)
+        except NoFillerRows as e:
+            # Only a data-budget smoke build (``limit``: its numbers mean nothing) with the
+            # window left at its default may go without it; a real build, or one that
+            # asked for a window, refuses.
+            if limit is None or window is not None:
+                raise
+            log.warning("harmful_intent_window NOT built (--limit %d leaves no lists to "
+                        "calibrate it on): %s", limit, e)
     thr = threshold_ladder(cal)
 
     test_scores = {d.name: (d, served_of(d)) for d in test}

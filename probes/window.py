@@ -271,6 +271,11 @@ def _short(e: ChatExample) -> bool:
     return len(e.user_text) < SHORT_CHARS and all(m["role"] != "system" for m in e.chat)
 
 
+class NoFillerRows(ValueError):
+    """The training sources hold too few short calibration rows to build lists from
+    (e.g. a ``--limit`` smoke build): :func:`validation_lists` cannot run."""
+
+
 def validation_lists(train: Sequence[SourceData], cal_idx: Mapping[str, np.ndarray],
                      n_per_harmful: int = 30, n_benign: int = 200,
                      n_calibration: int = 150, seed: int = 0,
@@ -292,8 +297,9 @@ def validation_lists(train: Sequence[SourceData], cal_idx: Mapping[str, np.ndarr
         for part, sel in (("calibration", perm[:half]), ("reported", perm[half:])):
             pool[part] += [(d.name, d.examples[rows[int(j)]]) for j in sel]
     if not pool["calibration"] or not pool["reported"]:
-        raise ValueError("validation_lists: expected short calibration rows of "
-                         f"{list(filler_kinds)} sources; found none")
+        raise NoFillerRows("validation_lists: expected short calibration rows of "
+                           f"{list(filler_kinds)} sources in both halves; found "
+                           f"{len(pool['calibration'])} / {len(pool['reported'])}")
     exs: list[ChatExample] = []
     tasks_of: list[str] = []
     role: list[str] = []

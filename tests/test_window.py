@@ -18,6 +18,7 @@ from probes.sources import Source
 from probes.window import (
     ZCLIP,
     Lists,
+    NoFillerRows,
     Readout,
     WindowRow,
     choose,
@@ -208,6 +209,21 @@ def test_validation_lists_draw_only_from_calibration_rows_in_disjoint_halves() -
         used["calibration" if meta.role[i] == "calibration" else "reported"] |= set(items)
     assert used["calibration"] and used["reported"]
     assert not used["calibration"] & used["reported"]
+
+
+def test_validation_lists_refuse_sources_without_short_calibration_rows() -> None:
+    """A ``--limit`` smoke build can leave one short benign calibration row (one half
+    empty) or only long ones: a named refusal (``NoFillerRows``), never empty lists."""
+    rng = np.random.default_rng(4)
+    train = [_src("h1", "harmful", [3] * 4, 0, rng), _src("alpaca", "benign", [3] * 3, 0, rng),
+             _src("long", "benign", [3] * 4, 0, rng, ["x" * 500] * 4)]
+    for cal_alpaca in (np.arange(0), np.arange(1)):
+        cal = {"h1": np.arange(0), "alpaca": cal_alpaca, "long": np.arange(4)}
+        with pytest.raises(NoFillerRows, match=r"short calibration rows.*found 0 / "):
+            validation_lists(train, cal, n_per_harmful=1, n_benign=2, n_calibration=4)
+    cal = {"h1": np.arange(0), "alpaca": np.arange(2), "long": np.arange(4)}
+    meta = validation_lists(train, cal, n_per_harmful=1, n_benign=2, n_calibration=4)
+    assert len(meta.where("calibration")) == 4
 
 
 def test_long_requests_picked_records_the_fillers_without_changing_the_lists() -> None:
