@@ -400,8 +400,8 @@ class ProcessTransport(Transport):
         with self._lock:
             self._gen += 1
             gen = self._gen
-        slot_bytes = n_layers * max_rows * d_model * torch.finfo(dtype).bits // 8
-        n = min(slots, max(1, (budget_mb << 20) // max(1, slot_bytes)))
+        n = HostRing.fit_slots(slots=slots, budget_mb=budget_mb, n_layers=n_layers,
+                               max_rows=max_rows, d_model=d_model, dtype=dtype)
         ring = SharedHostRing(n, n_layers, max_rows, d_model, dtype, gen=gen)
         self._ring = ring
         sock = self._sock

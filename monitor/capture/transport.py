@@ -49,7 +49,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import grpc
 import torch
@@ -192,9 +191,6 @@ def _projections(p: monitor_pb2.CapturePlan, points: set[str]) -> dict[str, Work
     return out
 
 
-_Ring = TypeVar("_Ring", bound="HostRing")
-
-
 class HostRing:
     """Preallocated host staging buffers, one slot per engine step.
 
@@ -234,9 +230,17 @@ class HostRing:
         self._free: collections.deque[int] = collections.deque(range(n_slots))
         self._lock = threading.Lock()
 
+    @staticmethod
+    def fit_slots(*, slots: int, budget_mb: int, n_layers: int, max_rows: int, d_model: int,
+                  dtype: torch.dtype) -> int:
+        """Up to `slots` slots of `[n_layers, max_rows, d_model]` `dtype`, fewer if they
+        would exceed `budget_mb` (min 1)."""
+        slot_bytes = n_layers * max_rows * d_model * torch.finfo(dtype).bits // 8
+        return min(slots, max(1, (budget_mb * 1024 * 1024) // max(1, slot_bytes)))
+
     @classmethod
     def sized(
-        cls: type[_Ring],
+        cls,
         *,
         slots: int,
         budget_mb: int,
@@ -245,11 +249,11 @@ class HostRing:
         d_model: int,
         dtype: torch.dtype,
         pin: bool = False,
-    ) -> _Ring:
-        """A ring of up to `slots` slots, fewer if they would exceed `budget_mb` (min 1)."""
-        slot_bytes = n_layers * max_rows * d_model * torch.finfo(dtype).bits // 8
-        fit = max(1, (budget_mb * 1024 * 1024) // max(1, slot_bytes))
-        return cls(min(slots, fit), n_layers, max_rows, d_model, dtype, pin=pin)
+    ) -> HostRing:
+        """A ring of `fit_slots` slots."""
+        n = cls.fit_slots(slots=slots, budget_mb=budget_mb, n_layers=n_layers,
+                          max_rows=max_rows, d_model=d_model, dtype=dtype)
+        return cls(n, n_layers, max_rows, d_model, dtype, pin=pin)
 
     @property
     def nbytes(self) -> int:
