@@ -374,7 +374,6 @@ def load_sources(collector: Any, cache_dir: Any, sources: Sequence[Source], scop
                  layers: Sequence[int] = LAYERS, progress: bool = True,
                  limit: int | None = None) -> dict[str, SourceData]:
     """Collect (cached per source) and segment every source that is available."""
-    from probes.collect import TokenSelection
     from probes.sources import load_source
 
     out: dict[str, SourceData] = {}
@@ -382,11 +381,22 @@ def load_sources(collector: Any, cache_dir: Any, sources: Sequence[Source], scop
         ex = load_source(src)
         if limit is not None:
             ex = ex[:limit]
-        acts = collector.collect(ex, layers, TokenSelection("prompt"), cache_dir=cache_dir,
-                                 progress=progress, desc=f"harmful_intent/{src.name}")
-        roles = token_roles(acts, ex, collector)
-        out[src.name] = SourceData(src, ex, acts, scope_mask(roles, scope))
+        out[src.name] = collect_source(src, ex, collector, cache_dir, layers, scope, progress)
     return out
+
+
+def collect_source(src: Source, examples: list[ChatExample], collector: Any,
+                   cache_dir: Any, layers: Sequence[int], scope: str, progress: bool
+                   ) -> SourceData:
+    """``examples`` as source ``src``: their prompt rows at ``layers`` collected (cached per
+    shard) and segmented to ``scope`` (:func:`token_roles`, :func:`scope_mask`). The one
+    path every harmful_intent source takes, loaded or derived (long lists, window lists)."""
+    from probes.collect import TokenSelection
+
+    acts = collector.collect(examples, layers, TokenSelection("prompt"), cache_dir=cache_dir,
+                             progress=progress, desc=f"harmful_intent/{src.name}")
+    return SourceData(src, examples, acts,
+                      scope_mask(token_roles(acts, examples, collector), scope))
 
 
 def long_requests(tasks: Sequence[ChatExample], fillers: Sequence[ChatExample], n: int,
@@ -424,8 +434,6 @@ def long_sources(data: dict[str, SourceData], collector: Any, cache_dir: Any, sc
     """Test-only long requests built from TEST sources: lists of ordinary-chat and
     benign-but-scary requests (``long_benign``) and the same with one Do-Not-Answer
     question inside (``long_with_harmful``)."""
-    from probes.collect import TokenSelection
-
     fill = [e for k in ("oasst", "coconot_contrast") if k in data for e in data[k].examples
             if len(e.user_text) < 400]
     tasks = data["do_not_answer"].examples if "do_not_answer" in data else []
@@ -435,10 +443,8 @@ def long_sources(data: dict[str, SourceData], collector: Any, cache_dir: Any, sc
     for name, kind, with_task in (("long_benign", "benign", False),
                                   ("long_with_harmful", "harmful", True)):
         exs = long_requests(tasks, fill, n, seed + (7 if with_task else 3), name, with_task)
-        acts = collector.collect(exs, layers, TokenSelection("prompt"), cache_dir=cache_dir,
-                                 progress=progress, desc=f"harmful_intent/{name}")
-        out[name] = SourceData(Source(name, kind, "test", "derived", name), exs, acts,
-                               scope_mask(token_roles(acts, exs, collector), scope))
+        out[name] = collect_source(Source(name, kind, "test", "derived", name), exs,
+                                   collector, cache_dir, layers, scope, progress)
     return out
 
 

@@ -49,7 +49,7 @@ import numpy as np
 
 from probes.calibrate import threshold_at_fpr
 from probes.datasets import ChatExample
-from probes.harmful import PINNED, length_slope, long_requests
+from probes.harmful import PINNED, collect_source, length_slope, long_requests
 from probes.pooled import SourceData, fit_pooled, kind_weights
 from probes.study import ORDINARY
 
@@ -332,16 +332,10 @@ def lists_source(meta: Lists, collector: Any, cache_dir: Any, layers: Sequence[i
                  scope: str = "user", progress: bool = True) -> SourceData:
     """The lists of ``meta`` collected (prompt rows of ``layers``, cached per shard) and
     segmented to ``scope``, as one benign TRAINING-derived source ``window_lists``."""
-    from probes.collect import TokenSelection
-    from probes.harmful import scope_mask, token_roles
     from probes.sources import Source
 
-    acts = collector.collect(meta.examples, list(layers), TokenSelection("prompt"),
-                             cache_dir=cache_dir, progress=progress,
-                             desc="harmful_intent/window_lists")
-    return SourceData(Source("window_lists", "benign", "train", "derived", "window_lists"),
-                      meta.examples, acts,
-                      scope_mask(token_roles(acts, meta.examples, collector), scope))
+    return collect_source(Source("window_lists", "benign", "train", "derived", "window_lists"),
+                          meta.examples, collector, cache_dir, layers, scope, progress)
 
 
 # ----------------------------------------------------------------------- the study
