@@ -57,6 +57,7 @@ from probes.pooled import (
     stage2_share,
 )
 from probes.sources import Source, kept_rows
+from probes.token_pool import Pooling, token_pool
 
 __all__ = ["ORDINARY", "SESSION6_LIMITS", "Arm", "DataSize", "StudyRow", "Summary", "Variant",
            "VariantRow", "arm_rows", "data_size", "loaded_sources", "loso_all", "loso_scores",
@@ -363,6 +364,13 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
     lterm = "yes: one linear probe + mean_logit length_slope"
     head = "no: non-linear head"
     hard = {"scary": 3.0, "persona": 3.0, "coconot_noncompliance": 3.0}
+    # the softmax probe's request logit is an online softmax over one column's logits
+    soft = "no: needs a softmax-pooled aggregation (one column)"
+    pools: list[tuple[Pooling, float | None, str, str]] = [
+        ("mean", None, "mean pooling, torch trainer (control)", lterm),
+        ("softmax", None, "softmax probe, learned tau", soft),
+        ("softmax", 1.0, "softmax probe, tau=1", soft),
+        ("attention", None, "attention probe", "no: two columns per detector")]
     return [
         Variant("baseline", f"linear L{lay} C={C:g} (session-5 recipe)", one, linear(lay, C)),
         Variant("1 layers", f"concat L{'+'.join(map(str, mid))} C={C / len(mid):g}", multi,
@@ -407,6 +415,13 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
                   length_debiased(linear(lay, 3e-3, style=kinds)))
           for kinds, what in (("benign", "benign sources'"), ("both", "benign and harmful "
                                                                 "sources'"))),
+        # pooling learned end to end over the token rows (probes/token_pool.py), each on
+        # the shipped recipe (variant 24: L15, C 0.003, benign style directions out,
+        # length-debiased), so the pooling is the only difference; the first is the
+        # torch trainer's mean-pooling control
+        *(Variant("8 token pooling", f"length-debiased, style out, L{lay} C=0.003: {what}",
+                  serve, length_debiased(token_pool(lay, 3e-3, pool, beta, style="benign")))
+          for pool, beta, what, serve in pools),
     ]
 
 
