@@ -22,7 +22,8 @@ count): the objective is sklearn's ``LogisticRegression(C, class_weight="balance
 with the linear fitters' per-source weights (:func:`probes.pooled.source_weights`),
 divided by ``C·Σs`` so its scale does not depend on ``n``:
 ``J = Σ_i s_i ℓ(L_i, y_i) / Σ s + (‖w‖² + ‖v‖²) / (2 C Σ s)`` (``b`` and ``β`` not
-penalised; ``s_i`` = source weight × ``n / (2 n_{y_i})``). Stage 1 fits ``mean`` from zero
+penalised; ``s_i`` the source weight times sklearn's ``balanced`` class weight, which
+counts a class by its weight sum: the identity on source weights). Stage 1 fits ``mean`` from zero
 (convex: the LR-on-means optimum, up to the solver's tolerance); stage 2 starts the
 ``softmax`` / ``attention`` probe AT that optimum (``β = 0`` or ``v = 0`` is the mean
 exactly) and runs :data:`STAGE2_ITERS` L-BFGS iterations: a fixed budget, chosen before
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -52,8 +53,11 @@ from probes.pooled import (
 )
 from probes.train import standardise
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["POOLINGS", "STAGE1_ITERS", "STAGE2_ITERS", "Pooling", "TokenPoolProbe",
-           "fit_token_pool", "pool_logits", "token_pool"]
+           "fit_token_pool", "pool_logits", "pool_logits_torch", "token_pool"]
 
 Pooling = Literal["mean", "softmax", "attention"]
 POOLINGS: tuple[Pooling, ...] = ("mean", "softmax", "attention")
@@ -89,6 +93,22 @@ def pool_logits(z: np.ndarray, q: np.ndarray, example: np.ndarray, n_examples: i
     b = np.bincount(ex, e * z, minlength=n_examples)
     with np.errstate(invalid="ignore", divide="ignore"):
         return b / a
+
+
+def pool_logits_torch(z: torch.Tensor, q: torch.Tensor, example: torch.Tensor,
+                      n_examples: int) -> torch.Tensor:
+    """:func:`pool_logits` in torch, differentiable in ``z`` and ``q`` (float
+    ``[n_rows]`` each, one dtype; ``example`` int64 ``[n_rows]``, every example with ≥ 1
+    row): ``[n_examples]`` in that dtype. The per-example max is a constant shift of ``q`` (it
+    cancels in the softmax), so it is taken on ``q.detach()``."""
+    import torch
+
+    m = torch.full((n_examples,), -torch.inf, dtype=q.dtype).scatter_reduce(
+        0, example, q.detach(), "amax")
+    e = torch.exp(q - m[example])
+    a = torch.zeros(n_examples, dtype=z.dtype).index_add_(0, example, e)
+    b = torch.zeros(n_examples, dtype=z.dtype).index_add_(0, example, e * z)
+    return b / a
 
 
 @dataclass(frozen=True)
@@ -178,10 +198,13 @@ def fit_token_pool(parts: Parts, layer: int, C: float, pooling: Pooling,
     xs = (x - mu) / sd
     if vt.shape[0]:
         xs = (xs - (xs @ vt.T.astype(np.float32)) @ vt.astype(np.float32)).astype(np.float32)
-    # sklearn's class_weight="balanced" on top of the source weights, examples with rows
+    # sklearn's class_weight="balanced" on the source weights (since sklearn 1.6 it counts
+    # each class by its weight sum: Σs / (2 Σ_{class} s); source_weights already balances
+    # the classes, so this is the identity unless a class is empty)
     s = source_weights(parts, kw)
-    n, n1 = y.size, float(y.sum())
-    s = s * np.where(y == 1, n / (2 * max(n1, 1.0)), n / (2 * max(n - n1, 1.0)))
+    tot1, tot0 = float(s[y == 1].sum()), float(s[y == 0].sum())
+    s = s * np.where(y == 1, (tot0 + tot1) / (2 * max(tot1, 1e-12)),
+                     (tot0 + tot1) / (2 * max(tot0, 1e-12)))
     has = counts > 0
     remap = np.cumsum(has) - 1
     lam = 1.0 / (C * float(s[has].sum()))
@@ -192,19 +215,14 @@ def fit_token_pool(parts: Parts, layer: int, C: float, pooling: Pooling,
     n_ex = int(has.sum())
     d_model = x_t.shape[1]
 
+    n_rows_t = torch.from_numpy(counts[has].astype(np.float32))
+
     def request_logits(w: torch.Tensor, b: torch.Tensor, q: torch.Tensor | None
                        ) -> torch.Tensor:
-        """``L_e`` (float32 ``[n_ex]``): softmax-weighted (``q``; None: uniform) token
-        logits per example, the torch twin of :func:`pool_logits`."""
         z = x_t @ w + b
-        if q is None:
-            tot = torch.zeros(n_ex).index_add_(0, own_t, z)
-            return tot / torch.from_numpy(counts[has].astype(np.float32))
-        m = torch.full((n_ex,), -torch.inf).scatter_reduce(0, own_t, q.detach(), "amax")
-        e = torch.exp(q - m[own_t])
-        a = torch.zeros(n_ex).index_add_(0, own_t, e)
-        bb = torch.zeros(n_ex).index_add_(0, own_t, e * z)
-        return bb / a
+        if q is None:  # the mean, without the softmax's exp
+            return torch.zeros(n_ex).index_add_(0, own_t, z) / n_rows_t
+        return pool_logits_torch(z, q, own_t, n_ex)
 
     def run(params: list[torch.Tensor], loss_of: Callable[[], torch.Tensor], iters: int
             ) -> None:
