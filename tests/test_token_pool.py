@@ -125,7 +125,7 @@ def test_learned_pooling_finds_one_hot_token_that_the_mean_dilutes() -> None:
     lab = np.concatenate([d.labels for d in test])
     res = {}
     for pool in ("mean", "softmax", "attention"):
-        p = fit_token_pool(_parts(train), 15, 1.0, pool)  # type: ignore[arg-type]
+        p = fit_token_pool(_parts(train), 15, 1.0, pool)
         res[pool] = auroc(lab, np.concatenate([p.scores(d) for d in test]))
         if pool == "softmax":
             assert p.beta > 0.1                       # learned: towards the max
