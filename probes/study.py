@@ -516,10 +516,16 @@ def variant_line(r: VariantRow) -> str:
             f"{share} | {r.seconds:.0f} |")
 
 
+FEW_ROWS = 6
+"""A variant run of at most this many rows (one arm, one weighting) shows every row's
+per-source rates, not only the baseline's and the best's."""
+
+
 def variants_markdown(rows: Sequence[VariantRow], reference: Variant | None = None) -> str:
     """The variant table, then per-source rates at warn of the baseline and the variant
     with the best pooled AUROC vs ordinary chat (and, with several calibration
-    weightings, of ``reference`` under each), then every variant's AUROC difference to
+    weightings, of ``reference`` under each; a run of at most :data:`FEW_ROWS` rows: of
+    every row), then every variant's AUROC difference to
     ``reference`` (default the first row's variant) on the same arm and weighting, each
     arm minus the first arm and each weighting minus the first weighting, paired
     (:func:`paired_auroc_diff`)."""
@@ -568,9 +574,16 @@ def variants_markdown(rows: Sequence[VariantRow], reference: Variant | None = No
     if len({r.weighting for r in rows}) > 1:
         cols += [(f"{r.weighting}-weighted", r) for r in rows
                  if r.variant is ref and r.arm == first_arm]
-    out += ["", f"Per source, rate at warn: baseline ({base.label()}), best pooled AUROC vs "
-            f"ordinary chat ({best.label()})"
-            + (f" and {ref.name} under each calibration weighting" if len(cols) > 2 else "")
+    few = len(rows) <= FEW_ROWS and not arms and len(cols) == 2
+    if few:  # a short run (a handful of --only variants): every row gets its column
+        cols = [(f"row {i + 1}", r) for i, r in enumerate(rows)]
+    out += ["", (f"Per source, rate at warn of every row (row i = the i-th row of the "
+                 f"table above; best pooled AUROC vs ordinary chat: {best.label()})"
+                 if few else
+                 f"Per source, rate at warn: baseline ({base.label()}), best pooled AUROC "
+                 f"vs ordinary chat ({best.label()})"
+                 + (f" and {ref.name} under each calibration weighting" if len(cols) > 2
+                    else ""))
             + "; each source scored unseen:", "",
             "| source | kind | n | " + " | ".join(c for c, _ in cols) + " |",
             "|---|---|---:|" + "---:|" * len(cols)]
