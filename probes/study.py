@@ -422,6 +422,12 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
         *(Variant("8 token pooling", f"length-debiased, style out, L{lay} C=0.003: {what}",
                   serve, length_debiased(token_pool(lay, 3e-3, pool, beta, style="benign")))
           for pool, beta, what, serve in pools),
+        # follow-up (written after run 1, which saw tau=1 miss only the scary criterion):
+        # the same with the benign-but-scary and persona sources weighted x3
+        Variant("8 token pooling", f"length-debiased, style out, L{lay} C=0.003: softmax "
+                "probe, tau=1, scary+persona x3", soft,
+                length_debiased(token_pool(lay, 3e-3, "softmax", 1.0, kind_weights(3.0),
+                                           style="benign"))),
     ]
 
 
@@ -516,7 +522,7 @@ def variant_line(r: VariantRow) -> str:
             f"{share} | {r.seconds:.0f} |")
 
 
-FEW_ROWS = 6
+FEW_ROWS = 8
 """A variant run of at most this many rows (one arm, one weighting) shows every row's
 per-source rates, not only the baseline's and the best's."""
 
