@@ -57,6 +57,7 @@ from probes.pooled import (
     stage2_share,
 )
 from probes.sources import Source, kept_rows
+from probes.token_pool import Pooling, token_pool
 
 __all__ = ["ORDINARY", "SESSION6_LIMITS", "Arm", "DataSize", "StudyRow", "Summary", "Variant",
            "VariantRow", "arm_rows", "data_size", "loaded_sources", "loso_all", "loso_scores",
@@ -363,6 +364,13 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
     lterm = "yes: one linear probe + mean_logit length_slope"
     head = "no: non-linear head"
     hard = {"scary": 3.0, "persona": 3.0, "coconot_noncompliance": 3.0}
+    # the softmax probe's request logit is an online softmax over one column's logits
+    soft = "no: needs a softmax-pooled aggregation (one column)"
+    pools: list[tuple[Pooling, float | None, str, str]] = [
+        ("mean", None, "mean pooling, torch trainer (control)", lterm),
+        ("softmax", None, "softmax probe, learned tau", soft),
+        ("softmax", 1.0, "softmax probe, tau=1", soft),
+        ("attention", None, "attention probe", "no: two columns per detector")]
     return [
         Variant("baseline", f"linear L{lay} C={C:g} (session-5 recipe)", one, linear(lay, C)),
         Variant("1 layers", f"concat L{'+'.join(map(str, mid))} C={C / len(mid):g}", multi,
@@ -407,6 +415,19 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
                   length_debiased(linear(lay, 3e-3, style=kinds)))
           for kinds, what in (("benign", "benign sources'"), ("both", "benign and harmful "
                                                                 "sources'"))),
+        # pooling learned end to end over the token rows (probes/token_pool.py), each on
+        # the shipped recipe (variant 24: L15, C 0.003, benign style directions out,
+        # length-debiased), so the pooling is the only difference; the first is the
+        # torch trainer's mean-pooling control
+        *(Variant("8 token pooling", f"length-debiased, style out, L{lay} C=0.003: {what}",
+                  serve, length_debiased(token_pool(lay, 3e-3, pool, beta, style="benign")))
+          for pool, beta, what, serve in pools),
+        # follow-up (written after run 1, which saw tau=1 miss only the scary criterion):
+        # the same with the benign-but-scary and persona sources weighted x3
+        Variant("8 token pooling", f"length-debiased, style out, L{lay} C=0.003: softmax "
+                "probe, tau=1, scary+persona x3", soft,
+                length_debiased(token_pool(lay, 3e-3, "softmax", 1.0, kind_weights(3.0),
+                                           style="benign"))),
     ]
 
 
@@ -501,10 +522,16 @@ def variant_line(r: VariantRow) -> str:
             f"{share} | {r.seconds:.0f} |")
 
 
+FEW_ROWS = 8
+"""A variant run of at most this many rows (one arm, one weighting) shows every row's
+per-source rates, not only the baseline's and the best's."""
+
+
 def variants_markdown(rows: Sequence[VariantRow], reference: Variant | None = None) -> str:
     """The variant table, then per-source rates at warn of the baseline and the variant
     with the best pooled AUROC vs ordinary chat (and, with several calibration
-    weightings, of ``reference`` under each), then every variant's AUROC difference to
+    weightings, of ``reference`` under each; a run of at most :data:`FEW_ROWS` rows: of
+    every row), then every variant's AUROC difference to
     ``reference`` (default the first row's variant) on the same arm and weighting, each
     arm minus the first arm and each weighting minus the first weighting, paired
     (:func:`paired_auroc_diff`)."""
@@ -553,9 +580,16 @@ def variants_markdown(rows: Sequence[VariantRow], reference: Variant | None = No
     if len({r.weighting for r in rows}) > 1:
         cols += [(f"{r.weighting}-weighted", r) for r in rows
                  if r.variant is ref and r.arm == first_arm]
-    out += ["", f"Per source, rate at warn: baseline ({base.label()}), best pooled AUROC vs "
-            f"ordinary chat ({best.label()})"
-            + (f" and {ref.name} under each calibration weighting" if len(cols) > 2 else "")
+    few = len(rows) <= FEW_ROWS and not arms and len(cols) == 2
+    if few:  # a short run (a handful of --only variants): every row gets its column
+        cols = [(f"row {i + 1}", r) for i, r in enumerate(rows)]
+    out += ["", (f"Per source, rate at warn of every row (row i = the i-th row of the "
+                 f"table above; best pooled AUROC vs ordinary chat: {best.label()})"
+                 if few else
+                 f"Per source, rate at warn: baseline ({base.label()}), best pooled AUROC "
+                 f"vs ordinary chat ({best.label()})"
+                 + (f" and {ref.name} under each calibration weighting" if len(cols) > 2
+                    else ""))
             + "; each source scored unseen:", "",
             "| source | kind | n | " + " | ".join(c for c, _ in cols) + " |",
             "|---|---|---:|" + "---:|" * len(cols)]

@@ -340,6 +340,11 @@ def test_variant_table_renders_every_variant() -> None:
     assert "| baseline | feature 0 | yes |" in md and "| 4 cascade | c | no |" in md
     assert "harmful 120, ordinary 160, scary 60, persona 40" in md
     assert len(study.variants()) >= 15
+    # a short run shows every row's per-source rate, in table order
+    assert "| source | kind | n | row 1 | row 2 |" in md
+    h1 = [ln for ln in md.splitlines() if ln.startswith("| h1 | harmful | 60 |")]
+    want = [f"{r.summary.per_source['h1'][2]:.3f}" for r in rows]
+    assert h1 == [f"| h1 | harmful | 60 | {want[0]} | {want[1]} |"]
 
 
 # ----------------------------------------------------------------------- data-size axis
