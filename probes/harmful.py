@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ import numpy as np
 from probes.collect import Activations, _ChatEncoder
 from probes.datasets import ChatExample
 from probes.evaluate import auroc, tpr_at_fpr
+from probes.lists import Lists, NoFillerRows, long_requests, validation_lists
 from probes.pooled import (
     Fitter,
     Fold,
@@ -65,6 +66,7 @@ from probes.pooled import (
 )
 from probes.sources import Source
 from probes.train import LinearProbe, _sigmoid, aggregate_requests, fit_logreg, log_tokens
+from probes.window import SERVED_SHARE, SERVED_WINDOW, served_union, union_rates
 
 log = logging.getLogger("probes.harmful")
 
@@ -399,35 +401,6 @@ def collect_source(src: Source, examples: list[ChatExample], collector: Any,
                       scope_mask(token_roles(acts, examples, collector), scope))
 
 
-def long_requests(tasks: Sequence[ChatExample], fillers: Sequence[ChatExample], n: int,
-                  seed: int, source: str, with_task: bool,
-                  picked: list[list[int]] | None = None) -> list[ChatExample]:
-    """``n`` long requests: a numbered list of 4–7 requests from ``fillers``, with one of
-    ``tasks`` at a random place when ``with_task`` (label = the task's, else 0).
-    ``picked``: if given, the indices into ``fillers`` of each request's items are
-    appended to it (one list per request; the requests are the same either way)."""
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        k = rng.randint(4, 7)
-        # choice over the indices draws exactly as choice over fillers (one _randbelow)
-        idx = [rng.choice(range(len(fillers))) for _ in range(k)]
-        if picked is not None:
-            picked.append(idx)
-        items = [fillers[j].user_text for j in idx]
-        label = 0
-        if with_task:
-            t = tasks[i % len(tasks)]
-            items.insert(rng.randint(0, k), t.user_text)
-            label = t.label
-        body = "I have a few things I need help with today:\n" + "\n".join(
-            f"{j + 1}. {x}" for j, x in enumerate(items)) + "\nThanks!"
-        out.append(ChatExample.make([{"role": "user", "content": body}], label, source=source))
-    return out
-
-
 def long_sources(data: dict[str, SourceData], collector: Any, cache_dir: Any, scope: str,
                  layers: Sequence[int], progress: bool, seed: int = 0,
                  n: int = 60) -> dict[str, SourceData]:
@@ -446,6 +419,27 @@ def long_sources(data: dict[str, SourceData], collector: Any, cache_dir: Any, sc
         out[name] = collect_source(Source(name, kind, "test", "derived", name), exs,
                                    collector, cache_dir, layers, scope, progress)
     return out
+
+
+def lists_source(meta: Lists, collector: Any, cache_dir: Any, layers: Sequence[int],
+                 scope: str = "user", progress: bool = True) -> SourceData:
+    """The validation lists of ``meta`` (``probes.lists.validation_lists``) collected
+    (prompt rows of ``layers``, cached per shard) and segmented to ``scope``, as one
+    benign TRAINING-derived source ``window_lists``."""
+    return collect_source(Source("window_lists", "benign", "train", "derived", "window_lists"),
+                          meta.examples, collector, cache_dir, layers, scope, progress)
+
+
+def recipe_fit(parts: list[tuple[SourceData, np.ndarray]]
+               ) -> tuple[Callable[[SourceData], np.ndarray], float]:
+    """The shipped recipe's probe on ``parts`` (:data:`PINNED`: layer 15, C = 0.003, kinds
+    ×1, benign style directions projected out, no prefix negatives: ``Config.fit`` at
+    ``span_end``) as a function of a source's in-scope rows (float ``[n_in_scope_rows]``
+    logits; ``probes.window.Logits``) and its own length slope (:func:`length_slope`)."""
+    layer, C = int(PINNED["layers"][0]), float(PINNED["Cs"][0])
+    p = fit_pooled(parts, layer, C, kind_weights(float(PINNED["scary_weights"][0])), 0,
+                   style="benign")
+    return (lambda d: p.logits(d.rows(layer))), length_slope(p, parts)
 
 
 def split_calibration(train: Sequence[SourceData], seed: int = 0
@@ -632,6 +626,8 @@ class _Window:
     calibration: dict[str, Any]
     lists_a: np.ndarray
     lists_b: np.ndarray
+    lists_kind: np.ndarray
+    """str ``[n_lists]``: each calibration list's filler kind."""
     rows_b: np.ndarray
     rows_a: np.ndarray
     reported_a: np.ndarray
@@ -648,7 +644,6 @@ class _Window:
         rates and the reported validation lists'."""
         from probes.evaluate import auroc_ci, evaluate_scores
         from probes.export import DetectorResult, threshold_ladder
-        from probes.window import union_rates
 
         thr = threshold_ladder(self.calibration)
         tb = {d.name: (d, self.test_b[d.name]) for d, _ in test_scores.values()}
@@ -670,9 +665,13 @@ class _Window:
                                   "benign": union_rates(s_a[~y], s_b[~y], self.levels)},
             "union_calibration": {
                 "rows": union_rates(self.rows_a, self.rows_b, self.levels),
-                "lists": union_rates(self.lists_a, self.lists_b, self.levels)},
+                "lists": union_rates(self.lists_a, self.lists_b, self.levels),
+                **{f"lists ({k} fillers)": union_rates(self.lists_a[self.lists_kind == k],
+                                                           self.lists_b[self.lists_kind == k],
+                                                           self.levels)
+                   for k in np.unique(self.lists_kind)}},
             "union_validation_lists": union_rates(self.reported_a, self.reported_b,
-                                                  self.levels),
+                                                      self.levels),
             "worst_test": worst_examples(tb),
         }
         scores = {"test (pooled)": (y_test, s_b)}
@@ -697,30 +696,30 @@ def _window_detector(collector: Any, cache_dir: Any, probe: LinearProbe,
                      served_a: Any, cal: dict[str, Any], scope: str, seed: int,
                      limit: int | None, progress: bool, window: int | None) -> _Window:
     """Split calibration of the served union (``probes.window.served_union``): builds the
-    calibration lists (``probes.window.validation_lists``: fillers from the calibration
+    calibration lists (``probes.lists.validation_lists``: fillers from the calibration
     rows of the benign training sources only, no harmful list), scores the calibration
     rows and lists with ``harmful_intent`` (``served_a``: a source's served statistic)
     and the window read-out, and moves ``cal``'s ladder to ``harmful_intent``'s share of
     each budget (``thresholds_from``: ``fpr_0.008`` / ``fpr_0.0008``, thresholds on the
     calibration rows alone; ``fpr_0.01`` / ``fpr_0.001`` stay as the detector's own 1% /
     0.1% thresholds for reference)."""
-    from probes import window as win
     from probes.calibrate import fpr_key
 
-    n_win = win.SERVED_WINDOW if window is None else int(window)
+    n_win = SERVED_WINDOW if window is None else int(window)
     agg_b = {"kind": "window_mean_logit", "window_tokens": n_win}
     n_cal, n_rep = (1000, 200) if limit is None else (max(8, 4 * limit), max(4, limit))
-    meta = win.validation_lists(train, cal_idx, n_per_harmful=0, n_benign=n_rep,
-                                n_calibration=n_cal, seed=seed)
-    lists = win.lists_source(meta, collector, cache_dir, [probe.layer], scope, progress)
+    meta = validation_lists(train, cal_idx, n_per_harmful=0, n_benign=n_rep,
+                            n_calibration=n_cal, seed=seed)
+    lists = lists_source(meta, collector, cache_dir, [probe.layer], scope, progress)
     la, lb = served_a(lists), lists.served(probe, agg_b, 1, "every_token")
     c_idx, r_idx = meta.where("calibration"), meta.where("benign")
     parts = [d for d in train if cal_idx[d.name].size]
     rows_a = np.concatenate([served_a(d)[cal_idx[d.name]] for d in parts])
     rows_b = np.concatenate([d.served(probe, agg_b, 1, "every_token")[cal_idx[d.name]]
                              for d in parts])
-    levels = win.served_union(rows_a, rows_b, la[c_idx], lb[c_idx])
-    share = win.SERVED_SHARE
+    kinds = np.array(meta.filler_kind)[c_idx]
+    levels = served_union(rows_a, rows_b, la[c_idx], lb[c_idx], groups=kinds)
+    share = SERVED_SHARE
     for lv in levels.values():  # threshold_at_fpr by row on the calibration rows alone
         cal[fpr_key(lv.fpr_a)] = lv.t_a
     warn, crit = levels["warn"], levels["critical"]
@@ -729,8 +728,10 @@ def _window_detector(collector: Any, cache_dir: Any, probe: LinearProbe,
         f"alert if harmful_intent >= its threshold OR harmful_intent_window >= its "
         f"threshold; split calibration (probes.window.split_thresholds): harmful_intent at "
         f"{share:g} x the budget on the {warn.n_rows} calibration rows alone, the window "
-        f"the smallest threshold keeping the union <= the budget on those rows AND on "
-        f"{warn.n_lists} calibration lists, each (budget: warn 1%, critical 0.1%)")
+        f"the smallest threshold keeping the union <= the budget on those rows AND on the "
+        f"calibration lists of each filler kind ("
+        + ", ".join(f"{n} {k}" for k, (_, n) in warn.by_group.items())
+        + "), each (budget: warn 1%, critical 0.1%)")
     cal["thresholds_from"] = {"warn": fpr_key(warn.fpr_a), "critical": fpr_key(crit.fpr_a)}
     cal["threshold_rule"] = (f"warn = {100 * warn.fpr_a:g}% / critical = "
                              f"{100 * crit.fpr_a:g}% FPR on the calibration rows; the union "
@@ -738,14 +739,16 @@ def _window_detector(collector: Any, cache_dir: Any, probe: LinearProbe,
     cal["union"] = {"with": "harmful_intent_window", "rule": union_rule}
     lists_desc = (f"{warn.n_lists} calibration lists (numbered lists of 4-7 short requests "
                   f"drawn from half of the benign training sources' held-back calibration "
-                  f"rows, never fit on; user tokens median {int(np.median(n_tok))}, range "
+                  f"rows, never fit on, each list's fillers of one kind: "
+                  + ", ".join(f"{n} {k}" for k, (_, n) in warn.by_group.items())
+                  + f"; user tokens median {int(np.median(n_tok))}, range "
                   f"{int(n_tok.min())}-{int(n_tok.max())})")
     cal_b: dict[str, Any] = {
         "union_fpr_0.01": warn.t_b, "union_fpr_0.001": crit.t_b,
         "thresholds_from": {"warn": "union_fpr_0.01", "critical": "union_fpr_0.001"},
         "threshold_rule": ("the smallest thresholds keeping the union with harmful_intent "
                            "<= 1% (warn) / 0.1% (critical) on the calibration rows and on "
-                           "the calibration lists, each"),
+                           "the calibration lists of each filler kind, each"),
         "benign_set": f"{cal['benign_set']}; and {lists_desc}",
         "n_benign": warn.n_rows + warn.n_lists,
         "n_rows": warn.n_rows, "n_lists": warn.n_lists,
@@ -755,14 +758,16 @@ def _window_detector(collector: Any, cache_dir: Any, probe: LinearProbe,
                            "rows_alerted_harmful_intent": lv.rows_a,
                            "rows_alerted_union": lv.rows_union,
                            "lists_alerted_harmful_intent": lv.lists_a,
-                           "lists_alerted_union": lv.lists_union}
+                           "lists_alerted_union": lv.lists_union,
+                           "lists_alerted_union_by_kind": {
+                               k: {"alerted": a, "n": n} for k, (a, n) in lv.by_group.items()}}
                      for sev, lv in levels.items()}},
         "aggregation": agg_b, "min_tokens": 1, "scope": scope, "judge_at": "every_token",
     }
     test_b = {d.name: d.served(probe, agg_b, 1, "every_token") for d in test}
     datasets = [f"the harmful_intent probe (same weights); thresholds on the "
                 f"{warn.n_rows} calibration rows and {lists_desc}"]
-    return _Window(probe, agg_b, levels, cal_b, la[c_idx], lb[c_idx], rows_b, rows_a,
+    return _Window(probe, agg_b, levels, cal_b, la[c_idx], lb[c_idx], kinds, rows_b, rows_a,
                    la[r_idx], lb[r_idx], test_b, scope, datasets)
 
 
@@ -800,11 +805,12 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
     5). Thresholds by split calibration (:func:`_window_detector`): ``harmful_intent``'s
     at ``0.8·α`` on the calibration rows alone, the window's the smallest keeping the
     union ≤ ``α`` on the rows and on calibration lists built from calibration rows only
-    (``probes.window.validation_lists``), each; ``α`` = 1% (warn), 0.1% (critical).
+    (``probes.lists.validation_lists``), each filler kind's lists separately; ``α`` = 1%
+    (warn), 0.1% (critical).
     Needs ``calibration`` ``row`` (the rule is stated by row). Returns
     ``[harmful_intent]`` or ``[harmful_intent, harmful_intent_window]``; a ``limit`` smoke build
     too small to build calibration lists from, window left at None, goes without the window
-    (logged); any other build refuses (``probes.window.NoFillerRows``)."""
+    (logged); any other build refuses (``probes.lists.NoFillerRows``)."""
     from probes.calibrate import calibrate
     from probes.export import DetectorResult, threshold_ladder
     from probes.sources import HARMFUL_SOURCES
@@ -845,7 +851,6 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
             raise ValueError(f"calibration: the window detector's split calibration is "
                              f"stated by row; expected row with window on, found "
                              f"{calibration!r} (pass window=0)")
-        from probes.window import NoFillerRows
         try:
             win = _window_detector(collector, cache_dir, probe, train, cal_idx, test,
                                    served_of, cal, scope, seed, limit, progress, window)

@@ -60,7 +60,7 @@ def plot_histograms(path: Path, groups: dict[str, np.ndarray], thresholds: dict[
         if len(s):
             ax.hist(s, bins=bins.tolist(), alpha=0.5, density=True, label=f"{name} (n={len(s)})")
     for k, t in thresholds.items():
-        ax.axvline(t, color="k", ls="--" if k == "warn" else "-", lw=1, label=f"{k} {t:.3f}")
+        ax.axvline(t, color="k", ls="--" if k == "warn" else "-", lw=1, label=f"{k} {t:.4f}")
     ax.set_yscale("log")
     ax.set_xlabel("request score S (aggregated as served)")
     ax.set_ylabel("density (log)")

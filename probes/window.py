@@ -23,13 +23,14 @@ sources, leave one source out), what a second read-out of the same logits buys:
   ``probes.calibrate``, row weighting: the rows ``A`` already alerts on count, then
   ``B`` may add alerts up to ``⌊α n⌋`` in all).
 
-Validation lists (:func:`validation_lists`, :func:`long_requests`' format): numbered
-lists of 4–7 short benign requests (fewer than :data:`SHORT_CHARS` characters, no system
-prompt) drawn only from the held-back CALIBRATION rows of the benign training sources
-(``probes.harmful.split_calibration``: no fold's probe was fit on them), split per source
-into two disjoint halves: one fills the calibration lists, the other the reported lists.
-A ``with_task`` list holds one row of a harmful training source; it is scored only by
-the fold that holds that source out (leave one source out: the probe never saw it).
+Validation lists (``probes.lists.validation_lists``, ``probes.lists.long_requests``'
+format): numbered lists of 4–7 short benign requests drawn only from the held-back
+CALIBRATION rows of the benign training sources, one half of each source's rows filling
+the calibration lists, the other the reported lists. A ``with_task`` list holds one row
+of a harmful training source; it is scored only by the fold that holds that source out
+(leave one source out: the probe never saw it). Calibration lists are built per filler
+kind (``probes.lists.CALIBRATION_MIX``): :func:`split_thresholds` with ``groups`` bounds
+the union on each kind's lists separately.
 
 The study produces docs/experiments/window_validation.md (``safety-probes
 study-window``). Its run-5 choice is served (:data:`SERVED_WINDOW`, :data:`SERVED_SHARE`,
@@ -41,32 +42,23 @@ policy severity.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from probes.calibrate import threshold_at_fpr
-from probes.datasets import ChatExample
-from probes.harmful import PINNED, collect_source, length_slope, long_requests
-from probes.pooled import SourceData, fit_pooled, kind_weights
-from probes.study import ORDINARY
+from probes.lists import Lists
+from probes.pooled import SourceData
 
-__all__ = ["SERVED_SHARE", "SERVED_WINDOW", "SEVERITY_FPR", "SHORT_CHARS", "ZCLIP", "Lists",
-           "Logits", "Readout", "UnionLevel", "WindowRow", "choose", "lists_source",
-           "mean_logit", "readouts", "recipe_fit", "run_window_study", "second_threshold",
-           "served_union", "split_thresholds", "union_rates", "union_thresholds",
-           "validation_lists", "window_markdown", "window_max_logit"]
+__all__ = ["SERVED_SHARE", "SERVED_WINDOW", "SEVERITY_FPR", "ZCLIP", "Logits", "Readout",
+           "UnionLevel", "WindowRow", "choose", "mean_logit", "readouts", "run_window_study",
+           "second_threshold", "served_union", "split_thresholds", "union_rates",
+           "union_thresholds", "window_markdown", "window_max_logit"]
 
 ZCLIP = math.log((1 - 1e-6) / 1e-6)
 """Per-token logits are clipped to ``±ZCLIP`` (≈ 13.8), as the served ``mean_logit``
 clips its scores to ``[LOGIT_EPS, 1 − LOGIT_EPS]`` (``monitor.judge.aggregate``)."""
-
-SHORT_CHARS = 400
-"""Filler rows have fewer characters than this (the test lists' rule,
-``probes.harmful.long_sources``)."""
-
 
 # ----------------------------------------------------------------------- read-outs
 def _segments(example: np.ndarray, n_examples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,15 +156,29 @@ def second_threshold(a: np.ndarray, b: np.ndarray, ta: float, fpr: float) -> flo
 
 
 def split_thresholds(rows_a: np.ndarray, rows_b: np.ndarray, lists_a: np.ndarray,
-                     lists_b: np.ndarray, fpr: float, fpr_a: float) -> tuple[float, float]:
+                     lists_b: np.ndarray, fpr: float, fpr_a: float,
+                     groups: np.ndarray | None = None) -> tuple[float, float]:
     """``(T_a, T_b)`` with each calibration population bounded on its own: ``T_a`` at
     ``fpr_a`` on the short calibration ROWS only (``rows_a``; the benign lists never move
-    the mean read-out's threshold), then ``T_b`` the larger of :func:`second_threshold`
-    on the rows and on the calibration LISTS (``lists_a``, ``lists_b``), so the union's
-    false-alert rate is ``≤ fpr`` on each population separately."""
+    the mean read-out's threshold), then ``T_b`` the largest :func:`second_threshold` over
+    the rows and the calibration LISTS (``lists_a``, ``lists_b``: float ``[n_lists]``),
+    the lists taken per group when ``groups`` (str ``[n_lists]``, e.g. each list's filler
+    kind) is given, so the union's false-alert rate is ``≤ fpr`` on the rows and on every
+    group's lists separately (the worst population decides)."""
+    la = np.asarray(lists_a, dtype=np.float64)
+    lb = np.asarray(lists_b, dtype=np.float64)
+    if la.shape != lb.shape or la.ndim != 1 or la.size == 0:
+        raise ValueError(f"split_thresholds: expected two equal non-empty [n_lists] arrays; "
+                         f"found {la.shape} and {lb.shape}")
+    g = np.zeros(la.size, dtype=np.int64) if groups is None else np.asarray(groups)
+    if g.shape != la.shape:
+        raise ValueError(f"groups: expected shape {la.shape} (one per list); found {g.shape}")
     ta = threshold_at_fpr(np.asarray(rows_a, dtype=np.float64), fpr_a)
-    return ta, max(second_threshold(rows_a, rows_b, ta, fpr),
-                   second_threshold(lists_a, lists_b, ta, fpr))
+    tb = second_threshold(rows_a, rows_b, ta, fpr)
+    for k in np.unique(g):
+        sel = g == k
+        tb = max(tb, second_threshold(la[sel], lb[sel], ta, fpr))
+    return ta, tb
 
 
 # ----------------------------------------------------------------------- served
@@ -207,25 +213,33 @@ class UnionLevel:
     """Calibration rows at or above ``t_a`` or ``t_b``."""
     lists_a: int
     lists_union: int
+    by_group: dict[str, tuple[int, int]]
+    """Calibration-list group (filler kind; ``""`` without groups) -> (lists alerted by
+    the union, lists): each within ``⌊fpr·n⌋``."""
 
 
 def served_union(rows_a: np.ndarray, rows_b: np.ndarray, lists_a: np.ndarray,
                  lists_b: np.ndarray, share: float = SERVED_SHARE,
-                 levels: Mapping[str, float] = SEVERITY_FPR) -> dict[str, UnionLevel]:
+                 levels: Mapping[str, float] = SEVERITY_FPR,
+                 groups: np.ndarray | None = None) -> dict[str, UnionLevel]:
     """Per severity: :func:`split_thresholds` at ``α`` = ``levels[severity]`` and
     ``α_a = share·α`` on the served statistics of the calibration rows (``rows_a``,
     ``rows_b``: float ``[n_rows]``) and calibration lists (``lists_a``, ``lists_b``:
-    float ``[n_lists]``), with the alerts each population gets."""
+    float ``[n_lists]``; ``groups``: str ``[n_lists]``, each list's population, bounded
+    separately), with the alerts each population gets."""
     ra, rb = np.asarray(rows_a, np.float64), np.asarray(rows_b, np.float64)
     la, lb = np.asarray(lists_a, np.float64), np.asarray(lists_b, np.float64)
     if not 0 < share <= 1:
         raise ValueError(f"share: expected in (0, 1]; found {share}")
+    g = np.full(la.size, "") if groups is None else np.asarray(groups).astype(str)
     out = {}
     for sev, fpr in levels.items():
-        ta, tb = split_thresholds(ra, rb, la, lb, fpr, share * fpr)
+        ta, tb = split_thresholds(ra, rb, la, lb, fpr, share * fpr, groups)
+        hit = (la >= ta) | (lb >= tb)
+        by = {str(k): (int(hit[g == k].sum()), int((g == k).sum())) for k in np.unique(g)}
         out[sev] = UnionLevel(fpr, share * fpr, ta, tb, int(ra.size), int(la.size),
                               int((ra >= ta).sum()), int(((ra >= ta) | (rb >= tb)).sum()),
-                              int((la >= ta).sum()), int(((la >= ta) | (lb >= tb)).sum()))
+                              int((la >= ta).sum()), int(hit.sum()), by)
     return out
 
 
@@ -247,95 +261,6 @@ def union_rates(a: np.ndarray, b: np.ndarray, levels: Mapping[str, UnionLevel]
         out[f"rate@{sev}"] = k / max(a.size, 1)
         out[f"rate@{sev}_ci"] = wilson_ci(k, int(a.size))
     return out
-
-
-# ----------------------------------------------------------------------- lists
-@dataclass(frozen=True)
-class Lists:
-    """Validation long requests. ``examples``: the lists (user message only; label 1 with
-    a harmful task); ``task_source``: the harmful source of each list's task ("" for a
-    benign list); ``filler_sources``: the sources its fillers came from; ``role``:
-    ``calibration`` (thresholds), ``benign`` (reported false alerts) or ``harmful``
-    (reported detection)."""
-
-    examples: list[ChatExample]
-    task_source: list[str]
-    filler_sources: list[frozenset[str]]
-    role: list[str]
-
-    def where(self, role: str) -> np.ndarray:
-        return np.flatnonzero(np.array(self.role) == role)
-
-
-def _short(e: ChatExample) -> bool:
-    return len(e.user_text) < SHORT_CHARS and all(m["role"] != "system" for m in e.chat)
-
-
-class NoFillerRows(ValueError):
-    """The training sources hold too few short calibration rows to build lists from
-    (e.g. a ``--limit`` smoke build): :func:`validation_lists` cannot run."""
-
-
-def validation_lists(train: Sequence[SourceData], cal_idx: Mapping[str, np.ndarray],
-                     n_per_harmful: int = 30, n_benign: int = 200,
-                     n_calibration: int = 150, seed: int = 0,
-                     filler_kinds: Sequence[str] = ("benign", "scary")) -> Lists:
-    """Lists from TRAINING sources only (module doc): fillers from the short calibration
-    rows of the sources of ``filler_kinds`` (each source's rows split in two halves by a
-    seeded permutation: calibration lists draw from one, reported lists from the other);
-    ``n_per_harmful`` lists per harmful source, each with one of its rows (a seeded
-    sample without replacement while rows last); ``n_benign`` reported benign lists;
-    ``n_calibration`` calibration lists. Format: :func:`probes.harmful.long_requests`."""
-    rng = np.random.default_rng(seed)
-    pool: dict[str, list[tuple[str, ChatExample]]] = {"calibration": [], "reported": []}
-    for d in train:
-        if d.source.kind not in filler_kinds:
-            continue
-        rows = [int(i) for i in cal_idx[d.name] if _short(d.examples[int(i)])]
-        perm = rng.permutation(len(rows))
-        half = len(rows) // 2
-        for part, sel in (("calibration", perm[:half]), ("reported", perm[half:])):
-            pool[part] += [(d.name, d.examples[rows[int(j)]]) for j in sel]
-    if not pool["calibration"] or not pool["reported"]:
-        raise NoFillerRows("validation_lists: expected short calibration rows of "
-                           f"{list(filler_kinds)} sources in both halves; found "
-                           f"{len(pool['calibration'])} / {len(pool['reported'])}")
-    exs: list[ChatExample] = []
-    tasks_of: list[str] = []
-    role: list[str] = []
-    fill: list[frozenset[str]] = []
-
-    def add(got: list[ChatExample], picked: list[list[int]], part: str, task: str,
-            r: str) -> None:
-        exs.extend(got)
-        tasks_of.extend([task] * len(got))
-        role.extend([r] * len(got))
-        fill.extend(frozenset(pool[part][j][0] for j in idx) for idx in picked)
-
-    for k, d in enumerate(d for d in train if d.source.kind == "harmful"):
-        pick = rng.permutation(len(d.examples))[:n_per_harmful]
-        picked: list[list[int]] = []
-        got = long_requests([d.examples[int(i)] for i in pick],
-                            [e for _, e in pool["reported"]], n_per_harmful,
-                            seed + 1000 + k, "window_harmful", True, picked)
-        add(got, picked, "reported", d.name, "harmful")
-    for r, part, n, off in (("benign", "reported", n_benign, 7),
-                            ("calibration", "calibration", n_calibration, 13)):
-        picked = []
-        got = long_requests([], [e for _, e in pool[part]], n, seed + off, f"window_{r}",
-                            False, picked)
-        add(got, picked, part, "", r)
-    return Lists(exs, tasks_of, fill, role)
-
-
-def lists_source(meta: Lists, collector: Any, cache_dir: Any, layers: Sequence[int],
-                 scope: str = "user", progress: bool = True) -> SourceData:
-    """The lists of ``meta`` collected (prompt rows of ``layers``, cached per shard) and
-    segmented to ``scope``, as one benign TRAINING-derived source ``window_lists``."""
-    from probes.sources import Source
-
-    return collect_source(Source("window_lists", "benign", "train", "derived", "window_lists"),
-                          meta.examples, collector, cache_dir, layers, scope, progress)
 
 
 # ----------------------------------------------------------------------- the study
@@ -381,16 +306,6 @@ Logits = Callable[[SourceData], np.ndarray]
 """A fold's probe applied to a source's in-scope rows: float ``[n_in_scope_rows]``."""
 
 
-def recipe_fit(parts: list[tuple[SourceData, np.ndarray]]) -> tuple[Logits, float]:
-    """The shipped recipe's probe on ``parts`` (``probes.harmful.PINNED``: layer 15,
-    C = 0.003, kinds ×1, benign style directions projected out, no prefix negatives:
-    ``Config.fit`` at ``span_end``) and its own length slope (``length_slope``)."""
-    layer, C = int(PINNED["layers"][0]), float(PINNED["Cs"][0])
-    p = fit_pooled(parts, layer, C, kind_weights(float(PINNED["scary_weights"][0])), 0,
-                   style="benign")
-    return (lambda d: p.logits(d.rows(layer))), length_slope(p, parts)
-
-
 @dataclass(frozen=True)
 class WindowRow:
     """One read-out's validation results: per group, (alerts, requests) at warn."""
@@ -427,7 +342,8 @@ def run_window_study(train: Sequence[SourceData], lists: SourceData, meta: Lists
                      fit: Callable[[list[tuple[SourceData, np.ndarray]]],
                                    tuple[Logits, float]],
                      fpr: float = 0.01,
-                     progress: Callable[[str], None] | None = None) -> list[WindowRow]:
+                     progress: Callable[[str], None] | None = None,
+                     ordinary: Collection[str] = ()) -> list[WindowRow]:
     """Leave one source out over ``train``: fold ``S`` fits (``fit``: rows -> (per-token
     logit function over a source's in-scope rows, length slope ``a``)) on the
     ``fit_idx`` rows of every other source, then scores ``S`` whole, the other sources'
@@ -436,12 +352,16 @@ def run_window_study(train: Sequence[SourceData], lists: SourceData, meta: Lists
     the read-out says not) the calibration lists that hold no row of ``S``. A harmful
     fold also scores the lists whose task is from ``S`` (hidden-item detection) and its
     share of the reported benign lists (assigned round-robin to the harmful folds, so
-    every list is scored once). Rates at warn: each fold's own thresholds at ``fpr``."""
+    every list is scored once). Rates at warn: each fold's own thresholds at ``fpr``
+    (split calibration: the calibration lists bounded per filler kind). A held-out benign
+    source in ``ordinary`` reports as "ordinary" (the caller's set, e.g.
+    ``probes.study.ORDINARY``), any other plain benign one as "other benign"."""
     keys = sorted({(r.window, r.min_tokens) for r in rs if r.window})
     harmful_folds = [d.name for d in train if d.source.kind == "harmful"]
     benign_lists = meta.where("benign")
     assigned = {h: benign_lists[i::len(harmful_folds)] for i, h in enumerate(harmful_folds)}
     cal_lists = meta.where("calibration")
+    kinds_of = np.array(meta.filler_kind)
     acc = {r.name: {g: [0, 0] for g in GROUPS} for r in rs}
     per: dict[str, dict[str, list[int]]] = {r.name: {} for r in rs}
     kinds: dict[str, str] = {}
@@ -475,7 +395,7 @@ def run_window_study(train: Sequence[SourceData], lists: SourceData, meta: Lists
         group = {"harmful": "short harmful", "scary": "scary",
                  "persona": "persona"}.get(held.source.kind)
         if group is None:
-            group = "ordinary" if held.name in ORDINARY else "other benign"
+            group = "ordinary" if held.name in ordinary else "other benign"
         kinds[held.name] = held.source.kind
         for r in rs:
             cal_a = np.concatenate(ca + ([la[keep]] if r.lists_in_calibration else []))
@@ -487,7 +407,8 @@ def run_window_study(train: Sequence[SourceData], lists: SourceData, meta: Lists
                     ta, tb = math.inf, threshold_at_fpr(cal_b, fpr)
                 elif r.split:
                     ta, tb = split_thresholds(np.concatenate(ca), np.concatenate(cb[k]),
-                                              la[keep], lb[k][keep], fpr, r.fpr_a)
+                                              la[keep], lb[k][keep], fpr, r.fpr_a,
+                                              kinds_of[keep])
                 else:
                     ta, tb = union_thresholds(cal_a, cal_b, fpr, r.fpr_a)
                 hit_l = (la >= ta) | (lb[k] >= tb)

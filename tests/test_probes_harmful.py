@@ -170,9 +170,14 @@ def test_recipe_small_slice_end_to_end(tmp_path) -> None:
     assert u["harmful_intent"] == r.thresholds["warn"]
     assert u["harmful_intent_window"] == w.thresholds["warn"]
     n_rows, n_lists = w.calibration["n_rows"], w.calibration["n_lists"]
-    assert n_rows == m["calibration_set"]["n"] and n_lists == 4 * 24
+    # calibration lists per filler kind (alpaca, mtbench: benign; project_scary: scary),
+    # the union within budget on each kind's lists
+    by_kind = u["lists_alerted_union_by_kind"]
+    assert n_rows == m["calibration_set"]["n"] and n_lists == 2 * 4 * 24
+    assert {k: v["n"] for k, v in by_kind.items()} == {"benign": 4 * 24, "scary": 4 * 24}
     assert u["rows_alerted_union"] <= int(0.01 * n_rows)
-    assert u["lists_alerted_union"] <= int(0.01 * n_lists)
+    assert all(v["alerted"] <= int(0.01 * v["n"]) for v in by_kind.values())
+    assert u["lists_alerted_union"] == sum(v["alerted"] for v in by_kind.values())
     assert u["rows_alerted_harmful_intent"] <= int(0.008 * n_rows)
     assert set(w.metrics["union_test_sources"]) == set(m["test_sources"])
 

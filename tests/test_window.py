@@ -12,13 +12,11 @@ from probes import window
 from probes.calibrate import threshold_at_fpr
 from probes.collect import Activations
 from probes.datasets import ChatExample
-from probes.harmful import long_requests
+from probes.lists import Lists, NoFillerRows, long_requests, validation_lists
 from probes.pooled import SourceData
 from probes.sources import Source
 from probes.window import (
     ZCLIP,
-    Lists,
-    NoFillerRows,
     Readout,
     WindowRow,
     choose,
@@ -26,7 +24,6 @@ from probes.window import (
     run_window_study,
     split_thresholds,
     union_thresholds,
-    validation_lists,
     window_max_logit,
 )
 
@@ -189,7 +186,13 @@ def test_validation_lists_draw_only_from_calibration_rows_in_disjoint_halves() -
            "long": np.arange(10)}
     meta = validation_lists(train, cal, n_per_harmful=5, n_benign=20, n_calibration=15)
     assert len(meta.where("harmful")) == 10 and len(meta.where("benign")) == 20
-    assert len(meta.where("calibration")) == 15
+    # calibration lists per filler kind: 15 of ordinary fillers only, 15 of scary only
+    kinds = np.array(meta.filler_kind)
+    assert sorted(kinds[meta.where("calibration")].tolist()) == ["benign"] * 15 + ["scary"] * 15
+    assert set(kinds[meta.where("benign")]) == set(kinds[meta.where("harmful")]) == {"mixed"}
+    kind_of = {d.name: d.source.kind for d in train}
+    for i in meta.where("calibration"):
+        assert {kind_of[s] for s in meta.filler_sources[i]} == {kinds[i]}
     src = {d.name: d for d in train}
     cal_text = {src[s].examples[int(i)].user_text: s for s in ("alpaca", "medquad")
                 for i in cal[s]}
@@ -209,6 +212,59 @@ def test_validation_lists_draw_only_from_calibration_rows_in_disjoint_halves() -
         used["calibration" if meta.role[i] == "calibration" else "reported"] |= set(items)
     assert used["calibration"] and used["reported"]
     assert not used["calibration"] & used["reported"]
+
+
+def test_calibration_mix_changes_only_the_calibration_lists() -> None:
+    """``pooled`` (runs 1-5) draws each calibration list from every kind's fillers; the
+    harmful and reported lists are the same lists under either mix."""
+    rng = np.random.default_rng(5)
+    train = [_src("h1", "harmful", [3] * 10, 0, rng), _src("alpaca", "benign", [3] * 40, 0, rng),
+             _src("medquad", "scary", [3] * 40, 0, rng)]
+    cal = {"h1": np.arange(0), "alpaca": np.arange(0, 40, 2), "medquad": np.arange(0, 40, 2)}
+    per = validation_lists(train, cal, n_per_harmful=4, n_benign=10, n_calibration=40)
+    pooled = validation_lists(train, cal, n_per_harmful=4, n_benign=10, n_calibration=40,
+                              calibration_mix="pooled")
+    for r in ("harmful", "benign"):
+        assert [per.examples[i] for i in per.where(r)] == [pooled.examples[i]
+                                                           for i in pooled.where(r)]
+    c = pooled.where("calibration")
+    assert len(c) == 40 and {pooled.filler_kind[i] for i in c} == {"mixed"}
+    # drawn from both kinds' pools: some lists hold fillers of both
+    assert any(pooled.filler_sources[i] == {"alpaca", "medquad"} for i in c)
+    with pytest.raises(ValueError, match="calibration_mix"):
+        validation_lists(train, cal, calibration_mix="balanced")
+
+
+def test_split_thresholds_hold_the_rate_on_every_group_of_lists() -> None:
+    """With ``groups`` (each list's filler kind) the union holds ``fpr`` on the rows and on
+    each group's lists separately: one hot group of lists moves ``T_b`` where pooling all
+    lists would dilute it below the budget; the threshold is the least that does so."""
+    rng = np.random.default_rng(12)
+    ra, rb = rng.random(800), rng.random(800) * 0.9
+    la = 0.5 * rng.random(600)
+    lb = np.concatenate([rng.random(400) * 0.95, 0.9 + 0.1 * rng.random(200)])  # scary hot
+    g = np.array(["benign"] * 400 + ["scary"] * 200)
+    for fpr in (0.01, 0.001):
+        ta, tb_pooled = split_thresholds(ra, rb, la, lb, fpr, 0.8 * fpr)
+        ta2, tb = split_thresholds(ra, rb, la, lb, fpr, 0.8 * fpr, g)
+        assert ta2 == ta and tb >= tb_pooled
+        for k in ("benign", "scary"):
+            sel = g == k
+            assert int(((la[sel] >= ta) | (lb[sel] >= tb)).sum()) <= int(fpr * sel.sum())
+        assert int(((ra >= ta) | (rb >= tb)).sum()) <= int(fpr * 800)
+        sel = g == "scary"   # the hot group decides, and pooled it would exceed its budget
+        assert tb == window.second_threshold(la[sel], lb[sel], ta, fpr)
+        if fpr == 0.01:   # (at 0.1% no list of 600 may alert either way)
+            assert int(((la[sel] >= ta) | (lb[sel] >= tb_pooled)).sum()) > int(fpr * 200)
+    lv = window.served_union(ra, rb, la, lb, groups=g)
+    for sev, fpr in (("warn", 0.01), ("critical", 0.001)):
+        v = lv[sev]
+        assert (v.t_a, v.t_b) == split_thresholds(ra, rb, la, lb, fpr, 0.8 * fpr, g)
+        assert v.by_group == {k: (int(((la >= v.t_a) | (lb >= v.t_b))[g == k].sum()),
+                                  int((g == k).sum())) for k in ("benign", "scary")}
+        assert v.lists_union == sum(a for a, _ in v.by_group.values())
+    with pytest.raises(ValueError, match="groups"):
+        split_thresholds(ra, rb, la, lb, 0.01, 0.008, g[:5])
 
 
 def test_validation_lists_refuse_sources_without_short_calibration_rows() -> None:
@@ -280,7 +336,8 @@ def test_run_window_study_catches_a_diluted_item_and_scores_each_list_once() -> 
     hot.acts.x[15][(ex < 40) & (pos >= 25) & (pos < 35), 0] += 3.0
     meta = Lists(hot.examples, ["h1"] * 20 + ["h2"] * 20 + [""] * 80,
                  [frozenset({"alpaca"})] * 80 + [frozenset({"medquad"})] * 40,
-                 ["harmful"] * 40 + ["benign"] * 40 + ["calibration"] * 40)
+                 ["harmful"] * 40 + ["benign"] * 40 + ["calibration"] * 40,
+                 ["mixed"] * 80 + ["scary"] * 40)
     seen: list[str] = []
     rows = run_window_study(
         train, hot, meta, window.readouts((8,)), fit, cal,
