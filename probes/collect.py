@@ -126,11 +126,29 @@ class Activations:
                            self.n_examples)
 
 
-class Collector(Protocol):
-    """Something that turns chat examples into per-token activations."""
+class ChatEncoding(Protocol):
+    """The served chat template and tokenisation (``_ChatEncoder`` implements it): what
+    ``probes.harmful.token_roles`` reads to segment stored rows into token roles."""
+
+    tokenizer: Any
+
+    def encode(self, ex: ChatExample) -> tuple[list[int], int, np.ndarray]: ...
+
+
+class Collector(ChatEncoding, Protocol):
+    """Something that turns chat examples into per-token activations (every backend:
+    ``TransformersCollector``, ``VLLMCollector``). ``d_model`` / ``n_layers``: the
+    model's residual width and decoder layer count; ``model_identity()``: the cache key
+    of the weights."""
 
     backend: str
     model_name: str
+    d_model: int
+    n_layers: int
+
+    def model_identity(self) -> str: ...
+
+    def render_prompt(self, ex: ChatExample) -> str: ...
 
     def collect(self, examples: Sequence[ChatExample], layers: Sequence[int],
                 selection: TokenSelection, *, cache_dir: Path | None = None,

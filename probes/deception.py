@@ -24,12 +24,16 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from probes.collect import TransformersCollector
 from probes.datasets import ChatExample
 from probes.sources import shared_v2_dir
+
+if TYPE_CHECKING:
+    from probes.export import DetectorResult
 
 __all__ = ["FACT_REQUEST", "generate_answers", "load_goal_directed", "load_instructed_qa",
            "load_truth_set"]
@@ -89,8 +93,9 @@ def load_goal_directed() -> list[ChatExample]:
 
 
 # ----------------------------------------------------------------------- generation
-def generate_answers(collector: Any, prompts: Sequence[ChatExample], cache_dir: Path | None,
-                     *, sample: bool, max_new_tokens: int = 32, seed: int = 0,
+def generate_answers(collector: TransformersCollector, prompts: Sequence[ChatExample],
+                     cache_dir: Path | None, *, sample: bool, max_new_tokens: int = 32,
+                     seed: int = 0,
                      progress: bool = True) -> list[ChatExample]:
     """The model's own answers (transformers ``generate``, greedy or sampled with
     temperature 0.7 / top-p 0.95, seeded), cached as JSONL: ordinary generated traffic.
@@ -182,9 +187,11 @@ def _prompt_set(spec: Sequence[tuple[str, int]], seed: int) -> list[ChatExample]
     return out
 
 
-def deception_recipe(collector: Any, cache_dir: Path | None, *, n_pairs: int = 400,
+def deception_recipe(collector: TransformersCollector, cache_dir: Path | None, *,
+                     n_pairs: int = 400,
                      layers: Sequence[int] = LAYERS, Cs: Sequence[float] = CS,
-                     seed: int = 0, progress: bool = True, limit: int | None = None) -> Any:
+                     seed: int = 0, progress: bool = True, limit: int | None = None
+                     ) -> DetectorResult:
     """Same-instruction contrasts → leave-one-source-out choice of layer / C → fit →
     thresholds on the model's own benign answers → unseen goal-directed scenarios.
 
@@ -198,7 +205,7 @@ def deception_recipe(collector: Any, cache_dir: Path | None, *, n_pairs: int = 4
     from probes.harmful import pooled_metrics
     from probes.pooled import SourceData, served_scores
     from probes.sources import Source
-    from probes.train import fit_logreg
+    from probes.train import LinearProbe, fit_logreg
 
     sel = TokenSelection("generated")
 
@@ -221,7 +228,7 @@ def deception_recipe(collector: Any, cache_dir: Path | None, *, n_pairs: int = 4
     y_tr = np.concatenate([d.labels for d in train])
 
     def fit(parts: Sequence[SourceData], layer: int, C: float,
-            shuffle: np.random.Generator | None = None) -> Any:
+            shuffle: np.random.Generator | None = None) -> LinearProbe:
         x = np.concatenate([d.features(layer) for d in parts])
         y = np.concatenate([d.labels for d in parts])
         if shuffle is not None:

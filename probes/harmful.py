@@ -40,11 +40,12 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from probes.collect import Activations, _ChatEncoder
+from probes.collect import Activations, ChatEncoding, Collector
 from probes.datasets import ChatExample
 from probes.evaluate import auroc, tpr_at_fpr
 from probes.lists import Lists, NoFillerRows, long_requests, validation_lists
@@ -68,6 +69,9 @@ from probes.sources import Source
 from probes.train import LinearProbe, _sigmoid, aggregate_requests, fit_logreg, log_tokens
 from probes.window import SERVED_SHARE, SERVED_WINDOW, served_union, union_rates
 
+if TYPE_CHECKING:
+    from probes.export import DetectorResult
+
 log = logging.getLogger("probes.harmful")
 
 __all__ = [  # SourceData … source_weights live in probes.pooled (re-exported here)
@@ -85,7 +89,7 @@ __all__ = [  # SourceData … source_weights live in probes.pooled (re-exported 
 
 
 def token_roles(acts: Activations, examples: Sequence[ChatExample],
-                encoder: _ChatEncoder) -> np.ndarray:
+                encoder: ChatEncoding) -> np.ndarray:
     """Role of every stored row (int8 ``[n_rows]``, ``monitor.roles.TokenRole`` values):
     the prompt's token ids (``encoder.encode``, the served tokenisation) segmented by the
     shared ``monitor.roles.RoleSegmenter`` (the one the capture plugin runs in vLLM);
@@ -372,7 +376,8 @@ CALIB_FRAC = 0.3
 """Share of every benign training source held back from fitting, for the thresholds."""
 
 
-def load_sources(collector: Any, cache_dir: Any, sources: Sequence[Source], scope: str,
+def load_sources(collector: Collector, cache_dir: Path | None, sources: Sequence[Source],
+                 scope: str,
                  layers: Sequence[int] = LAYERS, progress: bool = True,
                  limit: int | None = None) -> dict[str, SourceData]:
     """Collect (cached per source) and segment every source that is available."""
@@ -387,8 +392,8 @@ def load_sources(collector: Any, cache_dir: Any, sources: Sequence[Source], scop
     return out
 
 
-def collect_source(src: Source, examples: list[ChatExample], collector: Any,
-                   cache_dir: Any, layers: Sequence[int], scope: str, progress: bool
+def collect_source(src: Source, examples: list[ChatExample], collector: Collector,
+                   cache_dir: Path | None, layers: Sequence[int], scope: str, progress: bool
                    ) -> SourceData:
     """``examples`` as source ``src``: their prompt rows at ``layers`` collected (cached per
     shard) and segmented to ``scope`` (:func:`token_roles`, :func:`scope_mask`). The one
@@ -401,7 +406,8 @@ def collect_source(src: Source, examples: list[ChatExample], collector: Any,
                       scope_mask(token_roles(acts, examples, collector), scope))
 
 
-def long_sources(data: dict[str, SourceData], collector: Any, cache_dir: Any, scope: str,
+def long_sources(data: dict[str, SourceData], collector: Collector, cache_dir: Path | None,
+                 scope: str,
                  layers: Sequence[int], progress: bool, seed: int = 0,
                  n: int = 60) -> dict[str, SourceData]:
     """Test-only long requests built from TEST sources: lists of ordinary-chat and
@@ -421,7 +427,7 @@ def long_sources(data: dict[str, SourceData], collector: Any, cache_dir: Any, sc
     return out
 
 
-def lists_source(meta: Lists, collector: Any, cache_dir: Any, layers: Sequence[int],
+def lists_source(meta: Lists, collector: Collector, cache_dir: Path | None, layers: Sequence[int],
                  scope: str = "user", progress: bool = True) -> SourceData:
     """The validation lists of ``meta`` (``probes.lists.validation_lists``) collected
     (prompt rows of ``layers``, cached per shard) and segmented to ``scope``, as one
@@ -636,8 +642,9 @@ class _Window:
     scope: str
     datasets: list[str]
 
-    def result(self, main: Any, test_scores: dict[str, tuple[SourceData, np.ndarray]],
-               y_test: np.ndarray) -> Any:
+    def result(self, main: DetectorResult,
+               test_scores: dict[str, tuple[SourceData, np.ndarray]],
+               y_test: np.ndarray) -> DetectorResult:
         """The ``harmful_intent_window`` DetectorResult: per test source the window alone
         (``test_sources``, ``test_pooled``) and the union with ``main`` (what a user sees:
         ``union_test_sources``, ``union_test_pooled``), the calibration populations'
@@ -690,7 +697,7 @@ class _Window:
             token_labels=main.token_labels, scores=scores, component_of=main.name)
 
 
-def _window_detector(collector: Any, cache_dir: Any, probe: LinearProbe,
+def _window_detector(collector: Collector, cache_dir: Path | None, probe: LinearProbe,
                      train: Sequence[SourceData], cal_idx: dict[str, np.ndarray],
                      test: Sequence[SourceData],
                      served_a: Any, cal: dict[str, Any], scope: str, seed: int,
@@ -771,7 +778,7 @@ def _window_detector(collector: Any, cache_dir: Any, probe: LinearProbe,
                    la[r_idx], lb[r_idx], test_b, scope, datasets)
 
 
-def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user",
+def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope: str = "user",
                           sources: Sequence[Source] | None = None,
                           layers: Sequence[int] = LAYERS, Cs: Sequence[float] | None = None,
                           scary_weights: Sequence[float] | None = None,
@@ -781,7 +788,8 @@ def harmful_intent_recipe(collector: Any, cache_dir: Any, *, scope: str = "user"
                           limit: int | None = None, explore_readouts: bool = True,
                           seed: int = 0, progress: bool = True,
                           length_debias: bool = True, style: str = "benign",
-                          calibration: str = "row", window: int | None = None) -> list[Any]:
+                          calibration: str = "row", window: int | None = None
+                          ) -> list[DetectorResult]:
     """Collect → leave-one-source-out selection → fit on all training sources (minus the
     calibration hold-back) → thresholds on the hold-back → evaluate the test sources.
 

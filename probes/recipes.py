@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from probes.collect import TransformersCollector
 from probes.export import DetectorResult
 
 __all__ = ["DetectorResult", "build_default", "confusion"]
@@ -29,7 +30,8 @@ __all__ = ["DetectorResult", "build_default", "confusion"]
 log = logging.getLogger("probes.recipes")
 
 
-def confusion(results: Sequence[DetectorResult], collector: Any, cache_dir: Path | None,
+def confusion(results: Sequence[DetectorResult], collector: TransformersCollector,
+              cache_dir: Path | None,
               scope: str, seed: int = 0, progress: bool = True,
               limit: int | None = None, layers: Sequence[int] | None = None) -> list[str]:
     """How often each detector fires on the other's positives and on persona /
@@ -155,7 +157,6 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     from monitor.tools.models import DEFAULT_MODEL_NAME, prepare_default_model
     from monitor.tools.models import cache_dir as monitor_cache
     from probes import deception, harmful
-    from probes.collect import TransformersCollector
     from probes.export import export_bundle
     from probes.report import write_report
 
