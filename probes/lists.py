@@ -30,8 +30,8 @@ import numpy as np
 from probes.datasets import ChatExample
 from probes.pooled import SourceData
 
-__all__ = ["CALIBRATION_MIX", "MIXED", "SHORT_CHARS", "Lists", "NoFillerRows",
-           "long_requests", "validation_lists"]
+__all__ = ["CALIBRATION_MIX", "MIXED", "SHORT_CHARS", "Filler", "Lists", "NoFillerRows",
+           "filler_halves", "long_requests", "validation_lists"]
 
 SHORT_CHARS = 400
 """Filler rows have fewer characters than this (the test lists' rule,
@@ -104,6 +104,31 @@ class NoFillerRows(ValueError):
     (e.g. a ``--limit`` smoke build): :func:`validation_lists` cannot run."""
 
 
+Filler = tuple[str, str, ChatExample]
+"""One filler row: (source name, source kind, example)."""
+
+
+def filler_halves(train: Sequence[SourceData], cal_idx: Mapping[str, np.ndarray],
+                  rng: np.random.Generator,
+                  filler_kinds: Sequence[str] = ("benign", "scary")
+                  ) -> dict[str, list[Filler]]:
+    """The two disjoint filler halves, ``{"calibration": [...], "reported": [...]}``:
+    per source of ``filler_kinds`` (in ``train`` order), its short held-back calibration
+    rows (``cal_idx``) permuted by ``rng`` (one ``permutation`` draw per source, so a
+    caller's later draws follow on), the first half to ``calibration``, the rest to
+    ``reported``. :func:`validation_lists` draws every list's fillers from them."""
+    pool: dict[str, list[Filler]] = {"calibration": [], "reported": []}
+    for d in train:
+        if d.source.kind not in filler_kinds:
+            continue
+        rows = [int(i) for i in cal_idx[d.name] if _short(d.examples[int(i)])]
+        perm = rng.permutation(len(rows))
+        half = len(rows) // 2
+        for part, sel in (("calibration", perm[:half]), ("reported", perm[half:])):
+            pool[part] += [(d.name, d.source.kind, d.examples[rows[int(j)]]) for j in sel]
+    return pool
+
+
 def validation_lists(train: Sequence[SourceData], cal_idx: Mapping[str, np.ndarray],
                      n_per_harmful: int = 30, n_benign: int = 200,
                      n_calibration: int = 150, seed: int = 0,
@@ -123,16 +148,7 @@ def validation_lists(train: Sequence[SourceData], cal_idx: Mapping[str, np.ndarr
         raise ValueError(f"calibration_mix: expected 'per_kind' or 'pooled'; found "
                          f"{calibration_mix!r}")
     rng = np.random.default_rng(seed)
-    # part -> [(source name, source kind, example)]
-    pool: dict[str, list[tuple[str, str, ChatExample]]] = {"calibration": [], "reported": []}
-    for d in train:
-        if d.source.kind not in filler_kinds:
-            continue
-        rows = [int(i) for i in cal_idx[d.name] if _short(d.examples[int(i)])]
-        perm = rng.permutation(len(rows))
-        half = len(rows) // 2
-        for part, sel in (("calibration", perm[:half]), ("reported", perm[half:])):
-            pool[part] += [(d.name, d.source.kind, d.examples[rows[int(j)]]) for j in sel]
+    pool = filler_halves(train, cal_idx, rng, filler_kinds)
     if not pool["calibration"] or not pool["reported"]:
         raise NoFillerRows("validation_lists: expected short calibration rows of "
                            f"{list(filler_kinds)} sources in both halves; found "
@@ -144,7 +160,7 @@ def validation_lists(train: Sequence[SourceData], cal_idx: Mapping[str, np.ndarr
     fkind: list[str] = []
 
     def add(got: list[ChatExample], picked: list[list[int]],
-            fillers: list[tuple[str, str, ChatExample]], task: str, r: str, kind: str
+            fillers: list[Filler], task: str, r: str, kind: str
             ) -> None:
         exs.extend(got)
         tasks_of.extend([task] * len(got))
@@ -152,7 +168,7 @@ def validation_lists(train: Sequence[SourceData], cal_idx: Mapping[str, np.ndarr
         fill.extend(frozenset(fillers[j][0] for j in idx) for idx in picked)
         fkind.extend([kind] * len(got))
 
-    def build(tasks: list[ChatExample], fillers: list[tuple[str, str, ChatExample]], n: int,
+    def build(tasks: list[ChatExample], fillers: list[Filler], n: int,
               s: int, name: str, with_task: bool, task: str, r: str, kind: str) -> None:
         picked: list[list[int]] = []
         got = long_requests(tasks, [e for _, _, e in fillers], n, s, name, with_task, picked)

@@ -18,9 +18,8 @@ from monitor.tools.models import cache_dir as monitor_cache
 from probes import harmful
 from probes.cli import _model_path
 from probes.collect import TransformersCollector
-from probes.datasets import ChatExample
 from probes.evaluate import wilson_ci
-from probes.lists import _short, long_requests, validation_lists
+from probes.lists import filler_halves, long_requests, validation_lists
 from probes.sources import HARMFUL_SOURCES, Source
 from probes.train import LinearProbe
 
@@ -44,16 +43,7 @@ def main(bundle: str = "bundles/default") -> None:
     # the pooled (runs 1-5) calibration lists' filler kinds
     pooled = validation_lists(train, cal_idx, 0, 200, 1000, 0, calibration_mix="pooled")
     # the same filler halves validation_lists draws (same seeded permutations)
-    rng = np.random.default_rng(0)
-    halves: dict[str, list[tuple[str, str, ChatExample]]] = {"calibration": [], "reported": []}
-    for d in train:
-        if d.source.kind not in ("benign", "scary"):
-            continue
-        rows = [int(i) for i in cal_idx[d.name] if _short(d.examples[int(i)])]
-        perm = rng.permutation(len(rows))
-        half = len(rows) // 2
-        for part, sel in (("calibration", perm[:half]), ("reported", perm[half:])):
-            halves[part] += [(d.name, d.source.kind, d.examples[rows[int(j)]]) for j in sel]
+    halves = filler_halves(train, cal_idx, np.random.default_rng(0))
     for part, items in halves.items():
         c = collections.Counter(k for _, k, _ in items)
         print(f"{part} half: {dict(c)}; scary share {c['scary'] / len(items):.3f}")

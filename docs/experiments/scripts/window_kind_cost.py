@@ -18,7 +18,7 @@ from probes import harmful
 from probes.cli import _model_path
 from probes.collect import TransformersCollector
 from probes.evaluate import wilson_ci
-from probes.lists import _short, long_requests, validation_lists
+from probes.lists import filler_halves, long_requests, validation_lists
 from probes.sources import HARMFUL_SOURCES, Source
 from probes.window import _sigmoid, mean_logit, split_thresholds, window_max_logit
 
@@ -36,18 +36,10 @@ mk = validation_lists(train, cal_idx, 0, 200, 1000, 0)
 LK = harmful.lists_source(mk, col, cache, [15], "user", False)
 print(f"per-kind lists collected {time.time()-t0:.0f}s", flush=True)
 # validation lists of one filler kind (the measurement's, reported half)
-rng = np.random.default_rng(0)
-pool = []
-for d in train:
-    if d.source.kind not in ("benign", "scary"):
-        continue
-    rows = [int(i) for i in cal_idx[d.name] if _short(d.examples[int(i)])]
-    perm = rng.permutation(len(rows))
-    half = len(rows) // 2
-    pool += [(d.source.kind, d.examples[rows[int(j)]]) for j in perm[half:]]
+pool = filler_halves(train, cal_idx, np.random.default_rng(0))["reported"]
 V = {}
 for kind in ("benign", "scary"):
-    exs = long_requests([], [e for k, e in pool if k == kind], 300, 7, f"val_{kind}", False)
+    exs = long_requests([], [e for _, k, e in pool if k == kind], 300, 7, f"val_{kind}", False)
     V[kind] = harmful.collect_source(Source(f"val_{kind}", "benign", "train", "derived",
                                             f"val_{kind}"), exs, col, cache, [15], "user", False)
 print(f"validation lists collected {time.time()-t0:.0f}s", flush=True)
