@@ -217,9 +217,8 @@ def fit_token_pool(parts: Parts, layer: int, C: float, pooling: Pooling,
 
     n_rows_t = torch.from_numpy(counts[has].astype(np.float32))
 
-    def request_logits(w: torch.Tensor, b: torch.Tensor, q: torch.Tensor | None
-                       ) -> torch.Tensor:
-        z = x_t @ w + b
+    def request_logits(z: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+        """Pooled ``[n_ex]`` of the token logits ``z = x_t @ w + b`` (``[n_rows]``)."""
         if q is None:  # the mean, without the softmax's exp
             return torch.zeros(n_ex).index_add_(0, own_t, z) / n_rows_t
         return pool_logits_torch(z, q, own_t, n_ex)
@@ -244,16 +243,16 @@ def fit_token_pool(parts: Parts, layer: int, C: float, pooling: Pooling,
 
     w = torch.zeros(d_model, requires_grad=True)
     b = torch.zeros((), requires_grad=True)
-    run([w, b], lambda: objective(request_logits(w, b, None), w), STAGE1_ITERS)
+    run([w, b], lambda: objective(request_logits(x_t @ w + b, None), w), STAGE1_ITERS)
     beta_t = torch.tensor(0.0 if beta is None else float(beta), requires_grad=beta is None)
     v = torch.zeros(d_model, requires_grad=True)
     if pooling == "softmax":
         def soft() -> torch.Tensor:
-            z = x_t @ w + b
-            return objective(request_logits(w, b, beta_t * z), w)
+            z = x_t @ w + b  # once: the token logits are also the softmax's scores
+            return objective(request_logits(z, beta_t * z), w)
         run([w, b, beta_t] if beta is None else [w, b], soft, stage2_iters)
     elif pooling == "attention":
-        run([w, b, v], lambda: objective(request_logits(w, b, x_t @ v), w, v),
+        run([w, b, v], lambda: objective(request_logits(x_t @ w + b, x_t @ v), w, v),
             stage2_iters)
     wn = w.detach().numpy().astype(np.float64)
     vn = v.detach().numpy().astype(np.float64)
