@@ -95,8 +95,7 @@ def load_goal_directed() -> list[ChatExample]:
 # ----------------------------------------------------------------------- generation
 def generate_answers(collector: TransformersCollector, prompts: Sequence[ChatExample],
                      cache_dir: Path | None, *, sample: bool, max_new_tokens: int = 32,
-                     seed: int = 0,
-                     progress: bool = True) -> list[ChatExample]:
+                     seed: int = 0, progress: bool = True) -> list[ChatExample]:
     """The model's own answers (transformers ``generate``, greedy or sampled with
     temperature 0.7 / top-p 0.95, seeded), cached as JSONL: ordinary generated traffic.
     Each returned example keeps the prompt's messages, label and source."""
@@ -188,8 +187,8 @@ def _prompt_set(spec: Sequence[tuple[str, int]], seed: int) -> list[ChatExample]
 
 
 def deception_recipe(collector: TransformersCollector, cache_dir: Path | None, *,
-                     n_pairs: int = 400,
-                     layers: Sequence[int] = LAYERS, Cs: Sequence[float] = CS,
+                     n_pairs: int = 400, layers: Sequence[int] = LAYERS,
+                     Cs: Sequence[float] = CS,
                      seed: int = 0, progress: bool = True, limit: int | None = None
                      ) -> DetectorResult:
     """Same-instruction contrasts → leave-one-source-out choice of layer / C → fit →

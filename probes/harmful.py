@@ -48,7 +48,7 @@ import numpy as np
 from probes.collect import Activations, ChatEncoding, Collector
 from probes.datasets import ChatExample
 from probes.evaluate import auroc, tpr_at_fpr
-from probes.lists import Lists, NoFillerRows, long_requests, validation_lists
+from probes.lists import SHORT_CHARS, Lists, NoFillerRows, long_requests, validation_lists
 from probes.pooled import (
     Fitter,
     Fold,
@@ -377,8 +377,7 @@ CALIB_FRAC = 0.3
 
 
 def load_sources(collector: Collector, cache_dir: Path | None, sources: Sequence[Source],
-                 scope: str,
-                 layers: Sequence[int] = LAYERS, progress: bool = True,
+                 scope: str, layers: Sequence[int] = LAYERS, progress: bool = True,
                  limit: int | None = None) -> dict[str, SourceData]:
     """Collect (cached per source) and segment every source that is available."""
     from probes.sources import load_source
@@ -407,14 +406,13 @@ def collect_source(src: Source, examples: list[ChatExample], collector: Collecto
 
 
 def long_sources(data: dict[str, SourceData], collector: Collector, cache_dir: Path | None,
-                 scope: str,
-                 layers: Sequence[int], progress: bool, seed: int = 0,
+                 scope: str, layers: Sequence[int], progress: bool, seed: int = 0,
                  n: int = 60) -> dict[str, SourceData]:
     """Test-only long requests built from TEST sources: lists of ordinary-chat and
     benign-but-scary requests (``long_benign``) and the same with one Do-Not-Answer
     question inside (``long_with_harmful``)."""
     fill = [e for k in ("oasst", "coconot_contrast") if k in data for e in data[k].examples
-            if len(e.user_text) < 400]
+            if len(e.user_text) < SHORT_CHARS]
     tasks = data["do_not_answer"].examples if "do_not_answer" in data else []
     if not fill or not tasks:
         return {}
@@ -678,7 +676,7 @@ class _Window:
                                                            self.levels)
                    for k in np.unique(self.lists_kind)}},
             "union_validation_lists": union_rates(self.reported_a, self.reported_b,
-                                                      self.levels),
+                                                  self.levels),
             "worst_test": worst_examples(tb),
         }
         scores = {"test (pooled)": (y_test, s_b)}

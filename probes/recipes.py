@@ -31,8 +31,7 @@ log = logging.getLogger("probes.recipes")
 
 
 def confusion(results: Sequence[DetectorResult], collector: TransformersCollector,
-              cache_dir: Path | None,
-              scope: str, seed: int = 0, progress: bool = True,
+              cache_dir: Path | None, scope: str, seed: int = 0, progress: bool = True,
               limit: int | None = None, layers: Sequence[int] | None = None) -> list[str]:
     """How often each detector fires on the other's positives and on persona /
     scenario system prompts, at its shipped thresholds (report lines). Rows are collected
