@@ -41,8 +41,8 @@ from probes.train import (
 )
 
 __all__ = [
-    "Fitter", "Fold", "Parts", "Scorer", "SourceData", "cascade", "class_balanced", "concat",
-    "ecdf_scores", "ensemble", "fit_pooled", "fitter_folds", "gbt_pca", "kind_weights",
+    "Fitter", "Fold", "Parts", "Scorer", "SourceData", "average", "cascade", "class_balanced",
+    "concat", "ecdf_scores", "ensemble", "fit_pooled", "fitter_folds", "gbt_pca", "kind_weights",
     "knn", "lda_shrunk", "length_debiased", "linear", "mlp", "pca_logreg",
     "pooled_features", "served_scores", "source_weights", "stage2_share", "style_directions",
 ]
@@ -333,14 +333,23 @@ def concat(layers: Sequence[int], C: float, kind_weight: dict[str, float] | None
     return fit
 
 
+def average(fitters: Sequence[Fitter]) -> Fitter:
+    """Mean of the request logits of several detectors, each fit on the same parts
+    (float64 ``[n]``; the logits are averaged as they are, not rescaled)."""
+    if not fitters:
+        raise ValueError("average: expected at least one fitter; found none")
+
+    def fit(parts: Parts) -> Scorer:
+        fs = [f(parts) for f in fitters]
+        return lambda d: np.mean([f(d) for f in fs], axis=0)
+    return fit
+
+
 def ensemble(layers: Sequence[int], C: float, kind_weight: dict[str, float] | None = None,
              prefixes: int = 0) -> Fitter:
     """Mean of the pooled logits of one :func:`linear` probe per layer (same ``C``,
-    ``kind_weight`` and ``prefixes``)."""
-    def fit(parts: Parts) -> Scorer:
-        fs = [linear(lay, C, kind_weight, prefixes)(parts) for lay in layers]
-        return lambda d: np.mean([f(d) for f in fs], axis=0)
-    return fit
+    ``kind_weight`` and ``prefixes``): :func:`average`."""
+    return average([linear(lay, C, kind_weight, prefixes) for lay in layers])
 
 
 def lda_shrunk(layer: int) -> Fitter:

@@ -40,6 +40,7 @@ from probes.pooled import (
     Fitter,
     Fold,
     SourceData,
+    average,
     cascade,
     class_balanced,
     concat,
@@ -428,6 +429,19 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
                 "probe, tau=1, scary+persona x3", soft,
                 length_debiased(token_pool(lay, 3e-3, "softmax", 1.0, kind_weights(3.0),
                                            style="benign"))),
+        # run 3 (session 12; rule in docs/PROBES.md written before it): the softmax probe
+        # at temperatures between tau=1 and the mean (tau=inf), and the mean of the
+        # shipped probe's and the tau=1 probe's request logits
+        *(Variant("8 token pooling", f"length-debiased, style out, L{lay} C=0.003: softmax "
+                  f"probe, tau={tau:g}", soft,
+                  length_debiased(token_pool(lay, 3e-3, "softmax", 1.0 / tau, style="benign")))
+          for tau in (2.0, 4.0)),
+        Variant("8 token pooling", f"mean of the request logits: length-debiased, style out, "
+                f"L{lay} C=0.003 mean probe and softmax probe tau=1",
+                "no: two columns, a mean_logit and a softmax-pooled request logit averaged",
+                average([length_debiased(linear(lay, 3e-3, style="benign")),
+                         length_debiased(token_pool(lay, 3e-3, "softmax", 1.0,
+                                                    style="benign"))])),
     ]
 
 

@@ -205,6 +205,8 @@ def test_ensemble_is_the_mean_of_per_layer_probes() -> None:
     a, b = pooled.linear(12, 1.0)(parts), pooled.linear(15, 1.0)(parts)
     for d in data:
         np.testing.assert_allclose(f(d), (a(d) + b(d)) / 2)
+    with pytest.raises(ValueError, match="at least one fitter"):
+        pooled.average([])
 
 
 def test_concat_and_heads_find_a_signal_only_in_another_layer() -> None:
