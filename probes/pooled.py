@@ -42,9 +42,10 @@ from probes.train import (
 
 __all__ = [
     "Fitter", "Fold", "Parts", "Scorer", "SourceData", "average", "cascade", "class_balanced",
-    "concat", "ecdf_scores", "ensemble", "fit_pooled", "fitter_folds", "gbt_pca", "kind_weights",
-    "knn", "lda_shrunk", "length_debiased", "linear", "mlp", "pca_logreg",
-    "pooled_features", "served_scores", "source_weights", "stage2_share", "style_directions",
+    "concat", "conjunction", "contrast", "ecdf_scores", "ensemble", "fit_pooled", "fitter_folds",
+    "gbt_pca", "kind_weights", "knn", "lda_shrunk", "length_debiased", "linear", "mlp",
+    "pca_logreg", "pooled_features", "served_scores", "source_weights", "stage2_share",
+    "style_directions",
 ]
 
 
@@ -342,6 +343,42 @@ def average(fitters: Sequence[Fitter]) -> Fitter:
     def fit(parts: Parts) -> Scorer:
         fs = [f(parts) for f in fitters]
         return lambda d: np.mean([f(d) for f in fs], axis=0)
+    return fit
+
+
+def contrast(base: Fitter, benign_kinds: frozenset[str]) -> Fitter:
+    """``base`` fit on the harmful rows against the benign rows of sources whose kind is
+    in ``benign_kinds`` only (e.g. ``{"scary", "persona"}``: a harmful-vs-benign-but-scary
+    probe); the other benign sources' rows are not fit on. Scores every source."""
+    def fit(parts: Parts) -> Scorer:
+        kept = [(d, i) for d, i in parts
+                if d.source.kind == "harmful" or d.source.kind in benign_kinds]
+        if not any(d.source.kind == "harmful" for d, _ in kept) or \
+                not any(d.source.kind != "harmful" for d, _ in kept):
+            raise ValueError(f"contrast: expected harmful rows and rows of kinds "
+                             f"{sorted(benign_kinds)}; found kinds "
+                             f"{sorted({d.source.kind for d, _ in kept})}")
+        return base(kept)
+    return fit
+
+
+def conjunction(fitters: Sequence[Fitter]) -> Fitter:
+    """Alert only when every detector would: score ``min_k (s_k − μ_k)/σ_k``, with ``μ_k,
+    σ_k`` the mean and standard deviation of detector ``k``'s scores on the benign
+    TRAINING rows (float64 ``[n]``), so each member is on its benign scale before the
+    minimum. Each member is fit on the same parts (a member may restrict them itself:
+    :func:`contrast`)."""
+    if not fitters:
+        raise ValueError("conjunction: expected at least one fitter; found none")
+
+    def fit(parts: Parts) -> Scorer:
+        fs = [f(parts) for f in fitters]
+        scales = []
+        for f in fs:
+            b = np.concatenate([f(d)[i[d.labels[i] == 0]] for d, i in parts])
+            scales.append((float(b.mean()), max(float(b.std()), 1e-12)))
+        return lambda d: np.min([(f(d) - m) / sd for f, (m, sd) in zip(fs, scales,
+                                                                        strict=True)], axis=0)
     return fit
 
 

@@ -44,6 +44,8 @@ from probes.pooled import (
     cascade,
     class_balanced,
     concat,
+    conjunction,
+    contrast,
     ecdf_scores,
     ensemble,
     fitter_folds,
@@ -367,6 +369,8 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
     hard = {"scary": 3.0, "persona": 3.0, "coconot_noncompliance": 3.0}
     # the softmax probe's request logit is an online softmax over one column's logits
     soft = "no: needs a softmax-pooled aggregation (one column)"
+    scary_probe = contrast(length_debiased(linear(lay, 3e-3, style="benign")),
+                           frozenset({"scary", "persona"}))
     pools: list[tuple[Pooling, float | None, str, str]] = [
         ("mean", None, "mean pooling, torch trainer (control)", lterm),
         ("softmax", None, "softmax probe, learned tau", soft),
@@ -442,6 +446,19 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
                 average([length_debiased(linear(lay, 3e-3, style="benign")),
                          length_debiased(token_pool(lay, 3e-3, "softmax", 1.0,
                                                     style="benign"))])),
+        # run 4 (session 12; rule in docs/PROBES.md written before it): alert only when a
+        # harmful-vs-benign-but-scary contrast probe agrees, on the shipped probe and on
+        # the averaged pair of run 3
+        *(Variant("9 scary contrast", f"{what} AND a contrast probe (length-debiased, style "
+                  f"out, L{lay} C=0.003, harmful vs scary + persona rows only)",
+                  "no: two detectors and an all-of policy", conjunction([member, scary_probe]))
+          for what, member in (
+              ("shipped probe (variant 24)",
+               length_debiased(linear(lay, 3e-3, style="benign"))),
+              ("mean of mean and softmax tau=1 logits (variant 33)",
+               average([length_debiased(linear(lay, 3e-3, style="benign")),
+                        length_debiased(token_pool(lay, 3e-3, "softmax", 1.0,
+                                                   style="benign"))])))),
     ]
 
 

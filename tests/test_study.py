@@ -209,6 +209,35 @@ def test_ensemble_is_the_mean_of_per_layer_probes() -> None:
         pooled.average([])
 
 
+def test_contrast_fits_on_harmful_and_the_named_benign_kinds_only() -> None:
+    data = _world(np.random.default_rng(7), {15: 2.0})
+    parts = [(d, np.arange(d.labels.size)) for d in data]
+    seen: list[str] = []
+
+    def record(ps: pooled.Parts) -> pooled.Scorer:
+        seen.extend(d.name for d, _ in ps)
+        return _feature(15, 0)(ps)
+    pooled.contrast(record, frozenset({"scary", "persona"}))(parts)
+    assert seen == ["h1", "h2", "scary", "persona"]
+    with pytest.raises(ValueError, match="contrast: expected harmful rows"):
+        pooled.contrast(record, frozenset({"scary"}))(parts[2:])
+
+
+def test_conjunction_is_the_min_of_benign_standardised_scores() -> None:
+    data = _world(np.random.default_rng(8), {15: 2.0})
+    parts = [(d, np.arange(d.labels.size)) for d in data]
+    a, b = _feature(15, 0), _feature(15, 1)
+    f = pooled.conjunction([a, b])(parts)
+    ben = [d for d in data if d.source.kind != "harmful"]
+    ga, gb = a(parts), b(parts)
+    sa, sb = (np.concatenate([g(d) for d in ben]) for g in (ga, gb))
+    for d in data:
+        want = np.minimum((ga(d) - sa.mean()) / sa.std(), (gb(d) - sb.mean()) / sb.std())
+        np.testing.assert_allclose(f(d), want)
+    with pytest.raises(ValueError, match="at least one fitter"):
+        pooled.conjunction([])
+
+
 def test_concat_and_heads_find_a_signal_only_in_another_layer() -> None:
     """Harmful rows differ only at layer 12: the single layer-15 probe is at chance,
     the layer-12+15 heads are not."""
