@@ -73,7 +73,7 @@ from probes.pooled import (
     source_weights,
 )
 from probes.sources import Source
-from probes.token_pool import fit_token_pool, pool_logits
+from probes.token_pool import fit_token_pool, pool_logits, token_pool
 from probes.train import LinearProbe, _sigmoid, aggregate_requests, fit_logreg, log_tokens
 from probes.window import SERVED_SHARE, SERVED_WINDOW, served_union, union_rates
 
@@ -272,7 +272,10 @@ class Config:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if recipe_pooling(self.pooling) == "softmax":
+        if recipe_pooling(self.pooling) == "mean" and self.agg["kind"] == "softmax_logit":
+            raise ValueError("aggregation: softmax_logit reads a softmax probe's request "
+                             "logit; expected pooling softmax with it, found pooling mean")
+        if self.pooling == "softmax":
             want = softmax_readout(self.temperature)
             got = {k: v for k, v in self.agg.items() if k != "length_slope"}
             if got != want or self.scale != 1.0 or self.prefixes:
@@ -653,7 +656,8 @@ def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
             layers: Sequence[int] = LAYERS, weighting: str = "row") -> list[dict[str, Any]]:
     """What richer read-outs buy, leave-one-source-out (:func:`probes.pooled.fitter_folds`,
     :func:`fold_metrics`) on the request-level pooled statistic (none but the first is
-    servable as one ``linear_probe`` detector today): the chosen single layer, all layers
+    servable as one ``linear_probe`` detector today): the chosen single layer (a softmax
+    probe, ``cfg.pooling``: it, then the linear probe on that layer), all layers
     concatenated, an ensemble (mean logit of one probe per layer) and a small MLP head on
     the chosen layer — the fitters of ``probes.pooled`` that the variant study
     (``safety-probes study-variants``) compares, with the chosen config's C, weights and
@@ -661,8 +665,13 @@ def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
     (:func:`probes.pooled.length_debiased`, fit on each fold's benign fit rows);
     ``weighting``: each fold's thresholds (``probes.calibrate``)."""
     kw = kind_weights(cfg.scary_weight)
+    soft = cfg.pooling == "softmax"
     fitters: tuple[tuple[str, Fitter], ...] = (
-        (f"linear, layer {cfg.layer} (chosen)", linear(cfg.layer, cfg.C, kw, cfg.prefixes)),
+        *(((f"softmax probe tau={cfg.temperature:g}, layer {cfg.layer} (chosen)",
+            token_pool(cfg.layer, cfg.C, "softmax", 1.0 / cfg.temperature, kw, cfg.style)),)
+          if soft else ()),
+        (f"linear, layer {cfg.layer}{'' if soft else ' (chosen)'}",
+         linear(cfg.layer, cfg.C, kw, cfg.prefixes)),
         (f"linear, layers {'+'.join(map(str, layers))} concatenated",
          concat(layers, cfg.C / len(layers), kw)),
         (f"ensemble: mean logit of per-layer probes {tuple(layers)}",

@@ -257,13 +257,16 @@ def test_default_recipe_fit_is_the_mean_pooled_linear_probe() -> None:
         search_space("span_end", "softmax", 0.1)
     with pytest.raises(ValueError, match="aggregation: a softmax probe is served as"):
         Config(15, 0.05, 1.0, (("kind", "mean_logit"),), 1, pooling="softmax")
+    with pytest.raises(ValueError, match="expected pooling softmax with it, found pooling "
+                                         "mean"):
+        Config(15, 0.05, 1.0, (("kind", "softmax_logit"), ("temperature", 2.0)), 1)
 
 
 def test_softmax_selection_folds_read_the_softmax_logit() -> None:
     """``select`` with the softmax pooling: every fold fits the softmax probe, the
     reference row is its softmax-pooled logit and the chosen config serves
     ``softmax_logit`` at ``span_end``."""
-    from probes.harmful import search_space, select
+    from probes.harmful import explore, search_space, select
 
     rng = np.random.default_rng(7)
     data = _length_world(rng)
@@ -283,3 +286,7 @@ def test_softmax_selection_folds_read_the_softmax_logit() -> None:
     assert names == {"softmax-pooled logit (tau=2) − a·log n (reference)",
                      "softmax_logit(tau=2) − a·log t @span_end"}
     assert all(r["auroc"] > 0.9 for r in table)
+    rows = explore(data, fit_idx, cal_idx, cfg, layers=[15])
+    assert rows[0]["read-out (pooled statistic)"] == ("softmax probe tau=2, layer 15 "
+                                                      "(chosen) − a·log n")
+    assert rows[1]["read-out (pooled statistic)"] == "linear, layer 15 − a·log n"
