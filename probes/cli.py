@@ -64,7 +64,8 @@ def cmd_build_default(args: argparse.Namespace) -> int:
                             layers=_layers(args.layers) if args.layers else None,
                             judge_at=args.judge_at, limit=args.limit, device=args.device,
                             length_debias=args.length_debias, style=args.style_projection,
-                            calibration=args.calibration_weighting)
+                            calibration=args.calibration_weighting, pooling=args.pooling,
+                            temperature=args.temperature)
     from probes.calibrate import policy_snippet
 
     print(policy_snippet({r.name: {"scope": r.scope, "aggregation": r.aggregation,
@@ -441,6 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="harmful_intent's thresholds: every held-back benign row the same "
                    "weight (row), every benign source the same total weight (source), or "
                    "every source's own rate <= the target (worst); probes/calibrate.py")
+    b.add_argument("--pooling", default=None, choices=["mean", "softmax"],
+                   help="harmful_intent: how the probe pools the user's tokens in training; "
+                   "mean (logistic regression on the mean activation, served mean_logit) or "
+                   "softmax (the softmax probe of probes/token_pool.py at --temperature, "
+                   "served softmax_logit); default: probes.harmful.DEFAULT_POOLING")
+    b.add_argument("--temperature", type=float, default=None, metavar="TAU",
+                   help="harmful_intent with --pooling softmax: tau of the softmax weights "
+                   "(served as the softmax_logit temperature, in [0.25, 1e6]); default: "
+                   "probes.harmful.DEFAULT_TEMPERATURE")
     b.add_argument("--no-length-debias", dest="length_debias", action="store_false",
                    help="harmful_intent without the length term (mean_logit length_slope "
                         "0): the session-5 recipe")

@@ -26,6 +26,13 @@ What is served and what is trained (they agree by construction):
   ``z(x̄) = (1/T) Σ_t z_t``: the trained logit is the mean of the served per-token logits;
   the served statistic averages ``sigmoid(z_t)`` instead and is what every number
   (selection, thresholds, report) is computed on.
+- **Softmax pooling** (``pooling="softmax"``, not the default: :data:`DEFAULT_POOLING`):
+  the same ``w, b`` (same layer, C, weights, style projection) are fit end to end on the
+  request logit ``L = Σ_t softmax(z/τ)_t z_t`` (``probes.token_pool``, fixed ``β = 1/τ``),
+  exported as the same one-column ``linear_probe`` and served ``softmax_logit`` with
+  ``temperature: τ`` at ``span_end``, which computes ``L`` from the served scores
+  (``ℓ_t = logit(s_t) = z_t`` while ``|z_t| ≤ 13.8``); its length slope is fit on ``L``
+  over the benign fit rows. Thresholds and numbers are, again, on the served statistic.
 
 Rows: float16 activations ``[n_rows, d_model]`` per layer, in position order within
 each example (``probes.collect``). Pooled features: float32 ``[n_examples, d_model]``.
@@ -41,7 +48,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -66,6 +73,7 @@ from probes.pooled import (
     source_weights,
 )
 from probes.sources import Source
+from probes.token_pool import fit_token_pool, pool_logits, token_pool
 from probes.train import LinearProbe, _sigmoid, aggregate_requests, fit_logreg, log_tokens
 from probes.window import SERVED_SHARE, SERVED_WINDOW, served_union, union_rates
 
@@ -75,12 +83,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("probes.harmful")
 
 __all__ = [  # SourceData … source_weights live in probes.pooled (re-exported here)
+    "DEFAULT_POOLING",
+    "DEFAULT_TEMPERATURE",
+    "RECIPE_POOLINGS",
+    "RecipePooling",
     "SourceData",
     "fit_pooled",
+    "fit_probe",
     "harmful_intent_recipe",
     "kind_weights",
     "length_slope",
     "pooled_features",
+    "request_logits",
     "scope_mask",
     "served_scores",
     "source_weights",
@@ -118,11 +132,32 @@ def scope_mask(roles: np.ndarray, scope: str) -> np.ndarray:
     return role_table(scope)[np.asarray(roles, dtype=np.int8)]
 
 
-def length_slope(probe: LinearProbe, parts: Sequence[tuple[SourceData, np.ndarray]]
-                 ) -> float:
-    """``a`` of the served ``mean_logit`` length term for ``probe``: the least-squares
-    slope (``probes.train.fit_length_slope``) of its pooled logit ``z(x̄)`` (the mean of
-    the per-token logits the served aggregate averages) on ``log n_in_scope`` over the
+def request_logits(probe: LinearProbe, d: SourceData, temperature: float | None = None
+                   ) -> np.ndarray:
+    """The request logit of every example of ``d`` (``[n_examples]``) that the served
+    aggregation reads at the user's span end, before any length term.
+    ``temperature`` None (mean pooling): ``z(x̄)``, the probe on the pooled feature (the
+    mean of the per-token logits ``mean_logit`` averages; float32, as ``probe.logits``).
+    ``τ``: the softmax-pooled ``L = Σ_t softmax(z/τ)_t z_t`` over the in-scope rows
+    (float64; ``probes.token_pool.pool_logits``, what ``softmax_logit`` computes on the
+    served scores); an example without in-scope rows scores as the zero pooled feature,
+    as under mean pooling and ``TokenPoolProbe.score_rows``."""
+    if temperature is None:
+        return probe.logits(d.features(probe.layer))
+    z = probe.logits(d.rows(probe.layer)).astype(np.float64)
+    ex = d.acts.example[d.mask]
+    out = pool_logits(z, z / temperature, ex, d.acts.n_examples)
+    empty = np.bincount(ex, minlength=d.acts.n_examples) == 0
+    out[empty] = float(probe.logits(np.zeros((1, probe.mean.size), np.float32))[0])
+    return out
+
+
+def length_slope(probe: LinearProbe, parts: Sequence[tuple[SourceData, np.ndarray]],
+                 temperature: float | None = None) -> float:
+    """``a`` of the served length term for ``probe``: the least-squares slope
+    (``probes.train.fit_length_slope``) of its request logit (:func:`request_logits`:
+    ``temperature`` None, the pooled logit ``z(x̄)`` that ``mean_logit`` serves; ``τ``,
+    the softmax-pooled logit that ``softmax_logit`` serves) on ``log n_in_scope`` over the
     BENIGN rows among ``parts`` (pass the fit rows: never calibration or test rows).
     Rounded to 4 decimals, so the policy text serves exactly the slope every threshold
     and number was computed with."""
@@ -131,17 +166,78 @@ def length_slope(probe: LinearProbe, parts: Sequence[tuple[SourceData, np.ndarra
     z, n = [], []
     for d, idx in parts:
         b = idx[d.labels[idx] == 0]
-        z.append(probe.logits(d.features(probe.layer)[b]))
+        z.append(request_logits(probe, d, temperature)[b] if temperature is not None
+                 else probe.logits(d.features(probe.layer)[b]))
         n.append(d.in_scope_tokens()[b])
     return round(fit_length_slope(np.concatenate(z), np.concatenate(n)), 4)
 
 
+def has_length_term(agg: dict[str, Any]) -> bool:
+    """Whether the aggregation kind of ``agg`` takes a ``length_slope``
+    (``monitor.judge.aggregate.AGGREGATIONS``: ``mean_logit``, ``softmax_logit``)."""
+    from monitor.judge.aggregate import AGGREGATIONS
+
+    return AGGREGATIONS[agg["kind"]].param("length_slope") is not None
+
+
 def with_slope(agg: dict[str, Any], slope: float) -> dict[str, Any]:
-    """``agg`` with ``length_slope: slope`` when it is a ``mean_logit`` aggregation and
-    ``slope != 0`` (other kinds have no length term: returned unchanged)."""
-    if agg["kind"] != "mean_logit" or slope == 0.0:
+    """``agg`` with ``length_slope: slope`` when its kind has a length term
+    (:func:`has_length_term`) and ``slope != 0`` (other kinds: returned unchanged)."""
+    if not has_length_term(agg) or slope == 0.0:
         return agg
     return {**agg, "length_slope": slope}
+
+
+RecipePooling = Literal["mean", "softmax"]
+RECIPE_POOLINGS: tuple[RecipePooling, ...] = ("mean", "softmax")
+DEFAULT_POOLING: RecipePooling = "mean"
+"""How the shipped ``harmful_intent`` probe pools the user's token rows (the ONE place the
+default is set; ``harmful_intent_recipe``, ``probes.recipes.build_default`` and the CLI's
+``--pooling`` default to it): ``mean`` (L2 logistic regression on the mean feature,
+served ``mean_logit``) or ``softmax`` (``probes.token_pool`` softmax probe at
+:data:`DEFAULT_TEMPERATURE`, served ``softmax_logit``)."""
+DEFAULT_TEMPERATURE = 1.0
+"""``τ`` of the softmax pooling when :data:`DEFAULT_POOLING` is ``softmax`` (and the
+CLI's ``--temperature`` default)."""
+
+
+def recipe_pooling(pooling: str | None) -> RecipePooling:
+    """``pooling`` checked (None: :data:`DEFAULT_POOLING`)."""
+    if pooling is None:
+        return DEFAULT_POOLING
+    for known in RECIPE_POOLINGS:
+        if pooling == known:
+            return known
+    raise ValueError(f"pooling: expected one of {RECIPE_POOLINGS}; found {pooling!r}")
+
+
+def softmax_readout(temperature: float) -> dict[str, Any]:
+    """The served aggregation of a softmax probe at ``τ`` (its length slope is added per
+    fit, :func:`with_slope`); ValueError naming ``temperature`` outside the served range
+    (``monitor.judge.aggregate.MIN_TEMPERATURE`` .. ``MAX_TEMPERATURE``)."""
+    from probes.train import as_aggregation
+
+    agg = {"kind": "softmax_logit", "temperature": float(temperature)}
+    as_aggregation(agg)  # validated as the policy will be
+    return agg
+
+
+def fit_probe(parts: Sequence[tuple[SourceData, np.ndarray]], layer: int, C: float,
+              kind_weight: dict[str, float], prefixes: int = 0, style: str = "",
+              pooling: RecipePooling = "mean", temperature: float = 1.0) -> LinearProbe:
+    """The recipe's probe on ``parts``: ``mean``, :func:`probes.pooled.fit_pooled`
+    (logistic regression on the pooled mean feature); ``softmax``,
+    :func:`probes.token_pool.fit_token_pool` at fixed ``β = 1/τ`` (same ``C``,
+    ``kind_weight`` and ``style``), exported as the one-column probe of its token logits
+    (``TokenPoolProbe.linear_probe``, ``method`` ``softmax``). The softmax probe is fit
+    on whole requests only: ``prefixes`` must be 0."""
+    if recipe_pooling(pooling) == "mean":
+        return fit_pooled(parts, layer, C, kind_weight, prefixes, style=style)
+    if prefixes:
+        raise ValueError(f"prefixes: the softmax probe is fit on whole requests; expected 0, "
+                         f"found {prefixes}")
+    return fit_token_pool(list(parts), layer, C, "softmax", 1.0 / temperature, kind_weight,
+                          style).linear_probe(C)
 
 
 def pooled_metrics(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
@@ -168,6 +264,24 @@ class Config:
     #: project the training sources' style directions out before the fit
     #: (``probes.pooled.fit_pooled`` ``style``: ``benign`` | ``both``; "" off)
     style: str = ""
+    #: how the probe pools the token rows in training (:func:`fit_probe`): ``mean`` or
+    #: ``softmax`` (then ``aggregation`` is ``softmax_logit`` at ``temperature``,
+    #: ``scale`` 1 and ``prefixes`` 0)
+    pooling: RecipePooling = "mean"
+    #: ``τ`` of the softmax pooling (``softmax`` only; served as ``temperature``)
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if recipe_pooling(self.pooling) == "mean" and self.agg["kind"] == "softmax_logit":
+            raise ValueError("aggregation: softmax_logit reads a softmax probe's request "
+                             "logit; expected pooling softmax with it, found pooling mean")
+        if self.pooling == "softmax":
+            want = softmax_readout(self.temperature)
+            got = {k: v for k, v in self.agg.items() if k != "length_slope"}
+            if got != want or self.scale != 1.0 or self.prefixes:
+                raise ValueError(f"aggregation: a softmax probe is served as {want} at scale "
+                                 f"1 without prefix negatives; found {self.agg}, scale "
+                                 f"{self.scale:g}, prefixes {self.prefixes}")
 
     @property
     def agg(self) -> dict[str, Any]:
@@ -177,6 +291,7 @@ class Config:
         from probes.train import aggregation_name
 
         return (f"L{self.layer} C={self.C:g} scary×{self.scary_weight:g} "
+                f"{'softmax probe ' if self.pooling == 'softmax' else ''}"
                 f"{aggregation_name(self.agg)}{' − a·log t' if self.length_debias else ''} "
                 f"m={self.min_tokens} scale={self.scale:g} "
                 f"prefix-negatives={self.prefixes} judge_at={self.judge_at}"
@@ -184,13 +299,20 @@ class Config:
 
     def fit(self, parts: Sequence[tuple[SourceData, np.ndarray]]
             ) -> tuple[LinearProbe, dict[str, Any]]:
-        """The probe of this config fit on ``parts`` and the aggregation it is served
-        with (``length_debias``: its own slope, :func:`length_slope` on ``parts``)."""
-        p = scaled(fit_pooled(parts, self.layer, self.C, kind_weights(self.scary_weight),
-                              self.prefixes, style=self.style), self.scale)
-        if not (self.length_debias and self.agg["kind"] == "mean_logit"):
+        """The probe of this config fit on ``parts`` (:func:`fit_probe`) and the
+        aggregation it is served with (``length_debias``: its own slope,
+        :func:`length_slope` on ``parts``)."""
+        p = scaled(fit_probe(parts, self.layer, self.C, kind_weights(self.scary_weight),
+                             self.prefixes, self.style, self.pooling, self.temperature),
+                   self.scale)
+        if not (self.length_debias and has_length_term(self.agg)):
             return p, self.agg
-        return p, with_slope(self.agg, length_slope(p, parts))
+        return p, with_slope(self.agg, length_slope(p, parts, self.tau))
+
+    @property
+    def tau(self) -> float | None:
+        """``τ`` of the request logit (:func:`request_logits`): None for mean pooling."""
+        return self.temperature if self.pooling == "softmax" else None
 
 
 def scaled(probe: LinearProbe, scale: float) -> LinearProbe:
@@ -204,12 +326,15 @@ Served = tuple[dict[str, Any], int, float, str]
 
 
 def _read_outs(p: LinearProbe, d: SourceData, layer: int,
-               served: Sequence[Served], slope: float = 0.0) -> list[np.ndarray]:
+               served: Sequence[Served], slope: float = 0.0,
+               tau: float | None = None) -> list[np.ndarray]:
     """``[pooled logit, served statistic for each of served]`` for all of ``d``'s examples
-    (the pooled logit unsquashed: float32 sigmoids of large logits would tie at 1.0).
+    (the pooled logit unsquashed: float32 sigmoids of large logits would tie at 1.0;
+    ``tau``: the softmax-pooled one, :func:`request_logits`).
     ``slope``: the length term ``a`` (:func:`length_slope`): subtracted from the pooled
-    logit as ``a·log n`` and served by every ``mean_logit`` read-out (:func:`with_slope`)."""
-    zp = p.logits(d.features(layer))
+    logit as ``a·log n`` and served by every read-out with a length term
+    (:func:`with_slope`)."""
+    zp = request_logits(p, d, tau)
     if slope:
         zp = zp - slope * log_tokens(d.in_scope_tokens())
     out = [zp.astype(np.float64)]
@@ -227,27 +352,30 @@ def _read_outs(p: LinearProbe, d: SourceData, layer: int,
 def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
                cal_idx: dict[str, np.ndarray], layer: int, C: float, scary_weight: float,
                served: Sequence[Served],
-               prefixes: int = 0, length_debias: bool = False, style: str = ""
+               prefixes: int = 0, length_debias: bool = False, style: str = "",
+               pooling: RecipePooling = "mean", temperature: float = 1.0
                ) -> list[Fold]:
     """For each training source, a probe fit on the other sources' ``fit_idx`` rows
-    scores ALL of that source's rows and the other sources' ``cal_idx`` rows.
-    ``length_debias``: the fold's probe gets its own length slope (:func:`length_slope`
-    on the fold's fit rows), applied to the pooled logit and the ``mean_logit``
-    read-outs."""
+    (:func:`fit_probe` with ``pooling``) scores ALL of that source's rows and the other
+    sources' ``cal_idx`` rows. ``length_debias``: the fold's probe gets its own length
+    slope (:func:`length_slope` on the fold's fit rows), applied to the pooled logit and
+    the read-outs with a length term."""
     kw = kind_weights(scary_weight)
+    tau = temperature if pooling == "softmax" else None
     folds = []
     for held in train:
         parts = [(d, fit_idx[d.name]) for d in train if d.name != held.name]
-        p = fit_pooled(parts, layer, C, kw, prefixes, style=style)
-        a = length_slope(p, parts) if length_debias else 0.0
+        p = fit_probe(parts, layer, C, kw, prefixes, style, pooling, temperature)
+        a = length_slope(p, parts, tau) if length_debias else 0.0
         cal_src = [d for d in train if d.name != held.name and cal_idx[d.name].size]
-        cal = [_read_outs(p, d, layer, served, a) for d in cal_src]
+        cal = [_read_outs(p, d, layer, served, a, tau) for d in cal_src]
         idx = [cal_idx[d.name] for d in cal_src]
         cal_scores = [np.concatenate([c[k][i] for c, i in zip(cal, idx, strict=True)])
                       for k in range(len(served) + 1)]
         groups = np.concatenate([np.full(i.size, d.name) for d, i in zip(cal_src, idx,
                                                                          strict=True)])
-        folds.append(Fold(held, _read_outs(p, held, layer, served, a), cal_scores, groups))
+        folds.append(Fold(held, _read_outs(p, held, layer, served, a, tau), cal_scores,
+                          groups))
     return folds
 
 
@@ -359,11 +487,20 @@ span_end`` judges the aggregate only where the user's text ends (with ``mean_log
 one user message: exactly the trained pooled logit), ``every_token`` every prefix."""
 
 
-def search_space(judge_at: str) -> tuple[tuple[Served, ...], tuple[int, ...]]:
+def search_space(judge_at: str, pooling: RecipePooling = "mean", temperature: float = 1.0
+                 ) -> tuple[tuple[Served, ...], tuple[int, ...]]:
     """Served read-outs and prefix-negative counts searched for a ``judge_at`` choice:
     ``any`` (all of :data:`SERVED`, :data:`PREFIXES`), ``every_token`` or ``span_end``
     (only read-outs judged that way; ``span_end`` fits on full-request means only, since
-    no prefix of a span is judged)."""
+    no prefix of a span is judged). ``pooling`` ``softmax``: the one read-out a softmax
+    probe is trained for, ``softmax_logit`` at ``temperature``, ``min_tokens`` 1, judged
+    at ``span_end`` (``any`` means that too; ``every_token`` is refused: the probe is
+    trained on whole user messages, not on their prefixes), no prefix negatives."""
+    if recipe_pooling(pooling) == "softmax":
+        if judge_at not in ("span_end", "any"):
+            raise ValueError(f"judge_at: the softmax probe is judged where the user's text "
+                             f"ends; expected span_end or any, found {judge_at!r}")
+        return ((softmax_readout(temperature), 1, 1.0, "span_end"),), (0,)
     if judge_at == "any":
         return SERVED, PREFIXES
     if judge_at not in ("every_token", "span_end"):
@@ -466,14 +603,17 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
            Cs: Sequence[float] = CS, scary_weights: Sequence[float] = SCARY_WEIGHTS,
            served: Sequence[Served] = SERVED,
            prefixes: Sequence[int] = PREFIXES, progress: bool = True,
-           length_debias: bool = False, style: str = "", weighting: str = "row"
+           length_debias: bool = False, style: str = "", weighting: str = "row",
+           pooling: RecipePooling = "mean", temperature: float = 1.0
            ) -> tuple[Config, list[dict[str, Any]]]:
     """Leave-one-source-out search (:func:`loso_folds`, :func:`fold_metrics`). Returns the
     best *servable* config and the whole table (``pooled logit`` rows: the request-level
     sigmoid of the mean logit over all in-scope rows, the reference; ``mean_logit`` at
     ``span_end`` serves it for single-message requests). ``length_debias``: the pooled
     logit and every ``mean_logit`` read-out carry each fold's own length term.
-    ``weighting``: each fold's thresholds (``probes.calibrate``)."""
+    ``weighting``: each fold's thresholds (``probes.calibrate``). ``pooling`` /
+    ``temperature``: the probe's pooling (:func:`fit_probe`; ``softmax``: ``served`` from
+    :func:`search_space` with it, the reference row the softmax-pooled logit)."""
     from tqdm.auto import tqdm
 
     from probes.train import aggregation_name
@@ -485,21 +625,22 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
     for lay, c, sw, pf in tqdm(jobs, desc="harmful_intent/select", disable=not progress,
                            leave=False):
         folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served, pf, length_debias,
-                           style)
+                           style, pooling, temperature)
         for k in range(len(served) + 1):
             met = fold_metrics(folds, k, weighting)
             if k == 0:
-                agg_name, m = "pooled logit (reference)", 0
-                if length_debias:
-                    agg_name = "pooled logit − a·log n (reference)"
+                agg_name, m = "pooled logit", 0
+                if pooling == "softmax":
+                    agg_name = f"softmax-pooled logit (tau={temperature:g})"
+                agg_name += (" − a·log n" if length_debias else "") + " (reference)"
             else:
                 agg, m, scale, judge_at = served[k - 1]
-                deb = length_debias and agg["kind"] == "mean_logit"
+                deb = length_debias and has_length_term(agg)
                 agg_name = (aggregation_name(agg) + (" − a·log t" if deb else "")
                             + (f" scale={scale:g}" if scale != 1 else "")
                             + (f" @{judge_at}" if judge_at != "every_token" else ""))
                 cfg = Config(lay, c, sw, tuple(sorted(agg.items())), m, scale, pf, judge_at,
-                             deb, style)
+                             deb, style, pooling, temperature)
                 if best is None or met["criterion"] > best[0]:
                     best = (met["criterion"], cfg)
             table.append({"layer": lay, "C": c, "scary_weight": sw, "prefix_negatives": pf,
@@ -515,7 +656,8 @@ def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
             layers: Sequence[int] = LAYERS, weighting: str = "row") -> list[dict[str, Any]]:
     """What richer read-outs buy, leave-one-source-out (:func:`probes.pooled.fitter_folds`,
     :func:`fold_metrics`) on the request-level pooled statistic (none but the first is
-    servable as one ``linear_probe`` detector today): the chosen single layer, all layers
+    servable as one ``linear_probe`` detector today): the chosen single layer (a softmax
+    probe, ``cfg.pooling``: it, then the linear probe on that layer), all layers
     concatenated, an ensemble (mean logit of one probe per layer) and a small MLP head on
     the chosen layer — the fitters of ``probes.pooled`` that the variant study
     (``safety-probes study-variants``) compares, with the chosen config's C, weights and
@@ -523,8 +665,13 @@ def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
     (:func:`probes.pooled.length_debiased`, fit on each fold's benign fit rows);
     ``weighting``: each fold's thresholds (``probes.calibrate``)."""
     kw = kind_weights(cfg.scary_weight)
+    soft = cfg.pooling == "softmax"
     fitters: tuple[tuple[str, Fitter], ...] = (
-        (f"linear, layer {cfg.layer} (chosen)", linear(cfg.layer, cfg.C, kw, cfg.prefixes)),
+        *(((f"softmax probe tau={cfg.temperature:g}, layer {cfg.layer} (chosen)",
+            token_pool(cfg.layer, cfg.C, "softmax", 1.0 / cfg.temperature, kw, cfg.style)),)
+          if soft else ()),
+        (f"linear, layer {cfg.layer}{'' if soft else ' (chosen)'}",
+         linear(cfg.layer, cfg.C, kw, cfg.prefixes)),
         (f"linear, layers {'+'.join(map(str, layers))} concatenated",
          concat(layers, cfg.C / len(layers), kw)),
         (f"ensemble: mean logit of per-layer probes {tuple(layers)}",
@@ -786,7 +933,9 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
                           limit: int | None = None, explore_readouts: bool = True,
                           seed: int = 0, progress: bool = True,
                           length_debias: bool = True, style: str = "benign",
-                          calibration: str = "row", window: int | None = None
+                          calibration: str = "row", window: int | None = None,
+                          pooling: RecipePooling | None = None,
+                          temperature: float | None = None
                           ) -> list[DetectorResult]:
     """Collect → leave-one-source-out selection → fit on all training sources (minus the
     calibration hold-back) → thresholds on the hold-back → evaluate the test sources.
@@ -813,7 +962,16 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
     union ≤ ``α`` on the rows and on calibration lists built from calibration rows only
     (``probes.lists.validation_lists``), each filler kind's lists separately; ``α`` = 1%
     (warn), 0.1% (critical).
-    Needs ``calibration`` ``row`` (the rule is stated by row). Returns
+    Needs ``calibration`` ``row`` (the rule is stated by row).
+
+    ``pooling`` (None: :data:`DEFAULT_POOLING`) / ``temperature`` (None:
+    :data:`DEFAULT_TEMPERATURE`): ``softmax`` fits the softmax probe
+    (``probes.token_pool``, ``β = 1/τ``, same layer, C, weights and style projection;
+    :func:`fit_probe`) in the selection folds, the shipped fit and the learning curve,
+    exports its token logit as the same one-column ``linear_probe`` and serves
+    ``softmax_logit`` (``temperature: τ``, its own ``length_slope``) at ``span_end``;
+    ``served`` must then be ``search_space(judge_at, "softmax", τ)``'s (checked).
+    Thresholds and every reported number are computed on that served statistic. Returns
     ``[harmful_intent]`` or ``[harmful_intent, harmful_intent_window]``; a ``limit`` smoke build
     too small to build calibration lists from, window left at None, goes without the window
     (logged); any other build refuses (``probes.lists.NoFillerRows``)."""
@@ -821,6 +979,13 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
     from probes.export import DetectorResult, threshold_ladder
     from probes.sources import HARMFUL_SOURCES
 
+    pooling = recipe_pooling(pooling)
+    temperature = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
+    if pooling == "softmax" and any(a != softmax_readout(temperature) for a, *_ in served):
+        raise ValueError(f"served: a softmax probe (temperature {temperature:g}) is served "
+                         f"as {softmax_readout(temperature)} only; found "
+                         f"{[a for a, *_ in served]} (pass search_space(judge_at, "
+                         f"'softmax', {temperature:g})[0])")
     sources = HARMFUL_SOURCES if sources is None else sources
     data = load_sources(collector, cache_dir, sources, scope, layers, progress, limit)
     train = [d for d in data.values() if d.source.role == "train"]
@@ -835,7 +1000,8 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
     scary_weights = grid["scary_weights"] if scary_weights is None else scary_weights
     search = [x for x in search_layers if x in layers] or list(layers)
     cfg, table = select(train, fit_idx, cal_idx, search, Cs, scary_weights, served, prefixes,
-                        progress, length_debias, style if length_debias else "", calibration)
+                        progress, length_debias, style if length_debias else "", calibration,
+                        pooling, temperature)
     log.info("harmful_intent: chose %s", cfg.label())
 
     fit_parts = [(d, fit_idx[d.name]) for d in train]
@@ -876,7 +1042,7 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
     # out-of-source scores of the training sources under the chosen config (validation)
     folds = loso_folds(train, fit_idx, cal_idx, cfg.layer, cfg.C, cfg.scary_weight,
                        [(cfg.agg, cfg.min_tokens, cfg.scale, cfg.judge_at)], cfg.prefixes,
-                       cfg.length_debias, cfg.style)
+                       cfg.length_debias, cfg.style, cfg.pooling, cfg.temperature)
     y_test = np.concatenate([np.full(s.size, d.source.kind == "harmful")
                              for d, s in test_scores.values()]).astype(np.int8)
     s_test = np.concatenate([s for _, s in test_scores.values()])
@@ -884,14 +1050,16 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
 
     pooled = evaluate_scores(y_test, s_test, None, thr)
     pooled["auroc_ci"] = auroc_ci(y_test, s_test)
-    # the same probe read out as the request-level mean logit (servable as mean_logit at
-    # span_end; minus the same length term), to show what the chosen served statistic
-    # costs on the test sources
-    z_test = np.concatenate([probe.logits(d.features(cfg.layer))
+    # the same probe read out as the request-level pooled logit (the mean logit, servable
+    # as mean_logit at span_end; a softmax probe's softmax-pooled logit, softmax_logit;
+    # minus the same length term), to show what the chosen served statistic costs on the
+    # test sources
+    z_test = np.concatenate([request_logits(probe, d, cfg.tau)
                              - slope * log_tokens(d.in_scope_tokens())
                              for d, _ in test_scores.values()])
-    pooled["mean_logit.auroc"] = auroc(y_test, z_test)
-    pooled["mean_logit.tpr@fpr0.01"] = tpr_at_fpr(y_test, z_test, 0.01)
+    ref_kind = "softmax_logit" if cfg.pooling == "softmax" else "mean_logit"
+    pooled[f"{ref_kind}.auroc"] = auroc(y_test, z_test)
+    pooled[f"{ref_kind}.tpr@fpr0.01"] = tpr_at_fpr(y_test, z_test, 0.01)
     metrics: dict[str, Any] = {
         "test_sources": source_rows(test_scores, thr, ref_pos, ref_neg),
         "validation_sources": fold_rows(folds, 1, calibration),
@@ -904,6 +1072,11 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
         metrics["readouts"] = explore(train, fit_idx, cal_idx, cfg, layers, calibration)
     cal.update({"aggregation": agg, "min_tokens": cfg.min_tokens, "scope": scope,
                 "judge_at": cfg.judge_at})
+    if cfg.pooling == "softmax":
+        cal["pooling"] = (
+            f"softmax probe (probes.token_pool, tau = {cfg.temperature:g}): trained on the "
+            f"softmax-pooled request logit of its per-token logits, served as "
+            f"softmax_logit with the same temperature")
     if cfg.style:
         cal["style_projection"] = (
             f"the {cfg.style} training sources' style directions (the span of their "
@@ -915,7 +1088,7 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
         cal["length_slope_fit"] = (
             f"least-squares slope of the pooled {scope}-token logit on log(in-scope tokens) "
             f"over the {n_fit} benign FIT requests (never the calibration or test rows); "
-            "served as mean_logit length_slope, thresholds calibrated with it")
+            f"served as {agg['kind']} length_slope, thresholds calibrated with it")
     scores = {"test (pooled)": (y_test, s_test)}
     for d, s in test_scores.values():
         scores[d.name] = (np.full(s.size, int(d.source.kind == "harmful")), s)
@@ -929,8 +1102,11 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
                   f"{fit_idx[d.name].size} fit, {cal_idx[d.name].size} calibration)"
                   for d in train] +
                  [f"TEST {d.name} ({d.source.kind}, {len(d.examples)})" for d in test],
-        token_labels=f"request label on the mean of the {scope}-token activations "
-                     "(each source the same total weight within its class)",
+        token_labels=(f"request label on the mean of the {scope}-token activations "
+                      if cfg.pooling == "mean" else
+                      f"request label on the softmax-pooled (tau = {cfg.temperature:g}) "
+                      f"logit of the {scope}-token logits ")
+                     + "(each source the same total weight within its class)",
         scores=scores,
     )
     if win is None:

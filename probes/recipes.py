@@ -124,7 +124,9 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   model_name: str | None = None, layers: Sequence[int] | None = None,
                   judge_at: str = "span_end", limit: int | None = None,
                   device: str = "cpu", length_debias: bool = True,
-                  style: str = "benign", calibration: str = "row") -> list[DetectorResult]:
+                  style: str = "benign", calibration: str = "row",
+                  pooling: str | None = None, temperature: float | None = None
+                  ) -> list[DetectorResult]:
     """Build the default bundle (+ its ONNX graphs, REPORT.md, PNGs,
     policy.suggested.yaml) into ``out``.
 
@@ -148,7 +150,10 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     harmful_intent's probe is fit with the training sources' style directions projected
     out (``harmful_intent_recipe``); "" reproduces the session-6 recipe. ``calibration``:
     how harmful_intent's held-back benign rows are weighted for its thresholds
-    (``probes.calibrate``: ``row``, ``source`` or ``worst``)."""
+    (``probes.calibrate``: ``row``, ``source`` or ``worst``). ``pooling`` / ``temperature``
+    (None: ``probes.harmful.DEFAULT_POOLING`` / ``DEFAULT_TEMPERATURE``): harmful_intent's
+    probe pools the user's tokens by their mean (served ``mean_logit``) or by a softmax at
+    ``τ`` (the softmax probe, served ``softmax_logit``; ``harmful_intent_recipe``)."""
     if limit is not None and limit < MIN_LIMIT:
         raise ValueError(f"limit: expected None or >= {MIN_LIMIT} examples per source (with "
                          f"fewer a source's calibration split is empty), found {limit}")
@@ -172,12 +177,18 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
 
     results: list[DetectorResult] = []
     if "harmful_intent" in detectors:
-        served, prefixes = harmful.search_space(judge_at)
+        pool = harmful.recipe_pooling(pooling)
+        if temperature is not None and pool != "softmax":
+            raise ValueError(f"temperature: only the softmax pooling has one; found "
+                             f"temperature={temperature:g} with pooling {pool!r}")
+        tau = harmful.DEFAULT_TEMPERATURE if temperature is None else float(temperature)
+        served, prefixes = harmful.search_space(judge_at, pool, tau)
         results.extend(harmful.harmful_intent_recipe(collector, cache_dir, scope=scope,
                                                      seed=seed, progress=progress,
                                                      served=served, prefixes=prefixes,
                                                      limit=limit, length_debias=length_debias,
                                                      style=style, calibration=calibration,
+                                                     pooling=pool, temperature=tau,
                                                      **lay(harmful.LAYERS)))
     if "deception" in detectors:
         results.append(deception.deception_recipe(collector, cache_dir, seed=seed,

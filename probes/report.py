@@ -143,6 +143,10 @@ def _calibration_lines(c: dict[str, Any]) -> list[str]:
 def _harmful_section(r: Any) -> list[str]:
     m = r.metrics
     pooled = m["test_pooled"]
+    # the request-level pooled logit of the same probe (probes.harmful: mean_logit, or
+    # softmax_logit for a softmax probe)
+    ref = "softmax_logit" if "softmax_logit.auroc" in pooled else "mean_logit"
+    ref_what = "softmax-pooled logit" if ref == "softmax_logit" else "mean logit"
     lines = ["Held-out TEST sources (never fit on, never used for a choice or a threshold). "
              "Harmful rows: AUROC against the pooled benign test sources, detection rate at "
              "the thresholds; benign rows: false-alert rate at the thresholds, AUROC against "
@@ -154,10 +158,10 @@ def _harmful_section(r: Any) -> list[str]:
               f"{_fmt(pooled.get('tpr@warn', float('nan')))}, FPR@warn "
               f"{_fmt(pooled.get('fpr@warn', float('nan')))} (n pos {pooled['n_pos']}, "
               f"n neg {pooled['n_neg']}). The same probe read out as the request-level "
-              f"mean logit over all in-scope tokens (what `mean_logit` at `judge_at: "
+              f"{ref_what} over all in-scope tokens (what `{ref}` at `judge_at: "
               f"span_end` serves for one user message): AUROC "
-              f"{_fmt(pooled.get('mean_logit.auroc', float('nan')))}, TPR@1%FPR "
-              f"{_fmt(pooled.get('mean_logit.tpr@fpr0.01', float('nan')))}.", "",
+              f"{_fmt(pooled.get(f'{ref}.auroc', float('nan')))}, TPR@1%FPR "
+              f"{_fmt(pooled.get(f'{ref}.tpr@fpr0.01', float('nan')))}.", "",
               *_calibration_lines(m["calibration_set"]), "",
               "Validation: every training source scored by a probe fit WITHOUT it "
               "(leave-one-source-out, chosen configuration), at that fold's own 1% / 0.1% "
@@ -332,7 +336,8 @@ def write_report(out: Path, results: Sequence[Any], model_name: str,
                   + (f", C = {p.C:g}" if p.C else "")
                   + f"; scope **{r.scope}**; aggregation **{aggregation_name(r.aggregation)}**, "
                   f"min_tokens {r.min_tokens}",
-                  *([f"- length term: served `a_t = σ(mean logit − a·ln t)`, `t` = in-scope "
+                  *([f"- length term: served `a_t = σ({_pooled_name(r.aggregation)} − a·ln t)`, "
+                     "`t` = in-scope "
                      f"tokens so far, a = **{r.calibration['length_slope']:g}** "
                      f"(`length_slope`): {r.calibration.get('length_slope_fit', '')}"]
                     if "length_slope" in r.calibration else []),
@@ -388,3 +393,8 @@ def write_report(out: Path, results: Sequence[Any], model_name: str,
     path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _pooled_name(agg: dict[str, Any]) -> str:
+    """The pooled logit an aggregation with a length term serves (report wording)."""
+    return "softmax-pooled logit" if agg.get("kind") == "softmax_logit" else "mean logit"

@@ -51,7 +51,7 @@ from probes.pooled import (
     source_weights,
     style_directions,
 )
-from probes.train import standardise
+from probes.train import LinearProbe, standardise
 
 if TYPE_CHECKING:
     import torch
@@ -153,6 +153,19 @@ class TokenPoolProbe:
     def scores(self, d: SourceData) -> np.ndarray:
         """Every example of ``d`` (its in-scope rows of :attr:`layer`)."""
         return self.score_rows(d.rows(self.layer), d.acts.example[d.mask], d.acts.n_examples)
+
+    def linear_probe(self, C: float | None = None) -> LinearProbe:
+        """The token logit ``z_t = ((x_t − μ)/σ)·w + b`` as the one-column
+        :class:`probes.train.LinearProbe` a bundle serves (weight float32 ``[d_model]``,
+        ``method`` = the pooling): the style projection is already folded into ``w``
+        (``w ⟂ V``), so no other tensor is needed. The pooling itself is the served
+        aggregation's (``mean``: ``mean_logit``; ``softmax``: ``softmax_logit`` with
+        ``temperature = 1/β``). ``attention`` needs a second column: refused."""
+        if self.pooling == "attention":
+            raise ValueError("linear_probe: expected pooling mean or softmax (one column); "
+                             "found attention (its query v is a second column)")
+        return LinearProbe(self.layer, self.w.astype(np.float32), float(self.b),
+                           self.mean, self.std, self.pooling, C)
 
 
 def _token_rows(parts: Parts, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from monitor.judge.aggregate import (
     EmaAggregator,
     MaxAggregator,
     MeanAggregator,
+    SoftmaxLogitAggregator,
     WindowMaxAggregator,
     make_aggregator,
     span_end_rows,
@@ -18,12 +19,15 @@ from monitor.judge.aggregate import (
 from monitor.judge.policy import Aggregation
 
 
-def naive(kind: str, scores: list[float], param: float | int | None = None) -> list[float]:
-    # param: ema half-life, window_max N, mean_logit length_slope (a)
+def naive(kind: str, scores: list[float], param: float | int | None = None,
+          slope: float = 0.0) -> list[float]:
+    # param: ema half-life, window_max N, mean_logit length_slope (a), softmax_logit τ;
+    # slope: softmax_logit's length_slope
     """Per-token definitions, written as plainly as possible."""
     out: list[float] = []
     state = None
     total = 0.0
+    weights = 0.0
     for t, s in enumerate(scores):
         if kind == "max":
             state = s if state is None else max(state, s)
@@ -34,6 +38,13 @@ def naive(kind: str, scores: list[float], param: float | int | None = None) -> l
             q = min(max(s, 1e-6), 1 - 1e-6)
             total += math.log(q) - math.log(1 - q)
             state = 1 / (1 + math.exp(-(total / (t + 1) - (param or 0.0) * math.log(t + 1))))
+        elif kind == "softmax_logit":
+            assert param is not None, "softmax_logit needs a temperature"
+            q = min(max(s, 1e-6), 1 - 1e-6)
+            ell = math.log(q) - math.log(1 - q)
+            weights += math.exp(ell / param)
+            total += math.exp(ell / param) * ell
+            state = 1 / (1 + math.exp(-(total / weights - slope * math.log(t + 1))))
         elif kind == "ema":
             assert param is not None, "ema needs a half-life"
             alpha = 0.5 ** (1.0 / param)
@@ -78,6 +89,11 @@ CASES = [
     Aggregation("window_mean_logit", window_tokens=8),
     Aggregation("window_mean_logit", window_tokens=64),
     Aggregation("window_mean_logit", window_tokens=1024),
+    Aggregation("softmax_logit", temperature=0.25),
+    Aggregation("softmax_logit", temperature=1.0),
+    Aggregation("softmax_logit", temperature=2.0, length_slope=0.42),
+    Aggregation("softmax_logit", temperature=4.0, length_slope=-1.5),
+    Aggregation("softmax_logit", temperature=1e6),
 ]
 
 
@@ -91,8 +107,9 @@ def test_matches_naive_reference_under_any_chunking(agg, seed):
     x[rng.random(n) < 0.05] = 1.0
     param = {"ema": agg.half_life_tokens, "window_max": agg.window_tokens,
              "window_mean_logit": agg.window_tokens,
-             "mean_logit": agg.length_slope}.get(agg.kind)
-    ref = np.array(naive(agg.kind, [float(v) for v in x], param))
+             "mean_logit": agg.length_slope, "softmax_logit": agg.temperature}.get(agg.kind)
+    ref = np.array(naive(agg.kind, [float(v) for v in x], param,
+                         agg.length_slope if agg.kind == "softmax_logit" else 0.0))
 
     results = []
     for _ in range(3):  # several chunkings of the same stream
@@ -103,8 +120,8 @@ def test_matches_naive_reference_under_any_chunking(agg, seed):
             assert got.dtype == np.float64 and got.shape == chunk.shape
             outs.append(got)
         full = np.concatenate(outs)
-        # mean_logit: log1p vs log(1 - q) and the exp differ in the last bits
-        tol = 1e-9 if "mean_logit" in agg.kind else 1e-12
+        # the logit kinds: log1p vs log(1 - q) and the exp differ in the last bits
+        tol = 1e-9 if "logit" in agg.kind else 1e-12
         np.testing.assert_allclose(full, ref, rtol=tol, atol=0)
         assert a.n == n
         assert a.value == pytest.approx(ref[-1], rel=tol)
@@ -255,3 +272,86 @@ def test_window_mean_logit_reads_the_last_n_logits_only():
     assert first.update(np.array([hi, lo]))[1] == pytest.approx(0.5, abs=1e-12)
     with pytest.raises(ValueError, match="window_tokens: expected an integer in"):
         Aggregation("window_mean_logit", window_tokens=1025)
+
+
+def _logits_of(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(q) - np.log1p(-q)
+
+
+def test_softmax_logit_is_the_token_pool_reference_and_its_limits():
+    """``softmax_logit`` at the last token = ``probes.token_pool.pool_logits`` (the
+    trainer's reference, a max-shifted softmax) on the same logits; ``τ → ∞`` is
+    ``mean_logit``; a small ``τ`` reads the running max of the logits."""
+    from probes.token_pool import pool_logits
+
+    rng = np.random.default_rng(7)
+    for tau in (0.25, 0.5, 1.0, 2.0, 4.0, 100.0):
+        for n in (1, 2, 17, 300):
+            z = rng.normal(0.0, 3.0, n)                     # |z| well inside ±13.8: no clip
+            p = 1 / (1 + np.exp(-z))
+            got = make_aggregator(Aggregation("softmax_logit", temperature=tau)).update(p)
+            ell = _logits_of(p)
+            prefix = [pool_logits(ell[:t], ell[:t] / tau, np.zeros(t, np.int64), 1)[0]
+                      for t in range(1, n + 1)]
+            np.testing.assert_allclose(np.log(got) - np.log1p(-got), prefix,
+                                       rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(prefix[-1], pool_logits(z, z / tau, np.zeros(n, int),
+                                                               1)[0], rtol=1e-6, atol=1e-6)
+    x = rng.random(500).astype(np.float32)
+    mean = make_aggregator(Aggregation("mean_logit")).update(x)
+    flat = make_aggregator(Aggregation("softmax_logit", temperature=1e6)).update(x)
+    np.testing.assert_allclose(np.log(flat) - np.log1p(-flat),
+                               np.log(mean) - np.log1p(-mean), atol=1e-3)
+    # separated logits (-4 .. +6, step 1 apart in order of appearance): at τ = 0.25 the
+    # largest gets weight >= 1 / (1 + Σ_k e^{-4k}) ~ 0.98 of the others' total
+    z = np.array([-4.0, 2.0, -1.0, 6.0, 0.0, 3.0, -2.0])
+    got = make_aggregator(Aggregation("softmax_logit", temperature=0.25)).update(
+        1 / (1 + np.exp(-z)))
+    np.testing.assert_allclose(np.log(got) - np.log1p(-got), np.maximum.accumulate(z),
+                               atol=0.1)
+
+
+def test_softmax_logit_length_slope_edges_and_refusals():
+    rng = np.random.default_rng(8)
+    x = rng.random(300).astype(np.float32)
+    plain = make_aggregator(Aggregation("softmax_logit", temperature=2.0)).update(x)
+    assert np.array_equal(make_aggregator(Aggregation("softmax_logit", temperature=2.0,
+                                                      length_slope=0.0)).update(x), plain)
+    a = 0.37
+    deb = make_aggregator(Aggregation("softmax_logit", temperature=2.0,
+                                      length_slope=a)).update(x)
+    np.testing.assert_allclose(np.log(plain) - np.log1p(-plain) - (np.log(deb) - np.log1p(-deb)),
+                               a * np.log(np.arange(1, 301)), atol=1e-7)
+    assert deb[0] == plain[0]
+    # one token: σ(ℓ_1), whatever τ; saturated scores stay finite (ℓ clipped to ±13.8,
+    # e^{±55.3} at τ = 0.25 neither overflows nor underflows)
+    for tau in (0.25, 1.0, 1e6):
+        one = SoftmaxLogitAggregator(tau)
+        assert one.value == 0.0 and one.update(np.empty(0)).size == 0 and one.n == 0
+        assert one.push(0.3) == pytest.approx(0.3, rel=1e-9)
+        out = SoftmaxLogitAggregator(tau).update(np.array([1.0, 0.0, 1.0, 0.0] * 1000,
+                                                          dtype=np.float32))
+        assert np.all(np.isfinite(out)) and np.all((out > 0) & (out < 1))
+    nan = SoftmaxLogitAggregator(1.0)
+    nan.update(np.array([0.2, np.nan]))
+    assert math.isnan(nan.push(0.5))  # NaN sticks, as for mean_logit
+    agg = Aggregation("softmax_logit", temperature=2.0, length_slope=0.25)
+    assert agg.describe() == "softmax_logit(tau=2, a=0.25)"
+    assert agg.params() == {"temperature": 2.0, "length_slope": 0.25}
+    assert Aggregation("softmax_logit", temperature=4.0).params() == {"temperature": 4.0}
+    assert Aggregation("softmax_logit", temperature=4.0).describe() == "softmax_logit(tau=4)"
+    with pytest.raises(ValueError, match="temperature: required for kind softmax_logit"):
+        Aggregation("softmax_logit")
+    with pytest.raises(ValueError, match=r"temperature: expected a number in \[0.25, "
+                                         r"1e\+06\]; found 0.2"):
+        Aggregation("softmax_logit", temperature=0.2)
+    with pytest.raises(ValueError, match=r"temperature: expected a number in .*found inf"):
+        Aggregation("softmax_logit", temperature=math.inf)
+    with pytest.raises(ValueError, match="temperature: only applies to kind softmax_logit; "
+                                         "this aggregation is kind mean_logit"):
+        Aggregation("mean_logit", temperature=2.0)
+    with pytest.raises(ValueError, match="length_slope: expected a finite number"):
+        Aggregation("softmax_logit", temperature=2.0, length_slope=math.nan)
+    with pytest.raises(ValueError, match=r"temperature: expected a number in \[0.25"):
+        SoftmaxLogitAggregator(0.1)

@@ -160,3 +160,48 @@ def test_export_rejects_wrong_dimension(tmp_path: Path) -> None:
         export_bundle(tmp_path, [cast("DetectorResult", _Result("x", _probe(2, 16, 0)))],
                       model_name="m",
                       d_model=32, n_layers=6, name="t")
+
+
+def test_softmax_probe_bundle_serves_its_softmax_pooled_logit(tmp_path: Path) -> None:
+    """A softmax probe (``probes.harmful`` ``pooling="softmax"``) exports as the same
+    one-column linear probe; its suggested policy names ``softmax_logit`` with the
+    temperature and slope, which the policy parser reads back, and the tracker's final
+    score over the bundle's per-token scores is ``σ(L − a·ln n)``, ``L`` the
+    softmax-pooled logit (``probes.token_pool.pool_logits``) of the probe's logits."""
+    from monitor.constants import RequestKey
+    from monitor.judge.aggregate import Aggregation
+    from monitor.judge.policy import check_policy, load_policy
+    from monitor.judge.tracker import RequestTracker
+    from monitor.roles import TokenRole
+    from monitor.score.scorer import Scorer
+    from probes.export import export_bundle
+    from probes.token_pool import pool_logits
+
+    d = 16
+    q = _probe(2, d, 4)
+    p = LinearProbe(q.layer, q.weight, q.bias, q.mean, q.std, "softmax", 3e-3)
+    agg = {"kind": "softmax_logit", "temperature": 2.0, "length_slope": 0.1}
+    r = _Result("harmful_intent", p, scope="user", judge_at="span_end", aggregation=agg,
+                min_tokens=1)
+    bundle = export_bundle(tmp_path, cast("list[DetectorResult]", [r]), model_name="m",
+                           d_model=d, n_layers=6, name="t")
+    loaded = bundle_mod.load_bundle(tmp_path)
+    assert list(loaded.components) == ["harmful_intent_softmax_l2"]
+    assert loaded.detectors[0].provenance["aggregation"] == agg
+    pol = load_policy(tmp_path / "policy.suggested.yaml")
+    det = pol.detectors["harmful_intent"]
+    assert det.aggregation == Aggregation("softmax_logit", temperature=2.0, length_slope=0.1)
+    assert det.judge_at == "span_end"
+    assert not [w for w in check_policy(pol, loaded) if w.startswith(("error", "warning"))]
+    x = np.random.default_rng(5).normal(size=(30, d)).astype(np.float32) * 3 + p.mean
+    out = Scorer(bundle).score(2, torch.from_numpy(x))[:, 0]
+    tr = RequestTracker(pol)
+    key = RequestKey("c", "r")
+    roles = np.full(30, int(TokenRole.USER), np.int8)
+    ups = tr.observe(key, "harmful_intent", np.arange(30, dtype=np.int64), np.zeros(30, bool),
+                     np.asarray(out, np.float64), roles)
+    (final,) = [u for u in ups + tr.finish(key) if u.final]
+    z = p.logits(x).astype(np.float64)
+    assert np.abs(z).max() < 12  # inside the aggregator's logit clip
+    want = pool_logits(z, z / 2.0, np.zeros(30, np.int64), 1)[0] - 0.1 * np.log(30)
+    assert final.score == pytest.approx(1 / (1 + np.exp(-want)), abs=1e-4)

@@ -167,3 +167,126 @@ def test_an_example_without_rows_scores_as_a_zero_pooled_feature() -> None:
     s = p.scores(hole)
     assert s[7] == pytest.approx(float((-p.mean / p.std).astype(np.float64) @ p.w) + p.b)
     np.testing.assert_allclose(np.delete(s, 7), np.delete(p.scores(d), 7))
+
+
+def _length_world(rng: np.random.Generator) -> list[SourceData]:
+    """Two harmful sources (one hot row, a shifted feature) and two benign ones whose
+    requests vary in length, so the length slope has something to fit."""
+    return [_src("h1", "harmful", 60, rng, 3.0, (4, 20), spread=0.5),
+            _src("h2", "harmful", 50, rng, 3.0, (4, 20), spread=0.5),
+            _src("alpaca", "benign", 70, rng, 0.0, (2, 30)),
+            _src("oasst", "benign", 60, rng, 0.0, (2, 30))]
+
+
+def test_softmax_recipe_exports_a_linear_probe_that_softmax_logit_serves() -> None:
+    """The recipe's softmax pooling (probes.harmful Config pooling="softmax"): the
+    exported one-column probe + the served ``softmax_logit`` aggregator over the rows
+    (``SourceData.served``, the tracker's aggregator) reproduce ``TokenPoolProbe``'s
+    request logits minus the length term; the style projection is folded into ``w``."""
+    from probes.harmful import Config, request_logits
+    from probes.pooled import kind_weights, style_directions
+    from probes.train import fit_length_slope, log_tokens
+
+    rng = np.random.default_rng(5)
+    data = _length_world(rng)
+    parts = _parts(data)
+    tau = 2.0
+    cfg = Config(15, 0.05, 1.0, (("kind", "softmax_logit"), ("temperature", tau)), 1,
+                 judge_at="span_end", length_debias=True, style="benign", pooling="softmax",
+                 temperature=tau)
+    probe, agg = cfg.fit(parts)
+    tp = fit_token_pool(parts, 15, 0.05, "softmax", 1 / tau, kind_weights(1.0), "benign")
+    assert (probe.method, probe.layer, probe.C) == ("softmax", 15, 0.05)
+    assert np.array_equal(probe.weight, tp.w.astype(np.float32)) and probe.bias == tp.b
+    assert np.array_equal(probe.mean, tp.mean) and np.array_equal(probe.std, tp.std)
+    vt = style_directions(parts, 15, tp.mean.astype(np.float64), tp.std.astype(np.float64),
+                          "benign")
+    assert vt.shape[0] == 1 and np.abs(vt @ tp.w).max() < 1e-9 * np.linalg.norm(tp.w)
+    # the length slope: fit on the request logits L of the benign fit rows
+    ben = [d for d in data if d.source.kind == "benign"]
+    a_ref = fit_length_slope(np.concatenate([tp.scores(d) for d in ben]),
+                             np.concatenate([d.in_scope_tokens() for d in ben]))
+    assert agg["kind"] == "softmax_logit" and agg["temperature"] == tau
+    assert agg["length_slope"] == pytest.approx(a_ref, abs=2e-4) and abs(a_ref) > 0.01
+    a = agg["length_slope"]
+    for d in data:
+        want = tp.scores(d) - a * log_tokens(d.in_scope_tokens())
+        np.testing.assert_allclose(request_logits(probe, d, tau), tp.scores(d), atol=1e-5)
+        s = d.served(probe, agg, 1, "span_end")
+        assert np.abs(want).max() < 9  # float32 sigmoids far from saturation
+        np.testing.assert_allclose(np.log(s) - np.log1p(-s), want, atol=1e-4)
+
+
+def test_default_recipe_fit_is_the_mean_pooled_linear_probe() -> None:
+    """Config's default pooling (mean) fits exactly what it fit before the softmax
+    option: ``fit_pooled`` with the same arguments, the slope of ``z(x̄)`` on ``log n``."""
+    from probes.harmful import (
+        DEFAULT_POOLING,
+        Config,
+        fit_pooled,
+        kind_weights,
+        request_logits,
+        search_space,
+    )
+    from probes.train import fit_length_slope
+
+    assert DEFAULT_POOLING == "mean"
+    rng = np.random.default_rng(6)
+    data = _length_world(rng)
+    parts = _parts(data)
+    cfg = Config(15, 0.05, 1.0, (("kind", "mean_logit"),), 1, judge_at="span_end",
+                 length_debias=True, style="benign")
+    assert cfg.pooling == "mean"
+    probe, agg = cfg.fit(parts)
+    ref = fit_pooled(parts, 15, 0.05, kind_weights(1.0), 0, style="benign")
+    assert np.array_equal(probe.weight, ref.weight) and probe.bias == ref.bias
+    assert probe.method == "logreg"
+    ben = [d for d in data if d.source.kind == "benign"]
+    a = round(fit_length_slope(np.concatenate([ref.logits(d.features(15)) for d in ben]),
+                               np.concatenate([d.in_scope_tokens() for d in ben])), 4)
+    assert agg == {"kind": "mean_logit", "length_slope": a}
+    assert np.array_equal(request_logits(probe, data[0]), probe.logits(data[0].features(15)))
+    # the default search space is unchanged; the softmax one is its one read-out
+    assert search_space("span_end") == ((({"kind": "mean_logit"}, 1, 1.0, "span_end"),
+                                         ({"kind": "mean"}, 1, 1.0, "span_end")), (0,))
+    assert search_space("any", "softmax", 4.0) == (
+        (({"kind": "softmax_logit", "temperature": 4.0}, 1, 1.0, "span_end"),), (0,))
+    with pytest.raises(ValueError, match=r"judge_at: .*expected span_end or any"):
+        search_space("every_token", "softmax", 2.0)
+    with pytest.raises(ValueError, match=r"temperature: expected a number in \[0.25"):
+        search_space("span_end", "softmax", 0.1)
+    with pytest.raises(ValueError, match="aggregation: a softmax probe is served as"):
+        Config(15, 0.05, 1.0, (("kind", "mean_logit"),), 1, pooling="softmax")
+    with pytest.raises(ValueError, match="expected pooling softmax with it, found pooling "
+                                         "mean"):
+        Config(15, 0.05, 1.0, (("kind", "softmax_logit"), ("temperature", 2.0)), 1)
+
+
+def test_softmax_selection_folds_read_the_softmax_logit() -> None:
+    """``select`` with the softmax pooling: every fold fits the softmax probe, the
+    reference row is its softmax-pooled logit and the chosen config serves
+    ``softmax_logit`` at ``span_end``."""
+    from probes.harmful import explore, search_space, select
+
+    rng = np.random.default_rng(7)
+    data = _length_world(rng)
+    fit_idx = {d.name: np.arange(d.acts.n_examples) for d in data}
+    cal_idx = {d.name: (np.arange(0, d.acts.n_examples, 3) if d.source.kind == "benign"
+                        else np.arange(0)) for d in data}
+    for d in data:
+        if d.source.kind == "benign":
+            fit_idx[d.name] = np.setdiff1d(fit_idx[d.name], cal_idx[d.name])
+    served, prefixes = search_space("span_end", "softmax", 2.0)
+    cfg, table = select(data, fit_idx, cal_idx, [15], [0.05], [1.0], served, prefixes,
+                        progress=False, length_debias=True, style="benign",
+                        pooling="softmax", temperature=2.0)
+    assert (cfg.pooling, cfg.temperature, cfg.judge_at) == ("softmax", 2.0, "span_end")
+    assert cfg.agg == {"kind": "softmax_logit", "temperature": 2.0}
+    names = {r["read-out"] for r in table}
+    assert names == {"softmax-pooled logit (tau=2) − a·log n (reference)",
+                     "softmax_logit(tau=2) − a·log t @span_end"}
+    assert all(r["auroc"] > 0.9 for r in table)
+    rows = explore(data, fit_idx, cal_idx, cfg, layers=[15])
+    assert rows[0]["read-out (pooled statistic)"] == ("softmax probe tau=2, layer 15 "
+                                                      "(chosen) − a·log n")
+    assert rows[1]["read-out (pooled statistic)"] == "linear, layer 15 − a·log n"

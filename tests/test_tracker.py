@@ -283,7 +283,8 @@ detectors:
 @pytest.mark.parametrize(
     "aggregation",
     ["max", "mean", "mean_logit", "{kind: ema, half_life_tokens: 1.5}",
-     "{kind: window_max, window_tokens: 4}", "{kind: window_mean_logit, window_tokens: 4}"],
+     "{kind: window_max, window_tokens: 4}", "{kind: window_mean_logit, window_tokens: 4}",
+     "{kind: softmax_logit, temperature: 2}"],
 )
 @pytest.mark.parametrize("scope", ["prompt", "generated", "both", "user", "[system, user]"])
 def test_single_token_path_equals_chunk_path(aggregation, scope, judge_at):
@@ -347,7 +348,9 @@ def span_end_reference(roles, scores, scope_roles, agg, min_tokens, thresholds):
     return first, a
 
 
-@pytest.mark.parametrize("aggregation", ["mean", "mean_logit", "max"])
+@pytest.mark.parametrize("aggregation", ["mean", "mean_logit", "max",
+                                         "{kind: softmax_logit, temperature: 2, "
+                                         "length_slope: 0.1}"])
 def test_span_end_matches_reference_under_random_chunking(aggregation):
     """judge_at: span_end judges only the last token of each user span (the next row is
     out of scope, or the request finished), whatever the frame boundaries, in the chunk

@@ -23,6 +23,11 @@ Python loop over random chunkings).
   ``t < N``); with the tracker's "reached at the first judged ``t ≥ min_tokens``" rule it
   alerts on ``max_t a_t``: a short stretch of hot tokens that a mean over the whole
   request dilutes (``probes.window``)
+- :class:`SoftmaxLogitAggregator` ``a_t = σ(Σ_{i<=t} w_i ℓ_i / Σ_{i<=t} w_i − a·log t)``,
+  ``w_i = e^{ℓ_i/τ}``, ``ℓ_i = logit(clip(s_i, ε, 1-ε))``, ``τ = temperature``: the
+  softmax-pooled logit of a softmax probe (``probes.token_pool``; ``τ → ∞`` is
+  ``mean_logit``, ``τ → 0`` the running max of ``ℓ``): the request's hottest tokens get
+  more say than in the mean
 
 No per-token Python loops: each chunk costs a few numpy calls, O(chunk) work (window_max:
 O(chunk + N); window_mean_logit: N vector adds of the chunk's length, O(chunk·N), so its
@@ -49,7 +54,9 @@ __all__ = [
     "AGGREGATION_KINDS",
     "LOGIT_EPS",
     "MAX_MEAN_WINDOW_TOKENS",
+    "MAX_TEMPERATURE",
     "MAX_WINDOW_TOKENS",
+    "MIN_TEMPERATURE",
     "AggParam",
     "Aggregation",
     "AggregationKind",
@@ -58,6 +65,7 @@ __all__ = [
     "MaxAggregator",
     "MeanAggregator",
     "MeanLogitAggregator",
+    "SoftmaxLogitAggregator",
     "WindowMaxAggregator",
     "WindowMeanLogitAggregator",
     "make_aggregator",
@@ -78,6 +86,13 @@ MAX_WINDOW_TOKENS = 65536
 #: ``N`` vector adds of length ``m`` (each window summed in one fixed order, so chunking
 #: cannot change a bit), and the tracker keeps ``N - 1`` floats per request and detector.
 MAX_MEAN_WINDOW_TOKENS = 1024
+
+#: Bounds on ``temperature`` (``τ``) of ``softmax_logit``. With ``|ℓ| <= log((1-ε)/ε) =
+#: 13.82`` and ``τ >= 0.25``, ``|ℓ/τ| <= 55.3``: ``e^{ℓ/τ}`` lies in ``[1e-24, 1e24]``, so
+#: the running sums need no max shift in float64 (no overflow before ``~1e284`` tokens,
+#: no underflow). ``τ = 1e6`` is ``mean_logit`` to ~1e-5 in the logit.
+MIN_TEMPERATURE = 0.25
+MAX_TEMPERATURE = 1e6
 
 
 class Aggregator(Protocol):
@@ -106,6 +121,13 @@ def _as_chunk(scores: np.ndarray) -> np.ndarray:
     if x.ndim != 1:
         raise ValueError(f"scores must be 1-D; got shape {x.shape}")
     return x
+
+
+def _carried_cumsum(carried: float, x: np.ndarray) -> np.ndarray:
+    """``S_j = carried + x_1 + ... + x_j`` for each ``j`` (float64, ``x``'s length): one
+    ``np.cumsum`` over ``[carried, x...]``, left to right, so the partial sums are the
+    per-token loop's ``S += x_j`` bit for bit, whatever the chunking."""
+    return np.cumsum(np.concatenate(([carried], x)))[1:]
 
 
 class MaxAggregator:
@@ -162,7 +184,7 @@ class MeanAggregator:
         x = _as_chunk(scores)
         if x.size == 0:
             return x.copy()
-        sums = np.cumsum(np.concatenate(([self._sum], x)))[1:]
+        sums = _carried_cumsum(self._sum, x)
         counts = np.arange(self.n + 1, self.n + 1 + x.size, dtype=np.float64)
         self._sum = float(sums[-1])
         self.n += x.size
@@ -313,29 +335,21 @@ class MeanLogitAggregator:
     """
 
     def __init__(self, length_slope: float = 0.0) -> None:
-        if not math.isfinite(length_slope):
-            raise ValueError(f"length_slope: expected a finite number; found {length_slope}")
-        self.length_slope = float(length_slope)
+        self.length_slope = _check_slope(length_slope)
         self._mean = MeanAggregator()
         self.n = 0
-
-    def _debias(self, mean: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """``mean − a·log(t)`` (float64; ``mean`` unchanged when ``a == 0``)."""
-        if self.length_slope == 0.0:
-            return mean
-        return mean - self.length_slope * np.log(t)
 
     @property
     def value(self) -> float:
         if not self.n:
             return 0.0
-        m = self._debias(np.float64(self._mean.value), np.float64(self.n))
+        m = _debias(np.float64(self._mean.value), np.float64(self.n), self.length_slope)
         return float(_sigmoid(m))
 
     def push(self, score: float) -> float:
         self.n += 1
         m = np.float64(self._mean.push(float(_logit(np.float64(score)))))
-        return float(_sigmoid(self._debias(m, np.float64(self.n))))
+        return float(_sigmoid(_debias(m, np.float64(self.n), self.length_slope)))
 
     def update(self, scores: np.ndarray) -> np.ndarray:
         x = _as_chunk(scores)
@@ -344,7 +358,86 @@ class MeanLogitAggregator:
         t = np.arange(self.n + 1, self.n + 1 + x.size, dtype=np.float64)
         self.n += x.size
         means = self._mean.update(np.asarray(_logit(x)))
-        return np.asarray(_sigmoid(self._debias(means, t)))
+        return np.asarray(_sigmoid(_debias(means, t, self.length_slope)))
+
+
+def _check_slope(length_slope: float) -> float:
+    if not math.isfinite(length_slope):
+        raise ValueError(f"length_slope: expected a finite number; found {length_slope}")
+    return float(length_slope)
+
+
+def _debias(x: np.ndarray | np.float64, t: np.ndarray | np.float64, slope: float
+            ) -> np.ndarray | np.float64:
+    """``x − a·log(t)`` (float64; ``x`` itself when ``a == 0``: not a bit changed)."""
+    if slope == 0.0:
+        return x
+    return x - slope * np.log(t)
+
+
+class SoftmaxLogitAggregator:
+    """``a_t = σ(B_t / A_t − a·log t)`` with ``ℓ_i = logit(clip(s_i, ε, 1-ε))`` (as
+    ``mean_logit``, ``ε = LOGIT_EPS``), ``q_i = ℓ_i / τ`` (``τ = temperature``),
+    ``A_t = Σ_{i<=t} e^{q_i}``, ``B_t = Σ_{i<=t} e^{q_i} ℓ_i``, ``a = length_slope``.
+
+    ``B_t / A_t = Σ_i softmax(q)_i ℓ_i``: the request logit of a softmax probe
+    (``probes.token_pool.pool_logits`` with ``z = ℓ``, ``q = z / τ``), whose per-token
+    logits ``z_i`` the served scores ``s_i = σ(z_i)`` carry (exactly while ``|z_i| <=
+    13.8``). ``τ → ∞``: ``mean_logit``; ``τ → 0``: ``max_{i<=t} ℓ_i``.
+
+    A FIXED pivot (0), no running max: ``|ℓ| <= 13.82`` and ``τ >= MIN_TEMPERATURE =
+    0.25`` give ``|q| <= 55.3``, ``e^q`` in ``[1e-24, 1e24]``, so ``A`` and ``B`` neither
+    overflow nor underflow in float64 for any realistic token count (softmax weights
+    below ``1e-16`` of the largest are lost to rounding, as in any float64 softmax).
+    ``A`` and ``B`` are two float64 running sums accumulated left to right (one
+    ``np.cumsum`` each over ``[carried, chunk...]``, like :class:`MeanAggregator`), and
+    ``push`` does the same scalar operations: any chunking gives bit-identical ``a_t``.
+    A NaN score makes ``A``, ``B`` and every later ``a_t`` NaN (as ``mean_logit``).
+    State: ``A``, ``B``, ``n``. ``t``: as :class:`MeanLogitAggregator` (in-scope tokens
+    seen); ``length_slope = 0`` skips the term bit for bit.
+    """
+
+    def __init__(self, temperature: float, length_slope: float = 0.0) -> None:
+        if not (math.isfinite(temperature)
+                and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature: expected a number in [{MIN_TEMPERATURE:g}, "
+                             f"{MAX_TEMPERATURE:g}]; found {temperature}")
+        self.temperature = float(temperature)
+        self.length_slope = _check_slope(length_slope)
+        self.n = 0
+        self._a = 0.0  # A = Σ e^{q_i}
+        self._b = 0.0  # B = Σ e^{q_i} ℓ_i
+
+    @property
+    def value(self) -> float:
+        if not self.n:
+            return 0.0
+        x = _debias(np.float64(self._b) / np.float64(self._a), np.float64(self.n),
+                    self.length_slope)
+        return float(_sigmoid(x))
+
+    def push(self, score: float) -> float:
+        ell = np.float64(_logit(np.float64(score)))
+        e = np.exp(ell / self.temperature)
+        self._a = float(np.float64(self._a) + e)
+        self._b = float(np.float64(self._b) + e * ell)
+        self.n += 1
+        x = _debias(np.float64(self._b) / np.float64(self._a), np.float64(self.n),
+                    self.length_slope)
+        return float(_sigmoid(x))
+
+    def update(self, scores: np.ndarray) -> np.ndarray:
+        x = _as_chunk(scores)
+        if x.size == 0:
+            return x.copy()
+        ell = np.asarray(_logit(x))
+        e = np.exp(ell / self.temperature)
+        a = _carried_cumsum(self._a, e)
+        b = _carried_cumsum(self._b, e * ell)
+        t = np.arange(self.n + 1, self.n + 1 + x.size, dtype=np.float64)
+        self._a, self._b = float(a[-1]), float(b[-1])
+        self.n += x.size
+        return np.asarray(_sigmoid(_debias(b / a, t, self.length_slope)))
 
 
 class WindowMeanLogitAggregator(_Windowed):
@@ -445,9 +538,12 @@ class AggParam:
             return None if math.isfinite(value) else f"expected a finite number; found {value:g}"
         ok = math.isfinite(value) and (value >= self.low if self.low_inclusive
                                        else value > self.low) and value <= self.high
-        if not ok:
+        if ok:
+            return None
+        if math.isinf(self.high):
             return f"expected {'>=' if self.low_inclusive else '>'} {self.low:g}; found {value:g}"
-        return None
+        return (f"expected a number in {'[' if self.low_inclusive else '('}{self.low:g}, "
+                f"{self.high:g}]; found {value:g}")
 
 
 @dataclass(frozen=True)
@@ -474,10 +570,13 @@ class Aggregation:
     kind: str
     half_life_tokens: float | None = None
     window_tokens: int | None = None
-    #: ``mean_logit`` only: ``a`` of the length term ``− a·log t`` (optional, default 0:
-    #: filled in on construction, so ``Aggregation("mean_logit")`` equals
-    #: ``Aggregation("mean_logit", length_slope=0.0)``).
+    #: ``mean_logit`` and ``softmax_logit``: ``a`` of the length term ``− a·log t``
+    #: (optional, default 0: filled in on construction, so ``Aggregation("mean_logit")``
+    #: equals ``Aggregation("mean_logit", length_slope=0.0)``).
     length_slope: float | None = None
+    #: ``softmax_logit`` only: ``τ`` of the softmax weights ``e^{ℓ/τ}`` (required: a
+    #: softmax probe is trained at one temperature, so its policy must name it).
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
         spec = AGGREGATIONS.get(self.kind)
@@ -525,10 +624,13 @@ _MEAN_WINDOW = AggParam("window_tokens", integer=True, low=1, high=MAX_MEAN_WIND
                         low_inclusive=True, doc="tokens in the sliding window")
 _LENGTH_SLOPE = AggParam("length_slope", integer=False, low=-math.inf, high=math.inf,
                          low_inclusive=True, default=0.0,
-                         doc="a of the length term: a_t = sigmoid(mean logit - a*log t)")
+                         doc="a of the length term: a_t = sigmoid(pooled logit - a*log t)")
+_TEMPERATURE = AggParam("temperature", integer=False, low=MIN_TEMPERATURE,
+                        high=MAX_TEMPERATURE, low_inclusive=True,
+                        doc="tau of the softmax weights exp(logit/tau) (required)")
 
 #: The `Aggregation` fields that hold kind parameters (each is some kind's `AggParam`).
-_PARAM_FIELDS = ("half_life_tokens", "window_tokens", "length_slope")
+_PARAM_FIELDS = ("half_life_tokens", "window_tokens", "length_slope", "temperature")
 
 #: The aggregation kinds, by name (one definition: policy parser, tracker, probes).
 AGGREGATIONS: dict[str, AggregationKind] = {k.name: k for k in (
@@ -554,6 +656,14 @@ AGGREGATIONS: dict[str, AggregationKind] = {k.name: k for k in (
                     " k = min(t, N)",
                     lambda a: WindowMeanLogitAggregator(int(_req(a.window_tokens))),
                     lambda a: f"window_mean_logit(N={a.window_tokens})"),
+    AggregationKind("softmax_logit", (_TEMPERATURE, _LENGTH_SLOPE),
+                    "a_t = sigmoid(sum_{i<=t} w_i l_i / sum_{i<=t} w_i - a log t),"
+                    " l_i = logit(clip(s_i, 1e-6, 1-1e-6)), w_i = exp(l_i / tau),"
+                    " tau = temperature, a = length_slope (default 0)",
+                    lambda a: SoftmaxLogitAggregator(_req(a.temperature),
+                                                     _req(a.length_slope)),
+                    lambda a: f"softmax_logit(tau={_req(a.temperature):g}"
+                    + (f", a={_req(a.length_slope):g})" if a.length_slope else ")")),
 )}
 AGGREGATION_KINDS: tuple[str, ...] = tuple(AGGREGATIONS)
 

@@ -8,8 +8,9 @@ A policy is a YAML file that safety teams edit (reference: ``policies/README.md`
       mode: observe                  # observe | alert | block
       scope: both                    # prompt | generated | both | role(s), see below
       aggregation: {kind: max}       # max | mean | mean_logit | ema | window_max |
-                                     # window_mean_logit (mean_logit takes an optional
-                                     # length_slope)
+                                     # window_mean_logit | softmax_logit (mean_logit and
+                                     # softmax_logit take an optional length_slope;
+                                     # softmax_logit a required temperature)
       min_tokens: 1                  # no severity before this many scored tokens
       judge_at: every_token          # every_token | span_end (see below)
       thresholds: {warn: 0.5, critical: 0.9}
@@ -365,9 +366,11 @@ class _Parser:
         half_life = values.get("half_life_tokens")
         window = values.get("window_tokens")
         slope = values.get("length_slope")
+        tau = values.get("temperature")
         return Aggregation(kind, half_life_tokens=None if half_life is None else float(half_life),
                            window_tokens=None if window is None else int(window),
-                           length_slope=None if slope is None else float(slope))
+                           length_slope=None if slope is None else float(slope),
+                           temperature=None if tau is None else float(tau))
 
     def thresholds(self, node: yaml.Node, path: str) -> tuple[tuple[str, float], ...]:
         entries = self.mapping(node, path, SEVERITIES)
@@ -451,7 +454,8 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 
     Raises :class:`PolicyError` on YAML syntax errors, unknown or duplicate keys, wrong
     types, thresholds outside (0, 1), ``warn >= critical``, ``half_life_tokens <= 0``,
-    ``window_tokens < 1``, a non-finite ``length_slope``, ``min_tokens < 0``, aggregation
+    ``window_tokens < 1``, a non-finite ``length_slope``, a ``temperature`` outside
+    ``[0.25, 1e6]``, ``min_tokens < 0``, aggregation
     parameters that do not belong to the kind, and a detector left without thresholds
     after merging ``defaults``.
     """
