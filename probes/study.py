@@ -367,8 +367,9 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
     lterm = "yes: one linear probe + mean_logit length_slope"
     head = "no: non-linear head"
     hard = {"scary": 3.0, "persona": 3.0, "coconot_noncompliance": 3.0}
-    # the softmax probe's request logit is an online softmax over one column's logits
-    soft = "no: needs a softmax-pooled aggregation (one column)"
+    # the softmax probe's request logit is an online softmax over one column's logits:
+    # the softmax_logit aggregation (monitor.judge.aggregate), built with --pooling softmax
+    soft = "yes: one column + softmax_logit (build-default --pooling softmax)"
     scary_probe = contrast(length_debiased(linear(lay, 3e-3, style="benign")),
                            frozenset({"scary", "persona"}))
     pools: list[tuple[Pooling, float | None, str, str]] = [
