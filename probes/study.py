@@ -370,8 +370,12 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
     # the softmax probe's request logit is an online softmax over one column's logits:
     # the softmax_logit aggregation (monitor.judge.aggregate), built with --pooling softmax
     soft = "yes: one column + softmax_logit (build-default --pooling softmax)"
-    scary_probe = contrast(length_debiased(linear(lay, 3e-3, style="benign")),
-                           frozenset({"scary", "persona"}))
+    # the shipped recipe (variant 24) and the softmax probe at tau=1 (28), shared by the
+    # session-12 variants (a fitter is a pure function of its parts: reusing one is safe)
+    shipped = length_debiased(linear(lay, 3e-3, style="benign"))
+    pair = average([shipped, length_debiased(token_pool(lay, 3e-3, "softmax", 1.0,
+                                                        style="benign"))])
+    scary_probe = contrast(shipped, frozenset({"scary", "persona"}))
     pools: list[tuple[Pooling, float | None, str, str]] = [
         ("mean", None, "mean pooling, torch trainer (control)", lterm),
         ("softmax", None, "softmax probe, learned tau", soft),
@@ -444,22 +448,15 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
         Variant("8 token pooling", f"mean of the request logits: length-debiased, style out, "
                 f"L{lay} C=0.003 mean probe and softmax probe tau=1",
                 "no: two columns, a mean_logit and a softmax-pooled request logit averaged",
-                average([length_debiased(linear(lay, 3e-3, style="benign")),
-                         length_debiased(token_pool(lay, 3e-3, "softmax", 1.0,
-                                                    style="benign"))])),
+                pair),
         # run 4 (session 12; rule in docs/PROBES.md written before it): alert only when a
         # harmful-vs-benign-but-scary contrast probe agrees, on the shipped probe and on
         # the averaged pair of run 3
         *(Variant("9 scary contrast", f"{what} AND a contrast probe (length-debiased, style "
                   f"out, L{lay} C=0.003, harmful vs scary + persona rows only)",
                   "no: two detectors and an all-of policy", conjunction([member, scary_probe]))
-          for what, member in (
-              ("shipped probe (variant 24)",
-               length_debiased(linear(lay, 3e-3, style="benign"))),
-              ("mean of mean and softmax tau=1 logits (variant 33)",
-               average([length_debiased(linear(lay, 3e-3, style="benign")),
-                        length_debiased(token_pool(lay, 3e-3, "softmax", 1.0,
-                                                   style="benign"))])))),
+          for what, member in (("shipped probe (variant 24)", shipped),
+                               ("mean of mean and softmax tau=1 logits (variant 33)", pair))),
     ]
 
 
