@@ -398,10 +398,9 @@ class SoftmaxLogitAggregator:
     """
 
     def __init__(self, temperature: float, length_slope: float = 0.0) -> None:
-        if not (math.isfinite(temperature)
-                and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
-            raise ValueError(f"temperature: expected a number in [{MIN_TEMPERATURE:g}, "
-                             f"{MAX_TEMPERATURE:g}]; found {temperature}")
+        problem = _TEMPERATURE.check(temperature)  # the policy's own bound, one owner
+        if problem is not None:
+            raise ValueError(f"temperature: {problem}")
         self.temperature = float(temperature)
         self.length_slope = _check_slope(length_slope)
         self.n = 0
