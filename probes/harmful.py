@@ -311,8 +311,14 @@ class Config:
 
     @property
     def tau(self) -> float | None:
-        """``τ`` of the request logit (:func:`request_logits`): None for mean pooling."""
-        return self.temperature if self.pooling == "softmax" else None
+        """``τ`` of the request logit (:func:`request_tau`)."""
+        return request_tau(self.pooling, self.temperature)
+
+
+def request_tau(pooling: RecipePooling, temperature: float) -> float | None:
+    """``τ`` of the request logit (:func:`request_logits`) a probe of ``pooling`` is read
+    out with: ``temperature`` for ``softmax``, None (the pooled mean) for ``mean``."""
+    return temperature if pooling == "softmax" else None
 
 
 def scaled(probe: LinearProbe, scale: float) -> LinearProbe:
@@ -361,7 +367,7 @@ def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
     slope (:func:`length_slope` on the fold's fit rows), applied to the pooled logit and
     the read-outs with a length term."""
     kw = kind_weights(scary_weight)
-    tau = temperature if pooling == "softmax" else None
+    tau = request_tau(pooling, temperature)
     folds = []
     for held in train:
         parts = [(d, fit_idx[d.name]) for d in train if d.name != held.name]
