@@ -146,7 +146,7 @@ def _harmful_section(r: Any) -> list[str]:
     # the request-level pooled logit of the same probe (probes.harmful: mean_logit, or
     # softmax_logit for a softmax probe)
     ref = "softmax_logit" if "softmax_logit.auroc" in pooled else "mean_logit"
-    ref_what = "softmax-pooled logit" if ref == "softmax_logit" else "mean logit"
+    ref_what = _pooled_name({"kind": ref})
     lines = ["Held-out TEST sources (never fit on, never used for a choice or a threshold). "
              "Harmful rows: AUROC against the pooled benign test sources, detection rate at "
              "the thresholds; benign rows: false-alert rate at the thresholds, AUROC against "
