@@ -206,3 +206,68 @@ def test_step_record_framing_round_trip_and_refusals() -> None:
         asm2 = Reassembler()
         asm2.feed(parts[0])
         asm2.feed(packets(3, b"x")[0])
+
+
+def _cpus_of(pid: int) -> list[set[int]]:
+    """The CPU mask of every thread of process `pid` (/proc/PID/task/*/status)."""
+    from monitor.capture.threads import parse_cpus
+
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        line = next(x for x in text.splitlines() if x.startswith("Cpus_allowed_list:"))
+        out.append(set(parse_cpus(line.split(":", 1)[1]).cpus))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two CPUs this process may use")
+def test_process_sender_child_stays_off_the_model_threads_cpus(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's CPU worker preloads libgomp and sets `GOMP_CPU_AFFINITY` to the model
+    thread's cores; a child started with that environment is pinned there by libgomp as it
+    loads (the control below shows it). The sender child must run, every thread of it, on
+    the reader thread's placed CPUs instead, and its environment carries no OpenMP
+    binding."""
+    import subprocess
+
+    from monitor.capture.sender import OMP_BINDING_VARS, child_env
+    from monitor.capture.threads import CpuSpec, Placement
+
+    cpus = sorted(os.sched_getaffinity(0))
+    model, plugin = cpus[0], cpus[1]
+    gomp = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    if not gomp:
+        pytest.skip("this torch build ships no libgomp to preload")
+    monkeypatch.setenv("LD_PRELOAD", str(gomp[0]))
+    monkeypatch.setenv("GOMP_CPU_AFFINITY", str(model))
+    monkeypatch.setenv("OMP_PROC_BIND", "true")
+    env = child_env(os.environ)
+    assert not set(OMP_BINDING_VARS) & set(env) and env["OMP_NUM_THREADS"] == "1"
+    assert env["LD_PRELOAD"] == str(gomp[0])
+    # control: the worker's environment as is pins a child started on `plugin` to `model`
+    probe = "import os; print(sorted(os.sched_getaffinity(0)))"
+    raw = subprocess.run(["taskset", "-c", str(plugin), sys.executable, "-c", probe],
+                         capture_output=True, text=True, check=True, env=dict(os.environ))
+    assert raw.stdout.strip() == f"[{model}]", raw.stdout
+
+    sink = CaptureSink(port=free_port(), d_model=D, layers=(3, 15)).start()
+    cfg = CaptureConfig(addr=sink.addr, model=MODEL, plan_timeout_s=5.0, backoff_s=0.05,
+                        stats_period_s=0.1, client_id="test-client", sender="process")
+    placement = Placement(CpuSpec("list", frozenset({plugin})), frozenset({model}))
+    t = ProcessTransport(cfg, MODEL, placement=placement)
+    try:
+        assert t.fetch_plan(10.0) is not None
+        t.start()
+        assert eventually(lambda: t.connected, 20.0)
+        assert t.thread_cpus == frozenset({plugin})
+        pid = t.proc.pid if t.proc is not None else 0
+        masks = _cpus_of(pid)
+        assert len(masks) >= 2  # main + the Transport's sender thread (+ gRPC's)
+        assert all(m == {plugin} for m in masks), masks
+    finally:
+        t.close()
+        sink.stop()

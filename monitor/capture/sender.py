@@ -61,6 +61,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +315,31 @@ def _unlinked_file() -> int:
     return fd
 
 
+# ------------------------------------------------------------------------- child's env
+# OpenMP binding variables vLLM's CPU worker sets for its own model thread
+# (`vllm.utils.ompmultiprocessing`: `GOMP_CPU_AFFINITY` with the libgomp it preloads,
+# `KMP_AFFINITY` with libiomp, else `OMP_PLACES` + `OMP_PROC_BIND`).
+OMP_BINDING_VARS = ("GOMP_CPU_AFFINITY", "KMP_AFFINITY", "OMP_PLACES", "OMP_PROC_BIND")
+
+
+def child_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The sender child's environment: the worker's, less its OpenMP binding, with one
+    OpenMP thread.
+
+    Why: the worker's environment names the *model thread's* cores
+    (`GOMP_CPU_AFFINITY=0` on a 2-core host), and vLLM preloads libgomp
+    (`LD_PRELOAD`), whose constructor pins the process's first thread to the first CPU
+    of that list as the child starts, before any of our code runs. Inherited as is,
+    the child left the CPUs it was placed on and ran on the model's core, preempting the
+    forward pass (bench/RESULTS.md, "The sender child on the model's core"). The child
+    runs no parallel math, so one OpenMP thread; the child also sets its CPU mask to
+    the reader thread's (`CONFIG` `cpus`) before it starts any thread.
+    """
+    env = {k: v for k, v in environ.items() if k not in OMP_BINDING_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
 # ------------------------------------------------------------------------- worker side
 _COUNTERS = ("dropped_frames", "dropped_rows", "dropped_bytes", "dropped_finished",
              "finished_backlog", "reconnects", "sent_frames", "sent_rows", "sent_bytes",
@@ -496,8 +522,10 @@ class ProcessTransport(Transport):
 
     # ------------------------------------------------------------------ reader thread
     def _spawn(self) -> tuple[socket.socket, subprocess.Popen[bytes]]:
+        """Start the child from the reader thread (it inherits this thread's placed CPU
+        mask; `child_env` keeps the worker's OpenMP binding from moving it back)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
+        env = child_env(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # the `monitor` package's parent
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
@@ -508,7 +536,9 @@ class ProcessTransport(Transport):
         finally:
             theirs.close()
         cfg = {k: v for k, v in vars(self.cfg).items()}
-        doc = {"cfg": cfg, "model": self.model, "instance_id": self.instance_id}
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        doc = {"cfg": cfg, "model": self.model, "instance_id": self.instance_id,
+               "cpus": cpus}
         if not send_all(mine, M_CONFIG, json.dumps(doc).encode(), timeout=10.0):
             raise OSError("the sender process did not take its configuration")
         ring = self._ring

@@ -211,6 +211,23 @@ def _die_with_parent(parent: int) -> None:
         sys.exit(0)
 
 
+def _take_cpus(cpus: object) -> list[int] | None:
+    """Set this process's CPU mask to `cpus` (the worker's reader thread's, `CONFIG`
+    `cpus`) before any thread starts, so every thread of the child inherits it; returns
+    the mask now in force (None where affinity is not supported). A list that is not
+    one of ints, or that the kernel refuses, leaves the mask as it is (logged)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    if isinstance(cpus, list) and cpus and all(isinstance(c, int) for c in cpus):
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as e:
+            logging.getLogger("monitor.capture").warning(
+                "safety monitor: sender process: cpus: expected a mask the kernel "
+                "accepts, found %s (%s); left as it is", cpus, e)
+    return sorted(os.sched_getaffinity(0))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         sys.exit("usage: python -m monitor.capture.sender_child FD PARENT_PID")
@@ -232,6 +249,7 @@ def main(argv: list[str]) -> None:
     if mtype != M_CONFIG:
         raise FrameError(f"first message: expected CONFIG ({M_CONFIG}), found {mtype}")
     doc = json.loads(payload)
+    cpus = _take_cpus(doc.get("cpus"))
     cfg = CaptureConfig(**doc["cfg"])
     logger = logging.getLogger("monitor")
     if not logger.handlers:
@@ -240,6 +258,7 @@ def main(argv: list[str]) -> None:
             "%(levelname)s %(asctime)s [%(name)s sender pid %(process)d] %(message)s"))
         logger.addHandler(h)
     logger.setLevel(cfg.log_level.upper())
+    logger.info("safety monitor: sender process pid %d runs on cpus %s", os.getpid(), cpus)
     Child(sock, cfg, str(doc["model"]), str(doc["instance_id"])).run()
 
 
