@@ -310,8 +310,10 @@ def write_results(section: str, path: Path) -> None:
 
 
 ARMS = ("none", "sink", "sink-inherit", "sink-switch", "sidecar", "sidecar-placed", "projection",
-        "shm", "placed-process")
-SIDECAR_ARMS = ("sidecar", "sidecar-placed", "projection", "shm", "placed-process")
+        "shm", "placed-thread", "placed-process")
+SIDECAR_ARMS = ("sidecar", "sidecar-placed", "projection", "shm", "placed-thread",
+                "placed-process")
+PLACED_ARMS = ("sidecar-placed", "placed-thread", "placed-process")
 SINK_ARMS = ("sink", "sink-inherit", "sink-switch")
 
 
@@ -354,12 +356,13 @@ def sidecar_cpus(spec: str) -> str | None:
 
 def run_sidecar_arm(args: argparse.Namespace, model: str, arm: str) -> dict:
     """One engine process streaming to a fresh scoring sidecar (`arm`: sidecar,
-    sidecar-placed, projection, shm or placed-process); the arm's result plus the sidecar's
-    counters (`side`), read after its backlog drained."""
+    sidecar-placed, projection, shm, placed-thread or placed-process); the arm's result plus
+    the sidecar's counters (`side`), read after its backlog drained."""
     extra = {"projection": ("--worker-projection",), "shm": ("--shm",)}.get(arm, ())
-    placed = arm in ("sidecar-placed", "placed-process")
+    placed = arm in PLACED_ARMS
     env = {"SAFETY_MONITOR_SHM": "1"} if arm == "shm" else \
-        {"SAFETY_MONITOR_SENDER": "process"} if arm == "placed-process" else None
+        {"SAFETY_MONITOR_SENDER": arm.removeprefix("placed-")} if arm in PLACED_ARMS[1:] \
+        else None
     with tempfile.TemporaryDirectory() as tmp:
         side = Sidecar(Path(tmp) / "sidecar.log", extra,
                        nice=args.sidecar_nice if placed else 0,
@@ -623,9 +626,11 @@ def main() -> None:
         CPU, as a single-host deployment here would; **sidecar-placed** = that sidecar
         under `taskset -c {sidecar_cpus(args.sidecar_cpus)}` and `nice -n {args.sidecar_nice}`
         (off the model thread's core, below vLLM's priority: docs/CAPTURE.md, "Thread
-        budget"); **placed-process** = sidecar-placed with the plugin's sender in a child
-        process (`SAFETY_MONITOR_SENDER=process`); **projection** = the same sidecar with
-        `--worker-projection` (the worker's sender thread sends x·W, not the rows); **shm** =
+        budget") with the plugin's default sender (`SAFETY_MONITOR_SENDER` unset: `auto`, the
+        child process on this host capture path); **placed-thread** / **placed-process** =
+        sidecar-placed with `SAFETY_MONITOR_SENDER=thread` (a thread of the worker) /
+        `process` (a child process); **projection** = the same sidecar with
+        `--worker-projection` (the plugin's sender sends x·W, not the rows); **shm** =
         the same sidecar with `--shm` and `SAFETY_MONITOR_SHM=1` (frame bytes through the
         shared-memory ring); **sink-inherit** = the sink arm with the plugin's threads left
         on the model thread's cores (`SAFETY_MONITOR_THREAD_CPUS=inherit`, the placement

@@ -8,6 +8,7 @@ to it over real sockets and scrape its /metrics over HTTP.
 from __future__ import annotations
 
 import os
+import re
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -214,3 +215,21 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path
     yield start
     for srv in started:
         srv.stop()
+
+
+def thread_masks(pid: int) -> dict[int, tuple[str, frozenset[int]]]:
+    """Thread id -> (name, allowed CPUs) of every thread of process `pid` (Linux: the
+    `comm` and `Cpus_allowed_list` of /proc/PID/task/*)."""
+    from monitor.capture.threads import parse_cpus
+
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            status = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        m = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M)
+        assert m is not None, f"no Cpus_allowed_list in {task}/status"
+        out[int(task.name)] = (comm, parse_cpus(m.group(1)).cpus)
+    return out

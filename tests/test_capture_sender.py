@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from capture_sink import CaptureSink
-from conftest import eventually
+from conftest import eventually, thread_masks
 from test_capture_cuda import HOOKS, _run
 
 from monitor.capture.config import CaptureConfig
@@ -208,21 +208,6 @@ def test_step_record_framing_round_trip_and_refusals() -> None:
         asm2.feed(packets(3, b"x")[0])
 
 
-def _cpus_of(pid: int) -> list[set[int]]:
-    """The CPU mask of every thread of process `pid` (/proc/PID/task/*/status)."""
-    from monitor.capture.threads import parse_cpus
-
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            text = (task / "status").read_text()
-        except OSError:  # the thread ended meanwhile
-            continue
-        line = next(x for x in text.splitlines() if x.startswith("Cpus_allowed_list:"))
-        out.append(set(parse_cpus(line.split(":", 1)[1]).cpus))
-    return out
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs Linux and two CPUs this process may use")
 def test_process_sender_child_stays_off_the_model_threads_cpus(
@@ -265,7 +250,7 @@ def test_process_sender_child_stays_off_the_model_threads_cpus(
         assert eventually(lambda: t.connected, 20.0)
         assert t.thread_cpus == frozenset({plugin})
         pid = t.proc.pid if t.proc is not None else 0
-        masks = _cpus_of(pid)
+        masks = [m for _, m in thread_masks(pid).values()]
         assert len(masks) >= 2  # main + the Transport's sender thread (+ gRPC's)
         assert all(m == {plugin} for m in masks), masks
     finally:

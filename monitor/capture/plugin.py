@@ -279,7 +279,7 @@ class CaptureSession:
         self.tracker = StepTracker(runner, max_model_len,
                                    segmenter.segment if segmenter is not None else None)
         kind: type[Transport] = Transport
-        if cfg.sender == "process" and not static:
+        if cfg.sender in ("process", "auto") and not static:
             kind = ProcessTransport
         elif cfg.sender == "process":
             log.warning("safety monitor: SAFETY_MONITOR_SENDER=process supports the host "
