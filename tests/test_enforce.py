@@ -881,19 +881,24 @@ def test_gate_in_vllm_serve_fail_closed_then_open_from_the_policy(stack: Stack) 
     assert _vllm_counter(stack.base, refused) >= r0 + 1
     # the sidecar returns with a fail-open policy: requests recover, then are served
     # (and counted) while it is down again
+    def logged_since(mark: int, text: str) -> bool:  # the module's earlier tests wrote the
+        # same lines: only what the log gained after `mark` (chars) counts
+        return text in stack.vllm_log.read_text(errors="replace")[mark:]
+
+    mark = len(stack.vllm_log.read_text(errors="replace"))
     stack.restart_sidecar(POLICY.replace("fail_mode: closed", "fail_mode: open"))
     got.clear()
     assert _eventually(lambda: post_is(200)), got[-3:]
     # the gate logs each change of state: wait until it fetched the fail-open plan, and
     # until the plugin has it too (the EngineCore's hold settings: no hold, fail open; an
     # earlier test's prompt hold under fail closed would end the request below)
-    assert _eventually(lambda: "can judge (fail mode open" in stack.vllm_log.read_text(
-        errors="replace")), stack.vllm_log.read_text(errors="replace")[-3000:]
-    assert _eventually(lambda: "prompt hold 0 ms (fail open" in stack.vllm_log.read_text(
-        errors="replace")), stack.vllm_log.read_text(errors="replace")[-3000:]
+    assert _eventually(lambda: logged_since(mark, "can judge (fail mode open")), \
+        stack.vllm_log.read_text(errors="replace")[-3000:]
+    assert _eventually(lambda: logged_since(mark, "prompt hold 0 ms (fail open")), \
+        stack.vllm_log.read_text(errors="replace")[-3000:]
+    mark = len(stack.vllm_log.read_text(errors="replace"))
     stack.kill_sidecar()
-    assert _eventually(lambda: "(fail mode open)" in stack.vllm_log.read_text(
-        errors="replace"))  # the gate saw it go
+    assert _eventually(lambda: logged_since(mark, "(fail mode open)"))  # the gate saw it go
     status, body = _post(stack.base, BENIGN)
     assert status == 200 and json.loads(body)["choices"][0]["finish_reason"] in (
         "stop", "length"), body
