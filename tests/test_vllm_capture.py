@@ -335,9 +335,10 @@ _GEN_SCRIPT = textwrap.dedent("""
 
 
 def test_compiled_mode_matches_hf(sink, hf, model_path, tmp_path):
-    """vLLM's default compiled mode captures the rows HF computes; this engine also runs
-    the sender in a child process (`SAFETY_MONITOR_SENDER=process`, no extra engine start:
-    the module's eager engine covers the thread sender), which must deliver them all."""
+    """vLLM's default compiled mode captures the rows HF computes; this engine runs the
+    sender in a child process (`SAFETY_MONITOR_SENDER=process`, also the default here, set
+    explicitly), which must deliver them all. The thread sender runs in real vLLM in the
+    static-path test below (`auto` picks it there)."""
     sink.reset()
     script = tmp_path / "gen.py"
     script.write_text(_GEN_SCRIPT)
@@ -405,6 +406,8 @@ def test_static_capture_path_sends_the_host_paths_rows(llm, sink, model_path, tm
             assert err <= 1e-4, f"request {i} layer {layer}: max err {err}"
     st = json.loads(stats.read_text())
     assert st["capture_path"] == "static" and st["installed"] is True
+    # the default sender (`auto`) is the worker's thread on this path, chosen silently
+    assert st["sender"] == "thread" and "supports the host capture path only" not in log
     assert (st["dropped_frames"], st["hook_errors"], st["op_errors"]) == (0, 0, 0)
     assert not sink.log.seq_errors
 
