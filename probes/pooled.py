@@ -44,7 +44,8 @@ __all__ = [
     "Fitter", "Fold", "Parts", "Scorer", "SourceData", "average", "cascade", "class_balanced",
     "concat", "conjunction", "contrast", "ecdf_scores", "ensemble", "fit_pooled", "fitter_folds",
     "gbt_pca", "kind_weights", "knn", "lda_shrunk", "length_debiased", "linear", "mlp",
-    "pca_logreg", "pooled_features", "served_scores", "source_weights", "stage2_share",
+    "pca_logreg", "pooled_features", "served_scores", "skip_first", "source_weights",
+    "stage2_share",
     "style_directions",
 ]
 
@@ -121,6 +122,31 @@ class SourceData:
                            a.from_end, self.acts.labels[idx], int(idx.size))
         return SourceData(self.source, [self.examples[i] for i in idx], acts, self.mask[keep],
                           {lay: f[idx] for lay, f in self.feats.items()})
+
+    def skipping(self, k: int) -> SourceData:
+        """This source with the first ``k`` in-scope rows of every example that has more
+        than ``k`` left out of the scope (an example with ``n ≤ k`` keeps all ``n``): the
+        rows the served ``mean_logit`` with ``skip_tokens: k`` pools at the request's last
+        in-scope token (``monitor.judge.aggregate.MeanLogitAggregator``). Same examples,
+        activations and row order; only ``mask`` changes, so pooled features,
+        :meth:`in_scope_tokens` (``n − k``) and everything derived from them follow.
+        ``k = 0``: this source itself."""
+        if k < 0:
+            raise ValueError(f"skipping({self.name}): k: expected >= 0; found {k}")
+        if k == 0:
+            return self
+        idx = np.flatnonzero(self.mask)
+        ex = self.acts.example[idx]
+        if np.any(np.diff(ex) < 0):
+            raise ValueError(f"skipping({self.name}): rows must be grouped by example in "
+                             "ascending order")
+        starts = np.flatnonzero(np.r_[True, np.diff(ex) != 0])
+        sizes = np.diff(np.r_[starts, idx.size])
+        rank = np.arange(idx.size) - np.repeat(starts, sizes)   # 0-based within example
+        n = np.repeat(sizes, sizes)
+        mask = self.mask.copy()
+        mask[idx[(rank < k) & (n > k)]] = False
+        return SourceData(self.source, self.examples, self.acts, mask)
 
     def in_scope_tokens(self) -> np.ndarray:
         """In-scope rows per example: int64 ``[n_examples]`` (``t`` of the served
@@ -331,6 +357,26 @@ def concat(layers: Sequence[int], C: float, kind_weight: dict[str, float] | None
         clf = LogisticRegression(C=C, class_weight="balanced", max_iter=500)
         clf.fit(st(x), y, sample_weight=source_weights(parts, kw))
         return lambda d: clf.decision_function(st(_feats(d, layers))).astype(np.float64)
+    return fit
+
+
+def skip_first(base: Fitter, k: int) -> Fitter:
+    """``base`` fit and scored on every source :meth:`SourceData.skipping` ``k`` (the first
+    ``k`` in-scope tokens of a request with more than ``k`` left out of the pool; what
+    ``mean_logit`` with ``skip_tokens: k`` serves). A source's view is made once per
+    fitter and kept with the source it came from (so an ``id`` is never reused)."""
+    if k < 0:
+        raise ValueError(f"skip_first: k: expected >= 0; found {k}")
+    views: dict[int, tuple[SourceData, SourceData]] = {}
+
+    def view(d: SourceData) -> SourceData:
+        if id(d) not in views:
+            views[id(d)] = (d, d.skipping(k))
+        return views[id(d)][1]
+
+    def fit(parts: Parts) -> Scorer:
+        f = base([(view(d), i) for d, i in parts])
+        return lambda d: f(view(d))
     return fit
 
 

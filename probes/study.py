@@ -57,6 +57,7 @@ from probes.pooled import (
     linear,
     mlp,
     pca_logreg,
+    skip_first,
     stage2_share,
 )
 from probes.sources import Source, kept_rows
@@ -457,6 +458,13 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
                   "no: two detectors and an all-of policy", conjunction([member, scary_probe]))
           for what, member in (("shipped probe (variant 24)", shipped),
                                ("mean of mean and softmax tau=1 logits (variant 33)", pair))),
+        # run 5 (session 14; rule in docs/PROBES.md written before it): the shipped recipe
+        # with the first k user tokens of a request longer than k left out of the mean
+        # (served as mean_logit skip_tokens: k)
+        *(Variant("10 first tokens", f"length-debiased, style out, L{lay} C=0.003, the "
+                  f"first {k} user token{'s' if k > 1 else ''} left out of the mean",
+                  "yes: one linear probe + mean_logit length_slope and skip_tokens",
+                  skip_first(shipped, k)) for k in (1, 2, 3, 4, 6)),
     ]
 
 
