@@ -65,7 +65,7 @@ def cmd_build_default(args: argparse.Namespace) -> int:
                             judge_at=args.judge_at, limit=args.limit, device=args.device,
                             length_debias=args.length_debias, style=args.style_projection,
                             calibration=args.calibration_weighting, pooling=args.pooling,
-                            temperature=args.temperature)
+                            temperature=args.temperature, skip_tokens=args.skip_tokens)
     from probes.calibrate import policy_snippet
 
     print(policy_snippet({r.name: {"scope": r.scope, "aggregation": r.aggregation,
@@ -451,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="harmful_intent with --pooling softmax: tau of the softmax weights "
                    "(served as the softmax_logit temperature, in [0.25, 1e6]); default: "
                    "probes.harmful.DEFAULT_TEMPERATURE")
+    b.add_argument("--skip-tokens", type=int, default=None, metavar="K",
+                   help="harmful_intent: the first K user tokens of each request longer "
+                   "than K left out of the probe's mean, fit and served (mean_logit "
+                   "skip_tokens, 0..64); 0: every token (the session-13 recipe); default: "
+                   "probes.harmful.DEFAULT_SKIP_TOKENS with mean pooling and the length term")
     b.add_argument("--no-length-debias", dest="length_debias", action="store_false",
                    help="harmful_intent without the length term (mean_logit length_slope "
                         "0): the session-5 recipe")

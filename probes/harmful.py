@@ -26,6 +26,13 @@ What is served and what is trained (they agree by construction):
   ``z(x̄) = (1/T) Σ_t z_t``: the trained logit is the mean of the served per-token logits;
   the served statistic averages ``sigmoid(z_t)`` instead and is what every number
   (selection, thresholds, report) is computed on.
+- **The first user tokens left out** (``skip_tokens = k``, :data:`DEFAULT_SKIP_TOKENS`
+  with mean pooling and the length term): the probe is fit on the mean of the rows
+  ``k+1..n`` of a request with ``n > k`` in-scope tokens (all ``n`` otherwise;
+  ``SourceData.skipping``), its length slope on ``log`` of the tokens pooled, and it is
+  served ``mean_logit`` with ``skip_tokens: k``, which pools the same rows at the user's
+  span end (``monitor.judge.aggregate.MeanLogitAggregator``); chosen on validation folds
+  (docs/PROBES.md, "the first user tokens left out of the mean").
 - **Softmax pooling** (``pooling="softmax"``, not the default: :data:`DEFAULT_POOLING`):
   the same ``w, b`` (same layer, C, weights, style projection) are fit end to end on the
   request logit ``L = Σ_t softmax(z/τ)_t z_t`` (``probes.token_pool``, fixed ``β = 1/τ``),
@@ -70,6 +77,7 @@ from probes.pooled import (
     mlp,
     pooled_features,
     served_scores,
+    skip_first,
     source_weights,
 )
 from probes.sources import Source
@@ -84,6 +92,7 @@ log = logging.getLogger("probes.harmful")
 
 __all__ = [  # SourceData … source_weights live in probes.pooled (re-exported here)
     "DEFAULT_POOLING",
+    "DEFAULT_SKIP_TOKENS",
     "DEFAULT_TEMPERATURE",
     "RECIPE_POOLINGS",
     "RecipePooling",
@@ -199,6 +208,35 @@ served ``mean_logit``) or ``softmax`` (``probes.token_pool`` softmax probe at
 DEFAULT_TEMPERATURE = 1.0
 """``τ`` of the softmax pooling when :data:`DEFAULT_POOLING` is ``softmax`` (and the
 CLI's ``--temperature`` default)."""
+DEFAULT_SKIP_TOKENS = 4
+"""In-scope tokens at the start of a request left out of the shipped probe's mean (fit and
+served; ``mean_logit`` ``skip_tokens``) when it is mean-pooled and length-debiased: run 5
+of the variant study, chosen on validation folds by a rule written before the run
+(docs/PROBES.md; docs/experiments/first_tokens_validation.md). The ONE place the default
+is set (``harmful_intent_recipe``, ``probes.recipes.build_default``, the CLI's
+``--skip-tokens``)."""
+
+
+def takes_skip(agg: dict[str, Any]) -> bool:
+    """Whether the aggregation kind of ``agg`` takes ``skip_tokens`` (``mean_logit``)."""
+    from monitor.judge.aggregate import AGGREGATIONS
+
+    return AGGREGATIONS[agg["kind"]].param("skip_tokens") is not None
+
+
+def skipping_served(served: Sequence[Served], k: int) -> tuple[Served, ...]:
+    """The read-outs of ``served`` that can pool without the first ``k`` tokens
+    (:func:`takes_skip`), each with ``skip_tokens: k``; ``k = 0``: ``served`` unchanged.
+    ValueError when none can (a probe fit without its first tokens must be served so)."""
+    if k == 0:
+        return tuple(served)
+    out = tuple(({**agg, "skip_tokens": k}, m, scale, j) for agg, m, scale, j in served
+                if takes_skip(agg))
+    if not out:
+        raise ValueError(f"skip_tokens: a probe fit without the first {k} tokens is served "
+                         f"by an aggregation that takes skip_tokens (mean_logit); found "
+                         f"{[a['kind'] for a, *_ in served]}")
+    return out
 
 
 def recipe_pooling(pooling: str | None) -> RecipePooling:
@@ -287,6 +325,12 @@ class Config:
     def agg(self) -> dict[str, Any]:
         return dict(self.aggregation)
 
+    @property
+    def skip_tokens(self) -> int:
+        """In-scope tokens left out at the start of the pool (the served ``skip_tokens``;
+        the probe is fit on :meth:`SourceData.skipping` views of the same ``k``)."""
+        return int(self.agg.get("skip_tokens", 0))
+
     def label(self) -> str:
         from probes.train import aggregation_name
 
@@ -299,9 +343,11 @@ class Config:
 
     def fit(self, parts: Sequence[tuple[SourceData, np.ndarray]]
             ) -> tuple[LinearProbe, dict[str, Any]]:
-        """The probe of this config fit on ``parts`` (:func:`fit_probe`) and the
-        aggregation it is served with (``length_debias``: its own slope,
-        :func:`length_slope` on ``parts``)."""
+        """The probe of this config fit on ``parts`` (:func:`fit_probe`, on each source's
+        :meth:`SourceData.skipping` view when ``skip_tokens``) and the aggregation it is
+        served with (``length_debias``: its own slope, :func:`length_slope` on the same
+        rows)."""
+        parts = [(d.skipping(self.skip_tokens), i) for d, i in parts]
         p = scaled(fit_probe(parts, self.layer, self.C, kind_weights(self.scary_weight),
                              self.prefixes, self.style, self.pooling, self.temperature),
                    self.scale)
@@ -333,16 +379,19 @@ Served = tuple[dict[str, Any], int, float, str]
 
 def _read_outs(p: LinearProbe, d: SourceData, layer: int,
                served: Sequence[Served], slope: float = 0.0,
-               tau: float | None = None) -> list[np.ndarray]:
+               tau: float | None = None, skip_tokens: int = 0) -> list[np.ndarray]:
     """``[pooled logit, served statistic for each of served]`` for all of ``d``'s examples
     (the pooled logit unsquashed: float32 sigmoids of large logits would tie at 1.0;
     ``tau``: the softmax-pooled one, :func:`request_logits`).
     ``slope``: the length term ``a`` (:func:`length_slope`): subtracted from the pooled
     logit as ``a·log n`` and served by every read-out with a length term
-    (:func:`with_slope`)."""
-    zp = request_logits(p, d, tau)
+    (:func:`with_slope`). ``skip_tokens``: the pooled logit (and its ``n``) over
+    :meth:`SourceData.skipping` rows; the served read-outs carry their own
+    ``skip_tokens`` (:func:`skipping_served`) and read every in-scope row."""
+    v = d.skipping(skip_tokens)
+    zp = request_logits(p, v, tau)
     if slope:
-        zp = zp - slope * log_tokens(d.in_scope_tokens())
+        zp = zp - slope * log_tokens(v.in_scope_tokens())
     out = [zp.astype(np.float64)]
     z = p.logits(d.rows(layer))
     toks: dict[float, np.ndarray] = {}
@@ -359,29 +408,32 @@ def loso_folds(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
                cal_idx: dict[str, np.ndarray], layer: int, C: float, scary_weight: float,
                served: Sequence[Served],
                prefixes: int = 0, length_debias: bool = False, style: str = "",
-               pooling: RecipePooling = "mean", temperature: float = 1.0
-               ) -> list[Fold]:
+               pooling: RecipePooling = "mean", temperature: float = 1.0,
+               skip_tokens: int = 0) -> list[Fold]:
     """For each training source, a probe fit on the other sources' ``fit_idx`` rows
     (:func:`fit_probe` with ``pooling``) scores ALL of that source's rows and the other
     sources' ``cal_idx`` rows. ``length_debias``: the fold's probe gets its own length
     slope (:func:`length_slope` on the fold's fit rows), applied to the pooled logit and
-    the read-outs with a length term."""
+    the read-outs with a length term. ``skip_tokens``: the probe and its slope are fit on
+    :meth:`SourceData.skipping` views (``served`` must pool the same way:
+    :func:`skipping_served`)."""
     kw = kind_weights(scary_weight)
     tau = request_tau(pooling, temperature)
     folds = []
     for held in train:
-        parts = [(d, fit_idx[d.name]) for d in train if d.name != held.name]
+        parts = [(d.skipping(skip_tokens), fit_idx[d.name]) for d in train
+                 if d.name != held.name]
         p = fit_probe(parts, layer, C, kw, prefixes, style, pooling, temperature)
         a = length_slope(p, parts, tau) if length_debias else 0.0
         cal_src = [d for d in train if d.name != held.name and cal_idx[d.name].size]
-        cal = [_read_outs(p, d, layer, served, a, tau) for d in cal_src]
+        cal = [_read_outs(p, d, layer, served, a, tau, skip_tokens) for d in cal_src]
         idx = [cal_idx[d.name] for d in cal_src]
         cal_scores = [np.concatenate([c[k][i] for c, i in zip(cal, idx, strict=True)])
                       for k in range(len(served) + 1)]
         groups = np.concatenate([np.full(i.size, d.name) for d, i in zip(cal_src, idx,
                                                                          strict=True)])
-        folds.append(Fold(held, _read_outs(p, held, layer, served, a, tau), cal_scores,
-                          groups))
+        folds.append(Fold(held, _read_outs(p, held, layer, served, a, tau, skip_tokens),
+                          cal_scores, groups))
     return folds
 
 
@@ -610,8 +662,8 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
            served: Sequence[Served] = SERVED,
            prefixes: Sequence[int] = PREFIXES, progress: bool = True,
            length_debias: bool = False, style: str = "", weighting: str = "row",
-           pooling: RecipePooling = "mean", temperature: float = 1.0
-           ) -> tuple[Config, list[dict[str, Any]]]:
+           pooling: RecipePooling = "mean", temperature: float = 1.0,
+           skip_tokens: int = 0) -> tuple[Config, list[dict[str, Any]]]:
     """Leave-one-source-out search (:func:`loso_folds`, :func:`fold_metrics`). Returns the
     best *servable* config and the whole table (``pooled logit`` rows: the request-level
     sigmoid of the mean logit over all in-scope rows, the reference; ``mean_logit`` at
@@ -619,7 +671,10 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
     logit and every ``mean_logit`` read-out carry each fold's own length term.
     ``weighting``: each fold's thresholds (``probes.calibrate``). ``pooling`` /
     ``temperature``: the probe's pooling (:func:`fit_probe`; ``softmax``: ``served`` from
-    :func:`search_space` with it, the reference row the softmax-pooled logit)."""
+    :func:`search_space` with it, the reference row the softmax-pooled logit).
+    ``skip_tokens``: every fold's probe is fit without the first ``k`` in-scope tokens of
+    each request (:func:`loso_folds`); ``served`` must carry the same ``skip_tokens``
+    (:func:`skipping_served`)."""
     from tqdm.auto import tqdm
 
     from probes.train import aggregation_name
@@ -631,14 +686,16 @@ def select(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
     for lay, c, sw, pf in tqdm(jobs, desc="harmful_intent/select", disable=not progress,
                            leave=False):
         folds = loso_folds(train, fit_idx, cal_idx, lay, c, sw, served, pf, length_debias,
-                           style, pooling, temperature)
+                           style, pooling, temperature, skip_tokens)
         for k in range(len(served) + 1):
             met = fold_metrics(folds, k, weighting)
             if k == 0:
                 agg_name, m = "pooled logit", 0
                 if pooling == "softmax":
                     agg_name = f"softmax-pooled logit (tau={temperature:g})"
-                agg_name += (" − a·log n" if length_debias else "") + " (reference)"
+                agg_name += ((" − a·log n" if length_debias else "")
+                             + (f", first {skip_tokens} tokens left out" if skip_tokens
+                                else "") + " (reference)")
             else:
                 agg, m, scale, judge_at = served[k - 1]
                 deb = length_debias and has_length_term(agg)
@@ -668,7 +725,8 @@ def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
     the chosen layer — the fitters of ``probes.pooled`` that the variant study
     (``safety-probes study-variants``) compares, with the chosen config's C, weights and
     prefix negatives, and (``cfg.length_debias``) each minus its own length term
-    (:func:`probes.pooled.length_debiased`, fit on each fold's benign fit rows);
+    (:func:`probes.pooled.length_debiased`, fit on each fold's benign fit rows), each
+    without the first ``cfg.skip_tokens`` tokens (:func:`probes.pooled.skip_first`);
     ``weighting``: each fold's thresholds (``probes.calibrate``)."""
     kw = kind_weights(cfg.scary_weight)
     soft = cfg.pooling == "softmax"
@@ -687,6 +745,9 @@ def explore(train: Sequence[SourceData], fit_idx: dict[str, np.ndarray],
     for name, f in fitters:
         if cfg.length_debias:
             name, f = f"{name} − a·log n", length_debiased(f)
+        if cfg.skip_tokens:
+            name, f = f"{name}, first {cfg.skip_tokens} tokens left out", skip_first(
+                f, cfg.skip_tokens)
         m = fold_metrics(fitter_folds(train, fit_idx, cal_idx, f), 0, weighting)
         rows.append({"read-out (pooled statistic)": name,
                      **{k: round(v, 4) for k, v in m.items()}})
@@ -756,7 +817,8 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
                 idx = np.sort(rng.permutation(idx)[:k])
             parts.append((d, idx))
         if fr == "shuffled":
-            x = np.concatenate([d.features(cfg.layer)[i] for d, i in parts])
+            x = np.concatenate([d.skipping(cfg.skip_tokens).features(cfg.layer)[i]
+                                for d, i in parts])
             yy = rng.permutation(np.concatenate([d.labels[i] for d, i in parts]))
             p = scaled(fit_logreg(x, yy, cfg.layer, cfg.C, max_iter=500), cfg.scale)
             agg = cfg.agg
@@ -941,7 +1003,8 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
                           length_debias: bool = True, style: str = "benign",
                           calibration: str = "row", window: int | None = None,
                           pooling: RecipePooling | None = None,
-                          temperature: float | None = None
+                          temperature: float | None = None,
+                          skip_tokens: int | None = None
                           ) -> list[DetectorResult]:
     """Collect → leave-one-source-out selection → fit on all training sources (minus the
     calibration hold-back) → thresholds on the hold-back → evaluate the test sources.
@@ -977,7 +1040,14 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
     exports its token logit as the same one-column ``linear_probe`` and serves
     ``softmax_logit`` (``temperature: τ``, its own ``length_slope``) at ``span_end``;
     ``served`` must then be ``search_space(judge_at, "softmax", τ)``'s (checked).
-    Thresholds and every reported number are computed on that served statistic. Returns
+    Thresholds and every reported number are computed on that served statistic.
+
+    ``skip_tokens`` (None: :data:`DEFAULT_SKIP_TOKENS` with mean pooling and the length
+    term, else 0): the probe (selection folds, shipped fit, learning curve, read-out
+    study) is fit without the first ``k`` in-scope tokens of each request longer than
+    ``k`` (``SourceData.skipping``) and served ``mean_logit`` with ``skip_tokens: k``
+    (only the read-outs of ``served`` that take it are searched:
+    :func:`skipping_served`). Refused with softmax pooling. Returns
     ``[harmful_intent]`` or ``[harmful_intent, harmful_intent_window]``; a ``limit`` smoke build
     too small to build calibration lists from, window left at None, goes without the window
     (logged); any other build refuses (``probes.lists.NoFillerRows``)."""
@@ -992,6 +1062,12 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
                          f"as {softmax_readout(temperature)} only; found "
                          f"{[a for a, *_ in served]} (pass search_space(judge_at, "
                          f"'softmax', {temperature:g})[0])")
+    if skip_tokens is None:
+        skip_tokens = DEFAULT_SKIP_TOKENS if pooling == "mean" and length_debias else 0
+    if skip_tokens and pooling != "mean":
+        raise ValueError(f"skip_tokens: the first tokens are left out of a MEAN-pooled "
+                         f"probe; expected 0 with pooling {pooling!r}, found {skip_tokens}")
+    served = skipping_served(served, skip_tokens)
     sources = HARMFUL_SOURCES if sources is None else sources
     data = load_sources(collector, cache_dir, sources, scope, layers, progress, limit)
     train = [d for d in data.values() if d.source.role == "train"]
@@ -1007,7 +1083,7 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
     search = [x for x in search_layers if x in layers] or list(layers)
     cfg, table = select(train, fit_idx, cal_idx, search, Cs, scary_weights, served, prefixes,
                         progress, length_debias, style if length_debias else "", calibration,
-                        pooling, temperature)
+                        pooling, temperature, skip_tokens)
     log.info("harmful_intent: chose %s", cfg.label())
 
     fit_parts = [(d, fit_idx[d.name]) for d in train]
@@ -1048,7 +1124,8 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
     # out-of-source scores of the training sources under the chosen config (validation)
     folds = loso_folds(train, fit_idx, cal_idx, cfg.layer, cfg.C, cfg.scary_weight,
                        [(cfg.agg, cfg.min_tokens, cfg.scale, cfg.judge_at)], cfg.prefixes,
-                       cfg.length_debias, cfg.style, cfg.pooling, cfg.temperature)
+                       cfg.length_debias, cfg.style, cfg.pooling, cfg.temperature,
+                       cfg.skip_tokens)
     y_test = np.concatenate([np.full(s.size, d.source.kind == "harmful")
                              for d, s in test_scores.values()]).astype(np.int8)
     s_test = np.concatenate([s for _, s in test_scores.values()])
@@ -1060,9 +1137,9 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
     # as mean_logit at span_end; a softmax probe's softmax-pooled logit, softmax_logit;
     # minus the same length term), to show what the chosen served statistic costs on the
     # test sources
-    z_test = np.concatenate([request_logits(probe, d, cfg.tau)
-                             - slope * log_tokens(d.in_scope_tokens())
-                             for d, _ in test_scores.values()])
+    views = [d.skipping(cfg.skip_tokens) for d, _ in test_scores.values()]
+    z_test = np.concatenate([request_logits(probe, v, cfg.tau)
+                             - slope * log_tokens(v.in_scope_tokens()) for v in views])
     ref_kind = "softmax_logit" if cfg.pooling == "softmax" else "mean_logit"
     pooled[f"{ref_kind}.auroc"] = auroc(y_test, z_test)
     pooled[f"{ref_kind}.tpr@fpr0.01"] = tpr_at_fpr(y_test, z_test, 0.01)
@@ -1083,6 +1160,12 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
             f"softmax probe (probes.token_pool, tau = {cfg.temperature:g}): trained on the "
             f"softmax-pooled request logit of its per-token logits, served as "
             f"softmax_logit with the same temperature")
+    if cfg.skip_tokens:
+        cal["skip_tokens"] = cfg.skip_tokens
+        cal["skip_tokens_fit"] = (
+            f"the probe and its length slope are fit on the mean of the {scope}-token rows "
+            f"after the first {cfg.skip_tokens} of every request longer than that (all rows "
+            f"otherwise); served as {agg['kind']} skip_tokens, thresholds calibrated with it")
     if cfg.style:
         cal["style_projection"] = (
             f"the {cfg.style} training sources' style directions (the span of their "

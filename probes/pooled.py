@@ -95,6 +95,8 @@ class SourceData:
     rows32: dict[int, np.ndarray] = field(default_factory=dict)
     prefix_cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict)
+    skip_views: dict[int, SourceData] = field(default_factory=dict)
+    """:meth:`skipping` views made so far, by ``k`` (each keeps its own feature cache)."""
 
     @property
     def name(self) -> str:
@@ -135,6 +137,8 @@ class SourceData:
             raise ValueError(f"skipping({self.name}): k: expected >= 0; found {k}")
         if k == 0:
             return self
+        if k in self.skip_views:
+            return self.skip_views[k]
         idx = np.flatnonzero(self.mask)
         ex = self.acts.example[idx]
         if np.any(np.diff(ex) < 0):
@@ -146,7 +150,9 @@ class SourceData:
         n = np.repeat(sizes, sizes)
         mask = self.mask.copy()
         mask[idx[(rank < k) & (n > k)]] = False
-        return SourceData(self.source, self.examples, self.acts, mask)
+        view = SourceData(self.source, self.examples, self.acts, mask)
+        self.skip_views[k] = view
+        return view
 
     def in_scope_tokens(self) -> np.ndarray:
         """In-scope rows per example: int64 ``[n_examples]`` (``t`` of the served
@@ -363,20 +369,13 @@ def concat(layers: Sequence[int], C: float, kind_weight: dict[str, float] | None
 def skip_first(base: Fitter, k: int) -> Fitter:
     """``base`` fit and scored on every source :meth:`SourceData.skipping` ``k`` (the first
     ``k`` in-scope tokens of a request with more than ``k`` left out of the pool; what
-    ``mean_logit`` with ``skip_tokens: k`` serves). A source's view is made once per
-    fitter and kept with the source it came from (so an ``id`` is never reused)."""
+    ``mean_logit`` with ``skip_tokens: k`` serves; each source caches its view)."""
     if k < 0:
         raise ValueError(f"skip_first: k: expected >= 0; found {k}")
-    views: dict[int, tuple[SourceData, SourceData]] = {}
-
-    def view(d: SourceData) -> SourceData:
-        if id(d) not in views:
-            views[id(d)] = (d, d.skipping(k))
-        return views[id(d)][1]
 
     def fit(parts: Parts) -> Scorer:
-        f = base([(view(d), i) for d, i in parts])
-        return lambda d: f(view(d))
+        f = base([(d.skipping(k), i) for d, i in parts])
+        return lambda d: f(d.skipping(k))
     return fit
 
 

@@ -125,8 +125,8 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                   judge_at: str = "span_end", limit: int | None = None,
                   device: str = "cpu", length_debias: bool = True,
                   style: str = "benign", calibration: str = "row",
-                  pooling: str | None = None, temperature: float | None = None
-                  ) -> list[DetectorResult]:
+                  pooling: str | None = None, temperature: float | None = None,
+                  skip_tokens: int | None = None) -> list[DetectorResult]:
     """Build the default bundle (+ its ONNX graphs, REPORT.md, PNGs,
     policy.suggested.yaml) into ``out``.
 
@@ -153,7 +153,10 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
     (``probes.calibrate``: ``row``, ``source`` or ``worst``). ``pooling`` / ``temperature``
     (None: ``probes.harmful.DEFAULT_POOLING`` / ``DEFAULT_TEMPERATURE``): harmful_intent's
     probe pools the user's tokens by their mean (served ``mean_logit``) or by a softmax at
-    ``τ`` (the softmax probe, served ``softmax_logit``; ``harmful_intent_recipe``)."""
+    ``τ`` (the softmax probe, served ``softmax_logit``; ``harmful_intent_recipe``).
+    ``skip_tokens`` (None: ``probes.harmful.DEFAULT_SKIP_TOKENS`` for a mean-pooled,
+    length-debiased probe, else 0): the first ``k`` user tokens of each request are left
+    out of the probe's mean, in training and as served (``mean_logit`` ``skip_tokens``)."""
     if limit is not None and limit < MIN_LIMIT:
         raise ValueError(f"limit: expected None or >= {MIN_LIMIT} examples per source (with "
                          f"fewer a source's calibration split is empty), found {limit}")
@@ -189,6 +192,7 @@ def build_default(out: Path, *, model_path: Path | None = None, cache_dir: Path 
                                                      limit=limit, length_debias=length_debias,
                                                      style=style, calibration=calibration,
                                                      pooling=pool, temperature=tau,
+                                                     skip_tokens=skip_tokens,
                                                      **lay(harmful.LAYERS)))
     if "deception" in detectors:
         results.append(deception.deception_recipe(collector, cache_dir, seed=seed,

@@ -151,7 +151,8 @@ def as_aggregation(agg: dict[str, Any]) -> Aggregation:
     """The policy `Aggregation` of a candidate (``{"kind": ..., <its parameters>}``);
     raises ValueError naming the field for unknown kinds or parameters."""
     return Aggregation(agg["kind"], agg.get("half_life_tokens"), agg.get("window_tokens"),
-                       agg.get("length_slope"), agg.get("temperature"))
+                       agg.get("length_slope"), agg.get("temperature"),
+                       agg.get("skip_tokens"))
 
 
 def aggregation_name(agg: dict[str, Any]) -> str:

@@ -20,14 +20,15 @@ from monitor.judge.policy import Aggregation
 
 
 def naive(kind: str, scores: list[float], param: float | int | None = None,
-          slope: float = 0.0) -> list[float]:
+          slope: float = 0.0, skip: int = 0) -> list[float]:
     # param: ema half-life, window_max N, mean_logit length_slope (a), softmax_logit τ;
-    # slope: softmax_logit's length_slope
+    # slope: softmax_logit's length_slope; skip: mean_logit's skip_tokens
     """Per-token definitions, written as plainly as possible."""
     out: list[float] = []
     state = None
     total = 0.0
     weights = 0.0
+    logits: list[float] = []
     for t, s in enumerate(scores):
         if kind == "max":
             state = s if state is None else max(state, s)
@@ -36,8 +37,12 @@ def naive(kind: str, scores: list[float], param: float | int | None = None,
             state = total / (t + 1)
         elif kind == "mean_logit":
             q = min(max(s, 1e-6), 1 - 1e-6)
-            total += math.log(q) - math.log(1 - q)
-            state = 1 / (1 + math.exp(-(total / (t + 1) - (param or 0.0) * math.log(t + 1))))
+            logits.append(math.log(q) - math.log(1 - q))
+            # more than `skip` seen: the first `skip` are left out of the sum and the count
+            pooled = logits[skip:] if len(logits) > skip else logits
+            total = sum(pooled)
+            state = 1 / (1 + math.exp(-(total / len(pooled)
+                                        - (param or 0.0) * math.log(len(pooled)))))
         elif kind == "softmax_logit":
             assert param is not None, "softmax_logit needs a temperature"
             q = min(max(s, 1e-6), 1 - 1e-6)
@@ -75,6 +80,9 @@ CASES = [
     Aggregation("mean_logit"),
     Aggregation("mean_logit", length_slope=0.42),
     Aggregation("mean_logit", length_slope=-1.5),
+    Aggregation("mean_logit", skip_tokens=1),
+    Aggregation("mean_logit", length_slope=0.42, skip_tokens=4),
+    Aggregation("mean_logit", length_slope=-1.5, skip_tokens=64),
     Aggregation("ema", half_life_tokens=0.5),
     Aggregation("ema", half_life_tokens=1.0),
     Aggregation("ema", half_life_tokens=7.3),
@@ -109,7 +117,8 @@ def test_matches_naive_reference_under_any_chunking(agg, seed):
              "window_mean_logit": agg.window_tokens,
              "mean_logit": agg.length_slope, "softmax_logit": agg.temperature}.get(agg.kind)
     ref = np.array(naive(agg.kind, [float(v) for v in x], param,
-                         agg.length_slope if agg.kind == "softmax_logit" else 0.0))
+                         agg.length_slope if agg.kind == "softmax_logit" else 0.0,
+                         agg.skip_tokens or 0))
 
     results = []
     for _ in range(3):  # several chunkings of the same stream
@@ -249,6 +258,38 @@ def test_length_slope_params_describe_and_refusals():
         Aggregation("mean_logit", length_slope=float("nan"))
     with pytest.raises(ValueError, match="length_slope: only applies to kind mean_logit"):
         Aggregation("mean", length_slope=0.1)
+
+
+def test_skip_tokens_leaves_the_first_k_out_once_more_were_seen():
+    """``skip_tokens: k``: up to ``t = k`` the plain mean logit; after it the mean (and the
+    length term's ``t``) over tokens ``k+1..t`` only, so the first words of a request
+    cannot move the statistic at its end; 0 is the plain aggregator bit for bit."""
+    rng = np.random.default_rng(7)
+    x = rng.random(50).astype(np.float32)
+    plain = make_aggregator(Aggregation("mean_logit", length_slope=0.3)).update(x)
+    assert Aggregation("mean_logit") == Aggregation("mean_logit", skip_tokens=0)
+    assert np.array_equal(make_aggregator(Aggregation("mean_logit", length_slope=0.3,
+                                                      skip_tokens=0)).update(x), plain)
+    got = make_aggregator(Aggregation("mean_logit", length_slope=0.3, skip_tokens=4)).update(x)
+    np.testing.assert_array_equal(got[:4], plain[:4])
+    # at t = 10: the mean of the logits of tokens 5..10, minus 0.3 * log 6
+    lg = np.log(x.astype(np.float64)) - np.log1p(-x.astype(np.float64))
+    assert got[9] == pytest.approx(1 / (1 + math.exp(-(lg[4:10].mean() - 0.3 * math.log(6)))),
+                                   rel=1e-12)
+    # whatever the first 4 scores, the statistic after them is the same
+    y = x.copy()
+    y[:4] = [0.999, 0.999, 0.999, 0.999]
+    again = make_aggregator(Aggregation("mean_logit", length_slope=0.3, skip_tokens=4)).update(y)
+    assert np.array_equal(again[4:], got[4:]) and not np.array_equal(again[:4], got[:4])
+    agg = Aggregation("mean_logit", length_slope=0.25, skip_tokens=4)
+    assert agg.describe() == "mean_logit(a=0.25, skip=4)"
+    assert agg.params() == {"length_slope": 0.25, "skip_tokens": 4}
+    assert Aggregation("mean_logit", skip_tokens=2).describe() == "mean_logit(skip=2)"
+    for bad in (-1, 65):
+        with pytest.raises(ValueError, match="skip_tokens: expected an integer in"):
+            Aggregation("mean_logit", skip_tokens=bad)
+    with pytest.raises(ValueError, match="skip_tokens: only applies to kind mean_logit"):
+        Aggregation("softmax_logit", temperature=1.0, skip_tokens=2)
 
 
 def test_span_end_rows_definition():

@@ -195,6 +195,14 @@ BASE = 'version: "1"\ndetectors:\n  harmful_intent:\n    thresholds: {warn: 0.5,
         (BASE + "    aggregation: {kind: softmax_logit, temperature: .inf}\n", 5,
          "detectors.harmful_intent.aggregation.temperature",
          "expected a number in [0.25, 1e+06]; found inf"),
+        (BASE + "    aggregation: {kind: mean_logit, skip_tokens: 65}\n", 5,
+         "detectors.harmful_intent.aggregation.skip_tokens",
+         "expected an integer in [0, 64]; found 65"),
+        (BASE + "    aggregation: {kind: mean_logit, skip_tokens: 2.5}\n", 5,
+         "detectors.harmful_intent.aggregation.skip_tokens", "expected an integer"),
+        (BASE + "    aggregation: {kind: mean, skip_tokens: 2}\n", 5,
+         "detectors.harmful_intent.aggregation.skip_tokens",
+         "only applies to kind mean_logit; this aggregation is kind mean"),
         (BASE + "    aggregation: {kind: mean_logit, temperature: 2}\n", 5,
          "detectors.harmful_intent.aggregation.temperature",
          "only applies to kind softmax_logit; this aggregation is kind mean_logit"),
@@ -387,6 +395,16 @@ def test_mean_logit_length_slope_is_optional_and_parsed():
     assert p.detectors["b"].aggregation.length_slope == -2.0
     assert p.detectors["c"].aggregation == Aggregation("mean_logit")
     assert p.detectors["c"].aggregation.length_slope == 0.0
+    assert p.detectors["c"].aggregation.skip_tokens == 0
+
+
+def test_mean_logit_skip_tokens_is_optional_and_parsed():
+    p = parse_policy('version: "1"\ndefaults:\n  thresholds: {warn: 0.5}\ndetectors:\n'
+                     "  a: {aggregation: {kind: mean_logit, length_slope: 0.1, skip_tokens: 4}}\n"
+                     "  b: {aggregation: {kind: mean_logit, skip_tokens: 0}}\n")
+    assert p.detectors["a"].aggregation == Aggregation("mean_logit", length_slope=0.1,
+                                                       skip_tokens=4)
+    assert p.detectors["b"].aggregation == Aggregation("mean_logit")
 
 
 def test_enforcement_block_parses_with_builtin_defaults() -> None:

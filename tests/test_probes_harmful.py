@@ -150,7 +150,8 @@ def test_recipe_small_slice_end_to_end(tmp_path) -> None:
              "mtbench", "refusal_harmful"}
     srcs = [s for s in HARMFUL_SOURCES if s.name in names]
     col = TransformersCollector(path, DEFAULT_MODEL_NAME)
-    served = (({"kind": "mean"}, 2, 1.0, "every_token"),)
+    # the shipped read-out; the default recipe leaves the first 4 user tokens out of it
+    served = (({"kind": "mean_logit"}, 1, 1.0, "span_end"),)
     r, w = harmful_intent_recipe(col, tmp_path, sources=srcs, layers=(12,), Cs=(1e-3,),
                                  scary_weights=(1.0,), served=served, limit=24,
                                  explore_readouts=False, progress=False)
@@ -160,6 +161,8 @@ def test_recipe_small_slice_end_to_end(tmp_path) -> None:
     assert m["test_pooled"]["auroc"] > 0.7  # chance is 0.5; the full build: REPORT.md
     assert 0 < r.thresholds["warn"] < r.thresholds["critical"] < 1
     assert r.selection and r.selection[0]["layer"] == 12
+    assert r.aggregation["skip_tokens"] == 4 and r.calibration["skip_tokens"] == 4
+    assert r.aggregation["length_slope"] == r.calibration["length_slope"]
     assert m["calibration_set"]["n"] == sum(round(0.3 * 24) for _ in range(3))
     # the window detector: same probe, its own read-out, thresholds by split calibration
     # (harmful_intent at 0.8% of the rows; the union <= 1% on rows and on lists, each)
@@ -268,3 +271,46 @@ def test_length_slope_is_fit_on_benign_fit_rows_and_served_by_mean_logit() -> No
             continue
         zi = float(rows.mean(0) @ probe.weight + probe.bias) - a * np.log(len(rows))
         assert s[i] == pytest.approx(1 / (1 + np.exp(-zi)), rel=1e-5)
+
+
+def test_skipping_view_is_what_mean_logit_skip_tokens_serves() -> None:
+    """``SourceData.skipping(k)`` pools the in-scope rows after the first ``k`` of every
+    request longer than ``k`` (all rows otherwise), and the served ``mean_logit`` with
+    ``skip_tokens: k`` at the user's span end is ``σ`` of that pool's logit minus
+    ``a·log`` of its size: the probe is trained on exactly what the tracker serves."""
+    from probes.harmful import skipping_served, with_slope
+
+    rng = np.random.default_rng(12)
+    lens = [int(v) for v in rng.integers(1, 30, 50)]
+    acts = _acts(lens, [0] * 50, seed=13)
+    mask = np.ones(acts.n_rows, bool)
+    lead = rng.integers(0, 3, 50)  # out-of-scope rows before the user's text (one span each)
+    for i in range(50):
+        mask[np.flatnonzero(acts.example == i)[: min(int(lead[i]), lens[i] - 1)]] = False
+    no_text = cast("list[ChatExample]", [None] * 50)
+    sd = SourceData(Source("b", "benign", "train", "v2", "f"), no_text, acts, mask)
+    probe = LinearProbe(3, np.array([0.7, -0.2, 0.1, 0, 0.4, -0.3], np.float32), 0.2,
+                        np.zeros(6, np.float32), np.ones(6, np.float32))
+    assert sd.skipping(0) is sd
+    with pytest.raises(ValueError, match="k: expected >= 0"):
+        sd.skipping(-1)
+    for k in (1, 4):
+        v = sd.skipping(k)
+        assert sd.skipping(k) is v and v.acts is sd.acts  # one view per k, same rows
+        a = 0.37
+        agg = skipping_served([(with_slope({"kind": "mean_logit"}, a), 1, 1.0, "span_end"),
+                               ({"kind": "mean"}, 1, 1.0, "span_end")], k)
+        assert [x[0] for x in agg] == [{"kind": "mean_logit", "length_slope": a,
+                                        "skip_tokens": k}]
+        served = served_scores(probe, acts, mask, agg[0][0], 1, judge_at="span_end")
+        feats = v.features(3)
+        n_pooled = v.in_scope_tokens()
+        for i in range(50):
+            rows = acts.x[3][(acts.example == i) & mask].astype(np.float32)
+            kept = rows[k:] if len(rows) > k else rows
+            np.testing.assert_allclose(feats[i], kept.mean(0), rtol=1e-5, atol=1e-6)
+            assert n_pooled[i] == len(kept)
+            z = float(kept.mean(0) @ probe.weight + probe.bias) - a * np.log(len(kept))
+            assert served[i] == pytest.approx(1 / (1 + np.exp(-z)), rel=1e-5)
+    with pytest.raises(ValueError, match="skip_tokens: a probe fit without the first 2"):
+        skipping_served([({"kind": "mean"}, 1, 1.0, "span_end")], 2)

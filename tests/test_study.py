@@ -579,3 +579,26 @@ def test_paired_auroc_diff_against_plain_aurocs() -> None:
     d01, _ = study.paired_auroc_diff(rows[1].u, rows[0].u,
                                      {d.name: d.source.kind for d in data}, n_boot=10)
     assert "each variant minus f1" in md and f"| f0 | f1 | {d01:+.3f} [" in md
+
+
+def test_skip_first_fits_and_scores_without_the_first_rows() -> None:
+    """``pooled.skip_first(base, k)``: ``base`` sees every source with the first ``k``
+    in-scope rows of each example longer than ``k`` left out (plain per-example loop)."""
+    data = _world(np.random.default_rng(14), {15: 2.0})
+    parts = [(d, np.arange(d.labels.size)) for d in data]
+    seen: list[SourceData] = []
+
+    def base(ps: pooled.Parts) -> pooled.Scorer:
+        seen.extend(d for d, _ in ps)
+        return lambda d: d.features(15)[:, 0].astype(np.float64)
+
+    f = pooled.skip_first(base, 2)(parts)
+    assert all(s.mask.sum() <= d.mask.sum() for s, d in zip(seen, data, strict=True))
+    for d in data:
+        got = f(d)
+        for i in range(d.acts.n_examples):
+            rows = d.acts.x[15][(d.acts.example == i) & d.mask][:, 0].astype(np.float32)
+            kept = rows[2:] if rows.size > 2 else rows
+            assert got[i] == pytest.approx(float(kept.mean()), rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="k: expected >= 0"):
+        pooled.skip_first(base, -1)

@@ -14,7 +14,9 @@ Python loop over random chunkings).
   ``ε = LOGIT_EPS`` (the mean of the probe's logits: for a linear probe it is the logit
   of the mean activation, the statistic a pooled probe is trained on), ``a`` the
   ``length_slope`` (default 0: no length term; a length-debiased probe subtracts the
-  drift of its benign training scores with ``log`` of the in-scope token count)
+  drift of its benign training scores with ``log`` of the in-scope token count);
+  ``skip_tokens = k`` (default 0) leaves the first ``k`` scores out of the mean and the
+  count once more than ``k`` were seen
 - :class:`EmaAggregator`       ``a_1 = s_1``; ``a_t = α a_{t-1} + (1-α) s_t``,
   ``α = 0.5**(1/h)``                                               (``scipy.signal.lfilter``)
 - :class:`WindowMaxAggregator` ``a_t = max_{t-N < i <= t} s_i``    (van Herk/Gil-Werman)
@@ -54,6 +56,7 @@ __all__ = [
     "AGGREGATION_KINDS",
     "LOGIT_EPS",
     "MAX_MEAN_WINDOW_TOKENS",
+    "MAX_SKIP_TOKENS",
     "MAX_TEMPERATURE",
     "MAX_WINDOW_TOKENS",
     "MIN_TEMPERATURE",
@@ -86,6 +89,11 @@ MAX_WINDOW_TOKENS = 65536
 #: ``N`` vector adds of length ``m`` (each window summed in one fixed order, so chunking
 #: cannot change a bit), and the tracker keeps ``N - 1`` floats per request and detector.
 MAX_MEAN_WINDOW_TOKENS = 1024
+
+#: Upper bound on ``skip_tokens`` of ``mean_logit`` (the first words of a request left out
+#: of the mean; the shipped probe skips 4; a larger value would leave most short requests
+#: judged on a handful of tokens).
+MAX_SKIP_TOKENS = 64
 
 #: Bounds on ``temperature`` (``τ``) of ``softmax_logit``. With ``|ℓ| <= log((1-ε)/ε) =
 #: 13.82`` and ``τ >= 0.25``, ``|ℓ/τ| <= 55.3``: ``e^{ℓ/τ}`` lies in ``[1e-24, 1e24]``, so
@@ -320,45 +328,69 @@ class MeanLogitAggregator:
     summed sequentially in float64 (``σ(x) = 1 / (1 + exp(-x))``, ``ε = LOGIT_EPS``,
     ``a = length_slope``).
 
-    The running sum is a :class:`MeanAggregator` over the clipped logits (``logit`` is
-    elementwise, so chunking cannot change a bit of the result; ``push`` uses the same
-    numpy ufuncs on a scalar). Scores are probabilities ``sigmoid(z_t)``, so for
-    ``|z_t| <= 13.8`` the aggregate is ``σ(mean_t z_t − a·log t)``.
+    ``skip_tokens = k > 0``: once more than ``k`` scores have been seen, the first ``k``
+    are left out of the mean and of the count, ``a_t = σ((L_t − L_k)/(t − k) − a·log(t − k))``
+    for ``t > k``; up to ``t = k`` it is the plain mean above. At a request's last
+    in-scope token this is the statistic a probe fit on the mean of its rows ``k+1..n``
+    (``n > k``; all ``n`` rows otherwise) is trained on (``probes.pooled.SourceData.skipping``):
+    the first words of a request ("How", "What", "Can you") carry little of it yet.
+
+    The running sums are two :class:`MeanAggregator` over the clipped logits, one for the
+    first ``k`` and one for the rest (``logit`` is elementwise, so chunking cannot change
+    a bit of the result; ``push`` uses the same numpy ufuncs on a scalar). Scores are
+    probabilities ``sigmoid(z_t)``, so for ``|z_t| <= 13.8`` the aggregate is
+    ``σ(mean_t z_t − a·log t)`` over the pooled tokens.
 
     ``t`` is the number of scores this aggregator has seen: for a tracker, the request's
     in-scope tokens so far, counted across every span in scope (e.g. ``scope: user`` over
     a multi-turn chat: all user tokens up to here, not only the current message's). At
     the last span end it is the request's whole in-scope count, the ``n`` a
     length-debiased probe is trained with (``probes.train.fit_length_slope``); earlier
-    judged span ends see their prefix count. ``length_slope = 0`` skips the term: the
-    arithmetic is exactly that of the plain mean logit, bit for bit.
+    judged span ends see their prefix count. ``length_slope = 0`` skips the term and
+    ``skip_tokens = 0`` the split: the arithmetic is then exactly that of the plain mean
+    logit, bit for bit.
     """
 
-    def __init__(self, length_slope: float = 0.0) -> None:
+    def __init__(self, length_slope: float = 0.0, skip_tokens: int = 0) -> None:
         self.length_slope = _check_slope(length_slope)
-        self._mean = MeanAggregator()
+        if not (isinstance(skip_tokens, int) and 0 <= skip_tokens <= MAX_SKIP_TOKENS):
+            raise ValueError(f"skip_tokens: expected an integer in [0, {MAX_SKIP_TOKENS}]; "
+                             f"found {skip_tokens!r}")
+        self.skip_tokens = skip_tokens
+        self._head = MeanAggregator()   # the first skip_tokens logits
+        self._mean = MeanAggregator()   # every later one
         self.n = 0
 
     @property
     def value(self) -> float:
         if not self.n:
             return 0.0
-        m = _debias(np.float64(self._mean.value), np.float64(self.n), self.length_slope)
+        if self._mean.n:
+            m = _debias(np.float64(self._mean.value), np.float64(self._mean.n),
+                        self.length_slope)
+        else:
+            m = _debias(np.float64(self._head.value), np.float64(self.n), self.length_slope)
         return float(_sigmoid(m))
 
     def push(self, score: float) -> float:
         self.n += 1
-        m = np.float64(self._mean.push(float(_logit(np.float64(score)))))
-        return float(_sigmoid(_debias(m, np.float64(self.n), self.length_slope)))
+        agg = self._head if self.n <= self.skip_tokens else self._mean
+        m = np.float64(agg.push(float(_logit(np.float64(score)))))
+        return float(_sigmoid(_debias(m, np.float64(agg.n), self.length_slope)))
 
     def update(self, scores: np.ndarray) -> np.ndarray:
         x = _as_chunk(scores)
         if x.size == 0:
             return x.copy()
-        t = np.arange(self.n + 1, self.n + 1 + x.size, dtype=np.float64)
+        lg = np.asarray(_logit(x))
+        h = min(max(self.skip_tokens - self.n, 0), x.size)   # how many go to the head
         self.n += x.size
-        means = self._mean.update(np.asarray(_logit(x)))
-        return np.asarray(_sigmoid(_debias(means, t, self.length_slope)))
+        parts = []
+        for agg, chunk in ((self._head, lg[:h]), (self._mean, lg[h:])):
+            if chunk.size:
+                t = np.arange(agg.n + 1, agg.n + 1 + chunk.size, dtype=np.float64)
+                parts.append(_debias(agg.update(chunk), t, self.length_slope))
+        return np.asarray(_sigmoid(np.concatenate(parts)))
 
 
 def _check_slope(length_slope: float) -> float:
@@ -576,6 +608,9 @@ class Aggregation:
     #: ``softmax_logit`` only: ``τ`` of the softmax weights ``e^{ℓ/τ}`` (required: a
     #: softmax probe is trained at one temperature, so its policy must name it).
     temperature: float | None = None
+    #: ``mean_logit`` only: the first ``k`` in-scope scores left out of the mean once more
+    #: than ``k`` were seen (optional, default 0).
+    skip_tokens: int | None = None
 
     def __post_init__(self) -> None:
         spec = AGGREGATIONS.get(self.kind)
@@ -624,12 +659,23 @@ _MEAN_WINDOW = AggParam("window_tokens", integer=True, low=1, high=MAX_MEAN_WIND
 _LENGTH_SLOPE = AggParam("length_slope", integer=False, low=-math.inf, high=math.inf,
                          low_inclusive=True, default=0.0,
                          doc="a of the length term: a_t = sigmoid(pooled logit - a*log t)")
+_SKIP = AggParam("skip_tokens", integer=True, low=0, high=MAX_SKIP_TOKENS, low_inclusive=True,
+                 default=0, doc="the first k in-scope scores left out of the mean (and of "
+                 "t) once more than k were seen")
 _TEMPERATURE = AggParam("temperature", integer=False, low=MIN_TEMPERATURE,
                         high=MAX_TEMPERATURE, low_inclusive=True,
                         doc="tau of the softmax weights exp(logit/tau) (required)")
 
+def _mean_logit_name(a: Aggregation) -> str:
+    """``mean_logit``, ``mean_logit(a=0.1)``, ``mean_logit(a=0.1, skip=4)``."""
+    ps = ([f"a={_req(a.length_slope):g}"] if a.length_slope else []) + \
+        ([f"skip={a.skip_tokens}"] if a.skip_tokens else [])
+    return "mean_logit" + (f"({', '.join(ps)})" if ps else "")
+
+
 #: The `Aggregation` fields that hold kind parameters (each is some kind's `AggParam`).
-_PARAM_FIELDS = ("half_life_tokens", "window_tokens", "length_slope", "temperature")
+_PARAM_FIELDS = ("half_life_tokens", "window_tokens", "length_slope", "temperature",
+                 "skip_tokens")
 
 #: The aggregation kinds, by name (one definition: policy parser, tracker, probes).
 AGGREGATIONS: dict[str, AggregationKind] = {k.name: k for k in (
@@ -637,12 +683,13 @@ AGGREGATIONS: dict[str, AggregationKind] = {k.name: k for k in (
                     lambda a: "max"),
     AggregationKind("mean", (), "a_t = (1/t) sum_{i<=t} s_i", lambda a: MeanAggregator(),
                     lambda a: "mean"),
-    AggregationKind("mean_logit", (_LENGTH_SLOPE,),
+    AggregationKind("mean_logit", (_LENGTH_SLOPE, _SKIP),
                     "a_t = sigmoid((1/t) sum_{i<=t} logit(clip(s_i, 1e-6, 1-1e-6))"
-                    " - a log t), a = length_slope (default 0)",
-                    lambda a: MeanLogitAggregator(_req(a.length_slope)),
-                    lambda a: "mean_logit" if not a.length_slope
-                    else f"mean_logit(a={_req(a.length_slope):g})"),
+                    " - a log t), a = length_slope (default 0); skip_tokens = k (default 0):"
+                    " for t > k the sum and t start after the first k scores",
+                    lambda a: MeanLogitAggregator(_req(a.length_slope),
+                                                  int(_req(a.skip_tokens))),
+                    _mean_logit_name),
     AggregationKind("ema", (_HALF_LIFE,),
                     "a_1 = s_1, a_t = alpha a_{t-1} + (1-alpha) s_t, alpha = 0.5**(1/h)",
                     lambda a: EmaAggregator(_req(a.half_life_tokens)),

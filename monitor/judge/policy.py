@@ -10,6 +10,7 @@ A policy is a YAML file that safety teams edit (reference: ``policies/README.md`
       aggregation: {kind: max}       # max | mean | mean_logit | ema | window_max |
                                      # window_mean_logit | softmax_logit (mean_logit and
                                      # softmax_logit take an optional length_slope;
+                                     # mean_logit an optional skip_tokens;
                                      # softmax_logit a required temperature)
       min_tokens: 1                  # no severity before this many scored tokens
       judge_at: every_token          # every_token | span_end (see below)
@@ -367,10 +368,12 @@ class _Parser:
         window = values.get("window_tokens")
         slope = values.get("length_slope")
         tau = values.get("temperature")
+        skip = values.get("skip_tokens")
         return Aggregation(kind, half_life_tokens=None if half_life is None else float(half_life),
                            window_tokens=None if window is None else int(window),
                            length_slope=None if slope is None else float(slope),
-                           temperature=None if tau is None else float(tau))
+                           temperature=None if tau is None else float(tau),
+                           skip_tokens=None if skip is None else int(skip))
 
     def thresholds(self, node: yaml.Node, path: str) -> tuple[tuple[str, float], ...]:
         entries = self.mapping(node, path, SEVERITIES)
@@ -455,7 +458,7 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
     Raises :class:`PolicyError` on YAML syntax errors, unknown or duplicate keys, wrong
     types, thresholds outside (0, 1), ``warn >= critical``, ``half_life_tokens <= 0``,
     ``window_tokens < 1``, a non-finite ``length_slope``, a ``temperature`` outside
-    ``[0.25, 1e6]``, ``min_tokens < 0``, aggregation
+    ``[0.25, 1e6]``, a ``skip_tokens`` outside ``[0, 64]``, ``min_tokens < 0``, aggregation
     parameters that do not belong to the kind, and a detector left without thresholds
     after merging ``defaults``.
     """
