@@ -68,6 +68,7 @@ def test_default_bundle_loads_and_has_calibration() -> None:
             dict(names[name].default_thresholds), abs=1e-6)
     hi = names["harmful_intent"].calibration
     assert pols["harmful_intent"].aggregation.length_slope == hi.get("length_slope", 0.0)
+    assert pols["harmful_intent"].aggregation.skip_tokens == hi.get("skip_tokens", 0)
 
 
 @pytest.mark.slow
@@ -132,31 +133,42 @@ def test_default_bundle_calibration_on_shared_slice() -> None:
 
         a = float(pol.aggregation.length_slope or 0.0)
         assert a == det.calibration.get("length_slope", 0.0)
-        n = np.bincount(acts.example[mask], minlength=acts.n_examples)
+        # skip_tokens k: the first k in-scope rows of a request with more than k are not
+        # pooled (the probe was fit so: probes.pooled.SourceData.skipping)
+        k = int(pol.aggregation.skip_tokens or 0)
+        assert k == det.calibration.get("skip_tokens", 0)
+        pool = mask.copy()
+        for i in range(acts.n_examples):
+            r = np.flatnonzero(mask & (acts.example == i))
+            if r.size > k:
+                pool[r[:k]] = False
+        n = np.bincount(acts.example[pool], minlength=acts.n_examples)
         one = np.array([span_end_rows(mask[acts.example == i]).sum() == 1
                         for i in range(acts.n_examples)])
         assert one.sum() >= 0.9 * acts.n_examples
         # plain reference of the served statistic on requests with one span in scope (one
-        # judged token): σ(mean of the clipped logits of the sidecar's token scores − a·ln n)
+        # judged token): σ(mean of the clipped logits of the sidecar's token scores over the
+        # pooled rows − a·ln n), n = the rows pooled
         q = np.clip(np.asarray(tok, np.float64), LOGIT_EPS, 1 - LOGIT_EPS)
         lg = np.log(q) - np.log1p(-q)
-        mean_lg = np.bincount(acts.example[mask], lg[mask], acts.n_examples) / np.maximum(n, 1)
+        mean_lg = np.bincount(acts.example[pool], lg[pool], acts.n_examples) / np.maximum(n, 1)
         ref = 1 / (1 + np.exp(-(mean_lg - a * np.log(np.maximum(n, 1)))))
         np.testing.assert_allclose(s[one], ref[one], rtol=1e-9)
         # = the trained statistic σ(z(x̄) − a·ln n) (the probe on the mean activation) where
         # no token's logit saturates the float32 score (|z_t| > 13.8 is clipped, as served)
         zt = ((acts.x[det.layer].astype(np.float32) - probe.mean) / probe.std) @ probe.weight
         zt = zt + probe.bias
-        sat = np.bincount(acts.example[mask & (np.abs(zt) > 13.0)],
+        sat = np.bincount(acts.example[pool & (np.abs(zt) > 13.0)],
                           minlength=acts.n_examples) > 0
-        z = (pooled_features(acts, det.layer, mask) - probe.mean) / probe.std @ probe.weight
+        z = (pooled_features(acts, det.layer, pool) - probe.mean) / probe.std @ probe.weight
         z = z + probe.bias - a * np.log(np.maximum(n, 1))
         ok = one & ~sat
         assert ok.sum() >= 0.5 * acts.n_examples
         np.testing.assert_allclose(s[ok], 1 / (1 + np.exp(-z[ok])), atol=1e-3)
         # the length term lowers a long benign request's score by exactly a·ln n in logit
         plain = aggregate_requests(np.asarray(tok), acts.example, acts.n_examples,
-                                   {"kind": "mean_logit"}, pol.min_tokens, mask, pol.judge_at)
+                                   {"kind": "mean_logit", "skip_tokens": k}, pol.min_tokens,
+                                   mask, pol.judge_at)
         i = int(np.flatnonzero(one & ~y)[np.argmax(n[one & ~y])])
 
         def logit(p: float) -> float:
