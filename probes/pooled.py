@@ -45,8 +45,7 @@ __all__ = [
     "concat", "conjunction", "contrast", "ecdf_scores", "ensemble", "fit_pooled", "fitter_folds",
     "gbt_pca", "kind_weights", "knn", "lda_shrunk", "length_debiased", "linear", "mlp",
     "pca_logreg", "pooled_features", "served_scores", "skip_first", "source_weights",
-    "stage2_share",
-    "style_directions",
+    "stage2_share", "style_directions",
 ]
 
 

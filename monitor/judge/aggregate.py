@@ -666,6 +666,7 @@ _TEMPERATURE = AggParam("temperature", integer=False, low=MIN_TEMPERATURE,
                         high=MAX_TEMPERATURE, low_inclusive=True,
                         doc="tau of the softmax weights exp(logit/tau) (required)")
 
+
 def _mean_logit_name(a: Aggregation) -> str:
     """``mean_logit``, ``mean_logit(a=0.1)``, ``mean_logit(a=0.1, skip=4)``."""
     ps = ([f"a={_req(a.length_slope):g}"] if a.length_slope else []) + \
