@@ -629,16 +629,17 @@ def lists_source(meta: Lists, collector: Collector, cache_dir: Path | None, laye
                           meta.examples, collector, cache_dir, layers, scope, progress)
 
 
-def recipe_fit(parts: list[tuple[SourceData, np.ndarray]]
+def recipe_fit(parts: list[tuple[SourceData, np.ndarray]], skip_tokens: int = 0
                ) -> tuple[Callable[[SourceData], np.ndarray], float]:
-    """The window study's probe on ``parts`` (``safety-probes study-window``, its runs 1–5:
-    the session-13 recipe, :data:`PINNED`: layer 15, C = 0.003, kinds ×1, benign style
-    directions projected out, no prefix negatives, EVERY in-scope token pooled; the
-    shipped recipe since session 14 also leaves the first :data:`DEFAULT_SKIP_TOKENS`
-    out, which the study's mean read-out ``probes.window.mean_logit`` does not model) as a
-    function of a source's in-scope rows (float ``[n_in_scope_rows]`` logits;
-    ``probes.window.Logits``) and its own length slope (:func:`length_slope`)."""
+    """The recipe's probe on ``parts`` (:data:`PINNED`: layer 15, C = 0.003, kinds ×1,
+    benign style directions projected out, no prefix negatives: ``Config.fit`` at
+    ``span_end``), fit without the first ``skip_tokens`` in-scope tokens of each request
+    (``SourceData.skipping``; the shipped recipe: :data:`DEFAULT_SKIP_TOKENS`; 0, every
+    token: the session-13 recipe the window study's runs 1–5 used) as a function of a
+    source's in-scope rows (float ``[n_in_scope_rows]`` logits; ``probes.window.Logits``)
+    and its own length slope (:func:`length_slope`, on the same rows)."""
     layer, C = int(PINNED["layers"][0]), float(PINNED["Cs"][0])
+    parts = [(d.skipping(skip_tokens), i) for d, i in parts]
     p = fit_pooled(parts, layer, C, kind_weights(float(PINNED["scary_weights"][0])), 0,
                    style="benign")
     return (lambda d: p.logits(d.rows(layer))), length_slope(p, parts)

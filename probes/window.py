@@ -324,14 +324,19 @@ GROUPS = ("hidden harmful (lists)", "short harmful", "ordinary", "scary", "perso
           "benign lists")
 
 
-def _probe_scores(data: SourceData, z_all: np.ndarray, slope: float,
-                  keys: Sequence[tuple[int, int]]
+def _probe_scores(data: SourceData, logits: Logits, slope: float,
+                  keys: Sequence[tuple[int, int]], skip_tokens: int = 0
                   ) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
-    """``A`` and ``B`` (per (window, min_tokens)) of every example of ``data`` from its
-    in-scope rows' logits ``z_all``."""
-    ex = data.acts.example[data.mask]
+    """``A`` and ``B`` (per (window, min_tokens)) of every example of ``data`` from the
+    fold's per-token logits: ``A`` over the rows the served ``mean_logit`` with
+    ``skip_tokens`` pools (``SourceData.skipping``: the first ``k`` in-scope rows of a
+    request longer than ``k`` left out, ``n`` = the rows pooled), ``B`` over every
+    in-scope row."""
     n = data.acts.n_examples
-    a = _sigmoid(mean_logit(z_all, ex, n, slope))
+    pool = data.skipping(skip_tokens)
+    a = _sigmoid(mean_logit(logits(pool), pool.acts.example[pool.mask], n, slope))
+    z_all = logits(data)
+    ex = data.acts.example[data.mask]
     b = {k: _sigmoid(window_max_logit(z_all, ex, n, k[0], k[1])) for k in keys}
     return a, b
 
@@ -343,7 +348,8 @@ def run_window_study(train: Sequence[SourceData], lists: SourceData, meta: Lists
                                    tuple[Logits, float]],
                      fpr: float = 0.01,
                      progress: Callable[[str], None] | None = None,
-                     ordinary: Collection[str] = ()) -> list[WindowRow]:
+                     ordinary: Collection[str] = (), skip_tokens: int = 0
+                     ) -> list[WindowRow]:
     """Leave one source out over ``train``: fold ``S`` fits (``fit``: rows -> (per-token
     logit function over a source's in-scope rows, length slope ``a``)) on the
     ``fit_idx`` rows of every other source, then scores ``S`` whole, the other sources'
@@ -355,7 +361,10 @@ def run_window_study(train: Sequence[SourceData], lists: SourceData, meta: Lists
     every list is scored once). Rates at warn: each fold's own thresholds at ``fpr``
     (split calibration: the calibration lists bounded per filler kind). A held-out benign
     source in ``ordinary`` reports as "ordinary" (the caller's set, e.g.
-    ``probes.study.ORDINARY``), any other plain benign one as "other benign"."""
+    ``probes.study.ORDINARY``), any other plain benign one as "other benign".
+    ``skip_tokens``: read-out ``A`` pools each request without its first ``k`` in-scope
+    tokens, as the served ``mean_logit`` with ``skip_tokens: k`` does (the fold's ``fit``
+    must fit its probe the same way: ``probes.harmful.recipe_fit``)."""
     keys = sorted({(r.window, r.min_tokens) for r in rs if r.window})
     harmful_folds = [d.name for d in train if d.source.kind == "harmful"]
     benign_lists = meta.where("benign")
@@ -371,7 +380,7 @@ def run_window_study(train: Sequence[SourceData], lists: SourceData, meta: Lists
 
         def score(d: SourceData, logits: Logits = logits, slope: float = slope
                   ) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
-            return _probe_scores(d, logits(d), slope, keys)
+            return _probe_scores(d, logits, slope, keys, skip_tokens)
 
         ca: list[np.ndarray] = []
         cb: dict[tuple[int, int], list[np.ndarray]] = {k: [] for k in keys}

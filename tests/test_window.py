@@ -378,3 +378,32 @@ def test_the_study_reads_what_the_served_aggregation_serves() -> None:
                                 judge_at="span_end")
     study = 1.0 / (1.0 + np.exp(-mean_logit(z, ex, 25, 0.3)))
     np.testing.assert_allclose(study, served, rtol=1e-9, atol=1e-12)
+
+
+def test_study_mean_readout_with_skip_tokens_is_the_served_mean_logit() -> None:
+    """With ``skip_tokens`` the study's read-out ``A`` pools what the served ``mean_logit``
+    with ``skip_tokens`` pools (the first ``k`` in-scope rows of a longer request left
+    out, ``n`` the rows pooled), and ``B`` still reads every in-scope row."""
+    from probes.train import aggregate_requests
+    from probes.window import _probe_scores
+
+    rng = np.random.default_rng(9)
+    d = _src("alpaca", "benign", [int(k) for k in rng.integers(1, 30, 40)], 0.0, rng)
+    d.mask[np.flatnonzero(d.acts.example == 3)[:2]] = False   # out-of-scope rows first
+    rows = d.acts.x[15].astype(np.float64)
+
+    def logits(s: SourceData) -> np.ndarray:
+        return rows[s.mask, 0]
+
+    s = np.zeros(d.acts.n_rows)
+    s[d.mask] = 1.0 / (1.0 + np.exp(-rows[d.mask, 0]))
+    for k in (0, 3):
+        a, b = _probe_scores(d, logits, 0.3, [(8, 1)], k)
+        served = aggregate_requests(s, d.acts.example, d.acts.n_examples,
+                                    {"kind": "mean_logit", "length_slope": 0.3,
+                                     "skip_tokens": k}, 1, d.mask, "span_end")
+        np.testing.assert_allclose(a, served, rtol=1e-9, atol=1e-12)
+        window_served = aggregate_requests(s, d.acts.example, d.acts.n_examples,
+                                           {"kind": "window_mean_logit", "window_tokens": 8},
+                                           1, d.mask)
+        np.testing.assert_allclose(b[(8, 1)], window_served, rtol=1e-9, atol=1e-12)
