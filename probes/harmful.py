@@ -181,12 +181,18 @@ def length_slope(probe: LinearProbe, parts: Sequence[tuple[SourceData, np.ndarra
     return round(fit_length_slope(np.concatenate(z), np.concatenate(n)), 4)
 
 
-def has_length_term(agg: dict[str, Any]) -> bool:
-    """Whether the aggregation kind of ``agg`` takes a ``length_slope``
-    (``monitor.judge.aggregate.AGGREGATIONS``: ``mean_logit``, ``softmax_logit``)."""
+def takes_param(agg: dict[str, Any], name: str) -> bool:
+    """Whether the aggregation kind of ``agg`` has the parameter ``name``
+    (``monitor.judge.aggregate.AGGREGATIONS``, the one definition of each kind)."""
     from monitor.judge.aggregate import AGGREGATIONS
 
-    return AGGREGATIONS[agg["kind"]].param("length_slope") is not None
+    return AGGREGATIONS[agg["kind"]].param(name) is not None
+
+
+def has_length_term(agg: dict[str, Any]) -> bool:
+    """Whether the aggregation kind of ``agg`` takes a ``length_slope`` (``mean_logit``,
+    ``softmax_logit``)."""
+    return takes_param(agg, "length_slope")
 
 
 def with_slope(agg: dict[str, Any], slope: float) -> dict[str, Any]:
@@ -219,9 +225,7 @@ is set (``harmful_intent_recipe``, ``probes.recipes.build_default``, the CLI's
 
 def takes_skip(agg: dict[str, Any]) -> bool:
     """Whether the aggregation kind of ``agg`` takes ``skip_tokens`` (``mean_logit``)."""
-    from monitor.judge.aggregate import AGGREGATIONS
-
-    return AGGREGATIONS[agg["kind"]].param("skip_tokens") is not None
+    return takes_param(agg, "skip_tokens")
 
 
 def skipping_served(served: Sequence[Served], k: int) -> tuple[Served, ...]:

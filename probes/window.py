@@ -333,10 +333,10 @@ def _probe_scores(data: SourceData, logits: Logits, slope: float,
     request longer than ``k`` left out, ``n`` = the rows pooled), ``B`` over every
     in-scope row."""
     n = data.acts.n_examples
-    pool = data.skipping(skip_tokens)
-    a = _sigmoid(mean_logit(logits(pool), pool.acts.example[pool.mask], n, slope))
-    z_all = logits(data)
+    z_all = logits(data)   # once: A's rows are a subset of B's
     ex = data.acts.example[data.mask]
+    pooled = data.skipping(skip_tokens).mask[data.mask]
+    a = _sigmoid(mean_logit(z_all[pooled], ex[pooled], n, slope))
     b = {k: _sigmoid(window_max_logit(z_all, ex, n, k[0], k[1])) for k in keys}
     return a, b
 

@@ -390,7 +390,7 @@ class MeanLogitAggregator:
             if chunk.size:
                 t = np.arange(agg.n + 1, agg.n + 1 + chunk.size, dtype=np.float64)
                 parts.append(_debias(agg.update(chunk), t, self.length_slope))
-        return np.asarray(_sigmoid(np.concatenate(parts)))
+        return np.asarray(_sigmoid(parts[0] if len(parts) == 1 else np.concatenate(parts)))
 
 
 def _check_slope(length_slope: float) -> float:
