@@ -117,9 +117,11 @@ def _source_thresholds(s: np.ndarray, code: np.ndarray, counts: np.ndarray,
 
 def threshold_at_fpr(benign: np.ndarray, fpr: float,
                      groups: np.ndarray | Sequence[Any] | None = None,
-                     weighting: str = "row") -> float:
+                     weighting: str = "row", *, clip: bool = True) -> float:
     """Smallest threshold whose weighted empirical FPR on ``benign`` is ``≤ fpr`` (module
-    doc), clipped to [0, 1]. ``groups``: one source label per score (``source`` /
+    doc), clipped to [0, 1] (``clip``: a served statistic is a probability; pass
+    ``clip=False`` for scores on any other scale, e.g. logits, where the clip would
+    move the threshold). ``groups``: one source label per score (``source`` /
     ``worst``; ``None`` = one source, where every weighting equals ``row``)."""
     s = np.asarray(benign, dtype=np.float64)
     if s.size == 0:
@@ -131,7 +133,7 @@ def threshold_at_fpr(benign: np.ndarray, fpr: float,
         t = max(_source_thresholds(s, code, counts, fpr))
     else:
         t = _weighted_threshold(s, calibration_weights(s.size, groups, weighting), fpr)
-    return float(min(max(t, 0.0), 1.0))
+    return float(min(max(t, 0.0), 1.0)) if clip else float(t)
 
 
 def ecdf_scores(cal: np.ndarray, s: np.ndarray,

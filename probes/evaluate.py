@@ -1,9 +1,12 @@
 """Request-level metrics: AUROC, TPR at a false-positive rate, per-category breakdown.
 
 - AUROC = P(S⁺ > S⁻) + ½ P(S⁺ = S⁻) (Mann–Whitney, ties count half).
-- TPR@FPR α: threshold ``t = threshold_at_fpr(S⁻, α)`` (see calibrate.py), then
-  ``TPR = mean(S⁺ ≥ t)``. Measured on the evaluated negatives themselves (the usual
-  "TPR at 1% FPR"); the shipped-threshold rates use the calibration thresholds instead.
+- TPR@FPR α: threshold ``t = threshold_at_fpr(S⁻, α, clip=False)`` (see calibrate.py),
+  then ``TPR = mean(S⁺ ≥ t)``; like AUROC it depends on the ranking only, so it is the
+  same for ``S`` and any strictly increasing map of it (a logit or its sigmoid); ties
+  are never split, so negatives tied at the top leave no positive above them. Measured
+  on the evaluated negatives themselves (the usual "TPR at 1% FPR"); the
+  shipped-threshold rates use the calibration thresholds instead.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ def auroc(y: np.ndarray, s: np.ndarray) -> float:
 
 
 def tpr_at_fpr(y: np.ndarray, s: np.ndarray, fpr: float = 0.01) -> float:
-    """True-positive rate at the threshold giving ``≤ fpr`` on the negatives."""
+    """True-positive rate at the threshold giving ``≤ fpr`` on the negatives (any score
+    scale: the threshold is not clipped to [0, 1])."""
     y = np.asarray(y).astype(bool)
     s = np.asarray(s, dtype=np.float64)
     if not y.any() or y.all():
         return float("nan")
-    t = threshold_at_fpr(s[~y], fpr)
+    t = threshold_at_fpr(s[~y], fpr, clip=False)
     return float((s[y] >= t).mean())
 
 

@@ -62,6 +62,22 @@ def test_auroc_and_tpr_known_values() -> None:
     assert set(m["per_category"]) == {"x", "uncategorised"}
 
 
+def test_tpr_at_fpr_is_scale_free() -> None:
+    # logit-scale scores (most above 1): TPR@FPR is a ranking metric, so it must equal the
+    # sigmoid's; a threshold clipped to [0, 1] put every logit above 1 over it (0.415 vs
+    # 0.141 in session 14's REPORT, its mean-logit reference line)
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(900), np.ones(300)].astype(int)
+    z = np.r_[rng.normal(0.0, 1.5, 900), rng.normal(2.5, 1.5, 300)]
+    sig = 1 / (1 + np.exp(-z))
+    for a in (0.01, 0.05, 0.2):
+        assert tpr_at_fpr(y, z, a) == tpr_at_fpr(y, sig, a)
+        assert tpr_at_fpr(y, z - 10, a) == tpr_at_fpr(y, z, a)   # negative scores too
+    t = threshold_at_fpr(z[y == 0], 0.01, clip=False)
+    assert t > 1 and (z[y == 0] >= t).mean() <= 0.01
+    assert threshold_at_fpr(z[y == 0], 0.01) == 1.0   # the served (probability) scale
+
+
 def test_threshold_at_fpr_guarantees_rate() -> None:
     rng = np.random.default_rng(0)
     benign = rng.random(5000)
