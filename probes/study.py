@@ -356,6 +356,15 @@ BASE = 15, 1e-3
 shipped recipe since session 6 is variant 19, the length term at C 0.003)."""
 
 
+def recipe_fitter(layer: int, skip_tokens: int) -> Fitter:
+    """The shipped recipe as a :data:`Fitter` (``probes.harmful.PINNED``'s C 0.003,
+    per-source balance, benign style directions out, length-debiased; variant 24 with
+    ``skip_tokens`` 0, variant 39 (the bundle since session 14) with
+    ``probes.harmful.DEFAULT_SKIP_TOKENS``)."""
+    base = length_debiased(linear(layer, 3e-3, style="benign"))
+    return skip_first(base, skip_tokens) if skip_tokens else base
+
+
 def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
     """The variants compared (issue 14, "probes that hold up"); layers: those collected."""
     lay, C = BASE
@@ -373,7 +382,7 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
     soft = "yes: one column + softmax_logit (build-default --pooling softmax)"
     # the shipped recipe (variant 24) and the softmax probe at tau=1 (28), shared by the
     # session-12 variants (a fitter is a pure function of its parts: reusing one is safe)
-    shipped = length_debiased(linear(lay, 3e-3, style="benign"))
+    shipped = recipe_fitter(lay, 0)
     pair = average([shipped, length_debiased(token_pool(lay, 3e-3, "softmax", 1.0,
                                                         style="benign"))])
     scary_probe = contrast(shipped, frozenset({"scary", "persona"}))
