@@ -33,13 +33,18 @@ The study scale (:func:`ecdf_scores`, ``u``) uses the same weights and tolerance
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 import numpy as np
 
-__all__ = ["RATE_TOL", "WEIGHTINGS", "calibrate", "calibration_weights", "ecdf_scores",
-           "fpr_key", "kish_n", "policy_snippet", "threshold_at_fpr"]
+log = logging.getLogger(__name__)
+
+__all__ = ["POLICY_DIGITS", "RATE_TOL", "WEIGHTINGS", "calibrate", "calibration_weights",
+           "ecdf_scores", "fpr_key", "kish_n", "policy_snippet", "policy_threshold",
+           "threshold_at_fpr"]
 
 WEIGHTINGS: tuple[str, ...] = ("row", "source", "worst")
 """Calibration weightings (module doc)."""
@@ -167,6 +172,16 @@ def calibrate(benign: np.ndarray, fprs: Sequence[float] = (0.01, 0.001),
     s = np.asarray(benign, dtype=np.float64)
     out: dict[str, Any] = {fpr_key(a): threshold_at_fpr(s, a, groups, weighting)
                            for a in fprs}
+    # a threshold the [0, 1] clip pulled down (benign statistics saturated at 1.0: no
+    # served threshold holds the rate) is recorded with the rate it does hold, and logged
+    over = {a: _rate_at(s, out[fpr_key(a)], groups, weighting) for a in fprs
+            if threshold_at_fpr(s, a, groups, weighting, clip=False) > 1.0}
+    if over:
+        out["unattainable"] = {fpr_key(a): r for a, r in over.items()}
+        log.warning("calibrate: %s: benign scores saturate at 1.0; no threshold in [0, 1] "
+                    "holds %s (the clipped threshold alerts on %s of the calibration set)",
+                    benign_set or "benign set", [fpr_key(a) for a in over],
+                    [f"{r:.4f}" for r in over.values()])
     out["benign_set"] = benign_set
     out["n_benign"] = int(s.size)
     out["weighting"] = weighting
@@ -181,6 +196,37 @@ def calibrate(benign: np.ndarray, fprs: Sequence[float] = (0.01, 0.001),
             for a in fprs}
     else:
         out["n_eff"] = round(kish_n(calibration_weights(s.size, groups, weighting)), 1)
+    return out
+
+
+def _rate_at(s: np.ndarray, t: float, groups: np.ndarray | Sequence[Any] | None,
+             weighting: str) -> float:
+    """The calibration set's false-alert rate at ``t`` under ``weighting`` (``worst``: the
+    largest per-source rate)."""
+    hit = s >= t
+    if weighting == "worst":
+        _, code, counts = _groups(s.size, groups)
+        return float(np.max(np.bincount(code, weights=hit, minlength=counts.size) / counts))
+    return float(np.sum(calibration_weights(s.size, groups, weighting)[hit]))
+
+
+POLICY_DIGITS = 6
+"""Significant digits of a threshold written into a policy (:func:`policy_threshold`)."""
+
+
+def policy_threshold(t: float, digits: int = POLICY_DIGITS) -> str:
+    """``t`` as a policy number with ``digits`` significant digits, rounded UP, so the
+    written value is never below ``t``: a threshold sits just above a calibration score
+    (``nextafter``), and rounding it down would alert on that score."""
+    # the float's shortest repr: it parses back to ``t``, so any decimal at or above it
+    # parses to a float at or above ``t`` (rounding to the nearest float is monotone)
+    d = Decimal(repr(float(t)))
+    if d == 0:
+        return "0"
+    q = Decimal(1).scaleb(d.adjusted() - digits + 1)
+    out = format(d.quantize(q, rounding=ROUND_CEILING).normalize(), "f")
+    if float(out) < t:      # cannot happen (the argument above): a guard, not a branch
+        raise AssertionError(f"policy_threshold: {out} < {t!r}")
     return out
 
 
@@ -217,6 +263,6 @@ def policy_snippet(detectors: dict[str, dict[str, Any]], version: str = "probes-
                   f"    min_tokens: {int(d['min_tokens'])}",
                   *([f"    judge_at: {d['judge_at']}"] if d.get("judge_at") else []),
                   "    thresholds:",
-                  f"      warn: {d['thresholds']['warn']:.6g}",
-                  f"      critical: {d['thresholds']['critical']:.6g}"]
+                  f"      warn: {policy_threshold(d['thresholds']['warn'])}",
+                  f"      critical: {policy_threshold(d['thresholds']['critical'])}"]
     return "\n".join(lines) + "\n"

@@ -56,12 +56,16 @@ def benign_rates(s: np.ndarray, thresholds: dict[str, float]) -> dict[str, float
 
 
 def roc_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, TPR) arrays over all thresholds (descending)."""
+    """(FPR, TPR) arrays over all distinct thresholds (descending), starting at (0, 0):
+    one point per distinct score, so tied scores move FPR and TPR together (a diagonal
+    step, the ½ that AUROC gives ties) whatever their input order."""
     y = np.asarray(y).astype(bool)
-    order = np.argsort(-np.asarray(s, dtype=np.float64), kind="stable")
+    s = np.asarray(s, dtype=np.float64)
+    order = np.argsort(-s, kind="stable")
     ys = y[order]
-    tp = np.concatenate([[0], np.cumsum(ys)])
-    fp = np.concatenate([[0], np.cumsum(~ys)])
+    last = np.r_[np.flatnonzero(np.diff(s[order]) != 0), ys.size - 1] if ys.size else []
+    tp = np.concatenate([[0], np.cumsum(ys)[last]])
+    fp = np.concatenate([[0], np.cumsum(~ys)[last]])
     return fp / max(int((~y).sum()), 1), tp / max(int(y.sum()), 1)
 
 

@@ -452,7 +452,8 @@ def fold_metrics(folds: Sequence[Fold], k: int, weighting: str = "row") -> dict[
     au, tp, fp = [], [], []
     for f in folds:
         s, c = f.held_scores[k], f.cal_scores[k]
-        t = threshold_at_fpr(c, 0.01, f.cal_groups, weighting)
+        # read-out k may be a logit (the pooled reference, explore()): no [0, 1] clip
+        t = threshold_at_fpr(c, 0.01, f.cal_groups, weighting, clip=False)
         if f.held.source.kind == "harmful":
             au.append(auroc(np.r_[np.ones(s.size), np.zeros(c.size)], np.r_[s, c]))
             tp.append(float((s >= t).mean()))
@@ -780,7 +781,8 @@ def fold_rows(folds: Sequence[Fold], k: int = 1, weighting: str = "row"
             row["auroc"] = auroc(y, np.r_[s, c])
             row["auroc_ci"] = auroc_ci(y, np.r_[s, c])
         for sev, fpr in (("warn", 0.01), ("critical", 0.001)):
-            n_hit = int((s >= threshold_at_fpr(c, fpr, f.cal_groups, weighting)).sum())
+            n_hit = int((s >= threshold_at_fpr(c, fpr, f.cal_groups, weighting,
+                                               clip=False)).sum())
             row[f"rate@{sev}"] = n_hit / max(s.size, 1)
             row[f"rate@{sev}_ci"] = wilson_ci(n_hit, int(s.size))
         out[f.held.name] = row

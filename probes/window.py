@@ -41,15 +41,18 @@ policy severity.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from probes.calibrate import threshold_at_fpr
+from probes.calibrate import RATE_TOL, threshold_at_fpr
 from probes.lists import Lists
 from probes.pooled import SourceData
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SERVED_SHARE", "SERVED_WINDOW", "SEVERITY_FPR", "ZCLIP", "Logits", "Readout",
            "UnionLevel", "WindowRow", "choose", "mean_logit", "readouts", "run_window_study",
@@ -144,13 +147,19 @@ def second_threshold(a: np.ndarray, b: np.ndarray, ta: float, fpr: float) -> flo
     """``T_b`` given ``T_a``: the smallest threshold with ``#{a ≥ T_a or b ≥ T_b} ≤
     ⌊fpr·n⌋`` on benign scores ``a``, ``b`` (float ``[n]``; the rows ``a`` already alerts
     on are moved below every score, then :func:`probes.calibrate.threshold_at_fpr` of
-    ``b`` at the rate left)."""
+    ``b`` at the rate left). When ``a`` alone already alerts on more than ``fpr`` of the
+    population no ``T_b`` can hold it: ``T_b`` then lets ``b`` add no alert and the excess
+    is logged (the caller's per-population counts, e.g. ``UnionLevel.by_group``, show it)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"second_threshold: expected two equal non-empty [n] arrays; "
                          f"found {a.shape} and {b.shape}")
     hit = a >= ta
+    if hit.mean() > fpr + RATE_TOL:
+        log.warning("second_threshold: the first read-out alone alerts on %d of %d benign "
+                    "scores (%.4f > %.4f): the union cannot hold its rate on this population",
+                    int(hit.sum()), hit.size, float(hit.mean()), fpr)
     left = max(fpr - float(hit.mean()), 0.0)
     return threshold_at_fpr(np.where(hit, -1.0, b), left)
 

@@ -66,6 +66,11 @@ def test_default_bundle_loads_and_has_calibration() -> None:
         assert default.min_tokens == pol.detectors[name].min_tokens
         assert dict(default.thresholds) == pytest.approx(
             dict(names[name].default_thresholds), abs=1e-6)
+        for sev, t in names[name].default_thresholds.items():
+            # written rounded UP (probes.calibrate.policy_threshold): a threshold rounded
+            # down alerts on the calibration score it sits just above
+            assert dict(default.thresholds)[sev] >= t, (name, sev)
+            assert dict(pol.detectors[name].thresholds)[sev] >= t, (name, sev)
     hi = names["harmful_intent"].calibration
     assert pols["harmful_intent"].aggregation.length_slope == hi.get("length_slope", 0.0)
     assert pols["harmful_intent"].aggregation.skip_tokens == hi.get("skip_tokens", 0)

@@ -314,3 +314,36 @@ def test_skipping_view_is_what_mean_logit_skip_tokens_serves() -> None:
             assert served[i] == pytest.approx(1 / (1 + np.exp(-z)), rel=1e-5)
     with pytest.raises(ValueError, match="skip_tokens: a probe fit without the first 2"):
         skipping_served([({"kind": "mean"}, 1, 1.0, "span_end")], 2)
+
+
+def test_fold_metrics_and_rows_read_logits_like_their_sigmoid() -> None:
+    """Read-out 0 of a fold is the pooled LOGIT: thresholds on it must not be clipped to
+    [0, 1] (with the clip every logit above 1 alerted: tpr 0.98 / fpr 0.49 where the
+    sigmoid of the same scores gives the true 0.40 / 0.004)."""
+    from probes.harmful import fold_metrics, fold_rows
+    from probes.pooled import Fold
+
+    rng = np.random.default_rng(5)
+
+    def src(name: str, kind: str) -> SourceData:
+        return cast("SourceData", type("S", (), {"source": Source(name, kind, "train",
+                                                                  "project", name),
+                                                  "name": name})())
+
+    folds_z, folds_p = [], []
+    cal = rng.normal(2.0, 1.0, 600)                     # benign logits, mostly above 1
+    groups = np.repeat(["a", "b", "c"], 200)
+    for name, kind, mu in (("h1", "harmful", 4.0), ("h2", "harmful", 3.5),
+                           ("b1", "benign", 2.0), ("b2", "benign", 2.2)):
+        z = rng.normal(mu, 1.0, 300)
+        folds_z.append(Fold(src(name, kind), [z], [cal], groups))
+        folds_p.append(Fold(src(name, kind), [1 / (1 + np.exp(-z))],
+                            [1 / (1 + np.exp(-cal))], groups))
+    for w in ("row", "source", "worst"):
+        mz, mp = fold_metrics(folds_z, 0, w), fold_metrics(folds_p, 0, w)
+        assert mz == pytest.approx(mp), w
+        assert mz["fpr@cal1%"] < 0.05
+        rz, rp = fold_rows(folds_z, 0, w), fold_rows(folds_p, 0, w)
+        for name in rz:
+            for sev in ("warn", "critical"):
+                assert rz[name][f"rate@{sev}"] == rp[name][f"rate@{sev}"], (w, name, sev)

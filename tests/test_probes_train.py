@@ -214,3 +214,61 @@ def test_fit_length_slope_is_the_least_squares_slope_on_log_n():
         fit_length_slope(np.array([1.0, 2.0]), np.array([5, 5]))
     with pytest.raises(ValueError, match="same length"):
         fit_length_slope(np.array([1.0, 2.0]), np.array([5]))
+
+
+def test_policy_thresholds_are_rounded_up_never_down() -> None:
+    from probes.calibrate import policy_threshold
+
+    # the session-14 bundle's thresholds: .6g rounded every one of them DOWN, below the
+    # calibration score each sits just above (nextafter), so that score alerted
+    for t, want in ((0.8754973219913627, "0.875498"), (0.9838080826609837, "0.983809"),
+                    (0.9934620853774545, "0.993463"), (0.9990580785465735, "0.999059"),
+                    (0.5, "0.5"), (0.25, "0.25"), (0.0123456789, "0.0123457"),
+                    (np.nextafter(0.7, 1.0), "0.700001"), (0.9, "0.9"), (0.0, "0")):
+        assert policy_threshold(t) == want, t
+        assert float(want) >= t
+    rng = np.random.default_rng(4)
+    for t in rng.random(2000):
+        s = policy_threshold(float(t))
+        assert float(s) >= t and float(s) - t < 1e-6 * max(t, 1e-300) * 10
+    # a calibration set whose threshold rounds down: the written policy keeps the rate
+    benign = np.r_[np.linspace(0.1, 0.8, 611), [0.8754973219913627, 0.9, 0.95, 0.99]]
+    t = threshold_at_fpr(benign, 0.005)           # floor(0.005 * 615) = 3 above
+    assert (benign >= t).sum() == 3
+    snip = policy_snippet({"d": {"scope": "user", "aggregation": {"kind": "mean"},
+                                 "min_tokens": 1, "thresholds": {"warn": t,
+                                                                 "critical": 0.999}}})
+    from monitor.judge.policy import parse_policy
+
+    warn = dict(parse_policy(snip).detectors["d"].thresholds)["warn"]
+    assert (benign >= warn).sum() == 3 and (benign >= float(f"{t:.6g}")).sum() == 4
+
+
+def test_calibrate_records_rates_no_threshold_can_hold(caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    # 6 of 200 benign statistics saturated at exactly 1.0 (a mean of float32 sigmoids):
+    # no threshold in [0, 1] holds 1% or 0.1%; the clipped threshold alerts on 3%
+    benign = np.r_[np.linspace(0.0, 0.9, 194), np.ones(6)]
+    with caplog.at_level("WARNING", logger="probes.calibrate"):
+        cal = calibrate(benign, benign_set="answers")
+    assert cal["fpr_0.01"] == 1.0
+    assert cal["unattainable"] == {"fpr_0.01": pytest.approx(0.03),
+                                   "fpr_0.001": pytest.approx(0.03)}
+    assert "saturate" in caplog.text and "answers" in caplog.text
+    g = np.r_[np.zeros(100), np.ones(100)].astype(int)      # the six all in source 1
+    assert calibrate(benign, groups=g, weighting="worst")["unattainable"]["fpr_0.01"] == \
+        pytest.approx(0.06)
+    assert "unattainable" not in calibrate(np.linspace(0, 0.99, 200))
+
+
+def test_roc_curve_steps_ties_diagonally_whatever_the_order() -> None:
+    y = np.array([1, 1, 0, 0])
+    for s in (np.zeros(4), np.ones(4)):
+        fpr, tpr = roc_curve(y, s)
+        assert fpr.tolist() == [0.0, 1.0] and tpr.tolist() == [0.0, 1.0]
+    y = np.array([0, 1, 1, 0, 1])
+    s = np.array([0.9, 0.9, 0.5, 0.5, 0.1])
+    fpr, tpr = roc_curve(y, s)
+    assert fpr.tolist() == [0.0, 0.5, 1.0, 1.0]
+    assert tpr.tolist() == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(y, s))

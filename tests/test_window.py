@@ -407,3 +407,17 @@ def test_study_mean_readout_with_skip_tokens_is_the_served_mean_logit() -> None:
                                            {"kind": "window_mean_logit", "window_tokens": 8},
                                            1, d.mask)
         np.testing.assert_allclose(b[(8, 1)], window_served, rtol=1e-9, atol=1e-12)
+
+
+def test_second_threshold_logs_a_population_the_first_read_out_already_exceeds(
+        caplog: pytest.LogCaptureFixture) -> None:
+    a = np.r_[np.full(12, 0.99), np.linspace(0.0, 0.5, 188)]   # 12 of 200 above T_a
+    b = np.linspace(0.0, 0.99, 200)   # served window statistics stay below 1 (ZCLIP)
+    with caplog.at_level("WARNING", logger="probes.window"):
+        tb = window.second_threshold(a, b, 0.9, 0.01)          # 2 allowed
+    assert "12 of 200" in caplog.text
+    assert not (b[a < 0.9] >= tb).any()                       # b adds no alert
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="probes.window"):
+        window.second_threshold(a, b, 0.995, 0.01)
+    assert not caplog.text
