@@ -201,7 +201,6 @@ def deception_recipe(collector: TransformersCollector, cache_dir: Path | None, *
     from probes.collect import TokenSelection
     from probes.evaluate import auroc, auroc_ci, evaluate_scores, wilson_ci
     from probes.export import DetectorResult, threshold_ladder
-    from probes.harmful import pooled_metrics
     from probes.pooled import SourceData, served_scores
     from probes.sources import Source
     from probes.train import LinearProbe, fit_logreg
@@ -224,7 +223,6 @@ def deception_recipe(collector: TransformersCollector, cache_dir: Path | None, *
              sd("truth_larger_than", load_truth_set("larger_than", cap(300), seed), "train")]
     goal = load_goal_directed()  # honest / deceptive pairs, in order
     test = sd("goal_directed", goal if limit is None else goal[:2 * limit], "test")
-    y_tr = np.concatenate([d.labels for d in train])
 
     def fit(parts: Sequence[SourceData], layer: int, C: float,
             shuffle: np.random.Generator | None = None) -> LinearProbe:
@@ -234,24 +232,25 @@ def deception_recipe(collector: TransformersCollector, cache_dir: Path | None, *
             y = shuffle.permutation(y)
         return fit_logreg(x, y, layer, C, max_iter=500)
 
-    # leave-one-source-out selection, per layer and C (served statistic)
+    # leave-one-source-out selection, per layer and C (served statistic). Every held-out
+    # source holds both labels, so each fold is scored on its own scale: the criterion is
+    # the mean over folds of each fold's AUROC (pooling the folds' raw scores would mix
+    # the scales of four different fits)
     table, best = [], None
     for lay in layers:
         for c in Cs:
-            oof = np.concatenate([served_scores(fit([d for d in train if d is not h], lay, c),
-                                                h.acts, h.mask, SERVED_AGG, MIN_TOKENS)
-                                  for h in train])
-            m = pooled_metrics(y_tr, oof)
             per = {}
-            for h, s in zip(train, np.split(oof, np.cumsum([len(d.examples)
-                                                             for d in train])[:-1]),
-                            strict=True):
-                per[f"{h.name}.auroc"] = round(auroc(h.labels, s), 4)
-            row = {"layer": lay, "C": c, "loso.auroc": round(m["auroc"], 4),
-                   "loso.tpr@fpr0.01": round(m["tpr@fpr0.01"], 4), **per}
-            table.append(row)
-            if best is None or m["auroc"] > best[0]:
-                best = (m["auroc"], lay, c)
+            for h in train:
+                s = served_scores(fit([d for d in train if d is not h], lay, c), h.acts,
+                                  h.mask, SERVED_AGG, MIN_TOKENS)
+                per[f"{h.name}.auroc"] = auroc(h.labels, s)
+            # a source with one label (a --limit smoke build) has no AUROC: left out
+            known = [v for v in per.values() if not np.isnan(v)]
+            mean_auroc = float(np.mean(known)) if known else float("nan")
+            table.append({"layer": lay, "C": c, "loso.mean_auroc": round(mean_auroc, 4),
+                          **{k: round(v, 4) for k, v in per.items()}})
+            if best is None or mean_auroc > best[0] or np.isnan(best[0]):
+                best = (mean_auroc, lay, c)
     assert best is not None
     _, layer, C = best
     probe = fit(train, layer, C)
