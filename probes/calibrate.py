@@ -138,7 +138,12 @@ def threshold_at_fpr(benign: np.ndarray, fpr: float,
         t = max(_source_thresholds(s, code, counts, fpr))
     else:
         t = _weighted_threshold(s, calibration_weights(s.size, groups, weighting), fpr)
-    return float(min(max(t, 0.0), 1.0)) if clip else float(t)
+    return _unit(t) if clip else float(t)
+
+
+def _unit(t: float) -> float:
+    """``t`` clipped to [0, 1] (the served statistics' scale)."""
+    return float(min(max(t, 0.0), 1.0))
 
 
 def ecdf_scores(cal: np.ndarray, s: np.ndarray,
@@ -170,12 +175,11 @@ def calibrate(benign: np.ndarray, fprs: Sequence[float] = (0.01, 0.001),
     doc; ``n_per_source`` only with ``groups``). ``worst`` adds ``binding_source``: per
     rate, the source whose own threshold is the maximum (its ``n_g`` rows carry it)."""
     s = np.asarray(benign, dtype=np.float64)
-    out: dict[str, Any] = {fpr_key(a): threshold_at_fpr(s, a, groups, weighting)
-                           for a in fprs}
+    raw = {a: threshold_at_fpr(s, a, groups, weighting, clip=False) for a in fprs}
+    out: dict[str, Any] = {fpr_key(a): _unit(t) for a, t in raw.items()}
     # a threshold the [0, 1] clip pulled down (benign statistics saturated at 1.0: no
     # served threshold holds the rate) is recorded with the rate it does hold, and logged
-    over = {a: _rate_at(s, out[fpr_key(a)], groups, weighting) for a in fprs
-            if threshold_at_fpr(s, a, groups, weighting, clip=False) > 1.0}
+    over = {a: _rate_at(s, _unit(t), groups, weighting) for a, t in raw.items() if t > 1.0}
     if over:
         out["unattainable"] = {fpr_key(a): r for a, r in over.items()}
         log.warning("calibrate: %s: benign scores saturate at 1.0; no threshold in [0, 1] "

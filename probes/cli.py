@@ -381,7 +381,7 @@ def cmd_study_split(args: argparse.Namespace) -> int:
         ident = split_study.source_identity_accuracy(
             [d.skipping(harmful.DEFAULT_SKIP_TOKENS) for d in data], layer, args.folds)
         section = (f"\n## The bundle's {role} sources ({len(data)})\n\n"
-                   + split_study.split_markdown(rows, ident, len(data), layer))
+                   + split_study.split_markdown(rows, ident, len(data), layer, args.folds))
         text += section
         print(section, flush=True)
     if args.out:

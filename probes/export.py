@@ -26,7 +26,7 @@ from probes.calibrate import fpr_key, policy_snippet
 from probes.train import LinearProbe, aggregation_name
 
 __all__ = ["DetectorResult", "bundle_scope", "component_name", "export_bundle", "probe_tensors",
-           "threshold_ladder"]
+           "threshold_keys", "threshold_ladder"]
 
 SUGGESTED_POLICY = "policy.suggested.yaml"
 
@@ -64,12 +64,19 @@ class DetectorResult:
         return threshold_ladder(self.calibration)
 
 
+def threshold_keys(cal: dict[str, Any]) -> dict[str, str]:
+    """Severity -> the calibration key its threshold is read from: ``cal["thresholds_from"]``
+    when present (a detector served in a union takes a share of the budget,
+    ``probes.window``: e.g. ``fpr_0.0008``, ``union_fpr_0.001``), else ``fpr_0.01`` /
+    ``fpr_0.001``. Every key ends in ``_<rate>``."""
+    return dict(cal.get("thresholds_from")
+                or {"warn": fpr_key(0.01), "critical": fpr_key(0.001)})
+
+
 def threshold_ladder(cal: dict[str, Any]) -> dict[str, float]:
     """Policy thresholds from a calibration dict (see ``DetectorResult.thresholds``): the
-    values under the keys ``cal["thresholds_from"]`` names per severity when present (a
-    detector served in a union takes a share of the budget, ``probes.window``), else
-    ``fpr_0.01`` / ``fpr_0.001``."""
-    keys = cal.get("thresholds_from") or {"warn": fpr_key(0.01), "critical": fpr_key(0.001)}
+    values under :func:`threshold_keys`."""
+    keys = threshold_keys(cal)
     # clipped into (0, 1) with room for critical above warn; 0.9999 / 0.99999 stay below
     # the window detector's calibrated values (~0.9991 / 0.9997: a clip there would serve
     # a lower threshold than the one calibrated) and survive the policy's 6 digits

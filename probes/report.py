@@ -16,11 +16,11 @@ __all__ = ["plot_histograms", "plot_roc", "summary_table", "write_report"]
 
 
 def _critical_rate(cal: dict[str, Any]) -> float:
-    """The false-alert rate behind a detector's ``critical`` threshold: the rate in its
-    calibration key (``thresholds_from``: e.g. ``fpr_0.0008``, a pair's share, or
-    ``union_fpr_0.001``; default ``fpr_0.001``)."""
-    key = cal.get("thresholds_from", {}).get("critical", "fpr_0.001")
-    return float(str(key).rsplit("_", 1)[1])
+    """The false-alert rate behind a detector's ``critical`` threshold: the rate its
+    calibration key ends in (``probes.export.threshold_keys``)."""
+    from probes.export import threshold_keys
+
+    return float(threshold_keys(cal)["critical"].rsplit("_", 1)[1])
 
 
 def _fmt(v: Any) -> str:
@@ -339,6 +339,7 @@ def write_report(out: Path, results: Sequence[Any], model_name: str,
     for r in results:
         p = r.probe
         thr = r.thresholds
+        crit_rate = _critical_rate(r.calibration)
         lines += [f"## {r.name}", "", r.description, "",
                   f"- probe: layer **{p.layer}**, method **{p.method}**"
                   + (f", C = {p.C:g}" if p.C else "")
@@ -353,10 +354,9 @@ def write_report(out: Path, results: Sequence[Any], model_name: str,
                   f"**{thr['critical']:.4f}** ("
                   + r.calibration.get("threshold_rule", "1% / 0.1% FPR")
                   + f") on {r.calibration['benign_set']} "
-                  f"(n = {r.calibration['n_benign']}; critical's rate "
-                  f"{_critical_rate(r.calibration):g} of n = "
-                  f"{_critical_rate(r.calibration) * r.calibration['n_benign']:.1f} "
-                  "samples above critical)",
+                  f"(n = {r.calibration['n_benign']}; critical's rate {crit_rate:g} of "
+                  f"n = {crit_rate * r.calibration['n_benign']:.1f} samples above "
+                  "critical)",
                   *([f"- calibration weighting **{r.calibration['weighting']}**: "
                      f"{r.calibration.get('weighting_rule', '')}; Kish effective n = "
                      f"{r.calibration['n_eff']:g}"

@@ -141,8 +141,9 @@ def split_rows(data: Sequence[SourceData], fit: Fitter, ordinary: frozenset[str]
 
 
 def split_markdown(rows: Sequence[SplitRow], identity: tuple[float, float], n_sources: int,
-                   layer: int) -> str:
-    """The study's table and its source-identity line."""
+                   layer: int, k: int) -> str:
+    """The study's table and its source-identity line (``identity``:
+    :func:`source_identity_accuracy` over ``k`` folds)."""
     def ci(c: tuple[float, float]) -> str:
         return f"[{c[0]:.3f}, {c[1]:.3f}]"
 
@@ -155,5 +156,5 @@ def split_markdown(rows: Sequence[SplitRow], identity: tuple[float, float], n_so
     acc, chance = identity
     lines += ["", f"Source identity: a linear classifier reads each request's source (one "
               f"of {n_sources}) off its layer-{layer} user-token mean with accuracy "
-              f"**{acc:.3f}** (5-fold; chance, the largest source's share: {chance:.3f})."]
+              f"**{acc:.3f}** ({k}-fold; chance, the largest source's share: {chance:.3f})."]
     return "\n".join(lines) + "\n"

@@ -91,5 +91,7 @@ def test_source_styles_inflate_a_random_split_not_leave_one_source_out() -> None
     assert abs(p_split.auroc_all - p_loso.auroc_all) < 0.03
     acc0, _ = split_study.source_identity_accuracy(plain, 15, 5)
     assert acc0 < 0.45   # harmful vs benign is readable (2 classes of sources), no more
-    md = split_study.split_markdown([r_split, r_loso], (acc, chance), 6, 15)
+    md = split_study.split_markdown([r_split, r_loso], (acc, chance), 6, 15, 5)
     assert "random split" in md and f"{acc:.3f}" in md and md.count("\n|") == 3
+    assert "(5-fold;" in md
+    assert "(3-fold;" in split_study.split_markdown([r_split], (acc, chance), 6, 15, 3)
