@@ -494,6 +494,36 @@ def source_rows(scores: dict[str, tuple[SourceData, np.ndarray]], thr: dict[str,
     return out
 
 
+CATEGORY_MIN_ROWS = 20
+"""Smallest category given a row of its own by :func:`category_scores`."""
+
+
+def category_scores(scores: dict[str, tuple[SourceData, np.ndarray]],
+                    min_rows: int = CATEGORY_MIN_ROWS
+                    ) -> dict[str, tuple[SourceData, np.ndarray]]:
+    """Sources split by their examples' ``category`` (missing: ``uncategorised``), one
+    entry per category of at least ``min_rows`` examples, keyed ``"source / category"`` in
+    sorted category order; the source's smaller categories together, if any, as
+    ``"source / k smaller categories"``. A source with fewer than two categories of
+    ``min_rows`` is left out (its row in :func:`source_rows` is the whole story: small
+    slices only add noise). Scores are sliced, never recomputed."""
+    out: dict[str, tuple[SourceData, np.ndarray]] = {}
+    for name, (sd, s) in scores.items():
+        cats = np.array([e.category or "uncategorised" for e in sd.examples], dtype=object)
+        names, counts = np.unique(cats, return_counts=True)
+        big = [str(c) for c, k in zip(names, counts, strict=True) if k >= min_rows]
+        if len(big) < 2:
+            continue
+        for c in big:
+            idx = np.flatnonzero(cats == c)
+            out[f"{name} / {c}"] = (sd.take(idx), s[idx])
+        rest = np.flatnonzero(~np.isin(cats, big))
+        if rest.size:
+            k = len(names) - len(big)
+            out[f"{name} / {k} smaller categories"] = (sd.take(rest), s[rest])
+    return out
+
+
 def worst_examples(scores: dict[str, tuple[SourceData, np.ndarray]], k: int = 8
                    ) -> dict[str, list[dict[str, Any]]]:
     """Highest-scoring benign and lowest-scoring harmful requests (with text)."""
@@ -1155,6 +1185,8 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
     pooled[f"{ref_kind}.tpr@fpr0.01"] = tpr_at_fpr(y_test, z_test, 0.01)
     metrics: dict[str, Any] = {
         "test_sources": source_rows(test_scores, thr, ref_pos, ref_neg),
+        "test_categories": source_rows(category_scores(test_scores), thr, ref_pos, ref_neg),
+        "category_min_rows": CATEGORY_MIN_ROWS,
         "validation_sources": fold_rows(folds, 1, calibration),
         "test_pooled": pooled,
         "calibration_set": calibration_rates(s_cal, g_cal, thr),

@@ -161,6 +161,11 @@ def _harmful_section(r: Any) -> list[str]:
              "the pooled harmful test sources. CIs: AUROC stratified bootstrap (200), rates "
              "Wilson.", ""]
     lines += _rate_rows(m["test_sources"])
+    if m.get("test_categories"):
+        lines += ["", "The same, per category of the test sources (each category of at "
+                  f"least {m['category_min_rows']} requests against the same pooled reference; a "
+                  "source with fewer than two such categories is not split):", ""]
+        lines += _rate_rows(m["test_categories"], first="source / category")
     lines += ["", f"Pooled test: AUROC **{_fmt(pooled['auroc'])}**{_ci(pooled.get('auroc_ci'))}, "
               f"TPR@1%FPR **{_fmt(pooled['tpr@fpr0.01'])}**, TPR@warn "
               f"{_fmt(pooled.get('tpr@warn', float('nan')))}, FPR@warn "

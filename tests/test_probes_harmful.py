@@ -347,3 +347,47 @@ def test_fold_metrics_and_rows_read_logits_like_their_sigmoid() -> None:
         for name in rz:
             for sev in ("warn", "critical"):
                 assert rz[name][f"rate@{sev}"] == rp[name][f"rate@{sev}"], (w, name, sev)
+
+
+def test_category_rows_slice_each_source_by_category() -> None:
+    """``category_scores`` splits a source with several categories into one entry per
+    category (its own scores, sliced), groups categories below ``min_rows``, leaves
+    one-category sources out, and
+    ``source_rows`` then rates each category against the same reference as a plain count."""
+    from probes.datasets import ChatExample
+    from probes.harmful import category_scores, source_rows
+
+    rng = np.random.default_rng(3)
+    n = 9
+    x = rng.normal(size=(n, 4)).astype(np.float16)
+    acts = Activations((15,), {15: x}, np.arange(n), np.zeros(n, np.int64), np.zeros(n, bool),
+                       np.zeros(n, np.int64), np.zeros(n, np.int64), np.ones(n, np.int8), n)
+    cats = ["b", "a", None, "a", "b", "a", None, "b", "a"]
+    ex = [ChatExample.make([{"role": "user", "content": f"q{i}"}], 1, category=c)
+          for i, c in enumerate(cats)]
+    sd = SourceData(Source("h", "harmful", "test", "v2", "f"), ex, acts, np.ones(n, bool))
+    one = SourceData(Source("o", "benign", "test", "v2", "f"),
+                     [ChatExample.make([{"role": "user", "content": "x"}], 0, category="c")] * n,
+                     acts, np.ones(n, bool))
+    s = np.linspace(0.1, 0.9, n)
+    split = category_scores({"h": (sd, s), "o": (one, s)}, min_rows=1)
+    assert list(split) == ["h / a", "h / b", "h / uncategorised"]
+    idx = {"a": [1, 3, 5, 8], "b": [0, 4, 7], "uncategorised": [2, 6]}
+    # categories below min_rows go together; a source left with one big category is out
+    small = category_scores({"h": (sd, s)}, min_rows=3)
+    assert list(small) == ["h / a", "h / b", "h / 1 smaller categories"]
+    np.testing.assert_array_equal(small["h / 1 smaller categories"][1], s[[2, 6]])
+    assert category_scores({"h": (sd, s)}, min_rows=4) == {}
+    for c, want in idx.items():
+        sub, sc = split[f"h / {c}"]
+        np.testing.assert_array_equal(sc, s[want])
+        assert [e.user_text for e in sub.examples] == [f"q{i}" for i in want]
+        np.testing.assert_array_equal(sub.features(15), sd.features(15)[want])
+    neg = np.array([0.2, 0.55, 0.3])
+    rows = source_rows(split, {"warn": 0.5, "critical": 0.8}, np.zeros(0), neg)
+    a = rows["h / a"]
+    assert a["n"] == 4 and a["kind"] == "harmful"
+    assert a["rate@warn"] == np.mean(s[idx["a"]] >= 0.5)
+    assert a["rate@critical"] == np.mean(s[idx["a"]] >= 0.8)
+    want_auc = np.mean([(p > q) + 0.5 * (p == q) for p in s[idx["a"]] for q in neg])
+    assert a["auroc"] == pytest.approx(want_auc)
