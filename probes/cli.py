@@ -448,6 +448,47 @@ def cmd_study_window(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_traffic(args: argparse.Namespace) -> int:
+    """Thresholds from the deployment's own audit finals (probes/traffic.py)."""
+    from monitor.judge.policy import PolicyError, load_policy
+    from monitor.score.bundle import BundleError, load_bundle
+    from probes import traffic
+
+    try:
+        policy = load_policy(args.policy)
+        text = Path(args.policy).read_text(encoding="utf-8")
+        pairs = (traffic.union_pairs(load_bundle(args.bundle, load_tensors=False))
+                 if args.bundle else [])
+        lines: list[str] = []
+        for path in args.audit_log:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines.extend(f)
+    except (PolicyError, BundleError, OSError) as e:
+        print(f"safety-probes calibrate-traffic: error: {e}", file=sys.stderr)
+        return 2
+    finals = traffic.read_finals(lines, None if args.all_versions else policy.version)
+    rates = {"warn": args.warn_fpr, "critical": args.critical_fpr}
+    try:
+        results = traffic.calibrate_traffic(finals, policy, pairs, rates, args.holdout,
+                                            args.detector or None)
+    except ValueError as e:
+        print(f"safety-probes calibrate-traffic: error: {e}", file=sys.stderr)
+        return 2
+    print(traffic.traffic_markdown(results, finals, policy, args.holdout), end="")
+    if not any(not r.refused for r in results):
+        print("safety-probes calibrate-traffic: no detector could be calibrated (no complete "
+              "finals of this policy version? run the sidecar with --audit-finals)",
+              file=sys.stderr)
+        return 1
+    if args.out:
+        version = args.version or f"{policy.version}+traffic"
+        Path(args.out).write_text(traffic.new_policy_text(text, results, version, args.policy),
+                                  encoding="utf-8")
+        print(f"wrote {args.out} (version {version}; modes unchanged: check it with "
+              f"`safety-monitor check`, then decide which detector to switch to alert)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safety-probes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -665,6 +706,29 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default=None, help="write the markdown tables here")
     sw.add_argument("--quiet", action="store_true")
     sw.set_defaults(fn=cmd_study_window)
+
+    ct = sub.add_parser("calibrate-traffic", help="thresholds at target false-alert rates "
+                        "on the deployment's own traffic (the sidecar's audit finals, "
+                        "observe mode), written into a copy of the policy")
+    ct.add_argument("--audit-log", action="append", required=True,
+                    help="audit JSONL written with --audit-finals (repeatable: rotated files)")
+    ct.add_argument("--policy", required=True,
+                    help="the policy the finals were judged under (its version selects them)")
+    ct.add_argument("--bundle", default=None,
+                    help="the bundle: pairs served as a union (calibration.union) are "
+                    "calibrated together, as the build does; without it every detector alone")
+    ct.add_argument("--warn-fpr", type=float, default=0.01)
+    ct.add_argument("--critical-fpr", type=float, default=0.001)
+    ct.add_argument("--holdout", type=float, default=0.3,
+                    help="later share of the requests (by time) the stability check holds out")
+    ct.add_argument("--detector", action="append", default=None,
+                    help="only this detector (repeatable; default: every one with finals)")
+    ct.add_argument("--all-versions", action="store_true",
+                    help="use finals of every policy version (only if they judged alike)")
+    ct.add_argument("--version", default=None,
+                    help="version of the written policy (default: <old>+traffic)")
+    ct.add_argument("--out", default=None, help="write the recalibrated policy here")
+    ct.set_defaults(fn=cmd_calibrate_traffic)
     return p
 
 

@@ -413,3 +413,51 @@ def test_enforcement_block_parses_with_builtin_defaults() -> None:
     p = parse_policy('version: "1"\ndetectors: {}\n'
                      'enforcement: {fail_mode: closed, max_behind_frames: 64}\n')
     assert (p.enforcement.fail_mode, p.enforcement.max_behind_frames) == ("closed", 64)
+
+
+def test_rewrite_thresholds_changes_only_the_numbers_and_the_version() -> None:
+    import difflib
+
+    from monitor.judge.policy import rewrite_thresholds
+
+    text = (Path(__file__).resolve().parents[1] / "policies" / "default.yaml").read_text()
+    old = parse_policy(text)
+    out = rewrite_thresholds(text, {"harmful_intent": {"warn": "0.91", "critical": "0.995"},
+                                    "deception": {"critical": "0.999"}}, "v-new",
+                             comment="from traffic")
+    new = parse_policy(out)
+    assert new.version == "v-new"
+    assert new.detectors["harmful_intent"].thresholds == (("warn", 0.91), ("critical", 0.995))
+    assert new.detectors["deception"].threshold("critical") == 0.999
+    assert new.detectors["deception"].threshold("warn") == \
+        old.detectors["deception"].threshold("warn")
+    for name, d in old.detectors.items():      # everything else as it was
+        n = new.detectors[name]
+        assert (n.mode, n.scope, n.aggregation, n.min_tokens, n.judge_at) == \
+            (d.mode, d.scope, d.aggregation, d.min_tokens, d.judge_at)
+    changed = [line for line in difflib.ndiff(text.splitlines(), out.splitlines())
+               if line.startswith(("- ", "+ "))]
+    assert len(changed) == 8                    # 4 lines out, 4 in: version and 3 values
+    added = [c for c in changed if c.startswith("+ ")]
+    assert added[0] == '+ version: "v-new"'
+    assert all(c.endswith("  # from traffic") for c in added[1:])  # the old comments go
+    # flow style: the value changes in place, the line's comment stays
+    flow = 'version: "a"\ndetectors:\n  x: {thresholds: {warn: 0.5, critical: 0.9}}  # c\n'
+    assert rewrite_thresholds(flow, {"x": {"warn": "0.6"}}, "b", comment="z") == \
+        'version: "b"\ndetectors:\n  x: {thresholds: {warn: 0.6, critical: 0.9}}  # c\n'
+
+
+def test_rewrite_thresholds_refuses_what_it_cannot_edit_in_place() -> None:
+    from monitor.judge.policy import rewrite_thresholds
+
+    inherited = ('version: "a"\ndefaults:\n  thresholds: {warn: 0.5, critical: 0.9}\n'
+                 "detectors:\n  x: {mode: observe}\n")
+    with pytest.raises(PolicyError, match=r"detectors\.x\.thresholds\.warn"):
+        rewrite_thresholds(inherited, {"x": {"warn": "0.6"}}, "b")
+    with pytest.raises(PolicyError, match=r"detectors\.nope\.thresholds\.warn"):
+        rewrite_thresholds(inherited, {"nope": {"warn": "0.6"}}, "b")
+    ok = 'version: "a"\ndetectors:\n  x: {thresholds: {warn: 0.5, critical: 0.9}}\n'
+    with pytest.raises(PolicyError, match="warn < critical"):
+        rewrite_thresholds(ok, {"x": {"warn": "0.95"}}, "b")
+    with pytest.raises(PolicyError, match="comment"):
+        rewrite_thresholds(ok, {"x": {"warn": "0.6"}}, "b", comment="two\nlines")

@@ -633,3 +633,36 @@ def test_span_ends_judge_a_both_scope_span_at_the_prompts_end(one_by_one):
         else:  # the generated span (mean 0) stays below: critical from the prompt stands
             assert [u for u in finals if not u.final] == []
             assert (final.severity, final.crossed_at_position) == ("critical", P - 1)
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_judged_peak_is_the_highest_judged_aggregate(chunked):
+    # the statistic a threshold is compared with: min_tokens and span_end leave tokens
+    # unjudged, so peak_score (every scored token) can exceed it; a plain running mean
+    # is the reference
+    scores = np.array([0.9, 0.1, 0.1, 0.2, 0.3, 0.8, 0.7], dtype=np.float32)
+    running = np.cumsum(scores.astype(np.float64)) / np.arange(1, scores.size + 1)
+    user, tmpl = int(TokenRole.USER), int(TokenRole.TEMPLATE)
+    roles = np.array([user] * 5 + [tmpl] + [user], dtype=np.int8)  # spans end at 4 and 6
+    for judge_at, min_tokens in (("every_token", 3), ("span_end", 1)):
+        text = ('version: "s"\ndetectors:\n  d:\n    scope: user\n    aggregation: mean\n'
+                f"    min_tokens: {min_tokens}\n    judge_at: {judge_at}\n"
+                "    thresholds: {warn: 0.95, critical: 0.99}\n")
+        tr = RequestTracker(pol(text))
+        pos = np.arange(scores.size)
+        parts = [pos] if chunked else [pos[i:i + 1] for i in range(pos.size)]
+        for p in parts:
+            obs(tr, "r", "d", p, scores[p], roles=roles[p])
+        (final,) = tr.finish(K("r"))
+        user_means = [*running[:5].tolist(),
+                      (scores[:5].astype(np.float64).sum() + scores[6]) / 6]
+        judged = (user_means[2:] if judge_at == "every_token"
+                  else [user_means[4], user_means[5]])
+        assert final.judged_peak == pytest.approx(max(judged), rel=1e-6)
+        assert final.peak_score == pytest.approx(0.9, rel=1e-6)
+        assert final.judged_peak is not None and final.peak_score > final.judged_peak
+    # nothing judged (fewer tokens than min_tokens): None
+    tr = RequestTracker(pol(text.replace("min_tokens: 1", "min_tokens: 50")))
+    obs(tr, "r", "d", [0, 1], [0.5, 0.5], roles=[user, user])
+    (final,) = tr.finish(K("r"))
+    assert final.judged_peak is None and final.peak_score == pytest.approx(0.5)

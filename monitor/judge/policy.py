@@ -62,6 +62,7 @@ that duplicate keys, which ``yaml.safe_load`` silently collapses, are caught.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -96,6 +97,7 @@ __all__ = [
     "default_policy",
     "load_policy",
     "parse_policy",
+    "rewrite_thresholds",
     "run_check",
 ]
 
@@ -603,6 +605,76 @@ def effective_holdback(policy: Policy) -> int | None:
     blocks_generated = any(d.mode == "block" and TokenRole.GENERATED in scope_roles(d.scope)
                            for d in policy.detectors.values())
     return n if blocks_generated else None
+
+
+def _value_node(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    """The value node of ``key`` in the mapping ``node`` (None: not a mapping, or absent;
+    a parsed policy has no duplicate keys)."""
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    for k, v in node.value:
+        if isinstance(k, yaml.ScalarNode) and k.value == key:
+            return v
+    return None
+
+
+def rewrite_thresholds(text: str, thresholds: Mapping[str, Mapping[str, str]],
+                       version: str, source: str = "<string>", comment: str = "") -> str:
+    """The policy ``text`` with ``detectors.<name>.thresholds.<severity>`` set to the given
+    numbers (policy number strings, e.g. ``probes.calibrate.policy_threshold``'s, written
+    as they are) and ``version`` set; every other character (comments, layout, modes,
+    other fields) is left as it was, so a reviewer's diff shows only the numbers.
+
+    ``comment`` (one line; "" none): written as the end-of-line comment of every value
+    rewritten on a line of its own (block style), replacing the comment it had, which
+    described the old number.
+
+    ``text`` must parse (:func:`parse_policy`), and so must the result, whose thresholds
+    must read back as the floats of the given strings; anything else raises
+    :class:`PolicyError`. A severity with no value of its own under the detector in
+    ``text`` (e.g. thresholds only under ``defaults``) is refused, naming it: this edits
+    values, never structure."""
+    parse_policy(text, source)
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if "\n" in comment:
+        raise PolicyError(source, 0, "", f"comment: expected one line; found {comment!r}")
+    edits: list[tuple[int, int, str]] = []
+
+    def value_edit(node: yaml.Node, value: str) -> tuple[int, int, str]:
+        start, end = node.start_mark.index, node.end_mark.index
+        eol = text.find("\n", end)
+        eol = len(text) if eol < 0 else eol
+        rest = text[end:eol]
+        if comment and (not rest.strip() or rest.lstrip().startswith("#")):
+            return start, eol, f"{value}  # {comment}"
+        return start, end, value
+
+    vnode = _value_node(root, "version")
+    if vnode is None:  # parse_policy requires it: a guard, not a branch
+        raise PolicyError(source, 0, "version", "expected a version to rewrite")
+    edits.append((vnode.start_mark.index, vnode.end_mark.index, json.dumps(version)))
+    dets = _value_node(root, "detectors")
+    for name, sevs in thresholds.items():
+        thr = _value_node(_value_node(dets, name), "thresholds")
+        for sev, value in sevs.items():
+            node = _value_node(thr, sev)
+            path = f"detectors.{name}.thresholds.{sev}"
+            if not isinstance(node, yaml.ScalarNode):
+                raise PolicyError(source, 0, path, "expected a value of the detector's own "
+                                  "to rewrite; found none (only defaults, or no such "
+                                  "detector or severity)")
+            edits.append(value_edit(node, value))
+    out = text
+    for start, end, value in sorted(edits, reverse=True):
+        out = out[:start] + value + out[end:]
+    new = parse_policy(out, source)
+    for name, sevs in thresholds.items():
+        for sev, value in sevs.items():
+            got = new.detectors[name].threshold(sev)
+            if got != float(value):
+                raise PolicyError(source, 0, f"detectors.{name}.thresholds.{sev}",
+                                  f"expected {value} after the rewrite; found {got}")
+    return out
 
 
 def load_policy(path: str | Path) -> Policy:

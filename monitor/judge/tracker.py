@@ -123,6 +123,10 @@ class VerdictUpdate:
     #: finals only: why the request's verdict is incomplete (a `monitor.constants.Incomplete`
     #: value; "" when complete or not decided yet: the pipeline fills it in at finish)
     incomplete_reason: str = ""
+    #: the highest aggregate at a JUDGED token (``min_tokens`` reached; ``span_end``: span
+    #: ends only): the request statistic ``S`` the thresholds are compared with, which
+    #: ``peak_score`` (every scored token) can exceed; None: no token judged yet
+    judged_peak: float | None = None
     #: SAE latents that fired (``monitor.judge.latents``; the pipeline fills them in)
     latents: tuple[LatentHit, ...] = ()
     #: the request's last in-scope (position, token score) pairs (``monitor.judge.trace``;
@@ -164,6 +168,8 @@ class _DetectorState:
     threshold: float = 0.0
     crossed_at: int = -1
     peak: float = 0.0
+    #: highest aggregate at a judged token (None: none judged yet)
+    judged_peak: float | None = None
     #: span_end: the last in-scope token seen, not yet known to end its span (-1: none),
     #: with the aggregate and the aggregate's count after it.
     pending_pos: int = -1
@@ -424,6 +430,9 @@ class RequestTracker:
                pos: np.ndarray, values: np.ndarray) -> list[VerdictUpdate]:
         """Judge aggregates ``values`` at tokens ``pos`` (in order): ``[]`` or one update
         carrying the highest severity newly reached (at its first crossing)."""
+        if values.size:
+            top = float(values.max())
+            st.judged_peak = top if st.judged_peak is None else max(st.judged_peak, top)
         new_sev = None
         rank = SEVERITY_RANK[st.severity]
         for sev, thr in st.policy.thresholds:  # ascending: the last hit is the highest
@@ -481,6 +490,8 @@ class RequestTracker:
             return []
         if st.agg.n < pol.min_tokens:
             return []
+        if st.judged_peak is None or value > st.judged_peak:  # what _judge keeps, inline
+            st.judged_peak = float(value)
         rank = SEVERITY_RANK[st.severity]
         new_sev = None
         for sev, thr in pol.thresholds:
@@ -617,4 +628,5 @@ class RequestTracker:
             n_tokens_unscored=st.n_unscored,
             escalated=escalated,
             n_tokens_missing=st.n_missing,
+            judged_peak=st.judged_peak,
         )

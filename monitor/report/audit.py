@@ -16,7 +16,9 @@ engine's id), correlation_id (the caller's label, "" if none), detector, severit
 peak_score, threshold, position, mode, policy_version, bundle_name, bundle_sha256,
 model_name, n_tokens_scored, n_tokens_unscored; final lines also n_tokens_missing,
 incomplete and incomplete_reason (written even without --audit-finals when incomplete is
-true; reasons: `monitor.constants.Incomplete`).
+true; reasons: `monitor.constants.Incomplete`) and judged_peak (the highest aggregate at a
+judged token, the statistic the thresholds are compared with; null when none was judged;
+`safety-probes calibrate-traffic` sets thresholds from it).
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def audit_record(
     last in-scope `[position, token score]` pairs, oldest first. Final lines also carry
     `n_tokens_missing` (in-scope positions that never reached the server, part of
     `n_tokens_unscored`), `incomplete` (some in-scope positions may not have been judged)
-    and `incomplete_reason` (why: a `monitor.constants.Incomplete` value, "" when
-    complete)."""
+    `incomplete_reason` (why: a `monitor.constants.Incomplete` value, "" when
+    complete) and `judged_peak` (`VerdictUpdate.judged_peak`; null when none was judged)."""
     rec: dict[str, Any] = {
         "ts": _utc_now(),
         "event": event,
@@ -85,6 +87,8 @@ def audit_record(
         rec["incomplete"] = update.incomplete
         rec["incomplete_reason"] = update.incomplete_reason or (
             Incomplete.MISSING.value if update.n_tokens_missing else "")
+        rec["judged_peak"] = (None if update.judged_peak is None
+                              else float(update.judged_peak))
     if update.latents:
         rec["latents"] = [{"name": h.name, "index": h.index, "value": round(h.value, 4),
                            "label": h.label} for h in update.latents]
