@@ -498,30 +498,33 @@ CATEGORY_MIN_ROWS = 20
 """Smallest category given a row of its own by :func:`category_scores`."""
 
 
+def category_slices(sd: SourceData, min_rows: int = CATEGORY_MIN_ROWS
+                    ) -> list[tuple[str, np.ndarray]]:
+    """``sd``'s examples by ``category`` (missing: ``uncategorised``): one ``(category,
+    indices)`` per category of at least ``min_rows`` examples, in sorted order, then the
+    smaller categories together as ``"k smaller categories"`` if any; ``[]`` when fewer
+    than two categories reach ``min_rows`` (the source's own row is the whole story: small
+    slices only add noise)."""
+    cats = np.array([e.category or "uncategorised" for e in sd.examples], dtype=object)
+    names, counts = np.unique(cats, return_counts=True)
+    big = [str(c) for c, k in zip(names, counts, strict=True) if k >= min_rows]
+    if len(big) < 2:
+        return []
+    out = [(c, np.flatnonzero(cats == c)) for c in big]
+    rest = np.flatnonzero(~np.isin(cats, big))
+    if rest.size:
+        out.append((f"{len(names) - len(big)} smaller categories", rest))
+    return out
+
+
 def category_scores(scores: dict[str, tuple[SourceData, np.ndarray]],
                     min_rows: int = CATEGORY_MIN_ROWS
                     ) -> dict[str, tuple[SourceData, np.ndarray]]:
-    """Sources split by their examples' ``category`` (missing: ``uncategorised``), one
-    entry per category of at least ``min_rows`` examples, keyed ``"source / category"`` in
-    sorted category order; the source's smaller categories together, if any, as
-    ``"source / k smaller categories"``. A source with fewer than two categories of
-    ``min_rows`` is left out (its row in :func:`source_rows` is the whole story: small
-    slices only add noise). Scores are sliced, never recomputed."""
-    out: dict[str, tuple[SourceData, np.ndarray]] = {}
-    for name, (sd, s) in scores.items():
-        cats = np.array([e.category or "uncategorised" for e in sd.examples], dtype=object)
-        names, counts = np.unique(cats, return_counts=True)
-        big = [str(c) for c, k in zip(names, counts, strict=True) if k >= min_rows]
-        if len(big) < 2:
-            continue
-        for c in big:
-            idx = np.flatnonzero(cats == c)
-            out[f"{name} / {c}"] = (sd.take(idx), s[idx])
-        rest = np.flatnonzero(~np.isin(cats, big))
-        if rest.size:
-            k = len(names) - len(big)
-            out[f"{name} / {k} smaller categories"] = (sd.take(rest), s[rest])
-    return out
+    """Every source of ``scores`` split by :func:`category_slices`, keyed
+    ``"source / category"``; scores are sliced, never recomputed."""
+    return {f"{name} / {c}": (sd.take(idx), s[idx])
+            for name, (sd, s) in scores.items()
+            for c, idx in category_slices(sd, min_rows)}
 
 
 def worst_examples(scores: dict[str, tuple[SourceData, np.ndarray]], k: int = 8
@@ -798,25 +801,38 @@ def fold_rows(folds: Sequence[Fold], k: int = 1, weighting: str = "row"
     """Per held-out training source (validation): AUROC against the fold's calibration
     rows (harmful sources) and the alert rate at the fold's own 1% / 0.1% thresholds
     (``weighting``: ``probes.calibrate``)."""
+    return {f.held.name: _fold_row(f, k, weighting) for f in folds}
+
+
+def fold_category_rows(folds: Sequence[Fold], k: int = 1, weighting: str = "row",
+                       min_rows: int = CATEGORY_MIN_ROWS) -> dict[str, dict[str, Any]]:
+    """:func:`fold_rows` per category of each held-out training source
+    (:func:`category_slices`), keyed ``"source / category"``: each category scored by the
+    fold that holds its source out, against that fold's calibration rows and thresholds."""
+    return {f"{f.held.name} / {c}": _fold_row(
+                Fold(f.held.take(idx), [h[idx] for h in f.held_scores], f.cal_scores,
+                     f.cal_groups), k, weighting)
+            for f in folds for c, idx in category_slices(f.held, min_rows)}
+
+
+def _fold_row(f: Fold, k: int, weighting: str) -> dict[str, Any]:
+    """One held-out source's (or slice's) validation row (:func:`fold_rows`)."""
     from probes.calibrate import threshold_at_fpr
     from probes.evaluate import auroc_ci, wilson_ci
 
-    out: dict[str, dict[str, Any]] = {}
-    for f in folds:
-        s, c = f.held_scores[k], f.cal_scores[k]
-        row: dict[str, Any] = {"kind": f.held.source.kind, "role": "validation",
-                               "n": int(s.size)}
-        if f.held.source.kind == "harmful":
-            y = np.r_[np.ones(s.size), np.zeros(c.size)]
-            row["auroc"] = auroc(y, np.r_[s, c])
-            row["auroc_ci"] = auroc_ci(y, np.r_[s, c])
-        for sev, fpr in (("warn", 0.01), ("critical", 0.001)):
-            n_hit = int((s >= threshold_at_fpr(c, fpr, f.cal_groups, weighting,
-                                               clip=False)).sum())
-            row[f"rate@{sev}"] = n_hit / max(s.size, 1)
-            row[f"rate@{sev}_ci"] = wilson_ci(n_hit, int(s.size))
-        out[f.held.name] = row
-    return out
+    s, c = f.held_scores[k], f.cal_scores[k]
+    row: dict[str, Any] = {"kind": f.held.source.kind, "role": "validation",
+                           "n": int(s.size)}
+    if f.held.source.kind == "harmful":
+        y = np.r_[np.ones(s.size), np.zeros(c.size)]
+        row["auroc"] = auroc(y, np.r_[s, c])
+        row["auroc_ci"] = auroc_ci(y, np.r_[s, c])
+    for sev, fpr in (("warn", 0.01), ("critical", 0.001)):
+        n_hit = int((s >= threshold_at_fpr(c, fpr, f.cal_groups, weighting,
+                                           clip=False)).sum())
+        row[f"rate@{sev}"] = n_hit / max(s.size, 1)
+        row[f"rate@{sev}_ci"] = wilson_ci(n_hit, int(s.size))
+    return row
 
 
 def calibration_rates(s_cal: np.ndarray, groups: np.ndarray, thr: dict[str, float]
@@ -1188,6 +1204,7 @@ def harmful_intent_recipe(collector: Collector, cache_dir: Path | None, *, scope
         "test_categories": source_rows(category_scores(test_scores), thr, ref_pos, ref_neg),
         "category_min_rows": CATEGORY_MIN_ROWS,
         "validation_sources": fold_rows(folds, 1, calibration),
+        "validation_categories": fold_category_rows(folds, 1, calibration),
         "test_pooled": pooled,
         "calibration_set": calibration_rates(s_cal, g_cal, thr),
         "worst_test": worst_examples(test_scores),

@@ -181,6 +181,11 @@ def _harmful_section(r: Any) -> list[str]:
               "thresholds (from its held-back benign rows); harmful AUROC against those "
               "rows:", ""]
     lines += _rate_rows(m["validation_sources"])
+    if m.get("validation_categories"):
+        lines += ["", "The same, per category of the training sources (each category of at "
+                  f"least {m['category_min_rows']} requests, scored by the fold that holds "
+                  "its source out):", ""]
+        lines += _rate_rows(m["validation_categories"], first="source / category")
     lines += _titled("Selection (leave-one-source-out over the training sources; each fold's "
                      "threshold at 1% FPR on its held-back benign rows; criterion = (mean "
                      "AUROC + mean TPR of held-out harmful sources)/2 − mean false-alert rate "

@@ -391,3 +391,37 @@ def test_category_rows_slice_each_source_by_category() -> None:
     assert a["rate@critical"] == np.mean(s[idx["a"]] >= 0.8)
     want_auc = np.mean([(p > q) + 0.5 * (p == q) for p in s[idx["a"]] for q in neg])
     assert a["auroc"] == pytest.approx(want_auc)
+
+
+def test_fold_category_rows_score_each_category_by_its_sources_fold() -> None:
+    """Validation per category: each category's slice of the held-out scores against the
+    fold's own calibration rows and thresholds, as a plain count."""
+    from probes.calibrate import threshold_at_fpr
+    from probes.datasets import ChatExample
+    from probes.harmful import fold_category_rows
+    from probes.pooled import Fold
+
+    rng = np.random.default_rng(5)
+    n = 60
+    x = rng.normal(size=(n, 4)).astype(np.float16)
+    acts = Activations((15,), {15: x}, np.arange(n), np.zeros(n, np.int64), np.zeros(n, bool),
+                       np.zeros(n, np.int64), np.zeros(n, np.int64), np.ones(n, np.int8), n)
+    cats = ["a"] * 25 + ["b"] * 30 + ["c"] * 5
+    ex = [ChatExample.make([{"role": "user", "content": f"q{i}"}], 1, category=c)
+          for i, c in enumerate(cats)]
+    held = SourceData(Source("h", "harmful", "train", "v2", "f"), ex, acts, np.ones(n, bool))
+    served = rng.random(n)
+    cal = rng.random(300) * 0.9
+    f = Fold(held, [rng.normal(size=n), served], [rng.normal(size=300), cal])
+    rows = fold_category_rows([f])
+    assert list(rows) == ["h / a", "h / b", "h / 1 smaller categories"]
+    t = {"warn": threshold_at_fpr(cal, 0.01, clip=False),
+         "critical": threshold_at_fpr(cal, 0.001, clip=False)}
+    for key, idx in (("h / a", np.arange(25)), ("h / b", np.arange(25, 55)),
+                     ("h / 1 smaller categories", np.arange(55, 60))):
+        r, s = rows[key], served[idx]
+        assert r["n"] == idx.size
+        for sev in t:
+            assert r[f"rate@{sev}"] == np.mean(s >= t[sev])
+        assert r["auroc"] == pytest.approx(np.mean([(p > q) + 0.5 * (p == q)
+                                                    for p in s for q in cal]))
