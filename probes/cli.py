@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -454,19 +454,20 @@ def cmd_calibrate_traffic(args: argparse.Namespace) -> int:
     from monitor.score.bundle import BundleError, load_bundle
     from probes import traffic
 
+    def lines() -> Iterator[str]:  # streamed: an audit log may be gigabytes
+        for path in args.audit_log:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield from f
+
     try:
         policy = load_policy(args.policy)
         text = Path(args.policy).read_text(encoding="utf-8")
         pairs = (traffic.union_pairs(load_bundle(args.bundle, load_tensors=False))
                  if args.bundle else [])
-        lines: list[str] = []
-        for path in args.audit_log:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                lines.extend(f)
+        finals = traffic.read_finals(lines(), None if args.all_versions else policy.version)
     except (PolicyError, BundleError, OSError) as e:
         print(f"safety-probes calibrate-traffic: error: {e}", file=sys.stderr)
         return 2
-    finals = traffic.read_finals(lines, None if args.all_versions else policy.version)
     rates = {"warn": args.warn_fpr, "critical": args.critical_fpr}
     try:
         results = traffic.calibrate_traffic(finals, policy, pairs, rates, args.holdout,
@@ -722,7 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--holdout", type=float, default=0.3,
                     help="later share of the requests (by time) the stability check holds out")
     ct.add_argument("--detector", action="append", default=None,
-                    help="only this detector (repeatable; default: every one with finals)")
+                    help="only this detector (repeatable; a detector served as a pair "
+                    "brings its partner; default: every one with finals)")
     ct.add_argument("--all-versions", action="store_true",
                     help="use finals of every policy version (only if they judged alike)")
     ct.add_argument("--version", default=None,

@@ -212,7 +212,8 @@ def calibrate_traffic(finals: Finals, policy: Policy, pairs: Sequence[Pair],
                       rates: Mapping[str, float], holdout: float = 0.3,
                       detectors: Sequence[str] | None = None) -> list[TrafficResult]:
     """Thresholds per detector of ``policy`` with finals in ``finals`` (``detectors``:
-    only these), pairs calibrated together; module doc. ``rates``: target false-alert
+    only these, and the partner of any of them served as a pair), pairs calibrated
+    together; module doc. ``rates``: target false-alert
     rate per severity (e.g. ``{"warn": 0.01, "critical": 0.001}``); ``holdout`` in
     (0, 1): the later share of the requests held out for the stability check."""
     if not 0.0 < holdout < 1.0:
@@ -222,6 +223,10 @@ def calibrate_traffic(finals: Finals, policy: Policy, pairs: Sequence[Pair],
             raise ValueError(f"rates: expected warn / critical rates in (0, 1); found "
                              f"{sev}={r}")
     wanted = [d for d in policy.detectors if detectors is None or d in detectors]
+    for p in pairs:  # a pair changes together, never one alone: asking for one asks for both
+        if (p.first in wanted) != (p.second in wanted):
+            wanted += [d for d in (p.first, p.second)
+                       if d not in wanted and d in policy.detectors]
     seen = {d for per in finals.scores.values() for d in per}
     grouped: list[tuple[str, ...]] = []
     for p in pairs:

@@ -461,3 +461,14 @@ def test_rewrite_thresholds_refuses_what_it_cannot_edit_in_place() -> None:
         rewrite_thresholds(ok, {"x": {"warn": "0.95"}}, "b")
     with pytest.raises(PolicyError, match="comment"):
         rewrite_thresholds(ok, {"x": {"warn": "0.6"}}, "b", comment="two\nlines")
+
+
+def test_rewrite_thresholds_keeps_crlf_line_endings() -> None:
+    from monitor.judge.policy import rewrite_thresholds
+
+    crlf = ('version: "a"\r\ndetectors:\r\n  x:\r\n    thresholds:\r\n'
+            "      warn: 0.5   # old\r\n      critical: 0.9\r\n")
+    out = rewrite_thresholds(crlf, {"x": {"warn": "0.6", "critical": "0.95"}}, "b",
+                             comment="new")
+    assert out == ('version: "b"\r\ndetectors:\r\n  x:\r\n    thresholds:\r\n'
+                   "      warn: 0.6  # new\r\n      critical: 0.95  # new\r\n")

@@ -148,6 +148,10 @@ def test_a_pair_is_calibrated_as_a_union_within_its_budget() -> None:
             assert ((a >= ta) | (b >= below.max())).sum() > np.floor(alpha * n + 1e-9)
         # the held-out check counts a request once if either fires
         assert res["a"].holdout[sev] == res["b"].holdout[sev]
+    # asking for one member of a pair recalibrates both, together
+    one = traffic.calibrate_traffic(f, pol, [pair], rates, detectors=["b"])
+    assert [(r.detector, r.thresholds) for r in one] == \
+        [(d, res[d].thresholds) for d in ("a", "b")]
 
 
 def test_union_pairs_of_the_default_bundle() -> None:

@@ -644,6 +644,8 @@ def rewrite_thresholds(text: str, thresholds: Mapping[str, Mapping[str, str]],
         start, end = node.start_mark.index, node.end_mark.index
         eol = text.find("\n", end)
         eol = len(text) if eol < 0 else eol
+        if text[end:eol].endswith("\r"):  # CRLF: the line ending stays as it was
+            eol -= 1
         rest = text[end:eol]
         if comment and (not rest.strip() or rest.lstrip().startswith("#")):
             return start, eol, f"{value}  # {comment}"
