@@ -117,3 +117,25 @@ def test_rotation_is_detected_and_reopen_follows_the_path(tmp_path: Path) -> Non
     assert _lines(path)[-1] == "f" and log.failures == 2
     log.close()
     assert not log.write({**rec, "request_id": "g"}) and log.failures == 2
+
+
+def test_final_histogram_observes_the_judged_statistic(tmp_path: Path) -> None:
+    # the request_score histogram holds what the thresholds were compared with: a final
+    # whose last aggregate fell back (score 0.2) after a judged 0.95 counts above 0.9; a
+    # request with nothing judged is not observed
+    from monitor.report.metrics import Metrics
+    from monitor.report.verdicts import Reporter
+
+    m = Metrics("org/model", [0.5, 0.9])
+    rep = Reporter(m, AuditLog(None), bundle_name="b", bundle_sha256="0" * 64,
+                   model_name="org/model")
+    rep.final(_update(final=True, escalated=False, score=0.2, peak_score=0.97,
+                      judged_peak=0.95))
+    rep.final(_update(final=True, escalated=False, score=0.3, peak_score=0.3,
+                      judged_peak=None))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in m.registry.collect() for s in fam.samples}
+    det = ("detector", "harmful_intent")
+    assert samples[("safety_monitor_request_score_count", (det,))] == 1
+    assert samples[("safety_monitor_request_score_bucket", (det, ("le", "0.9")))] == 0
+    assert samples[("safety_monitor_request_score_bucket", (det, ("le", "1.0")))] == 1

@@ -95,6 +95,16 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         for det, rec in finals[rid].items():
             assert rec["n_tokens_scored"] > 0, f"{rid}/{det}: nothing scored: {rec}"
             assert rec["n_tokens_unscored"] == 0, f"{rid}/{det}: tokens unscored: {rec}"
+            # judged_peak, the statistic the thresholds are compared with (and that
+            # `safety-probes calibrate-traffic` calibrates on): never above peak_score; an
+            # every-token detector with min_tokens 1 judges every token, so they are equal
+            assert rec["judged_peak"] is not None, f"{rid}/{det}: nothing judged: {rec}"
+            assert rec["judged_peak"] <= rec["peak_score"], f"{rid}/{det}: {rec}"
+        # harmful_intent (user scope, span_end): every final score is at a span end, so
+        # it is judged; the window (every_token, min_tokens 1) judges every token
+        hi, win = finals[rid]["harmful_intent"], finals[rid]["harmful_intent_window"]
+        assert hi["score"] <= hi["judged_peak"], f"{rid}: {hi}"
+        assert win["judged_peak"] == win["peak_score"], f"{rid}: {win}"
 
     # 2. the printed metrics summary
     summary = out[out.index("[demo] sidecar metrics"):] if "[demo] sidecar metrics" in out \

@@ -217,7 +217,8 @@ class Metrics:
             if self.request_score is not None:
                 self.registry.unregister(self.request_score)
             self.request_score = Histogram(
-                PREFIX + "request_score", "Final aggregated score per request and detector "
+                PREFIX + "request_score", "Per finished request and detector, the highest "
+                "aggregate at a judged token: the statistic compared with the thresholds "
                 "(bucket edges at the policy thresholds).", ["detector"], buckets=buckets,
                 registry=self.registry,
             )
@@ -226,7 +227,8 @@ class Metrics:
         return True
 
     def observe_request_score(self, detector: str, score: float) -> None:
-        """Record a final aggregated request score in [0, 1]."""
+        """Record a finished request's score in [0, 1] (``Reporter.final``: its
+        ``judged_peak``)."""
         with self._lock:
             hist = self.request_score
         if hist is not None:

@@ -140,7 +140,14 @@ class Reporter:
         """A final verdict: request-score histogram and a `final` line when finals are
         audited, or always when the request is incomplete (`u.incomplete`: some of its
         in-scope positions never reached the server, or the server closed it without the
-        client's counts), so every gap is on record."""
-        self.metrics.observe_request_score(u.detector, u.score)
+        client's counts), so every gap is on record.
+
+        The histogram observes `u.judged_peak`, the statistic the thresholds are compared
+        with, so the share of a detector's requests above a bucket edge at a threshold is
+        the share that reached that severity; a request with no judged token (it could
+        not alert) is not observed. (The last aggregate, `u.score`, is below it for an
+        every-token detector whose aggregate fell back after a hot token.)"""
+        if u.judged_peak is not None:
+            self.metrics.observe_request_score(u.detector, u.judged_peak)
         if self.audit.include_finals or u.incomplete:
             self._audit(u, "final", correlation_id)
