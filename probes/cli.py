@@ -483,8 +483,12 @@ def cmd_calibrate_traffic(args: argparse.Namespace) -> int:
         return 1
     if args.out:
         version = args.version or f"{policy.version}+traffic"
-        Path(args.out).write_text(traffic.new_policy_text(text, results, version, args.policy),
-                                  encoding="utf-8")
+        try:  # e.g. a threshold only under defaults: edited in place or not at all
+            new = traffic.new_policy_text(text, results, version, args.policy)
+        except PolicyError as e:
+            print(f"safety-probes calibrate-traffic: error: {e}", file=sys.stderr)
+            return 2
+        Path(args.out).write_text(new, encoding="utf-8")
         print(f"wrote {args.out} (version {version}; modes unchanged: check it with "
               f"`safety-monitor check`, then decide which detector to switch to alert)")
     return 0

@@ -150,9 +150,10 @@ def union_pairs(bundle: Bundle) -> list[Pair]:
 
 @dataclass
 class TrafficResult:
-    """One detector (``partner`` "") or the second of a pair.
+    """One detector's result (``partner``: the other member of its pair, "" alone).
 
-    ``n``: requests fit on (a pair: those with both detectors' finals);
+    ``rates``: the target rate per severity the policy gives it (a severity it lacks is
+    never added); ``n``: requests fit on (a pair: those with both detectors' finals);
     ``thresholds``: fit on all ``n`` (unclipped floats; written rounded up by
     :func:`probes.calibrate.policy_threshold`); ``support[sev]`` = ``⌊α·n⌋``, the
     requests the rate lets above (0: the threshold is just above the traffic's highest
@@ -189,8 +190,6 @@ def _alerted(cols: Sequence[np.ndarray], thr: Sequence[Mapping[str, float]],
              sev: str) -> tuple[int, int]:
     """(requests where any detector of ``cols`` reaches its ``sev`` threshold, n)."""
     n = int(cols[0].size)
-    if not all(sev in t for t in thr):
-        return 0, n
     hit = np.zeros(n, bool)
     for c, t in zip(cols, thr, strict=True):
         hit |= c >= t[sev]
@@ -247,20 +246,25 @@ def calibrate_traffic(finals: Finals, policy: Policy, pairs: Sequence[Pair],
         n = len(ids)
         if n == 0:
             continue
+        # only the severities the policy gives every member: the rewrite edits values,
+        # it never adds a severity a detector does not have
+        cur = [{s: v for s, v in policy.detectors[d].thresholds} for d in group]
+        own = {s: r for s, r in rates.items() if all(s in c for c in cur)}
+        if not own:
+            continue
         m = min(max(math.ceil((1.0 - holdout) * n), 1), n)
         sh = share.get(group, {})
-        thr_all = _fit(cols, rates, sh)
+        thr_all = _fit(cols, own, sh)
         later = [c[m:] for c in cols]
-        fit_early = _fit([c[:m] for c in cols], rates, sh)
-        cur = [{s: v for s, v in policy.detectors[d].thresholds} for d in group]
+        fit_early = _fit([c[:m] for c in cols], own, sh)
         why = next((w for w in (_refusal(t) for t in thr_all) if w), "")
-        held = {sev: _alerted(later, fit_early, sev) for sev in rates}
-        now = {sev: _alerted(later, cur, sev) for sev in rates}
+        held = {sev: _alerted(later, fit_early, sev) for sev in own}
+        now = {sev: _alerted(later, cur, sev) for sev in own}
         for i, d in enumerate(group):
             out.append(TrafficResult(
                 detector=d, partner=group[1 - i] if len(group) == 2 else "", n=n,
-                rates=dict(rates), thresholds=thr_all[i],
-                support={sev: math.floor((r + RATE_TOL) * n) for sev, r in rates.items()},
+                rates=own, thresholds=thr_all[i],
+                support={sev: math.floor((r + RATE_TOL) * n) for sev, r in own.items()},
                 holdout=held, current=now, refused=why))
     return out
 

@@ -178,6 +178,14 @@ def test_saturated_or_too_few_requests_are_refused_and_kept() -> None:
     both = traffic.calibrate_traffic(g, pol, [traffic.Pair("a", "b", {"warn": 0.8})],
                                      {"warn": 0.1})
     assert all(r.refused for r in both)
+    # a severity the policy does not give a detector is not calibrated, nor written
+    warn_only = POLICY.replace("thresholds: {warn: 0.7, critical: 0.8}", "thresholds: {warn: 0.7}")
+    h = traffic.read_finals(_finals({"c": np.linspace(0.01, 0.99, 200)}), "p1")
+    (rc,) = traffic.calibrate_traffic(h, parse_policy(warn_only), [],
+                                      {"warn": 0.01, "critical": 0.001})
+    assert set(rc.rates) == set(rc.thresholds) == {"warn"} and not rc.refused
+    assert parse_policy(traffic.new_policy_text(warn_only, [rc], "p2")).detectors[
+        "c"].thresholds == (("warn", float(policy_threshold(rc.thresholds["warn"]))),)
     with pytest.raises(ValueError, match="holdout"):
         traffic.calibrate_traffic(g, pol, [], {"warn": 0.1}, holdout=1.0)
     with pytest.raises(ValueError, match="rates"):
@@ -240,6 +248,17 @@ def test_calibrate_traffic_from_a_real_sidecars_audit_finals(
     assert "not_judged" in report
     assert {d: p.mode for d, p in new.detectors.items()} == \
         {d: p.mode for d, p in old.detectors.items()}
+    # thresholds only under defaults cannot be edited in place: refused, nothing written
+    inherited = tmp_path / "inherited.yaml"
+    inherited.write_text(POLICY_V1.replace("defaults:\n", "defaults:\n  thresholds: {warn: "
+                                           "0.5, critical: 0.9}\n").replace(
+        "    thresholds: {warn: 0.5, critical: 0.9}\n", ""))
+    assert parse_policy(inherited.read_text()).detectors["harmful_intent"].threshold(
+        "warn") == 0.5
+    refused = tmp_path / "refused.yaml"
+    assert probes_main(["calibrate-traffic", "--audit-log", str(srv.audit_path), "--policy",
+                        str(inherited), "--out", str(refused)]) == 2
+    assert not refused.exists()
     # an audit log without finals of this policy version: nothing to calibrate
     other = tmp_path / "other.yaml"
     other.write_text(POLICY_V1.replace('"test-v1"', '"test-v9"'))
