@@ -801,7 +801,7 @@ def fold_rows(folds: Sequence[Fold], k: int = 1, weighting: str = "row"
     """Per held-out training source (validation): AUROC against the fold's calibration
     rows (harmful sources) and the alert rate at the fold's own 1% / 0.1% thresholds
     (``weighting``: ``probes.calibrate``)."""
-    return {f.held.name: _fold_row(f, k, weighting) for f in folds}
+    return {f.held.name: _fold_row(f, f.held_scores[k], k, weighting) for f in folds}
 
 
 def fold_category_rows(folds: Sequence[Fold], k: int = 1, weighting: str = "row",
@@ -809,18 +809,17 @@ def fold_category_rows(folds: Sequence[Fold], k: int = 1, weighting: str = "row"
     """:func:`fold_rows` per category of each held-out training source
     (:func:`category_slices`), keyed ``"source / category"``: each category scored by the
     fold that holds its source out, against that fold's calibration rows and thresholds."""
-    return {f"{f.held.name} / {c}": _fold_row(
-                Fold(f.held.take(idx), [h[idx] for h in f.held_scores], f.cal_scores,
-                     f.cal_groups), k, weighting)
+    return {f"{f.held.name} / {c}": _fold_row(f, f.held_scores[k][idx], k, weighting)
             for f in folds for c, idx in category_slices(f.held, min_rows)}
 
 
-def _fold_row(f: Fold, k: int, weighting: str) -> dict[str, Any]:
-    """One held-out source's (or slice's) validation row (:func:`fold_rows`)."""
+def _fold_row(f: Fold, s: np.ndarray, k: int, weighting: str) -> dict[str, Any]:
+    """The validation row of held-out scores ``s`` (read-out ``k`` of fold ``f``'s held
+    source, or a slice of them) against ``f``'s calibration rows (:func:`fold_rows`)."""
     from probes.calibrate import threshold_at_fpr
     from probes.evaluate import auroc_ci, wilson_ci
 
-    s, c = f.held_scores[k], f.cal_scores[k]
+    c = f.cal_scores[k]
     row: dict[str, Any] = {"kind": f.held.source.kind, "role": "validation",
                            "n": int(s.size)}
     if f.held.source.kind == "harmful":

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from monitor.judge.policy import Policy
+from monitor.judge.policy import Policy, rewrite_thresholds
 from monitor.report.summary import audit_records
 from monitor.score.bundle import Bundle
 from probes.calibrate import RATE_TOL, policy_threshold, threshold_at_fpr
@@ -226,7 +226,6 @@ def calibrate_traffic(finals: Finals, policy: Policy, pairs: Sequence[Pair],
         if (p.first in wanted) != (p.second in wanted):
             wanted += [d for d in (p.first, p.second)
                        if d not in wanted and d in policy.detectors]
-    seen = {d for per in finals.scores.values() for d in per}
     grouped: list[tuple[str, ...]] = []
     for p in pairs:
         if p.first in wanted and p.second in wanted:
@@ -237,14 +236,12 @@ def calibrate_traffic(finals: Finals, policy: Policy, pairs: Sequence[Pair],
                                                          for p in pairs}
     out: list[TrafficResult] = []
     for group in grouped:
-        if not all(d in seen for d in group):
-            continue
         ids, _ = finals.ordered(group[0])
         ids = [r for r in ids if all(d in finals.scores[r] for d in group)]
         cols = [np.array([finals.scores[r][d] for r in ids], dtype=np.float64)
                 for d in group]
         n = len(ids)
-        if n == 0:
+        if n == 0:  # a member without finals (or no request with both of a pair's)
             continue
         # only the severities the policy gives every member: the rewrite edits values,
         # it never adds a severity a detector does not have
@@ -273,8 +270,6 @@ def new_policy_text(text: str, results: Sequence[TrafficResult], version: str,
                     source: str = "<string>") -> str:
     """``text`` (the policy the finals were judged under) with the thresholds of every
     result not refused, rounded up to policy digits, and ``version``."""
-    from monitor.judge.policy import rewrite_thresholds
-
     new = {r.detector: {sev: policy_threshold(t) for sev, t in r.thresholds.items()}
            for r in results if not r.refused}
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
