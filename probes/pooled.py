@@ -43,9 +43,9 @@ from probes.train import (
 __all__ = [
     "Fitter", "Fold", "Parts", "Scorer", "SourceData", "average", "cascade", "class_balanced",
     "concat", "conjunction", "contrast", "ecdf_scores", "ensemble", "fit_pooled", "fitter_folds",
-    "gbt_pca", "kind_weights", "knn", "lda_shrunk", "length_debiased", "linear", "mlp",
-    "pca_logreg", "pooled_features", "served_scores", "skip_first", "source_weights",
-    "stage2_share", "style_directions",
+    "gbt_pca", "group_dro", "kind_weights", "knn", "lda_shrunk", "length_debiased", "linear",
+    "mlp", "pca_logreg", "pooled_features", "served_scores", "skip_first", "source_bagging",
+    "source_log_loss", "source_weights", "stage2_share", "style_directions",
 ]
 
 
@@ -386,6 +386,66 @@ def average(fitters: Sequence[Fitter]) -> Fitter:
 
     def fit(parts: Parts) -> Scorer:
         fs = [f(parts) for f in fitters]
+        return lambda d: np.mean([f(d) for f in fs], axis=0)
+    return fit
+
+
+def source_log_loss(score: Scorer, d: SourceData, idx: np.ndarray) -> float:
+    """Mean log-loss of the rows ``idx`` of ``d`` under a logit scorer:
+    ``mean_i log(1 + exp(−(2y_i − 1)·s_i))`` (float64, natural log; 0 rows: 0.0)."""
+    if idx.size == 0:
+        return 0.0
+    s = np.asarray(score(d), dtype=np.float64)[idx]
+    sign = 2.0 * d.labels[idx].astype(np.float64) - 1.0
+    return float(np.mean(np.logaddexp(0.0, -sign * s)))
+
+
+def group_dro(make: Callable[[dict[str, float]], Fitter], rounds: int, eta: float) -> Fitter:
+    """Group DRO in its reweighting form (Sagawa et al. 2020, one group per source): start
+    every source at multiplier ``q_s = 1``, then ``rounds`` times fit ``make(q)`` on the
+    parts and set ``q_s ← q_s·exp(η·L_s)``, ``L_s`` = :func:`source_log_loss` of that
+    source's fit rows under the fit's own scorer (for the recipe: the served, length-
+    debiased mean logit); the last ``q`` is fit once more and returned. ``make`` maps
+    per-source-name multipliers to a fitter (e.g. ``lambda q: linear(15, 3e-3, q)``: a
+    name overrides a kind in :func:`source_weights`, and every class is rescaled there, so
+    only ratios within a class matter; ``q`` is divided by its maximum each round to stay
+    finite). ``rounds = 0`` or ``η = 0`` is ``make({name: 1})`` itself."""
+    if rounds < 0:
+        raise ValueError(f"group_dro: rounds: expected >= 0; found {rounds}")
+
+    def fit(parts: Parts) -> Scorer:
+        q = {d.name: 1.0 for d, _ in parts}
+        for _ in range(rounds):
+            f = make(dict(q))(parts)
+            for d, i in parts:
+                q[d.name] *= float(np.exp(eta * source_log_loss(f, d, i)))
+            top = max(q.values())
+            q = {k: v / top for k, v in q.items()}
+        return make(dict(q))(parts)
+    return fit
+
+
+def source_bagging(base: Fitter, members: int, share: float, seed: int = 0) -> Fitter:
+    """Mean of the scores of ``members`` fits of ``base``, each on a random ``share`` of
+    the harmful sources and the same share of the other sources (``max(1,
+    round(share·n))`` of each, drawn without replacement by ``numpy`` ``default_rng(seed)``
+    in parts order); a member's sources keep all their fit rows. For a linear ``base``
+    (with or without a length term) the mean is again one linear probe and one slope."""
+    if members < 1 or not 0 < share <= 1:
+        raise ValueError(f"source_bagging: expected members >= 1 and 0 < share <= 1; found "
+                         f"members={members}, share={share}")
+
+    def fit(parts: Parts) -> Scorer:
+        rng = np.random.default_rng(seed)
+        pos = [k for k, (d, _) in enumerate(parts) if d.source.kind == "harmful"]
+        neg = [k for k, (d, _) in enumerate(parts) if d.source.kind != "harmful"]
+        fs = []
+        for _ in range(members):
+            keep: set[int] = set()
+            for group in (pos, neg):
+                m = max(1, round(share * len(group))) if group else 0
+                keep.update(int(k) for k in rng.choice(group, size=m, replace=False))
+            fs.append(base([p for k, p in enumerate(parts) if k in keep]))
         return lambda d: np.mean([f(d) for f in fs], axis=0)
     return fit
 

@@ -50,6 +50,7 @@ from probes.pooled import (
     ensemble,
     fitter_folds,
     gbt_pca,
+    group_dro,
     kind_weights,
     knn,
     lda_shrunk,
@@ -58,6 +59,7 @@ from probes.pooled import (
     mlp,
     pca_logreg,
     skip_first,
+    source_bagging,
     stage2_share,
 )
 from probes.sources import Source, kept_rows
@@ -474,6 +476,18 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
                   f"first {k} user token{'s' if k > 1 else ''} left out of the mean",
                   "yes: one linear probe + mean_logit length_slope and skip_tokens",
                   skip_first(shipped, k)) for k in (1, 2, 3, 4, 6)),
+        # run 6 (session 17; rule in docs/PROBES.md written before it): the shipped recipe
+        # (variant 39) refit with group DRO's source reweighting, and bagged over sources
+        *(Variant("11 source mix", f"group DRO (5 rounds, eta={eta:g}) on the shipped "
+                  f"recipe: length-debiased, style out, L{lay} C=0.003, first 4 tokens out",
+                  "yes: one linear probe + mean_logit length_slope and skip_tokens",
+                  group_dro(lambda q: skip_first(length_debiased(
+                      linear(lay, 3e-3, q, style="benign")), 4), 5, eta))
+          for eta in (1.0, 3.0)),
+        Variant("11 source mix", f"source bagging: mean of 10 shipped-recipe fits (L{lay}, "
+                "first 4 tokens out), each on 70% of the harmful and 70% of the benign "
+                "sources", "yes: the mean of linear probes is one linear probe",
+                source_bagging(recipe_fitter(lay, 4), 10, 0.7)),
     ]
 
 

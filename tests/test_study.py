@@ -602,3 +602,81 @@ def test_skip_first_fits_and_scores_without_the_first_rows() -> None:
             assert got[i] == pytest.approx(float(kept.mean()), rel=1e-5, abs=1e-6)
     with pytest.raises(ValueError, match="k: expected >= 0"):
         pooled.skip_first(base, -1)
+
+
+def test_source_log_loss_matches_a_plain_sum() -> None:
+    data = _world(np.random.default_rng(11), {15: 2.0})
+    d = data[0]
+    idx = np.array([0, 3, 7])
+    score = _feature(15, 0)([])
+    s = d.features(15)[:, 0].astype(np.float64)
+    want = sum(np.log1p(np.exp(-(2 * d.labels[i] - 1) * s[i])) for i in idx) / idx.size
+    assert pooled.source_log_loss(score, d, idx) == pytest.approx(want)
+    assert pooled.source_log_loss(score, d, np.zeros(0, np.int64)) == 0.0
+
+
+def test_group_dro_reweights_each_source_by_its_loss_as_a_plain_loop_does() -> None:
+    """Each round's multipliers are the previous ones times exp(eta * the source's log-loss
+    under the previous fit), divided by their maximum; the returned scorer is the fit at
+    the last multipliers; eta = 0 is the plain fit."""
+    data = _world(np.random.default_rng(12), {15: 1.0})
+    parts = [(d, np.arange(d.labels.size)) for d in data]
+    seen: list[dict[str, float]] = []
+
+    def make(q: dict[str, float]) -> pooled.Fitter:
+        seen.append(dict(q))
+        return pooled.linear(15, 0.1, q)
+    f = pooled.group_dro(make, 2, 1.5)(parts)
+    q = {d.name: 1.0 for d in data}
+    want = [dict(q)]
+    for _ in range(2):
+        g = pooled.linear(15, 0.1, q)(parts)
+        for d in data:
+            s = g(d)
+            loss = np.mean(np.logaddexp(0, -(2.0 * d.labels - 1) * s))
+            q[d.name] *= np.exp(1.5 * loss)
+        q = {k: v / max(q.values()) for k, v in q.items()}
+        want.append(dict(q))
+    assert len(seen) == 3
+    for got, exp in zip(seen, want, strict=True):
+        assert got == pytest.approx(exp)
+    # the sources the fit ranks worst gain weight: the multipliers differ from 1
+    assert min(seen[-1].values()) < 0.999
+    last = pooled.linear(15, 0.1, want[-1])(parts)
+    plain = pooled.linear(15, 0.1, {d.name: 1.0 for d in data})(parts)
+    for d in data:
+        np.testing.assert_allclose(f(d), last(d))
+        np.testing.assert_allclose(pooled.group_dro(make, 3, 0.0)(parts)(d), plain(d))
+    with pytest.raises(ValueError, match="rounds: expected >= 0"):
+        pooled.group_dro(make, -1, 1.0)
+
+
+def test_source_bagging_is_the_mean_of_fits_on_drawn_sources() -> None:
+    data = _world(np.random.default_rng(13), {15: 2.0})
+    parts = [(d, np.arange(d.labels.size)) for d in data]
+    members: list[list[str]] = []
+
+    def record(ps: pooled.Parts) -> pooled.Scorer:
+        members.append([d.name for d, _ in ps])
+        return pooled.linear(15, 0.1)(ps)
+    f = pooled.source_bagging(record, 4, 0.5, seed=3)(parts)
+    # 2 harmful sources -> 1 drawn; 4 benign -> 2 drawn; parts order kept
+    order = [d.name for d in data]
+    for m in members:
+        assert len(m) == 3 and sum(n in ("h1", "h2") for n in m) == 1
+        assert m == sorted(m, key=order.index)
+    rng = np.random.default_rng(3)
+    plain = []
+    for _ in range(4):
+        keep = {int(k) for k in rng.choice([0, 1], 1, replace=False)} | \
+            {int(k) for k in rng.choice([2, 3, 4, 5], 2, replace=False)}
+        plain.append(pooled.linear(15, 0.1)([p for k, p in enumerate(parts) if k in keep]))
+    for d in data:
+        np.testing.assert_allclose(f(d), np.mean([g(d) for g in plain], axis=0))
+    # share 1 with one member is the plain fit
+    whole = pooled.source_bagging(pooled.linear(15, 0.1), 1, 1.0)(parts)
+    one = pooled.linear(15, 0.1)(parts)
+    for d in data:
+        np.testing.assert_allclose(whole(d), one(d))
+    with pytest.raises(ValueError, match="members >= 1 and 0 < share <= 1"):
+        pooled.source_bagging(record, 0, 0.5)
