@@ -82,7 +82,7 @@ from probes.pooled import (
 )
 from probes.sources import Source
 from probes.token_pool import fit_token_pool, pool_logits, token_pool
-from probes.train import LinearProbe, _sigmoid, aggregate_requests, fit_logreg, log_tokens
+from probes.train import LinearProbe, _sigmoid, aggregate_requests, log_tokens
 from probes.window import SERVED_SHARE, SERVED_WINDOW, served_union, union_rates
 
 if TYPE_CHECKING:
@@ -853,12 +853,31 @@ def calibration_rates(s_cal: np.ndarray, groups: np.ndarray, thr: dict[str, floa
     return out
 
 
+def shuffled_parts(parts: Sequence[tuple[SourceData, np.ndarray]], rng: np.random.Generator
+                   ) -> list[tuple[SourceData, np.ndarray]]:
+    """The label-permutation control's training rows: the labels of every fit row (all
+    sources, in parts order) permuted by one ``rng.permutation`` and written back to the
+    same rows (:meth:`SourceData.relabelled`; rows not fit on keep theirs). Sources keep
+    their kinds, so the recipe's per-source weights and style directions are computed as
+    for the real fit; only which rows are called harmful changes."""
+    y = rng.permutation(np.concatenate([d.labels[i] for d, i in parts]))
+    out, off = [], 0
+    for d, i in parts:
+        lab = d.labels.copy()
+        lab[i] = y[off:off + i.size]
+        off += i.size
+        out.append((d.relabelled(lab), i))
+    return out
+
+
 def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
                    fit_idx: dict[str, np.ndarray], cfg: Config,
                    fractions: Sequence[float] = (0.05, 0.1, 0.25, 0.5, 1.0),
                    seed: int = 0) -> list[dict[str, Any]]:
     """Pooled test AUROC / TPR@1%FPR (served statistic) vs the fraction of every training
-    source's rows fit on, plus a control: all rows with shuffled labels."""
+    source's rows fit on, plus a control: the same recipe (``cfg.fit``: weights, style
+    projection, length term, skipped tokens) on all fit rows with their labels permuted
+    across sources (:func:`shuffled_parts`), served with the control's own aggregation."""
     y = np.concatenate([d.labels for d in test])
     rows = []
     rng = np.random.default_rng(seed)
@@ -872,13 +891,8 @@ def learning_curve(train: Sequence[SourceData], test: Sequence[SourceData],
                 idx = np.sort(rng.permutation(idx)[:k])
             parts.append((d, idx))
         if fr == "shuffled":
-            x = np.concatenate([d.skipping(cfg.skip_tokens).features(cfg.layer)[i]
-                                for d, i in parts])
-            yy = rng.permutation(np.concatenate([d.labels[i] for d, i in parts]))
-            p = scaled(fit_logreg(x, yy, cfg.layer, cfg.C, max_iter=500), cfg.scale)
-            agg = cfg.agg
-        else:
-            p, agg = cfg.fit(parts)
+            parts = shuffled_parts(parts, rng)
+        p, agg = cfg.fit(parts)
         s = np.concatenate([d.served(p, agg, cfg.min_tokens, cfg.judge_at) for d in test])
         m = pooled_metrics(y, s)
         rows.append({"train_fraction": fr if fr == "shuffled" else float(fr),

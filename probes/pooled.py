@@ -21,6 +21,7 @@ Threads: none; every fitter is a pure function of its rows (sklearn ``random_sta
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,17 @@ class SourceData:
                            a.from_end, self.acts.labels[idx], int(idx.size))
         return SourceData(self.source, [self.examples[i] for i in idx], acts, self.mask[keep],
                           {lay: f[idx] for lay, f in self.feats.items()})
+
+    def relabelled(self, labels: np.ndarray) -> SourceData:
+        """This source with every example's label replaced by ``labels`` (int ``[n_examples]``,
+        0/1): same examples, activations and mask, sharing the pooled-feature cache (the
+        features do not depend on labels); for a label-permutation control."""
+        y = np.asarray(labels)
+        if y.shape != (self.acts.n_examples,) or not np.isin(y, (0, 1)).all():
+            raise ValueError(f"relabelled({self.name}): labels: expected 0/1 of shape "
+                             f"({self.acts.n_examples},); found shape {y.shape}")
+        acts = dataclasses.replace(self.acts, labels=y.astype(self.acts.labels.dtype))
+        return SourceData(self.source, self.examples, acts, self.mask, self.feats)
 
     def skipping(self, k: int) -> SourceData:
         """This source with the first ``k`` in-scope rows of every example that has more

@@ -197,7 +197,9 @@ def _harmful_section(r: Any) -> list[str]:
                             "benign fit rows" if "length_slope" in r.calibration else "")
                          + "; not servable as one linear_probe detector):", m["readouts"])
     lines += _titled("Learning curve (fraction of every training source fit on; pooled "
-                     "test, served statistic) and a shuffled-label control:",
+                     "test, served statistic) and a shuffled-label control (the same "
+                     "recipe, length term included, fit on every fit row with the labels "
+                     "permuted across sources: what length and style alone reach):",
                      m["learning_curve"])
     lines += [""]
     lines += _examples("Worst false positives on test (highest-scoring benign)",

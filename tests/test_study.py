@@ -680,3 +680,24 @@ def test_source_bagging_is_the_mean_of_fits_on_drawn_sources() -> None:
         np.testing.assert_allclose(whole(d), one(d))
     with pytest.raises(ValueError, match="members >= 1 and 0 < share <= 1"):
         pooled.source_bagging(record, 0, 0.5)
+
+
+def test_shuffled_parts_permute_the_fit_labels_across_sources_only() -> None:
+    from probes.harmful import shuffled_parts
+
+    data = _world(np.random.default_rng(14), {15: 2.0})
+    parts = [(d, np.arange(0, d.labels.size, 2)) for d in data]
+    got = shuffled_parts(parts, np.random.default_rng(5))
+    y = np.random.default_rng(5).permutation(
+        np.concatenate([d.labels[i] for d, i in parts]))
+    np.testing.assert_array_equal(np.concatenate([d.labels[i] for d, i in got]), y)
+    for (d, i), (g, j) in zip(parts, got, strict=True):
+        np.testing.assert_array_equal(i, j)
+        rest = np.setdiff1d(np.arange(d.labels.size), i)
+        np.testing.assert_array_equal(g.labels[rest], d.labels[rest])   # unfit rows kept
+        assert g.source == d.source and g.features(15) is not None
+        np.testing.assert_array_equal(g.features(15), d.features(15))
+    # the permutation mixes classes inside a source (both labels appear in a harmful one)
+    assert any(set(np.unique(g.labels[j])) == {0, 1} for g, j in got)
+    with pytest.raises(ValueError, match=r"labels: expected 0/1 of shape \(60,\)"):
+        data[0].relabelled(np.zeros(3, np.int8))
