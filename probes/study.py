@@ -488,6 +488,12 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
                 "first 4 tokens out), each on 70% of the harmful and 70% of the benign "
                 "sources", "yes: the mean of linear probes is one linear probe",
                 source_bagging(recipe_fitter(lay, 4), 10, 0.7)),
+        # run 7 (session 17, a second look; rule in docs/PROBES.md written before it):
+        # group DRO (eta 1) around the softmax probe at tau=1
+        Variant("11 source mix", f"group DRO (5 rounds, eta=1) on the softmax probe, tau=1:"
+                f" length-debiased, style out, L{lay} C=0.003", soft,
+                group_dro(lambda q: length_debiased(token_pool(lay, 3e-3, "softmax", 1.0, q,
+                                                               style="benign")), 5, 1.0)),
     ]
 
 
