@@ -454,6 +454,10 @@ def cmd_calibrate_traffic(args: argparse.Namespace) -> int:
     from monitor.score.bundle import BundleError, load_bundle
     from probes import traffic
 
+    def fail(e: Exception) -> int:
+        print(f"safety-probes calibrate-traffic: error: {e}", file=sys.stderr)
+        return 2
+
     def lines() -> Iterator[str]:  # streamed: an audit log may be gigabytes
         for path in args.audit_log:
             with open(path, encoding="utf-8", errors="replace") as f:
@@ -466,15 +470,13 @@ def cmd_calibrate_traffic(args: argparse.Namespace) -> int:
                  if args.bundle else [])
         finals = traffic.read_finals(lines(), None if args.all_versions else policy.version)
     except (PolicyError, BundleError, OSError) as e:
-        print(f"safety-probes calibrate-traffic: error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     rates = {"warn": args.warn_fpr, "critical": args.critical_fpr}
     try:
         results = traffic.calibrate_traffic(finals, policy, pairs, rates, args.holdout,
                                             args.detector or None)
     except ValueError as e:
-        print(f"safety-probes calibrate-traffic: error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(traffic.traffic_markdown(results, finals, policy, args.holdout), end="")
     if not any(not r.refused for r in results):
         print("safety-probes calibrate-traffic: no detector could be calibrated (no complete "
@@ -486,8 +488,7 @@ def cmd_calibrate_traffic(args: argparse.Namespace) -> int:
         try:  # e.g. a threshold only under defaults: edited in place or not at all
             new = traffic.new_policy_text(text, results, version, args.policy)
         except PolicyError as e:
-            print(f"safety-probes calibrate-traffic: error: {e}", file=sys.stderr)
-            return 2
+            return fail(e)
         Path(args.out).write_text(new, encoding="utf-8")
         print(f"wrote {args.out} (version {version}; modes unchanged: check it with "
               f"`safety-monitor check`, then decide which detector to switch to alert)")

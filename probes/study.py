@@ -358,12 +358,14 @@ BASE = 15, 1e-3
 shipped recipe since session 6 is variant 19, the length term at C 0.003)."""
 
 
-def recipe_fitter(layer: int, skip_tokens: int) -> Fitter:
+def recipe_fitter(layer: int, skip_tokens: int,
+                  kind_weight: dict[str, float] | None = None) -> Fitter:
     """The shipped recipe as a :data:`Fitter` (``probes.harmful.PINNED``'s C 0.003,
     per-source balance, benign style directions out, length-debiased; variant 24 with
     ``skip_tokens`` 0, variant 39 (the bundle since session 14) with
-    ``probes.harmful.DEFAULT_SKIP_TOKENS``)."""
-    base = length_debiased(linear(layer, 3e-3, style="benign"))
+    ``probes.harmful.DEFAULT_SKIP_TOKENS``). ``kind_weight``: per-kind / per-source-name
+    multipliers (:func:`probes.pooled.source_weights`; None: every source ×1)."""
+    base = length_debiased(linear(layer, 3e-3, kind_weight, style="benign"))
     return skip_first(base, skip_tokens) if skip_tokens else base
 
 
@@ -481,8 +483,7 @@ def variants(layers: Sequence[int] = (9, 12, 15, 18)) -> list[Variant]:
         *(Variant("11 source mix", f"group DRO (5 rounds, eta={eta:g}) on the shipped "
                   f"recipe: length-debiased, style out, L{lay} C=0.003, first 4 tokens out",
                   "yes: one linear probe + mean_logit length_slope and skip_tokens",
-                  group_dro(lambda q: skip_first(length_debiased(
-                      linear(lay, 3e-3, q, style="benign")), 4), 5, eta))
+                  group_dro(lambda q: recipe_fitter(lay, 4, q), 5, eta))
           for eta in (1.0, 3.0)),
         Variant("11 source mix", f"source bagging: mean of 10 shipped-recipe fits (L{lay}, "
                 "first 4 tokens out), each on 70% of the harmful and 70% of the benign "
