@@ -346,8 +346,12 @@ class Scorer:
         z = self._finish(kern, p, var)
         for Wt_full, blk in kern.topk:  # full-width TopK: keep a row's k largest latents
             r = torch.mm(xc, Wt_full.t()).float().add_(blk.b)  # [n_rows, m] rank values
-            tau = r.topk(blk.k, dim=1).values[:, -1:]  # the k-th largest, [n_rows, 1]
-            z[:, blk.cols] *= (r[:, blk.ids] >= tau).to(z.dtype)
+            # the k indices torch.topk returns, not r >= τ: bf16 rank values tie at τ often
+            # and a threshold would admit every tied latent (sae/topk.py: exactly k)
+            top = r.topk(blk.k, dim=1, sorted=False).indices  # [n_rows, k]
+            keep = torch.zeros(r.shape, dtype=torch.bool, device=r.device)
+            keep.scatter_(1, top, True)  # [n_rows, m], exactly k True per row
+            z[:, blk.cols] *= keep[:, blk.ids].to(z.dtype)
         return z
 
     def _finish(self, kern: _Kernel, p: torch.Tensor, var: torch.Tensor | None

@@ -5,17 +5,22 @@
 
 Membership depends on all ``d_sae`` pre-activations of the row, so a latent subset
 alone cannot compute it. The bundle component ``sae_latents`` / ``topk`` therefore
-carries the **full-width** encoder beside the selected columns, and the scorer runs it
-(exact, not an approximation)::
+carries the **full-width** encoder beside the selected columns, and the scorer runs it::
 
     r = u' · (W_enc_full · s_full) + b_enc_full · s_full      [n, d_sae]   one extra GEMM
-    τ = k-th largest r of the row                                          torch.topk
-    z_j = relu(p_j) · [r_{id_j} ≥ τ]      for the selected latents j (p_j = r_{id_j})
+    K = the k indices of the row's largest r                                torch.topk
+    z_j = relu(p_j) · [id_j ∈ K]          for the selected latents j (p_j = r_{id_j})
 
 (``s = ‖W_dec[i]‖`` when ``rescale_acts_by_decoder_norm``, else 1: SAELens ranks *and*
-returns ``h·‖W_dec[i]‖``.) Membership is read from ``r`` itself, so the packed GEMM and
-the full GEMM never disagree on it; a tie at ``τ`` admits every tied latent (torch.topk
-picks k of them; with float activations ties have probability ~0). Only
+returns ``h·‖W_dec[i]‖``.) What is exact: every row keeps exactly ``k`` latents, the
+ones with the ``k`` largest ``r`` as computed (float32 rank values; with bf16 compute the
+GEMM output is rounded to bf16 first, so latents within bf16 rounding of each other may
+rank differently than in float32); membership is read from ``r`` alone (never from the
+packed GEMM's ``p``), so the two GEMMs cannot disagree on it. Ties at
+the k-th value (rare in float32, frequent in bf16) are broken by ``torch.topk``, as in
+SAELens' and sparsify's own encode: which of the tied latents it keeps is the kernel's
+choice (not, e.g., the lowest index) and may differ between CPU and CUDA, but never more
+than ``k`` are kept (a threshold ``r ≥ τ`` would admit every tied latent). Only
 ``normalize: none`` is supported (OpenAI's layer-normalised TopK SAEs are refused by
 field); the onnxruntime backend has no TopK graph (export refuses). For a
 BatchTopK-trained SAE the cheaper exact path is its inference rule, a JumpReLU with the
