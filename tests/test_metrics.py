@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import random
 import urllib.request
+from collections.abc import Mapping
 from http.server import ThreadingHTTPServer
 from typing import cast
 
 from prometheus_client import REGISTRY
 
 from monitor.constants import MODES, SEVERITIES, FinishReason, Reason
-from monitor.report.metrics import PREFIX, SCORE_GRID, Metrics, parse_exposition, score_buckets
+from monitor.report.metrics import (
+    PREFIX,
+    SCORE_GRID,
+    Metrics,
+    parse_exposition,
+    score_buckets,
+    threshold_edge,
+)
 
 ALLOWED_LABELS = {"model_name", "layer", "detector", "severity", "mode", "reason", "result",
                   "bundle", "sha256", "version", "le", "torch", "grpc",
@@ -38,9 +48,45 @@ def test_names_units_and_labels() -> None:
 
 def test_score_buckets_at_thresholds() -> None:
     b = score_buckets([0.62, 0.9, 0.913, 1.5, -1])
-    assert 0.62 in b and 0.913 in b and 0.9 in b
-    assert 1.5 not in b and b == tuple(sorted(set(b)))
+    assert all(threshold_edge(t) in b for t in (0.62, 0.9, 0.913))
+    assert threshold_edge(1.5) not in b and b == tuple(sorted(set(b)))
     assert set(SCORE_GRID) <= set(b) and b[-1] == 1.0
+
+
+def _above(s: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], det: str,
+           t: float) -> float:
+    """Observations of ``det`` above the bucket edge of threshold ``t``, read from an
+    exposition the way a dashboard does: ``count - bucket{le=<edge>}``. The edge must be
+    the largest float below ``t`` (nothing else separates ``≥ t`` from ``< t``)."""
+    name = "safety_monitor_request_score_bucket"
+    les = {dict(k[1])["le"]: v for k, v in s.items()
+           if k[0] == name and dict(k[1])["detector"] == det}
+    below = [le for le in les if le != "+Inf" and float(le) < t]
+    assert below, (t, sorted(les))
+    le = max(below, key=float)
+    assert float(le) == math.nextafter(t, 0.0), (t, le)
+    return s[("safety_monitor_request_score_count", (("detector", det),))] - les[le]
+
+
+def test_share_above_a_threshold_edge_is_the_share_that_reached_it() -> None:
+    # the tracker's rule is ``peak >= t``; Prometheus buckets are ``le`` (≤ edge). Peaks
+    # at t, one float either side of t, and thresholds below 0.1 written with 6
+    # significant digits (probes.calibrate.policy_threshold), whose 6-decimal rounding
+    # (0.0123457 -> 0.012346) once put a peak that reached warn below the edge
+    from probes.calibrate import policy_threshold
+
+    rng = random.Random(5)
+    written = [policy_threshold(10 ** rng.uniform(-5, 0)) for _ in range(40)]
+    thresholds = [0.0123457, 0.5, 0.62, 0.9, 1.0, *(float(w) for w in written)]
+    peaks = [0.01234575, 0.0123456, 0.99, 0.0]
+    for t in thresholds:
+        peaks += [t, math.nextafter(t, 0.0), math.nextafter(t, 1.0), t - 1e-7, t + 1e-7]
+    m = Metrics("m", thresholds)
+    for p in peaks:
+        m.observe_request_score("d", p)
+    s = parse_exposition(m.exposition().decode())
+    for t in thresholds:
+        assert _above(s, "d", t) == sum(p >= t for p in peaks), t
 
 
 def test_request_score_recreated_on_threshold_change() -> None:
@@ -52,9 +98,12 @@ def test_request_score_recreated_on_threshold_change() -> None:
     m.set_policy("v2", "abc", [0.42, 0.77])
     m.observe_request_score("d", 0.6)
     s = parse_exposition(m.exposition().decode())
-    assert s[("safety_monitor_request_score_bucket", (("detector", "d"), ("le", "0.42")))] == 0
-    assert s[("safety_monitor_request_score_bucket", (("detector", "d"), ("le", "0.77")))] == 1
-    assert ("safety_monitor_request_score_bucket", (("detector", "d"), ("le", "0.62"))) not in s
+    def le(t: float) -> tuple[tuple[str, str], ...]:
+        return (("detector", "d"), ("le", repr(threshold_edge(t))))
+
+    assert s[("safety_monitor_request_score_bucket", le(0.42))] == 0
+    assert s[("safety_monitor_request_score_bucket", le(0.77))] == 1
+    assert ("safety_monitor_request_score_bucket", le(0.62)) not in s
     assert s[("safety_monitor_policy_info", (("sha256", "abc"), ("version", "v2")))] == 1
     m.set_policy("v3", "def", [0.42, 0.77])
     s = parse_exposition(m.exposition().decode())

@@ -8,6 +8,7 @@ StreamError code/reason, the counter in /metrics, and that the stream still work
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from conftest import D_MODEL, MODEL, POLICY_V1, REPO, MonitorServer, eventually,
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from monitor.report.metrics import threshold_edge
 from monitor.roles import TokenRole
 from monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from monitor.wire import Span, encode_frame
@@ -216,8 +218,9 @@ def test_stream_verdicts_audit_and_metrics(server: MonitorServer, geometry: dict
     assert delta("safety_monitor_request_score_count", detector="harmful_intent") == 3
     # bucket edges at the policy thresholds: 2 of 3 harmful_intent scores are below 0.5
     assert delta("safety_monitor_request_score_bucket", detector="harmful_intent",
-                 le="0.5") == 2
-    assert delta("safety_monitor_request_score_bucket", detector="deception", le="0.85") == 2
+                 le=repr(threshold_edge(0.5))) == 2
+    assert delta("safety_monitor_request_score_bucket", detector="deception",
+                 le=repr(threshold_edge(0.85))) == 2
     assert delta("safety_monitor_frame_latency_seconds_count") == len(msgs) - 3
     assert after[("safety_monitor_policy_info", (("sha256", _sha(POLICY_V1)),
                                                   ("version", "test-v1")))] == 1
@@ -521,6 +524,45 @@ def test_span_end_policy_over_a_real_socket(start_server: Callable[..., MonitorS
                       severity="critical", mode="alert") == 2
 
 
+def test_request_score_edge_separates_reached_from_not(
+        start_server: Callable[..., MonitorServer], geometry: dict) -> None:
+    """The request-score histogram over a real socket: with a threshold equal to one
+    request's peak (a score below 0.1, where the edges were once rounded to 6 decimals),
+    the requests above that threshold's bucket edge on /metrics are exactly those whose
+    verdict reached the severity (the tracker's ``peak >= t``), and the edge is the
+    largest float below t (a Prometheus bucket holds ``<= le``)."""
+    srv = start_server(extra=["--policy-watch-s", "0"], name="edges")
+    assert srv.policy_path is not None
+    xs = [make_rows(geometry, "harmful_intent", 1) for _ in range(2)]  # ~0.05 each
+
+    def send(x: torch.Tensor) -> monitor_pb2.Verdict:
+        r = rid("edge")  # one single-row frame per stream: each row scored alone
+        out = stream(srv, [frame_msg(1, 2, x, [Span(r, 1, 0, 1)]), fin(r)])
+        (v,) = [v for v in verdicts(out, r, final=True) if v.detector == "harmful_intent"]
+        return v
+
+    peaks = sorted(send(x).peak_score for x in xs)
+    assert peaks[0] < peaks[1] < 0.1, peaks
+    t = peaks[1]
+    srv.policy_path.write_text(POLICY_V1.replace('"test-v1"', '"edge-v1"').replace(
+        "thresholds: {warn: 0.5, critical: 0.9}", f"thresholds: {{warn: {t!r}, critical: 0.9}}"))
+    srv.signal(signal.SIGHUP)
+    assert eventually(lambda: srv.metric("safety_monitor_policy_info", version="edge-v1") == 1)
+    got = [send(x) for x in xs]
+    assert sorted(v.peak_score for v in got) == peaks  # the same rows score the same
+    reached = sum(v.severity == monitor_pb2.SEVERITY_WARN for v in got)
+    assert reached == 1  # the peak equal to t reached warn, the lower one did not
+    s = srv.metrics()
+    name = "safety_monitor_request_score_bucket"
+    les = [dict(lab)["le"] for (n, lab), _ in s.items()
+           if n == name and dict(lab)["detector"] == "harmful_intent"]
+    edge = max((le for le in les if le != "+Inf" and float(le) < t), key=float, default=None)
+    assert edge is not None and float(edge) == math.nextafter(t, 0.0), (t, sorted(les))
+    count = srv.metric("safety_monitor_request_score_count", detector="harmful_intent")
+    assert count == 2
+    assert count - srv.metric(name, detector="harmful_intent", le=edge) == reached
+
+
 def test_oversized_frame_in_stream(server: MonitorServer, geometry: dict) -> None:
     n = MAX_FRAME // (D_MODEL * 4) + 8  # above max_frame_bytes, below the gRPC limit
     r, ok_id = rid("big"), rid("ok")
@@ -713,7 +755,7 @@ def test_policy_hot_reload(start_server: Callable[..., MonitorServer], geometry:
     r = rid("v2")
     out = stream(srv, good_tail(geometry, 1, r))
     assert {v.policy_version for v in verdicts(out, r)} == {"test-v2"}
-    assert 'le="0.77"' in srv.metrics_text()
+    assert f'le="{threshold_edge(0.77)!r}"' in srv.metrics_text()
 
     # 2. an invalid file is refused: old policy stays, refusal counted and logged
     srv.policy_path.write_text("version: \"broken\"\ndetectors:\n  harmful_intent:\n"

@@ -5,8 +5,10 @@ default one), share the prefix `safety_monitor_`, use base units (`_seconds`, `_
 and end counters in `_total`. Labels are bounded: `model_name`, `layer`, `detector`,
 `severity`, `mode`, `reason`, `result` — never request ids or other unbounded values.
 
-The per-detector request-score histogram has bucket edges at the policy thresholds plus
-a coarse grid; it is recreated when a policy reload changes the thresholds.
+The per-detector request-score histogram has a bucket edge at each policy threshold ``t``
+(``threshold_edge``: the largest float below ``t``, so the requests above the edge are
+exactly those with ``judged_peak >= t``, the ones that reached that severity) plus a
+coarse grid; it is recreated when a policy reload changes the thresholds.
 
 Every labelled counter exists from start-up at 0 for every label value it can take:
 each `Reason` (`frames_rejected`, `rows_unscored`), each `FinishReason`
@@ -21,6 +23,7 @@ through `add_pull` callbacks, never copied: the callback reads the owner's count
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -39,7 +42,7 @@ from prometheus_client.registry import Collector
 from monitor.constants import MODES, SEVERITIES, FinishReason, Incomplete, Reason
 from monitor.roles import ROLE_NAMES
 
-__all__ = ["PREFIX", "SCORE_GRID", "Metrics", "score_buckets"]
+__all__ = ["PREFIX", "SCORE_GRID", "Metrics", "score_buckets", "threshold_edge"]
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +84,24 @@ class _PullCollector(Collector):
                 yield GaugeMetricFamily(name, doc, value=value)
 
 
+def threshold_edge(t: float) -> float:
+    """The request-score bucket edge of threshold ``t``: the largest float below ``t``.
+
+    The tracker alerts on ``peak >= t``; a Prometheus bucket counts ``score <= le``. With
+    ``le = nextafter(t, 0)``, ``score > le`` holds exactly when ``score >= t`` (no float lies
+    between), so ``count - bucket{le}`` is the number of requests that reached ``t``. The
+    edge is never rounded: a 6-significant-digit threshold such as 0.0123457
+    (``probes.calibrate.policy_threshold``) keeps its own edge. Its ``le`` label is
+    Python's shortest repr (prometheus_client), e.g. ``0.49999999999999994`` for 0.5."""
+    return math.nextafter(float(t), 0.0)
+
+
 def score_buckets(thresholds: Iterable[float]) -> tuple[float, ...]:
-    """Bucket upper bounds: the coarse grid plus every threshold in (0, 1], sorted, unique."""
-    edges = {round(float(v), 6) for v in SCORE_GRID}
-    edges.update(round(float(t), 6) for t in thresholds if 0.0 < float(t) <= 1.0)
+    """Bucket upper bounds, sorted, unique: the coarse grid (edges at the grid values:
+    ``le="0.5"`` counts scores ≤ 0.5), :func:`threshold_edge` of every threshold in
+    (0, 1], and 1.0."""
+    edges = {float(v) for v in SCORE_GRID}
+    edges.update(threshold_edge(t) for t in thresholds if 0.0 < float(t) <= 1.0)
     edges.add(1.0)
     return tuple(sorted(edges))
 
@@ -219,11 +236,12 @@ class Metrics:
             self.request_score = Histogram(
                 PREFIX + "request_score", "Per finished request and detector, the highest "
                 "aggregate at a judged token: the statistic compared with the thresholds "
-                "(bucket edges at the policy thresholds).", ["detector"], buckets=buckets,
+                "(a bucket edge just below each policy threshold: above it = reached it).",
+                ["detector"], buckets=buckets,
                 registry=self.registry,
             )
             self._score_buckets = buckets
-        log.info("request_score buckets: %s", ", ".join(f"{b:g}" for b in buckets))
+        log.info("request_score buckets: %s", ", ".join(repr(b) for b in buckets))
         return True
 
     def observe_request_score(self, detector: str, score: float) -> None:

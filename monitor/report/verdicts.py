@@ -143,8 +143,9 @@ class Reporter:
         client's counts), so every gap is on record.
 
         The histogram observes `u.judged_peak`, the statistic the thresholds are compared
-        with, so the share of a detector's requests above a bucket edge at a threshold is
-        the share that reached that severity; a request with no judged token (it could
+        with, so the share of a detector's requests above a threshold's bucket edge
+        (``metrics.threshold_edge``: the largest float below it) is the share that
+        reached that severity; a request with no judged token (it could
         not alert) is not observed. (The last aggregate, `u.score`, is below it for an
         every-token detector whose aggregate fell back after a hot token.)"""
         if u.judged_peak is not None:
