@@ -139,3 +139,25 @@ def test_final_histogram_observes_the_judged_statistic(tmp_path: Path) -> None:
     assert samples[("safety_monitor_request_score_count", (det,))] == 1
     assert samples[("safety_monitor_request_score_bucket", (det, ("le", "0.9")))] == 0
     assert samples[("safety_monitor_request_score_bucket", (det, ("le", "1.0")))] == 1
+
+
+def test_module_doc_lists_every_event_the_reporter_writes(tmp_path: Path) -> None:
+    # the events a Reporter writes (one escalation per action, a block's end, a final)
+    # are the ones the audit module's docstring promises, no more and no fewer
+    import re
+
+    import monitor.report.audit as audit_mod
+    from monitor.report.metrics import Metrics
+    from monitor.report.verdicts import Reporter
+
+    path = tmp_path / "audit.jsonl"
+    rep = Reporter(Metrics("m"), AuditLog(path, include_finals=True), bundle_name="b",
+                   bundle_sha256="0" * 64, model_name="m")
+    for mode in ("observe", "alert", "block"):
+        rep.escalation(_update(mode=mode))
+    rep.block_end(_update(mode="block", final=True, escalated=False), "", 3, "stop")
+    rep.final(_update(final=True, escalated=False, judged_peak=0.95))
+    written = {json.loads(line)["event"] for line in path.read_text().splitlines()}
+    doc = re.search(r"event \(([^)]*)\)", audit_mod.__doc__ or "")
+    assert doc is not None
+    assert set(re.findall(r'"(\w+)"', doc.group(1))) == written

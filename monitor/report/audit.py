@@ -11,10 +11,17 @@ counts as written when every configured destination took it; a failure on either
 counted once. With an OTLP endpoint in the environment (`monitor/report/otlp.py`) every
 record is also exported as an OpenTelemetry log record.
 
-Alert line fields: ts, event ("alert" | "would_alert" | "final"), request_id (the
-engine's id), correlation_id (the caller's label, "" if none), detector, severity, score,
-peak_score, threshold, position, mode, policy_version, bundle_name, bundle_sha256,
-model_name, n_tokens_scored, n_tokens_unscored; final lines also n_tokens_missing,
+Events (`monitor.report.verdicts.Reporter`): "alert" (a newly reached severity, mode
+alert, or mode block at warn), "would_alert" (mode observe), "block" (mode block at
+critical), "block_end" (a blocked request finished: the final verdict plus
+tokens_after_crossing, null when not observable, and finish_reason), "final" (a final
+verdict, with --audit-finals or when incomplete).
+
+Line fields: ts, event ("alert" | "would_alert" | "block" | "block_end" | "final"),
+request_id (the engine's id), correlation_id (the caller's label, "" if none), detector,
+severity, score, peak_score, threshold, position, mode, policy_version, bundle_name,
+bundle_sha256, model_name, n_tokens_scored, n_tokens_unscored; final and block_end lines
+also n_tokens_missing,
 incomplete and incomplete_reason (written even without --audit-finals when incomplete is
 true; reasons: `monitor.constants.Incomplete`) and judged_peak (the highest aggregate at a
 judged token, the statistic the thresholds are compared with; null when none was judged;
