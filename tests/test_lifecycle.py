@@ -169,6 +169,26 @@ def test_another_stream_cannot_add_to_or_finish_a_live_request(srv: MonitorServe
     assert srv.metric("safety_monitor_frames_rejected_total", reason="not_owner") - before == 2
 
 
+
+def test_client_identity_cannot_be_spelled_by_another_client(srv: MonitorServer,
+                                                             geometry: dict) -> None:
+    """The identity joined client_id and instance_id with '#': a client named
+    "tenant-x#i1" without an instance id was the instance "i1" of "tenant-x" (it could
+    blind, finish or adopt that instance's requests)."""
+    r = rid("spelled")
+    a = Held(srv, [monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
+        client_id="tenant-x", instance_id="i1", model=MODEL)),
+        frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4, [0]), [Span(r, 4, 0, 4)])])
+    assert eventually(lambda: len(verdicts(a.out, r)) >= 1)  # r is live
+    out = stream(srv, [hello("tenant-x#i1"),
+                       frame_msg(1, 2, make_rows(geometry, "harmful_intent", 4),
+                                 [Span(r, 4, 4, 4)]), fin(r)])
+    assert errors(out) == []  # its own request r, not tenant-x/i1's
+    assert finals(out, r)["harmful_intent"].severity == monitor_pb2.SEVERITY_NONE
+    a.send(fin(r))
+    f = finals(a.close(), r)["harmful_intent"]
+    assert f.n_tokens_scored == 4 and f.severity == monitor_pb2.SEVERITY_CRITICAL
+
 def test_max_requests_holds_for_unjudged_layers_and_evicted_requests_get_finals(
         srv: MonitorServer, geometry: dict) -> None:
     ev0 = srv.metric("safety_monitor_requests_evicted_total")

@@ -216,3 +216,30 @@ def explain_request(server: MonitorServer, r: str, scores: np.ndarray,
     missing = subprocess.run([*base[:4], "nope", *base[5:]], capture_output=True, text=True,
                              env=env, timeout=60)
     assert missing.returncode == 1 and "no audit lines" in missing.stdout
+
+
+def test_span_refused_on_its_own_is_charged_to_the_frames_hook_point(
+        server: MonitorServer) -> None:
+    """The rows of a span the codec refuses (here: a bad role) count as unscored for the
+    detectors of the frame's hook point. They were charged to the layer's resid_post
+    (the probe here), and with a bundle reading no resid_post the worker logged a
+    KeyError traceback per refused span."""
+    r = f"refused-{uuid.uuid4().hex[:8]}"
+    pre = [Span(r, 3, 0, 5, 2), Span(r, 2, 3, 5, 99)]  # role 99: refused on its own
+    msgs = [
+        monitor_pb2.ClientMessage(frame=encode_frame(
+            _x(2, 5), seq=1, model=MODEL, layer=2, spans=pre, hook_name=PRE)),
+        monitor_pb2.ClientMessage(frame=encode_frame(
+            _x(3, 5), seq=2, model=MODEL, layer=2, spans=[Span(r, 5, 0, 5)], hook_name=POST)),
+        monitor_pb2.ClientMessage(finished=monitor_pb2.RequestFinished(
+            request_id=r, reason="stop", n_prompt_tokens=5, n_generated_tokens=1)),
+    ]
+    out = list(monitor_pb2_grpc.MonitorStub(server.channel).Stream(iter(msgs), timeout=60))
+    assert [(m.error.reason, m.error.seq) for m in out if m.HasField("error")] == [
+        ("bad_spans", 1)]
+    finals = {m.verdict.detector: m.verdict for m in out
+              if m.HasField("verdict") and m.verdict.final and m.verdict.request_id == r}
+    assert (finals["sae_det"].n_tokens_scored, finals["sae_det"].n_tokens_unscored) == (3, 2)
+    assert (finals["probe_det"].n_tokens_scored,
+            finals["probe_det"].n_tokens_unscored) == (5, 0)
+    assert "unexpected error" not in server.log()

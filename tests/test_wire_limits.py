@@ -142,6 +142,51 @@ def test_client_stats_cannot_poison_counters(server: MonitorServer, geometry: di
     assert server.metric("safety_monitor_client_dropped_frames_total") == before + 5
 
 
+
+def test_client_stats_baseline_survives_reconnects(server: MonitorServer,
+                                                   geometry: dict) -> None:
+    """The plugin sends cumulative counters and re-sends them after each hello: the
+    baseline is the client instance's, not the stream's (a per-stream baseline counted
+    25 + 30 + 31 = 86 rows for 31 dropped). A long outage's cumulative total above the
+    per-message cap is taken on a stream's first ClientStats (it was refused on every
+    message of the stream, forever)."""
+    me = monitor_pb2.ClientHello(client_id=rid("stats"), instance_id=rid("inst"), model=MODEL)
+    hello = monitor_pb2.ClientMessage(hello=me)
+
+    def st(**kw: int) -> monitor_pb2.ClientMessage:
+        return monitor_pb2.ClientMessage(stats=monitor_pb2.ClientStats(**kw))
+
+    def counted() -> tuple[float, float]:
+        return (server.metric("safety_monitor_client_dropped_rows_total"),
+                server.metric("safety_monitor_client_reconnects_total"))
+
+    rows0, rec0 = counted()
+    for out in (stream(server, [hello, st(dropped_frames=1, dropped_rows=25)]),
+                stream(server, [hello, st(dropped_frames=2, dropped_rows=30, reconnects=1)]),
+                stream(server, [hello, st(dropped_frames=3, dropped_rows=31, reconnects=2)])):
+        assert errors(out) == []
+    rows1, rec1 = counted()
+    assert (rows1 - rows0, rec1 - rec0) == (31, 2)
+    # another instance of the same client id (a restarted process) has its own baseline
+    other = monitor_pb2.ClientMessage(hello=monitor_pb2.ClientHello(
+        client_id=me.client_id, instance_id=rid("inst"), model=MODEL))
+    assert errors(stream(server, [other, st(dropped_rows=7)])) == []
+    # an outage of more than 2^32 dropped rows, reported after the reconnect, then more
+    big = 2**32 + 100
+    ok = rid("ok")
+    out = stream(server, [hello, st(dropped_frames=5, dropped_rows=big, reconnects=3),
+                          st(dropped_frames=5, dropped_rows=big + 8, reconnects=3),
+                          *good_tail(geometry, 1, ok)])
+    assert errors(out) == []
+    assert_stream_usable(out, ok)
+    rows2, rec2 = counted()
+    assert (rows2 - rows1, rec2 - rec1) == (7 + big + 8 - 31, 1)
+    # within a stream the per-message cap still holds
+    out = stream(server, [hello, st(dropped_rows=big + 9, reconnects=3),
+                          st(dropped_rows=big + 9 + 2**32 + 1, reconnects=3)])
+    assert [e.reason for e in errors(out)] == ["bad_stats"]
+    assert counted() == (rows2 + 1, rec2)
+
 def test_request_id_and_span_limits(server: MonitorServer, geometry: dict) -> None:
     ok = rid("ok")
     x = make_rows(geometry, "harmful_intent", 2)

@@ -155,6 +155,16 @@ class Metrics:
                                             "reports it dropped.", registry=r)
         self.client_reconnects = Counter(p + "client_reconnects", "Reconnects the client "
                                          "reports.", registry=r)
+        self.client_stats_evicted = Counter(p + "client_stats_evicted", "Client instances "
+                                            "whose ClientStats baseline was dropped, least "
+                                            "recently reporting first, to keep a bounded "
+                                            "number (a later report of one counts its totals "
+                                            "again).", registry=r)
+        self.unscored_marks_dropped = Counter(p + "unscored_marks_dropped", "Unscored rows "
+                                              "(already in rows_unscored) not marked in "
+                                              "their requests because the queue of such marks "
+                                              "was full; the finals count them as missing.",
+                                              registry=r)
         self.duplicate_rows = Counter(p + "duplicate_rows", "Rows skipped because their "
                                       "(request, layer, position) was already scored.",
                                       registry=r)

@@ -20,7 +20,14 @@ Bounds: frames occupy `capacity_rows` rows of the queue until scored; a frame th
 not fit is shed explicitly (`QueueFull`: the caller sends StreamError RESOURCE_EXHAUSTED
 "queue_full", counts it and its rows are recorded as unscored). Memory held by queued
 activations is at most `capacity_rows * d_model * itemsize` bytes (plus one frame).
-Control items are small and bounded by the registry (one finish per request).
+Control items are small and bounded by the registry (one finish per request), except the
+unscored-row marks (rows that arrived but will not be scored, to be counted in their
+requests' finals): one item per frame, holding its marked spans' positions and roles (10
+bytes a row), at most `capacity_rows` such rows queued (or one frame's, when no other
+marks are); a mark that does not fit is dropped, counted in
+`unscored_marks_dropped_total` (its rows are already in `rows_unscored_total`), and
+opens no request; the request's final counts those positions as missing when its client
+reports them (`RequestFinished` counts, which the plugin always sends).
 """
 
 from __future__ import annotations
@@ -103,11 +110,18 @@ class _FinishItem:
 
 @dataclass
 class _UnscoredItem:
-    key: RequestKey
-    layer: int | str | None  # hook point (bare int: its resid_post); None: every detector
-    positions: np.ndarray
-    generated: np.ndarray
-    roles: np.ndarray | None = None  # int8 TokenRole per row (None: derived from generated)
+    """Rows of one frame that arrived but will not be scored, marked per request."""
+
+    hook: str  # canonical hook point of the rows
+    keys: tuple[RequestKey, ...]  # one admitted request per marked span
+    bounds: tuple[tuple[int, int], ...]  # each span's rows in the arrays below
+    positions: np.ndarray  # int64 [rows]: only the marked spans' rows, in span order
+    generated: np.ndarray  # bool [rows]
+    roles: np.ndarray  # int8 TokenRole [rows]
+
+    @property
+    def rows(self) -> int:
+        return int(self.positions.size)
 
 
 @dataclass
@@ -183,6 +197,7 @@ class Pipeline:
         self._cond = threading.Condition()
         self._items: deque[_Item] = deque()
         self._rows_queued = 0
+        self._unscored_queued = 0  # rows held by queued `_UnscoredItem`s (under _cond)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._sweeper: threading.Thread | None = None
@@ -222,6 +237,12 @@ class Pipeline:
     def rows_queued(self) -> int:
         """Rows currently waiting in the queue."""
         return self._rows_queued
+
+    @property
+    def unscored_rows_queued(self) -> int:
+        """Rows of unscored-row marks waiting in the queue (at most `capacity_rows`, or
+        one frame's rows)."""
+        return self._unscored_queued
 
     @property
     def policy(self) -> Policy:
@@ -324,12 +345,43 @@ class Pipeline:
         self._put(_FrameItem(sink, frame, keys, t_recv, frame.n_rows), rows=frame.n_rows)
 
     def submit_unscored(
-        self, key: RequestKey, layer: int | str | None, positions: np.ndarray,
-        generated: np.ndarray,
-        roles: np.ndarray | None = None,
-    ) -> None:
-        """Record rows of an admitted request that arrived but will not be scored."""
-        self._put(_UnscoredItem(key, layer, positions, generated, roles))
+        self, sink: StreamSink, hook: str,
+        spans: Sequence[tuple[RequestKey, tuple[int, int]]], positions: np.ndarray,
+        generated: np.ndarray, roles: np.ndarray,
+    ) -> int:
+        """Mark rows that arrived on `sink`'s stream but will not be scored, so their
+        requests' finals count them (`n_tokens_unscored`): `spans` are (request, row
+        bounds in the frame's `positions`/`generated`/`roles` arrays). One queue item for
+        all of them; when their rows do not fit the bound on queued marks (see the module
+        docstring) nothing is queued or admitted and the rows are counted in
+        `unscored_marks_dropped_total`. Otherwise each request is admitted (refused ones
+        are skipped: closed, foreign or too long, counted by the caller's refusal).
+        Returns how many spans were marked."""
+        rows = sum(b - a for _, (a, b) in spans)
+        with self._cond:
+            # one frame's marks always fit an empty queue of marks (a frame shed for
+            # being larger than the queue is still marked)
+            fits = (self._unscored_queued == 0
+                    or self._unscored_queued + rows <= self.capacity_rows)
+            if fits:
+                self._unscored_queued += rows  # reserved while admitting
+        if not fits:
+            self.metrics.unscored_marks_dropped.inc(rows)
+            log.debug("unscored marks of %d rows dropped: %d of %d rows queued", rows,
+                      self._unscored_queued, self.capacity_rows)
+            return 0
+        kept = [(k, ab) for k, ab in spans if self.admit(k, sink).accepted]
+        idx = np.concatenate([np.arange(a, b) for _, (a, b) in kept]) if kept else None
+        held = 0 if idx is None else int(idx.size)
+        if rows > held:
+            self._release_unscored(rows - held)
+        if idx is None:
+            return 0
+        ends = np.cumsum([b - a for _, (a, b) in kept]).tolist()
+        bounds = tuple(zip([0, *ends[:-1]], ends, strict=True))
+        self._put(_UnscoredItem(hook, tuple(k for k, _ in kept), bounds, positions[idx],
+                                generated[idx], roles[idx]))
+        return len(kept)
 
     def submit_end(self, sink: StreamSink) -> None:
         """Queue the end marker of a stream: `sink.post(None)` after its last item."""
@@ -370,6 +422,10 @@ class Pipeline:
             self._rows_queued -= rows
             self.metrics.queue_depth.set(self._rows_queued)
 
+    def _release_unscored(self, rows: int) -> None:
+        with self._cond:
+            self._unscored_queued -= rows
+
     def _run(self) -> None:
         log.info("scoring worker started (capacity %d rows, batch %d rows)",
                  self.capacity_rows, self.max_batch_rows)
@@ -394,16 +450,16 @@ class Pipeline:
         if isinstance(item, _FinishItem):
             self._finish(item.closing, item.expected, item.unseen)
         elif isinstance(item, _UnscoredItem):
-            dets: Sequence[str | None]
-            if item.layer is None:
-                dets = [None]
-            else:
-                dets = [d for d in self.scorer.detectors_on(item.layer) if d in self._judged]
-            if dets and not self.registry.is_open(item.key):
-                return  # closed before its unscored rows came up: the final was sent
-            for d in dets:
-                self.tracker.mark_unscored(item.key, d, item.positions, item.generated,
-                                           item.roles)
+            try:
+                dets = [d for d in self.scorer.detectors_on(item.hook) if d in self._judged]
+                for key, (a, b) in zip(item.keys, item.bounds, strict=True):
+                    if not self.registry.is_open(key):
+                        continue  # closed before its unscored rows came up: final sent
+                    for d in dets:
+                        self.tracker.mark_unscored(key, d, item.positions[a:b],
+                                                   item.generated[a:b], item.roles[a:b])
+            finally:
+                self._release_unscored(item.rows)
         elif isinstance(item, _PolicyItem):
             self.tracker.set_policy(item.policy)
             self._judged = dict(item.policy.detectors)

@@ -32,7 +32,8 @@ import concurrent.futures
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -58,7 +59,7 @@ from monitor.wire.codec import (
 from monitor.wire.hooks import hook_key, parse_hook_name
 from monitor.wire.shm import ShmRingReader
 
-__all__ = ["AdminService", "FrameLimits", "MonitorService", "StreamHandle"]
+__all__ = ["AdminService", "FrameLimits", "MonitorService", "StreamHandle", "client_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,25 @@ _FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]  # 9
 #: Frames with a payload above this are decoded off the event loop (the decode pool).
 _OFFLOAD_BYTES = 1 << 20
 _stream_ids = itertools.count(1)
-#: Largest increase of a ClientStats counter accepted in one message: far above what a
-#: client drops between two stats messages (sent every few seconds), far below what
-#: would poison a Prometheus counter (2^64 - 1 in one message).
-_MAX_STATS_FRAMES = 1 << 24
-_MAX_STATS_ROWS = 1 << 32
-_MAX_STATS_BYTES = 1 << 44
+#: Per ClientStats field (cumulative counters of one client instance): the largest increase
+#: accepted in one message, then the largest in a stream's first message, all far below
+#: what would poison a Prometheus counter (2^64 - 1 in one message). Within a stream the
+#: client sends stats every few seconds: the first bound is far above what it drops
+#: between two. A stream's first message covers the time the client was disconnected
+#: (a long sidecar outage, everything dropped meanwhile) or, with no baseline for the
+#: client (this server's first report of it), the client's whole life: the second bound
+#: is a year of dropping ~35k frames, ~9M rows and ~2 GB a second, or ~140 reconnects a
+#: second.
+_STATS_CAPS: dict[str, tuple[int, int]] = {
+    "dropped_frames": (1 << 24, 1 << 40),
+    "dropped_rows": (1 << 32, 1 << 48),
+    "dropped_bytes": (1 << 44, 1 << 56),
+    "reconnects": (1 << 24, 1 << 32),
+}
+#: Client instances whose ClientStats baseline is kept (least recently reporting dropped
+#: first, counted in `client_stats_evicted_total`): far above the workers one sidecar
+#: serves, each under 2 KiB.
+_MAX_STATS_CLIENTS = 4096
 #: How long the end of a request stream waits for a racing cancellation (seconds).
 _CANCEL_SETTLE_S = 0.2
 
@@ -99,6 +113,16 @@ class FrameLimits:
     #: in-worker projection: per hook point, what a projected frame must name and its width
     #: (empty: projected frames are refused as stale_projection)
     projections: Mapping[str, ProjectionSpec] = field(default_factory=dict)
+
+
+def client_identity(client_id: str, instance_id: str) -> str:
+    """The client half of request keys (and the key of its ClientStats baseline): the
+    hello's client_id with its random per-process instance_id, so only the same plugin
+    process (not another client that copies its readable client_id) can carry a broken
+    stream's requests on. The client id's length comes first, so no pair spells another
+    (joined by '#' alone, client "w0#abc" without an instance id was instance "abc" of
+    "w0"); a stream with no hello is "" (never a hello's)."""
+    return f"{len(client_id)}:{client_id}#{instance_id}"
 
 
 class StreamHandle:
@@ -135,9 +159,13 @@ class StreamHandle:
         self.writable.set()
         self.closed = False
         self.last_seq = 0
-        self.client_id = ""  # ClientHello.client_id: the client half of request keys
+        self.client_id = ""  # `client_identity` of the hello: the client half of request keys
+        self.instance_id = ""  # ClientHello.instance_id ("" with no hello, or none in it)
         self.admitted = False  # a request was admitted: the client id is fixed
+        #: ClientStats baseline of a client without an instance id (per stream: see
+        #: `MonitorService._stats_baseline`)
         self.stats: dict[str, int] = {}
+        self.stats_counted = False  # a ClientStats message of this stream was counted
         #: the client's shared-memory ring, when its hello offered one and it was accepted
         self.shm: ShmRingReader | None = None
 
@@ -211,12 +239,16 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             reads pause (`StreamHandle`).
         shm_dir: where workers' shared-memory rings are (`--shm-dir`); None: rings offered
             in a hello are refused (`shm_ring_refused`) and the client sends bytes.
+        max_stats_clients: client instances whose ClientStats baseline is kept.
     """
 
     def __init__(self, *, pipeline: Pipeline, scorer: FrameScorer, limits: FrameLimits,
                  plan: Callable[[], monitor_pb2.CapturePlan], metrics: Metrics,
                  max_hello_id_bytes: int = 256, max_outbound_bytes: int = 1 << 20,
-                 shm_dir: str | None = None) -> None:
+                 shm_dir: str | None = None,
+                 max_stats_clients: int = _MAX_STATS_CLIENTS) -> None:
+        if max_stats_clients < 1:
+            raise ValueError(f"max_stats_clients: expected >= 1, found {max_stats_clients}")
         self.pipeline = pipeline
         self.scorer = scorer
         self.limits = limits
@@ -226,6 +258,11 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         self.max_outbound_bytes = int(max_outbound_bytes)
         self.shm_dir = shm_dir
         self.streams: set[StreamHandle] = set()
+        #: ClientStats baseline (last counted value per field) per client instance
+        #: (`client_identity` with an instance id), least recently reporting first; event
+        #: loop only
+        self._stats: OrderedDict[str, dict[str, int]] = OrderedDict()
+        self.max_stats_clients = int(max_stats_clients)
         #: decodes frames over `_OFFLOAD_BYTES`; nothing else runs here (issue 8 item 6)
         self.decode_executor = concurrent.futures.ThreadPoolExecutor(2, "frame-decode")
         self.score_executor = concurrent.futures.ThreadPoolExecutor(1, "score-rpc")
@@ -362,10 +399,12 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
             self._reject(handle, err, seq)
             if err.rows is not None:
                 # rows are parsed after the hook check: the frame's hook name is valid
-                self._unscored_rows(handle, hook_key(frame.hook_name or frame.layer),
-                                    err.rows.request_ids,
-                                    err.rows.span_bounds, err.rows.positions,
-                                    err.rows.generated, err.rows.roles, Reason(err.reason))
+                rows = err.rows
+                self.metrics.rows_unscored.labels(reason=err.reason).inc(
+                    int(rows.positions.size))
+                self._mark_unscored(handle, hook_key(frame.hook_name or frame.layer),
+                                    rows.request_ids, rows.span_bounds, rows.positions,
+                                    rows.generated, rows.roles)
             return
         if ring is not None:
             self._ack_slot(handle, frame.shm)  # copied out: the worker may reuse the slot
@@ -376,18 +415,25 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                                        ).inc(n)
         refused = self._refuse_spans(handle, f, seq) if f.refused else frozenset()
         keys = self._admit_spans(handle, f, seq, refused)
-        if not any(k is not None for k in keys):
-            return
-        try:
-            self.pipeline.submit_frame(handle, f, keys, t_recv)
-        except QueueFull as exc:
-            self._reject(handle, FrameError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                            Reason.QUEUE_FULL.value, str(exc)), seq)
-            m.rows_unscored.labels(reason=Reason.QUEUE_FULL.value).inc(f.n_rows)
-            for (a, b), key in zip(f.span_bounds, keys, strict=True):
-                if key is not None and self._scored_hook(f.hook_name):
-                    self.pipeline.submit_unscored(key, f.hook_name, f.positions[a:b],
-                                                  f.generated[a:b], f.roles[a:b])
+        unscored = refused  # spans whose rows are marked in their requests' finals
+        if any(k is not None for k in keys):
+            try:
+                self.pipeline.submit_frame(handle, f, keys, t_recv)
+            except QueueFull as exc:
+                self._reject(handle, FrameError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                Reason.QUEUE_FULL.value, str(exc)), seq)
+                # the rows of the spans admitted (refused ones were counted with their
+                # reason)
+                shed = frozenset(i for i, key in enumerate(keys) if key is not None)
+                m.rows_unscored.labels(reason=Reason.QUEUE_FULL.value).inc(
+                    sum(b - a for i, (a, b) in enumerate(f.span_bounds) if i in shed))
+                unscored = refused | shed
+        # after the frame: a request's positions reach its tracker in order (its coverage
+        # counts positions above the highest seen, see `RequestTracker`)
+        spans = sorted(unscored)
+        self._mark_unscored(handle, f.hook_name, tuple(f.request_ids[i] for i in spans),
+                            tuple(f.span_bounds[i] for i in spans), f.positions,
+                            f.generated, f.roles)
 
     def _decode(self, frame: monitor_pb2.ActivationFrame,
                 ring: ShmRingReader | None = None) -> DecodedFrame:
@@ -441,23 +487,16 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                       ) -> frozenset[int]:
         """Answer the spans the codec refused on their own: one in-stream error per
         reason per frame (naming the first such span and how many), each refused span
-        counted in `frames_rejected_total{reason}`, its rows in `rows_unscored_total` and,
-        when it names a request, in that request's final (`n_tokens_unscored`). Returns
-        the refused span indices (their rows are not judged)."""
+        counted in `frames_rejected_total{reason}`, its rows in `rows_unscored_total`.
+        Returns the refused span indices (their rows are not judged; the caller marks
+        them in their requests' finals, `n_tokens_unscored`)."""
         first: dict[str, str] = {}
         n_spans: dict[str, int] = {}
         for r in f.refused:
             first.setdefault(r.reason, r.message)
             n_spans[r.reason] = n_spans.get(r.reason, 0) + r.n_spans
             a, b = f.span_bounds[r.span]
-            rid = f.request_ids[r.span]
             self.metrics.rows_unscored.labels(reason=r.reason).inc(b - a)
-            if rid and b > a and f.layer in self.limits.layers:
-                key = handle.key(rid)
-                if self.pipeline.admit(key, handle).accepted:
-                    handle.admitted = True
-                    self.pipeline.submit_unscored(key, f.layer, f.positions[a:b],
-                                                  f.generated[a:b], f.roles[a:b])
         for reason, message in first.items():
             self.metrics.frames_rejected.labels(reason=reason).inc(n_spans[reason])
             more = (f" ({n_spans[reason]} spans refused for this reason, the frame's other "
@@ -498,19 +537,24 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         return tuple(None if i in skip else admitted[rid]
                      for i, rid in enumerate(f.request_ids))
 
-    def _unscored_rows(self, handle: StreamHandle, hook: str, request_ids: tuple[str, ...],
-                       bounds: tuple[tuple[int, int], ...], positions: np.ndarray,
-                       generated: np.ndarray, roles: np.ndarray, reason: Reason) -> None:
-        """Account rows that arrived but will not be scored (metric + tracker coverage)."""
-        self.metrics.rows_unscored.labels(reason=reason.value).inc(int(positions.size))
+    def _mark_unscored(self, handle: StreamHandle, hook: str, request_ids: Sequence[str],
+                       bounds: Sequence[tuple[int, int]], positions: np.ndarray,
+                       generated: np.ndarray, roles: np.ndarray) -> None:
+        """Mark rows on hook point `hook` that arrived but will not be scored in their
+        requests' finals (`n_tokens_unscored`; the caller counted them in
+        `rows_unscored_total`): the spans `bounds` of `request_ids`, rows of the frame's
+        `positions` / `generated` / `roles`. One bounded queue item for all of them
+        (`Pipeline.submit_unscored`: over its bound, dropped and counted, and the finals
+        count the rows as missing). Spans of no request (id "": an empty id, or the rows
+        beyond the frame's span limit) or of no rows are skipped; nothing is lost when no
+        detector reads `hook`."""
         if not self._scored_hook(hook):
-            return  # no detector reads this hook point: nothing lost
-        for (a, b), rid in zip(bounds, request_ids, strict=True):
-            key = handle.key(rid)
-            if self.pipeline.admit(key, handle).accepted:
-                handle.admitted = True
-                self.pipeline.submit_unscored(key, hook, positions[a:b], generated[a:b],
-                                              roles[a:b])
+            return
+        spans = [(handle.key(rid), (a, b))
+                 for rid, (a, b) in zip(request_ids, bounds, strict=True) if rid and b > a]
+        if spans and self.pipeline.submit_unscored(handle, hook, spans, positions, generated,
+                                                   roles):
+            handle.admitted = True
 
     def _on_finished(self, fin: monitor_pb2.RequestFinished, handle: StreamHandle) -> None:
         rid = fin.request_id
@@ -561,37 +605,58 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
         self._refuse(handle, _EXHAUSTED if reason is Reason.QUEUE_FULL else _INVALID, reason,
                      f"finished.request_id: {rid!r} is {what}", request_id=rid)
 
+    def _stats_baseline(self, handle: StreamHandle) -> dict[str, int]:
+        """The last counted ClientStats values of `handle`'s client. The plugin's counters
+        are cumulative over its process and re-sent after each hello, so the baseline
+        belongs to the client instance (`client_identity` with an instance id: random
+        per process), kept across its reconnects in a bounded LRU. A client without an
+        instance id (or without a hello) cannot be told from another one using the same
+        client id: its baseline is its stream's."""
+        if not handle.instance_id:
+            return handle.stats
+        base = self._stats.get(handle.client_id)
+        if base is not None:
+            self._stats.move_to_end(handle.client_id)
+            return base
+        if len(self._stats) >= self.max_stats_clients:
+            self._stats.popitem(last=False)
+            self.metrics.client_stats_evicted.inc()
+        base = self._stats[handle.client_id] = {}
+        return base
+
     def _on_stats(self, st: monitor_pb2.ClientStats, handle: StreamHandle) -> None:
         m = self.metrics
         fields = (
-            ("dropped_frames", st.dropped_frames, m.client_dropped_frames, _MAX_STATS_FRAMES),
-            ("dropped_rows", st.dropped_rows, m.client_dropped_rows, _MAX_STATS_ROWS),
-            ("dropped_bytes", st.dropped_bytes, m.client_dropped_bytes, _MAX_STATS_BYTES),
-            ("reconnects", st.reconnects, m.client_reconnects, _MAX_STATS_FRAMES),
+            ("dropped_frames", st.dropped_frames, m.client_dropped_frames),
+            ("dropped_rows", st.dropped_rows, m.client_dropped_rows),
+            ("dropped_bytes", st.dropped_bytes, m.client_dropped_bytes),
+            ("reconnects", st.reconnects, m.client_reconnects),
         )
+        base = self._stats_baseline(handle)
+        first = not handle.stats_counted  # covers the time the client was disconnected
         deltas = []
-        for name, value, _, cap in fields:
-            prev = handle.stats.get(name, 0)
+        for name, value, _ in fields:
+            prev = base.get(name, 0)
             delta = value - prev if value >= prev else value  # a smaller value: client reset
+            per_message, first_message = _STATS_CAPS[name]
+            cap = first_message if first else per_message
             if delta > cap:  # one message must not poison a 64-bit counter
+                when = "in a stream's first message" if first else "per message"
                 self._refuse(handle, _INVALID, Reason.BAD_STATS,
-                             f"stats.{name}: expected an increase of at most {cap} per "
-                             f"message, found {delta} (from {prev} to {value})")
+                             f"stats.{name}: expected an increase of at most {cap} {when}, "
+                             f"found {delta} (from {prev} to {value})")
                 return
             deltas.append(delta)
-        for (name, value, counter, _), delta in zip(fields, deltas, strict=True):
+        for (name, value, counter), delta in zip(fields, deltas, strict=True):
             if delta > 0:
                 counter.inc(delta)
-            handle.stats[name] = value
+            base[name] = value
+        handle.stats_counted = True
 
     def _on_hello(self, hello: monitor_pb2.ClientHello, handle: StreamHandle) -> None:
         log.info("%s: hello from %r (model %r, plan %r, wire_version %d)", handle.name,
                  hello.client_id[:64], hello.model[:64], hello.plan_id[:64], hello.wire_version)
-        # the client half of request keys: client_id plus the random per-process
-        # instance_id, so only the same plugin process (not another client that copies
-        # its readable client_id) can carry a broken stream's requests on
-        identity = (f"{hello.client_id}#{hello.instance_id}" if hello.instance_id
-                    else hello.client_id)
+        identity = client_identity(hello.client_id, hello.instance_id)
         if len(hello.client_id.encode()) > self.max_hello_id_bytes or \
                 len(hello.instance_id.encode()) > self.max_hello_id_bytes:
             self._refuse(handle, _INVALID, Reason.BAD_HELLO,
@@ -604,6 +669,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServicer):
                          "id names this stream's requests), found it after")
         else:
             handle.client_id = identity
+            handle.instance_id = hello.instance_id
         if hello.model and hello.model != self.limits.model:
             self._refuse(handle, _INVALID, Reason.MODEL_MISMATCH,
                          f"hello.model: expected {self.limits.model!r}, found "
