@@ -21,7 +21,7 @@ from conftest import eventually
 
 from monitor.capture.config import CaptureConfig
 from monitor.capture.op import SITE_IN, SITE_OUT, StaticBuffers, set_sink, wrap_decoder_layers
-from monitor.capture.steps import StepLayout, StepTracker
+from monitor.capture.steps import StepLayout, StepTracker, correlation_id
 from monitor.capture.transport import HostRing, StepRecord, Transport, split_spans
 from monitor.roles import TokenRole
 from monitor.tools.net import free_port
@@ -272,6 +272,29 @@ def test_step_tracker_splits_spans_at_role_boundaries_and_filters_roles():
     lay = _layout(tr, 8, np.array([0, 1, 2, 6, 7, 0, 0, 0], np.int64))
     assert lay.spans == [("c", 3, 0, 3, OTHER), ("b", 2, 6, 10, U)]
     assert tr.requests_no_chat_roles == 1
+
+
+def _cid(value: object) -> str | None:
+    """`correlation_id` of a request whose caller sent `vllm_xargs.correlation_id=value`."""
+    return correlation_id(SimpleNamespace(
+        sampling_params=SimpleNamespace(extra_args={"correlation_id": value})))
+
+
+def test_correlation_id_is_a_clean_label():
+    """The caller's correlation id (`vllm_xargs`, any JSON string) is a label: NUL, the
+    other C0 / C1 controls, DEL and lone surrogates each become U+FFFD (a NUL once made the
+    process sender refuse the whole step, every co-batched request's rows with it); the
+    rest is kept; cut to 256 UTF-8 bytes at a character boundary after the replacement;
+    no id / "" -> None."""
+    assert _cid("x\x00") == "x\ufffd"
+    assert _cid("a\x00b\nc\r\td\x1b[31m\x7f\x85\x9f\ud800e") == (
+        "a\ufffdb\ufffdc\ufffd\ufffdd\ufffd[31m" + "\ufffd" * 4 + "e")
+    assert _cid("ticket-42 é ✓ 工单") == "ticket-42 é ✓ 工单"  # printable: kept as is
+    assert _cid(42) == "42"
+    cut = _cid("\x00" * 300)  # 300 x U+FFFD = 900 bytes: cut to whole characters
+    assert cut == "\ufffd" * 85 and len(cut.encode()) == 255
+    assert _cid("é" * 200) == "é" * 128
+    assert _cid("") is None and correlation_id(SimpleNamespace(sampling_params=None)) is None
 
 
 def test_step_tracker_maps_rows_and_filters_kinds():

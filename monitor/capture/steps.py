@@ -31,6 +31,7 @@ else "abort" (client abort — and stop *strings*, which the frontend turns into
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -92,18 +93,33 @@ class StepLayout:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+#: What a label never carries: the C0 controls (NUL included), DEL, the C1 controls (Unicode
+#: category Cc) and lone surrogates (Cs, not UTF-8 encodable); each becomes U+FFFD.
+LABEL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def clean_label(label: str) -> str:
+    """`label` as the wire carries a caller's label: each `LABEL_UNSAFE` character replaced
+    by U+FFFD, then cut to `MAX_CORRELATION_ID_BYTES` UTF-8 bytes at a character boundary
+    (a U+FFFD is 3 bytes: the cut comes after the replacement). Printable text, any
+    script, is kept as is."""
+    raw = LABEL_UNSAFE.sub("\ufffd", label).encode()[:MAX_CORRELATION_ID_BYTES]
+    return raw.decode("utf-8", "ignore")
+
+
 def correlation_id(state: Any) -> str | None:
     """The caller's correlation id from `SamplingParams.extra_args`, if any.
 
-    A label only: cut to `MAX_CORRELATION_ID_BYTES` UTF-8 bytes (at a character
-    boundary) so a caller's long id never gets a frame refused."""
+    A label only, written by the API caller (any JSON string): `clean_label`, so a
+    caller's id never gets a frame or a step refused (a NUL once made the process sender
+    drop the whole step, every co-batched request's rows with it) nor puts control
+    characters into audit lines, alerts or logs."""
     sp = getattr(state, "sampling_params", None)
     extra = getattr(sp, "extra_args", None) if sp is not None else None
     if isinstance(extra, dict):
         cid = extra.get(CORRELATION_KEY)
         if cid is not None and str(cid):
-            raw = str(cid).encode("utf-8", "replace")[:MAX_CORRELATION_ID_BYTES]
-            return raw.decode("utf-8", "ignore")
+            return clean_label(str(cid))
     return None
 
 
