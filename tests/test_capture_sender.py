@@ -90,6 +90,24 @@ def _step(ring: HostRing, step: int) -> StepRecord | None:
                       labels={"req-a": "ticket-a"})
 
 
+def _process_transport(sink: CaptureSink) -> ProcessTransport:
+    """A process sender to `sink` (fast reconnects and reports), not started."""
+    cfg = CaptureConfig(addr=sink.addr, model=MODEL, plan_timeout_s=5.0, backoff_s=0.05,
+                        backoff_max_s=0.2, stats_period_s=0.1, client_id="test-client",
+                        sender="process")
+    return ProcessTransport(cfg, MODEL)
+
+
+def _start(t: ProcessTransport) -> HostRing:
+    """Fetch the plan, make a 4-slot ring of `_step`'s shape, start and wait connected."""
+    assert t.fetch_plan(10.0) is not None
+    ring = t.make_ring(slots=4, budget_mb=16, n_layers=2, max_rows=8, d_model=D,
+                       dtype=torch.float32)
+    t.start()
+    assert eventually(lambda: t.connected, 20.0)
+    return ring
+
+
 def test_process_sender_survives_sidecar_down_and_a_killed_child() -> None:
     """Sidecar stopped: steps are dropped and counted in the worker, never queued; the
     sidecar back: frames flow, and its ClientStats include the worker's drops. The child
@@ -97,10 +115,7 @@ def test_process_sender_survives_sidecar_down_and_a_killed_child() -> None:
     is free again, steps meanwhile are dropped and counted; a new child starts, reconnects
     and sends again."""
     sink = CaptureSink(port=free_port(), d_model=D, layers=(3, 15)).start()
-    cfg = CaptureConfig(addr=sink.addr, model=MODEL, plan_timeout_s=5.0, backoff_s=0.05,
-                        backoff_max_s=0.2, stats_period_s=0.1, client_id="test-client",
-                        sender="process")
-    t = ProcessTransport(cfg, MODEL)
+    t = _process_transport(sink)
     step = 0
 
     def send(n: int) -> list[bool]:
@@ -113,11 +128,7 @@ def test_process_sender_survives_sidecar_down_and_a_killed_child() -> None:
         return out
 
     try:
-        assert t.fetch_plan(10.0) is not None
-        ring = t.make_ring(slots=4, budget_mb=16, n_layers=2, max_rows=8, d_model=D,
-                           dtype=torch.float32)
-        t.start()
-        assert eventually(lambda: t.connected, 20.0)
+        ring = _start(t)
         assert all(send(2))
         assert eventually(lambda: sink.n_frames() == 4, 20.0)
         with sink.lock:
@@ -157,13 +168,60 @@ def test_process_sender_survives_sidecar_down_and_a_killed_child() -> None:
     assert t.proc is not None and t.proc.poll() is not None, "the child exits on close"
 
 
+def test_a_callers_nul_or_bad_label_never_costs_the_co_batched_requests_rows() -> None:
+    """An API caller writes its correlation id (`vllm_xargs`) and, through the body's
+    `request_id`, part of its engine request id: any JSON string, NUL included. A step
+    batching that request with another goes out whole over the process sender to the
+    sidecar (before, the worker refused the record: the step, every co-batched request's
+    rows with it, was dropped for as long as the caller's request ran). The request id is
+    carried exactly (a key); a label the wire would not carry as is (NUL or another
+    control, a lone surrogate, over 256 bytes) is replaced as `correlation_id` does
+    (U+FFFD, cut) and counted (`labels_replaced`)."""
+    sink = CaptureSink(port=free_port(), d_model=D, layers=(3, 15)).start()
+    t = _process_transport(sink)
+    nul_id = "chatcmpl-x\x00y-1234abcd"  # the engine id of a body `request_id` "x\0y"
+    # (spans, labels) of each step; the victim "req-a" (label "ticket-a") 2 rows, then 3
+    # rows of the caller's request; what the sink shows (label, else request id)
+    cases = [
+        ("req-b", {"req-a": "ticket-a", "req-b": "x\x00"}, "x\ufffd"),
+        (nul_id, {"req-a": "ticket-a"}, nul_id),
+        ("req-b", {"req-a": "ticket-a", "req-b": "\ud800" + "é" * 200},
+         "\ufffd" + "é" * 126),  # 3 + 252 bytes: the next é would pass 256
+    ]
+    try:
+        ring = _start(t)
+        for step, (rid, labels, _) in enumerate(cases, 1):
+            rec = _step(ring, step)
+            assert rec is not None
+            rec.spans = [("req-a", 2, 7, 9, 2), (rid, 3, 0, 100, 5)]
+            rec.labels = labels
+            assert t.submit_step(rec), f"step {step} dropped"
+        assert eventually(lambda: sink.n_frames() == 2 * len(cases), 20.0)
+        with sink.lock:
+            frames = list(sink.log.frames)
+            shown = dict(sink.labels)
+        for i, fr in enumerate(frames):
+            step, k = i // 2 + 1, i % 2
+            assert fr.spans == [("ticket-a", 2, 7, 9), (cases[step - 1][2], 3, 0, 100)]
+            want = torch.arange(5 * D).view(5, D) + 1000 * k + 10000 * step
+            assert np.array_equal(fr.x, want.numpy())
+        assert shown == {"req-a": "ticket-a", "req-b": cases[2][2]}  # latest label of b
+        st = t.stats()
+        assert (st["dropped_frames"], st["labels_replaced"]) == (0, 2)
+        assert eventually(lambda: t.stats()["sent_rows"] == 5 * 2 * len(cases), 20.0)
+    finally:
+        t.close()
+        sink.stop()
+
+
 def test_step_record_framing_round_trip_and_refusals() -> None:
     """`encode_step` / `decode_step` carry slot, step, rows, plan id, spans (unicode ids,
-    correlation ids only where set) exactly; a truncated or padded payload, ids that do
-    not split into one per span, rows that do not add up, an oversized or mistyped
+    NUL included, correlation ids only where set) exactly; a truncated or padded payload,
+    id lengths that do not add up, rows that do not add up, an oversized or mistyped
     datagram are refused naming what is wrong; long messages reassemble from parts."""
     from monitor.capture.sender import (
         _HEAD,
+        _STEP,
         M_STATS,
         FrameError,
         Reassembler,
@@ -177,24 +235,35 @@ def test_step_record_framing_round_trip_and_refusals() -> None:
     rec = StepRecord(ring=ring, slot=1, step=42, plan_id="plan-x", model=MODEL,
                      points=(resid_post(3), resid_post(15)), n_rows=5, spans=spans,
                      max_frame_bytes=1 << 20, labels={"req-b": "ticket-é"})
-    b = encode_step(7, rec)
+    b, replaced = encode_step(7, rec)
+    assert replaced == 0
     got = Reassembler().feed(b)
     assert got is not None and got[0] == 3
     payload = got[1]
     assert decode_step(payload) == (7, 1, 42, 5, 1 << 20, "plan-x", spans,
                                     {"req-b": "ticket-é"})
     rec.labels = {}
-    assert decode_step(encode_step(7, rec)[_HEAD.size:])[7] == {}
+    assert decode_step(encode_step(7, rec)[0][_HEAD.size:])[7] == {}
     for bad, what in ((payload[:-1], "STEP: expected"), (payload + b"x", "STEP: expected"),
                       (payload[:10], "at least")):
         with pytest.raises(FrameError, match=what):
             decode_step(bad)
+    # ids are length-prefixed: a NUL (a caller writes part of the engine id and all of
+    # its label) is carried, the request id exactly, the label cleaned and counted
     rec.spans = [("a\0b", 5, 0, 0, 1)]
-    with pytest.raises(ValueError, match="NUL"):
-        encode_step(7, rec)
+    rec.labels = {"a\0b": "x\0y"}
+    b, replaced = encode_step(7, rec)
+    assert replaced == 1
+    assert decode_step(b[_HEAD.size:])[6:] == (rec.spans, {"a\0b": "x\ufffdy"})
+    # id lengths that do not add up to the id bytes (the first id one byte longer)
+    at = _HEAD.size + _STEP.size + len("plan-x") + 24
+    bad_lens = bytearray(b)
+    bad_lens[at] += 1
+    with pytest.raises(FrameError, match="lengths summing to 3 / 5 bytes, found 4 / 5"):
+        decode_step(bytes(bad_lens[_HEAD.size:]))
     rec.spans, rec.n_rows = spans, 6
     with pytest.raises(FrameError, match="summing to n_rows 6"):
-        decode_step(encode_step(7, rec)[_HEAD.size:])
+        decode_step(encode_step(7, rec)[0][_HEAD.size:])
     with pytest.raises(FrameError, match="datagram length"):
         Reassembler().feed(_HEAD.pack(10, 3, 0) + b"abc")
     big = bytes(range(256)) * 1000  # 256 kB: five parts

@@ -16,7 +16,8 @@ Worker side (this module, `ProcessTransport`, a `Transport` whose sender is the 
   model thread) or free (0: released by the child once the rows are encoded, or by the
   worker when it drops the step).
 - Model thread, per step: `submit_step` encodes one `STEP` record (slot, step, rows,
-  spans; `encode_step`, binary, no pickle) and sends it with `MSG_DONTWAIT` on a
+  spans with length-prefixed ids, so an id may hold any character; `encode_step`,
+  binary, no pickle) and sends it with `MSG_DONTWAIT` on a
   `SOCK_SEQPACKET` socketpair (one record = one datagram: never half written). A full
   socket, a dead child or a disconnected sidecar drops the step and counts it exactly
   as the thread sender's full queue does (`dropped_*`, slot given back).
@@ -61,16 +62,17 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from monitor.capture.steps import SpanTuple
+from monitor.capture.steps import LABEL_UNSAFE, SpanTuple, clean_label
 from monitor.capture.threads import place_current_thread
 from monitor.capture.transport import HostRing, Plan, StepRecord, Transport
 from monitor.v1 import monitor_pb2
+from monitor.wire.codec import MAX_CORRELATION_ID_BYTES
 
 log = logging.getLogger("monitor.capture")
 
@@ -84,6 +86,7 @@ _PART = 60_000  # payload bytes per datagram (below the socket's default send bu
 _MAX_MESSAGE = 256 << 20  # the gRPC message cap: nothing larger is ever legitimate
 # ring gen, slot, step, n_rows, max_frame_bytes, spans, bytes of plan id / request ids / labels
 _STEP = struct.Struct("<IIqIIIHII")
+_SPAN_BYTES = 4 + 8 + 8 + 4 + 4 + 4  # rows, start, prompt length, role, id / label bytes
 _DROP = struct.Struct("<QQQ")
 _RING_ALIGN = 64  # slot-state bytes rounded up so the rows start aligned
 
@@ -162,56 +165,93 @@ def send_all(sock: socket.socket, mtype: int, payload: bytes, *, timeout: float,
     return True
 
 
-def encode_step(gen: int, rec: StepRecord) -> bytes:
-    """One `STEP` message (model thread, a few C calls for any number of spans):
-    `_STEP` head (ring generation, slot, step, rows, frame size, spans `n`, plan id bytes,
-    request id bytes, correlation id bytes), the plan id, the span columns as one
-    `struct` pack (`n` u32 rows, `n` i64 start positions, `n` i64 prompt lengths, `n` i32
-    roles), then the request ids and the correlation ids, each UTF-8 joined by NUL ("" for a
-    request without one). Raises ValueError when an id holds a NUL (the step is dropped)."""
+def encode_step(gen: int, rec: StepRecord) -> tuple[bytes, int]:
+    """One `STEP` message and how many span labels it carries replaced (model thread, a
+    few C calls for any number of spans): `_STEP` head (ring generation, slot, step, rows,
+    frame size, spans `n`, plan id bytes, request id bytes, correlation id bytes), the plan
+    id, the span columns as one `struct` pack (`n` u32 rows, `n` i64 start positions, `n`
+    i64 prompt lengths, `n` i32 roles, `n` u32 request id bytes, `n` u32 correlation id
+    bytes), then the request ids and the correlation ids, UTF-8, back to back (0 bytes for
+    a request without one).
+
+    Ids are length-prefixed, never split on a separator: the API caller writes its
+    correlation id and part of its engine request id (the body's `request_id`), any JSON
+    string; a NUL in either once made this refuse the record, dropping the step of every
+    request batched with the caller's. A request id is a key: carried exactly. A label
+    `clean_label` would change (only one not from `correlation_id`, which cleans at the
+    source) is sent cleaned and counted in the number returned; never a refused step.
+    Raises ValueError only for a request id holding a lone surrogate (not UTF-8; none
+    reaches a worker through vLLM's msgpack): the step is dropped and counted."""
     pid = rec.plan_id.encode()
     rids, ns, poss, plens, roles = zip(*rec.spans, strict=True) if rec.spans else ((),) * 5
     n = len(rids)
-    ids = "\0".join(rids).encode()
-    labels = rec.labels
-    labs = "\0".join([labels.get(r, "") for r in rids]).encode() if labels else b""
-    if n and (ids.count(0) != n - 1 or (labs and labs.count(0) != n - 1)):
-        raise ValueError("span ids: expected no NUL in request / correlation ids")
+    ids = [r.encode() for r in rids]
+    labs, replaced = _wire_labels(rec.labels, rids)
+    n_ids, n_labs = list(map(len, ids)), list(map(len, labs))
     payload = b"".join((
         _STEP.pack(gen, rec.slot, rec.step, rec.n_rows, rec.max_frame_bytes, n, len(pid),
-                   len(ids), len(labs)),
-        pid, struct.pack(f"<{n}I{n}q{n}q{n}i", *ns, *poss, *plens, *roles), ids, labs))
-    return _HEAD.pack(len(payload), M_STEP, 0) + payload
+                   sum(n_ids), sum(n_labs)),
+        pid, struct.pack(f"<{n}I{n}q{n}q{n}i{n}I{n}I", *ns, *poss, *plens, *roles, *n_ids,
+                         *n_labs),
+        *ids, *labs))
+    return _HEAD.pack(len(payload), M_STEP, 0) + payload, replaced
+
+
+def _wire_labels(labels: Mapping[str, str], rids: Sequence[str]) -> tuple[list[bytes], int]:
+    """UTF-8 of each span's label (b"" for a request without one) and how many of them
+    `clean_label` changed. One regex scan over all labels when they are clean (those of
+    `correlation_id` always are)."""
+    if not labels:
+        return [b""] * len(rids), 0
+    raw = [labels.get(r, "") for r in rids]
+    if LABEL_UNSAFE.search("".join(raw)) is None:  # no surrogate: each encodes
+        out = [lab.encode() for lab in raw]
+        if max(map(len, out), default=0) <= MAX_CORRELATION_ID_BYTES:
+            return out, 0
+    clean = [clean_label(lab) for lab in raw]
+    return ([c.encode() for c in clean],
+            sum(c != lab for c, lab in zip(clean, raw, strict=True)))
+
+
+def _cut(b: bytes, off: int, lengths: Sequence[int]) -> list[str]:
+    """The UTF-8 strings of `lengths` bytes each, back to back in `b` from `off`."""
+    out = []
+    for k in lengths:
+        out.append(b[off:off + k].decode())
+        off += k
+    return out
 
 
 def decode_step(b: bytes) -> tuple[int, int, int, int, int, str, list[SpanTuple],
                                    dict[str, str]]:
     """`(gen, slot, step, n_rows, max_frame_bytes, plan_id, spans, labels)` of a `STEP`
-    payload; FrameError when the lengths do not add up to the payload, the id lists do
-    not hold `n` ids, or the spans' rows do not sum to `n_rows`."""
+    payload; FrameError when the lengths do not add up to the payload, the id lengths do
+    not add up to the id bytes, or the spans' rows do not sum to `n_rows` (bad UTF-8:
+    UnicodeDecodeError, a ValueError)."""
     if len(b) < _STEP.size:
         raise FrameError(f"STEP: expected at least {_STEP.size} bytes, found {len(b)}")
     gen, slot, step, n_rows, mfb, n, n_pid, n_ids, n_labs = _STEP.unpack_from(b)
-    want = _STEP.size + n_pid + 24 * n + n_ids + n_labs
+    want = _STEP.size + n_pid + _SPAN_BYTES * n + n_ids + n_labs
     if want != len(b):
         raise FrameError(f"STEP: expected {want} bytes for {n} spans, found {len(b)}")
     off = _STEP.size
     plan_id = b[off:off + n_pid].decode()
     off += n_pid
-    cols = struct.unpack_from(f"<{n}I{n}q{n}q{n}i", b, off)
-    off += 24 * n
-    rids = b[off:off + n_ids].decode().split("\0") if n else []
-    off += n_ids
-    labs = b[off:off + n_labs].decode().split("\0") if n_labs else []
-    if len(rids) != n or (labs and len(labs) != n):
-        raise FrameError(f"STEP ids: expected {n} request ids and 0 or {n} correlation ids, "
-                         f"found {len(rids)} and {len(labs)}")
+    cols = struct.unpack_from(f"<{n}I{n}q{n}q{n}i{n}I{n}I", b, off)
+    off += _SPAN_BYTES * n
+    id_lens, lab_lens = cols[4 * n:5 * n], cols[5 * n:]
+    if sum(id_lens) != n_ids or sum(lab_lens) != n_labs:
+        raise FrameError(f"STEP ids: expected request / correlation id lengths summing to "
+                         f"{n_ids} / {n_labs} bytes, found {sum(id_lens)} / "
+                         f"{sum(lab_lens)}")
+    rids = _cut(b, off, id_lens)
+    labs = _cut(b, off + n_ids, lab_lens)
     spans: list[SpanTuple] = list(zip(rids, cols[:n], cols[n:2 * n], cols[2 * n:3 * n],
-                                      cols[3 * n:], strict=True))
+                                      cols[3 * n:4 * n], strict=True))
     if sum(cols[:n]) != n_rows:
         raise FrameError(f"STEP spans: expected rows summing to n_rows {n_rows}, found "
                          f"{sum(cols[:n])}")
-    labels = {r: lab for r, lab in zip(rids, labs, strict=True) if lab} if labs else {}
+    labels = {r: lab for r, lab in zip(rids, labs, strict=True) if lab}
     return gen, slot, step, n_rows, mfb, plan_id, spans, labels
 
 
@@ -369,6 +409,9 @@ class ProcessTransport(Transport):
         self._dead: collections.Counter[str] = collections.Counter()  # of children that died
         self._unsent = (0, 0, 0)  # worker drops not yet told to the child (`DROP`)
         self.pipe_full = 0  # steps dropped because the socket to the child was full
+        #: span labels sent cleaned (`clean_label`: a control character, a lone surrogate,
+        #: over `MAX_CORRELATION_ID_BYTES`), each a label the wire would not carry as is
+        self.labels_replaced = 0
         self.sender_starts = 0
         self.sender_deaths = 0
 
@@ -449,10 +492,15 @@ class ProcessTransport(Transport):
         n_p = len(rec.points)
         ring.sent[rec.slot] = (n_p, rec.n_rows * n_p, rec.n_rows * n_p * rec.row_bytes)
         try:
-            sock.send(encode_step(ring.gen, rec), socket.MSG_DONTWAIT)
-        except ValueError as e:  # a NUL in an id: never sent, counted
-            self.drop_record(rec, str(e))
+            record, replaced = encode_step(ring.gen, rec)
+        except ValueError as e:  # a request id that is not UTF-8: never sent, counted
+            self.drop_record(rec, f"span request ids: expected UTF-8 ({e})")
             return False
+        if replaced:
+            with self._lock:
+                self.labels_replaced += replaced
+        try:
+            sock.send(record, socket.MSG_DONTWAIT)
         except BlockingIOError:
             with self._lock:
                 self.pipe_full += 1
@@ -505,7 +553,8 @@ class ProcessTransport(Transport):
     # ------------------------------------------------------------------ counters
     def stats(self) -> dict[str, int | bool]:
         """The worker's counters + the running child's (latest report) + those of children
-        that died, plus the sender process's own (`sender_*`, `pipe_full`)."""
+        that died, plus the sender process's own (`sender_*`, `pipe_full`,
+        `labels_replaced`)."""
         own = super().stats()
         with self._lock:
             child = dict(self._child)
@@ -514,7 +563,7 @@ class ProcessTransport(Transport):
                 k: int(own.get(k, 0)) + int(child.get(k, 0)) + int(dead.get(k, 0))
                 for k in _COUNTERS}
             out.update(pipe_full=self.pipe_full, sender_starts=self.sender_starts,
-                       sender_deaths=self.sender_deaths)
+                       sender_deaths=self.sender_deaths, labels_replaced=self.labels_replaced)
         out["queued"] = int(child.get("queued", 0))
         out.update(connected=self.connected, sender_alive=self._alive,
                    sender_pid=self.proc.pid if self.proc is not None else 0)
