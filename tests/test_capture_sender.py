@@ -214,6 +214,30 @@ def test_a_callers_nul_or_bad_label_never_costs_the_co_batched_requests_rows() -
         sink.stop()
 
 
+def test_the_child_runs_the_workers_package_not_one_in_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child imports the worker's own `monitor` (the worker's package root on
+    PYTHONPATH), never one in the worker's working directory: `python -m` put the cwd
+    first on `sys.path`, so vLLM started beside another `monitor` (a checkout, a common
+    name) ran a child of other code, whose `STEP` framing need not match (every step then
+    dropped as malformed)."""
+    other = tmp_path / "monitor"
+    other.mkdir()
+    (other / "__init__.py").write_text("raise ImportError('not the worker\'s monitor')\n")
+    monkeypatch.chdir(tmp_path)
+    sink = CaptureSink(port=free_port(), d_model=D, layers=(3, 15)).start()
+    t = _process_transport(sink)
+    try:
+        ring = _start(t)
+        rec = _step(ring, 1)
+        assert rec is not None and t.submit_step(rec)
+        assert eventually(lambda: sink.n_frames() == 2, 20.0)
+        assert t.stats()["sender_deaths"] == 0
+    finally:
+        t.close()
+        sink.stop()
+
+
 def test_step_record_framing_round_trip_and_refusals() -> None:
     """`encode_step` / `decode_step` carry slot, step, rows, plan id, spans (unicode ids,
     NUL included, correlation ids only where set) exactly; a truncated or padded payload,

@@ -33,7 +33,8 @@ Worker side (this module, `ProcessTransport`, a `Transport` whose sender is the 
   those of children that died; drops the worker counts are also sent to the child
   (`DROP`), which reports them to the sidecar in `ClientStats`.
 
-Child side: `monitor.capture.sender_child` (run as `python -m`, never forked from vLLM).
+Child side: `monitor.capture.sender_child` (run as `python -m` would, from the worker's
+own package root, never the working directory: `_CHILD_MAIN`; never forked from vLLM).
 It dies with the worker: EOF on the socket, and `PR_SET_PDEATHSIG` (SIGTERM) on Linux,
 which fires when the reader thread that started it ends (at `close`).
 
@@ -89,6 +90,14 @@ _STEP = struct.Struct("<IIqIIIHII")
 _SPAN_BYTES = 4 + 8 + 8 + 4 + 4 + 4  # rows, start, prompt length, role, id / label bytes
 _DROP = struct.Struct("<QQQ")
 _RING_ALIGN = 64  # slot-state bytes rounded up so the rows start aligned
+
+#: The child's `python -c`: `python -m monitor.capture.sender_child` with the worker's
+#: package root (argv[1]) in place of the working directory at `sys.path[0]`, so the child
+#: runs the worker's own code (its `STEP` framing), never a `monitor` in the cwd (`-P`
+#: does this from Python 3.11 only)
+_CHILD_MAIN = ("import runpy, sys; sys.path[0] = sys.argv.pop(1); "
+               "runpy.run_module('monitor.capture.sender_child', run_name='__main__', "
+               "alter_sys=True)")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -579,7 +588,7 @@ class ProcessTransport(Transport):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "monitor.capture.sender_child", str(theirs.fileno()),
+                [sys.executable, "-c", _CHILD_MAIN, root, str(theirs.fileno()),
                  str(os.getpid())],
                 pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
         finally:
