@@ -214,6 +214,43 @@ def test_a_callers_nul_or_bad_label_never_costs_the_co_batched_requests_rows() -
         sink.stop()
 
 
+def test_a_callers_huge_request_id_never_costs_the_co_batched_requests_rows() -> None:
+    """The body's `request_id` (part of the engine id) has no length limit in the API: a
+    300 kB one made the step's record pass the socket's datagram limit (~208 KiB by
+    default), and the whole step, every co-batched request's rows with it, was dropped
+    (EMSGSIZE). Now an id over `MAX_WIRE_REQUEST_ID_BYTES` goes out as "" (the sidecar
+    refuses that span on its own) and is counted (`ids_refused`); an id at the limit is
+    carried exactly; the other request's rows arrive exactly."""
+    from monitor.capture.sender import MAX_WIRE_REQUEST_ID_BYTES, encode_step
+
+    sink = CaptureSink(port=free_port(), d_model=D, layers=(3, 15)).start()
+    t = _process_transport(sink)
+    huge = "chatcmpl-" + "x" * 300_000
+    edge = "r" * MAX_WIRE_REQUEST_ID_BYTES  # at the limit: carried exactly
+    try:
+        ring = _start(t)
+        for step, rid in enumerate((huge, edge), 1):
+            rec = _step(ring, step)
+            assert rec is not None
+            rec.spans = [("req-a", 2, 7, 9, 2), (rid, 3, 0, 100, 5)]
+            rec.labels = {"req-a": "ticket-a"}
+            assert encode_step(1, rec)[2] == (rid == huge)
+            assert t.submit_step(rec), f"step {step} dropped"
+        assert eventually(lambda: sink.n_frames() == 4, 20.0)
+        with sink.lock:
+            frames = list(sink.log.frames)
+        for i, fr in enumerate(frames):
+            step, k = i // 2 + 1, i % 2
+            assert fr.spans == [("ticket-a", 2, 7, 9), ("" if step == 1 else edge, 3, 0, 100)]
+            want = torch.arange(5 * D).view(5, D) + 1000 * k + 10000 * step
+            assert np.array_equal(fr.x, want.numpy())
+        st = t.stats()
+        assert (st["dropped_frames"], st["ids_refused"]) == (0, 1)
+    finally:
+        t.close()
+        sink.stop()
+
+
 def test_the_child_runs_the_workers_package_not_one_in_the_working_directory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The child imports the worker's own `monitor` (the worker's package root on
@@ -259,7 +296,7 @@ def test_step_record_framing_round_trip_and_refusals() -> None:
     rec = StepRecord(ring=ring, slot=1, step=42, plan_id="plan-x", model=MODEL,
                      points=(resid_post(3), resid_post(15)), n_rows=5, spans=spans,
                      max_frame_bytes=1 << 20, labels={"req-b": "ticket-é"})
-    b, replaced = encode_step(7, rec)
+    b, replaced, _ = encode_step(7, rec)
     assert replaced == 0
     got = Reassembler().feed(b)
     assert got is not None and got[0] == 3
@@ -276,7 +313,7 @@ def test_step_record_framing_round_trip_and_refusals() -> None:
     # its label) is carried, the request id exactly, the label cleaned and counted
     rec.spans = [("a\0b", 5, 0, 0, 1)]
     rec.labels = {"a\0b": "x\0y"}
-    b, replaced = encode_step(7, rec)
+    b, replaced, _ = encode_step(7, rec)
     assert replaced == 1
     assert decode_step(b[_HEAD.size:])[6:] == (rec.spans, {"a\0b": "x\ufffdy"})
     # id lengths that do not add up to the id bytes (the first id one byte longer)

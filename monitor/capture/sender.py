@@ -174,8 +174,22 @@ def send_all(sock: socket.socket, mtype: int, payload: bytes, *, timeout: float,
     return True
 
 
-def encode_step(gen: int, rec: StepRecord) -> tuple[bytes, int]:
-    """One `STEP` message and how many span labels it carries replaced (model thread, a
+#: Longest span request id (UTF-8 bytes) a `STEP` record carries. The API caller writes
+#: part of the engine id (the body's `request_id`, any length), and a record past the
+#: socket's datagram limit (~208 KiB by default) fails whole with EMSGSIZE: one caller's
+#: 200 kB id once dropped every co-batched request's rows. A longer id is sent as ""
+#: (never another request's key), which the sidecar refuses on its own (`bad_spans`:
+#: those rows counted unscored, the step's other spans scored), and counted here
+#: (`ids_refused`). Above the sidecar's default `max_request_id_bytes` (256), so that
+#: limit stays the sidecar's to raise up to here. What it does not cover: ~160 spans of
+#: 1 KiB ids with 256 B labels in one step still pass the datagram limit (one caller
+#: would need that many concurrent requests in one batch).
+MAX_WIRE_REQUEST_ID_BYTES = 1024
+
+
+def encode_step(gen: int, rec: StepRecord) -> tuple[bytes, int, int]:
+    """One `STEP` message, how many span labels it carries replaced and how many span
+    request ids it sends as "" (over `MAX_WIRE_REQUEST_ID_BYTES`) (model thread, a
     few C calls for any number of spans): `_STEP` head (ring generation, slot, step, rows,
     frame size, spans `n`, plan id bytes, request id bytes, correlation id bytes), the plan
     id, the span columns as one `struct` pack (`n` u32 rows, `n` i64 start positions, `n`
@@ -186,7 +200,8 @@ def encode_step(gen: int, rec: StepRecord) -> tuple[bytes, int]:
     Ids are length-prefixed, never split on a separator: the API caller writes its
     correlation id and part of its engine request id (the body's `request_id`), any JSON
     string; a NUL in either once made this refuse the record, dropping the step of every
-    request batched with the caller's. A request id is a key: carried exactly. A label
+    request batched with the caller's. A request id is a key: carried exactly, or sent as
+    "" when over `MAX_WIRE_REQUEST_ID_BYTES` (counted in the third number). A label
     `clean_label` would change (only one not from `correlation_id`, which cleans at the
     source) is sent cleaned and counted in the number returned; never a refused step.
     Raises ValueError only for a request id holding a lone surrogate (not UTF-8; none
@@ -195,6 +210,9 @@ def encode_step(gen: int, rec: StepRecord) -> tuple[bytes, int]:
     rids, ns, poss, plens, roles = zip(*rec.spans, strict=True) if rec.spans else ((),) * 5
     n = len(rids)
     ids = [r.encode() for r in rids]
+    cut = sum(len(i) > MAX_WIRE_REQUEST_ID_BYTES for i in ids)
+    if cut:
+        ids = [b"" if len(i) > MAX_WIRE_REQUEST_ID_BYTES else i for i in ids]
     labs, replaced = _wire_labels(rec.labels, rids)
     n_ids, n_labs = list(map(len, ids)), list(map(len, labs))
     payload = b"".join((
@@ -203,7 +221,7 @@ def encode_step(gen: int, rec: StepRecord) -> tuple[bytes, int]:
         pid, struct.pack(f"<{n}I{n}q{n}q{n}i{n}I{n}I", *ns, *poss, *plens, *roles, *n_ids,
                          *n_labs),
         *ids, *labs))
-    return _HEAD.pack(len(payload), M_STEP, 0) + payload, replaced
+    return _HEAD.pack(len(payload), M_STEP, 0) + payload, replaced, cut
 
 
 def _wire_labels(labels: Mapping[str, str], rids: Sequence[str]) -> tuple[list[bytes], int]:
@@ -421,6 +439,9 @@ class ProcessTransport(Transport):
         #: span labels sent cleaned (`clean_label`: a control character, a lone surrogate,
         #: over `MAX_CORRELATION_ID_BYTES`), each a label the wire would not carry as is
         self.labels_replaced = 0
+        #: span request ids over `MAX_WIRE_REQUEST_ID_BYTES`, sent as "" (their rows
+        #: refused by the sidecar as `bad_spans`, the step's other spans scored)
+        self.ids_refused = 0
         self.sender_starts = 0
         self.sender_deaths = 0
 
@@ -501,13 +522,14 @@ class ProcessTransport(Transport):
         n_p = len(rec.points)
         ring.sent[rec.slot] = (n_p, rec.n_rows * n_p, rec.n_rows * n_p * rec.row_bytes)
         try:
-            record, replaced = encode_step(ring.gen, rec)
+            record, replaced, cut = encode_step(ring.gen, rec)
         except ValueError as e:  # a request id that is not UTF-8: never sent, counted
             self.drop_record(rec, f"span request ids: expected UTF-8 ({e})")
             return False
-        if replaced:
+        if replaced or cut:
             with self._lock:
                 self.labels_replaced += replaced
+                self.ids_refused += cut
         try:
             sock.send(record, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -563,7 +585,7 @@ class ProcessTransport(Transport):
     def stats(self) -> dict[str, int | bool]:
         """The worker's counters + the running child's (latest report) + those of children
         that died, plus the sender process's own (`sender_*`, `pipe_full`,
-        `labels_replaced`)."""
+        `labels_replaced`, `ids_refused`)."""
         own = super().stats()
         with self._lock:
             child = dict(self._child)
@@ -572,7 +594,8 @@ class ProcessTransport(Transport):
                 k: int(own.get(k, 0)) + int(child.get(k, 0)) + int(dead.get(k, 0))
                 for k in _COUNTERS}
             out.update(pipe_full=self.pipe_full, sender_starts=self.sender_starts,
-                       sender_deaths=self.sender_deaths, labels_replaced=self.labels_replaced)
+                       sender_deaths=self.sender_deaths, labels_replaced=self.labels_replaced,
+                       ids_refused=self.ids_refused)
         out["queued"] = int(child.get("queued", 0))
         out.update(connected=self.connected, sender_alive=self._alive,
                    sender_pid=self.proc.pid if self.proc is not None else 0)
