@@ -107,6 +107,9 @@ class Reason(str, Enum):
     SCORE_BUSY = "score_busy"
     CLIENT_TOO_MANY_STREAMS = "client_too_many_streams"
     CLIENT_SCORE_BUSY = "client_score_busy"
+    #: GetCapturePlan / data-port health beyond --max-unary-inflight(-per-client)
+    UNARY_BUSY = "unary_busy"
+    CLIENT_UNARY_BUSY = "client_unary_busy"
     UNAUTHENTICATED = "unauthenticated"
     # scoring (monitor.server.pipeline)
     QUEUE_FULL = "queue_full"

@@ -126,11 +126,14 @@ class MonitorServer:
     def __init__(self, workdir: Path, bundle: Path, policy_text: str | None = POLICY_V1,
                  extra: list[str] | None = None, env: dict[str, str] | None = None,
                  python: str | None = None,
-                 channel: Callable[[str], grpc.Channel] = plain_channel) -> None:
+                 channel: Callable[[str], grpc.Channel] = plain_channel,
+                 health_port: bool = False) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.metrics_port = free_port()
+        # --health-port: readiness asks there (the data port may require a token)
+        self.health_port = free_port() if health_port else -1
         self.audit_path = workdir / "audit.jsonl"
         self.log_path = workdir / "server.log"
         self.policy_path: Path | None = None
@@ -144,9 +147,10 @@ class MonitorServer:
                             log=self.log_path, policy=self.policy_path,
                             audit_log=self.audit_path, extra_args=tuple(extra or []),
                             env=full_env, cwd=workdir if python else REPO, python=python,
-                            ready_timeout_s=90.0)
+                            ready_timeout_s=90.0, health_port=self.health_port)
         self.channel = channel(self.target)  # e.g. a TLS channel (tests/test_access.py)
-        self.proc = start_sidecar(cfg, channel=self.channel)  # gRPC health SERVING
+        self.health_channel = (channel(cfg.health_target) if health_port else self.channel)
+        self.proc = start_sidecar(cfg, channel=self.health_channel)  # gRPC health SERVING
 
     @property
     def target(self) -> str:
@@ -191,6 +195,7 @@ class MonitorServer:
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, ``timeout`` s, then SIGKILL; the exit code."""
         self.channel.close()
+        self.health_channel.close()
         stop(self.proc, "the sidecar", timeout_s=timeout)
         return int(self.proc.returncode)
 
@@ -206,9 +211,10 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path
 
     def start(policy_text: str | None = POLICY_V1, extra: list[str] | None = None,
               name: str = "server",
-              channel: Callable[[str], grpc.Channel] = plain_channel) -> MonitorServer:
+              channel: Callable[[str], grpc.Channel] = plain_channel,
+              health_port: bool = False) -> MonitorServer:
         srv = MonitorServer(tmp_path_factory.mktemp(name), bundle_dir, policy_text, extra,
-                            channel=channel)
+                            channel=channel, health_port=health_port)
         started.append(srv)
         return srv
 

@@ -119,7 +119,7 @@ def server(start_server: Callable[..., MonitorServer], pki: Pki,
         "--policy-watch-s", "0", "--tls-cert", pki.path("server.crt"),
         "--tls-key", pki.path("server.key"), "--tls-client-ca", pki.path("ca.crt"),
         "--token-file", pki.path("token"), "--admin-port", str(admin_port),
-    ], name="mtls", channel=_tls(pki))
+    ], name="mtls", channel=_tls(pki), health_port=True)
 
 
 def _plan(channel: grpc.Channel, token: str | None = TOKEN) -> monitor_pb2.CapturePlan:
@@ -135,9 +135,15 @@ def _code(fn: Callable[[], object]) -> grpc.StatusCode:
 
 def test_mtls_with_token_works_and_health_needs_no_token(server: MonitorServer) -> None:
     assert _plan(server.channel).model == MODEL
-    r = health_pb2_grpc.HealthStub(server.channel).Check(
-        health_pb2.HealthCheckRequest(service=""), timeout=5)
-    assert r.status == health_pb2.HealthCheckResponse.SERVING
+    # probes dial --health-port (same TLS, no token); on the data port health is a call
+    # like the others (it needs the token: a refused call reads nothing)
+    for channel, token in ((server.health_channel, None), (server.channel, TOKEN)):
+        r = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5, metadata=_md(token))
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+    assert _code(lambda: health_pb2_grpc.HealthStub(server.channel).Check(
+        health_pb2.HealthCheckRequest(service=""), timeout=5)) == \
+        grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.mark.parametrize("client", ["plaintext", "no_client_cert", "wrong_ca"])
@@ -167,6 +173,87 @@ def test_bad_token_is_unauthenticated_and_counted(server: MonitorServer) -> None
     assert server.metric("safety_monitor_frames_rejected_total",
                          reason="unauthenticated") == before + 6
     assert TOKEN not in server.log()
+
+
+#: Body of the unauthenticated calls below: one unknown bytes field (number 15) of ~120 MiB,
+#: which every request type ignores and which fits under the data port's message limit.
+BIG = 120 << 20
+
+
+def _unknown_field(n: int) -> bytes:
+    """A protobuf message holding only field 15 (length-delimited) of `n` zero bytes."""
+    size, rest = bytearray(), n
+    while True:  # base-128 varint, low groups first
+        size.append((rest & 0x7F) | (0x80 if rest > 0x7F else 0))
+        rest >>= 7
+        if not rest:
+            break
+    return b"\x7a" + bytes(size) + bytes(n)
+
+
+def _peak_rss_mib(srv: MonitorServer) -> float:
+    """The server process's peak resident memory (VmHWM), MiB."""
+    for line in Path(f"/proc/{srv.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.fixture(scope="module")
+def token_server(start_server: Callable[..., MonitorServer], pki: Pki) -> MonitorServer:
+    """Plaintext, token required, health also on --health-port: a process of its own,
+    so that its peak memory so far is its start-up's."""
+    return start_server(extra=["--policy-watch-s", "0", "--token-file", pki.path("token")],
+                        name="token", health_port=True)
+
+
+def _raw_code(target: str, method: str, body: bytes) -> grpc.StatusCode:
+    """The status of a unary call to `method` whose request is `body` as it is."""
+    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", -1)]) as ch:
+        call = ch.unary_unary(method, request_serializer=lambda b: b,
+                              response_deserializer=lambda b: b)
+        return _code(functools.partial(call, body, timeout=60))
+
+
+def test_unauthenticated_big_calls_are_refused_without_reading(
+        token_server: MonitorServer) -> None:
+    # review: Health (exempt from the token) and GetCapturePlan (a unary handler) read a
+    # 120 MiB body before answering (Health: SERVING); 6 concurrent such calls took the
+    # sidecar's peak memory from 326 MB to 1.76 GB
+    srv = token_server
+    body = _unknown_field(BIG)
+    assert len(body) > BIG
+    before = srv.metric("safety_monitor_frames_rejected_total", reason="unauthenticated")
+    peak = _peak_rss_mib(srv)
+    for method in ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+                   "/monitor.v1.Monitor/GetCapturePlan"):
+        assert _raw_code(srv.target, method, body) == grpc.StatusCode.UNAUTHENTICATED
+    assert srv.metric("safety_monitor_frames_rejected_total",
+                      reason="unauthenticated") == before + 3
+    # nothing of the 3 x 120 MiB was buffered (it was: + ~370 MiB per call)
+    assert _peak_rss_mib(srv) - peak < 32, (peak, _peak_rss_mib(srv))
+    # the plugin's call (token) and a probe (health port, no token) still work
+    assert _plan(srv.channel).model == MODEL
+    with grpc.insecure_channel(f"127.0.0.1:{srv.health_port}") as ch:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+        r = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="monitor.v1.Monitor"), timeout=5)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_port_refuses_big_requests_unread_and_serves_only_health(
+        token_server: MonitorServer) -> None:
+    srv = token_server
+    target = f"127.0.0.1:{srv.health_port}"
+    peak = _peak_rss_mib(srv)
+    assert _raw_code(target, "/grpc.health.v1.Health/Check", _unknown_field(BIG)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    # refused from its length prefix (4 KiB limit), not after reading 120 MiB
+    assert _peak_rss_mib(srv) - peak < 32, (peak, _peak_rss_mib(srv))
+    with grpc.insecure_channel(target) as ch:
+        assert _code(lambda: _plan(ch)) == grpc.StatusCode.UNIMPLEMENTED
+    assert srv.alive()
 
 
 def test_admin_is_not_on_the_data_port(server: MonitorServer, pki: Pki,

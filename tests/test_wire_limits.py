@@ -14,6 +14,7 @@ import grpc
 import pytest
 import torch
 from conftest import MODEL, MonitorServer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_server_integration import (  # helpers shared with the integration suite
     EXHAUSTED,
     INVALID,
@@ -38,7 +39,8 @@ def server(start_server: Callable[..., MonitorServer]) -> MonitorServer:
                                "--max-score-inflight", "1",  # per-server caps (the
                                # per-client caps above them: tests/test_reliability.py)
                                "--max-streams-per-client", "4",
-                               "--max-score-inflight-per-client", "2"], name="limits")
+                               "--max-score-inflight-per-client", "2",
+                               "--max-unary-inflight", "1"], name="limits")
 
 
 def _rss_kib(srv: MonitorServer) -> int:
@@ -214,13 +216,13 @@ def _hold_call(srv: MonitorServer, method: str) -> tuple[threading.Event, thread
         yield b""
 
     def run() -> None:
-        if method == "Score":
+        if method in ("Score", "GetCapturePlan"):
             call = srv.channel.stream_unary(f"/monitor.v1.Monitor/{method}")
         else:
             call = srv.channel.stream_stream(f"/monitor.v1.Monitor/{method}")
         try:
             result = call(requests(), timeout=150)
-            if method != "Score":
+            if method not in ("Score", "GetCapturePlan"):
                 list(result)
         except grpc.RpcError:
             pass
@@ -258,6 +260,28 @@ def test_concurrent_score_calls_are_capped(server: MonitorServer, geometry: dict
     assert server.metric("safety_monitor_frames_rejected_total",
                          reason="score_busy") > before
     assert stub.Score(req, timeout=10).detectors  # the slot is free again
+
+
+def test_concurrent_plan_calls_are_capped(server: MonitorServer) -> None:
+    # review: GetCapturePlan was a unary handler without a cap: each call read its request
+    # (up to the ~129 MiB message limit) however many were in flight
+    stub = monitor_pb2_grpc.MonitorStub(server.channel)
+    before = server.metric("safety_monitor_frames_rejected_total", reason="unary_busy")
+    release, t = _hold_call(server, "GetCapturePlan")  # --max-unary-inflight 1
+    try:
+        err = _until_refused(
+            lambda: stub.GetCapturePlan(monitor_pb2.GetCapturePlanRequest(), timeout=10))
+        assert err.details().startswith("unary_busy:"), err.details()
+        # health on the data port has its own slots: probes are not refused meanwhile
+        r = health_pb2_grpc.HealthStub(server.channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        release.set()
+        t.join(30)
+    assert server.metric("safety_monitor_frames_rejected_total",
+                         reason="unary_busy") > before
+    assert stub.GetCapturePlan(monitor_pb2.GetCapturePlanRequest(), timeout=10).model == MODEL
 
 
 def test_concurrent_streams_are_capped(server: MonitorServer, geometry: dict) -> None:

@@ -5,17 +5,22 @@ Access model (defaults in brackets):
 - **Transport** [plaintext, loopback bind]: with `tls_cert` + `tls_key` the gRPC port
   speaks TLS only; adding `client_ca` makes it mutual TLS: a client without a
   certificate signed by that CA fails the handshake (no RPC runs, nothing is read).
-- **Token** [off]: with `token_file` or `token_env` set, every call except gRPC health
-  must carry `authorization: Bearer <token>` metadata; otherwise it ends with
-  `UNAUTHENTICATED` before the handler runs (for streaming requests before any request
-  message is read; a unary request is bounded by the gRPC message limit), and is
-  counted in `frames_rejected_total{reason="unauthenticated"}`. The token is compared
-  in constant time, read once at start-up, and never logged.
+- **Token** [off]: with `token_file` or `token_env` set, every call on the data and
+  Admin ports (gRPC health there too) must carry `authorization: Bearer <token>`
+  metadata; otherwise it ends with `UNAUTHENTICATED` before the handler runs and before
+  any request message is read (every request of the data port is read by a
+  request-streaming handler, `monitor.server.handlers`; Admin's port has a 4 KiB message
+  limit), and is counted in `frames_rejected_total{reason="unauthenticated"}`. So an
+  unauthenticated peer cannot make the server buffer a request body (the data port's
+  message limit is sized for frames, ~129 MiB). The token is compared in constant time,
+  read once at start-up, and never logged.
 - **Admin** [off]: the `monitor.v1.Admin` service (policy reload) is not served on the
   data port. With `admin_port >= 0` it is served on its own address (`admin_host`,
   loopback by default) with the same TLS and token rules.
-- **Health** is served on the data port without a token (it reveals only SERVING /
-  NOT_SERVING), so orchestrator probes work; metrics bind separately
+- **Health** [data port only]: with `--health-port` gRPC health is also served on its
+  own server (same host and TLS, no token: it reveals only SERVING / NOT_SERVING), whose
+  4 KiB message limit refuses a bigger request from its length prefix, before reading
+  it; orchestrator probes dial it (they cannot send a token). Metrics bind separately
   (`--metrics-host/--metrics-port`).
 
 Thread rules: the interceptor runs on the server's event loop; the token bytes are
@@ -35,7 +40,6 @@ import grpc
 __all__ = ["AccessConfig", "AccessError", "TokenInterceptor", "bind", "load_token",
            "server_credentials"]
 
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
 #: Largest accepted token file (a token is a short secret, not a document).
 MAX_TOKEN_BYTES = 4096
 
@@ -132,10 +136,13 @@ def bind(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | 
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuse calls without `authorization: Bearer <token>` (health exempt).
+    """Refuse calls without `authorization: Bearer <token>`.
 
     The refusal is a handler of the same streaming kind as the method's own, that
-    aborts with UNAUTHENTICATED before reading any request message.
+    aborts with UNAUTHENTICATED before reading any request message when the method's
+    request is streaming (gRPC reads a unary request before any handler runs: a method
+    reachable through this interceptor must be registered request-streaming, or served
+    under a small message limit).
     """
 
     def __init__(self, token: bytes, on_refused: Callable[[], None]) -> None:
@@ -154,8 +161,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
                                      Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        if method.startswith(HEALTH_PREFIX) or self._authorized(handler_call_details):
+        if self._authorized(handler_call_details):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         self._on_refused()

@@ -15,7 +15,11 @@ gRPC message limit: `max_receive_message_length` is set deliberately above
 `max_frame_bytes` (default: 2 x max_frame_bytes + 1 MiB). A frame between the two gets
 an in-stream "oversized" StreamError and the stream stays open; a message above the
 gRPC limit is refused by the transport, which ends that call with RESOURCE_EXHAUSTED
-(the server and other streams are unaffected).
+(the server and other streams are unaffected). grpcio has no per-method limit, so every
+request of the data port is read by a request-streaming handler, after the token check
+and inside a concurrency slot (`monitor.server.handlers`); the health (`--health-port`)
+and Admin servers, whose requests hold at most a service name, run with
+`SMALL_MESSAGE_BYTES` (gRPC refuses a bigger request from its length prefix, unread).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from monitor.server.access import (
     server_credentials,
 )
 from monitor.server.config import ServerConfig
-from monitor.server.handlers import add_monitor_service
+from monitor.server.handlers import add_health_service, add_monitor_service
 from monitor.server.pipeline import Pipeline
 from monitor.server.registry import RequestRegistry
 from monitor.server.service import AdminService, FrameLimits, MonitorService
@@ -72,6 +76,9 @@ __all__ = ["MonitorApp", "ServerConfig", "StartupError", "build_app", "capture_p
 log = logging.getLogger(__name__)
 
 MONITOR_SERVICE = monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name
+#: Message limit of the health and Admin servers: their requests hold at most a service
+#: name (HealthCheckRequest) or nothing (ReloadPolicyRequest).
+SMALL_MESSAGE_BYTES = 4 << 10
 
 
 class StartupError(Exception):
@@ -501,6 +508,7 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
         ("grpc.max_send_message_length", 16 << 20),
         ("grpc.so_reuseport", 0),
     ]
+    small = [("grpc.max_receive_message_length", SMALL_MESSAGE_BYTES), *options[1:]]
     try:
         access = cfg.access()
         token = load_token(access)
@@ -518,15 +526,21 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     svc = app.service
     add_monitor_service(server, stream=svc.Stream, score=svc.Score, plan=svc.GetCapturePlan,
                         limits=limits, on_refused=refused)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer = health.aio.HealthServicer()  # one status, both servers
+    add_health_service(server, health_servicer, limits=limits, on_refused=refused)
     reflection.enable_server_reflection(
         (MONITOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = _bind(server, cfg.host, cfg.port, creds, "")
+    probes: grpc.aio.Server | None = None  # health for probes: no token, small messages
+    health_port = -1
+    if cfg.health_port >= 0:
+        probes = grpc.aio.server(options=small)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+        health_port = _bind(probes, cfg.host, cfg.health_port, creds, "health ")
     admin: grpc.aio.Server | None = None
     admin_port = -1
     if access.admin_enabled:  # Admin only on its own address, never on the data port
-        admin = grpc.aio.server(options=options, interceptors=interceptors)
+        admin = grpc.aio.server(options=small, interceptors=interceptors)
         monitor_pb2_grpc.add_AdminServicer_to_server(
             AdminService(app.submit_reload, lambda: app.policy.version), admin)
         admin_port = _bind(admin, access.admin_host, access.admin_port, creds, "admin ")
@@ -541,8 +555,9 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     stop_watch = threading.Event()
     app.watch_policy(stop_watch)
     await server.start()
-    if admin is not None:
-        await admin.start()
+    for other in (probes, admin):
+        if other is not None:
+            await other.start()
     for name in ("", MONITOR_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     loop = asyncio.get_running_loop()
@@ -561,10 +576,11 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
         log.info("alert sink %s: %s (spool %s)", w.name, w.sink.target,
                  "disk" if w.spool.durable else "memory")
     log.info("serving monitor.v1 on %s:%d (%s, %s; grpc limit %d bytes, max frame %d "
-             "bytes); admin %s; metrics on %s", cfg.host, port,
+             "bytes); health port %s; admin %s; metrics on %s", cfg.host, port,
              ("mTLS" if access.client_ca else "TLS") if creds else "plaintext",
              "bearer token required" if token is not None else "no token",
              limit, cfg.max_frame_bytes,
+             f"{cfg.host}:{health_port}" if probes is not None else "off",
              f"on {access.admin_host}:{admin_port}" if admin is not None else "off",
              f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics"
              if cfg.metrics_port >= 0 else "off")
@@ -580,6 +596,8 @@ async def run_server(app: MonitorApp, *, ready: asyncio.Event | None = None) -> 
     if admin is not None:
         await admin.stop(0)
     await server.stop(max(0.0, deadline - loop.time()) * 0.5)
+    if probes is not None:  # NOT_SERVING until here
+        await probes.stop(0)
     drained = await asyncio.to_thread(app.pipeline.stop, max(0.1, deadline - loop.time()))
     await asyncio.to_thread(app.alerts.stop)
     app.audit.close()

@@ -171,10 +171,13 @@ class ServerConfig:
     tls_key: str | None = _opt(None, "PEM private key of --tls-cert", group=_ACCESS)
     tls_client_ca: str | None = _opt(None, "PEM CA bundle: require client certificates it "
                                      "signed (mutual TLS)", group=_ACCESS)
-    token_file: str | None = _opt(None, "file with the bearer token every call (except "
-                                  "health) must carry", group=_ACCESS)
+    token_file: str | None = _opt(None, "file with the bearer token every call (health "
+                                  "on the data port too) must carry", group=_ACCESS)
     token_env: str | None = _opt(None, "environment variable with the bearer token",
                                  group=_ACCESS)
+    health_port: int = _opt(-1, "also serve gRPC health on this port (--host, same TLS, "
+                            "no token, 4 KiB messages): the port for probes; -1: off, "
+                            "0: any free port", group=_ACCESS)
     admin_host: str = _opt("127.0.0.1", "Admin service (policy reload RPC) bind address",
                            group=_ACCESS)
     admin_port: int = _opt(-1, "Admin service port; -1: Admin off. Never served on the data "
@@ -188,6 +191,11 @@ class ServerConfig:
                                        "(client_too_many_streams)", group=_ACCESS)
     max_score_inflight_per_client: int = _opt(1, "concurrent Score calls of one client; more "
                                               "are refused (client_score_busy)", group=_ACCESS)
+    max_unary_inflight: int = _opt(16, "per method, concurrent GetCapturePlan / data-port "
+                                   "health calls; more are refused before their request is "
+                                   "read (unary_busy)", group=_ACCESS)
+    max_unary_inflight_per_client: int = _opt(8, "per method, such calls of one client; more "
+                                              "are refused (client_unary_busy)", group=_ACCESS)
 
     def access(self) -> AccessConfig:
         """The access part of the settings (raises `AccessError` when inconsistent)."""
@@ -202,7 +210,9 @@ class ServerConfig:
         return RpcLimits(max_streams=self.max_streams,
                          max_score_inflight=self.max_score_inflight,
                          max_streams_per_client=self.max_streams_per_client,
-                         max_score_inflight_per_client=self.max_score_inflight_per_client)
+                         max_score_inflight_per_client=self.max_score_inflight_per_client,
+                         max_unary_inflight=self.max_unary_inflight,
+                         max_unary_inflight_per_client=self.max_unary_inflight_per_client)
 
     def alert_sinks(self) -> AlertSinksConfig:
         """The alert-delivery part of the settings."""

@@ -145,7 +145,8 @@ class SidecarServer:
     bundle: Path
     """Detector bundle folder (``--bundle``)."""
     port: int
-    """gRPC port (``--port``); readiness is gRPC health SERVING on ``127.0.0.1:port``."""
+    """gRPC port (``--port``); readiness is gRPC health SERVING on ``127.0.0.1:port``
+    (on ``health_port`` when that is set)."""
     metrics_port: int
     """Prometheus ``/metrics`` port (``--metrics-port``; -1: no ``/metrics`` server)."""
     log: Path
@@ -162,6 +163,9 @@ class SidecarServer:
     """``--audit-finals``: also write each request's final verdicts to the audit log."""
     extra_args: tuple[str, ...] = ()
     """Further ``serve`` arguments, appended last."""
+    health_port: int = -1
+    """``--health-port``: gRPC health on its own server (no token, 4 KiB messages; the
+    port probes dial when the data port requires a token); -1: none."""
     env: Mapping[str, str] | None = None
     """Environment; None: this process's ``os.environ``."""
     cwd: Path | None = None
@@ -191,12 +195,20 @@ class SidecarServer:
             cmd += ["--audit-log", str(self.audit_log)]
         if self.audit_finals:
             cmd.append("--audit-finals")
+        if self.health_port >= 0:
+            cmd += ["--health-port", str(self.health_port)]
         return cmd + list(self.extra_args)
 
     @property
     def target(self) -> str:
         """``127.0.0.1:port``: where a local client dials the gRPC service."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def health_target(self) -> str:
+        """Where readiness asks gRPC health: ``127.0.0.1:health_port`` when set, else
+        ``target``."""
+        return f"127.0.0.1:{self.health_port}" if self.health_port >= 0 else self.target
 
     @property
     def metrics_url(self) -> str:
@@ -338,14 +350,14 @@ def start_sidecar(cfg: SidecarServer, channel: grpc.Channel | None = None
                   ) -> subprocess.Popen[bytes]:
     """Start the sidecar as ``cfg`` says; return once its gRPC health reports SERVING,
     asked over ``channel`` (the caller's, e.g. TLS; kept open) or, when None, an insecure
-    channel to ``cfg.target`` (closed before returning)."""
+    channel to ``cfg.health_target`` (closed before returning)."""
     what = "the sidecar"
 
     def ready(proc: subprocess.Popen[bytes]) -> None:
         if channel is not None:
             wait_grpc_serving(channel, cfg.ready_timeout_s, proc, what)
             return
-        with grpc.insecure_channel(cfg.target, options=FAST_RECONNECT) as ch:
+        with grpc.insecure_channel(cfg.health_target, options=FAST_RECONNECT) as ch:
             wait_grpc_serving(ch, cfg.ready_timeout_s, proc, what)
 
     return start_process(cfg.argv(), cfg.log, ready, what, cfg.env, cfg.append_log,
