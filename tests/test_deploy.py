@@ -537,9 +537,12 @@ def test_chart_lint(helm):
     assert not [m for m in rep["messages"] if m["severity"] >= 2], rep["messages"]
 
 
-def check_monitor_container(c: dict, serve_flags: set[str], port: int = 50051) -> None:
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == port, probe
+def check_monitor_container(c: dict, serve_flags: set[str], port: int = 50051,
+                            health_port: int = 50052) -> None:
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # no token there
+        assert c[probe]["grpc"]["port"] == health_port, probe
+    assert f"--health-port={health_port}" in c["command"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["grpc-health"] == health_port
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001
     assert sc["allowPrivilegeEscalation"] is False
@@ -877,7 +880,7 @@ def test_tls_and_token_from_secrets(chart, serve_flags):
     assert vols["plugin-tls"]["secret"]["secretName"] == "monitor-client-tls"
     assert vols["monitor-token"]["secret"]["secretName"] == "monitor-token"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # kubelet: no TLS gRPC
-        assert mon[probe]["tcpSocket"]["port"] == 50051 and "grpc" not in mon[probe]
+        assert mon[probe]["tcpSocket"]["port"] == 50052 and "grpc" not in mon[probe]
     vllm = spec["containers"][0]
     env = {e["name"]: e for e in vllm["env"]}
     vmounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}

@@ -60,7 +60,7 @@ app.kubernetes.io/part-of: safety-monitor
 {{- end -}}
 {{- end -}}
 
-{{/* A probe with its gRPC port set to sidecar.grpcPort. */}}
+{{/* A probe with its gRPC port set to sidecar.healthPort. */}}
 {{- define "safety-monitor.grpcProbe" -}}
 {{- $p := deepCopy .probe -}}
 {{- if hasKey $p "grpc" -}}
@@ -120,6 +120,7 @@ restartPolicy: Always (a native sidecar in initContainers).
     - --policy-watch-s={{ $v.policy.watchSeconds }}
     - --host=0.0.0.0
     - --port={{ $s.grpcPort }}
+    - --health-port={{ $s.healthPort }}
     - --metrics-host=0.0.0.0
     - --metrics-port={{ $s.metricsPort }}
     - --grace-s={{ $s.graceSeconds }}
@@ -161,6 +162,9 @@ restartPolicy: Always (a native sidecar in initContainers).
     - name: grpc
       containerPort: {{ $s.grpcPort }}
       protocol: TCP
+    - name: grpc-health
+      containerPort: {{ $s.healthPort }}
+      protocol: TCP
     - name: monitor-metrics
       containerPort: {{ $s.metricsPort }}
       protocol: TCP
@@ -178,15 +182,15 @@ restartPolicy: Always (a native sidecar in initContainers).
     {{- end }}
   {{- with $s.startupProbe }}
   startupProbe:
-    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort "tls" $s.tls.enabled) | nindent 4 }}
+    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.healthPort "tls" $s.tls.enabled) | nindent 4 }}
   {{- end }}
   {{- with $s.readinessProbe }}
   readinessProbe:
-    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort "tls" $s.tls.enabled) | nindent 4 }}
+    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.healthPort "tls" $s.tls.enabled) | nindent 4 }}
   {{- end }}
   {{- with $s.livenessProbe }}
   livenessProbe:
-    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.grpcPort "tls" $s.tls.enabled) | nindent 4 }}
+    {{- include "safety-monitor.grpcProbe" (dict "probe" . "port" $s.healthPort "tls" $s.tls.enabled) | nindent 4 }}
   {{- end }}
   resources:
     {{- toYaml $s.resources | nindent 4 }}
