@@ -20,6 +20,7 @@ goes (`monitor.capture.op.PROF`): op time on the model thread, of which row sele
     python bench/bench_capture_op.py --modes eager --batch 1 16 64
     python bench/bench_capture_op.py --layout-only   # row selection alone, CPU us/step
     python bench/bench_capture_op.py --op-only       # the op's own call, CPU us/call
+    python bench/bench_capture_op.py --step-record   # process sender's STEP record, CPU us/step
 """
 
 from __future__ import annotations
@@ -95,6 +96,31 @@ def bench_layout(batches: list[int], n: int = 2000) -> None:
               f"per step (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
+def bench_step_record(batches: list[int], n: int = 5000, rounds: int = 5) -> None:
+    """Model-thread CPU of the process sender's `encode_step` (`SAFETY_MONITOR_SENDER=
+    process`: one `STEP` record per decode step) for `batch` requests, each with a
+    vLLM-shaped engine id and a correlation id; min over `rounds` of `n` calls."""
+    from monitor.capture.sender import encode_step
+    from monitor.capture.transport import HostRing, StepRecord
+
+    ring = HostRing(2, 2, 8, 4, torch.float32)
+    for batch in batches:
+        rids = [f"chatcmpl-{i:032x}-{i:08x}" for i in range(batch)]
+        rec = StepRecord(ring=ring, slot=0, step=1, plan_id="plan-0123456789abcdef",
+                         model="m", points=(), n_rows=batch,
+                         spans=[(r, 1, 100 + i, 90, 5) for i, r in enumerate(rids)],
+                         max_frame_bytes=1 << 20,
+                         labels={r: f"ticket-{i}" for i, r in enumerate(rids)})
+        best = float("inf")
+        for _ in range(rounds):
+            c = time.thread_time()
+            for _ in range(n):
+                encode_step(1, rec)
+            best = min(best, (time.thread_time() - c) / n)
+        print(f"encode_step decode batch={batch:3d}: {best * 1e6:.1f} us CPU per step "
+              f"(load {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def _noop(hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
           meta: torch.Tensor, layer: int, site: int) -> None:
     """A plain Python function with the op's arguments (the floor of any Python kernel)."""
@@ -145,7 +171,12 @@ def main() -> None:
                     help="time StepTracker.layout alone (decode, batch 1/16/64)")
     ap.add_argument("--op-only", action="store_true",
                     help="CPU per call of the op alone (no sink) vs a Python call vs nothing")
+    ap.add_argument("--step-record", action="store_true",
+                    help="CPU of the process sender's STEP record (decode, batch 1/16/64/256)")
     args = ap.parse_args()
+    if args.step_record:
+        bench_step_record([1, 16, 64, 256])
+        return
     if args.layout_only:
         bench_layout([1, 16, 64])
         return

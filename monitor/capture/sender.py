@@ -209,35 +209,51 @@ def encode_step(gen: int, rec: StepRecord) -> tuple[bytes, int, int]:
     pid = rec.plan_id.encode()
     rids, ns, poss, plens, roles = zip(*rec.spans, strict=True) if rec.spans else ((),) * 5
     n = len(rids)
-    ids = [r.encode() for r in rids]
-    cut = sum(len(i) > MAX_WIRE_REQUEST_ID_BYTES for i in ids)
-    if cut:
-        ids = [b"" if len(i) > MAX_WIRE_REQUEST_ID_BYTES else i for i in ids]
-    labs, replaced = _wire_labels(rec.labels, rids)
-    n_ids, n_labs = list(map(len, ids)), list(map(len, labs))
+    ids, n_ids = _utf8_column(rids)
+    cut = 0
+    if n and max(n_ids) > MAX_WIRE_REQUEST_ID_BYTES:
+        cut = sum(k > MAX_WIRE_REQUEST_ID_BYTES for k in n_ids)
+        ids, n_ids = _utf8_column(["" if k > MAX_WIRE_REQUEST_ID_BYTES else r
+                                   for r, k in zip(rids, n_ids, strict=True)])
+    labs, n_labs, replaced = _wire_labels(rec.labels, rids)
     payload = b"".join((
         _STEP.pack(gen, rec.slot, rec.step, rec.n_rows, rec.max_frame_bytes, n, len(pid),
-                   sum(n_ids), sum(n_labs)),
+                   len(ids), len(labs)),
         pid, struct.pack(f"<{n}I{n}q{n}q{n}i{n}I{n}I", *ns, *poss, *plens, *roles, *n_ids,
                          *n_labs),
-        *ids, *labs))
+        ids, labs))
     return _HEAD.pack(len(payload), M_STEP, 0) + payload, replaced, cut
 
 
-def _wire_labels(labels: Mapping[str, str], rids: Sequence[str]) -> tuple[list[bytes], int]:
-    """UTF-8 of each span's label (b"" for a request without one) and how many of them
-    `clean_label` changed. One regex scan over all labels when they are clean (those of
-    `correlation_id` always are)."""
+def _utf8_column(strs: Sequence[str]) -> tuple[bytes, list[int]]:
+    """`strs` as UTF-8, back to back, and each one's byte length (model thread: one C
+    join and encode when all are ASCII, where byte and character lengths agree; else one
+    encode each). Raises UnicodeEncodeError (a ValueError) for a lone surrogate."""
+    joined = "".join(strs)
+    if joined.isascii():
+        return joined.encode(), list(map(len, strs))
+    enc = [x.encode() for x in strs]
+    return b"".join(enc), list(map(len, enc))
+
+
+def _wire_labels(labels: Mapping[str, str], rids: Sequence[str]
+                 ) -> tuple[bytes, list[int], int]:
+    """Each span's label as UTF-8 back to back, their byte lengths (0 for a request
+    without one) and how many of them `clean_label` changed. One regex scan over all
+    labels when they are clean (those of `correlation_id` always are)."""
     if not labels:
-        return [b""] * len(rids), 0
+        return b"", [0] * len(rids), 0
     raw = [labels.get(r, "") for r in rids]
-    if LABEL_UNSAFE.search("".join(raw)) is None:  # no surrogate: each encodes
-        out = [lab.encode() for lab in raw]
-        if max(map(len, out), default=0) <= MAX_CORRELATION_ID_BYTES:
-            return out, 0
+    joined = "".join(raw)
+    # LABEL_UNSAFE's characters are all unprintable (Cc, Cs): `isprintable` (one C pass)
+    # clears the common case, the regex decides the rest (e.g. a no-break space)
+    if joined.isprintable() or LABEL_UNSAFE.search(joined) is None:  # each encodes
+        blob, lens = _utf8_column(raw)
+        if max(lens, default=0) <= MAX_CORRELATION_ID_BYTES:
+            return blob, lens, 0
     clean = [clean_label(lab) for lab in raw]
-    return ([c.encode() for c in clean],
-            sum(c != lab for c, lab in zip(clean, raw, strict=True)))
+    blob, lens = _utf8_column(clean)
+    return blob, lens, sum(c != lab for c, lab in zip(clean, raw, strict=True))
 
 
 def _cut(b: bytes, off: int, lengths: Sequence[int]) -> list[str]:
